@@ -1,0 +1,40 @@
+# Two commands from a fresh clone: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+
+.PHONY: install run test demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first: on a machine without an NVIDIA GPU take the CPU build, so resolving the rest never
+# pulls a multi-GB CUDA build. A local CPU wheel (pip's find-links) wins; else PyTorch's CPU index.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
+	elif $(PY) -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
+	else \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+	fi
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Trains the demo task on the tiny model, end to end on this machine.
+demo: install
+	$(VENV)/bin/qlora tiny-model demo/tiny-model
+	$(VENV)/bin/qlora demo-data demo --base-model demo/tiny-model
+	$(VENV)/bin/qlora train demo/spec.json --data demo/train.jsonl --validation demo/validation.jsonl --out demo/run
+
+run: demo
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) demo

@@ -1,0 +1,1 @@
+"""The qlora-service API process and the `qlora` command. Never imports torch at import time."""

@@ -1,0 +1,145 @@
+"""Datasets: format detection, bad lines named by number, and what ends up learned (EOS above all)."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from worker.training.data import DataError, read_jsonl, validate_lines
+from worker.training.tokenization import (
+    DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, encode_example, encode_examples, prepare_tokenizer,
+)
+
+
+def lines(*rows) -> list[bytes]:
+    return [r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows]
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does the cow say?"},
+                     {"role": "assistant", "content": "The cow says moo."}]}
+
+
+@pytest.fixture()
+def tokenizer(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare_tokenizer(tok)
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        (CHAT, "chat"),
+        ({"prompt": "What does the cow say?", "completion": "moo"}, "prompt_completion"),
+        ({"instruction": "Name the sound.", "input": "cow", "output": "moo"}, "alpaca"),
+        ({"text": "The cow says moo."}, "text"),
+    ],
+)
+def test_formats_are_detected(row, fmt):
+    ds = validate_lines(lines(row, row))
+    assert ds.format == fmt and len(ds.examples) == 2
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b"[1, 2]", "expected a JSON object"),
+        ({"foo": 1}, "unknown format (keys: foo)"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, '"content" is empty'),
+        ({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "role 'bot' is not one of"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, "last message is from user"),
+        ({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]}, "weight is only allowed on assistant"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}, "weight 0"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}, "weight must be 0 or 1"),
+        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, '"content" must be a string'),
+        ({"text": "fine"}, "this row is in text format but the file is chat"),
+    ],
+)
+def test_bad_line_is_reported_with_its_number(bad, message):
+    with pytest.raises(DataError) as info:
+        validate_lines(lines(CHAT, b"", bad))  # the blank line 2 is skipped, the bad row is line 3
+    assert [(e.line, message in e.message) for e in info.value.errors] == [(3, True)], str(info.value)
+    assert "line 3:" in str(info.value)
+
+
+def test_prompt_completion_fields_are_checked():
+    with pytest.raises(DataError, match='line 2: "completion" must be a string'):
+        validate_lines(lines({"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": 5}))
+
+
+def test_many_bad_lines_report_the_first_ones_and_the_count(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join([b"{oops"] * 50))
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    assert info.value.total == 50 and len(info.value.errors) == 20
+    assert "and 30 more" in str(info.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        read_jsonl(tmp_path / "e.jsonl")
+
+
+def learned(tokenizer, enc) -> str:
+    return tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX])
+
+
+def test_eos_is_appended_and_learned_and_pad_is_not_eos(tokenizer):
+    """The most common silent QLoRA bug: pad == EOS, EOS masked out of the loss, the model never stops."""
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    for row in (CHAT, {"prompt": "p", "completion": "c"}, {"text": "The cow says moo."},
+                {"instruction": "i", "output": "o"}):
+        example = validate_lines(lines(row)).examples[0]
+        enc = encode_example(example, tokenizer, max_seq_length=512, train_on_inputs=False)
+        assert enc.input_ids[-1] == tokenizer.eos_token_id
+        assert enc.labels[-1] == tokenizer.eos_token_id, f"EOS not learned for {row}"
+
+
+def test_loss_only_on_assistant_turns_unless_train_on_inputs(tokenizer):
+    example = validate_lines(lines(CHAT)).examples[0]
+    enc = encode_example(example, tokenizer, max_seq_length=512, train_on_inputs=False)
+    assert learned(tokenizer, enc) == "The cow says moo." + tokenizer.eos_token
+    everything = encode_example(example, tokenizer, max_seq_length=512, train_on_inputs=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_weight_zero_assistant_turn_is_context_not_target(tokenizer):
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first", "weight": 0},
+                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]}
+    enc = encode_example(validate_lines(lines(row)).examples[0], tokenizer, max_seq_length=512, train_on_inputs=False)
+    assert learned(tokenizer, enc) == "second" + tokenizer.eos_token
+    assert "first" in tokenizer.decode(enc.input_ids)
+
+
+def test_truncated_rows_are_counted_and_empty_ones_dropped(tokenizer):
+    long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "moo " * 40}]}
+    long_prompt = {"messages": [{"role": "user", "content": "cow " * 60}, {"role": "assistant", "content": "moo"}]}
+    ds = validate_lines(lines(CHAT, long_answer, long_prompt))
+    rows, stats = encode_examples(ds.examples, tokenizer, max_seq_length=32, train_on_inputs=False)
+    assert stats.rows == 3 and stats.truncated_rows == 2
+    assert stats.dropped_rows == 1 and stats.dropped_lines == [3]  # nothing left to learn in 32 tokens
+    assert len(rows) == 2 and all(len(r["input_ids"]) <= 32 for r in rows)
+
+
+def test_tokenizer_without_template_or_pad_gets_documented_defaults(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    tok.pad_token = tok.eos_token  # the classic mistake a base model ships with
+    tok.unk_token = tok.eos_token  # and nothing to reuse: a pad token must be added
+    setup = prepare_tokenizer(tok)
+    assert setup.chat_template_source == "default" and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert setup.pad_token_added and tok.pad_token_id != tok.eos_token_id
+
+
+def test_tiny_model_is_deterministic_from_its_seed(tiny_model_dir, tmp_path):
+    from worker.training.tiny import build_tiny_model
+
+    again = build_tiny_model(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes()

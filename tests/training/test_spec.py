@@ -1,0 +1,81 @@
+"""Bad specs are rejected with the field named and its allowed range; the spec never imports torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from worker.training.spec import JobSpec, SpecError
+
+BASE = {"base_model": "tiny", "training": {"max_steps": 10}}
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        JobSpec.parse(data)
+    return dict(info.value.errors)
+
+
+def test_defaults_follow_qlora():
+    spec = JobSpec.parse(BASE)
+    assert spec.quantization.bits == 4 and spec.quantization.quant_type == "nf4"
+    assert spec.quantization.double_quant is True
+    assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout) == (16, 32, 0.05)
+    assert spec.lora.target_modules == "all-linear"
+    assert spec.training.learning_rate == 2e-4
+    assert spec.training.optimizer == "paged_adamw_32bit"
+    assert spec.training.gradient_checkpointing is True
+    assert spec.output.merge is True and spec.output.merge_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "allowed"),
+    [
+        ({"lora": {"r": 0}}, "lora.r", ">= 1 and <= 1024"),
+        ({"training": {"max_steps": 10, "learning_rate": 0}}, "training.learning_rate", "> 0 and <= 1"),
+        ({"training": {"max_steps": 10, "learning_rate": -1e-4}}, "training.learning_rate", "> 0 and <= 1"),
+        ({"lora": {"dropout": 1.0}}, "lora.dropout", ">= 0 and < 1"),
+        ({"quantization": {"bits": 3}}, "quantization.bits", "4 | 8 | 'none'"),
+        ({"quantization": {"compute_dtype": "int4"}}, "quantization.compute_dtype", "'auto' | 'bfloat16'"),
+        ({"training": {"max_steps": 10, "optimizer": "sgd"}}, "training.optimizer", "'paged_adamw_32bit'"),
+        ({"training": {"max_steps": 0}}, "training.max_steps", ">= 1"),
+    ],
+)
+def test_out_of_range_names_field_and_range(patch, field, allowed):
+    errors = errors_of({**BASE, **patch})
+    assert field in errors, errors
+    assert allowed in errors[field]
+
+
+def test_epochs_and_max_steps_both_missing_or_both_set():
+    assert "set one of them" in errors_of({"base_model": "x", "training": {}})["training.epochs / max_steps"]
+    both = errors_of({"base_model": "x", "training": {"epochs": 1, "max_steps": 5}})
+    assert "not both" in both["training.epochs / max_steps"]
+
+
+def test_unknown_fields_are_refused_not_ignored():
+    errors = errors_of({**BASE, "trust_remote_code": True})
+    assert "unknown field" in errors["trust_remote_code"]
+    typo = errors_of({"base_model": "x", "training": {"max_steps": 5, "learnin_rate": 1e-4}})
+    assert "learning_rate" in typo["training.learnin_rate"]  # the message lists the real names
+
+
+def test_every_error_is_reported_at_once():
+    errors = errors_of({"base_model": "x", "lora": {"r": 0, "alpha": -1}, "training": {"max_steps": 1, "seed": -5}})
+    assert {"lora.r", "lora.alpha", "training.seed"} <= set(errors)
+
+
+def test_spec_file_errors(tmp_path):
+    bad = tmp_path / "spec.json"
+    bad.write_text("{not json")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        JobSpec.from_file(bad)
+    bad.write_text(json.dumps(BASE))
+    assert JobSpec.from_file(bad).training.max_steps == 10
+
+
+def test_importing_spec_and_data_does_not_import_torch():
+    code = "import sys, worker.training.spec, worker.training.data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

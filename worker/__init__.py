@@ -1,0 +1,1 @@
+"""The GPU side of qlora-service: Celery tasks and the training recipe."""

@@ -1,0 +1,125 @@
+"""Trainer callbacks: metrics to a sink, cancellation, crash-safe checkpoints, a progress bar."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from worker.training import checkpoints
+from worker.training.model import peak_memory_bytes
+
+Sink = Callable[[dict], None]  # receives metric records ("train", "eval") and events ("event")
+
+
+class MetricsCallback(TrainerCallback):
+    """One record per logging step (and per evaluation) to the sink."""
+
+    def __init__(self, sink: Sink, device: str):
+        self.sink = sink
+        self.device = device
+        self._last_time = time.monotonic()
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume the token count starts where the checkpoint left it.
+        self._last_time = time.monotonic()
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen
+        elapsed = max(now - self._last_time, 1e-9)
+        record = {
+            "kind": "train",
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "train_loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_seen": tokens,
+            "tokens_per_second": round((tokens - self._last_tokens) / elapsed, 1),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+        self._last_time, self._last_tokens = now, tokens
+        self.sink(record)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.sink(eval_record(state.global_step, state.epoch, metrics["eval_loss"]))
+
+
+def eval_record(step: int, epoch: float | None, eval_loss: float) -> dict:
+    return {
+        "kind": "eval",
+        "step": step,
+        "epoch": round(epoch or 0.0, 4),
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+    }
+
+
+class CancelCallback(TrainerCallback):
+    """Checks the cancel hook after every optimizer step and stops training cleanly."""
+
+    def __init__(self, cancel: Callable[[], bool]):
+        self.cancel = cancel
+        self.cancelled_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cancelled_at is None and self.cancel():
+            self.cancelled_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = False  # nothing to resume: a cancelled run is over
+
+
+class CheckpointCallback(TrainerCallback):
+    """Moves each checkpoint the trainer wrote into staging to checkpoints/step-N, atomically."""
+
+    def __init__(self, checkpoints_dir: Path, staging: Path, sink: Sink, keep: int = 2):
+        self.checkpoints_dir = checkpoints_dir
+        self.staging = staging
+        self.sink = sink
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        staged = self.staging / f"checkpoint-{state.global_step}"
+        if not staged.is_dir():
+            return
+        final = checkpoints.finalize(staged, self.checkpoints_dir, state.global_step)
+        checkpoints.prune(self.checkpoints_dir, self.keep)
+        self.sink({"kind": "event", "type": "checkpoint_saved", "level": "info",
+                   "step": state.global_step, "path": str(final)})
+
+
+class RichProgressCallback(TrainerCallback):
+    """A progress bar for the CLI (the service shows progress from the metrics instead)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+        )
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.progress.stop()

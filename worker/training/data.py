@@ -1,0 +1,240 @@
+"""Reading and validating JSONL datasets. No torch, no tokenizer: the API validates uploads with it.
+
+Four formats, detected from the first row and then required of every row:
+  chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
+  prompt_completion  {"prompt": str, "completion": str}
+  alpaca             {"instruction": str, "input"?: str, "output": str}
+  text               {"text": str}
+Every format but `text` becomes a conversation (user turn → assistant turn), so one chat template
+and one loss-masking rule serve them all. Other keys on a row (ids, metadata) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED_ERRORS = 20  # enough to see a pattern without flooding an API answer
+
+_FORMAT_KEYS = {  # detection order: the first whose keys are all present wins
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+_FORMAT_SHAPES = {
+    "chat": '{"messages": [{"role": ..., "content": ...}]}',
+    "prompt_completion": '{"prompt": ..., "completion": ...}',
+    "alpaca": '{"instruction": ..., "input": ..., "output": ...}',
+    "text": '{"text": ...}',
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    weight: int = 1  # 0 = an assistant turn shown as context but not learned
+
+
+@dataclass(frozen=True)
+class Example:
+    line: int
+    messages: tuple[Message, ...] = ()  # every format but text
+    text: str | None = None  # text format: the whole string is learned
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+class DataError(ValueError):
+    """A dataset with bad lines. Lists the first errors with their line numbers and how many there were."""
+
+    def __init__(self, errors: list[LineError], total: int, source: str = "dataset"):
+        self.errors = errors
+        self.total = total
+        more = f"\n  ... and {total - len(errors)} more" if total > len(errors) else ""
+        super().__init__(
+            f"{source}: {total} invalid line{'s' if total != 1 else ''}:\n"
+            + "\n".join(f"  {e}" for e in errors)
+            + more
+        )
+
+
+@dataclass
+class Dataset:
+    format: str
+    examples: list[Example] = field(default_factory=list)
+
+
+class DatasetValidator:
+    """Validates a dataset line by line, so a caller can stream a multi-GB upload through it.
+
+    feed() each raw line (bytes, without needing the newline stripped); finish() tells the verdict.
+    The first valid row fixes the format; a later row in another format is an error on its line.
+    """
+
+    def __init__(self, keep_examples: bool = True):
+        self.format: str | None = None
+        self.rows = 0
+        self.chars = 0
+        self.errors: list[LineError] = []
+        self.error_count = 0
+        self.examples: list[Example] | None = [] if keep_examples else None
+        self._line = 0
+
+    def feed(self, raw: bytes) -> None:
+        self._line += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._error(f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+        if not text.strip():
+            return  # blank lines (a trailing newline, spacing) carry nothing
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self._error(f"not valid JSON: {exc.msg} (column {exc.colno})")
+        if not isinstance(obj, dict):
+            return self._error(f"expected a JSON object, got {type(obj).__name__}")
+        fmt = detect_format(obj)
+        if fmt is None:
+            keys = ", ".join(sorted(obj)) or "none"
+            shapes = " | ".join(_FORMAT_SHAPES.values())
+            return self._error(f"unknown format (keys: {keys}); expected one of {shapes}")
+        if self.format is not None and fmt != self.format:
+            return self._error(
+                f"this row is in {fmt} format but the file is {self.format} "
+                f"(set by its first row); every row must be {_FORMAT_SHAPES[self.format]}"
+            )
+        try:
+            example = _PARSERS[fmt](obj, self._line)
+        except ValueError as exc:
+            return self._error(str(exc))
+        self.format = self.format or fmt
+        self.rows += 1
+        self.chars += len(example.text or "") + sum(len(m.content) for m in example.messages)
+        if self.examples is not None:
+            self.examples.append(example)
+
+    def _error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(LineError(self._line, message))
+
+    def finish(self, source: str = "dataset") -> Dataset:
+        """Return the dataset, or raise DataError with the first bad lines."""
+        if self.error_count:
+            raise DataError(self.errors, self.error_count, source)
+        if not self.rows:
+            raise DataError([LineError(max(self._line, 1), "the file has no rows")], 1, source)
+        return Dataset(format=self.format or "", examples=self.examples or [])
+
+
+def detect_format(row: dict) -> str | None:
+    for fmt, keys in _FORMAT_KEYS.items():
+        if all(k in row for k in keys):
+            return fmt
+    return None
+
+
+def read_jsonl(path: str | Path) -> Dataset:
+    """Read and validate a whole JSONL file; raises DataError naming bad lines."""
+    validator = DatasetValidator()
+    with open(path, "rb") as f:
+        for raw in _lines(f):
+            validator.feed(raw)
+    return validator.finish(source=str(path))
+
+
+def _lines(f) -> Iterator[bytes]:
+    # Split on \n only: a \r or U+2028 inside a JSON string is data, not a line break.
+    yield from (line.rstrip(b"\r\n") for line in f)
+
+
+def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f'{where}"{key}" must be a string, got {type(value).__name__}')
+    if required and not value.strip():
+        raise ValueError(f'{where}"{key}" is empty')
+    return value
+
+
+def _parse_chat(obj: dict, line: int) -> Example:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('"messages" must be a non-empty list')
+    parsed: list[Message] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]: "
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}role {role!r} is not one of {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise ValueError(f"{where}a system message may only come first")
+        content = _text(m, "content", where=where)
+        weight = m.get("weight", 1)
+        if "weight" in m and role != "assistant":
+            raise ValueError(f"{where}weight is only allowed on assistant messages")
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise ValueError(f"{where}weight must be 0 or 1, got {weight!r}")
+        parsed.append(Message(role, content, weight))
+    if not any(m.role == "assistant" for m in parsed):
+        raise ValueError("no assistant message: there is nothing to learn")
+    if parsed[-1].role != "assistant":
+        raise ValueError(
+            f"the last message is from {parsed[-1].role}; it must be from the assistant "
+            "(the model learns to end its turn there)"
+        )
+    if not any(m.role == "assistant" and m.weight == 1 for m in parsed):
+        raise ValueError("every assistant message has weight 0: there is nothing to learn")
+    return Example(line=line, messages=tuple(parsed))
+
+
+def _parse_prompt_completion(obj: dict, line: int) -> Example:
+    prompt = _text(obj, "prompt")
+    completion = _text(obj, "completion")
+    return Example(line=line, messages=(Message("user", prompt), Message("assistant", completion)))
+
+
+def _parse_alpaca(obj: dict, line: int) -> Example:
+    instruction = _text(obj, "instruction")
+    extra = _text(obj, "input", required=False)
+    output = _text(obj, "output")
+    # The Stanford Alpaca layout: the optional input follows the instruction after a blank line.
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return Example(line=line, messages=(Message("user", prompt), Message("assistant", output)))
+
+
+def _parse_text(obj: dict, line: int) -> Example:
+    return Example(line=line, text=_text(obj, "text"))
+
+
+_PARSERS = {
+    "chat": _parse_chat,
+    "prompt_completion": _parse_prompt_completion,
+    "alpaca": _parse_alpaca,
+    "text": _parse_text,
+}
+
+
+def validate_lines(lines: Iterable[bytes], source: str = "dataset") -> Dataset:
+    validator = DatasetValidator()
+    for raw in lines:
+        validator.feed(raw)
+    return validator.finish(source)

@@ -1,0 +1,90 @@
+"""The merged model, and how faithful it is to what was trained.
+
+The adapter was trained against the NF4 base as the 4-bit kernels dequantize it, so that is the
+base we merge into: load the quantized base, dequantize it to a dense model, add the LoRA deltas,
+save in merge_dtype. Merging into the original 16-bit checkpoint instead would give a different
+function from the one trained (the quantization error is not in it); merging into 4-bit weights
+would re-quantize the delta away. Fidelity is then measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+import torch
+
+from worker.training.model import device_map, load_base_model
+from worker.training.spec import QuantizationSpec
+
+FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep logits for them in memory
+FIDELITY_MAX_TOKENS = 256
+
+
+def fidelity_rows(rows: list[dict]) -> list[dict]:
+    return [{"input_ids": r["input_ids"][:FIDELITY_MAX_TOKENS], "labels": r["labels"][:FIDELITY_MAX_TOKENS]}
+            for r in rows[:FIDELITY_ROWS]]
+
+
+@torch.no_grad()
+def forward_rows(model, rows: list[dict], autocast_dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, float]]:
+    """(float32 logits on CPU, loss) for each row, one row at a time (no padding to get wrong)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]], device=device)
+        labels = torch.tensor([row["labels"]], device=device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            result = model(input_ids=ids, labels=labels)
+        out.append((result.logits[0].float().cpu(), float(result.loss)))
+    return out
+
+
+def build_merged_model(
+    base_path: Path, adapter_dir: Path, quant: QuantizationSpec, compute_dtype: torch.dtype,
+    merge_dtype: torch.dtype, device: str, vocab_size: int,
+):
+    """Dense base (dequantized exactly as training saw it) + LoRA deltas, in merge_dtype."""
+    from peft import PeftModel
+
+    if quant.bits == "none":
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=merge_dtype, device_map=device_map(device),
+            use_safetensors=True, trust_remote_code=False, local_files_only=True)
+    else:
+        base = load_base_model(base_path, quant, compute_dtype, device).dequantize(dtype=merge_dtype)
+    if base.get_input_embeddings().weight.shape[0] != vocab_size:
+        base.resize_token_embeddings(vocab_size)  # a pad token was added for training
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.to(merge_dtype)
+
+
+def measure_fidelity(reference: list[tuple[torch.Tensor, float]], merged_model, rows: list[dict]) -> dict:
+    """Max / mean |logit difference| and eval-loss difference between adapter-on-quantized-base and merged."""
+    merged = forward_rows(merged_model, rows)
+    max_diff, total_diff, count = 0.0, 0.0, 0
+    for (ref_logits, _), (new_logits, _) in zip(reference, merged):
+        diff = (ref_logits - new_logits).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        total_diff += float(diff.sum())
+        count += diff.numel()
+    ref_loss = sum(loss for _, loss in reference) / len(reference)
+    merged_loss = sum(loss for _, loss in merged) / len(merged)
+    return {
+        "rows": len(rows),
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": total_diff / max(count, 1),
+        "eval_loss_adapter": ref_loss,
+        "eval_loss_merged": merged_loss,
+        "eval_loss_diff": abs(merged_loss - ref_loss) if math.isfinite(ref_loss + merged_loss) else float("inf"),
+    }
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

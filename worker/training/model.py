@@ -1,0 +1,150 @@
+"""Small factories that turn the flat job spec into library objects (after trl's trainer/utils.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from worker.training.spec import LoraSpec, QuantizationSpec, SpecError
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_map(device: str) -> dict[str, str | int]:
+    # One process trains on one device; the worker pins which GPU via CUDA_VISIBLE_DEVICES.
+    return {"": 0 if device == "cuda" else "cpu"}
+
+
+def resolve_compute_dtype(choice: str, device: str) -> torch.dtype:
+    """auto → bfloat16 where the device computes it natively, else float16 (old GPUs) / float32 (CPUs)."""
+    if device == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if choice == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        if choice == "bfloat16" and not bf16_ok:
+            raise SpecError([("quantization.compute_dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}; allowed here: 'auto' | 'float16' | 'float32'")])
+        return getattr(torch, choice)
+    if choice == "float16":
+        raise SpecError([("quantization.compute_dtype", "float16 mixed precision needs a CUDA GPU and this run is on the CPU; allowed here: 'auto' | 'bfloat16' | 'float32'")])
+    if choice == "auto":
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native_bf16 else torch.float32
+    return getattr(torch, choice)
+
+
+def resolve_base_model(name: str, registry: Mapping[str, str | Path] | None = None) -> Path:
+    """A registry name or a local directory of safetensors weights; anything else is refused."""
+    if registry and name in registry:
+        path = Path(registry[name])
+    else:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            known = ", ".join(sorted(registry)) if registry else "none registered"
+            raise SpecError([("base_model", f"{name!r} is neither a registered model ({known}) nor a local directory")])
+    if not (path / "config.json").is_file():
+        raise SpecError([("base_model", f"{path} has no config.json; expected a transformers model directory")])
+    files = [p.name for p in path.iterdir()]
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+        why = f"it holds pickle weights ({', '.join(pickles)}), which can run code when loaded" if pickles else "it holds no weights"
+        raise SpecError([("base_model", f"{path} has no .safetensors weights: {why}. Convert the model to safetensors first.")])
+    return path
+
+
+def quantization_config(quant: QuantizationSpec, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(quant, compute_dtype),
+        dtype=compute_dtype,
+        device_map=device_map(device),
+        use_safetensors=True,  # never unpickle weights
+        trust_remote_code=False,  # a job spec is data, never code
+        local_files_only=True,  # nothing downloads at run time
+    )
+    _keep_cpu_nf4_state_exact(model)
+    return model
+
+
+def _keep_cpu_nf4_state_exact(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bnb's Linear4bit repacks its weight the first time it runs in eval
+    mode without grad (an eval step, a fidelity check, generation): the double-quantized absmax is
+    expanded and rounded to bfloat16, and re-quantized ("best effort") when the state dict is read.
+    Both are lossy, so the frozen base the adapter trains against would drift after every eval
+    and the merged model would no longer be the function that was trained. Slower CPU eval is
+    the price of an exact base; GPUs never take this path.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_layer_names(model) -> dict[str, list[str]]:
+    """Short name → full names of every linear layer (4-bit, 8-bit or plain) except the output head."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    names: dict[str, list[str]] = {}
+    for full_name, module in model.named_modules():
+        if module is head:
+            continue
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, torch.nn.Linear)):
+            names.setdefault(full_name.rsplit(".", 1)[-1], []).append(full_name)
+    return names
+
+
+def resolve_target_modules(model, target: str | list[str]) -> list[str]:
+    available = linear_layer_names(model)
+    if target == "all-linear":
+        return sorted(available)
+    missing = [name for name in target if name not in available]
+    if missing:
+        raise SpecError([("lora.target_modules", f"no linear layer named {', '.join(missing)}; this model has: {', '.join(sorted(available))}")])
+    return sorted(set(target))
+
+
+def lora_config(lora: LoraSpec, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

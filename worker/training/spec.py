@@ -1,0 +1,215 @@
+"""The job spec: one pydantic model shared by the engine, the CLI and the API.
+
+Defaults follow the QLoRA paper (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of
+Quantized LLMs") and common practice; each one says why. Importing this module must not
+import torch: the API validates specs without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run. `errors` holds (field, message) pairs; the text lists them all."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("invalid job spec:\n" + "\n".join(f"  {field}: {msg}" for field, msg in errors))
+
+
+class _Strict(BaseModel):
+    # A typo like "learning_rat" must fail loudly, not train with the default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizationSpec(_Strict):
+    # 4-bit is the QLoRA recipe; 8 and "none" (plain LoRA on a 16/32-bit base) are fidelity baselines.
+    bits: Literal[4, 8, "none"] = 4
+    # NF4 is information-theoretically optimal for normally distributed weights (QLoRA §3).
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    # Quantizing the quantization constants saves ~0.37 bits per parameter at no quality cost (QLoRA §3).
+    double_quant: bool = True
+    # auto = bfloat16 where the device computes it natively, else float16 on older GPUs, float32 on CPUs.
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class LoraSpec(_Strict):
+    # QLoRA §4: r matters little once every linear layer is adapted; 16 is the common default.
+    r: int = Field(16, ge=1, le=1024)
+    # alpha = 2r keeps the update scale alpha/r = 2, the common practice for r=16.
+    alpha: float = Field(32, gt=0, le=4096)
+    # QLoRA used 0.05 for models up to 13B (0.1 above).
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # QLoRA §4: adapting all linear layers is what matches full 16-bit fine-tuning quality.
+    # "all-linear" resolves to the model's (4-bit) linear layers minus the output head.
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # Training biases changes the base function even with the adapter off; "none" keeps the adapter separable.
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # rsLoRA scales by alpha/sqrt(r); off by default to match the paper and most published adapters.
+    use_rslora: bool = False
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSpec:
+        if isinstance(self.target_modules, list) and not all(
+            isinstance(name, str) and name.strip() for name in self.target_modules
+        ):
+            raise ValueError("target_modules: must be \"all-linear\" or a non-empty list of module names")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: must be \"all-linear\" or a non-empty list of module names")
+        return self
+
+
+class TrainingSpec(_Strict):
+    # Exactly one of epochs / max_steps: a run must know when it is done.
+    epochs: float | None = Field(None, gt=0, le=100)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    # QLoRA used 2e-4 for 7B-13B models (1e-4 for 33B-65B).
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    # Micro-batch size per device; with gradient_accumulation_steps=4 the effective batch is 16 (QLoRA used 16).
+    per_device_batch_size: int = Field(4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
+    # Rows longer than this are truncated (and counted); 2048 fits most chat data on one 24 GB GPU at 7B.
+    max_seq_length: int = Field(2048, ge=8, le=1_048_576)
+    # QLoRA used a constant schedule; cosine is the common alternative.
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    # A short warmup (3% as in QLoRA) keeps the freshly initialised adapter from a destructive first step.
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    # QLoRA used no weight decay on the adapter.
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    # QLoRA clips at 0.3; 0 disables clipping.
+    max_grad_norm: float = Field(0.3, ge=0, le=1000)
+    # Paged optimizers move optimizer state to CPU under memory spikes instead of OOM-ing (QLoRA §3).
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
+    # Recomputing activations trades ~30% speed for fitting long sequences; QLoRA's memory numbers assume it.
+    gradient_checkpointing: bool = True
+    # Off by default: packing changes what a "row" is and needs flash-attention to avoid cross-row attention.
+    packing: bool = False
+    # Off by default: learning to produce prompts wastes capacity and teaches the model to talk as the user.
+    train_on_inputs: bool = False
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    # Every 10 optimizer steps is dense enough for a loss curve without flooding the metrics store.
+    logging_steps: int = Field(10, ge=1, le=1_000_000)
+    # Evaluate on the validation set this often (and always at the end); only used when one is given.
+    eval_steps: int = Field(100, ge=1, le=1_000_000)
+    # A checkpoint every 100 steps bounds the work a crash can cost.
+    save_steps: int = Field(100, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_stopping_rule(self) -> TrainingSpec:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("epochs / max_steps: set one of them (epochs in (0, 100], max_steps in [1, 10000000])")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("epochs / max_steps: set only one of them, not both")
+        return self
+
+
+class OutputSpec(_Strict):
+    # Merged weights are what most serving stacks load; the adapter is always kept too.
+    merge: bool = True
+    # bfloat16 keeps the dynamic range of the training compute at half the size of float32.
+    merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class JobSpec(_Strict):
+    # A registry name or a local directory of safetensors weights. Never remote code, never pickles.
+    base_model: str = Field(min_length=1, max_length=512)
+    quantization: QuantizationSpec = QuantizationSpec()
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec
+    output: OutputSpec = OutputSpec()
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> JobSpec:
+        """Validate a spec; on failure raise SpecError naming each field and its allowed values."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(describe_validation_error(exc, cls)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobSpec:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SpecError([("(file)", f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}")]) from None
+        if not isinstance(data, dict):
+            raise SpecError([("(file)", f"{path} must hold a JSON object")])
+        return cls.parse(data)
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """Turn pydantic errors into (dotted field, message + allowed range) pairs."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list["))]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            out.append((".".join(loc), f"unknown field; allowed here: {', '.join(_fields_at(model, loc[:-1]))}"))
+            continue
+        if err["type"] == "value_error" and ": " in msg:  # a cross-field rule names its own fields
+            fields, msg = msg.split(": ", 1)
+            out.append((".".join([*loc, fields]), msg))
+            continue
+        allowed = _allowed(model, loc)
+        out.append((".".join(loc) or "(spec)", f"{msg} (got {err.get('input')!r}; allowed: {allowed})" if allowed else msg))
+    # One entry per field: a Literal|list union reports the same field twice.
+    seen: dict[str, str] = {}
+    for field, msg in out:
+        seen.setdefault(field, msg)
+    return list(seen.items())
+
+
+def _field_info(model: type[BaseModel], loc: list[str]):
+    info = None
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        annotation = info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return info
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return list(model.model_fields)
+
+
+def _allowed(model: type[BaseModel], loc: list[str]) -> str:
+    info = _field_info(model, loc)
+    if info is None:
+        return ""
+    low = high = None
+    for meta in info.metadata:
+        if isinstance(meta, annotated_types.Gt):
+            low = f"> {meta.gt}"
+        elif isinstance(meta, annotated_types.Ge):
+            low = f">= {meta.ge}"
+        elif isinstance(meta, annotated_types.Lt):
+            high = f"< {meta.lt}"
+        elif isinstance(meta, annotated_types.Le):
+            high = f"<= {meta.le}"
+    if low or high:
+        return " and ".join(part for part in (low, high) if part)
+    literals = _literal_values(info.annotation)
+    return " | ".join(repr(v) if isinstance(v, str) else str(v) for v in literals)
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    from typing import get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    values: list[Any] = []
+    for arg in get_args(annotation):
+        values.extend(_literal_values(arg))
+        if get_origin(arg) is list:
+            values.append("[list of module names]")
+    return values

@@ -1,0 +1,161 @@
+"""Turning validated examples into token ids and labels: the rules that decide what is learned.
+
+- Conversations are rendered with the tokenizer's chat template; a tokenizer without one gets
+  DEFAULT_CHAT_TEMPLATE (below), which is then saved with the adapter and the merged model so
+  inference renders prompts exactly as training did.
+- Loss is on assistant turns only (their content and end-of-turn), unless train_on_inputs.
+- Every row ends with EOS and the EOS is in the labels: a model that never sees EOS as a target
+  never learns to stop. Labels are built here, explicitly, so no collator can mask EOS out by
+  mistaking it for padding; and the pad token is never EOS anyway (unk is reused, or one is added).
+- Rows longer than max_seq_length are truncated from the end and counted; a row left with nothing
+  to learn after truncation is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass, field
+
+from worker.training.data import Example
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+
+# Used only when the tokenizer has no template of its own. Zephyr-style role markers; BOS once at
+# the start; each assistant turn ends with EOS right after its content, so EOS closes what is learned.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+DEFAULT_PAD_TOKEN = "<|pad|>"
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot be used for training."""
+
+
+@dataclass
+class TokenizerSetup:
+    chat_template_source: str  # "tokenizer" or "default"
+    chat_template_sha256: str
+    pad_token: str
+    pad_token_added: bool  # the embedding matrix must grow by one row
+
+
+def prepare_tokenizer(tokenizer) -> TokenizerSetup:
+    """Give the tokenizer a chat template and a pad token that is not EOS. Mutates it."""
+    if tokenizer.eos_token_id is None:
+        raise TemplateError("the tokenizer has no EOS token; a fine-tuned model could never learn to stop")
+    source = "tokenizer"
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        source = "default"
+    added = False
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token  # unk never occurs in byte-level text; safe to reuse
+        else:
+            tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+            added = True
+    tokenizer.padding_side = "right"  # training pads on the right; labels there are IGNORE_INDEX
+    digest = hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()
+    return TokenizerSetup(source, digest, tokenizer.pad_token, added)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated_rows: int = 0
+    dropped_rows: int = 0  # nothing left to learn after truncation
+    tokens: int = 0
+    trained_tokens: int = 0
+    dropped_lines: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["dropped_lines"] = self.dropped_lines[:20]
+        return d
+
+
+def encode_example(example: Example, tokenizer, *, max_seq_length: int, train_on_inputs: bool) -> Encoded:
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        trained = [True] * len(ids)
+    else:
+        text, spans = render_conversation(example, tokenizer, train_on_inputs=train_on_inputs)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        starts = [s for s, _ in spans]
+        trained = []
+        for tok_start, tok_end in enc["offset_mapping"]:
+            # A token is learned when it begins inside a learned character span.
+            i = bisect.bisect_right(starts, tok_start) - 1
+            trained.append(i >= 0 and tok_start < spans[i][1] and tok_end > tok_start)
+    eos = tokenizer.eos_token_id
+    if not ids or ids[-1] != eos:
+        ids = [*ids, eos]
+        trained = [*trained, bool(trained and trained[-1])]  # EOS is learned when the turn it closes is
+    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids, trained)]
+    truncated = len(ids) > max_seq_length
+    if truncated:
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    return Encoded(ids, labels, truncated)
+
+
+def render_conversation(example: Example, tokenizer, *, train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the chat template; return the text and the (start, end) character spans to learn.
+
+    An assistant turn's span runs from the end of the generation prompt that precedes it
+    (e.g. "<|assistant|>\\n") to the end of the turn as the template renders it (content + EOS).
+    This relies on the template rendering a conversation's prefix as a prefix of the whole,
+    which every mainstream template does; one that does not is refused with a clear error.
+    """
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if train_on_inputs:
+        return full, [(0, len(full))]
+    spans = []
+    for i, m in enumerate(example.messages):
+        if m.role != "assistant" or m.weight == 0:
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(prompt)):
+            raise TemplateError(
+                f"line {example.line}: the chat template does not render conversation prefixes as prefixes "
+                "of the whole conversation, so assistant turns cannot be located for the loss mask; "
+                "use a tokenizer whose template does, or set train_on_inputs"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def encode_examples(
+    examples: list[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool
+) -> tuple[list[dict], EncodeStats]:
+    rows: list[dict] = []
+    stats = EncodeStats()
+    for example in examples:
+        enc = encode_example(example, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+        stats.rows += 1
+        stats.truncated_rows += enc.truncated
+        learned = sum(label != IGNORE_INDEX for label in enc.labels)
+        if learned == 0:
+            stats.dropped_rows += 1
+            stats.dropped_lines.append(example.line)
+            continue
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += learned
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return rows, stats
