@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: install run test demo clean
+.PHONY: install run test train-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,14 +25,18 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
-# Trains the demo task on the tiny model, end to end on this machine.
-demo: install
+# The service on the embedded default: SQLite, local storage, a local queue and one worker, all
+# under ~/.qlora (QLORA_HOME). The first start creates a team, prints its key and builds the demo model.
+run: install
+	$(VENV)/bin/qlora serve
+
+# The engine alone, no service: trains the demo task on the tiny model into demo/run.
+train-demo: install
 	$(VENV)/bin/qlora tiny-model demo/tiny-model
 	$(VENV)/bin/qlora demo-data demo --base-model demo/tiny-model
 	$(VENV)/bin/qlora train demo/spec.json --data demo/train.jsonl --validation demo/validation.jsonl --out demo/run
 
-run: demo
-
+# The whole suite. The tests start Postgres, Redis and an S3 server on loopback when they are not running.
 test: install
 	$(PY) -m pytest
 

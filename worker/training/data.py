@@ -127,6 +127,11 @@ class DatasetValidator:
         if self.examples is not None:
             self.examples.append(example)
 
+    def skip_line(self, message: str) -> None:
+        """Count a line the caller could not even read whole (one longer than it will buffer)."""
+        self._line += 1
+        self._error(message)
+
     def _error(self, message: str) -> None:
         self.error_count += 1
         if len(self.errors) < MAX_REPORTED_ERRORS:

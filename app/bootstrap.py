@@ -1,0 +1,52 @@
+"""First start of the embedded default: schema, a team with a key the CLI can find, the demo model.
+
+Safe to run on every start: each step only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from app.config import Settings
+from app.db import session_scope
+from app.migrate import upgrade
+from app.models import repository as models
+from app.models import service as models_service
+from app.teams import repository as teams
+from app.teams import service as teams_service
+
+DEMO_TEAM = "default"
+DEMO_MODEL = "tiny-demo"
+
+
+def bootstrap_embedded(settings: Settings, announce=print) -> None:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        if teams.team_by_name(session, DEMO_TEAM) is None:
+            teams_service.create_team(session, DEMO_TEAM)
+            _, key = teams_service.create_key(session, DEMO_TEAM, admin=True)
+            write_credentials(settings, key)
+            announce(f"created team {DEMO_TEAM!r}; its admin API key (shown once, saved to "
+                     f"{settings.credentials_path}):\n  {key}")
+        if models.by_name(session, DEMO_MODEL) is None:
+            path = settings.home / "models" / DEMO_MODEL
+            if not (path / "config.json").exists():
+                announce(f"building the tiny demo model in {path} (a few seconds, nothing is downloaded)")
+                from worker.training.tiny import build_tiny_model  # imports torch: only on first start
+
+                build_tiny_model(path, seed=0)
+            models_service.add_model(session, DEMO_MODEL, path=str(path),
+                                     description="a ~4M-parameter Llama-architecture model built offline, for trying things out")
+
+
+def write_credentials(settings: Settings, key: str) -> Path:
+    path = settings.credentials_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": f"http://{settings.host}:{settings.port}", "api_key": key}, indent=2))
+    os.chmod(tmp, 0o600)  # a bearer key: readable by its owner only
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,84 @@
+"""Settings: environment only (QLORA_*), checked at start.
+
+With nothing set, everything lives under QLORA_HOME (~/.qlora): a SQLite database, a local
+directory as object storage, and a Celery transport on the filesystem, so one machine needs no
+server at all. Production points the same settings at Postgres, Redis and an S3-compatible store.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore")
+
+    home: Path = Field(Path("~/.qlora"), description="Where the embedded default keeps its database, files and queue.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$QLORA_HOME/qlora.db.")
+    # file:///abs/path for a local directory, s3://bucket[/prefix] for S3-compatible storage.
+    storage_url: str = Field("", description="Object storage; default file://$QLORA_HOME/storage.")
+    s3_endpoint_url: str | None = Field(None, description="For MinIO and other S3-compatible stores.")
+    s3_region: str = "us-east-1"
+    # Presigned download links live long enough to start a download, not to be shared around.
+    presign_expires_s: int = Field(900, ge=60, le=7 * 24 * 3600)
+    broker_url: str = Field("", description="Celery broker; default a filesystem transport under $QLORA_HOME.")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(2 * GIB, ge=1)
+
+    # Jobs go to queue "gpu-<class>"; a worker listens to the queues of the GPU class it runs on.
+    default_gpu_class: str = "default"
+    # The longest a job may train. The broker's visibility timeout is set above it, so a message
+    # is never redelivered to a second worker while the first is still legitimately running.
+    job_time_limit_s: int = Field(72 * 3600, ge=60)
+    # The worker polls the training process this often: progress, metrics, cancel, heartbeat.
+    supervise_interval_s: float = Field(1.0, gt=0, le=60)
+    # A cancelled training process gets this long to stop after its current step before SIGKILL.
+    cancel_grace_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _defaults_under_home(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'qlora.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.home / 'storage'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.storage_url.startswith(("file://", "s3://")):
+            raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the queue needs no server: the worker must run on this machine."""
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def work_dir(self) -> Path:
+        """Where a worker keeps a job's files while it trains."""
+        return self.home / "work"
+
+    @property
+    def credentials_path(self) -> Path:
+        """The embedded server writes its URL and first API key here; the CLI reads them."""
+        return self.home / "credentials.json"
+
+    def queue_for(self, gpu_class: str | None = None) -> str:
+        return f"gpu-{gpu_class or self.default_gpu_class}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

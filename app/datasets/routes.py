@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.datasets import repository, service
+from app.datasets.schemas import DatasetOut, DatasetPage
+from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.pagination import page
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", response_model=DatasetOut, status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file"],
+                 "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
+async def upload_dataset(request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+                         caller: CallerDep):
+    """Upload a JSONL file (multipart field `file`). It is streamed to storage and every line is
+    validated; the answer says `ready`, or `invalid` with the first bad lines and their numbers."""
+    return await service.upload(session, storage, settings, caller, request)
+
+
+@router.get("", response_model=DatasetPage)
+def list_datasets(session: SessionDep, caller: CallerDep, cursor: str | None = None, limit: int = 50):
+    rows, next_cursor = page(repository.list_page(session, caller.team_id, cursor, limit), limit)
+    return {"data": rows, "next_cursor": next_cursor}
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep):
+    return service.get(session, caller, dataset_id)
+
+
+@router.get("/{dataset_id}/content", response_class=StreamingResponse)
+def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    dataset = service.get(session, caller, dataset_id)
+    return StreamingResponse(storage.open(dataset.storage_key), media_type="application/x-ndjson", headers={
+        "Content-Length": str(dataset.bytes),
+        "Content-Disposition": f'attachment; filename="{dataset.id}.jsonl"',
+        "X-Checksum-Sha256": dataset.sha256,
+    })
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    service.delete(session, storage, caller, dataset_id)

@@ -1,0 +1,136 @@
+"""Datasets: streamed uploads that are stored whole or not at all, validated line by line."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+
+from app.config import Settings
+from app.datasets import repository
+from app.datasets.tables import Dataset
+from app.db import after_commit, on_rollback
+from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from app.jobs.states import ACTIVE
+from app.storage.base import ObjectWriter, Storage, make_key
+from app.teams.service import Caller
+from app.uploads import read_multipart
+from worker.training.data import DatasetValidator
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one row longer than this is a broken file, not a long chat
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
+MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class DatasetIngest:
+    """Takes an upload's bytes as they arrive: stores them, counts them, validates each line."""
+
+    def __init__(self, writer: ObjectWriter, max_bytes: int):
+        self.writer = writer
+        self.max_bytes = max_bytes
+        self.validator = DatasetValidator(keep_examples=False)
+        self._partial = b""  # the start of a line whose newline has not arrived yet
+        self._skipping = False  # inside a line already reported as too long
+
+    def write(self, data: bytes) -> None:
+        if self.writer.size + len(data) > self.max_bytes:
+            raise PayloadTooLarge(
+                f"the file is larger than the limit of {human_bytes(self.max_bytes)}; "
+                "split it, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
+        self.writer.write(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if self._skipping:
+                self._skipping = False  # the newline that ends the overlong line
+                continue
+            self.validator.feed(line)
+        if len(self._partial) > MAX_LINE_BYTES and not self._skipping:
+            self.validator.skip_line(f"line is longer than {human_bytes(MAX_LINE_BYTES)}")
+            self._skipping, self._partial = True, b""
+        elif self._skipping:
+            self._partial = b""
+
+    def finish(self) -> None:
+        if self._partial and not self._skipping:
+            self.validator.feed(self._partial)  # a last line without a trailing newline
+        self._partial = b""
+
+
+async def upload(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request) -> Dataset:
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(
+            f"the upload is {human_bytes(declared)}, over the limit of {human_bytes(settings.max_upload_bytes)}; "
+            "split the file, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
+    key = make_key(caller.team_id, "datasets")
+    ingest: list[DatasetIngest] = []
+    filename: list[str] = []
+
+    def open_file(_field: str, name: str) -> DatasetIngest:
+        filename.append(name)
+        ingest.append(DatasetIngest(storage.writer(key), settings.max_upload_bytes))
+        return ingest[0]
+
+    try:
+        _fields, has_file = await read_multipart(request, open_file)
+        if not has_file:
+            raise Invalid("no file in the upload: send it as the multipart field 'file' (curl -F file=@data.jsonl)")
+        ingest[0].finish()
+        stored = ingest[0].writer.commit()
+    except BaseException:
+        if ingest:
+            ingest[0].writer.abort()  # nothing of a refused or broken upload is kept
+        raise
+    return _record(session, storage, caller, ingest[0].validator, stored, filename[0])
+
+
+def _record(session, storage, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:
+    try:
+        verdict = validator.finish()
+        status, errors, error_count, fmt = "ready", [], 0, verdict.format
+    except ValueError as exc:  # DataError: the lines are listed on the record, not raised
+        status = "invalid"
+        errors = [{"line": e.line, "message": e.message} for e in exc.errors]
+        error_count, fmt = exc.total, validator.format
+    dataset = Dataset(
+        team_id=caller.team_id, filename=filename[:255], storage_key=stored.key, bytes=stored.size,
+        sha256=stored.sha256, status=status, format=fmt, rows=validator.rows,
+        token_estimate=validator.chars // CHARS_PER_TOKEN, error_count=error_count, errors=errors,
+    )
+    # The object is stored; if the row is never committed, the object must go too.
+    on_rollback(session, lambda: storage.delete(stored.key))
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get(session: Session, caller: Caller, dataset_id: str) -> Dataset:
+    dataset = repository.get(session, caller.team_id, dataset_id)
+    if dataset is None:
+        raise NotFound(f"no dataset {dataset_id!r}")
+    return dataset
+
+
+def delete(session: Session, storage: Storage, caller: Caller, dataset_id: str) -> None:
+    dataset = get(session, caller, dataset_id)
+    users = repository.active_jobs_using(session, dataset.id, ACTIVE)
+    if users:
+        names = ", ".join(f"{job.id} ({job.status})" for job in users[:5])
+        raise Conflict(f"dataset {dataset.id} is used by jobs that have not finished: {names}; "
+                       "cancel them or wait for them to finish", code="dataset_in_use")
+    key = dataset.storage_key
+    session.delete(dataset)
+    session.flush()
+    after_commit(session, lambda: storage.delete(key))  # the row goes first; a stray object is harmless

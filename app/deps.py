@@ -1,0 +1,57 @@
+"""Dependencies every route shares, as short Annotated aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import sessionmaker_for
+from app.errors import Forbidden
+from app.storage.base import Storage
+from app.teams.service import Caller, authenticate
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request: committed when the route returns, rolled back if it raises."""
+    session = sessionmaker_for(request.app.state.settings.database_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    return authenticate(session, authorization)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_admin(caller: CallerDep) -> Caller:
+    if not caller.is_admin:
+        raise Forbidden("this needs an admin key (qlora admin create-key TEAM --admin)")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]

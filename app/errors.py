@@ -1,0 +1,64 @@
+"""Errors that carry their HTTP status. Services raise them; one handler renders them all as
+{"error": {"code", "message", "details"?}} — the message says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code:
+            self.code = code
+
+    def body(self) -> dict:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class Unauthorized(AppError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(AppError):
+    """Also what another team's object answers: its existence is not for them to learn."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AppError):
+    """The request is valid but the object's state forbids it (deleting a dataset in use, cancelling a finished job)."""
+
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Invalid(AppError):
+    """A request whose content is wrong; details name each field and its allowed values."""
+
+    status = 422
+    code = "invalid"
+
+
+def field_errors(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [{"field": field, "message": message} for field, message in pairs]

@@ -1,0 +1,23 @@
+"""Sending "job X is ready" to the workers. The database stays the truth: a lost message leaves
+the job queued, and the worker's compare-and-set claim makes a duplicate message harmless."""
+
+from __future__ import annotations
+
+import logging
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "qlora.run_job"
+
+
+def dispatch(settings: Settings, job_id: str, queue: str) -> bool:
+    from worker.celery_app import celery_for
+
+    try:
+        celery_for(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        return True
+    except Exception:  # a broker outage must not fail the request that already committed the job
+        log.exception("could not send job %s to queue %s; it stays queued and is sent again later", job_id, queue)
+        return False

@@ -1,0 +1,128 @@
+"""Every query on jobs and their events, metrics and artifacts. Status changes are compare-and-set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.jobs import states
+from app.jobs.tables import Artifact, Job, JobEvent, JobMetric
+from app.pagination import newest_first
+
+
+def get(session: Session, team_id: str, job_id: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == job_id, Job.team_id == team_id)).one_or_none()
+
+
+def get_any_team(session: Session, job_id: str) -> Job | None:
+    """For the worker, which acts for whichever team owns the job."""
+    return session.get(Job, job_id)
+
+
+def list_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Job]:
+    query = select(Job).where(Job.team_id == team_id)
+    if status:
+        query = query.where(Job.status == status)
+    return list(session.scalars(newest_first(query, Job, cursor, limit)))
+
+
+def transition(session: Session, job_id: str, to: str, *, attempt: int | None = None,
+               only_from: Iterable[str] | None = None, **values) -> bool:
+    """UPDATE jobs SET status=:to ... WHERE id=:id AND status IN (legal sources) [AND attempt=:attempt].
+
+    True if this call made the change. False means someone else changed the job first (or, with
+    `attempt`, that the caller's lease on the job is gone): the caller must not act as if it won.
+    """
+    sources = tuple(only_from) if only_from is not None else states.sources_of(to)
+    query = update(Job).where(Job.id == job_id, Job.status.in_(sources))
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
+    result = session.execute(query.values(status=to, **values).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def claim(session: Session, job_id: str, worker: str, now) -> int | None:
+    """queued → running, taking the next attempt number. Returns it, or None if not claimable."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == states.QUEUED)
+        .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker, started_at=func.coalesce(Job.started_at, now),
+                heartbeat_at=now, error=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def touch(session: Session, job_id: str, attempt: int, **values) -> bool:
+    """A fenced write by the job's current runner (heartbeat, progress). False: the lease is gone."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_((states.RUNNING, states.CANCELLING)))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def status_of(session: Session, job_id: str) -> tuple[str, int] | None:
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    return (row[0], row[1]) if row else None
+
+
+def add_event(session: Session, job_id: str, type: str, level: str = "info", message: str = "", *,
+              attempt: int = 0, step: int | None = None, data: dict | None = None) -> JobEvent:
+    event = JobEvent(job_id=job_id, attempt=attempt, type=type, level=level, step=step, message=message, data=data)
+    session.add(event)
+    return event
+
+
+def events(session: Session, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
+
+
+def upsert_metric(session: Session, job_id: str, values: dict) -> None:
+    """Insert a point of the curve, or replace the one at the same (kind, step): a step redone
+    after a resume must not appear twice."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    row = {"job_id": job_id, **values}
+    stmt = insert(JobMetric).values(**row)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["job_id", "kind", "step"],
+        set_={k: stmt.excluded[k] for k in row if k not in ("job_id", "kind", "step")},
+    ))
+
+
+def delete_metrics_after(session: Session, job_id: str, step: int) -> None:
+    """Points past a checkpoint belong to work that was lost; the resumed run logs them again."""
+    from sqlalchemy import delete
+
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
+
+
+def metrics(session: Session, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step, JobMetric.kind)))
+
+
+def artifacts(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)))
+
+
+def artifact(session: Session, job_id: str, kind: str) -> Artifact | None:
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)).one_or_none()
+
+
+def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, size: int, sha256: str) -> Artifact:
+    artifact_row = Artifact(job_id=job_id, kind=kind, storage_key=storage_key, bytes=size, sha256=sha256)
+    session.add(artifact_row)
+    return artifact_row

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from app.jobs.tables import Job
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int | None
+    fraction: float | None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: str
+    base_model: str
+    dataset_id: str | None
+    validation_dataset_id: str | None
+    spec: dict[str, Any]
+    queue: str
+    attempt: int
+    trained_tokens: int
+    error: str | None
+    summary: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    step: int
+    total_steps: int | None
+
+    @computed_field
+    @property
+    def progress(self) -> Progress:
+        fraction = round(self.step / self.total_steps, 4) if self.total_steps else None
+        return Progress(step=self.step, total_steps=self.total_steps, fraction=fraction)
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls.model_validate(job)
+
+
+class JobPage(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    attempt: int
+    type: str
+    level: str
+    step: int | None
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class TrainPoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    epoch: float | None
+    train_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_seen: int | None
+    tokens_per_second: float | None
+    peak_memory_bytes: int | None
+
+
+class EvalPoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    epoch: float | None
+    eval_loss: float | None
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    train: list[TrainPoint]
+    eval: list[EvalPoint]
+
+
+class ArtifactOut(BaseModel):
+    kind: str
+    bytes: int
+    sha256: str
+    created_at: datetime
+    download_url: str  # the API's download route; it redirects to a short-lived presigned URL on S3

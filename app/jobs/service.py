@@ -1,0 +1,118 @@
+"""Jobs as the API sees them: create (validated, then queued after commit), read, cancel."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.datasets import service as datasets
+from app.db import after_commit, utcnow
+from app.errors import Conflict, Invalid, NotFound, field_errors
+from app.jobs import repository, states
+from app.jobs.dispatch import dispatch
+from app.jobs.tables import Job
+from app.models import repository as models
+from app.teams.service import Caller
+from worker.training.spec import JobSpec, SpecError
+
+JOB_FIELDS = ("name", "dataset_id", "validation_dataset_id", "gpu_class")
+_GPU_CLASS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+
+
+def parse_create(body: Any) -> tuple[dict, JobSpec]:
+    """Split a POST /jobs body into the job's own fields and the engine's spec; report every bad field at once."""
+    if not isinstance(body, dict):
+        raise Invalid("the body must be a JSON object: the job spec plus dataset_id and an optional name")
+    body = dict(body)
+    meta = {k: body.pop(k) for k in JOB_FIELDS if k in body}
+    errors: list[tuple[str, str]] = []
+    if not isinstance(meta.get("dataset_id"), str) or not meta["dataset_id"]:
+        errors.append(("dataset_id", "required: the id of a dataset you uploaded (POST /datasets)"))
+    if meta.get("validation_dataset_id") is not None and not isinstance(meta["validation_dataset_id"], str):
+        errors.append(("validation_dataset_id", "must be a dataset id or null"))
+    if not isinstance(meta.get("name", ""), str) or len(meta.get("name", "")) > 200:
+        errors.append(("name", "must be a string of at most 200 characters"))
+    gpu_class = meta.get("gpu_class")
+    if gpu_class is not None and (not isinstance(gpu_class, str) or not _GPU_CLASS.match(gpu_class)):
+        errors.append(("gpu_class", "lowercase letters, digits, '-' and '_', at most 50 characters"))
+    spec = None
+    try:
+        spec = JobSpec.parse(body)
+    except SpecError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise Invalid("invalid job: " + "; ".join(f"{f}: {m}" for f, m in errors), details=field_errors(errors),
+                      code="invalid_job")
+    return meta, spec
+
+
+def create(session: Session, settings: Settings, caller: Caller, body: Any) -> Job:
+    meta, spec = parse_create(body)
+    if models.by_name(session, spec.base_model) is None:
+        known = ", ".join(m.name for m in models.list_all(session)) or "none"
+        raise Invalid(f"base_model: {spec.base_model!r} is not a registered model (registered: {known}; see GET /models)",
+                      details=field_errors([("base_model", f"not registered; registered: {known}")]), code="invalid_job")
+    for field in ("dataset_id", "validation_dataset_id"):
+        if meta.get(field):
+            _usable_dataset(session, caller, field, meta[field])
+    job = Job(
+        team_id=caller.team_id, name=meta.get("name", ""), status=states.QUEUED,
+        spec=spec.model_dump(mode="json"), base_model=spec.base_model,
+        dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
+        queue=settings.queue_for(meta.get("gpu_class")),
+    )
+    session.add(job)
+    session.flush()
+    repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}")
+    # The message only says "job X is ready"; it must not reach a worker before the row exists.
+    after_commit(session, lambda: dispatch(settings, job.id, job.queue))
+    return job
+
+
+def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: str) -> None:
+    try:
+        dataset = datasets.get(session, caller, dataset_id)
+    except NotFound:
+        raise NotFound(f"{field}: no dataset {dataset_id!r}") from None
+    if dataset.status != "ready":
+        first = dataset.errors[0] if dataset.errors else {"line": "?", "message": "?"}
+        raise Invalid(
+            f"{field}: dataset {dataset_id} is invalid ({dataset.error_count} bad lines; first: line "
+            f"{first['line']}: {first['message']}); fix the file and upload it again",
+            details=field_errors([(field, "dataset is invalid")]), code="invalid_job")
+
+
+def get(session: Session, caller: Caller, job_id: str) -> Job:
+    job = repository.get(session, caller.team_id, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def cancel(session: Session, caller: Caller, job_id: str) -> Job:
+    """A queued job is cancelled at once and never starts; a running one is asked to stop after its
+    current step (cancelling), and its worker records cancelled once the process has exited."""
+    for _ in range(3):  # the job may change state under us (claimed, finished); look again
+        job = get(session, caller, job_id)
+        if job.status in (states.CANCELLING, states.CANCELLED):
+            return job
+        if job.status in states.FINISHED:
+            raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel", code="invalid_state")
+        if job.status == states.QUEUED:
+            won = repository.transition(session, job.id, states.CANCELLED, only_from=[states.QUEUED],
+                                        finished_at=utcnow())
+            message = "cancelled before it started"
+            event = "cancelled"
+        else:
+            won = repository.transition(session, job.id, states.CANCELLING, only_from=[states.RUNNING])
+            message, event = "cancel requested; the training process stops after its current step", "cancel_requested"
+        if won:
+            repository.add_event(session, job.id, event, "warning", message, attempt=job.attempt)
+            session.flush()
+            session.refresh(job)
+            return job
+        session.expire(job)
+    raise Conflict(f"job {job_id} kept changing state; try again", code="invalid_state")

@@ -1,0 +1,65 @@
+"""create_app(): routers, error handlers, lifespan. The API process never imports torch."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app.config import Settings, get_settings
+from app.datasets.routes import router as datasets_router
+from app.db import engine_for
+from app.errors import AppError
+from app.jobs.routes import router as jobs_router
+from app.models.routes import router as models_router
+from app.storage.base import storage_from_settings
+from app.uploads import UploadInterrupted
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        with engine_for(settings.database_url).connect() as conn:  # fail at start, not at the first request
+            conn.execute(text("SELECT 1"))
+        yield
+
+    app = FastAPI(
+        title="qlora-service",
+        version="0.1.0",
+        summary="Fine-tune open LLMs with QLoRA: upload a dataset, post a job, download an adapter or a merged model.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.storage = storage_from_settings(settings)
+
+    @app.exception_handler(AppError)
+    async def app_error(_request: Request, exc: AppError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(_request: Request, exc: RequestValidationError):
+        details = [{"field": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
+                   for err in exc.errors()]
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        return JSONResponse({"error": {"code": "invalid", "message": message, "details": details}}, status_code=422)
+
+    @app.exception_handler(UploadInterrupted)
+    async def upload_interrupted(_request: Request, exc: UploadInterrupted):
+        return JSONResponse({"error": {"code": "upload_interrupted", "message": str(exc)}}, status_code=400)
+
+    @app.get("/health", tags=["operations"])
+    def health():
+        return {"status": "ok"}
+
+    app.include_router(models_router)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
+    return app

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import AdminDep, CallerDep, SessionDep
+from app.models import repository, service
+from app.models.schemas import ModelIn, ModelOut
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=list[ModelOut])
+def list_models(session: SessionDep, _: CallerDep):
+    return repository.list_all(session)
+
+
+@router.post("", response_model=ModelOut, status_code=201)
+def add_model(body: ModelIn, session: SessionDep, _: AdminDep):
+    return service.add_model(session, **body.model_dump())
+
+
+@router.delete("/{name:path}", status_code=204)
+def remove_model(name: str, session: SessionDep, _: AdminDep):
+    service.remove_model(session, name)

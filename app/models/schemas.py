@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    path: str | None
+    hub_id: str | None
+    revision: str | None
+    description: str
+    created_at: datetime
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    description: str = ""

@@ -1,0 +1,48 @@
+"""The base model registry: the only base models jobs may use. Admins add them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Invalid, NotFound
+from app.models import repository
+from app.models.tables import RegisteredModel
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
+
+
+def add_model(session: Session, name: str, *, path: str | None = None, hub_id: str | None = None,
+              revision: str | None = None, description: str = "") -> RegisteredModel:
+    if not _NAME.match(name):
+        raise Invalid(f"model name {name!r}: 1-200 letters, digits and _ . : / -", details=[{"field": "name"}])
+    if (path is None) == (hub_id is None):
+        raise Invalid("give exactly one of path (a directory of safetensors weights) or hub_id (with revision)")
+    if path is not None:
+        directory = Path(path).expanduser()
+        if not directory.is_absolute():
+            raise Invalid(f"path {path!r} must be absolute: workers resolve it on their own hosts")
+        path = str(directory)
+    if hub_id is not None and not revision:
+        raise Invalid("a hub model needs a revision (a commit hash or tag), so every job trains the same weights")
+    if repository.by_name(session, name):
+        raise Conflict(f"a model named {name!r} is already registered")
+    model = RegisteredModel(name=name, path=path, hub_id=hub_id, revision=revision, description=description)
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(session: Session, name: str) -> RegisteredModel:
+    model = repository.by_name(session, name)
+    if model is None:
+        known = ", ".join(m.name for m in repository.list_all(session)) or "none registered"
+        raise NotFound(f"no registered base model {name!r}; registered: {known}")
+    return model
+
+
+def remove_model(session: Session, name: str) -> None:
+    session.delete(get_model(session, name))
+    session.flush()

@@ -1,0 +1,205 @@
+"""Object storage: the protocol every backend speaks, and the code they share.
+
+Keys are made by the server (`make_key`), never taken from a user, and an object exists under
+its key only once its writer has committed: a crash or an error midway leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+from urllib.parse import quote
+
+READ_CHUNK = 1 << 20
+
+
+class ObjectNotFound(Exception):
+    def __init__(self, key: str):
+        super().__init__(f"no stored object under key {key!r}")
+        self.key = key
+
+
+class ChecksumMismatch(ValueError):
+    def __init__(self, key: str, expected: str, got: str):
+        super().__init__(
+            f"object {key!r} is corrupt: expected sha256 {expected}, got {got}; the stored copy "
+            "no longer matches what was uploaded, so upload it again"
+        )
+        self.key, self.expected, self.got = key, expected, got
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class ObjectWriter(Protocol):
+    """Streams one object in; sha256 and size are computed on the way."""
+
+    key: str
+    size: int
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> StoredObject: ...
+    def abort(self) -> None: ...
+    def __enter__(self) -> ObjectWriter: ...
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+class Storage(Protocol):
+    def writer(self, key: str) -> ObjectWriter: ...
+    def put_file(self, key: str, path: Path) -> StoredObject: ...
+    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
+    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None: ...
+
+
+def check_key(key: str) -> str:
+    """A key is relative and plain, so it can never name something outside the store."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid storage key {key!r}: use non-empty segments without '.' or '..'")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A prefix is a key, a key's leading part (`team/`) or empty for everything."""
+    if prefix:
+        check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def make_key(team_id: str, kind: str) -> str:
+    for name, segment in (("team_id", team_id), ("kind", kind)):
+        if not segment or "/" in segment or segment in (".", ".."):
+            raise ValueError(f"{name} {segment!r} cannot be a key segment")
+    return f"{team_id}/{kind}/{uuid.uuid4().hex}"
+
+
+def attachment_disposition(filename: str) -> str:
+    """Content-Disposition that saves as `filename`; the user's name is kept even when not ASCII."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+class WriterBase:
+    """Hashing, sizing and the commit/abort lifecycle; a backend supplies the three `_` steps."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.size = 0
+        self._sha256 = hashlib.sha256()
+        self._state = "open"
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _commit(self, sha256: str) -> None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise ValueError(f"writer for {self.key!r} is already {self._state}")
+        self._sha256.update(data)
+        self.size += len(data)
+        self._write(data)
+
+    def commit(self) -> StoredObject:
+        if self._state != "open":
+            raise ValueError(f"writer for {self.key!r} is already {self._state}")
+        sha256 = self._sha256.hexdigest()
+        try:
+            self._commit(sha256)
+        except BaseException:
+            # A failed commit must not leave a temp file or a pending upload behind.
+            self.abort()
+            raise
+        self._state = "committed"
+        return StoredObject(self.key, self.size, sha256)
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._abort()
+        self._state = "aborted"
+
+    def __enter__(self) -> WriterBase:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Leaving the block without a commit, by an error or by forgetting, keeps nothing.
+        self.abort()
+
+
+class StorageBase:
+    """Uploads and downloads of whole files, built once on each backend's `writer` and `open`."""
+
+    def writer(self, key: str) -> ObjectWriter:
+        raise NotImplementedError
+
+    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: Path) -> StoredObject:
+        with path.open("rb") as src, self.writer(key) as writer:
+            while chunk := src.read(READ_CHUNK):
+                writer.write(chunk)
+            return writer.commit()
+
+    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunks = self.open(key)
+        # The file appears under its name only whole and checked: a reader never sees a partial one.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        try:
+            digest = hashlib.sha256()
+            with tmp.open("wb") as out:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                raise ChecksumMismatch(key, expected_sha256, digest.hexdigest())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def storage_from_settings(settings) -> Storage:
+    url: str = settings.storage_url
+    if url.startswith("file://"):
+        from app.storage.local import LocalStorage
+
+        root = Path(url.removeprefix("file://"))
+        if not root.is_absolute():
+            raise ValueError(f"QLORA_STORAGE_URL {url!r} needs an absolute path: file:///abs/path")
+        return LocalStorage(root)
+    if url.startswith("s3://"):
+        # Imported here so the embedded default runs without boto3.
+        from app.storage.s3 import S3Storage
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"QLORA_STORAGE_URL {url!r} names no bucket: use s3://bucket[/prefix]")
+        return S3Storage(bucket, prefix.strip("/"), endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {url!r}")

@@ -1,0 +1,111 @@
+"""A directory as object storage: the embedded default, and what a single machine needs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.storage.base import READ_CHUNK, ObjectNotFound, StorageBase, WriterBase, check_key, check_prefix
+
+# Writes land here first; on the same filesystem as the objects, so a commit is one rename.
+TMP_DIR = ".tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalWriter(WriterBase):
+    def __init__(self, key: str, tmp_path: Path, final_path: Path):
+        super().__init__(key)
+        self._tmp_path = tmp_path
+        self._final_path = final_path
+        self._file = tmp_path.open("xb")
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def _commit(self, sha256: str) -> None:
+        # fsync before the rename: after a crash the key holds the whole object or nothing.
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp_path, self._final_path)
+        # The rename itself survives a crash only once the directory is synced.
+        _fsync_dir(self._final_path.parent)
+
+    def _abort(self) -> None:
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+
+class LocalStorage(StorageBase):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if check_key(key).split("/")[0] == TMP_DIR:
+            raise ValueError(f"invalid storage key {key!r}: {TMP_DIR}/ holds uncommitted writes")
+        return self.root / key
+
+    def writer(self, key: str) -> LocalWriter:
+        return LocalWriter(key, self.root / TMP_DIR / uuid.uuid4().hex, self._path(key))
+
+    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        # Opened now, not on the first chunk, so a missing key fails where open() is called.
+        try:
+            f = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        return self._read(f, chunk_size)
+
+    @staticmethod
+    def _read(f, chunk_size: int) -> Iterator[bytes]:
+        with f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path.stat().st_size
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def list(self, prefix: str) -> list[str]:
+        # Prefixes match like S3's, as plain string prefixes; the walk starts at the deepest
+        # directory the prefix names so listing one team never walks every team.
+        start = self.root / check_prefix(prefix).rpartition("/")[0]
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            if Path(dirpath) == self.root:
+                dirnames[:] = [d for d in dirnames if d != TMP_DIR]
+            for name in filenames:
+                key = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
+        # No URL can serve a local file; the API streams it instead.
+        self._path(key)
+        return None

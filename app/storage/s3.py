@@ -1,0 +1,181 @@
+"""S3 and S3-compatible stores (MinIO, Ceph, R2...) through boto3.
+
+Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance role).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from app.storage.base import (
+    READ_CHUNK,
+    ObjectNotFound,
+    StorageBase,
+    WriterBase,
+    attachment_disposition,
+    check_key,
+    check_prefix,
+)
+
+# Above S3's 5 MiB minimum part; 10,000 parts of it still reach 80 GiB, past any merged model here.
+PART_SIZE = 8 << 20
+
+
+def _is_missing(err: ClientError) -> bool:
+    return err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+class S3Writer(WriterBase):
+    """Holds at most one part in memory: small objects go up in one put at commit, larger ones as
+    a multipart upload that becomes visible only when completed."""
+
+    def __init__(self, client, bucket: str, key: str, s3_key: str, part_size: int):
+        super().__init__(key)
+        self._client = client
+        self._bucket = bucket
+        self._s3_key = s3_key
+        self._part_size = part_size
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict] = []
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            take = self._part_size - len(self._buffer)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == self._part_size:
+                self._upload_part()
+
+    def _upload_part(self) -> None:
+        if self._upload_id is None:
+            upload = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._s3_key)
+            self._upload_id = upload["UploadId"]
+        number = len(self._parts) + 1
+        part = self._client.upload_part(
+            Bucket=self._bucket, Key=self._s3_key, UploadId=self._upload_id, PartNumber=number, Body=self._buffer
+        )
+        self._parts.append({"PartNumber": number, "ETag": part["ETag"]})
+        self._buffer = bytearray()
+
+    def _commit(self, sha256: str) -> None:
+        if self._upload_id is None:
+            self._client.put_object(
+                Bucket=self._bucket, Key=self._s3_key, Body=self._buffer, Metadata={"sha256": sha256}
+            )
+            self._buffer = bytearray()
+            return
+        if self._buffer:
+            self._upload_part()
+        # No sha256 metadata here: it is known only now, after the upload was created. The
+        # database holds every object's sha256, and that is what downloads are checked against.
+        self._client.complete_multipart_upload(
+            Bucket=self._bucket, Key=self._s3_key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+        )
+
+    def _abort(self) -> None:
+        self._buffer = bytearray()
+        if self._upload_id is None:
+            return
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._s3_key, UploadId=self._upload_id)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+        self._upload_id = None
+
+
+class S3Storage(StorageBase):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        part_size: int = PART_SIZE,
+    ):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.part_size = part_size
+        config = Config(
+            # boto3 >= 1.36 otherwise adds CRC32 checksums to every upload and validates them on
+            # download, which several S3-compatible stores reject or do not send.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # MinIO and friends serve buckets as paths, not as DNS names.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+            retries={"mode": "standard"},
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    def _s3_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _head(self, key: str) -> dict | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key))
+        except ClientError as err:
+            if _is_missing(err):
+                return None
+            raise
+
+    def writer(self, key: str) -> S3Writer:
+        return S3Writer(self.client, self.bucket, key, self._s3_key(key), self.part_size)
+
+    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"]
+        except ClientError as err:
+            if _is_missing(err):
+                raise ObjectNotFound(key) from None
+            raise
+        return self._read(body, chunk_size)
+
+    @staticmethod
+    def _read(body, chunk_size: int) -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise ObjectNotFound(key)
+        return head["ContentLength"]
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        # One request per key rather than DeleteObjects: that call requires a checksum header,
+        # and stores disagree on which (Content-MD5 or CRC32). A prefix holds few objects here.
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def list(self, prefix: str) -> list[str]:
+        check_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+    def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
+        params = {"Bucket": self.bucket, "Key": self._s3_key(key)}
+        if filename:
+            params["ResponseContentDisposition"] = attachment_disposition(filename)
+        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.teams.tables import ApiKey, Team
+
+
+def team_by_name(session: Session, name: str) -> Team | None:
+    return session.scalars(select(Team).where(Team.name == name)).one_or_none()
+
+
+def team_by_id(session: Session, team_id: str) -> Team | None:
+    return session.get(Team, team_id)
+
+
+def list_teams(session: Session) -> list[Team]:
+    return list(session.scalars(select(Team).order_by(Team.name)))
+
+
+def key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+
+
+def key_by_id_or_prefix(session: Session, ref: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where((ApiKey.id == ref) | (ApiKey.prefix == ref))))
+
+
+def keys_of(session: Session, team_id: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at)))

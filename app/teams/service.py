@@ -1,0 +1,82 @@
+"""Teams and API keys. A key is shown once, when made; only its sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Conflict, Invalid, NotFound, Unauthorized
+from app.teams import repository
+from app.teams.tables import ApiKey, Team
+
+KEY_PREFIX = "qlk_"
+_TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class Caller:
+    """Who is calling: the team every query is scoped to, and whether the key may administer."""
+
+    team: Team
+    key: ApiKey
+
+    @property
+    def team_id(self) -> str:
+        return self.team.id
+
+    @property
+    def is_admin(self) -> bool:
+        return self.key.is_admin
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_team(session: Session, name: str) -> Team:
+    if not _TEAM_NAME.match(name):
+        raise Invalid(f"team name {name!r} must be 1-100 letters, digits, '_', '.', '-', starting with a letter or digit")
+    if repository.team_by_name(session, name):
+        raise Conflict(f"a team named {name!r} already exists")
+    team = Team(name=name)
+    session.add(team)
+    session.flush()
+    return team
+
+
+def create_key(session: Session, team_name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
+    """Returns the key row and the key itself, which is never stored or shown again."""
+    team = repository.team_by_name(session, team_name)
+    if team is None:
+        raise NotFound(f"no team named {team_name!r}")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(team_id=team.id, prefix=secret[:12], key_hash=hash_key(secret), is_admin=admin)
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def revoke_key(session: Session, ref: str) -> ApiKey:
+    keys = repository.key_by_id_or_prefix(session, ref)
+    if not keys:
+        raise NotFound(f"no API key with id or prefix {ref!r}")
+    if len(keys) > 1:
+        raise Conflict(f"{len(keys)} keys start with {ref!r}; give the key id instead")
+    key = keys[0]
+    key.revoked_at = key.revoked_at or utcnow()
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, authorization: str | None) -> Caller:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+    key = repository.key_by_hash(session, hash_key(authorization[7:].strip()))
+    if key is None or key.revoked_at is not None:
+        raise Unauthorized("invalid or revoked API key")
+    return Caller(team=repository.team_by_id(session, key.team_id), key=key)

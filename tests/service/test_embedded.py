@@ -1,0 +1,69 @@
+"""The embedded default: `qlora serve` with no configuration at all runs a real job end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import httpx
+import pytest
+
+from tests import services
+from tests.service.conftest import ROOT, upload, wait_for_status
+from worker.training.tiny import demo_spec
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    port = services.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
+    env.update(HOME=str(tmp_path), QLORA_PORT=str(port))  # QLORA_HOME defaults to ~/.qlora
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    credentials = tmp_path / ".qlora" / "credentials.json"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if credentials.exists() and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        time.sleep(0.3)
+    yield tmp_path, json.loads(credentials.read_text())
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_embedded_default_trains_a_job_with_nothing_configured(embedded, demo_data):
+    home, credentials = embedded
+    assert (home / ".qlora" / "qlora.db").exists()  # SQLite
+    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
+                          timeout=60)
+    assert [m["name"] for m in client.get("/models").json()] == ["tiny-demo"]
+    dataset = upload(client, demo_data["train"]).json()
+    assert dataset["status"] == "ready"
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=40, logging_steps=5, save_steps=20)
+    job = client.post("/jobs", json={"dataset_id": dataset["id"], **spec}).json()
+    done = wait_for_status(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    curve = client.get(f"/jobs/{job['id']}/metrics").json()["train"]
+    assert curve[-1]["train_loss"] < 0.6 * curve[0]["train_loss"]
+    response = client.get(f"/jobs/{job['id']}/artifacts/adapter")  # local storage: streamed by the API
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        names = tar.getnames()
+    assert "adapter/adapter_model.safetensors" in names and "adapter/adapter_config.json" in names
+    # Stored where the embedded default keeps things: a local directory under QLORA_HOME.
+    assert any((home / ".qlora" / "storage").rglob("*"))

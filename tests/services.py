@@ -1,0 +1,163 @@
+"""The real services the tests talk to: start what is not running, never skip what is missing.
+
+Plain functions; tests/conftest.py turns them into fixtures.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import boto3
+import psycopg
+from botocore.config import Config
+from psycopg import sql
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+START_TIMEOUT_S = 60
+
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+REDIS_START = (
+    'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no '
+    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_ready() -> bool:
+    # An open port is not enough: Postgres accepts connections while it is still starting up.
+    try:
+        with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _redis_ready() -> bool:
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _ensure(name: str, ready: Callable[[], bool], command: str, log_hint: str) -> None:
+    if ready():
+        return
+    # Started even when another test process raced us to it: then this command fails, harmlessly,
+    # and the wait below still sees the service come up.
+    started = subprocess.run(command, shell=True, capture_output=True, text=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"{name} did not answer within {START_TIMEOUT_S} s. Started it with:\n  {command}\n"
+        f"exit status {started.returncode}\nstdout: {started.stdout.strip()}\nstderr: {started.stderr.strip()}\n"
+        f"Look at {log_hint}, or start {name} yourself; the tests need it and do not skip without it."
+    )
+
+
+def ensure_postgres() -> None:
+    _ensure("PostgreSQL", _postgres_ready, POSTGRES_START, "/var/log/postgresql/")
+
+
+def ensure_redis() -> None:
+    _ensure("Redis", _redis_ready, REDIS_START, "/var/log/redis/ci.log")
+
+
+def _admin_connection() -> psycopg.Connection:
+    # CREATE/DROP DATABASE cannot run inside a transaction.
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True)
+
+
+def create_postgres_database() -> str:
+    name = f"qlora_test_{uuid.uuid4().hex[:16]}"
+    with _admin_connection() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with _admin_connection() as conn:
+        # FORCE ends connections a test's pool left open, which would otherwise block the drop.
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _http_answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except OSError:
+        return False
+
+
+def start_s3_server() -> tuple[str, Callable[[], None]]:
+    """A moto S3 server on a free loopback port; returns its endpoint URL and a function that stops it."""
+    log = tempfile.TemporaryFile()
+    port = free_port()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _http_answers(endpoint_url):
+            return endpoint_url, stop
+        time.sleep(0.1)
+    stop_reason = f"exited with status {proc.returncode}" if proc.poll() is not None else "did not answer"
+    log.seek(0)
+    output = log.read().decode(errors="replace")[-4000:]
+    stop()
+    raise RuntimeError(f"moto S3 server on {endpoint_url} {stop_reason} within {START_TIMEOUT_S} s:\n{output}")
+
+
+def s3_env(endpoint_url: str) -> dict[str, str]:
+    """Environment for a process (or a monkeypatched test) that talks to the test S3 server."""
+    return {**S3_TEST_ENV, "QLORA_S3_ENDPOINT_URL": endpoint_url}
+
+
+def create_bucket(endpoint_url: str, name: str) -> None:
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    client.create_bucket(Bucket=name)

@@ -1,0 +1,348 @@
+"""One set of behaviours, run against a local directory and against S3 over HTTP (moto server)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import tracemalloc
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from app.config import Settings
+from app.storage import (
+    ChecksumMismatch,
+    LocalStorage,
+    ObjectNotFound,
+    Storage,
+    StoredObject,
+    make_key,
+    storage_from_settings,
+)
+from app.storage.s3 import PART_SIZE, S3Storage
+from tests.services import create_bucket, s3_env, start_s3_server
+
+MIB = 1 << 20
+KEY = "team-a/datasets/0123abcd"
+
+
+@dataclass
+class Backend:
+    name: str
+    storage: Storage
+    # Everything the backend still holds: objects, temp files, pending multipart uploads.
+    leftovers: Callable[[], list[str]]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    endpoint_url, stop = start_s3_server()
+    yield endpoint_url
+    stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    for name, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    create_bucket(s3_endpoint, bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_inspect(s3_endpoint, s3_bucket):
+    """A plain boto3 client, independent of the code under test, to look inside the bucket."""
+    return boto3.client("s3", endpoint_url=s3_endpoint, config=Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        root = tmp_path / "store"
+        storage = LocalStorage(root)
+
+        def leftovers() -> list[str]:
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+        return Backend("local", storage, leftovers)
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    inspect = request.getfixturevalue("s3_inspect")
+    storage = S3Storage(bucket, "objects", endpoint_url=endpoint, region="us-east-1")
+
+    def leftovers() -> list[str]:
+        objects = [o["Key"] for o in inspect.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        uploads = inspect.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return sorted(objects) + [f"pending upload of {u['Key']}" for u in uploads]
+
+    return Backend("s3", storage, leftovers)
+
+
+def chunks(total: int, size: int, seed: int = 0):
+    rng = random.Random(seed)
+    for start in range(0, total, size):
+        yield rng.randbytes(min(size, total - start))
+
+
+def read_all(storage: Storage, key: str) -> bytes:
+    return b"".join(storage.open(key))
+
+
+def test_round_trip_reports_sha256_and_size(backend, tmp_path):
+    storage = backend.storage
+    data = os.urandom(300_000)
+    writer = storage.writer(KEY)
+    for piece in (data[:1], data[1:100_000], data[100_000:]):
+        writer.write(piece)
+    assert writer.size == len(data)
+    assert not storage.exists(KEY), "an object must not be visible before commit"
+
+    stored = writer.commit()
+
+    assert stored == StoredObject(KEY, len(data), hashlib.sha256(data).hexdigest())
+    assert storage.exists(KEY)
+    assert storage.size(KEY) == len(data)
+    assert read_all(storage, KEY) == data
+    assert all(len(c) <= 4096 for c in storage.open(KEY, chunk_size=4096))
+    dest = tmp_path / "out" / "copy.bin"
+    storage.download(KEY, dest, expected_sha256=stored.sha256)
+    assert dest.read_bytes() == data
+
+
+def test_empty_object(backend):
+    stored = backend.storage.writer(KEY).commit()
+    assert stored == StoredObject(KEY, 0, hashlib.sha256(b"").hexdigest())
+    assert read_all(backend.storage, KEY) == b""
+
+
+def test_large_object_streams_in_bounded_memory(backend):
+    total = 20 * MIB
+    expected = hashlib.sha256()
+    writer = backend.storage.writer(KEY)
+    tracemalloc.start()
+    try:
+        for piece in chunks(total, 64 * 1024):
+            expected.update(piece)
+            writer.write(piece)
+        assert not backend.storage.exists(KEY), "an object must not be visible before commit"
+        stored = writer.commit()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Holding the whole object would peak above 20 MiB; streaming holds at most one part.
+    assert peak < PART_SIZE + 2 * MIB, f"peak Python memory {peak / MIB:.1f} MiB while writing 20 MiB"
+    assert stored.size == total and stored.sha256 == expected.hexdigest()
+    assert backend.storage.size(KEY) == total
+    got = hashlib.sha256()
+    for chunk in backend.storage.open(KEY):
+        got.update(chunk)
+    assert got.hexdigest() == expected.hexdigest()
+    # Exactly the object: no temp file, no pending multipart upload.
+    assert len(backend.leftovers()) == 1
+
+
+def test_s3_large_object_goes_multipart(s3_endpoint, s3_bucket, s3_inspect):
+    storage = S3Storage(s3_bucket, "objects", endpoint_url=s3_endpoint)
+    writer = storage.writer(KEY)
+    for piece in chunks(20 * MIB, 64 * 1024):
+        writer.write(piece)
+    assert len(s3_inspect.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+    writer.commit()
+
+    assert s3_inspect.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    head = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}")
+    assert head["ContentLength"] == 20 * MIB
+    assert head["ETag"].endswith('-3"'), "8 + 8 + 4 MiB parts"
+
+
+def test_s3_small_object_carries_sha256_metadata(s3_endpoint, s3_bucket, s3_inspect):
+    storage = S3Storage(s3_bucket, "objects", endpoint_url=s3_endpoint)
+    with storage.writer(KEY) as writer:
+        writer.write(b"hello")
+        stored = writer.commit()
+    head = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}")
+    assert head["Metadata"] == {"sha256": stored.sha256}
+
+
+def test_abort_leaves_nothing(backend):
+    writer = backend.storage.writer(KEY)
+    # More than one S3 part, so there is an uploaded part and a pending upload to clean up.
+    for piece in chunks(PART_SIZE + MIB, 64 * 1024):
+        writer.write(piece)
+    assert backend.leftovers(), "the half-written object should be somewhere before abort"
+
+    writer.abort()
+    writer.abort()
+
+    assert backend.leftovers() == []
+    assert not backend.storage.exists(KEY)
+    with pytest.raises(ValueError):
+        writer.write(b"more")
+    with pytest.raises(ValueError):
+        writer.commit()
+
+
+def test_error_inside_writer_block_aborts(backend):
+    with pytest.raises(RuntimeError, match="client went away"):
+        with backend.storage.writer(KEY) as writer:
+            for piece in chunks(PART_SIZE + MIB, 64 * 1024):
+                writer.write(piece)
+            raise RuntimeError("client went away")
+    assert backend.leftovers() == []
+    assert not backend.storage.exists(KEY)
+
+
+def test_writer_block_without_commit_keeps_nothing(backend):
+    with backend.storage.writer(KEY) as writer:
+        writer.write(b"forgotten")
+    assert backend.leftovers() == []
+
+
+def test_put_file_streams_a_local_file(backend, tmp_path):
+    src = tmp_path / "adapter.safetensors"
+    with src.open("wb") as f:
+        for piece in chunks(PART_SIZE + 17, MIB):
+            f.write(piece)
+    data = src.read_bytes()
+
+    stored = backend.storage.put_file(KEY, src)
+
+    assert stored == StoredObject(KEY, len(data), hashlib.sha256(data).hexdigest())
+    assert read_all(backend.storage, KEY) == data
+    assert len(backend.leftovers()) == 1
+
+
+def test_download_with_wrong_sha256_raises_and_leaves_no_file(backend, tmp_path):
+    stored = backend.storage.writer(KEY)
+    stored.write(b"the real bytes")
+    stored = stored.commit()
+    dest_dir = tmp_path / "dl"
+    wrong = "0" * 64
+
+    with pytest.raises(ChecksumMismatch) as err:
+        backend.storage.download(KEY, dest_dir / "data.jsonl", expected_sha256=wrong)
+
+    assert isinstance(err.value, ValueError)
+    assert (err.value.key, err.value.expected, err.value.got) == (KEY, wrong, stored.sha256)
+    assert KEY in str(err.value) and wrong in str(err.value) and stored.sha256 in str(err.value)
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_missing_object(backend, tmp_path):
+    storage = backend.storage
+    missing = "team-a/datasets/missing"
+    assert not storage.exists(missing)
+    with pytest.raises(ObjectNotFound):
+        storage.open(missing)
+    with pytest.raises(ObjectNotFound):
+        storage.size(missing)
+    with pytest.raises(ObjectNotFound):
+        storage.download(missing, tmp_path / "dl" / "x")
+    assert not (tmp_path / "dl").exists() or list((tmp_path / "dl").iterdir()) == []
+    storage.delete(missing)
+
+
+def test_presigned_url(backend):
+    data = os.urandom(5000)
+    writer = backend.storage.writer(KEY)
+    writer.write(data)
+    writer.commit()
+
+    url = backend.storage.presigned_url(KEY, expires_s=300, filename="résumé data.jsonl")
+
+    if backend.name == "local":
+        assert url is None
+        return
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == data
+        disposition = response.headers["Content-Disposition"]
+    assert disposition.startswith("attachment;")
+    assert "filename*=UTF-8''r%C3%A9sum%C3%A9%20data.jsonl" in disposition
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/etc/passwd", "a//b", "a/./b", "a/b/", ""])
+def test_keys_that_could_escape_are_refused(backend, tmp_path, bad):
+    storage = backend.storage
+    for call in (
+        lambda: storage.writer(bad),
+        lambda: storage.open(bad),
+        lambda: storage.exists(bad),
+        lambda: storage.size(bad),
+        lambda: storage.delete(bad),
+        lambda: storage.download(bad, tmp_path / "x"),
+        lambda: storage.presigned_url(bad, 60),
+    ):
+        with pytest.raises(ValueError, match="invalid storage key"):
+            call()
+    with pytest.raises(ValueError):
+        storage.list("../")
+    assert backend.leftovers() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["store"])
+
+
+def test_local_refuses_its_temp_directory(tmp_path):
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(ValueError, match=r"\.tmp"):
+        storage.writer(".tmp/x")
+
+
+def test_list_and_delete_prefix(backend):
+    storage = backend.storage
+    keys = ["team-a/datasets/1", "team-a/datasets/2", "team-a/adapters/3", "team-ab/datasets/4", "team-b/datasets/5"]
+    for key in keys:
+        writer = storage.writer(key)
+        writer.write(key.encode())
+        writer.commit()
+    # An unfinished write is not an object and is never listed.
+    pending = storage.writer("team-a/datasets/6")
+    pending.write(b"not yet")
+
+    assert storage.list("") == sorted(keys)
+    assert storage.list("team-a/") == ["team-a/adapters/3", "team-a/datasets/1", "team-a/datasets/2"]
+    assert storage.list("team-a/datasets/") == ["team-a/datasets/1", "team-a/datasets/2"]
+    assert storage.list("team-c/") == []
+
+    assert storage.delete_prefix("team-a/") == 3
+    assert storage.delete_prefix("team-a/") == 0
+    assert storage.list("") == ["team-ab/datasets/4", "team-b/datasets/5"]
+    storage.delete("team-b/datasets/5")
+    assert storage.list("") == ["team-ab/datasets/4"]
+    assert read_all(storage, "team-ab/datasets/4") == b"team-ab/datasets/4"
+    pending.abort()
+
+
+def test_make_key():
+    key = make_key("team-a", "datasets")
+    assert re.fullmatch(r"team-a/datasets/[0-9a-f]{32}", key)
+    assert make_key("team-a", "datasets") != key
+    for team, kind in (("a/b", "datasets"), ("team", ""), ("..", "datasets")):
+        with pytest.raises(ValueError):
+            make_key(team, kind)
+
+
+def test_storage_from_settings_local(tmp_path):
+    storage = storage_from_settings(Settings(home=tmp_path, storage_url=f"file://{tmp_path}/objects"))
+    assert isinstance(storage, LocalStorage) and storage.root == tmp_path / "objects"
+    storage.put_file("t/k/1", Path(__file__))
+    assert (tmp_path / "objects" / "t/k/1").read_bytes() == Path(__file__).read_bytes()
+
+
+def test_storage_from_settings_s3(tmp_path, s3_endpoint, s3_bucket, s3_inspect):
+    settings = Settings(home=tmp_path, storage_url=f"s3://{s3_bucket}/deploy/one", s3_endpoint_url=s3_endpoint)
+    storage = storage_from_settings(settings)
+    assert isinstance(storage, S3Storage)
+    storage.put_file("t/k/1", Path(__file__))
+    body = s3_inspect.get_object(Bucket=s3_bucket, Key="deploy/one/t/k/1")["Body"].read()
+    assert body == Path(__file__).read_bytes()
+    assert storage.list("t/") == ["t/k/1"]

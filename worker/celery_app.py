@@ -1,0 +1,68 @@
+"""Celery settings for hours-long training tasks.
+
+- acks late + reject on worker lost: a message is removed only once its job has been handled, so
+  a worker that dies mid-job leaves the message to be delivered again (the claim makes that safe).
+- prefetch 1, concurrency 1: a worker holds one job at a time; a second waits in the broker where
+  another GPU can take it, not in this worker's memory.
+- a broker visibility timeout longer than the longest job: Redis redelivers an unacked message
+  after it, and a healthy job must never look lost.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+# Time to download data, load the model, merge and upload after training, on top of the training limit.
+TASK_OVERHEAD_S = 3600
+
+
+def task_time_limit(settings: Settings) -> int:
+    return settings.job_time_limit_s + TASK_OVERHEAD_S
+
+
+def visibility_timeout(settings: Settings) -> int:
+    return task_time_limit(settings) + 3600
+
+
+_apps: dict[str, Celery] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """One Celery app per distinct configuration (the API and the tests may hold several)."""
+    key = settings.model_dump_json()
+    if key not in _apps:
+        _apps[key] = _make_celery(settings)
+    return _apps[key]
+
+
+def _make_celery(settings: Settings) -> Celery:
+    app = Celery("qlora", broker=settings.broker_url)
+    transport_options: dict = {"visibility_timeout": visibility_timeout(settings)}
+    if settings.embedded:
+        queue_dir = settings.broker_dir / "queue"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        # One folder for both directions: the API writes messages where the local worker reads them.
+        # control_folder too: kombu's default is ./control, relative to wherever the process started.
+        transport_options.update(data_folder_in=str(queue_dir), data_folder_out=str(queue_dir),
+                                 control_folder=str(settings.broker_dir / "control"),
+                                 store_processed=False, polling_interval=0.5)
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        task_ignore_result=True,  # outcomes live in the jobs table, not in a result backend
+        task_time_limit=task_time_limit(settings),
+        task_default_queue=settings.queue_for(),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+celery_app = celery_for(get_settings())

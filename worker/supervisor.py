@@ -1,0 +1,201 @@
+"""One job on one worker: claim → prepare → spawn the training process → supervise → record.
+
+The training runs in its own process (worker/runner.py) so a crash, an OOM or a kill of it never
+takes the worker down, and this process never touches CUDA. They talk through files in the job's
+work directory: the trainer appends records.jsonl and rewrites progress.json; this side creates
+`cancel` to ask it to stop; result.json is its last word. This side owns every database write,
+each fenced by the attempt number it claimed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from app.config import Settings
+from app.db import session_scope
+from app.jobs import runs, states
+from app.jobs.runs import ClaimedJob, LeaseLost
+from app.storage.base import make_key, storage_from_settings
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
+ARTIFACTS = ("adapter", "merged")
+
+
+class JobRun:
+    def __init__(self, settings: Settings, job_id: str, worker: str):
+        self.settings = settings
+        self.job_id = job_id
+        self.worker = worker
+        self.storage = storage_from_settings(settings)
+        self.db = settings.database_url
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        with session_scope(self.db) as session:
+            job = runs.claim(session, self.job_id, self.worker)
+        if job is None:
+            log.info("job %s is not queued any more; nothing to do", self.job_id)
+            return
+        workdir = self.settings.work_dir / job.id / f"attempt-{job.attempt}"
+        proc = None
+        try:
+            self._prepare(job, workdir)
+            proc = self._spawn(workdir)
+            outcome = self._supervise(job, workdir, proc)
+            self._record(job, workdir, outcome, proc.returncode)
+        except LeaseLost:
+            log.warning("job %s attempt %s: lease lost; stopping without writing", job.id, job.attempt)
+        except Exception as exc:
+            log.exception("job %s failed in the worker", job.id)
+            self._finish(job, states.FAILED, error=f"the worker failed: {type(exc).__name__}: {exc}")
+        finally:
+            if proc is not None and proc.poll() is None:
+                _kill(proc)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _prepare(self, job: ClaimedJob, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        train = workdir / "train.jsonl"
+        self.storage.download(job.train.storage_key, train, expected_sha256=job.train.sha256)
+        validation = None
+        if job.validation:
+            validation = workdir / "validation.jsonl"
+            self.storage.download(job.validation.storage_key, validation, expected_sha256=job.validation.sha256)
+        (workdir / "job.json").write_text(json.dumps({
+            "spec": job.spec,
+            "train_path": str(train),
+            "validation_path": str(validation) if validation else None,
+            "registry": {job.base_model["name"]: str(self._base_model_path(job.base_model))},
+            "out_dir": str(workdir / "out"),
+        }))
+
+    def _base_model_path(self, model: dict) -> Path:
+        if model["path"]:
+            return Path(model["path"])
+        # A hub model pinned to a revision, for hosts that reach a hub; weights only, never code.
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            model["hub_id"], revision=model["revision"], cache_dir=str(self.settings.home / "hub"),
+            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
+
+    def _spawn(self, workdir: Path) -> subprocess.Popen:
+        log_file = open(workdir / "train.log", "ab")
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "worker.runner", str(workdir)],
+                stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir,
+                start_new_session=True,  # its own process group: a kill reaches its helpers too
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            log_file.close()
+
+    def _supervise(self, job: ClaimedJob, workdir: Path, proc: subprocess.Popen) -> dict | None:
+        """Relay records and heartbeats until the process exits; pass on a cancel; kill it if the
+        lease is lost or a cancel is not obeyed in time. Returns result.json, if it wrote one."""
+        records = RecordTail(workdir / "records.jsonl")
+        cancel_sent_at = None
+        while True:
+            exited = proc.poll() is not None
+            with session_scope(self.db) as session:
+                status = runs.report(session, job.id, job.attempt, records.read_new(),
+                                     _read_json(workdir / "progress.json"))
+            if exited:
+                break
+            if status == states.CANCELLING and cancel_sent_at is None:
+                (workdir / "cancel").touch()
+                cancel_sent_at = time.monotonic()
+            if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > self.settings.cancel_grace_s:
+                log.warning("job %s did not stop within %ss of its cancel; killing it", job.id,
+                            self.settings.cancel_grace_s)
+                _kill(proc)
+                return {"status": states.CANCELLED, "error": "cancelled; the training process had to be killed"}
+            time.sleep(self.settings.supervise_interval_s)
+        return _read_json(workdir / "result.json")
+
+    def _record(self, job: ClaimedJob, workdir: Path, outcome: dict | None, returncode: int) -> None:
+        if outcome is None:
+            self._finish(job, states.FAILED, error=(
+                f"the training process exited with code {returncode} without a result; "
+                f"last lines of its log:\n{_tail(workdir / 'train.log')}"))
+            return
+        status = outcome["status"]
+        if status == states.SUCCEEDED:
+            for kind in ARTIFACTS:
+                source = workdir / "out" / kind
+                if source.is_dir():
+                    self._upload_artifact(job, workdir, kind, source)
+        self._finish(job, status, error=outcome.get("error"), summary=outcome.get("summary"))
+
+    def _upload_artifact(self, job: ClaimedJob, workdir: Path, kind: str, source: Path) -> None:
+        archive = workdir / f"{kind}.tar"
+        with tarfile.open(archive, "w") as tar:  # weights barely compress; plain tar is fast to make and read
+            tar.add(source, arcname=kind)
+        stored = self.storage.put_file(make_key(job.team_id, "artifacts"), archive)
+        try:
+            with session_scope(self.db) as session:
+                runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
+        except BaseException:
+            self.storage.delete(stored.key)  # not recorded, so not kept
+            raise
+        archive.unlink()
+
+    def _finish(self, job: ClaimedJob, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
+        with session_scope(self.db) as session:
+            if not runs.finish(session, job.id, job.attempt, status, error=error, summary=summary):
+                log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
+
+
+class RecordTail:
+    """Reads the lines appended to a JSONL file since the last call; a half-written last line waits."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def read_new(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    # Progress bars redraw with \r; keep what was last on each line.
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import logging
+import socket
+
+from app.config import get_settings
+from app.jobs.dispatch import RUN_JOB_TASK
+from worker.celery_app import celery_app
+from worker.supervisor import JobRun
+
+log = logging.getLogger(__name__)
+
+
+@celery_app.task(name=RUN_JOB_TASK)
+def run_job(job_id: str) -> None:
+    """Claim the job, supervise its training process, record the outcome. A no-op when the job
+    is not queued any more (cancelled, or already claimed by another delivery of this message)."""
+    settings = get_settings()
+    worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
+    JobRun(settings, job_id, worker).run()
