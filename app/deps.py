@@ -24,7 +24,12 @@ def get_storage(request: Request) -> Storage:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request: committed when the route returns, rolled back if it raises."""
+    """One session per request: committed when the route returns, rolled back if it raises.
+
+    Used with scope="function": the commit happens before the response is sent, so a client
+    that gets 201 for a job can read it back at once (with the default scope FastAPI sends the
+    response first and commits after: a read right after a create can answer 404).
+    """
     session = sessionmaker_for(request.app.state.settings.database_url)()
     try:
         yield session
@@ -38,7 +43,7 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Caller:

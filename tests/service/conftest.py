@@ -164,7 +164,9 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...]
                     deployment: Deployment | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        job = client.get(f"/jobs/{job_id}").json()
+        response = client.get(f"/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job = response.json()
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:

@@ -118,3 +118,4 @@ def test_listing_is_newest_first_with_a_cursor(finished_job, team_a, demo_data):
     assert {j["id"] for j in queued} >= set(ids) and all(j["status"] == "queued" for j in queued)
     for job_id in ids:
         assert team_a.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
