@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # file:///abs/path for a local directory, s3://bucket[/prefix] for S3-compatible storage.
     storage_url: str = Field("", description="Object storage; default file://$QLORA_HOME/storage.")
     s3_endpoint_url: str | None = Field(None, description="For MinIO and other S3-compatible stores.")
+    s3_public_endpoint_url: str | None = Field(None, description="The store's address as users reach it, for "
+                                               "download links; default the same as s3_endpoint_url.")
     s3_region: str = "us-east-1"
     # Presigned download links live long enough to start a download, not to be shared around.
     presign_expires_s: int = Field(900, ge=60, le=7 * 24 * 3600)

@@ -201,5 +201,6 @@ def storage_from_settings(settings) -> Storage:
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"QLORA_STORAGE_URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        return S3Storage(bucket, prefix.strip("/"), endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        return S3Storage(bucket, prefix.strip("/"), endpoint_url=settings.s3_endpoint_url,
+                         public_endpoint_url=settings.s3_public_endpoint_url, region=settings.s3_region)
     raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {url!r}")

@@ -97,6 +97,7 @@ class S3Storage(StorageBase):
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         part_size: int = PART_SIZE,
     ):
@@ -113,6 +114,11 @@ class S3Storage(StorageBase):
             retries={"mode": "standard"},
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # Download links are followed by users, who may reach the store under another name than
+        # the servers do (http://minio:9000 inside compose, a public host outside). Signing is
+        # local, so a second client for that name costs nothing.
+        self.presign_client = (boto3.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+                               if public_endpoint_url else self.client)
 
     def _s3_key(self, key: str) -> str:
         check_key(key)
@@ -178,4 +184,4 @@ class S3Storage(StorageBase):
         params = {"Bucket": self.bucket, "Key": self._s3_key(key)}
         if filename:
             params["ResponseContentDisposition"] = attachment_disposition(filename)
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        return self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)

@@ -346,3 +346,13 @@ def test_storage_from_settings_s3(tmp_path, s3_endpoint, s3_bucket, s3_inspect):
     body = s3_inspect.get_object(Bucket=s3_bucket, Key="deploy/one/t/k/1")["Body"].read()
     assert body == Path(__file__).read_bytes()
     assert storage.list("t/") == ["t/k/1"]
+
+
+def test_presigned_urls_use_the_public_endpoint_when_set(s3_endpoint):
+    """Servers reach the store as http://minio:9000, users as some public name: links carry the latter."""
+    from app.storage.s3 import S3Storage
+
+    storage = S3Storage("b", "p", endpoint_url=s3_endpoint, public_endpoint_url="https://files.example.com")
+    url = storage.presigned_url("team/artifacts/abc", 60, filename="adapter.tar")
+    assert url.startswith("https://files.example.com/b/p/team/artifacts/abc?")
+    assert S3Storage("b", endpoint_url=s3_endpoint).presigned_url("k", 60).startswith(s3_endpoint)
