@@ -348,11 +348,11 @@ def test_storage_from_settings_s3(tmp_path, s3_endpoint, s3_bucket, s3_inspect):
     assert storage.list("t/") == ["t/k/1"]
 
 
-def test_presigned_urls_use_the_public_endpoint_when_set(s3_endpoint):
+def test_presigned_urls_use_the_public_endpoint_when_set(s3_endpoint, s3_bucket):
     """Servers reach the store as http://minio:9000, users as some public name: links carry the latter."""
     from app.storage.s3 import S3Storage
 
-    storage = S3Storage("b", "p", endpoint_url=s3_endpoint, public_endpoint_url="https://files.example.com")
+    storage = S3Storage(s3_bucket, "p", endpoint_url=s3_endpoint, public_endpoint_url="https://files.example.com")
     url = storage.presigned_url("team/artifacts/abc", 60, filename="adapter.tar")
-    assert url.startswith("https://files.example.com/b/p/team/artifacts/abc?")
-    assert S3Storage("b", endpoint_url=s3_endpoint).presigned_url("k", 60).startswith(s3_endpoint)
+    assert url.startswith(f"https://files.example.com/{s3_bucket}/p/team/artifacts/abc?")
+    assert S3Storage(s3_bucket, endpoint_url=s3_endpoint).presigned_url("k", 60).startswith(s3_endpoint)
