@@ -1,0 +1,54 @@
+"""`qlora admin`: teams, keys (printed once, stored hashed, revocable) and the model registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db import session_scope
+from app.teams.service import Caller, authenticate
+from app.teams.tables import ApiKey
+from tests.service.conftest import ROOT
+
+
+def qlora(home, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | {"QLORA_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
+    assert qlora(tmp_path, "migrate").returncode == 0
+    assert qlora(tmp_path, "admin", "create-team", "research").returncode == 0
+    duplicate = qlora(tmp_path, "admin", "create-team", "research")
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+
+    made = qlora(tmp_path, "admin", "create-key", "research")
+    key = made.stdout.strip()  # stdout holds the key alone, for scripts
+    assert made.returncode == 0 and key.startswith("qlk_") and len(key) > 40
+
+    url = Settings(home=tmp_path).database_url
+    with session_scope(url) as session:
+        stored = session.scalars(select(ApiKey)).one()
+        assert key not in (stored.key_hash, stored.prefix) and len(stored.key_hash) == 64  # only a hash
+        assert isinstance(authenticate(session, f"Bearer {key}"), Caller)
+    listed = qlora(tmp_path, "admin", "list-keys", "research")
+    assert stored.prefix in listed.stdout and key not in listed.stdout
+
+    assert qlora(tmp_path, "admin", "revoke-key", stored.prefix).returncode == 0
+    with session_scope(url) as session:
+        from app.errors import Unauthorized
+
+        try:
+            authenticate(session, f"Bearer {key}")
+            raise AssertionError("a revoked key still authenticates")
+        except Unauthorized:
+            pass
+
+    assert qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir)).returncode == 0
+    assert "tiny" in qlora(tmp_path, "admin", "list-models").stdout
+    no_revision = qlora(tmp_path, "admin", "add-model", "hubbed", "--hub-id", "org/model")
+    assert no_revision.returncode == 1 and "needs a revision" in no_revision.stderr
