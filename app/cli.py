@@ -157,6 +157,7 @@ def worker(
     from app.config import get_settings
 
     settings = get_settings()
+    settings.check_timing()
     queue = settings.queue_for(gpu_class)
     worker_name = name or f"{socket.gethostname()}:{'gpu' + gpu if gpu is not None else 'cpu'}"
 
@@ -166,6 +167,20 @@ def worker(
     celery_app.conf.qlora_worker_name = worker_name
     celery_app.worker_main(["worker", "-Q", queue, "-c", "1", "-P", "prefork", "--prefetch-multiplier", "1",
                             "-n", f"{worker_name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"])
+
+
+@cli.command()
+def reaper() -> None:
+    """Requeue jobs whose worker was lost and clear dead uploads, in a loop (every API process also does this)."""
+    from app.config import get_settings
+    from app.jobs.reaper import ReaperThread
+    from app.storage.base import storage_from_settings
+
+    settings = get_settings()
+    settings.check_timing()
+    thread = ReaperThread(settings, storage_from_settings(settings))
+    out.print(f"reaper running every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s)")
+    thread.run()
 
 
 @cli.command()

@@ -45,6 +45,20 @@ class Settings(BaseSettings):
     # A cancelled training process gets this long to stop after its current step before SIGKILL.
     cancel_grace_s: float = Field(120.0, gt=0)
 
+    # A running job's worker writes a heartbeat every supervise interval. One silent for longer
+    # than this has lost its worker (killed, partitioned, frozen): the reaper requeues the job and
+    # it resumes from its newest checkpoint elsewhere; the old worker, if it wakes, is fenced out.
+    heartbeat_deadline_s: float = Field(120.0, gt=0)
+    # How often each API process looks for such jobs (0 turns its reaper off; `qlora reaper` runs one alone).
+    reaper_interval_s: float = Field(15.0, ge=0)
+    # A job that lost its worker this many times fails instead of trying again.
+    max_attempts: int = Field(3, ge=1, le=100)
+    # Checkpoints kept in object storage per job: the newest this many, plus the best by eval loss.
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    # An upload still in progress after this long belongs to a client or an API process that died:
+    # its partial object (a temp file, a pending S3 multipart upload) is removed.
+    stale_upload_s: float = Field(6 * 3600.0, gt=0)
+
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:
         self.home = self.home.expanduser().resolve()
@@ -57,6 +71,16 @@ class Settings(BaseSettings):
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
         return self
+
+    def check_timing(self) -> None:
+        """The order that keeps exactly one runner per job, checked when a process starts:
+        heartbeats come several times per deadline, so a live worker is never taken for lost; and
+        a message is redelivered by the broker only after the task has surely ended (its time limit
+        is below the visibility timeout; see worker/celery_app.py, which sets both from here)."""
+        if self.supervise_interval_s * 4 > self.heartbeat_deadline_s:
+            raise ValueError(
+                f"QLORA_HEARTBEAT_DEADLINE_S ({self.heartbeat_deadline_s}) must be at least 4x "
+                f"QLORA_SUPERVISE_INTERVAL_S ({self.supervise_interval_s}), or healthy jobs would be requeued")
 
     @property
     def embedded(self) -> bool:

@@ -14,6 +14,7 @@ from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.errors import AppError
+from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
 from app.storage.base import storage_from_settings
@@ -27,9 +28,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        settings.check_timing()
         with engine_for(settings.database_url).connect() as conn:  # fail at start, not at the first request
             conn.execute(text("SELECT 1"))
+        reaper = ReaperThread(settings, app.state.storage) if settings.reaper_interval_s > 0 else None
+        if reaper:
+            reaper.start()
         yield
+        if reaper:
+            reaper.stop()
 
     app = FastAPI(
         title="qlora-service",

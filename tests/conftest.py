@@ -1,5 +1,9 @@
+import os
+
 import pytest
 
+from tests import services
+from tests.deployment import BUCKET
 from worker.training.tiny import build_tiny_model, demo_rows, write_jsonl
 
 
@@ -17,3 +21,23 @@ def demo_data(tmp_path_factory):
         "train": write_jsonl(demo_rows(0, 480), d / "train.jsonl"),
         "validation": write_jsonl(demo_rows(0, 48, split="heldout"), d / "validation.jsonl"),
     }
+
+
+@pytest.fixture(scope="session")
+def backing_services():
+    services.ensure_postgres()
+    services.ensure_redis()
+    endpoint, stop = services.start_s3_server()
+    services.create_bucket(endpoint, BUCKET)
+    # The tests themselves look into the store (what an upload left behind) with the same credentials.
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({k: v for k, v in services.s3_env(endpoint).items() if k in saved})
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    stop()
+
+

@@ -85,6 +85,17 @@ def ensure_redis() -> None:
     _ensure("Redis", _redis_ready, REDIS_START, "/var/log/redis/ci.log")
 
 
+def stop_redis(timeout: float = 30) -> None:
+    """An outage, for the fault tests: shut Redis down (it keeps nothing on disk) and wait until it is gone."""
+    subprocess.run(["redis-cli", "-h", REDIS_HOST, "-p", str(REDIS_PORT), "shutdown", "nosave"],
+                   capture_output=True, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while _redis_ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError("Redis is still answering after shutdown")
+        time.sleep(0.2)
+
+
 def _admin_connection() -> psycopg.Connection:
     # CREATE/DROP DATABASE cannot run inside a transaction.
     return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True)

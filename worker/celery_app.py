@@ -23,6 +23,8 @@ def task_time_limit(settings: Settings) -> int:
 
 
 def visibility_timeout(settings: Settings) -> int:
+    # Redis redelivers an unacked message after this; it must outlast any task that can still be
+    # running. (A message redelivered anyway is harmless: the claim is a compare-and-set.)
     return task_time_limit(settings) + 3600
 
 
@@ -60,6 +62,9 @@ def _make_celery(settings: Settings) -> Celery:
         task_time_limit=task_time_limit(settings),
         task_default_queue=settings.queue_for(),
         worker_hijack_root_logger=False,
+        # When the broker connection drops mid-job, keep training: the job's truth is in the
+        # database, and a running job must not be abandoned because Redis restarted.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
     )
     return app

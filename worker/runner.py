@@ -1,9 +1,14 @@
 """The training process: `python -m worker.runner WORKDIR`, spawned by the worker for one job.
 
-Reads WORKDIR/job.json, runs the recipe, and talks back only through files (see supervisor.py):
-records.jsonl (metrics and events, appended and flushed one line at a time), progress.json
-(rewritten atomically every step), result.json (last). It stops after its current step once
-WORKDIR/cancel exists.
+Reads WORKDIR/job.json, runs the recipe, and talks back through files (see supervisor.py):
+records.jsonl (metrics, events and checkpoints, appended and flushed one line at a time),
+progress.json (rewritten atomically every step), result.json (last). It uploads each complete
+checkpoint to object storage itself, before training goes on, and only then reports it.
+
+It stops after its current step when WORKDIR/cancel appears, and also when its supervisor is
+gone (the parent process died) or silent (the heartbeat file is older than the heartbeat
+deadline: the job has surely been requeued elsewhere), so a lost worker never leaves a training
+process holding the GPU.
 """
 
 from __future__ import annotations
@@ -11,14 +16,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from app.config import get_settings
+from app.storage.base import make_key, storage_from_settings
 from worker.training.data import DataError
 from worker.training.recipe import TrainingError, run
 from worker.training.spec import JobSpec, SpecError
 from worker.training.tokenization import TemplateError
+
+# Fault injection for tests/faults: stall forever halfway through uploading this step's checkpoint,
+# so a test can kill the process while a checkpoint is being written.
+FAULT_STALL_CHECKPOINT = "QLORA_FAULT_STALL_CHECKPOINT_STEP"
 
 
 class ProgressFile(TrainerCallback):
@@ -40,24 +53,82 @@ class ProgressFile(TrainerCallback):
         self._write(state)
 
 
+class CheckpointUpload(TrainerCallback):
+    """After the recipe has moved a checkpoint into place, stream it (with the run manifest) to
+    object storage as one tar and report it. A checkpoint exists for a resume only once reported."""
+
+    def __init__(self, out_dir: Path, team_id: str, sink, storage):
+        self.out_dir = out_dir
+        self.team_id = team_id
+        self.sink = sink
+        self.storage = storage
+        self.stall_at = int(os.environ.get(FAULT_STALL_CHECKPOINT, "-1"))
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        source = self.out_dir / "checkpoints" / f"step-{step}"
+        if not source.is_dir():
+            return
+        with self.storage.writer(make_key(self.team_id, "checkpoints")) as writer:
+            with tarfile.open(fileobj=_Stream(writer), mode="w|") as tar:  # streamed: no temp archive on disk
+                tar.add(self.out_dir / "run.json", arcname="run.json")
+                tar.add(source, arcname=f"checkpoints/step-{step}")
+                if step == self.stall_at:
+                    (self.out_dir.parent / "fault-stalled").touch()
+                    while True:
+                        time.sleep(1)
+            stored = writer.commit()
+        self.sink({"kind": "checkpoint", "step": step, "key": stored.key, "size": stored.size,
+                   "sha256": stored.sha256})
+
+
+class _Stream:
+    """The write-only file object tarfile's stream mode needs, over a storage writer."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def write(self, data: bytes) -> int:
+        self.writer.write(bytes(data))
+        return len(data)
+
+
+def supervisor_gone(workdir: Path, parent: int, deadline_s: float):
+    heartbeat = workdir / "heartbeat"
+
+    def check() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:
+            return time.time() - heartbeat.stat().st_mtime > deadline_s
+        except FileNotFoundError:
+            return False
+    return check
+
+
 def main(workdir: Path) -> int:
     job = json.loads((workdir / "job.json").read_text())
-    result_path = workdir / "result.json"
+    settings = get_settings()
+    gone = supervisor_gone(workdir, os.getppid(), settings.heartbeat_deadline_s)
+    cancel_file = workdir / "cancel"
     with open(workdir / "records.jsonl", "a", encoding="utf-8") as records:
         def sink(record: dict) -> None:
             records.write(json.dumps(record, default=str) + "\n")
             records.flush()
 
+        out_dir = Path(job["out_dir"])
         try:
             result = run(
-                JobSpec.parse(job["spec"]), job["train_path"], job["out_dir"],
+                JobSpec.parse(job["spec"]), job["train_path"], out_dir,
                 validation_path=job["validation_path"], registry=job["registry"], sink=sink,
-                cancel=(workdir / "cancel").exists, extra_callbacks=(ProgressFile(workdir / "progress.json"),),
+                resume=job["resume"], cancel=lambda: cancel_file.exists() or gone(),
+                extra_callbacks=(ProgressFile(workdir / "progress.json"),
+                                 CheckpointUpload(out_dir, job["team_id"], sink, storage_from_settings(settings))),
             )
             outcome = {"status": result.status, "summary": result.summary}
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
             outcome = {"status": "failed", "error": str(exc)}
-    _write_json(result_path, outcome)
+    _write_json(workdir / "result.json", outcome)
     return 0
 
 

@@ -73,12 +73,22 @@ class JobRun:
         if job.validation:
             validation = workdir / "validation.jsonl"
             self.storage.download(job.validation.storage_key, validation, expected_sha256=job.validation.sha256)
+        out = workdir / "out"
+        if job.resume_from is not None:
+            # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
+            archive = workdir / "resume.tar"
+            self.storage.download(job.resume_from.storage_key, archive, expected_sha256=job.resume_from.sha256)
+            with tarfile.open(archive) as tar:
+                tar.extractall(out, filter="data")
+            archive.unlink()
         (workdir / "job.json").write_text(json.dumps({
             "spec": job.spec,
             "train_path": str(train),
             "validation_path": str(validation) if validation else None,
             "registry": {job.base_model["name"]: str(self._base_model_path(job.base_model))},
-            "out_dir": str(workdir / "out"),
+            "out_dir": str(out),
+            "team_id": job.team_id,
+            "resume": job.attempt > 1,
         }))
 
     def _base_model_path(self, model: dict) -> Path:
@@ -107,12 +117,22 @@ class JobRun:
         """Relay records and heartbeats until the process exits; pass on a cancel; kill it if the
         lease is lost or a cancel is not obeyed in time. Returns result.json, if it wrote one."""
         records = RecordTail(workdir / "records.jsonl")
+        heartbeat = workdir / "heartbeat"
         cancel_sent_at = None
         while True:
+            heartbeat.touch()  # the training process stops by itself when this goes stale
             exited = proc.poll() is not None
-            with session_scope(self.db) as session:
-                status = runs.report(session, job.id, job.attempt, records.read_new(),
-                                     _read_json(workdir / "progress.json"))
+            batch = records.read_new()
+            try:
+                with session_scope(self.db) as session:
+                    status, unkept = runs.report(session, job.id, job.attempt, batch,
+                                                 _read_json(workdir / "progress.json"), self.settings.keep_checkpoints)
+            except LeaseLost:
+                _kill(proc)
+                # Checkpoints it uploaded that will never be recorded: nobody else would delete them.
+                self._delete([r["key"] for r in batch + records.read_new() if r.get("kind") == "checkpoint"])
+                raise
+            self._delete(unkept)
             if exited:
                 break
             if status == states.CANCELLING and cancel_sent_at is None:
@@ -152,6 +172,13 @@ class JobRun:
             self.storage.delete(stored.key)  # not recorded, so not kept
             raise
         archive.unlink()
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except Exception:  # a stray object costs storage, not correctness
+                log.exception("could not delete %s", key)
 
     def _finish(self, job: ClaimedJob, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
         with session_scope(self.db) as session:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import func, select, update
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs import states
-from app.jobs.tables import Artifact, Job, JobEvent, JobMetric
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.pagination import newest_first
 
 
@@ -105,8 +107,6 @@ def upsert_metric(session: Session, job_id: str, values: dict) -> None:
 
 def delete_metrics_after(session: Session, job_id: str, step: int) -> None:
     """Points past a checkpoint belong to work that was lost; the resumed run logs them again."""
-    from sqlalchemy import delete
-
     session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
 
 
@@ -126,3 +126,50 @@ def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
     artifact_row = Artifact(job_id=job_id, kind=kind, storage_key=storage_key, bytes=size, sha256=sha256)
     session.add(artifact_row)
     return artifact_row
+
+
+def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
+    """Running (or cancelling) jobs whose worker has been silent since before cutoff; a job that
+    never sent a heartbeat counts from its claim."""
+    last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
+    return list(session.scalars(
+        select(Job).where(Job.status.in_((states.RUNNING, states.CANCELLING)), last_sign < cutoff)))
+
+
+def undispatched(session: Session, created_before: datetime) -> list[Job]:
+    return list(session.scalars(select(Job).where(
+        Job.status == states.QUEUED, Job.dispatched_at.is_(None), Job.created_at < created_before)))
+
+
+def mark_dispatched(session: Session, job_id: str, now: datetime) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status == states.QUEUED)
+                    .values(dispatched_at=now).execution_options(synchronize_session=False))
+
+
+def add_checkpoint(session: Session, job_id: str, attempt: int, step: int, key: str, size: int, sha256: str,
+                   train_loss: float | None, eval_loss: float | None) -> Checkpoint:
+    """A new checkpoint, or the same step saved again by a later attempt (it replaces the old row)."""
+    old = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)).one_or_none()
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    row = Checkpoint(job_id=job_id, attempt=attempt, step=step, storage_key=key, bytes=size, sha256=sha256,
+                     train_loss=train_loss, eval_loss=eval_loss)
+    session.add(row)
+    return row
+
+
+def checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+def delete_checkpoint(session: Session, checkpoint: Checkpoint) -> None:
+    session.delete(checkpoint)
+
+
+def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[str]:
+    """Checkpoints past the one a resume starts from describe a run that is being redone."""
+    rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step)))
+    for row in rows:
+        session.delete(row)
+    return [row.storage_key for row in rows]

@@ -8,7 +8,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, NotFound
 from app.jobs import repository, service, states
-from app.jobs.schemas import ArtifactOut, EventOut, JobOut, JobPage, MetricsOut
+from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut
 from app.pagination import page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -63,6 +63,14 @@ def job_metrics(job_id: str, session: SessionDep, caller: CallerDep):
     points = repository.metrics(session, job.id)
     return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
             "eval": [p for p in points if p.kind == "eval"]}
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
+def job_checkpoints(job_id: str, session: SessionDep, caller: CallerDep):
+    """Complete checkpoints in storage, oldest first: the newest few and the best by eval loss.
+    A job that loses its worker resumes from the newest."""
+    job = service.get(session, caller, job_id)
+    return repository.checkpoints(session, job.id)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])

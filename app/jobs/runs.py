@@ -5,7 +5,7 @@ finished), the write changes nothing and the worker learns it has lost the job."
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -35,8 +35,8 @@ class ClaimedJob:
     base_model: dict  # name, path, hub_id, revision
     train: DatasetRef
     validation: DatasetRef | None
-    resumed_from_step: int = 0
-    metadata: dict = field(default_factory=dict)
+    resume_from: DatasetRef | None = None  # the newest complete checkpoint, for a later attempt
+    resume_step: int = 0
 
 
 def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
@@ -56,17 +56,37 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
             else "its training dataset was deleted"
         finish(session, job.id, attempt, states.FAILED, error=f"cannot start: {missing}")
         return None
-    return ClaimedJob(
+    claimed = ClaimedJob(
         id=job.id, team_id=job.team_id, attempt=attempt, spec=job.spec,
         base_model={"name": model.name, "path": model.path, "hub_id": model.hub_id, "revision": model.revision},
         train=DatasetRef(train.id, train.storage_key, train.sha256),
         validation=DatasetRef(validation.id, validation.storage_key, validation.sha256) if validation else None,
     )
+    if attempt > 1:
+        _plan_resume(session, claimed)
+    return claimed
 
 
-def report(session: Session, job_id: str, attempt: int, records: list[dict], progress: dict | None) -> str:
-    """Write the training process's metrics and events and a heartbeat; returns the job's status
-    (cancelling means: stop). Raises LeaseLost when this attempt no longer owns the job."""
+def _plan_resume(session: Session, job: ClaimedJob) -> None:
+    """A later attempt continues from the newest complete checkpoint; what the lost attempt logged
+    after it is deleted, so the curve has each step once, as the resumed run logs it again."""
+    saved = repository.checkpoints(session, job.id)
+    if saved:
+        newest = saved[-1]
+        job.resume_from = DatasetRef(newest.id, newest.storage_key, newest.sha256)
+        job.resume_step = newest.step
+        message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
+    else:
+        message = f"attempt {job.attempt} starts over: no checkpoint was saved before the worker was lost"
+    repository.delete_metrics_after(session, job.id, job.resume_step)
+    repository.add_event(session, job.id, "resumed", "warning", message, attempt=job.attempt, step=job.resume_step)
+
+
+def report(session: Session, job_id: str, attempt: int, records: list[dict], progress: dict | None,
+           keep_checkpoints: int = 3) -> tuple[str, list[str]]:
+    """Write the training process's metrics, events and checkpoints and a heartbeat. Returns the
+    job's status (cancelling means: stop) and the storage keys of checkpoints no longer kept, to
+    delete once this is committed. Raises LeaseLost when this attempt no longer owns the job."""
     values: dict = {"heartbeat_at": utcnow()}
     if progress:
         values["step"] = progress["step"]
@@ -74,17 +94,47 @@ def report(session: Session, job_id: str, attempt: int, records: list[dict], pro
         values["trained_tokens"] = progress.get("tokens_seen", 0)
     if not repository.touch(session, job_id, attempt, **values):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+    unkept: list[str] = []
     for record in records:
         kind = record.get("kind")
         if kind in ("train", "eval"):
             repository.upsert_metric(session, job_id, _metric_values(record))
+        elif kind == "checkpoint":
+            repository.add_checkpoint(session, job_id, attempt, record["step"], record["key"], record["size"],
+                                      record["sha256"], *_losses_at(session, job_id, record["step"]))
+            session.flush()
+            unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
         elif kind == "event":
             repository.add_event(session, job_id, record.get("type", "event"), record.get("level", "info"),
                                  record.get("message", ""), attempt=attempt, step=record.get("step"),
                                  data={k: v for k, v in record.items()
                                        if k not in ("kind", "type", "level", "message", "step", "time")} or None)
     status = repository.status_of(session, job_id)
-    return status[0] if status else states.FAILED
+    return (status[0] if status else states.FAILED), unkept
+
+
+def _losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, float | None]:
+    """The train loss last logged at or before step, and the eval loss measured at step, if any."""
+    train = eval_ = None
+    for point in repository.metrics(session, job_id):
+        if point.step <= step and point.kind == "train":
+            train = point.train_loss
+        if point.step == step and point.kind == "eval":
+            eval_ = point.eval_loss
+    return train, eval_
+
+
+def _prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
+    """Keep the newest `keep` and the best by eval loss; return the storage keys of the rest."""
+    saved = repository.checkpoints(session, job_id)
+    kept = {c.id for c in saved[-keep:]}
+    evaluated = [c for c in saved if c.eval_loss is not None]
+    if evaluated:
+        kept.add(min(evaluated, key=lambda c: (c.eval_loss, -c.step)).id)
+    dropped = [c for c in saved if c.id not in kept]
+    for checkpoint in dropped:
+        repository.delete_checkpoint(session, checkpoint)
+    return [c.storage_key for c in dropped]
 
 
 _METRIC_FIELDS = ("step", "epoch", "train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_seen",

@@ -98,3 +98,14 @@ class ArtifactOut(BaseModel):
     sha256: str
     created_at: datetime
     download_url: str  # the API's download route; it redirects to a short-lived presigned URL on S3
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    attempt: int
+    train_loss: float | None
+    eval_loss: float | None
+    bytes: int
+    created_at: datetime

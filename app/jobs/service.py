@@ -12,7 +12,7 @@ from app.datasets import service as datasets
 from app.db import after_commit, utcnow
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
-from app.jobs.dispatch import dispatch
+from app.jobs.reaper import send
 from app.jobs.tables import Job
 from app.models import repository as models
 from app.teams.service import Caller
@@ -68,7 +68,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
     session.flush()
     repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}")
     # The message only says "job X is ready"; it must not reach a worker before the row exists.
-    after_commit(session, lambda: dispatch(settings, job.id, job.queue))
+    after_commit(session, lambda: send(settings, job.id, job.queue))
     return job
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +110,16 @@ class LocalStorage(StorageBase):
         # No URL can serve a local file; the API streams it instead.
         self._path(key)
         return None
+
+    def abort_stale_writes(self, older_than_s: float) -> int:
+        """Delete temp files of writes nobody finished: a process died between open and commit."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in (self.root / TMP_DIR).iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # committed or aborted meanwhile
+        return removed

@@ -6,6 +6,7 @@ Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, inst
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import boto3
 from botocore.config import Config
@@ -185,3 +186,18 @@ class S3Storage(StorageBase):
         if filename:
             params["ResponseContentDisposition"] = attachment_disposition(filename)
         return self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+
+    def abort_stale_writes(self, older_than_s: float) -> int:
+        """Abort multipart uploads nobody finished (a process died mid-write): S3 keeps their parts,
+        and bills for them, until told otherwise."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        aborted = 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] < cutoff:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+                    aborted += 1
+        return aborted
+

@@ -1,145 +1,19 @@
-"""A real deployment for the service tests: Postgres, Redis, S3 over HTTP (moto's server), the API
-under uvicorn and Celery workers, each in its own process, wired only by QLORA_* environment."""
+"""Fixtures for the service tests: one deployment in the production shape, shared by the session."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
-
-import httpx
 import pytest
 
-from app.config import Settings
-from app.db import session_scope
-from app.migrate import upgrade
-from app.models import service as models_service
-from app.teams import service as teams_service
-from tests import services
-
-ROOT = Path(__file__).resolve().parents[2]
-BUCKET = "qlora-test"
-
-
-class Deployment:
-    def __init__(self, env: dict[str, str], home: Path):
-        self.env = env
-        self.home = home
-        self.settings = Settings(**{k.removeprefix("QLORA_").lower(): v for k, v in env.items()
-                                    if k.startswith("QLORA_")})
-        self.url = f"http://127.0.0.1:{env['QLORA_PORT']}"
-        self.procs: list[subprocess.Popen] = []
-
-    # --- processes
-    def spawn(self, *args: str, log_name: str, extra_env: dict | None = None) -> subprocess.Popen:
-        log = open(self.home / f"{log_name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env={**self.env, **(extra_env or {})},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def start_api(self) -> None:
-        proc = self.spawn("serve", "--no-worker", log_name="api")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{self.log('api')}")
-            time.sleep(0.2)
-
-    def start_worker(self, gpu_class: str | None = None, name: str | None = None) -> subprocess.Popen:
-        args = ["worker"]
-        if gpu_class:
-            args += ["--gpu-class", gpu_class]
-        name = name or f"w{len(self.procs)}"
-        return self.spawn(*args, "--name", name, log_name=f"worker-{name}")
-
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def log(self, name: str) -> str:
-        path = self.home / f"{name}.log"
-        return path.read_text(errors="replace")[-5000:] if path.exists() else "(no log)"
-
-    # --- data, as an operator would set it up
-    def team_key(self, team: str, admin: bool = False) -> str:
-        with session_scope(self.settings.database_url) as session:
-            from app.teams import repository
-
-            if repository.team_by_name(session, team) is None:
-                teams_service.create_team(session, team)
-            return teams_service.create_key(session, team, admin=admin)[1]
-
-    def register_model(self, name: str, path: Path) -> None:
-        with session_scope(self.settings.database_url) as session:
-            models_service.add_model(session, name, path=str(path))
-
-    def client(self, key: str | None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
-
-
-@pytest.fixture(scope="session")
-def backing_services():
-    services.ensure_postgres()
-    services.ensure_redis()
-    endpoint, stop = services.start_s3_server()
-    services.create_bucket(endpoint, BUCKET)
-    # The tests themselves look into the store (what an upload left behind) with the same credentials.
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({k: v for k, v in services.s3_env(endpoint).items() if k in saved})
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    stop()
+from tests.deployment import start_deployment, stop_deployment
 
 
 @pytest.fixture(scope="session")
 def deployment(backing_services, tmp_path_factory, tiny_model_dir):
-    """The production shape: Postgres, Redis broker, S3 storage, one API process. Workers are
-    started by the tests that need them; the queue names are unique to this test session."""
-    home = tmp_path_factory.mktemp("deployment")
-    database_url = services.create_postgres_database()
-    upgrade(database_url)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("QLORA_")},
-        **services.s3_env(backing_services),
-        "QLORA_HOME": str(home),
-        "QLORA_DATABASE_URL": database_url,
-        "QLORA_BROKER_URL": "redis://127.0.0.1:6379/0",
-        "QLORA_STORAGE_URL": f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}",
-        "QLORA_S3_ENDPOINT_URL": backing_services,
-        "QLORA_PORT": str(services.free_port()),
-        "QLORA_DEFAULT_GPU_CLASS": f"t{uuid.uuid4().hex[:8]}",  # queues no other test run listens to
-        "QLORA_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
-        "QLORA_SUPERVISE_INTERVAL_S": "0.5",
-        "QLORA_CANCEL_GRACE_S": "60",
-    }
-    d = Deployment(env, home)
-    d.start_api()
-    d.register_model("tiny", tiny_model_dir)
+    """Postgres, Redis broker, S3 storage, one API process. Workers are started by the tests
+    that need them; the queue names are unique to this test session."""
+    d = start_deployment(tmp_path_factory.mktemp("deployment"), backing_services, tiny_model_dir)
     yield d
-    for proc in d.procs:
-        d.stop(proc, timeout=10)
-    services.drop_postgres_database(database_url)
+    stop_deployment(d)
 
 
 @pytest.fixture(scope="session")
@@ -160,22 +34,3 @@ def team_b(deployment):
     return deployment.client(deployment.team_key("team-b"))
 
 
-def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240,
-                    deployment: Deployment | None = None) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = client.get(f"/jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        job = response.json()
-        if job["status"] in statuses:
-            return job
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                             for p in sorted(deployment.home.glob("*.log"))) if deployment else ""
-            raise AssertionError(f"job {job_id} is {job['status']} after {timeout}s, expected {statuses}\n{logs}")
-        time.sleep(0.5)
-
-
-def upload(client: httpx.Client, path: Path | None = None, content: bytes | None = None, name: str = "data.jsonl"):
-    data = content if content is not None else Path(path).read_bytes()
-    return client.post("/datasets", files={"file": (name, data, "application/jsonl")})

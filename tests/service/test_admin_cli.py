@@ -12,7 +12,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.teams.service import Caller, authenticate
 from app.teams.tables import ApiKey
-from tests.service.conftest import ROOT
+from tests.deployment import ROOT
 
 
 def qlora(home, *args: str) -> subprocess.CompletedProcess:

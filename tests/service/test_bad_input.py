@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from app.datasets.tables import Dataset
 from app.db import session_scope
 from app.jobs.tables import Job
-from tests.service.conftest import BUCKET, upload
+from tests.deployment import BUCKET, upload
 from worker.training.tiny import demo_spec
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.service.conftest import upload, wait_for_status
+from tests.deployment import upload, wait_for_status
 from worker.training.tiny import demo_spec
 
 

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.service.conftest import upload, wait_for_status
+from tests.deployment import upload, wait_for_status
 from worker.training.model import load_base_model
 from worker.training.spec import QuantizationSpec
 from worker.training.tiny import demo_rows, demo_spec, score_demo

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests import services
-from tests.service.conftest import ROOT, upload, wait_for_status
+from tests.deployment import ROOT, upload, wait_for_status
 from worker.training.tiny import demo_spec
 
 

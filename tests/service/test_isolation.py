@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import upload
+from tests.deployment import upload
 from worker.training.tiny import demo_spec
 
 

@@ -265,3 +265,18 @@ def test_target_modules_that_do_not_exist_are_named(tiny_model_dir, demo_data, t
     data["lora"] = {"target_modules": ["q_proj", "query_key_value"]}
     with pytest.raises(SpecError, match="no linear layer named query_key_value; this model has: down_proj"):
         run(JobSpec.parse(data), demo_data["train"], tmp_path)
+
+
+def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_dir, demo_data, tmp_path):
+    class RunOutOfMemory(TrainerCallback):
+        """What the CUDA allocator raises when a step does not fit (the CPU never raises it)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrainingError) as info:
+        run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path, extra_callbacks=(RunOutOfMemory(),))
+    message = str(info.value)
+    assert "out of memory on cpu at step 3 with micro-batch 8 and max_seq_length 64" in message
+    assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message

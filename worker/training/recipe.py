@@ -173,7 +173,10 @@ def run(
 
     # ---------------------------------------------------------------- train
     try:
-        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            raise TrainingError(out_of_memory_message(spec, trainer.state.global_step + 1, device)) from None
     except TrainingError as exc:
         emit({"kind": "event", "type": "failed", "level": "error", "step": trainer.state.global_step, "message": str(exc)})
         raise
@@ -259,6 +262,24 @@ def run(
     _write_json(out / "summary.json", summary)
     emit({"kind": "event", "type": "finished", "level": "info", "step": state.global_step, "message": "training finished"})
     return RunResult("succeeded", out, summary)
+
+
+def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
+    t = spec.training
+    hints = []
+    if t.per_device_batch_size > 1:
+        half = t.per_device_batch_size // 2
+        hints.append(f"per_device_batch_size {half} with gradient_accumulation_steps "
+                     f"{t.gradient_accumulation_steps * t.per_device_batch_size // half} (same effective batch)")
+    hints.append(f"a shorter max_seq_length (now {t.max_seq_length})")
+    if not t.gradient_checkpointing:
+        hints.append("gradient_checkpointing true")
+    if t.optimizer == "adamw_torch":
+        hints.append("optimizer paged_adamw_8bit")
+    hints.append("a GPU class with more memory")
+    where = torch.cuda.get_device_name() if device == "cuda" else device
+    return (f"out of memory on {where} at step {step} with micro-batch {t.per_device_batch_size} and "
+            f"max_seq_length {t.max_seq_length}; try " + ", or ".join(hints))
 
 
 def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, device: str, has_eval: bool) -> SFTConfig:

@@ -1,0 +1,98 @@
+"""Finds jobs whose worker is gone and gives them another attempt (or fails them after too many).
+
+Safe to run in every API process at once: each change is a compare-and-set on (status, attempt),
+so of several reapers looking at the same silent job exactly one requeues it. Requeueing bumps
+nothing itself; the next claim takes attempt + 1, and from then on the old worker's writes, fenced
+by its attempt number, change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import after_commit, session_scope, utcnow
+from app.jobs import repository, states
+from app.jobs.dispatch import dispatch
+
+log = logging.getLogger(__name__)
+
+# A job is sent to the broker right after the commit that created it; only if that failed (broker
+# down) does the reaper send it, once the job is older than this.
+REDISPATCH_AFTER_S = 10
+
+
+def reap(session: Session, settings: Settings) -> dict[str, int]:
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0}
+    for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
+        silent = f"worker {job.worker} stopped sending heartbeats at step {job.step}"
+        fence = {"attempt": job.attempt, "only_from": [job.status]}
+        if job.status == states.CANCELLING:
+            if repository.transition(session, job.id, states.CANCELLED, finished_at=now, **fence):
+                repository.add_event(session, job.id, "cancelled", "warning", f"{silent} while cancelling",
+                                     attempt=job.attempt)
+                counts["cancelled"] += 1
+        elif job.attempt >= settings.max_attempts:
+            error = (f"the job lost its worker {job.attempt} times (last: {silent}); giving up after "
+                     f"QLORA_MAX_ATTEMPTS={settings.max_attempts}. Look at the workers' health (memory, "
+                     "preemption, driver errors) and start a new job")
+            if repository.transition(session, job.id, states.FAILED, finished_at=now, error=error, **fence):
+                repository.add_event(session, job.id, "failed", "error", error, attempt=job.attempt)
+                counts["failed"] += 1
+        elif repository.transition(session, job.id, states.QUEUED, worker=None, dispatched_at=None, **fence):
+            repository.add_event(
+                session, job.id, "requeued", "warning",
+                f"{silent}; requeued for attempt {job.attempt + 1} of {settings.max_attempts}, "
+                "which resumes from the newest checkpoint", attempt=job.attempt, step=job.step)
+            counts["requeued"] += 1
+    session.flush()
+    for job in repository.undispatched(session, now - timedelta(seconds=REDISPATCH_AFTER_S)):
+        job_id, queue = job.id, job.queue
+        after_commit(session, lambda job_id=job_id, queue=queue: send(settings, job_id, queue))
+        counts["dispatched"] += 1
+    return counts
+
+
+def send(settings: Settings, job_id: str, queue: str) -> None:
+    """Hand "job X is ready" to the broker and remember that it was, so it is not sent again."""
+    if dispatch(settings, job_id, queue):
+        with session_scope(settings.database_url) as session:
+            repository.mark_dispatched(session, job_id, utcnow())
+
+
+def housekeeping(settings: Settings, storage) -> dict[str, int]:
+    """One pass: give lost jobs another attempt, and remove uploads that died half-written."""
+    with session_scope(settings.database_url) as session:
+        counts = reap(session, settings)
+    counts["stale_writes_removed"] = storage.abort_stale_writes(settings.stale_upload_s)
+    return counts
+
+
+class ReaperThread(threading.Thread):
+    """Runs housekeeping() at start and every reaper_interval_s inside a long-lived process (each
+    API process has one; `qlora reaper` runs it alone)."""
+
+    def __init__(self, settings: Settings, storage):
+        super().__init__(name="qlora-reaper", daemon=True)
+        self.settings = settings
+        self.storage = storage
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                counts = housekeeping(self.settings, self.storage)
+                if any(counts.values()):
+                    log.info("reaper: %s", counts)
+            except Exception:  # a database or storage blip must not end the loop
+                log.exception("reaper pass failed; trying again in %ss", self.settings.reaper_interval_s)
+            if self.stopped.wait(self.settings.reaper_interval_s):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,96 @@
+"""A deployment with short deadlines, so lost workers are noticed in seconds, and a record of
+every fault injected (what, whether the job survived, how many steps were lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.deployment import Deployment, start_deployment, stop_deployment, upload
+
+HEARTBEAT_DEADLINE_S = 5
+
+
+@pytest.fixture(scope="session")
+def faulty(backing_services, tmp_path_factory, tiny_model_dir):
+    d = start_deployment(
+        tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir,
+        heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, keep_checkpoints=2,
+        max_upload_bytes=64 * 1024 * 1024, stale_upload_s=3,
+    )
+    yield d
+    stop_deployment(d)
+
+
+@pytest.fixture(scope="session")
+def tenant(faulty):
+    return faulty.client(faulty.team_key("faults"))
+
+
+@pytest.fixture(scope="session")
+def dataset_id(tenant, demo_data):
+    return upload(tenant, demo_data["train"]).json()["id"]
+
+
+@pytest.fixture(scope="session")
+def fault_report():
+    """Each test appends {fault, injected, survived, steps_lost}; written where QLORA_FAULT_REPORT
+    says (tests/faults/report.py turns several runs into docs/reliability.md)."""
+    rows: list[dict] = []
+    yield rows
+    path = os.environ.get("QLORA_FAULT_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def job_body(dataset_id: str, max_steps: int, save_steps: int = 10, gpu_class: str | None = None) -> dict:
+    from worker.training.tiny import demo_spec
+
+    spec = demo_spec("tiny")
+    spec["training"].update(max_steps=max_steps, save_steps=save_steps, logging_steps=1, eval_steps=100_000,
+                            per_device_batch_size=8)
+    spec["output"] = {"merge": False}
+    return {"dataset_id": dataset_id, **spec} | ({"gpu_class": gpu_class} if gpu_class else {})
+
+
+def trainer_pids(job_id: str, attempt: int | None = None) -> list[int]:
+    pattern = f"worker.runner .*{job_id}/attempt-{attempt if attempt is not None else ''}"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def kill_worker_and_trainer(d: Deployment, worker: subprocess.Popen, job_id: str) -> None:
+    """SIGKILL the worker (its main and pool processes) and the training process it spawned."""
+    pids = trainer_pids(job_id)
+    os.killpg(worker.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def curve_steps(client, job_id: str) -> list[int]:
+    return [p["step"] for p in client.get(f"/jobs/{job_id}/metrics").json()["train"]]
+
+
+def events(client, job_id: str) -> list[dict]:
+    return client.get(f"/jobs/{job_id}/events").json()
