@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # The longest a job may train. The broker's visibility timeout is set above it, so a message
     # is never redelivered to a second worker while the first is still legitimately running.
     job_time_limit_s: int = Field(72 * 3600, ge=60)
+    # Redis redelivers an unacknowledged message after this; 0 derives it from the time limit.
+    broker_visibility_timeout_s: int = Field(0, ge=0)
     # The worker polls the training process this often: progress, metrics, cancel, heartbeat.
     supervise_interval_s: float = Field(1.0, gt=0, le=60)
     # A cancelled training process gets this long to stop after its current step before SIGKILL.
@@ -72,15 +74,34 @@ class Settings(BaseSettings):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
         return self
 
+    @property
+    def task_time_limit_s(self) -> int:
+        """Celery's hard limit for one job: training plus an hour to fetch data, merge and upload."""
+        return self.job_time_limit_s + 3600
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        return self.broker_visibility_timeout_s or self.task_time_limit_s + 3600
+
     def check_timing(self) -> None:
-        """The order that keeps exactly one runner per job, checked when a process starts:
-        heartbeats come several times per deadline, so a live worker is never taken for lost; and
-        a message is redelivered by the broker only after the task has surely ended (its time limit
-        is below the visibility timeout; see worker/celery_app.py, which sets both from here)."""
+        """The order that keeps exactly one runner per job, checked when a process starts.
+
+        - supervise interval x 4 <= heartbeat deadline: a live worker is never taken for lost.
+        - task time limit < broker visibility timeout: the broker redelivers a message only once
+          the task holding it has surely ended. (A redelivery is harmless anyway: the claim is a
+          compare-and-set, so this order is about not waking a second worker for nothing.)
+        The heartbeat deadline is what recovers a lost worker's job, in seconds; the visibility
+        timeout only ever hands out a message whose job is already settled.
+        """
         if self.supervise_interval_s * 4 > self.heartbeat_deadline_s:
             raise ValueError(
                 f"QLORA_HEARTBEAT_DEADLINE_S ({self.heartbeat_deadline_s}) must be at least 4x "
                 f"QLORA_SUPERVISE_INTERVAL_S ({self.supervise_interval_s}), or healthy jobs would be requeued")
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"QLORA_BROKER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the task time limit "
+                f"(QLORA_JOB_TIME_LIMIT_S + 3600 = {self.task_time_limit_s}), or Redis would hand a running "
+                "job's message to a second worker")
 
     @property
     def embedded(self) -> bool:

@@ -14,20 +14,6 @@ from celery import Celery
 
 from app.config import Settings, get_settings
 
-# Time to download data, load the model, merge and upload after training, on top of the training limit.
-TASK_OVERHEAD_S = 3600
-
-
-def task_time_limit(settings: Settings) -> int:
-    return settings.job_time_limit_s + TASK_OVERHEAD_S
-
-
-def visibility_timeout(settings: Settings) -> int:
-    # Redis redelivers an unacked message after this; it must outlast any task that can still be
-    # running. (A message redelivered anyway is harmless: the claim is a compare-and-set.)
-    return task_time_limit(settings) + 3600
-
-
 _apps: dict[str, Celery] = {}
 
 
@@ -41,7 +27,9 @@ def celery_for(settings: Settings) -> Celery:
 
 def _make_celery(settings: Settings) -> Celery:
     app = Celery("qlora", broker=settings.broker_url)
-    transport_options: dict = {"visibility_timeout": visibility_timeout(settings)}
+    # Redis redelivers an unacked message after this; it must outlast any task that can still be
+    # running (Settings.check_timing). A redelivered message is harmless: the claim is a compare-and-set.
+    transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.embedded:
         queue_dir = settings.broker_dir / "queue"
         queue_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +47,7 @@ def _make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         task_ignore_result=True,  # outcomes live in the jobs table, not in a result backend
-        task_time_limit=task_time_limit(settings),
+        task_time_limit=settings.task_time_limit_s,
         task_default_queue=settings.queue_for(),
         worker_hijack_root_logger=False,
         # When the broker connection drops mid-job, keep training: the job's truth is in the
