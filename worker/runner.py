@@ -5,7 +5,8 @@ records.jsonl (metrics, events and checkpoints, appended and flushed one line at
 progress.json (rewritten atomically every step), result.json (last). It uploads each complete
 checkpoint to object storage itself, before training goes on, and only then reports it.
 
-It stops after its current step when WORKDIR/cancel appears, and also when its supervisor is
+It stops after its current step when WORKDIR/cancel appears (after saving a checkpoint when
+WORKDIR/pause appears), and also when its supervisor is
 gone (the parent process died) or silent (the heartbeat file is older than the heartbeat
 deadline: the job has surely been requeued elsewhere), so a lost worker never leaves a training
 process holding the GPU.
@@ -110,7 +111,7 @@ def main(workdir: Path) -> int:
     job = json.loads((workdir / "job.json").read_text())
     settings = get_settings()
     gone = supervisor_gone(workdir, os.getppid(), settings.heartbeat_deadline_s)
-    cancel_file = workdir / "cancel"
+    cancel_file, pause_file = workdir / "cancel", workdir / "pause"
     with open(workdir / "records.jsonl", "a", encoding="utf-8") as records:
         def sink(record: dict) -> None:
             records.write(json.dumps(record, default=str) + "\n")
@@ -121,7 +122,7 @@ def main(workdir: Path) -> int:
             result = run(
                 JobSpec.parse(job["spec"]), job["train_path"], out_dir,
                 validation_path=job["validation_path"], registry=job["registry"], sink=sink,
-                resume=job["resume"], cancel=lambda: cancel_file.exists() or gone(),
+                resume=job["resume"], cancel=lambda: cancel_file.exists() or gone(), pause=pause_file.exists,
                 extra_callbacks=(ProgressFile(workdir / "progress.json"),
                                  CheckpointUpload(out_dir, job["team_id"], sink, storage_from_settings(settings))),
             )

@@ -3,7 +3,7 @@
 The training runs in its own process (worker/runner.py) so a crash, an OOM or a kill of it never
 takes the worker down, and this process never touches CUDA. They talk through files in the job's
 work directory: the trainer appends records.jsonl and rewrites progress.json; this side creates
-`cancel` to ask it to stop; result.json is its last word. This side owns every database write,
+`cancel` (or `pause`) to ask it to stop; result.json is its last word. This side owns every database write,
 each fenced by the attempt number it claimed.
 """
 
@@ -135,6 +135,8 @@ class JobRun:
             self._delete(unkept)
             if exited:
                 break
+            if status == states.PAUSING:
+                (workdir / "pause").touch()  # it saves a checkpoint, then stops
             if status == states.CANCELLING and cancel_sent_at is None:
                 (workdir / "cancel").touch()
                 cancel_sent_at = time.monotonic()

@@ -28,7 +28,7 @@ REDISPATCH_AFTER_S = 10
 
 def reap(session: Session, settings: Settings) -> dict[str, int]:
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0, "dispatched": 0}
     for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
         silent = f"worker {job.worker} stopped sending heartbeats at step {job.step}"
         fence = {"attempt": job.attempt, "only_from": [job.status]}
@@ -37,17 +37,25 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
                 repository.add_event(session, job.id, "cancelled", "warning", f"{silent} while cancelling",
                                      attempt=job.attempt)
                 counts["cancelled"] += 1
-        elif job.attempt >= settings.max_attempts:
-            error = (f"the job lost its worker {job.attempt} times (last: {silent}); giving up after "
+        elif job.status == states.PAUSING:
+            # It was stopping anyway: paused, resumable from its newest checkpoint.
+            if repository.transition(session, job.id, states.PAUSED, worker=None, **fence):
+                repository.add_event(session, job.id, "paused", "warning",
+                                     f"{silent} while pausing; it resumes from its newest checkpoint",
+                                     attempt=job.attempt, step=job.step)
+                counts["paused"] += 1
+        elif job.lost_workers + 1 >= settings.max_attempts:
+            error = (f"the job lost its worker {job.lost_workers + 1} times (last: {silent}); giving up after "
                      f"QLORA_MAX_ATTEMPTS={settings.max_attempts}. Look at the workers' health (memory, "
                      "preemption, driver errors) and start a new job")
             if repository.transition(session, job.id, states.FAILED, finished_at=now, error=error, **fence):
                 repository.add_event(session, job.id, "failed", "error", error, attempt=job.attempt)
                 counts["failed"] += 1
-        elif repository.transition(session, job.id, states.QUEUED, worker=None, dispatched_at=None, **fence):
+        elif repository.transition(session, job.id, states.QUEUED, worker=None, dispatched_at=None,
+                                   lost_workers=job.lost_workers + 1, **fence):
             repository.add_event(
                 session, job.id, "requeued", "warning",
-                f"{silent}; requeued for attempt {job.attempt + 1} of {settings.max_attempts}, "
+                f"{silent}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={settings.max_attempts}, "
                 "which resumes from the newest checkpoint", attempt=job.attempt, step=job.step)
             counts["requeued"] += 1
     session.flush()

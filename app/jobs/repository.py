@@ -63,7 +63,7 @@ def touch(session: Session, job_id: str, attempt: int, **values) -> bool:
     """A fenced write by the job's current runner (heartbeat, progress). False: the lease is gone."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_((states.RUNNING, states.CANCELLING)))
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(states.WORKER_OWNED))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -129,11 +129,11 @@ def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
 
 
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
-    """Running (or cancelling) jobs whose worker has been silent since before cutoff; a job that
-    never sent a heartbeat counts from its claim."""
+    """Jobs a worker owns whose worker has been silent since before cutoff; a job that never sent
+    a heartbeat counts from its claim."""
     last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
     return list(session.scalars(
-        select(Job).where(Job.status.in_((states.RUNNING, states.CANCELLING)), last_sign < cutoff)))
+        select(Job).where(Job.status.in_(states.WORKER_OWNED), last_sign < cutoff)))
 
 
 def undispatched(session: Session, created_before: datetime) -> list[Job]:
@@ -173,3 +173,10 @@ def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[s
     for row in rows:
         session.delete(row)
     return [row.storage_key for row in rows]
+
+
+def metrics_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
+    """Points written after the one with id `after_id`, in write order: the cursor of a live view.
+    A point logged again after a resume is a new row, so a view following the cursor sees it again."""
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id)
+                                .order_by(JobMetric.id).limit(limit)))

@@ -160,14 +160,17 @@ def finite_json(value):
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
            summary: dict | None = None) -> bool:
-    """running/cancelling → succeeded | failed | cancelled, fenced by attempt. False: someone else decided."""
-    values: dict = {"finished_at": utcnow(), "error": error, "heartbeat_at": utcnow()}
+    """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt.
+    False: someone else decided (the job was requeued, or cancelled while it was paused)."""
+    values: dict = {"error": error, "heartbeat_at": utcnow()}
+    if status in states.FINISHED:
+        values["finished_at"] = utcnow()
     if summary is not None:
         values["summary"] = finite_json(summary)
-    won = repository.transition(session, job_id, status, attempt=attempt,
-                                only_from=[states.RUNNING, states.CANCELLING], **values)
+    owned = [state for state in states.WORKER_OWNED if status in states.TRANSITIONS[state]]
+    won = repository.transition(session, job_id, status, attempt=attempt, only_from=owned, **values)
     if won:
-        level = {"succeeded": "info", "cancelled": "warning"}.get(status, "error")
+        level = {"succeeded": "info", "cancelled": "warning", "paused": "info"}.get(status, "error")
         repository.add_event(session, job_id, status, level, error or f"job {status}", attempt=attempt)
     return won
 

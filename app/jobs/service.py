@@ -92,25 +92,62 @@ def get(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
+# What each request does from each state: (target state, event type, message). A state not listed
+# for a request answers 409; a job already where the request leads is answered as it is.
+_REQUESTS = {
+    "cancel": {
+        states.QUEUED: (states.CANCELLED, "cancelled", "cancelled before it started"),
+        states.PAUSED: (states.CANCELLED, "cancelled", "cancelled while paused"),
+        states.RUNNING: (states.CANCELLING, "cancel_requested",
+                         "cancel requested; the training process stops after its current step"),
+        states.PAUSING: (states.CANCELLING, "cancel_requested",
+                         "cancel requested while pausing; the training process stops without waiting for its save"),
+    },
+    "pause": {
+        states.RUNNING: (states.PAUSING, "pause_requested",
+                         "pause requested; the training process saves a checkpoint after its current step and stops"),
+    },
+    "resume": {
+        states.PAUSED: (states.QUEUED, "resume_requested", "resumed; the next attempt continues from the pause checkpoint"),
+    },
+}
+_ALREADY = {"cancel": (states.CANCELLING, states.CANCELLED), "pause": (states.PAUSING, states.PAUSED),
+            "resume": (states.QUEUED, states.RUNNING)}
+
+
 def cancel(session: Session, caller: Caller, job_id: str) -> Job:
-    """A queued job is cancelled at once and never starts; a running one is asked to stop after its
-    current step (cancelling), and its worker records cancelled once the process has exited."""
+    """A queued (or paused) job is cancelled at once and never runs again; a running one is asked to
+    stop after its current step (cancelling), and its worker records cancelled once the process exits."""
+    return _request(session, caller, job_id, "cancel")
+
+
+def pause(session: Session, caller: Caller, job_id: str) -> Job:
+    """A running job saves a checkpoint after its current step, stops and frees its GPU (paused)."""
+    return _request(session, caller, job_id, "pause")
+
+
+def resume(session: Session, settings: Settings, caller: Caller, job_id: str) -> Job:
+    """A paused job is queued again; the worker that claims it continues from its pause checkpoint."""
+    job = _request(session, caller, job_id, "resume")
+    if job.status == states.QUEUED and job.dispatched_at is None:
+        after_commit(session, lambda: send(settings, job.id, job.queue))
+    return job
+
+
+def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job:
     for _ in range(3):  # the job may change state under us (claimed, finished); look again
         job = get(session, caller, job_id)
-        if job.status in (states.CANCELLING, states.CANCELLED):
+        if job.status in _ALREADY[request]:
             return job
-        if job.status in states.FINISHED:
-            raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel", code="invalid_state")
-        if job.status == states.QUEUED:
-            won = repository.transition(session, job.id, states.CANCELLED, only_from=[states.QUEUED],
-                                        finished_at=utcnow())
-            message = "cancelled before it started"
-            event = "cancelled"
-        else:
-            won = repository.transition(session, job.id, states.CANCELLING, only_from=[states.RUNNING])
-            message, event = "cancel requested; the training process stops after its current step", "cancel_requested"
-        if won:
-            repository.add_event(session, job.id, event, "warning", message, attempt=job.attempt)
+        if job.status not in _REQUESTS[request]:
+            raise Conflict(f"cannot {request} job {job_id}: it is {job.status}", code="invalid_state")
+        target, event, message = _REQUESTS[request][job.status]
+        values = {"finished_at": utcnow()} if target in states.FINISHED else {}
+        if target == states.QUEUED:
+            values["dispatched_at"] = None
+        if repository.transition(session, job.id, target, only_from=[job.status], **values):
+            level = "warning" if request == "cancel" else "info"
+            repository.add_event(session, job.id, event, level, message, attempt=job.attempt)
             session.flush()
             session.refresh(job)
             return job

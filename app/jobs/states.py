@@ -2,18 +2,25 @@
 status (and, for a worker, on the attempt), so two writers can never both win."""
 
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+PAUSING, PAUSED = "pausing", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 
-ACTIVE = (QUEUED, RUNNING, CANCELLING)
+# A worker owns the job in these: it heartbeats, and its writes carry the attempt number.
+WORKER_OWNED = (RUNNING, CANCELLING, PAUSING)
+# Not finished: the job still needs its datasets.
+ACTIVE = (QUEUED, *WORKER_OWNED, PAUSED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 ALL = (*ACTIVE, *FINISHED)
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     QUEUED: (RUNNING, CANCELLED),
     # A running job goes back to queued when its worker is lost (it resumes from a checkpoint).
-    RUNNING: (SUCCEEDED, FAILED, CANCELLING, QUEUED),
+    RUNNING: (SUCCEEDED, FAILED, CANCELLING, PAUSING, QUEUED),
     # A cancel that arrives as the last step finishes may still end in succeeded: that is the truth.
     CANCELLING: (CANCELLED, SUCCEEDED, FAILED),
+    # Pausing saves a checkpoint and stops; a worker lost meanwhile leaves it paused at its newest checkpoint.
+    PAUSING: (PAUSED, CANCELLING, SUCCEEDED, FAILED),
+    PAUSED: (QUEUED, CANCELLED),
     SUCCEEDED: (),
     FAILED: (),
     CANCELLED: (),

@@ -24,6 +24,8 @@ class Job(IdMixin, Base):
     # Incremented by every claim; a worker's writes carry it, so a worker that lost the job
     # (the job was requeued under it) can no longer change it: a fencing token.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Workers lost so far (a pause and resume also takes a new attempt, but loses nothing).
+    lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)

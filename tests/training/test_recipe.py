@@ -280,3 +280,26 @@ def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_di
     message = str(info.value)
     assert "out of memory on cpu at step 3 with micro-batch 8 and max_seq_length 64" in message
     assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message
+
+
+def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path):
+    asked = []
+
+    def pause() -> bool:
+        asked.append(True)
+        return len(asked) >= 7
+
+    spec = JobSpec.parse(short_spec(tiny_model_dir))
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
+    assert paused.status == "paused" and paused.summary["steps"]["completed"] == 7
+    assert (tmp_path / "run" / "checkpoints" / "step-7" / "COMPLETE").exists()  # saved at the pause, not at 10
+
+    resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
+    assert resumed.status == "succeeded"
+    assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": 7}
+    straight = run(spec, demo_data["train"], tmp_path / "straight")
+
+    def curve(path):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert curve(tmp_path / "run") == curve(tmp_path / "straight")

@@ -65,18 +65,27 @@ def eval_record(step: int, epoch: float | None, eval_loss: float) -> dict:
     }
 
 
-class CancelCallback(TrainerCallback):
-    """Checks the cancel hook after every optimizer step and stops training cleanly."""
+class StopCallback(TrainerCallback):
+    """Asks the cancel and pause hooks after every optimizer step and stops training cleanly:
+    a cancel stops at once (nothing to resume), a pause saves a checkpoint first (to resume from)."""
 
-    def __init__(self, cancel: Callable[[], bool]):
+    def __init__(self, cancel: Callable[[], bool], pause: Callable[[], bool]):
         self.cancel = cancel
+        self.pause = pause
         self.cancelled_at: int | None = None
+        self.paused_at: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.cancelled_at is None and self.cancel():
+        if self.cancelled_at is not None or self.paused_at is not None:
+            return
+        if self.cancel():
             self.cancelled_at = state.global_step
             control.should_training_stop = True
-            control.should_save = False  # nothing to resume: a cancelled run is over
+            control.should_save = False
+        elif self.pause():
+            self.paused_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = True
 
 
 class CheckpointCallback(TrainerCallback):

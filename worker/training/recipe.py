@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
 from worker.training.callbacks import (  # noqa: E402
-    CancelCallback, CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, eval_record,
+    CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, StopCallback, eval_record,
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.merge import (  # noqa: E402
@@ -55,7 +55,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class RunResult:
-    status: str  # "succeeded" or "cancelled"
+    status: str  # "succeeded", "cancelled" or "paused"
     out_dir: Path
     summary: dict
 
@@ -100,6 +100,7 @@ def run(
     registry: Mapping[str, str | Path] | None = None,
     sink: Sink | None = None,
     cancel: Callable[[], bool] | None = None,
+    pause: Callable[[], bool] | None = None,
     progress: bool = False,
     extra_callbacks: tuple = (),
 ) -> RunResult:
@@ -156,8 +157,8 @@ def run(
     model = get_peft_model(model, lora_config(spec.lora, target_modules))
     trainable_params, total_params = model.get_nb_trainable_parameters()
 
-    cancel_cb = CancelCallback(cancel or (lambda: False))
-    callbacks = [MetricsCallback(emit, device), cancel_cb, CheckpointCallback(ckpt_dir, staging, emit, KEEP_CHECKPOINTS)]
+    stop_cb = StopCallback(cancel or (lambda: False), pause or (lambda: False))
+    callbacks = [MetricsCallback(emit, device), stop_cb, CheckpointCallback(ckpt_dir, staging, emit, KEEP_CHECKPOINTS)]
     if progress:
         callbacks.append(RichProgressCallback())
     trainer = GuardedSFTTrainer(
@@ -202,13 +203,17 @@ def run(
         "peak_memory_bytes": peak_memory_bytes(device),
         "versions": _library_versions(),
     }
-    if cancel_cb.cancelled_at is not None:
-        emit({"kind": "event", "type": "cancelled", "level": "warning", "step": cancel_cb.cancelled_at,
-              "message": f"cancelled at step {cancel_cb.cancelled_at}"})
-        summary = {"status": "cancelled", **base_summary,
+    stopped = {"cancelled": stop_cb.cancelled_at, "paused": stop_cb.paused_at}
+    for status, step in stopped.items():
+        if step is None:
+            continue
+        saved = " after saving a checkpoint to resume from" if status == "paused" else ""
+        emit({"kind": "event", "type": status, "level": "warning" if status == "cancelled" else "info",
+              "step": step, "message": f"{status} at step {step}{saved}"})
+        summary = {"status": status, **base_summary,
                    "durations_s": _durations(t_start, t_setup, t_train, time.monotonic())}
         _write_json(out / "summary.json", summary)
-        return RunResult("cancelled", out, summary)
+        return RunResult(status, out, summary)
 
     eval_loss = None
     if val_rows:

@@ -1,0 +1,39 @@
+"""Pause a running job (a checkpoint, then paused, the GPU freed) and resume it to the same end."""
+
+from __future__ import annotations
+
+import time
+
+from tests.deployment import upload, wait_for_status
+from tests.service.test_cancel import training_processes_for
+from worker.training.tiny import demo_spec
+
+
+def test_pause_then_resume_finishes_with_the_same_step_count(deployment, worker, team_a, demo_data):
+    dataset_id = upload(team_a, demo_data["train"]).json()["id"]
+    spec = demo_spec("tiny")
+    spec["training"].update(max_steps=120, save_steps=100, logging_steps=1, per_device_batch_size=8)
+    spec["output"] = {"merge": False}
+    job = team_a.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()
+    while team_a.get(f"/jobs/{job['id']}").json()["progress"]["step"] < 5:
+        time.sleep(0.2)
+
+    assert team_a.post(f"/jobs/{job['id']}/pause").json()["status"] == "pausing"
+    paused = wait_for_status(team_a, job["id"], ("paused", "succeeded", "failed"), timeout=60, deployment=deployment)
+    assert paused["status"] == "paused" and paused["finished_at"] is None
+    assert not training_processes_for(job["id"])  # the GPU is free
+    pause_step = paused["progress"]["step"]
+    checkpoints = [c["step"] for c in team_a.get(f"/jobs/{job['id']}/checkpoints").json()]
+    assert checkpoints == [pause_step] and 5 <= pause_step < 100  # saved at the pause, not at save_steps
+    assert team_a.post(f"/jobs/{job['id']}/pause").json()["status"] == "paused"  # already paused: no change
+    assert team_a.post(f"/jobs/{job['id']}/resume").json()["status"] == "queued"
+
+    done = wait_for_status(team_a, job["id"], ("succeeded", "failed", "cancelled"), deployment=deployment)
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
+    assert done["progress"]["step"] == 120
+    curve = [p["step"] for p in team_a.get(f"/jobs/{job['id']}/metrics").json()["train"]]
+    assert curve == list(range(1, 121))
+    types = [e["type"] for e in team_a.get(f"/jobs/{job['id']}/events").json()]
+    for expected in ("pause_requested", "paused", "resume_requested", "resumed", "succeeded"):
+        assert expected in types, types
+    assert team_a.post(f"/jobs/{job['id']}/resume").status_code == 409  # succeeded: nothing to resume
