@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
     # Presigned download links live long enough to start a download, not to be shared around.
     presign_expires_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     broker_url: str = Field("", description="Celery broker; default a filesystem transport under $QLORA_HOME.")
+
+    # json: one object per line with the job id (for log shippers); text: for reading in a terminal.
+    log_format: Literal["json", "text"] = "json"
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -8,17 +8,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
+from app import logs
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.errors import AppError
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
+from app.openai.routes import router as openai_router
+from app.operations.routes import router as operations_router
+from app.openai.translate import openai_error
 from app.models.routes import router as models_router
 from app.storage.base import storage_from_settings
 from app.uploads import UploadInterrupted
+from app.web.routes import STATIC_DIR
+from app.web.routes import router as web_router
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +54,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = storage_from_settings(settings)
 
+    def error_response(request: Request, status: int, code: str, message: str, details=None) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible API answers in OpenAI's shape
+            status, body = openai_error(status, message, code, details)
+            return JSONResponse(body, status_code=status)
+        error = {"code": code, "message": message} | ({"details": details} if details is not None else {})
+        return JSONResponse({"error": error}, status_code=status)
+
     @app.exception_handler(AppError)
-    async def app_error(_request: Request, exc: AppError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def app_error(request: Request, exc: AppError):
+        return error_response(request, exc.status, exc.code, exc.message, exc.details)
 
     @app.exception_handler(RequestValidationError)
-    async def request_invalid(_request: Request, exc: RequestValidationError):
+    async def request_invalid(request: Request, exc: RequestValidationError):
         details = [{"field": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
                    for err in exc.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        return JSONResponse({"error": {"code": "invalid", "message": message, "details": details}}, status_code=422)
+        return error_response(request, 422, "invalid", message, details)
 
     @app.exception_handler(UploadInterrupted)
     async def upload_interrupted(_request: Request, exc: UploadInterrupted):
         return JSONResponse({"error": {"code": "upload_interrupted", "message": str(exc)}}, status_code=400)
+
+    @app.middleware("http")
+    async def job_id_in_logs(request: Request, call_next):
+        job_id = logs.job_id_in(request.url.path)
+        if job_id is None:
+            return await call_next(request)
+        with logs.job_context(job_id):  # every line logged for this request names the job
+            return await call_next(request)
 
     @app.get("/health", tags=["operations"])
     def health():
@@ -69,4 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
+    app.include_router(openai_router)
+    app.include_router(operations_router)
+    app.include_router(web_router)  # the dashboard at /
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

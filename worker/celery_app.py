@@ -50,6 +50,8 @@ def _make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_default_queue=settings.queue_for(),
         worker_hijack_root_logger=False,
+        # The supervisor relays its training process's JSON log lines to stderr as they are.
+        worker_redirect_stdouts=False,
         # When the broker connection drops mid-job, keep training: the job's truth is in the
         # database, and a running job must not be abandoned because Redis restarted.
         worker_cancel_long_running_tasks_on_connection_loss=False,

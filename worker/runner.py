@@ -21,14 +21,19 @@ import tarfile
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
+from app import logs
 from app.config import get_settings
-from app.storage.base import make_key, storage_from_settings
-from worker.training.data import DataError
-from worker.training.recipe import TrainingError, run
-from worker.training.spec import JobSpec, SpecError
-from worker.training.tokenization import TemplateError
+
+if __name__ == "__main__":
+    # Before the imports below: transformers pulls in bitsandbytes, which logs as it loads. The
+    # process trains one job, so every line it logs is about that job.
+    logs.configure("trainer", get_settings().log_format)
+    logs.job_id_var.set(json.loads((Path(sys.argv[1]) / "job.json").read_text())["job_id"])
+
+from transformers import TrainerCallback  # noqa: E402
+
+from app.storage.base import make_key, storage_from_settings  # noqa: E402
+from worker.training.spec import JobSpec  # noqa: E402
 
 # Fault injection for tests/faults: stall forever halfway through uploading this step's checkpoint,
 # so a test can kill the process while a checkpoint is being written.
@@ -109,7 +114,28 @@ def supervisor_gone(workdir: Path, parent: int, deadline_s: float):
 
 def main(workdir: Path) -> int:
     job = json.loads((workdir / "job.json").read_text())
-    settings = get_settings()
+    _quiet_progress_bars()
+    return _train(workdir, job, get_settings())
+
+
+def _quiet_progress_bars() -> None:
+    """Progress bars redraw one line with \r: noise in a log file. Progress goes to progress.json."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+
+
+def _train(workdir: Path, job: dict, settings) -> int:
+    # Imported once logging is set up: bitsandbytes and friends log as they load.
+    from worker.training.data import DataError
+    from worker.training.recipe import TrainingError, run
+    from worker.training.spec import SpecError
+    from worker.training.tokenization import TemplateError
+
     gone = supervisor_gone(workdir, os.getppid(), settings.heartbeat_deadline_s)
     cancel_file, pause_file = workdir / "cancel", workdir / "pause"
     with open(workdir / "records.jsonl", "a", encoding="utf-8") as records:

@@ -20,6 +20,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from app import logs
 from app.config import Settings
 from app.db import session_scope
 from app.jobs import runs, states
@@ -42,16 +43,22 @@ class JobRun:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
+        with logs.job_context(self.job_id):
+            self._run()
+
+    def _run(self) -> None:
         with session_scope(self.db) as session:
             job = runs.claim(session, self.job_id, self.worker)
         if job is None:
             log.info("job %s is not queued any more; nothing to do", self.job_id)
             return
         workdir = self.settings.work_dir / job.id / f"attempt-{job.attempt}"
+        log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         proc = None
         try:
             self._prepare(job, workdir)
             proc = self._spawn(workdir)
+            log.info("training process started", extra={"pid": proc.pid, "attempt": job.attempt})
             outcome = self._supervise(job, workdir, proc)
             self._record(job, workdir, outcome, proc.returncode)
         except LeaseLost:
@@ -88,6 +95,7 @@ class JobRun:
             "registry": {job.base_model["name"]: str(self._base_model_path(job.base_model))},
             "out_dir": str(out),
             "team_id": job.team_id,
+            "job_id": job.id,
             "resume": job.attempt > 1,
         }))
 
@@ -117,11 +125,15 @@ class JobRun:
         """Relay records and heartbeats until the process exits; pass on a cancel; kill it if the
         lease is lost or a cancel is not obeyed in time. Returns result.json, if it wrote one."""
         records = RecordTail(workdir / "records.jsonl")
+        trainer_log = RecordTail(workdir / "train.log", parse=False)
         heartbeat = workdir / "heartbeat"
         cancel_sent_at = None
         while True:
             heartbeat.touch()  # the training process stops by itself when this goes stale
             exited = proc.poll() is not None
+            # The trainer's own log lines (JSON, with the job id) join this worker's log stream.
+            for line in trainer_log.read_new():
+                sys.stderr.write(line + "\n")
             batch = records.read_new()
             try:
                 with session_scope(self.db) as session:
@@ -184,18 +196,23 @@ class JobRun:
 
     def _finish(self, job: ClaimedJob, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
         with session_scope(self.db) as session:
-            if not runs.finish(session, job.id, job.attempt, status, error=error, summary=summary):
-                log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
+            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary)
+        if recorded:
+            log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
+        else:
+            log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
 
 
 class RecordTail:
-    """Reads the lines appended to a JSONL file since the last call; a half-written last line waits."""
+    """Reads the lines appended to a file since the last call (parsed as JSON unless parse=False);
+    a half-written last line waits for the next call."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, parse: bool = True):
         self.path = path
+        self.parse = parse
         self.offset = 0
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list:
         if not self.path.exists():
             return []
         with open(self.path, "rb") as f:
@@ -203,7 +220,9 @@ class RecordTail:
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        lines = [line for line in complete.splitlines() if line.strip()]
+        return [json.loads(line) for line in lines] if self.parse else [
+            line.decode("utf-8", "replace") for line in lines]
 
 
 def _read_json(path: Path) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 from starlette.requests import Request
@@ -68,7 +69,10 @@ class DatasetIngest:
         self._partial = b""
 
 
-async def upload(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request) -> Dataset:
+async def upload(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request,
+                 check_fields: Callable[[dict[str, str]], None] | None = None) -> Dataset:
+    """Stream a multipart upload to storage and record it. `check_fields` may refuse the request
+    on its other form fields (they can come after the file): the stored bytes are then dropped."""
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(
@@ -84,9 +88,11 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
         return ingest[0]
 
     try:
-        _fields, has_file = await read_multipart(request, open_file)
+        fields, has_file = await read_multipart(request, open_file)
         if not has_file:
             raise Invalid("no file in the upload: send it as the multipart field 'file' (curl -F file=@data.jsonl)")
+        if check_fields:
+            check_fields(fields)
         ingest[0].finish()
         stored = ingest[0].writer.commit()
     except BaseException:

@@ -180,3 +180,37 @@ def metrics_after(session: Session, job_id: str, after_id: int, limit: int) -> l
     A point logged again after a resume is a new row, so a view following the cursor sees it again."""
     return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id)
                                 .order_by(JobMetric.id).limit(limit)))
+
+
+def events_newest_first(session: Session, job_id: str, before: int | None, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        query = query.where(JobEvent.id < before)
+    return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def queued_by_queue(session: Session) -> dict[str, int]:
+    return dict(session.execute(
+        select(Job.queue, func.count()).where(Job.status == states.QUEUED).group_by(Job.queue)).all())
+
+
+def finished_durations(session: Session) -> list[tuple[str, datetime, datetime]]:
+    """(status, started_at, finished_at) of every finished job that ran."""
+    return [tuple(row) for row in session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
+        Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
+
+
+def running_memory(session: Session) -> list[tuple[str, int]]:
+    """(worker, latest peak device memory) for each job a worker is training now."""
+    latest = (select(JobMetric.job_id, func.max(JobMetric.step).label("step"))
+              .where(JobMetric.kind == "train").group_by(JobMetric.job_id).subquery())
+    rows = session.execute(
+        select(Job.worker, JobMetric.peak_memory_bytes)
+        .join(latest, latest.c.job_id == Job.id)
+        .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.step == latest.c.step) & (JobMetric.kind == "train"))
+        .where(Job.status.in_(states.WORKER_OWNED)))
+    return [(worker or "unknown", memory or 0) for worker, memory in rows]

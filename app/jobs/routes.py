@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
-from app.errors import Invalid, NotFound
+from app.errors import Invalid
 from app.jobs import repository, service, states
 from app.jobs.schemas import ArtifactOut, CheckpointOut, EvalPoint, EventOut, JobOut, JobPage, MetricsOut, TrainPoint
 from app.pagination import page
@@ -103,18 +103,28 @@ def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: Ca
 def download_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
                       caller: CallerDep):
     """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL."""
-    job = service.get(session, caller, job_id)
-    artifact = repository.artifact(session, job.id, kind)
-    if artifact is None:
-        raise NotFound(f"job {job.id} has no {kind!r} artifact" + ("" if job.status == states.SUCCEEDED
-                                                                   else f" (it is {job.status})"))
-    filename = f"{job.name or job.id}-{kind}.tar".replace("/", "_").replace('"', "")
-    url = storage.presigned_url(artifact.storage_key, settings.presign_expires_s, filename=filename)
-    headers = {"X-Checksum-Sha256": artifact.sha256}
-    if url:
-        return RedirectResponse(url, status_code=307, headers=headers)
-    return StreamingResponse(storage.open(artifact.storage_key), media_type="application/x-tar", headers={
-        **headers, "Content-Length": str(artifact.bytes), "Content-Disposition": f'attachment; filename="{filename}"'})
+    found = service.download(session, storage, settings, caller, job_id, kind)
+    headers = {"X-Checksum-Sha256": found.artifact.sha256}
+    if found.url:
+        return RedirectResponse(found.url, status_code=307, headers=headers)
+    return StreamingResponse(storage.open(found.artifact.storage_key), media_type="application/x-tar", headers={
+        **headers, "Content-Length": str(found.artifact.bytes),
+        "Content-Disposition": f'attachment; filename="{found.filename}"'})
+
+
+@router.get("/{job_id}/artifacts/{kind}/link")
+def artifact_link(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+                  caller: CallerDep):
+    """Where a browser can download the artifact without the API key: the presigned URL on S3 (`url`
+    is null on local storage, where the download route above streams it, with the key).
+
+    A page cannot follow the download route's 307 as a download (a navigation carries no key, and
+    fetch() would need the store to allow the page's origin and would hold the archive in memory),
+    so it asks here with its key and then navigates to the URL.
+    """
+    found = service.download(session, storage, settings, caller, job_id, kind)
+    return {"kind": found.artifact.kind, "bytes": found.artifact.bytes, "sha256": found.artifact.sha256,
+            "filename": found.filename, "url": found.url}
 
 
 STREAM_POLL_S = 1.0  # how often a stream looks for news: the worker relays progress about this often

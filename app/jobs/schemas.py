@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from app.jobs.tables import Job
 
@@ -19,6 +19,7 @@ class JobOut(BaseModel):
 
     id: str
     name: str
+    metadata: dict[str, str] | None = Field(default=None, validation_alias="user_metadata")
     status: str
     base_model: str
     dataset_id: str | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -13,12 +14,14 @@ from app.db import after_commit, utcnow
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
 from app.jobs.reaper import send
-from app.jobs.tables import Job
+from app.jobs.tables import Artifact, Job
+from app.storage.base import Storage
 from app.models import repository as models
 from app.teams.service import Caller
 from worker.training.spec import JobSpec, SpecError
 
-JOB_FIELDS = ("name", "dataset_id", "validation_dataset_id", "gpu_class")
+JOB_FIELDS = ("name", "dataset_id", "validation_dataset_id", "gpu_class", "metadata")
+MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
 _GPU_CLASS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
 
 
@@ -38,6 +41,12 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
     gpu_class = meta.get("gpu_class")
     if gpu_class is not None and (not isinstance(gpu_class, str) or not _GPU_CLASS.match(gpu_class)):
         errors.append(("gpu_class", "lowercase letters, digits, '-' and '_', at most 50 characters"))
+    metadata = meta.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and len(metadata) <= MAX_METADATA
+        and all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                for k, v in metadata.items())):
+        errors.append(("metadata", f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)"))
     spec = None
     try:
         spec = JobSpec.parse(body)
@@ -59,7 +68,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
         if meta.get(field):
             _usable_dataset(session, caller, field, meta[field])
     job = Job(
-        team_id=caller.team_id, name=meta.get("name", ""), status=states.QUEUED,
+        team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
         queue=settings.queue_for(meta.get("gpu_class")),
@@ -83,6 +92,24 @@ def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: st
             f"{field}: dataset {dataset_id} is invalid ({dataset.error_count} bad lines; first: line "
             f"{first['line']}: {first['message']}); fix the file and upload it again",
             details=field_errors([(field, "dataset is invalid")]), code="invalid_job")
+
+
+@dataclass
+class Download:
+    artifact: Artifact
+    filename: str
+    url: str | None  # a presigned URL on S3; None where the API itself must stream the archive
+
+
+def download(session: Session, storage: Storage, settings: Settings, caller: Caller, job_id: str, kind: str) -> Download:
+    job = get(session, caller, job_id)
+    artifact = repository.artifact(session, job.id, kind)
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no {kind!r} artifact"
+                       + ("" if job.status == states.SUCCEEDED else f" (it is {job.status})"))
+    filename = f"{job.name or job.id}-{kind}.tar".replace("/", "_").replace('"', "")
+    url = storage.presigned_url(artifact.storage_key, settings.presign_expires_s, filename=filename)
+    return Download(artifact, filename, url)
 
 
 def get(session: Session, caller: Caller, job_id: str) -> Job:

@@ -14,6 +14,8 @@ class Job(IdMixin, Base):
 
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200), default="")
+    # Up to 16 short key/value strings of the caller's own (the OpenAI API's `metadata`).
+    user_metadata: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict] = mapped_column(JSON)  # the engine's JobSpec as validated at creation
     base_model: Mapped[str] = mapped_column(String(200))

@@ -1,0 +1,315 @@
+"""A small HTTP client for the qlora-service API, used by the `qlora datasets` and `qlora jobs` verbs.
+
+All HTTP lives here; the CLI only formats. Nothing in this module imports torch, and the
+dataset check imports the server's own ingest code lazily, so `qlora --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+CHUNK_BYTES = 1 << 20  # 1 MiB reads and writes: steady progress, bounded memory for a 2 GiB file
+REDIRECTS = (301, 302, 303, 307, 308)
+
+Progress = Callable[[int], None]  # called with the bytes just moved
+
+
+class ClientError(Exception):
+    """An error to show the user: the API's message (and details) or why the API could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.details = details
+
+
+# ---------------------------------------------------------------- where the server is
+
+
+def qlora_home() -> Path:
+    # Read directly rather than through app.config.Settings: the client must work on a laptop
+    # that has none of the server's configuration, and must not fail on it either.
+    return Path(os.environ.get("QLORA_HOME") or "~/.qlora").expanduser()
+
+
+def resolve_credentials(url: str | None = None, api_key: str | None = None) -> tuple[str, str]:
+    """The server URL and API key: each from the flag, else QLORA_URL / QLORA_API_KEY, else the
+    credentials file that the embedded server writes on its first start."""
+    path = qlora_home() / "credentials.json"
+    saved: dict[str, str] = {}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"cannot read {path}: {exc}; fix or delete it, or pass --url and --api-key") from None
+    url = url or os.environ.get("QLORA_URL") or saved.get("url")
+    api_key = api_key or os.environ.get("QLORA_API_KEY") or saved.get("api_key")
+    missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
+    if missing:
+        raise ClientError(
+            f"no {' and no '.join(missing)}: pass --url and --api-key, set QLORA_URL and QLORA_API_KEY, "
+            f"or start the embedded server once (`qlora serve`), which saves both to {path}")
+    return url.rstrip("/"), api_key
+
+
+# ---------------------------------------------------------------- the API
+
+
+class ApiClient:
+    def __init__(self, url: str, api_key: str, timeout: float = 60):
+        self.url = url
+        self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+
+    @classmethod
+    def from_sources(cls, url: str | None = None, api_key: str | None = None) -> ApiClient:
+        return cls(*resolve_credentials(url, api_key))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- datasets
+    def upload_dataset(self, path: Path, on_progress: Progress | None = None) -> dict:
+        body, headers = multipart_file_body(path, on_progress)
+        # No read timeout while the body is sent: the server validates as it stores, and a slow
+        # link must not abort a 2 GiB upload halfway.
+        return self._json("POST", "/datasets", content=body, headers=headers,
+                          timeout=httpx.Timeout(60, read=None, write=None))
+
+    def list_datasets(self, limit: int = 50) -> list[dict]:
+        return self._json("GET", "/datasets", params={"limit": limit})["data"]
+
+    def get_dataset(self, dataset_id: str) -> dict:
+        return self._json("GET", f"/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._json("DELETE", f"/datasets/{dataset_id}")
+
+    # --- jobs
+    def create_job(self, body: dict) -> dict:
+        return self._json("POST", "/jobs", json=body)
+
+    def list_jobs(self, status: str | None = None, limit: int = 20) -> list[dict]:
+        params = {"limit": limit} | ({"status": status} if status else {})
+        return self._json("GET", "/jobs", params=params)["data"]
+
+    def get_job(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._json("POST", f"/jobs/{job_id}/cancel")
+
+    def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
+        return self._json("GET", f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
+
+    def job_metrics(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}/metrics")
+
+    def job_artifacts(self, job_id: str) -> list[dict]:
+        return self._json("GET", f"/jobs/{job_id}/artifacts")
+
+    def download_artifact(self, job_id: str, kind: str, out_dir: Path,
+                          on_start: Callable[[int], None] | None = None, on_progress: Progress | None = None) -> Path:
+        """Download an artifact's tar to out_dir, verified against the sha256 the API recorded."""
+        listing = {a["kind"]: a for a in self.job_artifacts(job_id)}
+        if kind not in listing:
+            have = ", ".join(sorted(listing)) or "none yet"
+            raise ClientError(f"job {job_id} has no {kind!r} artifact (it has: {have})", status=404)
+        expected = listing[kind]
+        if on_start:
+            on_start(expected["bytes"])
+        dest = Path(out_dir) / f"{job_id}-{kind}.tar"
+        with self._artifact_response(job_id, kind) as response:
+            return write_verified(response.iter_bytes(CHUNK_BYTES), dest, expected["sha256"], on_progress)
+
+    @contextmanager
+    def _artifact_response(self, job_id: str, kind: str) -> Iterator[httpx.Response]:
+        # Redirects are followed by hand: the presigned URL carries its own signature, and the
+        # API key must never travel to the storage host (nor would S3 accept two kinds of auth).
+        with self._send_stream("GET", f"/jobs/{job_id}/artifacts/{kind}") as response:
+            if response.status_code not in REDIRECTS:
+                yield response
+                return
+            location = response.headers["location"]
+        try:
+            with httpx.Client(timeout=httpx.Timeout(60, read=300)) as storage:
+                with storage.stream("GET", location) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        raise ClientError(f"the storage server answered {response.status_code} for the download "
+                                          f"link: {response.text[:300]}", status=response.status_code)
+                    yield response
+        except httpx.TransportError as exc:
+            raise ClientError(f"the download from storage ({httpx.URL(location).host}) failed: {exc}; "
+                              "try again") from None
+
+    # --- plumbing
+    def _json(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        _raise_for_error(response)
+        return response.json() if response.content else None
+
+    @contextmanager
+    def _send_stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream(method, path, timeout=httpx.Timeout(60, read=300)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+
+
+def _unreachable(url: str, exc: Exception) -> ClientError:
+    return ClientError(f"cannot reach the API at {url}: {exc or type(exc).__name__}; is the server running, "
+                       "and is QLORA_URL (or --url) right?")
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        raise ClientError(error["message"], status=response.status_code, code=error.get("code"),
+                          details=error.get("details"))
+    except (ValueError, KeyError, TypeError):  # not our error shape: a proxy, a crash page
+        raise ClientError(f"the API answered {response.status_code}: {response.text[:300]}",
+                          status=response.status_code) from None
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def multipart_file_body(path: Path, on_progress: Progress | None = None) -> tuple[Iterator[bytes], dict[str, str]]:
+    """A multipart/form-data body with one part, field `file`, as a generator over the file.
+
+    Framed by hand because httpx's `files=` reads a file it cannot size into memory and sends no
+    Content-Length; here the length is known up front, so the server can refuse an oversized
+    upload before a byte of it is stored, and memory stays at one chunk.
+    """
+    boundary = f"qlora-{uuid.uuid4().hex}"
+    # The filename is metadata only (the server makes the storage key), so quotes and line
+    # breaks are simply replaced rather than escaped.
+    filename = path.name.replace('"', "'").replace("\r", " ").replace("\n", " ")
+    head = (f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with open(path, "rb") as f:
+            while data := f.read(CHUNK_BYTES):
+                yield data
+                if on_progress:
+                    on_progress(len(data))
+        yield tail
+
+    length = len(head) + path.stat().st_size + len(tail)
+    return chunks(), {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+
+
+@dataclass
+class LocalCheck:
+    """The verdict the server would give the file: format, rows and token estimate, or its bad lines."""
+
+    format: str | None
+    rows: int
+    token_estimate: int
+    error_count: int
+    errors: list = field(default_factory=list)  # worker.training.data.LineError: line, message
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+
+class _Discard:
+    """An ObjectWriter that stores nothing: the server's ingest code, run for its verdict alone."""
+
+    size = 0
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def check_dataset(path: Path, on_progress: Progress | None = None) -> LocalCheck:
+    """Validate a JSONL file exactly as an upload is validated, by running the server's own ingest
+    (the same line splitting, overlong-line rule, validator and token estimate) over the file."""
+    from app.datasets.service import CHARS_PER_TOKEN, DatasetIngest
+    from worker.training.data import DataError
+
+    ingest = DatasetIngest(_Discard(), max_bytes=sys.maxsize)  # the size limit is the server's to apply
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK_BYTES):
+            ingest.write(data)
+            if on_progress:
+                on_progress(len(data))
+    ingest.finish()
+    validator = ingest.validator
+    try:
+        validator.finish(source=str(path))
+        errors, error_count = [], 0
+    except DataError as exc:  # includes a file with no rows at all
+        errors, error_count = exc.errors, exc.total
+    return LocalCheck(format=validator.format, rows=validator.rows, token_estimate=validator.chars // CHARS_PER_TOKEN,
+                      error_count=error_count, errors=errors)
+
+
+# ---------------------------------------------------------------- downloads
+
+
+def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, on_progress: Progress | None = None) -> Path:
+    """Write chunks to dest only if they hash to sha256.
+
+    They go to a temporary file beside dest and are renamed into place after the check, so dest
+    never holds a partial or corrupted archive; on a mismatch the temporary file is deleted.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as f:
+            for data in chunks:
+                f.write(data)
+                digest.update(data)
+                if on_progress:
+                    on_progress(len(data))
+        if digest.hexdigest() != sha256:
+            raise ClientError(f"checksum mismatch for {dest.name}: expected sha256 {sha256}, got {digest.hexdigest()}; "
+                              "the download was corrupted or tampered with and has been deleted, try again")
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return dest
+
+
+def extract_tar(archive: Path, out_dir: Path) -> list[str]:
+    """Extract an artifact archive; the `data` filter refuses absolute paths, `..`, links out of
+    out_dir and device files, so an archive cannot write outside out_dir. Returns the top-level names."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(out_dir, filter="data")
+        return sorted({name.split("/", 1)[0] for name in tar.getnames()})

@@ -1,0 +1,148 @@
+"""An OpenAI-compatible fine-tuning API under /v1, so the official `openai` SDK works unchanged
+(base_url=http://host:8000/v1, a team key). A thin translation onto the native services."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import StreamingResponse
+
+from app.datasets import repository as datasets_repo
+from app.datasets import service as datasets
+from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.errors import Invalid, field_errors
+from app.jobs import repository as jobs_repo
+from app.jobs import service as jobs
+from app.openai import translate as t
+from app.pagination import MAX_LIMIT, encode_cursor, page
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+
+def _limit(limit: int, default_max: int = MAX_LIMIT) -> int:
+    if not 1 <= limit <= default_max:
+        raise Invalid(f"limit: must be between 1 and {default_max}", details=field_errors([("limit", "out of range")]))
+    return limit
+
+
+def _list(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+# ------------------------------------------------------------------ files
+
+
+@router.post("/files")
+async def create_file(request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+                      caller: CallerDep):
+    """multipart: `file` (JSONL) and `purpose` = fine-tune. Validated line by line while it streams."""
+    def purpose_is_fine_tune(fields: dict[str, str]) -> None:
+        if fields.get("purpose") != "fine-tune":
+            raise Invalid(f"purpose must be 'fine-tune', got {fields.get('purpose')!r}",
+                          details=field_errors([("purpose", "must be 'fine-tune'")]))
+
+    dataset = await datasets.upload(session, storage, settings, caller, request, check_fields=purpose_is_fine_tune)
+    return t.file_object(dataset)
+
+
+@router.get("/files")
+def list_files(session: SessionDep, caller: CallerDep, purpose: str | None = None, limit: int = 100,
+               after: str | None = None, order: str = "desc"):
+    if order != "desc":
+        raise Invalid("order: only 'desc' (newest first) is supported", details=field_errors([("order", "use desc")]))
+    if purpose not in (None, "fine-tune"):
+        return _list([], False)
+    cursor = None
+    if after:
+        anchor = datasets.get(session, caller, t.native_id(after, t.FILE, "file"))
+        cursor = encode_cursor(anchor.created_at, anchor.id)
+    rows, next_cursor = page(datasets_repo.list_page(session, caller.team_id, cursor, _limit(limit, 10_000)), limit)
+    return _list([t.file_object(d) for d in rows], next_cursor is not None)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, session: SessionDep, caller: CallerDep):
+    return t.file_object(datasets.get(session, caller, t.native_id(file_id, t.FILE, "file")))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    datasets.delete(session, storage, caller, t.native_id(file_id, t.FILE, "file"))
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get("/files/{file_id}/content", response_class=StreamingResponse)
+def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
+    return StreamingResponse(storage.open(dataset.storage_key), media_type="application/octet-stream",
+                             headers={"Content-Length": str(dataset.bytes)})
+
+
+# ------------------------------------------------------------------ fine-tuning jobs
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, settings: SettingsDep,
+               caller: CallerDep):
+    """OpenAI's create body; `lora`, `quantization`, `training` and `output` (the SDK's extra_body)
+    set what OpenAI's hyperparameters do not cover."""
+    job = jobs.create(session, settings, caller, t.job_body(body))
+    return t.job_object(job, caller.team.name)
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
+    cursor = None
+    if after:
+        anchor = jobs.get(session, caller, t.native_id(after, t.JOB, "fine-tuning job"))
+        cursor = encode_cursor(anchor.created_at, anchor.id)
+    rows, next_cursor = page(jobs_repo.list_page(session, caller.team_id, None, cursor, _limit(limit)), limit)
+    return _list([t.job_object(j, caller.team.name) for j in rows], next_cursor is not None)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(job_id: str, session: SessionDep, caller: CallerDep):
+    return t.job_object(jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep):
+    return t.job_object(jobs.cancel(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_job(job_id: str, session: SessionDep, caller: CallerDep):
+    return t.job_object(jobs.pause(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+    job = jobs.resume(session, settings, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+    return t.job_object(job, caller.team.name)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_events(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
+    """Newest first, as OpenAI lists them; `after` is the last event id of the previous page."""
+    job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+    before = int(t.native_id(after, t.EVENT, "event")) if after and after[len(t.EVENT):].isdigit() else None
+    if after and before is None:
+        raise Invalid(f"after: {after!r} is not an event id", details=field_errors([("after", "not an event id")]))
+    rows = jobs_repo.events_newest_first(session, job.id, before, _limit(limit) + 1)
+    return _list([t.event_object(e) for e in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None,
+                     limit: int = 10):
+    job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+    saved = list(reversed(jobs_repo.checkpoints(session, job.id)))  # newest first
+    if after:
+        ids = [t.CHECKPOINT + c.id for c in saved]
+        if after not in ids:
+            raise Invalid(f"after: no checkpoint {after!r} in this job", details=field_errors([("after", "unknown")]))
+        saved = saved[ids.index(after) + 1:]
+    _limit(limit)
+    return _list([t.checkpoint_object(c, job, caller.team.name) for c in saved[:limit]], len(saved) > limit)

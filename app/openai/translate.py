@@ -1,0 +1,208 @@
+"""Between OpenAI's fine-tuning objects and ours. Only shapes and names change here; every rule
+(validation, scoping, state changes) stays in the native services the routes call."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+from app.datasets.tables import Dataset
+from app.errors import Invalid, NotFound, field_errors
+from app.jobs import states
+from app.jobs.tables import Checkpoint, Job, JobEvent
+from worker.training.spec import TrainingSpec
+
+FILE, JOB, EVENT, CHECKPOINT = "file-", "ftjob-", "ftevent-", "ftckpt-"
+
+BASE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default  # what multiplier 1 means
+DEFAULT_EPOCHS = 3  # n_epochs "auto": what most small fine-tunes use, and OpenAI's usual pick
+DEFAULT_MICRO_BATCH = TrainingSpec.model_fields["per_device_batch_size"].default
+DEFAULT_ACCUMULATION = TrainingSpec.model_fields["gradient_accumulation_steps"].default
+
+# Fields of ours, named as an OpenAI client knows them (for an error's `param`).
+PARAM_NAMES = {
+    "dataset_id": "training_file", "validation_dataset_id": "validation_file", "base_model": "model",
+    "name": "suffix", "training.seed": "seed", "training.epochs": "hyperparameters.n_epochs",
+    "training.learning_rate": "hyperparameters.learning_rate_multiplier",
+    "training.per_device_batch_size": "hyperparameters.batch_size",
+    "training.gradient_accumulation_steps": "hyperparameters.batch_size",
+}
+OPENAI_FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
+                 "metadata", "integrations"}
+EXTRA_FIELDS = {"lora", "quantization", "training", "output", "gpu_class"}  # ours, through the SDK's extra_body
+
+# Our job states as OpenAI's; the ones it has no word for read as the nearest it has.
+STATUS = {
+    states.QUEUED: "queued", states.RUNNING: "running", states.CANCELLING: "running", states.PAUSING: "running",
+    states.PAUSED: "paused", states.SUCCEEDED: "succeeded", states.FAILED: "failed", states.CANCELLED: "cancelled",
+}
+
+
+def unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+def native_id(openai_id: str, prefix: str, what: str) -> str:
+    """An id as OpenAI clients send it, without its prefix. A malformed one is as missing as a wrong one."""
+    if not openai_id.startswith(prefix) or len(openai_id) == len(prefix):
+        raise NotFound(f"no {what} {openai_id!r}")
+    return openai_id[len(prefix):]
+
+
+def file_object(dataset: Dataset) -> dict:
+    errors = "; ".join(f"line {e['line']}: {e['message']}" for e in dataset.errors[:5]) or None
+    return {
+        "id": FILE + dataset.id, "object": "file", "bytes": dataset.bytes, "created_at": unix(dataset.created_at),
+        "filename": dataset.filename, "purpose": "fine-tune", "expires_at": None,
+        "status": "processed" if dataset.status == "ready" else "error",
+        "status_details": None if dataset.status == "ready" else
+        f"{dataset.error_count} invalid lines; {errors}",
+    }
+
+
+def hyperparameters_of(spec: dict) -> dict:
+    training = spec["training"]
+    return {
+        "n_epochs": int(training["epochs"]) if training.get("epochs") and float(training["epochs"]).is_integer()
+        else training.get("epochs") or "auto",
+        "batch_size": training["per_device_batch_size"] * training["gradient_accumulation_steps"],
+        "learning_rate_multiplier": round(training["learning_rate"] / BASE_LEARNING_RATE, 6),
+    }
+
+
+def fine_tuned_model(job: Job, team_name: str) -> str:
+    """OpenAI's "ft:<base>:<org>:<suffix>:<id>"; this service serves no inference, so the name points
+    at the job whose adapter and merged model are downloaded from /jobs/{id}/artifacts."""
+    return f"ft:{job.base_model}:{team_name}:{job.name}:{job.id}"
+
+
+def job_object(job: Job, team_name: str) -> dict:
+    hyperparameters = hyperparameters_of(job.spec)
+    error = None
+    if job.status == states.FAILED:
+        error = {"code": "job_failed", "message": job.error or "the job failed", "param": None}
+    return {
+        "id": JOB + job.id, "object": "fine_tuning.job", "model": job.base_model,
+        "created_at": unix(job.created_at), "finished_at": unix(job.finished_at),
+        "fine_tuned_model": fine_tuned_model(job, team_name) if job.status == states.SUCCEEDED else None,
+        "organization_id": job.team_id, "result_files": [], "status": STATUS[job.status],
+        "training_file": FILE + job.dataset_id if job.dataset_id else None,
+        "validation_file": FILE + job.validation_dataset_id if job.validation_dataset_id else None,
+        "hyperparameters": hyperparameters,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "trained_tokens": job.trained_tokens if job.status == states.SUCCEEDED else None,
+        "error": error, "seed": job.spec["training"]["seed"], "metadata": job.user_metadata,
+        "user_provided_suffix": job.name or None, "estimated_finish": None, "integrations": [],
+        # Ours, for clients that know them: where training is and how a job is configured.
+        "progress": {"step": job.step, "total_steps": job.total_steps}, "spec": job.spec,
+    }
+
+
+def event_object(event: JobEvent) -> dict:
+    return {
+        "object": "fine_tuning.job.event", "id": f"{EVENT}{event.id}", "created_at": unix(event.created_at),
+        "level": {"warning": "warn"}.get(event.level, event.level), "message": event.message or event.type,
+        "data": {"type": event.type, "step": event.step, "attempt": event.attempt, **(event.data or {})},
+        "type": "message",
+    }
+
+
+def checkpoint_object(checkpoint: Checkpoint, job: Job, team_name: str) -> dict:
+    metrics = {"step": checkpoint.step}
+    if checkpoint.train_loss is not None:
+        metrics["train_loss"] = checkpoint.train_loss
+    if checkpoint.eval_loss is not None:
+        metrics["valid_loss"] = checkpoint.eval_loss
+    return {
+        "object": "fine_tuning.job.checkpoint", "id": CHECKPOINT + checkpoint.id,
+        "created_at": unix(checkpoint.created_at), "step_number": checkpoint.step, "metrics": metrics,
+        "fine_tuning_job_id": JOB + job.id,
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model(job, team_name)}:ckpt-step-{checkpoint.step}",
+    }
+
+
+def job_body(body: Any) -> dict:
+    """An OpenAI create-job body as the body of POST /jobs (whose service validates all of it)."""
+    if not isinstance(body, dict):
+        raise Invalid("the body must be a JSON object", details=field_errors([("(body)", "not an object")]))
+    unknown = sorted(set(body) - OPENAI_FIELDS - EXTRA_FIELDS)
+    if unknown:
+        raise Invalid(f"unknown field {unknown[0]!r}; LoRA and quantization settings go in 'lora' and "
+                      f"'quantization' (the SDK's extra_body)", details=field_errors([(unknown[0], "unknown field")]))
+    if body.get("integrations"):
+        raise Invalid("integrations are not supported", details=field_errors([("integrations", "not supported")]))
+    method = body.get("method") or {"type": "supervised"}
+    if not isinstance(method, dict) or method.get("type") != "supervised":
+        kind = method.get("type") if isinstance(method, dict) else method
+        raise Invalid(f"method.type {kind!r} is not supported; this service fine-tunes with supervised QLoRA",
+                      details=field_errors([("method.type", "must be 'supervised'")]))
+    hyperparameters = {**(body.get("hyperparameters") or {}),
+                       **((method.get("supervised") or {}).get("hyperparameters") or {})}
+    if not isinstance(body.get("model"), str):
+        raise Invalid("model: required, the name of a registered base model (GET /v1/models is not served; "
+                      "see GET /models)", details=field_errors([("model", "required")]))
+    if not isinstance(body.get("training_file"), str):
+        raise Invalid("training_file: required, a file id from POST /v1/files",
+                      details=field_errors([("training_file", "required")]))
+    training = dict(body.get("training") or {})
+    training.update(_training_from(hyperparameters, training))
+    if body.get("seed") is not None:
+        training["seed"] = body["seed"]
+    native = {
+        "base_model": body["model"],
+        "dataset_id": native_id(body["training_file"], FILE, "file"),
+        "training": training,
+        **{k: body[k] for k in ("lora", "quantization", "output", "gpu_class", "metadata") if body.get(k) is not None},
+    }
+    if body.get("validation_file"):
+        native["validation_dataset_id"] = native_id(body["validation_file"], FILE, "file")
+    if body.get("suffix"):
+        native["name"] = body["suffix"]
+    return native
+
+
+def _training_from(hyperparameters: dict, training: dict) -> dict:
+    out: dict = {}
+    problems: list[tuple[str, str]] = []
+    epochs = hyperparameters.get("n_epochs", "auto")
+    if epochs != "auto":
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 50:
+            problems.append(("hyperparameters.n_epochs", f"must be 'auto' or an integer in [1, 50], got {epochs!r}"))
+        else:
+            out["epochs"] = epochs
+    elif "max_steps" not in training and "epochs" not in training:
+        out["epochs"] = DEFAULT_EPOCHS
+    batch = hyperparameters.get("batch_size", "auto")
+    if batch != "auto":
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 256:
+            problems.append(("hyperparameters.batch_size", f"must be 'auto' or an integer in [1, 256], got {batch!r}"))
+        else:
+            # The effective batch, split into the largest micro-batch that divides it and is no
+            # larger than the usual one (memory), times gradient accumulation.
+            limit = training.get("per_device_batch_size", DEFAULT_MICRO_BATCH)
+            micro = max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
+            out["per_device_batch_size"], out["gradient_accumulation_steps"] = micro, batch // micro
+    multiplier = hyperparameters.get("learning_rate_multiplier", "auto")
+    if multiplier != "auto":
+        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool) or not (
+                math.isfinite(multiplier) and 0 < multiplier <= 10):
+            problems.append(("hyperparameters.learning_rate_multiplier",
+                             f"must be 'auto' or a number in (0, 10], got {multiplier!r}"))
+        else:
+            out["learning_rate"] = BASE_LEARNING_RATE * multiplier
+    if problems:
+        raise Invalid("; ".join(f"{f}: {m}" for f, m in problems), details=field_errors(problems))
+    return out
+
+
+def openai_error(status: int, message: str, code: str | None, details: list | None) -> tuple[int, dict]:
+    """Our error as OpenAI's: 400 for bad input and for a state that forbids the request (the SDK
+    retries 409), the first field named as `param` under the name an OpenAI client uses."""
+    field = details[0].get("field") if details and isinstance(details[0], dict) else None
+    param = PARAM_NAMES.get(field, field) if field else None
+    if status in (409, 422):
+        status = 400
+    kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+            413: "invalid_request_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}

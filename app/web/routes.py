@@ -1,0 +1,32 @@
+"""The dashboard's page, and the engine's defaults it pre-fills the new-job form with.
+
+The page is plain HTML, CSS and JavaScript under static/, shipped inside the package: no build
+step, nothing fetched from the internet. It signs in with an API key and calls the API routes
+with it, like curl would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from worker.training.spec import LoraSpec, OutputSpec, QuantizationSpec, TrainingSpec
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+def dashboard():
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/web/spec-defaults")
+def spec_defaults():
+    """The engine's defaults, so the new-job form is pre-filled from spec.py and cannot drift from it."""
+    return {section: {name: field.default for name, field in model.model_fields.items()}
+            for section, model in (("quantization", QuantizationSpec), ("lora", LoraSpec),
+                                   ("training", TrainingSpec), ("output", OutputSpec))}

@@ -1,0 +1,298 @@
+"""The web dashboard, driven in headless Chromium against the real deployment: sign in, upload,
+create a job from the form, watch the loss curve draw itself from the job's stream, download the
+adapter through the S3 presigned link; and what a user sees when a dataset or a field is wrong.
+
+Chromium is Debian's package (installed here when missing); playwright only drives it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.deployment import upload
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRAIN_TIMEOUT_MS = 150_000
+MAX_STEPS, LOGGING_STEPS, EVAL_STEPS = 60, 5, 20
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's Chromium; installed with apt-get when missing. A failure says why, it never skips."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    attempts = []
+    for command in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "chromium"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        attempts.append(f"$ {' '.join(command)} -> {done.returncode}\n{done.stderr.strip()[-1500:]}")
+        if CHROMIUM.exists():
+            return CHROMIUM
+    pytest.fail(f"the dashboard tests need Chromium at {CHROMIUM} and could not install it "
+                f"(run `apt-get update && apt-get install -y chromium` as root):\n" + "\n".join(attempts))
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def team_key(deployment) -> str:
+    return deployment.team_key("team-dashboard")
+
+
+@pytest.fixture(scope="module")
+def team(deployment, team_key) -> httpx.Client:
+    """The same team, through the API: to check what the page shows against what the API holds."""
+    return deployment.client(team_key)
+
+
+@pytest.fixture
+def page(browser, deployment):
+    context = browser.new_context(base_url=deployment.url, viewport={"width": 1360, "height": 900},
+                                  accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+
+
+def sign_in(page: Page, key: str) -> None:
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"#/signin$"))
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Jobs", exact=True)).to_be_visible()
+
+
+def go(page: Page, link: str) -> None:
+    page.locator("#nav").get_by_role("link", name=link, exact=True).click()
+
+
+def train_path_points(page: Page) -> int:
+    d = page.locator("#train-loss-path").get_attribute("d") or ""
+    return len(re.findall(r"[ML]", d))
+
+
+def read_stream(client: httpx.Client, job_id: str, timeout: float = 30) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    """The whole of a job's event stream, parsed; returns when the server ends it."""
+    messages: list[tuple[str, dict]] = []
+    with client.stream("GET", f"/jobs/{job_id}/stream", timeout=timeout) as response:
+        if response.status_code != 200:
+            response.read()
+            return response, messages
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                messages.append((event, json.loads(line.removeprefix("data: "))))
+    return response, messages
+
+
+def test_a_job_from_upload_to_download(page, deployment, worker, team, team_key, demo_data, tmp_path):
+    # A wrong key is refused on the sign-in page, the team's key lets the user in.
+    page.goto("/")
+    page.get_by_label("API key").fill("qlk_not_a_real_key")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("not accepted")
+    sign_in(page, team_key)
+
+    # Upload the demo task and its held-out rows.
+    go(page, "Datasets")
+    for name in ("train", "validation"):
+        page.get_by_label("JSONL file").set_input_files(demo_data[name])
+        page.get_by_role("button", name="Upload").click()
+        expect(page.locator("#upload-result")).to_contain_text(f"{name}.jsonl is ready")
+    expect(page.locator("#upload-result")).to_contain_text("48 rows in chat format")
+    expect(page.locator("#datasets-table tbody tr")).to_have_count(2)
+
+    # The form comes pre-filled with the engine's defaults.
+    go(page, "New job")
+    form = page.locator("#new-job")
+    expect(form.get_by_label("Rank (r)")).to_have_value("16")
+    expect(form.get_by_label("Alpha")).to_have_value("32")
+    expect(form.get_by_label("Dropout")).to_have_value("0.05")
+    expect(form.get_by_label("Learning rate")).to_have_value("0.0002")
+    expect(form.get_by_label("Batch size per device")).to_have_value("4")
+    expect(form.get_by_label("Gradient accumulation steps")).to_have_value("4")
+    expect(form.get_by_label("Max sequence length")).to_have_value("2048")
+    expect(form.get_by_label("Warmup ratio")).to_have_value("0.03")
+    expect(form.get_by_label("Quantization bits")).to_have_value("4")
+
+    form.get_by_label("Name").fill("dashboard-demo")
+    form.get_by_label("Base model").select_option("tiny")
+    uploaded = {d["filename"]: d["id"] for d in team.get("/datasets").json()["data"]}
+    form.get_by_label("Training dataset").select_option(uploaded["train.jsonl"])
+    form.get_by_label("Validation dataset (optional)").select_option(uploaded["validation.jsonl"])
+    form.get_by_label("Epochs").fill("")
+    form.get_by_label("Max steps").fill(str(MAX_STEPS))
+    form.get_by_label("Logging steps").fill(str(LOGGING_STEPS))
+    form.get_by_label("Eval steps").fill(str(EVAL_STEPS))
+    form.get_by_label("Save steps").fill("30")
+    # The demo task's settings (worker/training/tiny.py demo_spec): a tiny model learns fast.
+    form.get_by_label("Learning rate").fill("3e-3")
+    form.get_by_label("LR scheduler").select_option("cosine")
+    form.get_by_label("Batch size per device").fill("8")  # half the demo's: the curve in a minute on 2 cores
+    form.get_by_label("Gradient accumulation steps").fill("1")
+    form.get_by_label("Max sequence length").fill("64")
+    form.get_by_label("Dropout").fill("0")
+    form.get_by_role("button", name="Start training").click()
+
+    # 201: the job's own page, following the job live.
+    expect(page).to_have_url(re.compile(r"#/jobs/[0-9a-f]{32}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#job-title")).to_have_text("dashboard-demo")
+
+    # The train-loss path gains points while the job runs.
+    seen_while_running: set[int] = set()
+    deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
+    while True:
+        status = page.locator(".page-head .badge").inner_text().strip().lower()
+        points = train_path_points(page) if page.locator("#train-loss-path").count() else 0
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        if status == "running":
+            seen_while_running.add(points)
+        assert time.monotonic() < deadline, f"job still {status} after {TRAIN_TIMEOUT_MS} ms\n{deployment.log('worker-shared')}"
+        time.sleep(0.25)
+    assert status == "succeeded", page.locator("#view").inner_text()
+    growing = sorted(n for n in seen_while_running if n > 0)
+    assert len(growing) >= 2, f"the curve did not grow while the job ran: {sorted(seen_while_running)}"
+
+    # At the end: every logged step drawn, the eval series, the job's story and its checkpoints.
+    final_points = MAX_STEPS // LOGGING_STEPS
+    expect(page.locator("#train-loss-path")).to_have_attribute("data-points", str(final_points))
+    assert train_path_points(page) == final_points
+    expect(page.locator("#eval-loss-path")).to_have_attribute("data-points", str(MAX_STEPS // EVAL_STEPS))
+    expect(page.get_by_role("progressbar", name="Training progress").first).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator("#events li[data-type='succeeded']")).to_have_count(1)
+    expect(page.locator("#checkpoints tbody tr")).not_to_have_count(0)
+    summary = page.locator("#summary")
+    expect(summary).to_contain_text("Merge fidelity")
+    expect(summary).to_contain_text("Tokens / s")
+    expect(summary).to_contain_text("Peak memory")
+
+    # The adapter downloads through the S3 presigned link, byte for byte what the API lists.
+    artifacts = {a["kind"]: a for a in team.get(f"/jobs/{job_id}/artifacts").json()}
+    button = page.get_by_role("button", name=re.compile("^Download adapter"))
+    expect(button).to_be_enabled()
+    with page.expect_download() as download_info:
+        button.click()
+    download = download_info.value
+    assert download.failure() is None
+    assert download.suggested_filename == "dashboard-demo-adapter.tar"
+    saved = Path(download.path())
+    assert saved.stat().st_size == artifacts["adapter"]["bytes"]
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == artifacts["adapter"]["sha256"]
+
+    page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
+    results = REPO / "bench" / "results"  # gitignored
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / "dashboard.png", results / "dashboard.png")
+
+    # The stream of a finished job replays it all, then ends with its final state.
+    response, messages = read_stream(team, job_id)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    metrics = [m for kind, m in messages if kind == "metric"]
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(LOGGING_STEPS, MAX_STEPS + 1, LOGGING_STEPS))
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == list(range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS))
+    assert messages[-1][0] == "job" and messages[-1][1]["status"] == "succeeded"
+
+    # The jobs table shows it, finished.
+    go(page, "Jobs")
+    row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
+    expect(row).to_contain_text("dashboard-demo")
+    expect(row.locator(".badge")).to_have_text("succeeded")
+    expect(row).to_contain_text(f"{MAX_STEPS} / {MAX_STEPS}")
+
+
+def test_an_invalid_dataset_shows_its_bad_lines(page, team, team_key, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad_role = json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]})
+    content = "\n".join([good, "{not json", good, bad_role, good]).encode()
+    sign_in(page, team_key)
+    go(page, "Datasets")
+    page.get_by_label("JSONL file").set_input_files({"name": "broken.jsonl", "mimeType": "application/jsonl",
+                                                      "buffer": content})
+    page.get_by_role("button", name="Upload").click()
+
+    report = page.locator("#upload-result .validation-report")
+    expect(report).to_contain_text("broken.jsonl is invalid: 2 bad lines")
+    rows = report.locator("tbody tr")
+    expect(rows).to_have_count(2)
+    dataset = next(d for d in team.get("/datasets").json()["data"] if d["filename"] == "broken.jsonl")
+    assert [e["line"] for e in dataset["errors"]] == [2, 4]
+    for i, error in enumerate(dataset["errors"]):
+        expect(rows.nth(i).locator("td").nth(0)).to_have_text(str(error["line"]))
+        expect(rows.nth(i).locator("td").nth(1)).to_have_text(error["message"])
+    # The list keeps the report for later.
+    listed = page.locator(f"#datasets-table tr[data-dataset-id='{dataset['id']}']")
+    expect(listed.locator(".badge")).to_have_text("invalid")
+    listed.get_by_text("2 bad lines").click()
+    expect(listed.locator("tr[data-line='4']")).to_contain_text(dataset["errors"][1]["message"])
+    page.screenshot(path=tmp_path / "datasets.png", full_page=True)
+
+
+def test_a_bad_hyperparameter_is_explained_next_to_its_field(page, team, team_key, demo_data, tmp_path):
+    assert upload(team, demo_data["validation"], name="small.jsonl").status_code == 201
+    jobs_before = len(team.get("/jobs").json()["data"])
+    sign_in(page, team_key)
+    go(page, "New job")
+    form = page.locator("#new-job")
+    form.get_by_label("Learning rate").fill("5")
+    form.get_by_label("Warmup ratio").fill("1.5")
+    form.get_by_role("button", name="Start training").click()
+
+    for field, allowed in (("training.learning_rate", "allowed: > 0 and <= 1"),
+                           ("training.warmup_ratio", "allowed: >= 0 and < 1")):
+        box = page.locator(f"[data-field='{field}']")
+        expect(box.locator(".field-error")).to_be_visible()
+        expect(box.locator(".field-error")).to_contain_text(allowed)
+        expect(box.locator("input")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#form-errors")).to_contain_text("The job was not created")
+    expect(page.locator("[data-field='lora.r'] .field-error")).to_be_hidden()
+    expect(page).to_have_url(re.compile(r"#/jobs/new$"))
+    assert len(team.get("/jobs").json()["data"]) == jobs_before
+    page.screenshot(path=tmp_path / "new-job-errors.png", full_page=True)
+
+
+def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, team, team_b, demo_data):
+    dataset = upload(team, demo_data["validation"], name="stream.jsonl").json()
+    created = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",
+                                       "training": {"max_steps": 5}})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+
+    # Another team's job answers 404, like a missing one, before anything is streamed.
+    for client, path in ((team_b, f"/jobs/{job_id}/stream"), (team, "/jobs/0123456789abcdef0123456789abcdef/stream")):
+        response = client.get(path)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+
+    assert team.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"  # queued: cancelled at once
+    started = time.monotonic()
+    response, messages = read_stream(team, job_id)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert time.monotonic() - started < 10  # a finished job's stream ends on its own
+    assert [m["type"] for kind, m in messages if kind == "event"][0] == "created"
+    assert "cancelled" in [m["type"] for kind, m in messages if kind == "event"]
+    assert [kind for kind, _ in messages].count("job") == 1
+    assert messages[-1] == ("job", team.get(f"/jobs/{job_id}").json())

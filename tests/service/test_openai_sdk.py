@@ -1,0 +1,149 @@
+"""The official `openai` SDK, pointed at /v1 with a team key, drives the whole fine-tuning flow."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+from openai import OpenAI
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+EXTRA = {  # LoRA, quantization and the rest of our spec ride in the SDK's extra_body
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "quantization": {"bits": 4, "quant_type": "nf4"},
+    "training": {"max_steps": 60, "max_seq_length": 64, "logging_steps": 10, "save_steps": 20, "eval_steps": 30,
+                 "lr_scheduler": "cosine"},
+}
+HYPERPARAMETERS = {"batch_size": 16, "learning_rate_multiplier": 10}
+
+
+@pytest.fixture(scope="module")
+def sdk(deployment):
+    return OpenAI(base_url=deployment.url + "/v1", api_key=deployment.team_key("sdk-team"), max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def files(sdk, demo_data):
+    with open(demo_data["train"], "rb") as f:
+        train = sdk.files.create(file=f, purpose="fine-tune")
+    with open(demo_data["validation"], "rb") as f:
+        validation = sdk.files.create(file=f, purpose="fine-tune")
+    return sdk.files.wait_for_processing(train.id), sdk.files.wait_for_processing(validation.id)
+
+
+@pytest.fixture(scope="module")
+def finished(sdk, files, worker):
+    train, validation = files
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny", training_file=train.id, validation_file=validation.id, suffix="sounds", seed=7,
+        metadata={"ticket": "ML-42"},
+        method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},
+        extra_body=EXTRA,
+    )
+    assert job.status == "queued" and job.id.startswith("ftjob-")
+    deadline = time.monotonic() + 240
+    while job.status not in FINISHED:
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    return job
+
+
+def test_files_upload_process_and_read_back(sdk, files, demo_data):
+    train, _ = files
+    assert train.id.startswith("file-") and train.object == "file" and train.purpose == "fine-tune"
+    assert train.status == "processed" and train.bytes == demo_data["train"].stat().st_size
+    assert train.filename == "train.jsonl" and isinstance(train.created_at, int)
+    assert sdk.files.retrieve(train.id).id == train.id
+    assert sdk.files.content(train.id).read() == demo_data["train"].read_bytes()
+    listed = [f.id for f in sdk.files.list(purpose="fine-tune")]
+    assert train.id in listed
+
+
+def test_job_runs_to_success_with_the_requested_settings(finished, files):
+    job = finished
+    assert job.status == "succeeded", job.error
+    assert job.object == "fine_tuning.job" and job.model == "tiny"
+    assert job.training_file == files[0].id and job.validation_file == files[1].id
+    assert job.fine_tuned_model.startswith("ft:tiny:sdk-team:sounds:")
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at
+    assert job.seed == 7 and job.metadata == {"ticket": "ML-42"}
+    hp = job.method.supervised.hyperparameters
+    assert (hp.batch_size, hp.learning_rate_multiplier) == (16, 10)
+    spec = job.model_extra["spec"]
+    assert spec["lora"]["r"] == 8 and spec["training"]["learning_rate"] == pytest.approx(2e-3)
+    assert spec["training"]["per_device_batch_size"] * spec["training"]["gradient_accumulation_steps"] == 16
+
+
+def test_events_and_checkpoints_page_through(sdk, finished):
+    events = list(sdk.fine_tuning.jobs.list_events(finished.id, limit=3))  # the SDK follows `after` itself
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids)) >= 6
+    assert events[0].data["type"] == "succeeded" and events[-1].data["type"] == "created"  # newest first
+    assert all(e.object == "fine_tuning.job.event" and e.level in ("info", "warn", "error") for e in events)
+    first = sdk.fine_tuning.jobs.list_events(finished.id, limit=2)
+    assert first.has_more and len(first.data) == 2
+
+    checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(finished.id, limit=1))
+    assert [c.step_number for c in checkpoints] == [60, 40, 20][: len(checkpoints)] and len(checkpoints) >= 2
+    newest = checkpoints[0]
+    assert newest.fine_tuning_job_id == finished.id and newest.metrics.train_loss > 0
+    assert newest.fine_tuned_model_checkpoint.endswith(":ckpt-step-60")
+
+
+def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
+    made = [sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                        extra_body={**EXTRA, "gpu_class": "nobody-listens"}).id for _ in range(3)]
+    page = sdk.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in page.data] == made[::-1][:2] and page.has_more
+    everything = [j.id for j in sdk.fine_tuning.jobs.list(limit=2)]
+    assert everything[:3] == made[::-1] and len(everything) == len(set(everything))
+    for job_id in made:
+        assert sdk.fine_tuning.jobs.cancel(job_id).status == "cancelled"
+
+
+def test_openai_shaped_errors_for_a_bad_file_and_a_bad_job(sdk, files, deployment):
+    bad = sdk.files.create(file=("bad.jsonl", b'{"messages": [\n{"prompt": "p"}\n'), purpose="fine-tune")
+    bad = sdk.files.wait_for_processing(bad.id)
+    assert bad.status == "error" and "line 1" in bad.status_details and "line 2" in bad.status_details
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=bad.id, extra_body=EXTRA)
+    assert info.value.status_code == 400 and info.value.body["param"] == "training_file"
+    assert "line 1" in info.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                    extra_body={**EXTRA, "lora": {"r": 0}})
+    assert info.value.body["param"] == "lora.r" and ">= 1 and <= 1024" in info.value.body["message"]
+    assert info.value.body["type"] == "invalid_request_error"
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                    hyperparameters={"learning_rate_multiplier": -1}, extra_body=EXTRA)
+    assert info.value.body["param"] == "hyperparameters.learning_rate_multiplier"
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=files[0].id, extra_body=EXTRA)
+    assert info.value.body["param"] == "model" and "tiny" in info.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.files.create(file=("x.jsonl", b'{"text": "t"}\n'), purpose="assistants")
+    assert info.value.body["param"] == "purpose"
+
+    with pytest.raises(openai.NotFoundError):
+        sdk.fine_tuning.jobs.retrieve("ftjob-" + "0" * 32)
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve("not-a-file-id")
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=deployment.url + "/v1", api_key="qlk_wrong", max_retries=0).files.list()
+
+
+def test_another_teams_objects_are_not_found(sdk, files, deployment):
+    other = OpenAI(base_url=deployment.url + "/v1", api_key=deployment.team_key("sdk-other"), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(files[0].id)
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.create(model="tiny", training_file=files[0].id, extra_body=EXTRA)
