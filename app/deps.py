@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import sessionmaker_for
+from app.db import session_scope
 from app.errors import Forbidden
 from app.storage.base import Storage
 from app.teams.service import Caller, authenticate
@@ -30,15 +30,8 @@ def get_session(request: Request) -> Iterator[Session]:
     that gets 201 for a job can read it back at once (with the default scope FastAPI sends the
     response first and commits after: a read right after a create can answer 404).
     """
-    session = sessionmaker_for(request.app.state.settings.database_url)()
-    try:
+    with session_scope(request.app.state.settings.database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -159,6 +159,20 @@ class StorageBase:
     def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         raise NotImplementedError
 
+    def list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> int:
+        # One delete per key, also on S3: its DeleteObjects call requires a checksum header, and
+        # S3-compatible stores disagree on which (Content-MD5 or CRC32). A prefix holds few objects here.
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
     def put_file(self, key: str, path: Path) -> StoredObject:
         with path.open("rb") as src, self.writer(key) as writer:
             while chunk := src.read(READ_CHUNK):

@@ -86,12 +86,6 @@ class LocalStorage(StorageBase):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def delete_prefix(self, prefix: str) -> int:
-        keys = self.list(prefix)
-        for key in keys:
-            self.delete(key)
-        return len(keys)
-
     def list(self, prefix: str) -> list[str]:
         # Prefixes match like S3's, as plain string prefixes; the walk starts at the deepest
         # directory the prefix names so listing one team never walks every team.

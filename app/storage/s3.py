@@ -164,14 +164,6 @@ class S3Storage(StorageBase):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
 
-    def delete_prefix(self, prefix: str) -> int:
-        # One request per key rather than DeleteObjects: that call requires a checksum header,
-        # and stores disagree on which (Content-MD5 or CRC32). A prefix holds few objects here.
-        keys = self.list(prefix)
-        for key in keys:
-            self.delete(key)
-        return len(keys)
-
     def list(self, prefix: str) -> list[str]:
         check_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
