@@ -32,7 +32,7 @@ HOW = {
         "second worker takes the job over; then SIGCONT. The frozen worker's training process stops by "
         "itself, and the woken worker's writes are refused (its attempt number is stale).",
     "Redis stopped for 30 s mid-job":
-        "redis-server shut down (nosave) while a 300-step job trains, restarted 30 s later.",
+        "redis-server shut down (nosave) while an 800-step job trains, restarted 30 s later.",
     "cancelled jobs, then the worker restarted":
         "A queued job and a running job are cancelled, the worker gets SIGTERM (its unacknowledged "
         "messages go back to the queue) and a new worker starts.",

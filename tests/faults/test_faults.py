@@ -169,7 +169,8 @@ def test_frozen_worker_is_fenced_out_and_the_job_finishes_elsewhere(faulty, tena
 def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_report):
     worker = faulty.start_worker(name="outage")
     try:
-        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=300, save_steps=100)).json()
+        # Long enough (about a minute here) that the whole outage falls inside the run.
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=800, save_steps=200)).json()
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] > 0, 120, "training")
         services.stop_redis()
         try:
@@ -180,7 +181,7 @@ def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_rep
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]
         assert [e["type"] for e in events(tenant, job["id"])].count("claimed") == 1
-        assert curve_steps(tenant, job["id"]) == list(range(1, 301))
+        assert curve_steps(tenant, job["id"]) == list(range(1, 801))
         # The worker reconnected: it takes the next job.
         after = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10)).json()
         assert wait_for_status(tenant, after["id"], FINISHED, timeout=120, deployment=faulty)["status"] == "succeeded"
