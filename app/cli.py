@@ -68,6 +68,44 @@ def _print_summary(s: dict, out_dir: Path) -> None:
     out.print(table)
 
 
+@cli.command()
+def estimate(
+    spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
+    config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory).")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
+) -> None:
+    """Estimate a job's peak GPU memory, part by part, before it runs."""
+    from worker.training.estimate import GIB, advice, estimate_peak_memory, gib, largest_micro_batch
+    from worker.training.spec import JobSpec, SpecError
+
+    try:
+        job = JobSpec.from_file(spec)
+    except SpecError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    config_path = config or Path(job.base_model).expanduser() / "config.json"
+    if not config_path.is_file():
+        err.print(f"[red]error:[/red] no config.json at {config_path}; pass --config", highlight=False)
+        raise typer.Exit(2)
+    model_config = json.loads(config_path.read_text())
+    result = estimate_peak_memory(job, model_config)
+    table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
+                        f"gradient checkpointing {'on' if result.checkpointing else 'off'}")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, size in result.parts.items():
+        table.add_row(part, f"{size / GIB:.2f}")
+    table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
+    out.print(table)
+    if gpu_memory is not None:
+        budget = int(gpu_memory * GIB)
+        verdict = "fits" if result.total <= budget else "does not fit"
+        out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: "
+                  f"{largest_micro_batch(job, model_config, budget) or 'none'}")
+        for idea in advice(job, model_config, budget) if result.total > budget else []:
+            out.print(f"  try {idea}")
+
+
 @cli.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],

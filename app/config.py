@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     # Jobs go to queue "gpu-<class>"; a worker listens to the queues of the GPU class it runs on.
     default_gpu_class: str = "default"
+    # The GPU classes workers serve and each one's memory in GiB, e.g. {"l4": 24, "a100-80gb": 80}.
+    # When set, a job is admitted only if its estimated peak fits one, and goes to the smallest that
+    # fits; when empty (the embedded default), memory is not checked before a job runs.
+    gpu_classes: dict[str, float] = Field(default_factory=dict)
     # The longest a job may train. The broker's visibility timeout is set above it, so a message
     # is never redelivered to a second worker while the first is still legitimately running.
     job_time_limit_s: int = Field(72 * 3600, ge=60)

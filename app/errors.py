@@ -48,6 +48,13 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class DoesNotFit(AppError):
+    """A job whose estimated peak memory fits no GPU class the workers serve."""
+
+    status = 400
+    code = "does_not_fit"
+
+
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"

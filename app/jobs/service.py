@@ -13,6 +13,7 @@ from app.datasets import service as datasets
 from app.db import after_commit, utcnow
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
+from app.jobs.admission import admit
 from app.jobs.reaper import send
 from app.jobs.tables import Artifact, Job
 from app.storage.base import Storage
@@ -60,22 +61,26 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
 
 def create(session: Session, settings: Settings, caller: Caller, body: Any) -> Job:
     meta, spec = parse_create(body)
-    if models.by_name(session, spec.base_model) is None:
+    model = models.by_name(session, spec.base_model)
+    if model is None:
         known = ", ".join(m.name for m in models.list_all(session)) or "none"
         raise Invalid(f"base_model: {spec.base_model!r} is not a registered model (registered: {known}; see GET /models)",
                       details=field_errors([("base_model", f"not registered; registered: {known}")]), code="invalid_job")
     for field in ("dataset_id", "validation_dataset_id"):
         if meta.get(field):
             _usable_dataset(session, caller, field, meta[field])
+    admitted = admit(settings, model, spec, meta.get("gpu_class"))
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
-        spec=spec.model_dump(mode="json"), base_model=spec.base_model,
+        spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
-        queue=settings.queue_for(meta.get("gpu_class")),
+        queue=settings.queue_for(admitted.gpu_class),
     )
     session.add(job)
     session.flush()
-    repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}")
+    repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}; {admitted.note}",
+                         data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
+                               "estimate": admitted.estimate.parts if admitted.estimate else None})
     # The message only says "job X is ready"; it must not reach a worker before the row exists.
     after_commit(session, lambda: send(settings, job.id, job.queue))
     return job

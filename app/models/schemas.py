@@ -13,6 +13,7 @@ class ModelOut(BaseModel):
     hub_id: str | None
     revision: str | None
     description: str
+    config: dict | None
     created_at: datetime
 
 
@@ -24,3 +25,4 @@ class ModelIn(BaseModel):
     hub_id: str | None = None
     revision: str | None = None
     description: str = ""
+    config: dict | None = None  # the model's config.json; read from `path` when the API host sees it

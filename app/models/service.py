@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,12 +11,15 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, Invalid, NotFound
 from app.models import repository
 from app.models.tables import RegisteredModel
+from worker.training.estimate import ModelShape
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
 
 
 def add_model(session: Session, name: str, *, path: str | None = None, hub_id: str | None = None,
-              revision: str | None = None, description: str = "") -> RegisteredModel:
+              revision: str | None = None, description: str = "", config: dict | None = None) -> RegisteredModel:
+    """Register a base model. Its config.json is read from `path` when this host can see it (or
+    given as `config`): the API estimates jobs' memory from it."""
     if not _NAME.match(name):
         raise Invalid(f"model name {name!r}: 1-200 letters, digits and _ . : / -", details=[{"field": "name"}])
     if (path is None) == (hub_id is None):
@@ -29,7 +33,15 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
         raise Invalid("a hub model needs a revision (a commit hash or tag), so every job trains the same weights")
     if repository.by_name(session, name):
         raise Conflict(f"a model named {name!r} is already registered")
-    model = RegisteredModel(name=name, path=path, hub_id=hub_id, revision=revision, description=description)
+    if config is None and path is not None and (Path(path) / "config.json").is_file():
+        config = json.loads((Path(path) / "config.json").read_text())
+    if config is not None:
+        try:
+            ModelShape.from_config(config)
+        except ValueError as exc:
+            raise Invalid(f"config: {exc}", details=[{"field": "config", "message": str(exc)}]) from None
+    model = RegisteredModel(name=name, path=path, hub_id=hub_id, revision=revision, description=description,
+                            config=config)
     session.add(model)
     session.flush()
     return model

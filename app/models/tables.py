@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sqlalchemy import String
+from sqlalchemy import JSON, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, IdMixin
@@ -18,3 +18,6 @@ class RegisteredModel(IdMixin, Base):
     hub_id: Mapped[str | None] = mapped_column(String(300), nullable=True)
     revision: Mapped[str | None] = mapped_column(String(100), nullable=True)
     description: Mapped[str] = mapped_column(String(1000), default="")
+    # The model's config.json (its shape), read when it is registered: the API estimates a job's
+    # memory from it without ever reaching the weights, which live on the worker hosts.
+    config: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -63,10 +63,11 @@ def file_object(dataset: Dataset) -> dict:
 
 def hyperparameters_of(spec: dict) -> dict:
     training = spec["training"]
+    micro = training["per_device_batch_size"]
     return {
         "n_epochs": int(training["epochs"]) if training.get("epochs") and float(training["epochs"]).is_integer()
         else training.get("epochs") or "auto",
-        "batch_size": training["per_device_batch_size"] * training["gradient_accumulation_steps"],
+        "batch_size": micro * training["gradient_accumulation_steps"] if micro != "auto" else "auto",
         "learning_rate_multiplier": round(training["learning_rate"] / BASE_LEARNING_RATE, 6),
     }
 
@@ -181,6 +182,7 @@ def _training_from(hyperparameters: dict, training: dict) -> dict:
             # The effective batch, split into the largest micro-batch that divides it and is no
             # larger than the usual one (memory), times gradient accumulation.
             limit = training.get("per_device_batch_size", DEFAULT_MICRO_BATCH)
+            limit = DEFAULT_MICRO_BATCH if limit == "auto" else limit
             micro = max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
             out["per_device_batch_size"], out["gradient_accumulation_steps"] = micro, batch // micro
     multiplier = hyperparameters.get("learning_rate_multiplier", "auto")

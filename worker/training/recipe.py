@@ -36,6 +36,7 @@ from worker.training.callbacks import (  # noqa: E402
     CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, StopCallback, eval_record,
 )
 from worker.training.data import read_jsonl  # noqa: E402
+from worker.training.estimate import resolve_auto_micro_batch  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model, fidelity_rows, forward_rows, free_memory, measure_fidelity,
 )
@@ -113,6 +114,7 @@ def run(
     device = pick_device()
     compute_dtype = resolve_compute_dtype(spec.quantization.compute_dtype, device)
     base_path = resolve_base_model(spec.base_model, registry)
+    spec = _resolve_micro_batch(spec, base_path, device)
     train_data = read_jsonl(train_path)
     val_data = read_jsonl(validation_path) if validation_path else None
     resume_from = _check_run_dir(out, ckpt_dir, spec, train_path, validation_path, resume)
@@ -267,6 +269,18 @@ def run(
     _write_json(out / "summary.json", summary)
     emit({"kind": "event", "type": "finished", "level": "info", "step": state.global_step, "message": "training finished"})
     return RunResult("succeeded", out, summary)
+
+
+def _resolve_micro_batch(spec: JobSpec, base_path: Path, device: str) -> JobSpec:
+    """per_device_batch_size "auto": the largest micro-batch the memory estimate fits on this GPU."""
+    if spec.training.per_device_batch_size != "auto":
+        return spec
+    budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+    config = json.loads((base_path / "config.json").read_text())
+    try:
+        return resolve_auto_micro_batch(spec, config, budget)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:

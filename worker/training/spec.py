@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -72,7 +72,8 @@ class TrainingSpec(_Strict):
     # QLoRA used 2e-4 for 7B-13B models (1e-4 for 33B-65B).
     learning_rate: float = Field(2e-4, gt=0, le=1)
     # Micro-batch size per device; with gradient_accumulation_steps=4 the effective batch is 16 (QLoRA used 16).
-    per_device_batch_size: int = Field(4, ge=1, le=4096)
+    # "auto": the largest micro-batch the memory estimate fits on the GPU the job runs on.
+    per_device_batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 4
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
     # Rows longer than this are truncated (and counted); 2048 fits most chat data on one 24 GB GPU at 7B.
     max_seq_length: int = Field(2048, ge=8, le=1_048_576)
@@ -147,7 +148,8 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
     """Turn pydantic errors into (dotted field, message + allowed range) pairs."""
     out: list[tuple[str, str]] = []
     for err in exc.errors():
-        loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list["))]
+        # Drop the union branch tags pydantic adds ("literal['auto']", "constrained-int", "list[str]").
+        loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list[", "constrained-"))]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             out.append((".".join(loc), f"unknown field; allowed here: {', '.join(_fields_at(model, loc[:-1]))}"))
@@ -186,8 +188,21 @@ def _allowed(model: type[BaseModel], loc: list[str]) -> str:
     info = _field_info(model, loc)
     if info is None:
         return ""
+    allowed = [_range(info.metadata)] if _range(info.metadata) else []
+    # A range inside a union (an integer or "auto") sits on the union's Annotated member.
+    from typing import get_args, get_origin
+
+    for arg in get_args(info.annotation):
+        if get_origin(arg) is Annotated:
+            ranges = [_range(getattr(meta, "metadata", [meta])) for meta in get_args(arg)[1:]]
+            allowed += [f"an integer {r}" for r in ranges if r]
+    allowed += [repr(v) if isinstance(v, str) else str(v) for v in _literal_values(info.annotation)]
+    return " | ".join(allowed)
+
+
+def _range(metadata) -> str:
     low = high = None
-    for meta in info.metadata:
+    for meta in metadata:
         if isinstance(meta, annotated_types.Gt):
             low = f"> {meta.gt}"
         elif isinstance(meta, annotated_types.Ge):
@@ -196,10 +211,7 @@ def _allowed(model: type[BaseModel], loc: list[str]) -> str:
             high = f"< {meta.lt}"
         elif isinstance(meta, annotated_types.Le):
             high = f"<= {meta.le}"
-    if low or high:
-        return " and ".join(part for part in (low, high) if part)
-    literals = _literal_values(info.annotation)
-    return " | ".join(repr(v) if isinstance(v, str) else str(v) for v in literals)
+    return " and ".join(part for part in (low, high) if part)
 
 
 def _literal_values(annotation: Any) -> list[Any]:

@@ -1,0 +1,98 @@
+"""Admission control: a job is routed to a GPU class that holds its estimated peak, or refused with
+what it needs, what there is and what to change."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests import services
+from tests.deployment import upload
+from tests.training.test_estimate import LLAMA3_8B
+from worker.training.estimate import GIB
+
+CLASSES = {"l4": 24, "h100": 80}
+
+
+@pytest.fixture(scope="module")
+def api(deployment):
+    """A second API process on the same deployment, told which GPU classes the workers serve."""
+    port = services.free_port()
+    proc = deployment.spawn("serve", "--no-worker", log_name="api-admission",
+                            extra_env={"QLORA_PORT": str(port), "QLORA_GPU_CLASSES": json.dumps(CLASSES)})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            import time
+
+            time.sleep(0.2)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {deployment.team_key('adm', admin=True)}"})
+    created = admin.post("/models", json={"name": "llama-3-8b", "hub_id": "meta-llama/Meta-Llama-3-8B",
+                                          "revision": "main", "config": LLAMA3_8B})
+    assert created.status_code == 201, created.text
+    yield admin
+    deployment.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def dataset_id(api, demo_data):
+    return upload(api, demo_data["validation"]).json()["id"]
+
+
+def job(api, dataset_id, **training):
+    body = {"dataset_id": dataset_id, "base_model": "llama-3-8b",
+            "training": {"max_steps": 10, "max_seq_length": 2048, **training}}
+    return api.post("/jobs", json=body)
+
+
+def test_a_job_goes_to_the_smallest_class_that_holds_it(api, dataset_id):
+    small = job(api, dataset_id, per_device_batch_size=1)
+    assert small.status_code == 201, small.text
+    assert small.json()["queue"] == "gpu-l4"
+    large = job(api, dataset_id, per_device_batch_size=4)
+    assert large.json()["queue"] == "gpu-h100"
+    created = api.get(f"/jobs/{large.json()['id']}/events").json()[0]
+    assert "estimated peak" in created["message"] and created["data"]["estimated_peak_bytes"] > 24 * GIB
+    for response in (small, large):
+        api.post(f"/jobs/{response.json()['id']}/cancel")
+
+
+def test_a_job_that_fits_no_class_is_refused_with_what_to_change(api, dataset_id):
+    response = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "l4",
+                                       "training": {"max_steps": 10, "max_seq_length": 2048,
+                                                    "per_device_batch_size": 4}})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "does_not_fit"
+    assert "needs about 2" in error["message"] and "l4, has 24.00 GiB" in error["message"]
+    assert "per_device_batch_size 2 with gradient_accumulation_steps 8" in error["message"]
+    assert error["details"]["needed_bytes"] > error["details"]["available_bytes"] == 24 * GIB
+    huge = job(api, dataset_id, per_device_batch_size=64, max_seq_length=8192, gradient_checkpointing=False)
+    assert huge.status_code == 400 and "h100, has 80.00 GiB" in huge.json()["error"]["message"]
+
+
+def test_auto_micro_batch_becomes_the_largest_that_fits(api, dataset_id):
+    response = job(api, dataset_id, per_device_batch_size="auto")
+    assert response.status_code == 201, response.text
+    stored = response.json()["spec"]["training"]["per_device_batch_size"]
+    assert isinstance(stored, int) and stored >= 1
+    assert response.json()["queue"] == "gpu-l4"  # the smallest class; auto fills it
+    api.post(f"/jobs/{response.json()['id']}/cancel")
+
+
+def test_unknown_class_and_a_model_without_a_config(api, dataset_id):
+    unknown = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "tpu",
+                                      "training": {"max_steps": 1}})
+    assert unknown.status_code == 422 and "not a class the workers serve (l4, h100)" in unknown.json()["error"]["message"]
+    api.post("/models", json={"name": "mystery", "hub_id": "org/mystery", "revision": "v1"})
+    response = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "mystery", "gpu_class": "l4",
+                                       "training": {"max_steps": 1}})
+    assert response.status_code == 201  # admitted, and the job's events say memory was not checked
+    created = api.get(f"/jobs/{response.json()['id']}/events").json()[0]
+    assert "memory not checked: the registry has no config.json for mystery" in created["message"]
+    api.post(f"/jobs/{response.json()['id']}/cancel")

@@ -1,0 +1,179 @@
+"""The memory estimator, part by part: against hand-computed values, and against what the real QLoRA
+stack allocates on the CPU for models the coefficients were not fitted on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
+from worker.training.model import load_base_model, lora_config, resolve_target_modules
+from worker.training.spec import JobSpec
+
+LLAMA3_8B = {  # config.json of Llama 3 8B
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
+}
+
+
+def spec(**training) -> JobSpec:
+    return JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, **training}})
+
+
+def test_parts_match_hand_computed_values_for_llama3_8b():
+    shape = ModelShape.from_config(LLAMA3_8B)
+    # Per block: q 4096x4096, k and v 4096x1024, o 4096x4096, gate/up/down 4096x14336.
+    per_block = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    assert shape.linear_params == 32 * per_block == 6_979_321_856
+    assert shape.linear_params + shape.other_params == 8_030_261_248  # Llama 3 8B's published parameter count
+    # NF4: half a byte per weight; double quantization: one byte per 64 weights plus 4 per 64*256.
+    blocks = 6_979_321_856 // 64
+    assert quantized_weight_bytes(spec(), shape) == 6_979_321_856 // 2 + blocks + 4 * (blocks // 256)
+
+    e = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_8B)
+    adapter = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # r=16 on all 7 linears
+    assert adapter == 41_943_040  # the familiar "41.9M trainable parameters" of an r=16 Llama 3 8B
+    assert e.parts["LoRA adapter"] == e.parts["LoRA gradients"] == 4 * adapter
+    assert e.parts["optimizer state"] == 8 * adapter  # two float32 moments
+    assert e.parts["base weights (embeddings, head, norms)"] == 4 * (2 * 128256 * 4096 + 65 * 4096)
+    assert e.parts["logits"] == 2048 * 128256 * (2 + 4 + 4)
+    assert 12 * GIB < e.total < 20 * GIB  # QLoRA of an 8B at 2048 tokens: a 24 GB card, not a 16 GB one
+
+
+def test_more_tokens_and_no_checkpointing_cost_more():
+    base = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_8B)
+    bigger = estimate_peak_memory(spec(per_device_batch_size=4, max_seq_length=2048), LLAMA3_8B)
+    assert bigger.parts["activations"] == 4 * base.parts["activations"]
+    assert bigger.parts["base weights (quantized)"] == base.parts["base weights (quantized)"]
+    off = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048, gradient_checkpointing=False),
+                               LLAMA3_8B)
+    assert off.parts["activations"] > 10 * base.parts["activations"]
+    eight_bit = estimate_peak_memory(spec(per_device_batch_size=1, optimizer="paged_adamw_8bit"), LLAMA3_8B)
+    assert eight_bit.parts["optimizer state"] == base.parts["optimizer state"] // 4
+
+
+def test_largest_micro_batch_fits_the_budget():
+    s = spec(max_seq_length=2048)
+    budget = 24 * GIB
+    best = largest_micro_batch(s, LLAMA3_8B, budget)
+    assert best and estimate_peak_memory(s, LLAMA3_8B, micro_batch=best).total <= budget
+    assert estimate_peak_memory(s, LLAMA3_8B, micro_batch=best * 2).total > budget
+    assert largest_micro_batch(s, LLAMA3_8B, 4 * GIB) is None
+
+
+# Shapes the activation coefficients were not fitted on (the fit used hidden 256/512, vocab 1000/4000).
+UNSEEN = [
+    dict(num_hidden_layers=3, hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+         num_key_value_heads=2, vocab_size=2000),
+    dict(num_hidden_layers=2, hidden_size=320, intermediate_size=896, num_attention_heads=5,
+         num_key_value_heads=5, vocab_size=3000),
+]
+
+
+def build(tmp_path, dims: dict, checkpointing: bool):
+    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **dims)).save_pretrained(tmp_path)
+    s = spec(gradient_checkpointing=checkpointing)
+    model = load_base_model(tmp_path, s.quantization, torch.bfloat16, "cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(s.lora, resolve_target_modules(model, "all-linear")))
+    for p in model.parameters():  # the recipe trains the adapter in float32
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    return s, model
+
+
+def saved_for_backward(model, batch: int, seq: int, vocab: int) -> int:
+    """Bytes the forward pass keeps for backward (each storage once, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, vocab, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dims", UNSEEN)
+def test_parts_match_what_the_stack_allocates(tmp_path, dims):
+    s, model = build(tmp_path, dims, checkpointing=False)
+    config = {**dims, "tie_word_embeddings": False}
+    e = estimate_peak_memory(s, config, micro_batch=4, seq_len=64)
+
+    import bitsandbytes as bnb
+
+    quantized = sum(m.weight.untyped_storage().nbytes()
+                    + sum(t.numel() * t.element_size() for t in _quant_state_tensors(m.weight.quant_state))
+                    for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert e.parts["base weights (quantized)"] == pytest.approx(quantized, rel=0.05)
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if not p.requires_grad and p.dtype == torch.float32)
+    assert e.parts["base weights (embeddings, head, norms)"] == other
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert e.parts["LoRA adapter"] == 4 * trainable
+
+    measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
+    tokens = 4 * 64
+    predicted = e.parts["activations"] + tokens * dims["vocab_size"] * (2 + 4)  # saved: logits and their f32 copy
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def test_checkpointed_activations_match(tmp_path):
+    dims = UNSEEN[0]
+    s, model = build(tmp_path, dims, checkpointing=True)
+    e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=4, seq_len=64)
+    measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
+    tokens = 4 * 64
+    # Saved by the forward: each layer's input and the logits; the one recomputed layer comes during backward.
+    shape = ModelShape.from_config({**dims})
+    one_layer = e.parts["activations"] - tokens * shape.layers * 5.0 * shape.hidden
+    predicted = e.parts["activations"] - one_layer + tokens * dims["vocab_size"] * (2 + 4)
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+
+
+def test_optimizer_state_matches_after_a_step(tmp_path):
+    s, model = build(tmp_path, UNSEEN[1], checkpointing=False)
+    import bitsandbytes as bnb
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
+    ids = torch.randint(0, UNSEEN[1]["vocab_size"], (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for p in params for t in optimizer.state[p].values()
+                if torch.is_tensor(t) and t.numel() > 1)
+    e = estimate_peak_memory(s, {**UNSEEN[1], "tie_word_embeddings": False})
+    assert e.parts["optimizer state"] == state
+
+
+def _quant_state_tensors(state):
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
+    return tensors
+
+
+def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (tmp_path / "spec.json").write_text(json.dumps(
+        {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 4, "max_seq_length": 2048}}))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"],
+                          capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "logits" in done.stdout and "total" in done.stdout
+    assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 2" in done.stdout
+    assert "try per_device_batch_size 2 with gradient_accumulation_steps 8" in done.stdout
