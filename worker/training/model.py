@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +17,36 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """What the spec's speed switches resolve to on this device with these libraries installed."""
+
+    packing: bool
+    group_by_length: bool
+    liger: bool
+    attention: str  # transformers' attn_implementation
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_speedups(training, device: str) -> Speedups:
+    flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    liger_available = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if training.kernels == "liger" and not liger_available:
+        raise SpecError([("training.kernels", "'liger' needs a CUDA GPU and the liger-kernel package; "
+                          "allowed here: 'auto' | 'none'")])
+    packing = flash if training.packing == "auto" else training.packing
+    return Speedups(
+        packing=packing,
+        group_by_length=training.group_by_length and not packing,  # packed rows have no padding to save
+        liger=training.kernels == "liger" or (training.kernels == "auto" and liger_available),
+        # Varlen flash-attention for packed rows; elsewhere SDPA, which masks packed examples apart
+        # (transformers builds a block-diagonal mask from the restarting position ids).
+        attention="flash_attention_2" if flash else "sdpa",
+    )
 
 
 def device_map(device: str) -> dict[str, str | int]:
@@ -73,11 +105,13 @@ def quantization_config(quant: QuantizationSpec, compute_dtype: torch.dtype):
     return None
 
 
-def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dtype, device: str):
+def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dtype, device: str,
+                    attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path,
+        attn_implementation=attention,
         quantization_config=quantization_config(quant, compute_dtype),
         dtype=compute_dtype,
         device_map=device_map(device),

@@ -41,8 +41,8 @@ from worker.training.merge import (  # noqa: E402
     build_merged_model, fidelity_rows, forward_rows, free_memory, measure_fidelity,
 )
 from worker.training.model import (  # noqa: E402
-    load_base_model, lora_config, peak_memory_bytes, pick_device, resolve_base_model,
-    resolve_compute_dtype, resolve_target_modules,
+    Speedups, load_base_model, lora_config, peak_memory_bytes, pick_device, resolve_base_model,
+    resolve_compute_dtype, resolve_speedups, resolve_target_modules,
 )
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tokenization import encode_examples, prepare_tokenizer  # noqa: E402
@@ -143,7 +143,11 @@ def run(
                          f"max_seq_length={spec.training.max_seq_length} and were truncated"})
 
     set_seed(spec.training.seed)
-    model = load_base_model(base_path, spec.quantization, compute_dtype, device)
+    speedups = resolve_speedups(spec.training, device)
+    model = load_base_model(base_path, spec.quantization, compute_dtype, device, attention=speedups.attention)
+    # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
+    # position ids from the attention mask, which would then let examples attend to each other.
+    model.config.use_cache = False
     if tok_setup.pad_token_added:
         model.resize_token_embeddings(len(tokenizer))
     gc_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients to frozen-input adapters
@@ -165,7 +169,7 @@ def run(
         callbacks.append(RichProgressCallback())
     trainer = GuardedSFTTrainer(
         model=model,
-        args=_trainer_args(spec, staging, compute_dtype, device, has_eval=bool(val_rows)),
+        args=_trainer_args(spec, staging, compute_dtype, device, speedups, has_eval=bool(val_rows)),
         train_dataset=HFDataset.from_list(train_rows),
         eval_dataset=HFDataset.from_list(val_rows) if val_rows else None,
         processing_class=tokenizer,
@@ -192,6 +196,7 @@ def run(
         "device": device,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "target_modules": target_modules,
+        "speedups": speedups.as_dict(),
         "parameters": {"trainable": trainable_params, "total": total_params},
         "data": {"format": train_data.format, "train": train_stats.as_dict(),
                  "validation": val_stats.as_dict() if val_stats else None},
@@ -301,7 +306,8 @@ def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
             f"max_seq_length {t.max_seq_length}; try " + ", or ".join(hints))
 
 
-def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, device: str, has_eval: bool) -> SFTConfig:
+def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, device: str, speedups: Speedups,
+                  has_eval: bool) -> SFTConfig:
     t = spec.training
     return SFTConfig(
         output_dir=str(staging),  # checkpoints land here, then CheckpointCallback moves them into place
@@ -331,7 +337,11 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         save_steps=t.save_steps,
         save_total_limit=None,  # CheckpointCallback prunes complete checkpoints itself
         max_length=t.max_seq_length,
-        packing=t.packing,
+        packing=speedups.packing,
+        packing_strategy="bfd",  # best-fit decreasing; implies padding-free rows with restarting position ids
+        eval_packing=False,  # evaluate example by example, so eval loss means the same packed or not
+        train_sampling_strategy="group_by_length" if speedups.group_by_length else "random",
+        use_liger_kernel=speedups.liger,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
