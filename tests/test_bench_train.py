@@ -10,12 +10,14 @@ def test_train_bench_compares_both_paths_on_the_cpu(tmp_path):
     report = train_bench.main(["--preset", "tiny", "--steps", "8", "--batch", "4", "--seq", "128",
                                "--packing", "on", "--out", str(out)])
     assert json.loads(out.read_text())["preset"] == "tiny"
-    for path in ("baseline", "engine"):
+    for path in ("baseline", "engine", "engine-cached"):
         r = report[path]
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
         assert r["peak_allocated_bytes"] > 0 and r["time_to_first_step_s"] > 0
         assert len(r["loss_curve"]) == 8
     assert report["engine"]["speedups"]["packing"] is True
+    assert report["engine"]["quantized_base"] == "quantized" and report["engine-cached"]["quantized_base"] == "cache"
+    assert report["cache"]["same_loss_curve"]
     assert report["baseline"]["speedups"]["packing"] is False
     assert set(report["ratio"]) == {"tokens_per_s", "mfu", "peak_allocated_bytes", "peak_reserved_bytes",
                                     "time_to_first_step_s", "final_loss"}

@@ -144,19 +144,35 @@ def _train(workdir: Path, job: dict, settings) -> int:
             records.flush()
 
         out_dir = Path(job["out_dir"])
+        storage = storage_from_settings(settings)
+        cache = job.get("quantized_cache")
         try:
             result = run(
                 JobSpec.parse(job["spec"]), job["train_path"], out_dir,
                 validation_path=job["validation_path"], registry=job["registry"], sink=sink,
                 resume=job["resume"], cancel=lambda: cancel_file.exists() or gone(), pause=pause_file.exists,
+                quantized_cache=Path(cache["dir"]) if cache else None,
                 extra_callbacks=(ProgressFile(workdir / "progress.json"),
-                                 CheckpointUpload(out_dir, job["team_id"], sink, storage_from_settings(settings))),
+                                 CheckpointUpload(out_dir, job["team_id"], sink, storage)),
             )
             outcome = {"status": result.status, "summary": result.summary}
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
             outcome = {"status": "failed", "error": str(exc)}
+        if cache and not cache["hit"] and (Path(cache["dir"]) / "config.json").is_file():
+            share_quantized_base(cache, storage, sink)
     _write_json(workdir / "result.json", outcome)
     return 0
+
+
+def share_quantized_base(cache: dict, storage, sink) -> None:
+    """Upload the base this run quantized, for later jobs of any team (registry models are shared);
+    the worker records it, and of two jobs that quantized the same base at once the first wins."""
+    with storage.writer(make_key("shared", "quantized-bases")) as writer:
+        with tarfile.open(fileobj=_Stream(writer), mode="w|") as tar:
+            tar.add(cache["dir"], arcname="quantized")
+        stored = writer.commit()
+    sink({"kind": "quantized_base", "key": cache["key"], "storage_key": stored.key, "size": stored.size,
+          "sha256": stored.sha256, "identity": cache["identity"]})
 
 
 def _write_json(path: Path, data: dict) -> None:

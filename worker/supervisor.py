@@ -9,6 +9,7 @@ each fenced by the attempt number it claimed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -88,16 +89,44 @@ class JobRun:
             with tarfile.open(archive) as tar:
                 tar.extractall(out, filter="data")
             archive.unlink()
+        base_path = self._base_model_path(job.base_model)
         (workdir / "job.json").write_text(json.dumps({
             "spec": job.spec,
             "train_path": str(train),
             "validation_path": str(validation) if validation else None,
-            "registry": {job.base_model["name"]: str(self._base_model_path(job.base_model))},
+            "registry": {job.base_model["name"]: str(base_path)},
+            "quantized_cache": self._quantized_cache(job, base_path, workdir),
             "out_dir": str(out),
             "team_id": job.team_id,
             "job_id": job.id,
             "resume": job.attempt > 1,
         }))
+
+    def _quantized_cache(self, job: ClaimedJob, base_path: Path, workdir: Path) -> dict | None:
+        """Fetch the pre-quantized base for this model and quantization if one is cached (checked
+        against its sha256), or name where the training process should save one."""
+        if job.spec["quantization"]["bits"] == "none":
+            return None
+        identity = quantized_identity(job, base_path, job.queue)
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        target = workdir / "quantized"
+        with session_scope(self.db) as session:
+            cached = runs.cached_base(session, key)
+        if cached is not None:
+            archive = workdir / "quantized.tar"
+            try:
+                self.storage.download(cached.storage_key, archive, expected_sha256=cached.sha256)
+                with tarfile.open(archive) as tar:
+                    tar.extractall(workdir, filter="data")
+                archive.unlink()
+                return {"dir": str(target), "key": key, "hit": True, "identity": identity}
+            except Exception:  # a damaged entry must not fail the job: forget it and quantize afresh
+                log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
+                shutil.rmtree(target, ignore_errors=True)
+                with session_scope(self.db) as session:
+                    stale = runs.forget_cached_base(session, key)
+                self._delete([stale] if stale else [])
+        return {"dir": str(target), "key": key, "hit": False, "identity": identity}
 
     def _base_model_path(self, model: dict) -> Path:
         if model["path"]:
@@ -201,6 +230,25 @@ class JobRun:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:
             log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
+
+
+def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
+    """Everything that decides the bytes of a quantized base. A local directory has no revision, so
+    its weight files' names, sizes and modification times stand in for one: a changed file is a new
+    entry, never a stale hit."""
+    from importlib.metadata import version
+
+    model = job.base_model
+    weights = None
+    if model["path"]:
+        weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in base_path.glob("*.safetensors"))
+    return {
+        "model": model["name"], "path": model["path"], "hub_id": model["hub_id"], "revision": model["revision"],
+        "weights": weights, "quantization": job.spec["quantization"],
+        # The compute dtype "auto" resolves per device kind: workers of one GPU class share entries.
+        "gpu_class": queue,
+        "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
+    }
 
 
 class RecordTail:

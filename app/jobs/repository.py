@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs import states
-from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first
 
 
@@ -214,3 +214,23 @@ def running_memory(session: Session) -> list[tuple[str, int]]:
         .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.step == latest.c.step) & (JobMetric.kind == "train"))
         .where(Job.status.in_(states.WORKER_OWNED)))
     return [(worker or "unknown", memory or 0) for worker, memory in rows]
+
+
+def quantized_base(session: Session, key: str) -> QuantizedBase | None:
+    return session.scalars(select(QuantizedBase).where(QuantizedBase.key == key)).one_or_none()
+
+
+def add_quantized_base(session: Session, key: str, storage_key: str, size: int, sha256: str, identity: dict) -> bool:
+    """Record a cache entry; False when another job recorded the same key first (keep theirs)."""
+    if quantized_base(session, key) is not None:
+        return False
+    session.add(QuantizedBase(key=key, storage_key=storage_key, bytes=size, sha256=sha256, identity=identity))
+    return True
+
+
+def drop_quantized_base(session: Session, key: str) -> str | None:
+    row = quantized_base(session, key)
+    if row is None:
+        return None
+    session.delete(row)
+    return row.storage_key

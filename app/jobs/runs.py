@@ -20,7 +20,9 @@ class LeaseLost(Exception):
 
 
 @dataclass
-class DatasetRef:
+class ObjectRef:
+    """A stored object a worker will fetch, with the sha256 it must have."""
+
     id: str
     storage_key: str
     sha256: str
@@ -30,12 +32,13 @@ class DatasetRef:
 class ClaimedJob:
     id: str
     team_id: str
+    queue: str
     attempt: int
     spec: dict
     base_model: dict  # name, path, hub_id, revision
-    train: DatasetRef
-    validation: DatasetRef | None
-    resume_from: DatasetRef | None = None  # the newest complete checkpoint, for a later attempt
+    train: ObjectRef
+    validation: ObjectRef | None
+    resume_from: ObjectRef | None = None  # the newest complete checkpoint, for a later attempt
     resume_step: int = 0
 
 
@@ -57,10 +60,10 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
         finish(session, job.id, attempt, states.FAILED, error=f"cannot start: {missing}")
         return None
     claimed = ClaimedJob(
-        id=job.id, team_id=job.team_id, attempt=attempt, spec=job.spec,
+        id=job.id, team_id=job.team_id, queue=job.queue, attempt=attempt, spec=job.spec,
         base_model={"name": model.name, "path": model.path, "hub_id": model.hub_id, "revision": model.revision},
-        train=DatasetRef(train.id, train.storage_key, train.sha256),
-        validation=DatasetRef(validation.id, validation.storage_key, validation.sha256) if validation else None,
+        train=ObjectRef(train.id, train.storage_key, train.sha256),
+        validation=ObjectRef(validation.id, validation.storage_key, validation.sha256) if validation else None,
     )
     if attempt > 1:
         _plan_resume(session, claimed)
@@ -73,7 +76,7 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
     saved = repository.checkpoints(session, job.id)
     if saved:
         newest = saved[-1]
-        job.resume_from = DatasetRef(newest.id, newest.storage_key, newest.sha256)
+        job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256)
         job.resume_step = newest.step
         message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
     else:
@@ -99,6 +102,10 @@ def report(session: Session, job_id: str, attempt: int, records: list[dict], pro
         kind = record.get("kind")
         if kind in ("train", "eval"):
             repository.upsert_metric(session, job_id, _metric_values(record))
+        elif kind == "quantized_base":
+            if not repository.add_quantized_base(session, record["key"], record["storage_key"], record["size"],
+                                                 record["sha256"], record["identity"]):
+                unkept.append(record["storage_key"])  # another job cached the same weights first
         elif kind == "checkpoint":
             repository.add_checkpoint(session, job_id, attempt, record["step"], record["key"], record["size"],
                                       record["sha256"], *_losses_at(session, job_id, record["step"]))
@@ -145,6 +152,16 @@ def _metric_values(record: dict) -> dict:
     values = finite_json({k: record.get(k) for k in _METRIC_FIELDS})
     values["kind"] = record["kind"]
     return values
+
+
+def cached_base(session: Session, key: str) -> ObjectRef | None:
+    row = repository.quantized_base(session, key)
+    return ObjectRef(row.key, row.storage_key, row.sha256) if row else None
+
+
+def forget_cached_base(session: Session, key: str) -> str | None:
+    """A cache entry that failed its checksum: forget it (returns its storage key, to delete)."""
+    return repository.drop_quantized_base(session, key)
 
 
 def finite_json(value):

@@ -108,3 +108,18 @@ class Checkpoint(Base):
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class QuantizedBase(Base):
+    """A base model already quantized, in object storage: later jobs on the same model, revision and
+    quantization load it instead of reading and quantizing the full weights (time to first step)."""
+
+    __tablename__ = "quantized_bases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of what identifies the weights
+    storage_key: Mapped[str] = mapped_column(String(300))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    identity: Mapped[dict] = mapped_column(JSON)  # what the key was made from, for people reading the table
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

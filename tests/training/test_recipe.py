@@ -303,3 +303,21 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
         return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "train"]
     assert curve(tmp_path / "run") == curve(tmp_path / "straight")
+
+
+def test_a_pre_quantized_base_trains_exactly_like_quantizing_afresh(tiny_model_dir, demo_data, tmp_path):
+    data = short_spec(tiny_model_dir, max_steps=10)
+    data["output"] = {"merge": True}  # the merge reloads the base: from the cache too
+    spec = JobSpec.parse(data)
+    cache = tmp_path / "quantized"
+    first = run(spec, demo_data["train"], tmp_path / "first", quantized_cache=cache)
+    assert first.summary["quantized_base"] == "quantized" and (cache / "config.json").exists()
+    assert "quantization_config" in json.loads((cache / "config.json").read_text())
+    second = run(spec, demo_data["train"], tmp_path / "second", quantized_cache=cache)
+    assert second.summary["quantized_base"] == "cache"
+
+    def curve(path):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert curve(tmp_path / "first") == curve(tmp_path / "second")  # the same function, to the bit
+    assert second.summary["merge_fidelity"] == first.summary["merge_fidelity"]

@@ -44,7 +44,7 @@ def forward_rows(model, rows: list[dict], autocast_dtype: torch.dtype | None = N
 
 def build_merged_model(
     base_path: Path, adapter_dir: Path, quant: QuantizationSpec, compute_dtype: torch.dtype,
-    merge_dtype: torch.dtype, device: str, vocab_size: int,
+    merge_dtype: torch.dtype, device: str, vocab_size: int, quantized_cache: Path | None = None,
 ):
     """Dense base (dequantized exactly as training saw it) + LoRA deltas, in merge_dtype."""
     from peft import PeftModel
@@ -56,7 +56,12 @@ def build_merged_model(
             base_path, dtype=merge_dtype, device_map=device_map(device),
             use_safetensors=True, trust_remote_code=False, local_files_only=True)
     else:
-        base = load_base_model(base_path, quant, compute_dtype, device).dequantize(dtype=merge_dtype)
+        base = load_base_model(base_path, quant, compute_dtype, device,
+                               quantized_cache=quantized_cache).dequantize(dtype=merge_dtype)
+        # A base loaded from pre-quantized weights remembers how its 4-bit tensors were unpacked, and
+        # save_pretrained would try to pack the now-dense weights back that way (which has no
+        # reverse). The merged model is a plain dense model: it saves as one.
+        base._weight_conversions = None
     if base.get_input_embeddings().weight.shape[0] != vocab_size:
         base.resize_token_embeddings(vocab_size)  # a pad token was added for training
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -106,19 +106,31 @@ def quantization_config(quant: QuantizationSpec, compute_dtype: torch.dtype):
 
 
 def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dtype, device: str,
-                    attention: str = "sdpa"):
+                    attention: str = "sdpa", quantized_cache: Path | None = None):
+    """The base model, quantized as the spec says.
+
+    With `quantized_cache`, a directory: when it holds pre-quantized weights (4-bit data plus the
+    quantization state, as a previous job saved them) they are loaded as they are, which skips
+    reading and quantizing the full-precision weights; otherwise the model is quantized from `path`
+    and saved there for the jobs that come after.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        attn_implementation=attention,
-        quantization_config=quantization_config(quant, compute_dtype),
+    common = dict(
         dtype=compute_dtype,
         device_map=device_map(device),
+        attn_implementation=attention,
         use_safetensors=True,  # never unpickle weights
         trust_remote_code=False,  # a job spec is data, never code
         local_files_only=True,  # nothing downloads at run time
     )
+    if quantized_cache is not None and (quantized_cache / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(quantized_cache, **common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(quant, compute_dtype),
+                                                     **common)
+        if quantized_cache is not None and quant.bits != "none":
+            model.save_pretrained(quantized_cache, safe_serialization=True)
     _keep_cpu_nf4_state_exact(model)
     return model
 

@@ -102,6 +102,7 @@ def run(
     sink: Sink | None = None,
     cancel: Callable[[], bool] | None = None,
     pause: Callable[[], bool] | None = None,
+    quantized_cache: Path | None = None,
     progress: bool = False,
     extra_callbacks: tuple = (),
 ) -> RunResult:
@@ -144,7 +145,13 @@ def run(
 
     set_seed(spec.training.seed)
     speedups = resolve_speedups(spec.training, device)
-    model = load_base_model(base_path, spec.quantization, compute_dtype, device, attention=speedups.attention)
+    cache_hit = quantized_cache is not None and (quantized_cache / "config.json").is_file()
+    model = load_base_model(base_path, spec.quantization, compute_dtype, device, attention=speedups.attention,
+                            quantized_cache=quantized_cache)
+    if quantized_cache is not None and spec.quantization.bits != "none":
+        emit({"kind": "event", "type": "base_loaded", "level": "info", "step": resumed_step,
+              "message": "loaded the pre-quantized base from the cache" if cache_hit
+              else "quantized the base model; saved for the cache"})
     # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
     # position ids from the attention mask, which would then let examples attend to each other.
     model.config.use_cache = False
@@ -197,6 +204,7 @@ def run(
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "target_modules": target_modules,
         "speedups": speedups.as_dict(),
+        "quantized_base": None if quantized_cache is None else ("cache" if cache_hit else "quantized"),
         "parameters": {"trainable": trainable_params, "total": total_params},
         "data": {"format": train_data.format, "train": train_stats.as_dict(),
                  "validation": val_stats.as_dict() if val_stats else None},
@@ -242,7 +250,7 @@ def run(
         free_memory()
         merge_dtype = getattr(torch, spec.output.merge_dtype)
         merged = build_merged_model(base_path, adapter_dir, spec.quantization, compute_dtype,
-                                    merge_dtype, device, vocab_size=len(tokenizer))
+                                    merge_dtype, device, vocab_size=len(tokenizer), quantized_cache=quantized_cache)
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
         merged.generation_config.eos_token_id = tokenizer.eos_token_id
         _replace_dir(out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
