@@ -126,8 +126,14 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
         # The first engine run quantizes the base and saves it; the second loads it (the cache).
         result = run(spec, data, Path(out).parent / f"{path}-run", extra_callbacks=(Clock(),),
                      quantized_cache=Path(out).parent / "quantized")
+        from worker.training.estimate import estimate_peak_memory
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
         detail = {"speedups": result.summary["speedups"], "compute_dtype": result.summary["compute_dtype"],
-                  "quantized_base": result.summary["quantized_base"]}
+                  "quantized_base": result.summary["quantized_base"],
+                  # What admission control would have predicted for this run (meaningful on a GPU,
+                  # where the measured peak is device memory; on the CPU it is process RSS).
+                  "predicted_peak_bytes": estimate_peak_memory(spec, config).total}
     else:
         detail = baseline(model_dir, data, settings, Clock())
     memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()} \
@@ -235,6 +241,7 @@ def summarize(raw: dict, dims: dict, seq: int, rate: float) -> dict:
         "loss_curve": losses,
         "speedups": raw["speedups"],
         "quantized_base": raw.get("quantized_base"),
+        "predicted_peak_bytes": raw.get("predicted_peak_bytes"),
     }
 
 
@@ -299,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     b, e = report["baseline"], report["engine"]
     report["ratio"] = {k: e[k] / b[k] for k in ("tokens_per_s", "mfu", "peak_allocated_bytes", "peak_reserved_bytes",
                                                  "time_to_first_step_s", "final_loss")}
+    if args.device == "cuda":
+        report["estimator"] = {"predicted_bytes": e["predicted_peak_bytes"], "measured_reserved_bytes":
+                               e["peak_reserved_bytes"], "error": e["predicted_peak_bytes"] / e["peak_reserved_bytes"] - 1}
     cached = report["engine-cached"]
     report["cache"] = {"cold_time_to_first_step_s": e["time_to_first_step_s"],
                        "cached_time_to_first_step_s": cached["time_to_first_step_s"],

@@ -204,16 +204,16 @@ def finished_durations(session: Session) -> list[tuple[str, datetime, datetime]]
         Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
 
 
-def running_memory(session: Session) -> list[tuple[str, int]]:
-    """(worker, latest peak device memory) for each job a worker is training now."""
+def running_devices(session: Session) -> list[tuple[str, int, float | None]]:
+    """(worker, latest peak device memory, latest GPU utilisation) for each job a worker is training now."""
     latest = (select(JobMetric.job_id, func.max(JobMetric.step).label("step"))
               .where(JobMetric.kind == "train").group_by(JobMetric.job_id).subquery())
     rows = session.execute(
-        select(Job.worker, JobMetric.peak_memory_bytes)
+        select(Job.worker, JobMetric.peak_memory_bytes, JobMetric.gpu_utilization)
         .join(latest, latest.c.job_id == Job.id)
         .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.step == latest.c.step) & (JobMetric.kind == "train"))
         .where(Job.status.in_(states.WORKER_OWNED)))
-    return [(worker or "unknown", memory or 0) for worker, memory in rows]
+    return [(worker or "unknown", memory or 0, utilization) for worker, memory, utilization in rows]
 
 
 def quantized_base(session: Session, key: str) -> QuantizedBase | None:

@@ -145,7 +145,7 @@ def _prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
 
 
 _METRIC_FIELDS = ("step", "epoch", "train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_seen",
-                  "tokens_per_second", "peak_memory_bytes")
+                  "tokens_per_second", "peak_memory_bytes", "gpu_utilization")
 
 
 def _metric_values(record: dict) -> dict:

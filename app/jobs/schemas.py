@@ -77,6 +77,7 @@ class TrainPoint(BaseModel):
     tokens_seen: int | None
     tokens_per_second: float | None
     peak_memory_bytes: int | None
+    gpu_utilization: float | None
 
 
 class EvalPoint(BaseModel):

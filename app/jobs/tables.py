@@ -75,6 +75,7 @@ class JobMetric(Base):
     tokens_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    gpu_utilization: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0..1, where NVML reports it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

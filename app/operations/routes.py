@@ -60,8 +60,14 @@ def metrics(session: SessionDep):
         out.sample("qlora_job_duration_seconds_sum", round(sum(durations), 3), status=status)
         out.sample("qlora_job_duration_seconds_count", len(durations), status=status)
 
+    devices = sorted(repository.running_devices(session), key=lambda row: row[0])
     out.family("qlora_worker_peak_memory_bytes", "gauge",
                "Peak device memory of the job each worker is training (GPU memory on CUDA, RSS on the CPU).")
-    for worker, memory in sorted(repository.running_memory(session)):
+    for worker, memory, _ in devices:
         out.sample("qlora_worker_peak_memory_bytes", memory, worker=worker)
+    out.family("qlora_worker_gpu_utilization_ratio", "gauge",
+               "GPU busy fraction of each training worker, where NVML reports it (absent on CPU workers).")
+    for worker, _, utilization in devices:
+        if utilization is not None:
+            out.sample("qlora_worker_gpu_utilization_ratio", utilization, worker=worker)
     return PlainTextResponse(out.text(), media_type="text/plain; version=0.0.4")

@@ -38,6 +38,8 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     assert durations['{status="succeeded"}'] >= 1
     assert buckets['{status="succeeded",le="+Inf"}'] == durations['{status="succeeded"}']
     assert "# TYPE qlora_worker_peak_memory_bytes gauge" in text
+    assert "# TYPE qlora_worker_gpu_utilization_ratio gauge" in text
+    assert not samples(text, "qlora_worker_gpu_utilization_ratio")  # CPU workers have no NVML to ask
     assert job["id"] not in text and "team-a" not in text
     team_a.post(f"/jobs/{waiting['id']}/cancel")
 

@@ -184,7 +184,8 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": newest}
 
     # Same step count and the same data order: the curve matches a run that was never interrupted.
-    straight = run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path / "straight")
+    # The uninterrupted run, for comparison.
+    run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path / "straight")
     def curve(path):
         return {r["step"]: r["train_loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "train"}
@@ -297,7 +298,7 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
     assert resumed.status == "succeeded"
     assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": 7}
-    straight = run(spec, demo_data["train"], tmp_path / "straight")
+    run(spec, demo_data["train"], tmp_path / "straight")  # the uninterrupted run, for comparison
 
     def curve(path):
         return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())

@@ -46,6 +46,7 @@ class MetricsCallback(TrainerCallback):
             "tokens_seen": tokens,
             "tokens_per_second": round((tokens - self._last_tokens) / elapsed, 1),
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "gpu_utilization": gpu_utilization(self.device),
         }
         self._last_time, self._last_tokens = now, tokens
         self.sink(record)
@@ -53,6 +54,18 @@ class MetricsCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
             self.sink(eval_record(state.global_step, state.epoch, metrics["eval_loss"]))
+
+
+def gpu_utilization(device: str) -> float | None:
+    """The GPU's busy fraction over the last sample period, where NVML (nvidia-ml-py) can say."""
+    if device != "cuda":
+        return None
+    try:
+        import torch
+
+        return torch.cuda.utilization() / 100
+    except Exception:  # no NVML library, or a device it cannot query
+        return None
 
 
 def eval_record(step: int, epoch: float | None, eval_loss: float) -> dict:

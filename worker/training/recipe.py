@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
 from worker.training.callbacks import (  # noqa: E402
-    CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, StopCallback, eval_record,
+    CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, StopCallback,
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import resolve_auto_micro_batch  # noqa: E402
