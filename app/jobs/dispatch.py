@@ -6,10 +6,19 @@ from __future__ import annotations
 import logging
 
 from app.config import Settings
+from app.db import session_scope, utcnow
+from app.jobs import repository
 
 log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "qlora.run_job"
+
+
+def send(settings: Settings, job_id: str, queue: str) -> None:
+    """Hand "job X is ready" to the broker and remember that it was, so the reaper does not send it again."""
+    if dispatch(settings, job_id, queue):
+        with session_scope(settings.database_url) as session:
+            repository.mark_dispatched(session, job_id, utcnow())
 
 
 def dispatch(settings: Settings, job_id: str, queue: str) -> bool:

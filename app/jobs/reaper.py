@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import after_commit, session_scope, utcnow
 from app.jobs import repository, states
-from app.jobs.dispatch import dispatch
+from app.jobs.dispatch import send
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
         after_commit(session, lambda job_id=job_id, queue=queue: send(settings, job_id, queue))
         counts["dispatched"] += 1
     return counts
-
-
-def send(settings: Settings, job_id: str, queue: str) -> None:
-    """Hand "job X is ready" to the broker and remember that it was, so it is not sent again."""
-    if dispatch(settings, job_id, queue):
-        with session_scope(settings.database_url) as session:
-            repository.mark_dispatched(session, job_id, utcnow())
 
 
 def housekeeping(settings: Settings, storage) -> dict[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-
 from datetime import datetime
 
 from sqlalchemy import delete, func, select, update
@@ -108,6 +107,16 @@ def upsert_metric(session: Session, job_id: str, values: dict) -> None:
 def delete_metrics_after(session: Session, job_id: str, step: int) -> None:
     """Points past a checkpoint belong to work that was lost; the resumed run logs them again."""
     session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
+
+
+def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, float | None]:
+    """The train loss last logged at or before step, and the eval loss measured at step, if any."""
+    train = session.scalar(select(JobMetric.train_loss).where(
+        JobMetric.job_id == job_id, JobMetric.kind == "train", JobMetric.step <= step)
+        .order_by(JobMetric.step.desc()).limit(1))
+    eval_ = session.scalar(select(JobMetric.eval_loss).where(
+        JobMetric.job_id == job_id, JobMetric.kind == "eval", JobMetric.step == step))
+    return train, eval_
 
 
 def metrics(session: Session, job_id: str) -> list[JobMetric]:

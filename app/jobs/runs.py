@@ -108,7 +108,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[dict], pro
                 unkept.append(record["storage_key"])  # another job cached the same weights first
         elif kind == "checkpoint":
             repository.add_checkpoint(session, job_id, attempt, record["step"], record["key"], record["size"],
-                                      record["sha256"], *_losses_at(session, job_id, record["step"]))
+                                      record["sha256"], *repository.losses_at(session, job_id, record["step"]))
             session.flush()
             unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
         elif kind == "event":
@@ -118,17 +118,6 @@ def report(session: Session, job_id: str, attempt: int, records: list[dict], pro
                                        if k not in ("kind", "type", "level", "message", "step", "time")} or None)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
-
-
-def _losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, float | None]:
-    """The train loss last logged at or before step, and the eval loss measured at step, if any."""
-    train = eval_ = None
-    for point in repository.metrics(session, job_id):
-        if point.step <= step and point.kind == "train":
-            train = point.train_loss
-        if point.step == step and point.kind == "eval":
-            eval_ = point.eval_loss
-    return train, eval_
 
 
 def _prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:

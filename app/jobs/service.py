@@ -14,10 +14,10 @@ from app.db import after_commit, utcnow
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
 from app.jobs.admission import admit
-from app.jobs.reaper import send
+from app.jobs.dispatch import send
 from app.jobs.tables import Artifact, Job
-from app.storage.base import Storage
 from app.models import repository as models
+from app.storage.base import Storage
 from app.teams.service import Caller
 from worker.training.spec import JobSpec, SpecError
 
