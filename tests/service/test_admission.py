@@ -54,7 +54,7 @@ def test_a_job_goes_to_the_smallest_class_that_holds_it(api, dataset_id):
     small = job(api, dataset_id, per_device_batch_size=1)
     assert small.status_code == 201, small.text
     assert small.json()["queue"] == "gpu-l4"
-    large = job(api, dataset_id, per_device_batch_size=4)
+    large = job(api, dataset_id, per_device_batch_size=16)
     assert large.json()["queue"] == "gpu-h100"
     created = api.get(f"/jobs/{large.json()['id']}/events").json()[0]
     assert "estimated peak" in created["message"] and created["data"]["estimated_peak_bytes"] > 24 * GIB
@@ -65,12 +65,12 @@ def test_a_job_goes_to_the_smallest_class_that_holds_it(api, dataset_id):
 def test_a_job_that_fits_no_class_is_refused_with_what_to_change(api, dataset_id):
     response = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "l4",
                                        "training": {"max_steps": 10, "max_seq_length": 2048,
-                                                    "per_device_batch_size": 4}})
+                                                    "per_device_batch_size": 16}})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "does_not_fit"
-    assert "needs about 2" in error["message"] and "l4, has 24.00 GiB" in error["message"]
-    assert "per_device_batch_size 2 with gradient_accumulation_steps 8" in error["message"]
+    assert "needs about 30" in error["message"] and "l4, has 24.00 GiB" in error["message"]
+    assert "per_device_batch_size 8 with gradient_accumulation_steps 8" in error["message"]
     assert error["details"]["needed_bytes"] > error["details"]["available_bytes"] == 24 * GIB
     huge = job(api, dataset_id, per_device_batch_size=64, max_seq_length=8192, gradient_checkpointing=False)
     assert huge.status_code == 400 and "h100, has 80.00 GiB" in huge.json()["error"]["message"]

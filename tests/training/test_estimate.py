@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+from trl.trainer.utils import add_fused_lm_head
 
+from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
-from worker.training.model import load_base_model, lora_config, resolve_target_modules
+from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
 from worker.training.spec import JobSpec
 
 LLAMA3_8B = {  # config.json of Llama 3 8B
@@ -37,9 +39,45 @@ def test_parts_match_hand_computed_values_for_llama3_8b():
     assert adapter == 41_943_040  # the familiar "41.9M trainable parameters" of an r=16 Llama 3 8B
     assert e.parts["LoRA adapter"] == e.parts["LoRA gradients"] == 4 * adapter
     assert e.parts["optimizer state"] == 8 * adapter  # two float32 moments
-    assert e.parts["base weights (embeddings, head, norms)"] == 4 * (2 * 128256 * 4096 + 65 * 4096)
-    assert e.parts["logits"] == 2048 * 128256 * (2 + 4 + 4)
-    assert 12 * GIB < e.total < 20 * GIB  # QLoRA of an 8B at 2048 tokens: a 24 GB card, not a 16 GB one
+    assert e.parts["base weights (embeddings, head, norms)"] == 2 * (2 * 128256 * 4096 + 65 * 4096)  # bf16
+    # Checkpointing keeps each layer's bf16 input; one layer is recomputed at a time.
+    one_layer = 49.5 * 4096 + 12.5 * 14336 + 4.25 * 1024
+    assert e.parts["activations"] == int(2048 * (32 * 2 * 4096 + 4.0 * 4096 + one_layer))
+    # trl's chunked loss head: the bf16 hidden states of 2048 tokens (kept), their float32 gradient,
+    # its bf16 cast and the bf16 scatter back, one bf16 tile of 2048 tokens x 32768 vocabulary
+    # entries, the head's rows for that tile, and 8 float32 statistics per token. Full logits (bf16,
+    # a float32 copy and its gradient) would be 4.9 GiB.
+    assert e.parts["loss head (chunked logits)"] == \
+        2048 * 4096 * (2 + 4 + 2 + 2) + 2048 * 32768 * 2 + 32768 * 4096 * 2 + 2048 * 8 * 4
+    assert 8 * GIB < e.total < 12 * GIB  # QLoRA of an 8B at 2048 tokens: a 12 GB card, not an 8 GB one
+
+
+def test_float16_keeps_frozen_weights_in_float32(tmp_path):
+    """Half precision norms overflow, so float16 compute keeps QLoRA's upcast; bfloat16 does not need it."""
+    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **UNSEEN[1])).save_pretrained(tmp_path)
+    s = spec()
+    assert s.quantization.float32_frozen_weights("float16") and not s.quantization.float32_frozen_weights("bfloat16")
+    for dtype, frozen in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        model = prepare_for_training(load_base_model(tmp_path, s.quantization, dtype, "cpu"), s.quantization, dtype,
+                                     checkpointing=True)
+        assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == frozen
+        assert not any(p.requires_grad for p in model.parameters())
+    half = JobSpec.parse({"base_model": "m", "quantization": {"compute_dtype": "float16"}, "training": {"max_steps": 1}})
+    bf16 = estimate_peak_memory(spec(), LLAMA3_8B)
+    f16 = estimate_peak_memory(half, LLAMA3_8B)
+    assert f16.parts["base weights (embeddings, head, norms)"] == 2 * bf16.parts["base weights (embeddings, head, norms)"]
+    assert f16.parts["activations"] > bf16.parts["activations"]
+
+
+def test_the_loss_head_tiles_are_trls():
+    """The estimate mirrors trl's chunked LM head; a trl that tiles differently must fail here."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    from worker.training import estimate
+
+    assert estimate.LOSS_TOKEN_TILE == chunked_logprob.TOKEN_CHUNK_SIZE
+    assert estimate.LOSS_VOCAB_TILE == utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 def test_more_tokens_and_no_checkpointing_cost_more():
@@ -76,9 +114,11 @@ def build(tmp_path, dims: dict, checkpointing: bool):
     LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **dims)).save_pretrained(tmp_path)
     s = spec(gradient_checkpointing=checkpointing)
     model = load_base_model(tmp_path, s.quantization, torch.bfloat16, "cpu")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_for_training(model, s.quantization, torch.bfloat16, checkpointing)
     model = get_peft_model(model, lora_config(s.lora, resolve_target_modules(model, "all-linear")))
+    # The loss head trl's SFTTrainer puts on every model it trains (the baseline's and the engine's):
+    # called with fused_lm_head=True, it scores tokens through tiles of logits, never all of them.
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
     for p in model.parameters():  # the recipe trains the adapter in float32
         if p.requires_grad:
             p.data = p.data.float()
@@ -100,7 +140,7 @@ def saved_for_backward(model, batch: int, seq: int, vocab: int) -> int:
     ids = torch.randint(0, vocab, (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
     return sum(seen.values())
 
 
@@ -117,28 +157,31 @@ def test_parts_match_what_the_stack_allocates(tmp_path, dims):
                     for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert e.parts["base weights (quantized)"] == pytest.approx(quantized, rel=0.05)
     other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if not p.requires_grad and p.dtype == torch.float32)
+                if not p.requires_grad and p.dtype == torch.bfloat16)  # 4-bit weights are packed in uint8
     assert e.parts["base weights (embeddings, head, norms)"] == other
     trainable, _ = model.get_nb_trainable_parameters()
     assert e.parts["LoRA adapter"] == 4 * trainable
 
     measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
     tokens = 4 * 64
-    predicted = e.parts["activations"] + tokens * dims["vocab_size"] * (2 + 4)  # saved: logits and their f32 copy
+    # The loss head keeps the bf16 hidden states of the tokens it scores, never logits.
+    predicted = e.parts["activations"] + tokens * dims["hidden_size"] * 2
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
-def test_checkpointed_activations_match(tmp_path):
-    dims = UNSEEN[0]
+@pytest.mark.parametrize("dims", UNSEEN)
+def test_checkpointed_activations_match(tmp_path, dims):
     s, model = build(tmp_path, dims, checkpointing=True)
     e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=4, seq_len=64)
     measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
     tokens = 4 * 64
-    # Saved by the forward: each layer's input and the logits; the one recomputed layer comes during backward.
+    # Saved by the forward: each layer's bf16 input, the final norm's, and the loss head's hidden
+    # states; the one recomputed layer (the rest of the estimate) comes during backward.
     shape = ModelShape.from_config({**dims})
-    one_layer = e.parts["activations"] - tokens * shape.layers * 5.0 * shape.hidden
-    predicted = e.parts["activations"] - one_layer + tokens * dims["vocab_size"] * (2 + 4)
-    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+    kept = tokens * shape.hidden * (shape.layers * 2 + estimate.ACT_MODEL_CHECKPOINTED_PER_HIDDEN)
+    assert kept < e.parts["activations"]
+    predicted = kept + tokens * dims["hidden_size"] * 2
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
 def test_optimizer_state_matches_after_a_step(tmp_path):
@@ -170,10 +213,10 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     (tmp_path / "spec.json").write_text(json.dumps(
-        {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 4, "max_seq_length": 2048}}))
+        {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 16, "max_seq_length": 2048}}))
     done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"],
                           capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    assert "logits" in done.stdout and "total" in done.stdout
-    assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 2" in done.stdout
-    assert "try per_device_batch_size 2 with gradient_accumulation_steps 8" in done.stdout
+    assert "loss head (chunked logits)" in done.stdout and "total" in done.stdout
+    assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 8" in done.stdout
+    assert "try per_device_batch_size 8 with gradient_accumulation_steps 8" in done.stdout

@@ -2,17 +2,21 @@
 
 The peak of a QLoRA step is the sum of:
 - the frozen base: linear layers in 4 bits plus their quantization constants; the rest (embeddings,
-  output head, norms) in float32, because peft's prepare_model_for_kbit_training upcasts them;
+  output head, norms) in the compute dtype, or float32 where the engine upcasts them (float16
+  compute: see QuantizationSpec.float32_frozen_weights);
 - the LoRA adapter in float32, its gradients, and the optimizer's two moments;
 - what the forward pass saves for backward (per layer, per token), or with gradient checkpointing
-  only each layer's input plus one layer recomputed at a time;
-- the logits, which dominate for large vocabularies: bf16 logits, their float32 copy for the loss,
-  and that copy's gradient;
+  only each layer's input (in the residual stream's dtype) plus one layer recomputed at a time;
+- the loss head: trl's SFTTrainer scores tokens through a chunked LM head that never holds the
+  whole logits tensor (one tile of logits at a time), so what counts is the final hidden states it
+  keeps and their gradient, plus one tile;
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
-The per-token activation coefficients were measured on Llama-architecture models with bf16 compute
-and LoRA on every linear layer (tests/training/test_estimate.py re-measures them on shapes the fit
-never saw); the allowance is the part to recalibrate against bench/ measurements on real GPUs.
+The per-token activation coefficients were fitted (to within 0.5 %) on what the stack saves for
+backward in Llama-architecture models of 1 and 3 layers and six shapes, bf16 compute, LoRA on every
+linear layer, through the trainer's loss head (tests/training/test_estimate.py re-measures them on
+shapes the fit never saw); the allowance is the part to recalibrate against bench/ measurements on
+real GPUs.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ NF4_BLOCK = 64  # bitsandbytes quantizes 4-bit weights in blocks of 64, one absm
 NESTED_BLOCK = 256  # double quantization: the absmaxes themselves, in blocks of 256
 
 # Bytes saved for backward per token per decoder layer, per unit of each dimension (bf16 compute).
-ACT_PER_HIDDEN = 50.0
-ACT_PER_INTERMEDIATE = 18.4
+ACT_PER_HIDDEN = 49.5
+ACT_PER_INTERMEDIATE = 12.5
+ACT_PER_INTERMEDIATE_F32_RESIDUAL = 18.5  # with float32 frozen weights, and so a float32 residual stream
 ACT_PER_KV = 4.25
-# With gradient checkpointing a layer keeps only its (float32) input, plus bookkeeping.
-ACT_CHECKPOINTED_PER_HIDDEN = 5.0
+# Per token per hidden unit, once per model rather than per layer: the first layer keeps less than
+# the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
+ACT_MODEL_PER_HIDDEN = -12.0
+ACT_MODEL_CHECKPOINTED_PER_HIDDEN = 4.0
 
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS and attention workspaces
 FRAGMENTATION = 0.08  # the caching allocator's slack over what tensors use
@@ -122,6 +129,26 @@ def lora_params(spec: JobSpec, shape: ModelShape) -> int:
     return shape.layers * sum(spec.lora.r * (i + o) for i, o in names.values())
 
 
+# trl's chunked LM head (trl/kernels/chunked_logprob.py in the pinned trl 1.16): logits are computed
+# in tiles of at most LOSS_TOKEN_TILE tokens x LOSS_VOCAB_TILE vocabulary entries, forward and again
+# in backward.
+LOSS_TOKEN_TILE = 4096
+LOSS_VOCAB_TILE = 32768
+
+
+def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, hidden_bytes: int) -> int:
+    """Peak of the loss head, which both the standard recipe and this engine run (SFTTrainer adds
+    it to every model). Held at once in its backward: the hidden states of the labelled tokens it
+    saved (`hidden_bytes` each: the residual stream's dtype), their float32 gradient and its cast
+    back to that dtype, the gradient scattered back to every position, one logits tile, and the
+    head's rows for that tile in the compute dtype (a copy when the head is float32)."""
+    vocab_tile = min(shape.vocab, LOSS_VOCAB_TILE)
+    cast_back = hidden_bytes if hidden_bytes != 4 else 0
+    hidden_states = tokens * shape.hidden * (hidden_bytes + 4 + cast_back + hidden_bytes)
+    tiles = min(tokens, LOSS_TOKEN_TILE) * vocab_tile * compute + vocab_tile * shape.hidden * compute
+    return hidden_states + tiles + tokens * 8 * 4  # and a few float32 statistics per token
+
+
 def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | None = None,
                          seq_len: int | None = None) -> Estimate:
     """The peak device memory of one training step of `spec` on the model `model_config` describes."""
@@ -131,25 +158,28 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     seq = seq_len or min(t.max_seq_length, model_config.get("max_position_embeddings") or t.max_seq_length)
     tokens = batch * seq
     compute = COMPUTE_BYTES[spec.quantization.compute_dtype]
-    other_dtype = 4 if spec.quantization.bits != "none" else compute  # upcast by prepare_model_for_kbit_training
+    compute_name = "bfloat16" if spec.quantization.compute_dtype == "auto" else spec.quantization.compute_dtype
+    # The dtype of the embeddings, head and norms, and so of the residual stream they feed.
+    frozen = 4 if spec.quantization.float32_frozen_weights(compute_name) else compute
     adapter = lora_params(spec, shape)
 
-    per_layer = (compute / 2) * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_INTERMEDIATE * shape.intermediate
+    per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if frozen == 4 and compute < 4 else ACT_PER_INTERMEDIATE
+    per_layer = (compute / 2) * (ACT_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
                                  + ACT_PER_KV * shape.kv_heads * shape.head_dim)
     if t.gradient_checkpointing:
         # Each layer's input is kept; one layer at a time is recomputed and its activations live.
-        activations = tokens * (shape.layers * ACT_CHECKPOINTED_PER_HIDDEN * shape.hidden + per_layer)
+        activations = tokens * (shape.layers * frozen * shape.hidden + ACT_MODEL_CHECKPOINTED_PER_HIDDEN * shape.hidden
+                                + per_layer)
     else:
-        activations = tokens * shape.layers * per_layer
+        activations = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden)
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
-        "base weights (embeddings, head, norms)": shape.other_params * other_dtype,
+        "base weights (embeddings, head, norms)": shape.other_params * frozen,
         "LoRA adapter": adapter * 4,
         "LoRA gradients": adapter * 4,
         "optimizer state": adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
         "activations": int(activations),
-        # Logits in the compute dtype, their float32 copy for the loss, and that copy's gradient.
-        "logits": tokens * shape.vocab * (compute + 4 + 4),
+        "loss head (chunked logits)": loss_head_bytes(shape, tokens, compute, hidden_bytes=frozen),
     }
     parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * sum(parts.values()))
     return Estimate(parts, batch, seq, t.gradient_checkpointing)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 
 from worker.training.spec import LoraSpec, QuantizationSpec, SpecError
 
@@ -132,6 +132,25 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
         if quantized_cache is not None and quant.bits != "none":
             model.save_pretrained(quantized_cache, safe_serialization=True)
     _keep_cpu_nf4_state_exact(model)
+    return model
+
+
+def prepare_for_training(model, quant: QuantizationSpec, compute_dtype: torch.dtype, checkpointing: bool):
+    """Freeze the base and, with gradient checkpointing, make the checkpointed blocks backprop to
+    the adapter (their input must require grad, or the frozen blocks would cut the graph).
+
+    Frozen weights that are not quantized stay in the compute dtype unless
+    `QuantizationSpec.float32_frozen_weights` says otherwise (float16), where peft's
+    prepare_model_for_kbit_training does it all, upcast included."""
+    gc_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients to frozen-input adapters
+    if quant.float32_frozen_weights(str(compute_dtype).removeprefix("torch.")):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                               gradient_checkpointing_kwargs=gc_kwargs)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
     return model
 
 

@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset as HFDataset  # noqa: E402
-from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, PrinterCallback, set_seed  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -41,8 +41,8 @@ from worker.training.merge import (  # noqa: E402
     build_merged_model, fidelity_rows, forward_rows, free_memory, measure_fidelity,
 )
 from worker.training.model import (  # noqa: E402
-    Speedups, load_base_model, lora_config, peak_memory_bytes, pick_device, resolve_base_model,
-    resolve_compute_dtype, resolve_speedups, resolve_target_modules,
+    Speedups, load_base_model, lora_config, peak_memory_bytes, pick_device, prepare_for_training,
+    resolve_base_model, resolve_compute_dtype, resolve_speedups, resolve_target_modules,
 )
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tokenization import encode_examples, prepare_tokenizer  # noqa: E402
@@ -157,15 +157,7 @@ def run(
     model.config.use_cache = False
     if tok_setup.pad_token_added:
         model.resize_token_embeddings(len(tokenizer))
-    gc_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients to frozen-input adapters
-    if spec.quantization.bits != "none":
-        # Casts norms to fp32 and makes inputs require grad so checkpointed 4-bit blocks backprop to LoRA.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs)
-    elif spec.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
+    model = prepare_for_training(model, spec.quantization, compute_dtype, spec.training.gradient_checkpointing)
     target_modules = resolve_target_modules(model, spec.lora.target_modules)
     model = get_peft_model(model, lora_config(spec.lora, target_modules))
     trainable_params, total_params = model.get_nb_trainable_parameters()

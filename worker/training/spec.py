@@ -38,6 +38,18 @@ class QuantizationSpec(_Strict):
     # auto = bfloat16 where the device computes it natively, else float16 on older GPUs, float32 on CPUs.
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
+    def float32_frozen_weights(self, compute_dtype: str) -> bool:
+        """Whether training keeps the weights that are not quantized (embeddings, output head, norms)
+        in float32 rather than in the compute dtype (a name: "bfloat16", "float16", "float32").
+
+        Only for float16, where norms in half precision overflow: that is why QLoRA's recipe (peft's
+        prepare_model_for_kbit_training) upcasts them. In bfloat16 the upcast buys no stability
+        (Llama-family norms already compute in float32) and costs memory twice over: the weights
+        (2 GiB more for Llama 3 8B) and a float32 residual stream, which doubles every input that
+        gradient checkpointing keeps. trl's standard recipe does not upcast either. The engine and
+        the memory estimate both follow this rule."""
+        return self.bits != "none" and compute_dtype == "float16"
+
 
 class LoraSpec(_Strict):
     # QLoRA §4: r matters little once every linear layer is adapted; 16 is the common default.
@@ -97,8 +109,9 @@ class TrainingSpec(_Strict):
     # Off by default: same-length batches are less varied, and on our demo task the loss after the
     # same steps was ten times worse with it on; use it for data whose lengths are unrelated to content.
     group_by_length: bool = False
-    # Fused kernels (Liger: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) where the device runs
-    # them; "auto" = on CUDA when liger-kernel is installed, off on the CPU.
+    # Fused kernels (Liger: RMSNorm, SwiGLU, RoPE) where the device runs them; "auto" = on CUDA when
+    # liger-kernel is installed, off on the CPU. The loss needs none: trl's trainer already scores
+    # tokens through a chunked LM head that never builds the full logits (and refuses Liger's).
     kernels: Literal["auto", "liger", "none"] = "auto"
     # Off by default: learning to produce prompts wastes capacity and teaches the model to talk as the user.
     train_on_inputs: bool = False
