@@ -29,7 +29,9 @@ FROM ${PYTHON_IMAGE} AS requirements
 WORKDIR /src
 COPY pyproject.toml .
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt
+        > requirements.txt \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))" \
+        > requirements-gpu.txt
 
 # ---------------------------------------------------------------- api
 
@@ -89,9 +91,17 @@ RUN uv python install ${PYTHON_VERSION} \
 # From PyPI's default index: the Linux wheels there are the CUDA builds.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install torch==${TORCH_VERSION}
-COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
+COPY --from=requirements /src/requirements.txt /src/requirements-gpu.txt /tmp/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r /tmp/requirements.txt
+    pip install -r /tmp/requirements.txt -r /tmp/requirements-gpu.txt
+# flash-attention makes padding-free packing the default (training.packing "auto") and runs packed
+# rows with varlen kernels. PyPI has only its source, which needs nvcc and an hour to compile, so
+# the image takes a prebuilt wheel matching torch, CUDA and Python when given one:
+#   docker build --target worker --build-arg FLASH_ATTN_WHEEL=https://.../flash_attn-...whl .
+# Without it, packing stays off unless a job asks for it (then SDPA keeps examples apart).
+ARG FLASH_ATTN_WHEEL=""
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ -n "${FLASH_ATTN_WHEEL}" ]; then pip install --no-deps "${FLASH_ATTN_WHEEL}"; fi
 
 FROM ${CUDA_IMAGE} AS worker
 # CA certificates for workers that download registered models from a hub (unpinned: always the newest).

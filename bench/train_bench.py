@@ -15,7 +15,8 @@ downloaded) on the same synthetic chat data with the same seed, LoRA rank and ta
 Each path runs in a fresh process, so "time to first step" counts interpreter start, imports,
 loading and quantizing the model. Reported per path, and as engine/baseline ratios: steady
 tokens/s (non-pad tokens, warm-up steps excluded), model FLOPs utilisation (4·N + attention per
-token against this device's measured bf16 matmul rate), peak allocated / reserved device memory
+token against this device's measured matmul rate in the compute dtype both paths train in: bf16
+on GPUs), peak allocated / reserved device memory
 (process RSS on the CPU), time to the first optimizer step, and the final loss; the loss-parity
 column compares the two loss curves at equal tokens seen.
 """
@@ -75,6 +76,16 @@ def build_model(out: Path, dims: dict, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
+def ensure_model(work: Path, dims: dict, seed: int) -> Path:
+    """The model for these dimensions and seed under `work`, built on first use and kept: building
+    and saving an 8B model takes minutes, and benchmarks of one size can share it."""
+    name = "llama-" + "-".join(f"{dims[k]}" for k in sorted(dims)) + f"-seed{seed}"
+    model = work / name / "model"
+    if not (model / "config.json").is_file():
+        build_model(model, dims, seed)
+    return model
+
+
 def write_data(path: Path, rows: int, seq: int, vocab: int, seed: int) -> None:
     """Chat rows of varied length (a long tail, like real instruction data): padding is where a
     padded batch wastes compute."""
@@ -114,26 +125,30 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
         from worker.training.recipe import run
         from worker.training.spec import JobSpec
 
+        rss_before_model = _rss_now()  # the interpreter and libraries, before any weights
+
         spec = JobSpec.parse({
             "base_model": model_dir, "lora": {"r": settings["r"]},
             "training": {"max_steps": settings["steps"], "per_device_batch_size": settings["batch"],
                          "packing": settings["packing"],
                          "gradient_accumulation_steps": 1, "max_seq_length": settings["seq"],
+                         "gradient_checkpointing": settings.get("gradient_checkpointing", True),
                          "learning_rate": settings["lr"], "logging_steps": 1, "save_steps": 10**6,
                          "seed": settings["seed"], "warmup_ratio": 0.0},
             "output": {"merge": False},
         })
         # The first engine run quantizes the base and saves it; the second loads it (the cache).
-        result = run(spec, data, Path(out).parent / f"{path}-run", extra_callbacks=(Clock(),),
+        result = run(spec, data, Path(out).parent / f"{Path(out).stem}-run", extra_callbacks=(Clock(),),
                      quantized_cache=Path(out).parent / "quantized")
         from worker.training.estimate import estimate_peak_memory
 
         config = json.loads((Path(model_dir) / "config.json").read_text())
         detail = {"speedups": result.summary["speedups"], "compute_dtype": result.summary["compute_dtype"],
                   "quantized_base": result.summary["quantized_base"],
-                  # What admission control would have predicted for this run (meaningful on a GPU,
-                  # where the measured peak is device memory; on the CPU it is process RSS).
-                  "predicted_peak_bytes": estimate_peak_memory(spec, config).total}
+                  # What admission control predicts for this run (meaningful on a GPU, where the
+                  # measured peak is device memory; on the CPU it is process RSS).
+                  "predicted_peak_bytes": estimate_peak_memory(spec, config).total,
+                  "rss_before_model_bytes": rss_before_model}
     else:
         detail = baseline(model_dir, data, settings, Clock())
     memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()} \
@@ -184,6 +199,10 @@ def baseline(model_dir: str, data: str, settings: dict, clock) -> dict:
     return {"speedups": {"packing": False, "attention": "sdpa", "liger": False}, "compute_dtype": str(dtype)}
 
 
+def _rss_now() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _rss_peak() -> int:
     import resource
 
@@ -193,12 +212,16 @@ def _rss_peak() -> int:
 # ---------------------------------------------------------------- the comparison
 
 
-def matmul_rate(device: str) -> float:
-    """This device's measured bf16 matmul FLOP/s (the MFU denominator)."""
+def matmul_rate(device: str) -> tuple[float, str]:
+    """This device's measured matmul FLOP/s in the compute dtype the runs use (the MFU denominator):
+    bf16 on GPUs and on CPUs that compute it natively; float32 on other CPUs, where bf16 matmuls
+    are emulated at a fraction of the speed and the training runs in float32 anyway."""
     import torch
 
+    from worker.training.model import resolve_compute_dtype
+
     n = 8192 if device == "cuda" else 1024
-    dtype = torch.bfloat16
+    dtype = resolve_compute_dtype("auto", device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -211,7 +234,7 @@ def matmul_rate(device: str) -> float:
         a @ b
     if device == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 * reps / (time.perf_counter() - start), str(dtype).removeprefix("torch.")
 
 
 def flops_per_token(dims: dict, seq: int) -> float:
@@ -273,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="the engine's training.packing (auto: the engine's default for this device)")
+    p.add_argument("--work", help="where the model is built and kept for later runs (default: a new temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_bench.json"))
     args = p.parse_args(argv)
     dims = dict(PRESETS[args.preset])
@@ -285,8 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "lr": args.lr, "seed": args.seed,
                 "packing": {"auto": "auto", "on": True, "off": False}[args.packing]}
 
-    work = Path(tempfile.mkdtemp(prefix="qlora-train-bench-"))
-    build_model(work / "model", dims, args.seed)
+    model = ensure_model(Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="qlora-train-bench-")),
+                         dims, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=model.parent))  # this run's data, results and cache
     write_data(work / "train.jsonl", rows=args.steps * args.batch * 2, seq=args.seq, vocab=dims["vocab_size"],
                seed=args.seed)
     results = {}
@@ -295,11 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} \
             if args.device == "cuda" else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         started = time.time()
-        subprocess.run([sys.executable, __file__, "--child", path, str(work / "model"), str(work / "train.jsonl"),
+        subprocess.run([sys.executable, __file__, "--child", path, str(model), str(work / "train.jsonl"),
                         json.dumps(settings), str(started), str(out)], check=True, env=env, cwd=ROOT)
         results[path] = json.loads(out.read_text())
-    rate = matmul_rate(args.device)
+    rate, rate_dtype = matmul_rate(args.device)
     report = {"preset": args.preset, "dims": dims, "settings": settings, "matmul_flops_per_s": rate,
+              "matmul_dtype": rate_dtype,
               "warmup_steps": WARMUP_STEPS}
     for path in results:
         report[path] = summarize(results[path], dims, args.seq, rate)

@@ -416,3 +416,23 @@ def test_redis_persists_queued_messages(services):
     command = " ".join(as_list(services["redis"]["command"]))
     assert re.search(r"--appendonly\s+yes", command)
     assert any(str(v).endswith(":/data") for v in services["redis"]["volumes"])
+
+
+def test_the_requirements_stage_writes_what_the_images_install(stages, tmp_path):
+    """Runs the requirements stage's RUN line on pyproject.toml, as `docker build` would: the runtime
+    dependencies for both images, and the GPU extra (Liger's kernels) for the worker's alone."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    run = next(args for instruction, args in stages["requirements"].instructions if instruction == "RUN")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    python = str(Path(sys.executable).parent)  # `python` in the image is the stage's interpreter
+    subprocess.run(["sh", "-c", run], cwd=tmp_path, check=True, env={"PATH": f"{python}:/usr/bin:/bin"})
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert (tmp_path / "requirements.txt").read_text().split("\n")[:-1] == project["dependencies"]
+    gpu = (tmp_path / "requirements-gpu.txt").read_text().split("\n")[:-1]
+    assert gpu == project["optional-dependencies"]["gpu"] and any(r.startswith("liger-kernel==") for r in gpu)
+    worker, api = runs_behind(stages, "worker"), runs_behind(stages, "api")
+    assert "-r /tmp/requirements-gpu.txt" in worker and "requirements-gpu" not in api

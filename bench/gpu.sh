@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/performance.md, prepared as two commands of under ten minutes each
+# on one H100/H200 (they share the 8B model, built once under $WORK):
+#
+#   bench/gpu.sh train      # baseline vs engine vs engine-cached, Llama-architecture 8B, seq 2048, r 16
+#   bench/gpu.sh estimate   # estimate_peak_memory against measured peaks, 1B and 8B, several shapes
+#
+# On a GPU host after `make install` it runs as is. On a machine with torch but not the rest
+# (a lent device), first `bench/gpu.sh wheels` where pip reaches PyPI: it downloads the pinned
+# packages that machine lacks into .whl/ (git-ignored; the device tool's `carry` takes it there),
+# which this script installs before running.
+# Results (JSON, logs, nvidia-smi, versions) go to $OUT, default bench/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+OUT=${OUT:-bench/results}
+WORK=${WORK:-/tmp/qlora-gpu-bench}
+STEPS=${STEPS:-30}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+pin() { "$PY" -c "import re,tomllib; d=tomllib.load(open('pyproject.toml','rb'))['project']; \
+print(next(r for r in d['dependencies']+d['optional-dependencies']['gpu'] if re.match(r'$1\b', r)))"; }
+
+case "${1:-}" in
+wheels)
+    # What the lent device lacks or holds at another version (its package list: the device tool's
+    # KINDS.md); its Python is 3.12. bitsandbytes alone is ~43 MB of the 64 MB a call may carry.
+    rm -rf .whl && mkdir .whl
+    for spec in "$(pin bitsandbytes)" "$(pin trl)" "$(pin peft)" "$(pin datasets)" "$(pin liger-kernel)" \
+                "$(pin transformers)" dill==0.4.1 multiprocess==0.70.19 \
+                pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 -d .whl "$spec"
+    done
+    du -sh .whl
+    exit 0 ;;
+train|estimate) ;;
+*) sed -n '2,10p' "$0"; exit 2 ;;
+esac
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
+"$PY" - > "$OUT/versions.json" <<'PY'
+import importlib.metadata as m, json
+names = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger-kernel", "flash-attn"]
+versions = {}
+for name in names:
+    try:
+        versions[name] = m.version(name)
+    except m.PackageNotFoundError:
+        versions[name] = None
+print(json.dumps(versions, indent=2))
+PY
+
+if [ "$1" = train ]; then
+    "$PY" bench/train_bench.py --preset 8b --device cuda --seq 2048 --batch 4 --steps "$STEPS" --packing auto \
+        --work "$WORK" --out "$OUT/train_bench_8b.json" 2>&1 | tee "$OUT/train_bench_8b.log"
+else
+    "$PY" bench/estimate_bench.py --device cuda --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
+        | tee "$OUT/estimate_bench.log"
+fi
