@@ -5,6 +5,8 @@
 #   bench/gpu.sh train      # baseline vs engine vs engine-cached, Llama-architecture 8B, seq 2048, r 16
 #   bench/gpu.sh estimate   # estimate_peak_memory against measured peaks, 1B and 8B, several shapes
 #
+# Run them back to back: `estimate` reuses the 8B model `train` built (minutes to build again).
+#
 # On a GPU host after `make install` it runs as is. On a machine with torch but not the rest
 # (a lent device), first `bench/gpu.sh wheels` where pip reaches PyPI: it downloads the pinned
 # packages that machine lacks into .whl/ (git-ignored; the device tool's `carry` takes it there),
@@ -16,6 +18,9 @@ PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${OUT:-bench/results}
 WORK=${WORK:-/tmp/qlora-gpu-bench}
 STEPS=${STEPS:-30}
+# The engine's training.packing: "auto" is its default (on only with flash-attn); "on" measures
+# padding-free packing through SDPA's block masks where no flash-attn wheel is installed.
+PACKING=${PACKING:-auto}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
@@ -37,7 +42,7 @@ wheels)
     du -sh .whl
     exit 0 ;;
 train|estimate) ;;
-*) sed -n '2,10p' "$0"; exit 2 ;;
+*) sed -n '2,/^set -e/p' "$0" | grep '^#'; exit 2 ;;
 esac
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -58,7 +63,7 @@ print(json.dumps(versions, indent=2))
 PY
 
 if [ "$1" = train ]; then
-    "$PY" bench/train_bench.py --preset 8b --device cuda --seq 2048 --batch 4 --steps "$STEPS" --packing auto \
+    "$PY" bench/train_bench.py --preset 8b --device cuda --seq 2048 --batch 4 --steps "$STEPS" --packing "$PACKING" \
         --work "$WORK" --out "$OUT/train_bench_8b.json" 2>&1 | tee "$OUT/train_bench_8b.log"
 else
     "$PY" bench/estimate_bench.py --device cuda --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
