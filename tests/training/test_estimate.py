@@ -3,9 +3,13 @@ stack allocates on the CPU for models the coefficients were not fitted on."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
@@ -40,15 +44,18 @@ def test_parts_match_hand_computed_values_for_llama3_8b():
     assert e.parts["LoRA adapter"] == e.parts["LoRA gradients"] == 4 * adapter
     assert e.parts["optimizer state"] == 8 * adapter  # two float32 moments
     assert e.parts["base weights (embeddings, head, norms)"] == 2 * (2 * 128256 * 4096 + 65 * 4096)  # bf16
-    # Checkpointing keeps each layer's bf16 input; one layer is recomputed at a time.
-    one_layer = 49.5 * 4096 + 12.5 * 14336 + 4.25 * 1024
-    assert e.parts["activations"] == int(2048 * (32 * 2 * 4096 + 4.0 * 4096 + one_layer))
+    # Checkpointing keeps each layer's bf16 input (and the final norm's, 4 bytes per hidden unit).
+    assert e.parts["activations (kept for backward)"] == 2048 * 4096 * (32 * 2 + 4)
     # trl's chunked loss head: the bf16 hidden states of 2048 tokens (kept), their float32 gradient,
     # its bf16 cast and the bf16 scatter back, one bf16 tile of 2048 tokens x 32768 vocabulary
-    # entries, the head's rows for that tile, and 8 float32 statistics per token. Full logits (bf16,
-    # a float32 copy and its gradient) would be 4.9 GiB.
-    assert e.parts["loss head (chunked logits)"] == \
-        2048 * 4096 * (2 + 4 + 2 + 2) + 2048 * 32768 * 2 + 32768 * 4096 * 2 + 2048 * 8 * 4
+    # entries, and 8 float32 statistics per token (the head is bf16: its rows need no cast). Full
+    # logits (bf16, a float32 copy and its gradient) would be 4.9 GiB.
+    head = 2048 * 4096 * (2 + 4 + 2 + 2) + 2048 * 32768 * 2 + 2048 * 8 * 4
+    assert estimate.loss_head_bytes(shape, 2048, compute=2, frozen=2) == head
+    # One layer recomputed, with float32 gradients of the hidden state and of the MLP's gate and up in flight.
+    one_layer = 2048 * (49.5 * 4096 + 12.5 * 14336 + 4.25 * 1024) + 2048 * 4 * (4096 + 2 * 14336)
+    assert one_layer > head
+    assert e.parts["backward peak (loss head, or one layer)"] == int(one_layer)
     assert 8 * GIB < e.total < 12 * GIB  # QLoRA of an 8B at 2048 tokens: a 12 GB card, not an 8 GB one
 
 
@@ -66,7 +73,7 @@ def test_float16_keeps_frozen_weights_in_float32(tmp_path):
     bf16 = estimate_peak_memory(spec(), LLAMA3_8B)
     f16 = estimate_peak_memory(half, LLAMA3_8B)
     assert f16.parts["base weights (embeddings, head, norms)"] == 2 * bf16.parts["base weights (embeddings, head, norms)"]
-    assert f16.parts["activations"] > bf16.parts["activations"]
+    assert f16.parts["activations (kept for backward)"] > bf16.parts["activations (kept for backward)"]
 
 
 def test_the_loss_head_tiles_are_trls():
@@ -83,11 +90,11 @@ def test_the_loss_head_tiles_are_trls():
 def test_more_tokens_and_no_checkpointing_cost_more():
     base = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_8B)
     bigger = estimate_peak_memory(spec(per_device_batch_size=4, max_seq_length=2048), LLAMA3_8B)
-    assert bigger.parts["activations"] == 4 * base.parts["activations"]
+    assert bigger.parts["activations (kept for backward)"] == 4 * base.parts["activations (kept for backward)"]
     assert bigger.parts["base weights (quantized)"] == base.parts["base weights (quantized)"]
     off = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048, gradient_checkpointing=False),
                                LLAMA3_8B)
-    assert off.parts["activations"] > 10 * base.parts["activations"]
+    assert off.parts["activations (kept for backward)"] > 10 * base.parts["activations (kept for backward)"]
     eight_bit = estimate_peak_memory(spec(per_device_batch_size=1, optimizer="paged_adamw_8bit"), LLAMA3_8B)
     assert eight_bit.parts["optimizer state"] == base.parts["optimizer state"] // 4
 
@@ -165,7 +172,7 @@ def test_parts_match_what_the_stack_allocates(tmp_path, dims):
     measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
     tokens = 4 * 64
     # The loss head keeps the bf16 hidden states of the tokens it scores, never logits.
-    predicted = e.parts["activations"] + tokens * dims["hidden_size"] * 2
+    predicted = e.parts["activations (kept for backward)"] + tokens * dims["hidden_size"] * 2
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
@@ -176,12 +183,65 @@ def test_checkpointed_activations_match(tmp_path, dims):
     measured = saved_for_backward(model, 4, 64, dims["vocab_size"])
     tokens = 4 * 64
     # Saved by the forward: each layer's bf16 input, the final norm's, and the loss head's hidden
-    # states; the one recomputed layer (the rest of the estimate) comes during backward.
-    shape = ModelShape.from_config({**dims})
-    kept = tokens * shape.hidden * (shape.layers * 2 + estimate.ACT_MODEL_CHECKPOINTED_PER_HIDDEN)
-    assert kept < e.parts["activations"]
-    predicted = kept + tokens * dims["hidden_size"] * 2
+    # states; the recomputed layer comes during backward.
+    predicted = e.parts["activations (kept for backward)"] + tokens * dims["hidden_size"] * 2
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak of live tensor bytes while it is active: every storage an op returns counts until it
+    is freed (parameters excluded). Leaves out the (tokens, vocabulary) temporaries of trl's loss
+    head on the CPU: without Triton it folds each logits tile with torch ops; on a GPU one kernel
+    does it in place."""
+
+    def __init__(self, model, vocab: int):
+        super().__init__()
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.vocab, self.live, self.peak, self.sizes = vocab, 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not (t.dim() and t.shape[-1] == self.vocab):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self.params and ptr not in self.sizes:
+                    self.sizes[ptr] = storage.nbytes()
+                    self.live += self.sizes[ptr]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, ptr)
+        return out
+
+    def _freed(self, ptr):
+        self.live -= self.sizes.pop(ptr, 0)
+
+
+# Wide enough that, as in real models, a layer's backward outweighs the loss head's logits tile
+# (32768 vocabulary entries wide whatever the vocabulary), which dominates in the tiny shapes above.
+WIDE = [
+    dict(num_hidden_layers=2, hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+         num_key_value_heads=2, vocab_size=1000),
+    dict(num_hidden_layers=2, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+         num_key_value_heads=4, vocab_size=1500),
+]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("dims", WIDE)
+def test_the_step_peak_matches_what_is_live_at_once(tmp_path, dims, checkpointing):
+    """Beyond what is saved: forward and backward of one step, every tensor alive at the worst
+    moment (gradients in flight, a recomputed layer, the adapter's gradients) against the parts of
+    the estimate that a step allocates."""
+    s, model = build(tmp_path, dims, checkpointing=checkpointing)
+    e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=4, seq_len=64)
+    ids = torch.randint(0, dims["vocab_size"], (4, 64))
+    with LiveTensorBytes(model, dims["vocab_size"]) as live:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        loss.backward()
+    per_step = sum(e.parts[k] for k in ("activations (kept for backward)", "backward peak (loss head, or one layer)",
+                                        "LoRA gradients"))
+    assert per_step == pytest.approx(live.peak, rel=0.10), (per_step, live.peak)
 
 
 def test_optimizer_state_matches_after_a_step(tmp_path):
@@ -217,6 +277,6 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
     done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"],
                           capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    assert "loss head (chunked logits)" in done.stdout and "total" in done.stdout
+    assert "backward peak (loss head, or one layer)" in done.stdout and "total" in done.stdout
     assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 8" in done.stdout
     assert "try per_device_batch_size 8 with gradient_accumulation_steps 8" in done.stdout

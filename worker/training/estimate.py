@@ -6,10 +6,11 @@ The peak of a QLoRA step is the sum of:
   compute: see QuantizationSpec.float32_frozen_weights);
 - the LoRA adapter in float32, its gradients, and the optimizer's two moments;
 - what the forward pass saves for backward (per layer, per token), or with gradient checkpointing
-  only each layer's input (in the residual stream's dtype) plus one layer recomputed at a time;
-- the loss head: trl's SFTTrainer scores tokens through a chunked LM head that never holds the
-  whole logits tensor (one tile of logits at a time), so what counts is the final hidden states it
-  keeps and their gradient, plus one tile;
+  only each layer's input (in the residual stream's dtype);
+- the larger of the backward's two phases: the loss head (trl's SFTTrainer scores tokens through a
+  chunked LM head that never holds the whole logits tensor, so its hidden states, their gradient
+  and one tile of logits), then each layer with the gradients in flight and, with checkpointing,
+  its recomputed activations;
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
 The per-token activation coefficients were fitted (to within 0.5 %) on what the stack saves for
@@ -136,17 +137,18 @@ LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
 
 
-def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, hidden_bytes: int) -> int:
+def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, frozen: int) -> int:
     """Peak of the loss head, which both the standard recipe and this engine run (SFTTrainer adds
     it to every model). Held at once in its backward: the hidden states of the labelled tokens it
-    saved (`hidden_bytes` each: the residual stream's dtype), their float32 gradient and its cast
-    back to that dtype, the gradient scattered back to every position, one logits tile, and the
-    head's rows for that tile in the compute dtype (a copy when the head is float32)."""
-    vocab_tile = min(shape.vocab, LOSS_VOCAB_TILE)
-    cast_back = hidden_bytes if hidden_bytes != 4 else 0
-    hidden_states = tokens * shape.hidden * (hidden_bytes + 4 + cast_back + hidden_bytes)
-    tiles = min(tokens, LOSS_TOKEN_TILE) * vocab_tile * compute + vocab_tile * shape.hidden * compute
-    return hidden_states + tiles + tokens * 8 * 4  # and a few float32 statistics per token
+    saved (in the residual stream's dtype, `frozen` bytes), their float32 gradient and its cast back
+    to that dtype, the gradient scattered back to every position, the logits tile buffer (always
+    LOSS_VOCAB_TILE wide, whatever the vocabulary), and the head's rows for a tile cast to the
+    compute dtype when the head is kept in another one."""
+    cast_back = frozen if frozen != 4 else 0
+    hidden_states = tokens * shape.hidden * (frozen + 4 + cast_back + frozen)
+    tile = min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute
+    head_rows = min(shape.vocab, LOSS_VOCAB_TILE) * shape.hidden * compute if frozen != compute else 0
+    return hidden_states + tile + head_rows + tokens * 8 * 4  # and a few float32 statistics per token
 
 
 def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | None = None,
@@ -167,19 +169,26 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     per_layer = (compute / 2) * (ACT_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
                                  + ACT_PER_KV * shape.kv_heads * shape.head_dim)
     if t.gradient_checkpointing:
-        # Each layer's input is kept; one layer at a time is recomputed and its activations live.
-        activations = tokens * (shape.layers * frozen * shape.hidden + ACT_MODEL_CHECKPOINTED_PER_HIDDEN * shape.hidden
-                                + per_layer)
+        # Kept through the step: each layer's input, and the final norm's.
+        kept = tokens * shape.hidden * (shape.layers * frozen + ACT_MODEL_CHECKPOINTED_PER_HIDDEN)
+        recomputed = tokens * per_layer  # one layer at a time, during its backward
     else:
-        activations = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden)
+        kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden)
+        recomputed = 0
+    # Backward runs the loss head first (its hidden states, gradients and logits tile), then each
+    # layer, last to first, with the gradients in flight (float32, per token: the hidden state's and
+    # the MLP's gate and up activations') and, with checkpointing, its recomputed activations. The
+    # two never overlap; the larger is the step's peak beyond what is kept.
+    backward = max(loss_head_bytes(shape, tokens, compute, frozen),
+                   recomputed + tokens * 4 * (shape.hidden + 2 * shape.intermediate))
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
         "LoRA adapter": adapter * 4,
         "LoRA gradients": adapter * 4,
         "optimizer state": adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
-        "activations": int(activations),
-        "loss head (chunked logits)": loss_head_bytes(shape, tokens, compute, hidden_bytes=frozen),
+        "activations (kept for backward)": int(kept),
+        "backward peak (loss head, or one layer)": int(backward),
     }
     parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * sum(parts.values()))
     return Estimate(parts, batch, seq, t.gradient_checkpointing)
