@@ -238,7 +238,7 @@ def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report
             yield row * 5000  # ~1 MiB
             if i == 12:  # past one 8 MiB part: a multipart upload is open in the store
                 sent.set()
-                time.sleep(60)
+                time.sleep(300)  # held open until the API is killed under it
 
     def send():
         try:
@@ -249,7 +249,9 @@ def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report
     uploader = threading.Thread(target=send, daemon=True)
     uploader.start()
     sent.wait(60)
-    wait_until(lambda: s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads"), 30,
+    # Generous: the API validates every line before a part goes out, and a loaded CI machine once
+    # took over 30 s for the first 8 MiB.
+    wait_until(lambda: s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads"), 180,
                "the upload to reach the store")
     os.killpg(second_api.pid, signal.SIGKILL)
     second_api.wait()
