@@ -50,6 +50,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
+# Fail in seconds, not minutes into a run, when the stack does not import together (on the lent
+# device: datasets 5.2 needs pyarrow >= 24; with an older pyarrow there, carry datasets==5.0.0).
+"$PY" -c "import torch, transformers, peft, trl, bitsandbytes, datasets, worker.training.recipe; \
+assert torch.cuda.is_available(), 'no CUDA device'; print('stack imports; GPU:', torch.cuda.get_device_name())"
 "$PY" - > "$OUT/versions.json" <<'PY'
 import importlib.metadata as m, json
 names = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger-kernel", "flash-attn"]
