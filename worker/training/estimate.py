@@ -15,9 +15,9 @@ The peak of a QLoRA step is the sum of:
 
 The per-token activation coefficients were fitted (to within 0.5 %) on what the stack saves for
 backward in Llama-architecture models of 1 and 3 layers and six shapes, bf16 compute, LoRA on every
-linear layer, through the trainer's loss head (tests/training/test_estimate.py re-measures them on
-shapes the fit never saw); the allowance is the part to recalibrate against bench/ measurements on
-real GPUs.
+linear layer, through the trainer's loss head. tests/training/test_estimate.py re-measures them on
+shapes the fit never saw, and checks the step's parts against every tensor live at its worst
+moment; the allowance is the part to recalibrate against bench/ measurements on real GPUs.
 """
 
 from __future__ import annotations
