@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.train_bench import PRESETS, ensure_model  # noqa: E402
+from bench.train_bench import PRESETS, ensure_model, run_child, save_report  # noqa: E402
 from worker.training.estimate import CONTEXT_BYTES  # noqa: E402
 
 # (preset, micro-batch, sequence length, gradient checkpointing)
@@ -67,11 +64,7 @@ def run_case(work: Path, preset: str, batch: int, seq: int, checkpointing: bool,
     write_full_rows(data, rows=STEPS * batch, seq=seq, vocab=PRESETS[preset]["vocab_size"], seed=seed)
     settings = {"device": device, "steps": STEPS, "batch": batch, "seq": seq, "r": 16, "lr": 2e-4, "seed": seed,
                 "packing": "auto", "gradient_checkpointing": checkpointing}
-    out = runs / f"{name}.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") if device == "cuda" else ""}
-    subprocess.run([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--child", "engine", str(model),
-                    str(data), json.dumps(settings), str(time.time()), str(out)], check=True, env=env, cwd=ROOT)
-    raw = json.loads(out.read_text())
+    raw = run_child("engine", model, data, settings, runs / f"{name}.json")
     predicted = raw["predicted_peak_bytes"]
     if device == "cuda":
         measured, allocated = raw["memory"]["reserved"], raw["memory"]["allocated"]
@@ -104,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
               "within_target": all(abs(r["error"]) <= TARGET for r in rows) if args.device == "cuda" else None,
               "measured": "peak reserved device memory" if args.device == "cuda"
               else "growth of process RSS from before the model loaded (not the GPU target's measure)"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
     print_table(report)
     return report
 

@@ -209,6 +209,20 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def run_child(path: str, model: Path, data: Path, settings: dict, out: Path) -> dict:
+    """Runs one path (`child`) in a fresh process on settings["device"] and returns what it measured."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0") if settings["device"] == "cuda" else ""
+    subprocess.run([sys.executable, __file__, "--child", path, str(model), str(data), json.dumps(settings),
+                    str(time.time()), str(out)], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": visible},
+                   cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def save_report(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
 # ---------------------------------------------------------------- the comparison
 
 
@@ -314,15 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="run-", dir=model.parent))  # this run's data, results and cache
     write_data(work / "train.jsonl", rows=args.steps * args.batch * 2, seq=args.seq, vocab=dims["vocab_size"],
                seed=args.seed)
-    results = {}
-    for path in ("baseline", "engine", "engine-cached"):
-        out = work / f"{path}.json"
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} \
-            if args.device == "cuda" else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        started = time.time()
-        subprocess.run([sys.executable, __file__, "--child", path, str(model), str(work / "train.jsonl"),
-                        json.dumps(settings), str(started), str(out)], check=True, env=env, cwd=ROOT)
-        results[path] = json.loads(out.read_text())
+    results = {path: run_child(path, model, work / "train.jsonl", settings, work / f"{path}.json")
+               for path in ("baseline", "engine", "engine-cached")}
     rate, rate_dtype = matmul_rate(args.device)
     report = {"preset": args.preset, "dims": dims, "settings": settings, "matmul_flops_per_s": rate,
               "matmul_dtype": rate_dtype,
@@ -343,8 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["loss_parity"] = {"max_relative_gap": loss_parity(b["loss_curve"], e["loss_curve"]),
                              "tolerance": LOSS_PARITY}
     report["loss_parity"]["within"] = report["loss_parity"]["max_relative_gap"] <= LOSS_PARITY
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
     print_table(report)
     return report
 
