@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: install run test train-demo clean
+.PHONY: install run test test-fast train-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ train-demo: install
 # The whole suite. The tests start Postgres, Redis and an S3 server on loopback when they are not running.
 test: install
 	$(PY) -m pytest
+
+# The rules that need no deployment (state machine, job requests, admission, OpenAI translation) on
+# SQLite, in seconds: no Postgres, Redis, S3 or training.
+test-fast: install
+	$(PY) -m pytest tests/fast -q
 
 clean:
 	rm -rf $(VENV) demo

@@ -5,8 +5,7 @@ Safe to run on every start: each step only does what is missing.
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from app.config import Settings
@@ -16,12 +15,16 @@ from app.models import repository as models
 from app.models import service as models_service
 from app.teams import repository as teams
 from app.teams import service as teams_service
+from worker.training.protocol import write_json_atomic
 
 DEMO_TEAM = "default"
 DEMO_MODEL = "tiny-demo"
 
 
-def bootstrap_embedded(settings: Settings, announce=print) -> None:
+def bootstrap_embedded(settings: Settings, announce: Callable[[str], object],
+                       build_demo_model: Callable[[Path], object]) -> None:
+    """build_demo_model(path) writes the demo model to path; it is given by the caller (`qlora serve`
+    passes the engine's tiny model), so the API side never imports the engine."""
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
@@ -35,9 +38,7 @@ def bootstrap_embedded(settings: Settings, announce=print) -> None:
             path = settings.home / "models" / DEMO_MODEL
             if not (path / "config.json").exists():
                 announce(f"building the tiny demo model in {path} (a few seconds, nothing is downloaded)")
-                from worker.training.tiny import build_tiny_model  # imports torch: only on first start
-
-                build_tiny_model(path, seed=0)
+                build_demo_model(path)
             models_service.add_model(session, DEMO_MODEL, path=str(path),
                                      description="a ~4M-parameter Llama-architecture model built offline, for trying things out")
 
@@ -45,8 +46,6 @@ def bootstrap_embedded(settings: Settings, announce=print) -> None:
 def write_credentials(settings: Settings, key: str) -> Path:
     path = settings.credentials_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": f"http://{settings.host}:{settings.port}", "api_key": key}, indent=2))
-    os.chmod(tmp, 0o600)  # a bearer key: readable by its owner only
-    os.replace(tmp, path)
+    # A bearer key: readable by its owner only.
+    write_json_atomic(path, {"url": f"http://{settings.host}:{settings.port}", "api_key": key}, indent=2, mode=0o600)
     return path

@@ -1,5 +1,6 @@
-"""Errors that carry their HTTP status. Services raise them; one handler renders them all as
-{"error": {"code", "message", "details"?}} — the message says what is wrong and how to fix it."""
+"""Errors that carry their HTTP status. Services raise them; one handler renders them all, as
+body() under the native routes and in OpenAI's shape under /v1 — the message says what is wrong and
+how to fix it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class AppError(Exception):
             self.code = code
 
     def body(self) -> dict:
+        """{"error": {"code", "message", "details"?}}: how the native API answers with this error."""
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details is not None:
             error["details"] = self.details
@@ -58,6 +60,13 @@ class DoesNotFit(AppError):
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"
+
+
+class UploadInterrupted(AppError):
+    """The client went away before the upload's body was complete; nothing of it is kept."""
+
+    status = 400
+    code = "upload_interrupted"
 
 
 class Invalid(AppError):

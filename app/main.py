@@ -15,15 +15,14 @@ from app import logs
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
-from app.errors import AppError
+from app.errors import AppError, Invalid
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
-from app.openai.routes import router as openai_router
-from app.operations.routes import router as operations_router
-from app.openai.translate import openai_error
 from app.models.routes import router as models_router
+from app.openai.routes import router as openai_router
+from app.openai.translate import openai_error
+from app.operations.routes import router as operations_router
 from app.storage.base import storage_from_settings
-from app.uploads import UploadInterrupted
 from app.web.routes import STATIC_DIR
 from app.web.routes import router as web_router
 
@@ -54,27 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = storage_from_settings(settings)
 
-    def error_response(request: Request, status: int, code: str, message: str, details=None) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible API answers in OpenAI's shape
-            status, body = openai_error(status, message, code, details)
-            return JSONResponse(body, status_code=status)
-        error = {"code": code, "message": message} | ({"details": details} if details is not None else {})
-        return JSONResponse({"error": error}, status_code=status)
-
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError):
-        return error_response(request, exc.status, exc.code, exc.message, exc.details)
+        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible API answers in OpenAI's shape
+            status, body = openai_error(exc.status, exc.message, exc.code, exc.details)
+            return JSONResponse(body, status_code=status)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError):
+        """FastAPI's own checks of parameters and bodies, answered as any Invalid."""
         details = [{"field": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
                    for err in exc.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        return error_response(request, 422, "invalid", message, details)
-
-    @app.exception_handler(UploadInterrupted)
-    async def upload_interrupted(_request: Request, exc: UploadInterrupted):
-        return JSONResponse({"error": {"code": "upload_interrupted", "message": str(exc)}}, status_code=400)
+        return await app_error(request, Invalid(message, details=details))
 
     @app.middleware("http")
     async def job_id_in_logs(request: Request, call_next):

@@ -5,13 +5,26 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, or_
 
-from app.errors import Invalid
+from app.errors import Invalid, field_errors
 
 MAX_LIMIT = 200
+
+
+class Page(NamedTuple):
+    """One page of rows; next_cursor continues after it (None on the last page)."""
+
+    data: list
+    next_cursor: str | None
+
+    @property
+    def has_more(self) -> bool:
+        return self.next_cursor is not None
 
 
 def encode_cursor(created_at: datetime, item_id: str) -> str:
@@ -28,19 +41,44 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Invalid("cursor: not a cursor this API returned; pass next_cursor from the previous page") from None
 
 
+def cursor_after(row) -> str:
+    """The cursor of the page that starts after this row (for APIs that page by the last id seen)."""
+    return encode_cursor(row.created_at, row.id)
+
+
+def check_limit(limit: int, maximum: int = MAX_LIMIT) -> int:
+    if not 1 <= limit <= maximum:
+        raise Invalid(f"limit: must be between 1 and {maximum}, got {limit}",
+                      details=field_errors([("limit", f"must be between 1 and {maximum}")]))
+    return limit
+
+
 def newest_first(query: Select, table, cursor: str | None, limit: int) -> Select:
     """Order by (created_at, id) descending, start after the cursor, fetch one extra row to know if there is more."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise Invalid(f"limit: must be between 1 and {MAX_LIMIT}, got {limit}")
+    check_limit(limit)
     if cursor:
         created, item_id = decode_cursor(cursor)
         query = query.where(or_(table.created_at < created, and_(table.created_at == created, table.id < item_id)))
     return query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
 
 
-def page(rows: list, limit: int) -> tuple[list, str | None]:
-    """Split the limit+1 rows into the page and the next cursor (None on the last page)."""
+def page(rows: list, limit: int) -> Page:
+    """Split the limit+1 rows fetched into the page and the next cursor (None on the last page)."""
     if len(rows) <= limit:
-        return rows, None
+        return Page(rows, None)
     rows = rows[:limit]
-    return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+    return Page(rows, cursor_after(rows[-1]))
+
+
+def page_after(rows: list, key: Callable[[Any], str], after: str | None, limit: int, unknown: str) -> Page:
+    """A page of a short list held whole, starting after the row whose key is `after` (Invalid with the
+    message `unknown` when no row has it); next_cursor is the key of the page's last row."""
+    keys = [key(row) for row in rows]
+    start = 0
+    if after:
+        if after not in keys:
+            raise Invalid(unknown, details=field_errors([("after", "unknown")]))
+        start = keys.index(after) + 1
+    check_limit(limit)
+    end = start + limit
+    return Page(rows[start:end], keys[end - 1] if len(rows) > end else None)

@@ -16,7 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import Invalid
+from app.errors import Invalid, UploadInterrupted
 
 FLUSH_BYTES = 1 << 20  # hand the sink ~1 MiB at a time: few thread hops, bounded memory
 MAX_FIELD_BYTES = 64 * 1024  # plain form fields (purpose, a name) are small
@@ -24,10 +24,6 @@ MAX_FIELD_BYTES = 64 * 1024  # plain form fields (purpose, a name) are small
 
 class FileSink(Protocol):
     def write(self, data: bytes) -> None: ...
-
-
-class UploadInterrupted(Exception):
-    """The client went away before the body was complete."""
 
 
 async def read_multipart(request: Request, open_file: Callable[[str, str], FileSink],

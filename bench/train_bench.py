@@ -164,9 +164,8 @@ def baseline(model_dir: str, data: str, settings: dict, clock) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from worker.training.data import read_jsonl
-    from worker.training.tokenization import encode_examples, prepare_tokenizer
-
     from worker.training.model import resolve_compute_dtype
+    from worker.training.tokenization import encode_examples, prepare_tokenizer
 
     cuda = settings["device"] == "cuda"
     dtype = resolve_compute_dtype("auto", settings["device"])  # the same compute dtype as the engine
@@ -191,7 +190,8 @@ def baseline(model_dir: str, data: str, settings: dict, clock) -> dict:
                        # The engine's schedule and clipping (QLoRA's), so the loss curves can be compared.
                        lr_scheduler_type="constant", max_grad_norm=0.3, warmup_steps=0,
                        max_length=settings["seq"], logging_steps=1, save_strategy="no", report_to="none",
-                       bf16=dtype == torch.bfloat16, use_cpu=not cuda, seed=settings["seed"], data_seed=settings["seed"],
+                       bf16=dtype == torch.bfloat16, use_cpu=not cuda,
+                       seed=settings["seed"], data_seed=settings["seed"],
                        include_num_input_tokens_seen="non_padding", disable_tqdm=True),
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout
@@ -256,7 +256,8 @@ def flops_per_token(dims: dict, seq: int) -> float:
     from worker.training.estimate import ModelShape
 
     shape = ModelShape.from_config(dims)
-    n = shape.linear_params + shape.vocab * shape.hidden  # the output head's matmul counts; the embedding lookup does not
+    # The output head's matmul counts; the embedding lookup does not.
+    n = shape.linear_params + shape.vocab * shape.hidden
     attention = 4 * shape.layers * shape.heads * shape.head_dim * seq  # causal: half of 2·2·S·d, forward and backward
     return 4 * n + attention
 
@@ -340,8 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["ratio"] = {k: e[k] / b[k] for k in ("tokens_per_s", "mfu", "peak_allocated_bytes", "peak_reserved_bytes",
                                                  "time_to_first_step_s", "final_loss")}
     if args.device == "cuda":
-        report["estimator"] = {"predicted_bytes": e["predicted_peak_bytes"], "measured_reserved_bytes":
-                               e["peak_reserved_bytes"], "error": e["predicted_peak_bytes"] / e["peak_reserved_bytes"] - 1}
+        report["estimator"] = {"predicted_bytes": e["predicted_peak_bytes"],
+                               "measured_reserved_bytes": e["peak_reserved_bytes"],
+                               "error": e["predicted_peak_bytes"] / e["peak_reserved_bytes"] - 1}
     cached = report["engine-cached"]
     report["cache"] = {"cold_time_to_first_step_s": e["time_to_first_step_s"],
                        "cached_time_to_first_step_s": cached["time_to_first_step_s"],
@@ -369,7 +371,7 @@ def print_table(report: dict) -> None:
             ("peak allocated", "peak_allocated_bytes", "bytes"), ("peak reserved", "peak_reserved_bytes", "bytes"),
             ("time to first step", "time_to_first_step_s", "{:.1f} s"), ("final loss", "final_loss", "{:.4f}")]
     for label, key, fmt in rows:
-        def show(v):
+        def show(v, fmt=fmt):
             return f"{v / 2**20:,.0f} MiB" if fmt == "bytes" else fmt.format(v)
         table.add_row(label, show(report["baseline"][key]), show(report["engine"][key]), f"{report['ratio'][key]:.2f}")
     parity = report["loss_parity"]

@@ -1,20 +1,19 @@
 """The training process: `python -m worker.runner WORKDIR`, spawned by the worker for one job.
 
-Reads WORKDIR/job.json, runs the recipe, and talks back through files (see supervisor.py):
-records.jsonl (metrics, events and checkpoints, appended and flushed one line at a time),
-progress.json (rewritten atomically every step), result.json (last). It uploads each complete
-checkpoint to object storage itself, before training goes on, and only then reports it.
+Reads the job file, runs the recipe, and talks back through the work directory's files
+(worker/training/protocol.py names them all): typed records (metrics, events, checkpoints),
+appended and flushed one line at a time; progress, rewritten atomically every step; the result,
+last. It uploads each complete checkpoint to object storage itself, before training goes on, and
+only then reports it.
 
-It stops after its current step when WORKDIR/cancel appears (after saving a checkpoint when
-WORKDIR/pause appears), and also when its supervisor is
-gone (the parent process died) or silent (the heartbeat file is older than the heartbeat
-deadline: the job has surely been requeued elsewhere), so a lost worker never leaves a training
-process holding the GPU.
+It stops after its current step when the cancel file appears (after saving a checkpoint when the
+pause file appears), and also when its supervisor is gone (the parent process died) or silent (the
+heartbeat file is older than the heartbeat deadline: the job has surely been requeued elsewhere),
+so a lost worker never leaves a training process holding the GPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tarfile
@@ -23,12 +22,16 @@ from pathlib import Path
 
 from app import logs
 from app.config import get_settings
+from worker.training.protocol import (
+    CheckpointStored, JobFile, Progress, QuantizedBaseStored, QuantizedCache, RecordWriter, Result, Sink,
+    WorkDir,
+)
 
 if __name__ == "__main__":
     # Before the imports below: transformers pulls in bitsandbytes, which logs as it loads. The
     # process trains one job, so every line it logs is about that job.
     logs.configure("trainer", get_settings().log_format)
-    logs.job_id_var.set(json.loads((Path(sys.argv[1]) / "job.json").read_text())["job_id"])
+    logs.job_id_var.set(JobFile.read(WorkDir(Path(sys.argv[1])).job).job_id)
 
 from transformers import TrainerCallback  # noqa: E402
 
@@ -41,16 +44,14 @@ FAULT_STALL_CHECKPOINT = "QLORA_FAULT_STALL_CHECKPOINT_STEP"
 
 
 class ProgressFile(TrainerCallback):
-    """Rewrites progress.json after every optimizer step: cheap, and always a whole file."""
+    """Rewrites the progress file after every optimizer step: cheap, and always a whole file."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def _write(self, state) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": state.global_step, "total_steps": state.max_steps,
-                                   "tokens_seen": state.num_input_tokens_seen}))
-        os.replace(tmp, self.path)
+        Progress(step=state.global_step, total_steps=state.max_steps,
+                 tokens_seen=state.num_input_tokens_seen).write(self.path)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._write(state)
@@ -63,7 +64,8 @@ class CheckpointUpload(TrainerCallback):
     """After the recipe has moved a checkpoint into place, stream it (with the run manifest) to
     object storage as one tar and report it. A checkpoint exists for a resume only once reported."""
 
-    def __init__(self, out_dir: Path, team_id: str, sink, storage):
+    def __init__(self, workdir: WorkDir, out_dir: Path, team_id: str, sink: Sink, storage):
+        self.workdir = workdir
         self.out_dir = out_dir
         self.team_id = team_id
         self.sink = sink
@@ -80,12 +82,11 @@ class CheckpointUpload(TrainerCallback):
                 tar.add(self.out_dir / "run.json", arcname="run.json")
                 tar.add(source, arcname=f"checkpoints/step-{step}")
                 if step == self.stall_at:
-                    (self.out_dir.parent / "fault-stalled").touch()
+                    self.workdir.fault_stalled.touch()
                     while True:
                         time.sleep(1)
             stored = writer.commit()
-        self.sink({"kind": "checkpoint", "step": step, "key": stored.key, "size": stored.size,
-                   "sha256": stored.sha256})
+        self.sink(CheckpointStored(step=step, key=stored.key, size=stored.size, sha256=stored.sha256))
 
 
 class _Stream:
@@ -99,8 +100,8 @@ class _Stream:
         return len(data)
 
 
-def supervisor_gone(workdir: Path, parent: int, deadline_s: float):
-    heartbeat = workdir / "heartbeat"
+def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float):
+    heartbeat = workdir.heartbeat
 
     def check() -> bool:
         if os.getppid() != parent:
@@ -112,10 +113,10 @@ def supervisor_gone(workdir: Path, parent: int, deadline_s: float):
     return check
 
 
-def main(workdir: Path) -> int:
-    job = json.loads((workdir / "job.json").read_text())
+def main(root: Path) -> int:
+    workdir = WorkDir(root)
     _quiet_progress_bars()
-    return _train(workdir, job, get_settings())
+    return _train(workdir, JobFile.read(workdir.job), get_settings())
 
 
 def _quiet_progress_bars() -> None:
@@ -129,7 +130,7 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.enable_propagation()
 
 
-def _train(workdir: Path, job: dict, settings) -> int:
+def _train(workdir: WorkDir, job: JobFile, settings) -> int:
     # Imported once logging is set up: bitsandbytes and friends log as they load.
     from worker.training.data import DataError
     from worker.training.recipe import TrainingError, run
@@ -137,48 +138,37 @@ def _train(workdir: Path, job: dict, settings) -> int:
     from worker.training.tokenization import TemplateError
 
     gone = supervisor_gone(workdir, os.getppid(), settings.heartbeat_deadline_s)
-    cancel_file, pause_file = workdir / "cancel", workdir / "pause"
-    with open(workdir / "records.jsonl", "a", encoding="utf-8") as records:
-        def sink(record: dict) -> None:
-            records.write(json.dumps(record, default=str) + "\n")
-            records.flush()
-
-        out_dir = Path(job["out_dir"])
+    with RecordWriter(workdir.records) as sink:
+        out_dir = Path(job.out_dir)
         storage = storage_from_settings(settings)
-        cache = job.get("quantized_cache")
+        cache = job.quantized_cache
         try:
             result = run(
-                JobSpec.parse(job["spec"]), job["train_path"], out_dir,
-                validation_path=job["validation_path"], registry=job["registry"], sink=sink,
-                resume=job["resume"], cancel=lambda: cancel_file.exists() or gone(), pause=pause_file.exists,
-                quantized_cache=Path(cache["dir"]) if cache else None,
-                extra_callbacks=(ProgressFile(workdir / "progress.json"),
-                                 CheckpointUpload(out_dir, job["team_id"], sink, storage)),
+                JobSpec.parse(job.spec), job.train_path, out_dir,
+                validation_path=job.validation_path, registry=job.registry, sink=sink,
+                resume=job.resume, cancel=lambda: workdir.cancel.exists() or gone(), pause=workdir.pause.exists,
+                quantized_cache=Path(cache.dir) if cache else None,
+                extra_callbacks=(ProgressFile(workdir.progress),
+                                 CheckpointUpload(workdir, out_dir, job.team_id, sink, storage)),
             )
-            outcome = {"status": result.status, "summary": result.summary}
+            outcome = Result(status=result.status, summary=result.summary)
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
-            outcome = {"status": "failed", "error": str(exc)}
-        if cache and not cache["hit"] and (Path(cache["dir"]) / "config.json").is_file():
+            outcome = Result(status="failed", error=str(exc))
+        if cache and not cache.hit and (Path(cache.dir) / "config.json").is_file():
             share_quantized_base(cache, storage, sink)
-    _write_json(workdir / "result.json", outcome)
+    outcome.write(workdir.result)
     return 0
 
 
-def share_quantized_base(cache: dict, storage, sink) -> None:
+def share_quantized_base(cache: QuantizedCache, storage, sink: Sink) -> None:
     """Upload the base this run quantized, for later jobs of any team (registry models are shared);
     the worker records it, and of two jobs that quantized the same base at once the first wins."""
     with storage.writer(make_key("shared", "quantized-bases")) as writer:
         with tarfile.open(fileobj=_Stream(writer), mode="w|") as tar:
-            tar.add(cache["dir"], arcname="quantized")
+            tar.add(cache.dir, arcname="quantized")
         stored = writer.commit()
-    sink({"kind": "quantized_base", "key": cache["key"], "storage_key": stored.key, "size": stored.size,
-          "sha256": stored.sha256, "identity": cache["identity"]})
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    os.replace(tmp, path)
+    sink(QuantizedBaseStored(key=cache.key, storage_key=stored.key, size=stored.size, sha256=stored.sha256,
+                             identity=cache.identity))
 
 
 if __name__ == "__main__":

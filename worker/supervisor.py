@@ -2,9 +2,9 @@
 
 The training runs in its own process (worker/runner.py) so a crash, an OOM or a kill of it never
 takes the worker down, and this process never touches CUDA. They talk through files in the job's
-work directory: the trainer appends records.jsonl and rewrites progress.json; this side creates
-`cancel` (or `pause`) to ask it to stop; result.json is its last word. This side owns every database write,
-each fenced by the attempt number it claimed.
+work directory (worker/training/protocol.py: WorkDir): the trainer appends typed records and
+rewrites its progress; this side creates the cancel (or pause) file to ask it to stop; the result
+is its last word. This side owns every database write, each fenced by the attempt number it claimed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.storage.base import make_key, storage_from_settings
+from worker.training.protocol import (
+    AppendedLines, CheckpointStored, JobFile, Progress, QuantizedCache, RecordReader, Result, WorkDir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class JobRun:
         if job is None:
             log.info("job %s is not queued any more; nothing to do", self.job_id)
             return
-        workdir = self.settings.work_dir / job.id / f"attempt-{job.attempt}"
+        workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         proc = None
         try:
@@ -70,63 +73,57 @@ class JobRun:
         finally:
             if proc is not None and proc.poll() is None:
                 _kill(proc)
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir.root, ignore_errors=True)
 
-    def _prepare(self, job: ClaimedJob, workdir: Path) -> None:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        train = workdir / "train.jsonl"
-        self.storage.download(job.train.storage_key, train, expected_sha256=job.train.sha256)
-        validation = None
+    def _prepare(self, job: ClaimedJob, workdir: WorkDir) -> None:
+        shutil.rmtree(workdir.root, ignore_errors=True)
+        workdir.root.mkdir(parents=True)
+        self.storage.download(job.train.storage_key, workdir.train_data, expected_sha256=job.train.sha256)
         if job.validation:
-            validation = workdir / "validation.jsonl"
-            self.storage.download(job.validation.storage_key, validation, expected_sha256=job.validation.sha256)
-        out = workdir / "out"
+            self.storage.download(job.validation.storage_key, workdir.validation_data,
+                                  expected_sha256=job.validation.sha256)
         if job.resume_from is not None:
             # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
-            archive = workdir / "resume.tar"
-            self.storage.download(job.resume_from.storage_key, archive, expected_sha256=job.resume_from.sha256)
-            with tarfile.open(archive) as tar:
-                tar.extractall(out, filter="data")
-            archive.unlink()
+            self._download_tar(job.resume_from, workdir.out, workdir.archive("resume"))
         base_path = self._base_model_path(job.base_model)
-        (workdir / "job.json").write_text(json.dumps({
-            "spec": job.spec,
-            "train_path": str(train),
-            "validation_path": str(validation) if validation else None,
-            "registry": {job.base_model["name"]: str(base_path)},
-            "quantized_cache": self._quantized_cache(job, base_path, workdir),
-            "out_dir": str(out),
-            "team_id": job.team_id,
-            "job_id": job.id,
-            "resume": job.attempt > 1,
-        }))
+        JobFile(
+            job_id=job.id, team_id=job.team_id, spec=job.spec,
+            train_path=str(workdir.train_data),
+            validation_path=str(workdir.validation_data) if job.validation else None,
+            registry={job.base_model["name"]: str(base_path)},
+            out_dir=str(workdir.out),
+            resume=job.attempt > 1,
+            quantized_cache=self._quantized_cache(job, base_path, workdir),
+        ).write(workdir.job)
 
-    def _quantized_cache(self, job: ClaimedJob, base_path: Path, workdir: Path) -> dict | None:
+    def _download_tar(self, ref: runs.ObjectRef, into: Path, archive: Path) -> None:
+        """Fetch a stored tar (checked against its sha256) and unpack it into a directory."""
+        self.storage.download(ref.storage_key, archive, expected_sha256=ref.sha256)
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+        archive.unlink()
+
+    def _quantized_cache(self, job: ClaimedJob, base_path: Path, workdir: WorkDir) -> QuantizedCache | None:
         """Fetch the pre-quantized base for this model and quantization if one is cached (checked
         against its sha256), or name where the training process should save one."""
         if job.spec["quantization"]["bits"] == "none":
             return None
         identity = quantized_identity(job, base_path, job.queue)
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        target = workdir / "quantized"
         with session_scope(self.db) as session:
             cached = runs.cached_base(session, key)
         if cached is not None:
-            archive = workdir / "quantized.tar"
             try:
-                self.storage.download(cached.storage_key, archive, expected_sha256=cached.sha256)
-                with tarfile.open(archive) as tar:
-                    tar.extractall(workdir, filter="data")
-                archive.unlink()
-                return {"dir": str(target), "key": key, "hit": True, "identity": identity}
+                # The archive holds quantized/, which lands where workdir.quantized names it.
+                self._download_tar(cached, workdir.root, workdir.archive("quantized"))
+                return QuantizedCache(dir=str(workdir.quantized), key=key, hit=True, identity=identity)
             except Exception:  # a damaged entry must not fail the job: forget it and quantize afresh
                 log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
-                shutil.rmtree(target, ignore_errors=True)
+                shutil.rmtree(workdir.quantized, ignore_errors=True)
                 with session_scope(self.db) as session:
                     stale = runs.forget_cached_base(session, key)
                 self._delete([stale] if stale else [])
-        return {"dir": str(target), "key": key, "hit": False, "identity": identity}
+        return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
 
     def _base_model_path(self, model: dict) -> Path:
         if model["path"]:
@@ -138,73 +135,71 @@ class JobRun:
             model["hub_id"], revision=model["revision"], cache_dir=str(self.settings.home / "hub"),
             allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
 
-    def _spawn(self, workdir: Path) -> subprocess.Popen:
-        log_file = open(workdir / "train.log", "ab")
+    def _spawn(self, workdir: WorkDir) -> subprocess.Popen:
+        log_file = open(workdir.log, "ab")
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "worker.runner", str(workdir)],
-                stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir,
+                [sys.executable, "-m", "worker.runner", str(workdir.root)],
+                stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir.root,
                 start_new_session=True,  # its own process group: a kill reaches its helpers too
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         finally:
             log_file.close()
 
-    def _supervise(self, job: ClaimedJob, workdir: Path, proc: subprocess.Popen) -> dict | None:
+    def _supervise(self, job: ClaimedJob, workdir: WorkDir, proc: subprocess.Popen) -> Result | None:
         """Relay records and heartbeats until the process exits; pass on a cancel; kill it if the
-        lease is lost or a cancel is not obeyed in time. Returns result.json, if it wrote one."""
-        records = RecordTail(workdir / "records.jsonl")
-        trainer_log = RecordTail(workdir / "train.log", parse=False)
-        heartbeat = workdir / "heartbeat"
+        lease is lost or a cancel is not obeyed in time. Returns its result, if it wrote one."""
+        records = RecordReader(workdir.records)
+        trainer_log = AppendedLines(workdir.log)
         cancel_sent_at = None
         while True:
-            heartbeat.touch()  # the training process stops by itself when this goes stale
+            workdir.heartbeat.touch()  # the training process stops by itself when this goes stale
             exited = proc.poll() is not None
             # The trainer's own log lines (JSON, with the job id) join this worker's log stream.
             for line in trainer_log.read_new():
-                sys.stderr.write(line + "\n")
+                sys.stderr.write(line.decode("utf-8", "replace") + "\n")
             batch = records.read_new()
             try:
                 with session_scope(self.db) as session:
                     status, unkept = runs.report(session, job.id, job.attempt, batch,
-                                                 _read_json(workdir / "progress.json"), self.settings.keep_checkpoints)
+                                                 Progress.read(workdir.progress), self.settings.keep_checkpoints)
             except LeaseLost:
                 _kill(proc)
                 # Checkpoints it uploaded that will never be recorded: nobody else would delete them.
-                self._delete([r["key"] for r in batch + records.read_new() if r.get("kind") == "checkpoint"])
+                self._delete([r.key for r in batch + records.read_new() if isinstance(r, CheckpointStored)])
                 raise
             self._delete(unkept)
             if exited:
                 break
             if status == states.PAUSING:
-                (workdir / "pause").touch()  # it saves a checkpoint, then stops
+                workdir.pause.touch()  # it saves a checkpoint, then stops
             if status == states.CANCELLING and cancel_sent_at is None:
-                (workdir / "cancel").touch()
+                workdir.cancel.touch()
                 cancel_sent_at = time.monotonic()
             if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > self.settings.cancel_grace_s:
                 log.warning("job %s did not stop within %ss of its cancel; killing it", job.id,
                             self.settings.cancel_grace_s)
                 _kill(proc)
-                return {"status": states.CANCELLED, "error": "cancelled; the training process had to be killed"}
+                return Result(status=states.CANCELLED, error="cancelled; the training process had to be killed")
             time.sleep(self.settings.supervise_interval_s)
-        return _read_json(workdir / "result.json")
+        return Result.read(workdir.result)
 
-    def _record(self, job: ClaimedJob, workdir: Path, outcome: dict | None, returncode: int) -> None:
+    def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int) -> None:
         if outcome is None:
             self._finish(job, states.FAILED, error=(
                 f"the training process exited with code {returncode} without a result; "
-                f"last lines of its log:\n{_tail(workdir / 'train.log')}"))
+                f"last lines of its log:\n{_tail(workdir.log)}"))
             return
-        status = outcome["status"]
-        if status == states.SUCCEEDED:
+        if outcome.status == states.SUCCEEDED:
             for kind in ARTIFACTS:
-                source = workdir / "out" / kind
+                source = workdir.out / kind
                 if source.is_dir():
                     self._upload_artifact(job, workdir, kind, source)
-        self._finish(job, status, error=outcome.get("error"), summary=outcome.get("summary"))
+        self._finish(job, outcome.status, error=outcome.error, summary=outcome.summary)
 
-    def _upload_artifact(self, job: ClaimedJob, workdir: Path, kind: str, source: Path) -> None:
-        archive = workdir / f"{kind}.tar"
+    def _upload_artifact(self, job: ClaimedJob, workdir: WorkDir, kind: str, source: Path) -> None:
+        archive = workdir.archive(kind)
         with tarfile.open(archive, "w") as tar:  # weights barely compress; plain tar is fast to make and read
             tar.add(source, arcname=kind)
         stored = self.storage.put_file(make_key(job.team_id, "artifacts"), archive)
@@ -249,35 +244,6 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
         "gpu_class": queue,
         "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
     }
-
-
-class RecordTail:
-    """Reads the lines appended to a file since the last call (parsed as JSON unless parse=False);
-    a half-written last line waits for the next call."""
-
-    def __init__(self, path: Path, parse: bool = True):
-        self.path = path
-        self.parse = parse
-        self.offset = 0
-
-    def read_new(self) -> list:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        lines = [line for line in complete.splitlines() if line.strip()]
-        return [json.loads(line) for line in lines] if self.parse else [
-            line.decode("utf-8", "replace") for line in lines]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -1,14 +1,17 @@
+"""The worker's Celery task: the broker says "job X is ready"; the database decides what happens."""
+
 from __future__ import annotations
 
 import logging
 import socket
 
+from app.broker import RUN_JOB_TASK, celery_for
 from app.config import get_settings
-from app.jobs.dispatch import RUN_JOB_TASK
-from worker.celery_app import celery_app
 from worker.supervisor import JobRun
 
 log = logging.getLogger(__name__)
+
+celery_app = celery_for(get_settings())
 
 
 @celery_app.task(name=RUN_JOB_TASK)

@@ -3,10 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.datasets import repository, service
+from app.datasets import service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
-from app.pagination import page
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -24,8 +23,8 @@ async def upload_dataset(request: Request, session: SessionDep, storage: Storage
 
 @router.get("", response_model=DatasetPage)
 def list_datasets(session: SessionDep, caller: CallerDep, cursor: str | None = None, limit: int = 50):
-    rows, next_cursor = page(repository.list_page(session, caller.team_id, cursor, limit), limit)
-    return {"data": rows, "next_cursor": next_cursor}
+    datasets = service.list_page(session, caller, cursor, limit)
+    return {"data": datasets.data, "next_cursor": datasets.next_cursor}
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)

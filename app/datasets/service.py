@@ -14,6 +14,7 @@ from app.datasets.tables import Dataset
 from app.db import after_commit, on_rollback
 from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from app.jobs.states import ACTIVE
+from app.pagination import Page, page
 from app.storage.base import ObjectWriter, Storage, make_key
 from app.teams.service import Caller
 from app.uploads import read_multipart
@@ -129,9 +130,14 @@ def get(session: Session, caller: Caller, dataset_id: str) -> Dataset:
     return dataset
 
 
+def list_page(session: Session, caller: Caller, cursor: str | None, limit: int) -> Page:
+    """The team's datasets newest first."""
+    return page(repository.list_page(session, caller.team_id, cursor, limit), limit)
+
+
 def delete(session: Session, storage: Storage, caller: Caller, dataset_id: str) -> None:
     dataset = get(session, caller, dataset_id)
-    users = repository.active_jobs_using(session, dataset.id, ACTIVE)
+    users = repository.active_jobs_using(session, caller.team_id, dataset.id, ACTIVE)
     if users:
         names = ", ".join(f"{job.id} ({job.status})" for job in users[:5])
         raise Conflict(f"dataset {dataset.id} is used by jobs that have not finished: {names}; "

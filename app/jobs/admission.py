@@ -13,7 +13,13 @@ from app.config import Settings
 from app.errors import DoesNotFit, Invalid, field_errors
 from app.models.tables import RegisteredModel
 from worker.training.estimate import (
-    GIB, Estimate, advice, estimate_peak_memory, gib, resolve_auto_micro_batch, with_micro_batch,
+    GIB,
+    Estimate,
+    advice,
+    estimate_peak_memory,
+    fit_micro_batch,
+    gib,
+    with_micro_batch,
 )
 from worker.training.spec import JobSpec
 
@@ -40,10 +46,9 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         classes = [(requested, settings.gpu_classes[requested])]
     for name, memory_gib in classes:
         budget = int(memory_gib * GIB)
-        try:
-            sized = resolve_auto_micro_batch(spec, model.config, budget)
-        except ValueError:
-            continue  # not even a micro-batch of 1 fits this class
+        sized = fit_micro_batch(spec, model.config, budget)
+        if sized is None:
+            continue  # "auto", and not even a micro-batch of 1 fits this class
         estimate = estimate_peak_memory(sized, model.config)
         if estimate.total <= budget:
             return Admission(name, sized, estimate,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 
+from app.broker import RUN_JOB_TASK, celery_for
 from app.config import Settings
 from app.db import session_scope, utcnow
 from app.jobs import repository
 
 log = logging.getLogger(__name__)
-
-RUN_JOB_TASK = "qlora.run_job"
 
 
 def send(settings: Settings, job_id: str, queue: str) -> None:
@@ -22,8 +21,6 @@ def send(settings: Settings, job_id: str, queue: str) -> None:
 
 
 def dispatch(settings: Settings, job_id: str, queue: str) -> bool:
-    from worker.celery_app import celery_for
-
     try:
         celery_for(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
         return True

@@ -8,6 +8,7 @@ by its attempt number, change nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import timedelta
@@ -31,15 +32,17 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0, "dispatched": 0}
     for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
         silent = f"worker {job.worker} stopped sending heartbeats at step {job.step}"
-        fence = {"attempt": job.attempt, "only_from": [job.status]}
+        attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
         if job.status == states.CANCELLING:
-            if repository.transition(session, job.id, states.CANCELLED, finished_at=now, **fence):
+            if repository.transition(session, job.id, states.CANCELLED, attempt=attempt, only_from=only_from,
+                                     finished_at=now):
                 repository.add_event(session, job.id, "cancelled", "warning", f"{silent} while cancelling",
                                      attempt=job.attempt)
                 counts["cancelled"] += 1
         elif job.status == states.PAUSING:
             # It was stopping anyway: paused, resumable from its newest checkpoint.
-            if repository.transition(session, job.id, states.PAUSED, worker=None, **fence):
+            if repository.transition(session, job.id, states.PAUSED, attempt=attempt, only_from=only_from,
+                                     worker=None):
                 repository.add_event(session, job.id, "paused", "warning",
                                      f"{silent} while pausing; it resumes from its newest checkpoint",
                                      attempt=job.attempt, step=job.step)
@@ -48,11 +51,12 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
             error = (f"the job lost its worker {job.lost_workers + 1} times (last: {silent}); giving up after "
                      f"QLORA_MAX_ATTEMPTS={settings.max_attempts}. Look at the workers' health (memory, "
                      "preemption, driver errors) and start a new job")
-            if repository.transition(session, job.id, states.FAILED, finished_at=now, error=error, **fence):
+            if repository.transition(session, job.id, states.FAILED, attempt=attempt, only_from=only_from,
+                                     finished_at=now, error=error):
                 repository.add_event(session, job.id, "failed", "error", error, attempt=job.attempt)
                 counts["failed"] += 1
-        elif repository.transition(session, job.id, states.QUEUED, worker=None, dispatched_at=None,
-                                   lost_workers=job.lost_workers + 1, **fence):
+        elif repository.transition(session, job.id, states.QUEUED, attempt=attempt, only_from=only_from, worker=None,
+                                   dispatched_at=None, lost_workers=job.lost_workers + 1):
             repository.add_event(
                 session, job.id, "requeued", "warning",
                 f"{silent}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={settings.max_attempts}, "
@@ -60,8 +64,7 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
             counts["requeued"] += 1
     session.flush()
     for job in repository.undispatched(session, now - timedelta(seconds=REDISPATCH_AFTER_S)):
-        job_id, queue = job.id, job.queue
-        after_commit(session, lambda job_id=job_id, queue=queue: send(settings, job_id, queue))
+        after_commit(session, functools.partial(send, settings, job.id, job.queue))
         counts["dispatched"] += 1
     return counts
 

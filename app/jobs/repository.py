@@ -1,11 +1,18 @@
-"""Every query on jobs and their events, metrics and artifacts. Status changes are compare-and-set."""
+"""Every query on jobs and their events, metrics, checkpoints and artifacts. Status changes are compare-and-set.
+
+A team reads through readable_jobs(team_id): every read the API serves takes the team and builds on
+it, jobs by narrowing it, a job's events, metrics, checkpoints and artifacts by `job_id IN (that job,
+if the team's)`, so a read that forgets the team cannot be written. The reads without a team say whom
+they are for: the worker and the reaper, which act for whichever team owns the job, and the
+operators' aggregates.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs import states
@@ -13,8 +20,18 @@ from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, Quan
 from app.pagination import newest_first
 
 
+def readable_jobs(team_id: str) -> Select[Job]:
+    """The jobs a team may read: where every team-facing read of jobs and of what they own starts."""
+    return select(Job).where(Job.team_id == team_id)
+
+
+def _readable_job_id(team_id: str, job_id: str) -> Select:
+    """The job's id if the team may read it (else nothing): the scope of a read of its rows."""
+    return readable_jobs(team_id).with_only_columns(Job.id).where(Job.id == job_id)
+
+
 def get(session: Session, team_id: str, job_id: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.id == job_id, Job.team_id == team_id)).one_or_none()
+    return session.scalars(readable_jobs(team_id).where(Job.id == job_id)).one_or_none()
 
 
 def get_any_team(session: Session, job_id: str) -> Job | None:
@@ -23,7 +40,7 @@ def get_any_team(session: Session, job_id: str) -> Job | None:
 
 
 def list_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Job]:
-    query = select(Job).where(Job.team_id == team_id)
+    query = readable_jobs(team_id)
     if status:
         query = query.where(Job.status == status)
     return list(session.scalars(newest_first(query, Job, cursor, limit)))
@@ -70,6 +87,7 @@ def touch(session: Session, job_id: str, attempt: int, **values) -> bool:
 
 
 def status_of(session: Session, job_id: str) -> tuple[str, int] | None:
+    """For the worker: the status of the job it runs, read between steps (cancelling means: stop)."""
     row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
     return (row[0], row[1]) if row else None
 
@@ -81,8 +99,9 @@ def add_event(session: Session, job_id: str, type: str, level: str = "info", mes
     return event
 
 
-def events(session: Session, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
+def events(session: Session, team_id: str, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
+    """The job's events oldest first, after the event with id `after`."""
+    query = select(JobEvent).where(JobEvent.job_id.in_(_readable_job_id(team_id, job_id)))
     if after is not None:
         query = query.where(JobEvent.id > after)
     return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
@@ -105,12 +124,13 @@ def upsert_metric(session: Session, job_id: str, values: dict) -> None:
 
 
 def delete_metrics_after(session: Session, job_id: str, step: int) -> None:
-    """Points past a checkpoint belong to work that was lost; the resumed run logs them again."""
+    """For the worker: points past a checkpoint belong to work that was lost; the resumed run logs them again."""
     session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
 
 
 def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, float | None]:
-    """The train loss last logged at or before step, and the eval loss measured at step, if any."""
+    """For the worker: the train loss last logged at or before step, and the eval loss measured at
+    step, if any (what a new checkpoint is recorded with)."""
     train = session.scalar(select(JobMetric.train_loss).where(
         JobMetric.job_id == job_id, JobMetric.kind == "train", JobMetric.step <= step)
         .order_by(JobMetric.step.desc()).limit(1))
@@ -119,16 +139,19 @@ def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, f
     return train, eval_
 
 
-def metrics(session: Session, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step, JobMetric.kind)))
+def metrics(session: Session, team_id: str, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)))
+                                .order_by(JobMetric.step, JobMetric.kind)))
 
 
-def artifacts(session: Session, job_id: str) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)))
+def artifacts(session: Session, team_id: str, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id.in_(_readable_job_id(team_id, job_id)))
+                                .order_by(Artifact.kind)))
 
 
-def artifact(session: Session, job_id: str, kind: str) -> Artifact | None:
-    return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)).one_or_none()
+def artifact(session: Session, team_id: str, job_id: str, kind: str) -> Artifact | None:
+    return session.scalars(select(Artifact).where(
+        Artifact.job_id.in_(_readable_job_id(team_id, job_id)), Artifact.kind == kind)).one_or_none()
 
 
 def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, size: int, sha256: str) -> Artifact:
@@ -138,14 +161,15 @@ def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
 
 
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
-    """Jobs a worker owns whose worker has been silent since before cutoff; a job that never sent
-    a heartbeat counts from its claim."""
+    """For the reaper: jobs a worker owns whose worker has been silent since before cutoff, of every
+    team; a job that never sent a heartbeat counts from its claim."""
     last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
     return list(session.scalars(
         select(Job).where(Job.status.in_(states.WORKER_OWNED), last_sign < cutoff)))
 
 
 def undispatched(session: Session, created_before: datetime) -> list[Job]:
+    """For the reaper: queued jobs of every team whose "job X is ready" never reached the broker."""
     return list(session.scalars(select(Job).where(
         Job.status == states.QUEUED, Job.dispatched_at.is_(None), Job.created_at < created_before)))
 
@@ -169,7 +193,18 @@ def add_checkpoint(session: Session, job_id: str, attempt: int, step: int, key: 
 
 
 def checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
-    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+    """For the worker (resume, pruning), which acts for whichever team owns the job; a team reads
+    readable_checkpoints."""
+    return _checkpoints(session, Checkpoint.job_id == job_id)
+
+
+def readable_checkpoints(session: Session, team_id: str, job_id: str) -> list[Checkpoint]:
+    return _checkpoints(session, Checkpoint.job_id.in_(_readable_job_id(team_id, job_id)))
+
+
+def _checkpoints(session: Session, of_job) -> list[Checkpoint]:
+    """Oldest first: the newest is the one a resume starts from."""
+    return list(session.scalars(select(Checkpoint).where(of_job).order_by(Checkpoint.step)))
 
 
 def delete_checkpoint(session: Session, checkpoint: Checkpoint) -> None:
@@ -184,37 +219,43 @@ def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[s
     return [row.storage_key for row in rows]
 
 
-def metrics_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
+def metrics_after(session: Session, team_id: str, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
     """Points written after the one with id `after_id`, in write order: the cursor of a live view.
     A point logged again after a resume is a new row, so a view following the cursor sees it again."""
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id)
-                                .order_by(JobMetric.id).limit(limit)))
+    return list(session.scalars(select(JobMetric).where(
+        JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.id > after_id)
+        .order_by(JobMetric.id).limit(limit)))
 
 
-def events_newest_first(session: Session, job_id: str, before: int | None, limit: int) -> list[JobEvent]:
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
+def events_newest_first(session: Session, team_id: str, job_id: str, before: int | None,
+                        limit: int) -> list[JobEvent]:
+    """The job's events newest first (as OpenAI lists them), before the event with id `before`."""
+    query = select(JobEvent).where(JobEvent.job_id.in_(_readable_job_id(team_id, job_id)))
     if before is not None:
         query = query.where(JobEvent.id < before)
     return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
 
 
 def count_by_status(session: Session) -> dict[str, int]:
+    """For the operators' /metrics: aggregates over every team, which name no team."""
     return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
 
 def queued_by_queue(session: Session) -> dict[str, int]:
+    """For the operators' /metrics, over every team."""
     return dict(session.execute(
         select(Job.queue, func.count()).where(Job.status == states.QUEUED).group_by(Job.queue)).all())
 
 
 def finished_durations(session: Session) -> list[tuple[str, datetime, datetime]]:
-    """(status, started_at, finished_at) of every finished job that ran."""
+    """For the operators' /metrics: (status, started_at, finished_at) of every finished job that ran, of every team."""
     return [tuple(row) for row in session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
         Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
 
 
 def running_devices(session: Session) -> list[tuple[str, int, float | None]]:
-    """(worker, latest peak device memory, latest GPU utilisation) for each job a worker is training now."""
+    """For the operators' /metrics: (worker, latest peak device memory, latest GPU utilisation) for each
+    job a worker is training now, of every team."""
     latest = (select(JobMetric.job_id, func.max(JobMetric.step).label("step"))
               .where(JobMetric.kind == "train").group_by(JobMetric.job_id).subquery())
     rows = session.execute(

@@ -6,11 +6,9 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
-from app.errors import Invalid
-from app.jobs import repository, service, states
+from app.jobs import service
 from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut
 from app.jobs.stream import job_stream
-from app.pagination import page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -34,10 +32,8 @@ def create_job(body: Annotated[dict[str, Any], Body(examples=[CREATE_EXAMPLE])],
 @router.get("", response_model=JobPage)
 def list_jobs(session: SessionDep, caller: CallerDep, status: str | None = None, cursor: str | None = None,
               limit: int = 50):
-    if status is not None and status not in states.ALL:
-        raise Invalid(f"status: must be one of {', '.join(states.ALL)}, got {status!r}")
-    rows, next_cursor = page(repository.list_page(session, caller.team_id, status, cursor, limit), limit)
-    return {"data": [JobOut.of(job) for job in rows], "next_cursor": next_cursor}
+    jobs = service.list_page(session, caller, status, cursor, limit)
+    return {"data": [JobOut.of(job) for job in jobs.data], "next_cursor": jobs.next_cursor}
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -65,33 +61,27 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
 @router.get("/{job_id}/events", response_model=list[EventOut])
 def job_events(job_id: str, session: SessionDep, caller: CallerDep, after: int | None = None, limit: int = 200):
     """Events oldest first; pass the last id seen as `after` to get only newer ones."""
-    job = service.get(session, caller, job_id)
-    return repository.events(session, job.id, after, min(max(limit, 1), 1000))
+    return service.events(session, caller, job_id, after, limit)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
 def job_metrics(job_id: str, session: SessionDep, caller: CallerDep):
     """The loss curve: one train point per logging step, one eval point per evaluation."""
-    job = service.get(session, caller, job_id)
-    points = repository.metrics(session, job.id)
-    return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
-            "eval": [p for p in points if p.kind == "eval"]}
+    return service.metrics(session, caller, job_id)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
 def job_checkpoints(job_id: str, session: SessionDep, caller: CallerDep):
     """Complete checkpoints in storage, oldest first: the newest few and the best by eval loss.
     A job that loses its worker resumes from the newest."""
-    job = service.get(session, caller, job_id)
-    return repository.checkpoints(session, job.id)
+    return service.checkpoints(session, caller, job_id)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: CallerDep):
-    job = service.get(session, caller, job_id)
     return [ArtifactOut(kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
-                        download_url=str(request.url_for("download_artifact", job_id=job.id, kind=a.kind)))
-            for a in repository.artifacts(session, job.id)]
+                        download_url=str(request.url_for("download_artifact", job_id=a.job_id, kind=a.kind)))
+            for a in service.artifacts(session, caller, job_id)]
 
 
 @router.get("/{job_id}/artifacts/{kind}", name="download_artifact")

@@ -13,6 +13,9 @@ from app.datasets.tables import Dataset
 from app.db import utcnow
 from app.jobs import repository, states
 from app.models import repository as models
+from worker.training.protocol import (
+    CheckpointStored, EvalPoint, Event, Progress, QuantizedBaseStored, Record, TrainPoint,
+)
 
 
 class LeaseLost(Exception):
@@ -48,6 +51,7 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     if attempt is None:
         return None
     job = repository.get_any_team(session, job_id)
+    assert job is not None  # this transaction just claimed it
     session.refresh(job)
     model = models.by_name(session, job.base_model)
     train = session.get(Dataset, job.dataset_id) if job.dataset_id else None
@@ -85,37 +89,35 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
     repository.add_event(session, job.id, "resumed", "warning", message, attempt=job.attempt, step=job.resume_step)
 
 
-def report(session: Session, job_id: str, attempt: int, records: list[dict], progress: dict | None,
+def report(session: Session, job_id: str, attempt: int, records: list[Record], progress: Progress | None,
            keep_checkpoints: int = 3) -> tuple[str, list[str]]:
     """Write the training process's metrics, events and checkpoints and a heartbeat. Returns the
     job's status (cancelling means: stop) and the storage keys of checkpoints no longer kept, to
     delete once this is committed. Raises LeaseLost when this attempt no longer owns the job."""
     values: dict = {"heartbeat_at": utcnow()}
     if progress:
-        values["step"] = progress["step"]
-        values["total_steps"] = progress.get("total_steps")
-        values["trained_tokens"] = progress.get("tokens_seen", 0)
+        values["step"] = progress.step
+        values["total_steps"] = progress.total_steps
+        values["trained_tokens"] = progress.tokens_seen
     if not repository.touch(session, job_id, attempt, **values):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
     unkept: list[str] = []
     for record in records:
-        kind = record.get("kind")
-        if kind in ("train", "eval"):
-            repository.upsert_metric(session, job_id, _metric_values(record))
-        elif kind == "quantized_base":
-            if not repository.add_quantized_base(session, record["key"], record["storage_key"], record["size"],
-                                                 record["sha256"], record["identity"]):
-                unkept.append(record["storage_key"])  # another job cached the same weights first
-        elif kind == "checkpoint":
-            repository.add_checkpoint(session, job_id, attempt, record["step"], record["key"], record["size"],
-                                      record["sha256"], *repository.losses_at(session, job_id, record["step"]))
-            session.flush()
-            unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
-        elif kind == "event":
-            repository.add_event(session, job_id, record.get("type", "event"), record.get("level", "info"),
-                                 record.get("message", ""), attempt=attempt, step=record.get("step"),
-                                 data={k: v for k, v in record.items()
-                                       if k not in ("kind", "type", "level", "message", "step", "time")} or None)
+        match record:
+            case TrainPoint() | EvalPoint():
+                repository.upsert_metric(session, job_id, _metric_values(record))
+            case QuantizedBaseStored():
+                if not repository.add_quantized_base(session, record.key, record.storage_key, record.size,
+                                                     record.sha256, record.identity):
+                    unkept.append(record.storage_key)  # another job cached the same weights first
+            case CheckpointStored():
+                repository.add_checkpoint(session, job_id, attempt, record.step, record.key, record.size,
+                                          record.sha256, *repository.losses_at(session, job_id, record.step))
+                session.flush()
+                unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
+            case Event():
+                repository.add_event(session, job_id, record.type, record.level, record.message, attempt=attempt,
+                                     step=record.step, data=record.data or None)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
 
@@ -137,9 +139,9 @@ _METRIC_FIELDS = ("step", "epoch", "train_loss", "eval_loss", "learning_rate", "
                   "tokens_per_second", "peak_memory_bytes", "gpu_utilization")
 
 
-def _metric_values(record: dict) -> dict:
-    values = finite_json({k: record.get(k) for k in _METRIC_FIELDS})
-    values["kind"] = record["kind"]
+def _metric_values(point: TrainPoint | EvalPoint) -> dict:
+    values = finite_json({name: getattr(point, name, None) for name in _METRIC_FIELDS})
+    values["kind"] = point.kind
     return values
 
 

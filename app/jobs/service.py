@@ -1,4 +1,7 @@
-"""Jobs as the API sees them: create (validated, then queued after commit), read, cancel."""
+"""Jobs as the API sees them: create (validated, then queued after commit), read, cancel, pause, resume.
+
+Every read takes the caller and answers 404 for a job of another team, as for a missing one; what
+the job owns (events, metrics, checkpoints, artifacts) is read with the team in the query too."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
 from app.jobs.admission import admit
 from app.jobs.dispatch import send
-from app.jobs.tables import Artifact, Job
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent
 from app.models import repository as models
+from app.pagination import Page, check_limit, page
 from app.storage.base import Storage
 from app.teams.service import Caller
 from worker.training.spec import JobSpec, SpecError
@@ -108,7 +112,7 @@ class Download:
 
 def download(session: Session, storage: Storage, settings: Settings, caller: Caller, job_id: str, kind: str) -> Download:
     job = get(session, caller, job_id)
-    artifact = repository.artifact(session, job.id, kind)
+    artifact = repository.artifact(session, caller.team_id, job.id, kind)
     if artifact is None:
         raise NotFound(f"job {job.id} has no {kind!r} artifact"
                        + ("" if job.status == states.SUCCEEDED else f" (it is {job.status})"))
@@ -122,6 +126,48 @@ def get(session: Session, caller: Caller, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return job
+
+
+def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
+    """The team's jobs newest first, optionally of one status."""
+    if status is not None and status not in states.ALL:
+        raise Invalid(f"status: must be one of {', '.join(states.ALL)}, got {status!r}")
+    return page(repository.list_page(session, caller.team_id, status, cursor, limit), limit)
+
+
+MAX_EVENTS = 1000  # per request; a client reading a long history pages with `after`
+
+
+def events(session: Session, caller: Caller, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
+    """Events oldest first, after the event with id `after`; the limit is clamped to 1..MAX_EVENTS."""
+    job = get(session, caller, job_id)
+    return repository.events(session, caller.team_id, job.id, after, min(max(limit, 1), MAX_EVENTS))
+
+
+def events_newest_first(session: Session, caller: Caller, job_id: str, before: int | None, limit: int) -> Page:
+    """Events newest first, before the event with id `before` (OpenAI's order)."""
+    job = get(session, caller, job_id)
+    check_limit(limit)
+    return page(repository.events_newest_first(session, caller.team_id, job.id, before, limit + 1), limit)
+
+
+def metrics(session: Session, caller: Caller, job_id: str) -> dict:
+    """The loss curve: one train point per logging step, one eval point per evaluation."""
+    job = get(session, caller, job_id)
+    points = repository.metrics(session, caller.team_id, job.id)
+    return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
+            "eval": [p for p in points if p.kind == "eval"]}
+
+
+def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoint]:
+    """Complete checkpoints in storage, oldest first."""
+    job = get(session, caller, job_id)
+    return repository.readable_checkpoints(session, caller.team_id, job.id)
+
+
+def artifacts(session: Session, caller: Caller, job_id: str) -> list[Artifact]:
+    job = get(session, caller, job_id)
+    return repository.artifacts(session, caller.team_id, job.id)
 
 
 # What each request does from each state: (target state, event type, message). A state not listed

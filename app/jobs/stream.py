@@ -29,8 +29,8 @@ def _poll_job(database_url: str, team_id: str, job_id: str, metric_after: int, e
         job = repository.get(session, team_id, job_id)
         if job is None:
             return None
-        points = repository.metrics_after(session, job.id, metric_after, STREAM_BATCH)
-        events = repository.events(session, job.id, event_after, STREAM_BATCH)
+        points = repository.metrics_after(session, team_id, job.id, metric_after, STREAM_BATCH)
+        events = repository.events(session, team_id, job.id, event_after, STREAM_BATCH)
         metric_payloads = [
             (p.id, {"kind": p.kind, **(TrainPoint if p.kind == "train" else EvalPoint).model_validate(p).model_dump(mode="json")})
             for p in points]

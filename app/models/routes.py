@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import AdminDep, CallerDep, SessionDep
-from app.models import repository, service
+from app.models import service
 from app.models.schemas import ModelIn, ModelOut
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -11,7 +11,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("", response_model=list[ModelOut])
 def list_models(session: SessionDep, _: CallerDep):
-    return repository.list_all(session)
+    return service.list_models(session)
 
 
 @router.post("", response_model=ModelOut, status_code=201)

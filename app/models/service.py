@@ -47,6 +47,11 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
     return model
 
 
+def list_models(session: Session) -> list[RegisteredModel]:
+    """Every registered base model, by name: the registry is the same for all teams."""
+    return repository.list_all(session)
+
+
 def get_model(session: Session, name: str) -> RegisteredModel:
     model = repository.by_name(session, name)
     if model is None:

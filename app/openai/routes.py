@@ -8,26 +8,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
 
-from app.datasets import repository as datasets_repo
 from app.datasets import service as datasets
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, field_errors
-from app.jobs import repository as jobs_repo
 from app.jobs import service as jobs
 from app.openai import translate as t
-from app.pagination import MAX_LIMIT, encode_cursor, page
+from app.pagination import Page, cursor_after, page_after
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
 
-def _limit(limit: int, default_max: int = MAX_LIMIT) -> int:
-    if not 1 <= limit <= default_max:
-        raise Invalid(f"limit: must be between 1 and {default_max}", details=field_errors([("limit", "out of range")]))
-    return limit
-
-
-def _list(data: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": data, "has_more": has_more,
+def _list(data: list[dict], rows: Page) -> dict:
+    """OpenAI's list object: one page, and whether there is more (a client pages on with the last id)."""
+    return {"object": "list", "data": data, "has_more": rows.has_more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
@@ -53,13 +46,10 @@ def list_files(session: SessionDep, caller: CallerDep, purpose: str | None = Non
     if order != "desc":
         raise Invalid("order: only 'desc' (newest first) is supported", details=field_errors([("order", "use desc")]))
     if purpose not in (None, "fine-tune"):
-        return _list([], False)
-    cursor = None
-    if after:
-        anchor = datasets.get(session, caller, t.native_id(after, t.FILE, "file"))
-        cursor = encode_cursor(anchor.created_at, anchor.id)
-    rows, next_cursor = page(datasets_repo.list_page(session, caller.team_id, cursor, _limit(limit, 10_000)), limit)
-    return _list([t.file_object(d) for d in rows], next_cursor is not None)
+        return _list([], Page([], None))
+    cursor = cursor_after(datasets.get(session, caller, t.native_id(after, t.FILE, "file"))) if after else None
+    files = datasets.list_page(session, caller, cursor, limit)
+    return _list([t.file_object(d) for d in files.data], files)
 
 
 @router.get("/files/{file_id}")
@@ -94,12 +84,9 @@ def create_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, set
 
 @router.get("/fine_tuning/jobs")
 def list_jobs(session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
-    cursor = None
-    if after:
-        anchor = jobs.get(session, caller, t.native_id(after, t.JOB, "fine-tuning job"))
-        cursor = encode_cursor(anchor.created_at, anchor.id)
-    rows, next_cursor = page(jobs_repo.list_page(session, caller.team_id, None, cursor, _limit(limit)), limit)
-    return _list([t.job_object(j, caller.team.name) for j in rows], next_cursor is not None)
+    cursor = cursor_after(jobs.get(session, caller, t.native_id(after, t.JOB, "fine-tuning job"))) if after else None
+    found = jobs.list_page(session, caller, None, cursor, limit)
+    return _list([t.job_object(j, caller.team.name) for j in found.data], found)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
@@ -126,23 +113,19 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_events(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
     """Newest first, as OpenAI lists them; `after` is the last event id of the previous page."""
-    job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+    job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))  # 404 before a bad `after`
     before = int(t.native_id(after, t.EVENT, "event")) if after and after[len(t.EVENT):].isdigit() else None
     if after and before is None:
         raise Invalid(f"after: {after!r} is not an event id", details=field_errors([("after", "not an event id")]))
-    rows = jobs_repo.events_newest_first(session, job.id, before, _limit(limit) + 1)
-    return _list([t.event_object(e) for e in rows[:limit]], len(rows) > limit)
+    events = jobs.events_newest_first(session, caller, job.id, before, limit)
+    return _list([t.event_object(e) for e in events.data], events)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None,
                      limit: int = 10):
     job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
-    saved = list(reversed(jobs_repo.checkpoints(session, job.id)))  # newest first
-    if after:
-        ids = [t.CHECKPOINT + c.id for c in saved]
-        if after not in ids:
-            raise Invalid(f"after: no checkpoint {after!r} in this job", details=field_errors([("after", "unknown")]))
-        saved = saved[ids.index(after) + 1:]
-    _limit(limit)
-    return _list([t.checkpoint_object(c, job, caller.team.name) for c in saved[:limit]], len(saved) > limit)
+    newest_first = jobs.checkpoints(session, caller, job.id)[::-1]
+    saved = page_after(newest_first, lambda c: t.CHECKPOINT + c.id, after, limit,
+                       unknown=f"after: no checkpoint {after!r} in this job")
+    return _list([t.checkpoint_object(c, job, caller.team.name) for c in saved.data], saved)

@@ -1,5 +1,10 @@
-"""Between OpenAI's fine-tuning objects and ours. Only shapes and names change here; every rule
-(validation, scoping, state changes) stays in the native services the routes call."""
+"""Between OpenAI's fine-tuning objects and ours.
+
+Going out (files, jobs, events, checkpoints, errors), only shapes and names change. Coming in, a
+create-job body is checked here only as far as it is OpenAI's own: its fields, `method`, the
+hyperparameters and their ranges, ids with their prefixes, each named as the client sent it. What it
+becomes is the body of POST /jobs, and from there the native service validates and decides as for
+any job (the spec's fields, datasets, base model, GPU class; scoping; state changes)."""
 
 from __future__ import annotations
 
@@ -110,7 +115,7 @@ def event_object(event: JobEvent) -> dict:
 
 
 def checkpoint_object(checkpoint: Checkpoint, job: Job, team_name: str) -> dict:
-    metrics = {"step": checkpoint.step}
+    metrics: dict[str, float] = {"step": checkpoint.step}
     if checkpoint.train_loss is not None:
         metrics["train_loss"] = checkpoint.train_loss
     if checkpoint.eval_loss is not None:
@@ -124,7 +129,9 @@ def checkpoint_object(checkpoint: Checkpoint, job: Job, team_name: str) -> dict:
 
 
 def job_body(body: Any) -> dict:
-    """An OpenAI create-job body as the body of POST /jobs (whose service validates all of it)."""
+    """An OpenAI create-job body as the body of POST /jobs, whose service validates the spec it holds.
+    A part of the wrong shape (hyperparameters that are not an object, a file id that is not a
+    string) is refused here, naming it, never passed on to fail somewhere it has another name."""
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object", details=field_errors([("(body)", "not an object")]))
     unknown = sorted(set(body) - OPENAI_FIELDS - EXTRA_FIELDS)
@@ -133,20 +140,23 @@ def job_body(body: Any) -> dict:
                       f"'quantization' (the SDK's extra_body)", details=field_errors([(unknown[0], "unknown field")]))
     if body.get("integrations"):
         raise Invalid("integrations are not supported", details=field_errors([("integrations", "not supported")]))
-    method = body.get("method") or {"type": "supervised"}
-    if not isinstance(method, dict) or method.get("type") != "supervised":
-        kind = method.get("type") if isinstance(method, dict) else method
-        raise Invalid(f"method.type {kind!r} is not supported; this service fine-tunes with supervised QLoRA",
-                      details=field_errors([("method.type", "must be 'supervised'")]))
-    hyperparameters = {**(body.get("hyperparameters") or {}),
-                       **((method.get("supervised") or {}).get("hyperparameters") or {})}
+    method = _object(body, "method", "method") or {"type": "supervised"}
+    if method.get("type") != "supervised":
+        raise Invalid(f"method.type {method.get('type')!r} is not supported; this service fine-tunes with "
+                      "supervised QLoRA", details=field_errors([("method.type", "must be 'supervised'")]))
     if not isinstance(body.get("model"), str):
         raise Invalid("model: required, the name of a registered base model (GET /v1/models is not served; "
                       "see GET /models)", details=field_errors([("model", "required")]))
     if not isinstance(body.get("training_file"), str):
         raise Invalid("training_file: required, a file id from POST /v1/files",
                       details=field_errors([("training_file", "required")]))
-    training = dict(body.get("training") or {})
+    if body.get("validation_file") is not None and not isinstance(body["validation_file"], str):
+        raise Invalid("validation_file: must be a file id from POST /v1/files, or null",
+                      details=field_errors([("validation_file", "must be a file id or null")]))
+    supervised = _object(method, "supervised", "method.supervised")
+    hyperparameters = {**_object(body, "hyperparameters", "hyperparameters"),
+                       **_object(supervised, "hyperparameters", "method.supervised.hyperparameters")}
+    training = _object(body, "training", "training")
     training.update(_training_from(hyperparameters, training))
     if body.get("seed") is not None:
         training["seed"] = body["seed"]
@@ -161,6 +171,17 @@ def job_body(body: Any) -> dict:
     if body.get("suffix"):
         native["name"] = body["suffix"]
     return native
+
+
+def _object(parent: dict, key: str, field: str) -> dict:
+    """parent[key] as a (copied) dict: absent or null is empty, anything but an object is refused."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid(f"{field}: must be an object, got {type(value).__name__}",
+                      details=field_errors([(field, "must be an object")]))
+    return dict(value)
 
 
 def _training_from(hyperparameters: dict, training: dict) -> dict:
@@ -183,8 +204,13 @@ def _training_from(hyperparameters: dict, training: dict) -> dict:
             # larger than the usual one (memory), times gradient accumulation.
             limit = training.get("per_device_batch_size", DEFAULT_MICRO_BATCH)
             limit = DEFAULT_MICRO_BATCH if limit == "auto" else limit
-            micro = max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
-            out["per_device_batch_size"], out["gradient_accumulation_steps"] = micro, batch // micro
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                problems.append(("training.per_device_batch_size",
+                                 f"with hyperparameters.batch_size, the largest micro-batch to split it into: "
+                                 f"'auto' or a positive integer, got {limit!r}"))
+            else:
+                micro = max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
+                out["per_device_batch_size"], out["gradient_accumulation_steps"] = micro, batch // micro
     multiplier = hyperparameters.get("learning_rate_multiplier", "auto")
     if multiplier != "auto":
         if not isinstance(multiplier, int | float) or isinstance(multiplier, bool) or not (
@@ -198,10 +224,13 @@ def _training_from(hyperparameters: dict, training: dict) -> dict:
     return out
 
 
-def openai_error(status: int, message: str, code: str | None, details: list | None) -> tuple[int, dict]:
+def openai_error(status: int, message: str, code: str | None, details: Any) -> tuple[int, dict]:
     """Our error as OpenAI's: 400 for bad input and for a state that forbids the request (the SDK
-    retries 409), the first field named as `param` under the name an OpenAI client uses."""
-    field = details[0].get("field") if details and isinstance(details[0], dict) else None
+    retries 409), the first field named as `param` under the name an OpenAI client uses. Details
+    that are not a list of fields (a job too large for any GPU: what it needs and what there is)
+    name no param."""
+    first = details[0] if isinstance(details, list) and details else None
+    field = first.get("field") if isinstance(first, dict) else None
     param = PARAM_NAMES.get(field, field) if field else None
     if status in (409, 422):
         status = 400

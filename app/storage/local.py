@@ -9,17 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.storage.base import READ_CHUNK, ObjectNotFound, StorageBase, WriterBase, check_key, check_prefix
+from worker.training.protocol import fsync_dir
 
 # Writes land here first; on the same filesystem as the objects, so a commit is one rename.
 TMP_DIR = ".tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalWriter(WriterBase):
@@ -40,7 +33,7 @@ class LocalWriter(WriterBase):
         self._final_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp_path, self._final_path)
         # The rename itself survives a crash only once the directory is synced.
-        _fsync_dir(self._final_path.parent)
+        fsync_dir(self._final_path.parent)
 
     def _abort(self) -> None:
         self._file.close()

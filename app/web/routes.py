@@ -1,12 +1,14 @@
 """The dashboard's page, and the engine's defaults it pre-fills the new-job form with.
 
 The page is plain HTML, CSS and JavaScript under static/, shipped inside the package: no build
-step, nothing fetched from the internet. It signs in with an API key and calls the API routes
-with it, like curl would.
+step, nothing fetched from the internet. The script is native ES modules (static/js/main.js and
+what it imports, views under static/js/views/), served as they are by the /static mount. It signs
+in with an API key and calls the API routes with it, like curl would.
 """
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -15,6 +17,12 @@ from fastapi.responses import FileResponse
 from worker.training.spec import LoraSpec, OutputSpec, QuantizationSpec, TrainingSpec
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+# Browsers refuse an ES module served with a non-JavaScript type, and the /static mount takes its
+# types from the mimetypes table, which differs by host: Python 3.11's own says
+# application/javascript, /etc/mime.types or Windows' registry may say anything (text/plain
+# included). So the standard type for the dashboard's modules is set here, the same everywhere.
+mimetypes.add_type("text/javascript", ".js")
 
 router = APIRouter(include_in_schema=False)
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from app.datasets.tables import Dataset
 from app.db import session_scope
 from app.jobs import runs
-from app.jobs.dispatch import RUN_JOB_TASK
+from app.broker import RUN_JOB_TASK, celery_for
 from tests import services
 from tests.deployment import BUCKET, wait_for_status
 from tests.faults.conftest import (
@@ -91,8 +91,6 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(faulty,
 
 
 def test_a_job_delivered_twice_runs_once(faulty, tenant, dataset_id, fault_report):
-    from worker.celery_app import celery_for
-
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class="twice")).json()
     celery_for(faulty.settings).send_task(RUN_JOB_TASK, args=[job["id"]], queue="gpu-twice")  # the duplicate
     worker = faulty.start_worker(gpu_class="twice", name="twice")

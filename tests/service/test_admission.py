@@ -10,7 +10,7 @@ import pytest
 
 from tests import services
 from tests.deployment import upload
-from tests.training.test_estimate import LLAMA3_8B
+from tests.model_configs import LLAMA3_8B
 from worker.training.estimate import GIB
 
 CLASSES = {"l4": 24, "h100": 80}

@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from app.client import ClientError, write_verified
+from app.cli.api_client import ClientError, write_verified
 from tests.deployment import ROOT
 from worker.training.tiny import demo_spec
 

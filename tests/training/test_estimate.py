@@ -17,11 +17,8 @@ from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
 from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
 from worker.training.spec import JobSpec
+from tests.model_configs import LLAMA3_8B
 
-LLAMA3_8B = {  # config.json of Llama 3 8B
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
-}
 
 
 def spec(**training) -> JobSpec:

@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from worker.training.model import load_base_model
+from worker.training.protocol import Event
 from worker.training.recipe import TrainingError, run
 from worker.training.spec import JobSpec, SpecError
 from worker.training.tiny import demo_rows, demo_spec, score_demo
@@ -123,7 +124,8 @@ def test_summary_records_what_a_user_needs(qlora_run):
     assert set(s["versions"]) >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
     assert s["tokens_per_second"] > 0 and s["peak_memory_bytes"] > 0
     assert s["steps"] == {"completed": 160, "planned": 160, "resumed_from": 0}
-    assert math.isfinite(s["eval_loss_final"]) and s["perplexity_final"] == pytest.approx(math.exp(s["eval_loss_final"]))
+    assert math.isfinite(s["eval_loss_final"])
+    assert s["perplexity_final"] == pytest.approx(math.exp(s["eval_loss_final"]))
     record = json.loads((qlora_run[0].out_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "epoch", "train_loss", "learning_rate", "grad_norm", "tokens_seen",
             "tokens_per_second", "peak_memory_bytes"} <= set(record)
@@ -139,11 +141,11 @@ def test_nf4_is_close_to_plain_lora(qlora_run, tiny_model_dir, demo_data, tmp_pa
     spec = spec_for(tiny_model_dir)
     lora = run(spec.model_copy(update={"quantization": spec.quantization.model_copy(update={"bits": "none"})}),
                demo_data["train"], tmp_path, validation_path=demo_data["validation"])
-    q, l = qlora_run[0].summary["eval_loss_final"], lora.summary["eval_loss_final"]
+    q, plain = qlora_run[0].summary["eval_loss_final"], lora.summary["eval_loss_final"]
     first = qlora_run[0].summary["train_loss_first"]
-    assert abs(q - l) < NF4_PARITY_NATS, (q, l)
+    assert abs(q - plain) < NF4_PARITY_NATS, (q, plain)
     # Both actually learned: closeness of two untrained runs would prove nothing.
-    assert max(q, l) < 0.05 * first, (q, l, first)
+    assert max(q, plain) < 0.05 * first, (q, plain, first)
 
 
 SHORT = dict(max_steps=30, save_steps=10, logging_steps=1, eval_steps=1000, per_device_batch_size=8)
@@ -160,7 +162,8 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(short_spec(tiny_model_dir)))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "app.cli", "train", str(spec_path), "--data", str(demo_data["train"]), "--out", str(out)]
+    cmd = [sys.executable, "-m", "app.cli", "train", str(spec_path), "--data", str(demo_data["train"]),
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-10" / "COMPLETE").exists():
@@ -239,7 +242,7 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_model_dir, demo_data, tm
             sink=events.append, extra_callbacks=(Diverge(),))
     assert "lower learning_rate" in str(info.value)
     assert not (tmp_path / "checkpoints" / "step-4").exists()  # a diverged model is never checkpointed
-    assert events[-1]["type"] == "failed" and events[-1]["level"] == "error"
+    assert isinstance(events[-1], Event) and events[-1].type == "failed" and events[-1].level == "error"
 
 
 def test_pickle_weights_and_unknown_models_are_refused(tmp_path, demo_data):
@@ -248,10 +251,11 @@ def test_pickle_weights_and_unknown_models_are_refused(tmp_path, demo_data):
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(SpecError, match="pickle weights"):
-        run(JobSpec.parse({"base_model": str(pickled), "training": {"max_steps": 1}}), demo_data["train"], tmp_path / "o")
+        run(JobSpec.parse({"base_model": str(pickled), "training": {"max_steps": 1}}), demo_data["train"],
+            tmp_path / "o")
     with pytest.raises(SpecError, match="neither a registered model"):
-        run(JobSpec.parse({"base_model": "llama-9000", "training": {"max_steps": 1}}), demo_data["train"], tmp_path / "o",
-            registry={"tiny": str(pickled)})
+        run(JobSpec.parse({"base_model": "llama-9000", "training": {"max_steps": 1}}), demo_data["train"],
+            tmp_path / "o", registry={"tiny": str(pickled)})
 
 
 def test_fp16_compute_is_refused_on_a_cpu(tiny_model_dir, demo_data, tmp_path):
@@ -277,7 +281,8 @@ def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_di
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(TrainingError) as info:
-        run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path, extra_callbacks=(RunOutOfMemory(),))
+        run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path,
+            extra_callbacks=(RunOutOfMemory(),))
     message = str(info.value)
     assert "out of memory on cpu at step 3 with micro-batch 8 and max_seq_length 64" in message
     assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message

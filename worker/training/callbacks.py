@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from transformers import TrainerCallback
 
 from worker.training import checkpoints
 from worker.training.model import peak_memory_bytes
-
-Sink = Callable[[dict], None]  # receives metric records ("train", "eval") and events ("event")
+from worker.training.protocol import EvalPoint, Event, Sink, TrainPoint
 
 
 class MetricsCallback(TrainerCallback):
-    """One record per logging step (and per evaluation) to the sink."""
+    """One point per logging step (TrainPoint) and per evaluation (EvalPoint) to the sink."""
 
     def __init__(self, sink: Sink, device: str):
         self.sink = sink
@@ -36,20 +37,19 @@ class MetricsCallback(TrainerCallback):
         now = time.monotonic()
         tokens = state.num_input_tokens_seen
         elapsed = max(now - self._last_time, 1e-9)
-        record = {
-            "kind": "train",
-            "step": state.global_step,
-            "epoch": round(state.epoch or 0.0, 4),
-            "train_loss": logs["loss"],
-            "learning_rate": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "tokens_seen": tokens,
-            "tokens_per_second": round((tokens - self._last_tokens) / elapsed, 1),
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "gpu_utilization": gpu_utilization(self.device),
-        }
+        point = TrainPoint(
+            step=state.global_step,
+            epoch=round(state.epoch or 0.0, 4),
+            train_loss=logs["loss"],
+            learning_rate=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
+            tokens_seen=tokens,
+            tokens_per_second=round((tokens - self._last_tokens) / elapsed, 1),
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            gpu_utilization=gpu_utilization(self.device),
+        )
         self._last_time, self._last_tokens = now, tokens
-        self.sink(record)
+        self.sink(point)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
@@ -68,14 +68,27 @@ def gpu_utilization(device: str) -> float | None:
         return None
 
 
-def eval_record(step: int, epoch: float | None, eval_loss: float) -> dict:
-    return {
-        "kind": "eval",
-        "step": step,
-        "epoch": round(epoch or 0.0, 4),
-        "eval_loss": eval_loss,
-        "perplexity": math.exp(eval_loss) if eval_loss < 50 else float("inf"),
-    }
+def eval_record(step: int, epoch: float | None, eval_loss: float) -> EvalPoint:
+    return EvalPoint(
+        step=step,
+        epoch=round(epoch or 0.0, 4),
+        eval_loss=eval_loss,
+        perplexity=math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+    )
+
+
+@dataclass(frozen=True)
+class TrainingEnd:
+    """How training ended: every planned step done ("finished"), or stopped after optimizer step
+    `step` by the cancel hook ("cancelled": nothing to resume) or the pause hook ("paused": a
+    checkpoint to resume from was saved at that step)."""
+
+    how: Literal["finished", "cancelled", "paused"]
+    step: int
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.how != "finished"
 
 
 class StopCallback(TrainerCallback):
@@ -85,18 +98,17 @@ class StopCallback(TrainerCallback):
     def __init__(self, cancel: Callable[[], bool], pause: Callable[[], bool]):
         self.cancel = cancel
         self.pause = pause
-        self.cancelled_at: int | None = None
-        self.paused_at: int | None = None
+        self.stopped: TrainingEnd | None = None  # set once, by the hook that said yes
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.cancelled_at is not None or self.paused_at is not None:
+        if self.stopped is not None:
             return
         if self.cancel():
-            self.cancelled_at = state.global_step
+            self.stopped = TrainingEnd("cancelled", state.global_step)
             control.should_training_stop = True
             control.should_save = False
         elif self.pause():
-            self.paused_at = state.global_step
+            self.stopped = TrainingEnd("paused", state.global_step)
             control.should_training_stop = True
             control.should_save = True
 
@@ -116,8 +128,7 @@ class CheckpointCallback(TrainerCallback):
             return
         final = checkpoints.finalize(staged, self.checkpoints_dir, state.global_step)
         checkpoints.prune(self.checkpoints_dir, self.keep)
-        self.sink({"kind": "event", "type": "checkpoint_saved", "level": "info",
-                   "step": state.global_step, "path": str(final)})
+        self.sink(Event(type="checkpoint_saved", level="info", step=state.global_step, data={"path": str(final)}))
 
 
 class RichProgressCallback(TrainerCallback):

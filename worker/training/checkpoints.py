@@ -72,7 +72,7 @@ def prune(checkpoints_dir: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; delete older ones and any incomplete step-N."""
     complete = complete_checkpoints(checkpoints_dir)
     newest_step = complete[-1][0] if complete else -1
-    for step, path in complete[:-keep]:
+    for _step, path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     for p in checkpoints_dir.iterdir():
         m = _STEP_DIR.match(p.name)

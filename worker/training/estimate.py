@@ -207,17 +207,30 @@ def with_micro_batch(spec: JobSpec, micro_batch: int) -> JobSpec:
     return spec.model_copy(update={"training": spec.training.model_copy(update={"per_device_batch_size": micro_batch})})
 
 
-def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None) -> JobSpec:
-    """per_device_batch_size "auto" → the largest micro-batch that fits the budget (a GPU's memory).
-    Without a budget (the CPU, where RAM rather than device memory bounds it) "auto" means the default, 4."""
+def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int) -> JobSpec | None:
+    """`spec` sized for a budget (a GPU's memory): per_device_batch_size "auto" becomes the largest
+    micro-batch that fits, and None says that not even a micro-batch of 1 does. A spec with a fixed
+    micro-batch comes back as it is; whether that one fits is the caller's question (the estimate says)."""
     if spec.training.per_device_batch_size != "auto":
         return spec
-    fitting = largest_micro_batch(spec, model_config, budget_bytes) if budget_bytes else 4
-    if fitting is None:
+    fitting = largest_micro_batch(spec, model_config, budget_bytes)
+    return with_micro_batch(spec, fitting) if fitting is not None else None
+
+
+def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None) -> JobSpec:
+    """per_device_batch_size "auto" → the largest micro-batch that fits the budget (a GPU's memory);
+    ValueError, saying what one needs and what there is, when not even 1 fits. Without a budget (the
+    CPU, where RAM rather than device memory bounds it) "auto" means the default, 4."""
+    if spec.training.per_device_batch_size != "auto":
+        return spec
+    if not budget_bytes:
+        return with_micro_batch(spec, 4)
+    sized = fit_micro_batch(spec, model_config, budget_bytes)
+    if sized is None:
         need = estimate_peak_memory(spec, model_config, micro_batch=1).total
         raise ValueError(f"training.per_device_batch_size: \"auto\" found no micro-batch that fits: even 1 needs "
                          f"{gib(need)} and the device has {gib(budget_bytes)}")
-    return with_micro_batch(spec, fitting)
+    return sized
 
 
 def advice(spec: JobSpec, model_config: dict, budget_bytes: int) -> list[str]:

@@ -28,7 +28,8 @@ def fidelity_rows(rows: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def forward_rows(model, rows: list[dict], autocast_dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, float]]:
+def forward_rows(model, rows: list[dict],
+                 autocast_dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, float]]:
     """(float32 logits on CPU, loss) for each row, one row at a time (no padding to get wrong)."""
     model.eval()
     device = next(model.parameters()).device
@@ -72,7 +73,7 @@ def measure_fidelity(reference: list[tuple[torch.Tensor, float]], merged_model, 
     """Max / mean |logit difference| and eval-loss difference between adapter-on-quantized-base and merged."""
     merged = forward_rows(merged_model, rows)
     max_diff, total_diff, count = 0.0, 0.0, 0
-    for (ref_logits, _), (new_logits, _) in zip(reference, merged):
+    for (ref_logits, _), (new_logits, _) in zip(reference, merged, strict=False):
         diff = (ref_logits - new_logits).abs()
         max_diff = max(max_diff, float(diff.max()))
         total_diff += float(diff.sum())

@@ -61,10 +61,12 @@ def resolve_compute_dtype(choice: str, device: str) -> torch.dtype:
         if choice == "auto":
             return torch.bfloat16 if bf16_ok else torch.float16
         if choice == "bfloat16" and not bf16_ok:
-            raise SpecError([("quantization.compute_dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}; allowed here: 'auto' | 'float16' | 'float32'")])
+            raise SpecError([("quantization.compute_dtype", f"bfloat16 is not supported by "
+                              f"{torch.cuda.get_device_name()}; allowed here: 'auto' | 'float16' | 'float32'")])
         return getattr(torch, choice)
     if choice == "float16":
-        raise SpecError([("quantization.compute_dtype", "float16 mixed precision needs a CUDA GPU and this run is on the CPU; allowed here: 'auto' | 'bfloat16' | 'float32'")])
+        raise SpecError([("quantization.compute_dtype", "float16 mixed precision needs a CUDA GPU and this run is "
+                          "on the CPU; allowed here: 'auto' | 'bfloat16' | 'float32'")])
     if choice == "auto":
         native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if native_bf16 else torch.float32
@@ -85,8 +87,10 @@ def resolve_base_model(name: str, registry: Mapping[str, str | Path] | None = No
     files = [p.name for p in path.iterdir()]
     if not any(f.endswith(".safetensors") for f in files):
         pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
-        why = f"it holds pickle weights ({', '.join(pickles)}), which can run code when loaded" if pickles else "it holds no weights"
-        raise SpecError([("base_model", f"{path} has no .safetensors weights: {why}. Convert the model to safetensors first.")])
+        why = (f"it holds pickle weights ({', '.join(pickles)}), which can run code when loaded" if pickles
+               else "it holds no weights")
+        raise SpecError([("base_model",
+                          f"{path} has no .safetensors weights: {why}. Convert the model to safetensors first.")])
     return path
 
 
@@ -127,8 +131,8 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
     if quantized_cache is not None and (quantized_cache / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(quantized_cache, **common)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(quant, compute_dtype),
-                                                     **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization_config(quant, compute_dtype), **common)
         if quantized_cache is not None and quant.bits != "none":
             model.save_pretrained(quantized_cache, safe_serialization=True)
     _keep_cpu_nf4_state_exact(model)
@@ -191,7 +195,8 @@ def resolve_target_modules(model, target: str | list[str]) -> list[str]:
         return sorted(available)
     missing = [name for name in target if name not in available]
     if missing:
-        raise SpecError([("lora.target_modules", f"no linear layer named {', '.join(missing)}; this model has: {', '.join(sorted(available))}")])
+        raise SpecError([("lora.target_modules", f"no linear layer named {', '.join(missing)}; "
+                                                 f"this model has: {', '.join(sorted(available))}")])
     return sorted(set(target))
 
 

@@ -4,8 +4,9 @@
     result = run(JobSpec.from_file("spec.json"), "train.jsonl", "out/", validation_path="val.jsonl")
 
 Writes into out/: adapter/, merged/, metrics.jsonl, summary.json, checkpoints/step-N, run.json.
-Needs nothing of the service: the service passes a `sink` for metrics and events, a `cancel`
-hook, and a `registry` of base models; the CLI passes nothing and reads the files.
+Needs nothing of the service: the service passes a `sink` for the typed records it reports
+(worker/training/protocol.py: metrics and events), a `cancel` hook, and a `registry` of base
+models; the CLI passes nothing and reads the files.
 """
 
 from __future__ import annotations
@@ -33,16 +34,41 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
 from worker.training.callbacks import (  # noqa: E402
-    CheckpointCallback, MetricsCallback, RichProgressCallback, Sink, StopCallback,
+    CheckpointCallback,
+    MetricsCallback,
+    RichProgressCallback,
+    StopCallback,
+    TrainingEnd,
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import resolve_auto_micro_batch  # noqa: E402
 from worker.training.merge import (  # noqa: E402
-    build_merged_model, fidelity_rows, forward_rows, free_memory, measure_fidelity,
+    build_merged_model,
+    fidelity_rows,
+    forward_rows,
+    free_memory,
+    measure_fidelity,
 )
 from worker.training.model import (  # noqa: E402
-    Speedups, load_base_model, lora_config, peak_memory_bytes, pick_device, prepare_for_training,
-    resolve_base_model, resolve_compute_dtype, resolve_speedups, resolve_target_modules,
+    Speedups,
+    load_base_model,
+    lora_config,
+    peak_memory_bytes,
+    pick_device,
+    prepare_for_training,
+    resolve_base_model,
+    resolve_compute_dtype,
+    resolve_speedups,
+    resolve_target_modules,
+)
+from worker.training.protocol import (  # noqa: E402
+    EvalPoint,
+    Event,
+    Record,
+    Sink,
+    TrainPoint,
+    record_to_json,
+    write_json_atomic,
 )
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tokenization import encode_examples, prepare_tokenizer  # noqa: E402
@@ -106,174 +132,294 @@ def run(
     progress: bool = False,
     extra_callbacks: tuple = (),
 ) -> RunResult:
-    t_start = time.monotonic()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
+    recipe = QLoRARecipe(spec, train_path, out_dir, validation_path=validation_path, resume=resume,
+                         registry=registry, sink=sink, cancel=cancel, pause=pause,
+                         quantized_cache=quantized_cache, progress=progress, extra_callbacks=extra_callbacks)
+    recipe.setup()
+    ended = recipe.train()
+    if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
+        return recipe.summarize(ended)
+    eval_loss = recipe.evaluate()
+    recipe.save_adapter()
+    fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
+    recipe.cleanup()
+    return recipe.summarize(ended, eval_loss=eval_loss, merge_fidelity=fidelity)
+
+
+class QLoRARecipe:
+    """One run, one method per step of its lifecycle, called in order by `run()`: setup → train →
+    evaluate → save adapter → merge → cleanup → summarize. Each step keeps on `self` what later
+    steps need."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        train_path: str | Path,
+        out_dir: str | Path,
+        *,
+        validation_path: str | Path | None = None,
+        resume: bool = False,
+        registry: Mapping[str, str | Path] | None = None,
+        sink: Sink | None = None,
+        cancel: Callable[[], bool] | None = None,
+        pause: Callable[[], bool] | None = None,
+        quantized_cache: Path | None = None,
+        progress: bool = False,
+        extra_callbacks: tuple = (),
+    ):
+        # The start, then the end of each phase: setup, train, save_adapter, merge (summary's durations_s).
+        self.clock = [time.monotonic()]
+        self.spec = spec
+        self.train_path = train_path
+        self.validation_path = validation_path
+        self.resume = resume
+        self.registry = registry
+        self.sink = sink
+        self.cancel = cancel or (lambda: False)
+        self.pause = pause or (lambda: False)
+        self.quantized_cache = quantized_cache
+        self.progress = progress
+        self.extra_callbacks = extra_callbacks
+        self.out = Path(out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.metrics_file = self.out / "metrics.jsonl"
+
+    def emit(self, record: Record) -> None:
+        """Every record to the caller's sink; the loss curve (train and eval points) also to metrics.jsonl."""
+        if isinstance(record, (TrainPoint, EvalPoint)):
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record_to_json(record)) + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
     # ---------------------------------------------------------------- setup
-    device = pick_device()
-    compute_dtype = resolve_compute_dtype(spec.quantization.compute_dtype, device)
-    base_path = resolve_base_model(spec.base_model, registry)
-    spec = _resolve_micro_batch(spec, base_path, device)
-    train_data = read_jsonl(train_path)
-    val_data = read_jsonl(validation_path) if validation_path else None
-    resume_from = _check_run_dir(out, ckpt_dir, spec, train_path, validation_path, resume)
-    resumed_step = int(resume_from.name.split("-")[1]) if resume_from else 0
-    staging = checkpoints.clear_staging(ckpt_dir)  # a crash mid-save leaves junk only here
 
-    metrics_file = out / "metrics.jsonl"
-    _drop_metrics_after(metrics_file, resumed_step)  # steps logged after the checkpoint are redone
-    emit = _sink_to_file_and(metrics_file, sink)
-    emit({"kind": "event", "type": "started", "level": "info", "step": resumed_step,
-          "message": f"resuming from step {resumed_step}" if resume_from else "training started"})
+    def setup(self) -> None:
+        """Everything training needs; the cheap checks (spec, data, output directory) before the model loads."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._setup_device()
+        self._setup_data()
+        self._setup_run_dir()
+        self._setup_tokenizer()
+        self._encode_data()
+        self._setup_model()
+        self._setup_trainer()
+        self.clock.append(time.monotonic())
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True, trust_remote_code=False)
-    tok_setup = prepare_tokenizer(tokenizer)
-    encode = dict(max_seq_length=spec.training.max_seq_length, train_on_inputs=spec.training.train_on_inputs)
-    train_rows, train_stats = encode_examples(train_data.examples, tokenizer, **encode)
-    val_rows, val_stats = encode_examples(val_data.examples, tokenizer, **encode) if val_data else ([], None)
-    if not train_rows:
-        raise TrainingError(
-            f"no training rows left: all {train_stats.rows} had nothing to learn within "
-            f"max_seq_length={spec.training.max_seq_length}; raise max_seq_length"
+    def _setup_device(self) -> None:
+        """What the spec leaves to the machine: the device, compute_dtype "auto", the base model's
+        local path, and per_device_batch_size "auto" (which needs both)."""
+        self.device = pick_device()
+        self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
+        self.base_path = resolve_base_model(self.spec.base_model, self.registry)
+        self.spec = _resolve_micro_batch(self.spec, self.base_path, self.device)
+
+    def _setup_data(self) -> None:
+        self.train_data = read_jsonl(self.train_path)
+        self.val_data = read_jsonl(self.validation_path) if self.validation_path else None
+
+    def _setup_run_dir(self) -> None:
+        """The checkpoint to resume from, if any; a clean staging directory; the loss curve up to it."""
+        self.resume_from = _check_run_dir(self.out, self.ckpt_dir, self.spec, self.train_path,
+                                          self.validation_path, self.resume)
+        self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
+        self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
+        _drop_metrics_after(self.metrics_file, self.resumed_step)  # steps logged after the checkpoint are redone
+        self.emit(Event(type="started", level="info", step=self.resumed_step,
+                        message=f"resuming from step {self.resumed_step}" if self.resume_from else "training started"))
+
+    def _setup_tokenizer(self) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, local_files_only=True, trust_remote_code=False)
+        self.tok_setup = prepare_tokenizer(self.tokenizer)
+
+    def _encode_data(self) -> None:
+        t = self.spec.training
+        encode = dict(max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
+        self.train_rows, self.train_stats = encode_examples(self.train_data.examples, self.tokenizer, **encode)
+        self.val_rows, self.val_stats = (encode_examples(self.val_data.examples, self.tokenizer, **encode)
+                                         if self.val_data else ([], None))
+        if not self.train_rows:
+            raise TrainingError(
+                f"no training rows left: all {self.train_stats.rows} had nothing to learn within "
+                f"max_seq_length={t.max_seq_length}; raise max_seq_length"
+            )
+        if self.train_stats.truncated_rows:
+            self.emit(Event(
+                type="data_truncated", level="warning", step=self.resumed_step,
+                message=f"{self.train_stats.truncated_rows} of {self.train_stats.rows} training rows were longer "
+                        f"than max_seq_length={t.max_seq_length} and were truncated"))
+
+    def _setup_model(self) -> None:
+        """The base (4-bit, or loaded pre-quantized from the cache) with fresh LoRA adapters on it."""
+        spec = self.spec
+        set_seed(spec.training.seed)
+        self.speedups = resolve_speedups(spec.training, self.device)
+        self.cache_hit = self.quantized_cache is not None and (self.quantized_cache / "config.json").is_file()
+        model = load_base_model(self.base_path, spec.quantization, self.compute_dtype, self.device,
+                                attention=self.speedups.attention, quantized_cache=self.quantized_cache)
+        if self.quantized_cache is not None and spec.quantization.bits != "none":
+            self.emit(Event(type="base_loaded", level="info", step=self.resumed_step,
+                            message="loaded the pre-quantized base from the cache" if self.cache_hit
+                            else "quantized the base model; saved for the cache"))
+        # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
+        # position ids from the attention mask, which would then let examples attend to each other.
+        model.config.use_cache = False
+        if self.tok_setup.pad_token_added:
+            model.resize_token_embeddings(len(self.tokenizer))
+        model = prepare_for_training(model, spec.quantization, self.compute_dtype, spec.training.gradient_checkpointing)
+        self.target_modules = resolve_target_modules(model, spec.lora.target_modules)
+        self.model = get_peft_model(model, lora_config(spec.lora, self.target_modules))
+        self.trainable_params, self.total_params = self.model.get_nb_trainable_parameters()
+
+    def _setup_trainer(self) -> None:
+        self.stop = StopCallback(self.cancel, self.pause)
+        callbacks = [MetricsCallback(self.emit, self.device), self.stop,
+                     CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS)]
+        if self.progress:
+            callbacks.append(RichProgressCallback())
+        self.trainer = GuardedSFTTrainer(
+            model=self.model,
+            args=_trainer_args(self.spec, self.staging, self.compute_dtype, self.device, self.speedups,
+                               has_eval=bool(self.val_rows)),
+            train_dataset=HFDataset.from_list(self.train_rows),
+            eval_dataset=HFDataset.from_list(self.val_rows) if self.val_rows else None,
+            processing_class=self.tokenizer,
+            callbacks=[*callbacks, *self.extra_callbacks],
         )
-    if train_stats.truncated_rows:
-        emit({"kind": "event", "type": "data_truncated", "level": "warning", "step": resumed_step,
-              "message": f"{train_stats.truncated_rows} of {train_stats.rows} training rows were longer than "
-                         f"max_seq_length={spec.training.max_seq_length} and were truncated"})
-
-    set_seed(spec.training.seed)
-    speedups = resolve_speedups(spec.training, device)
-    cache_hit = quantized_cache is not None and (quantized_cache / "config.json").is_file()
-    model = load_base_model(base_path, spec.quantization, compute_dtype, device, attention=speedups.attention,
-                            quantized_cache=quantized_cache)
-    if quantized_cache is not None and spec.quantization.bits != "none":
-        emit({"kind": "event", "type": "base_loaded", "level": "info", "step": resumed_step,
-              "message": "loaded the pre-quantized base from the cache" if cache_hit
-              else "quantized the base model; saved for the cache"})
-    # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
-    # position ids from the attention mask, which would then let examples attend to each other.
-    model.config.use_cache = False
-    if tok_setup.pad_token_added:
-        model.resize_token_embeddings(len(tokenizer))
-    model = prepare_for_training(model, spec.quantization, compute_dtype, spec.training.gradient_checkpointing)
-    target_modules = resolve_target_modules(model, spec.lora.target_modules)
-    model = get_peft_model(model, lora_config(spec.lora, target_modules))
-    trainable_params, total_params = model.get_nb_trainable_parameters()
-
-    stop_cb = StopCallback(cancel or (lambda: False), pause or (lambda: False))
-    callbacks = [MetricsCallback(emit, device), stop_cb, CheckpointCallback(ckpt_dir, staging, emit, KEEP_CHECKPOINTS)]
-    if progress:
-        callbacks.append(RichProgressCallback())
-    trainer = GuardedSFTTrainer(
-        model=model,
-        args=_trainer_args(spec, staging, compute_dtype, device, speedups, has_eval=bool(val_rows)),
-        train_dataset=HFDataset.from_list(train_rows),
-        eval_dataset=HFDataset.from_list(val_rows) if val_rows else None,
-        processing_class=tokenizer,
-        callbacks=[*callbacks, *extra_callbacks],
-    )
-    trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the sink and progress bar replace them
-    t_setup = time.monotonic()
+        self.trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the sink and progress bar replace them
 
     # ---------------------------------------------------------------- train
-    try:
-        try:
-            train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except torch.OutOfMemoryError:
-            raise TrainingError(out_of_memory_message(spec, trainer.state.global_step + 1, device)) from None
-    except TrainingError as exc:
-        emit({"kind": "event", "type": "failed", "level": "error", "step": trainer.state.global_step, "message": str(exc)})
-        raise
-    t_train = time.monotonic()
-    state = trainer.state
-    train_losses = [log["loss"] for log in state.log_history if "loss" in log]
-    base_summary = {
-        "spec": spec.model_dump(mode="json"),
-        "base_model_path": str(base_path),
-        "device": device,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "target_modules": target_modules,
-        "speedups": speedups.as_dict(),
-        "quantized_base": None if quantized_cache is None else ("cache" if cache_hit else "quantized"),
-        "parameters": {"trainable": trainable_params, "total": total_params},
-        "data": {"format": train_data.format, "train": train_stats.as_dict(),
-                 "validation": val_stats.as_dict() if val_stats else None},
-        "tokenizer": tok_setup.__dict__,
-        "steps": {"completed": state.global_step, "planned": state.max_steps, "resumed_from": resumed_step},
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_final": train_losses[-1] if train_losses else None,
-        "tokens_seen": state.num_input_tokens_seen,
-        "tokens_per_second": train_output.metrics.get("train_tokens_per_second")
-        or round(state.num_input_tokens_seen / max(t_train - t_setup, 1e-9), 1),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "versions": _library_versions(),
-    }
-    stopped = {"cancelled": stop_cb.cancelled_at, "paused": stop_cb.paused_at}
-    for status, step in stopped.items():
-        if step is None:
-            continue
-        saved = " after saving a checkpoint to resume from" if status == "paused" else ""
-        emit({"kind": "event", "type": status, "level": "warning" if status == "cancelled" else "info",
-              "step": step, "message": f"{status} at step {step}{saved}"})
-        summary = {"status": status, **base_summary,
-                   "durations_s": _durations(t_start, t_setup, t_train, time.monotonic())}
-        _write_json(out / "summary.json", summary)
-        return RunResult(status, out, summary)
 
-    eval_loss = None
-    if val_rows:
-        eval_loss = trainer.evaluate()["eval_loss"]  # the metrics callback records it
+    def train(self) -> TrainingEnd:
+        """Train from the resume point to the last planned step, or until the cancel or pause hook
+        says stop; a divergence or an out-of-memory ends the run with a TrainingError."""
+        try:
+            try:
+                output = self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+            except torch.OutOfMemoryError:
+                step = self.trainer.state.global_step + 1
+                raise TrainingError(out_of_memory_message(self.spec, step, self.device)) from None
+        except TrainingError as exc:
+            self.emit(Event(type="failed", level="error", step=self.trainer.state.global_step, message=str(exc)))
+            raise
+        self.clock.append(time.monotonic())
+        self.state = self.trainer.state  # the trainer made it anew in train(); it outlives the trainer (merge frees it)
+        self.trained = self._measure_training(output)
+        return self.stop.stopped or TrainingEnd("finished", self.state.global_step)
+
+    def _measure_training(self, output) -> dict:
+        """The summary's account of training, measured as it ends: before evaluation and the merge add to the peak."""
+        state = self.state
+        train_losses = [log["loss"] for log in state.log_history if "loss" in log]
+        t_setup, t_train = self.clock[1:3]  # the ends of setup and of training
+        return {
+            "steps": {"completed": state.global_step, "planned": state.max_steps, "resumed_from": self.resumed_step},
+            "train_loss_first": train_losses[0] if train_losses else None,
+            "train_loss_final": train_losses[-1] if train_losses else None,
+            "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_second": output.metrics.get("train_tokens_per_second")
+            or round(state.num_input_tokens_seen / max(t_train - t_setup, 1e-9), 1),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+
+    def evaluate(self) -> float | None:
+        """The final validation loss, where there is a validation set."""
+        if not self.val_rows:
+            return None
+        return self.trainer.evaluate()["eval_loss"]  # the metrics callback records it
 
     # ---------------------------------------------------------------- save
-    adapter_dir = out / "adapter"
-    _replace_dir(adapter_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
-                                           tokenizer.save_pretrained(tmp)))
-    emit({"kind": "event", "type": "adapter_saved", "level": "info", "step": state.global_step, "path": str(adapter_dir)})
-    t_save = time.monotonic()
 
-    fidelity = None
-    if spec.output.merge:
-        rows = fidelity_rows(val_rows or train_rows)
-        autocast = compute_dtype if compute_dtype != torch.float32 else None  # as the trainer ran it
-        reference = forward_rows(model, rows, autocast_dtype=autocast)
-        del trainer, model
-        free_memory()
-        merge_dtype = getattr(torch, spec.output.merge_dtype)
-        merged = build_merged_model(base_path, adapter_dir, spec.quantization, compute_dtype,
-                                    merge_dtype, device, vocab_size=len(tokenizer), quantized_cache=quantized_cache)
-        merged.generation_config.pad_token_id = tokenizer.pad_token_id
-        merged.generation_config.eos_token_id = tokenizer.eos_token_id
-        _replace_dir(out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
-                                                  tokenizer.save_pretrained(tmp)))
-        del merged
-        free_memory()
-        from transformers import AutoModelForCausalLM
+    def save_adapter(self) -> None:
+        adapter_dir = self.out / "adapter"
+        _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True),
+                                               self.tokenizer.save_pretrained(tmp)))
+        self.emit(Event(type="adapter_saved", level="info", step=self.state.global_step,
+                        data={"path": str(adapter_dir)}))
+        self.clock.append(time.monotonic())
 
-        # Measure what users download, not what is in memory: reload from disk.
-        reloaded = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=merge_dtype, local_files_only=True)
-        fidelity = {"rows_from": "validation" if val_rows else "train", **measure_fidelity(reference, reloaded, rows)}
-        del reloaded
-        free_memory()
-        emit({"kind": "event", "type": "merged", "level": "info", "step": state.global_step,
-              "message": f"merged model saved; max |logit diff| {fidelity['max_abs_logit_diff']:.3g}",
-              "path": str(out / "merged")})
-    t_merge = time.monotonic()
+    def merge_and_measure_fidelity(self) -> dict | None:
+        """merged/: the adapter merged into the base it was trained against, and how faithfully the
+        saved model reproduces the trained one. None (and nothing written) where spec.output.merge is off."""
+        fidelity = None
+        if self.spec.output.merge:
+            rows = fidelity_rows(self.val_rows or self.train_rows)
+            autocast = self.compute_dtype if self.compute_dtype != torch.float32 else None  # as the trainer ran it
+            reference = forward_rows(self.model, rows, autocast_dtype=autocast)
+            del self.trainer, self.model
+            free_memory()
+            merge_dtype = getattr(torch, self.spec.output.merge_dtype)
+            self._save_merged(merge_dtype)
+            free_memory()  # the merged model went with _save_merged's frame
+            from transformers import AutoModelForCausalLM
+
+            # Measure what users download, not what is in memory: reload from disk.
+            reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
+                                                            local_files_only=True)
+            fidelity = {"rows_from": "validation" if self.val_rows else "train",
+                        **measure_fidelity(reference, reloaded, rows)}
+            del reloaded
+            free_memory()
+            self.emit(Event(type="merged", level="info", step=self.state.global_step,
+                            message=f"merged model saved; max |logit diff| {fidelity['max_abs_logit_diff']:.3g}",
+                            data={"path": str(self.out / "merged")}))
+        self.clock.append(time.monotonic())
+        return fidelity
+
+    def _save_merged(self, merge_dtype: torch.dtype) -> None:
+        merged = build_merged_model(self.base_path, self.out / "adapter", self.spec.quantization, self.compute_dtype,
+                                    merge_dtype, self.device, vocab_size=len(self.tokenizer),
+                                    quantized_cache=self.quantized_cache)
+        merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        merged.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
+                                                       self.tokenizer.save_pretrained(tmp)))
 
     # ---------------------------------------------------------------- cleanup
-    shutil.rmtree(staging, ignore_errors=True)
-    summary = {
-        "status": "succeeded",
-        **base_summary,
-        "eval_loss_final": eval_loss,
-        "perplexity_final": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-        "merge_fidelity": fidelity,
-        "durations_s": _durations(t_start, t_setup, t_train, t_save, t_merge),
-    }
-    _write_json(out / "summary.json", summary)
-    emit({"kind": "event", "type": "finished", "level": "info", "step": state.global_step, "message": "training finished"})
-    return RunResult("succeeded", out, summary)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def summarize(self, ended: TrainingEnd, *, eval_loss: float | None = None,
+                  merge_fidelity: dict | None = None) -> RunResult:
+        """summary.json, and the event that says how the run ended."""
+        if ended.stopped_early:
+            saved = " after saving a checkpoint to resume from" if ended.how == "paused" else ""
+            self.emit(Event(type=ended.how, level="warning" if ended.how == "cancelled" else "info",
+                            step=ended.step, message=f"{ended.how} at step {ended.step}{saved}"))
+            summary = {"status": ended.how, **self._summary_of_run(),
+                       "durations_s": _durations(*self.clock, time.monotonic())}
+            write_json_atomic(self.out / "summary.json", summary, indent=2)
+            return RunResult(ended.how, self.out, summary)
+        summary = {
+            "status": "succeeded",
+            **self._summary_of_run(),
+            "eval_loss_final": eval_loss,
+            "perplexity_final": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+            "merge_fidelity": merge_fidelity,
+            "durations_s": _durations(*self.clock),
+        }
+        write_json_atomic(self.out / "summary.json", summary, indent=2)
+        self.emit(Event(type="finished", level="info", step=self.state.global_step, message="training finished"))
+        return RunResult("succeeded", self.out, summary)
+
+    def _summary_of_run(self) -> dict:
+        """What every summary says, however the run ended: what ran, on what, and how training went."""
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "base_model_path": str(self.base_path),
+            "device": self.device,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "target_modules": self.target_modules,
+            "speedups": self.speedups.as_dict(),
+            "quantized_base": None if self.quantized_cache is None else ("cache" if self.cache_hit else "quantized"),
+            "parameters": {"trainable": self.trainable_params, "total": self.total_params},
+            "data": {"format": self.train_data.format, "train": self.train_stats.as_dict(),
+                     "validation": self.val_stats.as_dict() if self.val_stats else None},
+            "tokenizer": self.tok_setup.__dict__,
+            **self.trained,
+            "versions": _library_versions(),
+        }
 
 
 def _resolve_micro_batch(spec: JobSpec, base_path: Path, device: str) -> JobSpec:
@@ -370,7 +516,7 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validat
                 f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
                 "resume with the same spec and data, or start in an empty output directory")
         return latest
-    _write_json(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest, indent=2)
     return None
 
 
@@ -380,17 +526,6 @@ def _sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _sink_to_file_and(path: Path, sink: Sink | None) -> Sink:
-    def emit(record: dict) -> None:
-        record = {"time": time.time(), **record}
-        if record["kind"] in ("train", "eval"):
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        if sink is not None:
-            sink(record)
-    return emit
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -411,15 +546,9 @@ def _replace_dir(final: Path, write: Callable[[Path], object]) -> None:
     os.rename(tmp, final)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _durations(*marks: float) -> dict:
     names = ["setup", "train", "save_adapter", "merge"]
-    out = {f"{name}": round(b - a, 3) for name, a, b in zip(names, marks, marks[1:])}
+    out = {f"{name}": round(b - a, 3) for name, a, b in zip(names, marks, marks[1:], strict=False)}
     out["total"] = round(marks[-1] - marks[0], 3)
     return out
 

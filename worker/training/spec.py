@@ -189,7 +189,7 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
     return list(seen.items())
 
 
-def _field_info(model: type[BaseModel], loc: list[str]):
+def _field_info(model: type[BaseModel] | None, loc: list[str]):
     info = None
     for part in loc:
         if model is None or part not in model.model_fields:

@@ -106,7 +106,7 @@ def encode_example(example: Example, tokenizer, *, max_seq_length: int, train_on
     if not ids or ids[-1] != eos:
         ids = [*ids, eos]
         trained = [*trained, bool(trained and trained[-1])]  # EOS is learned when the turn it closes is
-    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids, trained)]
+    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids, trained, strict=False)]
     truncated = len(ids) > max_seq_length
     if truncated:
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]

@@ -1,7 +1,8 @@
 """A small HTTP client for the qlora-service API, used by the `qlora datasets` and `qlora jobs` verbs.
 
-All HTTP lives here; the CLI only formats. Nothing in this module imports torch, and the
-dataset check imports the server's own ingest code lazily, so `qlora --help` stays fast.
+All HTTP lives here; the verbs (client.py) only parse arguments and format answers. Nothing in this
+module imports torch, and the dataset check imports the server's own ingest code lazily, so
+`qlora --help` stays fast.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Celery settings for hours-long training tasks.
+"""The broker's half of the API-worker contract: the task name and the Celery settings, imported by
+both sides (the API sends "job X is ready", the worker registers the task under the same name).
+
+Celery settings for hours-long training tasks:
 
 - acks late + reject on worker lost: a message is removed only once its job has been handled, so
   a worker that dies mid-job leaves the message to be delivered again (the claim makes that safe).
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from app.config import Settings, get_settings
+from app.config import Settings
+
+RUN_JOB_TASK = "qlora.run_job"  # the one task: "job X is ready"; its only argument is the job id
 
 _apps: dict[str, Celery] = {}
 
@@ -59,5 +64,3 @@ def _make_celery(settings: Settings) -> Celery:
     )
     return app
 
-
-celery_app = celery_for(get_settings())

@@ -1,0 +1,27 @@
+"""The `qlora` command: one module per audience, one renderer.
+
+    engine.py      train, estimate, tiny-model, demo-data: the recipe on this machine, no service needed
+    processes.py   serve, worker, reaper, migrate: the service's processes
+    admin.py       qlora admin ...: teams, API keys and the model registry, against the database
+    client.py      qlora datasets ..., qlora jobs ...: the API over HTTP (api_client.py), and the live watcher
+    render.py      the tables, summaries, events and progress bars they all print
+
+`qlora --help` and the client verbs never import torch: an engine verb imports it inside the command.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from app.cli import admin, client, engine, processes
+
+cli = typer.Typer(help="qlora-service: QLoRA fine-tuning as a service.", no_args_is_help=True, add_completion=False)
+cli.add_typer(engine.commands)  # no name: its verbs are top-level ones
+cli.add_typer(processes.commands)
+cli.add_typer(admin.commands, name="admin")
+cli.add_typer(client.datasets_commands, name="datasets")
+cli.add_typer(client.jobs_commands, name="jobs")
+
+
+def main() -> None:
+    cli()

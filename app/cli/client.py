@@ -1,0 +1,372 @@
+"""The API over HTTP: `qlora datasets ...` and `qlora jobs ...`, with the live watcher of `qlora jobs watch`.
+
+HTTP lives in api_client.py and the output in render.py; these commands only parse arguments and
+say what to show. None of them imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from app.cli.render import (err, event_line, id_column, out, plain, print_dataset, print_job, print_line_errors,
+                            print_table, sparkline, status_style, steps, transfer_progress, when)
+
+UrlOption = Annotated[Optional[str], typer.Option("--url", help="API URL; else QLORA_URL, else $QLORA_HOME/credentials.json.")]
+KeyOption = Annotated[Optional[str], typer.Option("--api-key", help="API key; else QLORA_API_KEY, else $QLORA_HOME/credentials.json.")]
+
+datasets_commands = typer.Typer(help="Check, upload, list and delete datasets (JSONL).", no_args_is_help=True)
+jobs_commands = typer.Typer(help="Create, watch, cancel and download fine-tuning jobs.", no_args_is_help=True)
+
+
+@datasets_commands.callback()
+def _datasets_options(ctx: typer.Context, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    ctx.obj = {"url": url, "api_key": api_key}
+
+
+@jobs_commands.callback()
+def _jobs_options(ctx: typer.Context, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    ctx.obj = {"url": url, "api_key": api_key}
+
+
+def _fail(message: str, details=None, code: int = 1):
+    from rich.text import Text
+
+    # Text, not markup: messages quote user data ("[...]" in a filename must print as-is).
+    err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
+    for line in _detail_lines(details):
+        err.print(Text(f"  {line}", style="red"), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _detail_lines(details) -> list[str]:
+    if not details:
+        return []
+    if isinstance(details, dict):
+        return [f"{k}: {v}" for k, v in details.items()]
+    if not isinstance(details, list):
+        return [str(details)]
+    lines = []
+    for d in details:
+        if isinstance(d, dict) and "field" in d:
+            lines.append(f"{d['field']}: {d.get('message', '')}")
+        elif isinstance(d, dict) and "line" in d:
+            lines.append(f"line {d['line']}: {d.get('message', '')}")
+        else:
+            lines.append(json.dumps(d) if isinstance(d, (dict, list)) else str(d))
+    return lines
+
+
+def _api(ctx: typer.Context):
+    """An ApiClient for the command; any ClientError inside the `with` prints in red and exits 1."""
+    from contextlib import contextmanager
+
+    from app.cli.api_client import ApiClient, ClientError
+
+    @contextmanager
+    def session():
+        try:
+            with ApiClient.from_sources(**(ctx.obj or {})) as api:
+                yield api
+        except ClientError as exc:
+            _fail(exc.message, exc.details)
+
+    return session()
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _check_file(path: Path):
+    from rich.text import Text
+
+    from app.cli.api_client import check_dataset
+
+    progress, task = transfer_progress(f"checking {path.name}", path.stat().st_size, transient=True)
+    with progress:
+        verdict = check_dataset(path, on_progress=lambda n: progress.advance(task, n))
+    if not verdict.ok:
+        err.print(Text(f"{path}: {verdict.error_count} invalid line{'s' if verdict.error_count != 1 else ''}",
+                       style="red"), soft_wrap=True)
+        print_line_errors(verdict.errors, verdict.error_count)
+    return verdict
+
+
+JsonlFile = Annotated[Path, typer.Argument(help="A JSONL dataset.", exists=True, dir_okay=False, readable=True)]
+
+
+@datasets_commands.command("check")
+def datasets_check(file: JsonlFile) -> None:
+    """Validate a JSONL file locally, with the server's rules; no server needed. Exits 1 on bad lines."""
+    verdict = _check_file(file)
+    if not verdict.ok:
+        raise typer.Exit(1)
+    out.print(f"{file}: ok, format {verdict.format}, {verdict.rows:,} rows, ~{verdict.token_estimate:,} tokens",
+              highlight=False, soft_wrap=True)
+
+
+@datasets_commands.command("upload")
+def datasets_upload(ctx: typer.Context, file: JsonlFile,
+                    check: Annotated[bool, typer.Option("--check/--no-check", help="Validate locally first and "
+                                                        "refuse a file with bad lines.")] = True) -> None:
+    """Upload a JSONL dataset, streamed (a file of any size is never held in memory)."""
+    if check and not _check_file(file).ok:
+        _fail("nothing uploaded: fix the lines above (or pass --no-check to have the server record it as invalid)")
+    with _api(ctx) as api:
+        progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
+        with progress:
+            record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n))
+    print_dataset(record)
+    if record["status"] != "ready":
+        raise typer.Exit(1)
+
+
+@datasets_commands.command("list")
+def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50) -> None:
+    """List the team's datasets, newest first."""
+    with _api(ctx) as api:
+        rows = api.list_datasets(limit)
+    table = Table(id_column(), "filename", "status", "format", "rows", "tokens", "created")
+    for d in rows:
+        table.add_row(d["id"], plain(d["filename"]), d["status"], d["format"] or "-", f"{d['rows']:,}",
+                      f"{d['token_estimate']:,}", when(d["created_at"]))
+    print_table(table)
+
+
+@datasets_commands.command("show")
+def datasets_show(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """One dataset; for an invalid one, its first bad lines with their numbers."""
+    with _api(ctx) as api:
+        print_dataset(api.get_dataset(dataset_id))
+
+
+@datasets_commands.command("delete")
+def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    with _api(ctx) as api:
+        api.delete_dataset(dataset_id)
+    out.print(f"dataset {dataset_id} deleted")
+
+
+# ---------------------------------------------------------------- jobs
+
+JobId = Annotated[str, typer.Argument(metavar="ID", help="Job id.")]
+
+
+@jobs_commands.command("create")
+def jobs_create(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora train`).", exists=True, dir_okay=False)],
+    dataset: Annotated[str, typer.Option("--dataset", help="Training dataset id.")],
+    validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="A name for the job.")] = None,
+    gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="Run on workers of this GPU class.")] = None,
+) -> None:
+    """Queue a fine-tuning job: the spec file plus the dataset ids."""
+    try:
+        body = json.loads(spec.read_text())
+    except ValueError as exc:
+        _fail(f"{spec} is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
+    body["dataset_id"] = dataset
+    for key, value in (("validation_dataset_id", validation), ("name", name), ("gpu_class", gpu_class)):
+        if value is not None:
+            body[key] = value
+    with _api(ctx) as api:
+        job = api.create_job(body)
+    out.print(f"job {job['id']} {job['status']}", highlight=False)
+    err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
+
+
+@jobs_commands.command("list")
+def jobs_list(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, succeeded, ...).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+) -> None:
+    """List the team's jobs, newest first."""
+    with _api(ctx) as api:
+        jobs = api.list_jobs(status, limit)
+    table = Table(id_column(), "name", "status", "steps", "base model", "created", "finished")
+    for j in jobs:
+        table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
+                      plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
+    print_table(table)
+
+
+@jobs_commands.command("show")
+def jobs_show(ctx: typer.Context, job_id: JobId) -> None:
+    """A job's status, progress, timestamps, error and summary."""
+    with _api(ctx) as api:
+        job = api.get_job(job_id)
+    print_job(job)
+
+
+@jobs_commands.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: JobId) -> None:
+    """Cancel a job: a queued one at once, a running one after its current step."""
+    with _api(ctx) as api:
+        job = api.cancel_job(job_id)
+    out.print(f"job {job['id']} {job['status']}", highlight=False)
+
+
+@jobs_commands.command("watch")
+def jobs_watch(
+    ctx: typer.Context,
+    job_id: JobId,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.2)] = 1.0,
+) -> None:
+    """Follow a job live (progress, losses, tokens/s, loss curve, events) until it ends.
+
+    Exits 0 when it succeeded, 1 when it failed, was cancelled or paused. Ctrl-C stops watching; the job keeps running.
+    """
+    import time
+
+    from rich.live import Live
+    from rich.text import Text
+
+    try:
+        with _api(ctx) as api:
+            watcher = _JobWatcher(api, job_id)
+            watcher.poll()  # a wrong id fails here, before the live display starts
+            with Live(watcher.view(), console=out, auto_refresh=False) as live:
+                while not watcher.ended:
+                    time.sleep(interval)
+                    watcher.poll()
+                    for event in watcher.take_new_events():
+                        live.console.print(event_line(event))
+                    live.update(watcher.view(), refresh=True)
+            if not out.is_terminal:
+                out.line()  # rich ends a live display with a newline only on a terminal
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job_id} keeps running "
+                  f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    job = watcher.job
+    line = f"job {job['id']} {job['status']} at step {steps(job)}"
+    if job["status"] == "succeeded":
+        loss = f", train loss {watcher.train_losses[-1]:.4f}" if watcher.train_losses else ""
+        out.print(Text(line + loss, style="green"), soft_wrap=True)
+        return
+    err.print(Text(line + (f": {job['error']}" if job["error"] else ""), style="red"), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+class _JobWatcher:
+    """The state `jobs watch` shows: the job, its loss series and the events not yet printed."""
+
+    UNREACHABLE_LIMIT_S = 300  # ride out an API restart; give up if it stays down this long
+    STOP_STATES = ("succeeded", "failed", "cancelled", "paused")  # paused waits for a person: stop watching too
+
+    def __init__(self, api, job_id: str):
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        self.api, self.job_id = api, job_id
+        self.job: dict = {}
+        self.train_losses: list[float] = []
+        self.eval_loss: float | None = None
+        self.tokens_per_second: float | None = None
+        self.unreachable_since: float | None = None
+        self._events: list[dict] = []
+        self._last_event_id: int | None = None
+        self._metrics_at: tuple | None = None
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("step {task.fields[steps]}"), TextColumn("ETA"), TimeRemainingColumn())
+        self._task = self.progress.add_task("", total=None, steps="0/?")
+
+    @property
+    def ended(self) -> bool:
+        return self.job.get("status") in self.STOP_STATES
+
+    def poll(self) -> None:
+        import time
+
+        from app.cli.api_client import ClientError
+
+        try:
+            self.job = self.api.get_job(self.job_id)
+            # The curve only changes with the step: skip refetching it between logging steps.
+            if self._metrics_at != (self.job["step"], self.job["status"]):
+                self._read_metrics(self.api.job_metrics(self.job_id))
+                self._metrics_at = (self.job["step"], self.job["status"])
+            self._events += self.api.job_events(self.job_id, after=self._last_event_id)
+            if self._events:
+                self._last_event_id = self._events[-1]["id"]
+            self.unreachable_since = None
+        except ClientError as exc:
+            transient = exc.status is None or exc.status >= 500
+            if not self.job or not transient:
+                raise
+            self.unreachable_since = self.unreachable_since or time.monotonic()
+            if time.monotonic() - self.unreachable_since > self.UNREACHABLE_LIMIT_S:
+                raise
+
+    def _read_metrics(self, metrics: dict) -> None:
+        train = metrics["train"]
+        self.train_losses = [p["train_loss"] for p in train if p["train_loss"] is not None]
+        speeds = [p["tokens_per_second"] for p in train if p["tokens_per_second"]]
+        self.tokens_per_second = speeds[-1] if speeds else None
+        evals = [p["eval_loss"] for p in metrics["eval"] if p["eval_loss"] is not None]
+        self.eval_loss = evals[-1] if evals else None
+
+    def take_new_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def view(self):
+        import time
+
+        from rich.console import Group
+        from rich.text import Text
+
+        job = self.job
+        self.progress.update(self._task, description=job["status"], total=job["total_steps"],
+                             completed=job["step"], steps=steps(job))
+        header = Text.assemble((f"job {job['id']}", "bold"), f"  {job['name']}  ", (job["status"], status_style(job["status"])))
+        stats = Text.assemble(
+            "train loss ", (f"{self.train_losses[-1]:.4f}" if self.train_losses else "-", "bold"),
+            "   eval loss ", (f"{self.eval_loss:.4f}" if self.eval_loss is not None else "-", "bold"),
+            "   tokens/s ", (f"{self.tokens_per_second:,.0f}" if self.tokens_per_second else "-", "bold"),
+            "   loss ", (sparkline(self.train_losses), "cyan"))
+        parts = [header, self.progress, stats]
+        if self.unreachable_since is not None:
+            parts.append(Text(f"the API is not answering; retrying (since {time.monotonic() - self.unreachable_since:.0f}s)",
+                              style="yellow"))
+        return Group(*parts)
+
+
+@jobs_commands.command("download")
+def jobs_download(
+    ctx: typer.Context,
+    job_id: JobId,
+    kind: Annotated[str, typer.Option(help="adapter (LoRA weights) or merged (a standalone bf16 model).")] = "adapter",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to put the archive (and its contents).",
+                                          file_okay=False)] = Path("."),
+    extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Also unpack the tar into --out.")] = True,
+) -> None:
+    """Download a job's adapter or merged model, verified against its sha256."""
+    import tarfile
+
+    from app.cli.api_client import extract_tar
+
+    if kind not in ("adapter", "merged"):
+        _fail(f"--kind must be adapter or merged, got {kind!r}")
+    with _api(ctx) as api:
+        progress, task = transfer_progress(f"downloading {kind}", None)
+        with progress:
+            archive = api.download_artifact(job_id, kind, out_dir,
+                                            on_start=lambda total: progress.update(task, total=total),
+                                            on_progress=lambda n: progress.advance(task, n))
+    out.print(f"{archive}: sha256 verified", highlight=False, soft_wrap=True)
+    if extract:
+        try:
+            names = extract_tar(archive, out_dir)
+        except (tarfile.TarError, OSError) as exc:
+            _fail(f"cannot extract {archive}: {exc}")
+        out.print(f"extracted {', '.join(n + '/' for n in names)} into {out_dir}", highlight=False, soft_wrap=True)

@@ -1,0 +1,111 @@
+"""The engine on this machine, no service needed: `train`, `estimate`, `tiny-model`, `demo-data`.
+
+Each verb imports the engine (worker.training, and with it torch) only when it runs, so `qlora --help`
+and the other verbs stay light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from app.cli.render import err, out, print_run_summary
+
+commands = typer.Typer()
+
+
+@commands.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
+    data: Annotated[Path, typer.Option("--data", help="Training JSONL.", exists=True, dir_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    validation: Annotated[Optional[Path], typer.Option("--validation", help="Validation JSONL.", exists=True, dir_okay=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out.")] = False,
+) -> None:
+    """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out."""
+    from worker.training.data import DataError
+    from worker.training.spec import JobSpec, SpecError
+    from worker.training.tokenization import TemplateError
+
+    try:
+        job = JobSpec.from_file(spec)
+        from worker.training.recipe import TrainingError, run
+
+        result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True)
+    except (SpecError, DataError, TemplateError) as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    except TrainingError as exc:
+        err.print(f"[red]training failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    print_run_summary(result.summary, result.out_dir)
+
+
+@commands.command()
+def estimate(
+    spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
+    config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory).")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
+) -> None:
+    """Estimate a job's peak GPU memory, part by part, before it runs."""
+    from worker.training.estimate import GIB, advice, estimate_peak_memory, gib, largest_micro_batch
+    from worker.training.spec import JobSpec, SpecError
+
+    try:
+        job = JobSpec.from_file(spec)
+    except SpecError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    config_path = config or Path(job.base_model).expanduser() / "config.json"
+    if not config_path.is_file():
+        err.print(f"[red]error:[/red] no config.json at {config_path}; pass --config", highlight=False)
+        raise typer.Exit(2)
+    model_config = json.loads(config_path.read_text())
+    result = estimate_peak_memory(job, model_config)
+    table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
+                        f"gradient checkpointing {'on' if result.checkpointing else 'off'}")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, size in result.parts.items():
+        table.add_row(part, f"{size / GIB:.2f}")
+    table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
+    out.print(table)
+    if gpu_memory is not None:
+        budget = int(gpu_memory * GIB)
+        verdict = "fits" if result.total <= budget else "does not fit"
+        out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: "
+                  f"{largest_micro_batch(job, model_config, budget) or 'none'}")
+        for idea in advice(job, model_config, budget) if result.total > budget else []:
+            out.print(f"  try {idea}")
+
+
+@commands.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
+    seed: int = 0,
+) -> None:
+    """Build the tiny Llama-architecture demo model (~4M parameters) and its tokenizer, offline."""
+    from worker.training.tiny import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed)
+    out.print(f"tiny model written to {path}")
+
+
+@commands.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for train.jsonl, validation.jsonl and spec.json.")],
+    base_model: Annotated[str, typer.Option(help="base_model for the example spec.")] = "tiny-model",
+    rows: int = 480,
+    seed: int = 0,
+) -> None:
+    """Write the demo task (which sound an animal makes) and a spec that learns it in about a minute on a CPU."""
+    from worker.training.tiny import demo_rows, demo_spec, write_jsonl
+
+    write_jsonl(demo_rows(seed, rows), out_dir / "train.jsonl")
+    write_jsonl(demo_rows(seed, 48, split="heldout"), out_dir / "validation.jsonl")
+    (out_dir / "spec.json").write_text(json.dumps(demo_spec(base_model), indent=2) + "\n")
+    out.print(f"wrote {out_dir}/train.jsonl, validation.jsonl, spec.json")

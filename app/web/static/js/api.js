@@ -1,0 +1,35 @@
+// The API client: every call carries the key, a 401 anywhere signs the page out, and an error
+// answer becomes an ApiError that keeps the API's message and per-field details.
+
+import { authHeaders, signOut } from "./session.js";
+
+/** A job in one of these states never changes again: its stream ends, its artifacts are final. */
+export const FINISHED = ["succeeded", "failed", "cancelled"];
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    const error = (body && body.error) || {};
+    super(error.message || `the server answered ${status}`);
+    this.status = status;
+    this.code = error.code;
+    this.details = error.details || [];
+  }
+}
+
+/** Call the API with the key. A 401 anywhere means the key is gone or revoked: back to sign-in. */
+export async function api(path, { method = "GET", json, body, signal } = {}) {
+  const headers = authHeaders();
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  }
+  const response = await fetch(path, { method, headers, body, signal });
+  if (response.status === 401) {
+    signOut("Your API key was not accepted (revoked or mistyped). Sign in again.");
+    throw new ApiError(401, await response.json().catch(() => null));
+  }
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => null);
+  if (!response.ok) throw new ApiError(response.status, data);
+  return data;
+}

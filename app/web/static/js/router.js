@@ -1,0 +1,78 @@
+// The hash router: #/… picks a view, and leaving a view stops everything it started (fetches,
+// timers, its job stream) through the context it was given.
+
+import { h } from "./dom.js";
+import { apiKey, hasSignInNotice } from "./session.js";
+import { viewDatasets } from "./views/datasets.js";
+import { viewJob } from "./views/job.js";
+import { viewJobs } from "./views/jobs.js";
+import { viewNewJob } from "./views/new-job.js";
+import { viewSignIn } from "./views/signin.js";
+
+// [hash pattern, view, the nav link it marks current]; the pattern's groups are the view's arguments.
+const ROUTES = [
+  [/^#\/signin$/, viewSignIn, null],
+  [/^#\/jobs$/, viewJobs, "jobs"],
+  [/^#\/jobs\/new$/, viewNewJob, "new"],
+  [/^#\/jobs\/([0-9a-zA-Z_-]+)$/, viewJob, "jobs"],
+  [/^#\/datasets$/, viewDatasets, "datasets"],
+];
+
+let currentView = null;
+
+/** What a view gets: an abort signal for its fetches, and timers that stop when the view is left. */
+function viewContext() {
+  const controller = new AbortController();
+  const signal = controller.signal;
+  return {
+    signal,
+    leave: () => controller.abort(),
+    every(ms, fn) {
+      const timer = setInterval(() => { if (!signal.aborted) fn(); }, ms);
+      signal.addEventListener("abort", () => clearInterval(timer));
+    },
+    sleep(ms) {
+      return new Promise((resolve) => {
+        const timer = setTimeout(resolve, ms);
+        signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); });
+      });
+    },
+  };
+}
+
+export function route() {
+  if (currentView) currentView.leave();
+  currentView = null;
+  const hash = location.hash || "#/jobs";
+  if (!apiKey() && hash !== "#/signin") {
+    location.replace("#/signin");
+    return;
+  }
+  if (apiKey() && hash === "#/signin" && !hasSignInNotice()) {
+    location.replace("#/jobs");
+    return;
+  }
+  const found = ROUTES.map(([pattern, view, nav]) => [hash.match(pattern), view, nav]).find(([m]) => m);
+  const main = document.getElementById("view");
+  main.replaceChildren();
+  renderChrome(found ? found[2] : null);
+  if (!found) {
+    main.append(h("div", { class: "card empty" }, h("h1", {}, "Page not found"), h("p", {}, h("a", { href: "#/jobs" }, "Go to your jobs"))));
+    return;
+  }
+  const [match, view] = found;
+  currentView = viewContext();
+  view(main, currentView, ...match.slice(1));
+}
+
+/** The top bar: nav and account only when signed in, and the current page's link marked. */
+function renderChrome(active) {
+  const signedIn = Boolean(apiKey());
+  document.getElementById("nav").hidden = !signedIn;
+  document.getElementById("account").hidden = !signedIn;
+  document.getElementById("key-hint").textContent = signedIn ? `${apiKey().slice(0, 8)}…` : "";
+  for (const link of document.querySelectorAll("#nav a")) {
+    if (link.dataset.nav === active) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+}

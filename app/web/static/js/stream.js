@@ -1,0 +1,72 @@
+// A job's live stream (GET /jobs/{id}/stream, Server-Sent Events), read with fetch so it can carry
+// the API key.
+
+import { ApiError, FINISHED } from "./api.js";
+import { authHeaders, signOut } from "./session.js";
+
+const RECONNECT_MS = 2000; // a job stream cut before the job finished is reopened after this
+
+/**
+ * Read a Server-Sent Events body. EventSource cannot send an Authorization header, so the stream is
+ * fetched like any request and its `event:` / `data:` lines are parsed here (comments are skipped).
+ */
+async function* readServerSentEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = "message";
+  let data = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let newline;
+      while ((newline = buffer.indexOf("\n")) >= 0) {
+        let line = buffer.slice(0, newline);
+        buffer = buffer.slice(newline + 1);
+        if (line.endsWith("\r")) line = line.slice(0, -1);
+        if (line === "") {
+          if (data.length) yield { event, data: data.join("\n") };
+          event = "message";
+          data = [];
+          continue;
+        }
+        if (line.startsWith(":")) continue; // a keepalive comment
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let text = colon < 0 ? "" : line.slice(colon + 1);
+        if (text.startsWith(" ")) text = text.slice(1);
+        if (field === "event") event = text;
+        else if (field === "data") data.push(text);
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+/**
+ * Follow a job's stream until the job has finished. Every (re)connection replays the job from the
+ * start, and the page keys what it holds by step and event id, so a reconnect never doubles a point.
+ */
+export async function followJob(jobId, ctx, onMessage, onFatal) {
+  while (!ctx.signal.aborted) {
+    let finished = false;
+    try {
+      const response = await fetch(`/jobs/${jobId}/stream`, {
+        headers: authHeaders({ Accept: "text/event-stream" }), signal: ctx.signal, cache: "no-store",
+      });
+      if (response.status === 401) return signOut("Your API key was not accepted. Sign in again.");
+      if (!response.ok) return onFatal(new ApiError(response.status, await response.json().catch(() => null)));
+      for await (const message of readServerSentEvents(response.body)) {
+        const payload = JSON.parse(message.data);
+        onMessage(message.event, payload);
+        if (message.event === "job" && FINISHED.includes(payload.status)) finished = true;
+      }
+    } catch (err) {
+      if (ctx.signal.aborted) return;
+    }
+    if (finished) return;
+    await ctx.sleep(RECONNECT_MS);
+  }
+}

@@ -1,0 +1,92 @@
+// The job page's panels, each redrawn whole from the page's state: progress, summary, events and
+// checkpoints.
+
+import { h } from "../dom.js";
+import { fmt } from "../format.js";
+import { progressBar } from "../widgets.js";
+
+export function renderProgress(card, state) {
+  const job = state.job;
+  const pct = job.progress.fraction === null ? null : Math.round(job.progress.fraction * 100);
+  const lastTrain = [...state.train.values()].sort((a, b) => a.step - b.step).at(-1);
+  card.replaceChildren(
+    h("div", { class: "card-head" }, h("h2", {}, "Progress"),
+      h("span", { class: "meta" }, job.progress.total_steps ? `step ${job.progress.step} of ${job.progress.total_steps}${pct !== null ? ` · ${pct}%` : ""}` : "waiting for a worker")),
+    progressBar(job, true),
+    h("dl", { class: "stats" },
+      stat("Started", fmt.date(job.started_at)),
+      stat(job.finished_at ? "Took" : "Running for", job.started_at ? fmt.duration(job.started_at, job.finished_at) : "—"),
+      stat("Trained tokens", fmt.int(job.trained_tokens)),
+      stat("Latest train loss", fmt.loss(lastTrain && lastTrain.train_loss)),
+      stat("Attempt", String(job.attempt)),
+      stat("Queue", job.queue)));
+}
+
+function stat(label, value) { return h("div", { class: "stat" }, h("dt", {}, label), h("dd", {}, value)); }
+
+export function renderSummary(box, state) {
+  const job = state.job;
+  const s = job.summary;
+  const rows = [];
+  const section = (name) => rows.push(h("div", { class: "section" }, name));
+  const row = (label, value) => rows.push(h("dt", {}, label), h("dd", {}, value));
+  if (!s) {
+    const last = [...state.train.values()].sort((a, b) => a.step - b.step).at(-1);
+    const lastEval = [...state.eval.values()].sort((a, b) => a.step - b.step).at(-1);
+    section("So far");
+    row("Train loss", fmt.loss(last && last.train_loss));
+    row("Eval loss", fmt.loss(lastEval && lastEval.eval_loss));
+    row("Tokens / s", last && last.tokens_per_second ? fmt.int(last.tokens_per_second) : "—");
+    row("Peak memory", fmt.bytes(last && last.peak_memory_bytes));
+    rows.push(h("p", { class: "hint", style: "grid-column: 1 / -1" }, "The full summary appears when the job finishes."));
+  } else {
+    section("Loss");
+    row("Train loss, first → final", `${fmt.loss(s.train_loss_first)} → ${fmt.loss(s.train_loss_final)}`);
+    row("Eval loss, final", fmt.loss(s.eval_loss_final));
+    if (s.perplexity_final) row("Perplexity", Number(s.perplexity_final).toFixed(2));
+    if (s.merge_fidelity) {
+      section("Merge fidelity");
+      row("Max |logit diff|", fmt.small(s.merge_fidelity.max_abs_logit_diff));
+      row("Mean |logit diff|", fmt.small(s.merge_fidelity.mean_abs_logit_diff));
+      row("Eval loss diff", fmt.small(s.merge_fidelity.eval_loss_diff));
+    }
+    section("Run");
+    row("Tokens / s", fmt.int(s.tokens_per_second));
+    row("Peak memory", fmt.bytes(s.peak_memory_bytes));
+    row("Tokens seen", fmt.int(s.tokens_seen));
+    if (s.steps) row("Steps", `${fmt.int(s.steps.completed)} of ${fmt.int(s.steps.planned)}`);
+    if (s.parameters) row("Trainable parameters", `${fmt.int(s.parameters.trainable)} (${(100 * s.parameters.trainable / s.parameters.total).toFixed(2)}%)`);
+    if (s.device) row("Device", `${s.device}${s.compute_dtype ? `, ${s.compute_dtype}` : ""}`);
+  }
+  box.replaceChildren(h("dl", { class: "summary", id: "summary" }, rows));
+}
+
+export function renderEvents(list, state) {
+  const events = [...state.events.values()].sort((a, b) => b.id - a.id);
+  if (!events.length) {
+    list.replaceChildren(h("li", { class: "empty" }, "No events yet."));
+    return;
+  }
+  list.replaceChildren(...events.map((e) => h("li", { class: `level-${e.level}`, dataset: { type: e.type } },
+    h("time", { datetime: e.created_at }, fmt.time(e.created_at)),
+    h("div", {},
+      h("span", { class: "event-type" }, e.type),
+      e.step !== null ? h("span", { class: "event-step" }, `step ${e.step}`) : null,
+      e.message ? h("div", { class: "event-message" }, e.message) : null))));
+}
+
+export function renderCheckpoints(box, checkpoints) {
+  if (!checkpoints.length) {
+    box.replaceChildren(h("p", { class: "empty" }, "No checkpoint yet: one is saved every save_steps."));
+    return;
+  }
+  box.replaceChildren(h("table", { class: "table", id: "checkpoints" },
+    h("thead", {}, h("tr", {},
+      h("th", { scope: "col", class: "num" }, "Step"), h("th", { scope: "col", class: "num" }, "Train loss"),
+      h("th", { scope: "col", class: "num" }, "Eval loss"), h("th", { scope: "col", class: "num" }, "Size"),
+      h("th", { scope: "col" }, "Saved"))),
+    h("tbody", {}, checkpoints.map((c) => h("tr", {},
+      h("td", { class: "num" }, String(c.step)), h("td", { class: "num" }, fmt.loss(c.train_loss)),
+      h("td", { class: "num" }, fmt.loss(c.eval_loss)), h("td", { class: "num" }, fmt.bytes(c.bytes)),
+      h("td", {}, fmt.time(c.created_at)))))));
+}

@@ -1,0 +1,135 @@
+// One job's page: it follows the job's stream live (status, loss points, events), redraws at most
+// once a frame, and offers cancel and the downloads. The panels are drawn in job-panels.js.
+
+import { api, FINISHED } from "../api.js";
+import { lossChart } from "../chart.js";
+import { h, setTitle } from "../dom.js";
+import { fmt } from "../format.js";
+import { followJob } from "../stream.js";
+import { errorAlert, statusBadge } from "../widgets.js";
+import { downloadArtifact } from "./job-download.js";
+import { renderCheckpoints, renderEvents, renderProgress, renderSummary } from "./job-panels.js";
+
+export function viewJob(main, ctx, jobId) {
+  setTitle("Job");
+  const state = { job: null, train: new Map(), eval: new Map(), events: new Map(), artifacts: [], checkpoints: [] };
+
+  const header = h("div", { class: "page-head" }, h("h1", {}, "Loading job…"));
+  const progressCard = h("section", { class: "card", "aria-label": "Progress" });
+  const errorBox = h("div");
+  const chartBox = h("div", { id: "loss-chart" });
+  const summaryBox = h("div");
+  const eventsBox = h("ol", { class: "events", id: "events", "aria-label": "Job events, newest first" });
+  const checkpointsBox = h("div", { class: "table-wrap" });
+  main.append(
+    h("a", { class: "back", href: "#/jobs" }, "← All jobs"),
+    header, errorBox, progressCard,
+    h("div", { class: "grid" },
+      h("section", { class: "card", "aria-labelledby": "chart-title" },
+        h("div", { class: "card-head" }, h("h2", { id: "chart-title" }, "Loss"),
+          h("div", { class: "chart-legend", "aria-hidden": "true" },
+            h("span", { class: "legend-item" }, h("span", { class: "legend-swatch legend-train" }), "train"),
+            h("span", { class: "legend-item" }, h("span", { class: "legend-swatch legend-eval" }), "eval"))),
+        chartBox),
+      h("section", { class: "card", "aria-labelledby": "summary-title" },
+        h("div", { class: "card-head" }, h("h2", { id: "summary-title" }, "Summary")), summaryBox)),
+    h("div", { class: "grid grid-even" },
+      h("section", { class: "card", "aria-labelledby": "events-title" },
+        h("div", { class: "card-head" }, h("h2", { id: "events-title" }, "Events")), eventsBox),
+      h("section", { class: "card flush", "aria-labelledby": "checkpoints-title" },
+        h("div", { class: "card-head" }, h("h2", { id: "checkpoints-title" }, "Checkpoints"),
+          h("span", { class: "meta" }, "complete ones in storage")), checkpointsBox)));
+
+  let drawQueued = false;
+  function redraw() {
+    if (drawQueued) return;
+    drawQueued = true;
+    requestAnimationFrame(() => {
+      drawQueued = false;
+      if (ctx.signal.aborted || !state.job) return;
+      renderJobHeader(header, state, ctx);
+      renderProgress(progressCard, state);
+      errorBox.replaceChildren(...(state.job.error ? [h("div", { class: "alert alert-error", role: "alert" },
+        h("p", {}, h("strong", {}, `This job ${state.job.status === "failed" ? "failed" : "reported an error"}.`)),
+        h("pre", {}, state.job.error))] : []));
+      chartBox.replaceChildren(lossChart([...state.train.values()], [...state.eval.values()], state.job.progress.total_steps));
+      renderSummary(summaryBox, state);
+      renderEvents(eventsBox, state);
+    });
+  }
+
+  async function loadCheckpoints() {
+    try {
+      state.checkpoints = await api(`/jobs/${jobId}/checkpoints`, { signal: ctx.signal });
+      renderCheckpoints(checkpointsBox, state.checkpoints);
+    } catch (err) {
+      if (!ctx.signal.aborted) checkpointsBox.replaceChildren(errorAlert(err));
+    }
+  }
+  async function loadArtifacts() {
+    try {
+      state.artifacts = await api(`/jobs/${jobId}/artifacts`, { signal: ctx.signal });
+      redraw();
+    } catch (err) { /* the download buttons stay disabled */ }
+  }
+
+  function onMessage(type, payload) {
+    if (type === "job") {
+      const before = state.job && state.job.status;
+      state.job = payload;
+      setTitle(payload.name || "Job");
+      if (payload.status !== before && FINISHED.includes(payload.status)) {
+        loadArtifacts();
+        loadCheckpoints();
+      }
+    } else if (type === "metric") {
+      (payload.kind === "eval" ? state.eval : state.train).set(payload.step, payload);
+    } else if (type === "event") {
+      state.events.set(payload.id, payload);
+      if (payload.type === "checkpoint_saved") loadCheckpoints();
+    }
+    redraw();
+  }
+
+  function onFatal(err) {
+    header.replaceChildren(h("h1", {}, err.status === 404 ? "Job not found" : "This job cannot be shown"));
+    errorBox.replaceChildren(errorAlert(err));
+  }
+
+  loadCheckpoints();
+  followJob(jobId, ctx, onMessage, onFatal);
+}
+
+function renderJobHeader(header, state, ctx) {
+  const job = state.job;
+  const active = !FINISHED.includes(job.status);
+  const cancel = h("button", { type: "button", class: "btn btn-danger", id: "cancel-job", disabled: !active || job.status === "cancelling" },
+    job.status === "cancelling" ? "Cancelling…" : "Cancel job");
+  cancel.addEventListener("click", async () => {
+    if (!window.confirm("Cancel this job? A running job stops after its current step.")) return;
+    cancel.disabled = true;
+    try {
+      state.job = await api(`/jobs/${job.id}/cancel`, { method: "POST", signal: ctx.signal });
+    } catch (err) {
+      if (!ctx.signal.aborted) header.append(errorAlert(err));
+    }
+  });
+  const downloads = ["adapter", "merged"].map((kind) => {
+    const artifact = state.artifacts.find((a) => a.kind === kind);
+    const button = h("button", {
+      type: "button", class: "btn", id: `download-${kind}`, disabled: !artifact,
+      title: artifact ? `sha256 ${artifact.sha256}` : `No ${kind} yet`,
+    }, `Download ${kind}`, artifact ? h("span", { class: "progress-text" }, fmt.bytes(artifact.bytes)) : null);
+    button.addEventListener("click", () => downloadArtifact(job.id, kind, button, header));
+    return button;
+  });
+  const spec = job.spec || {};
+  const training = spec.training || {};
+  header.replaceChildren(
+    h("div", {},
+      h("div", { class: "title-line" }, h("h1", { id: "job-title" }, job.name || "Untitled job"), statusBadge(job.status)),
+      h("p", { class: "subtitle" },
+        h("span", { class: "mono" }, job.id), " · ", job.base_model, " · ",
+        training.max_steps ? `${training.max_steps} steps` : `${training.epochs} epochs`, " · created ", fmt.date(job.created_at))),
+    h("div", { class: "actions" }, ...downloads, cancel));
+}

@@ -1,0 +1,113 @@
+// The new-job form: pre-filled from the engine's defaults (GET /web/spec-defaults), it posts the
+// spec and opens the new job's page, or puts the API's 422 details next to their fields.
+
+import { api } from "../api.js";
+import { h, setTitle } from "../dom.js";
+import { fmt } from "../format.js";
+import { errorAlert } from "../widgets.js";
+import { clearErrors, showErrors } from "./new-job-errors.js";
+import { getPath, parseValue, setPath, SPEC_FIELDS, specField } from "./new-job-fields.js";
+
+const SUGGESTED_EPOCHS = 3; // the engine needs one of epochs / max_steps and has no default for either
+
+export async function viewNewJob(main, ctx) {
+  setTitle("New job");
+  main.append(h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "New job"),
+    h("p", { class: "subtitle" }, "Pre-filled with the engine's defaults (the QLoRA paper's recipe)."))));
+  const holder = h("div", {}, h("p", { class: "empty card" }, "Loading models and datasets…"));
+  main.append(holder);
+
+  let models, datasets, defaults;
+  try {
+    [models, datasets, defaults] = await Promise.all([
+      api("/models", { signal: ctx.signal }),
+      api("/datasets?limit=200", { signal: ctx.signal }).then((page) => page.data.filter((d) => d.status === "ready")),
+      fetch("/web/spec-defaults", { signal: ctx.signal }).then((r) => r.json()),
+    ]);
+  } catch (err) {
+    if (!ctx.signal.aborted) holder.replaceChildren(errorAlert(err));
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  if (!datasets.length) {
+    holder.replaceChildren(h("div", { class: "card empty" }, h("p", {}, "A job trains on a dataset, and your team has no usable one yet."),
+      h("p", {}, h("a", { class: "btn btn-primary", href: "#/datasets" }, "Upload a dataset"))));
+    return;
+  }
+  if (defaults.training.epochs === null && defaults.training.max_steps === null) defaults.training.epochs = SUGGESTED_EPOCHS;
+
+  const datasetLabel = (d) => `${d.filename} — ${fmt.int(d.rows)} rows, ${d.format}`;
+  const topFields = [
+    h("div", { class: "field", dataset: { field: "name" } },
+      h("label", { for: "f-name" }, "Name"),
+      h("input", { id: "f-name", name: "name", type: "text", placeholder: "support-bot-v1", autocomplete: "off", "aria-describedby": "f-name-error" }),
+      h("p", { class: "field-error", id: "f-name-error", hidden: true })),
+    h("div", { class: "field", dataset: { field: "base_model" } },
+      h("label", { for: "f-base_model" }, "Base model"),
+      h("select", { id: "f-base_model", name: "base_model", "aria-describedby": "f-base_model-error" },
+        models.map((mdl) => h("option", { value: mdl.name }, mdl.name + (mdl.description ? ` — ${mdl.description}` : "")))),
+      h("p", { class: "field-error", id: "f-base_model-error", hidden: true })),
+    h("div", { class: "field", dataset: { field: "dataset_id" } },
+      h("label", { for: "f-dataset_id" }, "Training dataset"),
+      h("select", { id: "f-dataset_id", name: "dataset_id", "aria-describedby": "f-dataset_id-error" },
+        datasets.map((d) => h("option", { value: d.id }, datasetLabel(d)))),
+      h("p", { class: "field-error", id: "f-dataset_id-error", hidden: true })),
+    h("div", { class: "field", dataset: { field: "validation_dataset_id" } },
+      h("label", { for: "f-validation_dataset_id" }, "Validation dataset (optional)"),
+      h("select", { id: "f-validation_dataset_id", name: "validation_dataset_id", "aria-describedby": "f-validation_dataset_id-error" },
+        h("option", { value: "" }, "None"), datasets.map((d) => h("option", { value: d.id }, datasetLabel(d)))),
+      h("p", { class: "field-error", id: "f-validation_dataset_id-error", hidden: true })),
+  ];
+
+  const section = (title, hint, fields) => h("fieldset", { class: "form-section" },
+    h("legend", {}, title), hint ? h("p", { class: "section-hint" }, hint) : null,
+    h("div", { class: "fields" }, fields.map((f) => specField(f, getPath(defaults, f[0])))));
+
+  const summary = h("div", { id: "form-errors" });
+  const submit = h("button", { type: "submit", class: "btn btn-primary", id: "create-job" }, "Start training");
+  const merge = h("input", { type: "checkbox", id: "f-output-merge", name: "output.merge", checked: defaults.output.merge });
+  const form = h("form", { id: "new-job", novalidate: true },
+    summary,
+    h("fieldset", { class: "form-section" }, h("legend", {}, "Job"),
+      h("p", { class: "section-hint" }, "What to train, and on what."),
+      h("div", { class: "fields wide" }, topFields)),
+    h("hr", { class: "divider" }),
+    section("How long", "Set exactly one of epochs and max steps.", SPEC_FIELDS.length),
+    h("hr", { class: "divider" }),
+    section("Training", null, SPEC_FIELDS.training),
+    h("hr", { class: "divider" }),
+    section("LoRA adapter", null, SPEC_FIELDS.lora),
+    h("hr", { class: "divider" }),
+    h("fieldset", { class: "form-section" }, h("legend", {}, "Model"),
+      h("div", { class: "fields" },
+        SPEC_FIELDS.quantization.map((f) => specField(f, getPath(defaults, f[0]))),
+        h("div", { class: "field", dataset: { field: "output.merge" } },
+          h("label", { class: "checkbox", for: "f-output-merge" }, merge, "Also build a merged bf16 model"),
+          h("p", { class: "field-error", id: "f-output-merge-error", hidden: true })))),
+    h("div", { class: "form-actions" }, submit, h("a", { class: "btn btn-ghost", href: "#/jobs" }, "Back to jobs")));
+  holder.replaceChildren(h("section", { class: "card" }, form));
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors(form, summary);
+    const body = { lora: {}, training: {}, quantization: {}, output: { merge: merge.checked } };
+    for (const control of form.querySelectorAll("input[name], select[name]")) {
+      if (control.type === "checkbox") continue;
+      const text = control.value.trim();
+      // Blank: the engine's default (or, for the validation dataset and the name, none).
+      if (text === "" && control.name !== "dataset_id" && control.name !== "base_model") continue;
+      setPath(body, control.name, control.dataset.type ? parseValue(text, control.dataset.type) : text);
+    }
+    submit.disabled = true;
+    submit.textContent = "Creating…";
+    try {
+      const job = await api("/jobs", { method: "POST", json: body, signal: ctx.signal });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (err) {
+      if (!ctx.signal.aborted) showErrors(form, summary, err);
+    } finally {
+      submit.disabled = false;
+      submit.textContent = "Start training";
+    }
+  });
+}

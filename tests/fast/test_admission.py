@@ -1,0 +1,175 @@
+"""Admission control on real model shapes: a job goes to the smallest GPU class that holds its
+estimated peak, "auto" becomes the largest micro-batch that fits there, and a job that fits no
+class is refused with what it needs, what there is, and changes that would make it fit."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.errors import DoesNotFit, Invalid
+from app.jobs.admission import admit
+from app.models.tables import RegisteredModel
+from tests.fast.conftest import job_spec, make_settings
+from tests.model_configs import LLAMA3_8B, LLAMA3_70B
+from worker.training.estimate import GIB, estimate_peak_memory, fit_micro_batch, resolve_auto_micro_batch
+
+CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them by memory
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Settings of a deployment whose workers serve an L4 class and an H100 class."""
+    return make_settings(tmp_path, gpu_classes=CLASSES)
+
+
+def model(config=LLAMA3_8B, name="llama-3-8b") -> RegisteredModel:
+    return RegisteredModel(name=name, hub_id=f"meta-llama/{name}", revision="main", config=config)
+
+
+def peak(spec, config=LLAMA3_8B) -> int:
+    return estimate_peak_memory(spec, config).total
+
+
+def test_a_small_job_goes_to_the_smallest_class_that_holds_it(served):
+    spec = job_spec(per_device_batch_size=1, max_seq_length=2048)
+    admitted = admit(served, model(), spec, None)
+    assert admitted.gpu_class == "l4" and served.queue_for(admitted.gpu_class) == "gpu-l4"
+    assert admitted.spec == spec
+    assert admitted.estimate.total == peak(spec) <= 24 * GIB
+    assert admitted.note == (f"estimated peak {admitted.estimate.total / GIB:.2f} GiB of the 24.00 GiB on l4 "
+                             "(micro-batch 1)")
+
+
+def test_a_job_too_large_for_the_small_class_goes_to_the_next(served):
+    spec = job_spec(per_device_batch_size=16, max_seq_length=2048)
+    assert 24 * GIB < peak(spec) <= 80 * GIB
+    admitted = admit(served, model(), spec, None)
+    assert admitted.gpu_class == "h100" and admitted.estimate.total == peak(spec)
+
+
+def test_a_requested_class_is_honoured_when_the_job_fits_it(served):
+    spec = job_spec(per_device_batch_size=1)
+    assert admit(served, model(), spec, "h100").gpu_class == "h100"
+
+
+def test_auto_becomes_the_largest_micro_batch_that_fits_the_class(served):
+    spec = job_spec(per_device_batch_size="auto", max_seq_length=2048)
+    on_l4 = admit(served, model(), spec, None)
+    on_h100 = admit(served, model(), spec, "h100")
+    for admitted, budget in ((on_l4, 24 * GIB), (on_h100, 80 * GIB)):
+        micro = admitted.spec.training.per_device_batch_size
+        assert isinstance(micro, int)
+        assert peak(job_spec(per_device_batch_size=micro, max_seq_length=2048)) <= budget
+        assert peak(job_spec(per_device_batch_size=2 * micro, max_seq_length=2048)) > budget
+        assert admitted.estimate.total == peak(admitted.spec) and f"(micro-batch {micro})" in admitted.note
+    assert on_l4.gpu_class == "l4" and on_l4.spec.training.per_device_batch_size == 8
+    assert on_h100.spec.training.per_device_batch_size == 32
+    # Everything else in the spec is the user's, unchanged.
+    assert on_l4.spec.model_copy(update={"training": spec.training}) == spec
+
+
+def test_auto_skips_a_class_where_not_even_one_sequence_fits(served):
+    """A 70B base does not fit an L4 at all (its 4-bit weights alone are larger): auto moves on."""
+    spec = job_spec(per_device_batch_size="auto", max_seq_length=2048)
+    assert peak(job_spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_70B) > 24 * GIB
+    admitted = admit(served, model(LLAMA3_70B, "llama-3-70b"), spec, None)
+    assert admitted.gpu_class == "h100" and admitted.spec.training.per_device_batch_size == 4
+    assert admitted.estimate.total <= 80 * GIB
+
+
+def suggestions_applied(spec, suggestion: str):
+    """A suggestion from the refusal ("per_device_batch_size 8 with gradient_accumulation_steps 8 ...")
+    as the spec a user would send next."""
+    changes = dict(re.findall(r"(per_device_batch_size|gradient_accumulation_steps|max_seq_length|"
+                              r"gradient_checkpointing) (\w+)", suggestion))
+    assert changes, suggestion
+    values = {k: (v == "true") if k == "gradient_checkpointing" else int(v) for k, v in changes.items()}
+    return job_spec(**{**spec.training.model_dump(exclude={"max_steps"}), **values})
+
+
+def test_a_job_that_fits_no_class_it_may_use_is_refused_with_changes_that_fit(served):
+    spec = job_spec(per_device_batch_size=16, max_seq_length=2048)
+    with pytest.raises(DoesNotFit) as refused:
+        admit(served, model(), spec, "l4")
+    error = refused.value
+    assert (error.status, error.code) == (400, "does_not_fit")
+    assert f"needs about {peak(spec) / GIB:.2f} GiB" in error.message
+    assert "the largest GPU class you asked for, l4, has 24.00 GiB" in error.message
+    assert error.details["needed_bytes"] == peak(spec) == sum(error.details["estimate"].values())
+    assert error.details["available_bytes"] == 24 * GIB and error.details["gpu_class"] == "l4"
+    assert error.details["suggestions"] == [
+        "per_device_batch_size 8 with gradient_accumulation_steps 8 (the same effective batch)", "max_seq_length 1024"]
+    assert "It would fit with per_device_batch_size 8" in error.message
+    # Each suggestion, taken as it is written, is admitted on the class that refused the job.
+    for suggestion in error.details["suggestions"]:
+        fixed = suggestions_applied(spec, suggestion)
+        assert admit(served, model(), fixed, "l4").gpu_class == "l4", suggestion
+    # Same effective batch: the fix changes memory, not the training.
+    fixed = suggestions_applied(spec, error.details["suggestions"][0])
+    assert fixed.training.per_device_batch_size * fixed.training.gradient_accumulation_steps == 16 * 4
+
+
+def test_a_job_too_large_for_every_class_names_the_largest(served):
+    spec = job_spec(per_device_batch_size=64, max_seq_length=8192, gradient_checkpointing=False)
+    with pytest.raises(DoesNotFit) as refused:
+        admit(served, model(), spec, None)
+    assert "the largest GPU class the workers serve, h100, has 80.00 GiB" in refused.value.message
+    assert refused.value.details["available_bytes"] == 80 * GIB
+
+
+@pytest.mark.parametrize("micro_batch", [1, "auto"])
+def test_a_base_model_too_large_even_for_one_sequence_says_so(tmp_path, micro_batch):
+    only_l4 = make_settings(tmp_path, gpu_classes={"l4": 24})
+    spec = job_spec(per_device_batch_size=micro_batch, max_seq_length=2048)
+    with pytest.raises(DoesNotFit) as refused:
+        admit(only_l4, model(LLAMA3_70B, "llama-3-70b"), spec, None)
+    error = refused.value
+    assert error.details["suggestions"] == []
+    assert error.message.endswith("It does not fit even with a micro-batch of 1: use a shorter max_seq_length "
+                                  "or a smaller base model.")
+    # What it needs is measured at a micro-batch of 1, the least "auto" could have chosen.
+    assert error.details["needed_bytes"] == peak(job_spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_70B)
+
+
+def test_an_unknown_class_is_invalid_and_lists_the_classes_served(served):
+    with pytest.raises(Invalid) as refused:
+        admit(served, model(), job_spec(), "tpu")
+    error = refused.value
+    assert (error.status, error.code) == (422, "invalid_job")
+    assert "'tpu' is not a class the workers serve (h100, l4)" in error.message
+    assert error.details == [{"field": "gpu_class", "message": "unknown GPU class"}]
+
+
+@pytest.mark.parametrize("requested", [None, "a100"])
+def test_without_classes_configured_memory_is_not_checked(tmp_path, requested):
+    """The embedded default: one local worker, whatever its memory; "auto" is resolved where it runs."""
+    settings = make_settings(tmp_path)
+    spec = job_spec(per_device_batch_size="auto")
+    admitted = admit(settings, model(LLAMA3_70B), spec, requested)
+    assert admitted.gpu_class == (requested or "default")
+    assert admitted.spec == spec and admitted.estimate is None
+    assert admitted.note == "memory not checked: no GPU classes are configured"
+
+
+def test_a_model_registered_without_its_config_is_admitted_unchecked(served):
+    spec = job_spec(per_device_batch_size="auto")
+    admitted = admit(served, model(config=None, name="mystery"), spec, "l4")
+    assert admitted.gpu_class == "l4" and admitted.spec == spec and admitted.estimate is None
+    assert admitted.note == "memory not checked: the registry has no config.json for mystery"
+
+
+def test_admission_and_the_worker_size_auto_the_same_way():
+    """One sizing rule serves both: admission on the class's memory, the worker on its GPU's."""
+    spec = job_spec(per_device_batch_size="auto", max_seq_length=2048)
+    assert fit_micro_batch(spec, LLAMA3_8B, 24 * GIB).training.per_device_batch_size == 8
+    assert resolve_auto_micro_batch(spec, LLAMA3_8B, 24 * GIB) == fit_micro_batch(spec, LLAMA3_8B, 24 * GIB)
+    assert fit_micro_batch(spec, LLAMA3_70B, 24 * GIB) is None  # not even one sequence fits
+    with pytest.raises(ValueError, match=r'"auto" found no micro-batch that fits: even 1 needs 48\.\d\d GiB '
+                                         r"and the device has 24\.00 GiB"):
+        resolve_auto_micro_batch(spec, LLAMA3_70B, 24 * GIB)
+    # A fixed micro-batch is the user's; on a CPU (no device budget) "auto" is the default, 4.
+    fixed = job_spec(per_device_batch_size=16)
+    assert fit_micro_batch(fixed, LLAMA3_8B, 24 * GIB) == fixed == resolve_auto_micro_batch(fixed, LLAMA3_8B, 1)
+    assert resolve_auto_micro_batch(spec, LLAMA3_8B, None).training.per_device_batch_size == 4

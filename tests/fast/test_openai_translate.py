@@ -1,0 +1,294 @@
+"""The OpenAI-compatible surface as pure translation: hyperparameters into our spec and back, ids
+with their prefixes, statuses, and errors in OpenAI's shape. A malformed body is a 4xx naming the
+part that is wrong, never a crash."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from app.datasets.tables import Dataset
+from app.errors import AppError, Conflict, DoesNotFit, Invalid, NotFound, PayloadTooLarge, Unauthorized
+from app.jobs import repository, service, states
+from app.jobs.tables import Job
+from app.openai import translate as t
+from app.openai.translate import BASE_LEARNING_RATE, job_body, openai_error
+from worker.training.spec import JobSpec
+
+BASE = {"model": "llama-3-8b", "training_file": "file-abc"}
+
+
+def training_of(**body) -> dict:
+    return job_body({**BASE, **body})["training"]
+
+
+# ------------------------------------------------------------------ hyperparameters → our spec
+
+
+def test_the_minimal_body_becomes_a_native_job_with_openais_default_epochs():
+    assert job_body(BASE) == {"base_model": "llama-3-8b", "dataset_id": "abc", "training": {"epochs": 3}}
+
+
+def test_every_openai_field_lands_on_ours():
+    native = job_body({**BASE, "validation_file": "file-val", "suffix": "support-bot", "seed": 11,
+                       "metadata": {"team": "support"}, "gpu_class": "l4", "lora": {"r": 8},
+                       "quantization": {"bits": 4}, "output": {"merge": False},
+                       "hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 2}})
+    assert native == {
+        "base_model": "llama-3-8b", "dataset_id": "abc", "validation_dataset_id": "val", "name": "support-bot",
+        "metadata": {"team": "support"}, "gpu_class": "l4", "lora": {"r": 8}, "quantization": {"bits": 4},
+        "output": {"merge": False},
+        "training": {"epochs": 2, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
+                     "learning_rate": 2 * BASE_LEARNING_RATE, "seed": 11},
+    }
+    meta, spec = service.parse_create(native)  # and the native service accepts it as it is
+    assert spec.training.epochs == 2 and spec.lora.r == 8 and meta["gpu_class"] == "l4"
+
+
+@pytest.mark.parametrize(("batch_size", "micro", "accumulation"), [
+    (1, 1, 1), (4, 4, 1), (8, 4, 2), (12, 4, 3), (16, 4, 4), (6, 3, 2), (7, 1, 7), (256, 4, 64)])
+def test_batch_size_is_split_into_micro_batch_and_accumulation(batch_size, micro, accumulation):
+    """The effective batch OpenAI means, held at most 4 sequences at a time (the usual micro-batch)."""
+    training = training_of(hyperparameters={"batch_size": batch_size})
+    assert (training["per_device_batch_size"], training["gradient_accumulation_steps"]) == (micro, accumulation)
+
+
+def test_a_micro_batch_given_beside_batch_size_bounds_the_split():
+    training = training_of(hyperparameters={"batch_size": 16}, training={"per_device_batch_size": 8})
+    assert (training["per_device_batch_size"], training["gradient_accumulation_steps"]) == (8, 2)
+    training = training_of(hyperparameters={"batch_size": 16}, training={"per_device_batch_size": "auto"})
+    assert (training["per_device_batch_size"], training["gradient_accumulation_steps"]) == (4, 4)
+
+
+def test_auto_leaves_our_defaults_and_n_epochs_auto_respects_a_stopping_rule_of_ours():
+    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    assert training_of(hyperparameters=auto) == {"epochs": 3}
+    assert training_of(hyperparameters=auto, training={"max_steps": 50}) == {"max_steps": 50}
+    assert training_of(training={"epochs": 1.5}) == {"epochs": 1.5}
+
+
+def test_method_supervised_hyperparameters_win_over_the_legacy_field():
+    training = training_of(hyperparameters={"n_epochs": 5, "learning_rate_multiplier": 3},
+                           method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    assert training == {"epochs": 2, "learning_rate": 3 * BASE_LEARNING_RATE}
+
+
+@pytest.mark.parametrize(("hyperparameters", "field"), [
+    ({"n_epochs": 0}, "hyperparameters.n_epochs"), ({"n_epochs": 51}, "hyperparameters.n_epochs"),
+    ({"n_epochs": 2.5}, "hyperparameters.n_epochs"), ({"n_epochs": True}, "hyperparameters.n_epochs"),
+    ({"n_epochs": "3"}, "hyperparameters.n_epochs"), ({"batch_size": 0}, "hyperparameters.batch_size"),
+    ({"batch_size": 257}, "hyperparameters.batch_size"), ({"batch_size": "big"}, "hyperparameters.batch_size"),
+    ({"learning_rate_multiplier": 0}, "hyperparameters.learning_rate_multiplier"),
+    ({"learning_rate_multiplier": -1}, "hyperparameters.learning_rate_multiplier"),
+    ({"learning_rate_multiplier": 11}, "hyperparameters.learning_rate_multiplier"),
+    ({"learning_rate_multiplier": float("nan")}, "hyperparameters.learning_rate_multiplier"),
+    ({"learning_rate_multiplier": float("inf")}, "hyperparameters.learning_rate_multiplier"),
+])
+def test_an_out_of_range_hyperparameter_is_named_with_its_range(hyperparameters, field):
+    with pytest.raises(Invalid) as refused:
+        job_body({**BASE, "hyperparameters": hyperparameters})
+    assert refused.value.details == [{"field": field, "message": refused.value.details[0]["message"]}]
+    assert "must be 'auto' or" in refused.value.message
+    status, shaped = openai_error(refused.value.status, refused.value.message, refused.value.code,
+                                  refused.value.details)
+    assert status == 400 and shaped["error"]["param"] == field and shaped["error"]["type"] == "invalid_request_error"
+
+
+def test_every_bad_hyperparameter_is_reported_at_once():
+    with pytest.raises(Invalid) as refused:
+        job_body({**BASE, "hyperparameters": {"n_epochs": 0, "batch_size": 0, "learning_rate_multiplier": 0}})
+    assert [d["field"] for d in refused.value.details] == [
+        "hyperparameters.n_epochs", "hyperparameters.batch_size", "hyperparameters.learning_rate_multiplier"]
+
+
+# Bodies a client can send that are wrong in shape: each must be a 4xx naming the part, not a 500.
+BAD_BODIES = [
+    ([], "(body)", 422),
+    ({**BASE, "hyperparameters": [1, 2]}, "hyperparameters", 422),
+    ({**BASE, "hyperparameters": "n_epochs=3"}, "hyperparameters", 422),
+    ({**BASE, "method": "supervised"}, "method", 422),
+    ({**BASE, "method": {"type": "dpo"}}, "method.type", 422),
+    ({**BASE, "method": {"type": "supervised", "supervised": [1]}}, "method.supervised", 422),
+    ({**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": 3}}},
+     "method.supervised.hyperparameters", 422),
+    ({**BASE, "training": "fast"}, "training", 422),
+    ({**BASE, "training": [["epochs", 1]]}, "training", 422),
+    ({**BASE, "training": {"per_device_batch_size": 0}, "hyperparameters": {"batch_size": 8}},
+     "training.per_device_batch_size", 422),
+    ({**BASE, "training": {"per_device_batch_size": "x"}, "hyperparameters": {"batch_size": 8}},
+     "training.per_device_batch_size", 422),
+    ({**BASE, "validation_file": 5}, "validation_file", 422),
+    ({**BASE, "model": None}, "model", 422),
+    ({"model": "m"}, "training_file", 422),
+    ({**BASE, "training_file": 42}, "training_file", 422),
+    ({**BASE, "learning_rate": 0.1}, "learning_rate", 422),
+    ({**BASE, "integrations": [{"type": "wandb"}]}, "integrations", 422),
+    ({**BASE, "training_file": "abc"}, None, 404),  # an id without its prefix is as missing as a wrong one
+    ({**BASE, "training_file": "file-"}, None, 404),
+    ({**BASE, "validation_file": "ftjob-abc"}, None, 404),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "status"), BAD_BODIES)
+def test_a_malformed_body_is_a_client_error_that_names_the_part(body, field, status):
+    with pytest.raises(AppError) as refused:
+        job_body(body)
+    error = refused.value
+    assert error.status == status
+    if field is not None:
+        assert error.details[0]["field"] == field and error.message
+    shaped_status, shaped = openai_error(error.status, error.message, error.code, error.details)
+    assert shaped_status == (400 if status == 422 else status)
+    assert shaped["error"]["param"] == (t.PARAM_NAMES.get(field, field) if field else None)
+    assert shaped["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [
+    {**BASE, "lora": {"r": 0}}, {**BASE, "lora": "big"}, {**BASE, "quantization": {"bits": 3}},
+    {**BASE, "seed": -1}, {**BASE, "suffix": 7}, {**BASE, "metadata": ["x"]}, {**BASE, "gpu_class": "L4!"},
+    {**BASE, "training": {"epochs": 1, "max_steps": 5}},
+])
+def test_what_openai_does_not_define_is_refused_by_the_native_service(body):
+    """Passed on as it is; the native service validates it like any other job, naming our field."""
+    with pytest.raises(Invalid) as refused:
+        service.parse_create(job_body(body))
+    assert refused.value.status == 422 and refused.value.code == "invalid_job"
+    field = refused.value.details[0]["field"]
+    _, shaped = openai_error(422, refused.value.message, refused.value.code, refused.value.details)
+    assert shaped["error"]["param"] == t.PARAM_NAMES.get(field, field)
+
+
+# ------------------------------------------------------------------ errors in OpenAI's shape
+
+
+@pytest.mark.parametrize(("error", "status", "kind"), [
+    (Invalid("bad"), 400, "invalid_request_error"),
+    (DoesNotFit("too big"), 400, "invalid_request_error"),
+    # The SDK retries a 409: a request the job's state forbids is answered 400 so it is not repeated.
+    (Conflict("cannot pause job x: it is succeeded", code="invalid_state"), 400, "invalid_request_error"),
+    (NotFound("no job"), 404, "invalid_request_error"),
+    (PayloadTooLarge("too large"), 413, "invalid_request_error"),
+    (Unauthorized("missing key"), 401, "authentication_error"),
+    (AppError("forbidden"), 400, "invalid_request_error"),
+])
+def test_our_errors_in_openais_shape(error, status, kind):
+    shaped_status, shaped = openai_error(error.status, error.message, error.code, error.details)
+    assert shaped_status == status
+    assert shaped == {"error": {"message": error.message, "type": kind, "param": None, "code": error.code}}
+
+
+def test_forbidden_and_server_errors_keep_their_status():
+    assert openai_error(403, "admin only", "forbidden", None) == (
+        403, {"error": {"message": "admin only", "type": "permission_error", "param": None, "code": "forbidden"}})
+    assert openai_error(500, "boom", None, None)[1]["error"]["type"] == "server_error"
+    assert openai_error(503, "down", None, None)[0] == 503
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    ("dataset_id", "training_file"), ("validation_dataset_id", "validation_file"), ("base_model", "model"),
+    ("name", "suffix"), ("training.seed", "seed"), ("training.epochs", "hyperparameters.n_epochs"),
+    ("training.learning_rate", "hyperparameters.learning_rate_multiplier"),
+    ("training.per_device_batch_size", "hyperparameters.batch_size"),
+    ("training.gradient_accumulation_steps", "hyperparameters.batch_size"),
+    ("lora.r", "lora.r"),  # ours alone (the SDK's extra_body): named as sent
+])
+def test_the_first_bad_field_is_named_as_an_openai_client_sent_it(ours, theirs):
+    details = [{"field": ours, "message": "wrong"}, {"field": "lora.alpha", "message": "also wrong"}]
+    assert openai_error(422, "m", "invalid_job", details)[1]["error"]["param"] == theirs
+
+
+def test_details_that_name_no_field_give_no_param():
+    for details in (None, [], ["a string"], {"needed_bytes": 1}):
+        assert openai_error(400, "m", "c", details)[1]["error"]["param"] is None
+
+
+# ------------------------------------------------------------------ our objects → OpenAI's
+
+
+OPENAI_STATUSES = {"validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"}
+
+
+def test_every_state_has_an_openai_status():
+    assert set(t.STATUS) == set(states.ALL)
+    assert set(t.STATUS.values()) <= OPENAI_STATUSES
+    # Still at work on a GPU until the worker says otherwise.
+    assert t.STATUS[states.CANCELLING] == t.STATUS[states.PAUSING] == "running"
+    assert all(t.STATUS[s] == s for s in states.ALL if s not in (states.CANCELLING, states.PAUSING))
+
+
+@pytest.mark.parametrize(("openai_id", "prefix", "native"), [
+    ("file-abc", t.FILE, "abc"), ("ftjob-0123", t.JOB, "0123"), ("ftevent-42", t.EVENT, "42"),
+    ("ftckpt-x", t.CHECKPOINT, "x")])
+def test_ids_carry_openais_prefixes(openai_id, prefix, native):
+    assert t.native_id(openai_id, prefix, "thing") == native
+
+
+@pytest.mark.parametrize("openai_id", ["abc", "file-", "ftjob-abc", "", "FILE-abc"])
+def test_a_malformed_id_is_not_found(openai_id):
+    with pytest.raises(NotFound, match="no file"):
+        t.native_id(openai_id, t.FILE, "file")
+
+
+@pytest.mark.parametrize("status", states.ALL)
+def test_a_job_as_openai_shows_it(session, caller, make_job, status):
+    finished = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    job_id = make_job(status, name="bot", dataset_id=None, error="CUDA out of memory at step 3" if status == "failed"
+                      else None, trained_tokens=1234, finished_at=finished if status in states.FINISHED else None)
+    job = session.get(Job, job_id)
+    shown = t.job_object(job, "team-a")
+    assert shown["id"] == "ftjob-" + job_id and shown["status"] == t.STATUS[status]
+    assert shown["created_at"] == int(job.created_at.timestamp())
+    assert shown["finished_at"] == (int(finished.timestamp()) if status in states.FINISHED else None)
+    assert shown["training_file"] is None and shown["organization_id"] == caller.team_id
+    succeeded = status == states.SUCCEEDED
+    assert shown["fine_tuned_model"] == (f"ft:llama-3-8b:team-a:bot:{job_id}" if succeeded else None)
+    assert shown["trained_tokens"] == (1234 if succeeded else None)
+    assert shown["error"] == ({"code": "job_failed", "message": "CUDA out of memory at step 3", "param": None}
+                              if status == states.FAILED else None)
+    # The spec trains for max_steps, so OpenAI's epochs read "auto"; the batch is micro x accumulation.
+    assert shown["hyperparameters"] == {"n_epochs": "auto", "batch_size": 16, "learning_rate_multiplier": 1.0}
+
+
+def test_hyperparameters_read_back_from_a_spec():
+    def shown(**training):
+        spec = JobSpec.parse({"base_model": "m", "training": training}).model_dump(mode="json")
+        return t.hyperparameters_of(spec)
+
+    assert shown(epochs=2, per_device_batch_size=2, gradient_accumulation_steps=3, learning_rate=4e-4) == {
+        "n_epochs": 2, "batch_size": 6, "learning_rate_multiplier": 2.0}
+    assert shown(epochs=1.5)["n_epochs"] == 1.5
+    assert shown(max_steps=5, per_device_batch_size="auto")["batch_size"] == "auto"
+
+
+def test_events_and_checkpoints_as_openai_shows_them(session, make_job):
+    job_id = make_job(states.RUNNING, attempt=2)
+    job = session.get(Job, job_id)
+    event = repository.add_event(session, job_id, "cancel_requested", "warning", "stop after this step",
+                                 attempt=2, step=30, data={"why": "user"})
+    checkpoint = repository.add_checkpoint(session, job_id, 2, 30, "k", 1, "0" * 64, train_loss=1.5, eval_loss=None)
+    session.flush()
+    shown = t.event_object(event)
+    assert shown["id"] == f"ftevent-{event.id}" and shown["object"] == "fine_tuning.job.event"
+    assert shown["level"] == "warn" and shown["message"] == "stop after this step"
+    assert shown["data"] == {"type": "cancel_requested", "step": 30, "attempt": 2, "why": "user"}
+    shown = t.checkpoint_object(checkpoint, job, "team-a")
+    assert shown["id"] == "ftckpt-" + checkpoint.id and shown["fine_tuning_job_id"] == "ftjob-" + job_id
+    assert shown["step_number"] == 30 and shown["metrics"] == {"step": 30, "train_loss": 1.5}
+    assert shown["fine_tuned_model_checkpoint"] == f"ft:llama-3-8b:team-a:{job.name}:{job_id}:ckpt-step-30"
+
+
+def test_a_file_as_openai_shows_it(session, caller):
+    good = Dataset(team_id=caller.team_id, filename="train.jsonl", storage_key="k1", bytes=99, sha256="0" * 64,
+                   status="ready", rows=3)
+    bad = Dataset(team_id=caller.team_id, filename="bad.jsonl", storage_key="k2", bytes=5, sha256="1" * 64,
+                  status="invalid", error_count=2,
+                  errors=[{"line": 1, "message": "not JSON"}, {"line": 4, "message": "no messages"}])
+    session.add_all([good, bad])
+    session.flush()
+    assert t.file_object(good) | {"created_at": None} == {
+        "id": "file-" + good.id, "object": "file", "bytes": 99, "created_at": None, "filename": "train.jsonl",
+        "purpose": "fine-tune", "expires_at": None, "status": "processed", "status_details": None}
+    shown = t.file_object(bad)
+    assert shown["status"] == "error"
+    assert shown["status_details"] == "2 invalid lines; line 1: not JSON; line 4: no messages"

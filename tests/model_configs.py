@@ -1,0 +1,13 @@
+"""config.json of real models, for the tests that decide by a model's shape (memory estimate,
+admission) without its weights: what the registry stores for a model, and all the estimator reads."""
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "tie_word_embeddings": False, "max_position_embeddings": 8192,
+}
+LLAMA3_70B = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+    "tie_word_embeddings": False, "max_position_embeddings": 8192,
+}
