@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: install run test test-fast train-demo clean
+.PHONY: install run test test-fast lint train-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,9 +36,17 @@ train-demo: install
 	$(VENV)/bin/qlora demo-data demo --base-model demo/tiny-model
 	$(VENV)/bin/qlora train demo/spec.json --data demo/train.jsonl --validation demo/validation.jsonl --out demo/run
 
-# The whole suite. The tests start Postgres, Redis and an S3 server on loopback when they are not running.
-test: install
+# The whole suite, after the lint. The tests start Postgres, Redis and an S3 server on loopback when
+# they are not running.
+test: install lint
 	$(PY) -m pytest
+
+# Style (ruff), the direction of imports between app/ and worker/ (import-linter's contracts in
+# pyproject.toml) and types (mypy over the API and the contract it shares with the engine).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # The rules that need no deployment (state machine, job requests, admission, OpenAI translation) on
 # SQLite, in seconds: no Postgres, Redis, S3 or training.

@@ -9,6 +9,7 @@ in batches written from a thread so the event loop keeps serving other requests.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from python_multipart.exceptions import MultipartParseError
@@ -26,6 +27,18 @@ class FileSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+@dataclass
+class _Part:
+    """The part being parsed: its headers as they arrive, then its name and (for a plain field) its bytes."""
+    header_field: bytes = b""
+    header_value: bytes = b""
+    headers: dict[str, bytes] = field(default_factory=dict)
+    name: str = ""
+    filename: str | None = None
+    in_file: bool = False
+    buffer: list[bytes] = field(default_factory=list)
+
+
 async def read_multipart(request: Request, open_file: Callable[[str, str], FileSink],
                          file_field: str = "file") -> tuple[dict[str, str], bool]:
     """Parse the request body; stream the `file_field` part to open_file(field, filename).
@@ -39,47 +52,47 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
                       f"(curl -F {file_field}=@data.jsonl)")
 
     fields: dict[str, str] = {}
-    state = {"headers": {}, "field": b"", "value": b"", "name": None, "filename": None, "buffer": [],
-             "in_file": False}
-    sink: list[FileSink | None] = [None]
+    part = _Part()
+    sink: FileSink | None = None
     pending: list[bytes] = []  # file bytes parsed but not yet handed to the sink
-    seen_file = [False]
+    seen_file = False
 
     def on_header_field(data, start, end):
-        state["field"] += data[start:end]
+        part.header_field += data[start:end]
 
     def on_header_value(data, start, end):
-        state["value"] += data[start:end]
+        part.header_value += data[start:end]
 
     def on_header_end():
-        state["headers"][state["field"].decode("latin-1").lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
+        part.headers[part.header_field.decode("latin-1").lower()] = part.header_value
+        part.header_field, part.header_value = b"", b""
 
     def on_headers_finished():
-        _, disposition = parse_options_header(state["headers"].get("content-disposition"))
-        state["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        nonlocal sink, seen_file
+        _, disposition = parse_options_header(part.headers.get("content-disposition"))
+        part.name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
-        state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
-        state["buffer"] = []
-        state["in_file"] = state["name"] == file_field and state["filename"] is not None
-        if state["in_file"]:
-            if seen_file[0]:
+        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        part.buffer = []
+        part.in_file = part.name == file_field and part.filename is not None
+        if part.in_file:
+            if seen_file:
                 raise Invalid(f"send one {file_field!r} part per request")
-            seen_file[0] = True
-            sink[0] = open_file(state["name"], state["filename"] or "upload")
+            seen_file = True
+            sink = open_file(part.name, part.filename or "upload")
 
     def on_part_data(data, start, end):
-        if state["in_file"]:
+        if part.in_file:
             pending.append(bytes(data[start:end]))
         else:
-            state["buffer"].append(bytes(data[start:end]))
-            if sum(map(len, state["buffer"])) > MAX_FIELD_BYTES:
-                raise Invalid(f"form field {state['name']!r} is over {MAX_FIELD_BYTES} bytes")
+            part.buffer.append(bytes(data[start:end]))
+            if sum(map(len, part.buffer)) > MAX_FIELD_BYTES:
+                raise Invalid(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes")
 
     def on_part_end():
-        if not state["in_file"] and state["name"]:
-            fields[state["name"]] = b"".join(state["buffer"]).decode("utf-8", "replace")
-        state["headers"] = {}
+        if not part.in_file and part.name:
+            fields[part.name] = b"".join(part.buffer).decode("utf-8", "replace")
+        part.headers = {}
 
     parser = MultipartParser(params[b"boundary"], {
         "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -88,10 +101,10 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
     })
 
     async def flush(force: bool = False) -> None:
-        if sink[0] is not None and pending and (force or sum(map(len, pending)) >= FLUSH_BYTES):
+        if sink is not None and pending and (force or sum(map(len, pending)) >= FLUSH_BYTES):
             data = b"".join(pending)
             pending.clear()
-            await run_in_threadpool(sink[0].write, data)
+            await run_in_threadpool(sink.write, data)
 
     try:
         async for chunk in request.stream():
@@ -103,4 +116,4 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
     except MultipartParseError as exc:
         raise Invalid(f"the request body is not valid multipart/form-data: {exc}") from None
     await flush(force=True)
-    return fields, seen_file[0]
+    return fields, seen_file

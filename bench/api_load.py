@@ -122,7 +122,8 @@ def deployment(max_upload_bytes: int) -> Iterator[Deployment]:
             api = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker"], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         d = Deployment(f"http://127.0.0.1:{port}", database_url, home, api)
-        _wait_for_health(d)
+        if not services.wait_until_up(d.url + "/health", d.api, timeout_s=60, need_ok=True):
+            raise RuntimeError(f"the API did not answer /health within 60 s:\n{d.api_log()}")
         yield d
     finally:
         if api is not None:
@@ -130,19 +131,6 @@ def deployment(max_upload_bytes: int) -> Iterator[Deployment]:
         engine_for(database_url).dispose()  # our seeding connections, before the drop
         services.drop_postgres_database(database_url)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _wait_for_health(d: Deployment, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(d.url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if d.api.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the API did not answer /health within {timeout_s:.0f} s:\n{d.api_log()}")
-        time.sleep(0.2)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -44,16 +44,8 @@ class Deployment:
 
     def start_api(self) -> None:
         proc = self.spawn("serve", "--no-worker", log_name="api")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{self.log('api')}")
-            time.sleep(0.2)
+        if not services.wait_until_up(self.url + "/health", proc, timeout_s=60, need_ok=True):
+            raise RuntimeError(f"the API did not start:\n{self.log('api')}")
 
     def start_worker(self, gpu_class: str | None = None, name: str | None = None,
                      extra_env: dict | None = None) -> subprocess.Popen:

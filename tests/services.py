@@ -115,14 +115,24 @@ def drop_postgres_database(url: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _http_answers(url: str) -> bool:
+def _http_answers(url: str, need_ok: bool) -> bool:
     try:
         urllib.request.urlopen(url, timeout=2).close()
         return True
     except urllib.error.HTTPError:
-        return True  # any HTTP answer means the server is up
+        return not need_ok  # any HTTP answer means the server is up; a health check must also pass
     except OSError:
         return False
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = START_TIMEOUT_S, need_ok: bool = False) -> bool:
+    """Poll `url` until the server answers (with a 2xx, if `need_ok`); False if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _http_answers(url, need_ok):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def start_s3_server() -> tuple[str, Callable[[], None]]:
@@ -145,11 +155,8 @@ def start_s3_server() -> tuple[str, Callable[[], None]]:
             proc.wait()
         log.close()
 
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _http_answers(endpoint_url):
-            return endpoint_url, stop
-        time.sleep(0.1)
+    if wait_until_up(endpoint_url, proc):
+        return endpoint_url, stop
     stop_reason = f"exited with status {proc.returncode}" if proc.poll() is not None else "did not answer"
     log.seek(0)
     output = log.read().decode(errors="replace")[-4000:]

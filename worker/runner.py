@@ -23,7 +23,14 @@ from pathlib import Path
 from app import logs
 from app.config import get_settings
 from worker.training.protocol import (
-    CheckpointStored, JobFile, Progress, QuantizedBaseStored, QuantizedCache, RecordWriter, Result, Sink,
+    CheckpointStored,
+    JobFile,
+    Progress,
+    QuantizedBaseStored,
+    QuantizedCache,
+    RecordWriter,
+    Result,
+    Sink,
     WorkDir,
 )
 

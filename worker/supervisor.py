@@ -28,7 +28,14 @@ from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.storage.base import make_key, storage_from_settings
 from worker.training.protocol import (
-    AppendedLines, CheckpointStored, JobFile, Progress, QuantizedCache, RecordReader, Result, WorkDir,
+    AppendedLines,
+    CheckpointStored,
+    JobFile,
+    Progress,
+    QuantizedCache,
+    RecordReader,
+    Result,
+    WorkDir,
 )
 
 log = logging.getLogger(__name__)

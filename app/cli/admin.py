@@ -99,7 +99,7 @@ def list_models() -> None:
     from app.models import repository
 
     table = Table("name", "source", "description")
-    for m in _admin_call(lambda s: [(m.name, m.path or f"{m.hub_id}@{m.revision}", m.description)
-                                    for m in repository.list_all(s)]):
-        table.add_row(*m)
+    for row in _admin_call(lambda s: [(m.name, m.path or f"{m.hub_id}@{m.revision}", m.description)
+                                      for m in repository.list_all(s)]):
+        table.add_row(*row)
     out.print(table)

@@ -59,8 +59,8 @@ def resolve_credentials(url: str | None = None, api_key: str | None = None) -> t
             raise ClientError(f"cannot read {path}: {exc}; fix or delete it, or pass --url and --api-key") from None
     url = url or os.environ.get("QLORA_URL") or saved.get("url")
     api_key = api_key or os.environ.get("QLORA_API_KEY") or saved.get("api_key")
-    missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
-    if missing:
+    if not url or not api_key:
+        missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
         raise ClientError(
             f"no {' and no '.join(missing)}: pass --url and --api-key, set QLORA_URL and QLORA_API_KEY, "
             f"or start the embedded server once (`qlora serve`), which saves both to {path}")
@@ -249,7 +249,7 @@ class LocalCheck:
 
 
 class _Discard:
-    """An ObjectWriter that stores nothing: the server's ingest code, run for its verdict alone."""
+    """A sink that stores nothing: the server's ingest code, run for its verdict alone."""
 
     size = 0
 

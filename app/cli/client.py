@@ -13,8 +13,22 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from app.cli.render import (err, event_line, id_column, out, plain, print_dataset, print_job, print_line_errors,
-                            print_table, sparkline, status_style, steps, transfer_progress, when)
+from app.cli.render import (
+    err,
+    event_line,
+    id_column,
+    out,
+    plain,
+    print_dataset,
+    print_job,
+    print_line_errors,
+    print_table,
+    sparkline,
+    status_style,
+    steps,
+    transfer_progress,
+    when,
+)
 
 UrlOption = Annotated[Optional[str], typer.Option("--url", help="API URL; else QLORA_URL, else $QLORA_HOME/credentials.json.")]
 KeyOption = Annotated[Optional[str], typer.Option("--api-key", help="API key; else QLORA_API_KEY, else $QLORA_HOME/credentials.json.")]
@@ -322,7 +336,7 @@ class _JobWatcher:
     def view(self):
         import time
 
-        from rich.console import Group
+        from rich.console import Group, RenderableType
         from rich.text import Text
 
         job = self.job
@@ -334,7 +348,7 @@ class _JobWatcher:
             "   eval loss ", (f"{self.eval_loss:.4f}" if self.eval_loss is not None else "-", "bold"),
             "   tokens/s ", (f"{self.tokens_per_second:,.0f}" if self.tokens_per_second else "-", "bold"),
             "   loss ", (sparkline(self.train_losses), "cyan"))
-        parts = [header, self.progress, stats]
+        parts: list[RenderableType] = [header, self.progress, stats]
         if self.unreachable_since is not None:
             parts.append(Text(f"the API is not answering; retrying (since {time.monotonic() - self.unreachable_since:.0f}s)",
                               style="yellow"))

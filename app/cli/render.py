@@ -6,6 +6,7 @@ Results go to stdout (`out`); errors, hints and progress bars go to stderr (`err
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from rich.console import Console
@@ -67,7 +68,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
         return ""
     if len(values) > width:
         bounds = [round(i * len(values) / width) for i in range(width + 1)]
-        values = [sum(values[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+        values = [sum(values[a:b]) / (b - a) for a, b in itertools.pairwise(bounds)]
     low, high = min(values), max(values)
     if high == low:
         return SPARK_LEVELS[len(SPARK_LEVELS) // 2] * len(values)
@@ -194,8 +195,7 @@ def event_line(event: dict):
 
 
 def transfer_progress(description: str, total: int | None, transient: bool = False):
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     # On stderr, so stdout carries only the result.
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 from starlette.requests import Request
@@ -18,7 +19,7 @@ from app.pagination import Page, page
 from app.storage.base import ObjectWriter, Storage, make_key
 from app.teams.service import Caller
 from app.uploads import read_multipart
-from worker.training.data import DatasetValidator
+from worker.training.data import DataError, DatasetValidator
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokeniz
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -35,10 +36,22 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-class DatasetIngest:
-    """Takes an upload's bytes as they arrive: stores them, counts them, validates each line."""
+class ByteSink(Protocol):
+    size: int
 
-    def __init__(self, writer: ObjectWriter, max_bytes: int):
+    def write(self, data: bytes) -> None: ...
+
+
+SinkT = TypeVar("SinkT", bound=ByteSink)
+
+
+class DatasetIngest(Generic[SinkT]):
+    """Takes an upload's bytes as they arrive: stores them, counts them, validates each line.
+
+    The sink is the upload's ObjectWriter on the server, and a writer that keeps nothing in the
+    CLI's local check, which runs this same code for its verdict alone."""
+
+    def __init__(self, writer: SinkT, max_bytes: int):
         self.writer = writer
         self.max_bytes = max_bytes
         self.validator = DatasetValidator(keep_examples=False)
@@ -80,10 +93,10 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
             f"the upload is {human_bytes(declared)}, over the limit of {human_bytes(settings.max_upload_bytes)}; "
             "split the file, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
     key = make_key(caller.team_id, "datasets")
-    ingest: list[DatasetIngest] = []
+    ingest: list[DatasetIngest[ObjectWriter]] = []
     filename: list[str] = []
 
-    def open_file(_field: str, name: str) -> DatasetIngest:
+    def open_file(_field: str, name: str) -> DatasetIngest[ObjectWriter]:
         filename.append(name)
         ingest.append(DatasetIngest(storage.writer(key), settings.max_upload_bytes))
         return ingest[0]
@@ -104,10 +117,11 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
 
 
 def _record(session, storage, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:
+    fmt: str | None
     try:
         verdict = validator.finish()
         status, errors, error_count, fmt = "ready", [], 0, verdict.format
-    except ValueError as exc:  # DataError: the lines are listed on the record, not raised
+    except DataError as exc:  # the lines are listed on the record, not raised
         status = "invalid"
         errors = [{"line": e.line, "message": e.message} for e in exc.errors]
         error_count, fmt = exc.total, validator.format

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import CursorResult, Select, Update, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.jobs import states
@@ -57,33 +60,31 @@ def transition(session: Session, job_id: str, to: str, *, attempt: int | None = 
     query = update(Job).where(Job.id == job_id, Job.status.in_(sources))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
-    result = session.execute(query.values(status=to, **values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    return _rows_changed(session, query.values(status=to, **values)) == 1
 
 
 def claim(session: Session, job_id: str, worker: str, now) -> int | None:
     """queued → running, taking the next attempt number. Returns it, or None if not claimable."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == states.QUEUED)
-        .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker, started_at=func.coalesce(Job.started_at, now),
-                heartbeat_at=now, error=None)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    changed = _rows_changed(session, update(Job)
+                            .where(Job.id == job_id, Job.status == states.QUEUED)
+                            .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker,
+                                    started_at=func.coalesce(Job.started_at, now), heartbeat_at=now, error=None))
+    if changed != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
 
 
 def touch(session: Session, job_id: str, attempt: int, **values) -> bool:
     """A fenced write by the job's current runner (heartbeat, progress). False: the lease is gone."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(states.WORKER_OWNED))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    return _rows_changed(session, update(Job)
+                         .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(states.WORKER_OWNED))
+                         .values(**values)) == 1
+
+
+def _rows_changed(session: Session, statement: Update) -> int:
+    """Run a compare-and-set UPDATE; how many rows matched says whether this caller won."""
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return cast(CursorResult, result).rowcount
 
 
 def status_of(session: Session, job_id: str) -> tuple[str, int] | None:
@@ -111,10 +112,7 @@ def upsert_metric(session: Session, job_id: str, values: dict) -> None:
     """Insert a point of the curve, or replace the one at the same (kind, step): a step redone
     after a resume must not appear twice."""
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     row = {"job_id": job_id, **values}
     stmt = insert(JobMetric).values(**row)
     session.execute(stmt.on_conflict_do_update(
@@ -249,8 +247,9 @@ def queued_by_queue(session: Session) -> dict[str, int]:
 
 def finished_durations(session: Session) -> list[tuple[str, datetime, datetime]]:
     """For the operators' /metrics: (status, started_at, finished_at) of every finished job that ran, of every team."""
-    return [tuple(row) for row in session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
-        Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
+    rows = session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
+        Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))
+    return cast(list[tuple[str, datetime, datetime]], [tuple(row) for row in rows])  # the WHERE excludes NULLs
 
 
 def running_devices(session: Session) -> list[tuple[str, int, float | None]]:

@@ -14,7 +14,13 @@ from app.db import utcnow
 from app.jobs import repository, states
 from app.models import repository as models
 from worker.training.protocol import (
-    CheckpointStored, EvalPoint, Event, Progress, QuantizedBaseStored, Record, TrainPoint,
+    CheckpointStored,
+    EvalPoint,
+    Event,
+    Progress,
+    QuantizedBaseStored,
+    Record,
+    TrainPoint,
 )
 
 

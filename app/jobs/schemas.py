@@ -37,7 +37,8 @@ class JobOut(BaseModel):
     step: int
     total_steps: int | None
 
-    @computed_field
+    # pydantic documents this decorator order; mypy does not model decorated properties.
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def progress(self) -> Progress:
         fraction = round(self.step / self.total_steps, 4) if self.total_steps else None

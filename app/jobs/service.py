@@ -60,6 +60,7 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
     if errors:
         raise Invalid("invalid job: " + "; ".join(f"{f}: {m}" for f, m in errors), details=field_errors(errors),
                       code="invalid_job")
+    assert spec is not None  # no errors: the spec parsed
     return meta, spec
 
 
@@ -220,7 +221,7 @@ def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job
         if job.status not in _REQUESTS[request]:
             raise Conflict(f"cannot {request} job {job_id}: it is {job.status}", code="invalid_state")
         target, event, message = _REQUESTS[request][job.status]
-        values = {"finished_at": utcnow()} if target in states.FINISHED else {}
+        values: dict[str, Any] = {"finished_at": utcnow()} if target in states.FINISHED else {}
         if target == states.QUEUED:
             values["dispatched_at"] = None
         if repository.transition(session, job.id, target, only_from=[job.status], **values):

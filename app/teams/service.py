@@ -79,4 +79,7 @@ def authenticate(session: Session, authorization: str | None) -> Caller:
     key = repository.key_by_hash(session, hash_key(authorization[7:].strip()))
     if key is None or key.revoked_at is not None:
         raise Unauthorized("invalid or revoked API key")
-    return Caller(team=repository.team_by_id(session, key.team_id), key=key)
+    team = repository.team_by_id(session, key.team_id)
+    if team is None:  # the key's team row is gone: treat the key as revoked
+        raise Unauthorized("invalid or revoked API key")
+    return Caller(team=team, key=key)

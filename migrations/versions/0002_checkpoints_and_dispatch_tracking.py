@@ -3,10 +3,10 @@
 Revision ID: 0002
 Revises: 0001
 """
-from alembic import op
 import sqlalchemy as sa
-import app.db
+from alembic import op
 
+import app.db
 
 revision = '0002'
 down_revision = '0001'

@@ -23,8 +23,8 @@ from app.jobs import states
 from app.jobs.tables import Job
 from app.migrate import upgrade
 from app.teams.service import Caller, create_key, create_team
-
 from worker.training.spec import JobSpec
+
 
 @pytest.fixture(autouse=True)
 def _no_qlora_environment(monkeypatch, tmp_path):

@@ -15,14 +15,20 @@ import time
 import boto3
 from sqlalchemy import func, select
 
+from app.broker import RUN_JOB_TASK, celery_for
 from app.datasets.tables import Dataset
 from app.db import session_scope
 from app.jobs import runs
-from app.broker import RUN_JOB_TASK, celery_for
 from tests import services
 from tests.deployment import BUCKET, wait_for_status
 from tests.faults.conftest import (
-    HEARTBEAT_DEADLINE_S, curve_steps, events, job_body, kill_worker_and_trainer, trainer_pids, wait_until,
+    HEARTBEAT_DEADLINE_S,
+    curve_steps,
+    events,
+    job_body,
+    kill_worker_and_trainer,
+    trainer_pids,
+    wait_until,
 )
 from worker.runner import FAULT_STALL_CHECKPOINT
 

@@ -7,7 +7,11 @@ from transformers import AutoTokenizer
 
 from worker.training.data import DataError, read_jsonl, validate_lines
 from worker.training.tokenization import (
-    DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, encode_example, encode_examples, prepare_tokenizer,
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    encode_example,
+    encode_examples,
+    prepare_tokenizer,
 )
 
 

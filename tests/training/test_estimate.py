@@ -13,12 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
+from tests.model_configs import LLAMA3_8B
 from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
 from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
 from worker.training.spec import JobSpec
-from tests.model_configs import LLAMA3_8B
-
 
 
 def spec(**training) -> JobSpec:

@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from worker.training.protocol import fsync_dir
+
 MARKER = "COMPLETE"
 STAGING = ".staging"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -25,15 +27,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def finalize(staged: Path, checkpoints_dir: Path, step: int) -> Path:
@@ -47,7 +41,7 @@ def finalize(staged: Path, checkpoints_dir: Path, step: int) -> Path:
     if final.exists():  # the same step saved again after a resume: the new one is as good
         shutil.rmtree(final)
     os.rename(staged, final)
-    _fsync_dir(checkpoints_dir)
+    fsync_dir(checkpoints_dir)
     return final
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Nothing downloads at run time: base models are local, the hub is never asked.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,24 +118,9 @@ class GuardedSFTTrainer(SFTTrainer):
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
 
-def run(
-    spec: JobSpec,
-    train_path: str | Path,
-    out_dir: str | Path,
-    *,
-    validation_path: str | Path | None = None,
-    resume: bool = False,
-    registry: Mapping[str, str | Path] | None = None,
-    sink: Sink | None = None,
-    cancel: Callable[[], bool] | None = None,
-    pause: Callable[[], bool] | None = None,
-    quantized_cache: Path | None = None,
-    progress: bool = False,
-    extra_callbacks: tuple = (),
-) -> RunResult:
-    recipe = QLoRARecipe(spec, train_path, out_dir, validation_path=validation_path, resume=resume,
-                         registry=registry, sink=sink, cancel=cancel, pause=pause,
-                         quantized_cache=quantized_cache, progress=progress, extra_callbacks=extra_callbacks)
+def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: Any) -> RunResult:
+    """Train, evaluate, save and merge one job; `options` are QLoRARecipe's keyword arguments."""
+    recipe = QLoRARecipe(spec, train_path, out_dir, **options)
     recipe.setup()
     ended = recipe.train()
     if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
