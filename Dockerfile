@@ -20,6 +20,9 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 ARG UV_VERSION=0.13.8
 ARG PYTHON_VERSION=3.11
 ARG TORCH_VERSION=2.13.0
+# An index with CPU builds of torch for the API image (.env.example says where to find one). No default:
+# which index serves torch is the builder's choice, and the repository names none.
+ARG TORCH_INDEX_URL=""
 
 FROM ghcr.io/astral-sh/uv:${UV_VERSION} AS uv
 
@@ -37,13 +40,21 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 FROM ${PYTHON_IMAGE} AS api-build
 ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 # The API process never imports torch, but the package depends on it: the CPU wheel is ~10x smaller
-# than the CUDA one and satisfies `torch>=2.6`, so the next step keeps it.
+# than the CUDA one and satisfies `torch>=2.6`, so the next step keeps it. Without TORCH_INDEX_URL,
+# torch comes from pip's default index: on Linux the CUDA build, an image a few GB larger that works
+# the same.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install torch==${TORCH_VERSION} --index-url https://download.pytorch.org/whl/cpu
+    if [ -n "${TORCH_INDEX_URL}" ]; then \
+        pip install torch==${TORCH_VERSION} --index-url "${TORCH_INDEX_URL}"; \
+    else \
+        echo "TORCH_INDEX_URL is not set: torch from pip's default index (the larger CUDA build)"; \
+        pip install torch==${TORCH_VERSION}; \
+    fi
 COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -r /tmp/requirements.txt
@@ -56,7 +67,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     QLORA_HOME=/data/qlora
 RUN groupadd --gid 10001 qlora \
     && useradd --uid 10001 --gid qlora --create-home --shell /usr/sbin/nologin qlora \
-    && mkdir -p /data/qlora && chown qlora:qlora /data/qlora
+    && mkdir -p /data/qlora && chown qlora:qlora /data/qlora && chmod 700 /data/qlora
 COPY --from=api-build /opt/venv /opt/venv
 WORKDIR /opt/qlora
 COPY pyproject.toml README.md alembic.ini ./
@@ -116,7 +127,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     QLORA_HOME=/data/qlora
 RUN groupadd --gid 10001 qlora \
     && useradd --uid 10001 --gid qlora --create-home --shell /usr/sbin/nologin qlora \
-    && mkdir -p /data/qlora && chown qlora:qlora /data/qlora
+    && mkdir -p /data/qlora && chown qlora:qlora /data/qlora && chmod 700 /data/qlora
 # The venv's interpreter is a link into /opt/python: both keep the paths they were built at.
 COPY --from=worker-build /opt/python /opt/python
 COPY --from=worker-build /opt/venv /opt/venv

@@ -11,14 +11,23 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # torch first: on a machine without an NVIDIA GPU take the CPU build, so resolving the rest never
-# pulls a multi-GB CUDA build. A local CPU wheel (pip's find-links) wins; else PyTorch's CPU index.
+# pulls a multi-GB CUDA build. The repository names no package index. A CPU wheel pip finds without
+# an index (its configured find-links, e.g. a local wheelhouse) wins; else TORCH_INDEX_URL, an index
+# with CPU builds of torch (README, "Development"), next to pip's configured indexes (the `+cpu`
+# build sorts above the plain one); else pip's configured indexes alone, and on Linux that is the
+# CUDA build: it works, only larger.
+TORCH_INDEX_URL ?=
 $(VENV)/.installed: pyproject.toml | $(PY)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
 	elif $(PY) -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
 		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
+	elif [ -n "$(TORCH_INDEX_URL)" ]; then \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION) --extra-index-url "$(TORCH_INDEX_URL)"; \
 	else \
-		$(PY) -m pip install --quiet torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+		echo "no CPU build of torch $(TORCH_VERSION) without an index, and TORCH_INDEX_URL is not set:"; \
+		echo "installing torch from pip's configured indexes (on Linux, the CUDA build)"; \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
 	fi
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@

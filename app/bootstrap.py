@@ -5,6 +5,7 @@ Safe to run on every start: each step only does what is missing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def bootstrap_embedded(settings: Settings, announce: Callable[[str], object],
                        build_demo_model: Callable[[Path], object]) -> None:
     """build_demo_model(path) writes the demo model to path; it is given by the caller (`qlora serve`
     passes the engine's tiny model), so the API side never imports the engine."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.home)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         if teams.team_by_name(session, DEMO_TEAM) is None:
@@ -43,9 +44,21 @@ def bootstrap_embedded(settings: Settings, announce: Callable[[str], object],
                                      description="a ~4M-parameter Llama-architecture model built offline, for trying things out")
 
 
+def make_private_dir(path: Path) -> None:
+    """QLORA_HOME holds the database, every stored file and the admin key: its owner's alone (0700).
+    Created so, and narrowed when an earlier version (or a umask of 022) left it open to others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            path.chmod(0o700)
+
+
 def write_credentials(settings: Settings, key: str) -> Path:
     path = settings.credentials_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A bearer key: readable by its owner only.
+    make_private_dir(path.parent)
+    # A bearer key: readable by its owner only, from the file's creation on.
     write_json_atomic(path, {"url": f"http://{settings.host}:{settings.port}", "api_key": key}, indent=2, mode=0o600)
     return path

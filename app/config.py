@@ -7,11 +7,12 @@ server at all. Production points the same settings at Postgres, Redis and an S3-
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
@@ -38,15 +39,34 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = Field(2 * GIB, ge=1)
+    # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
+    # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
+    # job holds one; beyond the cap a stream answers 429.
+    max_streams_per_key: int = Field(10, ge=1)
 
     # Jobs go to queue "gpu-<class>"; a worker listens to the queues of the GPU class it runs on.
+    # The default class is where a job goes that names none and that admission does not place, and
+    # what a worker started without --gpu-class serves; it must be a class workers serve.
     default_gpu_class: str = "default"
     # The GPU classes workers serve and each one's memory in GiB, e.g. {"l4": 24, "a100-80gb": 80}.
     # When set, a job is admitted only if its estimated peak fits one, and goes to the smallest that
     # fits; when empty (the embedded default), memory is not checked before a job runs.
     gpu_classes: dict[str, float] = Field(default_factory=dict)
-    # The longest a job may train. The broker's visibility timeout is set above it, so a message
-    # is never redelivered to a second worker while the first is still legitimately running.
+    # More classes workers serve, by name only, e.g. ["a100"]: a job may ask for one, and its memory is
+    # not checked there. A job asking for a class that is in neither list (nor the default) is refused:
+    # it would wait forever on a queue no worker listens to.
+    extra_gpu_classes: list[str] = Field(default_factory=list)
+    # Operator ceilings on what a spec may ask for, checked when a job is created (none: the spec's own
+    # ranges). A longer sequence or a larger micro-batch needs more GPU memory than admission may know
+    # of (a class without its memory configured, a model without config.json); more steps hold a GPU longer.
+    max_seq_length: int | None = Field(None, ge=8)
+    max_steps: int | None = Field(None, ge=1)
+    # per_device_batch_size; "auto" is sized no larger where admission resolves it (GPU classes configured).
+    max_micro_batch: int | None = Field(None, ge=1)
+    # The longest one attempt of a job may take, from its claim to its final state (downloads, training
+    # and uploads). The worker stops an attempt past it and records the job failed, naming this limit;
+    # Celery's hard limit (this + 1 h) only backs that up. The broker's visibility timeout is set above
+    # both, so a message is never redelivered to a second worker while the first is still running.
     job_time_limit_s: int = Field(72 * 3600, ge=60)
     # Redis redelivers an unacknowledged message after this; 0 derives it from the time limit.
     broker_visibility_timeout_s: int = Field(0, ge=0)
@@ -65,9 +85,24 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100)
     # Checkpoints kept in object storage per job: the newest this many, plus the best by eval loss.
     keep_checkpoints: int = Field(3, ge=1, le=1000)
+    # A queued job whose "job X is ready" went to the broker this long ago and is still unclaimed is sent
+    # again by the reaper: its message may be gone (a worker took it, but its claim failed on a database
+    # blip). A duplicate is harmless, since the claim is a compare-and-set; a job waiting for a busy GPU
+    # class gets one duplicate per this interval, which the worker that takes it acknowledges at once.
+    redispatch_after_s: float = Field(300.0, gt=0)
+    # A download or upload of a base model, checkpoint or artifact that lasts longer than this gets a
+    # progress event this often ("uploading merged model, 6.2 of 16 GiB"); shorter ones get none.
+    transfer_event_interval_s: float = Field(30.0, gt=0)
     # An upload still in progress after this long belongs to a client or an API process that died:
     # its partial object (a temp file, a pending S3 multipart upload) is removed.
     stale_upload_s: float = Field(6 * 3600.0, gt=0)
+
+    @field_validator("extra_gpu_classes", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        # The environment's JSON is decoded by pydantic-settings; Settings(extra_gpu_classes='["a"]'),
+        # as a process passes its environment on, needs it decoded here.
+        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:
@@ -80,11 +115,24 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
+        if self.default_gpu_class not in self.served_gpu_classes:
+            raise ValueError(
+                f"QLORA_DEFAULT_GPU_CLASS {self.default_gpu_class!r} is not one of the GPU classes workers serve "
+                f"({', '.join(self.served_gpu_classes)}): jobs that name no class would wait on a queue no worker "
+                "listens to; set it to one of them, or add it to QLORA_EXTRA_GPU_CLASSES")
         return self
 
     @property
+    def served_gpu_classes(self) -> list[str]:
+        """The GPU classes a job may ask for: those with their memory, then those by name only. Without
+        QLORA_GPU_CLASSES the default class is one (the embedded default: one worker, serving it)."""
+        default = [] if self.gpu_classes else [self.default_gpu_class]
+        return list(dict.fromkeys([*default, *self.gpu_classes, *self.extra_gpu_classes]))
+
+    @property
     def task_time_limit_s(self) -> int:
-        """Celery's hard limit for one job: training plus an hour to fetch data, merge and upload."""
+        """Celery's hard limit for one job: a backstop an hour past the worker's own limit, for a worker
+        stuck where it cannot stop itself."""
         return self.job_time_limit_s + 3600
 
     @property
@@ -95,6 +143,8 @@ class Settings(BaseSettings):
         """The order that keeps exactly one runner per job, checked when a process starts.
 
         - supervise interval x 4 <= heartbeat deadline: a live worker is never taken for lost.
+        - redispatch deadline >= reaper interval: the reaper looks that often, so a shorter deadline
+          would send every job waiting for a busy GPU class again on each pass.
         - task time limit < broker visibility timeout: the broker redelivers a message only once
           the task holding it has surely ended. (A redelivery is harmless anyway: the claim is a
           compare-and-set, so this order is about not waking a second worker for nothing.)
@@ -105,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"QLORA_HEARTBEAT_DEADLINE_S ({self.heartbeat_deadline_s}) must be at least 4x "
                 f"QLORA_SUPERVISE_INTERVAL_S ({self.supervise_interval_s}), or healthy jobs would be requeued")
+        if self.reaper_interval_s and self.redispatch_after_s < self.reaper_interval_s:
+            raise ValueError(
+                f"QLORA_REDISPATCH_AFTER_S ({self.redispatch_after_s}) must be at least QLORA_REAPER_INTERVAL_S "
+                f"({self.reaper_interval_s}): the reaper looks only that often, so a shorter deadline would "
+                "send every waiting job again on each of its passes")
         if self.task_time_limit_s >= self.visibility_timeout_s:
             raise ValueError(
                 f"QLORA_BROKER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the task time limit "

@@ -62,6 +62,12 @@ class IdMixin:
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
 
 
+# Connections per process (API or worker) beyond SQLite: POOL_SIZE kept open, MAX_OVERFLOW more at a peak.
+# A request holds one only while it talks to the database: an upload gives its own back while the
+# body streams (release_connection), a live stream takes one per poll.
+POOL_SIZE, MAX_OVERFLOW = 10, 20
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -75,7 +81,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 @lru_cache
@@ -100,6 +106,18 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def release_connection(session: Session) -> None:
+    """End the session's transaction so its connection goes back to the pool before the request waits
+    on something slow (an upload's body can take minutes); the session's next query takes one again.
+
+    For a session that has only read so far (authenticated the caller): what it loaded stays usable
+    (expire_on_commit is off), and there is nothing to commit half-way through the request.
+    """
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("release_connection() would commit unflushed changes half-way through the request")
+    session.commit()
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 
 class AppError(Exception):
     status = 400
@@ -78,3 +80,31 @@ class Invalid(AppError):
 
 def field_errors(pairs: list[tuple[str, str]]) -> list[dict]:
     return [{"field": field, "message": message} for field, message in pairs]
+
+
+class ErrorDetail(BaseModel):
+    code: str | None = None
+    message: str
+    details: Any = None  # native API: [{"field", "message"}] naming each bad field
+    type: str | None = None  # /v1: OpenAI's error type and the parameter at fault
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer, native or /v1: {"error": {...}}."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so generated clients know the error shape: these are the answers any
+# route can give (a bad key, another team's object, a state that forbids it, a bad field, a busy key).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in {
+        400: "The request cannot be served as sent (see the message).",
+        401: "No API key, or a revoked one.",
+        403: "The key may not do this (an admin key is needed).",
+        404: "No such object, or one of another team.",
+        409: "The object's state forbids this.",
+        422: "A field is invalid; details name each field and its allowed values.",
+        429: "Too many of something at once for this key.",
+    }.items()}

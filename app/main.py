@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import logs
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
-from app.errors import AppError, Invalid
+from app.errors import ERROR_RESPONSES, AppError, Invalid
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
+from app.jobs.schemas import JobCreate
+from app.jobs.stream import StreamSlots
 from app.models.routes import router as models_router
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
 from app.operations.routes import router as operations_router
+from app.operations.service import FinishedJobs
 from app.storage.base import storage_from_settings
 from app.web.routes import STATIC_DIR
 from app.web.routes import router as web_router
@@ -49,9 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Fine-tune open LLMs with QLoRA: upload a dataset, post a job, download an adapter or a merged model.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.storage = storage_from_settings(settings)
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_key)  # live streams per key, in this process
+    app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError):
@@ -67,6 +76,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    for err in exc.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return await app_error(request, Invalid(message, details=details))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own answers (no such route, a method not allowed, a body that does not parse)
+        in the same shape as every other error."""
+        error = AppError(str(exc.detail), code=HTTP_ERROR_CODES.get(exc.status_code, "bad_request"))
+        error.status = exc.status_code
+        response = await app_error(request, error)
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
+
+    @app.middleware("http")
+    async def refuse_nul(request: Request, call_next):
+        # No id or parameter holds NUL, and Postgres fails any query that compares with one: answer
+        # 400 here, once, rather than in every repository.
+        if "\x00" in request.url.path or "%00" in request.url.query:
+            return await app_error(request, AppError("the URL holds a NUL character (%00); no id or parameter has one"))
+        return await call_next(request)
 
     @app.middleware("http")
     async def job_id_in_logs(request: Request, call_next):
@@ -87,4 +114,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operations_router)
     app.include_router(web_router)  # the dashboard at /
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    document_request_models(app, [JobCreate])
     return app
+
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def document_request_models(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add request models to the OpenAPI schema's components. A route that reads a raw JSON body (to
+    report every bad field in one answer, in the service's words) names its model there with
+    `openapi_extra` (see app/jobs/routes.py); FastAPI only adds the models that parameters use."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            components = generate().setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definition.pop("$defs", {}))
+                components[model.__name__] = definition
+        assert app.openapi_schema is not None  # generate() stored it
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, or_
@@ -14,6 +14,9 @@ from sqlalchemy import Select, and_, or_
 from app.errors import Invalid, field_errors
 
 MAX_LIMIT = 200
+# The largest id a serial column holds on any backend (a signed 64-bit integer): a larger one in a
+# query is an error from the database (SQLite overflows, Postgres cannot cast it), not a miss.
+MAX_ID = 2**63 - 1
 
 
 class Page(NamedTuple):
@@ -33,12 +36,19 @@ def encode_cursor(created_at: datetime, item_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor of encode_cursor holds; Invalid, naming the cursor, for anything
+    else a client may have forged: one that would not compare with a stored time (no timezone, or
+    out of range once in UTC) or that the JSON parser refuses (nested past its recursion limit)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, item_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(item_id)
-    except (ValueError, TypeError):
-        raise Invalid("cursor: not a cursor this API returned; pass next_cursor from the previous page") from None
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None:
+            raise ValueError("no timezone")
+        return moment.astimezone(UTC), str(item_id)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise Invalid("cursor: not a cursor this API returned; pass next_cursor from the previous page",
+                      details=field_errors([("cursor", "not a cursor this API returned")])) from None
 
 
 def cursor_after(row) -> str:

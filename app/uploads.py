@@ -4,6 +4,10 @@ Starlette's own form parser spools a file to a temporary file first and only the
 so a 2 GiB upload would be written twice and its size limit checked only at the end. Here the
 file's bytes flow straight from the socket to the sink (which hashes, validates and stores them),
 in batches written from a thread so the event loop keeps serving other requests.
+
+Everything a caller sends is bounded while it arrives, whatever the request declares: the body as
+counted (a chunked body has no Content-Length to check up front), and the rest of the form around
+the file (the number of fields, and the bytes of their headers and values, which are held in memory).
 """
 
 from __future__ import annotations
@@ -17,10 +21,23 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import Invalid, UploadInterrupted
+from app.errors import Invalid, PayloadTooLarge, UploadInterrupted
 
 FLUSH_BYTES = 1 << 20  # hand the sink ~1 MiB at a time: few thread hops, bounded memory
-MAX_FIELD_BYTES = 64 * 1024  # plain form fields (purpose, a name) are small
+# The form around the file: the API reads one field besides it (`purpose`, under /v1). These bound
+# what a caller can make the server hold in memory; a real client sends a fraction of either.
+MAX_FORM_FIELDS = 16
+MAX_FORM_BYTES = 64 * 1024  # every part's headers and every plain field's value, together
+# The body may exceed the file by the form and the boundaries between parts (each under 80 bytes).
+MULTIPART_OVERHEAD = MAX_FORM_BYTES + (MAX_FORM_FIELDS + 2) * 80
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 class FileSink(Protocol):
@@ -39,28 +56,51 @@ class _Part:
     buffer: list[bytes] = field(default_factory=list)
 
 
-async def read_multipart(request: Request, open_file: Callable[[str, str], FileSink],
+def _too_large(max_file_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload is over the limit of {human_bytes(max_file_bytes)}; split the file, "
+                           "or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
+
+
+async def read_multipart(request: Request, open_file: Callable[[str, str], FileSink], max_file_bytes: int,
                          file_field: str = "file") -> tuple[dict[str, str], bool]:
     """Parse the request body; stream the `file_field` part to open_file(field, filename).
 
     Returns the plain fields and whether the file part was present. Raises Invalid for a body
-    that is not multipart, and UploadInterrupted when the client disconnects mid-body.
+    that is not multipart, PayloadTooLarge for a body over max_file_bytes (plus the form around
+    it) or a form over its bounds, and UploadInterrupted when the client disconnects mid-body.
+    The sink checks the file's own size; the body's size is checked here on the bytes as they
+    are read, so a chunked body, or bytes after the form's last boundary, cannot get past it.
     """
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise Invalid(f"send the file as multipart/form-data with a {file_field!r} field "
                       f"(curl -F {file_field}=@data.jsonl)")
+    max_body_bytes = max_file_bytes + MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(max_file_bytes)  # refused before a byte of the body is read
 
     fields: dict[str, str] = {}
     part = _Part()
     sink: FileSink | None = None
     pending: list[bytes] = []  # file bytes parsed but not yet handed to the sink
     seen_file = False
+    form_parts = 0
+    form_bytes = 0  # headers of every part, values of plain fields: what is held in memory
+
+    def count_form_bytes(n: int) -> None:
+        nonlocal form_bytes
+        form_bytes += n
+        if form_bytes > MAX_FORM_BYTES:
+            raise PayloadTooLarge(f"the form's fields and part headers are over {human_bytes(MAX_FORM_BYTES)} "
+                                  f"in all; send the file as the {file_field!r} field and only the fields the API reads")
 
     def on_header_field(data, start, end):
+        count_form_bytes(end - start)
         part.header_field += data[start:end]
 
     def on_header_value(data, start, end):
+        count_form_bytes(end - start)
         part.header_value += data[start:end]
 
     def on_header_end():
@@ -68,7 +108,7 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.header_field, part.header_value = b"", b""
 
     def on_headers_finished():
-        nonlocal sink, seen_file
+        nonlocal sink, seen_file, form_parts
         _, disposition = parse_options_header(part.headers.get("content-disposition"))
         part.name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
@@ -80,19 +120,24 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
                 raise Invalid(f"send one {file_field!r} part per request")
             seen_file = True
             sink = open_file(part.name, part.filename or "upload")
+            return
+        form_parts += 1
+        if form_parts > MAX_FORM_FIELDS:
+            raise PayloadTooLarge(f"the form has more than {MAX_FORM_FIELDS} fields besides {file_field!r}; "
+                                  "send only the fields the API reads")
 
     def on_part_data(data, start, end):
         if part.in_file:
             pending.append(bytes(data[start:end]))
         else:
+            count_form_bytes(end - start)
             part.buffer.append(bytes(data[start:end]))
-            if sum(map(len, part.buffer)) > MAX_FIELD_BYTES:
-                raise Invalid(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes")
 
     def on_part_end():
         if not part.in_file and part.name:
             fields[part.name] = b"".join(part.buffer).decode("utf-8", "replace")
         part.headers = {}
+        part.buffer = []
 
     parser = MultipartParser(params[b"boundary"], {
         "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -106,8 +151,12 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
             pending.clear()
             await run_in_threadpool(sink.write, data)
 
+    received = 0
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body_bytes:
+                raise _too_large(max_file_bytes)
             parser.write(chunk)
             await flush()
         parser.finalize()

@@ -529,6 +529,14 @@ def print_report(r: dict) -> None:
                   "(the client, the API and Postgres share them)", style="dim")
 
 
+def save_results(results: dict, out: Path) -> int:
+    """Write the JSON results; the exit status says whether every check passed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"results written to {out}")
+    return 0 if results["ok"] else 1
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=16, help="concurrent clients, one connection each (default 16)")
@@ -543,10 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args.clients, args.seconds, args.jobs, args.upload_mib)
     print_report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"results written to {args.out}")
-    return 0 if results["ok"] else 1
+    return save_results(results, args.out)
 
 
 if __name__ == "__main__":

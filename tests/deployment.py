@@ -3,6 +3,7 @@ uvicorn and Celery workers, each in its own process, wired only by QLORA_* envir
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from app.models import service as models_service
 from app.teams import service as teams_service
 from tests import services
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m app.cli` runs its code
 BUCKET = "qlora-test"
 
 
@@ -101,6 +102,8 @@ def start_deployment(home: Path, s3_endpoint: str, model_dir: Path, **settings: 
         "QLORA_S3_ENDPOINT_URL": s3_endpoint,
         "QLORA_PORT": str(services.free_port()),
         "QLORA_DEFAULT_GPU_CLASS": f"t{uuid.uuid4().hex[:8]}",  # queues no other test run listens to
+        # The classes tests send jobs to: served by a worker a test starts, or by none (to keep a job queued).
+        "QLORA_EXTRA_GPU_CLASSES": json.dumps(["nobody-listens", "nobody", "cancel-test", "metrics-queue"]),
         "QLORA_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
         "QLORA_SUPERVISE_INTERVAL_S": "0.5",
         "QLORA_CANCEL_GRACE_S": "60",

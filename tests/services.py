@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import boto3
@@ -135,13 +136,48 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = START_TIM
     return False
 
 
+def serve_s3(port: int) -> None:
+    """moto's S3 server, saying when each multipart upload began. moto answers ListMultipartUploads
+    with Initiated = 2010-11-10 for every upload, so an upload opened a moment ago looks years old and
+    any API's reaper (QLORA_STALE_UPLOAD_S) aborts it mid-write; its next part then fails with a 500.
+    Real S3 and MinIO give the time the upload began, and so does this server."""
+    import re
+    from datetime import UTC, datetime
+
+    from moto.s3 import models, responses
+    from moto.server import main
+
+    began: dict[str, str] = {}
+    init, list_uploads = models.FakeMultipart.__init__, responses.S3Response.list_multipart_uploads
+
+    def init_noting_the_time(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        began[self.id] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+    def list_uploads_with_their_times(self):
+        status, headers, body = list_uploads(self)
+
+        def dated(upload: re.Match) -> str:
+            upload_id = re.search(r"<UploadId>([^<]*)</UploadId>", upload[0])
+            when = began.get(upload_id[1], "") if upload_id else ""
+            return re.sub(r"<Initiated>[^<]*</Initiated>", f"<Initiated>{when}</Initiated>", upload[0]) if when \
+                else upload[0]
+        return status, headers, re.sub(r"<Upload>.*?</Upload>", dated, body, flags=re.S)
+
+    models.FakeMultipart.__init__ = init_noting_the_time
+    responses.S3Response.list_multipart_uploads = list_uploads_with_their_times
+    main(["-H", "127.0.0.1", "-p", str(port)])
+
+
 def start_s3_server() -> tuple[str, Callable[[], None]]:
-    """A moto S3 server on a free loopback port; returns its endpoint URL and a function that stops it."""
+    """A moto S3 server on a free loopback port (see serve_s3); returns its endpoint URL and a function
+    that stops it."""
     log = tempfile.TemporaryFile()
     port = free_port()
     endpoint_url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", f"from tests.services import serve_s3; serve_s3({port})"],
+        cwd=Path(__file__).resolve().parents[1],  # where `tests` is importable
         stdout=log,
         stderr=subprocess.STDOUT,
     )

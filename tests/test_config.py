@@ -22,3 +22,9 @@ def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     settings = Settings(home=tmp_path, job_time_limit_s=7200, broker_visibility_timeout_s=3600)
     with pytest.raises(ValueError, match="would hand a running job's message to a second worker"):
         settings.check_timing()
+
+
+def test_a_redispatch_deadline_below_the_reaper_interval_is_refused(tmp_path):
+    settings = Settings(home=tmp_path, reaper_interval_s=30, redispatch_after_s=10)
+    with pytest.raises(ValueError, match="REDISPATCH_AFTER_S .* at least QLORA_REAPER_INTERVAL_S"):
+        settings.check_timing()

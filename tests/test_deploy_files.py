@@ -3,15 +3,19 @@
 No Docker engine is needed. The mistakes caught here are the ones that otherwise show up only on a
 GPU host at `docker compose up`: a build target or stage that does not exist, a COPY of a path
 that is missing or ignored, a dependency on a service that cannot become healthy, two workers on
-one GPU, a setting name the service does not read, a root process.
+one GPU, a setting name the service does not read, a root process, a secret with a default, a store
+reachable from outside, a package index named in the repository.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+ENV_EXAMPLE = ROOT / ".env.example"
 
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -121,10 +126,60 @@ def last(stages: dict[str, Stage], name: str, instruction: str) -> str | None:
 # ---------------------------------------------------------------- compose parsing
 
 
-def interpolate(value: str) -> str:
-    """Compose's ${VAR:-default}, ${VAR-default} and ${VAR} with nothing set: the defaults."""
-    value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
-    return value.replace("$$", "$")
+# Compose's interpolation: $$ (a literal $), $VAR, ${VAR}, ${VAR:-default}, ${VAR-default},
+# ${VAR:?error}, ${VAR?error}, ${VAR:+alternative}, ${VAR+alternative}.
+VARIABLE = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_]\w*)")
+
+
+class MissingVariable(Exception):
+    """What `docker compose up` stops on: a required variable unset or empty."""
+
+
+def strings_in(node) -> list[str]:
+    """Every string value in the parsed file (comments are gone, so an example in one is no reference)."""
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in strings_in(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in strings_in(value)]
+    return [node] if isinstance(node, str) else []
+
+
+def references(node) -> list[tuple[str, str | None]]:
+    """(variable, operator) for each interpolation in the compose file."""
+    return [(m["braced"] or m["bare"], m["op"]) for text in strings_in(node) for m in VARIABLE.finditer(text)
+            if m.group(0) != "$$"]
+
+
+def sample_environment() -> dict[str, str]:
+    """A value for each variable the compose file requires, as an operator's .env gives them."""
+    required = {name for name, op in references(yaml.safe_load(COMPOSE.read_text())) if op in (":?", "?")}
+    return {name: f"{name.lower().replace('_', '-')}-value" for name in sorted(required)}
+
+
+DEPLOY_ENV = sample_environment()
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """VALUE as compose interpolates it with ENV (default: the required variables set, nothing else)."""
+    env = DEPLOY_ENV if env is None else env
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m["braced"] or m["bare"], m["op"] or "", m["arg"] or ""
+        current = env.get(name)
+        missing = not current if op.startswith(":") else current is None
+        if op.endswith("-"):
+            return arg if missing else str(current)
+        if op.endswith("?"):
+            if missing:
+                raise MissingVariable(f"{name}: {arg}")
+            return str(current)
+        if op.endswith("+"):
+            return "" if missing else arg
+        return current or ""
+
+    return VARIABLE.sub(one, value)
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +192,11 @@ def services(compose) -> dict:
     return compose["services"]
 
 
-def env_of(service: dict) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.partition("=")[::2] for item in env)
-    return {k: interpolate(str(v)) for k, v in env.items()}
+def env_of(service: dict, env: dict[str, str] | None = None) -> dict[str, str]:
+    values = service.get("environment") or {}
+    if isinstance(values, list):
+        values = dict(item.partition("=")[::2] for item in values)
+    return {k: interpolate(str(v), env) for k, v in values.items()}
 
 
 def built(services: dict) -> dict[str, dict]:
@@ -260,11 +315,37 @@ def runs_behind(stages: dict[str, Stage], target: str) -> str:
     return "\n".join(args for stage in involved for instruction, args in stage.instructions if instruction == "RUN")
 
 
-def test_api_gets_the_cpu_torch_build_and_the_worker_the_cuda_one(stages):
+def test_api_gets_the_cpu_torch_build_and_the_worker_the_cuda_one(stages, services):
     api, worker = runs_behind(stages, "api"), runs_behind(stages, "worker")
-    # The API never imports torch: the CPU wheel keeps its image a fraction of the CUDA one's size.
-    assert re.search(r"pip install torch==\S+ --index-url https://download.pytorch.org/whl/cpu", api), api
-    assert re.search(r"pip install torch==", worker) and "whl/cpu" not in worker, worker
+    # The API never imports torch: the CPU wheel keeps its image a fraction of the CUDA one's size. It
+    # comes from the index the builder names (a build arg without a default: no host in the repository).
+    assert re.search(r'pip install torch==\S+ --index-url "\$\{?TORCH_INDEX_URL\}?"', api), api
+    declared = [args for stage in chain(stages, "api-build") for ins, args in stage.instructions if ins == "ARG"]
+    assert "TORCH_INDEX_URL" in declared, f"api-build must declare ARG TORCH_INDEX_URL (without a default): {declared}"
+    assert re.search(r"pip install torch==", worker) and "TORCH_INDEX_URL" not in worker, worker
+    for name, service in built(services).items():
+        if service["build"]["target"] == "api":
+            assert "TORCH_INDEX_URL" in (service["build"].get("args") or {}), f"{name} does not pass TORCH_INDEX_URL"
+
+
+def test_no_package_index_host_is_named_in_the_repository():
+    """Which index serves torch is the installing machine's business: pip's configuration, or
+    TORCH_INDEX_URL (README, Development). A URL given to an index option is a host named here."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "Makefile" in files and "Dockerfile" in files
+    index_option = re.compile(r"(--(extra-)?index-url|--find-links|\bPIP_(EXTRA_)?INDEX_URL)[= ]+[\"']?\w+://")
+    known_indexes = re.compile(r"download\.pytorch\.org|pypi\.org/simple|pypi\.ngc\.nvidia\.com")
+    for name in files:
+        path = ROOT / name
+        if name == "tests/test_deploy_files.py" or not path.is_file() or path.stat().st_size > 1_000_000:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            assert not index_option.search(line) and not known_indexes.search(line), f"{name}:{number}: {line.strip()}"
 
 
 # ---------------------------------------------------------------- compose
@@ -347,11 +428,6 @@ def test_urls_point_at_the_services_that_serve_them(services):
 
     s3 = urlsplit(env["QLORA_S3_ENDPOINT_URL"])
     assert s3.hostname in services
-    minio = env_of(services[s3.hostname])
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
-    bucket = urlsplit(env["QLORA_STORAGE_URL"]).netloc
-    init = " ".join(as_list(services["minio-init"]["command"]))
-    assert re.search(rf"mc mb\b.*/{re.escape(bucket)}\b", init), f"minio-init does not create bucket {bucket}"
 
 
 def test_api_serves_on_8000_without_a_worker(services, stages):
@@ -392,6 +468,16 @@ def test_each_worker_has_exactly_one_gpu_of_its_own(services):
         assert name.endswith(f"gpu{host_gpu}"), f"service {name} reserves host GPU {host_gpu}"
         assert "--gpu-class" in args
     assert len(set(host_gpus)) == len(host_gpus), f"two workers reserve the same GPU: {host_gpus}"
+
+
+@pytest.mark.parametrize("gpu_class", [None, "a100"])
+def test_the_api_default_class_is_one_the_workers_serve(services, gpu_class):
+    """A job that names no class goes to the default class's queue: some worker must serve it."""
+    env = {**sample_environment(), **({"GPU_CLASS": gpu_class} if gpu_class else {})}
+    default = env_of(services["api"], env).get("QLORA_DEFAULT_GPU_CLASS", "default")
+    served = {interpolate(args[args.index("--gpu-class") + 1], env)
+              for args in (as_list(s["command"]) for s in workers(services).values())}
+    assert default in served, f"the API sends unclassed jobs to {default!r}; workers serve {sorted(served)}"
 
 
 def test_workers_can_train(services):
@@ -436,3 +522,159 @@ def test_the_requirements_stage_writes_what_the_images_install(stages, tmp_path)
     assert gpu == project["optional-dependencies"]["gpu"] and any(r.startswith("liger-kernel==") for r in gpu)
     worker, api = runs_behind(stages, "worker"), runs_behind(stages, "api")
     assert "-r /tmp/requirements-gpu.txt" in worker and "requirements-gpu" not in api
+
+
+# ---------------------------------------------------------------- secrets and exposure
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY$|ROOT_USER")
+
+
+def test_secrets_have_no_default_so_compose_refuses_to_start_without_them(compose):
+    """`${VAR:?message}` stops `docker compose up` when VAR is unset or empty; a default here would be
+    a credential every reader of this repository knows."""
+    found = references(compose)
+    secrets = {name for name, _ in found if SECRET_NAME.search(name)}
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= secrets, secrets
+    for name, op in found:
+        if name in secrets:
+            assert op == ":?", f"${{{name}}} is used with {op or 'no operator'}: write ${{{name}:?...}}"
+    for name in secrets:
+        without = {k: v for k, v in DEPLOY_ENV.items() if k != name}
+        with pytest.raises(MissingVariable, match=name):
+            [interpolate(text, without) for text in strings_in(compose)]
+
+
+def test_env_example_documents_every_variable(compose):
+    """Each variable the compose file reads appears in .env.example; the required ones uncommented and
+    empty, so a copy of the example starts nothing until each secret is filled in."""
+    lines = [line.strip() for line in ENV_EXAMPLE.read_text().splitlines()]
+    assigned = dict(line.split("=", 1) for line in lines if re.match(r"[A-Za-z_]\w*=", line))
+    mentioned = {m.group(1) for line in lines for m in [re.match(r"#\s*([A-Za-z_]\w*)=", line)] if m}
+    for name in {name for name, _ in references(compose)}:
+        assert name in assigned or name in mentioned, f"{name} is not in .env.example"
+    for name in DEPLOY_ENV:
+        assert assigned.get(name) == "", f".env.example must list {name}= with an empty value"
+
+
+def test_env_files_stay_out_of_git_and_docker():
+    ignored_by_git = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT).returncode == 0
+    assert ignored_by_git, ".env holds the deployment's secrets: add it to .gitignore"
+    assert ignored(".env", dockerignore_patterns())
+    assert subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=ROOT).returncode == 1
+
+
+def run_minio_init(services: dict, tmp_path: Path,
+                   env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list]:
+    """minio-init's script as its container runs it, with an `mc` that records each call (and the
+    policy document it is given) instead of calling a server."""
+    log = tmp_path / "mc-calls.jsonl"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    mc = bin_dir / "mc"
+    mc.write_text(f"#!{sys.executable}\n"
+                  "import json, pathlib, sys\n"
+                  "args = sys.argv[1:]\n"
+                  "if args[:3] == ['admin', 'policy', 'create']:\n"
+                  "    args[-1] = json.loads(pathlib.Path(args[-1]).read_text())\n"
+                  f"open({str(log)!r}, 'a').write(json.dumps(args) + '\\n')\n")
+    mc.chmod(0o755)
+    init = services["minio-init"]
+    command = [interpolate(word, env) for word in [*as_list(init["entrypoint"]), *as_list(init["command"])]]
+    container_env = {**env_of(init, env), "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(command, env=container_env, capture_output=True, text=True)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, calls
+
+
+def test_api_and_workers_reach_the_store_with_a_key_limited_to_its_bucket(services, tmp_path):
+    init = services["minio-init"]
+    # The script is written against one mc release: `admin policy create/attach` replaced `policy
+    # add/set` in 2023, and attaching a policy already attached succeeds only from late 2024 on
+    # (minio/mc#5058), which a step run on every `up` needs.
+    release = re.fullmatch(r"[\w./-]+/mc:RELEASE\.(\d{4}-\d\d-\d\d)T[\d-]+Z", interpolate(init["image"]))
+    assert release and release.group(1) >= "2024-11-01", f"pin an mc release: {init['image']}"
+
+    env = env_of(services["api"])
+    key, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    minio = env_of(services[urlsplit(env["QLORA_S3_ENDPOINT_URL"]).hostname])
+    assert key != minio["MINIO_ROOT_USER"] and secret != minio["MINIO_ROOT_PASSWORD"]
+    for name, service in built(services).items():
+        raw = service.get("environment") or {}
+        assert not any("MINIO_ROOT" in f"{k}={v}" for k, v in raw.items()), f"{name} is given MinIO's root credentials"
+        assert (env_of(service)["AWS_ACCESS_KEY_ID"], env_of(service)["AWS_SECRET_ACCESS_KEY"]) == (key, secret)
+
+    done, calls = run_minio_init(services, tmp_path)
+    assert done.returncode == 0, done.stderr
+    alias = calls[0][2]
+    assert calls[0] == ["alias", "set", alias, env["QLORA_S3_ENDPOINT_URL"], minio["MINIO_ROOT_USER"],
+                        minio["MINIO_ROOT_PASSWORD"]]
+    bucket = urlsplit(env["QLORA_STORAGE_URL"]).netloc
+    assert ["mb", "--ignore-existing", f"{alias}/{bucket}"] in calls, f"minio-init does not create bucket {bucket}"
+    [create] = [c for c in calls if c[:3] == ["admin", "policy", "create"]]
+    policy, document = create[4], create[5]
+    user = ["admin", "user", "add", alias, key, secret]
+    attach = ["admin", "policy", "attach", alias, policy, "--user", key]
+    assert user in calls and attach in calls
+    assert calls.index(create) < calls.index(attach) and calls.index(user) < calls.index(attach)
+
+    statements = document["Statement"]
+    resources = {r for s in statements for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+    actions = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert all(s["Effect"] == "Allow" for s in statements)
+    assert resources <= {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}, resources
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    # What app/storage/s3.py does: read, write (also in parts) and delete objects, list keys and open uploads.
+    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListBucket",
+            "s3:ListBucketMultipartUploads"} <= actions
+
+    # Given the root's own name as the service's key, the step refuses rather than hand out root.
+    key_variable = VARIABLE.search(str(services["api"]["environment"]["AWS_ACCESS_KEY_ID"]))
+    same = {**DEPLOY_ENV, key_variable["braced"] or key_variable["bare"]: minio["MINIO_ROOT_USER"]}
+    done, calls = run_minio_init(services, tmp_path / "same", same)
+    assert done.returncode != 0 and "must differ" in done.stderr
+    assert not any(c[:2] == ["admin", "user"] for c in calls)
+
+
+def published(service: dict) -> list[tuple[str, str]]:
+    """(host address, container port) of each published port; compose binds every interface unless told."""
+    out = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.append((str(port.get("host_ip", "0.0.0.0")), str(port["target"])))
+            continue
+        parts = interpolate(str(port)).split("/")[0].rsplit(":", 2)
+        out.append((parts[0].strip("[]") if len(parts) == 3 else "0.0.0.0", parts[-1]))
+    return out
+
+
+def test_only_the_api_is_published_on_every_interface(services):
+    for name, service in services.items():
+        for address, port in published(service):
+            if (name, port) != ("api", "8000"):
+                assert address in ("127.0.0.1", "::1", "localhost"), (
+                    f"{name} publishes {port} on {address or 'every interface'}: bind it to loopback (or to a "
+                    "private address an operator sets), or leave it unpublished")
+
+
+def test_database_queue_and_one_shot_steps_live_on_an_internal_network(compose, services):
+    networks = compose.get("networks") or {}
+    internal = {n for n, spec in networks.items() if (spec or {}).get("internal")}
+    assert internal, "declare a network with `internal: true` for what needs no route to the outside"
+
+    def joined(service: dict) -> set[str]:
+        found = service.get("networks") or ["default"]
+        return set(found) if isinstance(found, list) else set(found)
+
+    for name, service in services.items():
+        assert joined(service) <= set(networks), f"{name} joins an undeclared network: {joined(service)}"
+    for name in ("postgres", "redis", "migrate", "minio-init"):
+        assert joined(services[name]) <= internal, f"{name} needs no route in or out: internal networks only"
+    for name, service in services.items():
+        if service.get("ports"):
+            assert joined(service) - internal, f"{name} publishes ports: it needs a network that is not internal"
+    # Everything a process is configured to reach shares a network with it.
+    for name, service in built(services).items():
+        for key, value in env_of(service).items():
+            host = urlsplit(value).hostname if "://" in value and key != "QLORA_S3_PUBLIC_ENDPOINT_URL" else None
+            if host in services:
+                assert joined(service) & joined(services[host]), f"{name} cannot reach {host} ({key})"

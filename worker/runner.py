@@ -18,6 +18,7 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app import logs
@@ -44,10 +45,16 @@ from transformers import TrainerCallback  # noqa: E402
 
 from app.storage.base import make_key, storage_from_settings  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
+from worker.transfer import WriterStream  # noqa: E402
 
 # Fault injection for tests/faults: stall forever halfway through uploading this step's checkpoint,
 # so a test can kill the process while a checkpoint is being written.
 FAULT_STALL_CHECKPOINT = "QLORA_FAULT_STALL_CHECKPOINT_STEP"
+# Fault injection for tests/faults: after this optimizer step, wait until the file FAULT_RELEASE
+# appears in the work directory (or until asked to stop), so a test knows the job is still running
+# for as long as a fault it injects lasts, however fast the machine trains.
+FAULT_HOLD_AT_STEP = "QLORA_FAULT_HOLD_AT_STEP"
+FAULT_RELEASE = "fault-release"
 
 
 class ProgressFile(TrainerCallback):
@@ -85,7 +92,7 @@ class CheckpointUpload(TrainerCallback):
         if not source.is_dir():
             return
         with self.storage.writer(make_key(self.team_id, "checkpoints")) as writer:
-            with tarfile.open(fileobj=_Stream(writer), mode="w|") as tar:  # streamed: no temp archive on disk
+            with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:  # streamed: no temp archive on disk
                 tar.add(self.out_dir / "run.json", arcname="run.json")
                 tar.add(source, arcname=f"checkpoints/step-{step}")
                 if step == self.stall_at:
@@ -96,15 +103,19 @@ class CheckpointUpload(TrainerCallback):
         self.sink(CheckpointStored(step=step, key=stored.key, size=stored.size, sha256=stored.sha256))
 
 
-class _Stream:
-    """The write-only file object tarfile's stream mode needs, over a storage writer."""
+class FaultHold(TrainerCallback):
+    """tests/faults: hold the training loop after one step until released (see FAULT_HOLD_AT_STEP)."""
 
-    def __init__(self, writer):
-        self.writer = writer
+    def __init__(self, workdir: WorkDir, step: int, stop: Callable[[], bool]):
+        self.release = workdir.root / FAULT_RELEASE
+        self.step = step
+        self.stop = stop
 
-    def write(self, data: bytes) -> int:
-        self.writer.write(bytes(data))
-        return len(data)
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != self.step:
+            return
+        while not self.release.exists() and not self.stop():
+            time.sleep(0.1)
 
 
 def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float):
@@ -149,14 +160,20 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
         out_dir = Path(job.out_dir)
         storage = storage_from_settings(settings)
         cache = job.quantized_cache
+
+        def cancel() -> bool:
+            return workdir.cancel.exists() or gone()
+
+        callbacks: tuple[TrainerCallback, ...] = (ProgressFile(workdir.progress),
+                                                  CheckpointUpload(workdir, out_dir, job.team_id, sink, storage))
+        if FAULT_HOLD_AT_STEP in os.environ:
+            callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]), cancel),)
         try:
             result = run(
                 JobSpec.parse(job.spec), job.train_path, out_dir,
                 validation_path=job.validation_path, registry=job.registry, sink=sink,
-                resume=job.resume, cancel=lambda: workdir.cancel.exists() or gone(), pause=workdir.pause.exists,
-                quantized_cache=Path(cache.dir) if cache else None,
-                extra_callbacks=(ProgressFile(workdir.progress),
-                                 CheckpointUpload(workdir, out_dir, job.team_id, sink, storage)),
+                resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
+                quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
             )
             outcome = Result(status=result.status, summary=result.summary)
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
@@ -171,7 +188,7 @@ def share_quantized_base(cache: QuantizedCache, storage, sink: Sink) -> None:
     """Upload the base this run quantized, for later jobs of any team (registry models are shared);
     the worker records it, and of two jobs that quantized the same base at once the first wins."""
     with storage.writer(make_key("shared", "quantized-bases")) as writer:
-        with tarfile.open(fileobj=_Stream(writer), mode="w|") as tar:
+        with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:
             tar.add(cache.dir, arcname="quantized")
         stored = writer.commit()
     sink(QuantizedBaseStored(key=cache.key, storage_key=stored.key, size=stored.size, sha256=stored.sha256,

@@ -5,6 +5,11 @@ takes the worker down, and this process never touches CUDA. They talk through fi
 work directory (worker/training/protocol.py: WorkDir): the trainer appends typed records and
 rewrites its progress; this side creates the cancel (or pause) file to ask it to stop; the result
 is its last word. This side owns every database write, each fenced by the attempt number it claimed.
+
+From the claim to the final state a heartbeat thread (AttemptWatch) keeps the attempt alive and
+bounded, whatever the main thread is doing: downloading a base, training, packing and uploading a
+merged model. It is what the reaper and the training process watch, it reports long transfers, and
+it ends the attempt when the lease is lost or the job's time limit has passed.
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app import logs
 from app.config import Settings
@@ -30,18 +41,190 @@ from app.storage.base import make_key, storage_from_settings
 from worker.training.protocol import (
     AppendedLines,
     CheckpointStored,
+    Event,
     JobFile,
     Progress,
     QuantizedCache,
+    Record,
     RecordReader,
     Result,
     WorkDir,
 )
+from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
-ARTIFACTS = ("adapter", "merged")
+ARTIFACTS = {"adapter": "adapter", "merged": "merged model"}  # kind → what a person reads
+TAR_BUFFER = 1 << 20  # tar's stream-mode buffer: 1 MiB writes into the storage writer, not 10 KiB ones
+
+
+class TimeLimitHit(Exception):
+    """The attempt ran past QLORA_JOB_TIME_LIMIT_S; the job has been recorded failed, saying so."""
+
+
+class AttemptWatch(threading.Thread):
+    """The attempt's heartbeat, from the claim until the final state is written; a thread, so that no
+    download, training step or upload can outlast the heartbeat deadline unnoticed. Every supervise
+    interval it:
+
+    - touches the work directory's heartbeat file (the training process stops by itself when that
+      goes stale) and writes the job's heartbeat, fenced by the attempt number;
+    - writes a progress event for a transfer running longer than QLORA_TRANSFER_EVENT_INTERVAL_S,
+      one per that interval, and a last one when such a transfer ends;
+    - when the lease is lost, kills the training process and stops beating;
+    - when the attempt has run past QLORA_JOB_TIME_LIMIT_S, kills the training process and records
+      the job failed, saying so (no retry: another attempt would hit the same limit).
+
+    The main thread learns of either at its next check(), which raises LeaseLost or TimeLimitHit:
+    between supervise rounds, and at every chunk of a transfer.
+    """
+
+    def __init__(self, settings: Settings, db: str, job: ClaimedJob, workdir: WorkDir):
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self.settings = settings
+        self.db = db
+        self.job = job
+        self.workdir = workdir
+        self.started = time.monotonic()  # the claim: the time limit counts from here
+        self._last_beat = self.started  # the last heartbeat in the database, this thread's or a report's
+        self.proc: subprocess.Popen | None = None  # the training process, once spawned
+        self.transfer: Transfer | None = None
+        self._events: list[Event] = []  # to write with the next heartbeat
+        self._events_lock = threading.Lock()  # the main thread adds the last event of a transfer
+        self._last_event_at = 0.0
+        self._ended: tuple[type[Exception], str] | None = None
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ the main thread's side
+    def check(self) -> None:
+        """Raise if the attempt has ended: its lease is lost, or its time limit passed."""
+        if self._ended is not None:
+            kind, message = self._ended
+            raise kind(message)
+
+    @contextmanager
+    def transferring(self, what: str, total: int | None, measure: Callable[[], int] | None = None) -> Iterator[Transfer]:
+        """Count a transfer for the progress events; its `add` stops it (raises) once the attempt has ended."""
+        transfer = Transfer(what, total, check=self.check, measure=measure)
+        self.transfer = transfer
+        try:
+            yield transfer
+        finally:
+            self.transfer = None
+        if time.monotonic() - transfer.started >= self.settings.transfer_event_interval_s:
+            verb = what.replace("uploading", "uploaded").replace("downloading", "downloaded")
+            with self._events_lock:
+                self._events.append(_transfer_event(transfer, transfer.describe(verb)))
+
+    def reported(self) -> None:
+        """The main thread's report wrote the heartbeat too: while it reports every round, this thread
+        need not write one as well (half the writes on the job's row while training)."""
+        self._last_beat = time.monotonic()
+
+    def stop(self) -> None:
+        """Before the final state is written: the last heartbeat goes out with any pending events."""
+        self._stopped.set()
+        self.join()
+
+    # ------------------------------------------------------------------ the thread
+    def run(self) -> None:
+        with logs.job_context(self.job.id):  # a thread starts without the main thread's log context
+            while not self._stopped.wait(self.settings.supervise_interval_s):
+                self._beat()
+            self._beat()
+
+    def _beat(self) -> None:
+        if self._ended is not None:
+            return
+        try:
+            self.workdir.heartbeat.touch()
+        except FileNotFoundError:
+            pass  # the work directory is being set up
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.settings.job_time_limit_s and not self._stopped.is_set():
+            self._hit_time_limit(elapsed)
+            return
+        with self._events_lock:
+            events, self._events = self._events + self._due_progress(), []
+        if not events and time.monotonic() - self._last_beat < self.settings.supervise_interval_s:
+            return  # a report wrote it within the interval: the database is at most two intervals behind
+        try:
+            with session_scope(self.db) as session:
+                owned = runs.heartbeat(session, self.job.id, self.job.attempt, events)
+            self._last_beat = time.monotonic()
+        except Exception as exc:  # the database's blip must not end the thread: beat again next interval
+            log.warning("could not write the heartbeat of job %s: %s", self.job.id, exc)
+            with self._events_lock:
+                self._events[:0] = events
+            return
+        if not owned:
+            self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
+
+    def _due_progress(self) -> list[Event]:
+        transfer = self.transfer
+        every = self.settings.transfer_event_interval_s
+        now = time.monotonic()
+        if transfer is None or now - transfer.started < every or now - self._last_event_at < every:
+            return []
+        self._last_event_at = now
+        return [_transfer_event(transfer, transfer.describe())]
+
+    def _hit_time_limit(self, elapsed: float) -> None:
+        self._kill()
+        message = self._time_limit_message(elapsed)
+        try:
+            with session_scope(self.db) as session:
+                recorded = runs.finish(session, self.job.id, self.job.attempt, states.FAILED, error=message)
+        except Exception as exc:  # try again next interval; the training process is stopped already
+            log.warning("could not record that job %s hit its time limit: %s", self.job.id, exc)
+            return
+        if recorded:
+            log.warning("job %s hit its time limit after %.0f s; recorded failed", self.job.id, elapsed)
+            self._end(TimeLimitHit, message)
+        else:
+            self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
+
+    def _time_limit_message(self, elapsed: float) -> str:
+        limit = self.settings.job_time_limit_s
+        transfer = self.transfer
+        progress = Progress.read(self.workdir.progress)
+        if transfer is not None:
+            doing = transfer.describe()
+        elif progress is not None:
+            doing = f"training, at step {progress.step} of {progress.total_steps}"
+        else:
+            doing = "preparing to train"
+        return (f"the job hit its time limit: attempt {self.job.attempt} ran for {format_duration(elapsed)}, past "
+                f"QLORA_JOB_TIME_LIMIT_S={limit:g} s ({format_duration(limit)}), and was stopped while {doing}. "
+                "It is not retried, since another attempt would stop at the same limit: lower max_steps (or "
+                "num_epochs), or ask an operator to raise QLORA_JOB_TIME_LIMIT_S")
+
+    def _end(self, kind: type[Exception], message: str) -> None:
+        self._ended = (kind, message)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _kill(self.proc)
+
+
+def _transfer_event(transfer: Transfer, message: str) -> Event:
+    return Event(type="transfer", message=message,
+                 data={"what": transfer.what, "bytes": transfer.progress(), "total_bytes": transfer.total})
+
+
+def session_url(settings: Settings) -> str:
+    """The database URL of a worker's sessions. On Postgres, a transaction the worker leaves idle longer
+    than the heartbeat deadline is ended by the server: a worker frozen mid-transaction (a stopped VM,
+    SIGSTOP) would otherwise keep its job's row locked, and the reaper that must requeue the job would
+    wait on that lock for as long as the freeze lasts."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "postgresql":
+        return settings.database_url
+    timeout_ms = int(settings.heartbeat_deadline_s * 1000)
+    options = f"{url.query.get('options', '')} -c idle_in_transaction_session_timeout={timeout_ms}".strip()
+    return url.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
 class JobRun:
@@ -50,7 +233,7 @@ class JobRun:
         self.job_id = job_id
         self.worker = worker
         self.storage = storage_from_settings(settings)
-        self.db = settings.database_url
+        self.db = session_url(settings)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -65,34 +248,41 @@ class JobRun:
             return
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
-        proc = None
+        watch = AttemptWatch(self.settings, self.db, job, workdir)
+        watch.start()
+        final: tuple[str, str | None, dict | None] | None = None
         try:
-            self._prepare(job, workdir)
-            proc = self._spawn(workdir)
+            self._prepare(job, workdir, watch)
+            watch.proc = proc = self._spawn(workdir)
             log.info("training process started", extra={"pid": proc.pid, "attempt": job.attempt})
-            outcome = self._supervise(job, workdir, proc)
-            self._record(job, workdir, outcome, proc.returncode)
+            outcome = self._supervise(job, workdir, proc, watch)
+            final = self._record(job, workdir, outcome, proc.returncode, watch)
         except LeaseLost:
             log.warning("job %s attempt %s: lease lost; stopping without writing", job.id, job.attempt)
+        except TimeLimitHit:
+            log.warning("job %s attempt %s: time limit; stopped (recorded failed)", job.id, job.attempt)
         except Exception as exc:
             log.exception("job %s failed in the worker", job.id)
-            self._finish(job, states.FAILED, error=f"the worker failed: {type(exc).__name__}: {exc}")
+            final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None)
         finally:
-            if proc is not None and proc.poll() is None:
-                _kill(proc)
+            watch.stop()  # its last heartbeat carries the last transfer's event; the final state comes after
+            if watch.proc is not None and watch.proc.poll() is None:
+                _kill(watch.proc)
             shutil.rmtree(workdir.root, ignore_errors=True)
+        if final is not None:
+            self._finish(job, *final)
 
-    def _prepare(self, job: ClaimedJob, workdir: WorkDir) -> None:
+    def _prepare(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:
         shutil.rmtree(workdir.root, ignore_errors=True)
         workdir.root.mkdir(parents=True)
-        self.storage.download(job.train.storage_key, workdir.train_data, expected_sha256=job.train.sha256)
+        self._download(watch, "training data", job.train, workdir.train_data)
         if job.validation:
-            self.storage.download(job.validation.storage_key, workdir.validation_data,
-                                  expected_sha256=job.validation.sha256)
+            self._download(watch, "validation data", job.validation, workdir.validation_data)
         if job.resume_from is not None:
             # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
-            self._download_tar(job.resume_from, workdir.out, workdir.archive("resume"))
-        base_path = self._base_model_path(job.base_model)
+            self._download_tar(watch, f"checkpoint at step {job.resume_step}", job.resume_from, workdir.out,
+                               workdir.archive("resume"))
+        base_path = self._base_model_path(job.base_model, watch)
         JobFile(
             job_id=job.id, team_id=job.team_id, spec=job.spec,
             train_path=str(workdir.train_data),
@@ -100,17 +290,23 @@ class JobRun:
             registry={job.base_model["name"]: str(base_path)},
             out_dir=str(workdir.out),
             resume=job.attempt > 1,
-            quantized_cache=self._quantized_cache(job, base_path, workdir),
+            quantized_cache=self._quantized_cache(job, base_path, workdir, watch),
         ).write(workdir.job)
 
-    def _download_tar(self, ref: runs.ObjectRef, into: Path, archive: Path) -> None:
+    def _download(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, path: Path) -> None:
+        """Fetch a stored object, checked against its sha256, counting it for the progress events."""
+        with watch.transferring(f"downloading {what}", ref.size) as transfer:
+            self.storage.download(ref.storage_key, path, expected_sha256=ref.sha256, progress=transfer.add)
+
+    def _download_tar(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, into: Path, archive: Path) -> None:
         """Fetch a stored tar (checked against its sha256) and unpack it into a directory."""
-        self.storage.download(ref.storage_key, archive, expected_sha256=ref.sha256)
+        self._download(watch, what, ref, archive)
         with tarfile.open(archive) as tar:
             tar.extractall(into, filter="data")
         archive.unlink()
 
-    def _quantized_cache(self, job: ClaimedJob, base_path: Path, workdir: WorkDir) -> QuantizedCache | None:
+    def _quantized_cache(self, job: ClaimedJob, base_path: Path, workdir: WorkDir,
+                         watch: AttemptWatch) -> QuantizedCache | None:
         """Fetch the pre-quantized base for this model and quantization if one is cached (checked
         against its sha256), or name where the training process should save one."""
         if job.spec["quantization"]["bits"] == "none":
@@ -122,8 +318,10 @@ class JobRun:
         if cached is not None:
             try:
                 # The archive holds quantized/, which lands where workdir.quantized names it.
-                self._download_tar(cached, workdir.root, workdir.archive("quantized"))
+                self._download_tar(watch, "quantized base", cached, workdir.root, workdir.archive("quantized"))
                 return QuantizedCache(dir=str(workdir.quantized), key=key, hit=True, identity=identity)
+            except (LeaseLost, TimeLimitHit):
+                raise
             except Exception:  # a damaged entry must not fail the job: forget it and quantize afresh
                 log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
                 shutil.rmtree(workdir.quantized, ignore_errors=True)
@@ -132,17 +330,24 @@ class JobRun:
                 self._delete([stale] if stale else [])
         return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
 
-    def _base_model_path(self, model: dict) -> Path:
+    def _base_model_path(self, model: dict, watch: AttemptWatch) -> Path:
         if model["path"]:
             return Path(model["path"])
         # A hub model pinned to a revision, for hosts that reach a hub; weights only, never code.
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            model["hub_id"], revision=model["revision"], cache_dir=str(self.settings.home / "hub"),
-            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
+        cache_dir = self.settings.home / "hub"
+        # The library moves the bytes; what has landed in its cache is the progress.
+        with watch.transferring(f"downloading base model {model['hub_id']}", None,
+                                measure=lambda: tree_bytes(cache_dir) if cache_dir.exists() else 0):
+            path = snapshot_download(
+                model["hub_id"], revision=model["revision"], cache_dir=str(cache_dir),
+                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"])
+        watch.check()
+        return Path(path)
 
     def _spawn(self, workdir: WorkDir) -> subprocess.Popen:
+        workdir.heartbeat.touch()  # fresh from the start: the training process reads a stale one as "stop"
         log_file = open(workdir.log, "ab")
         try:
             return subprocess.Popen(
@@ -154,28 +359,41 @@ class JobRun:
         finally:
             log_file.close()
 
-    def _supervise(self, job: ClaimedJob, workdir: WorkDir, proc: subprocess.Popen) -> Result | None:
-        """Relay records and heartbeats until the process exits; pass on a cancel; kill it if the
-        lease is lost or a cancel is not obeyed in time. Returns its result, if it wrote one."""
+    def _supervise(self, job: ClaimedJob, workdir: WorkDir, proc: subprocess.Popen,
+                   watch: AttemptWatch) -> Result | None:
+        """Relay records until the process exits; pass on a cancel; kill it if the lease is lost or a
+        cancel is not obeyed in time. Returns its result, if it wrote one. (The heartbeat is the watch's.)"""
         records = RecordReader(workdir.records)
         trainer_log = AppendedLines(workdir.log)
+        unreported: list[Record] = []
         cancel_sent_at = None
         while True:
-            workdir.heartbeat.touch()  # the training process stops by itself when this goes stale
             exited = proc.poll() is not None
             # The trainer's own log lines (JSON, with the job id) join this worker's log stream.
             for line in trainer_log.read_new():
                 sys.stderr.write(line.decode("utf-8", "replace") + "\n")
-            batch = records.read_new()
+            unreported += records.read_new()
             try:
                 with session_scope(self.db) as session:
-                    status, unkept = runs.report(session, job.id, job.attempt, batch,
+                    status, unkept = runs.report(session, job.id, job.attempt, unreported,
                                                  Progress.read(workdir.progress), self.settings.keep_checkpoints)
+                unreported = []
+                watch.reported()
+                watch.check()
             except LeaseLost:
                 _kill(proc)
                 # Checkpoints it uploaded that will never be recorded: nobody else would delete them.
-                self._delete([r.key for r in batch + records.read_new() if isinstance(r, CheckpointStored)])
+                self._delete([r.key for r in unreported + records.read_new() if isinstance(r, CheckpointStored)])
+                watch.check()  # the time limit, if that is what ended the attempt (the watch recorded it)
                 raise
+            except DBAPIError as exc:
+                if not _passing(exc):
+                    raise
+                # The records wait for the next round; meanwhile the watch keeps the heartbeat going.
+                log.warning("could not report on job %s (trying again in %ss): %s", job.id,
+                            self.settings.supervise_interval_s, exc)
+                time.sleep(self.settings.supervise_interval_s)
+                continue
             self._delete(unkept)
             if exited:
                 break
@@ -192,31 +410,34 @@ class JobRun:
             time.sleep(self.settings.supervise_interval_s)
         return Result.read(workdir.result)
 
-    def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int) -> None:
+    def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int,
+                watch: AttemptWatch) -> tuple[str, str | None, dict | None]:
+        """Upload what a successful run made; returns the final state to write."""
         if outcome is None:
-            self._finish(job, states.FAILED, error=(
-                f"the training process exited with code {returncode} without a result; "
-                f"last lines of its log:\n{_tail(workdir.log)}"))
-            return
+            return (states.FAILED, f"the training process exited with code {returncode} without a result; "
+                                   f"last lines of its log:\n{_tail(workdir.log)}", None)
         if outcome.status == states.SUCCEEDED:
             for kind in ARTIFACTS:
                 source = workdir.out / kind
                 if source.is_dir():
-                    self._upload_artifact(job, workdir, kind, source)
-        self._finish(job, outcome.status, error=outcome.error, summary=outcome.summary)
+                    self._upload_artifact(job, kind, source, watch)
+        return (outcome.status, outcome.error, outcome.summary)
 
-    def _upload_artifact(self, job: ClaimedJob, workdir: WorkDir, kind: str, source: Path) -> None:
-        archive = workdir.archive(kind)
-        with tarfile.open(archive, "w") as tar:  # weights barely compress; plain tar is fast to make and read
-            tar.add(source, arcname=kind)
-        stored = self.storage.put_file(make_key(job.team_id, "artifacts"), archive)
+    def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:
+        """Stream a tar of the directory into storage (weights barely compress; a plain tar is fast to
+        make and read) and record it. Stopped midway (lease lost, time limit), nothing is kept."""
+        with (watch.transferring(f"uploading {ARTIFACTS[kind]}", tree_bytes(source)) as transfer,
+              self.storage.writer(make_key(job.team_id, "artifacts")) as writer):
+            with tarfile.open(fileobj=WriterStream(writer, transfer.add), mode="w|", bufsize=TAR_BUFFER) as tar:
+                tar.add(source, arcname=kind)
+            stored = writer.commit()
         try:
+            watch.check()
             with session_scope(self.db) as session:
                 runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
         except BaseException:
             self.storage.delete(stored.key)  # not recorded, so not kept
             raise
-        archive.unlink()
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -225,7 +446,7 @@ class JobRun:
             except Exception:  # a stray object costs storage, not correctness
                 log.exception("could not delete %s", key)
 
-    def _finish(self, job: ClaimedJob, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
+    def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None) -> None:
         with session_scope(self.db) as session:
             recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary)
         if recorded:
@@ -251,6 +472,11 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
         "gpu_class": queue,
         "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
     }
+
+
+def _passing(exc: DBAPIError) -> bool:
+    """A database error that passes (a restart, a dropped or server-ended connection): try again."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -11,13 +11,16 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 @router.post("", response_model=DatasetOut, status_code=201,
+             responses={413: {"description": "Over QLORA_MAX_UPLOAD_BYTES, or a form over its bounds around the file."}},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["file"],
                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
 async def upload_dataset(request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep,
                          caller: CallerDep):
     """Upload a JSONL file (multipart field `file`). It is streamed to storage and every line is
-    validated; the answer says `ready`, or `invalid` with the first bad lines and their numbers."""
+    validated; the answer says `ready`, or `invalid` with the first bad lines and their numbers.
+    The body is counted as it arrives (413 past QLORA_MAX_UPLOAD_BYTES, with or without a
+    Content-Length), and the form around the file is small: at most 16 other fields, 64 KiB in all."""
     return await service.upload(session, storage, settings, caller, request)
 
 

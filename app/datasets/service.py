@@ -7,33 +7,25 @@ from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from app.config import Settings
 from app.datasets import repository
 from app.datasets.tables import Dataset
-from app.db import after_commit, on_rollback
+from app.db import after_commit, on_rollback, release_connection
 from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from app.jobs.states import ACTIVE
 from app.pagination import Page, page
 from app.storage.base import ObjectWriter, Storage, make_key
 from app.teams.service import Caller
-from app.uploads import read_multipart
+from app.uploads import human_bytes, read_multipart
 from worker.training.data import DataError, DatasetValidator
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one row longer than this is a broken file, not a long chat
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
-MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class ByteSink(Protocol):
@@ -86,12 +78,11 @@ class DatasetIngest(Generic[SinkT]):
 async def upload(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request,
                  check_fields: Callable[[dict[str, str]], None] | None = None) -> Dataset:
     """Stream a multipart upload to storage and record it. `check_fields` may refuse the request
-    on its other form fields (they can come after the file): the stored bytes are then dropped."""
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-        raise PayloadTooLarge(
-            f"the upload is {human_bytes(declared)}, over the limit of {human_bytes(settings.max_upload_bytes)}; "
-            "split the file, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
+    on its other form fields (they can come after the file): the stored bytes are then dropped.
+
+    The session has only authenticated the caller so far. Its connection goes back to the pool
+    while the body streams (a slow client can take minutes), and a new one is taken to record."""
+    await run_in_threadpool(release_connection, session)
     key = make_key(caller.team_id, "datasets")
     ingest: list[DatasetIngest[ObjectWriter]] = []
     filename: list[str] = []
@@ -102,18 +93,18 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
         return ingest[0]
 
     try:
-        fields, has_file = await read_multipart(request, open_file)
+        fields, has_file = await read_multipart(request, open_file, settings.max_upload_bytes)
         if not has_file:
             raise Invalid("no file in the upload: send it as the multipart field 'file' (curl -F file=@data.jsonl)")
         if check_fields:
             check_fields(fields)
         ingest[0].finish()
-        stored = ingest[0].writer.commit()
+        stored = await run_in_threadpool(ingest[0].writer.commit)  # the last part's upload: off the event loop
     except BaseException:
         if ingest:
             ingest[0].writer.abort()  # nothing of a refused or broken upload is kept
         raise
-    return _record(session, storage, caller, ingest[0].validator, stored, filename[0])
+    return await run_in_threadpool(_record, session, storage, caller, ingest[0].validator, stored, filename[0])
 
 
 def _record(session, storage, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:

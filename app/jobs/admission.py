@@ -1,8 +1,9 @@
 """Admission control: a job reaches a GPU only if its estimated peak memory fits one.
 
-With GPU classes configured (QLORA_GPU_CLASSES), a new job goes to the smallest class whose memory
-holds its estimated peak, and one that fits none is refused with what it needs, what there is, and
-what to change. per_device_batch_size "auto" becomes the largest micro-batch that fits that class.
+A job asks only for a GPU class workers serve, and for no more than the operator's ceilings. With GPU
+classes configured (QLORA_GPU_CLASSES), a new job goes to the smallest class whose memory holds its
+estimated peak, and one that fits none is refused with what it needs, what there is, and what to
+change. per_device_batch_size "auto" becomes the largest micro-batch that fits that class.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ class Admission:
 
 
 def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: str | None) -> Admission:
+    check_ceilings(settings, spec)
     classes = sorted(settings.gpu_classes.items(), key=lambda item: item[1])
-    if requested is not None and settings.gpu_classes and requested not in settings.gpu_classes:
-        raise Invalid(f"gpu_class: {requested!r} is not a class the workers serve ({', '.join(settings.gpu_classes)})",
+    served = settings.served_gpu_classes
+    if requested is not None and requested not in served:
+        # Refused rather than queued: no worker would ever take it (and its class would become a
+        # label on the public /metrics).
+        raise Invalid(f"gpu_class: {requested!r} is not a class the workers serve ({', '.join(served)})",
                       details=field_errors([("gpu_class", "unknown GPU class")]), code="invalid_job")
     chosen = requested or settings.default_gpu_class
     if not classes:
         return Admission(chosen, spec, None, "memory not checked: no GPU classes are configured")
+    if requested is not None and requested not in settings.gpu_classes:
+        return Admission(requested, spec, None, f"memory not checked: QLORA_GPU_CLASSES gives no memory for {requested}")
     if model.config is None:
         return Admission(chosen, spec, None, f"memory not checked: the registry has no config.json for {model.name}")
     if requested is not None:
@@ -49,6 +56,10 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         sized = fit_micro_batch(spec, model.config, budget)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
+        micro = sized.training.per_device_batch_size
+        if settings.max_micro_batch and micro != "auto" and micro > settings.max_micro_batch:
+            # "auto" sized past the ceiling: a smaller micro-batch needs less memory, so it fits too.
+            sized = with_micro_batch(sized, settings.max_micro_batch)
         estimate = estimate_peak_memory(sized, model.config)
         if estimate.total <= budget:
             return Admission(name, sized, estimate,
@@ -69,3 +80,23 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                                 "or a smaller base model."),
         details={"needed_bytes": estimate.total, "available_bytes": budget, "gpu_class": name,
                  "estimate": estimate.parts, "suggestions": try_this})
+
+
+# (setting, the spec's field, its environment variable): what an operator may cap.
+CEILINGS = (("max_steps", "max_steps", "QLORA_MAX_STEPS"),
+            ("max_seq_length", "max_seq_length", "QLORA_MAX_SEQ_LENGTH"),
+            ("max_micro_batch", "per_device_batch_size", "QLORA_MAX_MICRO_BATCH"))
+
+
+def check_ceilings(settings: Settings, spec: JobSpec) -> None:
+    """Invalid naming each training field over its operator ceiling, and the ceiling. Epochs are not
+    capped here (their steps depend on the data, once packed); the job time limit bounds them."""
+    over = []
+    for setting, field, variable in CEILINGS:
+        ceiling, asked = getattr(settings, setting), getattr(spec.training, field)
+        if ceiling is not None and isinstance(asked, int) and asked > ceiling:
+            over.append((f"training.{field}", f"at most {ceiling} on this service ({variable})"))
+    if over:
+        raise Invalid("; ".join(f"{field}: {message}, got {getattr(spec.training, field.split('.')[1])}"
+                                for field, message in over),
+                      details=field_errors(over), code="invalid_job")

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def send(settings: Settings, job_id: str, queue: str) -> None:
-    """Hand "job X is ready" to the broker and remember that it was, so the reaper does not send it again."""
+    """Hand "job X is ready" to the broker and remember when, so the reaper sends it again only if the
+    job is still unclaimed QLORA_REDISPATCH_AFTER_S later."""
     if dispatch(settings, job_id, queue):
         with session_scope(settings.database_url) as session:
             repository.mark_dispatched(session, job_id, utcnow())

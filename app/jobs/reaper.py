@@ -1,4 +1,5 @@
-"""Finds jobs whose worker is gone and gives them another attempt (or fails them after too many).
+"""Finds jobs whose worker is gone and gives them another attempt (or fails them after too many),
+and sends "job X is ready" again for queued jobs whose message never reached a worker that claimed them.
 
 Safe to run in every API process at once: each change is a compare-and-set on (status, attempt),
 so of several reapers looking at the same silent job exactly one requeues it. Requeueing bumps
@@ -23,13 +24,14 @@ from app.jobs.dispatch import send
 log = logging.getLogger(__name__)
 
 # A job is sent to the broker right after the commit that created it; only if that failed (broker
-# down) does the reaper send it, once the job is older than this.
-REDISPATCH_AFTER_S = 10
+# down) does the reaper send it, once the job is older than this. (A job sent but still unclaimed
+# QLORA_REDISPATCH_AFTER_S later is sent again: its message may have been taken by a failed claim.)
+SEND_UNSENT_AFTER_S = 10
 
 
 def reap(session: Session, settings: Settings) -> dict[str, int]:
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0, "dispatched": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0, "dispatched": 0, "redispatched": 0}
     for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
         silent = f"worker {job.worker} stopped sending heartbeats at step {job.step}"
         attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
@@ -63,9 +65,12 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
                 "which resumes from the newest checkpoint", attempt=job.attempt, step=job.step)
             counts["requeued"] += 1
     session.flush()
-    for job in repository.undispatched(session, now - timedelta(seconds=REDISPATCH_AFTER_S)):
+    # Each is sent once the pass commits, and marked sent again (dispatched_at): one message per job
+    # per deadline, however long it waits for a free worker of its GPU class.
+    for job in repository.undispatched(session, created_before=now - timedelta(seconds=SEND_UNSENT_AFTER_S),
+                                       dispatched_before=now - timedelta(seconds=settings.redispatch_after_s)):
         after_commit(session, functools.partial(send, settings, job.id, job.queue))
-        counts["dispatched"] += 1
+        counts["dispatched" if job.dispatched_at is None else "redispatched"] += 1
     return counts
 
 

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import CursorResult, Select, Update, delete, func, select, update
+from sqlalchemy import CursorResult, Select, Update, and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
@@ -166,10 +166,13 @@ def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
         select(Job).where(Job.status.in_(states.WORKER_OWNED), last_sign < cutoff)))
 
 
-def undispatched(session: Session, created_before: datetime) -> list[Job]:
-    """For the reaper: queued jobs of every team whose "job X is ready" never reached the broker."""
-    return list(session.scalars(select(Job).where(
-        Job.status == states.QUEUED, Job.dispatched_at.is_(None), Job.created_at < created_before)))
+def undispatched(session: Session, created_before: datetime, dispatched_before: datetime) -> list[Job]:
+    """For the reaper: queued jobs of every team whose "job X is ready" never reached the broker (and
+    were created before created_before), or reached it before dispatched_before and were never claimed
+    (the message may be gone: a worker took it, but its claim failed)."""
+    return list(session.scalars(select(Job).where(Job.status == states.QUEUED, or_(
+        and_(Job.dispatched_at.is_(None), Job.created_at < created_before),
+        Job.dispatched_at < dispatched_before))))
 
 
 def mark_dispatched(session: Session, job_id: str, now: datetime) -> None:
@@ -234,9 +237,11 @@ def events_newest_first(session: Session, team_id: str, job_id: str, before: int
     return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
 
 
-def count_by_status(session: Session) -> dict[str, int]:
-    """For the operators' /metrics: aggregates over every team, which name no team."""
-    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+def count_active_by_status(session: Session) -> dict[str, int]:
+    """For the operators' /metrics: jobs not finished yet, by status, over every team. The index on
+    status finds them without reading the finished ones, however many there are."""
+    return dict(session.execute(
+        select(Job.status, func.count()).where(Job.status.in_(states.ACTIVE)).group_by(Job.status)).all())
 
 
 def queued_by_queue(session: Session) -> dict[str, int]:
@@ -245,22 +250,30 @@ def queued_by_queue(session: Session) -> dict[str, int]:
         select(Job.queue, func.count()).where(Job.status == states.QUEUED).group_by(Job.queue)).all())
 
 
-def finished_durations(session: Session) -> list[tuple[str, datetime, datetime]]:
-    """For the operators' /metrics: (status, started_at, finished_at) of every finished job that ran, of every team."""
-    rows = session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
-        Job.status.in_(states.FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None)))
-    return cast(list[tuple[str, datetime, datetime]], [tuple(row) for row in rows])  # the WHERE excludes NULLs
+def finished_between(session: Session, since: datetime | None,
+                     until: datetime | None) -> list[tuple[str, datetime | None, datetime]]:
+    """For the operators' /metrics: (status, started_at, finished_at) of the jobs of every team that
+    finished in [since, until) (open on a side given None), found through the index on finished_at.
+    started_at is None for a job cancelled before a worker claimed it."""
+    query = select(Job.status, Job.started_at, Job.finished_at).where(
+        Job.status.in_(states.FINISHED), Job.finished_at.is_not(None))
+    if since is not None:
+        query = query.where(Job.finished_at >= since)
+    if until is not None:
+        query = query.where(Job.finished_at < until)
+    return cast(list[tuple[str, datetime | None, datetime]], [tuple(row) for row in session.execute(query)])
 
 
 def running_devices(session: Session) -> list[tuple[str, int, float | None]]:
     """For the operators' /metrics: (worker, latest peak device memory, latest GPU utilisation) for each
-    job a worker is training now, of every team."""
-    latest = (select(JobMetric.job_id, func.max(JobMetric.step).label("step"))
-              .where(JobMetric.kind == "train").group_by(JobMetric.job_id).subquery())
+    job a worker is training now, of every team. Only those jobs' newest train points are read, each
+    through the (job, kind, step) index: never the loss curves of every job."""
+    point = aliased(JobMetric)
+    newest_step = (select(func.max(point.step))
+                   .where(point.job_id == Job.id, point.kind == "train").correlate(Job).scalar_subquery())
     rows = session.execute(
         select(Job.worker, JobMetric.peak_memory_bytes, JobMetric.gpu_utilization)
-        .join(latest, latest.c.job_id == Job.id)
-        .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.step == latest.c.step) & (JobMetric.kind == "train"))
+        .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.kind == "train") & (JobMetric.step == newest_step))
         .where(Job.status.in_(states.WORKER_OWNED)))
     return [(worker or "unknown", memory or 0, utilization) for worker, memory, utilization in rows]
 

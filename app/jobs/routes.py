@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
 from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut
 from app.jobs.stream import job_stream
+from app.pagination import MAX_ID
+from app.storage.base import attachment_disposition
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -21,11 +23,14 @@ CREATE_EXAMPLE = {
 }
 
 
-@router.post("", response_model=JobOut, status_code=201)
-def create_job(body: Annotated[dict[str, Any], Body(examples=[CREATE_EXAMPLE])], session: SessionDep,
-               settings: SettingsDep, caller: CallerDep):
+@router.post("", response_model=JobOut, status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}, "examples": {"a job": {"value": CREATE_EXAMPLE}}}}}})
+def create_job(body: Annotated[Any, Body()], session: SessionDep, settings: SettingsDep, caller: CallerDep):
     """The engine's job spec (base_model, quantization, lora, training, output) plus dataset_id,
-    an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued."""
+    an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued.
+
+    The body is read as any JSON and validated by the service with JobCreate (the schema shown), so
+    one answer names every bad field in the service's words."""
     return JobOut.of(service.create(session, settings, caller, body))
 
 
@@ -59,7 +64,8 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
 
 
 @router.get("/{job_id}/events", response_model=list[EventOut])
-def job_events(job_id: str, session: SessionDep, caller: CallerDep, after: int | None = None, limit: int = 200):
+def job_events(job_id: str, session: SessionDep, caller: CallerDep,
+               after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, limit: int = 200):
     """Events oldest first; pass the last id seen as `after` to get only newer ones."""
     return service.events(session, caller, job_id, after, limit)
 
@@ -94,7 +100,7 @@ def download_artifact(job_id: str, kind: str, session: SessionDep, storage: Stor
         return RedirectResponse(found.url, status_code=307, headers=headers)
     return StreamingResponse(storage.open(found.artifact.storage_key), media_type="application/x-tar", headers={
         **headers, "Content-Length": str(found.artifact.bytes),
-        "Content-Disposition": f'attachment; filename="{found.filename}"'})
+        "Content-Disposition": attachment_disposition(found.filename)})
 
 
 @router.get("/{job_id}/artifacts/{kind}/link")
@@ -113,14 +119,17 @@ def artifact_link(job_id: str, kind: str, session: SessionDep, storage: StorageD
 
 
 @router.get("/{job_id}/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-def stream_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+            responses={200: {"content": {"text/event-stream": {}}},
+                       429: {"description": "The key already holds QLORA_MAX_STREAMS_PER_KEY live streams."}})
+def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     """Server-Sent Events for one job: `job` (the job, whenever it changed), `metric` (each point of the
     loss curve, with its `kind`: train or eval) and `event` (each job event). Everything so far comes
-    first, then news about every second; the stream ends after the final state of a finished job.
-    Browsers: EventSource cannot send the API key, read this with fetch()."""
+    first, then news about every second; the stream ends after the final state of a finished job, or
+    with an `error` event if the key is revoked meanwhile. A key holds at most QLORA_MAX_STREAMS_PER_KEY
+    streams at once (429 beyond). Browsers: EventSource cannot send the API key, read this with fetch()."""
     job = service.get(session, caller, job_id)  # another team's job answers 404 here, before any byte is streamed
+    slot = request.app.state.stream_slots.take(caller.key.id)  # 429 at the cap, before any byte is streamed
     # The request's session is committed and closed when this function returns: the stream opens its own.
-    return StreamingResponse(job_stream(settings.database_url, caller.team_id, job.id),
+    return StreamingResponse(job_stream(settings.database_url, caller.team_id, caller.key.id, job.id, slot),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

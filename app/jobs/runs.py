@@ -5,6 +5,7 @@ finished), the write changes nothing and the worker learns it has lost the job."
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -35,6 +36,7 @@ class ObjectRef:
     id: str
     storage_key: str
     sha256: str
+    size: int  # bytes, for the progress of a long download
 
 
 @dataclass
@@ -72,8 +74,9 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     claimed = ClaimedJob(
         id=job.id, team_id=job.team_id, queue=job.queue, attempt=attempt, spec=job.spec,
         base_model={"name": model.name, "path": model.path, "hub_id": model.hub_id, "revision": model.revision},
-        train=ObjectRef(train.id, train.storage_key, train.sha256),
-        validation=ObjectRef(validation.id, validation.storage_key, validation.sha256) if validation else None,
+        train=ObjectRef(train.id, train.storage_key, train.sha256, train.bytes),
+        validation=ObjectRef(validation.id, validation.storage_key, validation.sha256, validation.bytes)
+        if validation else None,
     )
     if attempt > 1:
         _plan_resume(session, claimed)
@@ -86,13 +89,29 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
     saved = repository.checkpoints(session, job.id)
     if saved:
         newest = saved[-1]
-        job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256)
+        job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256, newest.bytes)
         job.resume_step = newest.step
         message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
     else:
         message = f"attempt {job.attempt} starts over: no checkpoint was saved before the worker was lost"
     repository.delete_metrics_after(session, job.id, job.resume_step)
     repository.add_event(session, job.id, "resumed", "warning", message, attempt=job.attempt, step=job.resume_step)
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> bool:
+    """The worker is alive and still owns the job: written every supervise interval from the claim to
+    the final state, whatever the worker is doing (downloading, training, uploading), with the progress
+    events of long transfers. False: this attempt no longer owns the job (it was requeued or finished)."""
+    if not repository.touch(session, job_id, attempt, heartbeat_at=utcnow()):
+        return False
+    for event in events:
+        _add_event(session, job_id, attempt, event)
+    return True
+
+
+def _add_event(session: Session, job_id: str, attempt: int, event: Event) -> None:
+    repository.add_event(session, job_id, event.type, event.level, event.message, attempt=attempt, step=event.step,
+                         data=event.data or None)
 
 
 def report(session: Session, job_id: str, attempt: int, records: list[Record], progress: Progress | None,
@@ -122,8 +141,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
                 session.flush()
                 unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
             case Event():
-                repository.add_event(session, job_id, record.type, record.level, record.message, attempt=attempt,
-                                     step=record.step, data=record.data or None)
+                _add_event(session, job_id, attempt, record)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
 
@@ -153,7 +171,7 @@ def _metric_values(point: TrainPoint | EvalPoint) -> dict:
 
 def cached_base(session: Session, key: str) -> ObjectRef | None:
     row = repository.quantized_base(session, key)
-    return ObjectRef(row.key, row.storage_key, row.sha256) if row else None
+    return ObjectRef(row.key, row.storage_key, row.sha256, row.bytes) if row else None
 
 
 def forget_cached_base(session: Session, key: str) -> str | None:

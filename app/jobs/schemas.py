@@ -1,11 +1,48 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from app.jobs.tables import Job
+from app.text import has_control_characters
+from worker.training.spec import JobSpec
+
+MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
+
+
+class JobCreate(JobSpec):
+    """The body of POST /jobs: the engine's job spec plus the job's own fields. The service validates
+    with this model, and the OpenAPI schema documents it, so the two cannot drift."""
+
+    name: str = Field("", max_length=200, description="One line of text, any script; shown in lists.")
+    dataset_id: str = Field(min_length=1, description="The training set: an id from POST /datasets.")
+    validation_dataset_id: str | None = Field(
+        None, min_length=1, description="A held-out set for eval loss; null or absent for none.")
+    gpu_class: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9_-]{0,49}$",
+        description="Run on this class of GPU; by default the smallest that fits (or the default class).")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=MAX_METADATA, description="Your own string tags, returned as given.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, name: str) -> str:
+        # Postgres cannot store NUL, and a line break has no place in a listing or a download's file name.
+        if has_control_characters(name):
+            raise ValueError("control characters")
+        return name
+
+    @field_validator("metadata")
+    @classmethod
+    def _short_keys(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None and any(len(key) > 64 for key in metadata):
+            raise ValueError("key over 64 characters")
+        return metadata
+
+
+JOB_FIELDS = tuple(name for name in JobCreate.model_fields if name not in JobSpec.model_fields)
 
 
 class Progress(BaseModel):

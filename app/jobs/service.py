@@ -5,10 +5,10 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -18,61 +18,53 @@ from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
 from app.jobs.admission import admit
 from app.jobs.dispatch import send
+from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent
 from app.models import repository as models
 from app.pagination import Page, check_limit, page
 from app.storage.base import Storage
 from app.teams.service import Caller
-from worker.training.spec import JobSpec, SpecError
+from app.text import has_control_characters
+from worker.training.spec import JobSpec, describe_validation_error, excerpt
 
-JOB_FIELDS = ("name", "dataset_id", "validation_dataset_id", "gpu_class", "metadata")
-MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
-_GPU_CLASS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+# What each of the job's own fields must be, said once whatever pydantic's complaint (JobCreate
+# holds the rules; these are the messages clients have always been given).
+_FIELD_RULES = {
+    "dataset_id": "required: the id of a dataset you uploaded (POST /datasets)",
+    "validation_dataset_id": "must be a dataset id, or null for none",
+    "name": "must be one line of at most 200 characters, without control characters (line breaks, tabs, NUL)",
+    "gpu_class": "lowercase letters, digits, '-' and '_', at most 50 characters",
+    "metadata": f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)",
+}
 
 
 def parse_create(body: Any) -> tuple[dict, JobSpec]:
     """Split a POST /jobs body into the job's own fields and the engine's spec; report every bad field at once."""
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object: the job spec plus dataset_id and an optional name")
-    body = dict(body)
-    meta = {k: body.pop(k) for k in JOB_FIELDS if k in body}
-    errors: list[tuple[str, str]] = []
-    if not isinstance(meta.get("dataset_id"), str) or not meta["dataset_id"]:
-        errors.append(("dataset_id", "required: the id of a dataset you uploaded (POST /datasets)"))
-    if meta.get("validation_dataset_id") is not None and not isinstance(meta["validation_dataset_id"], str):
-        errors.append(("validation_dataset_id", "must be a dataset id or null"))
-    if not isinstance(meta.get("name", ""), str) or len(meta.get("name", "")) > 200:
-        errors.append(("name", "must be a string of at most 200 characters"))
-    gpu_class = meta.get("gpu_class")
-    if gpu_class is not None and (not isinstance(gpu_class, str) or not _GPU_CLASS.match(gpu_class)):
-        errors.append(("gpu_class", "lowercase letters, digits, '-' and '_', at most 50 characters"))
-    metadata = meta.get("metadata")
-    if metadata is not None and not (
-        isinstance(metadata, dict) and len(metadata) <= MAX_METADATA
-        and all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-                for k, v in metadata.items())):
-        errors.append(("metadata", f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)"))
-    spec = None
     try:
-        spec = JobSpec.parse(body)
-    except SpecError as exc:
-        errors.extend(exc.errors)
-    if errors:
+        request = JobCreate.model_validate(body)
+    except ValidationError as exc:
+        errors = [(field, _FIELD_RULES.get(field.split(".")[0], message))
+                  for field, message in describe_validation_error(exc, JobCreate)]
+        errors = list(dict(errors).items())  # one entry per field (metadata's keys all say the same)
         raise Invalid("invalid job: " + "; ".join(f"{f}: {m}" for f, m in errors), details=field_errors(errors),
-                      code="invalid_job")
-    assert spec is not None  # no errors: the spec parsed
+                      code="invalid_job") from None
+    meta = request.model_dump(include=set(JOB_FIELDS), exclude_unset=True)
+    spec = JobSpec.model_validate({name: getattr(request, name) for name in JobSpec.model_fields})
     return meta, spec
 
 
 def create(session: Session, settings: Settings, caller: Caller, body: Any) -> Job:
     meta, spec = parse_create(body)
-    model = models.by_name(session, spec.base_model)
+    # No registered name has a control character, and Postgres would fail the lookup of one with NUL.
+    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model)
     if model is None:
         known = ", ".join(m.name for m in models.list_all(session)) or "none"
-        raise Invalid(f"base_model: {spec.base_model!r} is not a registered model (registered: {known}; see GET /models)",
+        raise Invalid(f"base_model: {excerpt(spec.base_model)} is not a registered model (registered: {known}; see GET /models)",
                       details=field_errors([("base_model", f"not registered; registered: {known}")]), code="invalid_job")
     for field in ("dataset_id", "validation_dataset_id"):
-        if meta.get(field):
+        if meta.get(field) is not None:
             _usable_dataset(session, caller, field, meta[field])
     admitted = admit(settings, model, spec, meta.get("gpu_class"))
     job = Job(
@@ -93,9 +85,11 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
 
 def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: str) -> None:
     try:
+        if has_control_characters(dataset_id):  # as missing as a wrong id, not a query that fails
+            raise NotFound(dataset_id)
         dataset = datasets.get(session, caller, dataset_id)
     except NotFound:
-        raise NotFound(f"{field}: no dataset {dataset_id!r}") from None
+        raise NotFound(f"{field}: no dataset {excerpt(dataset_id)}") from None
     if dataset.status != "ready":
         first = dataset.errors[0] if dataset.errors else {"line": "?", "message": "?"}
         raise Invalid(
@@ -115,9 +109,11 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
     job = get(session, caller, job_id)
     artifact = repository.artifact(session, caller.team_id, job.id, kind)
     if artifact is None:
-        raise NotFound(f"job {job.id} has no {kind!r} artifact"
+        raise NotFound(f"job {job.id} has no {excerpt(kind)} artifact"
                        + ("" if job.status == states.SUCCEEDED else f" (it is {job.status})"))
-    filename = f"{job.name or job.id}-{kind}.tar".replace("/", "_").replace('"', "")
+    # The name as the user gave it (any script; the response header encodes it), minus what a file
+    # name cannot hold: a path separator, or a control character in a row stored before names were checked.
+    filename = "".join("_" if c in "/\\" or has_control_characters(c) else c for c in f"{job.name or job.id}-{kind}.tar")
     url = storage.presigned_url(artifact.storage_key, settings.presign_expires_s, filename=filename)
     return Download(artifact, filename, url)
 
@@ -125,14 +121,15 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
 def get(session: Session, caller: Caller, job_id: str) -> Job:
     job = repository.get(session, caller.team_id, job_id)
     if job is None:
-        raise NotFound(f"no job {job_id!r}")
+        raise NotFound(f"no job {excerpt(job_id)}")
     return job
 
 
 def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
     """The team's jobs newest first, optionally of one status."""
     if status is not None and status not in states.ALL:
-        raise Invalid(f"status: must be one of {', '.join(states.ALL)}, got {status!r}")
+        raise Invalid(f"status: must be one of {', '.join(states.ALL)}, got {excerpt(status)}",
+                      details=field_errors([("status", f"must be one of {', '.join(states.ALL)}")]))
     return page(repository.list_page(session, caller.team_id, status, cursor, limit), limit)
 
 

@@ -78,7 +78,7 @@ def create_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, set
                caller: CallerDep):
     """OpenAI's create body; `lora`, `quantization`, `training` and `output` (the SDK's extra_body)
     set what OpenAI's hyperparameters do not cover."""
-    job = jobs.create(session, settings, caller, t.job_body(body))
+    job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch))
     return t.job_object(job, caller.team.name)
 
 
@@ -114,10 +114,7 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
 def list_events(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
     """Newest first, as OpenAI lists them; `after` is the last event id of the previous page."""
     job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))  # 404 before a bad `after`
-    before = int(t.native_id(after, t.EVENT, "event")) if after and after[len(t.EVENT):].isdigit() else None
-    if after and before is None:
-        raise Invalid(f"after: {after!r} is not an event id", details=field_errors([("after", "not an event id")]))
-    events = jobs.events_newest_first(session, caller, job.id, before, limit)
+    events = jobs.events_newest_first(session, caller, job.id, t.event_id(after) if after else None, limit)
     return _list([t.event_object(e) for e in events.data], events)
 
 

@@ -8,7 +8,6 @@ any job (the spec's fields, datasets, base model, GPU class; scoping; state chan
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +15,8 @@ from app.datasets.tables import Dataset
 from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
 from app.jobs.tables import Checkpoint, Job, JobEvent
-from worker.training.spec import TrainingSpec
+from app.pagination import MAX_ID
+from worker.training.spec import TrainingSpec, excerpt
 
 FILE, JOB, EVENT, CHECKPOINT = "file-", "ftjob-", "ftevent-", "ftckpt-"
 
@@ -51,8 +51,19 @@ def unix(moment: datetime | None) -> int | None:
 def native_id(openai_id: str, prefix: str, what: str) -> str:
     """An id as OpenAI clients send it, without its prefix. A malformed one is as missing as a wrong one."""
     if not openai_id.startswith(prefix) or len(openai_id) == len(prefix):
-        raise NotFound(f"no {what} {openai_id!r}")
+        raise NotFound(f"no {what} {excerpt(openai_id)}")
     return openai_id[len(prefix):]
+
+
+def event_id(openai_id: str) -> int:
+    """The number in an event id ("ftevent-<n>", as `after` pages with). Only ASCII digits within a
+    serial's range: str.isdigit() also takes "²", which int() refuses, and int() takes no more than
+    4300 digits; a number past any stored id fails in the database, not in the search."""
+    digits = openai_id[len(EVENT):] if openai_id.startswith(EVENT) else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= len(str(MAX_ID)) and int(digits) <= MAX_ID):
+        raise Invalid(f"after: {excerpt(openai_id)} is not an event id ({EVENT}<number> from a previous page)",
+                      details=field_errors([("after", "not an event id")]))
+    return int(digits)
 
 
 def file_object(dataset: Dataset) -> dict:
@@ -128,21 +139,24 @@ def checkpoint_object(checkpoint: Checkpoint, job: Job, team_name: str) -> dict:
     }
 
 
-def job_body(body: Any) -> dict:
+def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
     """An OpenAI create-job body as the body of POST /jobs, whose service validates the spec it holds.
     A part of the wrong shape (hyperparameters that are not an object, a file id that is not a
-    string) is refused here, naming it, never passed on to fail somewhere it has another name."""
+    string) is refused here, naming it, never passed on to fail somewhere it has another name.
+    `max_micro_batch` is the operator's ceiling (QLORA_MAX_MICRO_BATCH): batch_size is split into
+    micro-batches no larger."""
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object", details=field_errors([("(body)", "not an object")]))
     unknown = sorted(set(body) - OPENAI_FIELDS - EXTRA_FIELDS)
     if unknown:
-        raise Invalid(f"unknown field {unknown[0]!r}; LoRA and quantization settings go in 'lora' and "
-                      f"'quantization' (the SDK's extra_body)", details=field_errors([(unknown[0], "unknown field")]))
+        raise Invalid(f"unknown field {excerpt(unknown[0])}; LoRA and quantization settings go in 'lora' and "
+                      f"'quantization' (the SDK's extra_body)",
+                      details=field_errors([(excerpt(unknown[0], quote=False), "unknown field")]))
     if body.get("integrations"):
         raise Invalid("integrations are not supported", details=field_errors([("integrations", "not supported")]))
     method = _object(body, "method", "method") or {"type": "supervised"}
     if method.get("type") != "supervised":
-        raise Invalid(f"method.type {method.get('type')!r} is not supported; this service fine-tunes with "
+        raise Invalid(f"method.type {excerpt(method.get('type'))} is not supported; this service fine-tunes with "
                       "supervised QLoRA", details=field_errors([("method.type", "must be 'supervised'")]))
     if not isinstance(body.get("model"), str):
         raise Invalid("model: required, the name of a registered base model (GET /v1/models is not served; "
@@ -150,14 +164,15 @@ def job_body(body: Any) -> dict:
     if not isinstance(body.get("training_file"), str):
         raise Invalid("training_file: required, a file id from POST /v1/files",
                       details=field_errors([("training_file", "required")]))
-    if body.get("validation_file") is not None and not isinstance(body["validation_file"], str):
-        raise Invalid("validation_file: must be a file id from POST /v1/files, or null",
+    if body.get("validation_file") is not None and not (isinstance(body["validation_file"], str)
+                                                        and body["validation_file"]):
+        raise Invalid("validation_file: must be a file id from POST /v1/files, or null for none",
                       details=field_errors([("validation_file", "must be a file id or null")]))
     supervised = _object(method, "supervised", "method.supervised")
     hyperparameters = {**_object(body, "hyperparameters", "hyperparameters"),
                        **_object(supervised, "hyperparameters", "method.supervised.hyperparameters")}
     training = _object(body, "training", "training")
-    training.update(_training_from(hyperparameters, training))
+    training.update(_training_from(hyperparameters, training, max_micro_batch))
     if body.get("seed") is not None:
         training["seed"] = body["seed"]
     native = {
@@ -166,7 +181,7 @@ def job_body(body: Any) -> dict:
         "training": training,
         **{k: body[k] for k in ("lora", "quantization", "output", "gpu_class", "metadata") if body.get(k) is not None},
     }
-    if body.get("validation_file"):
+    if body.get("validation_file") is not None:
         native["validation_dataset_id"] = native_id(body["validation_file"], FILE, "file")
     if body.get("suffix"):
         native["name"] = body["suffix"]
@@ -184,13 +199,13 @@ def _object(parent: dict, key: str, field: str) -> dict:
     return dict(value)
 
 
-def _training_from(hyperparameters: dict, training: dict) -> dict:
+def _training_from(hyperparameters: dict, training: dict, max_micro_batch: int | None) -> dict:
     out: dict = {}
     problems: list[tuple[str, str]] = []
     epochs = hyperparameters.get("n_epochs", "auto")
     if epochs != "auto":
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 50:
-            problems.append(("hyperparameters.n_epochs", f"must be 'auto' or an integer in [1, 50], got {epochs!r}"))
+            problems.append(("hyperparameters.n_epochs", f"must be 'auto' or an integer in [1, 50], got {excerpt(epochs)}"))
         else:
             out["epochs"] = epochs
     elif "max_steps" not in training and "epochs" not in training:
@@ -198,25 +213,28 @@ def _training_from(hyperparameters: dict, training: dict) -> dict:
     batch = hyperparameters.get("batch_size", "auto")
     if batch != "auto":
         if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 256:
-            problems.append(("hyperparameters.batch_size", f"must be 'auto' or an integer in [1, 256], got {batch!r}"))
+            problems.append(("hyperparameters.batch_size", f"must be 'auto' or an integer in [1, 256], got {excerpt(batch)}"))
         else:
             # The effective batch, split into the largest micro-batch that divides it and is no
-            # larger than the usual one (memory), times gradient accumulation.
+            # larger than the usual one (memory) nor the operator's ceiling, times gradient accumulation.
             limit = training.get("per_device_batch_size", DEFAULT_MICRO_BATCH)
             limit = DEFAULT_MICRO_BATCH if limit == "auto" else limit
+            if max_micro_batch is not None and isinstance(limit, int) and not isinstance(limit, bool):
+                limit = min(limit, max_micro_batch)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 problems.append(("training.per_device_batch_size",
                                  f"with hyperparameters.batch_size, the largest micro-batch to split it into: "
-                                 f"'auto' or a positive integer, got {limit!r}"))
+                                 f"'auto' or a positive integer, got {excerpt(limit)}"))
             else:
                 micro = max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
                 out["per_device_batch_size"], out["gradient_accumulation_steps"] = micro, batch // micro
     multiplier = hyperparameters.get("learning_rate_multiplier", "auto")
     if multiplier != "auto":
-        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool) or not (
-                math.isfinite(multiplier) and 0 < multiplier <= 10):
+        # The range alone also refuses inf and NaN; math.isfinite() would raise on an integer too
+        # large for a float (JSON allows 10**400).
+        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool) or not 0 < multiplier <= 10:
             problems.append(("hyperparameters.learning_rate_multiplier",
-                             f"must be 'auto' or a number in (0, 10], got {multiplier!r}"))
+                             f"must be 'auto' or a number in (0, 10], got {excerpt(multiplier)}"))
         else:
             out["learning_rate"] = BASE_LEARNING_RATE * multiplier
     if problems:

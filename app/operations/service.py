@@ -1,14 +1,30 @@
 """The operators' view of the whole service, in Prometheus' text format: aggregates over every
-team, naming none (no team's names or ids), so it needs no key."""
+team, naming none (no team's names or ids), so it needs no key.
+
+Anyone can scrape it, so a scrape costs the same with ten finished jobs or a hundred thousand: it
+counts the jobs still active (few, and found through the index on status), reads the latest point of
+each running job only, and keeps what it knows of finished jobs from one scrape to the next
+(FinishedJobs), reading only the jobs that finished since.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.jobs import repository, states
 
 # Job durations from minutes (the tiny model) to days (a large model's long run).
 DURATION_BUCKETS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
+# A job's finished_at comes from its worker's clock and is committed a moment after it is taken.
+# Past this margin no job can still appear with an earlier finished_at (clocks an hour apart would
+# already fail S3's request signing, which allows 15 minutes), so jobs older than it are tallied for good.
+SETTLE_S = 3600
 
 
 class Exposition:
@@ -30,29 +46,87 @@ def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(session: Session) -> str:
+@dataclass
+class StatusTally:
+    """The finished jobs of one status: how many, and the wall time of those a worker ran."""
+
+    jobs: int = 0
+    ran: int = 0  # claimed by a worker before they finished: the histogram's count
+    seconds: float = 0.0
+    within: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS_S))  # ran, per bucket bound
+
+    def add(self, started: datetime | None, finished: datetime) -> None:
+        self.jobs += 1
+        if started is None:
+            return  # cancelled while queued: it never ran
+        duration = (finished - started).total_seconds()
+        self.ran += 1
+        self.seconds += duration
+        for i, bound in enumerate(DURATION_BUCKETS_S):
+            self.within[i] += duration <= bound
+
+    def plus(self, other: StatusTally) -> StatusTally:
+        return StatusTally(self.jobs + other.jobs, self.ran + other.ran, self.seconds + other.seconds,
+                           [a + b for a, b in zip(self.within, other.within, strict=True)])
+
+
+def tally(rows: Iterable[tuple[str, datetime | None, datetime]],
+          into: dict[str, StatusTally] | None = None) -> dict[str, StatusTally]:
+    into = into if into is not None else {}
+    for status, started, finished in rows:
+        into.setdefault(status, StatusTally()).add(started, finished)
+    return into
+
+
+class FinishedJobs:
+    """What the scrapes of this process know of finished jobs, read once each.
+
+    A finished job never changes again. Those that finished before a mark (SETTLE_S ago, as of the
+    last scrape) are tallied once and kept; a scrape reads only the jobs that finished after the
+    mark, through the index on finished_at, and moves the mark on. What a scrape reads follows how
+    many jobs finish per hour, never how many ever did. A new process reads them all once, at its
+    first scrape. Rows written behind the mark by hand (a restore) are seen after a restart.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # scrapes run in the threadpool: one moves the mark at a time
+        self._settled: dict[str, StatusTally] = {}
+        self._mark: datetime | None = None
+
+    def by_status(self, session: Session, now: datetime) -> dict[str, StatusTally]:
+        with self._lock:
+            settle_until = now - timedelta(seconds=SETTLE_S)
+            if self._mark is None or settle_until > self._mark:
+                tally(repository.finished_between(session, self._mark, settle_until), into=self._settled)
+                self._mark = settle_until
+            recent = tally(repository.finished_between(session, self._mark, None))
+            statuses = self._settled.keys() | recent.keys()
+            return {s: self._settled.get(s, StatusTally()).plus(recent.get(s, StatusTally())) for s in statuses}
+
+
+def prometheus_text(session: Session, finished_jobs: FinishedJobs) -> str:
     """Jobs by status, queue depth, durations of finished jobs, and each training worker's device."""
+    finished = finished_jobs.by_status(session, utcnow())
     out = Exposition()
     out.family("qlora_jobs", "gauge", "Jobs by status.")
-    counts = repository.count_by_status(session)
+    counts = repository.count_active_by_status(session)
     for status in states.ALL:
-        out.sample("qlora_jobs", counts.get(status, 0), status=status)
+        count = finished[status].jobs if status in finished else counts.get(status, 0)
+        out.sample("qlora_jobs", count, status=status)
 
     out.family("qlora_queue_depth", "gauge", "Queued jobs waiting for a worker, by queue (GPU class).")
     for queue, depth in sorted(repository.queued_by_queue(session).items()):
         out.sample("qlora_queue_depth", depth, queue=queue)
 
     out.family("qlora_job_duration_seconds", "histogram", "Wall time from claim to end of finished jobs.")
-    by_status: dict[str, list[float]] = {}
-    for status, started, finished in repository.finished_durations(session):
-        by_status.setdefault(status, []).append((finished - started).total_seconds())
-    for status, durations in sorted(by_status.items()):
-        for bound in DURATION_BUCKETS_S:
-            out.sample("qlora_job_duration_seconds_bucket", sum(d <= bound for d in durations), status=status,
-                       le=str(bound))
-        out.sample("qlora_job_duration_seconds_bucket", len(durations), status=status, le="+Inf")
-        out.sample("qlora_job_duration_seconds_sum", round(sum(durations), 3), status=status)
-        out.sample("qlora_job_duration_seconds_count", len(durations), status=status)
+    for status, t in sorted(finished.items()):
+        if not t.ran:
+            continue
+        for bound, within in zip(DURATION_BUCKETS_S, t.within, strict=True):
+            out.sample("qlora_job_duration_seconds_bucket", within, status=status, le=str(bound))
+        out.sample("qlora_job_duration_seconds_bucket", t.ran, status=status, le="+Inf")
+        out.sample("qlora_job_duration_seconds_sum", round(t.seconds, 3), status=status)
+        out.sample("qlora_job_duration_seconds_count", t.ran, status=status)
 
     devices = sorted(repository.running_devices(session), key=lambda row: row[0])
     out.family("qlora_worker_peak_memory_bytes", "gauge",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,7 +60,8 @@ class Storage(Protocol):
     def writer(self, key: str) -> ObjectWriter: ...
     def put_file(self, key: str, path: Path) -> StoredObject: ...
     def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
-    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> None: ...
+    def download(self, key: str, path: Path, expected_sha256: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> None: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
@@ -181,7 +182,10 @@ class StorageBase:
                 writer.write(chunk)
             return writer.commit()
 
-    def download(self, key: str, path: Path, expected_sha256: str | None = None) -> None:
+    def download(self, key: str, path: Path, expected_sha256: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """`progress`, if given, hears the size of each chunk as it lands (a worker reports long downloads
+        and may stop one by raising from it)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         chunks = self.open(key)
@@ -193,6 +197,8 @@ class StorageBase:
                 for chunk in chunks:
                     digest.update(chunk)
                     out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             if expected_sha256 is not None and digest.hexdigest() != expected_sha256:

@@ -28,3 +28,9 @@ def key_by_id_or_prefix(session: Session, ref: str) -> list[ApiKey]:
 
 def keys_of(session: Session, team_id: str) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at)))
+
+
+def key_is_live(session: Session, key_id: str) -> bool:
+    """Whether the key still authenticates: not revoked, and not gone with its team. A live stream asks
+    between batches, so a revoked key's streams end at their next poll."""
+    return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None

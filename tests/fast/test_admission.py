@@ -21,7 +21,7 @@ CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them
 @pytest.fixture
 def served(tmp_path):
     """Settings of a deployment whose workers serve an L4 class and an H100 class."""
-    return make_settings(tmp_path, gpu_classes=CLASSES)
+    return make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100")
 
 
 def model(config=LLAMA3_8B, name="llama-3-8b") -> RegisteredModel:
@@ -121,7 +121,7 @@ def test_a_job_too_large_for_every_class_names_the_largest(served):
 
 @pytest.mark.parametrize("micro_batch", [1, "auto"])
 def test_a_base_model_too_large_even_for_one_sequence_says_so(tmp_path, micro_batch):
-    only_l4 = make_settings(tmp_path, gpu_classes={"l4": 24})
+    only_l4 = make_settings(tmp_path, gpu_classes={"l4": 24}, default_gpu_class="l4")
     spec = job_spec(per_device_batch_size=micro_batch, max_seq_length=2048)
     with pytest.raises(DoesNotFit) as refused:
         admit(only_l4, model(LLAMA3_70B, "llama-3-70b"), spec, None)
@@ -145,7 +145,7 @@ def test_an_unknown_class_is_invalid_and_lists_the_classes_served(served):
 @pytest.mark.parametrize("requested", [None, "a100"])
 def test_without_classes_configured_memory_is_not_checked(tmp_path, requested):
     """The embedded default: one local worker, whatever its memory; "auto" is resolved where it runs."""
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, extra_gpu_classes=["a100"])
     spec = job_spec(per_device_batch_size="auto")
     admitted = admit(settings, model(LLAMA3_70B), spec, requested)
     assert admitted.gpu_class == (requested or "default")

@@ -8,21 +8,33 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.deployment import Deployment, start_deployment, stop_deployment, upload
+from worker.runner import FAULT_RELEASE
 
 HEARTBEAT_DEADLINE_S = 5
+REDISPATCH_AFTER_S = 4
+# Uploads left open this long are removed by an API started with it (a test's "restarted" API). The
+# deployment's own API keeps the default, or it would abort another API's upload while it is alive.
+STALE_UPLOAD_S = 3
+
+
+# GPU classes the fault tests send jobs to (see lane()), served by a worker a test starts or by none.
+LANES = ("twice", "nobody-listens", "restart", "blip", "slow", "limited")
 
 
 @pytest.fixture(scope="session")
 def faulty(backing_services, tmp_path_factory, tiny_model_dir):
+    default = f"f{uuid.uuid4().hex[:8]}"  # queues no other test run listens to
     d = start_deployment(
         tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir,
         heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, keep_checkpoints=2,
-        max_upload_bytes=64 * 1024 * 1024, stale_upload_s=3,
+        max_upload_bytes=64 * 1024 * 1024, redispatch_after_s=REDISPATCH_AFTER_S,
+        default_gpu_class=default, extra_gpu_classes=json.dumps([f"{default}-{name}" for name in LANES]),
     )
     yield d
     stop_deployment(d)
@@ -57,6 +69,22 @@ def job_body(dataset_id: str, max_steps: int, save_steps: int = 10, gpu_class: s
                             per_device_batch_size=8)
     spec["output"] = {"merge": False}
     return {"dataset_id": dataset_id, **spec} | ({"gpu_class": gpu_class} if gpu_class else {})
+
+
+def lane(d: Deployment, name: str) -> str:
+    """A GPU class of this test session's own: a queue that no other session's workers (another
+    suite running on the same Redis) can take a message from."""
+    assert name in LANES, f"add {name!r} to LANES, the classes the deployment serves"
+    return f"{d.settings.default_gpu_class}-{name}"
+
+
+def attempt_dir(d: Deployment, job_id: str, attempt: int = 1) -> Path:
+    return d.home / "work" / job_id / f"attempt-{attempt}"
+
+
+def release(d: Deployment, job_id: str, attempt: int = 1) -> None:
+    """Let a training process held by QLORA_FAULT_HOLD_AT_STEP go on."""
+    (attempt_dir(d, job_id, attempt) / FAULT_RELEASE).touch()
 
 
 def trainer_pids(job_id: str, attempt: int | None = None) -> list[int]:

@@ -31,14 +31,36 @@ HOW = {
         "SIGSTOP to the worker (not its training process) for longer than the 5 s heartbeat deadline; a "
         "second worker takes the job over; then SIGCONT. The frozen worker's training process stops by "
         "itself, and the woken worker's writes are refused (its attempt number is stale).",
+    "worker frozen inside a database transaction":
+        "A job is claimed, then its row is updated on a connection made as a worker makes them, and the "
+        "transaction is left open: what a worker frozen while it reports leaves behind. Postgres ends that "
+        "transaction after the heartbeat deadline (the worker's idle_in_transaction_session_timeout), so "
+        "the reaper's requeue, which needs the row, goes through.",
     "Redis stopped for 30 s mid-job":
-        "redis-server shut down (nosave) while an 800-step job trains, restarted 30 s later.",
+        "redis-server shut down (nosave) while a 40-step job trains, restarted 30 s later. The training "
+        "process holds after step 20 until the outage is over (fault hook QLORA_FAULT_HOLD_AT_STEP), so the "
+        "whole outage falls inside the run however fast the machine trains.",
     "cancelled jobs, then the worker restarted":
         "A queued job and a running job are cancelled, the worker gets SIGTERM (its unacknowledged "
         "messages go back to the queue) and a new worker starts.",
     "API SIGKILLed during a 200 MiB upload":
         "SIGKILL to an API process 13 MiB into a streamed upload (an S3 multipart upload is open); a new "
-        "API process starts.",
+        "API process starts (with QLORA_STALE_UPLOAD_S=3) and removes the dead upload.",
+    "a worker's claim failed (database unreachable)":
+        "A worker whose QLORA_DATABASE_URL points at a closed port takes the job's message; its claim "
+        "fails and Celery acknowledges the message. The reaper sends the still-queued job again "
+        "QLORA_REDISPATCH_AFTER_S (4 s here) after it was sent, and a healthy worker claims it.",
+    "artifact upload lasting 3x the heartbeat deadline":
+        "The worker's S3 traffic goes through a throttling HTTP proxy (tests/faults/throttle.py) that "
+        "stretches the adapter's upload to 15 s, three 5 s heartbeat deadlines. The job must succeed on "
+        "its first attempt, its artifact kept and downloadable with the recorded sha256.",
+    "quantized base download lasting 3x the heartbeat deadline":
+        "The same proxy stretches the download of the cached 4-bit base to 15 s; the job must succeed on "
+        "its first attempt, trained on that base.",
+    "a job past QLORA_JOB_TIME_LIMIT_S":
+        "A worker with QLORA_JOB_TIME_LIMIT_S=60 runs a job whose training process holds after step 2. "
+        "Survived means: failed on its first attempt with an error naming the limit, never requeued as a "
+        "lost worker, its training process stopped.",
 }
 
 
@@ -80,8 +102,13 @@ def main(paths: list[str]) -> str:
         "- Postgres is the truth; every status change is a compare-and-set on (status, attempt). The claim "
         "takes attempt + 1, and every later write of a worker is fenced by its attempt, so a worker that lost "
         "its job cannot change it any more.",
-        "- Heartbeats every `QLORA_SUPERVISE_INTERVAL_S`; a reaper in every API process requeues jobs silent "
-        "for `QLORA_HEARTBEAT_DEADLINE_S` and fails them after `QLORA_MAX_ATTEMPTS`.",
+        "- Heartbeats every `QLORA_SUPERVISE_INTERVAL_S` from a thread of the worker, from the claim to the "
+        "final state, through downloads and uploads of any length; a reaper in every API process requeues "
+        "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and fails them after `QLORA_MAX_ATTEMPTS`.",
+        "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again; the "
+        "claim, a compare-and-set, makes the duplicate harmless.",
+        "- Past `QLORA_JOB_TIME_LIMIT_S` the worker stops the attempt and records the job failed, naming the "
+        "limit; it is not retried.",
         "- A checkpoint is uploaded whole before its row is written; resume picks the newest row, and the "
         "loss-curve points past it are deleted and logged again.",
         "- The training process stops by itself when its worker dies or stops sending heartbeats.",

@@ -17,20 +17,27 @@ from sqlalchemy import func, select
 
 from app.broker import RUN_JOB_TASK, celery_for
 from app.datasets.tables import Dataset
-from app.db import session_scope
-from app.jobs import runs
+from app.db import session_scope, sessionmaker_for, utcnow
+from app.jobs import repository, runs
+from app.storage.base import make_key, storage_from_settings
+from app.storage.s3 import PART_SIZE
 from tests import services
 from tests.deployment import BUCKET, wait_for_status
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
+    STALE_UPLOAD_S,
+    attempt_dir,
     curve_steps,
     events,
     job_body,
     kill_worker_and_trainer,
+    lane,
+    release,
     trainer_pids,
     wait_until,
 )
-from worker.runner import FAULT_STALL_CHECKPOINT
+from worker.runner import FAULT_HOLD_AT_STEP, FAULT_STALL_CHECKPOINT
+from worker.supervisor import session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -72,9 +79,12 @@ def test_sigkilled_worker_and_trainer_resume_from_the_last_checkpoint(faulty, te
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(faulty, tenant, dataset_id, fault_report):
     stalling = faulty.start_worker(name="stalling", extra_env={FAULT_STALL_CHECKPOINT: "20"})
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
-    stalled = faulty.home / "work" / job["id"] / "attempt-1" / "fault-stalled"
+    stalled = attempt_dir(faulty, job["id"]) / "fault-stalled"
     wait_until(stalled.exists, 180, "the training process to be in the middle of writing checkpoint 20")
-    assert checkpoint_steps(tenant, job["id"]) == [10]  # 20 is half-written: not visible
+    # The worker relays checkpoint 10 within a supervise interval of its upload, which a fast machine
+    # may not have reached by the time step 20 stalls; 20 is half-written and can never appear.
+    saved = wait_until(lambda: checkpoint_steps(tenant, job["id"]), 30, "checkpoint 10 to be recorded")
+    assert saved == [10]
     kill_worker_and_trainer(faulty, stalling, job["id"])
 
     rescuer = faulty.start_worker(name="rescuer2")
@@ -89,17 +99,20 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(faulty,
                              "survived": 1, "steps_lost": 20 - 10})
     finally:
         faulty.stop(rescuer)
-    # The half-written checkpoint's upload was never completed, and is cleared as stale.
+    # The half-written checkpoint left nothing in the store: the tiny model's checkpoint fits in one part,
+    # which the writer holds until its commit, so no multipart upload was even opened. (A larger one's
+    # open upload is removed as stale, as the API-kill fault shows.)
     s3 = boto3.client("s3", endpoint_url=faulty.settings.s3_endpoint_url, region_name="us-east-1")
     prefix = faulty.settings.storage_url.split("/", 3)[3] + "/"
-    wait_until(lambda: not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads"), 30,
-               "the stalled multipart upload to be aborted")
+    assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
 
 
 def test_a_job_delivered_twice_runs_once(faulty, tenant, dataset_id, fault_report):
-    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class="twice")).json()
-    celery_for(faulty.settings).send_task(RUN_JOB_TASK, args=[job["id"]], queue="gpu-twice")  # the duplicate
-    worker = faulty.start_worker(gpu_class="twice", name="twice")
+    gpu_class = lane(faulty, "twice")
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class=gpu_class)).json()
+    celery_for(faulty.settings).send_task(RUN_JOB_TASK, args=[job["id"]],  # the duplicate
+                                          queue=faulty.settings.queue_for(gpu_class))
+    worker = faulty.start_worker(gpu_class=gpu_class, name="twice")
     try:
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=180, deployment=faulty)
         assert done["status"] == "succeeded" and done["attempt"] == 1
@@ -112,7 +125,7 @@ def test_a_job_delivered_twice_runs_once(faulty, tenant, dataset_id, fault_repor
 
 
 def test_twenty_concurrent_claimers_one_wins(faulty, tenant, dataset_id, fault_report):
-    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class="nobody-listens")).json()
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class=lane(faulty, "nobody-listens"))).json()
     start = threading.Barrier(20)
     won: list = []
 
@@ -131,8 +144,10 @@ def test_twenty_concurrent_claimers_one_wins(faulty, tenant, dataset_id, fault_r
     assert len(won) == 1 and won[0][1] == 1
     state = tenant.get(f"/jobs/{job['id']}").json()
     assert state["status"] == "running" and state["attempt"] == 1
+    # Ended as its worker would end it, or the reaper would requeue it and send it to a queue nobody serves.
+    assert tenant.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
     with session_scope(faulty.settings.database_url) as session:
-        runs.finish(session, job["id"], 1, "cancelled", error="test done")
+        assert runs.finish(session, job["id"], 1, "cancelled", error="test done")
     fault_report.append({"fault": "20 workers claiming one job at once", "injected": 1, "survived": 1,
                          "steps_lost": 0})
 
@@ -142,14 +157,15 @@ def test_frozen_worker_is_fenced_out_and_the_job_finishes_elsewhere(faulty, tena
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=80)).json()
     wait_until(lambda: checkpoint_steps(tenant, job["id"]), 180, "a first checkpoint")
     os.killpg(frozen.pid, signal.SIGSTOP)  # the worker's processes freeze; its training process does not
-    frozen_at = time.monotonic()
     healthy = faulty.start_worker(name="healthy")
     try:
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["attempt"] == 2, 60, "the job to be requeued")
-        # The first training process notices its supervisor is silent and stops by itself.
+        # The first training process notices its supervisor is silent and stops by itself: only once
+        # the heartbeat file, untouched since the freeze, is older than the deadline. (Measured from
+        # the file, not from the SIGSTOP: the last heartbeat came up to a supervise interval before it.)
         wait_until(lambda: not trainer_pids(job["id"], attempt=1), HEARTBEAT_DEADLINE_S + 30,
                    "the frozen worker's training process to stop")
-        assert time.monotonic() - frozen_at > HEARTBEAT_DEADLINE_S
+        assert time.time() - (attempt_dir(faulty, job["id"]) / "heartbeat").stat().st_mtime > HEARTBEAT_DEADLINE_S
         os.killpg(frozen.pid, signal.SIGCONT)
         wait_until(lambda: "lease lost" in faulty.log("worker-frozen"), 30, "the old worker to notice")
 
@@ -170,11 +186,37 @@ def test_frozen_worker_is_fenced_out_and_the_job_finishes_elsewhere(faulty, tena
         faulty.stop(healthy)
 
 
-def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_report):
-    worker = faulty.start_worker(name="outage")
+def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_the_requeue(faulty, tenant, dataset_id,
+                                                                            fault_report):
+    # A worker frozen (SIGSTOP, a stopped VM) while it reports leaves a transaction open that holds its
+    # job's row. Here the same is done on the worker's own connection settings, deterministically.
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class=lane(faulty, "nobody-listens"))).json()
+    worker_db = session_url(faulty.settings)
+    with session_scope(worker_db) as session:
+        assert runs.claim(session, job["id"], "frozen-in-sql") is not None
+    frozen = sessionmaker_for(worker_db)()
     try:
-        # Long enough (about a minute here) that the whole outage falls inside the run.
-        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=800, save_steps=200)).json()
+        assert repository.touch(frozen, job["id"], 1, heartbeat_at=utcnow())  # the row is locked, uncommitted
+        # The reaper's requeue needs that row: it goes through once Postgres has ended the idle
+        # transaction (after the heartbeat deadline), not whenever the frozen worker wakes.
+        wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["status"] == "queued",
+                   3 * HEARTBEAT_DEADLINE_S + 10, "the reaper to requeue the job")
+    finally:
+        frozen.invalidate()  # its connection is dead (ended by the server), or is ended here if the wait failed
+    requeued = [e for e in events(tenant, job["id"]) if e["type"] == "requeued"]
+    assert len(requeued) == 1 and "frozen-in-sql" in requeued[0]["message"]
+    assert tenant.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    fault_report.append({"fault": "worker frozen inside a database transaction", "injected": 1, "survived": 1,
+                         "steps_lost": 0})
+
+
+def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_report):
+    # The training process waits after step 20 until released, so the whole outage surely falls inside
+    # the run however fast or slow this machine trains (a job sized to outlast it finished first on a
+    # quiet machine, and missed its deadline on a busy one).
+    worker = faulty.start_worker(name="outage", extra_env={FAULT_HOLD_AT_STEP: "20"})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] > 0, 120, "training")
         services.stop_redis()
         try:
@@ -182,10 +224,11 @@ def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_rep
             assert tenant.get(f"/jobs/{job['id']}").json()["status"] == "running"
         finally:
             services.ensure_redis()
+        release(faulty, job["id"])
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]
         assert [e["type"] for e in events(tenant, job["id"])].count("claimed") == 1
-        assert curve_steps(tenant, job["id"]) == list(range(1, 801))
+        assert curve_steps(tenant, job["id"]) == list(range(1, 41))
         # The worker reconnected: it takes the next job.
         after = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10)).json()
         assert wait_for_status(tenant, after["id"], FINISHED, timeout=120, deployment=faulty)["status"] == "succeeded"
@@ -196,7 +239,7 @@ def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_rep
 
 
 def test_cancelled_jobs_never_run_again_after_a_worker_restart(faulty, tenant, dataset_id, fault_report):
-    gpu_class = "restart"
+    gpu_class = lane(faulty, "restart")
     queued = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class=gpu_class)).json()
     assert tenant.post(f"/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
     worker = faulty.start_worker(gpu_class=gpu_class, name="restart-1")
@@ -218,6 +261,19 @@ def test_cancelled_jobs_never_run_again_after_a_worker_restart(faulty, tenant, d
                              "steps_lost": 0})
     finally:
         faulty.stop(worker)
+
+
+def test_an_upload_in_progress_is_not_taken_for_a_dead_one(faulty):
+    # Every API process removes the writes left open by dead processes (QLORA_STALE_UPLOAD_S) on each
+    # reaper pass: one opened a moment ago must survive it, or a live upload fails mid-write.
+    storage = storage_from_settings(faulty.settings)
+    with storage.writer(make_key("faults", "probe")) as writer:
+        writer.write(b"x" * PART_SIZE)  # the first part is out: a multipart upload is open in the store
+        assert storage.abort_stale_writes(older_than_s=60) == 0
+        writer.write(b"y")
+        stored = writer.commit()
+    assert storage.size(stored.key) == PART_SIZE + 1
+    storage.delete(stored.key)
 
 
 def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report):
@@ -262,7 +318,8 @@ def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report
 
     # A new API process clears writes that died half-way (older than QLORA_STALE_UPLOAD_S=3).
     restarted = faulty.spawn("serve", "--no-worker", log_name="api-3",
-                             extra_env={"QLORA_PORT": str(services.free_port())})
+                             extra_env={"QLORA_PORT": str(services.free_port()),
+                                        "QLORA_STALE_UPLOAD_S": str(STALE_UPLOAD_S)})
     try:
         wait_until(lambda: not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads"), 60,
                    "the dead upload to be aborted")
@@ -280,3 +337,28 @@ def _answers(client) -> bool:
         return client.get("/health").status_code == 200
     except Exception:
         return False
+
+
+def test_a_message_taken_by_a_failed_claim_is_sent_again(faulty, tenant, dataset_id, fault_report):
+    gpu_class = lane(faulty, "blip")
+    # A worker whose database is unreachable takes the job's message; its claim fails, and Celery
+    # acknowledges the message all the same: the job is queued, marked sent, and no message is left.
+    unreachable = f"postgresql+psycopg://postgres@127.0.0.1:{services.free_port()}/gone"
+    blip = faulty.start_worker(gpu_class=gpu_class, name="blip", extra_env={"QLORA_DATABASE_URL": unreachable})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=5, gpu_class=gpu_class)).json()
+        wait_until(lambda: "OperationalError" in faulty.log("worker-blip"), 60, "the claim to fail")
+    finally:
+        faulty.stop(blip)
+    assert tenant.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+
+    # The reaper sends it again QLORA_REDISPATCH_AFTER_S after it was sent; a healthy worker claims it.
+    healthy = faulty.start_worker(gpu_class=gpu_class, name="after-blip")
+    try:
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=120, deployment=faulty)
+        assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]
+        assert [e["type"] for e in events(tenant, job["id"])].count("claimed") == 1
+        fault_report.append({"fault": "a worker's claim failed (database unreachable)", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(healthy)

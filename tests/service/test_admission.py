@@ -21,7 +21,8 @@ def api(deployment):
     """A second API process on the same deployment, told which GPU classes the workers serve."""
     port = services.free_port()
     proc = deployment.spawn("serve", "--no-worker", log_name="api-admission",
-                            extra_env={"QLORA_PORT": str(port), "QLORA_GPU_CLASSES": json.dumps(CLASSES)})
+                            extra_env={"QLORA_PORT": str(port), "QLORA_GPU_CLASSES": json.dumps(CLASSES),
+                                       "QLORA_DEFAULT_GPU_CLASS": "h100", "QLORA_EXTRA_GPU_CLASSES": "[]"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import unicodedata
+from urllib.parse import unquote
 
 import boto3
+import httpx
 import pytest
 from sqlalchemy import func, select
 
 from app.datasets.tables import Dataset
 from app.db import session_scope
-from app.jobs.tables import Job
+from app.jobs.tables import Artifact, Job
+from app.storage.base import make_key
+from app.storage.local import LocalStorage
+from tests import services
 from tests.deployment import BUCKET, upload
 from worker.training.tiny import demo_spec
 
@@ -156,3 +163,191 @@ def test_a_cancelled_queued_job_stays_cancelled(team_a, ready_dataset):
     assert team_a.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
     events = [e["type"] for e in team_a.get(f"/jobs/{job['id']}/events").json()]
     assert events == ["created", "cancelled"]
+
+
+# ------------------------------------------------------------------ hostile input: a 4xx naming what is wrong, never a 500
+
+
+def deeply_nested(depth: int = 100_000) -> bytes:
+    return b'{"text": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def test_a_line_json_cannot_read_is_a_bad_line_not_a_500(team_a):
+    """Nesting past the parser's recursion limit, or a number past Python's digit limit: the parser
+    raises something other than a decode error, and the line is still just a bad line."""
+    good = json.dumps({"text": "fine"}).encode()
+    response = upload(team_a, content=b"\n".join([good, deeply_nested(), good, b'{"text": ' + b"7" * 5000 + b"}"]))
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert (record["status"], record["rows"], record["error_count"]) == ("invalid", 2, 2)
+    by_line = {e["line"]: e["message"] for e in record["errors"]}
+    assert "nested too deeply" in by_line[2]
+    assert "a number too long" in by_line[4]
+
+
+def test_an_error_echoes_an_excerpt_of_what_was_sent(team_a, ready_dataset, unchanged):
+    """A 2 MB value comes back as a short excerpt that says how long it was, in a dataset's stored
+    errors (returned in every list) as in a refused job."""
+    huge = "r" * (2 * 1024 * 1024)
+    row = {"messages": [{"role": huge, "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    dataset = upload(team_a, content=json.dumps(row).encode()).json()
+    message = dataset["errors"][0]["message"]
+    assert "is not one of system, user, assistant" in message and "2,097,152 characters" in message
+    assert len(message) < 300
+    listed = team_a.get("/datasets", params={"limit": 1}).json()["data"][0]
+    assert listed["id"] == dataset["id"] and len(json.dumps(listed)) < 2000
+    team_a.delete(f"/datasets/{dataset['id']}")
+
+    spec = demo_spec("tiny")
+    spec["training"]["per_device_batch_size"] = huge
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, huge: 1, **spec})
+    assert response.status_code == 422 and len(response.text) < 2000, response.text[:500]
+    fields = {d["field"]: d["message"] for d in response.json()["error"]["details"]}
+    assert "2,097,152 characters" in fields["training.per_device_batch_size"]
+    response = team_a.post("/jobs", json={"dataset_id": huge, **demo_spec("tiny")})
+    assert response.status_code == 404 and len(response.text) < 1000
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/datasets"])
+@pytest.mark.parametrize("inside", [
+    json.dumps(["2024-05-01T12:00:00", "x"]).encode(),  # a timestamp without a timezone
+    json.dumps(["0001-01-01T00:00:00+05:00", "x"]).encode(),  # before year 1 in UTC
+    b"[" * 5000,  # nested past the parser's limit
+])
+def test_a_forged_cursor_is_a_422_naming_it(team_a, path, inside):
+    cursor = base64.urlsafe_b64encode(inside).decode().rstrip("=")
+    response = team_a.get(path, params={"cursor": cursor})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [{"field": "cursor", "message": "not a cursor this API returned"}]
+
+
+@pytest.fixture(scope="module")
+def queued_job(team_a, ready_dataset):
+    job = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+    assert job.status_code == 201, job.text
+    yield job.json()
+    team_a.post(f"/jobs/{job.json()['id']}/cancel")
+
+
+@pytest.mark.parametrize("after", ["ftevent-²", "ftevent-" + "9" * 5000, "ftevent-" + str(2**64), "ftevent--1"])
+def test_an_openai_after_that_is_no_event_id_is_a_400_naming_it(team_a, queued_job, after):
+    response = team_a.get(f"/v1/fine_tuning/jobs/ftjob-{queued_job['id']}/events", params={"after": after})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "after" and len(response.text) < 1000
+
+
+def test_a_native_after_beyond_any_event_id_is_a_422(team_a, queued_job):
+    response = team_a.get(f"/jobs/{queued_job['id']}/events", params={"after": 10**30})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "query.after"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"hyperparameters": [1, 2]}, "hyperparameters"),
+    ({"training": "fast"}, "training"),
+    ({"hyperparameters": {"batch_size": 8}, "training": {"per_device_batch_size": 0}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": 10**400}}, "hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"n_epochs": 10**400}}, "hyperparameters.n_epochs"),
+    ({"validation_file": ""}, "validation_file"),
+])
+def test_openai_bodies_of_the_wrong_shape_are_a_400_naming_the_param(team_a, ready_dataset, unchanged, body, param):
+    response = team_a.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f"file-{ready_dataset}",
+                                                         **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_an_empty_validation_dataset_id_is_refused_not_ignored(team_a, ready_dataset, unchanged):
+    """An empty id is a client's bug (a blank template variable), not a way to say "none": null is."""
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, "validation_dataset_id": "",
+                                          **demo_spec("tiny")})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "validation_dataset_id"
+
+
+@pytest.mark.parametrize(("fields", "status", "field"), [
+    ({"name": "line\nbreak"}, 422, "name"), ({"name": "nul\x00byte"}, 422, "name"), ({"name": "bell\x07"}, 422, "name"),
+    ({"base_model": "ti\x00ny"}, 422, "base_model"),  # Postgres fails a lookup of a text with NUL
+    ({"validation_dataset_id": "a\x00b"}, 404, None),  # as missing as a wrong id
+])
+def test_job_fields_with_control_characters_are_refused(team_a, ready_dataset, unchanged, fields, status, field):
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, **demo_spec("tiny"), **fields})
+    assert response.status_code == status, response.text
+    if field:
+        assert response.json()["error"]["details"][0]["field"] == field
+
+
+def test_a_gpu_class_no_worker_serves_is_refused_naming_those_served(deployment, team_a, ready_dataset, unchanged):
+    """Without QLORA_GPU_CLASSES the served classes are the default and QLORA_EXTRA_GPU_CLASSES;
+    a job for another would wait forever, and its class would show on the public /metrics."""
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": "nobody-serves-this",
+                                          **demo_spec("tiny")})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert f"'nobody-serves-this' is not a class the workers serve ({deployment.settings.default_gpu_class}, " in message
+    response = team_a.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f"file-{ready_dataset}",
+                                                         "gpu_class": "nobody-serves-this"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "gpu_class"
+    assert "nobody-serves-this" not in deployment.client(None).get("/metrics").text
+
+
+CEILINGS = {"QLORA_MAX_SEQ_LENGTH": "1024", "QLORA_MAX_STEPS": "500", "QLORA_MAX_MICRO_BATCH": "8"}
+
+
+@pytest.fixture(scope="module")
+def local_api(deployment, team_a, tmp_path_factory):
+    """A second API process on the same database, with local storage (the API streams downloads
+    itself) and operator ceilings; it answers to team_a's key."""
+    port = services.free_port()
+    store = tmp_path_factory.mktemp("local-store")
+    proc = deployment.spawn("serve", "--no-worker", log_name="api-local", extra_env={
+        "QLORA_PORT": str(port), "QLORA_STORAGE_URL": f"file://{store}", "QLORA_REAPER_INTERVAL_S": "0", **CEILINGS})
+    url = f"http://127.0.0.1:{port}"
+    assert services.wait_until_up(url + "/health", proc, need_ok=True), deployment.log("api-local")
+    yield httpx.Client(base_url=url, headers=team_a.headers, timeout=60), LocalStorage(store)
+    deployment.stop(proc)
+
+
+def test_a_job_name_in_any_script_downloads_under_that_name(deployment, local_api, demo_data):
+    """The name goes into Content-Disposition: an ASCII fallback and the exact name as RFC 5987's
+    filename*, so a name outside Latin-1, or one stored with control characters, is never a 500."""
+    client, storage = local_api
+    dataset = upload(client, demo_data["validation"]).json()
+    spec = demo_spec("tiny")
+    spec["training"]["per_device_batch_size"] = 8  # the ceiling this API process has
+    job = client.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": "nobody-listens", "name": "v1",
+                                     **spec}).json()
+    name = "модель «v2» 数据\r\nX-Injected: 1\t"  # control characters: as a row written before names were checked
+    with session_scope(deployment.settings.database_url) as session:
+        row = session.get(Job, job["id"])
+        row.name, row.status = name, "succeeded"
+        with storage.writer(make_key(row.team_id, "artifacts")) as writer:
+            writer.write(b"archive bytes")
+            stored = writer.commit()
+        session.add(Artifact(job_id=job["id"], kind="adapter", storage_key=stored.key, bytes=stored.size,
+                             sha256=stored.sha256))
+    response = client.get(f"/jobs/{job['id']}/artifacts/adapter")
+    assert response.status_code == 200, response.text
+    assert response.content == b"archive bytes" and "x-injected" not in response.headers
+    disposition = response.headers["content-disposition"]
+    assert disposition.isascii() and disposition.startswith("attachment; filename=\"")
+    saved_as = unquote(disposition.split("filename*=UTF-8''", 1)[1])
+    assert saved_as.startswith("модель «v2» 数据") and saved_as.endswith("-adapter.tar")
+    assert not any(unicodedata.category(c) == "Cc" for c in saved_as)
+
+
+def test_operator_ceilings_refuse_a_spec_naming_the_field_and_the_ceiling(local_api, demo_data):
+    client, _ = local_api
+    dataset = upload(client, demo_data["validation"]).json()
+    spec = demo_spec("tiny")
+    spec["training"].update(max_steps=501, max_seq_length=2048, per_device_batch_size=16)
+    response = client.post("/jobs", json={"dataset_id": dataset["id"], **spec})
+    assert response.status_code == 422, response.text
+    details = {d["field"]: d["message"] for d in response.json()["error"]["details"]}
+    assert details == {"training.max_steps": "at most 500 on this service (QLORA_MAX_STEPS)",
+                       "training.max_seq_length": "at most 1024 on this service (QLORA_MAX_SEQ_LENGTH)",
+                       "training.per_device_batch_size": "at most 8 on this service (QLORA_MAX_MICRO_BATCH)"}
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f"file-{dataset['id']}",
+                                                          "training": {"max_seq_length": 4096}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "training.max_seq_length"
+    assert "at most 1024" in response.json()["error"]["message"]

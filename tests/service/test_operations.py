@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 
+from sqlalchemy import text
+
+from app.db import engine_for, session_scope
+from app.migrate import upgrade
+from app.operations.service import FinishedJobs, prometheus_text
+from bench.metrics_bench import checks, samples, seed_jobs
+from tests import services
 from tests.deployment import upload, wait_for_status
 from worker.training.tiny import demo_spec
-
-
-def samples(text: str, name: str) -> dict[str, float]:
-    """{labels: value} for one metric in Prometheus' text format."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            labels, _, value = line.rpartition(" ")
-            out[labels[len(name):]] = float(value)
-    return out
 
 
 def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
@@ -57,3 +54,40 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     assert all(r.get("job_id") for r in records if r["process"] == "trainer")
     not_json = [line for line in worker_log if line.strip() and not line.startswith("{")]
     assert not not_json, not_json[:5]
+
+
+# Rows PostgreSQL has read so far in this transaction from the jobs' tables: rows by sequential scans,
+# entries by index scans, over the tables and each of their indexes (its per-transaction statistics).
+ROWS_READ = text("SELECT sum(pg_stat_get_xact_tuples_returned(oid)) FROM pg_class WHERE oid IN ("
+                 "SELECT 'jobs'::regclass UNION SELECT 'job_metrics'::regclass UNION SELECT indexrelid "
+                 "FROM pg_index WHERE indrelid IN ('jobs'::regclass, 'job_metrics'::regclass))")
+
+
+def scrape(database_url: str) -> tuple[str, int]:
+    """A scrape by a newly started API process after its first one: the text, and the rows it read."""
+    finished_jobs = FinishedJobs()
+    with session_scope(database_url) as session:
+        prometheus_text(session, finished_jobs)  # a new process reads the finished jobs once
+    with session_scope(database_url) as session:
+        before = session.scalar(ROWS_READ)
+        body = prometheus_text(session, finished_jobs)
+        return body, session.scalar(ROWS_READ) - before
+
+
+def test_a_scrape_reads_no_more_rows_with_2000_finished_jobs_than_with_10():
+    """What /metrics costs the database, counted in rows read rather than timed (bench/metrics_bench.py
+    times it at 100,000): the same active jobs, 10 finished jobs and then 2,000, each with its loss curve."""
+    services.ensure_postgres()
+    database_url = services.create_postgres_database()
+    try:
+        upgrade(database_url)
+        made = seed_jobs(database_url, finished=10, points=5)
+        body, rows_small = scrape(database_url)
+        assert all(checks(body, made).values()), checks(body, made)
+        made += seed_jobs(database_url, finished=1_990, points=5, queued=0, running=0, seed=1)
+        body, rows_large = scrape(database_url)
+        assert all(checks(body, made).values()), checks(body, made)
+        assert rows_large <= rows_small, f"a scrape read {rows_large} rows with 2,000 finished jobs, {rows_small} with 10"
+    finally:
+        engine_for(database_url).dispose()
+        services.drop_postgres_database(database_url)

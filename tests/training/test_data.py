@@ -60,6 +60,9 @@ def test_formats_are_detected(row, fmt):
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}, "weight must be 0 or 1"),
         ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, '"content" must be a string'),
         ({"text": "fine"}, "this row is in text format but the file is chat"),
+        # json.loads raises RecursionError and ValueError here, not JSONDecodeError: still a bad line.
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "arrays or objects nested too deeply"),
+        (b'{"messages": ' + b"9" * 5000 + b"}", "a number too long"),
     ],
 )
 def test_bad_line_is_reported_with_its_number(bad, message):
@@ -67,6 +70,18 @@ def test_bad_line_is_reported_with_its_number(bad, message):
         validate_lines(lines(CHAT, b"", bad))  # the blank line 2 is skipped, the bad row is line 3
     assert [(e.line, message in e.message) for e in info.value.errors] == [(3, True)], str(info.value)
     assert "line 3:" in str(info.value)
+
+
+def test_a_bad_value_is_echoed_as_an_excerpt():
+    """A 2 MB line must not become a 2 MB error: it is stored on the dataset and listed with it."""
+    role, key = "r" * 2_000_000, "k" * 2_000_000
+    with pytest.raises(DataError) as info:
+        validate_lines(lines({"messages": [{"role": role, "content": "a"}, {"role": "assistant", "content": "b"}]},
+                             {key: 1, "other": 2}))
+    first, second = (e.message for e in info.value.errors)
+    assert first.startswith("messages[0]: role 'rrrr") and "(2,000,000 characters) is not one of" in first
+    assert second.startswith("unknown format (keys: kkkk") and "characters)" in second
+    assert len(first) < 200 and len(second) < 400
 
 
 def test_prompt_completion_fields_are_checked():

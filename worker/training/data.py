@@ -12,9 +12,12 @@ and one loss-masking rule serve them all. Other keys on a row (ids, metadata) ar
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from worker.training.spec import excerpt
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
@@ -105,11 +108,16 @@ class DatasetValidator:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             return self._error(f"not valid JSON: {exc.msg} (column {exc.colno})")
+        # Valid JSON that Python's parser still refuses, with other exceptions than a decode error.
+        except RecursionError:
+            return self._error("arrays or objects nested too deeply to read (about 1000 levels at most)")
+        except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+            return self._error(f"a number too long to read (more than {sys.get_int_max_str_digits()} digits)")
         if not isinstance(obj, dict):
             return self._error(f"expected a JSON object, got {type(obj).__name__}")
         fmt = detect_format(obj)
         if fmt is None:
-            keys = ", ".join(sorted(obj)) or "none"
+            keys = excerpt(", ".join(sorted(obj)), quote=False) or "none"
             shapes = " | ".join(_FORMAT_SHAPES.values())
             return self._error(f"unknown format (keys: {keys}); expected one of {shapes}")
         if self.format is not None and fmt != self.format:
@@ -189,7 +197,7 @@ def _parse_chat(obj: dict, line: int) -> Example:
             raise ValueError(f"{where}must be an object with role and content")
         role = m.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}role {role!r} is not one of {', '.join(ROLES)}")
+            raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}")
         if role == "system" and i != 0:
             raise ValueError(f"{where}a system message may only come first")
         content = _text(m, "content", where=where)
@@ -197,7 +205,7 @@ def _parse_chat(obj: dict, line: int) -> Example:
         if "weight" in m and role != "assistant":
             raise ValueError(f"{where}weight is only allowed on assistant messages")
         if weight not in (0, 1) or isinstance(weight, bool):
-            raise ValueError(f"{where}weight must be 0 or 1, got {weight!r}")
+            raise ValueError(f"{where}weight must be 0 or 1, got {excerpt(weight)}")
         parsed.append(Message(role, content, weight))
     if not any(m.role == "assistant" for m in parsed):
         raise ValueError("no assistant message: there is nothing to learn")

@@ -210,11 +210,20 @@ class Result:
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None, mode: int | None = None) -> None:
     """Write a JSON file whole or not at all: a reader (another process, or a restart after a crash)
-    sees the old file or the new one, never half of one."""
+    sees the old file or the new one, never half of one.
+
+    With `mode`, the file has it from its creation on, so a secret is never readable by others, not
+    even half-written by a process that dies; without, the umask decides, as for any new file."""
+    text = json.dumps(data, indent=indent, default=str)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=str), encoding="utf-8")
-    if mode is not None:
-        os.chmod(tmp, mode)
+    # A leftover of a crash goes first: O_EXCL then guarantees the file written is one created here,
+    # with the mode asked for, never an existing file (or a link planted there) keeping its own.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    with open(fd, "w", encoding="utf-8") as file:
+        if mode is not None:
+            os.fchmod(fd, mode)  # the umask can only have narrowed it: now exactly `mode`, as asked
+        file.write(text)
     os.replace(tmp, path)
 
 

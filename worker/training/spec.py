@@ -14,6 +14,20 @@ from typing import Annotated, Any, Literal
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+EXCERPT_CHARS = 60  # of a value an error message echoes: enough to recognise it
+
+
+def excerpt(value: Any, *, quote: bool = True) -> str:
+    """A value from the input as an error message echoes it: its repr (a string's own text with
+    quote=False), cut to EXCERPT_CHARS and saying how long it was. A 2 MB string sent as a role or a
+    field becomes some 90 characters, in an answer and in what is stored (a dataset's errors are
+    listed with it)."""
+    if isinstance(value, str):
+        shown = repr(value[:EXCERPT_CHARS]) if quote else value[:EXCERPT_CHARS]
+        return shown if len(value) <= EXCERPT_CHARS else f"{shown}… ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}… ({len(text):,} characters)"
+
 
 class SpecError(ValueError):
     """A job spec that cannot run. `errors` holds (field, message) pairs; the text lists them all."""
@@ -173,15 +187,16 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
         # Drop the union branch tags pydantic adds ("literal['auto']", "constrained-int", "list[str]").
         loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list[", "constrained-"))]
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            out.append((".".join(loc), f"unknown field; allowed here: {', '.join(_fields_at(model, loc[:-1]))}"))
+        if err["type"] == "extra_forbidden":  # the field's name is the caller's: echoed as an excerpt too
+            field = ".".join([*loc[:-1], excerpt(loc[-1], quote=False)])
+            out.append((field, f"unknown field; allowed here: {', '.join(_fields_at(model, loc[:-1]))}"))
             continue
         if err["type"] == "value_error" and ": " in msg:  # a cross-field rule names its own fields
             fields, msg = msg.split(": ", 1)
             out.append((".".join([*loc, fields]), msg))
             continue
         allowed = _allowed(model, loc)
-        out.append((".".join(loc) or "(spec)", f"{msg} (got {err.get('input')!r}; allowed: {allowed})" if allowed else msg))
+        out.append((".".join(loc) or "(spec)", f"{msg} (got {excerpt(err.get('input'))}; allowed: {allowed})" if allowed else msg))
     # One entry per field: a Literal|list union reports the same field twice.
     seen: dict[str, str] = {}
     for field, msg in out:

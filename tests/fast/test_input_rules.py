@@ -1,0 +1,187 @@
+"""Hostile input to the rules behind the API, without a deployment: each is refused with a 4xx naming
+the field (and the range or the ceiling), never an exception that would be a 500, and an error never
+echoes more than an excerpt of what was sent."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from app.cli.api_client import check_dataset
+from app.errors import Invalid, NotFound
+from app.jobs import service
+from app.jobs.admission import admit
+from app.models.tables import RegisteredModel
+from app.openai import translate
+from app.pagination import MAX_ID
+from tests.fast.conftest import job_spec, make_settings
+from tests.model_configs import LLAMA3_8B
+from worker.training.spec import JobSpec, SpecError
+
+HUGE = "h" * (2 * 1024 * 1024)
+LLAMA = RegisteredModel(name="llama-3-8b", hub_id="meta-llama/Meta-Llama-3-8B", revision="main", config=LLAMA3_8B)
+
+
+def test_the_cli_local_check_names_a_line_json_cannot_read(tmp_path):
+    """`qlora datasets check` runs the server's ingest: the same verdict, not a traceback."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": ' + b"[" * 100_000 + b"}\n" + b'{"text": 1' + b"0" * 5000 + b"}\n")
+    check = check_dataset(path)
+    assert check.rows == 1 and check.error_count == 2
+    assert [e.line for e in check.errors] == [2, 3]
+    assert "nested too deeply" in check.errors[0].message and "a number too long" in check.errors[1].message
+
+
+# ------------------------------------------------------------------ echoes are excerpts
+
+
+def test_a_spec_error_echoes_an_excerpt_of_the_value_and_of_an_unknown_field():
+    with pytest.raises(SpecError) as refused:
+        JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "lr_scheduler": HUGE}, HUGE: 1})
+    assert len(str(refused.value)) < 1000
+    fields = dict(refused.value.errors)
+    assert "2,097,152 characters" in fields["training.lr_scheduler"]
+    assert any(field.startswith("hhhh") and "2,097,152 characters" in field for field in fields)
+
+
+@pytest.mark.parametrize("body", [
+    {"hyperparameters": {"n_epochs": HUGE}}, {"hyperparameters": {"batch_size": HUGE}},
+    {"hyperparameters": {"learning_rate_multiplier": HUGE}}, {"method": {"type": HUGE}}, {HUGE: 1},
+    {"training_file": HUGE},  # no "file-" prefix: as missing as a wrong id
+])
+def test_an_openai_error_echoes_an_excerpt(body):
+    with pytest.raises((Invalid, NotFound)) as refused:
+        translate.job_body({"model": "m", "training_file": "file-x", **body})
+    assert len(refused.value.message) < 300 and len(json.dumps(refused.value.details)) < 300
+
+
+def test_a_multiplier_too_large_for_a_float_is_out_of_range_not_an_overflow():
+    with pytest.raises(Invalid) as refused:
+        translate.job_body({"model": "m", "training_file": "file-x",
+                            "hyperparameters": {"learning_rate_multiplier": 10**400}})
+    assert refused.value.details[0]["field"] == "hyperparameters.learning_rate_multiplier"
+
+
+# ------------------------------------------------------------------ paging parameters
+
+
+@pytest.mark.parametrize("inside", [
+    json.dumps(["2024-05-01T12:00:00", "x"]).encode(),  # no timezone: the database layer refuses naive times
+    json.dumps(["0001-01-01T00:00:00+05:00", "x"]).encode(),  # before year 1 once in UTC
+    b"[" * 100_000,
+    json.dumps([1, "x"]).encode(),
+])
+def test_a_forged_cursor_is_invalid_naming_the_cursor(session, caller, inside):
+    cursor = base64.urlsafe_b64encode(inside).decode()
+    with pytest.raises(Invalid) as refused:
+        service.list_page(session, caller, None, cursor, 10)
+    assert refused.value.details == [{"field": "cursor", "message": "not a cursor this API returned"}]
+
+
+@pytest.mark.parametrize("after", ["ftevent-²", "ftevent-١٢", "ftevent-" + "9" * 5000, f"ftevent-{MAX_ID + 1}",
+                                   "ftevent-", "ftevent- 1", "ftjob-1", "ftevent-" + HUGE])
+def test_an_openai_event_cursor_must_be_an_event_id(after):
+    with pytest.raises(Invalid) as refused:
+        translate.event_id(after)
+    assert refused.value.details == [{"field": "after", "message": "not an event id"}]
+    assert len(refused.value.message) < 300
+
+
+def test_an_openai_event_cursor_reads_back_as_its_id():
+    assert translate.event_id(f"ftevent-{MAX_ID}") == MAX_ID and translate.event_id("ftevent-7") == 7
+
+
+# ------------------------------------------------------------------ job fields
+
+
+def native(**fields) -> dict:
+    return {"dataset_id": "d" * 32, "base_model": "m", "training": {"max_steps": 1}, **fields}
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"validation_dataset_id": ""}, "validation_dataset_id"),
+    ({"name": "two\nlines"}, "name"),
+    ({"name": "nul\x00"}, "name"),
+    ({"name": "del\x7f"}, "name"),
+])
+def test_job_fields_a_database_or_a_header_cannot_hold_are_invalid(fields, field):
+    with pytest.raises(Invalid) as refused:
+        service.parse_create(native(**fields))
+    assert [d["field"] for d in refused.value.details] == [field]
+
+
+def test_a_name_in_any_script_is_a_name():
+    meta, _ = service.parse_create(native(name="модель «v2» 数据 👩‍💻"))
+    assert meta["name"] == "модель «v2» 数据 👩‍💻"
+
+
+def test_an_empty_openai_validation_file_is_refused():
+    with pytest.raises(Invalid) as refused:
+        translate.job_body({"model": "m", "training_file": "file-x", "validation_file": ""})
+    assert refused.value.details[0]["field"] == "validation_file"
+
+
+# ------------------------------------------------------------------ GPU classes
+
+
+def test_without_classes_configured_only_the_default_and_the_extra_classes_are_served(tmp_path):
+    settings = make_settings(tmp_path, extra_gpu_classes=["a100"])
+    assert settings.served_gpu_classes == ["default", "a100"]
+    assert admit(settings, LLAMA, job_spec(), "a100").gpu_class == "a100"
+    with pytest.raises(Invalid) as refused:
+        admit(settings, LLAMA, job_spec(), "h100")
+    assert "'h100' is not a class the workers serve (default, a100)" in refused.value.message
+    assert refused.value.details == [{"field": "gpu_class", "message": "unknown GPU class"}]
+
+
+def test_an_extra_class_beside_sized_ones_is_admitted_unchecked(tmp_path):
+    settings = make_settings(tmp_path, gpu_classes={"l4": 24}, default_gpu_class="l4", extra_gpu_classes=["new"])
+    assert settings.served_gpu_classes == ["l4", "new"]
+    admitted = admit(settings, LLAMA, job_spec(per_device_batch_size="auto"), "new")
+    assert admitted.gpu_class == "new" and admitted.estimate is None
+    assert admitted.note == "memory not checked: QLORA_GPU_CLASSES gives no memory for new"
+
+
+def test_the_default_class_must_be_one_the_workers_serve(tmp_path):
+    with pytest.raises(ValidationError, match=r"QLORA_DEFAULT_GPU_CLASS 'default' is not one of the GPU classes "
+                                              r"workers serve \(l4, h100\)"):
+        make_settings(tmp_path, gpu_classes={"l4": 24, "h100": 80})
+    assert make_settings(tmp_path, gpu_classes={"l4": 24}, default_gpu_class="l4").served_gpu_classes == ["l4"]
+    assert make_settings(tmp_path, gpu_classes={"l4": 24}, extra_gpu_classes=["default"]).default_gpu_class == "default"
+
+
+# ------------------------------------------------------------------ operator ceilings
+
+
+CEILINGS = {"max_seq_length": 1024, "max_steps": 500, "max_micro_batch": 8}
+
+
+@pytest.mark.parametrize("classes", [{}, {"l4": 24, "h100": 80}])
+def test_ceilings_refuse_a_spec_over_them_naming_field_and_ceiling(tmp_path, classes):
+    settings = make_settings(tmp_path, gpu_classes=classes, default_gpu_class="l4" if classes else "default",
+                             **CEILINGS)
+    spec = job_spec(max_steps=501, max_seq_length=2048, per_device_batch_size=16)
+    with pytest.raises(Invalid) as refused:
+        admit(settings, LLAMA, spec, None)
+    assert refused.value.status == 422 and refused.value.code == "invalid_job"
+    assert refused.value.details == [
+        {"field": "training.max_steps", "message": "at most 500 on this service (QLORA_MAX_STEPS)"},
+        {"field": "training.max_seq_length", "message": "at most 1024 on this service (QLORA_MAX_SEQ_LENGTH)"},
+        {"field": "training.per_device_batch_size", "message": "at most 8 on this service (QLORA_MAX_MICRO_BATCH)"}]
+    at_the_ceiling = job_spec(max_steps=500, max_seq_length=1024, per_device_batch_size=8)
+    assert admit(settings, LLAMA, at_the_ceiling, None).spec == at_the_ceiling
+
+
+def test_auto_is_sized_no_larger_than_the_micro_batch_ceiling(tmp_path):
+    settings = make_settings(tmp_path, gpu_classes={"h100": 80}, default_gpu_class="h100", max_micro_batch=3)
+    admitted = admit(settings, LLAMA, job_spec(per_device_batch_size="auto", max_seq_length=512), None)
+    assert admitted.spec.training.per_device_batch_size == 3
+
+
+def test_an_openai_batch_size_is_split_under_the_micro_batch_ceiling():
+    body = {"model": "m", "training_file": "file-x", "hyperparameters": {"batch_size": 16}}
+    training = translate.job_body(body, max_micro_batch=2)["training"]
+    assert (training["per_device_batch_size"], training["gradient_accumulation_steps"]) == (2, 8)

@@ -1,0 +1,119 @@
+"""Attempts longer than a heartbeat deadline, as real model sizes make them: a merged model takes
+minutes to upload, a quantized 70B base minutes to download. The worker's S3 traffic goes through a
+throttling proxy (tests/faults/throttle.py) that stretches one kind of transfer to three heartbeat
+deadlines; the job must still succeed on its first attempt. And the time limit, when it is hit, ends
+the job as failed, saying so, instead of passing for a lost worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.jobs.tables import QuantizedBase
+from tests.deployment import wait_for_status
+from tests.faults.conftest import HEARTBEAT_DEADLINE_S, events, job_body, lane, trainer_pids, wait_until
+from tests.faults.throttle import ThrottlingProxy
+from worker.runner import FAULT_HOLD_AT_STEP
+
+FINISHED = ("succeeded", "failed", "cancelled")
+STRETCH_S = 3 * HEARTBEAT_DEADLINE_S
+PROGRESS_EVERY_S = 2  # QLORA_TRANSFER_EVENT_INTERVAL_S of the slow lane's worker
+
+
+@pytest.fixture(scope="module")
+def slow_lane(faulty):
+    """A worker (on a GPU class of its own) whose S3 traffic, and its training process's, goes through
+    the throttling proxy."""
+    proxy = ThrottlingProxy(faulty.settings.s3_endpoint_url)
+    gpu_class = lane(faulty, "slow")
+    worker = faulty.start_worker(gpu_class=gpu_class, name="slow", extra_env={
+        "QLORA_S3_ENDPOINT_URL": proxy.url, "QLORA_TRANSFER_EVENT_INTERVAL_S": str(PROGRESS_EVERY_S)})
+    yield SimpleNamespace(proxy=proxy, gpu_class=gpu_class)
+    faulty.stop(worker)
+    proxy.close()
+
+
+def run_slow(tenant, faulty, dataset_id, gpu_class) -> tuple[dict, list[dict]]:
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10, gpu_class=gpu_class)).json()
+    done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+    return done, events(tenant, job["id"])
+
+
+def assert_one_untroubled_attempt(done: dict, story: list[dict]) -> None:
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]
+    types = [e["type"] for e in story]
+    assert types.count("claimed") == 1 and "requeued" not in types and "resumed" not in types
+
+
+def test_an_artifact_upload_three_heartbeat_deadlines_long(faulty, tenant, dataset_id, slow_lane, fault_report):
+    slow_lane.proxy.stretch("PUT", "/artifacts/", STRETCH_S)
+    try:
+        done, story = run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class)
+    finally:
+        slow_lane.proxy.clear()
+    assert_one_untroubled_attempt(done, story)
+    [upload] = slow_lane.proxy.stretched_matching("/artifacts/")
+    assert upload.seconds >= STRETCH_S
+    # The artifact was kept: listed, and what a download gives is what was uploaded.
+    [adapter] = tenant.get(f"/jobs/{done['id']}/artifacts").json()
+    assert adapter["kind"] == "adapter" and adapter["bytes"] == upload.bytes
+    downloaded = tenant.get(adapter["download_url"], follow_redirects=True)
+    assert downloaded.status_code == 200 and hashlib.sha256(downloaded.content).hexdigest() == adapter["sha256"]
+    # Progress while it lasted, then the end of it.
+    messages = [e["message"] for e in story if e["type"] == "transfer"]
+    assert messages and all(m.startswith(("uploading adapter, ", "uploaded adapter, ")) for m in messages)
+    assert messages[-1].startswith("uploaded adapter, ")
+    fault_report.append({"fault": "artifact upload lasting 3x the heartbeat deadline", "injected": 1, "survived": 1,
+                         "steps_lost": 0, "seconds": round(upload.seconds, 1)})
+
+
+def test_a_base_download_three_heartbeat_deadlines_long(faulty, tenant, dataset_id, slow_lane, fault_report):
+    queue = faulty.settings.queue_for(slow_lane.gpu_class)
+
+    def cached() -> bool:
+        with session_scope(faulty.settings.database_url) as session:
+            return any(row.identity["gpu_class"] == queue for row in session.scalars(select(QuantizedBase)))
+
+    if not cached():  # the first job on this lane quantizes the base and stores it for the next
+        assert_one_untroubled_attempt(*run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class))
+        assert cached()
+    slow_lane.proxy.stretch("GET", "/quantized-bases/", STRETCH_S)
+    try:
+        done, story = run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class)
+    finally:
+        slow_lane.proxy.clear()
+    assert_one_untroubled_attempt(done, story)
+    [download] = slow_lane.proxy.stretched_matching("/quantized-bases/")
+    assert download.seconds >= STRETCH_S
+    assert done["summary"]["quantized_base"] == "cache"  # trained on the base it downloaded so slowly
+    messages = [e["message"] for e in story if e["type"] == "transfer"]
+    assert messages and messages[0].startswith("downloading quantized base, ")
+    assert messages[-1].startswith("downloaded quantized base, ")
+    fault_report.append({"fault": "quantized base download lasting 3x the heartbeat deadline", "injected": 1,
+                         "survived": 1, "steps_lost": 0, "seconds": round(download.seconds, 1)})
+
+
+def test_the_time_limit_fails_the_job_saying_so(faulty, tenant, dataset_id, fault_report):
+    limit_s = 60  # the smallest QLORA_JOB_TIME_LIMIT_S allows
+    gpu_class = lane(faulty, "limited")
+    # The training process waits after step 2 (costing no CPU) until the limit stops it.
+    worker = faulty.start_worker(gpu_class=gpu_class, name="limited", extra_env={
+        "QLORA_JOB_TIME_LIMIT_S": str(limit_s), FAULT_HOLD_AT_STEP: "2"})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20, gpu_class=gpu_class)).json()
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=limit_s + 90, deployment=faulty)
+        assert done["status"] == "failed" and done["attempt"] == 1
+        assert "hit its time limit" in done["error"] and f"QLORA_JOB_TIME_LIMIT_S={limit_s}" in done["error"]
+        assert "at step 2 of 20" in done["error"]
+        types = [e["type"] for e in events(tenant, job["id"])]
+        assert types.count("claimed") == 1 and "requeued" not in types  # not taken for a lost worker
+        wait_until(lambda: not trainer_pids(job["id"]), 30, "the training process to be stopped")
+        fault_report.append({"fault": "a job past QLORA_JOB_TIME_LIMIT_S", "injected": 1, "survived": 1,
+                             "steps_lost": 0})
+    finally:
+        faulty.stop(worker)

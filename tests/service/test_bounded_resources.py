@@ -1,0 +1,236 @@
+"""Every resource a caller can hold is bounded (DESIGN.md, rule 9): the form around an upload, the
+bytes of its body as read, the database connections while it streams, and live job streams per key."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from app.db import MAX_OVERFLOW, POOL_SIZE, session_scope
+from app.teams import service as teams_service
+from app.uploads import MAX_FORM_FIELDS
+from tests.deployment import start_deployment, stop_deployment, upload
+from tests.service.test_bad_input import stored_state
+from worker.training.tiny import demo_spec
+
+STREAMS_PER_KEY = 2
+BOUNDARY = "qlora-bounded"
+ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).encode() + b"\n"
+
+
+@pytest.fixture(scope="module")
+def bounded(backing_services, tmp_path_factory, tiny_model_dir):
+    """A deployment of its own, with no worker: its jobs stay queued, so their streams stay open."""
+    d = start_deployment(tmp_path_factory.mktemp("bounded"), backing_services, tiny_model_dir,
+                         max_streams_per_key=STREAMS_PER_KEY)
+    yield d
+    stop_deployment(d)
+
+
+@pytest.fixture
+def unchanged(bounded):
+    before = stored_state(bounded)
+    yield
+    assert stored_state(bounded) == before
+
+
+def file_part(rows: int = 100) -> bytes:
+    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="farm.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n").encode() + ROW * rows + b"\r\n"
+
+
+def field_part(name: str, value: bytes) -> bytes:
+    return f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+
+
+def post_chunked(client: httpx.Client, pieces: Iterator[bytes]) -> httpx.Response:
+    """A body from a generator: httpx sends it with chunked transfer encoding, no Content-Length."""
+    return client.post("/datasets", content=pieces,
+                       headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+
+
+# ------------------------------------------------------------------ the form around an upload
+
+
+def test_a_form_with_thousands_of_fields_is_refused_and_nothing_kept(bounded, unchanged):
+    def body():
+        yield file_part()
+        for i in range(2_000):  # each far under any one field's limit: the number is what is bounded
+            yield field_part(f"f{i}", b"x" * 1024)
+        yield f"--{BOUNDARY}--\r\n".encode()
+
+    with bounded.client(bounded.team_key("forms")) as client:
+        response = post_chunked(client, body())
+    assert response.status_code == 413, response.text
+    assert f"more than {MAX_FORM_FIELDS} fields" in response.json()["error"]["message"]
+
+
+def test_fields_over_64_kib_in_all_are_refused(bounded, unchanged):
+    def body():
+        for name in ("purpose", "note", "more"):
+            yield field_part(name, b"y" * 30_000)  # each under 64 KiB, together over it
+        yield file_part()
+        yield f"--{BOUNDARY}--\r\n".encode()
+
+    with bounded.client(bounded.team_key("forms")) as client:
+        response = post_chunked(client, body())
+    assert response.status_code == 413, response.text
+    assert "over 64.0 KiB in all" in response.json()["error"]["message"]
+
+
+def test_bytes_after_the_form_count_against_the_limit(bounded, unchanged):
+    """A chunked body declares no length, and the parser skips what follows the last boundary:
+    counting the bytes read is what refuses them, with the file already streamed and then dropped."""
+    limit = bounded.settings.max_upload_bytes
+
+    def body():
+        yield file_part() + f"--{BOUNDARY}--\r\n".encode()
+        for _ in range(limit // 2**20 + 2):
+            yield b"z" * 2**20
+
+    with bounded.client(bounded.team_key("forms")) as client:
+        response = post_chunked(client, body())
+    assert response.status_code == 413, response.text
+    assert "limit of 4.0 MiB" in response.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ database connections
+
+
+class SlowUpload:
+    """An upload from a slow client over a plain socket: headers, then the body a piece at a time."""
+
+    def __init__(self, url: str, key: str):
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+        self.reader = self.sock.makefile("rb")
+        # Expect: 100-continue makes the server say when the route starts reading the body.
+        self.sock.sendall((f"POST /datasets HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+                           f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                           "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n").encode())
+
+    def status(self) -> str:
+        """The next response's status line (its headers are read and dropped)."""
+        line = self.reader.readline().decode().strip()
+        while self.reader.readline() not in (b"\r\n", b""):
+            pass
+        return line
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def finish(self, data: bytes) -> str:
+        self.send(data)
+        self.sock.sendall(b"0\r\n\r\n")
+        return self.status()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def test_slow_uploads_leave_the_database_to_other_requests(bounded):
+    """More uploads in flight than the API's database pool holds (its size plus overflow): each has
+    begun its body, which the server is reading, and a listing still answers."""
+    key = bounded.team_key("slow-uploads")
+    uploads: list[SlowUpload] = []
+    try:
+        for i in range(POOL_SIZE + MAX_OVERFLOW + 1):
+            uploads.append(SlowUpload(bounded.url, key))
+            status = uploads[-1].status()
+            assert status == "HTTP/1.1 100 Continue", f"upload {i + 1} answered {status!r}"
+            uploads[-1].send(file_part(rows=10)[:-2])  # the file has begun; the rest comes later
+        with bounded.client(key) as client:
+            response = client.get("/jobs")
+        assert response.status_code == 200, response.text
+        # And every slow upload, once its client finishes, is recorded.
+        finished = [u.finish(b"\r\n" + f"--{BOUNDARY}--\r\n".encode()) for u in uploads]
+        assert all(line.startswith("HTTP/1.1 201") for line in finished), finished
+    finally:
+        for u in uploads:
+            u.close()
+
+
+# ------------------------------------------------------------------ live streams
+
+
+@pytest.fixture(scope="module")
+def queued_job(bounded, demo_data) -> str:
+    """A job of team "streams" that stays queued (no worker serves this deployment)."""
+    with bounded.client(bounded.team_key("streams")) as client:
+        dataset_id = upload(client, demo_data["validation"]).json()["id"]
+        job = client.post("/jobs", json={"dataset_id": dataset_id, **demo_spec("tiny")})
+        assert job.status_code == 201, job.text
+        return job.json()["id"]
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) from a Server-Sent Events body as they arrive, and (":", text) for a comment (a keepalive)."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            yield ":", line[1:].strip()
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield event, "\n".join(data)
+            event, data = "message", []
+
+
+@contextlib.contextmanager
+def open_stream(client: httpx.Client, job_id: str) -> Iterator[tuple[httpx.Response, Iterator[tuple[str, str]]]]:
+    with client.stream("GET", f"/jobs/{job_id}/stream") as response:
+        events = sse_events(response) if response.status_code == 200 else iter(())
+        if response.status_code == 200:  # open and served once the job's state has come (after its events)
+            assert any(event == "job" for event, _ in events)
+        else:
+            response.read()
+        yield response, events
+
+
+def test_live_streams_per_key_are_capped(bounded, queued_job):
+    key, other_key = bounded.team_key("streams"), bounded.team_key("streams")
+    with bounded.client(key) as client, bounded.client(other_key) as other, contextlib.ExitStack() as streams:
+        first = streams.enter_context(open_stream(client, queued_job))[0]
+        for _ in range(STREAMS_PER_KEY - 1):
+            streams.enter_context(open_stream(client, queued_job))
+        with open_stream(client, queued_job) as (refused, _):
+            assert refused.status_code == 429, refused.status_code
+            message = refused.json()["error"]["message"]
+            assert f"QLORA_MAX_STREAMS_PER_KEY={STREAMS_PER_KEY}" in message
+        with open_stream(other, queued_job) as (response, _):
+            assert response.status_code == 200  # the cap is per key: the team's other key is not held back
+        first.close()
+        # The server frees the slot when it sees the connection close, which the client cannot wait on: ask again.
+        deadline = time.monotonic() + 30
+        while True:
+            with open_stream(client, queued_job) as (again, _):
+                if again.status_code == 200 or time.monotonic() > deadline:
+                    break
+            time.sleep(0.2)
+        assert again.status_code == 200, again.text
+
+
+def test_a_stream_ends_when_its_key_is_revoked(bounded, queued_job):
+    key = bounded.team_key("streams")
+    with bounded.client(key) as client, open_stream(client, queued_job) as (response, events):
+        with session_scope(bounded.settings.database_url) as session:
+            teams_service.revoke_key(session, key[:12])
+        # A stream that goes on sends a keepalive every 15 s: past the deadline, it did not end.
+        deadline = time.monotonic() + 20
+        last = None
+        for event, data in events:
+            assert time.monotonic() < deadline, "the stream went on after its key was revoked"
+            if event != ":":
+                last = event, data
+        assert last is not None and last[0] == "error", last
+        assert "revoked" in json.loads(last[1])["error"]["message"]
