@@ -71,6 +71,13 @@ class UploadInterrupted(AppError):
     code = "upload_interrupted"
 
 
+class TooManyStreams(AppError):
+    """A key that already holds QLORA_MAX_STREAMS_PER_KEY live streams in this process."""
+
+    status = 429
+    code = "too_many_streams"
+
+
 class Invalid(AppError):
     """A request whose content is wrong; details name each field and its allowed values."""
 

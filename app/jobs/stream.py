@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
-from app.errors import AppError, Unauthorized
+from app.errors import TooManyStreams, Unauthorized
 from app.jobs import repository, states
 from app.jobs.schemas import EvalPoint, EventOut, JobOut, TrainPoint
 from app.teams import repository as teams_repository
@@ -25,11 +25,6 @@ STREAM_POLL_S = 1.0  # how often a stream looks for news: the worker relays prog
 STREAM_KEEPALIVE_S = 15.0  # a comment after this long without news, so proxies keep an idle stream open
 STREAM_BATCH = 500  # rows per poll; a stream that is behind catches up over the next polls
 KEY_REVOKED = "key revoked"  # what a poll answers once the stream's key no longer authenticates
-
-
-class TooManyStreams(AppError):
-    status = 429
-    code = "too_many_streams"
 
 
 class StreamSlot:
