@@ -122,8 +122,8 @@ class ApiClient:
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
 
-    def job_metrics(self, job_id: str) -> dict:
-        return self._json("GET", f"/jobs/{job_id}/metrics")
+    def job_metrics(self, job_id: str, after_step: int | None = None) -> dict:
+        return self._json("GET", f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})
 
     def job_artifacts(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/artifacts")

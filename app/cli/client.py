@@ -290,6 +290,9 @@ class _JobWatcher:
         self._events: list[dict] = []
         self._last_event_id: int | None = None
         self._metrics_at: tuple | None = None
+        self._train: list[dict] = []  # the curve so far, extended poll by poll
+        self._eval: list[dict] = []
+        self._curve_attempt: int | None = None
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("step {task.fields[steps]}"), TextColumn("ETA"), TimeRemainingColumn())
         self._task = self.progress.add_task("", total=None, steps="0/?")
@@ -305,9 +308,14 @@ class _JobWatcher:
 
         try:
             self.job = self.api.get_job(self.job_id)
-            # The curve only changes with the step: skip refetching it between logging steps.
+            # The curve only changes with the step: skip it between logging steps, and fetch only the
+            # points past the last one held. A new attempt resumed from a checkpoint and logs the steps
+            # past it again: read the curve whole then.
             if self._metrics_at != (self.job["step"], self.job["status"]):
-                self._read_metrics(self.api.job_metrics(self.job_id))
+                if self._curve_attempt != self.job["attempt"]:
+                    self._train, self._eval, self._curve_attempt = [], [], self.job["attempt"]
+                last = max((p["step"] for p in self._train + self._eval), default=None)
+                self._read_metrics(self.api.job_metrics(self.job_id, after_step=last))
                 self._metrics_at = (self.job["step"], self.job["status"])
             self._events += self.api.job_events(self.job_id, after=self._last_event_id)
             if self._events:
@@ -321,12 +329,13 @@ class _JobWatcher:
             if time.monotonic() - self.unreachable_since > self.UNREACHABLE_LIMIT_S:
                 raise
 
-    def _read_metrics(self, metrics: dict) -> None:
-        train = metrics["train"]
-        self.train_losses = [p["train_loss"] for p in train if p["train_loss"] is not None]
-        speeds = [p["tokens_per_second"] for p in train if p["tokens_per_second"]]
+    def _read_metrics(self, new: dict) -> None:
+        self._train += new["train"]
+        self._eval += new["eval"]
+        self.train_losses = [p["train_loss"] for p in self._train if p["train_loss"] is not None]
+        speeds = [p["tokens_per_second"] for p in self._train if p["tokens_per_second"]]
         self.tokens_per_second = speeds[-1] if speeds else None
-        evals = [p["eval_loss"] for p in metrics["eval"] if p["eval_loss"] is not None]
+        evals = [p["eval_loss"] for p in self._eval if p["eval_loss"] is not None]
         self.eval_loss = evals[-1] if evals else None
 
     def take_new_events(self) -> list[dict]:

@@ -137,9 +137,11 @@ def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, f
     return train, eval_
 
 
-def metrics(session: Session, team_id: str, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)))
-                                .order_by(JobMetric.step, JobMetric.kind)))
+def metrics(session: Session, team_id: str, job_id: str, after_step: int | None = None) -> list[JobMetric]:
+    query = select(JobMetric).where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)))
+    if after_step is not None:
+        query = query.where(JobMetric.step > after_step)
+    return list(session.scalars(query.order_by(JobMetric.step, JobMetric.kind)))
 
 
 def artifacts(session: Session, team_id: str, job_id: str) -> list[Artifact]:

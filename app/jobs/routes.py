@@ -71,9 +71,12 @@ def job_events(job_id: str, session: SessionDep, caller: CallerDep,
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def job_metrics(job_id: str, session: SessionDep, caller: CallerDep):
-    """The loss curve: one train point per logging step, one eval point per evaluation."""
-    return service.metrics(session, caller, job_id)
+def job_metrics(job_id: str, session: SessionDep, caller: CallerDep,
+                after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
+    """The loss curve: one train point per logging step, one eval point per evaluation. Pass the last
+    step you have as `after_step` to get only newer points. A job that resumed from a checkpoint
+    logs the steps past it again: when `attempt` changes, read the curve whole once more."""
+    return service.metrics(session, caller, job_id, after_step)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])

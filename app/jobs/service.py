@@ -149,10 +149,11 @@ def events_newest_first(session: Session, caller: Caller, job_id: str, before: i
     return page(repository.events_newest_first(session, caller.team_id, job.id, before, limit + 1), limit)
 
 
-def metrics(session: Session, caller: Caller, job_id: str) -> dict:
-    """The loss curve: one train point per logging step, one eval point per evaluation."""
+def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None) -> dict:
+    """The loss curve: one train point per logging step, one eval point per evaluation; with
+    `after_step`, only the points past it, so a poller fetches what is new rather than the whole curve."""
     job = get(session, caller, job_id)
-    points = repository.metrics(session, caller.team_id, job.id)
+    points = repository.metrics(session, caller.team_id, job.id, after_step)
     return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
             "eval": [p for p in points if p.kind == "eval"]}
 

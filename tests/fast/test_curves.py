@@ -1,0 +1,49 @@
+"""The loss curve read incrementally: a poller asks for the points past the last step it holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.errors import NotFound
+from app.jobs import repository, service
+from app.teams.service import Caller, create_key, create_team
+
+
+def log_curve(session, job_id: str, steps: range, eval_every: int) -> None:
+    for step in steps:
+        repository.upsert_metric(session, job_id, {"kind": "train", "step": step, "epoch": step / 100,
+                                                   "train_loss": 1.0 / step})
+        if step % eval_every == 0:
+            repository.upsert_metric(session, job_id, {"kind": "eval", "step": step, "epoch": step / 100,
+                                                       "eval_loss": 2.0 / step})
+    session.commit()
+
+
+def steps(curve: dict) -> tuple[list[int], list[int]]:
+    return [p.step for p in curve["train"]], [p.step for p in curve["eval"]]
+
+
+def test_after_step_returns_only_the_points_past_it(session, caller, make_job):
+    job_id = make_job("running")
+    log_curve(session, job_id, range(1, 31), eval_every=10)
+
+    assert steps(service.metrics(session, caller, job_id)) == (list(range(1, 31)), [10, 20, 30])
+    assert steps(service.metrics(session, caller, job_id, after_step=20)) == (list(range(21, 31)), [30])
+    assert steps(service.metrics(session, caller, job_id, after_step=30)) == ([], [])
+    # Read piece by piece, the curve is the whole curve, each point once.
+    held: list[int] = []
+    for _ in range(4):
+        held += steps(service.metrics(session, caller, job_id, after_step=max(held, default=None)))[0]
+        log_curve(session, job_id, range(len(held) + 1, len(held) + 6), eval_every=10)
+    assert held == sorted(set(held)) and held == list(range(1, held[-1] + 1))
+
+
+def test_another_teams_curve_is_not_found_with_or_without_after_step(session, caller, make_job):
+    job_id = make_job("running")
+    log_curve(session, job_id, range(1, 11), eval_every=5)
+    other = Caller(create_team(session, "team-b"), create_key(session, "team-b")[0])
+    session.commit()
+    for after_step in (None, 0, 5):
+        with pytest.raises(NotFound):
+            service.metrics(session, other, job_id, after_step)
+        assert repository.metrics(session, other.team_id, job_id, after_step) == []
