@@ -1,4 +1,5 @@
-"""Rules for text the API stores or looks up (names, ids), shared by the request models and services."""
+"""Text rules and formats shared by the API and the worker: what names and ids may hold, and sizes as
+people read them (in error messages and in progress events alike)."""
 
 from __future__ import annotations
 
@@ -9,3 +10,26 @@ def has_control_characters(text: str) -> bool:
     """C0/C1 controls (NUL, line breaks, tabs, DEL): no name or id has them, and Postgres refuses NUL
     in a text value, even one only compared with (the query fails)."""
     return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
+
+
+def byte_unit(size: float) -> str:
+    """The largest unit in which `size` is at least 1 (bytes below 1 KiB)."""
+    for i, unit in enumerate(_UNITS[:-1]):
+        if size < 1024 ** (i + 1):
+            return unit
+    return _UNITS[-1]
+
+
+def in_unit(size: float, unit: str) -> str:
+    """`size` as a number of `unit`: "6.2" of GiB; whole bytes."""
+    value = size / 1024 ** _UNITS.index(unit)
+    return f"{value:.0f}" if unit == "bytes" else f"{value:.1f}"
+
+
+def format_bytes(size: float) -> str:
+    """"512 bytes", "4.0 MiB", "16.0 GiB"."""
+    unit = byte_unit(size)
+    return f"{in_unit(size, unit)} {unit}"

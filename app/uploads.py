@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import Invalid, PayloadTooLarge, UploadInterrupted
+from app.text import format_bytes
 
 FLUSH_BYTES = 1 << 20  # hand the sink ~1 MiB at a time: few thread hops, bounded memory
 # The form around the file: the API reads one field besides it (`purpose`, under /v1). These bound
@@ -30,14 +31,6 @@ MAX_FORM_FIELDS = 16
 MAX_FORM_BYTES = 64 * 1024  # every part's headers and every plain field's value, together
 # The body may exceed the file by the form and the boundaries between parts (each under 80 bytes).
 MULTIPART_OVERHEAD = MAX_FORM_BYTES + (MAX_FORM_FIELDS + 2) * 80
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class FileSink(Protocol):
@@ -57,7 +50,7 @@ class _Part:
 
 
 def _too_large(max_file_bytes: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the upload is over the limit of {human_bytes(max_file_bytes)}; split the file, "
+    return PayloadTooLarge(f"the upload is over the limit of {format_bytes(max_file_bytes)}; split the file, "
                            "or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
 
 
@@ -92,7 +85,7 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         nonlocal form_bytes
         form_bytes += n
         if form_bytes > MAX_FORM_BYTES:
-            raise PayloadTooLarge(f"the form's fields and part headers are over {human_bytes(MAX_FORM_BYTES)} "
+            raise PayloadTooLarge(f"the form's fields and part headers are over {format_bytes(MAX_FORM_BYTES)} "
                                   f"in all; send the file as the {file_field!r} field and only the fields the API reads")
 
     def on_header_field(data, start, end):

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.text import byte_unit, format_bytes, in_unit
+
 
 class Transfer:
     """A download or upload in progress. The thread moving the bytes counts them (`add`); the worker's
@@ -37,8 +39,8 @@ class Transfer:
         if verb is not None:
             return f"{verb}, {format_bytes(done)} in {format_duration(time.monotonic() - self.started)}"
         if self.total:
-            unit = _unit(self.total)
-            return f"{self.what}, {_in(min(done, self.total), unit)} of {_in(self.total, unit)} {unit}"
+            unit = byte_unit(self.total)
+            return f"{self.what}, {in_unit(min(done, self.total), unit)} of {in_unit(self.total, unit)} {unit}"
         return f"{self.what}, {format_bytes(done)} so far"
 
 
@@ -62,26 +64,6 @@ def tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-
-def _unit(size: int) -> str:
-    for i, unit in enumerate(_UNITS):
-        if size < 1024 ** (i + 1) or unit == _UNITS[-1]:
-            return unit
-    return _UNITS[-1]
-
-
-def _in(size: int, unit: str) -> str:
-    value = size / 1024 ** _UNITS.index(unit)
-    return f"{value:.0f}" if unit == "B" else f"{value:.1f}"
-
-
-def format_bytes(size: int) -> str:
-    unit = _unit(size)
-    return f"{_in(size, unit)} {unit}"
 
 
 def format_duration(seconds: float) -> str:

@@ -19,7 +19,8 @@ from app.jobs.states import ACTIVE
 from app.pagination import Page, page
 from app.storage.base import ObjectWriter, Storage, make_key
 from app.teams.service import Caller
-from app.uploads import human_bytes, read_multipart
+from app.text import format_bytes
+from app.uploads import read_multipart
 from worker.training.data import DataError, DatasetValidator
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class DatasetIngest(Generic[SinkT]):
     def write(self, data: bytes) -> None:
         if self.writer.size + len(data) > self.max_bytes:
             raise PayloadTooLarge(
-                f"the file is larger than the limit of {human_bytes(self.max_bytes)}; "
+                f"the file is larger than the limit of {format_bytes(self.max_bytes)}; "
                 "split it, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
         self.writer.write(data)
         lines = (self._partial + data).split(b"\n")
@@ -64,7 +65,7 @@ class DatasetIngest(Generic[SinkT]):
                 continue
             self.validator.feed(line)
         if len(self._partial) > MAX_LINE_BYTES and not self._skipping:
-            self.validator.skip_line(f"line is longer than {human_bytes(MAX_LINE_BYTES)}")
+            self.validator.skip_line(f"line is longer than {format_bytes(MAX_LINE_BYTES)}")
             self._skipping, self._partial = True, b""
         elif self._skipping:
             self._partial = b""
