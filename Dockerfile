@@ -81,7 +81,8 @@ EXPOSE 8000
 # slim has no curl; the venv's python is on PATH.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-# The worker runs in its own container (target worker), never inside the API's.
+# The worker runs in its own container (target worker), never inside the API's. How many API processes
+# serve the port: QLORA_API_WORKERS (docker-compose.yml sets 4), or `--workers N` appended here.
 CMD ["qlora", "serve", "--no-worker", "--host", "0.0.0.0"]
 
 # ---------------------------------------------------------------- worker

@@ -38,11 +38,20 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # API processes `qlora serve` starts on one host, sharing its port (as uvicorn's and gunicorn's
+    # workers do). Each has database pools of its own (app/db.py), so the database's max_connections
+    # bounds this. Background loops (the reaper) work in one of them at a time: the lease holder.
+    api_workers: int = Field(1, ge=1, le=64)
     max_upload_bytes: int = Field(2 * GIB, ge=1)
     # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
     # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
     # job holds one; beyond the cap a stream answers 429.
     max_streams_per_key: int = Field(10, ge=1)
+    # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
+    # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
+    # revoked key stops working within this long everywhere (at once in the process that revoked it).
+    # 0 reads the key on every request.
+    key_cache_s: float = Field(2.0, ge=0, le=60)
 
     # Jobs go to queue "gpu-<class>"; a worker listens to the queues of the GPU class it runs on.
     # The default class is where a job goes that names none and that admission does not place, and
@@ -79,7 +88,8 @@ class Settings(BaseSettings):
     # than this has lost its worker (killed, partitioned, frozen): the reaper requeues the job and
     # it resumes from its newest checkpoint elsewhere; the old worker, if it wakes, is fenced out.
     heartbeat_deadline_s: float = Field(120.0, gt=0)
-    # How often each API process looks for such jobs (0 turns its reaper off; `qlora reaper` runs one alone).
+    # How often the reaper looks for such jobs: every API process runs one (0 turns it off there; `qlora
+    # reaper` runs one alone), and only the holder of the "reaper" lease works (app/operations/lease.py).
     reaper_interval_s: float = Field(15.0, ge=0)
     # A job that lost its worker this many times fails instead of trying again.
     max_attempts: int = Field(3, ge=1, le=100)

@@ -7,16 +7,24 @@ new job) is registered with `after_commit` and runs right after the commit, neve
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import TypeVar
 
+import anyio.to_thread
+from pydantic_core import from_json
 from sqlalchemy import DateTime, MetaData, String, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+T = TypeVar("T")
 
 # Stable constraint names, so Alembic migrations can name what they alter on both Postgres and SQLite.
 NAMING = {
@@ -62,15 +70,23 @@ class IdMixin:
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
 
 
+# JSON columns (a job's spec and summary, an event's data) are decoded by pydantic-core's parser: a
+# page of jobs decodes fifty specs and summaries, and the standard library's decoder was a sixth of
+# its time in the profile (docs/performance.md).
+
 # Connections per process (API or worker) beyond SQLite: POOL_SIZE kept open, MAX_OVERFLOW more at a peak.
 # A request holds one only while it talks to the database: an upload gives its own back while the
-# body streams (release_connection), a live stream takes one per poll.
-POOL_SIZE, MAX_OVERFLOW = 10, 20
+# body streams (release_connection), a live stream takes one per poll. A connection past POOL_SIZE is
+# closed when it comes back, and opening one costs Postgres a process: under load, a pool smaller than
+# the requests talking to the database at once spends its time connecting (the profile in
+# docs/performance.md). 16 covers what two cores run at once with room; the overflow is for bursts.
+POOL_SIZE, MAX_OVERFLOW = 16, 8
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_deserializer=from_json)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -81,7 +97,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
+                         json_deserializer=from_json)
 
 
 @lru_cache
@@ -92,6 +109,58 @@ def engine_for(url: str) -> Engine:
 @lru_cache
 def sessionmaker_for(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+
+
+# The hot reads' own pool (read_only below): they hold a connection for one query, so fewer serve
+# more requests than the thread pool's sessions need.
+ASYNC_POOL_SIZE, ASYNC_MAX_OVERFLOW = 8, 4
+
+
+@lru_cache
+def async_engine_for(url: str) -> AsyncEngine | None:
+    """The same Postgres database through psycopg's async mode (same URL, same driver), for read_only;
+    None for SQLite, whose driver has none.
+
+    Autocommit and no ping before each use: a poll is one SELECT, and BEGIN, ROLLBACK and the ping would
+    each cost it a round trip more (four instead of one). A connection that died meanwhile (Postgres
+    restarted) fails its query instead; read_only then tries once more on a fresh one.
+    """
+    if url.startswith("sqlite"):
+        return None
+    return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=ASYNC_POOL_SIZE,
+                               max_overflow=ASYNC_MAX_OVERFLOW, json_deserializer=from_json)
+
+
+async def read_only(url: str, read: Callable[[Session], T]) -> T:
+    """read(session) for an `async def` route, for the reads every poll makes (a job, a page of jobs,
+    a curve): the same repository functions the rest of the service calls.
+
+    On Postgres the session runs on the async driver (SQLAlchemy's run_sync: the sync code drives
+    async I/O from the event loop), so a poll costs no hop to the thread pool and holds no thread
+    while it waits; each statement stands alone (autocommit), so `read` must not write. On SQLite it
+    runs in the thread pool like any `def` route.
+    """
+    engine = async_engine_for(url)
+    if engine is None:
+        return await anyio.to_thread.run_sync(functools.partial(_read_in_thread, url, read))
+    for tries_left in (1, 0):
+        try:
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                return await session.run_sync(read)
+        except DBAPIError as exc:
+            # A pooled connection that Postgres closed (a restart, an idle timeout): SQLAlchemy has
+            # dropped it and every connection older than it; the read is safe to repeat.
+            if not (exc.connection_invalidated and tries_left):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_in_thread(url: str, read: Callable[[Session], T]) -> T:
+    session = sessionmaker_for(url)()
+    try:
+        return read(session)
+    finally:
+        session.close()
 
 
 @contextmanager

@@ -2,36 +2,75 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import session_scope, sessionmaker_for
 from app.errors import Forbidden
 from app.storage.base import Storage
-from app.teams.service import Caller, authenticate
+from app.teams.service import Caller, CallerCache, authenticate, bearer_key_hash
+
+# The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the
+# thread pool, a hop per dependency per request that polls pay for nothing.
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """One session per request: committed when the route returns, rolled back if it raises.
 
     Used with scope="function": the commit happens before the response is sent, so a client
     that gets 201 for a job can read it back at once (with the default scope FastAPI sends the
     response first and commits after: a read right after a create can answer 404).
+
+    Making a session does no I/O (it takes a connection at its first query), so only the end, which
+    talks to the database, goes to a thread. Not the thread pool the routes run in: between its route
+    and its end a request holds a pooled connection, and if ending had to wait for a route thread
+    while every route thread waited for a connection, a burst of requests would stall until the
+    pool's timeout. Ends have threads of their own and never wait for a connection, so they always
+    give theirs back.
     """
-    with session_scope(request.app.state.settings.database_url) as session:
+    session = sessionmaker_for(request.app.state.settings.database_url)()
+    limiter = getattr(request.app.state, "session_ends", None)  # None: an app run without its lifespan
+    try:
         yield session
+    except BaseException:
+        with anyio.CancelScope(shield=True):  # a request cancelled (its client left) still gives its connection back
+            await anyio.to_thread.run_sync(functools.partial(_end, session, commit=False), limiter=limiter)
+        raise
+    await anyio.to_thread.run_sync(functools.partial(_end, session, commit=True), limiter=limiter)
+
+
+def session_end_threads() -> anyio.CapacityLimiter:
+    """The threads that end request sessions (get_session); made in the app's event loop, at start."""
+    return anyio.CapacityLimiter(SESSION_END_THREADS)
+
+
+SESSION_END_THREADS = 16
+
+
+def _end(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
@@ -39,14 +78,24 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    return authenticate(session, authorization)
+async def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The caller of this key, from this process's CallerCache while it is fresh, else read in a short
+    session of its own (the request's session may never need a connection at all)."""
+    key_hash = bearer_key_hash(authorization)
+    cache: CallerCache = request.app.state.callers
+    return await cache.get_or_read(key_hash, lambda: run_in_threadpool(
+        _read_caller, request.app.state.settings.database_url, key_hash))
+
+
+def _read_caller(database_url: str, key_hash: str) -> Caller:
+    with session_scope(database_url) as session:
+        return authenticate(session, key_hash)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_admin(caller: CallerDep) -> Caller:
+async def get_admin(caller: CallerDep) -> Caller:
     if not caller.is_admin:
         raise Forbidden("this needs an admin key (qlora admin create-key TEAM --admin)")
     return caller

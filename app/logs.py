@@ -30,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "process": self.process,
+            "pid": record.process,  # several API processes (qlora serve --workers N) write to one stream
             "logger": record.name,
             "message": record.getMessage(),
         }

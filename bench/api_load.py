@@ -1,15 +1,18 @@
 """The API under load, against Postgres, and a 1 GiB upload against its memory.
 
-    .venv/bin/python bench/api_load.py [--clients 16] [--seconds 10] [--jobs 500] [--upload-mib 1024]
+    .venv/bin/python bench/api_load.py [--clients 16] [--seconds 10] [--jobs 500] [--upload-mib 1024] [--workers 1]
 
 It sets up a deployment of its own, the way production starts one: a fresh Postgres database,
-migrated; a team and an API key; N jobs seeded as rows; the API as its own process
-(`qlora serve --no-worker`). Then two phases:
+migrated; a team and an API key; N jobs seeded as rows; the API as its own process(es)
+(`qlora serve --no-worker --workers W`); and, standing in for the GPU workers, a thread that moves
+every running job on by a step and a heartbeat each second, as their workers would. Then:
 
 1. Load. C clients send requests back to back for T seconds, first to GET /health (no auth, no
    database: the baseline), then a mix of status polls (GET /jobs/{id}) and listings
-   (GET /jobs?limit=50). Speed is reported as ratios to /health from the same run, so a busy
-   machine moves every row together instead of making the numbers meaningless (DESIGN.md).
+   (GET /jobs?limit=50), then the same mix as pollers that each watch a few of the newest jobs and
+   send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with no body, and
+   the share of 304s is reported. Speed is reported as ratios to /health from the same run, so a busy machine moves
+   every row together instead of making the numbers meaningless (DESIGN.md).
 2. Memory. A JSONL upload of --upload-mib MiB of valid chat rows, made on the fly and sent with
    chunked transfer, goes to POST /datasets while the API's RSS is read before, after and at its
    peak. The claim it shows: the API streams an upload through, it never holds the file.
@@ -48,6 +51,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from sqlalchemy import update  # noqa: E402
 
 from app.datasets.service import CHARS_PER_TOKEN  # noqa: E402
 from app.datasets.tables import Dataset  # noqa: E402
@@ -68,6 +72,10 @@ MIB = 1 << 20
 DEFAULT_OUT = ROOT / "bench" / "results" / "api_load.json"
 
 HEALTH, STATUS, LISTING = "GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"
+CONDITIONAL = " (If-None-Match)"  # the same endpoint, polled by a client that sends back the ETag it has
+# In the conditional phase each client watches a few of the newest jobs, as a person follows their own
+# with `qlora jobs watch` or the dashboard: a poll asks again for what it has, unchanged unless it runs.
+WATCHED = 3
 # Pollers outnumber page views: every client watching a job asks for it every few seconds, a
 # person opens the job list now and then.
 STATUS_SHARE = 0.75
@@ -97,7 +105,7 @@ class Deployment:
 
 
 @contextmanager
-def deployment(max_upload_bytes: int) -> Iterator[Deployment]:
+def deployment(max_upload_bytes: int, workers: int = 1) -> Iterator[Deployment]:
     """A fresh database and temp directory, the API started on them; all of it gone afterwards."""
     services.ensure_postgres()
     home = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
@@ -119,7 +127,9 @@ def deployment(max_upload_bytes: int) -> Iterator[Deployment]:
         }
         with open(home / "api.log", "ab") as log:
             # Its own session, so stopping it reaches anything it started and nothing of ours.
-            api = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker"], cwd=ROOT, env=env,
+            # --workers only when asked: the same benchmark then also runs against a checkout without it.
+            many = ["--workers", str(workers)] if workers != 1 else []
+            api = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", *many], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         d = Deployment(f"http://127.0.0.1:{port}", database_url, home, api)
         if not services.wait_until_up(d.url + "/health", d.api, timeout_s=60, need_ok=True):
@@ -227,6 +237,27 @@ def _succeeded_summary(spec: dict, rng: random.Random) -> dict:
     }
 
 
+@contextmanager
+def running_jobs_move(database_url: str, interval_s: float = 1.0) -> Iterator[None]:
+    """What the GPU workers do to the jobs table while the benchmark polls it: every running job's
+    step and heartbeat move on each second (one UPDATE for all of them, as cheap as it gets)."""
+    stop = threading.Event()
+
+    def move() -> None:
+        while not stop.wait(interval_s):
+            with session_scope(database_url) as session:
+                session.execute(update(Job).where(Job.status == states.RUNNING, Job.step < Job.total_steps)
+                                .values(step=Job.step + 1, heartbeat_at=utcnow()))
+
+    thread = threading.Thread(target=move, name="running-jobs", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 # ---------------------------------------------------------------- phase 1: load
 
 
@@ -235,18 +266,27 @@ class Samples:
     latencies_s: list[float] = field(default_factory=list)
     errors: int = 0
     first_error: str | None = None
+    not_modified: int = 0  # answers 304 to a poll that sent the ETag it had
 
 
 def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
-                next_request: Callable[[random.Random], tuple[str, str]]) -> tuple[dict[str, Samples], float]:
+                next_request: Callable[[random.Random], tuple[str, str]],
+                conditional: bool = False) -> tuple[dict[str, Samples], float]:
     """`clients` threads, each with its own keep-alive connection, send requests back to back for
     `seconds` (a closed loop: a client asks again as soon as it has its answer). next_request(rng)
-    says which (endpoint name, path) comes next. Returns the samples per endpoint and the wall time."""
+    says which (endpoint name, path) comes next. With `conditional`, a client keeps each path's ETag
+    and sends it back in If-None-Match, as a poller that caches does. Returns the samples per
+    endpoint and the wall time."""
+    # Fifty client threads in one interpreter take turns at its lock; at the default 5 ms per turn, a
+    # thread whose answer has arrived can wait tens of ms for its turn, and the client, not the server,
+    # makes the latency tail. Short turns keep what is measured the server's.
+    sys.setswitchinterval(0.0005)
     per_client: list[dict[str, Samples]] = [{} for _ in range(clients)]
     start = threading.Barrier(clients + 1, timeout=60)  # a client that cannot start fails the run, never hangs it
 
     def client(samples: dict[str, Samples], seed: int) -> None:
         rng = random.Random(seed)
+        etags: dict[str, str] = {}
         with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
             try:
                 http.get(next_request(rng)[1])  # connect before the clock starts
@@ -258,14 +298,20 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
                 name, path = next_request(rng)
                 error = None
                 t0 = time.perf_counter()
+                not_modified = False
                 try:
-                    response = http.get(path)
-                    if response.status_code != 200:
+                    sent = {"If-None-Match": etags[path]} if conditional and path in etags else None
+                    response = http.get(path, headers=sent)
+                    not_modified = response.status_code == 304 and sent is not None
+                    if response.status_code == 200 and "etag" in response.headers:
+                        etags[path] = response.headers["etag"]
+                    elif response.status_code != 200 and not not_modified:
                         error = f"{response.status_code}: {response.text[:200]}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
                 s = samples.setdefault(name, Samples())
                 s.latencies_s.append(time.perf_counter() - t0)
+                s.not_modified += not_modified
                 if error:
                     s.errors += 1
                     s.first_error = s.first_error or error
@@ -285,6 +331,7 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
             m = merged.setdefault(name, Samples())
             m.latencies_s += s.latencies_s
             m.errors += s.errors
+            m.not_modified += s.not_modified
             m.first_error = m.first_error or s.first_error
     return merged, wall_s
 
@@ -304,6 +351,7 @@ def endpoint_stats(s: Samples, wall_s: float) -> dict:
         "errors": s.errors,
         "first_error": s.first_error,
         "req_per_s": len(latencies) / wall_s,
+        "not_modified_share": s.not_modified / len(latencies) if latencies else 0.0,
         # The rate one client gets while it is asking this endpoint (1 / mean latency). In a mix
         # the observed req/s mostly says how often the mix picks an endpoint; this does not.
         "req_per_s_per_client": len(latencies) / busy_s if busy_s else 0.0,
@@ -312,32 +360,72 @@ def endpoint_stats(s: Samples, wall_s: float) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process and its children have used so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, seconds: float) -> dict:
-    health, health_wall = run_clients(d.url, {}, clients, seconds, lambda rng: (HEALTH, "/health"))
+    cpu: dict[str, float] = {}  # the API's CPU seconds in each phase: what a request costs it, whatever else runs
+
+    def timed(phase: str, *args, **kwargs) -> tuple[dict[str, Samples], float]:
+        before = cpu_seconds(d.api.pid)
+        result = run_clients(*args, **kwargs)
+        cpu[phase] = cpu_seconds(d.api.pid) - before
+        return result
+
+    health, health_wall = timed("health", d.url, {}, clients, seconds, lambda rng: (HEALTH, "/health"))
 
     def jobs_mix(rng: random.Random) -> tuple[str, str]:
         if rng.random() < STATUS_SHARE:
             return STATUS, f"/jobs/{rng.choice(job_ids)}"
         return LISTING, "/jobs?limit=50"
 
-    mix, mix_wall = run_clients(d.url, {"Authorization": f"Bearer {key}"}, clients, seconds, jobs_mix)
+    newest = job_ids[-50:]  # what the job list shows
+    watched: dict[int, list[str]] = {}  # each client's own jobs, by its rng (one per client)
+
+    def watching(rng: random.Random) -> tuple[str, str]:
+        if rng.random() < STATUS_SHARE:
+            mine = watched.setdefault(id(rng), rng.sample(newest, WATCHED))
+            return STATUS + CONDITIONAL, f"/jobs/{rng.choice(mine)}"
+        return LISTING + CONDITIONAL, "/jobs?limit=50"
+
+    auth = {"Authorization": f"Bearer {key}"}
+    mix, mix_wall = timed("mix", d.url, auth, clients, seconds, jobs_mix)
+    polls, polls_wall = timed("polls", d.url, auth, clients, seconds, watching, conditional=True)
 
     endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall)}
     for name in (STATUS, LISTING):
         endpoints[name] = endpoint_stats(mix.get(name, Samples()), mix_wall)
+    for name in (STATUS + CONDITIONAL, LISTING + CONDITIONAL):
+        endpoints[name] = endpoint_stats(polls.get(name, Samples()), polls_wall)
     baseline = endpoints[HEALTH]
+    baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
     for stats in endpoints.values():
         # Per-client rates compare endpoints at the same concurrency, whatever their share of the mix.
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
                                     if baseline["req_per_s_per_client"] else None)
-    mix_requests = sum(endpoints[n]["requests"] for n in (STATUS, LISTING))
-    mix_rate = mix_requests / mix_wall
+
+    def mix_totals(names: list[str], wall_s: float, phase: str) -> dict:
+        requests = sum(endpoints[n]["requests"] for n in names)
+        rate = requests / wall_s
+        not_modified = sum(endpoints[n]["not_modified_share"] * endpoints[n]["requests"] for n in names)
+        return {"requests": requests, "errors": sum(endpoints[n]["errors"] for n in names),
+                "status_share": STATUS_SHARE, "req_per_s": rate,
+                "ratio_to_health": rate / baseline["req_per_s"] if baseline["req_per_s"] else None,
+                "not_modified_share": not_modified / requests if requests else 0.0,
+                "api_cpu_ms_per_request": cpu[phase] * 1000 / requests if requests else None}
+
     return {
         "endpoints": endpoints,
-        # The mix as a whole: observed totals, directly comparable to /health's observed rate.
-        "jobs_mix": {"requests": mix_requests, "errors": sum(endpoints[n]["errors"] for n in (STATUS, LISTING)),
-                     "status_share": STATUS_SHARE, "req_per_s": mix_rate,
-                     "ratio_to_health": mix_rate / baseline["req_per_s"] if baseline["req_per_s"] else None},
+        # Each mix as a whole: observed totals, directly comparable to /health's observed rate.
+        "jobs_mix": mix_totals([STATUS, LISTING], mix_wall, "mix"),
+        "conditional_mix": mix_totals([STATUS + CONDITIONAL, LISTING + CONDITIONAL], polls_wall, "polls"),
     }
 
 
@@ -386,21 +474,36 @@ def multipart_body(boundary: str, filename: str, file_chunks: Iterator[bytes]) -
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (`serve --workers N` runs the API in N children of one parent)."""
+    pids = [pid]
+    for p in pids:
+        for task in Path(f"/proc/{p}/task").iterdir():
+            children = task / "children"
+            if children.exists():
+                pids += [int(c) for c in children.read_text().split()]
+    return pids
+
+
 def memory(pid: int) -> dict[str, int]:
-    """Resident memory now (VmRSS) and its high-water mark (VmHWM), in bytes, from /proc."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) * 1024  # reported in kB
+    """Resident memory now (VmRSS) and its high-water mark (VmHWM), in bytes, from /proc: summed over
+    the process and its children (the peaks of several processes summed: an upper bound)."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in values:
+                values[name] += int(rest.split()[0]) * 1024  # reported in kB
     return values
 
 
 def reset_peak(pid: int) -> bool:
-    """Start VmHWM afresh at the current RSS (Linux clear_refs 5), so the peak read afterwards is
-    this upload's, not start-up's. False where the kernel or permissions do not allow it."""
+    """Start VmHWM afresh at the current RSS (Linux clear_refs 5) in the process and its children, so
+    the peak read afterwards is this upload's, not start-up's. False where the kernel or permissions
+    do not allow it."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for p in process_tree(pid):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -454,17 +557,18 @@ def memory_phase(d: Deployment, key: str, upload_bytes: int) -> dict:
 # ---------------------------------------------------------------- the run, the report
 
 
-def run(clients: int, seconds: float, jobs: int, upload_mib: float) -> dict:
+def run(clients: int, seconds: float, jobs: int, upload_mib: float, workers: int = 1) -> dict:
     upload_bytes = int(upload_mib * MIB)
     load_before = os.getloadavg()[0]
-    with deployment(max_upload_bytes=upload_bytes + MIB) as d:
+    with deployment(max_upload_bytes=upload_bytes + MIB, workers=workers) as d:
         key, job_ids = seed(d, jobs)
-        load = load_phase(d, key, job_ids, clients, seconds)
+        with running_jobs_move(d.database_url):
+            load = load_phase(d, key, job_ids, clients, seconds)
         upload = memory_phase(d, key, upload_bytes)
     errors = sum(e["errors"] for e in load["endpoints"].values())
     return {
         "benchmark": "api_load",
-        "config": {"clients": clients, "seconds": seconds, "jobs": jobs, "upload_mib": upload_mib,
+        "config": {"clients": clients, "seconds": seconds, "jobs": jobs, "upload_mib": upload_mib, "api_workers": workers,
                    "database": "postgresql", "storage": "file", "status_share": STATUS_SHARE},
         # Others' work on the machine slows every row; the ratios to /health carry over, the raw numbers do not.
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
@@ -479,26 +583,41 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _cpu_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _mib(n: int) -> str:
     return f"{n / MIB:,.1f} MiB"
 
 
 def print_report(r: dict) -> None:
     c, m = r["config"], r["machine"]
+    processes = "1 API process" if c.get("api_workers", 1) == 1 else f"{c['api_workers']} API processes"
     table = Table(title=f"API under load: {c['clients']} clients × {c['seconds']:g} s each phase, "
-                        f"{c['jobs']} jobs in Postgres")
-    for col in ("endpoint", "requests", "req/s", "× /health", "p50 ms", "p90 ms", "p99 ms", "errors"):
+                        f"{c['jobs']} jobs in Postgres, {processes}")
+    for col in ("endpoint", "requests", "req/s", "× /health", "p50 ms", "p90 ms", "p99 ms", "304", "API CPU ms", "errors"):
         table.add_column(col, justify="left" if col == "endpoint" else "right")
+
+    def mix_row(label: str, mix: dict) -> None:
+        table.add_row(label, f"{mix['requests']:,}", f"{mix['req_per_s']:,.0f}", f"{mix['ratio_to_health']:.2f}",
+                      "", "", "", f"{mix['not_modified_share']:.0%}", _cpu_ms(mix["api_cpu_ms_per_request"]), str(mix["errors"]),
+                      style="bold")
+
     for name, e in r["endpoints"].items():
+        if name == STATUS + CONDITIONAL:
+            mix_row(f"jobs mix ({r['jobs_mix']['status_share']:.0%} status)", r["jobs_mix"])
         label = name if name == HEALTH else f"{name} (in mix)"
         table.add_row(label, f"{e['requests']:,}", f"{e['req_per_s']:,.0f}", f"{e['ratio_to_health']:.2f}",
-                      _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]), str(e["errors"]))
-    mix = r["jobs_mix"]
-    table.add_row(f"jobs mix ({mix['status_share']:.0%} status)", f"{mix['requests']:,}", f"{mix['req_per_s']:,.0f}",
-                  f"{mix['ratio_to_health']:.2f}", "", "", "", str(mix["errors"]), style="bold")
+                      _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
+                      f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
+                      _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
+    mix_row("polls mix (If-None-Match)", r["conditional_mix"])
     console.print(table)
-    console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix row compares observed "
-                  "totals.", style="dim")
+    console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix rows compare observed "
+                  "totals. 304: the share of polls answered 304 Not Modified (running jobs move every second). API CPU ms: "
+                  "the API processes' CPU time per request in that phase.",
+                  style="dim")
 
     u = r["upload"]
     upload = Table(title=f"Upload of {_mib(u['bytes'])} ({u['rows']:,} chat rows, chunked) to POST /datasets",
@@ -542,6 +661,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients, one connection each (default 16)")
     p.add_argument("--seconds", type=float, default=10, help="length of each load phase (default 10)")
     p.add_argument("--jobs", type=int, default=500, help="jobs seeded as rows (default 500)")
+    p.add_argument("--workers", type=int, default=1, help="API processes (qlora serve --workers; default 1)")
     p.add_argument("--upload-mib", type=float, default=1024, help="size of the upload in MiB (default 1024)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     return p.parse_args(argv)
@@ -549,7 +669,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = run(args.clients, args.seconds, args.jobs, args.upload_mib)
+    results = run(args.clients, args.seconds, args.jobs, args.upload_mib, args.workers)
     print_report(results)
     return save_results(results, args.out)
 

@@ -6,6 +6,7 @@ from sqlalchemy import create_engine, pool
 import app.datasets.tables  # noqa: F401  (each domain's tables register on Base.metadata)
 import app.jobs.tables  # noqa: F401
 import app.models.tables  # noqa: F401
+import app.operations.tables  # noqa: F401
 import app.teams.tables  # noqa: F401
 from app.config import get_settings
 from app.db import Base

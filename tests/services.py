@@ -9,18 +9,22 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import boto3
 import psycopg
 from botocore.config import Config
 from psycopg import sql
+
+T = TypeVar("T")
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -215,3 +219,23 @@ def create_bucket(endpoint_url: str, name: str) -> None:
         config=Config(s3={"addressing_style": "path"}),
     )
     client.create_bucket(Bucket=name)
+
+
+def in_a_thread_of_its_own(fn: Callable[[], T]) -> T:
+    """fn() in a new thread, its result or its exception back here: for code that runs an event loop
+    of its own (asyncio.run) from a test process whose main thread may hold one already (Playwright's
+    sync API, in the dashboard tests, keeps its loop running there for the whole session)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="own-event-loop")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

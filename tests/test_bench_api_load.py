@@ -19,13 +19,21 @@ def test_api_load_benchmark_reports_load_and_a_streamed_upload(tmp_path):
     assert {"config", "machine", "endpoints", "jobs_mix", "upload", "ok"} <= results.keys()
     assert results["ok"] is True
     endpoints = results["endpoints"]
-    assert set(endpoints) == {"GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"}
+    polled = {name + api_load.CONDITIONAL for name in ("GET /jobs/{id}", "GET /jobs?limit=50")}
+    assert set(endpoints) == {"GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"} | polled
     for name, stats in endpoints.items():
         assert {"requests", "req_per_s", "p50_ms", "p90_ms", "p99_ms", "errors", "ratio_to_health"} <= stats.keys()
         assert stats["requests"] > 0, name
         assert stats["errors"] == 0, f"{name}: {stats['first_error']}"
     status = endpoints["GET /jobs/{id}"]
     assert isinstance(status["p50_ms"], float) and status["p50_ms"] > 0
+    # Plain polls never get a 304; pollers that send back their ETag do, for the jobs that did not move.
+    assert status["not_modified_share"] == 0 and results["jobs_mix"]["not_modified_share"] == 0
+    assert endpoints["GET /jobs/{id}" + api_load.CONDITIONAL]["not_modified_share"] > 0
+    assert 0 < results["conditional_mix"]["not_modified_share"] < 1
+    # The API's own CPU per request, read from /proc for each phase.
+    for phase in (endpoints["GET /health"], results["jobs_mix"], results["conditional_mix"]):
+        assert phase["api_cpu_ms_per_request"] > 0
 
     upload = results["upload"]
     assert upload["dataset"]["status"] == "ready"

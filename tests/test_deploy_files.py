@@ -480,6 +480,49 @@ def test_the_api_default_class_is_one_the_workers_serve(services, gpu_class):
     assert default in served, f"the API sends unclassed jobs to {default!r}; workers serve {sorted(served)}"
 
 
+def stop_grace_period_s(name: str, service: dict) -> int:
+    """The service's time between SIGTERM and SIGKILL (compose's default: 10 s)."""
+    grace = str(service.get("stop_grace_period", "10s"))
+    units = re.findall(r"(\d+)(h|m|s)", grace)
+    assert units and "".join(n + u for n, u in units) == grace, f"{name}: stop_grace_period {grace!r}"
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in units)
+
+
+def api_processes(services: dict, stages: dict[str, Stage]) -> int:
+    """How many API processes the api service runs: `--workers` in its command, else QLORA_API_WORKERS."""
+    api = services["api"]
+    command = as_list(api["command"]) if "command" in api else exec_form(last(stages, api["build"]["target"], "CMD"))
+    if "--workers" in command:
+        return int(command[command.index("--workers") + 1])
+    return int(env_of(api).get("QLORA_API_WORKERS", Settings.model_fields["api_workers"].default))
+
+
+def test_the_api_runs_several_processes_and_gives_them_time_to_stop(services, stages):
+    from app.cli.processes import GRACEFUL_SHUTDOWN_S
+    from app.jobs.reaper import STOP_WAIT_S
+
+    assert api_processes(services, stages) > 1, "one API process leaves the host's other cores idle"
+    # Each process finishes open requests, then stops its reaper and releases the lease; killed sooner,
+    # the lease outlives it and the next container waits for it to expire.
+    assert stop_grace_period_s("api", services["api"]) > GRACEFUL_SHUTDOWN_S + STOP_WAIT_S
+
+
+def test_postgres_admits_every_connection_the_processes_may_open(services, stages):
+    """Each API process and each worker has connection pools of its own (app/db.py); at a peak they may
+    all be full. Past max_connections, Postgres refuses new connections and requests fail."""
+    from app import db
+
+    command = " ".join(as_list(services["postgres"].get("command", [])))
+    found = re.search(r"max_connections=(\d+)", command)
+    max_connections = int(found.group(1)) if found else 100  # Postgres' default
+    per_worker = db.POOL_SIZE + db.MAX_OVERFLOW
+    # An API process also has the async pool of its hot reads, where app/db.py has one.
+    per_api_process = per_worker + getattr(db, "ASYNC_POOL_SIZE", 0) + getattr(db, "ASYNC_MAX_OVERFLOW", 0)
+    # Beyond the pools: superuser_reserved_connections (3), `qlora migrate`, an admin's `qlora admin`.
+    needed = api_processes(services, stages) * per_api_process + len(workers(services)) * per_worker + 3 + 5
+    assert needed <= max_connections, f"max_connections must be at least {needed} in the postgres service's command"
+
+
 def test_workers_can_train(services):
     for name, service in workers(services).items():
         mounts = [interpolate(v) for v in service["volumes"]]
@@ -490,11 +533,8 @@ def test_workers_can_train(services):
         assert size, f"{name}: shm_size {service['shm_size']!r}"
         shm_bytes = int(size.group(1)) * 1024 ** "kmg".index(size.group(2)) * 1024
         assert shm_bytes >= 1 << 30, f"{name}: dataloader workers need more than {service['shm_size']} of /dev/shm"
-        grace = str(service["stop_grace_period"])
-        units = re.findall(r"(\d+)(h|m|s)", grace)
-        assert units and "".join(n + u for n, u in units) == grace, f"{name}: stop_grace_period {grace!r}"
-        seconds = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in units)
-        assert seconds >= 60, f"{name}: stop_grace_period {grace} is too short to finish a checkpoint"
+        grace = stop_grace_period_s(name, service)
+        assert grace >= 60, f"{name}: stop_grace_period {service['stop_grace_period']} is too short to finish a checkpoint"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
 
 

@@ -7,12 +7,14 @@ module imports torch, and the dataset check imports the server's own ingest code
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import sys
 import tarfile
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,11 +71,16 @@ def resolve_credentials(url: str | None = None, api_key: str | None = None) -> t
 
 # ---------------------------------------------------------------- the API
 
+POLLED_KEPT = 16  # answers kept for If-None-Match: a watch polls one job and its curve
+
 
 class ApiClient:
     def __init__(self, url: str, api_key: str, timeout: float = 60):
         self.url = url
         self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+        # The last answer to each polled read, with its ETag: `qlora jobs watch` asks again with
+        # If-None-Match, and an unchanged job or curve comes back as a 304 with no body.
+        self._polled: OrderedDict[str, tuple[str, Any]] = OrderedDict()
 
     @classmethod
     def from_sources(cls, url: str | None = None, api_key: str | None = None) -> ApiClient:
@@ -114,7 +121,7 @@ class ApiClient:
         return self._json("GET", "/jobs", params=params)["data"]
 
     def get_job(self, job_id: str) -> dict:
-        return self._json("GET", f"/jobs/{job_id}")
+        return self._poll(f"/jobs/{job_id}")
 
     def cancel_job(self, job_id: str) -> dict:
         return self._json("POST", f"/jobs/{job_id}/cancel")
@@ -123,7 +130,7 @@ class ApiClient:
         return self._json("GET", f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
 
     def job_metrics(self, job_id: str, after_step: int | None = None) -> dict:
-        return self._json("GET", f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})
+        return self._poll(f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})
 
     def job_artifacts(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/artifacts")
@@ -171,6 +178,27 @@ class ApiClient:
             raise _unreachable(self.url, exc) from None
         _raise_for_error(response)
         return response.json() if response.content else None
+
+    def _poll(self, path: str, params: dict | None = None) -> Any:
+        """GET a polled read, sending the ETag of the last answer to the same URL: on 304 that answer
+        is still current. Keeps the last few URLs only (a curve's URL moves on with after_step)."""
+        url = str(self._http.build_request("GET", path, params=params).url)
+        seen = self._polled.get(url)
+        try:
+            response = self._http.get(path, params=params, headers={"If-None-Match": seen[0]} if seen else None)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        if response.status_code == 304 and seen:
+            self._polled.move_to_end(url)
+            return copy.deepcopy(seen[1])  # the caller may change what it gets
+        _raise_for_error(response)
+        body = response.json()
+        if etag := response.headers.get("etag"):
+            self._polled[url] = (etag, copy.deepcopy(body))
+            self._polled.move_to_end(url)
+            while len(self._polled) > POLLED_KEPT:
+                self._polled.popitem(last=False)
+        return body
 
     @contextmanager
     def _send_stream(self, method: str, path: str) -> Iterator[httpx.Response]:

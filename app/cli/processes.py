@@ -6,19 +6,29 @@ Each reads its settings from QLORA_* (app.config) when it starts.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+import signal
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from app.cli.render import out
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 commands = typer.Typer()
+
+# What each API process gives open requests (dashboard streams, say) when told to stop, before it
+# closes them: a restart must not wait until the jobs they watch end.
+GRACEFUL_SHUTDOWN_S = 10
 
 
 @commands.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (QLORA_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (QLORA_PORT).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=64, help="API processes sharing the port "
+                       "(QLORA_API_WORKERS, default 1); the reaper works in one of them at a time.")] = None,
     worker: Annotated[Optional[bool], typer.Option("--worker/--no-worker", help="Also run one local worker. "
                       "Default: on with the embedded queue, off when QLORA_BROKER_URL points at a server.")] = None,
 ) -> None:
@@ -28,15 +38,18 @@ def serve(
 
     import uvicorn
 
+    from app import logs
     from app.config import get_settings
-    from app.main import create_app
 
+    # Through the environment, as every other setting: with --workers, each API process is a fresh
+    # interpreter that reads its settings there (api_process_app), and so does the local worker.
+    for name, value in (("QLORA_HOST", host), ("QLORA_PORT", port), ("QLORA_API_WORKERS", workers)):
+        if value is not None:
+            os.environ[name] = str(value)
+    get_settings.cache_clear()
     settings = get_settings()
-    if host:
-        settings.host = host
-    if port:
-        settings.port = port
     if settings.embedded or settings.database_url.startswith("sqlite"):
+        # Here, once, before any API process starts: they all find the schema and the demo team ready.
         from app.bootstrap import bootstrap_embedded
         from worker.training.tiny import build_tiny_model  # torch only inside, when it builds
 
@@ -48,15 +61,17 @@ def serve(
         env = {**os.environ, "QLORA_HOME": str(settings.home)}
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
         out.print(f"started a local worker (pid {child.pid})")
-    out.print(f"API on http://{settings.host}:{settings.port} (docs at /docs)")
+    processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
+    out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
     try:
-        from app import logs
-
-        logs.configure("api", settings.log_format)
-        # log_config=None: uvicorn keeps the handlers configured above instead of installing its own.
-        # timeout_graceful_shutdown: open dashboard streams must not hold a restart until their jobs end.
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=None,
-                    timeout_graceful_shutdown=10)
+        logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
+        # An import string, which uvicorn needs to start several processes (and uses alike for one).
+        # With several, uvicorn's parent process only supervises: SIGTERM to it stops every API process,
+        # each after its own graceful shutdown, and it replaces one that dies.
+        # log_config=None: uvicorn keeps the handlers logs.configure() installs instead of its own.
+        uvicorn.run(f"{__name__}:api_process_app", factory=True, workers=settings.api_workers,
+                    host=settings.host, port=settings.port, log_level="info", log_config=None,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         if child is not None:
             child.terminate()
@@ -64,6 +79,19 @@ def serve(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def api_process_app() -> FastAPI:
+    """What each API process serves (uvicorn's factory). With --workers N uvicorn starts each in a fresh
+    interpreter (spawn): it reads its settings from the environment `serve` prepared, and sets up its
+    own logging before uvicorn's first line."""
+    from app import logs
+    from app.config import get_settings
+    from app.main import create_app
+
+    settings = get_settings()
+    logs.configure("api", settings.log_format)
+    return create_app(settings)
 
 
 @commands.command()
@@ -110,8 +138,17 @@ def reaper() -> None:
 
     settings = get_settings()
     settings.check_timing()
+    if settings.reaper_interval_s <= 0:
+        raise typer.BadParameter("QLORA_REAPER_INTERVAL_S must be above 0 for `qlora reaper` (0 turns reapers off)")
+    from app import logs
+
+    logs.configure("reaper", settings.log_format)  # its passes, and when it takes over or loses the lease
     thread = ReaperThread(settings, storage_from_settings(settings))
-    out.print(f"reaper running every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s)")
+    # Stop between passes and release the lease, so another process takes over at once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: thread.stopped.set())
+    out.print(f"reaper running every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s) "
+              f"while it holds the reaper lease; API processes compete for it too")
     thread.run()
 
 

@@ -1,10 +1,13 @@
 """Finds jobs whose worker is gone and gives them another attempt (or fails them after too many),
 and sends "job X is ready" again for queued jobs whose message never reached a worker that claimed them.
 
-Safe to run in every API process at once: each change is a compare-and-set on (status, attempt),
-so of several reapers looking at the same silent job exactly one requeues it. Requeueing bumps
-nothing itself; the next claim takes attempt + 1, and from then on the old worker's writes, fenced
-by its attempt number, change nothing.
+Every API process (and `qlora reaper`) runs a ReaperThread, and only the one holding the "reaper"
+lease works (app/operations/lease.py): one pass per interval for the whole deployment, however many
+API processes run, and another process takes over within about the lease's TTL when the holder dies.
+Belt and braces, each change is still a compare-and-set on (status, attempt), so two reapers looking
+at the same silent job (clocks that disagree, a pass outliving its lease) still requeue it once.
+Requeueing bumps nothing itself; the next claim takes attempt + 1, and from then on the old worker's
+writes, fenced by its attempt number, change nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from app.config import Settings
 from app.db import after_commit, session_scope, utcnow
 from app.jobs import repository, states
 from app.jobs.dispatch import send
+from app.operations.lease import LeaseHolder
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,14 @@ log = logging.getLogger(__name__)
 # down) does the reaper send it, once the job is older than this. (A job sent but still unclaimed
 # QLORA_REDISPATCH_AFTER_S later is sent again: its message may have been taken by a failed claim.)
 SEND_UNSENT_AFTER_S = 10
+
+LEASE = "reaper"
+# The lease lasts this many reaper intervals: its holder renews it every interval, so it must miss two
+# renewals in a row (dead, frozen, cut off from the database) before another process takes over.
+LEASE_TTL_INTERVALS = 3
+# How long stop() waits for a pass under way to end (and the lease to be released) before giving up:
+# the lease then expires on its own.
+STOP_WAIT_S = 5
 
 
 def reap(session: Session, settings: Settings) -> dict[str, int]:
@@ -84,24 +96,36 @@ def housekeeping(settings: Settings, storage) -> dict[str, int]:
 
 class ReaperThread(threading.Thread):
     """Runs housekeeping() at start and every reaper_interval_s inside a long-lived process (each
-    API process has one; `qlora reaper` runs it alone)."""
+    API process has one; `qlora reaper` runs it alone), while it holds the reaper lease."""
 
     def __init__(self, settings: Settings, storage):
         super().__init__(name="qlora-reaper", daemon=True)
         self.settings = settings
         self.storage = storage
+        self.lease = LeaseHolder(settings.database_url, LEASE, LEASE_TTL_INTERVALS * settings.reaper_interval_s)
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while True:
-            try:
-                counts = housekeeping(self.settings, self.storage)
-                if any(counts.values()):
-                    log.info("reaper: %s", counts)
-            except Exception:  # a database or storage blip must not end the loop
-                log.exception("reaper pass failed; trying again in %ss", self.settings.reaper_interval_s)
-            if self.stopped.wait(self.settings.reaper_interval_s):
-                return
+        try:
+            while True:
+                try:
+                    counts = self.pass_once()
+                    if counts and any(counts.values()):
+                        log.info("reaper: %s", counts)
+                except Exception:  # a database or storage blip must not end the loop
+                    log.exception("reaper pass failed; trying again in %ss", self.settings.reaper_interval_s)
+                if self.stopped.wait(self.settings.reaper_interval_s):
+                    return
+        finally:
+            self.lease.release()  # so a restart hands over at once, not once the lease expires
+
+    def pass_once(self) -> dict[str, int] | None:
+        """One pass if this process holds (or can take) the lease; None while another one does."""
+        if not self.lease.renew():
+            return None
+        return housekeeping(self.settings, self.storage)
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(STOP_WAIT_S)

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import CursorResult, Select, Update, and_, delete, func, or_, select, update
+import sqlalchemy as sa
+from sqlalchemy import BindParameter, CursorResult, Row, Select, String, Text, Update, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -23,7 +24,7 @@ from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, Quan
 from app.pagination import newest_first
 
 
-def readable_jobs(team_id: str) -> Select[Job]:
+def readable_jobs(team_id: str | BindParameter[str]) -> Select[Job]:
     """The jobs a team may read: where every team-facing read of jobs and of what they own starts."""
     return select(Job).where(Job.team_id == team_id)
 
@@ -37,16 +38,40 @@ def get(session: Session, team_id: str, job_id: str) -> Job | None:
     return session.scalars(readable_jobs(team_id).where(Job.id == job_id)).one_or_none()
 
 
+# What a job's answer shows (JobOut), for the reads every poller makes: plain rows, no ORM object made
+# and tracked per job, and the JSON columns as the text the database holds, which the answer embeds as
+# it is (schemas.job_json) instead of decoding and encoding it again: a page of fifty jobs holds fifty
+# specs and summaries (docs/performance.md).
+JOB_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model, Job.dataset_id,
+            Job.validation_dataset_id, sa.cast(Job.spec, Text).label("spec"), Job.queue, Job.attempt, Job.trained_tokens,
+            Job.error, sa.cast(Job.summary, Text).label("summary"), Job.created_at, Job.started_at, Job.finished_at,
+            Job.heartbeat_at, Job.step, Job.total_steps)
+# Built once: a status poll binds its team and job into it rather than building and caching a statement.
+_VIEW_BY_ID = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW).where(Job.id == bindparam("job_id"))
+
+
+def view(session: Session, team_id: str, job_id: str) -> Row | None:
+    return session.connection().execute(_VIEW_BY_ID, {"team_id": team_id, "job_id": job_id}).one_or_none()
+
+
+def view_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Row]:
+    query = _page_of(readable_jobs(team_id).with_only_columns(*JOB_VIEW), status, cursor, limit)
+    return list(session.connection().execute(query))
+
+
 def get_any_team(session: Session, job_id: str) -> Job | None:
     """For the worker, which acts for whichever team owns the job."""
     return session.get(Job, job_id)
 
 
 def list_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Job]:
-    query = readable_jobs(team_id)
+    return list(session.scalars(_page_of(readable_jobs(team_id), status, cursor, limit)))
+
+
+def _page_of(query: Select, status: str | None, cursor: str | None, limit: int) -> Select:
     if status:
         query = query.where(Job.status == status)
-    return list(session.scalars(newest_first(query, Job, cursor, limit)))
+    return newest_first(query, Job, cursor, limit)
 
 
 def transition(session: Session, job_id: str, to: str, *, attempt: int | None = None,

@@ -4,10 +4,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
+from app.conditional import json_answer
+from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
-from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut
+from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut, job_json, job_page_json
 from app.jobs.stream import job_stream
 from app.pagination import MAX_ID
 from app.storage.base import attachment_disposition
@@ -34,16 +37,28 @@ def create_job(body: Annotated[Any, Body()], session: SessionDep, settings: Sett
     return JobOut.of(service.create(session, settings, caller, body))
 
 
-@router.get("", response_model=JobPage)
-def list_jobs(session: SessionDep, caller: CallerDep, status: str | None = None, cursor: str | None = None,
-              limit: int = 50):
-    jobs = service.list_page(session, caller, status, cursor, limit)
-    return {"data": [JobOut.of(job) for job in jobs.data], "next_cursor": jobs.next_cursor}
+# The reads every poller makes (a job, a page of jobs, a curve) are `async def` on the async driver
+# (read_only) and answer with an ETag (json_answer): an unchanged poll gets 304 with no body.
+POLLED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: the body would equal the one whose ETag was sent in If-None-Match."}}
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, caller: CallerDep):
-    return JobOut.of(service.get(session, caller, job_id))
+@router.get("", response_model=JobPage, responses=POLLED)
+async def list_jobs(request: Request, caller: CallerDep, status: str | None = None, cursor: str | None = None,
+                    limit: int = 50):
+    def read(session: Session) -> bytes:
+        jobs = service.view_page(session, caller, status, cursor, limit)
+        return job_page_json(jobs.data, jobs.next_cursor)
+
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=POLLED)
+async def get_job(job_id: str, request: Request, caller: CallerDep):
+    def read(session: Session) -> bytes:
+        return job_json(service.view(session, caller, job_id))
+
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -70,13 +85,17 @@ def job_events(job_id: str, session: SessionDep, caller: CallerDep,
     return service.events(session, caller, job_id, after, limit)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut)
-def job_metrics(job_id: str, session: SessionDep, caller: CallerDep,
-                after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
+@router.get("/{job_id}/metrics", response_model=MetricsOut, responses=POLLED)
+async def job_metrics(job_id: str, request: Request, caller: CallerDep,
+                      after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
     """The loss curve: one train point per logging step, one eval point per evaluation. Pass the last
     step you have as `after_step` to get only newer points. A job that resumed from a checkpoint
     logs the steps past it again: when `attempt` changes, read the curve whole once more."""
-    return service.metrics(session, caller, job_id, after_step)
+    def read(session: Session) -> bytes:
+        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step), from_attributes=True)
+        return curve.model_dump_json().encode()
+
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
@@ -131,8 +150,9 @@ def stream_job(job_id: str, request: Request, session: SessionDep, settings: Set
     with an `error` event if the key is revoked meanwhile. A key holds at most QLORA_MAX_STREAMS_PER_KEY
     streams at once (429 beyond). Browsers: EventSource cannot send the API key, read this with fetch()."""
     job = service.get(session, caller, job_id)  # another team's job answers 404 here, before any byte is streamed
-    slot = request.app.state.stream_slots.take(caller.key.id)  # 429 at the cap, before any byte is streamed
-    # The request's session is committed and closed when this function returns: the stream opens its own.
-    return StreamingResponse(job_stream(settings.database_url, caller.team_id, caller.key.id, job.id, slot),
+    slot = request.app.state.stream_slots.take(caller.key_id)  # 429 at the cap, before any byte is streamed
+    # The request's session is committed and closed when this function returns: the stream reads through its
+    # job's feed in this app (app.state.job_feeds: one poll per job, however many streams watch it) and its own sessions.
+    return StreamingResponse(job_stream(request.app.state, settings.database_url, caller.team_id, caller.key_id, job.id, slot),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -6,9 +6,10 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -118,19 +119,40 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
     return Download(artifact, filename, url)
 
 
+T = TypeVar("T")
+
+
 def get(session: Session, caller: Caller, job_id: str) -> Job:
-    job = repository.get(session, caller.team_id, job_id)
+    return _found(repository.get(session, caller.team_id, job_id), job_id)
+
+
+def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
+    """The team's jobs newest first, optionally of one status."""
+    return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
+
+
+def view(session: Session, caller: Caller, job_id: str) -> Row:
+    """What GET /jobs/{id} shows of the job, as a plain row (see repository.JOB_VIEW)."""
+    return _found(repository.view(session, caller.team_id, job_id), job_id)
+
+
+def _found(job: T | None, job_id: str) -> T:
+    """The job (as a row or a Job) the caller asked for; 404 when it is missing or another team's."""
     if job is None:
         raise NotFound(f"no job {excerpt(job_id)}")
     return job
 
 
-def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
-    """The team's jobs newest first, optionally of one status."""
+def view_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
+    """list_page as plain rows, for GET /jobs."""
+    return page(repository.view_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
+
+
+def _status_filter(status: str | None) -> str | None:
     if status is not None and status not in states.ALL:
         raise Invalid(f"status: must be one of {', '.join(states.ALL)}, got {excerpt(status)}",
                       details=field_errors([("status", f"must be one of {', '.join(states.ALL)}")]))
-    return page(repository.list_page(session, caller.team_id, status, cursor, limit), limit)
+    return status
 
 
 MAX_EVENTS = 1000  # per request; a client reading a long history pages with `after`

@@ -44,6 +44,8 @@ class Job(IdMixin, Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
+    # A live stream reads a job's events past the last id it sent (migration 0010).
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -61,7 +63,8 @@ class JobMetric(Base):
     replaces its point instead of doubling it."""
 
     __tablename__ = "job_metrics"
-    __table_args__ = (UniqueConstraint("job_id", "kind", "step", name="uq_job_metrics_job_kind_step"),)
+    __table_args__ = (UniqueConstraint("job_id", "kind", "step", name="uq_job_metrics_job_kind_step"),
+                      Index("ix_job_metrics_job_id_id", "job_id", "id"))  # a live stream reads past the last id it sent
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -7,8 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
+from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, field_errors
 from app.jobs import service as jobs
@@ -79,35 +81,39 @@ def create_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, set
     """OpenAI's create body; `lora`, `quantization`, `training` and `output` (the SDK's extra_body)
     set what OpenAI's hyperparameters do not cover."""
     job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch))
-    return t.job_object(job, caller.team.name)
+    return t.job_object(job, caller.team_name)
 
 
 @router.get("/fine_tuning/jobs")
 def list_jobs(session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
     cursor = cursor_after(jobs.get(session, caller, t.native_id(after, t.JOB, "fine-tuning job"))) if after else None
     found = jobs.list_page(session, caller, None, cursor, limit)
-    return _list([t.job_object(j, caller.team.name) for j in found.data], found)
+    return _list([t.job_object(j, caller.team_name) for j in found.data], found)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(job_id: str, session: SessionDep, caller: CallerDep):
-    return t.job_object(jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+async def retrieve_job(job_id: str, request: Request, caller: CallerDep):
+    """What the SDK's jobs.retrieve() polls: on the async driver, like GET /jobs/{id} (app.db.read_only)."""
+    def read(session: Session) -> dict:
+        return t.job_object(jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team_name)
+
+    return await read_only(request.app.state.settings.database_url, read)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, session: SessionDep, caller: CallerDep):
-    return t.job_object(jobs.cancel(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+    return t.job_object(jobs.cancel(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team_name)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
 def pause_job(job_id: str, session: SessionDep, caller: CallerDep):
-    return t.job_object(jobs.pause(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team.name)
+    return t.job_object(jobs.pause(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team_name)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
 def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     job = jobs.resume(session, settings, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
-    return t.job_object(job, caller.team.name)
+    return t.job_object(job, caller.team_name)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
@@ -125,4 +131,4 @@ def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep, after:
     newest_first = jobs.checkpoints(session, caller, job.id)[::-1]
     saved = page_after(newest_first, lambda c: t.CHECKPOINT + c.id, after, limit,
                        unknown=f"after: no checkpoint {after!r} in this job")
-    return _list([t.checkpoint_object(c, job, caller.team.name) for c in saved.data], saved)
+    return _list([t.checkpoint_object(c, job, caller.team_name) for c in saved.data], saved)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,3 +36,9 @@ def key_is_live(session: Session, key_id: str) -> bool:
     """Whether the key still authenticates: not revoked, and not gone with its team. A live stream asks
     between batches, so a revoked key's streams end at their next poll."""
     return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
+
+
+def live_keys(session: Session, key_ids: Collection[str]) -> set[str]:
+    """Which of these keys still authenticate (not revoked): one query for every key watching a job
+    (a live stream's feed asks between polls)."""
+    return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None))))

@@ -75,7 +75,7 @@ def caller(session) -> Caller:
     team = create_team(session, "team-a")
     key, _secret = create_key(session, "team-a")
     session.commit()
-    return Caller(team, key)
+    return Caller.of(team, key)
 
 
 def job_spec(**training) -> JobSpec:

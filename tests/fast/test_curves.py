@@ -41,7 +41,7 @@ def test_after_step_returns_only_the_points_past_it(session, caller, make_job):
 def test_another_teams_curve_is_not_found_with_or_without_after_step(session, caller, make_job):
     job_id = make_job("running")
     log_curve(session, job_id, range(1, 11), eval_every=5)
-    other = Caller(create_team(session, "team-b"), create_key(session, "team-b")[0])
+    other = Caller.of(create_team(session, "team-b"), create_key(session, "team-b")[0])
     session.commit()
     for after_step in (None, 0, 5):
         with pytest.raises(NotFound):

@@ -93,7 +93,7 @@ def test_an_openai_body_reads_back_with_the_hyperparameters_it_was_sent(deployme
                    "hyperparameters": {"n_epochs": 2, "batch_size": 12, "learning_rate_multiplier": 0.5}}
     job = service.create(session, settings, caller, translate.job_body(openai_body))
     session.commit()
-    shown = translate.job_object(job, caller.team.name)
+    shown = translate.job_object(job, caller.team_name)
     assert shown["id"] == translate.JOB + job.id and shown["object"] == "fine_tuning.job"
     assert shown["status"] == "queued" and shown["model"] == "llama-3-8b" and shown["seed"] == 7
     assert shown["training_file"] == openai_body["training_file"] and shown["user_provided_suffix"] == "demo"

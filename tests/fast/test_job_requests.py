@@ -154,7 +154,7 @@ def test_another_teams_job_is_not_found(settings, session, make_job, request_):
     create_team(session, "team-b")
     key, _ = create_key(session, "team-b")
     session.commit()
-    stranger = Caller(session.get(Team, key.team_id), key)
+    stranger = Caller.of(session.get(Team, key.team_id), key)
     with pytest.raises(NotFound):
         ask(request_, session, settings, stranger, job_id)
     session.rollback()

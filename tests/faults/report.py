@@ -103,7 +103,8 @@ def main(paths: list[str]) -> str:
         "takes attempt + 1, and every later write of a worker is fenced by its attempt, so a worker that lost "
         "its job cannot change it any more.",
         "- Heartbeats every `QLORA_SUPERVISE_INTERVAL_S` from a thread of the worker, from the claim to the "
-        "final state, through downloads and uploads of any length; a reaper in every API process requeues "
+        "final state, through downloads and uploads of any length; the reaper (in the API process holding "
+        "its lease) requeues "
         "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and fails them after `QLORA_MAX_ATTEMPTS`.",
         "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again; the "
         "claim, a compare-and-set, makes the duplicate harmless.",

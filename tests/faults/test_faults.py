@@ -19,6 +19,8 @@ from app.broker import RUN_JOB_TASK, celery_for
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import repository, runs
+from app.jobs.reaper import LEASE
+from app.operations.lease import current_holder
 from app.storage.base import make_key, storage_from_settings
 from app.storage.s3 import PART_SIZE
 from tests import services
@@ -316,11 +318,19 @@ def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report
     os.killpg(second_api.pid, signal.SIGKILL)
     second_api.wait()
 
-    # A new API process clears writes that died half-way (older than QLORA_STALE_UPLOAD_S=3).
+    # A new API process clears writes that died half-way (older than QLORA_STALE_UPLOAD_S=3) once it
+    # holds the reaper lease. The deployment's own API holds it: freeze that one until its lease
+    # expires and the new process takes the role over, as when a holder hangs.
     restarted = faulty.spawn("serve", "--no-worker", log_name="api-3",
                              extra_env={"QLORA_PORT": str(services.free_port()),
                                         "QLORA_STALE_UPLOAD_S": str(STALE_UPLOAD_S)})
+    deployment_api = faulty.procs[0]  # started first, by start_deployment
     try:
+        os.killpg(deployment_api.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: _reaper_holder_pid(faulty) == restarted.pid, 60, "the new API to take the reaper lease")
+        finally:
+            os.killpg(deployment_api.pid, signal.SIGCONT)
         wait_until(lambda: not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads"), 60,
                    "the dead upload to be aborted")
         with session_scope(faulty.settings.database_url) as session:
@@ -330,6 +340,12 @@ def test_api_killed_during_an_upload_leaves_nothing(faulty, tenant, fault_report
                              "steps_lost": 0})
     finally:
         faulty.stop(restarted)
+
+
+def _reaper_holder_pid(d) -> int | None:
+    with session_scope(d.settings.database_url) as session:
+        holder = current_holder(session, LEASE)
+    return int(holder.rsplit(":", 2)[1]) if holder else None  # host:pid:random
 
 
 def _answers(client) -> bool:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_scope
-from app.teams.service import Caller, authenticate
+from app.teams.service import Caller, authenticate, hash_key
 from app.teams.tables import ApiKey
 from tests.deployment import ROOT
 
@@ -34,7 +34,7 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
     with session_scope(url) as session:
         stored = session.scalars(select(ApiKey)).one()
         assert key not in (stored.key_hash, stored.prefix) and len(stored.key_hash) == 64  # only a hash
-        assert isinstance(authenticate(session, f"Bearer {key}"), Caller)
+        assert isinstance(authenticate(session, hash_key(key)), Caller)
     listed = qlora(tmp_path, "admin", "list-keys", "research")
     assert stored.prefix in listed.stdout and key not in listed.stdout
 
@@ -43,7 +43,7 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
         from app.errors import Unauthorized
 
         try:
-            authenticate(session, f"Bearer {key}")
+            authenticate(session, hash_key(key))
             raise AssertionError("a revoked key still authenticates")
         except Unauthorized:
             pass

@@ -1,0 +1,126 @@
+"""Leases: a role that exactly one process plays at a time, however many run, handed over when its
+holder dies.
+
+Every process that may play a role (each API process runs a reaper thread, say) calls
+`acquire_or_renew` once per pass and does the work only when it returns True. The row is a
+compare-and-set on (holder, expires_at), so of several processes racing for a free or expired lease
+exactly one gets it, on Postgres and on SQLite alike. A holder that dies stops renewing: another
+process takes the role over once the lease expires, within about its TTL. A holder that stops
+cleanly releases it, so a restart hands over at once.
+
+The TTL must exceed the renewal interval with a margin (the reaper's is 3 intervals): a live
+holder renews long before it expires, so a slow pass or a database blip does not hand the role to
+another process while the first still plays it. Expiry is judged by the clock of the process that
+looks, as heartbeats are: hosts whose clocks disagree by more than the margin could both act for a
+moment, so work done under a lease stays safe on its own (the reaper's changes are compare-and-sets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from datetime import timedelta
+from typing import cast
+
+from sqlalchemy import CursorResult, case, delete, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from app.db import session_scope, utcnow
+from app.operations.tables import Lease
+
+log = logging.getLogger(__name__)
+
+
+def holder_id() -> str:
+    """host:pid:random. The random part tells apart two processes that get the same pid on the same
+    host (a container restarted within the TTL, whose main process is pid 1 again)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def acquire_or_renew(session: Session, name: str, holder: str, ttl_s: float) -> bool:
+    """Take lease `name` for `holder` for ttl_s from now if it is free, expired or already
+    `holder`'s; True if `holder` now holds it. The caller commits (at once: the lease protects
+    nothing until the others can see it)."""
+    now = utcnow()
+    expires_at = now + timedelta(seconds=ttl_s)
+    # Renew our own, or take over one whose holder stopped renewing. On Postgres a racing UPDATE
+    # waits for the first to commit and then finds the row no longer expired: it changes nothing.
+    renew_or_take_over = (
+        update(Lease)
+        .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at < now))
+        .values(holder=holder, expires_at=expires_at,
+                acquired_at=case((Lease.holder == holder, Lease.acquired_at), else_=now))
+        .execution_options(synchronize_session=False))
+    if _rows_changed(session, renew_or_take_over) == 1:
+        return True
+    # Nobody has held it yet (or its last holder released it). Of two processes inserting at once,
+    # the unique name lets one in; the other's insert does nothing and it stays without the lease.
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    # (RETURNING says whether it inserted: an INSERT's rowcount is not reported on every driver.)
+    take_free = (insert(Lease).values(name=name, holder=holder, acquired_at=now, expires_at=expires_at)
+                 .on_conflict_do_nothing(index_elements=["name"]).returning(Lease.name))
+    return session.execute(take_free).first() is not None
+
+
+def release(session: Session, name: str, holder: str) -> bool:
+    """Give lease `name` up if `holder` still holds it, so another process takes it over at its next
+    pass rather than once it expires. True if it was `holder`'s."""
+    return _rows_changed(session, delete(Lease).where(Lease.name == name, Lease.holder == holder)) == 1
+
+
+def _rows_changed(session: Session, statement) -> int:
+    return cast(CursorResult, session.execute(statement)).rowcount
+
+
+def current_holder(session: Session, name: str) -> str | None:
+    """Who holds lease `name` now (None: nobody, or an expired holder)."""
+    return session.scalar(select(Lease.holder).where(Lease.name == name, Lease.expires_at >= utcnow()))
+
+
+class LeaseHolder:
+    """One process's claim on one lease: renew() at the start of each pass, release() when the
+    process stops. Logs when this process takes the role over and when it loses it."""
+
+    def __init__(self, database_url: str, name: str, ttl_s: float):
+        self.database_url = database_url
+        self.name = name
+        self.ttl_s = ttl_s
+        self.holder = holder_id()
+        self.held = False
+
+    def renew(self) -> bool:
+        """Take or keep the lease, in a transaction of its own; True while this process holds it.
+        A database error propagates, and counts as not holding it."""
+        held = False
+        try:
+            with session_scope(self.database_url) as session:
+                acquired = acquire_or_renew(session, self.name, self.holder, self.ttl_s)
+            held = acquired  # only once committed: before that, no other process sees it
+        finally:
+            self._note(held)
+        return held
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            with session_scope(self.database_url) as session:
+                release(session, self.name, self.holder)
+            log.info("released the %r lease (holder %s): another process takes it over at its next pass",
+                     self.name, self.holder)
+        except Exception:  # stopping anyway: the lease expires on its own within its TTL
+            log.warning("could not release the %r lease; another process takes it over when it expires, "
+                        "within %ss", self.name, self.ttl_s, exc_info=True)
+        self.held = False
+
+    def _note(self, held: bool) -> None:
+        if held and not self.held:
+            log.info("took over the %r lease (holder %s): this process now plays that role", self.name, self.holder)
+        elif self.held and not held:
+            log.info("lost the %r lease (holder %s): another process plays that role now, or the database is "
+                     "unreachable", self.name, self.holder)
+        self.held = held

@@ -1,0 +1,110 @@
+"""The polled reads' lean answers: a job and a page of jobs as the routes send them equal what JobOut
+makes of the same rows; ETags; the key cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+
+from app.conditional import etag_of, matches
+from app.db import utcnow
+from app.jobs import repository, service, states
+from app.jobs.schemas import JobOut, JobPage, job_json, job_page_json
+from app.jobs.tables import Job
+from app.teams.service import Caller, CallerCache
+from tests.services import in_a_thread_of_its_own
+
+
+def as_jobout(session, job_id: str) -> dict:
+    return json.loads(JobOut.of(session.get(Job, job_id)).model_dump_json())
+
+
+@pytest.mark.parametrize("values", [
+    {},  # queued: no summary, no metadata, no times
+    {"status": states.SUCCEEDED, "user_metadata": {"ticket": "ML-1 ✓", "quote": 'a "b" \\ c'}, "step": 10,
+     "total_steps": 10, "summary": {"train_loss_final": 0.1 + 0.2, "tokens": 2**53 + 1, "nested": [None, {"x": []}]},
+     "error": "line one\nline two ✗"},
+    {"status": states.RUNNING, "step": 3, "total_steps": 7, "summary": None},
+])
+def test_a_job_read_lean_is_the_job_jobout_makes(session, make_job, caller, values):
+    now = utcnow()
+    job_id = make_job(**{"started_at": now - timedelta(seconds=5), "heartbeat_at": now, **values}
+                      if values.get("status") == states.RUNNING else values)
+    lean = job_json(service.view(session, caller, job_id))
+    assert json.loads(lean) == as_jobout(session, job_id)
+
+
+def test_a_page_read_lean_is_the_page_jobout_makes(session, make_job, caller):
+    ids = [make_job(states.SUCCEEDED, summary={"i": i}) for i in range(5)]
+    first = service.view_page(session, caller, None, None, 3)
+    page = json.loads(job_page_json(first.data, first.next_cursor))
+    assert page == json.loads(JobPage(data=[JobOut.of(session.get(Job, row.id)) for row in first.data],
+                                      next_cursor=first.next_cursor).model_dump_json())
+    rest = service.view_page(session, caller, None, first.next_cursor, 3)
+    assert [j["id"] for j in page["data"]] + [row.id for row in rest.data] == ids[::-1] and rest.next_cursor is None
+    empty = json.loads(job_page_json([], None))
+    assert empty == {"data": [], "next_cursor": None}
+
+
+def test_the_lean_reads_keep_to_the_callers_team(session, make_job, caller):
+    from app.errors import NotFound
+    from app.teams.service import create_key, create_team
+
+    job_id = make_job()
+    other = Caller.of(create_team(session, "team-b"), create_key(session, "team-b")[0])
+    with pytest.raises(NotFound):
+        service.view(session, other, job_id)
+    assert service.view_page(session, other, None, None, 50).data == []
+    assert repository.view(session, caller.team_id, job_id) is not None
+
+
+def test_if_none_match_compares_weakly_and_takes_lists_and_star():
+    tag = etag_of(b'{"a":1}')
+    assert tag.startswith('"') and tag != etag_of(b'{"a":2}')
+    assert matches(tag, tag) and matches(f"W/{tag}", tag) and matches(f'"x", {tag}', tag) and matches("*", tag)
+    assert not matches(None, tag) and not matches("", tag) and not matches('"x"', tag)
+
+
+def test_the_key_cache_forgets_after_its_ttl_and_holds_a_bounded_number():
+    caller = Caller(team_id="t", team_name="team", key_id="k", is_admin=False)
+    cache = CallerCache(ttl_s=0.2, max_entries=3)
+    cache.put("h", caller)
+    assert cache.get("h") == caller
+    time.sleep(0.25)  # the TTL itself is what is under test
+    assert cache.get("h") is None
+    for i in range(5):
+        cache.put(f"h{i}", caller)
+    assert [cache.get(f"h{i}") for i in range(5)] == [None, None, caller, caller, caller]
+    off = CallerCache(ttl_s=0)
+    off.put("h", caller)
+    assert off.get("h") is None
+
+
+def test_the_key_cache_reads_a_key_once_for_all_who_ask_at_the_same_time():
+    import asyncio
+
+    from app.errors import Unauthorized
+
+    caller = Caller(team_id="t", team_name="team", key_id="k", is_admin=False)
+    reads = []
+
+    async def read(answer):
+        reads.append(1)
+        await asyncio.sleep(0.05)  # a read in flight while the others ask
+        if answer is None:
+            raise Unauthorized("invalid or revoked API key")
+        return answer
+
+    async def main():
+        cache = CallerCache(ttl_s=60)
+        got = await asyncio.gather(*(cache.get_or_read("h", lambda: read(caller)) for _ in range(20)))
+        assert got == [caller] * 20 and len(reads) == 1
+        failed = await asyncio.gather(*(cache.get_or_read("bad", lambda: read(None)) for _ in range(5)),
+                                      return_exceptions=True)
+        assert all(isinstance(f, Unauthorized) for f in failed) and len(reads) == 2
+        assert cache.get("bad") is None  # a refused key is not kept: the next request asks again
+
+    in_a_thread_of_its_own(lambda: asyncio.run(main()))  # whatever loop this thread may hold

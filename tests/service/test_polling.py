@@ -1,0 +1,63 @@
+"""What pollers get on Postgres: every polled read (a job, a page of jobs, a curve) carries an ETag, an
+unchanged poll that sends it back gets 304 with no body, and a change gets the new answer. The lean
+reads answer exactly what the job's other routes answer."""
+
+from __future__ import annotations
+
+from app.db import session_scope
+from app.jobs import repository
+from tests.deployment import upload
+from worker.training.tiny import demo_spec
+
+
+def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a, team_b, demo_data):
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    spec = demo_spec("tiny")
+    created = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "nobody-listens", **spec}).json()
+    job_url = f"/jobs/{created['id']}"
+
+    for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics"):
+        first = team_a.get(url)
+        etag = first.headers["etag"]
+        assert first.status_code == 200 and etag.startswith('"') and "no-cache" in first.headers["cache-control"]
+        again = team_a.get(url, headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag, url
+        assert team_a.get(url, headers={"If-None-Match": f'"other", W/{etag}'}).status_code == 304
+        assert team_a.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+
+    # Another team's job is 404 whatever it sends: a 304 would tell it the job exists.
+    for sent in ('"anything"', "*", team_a.get(job_url).headers["etag"]):
+        assert team_b.get(job_url, headers={"If-None-Match": sent}).status_code == 404
+
+    before = {url: team_a.get(url).headers["etag"] for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics")}
+    with session_scope(deployment.settings.database_url) as session:  # as a worker logs a point
+        repository.upsert_metric(session, created["id"], {"kind": "train", "step": 1, "train_loss": 2.5})
+    curve = team_a.get(f"{job_url}/metrics", headers={"If-None-Match": before[f"{job_url}/metrics"]})
+    assert curve.status_code == 200 and [p["step"] for p in curve.json()["train"]] == [1]
+
+    cancelled = team_a.post(f"{job_url}/cancel").json()
+    for url in (job_url, "/jobs?limit=5"):
+        changed = team_a.get(url, headers={"If-None-Match": before[url]})
+        assert changed.status_code == 200 and changed.headers["etag"] != before[url]
+    # The lean read answers what the ORM's JobOut answers for the same job.
+    assert team_a.get(job_url).json() == cancelled
+    listed = next(j for j in team_a.get("/jobs?limit=50").json()["data"] if j["id"] == created["id"])
+    assert listed == cancelled
+
+
+def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
+    from app.cli.api_client import ApiClient
+
+    key = deployment.team_key("polling-cli")
+    with ApiClient(deployment.url, key) as api:
+        statuses: list[int] = []
+        api._http.event_hooks["response"].append(lambda response: statuses.append(response.status_code))
+        dataset_id = api.upload_dataset(demo_data["validation"])["id"]
+        job = api.create_job({"dataset_id": dataset_id, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+        statuses.clear()
+        first, again = api.get_job(job["id"]), api.get_job(job["id"])
+        curve, curve_again = api.job_metrics(job["id"], after_step=0), api.job_metrics(job["id"], after_step=0)
+        assert statuses == [200, 304, 200, 304]
+        assert again == first and again is not first and curve_again == curve
+        api.cancel_job(job["id"])
+        assert api.get_job(job["id"])["status"] == "cancelled" and statuses[-1] == 200

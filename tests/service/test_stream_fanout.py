@@ -1,0 +1,329 @@
+"""Live job streams share one poll per job (app/jobs/stream.py): every stream still gets every point and
+event of its job exactly once and in order, whether it opened first, joined mid-run, joined long after
+the feed's buffer moved on, or read too slowly to keep up; revoking a key ends only that key's streams.
+
+The job is trained "by hand": the test claims it and reports points and events through the functions a
+worker uses (app/jobs/runs.py), so it controls exactly what each stream must see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from app.db import engine_for, session_scope
+from app.jobs import runs, states
+from app.jobs.stream import FEED_BUFFER_ROWS, STREAM_BATCH, JobFeeds, StreamSlots, job_stream
+from app.teams import repository as teams_repository
+from app.teams import service as teams_service
+from tests.deployment import upload
+from tests.service.test_bounded_resources import sse_events
+from tests.services import in_a_thread_of_its_own
+from worker.training.protocol import Event, Progress, TrainPoint
+from worker.training.tiny import demo_spec
+
+TEAM = "team-fanout"  # keys are made per test; streams per key are capped (QLORA_MAX_STREAMS_PER_KEY, 10 here)
+STREAM_TIMEOUT_S = 120  # a stream that is still open after this has failed the test, whatever it was doing
+
+
+# ------------------------------------------------------------------ the job, trained by hand
+
+
+class HandTrainedJob:
+    """A job claimed by the test, which then reports for it as a worker would."""
+
+    def __init__(self, deployment, job_id: str, attempt: int):
+        self.deployment, self.id, self.attempt = deployment, job_id, attempt
+        self.step = 0  # the last step reported
+        self.total = 100_000
+
+    def report(self, points: int, events: int = 0, padding: int = 0) -> None:
+        """`points` more train points (the next steps) and `events` events (with `padding` more characters
+        of message each, as a long warning would have), in one transaction."""
+        records: list = [TrainPoint(step=s, epoch=s / 1000, train_loss=2.0 / s, learning_rate=2e-4, tokens_seen=s * 64)
+                         for s in range(self.step + 1, self.step + points + 1)]
+        self.step += points
+        records += [Event(type="note", message=f"a note at step {self.step} ({i}) " + "." * padding, step=self.step)
+                    for i in range(events)]
+        with session_scope(self.deployment.settings.database_url) as session:
+            runs.report(session, self.id, self.attempt, records, Progress(self.step, self.total, self.step * 64))
+
+    def finish(self) -> None:
+        with session_scope(self.deployment.settings.database_url) as session:
+            assert runs.finish(session, self.id, self.attempt, states.SUCCEEDED, summary={"status": "succeeded"})
+
+
+@pytest.fixture
+def job(deployment, demo_data) -> HandTrainedJob:
+    """A running job of TEAM: created through the API on a queue no worker serves, claimed by the test."""
+    with deployment.client(deployment.team_key(TEAM)) as client:
+        dataset_id = upload(client, demo_data["validation"]).json()["id"]
+        created = client.post("/jobs", json={"dataset_id": dataset_id, **demo_spec("tiny"), "gpu_class": "nobody"})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+    with session_scope(deployment.settings.database_url) as session:
+        claimed = runs.claim(session, job_id, "hand:gpu0")
+        assert claimed is not None
+        return HandTrainedJob(deployment, job_id, claimed.attempt)
+
+
+# ------------------------------------------------------------------ reading streams
+
+
+class Reader(threading.Thread):
+    """One client reading a job's stream to its end in a thread: what it saw, parsed, as it arrives."""
+
+    def __init__(self, deployment, key: str, job_id: str, transport: httpx.HTTPTransport | None = None,
+                 hold: threading.Event | None = None):
+        super().__init__(daemon=True)
+        self.client = httpx.Client(base_url=deployment.url, headers={"Authorization": f"Bearer {key}"},
+                                   timeout=STREAM_TIMEOUT_S, transport=transport)
+        self.job_id, self.hold = job_id, hold
+        self.messages: list[tuple[str, dict | str]] = []
+        self.last_step = 0  # of the last metric seen, for waiting on it
+        self.status: int | None = None
+        self.opened = threading.Event()  # the first `job` message came: the stream is served
+        self.ended = False  # the server ended the stream (a closed connection is not an end)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.client, self.client.stream("GET", f"/jobs/{self.job_id}/stream") as response:
+                self.status = response.status_code
+                if self.hold is not None:  # a client that does not read (yet): the server's writes back up
+                    self.opened.set()
+                    self.hold.wait(STREAM_TIMEOUT_S)
+                for name, data in sse_events(response):
+                    self.messages.append((name, data if name == ":" else json.loads(data)))
+                    if name == "job":
+                        self.opened.set()
+                    elif name == "metric":
+                        self.last_step = self.messages[-1][1]["step"]
+                self.ended = True
+        except BaseException as exc:  # noqa: B036 (reported by the test, which asserts on it)
+            self.error = exc
+        finally:
+            self.opened.set()
+
+    def steps(self) -> list[int]:
+        return [data["step"] for name, data in self.messages if name == "metric"]
+
+    def event_ids(self) -> list[int]:
+        return [data["id"] for name, data in self.messages if name == "event"]
+
+    def jobs(self) -> list[dict]:
+        return [data for name, data in self.messages if name == "job"]
+
+    def wait_for_step(self, step: int, timeout: float = STREAM_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while self.last_step < step:
+            assert time.monotonic() < deadline, f"the stream saw steps up to {self.last_step}, not {step}"
+            assert self.is_alive(), f"the stream ended early: {self.error!r} {self.messages[-1:]}"
+            time.sleep(0.05)
+
+
+def start(reader: Reader) -> Reader:
+    reader.start()
+    assert reader.opened.wait(60), "the stream never sent the job"
+    assert reader.status == 200, reader.status
+    return reader
+
+
+def finish_all(readers: list[Reader]) -> None:
+    for reader in readers:
+        reader.join(STREAM_TIMEOUT_S)
+        assert not reader.is_alive(), "a stream did not end after the job's final state"
+        assert reader.error is None, repr(reader.error)
+        assert reader.ended
+
+
+def assert_saw_the_whole_job(reader: Reader, client: httpx.Client, job: HandTrainedJob) -> None:
+    """Every point once and in order, every event once and in order, then the final state, last."""
+    assert reader.steps() == list(range(1, job.step + 1))
+    event_ids: list[int] = []
+    while page := client.get(f"/jobs/{job.id}/events", params={"limit": 1000, "after": event_ids[-1] if event_ids else 0}).json():
+        event_ids += [e["id"] for e in page]
+    assert reader.event_ids() == event_ids
+    final = client.get(f"/jobs/{job.id}").json()
+    assert final["status"] == states.SUCCEEDED
+    assert reader.messages[-1] == ("job", final)
+    jobs = reader.jobs()
+    # The job is sent only when it changed (its heartbeat aside), never twice the same.
+    without_heartbeat = [{k: v for k, v in j.items() if k != "heartbeat_at"} for j in jobs]
+    assert all(a != b for a, b in zip(without_heartbeat, without_heartbeat[1:], strict=False))
+
+
+FELL_BEHIND = "fell behind its job's feed"
+
+
+def api_log(deployment) -> str:
+    return (deployment.home / "api.log").read_text(errors="replace")
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def test_concurrent_streams_and_a_late_joiner_see_every_point_once_in_order(deployment, job):
+    keys = [deployment.team_key(TEAM) for _ in range(2)]
+    readers = [start(Reader(deployment, keys[i % 2], job.id)) for i in range(4)]
+
+    def work() -> None:  # 3 points every 50 ms and an event every 10 steps, while the streams follow
+        for _ in range(40):
+            job.report(3, events=1 if job.step % 10 == 0 else 0)
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=work)
+    writer.start()
+    readers[0].wait_for_step(60)
+    readers.append(start(Reader(deployment, keys[0], job.id)))  # mid-run: it still gets the whole history first
+    writer.join()
+    job.report(1, events=2)
+    job.finish()
+    finish_all(readers)
+    with deployment.client(keys[1]) as client:
+        for reader in readers:
+            assert_saw_the_whole_job(reader, client, job)
+
+
+def test_a_stream_joining_behind_the_feeds_buffer_reads_the_history_itself(deployment, job):
+    key = deployment.team_key(TEAM)
+    first = start(Reader(deployment, key, job.id))
+    # More rows than the feed keeps: the feed reads them in batches, and its buffer moves past the start.
+    history = FEED_BUFFER_ROWS + 3 * STREAM_BATCH
+    for _ in range(history // STREAM_BATCH):
+        job.report(STREAM_BATCH, events=3)
+    first.wait_for_step(job.step)
+
+    late = start(Reader(deployment, key, job.id))
+    late.wait_for_step(job.step)
+    for _ in range(5):
+        job.report(4, events=1)
+    job.finish()
+    finish_all([first, late])
+    with deployment.client(key) as client:
+        for reader in (first, late):
+            assert_saw_the_whole_job(reader, client, job)
+
+
+def test_revoking_a_key_ends_only_its_streams(deployment, job):
+    revoked_key, kept_key = deployment.team_key(TEAM), deployment.team_key(TEAM)
+    revoked = [start(Reader(deployment, revoked_key, job.id)) for _ in range(2)]
+    kept = start(Reader(deployment, kept_key, job.id))
+    job.report(5, events=1)
+    kept.wait_for_step(5)
+
+    with session_scope(deployment.settings.database_url) as session:
+        teams_service.revoke_key(session, revoked_key[:12])
+    for reader in revoked:
+        reader.join(30)
+        assert not reader.is_alive(), "a stream went on after its key was revoked"
+        name, data = reader.messages[-1]
+        assert name == "error" and "revoked" in data["error"]["message"], reader.messages[-1]
+
+    job.report(5, events=1)  # the other key's stream goes on, and sees all of it
+    job.finish()
+    finish_all([kept])
+    with deployment.client(kept_key) as client:
+        assert_saw_the_whole_job(kept, client, job)
+
+
+def test_a_slow_or_closed_client_does_not_hold_up_the_others(deployment, job):
+    key = deployment.team_key(TEAM)
+    fell_behind_before = api_log(deployment).count(FELL_BEHIND)
+    # A client that stops reading, with a receive window of its own size (else Linux lets it grow to
+    # tens of megabytes), so the server's writes to it back up once the server's socket is full too.
+    small_window = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)])
+    hold = threading.Event()
+    slow = start(Reader(deployment, key, job.id, transport=small_window, hold=hold))
+    normal = start(Reader(deployment, key, job.id))
+    with deployment.client(key) as client, client.stream("GET", f"/jobs/{job.id}/stream") as leaving:
+        assert leaving.status_code == 200
+        next(leaving.iter_lines())
+    # The client above closed its connection mid-stream. Now about 8 MB of news: more than the sockets
+    # between the server and the slow client take (a few MB on loopback), and more rows than the feed keeps.
+    for _ in range(12):
+        job.report(STREAM_BATCH, events=100, padding=5000)
+    normal.wait_for_step(job.step)  # the others did not wait for the slow client
+    assert slow.steps() == [] and slow.is_alive()
+
+    hold.set()  # the slow client reads again: it fell behind the feed, and still gets every point once
+    slow.wait_for_step(job.step)
+    job.report(2)
+    job.finish()
+    finish_all([normal, slow])
+    with deployment.client(key) as client:
+        for reader in (normal, slow):
+            assert_saw_the_whole_job(reader, client, job)
+    # The slow client really took the way back (the log line of exactly that branch).
+    assert api_log(deployment).count(FELL_BEHIND) > fell_behind_before
+
+
+# ------------------------------------------------------------------ in this process: the feed itself
+
+
+def test_streams_of_a_job_share_one_poll_that_stops_with_the_last(deployment, job):
+    """job_stream driven in this process against the deployment's database: what the database is asked
+    while 1, then 20, streams of the job wait for news, and the feed once every stream has left."""
+    database_url = deployment.settings.database_url
+    key = deployment.team_key(TEAM)
+    with session_scope(database_url) as session:
+        api_key = teams_repository.key_by_id_or_prefix(session, key[:12])[0]
+        key_id, team_id = api_key.id, api_key.team_id
+    statements = 0
+
+    def count(*_args) -> None:
+        nonlocal statements
+        statements += 1
+
+    async def scenario() -> tuple[float, float, int]:
+        nonlocal statements
+        state, slots = SimpleNamespace(job_feeds=JobFeeds()), StreamSlots(per_key=100)
+
+        async def next_message(stream) -> str:
+            return await anext(stream)
+
+        def open_stream():
+            return job_stream(state, database_url, team_id, key_id, job.id, slots.take(key_id))
+
+        async def per_second(streams: int, seconds: float = 3.0) -> float:
+            nonlocal statements
+            opened = [open_stream() for _ in range(streams)]
+            # Each stream's first message is the history and the job; after that they wait on the feed.
+            await asyncio.gather(*(anext(s) for s in opened))
+            statements = 0
+            waiting = [asyncio.create_task(next_message(s)) for s in opened]  # nothing comes: no news, no keepalive yet
+            await asyncio.sleep(seconds)
+            rate = statements / seconds
+            for w in waiting:
+                w.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            for s in opened:
+                await s.aclose()
+            return rate
+
+        one = await per_second(1)
+        twenty = await per_second(20)
+        assert len(state.job_feeds) == 0  # the last stream out stopped the feed
+        await asyncio.sleep(1.5)  # past a poll interval: nothing polls any more
+        statements = 0
+        await asyncio.sleep(2.5)
+        return one, twenty, statements
+
+    engine = engine_for(database_url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        one, twenty, after_the_last = in_a_thread_of_its_own(lambda: asyncio.run(scenario()))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert one > 0, "no stream polled"
+    # One poll per second and per job either way: allow one poll more or less in the window.
+    assert twenty <= one + 2, (one, twenty)
+    assert after_the_last == 0
