@@ -127,7 +127,7 @@ class ApiClient:
         return self._json("POST", f"/jobs/{job_id}/cancel")
 
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
-        return self._json("GET", f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
+        return self._poll(f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
 
     def job_metrics(self, job_id: str, after_step: int | None = None) -> dict:
         return self._poll(f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})

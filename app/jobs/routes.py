@@ -4,6 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
+from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
 from app.conditional import json_answer
@@ -37,7 +38,7 @@ def create_job(body: Annotated[Any, Body()], session: SessionDep, settings: Sett
     return JobOut.of(service.create(session, settings, caller, body))
 
 
-# The reads every poller makes (a job, a page of jobs, a curve) are `async def` on the async driver
+# The reads every poller makes (a job, a page of jobs, a curve, the events) are `async def` on the async driver
 # (read_only) and answer with an ETag (json_answer): an unchanged poll gets 304 with no body.
 POLLED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: the body would equal the one whose ETag was sent in If-None-Match."}}
@@ -78,11 +79,18 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
     return JobOut.of(service.resume(session, settings, caller, job_id))
 
 
-@router.get("/{job_id}/events", response_model=list[EventOut])
-def job_events(job_id: str, session: SessionDep, caller: CallerDep,
-               after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, limit: int = 200):
+@router.get("/{job_id}/events", response_model=list[EventOut], responses=POLLED)
+async def job_events(job_id: str, request: Request, caller: CallerDep,
+                     after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, limit: int = 200):
     """Events oldest first; pass the last id seen as `after` to get only newer ones."""
-    return service.events(session, caller, job_id, after, limit)
+    def read(session: Session) -> bytes:
+        return EVENT_LIST.dump_json(EVENT_LIST.validate_python(service.events(session, caller, job_id, after, limit),
+                                                               from_attributes=True))
+
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+
+
+EVENT_LIST = TypeAdapter(list[EventOut])
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut, responses=POLLED)

@@ -16,7 +16,7 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
     created = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "nobody-listens", **spec}).json()
     job_url = f"/jobs/{created['id']}"
 
-    for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics"):
+    for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics", f"{job_url}/events"):
         first = team_a.get(url)
         etag = first.headers["etag"]
         assert first.status_code == 200 and etag.startswith('"') and "no-cache" in first.headers["cache-control"]
@@ -29,14 +29,14 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
     for sent in ('"anything"', "*", team_a.get(job_url).headers["etag"]):
         assert team_b.get(job_url, headers={"If-None-Match": sent}).status_code == 404
 
-    before = {url: team_a.get(url).headers["etag"] for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics")}
+    before = {url: team_a.get(url).headers["etag"] for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics", f"{job_url}/events")}
     with session_scope(deployment.settings.database_url) as session:  # as a worker logs a point
         repository.upsert_metric(session, created["id"], {"kind": "train", "step": 1, "train_loss": 2.5})
     curve = team_a.get(f"{job_url}/metrics", headers={"If-None-Match": before[f"{job_url}/metrics"]})
     assert curve.status_code == 200 and [p["step"] for p in curve.json()["train"]] == [1]
 
     cancelled = team_a.post(f"{job_url}/cancel").json()
-    for url in (job_url, "/jobs?limit=5"):
+    for url in (job_url, "/jobs?limit=5", f"{job_url}/events"):  # the cancel is an event too
         changed = team_a.get(url, headers={"If-None-Match": before[url]})
         assert changed.status_code == 200 and changed.headers["etag"] != before[url]
     # The lean read answers what the ORM's JobOut answers for the same job.
@@ -57,7 +57,8 @@ def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
         statuses.clear()
         first, again = api.get_job(job["id"]), api.get_job(job["id"])
         curve, curve_again = api.job_metrics(job["id"], after_step=0), api.job_metrics(job["id"], after_step=0)
-        assert statuses == [200, 304, 200, 304]
+        events, events_again = api.job_events(job["id"]), api.job_events(job["id"])
+        assert statuses == [200, 304, 200, 304, 200, 304] and events_again == events
         assert again == first and again is not first and curve_again == curve
         api.cancel_job(job["id"])
         assert api.get_job(job["id"])["status"] == "cancelled" and statuses[-1] == 200
