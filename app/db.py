@@ -142,7 +142,7 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
     """
     engine = async_engine_for(url)
     if engine is None:
-        return await anyio.to_thread.run_sync(functools.partial(_read_in_thread, url, read))
+        return await anyio.to_thread.run_sync(functools.partial(_read_in_session, url, read))
     for tries_left in (1, 0):
         try:
             async with AsyncSession(engine, expire_on_commit=False) as session:
@@ -154,13 +154,6 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
                 raise
     raise AssertionError("unreachable")
 
-
-def _read_in_thread(url: str, read: Callable[[Session], T]) -> T:
-    session = sessionmaker_for(url)()
-    try:
-        return read(session)
-    finally:
-        session.close()
 
 
 @contextmanager
@@ -175,6 +168,11 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def _read_in_session(url: str, read: Callable[[Session], T]) -> T:
+    with session_scope(url) as session:
+        return read(session)
 
 
 def release_connection(session: Session) -> None:

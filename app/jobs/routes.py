@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
@@ -44,6 +45,11 @@ POLLED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: the body would equal the one whose ETag was sent in If-None-Match."}}
 
 
+async def polled(request: Request, read: Callable[[Session], bytes]) -> Response:
+    """read(session)'s JSON body, read on the async driver, with its ETag (or a 304)."""
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+
+
 @router.get("", response_model=JobPage, responses=POLLED)
 async def list_jobs(request: Request, caller: CallerDep, status: str | None = None, cursor: str | None = None,
                     limit: int = 50):
@@ -51,7 +57,7 @@ async def list_jobs(request: Request, caller: CallerDep, status: str | None = No
         jobs = service.view_page(session, caller, status, cursor, limit)
         return job_page_json(jobs.data, jobs.next_cursor)
 
-    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+    return await polled(request, read)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=POLLED)
@@ -59,7 +65,7 @@ async def get_job(job_id: str, request: Request, caller: CallerDep):
     def read(session: Session) -> bytes:
         return job_json(service.view(session, caller, job_id))
 
-    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+    return await polled(request, read)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -87,7 +93,7 @@ async def job_events(job_id: str, request: Request, caller: CallerDep,
         return EVENT_LIST.dump_json(EVENT_LIST.validate_python(service.events(session, caller, job_id, after, limit),
                                                                from_attributes=True))
 
-    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+    return await polled(request, read)
 
 
 EVENT_LIST = TypeAdapter(list[EventOut])
@@ -103,7 +109,7 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
         curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step), from_attributes=True)
         return curve.model_dump_json().encode()
 
-    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+    return await polled(request, read)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])

@@ -316,11 +316,6 @@ class JobFeeds:
     def __init__(self) -> None:
         self._feeds: dict[tuple[str, str], JobFeed] = {}
 
-    @classmethod
-    def of(cls, state) -> JobFeeds:
-        """The app's registry (app.state.job_feeds, made by create_app)."""
-        return state.job_feeds
-
     def feed(self, database_url: str, team_id: str, job_id: str) -> JobFeed:
         """The job's feed, started if it has none (from the event loop only)."""
         feed = self._feeds.get((team_id, job_id))
@@ -350,7 +345,7 @@ async def job_stream(app_state, database_url: str, team_id: str, key_id: str, jo
     JobFeeds) until it ends, and ends when the key is revoked. A client that leaves cancels the
     generator, which runs the `finally`."""
     try:
-        feed = JobFeeds.of(app_state).feed(database_url, team_id, job_id)
+        feed = app_state.job_feeds.feed(database_url, team_id, job_id)
         subscriber = feed.subscribe(key_id)
         try:
             async for chunk in _follow(feed, subscriber, database_url, team_id, key_id, job_id):

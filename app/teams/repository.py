@@ -32,13 +32,13 @@ def keys_of(session: Session, team_id: str) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at)))
 
 
-def key_is_live(session: Session, key_id: str) -> bool:
-    """Whether the key still authenticates: not revoked, and not gone with its team. A live stream asks
-    between batches, so a revoked key's streams end at their next poll."""
-    return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
-
-
 def live_keys(session: Session, key_ids: Collection[str]) -> set[str]:
-    """Which of these keys still authenticate (not revoked): one query for every key watching a job
-    (a live stream's feed asks between polls)."""
+    """Which of these keys still authenticate: not revoked, and not gone with their team (the rows go
+    with it). One query for every key watching a job: a live stream's feed asks between polls, so a
+    revoked key's streams end at the next one."""
     return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None))))
+
+
+def key_is_live(session: Session, key_id: str) -> bool:
+    """live_keys for one key: a stream reading history on its own asks before each batch."""
+    return key_id in live_keys(session, [key_id])

@@ -50,22 +50,29 @@ def assert_one_untroubled_attempt(done: dict, story: list[dict]) -> None:
     assert types.count("claimed") == 1 and "requeued" not in types and "resumed" not in types
 
 
-def test_an_artifact_upload_three_heartbeat_deadlines_long(faulty, tenant, dataset_id, slow_lane, fault_report):
-    slow_lane.proxy.stretch("PUT", "/artifacts/", STRETCH_S)
+def run_stretched(tenant, faulty, dataset_id, slow_lane, method: str, path_part: str):
+    """A job on the slow lane while every `method` to a storage path holding `path_part` lasts
+    STRETCH_S: it succeeds on its first attempt. Returns the job, the stretched transfer and the
+    messages of the job's transfer events."""
+    slow_lane.proxy.stretch(method, path_part, STRETCH_S)
     try:
         done, story = run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class)
     finally:
         slow_lane.proxy.clear()
     assert_one_untroubled_attempt(done, story)
-    [upload] = slow_lane.proxy.stretched_matching("/artifacts/")
-    assert upload.seconds >= STRETCH_S
+    [transfer] = slow_lane.proxy.stretched_matching(path_part)
+    assert transfer.seconds >= STRETCH_S
+    return done, transfer, [e["message"] for e in story if e["type"] == "transfer"]
+
+
+def test_an_artifact_upload_three_heartbeat_deadlines_long(faulty, tenant, dataset_id, slow_lane, fault_report):
+    done, upload, messages = run_stretched(tenant, faulty, dataset_id, slow_lane, "PUT", "/artifacts/")
     # The artifact was kept: listed, and what a download gives is what was uploaded.
     [adapter] = tenant.get(f"/jobs/{done['id']}/artifacts").json()
     assert adapter["kind"] == "adapter" and adapter["bytes"] == upload.bytes
     downloaded = tenant.get(adapter["download_url"], follow_redirects=True)
     assert downloaded.status_code == 200 and hashlib.sha256(downloaded.content).hexdigest() == adapter["sha256"]
     # Progress while it lasted, then the end of it.
-    messages = [e["message"] for e in story if e["type"] == "transfer"]
     assert messages and all(m.startswith(("uploading adapter, ", "uploaded adapter, ")) for m in messages)
     assert messages[-1].startswith("uploaded adapter, ")
     fault_report.append({"fault": "artifact upload lasting 3x the heartbeat deadline", "injected": 1, "survived": 1,
@@ -82,16 +89,8 @@ def test_a_base_download_three_heartbeat_deadlines_long(faulty, tenant, dataset_
     if not cached():  # the first job on this lane quantizes the base and stores it for the next
         assert_one_untroubled_attempt(*run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class))
         assert cached()
-    slow_lane.proxy.stretch("GET", "/quantized-bases/", STRETCH_S)
-    try:
-        done, story = run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class)
-    finally:
-        slow_lane.proxy.clear()
-    assert_one_untroubled_attempt(done, story)
-    [download] = slow_lane.proxy.stretched_matching("/quantized-bases/")
-    assert download.seconds >= STRETCH_S
+    done, download, messages = run_stretched(tenant, faulty, dataset_id, slow_lane, "GET", "/quantized-bases/")
     assert done["summary"]["quantized_base"] == "cache"  # trained on the base it downloaded so slowly
-    messages = [e["message"] for e in story if e["type"] == "transfer"]
     assert messages and messages[0].startswith("downloading quantized base, ")
     assert messages[-1].startswith("downloaded quantized base, ")
     fault_report.append({"fault": "quantized base download lasting 3x the heartbeat deadline", "injected": 1,
