@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     port: int = 8000
     # API processes `qlora serve` starts on one host, sharing its port (as uvicorn's and gunicorn's
     # workers do). Each has database pools of its own (app/db.py), so the database's max_connections
-    # bounds this. Background loops (the reaper) work in one of them at a time: the lease holder.
+    # bounds this. Background loops (the reaper, the scheduler) work in one of them at a time: the lease holder.
     api_workers: int = Field(1, ge=1, le=64)
     max_upload_bytes: int = Field(2 * GIB, ge=1)
     # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # Checkpoints kept in object storage per job: the newest this many, plus the best by eval loss.
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     # A queued job whose "job X is ready" went to the broker this long ago and is still unclaimed is sent
-    # again by the reaper: its message may be gone (a worker took it, but its claim failed on a database
+    # again by the scheduler: its message may be gone (a worker took it, but its claim failed on a database
     # blip). A duplicate is harmless, since the claim is a compare-and-set; a job waiting for a busy GPU
     # class gets one duplicate per this interval, which the worker that takes it acknowledges at once.
     redispatch_after_s: float = Field(300.0, gt=0)
@@ -106,6 +106,34 @@ class Settings(BaseSettings):
     # An upload still in progress after this long belongs to a client or an API process that died:
     # its partial object (a temp file, a pending S3 multipart upload) is removed.
     stale_upload_s: float = Field(6 * 3600.0, gt=0)
+
+    # Sharing the GPU pool between teams (app/scheduling/, docs/scheduling.md). Each team's quota is set by
+    # an admin (`qlora admin set-quota`); these are the values of a team that has none set. None: no limit.
+    # A team's share of the pool against the others' (Kueue's weight, Slurm's shares).
+    default_weight: float = Field(1.0, gt=0, le=1000)
+    # Jobs of one team training at once, over every GPU class.
+    default_max_running: int | None = Field(None, ge=0)
+    # Jobs of one team waiting at once: a script in a loop must not queue without bound (rule 9).
+    default_max_queued: int | None = Field(1000, ge=0)
+    # GPU-hours a team may use per calendar month (UTC); a job that would start past it stays queued.
+    default_gpu_hours_per_month: float | None = Field(None, ge=0)
+    # Datasets, artifacts and checkpoints a team may keep in object storage, in GiB.
+    default_storage_gib: float | None = Field(None, ge=0)
+    # How fast past GPU time stops counting against a team's fair share: Slurm's PriorityDecayHalfLife
+    # (default 7 days there too). Shorter forgets sooner; longer evens out use over weeks.
+    fair_share_half_life_s: float = Field(7 * 24 * 3600.0, gt=0)
+    # The scheduler (one per deployment, the holder of the "scheduler" lease) looks this often: it
+    # sends "job X is ready" for jobs a quota held back and now free, and preempts for fair share.
+    scheduler_interval_s: float = Field(5.0, ge=0)
+    # A team below its fair share whose job waits while every GPU of its class is busy may pause (at a
+    # checkpoint) the newest job of the team furthest above its share; off: jobs wait for a free GPU.
+    preemption: bool = True
+    # No job is preempted before it has trained this long in its attempt: no thrashing, and every
+    # attempt gets past its load and first checkpoint.
+    min_runtime_before_preempt_s: float = Field(600.0, ge=0)
+    # A queued job counts as waiting for a busy class (rather than for a worker about to take its
+    # message) once it has waited this long without a claim.
+    preempt_after_wait_s: float = Field(30.0, ge=0)
 
     @field_validator("extra_gpu_classes", mode="before")
     @classmethod
@@ -153,7 +181,7 @@ class Settings(BaseSettings):
         """The order that keeps exactly one runner per job, checked when a process starts.
 
         - supervise interval x 4 <= heartbeat deadline: a live worker is never taken for lost.
-        - redispatch deadline >= reaper interval: the reaper looks that often, so a shorter deadline
+        - redispatch deadline >= scheduler interval: the scheduler looks that often, so a shorter deadline
           would send every job waiting for a busy GPU class again on each pass.
         - task time limit < broker visibility timeout: the broker redelivers a message only once
           the task holding it has surely ended. (A redelivery is harmless anyway: the claim is a
@@ -165,10 +193,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"QLORA_HEARTBEAT_DEADLINE_S ({self.heartbeat_deadline_s}) must be at least 4x "
                 f"QLORA_SUPERVISE_INTERVAL_S ({self.supervise_interval_s}), or healthy jobs would be requeued")
-        if self.reaper_interval_s and self.redispatch_after_s < self.reaper_interval_s:
+        if self.scheduler_interval_s and self.redispatch_after_s < self.scheduler_interval_s:
             raise ValueError(
-                f"QLORA_REDISPATCH_AFTER_S ({self.redispatch_after_s}) must be at least QLORA_REAPER_INTERVAL_S "
-                f"({self.reaper_interval_s}): the reaper looks only that often, so a shorter deadline would "
+                f"QLORA_REDISPATCH_AFTER_S ({self.redispatch_after_s}) must be at least QLORA_SCHEDULER_INTERVAL_S "
+                f"({self.scheduler_interval_s}): the scheduler looks only that often, so a shorter deadline would "
                 "send every waiting job again on each of its passes")
         if self.task_time_limit_s >= self.visibility_timeout_s:
             raise ValueError(

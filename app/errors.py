@@ -78,6 +78,14 @@ class TooManyStreams(AppError):
     code = "too_many_streams"
 
 
+class QuotaExceeded(AppError):
+    """Over one of the team's quotas (app/quotas/): the message names the limit, the team's use, and
+    what frees it; details carry them as fields."""
+
+    status = 429
+    code = "quota_exceeded"
+
+
 class Invalid(AppError):
     """A request whose content is wrong; details name each field and its allowed values."""
 
@@ -113,5 +121,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "No such object, or one of another team.",
         409: "The object's state forbids this.",
         422: "A field is invalid; details name each field and its allowed values.",
-        429: "Too many of something at once for this key.",
+        429: "Too many of something at once for this key, or over the team's quota (code quota_exceeded).",
     }.items()}

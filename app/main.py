@@ -21,7 +21,7 @@ from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.deps import session_end_threads
-from app.errors import ERROR_RESPONSES, AppError, Invalid
+from app.errors import ERROR_RESPONSES, AppError, Invalid, QuotaExceeded
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
 from app.jobs.schemas import JobCreate
@@ -31,8 +31,11 @@ from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
 from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
+from app.quotas.routes import router as quotas_router
+from app.scheduling.service import SchedulerThread
 from app.storage.base import storage_from_settings
 from app.teams.service import CallerCache
+from app.usage.routes import router as usage_router
 from app.web.routes import STATIC_DIR
 from app.web.routes import router as web_router
 
@@ -48,12 +51,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with engine_for(settings.database_url).connect() as conn:  # fail at start, not at the first request
             conn.execute(text("SELECT 1"))
         app.state.session_ends = session_end_threads()  # see app.deps.get_session
-        reaper = ReaperThread(settings, app.state.storage) if settings.reaper_interval_s > 0 else None
-        if reaper:
-            reaper.start()
+        # Background loops: every API process runs them, the holder of each one's lease works (0: off here).
+        loops = [loop for loop, interval in ((ReaperThread(settings, app.state.storage), settings.reaper_interval_s),
+                                              (SchedulerThread(settings), settings.scheduler_interval_s)) if interval > 0]
+        for loop in loops:
+            loop.start()
         yield
-        if reaper:
-            reaper.stop()
+        for loop in loops:
+            loop.stop()
 
     app = FastAPI(
         title="qlora-service",
@@ -71,10 +76,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError):
+        # The openai SDK sends a 429 again twice unless told not to: over a quota, the same request
+        # (a whole file upload) would only be refused again.
+        headers = {"x-should-retry": "false"} if isinstance(exc, QuotaExceeded) else None
         if request.url.path.startswith("/v1/"):  # the OpenAI-compatible API answers in OpenAI's shape
             status, body = openai_error(exc.status, exc.message, exc.code, exc.details)
-            return JSONResponse(body, status_code=status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError):
@@ -106,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(openai_router)
     app.include_router(operations_router)
+    app.include_router(quotas_router)
+    app.include_router(usage_router)
     app.include_router(web_router)  # the dashboard at /
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     document_request_models(app, [JobCreate])

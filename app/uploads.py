@@ -54,6 +54,16 @@ def _too_large(max_file_bytes: int) -> PayloadTooLarge:
                            "or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
 
 
+def declared_file_bytes(request: Request) -> int | None:
+    """The least the file part can hold, by the body's declared length: its Content-Length less the
+    most the form around the file may take. None for a body that declares none (chunked). A limit
+    checked against this refuses a body before a byte of it is read, and never one whose file fits."""
+    declared = request.headers.get("content-length")
+    if not (declared and declared.isdigit()):
+        return None
+    return max(int(declared) - MULTIPART_OVERHEAD, 0)
+
+
 async def read_multipart(request: Request, open_file: Callable[[str, str], FileSink], max_file_bytes: int,
                          file_field: str = "file") -> tuple[dict[str, str], bool]:
     """Parse the request body; stream the `file_field` part to open_file(field, filename).
@@ -69,8 +79,8 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         raise Invalid(f"send the file as multipart/form-data with a {file_field!r} field "
                       f"(curl -F {file_field}=@data.jsonl)")
     max_body_bytes = max_file_bytes + MULTIPART_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_body_bytes:
+    declared = declared_file_bytes(request)
+    if declared is not None and declared > max_file_bytes:
         raise _too_large(max_file_bytes)  # refused before a byte of the body is read
 
     fields: dict[str, str] = {}

@@ -103,7 +103,7 @@ def start_deployment(home: Path, s3_endpoint: str, model_dir: Path, **settings: 
         "QLORA_PORT": str(services.free_port()),
         "QLORA_DEFAULT_GPU_CLASS": f"t{uuid.uuid4().hex[:8]}",  # queues no other test run listens to
         # The classes tests send jobs to: served by a worker a test starts, or by none (to keep a job queued).
-        "QLORA_EXTRA_GPU_CLASSES": json.dumps(["nobody-listens", "nobody", "cancel-test", "metrics-queue"]),
+        "QLORA_EXTRA_GPU_CLASSES": json.dumps(["nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share"]),
         "QLORA_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
         "QLORA_SUPERVISE_INTERVAL_S": "0.5",
         "QLORA_CANCEL_GRACE_S": "60",

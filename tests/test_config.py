@@ -24,7 +24,7 @@ def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
         settings.check_timing()
 
 
-def test_a_redispatch_deadline_below_the_reaper_interval_is_refused(tmp_path):
-    settings = Settings(home=tmp_path, reaper_interval_s=30, redispatch_after_s=10)
-    with pytest.raises(ValueError, match="REDISPATCH_AFTER_S .* at least QLORA_REAPER_INTERVAL_S"):
+def test_a_redispatch_deadline_below_the_scheduler_interval_is_refused(tmp_path):
+    settings = Settings(home=tmp_path, scheduler_interval_s=30, redispatch_after_s=10)
+    with pytest.raises(ValueError, match="REDISPATCH_AFTER_S .* at least QLORA_SCHEDULER_INTERVAL_S"):
         settings.check_timing()

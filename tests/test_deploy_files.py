@@ -499,12 +499,13 @@ def api_processes(services: dict, stages: dict[str, Stage]) -> int:
 
 def test_the_api_runs_several_processes_and_gives_them_time_to_stop(services, stages):
     from app.cli.processes import GRACEFUL_SHUTDOWN_S
-    from app.jobs.reaper import STOP_WAIT_S
+    from app.operations.lease import STOP_WAIT_S
 
     assert api_processes(services, stages) > 1, "one API process leaves the host's other cores idle"
-    # Each process finishes open requests, then stops its reaper and releases the lease; killed sooner,
+    # Each process finishes open requests, then stops its background loops and releases their leases; killed sooner,
     # the lease outlives it and the next container waits for it to expire.
-    assert stop_grace_period_s("api", services["api"]) > GRACEFUL_SHUTDOWN_S + STOP_WAIT_S
+    loops = 2  # the reaper and the scheduler, stopped one after the other
+    assert stop_grace_period_s("api", services["api"]) > GRACEFUL_SHUTDOWN_S + loops * STOP_WAIT_S
 
 
 def test_postgres_admits_every_connection_the_processes_may_open(services, stages):

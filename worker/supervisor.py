@@ -37,6 +37,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
+from app.scheduling.service import claim_next
 from app.storage.base import make_key, storage_from_settings
 from worker.training.protocol import (
     AppendedLines,
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
 ARTIFACTS = {"adapter": "adapter", "merged": "merged model"}  # kind → what a person reads
+CLAIM_TRIES = 10  # SQLite: claims that lost the race for its one writer (see JobRun._claim)
 TAR_BUFFER = 1 << 20  # tar's stream-mode buffer: 1 MiB writes into the storage writer, not 10 KiB ones
 
 
@@ -175,7 +177,8 @@ class AttemptWatch(threading.Thread):
         message = self._time_limit_message(elapsed)
         try:
             with session_scope(self.db) as session:
-                recorded = runs.finish(session, self.job.id, self.job.attempt, states.FAILED, error=message)
+                recorded = runs.finish(session, self.job.id, self.job.attempt, states.FAILED, error=message,
+                                       half_life_s=self.settings.fair_share_half_life_s)
         except Exception as exc:  # try again next interval; the training process is stopped already
             log.warning("could not record that job %s hit its time limit: %s", self.job.id, exc)
             return
@@ -238,14 +241,28 @@ class JobRun:
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
         with logs.job_context(self.job_id):
-            self._run()
+            job = self._claim()
+            if job is None:
+                log.info("no job of this class may start now (the message named %s); nothing to do", self.job_id)
+                return
+        with logs.job_context(job.id):  # the message's job, or the one fair share put first
+            self._attempt(job)
 
-    def _run(self) -> None:
-        with session_scope(self.db) as session:
-            job = runs.claim(session, self.job_id, self.worker)
-        if job is None:
-            log.info("job %s is not queued any more; nothing to do", self.job_id)
-            return
+    def _claim(self) -> ClaimedJob | None:
+        """The best queued job of the message's class, claimed (app/scheduling/service.claim_next). SQLite
+        refuses a transaction that writes after reading what another writer has changed since (a claim
+        reads the queue first): such a claim is tried again."""
+        for tries_left in range(CLAIM_TRIES - 1, -1, -1):
+            try:
+                with session_scope(self.db) as session:
+                    return claim_next(session, self.settings, self.job_id, self.worker)
+            except OperationalError as exc:
+                if not tries_left or "locked" not in str(exc):
+                    raise
+                time.sleep(0.2)
+        return None
+
+    def _attempt(self, job: ClaimedJob) -> None:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         watch = AttemptWatch(self.settings, self.db, job, workdir)
@@ -448,7 +465,8 @@ class JobRun:
 
     def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None) -> None:
         with session_scope(self.db) as session:
-            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary)
+            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
+                                   half_life_s=self.settings.fair_share_half_life_s)
         if recorded:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:

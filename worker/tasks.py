@@ -16,8 +16,9 @@ celery_app = celery_for(get_settings())
 
 @celery_app.task(name=RUN_JOB_TASK)
 def run_job(job_id: str) -> None:
-    """Claim the job, supervise its training process, record the outcome. A no-op when the job
-    is not queued any more (cancelled, or already claimed by another delivery of this message)."""
+    """Claim the best queued job of this job's GPU class (this one, or one fair share puts first:
+    app/scheduling/service.claim_next), supervise its training process, record the outcome. A no-op
+    when no job of the class may start (this one cancelled or already claimed, the rest held back)."""
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
     JobRun(settings, job_id, worker).run()

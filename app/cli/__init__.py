@@ -3,7 +3,7 @@
     engine.py      train, estimate, tiny-model, demo-data: the recipe on this machine, no service needed
     processes.py   serve, worker, reaper, migrate: the service's processes
     admin.py       qlora admin ...: teams, API keys and the model registry, against the database
-    client.py      qlora datasets ..., qlora jobs ...: the API over HTTP (api_client.py), and the live watcher
+    client.py      qlora datasets ..., qlora jobs ..., qlora usage: the API over HTTP (api_client.py), and the live watcher
     render.py      the tables, summaries, events and progress bars they all print
 
 `qlora --help` and the client verbs never import torch: an engine verb imports it inside the command.
@@ -21,6 +21,7 @@ cli.add_typer(processes.commands)
 cli.add_typer(admin.commands, name="admin")
 cli.add_typer(client.datasets_commands, name="datasets")
 cli.add_typer(client.jobs_commands, name="jobs")
+cli.add_typer(client.usage_commands)  # no name: `qlora usage`
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import err, out
+from app.cli.render import err, out, print_table
 
 commands = typer.Typer(help="Administer teams, API keys and the model registry (runs against the database).",
                        no_args_is_help=True)
@@ -29,7 +30,7 @@ def _admin_call(fn):
         with _admin_session() as session:
             return fn(session)
     except AppError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)  # names are not markup
         raise typer.Exit(1) from None
 
 
@@ -103,3 +104,76 @@ def list_models() -> None:
                                       for m in repository.list_all(s)]):
         table.add_row(*row)
     out.print(table)
+
+
+QUOTA_FLAGS = {"weight": "--weight", "max_running": "--max-running", "max_queued": "--max-queued",
+               "gpu_hours_per_month": "--gpu-hours-per-month", "storage_gib": "--storage-gib"}
+
+
+@commands.command("set-quota")
+def set_quota(
+    team: str,
+    weight: Annotated[Optional[float], typer.Option(help="Share of the GPU pool against other teams' (> 0, <= 1000).")] = None,
+    max_running: Annotated[Optional[int], typer.Option(help="Jobs training at once; 0 starts none.")] = None,
+    max_queued: Annotated[Optional[int], typer.Option(help="Jobs waiting at once; 0 refuses every new job.")] = None,
+    gpu_hours_per_month: Annotated[Optional[float], typer.Option(help="GPU-hours per calendar month (UTC).")] = None,
+    storage_gib: Annotated[Optional[float], typer.Option(help="Datasets, artifacts and checkpoints kept, in GiB.")] = None,
+    reset: Annotated[Optional[list[str]], typer.Option(
+        "--reset", metavar="FIELD", help="Back to the deployment's default (QLORA_DEFAULT_*); repeatable: "
+        "weight, max-running, max-queued, gpu-hours-per-month, storage-gib.")] = None,
+) -> None:
+    """Set TEAM's quota: the options given change; the others stay as they are. Prints the quota in force."""
+    from app.config import get_settings
+    from app.quotas import service
+
+    given = {"weight": weight, "max_running": max_running, "max_queued": max_queued,
+             "gpu_hours_per_month": gpu_hours_per_month, "storage_gib": storage_gib}
+    changes: dict = {field: value for field, value in given.items() if value is not None}
+    for name in reset or []:
+        field = name.removeprefix("--").replace("-", "_")
+        if field not in QUOTA_FLAGS:
+            err.print(f"[red]error:[/red] --reset {escape(repr(name))}: no such quota; use one of "
+                      f"{', '.join(flag.removeprefix('--') for flag in QUOTA_FLAGS.values())}", highlight=False)
+            raise typer.Exit(2)
+        if field in changes:
+            err.print(f"[red]error:[/red] {QUOTA_FLAGS[field]} and --reset {escape(name)} contradict each other; "
+                      "give one", highlight=False)
+            raise typer.Exit(2)
+        changes[field] = None
+    if not changes:
+        err.print("[red]error:[/red] nothing to change: give --weight, --max-running, --max-queued, "
+                  "--gpu-hours-per-month, --storage-gib or --reset FIELD (qlora admin show-quota TEAM shows it)",
+                  highlight=False)
+        raise typer.Exit(2)
+    settings = get_settings()
+    _print_quota(_admin_call(lambda s: service.report(s, settings, service.set_quota(s, team, changes))))
+
+
+@commands.command("show-quota")
+def show_quota(team: str) -> None:
+    """Show TEAM's quota in force (its own values and the defaults) and its use now. JSON on a pipe."""
+    from app.config import get_settings
+    from app.quotas import service
+
+    settings = get_settings()
+    _print_quota(_admin_call(lambda s: service.show(s, settings, team)))
+
+
+def _print_quota(report) -> None:
+    """A table on a terminal; the report's JSON (as GET /admin/teams/{team}/quota answers) on a pipe."""
+    from app.text import format_bytes
+
+    if not out.is_terminal:
+        print(report.model_dump_json(indent=2))
+        return
+    use = report.use
+    in_use = {"max_running": f"{use.running} running", "max_queued": f"{use.queued} queued",
+              "gpu_hours_per_month": f"{use.gpu_hours_this_month:g} GPU-hours this month",
+              "storage_gib": f"{format_bytes(use.storage_bytes)} stored"}
+    table = Table("quota", "in force", "set by", "use now", title=f"team {report.team}")
+    for field, flag in QUOTA_FLAGS.items():
+        value = getattr(report.quota, field)
+        own = getattr(report.own, field) is not None
+        table.add_row(flag.removeprefix("--"), "no limit" if value is None else f"{value:g}",
+                      "team" if own else "default", in_use.get(field, ""))
+    print_table(table)

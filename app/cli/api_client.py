@@ -170,6 +170,11 @@ class ApiClient:
             raise ClientError(f"the download from storage ({httpx.URL(location).host}) failed: {exc}; "
                               "try again") from None
 
+    # --- usage
+    def usage(self, from_: str | None = None, to: str | None = None, all_teams: bool = False) -> dict:
+        params = {k: v for k, v in (("from", from_), ("to", to)) if v} | ({"all_teams": "true"} if all_teams else {})
+        return self._json("GET", "/usage", params=params)
+
     # --- plumbing
     def _json(self, method: str, path: str, **kwargs) -> Any:
         try:

@@ -1,4 +1,4 @@
-"""The API over HTTP: `qlora datasets ...` and `qlora jobs ...`, with the live watcher of `qlora jobs watch`.
+"""The API over HTTP: `qlora datasets ...`, `qlora jobs ...` and `qlora usage`, with the live watcher of `qlora jobs watch`.
 
 HTTP lives in api_client.py and the output in render.py; these commands only parse arguments and
 say what to show. None of them imports torch.
@@ -23,6 +23,7 @@ from app.cli.render import (
     print_job,
     print_line_errors,
     print_table,
+    print_usage,
     sparkline,
     status_style,
     steps,
@@ -179,6 +180,8 @@ def jobs_create(
     validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A name for the job.")] = None,
     gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="Run on workers of this GPU class.")] = None,
+    priority: Annotated[Optional[str], typer.Option(
+        "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
 ) -> None:
     """Queue a fine-tuning job: the spec file plus the dataset ids."""
     try:
@@ -188,7 +191,8 @@ def jobs_create(
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
     body["dataset_id"] = dataset
-    for key, value in (("validation_dataset_id", validation), ("name", name), ("gpu_class", gpu_class)):
+    for key, value in (("validation_dataset_id", validation), ("name", name), ("gpu_class", gpu_class),
+                       ("priority", priority)):
         if value is not None:
             body[key] = value
     with _api(ctx) as api:
@@ -393,3 +397,35 @@ def jobs_download(
         except (tarfile.TarError, OSError) as exc:
             _fail(f"cannot extract {archive}: {exc}")
         out.print(f"extracted {', '.join(n + '/' for n in names)} into {out_dir}", highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- usage
+
+usage_commands = typer.Typer()
+
+
+@usage_commands.command("usage")
+def usage(
+    ctx: typer.Context,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Start (UTC), an ISO date or datetime; default: "
+                                                 "the start of this month.")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="End (UTC), excluded; default: now.")] = None,
+    all_teams: Annotated[bool, typer.Option("--all-teams", help="Every team, one row each (an admin key).")] = False,
+    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
+                                                    "by default tables on a terminal and JSON on a pipe.")] = None,
+) -> None:
+    """GPU-hours and trained tokens of your team (by day and by job) and the storage it keeps.
+
+    GPU time runs from each attempt's claim to its end: pauses do not count, a running job counts up to now.
+    """
+    ctx.obj = {"url": url, "api_key": api_key}
+    with _api(ctx) as api:
+        report = api.usage(from_, to, all_teams)
+    if as_json is None:
+        as_json = not out.is_terminal
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))  # not through rich, which wraps long lines: JSON a script can read
+    else:
+        print_usage(report)

@@ -131,25 +131,36 @@ def worker(
 
 @commands.command()
 def reaper() -> None:
-    """Requeue jobs whose worker was lost and clear dead uploads, in a loop (every API process also does this)."""
+    """The background loops alone: requeue jobs whose worker was lost, clear dead uploads, and schedule
+    (messages held back by quotas, preemption). Every API process runs them too; one holder of each lease works."""
+    import threading
+
     from app.config import get_settings
     from app.jobs.reaper import ReaperThread
+    from app.scheduling.service import SchedulerThread
     from app.storage.base import storage_from_settings
 
     settings = get_settings()
     settings.check_timing()
-    if settings.reaper_interval_s <= 0:
-        raise typer.BadParameter("QLORA_REAPER_INTERVAL_S must be above 0 for `qlora reaper` (0 turns reapers off)")
+    if settings.reaper_interval_s <= 0 or settings.scheduler_interval_s <= 0:
+        raise typer.BadParameter("QLORA_REAPER_INTERVAL_S and QLORA_SCHEDULER_INTERVAL_S must be above 0 for "
+                                 "`qlora reaper` (0 turns those loops off)")
     from app import logs
 
-    logs.configure("reaper", settings.log_format)  # its passes, and when it takes over or loses the lease
-    thread = ReaperThread(settings, storage_from_settings(settings))
-    # Stop between passes and release the lease, so another process takes over at once.
+    logs.configure("reaper", settings.log_format)  # its passes, and when it takes over or loses a lease
+    loops = [ReaperThread(settings, storage_from_settings(settings)), SchedulerThread(settings)]
+    stop = threading.Event()
+    # Stop between passes and release the leases, so another process takes over at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: thread.stopped.set())
-    out.print(f"reaper running every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s) "
-              f"while it holds the reaper lease; API processes compete for it too")
-    thread.run()
+        signal.signal(sig, lambda *_: stop.set())
+    out.print(f"reaper every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s) and "
+              f"scheduler every {settings.scheduler_interval_s}s, each while it holds its lease; API processes "
+              "compete for them too")
+    for loop in loops:
+        loop.start()
+    stop.wait()
+    for loop in loops:
+        loop.stop()
 
 
 @commands.command()

@@ -143,12 +143,17 @@ def print_job(job: dict) -> None:
         ("dataset", job["dataset_id"] or "-"),
         ("validation", job["validation_dataset_id"] or "-"),
         ("queue / attempt", f"{job['queue']} / {job['attempt']}"),
+        ("priority", job.get("priority", "normal") + (f", preempted {job['preemptions']}x" if job.get("preemptions") else "")),
         ("progress", f"step {steps(job)}" + (f" ({fraction:.0%})" if fraction is not None else "")),
         ("trained tokens", f"{job['trained_tokens']:,}"),
         ("created", when(job["created_at"])),
         ("started", when(job["started_at"])),
         ("finished", when(job["finished_at"])),
     ]
+    if job.get("queue_position") is not None:
+        waiting = {"gpu": "a free GPU of its class", "max_running": "the team's max_running",
+                   "gpu_hours_per_month": "the team's monthly GPU-hours budget"}.get(job["waiting_for"], job["waiting_for"])
+        rows.append(("queue position", f"{job['queue_position']} (waiting for {waiting})"))
     if job["error"]:
         rows.append(("error", Text(job["error"], style="red")))
     rows += summary_rows(job.get("summary") or {})
@@ -201,3 +206,46 @@ def transfer_progress(description: str, total: int | None, transient: bool = Fal
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=err, transient=transient)
     return progress, progress.add_task(description, total=total)
+
+
+# ---------------------------------------------------------------- usage
+
+
+def gpu_hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.2f}"
+
+
+def print_usage(report: dict) -> None:
+    """`qlora usage`: one team's usage by day and by job; several teams (--all-teams) one row each."""
+    from rich.table import Column
+
+    from app.text import format_bytes
+
+    def number(header: str) -> Column:
+        return Column(header, justify="right")
+
+    window = f"{when(report['from'])} to {when(report['to'])} UTC"
+    teams = report["teams"]
+    table = Table("team", number("GPU-hours"), number("trained tokens"), number("jobs"), number("storage now"),
+                  title=f"usage, {window}")
+    for t in teams:
+        table.add_row(plain(t["team"]), gpu_hours(t["gpu_seconds"]), f"{t['trained_tokens']:,}", f"{t['jobs']:,}",
+                      format_bytes(t["storage_bytes"]))
+    print_table(table)
+    if len(teams) != 1:
+        return
+    team = teams[0]
+    days = Table("day (UTC)", number("GPU-hours"), number("trained tokens"), title="by day")
+    for d in team["by_day"]:
+        days.add_row(d["date"], gpu_hours(d["gpu_seconds"]), f"{d['trained_tokens']:,}")
+    jobs = Table(id_column(), "name", "status", number("GPU-hours"), number("trained tokens"), number("attempts"),
+                 title="by job, most GPU time first")
+    for j in team["by_job"]:
+        jobs.add_row(j["job_id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]",
+                     gpu_hours(j["gpu_seconds"]), f"{j['trained_tokens']:,}", str(j["attempts"]))
+    for part in (days, jobs):
+        if part.row_count:
+            print_table(part)
+    if team["by_job_truncated"]:
+        err.print(f"by job: the {len(team['by_job']):,} jobs with the most GPU time of {team['jobs']:,}; "
+                  "ask for a shorter window (--from, --to) to see the rest", highlight=False, soft_wrap=True)

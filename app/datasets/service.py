@@ -17,10 +17,11 @@ from app.db import after_commit, on_rollback, release_connection
 from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from app.jobs.states import ACTIVE
 from app.pagination import Page, page
+from app.quotas import service as quotas
 from app.storage.base import ObjectWriter, Storage, make_key
 from app.teams.service import Caller
 from app.text import format_bytes
-from app.uploads import read_multipart
+from app.uploads import declared_file_bytes, read_multipart
 from worker.training.data import DataError, DatasetValidator
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,13 @@ class DatasetIngest(Generic[SinkT]):
     """Takes an upload's bytes as they arrive: stores them, counts them, validates each line.
 
     The sink is the upload's ObjectWriter on the server, and a writer that keeps nothing in the
-    CLI's local check, which runs this same code for its verdict alone."""
+    CLI's local check, which runs this same code for its verdict alone. `room`: the team's storage
+    quota, checked before each write, so no byte past it is stored."""
 
-    def __init__(self, writer: SinkT, max_bytes: int):
+    def __init__(self, writer: SinkT, max_bytes: int, room: quotas.StorageRoom | None = None):
         self.writer = writer
         self.max_bytes = max_bytes
+        self.room = room
         self.validator = DatasetValidator(keep_examples=False)
         self._partial = b""  # the start of a line whose newline has not arrived yet
         self._skipping = False  # inside a line already reported as too long
@@ -56,6 +59,8 @@ class DatasetIngest(Generic[SinkT]):
             raise PayloadTooLarge(
                 f"the file is larger than the limit of {format_bytes(self.max_bytes)}; "
                 "split it, or ask an operator to raise QLORA_MAX_UPLOAD_BYTES")
+        if self.room is not None:
+            self.room.check_stream(self.writer.size + len(data))
         self.writer.write(data)
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
@@ -81,16 +86,23 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
     """Stream a multipart upload to storage and record it. `check_fields` may refuse the request
     on its other form fields (they can come after the file): the stored bytes are then dropped.
 
+    The team's storage quota is read first: a team at its limit, or a body declared larger than what
+    is left, is refused before a byte of it is read; a body that declares no length is cut off where
+    it passes the limit.
+
     The session has only authenticated the caller so far. Its connection goes back to the pool
     while the body streams (a slow client can take minutes), and a new one is taken to record."""
+    room = await run_in_threadpool(quotas.storage_room, session, settings, caller.team_id)
     await run_in_threadpool(release_connection, session)
+    if room is not None:
+        room.check_declared(declared_file_bytes(request))
     key = make_key(caller.team_id, "datasets")
     ingest: list[DatasetIngest[ObjectWriter]] = []
     filename: list[str] = []
 
     def open_file(_field: str, name: str) -> DatasetIngest[ObjectWriter]:
         filename.append(name)
-        ingest.append(DatasetIngest(storage.writer(key), settings.max_upload_bytes))
+        ingest.append(DatasetIngest(storage.writer(key), settings.max_upload_bytes, room))
         return ingest[0]
 
     try:
@@ -105,10 +117,15 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
         if ingest:
             ingest[0].writer.abort()  # nothing of a refused or broken upload is kept
         raise
-    return await run_in_threadpool(_record, session, storage, caller, ingest[0].validator, stored, filename[0])
+    return await run_in_threadpool(_record, session, storage, settings, caller, ingest[0].validator, stored,
+                                   filename[0])
 
 
-def _record(session, storage, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:
+def _record(session, storage, settings, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:
+    # The object is stored; if the row is never committed (refused here, or the request fails later),
+    # the object must go too.
+    on_rollback(session, lambda: storage.delete(stored.key))
+    quotas.check_storage_fits(session, settings, caller.team_id, stored.size)
     fmt: str | None
     try:
         verdict = validator.finish()
@@ -122,8 +139,6 @@ def _record(session, storage, caller, validator: DatasetValidator, stored, filen
         sha256=stored.sha256, status=status, format=fmt, rows=validator.rows,
         token_estimate=validator.chars // CHARS_PER_TOKEN, error_count=error_count, errors=errors,
     )
-    # The object is stored; if the row is never committed, the object must go too.
-    on_rollback(session, lambda: storage.delete(stored.key))
     session.add(dataset)
     session.flush()
     return dataset

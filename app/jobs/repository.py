@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import cast
 
 import sqlalchemy as sa
-from sqlalchemy import BindParameter, CursorResult, Row, Select, String, Text, Update, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import BindParameter, CursorResult, Row, Select, String, Text, Update, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -45,7 +45,7 @@ def get(session: Session, team_id: str, job_id: str) -> Job | None:
 JOB_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model, Job.dataset_id,
             Job.validation_dataset_id, sa.cast(Job.spec, Text).label("spec"), Job.queue, Job.attempt, Job.trained_tokens,
             Job.error, sa.cast(Job.summary, Text).label("summary"), Job.created_at, Job.started_at, Job.finished_at,
-            Job.heartbeat_at, Job.step, Job.total_steps)
+            Job.heartbeat_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
 # Built once: a status poll binds its team and job into it rather than building and caching a statement.
 _VIEW_BY_ID = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW).where(Job.id == bindparam("job_id"))
 
@@ -93,10 +93,34 @@ def claim(session: Session, job_id: str, worker: str, now) -> int | None:
     changed = _rows_changed(session, update(Job)
                             .where(Job.id == job_id, Job.status == states.QUEUED)
                             .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker,
-                                    started_at=func.coalesce(Job.started_at, now), heartbeat_at=now, error=None))
+                                    started_at=func.coalesce(Job.started_at, now), claimed_at=now, heartbeat_at=now,
+                                    error=None, preempting=False))
     if changed != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def preempt(session: Session, job_id: str, attempt: int) -> bool:
+    """running → pausing for another team's job, fenced by the attempt the scheduler saw; the flag
+    tells the pause's end to queue the job again (requeue_preempted)."""
+    return _rows_changed(session, update(Job)
+                         .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.RUNNING)
+                         .values(status=states.PAUSING, preempting=True, preemptions=Job.preemptions + 1)) == 1
+
+
+def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
+    """paused → queued, only for a job the scheduler preempted (not one its team paused)."""
+    return _rows_changed(session, update(Job)
+                         .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.PAUSED,
+                                Job.preempting.is_(True))
+                         .values(status=states.QUEUED, preempting=False, worker=None, dispatched_at=None)) == 1
+
+
+def keep_paused(session: Session, job_id: str) -> bool:
+    """The team paused a job the scheduler is preempting: once paused it stays so, not queued again."""
+    return _rows_changed(session, update(Job).where(Job.id == job_id, Job.preempting.is_(True),
+                                                    Job.status.in_((states.PAUSING, states.PAUSED)))
+                         .values(preempting=False)) == 1
 
 
 def touch(session: Session, job_id: str, attempt: int, **values) -> bool:
@@ -191,15 +215,6 @@ def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
     return list(session.scalars(
         select(Job).where(Job.status.in_(states.WORKER_OWNED), last_sign < cutoff)))
-
-
-def undispatched(session: Session, created_before: datetime, dispatched_before: datetime) -> list[Job]:
-    """For the reaper: queued jobs of every team whose "job X is ready" never reached the broker (and
-    were created before created_before), or reached it before dispatched_before and were never claimed
-    (the message may be gone: a worker took it, but its claim failed)."""
-    return list(session.scalars(select(Job).where(Job.status == states.QUEUED, or_(
-        and_(Job.dispatched_at.is_(None), Job.created_at < created_before),
-        Job.dispatched_at < dispatched_before))))
 
 
 def mark_dispatched(session: Session, job_id: str, now: datetime) -> None:

@@ -63,7 +63,7 @@ async def list_jobs(request: Request, caller: CallerDep, status: str | None = No
 @router.get("/{job_id}", response_model=JobOut, responses=POLLED)
 async def get_job(job_id: str, request: Request, caller: CallerDep):
     def read(session: Session) -> bytes:
-        return job_json(service.view(session, caller, job_id))
+        return job_json(*service.view(session, request.app.state.settings, caller, job_id))
 
     return await polled(request, read)
 

@@ -14,6 +14,7 @@ from app.datasets.tables import Dataset
 from app.db import utcnow
 from app.jobs import repository, states
 from app.models import repository as models
+from app.usage import ledger
 from worker.training.protocol import (
     CheckpointStored,
     EvalPoint,
@@ -61,6 +62,8 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     job = repository.get_any_team(session, job_id)
     assert job is not None  # this transaction just claimed it
     session.refresh(job)
+    assert job.claimed_at is not None
+    ledger.start(session, job, job.claimed_at)
     model = models.by_name(session, job.base_model)
     train = session.get(Dataset, job.dataset_id) if job.dataset_id else None
     validation = session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
@@ -191,7 +194,7 @@ def finite_json(value):
 
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
-           summary: dict | None = None) -> bool:
+           summary: dict | None = None, half_life_s: float | None = None) -> bool:
     """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt.
     False: someone else decided (the job was requeued, or cancelled while it was paused)."""
     values: dict = {"error": error, "heartbeat_at": utcnow()}
@@ -204,7 +207,22 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
     if won:
         level = {"succeeded": "info", "cancelled": "warning", "paused": "info"}.get(status, "error")
         repository.add_event(session, job_id, status, level, error or f"job {status}", attempt=attempt)
+        ledger.end(session, job_id, attempt, values["heartbeat_at"], status, half_life_s)
+        if status == states.PAUSED:
+            requeue_if_preempted(session, job_id, attempt)
     return won
+
+
+def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
+    """A job paused for another team's (the scheduler's preemption, not its own team's pause) is queued
+    again at once, keeping its place in its team; its next attempt resumes from the pause checkpoint.
+    Its message is sent after the commit by whoever committed it (worker or reaper), or by the scheduler."""
+    if not repository.requeue_preempted(session, job_id, attempt):
+        return False
+    repository.add_event(session, job_id, "requeued", "info",
+                         "paused for another team's job (preempted); queued again, it resumes from this checkpoint",
+                         attempt=attempt)
+    return True
 
 
 def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: str, size: int, sha256: str) -> None:

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 from sqlalchemy import Row
 
 from app.jobs.tables import Job
+from app.scheduling.policy import PRIORITY_NAMES
 from app.text import has_control_characters
 from worker.training.spec import JobSpec
 
@@ -27,6 +28,8 @@ class JobCreate(JobSpec):
         description="Run on this class of GPU; by default the smallest that fits (or the default class).")
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=MAX_METADATA, description="Your own string tags, returned as given.")
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="Order among your team's own queued jobs (teams are ordered by fair share first).")
 
     @field_validator("name")
     @classmethod
@@ -75,6 +78,18 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     step: int
     total_steps: int | None
+    priority: Literal["low", "normal", "high"]
+    preemptions: int = Field(description="Times the scheduler paused it at a checkpoint for another team's job.")
+    # Only while queued, and only in GET /jobs/{id}: 1 is the next job its GPU class starts, if no job
+    # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), or the quota
+    # holding it back ("max_running", "gpu_hours_per_month").
+    queue_position: int | None = None
+    waiting_for: str | None = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_name(cls, value: Any) -> Any:
+        return PRIORITY_NAMES.get(value, value) if isinstance(value, int) else value
 
     # pydantic documents this decorator order; mypy does not model decorated properties.
     @computed_field  # type: ignore[prop-decorator]
@@ -92,12 +107,15 @@ class JobOut(BaseModel):
 JOB_JSON_FIELDS = ("metadata", "spec", "summary")
 
 
-def job_json(row: Row) -> bytes:
+def job_json(row: Row, standing: tuple[int, str] | None = None) -> bytes:
     """JobOut's JSON for a row of repository.JOB_VIEW, whose JSON columns are the text the database
-    holds: the scalars through JobOut's own serializer, the JSON embedded as stored (it was validated
-    when it was written). The same answer as JobOut.of(job).model_dump_json(), keys in another order
-    (tests/fast/test_job_views.py)."""
+    holds, and for a queued job its (queue_position, waiting_for): the scalars through JobOut's own
+    serializer, the JSON embedded as stored (it was validated when it was written). The same answer
+    as JobOut.of(job).model_dump_json(), keys in another order (tests/fast/test_job_views.py)."""
     values = row._asdict()
+    values["priority"] = PRIORITY_NAMES[values["priority"]]
+    if standing is not None:
+        values["queue_position"], values["waiting_for"] = standing
     embedded = {name: values.pop(name) for name in JOB_JSON_FIELDS}
     head = JobOut.model_construct(**values).model_dump_json(exclude=set(JOB_JSON_FIELDS)).encode()
     tail = b"".join(b',"%s":%s' % (name.encode(), (text or "null").encode()) for name, text in embedded.items())

@@ -23,6 +23,9 @@ from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent
 from app.models import repository as models
 from app.pagination import Page, check_limit, page
+from app.quotas.service import check_can_queue
+from app.scheduling import service as scheduling
+from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage
 from app.teams.service import Caller
 from app.text import has_control_characters
@@ -36,6 +39,7 @@ _FIELD_RULES = {
     "name": "must be one line of at most 200 characters, without control characters (line breaks, tabs, NUL)",
     "gpu_class": "lowercase letters, digits, '-' and '_', at most 50 characters",
     "metadata": f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)",
+    "priority": "one of low, normal, high (the order among your team's own queued jobs)",
 }
 
 
@@ -68,11 +72,12 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
         if meta.get(field) is not None:
             _usable_dataset(session, caller, field, meta[field])
     admitted = admit(settings, model, spec, meta.get("gpu_class"))
+    check_can_queue(session, settings, caller.team_id)  # last: it holds the team's row until the commit
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
-        queue=settings.queue_for(admitted.gpu_class),
+        queue=settings.queue_for(admitted.gpu_class), priority=PRIORITIES[meta.get("priority", "normal")],
     )
     session.add(job)
     session.flush()
@@ -131,9 +136,14 @@ def list_page(session: Session, caller: Caller, status: str | None, cursor: str 
     return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
 
 
-def view(session: Session, caller: Caller, job_id: str) -> Row:
-    """What GET /jobs/{id} shows of the job, as a plain row (see repository.JOB_VIEW)."""
-    return _found(repository.view(session, caller.team_id, job_id), job_id)
+def view(session: Session, settings: Settings, caller: Caller, job_id: str) -> tuple[Row, tuple[int, str] | None]:
+    """What GET /jobs/{id} shows of the job, as a plain row (see repository.JOB_VIEW), and a queued
+    job's place in its class and what it waits for."""
+    row = _found(repository.view(session, caller.team_id, job_id), job_id)
+    if row.status != states.QUEUED:
+        return row, None
+    standing = scheduling.standings(session, settings, row.queue).get(row.id)
+    return row, (standing.position, standing.waiting_for) if standing else None
 
 
 def _found(job: T | None, job_id: str) -> T:
@@ -236,6 +246,13 @@ def resume(session: Session, settings: Settings, caller: Caller, job_id: str) ->
 def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job:
     for _ in range(3):  # the job may change state under us (claimed, finished); look again
         job = get(session, caller, job_id)
+        if request == "pause" and job.preempting and job.status in (states.PAUSING, states.PAUSED):
+            # Pausing for another team's job already: the team's own pause keeps it paused when it stops.
+            if repository.keep_paused(session, job.id):
+                repository.add_event(session, job.id, "pause_requested", "info",
+                                     "pause requested while preempted; it stays paused once stopped", attempt=job.attempt)
+                session.flush()
+                session.refresh(job)
         if job.status in _ALREADY[request]:
             return job
         if job.status not in _REQUESTS[request]:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+import sqlalchemy as sa
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, IdMixin, UTCDateTime, new_id, utcnow
@@ -40,6 +41,39 @@ class Job(IdMixin, Base):
     # When a "job X is ready" message was last handed to the broker; null while it still has to be
     # (the broker was down at creation, or the job was just requeued): the reaper sends those.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Within its team: 0 low, 1 normal, 2 high (app/scheduling/policy.PRIORITIES).
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # When the current attempt was claimed: its GPU time counts from here (JobAttempt has every attempt).
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The scheduler asked this running job to pause for another team's: once paused, it is queued again.
+    preempting: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class JobAttempt(Base):
+    """One attempt of a job on a GPU, from its claim to its end (finished, paused, preempted, or its
+    worker lost): the usage ledger. A pause ends an attempt and a resume starts the next, so paused
+    time is never counted."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_job_attempts_job_attempt"),
+                      Index("ix_job_attempts_team_claimed", "team_id", "claimed_at"),
+                      Index("ix_job_attempts_ended", "ended_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # Denormalised from the job: usage is read per team and period, over jobs of every status.
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(100))
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # null: still running
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the job's state when it ended
+    # Tokens this attempt trained (the job's count at its end less at its start; a resumed attempt
+    # that redoes steps after its checkpoint counts them again: the GPU did that work twice).
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tokens_at_claim: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JobEvent(Base):

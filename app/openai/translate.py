@@ -246,7 +246,7 @@ def openai_error(status: int, message: str, code: str | None, details: Any) -> t
     """Our error as OpenAI's: 400 for bad input and for a state that forbids the request (the SDK
     retries 409), the first field named as `param` under the name an OpenAI client uses. Details
     that are not a list of fields (a job too large for any GPU: what it needs and what there is)
-    name no param."""
+    name no param. Over a team's quota: 429 with type insufficient_quota, as OpenAI answers its own."""
     first = details[0] if isinstance(details, list) and details else None
     field = first.get("field") if isinstance(first, dict) else None
     param = PARAM_NAMES.get(field, field) if field else None
@@ -254,4 +254,6 @@ def openai_error(status: int, message: str, code: str | None, details: Any) -> t
         status = 400
     kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
             413: "invalid_request_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    if code == "quota_exceeded":
+        kind = "insufficient_quota"  # what OpenAI's own 429 over a quota says
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}

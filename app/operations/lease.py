@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from datetime import timedelta
 from typing import cast
 
@@ -124,3 +125,51 @@ class LeaseHolder:
             log.info("lost the %r lease (holder %s): another process plays that role now, or the database is "
                      "unreachable", self.name, self.holder)
         self.held = held
+
+
+# A lease lasts this many of its loop's intervals: the holder renews it every interval, so it must miss
+# two renewals in a row (dead, frozen, cut off from the database) before another process takes over.
+LEASE_TTL_INTERVALS = 3
+# How long stop() waits for a pass under way to end (and the lease to be released) before giving up:
+# the lease then expires on its own.
+STOP_WAIT_S = 5
+
+
+class LeasedLoop(threading.Thread):
+    """A background loop that every API process runs and only the holder of its lease works: one
+    pass per interval for the whole deployment (the reaper, the scheduler). Subclasses say what a
+    pass does (work); a failed pass is logged and the loop goes on."""
+
+    def __init__(self, database_url: str, lease: str, interval_s: float):
+        super().__init__(name=f"qlora-{lease}", daemon=True)
+        self.interval_s = interval_s
+        self.lease = LeaseHolder(database_url, lease, LEASE_TTL_INTERVALS * interval_s)
+        self.stopped = threading.Event()
+
+    def work(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    counts = self.pass_once()
+                    if counts and any(counts.values()):
+                        log.info("%s: %s", self.lease.name, counts)
+                except Exception:  # a database or storage blip must not end the loop
+                    log.exception("%s pass failed; trying again in %ss", self.lease.name, self.interval_s)
+                if self.stopped.wait(self.interval_s):
+                    return
+        finally:
+            self.lease.release()  # so a restart hands over at once, not once the lease expires
+
+    def pass_once(self) -> dict[str, int] | None:
+        """One pass if this process holds (or can take) the lease; None while another one does."""
+        if not self.lease.renew():
+            return None
+        return self.work()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(STOP_WAIT_S)

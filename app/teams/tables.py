@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, String
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, IdMixin, UTCDateTime
@@ -12,6 +12,16 @@ class Team(IdMixin, Base):
     __tablename__ = "teams"
 
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # The team's quota, set by an admin (app/quotas/); null: the deployment's default (QLORA_DEFAULT_*).
+    weight: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gpu_hours_per_month: Mapped[float | None] = mapped_column(Float, nullable=True)
+    storage_gib: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The team's finished GPU time, decayed (Slurm's usage with PriorityDecayHalfLife), in GPU-seconds as
+    # of fair_share_at: what its fair share remembers of the past (app/scheduling/policy.py).
+    fair_share_usage_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    fair_share_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ApiKey(IdMixin, Base):

@@ -29,12 +29,16 @@ def as_jobout(session, job_id: str) -> dict:
      "error": "line one\nline two ✗"},
     {"status": states.RUNNING, "step": 3, "total_steps": 7, "summary": None},
 ])
-def test_a_job_read_lean_is_the_job_jobout_makes(session, make_job, caller, values):
+def test_a_job_read_lean_is_the_job_jobout_makes(session, settings, make_job, caller, values):
     now = utcnow()
     job_id = make_job(**{"started_at": now - timedelta(seconds=5), "heartbeat_at": now, **values}
                       if values.get("status") == states.RUNNING else values)
-    lean = job_json(service.view(session, caller, job_id))
-    assert json.loads(lean) == as_jobout(session, job_id)
+    row, standing = service.view(session, settings, caller, job_id)
+    lean = json.loads(job_json(row, standing))
+    if values.get("status", states.QUEUED) == states.QUEUED:  # only GET /jobs/{id} says where a queued job stands
+        assert (lean.pop("queue_position"), lean.pop("waiting_for")) == (1, "gpu")
+        lean.update(queue_position=None, waiting_for=None)
+    assert lean == as_jobout(session, job_id)
 
 
 def test_a_page_read_lean_is_the_page_jobout_makes(session, make_job, caller):
@@ -49,14 +53,14 @@ def test_a_page_read_lean_is_the_page_jobout_makes(session, make_job, caller):
     assert empty == {"data": [], "next_cursor": None}
 
 
-def test_the_lean_reads_keep_to_the_callers_team(session, make_job, caller):
+def test_the_lean_reads_keep_to_the_callers_team(session, settings, make_job, caller):
     from app.errors import NotFound
     from app.teams.service import create_key, create_team
 
     job_id = make_job()
     other = Caller.of(create_team(session, "team-b"), create_key(session, "team-b")[0])
     with pytest.raises(NotFound):
-        service.view(session, other, job_id)
+        service.view(session, settings, other, job_id)
     assert service.view_page(session, other, None, None, 50).data == []
     assert repository.view(session, caller.team_id, job_id) is not None
 

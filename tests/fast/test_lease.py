@@ -11,9 +11,9 @@ from sqlalchemy import update
 
 from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import states
-from app.jobs.reaper import LEASE, LEASE_TTL_INTERVALS, ReaperThread
+from app.jobs.reaper import LEASE, ReaperThread
 from app.jobs.tables import Job
-from app.operations.lease import LeaseHolder, acquire_or_renew, current_holder, release
+from app.operations.lease import LEASE_TTL_INTERVALS, LeaseHolder, acquire_or_renew, current_holder, release
 from app.operations.tables import Lease
 from app.storage.base import storage_from_settings
 

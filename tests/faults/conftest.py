@@ -32,7 +32,7 @@ def faulty(backing_services, tmp_path_factory, tiny_model_dir):
     default = f"f{uuid.uuid4().hex[:8]}"  # queues no other test run listens to
     d = start_deployment(
         tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir,
-        heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, keep_checkpoints=2,
+        heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, scheduler_interval_s=1, keep_checkpoints=2,
         max_upload_bytes=64 * 1024 * 1024, redispatch_after_s=REDISPATCH_AFTER_S,
         default_gpu_class=default, extra_gpu_classes=json.dumps([f"{default}-{name}" for name in LANES]),
     )

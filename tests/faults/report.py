@@ -48,7 +48,7 @@ HOW = {
         "API process starts (with QLORA_STALE_UPLOAD_S=3) and removes the dead upload.",
     "a worker's claim failed (database unreachable)":
         "A worker whose QLORA_DATABASE_URL points at a closed port takes the job's message; its claim "
-        "fails and Celery acknowledges the message. The reaper sends the still-queued job again "
+        "fails and Celery acknowledges the message. The scheduler sends the still-queued job again "
         "QLORA_REDISPATCH_AFTER_S (4 s here) after it was sent, and a healthy worker claims it.",
     "artifact upload lasting 3x the heartbeat deadline":
         "The worker's S3 traffic goes through a throttling HTTP proxy (tests/faults/throttle.py) that "
@@ -106,7 +106,7 @@ def main(paths: list[str]) -> str:
         "final state, through downloads and uploads of any length; the reaper (in the API process holding "
         "its lease) requeues "
         "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and fails them after `QLORA_MAX_ATTEMPTS`.",
-        "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again; the "
+        "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again by the scheduler; the "
         "claim, a compare-and-set, makes the duplicate harmless.",
         "- Past `QLORA_JOB_TIME_LIMIT_S` the worker stops the attempt and records the job failed, naming the "
         "limit; it is not retried.",

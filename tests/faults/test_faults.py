@@ -118,7 +118,7 @@ def test_a_job_delivered_twice_runs_once(faulty, tenant, dataset_id, fault_repor
     try:
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=180, deployment=faulty)
         assert done["status"] == "succeeded" and done["attempt"] == 1
-        wait_until(lambda: "is not queued any more" in faulty.log("worker-twice"), 30, "the second delivery")
+        wait_until(lambda: "no job of this class may start now" in faulty.log("worker-twice"), 30, "the second delivery")
         assert [e["type"] for e in events(tenant, job["id"])].count("claimed") == 1
         fault_report.append({"fault": "the same job message delivered twice", "injected": 1, "survived": 1,
                              "steps_lost": 0})
@@ -368,7 +368,7 @@ def test_a_message_taken_by_a_failed_claim_is_sent_again(faulty, tenant, dataset
         faulty.stop(blip)
     assert tenant.get(f"/jobs/{job['id']}").json()["status"] == "queued"
 
-    # The reaper sends it again QLORA_REDISPATCH_AFTER_S after it was sent; a healthy worker claims it.
+    # The scheduler sends it again QLORA_REDISPATCH_AFTER_S after it was sent; a healthy worker claims it.
     healthy = faulty.start_worker(gpu_class=gpu_class, name="after-blip")
     try:
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=120, deployment=faulty)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
+from playwright.sync_api import sync_playwright
 
 from tests.deployment import start_deployment, stop_deployment
 
@@ -34,3 +39,32 @@ def team_b(deployment):
     return deployment.client(deployment.team_key("team-b"))
 
 
+# The dashboard tests' browser: one Chromium for the session, whichever module uses it.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's Chromium; installed with apt-get when missing. A failure says why, it never skips."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    attempts = []
+    for command in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "chromium"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        attempts.append(f"$ {' '.join(command)} -> {done.returncode}\n{done.stderr.strip()[-1500:]}")
+        if CHROMIUM.exists():
+            return CHROMIUM
+    pytest.fail(f"the dashboard tests need Chromium at {CHROMIUM} and could not install it "
+                f"(run `apt-get update && apt-get install -y chromium` as root):\n" + "\n".join(attempts))
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

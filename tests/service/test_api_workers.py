@@ -18,9 +18,10 @@ import httpx
 import pytest
 
 from app.db import engine_for, session_scope
-from app.jobs.reaper import LEASE, LEASE_TTL_INTERVALS
+from app.jobs.reaper import LEASE
 from app.migrate import upgrade
-from app.operations.lease import current_holder
+from app.operations.lease import LEASE_TTL_INTERVALS, current_holder
+from app.scheduling.service import LEASE as SCHEDULER_LEASE
 from tests import services
 from tests.deployment import ROOT
 from tests.fast.test_lease import race_for_lease
@@ -69,9 +70,9 @@ def api_processes(parent: int) -> set[int]:
     return found
 
 
-def lease_holder_pid(database_url: str) -> int | None:
+def lease_holder_pid(database_url: str, lease: str = LEASE) -> int | None:
     with session_scope(database_url) as session:
-        holder = current_holder(session, LEASE)
+        holder = current_holder(session, lease)
     return int(holder.rsplit(":", 2)[1]) if holder else None  # host:pid:random
 
 
@@ -84,7 +85,7 @@ def messages(log: Path) -> list[str]:
     return out
 
 
-def test_serve_with_two_workers_runs_the_reaper_in_exactly_one(database_url, tmp_path):
+def test_serve_with_two_workers_runs_the_reaper_and_the_scheduler_in_exactly_one(database_url, tmp_path):
     port = services.free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -95,6 +96,7 @@ def test_serve_with_two_workers_runs_the_reaper_in_exactly_one(database_url, tmp
         # A server broker: no embedded bootstrap and no local worker. Nothing is dispatched here.
         "QLORA_BROKER_URL": "redis://127.0.0.1:6379/0",
         "QLORA_REAPER_INTERVAL_S": str(REAPER_INTERVAL_S),
+        "QLORA_SCHEDULER_INTERVAL_S": str(REAPER_INTERVAL_S),
     }
     log = tmp_path / "api.log"
     with open(log, "ab") as out:
@@ -122,6 +124,9 @@ def test_serve_with_two_workers_runs_the_reaper_in_exactly_one(database_url, tmp
 
         holder = wait_for(lambda: lease_holder_pid(database_url), 10 * REAPER_INTERVAL_S, "reaper lease holder", log)
         assert holder in workers
+        scheduler = wait_for(lambda: lease_holder_pid(database_url, SCHEDULER_LEASE), 10 * REAPER_INTERVAL_S,
+                             "scheduler lease holder", log)
+        assert scheduler in workers
         took_over = [m for m in messages(log) if m.startswith(f"took over the {LEASE!r} lease")]
         assert len(took_over) == 1 and f":{holder}:" in took_over[0], took_over
 
@@ -131,6 +136,14 @@ def test_serve_with_two_workers_runs_the_reaper_in_exactly_one(database_url, tmp
                              LEASE_TTL_INTERVALS * REAPER_INTERVAL_S + 15, "new reaper lease holder", log)
         assert successor in api_processes(parent.pid)  # the survivor, or the process uvicorn started in its place
         assert any(m.startswith(f"took over the {LEASE!r} lease") and f":{successor}:" in m for m in messages(log))
+        # The scheduler too: when the process scheduling dies (the same one, or kill the other now), a live
+        # one schedules within the lease's time.
+        if scheduler != holder:
+            os.kill(scheduler, signal.SIGKILL)
+        scheduling = wait_for(
+            lambda: (pid := lease_holder_pid(database_url, SCHEDULER_LEASE)) not in (None, holder, scheduler) and pid,
+            LEASE_TTL_INTERVALS * REAPER_INTERVAL_S + 15, "a new scheduler lease holder", log)
+        assert scheduling in api_processes(parent.pid)
         assert httpx.get(url + "/health", timeout=5).status_code == 200
 
         # SIGTERM to the parent stops every API process, and the holder releases the lease as it stops.
@@ -138,7 +151,7 @@ def test_serve_with_two_workers_runs_the_reaper_in_exactly_one(database_url, tmp
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=30) == 0, log.read_text()[-4000:]
         assert not [pid for pid in serving if Path(f"/proc/{pid}").exists()]
-        assert lease_holder_pid(database_url) is None
+        assert lease_holder_pid(database_url) is None and lease_holder_pid(database_url, SCHEDULER_LEASE) is None
         assert f"released the {LEASE!r} lease" in " ".join(messages(log))
     finally:
         if parent.poll() is None:

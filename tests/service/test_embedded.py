@@ -1,4 +1,5 @@
-"""The embedded default: `qlora serve` with no configuration at all runs a real job end to end."""
+"""The embedded default: `qlora serve` with no configuration at all runs a real job end to end, and
+schedules two teams' jobs by fair share."""
 
 from __future__ import annotations
 
@@ -67,3 +68,23 @@ def test_embedded_default_trains_a_job_with_nothing_configured(embedded, demo_da
     assert "adapter/adapter_model.safetensors" in names and "adapter/adapter_config.json" in names
     # Stored where the embedded default keeps things: a local directory under QLORA_HOME.
     assert any((home / ".qlora" / "storage").rglob("*"))
+
+    # Fair share on the embedded default too (SQLite, the local transport, the local worker): another
+    # team's job starts before the third of a backlog queued ahead of it.
+    from app.db import session_scope
+    from app.teams.service import create_key, create_team
+
+    with session_scope(f"sqlite:///{home / '.qlora' / 'qlora.db'}") as session:
+        create_team(session, "second-team")
+        second_key = create_key(session, "second-team")[1]
+    second = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {second_key}"}, timeout=60)
+    spec["training"].update(max_steps=2, logging_steps=1, save_steps=1000)
+    spec["output"] = {"merge": False}
+    backlog = [client.post("/jobs", json={"dataset_id": dataset["id"], **spec}).json()["id"] for _ in range(4)]
+    other = second.post("/jobs", json={"dataset_id": upload(second, demo_data["train"]).json()["id"], **spec}).json()
+    other_done = wait_for_status(second, other["id"], ("succeeded", "failed", "cancelled"), timeout=300)
+    assert other_done["status"] == "succeeded", other_done["error"]
+    started = [client.get(f"/jobs/{job_id}").json()["started_at"] for job_id in backlog]
+    assert len([at for at in started if at is not None and at < other_done["started_at"]]) <= 2, (started, other_done)
+    for job_id in backlog:
+        client.post(f"/jobs/{job_id}/cancel")

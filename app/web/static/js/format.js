@@ -16,6 +16,20 @@ export const fmt = {
     while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
     return `${n >= 100 || i === 0 ? Math.round(n) : n.toFixed(1)} ${units[i]}`;
   },
+  /** Binary units, as quotas are set (storage_gib): "1.5 GiB". */
+  ibytes(n) {
+    if (n === null || n === undefined) return "—";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return `${i === 0 ? Math.round(n) : n.toFixed(n >= 100 ? 0 : 1)} ${units[i]}`;
+  },
+  /** GPU-hours: two decimals below 100 ("1.50"), none from there. */
+  hours(x) {
+    if (x === null || x === undefined) return "—";
+    const decimals = x >= 100 ? 0 : 2;
+    return Number(x).toLocaleString(undefined, { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
+  },
   int(n) { return n === null || n === undefined ? "—" : Math.round(n).toLocaleString(); },
   loss(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(4); },
   small(x) { return x === null || x === undefined ? "—" : Number(x).toPrecision(3); },

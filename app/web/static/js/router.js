@@ -8,6 +8,7 @@ import { viewJob } from "./views/job.js";
 import { viewJobs } from "./views/jobs.js";
 import { viewNewJob } from "./views/new-job.js";
 import { viewSignIn } from "./views/signin.js";
+import { viewUsage } from "./views/usage.js";
 
 // [hash pattern, view, the nav link it marks current]; the pattern's groups are the view's arguments.
 const ROUTES = [
@@ -16,6 +17,7 @@ const ROUTES = [
   [/^#\/jobs\/new$/, viewNewJob, "new"],
   [/^#\/jobs\/([0-9a-zA-Z_-]+)$/, viewJob, "jobs"],
   [/^#\/datasets$/, viewDatasets, "datasets"],
+  [/^#\/usage$/, viewUsage, "usage"],
 ];
 
 let currentView = null;

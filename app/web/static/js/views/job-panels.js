@@ -11,7 +11,7 @@ export function renderProgress(card, state) {
   const lastTrain = [...state.train.values()].sort((a, b) => a.step - b.step).at(-1);
   card.replaceChildren(
     h("div", { class: "card-head" }, h("h2", {}, "Progress"),
-      h("span", { class: "meta" }, job.progress.total_steps ? `step ${job.progress.step} of ${job.progress.total_steps}${pct !== null ? ` · ${pct}%` : ""}` : "waiting for a worker")),
+      h("span", { class: "meta", id: "progress-meta" }, job.progress.total_steps ? `step ${job.progress.step} of ${job.progress.total_steps}${pct !== null ? ` · ${pct}%` : ""}` : waiting(state))),
     progressBar(job, true),
     h("dl", { class: "stats" },
       stat("Started", fmt.date(job.started_at)),
@@ -20,6 +20,18 @@ export function renderProgress(card, state) {
       stat("Latest train loss", fmt.loss(lastTrain && lastTrain.train_loss)),
       stat("Attempt", String(job.attempt)),
       stat("Queue", job.queue)));
+}
+
+const WAITING_FOR = {
+  gpu: "a free GPU of its class",
+  max_running: "your team's max_running quota",
+  gpu_hours_per_month: "your team's monthly GPU-hours budget",
+};
+
+function waiting(state) {
+  const standing = state.job.status === "queued" && state.standing;
+  if (!standing) return "waiting for a worker";
+  return `queued · position ${standing.position} · waiting for ${WAITING_FOR[standing.waitingFor] || standing.waitingFor}`;
 }
 
 function stat(label, value) { return h("div", { class: "stat" }, h("dt", {}, label), h("dd", {}, value)); }

@@ -73,10 +73,26 @@ export function viewJob(main, ctx, jobId) {
     } catch (err) { /* the download buttons stay disabled */ }
   }
 
+  // Where a queued job stands (GET /jobs/{id}'s queue_position and waiting_for; the stream's job
+  // messages do not carry them): read when the job is seen queued, and every few seconds while it is.
+  async function loadStanding() {
+    if (!state.job || state.job.status !== "queued") { state.standing = null; return; }
+    try {
+      const fresh = await api(`/jobs/${jobId}`, { signal: ctx.signal });
+      state.standing = fresh.status === "queued" && fresh.queue_position
+        ? { position: fresh.queue_position, waitingFor: fresh.waiting_for } : null;
+      redraw();
+    } catch { /* the stream still shows the job */ }
+  }
+  const standingTimer = setInterval(loadStanding, 5000);
+  ctx.signal.addEventListener("abort", () => clearInterval(standingTimer));
+
   function onMessage(type, payload) {
     if (type === "job") {
       const before = state.job && state.job.status;
       state.job = payload;
+      if (payload.status === "queued" && before !== "queued") loadStanding();
+      if (payload.status !== "queued") state.standing = null;
       setTitle(payload.name || "Job");
       if (payload.status !== before && FINISHED.includes(payload.status)) {
         loadArtifacts();

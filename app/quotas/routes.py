@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import AdminDep, CallerDep, SessionDep, SettingsDep
+from app.quotas import service
+from app.quotas.schemas import QuotaChanges, QuotaOut
+
+router = APIRouter(tags=["quotas"])
+
+
+@router.get("/quota", response_model=QuotaOut)
+def own_quota(session: SessionDep, settings: SettingsDep, caller: CallerDep):
+    """The quota of the key's team: the limits in force, which are its own (the rest are the
+    deployment's defaults), and what it holds against them now."""
+    return service.show_own(session, settings, caller.team_id)
+
+
+@router.get("/admin/teams/{team}/quota", response_model=QuotaOut)
+def team_quota(team: str, session: SessionDep, settings: SettingsDep, _: AdminDep):
+    """Any team's quota and use (admin keys)."""
+    return service.show(session, settings, team)
+
+
+@router.put("/admin/teams/{team}/quota", response_model=QuotaOut)
+def set_team_quota(team: str, body: QuotaChanges, session: SessionDep, settings: SettingsDep, _: AdminDep):
+    """Set a team's quota (admin keys): any of the five fields; null resets one to the deployment's
+    default, and a field left out stays as it is."""
+    return service.report(session, settings, service.set_quota(session, team, body.model_dump(exclude_unset=True)))

@@ -1,0 +1,200 @@
+"""Team quotas: what an admin sets per team (weight, max_running, max_queued, gpu_hours_per_month,
+storage_gib), with the deployment's defaults (QLORA_DEFAULT_*) for what is not set.
+
+The limits a request meets are checked here: max_queued when a job is created, storage_gib when an
+upload arrives (before a byte is stored, again while it streams, and once more, under the team's lock,
+before it is recorded). max_running and the monthly budget hold jobs in the queue (app/scheduling/)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.config import GIB, Settings
+from app.db import utcnow
+from app.errors import Invalid, NotFound, QuotaExceeded, field_errors
+from app.jobs import states
+from app.quotas import repository
+from app.quotas.schemas import ALLOWED, QuotaChanges, QuotaOut, QuotaOwn, QuotaUse, QuotaValues
+from app.teams import repository as teams
+from app.teams.tables import Team
+from app.text import format_bytes
+from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
+
+QUOTA_FIELDS = ("weight", "max_running", "max_queued", "gpu_hours_per_month", "storage_gib")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A team's quota in force: its own values, else the defaults. None: no limit."""
+
+    weight: float
+    max_running: int | None
+    max_queued: int | None
+    gpu_hours_per_month: float | None
+    storage_gib: float | None
+
+
+def effective(settings: Settings, team: Team) -> Quota:
+    values = {}
+    for field in QUOTA_FIELDS:
+        own = getattr(team, field)
+        values[field] = own if own is not None else getattr(settings, f"default_{field}")
+    return Quota(**values)
+
+
+def lock_team(session: Session, team_id: str) -> Team:
+    """Take the team's row for the rest of the transaction, before counting what it holds: two
+    requests of one team that each count then add (20 submissions at once against max_queued) are
+    served one after the other. A no-op UPDATE, so SQLite takes its write lock here too, before the
+    count, instead of failing the second writer at its insert."""
+    session.execute(update(Team).where(Team.id == team_id).values(id=Team.id).execution_options(synchronize_session=False))
+    team = session.get(Team, team_id, populate_existing=True)
+    assert team is not None  # the caller's key was just read
+    return team
+
+
+# ---------------------------------------------------------------- admin: set and show
+
+
+def team_named(session: Session, name: str) -> Team:
+    team = teams.team_by_name(session, name)
+    if team is None:
+        raise NotFound(f"no team {name!r} (qlora admin create-team NAME makes one)")
+    return team
+
+
+def set_quota(session: Session, team_name: str, changes: Mapping[str, Any]) -> Team:
+    """Set the fields in `changes` for the team: a value sets it, None resets it to the default;
+    fields not in `changes` stay as they are. Invalid names each field out of its range."""
+    team = team_named(session, team_name)
+    try:
+        valid = QuotaChanges.model_validate(dict(changes))
+    except ValidationError as exc:
+        pairs = [(_field_of(e["loc"]), f"{e['msg']}; allowed: {ALLOWED.get(_field_of(e['loc']), 'no such quota')}, "
+                  "or null for the default") for e in exc.errors()]
+        raise Invalid("; ".join(f"{field}: {message}" for field, message in pairs),
+                      details=field_errors(pairs)) from None
+    for field in valid.model_fields_set:
+        setattr(team, field, getattr(valid, field))
+    session.flush()
+    return team
+
+
+def _field_of(loc: tuple) -> str:
+    return str(loc[0]) if loc else "(body)"
+
+
+def report(session: Session, settings: Settings, team: Team) -> QuotaOut:
+    """The quota in force, which of it is the team's own, and what the team holds against it now."""
+    now = utcnow()
+    gpu_s = gpu_seconds_by_team(session, month_start(now), now, now, [team.id]).get(team.id, 0.0)
+    in_force = effective(settings, team)
+    return QuotaOut(
+        team=team.name,
+        quota=QuotaValues(**{field: getattr(in_force, field) for field in QUOTA_FIELDS}),
+        own=QuotaOwn(**{field: getattr(team, field) for field in QUOTA_FIELDS}),
+        use=QuotaUse(running=repository.count_jobs(session, team.id, states.WORKER_OWNED),
+                     queued=repository.count_jobs(session, team.id, (states.QUEUED,)),
+                     gpu_hours_this_month=round(gpu_s / 3600, 4),
+                     storage_bytes=storage_bytes(session, team.id)))
+
+
+def show(session: Session, settings: Settings, team_name: str) -> QuotaOut:
+    return report(session, settings, team_named(session, team_name))
+
+
+def show_own(session: Session, settings: Settings, team_id: str) -> QuotaOut:
+    team = teams.team_by_id(session, team_id)
+    if team is None:  # gone since its key was read (CallerCache)
+        raise NotFound("the team of this key no longer exists")
+    return report(session, settings, team)
+
+
+# ---------------------------------------------------------------- max_queued
+
+
+def check_can_queue(session: Session, settings: Settings, team_id: str) -> None:
+    """QuotaExceeded when the team already has max_queued jobs waiting. Locks the team's row first."""
+    team = lock_team(session, team_id)
+    limit = effective(settings, team).max_queued
+    if limit is None:
+        return
+    queued = repository.count_jobs(session, team_id, (states.QUEUED,))
+    if queued >= limit:
+        raise QuotaExceeded(
+            f"max_queued: team {team.name!r} already has {queued} jobs queued, its limit is {limit}; a job "
+            "leaves the queue when a worker starts it or when you cancel it (POST /jobs/{id}/cancel), or an "
+            "admin may raise the limit (qlora admin set-quota --max-queued)",
+            details={"limit": "max_queued", "allowed": limit, "current": queued})
+
+
+# ---------------------------------------------------------------- storage_gib
+
+
+@dataclass(frozen=True)
+class StorageRoom:
+    """What a team with a storage_gib limit may still store, as read when its upload began."""
+
+    team_name: str
+    limit_gib: float
+    used_bytes: int
+
+    @property
+    def limit_bytes(self) -> int:
+        return int(self.limit_gib * GIB)
+
+    @property
+    def left_bytes(self) -> int:
+        return max(self.limit_bytes - self.used_bytes, 0)
+
+    def exceeded(self, what: str) -> QuotaExceeded:
+        """The refusal of an upload; `what` says how it would pass the limit."""
+        return QuotaExceeded(
+            f"storage_gib: team {self.team_name!r} keeps {format_bytes(self.used_bytes)} of its limit of "
+            f"{format_bytes(self.limit_bytes)} (storage_gib {self.limit_gib:g}), {format_bytes(self.left_bytes)} "
+            f"left, and {what}; nothing of this upload was kept. Delete datasets "
+            "the team no longer needs (DELETE /datasets/{id}, or qlora datasets delete ID); its jobs' artifacts "
+            "and checkpoints count too, so an admin may raise the limit (qlora admin set-quota TEAM --storage-gib G)",
+            details={"limit": "storage_gib", "allowed_bytes": self.limit_bytes, "current_bytes": self.used_bytes,
+                     "left_bytes": self.left_bytes})
+
+    def check_declared(self, declared_bytes: int | None) -> None:
+        """Before a byte of the body is read: a team at its limit uploads nothing, and a body whose
+        declared length is over what is left is refused at once. `declared_bytes` is the file's size as
+        far as the request tells (its Content-Length less the form around the file); None: not told."""
+        if self.left_bytes <= 0:
+            raise self.exceeded("has no room for another upload")
+        if declared_bytes is not None and declared_bytes > self.left_bytes:
+            raise self.exceeded(f"this upload is {format_bytes(declared_bytes)}")
+
+    def check_stream(self, stored_bytes: int) -> None:
+        """While the body streams (a chunked body declares no length): refused once it passes what is left."""
+        if stored_bytes > self.left_bytes:
+            raise self.exceeded(f"this upload is already over {format_bytes(self.left_bytes)}")
+
+
+def storage_room(session: Session, settings: Settings, team_id: str) -> StorageRoom | None:
+    """The team's room for more stored bytes; None when it has no storage limit."""
+    team = teams.team_by_id(session, team_id)
+    limit = effective(settings, team).storage_gib if team is not None else None
+    if team is None or limit is None:
+        return None
+    return StorageRoom(team.name, limit, storage_bytes(session, team_id))
+
+
+def check_storage_fits(session: Session, settings: Settings, team_id: str, incoming_bytes: int) -> None:
+    """Before recording a stored upload: with the team's row locked, its use now plus these bytes must
+    fit. Two uploads that each fitted when they began cannot both be kept past the limit."""
+    team = lock_team(session, team_id)  # also reads the quota afresh: an admin may have changed it meanwhile
+    limit = effective(settings, team).storage_gib
+    if limit is None:
+        return
+    room = StorageRoom(team.name, limit, storage_bytes(session, team_id))
+    if incoming_bytes > room.left_bytes:
+        raise room.exceeded(f"this upload is {format_bytes(incoming_bytes)}")

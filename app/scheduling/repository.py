@@ -1,0 +1,78 @@
+"""The scheduler's queries: what every team holds, and what waits and runs in one GPU class. They
+read across teams by design (the scheduler weighs teams against each other); nothing here is answered
+to a team as it is: a team sees only its own jobs' positions (service.standings)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.orm import Session
+
+from app.jobs import states
+from app.jobs.tables import Job
+from app.teams.tables import Team
+
+
+def teams(session: Session, team_ids: Collection[str] | None = None) -> list[Team]:
+    query = select(Team)
+    if team_ids is not None:
+        query = query.where(Team.id.in_(team_ids))
+    return list(session.scalars(query))
+
+
+def running_claims(session: Session) -> list[Row]:
+    """(team_id, claimed_at) of every job holding a GPU, of every class: a team's share counts them all."""
+    return list(session.execute(select(Job.team_id, func.coalesce(Job.claimed_at, Job.started_at))
+                                .where(Job.status.in_(states.WORKER_OWNED))))
+
+
+def waiting(session: Session, queue: str) -> list[Row]:
+    """(id, team_id, priority, created_at, dispatched_at) of the jobs queued in one GPU class."""
+    return list(session.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at, Job.dispatched_at)
+                                .where(Job.status == states.QUEUED, Job.queue == queue)))
+
+
+def queues_with_waiting(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.queue).where(Job.status == states.QUEUED).distinct()))
+
+
+def running_in(session: Session, queue: str) -> list[Row]:
+    """(id, team_id, priority, claimed_at, attempt, preempting, status) of the jobs holding a GPU of one class."""
+    return list(session.execute(select(Job.id, Job.team_id, Job.priority, func.coalesce(Job.claimed_at, Job.started_at),
+                                       Job.attempt, Job.preempting, Job.status)
+                                .where(Job.status.in_(states.WORKER_OWNED), Job.queue == queue)))
+
+
+def count_running(session: Session, team_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.team_id == team_id, Job.status.in_(states.WORKER_OWNED))) or 0
+
+
+def queue_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.queue).where(Job.id == job_id))
+
+
+def take_if_free(session: Session, job_id: str) -> bool:
+    """Lock the queued job's row for this transaction unless another claim holds it: SKIP LOCKED on
+    Postgres, so two workers choosing the same job do not queue up on it (the loser moves on to the
+    next); SQLite has one writer at a time and ignores the clause. The claim after it is still the
+    compare-and-set that decides."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.status == states.QUEUED)
+                          .with_for_update(skip_locked=True)) is not None
+
+
+def forget_messages(session: Session, queue: str) -> None:
+    """A worker took a message of this class and found no job it may start (every one held back by a
+    quota): the messages of these jobs may be spent, so mark them unsent; the scheduler sends one
+    again for each job once its team may start it."""
+    session.execute(update(Job).where(Job.queue == queue, Job.status == states.QUEUED)
+                    .values(dispatched_at=None).execution_options(synchronize_session=False))
+
+
+def unsent(session: Session, queue: str, before: datetime | None = None) -> set[str]:
+    """Queued jobs of the class with no message in the broker (dispatched_at null), or, with
+    `before`, whose message went out before it (it may have been lost)."""
+    condition = Job.dispatched_at.is_(None) if before is None else (Job.dispatched_at.is_(None) | (Job.dispatched_at < before))
+    return set(session.scalars(select(Job.id).where(Job.queue == queue, Job.status == states.QUEUED, condition)))

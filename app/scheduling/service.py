@@ -1,0 +1,187 @@
+"""The database decides who runs next (DESIGN.md rule 8). Queue messages only say "a job of this GPU
+class is waiting": the worker that takes one claims the best queued job of its class at that moment
+(claim_next), by the rules in policy.py. One scheduler per deployment, the holder of the "scheduler"
+lease (SchedulerThread), sends the messages a quota held back once the team may start a job, sends
+again those that may have been lost, and preempts for fair share.
+
+Messages stay about one per queued job: a claim spends one message however it chooses, a message that
+finds no job it may start marks its class's jobs unsent, and the scheduler sends one for each unsent
+job that may start. A stale message finds nothing and is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import after_commit, session_scope, utcnow
+from app.jobs import repository as jobs
+from app.jobs import runs, states
+from app.jobs.dispatch import send
+from app.jobs.runs import ClaimedJob
+from app.operations.lease import LeasedLoop
+from app.quotas.service import effective, lock_team
+from app.scheduling import policy, repository
+from app.scheduling.policy import FOR_GPU, Running, TeamShare, Waiting
+from app.usage.repository import gpu_seconds_by_team, month_start
+
+log = logging.getLogger(__name__)
+
+LEASE = "scheduler"
+# A job is sent to the broker right after the commit that created it; only if that failed (broker
+# down) does the scheduler send it, once the job is older than this.
+SEND_UNSENT_AFTER_S = 10
+
+
+def team_shares(session: Session, settings: Settings, now: datetime) -> dict[str, TeamShare]:
+    """Every team as the rules see it now: weight and quota in force, GPUs held, decayed usage, and
+    what is left of its monthly budget."""
+    claims: dict[str, list[float]] = {}
+    for team_id, claimed_at in repository.running_claims(session):
+        claims.setdefault(team_id, []).append((claimed_at or now).timestamp())
+    teams = repository.teams(session)
+    quotas = {team.id: effective(settings, team) for team in teams}
+    budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
+    used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
+    shares = {}
+    for team in teams:
+        quota = quotas[team.id]
+        budget = quota.gpu_hours_per_month
+        shares[team.id] = TeamShare.at(
+            team.id, now.timestamp(), settings.fair_share_half_life_s, weight=quota.weight,
+            usage_s=team.fair_share_usage_s or 0.0,
+            usage_at=team.fair_share_at.timestamp() if team.fair_share_at else None,
+            running_since=claims.get(team.id, []), max_running=quota.max_running,
+            budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0))
+    return shares
+
+
+def _waiting(session: Session, queue: str) -> list[Waiting]:
+    return [Waiting(job_id, team_id, priority, created_at.timestamp())
+            for job_id, team_id, priority, created_at, _ in repository.waiting(session, queue)]
+
+
+def claim_next(session: Session, settings: Settings, named_job_id: str, worker: str) -> ClaimedJob | None:
+    """A worker took the message of `named_job_id`: claim the best queued job of that job's GPU class
+    now (maybe another), or None when none may start (its message is then marked unsent, and the
+    scheduler sends it again once the job may start).
+
+    Each candidate's team is locked before its running jobs are counted, so workers claiming at once
+    never start more than max_running of one team; a job another claim holds is skipped (SKIP LOCKED),
+    and the claim itself is the compare-and-set it always was.
+    """
+    queue = repository.queue_of(session, named_job_id)
+    if queue is None:
+        return None  # deleted with its team
+    now = utcnow()
+    shares = team_shares(session, settings, now)
+    refused: set[str] = set()
+    for job, reason in policy.claim_order(_waiting(session, queue), shares):
+        if reason is not None:
+            break  # the rest are held back too
+        if job.team_id in refused:
+            continue
+        team = lock_team(session, job.team_id)
+        limit = effective(settings, team).max_running
+        if limit is not None and repository.count_running(session, job.team_id) >= limit:
+            refused.add(job.team_id)  # another worker started one of its jobs meanwhile
+            continue
+        if not repository.take_if_free(session, job.job_id):
+            continue
+        claimed = runs.claim(session, job.job_id, worker)
+        if claimed is not None:
+            if claimed.id != named_job_id:
+                log.info("the message named job %s; claimed %s, first in fair-share order", named_job_id, claimed.id)
+            return claimed
+    repository.forget_messages(session, queue)
+    return None
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where a queued job stands: 1 is the next its class starts; why it waits."""
+
+    position: int
+    waiting_for: str
+
+
+def standings(session: Session, settings: Settings, queue: str, now: datetime | None = None) -> dict[str, Standing]:
+    """Each queued job of one class with its place in claim order, if no job ended meanwhile."""
+    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now or utcnow()))
+    return {job.job_id: Standing(position, reason or FOR_GPU) for position, (job, reason) in enumerate(order, 1)}
+
+
+def schedule(session: Session, settings: Settings) -> dict[str, int]:
+    """One scheduler pass over every class with queued jobs: send the messages due, then preempt."""
+    now = utcnow()
+    counts = {"sent": 0, "preempted": 0}
+    shares = team_shares(session, settings, now)
+    for queue in repository.queues_with_waiting(session):
+        waiting = _waiting(session, queue)
+        order = policy.claim_order(waiting, shares)
+        counts["sent"] += _send_due(session, settings, queue, order, now)
+        if settings.preemption:
+            counts["preempted"] += _preempt(session, settings, queue, now, shares)
+    return counts
+
+
+def _send_due(session: Session, settings: Settings, queue: str, order: list[tuple[Waiting, str | None]],
+              now: datetime) -> int:
+    """Send "job X is ready" for each job that may start and has no message: never sent (the broker was
+    down, a quota held it back, it was requeued), or sent so long ago (QLORA_REDISPATCH_AFTER_S) that
+    its message may be lost. Held-back jobs get none: a message would only find nothing to start."""
+    unsent = repository.unsent(session, queue, before=now - timedelta(seconds=settings.redispatch_after_s))
+    young = now - timedelta(seconds=SEND_UNSENT_AFTER_S)
+    sent = 0
+    for job, reason in order:
+        if reason is None and job.job_id in unsent and datetime.fromtimestamp(job.created_at, UTC) < young:
+            after_commit(session, functools.partial(send, settings, job.job_id, queue))
+            sent += 1
+    return sent
+
+
+def _preempt(session: Session, settings: Settings, queue: str, now: datetime, shares: dict[str, TeamShare]) -> int:
+    """Pause (at a checkpoint) the jobs plan_preemptions names, for jobs that have waited
+    QLORA_PREEMPT_AFTER_WAIT_S with their message in the broker: no worker of the class was free to take it."""
+    patience = timedelta(seconds=settings.preempt_after_wait_s)
+    waited = [Waiting(job_id, team_id, priority, created_at.timestamp())
+              for job_id, team_id, priority, created_at, dispatched_at in repository.waiting(session, queue)
+              if dispatched_at is not None and now - dispatched_at >= patience and now - created_at >= patience]
+    if not waited:
+        return 0
+    rows = repository.running_in(session, queue)
+    candidates = [Running(job_id, team_id, priority, claimed_at.timestamp())
+                  for job_id, team_id, priority, claimed_at, _, preempting, status in rows
+                  if status == states.RUNNING and not preempting and claimed_at is not None]
+    attempts = {row[0]: row[4] for row in rows}
+    freeing = sum(1 for row in rows if row[5])
+    plan = policy.plan_preemptions(waited, candidates, shares, now.timestamp(),
+                                   settings.min_runtime_before_preempt_s, freeing)
+    done = 0
+    for preemption in plan:
+        victim = preemption.victim
+        if jobs.preempt(session, victim.job_id, attempts[victim.job_id]):
+            jobs.add_event(session, victim.job_id, "preempted", "warning",
+                           "preempted for fair share: a team below its share has a job waiting and every GPU of "
+                           "this class is busy; the job saves a checkpoint after its current step, is queued "
+                           "again, and resumes from that checkpoint with nothing lost", attempt=attempts[victim.job_id])
+            done += 1
+    return done
+
+
+class SchedulerThread(LeasedLoop):
+    """schedule() every QLORA_SCHEDULER_INTERVAL_S in each API process (and `qlora reaper`), worked by
+    the holder of the "scheduler" lease only."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings.database_url, LEASE, settings.scheduler_interval_s)
+        self.settings = settings
+
+    def work(self) -> dict[str, int]:
+        with session_scope(self.settings.database_url) as session:
+            return schedule(session, self.settings)

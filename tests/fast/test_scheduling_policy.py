@@ -1,0 +1,285 @@
+"""Fair-share scheduling rules (app/scheduling/policy.py) as a user of a shared pool notices them: who
+gets the next GPU, why a job waits, whose job is paused for whom, and the decay behind it all."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from app.scheduling.policy import (
+    FOR_BUDGET,
+    FOR_MAX_RUNNING,
+    PRIORITIES,
+    RUNNING_COUNTS_S,
+    Running,
+    TeamShare,
+    Waiting,
+    average_gpus,
+    claim_order,
+    decayed,
+    fold,
+    next_to_claim,
+    plan_preemptions,
+    used_between,
+)
+
+HOUR = 3600.0
+HALF_LIFE = 7 * 24 * HOUR  # QLORA_FAIR_SHARE_HALF_LIFE_S's default
+NOW = 1_000_000_000.0
+MIN_RUNTIME = 600.0
+LOW, NORMAL, HIGH = PRIORITIES["low"], PRIORITIES["normal"], PRIORITIES["high"]
+
+
+def team(name: str, *, weight: float = 1.0, used_h: float = 0.0, running_for_h: tuple[float, ...] = (),
+         max_running: int | None = None, budget_left_s: float | None = None) -> TeamShare:
+    """A team as the service reads it now: used_h GPU-hours folded in just now, and one job running for
+    each entry of running_for_h (for that many hours so far)."""
+    return TeamShare.at(name, NOW, HALF_LIFE, weight=weight, usage_s=used_h * HOUR, usage_at=NOW if used_h else None,
+                        running_since=[NOW - hours * HOUR for hours in running_for_h], max_running=max_running,
+                        budget_left_s=budget_left_s)
+
+
+def job(job_id: str, team_id: str, *, priority: int = NORMAL, age_h: float = 1.0) -> Waiting:
+    return Waiting(job_id, team_id, priority, created_at=NOW - age_h * HOUR)
+
+
+def running(job_id: str, team_id: str, *, for_h: float, priority: int = NORMAL) -> Running:
+    return Running(job_id, team_id, priority, claimed_at=NOW - for_h * HOUR)
+
+
+def ids(order) -> list[str]:
+    return [waiting.job_id for waiting, _ in order]
+
+
+def teams_of(*shares: TeamShare) -> dict[str, TeamShare]:
+    return {share.team_id: share for share in shares}
+
+
+# ---------------------------------------------------------------- who runs next
+
+
+def test_the_team_that_used_less_goes_first_even_with_an_older_or_higher_priority_job_elsewhere():
+    teams = teams_of(team("heavy", used_h=50), team("light", used_h=2))
+    waiting = [job("heavy-1", "heavy", priority=HIGH, age_h=48), job("light-1", "light", priority=LOW, age_h=0.1)]
+
+    assert next_to_claim(waiting, teams).job_id == "light-1"
+    assert ids(claim_order(waiting, teams)) == ["light-1", "heavy-1"]
+
+
+def test_gpu_time_used_decides_not_the_gpus_a_team_happens_to_hold_this_instant():
+    # big (weight 3) holds a GPU now but used 25 GPU-hours, 8.3 per weight; small (weight 1) holds none but
+    # used 12. big goes first: otherwise a team whose slice is under one GPU would get one whenever it
+    # asked, far more than its weight.
+    teams = teams_of(team("big", weight=3, used_h=24, running_for_h=(1,)), team("small", weight=1, used_h=12))
+
+    assert next_to_claim([job("s", "small", age_h=10), job("b", "big", age_h=1)], teams).job_id == "b"
+
+
+def test_weights_divide_use_a_team_of_weight_two_may_use_twice_as_much():
+    waiting = [job("a", "double"), job("b", "single")]
+    # 30 GPU-hours at weight 2 is 15 per unit of weight: less than 20 at weight 1.
+    assert next_to_claim(waiting, teams_of(team("double", weight=2, used_h=30), team("single", used_h=20))).job_id == "a"
+    # 50 at weight 2 is 25 per unit: more than 20.
+    assert next_to_claim(waiting, teams_of(team("double", weight=2, used_h=50), team("single", used_h=20))).job_id == "b"
+
+
+def test_a_new_pool_hands_out_gpus_in_turn_in_proportion_to_weights():
+    teams = teams_of(team("three", weight=3), team("one", weight=1))
+    waiting = [job(f"three-{i}", "three", age_h=i) for i in range(8)] + [job(f"one-{i}", "one", age_h=i) for i in range(8)]
+
+    first_eight = [w.team_id for w, _ in claim_order(waiting, teams)[:8]]
+    assert first_eight.count("three") == 6 and first_eight.count("one") == 2
+    assert first_eight[:4] != ["three"] * 4  # interleaved, not one team's jobs back to back
+
+
+def test_two_equal_teams_take_gpus_in_turn_rather_than_one_taking_them_all():
+    teams = teams_of(team("a"), team("b"))
+    waiting = [job(f"a-{i}", "a", age_h=10 - i) for i in range(4)] + [job(f"b-{i}", "b", age_h=10 - i) for i in range(4)]
+
+    order = [w.team_id for w, reason in claim_order(waiting, teams)]
+    assert order in (["a", "b"] * 4, ["b", "a"] * 4)
+    assert all(reason is None for _, reason in claim_order(waiting, teams))
+
+
+def test_within_a_team_priority_decides_then_age():
+    teams = teams_of(team("t"))
+    waiting = [job("old-low", "t", priority=LOW, age_h=30), job("new-normal", "t", age_h=1),
+               job("old-normal", "t", age_h=5), job("new-high", "t", priority=HIGH, age_h=0.1)]
+
+    assert ids(claim_order(waiting, teams)) == ["new-high", "old-normal", "new-normal", "old-low"]
+
+
+def test_a_high_priority_job_does_not_jump_ahead_of_another_team():
+    teams = teams_of(team("behind", used_h=1), team("ahead", used_h=40))
+    waiting = [job("ahead-high", "ahead", priority=HIGH, age_h=5), job("behind-low", "behind", priority=LOW, age_h=1)]
+
+    assert next_to_claim(waiting, teams).job_id == "behind-low"
+
+
+def test_max_running_holds_a_teams_further_jobs_back_with_that_reason_and_after_every_other_job():
+    teams = teams_of(team("capped", max_running=2, running_for_h=(1,)), team("other", used_h=30))
+    waiting = [job(f"capped-{i}", "capped", age_h=10 - i) for i in range(3)] + [job("other-1", "other")]
+
+    order = claim_order(waiting, teams)
+    assert [(w.job_id, reason) for w, reason in order] == [
+        ("capped-0", None), ("other-1", None), ("capped-1", FOR_MAX_RUNNING), ("capped-2", FOR_MAX_RUNNING)]
+
+
+def test_a_spent_budget_holds_every_job_of_the_team_and_nothing_is_claimed_for_it():
+    teams = teams_of(team("spent", budget_left_s=0), team("other", used_h=100))
+    waiting = [job("spent-1", "spent", priority=HIGH, age_h=10), job("spent-2", "spent"), job("other-1", "other")]
+
+    assert [(w.job_id, reason) for w, reason in claim_order(waiting, teams)] == [
+        ("other-1", None), ("spent-1", FOR_BUDGET), ("spent-2", FOR_BUDGET)]
+    assert next_to_claim(waiting[:2], teams) is None  # only held jobs: a free GPU stays free for them
+    # A budget left and max_running at once: the budget is the reason shown.
+    both = teams_of(team("t", budget_left_s=-5, max_running=0))
+    assert claim_order([job("x", "t")], both)[0][1] == FOR_BUDGET
+
+
+def test_next_to_claim_is_always_the_first_job_claim_order_would_start():
+    rng = random.Random(7)
+    for _ in range(300):
+        teams = teams_of(*(team(f"t{i}", weight=rng.choice([1, 2, 5]), used_h=rng.uniform(0, 30),
+                                running_for_h=tuple(rng.uniform(0, 3) for _ in range(rng.randint(0, 3))),
+                                max_running=rng.choice([None, None, 1, 2]),
+                                budget_left_s=rng.choice([None, None, 0.0, 100.0]))
+                           for i in range(4)))
+        waiting = [job(f"j{n}", f"t{rng.randrange(4)}", priority=rng.randrange(3), age_h=rng.choice([1, 2, 3]))
+                   for n in range(rng.randint(0, 12))]
+        ready = [w for w, reason in claim_order(waiting, teams) if reason is None]
+        assert next_to_claim(waiting, teams) == (ready[0] if ready else None)
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def test_the_lowest_priority_newest_job_of_the_team_furthest_above_its_share_is_paused_for_a_light_team():
+    teams = teams_of(team("heavy", used_h=60, running_for_h=(5, 2, 1, 3)), team("middle", used_h=30, running_for_h=(4,)),
+                     team("light"))
+    candidates = [running("heavy-old-low", "heavy", for_h=5, priority=LOW), running("heavy-high", "heavy", for_h=1, priority=HIGH),
+                  running("heavy-new-low", "heavy", for_h=2, priority=LOW), running("heavy-normal", "heavy", for_h=3),
+                  running("middle-1", "middle", for_h=4, priority=LOW)]
+    light_job = job("light-1", "light")
+
+    plan = plan_preemptions([light_job], candidates, teams, NOW, MIN_RUNTIME)
+
+    assert [(p.victim.job_id, p.for_job.job_id) for p in plan] == [("heavy-new-low", "light-1")]
+
+
+def test_a_job_is_never_preempted_before_its_minimum_runtime():
+    teams = teams_of(team("heavy", used_h=60, running_for_h=(0.1, 0.05)), team("light"))
+    young = [running("h1", "heavy", for_h=0.1), running("h2", "heavy", for_h=0.05)]  # 6 and 3 minutes
+
+    assert plan_preemptions([job("l", "light")], young, teams, NOW, MIN_RUNTIME) == []
+    # Past it, the same job is fair game.
+    assert [p.victim.job_id for p in plan_preemptions([job("l", "light")], young, teams, NOW, 300)] == ["h1"]
+
+
+def test_two_equal_teams_never_swap():
+    for used_h in (0.0, 10.0, 500.0):
+        teams = teams_of(team("a", used_h=used_h, running_for_h=(2,)), team("b", used_h=used_h + 2))
+        assert plan_preemptions([job("b-1", "b")], [running("a-1", "a", for_h=2)], teams, NOW, MIN_RUNTIME) == []
+
+
+def test_teams_that_are_nearly_even_do_not_trade_gpus():
+    # b is 1.5 % behind a: a swap would only trade places at the next small drift, at a pause each time.
+    # Nothing moves; b gets the next GPU that frees.
+    teams = teams_of(team("a", used_h=100, running_for_h=(2,)), team("b", used_h=100.5))
+    assert plan_preemptions([job("b-1", "b")], [running("a-1", "a", for_h=2)], teams, NOW, MIN_RUNTIME) == []
+    assert next_to_claim([job("b-1", "b")], teams).job_id == "b-1"
+    # 10 % behind is clearly unfair: b takes the GPU.
+    behind = teams_of(team("a", used_h=100, running_for_h=(2,)), team("b", used_h=92))
+    assert len(plan_preemptions([job("b-1", "b")], [running("a-1", "a", for_h=2)], behind, NOW, MIN_RUNTIME)) == 1
+
+
+def test_in_a_new_pool_a_team_holding_nothing_gets_a_gpu_once_the_other_teams_job_has_run_its_minimum_runtime():
+    just_past = MIN_RUNTIME / HOUR + 5 / HOUR  # the first scheduler pass after it: 5 s later
+    teams = teams_of(team("first", running_for_h=(just_past,)), team("second"))
+    plan = plan_preemptions([job("second-1", "second")], [running("first-1", "first", for_h=just_past)], teams, NOW,
+                            MIN_RUNTIME)
+    assert [(p.victim.job_id, p.for_job.job_id) for p in plan] == [("first-1", "second-1")]
+    # With no minimum runtime, a job that has run a few seconds is already fair game.
+    seconds = teams_of(team("first", running_for_h=(3 / HOUR,)), team("second"))
+    assert len(plan_preemptions([job("second-1", "second")], [running("first-1", "first", for_h=3 / HOUR)], seconds,
+                                NOW, 0)) == 1
+
+
+def test_each_preemption_serves_the_next_job_in_claim_order_and_stops_once_shares_are_even():
+    teams = teams_of(team("hog", used_h=100, running_for_h=(3, 3, 3, 3)), team("x"), team("y"))
+    hog_jobs = [running(f"hog-{i}", "hog", for_h=3 - i / 10) for i in range(4)]
+    waiting = [job("x-1", "x"), job("y-1", "y")]
+
+    plan = plan_preemptions(waiting, hog_jobs, teams, NOW, MIN_RUNTIME)
+
+    assert sorted(p.for_job.job_id for p in plan) == ["x-1", "y-1"]  # one GPU each, no more: nobody else waits
+    assert [p.victim.job_id for p in plan] == ["hog-3", "hog-2"]  # the newest first
+
+
+def test_gpus_already_being_freed_go_to_the_first_waiting_jobs_before_anything_else_is_paused():
+    teams = teams_of(team("hog", used_h=100, running_for_h=(3, 3, 3)), team("x"), team("y"))
+    hog_jobs = [running("hog-0", "hog", for_h=3), running("hog-1", "hog", for_h=2.9)]
+    waiting = [job("x-1", "x"), job("y-1", "y")]
+
+    assert len(plan_preemptions(waiting, hog_jobs, teams, NOW, MIN_RUNTIME, freeing=0)) == 2
+    one_more = plan_preemptions(waiting, hog_jobs, teams, NOW, MIN_RUNTIME, freeing=1)
+    assert len(one_more) == 1  # one GPU is on its way already: one job waits for it
+    assert plan_preemptions(waiting, hog_jobs, teams, NOW, MIN_RUNTIME, freeing=2) == []
+
+
+def test_a_job_of_the_waiting_team_itself_is_never_paused_for_it():
+    teams = teams_of(team("t", running_for_h=(5,)), team("other", running_for_h=(0.01,)))
+    assert plan_preemptions([job("t-2", "t")], [running("t-1", "t", for_h=5)], teams, NOW, MIN_RUNTIME) == []
+
+
+# ---------------------------------------------------------------- decay
+
+
+def test_usage_halves_every_half_life():
+    assert decayed(100.0, HALF_LIFE, HALF_LIFE) == pytest.approx(50.0)
+    assert decayed(100.0, 3 * HALF_LIFE, HALF_LIFE) == pytest.approx(12.5)
+    assert decayed(100.0, -5.0, HALF_LIFE) == 100.0  # a clock behind the record does not inflate it
+
+
+def test_used_between_is_the_integral_of_the_decayed_gpu_time():
+    start, end, now, half_life = 1000.0, 1000.0 + 5 * HOUR, 1000.0 + 30 * HOUR, 10 * HOUR
+    steps = 20_000
+    width = (end - start) / steps
+    numeric = sum(2 ** (-(now - (start + (i + 0.5) * width)) / half_life) * width for i in range(steps))
+
+    assert used_between(start, end, now, half_life) == pytest.approx(numeric, rel=1e-6)
+    assert used_between(start, end, end, 1e12) == pytest.approx(end - start)  # no decay: plain GPU-seconds
+    assert used_between(end, start, now, half_life) == 0.0
+
+
+def test_folding_attempts_one_by_one_equals_the_decayed_sum_of_all_of_them():
+    attempts = [(0.0, 2 * HOUR), (HOUR, 9 * HOUR), (20 * HOUR, 21 * HOUR), (21 * HOUR, 40 * HOUR)]
+    usage, at = 0.0, None
+    for claimed, ended in sorted(attempts, key=lambda a: a[1]):  # folded as they end
+        usage, at = fold(usage, at, claimed, ended, HALF_LIFE)
+
+    assert at == 40 * HOUR
+    assert usage == pytest.approx(sum(used_between(c, e, at, HALF_LIFE) for c, e in attempts))
+    # An attempt that ended before the last fold (a lost worker noticed late) still counts, decayed.
+    late, late_at = fold(usage, at, 30 * HOUR, 35 * HOUR, HALF_LIFE)
+    assert late_at == at
+    assert late == pytest.approx(usage + used_between(30 * HOUR, 35 * HOUR, at, HALF_LIFE))
+
+
+def test_a_team_that_held_n_gpus_forever_holds_n_on_average():
+    for n in (1, 3):
+        forever = n * used_between(NOW - 200 * HALF_LIFE, NOW, NOW, HALF_LIFE)
+        assert average_gpus(forever, HALF_LIFE) == pytest.approx(n)
+        # The same through TeamShare.at, with the n jobs still running since long ago.
+        share = TeamShare.at("t", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None,
+                             running_since=[NOW - 200 * HALF_LIFE] * n)
+        assert share.recent_gpus == pytest.approx(n)
+        assert share.running == n
+
+
+def test_a_running_attempt_counts_up_to_now_and_a_claim_a_little_ahead():
+    share = TeamShare.at("t", NOW, HALF_LIFE, weight=2.0, usage_s=0.0, usage_at=None, running_since=[NOW - HOUR])
+    assert share.recent_gpus == pytest.approx(average_gpus(used_between(NOW - HOUR, NOW, NOW, HALF_LIFE), HALF_LIFE))
+    assert share.share == pytest.approx((share.recent_gpus + average_gpus(RUNNING_COUNTS_S, HALF_LIFE)) / 2)
+    assert share.with_running(1).share > share.share > share.with_running(-1).share

@@ -1,0 +1,187 @@
+"""The scheduler against a database (SQLite here; Postgres in tests/service/test_scheduling.py): a
+claim takes the best job of its class rather than the one its message named, quotas hold jobs back
+with their reason, the messages they lost are sent again once they may start, preemption pauses the
+right job and queues it again, and every attempt's GPU time lands in the ledger and its team's usage."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from app.broker import RUN_JOB_TASK
+from app.datasets.tables import Dataset
+from app.db import session_scope, utcnow
+from app.jobs import runs, states
+from app.jobs import service as jobs_service
+from app.jobs.tables import Job, JobAttempt, JobEvent
+from app.models.tables import RegisteredModel
+from app.scheduling import service
+from app.teams.service import Caller, create_key, create_team
+from app.teams.tables import Team
+from tests.fast.conftest import job_spec, make_settings, received
+
+QUEUE = "gpu-default"
+
+
+@pytest.fixture
+def settings(settings):
+    return make_settings(settings.home, min_runtime_before_preempt_s=600, preempt_after_wait_s=30)
+
+
+@pytest.fixture
+def world(session):
+    """Two teams, a registered model, and a dataset each: what a claim needs to start a job."""
+    session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+    teams = {}
+    for name in ("team-a", "team-b"):
+        team = create_team(session, name)
+        teams[name] = (team, Caller.of(team, create_key(session, name)[0]))
+        session.add(Dataset(id=f"data-{name}", team_id=team.id, filename="d.jsonl", storage_key=f"{name}/d",
+                            bytes=10, sha256="0" * 64, status="ready"))
+    session.commit()
+    return teams
+
+
+def add_job(session, team: Team, *, status=states.QUEUED, age_s: float = 0, priority: int = 1, **values) -> str:
+    now = utcnow()
+    job = Job(team_id=team.id, status=status, base_model="llama-3-8b", spec=job_spec().model_dump(mode="json"),
+              queue=QUEUE, dataset_id=f"data-{team.name}", priority=priority, created_at=now - timedelta(seconds=age_s),
+              **values)
+    session.add(job)
+    session.commit()
+    return job.id
+
+
+def claim(settings, named: str, worker: str = "w1"):
+    with session_scope(settings.database_url) as s:
+        return service.claim_next(s, settings, named, worker)
+
+
+def test_a_claim_takes_the_job_of_the_team_that_used_less_not_the_one_its_message_named(session, settings, world):
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    first_a = add_job(session, team_a, age_s=30)
+    claimed = claim(settings, first_a)
+    assert claimed is not None and claimed.id == first_a  # alone in the queue
+    second_a = add_job(session, team_a, age_s=20)
+    only_b = add_job(session, team_b, age_s=10)  # younger, but team B holds nothing
+    claimed = claim(settings, second_a, "w2")
+    assert claimed is not None and claimed.id == only_b
+    assert session.get(Job, second_a).status == states.QUEUED
+    session.expire_all()
+    attempt = session.query(JobAttempt).filter_by(job_id=only_b).one()
+    assert attempt.attempt == 1 and attempt.ended_at is None and attempt.team_id == team_b.id
+
+
+def test_priority_orders_a_teams_own_jobs_then_age(session, settings, world):
+    team_a = world["team-a"][0]
+    old_low = add_job(session, team_a, age_s=30, priority=0)
+    new_high = add_job(session, team_a, age_s=1, priority=2)
+    add_job(session, team_a, age_s=20, priority=1)
+    claimed = claim(settings, old_low)
+    assert claimed is not None and claimed.id == new_high
+
+
+def test_max_running_holds_jobs_back_and_their_message_is_sent_once_they_may_start(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    team_a.max_running = 1
+    session.commit()
+    running = add_job(session, team_a, age_s=60)
+    assert claim(settings, running).id == running
+    waiting = add_job(session, team_a, age_s=50, dispatched_at=utcnow())
+
+    row, standing = jobs_service.view(session, settings, caller_a, waiting)
+    assert standing == (1, "max_running")
+    assert claim(settings, waiting) is None  # its message found nothing it may start...
+    session.expire_all()
+    assert session.get(Job, waiting).dispatched_at is None  # ...so the job is marked unsent
+    received(settings, QUEUE)  # empty the broker
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["sent"] == 0  # still held back: no message for nothing
+
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, running, 1, states.SUCCEEDED)
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["sent"] == 1
+    assert received(settings, QUEUE) == [(RUN_JOB_TASK, [waiting])]
+
+
+def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, settings, world):
+    team_b, caller_b = world["team-b"]
+    team_b.gpu_hours_per_month = 1.0
+    now = utcnow()
+    done = add_job(session, team_b, status=states.SUCCEEDED, attempt=1)
+    session.add(JobAttempt(job_id=done, team_id=team_b.id, attempt=1, queue=QUEUE, claimed_at=now - timedelta(hours=1, minutes=1),
+                           ended_at=now - timedelta(seconds=1), outcome=states.SUCCEEDED))
+    session.commit()
+    waiting = add_job(session, team_b)
+    assert jobs_service.view(session, settings, caller_b, waiting)[1] == (1, "gpu_hours_per_month")
+    assert claim(settings, waiting) is None
+    team_b.gpu_hours_per_month = 2.0
+    session.commit()
+    assert jobs_service.view(session, settings, caller_b, waiting)[1] == (1, "gpu")
+
+
+def test_preemption_pauses_the_newest_job_of_the_team_above_its_share_and_queues_it_again(session, settings, world):
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    now = utcnow()
+    old, new = (add_job(session, team_a, age_s=age) for age in (7200, 3600))
+    for job_id, claimed_ago in ((old, 7000), (new, 3000)):
+        assert claim(settings, job_id).id == job_id
+        session.query(Job).filter_by(id=job_id).update({"claimed_at": now - timedelta(seconds=claimed_ago)})
+        session.query(JobAttempt).filter_by(job_id=job_id).update({"claimed_at": now - timedelta(seconds=claimed_ago)})
+        session.commit()
+    fresh_b = add_job(session, team_b, age_s=10, dispatched_at=now - timedelta(seconds=10))
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["preempted"] == 0  # B has not waited QLORA_PREEMPT_AFTER_WAIT_S yet
+    session.query(Job).filter_by(id=fresh_b).update({"dispatched_at": now - timedelta(seconds=60),
+                                                      "created_at": now - timedelta(seconds=60)})
+    session.commit()
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["preempted"] == 1
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["preempted"] == 0  # one GPU is being freed for B already
+    session.expire_all()
+    assert (session.get(Job, new).status, session.get(Job, new).preempting) == (states.PAUSING, True)
+    assert session.get(Job, old).status == states.RUNNING
+    assert [e.type for e in session.query(JobEvent).filter_by(job_id=new)][-1] == "preempted"
+
+    # The worker saw pausing, saved a checkpoint and stopped: the job is queued again, not paused.
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, new, 1, states.PAUSED)
+    session.expire_all()
+    job = session.get(Job, new)
+    assert (job.status, job.preempting, job.preemptions, job.dispatched_at) == (states.QUEUED, False, 1, None)
+    attempt = session.query(JobAttempt).filter_by(job_id=new).one()
+    assert attempt.outcome == states.PAUSED and (attempt.ended_at - attempt.claimed_at).total_seconds() >= 3000
+    assert session.get(Team, team_a.id).fair_share_usage_s > 2900  # its GPU time counts against its share
+    # B goes first: it holds nothing, A holds a GPU and used more.
+    assert claim(settings, new, "w3").id == fresh_b
+
+
+def test_without_preemption_nothing_is_paused(session, settings, world):
+    settings = make_settings(settings.home, preemption=False, min_runtime_before_preempt_s=0, preempt_after_wait_s=0)
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    running = add_job(session, team_a, age_s=100)
+    assert claim(settings, running).id == running
+    add_job(session, team_b, age_s=100, dispatched_at=utcnow() - timedelta(seconds=100))
+    with session_scope(settings.database_url) as s:
+        assert service.schedule(s, settings)["preempted"] == 0
+    session.expire_all()
+    assert session.get(Job, running).status == states.RUNNING
+
+
+def test_a_teams_own_pause_of_a_preempted_job_keeps_it_paused(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    job_id = add_job(session, team_a, age_s=100)
+    assert claim(settings, job_id).id == job_id
+    with session_scope(settings.database_url) as s:
+        from app.jobs import repository
+
+        assert repository.preempt(s, job_id, 1)
+    assert jobs_service.pause(session, caller_a, job_id).status == states.PAUSING
+    session.commit()
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, job_id, 1, states.PAUSED)
+    session.expire_all()
+    assert session.get(Job, job_id).status == states.PAUSED
