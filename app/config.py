@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     max_steps: int | None = Field(None, ge=1)
     # per_device_batch_size; "auto" is sized no larger where admission resolves it (GPU classes configured).
     max_micro_batch: int | None = Field(None, ge=1)
+    # A paged optimizer's state (paged_adamw_*) may page to CPU memory when the GPU is full: admission
+    # admits a job whose resident peak fits and whose overflow is at most this share of that state (1: all
+    # of it may page, at the cost of moving it over PCIe each optimizer step; 0: the whole peak must fit).
+    max_paged_fraction: float = Field(1.0, ge=0, le=1)
     # The longest one attempt of a job may take, from its claim to its final state (downloads, training
     # and uploads). The worker stops an attempt past it and records the job failed, naming this limit;
     # Celery's hard limit (this + 1 h) only backs that up. The broker's visibility timeout is set above

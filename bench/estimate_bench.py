@@ -68,7 +68,9 @@ def run_case(work: Path, preset: str, batch: int, seq: int, checkpointing: bool,
     predicted = raw["predicted_peak_bytes"]
     if device == "cuda":
         measured, allocated = raw["memory"]["reserved"], raw["memory"]["allocated"]
-    else:
+        # PyTorch's allocator does not see the paged optimizer's unified memory: compare what it does see.
+        predicted = raw.get("predicted_resident_bytes", predicted)
+    else:  # bitsandbytes' paged optimizers fall back to plain CPU memory there, inside the process RSS
         measured = allocated = raw["memory"]["reserved"] - raw["rss_before_model_bytes"]
         predicted -= CONTEXT_BYTES  # a CPU process has no CUDA context to allow for
     return {"preset": preset, "micro_batch": batch, "seq": seq, "gradient_checkpointing": checkpointing,

@@ -147,7 +147,10 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
                   "quantized_base": result.summary["quantized_base"],
                   # What admission control predicts for this run (meaningful on a GPU, where the
                   # measured peak is device memory; on the CPU it is process RSS).
-                  "predicted_peak_bytes": estimate_peak_memory(spec, config).total,
+                  "predicted_peak_bytes": (estimate := estimate_peak_memory(spec, config)).total,
+                  # Without a paged optimizer's state, which lives in CUDA unified memory: not in PyTorch's
+                  # allocator statistics, which are what a CUDA run measures.
+                  "predicted_resident_bytes": estimate.resident,
                   "rss_before_model_bytes": rss_before_model}
     else:
         detail = baseline(model_dir, data, settings, Clock())

@@ -71,15 +71,22 @@ def estimate(
     table.add_column("part")
     table.add_column("GiB", justify="right")
     for part, size in result.parts.items():
-        table.add_row(part, f"{size / GIB:.2f}")
+        table.add_row(part + (" [dim](pageable)[/dim]" if part in result.pageable else ""), f"{size / GIB:.2f}")
     table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
+    if result.pageable:
+        table.add_row("[bold]resident[/bold] (pageable state paged out)", f"[bold]{result.resident / GIB:.2f}[/bold]")
     out.print(table)
     if gpu_memory is not None:
         budget = int(gpu_memory * GIB)
-        verdict = "fits" if result.total <= budget else "does not fit"
+        fits, paged = result.fits(budget), result.paged_bytes(budget)
+        if fits and paged:
+            verdict = (f"fits, with {gib(paged)} of the {gib(result.pageable_bytes)} of paged optimizer state paged "
+                       "to CPU memory at each optimizer step,")
+        else:
+            verdict = "fits" if fits else "does not fit"
         out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: "
                   f"{largest_micro_batch(job, model_config, budget) or 'none'}")
-        for idea in advice(job, model_config, budget) if result.total > budget else []:
+        for idea in advice(job, model_config, budget) if not fits else []:
             out.print(f"  try {idea}")
 
 

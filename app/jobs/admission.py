@@ -51,9 +51,10 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         return Admission(chosen, spec, None, f"memory not checked: the registry has no config.json for {model.name}")
     if requested is not None:
         classes = [(requested, settings.gpu_classes[requested])]
+    paging = settings.max_paged_fraction
     for name, memory_gib in classes:
         budget = int(memory_gib * GIB)
-        sized = fit_micro_batch(spec, model.config, budget)
+        sized = fit_micro_batch(spec, model.config, budget, paging)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
         micro = sized.training.per_device_batch_size
@@ -61,25 +62,31 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
             # "auto" sized past the ceiling: a smaller micro-batch needs less memory, so it fits too.
             sized = with_micro_batch(sized, settings.max_micro_batch)
         estimate = estimate_peak_memory(sized, model.config)
-        if estimate.total <= budget:
+        if estimate.fits(budget, paging):
+            paged = estimate.paged_bytes(budget)
             return Admission(name, sized, estimate,
                              f"estimated peak {gib(estimate.total)} of the {gib(budget)} on {name} "
-                             f"(micro-batch {sized.training.per_device_batch_size})")
+                             f"(micro-batch {sized.training.per_device_batch_size})"
+                             + (f"; {gib(paged)} of the {gib(estimate.pageable_bytes)} of paged optimizer state "
+                                "will page to CPU memory at each optimizer step (resident peak "
+                                f"{gib(estimate.resident)})" if paged else ""))
     name, memory_gib = classes[-1]
     budget = int(memory_gib * GIB)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
     estimate = estimate_peak_memory(at_least_one, model.config)
     largest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
-    try_this = advice(at_least_one, model.config, budget)
+    try_this = advice(at_least_one, model.config, budget, paging)
+    needs = gib(estimate.total) if not estimate.pageable_bytes else \
+        f"{gib(estimate.resident)} resident ({gib(estimate.total)} with its paged optimizer state)"
     raise DoesNotFit(
-        f"this job needs about {gib(estimate.total)} of GPU memory (largest parts: "
+        f"this job needs about {needs} of GPU memory (largest parts: "
         + ", ".join(f"{part} {gib(size)}" for part, size in largest)
         + f"); the largest GPU class {'you asked for' if requested else 'the workers serve'}, {name}, has "
         + f"{gib(budget)}. " + (f"It would fit with {' or '.join(try_this)}." if try_this else
                                 "It does not fit even with a micro-batch of 1: use a shorter max_seq_length "
                                 "or a smaller base model."),
-        details={"needed_bytes": estimate.total, "available_bytes": budget, "gpu_class": name,
-                 "estimate": estimate.parts, "suggestions": try_this})
+        details={"needed_bytes": estimate.total, "resident_bytes": estimate.resident, "available_bytes": budget,
+                 "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
 
 
 # (setting, the spec's field, its environment variable): what an operator may cap.

@@ -83,6 +83,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
     session.flush()
     repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}; {admitted.note}",
                          data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
+                               "estimated_resident_bytes": admitted.estimate.resident if admitted.estimate else None,
                                "estimate": admitted.estimate.parts if admitted.estimate else None})
     # The message only says "job X is ready"; it must not reach a worker before the row exists.
     after_commit(session, lambda: send(settings, job.id, job.queue))

@@ -12,7 +12,7 @@ from app.errors import DoesNotFit, Invalid
 from app.jobs.admission import admit
 from app.models.tables import RegisteredModel
 from tests.fast.conftest import job_spec, make_settings
-from tests.model_configs import LLAMA3_8B, LLAMA3_70B
+from tests.model_configs import LLAMA3_8B, LLAMA3_70B, LLAMA_65B
 from worker.training.estimate import GIB, estimate_peak_memory, fit_micro_batch, resolve_auto_micro_batch
 
 CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them by memory
@@ -40,6 +40,21 @@ def test_a_small_job_goes_to_the_smallest_class_that_holds_it(served):
     assert admitted.estimate.total == peak(spec) <= 24 * GIB
     assert admitted.note == (f"estimated peak {admitted.estimate.total / GIB:.2f} GiB of the 24.00 GiB on l4 "
                              "(micro-batch 1)")
+
+
+def test_the_papers_65b_recipe_is_admitted_on_48_gib_saying_its_optimizer_pages(tmp_path):
+    paper = job_spec(per_device_batch_size=1, max_seq_length=512, gradient_checkpointing=True)
+    paper = paper.model_copy(update={"lora": paper.lora.model_copy(update={"r": 64, "alpha": 16})})
+    admitted = admit(make_settings(tmp_path, gpu_classes={"a6000": 48}, default_gpu_class="a6000"),
+                     model(LLAMA_65B, "llama-65b"), paper, None)
+    e = admitted.estimate
+    assert admitted.gpu_class == "a6000" and e.resident <= 48 * GIB < e.total
+    assert f"{e.paged_bytes(48 * GIB) / GIB:.2f} GiB of the {e.pageable_bytes / GIB:.2f} GiB of paged optimizer state " \
+           "will page to CPU memory at each optimizer step" in admitted.note
+    # An operator who allows no paging (QLORA_MAX_PAGED_FRACTION=0) refuses it, saying what it needs resident.
+    with pytest.raises(DoesNotFit, match="resident"):
+        admit(make_settings(tmp_path, gpu_classes={"a6000": 48}, default_gpu_class="a6000", max_paged_fraction=0),
+              model(LLAMA_65B, "llama-65b"), paper, None)
 
 
 def test_a_job_too_large_for_the_small_class_goes_to_the_next(served):
@@ -95,7 +110,10 @@ def test_a_job_that_fits_no_class_it_may_use_is_refused_with_changes_that_fit(se
         admit(served, model(), spec, "l4")
     error = refused.value
     assert (error.status, error.code) == (400, "does_not_fit")
-    assert f"needs about {peak(spec) / GIB:.2f} GiB" in error.message
+    resident = estimate_peak_memory(spec, LLAMA3_8B).resident
+    assert f"needs about {resident / GIB:.2f} GiB resident ({peak(spec) / GIB:.2f} GiB with its paged optimizer state)" \
+        in error.message
+    assert error.details["resident_bytes"] == resident
     assert "the largest GPU class you asked for, l4, has 24.00 GiB" in error.message
     assert error.details["needed_bytes"] == peak(spec) == sum(error.details["estimate"].values())
     assert error.details["available_bytes"] == 24 * GIB and error.details["gpu_class"] == "l4"
@@ -166,7 +184,7 @@ def test_admission_and_the_worker_size_auto_the_same_way():
     assert fit_micro_batch(spec, LLAMA3_8B, 24 * GIB).training.per_device_batch_size == 8
     assert resolve_auto_micro_batch(spec, LLAMA3_8B, 24 * GIB) == fit_micro_batch(spec, LLAMA3_8B, 24 * GIB)
     assert fit_micro_batch(spec, LLAMA3_70B, 24 * GIB) is None  # not even one sequence fits
-    with pytest.raises(ValueError, match=r'"auto" found no micro-batch that fits: even 1 needs 48\.\d\d GiB '
+    with pytest.raises(ValueError, match=r'"auto" found no micro-batch that fits: even 1 needs 46\.\d\d GiB resident '
                                          r"and the device has 24\.00 GiB"):
         resolve_auto_micro_batch(spec, LLAMA3_70B, 24 * GIB)
     # A fixed micro-batch is the user's; on a CPU (no device budget) "auto" is the default, 4.

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from tests.model_configs import LLAMA3_8B
+from tests.model_configs import LLAMA3_8B, LLAMA_33B, LLAMA_65B
 from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
 from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
@@ -253,6 +253,49 @@ def test_optimizer_state_matches_after_a_step(tmp_path):
                 if torch.is_tensor(t) and t.numel() > 1)
     e = estimate_peak_memory(s, {**UNSEEN[1], "tie_word_embeddings": False})
     assert e.parts["optimizer state"] == state
+
+
+# The paper's recipe (QLoRA, section 4 and appendix): LoRA r=64 on every linear layer, micro-batch 1,
+# 512 tokens, gradient checkpointing, the paged 32-bit AdamW.
+PAPER_RECIPE = {"lora": {"r": 64, "alpha": 16}, "training": {
+    "max_steps": 10, "per_device_batch_size": 1, "max_seq_length": 512, "gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize(("config", "gpu_gib"), [(LLAMA_65B, 48), (LLAMA_33B, 24)], ids=["65B on 48 GiB", "33B on 24 GiB"])
+def test_the_papers_recipe_fits_where_the_paper_says_with_its_optimizer_paging(config, gpu_gib):
+    e = estimate_peak_memory(JobSpec.parse({"base_model": "x", **PAPER_RECIPE}), config)
+    budget = gpu_gib * GIB
+    assert e.pageable == {"optimizer state"} and e.pageable_bytes == e.parts["optimizer state"]
+    assert e.total > budget  # all of it would not fit: the optimizer pages, as the paper's paged optimizer does
+    assert e.resident <= budget and e.fits(budget)
+    assert 0 < e.paged_bytes(budget) <= e.pageable_bytes
+    assert not e.fits(budget, max_paged_fraction=0)  # an operator who forbids paging refuses it
+
+
+def test_only_a_paged_optimizers_state_is_pageable_and_the_allowance_covers_the_resident_parts():
+    paged = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_8B)
+    plain = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048, optimizer="adamw_torch"), LLAMA3_8B)
+    assert plain.pageable == frozenset() and plain.resident == plain.total
+    assert paged.parts["optimizer state"] == plain.parts["optimizer state"]
+    # Unified memory is outside PyTorch's caching allocator: no fragmentation counted on it.
+    allowance = "allowance (context, fragmentation)"
+    saved = plain.parts[allowance] - paged.parts[allowance]
+    assert saved == pytest.approx(estimate.FRAGMENTATION * paged.parts["optimizer state"], abs=1)
+    assert paged.resident == paged.total - paged.parts["optimizer state"]
+
+
+def test_qlora_estimate_states_the_paging_of_the_papers_65b_recipe(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_65B))
+    (tmp_path / "spec.json").write_text(json.dumps({"base_model": str(tmp_path), **PAPER_RECIPE}))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "48"],
+                          capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "optimizer state (pageable)" in done.stdout and "resident (pageable state paged out)" in done.stdout
+    assert "fits, with 0.82 GiB of the 5.96 GiB of paged optimizer state paged to CPU memory" in done.stdout, done.stdout
 
 
 def _quant_state_tensors(state):

@@ -13,6 +13,13 @@ The peak of a QLoRA step is the sum of:
   its recomputed activations;
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
+A paged optimizer's state (QLoRA section 3: bitsandbytes allocates it in CUDA unified memory) is
+*pageable*: under memory pressure the driver moves it to CPU memory and back for the optimizer step,
+so a step can run with part of it off the GPU. The estimate keeps it apart from the *resident* parts
+(Estimate.pageable_bytes, Estimate.resident), and a job fits a GPU when its resident peak does and
+what overflows is no more than a stated share of the pageable state (Estimate.fits). Unified memory
+lives outside PyTorch's caching allocator, so the fragmentation allowance covers the resident parts only.
+
 The per-token activation coefficients were fitted (to within 0.5 %) on what the stack saves for
 backward in Llama-architecture models of 1 and 3 layers and six shapes, bf16 compute, LoRA on every
 linear layer, through the trainer's loss head. tests/training/test_estimate.py re-measures them on
@@ -44,6 +51,12 @@ CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS and attention workspaces
 FRAGMENTATION = 0.08  # the caching allocator's slack over what tensors use
 
 OPTIMIZER_BYTES_PER_PARAM = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}
+PAGED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit")
+OPTIMIZER_STATE = "optimizer state"
+# How much of the pageable state may overflow the GPU by default: all of it. Each optimizer step then
+# moves that much over PCIe and back (about 0.5 s for 6 GiB), small beside a step of the large models
+# where it matters; an operator who prefers speed to fitting lowers it (QLORA_MAX_PAGED_FRACTION).
+MAX_PAGED_FRACTION = 1.0
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto is bf16 on current GPUs
 
 
@@ -96,15 +109,36 @@ class Estimate:
     micro_batch: int
     seq_len: int
     checkpointing: bool
+    pageable: frozenset[str] = frozenset()  # the parts that may page to CPU memory (a paged optimizer's state)
     total: int = field(init=False)
 
     def __post_init__(self):
         self.total = sum(self.parts.values())
 
+    @property
+    def pageable_bytes(self) -> int:
+        return sum(size for name, size in self.parts.items() if name in self.pageable)
+
+    @property
+    def resident(self) -> int:
+        """What must stay on the GPU: the peak with every pageable byte paged out."""
+        return self.total - self.pageable_bytes
+
+    def paged_bytes(self, budget_bytes: int) -> int:
+        """How much of the pageable state a GPU of this budget leaves in CPU memory (0: all of it fits)."""
+        return max(self.total - budget_bytes, 0)
+
+    def fits(self, budget_bytes: int, max_paged_fraction: float = MAX_PAGED_FRACTION) -> bool:
+        """The resident peak fits the budget, and what overflows it is pageable, at most
+        max_paged_fraction of the pageable state."""
+        return self.resident <= budget_bytes and self.paged_bytes(budget_bytes) <= max_paged_fraction * self.pageable_bytes
+
     def describe(self) -> str:
         width = max(map(len, self.parts))
-        lines = [f"  {name:<{width}}  {gib(size):>9}" for name, size in self.parts.items()]
-        return "\n".join([*lines, f"  {'total':<{width}}  {gib(self.total):>9}"])
+        lines = [f"  {name:<{width}}  {gib(size):>9}{'  (pageable)' if name in self.pageable else ''}"
+                 for name, size in self.parts.items()]
+        return "\n".join([*lines, f"  {'total':<{width}}  {gib(self.total):>9}",
+                          f"  {'resident (pageable paged out)':<{width}}  {gib(self.resident):>9}"])
 
 
 def gib(n: int) -> str:
@@ -186,19 +220,23 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
         "LoRA adapter": adapter * 4,
         "LoRA gradients": adapter * 4,
-        "optimizer state": adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
+        OPTIMIZER_STATE: adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
         "activations (kept for backward)": int(kept),
         "backward peak (loss head, or one layer)": int(backward),
     }
-    parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * sum(parts.values()))
-    return Estimate(parts, batch, seq, t.gradient_checkpointing)
+    pageable = frozenset({OPTIMIZER_STATE} if t.optimizer in PAGED_OPTIMIZERS else ())
+    allocated = sum(size for name, size in parts.items() if name not in pageable)  # through PyTorch's allocator
+    parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * allocated)
+    return Estimate(parts, batch, seq, t.gradient_checkpointing, pageable)
 
 
-def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, limit: int = 256) -> int | None:
-    """The largest micro-batch (a power of two up to `limit`) whose peak fits the budget; None if not even 1."""
+def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, limit: int = 256,
+                        max_paged_fraction: float = MAX_PAGED_FRACTION) -> int | None:
+    """The largest micro-batch (a power of two up to `limit`) that fits the budget; None if not even 1."""
     best = None
     batch = 1
-    while batch <= limit and estimate_peak_memory(spec, model_config, micro_batch=batch).total <= budget_bytes:
+    while batch <= limit and estimate_peak_memory(spec, model_config, micro_batch=batch).fits(budget_bytes,
+                                                                                             max_paged_fraction):
         best, batch = batch, batch * 2
     return best
 
@@ -207,13 +245,14 @@ def with_micro_batch(spec: JobSpec, micro_batch: int) -> JobSpec:
     return spec.model_copy(update={"training": spec.training.model_copy(update={"per_device_batch_size": micro_batch})})
 
 
-def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int) -> JobSpec | None:
+def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int,
+                    max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec | None:
     """`spec` sized for a budget (a GPU's memory): per_device_batch_size "auto" becomes the largest
     micro-batch that fits, and None says that not even a micro-batch of 1 does. A spec with a fixed
     micro-batch comes back as it is; whether that one fits is the caller's question (the estimate says)."""
     if spec.training.per_device_batch_size != "auto":
         return spec
-    fitting = largest_micro_batch(spec, model_config, budget_bytes)
+    fitting = largest_micro_batch(spec, model_config, budget_bytes, max_paged_fraction=max_paged_fraction)
     return with_micro_batch(spec, fitting) if fitting is not None else None
 
 
@@ -227,27 +266,30 @@ def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: in
         return with_micro_batch(spec, 4)
     sized = fit_micro_batch(spec, model_config, budget_bytes)
     if sized is None:
-        need = estimate_peak_memory(spec, model_config, micro_batch=1).total
+        need = estimate_peak_memory(spec, model_config, micro_batch=1).resident
         raise ValueError(f"training.per_device_batch_size: \"auto\" found no micro-batch that fits: even 1 needs "
-                         f"{gib(need)} and the device has {gib(budget_bytes)}")
+                         f"{gib(need)} resident and the device has {gib(budget_bytes)}")
     return sized
 
 
-def advice(spec: JobSpec, model_config: dict, budget_bytes: int) -> list[str]:
+def advice(spec: JobSpec, model_config: dict, budget_bytes: int,
+           max_paged_fraction: float = MAX_PAGED_FRACTION) -> list[str]:
     """What would make the job fit a budget, each checked against the estimate."""
     t = spec.training
     batch = t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1
     ideas = []
-    fitting = largest_micro_batch(spec, model_config, budget_bytes, limit=max(batch - 1, 1))
+    fitting = largest_micro_batch(spec, model_config, budget_bytes, limit=max(batch - 1, 1),
+                                  max_paged_fraction=max_paged_fraction)
     if fitting and fitting < batch:
         ideas.append(f"per_device_batch_size {fitting} with gradient_accumulation_steps "
                      f"{t.gradient_accumulation_steps * batch // fitting} (the same effective batch)")
     for seq in (t.max_seq_length // 2, t.max_seq_length // 4):
-        if seq >= 8 and estimate_peak_memory(spec, model_config, micro_batch=batch, seq_len=seq).total <= budget_bytes:
+        if seq >= 8 and estimate_peak_memory(spec, model_config, micro_batch=batch, seq_len=seq).fits(
+                budget_bytes, max_paged_fraction):
             ideas.append(f"max_seq_length {seq}")
             break
     if not t.gradient_checkpointing:
         on = spec.model_copy(update={"training": t.model_copy(update={"gradient_checkpointing": True})})
-        if estimate_peak_memory(on, model_config).total <= budget_bytes:
+        if estimate_peak_memory(on, model_config).fits(budget_bytes, max_paged_fraction):
             ideas.append("gradient_checkpointing true")
     return ideas
