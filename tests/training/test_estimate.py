@@ -298,6 +298,25 @@ def test_qlora_estimate_states_the_paging_of_the_papers_65b_recipe(tmp_path):
     assert "fits, with 0.82 GiB of the 5.96 GiB of paged optimizer state paged to CPU memory" in done.stdout, done.stdout
 
 
+def test_a_bfloat16_adapter_halves_its_weights_and_gradients_as_counted_live(tmp_path):
+    dims = UNSEEN[0]
+    _, model = build(tmp_path, dims, checkpointing=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # what the recipe does for lora.dtype bfloat16
+        p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(0, dims["vocab_size"], (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    config = {**dims, "tie_word_embeddings": False}
+    bf16 = estimate_peak_memory(JobSpec.parse({"base_model": "m", "lora": {"dtype": "bfloat16"},
+                                               "training": {"max_steps": 1}}), config)
+    assert bf16.parts["LoRA adapter"] == sum(p.numel() * p.element_size() for p in params)
+    assert bf16.parts["LoRA gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in params)
+    f32 = estimate_peak_memory(spec(), config)
+    assert f32.parts["LoRA adapter"] == 2 * bf16.parts["LoRA adapter"]
+    assert f32.parts["optimizer state"] == bf16.parts["optimizer state"]  # the moments stay float32
+
+
 def _quant_state_tensors(state):
     tensors = [state.absmax, state.code]
     if state.nested:

@@ -299,6 +299,10 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
     paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
     assert paused.status == "paused" and paused.summary["steps"]["completed"] == 7
     assert (tmp_path / "run" / "checkpoints" / "step-7" / "COMPLETE").exists()  # saved at the pause, not at 10
+    # Paused under a release whose spec had no lora.dtype yet: the field takes its default on resume.
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    del manifest["spec"]["lora"]["dtype"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
 
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
     assert resumed.status == "succeeded"
@@ -309,6 +313,40 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
         return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "train"]
     assert curve(tmp_path / "run") == curve(tmp_path / "straight")
+
+
+def test_a_bfloat16_adapter_trains_and_resumes_exactly(tiny_model_dir, demo_data, tmp_path):
+    """lora.dtype bfloat16 (the paper's): the adapter's weights and gradients are bf16, it learns, and
+    "exact" resume means for it what it means for float32: the bf16 weights, the float32 optimizer
+    moments, schedule, RNG and data position come back as saved, so the resumed steps are the
+    uninterrupted bf16 run's to the last bit (not float32's: small updates round away in bf16)."""
+    data = short_spec(tiny_model_dir)
+    data["lora"] = {**data.get("lora", {}), "dtype": "bfloat16"}
+    spec = JobSpec.parse(data)
+    seen = []
+
+    class AdapterDtype(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.extend({p.dtype for p in model.parameters() if p.requires_grad})
+
+    asked = []
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=lambda: asked.append(True) or len(asked) >= 7,
+                 extra_callbacks=(AdapterDtype(),))
+    assert paused.status == "paused" and set(seen) == {torch.bfloat16}
+    resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
+    assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": 7}
+    run(spec, demo_data["train"], tmp_path / "straight")
+
+    def curve(path):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    got = curve(tmp_path / "run")
+    assert got == curve(tmp_path / "straight")
+    assert got[-1][1] < 0.8 * got[0][1]  # and it learns
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
 
 
 def test_a_pre_quantized_base_trains_exactly_like_quantizing_afresh(tiny_model_dir, demo_data, tmp_path):

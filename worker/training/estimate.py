@@ -4,7 +4,8 @@ The peak of a QLoRA step is the sum of:
 - the frozen base: linear layers in 4 bits plus their quantization constants; the rest (embeddings,
   output head, norms) in the compute dtype, or float32 where the engine upcasts them (float16
   compute: see QuantizationSpec.float32_frozen_weights);
-- the LoRA adapter in float32, its gradients, and the optimizer's two moments;
+- the LoRA adapter in lora.dtype (float32 by default, or bfloat16), its gradients, and the
+  optimizer's two moments (float32 whatever the adapter's dtype);
 - what the forward pass saves for backward (per layer, per token), or with gradient checkpointing
   only each layer's input (in the residual stream's dtype);
 - the larger of the backward's two phases: the loss head (trl's SFTTrainer scores tokens through a
@@ -58,6 +59,7 @@ OPTIMIZER_STATE = "optimizer state"
 # where it matters; an operator who prefers speed to fitting lowers it (QLORA_MAX_PAGED_FRACTION).
 MAX_PAGED_FRACTION = 1.0
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto is bf16 on current GPUs
+ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weights and their gradients
 
 
 @dataclass(frozen=True)
@@ -218,8 +220,8 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
-        "LoRA adapter": adapter * 4,
-        "LoRA gradients": adapter * 4,
+        "LoRA adapter": adapter * ADAPTER_BYTES[spec.lora.dtype],
+        "LoRA gradients": adapter * ADAPTER_BYTES[spec.lora.dtype],
         OPTIMIZER_STATE: adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
         "activations (kept for backward)": int(kept),
         "backward peak (loss head, or one layer)": int(backward),

@@ -89,18 +89,30 @@ class RunResult:
 
 
 class GuardedSFTTrainer(SFTTrainer):
-    """SFTTrainer with fp32 adapter weights, stopping at the first non-finite loss or gradient norm."""
+    """SFTTrainer with the adapter in the spec's lora.dtype, stopping at the first non-finite loss or
+    gradient norm."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, adapter_dtype: torch.dtype = torch.float32, **kwargs):
         super().__init__(*args, **kwargs)
-        # trl casts the LoRA weights of a quantized model to bfloat16. We keep them in float32:
-        # an Adam step of lr ~2e-4 on a weight of ~0.05 is below bf16's resolution (2^-8 relative)
-        # and would be rounded away, and a resume (which loads the adapter through peft, in fp32)
-        # would silently continue in another precision than the run it resumes. The matmuls still
-        # run in the compute dtype under autocast; the cost is a few MB for the adapter.
+        # trl casts the LoRA weights of a quantized model to bfloat16. We keep them in the dtype the spec
+        # asks for, float32 by default: an Adam step of lr ~2e-4 on a weight of ~0.05 is below bf16's
+        # resolution (2^-8 relative) and would be rounded away, and a resume (which loads the adapter
+        # through peft, in fp32) would silently continue in another precision than the run it resumes.
+        # The matmuls still run in the compute dtype under autocast; the cost is a few MB for the
+        # adapter, and bfloat16 (lora.dtype) saves it where memory is what limits.
+        self.adapter_dtype = adapter_dtype
+        self._cast_adapter()
+
+    def _cast_adapter(self) -> None:
         for param in self.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+            if param.requires_grad and param.dtype != self.adapter_dtype:
+                param.data = param.data.to(self.adapter_dtype)
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        # peft loads a saved adapter upcast to float32 (autocast_adapter_dtype): a bfloat16 adapter must
+        # go back to bfloat16, or the resumed run would take float32 steps that the run it resumes did not.
+        super()._load_from_checkpoint(*args, **kwargs)
+        self._cast_adapter()
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         # Runs after every optimizer step, before that step's log or checkpoint: a diverged
@@ -264,6 +276,7 @@ class QLoRARecipe:
         if self.progress:
             callbacks.append(RichProgressCallback())
         self.trainer = GuardedSFTTrainer(
+            adapter_dtype=getattr(torch, self.spec.lora.dtype),
             model=self.model,
             args=_trainer_args(self.spec, self.staging, self.compute_dtype, self.device, self.speedups,
                                has_eval=bool(self.val_rows)),
@@ -496,6 +509,12 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validat
                 f"{out} already holds a run with checkpoints (newest: {latest.name}); "
                 "pass --resume to continue it, or choose an empty output directory")
         previous = json.loads(manifest_path.read_text())
+        # The interrupted run's spec as this version reads it: a field added since (a new release
+        # between a pause and its resume) takes its default, as the job's stored spec does.
+        try:
+            previous["spec"] = JobSpec.model_validate(previous.get("spec")).model_dump(mode="json")
+        except ValueError:
+            pass  # not a spec this version reads: it differs
         changed = [k for k in manifest if previous.get(k) != manifest[k]]
         if changed:
             raise TrainingError(
