@@ -45,11 +45,6 @@ def running_in(session: Session, queue: str) -> list[Row]:
                                 .where(Job.status.in_(states.WORKER_OWNED), Job.queue == queue)))
 
 
-def count_running(session: Session, team_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.team_id == team_id, Job.status.in_(states.WORKER_OWNED))) or 0
-
-
 def queue_of(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.queue).where(Job.id == job_id))
 

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -25,6 +26,7 @@ from app.jobs import runs, states
 from app.jobs.dispatch import send
 from app.jobs.runs import ClaimedJob
 from app.operations.lease import LeasedLoop
+from app.quotas import repository as quota_counts
 from app.quotas.service import effective, lock_team
 from app.scheduling import policy, repository
 from app.scheduling.policy import FOR_GPU, Running, TeamShare, Waiting
@@ -61,9 +63,9 @@ def team_shares(session: Session, settings: Settings, now: datetime) -> dict[str
     return shares
 
 
-def _waiting(session: Session, queue: str) -> list[Waiting]:
+def _waiting(session: Session, queue: str, rows: list[Row] | None = None) -> list[Waiting]:
     return [Waiting(job_id, team_id, priority, created_at.timestamp())
-            for job_id, team_id, priority, created_at, _ in repository.waiting(session, queue)]
+            for job_id, team_id, priority, created_at, _ in (repository.waiting(session, queue) if rows is None else rows)]
 
 
 def claim_next(session: Session, settings: Settings, named_job_id: str, worker: str) -> ClaimedJob | None:
@@ -88,7 +90,7 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
             continue
         team = lock_team(session, job.team_id)
         limit = effective(settings, team).max_running
-        if limit is not None and repository.count_running(session, job.team_id) >= limit:
+        if limit is not None and quota_counts.count_jobs(session, job.team_id, states.WORKER_OWNED) >= limit:
             refused.add(job.team_id)  # another worker started one of its jobs meanwhile
             continue
         if not repository.take_if_free(session, job.job_id):
@@ -122,11 +124,11 @@ def schedule(session: Session, settings: Settings) -> dict[str, int]:
     counts = {"sent": 0, "preempted": 0}
     shares = team_shares(session, settings, now)
     for queue in repository.queues_with_waiting(session):
-        waiting = _waiting(session, queue)
-        order = policy.claim_order(waiting, shares)
+        rows = repository.waiting(session, queue)
+        order = policy.claim_order(_waiting(session, queue, rows), shares)
         counts["sent"] += _send_due(session, settings, queue, order, now)
         if settings.preemption:
-            counts["preempted"] += _preempt(session, settings, queue, now, shares)
+            counts["preempted"] += _preempt(session, settings, queue, now, shares, rows)
     return counts
 
 
@@ -145,13 +147,13 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
     return sent
 
 
-def _preempt(session: Session, settings: Settings, queue: str, now: datetime, shares: dict[str, TeamShare]) -> int:
+def _preempt(session: Session, settings: Settings, queue: str, now: datetime, shares: dict[str, TeamShare],
+             waiting_rows: list[Row]) -> int:
     """Pause (at a checkpoint) the jobs plan_preemptions names, for jobs that have waited
     QLORA_PREEMPT_AFTER_WAIT_S with their message in the broker: no worker of the class was free to take it."""
     patience = timedelta(seconds=settings.preempt_after_wait_s)
-    waited = [Waiting(job_id, team_id, priority, created_at.timestamp())
-              for job_id, team_id, priority, created_at, dispatched_at in repository.waiting(session, queue)
-              if dispatched_at is not None and now - dispatched_at >= patience and now - created_at >= patience]
+    waited = _waiting(session, queue, [row for row in waiting_rows if row.dispatched_at is not None
+                                       and now - row.dispatched_at >= patience and now - row.created_at >= patience])
     if not waited:
         return 0
     rows = repository.running_in(session, queue)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.jobs.tables import Job, JobAttempt
+from app.quotas.service import lock_team
 from app.scheduling.policy import fold
 from app.teams.tables import Team
 
@@ -42,17 +43,12 @@ def end(session: Session, job_id: str, attempt: int, ended_at: datetime, outcome
 
 
 def _fold(session: Session, row: JobAttempt, half_life_s: float) -> None:
-    """usage(now) = usage(then) decayed to now + this attempt's GPU time decayed to now. The row is
-    locked first (FOR UPDATE on Postgres; SQLite's writer holds the database already), so two
-    attempts of one team ending at once both count."""
-    team = session.scalars(select(Team).where(Team.id == row.team_id).with_for_update()
-                           .execution_options(populate_existing=True)).one_or_none()
-    if team is None:
-        return
+    """usage(now) = usage(then) decayed to now + this attempt's GPU time decayed to now. The team's row
+    is locked first (lock_team), so two attempts of one team ending at once both count."""
+    if session.get(Team, row.team_id) is None:
+        return  # gone with its team
+    team = lock_team(session, row.team_id)
     assert row.ended_at is not None
     value, at = fold(team.fair_share_usage_s or 0.0, team.fair_share_at.timestamp() if team.fair_share_at else None,
                      row.claimed_at.timestamp(), row.ended_at.timestamp(), half_life_s)
-    now = datetime.fromtimestamp(at, UTC)
-    session.execute(update(Team).where(Team.id == team.id).values(fair_share_usage_s=value, fair_share_at=now)
-                    .execution_options(synchronize_session=False))
-    session.expire(team)
+    team.fair_share_usage_s, team.fair_share_at = value, datetime.fromtimestamp(at, UTC)
