@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md, prepared as two commands of under ten minutes each
-# on one H100/H200 (they share the 8B model, built once under $WORK):
+# The GPU measurements of docs/performance.md, prepared as commands of under ten minutes each on one
+# H100/H200 (a lent device's limit for one call):
 #
 #   bench/gpu.sh train      # baseline vs engine vs engine-cached, Llama-architecture 8B, seq 2048, r 16
 #   bench/gpu.sh estimate   # estimate_peak_memory against measured peaks, 1B and 8B, several shapes
+#   bench/gpu.sh memory     # long context: Llama 3.1 8B's shape at 16k tokens with neither, either and
+#                           # both of activation offload and tiled MLPs; at 32k with both, and with
+#                           # neither (~33 GiB: on a 24 GiB card its row says OOM). Builds the 4-bit 8B
+#                           # base (~30 s), then 6 runs of 4 steps (~1 min each): ~7 min on an H200.
+#   bench/gpu.sh paper      # the QLoRA paper's recipe (r 64, alpha 16, micro-batch 1, 512 tokens) on its
+#                           # LLaMA 1 33B and 65B shapes: random weights built straight in 4 bits, layer
+#                           # by layer (16 and 32 GiB on disk; 65B in bf16, 130 GB, fits neither the
+#                           # host's memory nor its disk). Per model: build ~1-2 min (mostly writing),
+#                           # load ~1 min, 4 steps; the 33B model is deleted before the 65B one is built
+#                           # (a lent device has 64 GiB of disk). ~8 min on an H200.
 #
-# Run them back to back: `estimate` reuses the 8B model `train` built (minutes to build again).
+# Run train and estimate back to back: `estimate` reuses the 8B model `train` built (minutes to build
+# again). memory and paper build their own. Each estimate-family mode ends with the allowance fit
+# (CONTEXT_BYTES, FRAGMENTATION for worker/training/estimate.py) over every estimate report in $OUT so
+# far, in $OUT/allowance_fit.txt: run all three, on one kind of GPU, for the fit to mean most.
 #
 # On a GPU host after `make install` it runs as is. On a machine with torch but not the rest
 # (a lent device), first `bench/gpu.sh wheels` where pip reaches PyPI: it downloads the pinned
@@ -41,7 +54,7 @@ wheels)
     done
     du -sh .whl
     exit 0 ;;
-train|estimate) ;;
+train|estimate|memory|paper) ;;
 *) sed -n '2,/^set -e/p' "$0" | grep '^#'; exit 2 ;;
 esac
 
@@ -66,10 +79,21 @@ for name in names:
 print(json.dumps(versions, indent=2))
 PY
 
-if [ "$1" = train ]; then
+case "$1" in
+train)
     "$PY" bench/train_bench.py --preset 8b --device cuda --seq 2048 --batch 4 --steps "$STEPS" --packing "$PACKING" \
         --work "$WORK" --out "$OUT/train_bench_8b.json" 2>&1 | tee "$OUT/train_bench_8b.log"
-else
-    "$PY" bench/estimate_bench.py --device cuda --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
-        | tee "$OUT/estimate_bench.log"
-fi
+    exit 0 ;;
+estimate)
+    "$PY" bench/estimate_bench.py --device cuda --cases estimate --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
+        | tee "$OUT/estimate_bench.log" ;;
+memory)
+    "$PY" bench/estimate_bench.py --device cuda --cases memory --work "$WORK" --out "$OUT/estimate_memory.json" 2>&1 \
+        | tee "$OUT/estimate_memory.log" ;;
+paper)
+    "$PY" bench/estimate_bench.py --device cuda --cases paper --free-disk --work "$WORK" \
+        --out "$OUT/estimate_paper.json" 2>&1 | tee "$OUT/estimate_paper.log" ;;
+esac
+# The allowance fitted over every estimate report so far (this mode's and earlier calls' in $OUT).
+"$PY" bench/estimate_bench.py --fit $(ls "$OUT"/estimate_bench.json "$OUT"/estimate_memory.json \
+    "$OUT"/estimate_paper.json 2>/dev/null) | tee "$OUT/allowance_fit.txt"

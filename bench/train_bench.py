@@ -24,9 +24,11 @@ column compares the two loss curves at equal tokens seen.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,24 @@ PRESETS = {  # Llama-architecture shapes; 1b and 8b are Llama 3.2 1B and Llama 3
                num_key_value_heads=8, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    # Llama 3.1 8B: the 8B shape with its 128k context (llama3 RoPE scaling), for the long-context cases.
+    "8b-long": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}),
+    # The QLoRA paper's own bases, LLaMA 1 33B and 65B (tests/model_configs.py): no grouped-query attention.
+    "33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
+    "65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=64, vocab_size=32000, max_position_embeddings=2048),
 }
+# Built straight as the 4-bit checkpoint the engine's quantized cache holds (build_quantized_model), one
+# layer at a time: 65B in bf16 is 130 GB, more than a GPU host's memory and disk. Their runs load that
+# checkpoint as a cache hit, so train_bench's cold/cached comparison does not apply to them.
+PREQUANTIZED = {"8b-long", "33b", "65b"}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+              "vocab_size")
 WARMUP_STEPS = 3  # compilation, allocator growth and cache warm-up stay out of the steady rate
 LOSS_PARITY = 0.05  # the engine's loss curve within 5% of the baseline's at equal tokens seen
 
@@ -51,38 +70,125 @@ LOSS_PARITY = 0.05  # the engine's loss curve within 5% of the baseline's at equ
 # ---------------------------------------------------------------- the model and data, built here
 
 
-def build_model(out: Path, dims: dict, seed: int) -> None:
-    """Random Llama weights and a word-level tokenizer whose vocabulary is w0..wN (any size, instantly)."""
-    import torch
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose vocabulary is w0..wN (any size, instantly), with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from worker.training.tokenization import DEFAULT_CHAT_TEMPLATE
 
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
-    vocab.update({f"w{i}": len(specials) + i for i in range(dims["vocab_size"] - len(specials))})
+    vocab.update({f"w{i}": len(specials) + i for i in range(vocab_size - len(specials))})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         additional_special_tokens=specials[3:])
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def llama_config(dims: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{"max_position_embeddings": 8192, **dims}, tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=2, dtype="bfloat16")
+
+
+def build_model(out: Path, dims: dict, seed: int) -> None:
+    """Random Llama weights in bf16 and the word-level tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(**dims, max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2, dtype="bfloat16")
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(dims)).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    build_tokenizer(dims["vocab_size"]).save_pretrained(out)
 
 
-def ensure_model(work: Path, dims: dict, seed: int) -> Path:
+def build_quantized_model(out: Path, dims: dict, seed: int) -> None:
+    """Random Llama weights saved as the engine's quantized cache holds a base (NF4 linear layers with
+    double quantization, the engine's `quantization_config`; embeddings, head and norms in bf16), plus
+    the tokenizer: a directory that is both the base model and its own pre-quantized cache
+    (`load_base_model(out, ..., quantized_cache=out)` loads it as a cache hit).
+
+    Built one layer at a time so that no memory ever holds the model in 16 bits (65B: 130 GB): the
+    skeleton is made on the meta device and transformers' bitsandbytes quantizer swaps its linear
+    layers for Linear4bit, as its loader does; then each linear layer gets random bf16 weights on the
+    device (the GPU, else the CPU), quantized there at once the way the loader quantizes (Params4bit),
+    so only one layer's 16-bit matrix exists at a time, and transformers writes the checkpoint in
+    shards of 4 GB, which is what host memory holds while it writes. The weights are drawn as Llama's
+    initialisation draws them: normal(0, initializer_range), norms 1.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    from worker.training.model import pick_device, quantization_config, resolve_compute_dtype
+    from worker.training.spec import QuantizationSpec
+
+    device = pick_device()
+    config = llama_config(dims)
+    bnb_config = quantization_config(QuantizationSpec(), resolve_compute_dtype("auto", device))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": device})
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def normal(shape):
+        return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(
+            0, config.initializer_range, generator=generator)
+
+    for module in model.modules():  # embeddings, then layer by layer, then the final norm and the head
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
+                # What transformers' loader does with a 16-bit weight (its Bnb4bitQuantize): quantize on the device.
+                value = bnb.nn.Params4bit(normal(param.shape), requires_grad=False, **param.__dict__).to(device)
+            elif "norm" in type(module).__name__.lower():
+                value = torch.nn.Parameter(torch.ones(param.shape, dtype=torch.bfloat16, device=device),
+                                           requires_grad=False)
+            else:
+                value = torch.nn.Parameter(normal(param.shape), requires_grad=False)
+            setattr(module, name, value)
+    with torch.device(device):  # the rotary embedding's buffers, off the meta device
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"left on the meta device: {left[:5]}"
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)  # config.quantization_config, as a loaded 4-bit model has it
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
+    build_tokenizer(dims["vocab_size"]).save_pretrained(out)
+
+
+def model_name(dims: dict, seed: int, quantized: bool = False) -> str:
+    """The folder of a built model: its shape (the same names as ever for shape-only presets), a hash of
+    any other config it sets (context length, RoPE), and whether it was built pre-quantized."""
+    shape = "-".join(f"{dims[k]}" for k in sorted(dims) if k in SHAPE_KEYS)
+    extra = {k: v for k, v in dims.items() if k not in SHAPE_KEYS}
+    tag = "-" + hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8] if extra else ""
+    return f"llama-{'nf4-' if quantized else ''}{shape}{tag}-seed{seed}"
+
+
+def ensure_model(work: Path, dims: dict, seed: int, quantized: bool = False) -> Path:
     """The model for these dimensions and seed under `work`, built on first use and kept: building
-    and saving an 8B model takes minutes, and benchmarks of one size can share it."""
-    name = "llama-" + "-".join(f"{dims[k]}" for k in sorted(dims)) + f"-seed{seed}"
-    model = work / name / "model"
+    and saving an 8B model takes minutes, and benchmarks of one size can share it. `quantized`:
+    built as a pre-quantized 4-bit checkpoint (build_quantized_model).
+
+    The build runs in its own process, so this one never holds device memory (nor a CUDA context)
+    while the runs it starts measure theirs, and lands in place only when complete: a build cut off
+    (a device's time limit) leaves nothing that looks like a model."""
+    model = work / model_name(dims, seed, quantized) / "model"
     if not (model / "config.json").is_file():
-        build_model(model, dims, seed)
+        partial = model.with_name("model.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--build", str(partial), json.dumps(dims), str(seed),
+                        "nf4" if quantized else "bf16"], check=True, cwd=ROOT)
+        shutil.rmtree(model, ignore_errors=True)
+        os.rename(partial, model)
     return model
 
 
@@ -103,60 +209,137 @@ def write_data(path: Path, rows: int, seq: int, vocab: int, seed: int) -> None:
 # ---------------------------------------------------------------- one path, in its own process
 
 
+def engine_spec(model_dir: str, settings: dict):
+    """The job spec an engine run trains with these settings (torch-free: estimate_bench predicts from it).
+    Optional settings, each the spec's own default where absent: "alpha" and "dropout" (lora), and
+    "activation_offload" and "tiled_mlp", which default to false here, not to the spec's "auto", so a
+    bench measures what it names."""
+    from worker.training.spec import JobSpec
+
+    lora = {"r": settings["r"], **{k: settings[k] for k in ("alpha", "dropout") if settings.get(k) is not None}}
+    return JobSpec.parse({
+        "base_model": model_dir, "lora": lora,
+        "training": {"max_steps": settings["steps"], "per_device_batch_size": settings["batch"],
+                     "packing": settings["packing"],
+                     "gradient_accumulation_steps": 1, "max_seq_length": settings["seq"],
+                     "gradient_checkpointing": settings.get("gradient_checkpointing", True),
+                     "activation_offload": settings.get("activation_offload", False),
+                     "tiled_mlp": settings.get("tiled_mlp", False),
+                     "learning_rate": settings["lr"], "logging_steps": 1, "save_steps": 10**6,
+                     "seed": settings["seed"], "warmup_ratio": 0.0},
+        "output": {"merge": False},
+    })
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The engine's TrainingError for an OOM in a step, or an OOM anywhere else (loading, cuBLAS)."""
+    import torch
+
+    text = str(exc)
+    return (isinstance(exc, torch.OutOfMemoryError) or text.startswith("out of memory")
+            or "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
 def child(path: str, model_dir: str, data: str, settings: dict, started: float, out: str) -> None:
-    """Runs one path and writes its measurements to `out` (JSON)."""
+    """Runs one path and writes its measurements to `out` (JSON). An engine run that runs out of
+    memory writes what it measured up to then, with "oom" saying so, and exits normally."""
     import torch
     from transformers import TrainerCallback
 
     device = settings["device"]
     steps: list[dict] = []
+    outside: list[int] = []  # CUDA: device memory outside PyTorch's allocator at each step's end
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if device == "cuda" and hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+                torch.cuda.reset_peak_host_memory_stats()  # pinned memory from here on: training's, not loading's
+
         def on_step_end(self, args, state, control, **kwargs):
             if device == "cuda":
                 torch.cuda.synchronize()
             steps.append({"t": time.time(), "tokens": state.num_input_tokens_seen})
+            if device == "cuda":
+                outside.append(_outside_allocator())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and steps:
                 steps[-1]["loss"] = logs["loss"]
 
     if path.startswith("engine"):
+        from worker.training.estimate import estimate_peak_memory
         from worker.training.recipe import run
-        from worker.training.spec import JobSpec
 
+        context = None
+        if device == "cuda":  # the CUDA context alone, before any weights: device memory outside the allocator
+            torch.zeros(1, device="cuda")
+            context = _outside_allocator()
         rss_before_model = _rss_now()  # the interpreter and libraries, before any weights
 
-        spec = JobSpec.parse({
-            "base_model": model_dir, "lora": {"r": settings["r"]},
-            "training": {"max_steps": settings["steps"], "per_device_batch_size": settings["batch"],
-                         "packing": settings["packing"],
-                         "gradient_accumulation_steps": 1, "max_seq_length": settings["seq"],
-                         "gradient_checkpointing": settings.get("gradient_checkpointing", True),
-                         "learning_rate": settings["lr"], "logging_steps": 1, "save_steps": 10**6,
-                         "seed": settings["seed"], "warmup_ratio": 0.0},
-            "output": {"merge": False},
-        })
-        # The first engine run quantizes the base and saves it; the second loads it (the cache).
-        result = run(spec, data, Path(out).parent / f"{Path(out).stem}-run", extra_callbacks=(Clock(),),
-                     quantized_cache=Path(out).parent / "quantized")
-        from worker.training.estimate import estimate_peak_memory
-
+        spec = engine_spec(model_dir, settings)
         config = json.loads((Path(model_dir) / "config.json").read_text())
-        detail = {"speedups": result.summary["speedups"], "compute_dtype": result.summary["compute_dtype"],
-                  "quantized_base": result.summary["quantized_base"],
+        estimate = estimate_peak_memory(spec, config)
+        # The first engine run quantizes the base and saves it; the second loads it (the cache). A base
+        # built pre-quantized is its own cache (settings["quantized_cache"]).
+        cache = Path(settings["quantized_cache"]) if settings.get("quantized_cache") else Path(out).parent / "quantized"
+        result, oom = None, None
+        try:
+            result = run(spec, data, Path(out).parent / f"{Path(out).stem}-run", extra_callbacks=(Clock(),),
+                         quantized_cache=cache)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            oom = str(exc)[:1000]
+        summary = result.summary if result else {}
+        detail = {"speedups": summary.get("speedups", {}), "compute_dtype": summary.get("compute_dtype"),
+                  "quantized_base": summary.get("quantized_base"), "oom": oom,
+                  "lora": {"r": spec.lora.r, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout},
                   # What admission control predicts for this run (meaningful on a GPU, where the
                   # measured peak is device memory; on the CPU it is process RSS).
-                  "predicted_peak_bytes": (estimate := estimate_peak_memory(spec, config)).total,
+                  "predicted_peak_bytes": estimate.total,
                   # Without a paged optimizer's state, which lives in CUDA unified memory: not in PyTorch's
                   # allocator statistics, which are what a CUDA run measures.
                   "predicted_resident_bytes": estimate.resident,
-                  "rss_before_model_bytes": rss_before_model}
+                  "predicted_host_bytes": getattr(estimate, "host_bytes", 0),
+                  "rss_before_model_bytes": rss_before_model,
+                  "cuda_context_bytes": context,
+                  # Largest at a step's end: context, kernels loaded since, other libraries' device memory.
+                  "outside_allocator_bytes": max(outside) if outside else None,
+                  # Pinned CPU memory through PyTorch's host allocator during training (offloaded activations).
+                  "pinned_peak_bytes": _pinned_peak() if device == "cuda" else None}
     else:
         detail = baseline(model_dir, data, settings, Clock())
     memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()} \
         if device == "cuda" else {"allocated": _rss_peak(), "reserved": _rss_peak()}
+    memory["rss_peak"] = _rss_peak()
     Path(out).write_text(json.dumps({"steps": steps, "started": started, "memory": memory, **detail}))
+
+
+def _outside_allocator() -> int:
+    """Device memory in use that PyTorch's caching allocator did not reserve (the CUDA context, loaded
+    kernels, other libraries' allocations), less a paged optimizer's state: bitsandbytes keeps that in
+    unified memory, which the estimate counts as its own (pageable) part. The device is this process's
+    alone when the benchmark runs."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    paged = 0
+    try:
+        from bitsandbytes.functional import GlobalPageManager
+
+        paged = sum(t.nbytes for t in GlobalPageManager.get_instance().paged_tensors)
+    except (ImportError, AttributeError):
+        pass
+    return max(total - free - torch.cuda.memory_reserved() - paged, 0)
+
+
+def _pinned_peak() -> int | None:
+    import torch
+
+    try:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0))
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def baseline(model_dir: str, data: str, settings: dict, clock) -> dict:
@@ -301,7 +484,8 @@ def loss_parity(baseline: list, engine: list) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(set(PRESETS) - PREQUANTIZED), default="tiny",
+                   help=f"(the pre-quantized presets, {', '.join(sorted(PREQUANTIZED))}, are bench/estimate_bench.py's)")
     p.add_argument("--hidden", type=int), p.add_argument("--intermediate", type=int)
     p.add_argument("--layers", type=int), p.add_argument("--heads", type=int), p.add_argument("--kv-heads", type=int)
     p.add_argument("--vocab", type=int)
@@ -392,5 +576,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, path, model_dir, data, settings, started, out = sys.argv
         child(path, model_dir, data, json.loads(settings), float(started), out)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--build":  # ensure_model's build, in its own process
+        _, _, out, dims, seed, kind = sys.argv
+        (build_quantized_model if kind == "nf4" else build_model)(Path(out), json.loads(dims), int(seed))
     else:
         main()

@@ -6,6 +6,8 @@ LLAMA3_8B = {
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
     "tie_word_embeddings": False, "max_position_embeddings": 8192,
 }
+# Llama 3.1 8B: the same shape, with the 128k-token context long-document fine-tuning needs.
+LLAMA3_8B_128K = {**LLAMA3_8B, "max_position_embeddings": 131072, "rope_theta": 500000.0}
 LLAMA3_70B = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
     "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,

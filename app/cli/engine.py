@@ -52,7 +52,15 @@ def estimate(
     gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs."""
-    from worker.training.estimate import GIB, advice, estimate_peak_memory, gib, largest_micro_batch
+    from worker.training.estimate import (
+        GIB,
+        advice,
+        estimate_peak_memory,
+        fit_memory_savers,
+        gib,
+        largest_micro_batch,
+        memory_savers_note,
+    )
     from worker.training.spec import JobSpec, SpecError
 
     try:
@@ -65,9 +73,12 @@ def estimate(
         err.print(f"[red]error:[/red] no config.json at {config_path}; pass --config", highlight=False)
         raise typer.Exit(2)
     model_config = json.loads(config_path.read_text())
+    budget = int(gpu_memory * GIB) if gpu_memory is not None else None
+    job = fit_memory_savers(job, model_config, budget)  # "auto" offload and tiling: on where it would not fit without
     result = estimate_peak_memory(job, model_config)
     table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
-                        f"gradient checkpointing {'on' if result.checkpointing else 'off'}")
+                        f"gradient checkpointing {'on' if result.checkpointing else 'off'}"
+                        f"{memory_savers_note(result)}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
     for part, size in result.parts.items():
@@ -75,9 +86,10 @@ def estimate(
     table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
     if result.pageable:
         table.add_row("[bold]resident[/bold] (pageable state paged out)", f"[bold]{result.resident / GIB:.2f}[/bold]")
+    if result.host_bytes:
+        table.add_row("offloaded activations [dim](pinned CPU memory, not GPU)[/dim]", f"{result.host_bytes / GIB:.2f}")
     out.print(table)
-    if gpu_memory is not None:
-        budget = int(gpu_memory * GIB)
+    if budget is not None:
         fits, paged = result.fits(budget), result.paged_bytes(budget)
         if fits and paged:
             verdict = (f"fits, with {gib(paged)} of the {gib(result.pageable_bytes)} of paged optimizer state paged "

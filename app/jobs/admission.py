@@ -3,7 +3,8 @@
 A job asks only for a GPU class workers serve, and for no more than the operator's ceilings. With GPU
 classes configured (QLORA_GPU_CLASSES), a new job goes to the smallest class whose memory holds its
 estimated peak, and one that fits none is refused with what it needs, what there is, and what to
-change. per_device_batch_size "auto" becomes the largest micro-batch that fits that class.
+change. activation_offload and tiled_mlp "auto" become on where the job would not fit that class
+without them, and per_device_batch_size "auto" the largest micro-batch that fits it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from worker.training.estimate import (
     Estimate,
     advice,
     estimate_peak_memory,
-    fit_micro_batch,
+    fit_memory_savers,
+    fit_to_gpu,
     gib,
+    memory_savers_note,
     with_micro_batch,
 )
 from worker.training.spec import JobSpec
@@ -54,7 +57,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     paging = settings.max_paged_fraction
     for name, memory_gib in classes:
         budget = int(memory_gib * GIB)
-        sized = fit_micro_batch(spec, model.config, budget, paging)
+        sized = fit_to_gpu(spec, model.config, budget, paging)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
         micro = sized.training.per_device_batch_size
@@ -66,13 +69,15 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
             paged = estimate.paged_bytes(budget)
             return Admission(name, sized, estimate,
                              f"estimated peak {gib(estimate.total)} of the {gib(budget)} on {name} "
-                             f"(micro-batch {sized.training.per_device_batch_size})"
+                             f"(micro-batch {sized.training.per_device_batch_size}"
+                             + memory_savers_note(estimate) + ")"
                              + (f"; {gib(paged)} of the {gib(estimate.pageable_bytes)} of paged optimizer state "
                                 "will page to CPU memory at each optimizer step (resident peak "
                                 f"{gib(estimate.resident)})" if paged else ""))
     name, memory_gib = classes[-1]
     budget = int(memory_gib * GIB)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
+    at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging)  # "auto" savers on: all they save
     estimate = estimate_peak_memory(at_least_one, model.config)
     largest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
     try_this = advice(at_least_one, model.config, budget, paging)

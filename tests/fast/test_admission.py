@@ -11,9 +11,19 @@ import pytest
 from app.errors import DoesNotFit, Invalid
 from app.jobs.admission import admit
 from app.models.tables import RegisteredModel
-from tests.fast.conftest import job_spec, make_settings
-from tests.model_configs import LLAMA3_8B, LLAMA3_70B, LLAMA_65B
-from worker.training.estimate import GIB, estimate_peak_memory, fit_micro_batch, resolve_auto_micro_batch
+from tests.fast import conftest
+from tests.fast.conftest import make_settings
+from tests.model_configs import LLAMA3_8B, LLAMA3_8B_128K, LLAMA3_70B, LLAMA_65B
+from worker.training.estimate import (
+    GIB,
+    MEMORY_SAVERS,
+    estimate_peak_memory,
+    fit_memory_savers,
+    fit_micro_batch,
+    fit_to_gpu,
+    resolve_auto_micro_batch,
+    with_training,
+)
 
 CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them by memory
 
@@ -22,6 +32,11 @@ CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them
 def served(tmp_path):
     """Settings of a deployment whose workers serve an L4 class and an H100 class."""
     return make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100")
+
+
+def job_spec(**training):
+    """The standard recipe: no activation offload, no tiled MLPs (their "auto" has tests of its own below)."""
+    return conftest.job_spec(**{"activation_offload": False, "tiled_mlp": False, **training})
 
 
 def model(config=LLAMA3_8B, name="llama-3-8b") -> RegisteredModel:
@@ -98,9 +113,9 @@ def suggestions_applied(spec, suggestion: str):
     """A suggestion from the refusal ("per_device_batch_size 8 with gradient_accumulation_steps 8 ...")
     as the spec a user would send next."""
     changes = dict(re.findall(r"(per_device_batch_size|gradient_accumulation_steps|max_seq_length|"
-                              r"gradient_checkpointing) (\w+)", suggestion))
+                              r"gradient_checkpointing|activation_offload|tiled_mlp) (\w+)", suggestion))
     assert changes, suggestion
-    values = {k: (v == "true") if k == "gradient_checkpointing" else int(v) for k, v in changes.items()}
+    values = {k: (v == "true") if v in ("true", "false") else int(v) for k, v in changes.items()}
     return job_spec(**{**spec.training.model_dump(exclude={"max_steps"}), **values})
 
 
@@ -118,7 +133,8 @@ def test_a_job_that_fits_no_class_it_may_use_is_refused_with_changes_that_fit(se
     assert error.details["needed_bytes"] == peak(spec) == sum(error.details["estimate"].values())
     assert error.details["available_bytes"] == 24 * GIB and error.details["gpu_class"] == "l4"
     assert error.details["suggestions"] == [
-        "per_device_batch_size 8 with gradient_accumulation_steps 8 (the same effective batch)", "max_seq_length 1024"]
+        "per_device_batch_size 8 with gradient_accumulation_steps 8 (the same effective batch)", "max_seq_length 1024",
+        "tiled_mlp true"]
     assert "It would fit with per_device_batch_size 8" in error.message
     # Each suggestion, taken as it is written, is admitted on the class that refused the job.
     for suggestion in error.details["suggestions"]:
@@ -191,3 +207,69 @@ def test_admission_and_the_worker_size_auto_the_same_way():
     fixed = job_spec(per_device_batch_size=16)
     assert fit_micro_batch(fixed, LLAMA3_8B, 24 * GIB) == fixed == resolve_auto_micro_batch(fixed, LLAMA3_8B, 1)
     assert resolve_auto_micro_batch(spec, LLAMA3_8B, None).training.per_device_batch_size == 4
+
+
+LONG = {"per_device_batch_size": 1, "max_seq_length": 32768}  # Llama-3-8B on 32k-token documents
+
+
+def test_32k_tokens_fit_24_gib_with_offload_and_tiling(served):
+    plain = job_spec(**LONG)
+    assert peak(plain, LLAMA3_8B_128K) > 33 * GIB
+    both = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"), job_spec(**LONG, activation_offload=True, tiled_mlp=True),
+                 "l4")
+    e = both.estimate
+    assert both.gpu_class == "l4" and e.fits(24 * GIB) and e.total < 16 * GIB
+    assert e.offload and e.tiled and e.host_bytes == 32 * 32768 * 4096 * 2  # every layer's bf16 input, in CPU memory
+    assert f"activations offloaded to {e.host_bytes / GIB:.2f} GiB of pinned CPU memory and tiled MLPs" in both.note
+    # "auto" (the default) turns on the cheapest that fits: here tiling alone (offloading alone does not fit).
+    auto = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"), conftest.job_spec(**LONG), None)
+    t = auto.spec.training
+    assert auto.gpu_class == "l4" and (t.activation_offload, t.tiled_mlp) == (False, True)
+    assert auto.estimate.fits(24 * GIB) and "tiled MLPs" in auto.note
+    assert not estimate_peak_memory(job_spec(**LONG, activation_offload=True), LLAMA3_8B_128K).fits(24 * GIB)
+    # Where it fits as it is, auto leaves both off: they cost time.
+    roomy = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"), conftest.job_spec(**LONG), "h100")
+    assert (roomy.spec.training.activation_offload, roomy.spec.training.tiled_mlp) == (False, False)
+
+
+def test_auto_takes_the_cheapest_saver_that_fits():
+    """Offloading (copies beside compute) before tiling (one more MLP forward), both only if neither alone fits."""
+    auto = conftest.job_spec(per_device_batch_size=1, max_seq_length=16384)
+    needs = {(offload, tiled): estimate_peak_memory(
+        with_training(auto, activation_offload=offload, tiled_mlp=tiled), LLAMA3_8B_128K).total
+        for offload, tiled in MEMORY_SAVERS}
+    assert needs[(False, False)] > needs[(True, False)] > needs[(True, True)]
+    assert needs[(False, False)] > needs[(False, True)] > needs[(True, True)]
+    between = (needs[(True, False)] + needs[(False, False)]) // 2  # offloading alone fits it
+    chosen = fit_memory_savers(auto, LLAMA3_8B_128K, between).training
+    assert (chosen.activation_offload, chosen.tiled_mlp) == (True, False)
+    tight = needs[(True, True)] + GIB // 4  # only both fit
+    chosen = fit_memory_savers(auto, LLAMA3_8B_128K, tight).training
+    assert (chosen.activation_offload, chosen.tiled_mlp) == (True, True)
+    # Without a budget (the CPU) "auto" is off; a value the user set is kept.
+    chosen = fit_memory_savers(auto, LLAMA3_8B_128K, None).training
+    assert (chosen.activation_offload, chosen.tiled_mlp) == (False, False)
+    mine = conftest.job_spec(per_device_batch_size=1, max_seq_length=16384, tiled_mlp=False)
+    chosen = fit_memory_savers(mine, LLAMA3_8B_128K, tight).training
+    assert (chosen.activation_offload, chosen.tiled_mlp) == (True, False)
+    # Without gradient checkpointing there is nothing to offload: auto leaves it off.
+    no_gc = conftest.job_spec(per_device_batch_size=1, max_seq_length=16384, gradient_checkpointing=False)
+    assert fit_memory_savers(no_gc, LLAMA3_8B_128K, tight).training.activation_offload is False
+
+
+@pytest.mark.parametrize(("memory_gib", "suggested"), [(24, "tiled_mlp true"),
+                                                      (20, "activation_offload true and tiled_mlp true")])
+def test_a_refusal_suggests_the_cheapest_savers_that_make_it_fit(tmp_path, memory_gib, suggested):
+    settings = make_settings(tmp_path, gpu_classes={"gpu": memory_gib}, default_gpu_class="gpu")
+    spec = job_spec(**LONG)
+    with pytest.raises(DoesNotFit) as refused:
+        admit(settings, model(LLAMA3_8B_128K, "llama-3.1-8b"), spec, None)
+    assert suggested in refused.value.details["suggestions"]
+    assert admit(settings, model(LLAMA3_8B_128K, "llama-3.1-8b"), suggestions_applied(spec, suggested), None)
+
+
+def test_auto_savers_and_micro_batch_are_decided_the_same_way_by_admission_and_the_worker():
+    auto = conftest.job_spec(per_device_batch_size="auto", max_seq_length=32768)
+    admitted = fit_to_gpu(auto, LLAMA3_8B_128K, 24 * GIB)
+    on_worker = resolve_auto_micro_batch(fit_memory_savers(auto, LLAMA3_8B_128K, 24 * GIB), LLAMA3_8B_128K, 24 * GIB)
+    assert admitted == on_worker and admitted.training.per_device_batch_size >= 1

@@ -163,7 +163,8 @@ CEILINGS = {"max_seq_length": 1024, "max_steps": 500, "max_micro_batch": 8}
 def test_ceilings_refuse_a_spec_over_them_naming_field_and_ceiling(tmp_path, classes):
     settings = make_settings(tmp_path, gpu_classes=classes, default_gpu_class="l4" if classes else "default",
                              **CEILINGS)
-    spec = job_spec(max_steps=501, max_seq_length=2048, per_device_batch_size=16)
+    standard = dict(activation_offload=False, tiled_mlp=False)  # as the user set them, so admission leaves them be
+    spec = job_spec(max_steps=501, max_seq_length=2048, per_device_batch_size=16, **standard)
     with pytest.raises(Invalid) as refused:
         admit(settings, LLAMA, spec, None)
     assert refused.value.status == 422 and refused.value.code == "invalid_job"
@@ -171,7 +172,7 @@ def test_ceilings_refuse_a_spec_over_them_naming_field_and_ceiling(tmp_path, cla
         {"field": "training.max_steps", "message": "at most 500 on this service (QLORA_MAX_STEPS)"},
         {"field": "training.max_seq_length", "message": "at most 1024 on this service (QLORA_MAX_SEQ_LENGTH)"},
         {"field": "training.per_device_batch_size", "message": "at most 8 on this service (QLORA_MAX_MICRO_BATCH)"}]
-    at_the_ceiling = job_spec(max_steps=500, max_seq_length=1024, per_device_batch_size=8)
+    at_the_ceiling = job_spec(max_steps=500, max_seq_length=1024, per_device_batch_size=8, **standard)
     assert admit(settings, LLAMA, at_the_ceiling, None).spec == at_the_ceiling
 
 

@@ -64,7 +64,7 @@ def test_a_job_rolled_back_is_never_sent(deployment, session, caller):
 def test_a_job_that_fits_no_class_leaves_nothing_behind(deployment, session, caller):
     settings, dataset_id = deployment
     with pytest.raises(DoesNotFit):
-        service.create(session, settings, caller, body(dataset_id, per_device_batch_size=16) | {"gpu_class": "l4"})
+        service.create(session, settings, caller, body(dataset_id, per_device_batch_size=64) | {"gpu_class": "l4"})
     session.rollback()
     with open_session(settings) as reader:
         assert reader.scalar(select(func.count()).select_from(Job)) == 0
@@ -75,7 +75,7 @@ def test_an_openai_job_that_fits_no_class_is_a_400_in_openais_shape(deployment, 
     """The refusal's details say what the job needs and what there is, not which field is wrong."""
     settings, dataset_id = deployment
     openai_body = {"model": "llama-3-8b", "training_file": translate.FILE + dataset_id, "gpu_class": "l4",
-                   "training": {"per_device_batch_size": 16, "max_seq_length": 2048}}
+                   "training": {"per_device_batch_size": 64, "max_seq_length": 2048}}  # even offloaded and tiled
     with pytest.raises(DoesNotFit) as refused:
         service.create(session, settings, caller, translate.job_body(openai_body))
     session.rollback()
@@ -84,7 +84,7 @@ def test_an_openai_job_that_fits_no_class_is_a_400_in_openais_shape(deployment, 
     assert status == 400
     assert shaped == {"error": {"message": error.message, "type": "invalid_request_error", "param": None,
                                 "code": "does_not_fit"}}
-    assert "It would fit with per_device_batch_size 8" in shaped["error"]["message"]
+    assert "It would fit with per_device_batch_size 32" in shaped["error"]["message"]
 
 
 def test_an_openai_body_reads_back_with_the_hyperparameters_it_was_sent(deployment, session, caller):

@@ -45,9 +45,14 @@ def dataset_id(api, demo_data):
     return upload(api, demo_data["validation"]).json()["id"]
 
 
+# The standard recipe: "auto" would tile the MLPs of a job that does not fit an L4 otherwise (tested in
+# tests/fast/test_admission.py); these tests are about the classes and the micro-batch.
+STANDARD = {"activation_offload": False, "tiled_mlp": False}
+
+
 def job(api, dataset_id, **training):
     body = {"dataset_id": dataset_id, "base_model": "llama-3-8b",
-            "training": {"max_steps": 10, "max_seq_length": 2048, **training}}
+            "training": {"max_steps": 10, "max_seq_length": 2048, **STANDARD, **training}}
     return api.post("/jobs", json=body)
 
 
@@ -66,7 +71,7 @@ def test_a_job_goes_to_the_smallest_class_that_holds_it(api, dataset_id):
 def test_a_job_that_fits_no_class_is_refused_with_what_to_change(api, dataset_id):
     response = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "l4",
                                        "training": {"max_steps": 10, "max_seq_length": 2048,
-                                                    "per_device_batch_size": 16}})
+                                                    "per_device_batch_size": 16, **STANDARD}})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "does_not_fit"

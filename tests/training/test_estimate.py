@@ -16,6 +16,7 @@ from trl.trainer.utils import add_fused_lm_head
 from tests.model_configs import LLAMA3_8B, LLAMA_33B, LLAMA_65B
 from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
+from worker.training.memory import ActivationOffload, tile_mlps
 from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
 from worker.training.spec import JobSpec
 
@@ -113,11 +114,11 @@ UNSEEN = [
 ]
 
 
-def build(tmp_path, dims: dict, checkpointing: bool):
+def build(tmp_path, dims: dict, checkpointing: bool, offload: ActivationOffload | None = None):
     LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **dims)).save_pretrained(tmp_path)
     s = spec(gradient_checkpointing=checkpointing)
     model = load_base_model(tmp_path, s.quantization, torch.bfloat16, "cpu")
-    model = prepare_for_training(model, s.quantization, torch.bfloat16, checkpointing)
+    model = prepare_for_training(model, s.quantization, torch.bfloat16, checkpointing, offload=offload)
     model = get_peft_model(model, lora_config(s.lora, resolve_target_modules(model, "all-linear")))
     # The loss head trl's SFTTrainer puts on every model it trains (the baseline's and the engine's):
     # called with fused_lm_head=True, it scores tokens through tiles of logits, never all of them.
@@ -190,15 +191,19 @@ class LiveTensorBytes(TorchDispatchMode):
     head on the CPU: without Triton it folds each logits tile with torch ops; on a GPU one kernel
     does it in place."""
 
-    def __init__(self, model, vocab: int):
+    def __init__(self, model, vocab: int, widths: tuple[int, ...] = ()):
         super().__init__()
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.vocab, self.live, self.peak, self.sizes = vocab, 0, 0, {}
+        self.widths = (vocab, *widths)  # last dimensions whose tensors are not counted
+        self.paused = False  # while set, what ops make is not device memory (the offload's host copies)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not (t.dim() and t.shape[-1] == self.vocab):
+            if isinstance(t, torch.Tensor) and not (t.dim() and t.shape[-1] in self.widths):
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
                 if ptr and ptr not in self.params and ptr not in self.sizes:
@@ -331,10 +336,149 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     (tmp_path / "spec.json").write_text(json.dumps(
-        {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 16, "max_seq_length": 2048}}))
+        {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 16, "max_seq_length": 2048,
+                                                   "activation_offload": False, "tiled_mlp": False}}))
     done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"],
                           capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert "backward peak (loss head, or one layer)" in done.stdout and "total" in done.stdout
     assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 8" in done.stdout
     assert "try per_device_batch_size 8 with gradient_accumulation_steps 8" in done.stdout
+
+
+LOGITS_TILE = estimate.LOSS_VOCAB_TILE  # as trl tiles them, whatever a test sets the estimate's constant to
+
+
+def step_peak(model, dims: dict, batch: int, seq: int, *, offload: ActivationOffload | None = None) -> int:
+    """The live-tensor peak of one step, without the loss head's logits tiles (the estimate is asked
+    for the layers' side of the backward: see the tests below)."""
+    return step_memory(model, dims, batch, seq, offload=offload)[1]
+
+
+def step_memory(model, dims: dict, batch: int, seq: int, *, offload: ActivationOffload | None = None) -> tuple[int, int]:
+    """What is live when the forward pass ends (what it keeps for backward), and the step's peak; the
+    offload's copies are host memory, not counted."""
+    live = LiveTensorBytes(model, dims["vocab_size"], widths=(LOGITS_TILE,))
+    if offload is not None:
+        pack = offload._pack
+
+        def pack_on_host(tensor):
+            live.paused = True
+            try:
+                return pack(tensor)
+            finally:
+                live.paused = False
+
+        offload._pack = pack_on_host
+    ids = torch.randint(0, dims["vocab_size"], (batch, seq))
+    with live:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        after_forward = live.live
+        loss.backward()
+    return after_forward, live.peak
+
+
+def layers_side(e) -> int:
+    return sum(e.parts[k] for k in ("activations (kept for backward)", "backward peak (loss head, or one layer)",
+                                    "LoRA gradients"))
+
+
+# 1,024 tokens a step, and MLP chunks of 128: long enough that a layer's backward, not the loss head's
+# hidden states, is the step's peak, as at long context; short enough for the CPU (attention there
+# materialises its scores, which flash attention on a GPU never does).
+LONG_STEP = dict(batch=8, seq=64)
+TILE = 64
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("dims", WIDE)
+def test_a_tiled_mlp_step_peak_matches_what_is_live_at_once(tmp_path, dims, checkpointing, monkeypatch):
+    """training.tiled_mlp: each MLP saves only its input, and its backward holds one chunk's
+    intermediates and gradients; the estimate's parts against every tensor live at the worst moment,
+    tiled and not, at the same tokens and chunk."""
+    monkeypatch.setattr(estimate, "mlp_tile_tokens", lambda hidden: TILE)  # the tiny shapes' hidden is 1,024: all of it
+    monkeypatch.setattr(estimate, "LOSS_VOCAB_TILE", 0)  # the logits tiles are left out of both sides
+    config = {**dims, "tie_word_embeddings": False}
+    peaks = {}
+    for tiled in (False, True):
+        s, model = build(tmp_path / str(tiled), dims, checkpointing=checkpointing)
+        if tiled:
+            assert tile_mlps(model, TILE) == dims["num_hidden_layers"]
+        measured = step_peak(model, dims, **LONG_STEP)
+        e = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {
+            "max_steps": 1, "gradient_checkpointing": checkpointing, "tiled_mlp": tiled}}), config,
+            micro_batch=LONG_STEP["batch"], seq_len=LONG_STEP["seq"])
+        assert e.tiled is tiled
+        assert layers_side(e) == pytest.approx(measured, rel=0.10), (tiled, layers_side(e), measured)
+        peaks[tiled] = measured
+    assert peaks[True] < 0.75 * peaks[False]
+
+
+def test_offloaded_activations_leave_the_device_as_the_estimate_counts(tmp_path, monkeypatch):
+    """training.activation_offload: every layer's checkpointed input is held by the offload (host
+    memory: the estimate's host_bytes, exactly), and the device's step peak is the estimate's parts
+    with only the inputs in transit kept."""
+    monkeypatch.setattr(estimate, "LOSS_VOCAB_TILE", 0)
+    dims = {**WIDE[0], "num_hidden_layers": 8}  # enough layers, and tokens, for their inputs to weigh
+    step = dict(batch=16, seq=64)
+    config = {**dims, "tie_word_embeddings": False}
+    offload = ActivationOffload(cuda=False)
+    s, model = build(tmp_path / "offload", dims, checkpointing=True, offload=offload)
+    kept_offloaded, measured = step_memory(model, dims, **step, offload=offload)
+    e = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {
+        "max_steps": 1, "activation_offload": True}}), config, micro_batch=step["batch"], seq_len=step["seq"])
+    tokens = step["batch"] * step["seq"]
+    assert e.offload and e.host_bytes == offload.peak_held_bytes == dims["num_hidden_layers"] * tokens * dims["hidden_size"] * 2
+    assert offload.held_bytes == 0  # all brought back by the end of backward
+    assert layers_side(e) == pytest.approx(measured, rel=0.10), (layers_side(e), measured)
+    # Against the same model keeping them: what the forward leaves on the device is less by every
+    # layer's input, and so is the step's peak, though by less: in these small shapes the adapter's
+    # gradients, which grow as backward goes, weigh like the inputs, so the peak comes late in
+    # backward, when the later layers' inputs are gone anyway (at 8B and 32k tokens they are 0.16 GiB
+    # against 8 GiB of inputs).
+    _, kept_model = build(tmp_path / "kept", dims, checkpointing=True)
+    kept, kept_peak = step_memory(kept_model, dims, **step)
+    assert kept - kept_offloaded == pytest.approx(e.host_bytes, rel=0.15)
+    assert measured < kept_peak
+
+
+def test_llama3_8b_at_32k_tokens_fits_24_gib_with_offload_and_tiling():
+    from tests.model_configs import LLAMA3_8B_128K
+
+    def at_32k(**savers):
+        return estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=32768, **savers), LLAMA3_8B_128K)
+
+    standard = at_32k(activation_offload=False, tiled_mlp=False)
+    both = at_32k(activation_offload=True, tiled_mlp=True)
+    assert not standard.fits(24 * GIB) and both.fits(24 * GIB)
+    # Offload moves 31 of the 32 layer inputs (the rest are in transit); tiling shrinks the recompute.
+    assert both.parts["activations (kept for backward)"] < standard.parts["activations (kept for backward)"] / 8
+    assert both.parts["backward peak (loss head, or one layer)"] < standard.parts["backward peak (loss head, or one layer)"] / 2
+    assert both.host_bytes == 32 * 32768 * 4096 * 2
+
+
+def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.model_configs import LLAMA3_8B_128K
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_128K))
+    training = {"max_steps": 10, "per_device_batch_size": 1, "max_seq_length": 32768}
+    (tmp_path / "auto.json").write_text(json.dumps({"base_model": str(tmp_path), "training": training}))
+    (tmp_path / "both.json").write_text(json.dumps({"base_model": str(tmp_path), "training": {
+        **training, "activation_offload": True, "tiled_mlp": True}}))
+
+    def estimate_cli(name):
+        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / name), "--gpu-memory", "24"],
+                              capture_output=True, text=True, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stdout.split())  # the table's title wraps at the table's width
+
+    auto = estimate_cli("auto.json")  # "auto": the cheapest saver that fits, tiling alone here
+    assert "gradient checkpointing on, tiled MLPs" in auto and "fits in 24.00 GiB" in auto
+    both = estimate_cli("both.json")
+    assert "activations offloaded to 8.00 GiB of pinned CPU memory and tiled MLPs" in both
+    assert "offloaded activations (pinned CPU memory, not GPU)" in both and "fits in 24.00 GiB" in both

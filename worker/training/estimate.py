@@ -43,10 +43,14 @@ ACT_PER_HIDDEN = 49.5
 ACT_PER_INTERMEDIATE = 12.5
 ACT_PER_INTERMEDIATE_F32_RESIDUAL = 18.5  # with float32 frozen weights, and so a float32 residual stream
 ACT_PER_KV = 4.25
+ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, the adapter's dropout copies)
 # Per token per hidden unit, once per model rather than per layer: the first layer keeps less than
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
 ACT_MODEL_PER_HIDDEN = -12.0
 ACT_MODEL_CHECKPOINTED_PER_HIDDEN = 4.0
+
+# Offloaded layer inputs on the GPU at once: the one being copied out (or brought back) and its neighbour.
+OFFLOAD_IN_FLIGHT = 2
 
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS and attention workspaces
 FRAGMENTATION = 0.08  # the caching allocator's slack over what tensors use
@@ -112,6 +116,9 @@ class Estimate:
     seq_len: int
     checkpointing: bool
     pageable: frozenset[str] = frozenset()  # the parts that may page to CPU memory (a paged optimizer's state)
+    host_bytes: int = 0  # pinned CPU memory: the offloaded activations (training.activation_offload)
+    offload: bool = False
+    tiled: bool = False
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -139,8 +146,16 @@ class Estimate:
         width = max(map(len, self.parts))
         lines = [f"  {name:<{width}}  {gib(size):>9}{'  (pageable)' if name in self.pageable else ''}"
                  for name, size in self.parts.items()]
+        host = [f"  {'offloaded activations (CPU)':<{width}}  {gib(self.host_bytes):>9}"] if self.host_bytes else []
         return "\n".join([*lines, f"  {'total':<{width}}  {gib(self.total):>9}",
-                          f"  {'resident (pageable paged out)':<{width}}  {gib(self.resident):>9}"])
+                          f"  {'resident (pageable paged out)':<{width}}  {gib(self.resident):>9}", *host])
+
+
+def memory_savers_note(estimate: Estimate) -> str:
+    """"", or which of activation offload and tiled MLPs the estimate counts, for a sentence about it."""
+    savers = [f"activations offloaded to {gib(estimate.host_bytes)} of pinned CPU memory"] if estimate.offload else []
+    savers += ["tiled MLPs"] if estimate.tiled else []
+    return f", {' and '.join(savers)}" if savers else ""
 
 
 def gib(n: int) -> str:
@@ -166,6 +181,13 @@ def lora_params(spec: JobSpec, shape: ModelShape) -> int:
     return shape.layers * sum(spec.lora.r * (i + o) for i, o in names.values())
 
 
+def mlp_tile_tokens(hidden: int) -> int:
+    """Tokens per chunk of a tiled MLP (training.tiled_mlp): as many as the hidden size, as Arctic Long
+    Sequence Training does, so a chunk's intermediates weigh about what one token row of the
+    (tokens x hidden) layer input does across the sequence, and matmuls stay large enough to be fast."""
+    return hidden
+
+
 # trl's chunked LM head (trl/kernels/chunked_logprob.py in the pinned trl 1.16): logits are computed
 # in tiles of at most LOSS_TOKEN_TILE tokens x LOSS_VOCAB_TILE vocabulary entries, forward and again
 # in backward.
@@ -189,9 +211,12 @@ def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, frozen: int) -
 
 def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | None = None,
                          seq_len: int | None = None) -> Estimate:
-    """The peak device memory of one training step of `spec` on the model `model_config` describes."""
+    """The peak device memory of one training step of `spec` on the model `model_config` describes.
+    activation_offload and tiled_mlp "auto" count as off: `fit_memory_savers` decides them for a GPU."""
     shape = ModelShape.from_config(model_config)
     t = spec.training
+    offload = t.activation_offload is True and t.gradient_checkpointing
+    tiled = t.tiled_mlp is True
     batch = micro_batch or (t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1)
     seq = seq_len or min(t.max_seq_length, model_config.get("max_position_embeddings") or t.max_seq_length)
     tokens = batch * seq
@@ -202,21 +227,40 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     adapter = lora_params(spec, shape)
 
     per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if frozen == 4 and compute < 4 else ACT_PER_INTERMEDIATE
-    per_layer = (compute / 2) * (ACT_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
-                                 + ACT_PER_KV * shape.kv_heads * shape.head_dim)
+    scale = compute / 2  # the coefficients are for bf16 compute
+    # Per token, what the MLP alone saves (its intermediates, and its input and the adapter's copies of it)...
+    mlp = scale * (per_intermediate * shape.intermediate + ACT_MLP_PER_HIDDEN * shape.hidden)
+    per_layer = scale * (ACT_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
+                         + ACT_PER_KV * shape.kv_heads * shape.head_dim)
+    grads = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
+    tile = 0
+    if tiled:
+        # ...which a tiled MLP replaces by its input alone; one chunk's intermediates and gradients
+        # live only while that chunk backpropagates.
+        tile = min(tokens, mlp_tile_tokens(shape.hidden))
+        per_layer = per_layer - mlp + compute * shape.hidden
+        grads = 4 * shape.hidden
+    chunk = tile * (mlp + 4 * 2 * shape.intermediate)
+    host = 0
     if t.gradient_checkpointing:
-        # Kept through the step: each layer's input, and the final norm's.
-        kept = tokens * shape.hidden * (shape.layers * frozen + ACT_MODEL_CHECKPOINTED_PER_HIDDEN)
-        recomputed = tokens * per_layer  # one layer at a time, during its backward
+        # Kept through the step: each layer's input, and the final norm's. Offloaded, the layers'
+        # inputs live in pinned CPU memory; the GPU holds the ones in transit.
+        inputs = tokens * shape.hidden * frozen
+        if offload:
+            host = shape.layers * inputs
+            inputs_on_gpu = min(OFFLOAD_IN_FLIGHT, shape.layers) * inputs
+        else:
+            inputs_on_gpu = shape.layers * inputs
+        kept = inputs_on_gpu + tokens * shape.hidden * ACT_MODEL_CHECKPOINTED_PER_HIDDEN
+        recomputed = tokens * per_layer + chunk  # one layer at a time, during its backward
     else:
         kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden)
-        recomputed = 0
+        recomputed = chunk
     # Backward runs the loss head first (its hidden states, gradients and logits tile), then each
     # layer, last to first, with the gradients in flight (float32, per token: the hidden state's and
     # the MLP's gate and up activations') and, with checkpointing, its recomputed activations. The
     # two never overlap; the larger is the step's peak beyond what is kept.
-    backward = max(loss_head_bytes(shape, tokens, compute, frozen),
-                   recomputed + tokens * 4 * (shape.hidden + 2 * shape.intermediate))
+    backward = max(loss_head_bytes(shape, tokens, compute, frozen), recomputed + tokens * grads)
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
@@ -229,7 +273,8 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     pageable = frozenset({OPTIMIZER_STATE} if t.optimizer in PAGED_OPTIMIZERS else ())
     allocated = sum(size for name, size in parts.items() if name not in pageable)  # through PyTorch's allocator
     parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * allocated)
-    return Estimate(parts, batch, seq, t.gradient_checkpointing, pageable)
+    return Estimate(parts, batch, seq, t.gradient_checkpointing, pageable, host_bytes=int(host),
+                    offload=offload, tiled=tiled)
 
 
 def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, limit: int = 256,
@@ -244,7 +289,7 @@ def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, li
 
 
 def with_micro_batch(spec: JobSpec, micro_batch: int) -> JobSpec:
-    return spec.model_copy(update={"training": spec.training.model_copy(update={"per_device_batch_size": micro_batch})})
+    return with_training(spec, per_device_batch_size=micro_batch)
 
 
 def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int,
@@ -256,6 +301,45 @@ def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int,
         return spec
     fitting = largest_micro_batch(spec, model_config, budget_bytes, max_paged_fraction=max_paged_fraction)
     return with_micro_batch(spec, fitting) if fitting is not None else None
+
+
+def with_training(spec: JobSpec, **fields) -> JobSpec:
+    return spec.model_copy(update={"training": spec.training.model_copy(update=fields)})
+
+
+# (activation_offload, tiled_mlp), the cheaper first: offloading costs copies that overlap compute,
+# tiling one more MLP forward per layer per step.
+MEMORY_SAVERS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | None,
+                      max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec:
+    """training.activation_offload and tiled_mlp "auto" decided for a budget (a GPU's memory): on only
+    where the job would not fit without them, the cheapest choice that fits (at the spec's micro-batch,
+    or 1 for "auto"); everything allowed on where nothing fits, so a refusal counts all they save.
+    Without a budget (the CPU, where RAM rather than device memory bounds it) "auto" is off."""
+    t = spec.training
+    if t.activation_offload != "auto" and t.tiled_mlp != "auto":
+        return spec
+    allowed = [(offload, tiled) for offload, tiled in MEMORY_SAVERS
+               if t.activation_offload in ("auto", offload) and t.tiled_mlp in ("auto", tiled)
+               and (t.gradient_checkpointing or not offload)]  # offload moves what checkpointing keeps
+    if budget_bytes:
+        probe = spec if isinstance(t.per_device_batch_size, int) else with_micro_batch(spec, 1)
+        for offload, tiled in allowed:
+            if estimate_peak_memory(with_training(probe, activation_offload=offload, tiled_mlp=tiled),
+                                    model_config).fits(budget_bytes, max_paged_fraction):
+                return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
+    offload, tiled = allowed[-1] if budget_bytes else allowed[0]
+    return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
+
+
+def fit_to_gpu(spec: JobSpec, model_config: dict, budget_bytes: int,
+               max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec | None:
+    """`spec` as it will run on a GPU of this memory: the memory savers' "auto" decided
+    (fit_memory_savers), then the micro-batch's (fit_micro_batch); None where not even 1 fits."""
+    return fit_micro_batch(fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction), model_config,
+                           budget_bytes, max_paged_fraction)
 
 
 def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None) -> JobSpec:
@@ -291,7 +375,15 @@ def advice(spec: JobSpec, model_config: dict, budget_bytes: int,
             ideas.append(f"max_seq_length {seq}")
             break
     if not t.gradient_checkpointing:
-        on = spec.model_copy(update={"training": t.model_copy(update={"gradient_checkpointing": True})})
+        on = with_training(spec, gradient_checkpointing=True)
         if estimate_peak_memory(on, model_config).fits(budget_bytes, max_paged_fraction):
             ideas.append("gradient_checkpointing true")
+    for offload, tiled in MEMORY_SAVERS[1:]:
+        on = with_training(spec, activation_offload=offload or t.activation_offload is True,
+                           tiled_mlp=tiled or t.tiled_mlp is True)
+        if on.training != t and (t.gradient_checkpointing or not offload) and estimate_peak_memory(
+                on, model_config).fits(budget_bytes, max_paged_fraction):
+            ideas.append(" and ".join(f"{name} true" for name, wanted in
+                                      (("activation_offload", offload), ("tiled_mlp", tiled)) if wanted))
+            break
     return ideas

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 
+from worker.training.memory import ActivationOffload
 from worker.training.spec import LoraSpec, QuantizationSpec, SpecError
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -139,22 +141,29 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
     return model
 
 
-def prepare_for_training(model, quant: QuantizationSpec, compute_dtype: torch.dtype, checkpointing: bool):
+def prepare_for_training(model, quant: QuantizationSpec, compute_dtype: torch.dtype, checkpointing: bool,
+                         offload: ActivationOffload | None = None):
     """Freeze the base and, with gradient checkpointing, make the checkpointed blocks backprop to
-    the adapter (their input must require grad, or the frozen blocks would cut the graph).
+    the adapter (their input must require grad, or the frozen blocks would cut the graph); with
+    `offload`, what checkpointing keeps goes to pinned CPU memory (training.activation_offload).
 
     Frozen weights that are not quantized stay in the compute dtype unless
     `QuantizationSpec.float32_frozen_weights` says otherwise (float16), where peft's
     prepare_model_for_kbit_training does it all, upcast included."""
     gc_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients to frozen-input adapters
     if quant.float32_frozen_weights(str(compute_dtype).removeprefix("torch.")):
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                               gradient_checkpointing_kwargs=gc_kwargs)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    if checkpointing and offload is not None:
+        # transformers' own offload (activation_checkpointing_enable(offload=True)) copies on the
+        # compute stream, so the step waits for every copy; ours overlaps them with compute.
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(offload.checkpoint, **gc_kwargs))
     return model
 
 

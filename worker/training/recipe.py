@@ -42,7 +42,8 @@ from worker.training.callbacks import (  # noqa: E402
     TrainingEnd,
 )
 from worker.training.data import read_jsonl  # noqa: E402
-from worker.training.estimate import resolve_auto_micro_batch  # noqa: E402
+from worker.training.estimate import fit_memory_savers, mlp_tile_tokens, resolve_auto_micro_batch  # noqa: E402
+from worker.training.memory import ActivationOffload, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model,
     fidelity_rows,
@@ -210,7 +211,7 @@ class QLoRARecipe:
         self.device = pick_device()
         self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
-        self.spec = _resolve_micro_batch(self.spec, self.base_path, self.device)
+        self.spec = _fit_to_device(self.spec, self.base_path, self.device)
 
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
@@ -264,9 +265,14 @@ class QLoRARecipe:
         model.config.use_cache = False
         if self.tok_setup.pad_token_added:
             model.resize_token_embeddings(len(self.tokenizer))
-        model = prepare_for_training(model, spec.quantization, self.compute_dtype, spec.training.gradient_checkpointing)
+        t = spec.training
+        self.offload = ActivationOffload() if t.activation_offload is True else None
+        model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,
+                                     offload=self.offload)
         self.target_modules = resolve_target_modules(model, spec.lora.target_modules)
         self.model = get_peft_model(model, lora_config(spec.lora, self.target_modules))
+        if t.tiled_mlp is True:  # after the adapter is in place: the MLP's LoRA layers run inside each chunk
+            tile_mlps(self.model, mlp_tile_tokens(model.config.hidden_size))
         self.trainable_params, self.total_params = self.model.get_nb_trainable_parameters()
 
     def _setup_trainer(self) -> None:
@@ -319,6 +325,8 @@ class QLoRARecipe:
             "tokens_per_second": output.metrics.get("train_tokens_per_second")
             or round(state.num_input_tokens_seen / max(t_train - t_setup, 1e-9), 1),
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            # training.activation_offload: the pinned CPU memory the offloaded layer inputs took at most
+            "offloaded_activation_bytes": self.offload.peak_held_bytes if self.offload else None,
         }
 
     def evaluate(self) -> float | None:
@@ -421,14 +429,14 @@ class QLoRARecipe:
         }
 
 
-def _resolve_micro_batch(spec: JobSpec, base_path: Path, device: str) -> JobSpec:
-    """per_device_batch_size "auto": the largest micro-batch the memory estimate fits on this GPU."""
-    if spec.training.per_device_batch_size != "auto":
-        return spec
+def _fit_to_device(spec: JobSpec, base_path: Path, device: str) -> JobSpec:
+    """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
+    only where the job would not fit without), then per_device_batch_size "auto" (the largest
+    micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
     budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     config = json.loads((base_path / "config.json").read_text())
     try:
-        return resolve_auto_micro_batch(spec, config, budget)
+        return resolve_auto_micro_batch(fit_memory_savers(spec, config, budget), config, budget)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
 
@@ -443,6 +451,10 @@ def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
     hints.append(f"a shorter max_seq_length (now {t.max_seq_length})")
     if not t.gradient_checkpointing:
         hints.append("gradient_checkpointing true")
+    elif t.activation_offload is not True:
+        hints.append("activation_offload true")
+    if t.tiled_mlp is not True:
+        hints.append("tiled_mlp true")
     if t.optimizer == "adamw_torch":
         hints.append("optimizer paged_adamw_8bit")
     hints.append("a GPU class with more memory")
@@ -467,8 +479,9 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # prepare_for_training enabled it (with the offloading checkpoint where asked); the Trainer would
+        # enable it again with its own checkpoint function.
+        gradient_checkpointing=False,
         seed=t.seed,
         data_seed=t.seed,  # same data order on every attempt, so a resume continues the same run
         bf16=compute_dtype == torch.bfloat16,

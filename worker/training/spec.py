@@ -70,7 +70,7 @@ class LoraSpec(_Strict):
     r: int = Field(16, ge=1, le=1024)
     # alpha = 2r keeps the update scale alpha/r = 2, the common practice for r=16.
     alpha: float = Field(32, gt=0, le=4096)
-    # QLoRA used 0.05 for models up to 13B (0.1 above).
+    # QLoRA used 0.1 for its 7B and 13B models and 0.05 for 33B and 65B (appendix B); 0.05 is the common default.
     dropout: float = Field(0.05, ge=0, lt=1)
     # QLoRA §4: adapting all linear layers is what matches full 16-bit fine-tuning quality.
     # "all-linear" resolves to the model's (4-bit) linear layers minus the output head.
@@ -132,6 +132,16 @@ class TrainingSpec(_Strict):
     # liger-kernel is installed, off on the CPU. The loss needs none: trl's trainer already scores
     # tokens through a chunked LM head that never builds the full logits (and refuses Liger's).
     kernels: Literal["auto", "liger", "none"] = "auto"
+    # Long context: what gradient checkpointing keeps (each layer's input, layers x tokens x hidden) held
+    # in pinned CPU memory, copied out in forward and back in backward on a side stream, overlapped with
+    # compute. The numbers are the same; the cost is host memory and PCIe traffic. "auto" = on only where
+    # the memory estimate says the job would not fit its GPU otherwise. Needs gradient_checkpointing.
+    activation_offload: bool | Literal["auto"] = "auto"
+    # Long context: each MLP computed over chunks of the sequence, and its backward recomputed chunk by
+    # chunk, so a layer's backward holds one chunk's intermediates, not the whole sequence's. Costs one
+    # more MLP forward per layer per step; with lora.dropout > 0 the masks are drawn per chunk (the same
+    # training in distribution, not step for step). "auto" as above.
+    tiled_mlp: bool | Literal["auto"] = "auto"
     # Off by default: learning to produce prompts wastes capacity and teaches the model to talk as the user.
     train_on_inputs: bool = False
     seed: int = Field(42, ge=0, le=2**32 - 1)
@@ -148,6 +158,9 @@ class TrainingSpec(_Strict):
             raise ValueError("epochs / max_steps: set one of them (epochs in (0, 100], max_steps in [1, 10000000])")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("epochs / max_steps: set only one of them, not both")
+        if self.activation_offload is True and not self.gradient_checkpointing:
+            raise ValueError("activation_offload: true offloads what gradient checkpointing keeps; "
+                             "set gradient_checkpointing true, or activation_offload \"auto\" or false")
         return self
 
 

@@ -1,0 +1,110 @@
+"""Activation offload and tiled MLPs (training.activation_offload, training.tiled_mlp) change where and
+when memory is used, never what is learned: real QLoRA runs of the tiny model with them give the
+plain run's loss curve and adapter. Their memory, against the estimate, is in test_estimate.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.test_recipe import short_spec
+from worker.training import memory
+from worker.training.recipe import run
+from worker.training.spec import JobSpec, SpecError
+
+# Micro-batches of 16 demo rows: some 400 tokens, more than one MLP chunk (256 tokens, the tiny model's hidden size).
+STEPS = dict(max_steps=12, save_steps=6, per_device_batch_size=16)
+
+
+def train(model_dir, data, out, *, lora=None, quantization=None, **training):
+    spec = short_spec(model_dir, **(STEPS | training))
+    spec["lora"] = {**spec.get("lora", {}), **(lora or {})}
+    spec["quantization"] = {**spec.get("quantization", {}), **(quantization or {})}
+    return run(JobSpec.parse(spec), data["train"], out)
+
+
+def curve(result) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in map(json.loads, (result.out_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def adapter(result) -> dict[str, torch.Tensor]:
+    return load_file(result.out_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir, demo_data, tmp_path_factory):
+    """The standard recipe, both off."""
+    return train(tiny_model_dir, demo_data, tmp_path_factory.mktemp("plain"), activation_offload=False,
+                 tiled_mlp=False)
+
+
+def test_offloaded_activations_give_the_same_run_bit_for_bit(tiny_model_dir, demo_data, tmp_path, plain):
+    """The layer inputs go to (pinned) CPU memory and come back as the same bits: the same run."""
+    offloaded = train(tiny_model_dir, demo_data, tmp_path, activation_offload=True, tiled_mlp=False)
+    s = offloaded.summary
+    assert s["spec"]["training"]["activation_offload"] is True
+    # Every layer's input went through the offload: 4 layers x the micro-batch's tokens x hidden (256), float32
+    # or bf16 as the CPU computes; at most the largest micro-batch's worth at once.
+    assert s["offloaded_activation_bytes"] > 0 and plain.summary["offloaded_activation_bytes"] is None
+    assert s["offloaded_activation_bytes"] % (4 * 256) == 0
+    assert curve(offloaded) == curve(plain)
+    want = adapter(plain)
+    got = adapter(offloaded)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_tiled_mlps_give_the_same_curve_and_adapter(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    """The MLP is per token, so chunking it computes the same function; only the matmuls' shapes
+    change, and with them the order float sums round in. In float32 compute that is float32's
+    tolerance; with lora.dropout 0, as with dropout the masks are drawn per chunk (the same training
+    in distribution, not step for step)."""
+    chunks = []
+    split = memory._chunks
+    monkeypatch.setattr(memory, "_chunks", lambda x, tile: chunks.append(len(out := split(x, tile))) or out)
+    same = dict(lora={"dropout": 0.0}, quantization={"compute_dtype": "float32"}, activation_offload=False,
+                max_steps=6)  # float32 on the CPU is the slow path: fewer steps
+    straight = train(tiny_model_dir, demo_data, tmp_path / "straight", tiled_mlp=False, **same)
+    assert chunks == []
+    tiled = train(tiny_model_dir, demo_data, tmp_path / "tiled", tiled_mlp=True, **same)
+    assert max(chunks) > 1  # the micro-batches are longer than one chunk (256 tokens for this hidden size)
+    got, want = curve(tiled), curve(straight)
+    assert [step for step, _ in got] == [step for step, _ in want]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+    a, b = adapter(tiled), adapter(straight)
+    for name in b:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), (name, (a[name] - b[name]).abs().max())
+
+
+def test_both_together_learn_and_resume_exactly(tiny_model_dir, demo_data, tmp_path, plain):
+    """Offload and tiling on at once (with the spec's default dropout): the run learns like the plain
+    one, and a pause and resume reproduce the uninterrupted run exactly, as for the standard recipe."""
+    data = short_spec(tiny_model_dir, **STEPS, activation_offload=True, tiled_mlp=True)
+    spec = JobSpec.parse(data)
+    asked = []
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=lambda: asked.append(True) or len(asked) >= 5)
+    assert paused.status == "paused"
+    resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
+    assert resumed.summary["steps"]["resumed_from"] == 5
+    straight = run(spec, demo_data["train"], tmp_path / "straight")
+    assert curve(resumed) == curve(straight)
+    losses = [loss for _, loss in curve(straight)]
+    plain_losses = [loss for _, loss in curve(plain)]
+    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] == pytest.approx(plain_losses[-1], rel=0.15)  # other dropout masks, the same training
+
+
+def test_offload_needs_gradient_checkpointing():
+    with pytest.raises(SpecError, match="activation_offload: true offloads what gradient checkpointing keeps"):
+        JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "activation_offload": True,
+                                                       "gradient_checkpointing": False}})
+    # "auto" without checkpointing is fine: it stays off.
+    JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "gradient_checkpointing": False}})
+
+
+def test_on_the_cpu_auto_is_off(tiny_model_dir, demo_data, tmp_path):
+    """No device memory to fit: "auto" resolves to off, and the summary's spec says so."""
+    result = train(tiny_model_dir, demo_data, tmp_path, max_steps=2)
+    t = result.summary["spec"]["training"]
+    assert (t["activation_offload"], t["tiled_mlp"]) == (False, False)
