@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # revoked key stops working within this long everywhere (at once in the process that revoked it).
     # 0 reads the key on every request.
     key_cache_s: float = Field(2.0, ge=0, le=60)
+    # Child processes per API process that tokenize a job's data for preflight (POST /jobs/preflight,
+    # and POST /jobs's check that a job can learn): each holds a tokenizer library (~0.5 GB) once used;
+    # more preflights than this at once wait. 0 turns preflight off (jobs are created unchecked).
+    preflight_processes: int = Field(1, ge=0, le=16)
 
     # Jobs go to queue "gpu-<class>"; a worker listens to the queues of the GPU class it runs on.
     # The default class is where a job goes that names none and that admission does not place, and

@@ -22,6 +22,7 @@ from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.deps import session_end_threads
 from app.errors import ERROR_RESPONSES, AppError, Invalid, QuotaExceeded
+from app.jobs.preflight import PreflightRunner
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
 from app.jobs.schemas import JobCreate
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         for loop in loops:
             loop.stop()
+        app.state.preflight.close()
 
     app = FastAPI(
         title="qlora-service",
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)  # live streams per key, in this process
     app.state.job_feeds = JobFeeds()  # one poll per watched job, in this process, for all its streams
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
+    app.state.preflight = PreflightRunner(settings.preflight_processes)  # child processes that tokenize job data
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)

@@ -175,7 +175,7 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                 resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
                 quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
             )
-            outcome = Result(status=result.status, summary=result.summary)
+            outcome = Result(status=result.status, summary=result.summary, report=result.report)
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
             outcome = Result(status="failed", error=str(exc))
         if cache and not cache.hit and (Path(cache.dir) / "config.json").is_file():

@@ -56,7 +56,7 @@ from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
-ARTIFACTS = {"adapter": "adapter", "merged": "merged model"}  # kind → what a person reads
+ARTIFACTS = {"adapter": "adapter", "merged": "merged model", "report": "eval report"}  # kind → what a person reads
 CLAIM_TRIES = 10  # SQLite: claims that lost the race for its one writer (see JobRun._claim)
 TAR_BUFFER = 1 << 20  # tar's stream-mode buffer: 1 MiB writes into the storage writer, not 10 KiB ones
 
@@ -267,7 +267,7 @@ class JobRun:
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
-        final: tuple[str, str | None, dict | None] | None = None
+        final: tuple[str, str | None, dict | None, dict | None] | None = None
         try:
             self._prepare(job, workdir, watch)
             watch.proc = proc = self._spawn(workdir)
@@ -280,7 +280,7 @@ class JobRun:
             log.warning("job %s attempt %s: time limit; stopped (recorded failed)", job.id, job.attempt)
         except Exception as exc:
             log.exception("job %s failed in the worker", job.id)
-            final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None)
+            final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
         finally:
             watch.stop()  # its last heartbeat carries the last transfer's event; the final state comes after
             if watch.proc is not None and watch.proc.poll() is None:
@@ -428,17 +428,17 @@ class JobRun:
         return Result.read(workdir.result)
 
     def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int,
-                watch: AttemptWatch) -> tuple[str, str | None, dict | None]:
-        """Upload what a successful run made; returns the final state to write."""
+                watch: AttemptWatch) -> tuple[str, str | None, dict | None, dict | None]:
+        """Upload what a successful run made; returns the final state to write (status, error, summary, report)."""
         if outcome is None:
             return (states.FAILED, f"the training process exited with code {returncode} without a result; "
-                                   f"last lines of its log:\n{_tail(workdir.log)}", None)
+                                   f"last lines of its log:\n{_tail(workdir.log)}", None, None)
         if outcome.status == states.SUCCEEDED:
             for kind in ARTIFACTS:
                 source = workdir.out / kind
                 if source.is_dir():
                     self._upload_artifact(job, kind, source, watch)
-        return (outcome.status, outcome.error, outcome.summary)
+        return (outcome.status, outcome.error, outcome.summary, outcome.report)
 
     def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:
         """Stream a tar of the directory into storage (weights barely compress; a plain tar is fast to
@@ -463,9 +463,10 @@ class JobRun:
             except Exception:  # a stray object costs storage, not correctness
                 log.exception("could not delete %s", key)
 
-    def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None) -> None:
+    def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None,
+                report: dict | None = None) -> None:
         with session_scope(self.db) as session:
-            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
+            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary, report=report,
                                    half_life_s=self.settings.fair_share_half_life_s)
         if recorded:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})

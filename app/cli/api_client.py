@@ -116,6 +116,9 @@ class ApiClient:
     def create_job(self, body: dict) -> dict:
         return self._json("POST", "/jobs", json=body)
 
+    def preflight_job(self, body: dict) -> dict:
+        return self._json("POST", "/jobs/preflight", json=body, timeout=httpx.Timeout(120))
+
     def list_jobs(self, status: str | None = None, limit: int = 20) -> list[dict]:
         params = {"limit": limit} | ({"status": status} if status else {})
         return self._json("GET", "/jobs", params=params)["data"]
@@ -131,6 +134,9 @@ class ApiClient:
 
     def job_metrics(self, job_id: str, after_step: int | None = None) -> dict:
         return self._poll(f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})
+
+    def job_report(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}/report")
 
     def job_artifacts(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/artifacts")

@@ -22,6 +22,8 @@ from app.cli.render import (
     print_dataset,
     print_job,
     print_line_errors,
+    print_preflight,
+    print_report,
     print_table,
     print_usage,
     sparkline,
@@ -184,6 +186,16 @@ def jobs_create(
         "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
 ) -> None:
     """Queue a fine-tuning job: the spec file plus the dataset ids."""
+    body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, name=name, gpu_class=gpu_class,
+                     priority=priority)
+    with _api(ctx) as api:
+        job = api.create_job(body)
+    out.print(f"job {job['id']} {job['status']}", highlight=False)
+    err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
+
+
+def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
+    """POST /jobs's body: the spec file's object, the dataset id and the fields given."""
     try:
         body = json.loads(spec.read_text())
     except ValueError as exc:
@@ -191,14 +203,35 @@ def jobs_create(
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
     body["dataset_id"] = dataset
-    for key, value in (("validation_dataset_id", validation), ("name", name), ("gpu_class", gpu_class),
-                       ("priority", priority)):
-        if value is not None:
-            body[key] = value
+    body.update({key: value for key, value in fields.items() if value is not None})
+    return body
+
+
+@jobs_commands.command("preflight")
+def jobs_preflight(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora jobs create`).", exists=True, dir_okay=False)],
+    dataset: Annotated[str, typer.Option("--dataset", help="Training dataset id.")],
+    validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
+    gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="As `jobs create` would ask for.")] = None,
+    examples: Annotated[int, typer.Option(help="Rows shown token by token (0-5), trained tokens highlighted.")] = 1,
+    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
+                                                    "by default tables on a terminal, JSON on a pipe.")] = None,
+) -> None:
+    """What a job would train on, before it runs: rows, tokens, truncation, EOS, steps, memory and GPU
+    class, and rows token by token. Exits 1 where `jobs create` would refuse the job."""
+    body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, gpu_class=gpu_class)
+    body["examples"] = examples
     with _api(ctx) as api:
-        job = api.create_job(body)
-    out.print(f"job {job['id']} {job['status']}", highlight=False)
-    err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
+        answer = api.preflight_job(body)
+    if as_json is None:
+        as_json = not out.is_terminal
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+    else:
+        print_preflight(answer)
+    if answer["can_learn"] is False:
+        raise typer.Exit(1)
 
 
 @jobs_commands.command("list")
@@ -223,6 +256,25 @@ def jobs_show(ctx: typer.Context, job_id: JobId) -> None:
     with _api(ctx) as api:
         job = api.get_job(job_id)
     print_job(job)
+
+
+@jobs_commands.command("report")
+def jobs_report(
+    ctx: typer.Context,
+    job_id: JobId,
+    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
+                                                    "by default tables on a terminal, JSON on a pipe.")] = None,
+) -> None:
+    """The eval report of a job that succeeded: each prompt's reference, base answer and tuned answer side
+    by side with exact match and F1, then the metrics, base against tuned."""
+    with _api(ctx) as api:
+        report = api.job_report(job_id)
+    if as_json is None:
+        as_json = not out.is_terminal
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))  # not through rich, which wraps long lines: JSON a script can read
+    else:
+        print_report(report)
 
 
 @jobs_commands.command("cancel")
@@ -372,18 +424,19 @@ class _JobWatcher:
 def jobs_download(
     ctx: typer.Context,
     job_id: JobId,
-    kind: Annotated[str, typer.Option(help="adapter (LoRA weights) or merged (a standalone bf16 model).")] = "adapter",
+    kind: Annotated[str, typer.Option(help="adapter (LoRA weights), merged (a standalone bf16 model) or report "
+                                            "(the eval report's JSON).")] = "adapter",
     out_dir: Annotated[Path, typer.Option("--out", help="Where to put the archive (and its contents).",
                                           file_okay=False)] = Path("."),
     extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Also unpack the tar into --out.")] = True,
 ) -> None:
-    """Download a job's adapter or merged model, verified against its sha256."""
+    """Download a job's adapter, merged model or eval report, verified against its sha256."""
     import tarfile
 
     from app.cli.api_client import extract_tar
 
-    if kind not in ("adapter", "merged"):
-        _fail(f"--kind must be adapter or merged, got {kind!r}")
+    if kind not in ("adapter", "merged", "report"):
+        _fail(f"--kind must be adapter, merged or report, got {kind!r}")
     with _api(ctx) as api:
         progress, task = transfer_progress(f"downloading {kind}", None)
         with progress:

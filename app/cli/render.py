@@ -10,7 +10,7 @@ import itertools
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 err = Console(stderr=True)
 out = Console()
@@ -106,6 +106,12 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("merge fidelity", f"max |Δlogit| {number(f.get('max_abs_logit_diff'), '.3g')}, "
                                        f"mean {number(f.get('mean_abs_logit_diff'), '.3g')}, "
                                        f"Δeval loss {number(f.get('eval_loss_diff'), '.3g')}"))
+    if s.get("report"):  # the eval report's means; the rows: qlora jobs report, or report/report.json
+        base, tuned = s["report"]["base"], s["report"]["tuned"]
+        rows.append(("eval report (tuned / base)",
+                     f"exact match {number(tuned['exact_match'], '.0%')} / {number(base['exact_match'], '.0%')}, "
+                     f"F1 {number(tuned['f1'], '.2f')} / {number(base['f1'], '.2f')}, "
+                     f"loss {number(tuned['loss'], '.4f')} / {number(base['loss'], '.4f')}"))
     return rows
 
 
@@ -249,3 +255,107 @@ def print_usage(report: dict) -> None:
     if team["by_job_truncated"]:
         err.print(f"by job: the {len(team['by_job']):,} jobs with the most GPU time of {team['jobs']:,}; "
                   "ask for a shorter window (--from, --to) to see the rest", highlight=False, soft_wrap=True)
+
+
+def print_preflight(answer: dict) -> None:
+    """`qlora jobs preflight`: where the job would run, what it would train on, and rows token by
+    token (trained tokens highlighted), then what stops it and what to look at."""
+    from rich.text import Text
+
+    placement, report = answer["placement"], answer["report"]
+    where = f"GPU class {placement['gpu_class']}: {placement['note']}" if placement.get("gpu_class") else placement["note"]
+    out.print(Text(where), soft_wrap=True)
+    if report is None:
+        out.print(Text(answer["note"], style="yellow"), soft_wrap=True)
+        return
+    sets = [("train", report["train"]), ("validation", report["validation"])]
+    table = Table("", *[Column(name, justify="right") for name, data in sets if data], title="the data as the trainer sees it")
+    rows = [("rows", lambda d: f"{d['rows']:,}" + ("" if d["complete"] else f" of {d['rows_in_file']:,}")),
+            ("tokens per row (min / median / p95 / max)",
+             lambda d: " / ".join(f"{d['lengths'].get(k, 0):,}" for k in ("min", "median", "p95", "max"))),
+            ("truncated rows", lambda d: f"{d['truncated_rows']:,}"),
+            ("rows dropped (nothing to learn)", lambda d: f"{d['dropped_rows']:,}"),
+            ("tokens trained", lambda d: f"{d['trained_tokens']:,} of {d['tokens']:,} ({d['trained_fraction']:.0%})"),
+            ("trained tokens lost to truncation", lambda d: f"{d['trained_tokens_lost']:,}"),
+            ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}")]
+    for label, cell in rows:
+        table.add_row(label, *[cell(data) for _, data in sets if data])
+    print_table(table)
+    steps_text = (f"{report['steps']:,} optimizer steps, {report['epochs']} epochs ({report['steps_per_epoch']:,} per epoch)"
+                  if report["steps_per_epoch"] else f"{report['steps'] or '?'} steps")
+    out.print(Text(steps_text + (f"; {report['steps_note']}" if report["steps_note"] else "")), soft_wrap=True)
+    for example in report["examples"]:
+        line = Text(f"line {example['line']} ({example['length']:,} tokens{', truncated' if example['truncated'] else ''}; "
+                    "trained tokens highlighted):\n", style="bold")
+        for token in example["tokens"]:
+            line.append(token["text"], style="bold black on green" if token["trained"] else "dim")
+        out.print(line, soft_wrap=True)
+    for refusal in report["refusals"]:
+        out.print(Text(f"refused: {refusal}", style="red"), soft_wrap=True)
+    for warning in report["warnings"]:
+        out.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+    if not report["refusals"] and not report["warnings"]:
+        out.print(Text("no problems found", style="green"))
+
+
+# ---------------------------------------------------------------- the eval report
+
+
+def print_report(report: dict) -> None:
+    """`qlora jobs report`: each prompt with its reference, the base and the tuned answer side by side and
+    their scores, then the metrics, base against tuned."""
+    from rich.text import Text
+
+    generation, metrics = report["generation"], report["metrics"]
+    # fold: a model's run-on "word" (an untrained base repeats one) shows whole, not cut at the cell's edge.
+    texts = [Column(name, overflow="fold") for name in ("prompt", "reference", "base", "tuned")]
+    rows = Table("line", *texts, Column("exact match\nbase / tuned", justify="center"),
+                 Column("F1\nbase / tuned", justify="center"), show_lines=True,
+                 title=f"eval report of job {report['job_id']}: {len(report['rows'])} prompts from {report['prompts_from']}, "
+                       f"{_sampling(generation)}")
+    for row in report["rows"]:
+        base, tuned = row["base"], row["tuned"]
+        rows.add_row("-" if row["line"] is None else str(row["line"]),
+                     Text(_printable(row["prompt"]) + (" (start cut)" if row["prompt_truncated"] else "")),
+                     Text(_printable(row["reference"])) if row["reference"] is not None else Text("-", style="dim"),
+                     _answer(base), _answer(tuned),
+                     f"{_mark(base.get('exact_match'))} / {_mark(tuned.get('exact_match'))}",
+                     f"{number(base.get('f1'), '.2f')} / {number(tuned.get('f1'), '.2f')}")
+    print_table(rows)
+
+    scores = Table("", Column("base", justify="right"), Column("tuned", justify="right"), title="metrics")
+    base, tuned = metrics["base"], metrics["tuned"]
+    for label, key, spec in (("exact match", "exact_match", ".0%"), ("F1", "f1", ".3f"), ("stopped by itself", "stopped", ".0%"),
+                             ("loss", "loss", ".4f"), ("perplexity", "perplexity", ",.2f")):
+        scores.add_row(label, number(base[key], spec), number(tuned[key], spec))
+    print_table(scores)
+    out.print(Text(f"exact match and F1 (on lowercased whitespace tokens): means over the {metrics['scored_rows']} rows "
+                   f"with a reference; loss per trained token over {metrics['loss_rows']} {metrics['loss_rows_from']} "
+                   f"rows ({metrics['loss_tokens']:,} tokens)\nbase: {generation['base']}\ntuned: {generation['tuned']}",
+                   style="dim"), soft_wrap=True)
+
+
+def _sampling(generation: dict) -> str:
+    sampled = "greedy" if not generation["temperature"] else f"temperature {generation['temperature']:g}, seed {generation['seed']}"
+    return f"{sampled}, at most {generation['max_new_tokens']} new tokens"
+
+
+def _answer(scored: dict):
+    from rich.text import Text
+
+    text = Text(_printable(scored["answer"]))
+    if not scored["stopped"]:
+        text.append(" (did not stop)", style="dim")
+    return text
+
+
+def _mark(match: bool | None) -> str:
+    return "-" if match is None else ("✓" if match else "✗")
+
+
+def _printable(text: str) -> str:
+    """A model's text as a terminal may show it: control characters (an untrained model emits any byte,
+    escape sequences included) as U+FFFD, line breaks and tabs kept."""
+    import unicodedata
+
+    return "".join("\ufffd" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)

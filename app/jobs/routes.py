@@ -12,7 +12,18 @@ from app.conditional import json_answer
 from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
-from app.jobs.schemas import ArtifactOut, CheckpointOut, EventOut, JobOut, JobPage, MetricsOut, job_json, job_page_json
+from app.jobs.schemas import (
+    ArtifactOut,
+    CheckpointOut,
+    EventOut,
+    JobOut,
+    JobPage,
+    JobReport,
+    MetricsOut,
+    PreflightOut,
+    job_json,
+    job_page_json,
+)
 from app.jobs.stream import job_stream
 from app.pagination import MAX_ID
 from app.storage.base import attachment_disposition
@@ -30,13 +41,26 @@ CREATE_EXAMPLE = {
 
 @router.post("", response_model=JobOut, status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}, "examples": {"a job": {"value": CREATE_EXAMPLE}}}}}})
-def create_job(body: Annotated[Any, Body()], session: SessionDep, settings: SettingsDep, caller: CallerDep):
-    """The engine's job spec (base_model, quantization, lora, training, output) plus dataset_id,
-    an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued.
+def create_job(body: Annotated[Any, Body()], request: Request, session: SessionDep, settings: SettingsDep,
+               storage: StorageDep, caller: CallerDep):
+    """The engine's job spec (base_model, quantization, lora, training, output, eval) plus dataset_id,
+    an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued, or 422
+    (`preflight_refused`) for a job whose data leaves it nothing to learn (see POST /jobs/preflight).
 
     The body is read as any JSON and validated by the service with JobCreate (the schema shown), so
     one answer names every bad field in the service's words."""
-    return JobOut.of(service.create(session, settings, caller, body))
+    return JobOut.of(service.create(session, settings, caller, body, storage=storage,
+                                    runner=request.app.state.preflight))
+
+
+@router.post("/preflight", response_model=PreflightOut, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}}}})
+def preflight_job(body: Annotated[Any, Body()], request: Request, session: SessionDep, settings: SettingsDep,
+                  storage: StorageDep, caller: CallerDep):
+    """What a job with this body would train on, computed with the base model's tokenizer and chat
+    template, and where it would run; nothing is created. The body of POST /jobs, plus `examples`
+    (0-5, default 1): rows shown token by token, each marked trained or not."""
+    return service.preflight_report(session, settings, storage, request.app.state.preflight, caller, body)
 
 
 # The reads every poller makes (a job, a page of jobs, a curve, the events) are `async def` on the async driver
@@ -108,6 +132,19 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
     def read(session: Session) -> bytes:
         curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step), from_attributes=True)
         return curve.model_dump_json().encode()
+
+    return await polled(request, read)
+
+
+@router.get("/{job_id}/report", response_model=JobReport, responses={
+    **POLLED, 404: {"description": "No such job, or (`no_report`) a finished job that made no report, saying why."},
+    409: {"description": "`report_not_ready`: the job has not finished; the report is made when it succeeds."}})
+async def job_report(job_id: str, request: Request, caller: CallerDep):
+    """The eval report made when the job succeeded (the spec's `eval` section): for each prompt the base
+    model's answer and the tuned model's beside the reference, exact match and token F1 per row and on
+    average, and the loss and perplexity of both on held-out rows. Also the job's `report` artifact."""
+    def read(session: Session) -> bytes:
+        return JobReport.model_validate(service.eval_report(session, caller, job_id)).model_dump_json().encode()
 
     return await polled(request, read)
 

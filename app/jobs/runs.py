@@ -194,14 +194,17 @@ def finite_json(value):
 
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
-           summary: dict | None = None, half_life_s: float | None = None) -> bool:
-    """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt.
+           summary: dict | None = None, report: dict | None = None, half_life_s: float | None = None) -> bool:
+    """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt; with the
+    run's summary and its eval report (kept on the row: GET /jobs/{id}/report serves it from there).
     False: someone else decided (the job was requeued, or cancelled while it was paused)."""
     values: dict = {"error": error, "heartbeat_at": utcnow()}
     if status in states.FINISHED:
         values["finished_at"] = utcnow()
     if summary is not None:
         values["summary"] = finite_json(summary)
+    if report is not None:
+        values["report"] = finite_json(report)
     owned = [state for state in states.WORKER_OWNED if status in states.TRANSITIONS[state]]
     won = repository.transition(session, job_id, status, attempt=attempt, only_from=owned, **values)
     if won:

@@ -191,3 +191,70 @@ class CheckpointOut(BaseModel):
     eval_loss: float | None
     bytes: int
     created_at: datetime
+
+
+class PreflightOut(BaseModel):
+    """POST /jobs/preflight: where the job would run and what it would train on (nothing is created)."""
+
+    placement: dict[str, Any] = Field(description="gpu_class, the memory estimate and its note, the spec as sized "
+                                                  "for that class; or the refusal (error) where no class holds it.")
+    report: dict[str, Any] | None = Field(description="train and validation: rows, tokens per row (min/median/p95/max), "
+                                                      "truncated and dropped rows, trained tokens and those lost to "
+                                                      "truncation, rows without EOS in their labels; steps and epochs; "
+                                                      "examples token by token; refusals and warnings. Null with a note "
+                                                      "where no preflight could be made.")
+    note: str = Field(description="Why there is no report, or empty.")
+    can_learn: bool | None = Field(description="False where POST /jobs would refuse the job (see report.refusals).")
+
+
+class ReportAnswer(BaseModel):
+    answer: str
+    stopped: bool = Field(description="It ended with EOS within max_new_tokens.")
+    exact_match: bool | None = Field(description="Equal to the reference, surrounding whitespace stripped; "
+                                                       "null without a reference.")
+    f1: float | None = Field(description="Bag-of-words F1 against the reference (SQuAD's, on lowercased "
+                                               "whitespace tokens); null without a reference.")
+
+
+class ReportRow(BaseModel):
+    line: int | None = Field(description="The dataset line the prompt was sampled from; null for a prompt of the spec.")
+    prompt: str
+    reference: str | None = Field(description="The row's last assistant turn; null for a prompt of the spec.")
+    prompt_truncated: bool = Field(description="Longer than max_seq_length: its start was cut, as in training.")
+    base: ReportAnswer
+    tuned: ReportAnswer
+
+
+class ReportScores(BaseModel):
+    exact_match: float | None = Field(description="Mean over the rows with a reference; null where none has one.")
+    f1: float | None
+    stopped: float | None = Field(description="Share of answers that ended with EOS.")
+    loss: float | None = Field(description="Mean negative log-likelihood per trained token on the loss rows.")
+    perplexity: float | None
+
+
+class ReportMetrics(BaseModel):
+    scored_rows: int = Field(description="Rows with a reference, which the means are over.")
+    loss_rows: int
+    loss_rows_from: Literal["validation", "train"]
+    loss_tokens: int
+    base: ReportScores
+    tuned: ReportScores
+
+
+class ReportGeneration(BaseModel):
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    base: str = Field(description="Which model gave the base answers.")
+    tuned: str = Field(description="Which model gave the tuned answers: the merged model where the job merged.")
+
+
+class JobReport(BaseModel):
+    """GET /jobs/{id}/report: the eval report made when the job succeeded (its spec's `eval` section)."""
+
+    job_id: str
+    prompts_from: Literal["spec", "validation", "train"]
+    generation: ReportGeneration
+    metrics: ReportMetrics
+    rows: list[ReportRow]

@@ -15,13 +15,16 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.datasets import service as datasets
 from app.db import after_commit, utcnow
-from app.errors import Conflict, Invalid, NotFound, field_errors
-from app.jobs import repository, states
+from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
+from app.jobs import preflight, repository, states
 from app.jobs.admission import admit
 from app.jobs.dispatch import send
+from app.jobs.preflight import PreflightRunner, needs_validation
 from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent
 from app.models import repository as models
+from app.models import service as models_service
+from app.models.tables import RegisteredModel
 from app.pagination import Page, check_limit, page
 from app.quotas.service import check_can_queue
 from app.scheduling import service as scheduling
@@ -30,6 +33,8 @@ from app.storage.base import Storage
 from app.teams.service import Caller
 from app.text import has_control_characters
 from worker.training.spec import JobSpec, describe_validation_error, excerpt
+
+MAX_EXAMPLES = 5  # rows a preflight shows token by token (worker/training/preflight.py's MAX_EXAMPLES)
 
 # What each of the job's own fields must be, said once whatever pydantic's complaint (JobCreate
 # holds the rules; these are the messages clients have always been given).
@@ -60,18 +65,20 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
     return meta, spec
 
 
-def create(session: Session, settings: Settings, caller: Caller, body: Any) -> Job:
+def create(session: Session, settings: Settings, caller: Caller, body: Any, *, storage: Storage | None = None,
+           runner: PreflightRunner | None = None) -> Job:
+    """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and queue."""
     meta, spec = parse_create(body)
-    # No registered name has a control character, and Postgres would fail the lookup of one with NUL.
-    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model)
-    if model is None:
-        known = ", ".join(m.name for m in models.list_all(session)) or "none"
-        raise Invalid(f"base_model: {excerpt(spec.base_model)} is not a registered model (registered: {known}; see GET /models)",
-                      details=field_errors([("base_model", f"not registered; registered: {known}")]), code="invalid_job")
+    model = _registered_model(session, spec)
     for field in ("dataset_id", "validation_dataset_id"):
         if meta.get(field) is not None:
             _usable_dataset(session, caller, field, meta[field])
+    needs_validation(spec, meta)
     admitted = admit(settings, model, spec, meta.get("gpu_class"))
+    checked = (preflight.check(session, storage, runner, caller, model, admitted.spec, meta) if storage is not None
+               else preflight.Checked(None, "preflight not run"))
+    if checked.report:
+        preflight.refuse_if_it_cannot_learn(checked.report)
     check_can_queue(session, settings, caller.team_id)  # last: it holds the team's row until the commit
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
@@ -85,9 +92,67 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any) -> J
                          data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
                                "estimated_resident_bytes": admitted.estimate.resident if admitted.estimate else None,
                                "estimate": admitted.estimate.parts if admitted.estimate else None})
+    _record_preflight(session, job, checked)
     # The message only says "job X is ready"; it must not reach a worker before the row exists.
     after_commit(session, lambda: send(settings, job.id, job.queue))
     return job
+
+
+def _record_preflight(session: Session, job: Job, checked: preflight.Checked) -> None:
+    """What preflight found, as the job's events: its numbers, then each warning (they do not block)."""
+    report = checked.report
+    if report is None:
+        repository.add_event(session, job.id, "preflight", message=checked.note)
+        return
+    train = report["train"]
+    steps = f"{report['steps']:,} steps" if report["steps"] is not None else "steps decided on the GPU"
+    repository.add_event(
+        session, job.id, "preflight",
+        message=f"preflight: {train['kept_rows']:,} rows to train on, {train['trained_tokens']:,} trained tokens "
+                f"({train['trained_fraction']:.0%} of {train['tokens']:,}), {train['truncated_rows']:,} truncated; {steps}",
+        data={key: report[key] for key in ("train", "validation", "steps", "epochs", "steps_per_epoch")})
+    for warning in report["warnings"]:
+        repository.add_event(session, job.id, "preflight_warning", level="warning", message=warning)
+
+
+def preflight_report(session: Session, settings: Settings, storage: Storage, runner: PreflightRunner, caller: Caller,
+                     body: Any) -> dict:
+    """POST /jobs/preflight: the body of POST /jobs (and `examples`, rows shown token by token), answered
+    with what the job would train on and where it would run, creating nothing."""
+    examples = body.pop("examples", 1) if isinstance(body, dict) else 1
+    if not isinstance(examples, int) or isinstance(examples, bool) or not 0 <= examples <= MAX_EXAMPLES:
+        raise Invalid(f"examples: an integer from 0 to {MAX_EXAMPLES} (rows shown token by token), got {excerpt(examples)}",
+                      details=field_errors([("examples", f"an integer from 0 to {MAX_EXAMPLES}")]), code="invalid_job")
+    meta, spec = parse_create(body)
+    model = _registered_model(session, spec)
+    for field in ("dataset_id", "validation_dataset_id"):
+        if meta.get(field) is not None:
+            _usable_dataset(session, caller, field, meta[field])
+    needs_validation(spec, meta)
+    try:
+        admitted = admit(settings, model, spec, meta.get("gpu_class"))
+        placement: dict[str, Any] = {
+            "gpu_class": admitted.gpu_class, "note": admitted.note, "spec": admitted.spec.model_dump(mode="json"),
+            "estimate": admitted.estimate.parts if admitted.estimate else None,
+            "estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None}
+        sized = admitted.spec
+    except DoesNotFit as exc:
+        placement, sized = {"gpu_class": None, "note": exc.message, "error": exc.body()["error"]}, spec
+    checked = preflight.check(session, storage, runner, caller, model, sized, meta, examples=examples, wait_s=1.0)
+    if checked.report is None and runner.processes >= 1 and models_service.tokenizer_files(session, model):
+        raise preflight.PreflightBusy("every preflight process is busy; try again in a few seconds")
+    return {"placement": placement, "report": checked.report, "note": checked.note,
+            "can_learn": None if checked.report is None else not checked.report["refusals"]}
+
+
+def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:
+    # No registered name has a control character, and Postgres would fail the lookup of one with NUL.
+    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model)
+    if model is None:
+        known = ", ".join(m.name for m in models.list_all(session)) or "none"
+        raise Invalid(f"base_model: {excerpt(spec.base_model)} is not a registered model (registered: {known}; see GET /models)",
+                      details=field_errors([("base_model", f"not registered; registered: {known}")]), code="invalid_job")
+    return model
 
 
 def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: str) -> None:
@@ -200,6 +265,24 @@ def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoin
 def artifacts(session: Session, caller: Caller, job_id: str) -> list[Artifact]:
     job = get(session, caller, job_id)
     return repository.artifacts(session, caller.team_id, job.id)
+
+
+def eval_report(session: Session, caller: Caller, job_id: str) -> dict:
+    """The eval report a job made when it succeeded (worker/training/report.py). 409 report_not_ready
+    while the job may still make one; 404 no_report for a finished job without one, saying why."""
+    job = get(session, caller, job_id)
+    if job.report is not None:
+        return {"job_id": job.id, **job.report}
+    if job.status not in states.FINISHED:
+        raise Conflict(f"job {job.id} has no report yet: it is {job.status}, and the report is made when it "
+                       "succeeds", code="report_not_ready")
+    if job.status != states.SUCCEEDED:
+        why = f"{'it failed' if job.status == states.FAILED else 'it was cancelled'}, and a report is made only when a job succeeds"
+    elif job.spec.get("eval", {}).get("prompts") == 0:
+        why = "its spec's eval.prompts is 0, which asks for none"
+    else:
+        why = "it finished before this service made eval reports"
+    raise NotFound(f"job {job.id} has no report: {why}", code="no_report")
 
 
 # What each request does from each state: (target state, event type, message). A state not listed

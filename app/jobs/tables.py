@@ -35,6 +35,9 @@ class Job(IdMixin, Base):
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # The eval report of a job that succeeded (worker/training/report.py): also stored as its "report"
+    # artifact, kept here to be served without a trip to storage. Never in the job's own answer (JOB_VIEW).
+    report: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -122,7 +125,7 @@ class Artifact(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # adapter | merged
+    kind: Mapped[str] = mapped_column(String(16))  # adapter | merged | report
     storage_key: Mapped[str] = mapped_column(String(300))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

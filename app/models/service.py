@@ -41,10 +41,45 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
         except ValueError as exc:
             raise Invalid(f"config: {exc}", details=[{"field": "config", "message": str(exc)}]) from None
     model = RegisteredModel(name=name, path=path, hub_id=hub_id, revision=revision, description=description,
-                            config=config)
+                            config=config, tokenizer=read_tokenizer_files(path))
     session.add(model)
     session.flush()
     return model
+
+
+# What a transformers tokenizer is made of, text files all (a sentencepiece-only model without a
+# tokenizer.json has no fast tokenizer here, and no preflight).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Llama 3's tokenizer.json is 9 MB; past this it is not a tokenizer
+
+
+def read_tokenizer_files(path: str | None) -> dict[str, str] | None:
+    """The tokenizer files of a model directory this host can read; None where it cannot, or where
+    there is no tokenizer.json."""
+    if path is None:
+        return None
+    directory = Path(path)
+    try:
+        if not (directory / "tokenizer.json").is_file():
+            return None
+        found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+        if sum(f.stat().st_size for f in found) > MAX_TOKENIZER_BYTES:
+            return None
+        return {f.name: f.read_text(encoding="utf-8") for f in found}
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def tokenizer_files(session: Session, model: RegisteredModel) -> dict[str, str] | None:
+    """The model's tokenizer files as the registry keeps them; a model registered before it kept them
+    gets them now, where its path is readable here."""
+    if model.tokenizer is None:
+        files = read_tokenizer_files(model.path)
+        if files is not None:
+            model.tokenizer = files
+            session.flush()
+    return model.tokenizer
 
 
 def list_models(session: Session) -> list[RegisteredModel]:

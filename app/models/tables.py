@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from sqlalchemy import JSON, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from app.db import Base, IdMixin
 
@@ -21,3 +21,7 @@ class RegisteredModel(IdMixin, Base):
     # The model's config.json (its shape), read when it is registered: the API estimates a job's
     # memory from it without ever reaching the weights, which live on the worker hosts.
     config: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Its tokenizer files ({file name: text}: tokenizer.json, tokenizer_config.json, the chat template),
+    # read from `path` when it is registered or first needed: preflight tokenizes a job's data with them
+    # (app/jobs/preflight.py). Megabytes for a large vocabulary, so read only when asked for.
+    tokenizer: Mapped[dict | None] = deferred(mapped_column(JSON, nullable=True))

@@ -76,11 +76,12 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller:
 
 
 @router.post("/fine_tuning/jobs")
-def create_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, settings: SettingsDep,
-               caller: CallerDep):
-    """OpenAI's create body; `lora`, `quantization`, `training` and `output` (the SDK's extra_body)
+def create_job(body: Annotated[dict[str, Any], Body()], request: Request, session: SessionDep, settings: SettingsDep,
+               storage: StorageDep, caller: CallerDep):
+    """OpenAI's create body; `lora`, `quantization`, `training`, `output` and `eval` (the SDK's extra_body)
     set what OpenAI's hyperparameters do not cover."""
-    job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch))
+    job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch), storage=storage,
+                      runner=request.app.state.preflight)
     return t.job_object(job, caller.team_name)
 
 

@@ -35,7 +35,7 @@ PARAM_NAMES = {
 }
 OPENAI_FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
                  "metadata", "integrations"}
-EXTRA_FIELDS = {"lora", "quantization", "training", "output", "gpu_class"}  # ours, through the SDK's extra_body
+EXTRA_FIELDS = {"lora", "quantization", "training", "output", "eval", "gpu_class"}  # ours, through the SDK's extra_body
 
 # Our job states as OpenAI's; the ones it has no word for read as the nearest it has.
 STATUS = {
@@ -179,7 +179,7 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
         "base_model": body["model"],
         "dataset_id": native_id(body["training_file"], FILE, "file"),
         "training": training,
-        **{k: body[k] for k in ("lora", "quantization", "output", "gpu_class", "metadata") if body.get(k) is not None},
+        **{k: body[k] for k in ("lora", "quantization", "output", "eval", "gpu_class", "metadata") if body.get(k) is not None},
     }
     if body.get("validation_file") is not None:
         native["validation_dataset_id"] = native_id(body["validation_file"], FILE, "file")

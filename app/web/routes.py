@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from worker.training.spec import LoraSpec, OutputSpec, QuantizationSpec, TrainingSpec
+from worker.training.spec import EvalSpec, LoraSpec, OutputSpec, QuantizationSpec, TrainingSpec
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -37,4 +37,4 @@ def spec_defaults():
     """The engine's defaults, so the new-job form is pre-filled from spec.py and cannot drift from it."""
     return {section: {name: field.default for name, field in model.model_fields.items()}
             for section, model in (("quantization", QuantizationSpec), ("lora", LoraSpec),
-                                   ("training", TrainingSpec), ("output", OutputSpec))}
+                                   ("training", TrainingSpec), ("output", OutputSpec), ("eval", EvalSpec))}

@@ -46,8 +46,9 @@ def test_a_created_job_is_queued_on_its_class_and_sent_after_commit(deployment, 
         assert (stored.status, stored.queue, stored.attempt) == (states.QUEUED, "gpu-l4", 0)
         assert stored.spec["training"]["per_device_batch_size"] == 8  # "auto" resolved for an L4
         assert stored.dispatched_at is not None
-        created = reader.scalars(select(JobEvent).where(JobEvent.job_id == job.id)).one()
+        created, preflight = reader.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)).all()
     assert created.type == "created" and created.message.startswith("job created on queue gpu-l4; estimated peak")
+    assert preflight.type == "preflight" and preflight.message == "preflight not run"  # no tokenizer process here
     assert 0 < created.data["estimated_peak_bytes"] <= 24 * GIB
     assert sum(created.data["estimate"].values()) == created.data["estimated_peak_bytes"]
 

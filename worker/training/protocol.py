@@ -195,6 +195,7 @@ class Result:
     status: str
     summary: dict[str, Any] | None = None
     error: str | None = None
+    report: dict[str, Any] | None = None  # the eval report (worker/training/report.py), where the run made one
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))

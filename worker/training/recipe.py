@@ -3,7 +3,7 @@
     from worker.training.recipe import run
     result = run(JobSpec.from_file("spec.json"), "train.jsonl", "out/", validation_path="val.jsonl")
 
-Writes into out/: adapter/, merged/, metrics.jsonl, summary.json, checkpoints/step-N, run.json.
+Writes into out/: adapter/, merged/, report/report.json, metrics.jsonl, summary.json, checkpoints/step-N, run.json.
 Needs nothing of the service: the service passes a `sink` for the typed records it reports
 (worker/training/protocol.py: metrics and events), a `cancel` hook, and a `registry` of base
 models; the CLI passes nothing and reads the files.
@@ -35,7 +35,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
 from worker.training.callbacks import (  # noqa: E402
+    BestEvalCallback,
     CheckpointCallback,
+    HealthCallback,
     MetricsCallback,
     RichProgressCallback,
     StopCallback,
@@ -43,6 +45,7 @@ from worker.training.callbacks import (  # noqa: E402
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import fit_memory_savers, mlp_tile_tokens, resolve_auto_micro_batch  # noqa: E402
+from worker.training.health import validation_needed_by  # noqa: E402
 from worker.training.memory import ActivationOffload, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model,
@@ -72,6 +75,7 @@ from worker.training.protocol import (  # noqa: E402
     record_to_json,
     write_json_atomic,
 )
+from worker.training.report import REPORT_PATH, describe_report, make_report, perplexity  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tokenization import encode_examples, prepare_tokenizer  # noqa: E402
 
@@ -87,6 +91,7 @@ class RunResult:
     status: str  # "succeeded", "cancelled" or "paused"
     out_dir: Path
     summary: dict
+    report: dict | None = None  # the eval report (report/report.json), for a run that succeeded and made one
 
 
 class GuardedSFTTrainer(SFTTrainer):
@@ -141,13 +146,14 @@ def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: A
     eval_loss = recipe.evaluate()
     recipe.save_adapter()
     fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
+    report = recipe.eval_report()  # None where spec.eval.prompts is 0
     recipe.cleanup()
-    return recipe.summarize(ended, eval_loss=eval_loss, merge_fidelity=fidelity)
+    return recipe.summarize(ended, eval_loss=eval_loss, merge_fidelity=fidelity, report=report)
 
 
 class QLoRARecipe:
     """One run, one method per step of its lifecycle, called in order by `run()`: setup → train →
-    evaluate → save adapter → merge → cleanup → summarize. Each step keeps on `self` what later
+    evaluate → save adapter → merge → eval report → cleanup → summarize. Each step keeps on `self` what later
     steps need."""
 
     def __init__(
@@ -166,7 +172,7 @@ class QLoRARecipe:
         progress: bool = False,
         extra_callbacks: tuple = (),
     ):
-        # The start, then the end of each phase: setup, train, save_adapter, merge (summary's durations_s).
+        # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
         self.spec = spec
         self.train_path = train_path
@@ -242,6 +248,10 @@ class QLoRARecipe:
                 f"no training rows left: all {self.train_stats.rows} had nothing to learn within "
                 f"max_seq_length={t.max_seq_length}; raise max_seq_length"
             )
+        if not self.val_rows and validation_needed_by(self.spec):
+            field, why = validation_needed_by(self.spec)[0]
+            raise TrainingError(f"{field}: there is no validation set (or none of its rows has a trained token left "
+                                f"within max_seq_length={t.max_seq_length}); this setting {why}")
         if self.train_stats.truncated_rows:
             self.emit(Event(
                 type="data_truncated", level="warning", step=self.resumed_step,
@@ -277,8 +287,12 @@ class QLoRARecipe:
 
     def _setup_trainer(self) -> None:
         self.stop = StopCallback(self.cancel, self.pause)
-        callbacks = [MetricsCallback(self.emit, self.device), self.stop,
-                     CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS)]
+        # training.early_stopping and output.use_best_checkpoint; with the latter it keeps the best weights
+        self.best = BestEvalCallback(self.emit, patience=self.spec.training.early_stopping, resume_from=self.resume_from,
+                                     model=self.model if self.spec.output.use_best_checkpoint else None)
+        callbacks = [MetricsCallback(self.emit, self.device), self.stop, HealthCallback(self.emit, self.spec), self.best,
+                     CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS,
+                                        extra_files=[self.best.write_into])]
         if self.progress:
             callbacks.append(RichProgressCallback())
         self.trainer = GuardedSFTTrainer(
@@ -338,6 +352,9 @@ class QLoRARecipe:
     # ---------------------------------------------------------------- save
 
     def save_adapter(self) -> None:
+        shipped = self.best.restore()  # output.use_best_checkpoint: the best evaluation's weights go out
+        if shipped is not None:
+            self.emit(shipped)
         adapter_dir = self.out / "adapter"
         _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True),
                                                self.tokenizer.save_pretrained(tmp)))
@@ -382,13 +399,33 @@ class QLoRARecipe:
         _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
                                                        self.tokenizer.save_pretrained(tmp)))
 
+    def eval_report(self) -> dict | None:
+        """report/report.json: base and tuned answers to the spec's eval prompts, scored, with the loss of
+        both (worker/training/report.py). None (and nothing written) where spec.eval.prompts is 0."""
+        report = None
+        if self.spec.eval.prompts:
+            # The report loads the models it compares; the one trained goes first where the merge left it.
+            for name in ("trainer", "model"):
+                vars(self).pop(name, None)
+            free_memory()
+            source = "validation" if self.val_data and self.val_rows else "train"
+            examples, rows = ((self.val_data.examples, self.val_rows) if self.val_data and source == "validation"
+                              else (self.train_data.examples, self.train_rows))
+            report = make_report(self.spec, base_path=self.base_path, out_dir=self.out, tokenizer=self.tokenizer,
+                                 compute_dtype=self.compute_dtype, device=self.device, examples=examples,
+                                 examples_from=source, loss_rows=rows, quantized_cache=self.quantized_cache)
+            self.emit(Event(type="report", level="info", step=self.state.global_step, message=describe_report(report),
+                            data={"path": str(self.out / REPORT_PATH)}))
+        self.clock.append(time.monotonic())
+        return report
+
     # ---------------------------------------------------------------- cleanup
 
     def cleanup(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def summarize(self, ended: TrainingEnd, *, eval_loss: float | None = None,
-                  merge_fidelity: dict | None = None) -> RunResult:
+                  merge_fidelity: dict | None = None, report: dict | None = None) -> RunResult:
         """summary.json, and the event that says how the run ended."""
         if ended.stopped_early:
             saved = " after saving a checkpoint to resume from" if ended.how == "paused" else ""
@@ -402,13 +439,15 @@ class QLoRARecipe:
             "status": "succeeded",
             **self._summary_of_run(),
             "eval_loss_final": eval_loss,
-            "perplexity_final": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+            "perplexity_final": perplexity(eval_loss),
             "merge_fidelity": merge_fidelity,
+            "best_eval": self.best.summary(self.state.global_step),  # None where nothing was evaluated
+            "report": report["metrics"] if report else None,  # the means; the rows are in report/report.json
             "durations_s": _durations(*self.clock),
         }
         write_json_atomic(self.out / "summary.json", summary, indent=2)
         self.emit(Event(type="finished", level="info", step=self.state.global_step, message="training finished"))
-        return RunResult("succeeded", self.out, summary)
+        return RunResult("succeeded", self.out, summary, report)
 
     def _summary_of_run(self) -> dict:
         """What every summary says, however the run ended: what ran, on what, and how training went."""
@@ -565,7 +604,7 @@ def _replace_dir(final: Path, write: Callable[[Path], object]) -> None:
 
 
 def _durations(*marks: float) -> dict:
-    names = ["setup", "train", "save_adapter", "merge"]
+    names = ["setup", "train", "save_adapter", "merge", "report"]
     out = {f"{name}": round(b - a, 3) for name, a, b in zip(names, marks, marks[1:], strict=False)}
     out["total"] = round(marks[-1] - marks[0], 3)
     return out

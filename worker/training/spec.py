@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,6 +151,9 @@ class TrainingSpec(_Strict):
     eval_steps: int = Field(100, ge=1, le=1_000_000)
     # A checkpoint every 100 steps bounds the work a crash can cost.
     save_steps: int = Field(100, ge=1, le=1_000_000)
+    # Stop when eval loss has not improved for this many evaluations in a row (needs a validation set).
+    # Off by default: a run does what it was asked; with it on, eval_steps sets how often it can stop.
+    early_stopping: int | None = Field(None, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _one_stopping_rule(self) -> TrainingSpec:
@@ -169,6 +172,22 @@ class OutputSpec(_Strict):
     merge: bool = True
     # bfloat16 keeps the dynamic range of the training compute at half the size of float32.
     merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Ship the adapter (and merged model) of the evaluation with the lowest eval loss rather than the
+    # last step's (needs a validation set). Off by default: the last step is what was asked for.
+    use_best_checkpoint: bool = False
+
+
+class EvalSpec(_Strict):
+    """The report made when a job ends: base and tuned answers side by side, with metrics."""
+
+    # A list of prompts, or N rows sampled from the validation set (the train set where there is none),
+    # whose last assistant turn is the reference. 8 reads at a glance and costs seconds; 0: no report.
+    prompts: Annotated[int, Field(ge=0, le=256)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=20_000)]], Field(min_length=1, max_length=256)] = 8
+    # Enough for a paragraph: the report is for reading side by side, not for long generations.
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    # 0 = greedy: the same answers every time, so base and tuned differ by the model, not the dice.
+    temperature: float = Field(0.0, ge=0, le=2)
 
 
 class JobSpec(_Strict):
@@ -178,6 +197,7 @@ class JobSpec(_Strict):
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec
     output: OutputSpec = OutputSpec()
+    eval: EvalSpec = EvalSpec()
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> JobSpec:
@@ -245,14 +265,19 @@ def _allowed(model: type[BaseModel], loc: list[str]) -> str:
         return ""
     allowed = [_range(info.metadata)] if _range(info.metadata) else []
     # A range inside a union (an integer or "auto") sits on the union's Annotated member.
-    from typing import get_args, get_origin
 
     for arg in get_args(info.annotation):
         if get_origin(arg) is Annotated:
             ranges = [_range(getattr(meta, "metadata", [meta])) for meta in get_args(arg)[1:]]
             allowed += [f"an integer {r}" for r in ranges if r]
     allowed += [repr(v) if isinstance(v, str) else str(v) for v in _literal_values(info.annotation)]
+    if any(get_origin(arg) is list or get_origin(get_args(arg)[0] if get_origin(arg) is Annotated else arg) is list
+           for arg in get_args(info.annotation)):
+        allowed.append(_LIST_OF.get(loc[-1], "[a list]"))
     return " | ".join(allowed)
+
+
+_LIST_OF = {"target_modules": "[list of module names]", "prompts": "[list of 1 to 256 prompts]"}
 
 
 def _range(metadata) -> str:
@@ -270,13 +295,9 @@ def _range(metadata) -> str:
 
 
 def _literal_values(annotation: Any) -> list[Any]:
-    from typing import get_args, get_origin
-
     if get_origin(annotation) is Literal:
         return list(get_args(annotation))
     values: list[Any] = []
     for arg in get_args(annotation):
         values.extend(_literal_values(arg))
-        if get_origin(arg) is list:
-            values.append("[list of module names]")
     return values

@@ -1,5 +1,6 @@
 // One job's page: it follows the job's stream live (status, loss points, events), redraws at most
-// once a frame, and offers cancel and the downloads. The panels are drawn in job-panels.js.
+// once a frame, and offers cancel and the downloads. The panels are drawn in job-panels.js, the
+// eval report of a finished job in job-report.js.
 
 import { api, FINISHED } from "../api.js";
 import { lossChart } from "../chart.js";
@@ -9,6 +10,7 @@ import { followJob } from "../stream.js";
 import { errorAlert, statusBadge } from "../widgets.js";
 import { downloadArtifact } from "./job-download.js";
 import { renderCheckpoints, renderEvents, renderProgress, renderSummary } from "./job-panels.js";
+import { loadReport } from "./job-report.js";
 
 export function viewJob(main, ctx, jobId) {
   setTitle("Job");
@@ -20,6 +22,8 @@ export function viewJob(main, ctx, jobId) {
   const chartBox = h("div", { id: "loss-chart" });
   const summaryBox = h("div");
   const eventsBox = h("ol", { class: "events", id: "events", "aria-label": "Job events, newest first" });
+  const eventsMeta = h("span", { class: "meta warn", id: "events-warnings" });
+  const reportCard = h("section", { class: "card", id: "report", "aria-labelledby": "report-title", hidden: true });
   const checkpointsBox = h("div", { class: "table-wrap" });
   main.append(
     h("a", { class: "back", href: "#/jobs" }, "← All jobs"),
@@ -33,9 +37,10 @@ export function viewJob(main, ctx, jobId) {
         chartBox),
       h("section", { class: "card", "aria-labelledby": "summary-title" },
         h("div", { class: "card-head" }, h("h2", { id: "summary-title" }, "Summary")), summaryBox)),
+    reportCard,
     h("div", { class: "grid grid-even" },
       h("section", { class: "card", "aria-labelledby": "events-title" },
-        h("div", { class: "card-head" }, h("h2", { id: "events-title" }, "Events")), eventsBox),
+        h("div", { class: "card-head" }, h("h2", { id: "events-title" }, "Events"), eventsMeta), eventsBox),
       h("section", { class: "card flush", "aria-labelledby": "checkpoints-title" },
         h("div", { class: "card-head" }, h("h2", { id: "checkpoints-title" }, "Checkpoints"),
           h("span", { class: "meta" }, "complete ones in storage")), checkpointsBox)));
@@ -55,6 +60,9 @@ export function viewJob(main, ctx, jobId) {
       chartBox.replaceChildren(lossChart([...state.train.values()], [...state.eval.values()], state.job.progress.total_steps));
       renderSummary(summaryBox, state);
       renderEvents(eventsBox, state);
+      // Warnings (preflight's, the health watch's) are easy to miss in a long list: count them in the header.
+      const warnings = [...state.events.values()].filter((e) => e.level === "warning").length;
+      eventsMeta.textContent = warnings ? `${warnings} warning${warnings === 1 ? "" : "s"}` : "";
     });
   }
 
@@ -97,6 +105,7 @@ export function viewJob(main, ctx, jobId) {
       if (payload.status !== before && FINISHED.includes(payload.status)) {
         loadArtifacts();
         loadCheckpoints();
+        loadReport(reportCard, payload, ctx);
       }
     } else if (type === "metric") {
       (payload.kind === "eval" ? state.eval : state.train).set(payload.step, payload);

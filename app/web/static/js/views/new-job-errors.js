@@ -1,5 +1,5 @@
-// What the new-job form shows when POST /jobs refuses the spec: each 422 detail next to the field
-// it names, the rest in a summary at the top.
+// What the new-job form shows when POST /jobs (or its preflight) refuses the spec: each 422 detail
+// next to the field it names, the rest in a summary at the top.
 
 import { h } from "../dom.js";
 
@@ -17,7 +17,7 @@ function fieldsNamed(field) {
 }
 
 /** A 422 puts each message next to the field it names; what names no field here goes in the summary. */
-export function showErrors(form, summary, err) {
+export function showErrors(form, summary, err, headline = "The job was not created. ") {
   const unplaced = [];
   let first = null;
   for (const detail of err.details || []) {
@@ -35,7 +35,7 @@ export function showErrors(form, summary, err) {
   }
   const placed = (err.details || []).length - unplaced.length;
   summary.replaceChildren(h("div", { class: "alert alert-error", role: "alert" },
-    h("p", {}, h("strong", {}, "The job was not created. "),
+    h("p", {}, h("strong", {}, headline),
       placed ? "Fix the fields marked below." : err.details && err.details.length ? "" : err.message),
     unplaced.length ? h("ul", {}, unplaced.map((text) => h("li", {}, text))) : null));
   if (first) first.focus();

@@ -27,6 +27,12 @@ export const SPEC_FIELDS = {
     ["training.logging_steps", "Logging steps", "int", "A loss point every this many steps."],
     ["training.eval_steps", "Eval steps", "int", "Used with a validation dataset."],
     ["training.save_steps", "Save steps", "int", "A checkpoint every this many steps."],
+    ["training.early_stopping", "Early stopping patience", "int", "Stop after this many evaluations without a better eval loss; blank: off."],
+  ],
+  eval: [
+    ["eval.prompts", "Report prompts", "int", "Validation rows (train rows without a validation set) answered by base and tuned; 0: no report."],
+    ["eval.max_new_tokens", "Max new tokens", "int", "Per answer."],
+    ["eval.temperature", "Temperature", "float", "0 is greedy: the same answers every time."],
   ],
   quantization: [
     ["quantization.bits", "Quantization bits", ["4", "8", "none"], "4 is QLoRA (NF4); the others are baselines."],

@@ -1,5 +1,6 @@
 // The new-job form: pre-filled from the engine's defaults (GET /web/spec-defaults), it posts the
-// spec and opens the new job's page, or puts the API's 422 details next to their fields.
+// spec and opens the new job's page, or puts the API's 422 details next to their fields. Before
+// submit, its preflight (POST /jobs/preflight, the same body) shows what the job would train on.
 
 import { api } from "../api.js";
 import { h, setTitle } from "../dom.js";
@@ -7,6 +8,7 @@ import { fmt } from "../format.js";
 import { errorAlert } from "../widgets.js";
 import { clearErrors, showErrors } from "./new-job-errors.js";
 import { getPath, parseValue, setPath, SPEC_FIELDS, specField } from "./new-job-fields.js";
+import { preflightPanel } from "./new-job-preflight.js";
 
 const SUGGESTED_EPOCHS = 3; // the engine needs one of epochs / max_steps and has no default for either
 
@@ -64,8 +66,13 @@ export async function viewNewJob(main, ctx) {
     h("div", { class: "fields" }, fields.map((f) => specField(f, getPath(defaults, f[0])))));
 
   const summary = h("div", { id: "form-errors" });
-  const submit = h("button", { type: "submit", class: "btn btn-primary", id: "create-job" }, "Start training");
+  const submit = h("button", { type: "submit", class: "btn btn-primary", id: "create-job", "aria-describedby": "submit-blocked" }, "Start training");
+  const blocked = h("p", { class: "field-error", id: "submit-blocked", hidden: true });
+  const check = h("button", { type: "button", class: "btn", id: "run-preflight" }, "Run preflight");
+  const preflightBox = h("div", { id: "preflight-result", "aria-live": "polite" });
   const merge = h("input", { type: "checkbox", id: "f-output-merge", name: "output.merge", checked: defaults.output.merge });
+  const best = h("input", { type: "checkbox", id: "f-output-use_best_checkpoint", name: "output.use_best_checkpoint",
+    checked: Boolean(defaults.output.use_best_checkpoint) });
   const form = h("form", { id: "new-job", novalidate: true },
     summary,
     h("fieldset", { class: "form-section" }, h("legend", {}, "Job"),
@@ -83,14 +90,62 @@ export async function viewNewJob(main, ctx) {
         SPEC_FIELDS.quantization.map((f) => specField(f, getPath(defaults, f[0]))),
         h("div", { class: "field", dataset: { field: "output.merge" } },
           h("label", { class: "checkbox", for: "f-output-merge" }, merge, "Also build a merged bf16 model"),
-          h("p", { class: "field-error", id: "f-output-merge-error", hidden: true })))),
-    h("div", { class: "form-actions" }, submit, h("a", { class: "btn btn-ghost", href: "#/jobs" }, "Back to jobs")));
+          h("p", { class: "field-error", id: "f-output-merge-error", hidden: true })),
+        h("div", { class: "field", dataset: { field: "output.use_best_checkpoint" } },
+          h("label", { class: "checkbox", for: "f-output-use_best_checkpoint" }, best, "Ship the checkpoint with the best eval loss"),
+          h("p", { class: "field-error", id: "f-output-use_best_checkpoint-error", hidden: true })))),
+    h("hr", { class: "divider" }),
+    section("Eval report", "Made when the job ends: the base and the tuned model answer the same prompts, scored against the references.",
+      SPEC_FIELDS.eval),
+    h("hr", { class: "divider" }),
+    h("fieldset", { class: "form-section", id: "preflight" }, h("legend", {}, "Preflight"),
+      h("p", { class: "section-hint" }, "What this job would train on, counted with the base model's own tokenizer and chat template, ",
+        "and where it would run. Nothing is created. Run it again after changing the form."),
+      h("div", { class: "form-actions" }, check), preflightBox),
+    h("div", { class: "form-actions" }, submit, h("a", { class: "btn btn-ghost", href: "#/jobs" }, "Back to jobs"), blocked));
   holder.replaceChildren(h("section", { class: "card" }, form));
 
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
+  /** Submit is blocked only by a preflight that refused this very form; any change may have fixed it. */
+  function blockSubmit(reason) {
+    submit.disabled = Boolean(reason);
+    blocked.hidden = !reason;
+    blocked.textContent = reason ? `Cannot start: ${reason}` : "";
+  }
+
+  // A change makes the shown preflight stale: it says so (no request per keystroke; the button re-runs it),
+  // and lifts its block, since POST /jobs runs the same checks and answers 422 with the reason anyway.
+  const markStale = () => {
+    if (!preflightBox.firstChild || preflightBox.classList.contains("stale")) return;
+    preflightBox.classList.add("stale");
+    preflightBox.prepend(h("p", { class: "alert alert-info stale-note" }, "The form changed since this preflight: run it again to check the change."));
+    blockSubmit(null);
+  };
+  form.addEventListener("input", markStale);
+  form.addEventListener("change", markStale);
+
+  check.addEventListener("click", async () => {
     clearErrors(form, summary);
-    const body = { lora: {}, training: {}, quantization: {}, output: { merge: merge.checked } };
+    check.disabled = true;
+    check.textContent = "Checking…";
+    try {
+      const answer = await api("/jobs/preflight", { method: "POST", json: { ...formBody(), examples: 1 }, signal: ctx.signal });
+      preflightBox.classList.remove("stale");
+      preflightBox.replaceChildren(preflightPanel(answer));
+      blockSubmit(answer.can_learn === false ? answer.report.refusals[0] : null);
+    } catch (err) {
+      if (!ctx.signal.aborted) {
+        preflightBox.replaceChildren();
+        showErrors(form, summary, err, "The preflight could not run. ");
+      }
+    } finally {
+      check.disabled = false;
+      check.textContent = "Run preflight";
+    }
+  });
+
+  /** The form as the body of POST /jobs (and of POST /jobs/preflight). */
+  function formBody() {
+    const body = { lora: {}, training: {}, quantization: {}, eval: {}, output: { merge: merge.checked, use_best_checkpoint: best.checked } };
     for (const control of form.querySelectorAll("input[name], select[name]")) {
       if (control.type === "checkbox") continue;
       const text = control.value.trim();
@@ -98,6 +153,13 @@ export async function viewNewJob(main, ctx) {
       if (text === "" && control.name !== "dataset_id" && control.name !== "base_model") continue;
       setPath(body, control.name, control.dataset.type ? parseValue(text, control.dataset.type) : text);
     }
+    return body;
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors(form, summary);
+    const body = formBody();
     submit.disabled = true;
     submit.textContent = "Creating…";
     try {

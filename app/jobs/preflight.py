@@ -1,0 +1,159 @@
+"""Preflight in the service: what a job will train on, before it queues (POST /jobs/preflight) and
+as it is created (POST /jobs refuses a job that cannot learn anything).
+
+The report is worker/training/preflight.py's, computed with the base model's real tokenizer and chat
+template from the files the registry keeps (app/models/service.py). Tokenizing a dataset is seconds of
+CPU, and the tokenizer library comes with transformers and torch, which the API process never imports:
+so it runs in child processes (`PreflightRunner`), a few at a time, each behind a timeout. The API's
+own threads only wait, and its requests keep being answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import multiprocessing
+import tempfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.datasets import service as datasets
+from app.errors import AppError, Invalid, field_errors
+from app.models import service as models
+from app.models.tables import RegisteredModel
+from app.storage.base import Storage
+from app.teams.service import Caller
+from worker.training.spec import JobSpec
+
+TIMEOUT_S = 60.0  # a preflight reads at most 50,000 rows: seconds, far from this
+WAIT_FOR_SLOT_S = 30.0  # POST /jobs waits this long for a free child before creating the job unchecked
+
+
+class PreflightBusy(AppError):
+    status = 429
+    code = "preflight_busy"
+
+
+class PreflightRefused(Invalid):
+    """The job could not learn anything: 422 with each reason."""
+
+    code = "preflight_refused"
+
+
+class PreflightRunner:
+    """At most `processes` preflights at once, each in a child process (spawned on first use, kept)."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._slots = threading.BoundedSemaphore(max(processes, 1))
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def run(self, wait_s: float, **inputs: Any) -> dict | None:
+        """The report, or None when no child was free within wait_s (POST /jobs goes on unchecked) or
+        the report did not come within TIMEOUT_S."""
+        if not self._slots.acquire(timeout=wait_s):
+            return None
+        try:
+            future = self._pool().submit(_in_child, inputs)
+            try:
+                return future.result(timeout=TIMEOUT_S)
+            except FutureTimeout:
+                future.cancel()
+                return None
+        finally:
+            self._slots.release()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                # spawn: a fork of a threaded server would copy its locks mid-use.
+                self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            return self._executor
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+
+# In the child: the tokenizer files written once per content, by their digest.
+_TOKENIZER_DIRS: dict[str, str] = {}
+
+
+def _in_child(inputs: dict) -> dict:
+    # Imported by name, here: the engine's preflight brings transformers (and torch), which the API
+    # process must not load; only this child does.
+    engine = importlib.import_module("worker.training.preflight")
+    files, digest = inputs["tokenizer_files"], inputs["tokenizer_sha256"]
+    if digest not in _TOKENIZER_DIRS:
+        directory = tempfile.mkdtemp(prefix="qlora-tokenizer-")
+        for name, text in files.items():
+            (Path(directory) / name).write_text(text, encoding="utf-8")
+        _TOKENIZER_DIRS[digest] = directory
+    spec = JobSpec.model_validate(inputs["spec"])
+    return engine.preflight(spec, _TOKENIZER_DIRS[digest], inputs["train_path"],
+                            validation_path=inputs.get("validation_path"), examples=inputs.get("examples", 0))
+
+
+@dataclass
+class Checked:
+    report: dict | None
+    note: str  # why there is no report, or "" when there is one
+
+
+def check(session: Session, storage: Storage, runner: PreflightRunner | None, caller: Caller, model: RegisteredModel,
+          spec: JobSpec, meta: dict, *, examples: int = 0, wait_s: float = WAIT_FOR_SLOT_S) -> Checked:
+    """The preflight report of a job about to be created (`spec` as admission sized it, `meta` its
+    own fields); PreflightRefused when the job cannot learn. A report that cannot be made (no runner,
+    no tokenizer files for the model, every child busy) is a note, not an error: the job is then created
+    unchecked, as one whose model has no config is created with its memory unchecked."""
+    if runner is None or runner.processes < 1:
+        return Checked(None, "preflight not run: it is turned off on this service (QLORA_PREFLIGHT_PROCESSES=0)")
+    files = models.tokenizer_files(session, model)
+    if not files:
+        return Checked(None, f"preflight not run: the registry has no tokenizer files for {model.name}")
+    with ExitStack() as stack:
+        paths = {}
+        for field in ("dataset_id", "validation_dataset_id"):
+            if meta.get(field) is not None:
+                dataset = datasets.get(session, caller, meta[field])
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-preflight-"))
+                paths[field] = Path(tmp) / "data.jsonl"
+                storage.download(dataset.storage_key, paths[field])
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        session.commit()  # nothing written yet but the tokenizer files: give the connection back while the child works
+        report = runner.run(wait_s, spec=spec.model_dump(mode="json"), tokenizer_files=files, tokenizer_sha256=digest,
+                            train_path=str(paths["dataset_id"]),
+                            validation_path=str(paths["validation_dataset_id"]) if "validation_dataset_id" in paths
+                            else None, examples=examples)
+    if report is None:
+        return Checked(None, "preflight not run: every preflight process was busy, or it took too long")
+    return Checked(report, "")
+
+
+def refuse_if_it_cannot_learn(report: dict) -> None:
+    if report["refusals"]:
+        reasons = report["refusals"]
+        raise PreflightRefused("this job cannot learn anything: " + "; ".join(reasons),
+                               details=field_errors([("dataset_id", reason) for reason in reasons]))
+
+
+def needs_validation(spec: JobSpec, meta: dict) -> None:
+    """early_stopping and use_best_checkpoint decide by eval loss: without a validation set there is none."""
+    if meta.get("validation_dataset_id") is None:
+        asked = [name for name, on in (("training.early_stopping", spec.training.early_stopping is not None),
+                                       ("output.use_best_checkpoint", spec.output.use_best_checkpoint)) if on]
+        if asked:
+            raise Invalid(f"{', '.join(asked)}: decided by eval loss, which needs a validation_dataset_id",
+                          details=field_errors([(name, "needs a validation_dataset_id") for name in asked]),
+                          code="invalid_job")

@@ -1,0 +1,113 @@
+"""Preflight through the service: POST /jobs/preflight answers what a job would train on, with the
+registered model's own tokenizer, creating nothing; POST /jobs refuses a job that cannot learn and
+records the warnings of one that can; `qlora jobs preflight` prints it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.deployment import upload
+from worker.training.tiny import demo_spec
+
+
+@pytest.fixture(scope="module")
+def datasets(team_a, demo_data, tmp_path_factory):
+    """The demo's validation rows, and rows whose assistant turns all sit past 16 tokens."""
+    long_prompts = tmp_path_factory.mktemp("preflight") / "long_prompts.jsonl"
+    long_prompts.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "word " * 40 + str(i)}, {"role": "assistant", "content": "yes"}]}) + "\n"
+        for i in range(6)))
+    return {"demo": upload(team_a, demo_data["validation"]).json()["id"],
+            "long_prompts": upload(team_a, long_prompts).json()["id"]}
+
+
+def body(dataset_id: str, **training) -> dict:
+    spec = demo_spec("tiny")
+    spec["training"].update({"max_steps": 5, **training})
+    return {**spec, "dataset_id": dataset_id}
+
+
+def job_count(client) -> int:
+    return len(client.get("/jobs", params={"limit": 200}).json()["data"])
+
+
+def test_preflight_answers_what_the_job_would_train_on_and_creates_nothing(team_a, datasets):
+    before = job_count(team_a)
+    answer = team_a.post("/jobs/preflight", json={**body(datasets["demo"]), "examples": 2})
+    assert answer.status_code == 200, answer.text
+    answer = answer.json()
+    report = answer["report"]
+    assert answer["can_learn"] is True and answer["placement"]["gpu_class"]
+    train = report["train"]
+    assert train["rows"] == train["kept_rows"] == 48 and train["truncated_rows"] == 0
+    assert 0 < train["trained_tokens"] < train["tokens"] and train["rows_without_eos"] == 0
+    assert train["lengths"]["min"] <= train["lengths"]["median"] <= train["lengths"]["p95"] <= train["lengths"]["max"]
+    assert report["steps"] == 5 and report["refusals"] == [] and report["warnings"] == []
+    assert len(report["examples"]) == 2
+    tokens = report["examples"][0]["tokens"]
+    assert tokens[-1] == {"id": tokens[-1]["id"], "text": "</s>", "trained": True}
+    assert not tokens[0]["trained"]  # BOS and the prompt are context
+    assert job_count(team_a) == before
+
+
+def test_a_job_that_cannot_learn_is_refused_at_creation_with_the_reason(team_a, datasets):
+    before = job_count(team_a)
+    refused = team_a.post("/jobs", json=body(datasets["long_prompts"], max_seq_length=16))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "preflight_refused"
+    assert "every row is truncated at max_seq_length=16 before its first trained token" in error["message"]
+    assert error["details"][0]["field"] == "dataset_id"
+    assert job_count(team_a) == before
+    # Preflight says the same, answering 200: it is a report.
+    answer = team_a.post("/jobs/preflight", json=body(datasets["long_prompts"], max_seq_length=16)).json()
+    assert answer["can_learn"] is False and answer["report"]["train"]["dropped_rows"] == 6
+
+
+def test_warnings_do_not_block_and_are_recorded_as_events(team_a, datasets):
+    created = team_a.post("/jobs", json={**body(datasets["demo"], max_seq_length=22), "gpu_class": "nobody-listens"})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    events = team_a.get(f"/jobs/{job_id}/events").json()
+    preflight = next(e for e in events if e["type"] == "preflight")
+    assert "rows to train on" in preflight["message"] and preflight["data"]["train"]["truncated_rows"] > 0
+    warnings = [e for e in events if e["type"] == "preflight_warning"]
+    assert warnings and all(e["level"] == "warning" for e in warnings)
+    assert any("do not keep their EOS" in e["message"] for e in warnings)
+    team_a.post(f"/jobs/{job_id}/cancel")
+
+
+def test_bad_preflight_input_is_a_clear_error(team_a, team_b, datasets):
+    too_many = team_a.post("/jobs/preflight", json={**body(datasets["demo"]), "examples": 50})
+    assert too_many.status_code == 422 and too_many.json()["error"]["details"][0]["field"] == "examples"
+    assert team_a.post("/jobs/preflight", json={**body(datasets["demo"]), "examples": "2"}).status_code == 422
+    # Another team's dataset is as missing as a wrong id.
+    assert team_b.post("/jobs/preflight", json=body(datasets["demo"])).status_code == 404
+    # Early stopping decides by eval loss: without a validation set it is refused, naming the field.
+    no_eval = team_a.post("/jobs/preflight", json=body(datasets["demo"], early_stopping=2))
+    assert no_eval.status_code == 422 and no_eval.json()["error"]["details"][0]["field"] == "training.early_stopping"
+    assert team_a.post("/jobs", json=body(datasets["demo"], early_stopping=2)).status_code == 422
+
+
+def test_the_cli_prints_the_report_with_the_example_and_exits_1_where_creation_would_refuse(deployment, datasets,
+                                                                                           tmp_path):
+    key = deployment.team_key("team-a")
+    env = {**os.environ, "QLORA_URL": deployment.url, "QLORA_API_KEY": key, "COLUMNS": "200"}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({k: v for k, v in body(datasets["demo"]).items() if k != "dataset_id"}))
+    cli = [sys.executable, "-m", "app.cli", "jobs", "preflight", str(spec)]
+    piped = subprocess.run([*cli, "--dataset", datasets["demo"]], capture_output=True, text=True, env=env)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["report"]["train"]["rows"] == 48  # a pipe gets JSON
+    table = subprocess.run([*cli, "--dataset", datasets["demo"], "--table"], capture_output=True, text=True, env=env)
+    assert "tokens per row (min / median / p95 / max)" in table.stdout and "trained tokens highlighted" in table.stdout
+    assert "no problems found" in table.stdout
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "training": {"max_steps": 5, "max_seq_length": 16}}))
+    refused = subprocess.run([*cli, "--dataset", datasets["long_prompts"], "--table"], capture_output=True, text=True,
+                             env=env)
+    assert refused.returncode == 1 and "refused: every row is truncated" in refused.stdout

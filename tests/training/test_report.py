@@ -1,0 +1,192 @@
+"""The eval report at the end of a run, on the demo task with the tiny model: the tuned model answers
+held-out prompts right where its base cannot, the report shows both answers beside the reference, and
+its answers and scores are what an independent generation with the merged model gives.
+
+One demo run for the module (as in test_recipe.py); the other cases call the report on its output
+directory or train for two steps.
+"""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.training.data import Example, Message
+from worker.training.protocol import Event
+from worker.training.recipe import run
+from worker.training.report import LOSS_MAX_ROWS, choose_prompts, exact_match, make_report, spread, token_f1
+from worker.training.spec import JobSpec
+from worker.training.tiny import demo_spec
+
+
+def spec_for(model_dir, **sections) -> JobSpec:
+    data = demo_spec(str(model_dir))
+    for name, values in sections.items():
+        data[name] = data.get(name, {}) | values
+    return JobSpec.parse(data)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, demo_data, tmp_path_factory):
+    records = []
+    result = run(spec_for(tiny_model_dir), demo_data["train"], tmp_path_factory.mktemp("report-run"),
+                 validation_path=demo_data["validation"], sink=records.append)
+    assert result.status == "succeeded"
+    return result, records
+
+
+def validation_rows(demo_data) -> list[dict]:
+    return [json.loads(line) for line in demo_data["validation"].read_text().splitlines()]
+
+
+def test_the_demo_report_shows_the_tuned_model_answering_where_the_base_cannot(demo_run, demo_data):
+    result, records = demo_run
+    report = json.loads((result.out_dir / "report" / "report.json").read_text())
+    assert report == result.report  # what the service stores is what was written
+    assert result.summary["report"] == report["metrics"]  # the summary keeps the means
+    assert report["prompts_from"] == "validation" and len(report["rows"]) == 8
+    assert report["generation"]["tuned"] == "the merged model (bfloat16), as downloaded"
+
+    # Each row is a validation line: its user turn as the prompt, its assistant turn as the reference.
+    lines = validation_rows(demo_data)
+    for row in report["rows"]:
+        messages = lines[row["line"] - 1]["messages"]
+        assert (row["prompt"], row["reference"]) == (messages[0]["content"], messages[1]["content"])
+    assert len({row["line"] for row in report["rows"]}) == 8
+
+    base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
+    assert tuned["exact_match"] >= 0.9 and tuned["f1"] >= 0.9 and tuned["stopped"] == 1.0, tuned
+    assert base["exact_match"] == 0.0 and base["f1"] < 0.2, base  # an untrained base says nothing of the kind
+    assert all(row["base"]["answer"].strip() and row["base"]["answer"] != row["tuned"]["answer"] for row in report["rows"])
+
+    # Loss on the 48 validation rows: the tuned model's agrees with the trainer's own evaluation (the merge
+    # is faithful), the base's is that of a model that knows nothing of the task.
+    metrics = report["metrics"]
+    assert metrics["loss_rows"] == 48 and metrics["loss_rows_from"] == "validation" and metrics["scored_rows"] == 8
+    assert tuned["loss"] == pytest.approx(result.summary["eval_loss_final"], abs=0.005)
+    assert base["loss"] > 3 and tuned["loss"] < 0.1
+    for side in (base, tuned):
+        assert side["perplexity"] == pytest.approx(math.exp(side["loss"]))
+
+    event = next(r for r in records if isinstance(r, Event) and r.type == "report")
+    assert "exact match" in event.message and event.data["path"].endswith("report/report.json")
+    assert result.summary["durations_s"]["report"] > 0
+
+
+def squad_f1(answer: str, reference: str) -> float:
+    """The test's own F1 (bag of lowercased whitespace tokens), to recompute the report's."""
+    got, want = Counter(answer.lower().split()), Counter(reference.lower().split())
+    common = sum((got & want).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(got.values()), common / sum(want.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_the_report_equals_an_independent_generation_with_the_merged_model(demo_run, demo_data):
+    """What a user gets from transformers on the downloaded merged model, prompt by prompt, is the report's
+    tuned column, and the scores recomputed from it are the report's."""
+    result, _ = demo_run
+    report = result.report
+    merged = result.out_dir / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    lines = validation_rows(demo_data)
+    matches, f1s = [], []
+    for row in report["rows"]:
+        messages = lines[row["line"] - 1]["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert answer == row["tuned"]["answer"]
+        reference = messages[-1]["content"]
+        assert row["tuned"]["exact_match"] == (answer.strip() == reference.strip())
+        assert row["tuned"]["f1"] == pytest.approx(squad_f1(answer, reference))
+        matches.append(answer.strip() == reference.strip())
+        f1s.append(squad_f1(answer, reference))
+    assert report["metrics"]["tuned"]["exact_match"] == pytest.approx(sum(matches) / len(matches))
+    assert report["metrics"]["tuned"]["f1"] == pytest.approx(sum(f1s) / len(f1s))
+
+
+def test_without_a_merge_the_adapter_answers_the_spec_prompts(demo_run, tiny_model_dir):
+    """output.merge false: the tuned answers come from the saved adapter on the 4-bit base. Prompts of the
+    spec have no reference: nothing is scored, every answer is shown."""
+    result, _ = demo_run
+    prompts = ["Ada asks: what sound does the cow make?", "Hey, Gus here. What does the duck say?"]
+    spec = spec_for(tiny_model_dir, output={"merge": False}, eval={"prompts": prompts, "max_new_tokens": 16})
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "adapter")
+    report = make_report(spec, base_path=tiny_model_dir, out_dir=result.out_dir, tokenizer=tokenizer,
+                         compute_dtype=getattr(torch, result.summary["compute_dtype"]), device="cpu",
+                         examples=[], examples_from="train", loss_rows=[])
+    assert report["prompts_from"] == "spec"
+    assert report["generation"]["tuned"] == "the adapter on the base model (4-bit NF4)"
+    assert [row["prompt"] for row in report["rows"]] == prompts
+    assert [row["tuned"]["answer"] for row in report["rows"]] == ["The cow says moo.", "The duck says quack."]
+    assert all(row["reference"] is None and row["tuned"]["exact_match"] is None and row["tuned"]["f1"] is None
+               for row in report["rows"])
+    tuned = report["metrics"]["tuned"]
+    assert tuned["exact_match"] is None and tuned["loss"] is None and tuned["stopped"] == 1.0
+    assert report["metrics"]["scored_rows"] == 0
+
+
+def test_prompts_0_makes_no_report(tiny_model_dir, demo_data, tmp_path):
+    spec = spec_for(tiny_model_dir, training={"max_steps": 2, "save_steps": 2, "per_device_batch_size": 4},
+                    output={"merge": False}, eval={"prompts": 0})
+    result = run(spec, demo_data["train"], tmp_path)
+    assert result.status == "succeeded"
+    assert result.report is None and result.summary["report"] is None
+    assert not (tmp_path / "report").exists()
+
+
+def test_text_rows_are_cut_in_half_prompt_then_reference(tiny_model_dir):
+    """A text row has no turns: its first half (in tokens) prompts, the next max_new_tokens are the reference."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "the cow says moo and the dog says woof and the cat says meow"
+    spec = spec_for(tiny_model_dir, eval={"prompts": 1, "max_new_tokens": 64})
+    [prompt] = choose_prompts(spec, [Example(line=1, text=text)], tokenizer)
+    ids = tokenizer(text)["input_ids"]
+    assert prompt.input_ids == ids[:len(ids) // 2] and ids[0] == tokenizer.bos_token_id
+    assert prompt.shown + prompt.reference == text and prompt.line == 1
+
+
+def test_prompts_are_sampled_with_the_seed_and_a_long_prompt_keeps_its_end(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [Example(line=i + 1, messages=(Message("user", f"question {i}"), Message("assistant", f"answer {i}")))
+                for i in range(100)]
+    spec = spec_for(tiny_model_dir, eval={"prompts": 5})
+    first, again = choose_prompts(spec, examples, tokenizer), choose_prompts(spec, examples, tokenizer)
+    assert [p.line for p in first] == [p.line for p in again] == sorted(p.line for p in first)
+    other_seed = spec_for(tiny_model_dir, training={"seed": 7}, eval={"prompts": 5})
+    assert [p.line for p in choose_prompts(other_seed, examples, tokenizer)] != [p.line for p in first]
+    assert all(p.reference == f"answer {p.line - 1}" for p in first)
+
+    # Longer than max_seq_length (64 in the demo spec): the start is cut, as training would have cut the row,
+    # and the generation prompt at its end stays.
+    long_row = [Example(line=1, messages=(Message("user", "word " * 500), Message("assistant", "ok")))]
+    [cut] = choose_prompts(spec_for(tiny_model_dir, eval={"prompts": 1}), long_row, tokenizer)
+    assert cut.truncated and len(cut.input_ids) == 64
+    assert tokenizer.decode(cut.input_ids).endswith("<|assistant|>\n")
+
+
+def test_scores_follow_squad_on_whitespace_tokens():
+    assert exact_match("  The cow says moo.\n", "The cow says moo.")
+    assert not exact_match("the cow says moo.", "The cow says moo.")
+    assert token_f1("The cow says moo.", "the COW says moo.") == 1.0
+    assert token_f1("the cow says woof.", "The cow says moo.") == pytest.approx(0.75)  # 3 of 4 both ways
+    assert token_f1("moo", "The cow says moo.") == 0.0  # "moo" is not "moo.": no punctuation is removed
+    assert token_f1("says says", "says") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert token_f1("", "") == 1.0 and token_f1("", "moo") == 0.0
+
+
+def test_the_loss_reads_rows_spread_across_the_set():
+    rows = list(range(1000))
+    picked = spread(rows, LOSS_MAX_ROWS)
+    assert len(picked) == LOSS_MAX_ROWS == len(set(picked)) and picked[0] == 0 and picked[-1] > 980
+    assert spread(rows, LOSS_MAX_ROWS) == picked  # the same rows every time
+    assert spread(rows[:10], LOSS_MAX_ROWS) == rows[:10]

@@ -1,0 +1,176 @@
+"""Preflight: what a job will train on, before any GPU time, with the base model's own tokenizer.
+
+    report = preflight(spec, tokenizer_dir, "train.jsonl", validation_path=None, examples=1)
+
+Every number comes from the functions the trainer uses (data.read_jsonl, tokenization.prepare_tokenizer
+and encode_example), so the rows, truncated rows, trained tokens and steps here are the ones the run
+reports (tests/training/test_preflight.py holds them equal). Needs a tokenizer, never the weights:
+the service runs it in a child of the API process (app/jobs/preflight.py) with the tokenizer files
+its registry keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.training.data import read_jsonl
+from worker.training.spec import JobSpec
+from worker.training.tokenization import Encoded, encode_example, prepare_tokenizer
+
+MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
+MAX_EXAMPLES = 5  # rows shown token by token
+TRUNCATED_WARNING = 0.10  # a tenth of the rows cut short is worth a word before spending GPU hours
+
+
+@dataclass
+class SetReport:
+    """One dataset (train or validation), as the trainer will see it."""
+
+    rows: int = 0  # rows read (at most MAX_ROWS)
+    rows_in_file: int = 0
+    truncated_rows: int = 0
+    dropped_rows: int = 0  # nothing left to learn after truncation: the trainer drops them
+    dropped_lines: list[int] = field(default_factory=list)
+    tokens: int = 0  # after truncation, of the rows kept: what the trainer reports
+    trained_tokens: int = 0
+    trained_tokens_lost: int = 0  # trained tokens truncation cut off
+    rows_without_eos: int = 0  # kept rows whose EOS is not in the labels (cut off, or an unlearned last turn)
+    lengths: dict = field(default_factory=dict)  # tokens per row before truncation: min, median, p95, max
+
+    @property
+    def kept_rows(self) -> int:
+        return self.rows - self.dropped_rows
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["dropped_lines"] = self.dropped_lines[:20]
+        out["kept_rows"] = self.kept_rows
+        out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
+        out["complete"] = self.rows == self.rows_in_file
+        return out
+
+
+def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, *,
+              validation_path: str | Path | None = None, examples: int = 0) -> dict:
+    """The report: each set's numbers, the first `examples` rows token by token, the steps and epochs
+    the spec resolves to, and the problems (`refusals`: the job cannot learn; `warnings`: it can, but
+    look first)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
+    setup = prepare_tokenizer(tokenizer)
+    t = spec.training
+    encode = dict(max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
+    train, shown = _measure(train_path, tokenizer, encode, min(examples, MAX_EXAMPLES))
+    validation = _measure(validation_path, tokenizer, encode, 0)[0] if validation_path else None
+    report = {
+        "train": train.as_dict(),
+        "validation": validation.as_dict() if validation else None,
+        "examples": shown,
+        "chat_template": setup.chat_template_source,
+        "max_seq_length": t.max_seq_length,
+        "train_on_inputs": t.train_on_inputs,
+        **planned_steps(spec, train.kept_rows),
+    }
+    report["refusals"], report["warnings"] = problems(spec, train)
+    return report
+
+
+def _measure(path, tokenizer, encode: dict, examples: int) -> tuple[SetReport, list[dict]]:
+    data = read_jsonl(path)
+    report = SetReport(rows_in_file=len(data.examples))
+    lengths = []
+    shown = []
+    for example in data.examples[:MAX_ROWS]:
+        enc = encode_example(example, tokenizer, pieces=len(shown) < examples, **encode)
+        report.rows += 1
+        lengths.append(enc.length)
+        report.truncated_rows += enc.truncated
+        report.trained_tokens_lost += enc.trained_lost
+        if len(shown) < examples:
+            shown.append(explain(example.line, enc))
+        if enc.trained == 0:
+            report.dropped_rows += 1
+            report.dropped_lines.append(example.line)
+            continue
+        report.tokens += len(enc.input_ids)
+        report.trained_tokens += enc.trained
+        report.rows_without_eos += not enc.eos_learned
+    report.lengths = _spread(lengths)
+    return report, shown
+
+
+def explain(line: int, enc: Encoded) -> dict:
+    """One row token by token, each marked trained or not: exactly what the loss sees."""
+    return {"line": line, "truncated": enc.truncated, "length": enc.length,
+            "tokens": [{"id": token, "text": piece, "trained": label == token}
+                       for token, piece, label in zip(enc.input_ids, enc.pieces, enc.labels, strict=True)]}
+
+
+def _spread(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    return {"min": ordered[0], "median": at(0.5), "p95": at(0.95), "max": ordered[-1]}
+
+
+def planned_steps(spec: JobSpec, rows: int) -> dict:
+    """Optimizer steps and epochs as the trainer counts them (transformers' Trainer: a last partial
+    micro-batch and a last partial accumulation count as one), for rows unpacked. With packing on,
+    the trainer packs rows into fewer sequences: fewer steps per epoch."""
+    t = spec.training
+    batch = t.per_device_batch_size
+    if not isinstance(batch, int):  # "auto": the GPU decides; say so rather than guess
+        return {"steps": t.max_steps, "epochs": t.epochs, "steps_per_epoch": None,
+                "micro_batch": "auto", "steps_note": "per_device_batch_size \"auto\" is decided for the GPU the job runs on"}
+    micro_batches = math.ceil(rows / batch)
+    per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
+    steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
+    epochs = round(steps / per_epoch, 3)
+    note = ("packing \"auto\" may pack rows on a GPU with flash-attention, which makes fewer steps per epoch"
+            if t.packing is not False else None)
+    return {"steps": steps, "epochs": epochs, "steps_per_epoch": per_epoch, "micro_batch": batch,
+            "steps_note": note}
+
+
+def problems(spec: JobSpec, train: SetReport) -> tuple[list[str], list[str]]:
+    """What stops the job from learning anything (refusals), and what is worth a look (warnings),
+    each saying what to change."""
+    t = spec.training
+    refusals, warnings = [], []
+    scope = "" if train.rows == train.rows_in_file else f" (of the first {train.rows:,} rows read)"
+    if train.rows and train.kept_rows == 0:
+        if train.truncated_rows == train.rows:
+            refusals.append(f"every row{scope} is truncated at max_seq_length={t.max_seq_length} before its first "
+                            f"trained token (the shortest row is {train.lengths['min']:,} tokens): raise max_seq_length "
+                            "or shorten the prompts")
+        else:
+            refusals.append(f"no row{scope} has a token to learn (zero trained tokens): check the assistant turns, "
+                            "their weight, and train_on_inputs")
+    elif train.kept_rows and train.rows_without_eos == train.kept_rows:
+        refusals.append(f"no row{scope} keeps its EOS in the labels, so the model would never learn to stop: "
+                        f"raise max_seq_length (now {t.max_seq_length}; the longest row is {train.lengths['max']:,} "
+                        "tokens) or end each row with an assistant turn that is learned")
+    if refusals:
+        return refusals, warnings
+    if train.rows and train.truncated_rows / train.rows >= TRUNCATED_WARNING:
+        warnings.append(f"{train.truncated_rows:,} of {train.rows:,} rows{scope} ({train.truncated_rows / train.rows:.0%}) "
+                        f"are longer than max_seq_length={t.max_seq_length} and are truncated, losing "
+                        f"{train.trained_tokens_lost:,} trained tokens; the p95 row is {train.lengths['p95']:,} tokens")
+    if train.dropped_rows:
+        warnings.append(f"{train.dropped_rows:,} rows{scope} have nothing to learn within max_seq_length and are dropped "
+                        f"(lines {', '.join(map(str, train.dropped_lines[:5]))}{'...' if train.dropped_rows > 5 else ''})")
+    if train.rows_without_eos:
+        warnings.append(f"{train.rows_without_eos:,} kept rows{scope} do not keep their EOS in the labels (truncated, or "
+                        "the last turn is not learned): the model learns to stop from the others only")
+    if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
+        warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
+    if train.rows < train.rows_in_file:
+        warnings.append(f"the preflight read the first {train.rows:,} of {train.rows_in_file:,} rows")
+    return refusals, warnings
