@@ -150,10 +150,8 @@ def refuse_if_it_cannot_learn(report: dict) -> None:
 
 def needs_validation(spec: JobSpec, meta: dict) -> None:
     """early_stopping and use_best_checkpoint decide by eval loss: without a validation set there is none."""
-    if meta.get("validation_dataset_id") is None:
-        asked = [name for name, on in (("training.early_stopping", spec.training.early_stopping is not None),
-                                       ("output.use_best_checkpoint", spec.output.use_best_checkpoint)) if on]
-        if asked:
-            raise Invalid(f"{', '.join(asked)}: decided by eval loss, which needs a validation_dataset_id",
-                          details=field_errors([(name, "needs a validation_dataset_id") for name in asked]),
-                          code="invalid_job")
+    needs = spec.validation_needed_by() if meta.get("validation_dataset_id") is None else []
+    if needs:
+        raise Invalid("; ".join(f"{field}: {why}" for field, why in needs),
+                      details=field_errors([(field, "needs a validation_dataset_id") for field, _ in needs]),
+                      code="invalid_job")

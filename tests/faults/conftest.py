@@ -68,6 +68,7 @@ def job_body(dataset_id: str, max_steps: int, save_steps: int = 10, gpu_class: s
     spec["training"].update(max_steps=max_steps, save_steps=save_steps, logging_steps=1, eval_steps=100_000,
                             per_device_batch_size=8)
     spec["output"] = {"merge": False}
+    spec["eval"] = {"prompts": 0}  # no eval report: these tests are about transfers and attempts
     return {"dataset_id": dataset_id, **spec} | ({"gpu_class": gpu_class} if gpu_class else {})
 
 

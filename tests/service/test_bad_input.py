@@ -162,7 +162,7 @@ def test_a_cancelled_queued_job_stays_cancelled(team_a, ready_dataset):
     assert team_a.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
     assert team_a.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
     events = [e["type"] for e in team_a.get(f"/jobs/{job['id']}/events").json()]
-    assert events == ["created", "cancelled"]
+    assert events == ["created", "preflight", "cancelled"]
 
 
 # ------------------------------------------------------------------ hostile input: a 4xx naming what is wrong, never a 500

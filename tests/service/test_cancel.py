@@ -41,7 +41,8 @@ def test_cancelled_queued_job_never_starts_and_a_running_one_stops(deployment, t
         # The first job's message was consumed before the second's (one queue, one at a time): it did nothing.
         first = team_a.get(f"/jobs/{queued['id']}").json()
         assert first["status"] == "cancelled" and first["attempt"] == 0 and first["started_at"] is None
-        assert [e["type"] for e in team_a.get(f"/jobs/{queued['id']}/events").json()] == ["created", "cancelled"]
+        assert [e["type"] for e in team_a.get(f"/jobs/{queued['id']}/events").json()] == [
+            "created", "preflight", "cancelled"]
 
         asked = time.monotonic()
         assert team_a.post(f"/jobs/{running['id']}/cancel").json()["status"] == "cancelling"

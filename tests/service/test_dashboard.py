@@ -125,6 +125,8 @@ def test_a_job_from_upload_to_download(page, deployment, worker, team, team_key,
     form.get_by_label("Gradient accumulation steps").fill("1")
     form.get_by_label("Max sequence length").fill("64")
     form.get_by_label("Dropout").fill("0")
+    form.get_by_label("Report prompts").fill("2")  # the eval report at the end: short, this test is about the curve
+    form.get_by_label("Max new tokens").fill("8")
     form.get_by_role("button", name="Start training").click()
 
     # 201: the job's own page, following the job live.

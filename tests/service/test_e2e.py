@@ -78,7 +78,7 @@ def test_events_tell_the_story(finished_job, team_a):
 
 def _download(client: httpx.Client, job_id: str, kind: str, tmp_path):
     listing = {a["kind"]: a for a in client.get(f"/jobs/{job_id}/artifacts").json()}
-    assert set(listing) == {"adapter", "merged"}
+    assert set(listing) == {"adapter", "merged", "report"}
     response = client.get(f"/jobs/{job_id}/artifacts/{kind}")
     assert response.status_code == 307  # S3: a short-lived presigned URL, served by the store itself
     blob = httpx.get(response.headers["location"], timeout=60)

@@ -29,6 +29,7 @@ def routes_taking_ids(dataset_id: str, job_id: str) -> list[tuple[str, str]]:
         ("GET", f"/jobs/{job_id}/metrics"),
         ("GET", f"/jobs/{job_id}/artifacts"),
         ("GET", f"/jobs/{job_id}/artifacts/adapter"),
+        ("GET", f"/jobs/{job_id}/report"),
     ]
 
 

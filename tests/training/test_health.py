@@ -24,7 +24,6 @@ from worker.training.health import (
     SPIKE_WARMUP_LOGS,
     BestEval,
     HealthWatch,
-    validation_needed_by,
 )
 from worker.training.model import load_base_model
 from worker.training.protocol import Event
@@ -295,7 +294,7 @@ def test_early_stopping_and_best_checkpoint_refuse_a_run_without_validation(tiny
     for training, output, field in [({"early_stopping": 3}, {}, "training.early_stopping"),
                                     ({}, {"use_best_checkpoint": True}, "output.use_best_checkpoint")]:
         spec = spec_of(tiny_model_dir, training, output)
-        assert [f for f, _ in validation_needed_by(spec)] == [field]
+        assert [f for f, _ in spec.validation_needed_by()] == [field]
         with pytest.raises(TrainingError, match=f"^{field}: there is no validation set") as info:
             run(spec, demo_data["train"], tmp_path / field)
         assert "add one, or set" in str(info.value)

@@ -101,8 +101,8 @@ def test_the_report_equals_an_independent_generation_with_the_merged_model(demo_
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(ids, max_new_tokens=report["generation"]["max_new_tokens"], do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert answer == row["tuned"]["answer"]
         reference = messages[-1]["content"]

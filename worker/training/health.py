@@ -13,7 +13,7 @@ And the best evaluation (lowest eval loss), which `training.early_stopping` and
 
 Pure functions of the logged numbers, torch-free and service-free: the trainer's callbacks
 (worker/training/callbacks.py) feed them, a resumed run replays its logged history through them to
-pick up where it was, and the API can ask `validation_needed_by` without the engine.
+pick up where it was. (Which settings need a validation set is the spec's own question: JobSpec.validation_needed_by.)
 """
 
 from __future__ import annotations
@@ -53,20 +53,6 @@ OVERFIT_RISES = 3
 MEMORISE_TRAIN_NATS = 0.1
 MEMORISE_RATIO = 10.0
 MEMORISE_MIN_EVAL_NATS = 0.5
-
-
-def validation_needed_by(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, why) for each setting of the spec that judges by eval loss, so needs a validation set."""
-    needs = []
-    if spec.training.early_stopping is not None:
-        needs.append(("training.early_stopping",
-                      f"stops when eval loss has not improved for {spec.training.early_stopping} evaluations, "
-                      "so it needs a validation set; add one, or set training.early_stopping to null"))
-    if spec.output.use_best_checkpoint:
-        needs.append(("output.use_best_checkpoint",
-                      "ships the adapter of the evaluation with the lowest eval loss, so it needs a validation set; "
-                      "add one, or set output.use_best_checkpoint to false"))
-    return needs
 
 
 class HealthWatch:

@@ -45,7 +45,6 @@ from worker.training.callbacks import (  # noqa: E402
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import fit_memory_savers, mlp_tile_tokens, resolve_auto_micro_batch  # noqa: E402
-from worker.training.health import validation_needed_by  # noqa: E402
 from worker.training.memory import ActivationOffload, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model,
@@ -248,8 +247,8 @@ class QLoRARecipe:
                 f"no training rows left: all {self.train_stats.rows} had nothing to learn within "
                 f"max_seq_length={t.max_seq_length}; raise max_seq_length"
             )
-        if not self.val_rows and validation_needed_by(self.spec):
-            field, why = validation_needed_by(self.spec)[0]
+        if not self.val_rows and self.spec.validation_needed_by():
+            field, why = self.spec.validation_needed_by()[0]
             raise TrainingError(f"{field}: there is no validation set (or none of its rows has a trained token left "
                                 f"within max_seq_length={t.max_seq_length}); this setting {why}")
         if self.train_stats.truncated_rows:

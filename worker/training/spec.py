@@ -199,6 +199,20 @@ class JobSpec(_Strict):
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
 
+    def validation_needed_by(self) -> list[tuple[str, str]]:
+        """(field, why) for each setting that judges by eval loss, and so needs a validation set: the
+        engine refuses such a run at setup, and POST /jobs such a job."""
+        needs = []
+        if self.training.early_stopping is not None:
+            needs.append(("training.early_stopping",
+                          f"stops when eval loss has not improved for {self.training.early_stopping} evaluations, "
+                          "so it needs a validation set; add one, or set training.early_stopping to null"))
+        if self.output.use_best_checkpoint:
+            needs.append(("output.use_best_checkpoint",
+                          "ships the adapter of the evaluation with the lowest eval loss, so it needs a validation "
+                          "set; add one, or set output.use_best_checkpoint to false"))
+        return needs
+
     @classmethod
     def parse(cls, data: dict[str, Any]) -> JobSpec:
         """Validate a spec; on failure raise SpecError naming each field and its allowed values."""

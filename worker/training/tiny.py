@@ -159,6 +159,8 @@ def demo_spec(base_model: str) -> dict:
             "eval_steps": 40,
             "save_steps": 40,
         },
+        # The demo's answers are six tokens and EOS: 16 new tokens show whether the model stopped.
+        "eval": {"prompts": 8, "max_new_tokens": 16},
     }
 
 
