@@ -23,6 +23,9 @@ class Job(IdMixin, Base):
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True)
     validation_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True)
+    # The finished job (of the same team) whose adapter this one starts from: SFT, then DPO from it.
+    # Kept when that job is deleted (SET NULL would erase the lineage): it names what the adapter grew from.
+    initial_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     queue: Mapped[str] = mapped_column(String(100))
     # Incremented by every claim; a worker's writes carry it, so a worker that lost the job
     # (the job was requeued under it) can no longer change it: a fencing token.
@@ -116,6 +119,11 @@ class JobMetric(Base):
     tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     gpu_utilization: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0..1, where NVML reports it
+    # method dpo (worker/training/protocol.py TrainPoint): null for sft
+    reward_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_chosen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_rejected: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -1,12 +1,18 @@
 """Reading and validating JSONL datasets. No torch, no tokenizer: the API validates uploads with it.
 
-Four formats, detected from the first row and then required of every row:
+Five formats, detected from the first row and then required of every row:
   chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
   prompt_completion  {"prompt": str, "completion": str}
   alpaca             {"instruction": str, "input"?: str, "output": str}
   text               {"text": str}
+  preference         a prompt and two answers, the preferred first (method dpo), as OpenAI's DPO files have it:
+                       {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": str}],
+                        "non_preferred_output": [{"role": "assistant", "content": str}]}
+                     or as trl's: {"prompt": str | [messages], "chosen": str | [one assistant message],
+                                   "rejected": str | [one assistant message]}
 Every format but `text` becomes a conversation (user turn → assistant turn), so one chat template
-and one loss-masking rule serve them all. Other keys on a row (ids, metadata) are ignored.
+and one loss-masking rule serve them all; a preference row is its prompt conversation (ending with a
+user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored.
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker.training.spec import excerpt
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 20  # enough to see a pattern without flooding an API answer
 
 _FORMAT_KEYS = {  # detection order: the first whose keys are all present wins
     "chat": ("messages",),
+    "preference": ("input", "preferred_output", "non_preferred_output"),  # OpenAI's
+    "preference_trl": ("prompt", "chosen", "rejected"),  # trl's: the same format
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
@@ -34,6 +43,8 @@ _FORMAT_SHAPES = {
     "prompt_completion": '{"prompt": ..., "completion": ...}',
     "alpaca": '{"instruction": ..., "input": ..., "output": ...}',
     "text": '{"text": ...}',
+    "preference": '{"input": {"messages": ...}, "preferred_output": [...], "non_preferred_output": [...]} '
+                  'or {"prompt": ..., "chosen": ..., "rejected": ...}',
 }
 
 
@@ -49,6 +60,9 @@ class Example:
     line: int
     messages: tuple[Message, ...] = ()  # every format but text
     text: str | None = None  # text format: the whole string is learned
+    # preference format: the preferred and the other answer to `messages` (which ends with a user turn)
+    chosen: str | None = None
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,9 @@ class DatasetValidator:
         if not isinstance(obj, dict):
             return self._error(f"expected a JSON object, got {type(obj).__name__}")
         fmt = detect_format(obj)
+        missing = _missing_side(obj) if fmt is None else None
+        if missing:
+            return self._error(missing)
         if fmt is None:
             keys = excerpt(", ".join(sorted(obj)), quote=False) or "none"
             shapes = " | ".join(_FORMAT_SHAPES.values())
@@ -131,7 +148,8 @@ class DatasetValidator:
             return self._error(str(exc))
         self.format = self.format or fmt
         self.rows += 1
-        self.chars += len(example.text or "") + sum(len(m.content) for m in example.messages)
+        self.chars += (len(example.text or "") + sum(len(m.content) for m in example.messages)
+                       + len(example.chosen or "") + len(example.rejected or ""))
         if self.examples is not None:
             self.examples.append(example)
 
@@ -157,7 +175,18 @@ class DatasetValidator:
 def detect_format(row: dict) -> str | None:
     for fmt, keys in _FORMAT_KEYS.items():
         if all(k in row for k in keys):
-            return fmt
+            return fmt.removesuffix("_trl")
+    return None
+
+
+def _missing_side(row: dict) -> str | None:
+    """What a row that is almost a preference row lacks (one answer of the two), or None."""
+    for fmt in ("preference", "preference_trl"):
+        keys = _FORMAT_KEYS[fmt]
+        present = [k for k in keys if k in row]
+        if len(present) == len(keys) - 1 and present != ["prompt", "completion"]:
+            absent = next(k for k in keys if k not in row)
+            return f'a preference row needs both answers: "{absent}" is missing (it has {", ".join(present)})'
     return None
 
 
@@ -238,11 +267,65 @@ def _parse_text(obj: dict, line: int) -> Example:
     return Example(line=line, text=_text(obj, "text"))
 
 
+def _parse_preference(obj: dict, line: int) -> Example:
+    if "input" in obj:  # OpenAI's: the prompt's messages under input, each answer a list of one assistant message
+        given = obj["input"]
+        if not isinstance(given, dict) or "messages" not in given:
+            raise ValueError('"input" must be an object with "messages" (the conversation before the answers)')
+        prompt = _prompt_messages(given["messages"], "input.messages")
+        chosen = _answer(obj["preferred_output"], "preferred_output")
+        rejected = _answer(obj["non_preferred_output"], "non_preferred_output")
+    else:  # trl's: the prompt a string or messages, each answer a string or a list of one assistant message
+        given = obj["prompt"]
+        prompt = ((Message("user", _text(obj, "prompt")),) if isinstance(given, str)
+                  else _prompt_messages(given, "prompt"))
+        chosen, rejected = _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected")
+    if chosen == rejected:
+        raise ValueError("the preferred and the other answer are the same: there is no preference to learn")
+    return Example(line=line, messages=prompt, chosen=chosen, rejected=rejected)
+
+
+def _prompt_messages(messages: Any, where: str) -> tuple[Message, ...]:
+    """The conversation a preference row's answers reply to: chat turns ending with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'"{where}" must be a non-empty list of messages')
+    parsed = []
+    for i, m in enumerate(messages):
+        at = f"{where}[{i}]: "
+        if not isinstance(m, dict):
+            raise ValueError(f"{at}must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{at}role {excerpt(m.get('role'))} is not one of {', '.join(ROLES)}")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"{at}a system message may only come first")
+        parsed.append(Message(m["role"], _text(m, "content", where=at)))
+    if parsed[-1].role != "user":
+        raise ValueError(f'"{where}" must end with a user message: the answers reply to it '
+                         f"(the last is from {parsed[-1].role})")
+    return tuple(parsed)
+
+
+def _answer(value: Any, key: str) -> str:
+    """One side of a preference: a string, or a list of exactly one assistant message."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f'"{key}" is empty')
+        return value
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        raise ValueError(f'"{key}" must be one assistant message ([{{"role": "assistant", "content": ...}}]) '
+                         f"or a string, got {got}")
+    if value[0].get("role") != "assistant":
+        raise ValueError(f'"{key}"[0]: role {excerpt(value[0].get("role"))} must be assistant: it is an answer')
+    return _text(value[0], "content", where=f'"{key}"[0]: ')
+
+
 _PARSERS = {
     "chat": _parse_chat,
     "prompt_completion": _parse_prompt_completion,
     "alpaca": _parse_alpaca,
     "text": _parse_text,
+    "preference": _parse_preference,
 }
 
 

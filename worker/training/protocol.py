@@ -42,6 +42,12 @@ class TrainPoint(_Stamped):
     tokens_per_second: float | None = None
     peak_memory_bytes: int | None = None
     gpu_utilization: float | None = None  # busy fraction, where NVML can say
+    # method dpo only (None for sft): the share of pairs whose preferred answer out-scores the other, the mean
+    # implicit rewards beta*(log p - log p_ref) of each side, and their mean margin. train_loss is the DPO loss.
+    reward_accuracy: float | None = None
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +59,11 @@ class EvalPoint(_Stamped):
     epoch: float
     eval_loss: float | None
     perplexity: float | None = None
+    # method dpo only, on the validation pairs: as TrainPoint's. eval_loss is the DPO loss (perplexity None).
+    reward_accuracy: float | None = None
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -190,9 +190,45 @@ class EvalSpec(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
 
 
+class SftMethod(_Strict):
+    """Supervised fine-tuning: learn the assistant turns of chat, prompt/completion, alpaca or text rows."""
+
+    type: Literal["sft"] = "sft"
+
+
+class DpoMethod(_Strict):
+    """Direct Preference Optimization (Rafailov et al., 2023) on `preference` rows: raise the likelihood of
+    the preferred answer over the other, relative to a frozen reference (the starting adapter, or the
+    base where there is none), held close to it by beta."""
+
+    type: Literal["dpo"]
+    # How far the policy may move from the reference: 0.1 is the DPO paper's and trl's default; lower lets
+    # it drift further (stronger preference, more forgetting), higher keeps it closer.
+    beta: float = Field(0.1, gt=0, le=10)
+    # sigmoid: the DPO paper's loss. ipo (Azar et al., 2023): a squared loss that keeps the margin at
+    # 1/(2 beta) instead of pushing it to infinity, which overfits less on pairs that are always right.
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # The share of pairs assumed mislabelled (conservative DPO, sigmoid loss only); 0 trusts every label.
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self) -> DpoMethod:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("label_smoothing: only for loss \"sigmoid\" (ipo has no label smoothing); set it to 0")
+        return self
+
+
+Method = Annotated[SftMethod | DpoMethod, Field(discriminator="type")]
+METHODS: dict[str, type[BaseModel]] = {"sft": SftMethod, "dpo": DpoMethod}
+# The dataset format each method trains on (worker/training/data.py); the API refuses a mismatch.
+METHOD_FORMATS = {"sft": ("chat", "prompt_completion", "alpaca", "text"), "dpo": ("preference",)}
+
+
 class JobSpec(_Strict):
     # A registry name or a local directory of safetensors weights. Never remote code, never pickles.
     base_model: str = Field(min_length=1, max_length=512)
+    # sft (the default) or dpo; a dpo job usually continues an sft job's adapter (the API's initial_job_id).
+    method: Method = SftMethod()
     quantization: QuantizationSpec = QuantizationSpec()
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec
@@ -239,16 +275,26 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
         # Drop the union branch tags pydantic adds ("literal['auto']", "constrained-int", "list[str]").
         loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list[", "constrained-"))]
         msg = err["msg"].removeprefix("Value error, ")
+        # A method's fields are reported as "method.beta", looked up in the method the tag chose ("method.dpo.beta").
+        where, prefix = model, []
+        if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:
+            where, prefix, loc = METHODS[loc[1]], ["method"], loc[2:]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            given = err["input"].get("type") if isinstance(err.get("input"), dict) else None
+            out.append((".".join([*loc, "type"]), f"must be one of {', '.join(map(repr, METHODS))} "
+                                                  f"(got {excerpt(given) if given is not None else 'none'})"))
+            continue
         if err["type"] == "extra_forbidden":  # the field's name is the caller's: echoed as an excerpt too
-            field = ".".join([*loc[:-1], excerpt(loc[-1], quote=False)])
-            out.append((field, f"unknown field; allowed here: {', '.join(_fields_at(model, loc[:-1]))}"))
+            field = ".".join([*prefix, *loc[:-1], excerpt(loc[-1], quote=False)])
+            out.append((field, f"unknown field; allowed here: {', '.join(_fields_at(where, loc[:-1]))}"))
             continue
         if err["type"] == "value_error" and ": " in msg:  # a cross-field rule names its own fields
             fields, msg = msg.split(": ", 1)
-            out.append((".".join([*loc, fields]), msg))
+            out.append((".".join([*prefix, *loc, fields]), msg))
             continue
-        allowed = _allowed(model, loc)
-        out.append((".".join(loc) or "(spec)", f"{msg} (got {excerpt(err.get('input'))}; allowed: {allowed})" if allowed else msg))
+        allowed = _allowed(where, loc)
+        out.append((".".join([*prefix, *loc]) or "(spec)",
+                    f"{msg} (got {excerpt(err.get('input'))}; allowed: {allowed})" if allowed else msg))
     # One entry per field: a Literal|list union reports the same field twice.
     seen: dict[str, str] = {}
     for field, msg in out:
