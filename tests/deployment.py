@@ -121,7 +121,7 @@ def stop_deployment(d: Deployment) -> None:
     services.drop_postgres_database(d.settings.database_url)
 
 
-def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240,
+def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 420,
                     deployment: Deployment | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while True:

@@ -51,7 +51,7 @@ from worker.training.protocol import (
     Result,
     WorkDir,
 )
-from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
+from worker.transfer import Transfer, WriterStream, format_duration, initial_adapter_dir, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,11 @@ class JobRun:
             # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
             self._download_tar(watch, f"checkpoint at step {job.resume_step}", job.resume_from, workdir.out,
                                workdir.archive("resume"))
+        if job.initial_adapter is not None:
+            # The artifact is a tar of adapter/ (adapter_config.json, adapter_model.safetensors): it lands
+            # where the training process looks for it. Every attempt fetches the same one.
+            self._download_tar(watch, f"adapter of job {job.initial_job_id}", job.initial_adapter,
+                               initial_adapter_dir(workdir.root).parent, workdir.archive("initial"))
         base_path = self._base_model_path(job.base_model, watch)
         JobFile(
             job_id=job.id, team_id=job.team_id, spec=job.spec,
@@ -433,12 +438,15 @@ class JobRun:
         if outcome is None:
             return (states.FAILED, f"the training process exited with code {returncode} without a result; "
                                    f"last lines of its log:\n{_tail(workdir.log)}", None, None)
+        summary = outcome.summary
+        if summary is not None and job.initial_job_id:
+            summary = {**summary, "initial_job_id": job.initial_job_id}  # the lineage, with the run's numbers
         if outcome.status == states.SUCCEEDED:
             for kind in ARTIFACTS:
                 source = workdir.out / kind
                 if source.is_dir():
                     self._upload_artifact(job, kind, source, watch)
-        return (outcome.status, outcome.error, outcome.summary, outcome.report)
+        return (outcome.status, outcome.error, summary, outcome.report)
 
     def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:
         """Stream a tar of the directory into storage (weights barely compress; a plain tar is fast to

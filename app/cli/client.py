@@ -26,6 +26,7 @@ from app.cli.render import (
     print_report,
     print_table,
     print_usage,
+    reward_line,
     sparkline,
     status_style,
     steps,
@@ -172,6 +173,8 @@ def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argumen
 # ---------------------------------------------------------------- jobs
 
 JobId = Annotated[str, typer.Argument(metavar="ID", help="Job id.")]
+InitialJobOption = Annotated[Optional[str], typer.Option(
+    "--initial-job", metavar="ID", help="Start from this succeeded job's adapter (SFT, then DPO from it).")]
 
 
 @jobs_commands.command("create")
@@ -184,10 +187,12 @@ def jobs_create(
     gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="Run on workers of this GPU class.")] = None,
     priority: Annotated[Optional[str], typer.Option(
         "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
+    initial_job: InitialJobOption = None,
 ) -> None:
-    """Queue a fine-tuning job: the spec file plus the dataset ids."""
+    """Queue a fine-tuning job: the spec file plus the dataset ids. A spec with "method": {"type": "dpo"}
+    trains on a preference dataset, usually from an SFT job's adapter (--initial-job)."""
     body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, name=name, gpu_class=gpu_class,
-                     priority=priority)
+                     priority=priority, initial_job_id=initial_job)
     with _api(ctx) as api:
         job = api.create_job(body)
     out.print(f"job {job['id']} {job['status']}", highlight=False)
@@ -214,13 +219,15 @@ def jobs_preflight(
     dataset: Annotated[str, typer.Option("--dataset", help="Training dataset id.")],
     validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
     gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="As `jobs create` would ask for.")] = None,
+    initial_job: InitialJobOption = None,
     examples: Annotated[int, typer.Option(help="Rows shown token by token (0-5), trained tokens highlighted.")] = 1,
     as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
                                                     "by default tables on a terminal, JSON on a pipe.")] = None,
 ) -> None:
     """What a job would train on, before it runs: rows, tokens, truncation, EOS, steps, memory and GPU
     class, and rows token by token. Exits 1 where `jobs create` would refuse the job."""
-    body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, gpu_class=gpu_class)
+    body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, gpu_class=gpu_class,
+                     initial_job_id=initial_job)
     body["examples"] = examples
     with _api(ctx) as api:
         answer = api.preflight_job(body)
@@ -341,6 +348,8 @@ class _JobWatcher:
         self.job: dict = {}
         self.train_losses: list[float] = []
         self.eval_loss: float | None = None
+        self.rewards: dict | None = None  # a dpo job's newest train point: reward accuracy and margin
+        self.eval_rewards: dict | None = None
         self.tokens_per_second: float | None = None
         self.unreachable_since: float | None = None
         self._events: list[dict] = []
@@ -393,6 +402,10 @@ class _JobWatcher:
         self.tokens_per_second = speeds[-1] if speeds else None
         evals = [p["eval_loss"] for p in self._eval if p["eval_loss"] is not None]
         self.eval_loss = evals[-1] if evals else None
+        rewarded = [p for p in self._train if p.get("reward_accuracy") is not None]
+        self.rewards = rewarded[-1] if rewarded else None
+        rewarded = [p for p in self._eval if p.get("reward_accuracy") is not None]
+        self.eval_rewards = rewarded[-1] if rewarded else None
 
     def take_new_events(self) -> list[dict]:
         events, self._events = self._events, []
@@ -414,6 +427,8 @@ class _JobWatcher:
             "   tokens/s ", (f"{self.tokens_per_second:,.0f}" if self.tokens_per_second else "-", "bold"),
             "   loss ", (sparkline(self.train_losses), "cyan"))
         parts: list[RenderableType] = [header, self.progress, stats]
+        if self.rewards is not None or self.eval_rewards is not None:
+            parts.append(reward_line(self.rewards, self.eval_rewards))
         if self.unreachable_since is not None:
             parts.append(Text(f"the API is not answering; retrying (since {time.monotonic() - self.unreachable_since:.0f}s)",
                               style="yellow"))

@@ -25,6 +25,9 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     validation: Annotated[Optional[Path], typer.Option("--validation", help="Validation JSONL.", exists=True, dir_okay=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out.")] = False,
+    initial_adapter: Annotated[Optional[Path], typer.Option(
+        "--initial-adapter", help="Start from this saved adapter (a run's adapter/ directory) instead of a fresh one: "
+        "SFT, then DPO from it.", exists=True, file_okay=False)] = None,
 ) -> None:
     """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out."""
     from worker.training.data import DataError
@@ -35,7 +38,8 @@ def train(
         job = JobSpec.from_file(spec)
         from worker.training.recipe import TrainingError, run
 
-        result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True)
+        result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True,
+                     initial_adapter=initial_adapter)
     except (SpecError, DataError, TemplateError) as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None

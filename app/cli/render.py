@@ -137,6 +137,28 @@ def print_run_summary(s: dict, out_dir: Path) -> None:
 # ---------------------------------------------------------------- records of the API
 
 
+def method_text(method: dict | None) -> str:
+    """"sft", or "dpo (beta 0.1, sigmoid loss)" with label smoothing where set."""
+    if not method or method.get("type", "sft") == "sft":
+        return "sft"
+    smoothing = f", label smoothing {method['label_smoothing']:g}" if method.get("label_smoothing") else ""
+    return f"{method['type']} (beta {method.get('beta', 0.1):g}, {method.get('loss', 'sigmoid')} loss{smoothing})"
+
+
+def reward_line(train: dict | None, evaluated: dict | None):
+    """`jobs watch`'s line for a dpo job: reward accuracy and margin of the newest train and eval points."""
+    from rich.text import Text
+
+    parts: list = []
+    for label, point in (("train", train), ("eval", evaluated)):
+        if point is None:
+            continue
+        parts += [f"{'   ' if parts else ''}{label} reward accuracy ",
+                  (number(point.get("reward_accuracy"), ".1%"), "bold"),
+                  "  margin ", (number(point.get("reward_margin"), ".3f"), "bold")]
+    return Text.assemble(*parts)
+
+
 def print_job(job: dict) -> None:
     from rich.text import Text
 
@@ -146,6 +168,8 @@ def print_job(job: dict) -> None:
         ("name", plain(job["name"])),
         ("status", Text(job["status"], style=status_style(job["status"]))),
         ("base model", plain(job["base_model"])),
+        ("method", method_text((job.get("spec") or {}).get("method"))),
+        ("initial job", job.get("initial_job_id") or "-"),
         ("dataset", job["dataset_id"] or "-"),
         ("validation", job["validation_dataset_id"] or "-"),
         ("queue / attempt", f"{job['queue']} / {job['attempt']}"),

@@ -43,9 +43,9 @@ def get(session: Session, team_id: str, job_id: str) -> Job | None:
 # it is (schemas.job_json) instead of decoding and encoding it again: a page of fifty jobs holds fifty
 # specs and summaries (docs/performance.md).
 JOB_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model, Job.dataset_id,
-            Job.validation_dataset_id, sa.cast(Job.spec, Text).label("spec"), Job.queue, Job.attempt, Job.trained_tokens,
-            Job.error, sa.cast(Job.summary, Text).label("summary"), Job.created_at, Job.started_at, Job.finished_at,
-            Job.heartbeat_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
+            Job.validation_dataset_id, Job.initial_job_id, sa.cast(Job.spec, Text).label("spec"), Job.queue, Job.attempt,
+            Job.trained_tokens, Job.error, sa.cast(Job.summary, Text).label("summary"), Job.created_at, Job.started_at,
+            Job.finished_at, Job.heartbeat_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
 # Built once: a status poll binds its team and job into it rather than building and caching a statement.
 _VIEW_BY_ID = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW).where(Job.id == bindparam("job_id"))
 
@@ -270,15 +270,6 @@ def metrics_after(session: Session, team_id: str, job_id: str, after_id: int, li
         .order_by(JobMetric.id).limit(limit)))
 
 
-def events_newest_first(session: Session, team_id: str, job_id: str, before: int | None,
-                        limit: int) -> list[JobEvent]:
-    """The job's events newest first (as OpenAI lists them), before the event with id `before`."""
-    query = select(JobEvent).where(JobEvent.job_id.in_(_readable_job_id(team_id, job_id)))
-    if before is not None:
-        query = query.where(JobEvent.id < before)
-    return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
-
-
 def count_active_by_status(session: Session) -> dict[str, int]:
     """For the operators' /metrics: jobs not finished yet, by status, over every team. The index on
     status finds them without reading the finished ones, however many there are."""
@@ -338,3 +329,32 @@ def drop_quantized_base(session: Session, key: str) -> str | None:
         return None
     session.delete(row)
     return row.storage_key
+
+
+# The OpenAI events list shows the job's events and its metric points as one feed, newest first, ordered
+# by (created_at, rank, id): at the same moment an event (rank 1) is newer than a point (rank 0).
+EVENT_RANK, METRIC_RANK = 1, 0
+
+
+def feed_key(session: Session, team_id: str, job_id: str, table: type[JobEvent] | type[JobMetric],
+             row_id: int) -> tuple[datetime, int, int] | None:
+    """Where an event or a point of the team's job sits in the feed; None when it is not the job's."""
+    created = session.scalar(select(table.created_at).where(
+        table.job_id.in_(_readable_job_id(team_id, job_id)), table.id == row_id))
+    return None if created is None else (created, EVENT_RANK if table is JobEvent else METRIC_RANK, row_id)
+
+
+def feed_before(session: Session, team_id: str, job_id: str, table: type[JobEvent] | type[JobMetric],
+                key: tuple[datetime, int, int] | None, limit: int) -> list:
+    """The job's events (or metric points) older in the feed than `key`, newest first."""
+    query = select(table).where(table.job_id.in_(_readable_job_id(team_id, job_id)))
+    if key is not None:
+        created, rank, row_id = key
+        own = EVENT_RANK if table is JobEvent else METRIC_RANK
+        if own < rank:
+            query = query.where(table.created_at <= created)
+        elif own == rank:
+            query = query.where(sa.or_(table.created_at < created, sa.and_(table.created_at == created, table.id < row_id)))
+        else:
+            query = query.where(table.created_at < created)
+    return list(session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(limit)))

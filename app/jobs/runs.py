@@ -25,6 +25,8 @@ from worker.training.protocol import (
     TrainPoint,
 )
 
+INITIAL_ADAPTER = "adapter"  # the artifact of the initial job a job starts from
+
 
 class LeaseLost(Exception):
     """This worker no longer owns the job: stop training and write nothing more."""
@@ -52,6 +54,9 @@ class ClaimedJob:
     validation: ObjectRef | None
     resume_from: ObjectRef | None = None  # the newest complete checkpoint, for a later attempt
     resume_step: int = 0
+    # The `adapter` artifact of the job this one continues (initial_job_id), for every attempt alike.
+    initial_adapter: ObjectRef | None = None
+    initial_job_id: str | None = None
 
 
 def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
@@ -69,17 +74,29 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     validation = session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
     repository.add_event(session, job.id, "claimed", message=f"{worker} took the job (attempt {attempt})",
                          attempt=attempt, data={"worker": worker})
-    if model is None or train is None:
-        missing = f"base model {job.base_model!r} is no longer registered" if model is None \
-            else "its training dataset was deleted"
+    # The starting adapter, read in the job's own team like every other read of a job.
+    initial = repository.artifact(session, job.team_id, job.initial_job_id, INITIAL_ADAPTER) \
+        if job.initial_job_id else None
+    missing = None
+    if model is None:
+        missing = f"base model {job.base_model!r} is no longer registered"
+    elif train is None:
+        missing = "its training dataset was deleted"
+    elif job.initial_job_id and initial is None:
+        missing = (f"the adapter of its initial job {job.initial_job_id} is gone (that job was deleted); create the "
+                   f"job again from another job's adapter, or without initial_job_id")
+    if missing:
         finish(session, job.id, attempt, states.FAILED, error=f"cannot start: {missing}")
         return None
+    assert model is not None and train is not None
     claimed = ClaimedJob(
         id=job.id, team_id=job.team_id, queue=job.queue, attempt=attempt, spec=job.spec,
         base_model={"name": model.name, "path": model.path, "hub_id": model.hub_id, "revision": model.revision},
         train=ObjectRef(train.id, train.storage_key, train.sha256, train.bytes),
         validation=ObjectRef(validation.id, validation.storage_key, validation.sha256, validation.bytes)
         if validation else None,
+        initial_adapter=ObjectRef(initial.id, initial.storage_key, initial.sha256, initial.bytes) if initial else None,
+        initial_job_id=job.initial_job_id,
     )
     if attempt > 1:
         _plan_resume(session, claimed)
@@ -163,7 +180,8 @@ def _prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
 
 
 _METRIC_FIELDS = ("step", "epoch", "train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_seen",
-                  "tokens_per_second", "peak_memory_bytes", "gpu_utilization")
+                  "tokens_per_second", "peak_memory_bytes", "gpu_utilization",
+                  "reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin")  # the last four: dpo only
 
 
 def _metric_values(point: TrainPoint | EvalPoint) -> dict:

@@ -30,6 +30,10 @@ class JobCreate(JobSpec):
         None, max_length=MAX_METADATA, description="Your own string tags, returned as given.")
     priority: Literal["low", "normal", "high"] = Field(
         "normal", description="Order among your team's own queued jobs (teams are ordered by fair share first).")
+    initial_job_id: str | None = Field(
+        None, min_length=1, max_length=32,
+        description="Start from the adapter of this job of yours (it must have succeeded, on the same base_model): "
+                    "SFT first, then DPO from it. Null or absent: a fresh adapter.")
 
     @field_validator("name")
     @classmethod
@@ -66,6 +70,7 @@ class JobOut(BaseModel):
     base_model: str
     dataset_id: str | None
     validation_dataset_id: str | None
+    initial_job_id: str | None = Field(None, description="The job whose adapter this one started from, if any.")
     spec: dict[str, Any]
     queue: str
     attempt: int
@@ -158,6 +163,11 @@ class TrainPoint(BaseModel):
     tokens_per_second: float | None
     peak_memory_bytes: int | None
     gpu_utilization: float | None
+    # method dpo (null for sft): train_loss is then the DPO loss.
+    reward_accuracy: float | None = Field(None, description="dpo: share of pairs whose preferred answer scores higher.")
+    reward_chosen: float | None = Field(None, description="dpo: mean implicit reward of the preferred answers.")
+    reward_rejected: float | None = Field(None, description="dpo: mean implicit reward of the non-preferred answers.")
+    reward_margin: float | None = Field(None, description="dpo: mean of chosen minus rejected reward.")
 
 
 class EvalPoint(BaseModel):
@@ -166,6 +176,11 @@ class EvalPoint(BaseModel):
     step: int
     epoch: float | None
     eval_loss: float | None
+    # method dpo, on the validation pairs (null for sft): eval_loss is then the DPO loss.
+    reward_accuracy: float | None = None
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
 
 
 class MetricsOut(BaseModel):

@@ -14,14 +14,15 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets import service as datasets
+from app.datasets.tables import Dataset
 from app.db import after_commit, utcnow
 from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
-from app.jobs import preflight, repository, states
+from app.jobs import lineage, preflight, repository, states
 from app.jobs.admission import admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
 from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
-from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.models import repository as models
 from app.models import service as models_service
 from app.models.tables import RegisteredModel
@@ -45,6 +46,7 @@ _FIELD_RULES = {
     "gpu_class": "lowercase letters, digits, '-' and '_', at most 50 characters",
     "metadata": f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)",
     "priority": "one of low, normal, high (the order among your team's own queued jobs)",
+    "initial_job_id": "must be the id of a job of yours that succeeded (its adapter is where this job starts), or null",
 }
 
 
@@ -69,11 +71,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
            runner: PreflightRunner | None = None) -> Job:
     """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and queue."""
     meta, spec = parse_create(body)
-    model = _registered_model(session, spec)
-    for field in ("dataset_id", "validation_dataset_id"):
-        if meta.get(field) is not None:
-            _usable_dataset(session, caller, field, meta[field])
-    needs_validation(spec, meta)
+    model = _checked_inputs(session, caller, meta, spec)
     admitted = admit(settings, model, spec, meta.get("gpu_class"))
     checked = (preflight.check(session, storage, runner, caller, model, admitted.spec, meta) if storage is not None
                else preflight.Checked(None, "preflight not run"))
@@ -84,6 +82,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
+        initial_job_id=meta.get("initial_job_id"),
         queue=settings.queue_for(admitted.gpu_class), priority=PRIORITIES[meta.get("priority", "normal")],
     )
     session.add(job)
@@ -124,11 +123,7 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
         raise Invalid(f"examples: an integer from 0 to {MAX_EXAMPLES} (rows shown token by token), got {excerpt(examples)}",
                       details=field_errors([("examples", f"an integer from 0 to {MAX_EXAMPLES}")]), code="invalid_job")
     meta, spec = parse_create(body)
-    model = _registered_model(session, spec)
-    for field in ("dataset_id", "validation_dataset_id"):
-        if meta.get(field) is not None:
-            _usable_dataset(session, caller, field, meta[field])
-    needs_validation(spec, meta)
+    model = _checked_inputs(session, caller, meta, spec)
     try:
         admitted = admit(settings, model, spec, meta.get("gpu_class"))
         placement: dict[str, Any] = {
@@ -145,6 +140,20 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
             "can_learn": None if checked.report is None else not checked.report["refusals"]}
 
 
+def _checked_inputs(session: Session, caller: Caller, meta: dict, spec: JobSpec) -> RegisteredModel:
+    """What POST /jobs and POST /jobs/preflight both check before admission: the base model is registered,
+    the datasets are the team's, ready and of a format the method trains on, the initial job (if any) is the
+    team's and left an adapter for the same base model, and a validation set is there where the spec needs one."""
+    model = _registered_model(session, spec)
+    for field in ("dataset_id", "validation_dataset_id"):
+        if meta.get(field) is not None:
+            lineage.check_format(spec, field, _usable_dataset(session, caller, field, meta[field]))
+    if meta.get("initial_job_id") is not None:
+        lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
+    needs_validation(spec, meta)
+    return model
+
+
 def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:
     # No registered name has a control character, and Postgres would fail the lookup of one with NUL.
     model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model)
@@ -155,7 +164,7 @@ def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:
     return model
 
 
-def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: str) -> None:
+def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: str) -> Dataset:
     try:
         if has_control_characters(dataset_id):  # as missing as a wrong id, not a query that fails
             raise NotFound(dataset_id)
@@ -168,6 +177,7 @@ def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: st
             f"{field}: dataset {dataset_id} is invalid ({dataset.error_count} bad lines; first: line "
             f"{first['line']}: {first['message']}); fix the file and upload it again",
             details=field_errors([(field, "dataset is invalid")]), code="invalid_job")
+    return dataset
 
 
 @dataclass
@@ -240,11 +250,24 @@ def events(session: Session, caller: Caller, job_id: str, after: int | None, lim
     return repository.events(session, caller.team_id, job.id, after, min(max(limit, 1), MAX_EVENTS))
 
 
-def events_newest_first(session: Session, caller: Caller, job_id: str, before: int | None, limit: int) -> Page:
-    """Events newest first, before the event with id `before` (OpenAI's order)."""
+def feed_newest_first(session: Session, caller: Caller, job_id: str, after: tuple[str, int] | None,
+                      limit: int) -> Page:
+    """The job's events and metric points as one list, newest first (OpenAI's events, whose "metrics"
+    events carry the curve), after the item `after` = ("event" | "metric", id) of a previous page."""
     job = get(session, caller, job_id)
     check_limit(limit)
-    return page(repository.events_newest_first(session, caller.team_id, job.id, before, limit + 1), limit)
+    key = None
+    if after is not None:
+        table = JobEvent if after[0] == "event" else JobMetric
+        key = repository.feed_key(session, caller.team_id, job.id, table, after[1])
+        if key is None:
+            raise Invalid("after: not an event of this job (pass the last id of the previous page)",
+                          details=field_errors([("after", "not an event of this job")]))
+    rows = (repository.feed_before(session, caller.team_id, job.id, JobEvent, key, limit + 1)
+            + repository.feed_before(session, caller.team_id, job.id, JobMetric, key, limit + 1))
+    rank = {JobEvent: repository.EVENT_RANK, JobMetric: repository.METRIC_RANK}
+    rows.sort(key=lambda row: (row.created_at, rank[type(row)], row.id), reverse=True)
+    return page(rows[:limit + 1], limit)
 
 
 def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None) -> dict:

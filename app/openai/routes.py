@@ -14,6 +14,7 @@ from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, field_errors
 from app.jobs import service as jobs
+from app.jobs.tables import JobEvent
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
 
@@ -119,10 +120,12 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_events(job_id: str, session: SessionDep, caller: CallerDep, after: str | None = None, limit: int = 20):
-    """Newest first, as OpenAI lists them; `after` is the last event id of the previous page."""
+    """Newest first, as OpenAI lists them, with each point of the curve as a "metrics" event (step,
+    train_loss or valid_loss, and a dpo job's rewards); `after` is the last event id of the previous page."""
     job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))  # 404 before a bad `after`
-    events = jobs.events_newest_first(session, caller, job.id, t.event_id(after) if after else None, limit)
-    return _list([t.event_object(e) for e in events.data], events)
+    feed = jobs.feed_newest_first(session, caller, job.id, t.feed_cursor(after) if after else None, limit)
+    return _list([t.event_object(row) if isinstance(row, JobEvent) else t.metric_event_object(row, job.total_steps)
+                  for row in feed.data], feed)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")

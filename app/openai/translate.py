@@ -14,7 +14,7 @@ from typing import Any
 from app.datasets.tables import Dataset
 from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
-from app.jobs.tables import Checkpoint, Job, JobEvent
+from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.pagination import MAX_ID
 from worker.training.spec import TrainingSpec, excerpt
 
@@ -32,10 +32,17 @@ PARAM_NAMES = {
     "training.learning_rate": "hyperparameters.learning_rate_multiplier",
     "training.per_device_batch_size": "hyperparameters.batch_size",
     "training.gradient_accumulation_steps": "hyperparameters.batch_size",
+    "method.beta": "method.dpo.hyperparameters.beta", "method.loss": "method.dpo.hyperparameters.loss",
+    "method.label_smoothing": "method.dpo.hyperparameters.label_smoothing",
 }
 OPENAI_FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
                  "metadata", "integrations"}
-EXTRA_FIELDS = {"lora", "quantization", "training", "output", "eval", "gpu_class"}  # ours, through the SDK's extra_body
+# Ours, through the SDK's extra_body.
+EXTRA_FIELDS = {"lora", "quantization", "training", "output", "eval", "gpu_class", "initial_job_id"}
+# OpenAI's method types as ours: the hyperparameters of each sit under method[<type>]["hyperparameters"].
+METHODS = {"supervised": "sft", "dpo": "dpo"}
+OPENAI_METHOD = {ours: theirs for theirs, ours in METHODS.items()}
+DPO_OPTIONS = ("beta", "loss", "label_smoothing")  # beta is OpenAI's; loss and label_smoothing are ours
 
 # Our job states as OpenAI's; the ones it has no word for read as the nearest it has.
 STATUS = {
@@ -66,6 +73,16 @@ def event_id(openai_id: str) -> int:
     return int(digits)
 
 
+METRIC_EVENT = EVENT + "m"  # a point of the curve shown as a "metrics" event: ftevent-m<point id>
+
+
+def feed_cursor(openai_id: str) -> tuple[str, int]:
+    """What an events page's `after` names: ("event", id) or, for a metrics event, ("metric", id)."""
+    if openai_id.startswith(METRIC_EVENT):
+        return "metric", event_id(EVENT + openai_id[len(METRIC_EVENT):])
+    return "event", event_id(openai_id)
+
+
 def file_object(dataset: Dataset) -> dict:
     errors = "; ".join(f"line {e['line']}: {e['message']}" for e in dataset.errors[:5]) or None
     return {
@@ -94,6 +111,14 @@ def fine_tuned_model(job: Job, team_name: str) -> str:
     return f"ft:{job.base_model}:{team_name}:{job.name}:{job.id}"
 
 
+def method_of(spec: dict, hyperparameters: dict) -> dict:
+    """The job's method in OpenAI's shape: {"type": "dpo", "dpo": {"hyperparameters": {..., "beta"}}}."""
+    method = spec.get("method") or {"type": "sft"}
+    kind = OPENAI_METHOD[method["type"]]
+    extra = {name: method[name] for name in DPO_OPTIONS if name in method}
+    return {"type": kind, kind: {"hyperparameters": {**hyperparameters, **extra}}}
+
+
 def job_object(job: Job, team_name: str) -> dict:
     hyperparameters = hyperparameters_of(job.spec)
     error = None
@@ -107,12 +132,13 @@ def job_object(job: Job, team_name: str) -> dict:
         "training_file": FILE + job.dataset_id if job.dataset_id else None,
         "validation_file": FILE + job.validation_dataset_id if job.validation_dataset_id else None,
         "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": method_of(job.spec, hyperparameters),
         "trained_tokens": job.trained_tokens if job.status == states.SUCCEEDED else None,
         "error": error, "seed": job.spec["training"]["seed"], "metadata": job.user_metadata,
         "user_provided_suffix": job.name or None, "estimated_finish": None, "integrations": [],
         # Ours, for clients that know them: where training is and how a job is configured.
         "progress": {"step": job.step, "total_steps": job.total_steps}, "spec": job.spec,
+        "initial_job_id": JOB + job.initial_job_id if job.initial_job_id else None,
     }
 
 
@@ -123,6 +149,33 @@ def event_object(event: JobEvent) -> dict:
         "data": {"type": event.type, "step": event.step, "attempt": event.attempt, **(event.data or {})},
         "type": "message",
     }
+
+
+# A point's fields as OpenAI's metrics events name them: train_* for a train point, valid_* for an eval one.
+_REWARDS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
+
+
+def metric_event_object(point: JobMetric, total_steps: int | None) -> dict:
+    """A point of the curve as OpenAI's "metrics" event: step, total_steps, train_loss (valid_loss for an
+    eval point), and for a dpo job the rewards (train_reward_accuracy, train_reward_margin, ...)."""
+    side = "train" if point.kind == "train" else "valid"
+    data: dict[str, Any] = {"step": point.step, "total_steps": total_steps,
+                            f"{side}_loss": point.train_loss if side == "train" else point.eval_loss}
+    data.update({f"{side}_{name}": getattr(point, name) for name in _REWARDS if getattr(point, name) is not None})
+    said = [f"{'training' if side == 'train' else 'validation'} loss={_number(data[f'{side}_loss'])}"]
+    if point.reward_accuracy is not None:
+        said.append(f"reward accuracy={_number(point.reward_accuracy)}")
+    if point.reward_margin is not None:
+        said.append(f"reward margin={_number(point.reward_margin)}")
+    return {
+        "object": "fine_tuning.job.event", "id": f"{METRIC_EVENT}{point.id}", "created_at": unix(point.created_at),
+        "level": "info", "message": f"Step {point.step}{f'/{total_steps}' if total_steps else ''}: {', '.join(said)}",
+        "data": data, "type": "metrics",
+    }
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def checkpoint_object(checkpoint: Checkpoint, job: Job, team_name: str) -> dict:
@@ -155,9 +208,11 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
     if body.get("integrations"):
         raise Invalid("integrations are not supported", details=field_errors([("integrations", "not supported")]))
     method = _object(body, "method", "method") or {"type": "supervised"}
-    if method.get("type") != "supervised":
-        raise Invalid(f"method.type {excerpt(method.get('type'))} is not supported; this service fine-tunes with "
-                      "supervised QLoRA", details=field_errors([("method.type", "must be 'supervised'")]))
+    kind = method.get("type")
+    if kind not in METHODS:
+        raise Invalid(f"method.type {excerpt(kind)} is not supported; this service fine-tunes with "
+                      f"{' or '.join(map(repr, METHODS))}",
+                      details=field_errors([("method.type", f"must be one of {', '.join(map(repr, METHODS))}")]))
     if not isinstance(body.get("model"), str):
         raise Invalid("model: required, the name of a registered base model (GET /v1/models is not served; "
                       "see GET /models)", details=field_errors([("model", "required")]))
@@ -168,9 +223,11 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
                                                         and body["validation_file"]):
         raise Invalid("validation_file: must be a file id from POST /v1/files, or null for none",
                       details=field_errors([("validation_file", "must be a file id or null")]))
-    supervised = _object(method, "supervised", "method.supervised")
+    # The SDK sends the hyperparameters under method[type]; the top-level ones are the older way.
+    settings = _object(method, kind, f"method.{kind}")
     hyperparameters = {**_object(body, "hyperparameters", "hyperparameters"),
-                       **_object(supervised, "hyperparameters", "method.supervised.hyperparameters")}
+                       **_object(settings, "hyperparameters", f"method.{kind}.hyperparameters")}
+    native_method = _method_from(kind, hyperparameters)
     training = _object(body, "training", "training")
     training.update(_training_from(hyperparameters, training, max_micro_batch))
     if body.get("seed") is not None:
@@ -183,9 +240,34 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
     }
     if body.get("validation_file") is not None:
         native["validation_dataset_id"] = native_id(body["validation_file"], FILE, "file")
+    if native_method["type"] != "sft":  # sft is the spec's default
+        native["method"] = native_method
     if body.get("suffix"):
         native["name"] = body["suffix"]
+    if body.get("initial_job_id") is not None:
+        initial = body["initial_job_id"]
+        if not isinstance(initial, str) or not initial:
+            raise Invalid("initial_job_id: must be a fine-tuning job id (ftjob-...), or null for none",
+                          details=field_errors([("initial_job_id", "must be a job id or null")]))
+        native["initial_job_id"] = initial.removeprefix(JOB)  # the SDK's id, or the native one
     return native
+
+
+def _method_from(kind: str, hyperparameters: dict) -> dict:
+    """Our spec's method from OpenAI's: supervised is sft; dpo takes beta ("auto": the spec's default) and,
+    as ours, loss and label_smoothing, from its hyperparameters (the rest are the training's)."""
+    method: dict[str, Any] = {"type": METHODS[kind]}
+    if kind == "dpo":
+        for name in DPO_OPTIONS:
+            value = hyperparameters.pop(name, "auto")
+            if value != "auto":
+                method[name] = value  # checked by the spec, and named back as method.dpo.hyperparameters.<name>
+    else:
+        stray = [name for name in DPO_OPTIONS if name in hyperparameters]
+        if stray:
+            raise Invalid(f"method.{kind}.hyperparameters.{stray[0]}: only for method dpo",
+                          details=field_errors([(f"method.{kind}.hyperparameters.{stray[0]}", "only for method dpo")]))
+    return method
 
 
 def _object(parent: dict, key: str, field: str) -> dict:

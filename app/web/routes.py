@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from worker.training.spec import EvalSpec, LoraSpec, OutputSpec, QuantizationSpec, TrainingSpec
+from worker.training.spec import DpoMethod, EvalSpec, LoraSpec, OutputSpec, QuantizationSpec, SftMethod, TrainingSpec
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -35,6 +35,10 @@ def dashboard():
 @router.get("/web/spec-defaults")
 def spec_defaults():
     """The engine's defaults, so the new-job form is pre-filled from spec.py and cannot drift from it."""
-    return {section: {name: field.default for name, field in model.model_fields.items()}
-            for section, model in (("quantization", QuantizationSpec), ("lora", LoraSpec),
-                                   ("training", TrainingSpec), ("output", OutputSpec), ("eval", EvalSpec))}
+    defaults = {section: {name: field.default for name, field in model.model_fields.items()}
+                for section, model in (("quantization", QuantizationSpec), ("lora", LoraSpec),
+                                       ("training", TrainingSpec), ("output", OutputSpec), ("eval", EvalSpec))}
+    # The method: sft by default, with dpo's settings pre-filled for when dpo is picked (sent only then).
+    defaults["method"] = {"type": SftMethod.model_fields["type"].default,
+                          **{name: field.default for name, field in DpoMethod.model_fields.items() if name != "type"}}
+    return defaults

@@ -108,7 +108,7 @@ BAD_BODIES = [
     ({**BASE, "hyperparameters": [1, 2]}, "hyperparameters", 422),
     ({**BASE, "hyperparameters": "n_epochs=3"}, "hyperparameters", 422),
     ({**BASE, "method": "supervised"}, "method", 422),
-    ({**BASE, "method": {"type": "dpo"}}, "method.type", 422),
+    ({**BASE, "method": {"type": "reinforcement"}}, "method.type", 422),
     ({**BASE, "method": {"type": "supervised", "supervised": [1]}}, "method.supervised", 422),
     ({**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": 3}}},
      "method.supervised.hyperparameters", 422),

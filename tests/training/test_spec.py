@@ -40,6 +40,14 @@ def test_defaults_follow_qlora():
         ({"quantization": {"compute_dtype": "int4"}}, "quantization.compute_dtype", "'auto' | 'bfloat16'"),
         ({"training": {"max_steps": 10, "optimizer": "sgd"}}, "training.optimizer", "'paged_adamw_32bit'"),
         ({"training": {"max_steps": 0}}, "training.max_steps", ">= 1"),
+        ({"method": {"type": "dpo", "beta": 0}}, "method.beta", "> 0 and <= 10"),
+        ({"method": {"type": "dpo", "beta": "high"}}, "method.beta", "> 0 and <= 10"),
+        ({"method": {"type": "dpo", "loss": "hinge"}}, "method.loss", "'sigmoid' | 'ipo'"),
+        ({"method": {"type": "dpo", "label_smoothing": 0.5}}, "method.label_smoothing", ">= 0 and < 0.5"),
+        ({"method": {"type": "ppo"}}, "method.type", "'sft', 'dpo'"),
+        ({"method": {"beta": 0.1}}, "method.type", "'sft', 'dpo'"),
+        ({"method": {"type": "sft", "beta": 0.1}}, "method.beta", "unknown field; allowed here: type"),
+        ({"method": {"type": "dpo", "loss": "ipo", "label_smoothing": 0.1}}, "method.label_smoothing", "sigmoid"),
     ],
 )
 def test_out_of_range_names_field_and_range(patch, field, allowed):
@@ -79,3 +87,12 @@ def test_importing_spec_and_data_does_not_import_torch():
     code = "import sys, worker.training.spec, worker.training.data; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_method_defaults_to_sft_and_dpo_to_the_papers_beta():
+    assert JobSpec.parse(BASE).method.type == "sft"
+    dpo = JobSpec.parse({**BASE, "method": {"type": "dpo"}}).method
+    assert (dpo.type, dpo.beta, dpo.loss, dpo.label_smoothing) == ("dpo", 0.1, "sigmoid", 0.0)
+    # A spec stored before methods existed reads as sft, and the dump round-trips.
+    spec = JobSpec.parse({**BASE, "method": {"type": "dpo", "beta": 0.5, "loss": "ipo"}})
+    assert JobSpec.parse(spec.model_dump(mode="json")) == spec

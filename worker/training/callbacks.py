@@ -18,13 +18,24 @@ from worker.training.model import peak_memory_bytes
 from worker.training.protocol import EvalPoint, Event, Sink, TrainPoint
 from worker.training.spec import JobSpec
 
+# trl's DPO trainer logs these (eval_ before each for an evaluation): the TrainPoint/EvalPoint fields they fill.
+DPO_REWARDS = {"reward_accuracy": "rewards/accuracies", "reward_chosen": "rewards/chosen",
+               "reward_rejected": "rewards/rejected", "reward_margin": "rewards/margins"}
+
+
+def rewards(logs: dict, prefix: str = "") -> dict:
+    """The DPO reward fields of a TrainPoint or EvalPoint from a trainer log (None where not logged: SFT)."""
+    return {field: logs.get(prefix + key) for field, key in DPO_REWARDS.items()}
+
 
 class MetricsCallback(TrainerCallback):
-    """One point per logging step (TrainPoint) and per evaluation (EvalPoint) to the sink."""
+    """One point per logging step (TrainPoint) and per evaluation (EvalPoint) to the sink. For method
+    dpo, with the rewards trl logs, and no perplexity (exp of a DPO loss measures nothing)."""
 
-    def __init__(self, sink: Sink, device: str):
+    def __init__(self, sink: Sink, device: str, method: str = "sft"):
         self.sink = sink
         self.device = device
+        self.method = method
         self._last_time = time.monotonic()
         self._last_tokens = 0
 
@@ -50,13 +61,15 @@ class MetricsCallback(TrainerCallback):
             tokens_per_second=round((tokens - self._last_tokens) / elapsed, 1),
             peak_memory_bytes=peak_memory_bytes(self.device),
             gpu_utilization=gpu_utilization(self.device),
+            **rewards(logs),
         )
         self._last_time, self._last_tokens = now, tokens
         self.sink(point)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
-            self.sink(eval_record(state.global_step, state.epoch, metrics["eval_loss"]))
+            self.sink(eval_record(state.global_step, state.epoch, metrics["eval_loss"], method=self.method,
+                                  metrics=metrics))
 
 
 class HealthCallback(TrainerCallback):
@@ -207,12 +220,14 @@ def gpu_utilization(device: str) -> float | None:
         return None
 
 
-def eval_record(step: int, epoch: float | None, eval_loss: float) -> EvalPoint:
+def eval_record(step: int, epoch: float | None, eval_loss: float, *, method: str = "sft",
+                metrics: dict | None = None) -> EvalPoint:
     return EvalPoint(
         step=step,
         epoch=round(epoch or 0.0, 4),
         eval_loss=eval_loss,
-        perplexity=math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+        perplexity=None if method != "sft" else math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+        **rewards(metrics or {}, prefix="eval_"),
     )
 
 

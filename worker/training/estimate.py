@@ -14,6 +14,13 @@ The peak of a QLoRA step is the sum of:
   its recomputed activations;
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
+A DPO step (method dpo) runs each pair's two sequences, preferred and other, in one batch: twice the
+tokens of an SFT micro-batch of the same size, in every per-token part. It also runs the reference: a
+no-grad forward of the same batch, while the policy's activations are kept, so its one layer at a time
+(and its loss head's tile) competes with the backward for the step's peak. The reference adds no weights
+when it is the adapter switched off (the base); continued from a saved adapter, trl keeps a frozen copy
+of it (float32, as peft loads it): `reference_adapter=True` counts it.
+
 A paged optimizer's state (QLoRA section 3: bitsandbytes allocates it in CUDA unified memory) is
 *pageable*: under memory pressure the driver moves it to CPU memory and back for the optimizer step,
 so a step can run with part of it off the GPU. The estimate keeps it apart from the *resident* parts
@@ -210,16 +217,18 @@ def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, frozen: int) -
 
 
 def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | None = None,
-                         seq_len: int | None = None) -> Estimate:
+                         seq_len: int | None = None, reference_adapter: bool = False) -> Estimate:
     """The peak device memory of one training step of `spec` on the model `model_config` describes.
-    activation_offload and tiled_mlp "auto" count as off: `fit_memory_savers` decides them for a GPU."""
+    activation_offload and tiled_mlp "auto" count as off: `fit_memory_savers` decides them for a GPU.
+    `reference_adapter`: a DPO job continued from a saved adapter, whose frozen copy is the reference."""
     shape = ModelShape.from_config(model_config)
     t = spec.training
     offload = t.activation_offload is True and t.gradient_checkpointing
     tiled = t.tiled_mlp is True
     batch = micro_batch or (t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1)
     seq = seq_len or min(t.max_seq_length, model_config.get("max_position_embeddings") or t.max_seq_length)
-    tokens = batch * seq
+    dpo = spec.method.type == "dpo"
+    tokens = batch * seq * (2 if dpo else 1)  # DPO: the preferred and the other sequence of each pair
     compute = COMPUTE_BYTES[spec.quantization.compute_dtype]
     compute_name = "bfloat16" if spec.quantization.compute_dtype == "auto" else spec.quantization.compute_dtype
     # The dtype of the embeddings, head and norms, and so of the residual stream they feed.
@@ -261,6 +270,8 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     # the MLP's gate and up activations') and, with checkpointing, its recomputed activations. The
     # two never overlap; the larger is the step's peak beyond what is kept.
     backward = max(loss_head_bytes(shape, tokens, compute, frozen), recomputed + tokens * grads)
+    if dpo:  # the reference's no-grad forward: one layer's activations at a time, then its loss head's tile
+        backward = max(backward, tokens * per_layer + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
@@ -270,6 +281,8 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         "activations (kept for backward)": int(kept),
         "backward peak (loss head, or one layer)": int(backward),
     }
+    if dpo and reference_adapter:
+        parts["DPO reference adapter (frozen copy)"] = adapter * 4
     pageable = frozenset({OPTIMIZER_STATE} if t.optimizer in PAGED_OPTIMIZERS else ())
     allocated = sum(size for name, size in parts.items() if name not in pageable)  # through PyTorch's allocator
     parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * allocated)

@@ -34,16 +34,19 @@ class Speedups:
         return dict(self.__dict__)
 
 
-def resolve_speedups(training, device: str) -> Speedups:
+def resolve_speedups(training, device: str, method: str = "sft") -> Speedups:
     flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     liger_available = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     if training.kernels == "liger" and not liger_available:
         raise SpecError([("training.kernels", "'liger' needs a CUDA GPU and the liger-kernel package; "
                           "allowed here: 'auto' | 'none'")])
     packing = flash if training.packing == "auto" else training.packing
+    if method == "dpo":  # trl's DPO trainer pads each batch of pairs: no packing, and no length grouping
+        packing = False
     return Speedups(
         packing=packing,
-        group_by_length=training.group_by_length and not packing,  # packed rows have no padding to save
+        # packed rows have no padding to save; DPO's rows are pairs, sampled as they come
+        group_by_length=training.group_by_length and not packing and method != "dpo",
         liger=training.kernels == "liger" or (training.kernels == "auto" and liger_available),
         # Varlen flash-attention for packed rows; elsewhere SDPA, which masks packed examples apart
         # (transformers builds a block-diagonal mask from the restarting position ids).
@@ -219,6 +222,54 @@ def lora_config(lora: LoraSpec, target_modules: list[str]) -> LoraConfig:
         use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# What makes two LoRA adapters the same function of the same shape; dropout only matters while training.
+_LORA_STRUCTURE = {"r": "r", "lora_alpha": "alpha", "target_modules": "target_modules", "bias": "bias",
+                   "use_rslora": "use_rslora"}
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """The sha256 of a saved adapter's weights file: what a resume checks it starts from."""
+    import hashlib
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file() or not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a saved adapter (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_initial_adapter(model, adapter_dir: Path, config: LoraConfig):
+    """The base with a saved adapter on it, trainable: training continues it instead of a fresh one.
+
+    The adapter must have the structure the spec's lora section builds (r, alpha, target modules, bias,
+    rsLoRA); a mismatch is refused (ValueError naming the field and both values) rather than trained with
+    the adapter's: the spec is the record of what ran, and a job that continues another gives the same lora
+    section. Loaded with the spec's config, so lora.dropout is the spec's (peft checks the weights fit)."""
+    import json
+
+    from peft import PeftModel
+
+    saved = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"initial adapter: {adapter_dir} holds a {saved.get('peft_type')} adapter; only LoRA continues")
+    wanted = config.to_dict()
+    for key, field in _LORA_STRUCTURE.items():
+        have, want = saved.get(key), wanted.get(key)
+        if key == "target_modules":
+            have, want = sorted(have or []), sorted(want or [])
+        elif key == "use_rslora":
+            have = bool(have)
+        if have != want:
+            raise ValueError(f"lora.{field}: the initial adapter has {have!r}, the spec asks for {want!r}; set "
+                             f"lora.{field} to the initial adapter's (a continued adapter keeps its shape)")
+    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=True)
 
 
 def peak_memory_bytes(device: str) -> int:

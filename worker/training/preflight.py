@@ -7,6 +7,10 @@ and encode_example), so the rows, truncated rows, trained tokens and steps here 
 reports (tests/training/test_preflight.py holds them equal). Needs a tokenizer, never the weights:
 the service runs it in a child of the API process (app/jobs/preflight.py) with the tokenizer files
 its registry keeps.
+
+A DPO spec (method dpo) on a preference dataset gives the same report from encode_preference: a row is a
+pair, its length the longer of its two sequences, its trained tokens both answers', and it keeps its EOS
+when both sides do (`rows_without_eos_by_side` counts each); the example shows the preferred side.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.training.data import read_jsonl
-from worker.training.spec import JobSpec
-from worker.training.tokenization import Encoded, encode_example, prepare_tokenizer
+from worker.training.spec import METHOD_FORMATS, JobSpec
+from worker.training.tokenization import Encoded, encode_example, encode_preference, prepare_tokenizer
 
 MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
 MAX_EXAMPLES = 5  # rows shown token by token
@@ -38,13 +42,17 @@ class SetReport:
     trained_tokens_lost: int = 0  # trained tokens truncation cut off
     rows_without_eos: int = 0  # kept rows whose EOS is not in the labels (cut off, or an unlearned last turn)
     lengths: dict = field(default_factory=dict)  # tokens per row before truncation: min, median, p95, max
+    # method dpo: kept rows whose chosen / rejected side lost its EOS ({"chosen": n, "rejected": n}); None for sft
+    rows_without_eos_by_side: dict | None = None
+    format: str = ""  # the dataset's format, as read
 
     @property
     def kept_rows(self) -> int:
         return self.rows - self.dropped_rows
 
     def as_dict(self) -> dict:
-        out = dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items()
+               if k != "format" and (k != "rows_without_eos_by_side" or v is not None)}
         out["dropped_lines"] = self.dropped_lines[:20]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -62,9 +70,8 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
     setup = prepare_tokenizer(tokenizer)
     t = spec.training
-    encode = dict(max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
-    train, shown = _measure(train_path, tokenizer, encode, min(examples, MAX_EXAMPLES))
-    validation = _measure(validation_path, tokenizer, encode, 0)[0] if validation_path else None
+    train, shown = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
+    validation = _measure(validation_path, tokenizer, spec, 0)[0] if validation_path else None
     report = {
         "train": train.as_dict(),
         "validation": validation.as_dict() if validation else None,
@@ -75,16 +82,30 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
         **planned_steps(spec, train.kept_rows),
     }
     report["refusals"], report["warnings"] = problems(spec, train)
+    mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
+                  if s is not None and s.format not in METHOD_FORMATS[spec.method.type]]
+    if mismatched:
+        allowed = " or ".join(METHOD_FORMATS[spec.method.type])
+        report["refusals"] = [f"method {spec.method.type} trains on {allowed} rows, and the {name} data is in {fmt} "
+                              f"format; use a dataset of the right format, or set method.type to "
+                              f"{'dpo' if fmt == 'preference' else 'sft'}" for name, fmt in mismatched]
+        report["warnings"] = []
     return report
 
 
-def _measure(path, tokenizer, encode: dict, examples: int) -> tuple[SetReport, list[dict]]:
+def _measure(path, tokenizer, spec: JobSpec, examples: int) -> tuple[SetReport, list[dict]]:
     data = read_jsonl(path)
-    report = SetReport(rows_in_file=len(data.examples))
-    lengths = []
-    shown = []
+    report = SetReport(rows_in_file=len(data.examples), format=data.format)
+    if data.format not in METHOD_FORMATS[spec.method.type]:
+        return report, []  # preflight refuses it, naming the format the method needs
+    if spec.method.type == "dpo":
+        return _measure_pairs(data.examples, tokenizer, spec.training.max_seq_length, examples, report)
+    t = spec.training
+    lengths: list[int] = []
+    shown: list[dict] = []
     for example in data.examples[:MAX_ROWS]:
-        enc = encode_example(example, tokenizer, pieces=len(shown) < examples, **encode)
+        enc = encode_example(example, tokenizer, max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs,
+                             pieces=len(shown) < examples)
         report.rows += 1
         lengths.append(enc.length)
         report.truncated_rows += enc.truncated
@@ -98,6 +119,33 @@ def _measure(path, tokenizer, encode: dict, examples: int) -> tuple[SetReport, l
         report.tokens += len(enc.input_ids)
         report.trained_tokens += enc.trained
         report.rows_without_eos += not enc.eos_learned
+    report.lengths = _spread(lengths)
+    return report, shown
+
+
+def _measure_pairs(examples_read, tokenizer, max_seq_length: int, examples: int,
+                   report: SetReport) -> tuple[SetReport, list[dict]]:
+    """_measure for preference rows, as encode_preferences (the recipe's) counts them."""
+    lengths: list[int] = []
+    shown: list[dict] = []
+    by_side = report.rows_without_eos_by_side = {"chosen": 0, "rejected": 0}
+    for example in examples_read[:MAX_ROWS]:
+        pair = encode_preference(example, tokenizer, max_seq_length=max_seq_length, pieces=len(shown) < examples)
+        report.rows += 1
+        lengths.append(max(pair.chosen.length, pair.rejected.length))
+        report.truncated_rows += pair.truncated
+        report.trained_tokens_lost += pair.chosen.trained_lost + pair.rejected.trained_lost
+        if len(shown) < examples:
+            shown.append({**explain(example.line, pair.chosen), "side": "chosen"})
+        if pair.dropped:
+            report.dropped_rows += 1
+            report.dropped_lines.append(example.line)
+            continue
+        report.tokens += pair.tokens
+        report.trained_tokens += pair.trained
+        report.rows_without_eos += not (pair.chosen.eos_learned and pair.rejected.eos_learned)
+        by_side["chosen"] += not pair.chosen.eos_learned
+        by_side["rejected"] += not pair.rejected.eos_learned
     report.lengths = _spread(lengths)
     return report, shown
 
@@ -134,7 +182,7 @@ def planned_steps(spec: JobSpec, rows: int) -> dict:
     steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
     epochs = round(steps / per_epoch, 3)
     note = ("packing \"auto\" may pack rows on a GPU with flash-attention, which makes fewer steps per epoch"
-            if t.packing is not False else None)
+            if t.packing is not False and spec.method.type == "sft" else None)  # DPO never packs
     return {"steps": steps, "epochs": epochs, "steps_per_epoch": per_epoch, "micro_batch": batch,
             "steps_note": note}
 

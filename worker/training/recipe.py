@@ -3,6 +3,10 @@
     from worker.training.recipe import run
     result = run(JobSpec.from_file("spec.json"), "train.jsonl", "out/", validation_path="val.jsonl")
 
+spec.method says what is learned: "sft" (the assistant turns) or "dpo" (preference rows: the preferred answer
+over the other, against a frozen reference; see GuardedDPOTrainer). `initial_adapter` starts either from a
+saved adapter (SFT, then DPO from it) instead of a fresh one.
+
 Writes into out/: adapter/, merged/, report/report.json, metrics.jsonl, summary.json, checkpoints/step-N, run.json.
 Needs nothing of the service: the service passes a `sink` for the typed records it reports
 (worker/training/protocol.py: metrics and events), a `cancel` hook, and a `registry` of base
@@ -31,7 +35,7 @@ import torch  # noqa: E402
 from datasets import Dataset as HFDataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, PrinterCallback, set_seed  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
 from worker.training.callbacks import (  # noqa: E402
@@ -55,7 +59,9 @@ from worker.training.merge import (  # noqa: E402
 )
 from worker.training.model import (  # noqa: E402
     Speedups,
+    adapter_sha256,
     load_base_model,
+    load_initial_adapter,
     lora_config,
     peak_memory_bytes,
     pick_device,
@@ -75,8 +81,13 @@ from worker.training.protocol import (  # noqa: E402
     write_json_atomic,
 )
 from worker.training.report import REPORT_PATH, describe_report, make_report, perplexity  # noqa: E402
-from worker.training.spec import JobSpec  # noqa: E402
-from worker.training.tokenization import encode_examples, prepare_tokenizer  # noqa: E402
+from worker.training.spec import METHOD_FORMATS, JobSpec  # noqa: E402
+from worker.training.tokenization import (  # noqa: E402
+    encode_examples,
+    encode_preferences,
+    preferred_rows,
+    prepare_tokenizer,
+)
 
 KEEP_CHECKPOINTS = 2  # the newest, plus one in case the newest was written just before a disk filled
 
@@ -93,19 +104,26 @@ class RunResult:
     report: dict | None = None  # the eval report (report/report.json), for a run that succeeded and made one
 
 
-class GuardedSFTTrainer(SFTTrainer):
-    """SFTTrainer with the adapter in the spec's lora.dtype, stopping at the first non-finite loss or
-    gradient norm."""
+class TrainerGuards:
+    """What every trainer of the recipe does beside its method: the adapter in the spec's lora.dtype, and a
+    stop at the first non-finite loss or gradient norm. Mixed in before trl's SFTTrainer and DPOTrainer."""
 
     def __init__(self, *args, adapter_dtype: torch.dtype = torch.float32, **kwargs):
-        super().__init__(*args, **kwargs)
         # trl casts the LoRA weights of a quantized model to bfloat16. We keep them in the dtype the spec
         # asks for, float32 by default: an Adam step of lr ~2e-4 on a weight of ~0.05 is below bf16's
         # resolution (2^-8 relative) and would be rounded away, and a resume (which loads the adapter
         # through peft, in fp32) would silently continue in another precision than the run it resumes.
         # The matmuls still run in the compute dtype under autocast; the cost is a few MB for the
-        # adapter, and bfloat16 (lora.dtype) saves it where memory is what limits.
+        # adapter, and bfloat16 (lora.dtype) saves it where memory is what limits. The weights come back
+        # as they were given, not through trl's rounding: a started adapter (initial_adapter) must start
+        # exactly where it ended, and equal DPO's frozen copy of it.
+        given = {name: p.detach().clone() for name, p in kwargs["model"].named_parameters() if p.requires_grad}
+        super().__init__(*args, **kwargs)
         self.adapter_dtype = adapter_dtype
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in given:
+                    param.data = given[name].to(param.device)
         self._cast_adapter()
 
     def _cast_adapter(self) -> None:
@@ -116,7 +134,7 @@ class GuardedSFTTrainer(SFTTrainer):
     def _load_from_checkpoint(self, *args, **kwargs):
         # peft loads a saved adapter upcast to float32 (autocast_adapter_dtype): a bfloat16 adapter must
         # go back to bfloat16, or the resumed run would take float32 steps that the run it resumes did not.
-        super()._load_from_checkpoint(*args, **kwargs)
+        super()._load_from_checkpoint(*args, **kwargs)  # type: ignore[misc]
         self._cast_adapter()
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
@@ -132,7 +150,30 @@ class GuardedSFTTrainer(SFTTrainer):
                 f"(now {self.args.learning_rate}), max_grad_norm > 0 (now {self.args.max_grad_norm}), "
                 "or compute_dtype bfloat16/float32 instead of float16."
             )
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
+
+    # The attributes the trainers this mixes into have (for type checkers).
+    model: Any
+    args: Any
+    state: Any
+
+
+class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
+    """trl's SFTTrainer with the recipe's guards."""
+
+
+class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
+    """trl's DPOTrainer with the recipe's guards, on rows tokenized by tokenization.encode_preferences.
+
+    The reference is what trl makes of a PeftModel passed without a peft_config: a fresh adapter's
+    reference is the base (the adapter switched off for the reference pass); a started adapter
+    (initial_adapter) gets a frozen copy of itself as a second adapter named "ref". Either way one copy
+    of the 4-bit base is in memory."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # Already tokenized and truncated by encode_preferences, the one preflight reports: what trains is
+        # what it counted. (trl would tokenize again; its result is the same, by tests/training/test_dpo.py.)
+        return dataset
 
 
 def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: Any) -> RunResult:
@@ -168,6 +209,7 @@ class QLoRARecipe:
         cancel: Callable[[], bool] | None = None,
         pause: Callable[[], bool] | None = None,
         quantized_cache: Path | None = None,
+        initial_adapter: Path | None = None,
         progress: bool = False,
         extra_callbacks: tuple = (),
     ):
@@ -182,6 +224,8 @@ class QLoRARecipe:
         self.cancel = cancel or (lambda: False)
         self.pause = pause or (lambda: False)
         self.quantized_cache = quantized_cache
+        # A saved adapter (adapter_config.json + adapter_model.safetensors) to start from instead of a fresh one.
+        self.initial_adapter = Path(initial_adapter) if initial_adapter is not None else None
         self.progress = progress
         self.extra_callbacks = extra_callbacks
         self.out = Path(out_dir)
@@ -221,11 +265,23 @@ class QLoRARecipe:
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
         self.val_data = read_jsonl(self.validation_path) if self.validation_path else None
+        method = self.spec.method.type
+        for name, data in (("training", self.train_data), ("validation", self.val_data)):
+            if data is not None and data.format not in METHOD_FORMATS[method]:
+                raise TrainingError(f"method {method} trains on {' or '.join(METHOD_FORMATS[method])} rows, and the "
+                                    f"{name} data is in {data.format} format; use a dataset of the right format, or "
+                                    f"set method.type to {'dpo' if data.format == 'preference' else 'sft'}")
+        self.initial_adapter_sha256 = None
+        if self.initial_adapter is not None:
+            try:
+                self.initial_adapter_sha256 = adapter_sha256(self.initial_adapter)
+            except FileNotFoundError as exc:
+                raise TrainingError(f"initial adapter: {exc}") from None
 
     def _setup_run_dir(self) -> None:
         """The checkpoint to resume from, if any; a clean staging directory; the loss curve up to it."""
         self.resume_from = _check_run_dir(self.out, self.ckpt_dir, self.spec, self.train_path,
-                                          self.validation_path, self.resume)
+                                          self.validation_path, self.resume, self.initial_adapter_sha256)
         self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
         self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
         _drop_metrics_after(self.metrics_file, self.resumed_step)  # steps logged after the checkpoint are redone
@@ -238,10 +294,15 @@ class QLoRARecipe:
 
     def _encode_data(self) -> None:
         t = self.spec.training
-        encode = dict(max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
-        self.train_rows, self.train_stats = encode_examples(self.train_data.examples, self.tokenizer, **encode)
-        self.val_rows, self.val_stats = (encode_examples(self.val_data.examples, self.tokenizer, **encode)
-                                         if self.val_data else ([], None))
+        if self.spec.method.type == "dpo":  # rows of prompt_ids, chosen_ids, rejected_ids
+            def encode(examples):
+                return encode_preferences(examples, self.tokenizer, max_seq_length=t.max_seq_length)
+        else:  # rows of input_ids, labels
+            def encode(examples):
+                return encode_examples(examples, self.tokenizer, max_seq_length=t.max_seq_length,
+                                       train_on_inputs=t.train_on_inputs)
+        self.train_rows, self.train_stats = encode(self.train_data.examples)
+        self.val_rows, self.val_stats = encode(self.val_data.examples) if self.val_data else ([], None)
         if not self.train_rows:
             raise TrainingError(
                 f"no training rows left: all {self.train_stats.rows} had nothing to learn within "
@@ -261,7 +322,7 @@ class QLoRARecipe:
         """The base (4-bit, or loaded pre-quantized from the cache) with fresh LoRA adapters on it."""
         spec = self.spec
         set_seed(spec.training.seed)
-        self.speedups = resolve_speedups(spec.training, self.device)
+        self.speedups = resolve_speedups(spec.training, self.device, spec.method.type)
         self.cache_hit = self.quantized_cache is not None and (self.quantized_cache / "config.json").is_file()
         model = load_base_model(self.base_path, spec.quantization, self.compute_dtype, self.device,
                                 attention=self.speedups.attention, quantized_cache=self.quantized_cache)
@@ -279,7 +340,14 @@ class QLoRARecipe:
         model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,
                                      offload=self.offload)
         self.target_modules = resolve_target_modules(model, spec.lora.target_modules)
-        self.model = get_peft_model(model, lora_config(spec.lora, self.target_modules))
+        config = lora_config(spec.lora, self.target_modules)
+        if self.initial_adapter is not None:
+            try:
+                self.model = load_initial_adapter(model, self.initial_adapter, config)
+            except ValueError as exc:
+                raise TrainingError(str(exc)) from None
+        else:
+            self.model = get_peft_model(model, config)
         if t.tiled_mlp is True:  # after the adapter is in place: the MLP's LoRA layers run inside each chunk
             tile_mlps(self.model, mlp_tile_tokens(model.config.hidden_size))
         self.trainable_params, self.total_params = self.model.get_nb_trainable_parameters()
@@ -289,12 +357,14 @@ class QLoRARecipe:
         # training.early_stopping and output.use_best_checkpoint; with the latter it keeps the best weights
         self.best = BestEvalCallback(self.emit, patience=self.spec.training.early_stopping, resume_from=self.resume_from,
                                      model=self.model if self.spec.output.use_best_checkpoint else None)
-        callbacks = [MetricsCallback(self.emit, self.device), self.stop, HealthCallback(self.emit, self.spec), self.best,
+        metrics = MetricsCallback(self.emit, self.device, method=self.spec.method.type)
+        callbacks = [metrics, self.stop, HealthCallback(self.emit, self.spec), self.best,
                      CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS,
                                         extra_files=[self.best.write_into])]
         if self.progress:
             callbacks.append(RichProgressCallback())
-        self.trainer = GuardedSFTTrainer(
+        trainer = GuardedDPOTrainer if self.spec.method.type == "dpo" else GuardedSFTTrainer
+        self.trainer = trainer(
             adapter_dtype=getattr(torch, self.spec.lora.dtype),
             model=self.model,
             args=_trainer_args(self.spec, self.staging, self.compute_dtype, self.device, self.speedups,
@@ -355,7 +425,9 @@ class QLoRARecipe:
         if shipped is not None:
             self.emit(shipped)
         adapter_dir = self.out / "adapter"
-        _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True),
+        # The trained adapter alone: not DPO's frozen reference copy ("ref") beside it.
+        _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True,
+                                                                          selected_adapters=["default"]),
                                                self.tokenizer.save_pretrained(tmp)))
         self.emit(Event(type="adapter_saved", level="info", step=self.state.global_step,
                         data={"path": str(adapter_dir)}))
@@ -366,7 +438,7 @@ class QLoRARecipe:
         saved model reproduces the trained one. None (and nothing written) where spec.output.merge is off."""
         fidelity = None
         if self.spec.output.merge:
-            rows = fidelity_rows(self.val_rows or self.train_rows)
+            rows = fidelity_rows(self._sft_rows(self.val_rows or self.train_rows))
             autocast = self.compute_dtype if self.compute_dtype != torch.float32 else None  # as the trainer ran it
             reference = forward_rows(self.model, rows, autocast_dtype=autocast)
             del self.trainer, self.model
@@ -412,11 +484,17 @@ class QLoRARecipe:
                               else (self.train_data.examples, self.train_rows))
             report = make_report(self.spec, base_path=self.base_path, out_dir=self.out, tokenizer=self.tokenizer,
                                  compute_dtype=self.compute_dtype, device=self.device, examples=examples,
-                                 examples_from=source, loss_rows=rows, quantized_cache=self.quantized_cache)
+                                 examples_from=source, loss_rows=self._sft_rows(rows),
+                                 quantized_cache=self.quantized_cache)
             self.emit(Event(type="report", level="info", step=self.state.global_step, message=describe_report(report),
                             data={"path": str(self.out / REPORT_PATH)}))
         self.clock.append(time.monotonic())
         return report
+
+    def _sft_rows(self, rows: list[dict]) -> list[dict]:
+        """Rows of input_ids and labels, what a plain forward scores: a DPO run's are its prompts with the
+        preferred answers (the merge's fidelity and the report's loss are the NLL of those answers)."""
+        return preferred_rows(rows) if self.spec.method.type == "dpo" else rows
 
     # ---------------------------------------------------------------- cleanup
 
@@ -438,7 +516,7 @@ class QLoRARecipe:
             "status": "succeeded",
             **self._summary_of_run(),
             "eval_loss_final": eval_loss,
-            "perplexity_final": perplexity(eval_loss),
+            "perplexity_final": perplexity(eval_loss) if self.spec.method.type == "sft" else None,  # exp(DPO loss): no
             "merge_fidelity": merge_fidelity,
             "best_eval": self.best.summary(self.state.global_step),  # None where nothing was evaluated
             "report": report["metrics"] if report else None,  # the means; the rows are in report/report.json
@@ -452,6 +530,13 @@ class QLoRARecipe:
         """What every summary says, however the run ended: what ran, on what, and how training went."""
         return {
             "spec": self.spec.model_dump(mode="json"),
+            "method": self.spec.method.model_dump(mode="json"),
+            # The adapter training started from (initial_adapter), or None: a fresh one.
+            "initial_adapter": None if self.initial_adapter is None else {
+                "path": str(self.initial_adapter), "sha256": self.initial_adapter_sha256},
+            # What DPO's rewards are measured against: a frozen copy of the starting adapter, or the base.
+            "reference_model": None if self.spec.method.type != "dpo" else (
+                "initial_adapter" if self.initial_adapter is not None else "base"),
             "base_model_path": str(self.base_path),
             "device": self.device,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
@@ -502,9 +587,10 @@ def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
 
 
 def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, device: str, speedups: Speedups,
-                  has_eval: bool) -> SFTConfig:
+                  has_eval: bool) -> SFTConfig | DPOConfig:
+    """The trainer's arguments: what every method shares, then the method's own."""
     t = spec.training
-    return SFTConfig(
+    common: dict[str, Any] = dict(
         output_dir=str(staging),  # checkpoints land here, then CheckpointCallback moves them into place
         num_train_epochs=t.epochs or 1,
         max_steps=t.max_steps or -1,
@@ -533,24 +619,47 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         save_steps=t.save_steps,
         save_total_limit=None,  # CheckpointCallback prunes complete checkpoints itself
         max_length=t.max_seq_length,
-        packing=speedups.packing,
-        packing_strategy="bfd",  # best-fit decreasing; implies padding-free rows with restarting position ids
-        eval_packing=False,  # evaluate example by example, so eval loss means the same packed or not
-        train_sampling_strategy="group_by_length" if speedups.group_by_length else "random",
         use_liger_kernel=speedups.liger,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if spec.method.type == "dpo":
+        method = spec.method
+        return DPOConfig(
+            **common,
+            beta=method.beta,
+            loss_type=[method.loss],
+            label_smoothing=method.label_smoothing,
+            # What DataCollatorForPreference does with max_length, and what encode_preferences counted.
+            truncation_mode="keep_start",
+            # The reference pass runs beside each step (no pass over the data before training): a resume
+            # needs no cache of reference log-probs, and it costs one no-grad forward per step.
+            precompute_ref_log_probs=False,
+            padding_free=False,  # trl 1.16 has none for DPO; sequences are padded per batch
+            # trl's default: dropout would make the policy's log-probs noisy against the reference's, so
+            # lora.dropout does not apply to a DPO run.
+            disable_dropout=True,
+        )
+    return SFTConfig(
+        **common,
+        packing=speedups.packing,
+        packing_strategy="bfd",  # best-fit decreasing; implies padding-free rows with restarting position ids
+        eval_packing=False,  # evaluate example by example, so eval loss means the same packed or not
+        train_sampling_strategy="group_by_length" if speedups.group_by_length else "random",
+    )
 
 
-def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validation_path, resume: bool) -> Path | None:
-    """Refuse to mix runs: resume only the same spec on the same data; never silently restart over checkpoints."""
+def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validation_path, resume: bool,
+                   initial_adapter_sha256: str | None = None) -> Path | None:
+    """Refuse to mix runs: resume only the same spec on the same data from the same starting adapter; never
+    silently restart over checkpoints."""
     manifest = {
         "spec": spec.model_dump(mode="json"),
         "train_sha256": _sha256(train_path),
         "validation_sha256": _sha256(validation_path) if validation_path else None,
+        "initial_adapter_sha256": initial_adapter_sha256,  # None: a fresh adapter (and a run.json from before it)
     }
     manifest_path = out / "run.json"
     latest = checkpoints.latest_complete(ckpt_dir)

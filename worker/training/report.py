@@ -8,7 +8,8 @@ merge, and it writes the report to out/report/report.json (REPORT_PATH) and retu
 - Prompts: the spec's list (each a user turn), or N rows sampled with the training seed from the
   validation set (the train set where there is none). A sampled chat row's reference is its last
   assistant turn; its prompt is the conversation before that turn, rendered with the chat template
-  and the generation prompt, exactly as training rendered it. A text row has no turns: its first half
+  and the generation prompt, exactly as training rendered it. A preference row's (method dpo) prompt is
+  its prompt conversation and its reference the preferred answer. A text row has no turns: its first half
   (in tokens) is the prompt and what follows (up to max_new_tokens) the reference.
 - Tuned answers come from what the team downloads: the merged model reloaded from out/merged where the
   job merged (output.merge), else the adapter on the quantized base. Base answers come from the base as
@@ -19,7 +20,8 @@ merge, and it writes the report to out/report/report.json (REPORT_PATH) and retu
   and articles: "moo." and "moo" differ, as they do to a reader checking the answer).
 - Loss is the mean negative log-likelihood per trained token (the tokens the loss mask keeps) over up
   to LOSS_MAX_ROWS rows of the validation set (the train set where there is none), spread evenly
-  across it; perplexity is its exponential.
+  across it; perplexity is its exponential. For method dpo the rows are the prompts with their preferred
+  answers: the loss is the NLL of the answers the tuned model should now prefer.
 """
 
 from __future__ import annotations
@@ -188,6 +190,8 @@ def _sampled_prompt(example: Example, max_new_tokens: int, tokenizer, limit: int
         reference = tokenizer.decode(ids[half:half + max_new_tokens], skip_special_tokens=True)
         return Prompt(prompt.shown, prompt.input_ids, reference, example.line, prompt.truncated)
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    if example.chosen is not None:  # a preference row: its messages are the prompt, the preferred answer the reference
+        return _chat_prompt(messages, example.chosen, example.line, tokenizer, limit)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")  # a chat row ends with one
     return _chat_prompt(messages[:last], messages[last]["content"], example.line, tokenizer, limit)
 

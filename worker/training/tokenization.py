@@ -9,6 +9,9 @@
   mistaking it for padding; and the pad token is never EOS anyway (unk is reused, or one is added).
 - Rows longer than max_seq_length are truncated from the end and counted; a row left with nothing
   to learn after truncation is dropped and counted.
+- Preference rows (method dpo) become two sequences, the prompt followed by each answer, rendered as a
+  conversation ending with that answer (so SFT and DPO see the same text) and cut where trl's
+  DataCollatorForPreference cuts them (`encode_preference`); each answer, EOS included, is what is learned.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field
 
-from worker.training.data import Example
+from worker.training.data import Example, Message
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -93,9 +96,11 @@ class EncodeStats:
     tokens: int = 0
     trained_tokens: int = 0
     dropped_lines: list[int] = field(default_factory=list)
+    # preference rows only: kept rows whose EOS truncation cut off, per side ({"chosen": n, "rejected": n})
+    eos_cut: dict[str, int] | None = None
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "eos_cut" or v is not None}
         d["dropped_lines"] = self.dropped_lines[:20]
         return d
 
@@ -194,3 +199,114 @@ def encode_examples(
         stats.trained_tokens += learned
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     return rows, stats
+
+
+@dataclass
+class EncodedPair:
+    """A preference row as trl's DPO trainer sees it: the prompt, then each answer (its completion).
+
+    `chosen` and `rejected` are the two whole sequences (prompt + answer, as truncated) with labels on the
+    answer's tokens only: what the DPO loss sums log-probabilities over, and the SFT-style view of each side
+    (preflight's example, the report's loss rows, the merge's fidelity rows)."""
+
+    prompt_length: int  # the tokens both sequences share as the prompt (never cut: a cut prompt drops the row)
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+    @property
+    def dropped(self) -> bool:
+        """Nothing left to compare: a side has no answer token within max_seq_length (the prompt fills it)."""
+        return self.chosen.trained == 0 or self.rejected.trained == 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    @property
+    def trained(self) -> int:
+        return self.chosen.trained + self.rejected.trained
+
+    def row(self) -> dict:
+        """The row DataCollatorForPreference takes."""
+        p = self.prompt_length
+        return {"prompt_ids": self.chosen.input_ids[:p], "chosen_ids": self.chosen.input_ids[p:],
+                "rejected_ids": self.rejected.input_ids[p:]}
+
+
+def encode_preference(example: Example, tokenizer, *, max_seq_length: int, pieces: bool = False) -> EncodedPair:
+    """The two sequences of a preference row, exactly as trl's DPO trainer tokenizes and truncates them.
+
+    The prompt is the conversation rendered with the chat template and the generation prompt, as
+    `render_conversation` renders it for SFT; each answer is the whole conversation with that answer as
+    its last assistant turn (ending with EOS, appended where the template does not), and its completion
+    starts where the prompt's tokens and the conversation's diverge (trl's split: a token that merges
+    across the boundary belongs to the completion). Then DataCollatorForPreference's truncation with
+    truncation_mode "keep_start": each prompt+answer is cut at max_seq_length, from the end."""
+    if example.chosen is None or example.rejected is None:
+        raise TemplateError(f"line {example.line}: not a preference row (method dpo needs a prompt and two answers)")
+    sides = []
+    for answer in (example.chosen, example.rejected):
+        conversation = Example(line=example.line, messages=(*example.messages, Message("assistant", answer)))
+        text, [(prompt_end, _)] = render_conversation(conversation, tokenizer, train_on_inputs=False)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=pieces)
+        ids = list(enc["input_ids"])
+        shown = _pieces(tokenizer, text, ids, enc["offset_mapping"]) if pieces else []
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+            shown = [*shown, tokenizer.eos_token] if pieces else shown
+        sides.append((ids, shown, tokenizer(text[:prompt_end], add_special_tokens=False)["input_ids"]))
+    prompt_length = min(_common_prefix(prompt, ids) for ids, _, prompt in sides)
+    chosen, rejected = (_completion(ids, shown, prompt_length, max_seq_length) for ids, shown, _ in sides)
+    return EncodedPair(prompt_length, chosen, rejected)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _completion(ids: list[int], shown: list[str], prompt_length: int, max_seq_length: int) -> Encoded:
+    """One side: labels on the completion, cut at max_seq_length as the collator cuts it (keep_start)."""
+    labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
+    length, before = len(ids), len(ids) - prompt_length
+    truncated = length > max_seq_length
+    encoded = Encoded(ids[:max_seq_length], labels[:max_seq_length], truncated, length=length,
+                      pieces=shown[:max_seq_length])
+    encoded.trained_lost = before - encoded.trained
+    return encoded
+
+
+def encode_preferences(examples: list[Example], tokenizer, *, max_seq_length: int) -> tuple[list[dict], EncodeStats]:
+    """encode_examples for preference rows: the rows DataCollatorForPreference takes, and what was cut or dropped."""
+    rows: list[dict] = []
+    eos_cut = {"chosen": 0, "rejected": 0}
+    stats = EncodeStats(eos_cut=eos_cut)
+    for example in examples:
+        pair = encode_preference(example, tokenizer, max_seq_length=max_seq_length)
+        stats.rows += 1
+        stats.truncated_rows += pair.truncated
+        if pair.dropped:
+            stats.dropped_rows += 1
+            stats.dropped_lines.append(example.line)
+            continue
+        eos_cut["chosen"] += pair.chosen.truncated
+        eos_cut["rejected"] += pair.rejected.truncated
+        stats.tokens += pair.tokens
+        stats.trained_tokens += pair.trained
+        rows.append(pair.row())
+    return rows, stats
+
+
+def preferred_rows(rows: list[dict]) -> list[dict]:
+    """Preference rows as SFT rows of the prompt and the preferred answer (input_ids, labels on the answer):
+    what the merge's fidelity check and the report's loss read."""
+    return [{"input_ids": r["prompt_ids"] + r["chosen_ids"],
+             "labels": [IGNORE_INDEX] * len(r["prompt_ids"]) + r["chosen_ids"]} for r in rows]

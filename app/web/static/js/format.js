@@ -32,6 +32,8 @@ export const fmt = {
   },
   int(n) { return n === null || n === undefined ? "—" : Math.round(n).toLocaleString(); },
   loss(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(4); },
+  /** A share as a percentage: 0.875 → "87.5%". */
+  percent(x) { return x === null || x === undefined ? "—" : `${(100 * Number(x)).toFixed(1)}%`; },
   small(x) { return x === null || x === undefined ? "—" : Number(x).toPrecision(3); },
   seconds(s) {
     if (s === null || s === undefined) return "—";

@@ -18,6 +18,8 @@ export function renderProgress(card, state) {
       stat(job.finished_at ? "Took" : "Running for", job.started_at ? fmt.duration(job.started_at, job.finished_at) : "—"),
       stat("Trained tokens", fmt.int(job.trained_tokens)),
       stat("Latest train loss", fmt.loss(lastTrain && lastTrain.train_loss)),
+      ...(lastTrain && lastTrain.reward_accuracy != null
+        ? [stat("Reward accuracy", fmt.percent(lastTrain.reward_accuracy)), stat("Reward margin", fmt.loss(lastTrain.reward_margin))] : []),
       stat("Attempt", String(job.attempt)),
       stat("Queue", job.queue)));
 }
@@ -102,3 +104,25 @@ export function renderCheckpoints(box, checkpoints) {
       h("td", { class: "num" }, fmt.loss(c.eval_loss)), h("td", { class: "num" }, fmt.bytes(c.bytes)),
       h("td", {}, fmt.time(c.created_at)))))));
 }
+
+/** A dpo job's rewards, newest point first (train and eval): what DPO users watch beside the loss. Hidden for sft. */
+export function renderRewards(card, box, state) {
+  const rewarded = (points, kind) => [...points.values()].filter((p) => p.reward_accuracy != null).map((p) => ({ ...p, kind }));
+  const points = [...rewarded(state.train, "train"), ...rewarded(state.eval, "eval")]
+    .sort((a, b) => b.step - a.step || (a.kind === "eval" ? -1 : 1)).slice(0, REWARD_ROWS);
+  card.hidden = !points.length;
+  if (!points.length) return;
+  box.replaceChildren(h("table", { class: "table", id: "rewards" },
+    h("thead", {}, h("tr", {},
+      h("th", { scope: "col", class: "num" }, "Step"), h("th", { scope: "col" }, "Set"),
+      h("th", { scope: "col", class: "num" }, "Reward accuracy"), h("th", { scope: "col", class: "num" }, "Margin"),
+      h("th", { scope: "col", class: "num" }, "Chosen"), h("th", { scope: "col", class: "num" }, "Rejected"),
+      h("th", { scope: "col", class: "num" }, "DPO loss"))),
+    h("tbody", {}, points.map((p) => h("tr", { dataset: { kind: p.kind } },
+      h("td", { class: "num" }, String(p.step)), h("td", {}, p.kind),
+      h("td", { class: "num" }, fmt.percent(p.reward_accuracy)), h("td", { class: "num" }, fmt.loss(p.reward_margin)),
+      h("td", { class: "num" }, fmt.loss(p.reward_chosen)), h("td", { class: "num" }, fmt.loss(p.reward_rejected)),
+      h("td", { class: "num" }, fmt.loss(p.kind === "eval" ? p.eval_loss : p.train_loss)))))));
+}
+
+const REWARD_ROWS = 12; // the newest points; the whole series is GET /jobs/{id}/metrics

@@ -9,7 +9,7 @@ import { fmt } from "../format.js";
 import { followJob } from "../stream.js";
 import { errorAlert, statusBadge } from "../widgets.js";
 import { downloadArtifact } from "./job-download.js";
-import { renderCheckpoints, renderEvents, renderProgress, renderSummary } from "./job-panels.js";
+import { renderCheckpoints, renderEvents, renderProgress, renderRewards, renderSummary } from "./job-panels.js";
 import { loadReport } from "./job-report.js";
 
 export function viewJob(main, ctx, jobId) {
@@ -25,6 +25,10 @@ export function viewJob(main, ctx, jobId) {
   const eventsMeta = h("span", { class: "meta warn", id: "events-warnings" });
   const reportCard = h("section", { class: "card", id: "report", "aria-labelledby": "report-title", hidden: true });
   const checkpointsBox = h("div", { class: "table-wrap" });
+  const rewardsBox = h("div", { class: "table-wrap" });
+  const rewardsCard = h("section", { class: "card flush", id: "rewards-card", "aria-labelledby": "rewards-title", hidden: true },
+    h("div", { class: "card-head" }, h("h2", { id: "rewards-title" }, "Rewards"),
+      h("span", { class: "meta" }, "dpo: how often the preferred answer scores higher, and by how much")), rewardsBox);
   main.append(
     h("a", { class: "back", href: "#/jobs" }, "← All jobs"),
     header, errorBox, progressCard,
@@ -37,6 +41,7 @@ export function viewJob(main, ctx, jobId) {
         chartBox),
       h("section", { class: "card", "aria-labelledby": "summary-title" },
         h("div", { class: "card-head" }, h("h2", { id: "summary-title" }, "Summary")), summaryBox)),
+    rewardsCard,
     reportCard,
     h("div", { class: "grid grid-even" },
       h("section", { class: "card", "aria-labelledby": "events-title" },
@@ -59,6 +64,7 @@ export function viewJob(main, ctx, jobId) {
         h("pre", {}, state.job.error))] : []));
       chartBox.replaceChildren(lossChart([...state.train.values()], [...state.eval.values()], state.job.progress.total_steps));
       renderSummary(summaryBox, state);
+      renderRewards(rewardsCard, rewardsBox, state);
       renderEvents(eventsBox, state);
       // Warnings (preflight's, the health watch's) are easy to miss in a long list: count them in the header.
       const warnings = [...state.events.values()].filter((e) => e.level === "warning").length;
@@ -155,6 +161,14 @@ function renderJobHeader(header, state, ctx) {
       h("div", { class: "title-line" }, h("h1", { id: "job-title" }, job.name || "Untitled job"), statusBadge(job.status)),
       h("p", { class: "subtitle" },
         h("span", { class: "mono" }, job.id), " · ", job.base_model, " · ",
+        h("span", { id: "job-method" }, methodText(spec.method)), " · ",
+        ...(job.initial_job_id ? ["from ", h("a", { id: "initial-job", class: "mono", href: `#/jobs/${job.initial_job_id}` }, job.initial_job_id), " · "] : []),
         training.max_steps ? `${training.max_steps} steps` : `${training.epochs} epochs`, " · created ", fmt.date(job.created_at))),
     h("div", { class: "actions" }, ...downloads, cancel));
+}
+
+/** "sft", or "dpo (beta 0.1, sigmoid)". */
+function methodText(method) {
+  if (!method || method.type !== "dpo") return "sft";
+  return `dpo (beta ${method.beta}, ${method.loss})`;
 }

@@ -8,6 +8,11 @@ import { h } from "../dom.js";
  * error lands next to its field); `type` says how the text becomes JSON.
  */
 export const SPEC_FIELDS = {
+  method: [
+    ["method.type", "Method", ["sft", "dpo"], "sft learns the answers of chat or prompt/completion rows; dpo learns to prefer the preferred answer of preference rows."],
+    ["method.beta", "DPO beta", "float", "How far from the starting model it may move; 0.1 is the usual."],
+    ["method.loss", "DPO loss", ["sigmoid", "ipo"], "sigmoid is the DPO paper's; ipo overfits less on easy pairs."],
+  ],
   lora: [
     ["lora.r", "Rank (r)", "int", "Adapter size; 16 is the common default."],
     ["lora.alpha", "Alpha", "float", "Update scale is alpha / r."],
@@ -78,3 +83,10 @@ export function parseValue(text, type) {
   }
   return type === "choice" && /^\d+$/.test(text) ? Number(text) : text; // quantization bits: 4, 8 or "none"
 }
+
+/** The method as POST /jobs takes it: sft has no settings, dpo's are sent only for dpo. */
+export function methodBody(method) {
+  if (!method || method.type !== "dpo") return { type: "sft" };
+  return method;
+}
+

@@ -7,7 +7,7 @@ import { h, setTitle } from "../dom.js";
 import { fmt } from "../format.js";
 import { errorAlert } from "../widgets.js";
 import { clearErrors, showErrors } from "./new-job-errors.js";
-import { getPath, parseValue, setPath, SPEC_FIELDS, specField } from "./new-job-fields.js";
+import { getPath, methodBody, parseValue, setPath, SPEC_FIELDS, specField } from "./new-job-fields.js";
 import { preflightPanel } from "./new-job-preflight.js";
 
 const SUGGESTED_EPOCHS = 3; // the engine needs one of epochs / max_steps and has no default for either
@@ -19,12 +19,13 @@ export async function viewNewJob(main, ctx) {
   const holder = h("div", {}, h("p", { class: "empty card" }, "Loading models and datasets…"));
   main.append(holder);
 
-  let models, datasets, defaults;
+  let models, datasets, defaults, finished;
   try {
-    [models, datasets, defaults] = await Promise.all([
+    [models, datasets, defaults, finished] = await Promise.all([
       api("/models", { signal: ctx.signal }),
       api("/datasets?limit=200", { signal: ctx.signal }).then((page) => page.data.filter((d) => d.status === "ready")),
       fetch("/web/spec-defaults", { signal: ctx.signal }).then((r) => r.json()),
+      api("/jobs?status=succeeded&limit=50", { signal: ctx.signal }).then((page) => page.data),
     ]);
   } catch (err) {
     if (!ctx.signal.aborted) holder.replaceChildren(errorAlert(err));
@@ -59,6 +60,13 @@ export async function viewNewJob(main, ctx) {
       h("select", { id: "f-validation_dataset_id", name: "validation_dataset_id", "aria-describedby": "f-validation_dataset_id-error" },
         h("option", { value: "" }, "None"), datasets.map((d) => h("option", { value: d.id }, datasetLabel(d)))),
       h("p", { class: "field-error", id: "f-validation_dataset_id-error", hidden: true })),
+    h("div", { class: "field", dataset: { field: "initial_job_id" } },
+      h("label", { for: "f-initial_job_id" }, "Start from job (optional)"),
+      h("select", { id: "f-initial_job_id", name: "initial_job_id", "aria-describedby": "f-initial_job_id-hint f-initial_job_id-error" },
+        h("option", { value: "" }, "None: a fresh adapter"),
+        finished.map((j) => h("option", { value: j.id }, `${j.name || j.id} — ${j.base_model}, ${(j.spec.method || {}).type || "sft"}`))),
+      h("p", { class: "hint", id: "f-initial_job_id-hint" }, "A succeeded job's adapter to continue: SFT first, then DPO from it."),
+      h("p", { class: "field-error", id: "f-initial_job_id-error", hidden: true })),
   ];
 
   const section = (title, hint, fields) => h("fieldset", { class: "form-section" },
@@ -78,6 +86,8 @@ export async function viewNewJob(main, ctx) {
     h("fieldset", { class: "form-section" }, h("legend", {}, "Job"),
       h("p", { class: "section-hint" }, "What to train, and on what."),
       h("div", { class: "fields wide" }, topFields)),
+    h("hr", { class: "divider" }),
+    section("Method", "dpo trains on a preference dataset (a preferred and a non-preferred answer per prompt).", SPEC_FIELDS.method),
     h("hr", { class: "divider" }),
     section("How long", "Set exactly one of epochs and max steps.", SPEC_FIELDS.length),
     h("hr", { class: "divider" }),
@@ -104,6 +114,16 @@ export async function viewNewJob(main, ctx) {
       h("div", { class: "form-actions" }, check), preflightBox),
     h("div", { class: "form-actions" }, submit, h("a", { class: "btn btn-ghost", href: "#/jobs" }, "Back to jobs"), blocked));
   holder.replaceChildren(h("section", { class: "card" }, form));
+
+  // dpo's settings show only while dpo is picked (an sft job has none).
+  const methodType = form.querySelector("[name='method.type']");
+  const showMethodFields = () => {
+    for (const name of ["method.beta", "method.loss"]) {
+      form.querySelector(`[data-field='${name}']`).hidden = methodType.value !== "dpo";
+    }
+  };
+  methodType.addEventListener("change", showMethodFields);
+  showMethodFields();
 
   /** Submit is blocked only by a preflight that refused this very form; any change may have fixed it. */
   function blockSubmit(reason) {
@@ -153,6 +173,7 @@ export async function viewNewJob(main, ctx) {
       if (text === "" && control.name !== "dataset_id" && control.name !== "base_model") continue;
       setPath(body, control.name, control.dataset.type ? parseValue(text, control.dataset.type) : text);
     }
+    body.method = methodBody(body.method);
     return body;
   }
 

@@ -1,0 +1,339 @@
+"""DPO on the tiny model, CPU, for real (trl's DPOTrainer on the 4-bit base): SFT first, then DPO from it.
+
+The task is made offline so that the SFT starting point prefers the wrong answer: the SFT data answers
+two times in three with a wrong animal sound (the next animal's), the preference pairs prefer the right
+one. After a short DPO run continued from that adapter, held-out pairs are won and greedy answers switch.
+One SFT start and one DPO run are shared by the module; the pause/resume run is the only other run.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+from worker.training.data import Example, Message, read_jsonl
+from worker.training.estimate import estimate_peak_memory
+from worker.training.model import load_base_model
+from worker.training.preflight import preflight
+from worker.training.recipe import TrainingError, run
+from worker.training.spec import JobSpec
+from worker.training.tiny import ANIMAL_SOUNDS, demo_rows, demo_spec, score_demo, write_jsonl
+from worker.training.tokenization import IGNORE_INDEX, encode_preference, encode_preferences, prepare_tokenizer
+
+ANIMALS = list(ANIMAL_SOUNDS)[:8]  # fewer animals than the demo: the SFT start learns them in 60 steps
+WRONG = {animal: ANIMAL_SOUNDS[ANIMALS[(i + 1) % len(ANIMALS)]] for i, animal in enumerate(ANIMALS)}
+DPO_TRAINING = dict(max_steps=20, learning_rate=1e-4, logging_steps=5, eval_steps=10, save_steps=10,
+                    per_device_batch_size=16)
+
+
+def _rows(count: int, split: str) -> list[dict]:
+    return [r for r in demo_rows(0, count, split=split) if r["messages"][1]["content"].split()[1] in WRONG]
+
+
+def pairs(rows: list[dict]) -> list[dict]:
+    """trl's preference rows: the right sound preferred over the next animal's."""
+    out = []
+    for r in rows:
+        prompt, right = r["messages"][0]["content"], r["messages"][1]["content"]
+        animal = right.split()[1]
+        out.append({"prompt": prompt, "chosen": right, "rejected": f"The {animal} says {WRONG[animal]}."})
+    return out
+
+
+def mostly_wrong(rows: list[dict]) -> list[dict]:
+    """Chat rows for the SFT start: per animal, two answers in three are the wrong sound."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in pairs(rows):
+        animal = p["chosen"].split()[1]
+        seen[animal] = seen.get(animal, 0) + 1
+        answer = p["chosen"] if seen[animal] % 3 == 0 else p["rejected"]
+        out.append({"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]})
+    return out
+
+
+def as_chat(preference_rows: list[dict], side: str) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[side]}]}
+            for p in preference_rows]
+
+
+def dpo_spec(model_dir, **overrides) -> JobSpec:
+    data = demo_spec(str(model_dir))
+    data["method"] = {"type": "dpo", "beta": 0.1}
+    data["training"].update(DPO_TRAINING | overrides)
+    data["eval"] = {"prompts": 8, "max_new_tokens": 16}
+    return JobSpec.parse(data)
+
+
+@pytest.fixture(scope="module")
+def task(tiny_model_dir, tmp_path_factory):
+    """The data, and the SFT start: an adapter that prefers the wrong sound."""
+    d = tmp_path_factory.mktemp("dpo-task")
+    train, held = _rows(480, "train"), _rows(96, "heldout")
+    paths = {"sft": write_jsonl(mostly_wrong(train), d / "sft.jsonl"),
+             "train": write_jsonl(pairs(train), d / "pref.jsonl"),
+             "validation": write_jsonl(pairs(held), d / "pref_val.jsonl")}
+    spec = demo_spec(str(tiny_model_dir))
+    spec["training"].update(max_steps=60, save_steps=1000, eval_steps=1000)
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+    start = run(JobSpec.parse(spec), paths["sft"], d / "sft-run")
+    return {**paths, "start": start.out_dir / "adapter", "held": pairs(held)}
+
+
+class ReferenceProbe(TrainerCallback):
+    """What trains and what stays: the trainable weights' names, the reference adapter's weights at the
+    start and the end, and how many 4-bit layers the model holds (one base, not two)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import bitsandbytes as bnb
+
+        self.trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.reference = {name: p.detach().clone() for name, p in model.named_parameters() if ".ref." in name}
+        self.quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        self.reference_moved = [name for name, before in self.reference.items() if not torch.equal(before, params[name])]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir, task, tmp_path_factory):
+    probe = ReferenceProbe()
+    result = run(dpo_spec(tiny_model_dir), task["train"], tmp_path_factory.mktemp("dpo-run"),
+                 validation_path=task["validation"], initial_adapter=task["start"], extra_callbacks=(probe,))
+    result.probe = probe
+    return result
+
+
+def curve(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, path) -> float:
+    """The share of held-out pairs whose preferred answer the model finds likelier than the other."""
+    model.eval()
+    wins = 0
+    examples = read_jsonl(path).examples
+    for example in examples:
+        pair = encode_preference(example, tokenizer, max_seq_length=64)
+        logps = []
+        for side in (pair.chosen, pair.rejected):
+            logits = model(input_ids=torch.tensor([side.input_ids])).logits[0, :-1].float().log_softmax(-1)
+            targets = torch.tensor(side.labels[1:])
+            learned = targets != IGNORE_INDEX
+            logps.append(float(logits[learned].gather(1, targets[learned][:, None]).sum()))
+        wins += logps[0] > logps[1]
+    return wins / len(examples)
+
+
+def adapter_on_base(model_dir, adapter_dir):
+    base = load_base_model(model_dir, JobSpec.parse(demo_spec(str(model_dir))).quantization, torch.float32, "cpu")
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def test_dpo_from_an_sft_start_learns_the_preferred_answers(dpo_run, task, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(task["start"])
+    prepare_tokenizer(tokenizer)
+    held = task["held"]
+
+    # Before: the SFT start prefers the wrong sound on held-out prompts, and says it.
+    start = adapter_on_base(tiny_model_dir, task["start"])
+    assert preference_accuracy(start, tokenizer, task["validation"]) <= 0.5
+    before = score_demo(start, tokenizer, as_chat(held, "chosen"))
+    assert before["accuracy"] <= 0.2, before
+
+    # The curve: DPO loss and the rewards on every point; eval points without a perplexity.
+    points = curve(dpo_run.out_dir)
+    train = [p for p in points if p["kind"] == "train"]
+    evals = [p for p in points if p["kind"] == "eval"]
+    assert all(p[k] is not None for p in train for k in ("reward_accuracy", "reward_chosen", "reward_rejected",
+                                                          "reward_margin"))
+    assert train[-1]["train_loss"] < train[0]["train_loss"]
+    assert evals and all(p["perplexity"] is None for p in evals)
+    assert evals[-1]["reward_accuracy"] >= 0.9, evals[-1]
+    assert evals[-1]["reward_margin"] > 0
+
+    # After: the merged model finds the preferred answers likelier, and answers with them.
+    merged = AutoModelForCausalLM.from_pretrained(dpo_run.out_dir / "merged")
+    assert preference_accuracy(merged, tokenizer, task["validation"]) >= 0.9
+    after = score_demo(merged, tokenizer, as_chat(held, "chosen"))
+    assert after["accuracy"] >= 0.8, after
+
+
+def test_the_merged_model_gives_the_adapters_answers(dpo_run, task, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run.out_dir / "merged")
+    held = as_chat(task["held"][:16], "chosen")
+    adapter = score_demo(adapter_on_base(tiny_model_dir, dpo_run.out_dir / "adapter"), tokenizer, held)
+    merged = score_demo(AutoModelForCausalLM.from_pretrained(dpo_run.out_dir / "merged"), tokenizer, held)
+    assert merged["samples"] == adapter["samples"] and merged["accuracy"] == adapter["accuracy"]
+    assert dpo_run.summary["merge_fidelity"]["eval_loss_diff"] < 0.01
+
+
+def test_the_reference_is_a_frozen_copy_of_the_start_on_the_one_base(dpo_run, task):
+    probe = dpo_run.probe
+    assert probe.quantized == 28  # 7 linear layers x 4 blocks: one 4-bit base in memory
+    assert probe.trainable and all(".default." in name for name in probe.trainable)
+    assert len(probe.reference) == len(probe.trainable) and probe.reference_moved == []
+    start = load_file(task["start"] / "adapter_model.safetensors")  # the copy is the starting adapter, exactly
+    copies = {name.replace(".ref.weight", ".weight"): value for name, value in probe.reference.items()}
+    assert sorted(start) == sorted(copies) and all(torch.equal(start[k], copies[k]) for k in start)
+
+
+def test_summary_and_report_say_what_ran(dpo_run, task):
+    s = dpo_run.summary
+    assert s["method"] == {"type": "dpo", "beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0}
+    assert s["initial_adapter"]["path"] == str(task["start"]) and len(s["initial_adapter"]["sha256"]) == 64
+    assert s["reference_model"] == "initial_adapter"
+    assert s["perplexity_final"] is None and s["eval_loss_final"] < 0.69  # below log 2: pairs are won
+    assert s["data"]["format"] == "preference" and s["data"]["train"]["eos_cut"] == {"chosen": 0, "rejected": 0}
+    # The shipped adapter is the trained one alone, not trl's frozen reference copy beside it.
+    assert not (dpo_run.out_dir / "adapter" / "ref").exists()
+    assert json.loads((dpo_run.out_dir / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    # The report: prompts are the pairs' prompts, references their preferred answers.
+    report = json.loads((dpo_run.out_dir / "report" / "report.json").read_text())
+    references = {p["chosen"] for p in task["held"]}
+    assert report["rows"] and all(row["reference"] in references for row in report["rows"])
+    base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
+    assert tuned["exact_match"] > base["exact_match"] and tuned["loss"] < base["loss"]  # NLL of the preferred answers
+
+
+def test_pause_and_resume_reproduce_the_uninterrupted_run(dpo_run, task, tiny_model_dir, tmp_path):
+    spec = dpo_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": False}),
+                                   "eval": spec.eval.model_copy(update={"prompts": 0})})  # training is the same
+    asked = []
+    out = tmp_path / "run"
+    paused = run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=task["start"],
+                 pause=lambda: asked.append(True) or len(asked) >= 5)
+    # Paused on a logging step: a logged point averages the steps since the last log, and a resumed run's
+    # first log can only average those after its checkpoint.
+    assert paused.status == "paused" and (out / "checkpoints" / "step-5" / "COMPLETE").exists()
+
+    # Another starting adapter is another run: refused before anything loads.
+    other = tmp_path / "other-start"
+    shutil.copytree(task["start"], other)
+    with open(other / "adapter_model.safetensors", "ab") as f:
+        f.write(b" ")
+    with pytest.raises(TrainingError, match="cannot resume: initial_adapter_sha256 differ"):
+        run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=other, resume=True)
+
+    resumed = run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=task["start"],
+                  resume=True)
+    assert resumed.summary["steps"] == {"completed": 20, "planned": 20, "resumed_from": 5}
+
+    def losses(points):
+        return [(p["kind"], p["step"], p.get("train_loss") or p.get("eval_loss"), p["reward_accuracy"],
+                 p["reward_margin"]) for p in points]
+    assert losses(curve(out)) == losses(curve(dpo_run.out_dir))
+    got, want = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(
+        dpo_run.out_dir / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_start_of_another_shape_or_data_of_another_format_is_refused(task, tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match=r"lora.r: the initial adapter has 16, the spec asks for 8"):
+        data = dpo_spec(tiny_model_dir).model_dump(mode="json")
+        data["lora"]["r"] = 8
+        run(JobSpec.parse(data), task["train"], tmp_path / "a", initial_adapter=task["start"])
+    with pytest.raises(TrainingError, match="method dpo trains on preference rows, and the training data is in chat"):
+        run(dpo_spec(tiny_model_dir), task["sft"], tmp_path / "b")
+    sft = JobSpec.parse(demo_spec(str(tiny_model_dir)))
+    with pytest.raises(TrainingError, match="method sft trains on .* and the training data is in preference"):
+        run(sft, task["train"], tmp_path / "c")
+
+
+# ---------------------------------------------------------------- tokenization, preflight, estimate
+
+
+def _tokenizer(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+PAIR = Example(line=3, messages=(Message("system", "Answer briefly."), Message("user", "What does the cow say?")),
+               chosen="The cow says moo.", rejected="The cow says woof, and that is all there is to it.")
+
+
+def test_pairs_tokenize_as_trl_does_with_eos_in_both_completions(tiny_model_dir):
+    tokenizer = _tokenizer(tiny_model_dir)
+    pair = encode_preference(PAIR, tokenizer, max_seq_length=512)
+    row = pair.row()
+    eos = tokenizer.eos_token_id
+    assert row["chosen_ids"][-1] == eos and row["rejected_ids"][-1] == eos
+    assert pair.chosen.eos_learned and pair.rejected.eos_learned
+    prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in PAIR.messages],
+                                           tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(row["prompt_ids"]) == prompt
+    assert tokenizer.decode(row["chosen_ids"], skip_special_tokens=True) == PAIR.chosen
+
+    # trl's own tokenization of the same row (conversational, as its docs write it) gives the same ids.
+    from datasets import Dataset
+
+    conversational = Dataset.from_list([{
+        "prompt": [{"role": m.role, "content": m.content} for m in PAIR.messages],
+        "chosen": [{"role": "assistant", "content": PAIR.chosen}],
+        "rejected": [{"role": "assistant", "content": PAIR.rejected}]}])
+
+    class Args:
+        dataset_num_proc = None
+        max_length = 512
+        truncation_mode = "keep_start"
+
+    trl_row = DPOTrainer._prepare_dataset(None, conversational, tokenizer, Args, "train")[0]  # type: ignore[arg-type]
+    assert {k: trl_row[k] for k in row} == row
+
+
+def test_truncation_is_counted_as_the_collator_cuts(tiny_model_dir):
+    tokenizer = _tokenizer(tiny_model_dir)
+    whole = encode_preference(PAIR, tokenizer, max_seq_length=512)
+    prompt = whole.prompt_length
+    limit = prompt + len(whole.chosen.input_ids) - prompt + 1  # the chosen side fits, the rejected does not
+    cut = encode_preference(PAIR, tokenizer, max_seq_length=limit)
+    assert not cut.chosen.truncated and cut.rejected.truncated and cut.truncated
+    assert not cut.rejected.eos_learned and cut.chosen.eos_learned
+
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=limit)
+    from_whole, from_cut = collate([whole.row()]), collate([cut.row()])
+    assert all(torch.equal(from_whole[k], from_cut[k]) for k in from_whole)  # the collator cuts what we cut
+    completion = from_whole["completion_mask"].sum(dim=1).tolist()
+    assert completion == [cut.chosen.trained, cut.rejected.trained]
+
+    # A prompt that fills max_seq_length leaves no answer token: the row is dropped and its line named.
+    rows, stats = encode_preferences([PAIR, PAIR], tokenizer, max_seq_length=prompt)
+    assert rows == [] and stats.dropped_rows == 2 and stats.dropped_lines == [3, 3]
+    rows, stats = encode_preferences([PAIR], tokenizer, max_seq_length=limit)
+    assert stats.truncated_rows == 1 and stats.eos_cut == {"chosen": 0, "rejected": 1}
+    assert stats.trained_tokens == sum(completion) and stats.tokens == int(from_whole["attention_mask"].sum())
+
+
+def test_preflight_counts_pairs_as_the_run_does(dpo_run, task, tiny_model_dir):
+    report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, task["train"], validation_path=task["validation"],
+                       examples=1)
+    trained = dpo_run.summary["data"]["train"]
+    assert {k: report["train"][k] for k in ("rows", "truncated_rows", "dropped_rows", "tokens", "trained_tokens")} == {
+        k: trained[k] for k in ("rows", "truncated_rows", "dropped_rows", "tokens", "trained_tokens")}
+    assert report["train"]["rows_without_eos_by_side"] == {"chosen": 0, "rejected": 0}
+    assert report["refusals"] == [] and report["examples"][0]["side"] == "chosen"
+    assert report["examples"][0]["tokens"][-1]["trained"]  # EOS, learned
+    wrong = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, task["sft"])
+    assert wrong["refusals"] and "method dpo trains on preference rows" in wrong["refusals"][0]
+
+
+def test_the_estimate_counts_two_sequences_and_the_reference(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    spec = dpo_spec(tiny_model_dir)
+    sft = spec.model_copy(update={"method": JobSpec.parse(demo_spec(str(tiny_model_dir))).method})
+    dpo, plain = estimate_peak_memory(spec, config), estimate_peak_memory(sft, config)
+    doubled = estimate_peak_memory(sft, config, micro_batch=2 * spec.training.per_device_batch_size)
+    activations = "activations (kept for backward)"
+    assert dpo.parts[activations] == doubled.parts[activations] > plain.parts[activations]
+    with_copy = estimate_peak_memory(spec, config, reference_adapter=True)
+    assert with_copy.parts["DPO reference adapter (frozen copy)"] == dpo.parts["LoRA adapter"]  # float32 both
+    assert with_copy.total > dpo.total > plain.total
