@@ -43,8 +43,8 @@ _FORMAT_SHAPES = {
     "prompt_completion": '{"prompt": ..., "completion": ...}',
     "alpaca": '{"instruction": ..., "input": ..., "output": ...}',
     "text": '{"text": ...}',
-    "preference": '{"input": {"messages": ...}, "preferred_output": [...], "non_preferred_output": [...]} '
-                  'or {"prompt": ..., "chosen": ..., "rejected": ...}',
+    "preference": '{"input": ..., "preferred_output": ..., "non_preferred_output": ...} '
+                  '| {"prompt": ..., "chosen": ..., "rejected": ...}',
 }
 
 
