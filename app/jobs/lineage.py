@@ -58,4 +58,27 @@ def initial_job(session: Session, team_id: str, job_id: str, spec: JobSpec) -> J
                       f"base_model is {spec.base_model!r}; an adapter only fits the model it was trained on",
                       details=field_errors([("initial_job_id", f"trained on {job.base_model}, not {spec.base_model}")]),
                       code="invalid_job")
+    check_lora_shape(job, spec)
     return job
+
+
+# The lora fields that shape an adapter's weights: a continued adapter keeps them (dropout may change).
+LORA_SHAPE = ("r", "alpha", "target_modules", "bias", "use_rslora")
+
+
+def check_lora_shape(job: Job, spec: JobSpec) -> None:
+    """422 when the new job's lora section would build another adapter than the one it continues: the
+    engine would refuse it at setup (worker/training/model.load_initial_adapter), after a wait in the queue."""
+    try:
+        started = JobSpec.model_validate(job.spec).lora
+    except ValueError:
+        return  # a spec this release no longer reads: the engine checks the adapter's own config
+    differ = [(name, getattr(started, name), getattr(spec.lora, name)) for name in LORA_SHAPE
+              if getattr(started, name) != getattr(spec.lora, name)]
+    if differ:
+        raise Invalid("; ".join(f"lora.{name}: job {job.id}'s adapter has {had!r}, this job asks for {asked!r}"
+                                for name, had, asked in differ)
+                      + "; a continued adapter keeps its shape: give the initial job's lora section",
+                      details=field_errors([(f"lora.{name}", f"the initial job's adapter has {had!r}")
+                                            for name, had, _ in differ]),
+                      code="invalid_job")

@@ -47,13 +47,14 @@ def datasets(team_a):
 
 
 def succeeded_job(deployment, team_key_owner: str, base_model: str = "tiny", adapter: bool = True,
-                  status: str = states.SUCCEEDED) -> str:
+                  status: str = states.SUCCEEDED, spec: dict | None = None) -> str:
     """A finished job as a worker leaves it (row and adapter artifact), without training one."""
     with session_scope(deployment.settings.database_url) as session:
         from app.teams import repository as teams
 
         team = teams.team_by_name(session, team_key_owner)
-        job = Job(team_id=team.id, status=status, base_model=base_model, queue="gpu-nobody", spec={}, name="sft")
+        job = Job(team_id=team.id, status=status, base_model=base_model, queue="gpu-nobody", spec=spec or {},
+                  name="sft")
         session.add(job)
         session.flush()
         if adapter:
@@ -123,6 +124,16 @@ def test_initial_job_on_another_base_model_is_a_422_naming_both(deployment, team
     assert answer.status_code == 422, answer.text
     message = answer.json()["error"]["message"]
     assert "'another-model'" in message and "'tiny'" in message
+
+
+def test_initial_job_with_another_lora_shape_is_a_422_naming_the_field(deployment, team_a, datasets):
+    started = succeeded_job(deployment, "team-a", spec={"base_model": "tiny", "training": {"max_steps": 4}})
+    answer = team_a.post("/jobs/preflight", json={**BODY, "method": {"type": "dpo"}, "lora": {"r": 8, "dropout": 0.0},
+                                                  "dataset_id": datasets["preference"]["id"], "initial_job_id": started})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert "lora.r" in error["message"] and "keeps its shape" in error["message"]
+    assert "lora.dropout" not in error["message"]  # dropout does not shape the adapter
 
 
 def test_a_dpo_job_shows_its_method_and_initial_job_and_fails_clearly_when_the_adapter_is_gone(
