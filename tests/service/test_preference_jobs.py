@@ -221,6 +221,8 @@ def test_the_new_job_form_offers_dpo_and_the_teams_finished_jobs(page, deploymen
     expect(form.get_by_label("DPO beta")).to_have_value("0.1")
     form.get_by_label("Training dataset").select_option(datasets["preference"]["id"])
     form.get_by_label("Start from job (optional)").select_option(sft)
+    # The base model follows the job picked: continuing an adapter on another base is refused.
+    expect(form.get_by_label("Base model")).to_have_value(team_a.get(f"/jobs/{sft}").json()["base_model"])
     form.get_by_label("DPO beta").fill("0.25")
     form.get_by_label("Epochs").fill("")
     form.get_by_label("Max steps").fill("4")

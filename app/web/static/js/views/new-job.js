@@ -125,6 +125,13 @@ export async function viewNewJob(main, ctx) {
   methodType.addEventListener("change", showMethodFields);
   showMethodFields();
 
+  // A job continues an adapter on the base it was trained on (any other is a 422): picking the job picks its base.
+  const initialJob = form.querySelector("[name='initial_job_id']");
+  initialJob.addEventListener("change", () => {
+    const started = finished.find((j) => j.id === initialJob.value);
+    if (started) form.querySelector("[name='base_model']").value = started.base_model;
+  });
+
   /** Submit is blocked only by a preflight that refused this very form; any change may have fixed it. */
   function blockSubmit(reason) {
     submit.disabled = Boolean(reason);
