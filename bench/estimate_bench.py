@@ -10,7 +10,8 @@ checkpointing, kernels and packing as this device resolves them) for a few steps
 max_seq_length, in a fresh process, and sets what `estimate_peak_memory` predicts for that run
 beside what it used:
 - on a GPU, the peak reserved device memory (what the CUDA caching allocator took from the card,
-  which is what runs out) and the peak allocated; a case that runs out of memory is a row that
+  which is what runs out) and the peak allocated, from the first step on; the peak while loading
+  (where the base is quantized as it loads) is its own column, since the estimate is of a step; a case that runs out of memory is a row that
   says so (measured "OOM"), and the cases after it still run;
 - on the CPU, the growth of the process's resident memory from before the model loaded to its peak,
   against the estimate less its CUDA context. That is not the estimator's target (glibc's
@@ -133,11 +134,13 @@ GROUPS = {
     # Under ten minutes on one H100 with the 8B model already built (bench/gpu.sh train builds it).
     "estimate": [Case("1b", 1, 2048), Case("1b", 8, 2048), Case("1b", 4, 1024, checkpointing=False),
                  Case("8b", 1, 2048), Case("8b", 4, 2048)],
+    # Its 1B cases alone (about 3 min with the model to build): for a device lent with little time left.
+    "estimate-1b": [Case("1b", 1, 2048), Case("1b", 8, 2048), Case("1b", 4, 1024, checkpointing=False)],
     # Each under ten minutes on one H200, its model built here (bench/gpu.sh paper, bench/gpu.sh memory).
     "paper": [Case("33b", 1, 512, **PAPER), Case("65b", 1, 512, **PAPER)],
     "memory": LONG,
 }
-CASES = {"cuda": [case for group in GROUPS.values() for case in group],
+CASES = {"cuda": [case for name, group in GROUPS.items() if name != "estimate-1b" for case in group],
          "cpu": [Case("tiny", 2, 128), Case("tiny", 8, 256), Case("tiny", 8, 256, checkpointing=False)]}
 
 
@@ -208,7 +211,8 @@ def run_case(work: Path, case: Case, device: str, seed: int, keep_runs: bool = T
             row["reserved_before_oom_bytes"] = raw["memory"]["reserved"] if device == "cuda" else None
     elif device == "cuda":
         peak = raw["memory"]["reserved"]
-        row.update(measured_bytes=peak, allocated_bytes=raw["memory"]["allocated"], error=predicted / peak - 1)
+        row.update(measured_bytes=peak, allocated_bytes=raw["memory"]["allocated"], error=predicted / peak - 1,
+                   loading_reserved_bytes=(raw["memory"].get("loading") or {}).get("reserved"))
     else:
         peak = raw["memory"]["reserved"] - raw["rss_before_model_bytes"]
         row.update(measured_bytes=peak, allocated_bytes=peak, error=predicted / peak - 1)
@@ -310,21 +314,27 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for i, case in enumerate(cases):
         rows.append(run_case(work, case, device=args.device, seed=args.seed, keep_runs=not args.free_disk))
+        # Saved after every case: a run stopped by a device's time limit still leaves the rows it measured.
+        save_report(build_report(args.device, rows), args.out)
         if args.free_disk and all(later.preset != case.preset for later in cases[i + 1:]):
             quantized = case.preset in train_bench.PREQUANTIZED
             shutil.rmtree(ensure_model_dir(work, case.preset, args.seed, quantized), ignore_errors=True)
-    compare_speeds(rows)
-    report = {"device": args.device, "target": TARGET, "steps": STEPS, "rows": rows,
-              "within_target": all(abs(r["error"]) <= TARGET for r in rows if measured(r)) if args.device == "cuda" else None,
-              "out_of_memory": [r["case"] for r in rows if r["oom"]],
-              "measured": "peak reserved device memory" if args.device == "cuda"
-              else "growth of process RSS from before the model loaded (not the GPU target's measure)",
-              "allowance_fit": fit_allowance(rows) if args.device == "cuda" else
-              {"skipped": "on the CPU the measure is process RSS, not device memory: the allowance is fitted "
-                          "from CUDA rows only"}}
+    report = build_report(args.device, rows)
     save_report(report, args.out)
     print_table(report)
     return report
+
+
+def build_report(device: str, rows: list[dict]) -> dict:
+    compare_speeds(rows)
+    return {"device": device, "target": TARGET, "steps": STEPS, "rows": rows,
+          "within_target": all(abs(r["error"]) <= TARGET for r in rows if measured(r)) if device == "cuda" else None,
+          "out_of_memory": [r["case"] for r in rows if r["oom"]],
+          "measured": "peak reserved device memory in training (loading apart)" if device == "cuda"
+          else "growth of process RSS from before the model loaded (not the GPU target's measure)",
+          "allowance_fit": fit_allowance(rows) if device == "cuda" else
+          {"skipped": "on the CPU the measure is process RSS, not device memory: the allowance is fitted "
+                      "from CUDA rows only"}}
 
 
 def ensure_model_dir(work: Path, preset: str, seed: int, quantized: bool) -> Path:
@@ -343,7 +353,7 @@ def print_table(report: dict) -> None:
     table = Table(title=f"estimate_peak_memory against the measured peak on {report['device']} "
                         f"({report['measured']})")
     for col in ("model", "micro-batch x seq", "LoRA r", "memory savers", "kernels", "predicted", "measured", "error",
-                "tokens/s (x plain)", "host: predicted / pinned"):
+                "loading peak", "tokens/s (x plain)", "host: predicted / pinned"):
         table.add_column(col, justify="left" if col in ("model", "memory savers", "kernels") else "right")
     for r in report["rows"]:
         kernels = ", ".join(k for k in ("packing", "liger") if r["speedups"].get(k)) or "none"
@@ -356,7 +366,8 @@ def print_table(report: dict) -> None:
                                                    if r.get("measured_pinned_bytes") is not None else "")
         table.add_row(r["preset"], f"{r['micro_batch']} x {r['seq']}", str(r["lora_r"]), savers or "none", kernels,
                       gib(r["predicted_bytes"]), gib(r["measured_bytes"]),
-                      f"{r['error']:+.1%}" if r["error"] is not None else "-", speed, host)
+                      f"{r['error']:+.1%}" if r["error"] is not None else "-",
+                      gib(r["loading_reserved_bytes"]) if r.get("loading_reserved_bytes") else "-", speed, host)
     Console(width=200).print(table)  # whole rows in a log too, where the terminal's width is not known
     print_fit(report["allowance_fit"])
 

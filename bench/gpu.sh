@@ -4,6 +4,7 @@
 #
 #   bench/gpu.sh train      # baseline vs engine vs engine-cached, Llama-architecture 8B, seq 2048, r 16
 #   bench/gpu.sh estimate   # estimate_peak_memory against measured peaks, 1B and 8B, several shapes
+#   bench/gpu.sh estimate-1b  # its 1B cases alone (~3 min, building the 1B model): for a short budget
 #   bench/gpu.sh memory     # long context: Llama 3.1 8B's shape at 16k tokens with neither, either and
 #                           # both of activation offload and tiled MLPs; at 32k with both, and with
 #                           # neither (~33 GiB: on a 24 GiB card its row says OOM). Builds the 4-bit 8B
@@ -54,7 +55,7 @@ wheels)
     done
     du -sh .whl
     exit 0 ;;
-train|estimate|memory|paper) ;;
+train|estimate|estimate-1b|memory|paper) ;;
 *) sed -n '2,/^set -e/p' "$0" | grep '^#'; exit 2 ;;
 esac
 
@@ -84,8 +85,8 @@ train)
     "$PY" bench/train_bench.py --preset 8b --device cuda --seq 2048 --batch 4 --steps "$STEPS" --packing "$PACKING" \
         --work "$WORK" --out "$OUT/train_bench_8b.json" 2>&1 | tee "$OUT/train_bench_8b.log"
     exit 0 ;;
-estimate)
-    "$PY" bench/estimate_bench.py --device cuda --cases estimate --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
+estimate|estimate-1b)
+    "$PY" bench/estimate_bench.py --device cuda --cases "$1" --work "$WORK" --out "$OUT/estimate_bench.json" 2>&1 \
         | tee "$OUT/estimate_bench.log" ;;
 memory)
     "$PY" bench/estimate_bench.py --device cuda --cases memory --work "$WORK" --out "$OUT/estimate_memory.json" 2>&1 \

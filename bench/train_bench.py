@@ -249,10 +249,17 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
     device = settings["device"]
     steps: list[dict] = []
     outside: list[int] = []  # CUDA: device memory outside PyTorch's allocator at each step's end
+    loading: dict = {}  # CUDA: the peaks up to the first step (loading, quantizing, caching the base)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            if device == "cuda" and hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+            if device != "cuda":
+                return
+            # The peaks from here on are training's: loading can peak higher (a base quantized as it
+            # loads), and the estimate is of a step, so the two are measured apart.
+            loading.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
+            if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
                 torch.cuda.reset_peak_host_memory_stats()  # pinned memory from here on: training's, not loading's
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -309,8 +316,8 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
                   "pinned_peak_bytes": _pinned_peak() if device == "cuda" else None}
     else:
         detail = baseline(model_dir, data, settings, Clock())
-    memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()} \
-        if device == "cuda" else {"allocated": _rss_peak(), "reserved": _rss_peak()}
+    memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+              "loading": loading or None} if device == "cuda" else {"allocated": _rss_peak(), "reserved": _rss_peak()}
     memory["rss_peak"] = _rss_peak()
     Path(out).write_text(json.dumps({"steps": steps, "started": started, "memory": memory, **detail}))
 
@@ -460,6 +467,7 @@ def summarize(raw: dict, dims: dict, seq: int, rate: float) -> dict:
         "mfu": tps * flops_per_token(dims, seq) / rate,
         "peak_allocated_bytes": raw["memory"]["allocated"],
         "peak_reserved_bytes": raw["memory"]["reserved"],
+        "loading_peak_reserved_bytes": (raw["memory"].get("loading") or {}).get("reserved"),
         "time_to_first_step_s": steps[0]["t"] - raw["started"],
         "final_loss": losses[-1][1],
         "loss_curve": losses,
