@@ -36,7 +36,9 @@ class Admission:
     note: str
 
 
-def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: str | None) -> Admission:
+def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: str | None,
+          reference_adapter: bool = False) -> Admission:
+    """`reference_adapter`: the job keeps a frozen copy of its starting adapter (keeps_reference_adapter)."""
     check_ceilings(settings, spec)
     classes = sorted(settings.gpu_classes.items(), key=lambda item: item[1])
     served = settings.served_gpu_classes
@@ -57,14 +59,14 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     paging = settings.max_paged_fraction
     for name, memory_gib in classes:
         budget = int(memory_gib * GIB)
-        sized = fit_to_gpu(spec, model.config, budget, paging)
+        sized = fit_to_gpu(spec, model.config, budget, paging, reference_adapter)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
         micro = sized.training.per_device_batch_size
         if settings.max_micro_batch and micro != "auto" and micro > settings.max_micro_batch:
             # "auto" sized past the ceiling: a smaller micro-batch needs less memory, so it fits too.
             sized = with_micro_batch(sized, settings.max_micro_batch)
-        estimate = estimate_peak_memory(sized, model.config)
+        estimate = estimate_peak_memory(sized, model.config, reference_adapter=reference_adapter)
         if estimate.fits(budget, paging):
             paged = estimate.paged_bytes(budget)
             return Admission(name, sized, estimate,
@@ -77,10 +79,11 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     name, memory_gib = classes[-1]
     budget = int(memory_gib * GIB)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
-    at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging)  # "auto" savers on: all they save
-    estimate = estimate_peak_memory(at_least_one, model.config)
+    # "auto" savers on: all they save
+    at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging, reference_adapter)
+    estimate = estimate_peak_memory(at_least_one, model.config, reference_adapter=reference_adapter)
     largest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
-    try_this = advice(at_least_one, model.config, budget, paging)
+    try_this = advice(at_least_one, model.config, budget, paging, reference_adapter)
     needs = gib(estimate.total) if not estimate.pageable_bytes else \
         f"{gib(estimate.resident)} resident ({gib(estimate.total)} with its paged optimizer state)"
     raise DoesNotFit(

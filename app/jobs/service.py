@@ -18,7 +18,7 @@ from app.datasets.tables import Dataset
 from app.db import after_commit, utcnow
 from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
 from app.jobs import lineage, preflight, repository, states
-from app.jobs.admission import admit
+from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
 from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
@@ -33,6 +33,7 @@ from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage
 from app.teams.service import Caller
 from app.text import has_control_characters
+from worker.training.estimate import keeps_reference_adapter
 from worker.training.spec import JobSpec, describe_validation_error, excerpt
 
 MAX_EXAMPLES = 5  # rows a preflight shows token by token (worker/training/preflight.py's MAX_EXAMPLES)
@@ -67,12 +68,19 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
     return meta, spec
 
 
+def _admit(settings: Settings, model: RegisteredModel, spec: JobSpec, meta: dict) -> Admission:
+    """Admission of a new job (POST /jobs and its preflight): a DPO job from another job's adapter also
+    holds a frozen copy of that adapter as its reference."""
+    return admit(settings, model, spec, meta.get("gpu_class"),
+                 reference_adapter=keeps_reference_adapter(spec, meta.get("initial_job_id") is not None))
+
+
 def create(session: Session, settings: Settings, caller: Caller, body: Any, *, storage: Storage | None = None,
            runner: PreflightRunner | None = None) -> Job:
     """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and queue."""
     meta, spec = parse_create(body)
     model = _checked_inputs(session, caller, meta, spec)
-    admitted = admit(settings, model, spec, meta.get("gpu_class"))
+    admitted = _admit(settings, model, spec, meta)
     checked = (preflight.check(session, storage, runner, caller, model, admitted.spec, meta) if storage is not None
                else preflight.Checked(None, "preflight not run"))
     if checked.report:
@@ -125,7 +133,7 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
     meta, spec = parse_create(body)
     model = _checked_inputs(session, caller, meta, spec)
     try:
-        admitted = admit(settings, model, spec, meta.get("gpu_class"))
+        admitted = _admit(settings, model, spec, meta)
         placement: dict[str, Any] = {
             "gpu_class": admitted.gpu_class, "note": admitted.note, "spec": admitted.spec.model_dump(mode="json"),
             "estimate": admitted.estimate.parts if admitted.estimate else None,

@@ -16,11 +16,10 @@ from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.pagination import MAX_ID
-from worker.training.spec import TrainingSpec, excerpt
+from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
 
 FILE, JOB, EVENT, CHECKPOINT = "file-", "ftjob-", "ftevent-", "ftckpt-"
 
-BASE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default  # what multiplier 1 means
 DEFAULT_EPOCHS = 3  # n_epochs "auto": what most small fine-tunes use, and OpenAI's usual pick
 DEFAULT_MICRO_BATCH = TrainingSpec.model_fields["per_device_batch_size"].default
 DEFAULT_ACCUMULATION = TrainingSpec.model_fields["gradient_accumulation_steps"].default
@@ -101,7 +100,7 @@ def hyperparameters_of(spec: dict) -> dict:
         "n_epochs": int(training["epochs"]) if training.get("epochs") and float(training["epochs"]).is_integer()
         else training.get("epochs") or "auto",
         "batch_size": micro * training["gradient_accumulation_steps"] if micro != "auto" else "auto",
-        "learning_rate_multiplier": round(training["learning_rate"] / BASE_LEARNING_RATE, 6),
+        "learning_rate_multiplier": round(training["learning_rate"] / LEARNING_RATES[method_type(spec)], 6),
     }
 
 
@@ -111,10 +110,14 @@ def fine_tuned_model(job: Job, team_name: str) -> str:
     return f"ft:{job.base_model}:{team_name}:{job.name}:{job.id}"
 
 
+def method_type(spec: dict) -> str:
+    return (spec.get("method") or {"type": "sft"})["type"]
+
+
 def method_of(spec: dict, hyperparameters: dict) -> dict:
     """The job's method in OpenAI's shape: {"type": "dpo", "dpo": {"hyperparameters": {..., "beta"}}}."""
     method = spec.get("method") or {"type": "sft"}
-    kind = OPENAI_METHOD[method["type"]]
+    kind = OPENAI_METHOD[method_type(spec)]
     extra = {name: method[name] for name in DPO_OPTIONS if name in method}
     return {"type": kind, kind: {"hyperparameters": {**hyperparameters, **extra}}}
 
@@ -229,7 +232,7 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
                        **_object(settings, "hyperparameters", f"method.{kind}.hyperparameters")}
     native_method = _method_from(kind, hyperparameters)
     training = _object(body, "training", "training")
-    training.update(_training_from(hyperparameters, training, max_micro_batch))
+    training.update(_training_from(hyperparameters, training, max_micro_batch, LEARNING_RATES[native_method["type"]]))
     if body.get("seed") is not None:
         training["seed"] = body["seed"]
     native = {
@@ -281,7 +284,7 @@ def _object(parent: dict, key: str, field: str) -> dict:
     return dict(value)
 
 
-def _training_from(hyperparameters: dict, training: dict, max_micro_batch: int | None) -> dict:
+def _training_from(hyperparameters: dict, training: dict, max_micro_batch: int | None, base_learning_rate: float) -> dict:
     out: dict = {}
     problems: list[tuple[str, str]] = []
     epochs = hyperparameters.get("n_epochs", "auto")
@@ -318,7 +321,7 @@ def _training_from(hyperparameters: dict, training: dict, max_micro_batch: int |
             problems.append(("hyperparameters.learning_rate_multiplier",
                              f"must be 'auto' or a number in (0, 10], got {excerpt(multiplier)}"))
         else:
-            out["learning_rate"] = BASE_LEARNING_RATE * multiplier
+            out["learning_rate"] = base_learning_rate * multiplier
     if problems:
         raise Invalid("; ".join(f"{f}: {m}" for f, m in problems), details=field_errors(problems))
     return out

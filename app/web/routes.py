@@ -14,7 +14,16 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from worker.training.spec import DpoMethod, EvalSpec, LoraSpec, OutputSpec, QuantizationSpec, SftMethod, TrainingSpec
+from worker.training.spec import (
+    LEARNING_RATES,
+    DpoMethod,
+    EvalSpec,
+    LoraSpec,
+    OutputSpec,
+    QuantizationSpec,
+    SftMethod,
+    TrainingSpec,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -41,4 +50,5 @@ def spec_defaults():
     # The method: sft by default, with dpo's settings pre-filled for when dpo is picked (sent only then).
     defaults["method"] = {"type": SftMethod.model_fields["type"].default,
                           **{name: field.default for name, field in DpoMethod.model_fields.items() if name != "type"}}
+    defaults["learning_rates"] = LEARNING_RATES  # training.learning_rate's default depends on the method
     return defaults

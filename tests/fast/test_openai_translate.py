@@ -13,8 +13,8 @@ from app.errors import AppError, Conflict, DoesNotFit, Invalid, NotFound, Payloa
 from app.jobs import repository, service, states
 from app.jobs.tables import Job
 from app.openai import translate as t
-from app.openai.translate import BASE_LEARNING_RATE, job_body, openai_error
-from worker.training.spec import JobSpec
+from app.openai.translate import job_body, openai_error
+from worker.training.spec import LEARNING_RATES, JobSpec
 
 BASE = {"model": "llama-3-8b", "training_file": "file-abc"}
 
@@ -40,7 +40,7 @@ def test_every_openai_field_lands_on_ours():
         "metadata": {"team": "support"}, "gpu_class": "l4", "lora": {"r": 8}, "quantization": {"bits": 4},
         "output": {"merge": False},
         "training": {"epochs": 2, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
-                     "learning_rate": 2 * BASE_LEARNING_RATE, "seed": 11},
+                     "learning_rate": 2 * LEARNING_RATES["sft"], "seed": 11},
     }
     meta, spec = service.parse_create(native)  # and the native service accepts it as it is
     assert spec.training.epochs == 2 and spec.lora.r == 8 and meta["gpu_class"] == "l4"
@@ -71,7 +71,7 @@ def test_auto_leaves_our_defaults_and_n_epochs_auto_respects_a_stopping_rule_of_
 def test_method_supervised_hyperparameters_win_over_the_legacy_field():
     training = training_of(hyperparameters={"n_epochs": 5, "learning_rate_multiplier": 3},
                            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
-    assert training == {"epochs": 2, "learning_rate": 3 * BASE_LEARNING_RATE}
+    assert training == {"epochs": 2, "learning_rate": 3 * LEARNING_RATES["sft"]}
 
 
 @pytest.mark.parametrize(("hyperparameters", "field"), [

@@ -13,11 +13,12 @@ from app.jobs.schemas import MetricsOut
 from app.jobs.tables import Artifact, Job, JobMetric
 from app.models.tables import RegisteredModel
 from app.openai import translate as t
-from app.openai.translate import BASE_LEARNING_RATE, job_body, openai_error
+from app.openai.translate import job_body, openai_error
 from app.teams.service import Caller, create_key, create_team
 from tests.fast.conftest import open_session
 from tests.model_configs import LLAMA3_8B
 from worker.training.protocol import EvalPoint, Event, TrainPoint
+from worker.training.spec import LEARNING_RATES
 
 BASE = {"model": "llama-3-8b", "training_file": "file-abc"}
 
@@ -87,6 +88,11 @@ def test_a_dpo_job_on_preference_data_is_queued_with_its_method(deployment, sess
     session.commit()
     assert job.spec["method"] == {"type": "dpo", "beta": 0.2, "loss": "sigmoid", "label_smoothing": 0.0}
     assert job.initial_job_id is None
+    # No learning rate given: DPO's own default, recorded in the stored spec (SFT's would garble the answers).
+    assert job.spec["training"]["learning_rate"] == LEARNING_RATES["dpo"] < LEARNING_RATES["sft"] / 10
+    chosen = service.create(session, settings, caller,
+                            body(ids["preference"], {"type": "dpo"}, training={"max_steps": 10, "learning_rate": 1e-4}))
+    assert chosen.spec["training"]["learning_rate"] == 1e-4
 
 
 # ------------------------------------------------------------------ initial_job_id
@@ -101,6 +107,24 @@ def test_a_job_continues_a_succeeded_job_of_its_team(deployment, session, caller
         assert reader.get(Job, job.id).initial_job_id == sft
     row, _ = service.view(session, settings, caller, job.id)
     assert row.initial_job_id == sft
+
+
+def test_admission_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter(deployment, session, caller):
+    """trl keeps a frozen copy of a started adapter as DPO's reference: admission counts it, and only there."""
+    settings, ids = deployment
+    sft = finished_job(session, caller.team_id)
+    reference = "DPO reference adapter (frozen copy)"
+
+    def estimate(dataset: str, method: dict | None = None, **fields) -> dict:
+        job = service.create(session, settings, caller, body(ids[dataset], method, **fields))
+        session.commit()
+        created = [e for e in repository.events(session, caller.team_id, job.id, None, 10) if e.type == "created"]
+        return created[0].data["estimate"]
+
+    from_sft = estimate("preference", {"type": "dpo"}, initial_job_id=sft)
+    assert from_sft[reference] == from_sft["LoRA adapter"]  # float32 as peft loads it, as the default adapter is
+    assert reference not in estimate("preference", {"type": "dpo"})  # the reference is the base, adapter off
+    assert reference not in estimate("chat", initial_job_id=sft)  # sft keeps no reference
 
 
 def test_another_teams_job_answers_404_like_a_missing_one(deployment, session, caller):
@@ -149,7 +173,7 @@ def test_the_sdks_dpo_method_becomes_our_method_and_training():
     assert native == {"base_model": "llama-3-8b", "dataset_id": "abc", "method": {"type": "dpo", "beta": 0.25},
                       "initial_job_id": "abc",
                       "training": {"epochs": 2, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
-                                   "learning_rate": 0.5 * BASE_LEARNING_RATE}}
+                                   "learning_rate": 0.5 * LEARNING_RATES["dpo"]}}
     meta, spec = service.parse_create(native)
     assert spec.method.type == "dpo" and spec.method.beta == 0.25 and meta["initial_job_id"] == "abc"
 
@@ -186,6 +210,7 @@ def test_the_job_object_shows_the_method_in_openais_shape(deployment, session, c
     assert shown["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
     assert shown["method"]["dpo"]["hyperparameters"]["n_epochs"] == shown["hyperparameters"]["n_epochs"]
     assert shown["initial_job_id"] == t.JOB + sft
+    assert shown["hyperparameters"]["learning_rate_multiplier"] == 1  # of DPO's default learning rate
     chat = service.create(session, settings, caller, body(ids["chat"]))
     assert t.job_object(chat, "team-a")["method"] == {
         "type": "supervised", "supervised": {"hyperparameters": t.hyperparameters_of(chat.spec)}}

@@ -18,6 +18,7 @@ from tests.deployment import upload
 from tests.service.test_cli_client import clean_env, qlora
 from tests.service.test_dashboard import page, sign_in  # noqa: F401 (page: the browser page fixture)
 from worker.training.protocol import EvalPoint, TrainPoint
+from worker.training.spec import LEARNING_RATES
 
 
 def jsonl(rows: list) -> bytes:
@@ -235,6 +236,7 @@ def test_the_new_job_form_offers_dpo_and_the_teams_finished_jobs(page, deploymen
     assert answer.value.status == 201, created
     try:
         assert created["spec"]["method"] == {"type": "dpo", "beta": 0.25, "loss": "sigmoid", "label_smoothing": 0.0}
+        assert created["spec"]["training"]["learning_rate"] == LEARNING_RATES["dpo"]  # the form followed the method
         assert created["initial_job_id"] == sft
         expect(page.locator("#job-method")).to_have_text("dpo (beta 0.25, sigmoid)")
     finally:

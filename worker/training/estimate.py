@@ -218,6 +218,12 @@ def loss_head_bytes(shape: ModelShape, tokens: int, compute: int, frozen: int) -
     return hidden_states + tile + head_rows + tokens * 8 * 4  # and a few float32 statistics per token
 
 
+def keeps_reference_adapter(spec: JobSpec, starts_from_adapter: bool) -> bool:
+    """Whether the job holds a frozen copy of its starting adapter as DPO's reference (estimate_peak_memory's
+    `reference_adapter`): a DPO job continued from a saved adapter does; one from the base does not."""
+    return spec.method.type == "dpo" and starts_from_adapter
+
+
 def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | None = None,
                          seq_len: int | None = None, reference_adapter: bool = False) -> Estimate:
     """The peak device memory of one training step of `spec` on the model `model_config` describes.
@@ -293,12 +299,14 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
 
 
 def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, limit: int = 256,
-                        max_paged_fraction: float = MAX_PAGED_FRACTION) -> int | None:
-    """The largest micro-batch (a power of two up to `limit`) that fits the budget; None if not even 1."""
+                        max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> int | None:
+    """The largest micro-batch (a power of two up to `limit`) that fits the budget; None if not even 1.
+    `reference_adapter`, here and in the functions below: as estimate_peak_memory's."""
     best = None
     batch = 1
-    while batch <= limit and estimate_peak_memory(spec, model_config, micro_batch=batch).fits(budget_bytes,
-                                                                                             max_paged_fraction):
+    while batch <= limit and estimate_peak_memory(spec, model_config, micro_batch=batch,
+                                                  reference_adapter=reference_adapter).fits(budget_bytes,
+                                                                                            max_paged_fraction):
         best, batch = batch, batch * 2
     return best
 
@@ -308,13 +316,14 @@ def with_micro_batch(spec: JobSpec, micro_batch: int) -> JobSpec:
 
 
 def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int,
-                    max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec | None:
+                    max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec | None:
     """`spec` sized for a budget (a GPU's memory): per_device_batch_size "auto" becomes the largest
     micro-batch that fits, and None says that not even a micro-batch of 1 does. A spec with a fixed
     micro-batch comes back as it is; whether that one fits is the caller's question (the estimate says)."""
     if spec.training.per_device_batch_size != "auto":
         return spec
-    fitting = largest_micro_batch(spec, model_config, budget_bytes, max_paged_fraction=max_paged_fraction)
+    fitting = largest_micro_batch(spec, model_config, budget_bytes, max_paged_fraction=max_paged_fraction,
+                                  reference_adapter=reference_adapter)
     return with_micro_batch(spec, fitting) if fitting is not None else None
 
 
@@ -328,7 +337,7 @@ MEMORY_SAVERS = ((False, False), (True, False), (False, True), (True, True))
 
 
 def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | None,
-                      max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec:
+                      max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec:
     """training.activation_offload and tiled_mlp "auto" decided for a budget (a GPU's memory): on only
     where the job would not fit without them, the cheapest choice that fits (at the spec's micro-batch,
     or 1 for "auto"); everything allowed on where nothing fits, so a refusal counts all they save.
@@ -342,22 +351,23 @@ def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | Non
     if budget_bytes:
         probe = spec if isinstance(t.per_device_batch_size, int) else with_micro_batch(spec, 1)
         for offload, tiled in allowed:
-            if estimate_peak_memory(with_training(probe, activation_offload=offload, tiled_mlp=tiled),
-                                    model_config).fits(budget_bytes, max_paged_fraction):
+            if estimate_peak_memory(with_training(probe, activation_offload=offload, tiled_mlp=tiled), model_config,
+                                    reference_adapter=reference_adapter).fits(budget_bytes, max_paged_fraction):
                 return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
     offload, tiled = allowed[-1] if budget_bytes else allowed[0]
     return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
 
 
 def fit_to_gpu(spec: JobSpec, model_config: dict, budget_bytes: int,
-               max_paged_fraction: float = MAX_PAGED_FRACTION) -> JobSpec | None:
+               max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec | None:
     """`spec` as it will run on a GPU of this memory: the memory savers' "auto" decided
     (fit_memory_savers), then the micro-batch's (fit_micro_batch); None where not even 1 fits."""
-    return fit_micro_batch(fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction), model_config,
-                           budget_bytes, max_paged_fraction)
+    savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter)
+    return fit_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter)
 
 
-def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None) -> JobSpec:
+def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None,
+                             reference_adapter: bool = False) -> JobSpec:
     """per_device_batch_size "auto" → the largest micro-batch that fits the budget (a GPU's memory);
     ValueError, saying what one needs and what there is, when not even 1 fits. Without a budget (the
     CPU, where RAM rather than device memory bounds it) "auto" means the default, 4."""
@@ -365,39 +375,42 @@ def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: in
         return spec
     if not budget_bytes:
         return with_micro_batch(spec, 4)
-    sized = fit_micro_batch(spec, model_config, budget_bytes)
+    sized = fit_micro_batch(spec, model_config, budget_bytes, reference_adapter=reference_adapter)
     if sized is None:
-        need = estimate_peak_memory(spec, model_config, micro_batch=1).resident
+        need = estimate_peak_memory(spec, model_config, micro_batch=1, reference_adapter=reference_adapter).resident
         raise ValueError(f"training.per_device_batch_size: \"auto\" found no micro-batch that fits: even 1 needs "
                          f"{gib(need)} resident and the device has {gib(budget_bytes)}")
     return sized
 
 
 def advice(spec: JobSpec, model_config: dict, budget_bytes: int,
-           max_paged_fraction: float = MAX_PAGED_FRACTION) -> list[str]:
+           max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> list[str]:
     """What would make the job fit a budget, each checked against the estimate."""
     t = spec.training
+
+    def fits(candidate: JobSpec, **shape) -> bool:
+        return estimate_peak_memory(candidate, model_config, reference_adapter=reference_adapter,
+                                    **shape).fits(budget_bytes, max_paged_fraction)
+
     batch = t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1
     ideas = []
     fitting = largest_micro_batch(spec, model_config, budget_bytes, limit=max(batch - 1, 1),
-                                  max_paged_fraction=max_paged_fraction)
+                                  max_paged_fraction=max_paged_fraction, reference_adapter=reference_adapter)
     if fitting and fitting < batch:
         ideas.append(f"per_device_batch_size {fitting} with gradient_accumulation_steps "
                      f"{t.gradient_accumulation_steps * batch // fitting} (the same effective batch)")
     for seq in (t.max_seq_length // 2, t.max_seq_length // 4):
-        if seq >= 8 and estimate_peak_memory(spec, model_config, micro_batch=batch, seq_len=seq).fits(
-                budget_bytes, max_paged_fraction):
+        if seq >= 8 and fits(spec, micro_batch=batch, seq_len=seq):
             ideas.append(f"max_seq_length {seq}")
             break
     if not t.gradient_checkpointing:
         on = with_training(spec, gradient_checkpointing=True)
-        if estimate_peak_memory(on, model_config).fits(budget_bytes, max_paged_fraction):
+        if fits(on):
             ideas.append("gradient_checkpointing true")
     for offload, tiled in MEMORY_SAVERS[1:]:
         on = with_training(spec, activation_offload=offload or t.activation_offload is True,
                            tiled_mlp=tiled or t.tiled_mlp is True)
-        if on.training != t and (t.gradient_checkpointing or not offload) and estimate_peak_memory(
-                on, model_config).fits(budget_bytes, max_paged_fraction):
+        if on.training != t and (t.gradient_checkpointing or not offload) and fits(on):
             ideas.append(" and ".join(f"{name} true" for name, wanted in
                                       (("activation_offload", offload), ("tiled_mlp", tiled)) if wanted))
             break

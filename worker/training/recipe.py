@@ -48,7 +48,12 @@ from worker.training.callbacks import (  # noqa: E402
     TrainingEnd,
 )
 from worker.training.data import read_jsonl  # noqa: E402
-from worker.training.estimate import fit_memory_savers, mlp_tile_tokens, resolve_auto_micro_batch  # noqa: E402
+from worker.training.estimate import (  # noqa: E402
+    fit_memory_savers,
+    keeps_reference_adapter,
+    mlp_tile_tokens,
+    resolve_auto_micro_batch,
+)
 from worker.training.memory import ActivationOffload, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model,
@@ -260,7 +265,8 @@ class QLoRARecipe:
         self.device = pick_device()
         self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
-        self.spec = _fit_to_device(self.spec, self.base_path, self.device)
+        self.spec = _fit_to_device(self.spec, self.base_path, self.device,
+                                   keeps_reference_adapter(self.spec, self.initial_adapter is not None))
 
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
@@ -552,14 +558,15 @@ class QLoRARecipe:
         }
 
 
-def _fit_to_device(spec: JobSpec, base_path: Path, device: str) -> JobSpec:
+def _fit_to_device(spec: JobSpec, base_path: Path, device: str, reference_adapter: bool) -> JobSpec:
     """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
     only where the job would not fit without), then per_device_batch_size "auto" (the largest
     micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
     budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     config = json.loads((base_path / "config.json").read_text())
     try:
-        return resolve_auto_micro_batch(fit_memory_savers(spec, config, budget), config, budget)
+        savers = fit_memory_savers(spec, config, budget, reference_adapter=reference_adapter)
+        return resolve_auto_micro_batch(savers, config, budget, reference_adapter)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
 

@@ -23,7 +23,7 @@ export const SPEC_FIELDS = {
     ["training.max_steps", "Max steps", "int", "Optimizer steps. Set this or epochs."],
   ],
   training: [
-    ["training.learning_rate", "Learning rate", "float", "2e-4 suits 7B–13B models."],
+    ["training.learning_rate", "Learning rate", "float", "2e-4 suits SFT on 7B–13B models; picking dpo sets DPO's far lower default."],
     ["training.per_device_batch_size", "Batch size per device", "int", "Micro-batch; lower it if memory runs out."],
     ["training.gradient_accumulation_steps", "Gradient accumulation steps", "int", "Effective batch = batch × this."],
     ["training.max_seq_length", "Max sequence length", "int", "Longer rows are truncated."],

@@ -125,6 +125,17 @@ export async function viewNewJob(main, ctx) {
   methodType.addEventListener("change", showMethodFields);
   showMethodFields();
 
+  // The learning rate's default is the method's (DPO's is 40x below SFT's): a rate still at the old
+  // method's default follows the switch; one the user typed stays.
+  const learningRate = form.querySelector("[name='training.learning_rate']");
+  let shownMethod = methodType.value;
+  methodType.addEventListener("change", () => {
+    if (Number(learningRate.value) === defaults.learning_rates[shownMethod]) {
+      learningRate.value = defaults.learning_rates[methodType.value];
+    }
+    shownMethod = methodType.value;
+  });
+
   // A job continues an adapter on the base it was trained on (any other is a 422): picking the job picks its base.
   const initialJob = form.querySelector("[name='initial_job_id']");
   initialJob.addEventListener("change", () => {
