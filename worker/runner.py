@@ -45,7 +45,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from app.storage.base import make_key, storage_from_settings  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
-from worker.transfer import WriterStream, initial_adapter_dir  # noqa: E402
+from worker.transfer import WriterStream  # noqa: E402
 
 # Fault injection for tests/faults: stall forever halfway through uploading this step's checkpoint,
 # so a test can kill the process while a checkpoint is being written.
@@ -168,16 +168,13 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                                                   CheckpointUpload(workdir, out_dir, job.team_id, sink, storage))
         if FAULT_HOLD_AT_STEP in os.environ:
             callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]), cancel),)
-        # The adapter of the job this one continues (initial_job_id), where the worker unpacked it; passed
-        # only when there is one, so a job without one runs as it always has.
-        initial = initial_adapter_dir(workdir.root)
-        starting = {"initial_adapter": initial} if initial.is_dir() else {}
         try:
             result = run(
                 JobSpec.parse(job.spec), job.train_path, out_dir,
                 validation_path=job.validation_path, registry=job.registry, sink=sink,
                 resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
-                quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks, **starting,
+                quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
+                initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,
             )
             outcome = Result(status=result.status, summary=result.summary, report=result.report)
         except (SpecError, DataError, TemplateError, TrainingError) as exc:

@@ -51,7 +51,7 @@ from worker.training.protocol import (
     Result,
     WorkDir,
 )
-from worker.transfer import Transfer, WriterStream, format_duration, initial_adapter_dir, tree_bytes
+from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +300,10 @@ class JobRun:
             self._download_tar(watch, f"checkpoint at step {job.resume_step}", job.resume_from, workdir.out,
                                workdir.archive("resume"))
         if job.initial_adapter is not None:
-            # The artifact is a tar of adapter/ (adapter_config.json, adapter_model.safetensors): it lands
-            # where the training process looks for it. Every attempt fetches the same one.
+            # The artifact is a tar of adapter/ (adapter_config.json, adapter_model.safetensors); job.json
+            # tells the training process where it landed. Every attempt fetches the same one.
             self._download_tar(watch, f"adapter of job {job.initial_job_id}", job.initial_adapter,
-                               initial_adapter_dir(workdir.root).parent, workdir.archive("initial"))
+                               workdir.initial, workdir.archive("initial"))
         base_path = self._base_model_path(job.base_model, watch)
         JobFile(
             job_id=job.id, team_id=job.team_id, spec=job.spec,
@@ -313,6 +313,7 @@ class JobRun:
             out_dir=str(workdir.out),
             resume=job.attempt > 1,
             quantized_cache=self._quantized_cache(job, base_path, workdir, watch),
+            initial_adapter=str(workdir.initial / "adapter") if job.initial_adapter is not None else None,
         ).write(workdir.job)
 
     def _download(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, path: Path) -> None:

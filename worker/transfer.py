@@ -59,12 +59,6 @@ class WriterStream:
         return len(data)
 
 
-def initial_adapter_dir(workdir_root: Path) -> Path:
-    """Where the worker unpacks the adapter a job starts from (its initial job's `adapter` artifact, a tar
-    of adapter/) and where the training process looks for it: one place for both sides."""
-    return workdir_root / "initial" / "adapter"
-
-
 def tree_bytes(path: Path) -> int:
     """The bytes of the files under a directory (or of one file): what a tar of it carries."""
     if path.is_file():

@@ -141,6 +141,7 @@ class WorkDir:
         self.validation_data = root / "validation.jsonl"
         self.out = root / "out"  # the recipe's output directory: checkpoints, adapter/, merged/
         self.quantized = root / "quantized"  # the pre-quantized base, fetched from the cache or saved for it
+        self.initial = root / "initial"  # the adapter the job starts from (its initial job's), as initial/adapter/
         self.fault_stalled = root / "fault-stalled"  # tests/faults: the trainer stalled mid-upload on purpose
 
     def archive(self, name: str) -> Path:
@@ -171,6 +172,7 @@ class JobFile:
     out_dir: str
     resume: bool
     quantized_cache: QuantizedCache | None = None
+    initial_adapter: str | None = None  # the starting adapter's directory (initial_job_id); None: a fresh adapter
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
