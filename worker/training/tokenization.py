@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from worker.training.data import Example, Message
@@ -105,27 +107,96 @@ class EncodeStats:
         return d
 
 
+BATCH_ROWS = 1_000  # rows rendered and tokenized together: one tokenizer call's overhead spread over many rows
+
+
+class ChatRenderer:
+    """The tokenizer's chat template, compiled once, rendering a conversation as apply_chat_template renders it.
+
+    Locating the assistant turns takes several renders per row. Most of an apply_chat_template call is work
+    these rows never need (looking the template up, copying each message into plain JSON types, rebuilding the
+    special-token map), and most of a jinja render is merging the template's globals into the variables. Our
+    messages are plain strings already, so running the template on the variables apply_chat_template gives it
+    (the special tokens; tools and documents unset), merged with the globals once, gives the same text in a
+    tenth of the time; tests/training/test_tokenization.py holds the two equal."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    @functools.cached_property
+    def _template(self):
+        # Compiled at the first render: text rows need no template. transformers' own compile (private, so
+        # pyproject pins transformers), cached per template: the sandboxed environment and globals
+        # (raise_exception, tojson, ...) that apply_chat_template renders with.
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(self._tokenizer.get_chat_template())
+
+    @functools.cached_property
+    def _variables(self) -> dict:
+        return {**self._template.globals, **self._tokenizer.special_tokens_map, "tools": None, "documents": None}
+
+    def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        # What Template.render does, on variables that already hold the globals (shared=True: none merged in again)
+        context = self._template.new_context(
+            {**self._variables, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True)
+        return "".join(self._template.root_render_func(context))
+
+
 def encode_example(example: Example, tokenizer, *, max_seq_length: int, train_on_inputs: bool,
                    pieces: bool = False) -> Encoded:
     """The row as the trainer sees it: token ids, labels (IGNORE_INDEX where nothing is learned),
     truncated to max_seq_length. With `pieces`, also each token's text (preflight's example)."""
-    if example.text is not None:
-        enc = tokenizer(example.text, add_special_tokens=True, return_offsets_mapping=pieces)
-        text, ids = example.text, enc["input_ids"]
-        trained = [True] * len(ids)
-    else:
-        text, spans = render_conversation(example, tokenizer, train_on_inputs=train_on_inputs)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        trained = learned_tokens(enc["offset_mapping"], spans)
-    shown = _pieces(tokenizer, text, ids, enc["offset_mapping"]) if pieces else []
-    eos = tokenizer.eos_token_id
-    if not ids or ids[-1] != eos:
-        ids = [*ids, eos]
-        trained = [*trained, bool(trained and trained[-1])]  # EOS is learned when the turn it closes is
-        shown = [*shown, tokenizer.eos_token] if pieces else shown
-    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids, trained, strict=False)]
+    return next(encoded_rows([example], tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs,
+                             pieces=pieces))
+
+
+def encoded_rows(examples: Sequence[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool,
+                 pieces: bool = False) -> Iterator[Encoded]:
+    """encode_example for each row, in order, BATCH_ROWS rows to a tokenizer call (a call per row adds about
+    a quarter to the tokenizing itself)."""
+    render = ChatRenderer(tokenizer)
+    for start in range(0, len(examples), BATCH_ROWS):
+        # A text row is learned whole and gets the tokenizer's BOS; a conversation gets its BOS from the template.
+        rendered = [(example.text, None) if example.text is not None
+                    else render_conversation(example, render, train_on_inputs=train_on_inputs)
+                    for example in examples[start:start + BATCH_ROWS]]
+        tokenized = _tokenize(tokenizer, [text for text, _ in rendered], [spans is None for _, spans in rendered])
+        for (text, spans), (ids, offsets) in zip(rendered, tokenized, strict=True):
+            trained = [True] * len(ids) if spans is None else learned_tokens(offsets, spans)
+            ids, shown = _ending_with_eos(ids, _pieces(tokenizer, text, ids, offsets) if pieces else None, tokenizer)
+            # An appended EOS is learned when the turn it closes is.
+            trained += [bool(trained and trained[-1])] * (len(ids) - len(trained))
+            yield _labelled(ids, trained, shown, max_seq_length=max_seq_length)
+
+
+def _tokenize(tokenizer, texts: list[str], add_special_tokens: list[bool]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Each text's token ids and character offsets, as tokenizer(text, add_special_tokens=...) gives them,
+    in one tokenizer call per add_special_tokens setting."""
+    tokenized: list = [None] * len(texts)
+    for setting in (False, True):
+        at = [i for i, wanted in enumerate(add_special_tokens) if wanted == setting]
+        if at:
+            enc = tokenizer([texts[i] for i in at], add_special_tokens=setting, return_offsets_mapping=True,
+                            return_attention_mask=False)  # all ones without padding: a list per row for nothing
+            for i, ids, offsets in zip(at, enc["input_ids"], enc["offset_mapping"], strict=True):
+                tokenized[i] = (ids, offsets)
+    return tokenized
+
+
+def _ending_with_eos(ids: list[int], shown: list[str] | None, tokenizer) -> tuple[list[int], list[str] | None]:
+    """The row's ids (and pieces, where shown) with EOS appended, where the text does not end with it already."""
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        return ids, shown
+    return [*ids, tokenizer.eos_token_id], None if shown is None else [*shown, tokenizer.eos_token]
+
+
+def _labelled(ids: list[int], trained: list[bool], shown: list[str] | None, *, max_seq_length: int) -> Encoded:
+    """The row with its labels (IGNORE_INDEX where nothing is learned), cut at max_seq_length from the end,
+    and what the cut cost."""
+    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids, trained, strict=True)]
     length, before = len(ids), trained.count(True)
+    shown = shown or []
     truncated = length > max_seq_length
     if truncated:
         ids, labels, shown = ids[:max_seq_length], labels[:max_seq_length], shown[:max_seq_length]
@@ -152,7 +223,8 @@ def _pieces(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]
             for token, (start, end) in zip(ids, offsets, strict=True)]
 
 
-def render_conversation(example: Example, tokenizer, *, train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
+def render_conversation(example: Example, render: ChatRenderer, *,
+                        train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
     """Render with the chat template; return the text and the (start, end) character spans to learn.
 
     An assistant turn's span runs from the end of the generation prompt that precedes it
@@ -161,16 +233,16 @@ def render_conversation(example: Example, tokenizer, *, train_on_inputs: bool) -
     which every mainstream template does; one that does not is refused with a clear error.
     """
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render(messages)
     if train_on_inputs:
         return full, [(0, len(full))]
     spans = []
     for i, m in enumerate(example.messages):
         if m.role != "assistant" or m.weight == 0:
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        prompt = render(messages[:i], add_generation_prompt=True)
         # The last turn's prefix is the whole conversation, rendered already.
-        upto = full if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        upto = full if i == len(messages) - 1 else render(messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(prompt)):
             raise TemplateError(
                 f"line {example.line}: the chat template does not render conversation prefixes as prefixes "
@@ -182,12 +254,12 @@ def render_conversation(example: Example, tokenizer, *, train_on_inputs: bool) -
 
 
 def encode_examples(
-    examples: list[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool
+    examples: Sequence[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool
 ) -> tuple[list[dict], EncodeStats]:
     rows: list[dict] = []
     stats = EncodeStats()
-    for example in examples:
-        enc = encode_example(example, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+    encoded = encoded_rows(examples, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+    for example, enc in zip(examples, encoded, strict=True):
         stats.rows += 1
         stats.truncated_rows += enc.truncated
         learned = enc.trained
@@ -246,22 +318,37 @@ def encode_preference(example: Example, tokenizer, *, max_seq_length: int, piece
     starts where the prompt's tokens and the conversation's diverge (trl's split: a token that merges
     across the boundary belongs to the completion). Then DataCollatorForPreference's truncation with
     truncation_mode "keep_start": each prompt+answer is cut at max_seq_length, from the end."""
+    return next(encoded_pairs([example], tokenizer, max_seq_length=max_seq_length, pieces=pieces))
+
+
+def encoded_pairs(examples: Sequence[Example], tokenizer, *, max_seq_length: int,
+                  pieces: bool = False) -> Iterator[EncodedPair]:
+    """encode_preference for each row, in order, BATCH_ROWS rows to a tokenizer call."""
+    render = ChatRenderer(tokenizer)
+    for start in range(0, len(examples), BATCH_ROWS):
+        rendered = [_render_pair(example, render) for example in examples[start:start + BATCH_ROWS]]
+        texts = [text for pair in rendered for text in pair]
+        tokenized = _tokenize(tokenizer, texts, [False] * len(texts))
+        for row, (_, *answer_texts) in enumerate(rendered):
+            (prompt_ids, _), *answers = tokenized[3 * row:3 * row + 3]
+            sides = [_ending_with_eos(ids, _pieces(tokenizer, text, ids, offsets) if pieces else None, tokenizer)
+                     for text, (ids, offsets) in zip(answer_texts, answers, strict=True)]
+            prompt_length = min(_common_prefix(prompt_ids, ids) for ids, _ in sides)
+            chosen, rejected = (_completion(ids, shown, prompt_length, max_seq_length) for ids, shown in sides)
+            yield EncodedPair(prompt_length, chosen, rejected)
+
+
+def _render_pair(example: Example, render: ChatRenderer) -> tuple[str, str, str]:
+    """The prompt (ending with the generation prompt), then the conversation ending with each answer, rendered."""
     if example.chosen is None or example.rejected is None:
         raise TemplateError(f"line {example.line}: not a preference row (method dpo needs a prompt and two answers)")
-    sides = []
-    for answer in (example.chosen, example.rejected):
-        conversation = Example(line=example.line, messages=(*example.messages, Message("assistant", answer)))
-        text, [(prompt_end, _)] = render_conversation(conversation, tokenizer, train_on_inputs=False)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=pieces)
-        ids = list(enc["input_ids"])
-        shown = _pieces(tokenizer, text, ids, enc["offset_mapping"]) if pieces else []
-        if not ids or ids[-1] != tokenizer.eos_token_id:
-            ids.append(tokenizer.eos_token_id)
-            shown = [*shown, tokenizer.eos_token] if pieces else shown
-        sides.append((ids, shown, tokenizer(text[:prompt_end], add_special_tokens=False)["input_ids"]))
-    prompt_length = min(_common_prefix(prompt, ids) for ids, _, prompt in sides)
-    chosen, rejected = (_completion(ids, shown, prompt_length, max_seq_length) for ids, shown, _ in sides)
-    return EncodedPair(prompt_length, chosen, rejected)
+    (chosen, spans), (rejected, _) = (
+        render_conversation(Example(line=example.line, messages=(*example.messages, Message("assistant", answer))),
+                            render, train_on_inputs=False)
+        for answer in (example.chosen, example.rejected))
+    # The answer is the last assistant turn (any before it are the prompt's). render_conversation has checked that
+    # the template renders prefixes as prefixes, so the prompt is the same text before either answer.
+    return chosen[:spans[-1][0]], chosen, rejected
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -273,24 +360,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _completion(ids: list[int], shown: list[str], prompt_length: int, max_seq_length: int) -> Encoded:
+def _completion(ids: list[int], shown: list[str] | None, prompt_length: int, max_seq_length: int) -> Encoded:
     """One side: labels on the completion, cut at max_seq_length as the collator cuts it (keep_start)."""
-    labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
-    length, before = len(ids), len(ids) - prompt_length
-    truncated = length > max_seq_length
-    encoded = Encoded(ids[:max_seq_length], labels[:max_seq_length], truncated, length=length,
-                      pieces=shown[:max_seq_length])
-    encoded.trained_lost = before - encoded.trained
-    return encoded
+    return _labelled(ids, [False] * prompt_length + [True] * (len(ids) - prompt_length), shown,
+                     max_seq_length=max_seq_length)
 
 
-def encode_preferences(examples: list[Example], tokenizer, *, max_seq_length: int) -> tuple[list[dict], EncodeStats]:
+def encode_preferences(examples: Sequence[Example], tokenizer, *, max_seq_length: int) -> tuple[list[dict], EncodeStats]:
     """encode_examples for preference rows: the rows DataCollatorForPreference takes, and what was cut or dropped."""
     rows: list[dict] = []
     eos_cut = {"chosen": 0, "rejected": 0}
     stats = EncodeStats(eos_cut=eos_cut)
-    for example in examples:
-        pair = encode_preference(example, tokenizer, max_seq_length=max_seq_length)
+    for example, pair in zip(examples, encoded_pairs(examples, tokenizer, max_seq_length=max_seq_length), strict=True):
         stats.rows += 1
         stats.truncated_rows += pair.truncated
         if pair.dropped:
