@@ -54,6 +54,9 @@ def estimate(
     spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
     config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory).")] = None,
     gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
+    from_adapter: Annotated[bool, typer.Option(
+        "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
+                               "copy of it as the reference, and it is counted.")] = False,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs."""
     from worker.training.estimate import (
@@ -62,6 +65,7 @@ def estimate(
         estimate_peak_memory,
         fit_memory_savers,
         gib,
+        keeps_reference_adapter,
         largest_micro_batch,
         memory_savers_note,
     )
@@ -78,8 +82,10 @@ def estimate(
         raise typer.Exit(2)
     model_config = json.loads(config_path.read_text())
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
-    job = fit_memory_savers(job, model_config, budget)  # "auto" offload and tiling: on where it would not fit without
-    result = estimate_peak_memory(job, model_config)
+    reference = keeps_reference_adapter(job, from_adapter)
+    # "auto" offload and tiling: on where it would not fit without
+    job = fit_memory_savers(job, model_config, budget, reference_adapter=reference)
+    result = estimate_peak_memory(job, model_config, reference_adapter=reference)
     table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
                         f"gradient checkpointing {'on' if result.checkpointing else 'off'}"
                         f"{memory_savers_note(result)}")
@@ -101,8 +107,8 @@ def estimate(
         else:
             verdict = "fits" if fits else "does not fit"
         out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: "
-                  f"{largest_micro_batch(job, model_config, budget) or 'none'}")
-        for idea in advice(job, model_config, budget) if not fits else []:
+                  f"{largest_micro_batch(job, model_config, budget, reference_adapter=reference) or 'none'}")
+        for idea in advice(job, model_config, budget, reference_adapter=reference) if not fits else []:
             out.print(f"  try {idea}")
 
 

@@ -346,6 +346,26 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
     assert "try per_device_batch_size 8 with gradient_accumulation_steps 8" in done.stdout
 
 
+def test_qlora_estimate_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter_when_told(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (tmp_path / "spec.json").write_text(json.dumps({"base_model": str(tmp_path), "method": {"type": "dpo"},
+                                                    "training": {"max_steps": 10}}))
+
+    def estimate_cli(*flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), *flags],
+                              capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "DPO reference adapter" not in estimate_cli()  # from the base: the reference is the base itself
+    continued = estimate_cli("--from-adapter")
+    assert "DPO reference adapter (frozen copy)" in continued, continued
+
+
 LOGITS_TILE = estimate.LOSS_VOCAB_TILE  # as trl tiles them, whatever a test sets the estimate's constant to
 
 
