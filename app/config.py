@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # revoked key stops working within this long everywhere (at once in the process that revoked it).
     # 0 reads the key on every request.
     key_cache_s: float = Field(2.0, ge=0, le=60)
+    # How long an API process keeps the order of a GPU class's queued jobs (GET /jobs/{id}'s
+    # queue_position and waiting_for) before reading it again: reading it weighs every waiting job and
+    # every team's share, too much for each poll of a queued job. A position shown may be this old; a
+    # job queued since is always placed. 0 reads the order on every poll.
+    standings_cache_s: float = Field(1.0, ge=0, le=60)
     # Child processes per API process that tokenize a job's data for preflight (POST /jobs/preflight,
     # and POST /jobs's check that a job can learn): each holds a tokenizer library (~0.5 GB) once used;
     # more preflights than this at once wait. 0 turns preflight off (jobs are created unchecked).

@@ -7,8 +7,10 @@ new job) is registered with `after_commit` and runs right after the commit, neve
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -112,8 +114,9 @@ def sessionmaker_for(url: str) -> sessionmaker[Session]:
 
 
 # The hot reads' own pool (read_only below): they hold a connection for one query, so fewer serve
-# more requests than the thread pool's sessions need.
-ASYNC_POOL_SIZE, ASYNC_MAX_OVERFLOW = 8, 4
+# more requests than the thread pool's sessions need. No overflow: an overflow connection is closed when
+# it comes back, and under fifty pollers the pool opened one (a Postgres process) every few polls.
+ASYNC_POOL_SIZE, ASYNC_MAX_OVERFLOW = 12, 0
 
 
 @lru_cache
@@ -143,6 +146,11 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
     engine = async_engine_for(url)
     if engine is None:
         return await anyio.to_thread.run_sync(functools.partial(_read_in_session, url, read))
+    async with _turn(engine):
+        return await _read_async(engine, read)
+
+
+async def _read_async(engine: AsyncEngine, read: Callable[[Session], T]) -> T:
     for tries_left in (1, 0):
         try:
             async with AsyncSession(engine, expire_on_commit=False) as session:
@@ -154,6 +162,20 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
                 raise
     raise AssertionError("unreachable")
 
+
+def _turn(engine: AsyncEngine) -> asyncio.Semaphore:
+    """Reads take the pool's connections in the order they asked. The pool's own queue lets a read that
+    just arrived take a connection given back while earlier ones wait to be woken, and a read passed
+    over goes to the back: under fifty pollers, a few waited ten times the median (docs/performance.md)."""
+    loop = asyncio.get_running_loop()
+    gates = _turns.setdefault(loop, {})
+    gate = gates.get(engine)
+    if gate is None:
+        gate = gates[engine] = asyncio.Semaphore(ASYNC_POOL_SIZE + ASYNC_MAX_OVERFLOW)
+    return gate
+
+
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[AsyncEngine, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

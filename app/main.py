@@ -33,6 +33,7 @@ from app.openai.translate import openai_error
 from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
+from app.recent import Recent
 from app.scheduling.service import SchedulerThread
 from app.storage.base import storage_from_settings
 from app.teams.service import CallerCache
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)  # live streams per key, in this process
     app.state.job_feeds = JobFeeds()  # one poll per watched job, in this process, for all its streams
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
+    app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second
     app.state.preflight = PreflightRunner(settings.preflight_processes)  # child processes that tokenize job data
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 

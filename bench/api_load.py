@@ -1,6 +1,7 @@
 """The API under load, against Postgres, and a 1 GiB upload against its memory.
 
     .venv/bin/python bench/api_load.py [--clients 16] [--seconds 10] [--jobs 500] [--upload-mib 1024] [--workers 1]
+                                       [--client httpx|raw]
 
 It sets up a deployment of its own, the way production starts one: a fresh Postgres database,
 migrated; a team and an API key; N jobs seeded as rows; the API as its own process(es)
@@ -25,6 +26,7 @@ dataset did not come back ready with the rows and bytes that were sent. Everythi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import math
@@ -199,7 +201,9 @@ def _progress(status: str, created, now, spec: dict, rng: random.Random) -> dict
     """The columns a worker would have filled in for a job in `status`."""
     total = spec["training"]["max_steps"]
     if status == states.QUEUED:
-        return {}
+        # Its message went out lately, as POST /jobs and the scheduler keep it: otherwise the scheduler
+        # would spend the run sending a hundred messages, which a steady deployment does not.
+        return {"dispatched_at": now}
     started = created + timedelta(seconds=rng.randint(5, 120))
     step = total if status == states.SUCCEEDED else rng.randint(1, total - 1)
     values = {"attempt": 1, "worker": f"gpu-host-{rng.randint(1, 4)}:gpu{rng.randint(0, 7)}", "started_at": started,
@@ -325,6 +329,77 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
         t.join()
     wall_s = time.perf_counter() - t0  # a little over `seconds`: the last answers arrive after the deadline
 
+    return merge_samples(per_client), wall_s
+
+
+def run_raw_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
+                    next_request: Callable[[random.Random], tuple[str, str]],
+                    conditional: bool = False) -> tuple[dict[str, Samples], float]:
+    """run_clients' closed loop from a lean client: one event loop, one keep-alive connection per
+    client, HTTP/1.1 written and read by hand. A request costs this client about a tenth of what it
+    costs httpx from fifty threads, so the machine's two cores go to the API and Postgres and what is
+    measured is the server; the httpx client is what most callers (the CLI, the openai SDK) are."""
+    host, port = url.removeprefix("http://").split(":")
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    per_client: list[dict[str, Samples]] = [{} for _ in range(clients)]
+
+    async def client(samples: dict[str, Samples], seed: int, start: asyncio.Event) -> None:
+        rng = random.Random(seed)
+        etags: dict[str, str] = {}
+        reader, writer = await asyncio.open_connection(host, int(port))
+
+        async def get(path: str) -> tuple[int, dict[str, str], bytes]:
+            sent = f"If-None-Match: {etags[path]}\r\n" if conditional and path in etags else ""
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{head}{sent}\r\n".encode())
+            lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = dict(line.split(": ", 1) for line in lines[1:] if line)
+            fields = {name.lower(): value for name, value in fields.items()}
+            body = await reader.readexactly(int(fields.get("content-length", 0)))
+            return int(lines[0].split(" ", 2)[1]), fields, body
+
+        try:
+            await get(next_request(rng)[1])  # connect before the clock starts
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass  # the timed requests will count it
+        await start.wait()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            name, path = next_request(rng)
+            error = None
+            asked_with_etag = conditional and path in etags
+            t0 = time.perf_counter()
+            try:
+                status, fields, body = await get(path)
+                if status == 200 and "etag" in fields:
+                    etags[path] = fields["etag"]
+                elif status != 200 and not (status == 304 and asked_with_etag):
+                    error = f"{status}: {body[:200]!r}"
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                status, error = 0, f"{type(exc).__name__}: {exc}"
+            s = samples.setdefault(name, Samples())
+            s.latencies_s.append(time.perf_counter() - t0)
+            s.not_modified += status == 304 and asked_with_etag
+            if error:
+                s.errors += 1
+                s.first_error = s.first_error or error
+                if status == 0:
+                    break  # the connection is gone
+        writer.close()
+
+    async def main() -> float:
+        start = asyncio.Event()
+        tasks = [asyncio.create_task(client(per_client[i], i, start)) for i in range(clients)]
+        await asyncio.sleep(0.5)  # every client connected
+        start.set()
+        t0 = time.perf_counter()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t0
+
+    wall_s = asyncio.run(main())
+    return merge_samples(per_client), wall_s
+
+
+def merge_samples(per_client: list[dict[str, Samples]]) -> dict[str, Samples]:
     merged: dict[str, Samples] = {}
     for samples in per_client:
         for name, s in samples.items():
@@ -333,7 +408,10 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
             m.errors += s.errors
             m.not_modified += s.not_modified
             m.first_error = m.first_error or s.first_error
-    return merged, wall_s
+    return merged
+
+
+CLIENTS = {"httpx": run_clients, "raw": run_raw_clients}
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -370,13 +448,16 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, seconds: float) -> dict:
+def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, seconds: float,
+               client: str = "httpx") -> dict:
     cpu: dict[str, float] = {}  # the API's CPU seconds in each phase: what a request costs it, whatever else runs
+    client_cpu: dict[str, float] = {}  # this process's: what the load itself takes of the machine
 
     def timed(phase: str, *args, **kwargs) -> tuple[dict[str, Samples], float]:
-        before = cpu_seconds(d.api.pid)
-        result = run_clients(*args, **kwargs)
+        before, ours = cpu_seconds(d.api.pid), time.process_time()
+        result = CLIENTS[client](*args, **kwargs)
         cpu[phase] = cpu_seconds(d.api.pid) - before
+        client_cpu[phase] = time.process_time() - ours
         return result
 
     health, health_wall = timed("health", d.url, {}, clients, seconds, lambda rng: (HEALTH, "/health"))
@@ -406,6 +487,7 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
         endpoints[name] = endpoint_stats(polls.get(name, Samples()), polls_wall)
     baseline = endpoints[HEALTH]
     baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
+    baseline["client_cpu_ms_per_request"] = client_cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
     for stats in endpoints.values():
         # Per-client rates compare endpoints at the same concurrency, whatever their share of the mix.
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
@@ -419,7 +501,8 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
                 "status_share": STATUS_SHARE, "req_per_s": rate,
                 "ratio_to_health": rate / baseline["req_per_s"] if baseline["req_per_s"] else None,
                 "not_modified_share": not_modified / requests if requests else 0.0,
-                "api_cpu_ms_per_request": cpu[phase] * 1000 / requests if requests else None}
+                "api_cpu_ms_per_request": cpu[phase] * 1000 / requests if requests else None,
+                "client_cpu_ms_per_request": client_cpu[phase] * 1000 / requests if requests else None}
 
     return {
         "endpoints": endpoints,
@@ -557,18 +640,19 @@ def memory_phase(d: Deployment, key: str, upload_bytes: int) -> dict:
 # ---------------------------------------------------------------- the run, the report
 
 
-def run(clients: int, seconds: float, jobs: int, upload_mib: float, workers: int = 1) -> dict:
+def run(clients: int, seconds: float, jobs: int, upload_mib: float, workers: int = 1, client: str = "httpx") -> dict:
     upload_bytes = int(upload_mib * MIB)
     load_before = os.getloadavg()[0]
     with deployment(max_upload_bytes=upload_bytes + MIB, workers=workers) as d:
         key, job_ids = seed(d, jobs)
         with running_jobs_move(d.database_url):
-            load = load_phase(d, key, job_ids, clients, seconds)
+            load = load_phase(d, key, job_ids, clients, seconds, client)
         upload = memory_phase(d, key, upload_bytes)
     errors = sum(e["errors"] for e in load["endpoints"].values())
     return {
         "benchmark": "api_load",
         "config": {"clients": clients, "seconds": seconds, "jobs": jobs, "upload_mib": upload_mib, "api_workers": workers,
+                   "client": client,
                    "database": "postgresql", "storage": "file", "status_share": STATUS_SHARE},
         # Others' work on the machine slows every row; the ratios to /health carry over, the raw numbers do not.
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
@@ -594,14 +678,16 @@ def _mib(n: int) -> str:
 def print_report(r: dict) -> None:
     c, m = r["config"], r["machine"]
     processes = "1 API process" if c.get("api_workers", 1) == 1 else f"{c['api_workers']} API processes"
-    table = Table(title=f"API under load: {c['clients']} clients × {c['seconds']:g} s each phase, "
-                        f"{c['jobs']} jobs in Postgres, {processes}")
-    for col in ("endpoint", "requests", "req/s", "× /health", "p50 ms", "p90 ms", "p99 ms", "304", "API CPU ms", "errors"):
+    table = Table(title=f"API under load: {c['clients']} {c.get('client', 'httpx')} clients × {c['seconds']:g} s each "
+                        f"phase, {c['jobs']} jobs in Postgres, {processes}")
+    for col in ("endpoint", "requests", "req/s", "× /health", "p50 ms", "p90 ms", "p99 ms", "304", "API CPU ms",
+                "client CPU ms", "errors"):
         table.add_column(col, justify="left" if col == "endpoint" else "right")
 
     def mix_row(label: str, mix: dict) -> None:
         table.add_row(label, f"{mix['requests']:,}", f"{mix['req_per_s']:,.0f}", f"{mix['ratio_to_health']:.2f}",
-                      "", "", "", f"{mix['not_modified_share']:.0%}", _cpu_ms(mix["api_cpu_ms_per_request"]), str(mix["errors"]),
+                      "", "", "", f"{mix['not_modified_share']:.0%}", _cpu_ms(mix["api_cpu_ms_per_request"]),
+                      _cpu_ms(mix.get("client_cpu_ms_per_request")), str(mix["errors"]),
                       style="bold")
 
     for name, e in r["endpoints"].items():
@@ -611,12 +697,13 @@ def print_report(r: dict) -> None:
         table.add_row(label, f"{e['requests']:,}", f"{e['req_per_s']:,.0f}", f"{e['ratio_to_health']:.2f}",
                       _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
                       f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
-                      _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
+                      _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "",
+                      _cpu_ms(e.get("client_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
     mix_row("polls mix (If-None-Match)", r["conditional_mix"])
     console.print(table)
     console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix rows compare observed "
                   "totals. 304: the share of polls answered 304 Not Modified (running jobs move every second). API CPU ms: "
-                  "the API processes' CPU time per request in that phase.",
+                  "the API processes' CPU time per request in that phase; client CPU ms: the benchmark's own.",
                   style="dim")
 
     u = r["upload"]
@@ -662,6 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10, help="length of each load phase (default 10)")
     p.add_argument("--jobs", type=int, default=500, help="jobs seeded as rows (default 500)")
     p.add_argument("--workers", type=int, default=1, help="API processes (qlora serve --workers; default 1)")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                   help="httpx: 50 threads of httpx, as the CLI and the openai SDK call; raw: one event loop "
+                        "writing HTTP/1.1 by hand, which leaves the cores to the server (default httpx)")
     p.add_argument("--upload-mib", type=float, default=1024, help="size of the upload in MiB (default 1024)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     return p.parse_args(argv)
@@ -669,7 +759,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = run(args.clients, args.seconds, args.jobs, args.upload_mib, args.workers)
+    results = run(args.clients, args.seconds, args.jobs, args.upload_mib, args.workers, args.client)
     print_report(results)
     return save_results(results, args.out)
 

@@ -5,14 +5,17 @@ Behaviour only, never timing: speed belongs to the benchmark's own output (DESIG
 
 import json
 
+import pytest
+
 from bench import api_load
 
 
-def test_api_load_benchmark_reports_load_and_a_streamed_upload(tmp_path):
+@pytest.mark.parametrize("client", ["httpx", "raw"])
+def test_api_load_benchmark_reports_load_and_a_streamed_upload(tmp_path, client):
     out = tmp_path / "api_load.json"
 
     exit_code = api_load.main(["--clients", "4", "--seconds", "1", "--jobs", "20", "--upload-mib", "8",
-                               "--out", str(out)])
+                               "--client", client, "--out", str(out)])
 
     assert exit_code == 0
     results = json.loads(out.read_text())
@@ -31,9 +34,10 @@ def test_api_load_benchmark_reports_load_and_a_streamed_upload(tmp_path):
     assert status["not_modified_share"] == 0 and results["jobs_mix"]["not_modified_share"] == 0
     assert endpoints["GET /jobs/{id}" + api_load.CONDITIONAL]["not_modified_share"] > 0
     assert 0 < results["conditional_mix"]["not_modified_share"] < 1
-    # The API's own CPU per request, read from /proc for each phase.
+    # The API's own CPU per request, read from /proc for each phase, and the client's.
+    assert results["config"]["client"] == client
     for phase in (endpoints["GET /health"], results["jobs_mix"], results["conditional_mix"]):
-        assert phase["api_cpu_ms_per_request"] > 0
+        assert phase["api_cpu_ms_per_request"] > 0 and phase["client_cpu_ms_per_request"] > 0
 
     upload = results["upload"]
     assert upload["dataset"]["status"] == "ready"

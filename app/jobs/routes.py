@@ -86,10 +86,9 @@ async def list_jobs(request: Request, caller: CallerDep, status: str | None = No
 
 @router.get("/{job_id}", response_model=JobOut, responses=POLLED)
 async def get_job(job_id: str, request: Request, caller: CallerDep):
-    def read(session: Session) -> bytes:
-        return job_json(*service.view(session, request.app.state.settings, caller, job_id))
-
-    return await polled(request, read)
+    settings = request.app.state.settings
+    row = await read_only(settings.database_url, lambda session: service.view(session, caller, job_id))
+    return json_answer(request, job_json(row, await service.standing(settings, request.app.state.standings, row)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

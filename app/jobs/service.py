@@ -5,6 +5,7 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.datasets import service as datasets
 from app.datasets.tables import Dataset
-from app.db import after_commit, utcnow
+from app.db import after_commit, read_only, utcnow
 from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
 from app.jobs import lineage, preflight, repository, states
 from app.jobs.admission import Admission, admit
@@ -28,6 +29,7 @@ from app.models import service as models_service
 from app.models.tables import RegisteredModel
 from app.pagination import Page, check_limit, page
 from app.quotas.service import check_can_queue
+from app.recent import Recent
 from app.scheduling import service as scheduling
 from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage
@@ -220,14 +222,32 @@ def list_page(session: Session, caller: Caller, status: str | None, cursor: str 
     return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
 
 
-def view(session: Session, settings: Settings, caller: Caller, job_id: str) -> tuple[Row, tuple[int, str] | None]:
-    """What GET /jobs/{id} shows of the job, as a plain row (see repository.JOB_VIEW), and a queued
-    job's place in its class and what it waits for."""
-    row = _found(repository.view(session, caller.team_id, job_id), job_id)
+def view(session: Session, caller: Caller, job_id: str) -> Row:
+    """What GET /jobs/{id} shows of the job, as a plain row (see repository.JOB_VIEW)."""
+    return _found(repository.view(session, caller.team_id, job_id), job_id)
+
+
+Standings = dict[str, scheduling.Standing]
+
+
+async def standing(settings: Settings, kept: Recent[str, Standings], row: Row) -> tuple[int, str] | None:
+    """A queued job's place in its class and what it waits for; None for any other job.
+
+    The order of a class is read once for every poll of its queued jobs in this process, and kept for
+    QLORA_STANDINGS_CACHE_S: it weighs every waiting job and every team's share, several queries
+    however many jobs wait, which a status poll would otherwise make each time. A job queued since
+    the order was read makes it read again."""
     if row.status != states.QUEUED:
-        return row, None
-    standing = scheduling.standings(session, settings, row.queue).get(row.id)
-    return row, (standing.position, standing.waiting_for) if standing else None
+        return None
+
+    def read() -> Awaitable[Standings]:
+        return read_only(settings.database_url, lambda session: scheduling.standings(session, settings, row.queue))
+
+    order = await kept.get_or_read(row.queue, read)
+    if row.id not in order:
+        order = await kept.read_again(row.queue, read)
+    found = order.get(row.id)
+    return (found.position, found.waiting_for) if found else None
 
 
 def _found(job: T | None, job_id: str) -> T:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
-import threading
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.errors import Conflict, Invalid, NotFound, Unauthorized
+from app.recent import Recent
 from app.teams import repository
 from app.teams.tables import ApiKey, Team
 
@@ -39,55 +36,14 @@ class Caller:
         return cls(team_id=team.id, team_name=team.name, key_id=key.id, is_admin=key.is_admin)
 
 
-class CallerCache:
-    """What this process read of each API key lately, for `ttl_s` seconds.
+class CallerCache(Recent[str, Caller]):
+    """What this process read of each API key lately (by key hash), for `ttl_s` seconds.
 
     Every request authenticates, and most are polls: without this, two of a status poll's three
     queries would read the same key and team again. The price: a key revoked (`qlora admin revoke-key`)
-    still works for up to `ttl_s` in each API process that read it just before. Only keys that authenticated are kept, at most
-    `max_entries` of them, so a flood of made-up keys costs a query each but no memory.
+    still works for up to `ttl_s` in each API process that read it just before. Only keys that
+    authenticated are kept (a refused read keeps nothing), at most `max_entries` of them.
     """
-
-    def __init__(self, ttl_s: float, max_entries: int = 10_000):
-        self.ttl_s, self.max_entries = ttl_s, max_entries
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Caller]] = {}  # key hash -> (read at, caller), oldest first
-        self._reading: dict[str, asyncio.Future[Caller]] = {}  # key hash -> its read in flight (event loop only)
-
-    def get(self, key_hash: str) -> Caller | None:
-        with self._lock:
-            entry = self._entries.get(key_hash)
-        if entry is None or time.monotonic() - entry[0] >= self.ttl_s:
-            return None
-        return entry[1]
-
-    async def get_or_read(self, key_hash: str, read: Callable[[], Awaitable[Caller]]) -> Caller:
-        """The cached caller, else read() it: once, however many requests with this key ask meanwhile.
-        When an entry expires under fifty pollers of one key, one query refreshes it, not fifty."""
-        caller = self.get(key_hash)
-        if caller is not None:
-            return caller
-        reading = self._reading.get(key_hash)
-        if reading is None:
-            reading = self._reading[key_hash] = asyncio.ensure_future(self._read_and_keep(key_hash, read))
-        return await asyncio.shield(reading)  # a request that gives up must not cancel the others' read
-
-    async def _read_and_keep(self, key_hash: str, read: Callable[[], Awaitable[Caller]]) -> Caller:
-        try:
-            caller = await read()
-            self.put(key_hash, caller)
-            return caller
-        finally:
-            del self._reading[key_hash]
-
-    def put(self, key_hash: str, caller: Caller) -> None:
-        if self.ttl_s <= 0:
-            return
-        with self._lock:
-            self._entries.pop(key_hash, None)  # re-inserted last: the dict stays ordered by read time
-            while len(self._entries) >= self.max_entries:
-                del self._entries[next(iter(self._entries))]  # the oldest read
-            self._entries[key_hash] = (time.monotonic(), caller)
 
 
 def hash_key(key: str) -> str:

@@ -3,6 +3,7 @@ makes of the same rows; ETags; the key cache."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import timedelta
@@ -14,6 +15,7 @@ from app.db import utcnow
 from app.jobs import repository, service, states
 from app.jobs.schemas import JobOut, JobPage, job_json, job_page_json
 from app.jobs.tables import Job
+from app.recent import Recent
 from app.teams.service import Caller, CallerCache
 from tests.services import in_a_thread_of_its_own
 
@@ -33,7 +35,8 @@ def test_a_job_read_lean_is_the_job_jobout_makes(session, settings, make_job, ca
     now = utcnow()
     job_id = make_job(**{"started_at": now - timedelta(seconds=5), "heartbeat_at": now, **values}
                       if values.get("status") == states.RUNNING else values)
-    row, standing = service.view(session, settings, caller, job_id)
+    row = service.view(session, caller, job_id)
+    standing = in_a_thread_of_its_own(lambda: asyncio.run(service.standing(settings, Recent(0), row)))
     lean = json.loads(job_json(row, standing))
     if values.get("status", states.QUEUED) == states.QUEUED:  # only GET /jobs/{id} says where a queued job stands
         assert (lean.pop("queue_position"), lean.pop("waiting_for")) == (1, "gpu")
@@ -60,7 +63,7 @@ def test_the_lean_reads_keep_to_the_callers_team(session, settings, make_job, ca
     job_id = make_job()
     other = Caller.of(create_team(session, "team-b"), create_key(session, "team-b")[0])
     with pytest.raises(NotFound):
-        service.view(session, settings, other, job_id)
+        service.view(session, other, job_id)
     assert service.view_page(session, other, None, None, 50).data == []
     assert repository.view(session, caller.team_id, job_id) is not None
 
@@ -88,8 +91,6 @@ def test_the_key_cache_forgets_after_its_ttl_and_holds_a_bounded_number():
 
 
 def test_the_key_cache_reads_a_key_once_for_all_who_ask_at_the_same_time():
-    import asyncio
-
     from app.errors import Unauthorized
 
     caller = Caller(team_id="t", team_name="team", key_id="k", is_admin=False)
@@ -112,3 +113,26 @@ def test_the_key_cache_reads_a_key_once_for_all_who_ask_at_the_same_time():
         assert cache.get("bad") is None  # a refused key is not kept: the next request asks again
 
     in_a_thread_of_its_own(lambda: asyncio.run(main()))  # whatever loop this thread may hold
+
+
+def test_a_queued_jobs_place_is_read_once_per_class_while_kept_and_a_job_queued_since_is_placed(
+        settings, make_job, session, caller, monkeypatch):
+    from app.scheduling import service as scheduling
+
+    reads = []
+    standings = scheduling.standings
+    monkeypatch.setattr(scheduling, "standings", lambda *a, **k: reads.append(1) or standings(*a, **k))
+    first, second = make_job(), make_job()
+    kept = Recent(ttl_s=60)
+
+    async def places(*job_ids):
+        rows = [service.view(session, caller, job_id) for job_id in job_ids]
+        return [await service.standing(settings, kept, row) for row in rows]
+
+    assert in_a_thread_of_its_own(lambda: asyncio.run(places(first, second, first))) == [(1, "gpu"), (2, "gpu")] + [(1, "gpu")]
+    assert len(reads) == 1  # one read of the class's order served the three polls
+    third = make_job()  # queued after that read: its poll reads the order again rather than show no place
+    assert in_a_thread_of_its_own(lambda: asyncio.run(places(third, second))) == [(3, "gpu"), (2, "gpu")]
+    assert len(reads) == 2
+    assert in_a_thread_of_its_own(lambda: asyncio.run(places(make_job(states.RUNNING)))) == [None]
+    assert len(reads) == 2  # a job that is not queued has no place to read

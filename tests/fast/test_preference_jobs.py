@@ -105,7 +105,7 @@ def test_a_job_continues_a_succeeded_job_of_its_team(deployment, session, caller
     session.commit()
     with open_session(settings) as reader:
         assert reader.get(Job, job.id).initial_job_id == sft
-    row, _ = service.view(session, settings, caller, job.id)
+    row = service.view(session, caller, job.id)
     assert row.initial_job_id == sft
 
 

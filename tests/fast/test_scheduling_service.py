@@ -5,6 +5,7 @@ right job and queues it again, and every attempt's GPU time lands in the ledger 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -16,10 +17,12 @@ from app.jobs import runs, states
 from app.jobs import service as jobs_service
 from app.jobs.tables import Job, JobAttempt, JobEvent
 from app.models.tables import RegisteredModel
+from app.recent import Recent
 from app.scheduling import service
 from app.teams.service import Caller, create_key, create_team
 from app.teams.tables import Team
 from tests.fast.conftest import job_spec, make_settings, received
+from tests.services import in_a_thread_of_its_own
 
 QUEUE = "gpu-default"
 
@@ -51,6 +54,11 @@ def add_job(session, team: Team, *, status=states.QUEUED, age_s: float = 0, prio
     session.add(job)
     session.commit()
     return job.id
+
+
+def standing(settings, row) -> tuple[int, str] | None:
+    """Where GET /jobs/{id} says the job stands, the class's order read afresh."""
+    return in_a_thread_of_its_own(lambda: asyncio.run(jobs_service.standing(settings, Recent(0), row)))
 
 
 def claim(settings, named: str, worker: str = "w1"):
@@ -90,8 +98,7 @@ def test_max_running_holds_jobs_back_and_their_message_is_sent_once_they_may_sta
     assert claim(settings, running).id == running
     waiting = add_job(session, team_a, age_s=50, dispatched_at=utcnow())
 
-    row, standing = jobs_service.view(session, settings, caller_a, waiting)
-    assert standing == (1, "max_running")
+    assert standing(settings, jobs_service.view(session, caller_a, waiting)) == (1, "max_running")
     assert claim(settings, waiting) is None  # its message found nothing it may start...
     session.expire_all()
     assert session.get(Job, waiting).dispatched_at is None  # ...so the job is marked unsent
@@ -115,11 +122,11 @@ def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, setting
                            ended_at=now - timedelta(seconds=1), outcome=states.SUCCEEDED))
     session.commit()
     waiting = add_job(session, team_b)
-    assert jobs_service.view(session, settings, caller_b, waiting)[1] == (1, "gpu_hours_per_month")
+    assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu_hours_per_month")
     assert claim(settings, waiting) is None
     team_b.gpu_hours_per_month = 2.0
     session.commit()
-    assert jobs_service.view(session, settings, caller_b, waiting)[1] == (1, "gpu")
+    assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu")
 
 
 def test_preemption_pauses_the_newest_job_of_the_team_above_its_share_and_queues_it_again(session, settings, world):
