@@ -2,11 +2,11 @@
 
     report = preflight(spec, tokenizer_dir, "train.jsonl", validation_path=None, examples=1)
 
-Every number comes from the functions the trainer uses (data.read_jsonl, tokenization.prepare_tokenizer
-and encoded_rows, which encode_examples runs), so the rows, truncated rows, trained tokens and steps here
-are the ones the run reports (tests/training/test_preflight.py holds them equal). Needs a tokenizer, never
-the weights: the service runs it in a child of the API process (app/jobs/preflight.py) with the tokenizer
-files its registry keeps.
+Every number comes from the functions the trainer uses (data.read_jsonl, tokenization.prepare_tokenizer,
+encoded_rows and EncodeStats.count, which encode_examples runs), so the rows, truncated rows, trained
+tokens and steps here are the ones the run reports (tests/training/test_preflight.py holds them equal).
+Needs a tokenizer, never the weights: the service runs it in a child of the API process
+(app/jobs/preflight.py) with the tokenizer files its registry keeps.
 
 A DPO spec (method dpo) on a preference dataset gives the same report from encoded_pairs: a row is a
 pair, its length the longer of its two sequences, its trained tokens both answers', and it keeps its EOS
@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.training.data import read_jsonl
+from worker.training.data import Example, read_jsonl
 from worker.training.spec import METHOD_FORMATS, JobSpec
 from worker.training.tokenization import (
     Encoded,
+    EncodedPair,
+    EncodeStats,
     encode_example,
     encode_preference,
     encoded_pairs,
@@ -120,60 +122,37 @@ def _collector_paused() -> Iterator[None]:
 
 def _measure(path, tokenizer, spec: JobSpec, examples: int) -> tuple[SetReport, list[dict]]:
     data = read_jsonl(path)
-    report = SetReport(rows_in_file=len(data.examples), format=data.format)
     if data.format not in METHOD_FORMATS[spec.method.type]:
-        return report, []  # preflight refuses it, naming the format the method needs
-    if spec.method.type == "dpo":
-        return _measure_pairs(data.examples, tokenizer, spec.training.max_seq_length, examples, report)
+        # preflight refuses it, naming the format the method needs
+        return SetReport(rows_in_file=len(data.examples), format=data.format), []
     t = spec.training
     read = data.examples[:MAX_ROWS]
-    lengths: list[int] = []
-    encoded = encoded_rows(read, tokenizer, max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
-    for example, enc in zip(read, encoded, strict=True):
-        report.rows += 1
-        lengths.append(enc.length)
-        report.truncated_rows += enc.truncated
-        report.trained_tokens_lost += enc.trained_lost
-        if enc.trained == 0:
-            report.dropped_rows += 1
-            report.dropped_lines.append(example.line)
-            continue
-        report.tokens += len(enc.input_ids)
-        report.trained_tokens += enc.trained
-        report.rows_without_eos += not enc.eos_learned
-    report.lengths = _spread(lengths)
+    # Counted as the recipe's encode_examples / encode_preferences count, without keeping the rows they keep.
+    if spec.method.type == "dpo":
+        stats = EncodeStats.for_pairs()
+        encoded: Iterable[Encoded | EncodedPair] = encoded_pairs(read, tokenizer, max_seq_length=t.max_seq_length)
+    else:
+        stats = EncodeStats()
+        encoded = encoded_rows(read, tokenizer, max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
+    for example, row in zip(read, encoded, strict=True):
+        stats.count(example.line, row)
+    report = SetReport(rows=stats.rows, rows_in_file=len(data.examples), truncated_rows=stats.truncated_rows,
+                       dropped_rows=stats.dropped_rows, dropped_lines=stats.dropped_lines, tokens=stats.tokens,
+                       trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
+                       rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
+                       rows_without_eos_by_side=stats.eos_cut, format=data.format)
     # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
-    shown = [explain(example.line, encode_example(example, tokenizer, max_seq_length=t.max_seq_length,
-                                                  train_on_inputs=t.train_on_inputs, pieces=True))
-             for example in read[:examples]]
-    return report, shown
+    return report, [_shown(example, tokenizer, spec) for example in read[:examples]]
 
 
-def _measure_pairs(examples_read, tokenizer, max_seq_length: int, examples: int,
-                   report: SetReport) -> tuple[SetReport, list[dict]]:
-    """_measure for preference rows, as encode_preferences (the recipe's) counts them."""
-    read = examples_read[:MAX_ROWS]
-    lengths: list[int] = []
-    by_side = report.rows_without_eos_by_side = {"chosen": 0, "rejected": 0}
-    for example, pair in zip(read, encoded_pairs(read, tokenizer, max_seq_length=max_seq_length), strict=True):
-        report.rows += 1
-        lengths.append(max(pair.chosen.length, pair.rejected.length))
-        report.truncated_rows += pair.truncated
-        report.trained_tokens_lost += pair.chosen.trained_lost + pair.rejected.trained_lost
-        if pair.dropped:
-            report.dropped_rows += 1
-            report.dropped_lines.append(example.line)
-            continue
-        report.tokens += pair.tokens
-        report.trained_tokens += pair.trained
-        report.rows_without_eos += not (pair.chosen.eos_learned and pair.rejected.eos_learned)
-        by_side["chosen"] += not pair.chosen.eos_learned
-        by_side["rejected"] += not pair.rejected.eos_learned
-    report.lengths = _spread(lengths)
-    shown = [{**explain(example.line, encode_preference(example, tokenizer, max_seq_length=max_seq_length,
-                                                        pieces=True).chosen), "side": "chosen"}
-             for example in read[:examples]]
-    return report, shown
+def _shown(example: Example, tokenizer, spec: JobSpec) -> dict:
+    """One row token by token; a preference row's preferred side."""
+    t = spec.training
+    if spec.method.type == "dpo":
+        pair = encode_preference(example, tokenizer, max_seq_length=t.max_seq_length, pieces=True)
+        return {**explain(example.line, pair.chosen), "side": "chosen"}
+    return explain(example.line, encode_example(example, tokenizer, max_seq_length=t.max_seq_length,
+                                                train_on_inputs=t.train_on_inputs, pieces=True))
 
 
 def explain(line: int, enc: Encoded) -> dict:

@@ -89,9 +89,21 @@ class Encoded:
         """Whether the row's EOS is still in the labels: what teaches the model to stop."""
         return not self.truncated and bool(self.labels) and self.labels[-1] != IGNORE_INDEX  # the last token is EOS
 
+    @property
+    def dropped(self) -> bool:
+        """Nothing left to learn after truncation: the trainer drops the row."""
+        return self.trained == 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
 
 @dataclass
 class EncodeStats:
+    """What encoding a dataset kept, cut and dropped, counted once (`count`) for the recipe and the preflight
+    alike: a run's summary records the fields up to eos_cut (`as_dict`), the preflight reports them all."""
+
     rows: int = 0
     truncated_rows: int = 0
     dropped_rows: int = 0  # nothing left to learn after truncation
@@ -100,10 +112,41 @@ class EncodeStats:
     dropped_lines: list[int] = field(default_factory=list)
     # preference rows only: kept rows whose EOS truncation cut off, per side ({"chosen": n, "rejected": n})
     eos_cut: dict[str, int] | None = None
+    # the preflight's alone
+    trained_tokens_lost: int = 0  # trained tokens truncation cut off
+    rows_without_eos: int = 0  # kept rows whose EOS is not in the labels (cut off, or an unlearned last turn)
+    lengths: list[int] = field(default_factory=list)  # tokens per row before truncation (a pair's: its longer side)
+
+    @classmethod
+    def for_pairs(cls) -> EncodeStats:
+        return cls(eos_cut={"chosen": 0, "rejected": 0})
+
+    def count(self, line: int, row: Encoded | EncodedPair) -> bool:
+        """Count one encoded row (a preference row: its pair); whether it is kept (it has something to learn)."""
+        self.rows += 1
+        self.lengths.append(row.length)
+        self.truncated_rows += row.truncated
+        self.trained_tokens_lost += row.trained_lost
+        if row.dropped:
+            self.dropped_rows += 1
+            self.dropped_lines.append(line)
+            return False
+        self.tokens += row.tokens
+        self.trained_tokens += row.trained
+        self.rows_without_eos += not row.eos_learned
+        if isinstance(row, EncodedPair):
+            assert self.eos_cut is not None, "pairs are counted into EncodeStats.for_pairs()"
+            # A kept side ends with its learned EOS unless truncation cut it off.
+            self.eos_cut["chosen"] += not row.chosen.eos_learned
+            self.eos_cut["rejected"] += not row.rejected.eos_learned
+        return True
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "eos_cut" or v is not None}
-        d["dropped_lines"] = self.dropped_lines[:20]
+        """What a run's summary records."""
+        d = {"rows": self.rows, "truncated_rows": self.truncated_rows, "dropped_rows": self.dropped_rows,
+             "tokens": self.tokens, "trained_tokens": self.trained_tokens, "dropped_lines": self.dropped_lines[:20]}
+        if self.eos_cut is not None:
+            d["eos_cut"] = self.eos_cut
         return d
 
 
@@ -260,16 +303,8 @@ def encode_examples(
     stats = EncodeStats()
     encoded = encoded_rows(examples, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
     for example, enc in zip(examples, encoded, strict=True):
-        stats.rows += 1
-        stats.truncated_rows += enc.truncated
-        learned = enc.trained
-        if learned == 0:
-            stats.dropped_rows += 1
-            stats.dropped_lines.append(example.line)
-            continue
-        stats.tokens += len(enc.input_ids)
-        stats.trained_tokens += learned
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        if stats.count(example.line, enc):
+            rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     return rows, stats
 
 
@@ -301,6 +336,19 @@ class EncodedPair:
     @property
     def trained(self) -> int:
         return self.chosen.trained + self.rejected.trained
+
+    @property
+    def length(self) -> int:
+        """The longer sequence's tokens before truncation: what must fit in max_seq_length."""
+        return max(self.chosen.length, self.rejected.length)
+
+    @property
+    def trained_lost(self) -> int:
+        return self.chosen.trained_lost + self.rejected.trained_lost
+
+    @property
+    def eos_learned(self) -> bool:
+        return self.chosen.eos_learned and self.rejected.eos_learned
 
     def row(self) -> dict:
         """The row DataCollatorForPreference takes."""
@@ -369,20 +417,10 @@ def _completion(ids: list[int], shown: list[str] | None, prompt_length: int, max
 def encode_preferences(examples: Sequence[Example], tokenizer, *, max_seq_length: int) -> tuple[list[dict], EncodeStats]:
     """encode_examples for preference rows: the rows DataCollatorForPreference takes, and what was cut or dropped."""
     rows: list[dict] = []
-    eos_cut = {"chosen": 0, "rejected": 0}
-    stats = EncodeStats(eos_cut=eos_cut)
+    stats = EncodeStats.for_pairs()
     for example, pair in zip(examples, encoded_pairs(examples, tokenizer, max_seq_length=max_seq_length), strict=True):
-        stats.rows += 1
-        stats.truncated_rows += pair.truncated
-        if pair.dropped:
-            stats.dropped_rows += 1
-            stats.dropped_lines.append(example.line)
-            continue
-        eos_cut["chosen"] += pair.chosen.truncated
-        eos_cut["rejected"] += pair.rejected.truncated
-        stats.tokens += pair.tokens
-        stats.trained_tokens += pair.trained
-        rows.append(pair.row())
+        if stats.count(example.line, pair):
+            rows.append(pair.row())
     return rows, stats
 
 
