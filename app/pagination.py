@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import Integer, Select, String, and_, bindparam, or_
 
 from app.errors import Invalid, field_errors
 
@@ -65,11 +65,24 @@ def check_limit(limit: int, maximum: int = MAX_LIMIT) -> int:
 
 def newest_first(query: Select, table, cursor: str | None, limit: int) -> Select:
     """Order by (created_at, id) descending, start after the cursor, fetch one extra row to know if there is more."""
-    check_limit(limit)
-    if cursor:
-        created, item_id = decode_cursor(cursor)
+    return newest_first_shape(query, table, after=bool(cursor)).params(newest_first_values(cursor, limit))
+
+
+def newest_first_shape(query: Select, table, *, after: bool) -> Select:
+    """newest_first's statement with the cursor's place and the limit left as parameters, filled in by
+    newest_first_values: for a read built once and run by every poll (GET /jobs)."""
+    if after:
+        created, item_id = bindparam("after_created", type_=table.created_at.type), bindparam("after_id", type_=String)
         query = query.where(or_(table.created_at < created, and_(table.created_at == created, table.id < item_id)))
-    return query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+    return query.order_by(table.created_at.desc(), table.id.desc()).limit(bindparam("rows_wanted", type_=Integer))
+
+
+def newest_first_values(cursor: str | None, limit: int) -> dict[str, Any]:
+    check_limit(limit)
+    values: dict[str, Any] = {"rows_wanted": limit + 1}
+    if cursor:
+        values["after_created"], values["after_id"] = decode_cursor(cursor)
+    return values
 
 
 def page(rows: list, limit: int) -> Page:

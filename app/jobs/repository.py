@@ -9,6 +9,7 @@ operators' aggregates.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from datetime import datetime
 from typing import cast
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
-from app.pagination import newest_first
+from app.pagination import newest_first, newest_first_shape, newest_first_values
 
 
 def readable_jobs(team_id: str | BindParameter[str]) -> Select[Job]:
@@ -55,8 +56,20 @@ def view(session: Session, team_id: str, job_id: str) -> Row | None:
 
 
 def view_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Row]:
-    query = _page_of(readable_jobs(team_id).with_only_columns(*JOB_VIEW), status, cursor, limit)
-    return list(session.connection().execute(query))
+    values = {"team_id": team_id, **newest_first_values(cursor, limit)}
+    if status:
+        values["status"] = status
+    return list(session.connection().execute(_view_page(by_status=bool(status), after=bool(cursor)), values))
+
+
+@functools.cache
+def _view_page(*, by_status: bool, after: bool) -> Select:
+    """GET /jobs's statement in each of its four shapes, built once like _VIEW_BY_ID: building it for
+    each poll was a sixth of a page's time in the profile."""
+    query = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW)
+    if by_status:
+        query = query.where(Job.status == bindparam("status", type_=String))
+    return newest_first_shape(query, Job, after=after)
 
 
 def get_any_team(session: Session, job_id: str) -> Job | None:
