@@ -395,7 +395,8 @@ def run_raw_clients(url: str, headers: dict[str, str], clients: int, seconds: fl
         await asyncio.gather(*tasks)
         return time.perf_counter() - t0
 
-    wall_s = asyncio.run(main())
+    # A thread of its own: whoever calls this (a test session) may hold an event loop in this one.
+    wall_s = services.in_a_thread_of_its_own(lambda: asyncio.run(main()))
     return merge_samples(per_client), wall_s
 
 
