@@ -166,7 +166,7 @@ async def _read_async(engine: AsyncEngine, read: Callable[[Session], T]) -> T:
 def _turn(engine: AsyncEngine) -> asyncio.Semaphore:
     """Reads take the pool's connections in the order they asked. The pool's own queue lets a read that
     just arrived take a connection given back while earlier ones wait to be woken, and a read passed
-    over goes to the back: under fifty pollers, a few waited ten times the median (docs/performance.md)."""
+    over goes to the back: under fifty pollers the p99 was nine times the median (docs/performance.md)."""
     loop = asyncio.get_running_loop()
     gates = _turns.setdefault(loop, {})
     gate = gates.get(engine)
