@@ -37,17 +37,14 @@ class Recent(Generic[K, V]):
         value = self.get(key)
         if value is not None:
             return value
-        reading = self._reading.get(key)
-        if reading is None:
-            reading = self._reading[key] = asyncio.ensure_future(self._read_and_keep(key, read))
-        return await asyncio.shield(reading)  # a request that gives up must not cancel the others' read
+        return await self.read_again(key, read)
 
     async def read_again(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
         """read() now, whatever is kept (joining a read already in flight), and keep it."""
         reading = self._reading.get(key)
         if reading is None:
             reading = self._reading[key] = asyncio.ensure_future(self._read_and_keep(key, read))
-        return await asyncio.shield(reading)
+        return await asyncio.shield(reading)  # a request that gives up must not cancel the others' read
 
     async def _read_and_keep(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
         try:

@@ -272,6 +272,19 @@ class Samples:
     first_error: str | None = None
     not_modified: int = 0  # answers 304 to a poll that sent the ETag it had
 
+    def record(self, latency_s: float, *, not_modified: bool, error: str | None) -> None:
+        self.latencies_s.append(latency_s)
+        self.not_modified += not_modified
+        if error:
+            self.errors += 1
+            self.first_error = self.first_error or error
+
+
+def judged(status: int, asked_with_etag: bool) -> tuple[bool, bool]:
+    """What one answer was: a 304 to the ETag sent, and whether it failed (neither that nor a 200)."""
+    not_modified = status == 304 and asked_with_etag
+    return not_modified, status != 200 and not not_modified
+
 
 def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
                 next_request: Callable[[random.Random], tuple[str, str]],
@@ -300,25 +313,17 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline:
                 name, path = next_request(rng)
-                error = None
                 t0 = time.perf_counter()
-                not_modified = False
                 try:
                     sent = {"If-None-Match": etags[path]} if conditional and path in etags else None
                     response = http.get(path, headers=sent)
-                    not_modified = response.status_code == 304 and sent is not None
+                    not_modified, failed = judged(response.status_code, sent is not None)
+                    error = f"{response.status_code}: {response.text[:200]}" if failed else None
                     if response.status_code == 200 and "etag" in response.headers:
                         etags[path] = response.headers["etag"]
-                    elif response.status_code != 200 and not not_modified:
-                        error = f"{response.status_code}: {response.text[:200]}"
                 except httpx.HTTPError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                s = samples.setdefault(name, Samples())
-                s.latencies_s.append(time.perf_counter() - t0)
-                s.not_modified += not_modified
-                if error:
-                    s.errors += 1
-                    s.first_error = s.first_error or error
+                    not_modified, error = False, f"{type(exc).__name__}: {exc}"
+                samples.setdefault(name, Samples()).record(time.perf_counter() - t0, not_modified=not_modified, error=error)
 
     threads = [threading.Thread(target=client, args=(per_client[i], i), daemon=True) for i in range(clients)]
     for t in threads:
@@ -365,25 +370,19 @@ def run_raw_clients(url: str, headers: dict[str, str], clients: int, seconds: fl
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             name, path = next_request(rng)
-            error = None
             asked_with_etag = conditional and path in etags
             t0 = time.perf_counter()
             try:
                 status, fields, body = await get(path)
+                not_modified, failed = judged(status, asked_with_etag)
+                error = f"{status}: {body[:200]!r}" if failed else None
                 if status == 200 and "etag" in fields:
                     etags[path] = fields["etag"]
-                elif status != 200 and not (status == 304 and asked_with_etag):
-                    error = f"{status}: {body[:200]!r}"
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                status, error = 0, f"{type(exc).__name__}: {exc}"
-            s = samples.setdefault(name, Samples())
-            s.latencies_s.append(time.perf_counter() - t0)
-            s.not_modified += status == 304 and asked_with_etag
-            if error:
-                s.errors += 1
-                s.first_error = s.first_error or error
-                if status == 0:
-                    break  # the connection is gone
+                status, not_modified, error = 0, False, f"{type(exc).__name__}: {exc}"
+            samples.setdefault(name, Samples()).record(time.perf_counter() - t0, not_modified=not_modified, error=error)
+            if status == 0:
+                break  # the connection is gone
         writer.close()
 
     async def main() -> float:
