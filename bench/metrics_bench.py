@@ -33,13 +33,13 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import insert, text  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
 
-from app.db import engine_for, new_id, session_scope, utcnow  # noqa: E402
+from app.db import new_id, session_scope, utcnow  # noqa: E402
 from app.jobs import states  # noqa: E402
 from app.jobs.tables import Job, JobMetric  # noqa: E402
 from app.teams import service as teams_service  # noqa: E402
-from bench.api_load import console, deployment, percentile, save_results  # noqa: E402
+from bench.api_load import analyze, console, deployment, percentile, save_results  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tiny import demo_spec  # noqa: E402
 
@@ -84,8 +84,7 @@ def seed_jobs(database_url: str, *, finished: int, points: int, queued: int = QU
             session.execute(insert(Job), jobs)
             if curve:
                 session.execute(insert(JobMetric), curve)
-    with engine_for(database_url).connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))  # as autovacuum would
+    analyze(database_url)
     return made
 
 
