@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
+from app.db import engine_for
+from app.migrate import upgrade
+from tests import services
 from tests.deployment import start_deployment, stop_deployment
 
 
@@ -68,3 +72,15 @@ def browser(chromium):
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A Postgres database of its own at the newest schema, for a test that starts its own processes
+    or reads plans and statistics; dropped afterwards."""
+    services.ensure_postgres()
+    url = services.create_postgres_database()
+    upgrade(url)
+    yield url
+    engine_for(url).dispose()  # our connections, before the drop
+    services.drop_postgres_database(url)

@@ -10,16 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
-import pytest
 
-from app.db import engine_for, session_scope
+from app.db import session_scope
 from app.jobs.reaper import LEASE
-from app.migrate import upgrade
 from app.operations.lease import LEASE_TTL_INTERVALS, current_holder
 from app.scheduling.service import LEASE as SCHEDULER_LEASE
 from tests import services
@@ -28,16 +26,6 @@ from tests.fast.test_lease import race_for_lease
 
 REAPER_INTERVAL_S = 1  # the lease lasts LEASE_TTL_INTERVALS of these: a dead holder is replaced in seconds
 T = TypeVar("T")
-
-
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    services.ensure_postgres()
-    url = services.create_postgres_database()
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()  # our connections, before the drop
-    services.drop_postgres_database(url)
 
 
 def test_of_processes_racing_for_a_free_lease_exactly_one_wins_on_postgres(database_url):
