@@ -9,8 +9,13 @@ which for a page of jobs or a long curve are most of a poller's cost.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request, Response
+from sqlalchemy.orm import Session
+
+from app.db import read_only
 
 # no-cache: a cache may keep the answer but must ask again each time (with the ETag); private: the
 # answer is one team's, never for a shared cache.
@@ -36,3 +41,14 @@ def json_answer(request: Request, body: bytes) -> Response:
     if matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
+
+
+async def polled(request: Request, read: Callable[[Session], bytes]) -> Response:
+    """read(session)'s JSON body, read on the async driver (app.db.read_only), with its ETag (or a 304):
+    the reads every poller makes, native and OpenAI-compatible alike."""
+    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+
+
+# For a polled route's OpenAPI entry.
+POLLED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: the body would equal the one whose ETag was sent in If-None-Match."}}

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
-from app.conditional import json_answer
+from app.conditional import POLLED, json_answer, polled
 from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
@@ -63,15 +62,8 @@ def preflight_job(body: Annotated[Any, Body()], request: Request, session: Sessi
     return service.preflight_report(session, settings, storage, request.app.state.preflight, caller, body)
 
 
-# The reads every poller makes (a job, a page of jobs, a curve, the events) are `async def` on the async driver
-# (read_only) and answer with an ETag (json_answer): an unchanged poll gets 304 with no body.
-POLLED: dict[int | str, dict[str, Any]] = {
-    304: {"description": "Not modified: the body would equal the one whose ETag was sent in If-None-Match."}}
-
-
-async def polled(request: Request, read: Callable[[Session], bytes]) -> Response:
-    """read(session)'s JSON body, read on the async driver, with its ETag (or a 304)."""
-    return json_answer(request, await read_only(request.app.state.settings.database_url, read))
+# The reads every poller makes (a job, a page of jobs, a curve, the events) are `async def` and read
+# through app.conditional.polled: on the async driver, answered with an ETag.
 
 
 @router.get("", response_model=JobPage, responses=POLLED)

@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
+from pydantic_core import to_json
 from sqlalchemy.orm import Session
 
+from app.conditional import POLLED, polled
 from app.datasets import service as datasets
-from app.db import read_only
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
 from app.errors import Invalid, field_errors
 from app.jobs import service as jobs
@@ -93,13 +94,15 @@ def list_jobs(session: SessionDep, caller: CallerDep, after: str | None = None, 
     return _list([t.job_object(j, caller.team_name) for j in found.data], found)
 
 
-@router.get("/fine_tuning/jobs/{job_id}")
+@router.get("/fine_tuning/jobs/{job_id}", responses=POLLED)
 async def retrieve_job(job_id: str, request: Request, caller: CallerDep):
-    """What the SDK's jobs.retrieve() polls: on the async driver, like GET /jobs/{id} (app.db.read_only)."""
-    def read(session: Session) -> dict:
-        return t.job_object(jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")), caller.team_name)
+    """What the SDK's jobs.retrieve() polls: read like GET /jobs/{id} (app.conditional.polled), and
+    encoded by pydantic-core in one call (FastAPI's jsonable_encoder took 0.11 ms of it)."""
+    def read(session: Session) -> bytes:
+        job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+        return to_json(t.job_object(job, caller.team_name))
 
-    return await read_only(request.app.state.settings.database_url, read)
+    return await polled(request, read)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")

@@ -15,8 +15,9 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
     spec = demo_spec("tiny")
     created = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "nobody-listens", **spec}).json()
     job_url = f"/jobs/{created['id']}"
+    openai_url = f"/v1/fine_tuning/jobs/ftjob-{created['id']}"  # what the openai SDK's retrieve() polls
 
-    for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics", f"{job_url}/events"):
+    for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics", f"{job_url}/events", openai_url):
         first = team_a.get(url)
         etag = first.headers["etag"]
         assert first.status_code == 200 and etag.startswith('"') and "no-cache" in first.headers["cache-control"]
@@ -26,8 +27,9 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
         assert team_a.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
 
     # Another team's job is 404 whatever it sends: a 304 would tell it the job exists.
-    for sent in ('"anything"', "*", team_a.get(job_url).headers["etag"]):
-        assert team_b.get(job_url, headers={"If-None-Match": sent}).status_code == 404
+    for url in (job_url, openai_url):
+        for sent in ('"anything"', "*", team_a.get(url).headers["etag"]):
+            assert team_b.get(url, headers={"If-None-Match": sent}).status_code == 404
 
     before = {url: team_a.get(url).headers["etag"] for url in (job_url, "/jobs?limit=5", f"{job_url}/metrics", f"{job_url}/events")}
     with session_scope(deployment.settings.database_url) as session:  # as a worker logs a point
@@ -35,14 +37,16 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
     curve = team_a.get(f"{job_url}/metrics", headers={"If-None-Match": before[f"{job_url}/metrics"]})
     assert curve.status_code == 200 and [p["step"] for p in curve.json()["train"]] == [1]
 
+    before[openai_url] = team_a.get(openai_url).headers["etag"]
     cancelled = team_a.post(f"{job_url}/cancel").json()
-    for url in (job_url, "/jobs?limit=5", f"{job_url}/events"):  # the cancel is an event too
+    for url in (job_url, "/jobs?limit=5", f"{job_url}/events", openai_url):  # the cancel is an event too
         changed = team_a.get(url, headers={"If-None-Match": before[url]})
         assert changed.status_code == 200 and changed.headers["etag"] != before[url]
     # The lean read answers what the ORM's JobOut answers for the same job.
     assert team_a.get(job_url).json() == cancelled
     listed = next(j for j in team_a.get("/jobs?limit=50").json()["data"] if j["id"] == created["id"])
     assert listed == cancelled
+    assert team_a.get(openai_url).json()["status"] == "cancelled"
 
 
 def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
