@@ -12,7 +12,8 @@ every running job on by a step and a heartbeat each second, as their workers wou
    database: the baseline), then a mix of status polls (GET /jobs/{id}) and listings
    (GET /jobs?limit=50), then the same mix as pollers that each watch a few of the newest jobs and
    send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with no body, and
-   the share of 304s is reported. Speed is reported as ratios to /health from the same run, so a busy machine moves
+   the share of 304s is reported; last, the openai SDK's retrieve poll (GET /v1/fine_tuning/jobs/{id})
+   alone. Speed is reported as ratios to /health from the same run, so a busy machine moves
    every row together instead of making the numbers meaningless (DESIGN.md).
 2. Memory. A JSONL upload of --upload-mib MiB of valid chat rows, made on the fly and sent with
    chunked transfer, goes to POST /datasets while the API's RSS is read before, after and at its
@@ -74,6 +75,8 @@ MIB = 1 << 20
 DEFAULT_OUT = ROOT / "bench" / "results" / "api_load.json"
 
 HEALTH, STATUS, LISTING = "GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"
+# What the openai SDK's jobs.retrieve() polls, asked alone in a phase of its own.
+RETRIEVE = "GET /v1/fine_tuning/jobs/{id}"
 CONDITIONAL = " (If-None-Match)"  # the same endpoint, polled by a client that sends back the ETag it has
 # In the conditional phase each client watches a few of the newest jobs, as a person follows their own
 # with `qlora jobs watch` or the dashboard: a poll asks again for what it has, unchanged unless it runs.
@@ -184,8 +187,8 @@ def seed(d: Deployment, jobs: int) -> tuple[str, list[str]]:
 
 def analyze(database_url: str) -> None:
     """Statistics for the rows just seeded, as autovacuum gathers within a minute of a table's first
-    changes. Without them Postgres read and sorted every job of the team for each page (a fifth of
-    the machine's CPU went to Postgres), until autovacuum's ANALYZE landed at some point in the run."""
+    changes in a deployment (the CI machine's Postgres runs with it off). Without them Postgres read
+    and sorted every job of the team for each page: a fifth of the machine's CPU went to Postgres."""
     with engine_for(database_url).connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
 
@@ -488,15 +491,20 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
     auth = {"Authorization": f"Bearer {key}"}
     mix, mix_wall = timed("mix", d.url, auth, clients, seconds, jobs_mix)
     polls, polls_wall = timed("polls", d.url, auth, clients, seconds, watching, conditional=True)
+    retrieve, retrieve_wall = timed("retrieve", d.url, auth, clients, seconds,
+                                    lambda rng: (RETRIEVE, f"/v1/fine_tuning/jobs/ftjob-{rng.choice(job_ids)}"))
 
     endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall)}
     for name in (STATUS, LISTING):
         endpoints[name] = endpoint_stats(mix.get(name, Samples()), mix_wall)
     for name in (STATUS + CONDITIONAL, LISTING + CONDITIONAL):
         endpoints[name] = endpoint_stats(polls.get(name, Samples()), polls_wall)
+    endpoints[RETRIEVE] = endpoint_stats(retrieve.get(RETRIEVE, Samples()), retrieve_wall)
+    for name, phase in ((HEALTH, "health"), (RETRIEVE, "retrieve")):  # the phases that ask one endpoint alone
+        stats = endpoints[name]
+        stats["api_cpu_ms_per_request"] = cpu[phase] * 1000 / stats["requests"] if stats["requests"] else None
+        stats["client_cpu_ms_per_request"] = client_cpu[phase] * 1000 / stats["requests"] if stats["requests"] else None
     baseline = endpoints[HEALTH]
-    baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
-    baseline["client_cpu_ms_per_request"] = client_cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
     for stats in endpoints.values():
         # Per-client rates compare endpoints at the same concurrency, whatever their share of the mix.
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
@@ -702,13 +710,15 @@ def print_report(r: dict) -> None:
     for name, e in r["endpoints"].items():
         if name == STATUS + CONDITIONAL:
             mix_row(f"jobs mix ({r['jobs_mix']['status_share']:.0%} status)", r["jobs_mix"])
-        label = name if name == HEALTH else f"{name} (in mix)"
+        if name == RETRIEVE:
+            mix_row("polls mix (If-None-Match)", r["conditional_mix"])
+        alone = "api_cpu_ms_per_request" in e  # asked alone in its phase, so the phase's CPU is its own
+        label = name if alone else f"{name} (in mix)"
         table.add_row(label, f"{e['requests']:,}", f"{e['req_per_s']:,.0f}", f"{e['ratio_to_health']:.2f}",
                       _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
                       f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
-                      _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "",
-                      _cpu_ms(e.get("client_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
-    mix_row("polls mix (If-None-Match)", r["conditional_mix"])
+                      _cpu_ms(e.get("api_cpu_ms_per_request")) if alone else "",
+                      _cpu_ms(e.get("client_cpu_ms_per_request")) if alone else "", str(e["errors"]))
     console.print(table)
     console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix rows compare observed "
                   "totals. 304: the share of polls answered 304 Not Modified (running jobs move every second). API CPU ms: "
