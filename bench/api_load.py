@@ -11,10 +11,11 @@ every running job on by a step and a heartbeat each second, as their workers wou
 1. Load. C clients send requests back to back for T seconds, first to GET /health (no auth, no
    database: the baseline), then a mix of status polls (GET /jobs/{id}) and listings
    (GET /jobs?limit=50), then the same mix as pollers that each watch a few of the newest jobs and
-   send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with no body, and
-   the share of 304s is reported; last, the openai SDK's retrieve poll (GET /v1/fine_tuning/jobs/{id})
-   alone. Speed is reported as ratios to /health from the same run, so a busy machine moves
-   every row together instead of making the numbers meaningless (DESIGN.md).
+   send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with
+   no body, and the share of 304s is reported; last, the same mix as the openai SDK asks it
+   (jobs.retrieve() and jobs.list(): GET /v1/fine_tuning/jobs/{id} and ?limit=20). Speed is reported
+   as ratios to /health from the same run, so a busy machine moves every row together instead of
+   making the numbers meaningless (DESIGN.md).
 2. Memory. A JSONL upload of --upload-mib MiB of valid chat rows, made on the fly and sent with
    chunked transfer, goes to POST /datasets while the API's RSS is read before, after and at its
    peak. The claim it shows: the API streams an upload through, it never holds the file.
@@ -75,8 +76,8 @@ MIB = 1 << 20
 DEFAULT_OUT = ROOT / "bench" / "results" / "api_load.json"
 
 HEALTH, STATUS, LISTING = "GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"
-# What the openai SDK's jobs.retrieve() polls, asked alone in a phase of its own.
-RETRIEVE = "GET /v1/fine_tuning/jobs/{id}"
+# What the openai SDK's jobs.retrieve() and jobs.list() ask (its default page is 20 jobs).
+RETRIEVE, OPENAI_LISTING = "GET /v1/fine_tuning/jobs/{id}", "GET /v1/fine_tuning/jobs?limit=20"
 CONDITIONAL = " (If-None-Match)"  # the same endpoint, polled by a client that sends back the ETag it has
 # In the conditional phase each client watches a few of the newest jobs, as a person follows their own
 # with `qlora jobs watch` or the dashboard: a poll asks again for what it has, unchanged unless it runs.
@@ -491,20 +492,24 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
     auth = {"Authorization": f"Bearer {key}"}
     mix, mix_wall = timed("mix", d.url, auth, clients, seconds, jobs_mix)
     polls, polls_wall = timed("polls", d.url, auth, clients, seconds, watching, conditional=True)
-    retrieve, retrieve_wall = timed("retrieve", d.url, auth, clients, seconds,
-                                    lambda rng: (RETRIEVE, f"/v1/fine_tuning/jobs/ftjob-{rng.choice(job_ids)}"))
+
+    def openai_mix(rng: random.Random) -> tuple[str, str]:
+        if rng.random() < STATUS_SHARE:
+            return RETRIEVE, f"/v1/fine_tuning/jobs/ftjob-{rng.choice(job_ids)}"
+        return OPENAI_LISTING, "/v1/fine_tuning/jobs?limit=20"
+
+    openai, openai_wall = timed("openai", d.url, auth, clients, seconds, openai_mix)
 
     endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall)}
     for name in (STATUS, LISTING):
         endpoints[name] = endpoint_stats(mix.get(name, Samples()), mix_wall)
     for name in (STATUS + CONDITIONAL, LISTING + CONDITIONAL):
         endpoints[name] = endpoint_stats(polls.get(name, Samples()), polls_wall)
-    endpoints[RETRIEVE] = endpoint_stats(retrieve.get(RETRIEVE, Samples()), retrieve_wall)
-    for name, phase in ((HEALTH, "health"), (RETRIEVE, "retrieve")):  # the phases that ask one endpoint alone
-        stats = endpoints[name]
-        stats["api_cpu_ms_per_request"] = cpu[phase] * 1000 / stats["requests"] if stats["requests"] else None
-        stats["client_cpu_ms_per_request"] = client_cpu[phase] * 1000 / stats["requests"] if stats["requests"] else None
+    for name in (RETRIEVE, OPENAI_LISTING):
+        endpoints[name] = endpoint_stats(openai.get(name, Samples()), openai_wall)
     baseline = endpoints[HEALTH]
+    baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
+    baseline["client_cpu_ms_per_request"] = client_cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
     for stats in endpoints.values():
         # Per-client rates compare endpoints at the same concurrency, whatever their share of the mix.
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
@@ -526,6 +531,7 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
         # Each mix as a whole: observed totals, directly comparable to /health's observed rate.
         "jobs_mix": mix_totals([STATUS, LISTING], mix_wall, "mix"),
         "conditional_mix": mix_totals([STATUS + CONDITIONAL, LISTING + CONDITIONAL], polls_wall, "polls"),
+        "openai_mix": mix_totals([RETRIEVE, OPENAI_LISTING], openai_wall, "openai"),
     }
 
 
@@ -707,18 +713,20 @@ def print_report(r: dict) -> None:
                       _cpu_ms(mix.get("client_cpu_ms_per_request")), str(mix["errors"]),
                       style="bold")
 
-    for name, e in r["endpoints"].items():
-        if name == STATUS + CONDITIONAL:
-            mix_row(f"jobs mix ({r['jobs_mix']['status_share']:.0%} status)", r["jobs_mix"])
-        if name == RETRIEVE:
-            mix_row("polls mix (If-None-Match)", r["conditional_mix"])
-        alone = "api_cpu_ms_per_request" in e  # asked alone in its phase, so the phase's CPU is its own
-        label = name if alone else f"{name} (in mix)"
-        table.add_row(label, f"{e['requests']:,}", f"{e['req_per_s']:,.0f}", f"{e['ratio_to_health']:.2f}",
-                      _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
-                      f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
-                      _cpu_ms(e.get("api_cpu_ms_per_request")) if alone else "",
-                      _cpu_ms(e.get("client_cpu_ms_per_request")) if alone else "", str(e["errors"]))
+    share = f"{r['jobs_mix']['status_share']:.0%}"
+    # Each phase's endpoints, then its totals (the phase's CPU is the mix's, not one endpoint's).
+    for names, total in (([HEALTH], None), ([STATUS, LISTING], ("jobs mix", "jobs_mix")),
+                         ([STATUS + CONDITIONAL, LISTING + CONDITIONAL], ("polls mix (If-None-Match)", "conditional_mix")),
+                         ([RETRIEVE, OPENAI_LISTING], ("openai SDK mix", "openai_mix"))):
+        for name in names:
+            e = r["endpoints"][name]
+            table.add_row(name if name == HEALTH else f"{name} (in mix)", f"{e['requests']:,}", f"{e['req_per_s']:,.0f}",
+                          f"{e['ratio_to_health']:.2f}", _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
+                          f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
+                          _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "",
+                          _cpu_ms(e.get("client_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
+        if total:
+            mix_row(f"{total[0]} ({share} status)", r[total[1]])
     console.print(table)
     console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix rows compare observed "
                   "totals. 304: the share of polls answered 304 Not Modified (running jobs move every second). API CPU ms: "
