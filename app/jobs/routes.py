@@ -64,8 +64,6 @@ def preflight_job(body: Annotated[Any, Body()], request: Request, session: Sessi
 
 # The reads every poller makes (a job, a page of jobs, a curve, the events) are `async def` and read
 # through app.conditional.polled: on the async driver, answered with an ETag.
-
-
 @router.get("", response_model=JobPage, responses=POLLED)
 async def list_jobs(request: Request, caller: CallerDep, status: str | None = None, cursor: str | None = None,
                     limit: int = 50):
