@@ -25,7 +25,8 @@ The case groups (--cases; --case names cases one by one):
 - paper: the QLoRA paper's recipe (LoRA r=64, alpha 16 on every linear layer, micro-batch 1, 512
   tokens, gradient checkpointing, paged AdamW) on its own bases' shapes, LLaMA 1 33B and 65B;
 - memory: Llama 3.1 8B's shape at 16k tokens with neither, either and both of activation offload
-  and tiled MLPs, and at 32k tokens with both and with neither.
+  and tiled MLPs, and at 32k tokens with both and with neither; and the standard recipe (train_bench's
+  baseline) at 16k, which each engine row's peak is set against ("x standard").
 
 After a CUDA run the report fits the estimate's allowance to the rows: measured peak reserved
 minus the estimate's resident parts other than its allowance, as a constant plus a fraction of
@@ -66,7 +67,9 @@ class Case:
     """One run: PRESET:BATCH:SEQ[:OPTION...] on the command line, options in any order:
     nogc (gradient checkpointing off), offload (training.activation_offload), tiled (training.tiled_mlp),
     rN (LoRA rank N; 16 otherwise), alphaN (LoRA alpha; the spec's default otherwise),
-    paper (the QLoRA paper's adapter: r64 alpha16)."""
+    paper (the QLoRA paper's adapter: r64 alpha16),
+    standard (not the engine but the standard recipe, bench/train_bench.py's baseline: what the engine's
+    memory savers are measured against; rN only)."""
 
     preset: str
     batch: int
@@ -76,6 +79,7 @@ class Case:
     tiled: bool = False
     r: int = 16
     alpha: float | None = None
+    standard: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Case:
@@ -87,8 +91,8 @@ class Case:
         if preset not in PRESETS:
             raise ValueError(f"{text!r}: no preset {preset!r}; presets: {', '.join(PRESETS)}")
         for option in options:
-            if option in ("nogc", "offload", "tiled"):
-                fields[{"nogc": "checkpointing", "offload": "offload", "tiled": "tiled"}[option]] = option != "nogc"
+            if option in ("nogc", "offload", "tiled", "standard"):
+                fields[{"nogc": "checkpointing"}.get(option, option)] = option != "nogc"
             elif option == "paper":
                 fields.update(PAPER)
             elif option.startswith("alpha") and _number(option[5:]):
@@ -96,16 +100,21 @@ class Case:
             elif option.startswith("r") and option[1:].isdigit():
                 fields["r"] = int(option[1:])
             else:
-                raise ValueError(f"{text!r}: unknown option {option!r}; options: nogc, offload, tiled, rN, alphaN, paper")
+                raise ValueError(f"{text!r}: unknown option {option!r}; "
+                                 "options: nogc, offload, tiled, rN, alphaN, paper, standard")
         case = cls(**fields)
         if case.offload and not case.checkpointing:
             raise ValueError(f"{text!r}: offload moves what gradient checkpointing keeps; it cannot go with nogc")
+        if case.standard and (case.offload or case.tiled or not case.checkpointing or case.alpha is not None):
+            raise ValueError(f"{text!r}: the standard recipe is fixed (checkpointing on, no memory savers, "
+                             "alpha 2r); with standard, only rN")
         return case
 
     def options(self) -> list[str]:
         return [o for o in ("" if self.checkpointing else "nogc", "offload" if self.offload else "",
                             "tiled" if self.tiled else "", f"r{self.r}" if self.r != 16 else "",
-                            f"alpha{self.alpha:g}" if self.alpha is not None else "") if o]
+                            f"alpha{self.alpha:g}" if self.alpha is not None else "",
+                            "standard" if self.standard else "") if o]
 
     @property
     def name(self) -> str:
@@ -127,9 +136,14 @@ def _number(text: str) -> bool:
 
 
 PAPER = {"r": 64, "alpha": 16.0}  # QLoRA section 4: r 64, alpha 16 on every linear layer
-LONG = [Case("8b-long", 1, 16384), Case("8b-long", 1, 16384, offload=True), Case("8b-long", 1, 16384, tiled=True),
+# In the order of what they settle, so that a call cut off by a device's time limit keeps the rows that
+# matter most (each row is saved as it is measured): the standard recipe at 16k (what the savers'
+# 0.4x target is against), the engine without and with both savers at 16k, with both at 32k (the
+# 24 GiB target); then each saver alone, and 32k without them (it may run out of memory on a 24-80
+# GiB card: its row says so).
+LONG = [Case("8b-long", 1, 16384, standard=True), Case("8b-long", 1, 16384),
         Case("8b-long", 1, 16384, offload=True, tiled=True), Case("8b-long", 1, 32768, offload=True, tiled=True),
-        Case("8b-long", 1, 32768)]  # the last may run out of memory on a 24-80 GiB card: its row says so
+        Case("8b-long", 1, 16384, offload=True), Case("8b-long", 1, 16384, tiled=True), Case("8b-long", 1, 32768)]
 GROUPS = {
     # Under ten minutes on one H100 with the 8B model already built (bench/gpu.sh train builds it).
     "estimate": [Case("1b", 1, 2048), Case("1b", 8, 2048), Case("1b", 4, 1024, checkpointing=False),
@@ -185,20 +199,23 @@ def run_case(work: Path, case: Case, device: str, seed: int, keep_runs: bool = T
     allowance = sum(size for part, size in e.parts.items() if part.startswith(ALLOWANCE_PART))
     row = {"case": case.name, "preset": case.preset, "micro_batch": case.batch, "seq": case.seq,
            "gradient_checkpointing": case.checkpointing,
-           "activation_offload": case.offload, "tiled_mlp": case.tiled,
-           "lora_r": spec.lora.r, "lora_alpha": spec.lora.alpha,
+           "activation_offload": case.offload, "tiled_mlp": case.tiled, "standard_recipe": case.standard,
+           "lora_r": spec.lora.r, "lora_alpha": 2 * spec.lora.r if case.standard else spec.lora.alpha,
            "predicted_parts": dict(e.parts), "predicted_pageable": sorted(e.pageable),
            # The estimate's resident parts (through PyTorch's allocator on a GPU) less its allowance: what the fit reads.
            "predicted_allocated_bytes": e.resident - allowance, "predicted_allowance_bytes": allowance,
            "predicted_host_bytes": getattr(e, "host_bytes", 0)}
+    path = "baseline" if case.standard else "engine"
     try:
-        raw = run_child("engine", model, data, settings, runs / f"{name}.json")
+        raw = run_child(path, model, data, settings, runs / f"{name}.json")
     except subprocess.CalledProcessError as exc:  # not an OOM (the child records those): a failure, shown above
-        raw = {"failed": f"the engine's process exited with {exc.returncode}; its output is above"}
+        raw = {"failed": f"the {path}'s process exited with {exc.returncode}; its output is above"}
     finally:
         if not keep_runs:
             shutil.rmtree(runs / f"{name}-run", ignore_errors=True)  # the adapter: 3 GiB for 65B at r=64
-    if device == "cuda":
+    if case.standard:  # the estimate is the engine's: beside the standard recipe's peak it predicts nothing
+        predicted = None
+    elif device == "cuda":
         # PyTorch's allocator does not see the paged optimizer's unified memory: compare what it does see.
         predicted = e.resident
     else:  # bitsandbytes' paged optimizers fall back to plain CPU memory there, inside the process RSS
@@ -211,11 +228,13 @@ def run_case(work: Path, case: Case, device: str, seed: int, keep_runs: bool = T
             row["reserved_before_oom_bytes"] = raw["memory"]["reserved"] if device == "cuda" else None
     elif device == "cuda":
         peak = raw["memory"]["reserved"]
-        row.update(measured_bytes=peak, allocated_bytes=raw["memory"]["allocated"], error=predicted / peak - 1,
+        row.update(measured_bytes=peak, allocated_bytes=raw["memory"]["allocated"],
                    loading_reserved_bytes=(raw["memory"].get("loading") or {}).get("reserved"))
     else:
         peak = raw["memory"]["reserved"] - raw["rss_before_model_bytes"]
-        row.update(measured_bytes=peak, allocated_bytes=peak, error=predicted / peak - 1)
+        row.update(measured_bytes=peak, allocated_bytes=peak)
+    if measured(row):
+        row["error"] = predicted / row["measured_bytes"] - 1 if predicted is not None else None
     if device == "cuda":
         row.update(measured_pinned_bytes=raw.get("pinned_peak_bytes"), cuda_context_bytes=raw.get("cuda_context_bytes"),
                    outside_allocator_bytes=raw.get("outside_allocator_bytes"))
@@ -226,14 +245,26 @@ def measured(row: dict) -> bool:
     return isinstance(row.get("measured_bytes"), int)
 
 
-def compare_speeds(rows: list[dict]) -> None:
-    """Each row's tokens/s against the row of the same case without offload and tiling (the cost of the savers)."""
-    def key(r):
-        return (r["preset"], r["micro_batch"], r["seq"], r["gradient_checkpointing"], r["lora_r"], r["lora_alpha"])
-    plain = {key(r): r for r in rows if not r["activation_offload"] and not r["tiled_mlp"] and r.get("tokens_per_s")}
+def estimated(row: dict) -> bool:
+    """A measured row of the engine, which the estimate is for (not the standard recipe's)."""
+    return measured(row) and not row.get("standard_recipe")
+
+
+def compare(rows: list[dict]) -> None:
+    """Each row against others of its shape: its tokens/s against the engine's without offload and tiling
+    (what the savers cost), its measured peak against the standard recipe's (what they save)."""
+    def shape(r):
+        return (r["preset"], r["micro_batch"], r["seq"], r["lora_r"])
+
+    plain = {(*shape(r), r["gradient_checkpointing"], r["lora_alpha"]): r for r in rows
+             if not (r["activation_offload"] or r["tiled_mlp"] or r.get("standard_recipe")) and r.get("tokens_per_s")}
+    standard = {shape(r): r for r in rows if r.get("standard_recipe") and measured(r)}
     for r in rows:
-        base = plain.get(key(r))
+        base = plain.get((*shape(r), r["gradient_checkpointing"], r["lora_alpha"]))
         r["tokens_per_s_vs_plain"] = r["tokens_per_s"] / base["tokens_per_s"] if base and r.get("tokens_per_s") else None
+        reference = standard.get(shape(r))
+        r["peak_vs_standard"] = (r["measured_bytes"] / reference["measured_bytes"]
+                                 if reference and measured(r) and not r.get("standard_recipe") else None)
 
 
 def fit_allowance(rows: list[dict]) -> dict:
@@ -249,7 +280,7 @@ def fit_allowance(rows: list[dict]) -> dict:
     other memory outside PyTorch's allocator): `outside_allocator_bytes` is the most the rows saw of
     that; the estimate's allowance is meant to cover it too, so CONTEXT_BYTES = covering C + that."""
     points = [(r["predicted_allocated_bytes"], r["measured_bytes"] - r["predicted_allocated_bytes"])
-              for r in rows if measured(r)]
+              for r in rows if estimated(r)]
     if not points:
         return {"skipped": "no measured rows"}
     n = len(points)
@@ -266,7 +297,7 @@ def fit_allowance(rows: list[dict]) -> dict:
     c = mean_y - f * mean_a
     shortfall = max(y - (c + f * a) for a, y in points)
     outside = max((max(r.get("outside_allocator_bytes") or 0, r.get("cuda_context_bytes") or 0)
-                   for r in rows if measured(r)), default=0)
+                   for r in rows if estimated(r)), default=0)
     covering = c + shortfall
     return {"method": method, "rows": n, "context_bytes": int(c), "fragmentation": f,
             "covering_context_bytes": int(covering), "outside_allocator_bytes": int(outside),
@@ -326,9 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build_report(device: str, rows: list[dict]) -> dict:
-    compare_speeds(rows)
+    compare(rows)
     return {"device": device, "target": TARGET, "steps": STEPS, "rows": rows,
-          "within_target": all(abs(r["error"]) <= TARGET for r in rows if measured(r)) if device == "cuda" else None,
+          "within_target": all(abs(r["error"]) <= TARGET for r in rows if estimated(r)) if device == "cuda" else None,
           "out_of_memory": [r["case"] for r in rows if r["oom"]],
           "measured": "peak reserved device memory in training (loading apart)" if device == "cuda"
           else "growth of process RSS from before the model loaded (not the GPU target's measure)",
@@ -343,7 +374,7 @@ def ensure_model_dir(work: Path, preset: str, seed: int, quantized: bool) -> Pat
 
 
 def gib(n) -> str:
-    return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else str(n)
+    return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "-" if n is None else str(n)
 
 
 def print_table(report: dict) -> None:
@@ -352,9 +383,9 @@ def print_table(report: dict) -> None:
 
     table = Table(title=f"estimate_peak_memory against the measured peak on {report['device']} "
                         f"({report['measured']})")
-    for col in ("model", "micro-batch x seq", "LoRA r", "memory savers", "kernels", "predicted", "measured", "error",
-                "loading peak", "tokens/s (x plain)", "host: predicted / pinned"):
-        table.add_column(col, justify="left" if col in ("model", "memory savers", "kernels") else "right")
+    for col in ("model", "recipe", "micro-batch x seq", "LoRA r", "memory savers", "kernels", "predicted", "measured",
+                "error", "x standard", "loading peak", "tokens/s (x plain)", "host: predicted / pinned"):
+        table.add_column(col, justify="left" if col in ("model", "recipe", "memory savers", "kernels") else "right")
     for r in report["rows"]:
         kernels = ", ".join(k for k in ("packing", "liger") if r["speedups"].get(k)) or "none"
         savers = ", ".join(name for name, on in (("checkpointing", r["gradient_checkpointing"]),
@@ -364,9 +395,11 @@ def print_table(report: dict) -> None:
             speed += f" ({r['tokens_per_s_vs_plain']:.2f}x)"
         host = gib(r["predicted_host_bytes"]) + (f" / {gib(r['measured_pinned_bytes'])}"
                                                    if r.get("measured_pinned_bytes") is not None else "")
-        table.add_row(r["preset"], f"{r['micro_batch']} x {r['seq']}", str(r["lora_r"]), savers or "none", kernels,
+        table.add_row(r["preset"], "standard" if r.get("standard_recipe") else "engine",
+                      f"{r['micro_batch']} x {r['seq']}", str(r["lora_r"]), savers or "none", kernels,
                       gib(r["predicted_bytes"]), gib(r["measured_bytes"]),
                       f"{r['error']:+.1%}" if r["error"] is not None else "-",
+                      f"{r['peak_vs_standard']:.2f}x" if r.get("peak_vs_standard") else "-",
                       gib(r["loading_reserved_bytes"]) if r.get("loading_reserved_bytes") else "-", speed, host)
     Console(width=200).print(table)  # whole rows in a log too, where the terminal's width is not known
     print_fit(report["allowance_fit"])

@@ -5,10 +5,12 @@
 #   bench/gpu.sh train      # baseline vs engine vs engine-cached, Llama-architecture 8B, seq 2048, r 16
 #   bench/gpu.sh estimate   # estimate_peak_memory against measured peaks, 1B and 8B, several shapes
 #   bench/gpu.sh estimate-1b  # its 1B cases alone (~3 min, building the 1B model): for a short budget
-#   bench/gpu.sh memory     # long context: Llama 3.1 8B's shape at 16k tokens with neither, either and
+#   bench/gpu.sh memory     # long context: Llama 3.1 8B's shape at 16k tokens, the standard recipe (what
+#                           # the 0.4x target is against) and the engine with neither, either and
 #                           # both of activation offload and tiled MLPs; at 32k with both, and with
 #                           # neither (~33 GiB: on a 24 GiB card its row says OOM). Builds the 4-bit 8B
-#                           # base (~30 s), then 6 runs of 4 steps (~1 min each): ~7 min on an H200.
+#                           # base (~30 s), then 7 runs of 4 steps (~1 min each): ~8 min on an H200,
+#                           # the rows that matter most first (bench/estimate_bench.py's LONG).
 #   bench/gpu.sh paper      # the QLoRA paper's recipe (r 64, alpha 16, micro-batch 1, 512 tokens) on its
 #                           # LLaMA 1 33B and 65B shapes: random weights built straight in 4 bits, layer
 #                           # by layer (16 and 32 GiB on disk; 65B in bf16, 130 GB, fits neither the

@@ -241,8 +241,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def child(path: str, model_dir: str, data: str, settings: dict, started: float, out: str) -> None:
-    """Runs one path and writes its measurements to `out` (JSON). An engine run that runs out of
-    memory writes what it measured up to then, with "oom" saying so, and exits normally."""
+    """Runs one path and writes its measurements to `out` (JSON). A run that runs out of memory
+    writes what it measured up to then, with "oom" saying so, and exits normally."""
     import torch
     from transformers import TrainerCallback
 
@@ -273,15 +273,14 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
             if logs and "loss" in logs and steps:
                 steps[-1]["loss"] = logs["loss"]
 
+    context = None
+    if device == "cuda":  # the CUDA context alone, before any weights: device memory outside the allocator
+        torch.zeros(1, device="cuda")
+        context = _outside_allocator()
+    rss_before_model = _rss_now()  # the interpreter and libraries, before any weights
     if path.startswith("engine"):
         from worker.training.estimate import estimate_peak_memory
         from worker.training.recipe import run
-
-        context = None
-        if device == "cuda":  # the CUDA context alone, before any weights: device memory outside the allocator
-            torch.zeros(1, device="cuda")
-            context = _outside_allocator()
-        rss_before_model = _rss_now()  # the interpreter and libraries, before any weights
 
         spec = engine_spec(model_dir, settings)
         config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -307,15 +306,19 @@ def child(path: str, model_dir: str, data: str, settings: dict, started: float, 
                   # Without a paged optimizer's state, which lives in CUDA unified memory: not in PyTorch's
                   # allocator statistics, which are what a CUDA run measures.
                   "predicted_resident_bytes": estimate.resident,
-                  "predicted_host_bytes": getattr(estimate, "host_bytes", 0),
-                  "rss_before_model_bytes": rss_before_model,
-                  "cuda_context_bytes": context,
-                  # Largest at a step's end: context, kernels loaded since, other libraries' device memory.
-                  "outside_allocator_bytes": max(outside) if outside else None,
-                  # Pinned CPU memory through PyTorch's host allocator during training (offloaded activations).
-                  "pinned_peak_bytes": _pinned_peak() if device == "cuda" else None}
+                  "predicted_host_bytes": getattr(estimate, "host_bytes", 0)}
     else:
-        detail = baseline(model_dir, data, settings, Clock())
+        try:
+            detail = baseline(model_dir, data, settings, Clock())
+        except Exception as exc:  # the standard recipe at a length it cannot hold: a row that says so
+            if not is_out_of_memory(exc):
+                raise
+            detail = {"speedups": {"packing": False, "attention": "sdpa", "liger": False}, "oom": str(exc)[:1000]}
+    detail.update(rss_before_model_bytes=rss_before_model, cuda_context_bytes=context,
+                  # Largest at a step's end: context, kernels loaded since, other libraries' device memory.
+                  outside_allocator_bytes=max(outside) if outside else None,
+                  # Pinned CPU memory through PyTorch's host allocator during training (offloaded activations).
+                  pinned_peak_bytes=_pinned_peak() if device == "cuda" else None)
     memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
               "loading": loading or None} if device == "cuda" else {"allocated": _rss_peak(), "reserved": _rss_peak()}
     memory["rss_peak"] = _rss_peak()

@@ -32,15 +32,22 @@ def test_cases_carry_the_memory_savers_and_the_lora_knobs():
     assert (paper.r, paper.alpha) == (64, 16) and paper.name == "65b:1:512:r64:alpha16"
     assert estimate_bench.Case.parse("tiny:2:64:nogc:r8").file_stem == "b2-s64-nogc-r8"
     assert estimate_bench.Case.parse("tiny:2:64").file_stem == "b2-s64-gc"  # the names runs have always had
+    standard = estimate_bench.Case.parse("8b-long:1:16384:standard")
+    assert standard.standard and standard.name == "8b-long:1:16384:standard" and standard.file_stem == "b1-s16384-gc-standard"
     for bad, why in (("tiny:2:64:nogc:offload", "cannot go with nogc"), ("tiny:2:64:fast", "unknown option 'fast'"),
-                     ("tiny:2", "expected PRESET:BATCH:SEQ"), ("70b:1:512", "no preset '70b'")):
+                     ("tiny:2", "expected PRESET:BATCH:SEQ"), ("70b:1:512", "no preset '70b'"),
+                     ("tiny:2:64:standard:tiled", "standard recipe is fixed"),
+                     ("65b:1:512:paper:standard", "standard recipe is fixed")):
         with pytest.raises(ValueError, match=why):
             estimate_bench.Case.parse(bad)
     # The default CUDA cases hold the paper's recipes and the long-context sweep, each group its own gpu.sh call.
     names = {c.name for c in estimate_bench.CASES["cuda"]}
     assert {"33b:1:512:r64:alpha16", "65b:1:512:r64:alpha16", "8b-long:1:16384", "8b-long:1:16384:offload",
             "8b-long:1:16384:tiled", "8b-long:1:16384:offload:tiled", "8b-long:1:32768:offload:tiled",
-            "8b-long:1:32768"} <= names
+            "8b-long:1:32768", "8b-long:1:16384:standard"} <= names
+    # A call cut off by the device's time limit keeps the rows the targets need: they come first.
+    assert [c.name for c in estimate_bench.GROUPS["memory"][:4]] == [
+        "8b-long:1:16384:standard", "8b-long:1:16384", "8b-long:1:16384:offload:tiled", "8b-long:1:32768:offload:tiled"]
 
 
 def test_a_case_with_offload_and_tiling_trains_and_its_row_says_so(tmp_path):
@@ -101,14 +108,23 @@ def test_the_layer_by_layer_4bit_base_is_what_the_engine_caches_and_it_trains(tm
     del model
 
     # estimate_bench on a preset built this way: the engine loads it as its own cache, and trains.
+    # So does the standard recipe (train_bench's baseline), which loads it as any 4-bit checkpoint.
     monkeypatch.setattr(train_bench, "PREQUANTIZED", {"tiny"})
-    report = estimate_bench.main(["--case", "tiny:2:64:r8", "--work", str(work), "--out", str(tmp_path / "out.json")])
-    (row,) = report["rows"]
+    report = estimate_bench.main(["--case", "tiny:2:64:r8", "--case", "tiny:2:64:r8:standard", "--work", str(work),
+                                  "--out", str(tmp_path / "out.json")])
+    row, standard = report["rows"]
     assert row["measured_bytes"] > 0 and row["tokens_per_s"] > 0 and row["lora_r"] == 8
     raw = json.loads((built.parent / "estimate" / "b2-s64-gc-r8.json").read_text())
     assert raw["quantized_base"] == "cache" and len(raw["steps"]) == estimate_bench.STEPS
     assert all(step["loss"] > 0 for step in raw["steps"])
     assert not (built.parent / "estimate" / "quantized").exists()  # nothing quantized again
+    assert standard["standard_recipe"] and standard["measured_bytes"] > 0 and standard["tokens_per_s"] > 0
+    assert (standard["predicted_bytes"], standard["error"]) == (None, None)  # the estimate is the engine's
+    assert row["peak_vs_standard"] == row["measured_bytes"] / standard["measured_bytes"]
+    raw_standard = json.loads((built.parent / "estimate" / "b2-s64-gc-r8-standard.json").read_text())
+    assert raw_standard["speedups"]["liger"] is False and len(raw_standard["steps"]) == estimate_bench.STEPS
+    # The same weights and the same first batch: the two recipes start from the same loss.
+    assert raw_standard["steps"][0]["loss"] == pytest.approx(raw["steps"][0]["loss"], rel=1e-3)
 
 
 def test_on_cuda_an_oom_is_a_row_and_the_allowance_is_fitted_from_the_rest(tmp_path, monkeypatch):
@@ -121,6 +137,9 @@ def test_on_cuda_an_oom_is_a_row_and_the_allowance_is_fitted_from_the_rest(tmp_p
     gib = 2**30
 
     def run_child(path, model_dir, data, settings, out):
+        if path == "baseline":  # the standard recipe at 16k: 30 GiB, far from any estimate of the engine's
+            return {"steps": [{"t": t, "tokens": t * settings["seq"]} for t in range(4)], "speedups": {},
+                    "memory": {"reserved": 30 * gib, "allocated": 1}}
         if settings["seq"] == 32768 and not settings["tiled_mlp"]:
             return {"oom": "out of memory on H200 at step 1 ...", "steps": [], "memory": {"reserved": 70 * gib}}
         e = estimate_bench.estimator.estimate_peak_memory(train_bench.engine_spec(str(model_dir), settings),
@@ -134,11 +153,18 @@ def test_on_cuda_an_oom_is_a_row_and_the_allowance_is_fitted_from_the_rest(tmp_p
     monkeypatch.setattr(estimate_bench, "run_child", run_child)
     report = estimate_bench.main(["--device", "cuda", "--case", "8b-long:1:16384", "--case", "8b-long:1:16384:tiled",
                                   "--case", "8b-long:1:32768", "--case", "8b-long:1:32768:offload:tiled",
+                                  "--case", "8b-long:1:16384:standard",
                                   "--work", str(tmp_path), "--out", str(tmp_path / "out.json")])
     oom = report["rows"][2]
     assert (oom["measured_bytes"], oom["error"], oom["oom"]) == ("OOM", None, "out of memory on H200 at step 1 ...")
     assert report["out_of_memory"] == ["8b-long:1:32768"]
-    assert all(isinstance(r["error"], float) for i, r in enumerate(report["rows"]) if i != 2)
+    assert all(isinstance(r["error"], float) for i, r in enumerate(report["rows"][:4]) if i != 2)
+    # The standard recipe's row is a reference: no error of the estimate, outside the target and the fit.
+    standard = report["rows"][4]
+    assert (standard["measured_bytes"], standard["error"]) == (30 * gib, None)
+    assert [r["peak_vs_standard"] for r in report["rows"]] == [
+        r["measured_bytes"] / (30 * gib) if r["seq"] == 16384 and not r["standard_recipe"] else None
+        for r in report["rows"]]
     fit = report["allowance_fit"]
     assert fit["rows"] == 3 and fit["fragmentation"] == pytest.approx(0.1, abs=1e-6)
     assert fit["covering_context_bytes"] == pytest.approx(0.5 * gib, abs=16)
