@@ -57,12 +57,20 @@ def serve(
                            build_demo_model=build_tiny_model)
     run_worker = settings.embedded if worker is None else worker
     child = None
+    # One API process: uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler
+    # it found. Under the default one, this process would end on the spot, before the `finally` below
+    # stops the local worker, which would run on orphaned (holding its GPU, taking jobs): a supervisor's
+    # stop, `kill PID` and `docker stop` signal this process alone. So SIGTERM is an exception here
+    # until the worker has stopped; then this process ends by the signal after all, as its sender expects.
+    # (With several API processes uvicorn's supervisor keeps SIGTERM to itself and returns.)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     if run_worker:
         env = {**os.environ, "QLORA_HOME": str(settings.home)}
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
         out.print(f"started a local worker (pid {child.pid})")
     processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
     out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
+    terminated = False
     try:
         logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
         # An import string, which uvicorn needs to start several processes (and uses alike for one).
@@ -72,6 +80,8 @@ def serve(
         uvicorn.run(f"{__name__}:api_process_app", factory=True, workers=settings.api_workers,
                     host=settings.host, port=settings.port, log_level="info", log_config=None,
                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    except _Terminated:
+        terminated = True
     finally:
         if child is not None:
             child.terminate()
@@ -79,6 +89,17 @@ def serve(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
+    if terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
+class _Terminated(Exception):
+    """SIGTERM, while `serve` has its local worker to stop first."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 def api_process_app() -> FastAPI:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,16 +39,18 @@ def embedded(tmp_path):
             pass
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
         time.sleep(0.3)
-    yield tmp_path, json.loads(credentials.read_text())
-    os.killpg(proc.pid, signal.SIGTERM)
+    yield tmp_path, json.loads(credentials.read_text()), proc
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    except ProcessLookupError:  # the test stopped it
+        pass
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_embedded_default_trains_a_job_with_nothing_configured(embedded, demo_data):
-    home, credentials = embedded
+    home, credentials, _ = embedded
     assert (home / ".qlora" / "qlora.db").exists()  # SQLite
     client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
                           timeout=60)
@@ -88,3 +91,18 @@ def test_embedded_default_trains_a_job_with_nothing_configured(embedded, demo_da
     assert len([at for at in started if at is not None and at < other_done["started_at"]]) <= 2, (started, other_done)
     for job_id in backlog:
         client.post(f"/jobs/{job_id}/cancel")
+
+
+def test_sigterm_to_serve_alone_stops_its_local_worker(embedded):
+    """What a supervisor's stop, `kill PID` and `docker stop` send: SIGTERM to `serve` only, not to its
+    process group. uvicorn re-raises it after its own graceful shutdown; `serve` must still stop the
+    worker it started, not leave it running orphaned (on the GPU, taking jobs from the queue)."""
+    home, _, proc = embedded
+    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text()).group(1))
+    os.kill(worker, 0)  # running
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM  # ended by the signal, as its sender expects, once the worker stopped
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by serve, not reparented and still running
+        os.kill(worker, 0)
+    with pytest.raises(ProcessLookupError):  # nothing of the service is left in its process group
+        os.killpg(proc.pid, 0)
