@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     # bounds this. Background loops (the reaper, the scheduler) work in one of them at a time: the lease holder.
     api_workers: int = Field(1, ge=1, le=64)
     max_upload_bytes: int = Field(2 * GIB, ge=1)
+    # Slow or silent clients (app/connections.py): a request's line and headers must arrive within
+    # this long of the connection's opening, and a body that stops arriving for the second closes the
+    # connection (time the server itself is not reading never counts), so none holds one without end.
+    header_timeout_s: float = Field(30.0, gt=0, le=3600)
+    body_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
     # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
     # job holds one; beyond the cap a stream answers 429.

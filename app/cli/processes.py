@@ -77,9 +77,11 @@ def serve(
         # With several, uvicorn's parent process only supervises: SIGTERM to it stops every API process,
         # each after its own graceful shutdown, and it replaces one that dies.
         # log_config=None: uvicorn keeps the handlers logs.configure() installs instead of its own.
+        # http: uvicorn's own protocol with deadlines for slow clients and a bound on headers (app/connections.py).
         uvicorn.run(f"{__name__}:api_process_app", factory=True, workers=settings.api_workers,
                     host=settings.host, port=settings.port, log_level="info", log_config=None,
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                    http="app.connections:GuardedHttpToolsProtocol")
     except _Terminated:
         terminated = True
     finally:
