@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,10 @@ class Settings(BaseSettings):
     # bounds this. Background loops (the reaper, the scheduler) work in one of them at a time: the lease holder.
     api_workers: int = Field(1, ge=1, le=64)
     max_upload_bytes: int = Field(2 * GIB, ge=1)
+    # A request body a route reads whole (JSON: a job, a model): an API process holds about three
+    # times it while parsing. The largest valid job is far below (256 eval prompts of 20,000 characters
+    # are 5 MB in ASCII, 15 MB in UTF-8 Chinese); uploads stream, under max_upload_bytes instead.
+    max_json_bytes: int = Field(16 * MIB, ge=64 * 1024)
     # Slow or silent clients (app/connections.py): a request's line and headers must arrive within
     # this long of the connection's opening, and a body that stops arriving for the second closes the
     # connection (time the server itself is not reading never counts), so none holds one without end.

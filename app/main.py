@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
 from app.config import Settings, get_settings
@@ -38,6 +38,8 @@ from app.recent import Recent
 from app.scheduling.service import SchedulerThread
 from app.storage.base import storage_from_settings
 from app.teams.service import CallerCache
+from app.text import format_bytes
+from app.uploads import STREAMED_BODY
 from app.usage.routes import router as usage_router
 from app.web.routes import STATIC_DIR
 from app.web.routes import router as web_router
@@ -115,9 +117,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers.update(exc.headers or {})  # 405's Allow
         return response
 
-    app.add_middleware(RequestScope, on_nul=lambda request: app_error(request, AppError(
-        "the URL holds a NUL character (%00); no id or parameter has one")))
-
     @app.get("/health", tags=["operations"])
     async def health():
         return {"status": "ok"}
@@ -132,10 +131,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web_router)  # the dashboard at /
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     document_request_models(app, [JobCreate])
+    app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
+        request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
     return app
 
 
-HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class RequestScope:
@@ -145,11 +147,16 @@ class RequestScope:
 
     - A URL with NUL in it is answered 400 here, once: no id or parameter holds NUL, and Postgres
       fails any query that compares with one.
+    - A body that a route reads whole (JSON) is refused past `max_body_bytes` (413): up front by its
+      Content-Length, else as it arrives (a chunked one declares none). FastAPI reads a body whole
+      into memory before the route runs, and parsing holds about three times it: without this, a
+      2 GB POST /jobs held 6 GB. A route that streams its body under a limit of its own (an upload:
+      app.uploads.read_multipart) says so in the scope before it reads, and is let through.
     - Every line logged while the request is handled names the job its path is about.
     """
 
-    def __init__(self, app: ASGIApp, on_nul: Callable[[Request], Awaitable[Response]]):
-        self.app, self.on_nul = app, on_nul
+    def __init__(self, app: ASGIApp, on_nul: Callable[[Request], Awaitable[Response]], max_body_bytes: int):
+        self.app, self.on_nul, self.max_body_bytes = app, on_nul, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,11 +164,37 @@ class RequestScope:
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             response = await self.on_nul(Request(scope, receive))
             return await response(scope, receive, send)
+        if scope["method"] in BODY_METHODS:
+            receive = self.bounded(scope, receive)
         job_id = logs.job_id_in(scope["path"])
         if job_id is None:
             return await self.app(scope, receive, send)
         with logs.job_context(job_id):
             await self.app(scope, receive, send)
+
+    def bounded(self, scope: Scope, receive: Receive) -> Receive:
+        """`receive`, refusing a body over max_body_bytes: the route's reading of it raises a 413, which
+        the error handlers answer (FastAPI passes an HTTPException from a body's reading through)."""
+        limit = self.max_body_bytes
+
+        def too_large() -> StarletteHTTPException:
+            return StarletteHTTPException(413, f"the request body is over the limit of {format_bytes(limit)} for "
+                                               "JSON; an operator can raise QLORA_MAX_JSON_BYTES")
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared_over = declared.isdigit() and int(declared) > limit  # refused at the first read, not the last
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if scope.get(STREAMED_BODY):
+                return message
+            received += len(message.get("body", b""))
+            if declared_over or received > limit:
+                raise too_large()
+            return message
+        return counted
 
 
 def document_request_models(app: FastAPI, models: list[type[BaseModel]]) -> None:

@@ -31,6 +31,9 @@ MAX_FORM_FIELDS = 16
 MAX_FORM_BYTES = 64 * 1024  # every part's headers and every plain field's value, together
 # The body may exceed the file by the form and the boundaries between parts (each under 80 bytes).
 MULTIPART_OVERHEAD = MAX_FORM_BYTES + (MAX_FORM_FIELDS + 2) * 80
+# Set in a request's scope by a reader that streams its body under a limit of its own (read_multipart):
+# the cap on bodies read whole (QLORA_MAX_JSON_BYTES, app.main.RequestScope) then lets it through.
+STREAMED_BODY = "qlora.streamed_body"
 
 
 class FileSink(Protocol):
@@ -74,6 +77,7 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
     The sink checks the file's own size; the body's size is checked here on the bytes as they
     are read, so a chunked body, or bytes after the form's last boundary, cannot get past it.
     """
+    request.scope[STREAMED_BODY] = True
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise Invalid(f"send the file as multipart/form-data with a {file_field!r} field "

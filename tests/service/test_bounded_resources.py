@@ -1,5 +1,6 @@
-"""Every resource a caller can hold is bounded (DESIGN.md, rule 9): the form around an upload, the
-bytes of its body as read, the database connections while it streams, and live job streams per key."""
+"""Every resource a caller can hold is bounded (DESIGN.md, rule 9): a body read whole (JSON), the form
+around an upload, the bytes of its body as read, the database connections while it streams, and live
+job streams per key. (Slow and endless clients at the connection: test_slow_clients.py.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
 
 STREAMS_PER_KEY = 2
+MAX_JSON_BYTES = 64 * 1024
 BOUNDARY = "qlora-bounded"
 ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).encode() + b"\n"
 
@@ -29,7 +31,7 @@ ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).enco
 def bounded(backing_services, tmp_path_factory, tiny_model_dir):
     """A deployment of its own, with no worker: its jobs stay queued, so their streams stay open."""
     d = start_deployment(tmp_path_factory.mktemp("bounded"), backing_services, tiny_model_dir,
-                         max_streams_per_key=STREAMS_PER_KEY)
+                         max_streams_per_key=STREAMS_PER_KEY, max_json_bytes=MAX_JSON_BYTES)
     yield d
     stop_deployment(d)
 
@@ -54,6 +56,43 @@ def post_chunked(client: httpx.Client, pieces: Iterator[bytes]) -> httpx.Respons
     """A body from a generator: httpx sends it with chunked transfer encoding, no Content-Length."""
     return client.post("/datasets", content=pieces,
                        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+
+
+# ------------------------------------------------------------------ a body read whole
+
+
+def test_a_json_body_over_the_limit_is_refused_by_its_length_or_as_it_arrives(bounded, unchanged):
+    """FastAPI reads a JSON body whole before the route runs (and parsing holds about three times it):
+    past QLORA_MAX_JSON_BYTES it is a 413, up front by its Content-Length, else when the count passes it."""
+    body = json.dumps({"base_model": "tiny", "name": "x" * MAX_JSON_BYTES}).encode()
+
+    def chunked():
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+
+    with bounded.client(bounded.team_key("json")) as client:
+        for content in (body, chunked()):
+            response = client.post("/jobs", content=content, headers={"Content-Type": "application/json"})
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["code"] == "payload_too_large" and "QLORA_MAX_JSON_BYTES" in error["message"], error
+        # The OpenAI-compatible API refuses it too, in its own shape.
+        response = client.post("/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and "QLORA_MAX_JSON_BYTES" in response.json()["error"]["message"]
+        # A body under the limit is read and judged as ever.
+        response = client.post("/jobs", json={"base_model": "tiny", "name": "x" * 100})
+        assert response.status_code == 422, response.text
+
+
+def test_uploads_stream_past_the_json_limit(bounded):
+    """The upload routes read their bodies as streams, under QLORA_MAX_UPLOAD_BYTES: the JSON cap is not theirs."""
+    data = ROW * (2 * MAX_JSON_BYTES // len(ROW))
+    with bounded.client(bounded.team_key("json-uploads")) as client:
+        response = upload(client, content=data)
+        assert response.status_code == 201 and response.json()["status"] == "ready", response.text
+        response = client.post("/v1/files", files={"file": ("farm.jsonl", data, "application/jsonl")},
+                               data={"purpose": "fine-tune"})
+        assert response.status_code == 200, response.text
 
 
 # ------------------------------------------------------------------ the form around an upload
