@@ -8,7 +8,8 @@ and never the rest (slowloris), or grow an API process by gigabytes by sending h
 This protocol is uvicorn's own with the bounds a server put in front of it (nginx, say) would add:
 
 - a request's line and headers must arrive within `QLORA_HEADER_TIMEOUT_S` of the connection's
-  opening (or, on a kept-alive connection, of the request's first byte), else 408 and closed;
+  opening (or, on a kept-alive connection, of the request's first byte), else 408 and closed (a
+  connection that sent nothing at all is closed without an answer);
 - they may take at most MAX_HEADER_BYTES, else 431 and closed (a real client sends a few hundred);
 - a body that stops arriving for `QLORA_BODY_IDLE_TIMEOUT_S` closes the connection. That is idleness,
   not slowness: a multi-gigabyte upload over a slow link is fine as long as bytes keep coming, and
@@ -114,6 +115,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _headers_late(self) -> None:
         self.deadline = None
+        if not self.header_bytes:
+            # Nothing sent at all: closed without an answer, as nginx does. A browser or a balancer may
+            # open a connection ahead of a request it never makes, and reads an answer there as the
+            # answer to its next request.
+            self.reading = None
+            self.transport.close()
+            return
         self._refuse(408, "request_timeout", f"the request's line and headers did not arrive within "
                      f"{self.header_timeout:g} s")
 
