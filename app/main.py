@@ -117,6 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers.update(exc.headers or {})  # 405's Allow
         return response
 
+    app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
+        request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
+
     @app.get("/health", tags=["operations"])
     async def health():
         return {"status": "ok"}
@@ -131,8 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web_router)  # the dashboard at /
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     document_request_models(app, [JobCreate])
-    app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
-        request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
     return app
 
 

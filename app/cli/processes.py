@@ -64,14 +64,14 @@ def serve(
     # until the worker has stopped; then this process ends by the signal after all, as its sender expects.
     # (With several API processes uvicorn's supervisor keeps SIGTERM to itself and returns.)
     signal.signal(signal.SIGTERM, _raise_terminated)
-    if run_worker:
-        env = {**os.environ, "QLORA_HOME": str(settings.home)}
-        child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
-        out.print(f"started a local worker (pid {child.pid})")
-    processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
-    out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
     terminated = False
     try:
+        if run_worker:
+            env = {**os.environ, "QLORA_HOME": str(settings.home)}
+            child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
+            out.print(f"started a local worker (pid {child.pid})")
+        processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
+        out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
         logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
         # An import string, which uvicorn needs to start several processes (and uses alike for one).
         # With several, uvicorn's parent process only supervises: SIGTERM to it stops every API process,
