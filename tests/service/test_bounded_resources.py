@@ -70,7 +70,8 @@ def test_a_json_body_over_the_limit_is_refused_by_its_length_or_as_it_arrives(bo
         for i in range(0, len(body), 4096):
             yield body[i:i + 4096]
 
-    with bounded.client(bounded.team_key("json")) as client:
+    key = bounded.team_key("json")
+    with bounded.client(key) as client:
         for content in (body, chunked()):
             response = client.post("/jobs", content=content, headers={"Content-Type": "application/json"})
             assert response.status_code == 413, response.text
@@ -82,6 +83,15 @@ def test_a_json_body_over_the_limit_is_refused_by_its_length_or_as_it_arrives(bo
         # A body under the limit is read and judged as ever.
         response = client.post("/jobs", json={"base_model": "tiny", "name": "x" * 100})
         assert response.status_code == 422, response.text
+    # A client that asks before it sends (Expect: 100-continue, as curl does past 1 MB) is refused
+    # without being asked for the body.
+    parts = urlsplit(bounded.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall((f"POST /jobs HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        status = sock.makefile("rb").readline()
+    assert status.startswith(b"HTTP/1.1 413 "), status
 
 
 def test_uploads_stream_past_the_json_limit(bounded):
