@@ -79,6 +79,11 @@ HEALTH, STATUS, LISTING = "GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"
 # What the openai SDK's jobs.retrieve() and jobs.list() ask (its default page is 20 jobs).
 RETRIEVE, OPENAI_LISTING = "GET /v1/fine_tuning/jobs/{id}", "GET /v1/fine_tuning/jobs?limit=20"
 CONDITIONAL = " (If-None-Match)"  # the same endpoint, polled by a client that sends back the ETag it has
+# The mixes polled after /health, one phase each, in order: the report's key for its totals, its label,
+# and its endpoints.
+MIXES = {"jobs_mix": ("jobs mix", (STATUS, LISTING)),
+         "conditional_mix": ("polls mix (If-None-Match)", (STATUS + CONDITIONAL, LISTING + CONDITIONAL)),
+         "openai_mix": ("openai SDK mix", (RETRIEVE, OPENAI_LISTING))}
 # In the conditional phase each client watches a few of the newest jobs, as a person follows their own
 # with `qlora jobs watch` or the dashboard: a poll asks again for what it has, unchanged unless it runs.
 WATCHED = 3
@@ -489,24 +494,20 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
             return STATUS + CONDITIONAL, f"/jobs/{rng.choice(mine)}"
         return LISTING + CONDITIONAL, "/jobs?limit=50"
 
-    auth = {"Authorization": f"Bearer {key}"}
-    mix, mix_wall = timed("mix", d.url, auth, clients, seconds, jobs_mix)
-    polls, polls_wall = timed("polls", d.url, auth, clients, seconds, watching, conditional=True)
-
     def openai_mix(rng: random.Random) -> tuple[str, str]:
         if rng.random() < STATUS_SHARE:
             return RETRIEVE, f"/v1/fine_tuning/jobs/ftjob-{rng.choice(job_ids)}"
         return OPENAI_LISTING, "/v1/fine_tuning/jobs?limit=20"
 
-    openai, openai_wall = timed("openai", d.url, auth, clients, seconds, openai_mix)
+    auth = {"Authorization": f"Bearer {key}"}
+    runs = {mix: timed(mix, d.url, auth, clients, seconds, requests, conditional=mix == "conditional_mix")
+            for mix, requests in (("jobs_mix", jobs_mix), ("conditional_mix", watching), ("openai_mix", openai_mix))}
 
     endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall)}
-    for name in (STATUS, LISTING):
-        endpoints[name] = endpoint_stats(mix.get(name, Samples()), mix_wall)
-    for name in (STATUS + CONDITIONAL, LISTING + CONDITIONAL):
-        endpoints[name] = endpoint_stats(polls.get(name, Samples()), polls_wall)
-    for name in (RETRIEVE, OPENAI_LISTING):
-        endpoints[name] = endpoint_stats(openai.get(name, Samples()), openai_wall)
+    for mix, (_, names) in MIXES.items():
+        samples, wall_s = runs[mix]
+        for name in names:
+            endpoints[name] = endpoint_stats(samples.get(name, Samples()), wall_s)
     baseline = endpoints[HEALTH]
     baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
     baseline["client_cpu_ms_per_request"] = client_cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
@@ -515,7 +516,7 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
                                     if baseline["req_per_s_per_client"] else None)
 
-    def mix_totals(names: list[str], wall_s: float, phase: str) -> dict:
+    def mix_totals(names: tuple[str, ...], wall_s: float, phase: str) -> dict:
         requests = sum(endpoints[n]["requests"] for n in names)
         rate = requests / wall_s
         not_modified = sum(endpoints[n]["not_modified_share"] * endpoints[n]["requests"] for n in names)
@@ -526,13 +527,8 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
                 "api_cpu_ms_per_request": cpu[phase] * 1000 / requests if requests else None,
                 "client_cpu_ms_per_request": client_cpu[phase] * 1000 / requests if requests else None}
 
-    return {
-        "endpoints": endpoints,
-        # Each mix as a whole: observed totals, directly comparable to /health's observed rate.
-        "jobs_mix": mix_totals([STATUS, LISTING], mix_wall, "mix"),
-        "conditional_mix": mix_totals([STATUS + CONDITIONAL, LISTING + CONDITIONAL], polls_wall, "polls"),
-        "openai_mix": mix_totals([RETRIEVE, OPENAI_LISTING], openai_wall, "openai"),
-    }
+    # Each mix as a whole: observed totals, directly comparable to /health's observed rate.
+    return {"endpoints": endpoints, **{mix: mix_totals(names, runs[mix][1], mix) for mix, (_, names) in MIXES.items()}}
 
 
 # ---------------------------------------------------------------- phase 2: memory during a large upload
@@ -715,9 +711,7 @@ def print_report(r: dict) -> None:
 
     share = f"{r['jobs_mix']['status_share']:.0%}"
     # Each phase's endpoints, then its totals (the phase's CPU is the mix's, not one endpoint's).
-    for names, total in (([HEALTH], None), ([STATUS, LISTING], ("jobs mix", "jobs_mix")),
-                         ([STATUS + CONDITIONAL, LISTING + CONDITIONAL], ("polls mix (If-None-Match)", "conditional_mix")),
-                         ([RETRIEVE, OPENAI_LISTING], ("openai SDK mix", "openai_mix"))):
+    for mix, (label, names) in {None: (None, (HEALTH,)), **MIXES}.items():
         for name in names:
             e = r["endpoints"][name]
             table.add_row(name if name == HEALTH else f"{name} (in mix)", f"{e['requests']:,}", f"{e['req_per_s']:,.0f}",
@@ -725,8 +719,8 @@ def print_report(r: dict) -> None:
                           f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
                           _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "",
                           _cpu_ms(e.get("client_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
-        if total:
-            mix_row(f"{total[0]} ({share} status)", r[total[1]])
+        if mix:
+            mix_row(f"{label} ({share} status)", r[mix])
     console.print(table)
     console.print("× /health: per-client rate (1 / mean latency) against /health's; the mix rows compare observed "
                   "totals. 304: the share of polls answered 304 Not Modified (running jobs move every second). API CPU ms: "
