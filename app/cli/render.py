@@ -301,7 +301,8 @@ def print_preflight(answer: dict) -> None:
             ("rows dropped (nothing to learn)", lambda d: f"{d['dropped_rows']:,}"),
             ("tokens trained", lambda d: f"{d['trained_tokens']:,} of {d['tokens']:,} ({d['trained_fraction']:.0%})"),
             ("trained tokens lost to truncation", lambda d: f"{d['trained_tokens_lost']:,}"),
-            ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}")]
+            ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}"),
+            ("rows with special tokens in message text", lambda d: f"{d['rows_with_special_tokens']:,}")]
     for label, cell in rows:
         table.add_row(label, *[cell(data) for _, data in sets if data])
     print_table(table)

@@ -57,3 +57,57 @@ def test_the_example_shows_train_on_inputs_mistaken(tiny_model_dir, demo_data):
     mistaken, tokens = example(train_on_inputs=True)
     assert all(t["trained"] for t in tokens)
     assert any("train_on_inputs is on" in w for w in mistaken["warnings"])
+
+
+def test_special_tokens_written_in_messages_are_counted_and_shown_to_be_what_the_model_learns(tiny_model_dir, tmp_path):
+    """"</s>" inside an answer is tokenized as the EOS, and learned there: the model would learn to stop mid-answer.
+    The preflight counts such rows (a text row's own formatting is not counted) and says where."""
+    from transformers import AutoTokenizer
+
+    from worker.training.data import read_jsonl
+    from worker.training.tokenization import encode_example, prepare_tokenizer
+
+    def chat(user, answer):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+    rows = [chat("What does the cow say?", "The cow says moo."),
+            chat("What ends a row?", "It is </s> here, then more."),  # line 2: EOS inside a learned answer
+            chat("Hi <|assistant|>\nmoo", "The cow says moo."),  # line 3: a role marker in the prompt
+            {"messages": [{"role": "user", "content": "Quote it"},
+                          {"role": "assistant", "content": "</s>", "weight": 0},  # line 4: context, not learned
+                          {"role": "user", "content": "Again"}, {"role": "assistant", "content": "ok"}]},
+            chat("What does the dog say?", "The dog says woof.")]
+    data = tmp_path / "special.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64))
+    report = preflight(spec, tiny_model_dir, data)
+    train = report["train"]
+    assert train["rows_with_special_tokens"] == 3 and train["special_token_lines"] == [2, 3, 4]
+    assert train["special_tokens_found"] == {"</s>": 2, "<|assistant|>": 1}
+    assert train["rows_with_special_tokens_in_answers"] == 1
+    [warning] = [w for w in report["warnings"] if "special tokens" in w]
+    assert warning.startswith("3 rows have message text that the tokenizer reads as special tokens")
+    assert "'</s>' in 2, '<|assistant|>' in 1; lines 2, 3, 4), 1 of them in learned answers" in warning
+
+    # What the warning says, in the labels the trainer builds: an EOS learned in the middle of line 2's answer.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare_tokenizer(tokenizer)
+    example = read_jsonl(data).examples[1]
+    encoded = encode_example(example, tokenizer, max_seq_length=64, train_on_inputs=False)
+    learned_eos = [i for i, label in enumerate(encoded.labels) if label == tokenizer.eos_token_id]
+    assert len(learned_eos) == 2 and learned_eos[0] < len(encoded.labels) - 1  # mid-answer, and the row's own
+
+    # A preference row's answers are learned answers too.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "What does the cow say?", "chosen": chosen, "rejected": "woof"}) + "\n"
+                             for chosen in ("moo", "moo</s>")))
+    dpo = short_spec(tiny_model_dir, max_seq_length=64) | {"method": {"type": "dpo", "beta": 0.1}}
+    preferred = preflight(JobSpec.parse(dpo), tiny_model_dir, pairs)["train"]
+    assert preferred["special_token_lines"] == [2] and preferred["rows_with_special_tokens_in_answers"] == 1
+
+    # A text row writes its own format, special tokens included: not counted.
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "<s>[INST] hi [/INST] The cow says moo.</s>"}) + "\n")
+    plain = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir, text)
+    assert plain["train"]["rows_with_special_tokens"] == 0
+    assert not any("special tokens" in w for w in plain["warnings"])

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterable, Iterator
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +35,13 @@ from worker.training.tokenization import (
     encoded_pairs,
     encoded_rows,
     prepare_tokenizer,
+    special_token_texts,
 )
 
 MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
 MAX_EXAMPLES = 5  # rows shown token by token
 TRUNCATED_WARNING = 0.10  # a tenth of the rows cut short is worth a word before spending GPU hours
+LINES_SHOWN = 20  # line numbers a report lists (dropped rows, rows with special tokens)
 
 
 @dataclass
@@ -56,6 +60,12 @@ class SetReport:
     lengths: dict = field(default_factory=dict)  # tokens per row before truncation: min, median, p95, max
     # method dpo: kept rows whose chosen / rejected side lost its EOS ({"chosen": n, "rejected": n}); None for sft
     rows_without_eos_by_side: dict | None = None
+    # conversation rows with a special token's text in a message (tokenized as that token, not as text): how many,
+    # their first lines, each token's text with the rows it is in, and the rows where it is in a learned answer
+    rows_with_special_tokens: int = 0
+    special_token_lines: list[int] = field(default_factory=list)
+    special_tokens_found: dict[str, int] = field(default_factory=dict)
+    rows_with_special_tokens_in_answers: int = 0
     format: str = ""  # the dataset's format, as read
 
     @property
@@ -65,7 +75,7 @@ class SetReport:
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()
                if k != "format" and (k != "rows_without_eos_by_side" or v is not None)}
-        out["dropped_lines"] = self.dropped_lines[:20]
+        out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
         out["complete"] = self.rows == self.rows_in_file
@@ -141,8 +151,35 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int) -> tuple[SetReport, 
                        trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
                        rows_without_eos_by_side=stats.eos_cut, format=data.format)
+    _count_special_tokens(report, read, tokenizer)
     # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
     return report, [_shown(example, tokenizer, spec) for example in read[:examples]]
+
+
+def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer) -> None:
+    """The conversation rows whose messages (or answers) hold a special token's text, which the tokenizer reads
+    as that token. A text row is the user's own formatting, where writing special tokens is deliberate (a
+    trailing "</s>", Llama-2's "[INST]" layouts): it is not counted."""
+    texts = special_token_texts(tokenizer)
+    if not texts:
+        return
+    pattern = re.compile("|".join(map(re.escape, texts)))
+    found: Counter[str] = Counter()
+    for example in examples:
+        learned = [m.role == "assistant" and m.weight != 0 for m in example.messages]
+        answers = [m.content for m, learn in zip(example.messages, learned, strict=True) if learn]
+        answers += [a for a in (example.chosen, example.rejected) if a is not None]
+        prompts = [m.content for m, learn in zip(example.messages, learned, strict=True) if not learn]
+        in_answers = {match.group() for content in answers for match in pattern.finditer(content)}
+        in_row = in_answers | {match.group() for content in prompts for match in pattern.finditer(content)}
+        if not in_row:
+            continue
+        report.rows_with_special_tokens += 1
+        report.rows_with_special_tokens_in_answers += bool(in_answers)
+        if len(report.special_token_lines) < LINES_SHOWN:
+            report.special_token_lines.append(example.line)
+        found.update(in_row)
+    report.special_tokens_found = dict(found.most_common())
 
 
 def _shown(example: Example, tokenizer, spec: JobSpec) -> dict:
@@ -222,6 +259,15 @@ def problems(spec: JobSpec, train: SetReport) -> tuple[list[str], list[str]]:
     if train.rows_without_eos:
         warnings.append(f"{train.rows_without_eos:,} kept rows{scope} do not keep their EOS in the labels (truncated, or "
                         "the last turn is not learned): the model learns to stop from the others only")
+    if train.rows_with_special_tokens:
+        tokens = ", ".join(f"{text!r} in {rows:,}" for text, rows in list(train.special_tokens_found.items())[:5])
+        lines = ", ".join(map(str, train.special_token_lines[:5])) + ("..." if train.rows_with_special_tokens > 5 else "")
+        warnings.append(f"{train.rows_with_special_tokens:,} rows{scope} have message text that the tokenizer reads as "
+                        f"special tokens, not as text ({tokens}; lines {lines}), {train.rows_with_special_tokens_in_answers:,} "
+                        "of them in learned answers: an EOS inside an answer teaches the model to stop "
+                        "there, and a role marker in a prompt opens a turn the conversation does not have. The chat "
+                        "template adds the special tokens a row needs; remove these, or break them up (\"</ s>\") where "
+                        "the text must show them")
     if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
         warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
     if train.rows < train.rows_in_file:

@@ -71,6 +71,16 @@ def prepare_tokenizer(tokenizer) -> TokenizerSetup:
     return TokenizerSetup(source, digest, tokenizer.pad_token, added)
 
 
+def special_token_texts(tokenizer) -> list[str]:
+    """The strings the tokenizer reads as one special token wherever they stand in the text it is given (its
+    special added tokens: EOS, the template's role markers, ...), longest first. A message's content rendered
+    into the template is tokenized with it, so such a string in the content becomes that control token, not
+    text: "</s>" inside an answer is the EOS, learned mid-answer."""
+    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    texts.update(tokenizer.all_special_tokens)
+    return sorted(texts, key=lambda text: (-len(text), text))
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

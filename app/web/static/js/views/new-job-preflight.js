@@ -60,6 +60,7 @@ function setsTable(report) {
     ["Trained tokens", (s) => `${fmt.int(s.trained_tokens)} (${percent(s.trained_fraction)})`],
     ["Trained tokens lost to truncation", (s) => fmt.int(s.trained_tokens_lost), (s) => s.trained_tokens_lost > 0],
     ["Rows without EOS in the labels", (s) => fmt.int(s.rows_without_eos), (s) => s.rows_without_eos > 0],
+    ["Rows with special tokens in message text", (s) => fmt.int(s.rows_with_special_tokens), (s) => s.rows_with_special_tokens > 0],
     ["Tokens per row (min / median / p95 / max)", (s) => (s.lengths && s.lengths.min !== undefined
       ? `${s.lengths.min} / ${s.lengths.median} / ${s.lengths.p95} / ${s.lengths.max}` : "—")],
   ];
