@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # connection (time the server itself is not reading never counts), so none holds one without end.
     header_timeout_s: float = Field(30.0, gt=0, le=3600)
     body_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # Connections one client address may hold in one API process that have waited 2 s or more for their
+    # request (silent, or mid-headers): past it, the newest from there is answered 503 (app/connections.py).
+    # A client's requests follow its connections at once; connections in a request or idle between two
+    # are not counted. 0: no limit (behind a proxy that connects from one address and bounds each client).
+    max_pending_connections_per_client: int = Field(256, ge=0)
     # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
     # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
     # job holds one; beyond the cap a stream answers 429.

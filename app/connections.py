@@ -15,7 +15,19 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   not slowness: a multi-gigabyte upload over a slow link is fine as long as bytes keep coming, and
   time spent waiting on the server never counts (its buffer is full while the app stores what came,
   or the client waits for its 100 Continue). The route reading the body sees the client gone, as on
-  any disconnect (an upload cut off leaves nothing behind).
+  any disconnect (an upload cut off leaves nothing behind);
+- one client address may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
+  have waited PENDING_AFTER_S or more for their request's headers (silent, or mid-headers), as nginx's
+  limit_conn bounds one address: past it a new connection from there is answered 503 and closed, so a
+  client that opens them faster than the deadline closes them starves no one else. A connection
+  whose request comes within PENDING_AFTER_S (every client's does) never counts, so a burst of
+  connections from one address is fine, and so are connections in a request (a live stream, an upload)
+  or idle between two: a team's many dashboards behind one address are fine;
+- an API process holds at most half the file descriptors its limit leaves after RESERVED_FDS (each
+  connection may hold a file too, a download from local storage); past that a new connection is
+  answered 503 and closed. Descriptors run out otherwise, and then the process can open neither its
+  database, nor an upload's file, nor even accept: the event loop drops every new connection unanswered.
+  `qlora serve` raises the process's soft limit to its hard one first (`raise_open_file_limit`).
 
 `qlora serve` runs every API process with it (uvicorn's `http=` option).
 """
@@ -25,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
+from collections import Counter
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -38,6 +52,45 @@ MAX_HEADER_BYTES = 64 * 1024
 
 HEADERS, BODY = "headers", "body"
 
+# How long a connection may wait for its request's headers before it counts against its address's
+# QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT: a client sends them within a round trip of connecting, and
+# an API process busy with a burst of connections reads them within this.
+PENDING_AFTER_S = 2.0
+
+# Descriptors an API process keeps for itself, beyond its connections: the database pools, the
+# preflight children's pipes, logs, uploads being stored, its own sockets.
+RESERVED_FDS = 256
+
+# This process's connections (one event loop calls every protocol callback: no lock): how many are
+# open, and per client address how many have not sent their request's headers yet.
+_open_connections = 0
+_pending_by_client: Counter[str] = Counter()
+# Connections refused for their number, logged once per REFUSALS_LOGGED_EVERY_S: a flood of them is
+# what the limits are for, and a log line each would be a flood of its own.
+REFUSALS_LOGGED_EVERY_S = 10.0
+_refusals = {"since_log": 0, "logged_at": float("-inf")}
+
+
+def max_connections() -> int:
+    """The connections this process accepts at once: half the descriptors its limit leaves after
+    RESERVED_FDS. Read at each connection (a system call), so a limit changed at run time applies."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max((soft - RESERVED_FDS) // 2, 16)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard one (which its children inherit): a
+    system's default soft limit (1,024 under systemd) is far below what a server holding thousands of
+    connections needs, and only the hard limit is an operator's choice. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a hard limit the kernel will not give (over fs.nr_open): keep the soft one
+            pass
+    return soft
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines for a request's headers and body, and a bound on its headers."""
@@ -47,6 +100,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         settings = get_settings()
         self.header_timeout = settings.header_timeout_s
         self.body_idle_timeout = settings.body_idle_timeout_s
+        self.pending_per_client = settings.max_pending_connections_per_client
+        self.counted = False  # in _open_connections
+        self.pending_as: str | None = None  # the client address this connection is counted under as pending
         self.reading: str | None = None  # HEADERS or BODY of the request being received, None between requests
         self.header_bytes = 0  # bytes received while the current request's headers were incomplete
         self.header_started = self.last_read = 0.0
@@ -56,12 +112,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # a request whose headers (and body) come in one read, as a poll's do, costs none.
 
     def connection_made(self, transport) -> None:
+        global _open_connections
         super().connection_made(transport)
+        host = self.client[0] if self.client else None
+        if _open_connections >= max_connections():
+            self._refuse_connection("this API process holds as many connections as its open-file limit allows; "
+                                    "retry shortly")
+            return
+        if host is not None and self.pending_per_client and _pending_by_client[host] >= self.pending_per_client:
+            self._refuse_connection(self._too_many_pending(host))
+            return
+        _open_connections += 1
+        self.counted = True
         self._expect_headers()
-        self._arm(self.header_timeout, self._headers_late)  # a connection that never sends a byte is held no longer
+        self._arm_headers()  # a connection that never sends a byte is held no longer
 
     def connection_lost(self, exc: Exception | None) -> None:
+        global _open_connections
         self._disarm()
+        self._pending(False)
+        if self.counted:
+            _open_connections -= 1
+            self.counted = False
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -77,7 +149,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431, "headers_too_large", f"the request's line and headers are over "
                              f"{MAX_HEADER_BYTES // 1024} KiB")
             elif self.deadline is None:
-                self._arm(self.header_started + self.header_timeout - self.last_read, self._headers_late)
+                self._arm_headers()
         elif self.reading == BODY and self.deadline is None:
             self._arm(self.body_idle_timeout, self._body_idle)
 
@@ -89,6 +161,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._disarm()
+        self._pending(False)
         # A protocol switch (a websocket) owns the connection from here.
         self.reading = None if self.parser.should_upgrade() else BODY
 
@@ -104,6 +177,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_bytes = 0
         self.header_started = self.loop.time()
 
+    def _arm_headers(self) -> None:
+        """The headers' next deadline: PENDING_AFTER_S (then the connection counts as pending), then
+        QLORA_HEADER_TIMEOUT_S (then it is closed)."""
+        late = self.header_started + self.header_timeout
+        due = late if self.pending_as is not None else min(self.header_started + PENDING_AFTER_S, late)
+        self._arm(due - self.loop.time(), self._headers_due)
+
+    def _headers_due(self) -> None:
+        self.deadline = None
+        if self.loop.time() >= self.header_started + self.header_timeout:
+            self._headers_late()
+            return
+        host = self.client[0] if self.client else None
+        if self.pending_as is None and host is not None:
+            if self.pending_per_client and _pending_by_client[host] >= self.pending_per_client:
+                self._refuse_connection(self._too_many_pending(host))  # the newest of its connections goes
+                return
+            self._pending(True)
+        self._arm_headers()
+
+    def _too_many_pending(self, host: str) -> str:
+        return (f"{host} already holds {self.pending_per_client} connections that have sent no request for "
+                f"{PENDING_AFTER_S:g} s (QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT); send requests on those or close them")
+
+    def _pending(self, pending: bool) -> None:
+        """Count this connection as one of its client's pending ones (waiting for its request), or not."""
+        host = self.client[0] if self.client else None
+        if pending and self.pending_as is None and host is not None:
+            self.pending_as = host
+            _pending_by_client[host] += 1
+        elif not pending and self.pending_as is not None:
+            _pending_by_client[self.pending_as] -= 1
+            if not _pending_by_client[self.pending_as]:
+                del _pending_by_client[self.pending_as]  # the map holds only addresses with pending connections
+            self.pending_as = None
+
     def _arm(self, seconds: float, handler) -> None:
         self._disarm()
         self.deadline = self.loop.call_later(seconds, handler)
@@ -114,7 +223,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.deadline = None
 
     def _headers_late(self) -> None:
-        self.deadline = None
         if not self.header_bytes:
             # Nothing sent at all: closed without an answer, as nginx does. A browser or a balancer may
             # open a connection ahead of a request it never makes, and reads an answer there as the
@@ -140,15 +248,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                  extra={"client": _address(self.client)})
         self.transport.close()  # the route sees the client gone (http.disconnect)
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse_connection(self, message: str) -> None:
+        """A connection past a limit: 503 and closed, logged with the others refused meanwhile."""
+        _refusals["since_log"] += 1
+        now = self.loop.time()
+        if now - _refusals["logged_at"] >= REFUSALS_LOGGED_EVERY_S:
+            log.warning("refused %d connections for their number since the last such line; the latest: %s",
+                        _refusals["since_log"], message, extra={"client": _address(self.client)})
+            _refusals.update(since_log=0, logged_at=now)
+        self._refuse(503, "too_many_connections", message, logged=True)
+
+    def _refuse(self, status: int, code: str, message: str, *, logged: bool = False) -> None:
         """Answer in the API's error shape, then close: the request never reached the app."""
         self._disarm()
+        self._pending(False)
         self.reading = None
-        log.info("refused a request before the app: %s", message, extra={"client": _address(self.client)})
+        if not logged:
+            log.info("refused a request before the app: %s", message, extra={"client": _address(self.client)})
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}[status]
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        if status == 503:
+            head.append(b"retry-after: 1\r\n")
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
                  b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)

@@ -40,6 +40,7 @@ def serve(
 
     from app import logs
     from app.config import get_settings
+    from app.connections import raise_open_file_limit
 
     # Through the environment, as every other setting: with --workers, each API process is a fresh
     # interpreter that reads its settings there (api_process_app), and so does the local worker.
@@ -55,6 +56,7 @@ def serve(
 
         bootstrap_embedded(settings, announce=lambda msg: out.print(msg, highlight=False),
                            build_demo_model=build_tiny_model)
+    raise_open_file_limit()  # connections need descriptors: the hard limit, not a default soft one (for its children too)
     run_worker = settings.embedded if worker is None else worker
     child = None
     # One API process: uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler

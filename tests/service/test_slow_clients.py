@@ -1,23 +1,30 @@
-"""Slow, silent and endless clients at the HTTP level (app/connections.py): none holds a connection or
-an API process's memory without bound, and a slow but steady upload still goes through."""
+"""Slow, silent, endless and crowding clients at the HTTP level (app/connections.py): none holds a
+connection, an API process's memory or its file descriptors without bound, a slow but steady upload
+still goes through, and one address holding connections it sends nothing on starves no other."""
 
 from __future__ import annotations
 
 import json
+import resource
+import select
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from app.connections import MAX_HEADER_BYTES
-from tests.deployment import start_deployment, stop_deployment
+from app.connections import MAX_HEADER_BYTES, PENDING_AFTER_S, RESERVED_FDS
+from tests.deployment import ROOT, start_deployment, stop_deployment
 from tests.service.test_bad_input import stored_state
 
 HEADER_TIMEOUT_S = 1.5
 BODY_IDLE_TIMEOUT_S = 2.0
 BOUNDARY = "qlora-slow"
+PENDING_PER_CLIENT = 40
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).encode() + b"\n"
 
 
@@ -29,9 +36,18 @@ def slow(backing_services, tmp_path_factory, tiny_model_dir):
     stop_deployment(d)
 
 
-def connect(url: str) -> socket.socket:
+@pytest.fixture(scope="module")
+def crowded(backing_services, tmp_path_factory, tiny_model_dir):
+    """Headers' deadline as deployed (30 s): connections that send nothing stay for the whole test."""
+    d = start_deployment(tmp_path_factory.mktemp("crowded"), backing_services, tiny_model_dir,
+                         max_pending_connections_per_client=PENDING_PER_CLIENT)
+    yield d
+    stop_deployment(d)
+
+
+def connect(url: str, source: str = "127.0.0.1") -> socket.socket:
     parts = urlsplit(url)
-    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30, source_address=(source, 0))
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -143,3 +159,101 @@ def test_a_slow_but_steady_upload_takes_longer_than_the_idle_timeout_and_succeed
         answer = sock.recv(65536)
     assert time.monotonic() - started > BODY_IDLE_TIMEOUT_S * 2
     assert answer.startswith(b"HTTP/1.1 201 "), answer
+
+
+def refused_for_number(answer: bytes) -> bool:
+    return answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in answer and b"retry-after: 1" in answer
+
+
+def served(sock: socket.socket) -> bool:
+    sock.sendall(HEALTH)
+    return sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def eventually_served(url: str, source: str = "127.0.0.1") -> bool:
+    """A new connection from `source` is served once the API has seen the closes before it (a few ms)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with connect(url, source) as sock:
+            try:
+                if served(sock):
+                    return True
+            except ConnectionError:  # refused and closed before the request was read
+                pass
+        time.sleep(0.05)
+    return False
+
+
+def test_one_address_holding_connections_it_sends_no_request_on_is_capped_and_others_are_served(crowded):
+    """As nginx's limit_conn: one address's connections waiting for their request (silent, or mid-headers)
+    past PENDING_AFTER_S are bounded, so opening them faster than the headers' deadline closes them starves
+    no one else. A burst of connections whose requests follow, and connections in a request or idle
+    between two, are not counted."""
+    burst = [connect(crowded.url) for _ in range(2 * PENDING_PER_CLIENT)]  # all open before any request
+    assert all(served(sock) for sock in burst)
+    for sock in burst:
+        sock.close()
+    held = [connect(crowded.url) for _ in range(PENDING_PER_CLIENT)]
+    for sock in held[::2]:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # mid-headers counts as silent does
+    try:
+        with connect(crowded.url) as extra:
+            # refused as it opens if the others count already, else once it has waited PENDING_AFTER_S itself
+            started = time.monotonic()
+            assert refused_for_number(read_until_closed(extra))
+            assert time.monotonic() - started < PENDING_AFTER_S + 5
+        with connect(crowded.url, "127.0.0.2") as other:  # another address, meanwhile
+            assert served(other)
+        assert served(held[1])  # a request on one of them: answered, and that connection no longer counts
+        with connect(crowded.url) as one_more:  # so the address may open one more
+            assert served(one_more)
+    finally:
+        for sock in held:
+            sock.close()
+    assert eventually_served(crowded.url)  # closed, they free the address's room
+
+
+def test_connections_past_what_the_open_file_limit_leaves_are_refused_and_the_api_keeps_working(crowded):
+    """Descriptors run out otherwise: then an API process can open neither an upload's file nor its
+    database, and drops new connections unanswered. Past max_connections() (half of what the limit
+    leaves after RESERVED_FDS) a new connection is answered 503; the connections it holds keep working."""
+    api = crowded.procs[0].pid
+    soft, hard = resource.prlimit(api, resource.RLIMIT_NOFILE)
+    room = 60
+    limit = RESERVED_FDS + 2 * room
+    key = crowded.team_key("crowded")
+    with crowded.client(key) as client:
+        assert client.get("/datasets").status_code == 200  # a kept-alive connection, opened before the crowd
+        resource.prlimit(api, resource.RLIMIT_NOFILE, (limit, hard))  # as if the API had started under it
+        # As many connections as the limit has descriptors, from addresses each under its own cap
+        crowd = [connect(crowded.url, f"127.0.1.{1 + i // (PENDING_PER_CLIENT - 1)}") for i in range(limit)]
+        try:
+            answered: dict[socket.socket, bytes] = {}
+            deadline = time.monotonic() + 30
+            while len(answered) < limit - (room - 1) and time.monotonic() < deadline:
+                readable, _, _ = select.select([s for s in crowd if s not in answered], [], [], 0.5)
+                answered.update((sock, read_until_closed(sock)) for sock in readable)
+            assert len(answered) == limit - (room - 1)  # the kept connection and room - 1 of the crowd are held
+            assert all(refused_for_number(answer) for answer in answered.values())
+            upload = client.post("/datasets", files={"file": ("d.jsonl", ROW * 20, "application/jsonl")})
+            assert upload.status_code == 201, upload.text  # a file of its own, and the database: descriptors left
+            assert client.get(f"/datasets/{upload.json()['id']}").status_code == 200
+            with connect(crowded.url, "127.0.0.2") as late:
+                assert refused_for_number(read_until_closed(late))
+        finally:
+            for sock in crowd:
+                sock.close()
+            resource.prlimit(api, resource.RLIMIT_NOFILE, (soft, hard))
+    assert eventually_served(crowded.url, "127.0.0.2")
+
+
+def test_serve_raises_the_soft_open_file_limit_to_the_hard_one():
+    """A system's default soft limit (1,024 under systemd) would hold a few hundred connections; the hard
+    limit is the operator's choice, and `qlora serve` takes it."""
+    script = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)); "
+              "from app.connections import raise_open_file_limit; "
+              "print(raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE), hard)")
+    raised, soft, hard, before = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
+                                                capture_output=True, text=True).stdout.split()
+    assert raised == soft == hard == before and int(hard) > 512
