@@ -9,7 +9,8 @@ migrated; a team and an API key; N jobs seeded as rows; the API as its own proce
 every running job on by a step and a heartbeat each second, as their workers would. Then:
 
 1. Load. C clients send requests back to back for T seconds, first to GET /health (no auth, no
-   database: the baseline), then a mix of status polls (GET /jobs/{id}) and listings
+   database: the baseline), then to GET /health again on a new connection each (what accepting a
+   connection adds to a request: a script that does not keep its connections), then a mix of status polls (GET /jobs/{id}) and listings
    (GET /jobs?limit=50), then the same mix as pollers that each watch a few of the newest jobs and
    send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with
    no body, and the share of 304s is reported; last, the same mix as the openai SDK asks it
@@ -76,6 +77,9 @@ MIB = 1 << 20
 DEFAULT_OUT = ROOT / "bench" / "results" / "api_load.json"
 
 HEALTH, STATUS, LISTING = "GET /health", "GET /jobs/{id}", "GET /jobs?limit=50"
+# /health again, each request on a connection of its own: what accepting a connection costs (and the
+# connection bounds of app/connections.py with it), against a request on a kept-alive one
+HEALTH_FRESH = "GET /health (a connection each)"
 # What the openai SDK's jobs.retrieve() and jobs.list() ask (its default page is 20 jobs).
 RETRIEVE, OPENAI_LISTING = "GET /v1/fine_tuning/jobs/{id}", "GET /v1/fine_tuning/jobs?limit=20"
 CONDITIONAL = " (If-None-Match)"  # the same endpoint, polled by a client that sends back the ETag it has
@@ -306,12 +310,14 @@ def judged(status: int, asked_with_etag: bool) -> tuple[bool, bool]:
 
 def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
                 next_request: Callable[[random.Random], tuple[str, str]],
-                conditional: bool = False) -> tuple[dict[str, Samples], float]:
+                conditional: bool = False, fresh: bool = False) -> tuple[dict[str, Samples], float]:
     """`clients` threads, each with its own keep-alive connection, send requests back to back for
     `seconds` (a closed loop: a client asks again as soon as it has its answer). next_request(rng)
     says which (endpoint name, path) comes next. With `conditional`, a client keeps each path's ETag
-    and sends it back in If-None-Match, as a poller that caches does. Returns the samples per
-    endpoint and the wall time."""
+    and sends it back in If-None-Match, as a poller that caches does. With `fresh`, each request
+    opens a connection of its own (Connection: close). Returns the samples per endpoint and the wall time."""
+    if fresh:
+        headers = {**headers, "Connection": "close"}  # the server closes each: the next request connects anew
     # Fifty client threads in one interpreter take turns at its lock; at the default 5 ms per turn, a
     # thread whose answer has arrived can wait tens of ms for its turn, and the client, not the server,
     # makes the latency tail. Short turns keep what is measured the server's.
@@ -357,11 +363,12 @@ def run_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
 
 def run_raw_clients(url: str, headers: dict[str, str], clients: int, seconds: float,
                     next_request: Callable[[random.Random], tuple[str, str]],
-                    conditional: bool = False) -> tuple[dict[str, Samples], float]:
+                    conditional: bool = False, fresh: bool = False) -> tuple[dict[str, Samples], float]:
     """run_clients' closed loop from a lean client: one event loop, one keep-alive connection per
-    client, HTTP/1.1 written and read by hand. A request costs this client about a tenth of what it
-    costs httpx from fifty threads, so the machine's two cores go to the API and Postgres and what is
-    measured is the server; the httpx client is what most callers (the CLI, the openai SDK) are."""
+    client (with `fresh`, one per request), HTTP/1.1 written and read by hand. A request costs this
+    client about a tenth of what it costs httpx from fifty threads, so the machine's two cores go to
+    the API and Postgres and what is measured is the server; the httpx client is what most callers
+    (the CLI, the openai SDK) are."""
     host, port = url.removeprefix("http://").split(":")
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     per_client: list[dict[str, Samples]] = [{} for _ in range(clients)]
@@ -372,8 +379,13 @@ def run_raw_clients(url: str, headers: dict[str, str], clients: int, seconds: fl
         reader, writer = await asyncio.open_connection(host, int(port))
 
         async def get(path: str) -> tuple[int, dict[str, str], bytes]:
+            nonlocal reader, writer
+            if fresh:  # a connection of its own, which the server closes after its answer
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, int(port))
             sent = f"If-None-Match: {etags[path]}\r\n" if conditional and path in etags else ""
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{head}{sent}\r\n".encode())
+            close = "Connection: close\r\n" if fresh else ""
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{head}{sent}{close}\r\n".encode())
             lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             fields = dict(line.split(": ", 1) for line in lines[1:] if line)
             fields = {name.lower(): value for name, value in fields.items()}
@@ -479,6 +491,8 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
         return result
 
     health, health_wall = timed("health", d.url, {}, clients, seconds, lambda rng: (HEALTH, "/health"))
+    fresh, fresh_wall = timed("health_fresh", d.url, {}, clients, seconds, lambda rng: (HEALTH_FRESH, "/health"),
+                              fresh=True)
 
     def jobs_mix(rng: random.Random) -> tuple[str, str]:
         if rng.random() < STATUS_SHARE:
@@ -503,14 +517,17 @@ def load_phase(d: Deployment, key: str, job_ids: list[str], clients: int, second
     runs = {mix: timed(mix, d.url, auth, clients, seconds, requests, conditional=mix == "conditional_mix")
             for mix, requests in (("jobs_mix", jobs_mix), ("conditional_mix", watching), ("openai_mix", openai_mix))}
 
-    endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall)}
+    endpoints = {HEALTH: endpoint_stats(health.get(HEALTH, Samples()), health_wall),
+                 HEALTH_FRESH: endpoint_stats(fresh.get(HEALTH_FRESH, Samples()), fresh_wall)}
     for mix, (_, names) in MIXES.items():
         samples, wall_s = runs[mix]
         for name in names:
             endpoints[name] = endpoint_stats(samples.get(name, Samples()), wall_s)
     baseline = endpoints[HEALTH]
-    baseline["api_cpu_ms_per_request"] = cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
-    baseline["client_cpu_ms_per_request"] = client_cpu["health"] * 1000 / baseline["requests"] if baseline["requests"] else None
+    for name, phase in ((HEALTH, "health"), (HEALTH_FRESH, "health_fresh")):
+        e = endpoints[name]
+        e["api_cpu_ms_per_request"] = cpu[phase] * 1000 / e["requests"] if e["requests"] else None
+        e["client_cpu_ms_per_request"] = client_cpu[phase] * 1000 / e["requests"] if e["requests"] else None
     for stats in endpoints.values():
         # Per-client rates compare endpoints at the same concurrency, whatever their share of the mix.
         stats["ratio_to_health"] = (stats["req_per_s_per_client"] / baseline["req_per_s_per_client"]
@@ -711,14 +728,15 @@ def print_report(r: dict) -> None:
 
     share = f"{r['jobs_mix']['status_share']:.0%}"
     # Each phase's endpoints, then its totals (the phase's CPU is the mix's, not one endpoint's).
-    for mix, (label, names) in {None: (None, (HEALTH,)), **MIXES}.items():
+    alone = (HEALTH, HEALTH_FRESH)  # a phase of its own each: their CPU per request is theirs
+    for mix, (label, names) in {None: (None, alone), **MIXES}.items():
         for name in names:
             e = r["endpoints"][name]
-            table.add_row(name if name == HEALTH else f"{name} (in mix)", f"{e['requests']:,}", f"{e['req_per_s']:,.0f}",
+            table.add_row(name if name in alone else f"{name} (in mix)", f"{e['requests']:,}", f"{e['req_per_s']:,.0f}",
                           f"{e['ratio_to_health']:.2f}", _ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
                           f"{e['not_modified_share']:.0%}" if CONDITIONAL in name else "",
-                          _cpu_ms(e.get("api_cpu_ms_per_request")) if name == HEALTH else "",
-                          _cpu_ms(e.get("client_cpu_ms_per_request")) if name == HEALTH else "", str(e["errors"]))
+                          _cpu_ms(e.get("api_cpu_ms_per_request")) if name in alone else "",
+                          _cpu_ms(e.get("client_cpu_ms_per_request")) if name in alone else "", str(e["errors"]))
         if mix:
             mix_row(f"{label} ({share} status)", r[mix])
     console.print(table)
