@@ -302,7 +302,9 @@ def print_preflight(answer: dict) -> None:
             ("tokens trained", lambda d: f"{d['trained_tokens']:,} of {d['tokens']:,} ({d['trained_fraction']:.0%})"),
             ("trained tokens lost to truncation", lambda d: f"{d['trained_tokens_lost']:,}"),
             ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}"),
-            ("rows with special tokens in message text", lambda d: f"{d['rows_with_special_tokens']:,}")]
+            ("rows with special tokens in message text", lambda d: f"{d['rows_with_special_tokens']:,}"),
+            ("rows repeating an earlier row", lambda d: f"{d['duplicate_rows']:,}"),
+            ("rows also in the train set", lambda d: f"{d['rows_in_train']:,}" if "rows_in_train" in d else "")]
     for label, cell in rows:
         table.add_row(label, *[cell(data) for _, data in sets if data])
     print_table(table)

@@ -111,3 +111,37 @@ def test_special_tokens_written_in_messages_are_counted_and_shown_to_be_what_the
     plain = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir, text)
     assert plain["train"]["rows_with_special_tokens"] == 0
     assert not any("special tokens" in w for w in plain["warnings"])
+
+
+def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_lines(tiny_model_dir, tmp_path):
+    """A pipeline that duplicated rows trains on them twice an epoch; a validation row also in train makes the eval
+    loss, early stopping and the report measure recall. Both are warned of, with the lines."""
+    def chat(user, answer):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    rows = [chat(f"What does animal {i} say?", f"Sound {i}.") for i in range(10)]
+    differs_in_weight = {"messages": [*rows[0]["messages"][:1], {**rows[0]["messages"][1], "weight": 0},
+                                      *chat("And?", "Done.")["messages"]]}
+    train = write("train.jsonl", [*rows, rows[1], rows[4], differs_in_weight])  # lines 11, 12 repeat 2, 5
+    validation = write("validation.jsonl", [rows[3], chat("Something new?", "Yes."), rows[3]])
+    report = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir, train,
+                       validation_path=validation)
+    assert report["train"]["duplicate_rows"] == 2 and report["train"]["duplicate_lines"] == [[11, 2], [12, 5]]
+    assert "rows_in_train" not in report["train"]
+    assert report["validation"]["rows_in_train"] == 2 and report["validation"]["rows_in_train_lines"] == [[1, 4], [3, 4]]
+    assert report["validation"]["duplicate_rows"] == 1
+    assert any(w.startswith("2 of 13 rows (15%) repeat an earlier row word for word (line 11 repeats line 2, "
+                            "line 12 repeats line 5)") for w in report["warnings"])
+    assert any(w.startswith("2 of 3 validation rows (67%) are also in the train set (line 1 is train line 4, "
+                            "line 3 is train line 4)") for w in report["warnings"])
+
+    # Distinct rows, and a validation set apart from them (the demo's): neither warning.
+    clean = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir,
+                      write("clean.jsonl", rows), validation_path=write("apart.jsonl", [chat("Something new?", "Yes.")]))
+    assert clean["train"]["duplicate_rows"] == 0 and clean["validation"]["rows_in_train"] == 0
+    assert clean["warnings"] == []

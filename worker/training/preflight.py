@@ -41,6 +41,8 @@ from worker.training.tokenization import (
 MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
 MAX_EXAMPLES = 5  # rows shown token by token
 TRUNCATED_WARNING = 0.10  # a tenth of the rows cut short is worth a word before spending GPU hours
+# Rows repeating an earlier one: a few are usual in scraped data; a hundredth is a pipeline that duplicated
+DUPLICATE_WARNING = 0.01
 LINES_SHOWN = 20  # line numbers a report lists (dropped rows, rows with special tokens)
 
 
@@ -66,6 +68,12 @@ class SetReport:
     special_token_lines: list[int] = field(default_factory=list)
     special_tokens_found: dict[str, int] = field(default_factory=dict)
     rows_with_special_tokens_in_answers: int = 0
+    # rows identical to an earlier row of the same set (each [line, the earlier line], the first few)
+    duplicate_rows: int = 0
+    duplicate_lines: list[list[int]] = field(default_factory=list)
+    # validation only: rows identical to a row of the train set (each [line, the train line], the first few)
+    rows_in_train: int | None = None
+    rows_in_train_lines: list[list[int]] = field(default_factory=list)
     format: str = ""  # the dataset's format, as read
 
     @property
@@ -74,7 +82,8 @@ class SetReport:
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()
-               if k != "format" and (k != "rows_without_eos_by_side" or v is not None)}
+               if k != "format" and (k not in ("rows_without_eos_by_side", "rows_in_train") or v is not None)
+               and (k != "rows_in_train_lines" or self.rows_in_train is not None)}
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -93,8 +102,9 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
     setup = prepare_tokenizer(tokenizer)
     t = spec.training
     with _collector_paused():
-        train, shown = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
-        validation = _measure(validation_path, tokenizer, spec, 0)[0] if validation_path else None
+        train, shown, train_rows = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
+        validation = (_measure(validation_path, tokenizer, spec, 0, train_rows=train_rows)[0]
+                      if validation_path else None)
     report = {
         "train": train.as_dict(),
         "validation": validation.as_dict() if validation else None,
@@ -104,7 +114,7 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
         "train_on_inputs": t.train_on_inputs,
         **planned_steps(spec, train.kept_rows),
     }
-    report["refusals"], report["warnings"] = problems(spec, train)
+    report["refusals"], report["warnings"] = problems(spec, train, validation)
     mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
                   if s is not None and s.format not in METHOD_FORMATS[spec.method.type]]
     if mismatched:
@@ -130,11 +140,14 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _measure(path, tokenizer, spec: JobSpec, examples: int) -> tuple[SetReport, list[dict]]:
+def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train_rows: dict[tuple, int] | None = None,
+             ) -> tuple[SetReport, list[dict], dict[tuple, int]]:
+    """A set's report, its first `examples` rows token by token, and its rows (what each says → its first line).
+    With `train_rows` (a validation set's), also the rows found in the train set."""
     data = read_jsonl(path)
     if data.format not in METHOD_FORMATS[spec.method.type]:
         # preflight refuses it, naming the format the method needs
-        return SetReport(rows_in_file=len(data.examples), format=data.format), []
+        return SetReport(rows_in_file=len(data.examples), format=data.format), [], {}
     t = spec.training
     read = data.examples[:MAX_ROWS]
     # Counted as the recipe's encode_examples / encode_preferences count, without keeping the rows they keep.
@@ -152,8 +165,9 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int) -> tuple[SetReport, 
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
                        rows_without_eos_by_side=stats.eos_cut, format=data.format)
     _count_special_tokens(report, read, tokenizer)
+    rows = _count_repeats(report, read, train_rows)
     # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
-    return report, [_shown(example, tokenizer, spec) for example in read[:examples]]
+    return report, [_shown(example, tokenizer, spec) for example in read[:examples]], rows
 
 
 def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer) -> None:
@@ -180,6 +194,26 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
             report.special_token_lines.append(example.line)
         found.update(in_row)
     report.special_tokens_found = dict(found.most_common())
+
+
+def _count_repeats(report: SetReport, examples: Sequence[Example], train_rows: dict[tuple, int] | None) -> dict[tuple, int]:
+    """Rows that say exactly what an earlier row of the set says, and (a validation set's) rows the train set
+    holds too. Returns the set's rows: what each says → the first line saying it."""
+    rows: dict[tuple, int] = {}
+    if train_rows is not None:
+        report.rows_in_train = 0
+    for example in examples:
+        said = (example.messages, example.text, example.chosen, example.rejected)  # all but the line
+        first = rows.setdefault(said, example.line)
+        if first != example.line:
+            report.duplicate_rows += 1
+            if len(report.duplicate_lines) < LINES_SHOWN:
+                report.duplicate_lines.append([example.line, first])
+        if train_rows is not None and (in_train := train_rows.get(said)) is not None:
+            report.rows_in_train = (report.rows_in_train or 0) + 1
+            if len(report.rows_in_train_lines) < LINES_SHOWN:
+                report.rows_in_train_lines.append([example.line, in_train])
+    return rows
 
 
 def _shown(example: Example, tokenizer, spec: JobSpec) -> dict:
@@ -229,7 +263,7 @@ def planned_steps(spec: JobSpec, rows: int) -> dict:
             "steps_note": note}
 
 
-def problems(spec: JobSpec, train: SetReport) -> tuple[list[str], list[str]]:
+def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = None) -> tuple[list[str], list[str]]:
     """What stops the job from learning anything (refusals), and what is worth a look (warnings),
     each saying what to change."""
     t = spec.training
@@ -268,8 +302,24 @@ def problems(spec: JobSpec, train: SetReport) -> tuple[list[str], list[str]]:
                         "there, and a role marker in a prompt opens a turn the conversation does not have. The chat "
                         "template adds the special tokens a row needs; remove these, or break them up (\"</ s>\") where "
                         "the text must show them")
+    if train.rows and train.duplicate_rows / train.rows >= DUPLICATE_WARNING:
+        warnings.append(f"{train.duplicate_rows:,} of {train.rows:,} rows{scope} ({train.duplicate_rows / train.rows:.0%}) "
+                        f"repeat an earlier row word for word ({_pairs(train.duplicate_lines, 'repeats line')}): each epoch trains on "
+                        "them as many times as they appear; drop the repeats unless the weight is meant")
+    if validation is not None and validation.rows_in_train:
+        share = validation.rows_in_train / validation.rows
+        warnings.append(f"{validation.rows_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) are also in the "
+                        f"train set ({_pairs(validation.rows_in_train_lines, 'is train line')}): the eval "
+                        "loss, early stopping, the best checkpoint and the report's scores measure recall on them, not "
+                        "what the model learned; take them out of one set")
     if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
         warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
     if train.rows < train.rows_in_file:
         warnings.append(f"the preflight read the first {train.rows:,} of {train.rows_in_file:,} rows")
     return refusals, warnings
+
+
+def _pairs(lines: list[list[int]], relation: str) -> str:
+    """The first few [line, other line] pairs: "line 7 repeats line 2, ..."."""
+    shown = ", ".join(f"line {line} {relation} {other}" for line, other in lines[:3])
+    return shown + (", ..." if len(lines) > 3 else "")
