@@ -20,7 +20,9 @@ MIB = 1024**2
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore")
+    # An empty variable is as if unset: `QLORA_HOME=` (or a compose file's `${QLORA_HOME:-}`) would otherwise
+    # put the database, the credentials and the demo model in whatever directory the command runs in.
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(Path("~/.qlora"), description="Where the embedded default keeps its database, files and queue.")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$QLORA_HOME/qlora.db.")

@@ -28,3 +28,11 @@ def test_a_redispatch_deadline_below_the_scheduler_interval_is_refused(tmp_path)
     settings = Settings(home=tmp_path, scheduler_interval_s=30, redispatch_after_s=10)
     with pytest.raises(ValueError, match="REDISPATCH_AFTER_S .* at least QLORA_SCHEDULER_INTERVAL_S"):
         settings.check_timing()
+
+
+def test_an_empty_variable_is_as_if_unset(monkeypatch):
+    """`QLORA_HOME=` must not make the current directory the service's home."""
+    monkeypatch.setenv("QLORA_HOME", "")
+    monkeypatch.setenv("QLORA_PORT", "")
+    settings = Settings()
+    assert settings.home == Settings.model_fields["home"].default.expanduser() and settings.port == 8000
