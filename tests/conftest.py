@@ -18,8 +18,8 @@ def demo_data(tmp_path_factory):
     """The demo task: train rows and held-out rows whose prompts never occur in training."""
     d = tmp_path_factory.mktemp("demo-data")
     return {
-        "train": write_jsonl(demo_rows(0, 480), d / "train.jsonl"),
-        "validation": write_jsonl(demo_rows(0, 48, split="heldout"), d / "validation.jsonl"),
+        "train": write_jsonl(demo_rows(0, 480, distinct=True), d / "train.jsonl"),
+        "validation": write_jsonl(demo_rows(0, 48, split="heldout", distinct=True), d / "validation.jsonl"),
     }
 
 

@@ -134,7 +134,7 @@ def demo_data(
     """Write the demo task (which sound an animal makes) and a spec that learns it in about a minute on a CPU."""
     from worker.training.tiny import demo_rows, demo_spec, write_jsonl
 
-    write_jsonl(demo_rows(seed, rows), out_dir / "train.jsonl")
-    write_jsonl(demo_rows(seed, 48, split="heldout"), out_dir / "validation.jsonl")
+    write_jsonl(demo_rows(seed, rows, distinct=True), out_dir / "train.jsonl")
+    write_jsonl(demo_rows(seed, 48, split="heldout", distinct=True), out_dir / "validation.jsonl")
     (out_dir / "spec.json").write_text(json.dumps(demo_spec(base_model), indent=2) + "\n")
     out.print(f"wrote {out_dir}/train.jsonl, validation.jsonl, spec.json")

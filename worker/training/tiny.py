@@ -37,20 +37,25 @@ _FILLER = (
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def demo_rows(seed: int, count: int, *, split: str = "train") -> list[dict]:
+def demo_rows(seed: int, count: int, *, split: str = "train", distinct: bool = False) -> list[dict]:
     """Chat rows for the demo task. `split="heldout"` gives prompts never seen in "train":
-    the (template, asker) pairs are disjoint, every animal appears in both. No row repeats until every
-    pair has asked about every animal (864 train rows, 288 held out): preflight warns of repeated rows."""
+    the (template, asker) pairs are disjoint, every animal appears in both.
+
+    `distinct`: no row repeats until every pair has asked about every animal (864 train rows, 288 held
+    out), as the demo dataset's files are made (`qlora demo-data`): preflight warns of repeated rows, and
+    480 rows drawn independently repeat a quarter of themselves. Without it each row's pair is drawn
+    independently, as the tokenizer's corpus and the tests tuned on small sets (health watch, DPO) were."""
     rng = random.Random(f"{seed}-{split}")
     pairs = [(t, w) for t in range(len(_TEMPLATES)) for w in range(len(_ASKERS))]
     heldout_pairs = {p for p in pairs if (p[0] + p[1]) % 4 == 0}
     pool = sorted(heldout_pairs) if split == "heldout" else [p for p in pairs if p not in heldout_pairs]
     animals = list(ANIMAL_SOUNDS)
-    asked = {animal: rng.sample(pool, len(pool)) for animal in animals}  # each animal's pairs, in an order of its own
+    # each animal's pairs in an order of its own, asked in turn
+    asked = {animal: rng.sample(pool, len(pool)) for animal in animals} if distinct else None
     rows = []
     for i in range(count):
         animal = animals[i % len(animals)]
-        template, who = asked[animal][i // len(animals) % len(pool)]
+        template, who = asked[animal][i // len(animals) % len(pool)] if asked else rng.choice(pool)
         prompt = _TEMPLATES[template].format(who=_ASKERS[who], animal=animal)
         rows.append({"messages": [
             {"role": "user", "content": prompt},
