@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     # Connections one client address may hold in one API process that have waited 2 s or more for their
     # request (silent, or mid-headers): past it, the newest from there is answered 503 (app/connections.py).
     # A client's requests follow its connections at once; connections in a request or idle between two
-    # are not counted. 0: no limit (behind a proxy that connects from one address and bounds each client).
+    # are not counted. 0: no limit (behind a proxy that passes connections through from one address and
+    # bounds each client itself; one that reads the request before connecting, as nginx does, is never counted).
     max_pending_connections_per_client: int = Field(256, ge=0)
     # Live job streams (GET /jobs/{id}/stream) one API key may hold open at once in one API process:
     # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
