@@ -85,7 +85,7 @@ class IdMixin:
 POOL_SIZE, MAX_OVERFLOW = 16, 8
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                json_deserializer=from_json)
@@ -99,7 +99,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
                          json_deserializer=from_json)
 
 
@@ -111,6 +111,19 @@ def engine_for(url: str) -> Engine:
 @lru_cache
 def sessionmaker_for(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+
+
+# What runs after a request's commit and writes (dispatch.send marking a job sent) runs where the request's
+# session ends (app.deps.get_session), and an end must never wait for a connection of the request pool: the
+# requests holding them all may be waiting on a lock that this very end is about to release (a team's
+# burst of POST /jobs, each waiting for the team's row, deadlocked so until the pool's timeout: 500s). So
+# that bookkeeping has a small pool of its own, which nothing else uses.
+BOOKKEEPING_POOL_SIZE, BOOKKEEPING_MAX_OVERFLOW = 2, 2
+
+
+@lru_cache
+def bookkeeping_sessionmaker_for(url: str) -> sessionmaker[Session]:
+    return sessionmaker(bind=make_engine(url, BOOKKEEPING_POOL_SIZE, BOOKKEEPING_MAX_OVERFLOW), expire_on_commit=False)
 
 
 # The hot reads' own pool (read_only below): they hold a connection for one query, so fewer serve
@@ -179,9 +192,10 @@ _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[AsyncEngine, a
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on error. For the worker and the CLI."""
-    session = sessionmaker_for(url)()
+def session_scope(url: str, *, bookkeeping: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on error. For the worker and the CLI; with
+    `bookkeeping`, on the bookkeeping pool (above), for what runs after a request's commit."""
+    session = (bookkeeping_sessionmaker_for if bookkeeping else sessionmaker_for)(url)()
     try:
         yield session
         session.commit()

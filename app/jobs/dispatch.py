@@ -17,7 +17,8 @@ def send(settings: Settings, job_id: str, queue: str) -> None:
     """Hand "job X is ready" to the broker and remember when, so the reaper sends it again only if the
     job is still unclaimed QLORA_REDISPATCH_AFTER_S later."""
     if dispatch(settings, job_id, queue):
-        with session_scope(settings.database_url) as session:
+        # Often after a request's commit, where the request pool must not be waited for (app/db.py)
+        with session_scope(settings.database_url, bookkeeping=True) as session:
             repository.mark_dispatched(session, job_id, utcnow())
 
 

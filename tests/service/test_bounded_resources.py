@@ -283,3 +283,24 @@ def test_a_stream_ends_when_its_key_is_revoked(bounded, queued_job):
                 last = event, data
         assert last is not None and last[0] == "error", last
         assert "revoked" in json.loads(last[1])["error"]["message"]
+
+
+def test_a_burst_of_job_creations_from_one_team_is_answered_without_a_5xx(bounded):
+    """More POST /jobs at once than the API has route threads (40): each waits for the team's row (the
+    queue quota's lock) holding a thread and a database connection. The creation holding the lock must
+    answer without a second thread (app/jobs/routes.py, `encoded`), or the burst deadlocks until the
+    database pool's timeout and answers 500s (24 of 60 did, on the same burst, before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = bounded.team_key("burst")
+    with bounded.client(key) as client:
+        dataset = upload(client, content=ROW * 200).json()["id"]
+    body = {**demo_spec("tiny"), "dataset_id": dataset, "gpu_class": "nobody-listens"}
+
+    def create(_: int) -> int:
+        with bounded.client(key) as client:
+            return client.post("/jobs", json=body).status_code
+
+    with ThreadPoolExecutor(60) as pool:
+        statuses = list(pool.map(create, range(60)))
+    assert statuses == [201] * 60, {status: statuses.count(status) for status in set(statuses)}
