@@ -95,6 +95,16 @@ def _read_caller(database_url: str, key_hash: str) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
+async def team_turn(request: Request, caller: CallerDep) -> AsyncIterator[None]:
+    """The team's turn for a job creation or preflight in this process (app/jobs/turns.py), awaited before
+    the route takes a thread or a connection, held until its answer is sent."""
+    async with request.app.state.team_turns.turn(caller.team_id):
+        yield
+
+
+TeamTurnDep = Annotated[None, Depends(team_turn)]
+
+
 async def get_admin(caller: CallerDep) -> Caller:
     if not caller.is_admin:
         raise Forbidden("this needs an admin key (qlora admin create-key TEAM --admin)")

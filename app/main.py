@@ -28,6 +28,7 @@ from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
 from app.jobs.schemas import JobCreate
 from app.jobs.stream import JobFeeds, StreamSlots
+from app.jobs.turns import TeamTurns
 from app.models.routes import router as models_router
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
     app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second
     app.state.preflight = PreflightRunner(settings.preflight_processes)  # child processes that tokenize job data
+    app.state.team_turns = TeamTurns()  # one job creation or preflight at a time per team, in this process
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.conditional import POLLED, json_answer, polled
 from app.db import read_only
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.jobs import service
 from app.jobs.schemas import (
     ArtifactOut,
@@ -41,7 +41,7 @@ CREATE_EXAMPLE = {
 @router.post("", response_model=JobOut, status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}, "examples": {"a job": {"value": CREATE_EXAMPLE}}}}}})
 def create_job(body: Annotated[Any, Body()], request: Request, session: SessionDep, settings: SettingsDep,
-               storage: StorageDep, caller: CallerDep):
+               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep):
     """The engine's job spec (base_model, quantization, lora, training, output, eval) plus dataset_id,
     an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued, or 422
     (`preflight_refused`) for a job whose data leaves it nothing to learn (see POST /jobs/preflight).
@@ -55,7 +55,7 @@ def create_job(body: Annotated[Any, Body()], request: Request, session: SessionD
 @router.post("/preflight", response_model=PreflightOut, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}}}})
 def preflight_job(body: Annotated[Any, Body()], request: Request, session: SessionDep, settings: SettingsDep,
-                  storage: StorageDep, caller: CallerDep):
+                  storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep):
     """What a job with this body would train on, computed with the base model's tokenizer and chat
     template, and where it would run; nothing is created. The body of POST /jobs, plus `examples`
     (0-5, default 1): rows shown token by token, each marked trained or not."""

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.conditional import POLLED, polled
 from app.datasets import service as datasets
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.errors import Invalid, field_errors
 from app.jobs import service as jobs
 from app.jobs.tables import JobEvent
@@ -79,7 +79,7 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller:
 
 @router.post("/fine_tuning/jobs")
 def create_job(body: Annotated[dict[str, Any], Body()], request: Request, session: SessionDep, settings: SettingsDep,
-               storage: StorageDep, caller: CallerDep):
+               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep):
     """OpenAI's create body; `lora`, `quantization`, `training`, `output` and `eval` (the SDK's extra_body)
     set what OpenAI's hyperparameters do not cover."""
     job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch), storage=storage,

@@ -304,3 +304,41 @@ def test_a_burst_of_job_creations_from_one_team_is_answered_without_a_5xx(bounde
     with ThreadPoolExecutor(60) as pool:
         statuses = list(pool.map(create, range(60)))
     assert statuses == [201] * 60, {status: statuses.count(status) for status in set(statuses)}
+
+
+def test_a_teams_burst_of_creations_goes_one_at_a_time_and_another_team_is_served_meanwhile(bounded):
+    """Each creation waits for the one preflight process holding a route thread; a team's burst would hold
+    them all and another team wait behind it. With a turn per team (app/jobs/turns.py) the burst goes one
+    at a time and the other team's requests are answered among its first answers, not after it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = b"".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 30},
+                                             {"role": "assistant", "content": f"answer {i} " * 30}]}).encode() + b"\n"
+                    for i in range(500))  # a preflight of a tenth of a second or so each
+    burst_key, other_key = bounded.team_key("burst-a"), bounded.team_key("calm-b")
+    with bounded.client(burst_key) as client:
+        big = upload(client, content=rows).json()["id"]
+    with bounded.client(other_key) as client:
+        small = upload(client, content=ROW * 20).json()["id"]
+    spec = demo_spec("tiny")
+    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": "nobody-listens"}
+    answered: list[str] = []  # who was answered, in order
+    lock = threading.Lock()
+
+    def create(key: str, dataset: str, who: str) -> int:
+        with bounded.client(key) as client:
+            status = client.post("/jobs", json={**spec, "dataset_id": dataset}).status_code
+        with lock:
+            answered.append(who)
+        return status
+
+    with ThreadPoolExecutor(46) as pool:
+        burst = [pool.submit(create, burst_key, big, "a") for _ in range(45)]  # more than the API's 40 route threads
+        while not answered:  # the burst is under way
+            time.sleep(0.05)
+        other = pool.submit(create, other_key, small, "b")
+        assert other.result() == 201
+        statuses = [f.result() for f in burst]
+    assert set(statuses) <= {201, 429}, statuses  # 429: waited a minute for the team's turn
+    assert answered.index("b") <= 10, answered  # among the first answers, not behind the burst
