@@ -102,7 +102,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.body_idle_timeout = settings.body_idle_timeout_s
         self.pending_per_client = settings.max_pending_connections_per_client
         self.counted = False  # in _open_connections
-        self.pending_as: str | None = None  # the client address this connection is counted under as pending
+        self.host: str | None = None  # the client's address (None on a Unix socket), once connected
+        self.pending = False  # counted in _pending_by_client under self.host
         self.reading: str | None = None  # HEADERS or BODY of the request being received, None between requests
         self.header_bytes = 0  # bytes received while the current request's headers were incomplete
         self.header_started = self.last_read = 0.0
@@ -114,13 +115,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         global _open_connections
         super().connection_made(transport)
-        host = self.client[0] if self.client else None
+        self.host = self.client[0] if self.client else None
         if _open_connections >= max_connections():
             self._refuse_connection("this API process holds as many connections as its open-file limit allows; "
                                     "retry shortly")
             return
-        if host is not None and self.pending_per_client and _pending_by_client[host] >= self.pending_per_client:
-            self._refuse_connection(self._too_many_pending(host))
+        if self._address_full():
+            self._refuse_connection(self._too_many_pending())
             return
         _open_connections += 1
         self.counted = True
@@ -181,7 +182,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The headers' next deadline: PENDING_AFTER_S (then the connection counts as pending), then
         QLORA_HEADER_TIMEOUT_S (then it is closed)."""
         late = self.header_started + self.header_timeout
-        due = late if self.pending_as is not None else min(self.header_started + PENDING_AFTER_S, late)
+        due = late if self.pending else min(self.header_started + PENDING_AFTER_S, late)
         self._arm(due - self.loop.time(), self._headers_due)
 
     def _headers_due(self) -> None:
@@ -189,29 +190,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.loop.time() >= self.header_started + self.header_timeout:
             self._headers_late()
             return
-        host = self.client[0] if self.client else None
-        if self.pending_as is None and host is not None:
-            if self.pending_per_client and _pending_by_client[host] >= self.pending_per_client:
-                self._refuse_connection(self._too_many_pending(host))  # the newest of its connections goes
+        if not self.pending and self.host is not None:
+            if self._address_full():
+                self._refuse_connection(self._too_many_pending())  # the newest of its connections goes
                 return
             self._pending(True)
         self._arm_headers()
 
-    def _too_many_pending(self, host: str) -> str:
-        return (f"{host} already holds {self.pending_per_client} connections that have sent no request for "
+    def _address_full(self) -> bool:
+        """Whether this connection's address holds its cap of pending connections already."""
+        return (self.host is not None and self.pending_per_client > 0
+                and _pending_by_client[self.host] >= self.pending_per_client)
+
+    def _too_many_pending(self) -> str:
+        return (f"{self.host} already holds {self.pending_per_client} connections that have sent no request for "
                 f"{PENDING_AFTER_S:g} s (QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT); send requests on those or close them")
 
     def _pending(self, pending: bool) -> None:
         """Count this connection as one of its client's pending ones (waiting for its request), or not."""
-        host = self.client[0] if self.client else None
-        if pending and self.pending_as is None and host is not None:
-            self.pending_as = host
-            _pending_by_client[host] += 1
-        elif not pending and self.pending_as is not None:
-            _pending_by_client[self.pending_as] -= 1
-            if not _pending_by_client[self.pending_as]:
-                del _pending_by_client[self.pending_as]  # the map holds only addresses with pending connections
-            self.pending_as = None
+        if self.host is None or pending == self.pending:
+            return
+        self.pending = pending
+        _pending_by_client[self.host] += 1 if pending else -1
+        if not _pending_by_client[self.host]:
+            del _pending_by_client[self.host]  # the map holds only addresses with pending connections
 
     def _arm(self, seconds: float, handler) -> None:
         self._disarm()

@@ -10,10 +10,10 @@ every running job on by a step and a heartbeat each second, as their workers wou
 
 1. Load. C clients send requests back to back for T seconds, first to GET /health (no auth, no
    database: the baseline), then to GET /health again on a new connection each (what accepting a
-   connection adds to a request: a script that does not keep its connections), then a mix of status polls (GET /jobs/{id}) and listings
-   (GET /jobs?limit=50), then the same mix as pollers that each watch a few of the newest jobs and
-   send back the ETag of what they have (If-None-Match): an answer that did not change is a 304 with
-   no body, and the share of 304s is reported; last, the same mix as the openai SDK asks it
+   connection adds to a request: a script that does not keep its connections), then a mix of status
+   polls (GET /jobs/{id}) and listings (GET /jobs?limit=50), then the same mix as pollers that each
+   watch a few of the newest jobs and send back the ETag of what they have (If-None-Match): an answer
+   that did not change is a 304 with no body, and the share of 304s is reported; last, the same mix as the openai SDK asks it
    (jobs.retrieve() and jobs.list(): GET /v1/fine_tuning/jobs/{id} and ?limit=20). Speed is reported
    as ratios to /health from the same run, so a busy machine moves every row together instead of
    making the numbers meaningless (DESIGN.md).

@@ -81,9 +81,11 @@ class SetReport:
         return self.rows - self.dropped_rows
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items()
-               if k != "format" and (k not in ("rows_without_eos_by_side", "rows_in_train") or v is not None)
-               and (k != "rows_in_train_lines" or self.rows_in_train is not None)}
+        out = {k: v for k, v in self.__dict__.items() if k != "format"}
+        if self.rows_without_eos_by_side is None:  # an sft set
+            del out["rows_without_eos_by_side"]
+        if self.rows_in_train is None:  # the train set itself
+            del out["rows_in_train"], out["rows_in_train_lines"]
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -180,10 +182,10 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
     pattern = re.compile("|".join(map(re.escape, texts)))
     found: Counter[str] = Counter()
     for example in examples:
-        learned = [m.role == "assistant" and m.weight != 0 for m in example.messages]
-        answers = [m.content for m, learn in zip(example.messages, learned, strict=True) if learn]
-        answers += [a for a in (example.chosen, example.rejected) if a is not None]
-        prompts = [m.content for m, learn in zip(example.messages, learned, strict=True) if not learn]
+        answers = [a for a in (example.chosen, example.rejected) if a is not None]
+        prompts: list[str] = []
+        for m in example.messages:
+            (answers if m.role == "assistant" and m.weight != 0 else prompts).append(m.content)
         in_answers = {match.group() for content in answers for match in pattern.finditer(content)}
         in_row = in_answers | {match.group() for content in prompts for match in pattern.finditer(content)}
         if not in_row:
