@@ -120,8 +120,9 @@ class Deployment:
 
 
 @contextmanager
-def deployment(max_upload_bytes: int, workers: int = 1) -> Iterator[Deployment]:
-    """A fresh database and temp directory, the API started on them; all of it gone afterwards."""
+def deployment(max_upload_bytes: int, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[Deployment]:
+    """A fresh database and temp directory, the API started on them (`env`: settings of its own);
+    all of it gone afterwards."""
     services.ensure_postgres()
     home = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     database_url = services.create_postgres_database()
@@ -139,6 +140,7 @@ def deployment(max_upload_bytes: int, workers: int = 1) -> Iterator[Deployment]:
             # dispatched: no job is created through the API, so Redis is never even contacted.
             "QLORA_BROKER_URL": "redis://127.0.0.1:6379/0",
             "QLORA_MAX_UPLOAD_BYTES": str(max_upload_bytes),
+            **(env or {}),
         }
         with open(home / "api.log", "ab") as log:
             # Its own session, so stopping it reaches anything it started and nothing of ours.

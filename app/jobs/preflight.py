@@ -5,17 +5,20 @@ The report is worker/training/preflight.py's, computed with the base model's rea
 template from the files the registry keeps (app/models/service.py). Tokenizing a dataset is seconds of
 CPU, and the tokenizer library comes with transformers and torch, which the API process never imports:
 so it runs in child processes (`PreflightRunner`), a few at a time, each behind a timeout. The API's
-own threads only wait, and its requests keep being answered.
+own threads only wait, and its requests keep being answered. Waiting preflights get a child team by team
+(`TeamSlots`), so one team's stream of them never keeps another's waiting longer than one turn each.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import multiprocessing
 import tempfile
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -34,7 +37,7 @@ from app.teams.service import Caller
 from worker.training.spec import JobSpec
 
 TIMEOUT_S = 60.0  # a preflight reads at most 50,000 rows: seconds, far from this
-WAIT_FOR_SLOT_S = 30.0  # POST /jobs waits this long for a free child before creating the job unchecked
+WAIT_FOR_SLOT_S = 30.0  # a preflight waits this long for a free child (then POST /jobs creates the job unchecked)
 
 
 class PreflightBusy(AppError):
@@ -48,19 +51,60 @@ class PreflightRefused(Invalid):
     code = "preflight_refused"
 
 
+class TeamSlots:
+    """At most `size` holders at once. A freed slot goes to the waiting team served longest ago (or never),
+    and within a team to its earliest waiter: round robin between teams, whatever order their requests
+    come in. (A plain semaphore wakes its waiters in no stated order, and one team sending a preflight as
+    each of its last ones ends would take the slot back, time after time, from a team that waits.)"""
+
+    def __init__(self, size: int):
+        self._free = size
+        self._changed = threading.Condition()
+        self._tickets = itertools.count()
+        self._waiting: list[tuple[str, int]] = []  # (team, ticket), in the order they came
+        self._served: dict[str, int] = {}  # each team's last grant, as a ticket number
+
+    def acquire(self, team: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            mine = (team, next(self._tickets))
+            self._waiting.append(mine)
+            try:
+                while not (self._free and self._next() == mine):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(left)
+                self._free -= 1
+                self._served[team] = next(self._tickets)
+                return True
+            finally:
+                self._waiting.remove(mine)
+                self._changed.notify_all()  # the next in line has changed: each waiter looks again
+
+    def release(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify_all()
+
+    def _next(self) -> tuple[str, int]:
+        return min(self._waiting, key=lambda waiter: (self._served.get(waiter[0], -1), waiter[1]))
+
+
 class PreflightRunner:
-    """At most `processes` preflights at once, each in a child process (spawned on first use, kept)."""
+    """At most `processes` preflights at once, each in a child process (spawned on first use, kept), given
+    to the waiting teams in turn."""
 
     def __init__(self, processes: int):
         self.processes = processes
-        self._slots = threading.BoundedSemaphore(max(processes, 1))
+        self._slots = TeamSlots(max(processes, 1))
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
 
-    def run(self, wait_s: float, **inputs: Any) -> dict | None:
-        """The report, or None when no child was free within wait_s (POST /jobs goes on unchecked) or
-        the report did not come within TIMEOUT_S."""
-        if not self._slots.acquire(timeout=wait_s):
+    def run(self, team: str, wait_s: float, **inputs: Any) -> dict | None:
+        """The report, or None when no child was free for this team within wait_s (POST /jobs goes on
+        unchecked) or the report did not come within TIMEOUT_S."""
+        if not self._slots.acquire(team, wait_s):
             return None
         try:
             future = self._pool().submit(_in_child, inputs)
@@ -112,7 +156,7 @@ class Checked:
 
 
 def check(session: Session, storage: Storage, runner: PreflightRunner | None, caller: Caller, model: RegisteredModel,
-          spec: JobSpec, meta: dict, *, examples: int = 0, wait_s: float = WAIT_FOR_SLOT_S) -> Checked:
+          spec: JobSpec, meta: dict, *, examples: int = 0) -> Checked:
     """The preflight report of a job about to be created (`spec` as admission sized it, `meta` its
     own fields); PreflightRefused when the job cannot learn. A report that cannot be made (no runner,
     no tokenizer files for the model, every child busy) is a note, not an error: the job is then created
@@ -132,8 +176,8 @@ def check(session: Session, storage: Storage, runner: PreflightRunner | None, ca
                 storage.download(dataset.storage_key, paths[field])
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         session.commit()  # nothing written yet but the tokenizer files: give the connection back while the child works
-        report = runner.run(wait_s, spec=spec.model_dump(mode="json"), tokenizer_files=files, tokenizer_sha256=digest,
-                            train_path=str(paths["dataset_id"]),
+        report = runner.run(caller.team_id, WAIT_FOR_SLOT_S, spec=spec.model_dump(mode="json"), tokenizer_files=files,
+                            tokenizer_sha256=digest, train_path=str(paths["dataset_id"]),
                             validation_path=str(paths["validation_dataset_id"]) if "validation_dataset_id" in paths
                             else None, examples=examples)
     if report is None:

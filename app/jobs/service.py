@@ -143,9 +143,10 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
         sized = admitted.spec
     except DoesNotFit as exc:
         placement, sized = {"gpu_class": None, "note": exc.message, "error": exc.body()["error"]}, spec
-    checked = preflight.check(session, storage, runner, caller, model, sized, meta, examples=examples, wait_s=1.0)
+    checked = preflight.check(session, storage, runner, caller, model, sized, meta, examples=examples)
     if checked.report is None and runner.processes >= 1 and models_service.tokenizer_files(session, model):
-        raise preflight.PreflightBusy("every preflight process is busy; try again in a few seconds")
+        raise preflight.PreflightBusy(f"every preflight process was busy for {preflight.WAIT_FOR_SLOT_S:g} s; "
+                                      "try again in a minute")
     return {"placement": placement, "report": checked.report, "note": checked.note,
             "can_learn": None if checked.report is None else not checked.report["refusals"]}
 

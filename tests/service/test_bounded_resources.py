@@ -342,3 +342,52 @@ def test_a_teams_burst_of_creations_goes_one_at_a_time_and_another_team_is_serve
         statuses = [f.result() for f in burst]
     assert set(statuses) <= {201, 429}, statuses  # 429: waited a minute for the team's turn
     assert answered.index("b") <= 10, answered  # among the first answers, not behind the burst
+
+
+def test_another_teams_preflight_gets_the_preflight_process_next_beside_a_burst_of_creations(bounded):
+    """One preflight process, a team creating jobs from three threads in a loop (each creation
+    preflights seconds of rows), and another team sending preflights: each of those must get the process
+    next, while one creation of the burst holds it at most, and answer with its report. (Before, a
+    preflight waited 1 s for the process, which the burst held nearly all the time: 429 `preflight_busy`.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = b"".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 30},
+                                             {"role": "assistant", "content": f"answer {i} " * 30}]}).encode() + b"\n"
+                    for i in range(4000))  # 3.3 MB: its preflight, as train and validation set, is a second or more
+    burst_key, other_key = bounded.team_key("burst-p"), bounded.team_key("calm-p")
+    with bounded.client(burst_key) as client:
+        response = upload(client, content=rows)
+        assert response.status_code == 201, response.text
+        big = response.json()["id"]
+    with bounded.client(other_key) as client:
+        small = upload(client, content=ROW * 20).json()["id"]
+    spec = demo_spec("tiny")
+    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": "nobody-listens"}
+    burst_answers, stop = [], threading.Event()
+
+    def create_until_stopped() -> set[int]:
+        statuses = set()
+        with bounded.client(burst_key) as client:
+            while not stop.is_set():
+                body = {**spec, "dataset_id": big, "validation_dataset_id": big}
+                statuses.add(client.post("/jobs", json=body).status_code)
+                burst_answers.append(time.monotonic())
+        return statuses
+
+    with ThreadPoolExecutor(3) as pool:
+        burst = [pool.submit(create_until_stopped) for _ in range(3)]
+        try:
+            while not burst_answers:  # the burst is under way: the process is busy with it
+                time.sleep(0.05)
+            with bounded.client(other_key) as client:
+                for _ in range(3):
+                    answered_before = len(burst_answers)
+                    response = client.post("/jobs/preflight", json={**spec, "dataset_id": small})
+                    assert response.status_code == 200, response.text
+                    assert response.json()["report"]["train"]["rows"] == 20
+                    # The creation holding the process when it came, and none after it.
+                    assert len(burst_answers) - answered_before <= 2, (answered_before, len(burst_answers))
+        finally:
+            stop.set()
+        assert set().union(*(f.result() for f in burst)) == {201}

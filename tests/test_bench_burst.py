@@ -1,0 +1,19 @@
+"""The burst benchmark runs end to end at a small size and reports what it measured.
+
+Behaviour only, never timing: the figure belongs to the benchmark's own output (DESIGN.md, Testing)."""
+
+import json
+
+from bench import burst_bench
+
+
+def test_burst_benchmark_measures_the_calm_team_alone_and_beside_the_burst(tmp_path):
+    out = tmp_path / "burst_bench.json"
+    assert burst_bench.main(["--threads", "3", "--seconds", "2", "--rows", "300", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    assert set(results["burst"]) <= {"201", "429"} and results["burst"].get("201")
+    for call in burst_bench.CALLS:
+        measured = results["calm"][call]
+        assert measured["alone"]["count"] > 0 and measured["beside_burst"]["count"] > 0
+        assert measured["median_ratio"] > 0
