@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     # connection (time the server itself is not reading never counts), so none holds one without end.
     header_timeout_s: float = Field(30.0, gt=0, le=3600)
     body_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
-    # Connections one client address may hold in one API process that have waited 2 s or more for their
-    # request (silent, or mid-headers): past it, the newest from there is answered 503 (app/connections.py).
+    # Connections one client (an IPv4 address, an IPv6 /64) may hold in one API process that have waited
+    # 2 s or more for their request (silent, or mid-headers): past it, the newest from there is answered
+    # 503 (app/connections.py).
     # A client's requests follow its connections at once; connections in a request or idle between two
     # are not counted. 0: no limit (behind a proxy that passes connections through from one address and
     # bounds each client itself; one that reads the request before connecting, as nginx does, is never counted).

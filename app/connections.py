@@ -16,7 +16,7 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   time spent waiting on the server never counts (its buffer is full while the app stores what came,
   or the client waits for its 100 Continue). The route reading the body sees the client gone, as on
   any disconnect (an upload cut off leaves nothing behind);
-- one client address may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
+- one client (an IPv4 address, or an IPv6 /64: client_of) may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
   have waited PENDING_AFTER_S or more for their request's headers (silent, or mid-headers), as nginx's
   limit_conn bounds one address: past it a new connection from there is answered 503 and closed, so a
   client that opens them faster than the deadline closes them starves no one else. A connection
@@ -35,6 +35,7 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import resource
@@ -102,7 +103,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.body_idle_timeout = settings.body_idle_timeout_s
         self.pending_per_client = settings.max_pending_connections_per_client
         self.counted = False  # in _open_connections
-        self.host: str | None = None  # the client's address (None on a Unix socket), once connected
+        self.host: str | None = None  # the client, as counted (client_of): None on a Unix socket
         self.pending = False  # counted in _pending_by_client under self.host
         self.reading: str | None = None  # HEADERS or BODY of the request being received, None between requests
         self.header_bytes = 0  # bytes received while the current request's headers were incomplete
@@ -115,7 +116,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         global _open_connections
         super().connection_made(transport)
-        self.host = self.client[0] if self.client else None
+        self.host = client_of(self.client[0]) if self.client else None
         if _open_connections >= max_connections():
             self._refuse_connection("this API process holds as many connections as its open-file limit allows; "
                                     "retry shortly")
@@ -277,6 +278,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                  b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+def client_of(host: str) -> str:
+    """Whose connection this is, for the per-client bound: an IPv4 address, or an IPv6 address's /64.
+    A /64 is one subscriber's network (a host gets one, and picks new addresses in it at will), so a
+    client counted by its IPv6 address could open each connection from a fresh one; rate limiters
+    group IPv6 clients by /64 for the same reason. An IPv4 address mapped into IPv6 is that IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address (a test transport's name): itself
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
 
 
 def _address(client: tuple[str, int] | None) -> str | None:
