@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,8 @@ import httpx
 
 CHUNK_BYTES = 1 << 20  # 1 MiB reads and writes: steady progress, bounded memory for a 2 GiB file
 REDIRECTS = (301, 302, 303, 307, 308)
+CREATE_TRIES = 4  # a job creation whose answer is lost is sent again (1 + 2 + 4 s apart), with the same key
+RETRIED_STATUSES = (502, 503, 504)  # a proxy or a full server that may have passed the request on, or not
 
 Progress = Callable[[int], None]  # called with the bytes just moved
 
@@ -113,11 +116,30 @@ class ApiClient:
         self._json("DELETE", f"/datasets/{dataset_id}")
 
     # --- jobs
-    def create_job(self, body: dict) -> dict:
-        return self._json("POST", "/jobs", json=body)
+    # A creation or a preflight may wait its team's turn (60 s), then a preflight process (30 s), then
+    # the preflight itself (60 s at most) before the server answers: read for longer than that.
+    PREFLIGHTED = httpx.Timeout(60, read=180)
+
+    def create_job(self, body: dict, *, tries: int = CREATE_TRIES, backoff_s: float = 1.0) -> dict:
+        """POST /jobs with an Idempotency-Key of its own, sent again with the same key when the answer
+        is lost (the connection dropped, a read timed out, a proxy's 502/503/504): the server answers
+        a repeat with the job the first try made, so a lost answer never makes a second job."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for attempt in range(1, tries + 1):
+            try:
+                response = self._http.post("/jobs", json=body, headers=headers, timeout=self.PREFLIGHTED)
+            except httpx.TransportError as exc:
+                if attempt == tries:
+                    raise _unreachable(self.url, exc) from None
+            else:
+                if response.status_code not in RETRIED_STATUSES or attempt == tries:
+                    _raise_for_error(response)
+                    return response.json()
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def preflight_job(self, body: dict) -> dict:
-        return self._json("POST", "/jobs/preflight", json=body, timeout=httpx.Timeout(120))
+        return self._json("POST", "/jobs/preflight", json=body, timeout=self.PREFLIGHTED)
 
     def list_jobs(self, status: str | None = None, limit: int = 20) -> list[dict]:
         params = {"limit": limit} | ({"status": status} if status else {})

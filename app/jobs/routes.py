@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from app.conditional import POLLED, json_answer, polled
 from app.db import read_only
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep, TeamTurnDep
-from app.jobs import service
+from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
+from app.jobs import idempotency, service
 from app.jobs.schemas import (
     ArtifactOut,
     CheckpointOut,
@@ -41,15 +41,19 @@ CREATE_EXAMPLE = {
 @router.post("", response_model=JobOut, status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}, "examples": {"a job": {"value": CREATE_EXAMPLE}}}}}})
 def create_job(body: Annotated[Any, Body()], request: Request, session: SessionDep, settings: SettingsDep,
-               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep):
+               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep, idempotency_key: IdempotencyKeyHeader = None):
     """The engine's job spec (base_model, quantization, lora, training, output, eval) plus dataset_id,
     an optional validation_dataset_id, name and gpu_class. Answers 201 with the job queued, or 422
     (`preflight_refused`) for a job whose data leaves it nothing to learn (see POST /jobs/preflight).
+    Sent with an `Idempotency-Key` header, the same request sent again within a day answers with the
+    job the first one made (`Idempotent-Replayed: true`) instead of making another.
 
     The body is read as any JSON and validated by the service with JobCreate (the schema shown), so
     one answer names every bad field in the service's words."""
-    return encoded(JobOut.of(service.create(session, settings, caller, body, storage=storage,
-                                            runner=request.app.state.preflight)), status_code=201)
+    keyed = idempotency.requested(idempotency_key, "POST /jobs", body)
+    job, replayed = service.create_once(session, settings, caller, body, keyed, storage=storage,
+                                        runner=request.app.state.preflight)
+    return encoded(JobOut.of(job), status_code=201, replayed=replayed)
 
 
 @router.post("/preflight", response_model=PreflightOut, openapi_extra={"requestBody": {"required": True, "content": {
@@ -98,13 +102,14 @@ def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: 
     return encoded(JobOut.of(service.resume(session, settings, caller, job_id)))
 
 
-def encoded(answer: BaseModel, status_code: int = 200) -> Response:
+def encoded(answer: BaseModel, status_code: int = 200, *, replayed: bool = False) -> Response:
     """A write's answer, encoded in its route's thread. FastAPI validates and encodes a plain `def` route's
     return value in a second trip to the thread pool, after the route and before the request's session
     commits: the row locks the write took (the team's, the job's) are still held. When a burst of requests
     waiting on such a lock holds every thread of the pool, that trip waits for them and they wait for it,
     until the database pool's timeout fails them (500s): measured with 50 concurrent POST /jobs of one team."""
-    return Response(answer.model_dump_json(), status_code=status_code, media_type="application/json")
+    headers = {idempotency.REPLAYED_HEADER: "true"} if replayed else None
+    return Response(answer.model_dump_json(), status_code=status_code, media_type="application/json", headers=headers)
 
 
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=POLLED)

@@ -18,7 +18,7 @@ from app.datasets import service as datasets
 from app.datasets.tables import Dataset
 from app.db import after_commit, read_only, utcnow
 from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
-from app.jobs import lineage, preflight, repository, states
+from app.jobs import idempotency, lineage, preflight, repository, states
 from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
@@ -77,9 +77,28 @@ def _admit(settings: Settings, model: RegisteredModel, spec: JobSpec, meta: dict
                  reference_adapter=keeps_reference_adapter(spec, meta.get("initial_job_id") is not None))
 
 
+def create_once(session: Session, settings: Settings, caller: Caller, body: Any, keyed: idempotency.Keyed | None, *,
+                storage: Storage | None = None, runner: PreflightRunner | None = None) -> tuple[Job, bool]:
+    """create(), once per Idempotency-Key (app/jobs/idempotency.py): the job and whether an earlier
+    request with the same key made it (then nothing is checked or made again)."""
+    if keyed is not None and (earlier := idempotency.earlier_job(session, caller.team_id, keyed)) is not None:
+        return _made(session, caller, earlier), True
+    try:
+        return create(session, settings, caller, body, storage=storage, runner=runner, keyed=keyed), False
+    except idempotency.MadeMeanwhile as meanwhile:  # by the same key through another API process
+        return _made(session, caller, meanwhile.job_id), True
+
+
+def _made(session: Session, caller: Caller, job_id: str) -> Job:
+    job = repository.get(session, caller.team_id, job_id)
+    assert job is not None  # its key is the team's, and a job's key goes with it
+    return job
+
+
 def create(session: Session, settings: Settings, caller: Caller, body: Any, *, storage: Storage | None = None,
-           runner: PreflightRunner | None = None) -> Job:
-    """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and queue."""
+           runner: PreflightRunner | None = None, keyed: idempotency.Keyed | None = None) -> Job:
+    """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and
+    queue; with `keyed`, bind its key to the job (create_once is the way in)."""
     meta, spec = parse_create(body)
     model = _checked_inputs(session, caller, meta, spec)
     admitted = _admit(settings, model, spec, meta)
@@ -87,6 +106,8 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
                else preflight.Checked(None, "preflight not run"))
     if checked.report:
         preflight.refuse_if_it_cannot_learn(checked.report)
+    if keyed is not None:
+        idempotency.check_not_made_meanwhile(session, caller.team_id, keyed)  # takes the team's row
     check_can_queue(session, settings, caller.team_id)  # last: it holds the team's row until the commit
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
@@ -97,6 +118,8 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     )
     session.add(job)
     session.flush()
+    if keyed is not None:
+        idempotency.bind(session, caller.team_id, keyed, job.id)
     repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}; {admitted.note}",
                          data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
                                "estimated_resident_bytes": admitted.estimate.resident if admitted.estimate else None,

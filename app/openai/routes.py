@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic_core import to_json
 from sqlalchemy.orm import Session
 
 from app.conditional import POLLED, polled
 from app.datasets import service as datasets
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep, TeamTurnDep
+from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.errors import Invalid, field_errors
+from app.jobs import idempotency
 from app.jobs import service as jobs
 from app.jobs.tables import JobEvent
 from app.openai import translate as t
@@ -79,12 +80,15 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller:
 
 @router.post("/fine_tuning/jobs")
 def create_job(body: Annotated[dict[str, Any], Body()], request: Request, session: SessionDep, settings: SettingsDep,
-               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep):
+               storage: StorageDep, caller: CallerDep, _turn: TeamTurnDep, idempotency_key: IdempotencyKeyHeader = None):
     """OpenAI's create body; `lora`, `quantization`, `training`, `output` and `eval` (the SDK's extra_body)
-    set what OpenAI's hyperparameters do not cover."""
-    job = jobs.create(session, settings, caller, t.job_body(body, settings.max_micro_batch), storage=storage,
-                      runner=request.app.state.preflight)
-    return t.job_object(job, caller.team_name)
+    set what OpenAI's hyperparameters do not cover. An `Idempotency-Key` header (the SDK's extra_headers)
+    makes the request safe to send again, as on POST /jobs."""
+    keyed = idempotency.requested(idempotency_key, "POST /v1/fine_tuning/jobs", body)
+    job, replayed = jobs.create_once(session, settings, caller, t.job_body(body, settings.max_micro_batch), keyed,
+                                     storage=storage, runner=request.app.state.preflight)
+    answer = t.job_object(job, caller.team_name)
+    return JSONResponse(answer, headers={idempotency.REPLAYED_HEADER: "true"}) if replayed else answer
 
 
 @router.get("/fine_tuning/jobs", responses=POLLED)
