@@ -304,7 +304,8 @@ def print_preflight(answer: dict) -> None:
             ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}"),
             ("rows with special tokens in message text", lambda d: f"{d['rows_with_special_tokens']:,}"),
             ("rows repeating an earlier row", lambda d: f"{d['duplicate_rows']:,}"),
-            ("rows also in the train set", lambda d: f"{d['rows_in_train']:,}" if "rows_in_train" in d else "")]
+            ("rows also in the train set", lambda d: f"{d['rows_in_train']:,}" if "rows_in_train" in d else ""),
+            ("rows asking a train row's prompt", lambda d: f"{d['prompts_in_train']:,}" if "prompts_in_train" in d else "")]
     for label, cell in rows:
         table.add_row(label, *[cell(data) for _, data in sets if data])
     print_table(table)

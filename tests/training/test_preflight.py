@@ -127,21 +127,30 @@ def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_
     rows = [chat(f"What does animal {i} say?", f"Sound {i}.") for i in range(10)]
     differs_in_weight = {"messages": [*rows[0]["messages"][:1], {**rows[0]["messages"][1], "weight": 0},
                                       *chat("And?", "Done.")["messages"]]}
-    train = write("train.jsonl", [*rows, rows[1], rows[4], differs_in_weight])  # lines 11, 12 repeat 2, 5
-    validation = write("validation.jsonl", [rows[3], chat("Something new?", "Yes."), rows[3]])
+    respaced = chat("what  does ANIMAL 6 say?\n", " Sound 6.")  # line 14: repeats line 7 up to case and spacing
+    train = write("train.jsonl", [*rows, rows[1], rows[4], differs_in_weight, respaced])  # lines 11, 12 repeat 2, 5
+    validation = write("validation.jsonl", [rows[3], chat("Something new?", "Yes."), rows[3],
+                                            chat("What does animal 8 SAY?", "A new sound."),  # asks as train line 9
+                                            chat("What does animal 8 say? Loudly.", "Sound 8.")])  # asks something else
     report = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir, train,
                        validation_path=validation)
-    assert report["train"]["duplicate_rows"] == 2 and report["train"]["duplicate_lines"] == [[11, 2], [12, 5]]
-    assert "rows_in_train" not in report["train"]
+    assert report["train"]["duplicate_rows"] == 3
+    assert report["train"]["duplicate_lines"] == [[11, 2], [12, 5], [14, 7]]
+    assert "rows_in_train" not in report["train"] and "prompts_in_train" not in report["train"]
     assert report["validation"]["rows_in_train"] == 2 and report["validation"]["rows_in_train_lines"] == [[1, 4], [3, 4]]
+    # Rows also in train are not counted again as prompts in train.
+    assert report["validation"]["prompts_in_train"] == 1 and report["validation"]["prompts_in_train_lines"] == [[4, 9]]
     assert report["validation"]["duplicate_rows"] == 1
-    assert any(w.startswith("2 of 13 rows (15%) repeat an earlier row word for word (line 11 repeats line 2, "
-                            "line 12 repeats line 5)") for w in report["warnings"])
-    assert any(w.startswith("2 of 3 validation rows (67%) are also in the train set (line 1 is train line 4, "
+    assert any(w.startswith("3 of 14 rows (21%) repeat an earlier row, up to case and spacing (line 11 repeats line 2, "
+                            "line 12 repeats line 5, line 14 repeats line 7)") for w in report["warnings"])
+    assert any(w.startswith("2 of 5 validation rows (40%) are also in the train set (line 1 is train line 4, "
                             "line 3 is train line 4)") for w in report["warnings"])
+    assert any(w.startswith("1 of 5 validation rows (20%) ask what a train row asks, with another answer "
+                            "(line 4 asks as train line 9)") for w in report["warnings"])
 
-    # Distinct rows, and a validation set apart from them (the demo's): neither warning.
+    # Distinct rows, and a validation set apart from them (the demo's): no warning.
     clean = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64)), tiny_model_dir,
                       write("clean.jsonl", rows), validation_path=write("apart.jsonl", [chat("Something new?", "Yes.")]))
     assert clean["train"]["duplicate_rows"] == 0 and clean["validation"]["rows_in_train"] == 0
+    assert clean["validation"]["prompts_in_train"] == 0
     assert clean["warnings"] == []

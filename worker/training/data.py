@@ -64,6 +64,16 @@ class Example:
     chosen: str | None = None
     rejected: str | None = None
 
+    def prompt(self) -> tuple[Message, ...] | None:
+        """What the row asks: its messages before its last assistant turn (a preference row: all of them,
+        its answers are apart). None for a text row, which asks nothing. The eval report prompts with it."""
+        if self.text is not None:
+            return None
+        if self.chosen is not None:
+            return self.messages
+        last = max(i for i, m in enumerate(self.messages) if m.role == "assistant")  # a chat row ends with one
+        return self.messages[:last]
+
 
 @dataclass(frozen=True)
 class LineError:

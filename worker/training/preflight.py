@@ -68,12 +68,16 @@ class SetReport:
     special_token_lines: list[int] = field(default_factory=list)
     special_tokens_found: dict[str, int] = field(default_factory=dict)
     rows_with_special_tokens_in_answers: int = 0
-    # rows identical to an earlier row of the same set (each [line, the earlier line], the first few)
+    # rows that say what an earlier row of the same set says, up to case and spacing (each [line, the earlier
+    # line], the first few)
     duplicate_rows: int = 0
     duplicate_lines: list[list[int]] = field(default_factory=list)
-    # validation only: rows identical to a row of the train set (each [line, the train line], the first few)
+    # validation only: rows a train row says too (each [line, the train line], the first few), and rows that ask
+    # what a train row asks with another answer (the eval report prompts with what they ask)
     rows_in_train: int | None = None
     rows_in_train_lines: list[list[int]] = field(default_factory=list)
+    prompts_in_train: int | None = None
+    prompts_in_train_lines: list[list[int]] = field(default_factory=list)
     format: str = ""  # the dataset's format, as read
 
     @property
@@ -85,7 +89,7 @@ class SetReport:
         if self.rows_without_eos_by_side is None:  # an sft set
             del out["rows_without_eos_by_side"]
         if self.rows_in_train is None:  # the train set itself
-            del out["rows_in_train"], out["rows_in_train_lines"]
+            del out["rows_in_train"], out["rows_in_train_lines"], out["prompts_in_train"], out["prompts_in_train_lines"]
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -104,8 +108,8 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
     setup = prepare_tokenizer(tokenizer)
     t = spec.training
     with _collector_paused():
-        train, shown, train_rows = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
-        validation = (_measure(validation_path, tokenizer, spec, 0, train_rows=train_rows)[0]
+        train, shown, train_said = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
+        validation = (_measure(validation_path, tokenizer, spec, 0, train=train_said)[0]
                       if validation_path else None)
     report = {
         "train": train.as_dict(),
@@ -142,14 +146,14 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train_rows: dict[tuple, int] | None = None,
-             ) -> tuple[SetReport, list[dict], dict[tuple, int]]:
-    """A set's report, its first `examples` rows token by token, and its rows (what each says → its first line).
-    With `train_rows` (a validation set's), also the rows found in the train set."""
+def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | None = None,
+             ) -> tuple[SetReport, list[dict], Said]:
+    """A set's report, its first `examples` rows token by token, and what its rows say and ask. With `train`
+    (what the train set says: a validation set's), also the rows and prompts found in the train set."""
     data = read_jsonl(path)
     if data.format not in METHOD_FORMATS[spec.method.type]:
         # preflight refuses it, naming the format the method needs
-        return SetReport(rows_in_file=len(data.examples), format=data.format), [], {}
+        return SetReport(rows_in_file=len(data.examples), format=data.format), [], Said()
     t = spec.training
     read = data.examples[:MAX_ROWS]
     # Counted as the recipe's encode_examples / encode_preferences count, without keeping the rows they keep.
@@ -167,9 +171,9 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train_rows: dict[
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
                        rows_without_eos_by_side=stats.eos_cut, format=data.format)
     _count_special_tokens(report, read, tokenizer)
-    rows = _count_repeats(report, read, train_rows)
+    said = _count_repeats(report, read, train)
     # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
-    return report, [_shown(example, tokenizer, spec) for example in read[:examples]], rows
+    return report, [_shown(example, tokenizer, spec) for example in read[:examples]], said
 
 
 def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer) -> None:
@@ -198,24 +202,55 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
     report.special_tokens_found = dict(found.most_common())
 
 
-def _count_repeats(report: SetReport, examples: Sequence[Example], train_rows: dict[tuple, int] | None) -> dict[tuple, int]:
-    """Rows that say exactly what an earlier row of the set says, and (a validation set's) rows the train set
-    holds too. Returns the set's rows: what each says → the first line saying it."""
-    rows: dict[tuple, int] = {}
-    if train_rows is not None:
-        report.rows_in_train = 0
+@dataclass
+class Said:
+    """What a set's rows say (up to case and spacing) and ask, each with the first line saying or asking it."""
+
+    rows: dict[tuple, int] = field(default_factory=dict)
+    prompts: dict[tuple, int] = field(default_factory=dict)
+
+
+def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said | None) -> Said:
+    """Rows that say what an earlier row of the set says, and (a validation set's) rows the train set holds too
+    or whose prompt a train row asks. Case and spacing do not count: "What  does a cow say?" repeats "what
+    does a cow say?". Returns what the set says."""
+    said = Said()
+    if train is not None:
+        report.rows_in_train = report.prompts_in_train = 0
     for example in examples:
-        said = (example.messages, example.text, example.chosen, example.rejected)  # all but the line
-        first = rows.setdefault(said, example.line)
+        row = _plain(example)
+        first = said.rows.setdefault(row, example.line)
         if first != example.line:
             report.duplicate_rows += 1
-            if len(report.duplicate_lines) < LINES_SHOWN:
-                report.duplicate_lines.append([example.line, first])
-        if train_rows is not None and (in_train := train_rows.get(said)) is not None:
+            _note(report.duplicate_lines, example.line, first)
+        prompt = example.prompt()
+        asked = None if prompt is None else tuple((m.role, _plain_text(m.content)) for m in prompt)
+        if asked is not None:
+            said.prompts.setdefault(asked, example.line)
+        if train is None:
+            continue
+        if (in_train := train.rows.get(row)) is not None:
             report.rows_in_train = (report.rows_in_train or 0) + 1
-            if len(report.rows_in_train_lines) < LINES_SHOWN:
-                report.rows_in_train_lines.append([example.line, in_train])
-    return rows
+            _note(report.rows_in_train_lines, example.line, in_train)
+        elif asked is not None and (asked_in_train := train.prompts.get(asked)) is not None:
+            report.prompts_in_train = (report.prompts_in_train or 0) + 1
+            _note(report.prompts_in_train_lines, example.line, asked_in_train)
+    return said
+
+
+def _plain(example: Example) -> tuple:
+    """What a row says, all but its line, with case and spacing set aside."""
+    return (tuple((m.role, _plain_text(m.content), m.weight) for m in example.messages),
+            *(None if text is None else _plain_text(text) for text in (example.text, example.chosen, example.rejected)))
+
+
+def _plain_text(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _note(pairs: list[list[int]], line: int, other: int) -> None:
+    if len(pairs) < LINES_SHOWN:
+        pairs.append([line, other])
 
 
 def _shown(example: Example, tokenizer, spec: JobSpec) -> dict:
@@ -306,14 +341,20 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
                         "the text must show them")
     if train.rows and train.duplicate_rows / train.rows >= DUPLICATE_WARNING:
         warnings.append(f"{train.duplicate_rows:,} of {train.rows:,} rows{scope} ({train.duplicate_rows / train.rows:.0%}) "
-                        f"repeat an earlier row word for word ({_pairs(train.duplicate_lines, 'repeats line')}): each epoch trains on "
-                        "them as many times as they appear; drop the repeats unless the weight is meant")
+                        f"repeat an earlier row, up to case and spacing ({_pairs(train.duplicate_lines, 'repeats line')}): each "
+                        "epoch trains on them as many times as they appear; drop the repeats unless the weight is meant")
     if validation is not None and validation.rows_in_train:
         share = validation.rows_in_train / validation.rows
         warnings.append(f"{validation.rows_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) are also in the "
                         f"train set ({_pairs(validation.rows_in_train_lines, 'is train line')}): the eval "
                         "loss, early stopping, the best checkpoint and the report's scores measure recall on them, not "
                         "what the model learned; take them out of one set")
+    if validation is not None and validation.prompts_in_train:
+        share = validation.prompts_in_train / validation.rows
+        warnings.append(f"{validation.prompts_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) ask what a "
+                        f"train row asks, with another answer ({_pairs(validation.prompts_in_train_lines, 'asks as train line')}): "
+                        "the model trains on those prompts, so its eval loss and the report's answers on them flatter "
+                        "it; keep each prompt in one set")
     if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
         warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
     if train.rows < train.rows_in_file:

@@ -189,11 +189,11 @@ def _sampled_prompt(example: Example, max_new_tokens: int, tokenizer, limit: int
                               ids=ids[:half])
         reference = tokenizer.decode(ids[half:half + max_new_tokens], skip_special_tokens=True)
         return Prompt(prompt.shown, prompt.input_ids, reference, example.line, prompt.truncated)
-    messages = [{"role": m.role, "content": m.content} for m in example.messages]
-    if example.chosen is not None:  # a preference row: its messages are the prompt, the preferred answer the reference
-        return _chat_prompt(messages, example.chosen, example.line, tokenizer, limit)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")  # a chat row ends with one
-    return _chat_prompt(messages[:last], messages[last]["content"], example.line, tokenizer, limit)
+    prompt = example.prompt()
+    assert prompt is not None  # a text row returned above
+    # A preference row's reference is its preferred answer; a chat row's, the last assistant turn after its prompt.
+    reference = example.chosen if example.chosen is not None else example.messages[len(prompt)].content
+    return _chat_prompt([{"role": m.role, "content": m.content} for m in prompt], reference, example.line, tokenizer, limit)
 
 
 def _chat_prompt(messages: list[dict], reference: str | None, line: int | None, tokenizer, limit: int) -> Prompt:

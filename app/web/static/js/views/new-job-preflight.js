@@ -63,6 +63,7 @@ function setsTable(report) {
     ["Rows with special tokens in message text", (s) => fmt.int(s.rows_with_special_tokens), (s) => s.rows_with_special_tokens > 0],
     ["Rows repeating an earlier row", (s) => fmt.int(s.duplicate_rows), (s) => s.duplicate_rows > 0],
     ["Rows also in the train set", (s) => fmt.int(s.rows_in_train), (s) => s.rows_in_train > 0],
+    ["Rows asking a train row's prompt", (s) => fmt.int(s.prompts_in_train), (s) => s.prompts_in_train > 0],
     ["Tokens per row (min / median / p95 / max)", (s) => (s.lengths && s.lengths.min !== undefined
       ? `${s.lengths.min} / ${s.lengths.median} / ${s.lengths.p95} / ${s.lengths.max}` : "—")],
   ];
