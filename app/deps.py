@@ -104,10 +104,10 @@ async def team_turn(request: Request, caller: CallerDep) -> AsyncIterator[None]:
 
 TeamTurnDep = Annotated[None, Depends(team_turn)]
 
-# A job creation's key (app/jobs/idempotency.py), declared so /docs and generated clients show it.
+# A creation's key (app/idempotency/), declared so /docs and generated clients show it.
 IdempotencyKeyHeader = Annotated[str | None, Header(
     description="Makes the request safe to send again: the same key, from your team, to this endpoint, within "
-                "24 hours, answers with the job the first request made (Idempotent-Replayed: true). "
+                "24 hours, answers with what the first request made (Idempotent-Replayed: true). "
                 "1-255 visible ASCII characters; a UUID does.")]
 
 

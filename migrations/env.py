@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import app.datasets.tables  # noqa: F401  (each domain's tables register on Base.metadata)
+import app.idempotency.tables  # noqa: F401
 import app.jobs.tables  # noqa: F401
 import app.models.tables  # noqa: F401
 import app.operations.tables  # noqa: F401

@@ -99,12 +99,38 @@ class ApiClient:
         self.close()
 
     # --- datasets
-    def upload_dataset(self, path: Path, on_progress: Progress | None = None) -> dict:
-        body, headers = multipart_file_body(path, on_progress)
-        # No read timeout while the body is sent: the server validates as it stores, and a slow
-        # link must not abort a 2 GiB upload halfway.
-        return self._json("POST", "/datasets", content=body, headers=headers,
-                          timeout=httpx.Timeout(60, read=None, write=None))
+    def upload_dataset(self, path: Path, on_progress: Progress | None = None, *, tries: int = CREATE_TRIES,
+                       backoff_s: float = 1.0) -> dict:
+        """POST /datasets, streamed, with an Idempotency-Key: sent again (the bar starts over) when the
+        connection could not be made, or the whole file went and its answer was lost; not when the
+        upload broke off halfway (a refusal, or a link that broke: sending gigabytes again is the
+        user's call). A repeat is answered with the dataset the first try recorded."""
+        state = {"sent": 0, "whole": False}
+
+        def counted(moved: int) -> None:
+            state["sent"] += moved
+            if on_progress:
+                on_progress(moved)
+
+        def send(headers: dict[str, str]) -> httpx.Response:
+            state.update(sent=0, whole=False)
+            chunks, form = multipart_file_body(path, counted)
+
+            def body() -> Iterator[bytes]:
+                yield from chunks
+                state["whole"] = True
+
+            # No read timeout while the body is sent: the server validates as it stores, and a slow
+            # link must not abort a 2 GiB upload halfway.
+            return self._http.post("/datasets", content=body(), headers={**form, **headers},
+                                   timeout=httpx.Timeout(60, read=None, write=None))
+
+        def again(exc: Exception | None) -> bool:
+            if on_progress and state["sent"]:
+                on_progress(-state["sent"])
+            return exc is None or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) or bool(state["whole"])
+
+        return self._once(send, tries=tries, backoff_s=backoff_s, again=again)
 
     def list_datasets(self, limit: int = 50) -> list[dict]:
         return self._json("GET", "/datasets", params={"limit": limit})["data"]
@@ -121,18 +147,27 @@ class ApiClient:
     PREFLIGHTED = httpx.Timeout(60, read=180)
 
     def create_job(self, body: dict, *, tries: int = CREATE_TRIES, backoff_s: float = 1.0) -> dict:
-        """POST /jobs with an Idempotency-Key of its own, sent again with the same key when the answer
-        is lost (the connection dropped, a read timed out, a proxy's 502/503/504): the server answers
-        a repeat with the job the first try made, so a lost answer never makes a second job."""
+        """POST /jobs, sent again when its answer is lost (the connection dropped, a read timed out, a
+        proxy's 502/503/504): a repeat is answered with the job the first try made."""
+        return self._once(lambda headers: self._http.post("/jobs", json=body, headers=headers, timeout=self.PREFLIGHTED),
+                          tries=tries, backoff_s=backoff_s)
+
+    def _once(self, send: Callable[[dict[str, str]], httpx.Response], *, tries: int, backoff_s: float,
+              again: Callable[[Exception | None], bool] = lambda _: True) -> Any:
+        """A creation sent with an Idempotency-Key of its own, and sent again with the same key (1, 2, 4 s
+        apart) when it failed in transit or a proxy answered 502/503/504 and `again` agrees (it is told the
+        transport error, or None for such an answer): the server answers a repeat with what the first
+        try made, so a lost answer never makes a second one."""
         headers = {"Idempotency-Key": str(uuid.uuid4())}
         for attempt in range(1, tries + 1):
+            last = attempt == tries
             try:
-                response = self._http.post("/jobs", json=body, headers=headers, timeout=self.PREFLIGHTED)
+                response = send(headers)
             except httpx.TransportError as exc:
-                if attempt == tries:
+                if last or not again(exc):
                     raise _unreachable(self.url, exc) from None
             else:
-                if response.status_code not in RETRIED_STATUSES or attempt == tries:
+                if last or response.status_code not in RETRIED_STATUSES or not again(None):
                     _raise_for_error(response)
                     return response.json()
             time.sleep(backoff_s * 2 ** (attempt - 1))

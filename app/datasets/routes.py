@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.datasets import service
 from app.datasets.schemas import DatasetOut, DatasetPage
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
+from app.idempotency import service as idempotency
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -15,13 +16,16 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["file"],
                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
-async def upload_dataset(request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-                         caller: CallerDep):
+async def upload_dataset(request: Request, response: Response, session: SessionDep, storage: StorageDep,
+                         settings: SettingsDep, caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None):
     """Upload a JSONL file (multipart field `file`). It is streamed to storage and every line is
     validated; the answer says `ready`, or `invalid` with the first bad lines and their numbers.
     The body is counted as it arrives (413 past QLORA_MAX_UPLOAD_BYTES, with or without a
     Content-Length), and the form around the file is small: at most 16 other fields, 64 KiB in all."""
-    return await service.upload(session, storage, settings, caller, request)
+    dataset, replayed = await service.upload(session, storage, settings, caller, request, idempotency_key=idempotency_key)
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    return dataset
 
 
 @router.get("", response_model=DatasetPage)

@@ -15,6 +15,7 @@ from app.datasets import repository
 from app.datasets.tables import Dataset
 from app.db import after_commit, on_rollback, release_connection
 from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from app.idempotency import service as idempotency
 from app.jobs.states import ACTIVE
 from app.pagination import Page, page
 from app.quotas import service as quotas
@@ -82,9 +83,12 @@ class DatasetIngest(Generic[SinkT]):
 
 
 async def upload(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request,
-                 check_fields: Callable[[dict[str, str]], None] | None = None) -> Dataset:
+                 check_fields: Callable[[dict[str, str]], None] | None = None, *, idempotency_key: str | None = None,
+                 scope: str = "POST /datasets") -> tuple[Dataset, bool]:
     """Stream a multipart upload to storage and record it. `check_fields` may refuse the request
     on its other form fields (they can come after the file): the stored bytes are then dropped.
+    Returns the dataset and whether an earlier upload with the same Idempotency-Key made it (the
+    same file, name and fields: app/idempotency/); then this copy is dropped and nothing is recorded.
 
     The team's storage quota is read first: a team at its limit, or a body declared larger than what
     is left, is refused before a byte of it is read; a body that declares no length is cut off where
@@ -92,6 +96,7 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
 
     The session has only authenticated the caller so far. Its connection goes back to the pool
     while the body streams (a slow client can take minutes), and a new one is taken to record."""
+    idempotency.checked_key(idempotency_key)  # before a byte of the body is read
     room = await run_in_threadpool(quotas.storage_room, session, settings, caller.team_id)
     await run_in_threadpool(release_connection, session)
     if room is not None:
@@ -117,14 +122,24 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
         if ingest:
             ingest[0].writer.abort()  # nothing of a refused or broken upload is kept
         raise
+    keyed = idempotency.requested(idempotency_key, scope, {"filename": filename[0], "sha256": stored.sha256,
+                                                           "fields": fields})
     return await run_in_threadpool(_record, session, storage, settings, caller, ingest[0].validator, stored,
-                                   filename[0])
+                                   filename[0], keyed)
 
 
-def _record(session, storage, settings, caller, validator: DatasetValidator, stored, filename: str) -> Dataset:
+def _record(session, storage, settings, caller, validator: DatasetValidator, stored, filename: str,
+            keyed: idempotency.Keyed | None) -> tuple[Dataset, bool]:
     # The object is stored; if the row is never committed (refused here, or the request fails later),
     # the object must go too.
     on_rollback(session, lambda: storage.delete(stored.key))
+    if keyed is not None:
+        try:
+            idempotency.check_not_made_meanwhile(session, caller.team_id, keyed)  # takes the team's row
+        except idempotency.MadeMeanwhile as earlier:  # sent before: its dataset is the answer, this copy goes
+            storage.delete(stored.key)
+            assert earlier.made.dataset_id is not None  # a key of an upload endpoint made a dataset
+            return get(session, caller, earlier.made.dataset_id), True
     quotas.check_storage_fits(session, settings, caller.team_id, stored.size)
     fmt: str | None
     try:
@@ -141,7 +156,9 @@ def _record(session, storage, settings, caller, validator: DatasetValidator, sto
     )
     session.add(dataset)
     session.flush()
-    return dataset
+    if keyed is not None:
+        idempotency.bind(session, caller.team_id, keyed, dataset_id=dataset.id)
+    return dataset, False
 
 
 def get(session: Session, caller: Caller, dataset_id: str) -> Dataset:

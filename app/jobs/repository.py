@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from app.jobs import states
-from app.jobs.tables import Artifact, Checkpoint, IdempotencyKey, Job, JobEvent, JobMetric, QuantizedBase
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first, newest_first_shape, newest_first_values
 
 
@@ -85,19 +85,6 @@ def _page_of(query: Select, status: str | None, cursor: str | None, limit: int) 
     if status:
         query = query.where(Job.status == status)
     return newest_first(query, Job, cursor, limit)
-
-
-def idempotency_key(session: Session, team_id: str, scope: str, key: str) -> IdempotencyKey | None:
-    return session.get(IdempotencyKey, (team_id, scope, key))
-
-
-def add_idempotency_key(session: Session, team_id: str, scope: str, key: str, request_sha256: str, job_id: str) -> None:
-    session.add(IdempotencyKey(team_id=team_id, scope=scope, key=key, request_sha256=request_sha256, job_id=job_id))
-
-
-def forget_idempotency_keys(session: Session, team_id: str, made_before: datetime) -> None:
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.team_id == team_id,
-                                                 IdempotencyKey.created_at < made_before))
 
 
 def transition(session: Session, job_id: str, to: str, *, attempt: int | None = None,

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 from app.conditional import POLLED, json_answer, polled
 from app.db import read_only
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
-from app.jobs import idempotency, service
+from app.idempotency import service as idempotency
+from app.jobs import service
 from app.jobs.schemas import (
     ArtifactOut,
     CheckpointOut,

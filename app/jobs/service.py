@@ -18,7 +18,8 @@ from app.datasets import service as datasets
 from app.datasets.tables import Dataset
 from app.db import after_commit, read_only, utcnow
 from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
-from app.jobs import idempotency, lineage, preflight, repository, states
+from app.idempotency import service as idempotency
+from app.jobs import lineage, preflight, repository, states
 from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
@@ -79,19 +80,19 @@ def _admit(settings: Settings, model: RegisteredModel, spec: JobSpec, meta: dict
 
 def create_once(session: Session, settings: Settings, caller: Caller, body: Any, keyed: idempotency.Keyed | None, *,
                 storage: Storage | None = None, runner: PreflightRunner | None = None) -> tuple[Job, bool]:
-    """create(), once per Idempotency-Key (app/jobs/idempotency.py): the job and whether an earlier
-    request with the same key made it (then nothing is checked or made again)."""
-    if keyed is not None and (earlier := idempotency.earlier_job(session, caller.team_id, keyed)) is not None:
+    """create(), once per Idempotency-Key (app/idempotency/): the job and whether an earlier request with
+    the same key made it (then nothing is checked or made again)."""
+    if keyed is not None and (earlier := idempotency.earlier(session, caller.team_id, keyed)) is not None:
         return _made(session, caller, earlier), True
     try:
         return create(session, settings, caller, body, storage=storage, runner=runner, keyed=keyed), False
     except idempotency.MadeMeanwhile as meanwhile:  # by the same key through another API process
-        return _made(session, caller, meanwhile.job_id), True
+        return _made(session, caller, meanwhile.made), True
 
 
-def _made(session: Session, caller: Caller, job_id: str) -> Job:
-    job = repository.get(session, caller.team_id, job_id)
-    assert job is not None  # its key is the team's, and a job's key goes with it
+def _made(session: Session, caller: Caller, made: idempotency.Made) -> Job:
+    job = repository.get(session, caller.team_id, made.job_id) if made.job_id else None
+    assert job is not None  # the key is the team's and of a job endpoint, and goes with its job
     return job
 
 
@@ -119,7 +120,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     session.add(job)
     session.flush()
     if keyed is not None:
-        idempotency.bind(session, caller.team_id, keyed, job.id)
+        idempotency.bind(session, caller.team_id, keyed, job_id=job.id)
     repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}; {admitted.note}",
                          data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
                                "estimated_resident_bytes": admitted.estimate.resident if admitted.estimate else None,

@@ -56,21 +56,6 @@ class Job(IdMixin, Base):
     preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
-class IdempotencyKey(Base):
-    """A job creation's Idempotency-Key (app/jobs/idempotency.py): for a day, the same key sent again by the
-    same team to the same endpoint is answered with the job it made, not a second job."""
-
-    __tablename__ = "idempotency_keys"
-    __table_args__ = (Index("ix_idempotency_keys_team_created", "team_id", "created_at"),)
-
-    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
-    scope: Mapped[str] = mapped_column(String(50), primary_key=True)  # the endpoint: "POST /jobs", ...
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    request_sha256: Mapped[str] = mapped_column(String(64))  # of the body: the same key for another job is refused
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-
 class JobAttempt(Base):
     """One attempt of a job on a GPU, from its claim to its end (finished, paused, preempted, or its
     worker lost): the usage ledger. A pause ends an attempt and a resume starts the next, so paused

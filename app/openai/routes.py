@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic_core import to_json
 from sqlalchemy.orm import Session
@@ -14,7 +14,7 @@ from app.conditional import POLLED, polled
 from app.datasets import service as datasets
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.errors import Invalid, field_errors
-from app.jobs import idempotency
+from app.idempotency import service as idempotency
 from app.jobs import service as jobs
 from app.jobs.tables import JobEvent
 from app.openai import translate as t
@@ -33,15 +33,18 @@ def _list(data: list[dict], rows: Page) -> dict:
 
 
 @router.post("/files")
-async def create_file(request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-                      caller: CallerDep):
+async def create_file(request: Request, response: Response, session: SessionDep, storage: StorageDep,
+                      settings: SettingsDep, caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None):
     """multipart: `file` (JSONL) and `purpose` = fine-tune. Validated line by line while it streams."""
     def purpose_is_fine_tune(fields: dict[str, str]) -> None:
         if fields.get("purpose") != "fine-tune":
             raise Invalid(f"purpose must be 'fine-tune', got {fields.get('purpose')!r}",
                           details=field_errors([("purpose", "must be 'fine-tune'")]))
 
-    dataset = await datasets.upload(session, storage, settings, caller, request, check_fields=purpose_is_fine_tune)
+    dataset, replayed = await datasets.upload(session, storage, settings, caller, request, check_fields=purpose_is_fine_tune,
+                                              idempotency_key=idempotency_key, scope="POST /v1/files")
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     return t.file_object(dataset)
 
 

@@ -1,4 +1,4 @@
-"""idempotency keys: a job creation sent again with the same Idempotency-Key answers with the same job
+"""idempotency keys: a creation sent again with the same Idempotency-Key answers with what it made
 
 Revision ID: 0015
 Revises: 0014
@@ -21,8 +21,10 @@ def upgrade() -> None:
         sa.Column('scope', sa.String(length=50), nullable=False),
         sa.Column('key', sa.String(length=255), nullable=False),
         sa.Column('request_sha256', sa.String(length=64), nullable=False),
-        sa.Column('job_id', sa.String(length=32), nullable=False),
+        sa.Column('job_id', sa.String(length=32), nullable=True),
+        sa.Column('dataset_id', sa.String(length=32), nullable=True),
         sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['team_id'], ['teams.id'], ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('team_id', 'scope', 'key'),

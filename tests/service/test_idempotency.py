@@ -1,6 +1,7 @@
-"""Idempotency-Key on job creation (app/jobs/idempotency.py): a creation sent again with the same key
-answers with the job the first made, through the native API, the openai SDK and the CLI's client,
-and under a race of two API processes; another body, a bad key, another team or an old key do not."""
+"""Idempotency-Key on the creations (app/idempotency/): a job creation or an upload sent again with the
+same key answers with what the first made, through the native API, the openai SDK and the CLI's
+client, and under a race of two API processes; another request, a bad key, another team or an old key
+do not."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from app.cli.api_client import ApiClient
 from app.config import Settings
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for, utcnow
-from app.jobs import idempotency
+from app.idempotency import service as idempotency
+from app.idempotency.tables import IdempotencyKey
 from app.jobs import service as jobs_service
-from app.jobs.tables import IdempotencyKey, Job
+from app.jobs.tables import Job
 from app.models.tables import RegisteredModel
 from app.teams.service import Caller, create_key, create_team
 from tests.deployment import upload
 from tests.model_configs import LLAMA3_8B
+from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
 
 REPLAYED = idempotency.REPLAYED_HEADER
@@ -237,3 +240,71 @@ def wait_for_a_lock_wait(database_url: str) -> None:
             time.sleep(0.02)
             session.rollback()  # a new snapshot of the statistics each look
 
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def upload_keyed(client, content: bytes, key: str, name: str = "data.jsonl"):
+    return client.post("/datasets", files={"file": (name, content, "application/jsonl")},
+                       headers={"Idempotency-Key": key.encode()})
+
+
+CHAT = b'{"messages": [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "Moo."}]}\n'
+
+
+def test_an_upload_sent_again_with_its_key_answers_with_the_dataset_and_keeps_no_second_copy(deployment, team_a):
+    key = str(uuid.uuid4())
+    first = upload_keyed(team_a, CHAT * 3, key)
+    assert first.status_code == 201 and REPLAYED not in first.headers
+    before = stored_state(deployment)
+    again = upload_keyed(team_a, CHAT * 3, key)
+    assert again.status_code == 201 and again.headers[REPLAYED] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert stored_state(deployment) == before  # no row, no object, no pending part: the copy was dropped
+
+    # Another file, or the same file under another name, with that key: refused, and nothing kept.
+    for content, name in ((CHAT * 4, "data.jsonl"), (CHAT * 3, "other.jsonl")):
+        refused = upload_keyed(team_a, content, key, name)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "idempotency_key_reused"
+        assert first.json()["id"] in refused.json()["error"]["message"]
+        assert stored_state(deployment) == before
+
+
+def test_an_upload_with_a_bad_key_is_refused_before_its_body_and_nothing_is_kept(deployment, team_a):
+    before = stored_state(deployment)
+    refused = upload_keyed(team_a, CHAT, "two words")
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_idempotency_key"
+    assert stored_state(deployment) == before
+
+
+def test_a_file_sent_again_through_the_openai_sdk_with_its_key_is_the_same_file(deployment, demo_data):
+    sdk = OpenAI(base_url=deployment.url + "/v1", api_key=deployment.team_key("sdk-keys"), max_retries=0)
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    with open(demo_data["validation"], "rb") as f:
+        first = sdk.files.with_raw_response.create(file=f, purpose="fine-tune", extra_headers=key)
+    before = stored_state(deployment)
+    with open(demo_data["validation"], "rb") as f:
+        again = sdk.files.with_raw_response.create(file=f, purpose="fine-tune", extra_headers=key)
+    assert again.parse().id == first.parse().id and again.headers[REPLAYED] == "true"
+    assert REPLAYED not in first.headers
+    assert stored_state(deployment) == before
+
+
+def test_the_cli_client_sends_an_upload_again_when_its_answer_is_lost_and_one_dataset_is_kept(deployment, team_a,
+                                                                                             tmp_path):
+    path = tmp_path / "lost.jsonl"
+    path.write_bytes(CHAT * 5)
+    key = team_a.headers["Authorization"].split()[1]
+    served, proxy_url, stop = lossy_proxy(deployment.url)
+    moved: list[int] = []
+    try:
+        datasets_before = stored_state(deployment)[0]
+        with ApiClient(proxy_url, key) as api:
+            dataset = api.upload_dataset(path, on_progress=moved.append, backoff_s=0.05)
+        assert served["connections"] == 2  # the answer was lost once, and the file sent again
+        assert stored_state(deployment)[0] == datasets_before + 1
+        assert dataset["rows"] == 5 and dataset["status"] == "ready"
+        assert sum(moved) == path.stat().st_size  # the bar started over for the second try
+    finally:
+        stop()

@@ -1,0 +1,115 @@
+"""Idempotency-Key on the creations (POST /jobs, POST /datasets, and /v1's jobs and files): a creation
+sent again makes nothing twice.
+
+A script that sends a creation and loses the answer (a timeout, a dropped connection, a proxy's 502)
+cannot tell whether it was made; sent again, it would make another: a second job of hours queued for
+the team's GPUs, a second copy of a dataset counted against its storage. With an `Idempotency-Key`
+header (any 1-255 visible ASCII characters; a UUID does), the same key from the same team to the same
+endpoint, within KEPT, is answered with what the first request made, as it is now, marked
+`Idempotent-Replayed: true`. The same key with another request is refused (422
+`idempotency_key_reused`): it names what it made. A request that failed made nothing and binds
+nothing, so sending it again is a new try. The header follows the IETF draft
+(draft-ietf-httpapi-idempotency-key-header) and Stripe's use of it.
+
+The key is bound in the creation's own transaction, under the team's row lock (quotas.lock_team), so
+two requests with one key at once, through two API processes, make one thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Invalid, field_errors
+from app.idempotency import repository
+from app.quotas.service import lock_team
+from worker.training.spec import excerpt
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+KEPT = timedelta(hours=24)
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+class KeyReused(Invalid):
+    code = "idempotency_key_reused"
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A creation sent with a key: where to (`scope`), the key, and the request's digest."""
+
+    scope: str
+    key: str
+    request_sha256: str
+
+
+@dataclass(frozen=True)
+class Made:
+    """What a key made: a job or a dataset."""
+
+    job_id: str | None
+    dataset_id: str | None
+
+
+class MadeMeanwhile(Exception):  # noqa: N818 (not an error: the answer is what another request made)
+    def __init__(self, made: Made):
+        self.made = made
+
+
+def checked_key(key: str | None) -> str | None:
+    """The key as sent, or Invalid for one that is not 1-255 visible ASCII: an upload checks it before
+    its body is read."""
+    if key is not None and not _KEY.fullmatch(key):
+        raise Invalid(f"{HEADER}: 1 to 255 visible ASCII characters (a UUID does), got {excerpt(key)}",
+                      details=field_errors([(HEADER, "1 to 255 visible ASCII characters, no spaces")]),
+                      code="invalid_idempotency_key")
+    return key
+
+
+def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
+    """The request's key (its Idempotency-Key header), or None when it sent none; Invalid for a key that
+    is not 1-255 visible ASCII. `request` is what identifies the request: a JSON body, or an upload's
+    name and digest."""
+    key = checked_key(key)
+    if key is None:
+        return None
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return Keyed(scope, key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def earlier(session: Session, team_id: str, keyed: Keyed) -> Made | None:
+    """What this key made within KEPT, or None; KeyReused if it came with another request."""
+    bound = repository.get(session, team_id, keyed.scope, keyed.key)
+    if bound is None or bound.created_at < utcnow() - KEPT:
+        return None
+    made = Made(bound.job_id, bound.dataset_id)
+    if bound.request_sha256 != keyed.request_sha256:
+        what = f"job {made.job_id}" if made.job_id else f"dataset {made.dataset_id}"
+        raise KeyReused(f"{HEADER} {excerpt(keyed.key)} was sent at {bound.created_at:%Y-%m-%d %H:%M:%S} UTC with "
+                        f"another request, and made {what}; a new one needs a new key",
+                        details=field_errors([(HEADER, f"already used for {what}")]))
+    return made
+
+
+def check_not_made_meanwhile(session: Session, team_id: str, keyed: Keyed) -> None:
+    """Under the team's lock (taken here, held until the commit): MadeMeanwhile if a request with the
+    same key made its thing since this one first looked."""
+    lock_team(session, team_id)
+    made = earlier(session, team_id, keyed)
+    if made is not None:
+        raise MadeMeanwhile(made)
+
+
+def bind(session: Session, team_id: str, keyed: Keyed, *, job_id: str | None = None,
+         dataset_id: str | None = None) -> None:
+    """The key now names what was made (and the team's keys older than KEPT, this one's old binding too, go)."""
+    repository.forget_older(session, team_id, made_before=utcnow() - KEPT)
+    repository.add(session, team_id, keyed.scope, keyed.key, keyed.request_sha256, job_id=job_id, dataset_id=dataset_id)
