@@ -26,7 +26,7 @@ import httpx
 
 CHUNK_BYTES = 1 << 20  # 1 MiB reads and writes: steady progress, bounded memory for a 2 GiB file
 REDIRECTS = (301, 302, 303, 307, 308)
-CREATE_TRIES = 4  # a job creation whose answer is lost is sent again (1 + 2 + 4 s apart), with the same key
+CREATE_TRIES = 4  # a creation (a job, an upload) whose answer is lost is sent again (1, 2, 4 s apart), with its key
 RETRIED_STATUSES = (502, 503, 504)  # a proxy or a full server that may have passed the request on, or not
 
 Progress = Callable[[int], None]  # called with the bytes just moved
