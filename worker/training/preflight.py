@@ -218,13 +218,15 @@ def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said |
     if train is not None:
         report.rows_in_train = report.prompts_in_train = 0
     for example in examples:
-        row = _plain(example)
+        messages = tuple((m.role, _plain_text(m.content), m.weight) for m in example.messages)
+        row = (messages, *(None if text is None else _plain_text(text)
+                           for text in (example.text, example.chosen, example.rejected)))
         first = said.rows.setdefault(row, example.line)
         if first != example.line:
             report.duplicate_rows += 1
             _note(report.duplicate_lines, example.line, first)
-        prompt = example.prompt()
-        asked = None if prompt is None else tuple((m.role, _plain_text(m.content)) for m in prompt)
+        prompt = example.prompt()  # the first of the messages: each said once, above
+        asked = None if prompt is None else tuple((role, text) for role, text, _ in messages[:len(prompt)])
         if asked is not None:
             said.prompts.setdefault(asked, example.line)
         if train is None:
@@ -238,13 +240,9 @@ def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said |
     return said
 
 
-def _plain(example: Example) -> tuple:
-    """What a row says, all but its line, with case and spacing set aside."""
-    return (tuple((m.role, _plain_text(m.content), m.weight) for m in example.messages),
-            *(None if text is None else _plain_text(text) for text in (example.text, example.chosen, example.rejected)))
-
-
 def _plain_text(text: str) -> str:
+    """Text with case and spacing set aside: what a row says, all but its line, is its messages' and
+    answers' plain texts."""
     return " ".join(text.casefold().split())
 
 
