@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,13 @@ def summary(answers: list[tuple[int, float]]) -> dict:
 
 def run(threads: int, seconds: float, rows: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="qlora-burst-bench-"))
+    try:
+        return _run(work, threads, seconds, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the tiny model and both datasets
+
+
+def _run(work: Path, threads: int, seconds: float, rows: int) -> dict:
     model = build_tiny_model(work / "tiny")
     big, small = work / "big.jsonl", work / "small.jsonl"
     write_dataset(big, rows, turns=3)
