@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
@@ -31,6 +32,14 @@ MAX_LINE_BYTES = 16 * 1024 * 1024  # one row longer than this is a broken file, 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 
 
+class Room(Protocol):
+    """What an upload may store: the team's storage room (quotas.StorageRoom), or a replay's (ReplayRoom)."""
+
+    def check_declared(self, declared_bytes: int | None) -> None: ...
+
+    def check_stream(self, stored_bytes: int) -> None: ...
+
+
 class ByteSink(Protocol):
     size: int
 
@@ -44,10 +53,10 @@ class DatasetIngest(Generic[SinkT]):
     """Takes an upload's bytes as they arrive: stores them, counts them, validates each line.
 
     The sink is the upload's ObjectWriter on the server, and a writer that keeps nothing in the
-    CLI's local check, which runs this same code for its verdict alone. `room`: the team's storage
-    quota, checked before each write, so no byte past it is stored."""
+    CLI's local check, which runs this same code for its verdict alone. `room`: what the upload may
+    store (the team's storage quota), checked before each write, so no byte past it is stored."""
 
-    def __init__(self, writer: SinkT, max_bytes: int, room: quotas.StorageRoom | None = None):
+    def __init__(self, writer: SinkT, max_bytes: int, room: Room | None = None):
         self.writer = writer
         self.max_bytes = max_bytes
         self.room = room
@@ -92,12 +101,13 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
 
     The team's storage quota is read first: a team at its limit, or a body declared larger than what
     is left, is refused before a byte of it is read; a body that declares no length is cut off where
-    it passes the limit.
+    it passes the limit. An upload whose key made a dataset already is bound by that dataset's size
+    instead (ReplayRoom): a replay keeps nothing, so the quota need not have room for it.
 
     The session has only authenticated the caller so far. Its connection goes back to the pool
     while the body streams (a slow client can take minutes), and a new one is taken to record."""
     idempotency.checked_key(idempotency_key)  # before a byte of the body is read
-    room = await run_in_threadpool(quotas.storage_room, session, settings, caller.team_id)
+    room = await run_in_threadpool(_room, session, settings, caller, idempotency_key, scope)
     await run_in_threadpool(release_connection, session)
     if room is not None:
         room.check_declared(declared_file_bytes(request))
@@ -126,6 +136,40 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
                                                            "fields": fields})
     return await run_in_threadpool(_record, session, storage, settings, caller, ingest[0].validator, stored,
                                    filename[0], keyed)
+
+
+@dataclass(frozen=True)
+class ReplayRoom:
+    """What an upload may store whose key made a dataset already: that dataset's bytes and no more.
+    Sent again, the same file is as large, and what it stores is dropped once it is found the same
+    (_record); a larger file cannot be the same, so it is refused as the key's reuse where it passes
+    that size, before a byte more is stored."""
+
+    key: str
+    made: idempotency.Made
+    earlier_bytes: int
+
+    def refused(self, what: str) -> idempotency.KeyReused:
+        return idempotency.reused(self.key, self.made, f"was sent with a file of {format_bytes(self.earlier_bytes)} "
+                                                       f"(this one is {what})")
+
+    def check_declared(self, declared_bytes: int | None) -> None:
+        if declared_bytes is not None and declared_bytes > self.earlier_bytes:
+            raise self.refused(format_bytes(declared_bytes))
+
+    def check_stream(self, stored_bytes: int) -> None:
+        if stored_bytes > self.earlier_bytes:
+            raise self.refused(f"already over {format_bytes(self.earlier_bytes)}")
+
+
+def _room(session: Session, settings: Settings, caller: Caller, key: str | None, scope: str) -> Room | None:
+    """What this upload may store: a replay's room when its key made a dataset, else the team's storage room."""
+    made = idempotency.made_with(session, caller.team_id, scope, key) if key is not None else None
+    if key is not None and made is not None and made.dataset_id is not None:
+        earlier = repository.get(session, caller.team_id, made.dataset_id)
+        if earlier is not None:  # else deleted since it was looked up (its key goes with it)
+            return ReplayRoom(key, made, earlier.bytes)
+    return quotas.storage_room(session, settings, caller.team_id)
 
 
 def _record(session, storage, settings, caller, validator: DatasetValidator, stored, filename: str,

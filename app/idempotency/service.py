@@ -92,11 +92,24 @@ def earlier(session: Session, team_id: str, keyed: Keyed) -> Made | None:
         return None
     made = Made(bound.job_id, bound.dataset_id)
     if bound.request_sha256 != keyed.request_sha256:
-        what = f"job {made.job_id}" if made.job_id else f"dataset {made.dataset_id}"
-        raise KeyReused(f"{HEADER} {excerpt(keyed.key)} was sent at {bound.created_at:%Y-%m-%d %H:%M:%S} UTC with "
-                        f"another request, and made {what}; a new one needs a new key",
-                        details=field_errors([(HEADER, f"already used for {what}")]))
+        raise reused(keyed.key, made, f"was sent at {bound.created_at:%Y-%m-%d %H:%M:%S} UTC with another request")
     return made
+
+
+def reused(key: str, made: Made, how: str) -> KeyReused:
+    """The refusal of a key sent with another request than the one that made `made`; `how` says how it differs."""
+    what = f"job {made.job_id}" if made.job_id else f"dataset {made.dataset_id}"
+    return KeyReused(f"{HEADER} {excerpt(key)} {how}, and made {what}; a new one needs a new key",
+                     details=field_errors([(HEADER, f"already used for {what}")]))
+
+
+def made_with(session: Session, team_id: str, scope: str, key: str) -> Made | None:
+    """What this key made within KEPT, whatever request made it: an upload looks before its body is read,
+    when the request's digest is not known yet."""
+    bound = repository.get(session, team_id, scope, key)
+    if bound is None or bound.created_at < utcnow() - KEPT:
+        return None
+    return Made(bound.job_id, bound.dataset_id)
 
 
 def check_not_made_meanwhile(session: Session, team_id: str, keyed: Keyed) -> None:

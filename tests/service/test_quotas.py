@@ -55,7 +55,8 @@ def team_objects(deployment, team: str) -> tuple[set[str], int]:
     return keys, len(s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", []))
 
 
-def chunked_upload(client, content: bytes, path: str = "/datasets", fields: dict[str, str] | None = None):
+def chunked_upload(client, content: bytes, path: str = "/datasets", fields: dict[str, str] | None = None,
+                   headers: dict[str, str] | None = None):
     """A multipart body from a generator: httpx sends it chunked, with no Content-Length to check up front."""
     def body():
         for name, value in (fields or {}).items():
@@ -66,7 +67,8 @@ def chunked_upload(client, content: bytes, path: str = "/datasets", fields: dict
             yield content[start:start + 256 * 1024]
         yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
-    return client.post(path, content=body(), headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    return client.post(path, content=body(),
+                       headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", **(headers or {})})
 
 
 # ------------------------------------------------------------------ setting and reading quotas
@@ -226,6 +228,40 @@ def test_uploads_that_each_fit_alone_are_not_both_kept_past_the_limit(deployment
         assert [d["id"] for d in member.get("/datasets").json()["data"]] == [answers[0].json()["id"]]
     keys, pending = team_objects(deployment, team)
     assert len(keys) == 1 and pending == 0
+
+
+def test_an_upload_sent_again_with_its_key_gets_its_dataset_though_the_team_has_no_room_for_a_second(deployment,
+                                                                                                       admin):
+    """A replay keeps nothing, so storage_gib need not have room for it. The same key with a larger file
+    cannot be a replay: refused as the key's reuse where it passes the first file's size, nothing kept."""
+    team, key = fresh_team("storage"), {"Idempotency-Key": str(uuid.uuid4())}
+    content = rows(700 * 1024)
+    with deployment.client(deployment.team_key(team)) as member:
+        set_quota(admin, team, storage_gib=1 / 1024)  # 1 MiB: room for the file once, not twice
+
+        def send(data: bytes, chunked: bool = False):
+            if chunked:
+                return chunked_upload(member, data, headers=key)
+            return member.post("/datasets", files={"file": ("farm.jsonl", data, "application/jsonl")}, headers=key)
+
+        first = send(content)
+        assert first.status_code == 201, first.text
+        stored = team_objects(deployment, team)
+        for chunked in (False, True):  # with a Content-Length, and without
+            again = send(content, chunked)
+            assert again.status_code == 201, again.text
+            assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+            larger = send(content + ROW, chunked)
+            assert larger.status_code == 422, larger.text
+            error = larger.json()["error"]
+            assert error["code"] == "idempotency_key_reused" and first.json()["id"] in error["message"]
+            assert team_objects(deployment, team) == stored
+        # A new key is a new upload, and the quota holds it to the room that is left.
+        other = member.post("/datasets", files={"file": ("farm.jsonl", content, "application/jsonl")},
+                            headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert other.status_code == 429 and other.json()["error"]["code"] == "quota_exceeded"
+        assert [d["id"] for d in member.get("/datasets").json()["data"]] == [first.json()["id"]]
+        assert team_objects(deployment, team) == stored
 
 
 def test_a_team_at_its_storage_limit_uploads_nothing(deployment, admin):
