@@ -39,11 +39,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/qlora serve
 
-# The engine alone, no service: trains the demo task on the tiny model into demo/run.
+# The engine alone, no service: trains the demo task on the tiny model into demo/run. Its data and
+# spec go to demo/engine/, so demo/spec.json (the service walk-through's, base_model tiny-demo) stays.
 train-demo: install
 	$(VENV)/bin/qlora tiny-model demo/tiny-model
-	$(VENV)/bin/qlora demo-data demo --base-model demo/tiny-model
-	$(VENV)/bin/qlora train demo/spec.json --data demo/train.jsonl --validation demo/validation.jsonl --out demo/run
+	$(VENV)/bin/qlora demo-data demo/engine --base-model demo/tiny-model
+	$(VENV)/bin/qlora train demo/engine/spec.json --data demo/engine/train.jsonl \
+		--validation demo/engine/validation.jsonl --out demo/run
 
 # The whole suite, after the lint. The tests start Postgres, Redis and an S3 server on loopback when
 # they are not running.

@@ -189,8 +189,10 @@ class ApiClient:
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
         return self._poll(f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
 
-    def job_metrics(self, job_id: str, after_step: int | None = None) -> dict:
-        return self._poll(f"/jobs/{job_id}/metrics", params={} if after_step is None else {"after_step": after_step})
+    def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None) -> dict:
+        params = {name: value for name, value in (("after_step", after_step), ("after_eval_step", after_eval_step))
+                  if value is not None}
+        return self._poll(f"/jobs/{job_id}/metrics", params=params)
 
     def job_report(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}/report")

@@ -374,13 +374,15 @@ class _JobWatcher:
         try:
             self.job = self.api.get_job(self.job_id)
             # The curve only changes with the step: skip it between logging steps, and fetch only the
-            # points past the last one held. A new attempt resumed from a checkpoint and logs the steps
-            # past it again: read the curve whole then.
+            # points past the last one held of each series (an evaluation at step N lands after step N's
+            # train point). A new attempt resumed from a checkpoint and logs the steps past it again:
+            # read the curve whole then.
             if self._metrics_at != (self.job["step"], self.job["status"]):
                 if self._curve_attempt != self.job["attempt"]:
                     self._train, self._eval, self._curve_attempt = [], [], self.job["attempt"]
-                last = max((p["step"] for p in self._train + self._eval), default=None)
-                self._read_metrics(self.api.job_metrics(self.job_id, after_step=last))
+                last_train = max((p["step"] for p in self._train), default=None)
+                last_eval = max((p["step"] for p in self._eval), default=None if last_train is None else 0)
+                self._read_metrics(self.api.job_metrics(self.job_id, after_step=last_train, after_eval_step=last_eval))
                 self._metrics_at = (self.job["step"], self.job["status"])
             self._events += self.api.job_events(self.job_id, after=self._last_event_id)
             if self._events:

@@ -126,15 +126,17 @@ def tiny_model(
 
 @commands.command("demo-data")
 def demo_data(
-    out_dir: Annotated[Path, typer.Argument(help="Directory for train.jsonl, validation.jsonl and spec.json.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory for train.jsonl, validation.jsonl, pairs.jsonl and spec.json.")],
     base_model: Annotated[str, typer.Option(help="base_model for the example spec.")] = "tiny-model",
     rows: int = 480,
     seed: int = 0,
 ) -> None:
-    """Write the demo task (which sound an animal makes) and a spec that learns it in about a minute on a CPU."""
-    from worker.training.tiny import demo_rows, demo_spec, write_jsonl
+    """Write the demo task (which sound an animal makes) and a spec that learns it in about a minute on a
+    CPU; and the same task as preference pairs (the right sound over a wrong one) for a DPO job after it."""
+    from worker.training.tiny import demo_pairs, demo_rows, demo_spec, write_jsonl
 
     write_jsonl(demo_rows(seed, rows, distinct=True), out_dir / "train.jsonl")
     write_jsonl(demo_rows(seed, 48, split="heldout", distinct=True), out_dir / "validation.jsonl")
+    write_jsonl(demo_pairs(seed + 1, rows // 4, distinct=True), out_dir / "pairs.jsonl")
     (out_dir / "spec.json").write_text(json.dumps(demo_spec(base_model), indent=2) + "\n")
-    out.print(f"wrote {out_dir}/train.jsonl, validation.jsonl, spec.json")
+    out.print(f"wrote {out_dir}/train.jsonl, validation.jsonl, pairs.jsonl, spec.json")

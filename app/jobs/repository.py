@@ -199,10 +199,16 @@ def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, f
     return train, eval_
 
 
-def metrics(session: Session, team_id: str, job_id: str, after_step: int | None = None) -> list[JobMetric]:
+def metrics(session: Session, team_id: str, job_id: str, after_step: int | None = None,
+            after_eval_step: int | None = None) -> list[JobMetric]:
+    """The curve's points: train points past after_step, eval points past after_eval_step (by default
+    after_step too); None reads the series whole."""
     query = select(JobMetric).where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)))
-    if after_step is not None:
-        query = query.where(JobMetric.step > after_step)
+    if after_step is not None or after_eval_step is not None:
+        train_after = -1 if after_step is None else after_step
+        eval_after = train_after if after_eval_step is None else after_eval_step
+        query = query.where(sa.or_(sa.and_(JobMetric.kind == "train", JobMetric.step > train_after),
+                                   sa.and_(JobMetric.kind == "eval", JobMetric.step > eval_after)))
     return list(session.scalars(query.order_by(JobMetric.step, JobMetric.kind)))
 
 

@@ -129,12 +129,16 @@ EVENT_LIST = TypeAdapter(list[EventOut])
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut, responses=POLLED)
 async def job_metrics(job_id: str, request: Request, caller: CallerDep,
-                      after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
+                      after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
+                      after_eval_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
     """The loss curve: one train point per logging step, one eval point per evaluation. Pass the last
-    step you have as `after_step` to get only newer points. A job that resumed from a checkpoint
-    logs the steps past it again: when `attempt` changes, read the curve whole once more."""
+    train step you have as `after_step` and the last eval step you have as `after_eval_step` (0 when
+    you have none; it defaults to `after_step`) to get only newer points: an evaluation at step N is
+    recorded after step N's train point, so one `after_step` alone can skip it. A job that resumed
+    from a checkpoint logs the steps past it again: when `attempt` changes, read the curve whole once more."""
     def read(session: Session) -> bytes:
-        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step), from_attributes=True)
+        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step, after_eval_step),
+                                          from_attributes=True)
         return curve.model_dump_json().encode()
 
     return await polled(request, read)

@@ -323,11 +323,15 @@ def feed_newest_first(session: Session, caller: Caller, job_id: str, after: tupl
     return page(rows[:limit + 1], limit)
 
 
-def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None) -> dict:
+def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None,
+            after_eval_step: int | None = None) -> dict:
     """The loss curve: one train point per logging step, one eval point per evaluation; with
-    `after_step`, only the points past it, so a poller fetches what is new rather than the whole curve."""
+    `after_step`, only the points past it, so a poller fetches what is new rather than the whole curve.
+    An evaluation at step N is recorded after step N's train point (it runs once that step is logged),
+    so a poller that holds train points to N but eval points to an earlier step passes that step as
+    `after_eval_step`, or the evaluation at N, arriving after its train point, would be skipped."""
     job = get(session, caller, job_id)
-    points = repository.metrics(session, caller.team_id, job.id, after_step)
+    points = repository.metrics(session, caller.team_id, job.id, after_step, after_eval_step)
     return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
             "eval": [p for p in points if p.kind == "eval"]}
 

@@ -47,3 +47,18 @@ def test_another_teams_curve_is_not_found_with_or_without_after_step(session, ca
         with pytest.raises(NotFound):
             service.metrics(session, other, job_id, after_step)
         assert repository.metrics(session, other.team_id, job_id, after_step) == []
+
+
+def test_after_eval_step_reads_an_evaluation_that_landed_after_its_steps_train_point(session, caller, make_job):
+    """A poller held train points to step 10 before step 10's evaluation was recorded: after_step alone
+    would skip that evaluation; after_eval_step (what it holds of the eval series) reads it."""
+    job_id = make_job("running")
+    repository.upsert_metric(session, job_id, {"kind": "train", "step": 10, "train_loss": 0.5})
+    session.commit()
+    assert steps(service.metrics(session, caller, job_id)) == ([10], [])
+    log_curve(session, job_id, range(10, 21), eval_every=10)  # step 10's evaluation lands, then steps 11-20
+    assert steps(service.metrics(session, caller, job_id, after_step=10)) == (list(range(11, 21)), [20])
+    assert steps(service.metrics(session, caller, job_id, after_step=10, after_eval_step=0)) == (
+        list(range(11, 21)), [10, 20])
+    assert steps(service.metrics(session, caller, job_id, after_step=20, after_eval_step=10)) == ([], [20])
+    assert steps(service.metrics(session, caller, job_id, after_eval_step=10)) == (list(range(10, 21)), [20])

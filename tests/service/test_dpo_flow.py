@@ -9,7 +9,7 @@ import time
 import pytest
 from openai import OpenAI
 
-from worker.training.tiny import ANIMAL_SOUNDS, demo_rows, write_jsonl
+from worker.training.tiny import demo_pairs, write_jsonl
 
 FINISHED = ("succeeded", "failed", "cancelled")
 # No eval report and no merge: this test is about the flow between the two jobs, not their outputs.
@@ -19,20 +19,6 @@ SFT_TRAINING = {"max_steps": 20, "max_seq_length": 64, "logging_steps": 10, "sav
                 "per_device_batch_size": 16, "learning_rate": 3e-3}
 DPO_TRAINING = {"max_steps": 10, "max_seq_length": 64, "logging_steps": 5, "save_steps": 5, "eval_steps": 5,
                 "per_device_batch_size": 8, "learning_rate": 1e-3}
-
-
-def preference_rows(seed: int, count: int, split: str) -> list[dict]:
-    """The demo task as pairs: the right sound preferred over another animal's."""
-    sounds = list(ANIMAL_SOUNDS.values())
-    rows = []
-    for i, row in enumerate(demo_rows(seed, count, split=split)):
-        user, answer = row["messages"]
-        right = answer["content"]
-        wrong_sound = next(s for s in sounds[i % len(sounds):] + sounds if f" {s}." not in right)
-        wrong = right.rsplit(" ", 1)[0] + f" {wrong_sound}."
-        rows.append({"input": {"messages": [user]}, "preferred_output": [{"role": "assistant", "content": right}],
-                     "non_preferred_output": [{"role": "assistant", "content": wrong}]})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +43,8 @@ def upload(sdk, path):
 
 def test_sft_then_dpo_from_it_through_the_sdk(sdk, worker, deployment, demo_data, tmp_path):
     chat = upload(sdk, demo_data["train"])
-    pairs = upload(sdk, write_jsonl(preference_rows(1, 128, "train"), tmp_path / "pairs.jsonl"))
-    held_out = upload(sdk, write_jsonl(preference_rows(1, 24, "heldout"), tmp_path / "pairs-heldout.jsonl"))
+    pairs = upload(sdk, write_jsonl(demo_pairs(1, 128), tmp_path / "pairs.jsonl"))
+    held_out = upload(sdk, write_jsonl(demo_pairs(1, 24, split="heldout"), tmp_path / "pairs-heldout.jsonl"))
     assert pairs.status == "processed" and held_out.status == "processed"
 
     sft = sdk.fine_tuning.jobs.create(model="tiny", training_file=chat.id, suffix="sft",

@@ -66,3 +66,38 @@ def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
         assert again == first and again is not first and curve_again == curve
         api.cancel_job(job["id"])
         assert api.get_job(job["id"])["status"] == "cancelled" and statuses[-1] == 200
+
+
+def test_qlora_jobs_watch_holds_every_evaluation_though_each_lands_after_its_steps_train_point(deployment, demo_data):
+    """An evaluation at step N is recorded after step N's train point. `qlora jobs watch` reads the
+    curve past what it holds of each series: an evaluation that landed after the watcher already held
+    its step's train point (each one here, and at the end the final one, as the job succeeds) is still
+    read, and the eval loss it shows is the last one."""
+    from sqlalchemy import update
+
+    from app.cli.api_client import ApiClient
+    from app.cli.client import _JobWatcher
+    from app.jobs.tables import Job
+
+    with ApiClient(deployment.url, deployment.team_key("polling-watch")) as api:
+        dataset_id = api.upload_dataset(demo_data["validation"])["id"]
+        job_id = api.create_job({"dataset_id": dataset_id, "gpu_class": "nobody-listens", **demo_spec("tiny")})["id"]
+        watcher = _JobWatcher(api, job_id)
+
+        def worker_logs(points: list[tuple[str, int]], step: int, status: str = "running") -> None:
+            with session_scope(deployment.settings.database_url) as session:  # as the worker records them
+                for kind, at in points:
+                    loss = {"train_loss": 1.0 / at} if kind == "train" else {"eval_loss": 2.0 / at}
+                    repository.upsert_metric(session, job_id, {"kind": kind, "step": at, **loss})
+                session.execute(update(Job).where(Job.id == job_id).values(step=step, status=status))
+
+        worker_logs([("train", 5), ("train", 10)], step=10)
+        watcher.poll()
+        assert watcher.eval_loss is None and watcher.train_losses == [1 / 5, 1 / 10]
+        worker_logs([("eval", 10), ("train", 15), ("train", 20)], step=20)  # step 10's evaluation, then on
+        watcher.poll()
+        assert watcher.eval_loss == 2.0 / 10
+        worker_logs([("eval", 20)], step=20, status="succeeded")  # the last evaluation, then the end
+        watcher.poll()
+        assert watcher.ended and watcher.eval_loss == 2.0 / 20
+        assert [p["step"] for p in watcher._eval] == [10, 20] and [p["step"] for p in watcher._train] == [5, 10, 15, 20]

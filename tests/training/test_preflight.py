@@ -154,3 +154,31 @@ def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_
     assert clean["train"]["duplicate_rows"] == 0 and clean["validation"]["rows_in_train"] == 0
     assert clean["validation"]["prompts_in_train"] == 0
     assert clean["warnings"] == []
+
+
+def test_the_demo_datas_files_are_valid_and_preflight_clean_for_sft_and_dpo(tiny_model_dir, tmp_path):
+    """`qlora demo-data` writes what the README's walk-throughs upload: chat rows for the SFT job and
+    preference pairs for the DPO job after it, each its format's, valid on every line, and with
+    nothing for preflight to refuse or warn of (no repeats, no validation rows leaked from train)."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from worker.training.data import DatasetValidator
+
+    result = CliRunner().invoke(cli, ["demo-data", str(tmp_path), "--base-model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    formats = {}
+    for name in ("train", "validation", "pairs"):
+        validator = DatasetValidator(keep_examples=False)
+        for line in (tmp_path / f"{name}.jsonl").read_bytes().splitlines():
+            validator.feed(line)
+        formats[name] = validator.finish().format  # raises DataError, naming the lines, on a bad row
+    assert formats == {"train": "chat", "validation": "chat", "pairs": "preference"}
+
+    sft = JobSpec.parse(json.loads((tmp_path / "spec.json").read_text()))
+    report = preflight(sft, tiny_model_dir, tmp_path / "train.jsonl", validation_path=tmp_path / "validation.jsonl")
+    assert (report["refusals"], report["warnings"]) == ([], [])
+    dpo = JobSpec.parse({**json.loads((tmp_path / "spec.json").read_text()), "method": {"type": "dpo"}})
+    report = preflight(dpo, tiny_model_dir, tmp_path / "pairs.jsonl")
+    assert (report["refusals"], report["warnings"]) == ([], [])
+    assert report["train"]["rows"] == 120 and report["train"]["duplicate_rows"] == 0

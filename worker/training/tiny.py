@@ -65,6 +65,21 @@ def demo_rows(seed: int, count: int, *, split: str = "train", distinct: bool = F
     return rows
 
 
+def demo_pairs(seed: int, count: int, *, split: str = "train", distinct: bool = False) -> list[dict]:
+    """The demo task as preference rows (OpenAI's format) for DPO: the right sound preferred over
+    another animal's, for the prompts of demo_rows(seed, count, split=split, distinct=distinct)."""
+    sounds = list(ANIMAL_SOUNDS.values())
+    rows = []
+    for i, row in enumerate(demo_rows(seed, count, split=split, distinct=distinct)):
+        user, answer = row["messages"]
+        right = answer["content"]
+        wrong_sound = next(s for s in sounds[i % len(sounds):] + sounds if f" {s}." not in right)
+        wrong = right.rsplit(" ", 1)[0] + f" {wrong_sound}."
+        rows.append({"input": {"messages": [user]}, "preferred_output": [{"role": "assistant", "content": right}],
+                     "non_preferred_output": [{"role": "assistant", "content": wrong}]})
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
