@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Integer, Select, String, and_, bindparam, or_
 
 from app.errors import Invalid, field_errors
+from app.text import has_control_characters
 
 MAX_LIMIT = 200
 # The largest id a serial column holds on any backend (a signed 64-bit integer): a larger one in a
@@ -38,14 +39,17 @@ def encode_cursor(created_at: datetime, item_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) a cursor of encode_cursor holds; Invalid, naming the cursor, for anything
     else a client may have forged: one that would not compare with a stored time (no timezone, or
-    out of range once in UTC) or that the JSON parser refuses (nested past its recursion limit)."""
+    out of range once in UTC), an id no row has (not a string, or holding a NUL) or that the JSON parser
+    refuses (nested past its recursion limit)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, item_id = json.loads(raw)
         moment = datetime.fromisoformat(created)
         if moment.tzinfo is None:
             raise ValueError("no timezone")
-        return moment.astimezone(UTC), str(item_id)
+        if not isinstance(item_id, str) or has_control_characters(item_id):  # Postgres fails a query with a NUL
+            raise ValueError("not an id")
+        return moment.astimezone(UTC), item_id
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise Invalid("cursor: not a cursor this API returned; pass next_cursor from the previous page",
                       details=field_errors([("cursor", "not a cursor this API returned")])) from None

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import Invalid, PayloadTooLarge, UploadInterrupted
-from app.text import format_bytes
+from app.text import format_bytes, has_control_characters
 
 FLUSH_BYTES = 1 << 20  # hand the sink ~1 MiB at a time: few thread hops, bounded memory
 # The form around the file: the API reads one field besides it (`purpose`, under /v1). These bound
@@ -122,6 +122,9 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.filename = filename.decode("utf-8", "replace") if filename is not None else None
         part.buffer = []
         part.in_file = part.name == file_field and part.filename is not None
+        if part.in_file and has_control_characters(part.filename or ""):  # Postgres cannot store a NUL in it
+            raise Invalid(f"the file's name holds a control character (NUL, a line break, a tab): {part.filename!r}; "
+                          "rename the file")
         if part.in_file:
             if seen_file:
                 raise Invalid(f"send one {file_field!r} part per request")
@@ -146,11 +149,14 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.headers = {}
         part.buffer = []
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    try:
+        parser = MultipartParser(params[b"boundary"], {
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data, "on_part_end": on_part_end,
+        })
+    except FormParserError as exc:  # a boundary over the parser's 256 characters (RFC 2046 allows 70)
+        raise Invalid(f"the multipart boundary is not one this API reads: {exc}") from None
 
     async def flush(force: bool = False) -> None:
         if sink is not None and pending and (force or sum(map(len, pending)) >= FLUSH_BYTES):
@@ -167,6 +173,9 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
             parser.write(chunk)
             await flush()
         parser.finalize()
+        if parser.state != MultipartState.END:  # a body cut off before its closing boundary: the file may be too
+            raise Invalid("the request body ended before the multipart form's closing boundary "
+                          f"(--{params[b'boundary'].decode('latin-1')}--): the upload was cut off; nothing was kept")
     except ClientDisconnect:
         raise UploadInterrupted("the client disconnected before the upload was complete") from None
     except MultipartParseError as exc:

@@ -7,8 +7,9 @@ from app.datasets import service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.idempotency import service as idempotency
+from app.routing import CheckedJSONRoute
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=CheckedJSONRoute)
 
 
 @router.post("", response_model=DatasetOut, status_code=201,

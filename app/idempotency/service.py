@@ -81,8 +81,12 @@ def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
     key = checked_key(key)
     if key is None:
         return None
-    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return Keyed(scope, key, hashlib.sha256(canonical.encode()).hexdigest())
+    if isinstance(request, bytes):  # a body that is not JSON at all: refused once read, but told apart by its bytes
+        canonical = request
+    else:  # surrogatepass: a key's digest must never fail, whatever the request holds
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass")
+    return Keyed(scope, key, hashlib.sha256(canonical).hexdigest())
 
 
 def earlier(session: Session, team_id: str, keyed: Keyed) -> Made | None:

@@ -15,12 +15,14 @@ import hashlib
 import importlib
 import itertools
 import json
+import logging
 import multiprocessing
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from app.storage.base import Storage
 from app.teams.service import Caller
 from worker.training.spec import JobSpec
 
+log = logging.getLogger(__name__)
+
 TIMEOUT_S = 60.0  # a preflight reads at most 50,000 rows: seconds, far from this
 WAIT_FOR_SLOT_S = 30.0  # a preflight waits this long for a free child (then POST /jobs creates the job unchecked)
 
@@ -43,6 +47,10 @@ WAIT_FOR_SLOT_S = 30.0  # a preflight waits this long for a free child (then POS
 class PreflightBusy(AppError):
     status = 429
     code = "preflight_busy"
+
+
+class NoReport(Exception):  # noqa: N818 (not an error of the request: it is created, or answered, without a report)
+    """Why the runner made no report: no child free in time, no answer in time, or the child failed."""
 
 
 class PreflightRefused(Invalid):
@@ -101,18 +109,33 @@ class PreflightRunner:
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
 
-    def run(self, team: str, wait_s: float, **inputs: Any) -> dict | None:
-        """The report, or None when no child was free for this team within wait_s (POST /jobs goes on
-        unchecked) or the report did not come within TIMEOUT_S."""
+    def run(self, team: str, wait_s: float, **inputs: Any) -> dict:
+        """The report; NoReport when no child was free for this team within wait_s (POST /jobs goes on
+        unchecked), the report did not come within TIMEOUT_S, or the child failed.
+
+        A child that dies (killed, or out of memory on a huge row) breaks the whole pool: it is
+        replaced here, so one preflight fails, not every one after it."""
         if not self._slots.acquire(team, wait_s):
-            return None
+            raise NoReport(f"every preflight process was busy for {wait_s:g} s")
         try:
-            future = self._pool().submit(_in_child, inputs)
+            pool = self._pool()
+            try:
+                future = pool.submit(_in_child, inputs)
+            except BrokenProcessPool:  # its child died since the last preflight: this one gets a new pool
+                self._discard(pool)
+                pool = self._pool()
+                future = pool.submit(_in_child, inputs)
             try:
                 return future.result(timeout=TIMEOUT_S)
-            except FutureTimeout:
-                future.cancel()
-                return None
+            except FutureTimeout:  # the child goes on to the end of this one; the next waits behind it
+                raise NoReport(f"it took longer than {TIMEOUT_S:g} s") from None
+            except BrokenProcessPool:
+                self._discard(pool)
+                log.error("a preflight process died (killed, or out of memory); the next preflight starts a new one")
+                raise NoReport("the preflight process died (killed, or out of memory)") from None
+            except Exception:  # a bug of the engine's preflight must not fail the creation it only checks
+                log.exception("a preflight failed")
+                raise NoReport("it failed (the API's log has why)") from None
         finally:
             self._slots.release()
 
@@ -122,6 +145,12 @@ class PreflightRunner:
                 # spawn: a fork of a threaded server would copy its locks mid-use.
                 self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
             return self._executor
+
+    def _discard(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken:  # not one another thread has already replaced
+                self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         with self._lock:
@@ -153,6 +182,7 @@ def _in_child(inputs: dict) -> dict:
 class Checked:
     report: dict | None
     note: str  # why there is no report, or "" when there is one
+    ran: bool = True  # False: the runner was asked and made no report (busy, slow, or its child failed)
 
 
 def check(session: Session, storage: Storage, runner: PreflightRunner | None, caller: Caller, model: RegisteredModel,
@@ -176,12 +206,13 @@ def check(session: Session, storage: Storage, runner: PreflightRunner | None, ca
                 storage.download(dataset.storage_key, paths[field])
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         session.commit()  # nothing written yet but the tokenizer files: give the connection back while the child works
-        report = runner.run(caller.team_id, WAIT_FOR_SLOT_S, spec=spec.model_dump(mode="json"), tokenizer_files=files,
-                            tokenizer_sha256=digest, train_path=str(paths["dataset_id"]),
-                            validation_path=str(paths["validation_dataset_id"]) if "validation_dataset_id" in paths
-                            else None, examples=examples)
-    if report is None:
-        return Checked(None, "preflight not run: every preflight process was busy, or it took too long")
+        try:
+            report = runner.run(caller.team_id, WAIT_FOR_SLOT_S, spec=spec.model_dump(mode="json"),
+                                tokenizer_files=files, tokenizer_sha256=digest, train_path=str(paths["dataset_id"]),
+                                validation_path=str(paths["validation_dataset_id"])
+                                if "validation_dataset_id" in paths else None, examples=examples)
+        except NoReport as exc:
+            return Checked(None, f"preflight not run: {exc}", ran=False)
     return Checked(report, "")
 
 

@@ -26,9 +26,10 @@ from app.jobs.schemas import (
 )
 from app.jobs.stream import job_stream
 from app.pagination import MAX_ID
+from app.routing import CheckedJSONRoute
 from app.storage.base import attachment_disposition
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=CheckedJSONRoute)
 
 CREATE_EXAMPLE = {
     "name": "support-bot-v1",

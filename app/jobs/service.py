@@ -26,7 +26,6 @@ from app.jobs.preflight import PreflightRunner, needs_validation
 from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, JobCreate
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.models import repository as models
-from app.models import service as models_service
 from app.models.tables import RegisteredModel
 from app.pagination import Page, check_limit, page
 from app.quotas.service import check_can_queue
@@ -168,9 +167,8 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
     except DoesNotFit as exc:
         placement, sized = {"gpu_class": None, "note": exc.message, "error": exc.body()["error"]}, spec
     checked = preflight.check(session, storage, runner, caller, model, sized, meta, examples=examples)
-    if checked.report is None and runner.processes >= 1 and models_service.tokenizer_files(session, model):
-        raise preflight.PreflightBusy(f"every preflight process was busy for {preflight.WAIT_FOR_SLOT_S:g} s; "
-                                      "try again in a minute")
+    if not checked.ran:
+        raise preflight.PreflightBusy(f"{checked.note}; try again in a minute")
     return {"placement": placement, "report": checked.report, "note": checked.note,
             "can_learn": None if checked.report is None else not checked.report["refusals"]}
 

@@ -5,8 +5,9 @@ from fastapi import APIRouter
 from app.deps import AdminDep, CallerDep, SessionDep
 from app.models import service
 from app.models.schemas import ModelIn, ModelOut
+from app.routing import CheckedJSONRoute
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=CheckedJSONRoute)
 
 
 @router.get("", response_model=list[ModelOut])

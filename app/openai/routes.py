@@ -19,8 +19,9 @@ from app.jobs import service as jobs
 from app.jobs.tables import JobEvent
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
+from app.routing import CheckedJSONRoute
 
-router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=CheckedJSONRoute)
 
 
 def _list(data: list[dict], rows: Page) -> dict:

@@ -212,7 +212,7 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
         raise Invalid("integrations are not supported", details=field_errors([("integrations", "not supported")]))
     method = _object(body, "method", "method") or {"type": "supervised"}
     kind = method.get("type")
-    if kind not in METHODS:
+    if not isinstance(kind, str) or kind not in METHODS:  # a list or an object is no key of METHODS (unhashable)
         raise Invalid(f"method.type {excerpt(kind)} is not supported; this service fine-tunes with "
                       f"{' or '.join(map(repr, METHODS))}",
                       details=field_errors([("method.type", f"must be one of {', '.join(map(repr, METHODS))}")]))

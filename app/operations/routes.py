@@ -10,8 +10,9 @@ from fastapi.responses import PlainTextResponse
 
 from app.deps import SessionDep
 from app.operations import service
+from app.routing import CheckedJSONRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=CheckedJSONRoute)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

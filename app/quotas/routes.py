@@ -5,8 +5,9 @@ from fastapi import APIRouter
 from app.deps import AdminDep, CallerDep, SessionDep, SettingsDep
 from app.quotas import service
 from app.quotas.schemas import QuotaChanges, QuotaOut
+from app.routing import CheckedJSONRoute
 
-router = APIRouter(tags=["quotas"])
+router = APIRouter(tags=["quotas"], route_class=CheckedJSONRoute)
 
 
 @router.get("/quota", response_model=QuotaOut)

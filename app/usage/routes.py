@@ -5,10 +5,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.deps import CallerDep, SessionDep
+from app.routing import CheckedJSONRoute
 from app.usage import service
 from app.usage.schemas import UsageReport
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=CheckedJSONRoute)
 
 WHEN = "An ISO 8601 date (its UTC midnight) or datetime (UTC unless it names its offset; in a URL write + as %2B)."
 

@@ -351,3 +351,110 @@ def test_operator_ceilings_refuse_a_spec_naming_the_field_and_the_ceiling(local_
                                                           "training": {"max_seq_length": 4096}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "training.max_seq_length"
     assert "at most 1024" in response.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ what a hostile-input probe found (2026-12-05)
+
+
+def job_bytes(ready_dataset: str, extra: str) -> bytes:
+    """A POST /jobs body as raw bytes: an escape such as \\udc80 must reach the server as written."""
+    spec = json.dumps({"dataset_id": ready_dataset, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+    return (spec[:-1] + ", " + extra + "}").encode()
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ('"metadata": {"\\udc80": "x"}', None),  # stored, it made the job unreadable: no cancel, no claim
+    ('"metadata": {"k": "\\ud800"}', None),
+    ('"name": "half \\udfff pair"', None),
+    ('"x": "\\ud800"', "k-surrogate"),  # the key's digest failed on it
+])
+def test_a_lone_surrogate_escape_anywhere_in_a_json_body_is_refused_and_nothing_is_made(team_a, ready_dataset,
+                                                                                          unchanged, extra, key):
+    headers = {"Content-Type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    response = team_a.post("/jobs", content=job_bytes(ready_dataset, extra), headers=headers)
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["error"]["details"]
+    assert detail["field"] == "body" and "not valid JSON" in detail["message"] and "line 1 column" in detail["message"]
+    # The team's jobs are all still readable, as the worker's claim reads them.
+    assert team_a.get("/v1/fine_tuning/jobs").status_code == 200
+
+
+def test_a_keyed_creation_whose_body_is_not_json_is_a_422_not_a_500(team_a, unchanged):
+    response = team_a.post("/jobs", content=b"dataset_id=x&base_model=tiny", headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Idempotency-Key": "k-form"})
+    assert response.status_code == 422, response.text
+    assert "JSON object" in response.json()["error"]["message"]
+
+
+def test_a_body_of_too_many_values_is_413_and_many_unknown_fields_answer_in_a_few_kib(team_a, ready_dataset, unchanged):
+    many = {f"f{i}": 1 for i in range(20_000)}
+    response = team_a.post("/jobs/preflight", json={"dataset_id": ready_dataset, **demo_spec("tiny"),
+                                                    "training": many})
+    assert response.status_code == 413, response.text
+    assert "10,000 values" in response.json()["error"]["message"]
+    # Under that bound, thousands of unknown fields are named 20 at a time: the answer stays small.
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, **demo_spec("tiny"),
+                                          "training": {f"f{i}": 1 for i in range(4_000)}})
+    assert response.status_code == 422 and len(response.content) < 20_000, len(response.content)
+    details = response.json()["error"]["details"]
+    assert len(details) == 21 and details[-1]["field"] == "(more)" and "3980 more fields" in details[-1]["message"]
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/datasets"])
+def test_a_cursor_whose_id_holds_a_nul_is_a_422(team_a, path):
+    cursor = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00+00:00", "a\x00b"]).encode()).decode()
+    response = team_a.get(path, params={"cursor": cursor.rstrip("=")})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "cursor"
+
+
+def test_a_file_name_with_a_nul_or_a_tab_is_refused_and_nothing_is_kept(team_a, unchanged):
+    for name in (b"a\x00b.jsonl", b"a\tb.jsonl"):  # raw in the part header: httpx would percent-encode them
+        body = (b'--BB\r\nContent-Disposition: form-data; name="file"; filename="' + name + b'"\r\n\r\n'
+                b'{"text": "hi"}\n\r\n--BB--\r\n')
+        response = team_a.post("/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+        assert response.status_code == 422, response.text
+        assert "control character" in response.json()["error"]["message"]
+
+
+def test_a_row_with_half_a_surrogate_pair_is_a_bad_line_and_a_whole_pair_is_text(team_a):
+    rows = [b'{"messages": [{"role": "user", "content": "hi \\udfff"}, {"role": "assistant", "content": "yo"}]}',
+            b'{"\\ud800": "x"}',
+            b'{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}, {"role": "assistant", "content": "yo"}]}']
+    response = upload(team_a, content=b"\n".join(rows) + b"\n")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["status"] == "invalid" and [e["line"] for e in dataset["errors"]] == [1, 2]
+    assert "surrogate" in dataset["errors"][0]["message"]
+    team_a.delete(f"/datasets/{dataset['id']}")
+
+
+def test_a_multipart_body_cut_off_before_its_closing_boundary_keeps_nothing(deployment, team_a, unchanged):
+    """A client that stops early but ends its body cleanly (a chunked body's last chunk sent) must not
+    leave a shorter dataset recorded as complete."""
+    cut = (b'--BB\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'
+           b'{"text": "row 1"}\n{"text": "row 2"}\n')
+    response = team_a.post("/datasets", content=cut, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+    assert response.status_code == 422, response.text
+    assert "closing boundary" in response.json()["error"]["message"]
+    whole = cut + b"\r\n--BB--\r\n"
+    response = team_a.post("/datasets", content=whole, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+    assert response.status_code == 201 and response.json()["rows"] == 2, response.text
+    team_a.delete(f"/datasets/{response.json()['id']}")
+
+
+def test_a_multipart_boundary_too_long_to_parse_is_a_422(team_a, unchanged):
+    boundary = "B" * 300
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\nx\r\n--{boundary}--\r\n'
+    response = team_a.post("/datasets", content=body.encode(),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 422, response.text
+    assert "boundary" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", [[], {}, ["dpo"]])
+def test_an_openai_method_type_that_is_no_string_is_a_400(team_a, ready_dataset, unchanged, kind):
+    response = team_a.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f"file-{ready_dataset}",
+                                                         "method": {"type": kind}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "method.type"

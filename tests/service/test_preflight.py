@@ -111,3 +111,43 @@ def test_the_cli_prints_the_report_with_the_example_and_exits_1_where_creation_w
     refused = subprocess.run([*cli, "--dataset", datasets["long_prompts"], "--table"], capture_output=True, text=True,
                              env=env)
     assert refused.returncode == 1 and "refused: every row is truncated" in refused.stdout
+
+
+def preflight_children(deployment) -> list[int]:
+    """The API's preflight child processes (spawned by its ProcessPoolExecutor, in the API's session)."""
+    (api,) = [p for p in deployment.procs if "serve" in p.args and p.poll() is None]
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat[3]) == api.pid and b"spawn_main" in cmdline:  # field 6, the session: the API's own
+            found.append(int(pid))
+    return found
+
+
+def test_a_preflight_process_that_dies_fails_one_preflight_at_most_and_the_next_gets_a_new_one(deployment, team_a,
+                                                                                                 datasets):
+    """Killed (as the kernel kills one out of memory), the child took its whole pool with it, and every
+    preflight and job creation after it answered 500 until the API restarted."""
+    import signal
+    import time
+
+    assert team_a.post("/jobs/preflight", json=body(datasets["demo"])).status_code == 200
+    (child,) = preflight_children(deployment)
+    os.kill(child, signal.SIGKILL)
+    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    answers = [team_a.post("/jobs/preflight", json=body(datasets["demo"])) for _ in range(2)]
+    # The first may still find the dead pool (then 429, saying so) or find it already known dead (a new one).
+    assert answers[0].status_code in (200, 429), answers[0].text
+    if answers[0].status_code == 429:
+        assert answers[0].json()["error"]["code"] == "preflight_busy" and "died" in answers[0].json()["error"]["message"]
+    assert answers[1].status_code == 200 and answers[1].json()["report"]["train"]["rows"] == 48, answers[1].text
+    created = team_a.post("/jobs", json={**body(datasets["demo"]), "gpu_class": "nobody-listens"})
+    assert created.status_code == 201, created.text
+    (new_child,) = preflight_children(deployment)
+    assert new_child != child
+    team_a.post(f"/jobs/{created.json()['id']}/cancel")

@@ -18,6 +18,7 @@ user turn) and the two answers to it. Other keys on a row (ids, metadata) are ig
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class DatasetValidator:
             return self._error(f"a number too long to read (more than {sys.get_int_max_str_digits()} digits)")
         if not isinstance(obj, dict):
             return self._error(f"expected a JSON object, got {type(obj).__name__}")
+        if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
+            return self._error("a \\uXXXX escape of half a surrogate pair (\\ud800-\\udfff without its other half) "
+                               "is no character: no tokenizer can read it; write the character itself, or both halves")
         fmt = detect_format(obj)
         missing = _missing_side(obj) if fmt is None else None
         if missing:
@@ -180,6 +184,19 @@ class DatasetValidator:
         if not self.rows:
             raise DataError([LineError(max(self._line, 1), "the file has no rows")], 1, source)
         return Dataset(format=self.format or "", examples=self.examples or [])
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the escapes of d800-dfff: only these can leave half a pair
+
+
+def _lone_surrogate(obj: dict) -> bool:
+    """Whether a key or string of the row holds half a surrogate pair: Python's parser takes the
+    escape and makes a string that UTF-8, the tokenizer and the database's JSON reader all refuse."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def detect_format(row: dict) -> str | None:

@@ -284,6 +284,9 @@ class JobSpec(_Strict):
         return cls.parse(data)
 
 
+MAX_ERRORS_SHOWN = 20
+
+
 def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
     """Turn pydantic errors into (dotted field, message + allowed range) pairs."""
     out: list[tuple[str, str]] = []
@@ -315,7 +318,11 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
     seen: dict[str, str] = {}
     for field, msg in out:
         seen.setdefault(field, msg)
-    return list(seen.items())
+    errors = list(seen.items())
+    if len(errors) > MAX_ERRORS_SHOWN:  # a body of thousands of bad fields gets an answer of a few KiB
+        errors = [*errors[:MAX_ERRORS_SHOWN], ("(more)", f"{len(errors) - MAX_ERRORS_SHOWN} more fields are "
+                                                         "refused too; fix these and send it again to see them")]
+    return errors
 
 
 def _field_info(model: type[BaseModel] | None, loc: list[str]):

@@ -1,0 +1,66 @@
+"""Every API route parses a JSON body as the database reads JSON back (pydantic_core.from_json).
+
+Python's json module takes a lone surrogate escape ("\\udc80") and makes a string no UTF-8 can hold;
+stored in a JSON column (a job's metadata, its spec), the row could then never be read again: every
+read of the job, the worker's claim among them, would fail. Parsed here, such a body is refused as
+malformed JSON before any route sees it, and so is anything else the database's reader would refuse
+(nesting past its limit, a number past its range).
+
+A body is also bounded in how many values it holds (MAX_JSON_VALUES), not only in bytes: no request
+of this API needs more than a few hundred, and 16 MiB of `{"f0": 1, "f1": 1, ...}` would have the
+validator build and answer an error for each of a million unknown fields."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.routing import APIRoute
+from pydantic_core import from_json
+
+MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
+
+
+class CheckedJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                value = from_json(body)
+            except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
+                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+            if _more_values_than(value, MAX_JSON_VALUES):
+                raise HTTPException(413, f"the JSON body holds more than {MAX_JSON_VALUES:,} values; "
+                                         "no request of this API needs as many")
+            self._json = value
+        return self._json
+
+
+def _more_values_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds more than `limit` values in all, counted until it passes the limit."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.values())
+            seen += len(item)  # each key counts too
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+class CheckedJSONRoute(APIRoute):
+    """The route class of every router (app/*/routes.py): its requests parse JSON with CheckedJSONRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(CheckedJSONRequest(request.scope, request.receive))
+
+        return checked
