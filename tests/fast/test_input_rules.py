@@ -35,6 +35,19 @@ def test_the_cli_local_check_names_a_line_json_cannot_read(tmp_path):
     assert "nested too deeply" in check.errors[0].message and "a number too long" in check.errors[1].message
 
 
+def test_a_row_past_the_line_limit_is_a_bad_line_and_the_rows_around_it_count(tmp_path):
+    """A row of 4 MiB or more (a million tokens) is a broken file, not a long chat: tokenizing it would hold
+    gigabytes in the preflight and training processes. It is reported by its number, not read."""
+    from app.datasets.service import MAX_LINE_BYTES
+
+    path = tmp_path / "data.jsonl"
+    long_row = b'{"text": "' + b"w " * (MAX_LINE_BYTES // 2) + b'"}'
+    path.write_bytes(b'{"text": "ok"}\n' + long_row + b'\n{"text": "fine"}\n')
+    check = check_dataset(path)
+    assert check.rows == 2 and [e.line for e in check.errors] == [2]
+    assert "longer than 4.0 MiB" in check.errors[0].message
+
+
 # ------------------------------------------------------------------ echoes are excerpts
 
 

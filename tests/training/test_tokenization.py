@@ -114,6 +114,7 @@ def plain_ids(example: Example, tokenizer, max_seq_length: int) -> list[int]:
 def test_rows_encoded_in_batches_are_the_rows_encoded_one_by_one(tokenizer, monkeypatch, max_seq_length,
                                                                   train_on_inputs):
     monkeypatch.setattr(tokenization, "BATCH_ROWS", 7)  # several batches, each mixing text rows and conversations
+    monkeypatch.setattr(tokenization, "BATCH_CHARS", 400)  # ...and some cut short by their characters
     rows = examples(varied_rows(40, seed=1))
     batched = list(encoded_rows(rows, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs,
                                 pieces=True))
@@ -122,6 +123,15 @@ def test_rows_encoded_in_batches_are_the_rows_encoded_one_by_one(tokenizer, monk
     assert batched == one_by_one
     assert [enc.input_ids for enc in batched] == [plain_ids(row, tokenizer, max_seq_length) for row in rows]
     assert any(enc.truncated for enc in batched) == (max_seq_length == 24)
+
+
+def test_a_batch_holds_at_most_batch_chars_characters_and_a_longer_row_goes_alone(monkeypatch):
+    """The tokenizer's record of a batch takes ~300 bytes a token while it is held: 1,000 rows of a
+    megabyte each would have held ~100 GB at once."""
+    monkeypatch.setattr(tokenization, "BATCH_CHARS", 100)
+    rows = [Example(line=i + 1, text="x" * size) for i, size in enumerate([40, 40, 40, 250, 10, 60, 30])]
+    sizes = [[len(row.text or "") for row in batch] for batch in tokenization._batches(rows)]
+    assert sizes == [[40, 40], [40], [250], [10, 60, 30]]
 
 
 def preference_rows(count: int, seed: int = 0) -> list[Example]:
@@ -140,6 +150,7 @@ def preference_rows(count: int, seed: int = 0) -> list[Example]:
 @pytest.mark.parametrize("max_seq_length", [512, 40])
 def test_pairs_encoded_in_batches_are_the_pairs_encoded_one_by_one(tokenizer, monkeypatch, max_seq_length):
     monkeypatch.setattr(tokenization, "BATCH_ROWS", 7)
+    monkeypatch.setattr(tokenization, "BATCH_CHARS", 400)
     rows = preference_rows(30)
     batched = list(encoded_pairs(rows, tokenizer, max_seq_length=max_seq_length, pieces=True))
     assert batched == [encode_preference(row, tokenizer, max_seq_length=max_seq_length, pieces=True) for row in rows]

@@ -75,6 +75,11 @@ class Example:
         last = max(i for i, m in enumerate(self.messages) if m.role == "assistant")  # a chat row ends with one
         return self.messages[:last]
 
+    def chars(self) -> int:
+        """The characters of its text, messages and answers: what tokenizing it costs."""
+        return (len(self.text or "") + sum(len(m.content) for m in self.messages) + len(self.chosen or "")
+                + len(self.rejected or ""))
+
 
 @dataclass(frozen=True)
 class LineError:
@@ -162,8 +167,7 @@ class DatasetValidator:
             return self._error(str(exc))
         self.format = self.format or fmt
         self.rows += 1
-        self.chars += (len(example.text or "") + sum(len(m.content) for m in example.messages)
-                       + len(example.chosen or "") + len(example.rejected or ""))
+        self.chars += example.chars()
         if self.examples is not None:
             self.examples.append(example)
 

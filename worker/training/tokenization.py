@@ -161,6 +161,24 @@ class EncodeStats:
 
 
 BATCH_ROWS = 1_000  # rows rendered and tokenized together: one tokenizer call's overhead spread over many rows
+# ...and at most this many characters: a token's ids, offsets and the tokenizer's own record of it take
+# ~300 bytes while its batch is held, so 1,000 rows of a megabyte each would hold ~100 GB at once.
+BATCH_CHARS = 2_000_000
+
+
+def _batches(examples: Sequence[Example]) -> Iterator[list[Example]]:
+    """The rows in order, in batches of at most BATCH_ROWS rows and BATCH_CHARS characters (a longer row alone)."""
+    batch: list[Example] = []
+    chars = 0
+    for example in examples:
+        size = example.chars()
+        if batch and (len(batch) == BATCH_ROWS or chars + size > BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(example)
+        chars += size
+    if batch:
+        yield batch
 
 
 class ChatRenderer:
@@ -206,14 +224,14 @@ def encode_example(example: Example, tokenizer, *, max_seq_length: int, train_on
 
 def encoded_rows(examples: Sequence[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool,
                  pieces: bool = False) -> Iterator[Encoded]:
-    """encode_example for each row, in order, BATCH_ROWS rows to a tokenizer call (a call per row adds about
-    a quarter to the tokenizing itself)."""
+    """encode_example for each row, in order, a batch of rows to a tokenizer call (_batches; a call per row
+    adds about a quarter to the tokenizing itself)."""
     render = ChatRenderer(tokenizer)
-    for start in range(0, len(examples), BATCH_ROWS):
+    for batch in _batches(examples):
         # A text row is learned whole and gets the tokenizer's BOS; a conversation gets its BOS from the template.
         rendered = [(example.text, None) if example.text is not None
                     else render_conversation(example, render, train_on_inputs=train_on_inputs)
-                    for example in examples[start:start + BATCH_ROWS]]
+                    for example in batch]
         tokenized = _tokenize(tokenizer, [text for text, _ in rendered], [spans is None for _, spans in rendered])
         for (text, spans), (ids, offsets) in zip(rendered, tokenized, strict=True):
             trained = [True] * len(ids) if spans is None else learned_tokens(offsets, spans)
@@ -381,10 +399,10 @@ def encode_preference(example: Example, tokenizer, *, max_seq_length: int, piece
 
 def encoded_pairs(examples: Sequence[Example], tokenizer, *, max_seq_length: int,
                   pieces: bool = False) -> Iterator[EncodedPair]:
-    """encode_preference for each row, in order, BATCH_ROWS rows to a tokenizer call."""
+    """encode_preference for each row, in order, a batch of rows to a tokenizer call (_batches)."""
     render = ChatRenderer(tokenizer)
-    for start in range(0, len(examples), BATCH_ROWS):
-        rendered = [_render_pair(example, render) for example in examples[start:start + BATCH_ROWS]]
+    for batch in _batches(examples):
+        rendered = [_render_pair(example, render) for example in batch]
         texts = [text for pair in rendered for text in pair]
         tokenized = _tokenize(tokenizer, texts, [False] * len(texts))
         for row, (_, *answer_texts) in enumerate(rendered):
