@@ -127,7 +127,8 @@ class PreflightRunner:
                 future = pool.submit(_in_child, inputs)
             try:
                 return future.result(timeout=TIMEOUT_S)
-            except FutureTimeout:  # the child goes on to the end of this one; the next waits behind it
+            except FutureTimeout:  # a running one goes on to its end (the next waits behind it); a queued one goes
+                future.cancel()
                 raise NoReport(f"it took longer than {TIMEOUT_S:g} s") from None
             except BrokenProcessPool:
                 self._discard(pool)
