@@ -59,6 +59,8 @@ class CheckedJSONRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:  # no JSON body to parse (the polls): nothing added to their path
+            return handler
 
         async def checked(request: Request) -> Response:
             return await handler(CheckedJSONRequest(request.scope, request.receive))

@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from app.errors import Invalid, PayloadTooLarge, UploadInterrupted
 from app.text import format_bytes, has_control_characters
+from worker.training.spec import excerpt
 
 FLUSH_BYTES = 1 << 20  # hand the sink ~1 MiB at a time: few thread hops, bounded memory
 # The form around the file: the API reads one field besides it (`purpose`, under /v1). These bound
@@ -122,10 +123,10 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.filename = filename.decode("utf-8", "replace") if filename is not None else None
         part.buffer = []
         part.in_file = part.name == file_field and part.filename is not None
-        if part.in_file and has_control_characters(part.filename or ""):  # Postgres cannot store a NUL in it
-            raise Invalid(f"the file's name holds a control character (NUL, a line break, a tab): {part.filename!r}; "
-                          "rename the file")
         if part.in_file:
+            if has_control_characters(part.filename or ""):  # Postgres cannot store a NUL in it
+                raise Invalid(f"the file's name holds a control character (NUL, a line break, a tab): "
+                              f"{excerpt(part.filename)}; rename the file")
             if seen_file:
                 raise Invalid(f"send one {file_field!r} part per request")
             seen_file = True

@@ -172,10 +172,9 @@ class ReplayRoom:
 def _room(session: Session, settings: Settings, caller: Caller, key: str | None, scope: str) -> Room | None:
     """What this upload may store: a replay's room when its key made a dataset, else the team's storage room."""
     made = idempotency.made_with(session, caller.team_id, scope, key) if key is not None else None
-    if key is not None and made is not None and made.dataset_id is not None:
-        earlier = repository.get(session, caller.team_id, made.dataset_id)
-        if earlier is not None:  # else deleted since it was looked up (its key goes with it)
-            return ReplayRoom(key, made, earlier.bytes)
+    earlier = repository.get(session, caller.team_id, made.dataset_id) if made and made.dataset_id else None
+    if key is not None and made is not None and earlier is not None:  # (a deleted dataset takes its key with it)
+        return ReplayRoom(key, made, earlier.bytes)
     return quotas.storage_room(session, settings, caller.team_id)
 
 

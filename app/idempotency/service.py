@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from app.db import utcnow
 from app.errors import Invalid, field_errors
 from app.idempotency import repository
+from app.idempotency.tables import IdempotencyKey
 from app.quotas.service import lock_team
 from worker.training.spec import excerpt
 
@@ -89,10 +90,16 @@ def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
     return Keyed(scope, key, hashlib.sha256(canonical).hexdigest())
 
 
+def _bound(session: Session, team_id: str, scope: str, key: str) -> IdempotencyKey | None:
+    """The key's binding, unless it is older than KEPT (then the key is free again)."""
+    bound = repository.get(session, team_id, scope, key)
+    return None if bound is None or bound.created_at < utcnow() - KEPT else bound
+
+
 def earlier(session: Session, team_id: str, keyed: Keyed) -> Made | None:
     """What this key made within KEPT, or None; KeyReused if it came with another request."""
-    bound = repository.get(session, team_id, keyed.scope, keyed.key)
-    if bound is None or bound.created_at < utcnow() - KEPT:
+    bound = _bound(session, team_id, keyed.scope, keyed.key)
+    if bound is None:
         return None
     made = Made(bound.job_id, bound.dataset_id)
     if bound.request_sha256 != keyed.request_sha256:
@@ -110,10 +117,8 @@ def reused(key: str, made: Made, how: str) -> KeyReused:
 def made_with(session: Session, team_id: str, scope: str, key: str) -> Made | None:
     """What this key made within KEPT, whatever request made it: an upload looks before its body is read,
     when the request's digest is not known yet."""
-    bound = repository.get(session, team_id, scope, key)
-    if bound is None or bound.created_at < utcnow() - KEPT:
-        return None
-    return Made(bound.job_id, bound.dataset_id)
+    bound = _bound(session, team_id, scope, key)
+    return None if bound is None else Made(bound.job_id, bound.dataset_id)
 
 
 def check_not_made_meanwhile(session: Session, team_id: str, keyed: Keyed) -> None:
