@@ -20,11 +20,11 @@ import multiprocessing
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -100,64 +100,139 @@ class TeamSlots:
 
 
 class PreflightRunner:
-    """At most `processes` preflights at once, each in a child process (spawned on first use, kept), given
-    to the waiting teams in turn."""
+    """At most `processes` preflights at once, each in a child process of its own (spawned on first use,
+    kept while it answers in time), given to the waiting teams in turn.
 
-    def __init__(self, processes: int):
+    A child that takes longer than `timeout_s` is killed, not left to run on: with one child, a team's
+    huge dataset would otherwise keep every other team's preflights waiting behind it. A child that dies
+    (killed, or out of memory on a huge row) fails the one preflight it ran; the next gets a new child."""
+
+    def __init__(self, processes: int, timeout_s: float = TIMEOUT_S, target: Callable[[dict], dict] | None = None):
         self.processes = processes
+        self.timeout_s = timeout_s
+        self._target = target or _in_child  # what a child runs on each request's inputs (a test's stand-in aside)
         self._slots = TeamSlots(max(processes, 1))
         self._lock = threading.Lock()
-        self._executor: ProcessPoolExecutor | None = None
+        self._idle: list[_Child] = []
+        self._all: set[_Child] = set()
 
-    def run(self, team: str, wait_s: float, **inputs: Any) -> dict:
-        """The report; NoReport when no child was free for this team within wait_s (POST /jobs goes on
-        unchecked), the report did not come within TIMEOUT_S, or the child failed.
-
-        A child that dies (killed, or out of memory on a huge row) breaks the whole pool: it is
-        replaced here, so one preflight fails, not every one after it."""
+    @contextmanager
+    def turn(self, team: str, wait_s: float) -> Iterator[Callable[..., dict]]:
+        """A child of this team's for the block, as a function of the preflight's inputs that returns its
+        report; NoReport when no child was free for this team within wait_s (POST /jobs goes on unchecked),
+        or from the function when the report did not come within the timeout or the child failed."""
         if not self._slots.acquire(team, wait_s):
             raise NoReport(f"every preflight process was busy for {wait_s:g} s")
         try:
-            pool = self._pool()
-            try:
-                future = pool.submit(_in_child, inputs)
-            except BrokenProcessPool:  # its child died since the last preflight: this one gets a new pool
-                self._discard(pool)
-                pool = self._pool()
-                future = pool.submit(_in_child, inputs)
-            try:
-                return future.result(timeout=TIMEOUT_S)
-            except FutureTimeout:  # a running one goes on to its end (the next waits behind it); a queued one goes
-                future.cancel()
-                raise NoReport(f"it took longer than {TIMEOUT_S:g} s") from None
-            except BrokenProcessPool:
-                self._discard(pool)
-                log.error("a preflight process died (killed, or out of memory); the next preflight starts a new one")
-                raise NoReport("the preflight process died (killed, or out of memory)") from None
-            except Exception:  # a bug of the engine's preflight must not fail the creation it only checks
-                log.exception("a preflight failed")
-                raise NoReport("it failed (the API's log has why)") from None
+            yield self._ask
         finally:
             self._slots.release()
 
-    def _pool(self) -> ProcessPoolExecutor:
+    def _ask(self, **inputs: Any) -> dict:
+        for attempt in (1, 2):
+            child = self._take()
+            try:
+                kind, value = child.ask(inputs, self.timeout_s)
+                break
+            except _Died:  # gone since it last answered (killed while idle): this preflight gets a new one
+                self._drop(child)
+                if attempt == 2:
+                    raise NoReport("the preflight process died (killed, or out of memory)") from None
+            except BaseException:
+                self._drop(child)
+                raise
+        if kind == "slow":
+            self._drop(child)
+            log.warning("a preflight took longer than %g s: its process was stopped", self.timeout_s)
+            raise NoReport(f"it took longer than {self.timeout_s:g} s")
+        if kind == "died":
+            self._drop(child)
+            log.error("a preflight process died (killed, or out of memory); the next preflight starts a new one")
+            raise NoReport("the preflight process died (killed, or out of memory)")
         with self._lock:
-            if self._executor is None:
-                # spawn: a fork of a threaded server would copy its locks mid-use.
-                self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
-            return self._executor
+            self._idle.append(child)
+        if kind == "failed":  # a bug of the engine's preflight must not fail the creation it only checks
+            log.error("a preflight failed:\n%s", value)
+            raise NoReport("it failed (the API's log has why)")
+        return value
 
-    def _discard(self, broken: ProcessPoolExecutor) -> None:
+    def _take(self) -> _Child:
         with self._lock:
-            if self._executor is broken:  # not one another thread has already replaced
-                self._executor = None
-        broken.shutdown(wait=False, cancel_futures=True)
+            while self._idle:
+                child = self._idle.pop()
+                if child.alive():
+                    return child
+                self._all.discard(child)
+                child.stop()
+            child = _Child(self._target)
+            self._all.add(child)
+            return child
+
+    def _drop(self, child: _Child) -> None:
+        with self._lock:
+            self._all.discard(child)
+        child.stop()
 
     def close(self) -> None:
+        """Stops every child, a busy one included (its preflight then answers that the child died)."""
         with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = None
+            children, self._all, self._idle = list(self._all), set(), []
+        for child in children:
+            child.stop()
+
+
+class _Died(Exception):
+    """The child was gone before it took the request."""
+
+
+class _Child:
+    """One preflight process and the pipe it is asked through. spawn, not fork: a fork of a threaded
+    server would copy its locks mid-use."""
+
+    def __init__(self, target: Callable[[dict], dict]):
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        # daemon: killed with the API process if it ends without closing the runner.
+        self._process = context.Process(target=_serve, args=(theirs, target), daemon=True, name="qlora-preflight")
+        self._process.start()
+        theirs.close()
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def ask(self, inputs: dict, timeout_s: float) -> tuple[str, Any]:
+        """("report", report), ("failed", traceback), ("slow", None) or ("died", None); _Died when the
+        request could not even be sent."""
+        try:
+            self._conn.send(inputs)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _Died() from exc
+        if not self._conn.poll(timeout_s):  # poll also returns on the child's end of file: it died
+            return "slow", None
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            return "died", None
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+        self._conn.close()
+
+
+def _serve(conn: Connection, target: Callable[[dict], dict]) -> None:
+    """The child's loop: a report for each request, until the API closes its end."""
+    while True:
+        try:
+            inputs = conn.recv()
+        except EOFError:
+            return
+        try:
+            answer: tuple[str, Any] = ("report", target(inputs))
+        except Exception:
+            answer = ("failed", traceback.format_exc())
+        conn.send(answer)
 
 
 # In the child: the tokenizer files written once per content, by their digest.
@@ -197,23 +272,23 @@ def check(session: Session, storage: Storage, runner: PreflightRunner | None, ca
     files = models.tokenizer_files(session, model)
     if not files:
         return Checked(None, f"preflight not run: the registry has no tokenizer files for {model.name}")
-    with ExitStack() as stack:
-        paths = {}
-        for field in ("dataset_id", "validation_dataset_id"):
-            if meta.get(field) is not None:
-                dataset = datasets.get(session, caller, meta[field])
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-preflight-"))
-                paths[field] = Path(tmp) / "data.jsonl"
-                storage.download(dataset.storage_key, paths[field])
-        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        session.commit()  # nothing written yet but the tokenizer files: give the connection back while the child works
-        try:
-            report = runner.run(caller.team_id, WAIT_FOR_SLOT_S, spec=spec.model_dump(mode="json"),
-                                tokenizer_files=files, tokenizer_sha256=digest, train_path=str(paths["dataset_id"]),
-                                validation_path=str(paths["validation_dataset_id"])
-                                if "validation_dataset_id" in paths else None, examples=examples)
-        except NoReport as exc:
-            return Checked(None, f"preflight not run: {exc}", ran=False)
+    try:
+        # The slot first, then the data: a request that waits for a child holds no copy of its dataset.
+        with runner.turn(caller.team_id, WAIT_FOR_SLOT_S) as ask, ExitStack() as stack:
+            paths = {}
+            for field in ("dataset_id", "validation_dataset_id"):
+                if meta.get(field) is not None:
+                    dataset = datasets.get(session, caller, meta[field])
+                    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-preflight-"))
+                    paths[field] = Path(tmp) / "data.jsonl"
+                    storage.download(dataset.storage_key, paths[field])
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            session.commit()  # nothing written yet but the tokenizer files: give the connection back while the child works
+            report = ask(spec=spec.model_dump(mode="json"), tokenizer_files=files, tokenizer_sha256=digest,
+                         train_path=str(paths["dataset_id"]), validation_path=str(paths["validation_dataset_id"])
+                         if "validation_dataset_id" in paths else None, examples=examples)
+    except NoReport as exc:
+        return Checked(None, f"preflight not run: {exc}", ran=False)
     return Checked(report, "")
 
 

@@ -1,0 +1,96 @@
+"""The preflight processes (app/jobs/preflight.py, PreflightRunner): a child that takes too long is
+stopped, not left running for the next team to wait behind; one whose preflight fails is kept; closing
+the runner leaves no process behind. Real spawned children; what they run is a stand-in whose time and
+outcome the test chooses (the engine's own preflight in a child: tests/service/test_preflight.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from app.jobs.preflight import NoReport, PreflightRunner
+
+
+def stand_in(inputs: dict) -> dict:
+    """Runs in the child: sleeps as long as asked, fails when asked, answers with its process id."""
+    time.sleep(inputs.get("sleep_s", 0))
+    if inputs.get("fail"):
+        raise ValueError("a bug of the preflight")
+    return {"pid": os.getpid()}
+
+
+def gone(pid: int, within_s: float = 10) -> bool:
+    """Ended (a zombie not yet reaped counts: it runs no more)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def runner():
+    runner = PreflightRunner(1, timeout_s=3, target=stand_in)
+    yield runner
+    runner.close()
+
+
+def test_a_preflight_past_its_timeout_is_stopped_and_the_next_team_waits_for_nothing(runner):
+    """Before, the child ran the slow one to its end, and with one child every team's next preflight
+    waited behind it, for as long as a huge dataset took."""
+    with runner.turn("team-a", wait_s=5) as ask:
+        first = ask()["pid"]
+    with runner.turn("team-a", wait_s=5) as ask, pytest.raises(NoReport, match="took longer than 3 s"):
+        ask(sleep_s=600)
+    assert gone(first), "the slow preflight's process still runs"
+    started = time.monotonic()
+    with runner.turn("team-b", wait_s=5) as ask:
+        second = ask()["pid"]
+    assert second != first and time.monotonic() - started < 3
+
+
+def test_a_failed_preflight_keeps_its_process_and_the_next_is_answered(runner):
+    with runner.turn("team-a", wait_s=5) as ask:
+        pid = ask()["pid"]
+    with runner.turn("team-a", wait_s=5) as ask, pytest.raises(NoReport, match="it failed"):
+        ask(fail=True)
+    with runner.turn("team-a", wait_s=5) as ask:
+        assert ask()["pid"] == pid
+
+
+def test_a_process_killed_while_idle_is_replaced_for_the_very_next_preflight(runner):
+    with runner.turn("team-a", wait_s=5) as ask:
+        pid = ask()["pid"]
+    os.kill(pid, 9)
+    assert gone(pid)
+    with runner.turn("team-a", wait_s=5) as ask:
+        assert ask()["pid"] != pid
+
+
+def test_closing_stops_every_process_a_busy_one_included(runner):
+    with runner.turn("team-a", wait_s=5) as ask:
+        pid = ask()["pid"]
+    outcome: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            with runner.turn("team-a", wait_s=5) as ask:
+                ask(sleep_s=600)
+        except NoReport as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=busy)
+    thread.start()
+    while not runner._slots._free == 0:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the request is on its way to the child
+    runner.close()
+    thread.join(10)
+    assert gone(pid)
+    assert outcome and "died" in str(outcome[0])
