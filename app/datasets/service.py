@@ -25,6 +25,7 @@ from app.teams.service import Caller
 from app.text import format_bytes
 from app.uploads import declared_file_bytes, read_multipart
 from worker.training.data import DataError, DatasetValidator
+from worker.training.spec import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def _record(session, storage, settings, caller, validator: DatasetValidator, sto
 def get(session: Session, caller: Caller, dataset_id: str) -> Dataset:
     dataset = repository.get(session, caller.team_id, dataset_id)
     if dataset is None:
-        raise NotFound(f"no dataset {dataset_id!r}")
+        raise NotFound(f"no dataset {excerpt(dataset_id)}")
     return dataset
 
 
@@ -224,6 +225,7 @@ def list_page(session: Session, caller: Caller, cursor: str | None, limit: int) 
 
 
 def delete(session: Session, storage: Storage, caller: Caller, dataset_id: str) -> None:
+    quotas.lock_team(session, caller.team_id)  # as a job creation does: a job created meanwhile is seen, or sees the delete
     dataset = get(session, caller, dataset_id)
     users = repository.active_jobs_using(session, caller.team_id, dataset.id, ACTIVE)
     if users:

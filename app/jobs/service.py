@@ -109,6 +109,11 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     if keyed is not None:
         idempotency.check_not_made_meanwhile(session, caller.team_id, keyed)  # takes the team's row
     check_can_queue(session, settings, caller.team_id)  # last: it holds the team's row until the commit
+    for field in ("dataset_id", "validation_dataset_id"):
+        # Again under the team's row, which deleting a dataset takes too: one deleted during the preflight's
+        # seconds is a 404 here, not a failed insert (500) or a queued job with no data (Postgres' SET NULL).
+        if meta.get(field) is not None:
+            _usable_dataset(session, caller, field, meta[field])
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,

@@ -1,0 +1,103 @@
+"""A dataset deleted while a job on it is being created, on Postgres: the creation answers 404, or the
+delete 409, never a 500 (a failed insert) and never a queued job whose dataset is gone (the foreign
+key's SET NULL). Both sides take the team's row (quotas.lock_team).
+
+The two orders are set up with the service functions the routes call, each in its own connection:
+the delete lands in the preflight's seconds (the window a probe hit through the API with a 1.4 MB
+dataset), or while the creation's transaction is still open."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from app.datasets import service as datasets
+from app.db import session_scope, sessionmaker_for
+from app.errors import Conflict, NotFound
+from app.jobs import preflight
+from app.jobs import service as jobs
+from app.jobs.tables import Job
+from app.storage.base import storage_from_settings
+from app.teams import repository as teams
+from app.teams.service import Caller
+from tests.deployment import upload
+from worker.training.tiny import demo_spec
+
+
+@pytest.fixture
+def team_dataset(deployment, demo_data) -> tuple[Caller, str]:
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    dataset_id = upload(deployment.client(deployment.team_key(name)), demo_data["train"]).json()["id"]
+    with session_scope(deployment.settings.database_url) as session:
+        team = teams.team_by_name(session, name)
+        return Caller(team_id=team.id, team_name=name, key_id="test", is_admin=False), dataset_id
+
+
+def job_body(dataset_id: str) -> dict:
+    return {"dataset_id": dataset_id, **demo_spec("tiny")}
+
+
+def jobs_of(deployment, caller: Caller) -> list[Job]:
+    with session_scope(deployment.settings.database_url) as session:
+        return list(session.scalars(select(Job).where(Job.team_id == caller.team_id)))
+
+
+def test_a_dataset_deleted_during_the_preflight_makes_the_creation_a_404(deployment, team_dataset, monkeypatch):
+    caller, dataset_id = team_dataset
+    settings, storage = deployment.settings, storage_from_settings(deployment.settings)
+
+    def delete_meanwhile(*args, **kwargs) -> preflight.Checked:  # the preflight's seconds, and a delete in them
+        with session_scope(settings.database_url) as other:
+            datasets.delete(other, storage, caller, dataset_id)
+        return preflight.Checked(None, "preflight not run")
+    monkeypatch.setattr(jobs.preflight, "check", delete_meanwhile)
+
+    session = sessionmaker_for(settings.database_url)()
+    try:
+        with pytest.raises(NotFound, match=f"dataset_id: no dataset '{dataset_id}'"):  # was a foreign-key violation
+            jobs.create(session, settings, caller, job_body(dataset_id), storage=storage)
+    finally:
+        session.rollback()
+        session.close()
+    assert jobs_of(deployment, caller) == []
+
+
+def test_a_delete_during_an_uncommitted_creation_waits_and_answers_409(deployment, team_dataset):
+    caller, dataset_id = team_dataset
+    settings, storage = deployment.settings, storage_from_settings(deployment.settings)
+    session = sessionmaker_for(settings.database_url)()
+    refused: list[Conflict] = []
+
+    def delete() -> None:
+        try:
+            with session_scope(settings.database_url) as other:
+                datasets.delete(other, storage, caller, dataset_id)
+        except Conflict as exc:
+            refused.append(exc)
+    try:
+        job = jobs.create(session, settings, caller, job_body(dataset_id))
+        deleting = threading.Thread(target=delete)
+        deleting.start()
+        waiting_on_a_lock(settings.database_url)  # the delete waits for the creation's transaction
+        session.commit()
+        deleting.join(30)
+    finally:
+        session.close()
+    # Before, the delete went through once the creation committed, and the queued job's dataset_id became NULL.
+    assert refused and f"used by jobs that have not finished: {job.id} (queued)" in str(refused[0])
+    (stored,) = jobs_of(deployment, caller)
+    assert stored.dataset_id == dataset_id
+
+
+def waiting_on_a_lock(database_url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    with session_scope(database_url) as session:
+        while not session.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND wait_event_type = 'Lock'")).scalar():
+            assert time.monotonic() < deadline, "the delete never waited"
+            session.rollback()  # a fresh snapshot of pg_stat_activity
+            time.sleep(0.02)
