@@ -22,7 +22,7 @@ from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.deps import session_end_threads
-from app.errors import ERROR_RESPONSES, AppError, Invalid, QuotaExceeded
+from app.errors import ERROR_RESPONSES, AppError, Invalid, NotFound, QuotaExceeded
 from app.jobs.preflight import PreflightRunner
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
@@ -37,7 +37,7 @@ from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
 from app.recent import Recent
 from app.scheduling.service import SchedulerThread
-from app.storage.base import storage_from_settings
+from app.storage.base import ObjectNotFound, storage_from_settings
 from app.teams.service import CallerCache
 from app.text import format_bytes
 from app.uploads import STREAMED_BODY
@@ -119,6 +119,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await app_error(request, error)
         response.headers.update(exc.headers or {})  # 405's Allow
         return response
+
+    @app.exception_handler(ObjectNotFound)
+    async def object_gone(request: Request, exc: ObjectNotFound):
+        """A stored file deleted between the read of its row and its opening (a download racing a delete)."""
+        return await app_error(request, NotFound("its stored file is gone: it was deleted meanwhile"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        """A bug's 500 in the shape of every other error (the OpenAI SDK reads /v1's); the exception goes
+        on to the server's log with its traceback."""
+        error = AppError("internal error; the API's log has what went wrong", code="internal_error")
+        error.status = 500
+        return await app_error(request, error)
 
     app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
         request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))

@@ -8,7 +8,13 @@ malformed JSON before any route sees it, and so is anything else the database's 
 
 A body is also bounded in how many values it holds (MAX_JSON_VALUES), not only in bytes: no request
 of this API needs more than a few hundred, and 16 MiB of `{"f0": 1, "f1": 1, ...}` would have the
-validator build and answer an error for each of a million unknown fields."""
+validator build and answer an error for each of a million unknown fields.
+
+And the caller is known before the body is read: FastAPI reads and parses a body before it solves a
+route's dependencies, so a request with no key or a wrong one was read whole (up to
+QLORA_MAX_JSON_BYTES, 16 MiB) and parsed before its 401; thirty such at once held 400 MB of the API's
+memory. Now it is answered 401 before anything of its body is read (a client that sent
+`Expect: 100-continue` is never asked for it)."""
 
 from __future__ import annotations
 
@@ -17,8 +23,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic_core import from_json
+
+from app.deps import get_caller
 
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
 
@@ -55,14 +64,23 @@ def _more_values_than(value: Any, limit: int) -> bool:
 
 
 class CheckedJSONRoute(APIRoute):
-    """The route class of every router (app/*/routes.py): its requests parse JSON with CheckedJSONRequest."""
+    """The route class of every router (app/*/routes.py): a route with a JSON body authenticates its caller
+    before reading it, and parses it with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:  # no JSON body to parse (the polls): nothing added to their path
             return handler
+        authenticated = _needs(self.dependant, get_caller)
 
         async def checked(request: Request) -> Response:
+            if authenticated:  # 401 before the body; the route's own dependency then finds the caller cached
+                await get_caller(request, request.headers.get("authorization"))
             return await handler(CheckedJSONRequest(request.scope, request.receive))
 
         return checked
+
+
+def _needs(dependant: Dependant, call: Callable) -> bool:
+    """Whether `call` is among the dependencies of `dependant`, at any depth (AdminDep needs CallerDep)."""
+    return any(d.call is call or _needs(d, call) for d in dependant.dependencies)
