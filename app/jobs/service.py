@@ -403,7 +403,10 @@ def pause(session: Session, caller: Caller, job_id: str) -> Job:
 
 
 def resume(session: Session, settings: Settings, caller: Caller, job_id: str) -> Job:
-    """A paused job is queued again; the worker that claims it continues from its pause checkpoint."""
+    """A paused job is queued again; the worker that claims it continues from its pause checkpoint.
+    It counts against max_queued as a new job does: else paused jobs, resumed together, passed it."""
+    if get(session, caller, job_id).status == states.PAUSED:
+        check_can_queue(session, settings, caller.team_id)
     job = _request(session, caller, job_id, "resume")
     if job.status == states.QUEUED and job.dispatched_at is None:
         after_commit(session, lambda: send(settings, job.id, job.queue))

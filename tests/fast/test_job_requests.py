@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from app.db import utcnow
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, QuotaExceeded
 from app.jobs import repository, service, states
 from app.jobs.states import (
     ALL,
@@ -159,3 +159,18 @@ def test_another_teams_job_is_not_found(settings, session, make_job, request_):
         ask(request_, session, settings, stranger, job_id)
     session.rollback()
     assert stored(settings, job_id)[0].status == RUNNING
+
+
+def test_resuming_a_paused_job_counts_against_max_queued_as_a_new_job_does(settings, session, caller, make_job):
+    """Before, max_queued held POST /jobs back, and any number of paused jobs could be queued again."""
+    queued, paused = make_job(QUEUED), make_job(PAUSED)
+    session.get(Team, caller.team_id).max_queued = 1
+    session.commit()
+    with pytest.raises(QuotaExceeded, match="max_queued: team 'team-a' already has 1 jobs queued, its limit is 1"):
+        service.resume(session, settings, caller, paused)
+    session.rollback()
+    assert stored(settings, paused)[0].status == PAUSED
+    assert service.resume(session, settings, caller, queued).status == QUEUED  # already queued: answered as it is
+    service.cancel(session, caller, queued)
+    session.commit()
+    assert service.resume(session, settings, caller, paused).status == QUEUED
