@@ -6,12 +6,14 @@ import json
 import re
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import repository
 from app.models.tables import RegisteredModel
 from worker.training.estimate import ModelShape
+from worker.training.spec import excerpt
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
 
@@ -34,7 +36,7 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
     if repository.by_name(session, name):
         raise Conflict(f"a model named {name!r} is already registered")
     if config is None and path is not None and (Path(path) / "config.json").is_file():
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = _read_config(Path(path) / "config.json")
     if config is not None:
         try:
             ModelShape.from_config(config)
@@ -43,8 +45,23 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
     model = RegisteredModel(name=name, path=path, hub_id=hub_id, revision=revision, description=description,
                             config=config, tokenizer=read_tokenizer_files(path))
     session.add(model)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # registered meanwhile by a request that passed the check above at the same time
+        raise Conflict(f"a model named {name!r} is already registered") from None
     return model
+
+
+def _read_config(file: Path) -> dict:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise Invalid(f"path: {file} is not a readable JSON file ({excerpt(str(exc), quote=False)})",
+                      details=[{"field": "path", "message": "config.json is not readable JSON"}]) from None
+    if not isinstance(config, dict):
+        raise Invalid(f"path: {file} holds a JSON {type(config).__name__}, not the object a config.json is",
+                      details=[{"field": "path", "message": "config.json is not a JSON object"}])
+    return config
 
 
 # What a transformers tokenizer is made of, text files all (a sentencepiece-only model without a

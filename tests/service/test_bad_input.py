@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 import boto3
@@ -475,3 +477,20 @@ def test_a_download_whose_stored_file_is_gone_is_a_404_not_a_500(deployment, tea
         assert response.status_code == 404 and "deleted meanwhile" in response.json()["error"]["message"], response.text
     finally:
         team_a.delete(f"/datasets/{dataset['id']}")
+
+
+def test_registering_a_model_whose_config_is_not_json_or_whose_name_races_is_a_4xx(deployment, tmp_path):
+    admin = deployment.client(deployment.team_key("registry-admins", admin=True))
+    for name, content in [("not-json", b"{oops"), ("not-utf8", b"\xff\xfe{}"), ("a-list", b"[1, 2]")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_bytes(content)
+        response = admin.post("/models", json={"name": f"bad-{name}", "path": str(tmp_path / name)})
+        assert response.status_code == 422, response.text  # was 500
+        assert response.json()["error"]["details"][0]["field"] == "path"
+    # The same name from several admins at once: one registers it, the others learn it is taken.
+    name = f"raced-{uuid.uuid4().hex[:6]}"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: admin.post("/models", json={
+            "name": name, "hub_id": "org/raced", "revision": "v1"}).status_code, range(6)))
+    assert sorted(answers) == [201] + [409] * 5, answers  # some were 500 (the unique index's violation)
+    assert admin.delete(f"/models/{name}").status_code == 204
