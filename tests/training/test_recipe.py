@@ -225,6 +225,28 @@ def test_cancel_hook_stops_training_cleanly(tiny_model_dir, demo_data, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "cancelled"
 
 
+def test_a_cancel_after_the_last_step_stops_before_the_merge_and_ends_cancelled(tiny_model_dir, demo_data, tmp_path):
+    """Before, only training asked the hook: a cancel during the evaluation, the merge or the report (minutes
+    each on a large model) was ignored, and the job ended succeeded."""
+    asked = []
+
+    def cancel() -> bool:  # no to every optimizer step's ask (10), the evaluation's and the adapter's; yes to the merge's
+        asked.append(True)
+        return len(asked) > 12
+
+    spec = short_spec(tiny_model_dir, max_steps=10, save_steps=10)
+    spec["output"] = {"merge": True}
+    events = []
+    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path, cancel=cancel, sink=events.append)
+    assert result.status == "cancelled" and len(asked) == 13
+    assert result.summary["steps"]["completed"] == 10
+    assert (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()  # stopped before the merge
+    assert [e.type for e in events if getattr(e, "type", None) in ("adapter_saved", "merged", "cancelled", "finished")] == [
+        "adapter_saved", "cancelled"]
+    assert set(result.summary["durations_s"]) == {"setup", "train", "save_adapter", "total"}
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "cancelled"
+
+
 def test_non_finite_loss_stops_with_the_step_named(tiny_model_dir, demo_data, tmp_path):
     class Diverge(TrainerCallback):
         """Makes the adapter's weights non-finite before step 4, as a diverging run would."""

@@ -188,12 +188,21 @@ def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: A
     ended = recipe.train()
     if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
         return recipe.summarize(ended)
-    eval_loss = recipe.evaluate()
-    recipe.save_adapter()
-    fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
-    report = recipe.eval_report()  # None where spec.eval.prompts is 0
+    try:
+        eval_loss = recipe.evaluate()
+        recipe.save_adapter()
+        fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
+        report = recipe.eval_report()  # None where spec.eval.prompts is 0
+    except CancelledAfterTraining:
+        return recipe.summarize(TrainingEnd("cancelled", ended.step))
     recipe.cleanup()
     return recipe.summarize(ended, eval_loss=eval_loss, merge_fidelity=fidelity, report=report)
+
+
+class CancelledAfterTraining(Exception):  # noqa: N818 (a request obeyed, not an error)
+    """The cancel hook said yes after the last optimizer step: the steps after training (an evaluation,
+    a merge, a report: minutes each on a large model) each ask it before they begin, as training asks
+    it after each step, so a cancel then ends the run cancelled instead of being ignored to the end."""
 
 
 class QLoRARecipe:
@@ -420,6 +429,7 @@ class QLoRARecipe:
 
     def evaluate(self) -> float | None:
         """The final validation loss, where there is a validation set."""
+        self._unless_cancelled()
         if not self.val_rows:
             return None
         return self.trainer.evaluate()["eval_loss"]  # the metrics callback records it
@@ -427,6 +437,7 @@ class QLoRARecipe:
     # ---------------------------------------------------------------- save
 
     def save_adapter(self) -> None:
+        self._unless_cancelled()
         shipped = self.best.restore()  # output.use_best_checkpoint: the best evaluation's weights go out
         if shipped is not None:
             self.emit(shipped)
@@ -442,6 +453,7 @@ class QLoRARecipe:
     def merge_and_measure_fidelity(self) -> dict | None:
         """merged/: the adapter merged into the base it was trained against, and how faithfully the
         saved model reproduces the trained one. None (and nothing written) where spec.output.merge is off."""
+        self._unless_cancelled()
         fidelity = None
         if self.spec.output.merge:
             rows = fidelity_rows(self._sft_rows(self.val_rows or self.train_rows))
@@ -479,6 +491,7 @@ class QLoRARecipe:
     def eval_report(self) -> dict | None:
         """report/report.json: base and tuned answers to the spec's eval prompts, scored, with the loss of
         both (worker/training/report.py). None (and nothing written) where spec.eval.prompts is 0."""
+        self._unless_cancelled()
         report = None
         if self.spec.eval.prompts:
             # The report loads the models it compares; the one trained goes first where the merge left it.
@@ -504,6 +517,10 @@ class QLoRARecipe:
 
     # ---------------------------------------------------------------- cleanup
 
+    def _unless_cancelled(self) -> None:
+        if self.cancel():
+            raise CancelledAfterTraining()
+
     def cleanup(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -515,7 +532,8 @@ class QLoRARecipe:
             self.emit(Event(type=ended.how, level="warning" if ended.how == "cancelled" else "info",
                             step=ended.step, message=f"{ended.how} at step {ended.step}{saved}"))
             summary = {"status": ended.how, **self._summary_of_run(),
-                       "durations_s": _durations(*self.clock, time.monotonic())}
+                       # Stopped in training, its end is now; after it, the steps that ran have their ends.
+                       "durations_s": _durations(*self.clock, *([time.monotonic()] if len(self.clock) < 3 else []))}
             write_json_atomic(self.out / "summary.json", summary, indent=2)
             return RunResult(ended.how, self.out, summary)
         summary = {
