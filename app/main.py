@@ -35,6 +35,7 @@ from app.openai.translate import openai_error
 from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
+from app.quotas.service import UploadsInFlight
 from app.recent import Recent
 from app.scheduling.service import SchedulerThread
 from app.storage.base import ObjectNotFound, storage_from_settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
     app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second
     app.state.preflight = PreflightRunner(settings.preflight_processes)  # child processes that tokenize job data
+    app.state.uploads_in_flight = UploadsInFlight()  # what each team's uploads hold of its storage room, in this process
     app.state.team_turns = TeamTurns()  # one job creation or preflight at a time per team, in this process
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 

@@ -44,6 +44,8 @@ class Room(Protocol):
 
     def check_stream(self, stored_bytes: int) -> None: ...
 
+    def release(self) -> None: ...
+
 
 class ByteSink(Protocol):
     size: int
@@ -115,10 +117,22 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
     The session has only authenticated the caller so far. Its connection goes back to the pool
     while the body streams (a slow client can take minutes), and a new one is taken to record."""
     idempotency.checked_key(idempotency_key)  # before a byte of the body is read
-    room = await run_in_threadpool(_room, session, settings, caller, idempotency_key, scope)
+    room = await run_in_threadpool(_room, session, settings, caller, idempotency_key, scope,
+                                   request.app.state.uploads_in_flight)
     await run_in_threadpool(release_connection, session)
-    if room is not None:
-        room.check_declared(declared_file_bytes(request))
+    try:
+        if room is not None:
+            room.check_declared(declared_file_bytes(request))
+        return await _stream_and_record(session, storage, settings, caller, request, room, check_fields,
+                                        idempotency_key, scope)
+    finally:
+        if room is not None:
+            room.release()
+
+
+async def _stream_and_record(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request,
+                             room: Room | None, check_fields: Callable[[dict[str, str]], None] | None,
+                             idempotency_key: str | None, scope: str) -> tuple[Dataset, bool]:
     key = make_key(caller.team_id, "datasets")
     ingest: list[DatasetIngest[ObjectWriter]] = []
     filename: list[str] = []
@@ -169,14 +183,18 @@ class ReplayRoom:
         if stored_bytes > self.earlier_bytes:
             raise self.refused(f"already over {format_bytes(self.earlier_bytes)}")
 
+    def release(self) -> None:
+        """Nothing held: a replay's copy is dropped, and its size is bound by the earlier one's."""
 
-def _room(session: Session, settings: Settings, caller: Caller, key: str | None, scope: str) -> Room | None:
+
+def _room(session: Session, settings: Settings, caller: Caller, key: str | None, scope: str,
+          in_flight: quotas.UploadsInFlight) -> Room | None:
     """What this upload may store: a replay's room when its key made a dataset, else the team's storage room."""
     made = idempotency.made_with(session, caller.team_id, scope, key) if key is not None else None
     earlier = repository.get(session, caller.team_id, made.dataset_id) if made and made.dataset_id else None
     if key is not None and made is not None and earlier is not None:  # (a deleted dataset takes its key with it)
         return ReplayRoom(key, made, earlier.bytes)
-    return quotas.storage_room(session, settings, caller.team_id)
+    return quotas.storage_room(session, settings, caller.team_id, in_flight)
 
 
 def _record(session, storage, settings, caller, validator: DatasetValidator, stored, filename: str,

@@ -7,6 +7,8 @@ before it is recorded). max_running and the monthly budget hold jobs in the queu
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,55 +139,99 @@ def check_can_queue(session: Session, settings: Settings, team_id: str) -> None:
 # ---------------------------------------------------------------- storage_gib
 
 
-@dataclass(frozen=True)
+@dataclass
 class StorageRoom:
-    """What a team with a storage_gib limit may still store, as read when its upload began."""
+    """What a team with a storage_gib limit may still store: its limit, less what it keeps (as read when
+    the upload began), less what its other uploads in flight in this API process hold (UploadsInFlight).
+    Without that last part, twenty uploads at once, each fitting the room read as it began, put twenty
+    times the room on disk before all but one were refused at their end."""
 
     team_name: str
     limit_gib: float
     used_bytes: int
+    in_flight: UploadsInFlight | None = None
+    team_id: str = ""
+    _mine: object = dataclasses.field(default_factory=object)  # this upload's entry in in_flight
 
     @property
     def limit_bytes(self) -> int:
         return int(self.limit_gib * GIB)
 
-    @property
-    def left_bytes(self) -> int:
-        return max(self.limit_bytes - self.used_bytes, 0)
+    def left_bytes(self, others: int = 0) -> int:
+        return max(self.limit_bytes - self.used_bytes - others, 0)
 
-    def exceeded(self, what: str) -> QuotaExceeded:
+    def exceeded(self, what: str, others: int = 0) -> QuotaExceeded:
         """The refusal of an upload; `what` says how it would pass the limit."""
+        left = self.left_bytes(others)
+        meanwhile = f", the team's other uploads in progress hold {format_bytes(others)}" if others else ""
         return QuotaExceeded(
             f"storage_gib: team {self.team_name!r} keeps {format_bytes(self.used_bytes)} of its limit of "
-            f"{format_bytes(self.limit_bytes)} (storage_gib {self.limit_gib:g}), {format_bytes(self.left_bytes)} "
+            f"{format_bytes(self.limit_bytes)} (storage_gib {self.limit_gib:g}){meanwhile}, {format_bytes(left)} "
             f"left, and {what}; nothing of this upload was kept. Delete datasets "
             "the team no longer needs (DELETE /datasets/{id}, or qlora datasets delete ID); its jobs' artifacts "
             "and checkpoints count too, so an admin may raise the limit (qlora admin set-quota TEAM --storage-gib G)",
             details={"limit": "storage_gib", "allowed_bytes": self.limit_bytes, "current_bytes": self.used_bytes,
-                     "left_bytes": self.left_bytes})
+                     "in_flight_bytes": others, "left_bytes": left})
 
     def check_declared(self, declared_bytes: int | None) -> None:
         """Before a byte of the body is read: a team at its limit uploads nothing, and a body whose
-        declared length is over what is left is refused at once. `declared_bytes` is the file's size as
-        far as the request tells (its Content-Length less the form around the file); None: not told."""
-        if self.left_bytes <= 0:
-            raise self.exceeded("has no room for another upload")
-        if declared_bytes is not None and declared_bytes > self.left_bytes:
-            raise self.exceeded(f"this upload is {format_bytes(declared_bytes)}")
+        declared length is over what is left is refused at once (else it holds that much of the room
+        while it streams). `declared_bytes` is the file's size as far as the request tells (its
+        Content-Length less the form around the file); None: not told."""
+        others = self._hold(declared_bytes or 0)
+        if self.left_bytes(others) <= 0:
+            raise self.exceeded("has no room for another upload", others)
+        if declared_bytes is not None and declared_bytes > self.left_bytes(others):
+            raise self.exceeded(f"this upload is {format_bytes(declared_bytes)}", others)
 
     def check_stream(self, stored_bytes: int) -> None:
         """While the body streams (a chunked body declares no length): refused once it passes what is left."""
-        if stored_bytes > self.left_bytes:
-            raise self.exceeded(f"this upload is already over {format_bytes(self.left_bytes)}")
+        others = self._hold(stored_bytes)
+        if stored_bytes > self.left_bytes(others):
+            raise self.exceeded(f"this upload is already over {format_bytes(self.left_bytes(others))}", others)
+
+    def _hold(self, size: int) -> int:
+        """Notes that this upload holds `size` bytes (at least); what the team's other uploads hold."""
+        return self.in_flight.hold(self.team_id, self._mine, size) if self.in_flight is not None else 0
+
+    def release(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.release(self.team_id, self._mine)
 
 
-def storage_room(session: Session, settings: Settings, team_id: str) -> StorageRoom | None:
-    """The team's room for more stored bytes; None when it has no storage limit."""
+class UploadsInFlight:
+    """The bytes each team's uploads in this API process hold so far (declared, or stored), until each is
+    recorded or refused. Per process: with several API processes a team may pass its room by as many
+    times as there are processes while uploads stream, and the record (check_storage_fits, under the
+    team's row) still keeps no more than the limit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, dict[object, int]] = {}
+
+    def hold(self, team_id: str, upload: object, size: int) -> int:
+        with self._lock:
+            mine = self._held.setdefault(team_id, {})
+            mine[upload] = max(mine.get(upload, 0), size)
+            return sum(held for other, held in mine.items() if other is not upload)
+
+    def release(self, team_id: str, upload: object) -> None:
+        with self._lock:
+            mine = self._held.get(team_id, {})
+            mine.pop(upload, None)
+            if not mine:
+                self._held.pop(team_id, None)
+
+
+def storage_room(session: Session, settings: Settings, team_id: str,
+                 in_flight: UploadsInFlight | None = None) -> StorageRoom | None:
+    """The team's room for more stored bytes; None when it has no storage limit. With `in_flight`, the
+    room of an upload that counts the team's others in flight (release() it once recorded or refused)."""
     team = teams.team_by_id(session, team_id)
     limit = effective(settings, team).storage_gib if team is not None else None
     if team is None or limit is None:
         return None
-    return StorageRoom(team.name, limit, storage_bytes(session, team_id))
+    return StorageRoom(team.name, limit, storage_bytes(session, team_id), in_flight, team_id)
 
 
 def check_storage_fits(session: Session, settings: Settings, team_id: str, incoming_bytes: int) -> None:
@@ -196,5 +242,5 @@ def check_storage_fits(session: Session, settings: Settings, team_id: str, incom
     if limit is None:
         return
     room = StorageRoom(team.name, limit, storage_bytes(session, team_id))
-    if incoming_bytes > room.left_bytes:
+    if incoming_bytes > room.left_bytes():
         raise room.exceeded(f"this upload is {format_bytes(incoming_bytes)}")

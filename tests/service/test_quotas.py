@@ -170,7 +170,7 @@ def test_an_upload_over_storage_gib_is_refused_before_a_byte_is_stored(deploymen
         assert "storage_gib" in error["message"] and "limit of 1.0 MiB" in error["message"]
         assert "DELETE /datasets/{id}" in error["message"] and "set-quota" in error["message"]
         assert error["details"] == {"limit": "storage_gib", "allowed_bytes": MIB, "current_bytes": kept,
-                                    "left_bytes": MIB - kept}
+                                    "in_flight_bytes": 0, "left_bytes": MIB - kept}
         assert [d["id"] for d in member.get("/datasets").json()["data"]] == [small.json()["id"]]
         assert team_objects(deployment, team) == stored_before
         assert member.get("/quota").json()["use"]["storage_bytes"] == kept
@@ -188,6 +188,35 @@ def test_an_upload_over_storage_gib_is_answered_before_its_body_is_read(deployme
                       f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                       f"Content-Length: {2 * MIB}\r\nExpect: 100-continue\r\n\r\n").encode())
         assert reader.readline().decode().startswith("HTTP/1.1 429"), "the server asked for the body"
+
+
+def test_an_upload_in_progress_holds_its_room_so_uploads_at_once_cannot_fill_the_disk(deployment, admin):
+    """Each upload was checked against the room read when it began: twenty slow uploads at once of a team
+    with 10 MB of room had 200 MB on disk together before all but one were refused at their end."""
+    team = fresh_team("storage")
+    key = deployment.team_key(team)
+    set_quota(admin, team, storage_gib=1 / 1024)  # 1 MiB
+    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n\r\n'.encode()
+            + rows(700 * 1024)[:700 * 1024 - 1] + b"\n" + f"\r\n--{BOUNDARY}--\r\n".encode())
+    parts = urlsplit(deployment.url)
+    with (socket.create_connection((parts.hostname, parts.port), timeout=30) as slow, slow.makefile("rb") as reader,
+          deployment.client(key) as member):
+        slow.sendall((f"POST /datasets HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        assert reader.readline().startswith(b"HTTP/1.1 100"), "the first upload was not let through"
+        reader.readline()
+        # The first holds 700 KiB of the room while it streams: a second as large no longer fits.
+        second = upload(member, content=rows(700 * 1024))
+        assert second.status_code == 429, second.text  # was 201: the first was not yet recorded
+        error = second.json()["error"]
+        assert "other uploads in progress hold" in error["message"] and error["details"]["in_flight_bytes"] > 600 * 1024
+        slow.sendall(body)
+        assert reader.readline().startswith(b"HTTP/1.1 201"), "the first upload was not kept"
+    # Once recorded, what it holds is what the team keeps; a small one still fits beside it.
+    with deployment.client(key) as member:
+        assert upload(member, content=rows(100 * 1024)).status_code == 201
+        assert member.get("/quota").json()["use"]["storage_bytes"] > 800 * 1024
 
 
 def test_a_chunked_upload_is_cut_off_where_it_passes_storage_gib(deployment, admin):
