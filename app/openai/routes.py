@@ -20,6 +20,7 @@ from app.jobs.tables import JobEvent
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
 from app.routing import CheckedJSONRoute
+from worker.training.spec import excerpt
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=CheckedJSONRoute)
 
@@ -39,7 +40,7 @@ async def create_file(request: Request, response: Response, session: SessionDep,
     """multipart: `file` (JSONL) and `purpose` = fine-tune. Validated line by line while it streams."""
     def purpose_is_fine_tune(fields: dict[str, str]) -> None:
         if fields.get("purpose") != "fine-tune":
-            raise Invalid(f"purpose must be 'fine-tune', got {fields.get('purpose')!r}",
+            raise Invalid(f"purpose must be 'fine-tune', got {excerpt(fields.get('purpose'))}",
                           details=field_errors([("purpose", "must be 'fine-tune'")]))
 
     dataset, replayed = await datasets.upload(session, storage, settings, caller, request, check_fields=purpose_is_fine_tune,
@@ -150,5 +151,5 @@ def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep, after:
     job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
     newest_first = jobs.checkpoints(session, caller, job.id)[::-1]
     saved = page_after(newest_first, lambda c: t.CHECKPOINT + c.id, after, limit,
-                       unknown=f"after: no checkpoint {after!r} in this job")
+                       unknown=f"after: no checkpoint {excerpt(after)} in this job")
     return _list([t.checkpoint_object(c, job, caller.team_name) for c in saved.data], saved)

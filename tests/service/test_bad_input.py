@@ -208,6 +208,13 @@ def test_an_error_echoes_an_excerpt_of_what_was_sent(team_a, ready_dataset, unch
     assert "2,097,152 characters" in fields["training.per_device_batch_size"]
     response = team_a.post("/jobs", json={"dataset_id": huge, **demo_spec("tiny")})
     assert response.status_code == 404 and len(response.text) < 1000
+    # The same in the lookups by id that other routes answer, and the OpenAI-compatible API's.
+    long = "x" * 5000
+    for path, params in [(f"/datasets/{long}", None), ("/v1/files", {"after": f"file-{long}"})]:
+        response = team_a.get(path, params=params)
+        assert response.status_code in (400, 404) and len(response.text) < 1000, (path, response.text[:300])
+    response = team_a.post("/v1/files", files={"file": ("a.jsonl", b'{"text": "hi"}\n')}, data={"purpose": long})
+    assert response.status_code == 400 and len(response.text) < 1000, response.text[:300]
 
 
 @pytest.mark.parametrize("path", ["/jobs", "/datasets"])
@@ -229,6 +236,12 @@ def queued_job(team_a, ready_dataset):
     assert job.status_code == 201, job.text
     yield job.json()
     team_a.post(f"/jobs/{job.json()['id']}/cancel")
+
+
+def test_an_openai_checkpoint_after_that_is_none_echoes_an_excerpt(team_a, queued_job):
+    response = team_a.get(f"/v1/fine_tuning/jobs/ftjob-{queued_job['id']}/checkpoints", params={"after": "x" * 5000})
+    assert response.status_code in (400, 404) and len(response.text) < 1000, response.text[:300]
+    assert "5,000 characters" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("after", ["ftevent-²", "ftevent-" + "9" * 5000, "ftevent-" + str(2**64), "ftevent--1"])
