@@ -460,10 +460,12 @@ class JobRun:
         try:
             watch.check()
             with session_scope(self.db) as session:
-                runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
+                replaced = runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
         except BaseException:
             self.storage.delete(stored.key)  # not recorded, so not kept
             raise
+        if replaced is not None:
+            self._delete([replaced])  # a lost attempt's, no longer recorded
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

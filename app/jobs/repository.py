@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
+from app.db import utcnow
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first, newest_first_shape, newest_first_values
@@ -222,10 +223,16 @@ def artifact(session: Session, team_id: str, job_id: str, kind: str) -> Artifact
         Artifact.job_id.in_(_readable_job_id(team_id, job_id)), Artifact.kind == kind)).one_or_none()
 
 
-def add_artifact(session: Session, job_id: str, kind: str, storage_key: str, size: int, sha256: str) -> Artifact:
-    artifact_row = Artifact(job_id=job_id, kind=kind, storage_key=storage_key, bytes=size, sha256=sha256)
-    session.add(artifact_row)
-    return artifact_row
+def put_artifact(session: Session, job_id: str, kind: str, storage_key: str, size: int, sha256: str) -> str | None:
+    """The job's artifact of this kind, added or replacing one an earlier attempt stored before it was
+    lost; the replaced one's storage key, or None."""
+    row = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind))
+    if row is None:
+        session.add(Artifact(job_id=job_id, kind=kind, storage_key=storage_key, bytes=size, sha256=sha256))
+        return None
+    replaced = row.storage_key
+    row.storage_key, row.bytes, row.sha256, row.created_at = storage_key, size, sha256, utcnow()
+    return replaced
 
 
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:

@@ -246,7 +246,10 @@ def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
     return True
 
 
-def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: str, size: int, sha256: str) -> None:
+def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: str, size: int, sha256: str) -> str | None:
+    """Records an artifact the attempt stored. One an earlier attempt stored before it was lost (between
+    its adapter and its merged model, say) is replaced: the unique (job, kind) made the retry fail the
+    job. Returns the replaced object's key, to delete once this is committed."""
     if not repository.touch(session, job_id, attempt, heartbeat_at=utcnow()):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
-    repository.add_artifact(session, job_id, kind, key, size, sha256)
+    return repository.put_artifact(session, job_id, kind, key, size, sha256)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from app.db import utcnow
 from app.jobs import repository, states
@@ -119,3 +120,25 @@ def test_a_missing_job_is_never_changed(session):
     assert not repository.transition(session, "no-such-job", states.CANCELLED)
     assert repository.claim(session, "no-such-job", "worker-1", utcnow()) is None
     assert not repository.touch(session, "no-such-job", 1, step=1)
+
+
+def test_an_artifact_a_lost_attempt_stored_is_replaced_by_the_next_attempts(settings, session, make_job):
+    """A worker lost between its adapter's upload and its merged model's left an adapter row; the next
+    attempt's insert of its own hit the unique (job, kind), and the job failed with all training done."""
+    from app.jobs import runs
+    from app.jobs.tables import Artifact
+
+    job_id = make_job(states.RUNNING, attempt=1)
+    assert runs.add_artifact(session, job_id, 1, "adapter", "t/artifacts/a1", 10, "1" * 64) is None
+    session.commit()
+    session.execute(sa.update(Job).where(Job.id == job_id).values(attempt=2))  # requeued and claimed again
+    session.commit()
+    assert runs.add_artifact(session, job_id, 2, "adapter", "t/artifacts/a2", 20, "2" * 64) == "t/artifacts/a1"
+    assert runs.add_artifact(session, job_id, 2, "merged", "t/artifacts/m2", 30, "3" * 64) is None
+    session.commit()
+    with open_session(settings) as reader:
+        rows = reader.scalars(sa.select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)).all()
+        assert [(a.kind, a.storage_key, a.bytes) for a in rows] == [("adapter", "t/artifacts/a2", 20),
+                                                                    ("merged", "t/artifacts/m2", 30)]
+    with pytest.raises(runs.LeaseLost):  # the lost attempt itself can no longer record one
+        runs.add_artifact(session, job_id, 1, "merged", "t/artifacts/m1", 30, "3" * 64)
