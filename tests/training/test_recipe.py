@@ -200,6 +200,25 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     assert not mismatch, mismatch
 
 
+def test_resuming_from_the_last_planned_steps_checkpoint_trains_no_step_more(tiny_model_dir, demo_data, tmp_path):
+    """A run lost after its final checkpoint (in the merge, say) is resumed from it. transformers took one
+    step more there (step 11 of 10, at the full learning rate): the adapter shipped differed from the
+    uninterrupted run's, and the curve had a step past the plan."""
+    from safetensors.torch import load_file
+
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=10, save_steps=10))
+    run(spec, demo_data["train"], tmp_path)
+    assert (tmp_path / "checkpoints" / "step-10" / "COMPLETE").exists()
+    first = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    resumed = run(spec, demo_data["train"], tmp_path, resume=True)
+    assert resumed.summary["steps"] == {"completed": 10, "planned": 10, "resumed_from": 10}
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == list(range(1, 11))
+    again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_output_dir_with_checkpoints_is_not_silently_restarted(tiny_model_dir, demo_data, tmp_path):
     spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=10, save_steps=5))
     run(spec, demo_data["train"], tmp_path)

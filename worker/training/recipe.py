@@ -142,6 +142,15 @@ class TrainerGuards:
         super()._load_from_checkpoint(*args, **kwargs)  # type: ignore[misc]
         self._cast_adapter()
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Resumed from a checkpoint of the last planned step (the run was lost after it, in the merge
+        # say), transformers would take one more step: it looks for the end only after a step. That step
+        # changed the adapter (at a constant learning rate) and put step N+1 on the curve. No batches: no step.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         # Runs after every optimizer step, before that step's log or checkpoint: a diverged
         # model is never saved. tr_loss accumulates since the last log, so a NaN stays visible.
@@ -161,6 +170,7 @@ class TrainerGuards:
     model: Any
     args: Any
     state: Any
+    control: Any
 
 
 class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
