@@ -29,14 +29,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import botocore.exceptions
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app import logs
 from app.config import Settings
-from app.db import session_scope
+from app.db import session_scope, utcnow
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
+from app.jobs.tables import Job
 from app.scheduling.service import claim_next
 from app.storage.base import make_key, storage_from_settings
 from worker.training.protocol import (
@@ -51,6 +53,7 @@ from worker.training.protocol import (
     Result,
     WorkDir,
 )
+from worker.training.spec import excerpt
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
 log = logging.getLogger(__name__)
@@ -268,6 +271,7 @@ class JobRun:
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
+        lost: str | None = None  # why the attempt ended with no fault of the job's: it gets another
         try:
             self._prepare(job, workdir, watch)
             watch.proc = proc = self._spawn(workdir)
@@ -278,9 +282,17 @@ class JobRun:
             log.warning("job %s attempt %s: lease lost; stopping without writing", job.id, job.attempt)
         except TimeLimitHit:
             log.warning("job %s attempt %s: time limit; stopped (recorded failed)", job.id, job.attempt)
+        except AttemptLost as exc:
+            log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
+            lost = str(exc)
         except Exception as exc:
-            log.exception("job %s failed in the worker", job.id)
-            final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
+            if _out_of_reach(exc):  # storage or the database, for a moment: the job is not at fault
+                log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc, exc_info=True)
+                lost = (f"storage or the database was out of reach ({type(exc).__name__}: "
+                        f"{excerpt(str(exc), quote=False)})")
+            else:
+                log.exception("job %s failed in the worker", job.id)
+                final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
         finally:
             watch.stop()  # its last heartbeat carries the last transfer's event; the final state comes after
             if watch.proc is not None and watch.proc.poll() is None:
@@ -288,6 +300,8 @@ class JobRun:
             shutil.rmtree(workdir.root, ignore_errors=True)
         if final is not None:
             self._finish(job, *final)
+        elif lost is not None:
+            self._lose(job, lost)
 
     def _prepare(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:
         shutil.rmtree(workdir.root, ignore_errors=True)
@@ -436,9 +450,11 @@ class JobRun:
     def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int,
                 watch: AttemptWatch) -> tuple[str, str | None, dict | None, dict | None]:
         """Upload what a successful run made; returns the final state to write (status, error, summary, report)."""
-        if outcome is None:
-            return (states.FAILED, f"the training process exited with code {returncode} without a result; "
-                                   f"last lines of its log:\n{_tail(workdir.log)}", None, None)
+        if outcome is None:  # killed (the kernel's out-of-memory killer), or crashed on storage: another attempt
+            how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0
+                   else f"exited with code {returncode}")
+            raise AttemptLost(f"the training process {how} without a result; last lines of its log:\n"
+                              f"{_tail(workdir.log)}")
         summary = outcome.summary
         if summary is not None and job.initial_job_id:
             summary = {**summary, "initial_job_id": job.initial_job_id}  # the lineage, with the run's numbers
@@ -474,11 +490,37 @@ class JobRun:
             except Exception:  # a stray object costs storage, not correctness
                 log.exception("could not delete %s", key)
 
+    def _lose(self, job: ClaimedJob, why: str) -> None:
+        """Another attempt for the job, from its newest checkpoint (the reaper's way with a silent worker,
+        here at once), or failed after QLORA_MAX_ATTEMPTS lost ones. Should the database be out of reach
+        still, the job keeps its state and, with its heartbeats stopped, the reaper does the same."""
+        try:
+            with session_scope(self.db) as session:
+                row = session.get(Job, job.id)
+                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts, utcnow(),
+                                            self.settings.fair_share_half_life_s)
+                          if row is not None and row.attempt == job.attempt else None)
+        except DBAPIError as exc:
+            log.warning("job %s attempt %s: could not record the lost attempt (the reaper will): %s", job.id,
+                        job.attempt, exc)
+            return
+        log.info("job %s: attempt %s lost; the job is %s", job.id, job.attempt, became or "moved on already")
+
     def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None,
                 report: dict | None = None) -> None:
-        with session_scope(self.db) as session:
-            recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary, report=report,
-                                   half_life_s=self.settings.fair_share_half_life_s)
+        for tries_left in range(FINISH_TRIES - 1, -1, -1):
+            try:
+                with session_scope(self.db) as session:
+                    recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
+                                           report=report, half_life_s=self.settings.fair_share_half_life_s)
+                break
+            except DBAPIError as exc:
+                # A dropped connection at the very end would cost the whole run: its heartbeats have
+                # stopped, so the reaper would give the finished job another attempt.
+                if not tries_left or not _passing(exc):
+                    raise
+                log.warning("could not record job %s %s (trying again): %s", job.id, status, exc)
+                time.sleep(self.settings.supervise_interval_s)
         if recorded:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:
@@ -502,6 +544,26 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
         "gpu_class": queue,
         "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
     }
+
+
+FINISH_TRIES = 5
+
+
+class AttemptLost(Exception):  # noqa: N818 (an attempt's end, not the job's)
+    """The training process ended without a result (killed, or crashed on the way to storage)."""
+
+
+def _out_of_reach(exc: BaseException) -> bool:
+    """Storage or the database out of reach for a moment (an outage, a dropped connection, a timeout),
+    as opposed to a fault of the job or a bug: worth another attempt."""
+    if isinstance(exc, DBAPIError):
+        return _passing(exc)
+    if isinstance(exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):  # S3 answered, with a server error or "slow down"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+    return isinstance(exc, ConnectionError | TimeoutError)
 
 
 def _passing(exc: DBAPIError) -> bool:

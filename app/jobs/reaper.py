@@ -13,7 +13,6 @@ writes, fenced by its attempt number, change nothing.
 
 from __future__ import annotations
 
-import functools
 import logging
 from datetime import timedelta
 
@@ -21,10 +20,9 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope, utcnow
-from app.jobs import repository, states
-from app.jobs.runs import requeue_if_preempted
+from app.jobs import repository
+from app.jobs.runs import attempt_lost
 from app.operations.lease import LeasedLoop
-from app.usage import ledger
 
 log = logging.getLogger(__name__)
 
@@ -35,45 +33,12 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0}
     for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
-        silent = f"worker {job.worker} stopped sending heartbeats at step {job.step}"
-        attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
         # Its GPU time ends with its last sign of life, whatever comes of the job.
-        last_sign = job.heartbeat_at or job.claimed_at or now
-        ended = functools.partial(ledger.end, session, job.id, attempt, last_sign, half_life_s=settings.fair_share_half_life_s)
-        if job.status == states.CANCELLING:
-            if repository.transition(session, job.id, states.CANCELLED, attempt=attempt, only_from=only_from,
-                                     finished_at=now):
-                repository.add_event(session, job.id, "cancelled", "warning", f"{silent} while cancelling",
-                                     attempt=job.attempt)
-                ended(states.CANCELLED)
-                counts["cancelled"] += 1
-        elif job.status == states.PAUSING:
-            # It was stopping anyway: paused, resumable from its newest checkpoint.
-            if repository.transition(session, job.id, states.PAUSED, attempt=attempt, only_from=only_from,
-                                     worker=None):
-                repository.add_event(session, job.id, "paused", "warning",
-                                     f"{silent} while pausing; it resumes from its newest checkpoint",
-                                     attempt=job.attempt, step=job.step)
-                ended(states.PAUSED)
-                requeue_if_preempted(session, job.id, attempt)
-                counts["paused"] += 1
-        elif job.lost_workers + 1 >= settings.max_attempts:
-            error = (f"the job lost its worker {job.lost_workers + 1} times (last: {silent}); giving up after "
-                     f"QLORA_MAX_ATTEMPTS={settings.max_attempts}. Look at the workers' health (memory, "
-                     "preemption, driver errors) and start a new job")
-            if repository.transition(session, job.id, states.FAILED, attempt=attempt, only_from=only_from,
-                                     finished_at=now, error=error):
-                repository.add_event(session, job.id, "failed", "error", error, attempt=job.attempt)
-                ended(states.FAILED)
-                counts["failed"] += 1
-        elif repository.transition(session, job.id, states.QUEUED, attempt=attempt, only_from=only_from, worker=None,
-                                   dispatched_at=None, lost_workers=job.lost_workers + 1):
-            repository.add_event(
-                session, job.id, "requeued", "warning",
-                f"{silent}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={settings.max_attempts}, "
-                "which resumes from the newest checkpoint", attempt=job.attempt, step=job.step)
-            ended(states.QUEUED)
-            counts["requeued"] += 1
+        outcome = attempt_lost(session, job, f"worker {job.worker} stopped sending heartbeats at step {job.step}",
+                               settings.max_attempts, job.heartbeat_at or job.claimed_at or now,
+                               settings.fair_share_half_life_s)
+        if outcome is not None:
+            counts[outcome] += 1
     session.flush()
     return counts
 

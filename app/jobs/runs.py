@@ -7,12 +7,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
 from app.db import utcnow
 from app.jobs import repository, states
+from app.jobs.tables import Job
 from app.models import repository as models
 from app.usage import ledger
 from worker.training.protocol import (
@@ -232,6 +235,43 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
         if status == states.PAUSED:
             requeue_if_preempted(session, job_id, attempt)
     return won
+
+
+def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_at: datetime,
+                 half_life_s: float) -> str | None:
+    """The job's attempt ended without its result: its worker went silent (the reaper), or its training
+    process died or the worker failed on the way to storage or the database (the worker itself). A job
+    being cancelled is cancelled, one pausing is paused; any other gets another attempt, which resumes
+    from the newest checkpoint, until max_attempts attempts were lost. What became of it ("requeued",
+    "failed", "cancelled", "paused"), or None when something else moved the job meanwhile."""
+    attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
+    now = utcnow()
+    values: dict[str, Any]
+    if job.status == states.CANCELLING:
+        outcome, level, message, values = states.CANCELLED, "warning", f"{why} while cancelling", {"finished_at": now}
+    elif job.status == states.PAUSING:
+        # It was stopping anyway: paused, resumable from its newest checkpoint.
+        outcome, level, message, values = (states.PAUSED, "warning",
+                                           f"{why} while pausing; it resumes from its newest checkpoint", {"worker": None})
+    elif job.lost_workers + 1 >= max_attempts:
+        outcome, level, values = states.FAILED, "error", {"finished_at": now}
+        message = (f"the job lost {job.lost_workers + 1} attempts (last: {why}); giving up after "
+                   f"QLORA_MAX_ATTEMPTS={max_attempts}. Look at the workers' health (memory, preemption, "
+                   "driver errors, storage and database reachability) and start a new job")
+        values["error"] = message
+    else:
+        outcome, level, values = states.QUEUED, "warning", {"worker": None, "dispatched_at": None,
+                                                           "lost_workers": job.lost_workers + 1}
+        message = (f"{why}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={max_attempts}, "
+                   "which resumes from the newest checkpoint")
+    if not repository.transition(session, job.id, outcome, attempt=attempt, only_from=only_from, **values):
+        return None
+    repository.add_event(session, job.id, "requeued" if outcome == states.QUEUED else outcome, level, message,
+                         attempt=attempt, step=job.step)
+    ledger.end(session, job.id, attempt, ended_at, outcome, half_life_s)
+    if outcome == states.PAUSED:
+        requeue_if_preempted(session, job.id, attempt)
+    return "requeued" if outcome == states.QUEUED else outcome
 
 
 def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:

@@ -18,6 +18,11 @@ HOW = {
         "SIGKILL to the worker's process group and its training process once a checkpoint at step >= 20 "
         "exists; a second worker is started. The reaper requeues the silent job, the new worker resumes "
         "from the newest checkpoint.",
+    "training process alone SIGKILLed (out of memory)":
+        "SIGKILL to the training process alone, as the kernel's out-of-memory killer would, once it is past "
+        "a checkpoint; its worker lives on. The worker records the lost attempt at once (no heartbeat "
+        "deadline to wait for) and the job's next attempt, on the same worker, resumes from the newest "
+        "checkpoint.",
     "training process killed while writing a checkpoint":
         "The training process stalls halfway through streaming checkpoint 20 to S3 (fault hook "
         "QLORA_FAULT_STALL_CHECKPOINT_STEP); worker and trainer are then SIGKILLed. The resume uses "
@@ -113,6 +118,11 @@ def main(paths: list[str]) -> str:
         "- A checkpoint is uploaded whole before its row is written; resume picks the newest row, and the "
         "loss-curve points past it are deleted and logged again.",
         "- The training process stops by itself when its worker dies or stops sending heartbeats.",
+        "- An attempt that ends with no fault of the job's (its training process killed, storage or the "
+        "database out of reach on the way) is the worker's to hand back at once, as the reaper does a silent "
+        "worker's: another attempt from the newest checkpoint, up to `QLORA_MAX_ATTEMPTS`; one stored "
+        "artifact of a lost attempt is replaced by the next attempt's, and an attempt resumed from the last "
+        "planned step's checkpoint trains no step more.",
         "- Uploads stream into a temp file or an S3 multipart upload that only a commit makes visible; writes "
         "left open by a dead process are removed after `QLORA_STALE_UPLOAD_S`.",
         "",

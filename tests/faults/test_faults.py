@@ -78,6 +78,38 @@ def test_sigkilled_worker_and_trainer_resume_from_the_last_checkpoint(faulty, te
         faulty.stop(rescuer)
 
 
+def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(faulty, tenant, dataset_id,
+                                                                               fault_report):
+    """The kernel's out-of-memory killer takes the training process, not its worker: the job failed at
+    once ("exited with code -9 without a result"), its checkpoints stranded. Now the worker itself gives
+    it another attempt, as the reaper does for a silent worker, and the attempt resumes from the newest
+    checkpoint."""
+    worker = faulty.start_worker(name="oom-host")
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
+    try:
+        def past_a_checkpoint():
+            saved = checkpoint_steps(tenant, job["id"])
+            step = tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"]
+            return saved and step > saved[-1] and step < 40 and saved[-1]
+
+        newest = wait_until(past_a_checkpoint, 180, "a checkpoint, then a step past it")
+        (trainer,) = trainer_pids(job["id"], attempt=1)
+        os.kill(trainer, signal.SIGKILL)  # the training process alone; its worker lives on
+        step_at_kill = max(curve_steps(tenant, job["id"]))
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        assert done["status"] == "succeeded", done["error"]  # was failed, at once
+        assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 41))
+        story = events(tenant, job["id"])
+        (requeued,) = [e for e in story if e["type"] == "requeued"]
+        assert "training process was killed by SIGKILL" in requeued["message"] and "try 2 of" in requeued["message"]
+        (resumed,) = [e for e in story if e["type"] == "resumed"]
+        assert resumed["step"] >= newest
+        fault_report.append({"fault": "training process alone SIGKILLed (out of memory)", "injected": 1,
+                             "survived": 1, "steps_lost": max(step_at_kill - resumed["step"], 0)})
+    finally:
+        faulty.stop(worker)
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(faulty, tenant, dataset_id, fault_report):
     stalling = faulty.start_worker(name="stalling", extra_env={FAULT_STALL_CHECKPOINT: "20"})
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
