@@ -5,6 +5,7 @@ Each reads its settings from QLORA_* (app.config) when it starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -150,8 +151,36 @@ def worker(
     from worker.tasks import celery_app  # registers the task
 
     celery_app.conf.qlora_worker_name = worker_name
+    _hand_back_on_shutdown(settings, worker_name)
     celery_app.worker_main(["--quiet", "worker", "-Q", queue, "-c", "1", "-P", "prefork", "--prefetch-multiplier", "1",
                             "-n", f"{worker_name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"])
+
+
+def _hand_back_on_shutdown(settings, worker_name: str) -> None:
+    """On SIGTERM (a deploy, a scale-down) Celery stops taking messages and waits for the job it runs: the
+    job is handed back (app/jobs/runs.py hand_back), so it saves a checkpoint after its current step,
+    stops, and is queued again for another worker, and the wait is a step and a checkpoint, not the rest
+    of the job. Off the signal handler, in a thread of its own: it writes to the database."""
+    import threading
+
+    from celery.signals import worker_shutting_down
+
+    from app.db import session_scope
+    from app.jobs import runs
+
+    log = logging.getLogger("worker")
+
+    def hand_back() -> None:
+        try:
+            with session_scope(settings.database_url) as session:
+                handed = runs.hand_back(session, worker_name)
+            if handed:
+                log.info("shutting down: handed back job(s) %s; each saves a checkpoint and is queued again",
+                         ", ".join(handed))
+        except Exception:  # the reaper requeues the job anyway once this worker is gone
+            log.exception("shutting down: could not hand back the running job")
+
+    worker_shutting_down.connect(lambda **_: threading.Thread(target=hand_back, daemon=True).start(), weak=False)
 
 
 @commands.command()

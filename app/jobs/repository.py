@@ -122,6 +122,14 @@ def preempt(session: Session, job_id: str, attempt: int) -> bool:
                          .values(status=states.PAUSING, preempting=True, preemptions=Job.preemptions + 1)) == 1
 
 
+def hand_back(session: Session, job_id: str, attempt: int) -> bool:
+    """running → pausing, to be queued again once paused (requeue_preempted), as a preemption is, but
+    not counted as one: its worker is shutting down."""
+    return _rows_changed(session, update(Job)
+                         .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.RUNNING)
+                         .values(status=states.PAUSING, preempting=True)) == 1
+
+
 def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
     """paused → queued, only for a job the scheduler preempted (not one its team paused)."""
     return _rows_changed(session, update(Job)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
@@ -275,15 +276,32 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
 
 
 def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
-    """A job paused for another team's (the scheduler's preemption, not its own team's pause) is queued
-    again at once, keeping its place in its team; its next attempt resumes from the pause checkpoint.
-    Its message is sent after the commit by whoever committed it (worker or reaper), or by the scheduler."""
+    """A job paused to make way (the scheduler's preemption for another team's job, or its worker shutting
+    down; not its own team's pause) is queued again at once, keeping its place in its team; its next
+    attempt resumes from the pause checkpoint. Its message is sent after the commit by whoever committed
+    it (worker or reaper), or by the scheduler."""
     if not repository.requeue_preempted(session, job_id, attempt):
         return False
     repository.add_event(session, job_id, "requeued", "info",
-                         "paused for another team's job (preempted); queued again, it resumes from this checkpoint",
+                         "paused to make way (see the pause request above); queued again, it resumes from this checkpoint",
                          attempt=attempt)
     return True
+
+
+def hand_back(session: Session, worker: str) -> list[str]:
+    """A worker shutting down (SIGTERM: a deploy, a scale-down) hands back the jobs it runs: each saves a
+    checkpoint after its current step and stops, then is queued again at once, as a preempted job is.
+    Before, the worker trained on to the end of the job, until its stop grace period ran out and the
+    kill lost everything since the last checkpoint and counted as a lost worker. Returns their ids."""
+    handed = []
+    for job_id, attempt in session.execute(select(Job.id, Job.attempt).where(Job.worker == worker,
+                                                                           Job.status == states.RUNNING)):
+        if repository.hand_back(session, job_id, attempt):
+            repository.add_event(session, job_id, "pause_requested", "info",
+                                 f"worker {worker} is shutting down: the job saves a checkpoint after its current "
+                                 "step, stops, and is queued again", attempt=attempt)
+            handed.append(job_id)
+    return handed
 
 
 def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: str, size: int, sha256: str) -> str | None:

@@ -23,6 +23,10 @@ HOW = {
         "a checkpoint; its worker lives on. The worker records the lost attempt at once (no heartbeat "
         "deadline to wait for) and the job's next attempt, on the same worker, resumes from the newest "
         "checkpoint.",
+    "worker stopped with SIGTERM (a deploy) mid-run":
+        "SIGTERM to the worker's main process alone, as `docker stop` sends it, at step 3 of 40. The worker "
+        "hands the job back: it saves a checkpoint after its current step and is queued again; a second "
+        "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost.",
     "training process killed while writing a checkpoint":
         "The training process stalls halfway through streaming checkpoint 20 to S3 (fault hook "
         "QLORA_FAULT_STALL_CHECKPOINT_STEP); worker and trainer are then SIGKILLed. The resume uses "

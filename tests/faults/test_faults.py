@@ -110,6 +110,42 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
         faulty.stop(worker)
 
 
+def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty, tenant, dataset_id, fault_report):
+    """A deploy stops a worker with SIGTERM (docker stop: the main process alone). Celery's warm shutdown
+    waited for the job to end, however long; the stop grace period's SIGKILL then lost everything since
+    the last checkpoint and counted as a lost worker. Now the job saves a checkpoint after its current
+    step and is queued again, and the worker exits within a step of the signal."""
+    leaving = faulty.start_worker(name="leaving")
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
+    staying = None
+    try:
+        wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] >= 3, 180, "training under way")
+        os.kill(leaving.pid, signal.SIGTERM)
+        leaving.wait(120)  # was: the rest of the job
+        handed = tenant.get(f"/jobs/{job['id']}").json()
+        assert handed["status"] == "queued" and handed["progress"]["step"] < 40, handed
+        story = events(tenant, job["id"])
+        assert any(e["type"] == "pause_requested" and "leaving is shutting down" in e["message"] for e in story)
+        ends = [e["type"] for e in story if e["type"] in ("paused", "requeued")]
+        assert "paused" in ends and ends[-1] == "requeued", ends
+        paused_at = handed["progress"]["step"]
+        assert paused_at in checkpoint_steps(tenant, job["id"])  # the checkpoint it saved on its way out
+
+        staying = faulty.start_worker(name="staying")
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempt"] == 2 and done["preemptions"] == 0
+        assert curve_steps(tenant, job["id"]) == list(range(1, 41))
+        (resumed,) = [e for e in events(tenant, job["id"]) if e["type"] == "resumed"]
+        assert resumed["step"] == paused_at
+        fault_report.append({"fault": "worker stopped with SIGTERM (a deploy) mid-run", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(leaving)
+        if staying is not None:
+            faulty.stop(staying)
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(faulty, tenant, dataset_id, fault_report):
     stalling = faulty.start_worker(name="stalling", extra_env={FAULT_STALL_CHECKPOINT: "20"})
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
