@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import botocore.exceptions
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -298,6 +299,7 @@ class JobRun:
             if watch.proc is not None and watch.proc.poll() is None:
                 _kill(watch.proc)
             shutil.rmtree(workdir.root, ignore_errors=True)
+            _remove_if_empty(workdir.root.parent)  # the job's directory, unless another attempt is in it
         if final is not None:
             self._finish(job, *final)
         elif lost is not None:
@@ -547,6 +549,41 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
 
 
 FINISH_TRIES = 5
+
+
+def sweep_work_dir(settings: Settings) -> list[Path]:
+    """Removes what attempts that ended without cleaning up (a SIGKILLed worker: a quantized base, a
+    merged model, checkpoints, the data; gigabytes each) left in the work directory, which workers of
+    one host may share: an attempt's directory stays only while its job runs that very attempt, here
+    or in another worker. A worker calls it as it starts. Returns what it removed."""
+    root = settings.work_dir
+    dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    if not dirs:
+        return []
+    with session_scope(settings.database_url) as session:
+        live = {(job_id, attempt) for job_id, attempt in session.execute(
+            select(Job.id, Job.attempt).where(Job.id.in_([d.name for d in dirs]),
+                                              Job.status.in_(states.WORKER_OWNED)))}
+    # A directory made since the query above may be an attempt claimed meanwhile: left alone.
+    settled = time.time() - settings.heartbeat_deadline_s
+    removed = []
+    for job_dir in dirs:
+        for attempt_dir in [d for d in job_dir.iterdir() if d.is_dir()]:
+            number = attempt_dir.name.removeprefix("attempt-")
+            if not (number.isdigit() and (job_dir.name, int(number)) in live) and attempt_dir.stat().st_mtime < settled:
+                shutil.rmtree(attempt_dir, ignore_errors=True)
+                removed.append(attempt_dir)
+        if _remove_if_empty(job_dir):
+            removed.append(job_dir)
+    return removed
+
+
+def _remove_if_empty(directory: Path) -> bool:
+    try:
+        directory.rmdir()
+        return True
+    except OSError:  # not empty (or already gone)
+        return False
 
 
 class AttemptLost(Exception):  # noqa: N818 (an attempt's end, not the job's)

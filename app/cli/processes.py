@@ -152,6 +152,10 @@ def worker(
 
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name)
+    from worker.supervisor import sweep_work_dir
+
+    for path in sweep_work_dir(settings):  # what attempts killed before they cleaned up left behind
+        logging.getLogger("worker").info("removed %s: left by an attempt that no longer runs", path)
     celery_app.worker_main(["--quiet", "worker", "-Q", queue, "-c", "1", "-P", "prefork", "--prefetch-multiplier", "1",
                             "-n", f"{worker_name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"])
 

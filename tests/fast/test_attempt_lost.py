@@ -1,6 +1,7 @@
 """Which failures of the worker give a job another attempt (storage or the database out of reach for a
 moment: worker/supervisor.py, _out_of_reach) and which fail it (anything else: a fault of the job, or a
-bug, which another attempt would only repeat)."""
+bug, which another attempt would only repeat); and what a starting worker clears of attempts that ended
+without cleaning up (sweep_work_dir)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,31 @@ def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
 ])
 def test_only_storage_or_the_database_out_of_reach_is_worth_another_attempt(exc, another_attempt):
     assert _out_of_reach(exc) is another_attempt
+
+
+def test_a_starting_worker_removes_what_ended_attempts_left_and_keeps_what_runs(settings, make_job):
+    """A SIGKILLed worker's attempt directory (a quantized base, a merged model, checkpoints: gigabytes)
+    stayed on the shared disk forever: only the attempt that ran removed its own."""
+    import os
+    import time
+
+    from app.jobs import states
+    from worker.supervisor import sweep_work_dir
+
+    finished = make_job(states.SUCCEEDED, attempt=1)
+    running = make_job(states.RUNNING, attempt=2)
+    work = settings.work_dir
+    left = [work / finished / "attempt-1", work / running / "attempt-1", work / "no-such-job" / "attempt-3"]
+    live = work / running / "attempt-2"
+    claimed_meanwhile = work / finished / "attempt-2"  # made after the sweep read the jobs: too fresh to judge
+    for directory in [*left, live, claimed_meanwhile]:
+        directory.mkdir(parents=True)
+        (directory / "merged.safetensors").write_bytes(b"\0" * 1024)
+    long_ago = time.time() - 3600
+    for directory in [*left, live]:
+        os.utime(directory, (long_ago, long_ago))
+
+    removed = sweep_work_dir(settings)
+    assert set(removed) >= set(left) and live not in removed
+    assert live.is_dir() and claimed_meanwhile.is_dir() and not any(d.exists() for d in left)
+    assert not (work / "no-such-job").exists()  # its job directory too, once empty
