@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     # and uploads). The worker stops an attempt past it and records the job failed, naming this limit;
     # Celery's hard limit (this + 1 h) only backs that up. The broker's visibility timeout is set above
     # both, so a message is never redelivered to a second worker while the first is still running.
-    job_time_limit_s: int = Field(72 * 3600, ge=60)
+    job_time_limit_s: int = Field(72 * 3600, ge=10)
     # Redis redelivers an unacknowledged message after this; 0 derives it from the time limit.
     broker_visibility_timeout_s: int = Field(0, ge=0)
     # The worker polls the training process this often: progress, metrics, cancel, heartbeat.

@@ -67,7 +67,7 @@ HOW = {
         "The same proxy stretches the download of the cached 4-bit base to 15 s; the job must succeed on "
         "its first attempt, trained on that base.",
     "a job past QLORA_JOB_TIME_LIMIT_S":
-        "A worker with QLORA_JOB_TIME_LIMIT_S=60 runs a job whose training process holds after step 2. "
+        "A worker with QLORA_JOB_TIME_LIMIT_S=30 runs a job whose training process holds after step 2. "
         "Survived means: failed on its first attempt with an error naming the limit, never requeued as a "
         "lost worker, its training process stopped.",
 }
