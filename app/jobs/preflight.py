@@ -205,13 +205,13 @@ class _Child:
         request could not even be sent."""
         try:
             self._conn.send(inputs)
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except OSError as exc:  # a broken pipe, or closed by the runner's close()
             raise _Died() from exc
-        if not self._conn.poll(timeout_s):  # poll also returns on the child's end of file: it died
-            return "slow", None
         try:
+            if not self._conn.poll(timeout_s):  # poll also returns on the child's end of file: it died
+                return "slow", None
             return self._conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # it died, or the runner closed (the API is stopping)
             return "died", None
 
     def stop(self) -> None:
