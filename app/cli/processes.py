@@ -154,8 +154,11 @@ def worker(
     _hand_back_on_shutdown(settings, worker_name)
     from worker.supervisor import sweep_work_dir
 
-    for path in sweep_work_dir(settings):  # what attempts killed before they cleaned up left behind
-        logging.getLogger("worker").info("removed %s: left by an attempt that no longer runs", path)
+    try:
+        for path in sweep_work_dir(settings):  # what attempts killed before they cleaned up left behind
+            logging.getLogger("worker").info("removed %s: left by an attempt that no longer runs", path)
+    except Exception:  # the database not up yet, say: the worker starts all the same, and its claims wait for it
+        logging.getLogger("worker").exception("could not clear the work directory of ended attempts")
     celery_app.worker_main(["--quiet", "worker", "-Q", queue, "-c", "1", "-P", "prefork", "--prefetch-multiplier", "1",
                             "-n", f"{worker_name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"])
 
