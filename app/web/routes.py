@@ -36,9 +36,13 @@ mimetypes.add_type("text/javascript", ".js")
 router = APIRouter(include_in_schema=False)
 
 
+# The page acts with the key it keeps (cancel, delete): no other site may frame it and steer clicks on it.
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
+
 @router.get("/")
 def dashboard():
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **NOT_FRAMED})
 
 
 @router.get("/web/spec-defaults")

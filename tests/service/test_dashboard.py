@@ -268,3 +268,11 @@ def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, tea
     assert "cancelled" in [m["type"] for kind, m in messages if kind == "event"]
     assert [kind for kind, _ in messages].count("job") == 1
     assert messages[-1] == ("job", team.get(f"/jobs/{job_id}").json())
+
+
+def test_the_dashboard_may_not_be_framed_by_another_site(deployment):
+    """It acts with the key it keeps (cancel, delete): a page that framed it could steer a user's clicks."""
+    response = deployment.client(None).get("/")
+    assert response.status_code == 200
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
