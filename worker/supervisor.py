@@ -54,7 +54,6 @@ from worker.training.protocol import (
     Result,
     WorkDir,
 )
-from worker.training.spec import excerpt
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
 log = logging.getLogger(__name__)
@@ -289,8 +288,8 @@ class JobRun:
         except Exception as exc:
             if _out_of_reach(exc):  # storage or the database, for a moment: the job is not at fault
                 log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc, exc_info=True)
-                lost = (f"storage or the database was out of reach ({type(exc).__name__}: "
-                        f"{excerpt(str(exc), quote=False)})")
+                said = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "…"
+                lost = f"storage or the database was out of reach ({type(exc).__name__}: {said})"
             else:
                 log.exception("job %s failed in the worker", job.id)
                 final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)

@@ -27,6 +27,10 @@ HOW = {
         "SIGTERM to the worker's main process alone, as `docker stop` sends it, at step 3 of 40. The worker "
         "hands the job back: it saves a checkpoint after its current step and is queued again; a second "
         "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost.",
+    "S3 answering 503 as an attempt fetches its data":
+        "The worker's S3 traffic goes through the throttling proxy, which answers the job's dataset "
+        "download 503 three times (boto's standard mode tries a request three times). The attempt is lost, "
+        "not the job: it is queued again, and the next attempt fetches the data and trains.",
     "training process killed while writing a checkpoint":
         "The training process stalls halfway through streaming checkpoint 20 to S3 (fault hook "
         "QLORA_FAULT_STALL_CHECKPOINT_STEP); worker and trainer are then SIGKILLed. The resume uses "

@@ -116,3 +116,22 @@ def test_the_time_limit_fails_the_job_saying_so(faulty, tenant, dataset_id, faul
                              "steps_lost": 0})
     finally:
         faulty.stop(worker)
+
+
+def test_storage_out_of_reach_as_an_attempt_starts_is_another_attempt(tenant, faulty, dataset_id, slow_lane,
+                                                                      fault_report):
+    """S3 answering 503 past boto's own retries while a worker fetched a job's data failed the job at once
+    ("the worker failed: ClientError"): an outage of a minute emptied the queue into failed jobs. Now the
+    attempt is lost, not the job: it is queued again and the next attempt trains."""
+    slow_lane.proxy.refuse("GET", "/datasets/", times=3)  # boto's standard mode: 3 tries of each request
+    try:
+        done, story = run_slow(tenant, faulty, dataset_id, slow_lane.gpu_class)
+    finally:
+        slow_lane.proxy.clear()
+    assert slow_lane.proxy.refused == 3
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
+    (requeued,) = [e for e in story if e["type"] == "requeued"]
+    assert "storage or the database was out of reach" in requeued["message"]
+    assert "ServiceUnavailable" in requeued["message"], requeued["message"]
+    fault_report.append({"fault": "S3 answering 503 as an attempt fetches its data", "injected": 1,
+                         "survived": 1, "steps_lost": 0})

@@ -4,6 +4,8 @@ A worker pointed at it (QLORA_S3_ENDPOINT_URL) talks S3 over HTTP as usual; the 
 names are stretched to last a given time: an upload's body is read from the worker slowly before it
 goes on to the store, a download's body is fed to the worker slowly. Every other request passes
 through as it is. Each stretched transfer is measured, so a test can show how long it really took.
+And a storage outage: the next requests a test names are answered 503, as S3 answers when it is down
+or overloaded, without reaching the store.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ThrottlingProxy:
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.rules: list[Rule] = []
         self.stretched: list[Stretched] = []
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.refused = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -59,9 +63,24 @@ class ThrottlingProxy:
         with self._lock:
             self.rules.append(Rule(method, path_contains, seconds))
 
+    def refuse(self, method: str, path_contains: str, times: int) -> None:
+        """Answer the next `times` matching requests 503 (an outage), then let them through again."""
+        with self._lock:
+            self.refusals[(method, path_contains)] = times
+
+    def _refused(self, method: str, path: str) -> bool:
+        with self._lock:
+            for (m, part), left in self.refusals.items():
+                if m == method and part in path and left > 0:
+                    self.refusals[(m, part)] = left - 1
+                    self.refused += 1
+                    return True
+            return False
+
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
+            self.refusals.clear()
 
     def stretched_matching(self, path_contains: str) -> list[Stretched]:
         with self._lock:
@@ -106,6 +125,14 @@ def _handler(proxy: ThrottlingProxy) -> type[BaseHTTPRequestHandler]:
             rule = proxy._rule_for(self.command, self.path)
             started = time.monotonic()
             length = int(self.headers.get("Content-Length") or 0)
+            if proxy._refused(self.command, self.path):
+                self.rfile.read(length) if length else None
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>outage</Message></Error>"
+                self.send_response(503, "Service Unavailable")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if rule is not None and length:
                 body = b"".join(self.rfile.read(size) for size in _paced(length, rule.seconds))
             else:
