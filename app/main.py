@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
         request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
 
-    @app.get("/health", tags=["operations"])
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"])  # load balancers probe with either
     async def health():
         return {"status": "ok"}
 

@@ -1,4 +1,4 @@
-"""Operations: Prometheus metrics at /metrics, and JSON logs naming the job on every line about it."""
+"""Operations: Prometheus metrics at /metrics, JSON logs naming the job on every line about it, and /health."""
 
 from __future__ import annotations
 
@@ -91,3 +91,10 @@ def test_a_scrape_reads_no_more_rows_with_2000_finished_jobs_than_with_10():
     finally:
         engine_for(database_url).dispose()
         services.drop_postgres_database(database_url)
+
+
+def test_health_answers_a_head_probe_as_a_get(deployment):
+    """Load balancers probe with HEAD as often as with GET: it answered 405."""
+    with deployment.client(None) as client:
+        assert client.head("/health").status_code == 200
+        assert client.get("/health").json() == {"status": "ok"}
