@@ -384,7 +384,8 @@ _REQUESTS = {
                          "pause requested; the training process saves a checkpoint after its current step and stops"),
     },
     "resume": {
-        states.PAUSED: (states.QUEUED, "resume_requested", "resumed; the next attempt continues from the pause checkpoint"),
+        states.PAUSED: (states.QUEUED, "resume_requested", "resumed; the next attempt continues from the newest "
+                                                           "checkpoint (the pause saved one, unless its worker was lost first)"),
     },
 }
 _ALREADY = {"cancel": (states.CANCELLING, states.CANCELLED), "pause": (states.PAUSING, states.PAUSED),
