@@ -123,8 +123,13 @@ class Settings(BaseSettings):
     # How often the reaper looks for such jobs: every API process runs one (0 turns it off there; `qlora
     # reaper` runs one alone), and only the holder of the "reaper" lease works (app/operations/lease.py).
     reaper_interval_s: float = Field(15.0, ge=0)
-    # A job that lost its worker this many times fails instead of trying again.
+    # A job that lost this many attempts (its worker silent, its training process killed, storage or the
+    # database out of reach) fails instead of trying again.
     max_attempts: int = Field(3, ge=1, le=100)
+    # A worker that could not run an attempt because storage or the database was out of reach waits this
+    # long, doubled for each earlier attempt of the job (at most 5 minutes), before it hands the job back:
+    # an outage of minutes would otherwise use up max_attempts in seconds, and fail every queued job.
+    out_of_reach_wait_s: float = Field(30.0, ge=0, le=300)
     # Checkpoints kept in object storage per job: the newest this many, plus the best by eval loss.
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     # A queued job whose "job X is ready" went to the broker this long ago and is still unclaimed is sent

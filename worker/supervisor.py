@@ -290,6 +290,8 @@ class JobRun:
                 log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc, exc_info=True)
                 said = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "…"
                 lost = f"storage or the database was out of reach ({type(exc).__name__}: {said})"
+                # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass.
+                time.sleep(min(self.settings.out_of_reach_wait_s * 2 ** (job.attempt - 1), MAX_OUT_OF_REACH_WAIT_S))
             else:
                 log.exception("job %s failed in the worker", job.id)
                 final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
@@ -548,6 +550,7 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
 
 
 FINISH_TRIES = 5
+MAX_OUT_OF_REACH_WAIT_S = 300
 
 
 def sweep_work_dir(settings: Settings) -> list[Path]:

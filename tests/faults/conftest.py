@@ -33,7 +33,7 @@ def faulty(backing_services, tmp_path_factory, tiny_model_dir):
     d = start_deployment(
         tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir,
         heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, scheduler_interval_s=1, keep_checkpoints=2,
-        max_upload_bytes=64 * 1024 * 1024, redispatch_after_s=REDISPATCH_AFTER_S,
+        max_upload_bytes=64 * 1024 * 1024, redispatch_after_s=REDISPATCH_AFTER_S, out_of_reach_wait_s=1,
         default_gpu_class=default, extra_gpu_classes=json.dumps([f"{default}-{name}" for name in LANES]),
     )
     yield d
