@@ -167,7 +167,9 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
         callbacks: tuple[TrainerCallback, ...] = (ProgressFile(workdir.progress),
                                                   CheckpointUpload(workdir, out_dir, job.team_id, sink, storage))
         if FAULT_HOLD_AT_STEP in os.environ:
-            callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]), cancel),)
+            # Released by the test, or by a cancel or pause: the run then stops after its next step.
+            callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]),
+                                    lambda: cancel() or workdir.pause.exists()),)
         try:
             result = run(
                 JobSpec.parse(job.spec), job.train_path, out_dir,

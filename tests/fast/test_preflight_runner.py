@@ -15,7 +15,10 @@ from app.jobs.preflight import NoReport, PreflightRunner
 
 
 def stand_in(inputs: dict) -> dict:
-    """Runs in the child: sleeps as long as asked, fails when asked, answers with its process id."""
+    """Runs in the child: says it started (a file) when asked, sleeps as long as asked, fails when asked,
+    answers with its process id."""
+    if "started" in inputs:
+        open(inputs["started"], "w").close()
     time.sleep(inputs.get("sleep_s", 0))
     if inputs.get("fail"):
         raise ValueError("a bug of the preflight")
@@ -53,7 +56,7 @@ def test_a_preflight_past_its_timeout_is_stopped_and_the_next_team_waits_for_not
     started = time.monotonic()
     with runner.turn("team-b", wait_s=5) as ask:
         second = ask()["pid"]
-    assert second != first and time.monotonic() - started < 3
+    assert second != first and time.monotonic() - started < 60  # a new process's start, not the 600 s behind it
 
 
 def test_a_failed_preflight_keeps_its_process_and_the_next_is_answered(runner):
@@ -74,22 +77,24 @@ def test_a_process_killed_while_idle_is_replaced_for_the_very_next_preflight(run
         assert ask()["pid"] != pid
 
 
-def test_closing_stops_every_process_a_busy_one_included(runner):
+def test_closing_stops_every_process_a_busy_one_included(runner, tmp_path):
     with runner.turn("team-a", wait_s=5) as ask:
         pid = ask()["pid"]
     outcome: list[BaseException] = []
+    started = tmp_path / "started"
 
     def busy() -> None:
         try:
             with runner.turn("team-a", wait_s=5) as ask:
-                ask(sleep_s=600)
+                ask(sleep_s=600, started=str(started))
         except NoReport as exc:
             outcome.append(exc)
     thread = threading.Thread(target=busy)
     thread.start()
-    while not runner._slots._free == 0:
+    deadline = time.monotonic() + 30
+    while not started.exists():  # the child is in the middle of the preflight
+        assert time.monotonic() < deadline, "the child never started the preflight"
         time.sleep(0.01)
-    time.sleep(0.2)  # the request is on its way to the child
     runner.close()
     thread.join(10)
     assert gone(pid)

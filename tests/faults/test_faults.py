@@ -84,18 +84,24 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
     once ("exited with code -9 without a result"), its checkpoints stranded. Now the worker itself gives
     it another attempt, as the reaper does for a silent worker, and the attempt resumes from the newest
     checkpoint."""
-    worker = faulty.start_worker(name="oom-host")
+    # Held after step 15 (checkpoint 10 saved), so the kill lands mid-run however fast the machine trains.
+    worker = faulty.start_worker(name="oom-host", extra_env={FAULT_HOLD_AT_STEP: "15"})
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
     try:
-        def past_a_checkpoint():
-            saved = checkpoint_steps(tenant, job["id"])
-            step = tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"]
-            return saved and step > saved[-1] and step < 40 and saved[-1]
+        def held(attempt: int):
+            # The curve, not the progress: a claim deletes the points past the checkpoint it resumes from,
+            # so they come back only as this attempt's training process logs them (up to 14: step 15's
+            # point is logged after the hook that holds).
+            now = tenant.get(f"/jobs/{job['id']}").json()
+            return (now["attempt"] == attempt and max(curve_steps(tenant, job["id"]), default=0) >= 14
+                    and checkpoint_steps(tenant, job["id"]))
 
-        newest = wait_until(past_a_checkpoint, 180, "a checkpoint, then a step past it")
+        newest = wait_until(lambda: held(1), 180, "attempt 1 held after step 15, checkpoint 10 recorded")[-1]
         (trainer,) = trainer_pids(job["id"], attempt=1)
         os.kill(trainer, signal.SIGKILL)  # the training process alone; its worker lives on
         step_at_kill = max(curve_steps(tenant, job["id"]))
+        wait_until(lambda: held(2), 180, "attempt 2 held after step 15 in its turn")
+        release(faulty, job["id"], attempt=2)
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded", done["error"]  # was failed, at once
         assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 41))
@@ -115,7 +121,8 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
     waited for the job to end, however long; the stop grace period's SIGKILL then lost everything since
     the last checkpoint and counted as a lost worker. Now the job saves a checkpoint after its current
     step and is queued again, and the worker exits within a step of the signal."""
-    leaving = faulty.start_worker(name="leaving")
+    # Held after step 3 until the pause the shutdown asks for: the run cannot end first on a fast machine.
+    leaving = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"})
     job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
     staying = None
     try:
