@@ -19,12 +19,13 @@ HOW = {
         "exists; a second worker is started. The reaper requeues the silent job, the new worker resumes "
         "from the newest checkpoint.",
     "training process alone SIGKILLed (out of memory)":
-        "SIGKILL to the training process alone, as the kernel's out-of-memory killer would, once it is past "
-        "a checkpoint; its worker lives on. The worker records the lost attempt at once (no heartbeat "
-        "deadline to wait for) and the job's next attempt, on the same worker, resumes from the newest "
-        "checkpoint.",
+        "SIGKILL to the training process alone, as the kernel's out-of-memory killer would, while it is held "
+        "after step 15 (checkpoint 10 saved; fault hook QLORA_FAULT_HOLD_AT_STEP); its worker lives on. "
+        "The worker records the lost attempt at once (no heartbeat deadline to wait for) and the job's next "
+        "attempt, on the same worker, resumes from the newest checkpoint.",
     "worker stopped with SIGTERM (a deploy) mid-run":
-        "SIGTERM to the worker's main process alone, as `docker stop` sends it, at step 3 of 40. The worker "
+        "SIGTERM to the worker's main process alone, as `docker stop` sends it, while the run is held after "
+        "step 3 of 40 (until the pause the shutdown asks for). The worker "
         "hands the job back: it saves a checkpoint after its current step and is queued again; a second "
         "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost.",
     "S3 answering 503 as an attempt fetches its data":
