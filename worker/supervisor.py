@@ -288,7 +288,8 @@ class JobRun:
         except Exception as exc:
             if _out_of_reach(exc):  # storage or the database, for a moment: the job is not at fault
                 log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc, exc_info=True)
-                said = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "…"
+                said = str(exc)
+                said = said if len(said) <= 300 else said[:300] + "…"
                 lost = f"storage or the database was out of reach ({type(exc).__name__}: {said})"
                 # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass.
                 time.sleep(min(self.settings.out_of_reach_wait_s * 2 ** (job.attempt - 1), MAX_OUT_OF_REACH_WAIT_S))

@@ -44,6 +44,9 @@ TIMEOUT_S = 60.0  # a preflight reads at most 50,000 rows: seconds, far from thi
 WAIT_FOR_SLOT_S = 30.0  # a preflight waits this long for a free child (then POST /jobs creates the job unchecked)
 
 
+DIED = "the preflight process died (killed, or out of memory)"
+
+
 class PreflightBusy(AppError):
     status = 429
     code = "preflight_busy"
@@ -137,7 +140,7 @@ class PreflightRunner:
             except _Died:  # gone since it last answered (killed while idle): this preflight gets a new one
                 self._drop(child)
                 if attempt == 2:
-                    raise NoReport("the preflight process died (killed, or out of memory)") from None
+                    raise NoReport(DIED) from None
             except BaseException:
                 self._drop(child)
                 raise
@@ -148,7 +151,7 @@ class PreflightRunner:
         if kind == "died":
             self._drop(child)
             log.error("a preflight process died (killed, or out of memory); the next preflight starts a new one")
-            raise NoReport("the preflight process died (killed, or out of memory)")
+            raise NoReport(DIED)
         with self._lock:
             self._idle.append(child)
         if kind == "failed":  # a bug of the engine's preflight must not fail the creation it only checks

@@ -114,20 +114,16 @@ def claim(session: Session, job_id: str, worker: str, now) -> int | None:
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
 
 
-def preempt(session: Session, job_id: str, attempt: int) -> bool:
-    """running → pausing for another team's job, fenced by the attempt the scheduler saw; the flag
-    tells the pause's end to queue the job again (requeue_preempted)."""
+def preempt(session: Session, job_id: str, attempt: int, *, counted: bool = True) -> bool:
+    """running → pausing, to be queued again once paused (requeue_preempted), fenced by the attempt the
+    caller saw: for another team's job (counted in `preemptions`), or, not counted, because its worker
+    is shutting down (runs.hand_back)."""
+    values: dict = {"status": states.PAUSING, "preempting": True}
+    if counted:
+        values["preemptions"] = Job.preemptions + 1
     return _rows_changed(session, update(Job)
                          .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.RUNNING)
-                         .values(status=states.PAUSING, preempting=True, preemptions=Job.preemptions + 1)) == 1
-
-
-def hand_back(session: Session, job_id: str, attempt: int) -> bool:
-    """running → pausing, to be queued again once paused (requeue_preempted), as a preemption is, but
-    not counted as one: its worker is shutting down."""
-    return _rows_changed(session, update(Job)
-                         .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.RUNNING)
-                         .values(status=states.PAUSING, preempting=True)) == 1
+                         .values(**values)) == 1
 
 
 def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:

@@ -296,7 +296,7 @@ def hand_back(session: Session, worker: str) -> list[str]:
     handed = []
     for job_id, attempt in session.execute(select(Job.id, Job.attempt).where(Job.worker == worker,
                                                                            Job.status == states.RUNNING)):
-        if repository.hand_back(session, job_id, attempt):
+        if repository.preempt(session, job_id, attempt, counted=False):
             repository.add_event(session, job_id, "pause_requested", "info",
                                  f"worker {worker} is shutting down: the job saves a checkpoint after its current "
                                  "step, stops, and is queued again", attempt=attempt)
