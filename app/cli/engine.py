@@ -61,6 +61,7 @@ def estimate(
     """Estimate a job's peak GPU memory, part by part, before it runs."""
     from worker.training.estimate import (
         GIB,
+        ModelShape,
         advice,
         estimate_peak_memory,
         fit_memory_savers,
@@ -80,7 +81,14 @@ def estimate(
     if not config_path.is_file():
         err.print(f"[red]error:[/red] no config.json at {config_path}; pass --config", highlight=False)
         raise typer.Exit(2)
-    model_config = json.loads(config_path.read_text())
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(model_config, dict):
+            raise ValueError(f"it holds a JSON {type(model_config).__name__}, not an object")
+        ModelShape.from_config(model_config)
+    except (UnicodeDecodeError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {config_path}: {exc}", highlight=False)
+        raise typer.Exit(2) from None
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
     reference = keeps_reference_adapter(job, from_adapter)
     # "auto" offload and tiling: on where it would not fit without

@@ -17,6 +17,7 @@ from app.models.tables import RegisteredModel
 from worker.training.estimate import (
     GIB,
     Estimate,
+    ModelShape,
     advice,
     estimate_peak_memory,
     fit_memory_savers,
@@ -54,6 +55,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         return Admission(requested, spec, None, f"memory not checked: QLORA_GPU_CLASSES gives no memory for {requested}")
     if model.config is None:
         return Admission(chosen, spec, None, f"memory not checked: the registry has no config.json for {model.name}")
+    check_trainable(model)
     if requested is not None:
         classes = [(requested, settings.gpu_classes[requested])]
     paging = settings.max_paged_fraction
@@ -95,6 +97,16 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                                 "or a smaller base model."),
         details={"needed_bytes": estimate.total, "resident_bytes": estimate.resident, "available_bytes": budget,
                  "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
+
+
+def check_trainable(model: RegisteredModel) -> None:
+    """Invalid naming base_model where the registered config.json is one the estimate cannot read or a
+    model QLoRA cannot train (a mixture of experts): registered before the registry checked for it."""
+    try:
+        ModelShape.from_config(model.config or {})
+    except ValueError as exc:
+        raise Invalid(f"base_model: {model.name} cannot be trained here: {exc}",
+                      details=field_errors([("base_model", str(exc))]), code="invalid_job") from None
 
 
 # (setting, the spec's field, its environment variable): what an operator may cap.

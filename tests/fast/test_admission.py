@@ -13,7 +13,7 @@ from app.jobs.admission import admit
 from app.models.tables import RegisteredModel
 from tests.fast import conftest
 from tests.fast.conftest import make_settings
-from tests.model_configs import LLAMA3_8B, LLAMA3_8B_128K, LLAMA3_70B, LLAMA_65B
+from tests.model_configs import LLAMA3_8B, LLAMA3_8B_128K, LLAMA3_70B, LLAMA_65B, MIXTRAL_8X7B
 from worker.training.estimate import (
     GIB,
     MEMORY_SAVERS,
@@ -273,3 +273,13 @@ def test_auto_savers_and_micro_batch_are_decided_the_same_way_by_admission_and_t
     admitted = fit_to_gpu(auto, LLAMA3_8B_128K, 24 * GIB)
     on_worker = resolve_auto_micro_batch(fit_memory_savers(auto, LLAMA3_8B_128K, 24 * GIB), LLAMA3_8B_128K, 24 * GIB)
     assert admitted == on_worker and admitted.training.per_device_batch_size >= 1
+
+
+def test_a_model_registered_before_the_registry_refused_its_kind_is_refused_naming_base_model(served):
+    """A mixture of experts (or a broken config.json) in the registry from before it was checked: a 422
+    naming base_model, not a 500 from the estimate."""
+    for config in (MIXTRAL_8X7B, {**LLAMA3_8B, "hidden_size": "4096"}):
+        with pytest.raises(Invalid) as refused:
+            admit(served, model(config, name="old"), job_spec(max_seq_length=2048), None)
+        assert refused.value.message.startswith("base_model: old cannot be trained here: ")
+        assert refused.value.details[0]["field"] == "base_model"

@@ -10,7 +10,7 @@ import pytest
 
 from tests import services
 from tests.deployment import upload
-from tests.model_configs import LLAMA3_8B
+from tests.model_configs import LLAMA3_8B, MIXTRAL_8X7B
 from worker.training.estimate import GIB
 
 CLASSES = {"l4": 24, "h100": 80}
@@ -103,3 +103,14 @@ def test_unknown_class_and_a_model_without_a_config(api, dataset_id):
     created = api.get(f"/jobs/{response.json()['id']}/events").json()[0]
     assert "memory not checked: the registry has no config.json for mystery" in created["message"]
     api.post(f"/jobs/{response.json()['id']}/cancel")
+
+
+def test_a_mixture_of_experts_is_refused_when_registered(api):
+    """Its experts would load in 16 bits: refused before any job could be admitted on a 4-bit estimate."""
+    response = api.post("/models", json={"name": "mixtral-8x7b", "hub_id": "mistralai/Mixtral-8x7B-v0.1",
+                                         "revision": "main", "config": MIXTRAL_8X7B})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "mixture-of-experts model (8 experts per layer)" in error["message"]
+    assert error["details"][0]["field"] == "config"
+    assert "mixtral-8x7b" not in [m["name"] for m in api.get("/models").json()]

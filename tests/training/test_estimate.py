@@ -10,10 +10,10 @@ import torch
 import torch.utils._pytree as pytree
 from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from tests.model_configs import LLAMA3_8B, LLAMA_33B, LLAMA_65B
+from tests.model_configs import GEMMA3_12B, LLAMA3_8B, LLAMA_33B, LLAMA_65B, MIXTRAL_8X7B, QWEN3_1_7B, QWEN3_30B_A3B
 from worker.training import estimate
 from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
 from worker.training.memory import ActivationOffload, tile_mlps
@@ -115,7 +115,11 @@ UNSEEN = [
 
 
 def build(tmp_path, dims: dict, checkpointing: bool, offload: ActivationOffload | None = None):
-    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **dims)).save_pretrained(tmp_path)
+    """`dims` of a Llama model, or of another family's with its config.json's model_type."""
+    dims = {"model_type": "llama", **dims}
+    config = AutoConfig.for_model(dims["model_type"], tie_word_embeddings=False,
+                                  **{k: v for k, v in dims.items() if k != "model_type"})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     s = spec(gradient_checkpointing=checkpointing)
     model = load_base_model(tmp_path, s.quantization, torch.bfloat16, "cpu")
     model = prepare_for_training(model, s.quantization, torch.bfloat16, checkpointing, offload=offload)
@@ -225,10 +229,19 @@ WIDE = [
     dict(num_hidden_layers=2, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
          num_key_value_heads=4, vocab_size=1500),
 ]
+# Families whose layers are not Llama's, at their own proportions: Qwen 3's attention twice as wide as its
+# hidden size, with its queries and keys normalized; Gemma 3's 256-wide heads, query and key norms, and
+# four norms per layer.
+FAMILIES = [
+    dict(model_type="qwen3", num_hidden_layers=2, hidden_size=768, intermediate_size=2304, num_attention_heads=12,
+         num_key_value_heads=4, head_dim=128, vocab_size=1500),
+    dict(model_type="gemma3_text", num_hidden_layers=2, hidden_size=768, intermediate_size=3072,
+         num_attention_heads=4, num_key_value_heads=2, head_dim=256, vocab_size=1500),
+]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("dims", WIDE)
+@pytest.mark.parametrize("dims", WIDE + FAMILIES, ids=lambda dims: dims.get("model_type", "llama"))
 def test_the_step_peak_matches_what_is_live_at_once(tmp_path, dims, checkpointing):
     """Beyond what is saved: forward and backward of one step, every tensor alive at the worst
     moment (gradients in flight, a recomputed layer, the adapter's gradients) against the parts of
@@ -502,3 +515,31 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
     both = estimate_cli("both.json")
     assert "activations offloaded to 8.00 GiB of pinned CPU memory and tiled MLPs" in both
     assert "offloaded activations (pinned CPU memory, not GPU)" in both and "fits in 24.00 GiB" in both
+
+
+@pytest.mark.parametrize("config, experts, in_16_bits", [(MIXTRAL_8X7B, 8, "84.00 GiB"), (QWEN3_30B_A3B, 128, "54.00 GiB")])
+def test_a_mixture_of_experts_is_refused_saying_its_experts_would_stay_in_16_bits(config, experts, in_16_bits):
+    with pytest.raises(ValueError) as refused:
+        ModelShape.from_config(config)
+    assert f"mixture-of-experts model ({experts} experts per layer)" in str(refused.value)
+    assert f"would load in 16 bits (about {in_16_bits}), not 4" in str(refused.value)
+    assert ModelShape.from_config({**config, "num_local_experts": 1, "num_experts": 1})  # one expert is a dense MLP
+    # as transformers writes a Mixtral config.json: an unset head_dim is null, not absent
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        ModelShape.from_config({**config, "head_dim": None})
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "4096"), ("hidden_size", True), ("num_hidden_layers", 0),
+                                        ("vocab_size", 10**12), ("head_dim", 12.5), ("intermediate_size", None)])
+def test_a_broken_dimension_is_refused_naming_it(key, value):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        ModelShape.from_config({**LLAMA3_8B, key: value})
+
+
+@pytest.mark.parametrize("config, query, qk_norm, sandwich", [(LLAMA3_8B, 4096, False, False),
+                                                              (QWEN3_1_7B, 2048, True, False),
+                                                              (GEMMA3_12B, 4096, True, True)])
+def test_what_each_family_adds_to_a_layer_is_read_from_its_config(config, query, qk_norm, sandwich):
+    shape = ModelShape.from_config(config)
+    assert (shape.heads * shape.head_dim, shape.qk_norm, shape.sandwich_norms) == (query, qk_norm, sandwich)
+    assert ModelShape.from_config({**LLAMA3_8B, "use_qk_norm": True}).qk_norm  # said by the config itself

@@ -30,7 +30,10 @@ lives outside PyTorch's caching allocator, so the fragmentation allowance covers
 
 The per-token activation coefficients were fitted (to within 0.5 %) on what the stack saves for
 backward in Llama-architecture models of 1 and 3 layers and six shapes, bf16 compute, LoRA on every
-linear layer, through the trainer's loss head. tests/training/test_estimate.py re-measures them on
+linear layer, through the trainer's loss head; the attention's own width (heads x head_dim, which
+Qwen 3 and Gemma make wider than the hidden size) on Llama models of three head sizes, and what Qwen 3,
+Gemma 3 and OLMo 2 add to a layer (query and key norms, four norms a layer) on those families.
+A mixture of experts is refused (ModelShape.from_config says why). tests/training/test_estimate.py re-measures them on
 shapes the fit never saw, and checks the step's parts against every tensor live at its worst
 moment; the allowance is the part to recalibrate against bench/ measurements on real GPUs.
 """
@@ -46,7 +49,8 @@ NF4_BLOCK = 64  # bitsandbytes quantizes 4-bit weights in blocks of 64, one absm
 NESTED_BLOCK = 256  # double quantization: the absmaxes themselves, in blocks of 256
 
 # Bytes saved for backward per token per decoder layer, per unit of each dimension (bf16 compute).
-ACT_PER_HIDDEN = 49.5
+ACT_PER_HIDDEN = 39.2
+ACT_PER_QUERY = 10.3  # of the attention's width (heads x head_dim: the queries, its output, o_proj's input)
 ACT_PER_INTERMEDIATE = 12.5
 ACT_PER_INTERMEDIATE_F32_RESIDUAL = 18.5  # with float32 frozen weights, and so a float32 residual stream
 ACT_PER_KV = 4.25
@@ -75,6 +79,37 @@ COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto i
 ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weights and their gradients
 
 
+# What a family's decoder layer holds beyond a Llama layer, by config.json's model_type; a family not
+# named here is estimated as a Llama layer (Mistral, Qwen2, Gemma, Granite, OLMo 2's norms and most others are one).
+# RMSNorms on the queries and keys (per head, or over the whole width as OLMo 2 has them), which save
+# their float32 input; some families say so in their config instead (use_qk_norm, qk_layernorm).
+QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3", "gemma3_text", "olmo2", "olmo3"})
+ACT_PER_QK_NORMED = 4.0  # per unit of the query and key widths
+# Two more RMSNorms per layer, around the attention's and the MLP's outputs ("sandwich" norms).
+SANDWICH_NORM_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text"})
+ACT_PER_SANDWICH_HIDDEN = 7.5  # per unit of the hidden size: their float32 inputs
+# A config that names experts: the keys families use for how many a layer routes between.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+MAX_DIMENSION = 2**31  # past any real model: a larger value is a broken or hostile config
+
+
+def _dimension(config: dict, key: str, default: int | None = None) -> int:
+    value = config.get(key)
+    if value is None:  # absent, or null as transformers writes an unset head_dim
+        value = default
+    if value is None:
+        raise ValueError(f"the model config has no '{key}'; cannot estimate its memory")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIMENSION:
+        raise ValueError(f"the model config's '{key}' must be an integer in [1, {MAX_DIMENSION}], "
+                         f"got {excerpt_value(value)}")
+    return value
+
+
+def excerpt_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True)
 class ModelShape:
     layers: int
@@ -85,21 +120,42 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    qk_norm: bool = False
+    sandwich_norms: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
-        """From a transformers config.json (Llama, Mistral, Qwen2 and other decoder-only families)."""
-        try:
-            hidden = config["hidden_size"]
-            heads = config["num_attention_heads"]
-            return cls(
-                layers=config["num_hidden_layers"], hidden=hidden, intermediate=config["intermediate_size"],
-                heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
-                head_dim=config.get("head_dim") or hidden // heads, vocab=config["vocab_size"],
-                tied=bool(config.get("tie_word_embeddings", False)),
-            )
-        except KeyError as missing:
-            raise ValueError(f"the model config has no {missing}; cannot estimate its memory") from None
+        """From a transformers config.json of a dense decoder-only model (Llama, Mistral, Qwen, Gemma and
+        the other families whose layers are attention and a gated MLP). ValueError, saying why, for a
+        config that lacks a dimension or holds a broken one, and for a mixture-of-experts model."""
+        hidden = _dimension(config, "hidden_size")
+        heads = _dimension(config, "num_attention_heads")
+        shape = cls(
+            layers=_dimension(config, "num_hidden_layers"), hidden=hidden,
+            intermediate=_dimension(config, "intermediate_size"), heads=heads,
+            kv_heads=_dimension(config, "num_key_value_heads", heads),
+            head_dim=_dimension(config, "head_dim", max(hidden // heads, 1)), vocab=_dimension(config, "vocab_size"),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=config.get("model_type") in QK_NORM_FAMILIES or bool(config.get("use_qk_norm"))
+            or bool(config.get("qk_layernorm")),
+            sandwich_norms=config.get("model_type") in SANDWICH_NORM_FAMILIES,
+        )
+        experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
+        if experts > 1:
+            # transformers 5 keeps each layer's experts as 3-D parameters, not linear layers, and
+            # bitsandbytes quantizes linear layers only: the experts, nearly all of such a model,
+            # would load in 16 bits, and the estimate (and the QLoRA saving) would be far off.
+            width = config.get("moe_intermediate_size") or shape.intermediate
+            in_16_bits = shape.layers * experts * 3 * shape.hidden * (width if isinstance(width, int) else 0) * 2
+            raise ValueError(f"this is a mixture-of-experts model ({experts} experts per layer): bitsandbytes "
+                             f"quantizes only linear layers, and transformers keeps experts as 3-D weights, so its "
+                             f"experts would load in 16 bits (about {gib(in_16_bits)}), not 4. Only dense models "
+                             "are supported")
+        if config.get("kv_lora_rank"):
+            raise ValueError("this model's attention compresses keys and values through a low-rank projection "
+                             "(kv_lora_rank, as DeepSeek's): the estimate knows only multi-head and grouped-query "
+                             "attention")
+        return shape
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder block."""
@@ -247,8 +303,10 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     scale = compute / 2  # the coefficients are for bf16 compute
     # Per token, what the MLP alone saves (its intermediates, and its input and the adapter's copies of it)...
     mlp = scale * (per_intermediate * shape.intermediate + ACT_MLP_PER_HIDDEN * shape.hidden)
-    per_layer = scale * (ACT_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
-                         + ACT_PER_KV * shape.kv_heads * shape.head_dim)
+    query, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = scale * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_QUERY * query + per_intermediate * shape.intermediate
+                         + ACT_PER_KV * kv + (ACT_PER_QK_NORMED * (query + kv) if shape.qk_norm else 0)
+                         + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
     grads = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
     tile = 0
     if tiled:
