@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from worker.training.model import device_map, load_base_model
+from worker.training.model import device_map, fit_embeddings, load_base_model
 from worker.training.spec import QuantizationSpec
 
 FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep logits for them in memory
@@ -45,7 +45,7 @@ def forward_rows(model, rows: list[dict],
 
 def build_merged_model(
     base_path: Path, adapter_dir: Path, quant: QuantizationSpec, compute_dtype: torch.dtype,
-    merge_dtype: torch.dtype, device: str, vocab_size: int, quantized_cache: Path | None = None,
+    merge_dtype: torch.dtype, device: str, tokenizer, quantized_cache: Path | None = None,
 ):
     """Dense base (dequantized exactly as training saw it) + LoRA deltas, in merge_dtype."""
     from peft import PeftModel
@@ -63,8 +63,7 @@ def build_merged_model(
         # save_pretrained would try to pack the now-dense weights back that way (which has no
         # reverse). The merged model is a plain dense model: it saves as one.
         base._weight_conversions = None
-    if base.get_input_embeddings().weight.shape[0] != vocab_size:
-        base.resize_token_embeddings(vocab_size)  # a pad token was added for training
+    fit_embeddings(base, tokenizer)  # as training did
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return merged.to(merge_dtype)
 

@@ -128,7 +128,7 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
     common = dict(
         dtype=compute_dtype,
         device_map=device_map(device),
-        attn_implementation=attention,
+        attn_implementation=supported_attention(path, attention),
         use_safetensors=True,  # never unpickle weights
         trust_remote_code=False,  # a job spec is data, never code
         local_files_only=True,  # nothing downloads at run time
@@ -142,6 +142,69 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
             model.save_pretrained(quantized_cache, safe_serialization=True)
     _keep_cpu_nf4_state_exact(model)
     return model
+
+
+def supported_attention(path: Path, attention: str) -> str:
+    """`attention`, or "eager" where the model's class has no SDPA path (Gemma 2, whose attention
+    soft-caps its scores, which SDPA cannot): transformers refuses to load such a model with "sdpa"."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if attention != "sdpa":
+        return attention
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if model_class is None or model_class._supports_sdpa else "eager"
+
+
+# Past this share of a model's weights left in 16 bits by bitsandbytes, it would not train as QLoRA.
+MAX_UNQUANTIZED_SHARE = 0.10
+
+
+def check_quantized(model, quant: QuantizationSpec) -> None:
+    """SpecError where bitsandbytes left much of the base unquantized: it replaces torch linear layers
+    only, so a model whose layers hold their weights otherwise (a mixture of experts' 3-D expert
+    weights, Falcon's own linear class, GPT-2's Conv1D) would load, and train, in 16 bits, needing
+    several times the memory its estimate says. The embeddings and the output head are never quantized."""
+    import bitsandbytes as bnb
+
+    if quant.bits == "none":
+        return
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None and getattr(m, "weight", None) is not None}
+    total, left = 0, []
+    for name, param in model.named_parameters():
+        if id(param) in embeddings or param.dim() < 2:
+            continue
+        total += param.numel()
+        if not isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+            left.append((name, param.numel()))
+    left.sort(key=lambda item: -item[1])  # the largest first: they are what the message must name
+    unquantized = sum(n for _, n in left)
+    if total and unquantized > MAX_UNQUANTIZED_SHARE * total:
+        names = ", ".join(name for name, _ in left[:2]) + (f" and {len(left) - 2} more" if len(left) > 2 else "")
+        raise SpecError([("base_model", f"bitsandbytes left {unquantized / total:.0%} of this model's layer weights "
+                          f"unquantized ({names}): {type(model).__name__} keeps them outside torch linear layers "
+                          f"(experts, or a linear class of its own), so it would train in 16 bits, not "
+                          f"{quant.bits}. Use a dense model whose layers are linear layers (Llama, Mistral, Qwen, "
+                          "Gemma and most others)")])
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Give the model an embedding row (and output row) for every id the tokenizer can produce: one more
+    for a pad token added for training, or kept from a tokenizer whose pad lies past the model's rows.
+    Never fewer rows than the model came with: Qwen and Gemma 3 ship spare rows past their tokenizers,
+    and the merged model keeps the base's shape. Any other token past the rows means the tokenizer is
+    not the model's: SpecError, rather than an index error in the first step."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    past = sorted((i, token) for token, i in tokenizer.get_vocab().items() if i >= rows and token != tokenizer.pad_token)
+    if past:
+        raise SpecError([("base_model", f"its tokenizer has {len(tokenizer)} tokens and its embeddings {rows} rows: "
+                          f"{', '.join(repr(token) for _, token in past[:3])}{' and more' if len(past) > 3 else ''} "
+                          "would index past them, so the tokenizer does not belong to this model")])
+    model.resize_token_embeddings(len(tokenizer))
 
 
 def prepare_for_training(model, quant: QuantizationSpec, compute_dtype: torch.dtype, checkpointing: bool,

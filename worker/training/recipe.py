@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ from worker.training.merge import (  # noqa: E402
 from worker.training.model import (  # noqa: E402
     Speedups,
     adapter_sha256,
+    check_quantized,
+    fit_embeddings,
     load_base_model,
     load_initial_adapter,
     lora_config,
@@ -351,6 +353,9 @@ class QLoRARecipe:
         self.cache_hit = self.quantized_cache is not None and (self.quantized_cache / "config.json").is_file()
         model = load_base_model(self.base_path, spec.quantization, self.compute_dtype, self.device,
                                 attention=self.speedups.attention, quantized_cache=self.quantized_cache)
+        check_quantized(model, spec.quantization)
+        # what the model runs, where its class had no SDPA path (supported_attention)
+        self.speedups = replace(self.speedups, attention=model.config._attn_implementation)
         if self.quantized_cache is not None and spec.quantization.bits != "none":
             self.emit(Event(type="base_loaded", level="info", step=self.resumed_step,
                             message="loaded the pre-quantized base from the cache" if self.cache_hit
@@ -358,8 +363,7 @@ class QLoRARecipe:
         # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
         # position ids from the attention mask, which would then let examples attend to each other.
         model.config.use_cache = False
-        if self.tok_setup.pad_token_added:
-            model.resize_token_embeddings(len(self.tokenizer))
+        fit_embeddings(model, self.tokenizer)
         t = spec.training
         self.offload = ActivationOffload() if t.activation_offload is True else None
         model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,
@@ -491,7 +495,7 @@ class QLoRARecipe:
 
     def _save_merged(self, merge_dtype: torch.dtype) -> None:
         merged = build_merged_model(self.base_path, self.out / "adapter", self.spec.quantization, self.compute_dtype,
-                                    merge_dtype, self.device, vocab_size=len(self.tokenizer),
+                                    merge_dtype, self.device, tokenizer=self.tokenizer,
                                     quantized_cache=self.quantized_cache)
         merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
         merged.generation_config.eos_token_id = self.tokenizer.eos_token_id

@@ -37,7 +37,7 @@ import torch
 
 from worker.training.data import Example
 from worker.training.merge import free_memory
-from worker.training.model import device_map, load_base_model
+from worker.training.model import device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
 from worker.training.tokenization import IGNORE_INDEX
@@ -104,8 +104,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
     autocast = compute_dtype if compute_dtype != torch.float32 else None
 
     base = load_base_model(base_path, spec.quantization, compute_dtype, device, quantized_cache=quantized_cache)
-    if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        base.resize_token_embeddings(len(tokenizer))  # as training did: a pad token was added
+    fit_embeddings(base, tokenizer)  # as training did
     base_answers = [generate(base, p, spec, tokenizer, autocast) for p in prompts]
     base_loss = mean_loss(base, loss_rows, autocast)
     if spec.output.merge:

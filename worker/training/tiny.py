@@ -128,16 +128,23 @@ def build_tiny_model(
     num_layers: int = 4,
     num_heads: int = 4,
     intermediate_size: int = 704,  # bitsandbytes' CPU kernel packs rows in blocks of 32
+    model_type: str = "llama",
+    spare_embedding_rows: int = 0,
+    **family,
 ) -> Path:
-    """Write a randomly initialised Llama model (~4M parameters) with its tokenizer to out_dir."""
+    """Write a randomly initialised Llama model (~4M parameters) with its tokenizer to out_dir; or,
+    with `model_type` (a transformers config.json's), one of another family at the same size, given
+    that family's own config fields in `family` (head_dim, ...). `spare_embedding_rows`: embedding rows past
+    the tokenizer's last id, as Qwen's and Gemma 3's are padded."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer) + spare_embedding_rows,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -149,14 +156,15 @@ def build_tiny_model(
         pad_token_id=None,
         tie_word_embeddings=False,
         dtype="float32",
+        **family,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # A random head at the usual std 0.02 caps logits near ±5 (0.02 · |h| with |h| = sqrt(256)),
         # far flatter than a pretrained model's: a LoRA could pick the right token but never grow
         # confident, so the loss would stall near 2 nats. Twice the scale behaves like a real LM head.
-        model.lm_head.weight.mul_(2.0)
+        model.get_output_embeddings().weight.mul_(2.0)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
     )

@@ -48,7 +48,7 @@ class TokenizerSetup:
     chat_template_source: str  # "tokenizer" or "default"
     chat_template_sha256: str
     pad_token: str
-    pad_token_added: bool  # the embedding matrix must grow by one row
+    pad_token_added: bool  # the embedding matrix must grow by one row (model.fit_embeddings)
 
 
 def prepare_tokenizer(tokenizer) -> TokenizerSetup:
