@@ -23,7 +23,12 @@ def _admin_session():
 
 
 def _admin_call(fn):
-    """fn(session) in one transaction; a refused change (AppError) prints its message and exits 1."""
+    """fn(session) in one transaction; a refused change (AppError) prints its message and exits 1, as does a
+    database that cannot be reached or has no schema yet."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from app.config import get_settings
     from app.errors import AppError
 
     try:
@@ -31,6 +36,12 @@ def _admin_call(fn):
             return fn(session)
     except AppError as exc:
         err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)  # names are not markup
+        raise typer.Exit(1) from None
+    except (OperationalError, ProgrammingError) as exc:
+        url = make_url(get_settings().database_url).render_as_string(hide_password=True)
+        err.print(f"[red]error:[/red] the database {escape(url)} cannot be used: {escape(str(exc.orig).splitlines()[0])}. "
+                  "Is it running, and has `qlora migrate` (or a first `qlora serve`) made its schema?",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

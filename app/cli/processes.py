@@ -227,8 +227,12 @@ def reaper() -> None:
 @commands.command()
 def migrate() -> None:
     """Bring the database (QLORA_DATABASE_URL) to the newest schema."""
+    from app.bootstrap import make_private_dir
     from app.config import get_settings
     from app.migrate import upgrade
 
-    upgrade(get_settings().database_url)
+    settings = get_settings()
+    if settings.database_url == f"sqlite:///{settings.home / 'qlora.db'}":
+        make_private_dir(settings.home)  # the embedded default, before a first `qlora serve` made its home
+    upgrade(settings.database_url)
     out.print("database is at the newest schema")

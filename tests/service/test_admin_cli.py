@@ -52,3 +52,16 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
     assert "tiny" in qlora(tmp_path, "admin", "list-models").stdout
     no_revision = qlora(tmp_path, "admin", "add-model", "hubbed", "--hub-id", "org/model")
     assert no_revision.returncode == 1 and "needs a revision" in no_revision.stderr
+
+
+def test_a_database_not_made_yet_is_said_plainly_and_migrate_makes_the_home(tmp_path):
+    """Before the first `qlora serve`, QLORA_HOME does not exist: an admin command says the database cannot
+    be used and what makes it (it was a page of traceback), and `qlora migrate` makes the home and the schema."""
+    home = tmp_path / "not-yet"
+    refused = qlora(home, "admin", "create-team", "research")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"the database sqlite:///{home}/qlora.db cannot be used: unable to open database file" in refused.stderr
+    assert "`qlora migrate`" in refused.stderr
+    assert qlora(home, "migrate").returncode == 0 and (home / "qlora.db").is_file()
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
+    assert qlora(home, "admin", "create-team", "research").returncode == 0
