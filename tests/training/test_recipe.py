@@ -69,6 +69,9 @@ def test_training_learns_through_frozen_4bit_weights(qlora_run, tiny_model_dir):
     assert len(train) == 16 and train[-1] < 0.5 * train[0]
     evals = [r for r in curve if r["kind"] == "eval"]
     assert evals and evals[-1]["eval_loss"] < 0.5 * train[0]
+    # The last step is an eval step: the final evaluation is that one, not a second point at the same step.
+    assert [r["step"] for r in evals] == [40, 80, 120, 160]
+    assert result.summary["eval_loss_final"] == evals[-1]["eval_loss"]
 
     # The base stayed frozen: the 4-bit layers are there and no non-LoRA weight moved.
     assert probe.quantized == 28  # 7 linear layers x 4 blocks

@@ -442,11 +442,16 @@ class QLoRARecipe:
         }
 
     def evaluate(self) -> float | None:
-        """The final validation loss, where there is a validation set."""
+        """The final validation loss, where there is a validation set: the trainer's own evaluation when
+        the last step was an eval step (the same weights; again, it would cost a pass over the set and
+        put a second point at that step on the curve), else a new one, which the metrics callback records."""
         self._unless_cancelled()
         if not self.val_rows:
             return None
-        return self.trainer.evaluate()["eval_loss"]  # the metrics callback records it
+        last = next((entry for entry in reversed(self.trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == self.trainer.state.global_step:
+            return last["eval_loss"]
+        return self.trainer.evaluate()["eval_loss"]
 
     # ---------------------------------------------------------------- save
 
