@@ -79,3 +79,22 @@ def test_a_pad_token_past_the_embeddings_gets_a_row_and_any_other_token_is_refus
         run(short_spec(model, steps=4), demo_data["train"], tmp_path / "again")
     assert refused.value.errors[0][0] == "base_model"
     assert f"has {rows + 2} tokens and its embeddings {rows} rows: '<extra>' would index past them" in str(refused.value)
+
+
+def test_a_two_matrix_mlp_tiles_to_the_same_curve(tmp_path, demo_data):
+    """GPT-NeoX's MLP (two matrices, no gate; its layers also run attention and MLP in parallel):
+    training.tiled_mlp tiles it, where it used to fail every such job that "auto" turned tiling on for,
+    and in float32 the curve is the untiled one's to float tolerance."""
+    model = build_tiny_model(tmp_path / "neox", model_type="gpt_neox")
+    curves = {}
+    for tiled in (False, True):
+        data = short_spec(model, steps=4).model_dump(mode="json")
+        data["training"].update(tiled_mlp=tiled, activation_offload=False, per_device_batch_size=16, logging_steps=1)
+        data["lora"]["dropout"], data["quantization"]["compute_dtype"] = 0.0, "float32"
+        data["output"] = {"merge": False}
+        result = run(JobSpec.parse(data), demo_data["train"], tmp_path / f"out-{tiled}")
+        assert result.summary["spec"]["training"]["tiled_mlp"] is tiled
+        assert result.summary["target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+        curves[tiled] = [r["train_loss"] for r in map(json.loads, (result.out_dir / "metrics.jsonl").read_text().splitlines())
+                         if r["kind"] == "train"]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5) and len(curves[True]) == 4

@@ -187,7 +187,9 @@ def tile_mlps(model, tile: int) -> int:
     returns how many. Works on the model with its adapter in place: the MLP's LoRA layers run inside."""
     tiled = 0
     for name, module in model.named_modules():
-        if name.endswith(".mlp") and hasattr(module, "down_proj"):
+        # Every family transformers has names its decoder layers' MLP "mlp", gated (Llama's gate, up and
+        # down) or not (GPT-NeoX's, Phi-2's, StarCoder 2's two matrices): a per-token function either way.
+        if name.endswith(".mlp"):
             _tile(module, tile)
             tiled += 1
     if not tiled:
