@@ -22,7 +22,9 @@ MIB = 1024**2
 class Settings(BaseSettings):
     # An empty variable is as if unset: `QLORA_HOME=` (or a compose file's `${QLORA_HOME:-}`) would otherwise
     # put the database, the credentials and the demo model in whatever directory the command runs in.
-    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore", env_ignore_empty=True)
+    # hide_input_in_errors: a refused setting's message must not print the others (keys, passwords in URLs).
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore", env_ignore_empty=True,
+                                      hide_input_in_errors=True)
 
     home: Path = Field(Path("~/.qlora"), description="Where the embedded default keeps its database, files and queue.")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$QLORA_HOME/qlora.db.")
@@ -36,8 +38,9 @@ class Settings(BaseSettings):
     presign_expires_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     broker_url: str = Field("", description="Celery broker; default a filesystem transport under $QLORA_HOME.")
 
-    # json: one object per line with the job id (for log shippers); text: for reading in a terminal.
-    log_format: Literal["json", "text"] = "json"
+    # json: one object per line with the job id (for log shippers); text: for reading in a terminal;
+    # auto: text where stderr is a terminal, json elsewhere (a pipe, a file, a container).
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -188,6 +191,13 @@ class Settings(BaseSettings):
             self.storage_url = f"file://{self.home / 'storage'}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
+        if self.database_url.startswith(("postgres://", "postgresql://")):
+            # The form hosts hand out; SQLAlchemy would read it as psycopg2, which is not installed (psycopg 3 is).
+            self.database_url = "postgresql+psycopg://" + self.database_url.split("://", 1)[1]
+        if not self.database_url.startswith(("sqlite:///", "postgresql+psycopg://")):
+            scheme = self.database_url.split("://", 1)[0] if "://" in self.database_url else "no scheme"
+            raise ValueError(f"QLORA_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB "
+                             f"(postgres:// and postgresql:// are read as the latter), got {scheme[:40]!r}")
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
         if self.default_gpu_class not in self.served_gpu_classes:

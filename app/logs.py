@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line, with the job id on every line that concerns a job.
+"""Logs: one JSON object per line for a log collector or a pipe, text for a person at a terminal, with
+the job id on every line that concerns a job (QLORA_LOG_FORMAT: auto, the default, chooses by whether
+stderr is a terminal; json or text force one).
 
 The API sets the job id from the request path, the worker while it supervises a job, the training
 process for its whole life; whatever logs inside (our code, uvicorn, Celery, transformers, Python
@@ -61,12 +63,38 @@ class JobFromPath(logging.Filter):
         return True
 
 
-def configure(process: str, fmt: str = "json", level: int = logging.INFO) -> None:
+class TextFormatter(logging.Formatter):
+    """A line a person reads: `time LEVEL process logger: message (job <id>)`, the level in colour on a
+    terminal. Never cut or wrapped: a message may be a traceback."""
+
+    COLOURS = {"WARNING": "33", "ERROR": "31", "CRITICAL": "1;31", "DEBUG": "2"}
+
+    def __init__(self, process: str, colour: bool):
+        super().__init__(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname
+        if self.colour and level in self.COLOURS:
+            record = logging.makeLogRecord({**vars(record), "levelname": f"\033[{self.COLOURS[level]}m{level}\033[0m"})
+        line = super().format(record)
+        job_id = getattr(record, "job_id", None) or job_id_var.get()
+        return f"{line} (job {job_id})" if job_id else line
+
+
+def resolve_format(fmt: str) -> str:
+    """"auto" → text where stderr is a terminal, JSON elsewhere (a pipe, a file, a container's log)."""
+    if fmt != "auto":
+        return fmt
+    return "text" if sys.stderr.isatty() else "json"
+
+
+def configure(process: str, fmt: str = "auto", level: int = logging.INFO) -> None:
     """Route every logger (and Python warnings) to one stderr handler in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(process) if resolve_format(fmt) == "json"
+                         else TextFormatter(process, colour=sys.stderr.isatty()))
     handler.addFilter(JobFromPath())
-    handler.setFormatter(JsonFormatter(process) if fmt == "json" else logging.Formatter(
-        f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -395,7 +395,9 @@ class JobRun:
                 [sys.executable, "-m", "worker.runner", str(workdir.root)],
                 stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir.root,
                 start_new_session=True,  # its own process group: a kill reaches its helpers too
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Its lines join this worker's stream (_supervise), so they take the format this worker's have.
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     "QLORA_LOG_FORMAT": logs.resolve_format(self.settings.log_format)},
             )
         finally:
             log_file.close()
@@ -410,7 +412,7 @@ class JobRun:
         cancel_sent_at = None
         while True:
             exited = proc.poll() is not None
-            # The trainer's own log lines (JSON, with the job id) join this worker's log stream.
+            # The trainer's own log lines (in this worker's format, with the job id) join this worker's stream.
             for line in trainer_log.read_new():
                 sys.stderr.write(line.decode("utf-8", "replace") + "\n")
             unreported += records.read_new()
