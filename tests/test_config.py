@@ -36,3 +36,28 @@ def test_an_empty_variable_is_as_if_unset(monkeypatch):
     monkeypatch.setenv("QLORA_PORT", "")
     settings = Settings()
     assert settings.home == Settings.model_fields["home"].default.expanduser() and settings.port == 8000
+
+
+def test_a_database_url_is_read_in_the_form_hosts_give_or_refused_naming_its_scheme(tmp_path):
+    url = "postgresql+psycopg://u:secret@db.internal:5432/qlora"
+    for given in ("postgres://u:secret@db.internal:5432/qlora", "postgresql://u:secret@db.internal:5432/qlora", url):
+        assert Settings(home=tmp_path, database_url=given).database_url == url
+    with pytest.raises(ValueError, match="QLORA_DATABASE_URL must be sqlite:///PATH or postgresql\\+psycopg://") as refused:
+        Settings(home=tmp_path, database_url="mysql://u:secret@db/qlora")
+    assert "got 'mysql'" in str(refused.value) and "secret" not in str(refused.value)
+
+
+def test_a_setting_that_cannot_be_used_is_one_line_from_any_command_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.deployment import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    for setting, said in (("QLORA_PORT=abc", "QLORA_PORT: Input should be a valid integer"),
+                          ("QLORA_DATABASE_URL=bogus://x", "QLORA_DATABASE_URL must be sqlite:///PATH")):
+        name, value = setting.split("=", 1)
+        done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, capture_output=True, text=True,
+                              env={**env, "QLORA_HOME": str(tmp_path / "home"), name: value}, timeout=60)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from app.cli import admin, client, engine, processes
+from app.cli.render import err
 
 cli = typer.Typer(help="qlora-service: QLoRA fine-tuning as a service.", no_args_is_help=True, add_completion=False)
 cli.add_typer(engine.commands)  # no name: its verbs are top-level ones
@@ -25,4 +27,16 @@ cli.add_typer(client.usage_commands)  # no name: `qlora usage`
 
 
 def main() -> None:
-    cli()
+    from pydantic import ValidationError
+
+    try:
+        cli()
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # A setting from the environment that cannot be used: what a person fixes, not a traceback.
+        for error in exc.errors():
+            where = f"QLORA_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else ""
+            err.print(f"[red]error:[/red] {where}{escape(error['msg'].removeprefix('Value error, '))}",
+                      highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

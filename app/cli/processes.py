@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from app.cli.render import out
+from app.cli.render import err, out
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -50,6 +50,7 @@ def serve(
             os.environ[name] = str(value)
     get_settings.cache_clear()
     settings = get_settings()
+    _check_port_free(settings.host, settings.port)  # before a first start makes a key for this address
     if settings.embedded or settings.database_url.startswith("sqlite"):
         # Here, once, before any API process starts: they all find the schema and the demo team ready.
         from app.bootstrap import bootstrap_embedded
@@ -97,6 +98,23 @@ def serve(
     if terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit 2, saying so, where the address is taken. uvicorn would find out only after `serve` had made
+    the first start's team and key, saved with this address (another server's) in credentials.json,
+    and started its worker."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port's TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}. Another process holds it: "
+                      "stop it, or set QLORA_PORT (or --port) to a free port.", highlight=False)
+            raise typer.Exit(2) from None
 
 
 class _Terminated(Exception):

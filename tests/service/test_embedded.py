@@ -106,3 +106,22 @@ def test_sigterm_to_serve_alone_stops_its_local_worker(embedded):
         os.kill(worker, 0)
     with pytest.raises(ProcessLookupError):  # nothing of the service is left in its process group
         os.killpg(proc.pid, 0)
+
+
+def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
+    """It used to make the first start's team and key, save them with the address of the server already
+    there, start a worker, and only then fail in uvicorn: the saved key then answered 401 there."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
+        env.update(HOME=str(tmp_path), QLORA_PORT=str(port))
+        done = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "QLORA_PORT" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / ".qlora").exists()  # no key, no database, no worker
