@@ -8,6 +8,7 @@ any job (the spec's fields, datasets, base model, GPU class; scoping; state chan
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -327,14 +328,39 @@ def _training_from(hyperparameters: dict, training: dict, max_micro_batch: int |
     return out
 
 
+# What our messages say in our own words, as an OpenAI client knows the things: the ids it sent (with
+# their prefixes) and the states it sees (a pausing job shows as running there).
+_IN_OPENAI_WORDS = (
+    (re.compile(r"\bno dataset '(?!file-)"), f"no file '{FILE}"),
+    (re.compile(r"\bno job '(?!ftjob-)"), f"no fine-tuning job '{JOB}"),
+    (re.compile(r"\bjob ([0-9a-f]{32})\b"), rf"job {JOB}\1"),
+    (re.compile(r"\bit is (pausing|cancelling)\b"), r"it is \1 (shown as running until it stops)"),
+)
+
+
+def in_openai_words(message: str) -> tuple[str, str | None]:
+    """`message` with a leading field of ours (`dataset_id: ...`) named as the client sent it, and our
+    ids and states as the client knows them; and that field's OpenAI name, if it led."""
+    param = None
+    field, colon, rest = message.partition(": ")
+    if colon and field in PARAM_NAMES:
+        param = PARAM_NAMES[field]
+        message = f"{param}: {rest}"
+    for ours, theirs in _IN_OPENAI_WORDS:
+        message = ours.sub(theirs, message)
+    return message, param
+
+
 def openai_error(status: int, message: str, code: str | None, details: Any) -> tuple[int, dict]:
     """Our error as OpenAI's: 400 for bad input and for a state that forbids the request (the SDK
-    retries 409), the first field named as `param` under the name an OpenAI client uses. Details
-    that are not a list of fields (a job too large for any GPU: what it needs and what there is)
-    name no param. Over a team's quota: 429 with type insufficient_quota, as OpenAI answers its own."""
+    retries 409), the first field named as `param` under the name an OpenAI client uses, and the
+    message in its words (in_openai_words). Details that are not a list of fields (a job too large for
+    any GPU: what it needs and what there is) name no param, unless the message leads with one.
+    Over a team's quota: 429 with type insufficient_quota, as OpenAI answers its own."""
     first = details[0] if isinstance(details, list) and details else None
     field = first.get("field") if isinstance(first, dict) else None
-    param = PARAM_NAMES.get(field, field) if field else None
+    message, leading = in_openai_words(message)
+    param = PARAM_NAMES.get(field, field) if field else leading
     if status in (409, 422):
         status = 400
     kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",

@@ -292,3 +292,21 @@ def test_a_file_as_openai_shows_it(session, caller):
     shown = t.file_object(bad)
     assert shown["status"] == "error"
     assert shown["status_details"] == "2 invalid lines; line 1: not JSON; line 4: no messages"
+
+
+JOB_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("ours, theirs, param", [
+    ("dataset_id: no dataset 'nope'", "training_file: no file 'file-nope'", "training_file"),
+    ("validation_dataset_id: no dataset 'x'", "validation_file: no file 'file-x'", "validation_file"),
+    (f"no job '{JOB_ID}'", f"no fine-tuning job 'ftjob-{JOB_ID}'", None),
+    ("base_model: 'llama' is not a registered model", "model: 'llama' is not a registered model", "model"),
+    (f"cannot resume job {JOB_ID}: it is pausing",
+     f"cannot resume job ftjob-{JOB_ID}: it is pausing (shown as running until it stops)", None),
+    ("lora.r: Input should be greater than or equal to 1", "lora.r: Input should be greater than or equal to 1", None),
+])
+def test_an_error_speaks_of_what_the_openai_client_sent_and_sees(ours, theirs, param):
+    """A /v1 client sent training_file "file-nope", not dataset_id "nope"; it sees a pausing job as running."""
+    status, body = openai_error(404, ours, "not_found", None)
+    assert (body["error"]["message"], body["error"]["param"]) == (theirs, param)

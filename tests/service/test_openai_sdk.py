@@ -133,8 +133,14 @@ def test_openai_shaped_errors_for_a_bad_file_and_a_bad_job(sdk, files, deploymen
         sdk.files.create(file=("x.jsonl", b'{"text": "t"}\n'), purpose="assistants")
     assert info.value.body["param"] == "purpose"
 
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file="file-" + "0" * 32, extra_body=EXTRA)
+    # In the client's words: the file id it sent, the field it set.
+    assert info.value.body["message"] == f"training_file: no file 'file-{'0' * 32}'"
+    assert info.value.body["param"] == "training_file"
+    with pytest.raises(openai.NotFoundError) as info:
         sdk.fine_tuning.jobs.retrieve("ftjob-" + "0" * 32)
+    assert info.value.body["message"] == f"no fine-tuning job 'ftjob-{'0' * 32}'"
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve("not-a-file-id")
     with pytest.raises(openai.AuthenticationError):
