@@ -107,7 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def request_invalid(request: Request, exc: RequestValidationError):
         """FastAPI's own checks of parameters and bodies, answered as any Invalid."""
         details = [{"field": "body", "message": f"not valid JSON: {err['ctx']['error']}"} if err["type"] == "json_invalid"
-                   else {"field": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
+                   # no body at all: the field is the body itself
+                   else {"field": ".".join(str(p) for p in err["loc"] if p != "body") or "body",
+                         "message": "a JSON object is required" if tuple(err["loc"]) == ("body",) and err["type"] == "missing"
+                         else err["msg"]}
                    for err in exc.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return await app_error(request, Invalid(message, details=details))

@@ -229,8 +229,11 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
     job = get(session, caller, job_id)
     artifact = repository.artifact(session, caller.team_id, job.id, kind)
     if artifact is None:
-        raise NotFound(f"job {job.id} has no {excerpt(kind)} artifact"
-                       + ("" if job.status == states.SUCCEEDED else f" (it is {job.status})"))
+        kinds = [a.kind for a in repository.artifacts(session, caller.team_id, job.id)]
+        raise NotFound(f"job {job.id} has no {excerpt(kind)} artifact; it has "
+                       + (", ".join(kinds) if kinds else "none yet")
+                       + ("" if job.status == states.SUCCEEDED else f" (it is {job.status}; a job's artifacts are "
+                                                                    "stored as it ends)"))
     # The name as the user gave it (any script; the response header encodes it), minus what a file
     # name cannot hold: a path separator, or a control character in a row stored before names were checked.
     filename = "".join("_" if c in "/\\" or has_control_characters(c) else c for c in f"{job.name or job.id}-{kind}.tar")

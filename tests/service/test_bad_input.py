@@ -507,3 +507,19 @@ def test_registering_a_model_whose_config_is_not_json_or_whose_name_races_is_a_4
             "name": name, "hub_id": "org/raced", "revision": "v1"}).status_code, range(6)))
     assert sorted(answers) == [201] + [409] * 5, answers  # some were 500 (the unique index's violation)
     assert admin.delete(f"/models/{name}").status_code == 204
+
+
+def test_a_job_request_without_a_body_names_the_body(team_a, unchanged):
+    for headers in ({}, {"Content-Type": "application/json"}):
+        response = team_a.post("/jobs", headers=headers)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["message"] == "body: a JSON object is required" and error["details"][0]["field"] == "body"
+
+
+def test_a_download_of_an_artifact_a_job_has_not_says_what_it_has(team_a, queued_job):
+    response = team_a.get(f"/jobs/{queued_job['id']}/artifacts/weights")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == (
+        f"job {queued_job['id']} has no 'weights' artifact; it has none yet (it is queued; a job's artifacts "
+        "are stored as it ends)")
