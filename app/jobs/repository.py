@@ -167,6 +167,11 @@ def add_event(session: Session, job_id: str, type: str, level: str = "info", mes
     return event
 
 
+def has_event(session: Session, job_id: str, type: str, attempt: int) -> bool:
+    return session.scalar(select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.attempt == attempt,
+                                                    JobEvent.type == type).limit(1)) is not None
+
+
 def events(session: Session, team_id: str, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
     """The job's events oldest first, after the event with id `after`."""
     query = select(JobEvent).where(JobEvent.job_id.in_(_readable_job_id(team_id, job_id)))

@@ -134,8 +134,10 @@ def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Even
 
 
 def _add_event(session: Session, job_id: str, attempt: int, event: Event) -> None:
+    # A path the training process wrote to is on the worker's disk, gone with the attempt: nothing for a client.
+    data = {key: value for key, value in (event.data or {}).items() if key != "path"}
     repository.add_event(session, job_id, event.type, event.level, event.message, attempt=attempt, step=event.step,
-                         data=event.data or None)
+                         data=data or None)
 
 
 def report(session: Session, job_id: str, attempt: int, records: list[Record], progress: Progress | None,
@@ -231,7 +233,9 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
     won = repository.transition(session, job_id, status, attempt=attempt, only_from=owned, **values)
     if won:
         level = {"succeeded": "info", "cancelled": "warning", "paused": "info"}.get(status, "error")
-        repository.add_event(session, job_id, status, level, error or f"job {status}", attempt=attempt)
+        # A run that stopped in training said so itself, with the step ("cancelled at step 12"): once is enough.
+        if not (status in (states.CANCELLED, states.PAUSED) and repository.has_event(session, job_id, status, attempt)):
+            repository.add_event(session, job_id, status, level, error or f"job {status}", attempt=attempt)
         ledger.end(session, job_id, attempt, values["heartbeat_at"], status, half_life_s)
         if status == states.PAUSED:
             requeue_if_preempted(session, job_id, attempt)

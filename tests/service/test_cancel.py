@@ -52,8 +52,11 @@ def test_cancelled_queued_job_never_starts_and_a_running_one_stops(deployment, t
         stopped_after = time.monotonic() - asked
         assert not training_processes_for(running["id"])  # the process exited; the device is free
         assert done["progress"]["step"] < 100_000
-        types = [e["type"] for e in team_a.get(f"/jobs/{running['id']}/events").json()]
+        events = team_a.get(f"/jobs/{running['id']}/events").json()
+        types = [e["type"] for e in events]
         assert types[-1] == "cancelled" and "cancel_requested" in types
+        assert types.count("cancelled") == 1  # the run's own, with its step; not a second from the worker's end
+        assert events[-1]["message"].startswith("cancelled at step ") and events[-1]["step"] is not None
         assert team_a.get(f"/jobs/{running['id']}/artifacts").json() == []
         print(f"cancel took {stopped_after:.1f}s")
 

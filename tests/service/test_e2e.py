@@ -72,6 +72,10 @@ def test_events_tell_the_story(finished_job, team_a):
     for expected in ("created", "claimed", "started", "checkpoint_saved", "adapter_saved", "merged", "succeeded"):
         assert expected in types, types
     assert types.index("created") < types.index("claimed") < types.index("succeeded")
+    # Each says what happened; none points at the worker's disk, gone with the attempt.
+    saved = next(e for e in events if e["type"] == "checkpoint_saved")
+    assert saved["message"] == f"checkpoint of step {saved['step']} saved"
+    assert all("path" not in (e["data"] or {}) for e in events), [e["data"] for e in events]
     newer = team_a.get(f"/jobs/{finished_job['id']}/events", params={"after": events[2]["id"]}).json()
     assert [e["id"] for e in newer] == [e["id"] for e in events[3:]]
 

@@ -289,7 +289,8 @@ class CheckpointCallback(TrainerCallback):
             write(staged)
         final = checkpoints.finalize(staged, self.checkpoints_dir, state.global_step)
         checkpoints.prune(self.checkpoints_dir, self.keep)
-        self.sink(Event(type="checkpoint_saved", level="info", step=state.global_step, data={"path": str(final)}))
+        self.sink(Event(type="checkpoint_saved", level="info", step=state.global_step,
+                        message=f"checkpoint of step {state.global_step} saved", data={"path": str(final)}))
 
 
 class RichProgressCallback(TrainerCallback):

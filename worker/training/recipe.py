@@ -466,7 +466,7 @@ class QLoRARecipe:
                                                                           selected_adapters=["default"]),
                                                self.tokenizer.save_pretrained(tmp)))
         self.emit(Event(type="adapter_saved", level="info", step=self.state.global_step,
-                        data={"path": str(adapter_dir)}))
+                        message="adapter saved", data={"path": str(adapter_dir)}))
         self.clock.append(time.monotonic())
 
     def merge_and_measure_fidelity(self) -> dict | None:
