@@ -87,7 +87,7 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     elif train is None:
         missing = "its training dataset was deleted"
     elif job.initial_job_id and initial is None:
-        missing = (f"the adapter of its initial job {job.initial_job_id} is gone (that job was deleted); create the "
+        missing = (f"the adapter of its initial job {job.initial_job_id} is gone from storage; create the "
                    f"job again from another job's adapter, or without initial_job_id")
     if missing:
         finish(session, job.id, attempt, states.FAILED, error=f"cannot start: {missing}")
