@@ -119,7 +119,9 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
     else:
         message = f"attempt {job.attempt} starts over: no checkpoint was saved before the worker was lost"
     repository.delete_metrics_after(session, job.id, job.resume_step)
-    repository.add_event(session, job.id, "resumed", "warning", message, attempt=job.attempt, step=job.resume_step)
+    # After a pause (asked for, or to make room for another job) resuming is the plan; after a lost attempt, news.
+    level = "info" if repository.has_event(session, job.id, states.PAUSED, job.attempt - 1) else "warning"
+    repository.add_event(session, job.id, "resumed", level, message, attempt=job.attempt, step=job.resume_step)
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> bool:

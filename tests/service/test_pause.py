@@ -33,7 +33,11 @@ def test_pause_then_resume_finishes_with_the_same_step_count(deployment, worker,
     assert done["progress"]["step"] == 120
     curve = [p["step"] for p in team_a.get(f"/jobs/{job['id']}/metrics").json()["train"]]
     assert curve == list(range(1, 121))
-    types = [e["type"] for e in team_a.get(f"/jobs/{job['id']}/events").json()]
+    events = team_a.get(f"/jobs/{job['id']}/events").json()
+    types = [e["type"] for e in events]
     for expected in ("pause_requested", "paused", "resume_requested", "resumed", "succeeded"):
         assert expected in types, types
+    assert types.count("paused") == 1
+    resumed = next(e for e in events if e["type"] == "resumed")
+    assert resumed["level"] == "info"  # the plan after a pause; a lost attempt's resume is a warning (tests/faults)
     assert team_a.post(f"/jobs/{job['id']}/resume").status_code == 409  # succeeded: nothing to resume
