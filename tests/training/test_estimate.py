@@ -517,6 +517,23 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
     assert "offloaded activations (pinned CPU memory, not GPU)" in both and "fits in 24.00 GiB" in both
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_eager_attention_keeps_every_layers_scores_as_counted(tmp_path, checkpointing):
+    """Gemma 2 has no SDPA path, so without flash-attn its attention is eager: each layer keeps its (heads
+    x tokens x tokens) scores. At 1,024 tokens that is most of a step, which the estimate left out."""
+    dims = dict(model_type="gemma2", num_hidden_layers=2, hidden_size=768, intermediate_size=2048,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=256, vocab_size=1500)
+    s, model = build(tmp_path, dims, checkpointing=checkpointing)
+    assert model.config._attn_implementation == "eager"
+    e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=2, seq_len=1024)
+    ids = torch.randint(0, dims["vocab_size"], (2, 1024))
+    with LiveTensorBytes(model, dims["vocab_size"]) as live:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        loss.backward()
+    assert layers_side(e) == pytest.approx(live.peak, rel=0.10), (layers_side(e), live.peak)
+
+
 @pytest.mark.parametrize("config, experts, in_16_bits", [(MIXTRAL_8X7B, 8, "84.00 GiB"), (QWEN3_30B_A3B, 128, "54.00 GiB")])
 def test_a_mixture_of_experts_is_refused_saying_its_experts_would_stay_in_16_bits(config, experts, in_16_bits):
     with pytest.raises(ValueError) as refused:

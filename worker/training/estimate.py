@@ -88,6 +88,12 @@ ACT_PER_QK_NORMED = 4.0  # per unit of the query and key widths
 # Two more RMSNorms per layer, around the attention's and the MLP's outputs ("sandwich" norms).
 SANDWICH_NORM_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text"})
 ACT_PER_SANDWICH_HIDDEN = 7.5  # per unit of the hidden size: their float32 inputs
+# Families transformers gives no SDPA path (Gemma 2 soft-caps its scores): without flash-attn installed
+# they run eager attention, which keeps each layer's (heads x tokens x tokens) scores for backward, the
+# softmax's float32 output and its bf16 copy; with flash-attn this over-counts, on the safe side.
+EAGER_ATTENTION_FAMILIES = frozenset({"gemma2", "vaultgemma", "granite_swa"})
+ACT_PER_SCORE = 7.75  # bytes per score, per layer: what the layer keeps
+GRAD_PER_SCORE = 2.0  # and the scores' gradient, in flight as its backward runs
 # A config that names experts: the keys families use for how many a layer routes between.
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 MAX_DIMENSION = 2**31  # past any real model: a larger value is a broken or hostile config
@@ -122,6 +128,7 @@ class ModelShape:
     tied: bool
     qk_norm: bool = False
     sandwich_norms: bool = False
+    eager_attention: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -139,6 +146,7 @@ class ModelShape:
             qk_norm=config.get("model_type") in QK_NORM_FAMILIES or bool(config.get("use_qk_norm"))
             or bool(config.get("qk_layernorm")),
             sandwich_norms=config.get("model_type") in SANDWICH_NORM_FAMILIES,
+            eager_attention=config.get("model_type") in EAGER_ATTENTION_FAMILIES,
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -308,6 +316,9 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
                          + ACT_PER_KV * kv + (ACT_PER_QK_NORMED * (query + kv) if shape.qk_norm else 0)
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
     grads = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
+    if shape.eager_attention:  # each token's scores against the seq tokens of its row, per head
+        per_layer += ACT_PER_SCORE * shape.heads * seq
+        grads += GRAD_PER_SCORE * shape.heads * seq
     tile = 0
     if tiled:
         # ...which a tiled MLP replaces by its input alone; one chunk's intermediates and gradients
