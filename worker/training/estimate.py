@@ -315,7 +315,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     per_layer = scale * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_QUERY * query + per_intermediate * shape.intermediate
                          + ACT_PER_KV * kv + (ACT_PER_QK_NORMED * (query + kv) if shape.qk_norm else 0)
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
-    grads = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
+    grads: float = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
     if shape.eager_attention:  # each token's scores against the seq tokens of its row, per head
         per_layer += ACT_PER_SCORE * shape.heads * seq
         grads += GRAD_PER_SCORE * shape.heads * seq
