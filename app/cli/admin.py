@@ -173,8 +173,8 @@ def add_model(
     if resolved is not None and model.config is None:
         err.print(f"[yellow]warning:[/yellow] {escape(str(resolved / 'config.json'))} is not readable on this host: "
                   "the model is registered, but jobs on it will not have their memory checked and `qlora jobs "
-                  "preflight` cannot tokenize its data. Register it where the path is readable (or POST /models with "
-                  "its config) to have both.", highlight=False, soft_wrap=True)
+                  "preflight` cannot tokenize its data. Registered where the path is readable, it has both (POST /models "
+                  "with its config gives it the memory check).", highlight=False, soft_wrap=True)
     show(model.model_dump(mode="json"), lambda: out.print(f"model {model.name!r} registered"), as_json)
 
 
