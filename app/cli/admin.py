@@ -1,7 +1,15 @@
-"""`qlora admin`: teams, API keys and the model registry, straight against the database (QLORA_DATABASE_URL)."""
+"""`qlora admin`: teams, API keys and the model registry, straight against the database (QLORA_DATABASE_URL).
+
+Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
+--json/--table override): a model as GET /models answers it, a quota as GET /admin/teams/{team}/quota,
+a team or a key as its fields. `create-key` alone keeps its stdout to the key itself, on a terminal and
+a pipe alike: `KEY=$(qlora admin create-key team)` is how scripts take it (--json for its id too).
+A refused change, or a database that cannot be used, prints one line on stderr and exits 1.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,10 +17,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import err, out, print_table
+from app.cli.render import JsonOption, err, name_column, out, plain, print_table, show
 
 commands = typer.Typer(help="Administer teams, API keys and the model registry (runs against the database).",
                        no_args_is_help=True)
+
+DATABASE_URL_FORMS = "sqlite:///path/to/qlora.db or postgresql+psycopg://user:password@host:5432/database"
 
 
 def _admin_session():
@@ -24,69 +34,120 @@ def _admin_session():
 
 def _admin_call(fn):
     """fn(session) in one transaction; a refused change (AppError) prints its message and exits 1, as does a
-    database that cannot be reached or has no schema yet."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError, ProgrammingError
+    database URL that names no database SQLAlchemy can use, and a database that cannot be reached or has no
+    schema yet."""
+    from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError
 
     from app.config import get_settings
+    from app.db import sessionmaker_for
     from app.errors import AppError
 
+    url = get_settings().database_url
+    try:
+        # The engine is made before anything is asked of it: an unknown scheme (postgres://, which
+        # SQLAlchemy spells postgresql+psycopg://) or a driver not installed fails here.
+        sessionmaker_for(url)
+    except (ArgumentError, ImportError) as exc:  # ArgumentError: NoSuchModuleError, an unparsable URL
+        _database_error(f"the database URL {_hide_password(url)} cannot be used: {exc}. "
+                        f"QLORA_DATABASE_URL takes {DATABASE_URL_FORMS}")
     try:
         with _admin_session() as session:
             return fn(session)
     except AppError as exc:
-        err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)  # names are not markup
-        raise typer.Exit(1) from None
+        _database_error(exc.message)
     except (OperationalError, ProgrammingError) as exc:
-        url = make_url(get_settings().database_url).render_as_string(hide_password=True)
-        err.print(f"[red]error:[/red] the database {escape(url)} cannot be used: {escape(str(exc.orig).splitlines()[0])}. "
-                  "Is it running, and has `qlora migrate` (or a first `qlora serve`) made its schema?",
-                  highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _database_error(f"the database {_hide_password(url)} cannot be used: {str(exc.orig).splitlines()[0]}. "
+                        "Is it running, and has `qlora migrate` (or a first `qlora serve`) made its schema?")
+
+
+def _database_error(message: str):
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # names are not markup
+    raise typer.Exit(1) from None
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy parses: hide whatever comes before the host
+        credentials, at, host = url.rpartition("@")
+        scheme = re.match(r"[\w+.-]*://", credentials)
+        return f"{scheme.group(0) if scheme else ''}***@{host}" if at else url
 
 
 @commands.command("create-team")
-def create_team(name: str) -> None:
-    """Create a team."""
+def create_team(name: str, as_json: JsonOption = None) -> None:
+    """Create a team. On a pipe: {"id", "name", "created_at"}."""
     from app.teams import service
 
     team = _admin_call(lambda s: service.create_team(s, name))
-    out.print(f"team {team.name!r} created (id {team.id})")
+    show({"id": team.id, "name": team.name, "created_at": team.created_at},
+         lambda: out.print(f"team {team.name!r} created (id {team.id})"), as_json)
 
 
 @commands.command("create-key")
-def create_key(team: str, admin_key: Annotated[bool, typer.Option("--admin", help="May also manage the model registry.")] = False) -> None:
-    """Make an API key for TEAM and print it once; only its hash is stored."""
+def create_key(
+    team: str,
+    admin_key: Annotated[bool, typer.Option("--admin", help="May also manage the model registry.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help='{"id", "team", "prefix", "admin", "key"} instead of the key '
+                                          "alone.")] = False,
+) -> None:
+    """Make an API key for TEAM and print it once; only its hash is stored.
+
+    stdout holds the key alone, on a terminal and on a pipe (KEY=$(qlora admin create-key TEAM)); its id
+    and prefix go to stderr. --json prints them all as one object instead."""
     from app.teams import service
 
     key, secret = _admin_call(lambda s: service.create_key(s, team, admin=admin_key))
+    if as_json:
+        show({"id": key.id, "team": team, "prefix": key.prefix, "admin": key.is_admin, "key": secret}, lambda: None,
+             as_json=True)
+        return
     err.print(f"key {key.id} (prefix {key.prefix}) for team {team!r}{' (admin)' if admin_key else ''}; "
               "it is shown only now:", highlight=False)
     print(secret)
 
 
+def _key_fields(key) -> dict:
+    return {"id": key.id, "prefix": key.prefix, "admin": key.is_admin, "created_at": key.created_at,
+            "revoked_at": key.revoked_at}
+
+
 @commands.command("revoke-key")
-def revoke_key(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -> None:
-    """Revoke a key: requests with it answer 401 from now on."""
+def revoke_key(key: Annotated[str, typer.Argument(help="Key id, or its prefix (or enough of the prefix to name one key).")],
+               as_json: JsonOption = None) -> None:
+    """Revoke a key: requests with it answer 401 from now on. On a pipe: {"id", "prefix", "admin", "created_at",
+    "revoked_at"}. A prefix that several keys start with is refused, naming them."""
     from app.teams import service
 
     revoked = _admin_call(lambda s: service.revoke_key(s, key))
-    out.print(f"key {revoked.id} revoked")
+    show(_key_fields(revoked), lambda: out.print(f"key {revoked.id} revoked"), as_json)
 
 
 @commands.command("list-keys")
-def list_keys(team: str) -> None:
-    """List a team's keys (prefixes only)."""
+def list_keys(team: str, as_json: JsonOption = None) -> None:
+    """List a team's keys (prefixes only). On a pipe: a JSON array of {"id", "prefix", "admin", "created_at",
+    "revoked_at"}."""
+    from app.errors import NotFound
     from app.teams import repository
 
     def rows(session):
         found = repository.team_by_name(session, team)
-        return [] if found is None else [(k.id, k.prefix, k.is_admin, k.revoked_at) for k in repository.keys_of(session, found.id)]
+        if found is None:
+            raise NotFound(f"no team named {team!r}")
+        return [_key_fields(k) for k in repository.keys_of(session, found.id)]
 
-    table = Table("id", "prefix", "admin", "revoked")
-    for key_id, prefix, is_admin, revoked in _admin_call(rows):
-        table.add_row(key_id, prefix, "yes" if is_admin else "", str(revoked or ""))
-    out.print(table)
+    keys = _admin_call(rows)
+
+    def table() -> None:
+        table = Table("id", "prefix", "admin", "revoked")
+        for k in keys:
+            table.add_row(k["id"], k["prefix"], "yes" if k["admin"] else "", str(k["revoked_at"] or ""))
+        print_table(table)
+
+    show(keys, table, as_json)
 
 
 @commands.command("add-model")
@@ -96,25 +157,52 @@ def add_model(
     hub_id: Annotated[Optional[str], typer.Option(help="Hub repository id, for hosts that reach a hub.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (commit or tag); required with --hub-id.")] = None,
     description: str = "",
+    as_json: JsonOption = None,
 ) -> None:
-    """Register a base model that jobs may fine-tune."""
-    from app.models import service
+    """Register a base model that jobs may fine-tune. On a pipe: the model, as GET /models answers it.
 
-    model = _admin_call(lambda s: service.add_model(s, name, path=str(path.resolve()) if path else None,
-                                                    hub_id=hub_id, revision=revision, description=description))
-    out.print(f"model {model.name!r} registered")
+    A --path this host cannot read is registered all the same (workers resolve it on their own hosts),
+    with a warning: without its config.json here, jobs on it get no memory check and no preflight."""
+    from app.models import service
+    from app.models.schemas import ModelOut
+
+    resolved = path.expanduser().resolve() if path else None
+    model = _admin_call(lambda s: ModelOut.model_validate(
+        service.add_model(s, name, path=str(resolved) if resolved else None, hub_id=hub_id, revision=revision,
+                          description=description)))
+    if resolved is not None and model.config is None:
+        err.print(f"[yellow]warning:[/yellow] {escape(str(resolved / 'config.json'))} is not readable on this host: "
+                  "the model is registered, but jobs on it will not have their memory checked and `qlora jobs "
+                  "preflight` cannot tokenize its data. Registered where the path is readable, it has both (POST /models "
+                  "with its config gives it the memory check).", highlight=False, soft_wrap=True)
+    show(model.model_dump(mode="json"), lambda: out.print(f"model {model.name!r} registered"), as_json)
 
 
 @commands.command("list-models")
-def list_models() -> None:
-    """List the registered base models."""
+def list_models(as_json: JsonOption = None) -> None:
+    """List the registered base models. On a pipe: a JSON array of them, as GET /models answers."""
     from app.models import repository
+    from app.models.schemas import ModelOut
 
-    table = Table("name", "source", "description")
-    for row in _admin_call(lambda s: [(m.name, m.path or f"{m.hub_id}@{m.revision}", m.description)
-                                      for m in repository.list_all(s)]):
-        table.add_row(*row)
-    out.print(table)
+    models = _admin_call(lambda s: [ModelOut.model_validate(m).model_dump(mode="json") for m in repository.list_all(s)])
+
+    def table() -> None:
+        table = Table(name_column("name"), name_column("source"), name_column("description"))
+        for m in models:
+            table.add_row(plain(m["name"]), plain(m["path"] or f"{m['hub_id']}@{m['revision']}"), plain(m["description"]))
+        print_table(table)
+
+    show(models, table, as_json)
+
+
+@commands.command("remove-model")
+def remove_model(name: str, as_json: JsonOption = None) -> None:
+    """Remove a base model from the registry (as DELETE /models/NAME): new jobs can no longer ask for it;
+    jobs made from it keep their results. On a pipe: {"name", "removed": true}."""
+    from app.models import service
+
+    _admin_call(lambda s: service.remove_model(s, name))
+    show({"name": name, "removed": True}, lambda: out.print(f"model {name!r} removed"), as_json)
 
 
 QUOTA_FLAGS = {"weight": "--weight", "max_running": "--max-running", "max_queued": "--max-queued",
@@ -132,6 +220,7 @@ def set_quota(
     reset: Annotated[Optional[list[str]], typer.Option(
         "--reset", metavar="FIELD", help="Back to the deployment's default (QLORA_DEFAULT_*); repeatable: "
         "weight, max-running, max-queued, gpu-hours-per-month, storage-gib.")] = None,
+    as_json: JsonOption = None,
 ) -> None:
     """Set TEAM's quota: the options given change; the others stay as they are. Prints the quota in force."""
     from app.config import get_settings
@@ -157,26 +246,27 @@ def set_quota(
                   highlight=False)
         raise typer.Exit(2)
     settings = get_settings()
-    _print_quota(_admin_call(lambda s: service.report(s, settings, service.set_quota(s, team, changes))))
+    _print_quota(_admin_call(lambda s: service.report(s, settings, service.set_quota(s, team, changes))), as_json)
 
 
 @commands.command("show-quota")
-def show_quota(team: str) -> None:
+def show_quota(team: str, as_json: JsonOption = None) -> None:
     """Show TEAM's quota in force (its own values and the defaults) and its use now. JSON on a pipe."""
     from app.config import get_settings
     from app.quotas import service
 
     settings = get_settings()
-    _print_quota(_admin_call(lambda s: service.show(s, settings, team)))
+    _print_quota(_admin_call(lambda s: service.show(s, settings, team)), as_json)
 
 
-def _print_quota(report) -> None:
+def _print_quota(report, as_json: bool | None) -> None:
     """A table on a terminal; the report's JSON (as GET /admin/teams/{team}/quota answers) on a pipe."""
+    show(report.model_dump(mode="json"), lambda: _quota_table(report), as_json)
+
+
+def _quota_table(report) -> None:
     from app.text import format_bytes
 
-    if not out.is_terminal:
-        print(report.model_dump_json(indent=2))
-        return
     use = report.use
     in_use = {"max_running": f"{use.running} running", "max_queued": f"{use.queued} queued",
               "gpu_hours_per_month": f"{use.gpu_hours_this_month:g} GPU-hours this month",

@@ -201,8 +201,10 @@ class ApiClient:
         return self._json("GET", f"/jobs/{job_id}/artifacts")
 
     def download_artifact(self, job_id: str, kind: str, out_dir: Path,
-                          on_start: Callable[[int], None] | None = None, on_progress: Progress | None = None) -> Path:
-        """Download an artifact's tar to out_dir, verified against the sha256 the API recorded."""
+                          on_start: Callable[[int], None] | None = None,
+                          on_progress: Progress | None = None) -> tuple[Path, dict]:
+        """Download an artifact's tar to out_dir, verified against the sha256 the API recorded. Returns its
+        path and the artifact as the API lists it (kind, bytes, sha256, ...)."""
         listing = {a["kind"]: a for a in self.job_artifacts(job_id)}
         if kind not in listing:
             have = ", ".join(sorted(listing)) or "none yet"
@@ -212,7 +214,7 @@ class ApiClient:
             on_start(expected["bytes"])
         dest = Path(out_dir) / f"{job_id}-{kind}.tar"
         with self._artifact_response(job_id, kind) as response:
-            return write_verified(response.iter_bytes(CHUNK_BYTES), dest, expected["sha256"], on_progress)
+            return write_verified(response.iter_bytes(CHUNK_BYTES), dest, expected["sha256"], on_progress), expected
 
     @contextmanager
     def _artifact_response(self, job_id: str, kind: str) -> Iterator[httpx.Response]:

@@ -2,6 +2,11 @@
 
 HTTP lives in api_client.py and the output in render.py; these commands only parse arguments and
 say what to show. None of them imports torch.
+
+Each prints its result for a person on a terminal and as JSON on a pipe (render.show; --json/--table
+override): the API's answer, or for what has none (a local check, a delete, a download) an object that
+says the same. `jobs watch` on a pipe prints one JSON object a line as things happen. Errors, hints and
+progress always go to stderr as text, and a refused request exits 1.
 """
 
 from __future__ import annotations
@@ -11,15 +16,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from app.cli.render import (
+    JsonOption,
     err,
     event_line,
     id_column,
+    json_line,
+    name_column,
+    number_column,
     out,
     plain,
     print_dataset,
+    print_dataset_errors,
     print_job,
     print_line_errors,
     print_preflight,
@@ -27,10 +37,13 @@ from app.cli.render import (
     print_table,
     print_usage,
     reward_line,
+    show,
     sparkline,
+    status_column,
     status_style,
     steps,
     transfer_progress,
+    wants_json,
     when,
 )
 
@@ -118,56 +131,80 @@ JsonlFile = Annotated[Path, typer.Argument(help="A JSONL dataset.", exists=True,
 
 
 @datasets_commands.command("check")
-def datasets_check(file: JsonlFile) -> None:
-    """Validate a JSONL file locally, with the server's rules; no server needed. Exits 1 on bad lines."""
+def datasets_check(file: JsonlFile, as_json: JsonOption = None) -> None:
+    """Validate a JSONL file locally, with the server's rules; no server needed. Exits 1 on bad lines.
+
+    On a pipe: {"file", "ok", "format", "rows", "token_estimate", "error_count", "errors": [{"line", "message"}]}."""
     verdict = _check_file(file)
+    answer = {"file": str(file), "ok": verdict.ok, "format": verdict.format, "rows": verdict.rows,
+              "token_estimate": verdict.token_estimate, "error_count": verdict.error_count,
+              "errors": [{"line": e.line, "message": e.message} for e in verdict.errors]}
+
+    def text() -> None:
+        if verdict.ok:  # else the bad lines on stderr said it all
+            out.print(f"{file}: ok, format {verdict.format}, {verdict.rows:,} rows, ~{verdict.token_estimate:,} tokens",
+                      highlight=False, soft_wrap=True)
+
+    show(answer, text, as_json)
     if not verdict.ok:
         raise typer.Exit(1)
-    out.print(f"{file}: ok, format {verdict.format}, {verdict.rows:,} rows, ~{verdict.token_estimate:,} tokens",
-              highlight=False, soft_wrap=True)
 
 
 @datasets_commands.command("upload")
 def datasets_upload(ctx: typer.Context, file: JsonlFile,
                     check: Annotated[bool, typer.Option("--check/--no-check", help="Validate locally first and "
-                                                        "refuse a file with bad lines.")] = True) -> None:
-    """Upload a JSONL dataset, streamed (a file of any size is never held in memory)."""
+                                                        "refuse a file with bad lines.")] = True,
+                    as_json: JsonOption = None) -> None:
+    """Upload a JSONL dataset, streamed (a file of any size is never held in memory).
+
+    On a pipe: the dataset as the API recorded it ("id", "status", ...). Exits 1 unless it is ready."""
     if check and not _check_file(file).ok:
         _fail("nothing uploaded: fix the lines above (or pass --no-check to have the server record it as invalid)")
     with _api(ctx) as api:
         progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
         with progress:
             record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n))
-    print_dataset(record)
+    show(record, lambda: print_dataset(record), as_json)
+    print_dataset_errors(record)
     if record["status"] != "ready":
         raise typer.Exit(1)
 
 
 @datasets_commands.command("list")
-def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50) -> None:
-    """List the team's datasets, newest first."""
+def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+                  as_json: JsonOption = None) -> None:
+    """List the team's datasets, newest first. On a pipe: a JSON array of them, each as the API answers it."""
     with _api(ctx) as api:
         rows = api.list_datasets(limit)
-    table = Table(id_column(), "filename", "status", "format", "rows", "tokens", "created")
-    for d in rows:
-        table.add_row(d["id"], plain(d["filename"]), d["status"], d["format"] or "-", f"{d['rows']:,}",
-                      f"{d['token_estimate']:,}", when(d["created_at"]))
-    print_table(table)
+
+    def table() -> None:
+        table = Table(id_column(), name_column("filename"), status_column(), name_column("format"), number_column("rows"),
+                      number_column("tokens"), Column("created", no_wrap=True))
+        for d in rows:
+            table.add_row(d["id"], plain(d["filename"]), d["status"], d["format"] or "-", f"{d['rows']:,}",
+                          f"{d['token_estimate']:,}", when(d["created_at"]))
+        print_table(table, optional=("format", "created", "tokens"))
+
+    show(rows, table, as_json)
 
 
 @datasets_commands.command("show")
-def datasets_show(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """One dataset; for an invalid one, its first bad lines with their numbers."""
+def datasets_show(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")],
+                  as_json: JsonOption = None) -> None:
+    """One dataset; for an invalid one, its first bad lines with their numbers. On a pipe: the API's answer."""
     with _api(ctx) as api:
-        print_dataset(api.get_dataset(dataset_id))
+        record = api.get_dataset(dataset_id)
+    show(record, lambda: print_dataset(record), as_json)
+    print_dataset_errors(record)
 
 
 @datasets_commands.command("delete")
-def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Delete a dataset (refused while a queued or running job uses it)."""
+def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")],
+                    as_json: JsonOption = None) -> None:
+    """Delete a dataset (refused while a queued or running job uses it). On a pipe: {"id", "deleted": true}."""
     with _api(ctx) as api:
         api.delete_dataset(dataset_id)
-    out.print(f"dataset {dataset_id} deleted")
+    show({"id": dataset_id, "deleted": True}, lambda: out.print(f"dataset {dataset_id} deleted"), as_json)
 
 
 # ---------------------------------------------------------------- jobs
@@ -188,14 +225,17 @@ def jobs_create(
     priority: Annotated[Optional[str], typer.Option(
         "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
     initial_job: InitialJobOption = None,
+    as_json: JsonOption = None,
 ) -> None:
     """Queue a fine-tuning job: the spec file plus the dataset ids. A spec with "method": {"type": "dpo"}
-    trains on a preference dataset, usually from an SFT job's adapter (--initial-job)."""
+    trains on a preference dataset, usually from an SFT job's adapter (--initial-job).
+
+    On a pipe: the job as the API answers it ("id", "status", ...)."""
     body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, name=name, gpu_class=gpu_class,
                      priority=priority, initial_job_id=initial_job)
     with _api(ctx) as api:
         job = api.create_job(body)
-    out.print(f"job {job['id']} {job['status']}", highlight=False)
+    show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
     err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
 
 
@@ -221,8 +261,7 @@ def jobs_preflight(
     gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="As `jobs create` would ask for.")] = None,
     initial_job: InitialJobOption = None,
     examples: Annotated[int, typer.Option(help="Rows shown token by token (0-5), trained tokens highlighted.")] = 1,
-    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
-                                                    "by default tables on a terminal, JSON on a pipe.")] = None,
+    as_json: JsonOption = None,
 ) -> None:
     """What a job would train on, before it runs: rows, tokens, truncation, EOS, steps, memory and GPU
     class, and rows token by token. Exits 1 where `jobs create` would refuse the job."""
@@ -231,12 +270,7 @@ def jobs_preflight(
     body["examples"] = examples
     with _api(ctx) as api:
         answer = api.preflight_job(body)
-    if as_json is None:
-        as_json = not out.is_terminal
-    if as_json:
-        typer.echo(json.dumps(answer, indent=2))
-    else:
-        print_preflight(answer)
+    show(answer, lambda: print_preflight(answer), as_json)
     if answer["can_learn"] is False:
         raise typer.Exit(1)
 
@@ -246,50 +280,51 @@ def jobs_list(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, succeeded, ...).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    as_json: JsonOption = None,
 ) -> None:
-    """List the team's jobs, newest first."""
+    """List the team's jobs, newest first. On a pipe: a JSON array of them, each as the API answers it."""
     with _api(ctx) as api:
         jobs = api.list_jobs(status, limit)
-    table = Table(id_column(), "name", "status", "steps", "base model", "created", "finished")
-    for j in jobs:
-        table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
-                      plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
-    print_table(table)
+
+    def table() -> None:
+        table = Table(id_column(), name_column("name"), status_column(), Column("steps", no_wrap=True),
+                      name_column("base model"), Column("created", no_wrap=True), Column("finished", no_wrap=True))
+        for j in jobs:
+            table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
+                          plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
+        print_table(table, optional=("finished", "created", "base model"))
+
+    show(jobs, table, as_json)
 
 
 @jobs_commands.command("show")
-def jobs_show(ctx: typer.Context, job_id: JobId) -> None:
-    """A job's status, progress, timestamps, error and summary."""
+def jobs_show(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
+    """A job's status, progress, timestamps, error and summary. On a pipe: the API's answer."""
     with _api(ctx) as api:
         job = api.get_job(job_id)
-    print_job(job)
+    show(job, lambda: print_job(job), as_json)
 
 
 @jobs_commands.command("report")
 def jobs_report(
     ctx: typer.Context,
     job_id: JobId,
-    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
-                                                    "by default tables on a terminal, JSON on a pipe.")] = None,
+    as_json: JsonOption = None,
 ) -> None:
     """The eval report of a job that succeeded: each prompt's reference, base answer and tuned answer side
     by side with exact match and F1, then the metrics, base against tuned."""
     with _api(ctx) as api:
         report = api.job_report(job_id)
-    if as_json is None:
-        as_json = not out.is_terminal
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))  # not through rich, which wraps long lines: JSON a script can read
-    else:
-        print_report(report)
+    show(report, lambda: print_report(report), as_json)
 
 
 @jobs_commands.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: JobId) -> None:
-    """Cancel a job: a queued one at once, a running one after its current step."""
+def jobs_cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
+    """Cancel a job: a queued one at once, a running one after its current step. On a pipe: the job, as
+    the API answers it."""
     with _api(ctx) as api:
         job = api.cancel_job(job_id)
-    out.print(f"job {job['id']} {job['status']}", highlight=False)
+    show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
 
 
 @jobs_commands.command("watch")
@@ -297,8 +332,13 @@ def jobs_watch(
     ctx: typer.Context,
     job_id: JobId,
     interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.2)] = 1.0,
+    as_json: JsonOption = None,
 ) -> None:
     """Follow a job live (progress, losses, tokens/s, loss curve, events) until it ends.
+
+    On a pipe, one JSON object a line (NDJSON) as things happen: {"kind": "status", "job"} when the status
+    changes, {"kind": "metric", "split": "train" or "eval", "point"} for each new point of the curve,
+    {"kind": "event", "event"} for each new event, and last {"kind": "job", "job"}: the job as it ended.
 
     Exits 0 when it succeeded, 1 when it failed, was cancelled or paused. Ctrl-C stops watching; the job keeps running.
     """
@@ -307,19 +347,23 @@ def jobs_watch(
     from rich.live import Live
     from rich.text import Text
 
+    streamed = wants_json(as_json)
     try:
         with _api(ctx) as api:
             watcher = _JobWatcher(api, job_id)
             watcher.poll()  # a wrong id fails here, before the live display starts
-            with Live(watcher.view(), console=out, auto_refresh=False) as live:
-                while not watcher.ended:
-                    time.sleep(interval)
-                    watcher.poll()
-                    for event in watcher.take_new_events():
-                        live.console.print(event_line(event))
-                    live.update(watcher.view(), refresh=True)
-            if not out.is_terminal:
-                out.line()  # rich ends a live display with a newline only on a terminal
+            if streamed:
+                _stream_job(watcher, interval)
+            else:
+                with Live(watcher.view(), console=out, auto_refresh=False) as live:
+                    while not watcher.ended:
+                        time.sleep(interval)
+                        watcher.poll()
+                        for event in watcher.take_new_events():
+                            live.console.print(event_line(event))
+                        live.update(watcher.view(), refresh=True)
+                if not out.is_terminal:
+                    out.line()  # rich ends a live display with a newline only on a terminal
     except KeyboardInterrupt:
         err.print(f"stopped watching; job {job_id} keeps running "
                   f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)",
@@ -329,10 +373,34 @@ def jobs_watch(
     line = f"job {job['id']} {job['status']} at step {steps(job)}"
     if job["status"] == "succeeded":
         loss = f", train loss {watcher.train_losses[-1]:.4f}" if watcher.train_losses else ""
-        out.print(Text(line + loss, style="green"), soft_wrap=True)
+        if not streamed:  # else the last line said it
+            out.print(Text(line + loss, style="green"), soft_wrap=True)
         return
     err.print(Text(line + (f": {job['error']}" if job["error"] else ""), style="red"), soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _stream_job(watcher: _JobWatcher, interval: float) -> None:
+    """`jobs watch` on a pipe: what changed since the last poll, one JSON object a line, then the job as it ended."""
+    import time
+
+    status = None
+    while True:
+        if watcher.job["status"] != status:
+            status = watcher.job["status"]
+            json_line({"kind": "status", "job": watcher.job})
+        for split, point in watcher.take_new_points():
+            json_line({"kind": "metric", "split": split, "point": point})
+        for event in watcher.take_new_events():
+            json_line({"kind": "event", "event": event})
+        if watcher.ended:
+            break
+        time.sleep(interval)
+        was_reachable = watcher.unreachable_since is None
+        watcher.poll()
+        if was_reachable and watcher.unreachable_since is not None:
+            err.print("the API is not answering; retrying", style="yellow")
+    json_line({"kind": "job", "job": watcher.job})
 
 
 class _JobWatcher:
@@ -358,6 +426,8 @@ class _JobWatcher:
         self._train: list[dict] = []  # the curve so far, extended poll by poll
         self._eval: list[dict] = []
         self._curve_attempt: int | None = None
+        self._new_points: list[tuple[str, dict]] = []  # (split, point) not yet taken
+        self._points_seen: set[str] = set()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("step {task.fields[steps]}"), TextColumn("ETA"), TimeRemainingColumn())
         self._task = self.progress.add_task("", total=None, steps="0/?")
@@ -399,6 +469,13 @@ class _JobWatcher:
     def _read_metrics(self, new: dict) -> None:
         self._train += new["train"]
         self._eval += new["eval"]
+        for split in ("train", "eval"):
+            for point in new[split]:
+                # A new attempt's curve is read whole again: its points up to the checkpoint are the ones seen.
+                seen = json.dumps([split, point], sort_keys=True)
+                if seen not in self._points_seen:
+                    self._points_seen.add(seen)
+                    self._new_points.append((split, point))
         self.train_losses = [p["train_loss"] for p in self._train if p["train_loss"] is not None]
         speeds = [p["tokens_per_second"] for p in self._train if p["tokens_per_second"]]
         self.tokens_per_second = speeds[-1] if speeds else None
@@ -412,6 +489,11 @@ class _JobWatcher:
     def take_new_events(self) -> list[dict]:
         events, self._events = self._events, []
         return events
+
+    def take_new_points(self) -> list[tuple[str, dict]]:
+        """The curve's points read since the last call: ("train" or "eval", the API's point)."""
+        points, self._new_points = self._new_points, []
+        return points
 
     def view(self):
         import time
@@ -446,8 +528,12 @@ def jobs_download(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to put the archive (and its contents).",
                                           file_okay=False)] = Path("."),
     extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Also unpack the tar into --out.")] = True,
+    as_json: JsonOption = None,
 ) -> None:
-    """Download a job's adapter, merged model or eval report, verified against its sha256."""
+    """Download a job's adapter, merged model or eval report, verified against its sha256.
+
+    On a pipe: {"job_id", "kind", "archive" (its path), "sha256", "bytes", "extracted": [the paths unpacked]
+    or null with --no-extract}."""
     import tarfile
 
     from app.cli.api_client import extract_tar
@@ -457,16 +543,24 @@ def jobs_download(
     with _api(ctx) as api:
         progress, task = transfer_progress(f"downloading {kind}", None)
         with progress:
-            archive = api.download_artifact(job_id, kind, out_dir,
-                                            on_start=lambda total: progress.update(task, total=total),
-                                            on_progress=lambda n: progress.advance(task, n))
-    out.print(f"{archive}: sha256 verified", highlight=False, soft_wrap=True)
+            archive, artifact = api.download_artifact(job_id, kind, out_dir,
+                                                      on_start=lambda total: progress.update(task, total=total),
+                                                      on_progress=lambda n: progress.advance(task, n))
+    names: list[str] | None = None
     if extract:
         try:
             names = extract_tar(archive, out_dir)
         except (tarfile.TarError, OSError) as exc:
             _fail(f"cannot extract {archive}: {exc}")
-        out.print(f"extracted {', '.join(n + '/' for n in names)} into {out_dir}", highlight=False, soft_wrap=True)
+
+    def text() -> None:
+        out.print(f"{archive}: sha256 verified", highlight=False, soft_wrap=True)
+        if names is not None:
+            out.print(f"extracted {', '.join(n + '/' for n in names)} into {out_dir}", highlight=False, soft_wrap=True)
+
+    show({"job_id": job_id, "kind": kind, "archive": str(archive), "sha256": artifact["sha256"],
+          "bytes": artifact["bytes"], "extracted": None if names is None else [str(out_dir / n) for n in names]},
+         text, as_json)
 
 
 # ---------------------------------------------------------------- usage
@@ -483,8 +577,7 @@ def usage(
                                                  "the start of this month.")] = None,
     to: Annotated[Optional[str], typer.Option("--to", help="End (UTC), excluded; default: now.")] = None,
     all_teams: Annotated[bool, typer.Option("--all-teams", help="Every team, one row each (an admin key).")] = False,
-    as_json: Annotated[Optional[bool], typer.Option("--json/--table", help="The API's answer as JSON, or tables; "
-                                                    "by default tables on a terminal and JSON on a pipe.")] = None,
+    as_json: JsonOption = None,
 ) -> None:
     """GPU-hours and trained tokens of your team (by day and by job) and the storage it keeps.
 
@@ -493,9 +586,4 @@ def usage(
     ctx.obj = {"url": url, "api_key": api_key}
     with _api(ctx) as api:
         report = api.usage(from_, to, all_teams)
-    if as_json is None:
-        as_json = not out.is_terminal
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))  # not through rich, which wraps long lines: JSON a script can read
-    else:
-        print_usage(report)
+    show(report, lambda: print_usage(report), as_json)

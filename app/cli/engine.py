@@ -1,7 +1,8 @@
 """The engine on this machine, no service needed: `train`, `estimate`, `tiny-model`, `demo-data`.
 
 Each verb imports the engine (worker.training, and with it torch) only when it runs, so `qlora --help`
-and the other verbs stay light.
+and the other verbs stay light. Each prints its result as text on a terminal and as JSON on a pipe
+(render.show; --json/--table override); progress and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from app.cli.render import err, out, print_run_summary
+from app.cli.render import JsonOption, err, out, print_run_summary, show
 
 commands = typer.Typer()
 
@@ -28,8 +29,11 @@ def train(
     initial_adapter: Annotated[Optional[Path], typer.Option(
         "--initial-adapter", help="Start from this saved adapter (a run's adapter/ directory) instead of a fresh one: "
         "SFT, then DPO from it.", exists=True, file_okay=False)] = None,
+    as_json: JsonOption = None,
 ) -> None:
-    """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out."""
+    """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out.
+
+    On a pipe: {"out_dir", "summary"} (summary.json's content)."""
     from worker.training.data import DataError
     from worker.training.spec import JobSpec, SpecError
     from worker.training.tokenization import TemplateError
@@ -46,7 +50,8 @@ def train(
     except TrainingError as exc:
         err.print(f"[red]training failed:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    print_run_summary(result.summary, result.out_dir)
+    show({"out_dir": str(result.out_dir), "summary": result.summary},
+         lambda: print_run_summary(result.summary, result.out_dir), as_json)
 
 
 @commands.command()
@@ -57,8 +62,14 @@ def estimate(
     from_adapter: Annotated[bool, typer.Option(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
                                "copy of it as the reference, and it is counted.")] = False,
+    as_json: JsonOption = None,
 ) -> None:
-    """Estimate a job's peak GPU memory, part by part, before it runs."""
+    """Estimate a job's peak GPU memory, part by part, before it runs. Exits 1 when --gpu-memory is given
+    and the job does not fit it.
+
+    On a pipe: {"micro_batch", "seq_len", "parts": {part: bytes}, "pageable": [parts], "total", "resident",
+    "pageable_bytes", "host_bytes", ...}, in bytes; with --gpu-memory also "gpu_memory", "fits", "paged_bytes",
+    "largest_micro_batch" and "suggestions"."""
     from worker.training.estimate import (
         GIB,
         ModelShape,
@@ -94,42 +105,60 @@ def estimate(
     # "auto" offload and tiling: on where it would not fit without
     job = fit_memory_savers(job, model_config, budget, reference_adapter=reference)
     result = estimate_peak_memory(job, model_config, reference_adapter=reference)
-    table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
-                        f"gradient checkpointing {'on' if result.checkpointing else 'off'}"
-                        f"{memory_savers_note(result)}")
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
-    for part, size in result.parts.items():
-        table.add_row(part + (" [dim](pageable)[/dim]" if part in result.pageable else ""), f"{size / GIB:.2f}")
-    table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
-    if result.pageable:
-        table.add_row("[bold]resident[/bold] (pageable state paged out)", f"[bold]{result.resident / GIB:.2f}[/bold]")
-    if result.host_bytes:
-        table.add_row("offloaded activations [dim](pinned CPU memory, not GPU)[/dim]", f"{result.host_bytes / GIB:.2f}")
-    out.print(table)
+    answer: dict = {"micro_batch": result.micro_batch, "seq_len": result.seq_len,
+                    "gradient_checkpointing": result.checkpointing, "activation_offload": result.offload,
+                    "tiled_mlp": result.tiled, "parts": result.parts, "pageable": sorted(result.pageable),
+                    "total": result.total, "resident": result.resident, "pageable_bytes": result.pageable_bytes,
+                    "host_bytes": result.host_bytes}
+    fits = True
     if budget is not None:
-        fits, paged = result.fits(budget), result.paged_bytes(budget)
+        fits = result.fits(budget)
+        answer |= {"gpu_memory": budget, "fits": fits, "paged_bytes": result.paged_bytes(budget),
+                   "largest_micro_batch": largest_micro_batch(job, model_config, budget, reference_adapter=reference),
+                   "suggestions": advice(job, model_config, budget, reference_adapter=reference) if not fits else []}
+
+    def tables() -> None:
+        table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
+                            f"gradient checkpointing {'on' if result.checkpointing else 'off'}"
+                            f"{memory_savers_note(result)}")
+        table.add_column("part")
+        table.add_column("GiB", justify="right")
+        for part, size in result.parts.items():
+            table.add_row(part + (" [dim](pageable)[/dim]" if part in result.pageable else ""), f"{size / GIB:.2f}")
+        table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
+        if result.pageable:
+            table.add_row("[bold]resident[/bold] (pageable state paged out)", f"[bold]{result.resident / GIB:.2f}[/bold]")
+        if result.host_bytes:
+            table.add_row("offloaded activations [dim](pinned CPU memory, not GPU)[/dim]", f"{result.host_bytes / GIB:.2f}")
+        out.print(table)
+        if budget is None:
+            return
+        paged = answer["paged_bytes"]
         if fits and paged:
             verdict = (f"fits, with {gib(paged)} of the {gib(result.pageable_bytes)} of paged optimizer state paged "
                        "to CPU memory at each optimizer step,")
         else:
             verdict = "fits" if fits else "does not fit"
-        out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: "
-                  f"{largest_micro_batch(job, model_config, budget, reference_adapter=reference) or 'none'}")
-        for idea in advice(job, model_config, budget, reference_adapter=reference) if not fits else []:
+        out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: {answer['largest_micro_batch'] or 'none'}")
+        for idea in answer["suggestions"]:
             out.print(f"  try {idea}")
+
+    show(answer, tables, as_json)
+    if not fits:  # as `qlora jobs preflight` exits 1 where the service would refuse the job
+        raise typer.Exit(1)
 
 
 @commands.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
     seed: int = 0,
+    as_json: JsonOption = None,
 ) -> None:
-    """Build the tiny Llama-architecture demo model (~4M parameters) and its tokenizer, offline."""
+    """Build the tiny Llama-architecture demo model (~4M parameters) and its tokenizer, offline. On a pipe: {"path"}."""
     from worker.training.tiny import build_tiny_model
 
     path = build_tiny_model(out_dir, seed=seed)
-    out.print(f"tiny model written to {path}")
+    show({"path": str(path)}, lambda: out.print(f"tiny model written to {path}"), as_json)
 
 
 @commands.command("demo-data")
@@ -138,6 +167,7 @@ def demo_data(
     base_model: Annotated[str, typer.Option(help="base_model for the example spec.")] = "tiny-model",
     rows: int = 480,
     seed: int = 0,
+    as_json: JsonOption = None,
 ) -> None:
     """Write the demo task (which sound an animal makes) and a spec that learns it in about a minute on a
     CPU; and the same task as preference pairs (the right sound over a wrong one) for a DPO job after it."""
@@ -147,4 +177,6 @@ def demo_data(
     write_jsonl(demo_rows(seed, 48, split="heldout", distinct=True), out_dir / "validation.jsonl")
     write_jsonl(demo_pairs(seed + 1, rows // 4, distinct=True), out_dir / "pairs.jsonl")
     (out_dir / "spec.json").write_text(json.dumps(demo_spec(base_model), indent=2) + "\n")
-    out.print(f"wrote {out_dir}/train.jsonl, validation.jsonl, pairs.jsonl, spec.json")
+    names = ("train.jsonl", "validation.jsonl", "pairs.jsonl", "spec.json")
+    show({"files": [str(out_dir / name) for name in names]},
+         lambda: out.print(f"wrote {out_dir}/{', '.join(names)}"), as_json)

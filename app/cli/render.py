@@ -2,13 +2,23 @@
 
 Every verb prints through here, so a run summary reads the same after `qlora train` as in `qlora jobs show`.
 Results go to stdout (`out`); errors, hints and progress bars go to stderr (`err`), so a pipe gets only the result.
+
+People and machines each get their format: a command that prints a result passes it to `show` with the
+function that prints it for a person. On a terminal that function runs (text, colour, tables); on a pipe
+the result prints as JSON instead, for a script or a log collector. `--json` / `--table` (JsonOption)
+overrides the choice.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Annotated, Any, Optional
 
+import typer
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -16,20 +26,98 @@ err = Console(stderr=True)
 out = Console()
 
 
+# ---------------------------------------------------------------- people or machines
+
+JsonOption = Annotated[Optional[bool], typer.Option(
+    "--json/--table", help="The result as JSON, or as text and tables; by default text on a terminal, JSON on a pipe.")]
+
+
+def wants_json(as_json: bool | None) -> bool:
+    """--json or --table where given; else JSON exactly when stdout is not a terminal."""
+    return not out.is_terminal if as_json is None else as_json
+
+
+def show(answer: Any, human: Callable[[], None], as_json: bool | None) -> None:
+    """The one place a command's result takes its format: `human()` prints it for a person, or the
+    answer prints as indented JSON (the API's answer where there is one)."""
+    if wants_json(as_json):
+        # typer.echo, not rich, which would wrap long lines and read "[...]" as markup.
+        typer.echo(json.dumps(answer, indent=2, default=_json_value))
+    else:
+        human()
+
+
+def json_line(record: Any) -> None:
+    """One JSON object on one line (NDJSON), flushed at once: `qlora jobs watch`'s stream on a pipe."""
+    typer.echo(json.dumps(record, default=_json_value))
+
+
+def _json_value(value: Any) -> Any:
+    # What a row of the database holds beside JSON's types: timestamps as the API writes them, paths.
+    if isinstance(value, datetime):  # as pydantic writes them in the API's answers
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
 # ---------------------------------------------------------------- cells
 
 
-def print_table(table: Table) -> None:
-    # A pipe has no width; rich would assume 80 columns and squeeze the cells. Print a table
-    # whole there (it stays as narrow as its content), and fit the terminal otherwise.
-    (out if out.is_terminal else Console(file=out.file, width=240)).print(table)
+def print_table(table: Table, optional: Sequence[str] = ()) -> None:
+    """A table on stdout. On a terminal it fits the width: ids and statuses keep their natural width,
+    names fold, and where even that is too wide the `optional` columns (headers, least important
+    first) are left out, saying so in the caption."""
+    if not out.is_terminal:
+        # A pipe has no width; rich would assume 80 columns and squeeze the cells. Print a table
+        # whole there (it stays as narrow as its content).
+        Console(file=out.file, width=240).print(table)
+        return
+    hidden = []
+    for header in optional:
+        if _narrowest(table) <= out.width:
+            break
+        table.columns = [column for column in table.columns if column.header != header]
+        hidden.append(header)
+    if hidden:
+        table.caption = f"not shown at this width: {', '.join(hidden)} (a wider terminal or --json shows them)"
+        table.caption_justify = "left"
+    out.print(table)
 
 
-def id_column():
-    from rich.table import Column
+FOLDED_MIN_WIDTH = 10  # a name or a filename folds onto more lines, never narrower than this
 
+
+def _narrowest(table: Table) -> int:
+    """The narrowest the table prints without cutting a cell: unwrapped columns at their widest cell,
+    the others at their min_width; plus the padding and borders (3 per column, 1 more for the edge)."""
+    from rich.measure import Measurement
+
+    width = 3 * len(table.columns) + 1
+    for column in table.columns:
+        if column.no_wrap:
+            cells = [column.header, *column.cells]
+            width += max(Measurement.get(out, out.options, cell).maximum for cell in cells)
+        else:
+            width += column.min_width or FOLDED_MIN_WIDTH
+    return width
+
+
+def id_column() -> Column:
     # Ids are what a user copies into the next command: never wrapped or cut, even in a narrow pipe.
     return Column("id", no_wrap=True, min_width=32)
+
+
+def status_column(header: str = "status") -> Column:
+    # A status is read at a glance: whole ("invalid", "cancelling"), never "inv…".
+    return Column(header, no_wrap=True)
+
+
+def name_column(header: str) -> Column:
+    # Names and filenames may run long: they fold onto more lines rather than shrink to "fil…".
+    return Column(header, overflow="fold", min_width=FOLDED_MIN_WIDTH)
+
+
+def number_column(header: str) -> Column:
+    return Column(header, justify="right", no_wrap=True)
 
 
 def plain(value: str):
@@ -200,6 +288,10 @@ def print_dataset(d: dict) -> None:
                  ("size", f"{d['bytes']:,} bytes"), ("sha256", d["sha256"]), ("created", when(d["created_at"]))):
         table.add_row(k, v)
     print_table(table)
+
+
+def print_dataset_errors(d: dict) -> None:
+    """An invalid dataset's first bad lines, on stderr: in either format, a person sees why."""
     if d["error_count"]:
         err.print(f"[red]{d['error_count']} invalid line{'s' if d['error_count'] != 1 else ''}; "
                   "this dataset cannot be trained on:[/red]")
@@ -247,13 +339,9 @@ def gpu_hours(seconds: float) -> str:
 
 def print_usage(report: dict) -> None:
     """`qlora usage`: one team's usage by day and by job; several teams (--all-teams) one row each."""
-    from rich.table import Column
-
     from app.text import format_bytes
 
-    def number(header: str) -> Column:
-        return Column(header, justify="right")
-
+    number = number_column
     window = f"{when(report['from'])} to {when(report['to'])} UTC"
     teams = report["teams"]
     table = Table("team", number("GPU-hours"), number("trained tokens"), number("jobs"), number("storage now"),
@@ -268,14 +356,15 @@ def print_usage(report: dict) -> None:
     days = Table("day (UTC)", number("GPU-hours"), number("trained tokens"), title="by day")
     for d in team["by_day"]:
         days.add_row(d["date"], gpu_hours(d["gpu_seconds"]), f"{d['trained_tokens']:,}")
-    jobs = Table(id_column(), "name", "status", number("GPU-hours"), number("trained tokens"), number("attempts"),
-                 title="by job, most GPU time first")
+    jobs = Table(id_column(), name_column("name"), status_column(), number("GPU-hours"), number("trained tokens"),
+                 number("attempts"), title="by job, most GPU time first")
     for j in team["by_job"]:
         jobs.add_row(j["job_id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]",
                      gpu_hours(j["gpu_seconds"]), f"{j['trained_tokens']:,}", str(j["attempts"]))
-    for part in (days, jobs):
-        if part.row_count:
-            print_table(part)
+    if days.row_count:
+        print_table(days)
+    if jobs.row_count:
+        print_table(jobs, optional=("attempts", "trained tokens"))
     if team["by_job_truncated"]:
         err.print(f"by job: the {len(team['by_job']):,} jobs with the most GPU time of {team['jobs']:,}; "
                   "ask for a shorter window (--from, --to) to see the rest", highlight=False, soft_wrap=True)

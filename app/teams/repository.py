@@ -25,7 +25,13 @@ def key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
 
 
 def key_by_id_or_prefix(session: Session, ref: str) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).where((ApiKey.id == ref) | (ApiKey.prefix == ref))))
+    """The key with this id, or the keys whose prefix starts with `ref` (the whole prefix or a leading part)."""
+    if not ref:
+        return []
+    found = session.scalars(select(ApiKey).where((ApiKey.id == ref) | ApiKey.prefix.startswith(ref, autoescape=True))
+                            .order_by(ApiKey.created_at))
+    # SQLite's LIKE ignores case, Postgres's does not: the prefix is compared exactly here.
+    return [key for key in found if key.id == ref or key.prefix.startswith(ref)]
 
 
 def keys_of(session: Session, team_id: str) -> list[ApiKey]:

@@ -78,7 +78,9 @@ def revoke_key(session: Session, ref: str) -> ApiKey:
     if not keys:
         raise NotFound(f"no API key with id or prefix {ref!r}")
     if len(keys) > 1:
-        raise Conflict(f"{len(keys)} keys start with {ref!r}; give the key id instead")
+        matching = ", ".join(f"{k.id} (prefix {k.prefix})" for k in keys)
+        raise Conflict(f"{ref!r} is ambiguous: {len(keys)} keys start with it: {matching}; give one key's id",
+                       details=[{"id": k.id, "prefix": k.prefix} for k in keys])
     key = keys[0]
     key.revoked_at = key.revoked_at or utcnow()
     session.flush()

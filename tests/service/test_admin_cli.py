@@ -1,7 +1,9 @@
-"""`qlora admin`: teams, keys (printed once, stored hashed, revocable) and the model registry."""
+"""`qlora admin`: teams, keys (printed once, stored hashed, revocable) and the model registry; JSON on a
+pipe (stdout is captured here: a pipe), a table with --table."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,14 +17,15 @@ from app.teams.tables import ApiKey
 from tests.deployment import ROOT
 
 
-def qlora(home, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | {"QLORA_HOME": str(home)}
+def qlora(home, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | {"QLORA_HOME": str(home)} | (env or {})
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
     assert qlora(tmp_path, "migrate").returncode == 0
-    assert qlora(tmp_path, "admin", "create-team", "research").returncode == 0
+    team = qlora(tmp_path, "admin", "create-team", "research")
+    assert team.returncode == 0 and json.loads(team.stdout)["name"] == "research"
     duplicate = qlora(tmp_path, "admin", "create-team", "research")
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
 
@@ -36,7 +39,12 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
         assert key not in (stored.key_hash, stored.prefix) and len(stored.key_hash) == 64  # only a hash
         assert isinstance(authenticate(session, hash_key(key)), Caller)
     listed = qlora(tmp_path, "admin", "list-keys", "research")
-    assert stored.prefix in listed.stdout and key not in listed.stdout
+    assert [(k["id"], k["prefix"], k["revoked_at"]) for k in json.loads(listed.stdout)] == [(stored.id, stored.prefix, None)]
+    assert key not in listed.stdout
+    table = qlora(tmp_path, "admin", "list-keys", "research", "--table")
+    assert "┃ id" in table.stdout and stored.prefix in table.stdout
+    unknown = qlora(tmp_path, "admin", "list-keys", "nosuch")  # as create-key says, not an empty table
+    assert unknown.returncode == 1 and "no team named 'nosuch'" in unknown.stderr and unknown.stdout == ""
 
     assert qlora(tmp_path, "admin", "revoke-key", stored.prefix).returncode == 0
     with session_scope(url) as session:
@@ -48,8 +56,10 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
         except Unauthorized:
             pass
 
-    assert qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir)).returncode == 0
-    assert "tiny" in qlora(tmp_path, "admin", "list-models").stdout
+    added = qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir))
+    assert added.returncode == 0 and "warning" not in added.stderr
+    assert json.loads(added.stdout)["name"] == "tiny" and json.loads(added.stdout)["config"]["model_type"] == "llama"
+    assert [m["name"] for m in json.loads(qlora(tmp_path, "admin", "list-models").stdout)] == ["tiny"]
     no_revision = qlora(tmp_path, "admin", "add-model", "hubbed", "--hub-id", "org/model")
     assert no_revision.returncode == 1 and "needs a revision" in no_revision.stderr
 
@@ -65,3 +75,41 @@ def test_a_database_not_made_yet_is_said_plainly_and_migrate_makes_the_home(tmp_
     assert qlora(home, "migrate").returncode == 0 and (home / "qlora.db").is_file()
     assert oct(home.stat().st_mode & 0o777) == "0o700"
     assert qlora(home, "admin", "create-team", "research").returncode == 0
+
+
+def test_keys_by_prefix_and_models_a_host_cannot_read(tmp_path):
+    assert qlora(tmp_path, "migrate").returncode == 0
+    assert qlora(tmp_path, "admin", "create-team", "research").returncode == 0
+    made = [qlora(tmp_path, "admin", "create-key", "research", "--json") for _ in range(2)]
+    keys = [json.loads(m.stdout) for m in made]
+    assert all(k["key"].startswith(k["prefix"]) and k["team"] == "research" for k in keys)
+
+    # A prefix that both keys start with revokes neither and names them both.
+    ambiguous = qlora(tmp_path, "admin", "revoke-key", "qlk_")
+    assert ambiguous.returncode == 1 and "ambiguous" in ambiguous.stderr
+    assert all(k["id"] in ambiguous.stderr for k in keys)
+    assert qlora(tmp_path, "admin", "revoke-key", "qlk_nothing").stderr.startswith("error: no API key with id or prefix")
+    revoked = qlora(tmp_path, "admin", "revoke-key", keys[0]["prefix"])
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["id"] == keys[0]["id"]
+    listed = {k["id"]: k["revoked_at"] for k in json.loads(qlora(tmp_path, "admin", "list-keys", "research").stdout)}
+    assert listed[keys[0]["id"]] is not None and listed[keys[1]["id"]] is None
+
+    # Workers resolve a path on their own hosts: registered, with a warning of what this host cannot do.
+    elsewhere = qlora(tmp_path, "admin", "add-model", "elsewhere", "--path", str(tmp_path / "nonexistent"))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "warning" in elsewhere.stderr and "config.json is not readable on this host" in elsewhere.stderr
+    assert "memory checked" in elsewhere.stderr and json.loads(elsewhere.stdout)["config"] is None
+    removed = qlora(tmp_path, "admin", "remove-model", "elsewhere")
+    assert removed.returncode == 0 and json.loads(removed.stdout) == {"name": "elsewhere", "removed": True}
+    assert json.loads(qlora(tmp_path, "admin", "list-models").stdout) == []
+    again = qlora(tmp_path, "admin", "remove-model", "elsewhere")
+    assert again.returncode == 1 and "no registered base model 'elsewhere'" in again.stderr
+
+
+def test_a_database_url_of_an_unknown_scheme_is_said_plainly(tmp_path):
+    """postgres:// is how many tools spell it; SQLAlchemy wants postgresql+psycopg://. It was a traceback."""
+    refused = qlora(tmp_path, "admin", "list-keys", "research",
+                    env={"QLORA_DATABASE_URL": "postgres://u:secret@127.0.0.1:1/x"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr and "secret" not in refused.stderr
+    assert "the database URL postgres://u:***@127.0.0.1:1/x cannot be used" in refused.stderr
+    assert "postgresql+psycopg://" in refused.stderr and "sqlite:///" in refused.stderr

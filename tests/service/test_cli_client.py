@@ -1,6 +1,9 @@
 """The `qlora datasets` / `qlora jobs` client verbs, run as a user runs them (a subprocess) against
 the real deployment: a local check, a streamed upload, a job trained by the worker and watched
-to its end, and a checksum-verified download from S3 through a presigned URL."""
+to its end, and a checksum-verified download from S3 through a presigned URL.
+
+stdout is captured: a pipe, where each verb prints JSON (a script's view); --table, or a terminal
+(FORCE_COLOR), gets the tables a person reads."""
 
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from tests.deployment import ROOT
 from worker.training.tiny import demo_spec
 
 MAX_STEPS = 40
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def qlora(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -47,7 +53,7 @@ def cli_env(deployment, cli_key, tmp_path_factory):
 def uploaded(cli_env, demo_data):
     result = qlora(cli_env, "datasets", "upload", str(demo_data["train"]))
     assert result.returncode == 0, result.stderr
-    return {"id": re.search(r"dataset ([0-9a-f]{32})", result.stdout).group(1), "output": result.stdout}
+    return json.loads(result.stdout)  # the dataset as the API recorded it
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +65,11 @@ def watched_job(worker, cli_env, uploaded, tmp_path_factory):
     spec_file.write_text(json.dumps(spec))
     created = qlora(cli_env, "jobs", "create", str(spec_file), "--dataset", uploaded["id"], "--name", "cli-demo")
     assert created.returncode == 0, created.stderr
-    job_id = re.search(r"job ([0-9a-f]{32}) queued", created.stdout).group(1)
-    watch = qlora(cli_env, "jobs", "watch", job_id, "--interval", "0.5", timeout=240)
-    return job_id, watch
+    job = json.loads(created.stdout)
+    assert job["status"] == "queued" and job["name"] == "cli-demo"
+    assert f"qlora jobs watch {job['id']}" in created.stderr  # the hint, off stdout
+    watch = qlora(cli_env, "jobs", "watch", job["id"], "--interval", "0.5", timeout=240)
+    return job["id"], watch
 
 
 def test_check_names_bad_lines_and_upload_refuses_the_file(cli_env, tmp_path, team_a):
@@ -72,11 +80,14 @@ def test_check_names_bad_lines_and_upload_refuses_the_file(cli_env, tmp_path, te
     assert checked.returncode == 1
     assert "line 2:" in checked.stderr and '"prompt" is empty' in checked.stderr
     assert "line 3: not valid JSON" in checked.stderr
+    verdict = json.loads(checked.stdout)
+    assert verdict["ok"] is False and verdict["error_count"] == 2 and [e["line"] for e in verdict["errors"]] == [2, 3]
 
     refused = qlora(cli_env, "datasets", "upload", str(bad))
     assert refused.returncode == 1 and "line 3" in refused.stderr and "nothing uploaded" in refused.stderr
+    assert refused.stdout == ""  # nothing recorded, nothing to parse
     listed = qlora(cli_env, "datasets", "list")
-    assert listed.returncode == 0 and "bad.jsonl" not in listed.stdout
+    assert listed.returncode == 0 and "bad.jsonl" not in [d["filename"] for d in json.loads(listed.stdout)]
 
 
 def test_check_of_a_good_file_reports_what_the_server_will_record(demo_data, tmp_path, uploaded, cli_env):
@@ -84,17 +95,61 @@ def test_check_of_a_good_file_reports_what_the_server_will_record(demo_data, tmp
     assert checked.returncode == 0, checked.stderr
     shown = qlora(cli_env, "datasets", "show", uploaded["id"])
     assert shown.returncode == 0, shown.stderr
-    rows, tokens = re.search(r"rows\s+│\s+([\d,]+).*?token estimate\s+│\s+([\d,]+)", shown.stdout, re.S).groups()
-    assert "format chat" in checked.stdout and f"{rows} rows" in checked.stdout and f"~{tokens} tokens" in checked.stdout
-    assert rows == "480"
+    verdict, record = json.loads(checked.stdout), json.loads(shown.stdout)
+    assert verdict["ok"] is True and verdict["error_count"] == 0
+    assert (verdict["format"], verdict["rows"]) == (record["format"], record["rows"]) == ("chat", 480)
+    assert verdict["token_estimate"] == record["token_estimate"]
+
+    text = qlora(clean_env(tmp_path), "datasets", "check", str(demo_data["train"]), "--table")
+    assert f"ok, format chat, 480 rows, ~{record['token_estimate']:,} tokens" in text.stdout
 
 
 def test_upload_then_list_and_show_see_it(uploaded, cli_env):
-    assert "ready" in uploaded["output"] and "chat" in uploaded["output"]
+    assert uploaded["status"] == "ready" and uploaded["format"] == "chat" and uploaded["filename"] == "train.jsonl"
     listed = qlora(cli_env, "datasets", "list")
-    assert listed.returncode == 0 and uploaded["id"] in listed.stdout and "train.jsonl" in listed.stdout
+    assert listed.returncode == 0, listed.stderr
+    assert {d["id"]: d["status"] for d in json.loads(listed.stdout)}[uploaded["id"]] == "ready"
     shown = qlora(cli_env, "datasets", "show", uploaded["id"])
-    assert shown.returncode == 0 and "480" in shown.stdout and "sha256" in shown.stdout
+    assert shown.returncode == 0 and json.loads(shown.stdout) == uploaded
+
+    table = qlora(cli_env, "datasets", "show", uploaded["id"], "--table")  # --table forces the table on a pipe
+    assert table.returncode == 0 and "480" in table.stdout and "sha256" in table.stdout and f"dataset {uploaded['id']}" in table.stdout
+    table = qlora(cli_env, "datasets", "list", "--table")
+    assert uploaded["id"] in table.stdout and "train.jsonl" in table.stdout and not table.stdout.lstrip().startswith("[")
+
+
+def test_a_narrow_terminal_keeps_ids_and_statuses_whole(uploaded, cli_env):
+    """At 80 columns the id (32 characters) leaves little room: the status stays whole, the filename folds,
+    and the columns that do not fit are left out, saying so, rather than every cell cut to "fil…"."""
+    terminal = cli_env | {"FORCE_COLOR": "1", "COLUMNS": "80"}  # rich takes it for a terminal of 80 columns
+    listed = qlora(terminal, "datasets", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = ANSI.sub("", listed.stdout).splitlines()
+    assert max(map(len, lines)) <= 80, listed.stdout
+    row = next(line for line in lines if uploaded["id"] in line)
+    assert "│ ready " in row and "train.json" in row and "…" not in listed.stdout
+    assert "not shown at this width" in listed.stdout
+    wide = qlora(cli_env | {"FORCE_COLOR": "1", "COLUMNS": "200"}, "datasets", "list")
+    assert "not shown" not in wide.stdout and "created" in wide.stdout
+
+
+def test_delete_and_cancel_answer_json_on_a_pipe(cli_env, demo_data, uploaded, tmp_path):
+    spare = qlora(cli_env, "datasets", "upload", str(demo_data["validation"]))
+    assert spare.returncode == 0, spare.stderr
+    spare_id = json.loads(spare.stdout)["id"]
+    deleted = qlora(cli_env, "datasets", "delete", spare_id)
+    assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"id": spare_id, "deleted": True}
+    assert spare_id not in qlora(cli_env, "datasets", "list").stdout
+
+    (tmp_path / "spec.json").write_text(json.dumps({**demo_spec("tiny"), "gpu_class": "nobody-listens"}))
+    created = json.loads(qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", uploaded["id"]).stdout)
+    cancelled = qlora(cli_env, "jobs", "cancel", created["id"])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["id"] == created["id"] and json.loads(cancelled.stdout)["status"] == "cancelled"
+    text = qlora(cli_env, "jobs", "cancel", created["id"], "--table")  # again: the job as it is
+    assert text.returncode == 0 and text.stdout == f"job {created['id']} cancelled\n"
+    missing = qlora(cli_env, "jobs", "cancel", "0" * 32, "--json")
+    assert missing.returncode == 1 and missing.stdout == "" and "error: no job" in missing.stderr  # errors: text on stderr
 
 
 def test_api_errors_print_the_message_and_exit_1(cli_env, uploaded, tmp_path):
@@ -111,31 +166,47 @@ def test_api_errors_print_the_message_and_exit_1(cli_env, uploaded, tmp_path):
 def test_watch_follows_the_job_to_its_last_step_and_exits_0(watched_job, cli_env):
     job_id, watch = watched_job
     assert watch.returncode == 0, watch.stdout + watch.stderr
-    assert f"job {job_id} succeeded at step {MAX_STEPS}/{MAX_STEPS}" in watch.stdout
+    records = [json.loads(line) for line in watch.stdout.splitlines()]  # on a pipe: one JSON object a line
+    assert records[-1]["kind"] == "job" and records[-1]["job"]["status"] == "succeeded"
+    assert records[-1]["job"]["step"] == MAX_STEPS
+    statuses = [r["job"]["status"] for r in records if r["kind"] == "status"]
+    assert statuses[-1] == "succeeded" and len(statuses) == len(set(statuses))  # each change once
+    events = [r["event"]["type"] for r in records if r["kind"] == "event"]
     for event in ("claimed", "started", "checkpoint_saved", "adapter_saved", "succeeded"):
-        assert event in watch.stdout, watch.stdout  # events printed as they arrived
-    assert re.search("[▁▂▃▄▅▆▇█]{3,}", watch.stdout)  # the loss sparkline over the train points
+        assert event in events, events  # as they arrived
+    train_steps = [r["point"]["step"] for r in records if r["kind"] == "metric" and r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == MAX_STEPS  # each point once
+
+    again = qlora(cli_env, "jobs", "watch", job_id, "--table")  # a person's view of the job that ended
+    assert again.returncode == 0 and f"job {job_id} succeeded at step {MAX_STEPS}/{MAX_STEPS}" in again.stdout
+    assert re.search("[▁▂▃▄▅▆▇█]{3,}", again.stdout)  # the loss sparkline over the train points
 
     listed = qlora(cli_env, "jobs", "list", "--status", "succeeded")
-    assert listed.returncode == 0 and job_id in listed.stdout
+    assert listed.returncode == 0 and job_id in [j["id"] for j in json.loads(listed.stdout)]
     shown = qlora(cli_env, "jobs", "show", job_id)
-    assert shown.returncode == 0 and "succeeded" in shown.stdout and f"{MAX_STEPS}/{MAX_STEPS}" in shown.stdout
-    assert "train loss" in shown.stdout and "merge fidelity" in shown.stdout
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    table = qlora(cli_env, "jobs", "show", job_id, "--table")
+    assert table.returncode == 0 and "succeeded" in table.stdout and f"{MAX_STEPS}/{MAX_STEPS}" in table.stdout
+    assert "train loss" in table.stdout and "merge fidelity" in table.stdout
 
 
 def test_download_verifies_the_checksum_and_extracts_the_adapter(watched_job, cli_env, deployment, cli_key, tmp_path):
     job_id, _ = watched_job
     got = qlora(cli_env, "jobs", "download", job_id, "--kind", "adapter", "--out", str(tmp_path))
     assert got.returncode == 0, got.stderr
-    assert "sha256 verified" in got.stdout
+    written = json.loads(got.stdout)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     archive = tmp_path / f"{job_id}-adapter.tar"
+    assert written["archive"] == str(archive) and written["extracted"] == [str(tmp_path / "adapter")]
     listing = {a["kind"]: a for a in deployment.client(cli_key).get(f"/jobs/{job_id}/artifacts").json()}
-    assert hashlib.sha256(archive.read_bytes()).hexdigest() == listing["adapter"]["sha256"]
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == listing["adapter"]["sha256"] == written["sha256"]
+    assert written["bytes"] == archive.stat().st_size
     assert not list(tmp_path.glob(".*.part"))
 
-    kept = qlora(cli_env, "jobs", "download", job_id, "--kind", "merged", "--out", str(tmp_path / "m"), "--no-extract")
+    kept = qlora(cli_env, "jobs", "download", job_id, "--kind", "merged", "--out", str(tmp_path / "m"), "--no-extract",
+                 "--table")
     assert kept.returncode == 0, kept.stderr
+    assert "sha256 verified" in kept.stdout and "extracted" not in kept.stdout
     assert tarfile.is_tarfile(tmp_path / "m" / f"{job_id}-merged.tar") and not (tmp_path / "m" / "merged").exists()
 
 

@@ -250,9 +250,9 @@ def test_the_cli_creates_a_job_from_an_initial_job_and_shows_its_lineage(deploym
     created = qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", datasets["chat"]["id"],
                     "--initial-job", sft)
     assert created.returncode == 0, created.stderr
-    job_id = re.search(r"job ([0-9a-f]{32}) queued", created.stdout).group(1)
+    job_id = json.loads(created.stdout)["id"]  # a pipe gets the API's answer
     try:
-        shown = qlora(cli_env, "jobs", "show", job_id)
+        shown = qlora(cli_env, "jobs", "show", job_id, "--table")
         assert shown.returncode == 0, shown.stderr
         assert re.search(r"method\s+│?\s*sft", shown.stdout) and sft in shown.stdout
     finally:

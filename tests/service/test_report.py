@@ -130,7 +130,7 @@ def test_the_cli_prints_the_report(reported_job, deployment, team_a, tmp_path):
         assert heading in table.stdout
     assert f"{report['metrics']['tuned']['loss']:.4f}" in table.stdout
 
-    shown = qlora(env, "jobs", "show", job["id"])  # the summary's means
+    shown = qlora(env, "jobs", "show", job["id"], "--table")  # the summary's means
     assert shown.returncode == 0 and "eval report (tuned / base)" in shown.stdout, shown.stdout
 
     fetched = qlora(env, "jobs", "download", job["id"], "--kind", "report", "--out", str(tmp_path / "dl"))

@@ -309,8 +309,8 @@ def test_qlora_estimate_states_the_paging_of_the_papers_65b_recipe(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_65B))
     (tmp_path / "spec.json").write_text(json.dumps({"base_model": str(tmp_path), **PAPER_RECIPE}))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "48"],
-                          capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "48",
+                           "--table"], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert "optimizer state (pageable)" in done.stdout and "resident (pageable state paged out)" in done.stdout
     assert "fits, with 1.07 GiB of the 5.96 GiB of paged optimizer state paged to CPU memory" in done.stdout, done.stdout
@@ -351,12 +351,23 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(
         {"base_model": str(tmp_path), "training": {"epochs": 1, "per_device_batch_size": 16, "max_seq_length": 2048,
                                                    "activation_offload": False, "tiled_mlp": False}}))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"],
-                          capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr
+    command = [sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory", "24"]
+    done = subprocess.run([*command, "--table"], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr  # it does not fit: exit 1, as `qlora jobs preflight` where a job is refused
     assert "backward peak (loss head, or one layer)" in done.stdout and "total" in done.stdout
     assert "does not fit in 24.00 GiB; the largest micro-batch that fits: 8" in done.stdout
     assert "try per_device_batch_size 8 with gradient_accumulation_steps 8" in done.stdout
+
+    # On a pipe, the same in bytes for a script.
+    piped = subprocess.run(command, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert piped.returncode == 1, piped.stderr
+    answer = json.loads(piped.stdout)
+    assert answer["fits"] is False and answer["largest_micro_batch"] == 8 and answer["gpu_memory"] == 24 * 2**30
+    assert answer["total"] == sum(answer["parts"].values()) > answer["gpu_memory"]
+    assert (answer["micro_batch"], answer["seq_len"]) == (16, 2048)
+    assert answer["suggestions"][0].startswith("per_device_batch_size 8 with gradient_accumulation_steps 8")
+    roomy = subprocess.run([*command[:-1], "80"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert roomy.returncode == 0 and json.loads(roomy.stdout)["fits"] is True
 
 
 def test_qlora_estimate_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter_when_told(tmp_path):
@@ -369,7 +380,7 @@ def test_qlora_estimate_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter
                                                     "training": {"max_steps": 10}}))
 
     def estimate_cli(*flags: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), *flags],
+        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), *flags, "--table"],
                               capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -505,8 +516,8 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
         **training, "activation_offload": True, "tiled_mlp": True}}))
 
     def estimate_cli(name):
-        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / name), "--gpu-memory", "24"],
-                              capture_output=True, text=True, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / name), "--gpu-memory", "24",
+                               "--table"], capture_output=True, text=True, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
         return " ".join(done.stdout.split())  # the table's title wraps at the table's width
 
