@@ -25,13 +25,19 @@ def key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
 
 
 def key_by_id_or_prefix(session: Session, ref: str) -> list[ApiKey]:
-    """The key with this id, or the keys whose prefix starts with `ref` (the whole prefix or a leading part)."""
+    """The key with this id or this whole prefix (two keys may share one)."""
+    return list(session.scalars(select(ApiKey).where((ApiKey.id == ref) | (ApiKey.prefix == ref))
+                                .order_by(ApiKey.created_at)))
+
+
+def keys_starting_with(session: Session, ref: str) -> list[ApiKey]:
+    """The keys whose prefix starts with `ref`, to name them where `ref` is only part of one."""
     if not ref:
         return []
-    found = session.scalars(select(ApiKey).where((ApiKey.id == ref) | ApiKey.prefix.startswith(ref, autoescape=True))
-                            .order_by(ApiKey.created_at))
+    found = session.scalars(select(ApiKey).where(ApiKey.prefix.startswith(ref, autoescape=True))
+                            .order_by(ApiKey.created_at).limit(20))
     # SQLite's LIKE ignores case, Postgres's does not: the prefix is compared exactly here.
-    return [key for key in found if key.id == ref or key.prefix.startswith(ref)]
+    return [key for key in found if key.prefix.startswith(ref)]
 
 
 def keys_of(session: Session, team_id: str) -> list[ApiKey]:

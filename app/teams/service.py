@@ -76,10 +76,15 @@ def create_key(session: Session, team_name: str, *, admin: bool = False) -> tupl
 def revoke_key(session: Session, ref: str) -> ApiKey:
     keys = repository.key_by_id_or_prefix(session, ref)
     if not keys:
-        raise NotFound(f"no API key with id or prefix {ref!r}")
+        # Revoking is for good: only a whole id or prefix, never the one key a part of one happens to match.
+        near = repository.keys_starting_with(session, ref)
+        raise NotFound(f"no API key with id or prefix {ref!r}"
+                       + (f"; it is the start of {len(near)} keys' prefixes: "
+                          + ", ".join(f"{k.id} (prefix {k.prefix})" for k in near) + "; give one whole" if near else ""),
+                       details=[{"id": k.id, "prefix": k.prefix} for k in near] or None)
     if len(keys) > 1:
         matching = ", ".join(f"{k.id} (prefix {k.prefix})" for k in keys)
-        raise Conflict(f"{ref!r} is ambiguous: {len(keys)} keys start with it: {matching}; give one key's id",
+        raise Conflict(f"{ref!r} is ambiguous: {len(keys)} keys have that prefix: {matching}; give one key's id",
                        details=[{"id": k.id, "prefix": k.prefix} for k in keys])
     key = keys[0]
     key.revoked_at = key.revoked_at or utcnow()
