@@ -238,6 +238,9 @@ class ApiClient:
                               "try again") from None
 
     # --- usage
+    def list_models(self) -> list[dict]:
+        return self._json("GET", "/models")
+
     def usage(self, from_: str | None = None, to: str | None = None, all_teams: bool = False) -> dict:
         params = {k: v for k, v in (("from", from_), ("to", to)) if v} | ({"all_teams": "true"} if all_teams else {})
         return self._json("GET", "/usage", params=params)

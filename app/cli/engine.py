@@ -57,7 +57,7 @@ def train(
 @commands.command()
 def estimate(
     spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
-    config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory; else the registry's, asked of the server the client commands use).")] = None,
     gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
     from_adapter: Annotated[bool, typer.Option(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
@@ -89,16 +89,19 @@ def estimate(
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     config_path = config or Path(job.base_model).expanduser() / "config.json"
-    if not config_path.is_file():
-        err.print(f"[red]error:[/red] no config.json at {config_path}; pass --config", highlight=False)
-        raise typer.Exit(2)
+    where = f"{config_path}: "  # what an error is about
     try:
-        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config_path.is_file():
+            model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        else:
+            where = ""  # the lookup's errors say what was tried
+            model_config = _registered_config(job.base_model, config_path)
+            where = f"the registry's config.json of {job.base_model!r}: "
         if not isinstance(model_config, dict):
             raise ValueError(f"it holds a JSON {type(model_config).__name__}, not an object")
         ModelShape.from_config(model_config)
     except (UnicodeDecodeError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {config_path}: {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {where}{exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
     reference = keeps_reference_adapter(job, from_adapter)
@@ -146,6 +149,25 @@ def estimate(
     show(answer, tables, as_json)
     if not fits:  # as `qlora jobs preflight` exits 1 where the service would refuse the job
         raise typer.Exit(1)
+
+
+def _registered_config(name: str, tried: Path) -> dict:
+    """The config.json the service's registry keeps for model `name` (base_model as a job names it), asked
+    of the server the client commands use; ValueError saying what was tried where there is none."""
+    from app.cli.api_client import ApiClient, ClientError
+
+    try:
+        with ApiClient.from_sources() as api:
+            models = {m["name"]: m for m in api.list_models()}
+    except ClientError as exc:
+        raise ValueError(f"no config.json at {tried}, and the registry could not be asked ({exc}); pass --config") from None
+    if name not in models:
+        raise ValueError(f"no config.json at {tried}, and the registry has no model {name!r} "
+                         f"(it has: {', '.join(models) or 'none'}); pass --config")
+    if models[name].get("config") is None:
+        raise ValueError(f"the registry keeps no config.json for {name!r} (registered with neither a readable path "
+                         "nor a config); pass --config")
+    return models[name]["config"]
 
 
 @commands.command("tiny-model")

@@ -238,3 +238,21 @@ def test_the_credentials_file_is_used_without_env_or_flags(deployment, cli_key, 
 
     nowhere = qlora(clean_env(tmp_path / "no-home"), "jobs", "list")
     assert nowhere.returncode == 1 and "QLORA_API_KEY" in nowhere.stderr and "credentials.json" in nowhere.stderr
+
+
+def test_estimate_asks_the_registry_for_a_registered_models_config(cli_env, tmp_path):
+    """`qlora estimate` on a spec that names a registered model (as jobs do), not a local directory:
+    the config.json comes from the server the client commands use. It used to say 'pass --config'."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(demo_spec("tiny")))
+    done = qlora(cli_env, "estimate", str(spec_file))
+    assert done.returncode == 0, done.stderr
+    estimate = json.loads(done.stdout)
+    assert estimate["micro_batch"] == 16 and estimate["total"] > 0 and estimate["parts"]["LoRA adapter"] > 0
+
+    spec_file.write_text(json.dumps(demo_spec("no-such-model")))
+    unknown = qlora(cli_env, "estimate", str(spec_file))
+    assert unknown.returncode == 2 and "the registry has no model 'no-such-model' (it has: " in unknown.stderr
+    nowhere = qlora(clean_env(tmp_path / "home"), "estimate", str(spec_file))
+    assert nowhere.returncode == 2 and "and the registry could not be asked" in nowhere.stderr
+    assert "pass --config" in nowhere.stderr and "Traceback" not in nowhere.stderr
