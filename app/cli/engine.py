@@ -57,7 +57,9 @@ def train(
 @commands.command()
 def estimate(
     spec: Annotated[Path, typer.Argument(help="Job spec JSON file.", exists=True, dir_okay=False)],
-    config: Annotated[Optional[Path], typer.Option(help="The model's config.json (default: base_model's, if a local directory; else the registry's, asked of the server the client commands use).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="The model's config.json (default: base_model's, if a local directory; else the registry's, "
+             "asked of the server the client commands use).")] = None,
     gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GiB: say whether it fits, and what would.")] = None,
     from_adapter: Annotated[bool, typer.Option(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
