@@ -100,7 +100,8 @@ class CheckpointUpload(TrainerCallback):
                     while True:
                         time.sleep(1)
             stored = writer.commit()
-        self.sink(CheckpointStored(step=step, key=stored.key, size=stored.size, sha256=stored.sha256))
+        self.sink(CheckpointStored(step=step, key=stored.key, size=stored.size, sha256=stored.sha256,
+                                   tokens_seen=state.num_input_tokens_seen))
 
 
 class FaultHold(TrainerCallback):

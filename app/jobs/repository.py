@@ -258,14 +258,14 @@ def mark_dispatched(session: Session, job_id: str, now: datetime) -> None:
 
 
 def add_checkpoint(session: Session, job_id: str, attempt: int, step: int, key: str, size: int, sha256: str,
-                   train_loss: float | None, eval_loss: float | None) -> Checkpoint:
+                   train_loss: float | None, eval_loss: float | None, tokens_seen: int | None = None) -> Checkpoint:
     """A new checkpoint, or the same step saved again by a later attempt (it replaces the old row)."""
     old = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)).one_or_none()
     if old is not None:
         session.delete(old)
         session.flush()
     row = Checkpoint(job_id=job_id, attempt=attempt, step=step, storage_key=key, bytes=size, sha256=sha256,
-                     train_loss=train_loss, eval_loss=eval_loss)
+                     train_loss=train_loss, eval_loss=eval_loss, tokens_seen=tokens_seen)
     session.add(row)
     return row
 

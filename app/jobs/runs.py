@@ -116,8 +116,12 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
         job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256, newest.bytes)
         job.resume_step = newest.step
         message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
+        tokens = newest.tokens_seen
     else:
         message = f"attempt {job.attempt} starts over: no checkpoint was saved before the worker was lost"
+        tokens = 0
+    if tokens is not None:  # None: a checkpoint saved before its tokens were recorded
+        ledger.resumes_at(session, job.id, job.attempt, tokens)
     repository.delete_metrics_after(session, job.id, job.resume_step)
     # After a pause (asked for, or to make room for another job) resuming is the plan; after a lost attempt, news.
     level = "info" if repository.has_event(session, job.id, states.PAUSED, job.attempt - 1) else "warning"
@@ -165,7 +169,8 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
                     unkept.append(record.storage_key)  # another job cached the same weights first
             case CheckpointStored():
                 repository.add_checkpoint(session, job_id, attempt, record.step, record.key, record.size,
-                                          record.sha256, *repository.losses_at(session, job_id, record.step))
+                                          record.sha256, *repository.losses_at(session, job_id, record.step),
+                                          tokens_seen=record.tokens_seen)
                 session.flush()
                 unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
             case Event():

@@ -156,6 +156,9 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Tokens trained up to this step (None: saved before they were recorded): an attempt that resumes from it
+    # counts its tokens from here, the steps it redoes included (app/usage/ledger.py).
+    tokens_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

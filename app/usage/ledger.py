@@ -26,6 +26,19 @@ def start(session: Session, job: Job, claimed_at: datetime) -> None:
                            worker=job.worker, claimed_at=claimed_at, tokens_at_claim=job.trained_tokens or 0))
 
 
+def resumes_at(session: Session, job_id: str, attempt: int, tokens: int) -> None:
+    """The attempt resumes from a checkpoint that had trained `tokens` (0: it starts over). It counts what
+    it trains from there, the steps the lost attempt had already run included: the GPU does them twice. The
+    job's count goes back there too, as the resumed run reports it."""
+    row = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                                                   JobAttempt.ended_at.is_(None))).one_or_none()
+    if row is not None:
+        row.tokens_at_claim = tokens
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.trained_tokens = tokens
+
+
 def end(session: Session, job_id: str, attempt: int, ended_at: datetime, outcome: str,
         half_life_s: float | None = None) -> JobAttempt | None:
     """Close the attempt (once: a second end changes nothing) and add its GPU time to its team's

@@ -20,6 +20,7 @@ from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import repository, runs
 from app.jobs.reaper import LEASE
+from app.jobs.tables import JobAttempt
 from app.operations.lease import current_holder
 from app.storage.base import make_key, storage_from_settings
 from app.storage.s3 import PART_SIZE
@@ -110,6 +111,13 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
         assert "training process was killed by SIGKILL" in requeued["message"] and "try 2 of" in requeued["message"]
         (resumed,) = [e for e in story if e["type"] == "resumed"]
         assert resumed["step"] >= newest and resumed["level"] == "warning"  # news, unlike a resume after a pause
+        # The GPU ran the steps after the checkpoint twice, and both count: attempt 2 counts its tokens from
+        # the checkpoint's, not from where attempt 1 was lost (which left them out).
+        with session_scope(faulty.settings.database_url) as session:
+            first, second = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job["id"])
+                                            .order_by(JobAttempt.attempt)).all()
+            assert 0 < second.tokens_at_claim < first.trained_tokens
+            assert first.trained_tokens + second.trained_tokens > done["summary"]["tokens_seen"]
         fault_report.append({"fault": "training process alone SIGKILLed (out of memory)", "injected": 1,
                              "survived": 1, "steps_lost": max(step_at_kill - resumed["step"], 0)})
     finally:

@@ -87,6 +87,7 @@ class CheckpointStored(_Stamped):
     key: str
     size: int
     sha256: str
+    tokens_seen: int = 0  # trained up to this step: what a later attempt resuming from it starts counting from
 
 
 @dataclass(frozen=True, kw_only=True)
