@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
@@ -27,8 +27,10 @@ class Span(Protocol):
 
 def _overlapping(query: Select, since: datetime, until: datetime, team_ids: Collection[str] | None) -> Select:
     """Attempts that held a GPU at some time in [since, until): claimed before until, and not ended
-    before since (or still running). None: of every team."""
-    query = query.where(JobAttempt.claimed_at < until, or_(JobAttempt.ended_at.is_(None), JobAttempt.ended_at >= since))
+    before since (or still running, where since is past: a running attempt holds no GPU in the future).
+    None: of every team."""
+    running = JobAttempt.ended_at.is_(None) if since < datetime.now(UTC) else false()
+    query = query.where(JobAttempt.claimed_at < until, or_(running, JobAttempt.ended_at >= since))
     if team_ids is not None:
         query = query.where(JobAttempt.team_id.in_(team_ids))
     return query.order_by(JobAttempt.claimed_at)

@@ -133,6 +133,11 @@ def test_a_running_attempt_counts_up_to_now(clients, ledger):
     if ledger["running_claim"].date() != as_of.date():  # the two hours crossed midnight: split there
         assert [d["date"] for d in team["by_day"]] == [ledger["running_claim"].date().isoformat(), as_of.date().isoformat()]
 
+    # A window wholly in the future: a running attempt held no GPU there, and is not listed with 0.
+    ahead = get_usage(clients["a"], **{"from": (as_of + timedelta(days=30)).isoformat(),
+                                       "to": (as_of + timedelta(days=31)).isoformat()})
+    assert ledger["running"] not in [j["job_id"] for j in only_team(ahead)["by_job"]]
+
     # By default: this month (UTC) up to now.
     default = get_usage(clients["a"])
     assert default["from"] == as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0).isoformat().replace("+00:00", "Z")
