@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
 
 from app.deps import AdminDep, CallerDep, SessionDep, SettingsDep
 from app.quotas import service
@@ -23,8 +25,12 @@ def team_quota(team: str, session: SessionDep, settings: SettingsDep, _: AdminDe
     return service.show(session, settings, team)
 
 
-@router.put("/admin/teams/{team}/quota", response_model=QuotaOut)
-def set_team_quota(team: str, body: QuotaChanges, session: SessionDep, settings: SettingsDep, _: AdminDep):
+# The body is validated by service.set_quota, as `qlora admin set-quota`'s is, so that a value out of range is
+# refused naming the field and what it allows; the schema documents it all the same.
+@router.put("/admin/teams/{team}/quota", response_model=QuotaOut, openapi_extra={"requestBody": {
+    "required": True, "content": {"application/json": {"schema": QuotaChanges.model_json_schema()}}}})
+def set_team_quota(team: str, body: Annotated[dict[str, Any], Body()], session: SessionDep, settings: SettingsDep,
+                   _: AdminDep):
     """Set a team's quota (admin keys): any of the five fields; null resets one to the deployment's
     default, and a field left out stays as it is."""
-    return service.report(session, settings, service.set_quota(session, team, body.model_dump(exclude_unset=True)))
+    return service.report(session, settings, service.set_quota(session, team, body))

@@ -99,6 +99,8 @@ def test_a_quota_out_of_range_is_refused_naming_the_field(deployment, admin, fie
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid" and [d["field"] for d in error["details"]] == [field]
+    # what it allows, as `qlora admin set-quota` says it (it said only "Input should be a valid integer")
+    assert "; allowed: " in error["message"] and "or null for the default" in error["message"]
     assert admin.get(f"/admin/teams/{team}/quota").json()["own"] == {
         "weight": None, "max_running": None, "max_queued": None, "gpu_hours_per_month": None, "storage_gib": None}
 
@@ -146,9 +148,9 @@ def test_quota_routes_are_documented(deployment):
         schema = anonymous.get("/openapi.json").json()
     assert schema["paths"]["/quota"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     put = schema["paths"]["/admin/teams/{team}/quota"]["put"]
-    body = put["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
-    assert set(schema["components"]["schemas"][body]["properties"]) == {
-        "weight", "max_running", "max_queued", "gpu_hours_per_month", "storage_gib"}
+    body = put["requestBody"]["content"]["application/json"]["schema"]
+    assert put["requestBody"]["required"] and body["additionalProperties"] is False
+    assert set(body["properties"]) == {"weight", "max_running", "max_queued", "gpu_hours_per_month", "storage_gib"}
 
 
 # ------------------------------------------------------------------ storage_gib on uploads
