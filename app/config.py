@@ -19,6 +19,9 @@ GIB = 1024**3
 MIB = 1024**2
 
 
+# What QLORA_DATABASE_URL takes (Settings checks it; `qlora admin` names it where a URL fails).
+DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+
 class Settings(BaseSettings):
     # An empty variable is as if unset: `QLORA_HOME=` (or a compose file's `${QLORA_HOME:-}`) would otherwise
     # put the database, the credentials and the demo model in whatever directory the command runs in.
@@ -196,7 +199,7 @@ class Settings(BaseSettings):
             self.database_url = "postgresql+psycopg://" + self.database_url.split("://", 1)[1]
         if not self.database_url.startswith(("sqlite:///", "postgresql+psycopg://")):
             scheme = self.database_url.split("://", 1)[0] if "://" in self.database_url else "no scheme"
-            raise ValueError(f"QLORA_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB "
+            raise ValueError(f"QLORA_DATABASE_URL must be {DATABASE_URL_FORMS} "
                              f"(postgres:// and postgresql:// are read as the latter), got {scheme[:40]!r}")
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")

@@ -22,7 +22,6 @@ from app.cli.render import JsonOption, err, name_column, out, plain, print_table
 commands = typer.Typer(help="Administer teams, API keys and the model registry (runs against the database).",
                        no_args_is_help=True)
 
-DATABASE_URL_FORMS = "sqlite:///path/to/qlora.db or postgresql+psycopg://user:password@host:5432/database"
 
 
 def _admin_session():
@@ -34,27 +33,22 @@ def _admin_session():
 
 def _admin_call(fn):
     """fn(session) in one transaction; a refused change (AppError) prints its message and exits 1, as does a
-    database URL that names no database SQLAlchemy can use, and a database that cannot be reached or has no
-    schema yet."""
+    database URL SQLAlchemy cannot use (the settings refuse another scheme before this) and a database that
+    cannot be reached or has no schema yet."""
     from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError
 
-    from app.config import get_settings
-    from app.db import sessionmaker_for
+    from app.config import DATABASE_URL_FORMS, get_settings
     from app.errors import AppError
 
     url = get_settings().database_url
-    try:
-        # The engine is made before anything is asked of it: an unknown scheme (postgres://, which
-        # SQLAlchemy spells postgresql+psycopg://) or a driver not installed fails here.
-        sessionmaker_for(url)
-    except (ArgumentError, ImportError) as exc:  # ArgumentError: NoSuchModuleError, an unparsable URL
-        _database_error(f"the database URL {_hide_password(url)} cannot be used: {exc}. "
-                        f"QLORA_DATABASE_URL takes {DATABASE_URL_FORMS}")
     try:
         with _admin_session() as session:
             return fn(session)
     except AppError as exc:
         _database_error(exc.message)
+    except (ArgumentError, ImportError) as exc:  # ArgumentError: an unparsable URL; ImportError: no driver
+        _database_error(f"the database URL {_hide_password(url)} cannot be used: {exc}. "
+                        f"QLORA_DATABASE_URL takes {DATABASE_URL_FORMS}")
     except (OperationalError, ProgrammingError) as exc:
         _database_error(f"the database {_hide_password(url)} cannot be used: {str(exc.orig).splitlines()[0]}. "
                         "Is it running, and has `qlora migrate` (or a first `qlora serve`) made its schema?")

@@ -30,8 +30,7 @@ def resumes_at(session: Session, job_id: str, attempt: int, tokens: int) -> None
     """The attempt resumes from a checkpoint that had trained `tokens` (0: it starts over). It counts what
     it trains from there, the steps the lost attempt had already run included: the GPU does them twice. The
     job's count goes back there too, as the resumed run reports it."""
-    row = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
-                                                   JobAttempt.ended_at.is_(None))).one_or_none()
+    row = _open_attempt(session, job_id, attempt)
     if row is not None:
         row.tokens_at_claim = tokens
     job = session.get(Job, job_id)
@@ -43,8 +42,7 @@ def end(session: Session, job_id: str, attempt: int, ended_at: datetime, outcome
         half_life_s: float | None = None) -> JobAttempt | None:
     """Close the attempt (once: a second end changes nothing) and add its GPU time to its team's
     decayed usage. None when there is no open row (an attempt claimed before the ledger existed)."""
-    row = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
-                                                   JobAttempt.ended_at.is_(None))).one_or_none()
+    row = _open_attempt(session, job_id, attempt)
     if row is None:
         return None
     ended_at = max(ended_at, row.claimed_at)
@@ -53,6 +51,11 @@ def end(session: Session, job_id: str, attempt: int, ended_at: datetime, outcome
     row.trained_tokens = max(tokens_now - row.tokens_at_claim, 0)
     _fold(session, row, half_life_s or get_settings().fair_share_half_life_s)
     return row
+
+
+def _open_attempt(session: Session, job_id: str, attempt: int) -> JobAttempt | None:
+    return session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                                                    JobAttempt.ended_at.is_(None))).one_or_none()
 
 
 def _fold(session: Session, row: JobAttempt, half_life_s: float) -> None:

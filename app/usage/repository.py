@@ -12,6 +12,7 @@ from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
+from app.db import utcnow
 from app.jobs.tables import Artifact, Checkpoint, Job, JobAttempt
 
 
@@ -29,7 +30,7 @@ def _overlapping(query: Select, since: datetime, until: datetime, team_ids: Coll
     """Attempts that held a GPU at some time in [since, until): claimed before until, and not ended
     before since (or still running, where since is past: a running attempt holds no GPU in the future).
     None: of every team."""
-    running = JobAttempt.ended_at.is_(None) if since < datetime.now(UTC) else false()
+    running = JobAttempt.ended_at.is_(None) if since < utcnow() else false()
     query = query.where(JobAttempt.claimed_at < until, or_(running, JobAttempt.ended_at >= since))
     if team_ids is not None:
         query = query.where(JobAttempt.team_id.in_(team_ids))
