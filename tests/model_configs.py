@@ -37,6 +37,12 @@ GEMMA3_12B = {
     "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8,
     "head_dim": 256, "vocab_size": 262208, "tie_word_embeddings": True, "max_position_embeddings": 131072,
 }
+# A family that fuses its layers (one qkv_proj, one gate_up_proj per block): LoRA targets take its names.
+PHI3_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+    "tie_word_embeddings": False, "max_position_embeddings": 4096,
+}
 # Mixtures of experts, which the registry refuses: their experts would not be quantized.
 MIXTRAL_8X7B = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,

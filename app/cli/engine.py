@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from app.cli.render import JsonOption, err, out, print_run_summary, show
@@ -101,9 +102,14 @@ def estimate(
             where = f"the registry's config.json of {job.base_model!r}: "
         if not isinstance(model_config, dict):
             raise ValueError(f"it holds a JSON {type(model_config).__name__}, not an object")
-        ModelShape.from_config(model_config)
+        shape = ModelShape.from_config(model_config)
     except (UnicodeDecodeError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {where}{exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(where + str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    try:
+        shape.check_targets(job.lora.target_modules)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] lora.target_modules: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
     reference = keeps_reference_adapter(job, from_adapter)

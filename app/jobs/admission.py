@@ -49,13 +49,14 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         raise Invalid(f"gpu_class: {requested!r} is not a class the workers serve ({', '.join(served)})",
                       details=field_errors([("gpu_class", "unknown GPU class")]), code="invalid_job")
     chosen = requested or settings.default_gpu_class
+    if model.config is not None:
+        check_trainable(model, spec)
     if not classes:
         return Admission(chosen, spec, None, "memory not checked: no GPU classes are configured")
     if requested is not None and requested not in settings.gpu_classes:
         return Admission(requested, spec, None, f"memory not checked: QLORA_GPU_CLASSES gives no memory for {requested}")
     if model.config is None:
         return Admission(chosen, spec, None, f"memory not checked: the registry has no config.json for {model.name}")
-    check_trainable(model)
     if requested is not None:
         classes = [(requested, settings.gpu_classes[requested])]
     paging = settings.max_paged_fraction
@@ -99,14 +100,21 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                  "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
 
 
-def check_trainable(model: RegisteredModel) -> None:
+def check_trainable(model: RegisteredModel, spec: JobSpec) -> None:
     """Invalid naming base_model where the registered config.json is one the estimate cannot read or a
-    model QLoRA cannot train (a mixture of experts): registered before the registry checked for it."""
+    model QLoRA cannot train (a mixture of experts): registered before the registry checked for it.
+    Invalid naming lora.target_modules where the list names a layer the model's blocks do not have:
+    said now, not when a worker loads the model after the job's wait in the queue."""
     try:
-        ModelShape.from_config(model.config or {})
+        shape = ModelShape.from_config(model.config or {})
     except ValueError as exc:
         raise Invalid(f"base_model: {model.name} cannot be trained here: {exc}",
                       details=field_errors([("base_model", str(exc))]), code="invalid_job") from None
+    try:
+        shape.check_targets(spec.lora.target_modules)
+    except ValueError as exc:
+        raise Invalid(f"lora.target_modules: {exc}", details=field_errors([("lora.target_modules", str(exc))]),
+                      code="invalid_job") from None
 
 
 # (setting, the spec's field, its environment variable): what an operator may cap.

@@ -13,7 +13,7 @@ from app.jobs.admission import admit
 from app.models.tables import RegisteredModel
 from tests.fast import conftest
 from tests.fast.conftest import make_settings
-from tests.model_configs import LLAMA3_8B, LLAMA3_8B_128K, LLAMA3_70B, LLAMA_65B, MIXTRAL_8X7B
+from tests.model_configs import LLAMA3_8B, LLAMA3_8B_128K, LLAMA3_70B, LLAMA_65B, MIXTRAL_8X7B, PHI3_MINI
 from worker.training.estimate import (
     GIB,
     MEMORY_SAVERS,
@@ -283,3 +283,25 @@ def test_a_model_registered_before_the_registry_refused_its_kind_is_refused_nami
             admit(served, model(config, name="old"), job_spec(max_seq_length=2048), None)
         assert refused.value.message.startswith("base_model: old cannot be trained here: ")
         assert refused.value.details[0]["field"] == "base_model"
+
+
+def targeting(spec, *names: str):
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": list(names)})})
+
+
+def test_target_modules_a_models_blocks_lack_are_refused_at_creation_naming_the_ones_they_have(served, tmp_path):
+    """Llama's q_proj and v_proj on Phi-3, whose blocks fuse them into qkv_proj: refused as the job is
+    created, with or without GPU classes to check memory against, rather than by the worker after
+    the job's wait in the queue."""
+    llama_names = targeting(job_spec(max_seq_length=2048), "q_proj", "v_proj")
+    for settings in (served, make_settings(tmp_path)):
+        with pytest.raises(Invalid) as refused:
+            admit(settings, model(PHI3_MINI, name="phi-3-mini"), llama_names, None)
+        assert refused.value.message == ("lora.target_modules: no linear layer named 'q_proj', 'v_proj' in a phi3 "
+                                         "model's blocks; they have: qkv_proj, o_proj, gate_up_proj, down_proj")
+        assert refused.value.details[0]["field"] == "lora.target_modules"
+    assert admit(served, model(PHI3_MINI, name="phi-3-mini"), targeting(llama_names, "qkv_proj", "o_proj"), None)
+    assert admit(served, model(), llama_names, None).gpu_class == "l4"
+    # A family the tables do not know is estimated as a Llama block; its names are the worker's to check.
+    unknown = {**LLAMA3_8B, "model_type": "someday"}
+    assert admit(served, model(unknown, name="someday"), targeting(llama_names, "wqkv"), None)

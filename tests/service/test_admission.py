@@ -10,7 +10,7 @@ import pytest
 
 from tests import services
 from tests.deployment import upload
-from tests.model_configs import LLAMA3_8B, MIXTRAL_8X7B
+from tests.model_configs import LLAMA3_8B, MIXTRAL_8X7B, PHI3_MINI
 from worker.training.estimate import GIB
 
 CLASSES = {"l4": 24, "h100": 80}
@@ -114,3 +114,23 @@ def test_a_mixture_of_experts_is_refused_when_registered(api):
     assert "mixture-of-experts model (8 experts per layer)" in error["message"]
     assert error["details"][0]["field"] == "config"
     assert "mixtral-8x7b" not in [m["name"] for m in api.get("/models").json()]
+
+
+def test_target_modules_the_model_lacks_are_refused_when_the_job_is_created(api, dataset_id):
+    """Llama's names on Phi-3, whose blocks fuse q/k/v: a 422 naming the field and the layers there are,
+    not a job that waits in the queue to fail on a worker."""
+    registered = api.post("/models", json={"name": "phi-3-mini", "hub_id": "microsoft/Phi-3-mini-4k-instruct",
+                                           "revision": "main", "config": PHI3_MINI})
+    assert registered.status_code == 201, registered.text
+    before = len(api.get("/jobs").json()["data"])
+    body = {"dataset_id": dataset_id, "base_model": "phi-3-mini", "lora": {"target_modules": ["q_proj", "v_proj"]},
+            "training": {"max_steps": 1}}
+    response = api.post("/jobs", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["details"][0]["field"] == "lora.target_modules"
+    assert "they have: qkv_proj, o_proj, gate_up_proj, down_proj" in error["message"]
+    assert len(api.get("/jobs").json()["data"]) == before
+    fused = api.post("/jobs", json={**body, "lora": {"target_modules": ["qkv_proj", "o_proj"]}})
+    assert fused.status_code == 201, fused.text
+    api.post(f"/jobs/{fused.json()['id']}/cancel")

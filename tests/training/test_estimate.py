@@ -13,9 +13,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from tests.model_configs import GEMMA3_12B, LLAMA3_8B, LLAMA_33B, LLAMA_65B, MIXTRAL_8X7B, QWEN3_1_7B, QWEN3_30B_A3B
+from tests.model_configs import (
+    GEMMA3_12B,
+    LLAMA3_8B,
+    LLAMA_33B,
+    LLAMA_65B,
+    MIXTRAL_8X7B,
+    PHI3_MINI,
+    QWEN3_1_7B,
+    QWEN3_30B_A3B,
+)
 from worker.training import estimate
-from worker.training.estimate import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, quantized_weight_bytes
+from worker.training.estimate import (
+    FAMILY_LINEARS,
+    GIB,
+    LLAMA_FAMILIES,
+    ModelShape,
+    estimate_peak_memory,
+    largest_micro_batch,
+    quantized_weight_bytes,
+)
 from worker.training.memory import ActivationOffload, tile_mlps
 from worker.training.model import load_base_model, lora_config, prepare_for_training, resolve_target_modules
 from worker.training.spec import JobSpec
@@ -114,7 +131,8 @@ UNSEEN = [
 ]
 
 
-def build(tmp_path, dims: dict, checkpointing: bool, offload: ActivationOffload | None = None):
+def build(tmp_path, dims: dict, checkpointing: bool, offload: ActivationOffload | None = None,
+          targets: str | list[str] = "all-linear"):
     """`dims` of a Llama model, or of another family's with its config.json's model_type."""
     dims = {"model_type": "llama", **dims}
     config = AutoConfig.for_model(dims["model_type"], tie_word_embeddings=False,
@@ -123,7 +141,7 @@ def build(tmp_path, dims: dict, checkpointing: bool, offload: ActivationOffload 
     s = spec(gradient_checkpointing=checkpointing)
     model = load_base_model(tmp_path, s.quantization, torch.bfloat16, "cpu")
     model = prepare_for_training(model, s.quantization, torch.bfloat16, checkpointing, offload=offload)
-    model = get_peft_model(model, lora_config(s.lora, resolve_target_modules(model, "all-linear")))
+    model = get_peft_model(model, lora_config(s.lora, resolve_target_modules(model, targets)))
     # The loss head trl's SFTTrainer puts on every model it trains (the baseline's and the engine's):
     # called with fused_lm_head=True, it scores tokens through tiles of logits, never all of them.
     add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
@@ -158,12 +176,7 @@ def test_parts_match_what_the_stack_allocates(tmp_path, dims):
     config = {**dims, "tie_word_embeddings": False}
     e = estimate_peak_memory(s, config, micro_batch=4, seq_len=64)
 
-    import bitsandbytes as bnb
-
-    quantized = sum(m.weight.untyped_storage().nbytes()
-                    + sum(t.numel() * t.element_size() for t in _quant_state_tensors(m.weight.quant_state))
-                    for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    assert e.parts["base weights (quantized)"] == pytest.approx(quantized, rel=0.05)
+    assert e.parts["base weights (quantized)"] == pytest.approx(quantized_bytes(model), rel=0.05)
     other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if not p.requires_grad and p.dtype == torch.bfloat16)  # 4-bit weights are packed in uint8
     assert e.parts["base weights (embeddings, head, norms)"] == other
@@ -175,6 +188,38 @@ def test_parts_match_what_the_stack_allocates(tmp_path, dims):
     # The loss head keeps the bf16 hidden states of the tokens it scores, never logits.
     predicted = e.parts["activations (kept for backward)"] + tokens * dims["hidden_size"] * 2
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def quantized_bytes(model) -> int:
+    """The 4-bit weights of a loaded model and their quantization constants."""
+    import bitsandbytes as bnb
+
+    return sum(m.weight.untyped_storage().nbytes()
+               + sum(t.numel() * t.element_size() for t in _quant_state_tensors(m.weight.quant_state))
+               for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+# Families whose blocks fuse or name their layers otherwise (FAMILY_LINEARS), with a target list of their names.
+OWN_LAYERS = [
+    (dict(model_type="phi3", num_hidden_layers=2, hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+          num_key_value_heads=2, vocab_size=2000, pad_token_id=0), ["qkv_proj", "o_proj"]),
+    (dict(model_type="gpt_neox", num_hidden_layers=2, hidden_size=384, intermediate_size=1536, num_attention_heads=6,
+          vocab_size=2000), "all-linear"),
+    (dict(model_type="starcoder2", num_hidden_layers=2, hidden_size=384, intermediate_size=1536,
+          num_attention_heads=6, num_key_value_heads=2, vocab_size=2000), ["q_proj", "v_proj", "c_fc"]),
+]
+
+
+@pytest.mark.parametrize(("dims", "targets"), OWN_LAYERS, ids=lambda v: v["model_type"] if isinstance(v, dict) else "")
+def test_a_familys_own_layers_are_counted_as_loaded_and_adapted(tmp_path, dims, targets):
+    """The 4-bit weights and the adapter of families whose layers are not Llama's seven: counted by the
+    family's own layers (a fused qkv_proj takes one LoRA pair, a two-matrix MLP has no gate)."""
+    _, model = build(tmp_path, dims, checkpointing=True, targets=targets)
+    s = JobSpec.parse({"base_model": "m", "lora": {"target_modules": targets}, "training": {"max_steps": 1}})
+    e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=4, seq_len=64)
+    assert e.parts["base weights (quantized)"] == pytest.approx(quantized_bytes(model), rel=0.05)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert e.parts["LoRA adapter"] == 4 * trainable
 
 
 @pytest.mark.parametrize("dims", UNSEEN)
@@ -374,6 +419,21 @@ def test_qlora_estimate_prints_the_breakdown_and_what_fits(tmp_path):
     assert roomy.returncode == 0 and json.loads(roomy.stdout)["fits"] is True
 
 
+def test_qlora_estimate_names_target_modules_the_model_lacks(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_MINI))
+    (tmp_path / "spec.json").write_text(json.dumps(
+        {"base_model": str(tmp_path), "lora": {"target_modules": ["q_proj", "[bold]"]}, "training": {"epochs": 1}}))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json")],
+                          capture_output=True, text=True, env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stdout
+    assert ("error: lora.target_modules: no linear layer named 'q_proj', '[bold]' in a phi3 model's blocks; "
+            "they have: qkv_proj, o_proj, gate_up_proj, down_proj") in done.stderr
+
+
 def test_qlora_estimate_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter_when_told(tmp_path):
     import json
     import subprocess
@@ -571,3 +631,36 @@ def test_what_each_family_adds_to_a_layer_is_read_from_its_config(config, query,
     shape = ModelShape.from_config(config)
     assert (shape.heads * shape.head_dim, shape.qk_norm, shape.sandwich_norms) == (query, qk_norm, sandwich)
     assert ModelShape.from_config({**LLAMA3_8B, "use_qk_norm": True}).qk_norm  # said by the config itself
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LINEARS.keys() | LLAMA_FAMILIES))
+def test_each_familys_linear_layers_are_the_ones_transformers_builds(family):
+    """The estimate's table of each family's linear layers (names and shapes), against the block the
+    pinned transformers builds (on the meta device: no memory) at shapes where every width differs."""
+    defaults = AutoConfig.for_model(family)
+    # Grouped-query heads 32 wide (queries 128 wide on a hidden size of 64), where the family's config has
+    # those fields; Helium's o_proj assumes that the queries are as wide as the hidden size, as they are in its models.
+    heads = {key: value for key, value in (("num_key_value_heads", 2), ("head_dim", 16 if family == "helium" else 32))
+             if hasattr(defaults, key)}
+    config = AutoConfig.for_model(family, num_hidden_layers=1, hidden_size=64, intermediate_size=96,
+                                  num_attention_heads=4, vocab_size=128, pad_token_id=0, **heads)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    built = {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    assert ModelShape.from_config(config.to_dict()).linear_shapes() == built
+
+
+def test_fused_layers_are_counted_as_the_family_has_them():
+    """Phi-3 3.8B: its published 3,821,079,552 parameters, and LoRA on the fused layers a list names."""
+    shape = ModelShape.from_config(PHI3_MINI)
+    assert shape.linear_params + shape.other_params == 3_821_079_552
+    fused = JobSpec.parse({"base_model": "m", "lora": {"target_modules": ["qkv_proj", "o_proj"]},
+                           "training": {"max_steps": 1}})
+    e = estimate_peak_memory(fused, PHI3_MINI)
+    assert e.parts["LoRA adapter"] == 4 * 32 * 16 * ((3072 + 3 * 3072) + (3072 + 3072))
+    with pytest.raises(ValueError, match="no linear layer named 'q_proj' in a phi3 model's blocks; they have: "
+                                         "qkv_proj, o_proj, gate_up_proj, down_proj"):
+        estimate_peak_memory(JobSpec.parse({"base_model": "m", "lora": {"target_modules": ["q_proj"]},
+                                            "training": {"max_steps": 1}}), PHI3_MINI)

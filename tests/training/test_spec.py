@@ -48,6 +48,9 @@ def test_defaults_follow_qlora():
         ({"method": {"beta": 0.1}}, "method.type", "'sft', 'dpo'"),
         ({"method": {"type": "sft", "beta": 0.1}}, "method.beta", "unknown field; allowed here: type"),
         ({"method": {"type": "dpo", "loss": "ipo", "label_smoothing": 0.1}}, "method.label_smoothing", "sigmoid"),
+        ({"lora": {"target_modules": []}}, "lora.target_modules", "non-empty list of module names"),
+        ({"lora": {"target_modules": [f"m{i}" for i in range(65)]}}, "lora.target_modules", "at most 64 module names"),
+        ({"lora": {"target_modules": ["q" * 129]}}, "lora.target_modules", "of at most 128 characters"),
     ],
 )
 def test_out_of_range_names_field_and_range(patch, field, allowed):

@@ -83,10 +83,11 @@ ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weigh
 # named here is estimated as a Llama layer (Mistral, Qwen2, Gemma, Granite, OLMo 2's norms and most others are one).
 # RMSNorms on the queries and keys (per head, or over the whole width as OLMo 2 has them), which save
 # their float32 input; some families say so in their config instead (use_qk_norm, qk_layernorm).
-QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3", "gemma3_text", "olmo2", "olmo3"})
+QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3", "gemma3_text", "olmo2", "olmo3", "exaone4", "apertus",
+                              "hunyuan_v1_dense"})
 ACT_PER_QK_NORMED = 4.0  # per unit of the query and key widths
 # Two more RMSNorms per layer, around the attention's and the MLP's outputs ("sandwich" norms).
-SANDWICH_NORM_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text"})
+SANDWICH_NORM_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text", "glm4"})
 ACT_PER_SANDWICH_HIDDEN = 7.5  # per unit of the hidden size: their float32 inputs
 # Families transformers gives no SDPA path (Gemma 2 soft-caps its scores): without flash-attn installed
 # they run eager attention, which keeps each layer's (heads x tokens x tokens) scores for backward, the
@@ -94,6 +95,33 @@ ACT_PER_SANDWICH_HIDDEN = 7.5  # per unit of the hidden size: their float32 inpu
 EAGER_ATTENTION_FAMILIES = frozenset({"gemma2", "vaultgemma", "granite_swa"})
 ACT_PER_SCORE = 7.75  # bytes per score, per layer: what the layer keeps
 GRAD_PER_SCORE = 2.0  # and the scores' gradient, in flight as its backward runs
+# The linear layers of one decoder block, as (name, input width, output width) in the block's widths:
+# h the hidden size, q the queries' (heads x head_dim), kv the keys' and the values' each, i the MLP's.
+LLAMA_LINEARS = (("q_proj", "h", "q"), ("k_proj", "h", "kv"), ("v_proj", "h", "kv"), ("o_proj", "q", "h"),
+                 ("gate_proj", "h", "i"), ("up_proj", "h", "i"), ("down_proj", "i", "h"))
+_ATTENTION, _TWO_MATRIX_MLP = LLAMA_LINEARS[:4], (("up_proj", "h", "i"), ("down_proj", "i", "h"))
+# By config.json's model_type, the families whose blocks name or fuse their linear layers otherwise, as
+# the pinned transformers builds them (tests/training/test_estimate.py builds each and compares). They
+# matter twice: the 4-bit weights and the adapter are counted per layer, and an explicit
+# lora.target_modules must name layers the block has (fused q/k/v or gate/up take LoRA as one layer).
+FAMILY_LINEARS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "phi3": (("qkv_proj", "h", "qkv"), ("o_proj", "q", "h"), ("gate_up_proj", "h", "2i"), ("down_proj", "i", "h")),
+    "glm": (*_ATTENTION, ("gate_up_proj", "h", "2i"), ("down_proj", "i", "h")),
+    "glm4": (*_ATTENTION, ("gate_up_proj", "h", "2i"), ("down_proj", "i", "h")),
+    "gpt_neox": (("query_key_value", "h", "qkv"), ("dense", "q", "h"), ("dense_h_to_4h", "h", "i"),
+                 ("dense_4h_to_h", "i", "h")),
+    "phi": (*_ATTENTION[:3], ("dense", "q", "h"), ("fc1", "h", "i"), ("fc2", "i", "h")),
+    "starcoder2": (*_ATTENTION, ("c_fc", "h", "i"), ("c_proj", "i", "h")),
+    **{family: (*_ATTENTION, *_TWO_MATRIX_MLP) for family in ("nemotron", "apertus", "arcee", "jais2")},
+}
+# The dense families whose blocks are Llama's seven layers (the same check keeps this list true). A
+# family in neither table is estimated as a Llama block, and its explicit target names are checked
+# only when the worker loads the model.
+LLAMA_FAMILIES = frozenset({
+    "llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+    "vaultgemma", "granite", "granite_swa", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "helium", "smollm3",
+    "stablelm", "exaone4", "internlm3", "hunyuan_v1_dense", "seed_oss", "ernie4_5", "diffllama",
+})
 # A config that names experts: the keys families use for how many a layer routes between.
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 MAX_DIMENSION = 2**31  # past any real model: a larger value is a broken or hostile config
@@ -129,6 +157,7 @@ class ModelShape:
     qk_norm: bool = False
     sandwich_norms: bool = False
     eager_attention: bool = False
+    family: str = "llama"  # config.json's model_type: which linear layers a block has (FAMILY_LINEARS)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -147,6 +176,7 @@ class ModelShape:
             or bool(config.get("qk_layernorm")),
             sandwich_norms=config.get("model_type") in SANDWICH_NORM_FAMILIES,
             eager_attention=config.get("model_type") in EAGER_ATTENTION_FAMILIES,
+            family=config["model_type"] if isinstance(config.get("model_type"), str) else "llama",
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -166,11 +196,23 @@ class ModelShape:
         return shape
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder block."""
+        """(in, out) of each linear layer of one decoder block, by its name in the block."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+        width = {"h": self.hidden, "q": q, "kv": kv, "qkv": q + 2 * kv, "i": self.intermediate,
+                 "2i": 2 * self.intermediate}
+        return {name: (width[i], width[o]) for name, i, o in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS)}
+
+    def check_targets(self, targets: str | list[str]) -> None:
+        """ValueError naming what an explicit lora.target_modules list names that this family's blocks do
+        not have, and what they have; nothing to check for "all-linear", or a family the tables do not know."""
+        if targets == "all-linear" or (self.family not in FAMILY_LINEARS and self.family not in LLAMA_FAMILIES):
+            return
+        layers = self.linear_shapes()
+        missing = [excerpt_value(name) for name in dict.fromkeys(targets) if name not in layers]
+        if missing:
+            named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"no linear layer named {named} in a {self.family} model's blocks; "
+                             f"they have: {', '.join(layers)}")
 
     @property
     def linear_params(self) -> int:
@@ -248,6 +290,7 @@ def quantized_weight_bytes(spec: JobSpec, shape: ModelShape) -> int:
 
 
 def lora_params(spec: JobSpec, shape: ModelShape) -> int:
+    shape.check_targets(spec.lora.target_modules)
     targets = shape.linear_shapes()
     names = targets if spec.lora.target_modules == "all-linear" else {
         k: v for k, v in targets.items() if k in spec.lora.target_modules}

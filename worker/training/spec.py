@@ -65,6 +65,9 @@ class QuantizationSpec(_Strict):
         return self.bits != "none" and compute_dtype == "float16"
 
 
+MAX_TARGET_MODULES, MAX_MODULE_NAME = 64, 128
+
+
 class LoraSpec(_Strict):
     # QLoRA §4: r matters little once every linear layer is adapted; 16 is the common default.
     r: int = Field(16, ge=1, le=1024)
@@ -87,12 +90,14 @@ class LoraSpec(_Strict):
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraSpec:
-        if isinstance(self.target_modules, list) and not all(
-            isinstance(name, str) and name.strip() for name in self.target_modules
-        ):
+        names = self.target_modules
+        if isinstance(names, list) and (not names or not all(isinstance(name, str) and name.strip() for name in names)):
             raise ValueError("target_modules: must be \"all-linear\" or a non-empty list of module names")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules: must be \"all-linear\" or a non-empty list of module names")
+        # A block has a dozen linear layers at most: a longer list, or a longer name, is a mistake.
+        if isinstance(names, list) and (len(names) > MAX_TARGET_MODULES
+                                        or any(len(name) > MAX_MODULE_NAME for name in names)):
+            raise ValueError(f"target_modules: at most {MAX_TARGET_MODULES} module names of at most "
+                             f"{MAX_MODULE_NAME} characters each")
         return self
 
 
