@@ -635,8 +635,8 @@ def test_what_each_family_adds_to_a_layer_is_read_from_its_config(config, query,
 
 @pytest.mark.parametrize("family", sorted(FAMILY_LINEARS.keys() | LLAMA_FAMILIES))
 def test_each_familys_linear_layers_are_the_ones_transformers_builds(family):
-    """The estimate's table of each family's linear layers (names and shapes), against the block the
-    pinned transformers builds (on the meta device: no memory) at shapes where every width differs."""
+    """The estimate's tables of each family's linear layers (names and shapes) and norms, against the
+    block the pinned transformers builds (on the meta device: no memory) at shapes where every width differs."""
     defaults = AutoConfig.for_model(family)
     # Grouped-query heads 32 wide (queries 128 wide on a hidden size of 64), where the family's config has
     # those fields; Helium's o_proj assumes that the queries are as wide as the hidden size, as they are in its models.
@@ -649,7 +649,13 @@ def test_each_familys_linear_layers_are_the_ones_transformers_builds(family):
     head = model.get_output_embeddings()
     built = {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    assert ModelShape.from_config(config.to_dict()).linear_shapes() == built
+    shape = ModelShape.from_config(config.to_dict())
+    assert shape.linear_shapes() == built
+    # And the norms the estimate adds terms for: on the queries and keys, and four a layer.
+    layer = model.base_model.layers[0]
+    attention = next(module for name, module in layer.named_children() if "attn" in name or "attention" in name)
+    assert shape.qk_norm == (sum("Norm" in type(m).__name__ for m in attention.modules()) >= 2)
+    assert shape.sandwich_norms == (sum("Norm" in type(m).__name__ for m in layer.children()) == 4)
 
 
 def test_fused_layers_are_counted_as_the_family_has_them():
