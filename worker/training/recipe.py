@@ -649,7 +649,7 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         optim=t.optimizer,
         # prepare_for_training enabled it (with the offloading checkpoint where asked); the Trainer would
         # enable it again with its own checkpoint function.
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5.23 name; gradient_checkpointing is deprecated
         seed=t.seed,
         data_seed=t.seed,  # same data order on every attempt, so a resume continues the same run
         bf16=compute_dtype == torch.bfloat16,
