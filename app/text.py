@@ -6,10 +6,16 @@ from __future__ import annotations
 import unicodedata
 
 
+# Unicode's bidirectional embeddings, overrides and isolates (not the LRM/RLM marks right-to-left text
+# uses): they reorder how the text after them is shown, so a name holding one displays as another name
+# in a listing, a terminal or a downloaded file's name ("Trojan Source", CVE-2021-42574).
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def has_control_characters(text: str) -> bool:
-    """C0/C1 controls (NUL, line breaks, tabs, DEL): no name or id has them, and Postgres refuses NUL
-    in a text value, even one only compared with (the query fails)."""
-    return any(unicodedata.category(c) == "Cc" for c in text)
+    """C0/C1 controls (NUL, line breaks, tabs, DEL) and bidi overrides: no name or id has them, and
+    Postgres refuses NUL in a text value, even one only compared with (the query fails)."""
+    return any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in text)
 
 
 _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")

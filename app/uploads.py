@@ -125,7 +125,7 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.in_file = part.name == file_field and part.filename is not None
         if part.in_file:
             if has_control_characters(part.filename or ""):  # Postgres cannot store a NUL in it
-                raise Invalid(f"the file's name holds a control character (NUL, a line break, a tab): "
+                raise Invalid(f"the file's name holds a control character (NUL, a line break, a tab, a bidi override): "
                               f"{excerpt(part.filename)}; rename the file")
             if seen_file:
                 raise Invalid(f"send one {file_field!r} part per request")

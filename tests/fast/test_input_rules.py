@@ -119,6 +119,8 @@ def native(**fields) -> dict:
     ({"name": "two\nlines"}, "name"),
     ({"name": "nul\x00"}, "name"),
     ({"name": "del\x7f"}, "name"),
+    ({"name": "invoice\u202egpj.exe"}, "name"),  # shown as "invoiceexe.jpg"
+    ({"name": "a\u2066b"}, "name"),
 ])
 def test_job_fields_a_database_or_a_header_cannot_hold_are_invalid(fields, field):
     with pytest.raises(Invalid) as refused:
@@ -129,6 +131,8 @@ def test_job_fields_a_database_or_a_header_cannot_hold_are_invalid(fields, field
 def test_a_name_in_any_script_is_a_name():
     meta, _ = service.parse_create(native(name="модель «v2» 数据 👩‍💻"))
     assert meta["name"] == "модель «v2» 数据 👩‍💻"
+    rtl = "\u05de\u05d5\u05d3\u05dc\u200f v2 \u0645\u062f\u0644\u200c"  # Hebrew, an RLM mark, Arabic, a ZWNJ
+    assert service.parse_create(native(name=rtl))[0]["name"] == rtl
 
 
 def test_an_empty_openai_validation_file_is_refused():
@@ -223,7 +227,8 @@ def test_every_route_that_takes_a_json_body_parses_it_as_the_database_reads_it_b
     assert [r.path for r in routes if not isinstance(r, CheckedJSONRoute)] == []
 
 
-@pytest.mark.parametrize(("field", "value"), [("name", "a\x00b"), ("path", "/models/a\x00b"), ("hub_id", "org/m\n"),
+@pytest.mark.parametrize(("field", "value"), [("name", "a\x00b"), ("name", "llama\u202e"), ("path", "/models/a\x00b"),
+                                              ("hub_id", "org/m\n"),
                                               ("revision", "r" * 101), ("description", "x\x00"), ("hub_id", "h" * 301)])
 def test_a_model_registration_with_a_nul_or_past_its_column_is_refused_naming_the_field(field, value):
     from app.models.schemas import ModelIn

@@ -424,7 +424,7 @@ def test_a_cursor_whose_id_holds_a_nul_is_a_422(team_a, path):
 
 
 def test_a_file_name_with_a_nul_or_a_tab_is_refused_and_nothing_is_kept(team_a, unchanged):
-    for name in (b"a\x00b.jsonl", b"a\tb.jsonl"):  # raw in the part header: httpx would percent-encode them
+    for name in (b"a\x00b.jsonl", b"a\tb.jsonl", "a\u202eb.jsonl".encode()):  # raw: httpx would percent-encode them
         body = (b'--BB\r\nContent-Disposition: form-data; name="file"; filename="' + name + b'"\r\n\r\n'
                 b'{"text": "hi"}\n\r\n--BB--\r\n')
         response = team_a.post("/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=BB"})
