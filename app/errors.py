@@ -13,10 +13,12 @@ class AppError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, details: Any = None, code: str | None = None):
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.details = details
+        self.headers = headers or {}  # sent with the error's answer (416's Content-Range)
         if code:
             self.code = code
 
@@ -84,6 +86,14 @@ class QuotaExceeded(AppError):
 
     status = 429
     code = "quota_exceeded"
+
+
+class RangeNotSatisfiable(AppError):
+    """A Range no byte of the object falls in (it starts at or past the end); the answer's
+    Content-Range says the object's size, as RFC 9110 asks."""
+
+    status = 416
+    code = "range_not_satisfiable"
 
 
 class Invalid(AppError):

@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def app_error(request: Request, exc: AppError):
         # The openai SDK sends a 429 again twice unless told not to: over a quota, the same request
         # (a whole file upload) would only be refused again.
-        headers = {"x-should-retry": "false"} if isinstance(exc, QuotaExceeded) else None
+        headers = {**exc.headers, **({"x-should-retry": "false"} if isinstance(exc, QuotaExceeded) else {})}
         if request.url.path.startswith("/v1/"):  # the OpenAI-compatible API answers in OpenAI's shape
             status, body = openai_error(exc.status, exc.message, exc.code, exc.details)
             return JSONResponse(body, status_code=status, headers=headers)

@@ -8,19 +8,21 @@ module imports torch, and the dataset check imports the server's own ingest code
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import tarfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -201,37 +203,70 @@ class ApiClient:
         return self._json("GET", f"/jobs/{job_id}/artifacts")
 
     def download_artifact(self, job_id: str, kind: str, out_dir: Path,
-                          on_start: Callable[[int], None] | None = None,
-                          on_progress: Progress | None = None) -> tuple[Path, dict]:
-        """Download an artifact's tar to out_dir, verified against the sha256 the API recorded. Returns its
-        path and the artifact as the API lists it (kind, bytes, sha256, ...)."""
+                          on_start: Callable[[int, int], None] | None = None,
+                          on_progress: Progress | None = None) -> Downloaded:
+        """Download an artifact's tar to out_dir, verified against the sha256 the API recorded.
+
+        Resumable: what a download that broke off (a dropped connection, Ctrl-C) had written stays in
+        its part file, and the next download of the same artifact asks only for the rest (Range, with
+        If-Range: its sha256); the whole file is checked at the end all the same. `on_start` hears the
+        size and the byte the transfer starts from (0, or where an earlier one stopped)."""
         listing = {a["kind"]: a for a in self.job_artifacts(job_id)}
         if kind not in listing:
             have = ", ".join(sorted(listing)) or "none yet"
             raise ClientError(f"job {job_id} has no {kind!r} artifact (it has: {have})", status=404)
         expected = listing[kind]
-        if on_start:
-            on_start(expected["bytes"])
-        dest = Path(out_dir) / f"{job_id}-{kind}.tar"
-        with self._artifact_response(job_id, kind) as response:
-            return write_verified(response.iter_bytes(CHUNK_BYTES), dest, expected["sha256"], on_progress), expected
+        total = expected["bytes"]
+        with PartFile(Path(out_dir) / f"{job_id}-{kind}.tar", expected["sha256"]) as part:
+            start = part.continue_within(total)
+            if start < total:
+                with self._artifact_response(job_id, kind, expected["sha256"], start) as response:
+                    if response.status_code != 206:  # the whole file: the server could not or would not resume
+                        start = part.start_over()
+                    if on_start:
+                        on_start(total, start)
+                    try:
+                        # As the bytes arrive, not gathered into 1 MiB chunks: what arrived before a
+                        # break is on disk, not lost with a half-filled chunk.
+                        for data in response.iter_bytes():
+                            part.write(data)
+                            if on_progress:
+                                on_progress(len(data))
+                    except httpx.TransportError as exc:
+                        raise ClientError(f"the download broke off at byte {part.size:,} of {total:,} "
+                                          f"({exc or type(exc).__name__}); run the same command again to resume "
+                                          f"from there (kept in {part.path})") from None
+            elif on_start:
+                on_start(total, start)
+            return Downloaded(part.finish(total, resumed_from=start), expected, start)
 
     @contextmanager
-    def _artifact_response(self, job_id: str, kind: str) -> Iterator[httpx.Response]:
-        # Redirects are followed by hand: the presigned URL carries its own signature, and the
-        # API key must never travel to the storage host (nor would S3 accept two kinds of auth).
-        with self._send_stream("GET", f"/jobs/{job_id}/artifacts/{kind}") as response:
+    def _artifact_response(self, job_id: str, kind: str, sha256: str, start: int) -> Iterator[httpx.Response]:
+        """The artifact's bytes from `start` (206) or whole (200), from the API or the storage it redirects to."""
+        resume = {"Range": f"bytes={start}-"} if start else {}
+        # If-Range: should the artifact have changed since its part was written, the API sends it whole.
+        with self._send_stream("GET", f"/jobs/{job_id}/artifacts/{kind}",
+                               headers={**resume, "If-Range": f'"{sha256}"'} if start else None) as response:
             if response.status_code not in REDIRECTS:
+                _check_range(response, start)
                 yield response
                 return
             location = response.headers["location"]
+            # The link serves what the API says it does: a storage key is written once and never
+            # overwritten. No If-Range there: S3 compares it with its own ETag (an MD5, or a hash of the
+            # parts), never our sha256, so it would always send the whole file.
+            same = response.headers.get("x-checksum-sha256") == sha256
+        # Redirects are followed by hand: the presigned URL carries its own signature, and the
+        # API key must never travel to the storage host (nor would S3 accept two kinds of auth).
+        # Range is not part of that signature, so the link takes it as sent.
         try:
             with httpx.Client(timeout=httpx.Timeout(60, read=300)) as storage:
-                with storage.stream("GET", location) as response:
-                    if response.status_code != 200:
+                with storage.stream("GET", location, headers=resume if same else None) as response:
+                    if response.status_code not in (200, 206):
                         response.read()
                         raise ClientError(f"the storage server answered {response.status_code} for the download "
                                           f"link: {response.text[:300]}", status=response.status_code)
+                    _check_range(response, start if same else 0)
                     yield response
         except httpx.TransportError as exc:
             raise ClientError(f"the download from storage ({httpx.URL(location).host}) failed: {exc}; "
@@ -276,9 +311,9 @@ class ApiClient:
         return body
 
     @contextmanager
-    def _send_stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+    def _send_stream(self, method: str, path: str, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
         try:
-            with self._http.stream(method, path, timeout=httpx.Timeout(60, read=300)) as response:
+            with self._http.stream(method, path, headers=headers, timeout=httpx.Timeout(60, read=300)) as response:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for_error(response)
@@ -386,29 +421,130 @@ def check_dataset(path: Path, on_progress: Progress | None = None) -> LocalCheck
 # ---------------------------------------------------------------- downloads
 
 
-def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, on_progress: Progress | None = None) -> Path:
-    """Write chunks to dest only if they hash to sha256.
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path  # the verified archive
+    artifact: dict  # as GET /jobs/{id}/artifacts lists it
+    resumed_from: int  # the byte this download continued from; 0 when it fetched the whole file
 
-    They go to a temporary file beside dest and are renamed into place after the check, so dest
-    never holds a partial or corrupted archive; on a mismatch the temporary file is deleted.
+
+CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+
+
+def _check_range(response: httpx.Response, start: int) -> None:
+    """A 206 must hold the bytes from `start` on, or appending it to the part file would corrupt it."""
+    if response.status_code != 206:
+        return
+    sent = CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+    if not start or sent is None or int(sent.group(1)) != start:
+        raise ClientError(f"asked for the bytes from {start:,} on, the server sent "
+                          f"{response.headers.get('content-range') or 'a range without Content-Range'}; try again")
+
+
+class PartFile:
+    """A download in progress, beside its destination: `.{name}.{sha256[:16]}.part`, renamed to the
+    destination once whole and verified, so the destination never holds a partial or corrupted archive.
+
+    Named after the content it holds, so a part is continued only with the same artifact's bytes (a
+    part of an earlier version of the artifact is deleted when a download of the new one starts). Locked
+    (flock) while a download writes it: a second download of the same artifact at the same time stops
+    at once, saying so, instead of writing into the same file. The lock goes with its process, so a
+    crash leaves no stale lock, only the part, which the next download continues.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.part")
-    digest = hashlib.sha256()
-    try:
-        with open(partial, "wb") as f:
-            for data in chunks:
-                f.write(data)
-                digest.update(data)
-                if on_progress:
-                    on_progress(len(data))
-        if digest.hexdigest() != sha256:
-            raise ClientError(f"checksum mismatch for {dest.name}: expected sha256 {sha256}, got {digest.hexdigest()}; "
-                              "the download was corrupted or tampered with and has been deleted, try again")
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
-    return dest
+
+    def __init__(self, dest: Path, sha256: str):
+        self.dest = dest
+        self.sha256 = sha256
+        self.path = dest.with_name(f".{dest.name}.{sha256[:16]}.part")
+        self._digest = hashlib.sha256()
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> PartFile:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self._file = _locked(self.path)
+        if self._file is None:
+            raise ClientError(f"another download of {self.dest.name} is running (it writes {self.path}); "
+                              "wait for it to finish, or stop it first")
+        for stale in self.dest.parent.glob(glob.escape(f".{self.dest.name}.") + "*.part"):
+            if stale != self.path and (held := _locked(stale)) is not None:  # not one being written now
+                stale.unlink(missing_ok=True)
+                held.close()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Whatever went wrong (a dropped connection, Ctrl-C), what was written stays for the next try.
+        assert self._file is not None
+        self._file.close()
+
+    @property
+    def size(self) -> int:
+        assert self._file is not None
+        return self._file.tell()
+
+    def continue_within(self, total: int) -> int:
+        """Where the download goes on: the end of what an earlier one wrote, hashed now so the whole file
+        is checked at the end; 0 for an empty part or one longer than the artifact (started over)."""
+        assert self._file is not None
+        held = self._file.seek(0, os.SEEK_END)
+        if held > total:
+            return self.start_over()
+        self._file.seek(0)
+        while data := self._file.read(CHUNK_BYTES):
+            self._digest.update(data)
+        return held
+
+    def start_over(self) -> int:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.truncate()
+        self._digest = hashlib.sha256()
+        return 0
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._digest.update(data)
+
+    def finish(self, total: int, resumed_from: int = 0) -> Path:
+        """Rename the part into place if it holds `total` bytes that hash to the sha256; a short one stays
+        for the next try, a corrupted one is deleted."""
+        assert self._file is not None
+        self._file.flush()
+        if self.size < total:
+            raise ClientError(f"the download ended early, at byte {self.size:,} of {total:,}; run the same command "
+                              f"again to resume from there (kept in {self.path})")
+        got = self._digest.hexdigest()
+        if self.size > total or got != self.sha256:
+            self.path.unlink()
+            resumed = (f" (it continued an earlier download from byte {resumed_from:,}, and that part may be what "
+                       "was corrupt)") if resumed_from else ""
+            raise ClientError(f"checksum mismatch for {self.dest.name}: expected sha256 {self.sha256}, got {got}{resumed}; "
+                              "the download was corrupted or tampered with and its part file has been deleted: "
+                              "run the same command again to download it whole")
+        os.replace(self.path, self.dest)
+        return self.dest
+
+
+def _locked(path: Path) -> BinaryIO | None:
+    """`path` opened for reading and writing (created if missing) and locked, or None if another process
+    holds its lock."""
+    import fcntl  # POSIX only: imported here, so that the verbs which never lock work without it
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return os.fdopen(fd, "r+b")
+        except FileNotFoundError:
+            pass
+        # The download that held it finished meanwhile and renamed it into place: this file is the
+        # archive now, not a part; open the name again.
+        os.close(fd)
 
 
 def extract_tar(archive: Path, out_dir: Path) -> list[str]:

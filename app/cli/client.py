@@ -530,10 +530,11 @@ def jobs_download(
     extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Also unpack the tar into --out.")] = True,
     as_json: JsonOption = None,
 ) -> None:
-    """Download a job's adapter, merged model or eval report, verified against its sha256.
+    """Download a job's adapter, merged model or eval report, verified against its sha256. A download
+    that broke off is continued by the same command, from the byte where it stopped.
 
-    On a pipe: {"job_id", "kind", "archive" (its path), "sha256", "bytes", "extracted": [the paths unpacked]
-    or null with --no-extract}."""
+    On a pipe: {"job_id", "kind", "archive" (its path), "sha256", "bytes", "resumed_from" (the byte it
+    continued from, 0 for a whole download), "extracted": [the paths unpacked] or null with --no-extract}."""
     import tarfile
 
     from app.cli.api_client import extract_tar
@@ -542,10 +543,17 @@ def jobs_download(
         _fail(f"--kind must be adapter, merged or report, got {kind!r}")
     with _api(ctx) as api:
         progress, task = transfer_progress(f"downloading {kind}", None)
+
+        def started(total: int, resumed_from: int) -> None:
+            progress.update(task, total=total, completed=resumed_from)
+            if resumed_from:
+                progress.console.print(f"resuming an interrupted download at byte {resumed_from:,} of {total:,}",
+                                       highlight=False)
+
         with progress:
-            archive, artifact = api.download_artifact(job_id, kind, out_dir,
-                                                      on_start=lambda total: progress.update(task, total=total),
-                                                      on_progress=lambda n: progress.advance(task, n))
+            download = api.download_artifact(job_id, kind, out_dir, on_start=started,
+                                             on_progress=lambda n: progress.advance(task, n))
+    archive, artifact, resumed_from = download.path, download.artifact, download.resumed_from
     names: list[str] | None = None
     if extract:
         try:
@@ -554,12 +562,14 @@ def jobs_download(
             _fail(f"cannot extract {archive}: {exc}")
 
     def text() -> None:
-        out.print(f"{archive}: sha256 verified", highlight=False, soft_wrap=True)
+        resumed = f" (resumed from byte {resumed_from:,})" if resumed_from else ""
+        out.print(f"{archive}: sha256 verified{resumed}", highlight=False, soft_wrap=True)
         if names is not None:
             out.print(f"extracted {', '.join(n + '/' for n in names)} into {out_dir}", highlight=False, soft_wrap=True)
 
     show({"job_id": job_id, "kind": kind, "archive": str(archive), "sha256": artifact["sha256"],
-          "bytes": artifact["bytes"], "extracted": None if names is None else [str(out_dir / n) for n in names]},
+          "bytes": artifact["bytes"], "resumed_from": resumed_from,
+          "extracted": None if names is None else [str(out_dir / n) for n in names]},
          text, as_json)
 
 

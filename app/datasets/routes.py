@@ -7,7 +7,9 @@ from app.datasets import service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.idempotency import service as idempotency
+from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute
+from app.storage import StoredObject
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=CheckedJSONRoute)
 
@@ -40,14 +42,14 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep):
     return service.get(session, caller, dataset_id)
 
 
-@router.get("/{dataset_id}/content", response_class=StreamingResponse)
-def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+@router.get("/{dataset_id}/content", response_class=StreamingResponse, responses=RANGED)
+def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
+    """The file as uploaded; resumable with Range and If-Range, as an artifact's download."""
     dataset = service.get(session, caller, dataset_id)
-    return StreamingResponse(storage.open(dataset.storage_key), media_type="application/x-ndjson", headers={
-        "Content-Length": str(dataset.bytes),
-        "Content-Disposition": f'attachment; filename="{dataset.id}.jsonl"',
-        "X-Checksum-Sha256": dataset.sha256,
-    })
+    return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
+                                  "application/x-ndjson", {
+                                      "Content-Disposition": f'attachment; filename="{dataset.id}.jsonl"',
+                                      "X-Checksum-Sha256": dataset.sha256})
 
 
 @router.delete("/{dataset_id}", status_code=204)

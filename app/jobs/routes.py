@@ -26,8 +26,9 @@ from app.jobs.schemas import (
 )
 from app.jobs.stream import job_stream
 from app.pagination import MAX_ID
+from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute
-from app.storage.base import attachment_disposition
+from app.storage.base import StoredObject, attachment_disposition
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=CheckedJSONRoute)
 
@@ -172,17 +173,20 @@ def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: Ca
             for a in service.artifacts(session, caller, job_id)]
 
 
-@router.get("/{job_id}/artifacts/{kind}", name="download_artifact")
+@router.get("/{job_id}/artifacts/{kind}", name="download_artifact", responses={
+    **RANGED, 307: {"description": "On S3: the presigned URL, which takes a Range header too."}})
 def download_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-                      caller: CallerDep):
-    """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL."""
+                      caller: CallerDep, asked: RangeDep):
+    """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL.
+    Resumable: Range (one byte range, 206) with If-Range set to the ETag, the quoted sha256."""
     found = service.download(session, storage, settings, caller, job_id, kind)
-    headers = {"X-Checksum-Sha256": found.artifact.sha256}
+    artifact = found.artifact
+    headers = {"X-Checksum-Sha256": artifact.sha256}
     if found.url:
         return RedirectResponse(found.url, status_code=307, headers=headers)
-    return StreamingResponse(storage.open(found.artifact.storage_key), media_type="application/x-tar", headers={
-        **headers, "Content-Length": str(found.artifact.bytes),
-        "Content-Disposition": attachment_disposition(found.filename)})
+    return stored_object_response(asked, storage, StoredObject(artifact.storage_key, artifact.bytes, artifact.sha256),
+                                  "application/x-tar",
+                                  {**headers, "Content-Disposition": attachment_disposition(found.filename)})
 
 
 @router.get("/{job_id}/artifacts/{kind}/link")

@@ -19,7 +19,9 @@ from app.jobs import service as jobs
 from app.jobs.tables import JobEvent
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
+from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute
+from app.storage import StoredObject
 from worker.training.spec import excerpt
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=CheckedJSONRoute)
@@ -73,11 +75,11 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: 
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.get("/files/{file_id}/content", response_class=StreamingResponse)
-def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+@router.get("/files/{file_id}/content", response_class=StreamingResponse, responses=RANGED)
+def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
     dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
-    return StreamingResponse(storage.open(dataset.storage_key), media_type="application/octet-stream",
-                             headers={"Content-Length": str(dataset.bytes)})
+    return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
+                                  "application/octet-stream", {})
 
 
 # ------------------------------------------------------------------ fine-tuning jobs

@@ -59,7 +59,8 @@ class ObjectWriter(Protocol):
 class Storage(Protocol):
     def writer(self, key: str) -> ObjectWriter: ...
     def put_file(self, key: str, path: Path) -> StoredObject: ...
-    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
+    def open(self, key: str, *, start: int = 0, length: int | None = None,
+             chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...  # see StorageBase.open
     def download(self, key: str, path: Path, expected_sha256: str | None = None,
                  progress: Callable[[int], None] | None = None) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -69,6 +70,11 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None: ...
     def abort_stale_writes(self, older_than_s: float) -> int: ...  # uncommitted writes left by dead processes
+
+
+def check_span(start: int, length: int | None) -> None:
+    if start < 0 or (length is not None and length < 0):
+        raise ValueError(f"a read starts at a byte >= 0 and reads >= 0 bytes, got start={start}, length={length}")
 
 
 def check_key(key: str) -> str:
@@ -159,7 +165,12 @@ class StorageBase:
     def writer(self, key: str) -> ObjectWriter:
         raise NotImplementedError
 
-    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    def open(self, key: str, *, start: int = 0, length: int | None = None,
+             chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The object's bytes from `start`, `length` of them (None: to the end), in chunks of at most
+        chunk_size, read without reading what comes before `start` (a resumed download of a 140 GB
+        archive must not read 126 GB first). Past the end there is nothing: a read stops there.
+        A missing key raises ObjectNotFound here, not at the first chunk."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> list[str]:

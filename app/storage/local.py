@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.storage.base import READ_CHUNK, ObjectNotFound, StorageBase, WriterBase, check_key, check_prefix
+from app.storage.base import (
+    READ_CHUNK,
+    ObjectNotFound,
+    StorageBase,
+    WriterBase,
+    check_key,
+    check_prefix,
+    check_span,
+)
 from worker.training.protocol import fsync_dir
 
 # Writes land here first; on the same filesystem as the objects, so a commit is one rename.
@@ -53,18 +62,23 @@ class LocalStorage(StorageBase):
     def writer(self, key: str) -> LocalWriter:
         return LocalWriter(key, self.root / TMP_DIR / uuid.uuid4().hex, self._path(key))
 
-    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    def open(self, key: str, *, start: int = 0, length: int | None = None,
+             chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        check_span(start, length)
         # Opened now, not on the first chunk, so a missing key fails where open() is called.
         try:
             f = self._path(key).open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
-        return self._read(f, chunk_size)
+        f.seek(start)  # past the end is allowed: the reads then find nothing
+        return self._read(f, length, chunk_size)
 
     @staticmethod
-    def _read(f, chunk_size: int) -> Iterator[bytes]:
+    def _read(f, length: int | None, chunk_size: int) -> Iterator[bytes]:
+        left = sys.maxsize if length is None else length
         with f:
-            while chunk := f.read(chunk_size):
+            while left and (chunk := f.read(min(chunk_size, left))):
+                left -= len(chunk)
                 yield chunk
 
     def exists(self, key: str) -> bool:

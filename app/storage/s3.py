@@ -20,6 +20,7 @@ from app.storage.base import (
     attachment_disposition,
     check_key,
     check_prefix,
+    check_span,
 )
 
 # Above S3's 5 MiB minimum part; 10,000 parts of it still reach 80 GiB, past any merged model here.
@@ -136,12 +137,23 @@ class S3Storage(StorageBase):
     def writer(self, key: str) -> S3Writer:
         return S3Writer(self.client, self.bucket, key, self._s3_key(key), self.part_size)
 
-    def open(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    def open(self, key: str, *, start: int = 0, length: int | None = None,
+             chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        check_span(start, length)
+        if length == 0:  # no Range can ask for no bytes; the object must still exist
+            self.size(key)
+            return iter(())
+        request = {"Bucket": self.bucket, "Key": self._s3_key(key)}
+        if start or length is not None:
+            # S3 sends only these bytes: what comes before `start` is never read.
+            request["Range"] = f"bytes={start}-" + ("" if length is None else str(start + length - 1))
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"]
+            body = self.client.get_object(**request)["Body"]
         except ClientError as err:
             if _is_missing(err):
                 raise ObjectNotFound(key) from None
+            if err.response.get("Error", {}).get("Code") == "InvalidRange":  # `start` at or past the end
+                return iter(())
             raise
         return self._read(body, chunk_size)
 

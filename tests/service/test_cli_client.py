@@ -17,7 +17,7 @@ import tarfile
 
 import pytest
 
-from app.cli.api_client import ClientError, write_verified
+from app.cli.api_client import ClientError, PartFile
 from tests.deployment import ROOT
 from worker.training.tiny import demo_spec
 
@@ -210,16 +210,24 @@ def test_download_verifies_the_checksum_and_extracts_the_adapter(watched_job, cl
     assert tarfile.is_tarfile(tmp_path / "m" / f"{job_id}-merged.tar") and not (tmp_path / "m" / "merged").exists()
 
 
+def write_verified(chunks: list[bytes], dest, sha256: str, total: int):
+    with PartFile(dest, sha256) as part:
+        part.continue_within(total)
+        for data in chunks:
+            part.write(data)
+        return part.finish(total)
+
+
 def test_a_tampered_download_is_refused_and_deleted(tmp_path):
     original = b'{"weights": "the real ones"}' * 1000
     expected = hashlib.sha256(original).hexdigest()
     tampered = original[:-1] + b"!"
     dest = tmp_path / "job-adapter.tar"
     with pytest.raises(ClientError, match="checksum mismatch"):
-        write_verified([tampered[:4096], tampered[4096:]], dest, expected)
+        write_verified([tampered[:4096], tampered[4096:]], dest, expected, len(original))
     assert not dest.exists() and list(tmp_path.iterdir()) == []  # neither the file nor a partial one is left
 
-    assert write_verified([original], dest, expected).read_bytes() == original
+    assert write_verified([original], dest, expected, len(original)).read_bytes() == original
 
 
 def test_the_credentials_file_is_used_without_env_or_flags(deployment, cli_key, uploaded, tmp_path):

@@ -125,6 +125,32 @@ def test_empty_object(backend):
     assert read_all(backend.storage, KEY) == b""
 
 
+def test_a_read_from_an_offset_gets_exactly_those_bytes(backend):
+    """What a resumed download asks of storage: `length` bytes from `start`, across chunk boundaries,
+    clipped at the end, nothing past it."""
+    storage = backend.storage
+    data = os.urandom(3 * MIB + 17)
+    with storage.writer(KEY) as writer:
+        writer.write(data)
+        writer.commit()
+    size = len(data)
+    for start, length in [(0, None), (5, None), (5, 10), (MIB - 1, 2), (size - 1, None), (100, 10 * size),
+                          (size, None), (size + 100, 5), (0, 0), (MIB, 0)]:
+        got = b"".join(storage.open(KEY, start=start, length=length))
+        assert got == data[start:None if length is None else start + length], (start, length)
+    pieces = list(storage.open(KEY, start=7, length=10_000, chunk_size=4096))
+    assert b"".join(pieces) == data[7:10_007] and all(len(p) <= 4096 for p in pieces)
+    for start, length in [(-1, None), (0, -1)]:
+        with pytest.raises(ValueError):
+            storage.open(KEY, start=start, length=length)
+    for start, length in [(10, None), (0, 0)]:
+        with pytest.raises(ObjectNotFound):
+            storage.open("team-a/datasets/missing", start=start, length=length)
+
+    empty = storage.writer(KEY + "-empty").commit()
+    assert b"".join(storage.open(empty.key, start=0, length=1)) == b""
+
+
 def test_large_object_streams_in_bounded_memory(backend):
     total = 20 * MIB
     expected = hashlib.sha256()
