@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import unicodedata
 
-
 # Unicode's bidirectional embeddings, overrides and isolates (not the LRM/RLM marks right-to-left text
 # uses): they reorder how the text after them is shown, so a name holding one displays as another name
 # in a listing, a terminal or a downloaded file's name ("Trojan Source", CVE-2021-42574).
