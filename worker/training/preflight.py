@@ -30,12 +30,14 @@ from worker.training.tokenization import (
     Encoded,
     EncodedPair,
     EncodeStats,
+    TemplateError,
     encode_example,
     encode_preference,
     encoded_pairs,
     encoded_rows,
     prepare_tokenizer,
     special_token_texts,
+    template_refusals,
 )
 
 MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
@@ -78,6 +80,11 @@ class SetReport:
     rows_in_train_lines: list[list[int]] = field(default_factory=list)
     prompts_in_train: int | None = None
     prompts_in_train_lines: list[list[int]] = field(default_factory=list)
+    # rows the model's chat template refuses, or would train on other than they say (the first lines, and why
+    # for the first): training stops at the first of them, so the preflight refuses the job
+    template_refused_rows: int = 0
+    template_refused_lines: list[int] = field(default_factory=list)
+    template_refusal: str | None = None
     format: str = ""  # the dataset's format, as read
 
     @property
@@ -93,7 +100,7 @@ class SetReport:
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
         out["kept_rows"] = self.kept_rows
         out["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
-        out["complete"] = self.rows == self.rows_in_file
+        out["complete"] = self.rows + self.template_refused_rows == self.rows_in_file
         return out
 
 
@@ -156,7 +163,32 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
         return SetReport(rows_in_file=len(data.examples), format=data.format), [], Said()
     t = spec.training
     read = data.examples[:MAX_ROWS]
-    # Counted as the recipe's encode_examples / encode_preferences count, without keeping the rows they keep.
+    try:
+        stats = _encode_stats(read, tokenizer, spec)
+        refused: list[tuple[int, str]] = []
+    except TemplateError:
+        # Every row the template refuses, and the numbers of the others, as if they were fixed.
+        refused = template_refusals(read, tokenizer, preference=spec.method.type == "dpo",
+                                    train_on_inputs=t.train_on_inputs)
+        lines = {line for line, _ in refused}
+        read = [example for example in read if example.line not in lines]
+        stats = _encode_stats(read, tokenizer, spec)
+    report = SetReport(rows=stats.rows, rows_in_file=len(data.examples), truncated_rows=stats.truncated_rows,
+                       dropped_rows=stats.dropped_rows, dropped_lines=stats.dropped_lines, tokens=stats.tokens,
+                       trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
+                       rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
+                       rows_without_eos_by_side=stats.eos_cut, format=data.format,
+                       template_refused_rows=len(refused), template_refused_lines=[line for line, _ in refused[:LINES_SHOWN]],
+                       template_refusal=refused[0][1] if refused else None)
+    _count_special_tokens(report, read, tokenizer)
+    said = _count_repeats(report, read, train)
+    # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
+    return report, [_shown(example, tokenizer, spec) for example in read[:examples]], said
+
+
+def _encode_stats(read: Sequence[Example], tokenizer, spec: JobSpec) -> EncodeStats:
+    """Counted as the recipe's encode_examples / encode_preferences count, without keeping the rows they keep."""
+    t = spec.training
     if spec.method.type == "dpo":
         stats = EncodeStats.for_pairs()
         encoded: Iterable[Encoded | EncodedPair] = encoded_pairs(read, tokenizer, max_seq_length=t.max_seq_length)
@@ -165,15 +197,7 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
         encoded = encoded_rows(read, tokenizer, max_seq_length=t.max_seq_length, train_on_inputs=t.train_on_inputs)
     for example, row in zip(read, encoded, strict=True):
         stats.count(example.line, row)
-    report = SetReport(rows=stats.rows, rows_in_file=len(data.examples), truncated_rows=stats.truncated_rows,
-                       dropped_rows=stats.dropped_rows, dropped_lines=stats.dropped_lines, tokens=stats.tokens,
-                       trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
-                       rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
-                       rows_without_eos_by_side=stats.eos_cut, format=data.format)
-    _count_special_tokens(report, read, tokenizer)
-    said = _count_repeats(report, read, train)
-    # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
-    return report, [_shown(example, tokenizer, spec) for example in read[:examples]], said
+    return stats
 
 
 def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer) -> None:
@@ -304,6 +328,13 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
     t = spec.training
     refusals, warnings = [], []
     scope = "" if train.rows == train.rows_in_file else f" (of the first {train.rows:,} rows read)"
+    for name, s in (("train", train), ("validation", validation)):
+        if s is not None and s.template_refused_rows:
+            lines = ", ".join(map(str, s.template_refused_lines[:5])) + ("..." if s.template_refused_rows > 5 else "")
+            refusals.append(f"{s.template_refused_rows:,} {name} rows cannot be trained on with the model's chat template "
+                            f"(lines {lines}), and training stops at the first; the first says: {s.template_refusal}")
+    if refusals:
+        return refusals, warnings
     if train.rows and train.kept_rows == 0:
         if train.truncated_rows == train.rows:
             refusals.append(f"every row{scope} is truncated at max_seq_length={t.max_seq_length} before its first "
@@ -355,7 +386,7 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
                         "it; keep each prompt in one set")
     if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
         warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
-    if train.rows < train.rows_in_file:
+    if train.rows + train.template_refused_rows < train.rows_in_file:
         warnings.append(f"the preflight read the first {train.rows:,} of {train.rows_in_file:,} rows")
     return refusals, warnings
 

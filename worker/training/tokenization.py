@@ -19,10 +19,12 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from worker.training.data import Example, Message
+from worker.training.spec import excerpt
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -207,11 +209,34 @@ class ChatRenderer:
     def _variables(self) -> dict:
         return {**self._template.globals, **self._tokenizer.special_tokens_map, "tools": None, "documents": None}
 
+    @functools.cached_property
+    def special_texts(self) -> list[str]:
+        return special_token_texts(self._tokenizer)
+
     def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
         # What Template.render does, on variables that already hold the globals (shared=True: none merged in again)
         context = self._template.new_context(
             {**self._variables, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True)
         return "".join(self._template.root_render_func(context))
+
+    @functools.cached_property
+    def _refusals(self) -> tuple[type[Exception], ...]:
+        from jinja2 import TemplateError as JinjaError  # loaded with the template, as transformers loads it
+
+        return JinjaError, TypeError, ValueError, LookupError, AttributeError
+
+    def row(self, example: Example, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """The render of a row's messages; TemplateError naming the row's line where the template refuses
+        them: its own raise_exception (Gemma's "System role not supported", Llama 2's and Mistral's
+        alternation), or an error of a template that did not expect such a row."""
+        try:
+            return self(messages, add_generation_prompt=add_generation_prompt)
+        except self._refusals as exc:
+            raise TemplateError(
+                f"line {example.line}: the model's chat template refuses this conversation: {excerpt(str(exc), quote=False)}; "
+                "its rules hold for every row (a template without a system role takes the system text at the start "
+                "of the first user message; one that needs alternating turns takes one message per role in turn)"
+            ) from None
 
 
 def encode_example(example: Example, tokenizer, *, max_seq_length: int, train_on_inputs: bool,
@@ -235,8 +260,10 @@ def encoded_rows(examples: Sequence[Example], tokenizer, *, max_seq_length: int,
         tokenized = _tokenize(tokenizer, [text for text, _ in rendered], [spans is None for _, spans in rendered])
         for (text, spans), (ids, offsets) in zip(rendered, tokenized, strict=True):
             trained = [True] * len(ids) if spans is None else learned_tokens(offsets, spans)
-            ids, shown = _ending_with_eos(ids, _pieces(tokenizer, text, ids, offsets) if pieces else None, tokenizer)
+            ids, shown = _ending_with_eos(ids, offsets, text, _pieces(tokenizer, text, ids, offsets) if pieces else None,
+                                          tokenizer)
             # An appended EOS is learned when the turn it closes is.
+            trained = trained[:len(ids)]
             trained += [bool(trained and trained[-1])] * (len(ids) - len(trained))
             yield _labelled(ids, trained, shown, max_seq_length=max_seq_length)
 
@@ -255,11 +282,19 @@ def _tokenize(tokenizer, texts: list[str], add_special_tokens: list[bool]) -> li
     return tokenized
 
 
-def _ending_with_eos(ids: list[int], shown: list[str] | None, tokenizer) -> tuple[list[int], list[str] | None]:
-    """The row's ids (and pieces, where shown) with EOS appended, where the text does not end with it already."""
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        return ids, shown
-    return [*ids, tokenizer.eos_token_id], None if shown is None else [*shown, tokenizer.eos_token]
+def _ending_with_eos(ids: list[int], offsets: list[tuple[int, int]], text: str, shown: list[str] | None,
+                     tokenizer) -> tuple[list[int], list[str] | None]:
+    """The row's ids (and pieces, where shown) ending with EOS: as they are where the text ends with it; cut
+    after it where only spacing follows it (ChatML's "<|im_end|>\\n" where EOS is <|im_end|>: another EOS
+    after the newline would teach the model to stop twice, the newline between); else with EOS appended."""
+    eos = tokenizer.eos_token_id
+    end = len(ids)
+    while end and ids[end - 1] != eos and offsets[end - 1][1] > offsets[end - 1][0] \
+            and not text[offsets[end - 1][0]:offsets[end - 1][1]].strip():
+        end -= 1
+    if end and ids[end - 1] == eos:
+        return ids[:end], None if shown is None else shown[:end]
+    return [*ids, eos], None if shown is None else [*shown, tokenizer.eos_token]
 
 
 def _labelled(ids: list[int], trained: list[bool], shown: list[str] | None, *, max_seq_length: int) -> Encoded:
@@ -289,39 +324,138 @@ def learned_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
 
 
 def _pieces(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[str]:
-    """Each token's text as the rendered row has it (special tokens, which span no characters, by name)."""
-    return [text[start:end] if end > start else tokenizer.convert_ids_to_tokens(token)
-            for token, (start, end) in zip(ids, offsets, strict=True)]
+    """Each token's text as the rendered row has it (special tokens, which span no characters, by name). A
+    character split over several byte-level tokens is shown once, with the first of them: each has the
+    whole character's offsets."""
+    pieces, previous = [], (-1, -1)
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        if end <= start:
+            pieces.append(tokenizer.convert_ids_to_tokens(token))
+        else:
+            pieces.append("" if (start, end) == previous else text[start:end])
+        previous = (start, end)
+    return pieces
 
 
 def render_conversation(example: Example, render: ChatRenderer, *,
                         train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
     """Render with the chat template; return the text and the (start, end) character spans to learn.
 
-    An assistant turn's span runs from the end of the generation prompt that precedes it
-    (e.g. "<|assistant|>\\n") to the end of the turn as the template renders it (content + EOS).
-    This relies on the template rendering a conversation's prefix as a prefix of the whole,
-    which every mainstream template does; one that does not is refused with a clear error.
+    An assistant turn's span runs from the end of the generation prompt that precedes it (e.g.
+    "<|assistant|>\\n": what the model is given at inference) to the end of the turn as the template
+    closes it: through the conversation rendered up to that turn where the template renders that as a
+    prefix of the whole (most do), else through the turn's content as it stands in the whole (Qwen 3
+    gives only the last turn an empty thinking block, Phi-3.5 closes a conversation with EOS). Either
+    way the turn ends with the special token that closes it, where the template writes one only when
+    another message follows (a `loop.last` case): that token is what teaches the model to stop.
+
+    Refused with TemplateError naming the line: a conversation the template refuses, one whose render
+    leaves out or rewrites a message's text (the model would learn something else than the row says),
+    and one whose generation prompt is not where the turn starts in the whole render.
     """
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
-    full = render(messages)
+    full = render.row(example, messages)
+    check_every_message_rendered(example, full)
     if train_on_inputs:
         return full, [(0, len(full))]
     spans = []
     for i, m in enumerate(example.messages):
         if m.role != "assistant" or m.weight == 0:
             continue
-        prompt = render(messages[:i], add_generation_prompt=True)
-        # The last turn's prefix is the whole conversation, rendered already.
-        upto = full if i == len(messages) - 1 else render(messages[: i + 1])
-        if not (full.startswith(upto) and upto.startswith(prompt)):
+        prompt = render.row(example, messages[:i], add_generation_prompt=True)
+        if not full.startswith(prompt):
             raise TemplateError(
-                f"line {example.line}: the chat template does not render conversation prefixes as prefixes "
-                "of the whole conversation, so assistant turns cannot be located for the loss mask; "
-                "use a tokenizer whose template does, or set train_on_inputs"
+                f"line {example.line}: the model's chat template renders the conversation before assistant message "
+                f"{i + 1} one way on its own, as the prompt at inference, and another way inside the whole "
+                f"conversation ({_first_difference(prompt, full)}), so that turn cannot be told from its prompt "
+                "for the loss mask; a row with one assistant turn at its end avoids this"
             )
-        spans.append((len(prompt), len(upto)))
+        start = len(prompt)
+        # The last turn's prefix is the whole conversation, rendered already.
+        upto = full if i == len(messages) - 1 else render.row(example, messages[: i + 1])
+        if full.startswith(upto) and len(upto) > start:
+            end = len(upto)
+        else:
+            content = m.content.strip()
+            found = full.find(content, start) if content else start
+            if found < 0:
+                raise TemplateError(f"line {example.line}: assistant message {i + 1} cannot be located in the "
+                                    "conversation as the model's chat template renders it, for the loss mask")
+            end = found + len(content)
+        spans.append((start, _closed_turn(full, start, end, render.special_texts)))
     return full, spans
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def check_every_message_rendered(example: Example, full: str) -> None:
+    """TemplateError naming the first message whose text the rendered conversation does not hold, in order.
+    Spacing aside (templates trim content, and Qwen 3 re-spaces a thinking block): what a template leaves out
+    is lost silently otherwise. DeepSeek-R1's distilled models drop every `<think>` block from assistant
+    turns, Qwen 3 those of all but the last turn, the first Phi-3-mini template every system message."""
+    at = 0
+    for m in example.messages:  # most templates keep each text as it is, at most trimmed: found as it stands
+        content = m.content.strip()
+        found = full.find(content, at)
+        if found < 0:
+            break
+        at = found + len(content)
+    else:
+        return
+    rendered = _SPACES.sub("", full)
+    at = 0
+    for n, m in enumerate(example.messages, 1):
+        content = _SPACES.sub("", m.content)
+        if not content:
+            continue
+        found = rendered.find(content, at)
+        if found < 0:
+            raise TemplateError(
+                f"line {example.line}: the model's chat template leaves out or rewrites part of message {n} "
+                f"({m.role}: {excerpt(m.content)}), so the model would "
+                + ("learn another answer than the row's; a reasoning model's template may keep `<think>` blocks in "
+                   "the last assistant turn only: one row per assistant turn keeps them all"
+                   if m.role == "assistant" else
+                   "train without it; this template shows a system message only where a conversation ends with a "
+                   "user turn, or never: put its text at the start of the first user message"
+                   if m.role == "system" else "train without it")
+            )
+        at = found + len(content)
+
+
+def _first_difference(a: str, b: str) -> str:
+    at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"at character {at}: {excerpt(a[at:at + 40])} against {excerpt(b[at:at + 40])}"
+
+
+def _closed_turn(full: str, start: int, end: int, special_texts: Sequence[str]) -> int:
+    """The end of a turn's span, past the special token right after it where the span does not end with
+    one (spacing aside): vLLM's ChatML template, for one, writes `<|im_end|>` after an assistant turn
+    only when another message follows, so the span up to that turn as the last stops short of it."""
+    closed = full[start:end].rstrip()
+    if any(closed.endswith(text) for text in special_texts):
+        return end
+    return end + next((len(text) for text in special_texts if full.startswith(text, end)), 0)
+
+
+def template_refusals(examples: Sequence[Example], tokenizer, *, preference: bool,
+                      train_on_inputs: bool = False) -> list[tuple[int, str]]:
+    """Each row the chat template cannot train on, as (line, why): what encoding it raises TemplateError for
+    (the encoders stop at the first; the preflight lists them all). Renders only, tokenizes nothing."""
+    render = ChatRenderer(tokenizer)
+    refused = []
+    for example in examples:
+        if example.text is not None:
+            continue
+        try:
+            if preference:
+                _render_pair(example, render)
+            else:
+                render_conversation(example, render, train_on_inputs=train_on_inputs)
+        except TemplateError as exc:
+            refused.append((example.line, str(exc)))
+    return refused
 
 
 def encode_examples(
@@ -407,7 +541,8 @@ def encoded_pairs(examples: Sequence[Example], tokenizer, *, max_seq_length: int
         tokenized = _tokenize(tokenizer, texts, [False] * len(texts))
         for row, (_, *answer_texts) in enumerate(rendered):
             (prompt_ids, _), *answers = tokenized[3 * row:3 * row + 3]
-            sides = [_ending_with_eos(ids, _pieces(tokenizer, text, ids, offsets) if pieces else None, tokenizer)
+            sides = [_ending_with_eos(ids, offsets, text, _pieces(tokenizer, text, ids, offsets) if pieces else None,
+                                      tokenizer)
                      for text, (ids, offsets) in zip(answer_texts, answers, strict=True)]
             prompt_length = min(_common_prefix(prompt_ids, ids) for ids, _ in sides)
             chosen, rejected = (_completion(ids, shown, prompt_length, max_seq_length) for ids, shown in sides)
@@ -423,7 +558,7 @@ def _render_pair(example: Example, render: ChatRenderer) -> tuple[str, str, str]
                             render, train_on_inputs=False)
         for answer in (example.chosen, example.rejected))
     # The answer is the last assistant turn (any before it are the prompt's). render_conversation has checked that
-    # the template renders prefixes as prefixes, so the prompt is the same text before either answer.
+    # each render starts with the prompt and the generation prompt, so the prompt is the same text before either answer.
     return chosen[:spans[-1][0]], chosen, rejected
 
 

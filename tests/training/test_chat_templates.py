@@ -1,0 +1,179 @@
+"""What a row teaches under the chat templates real models ship (chat_templates.json: each verbatim, with
+where it was copied from): every assistant turn learned in full with the token that closes it, nothing of
+the prompt, one EOS at the end; and a row a template refuses, or would train on other than it says,
+refused naming its line, by the engine and by the preflight alike.
+
+The tokenizer is the tiny test tokenizer dressed as the family: its template, its special tokens, its EOS."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AddedToken, AutoTokenizer
+
+from worker.training.data import Example, validate_lines
+from worker.training.preflight import preflight
+from worker.training.spec import JobSpec
+from worker.training.tiny import build_tokenizer
+from worker.training.tokenization import (
+    IGNORE_INDEX,
+    TemplateError,
+    encode_example,
+    encode_preference,
+    prepare_tokenizer,
+)
+
+FAMILIES = json.loads((Path(__file__).parent / "chat_templates.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(0).save_pretrained(path)
+    return path
+
+
+def dressed(base: Path, family: str, out: Path):
+    """The tiny tokenizer with `family`'s template, special tokens and EOS, saved and read back as a model's files."""
+    f = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(base)
+    specials = list(dict.fromkeys([*f["special"], f["eos"], *([f["bos"]] if f["bos"] else [])]))
+    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in f["plain"]])
+    tok.eos_token, tok.bos_token, tok.chat_template = f["eos"], f["bos"], f["template"]
+    tok.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    prepare_tokenizer(tok)
+    return tok
+
+
+def row(*messages: tuple[str, str], line: int = 1) -> Example:
+    """A conversation row as the dataset reader makes it, at `line`."""
+    read = validate_lines([json.dumps({"messages": [{"role": r, "content": c} for r, c in messages]}).encode()])
+    return dataclasses.replace(read.examples[0], line=line)
+
+
+THREE_TURNS = (("user", "Hi, who says moo?"), ("assistant", "The cow says moo."), ("user", "And the dog?"),
+               ("assistant", "The dog says woof.\nLoudly — «wouf» 🐕."), ("user", "And the duck?"),
+               ("assistant", "The duck says quack."))
+
+
+def learned_runs(enc) -> list[str]:
+    """The learned stretches of the row, as text."""
+    runs, current = [], None
+    for piece, label in zip(enc.pieces, enc.labels, strict=True):
+        if label != IGNORE_INDEX:
+            current = (current or "") + piece
+        elif current is not None:
+            runs.append(current)
+            current = None
+    return runs + ([current] if current is not None else [])
+
+
+# Each family's learned turns under THREE_TURNS: the answer and its end-of-turn (with the spacing the
+# template writes inside the turn), and one EOS closing the row, never the end-of-turn twice.
+LEARNED = {
+    "llama3.1": ["The cow says moo.<|eot_id|>", "The dog says woof.\nLoudly — «wouf» 🐕.<|eot_id|>",
+                 "The duck says quack.<|eot_id|>"],
+    "llama2": [" The cow says moo. </s>", " The dog says woof.\nLoudly — «wouf» 🐕. </s>", " The duck says quack. </s>"],
+    "qwen2.5": ["The cow says moo.<|im_end|>\n", "The dog says woof.\nLoudly — «wouf» 🐕.<|im_end|>\n",
+                "The duck says quack.<|im_end|>"],
+    # Qwen 3 and Phi-3.5 render a conversation that ends with a turn differently from one that goes on
+    # (an empty thinking block; an EOS): earlier turns are found by their content in the whole render.
+    "qwen3": ["The cow says moo.<|im_end|>", "The dog says woof.\nLoudly — «wouf» 🐕.<|im_end|>",
+              "<think>\n\n</think>\n\nThe duck says quack.<|im_end|>"],
+    "phi3.5": ["The cow says moo.<|end|>", "The dog says woof.\nLoudly — «wouf» 🐕.<|end|>",
+               "The duck says quack.<|end|>\n<|endoftext|>"],
+    # vLLM's ChatML writes <|im_end|> after a turn only when another message follows: learned all the same.
+    "chatml-vllm": ["The cow says moo.<|im_end|>", "The dog says woof.\nLoudly — «wouf» 🐕.<|im_end|>",
+                    "The duck says quack.<|im_end|>"],
+    "zephyr": ["The cow says moo.</s>\n", "The dog says woof.\nLoudly — «wouf» 🐕.</s>\n", "The duck says quack.</s>"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(LEARNED))
+def test_every_answer_is_learned_with_the_token_that_closes_it_and_nothing_of_the_prompt(
+        family, base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, family, tmp_path)
+    enc = encode_example(row(*THREE_TURNS), tok, max_seq_length=4096, train_on_inputs=False, pieces=True)
+    assert learned_runs(enc) == LEARNED[family]
+    assert enc.input_ids[-1] == tok.eos_token_id and enc.eos_learned
+    # One EOS closes the row: ChatML's "<|im_end|>\n" where <|im_end|> is the EOS is not followed by another.
+    assert enc.input_ids[-2] != tok.eos_token_id
+
+
+def test_a_character_split_over_byte_level_tokens_is_shown_once(base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, "qwen2.5", tmp_path)
+    enc = encode_example(row(("user", "Hi"), ("assistant", "héllo « 日本 » 🙂")), tok, max_seq_length=512,
+                         train_on_inputs=False, pieces=True)
+    assert "".join(enc.pieces).count("héllo « 日本 » 🙂") == 1
+
+
+@pytest.mark.parametrize(("family", "messages", "says"), [
+    # The template's own raise_exception: no system role, roles that must alternate.
+    ("gemma2", (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")),
+     "the model's chat template refuses this conversation: System role not supported"),
+    ("llama2", (("user", "Hi"), ("user", "Who says moo?"), ("assistant", "The cow.")),
+     "the model's chat template refuses this conversation: Conversation roles must alternate"),
+    # What a template leaves out would be trained on silently: DeepSeek-R1's distilled models drop the
+    # reasoning of every answer, Mistral v0.3 a system message unless the conversation ends with a user turn,
+    # Qwen 3 the reasoning of all but the last answer.
+    ("r1-distill", (("user", "Who says moo?"), ("assistant", "<think>\nCows moo.\n</think>\n\nThe cow says moo.")),
+     "leaves out or rewrites part of message 2 (assistant: '<think>\\nCows moo.\\n</think>\\n\\nThe cow says moo.'), "
+     "so the model would learn another answer than the row's"),
+    ("mistral-v3", (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")),
+     "leaves out or rewrites part of message 1 (system: 'Be brief.'), so the model would train without it; this "
+     "template shows a system message only where a conversation ends with a user turn, or never: put its text at "
+     "the start of the first user message"),
+    ("qwen3", (("user", "Who says moo?"), ("assistant", "<think>\nCows moo.\n</think>\n\nThe cow."), ("user", "Dogs?"),
+               ("assistant", "<think>\nDogs bark.\n</think>\n\nWoof.")),
+     "leaves out or rewrites part of message 2"),
+])
+def test_a_row_the_template_refuses_or_would_change_is_refused_naming_its_line(
+        family, messages, says, base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, family, tmp_path)
+    with pytest.raises(TemplateError) as refused:
+        encode_example(row(*messages, line=7), tok, max_seq_length=512, train_on_inputs=False)
+    assert str(refused.value).startswith("line 7: ") and says in str(refused.value)
+    with pytest.raises(TemplateError):  # the prompt learned too does not make the row right
+        encode_example(row(*messages, line=7), tok, max_seq_length=512, train_on_inputs=True)
+
+
+def test_qwen3_learns_the_reasoning_of_the_last_answer_in_full(base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, "qwen3", tmp_path)
+    enc = encode_example(row(("user", "Who says moo?"), ("assistant", "<think>\nCows moo.\n</think>\n\nThe cow.")),
+                         tok, max_seq_length=512, train_on_inputs=False, pieces=True)
+    assert learned_runs(enc) == ["<think>\nCows moo.\n</think>\n\nThe cow.<|im_end|>"]
+
+
+def test_a_preference_row_learns_each_answer_with_its_end_of_turn(base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, "chatml-vllm", tmp_path)
+    pair = json.dumps({"prompt": [{"role": "user", "content": "Who says moo?"}], "chosen": "The cow.",
+                       "rejected": "The dog."}).encode()
+    encoded = encode_preference(validate_lines([pair]).examples[0], tok, max_seq_length=512, pieces=True)
+    assert learned_runs(encoded.chosen) == ["The cow.<|im_end|>"]
+    assert learned_runs(encoded.rejected) == ["The dog.<|im_end|>"]
+
+
+def test_the_preflight_refuses_every_row_the_template_refuses_and_counts_the_others(base_tokenizer_dir, tmp_path):
+    """Before, a template's raise_exception escaped the preflight (no report: the job was created unchecked)
+    and then failed on a worker with no line named."""
+    tok_dir = tmp_path / "tokenizer"
+    dressed(base_tokenizer_dir, "gemma2", tok_dir)
+    rows = [{"messages": [{"role": "user", "content": "Who says moo?"}, {"role": "assistant", "content": "The cow."}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}]}] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = JobSpec.parse({"base_model": "m", "training": {"max_steps": 1}})
+    report = preflight(spec, tok_dir, data)
+    assert report["train"]["template_refused_rows"] == 3 and report["train"]["template_refused_lines"] == [2, 4, 6]
+    assert report["train"]["rows"] == 3 and report["train"]["trained_tokens"] > 0 and report["train"]["complete"]
+    assert report["refusals"] == [
+        "3 train rows cannot be trained on with the model's chat template (lines 2, 4, 6), and training stops at "
+        "the first; the first says: " + report["train"]["template_refusal"]]
+    assert report["train"]["template_refusal"].startswith(
+        "line 2: the model's chat template refuses this conversation: System role not supported")
