@@ -18,10 +18,13 @@
 #                           # load ~1 min, 4 steps; the 33B model is deleted before the 65B one is built
 #                           # (a lent device has 64 GiB of disk). ~8 min on an H200.
 #
-# Run train and estimate back to back: `estimate` reuses the 8B model `train` built (minutes to build
-# again). memory and paper build their own. Each estimate-family mode ends with the allowance fit
-# (CONTEXT_BYTES, FRAGMENTATION for worker/training/estimate.py) over every estimate report in $OUT so
-# far, in $OUT/allowance_fit.txt: run all three, on one kind of GPU, for the fit to mean most.
+# `estimate` reuses the 8B model `train` left in $WORK when both run on the same machine; a lent device
+# is handed back between calls and starts bare, so there each mode builds what it needs: with about 15
+# minutes of device time a session, one of memory, paper or estimate-1b per session (train with
+# STEPS=10, its default, fits one call too). Each estimate-family mode ends with the allowance fit
+# (CONTEXT_BYTES, FRAGMENTATION for worker/training/estimate.py) over the estimate reports in $OUT, in
+# $OUT/allowance_fit.txt. A lent device starts each call with an empty $OUT: fit over several calls'
+# reports where they came back, with `bench/estimate_bench.py --fit FILE...` (no GPU needed).
 #
 # On a GPU host after `make install` it runs as is. On a machine with torch but not the rest
 # (a lent device), first `bench/gpu.sh wheels` where pip reaches PyPI: it downloads the pinned
@@ -33,7 +36,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${OUT:-bench/results}
 WORK=${WORK:-/tmp/qlora-gpu-bench}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-10}  # 3 paths of an 8B at 2048 tokens: more steps do not fit one 10-minute call with the model built
 # The engine's training.packing: "auto" is its default (on only with flash-attn); "on" measures
 # padding-free packing through SDPA's block masks where no flash-attn wheel is installed.
 PACKING=${PACKING:-auto}
@@ -97,6 +100,6 @@ paper)
     "$PY" bench/estimate_bench.py --device cuda --cases paper --free-disk --work "$WORK" \
         --out "$OUT/estimate_paper.json" 2>&1 | tee "$OUT/estimate_paper.log" ;;
 esac
-# The allowance fitted over every estimate report so far (this mode's and earlier calls' in $OUT).
+# The allowance fitted over the estimate reports in $OUT (this call's, and earlier calls' where $OUT is kept).
 "$PY" bench/estimate_bench.py --fit $(ls "$OUT"/estimate_bench.json "$OUT"/estimate_memory.json \
     "$OUT"/estimate_paper.json 2>/dev/null) | tee "$OUT/allowance_fit.txt"

@@ -211,7 +211,8 @@ def write_data(path: Path, rows: int, seq: int, vocab: int, seed: int) -> None:
 
 def engine_spec(model_dir: str, settings: dict):
     """The job spec an engine run trains with these settings (torch-free: estimate_bench predicts from it).
-    Optional settings, each the spec's own default where absent: "alpha" and "dropout" (lora), and
+    No merge, no eval report: a bench measures training. Optional settings, each the spec's own default
+    where absent: "alpha" and "dropout" (lora), and
     "activation_offload" and "tiled_mlp", which default to false here, not to the spec's "auto", so a
     bench measures what it names."""
     from worker.training.spec import JobSpec
@@ -228,16 +229,17 @@ def engine_spec(model_dir: str, settings: dict):
                      "learning_rate": settings["lr"], "logging_steps": 1, "save_steps": 10**6,
                      "seed": settings["seed"], "warmup_ratio": 0.0},
         "output": {"merge": False},
+        # No eval report: it would reload the base and generate after training, minutes a run, and its
+        # full-logits forward would count in the peak read after the run.
+        "eval": {"prompts": 0},
     })
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """The engine's TrainingError for an OOM in a step, or an OOM anywhere else (loading, cuBLAS)."""
-    import torch
+    """The engine's TrainingError for an OOM (in a step, or in what comes after), or an OOM anywhere else."""
+    from worker.training.memory import is_out_of_memory as failed_allocation
 
-    text = str(exc)
-    return (isinstance(exc, torch.OutOfMemoryError) or text.startswith("out of memory")
-            or "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+    return str(exc).startswith("out of memory") or failed_allocation(exc)
 
 
 def child(path: str, model_dir: str, data: str, settings: dict, started: float, out: str) -> None:

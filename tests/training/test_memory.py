@@ -108,3 +108,11 @@ def test_on_the_cpu_auto_is_off(tiny_model_dir, demo_data, tmp_path):
     result = train(tiny_model_dir, demo_data, tmp_path, max_steps=2)
     t = result.summary["spec"]["training"]
     assert (t["activation_offload"], t["tiled_mlp"]) == (False, False)
+
+
+def test_a_failed_device_allocation_is_an_out_of_memory_wherever_it_is_raised():
+    from worker.training.memory import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_out_of_memory(RuntimeError("expected scalar type BFloat16 but found Float"))

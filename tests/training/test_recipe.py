@@ -332,6 +332,35 @@ def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_di
     assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message
 
 
+def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_keeps_the_adapter(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    """The merge of a model whose dense weights outgrow the GPU, say: before, the error escaped the run,
+    the worker counted a lost attempt and trained the job again, to the same end, up to three times."""
+    from worker.training import recipe
+
+    def dense_model_too_large(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
+
+    monkeypatch.setattr(recipe, "build_merged_model", dense_model_too_large)
+    data = short_spec(tiny_model_dir, max_steps=2)
+    data["output"], data["eval"] = {"merge": True}, {"prompts": 0}
+    events: list = []
+    with pytest.raises(TrainingError) as info:
+        run(JobSpec.parse(data), demo_data["train"], tmp_path, sink=events.append)
+    assert str(info.value) == ("out of memory on cpu in merging the adapter into the base; try output.merge false "
+                               "(the adapter is saved; merge it where there is memory), or a GPU class with more memory")
+    assert [e.message for e in events if isinstance(e, Event) and e.type == "failed"] == [str(info.value)]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_merged_model_larger_than_the_gpus_free_memory_is_built_on_the_cpu():
+    from worker.training.merge import merge_device
+
+    gib = 2**30
+    assert merge_device(140 * gib, 78 * gib) == "cpu"  # Llama 3 70B in bf16 on an H100
+    assert merge_device(16 * gib, 78 * gib) == "cuda"  # an 8B
+
+
 def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path):
     asked = []
 

@@ -182,6 +182,13 @@ class _AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation that failed: torch's OutOfMemoryError, or cuBLAS failing to allocate its workspace
+    (a RuntimeError with the same cause)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
 def tile_mlps(model, tile: int) -> int:
     """Make every decoder layer's MLP tiled, in chunks of `tile` tokens (estimate.mlp_tile_tokens);
     returns how many. Works on the model with its adapter in place: the MLP's LoRA layers run inside."""

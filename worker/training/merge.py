@@ -43,6 +43,17 @@ def forward_rows(model, rows: list[dict],
     return out
 
 
+# Of the GPU's free memory, what the dense model may take: dequantizing layer by layer and adding the
+# deltas needs a little on top of the model itself.
+MERGE_ON_GPU_SHARE = 0.9
+
+
+def merge_device(dense_bytes: int, free_bytes: int) -> str:
+    """Where the merged model is built on a GPU worker: there, or on the CPU where the dense model would
+    not fit its free memory (the merge would run out of memory after the whole training)."""
+    return "cuda" if dense_bytes <= MERGE_ON_GPU_SHARE * free_bytes else "cpu"
+
+
 def build_merged_model(
     base_path: Path, adapter_dir: Path, quant: QuantizationSpec, compute_dtype: torch.dtype,
     merge_dtype: torch.dtype, device: str, tokenizer, quantized_cache: Path | None = None,

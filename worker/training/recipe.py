@@ -15,13 +15,14 @@ models; the CLI passes nothing and reads the files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,18 +55,20 @@ from worker.training.estimate import (  # noqa: E402
     mlp_tile_tokens,
     resolve_auto_micro_batch,
 )
-from worker.training.memory import ActivationOffload, tile_mlps  # noqa: E402
+from worker.training.memory import ActivationOffload, is_out_of_memory, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     build_merged_model,
     fidelity_rows,
     forward_rows,
     free_memory,
     measure_fidelity,
+    merge_device,
 )
 from worker.training.model import (  # noqa: E402
     Speedups,
     adapter_sha256,
     check_quantized,
+    device_map,
     fit_embeddings,
     load_base_model,
     load_initial_adapter,
@@ -196,15 +199,22 @@ class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
 def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: Any) -> RunResult:
     """Train, evaluate, save and merge one job; `options` are QLoRARecipe's keyword arguments."""
     recipe = QLoRARecipe(spec, train_path, out_dir, **options)
-    recipe.setup()
+    with recipe.out_of_memory_in("loading the base model", "a GPU class with more memory"):
+        recipe.setup()
     ended = recipe.train()
     if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
         return recipe.summarize(ended)
     try:
-        eval_loss = recipe.evaluate()
+        with recipe.out_of_memory_in("the final evaluation", "a smaller per_device_batch_size (evaluation uses it "
+                                     "too), or a GPU class with more memory"):
+            eval_loss = recipe.evaluate()
         recipe.save_adapter()
-        fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
-        report = recipe.eval_report()  # None where spec.eval.prompts is 0
+        with recipe.out_of_memory_in("merging the adapter into the base", "output.merge false (the adapter is "
+                                     "saved; merge it where there is memory), or a GPU class with more memory"):
+            fidelity = recipe.merge_and_measure_fidelity()  # None where the spec asks for the adapter alone
+        with recipe.out_of_memory_in("the eval report", "fewer eval.prompts or a smaller eval.max_new_tokens, "
+                                     "or eval.prompts 0"):
+            report = recipe.eval_report()  # None where spec.eval.prompts is 0
     except CancelledAfterTraining:
         return recipe.summarize(TrainingEnd("cancelled", ended.step))
     recipe.cleanup()
@@ -265,6 +275,23 @@ class QLoRARecipe:
                 f.write(json.dumps(record_to_json(record)) + "\n")
         if self.sink is not None:
             self.sink(record)
+
+    @contextlib.contextmanager
+    def out_of_memory_in(self, what: str, try_this: str) -> Iterator[None]:
+        """An out-of-memory in `what` (a step of the run outside training's, which train() names itself) as
+        a TrainingError saying where and what to try: the job fails with that, once, where a crash would
+        lose its attempt and run it again to the same end."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            device = getattr(self, "device", "cpu")
+            where = torch.cuda.get_device_name() if device == "cuda" else device
+            error = TrainingError(f"out of memory on {where} in {what}; try {try_this}")
+            state = getattr(self, "state", None)  # none before training
+            self.emit(Event(type="failed", level="error", step=state.global_step if state else 0, message=str(error)))
+            raise error from None
 
     # ---------------------------------------------------------------- setup
 
@@ -377,6 +404,13 @@ class QLoRARecipe:
                 raise TrainingError(str(exc)) from None
         else:
             self.model = get_peft_model(model, config)
+        if self.speedups.liger:
+            # On this model, here, rather than by the trainer (use_liger_kernel), which patches at train()
+            # and would write Liger's MLP forward over the tiled one. The loss stays trl's chunked head,
+            # as trl asks (fused_linear_cross_entropy off).
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(self.model, {"fused_linear_cross_entropy": False})
         if t.tiled_mlp is True:  # after the adapter is in place: the MLP's LoRA layers run inside each chunk
             tile_mlps(self.model, mlp_tile_tokens(model.config.hidden_size))
         self.trainable_params, self.total_params = self.model.get_nb_trainable_parameters()
@@ -413,7 +447,9 @@ class QLoRARecipe:
         try:
             try:
                 output = self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
-            except torch.OutOfMemoryError:
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 step = self.trainer.state.global_step + 1
                 raise TrainingError(out_of_memory_message(self.spec, step, self.device)) from None
         except TrainingError as exc:
@@ -481,13 +517,14 @@ class QLoRARecipe:
             del self.trainer, self.model
             free_memory()
             merge_dtype = getattr(torch, self.spec.output.merge_dtype)
-            self._save_merged(merge_dtype)
+            on = self._merge_device(merge_dtype)
+            self._save_merged(merge_dtype, on)
             free_memory()  # the merged model went with _save_merged's frame
             from transformers import AutoModelForCausalLM
 
-            # Measure what users download, not what is in memory: reload from disk.
+            # Measure what users download, not what is in memory: reload from disk, where it was built.
             reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
-                                                            local_files_only=True)
+                                                            device_map=device_map(on), local_files_only=True)
             fidelity = {"rows_from": "validation" if self.val_rows else "train",
                         **measure_fidelity(reference, reloaded, rows)}
             del reloaded
@@ -498,9 +535,24 @@ class QLoRARecipe:
         self.clock.append(time.monotonic())
         return fidelity
 
-    def _save_merged(self, merge_dtype: torch.dtype) -> None:
+    def _merge_device(self, merge_dtype: torch.dtype) -> str:
+        """The training device, or the CPU where the dense merged model would not fit the GPU's free memory
+        (a 70B model is 140 GB in bf16, an H100 has 80): said in an event, as it takes longer there."""
+        if self.device != "cuda":
+            return self.device
+        dense = (self.total_params - self.trainable_params) * merge_dtype.itemsize
+        free, _ = torch.cuda.mem_get_info()
+        on = merge_device(dense, free)
+        if on == "cpu":
+            self.emit(Event(type="merging_on_cpu", level="info", step=self.state.global_step,
+                            message=f"merging on the CPU: the merged model ({dense / 2**30:.1f} GiB in "
+                                    f"{self.spec.output.merge_dtype}) needs more than the GPU's "
+                                    f"{free / 2**30:.1f} GiB free"))
+        return on
+
+    def _save_merged(self, merge_dtype: torch.dtype, device: str) -> None:
         merged = build_merged_model(self.base_path, self.out / "adapter", self.spec.quantization, self.compute_dtype,
-                                    merge_dtype, self.device, tokenizer=self.tokenizer,
+                                    merge_dtype, device, tokenizer=self.tokenizer,
                                     quantized_cache=self.quantized_cache)
         merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
         merged.generation_config.eos_token_id = self.tokenizer.eos_token_id
@@ -663,7 +715,7 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         save_steps=t.save_steps,
         save_total_limit=None,  # CheckpointCallback prunes complete checkpoints itself
         max_length=t.max_seq_length,
-        use_liger_kernel=speedups.liger,
+        use_liger_kernel=False,  # applied to the model in _setup_model, where speedups.liger says
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
