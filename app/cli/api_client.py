@@ -188,6 +188,12 @@ class ApiClient:
     def cancel_job(self, job_id: str) -> dict:
         return self._json("POST", f"/jobs/{job_id}/cancel")
 
+    def delete_checkpoints(self, job_id: str) -> dict:
+        return self._json("DELETE", f"/jobs/{job_id}/checkpoints")
+
+    def delete_artifact(self, job_id: str, kind: str) -> dict:
+        return self._json("DELETE", f"/jobs/{job_id}/artifacts/{kind}")
+
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
         return self._poll(f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
 

@@ -327,6 +327,35 @@ def jobs_cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -
     show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
 
 
+@jobs_commands.command("delete-checkpoints")
+def jobs_delete_checkpoints(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
+    """Delete a finished job's checkpoints, freeing what they take of the team's storage_gib (the job, its
+    curve and its artifacts stay). On a pipe: {"job_id", "deleted" (how many), "bytes" (freed)}."""
+    from app.text import format_bytes
+
+    with _api(ctx) as api:
+        freed = api.delete_checkpoints(job_id)
+    show(freed, lambda: out.print(f"job {job_id}: {freed['deleted']} checkpoints deleted, "
+                                  f"{format_bytes(freed['bytes'])} freed", highlight=False), as_json)
+
+
+@jobs_commands.command("delete-artifact")
+def jobs_delete_artifact(
+    ctx: typer.Context,
+    job_id: JobId,
+    kind: Annotated[str, typer.Option(help="adapter, merged or report.")],
+    as_json: JsonOption = None,
+) -> None:
+    """Delete one artifact of a finished job (a merged model once downloaded, say), freeing what it takes of
+    the team's storage_gib. On a pipe: {"job_id", "kind", "deleted": true, "bytes" (freed)}."""
+    from app.text import format_bytes
+
+    with _api(ctx) as api:
+        freed = api.delete_artifact(job_id, kind)
+    show(freed, lambda: out.print(f"job {job_id}: {kind} deleted, {format_bytes(freed['bytes'])} freed",
+                                  highlight=False), as_json)
+
+
 @jobs_commands.command("watch")
 def jobs_watch(
     ctx: typer.Context,

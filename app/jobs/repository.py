@@ -289,6 +289,20 @@ def delete_checkpoint(session: Session, checkpoint: Checkpoint) -> None:
     session.delete(checkpoint)
 
 
+def delete_all_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    """Every checkpoint row of the job, deleted; the rows as they were (their keys and sizes)."""
+    rows = checkpoints(session, job_id)
+    for row in rows:
+        session.delete(row)
+    return rows
+
+
+def active_jobs_starting_from(session: Session, team_id: str, job_id: str, active_statuses: tuple[str, ...]) -> list[Job]:
+    """The team's jobs not yet finished whose adapter starts as this job's (initial_job_id)."""
+    return list(session.scalars(readable_jobs(team_id).where(Job.initial_job_id == job_id,
+                                                             Job.status.in_(active_statuses))))
+
+
 def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[str]:
     """Checkpoints past the one a resume starts from describe a run that is being redone."""
     rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step)))

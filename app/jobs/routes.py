@@ -166,6 +166,15 @@ def job_checkpoints(job_id: str, session: SessionDep, caller: CallerDep):
     return service.checkpoints(session, caller, job_id)
 
 
+@router.delete("/{job_id}/checkpoints", responses={
+    409: {"description": "`job_not_finished`: a job that has not finished resumes from its checkpoints."}})
+def delete_checkpoints(job_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    """Delete a finished job's checkpoints, to free what they take of the team's storage_gib. The job, its
+    curve, events and artifacts stay; its `checkpoints` list is empty after. Answers what was freed."""
+    freed = service.delete_checkpoints(session, storage, caller, job_id)
+    return {"job_id": job_id, "deleted": freed.objects, "bytes": freed.bytes}
+
+
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: CallerDep):
     return [ArtifactOut(kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
@@ -187,6 +196,16 @@ def download_artifact(job_id: str, kind: str, session: SessionDep, storage: Stor
     return stored_object_response(asked, storage, StoredObject(artifact.storage_key, artifact.bytes, artifact.sha256),
                                   "application/x-tar",
                                   {**headers, "Content-Disposition": attachment_disposition(found.filename)})
+
+
+@router.delete("/{job_id}/artifacts/{kind}", responses={
+    409: {"description": "`job_not_finished`, or `artifact_in_use`: the adapter is where a job that has not "
+                         "finished starts (initial_job_id)."}})
+def delete_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    """Delete one artifact of a finished job (a merged model once downloaded, say), to free what it takes
+    of the team's storage_gib. Answers what was freed."""
+    freed = service.delete_artifact(session, storage, caller, job_id, kind)
+    return {"job_id": job_id, "kind": kind, "deleted": True, "bytes": freed.bytes}
 
 
 @router.get("/{job_id}/artifacts/{kind}/link")

@@ -28,13 +28,13 @@ from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.models import repository as models
 from app.models.tables import RegisteredModel
 from app.pagination import Page, check_limit, page
-from app.quotas.service import check_can_queue
+from app.quotas.service import check_can_queue, lock_team
 from app.recent import Recent
 from app.scheduling import service as scheduling
 from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage
 from app.teams.service import Caller
-from app.text import has_control_characters
+from app.text import format_bytes, has_control_characters
 from worker.training.estimate import keeps_reference_adapter
 from worker.training.spec import JobSpec, describe_validation_error, excerpt
 
@@ -114,6 +114,8 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
         # seconds is a 404 here, not a failed insert (500) or a queued job with no data (Postgres' SET NULL).
         if meta.get(field) is not None:
             _usable_dataset(session, caller, field, meta[field])
+    if meta.get("initial_job_id") is not None:  # its adapter too, which deleting it takes the team's row for
+        lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
     job = Job(
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
@@ -351,6 +353,66 @@ def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoin
 def artifacts(session: Session, caller: Caller, job_id: str) -> list[Artifact]:
     job = get(session, caller, job_id)
     return repository.artifacts(session, caller.team_id, job.id)
+
+
+@dataclass
+class Freed:
+    objects: int
+    bytes: int
+
+
+def delete_checkpoints(session: Session, storage: Storage, caller: Caller, job_id: str) -> Freed:
+    """Delete a finished job's checkpoints: what its storage_gib counts of it beyond the artifacts. A job
+    that has not finished resumes from them (409 job_not_finished)."""
+    job = _finished(get(session, caller, job_id), "its checkpoints are what it resumes from")
+    rows = repository.delete_all_checkpoints(session, job.id)
+    freed = Freed(len(rows), sum(row.bytes for row in rows))
+    if rows:
+        repository.add_event(session, job.id, "checkpoints_deleted", "info",
+                             f"{freed.objects} checkpoints deleted ({format_bytes(freed.bytes)} freed)",
+                             attempt=job.attempt, data={"checkpoints": freed.objects, "bytes": freed.bytes})
+    _delete_after_commit(session, storage, [row.storage_key for row in rows])
+    return freed
+
+
+def delete_artifact(session: Session, storage: Storage, caller: Caller, job_id: str, kind: str) -> Freed:
+    """Delete one artifact of a finished job (a merged model once downloaded, say). Its adapter stays
+    while a job of the team that has not finished starts from it (initial_job_id: 409 artifact_in_use)."""
+    lock_team(session, caller.team_id)  # as a job creation does: one that starts from it is seen, or sees this
+    job = _finished(get(session, caller, job_id), "it may still store its artifacts")
+    artifact = repository.artifact(session, caller.team_id, job.id, kind)
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no {excerpt(kind)} artifact")
+    users = repository.active_jobs_starting_from(session, caller.team_id, job.id, states.ACTIVE) if kind == "adapter" else []
+    if users:
+        names = ", ".join(f"{user.id} ({user.status})" for user in users[:5])
+        raise Conflict(f"the adapter of job {job.id} is where jobs that have not finished start (initial_job_id): "
+                       f"{names}; cancel them or wait for them to finish", code="artifact_in_use")
+    session.delete(artifact)
+    repository.add_event(session, job.id, "artifact_deleted", "info",
+                         f"{kind} deleted ({format_bytes(artifact.bytes)} freed)", attempt=job.attempt,
+                         data={"kind": kind, "bytes": artifact.bytes})
+    _delete_after_commit(session, storage, [artifact.storage_key])
+    return Freed(1, artifact.bytes)
+
+
+def _finished(job: Job, why: str) -> Job:
+    if job.status not in states.FINISHED:
+        raise Conflict(f"job {job.id} is {job.status}: {why}; cancel it, or wait for it to finish",
+                       code="job_not_finished")
+    return job
+
+
+def _delete_after_commit(session: Session, storage: Storage, keys: list[str]) -> None:
+    """The rows go first, in the request's transaction; the objects once it commits (a stray object is
+    harmless, a row without its object is not)."""
+    session.flush()
+
+    def delete() -> None:
+        for key in keys:
+            storage.delete(key)
+
+    after_commit(session, delete)
 
 
 def eval_report(session: Session, caller: Caller, job_id: str) -> dict:

@@ -167,9 +167,10 @@ class StorageRoom:
         return QuotaExceeded(
             f"storage_gib: team {self.team_name!r} keeps {format_bytes(self.used_bytes)} of its limit of "
             f"{format_bytes(self.limit_bytes)} (storage_gib {self.limit_gib:g}){meanwhile}, {format_bytes(left)} "
-            f"left, and {what}; nothing of this upload was kept. Delete datasets "
-            "the team no longer needs (DELETE /datasets/{id}, or qlora datasets delete ID); its jobs' artifacts "
-            "and checkpoints count too, so an admin may raise the limit (qlora admin set-quota TEAM --storage-gib G)",
+            f"left, and {what}; nothing of this upload was kept. Delete what the team no longer needs: datasets "
+            "(DELETE /datasets/{id}, or qlora datasets delete ID), finished jobs' checkpoints (DELETE "
+            "/jobs/{id}/checkpoints) or artifacts (DELETE /jobs/{id}/artifacts/{kind}); or an admin may raise the "
+            "limit (qlora admin set-quota TEAM --storage-gib G)",
             details={"limit": "storage_gib", "allowed_bytes": self.limit_bytes, "current_bytes": self.used_bytes,
                      "in_flight_bytes": others, "left_bytes": left})
 
