@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Fine-tune open LLMs with QLoRA: upload a dataset, post a job, download an adapter or a merged model.",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None, redoc_url=None,  # app/web/routes.py serves them, their CDN files pinned and hashed
     )
     app.state.settings = settings
     app.state.storage = storage_from_settings(settings)
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -176,6 +178,10 @@ class RequestScope:
       2 GB POST /jobs held 6 GB. A route that streams its body under a limit of its own (an upload:
       app.uploads.read_multipart) says so in the scope before it reads, and is let through.
     - Every line logged while the request is handled names the job its path is about.
+    - Every answer says not to guess its type (X-Content-Type-Options) and to send no Referer onward;
+      an answer to a request with an API key that sets no caching of its own is not stored (a
+      browser's cache would keep a team's data past a sign-out); the dashboard's static files are
+      revalidated, so an upgrade never runs stale modules beside new ones.
     """
 
     def __init__(self, app: ASGIApp, on_nul: Callable[[Request], Awaitable[Response]], max_body_bytes: int):
@@ -189,11 +195,28 @@ class RequestScope:
             return await response(scope, receive, send)
         if scope["method"] in BODY_METHODS:
             receive = self.bounded(scope, receive)
+        send = self.with_headers(scope, send)
         job_id = logs.job_id_in(scope["path"])
         if job_id is None:
             return await self.app(scope, receive, send)
         with logs.job_context(job_id):
             await self.app(scope, receive, send)
+
+    @staticmethod
+    def with_headers(scope: Scope, send: Send) -> Send:
+        if scope["path"].startswith("/static/"):
+            caching: bytes | None = b"no-cache"
+        else:
+            caching = b"no-store" if any(name == b"authorization" for name, _ in scope["headers"]) else None
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                headers += SECURITY_HEADERS
+                if caching is not None and not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", caching))
+            await send(message)
+        return sending
 
     def bounded(self, scope: Scope, receive: Receive) -> Receive:
         """`receive`, refusing a body over max_body_bytes: the route's reading of it raises a 413, which

@@ -11,8 +11,9 @@ from __future__ import annotations
 import mimetypes
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 
 from worker.training.spec import (
     LEARNING_RATES,
@@ -36,13 +37,21 @@ mimetypes.add_type("text/javascript", ".js")
 router = APIRouter(include_in_schema=False)
 
 
-# The page acts with the key it keeps (cancel, delete): no other site may frame it and steer clicks on it.
-NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+# The page acts with the key it keeps (cancel, delete): no other site may frame it and steer clicks on
+# it, and it runs only its own modules, talks only to this API, and loads nothing from elsewhere (its
+# styles set widths inline: 'unsafe-inline' for style only). Navigating to a presigned download URL is
+# not a fetch: connect-src does not bar it.
+PAGE_POLICY = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+}
 
 
 @router.get("/")
 def dashboard():
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **NOT_FRAMED})
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **PAGE_POLICY})
 
 
 @router.get("/web/spec-defaults")
@@ -56,3 +65,36 @@ def spec_defaults():
                           **{name: field.default for name, field in DpoMethod.model_fields.items() if name != "type"}}
     defaults["learning_rates"] = LEARNING_RATES  # training.learning_rate's default depends on the method
     return defaults
+
+
+# /docs and /redoc: FastAPI's pages, with their CDN files pinned to one release and checked by the browser
+# against their hashes (Subresource Integrity). The pages share their origin with the dashboard and the
+# API key it keeps: a file changed on the CDN, or a new release under a floating "@5", must not run there.
+# (The hashes are of the files in the npm packages, which the CDN serves as they are.)
+SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0"
+REDOC = "https://cdn.jsdelivr.net/npm/redoc@2.5.4/bundles/redoc.standalone.js"
+PINNED = {
+    f"{SWAGGER_UI}/swagger-ui-bundle.js": "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9",
+    f"{SWAGGER_UI}/swagger-ui.css": "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I",
+    REDOC: "sha384-w447zOpYfw/1Tv/5AK9NfHTlQIqE3RVR6KY62jCyy9zNDgO64cMwGGP1Fj0zJVf5",
+}
+
+
+def _pinned(page: HTMLResponse) -> HTMLResponse:
+    html = bytes(page.body).decode()
+    for url, digest in PINNED.items():
+        for attribute in ("src", "href"):
+            html = html.replace(f'{attribute}="{url}"', f'{attribute}="{url}" integrity="{digest}" crossorigin="anonymous"')
+    return HTMLResponse(html, headers={"X-Frame-Options": "DENY"})
+
+
+@router.get("/docs")
+def swagger_ui(request: Request):
+    return _pinned(get_swagger_ui_html(openapi_url=request.app.openapi_url, title="qlora-service API",
+                                       swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+                                       swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css"))
+
+
+@router.get("/redoc")
+def redoc(request: Request):
+    return _pinned(get_redoc_html(openapi_url=request.app.openapi_url, title="qlora-service API", redoc_js_url=REDOC))

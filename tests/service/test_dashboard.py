@@ -270,9 +270,65 @@ def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, tea
     assert messages[-1] == ("job", team.get(f"/jobs/{job_id}").json())
 
 
-def test_the_dashboard_may_not_be_framed_by_another_site(deployment):
-    """It acts with the key it keeps (cancel, delete): a page that framed it could steer a user's clicks."""
+def test_the_dashboard_may_not_be_framed_by_another_site_nor_run_another_sites_script(deployment):
+    """It acts with the key it keeps (cancel, delete): a page that framed it could steer a user's clicks,
+    and a script from elsewhere could read the key."""
     response = deployment.client(None).get("/")
     assert response.status_code == 200
     assert response.headers["x-frame-options"] == "DENY"
-    assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert policy["frame-ancestors"] == "'none'" and policy["script-src"] == "'self'"
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+
+
+def test_every_answer_says_how_to_treat_it(deployment, team):
+    """Not sniffed into another type, no Referer onward; a team's data not kept in a browser's cache past
+    a sign-out (where a route sets no caching of its own); the dashboard's modules revalidated."""
+    for response in (team.get("/models"), team.get("/quota"), deployment.client(None).get("/static/js/main.js"),
+                     deployment.client(None).get("/health")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert team.get("/models").headers["cache-control"] == "no-store"
+    assert team.get("/jobs").headers["cache-control"] == "private, no-cache"  # polled with its ETag: its own
+    assert deployment.client(None).get("/static/js/main.js").headers["cache-control"] == "no-cache"
+    assert "cache-control" not in deployment.client(None).get("/health").headers
+
+
+def test_the_api_docs_run_only_the_pinned_files_they_were_checked_against(deployment):
+    """/docs and /redoc share the dashboard's origin, where its key is kept: their CDN scripts are one
+    release each, with the hash the browser checks (a changed file does not run)."""
+    from app.web.routes import PINNED
+
+    pages = {path: deployment.client(None).get(path).text for path in ("/docs", "/redoc")}
+    for url, digest in PINNED.items():
+        page = next(html for html in pages.values() if url in html)
+        assert f'"{url}" integrity="{digest}" crossorigin="anonymous"' in page
+    external = [u for html in pages.values() for u in re.findall(r'(?:src|href)="(https://cdn[^"]+)"', html)]
+    assert sorted(external) == sorted(PINNED)  # every script and stylesheet from the CDN is pinned
+
+
+def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page, deployment, team, team_key):
+    """130,000 logged steps (Math.max(...points) threw past ~125,000, and the page stopped drawing) and
+    1,000 events: the curve is drawn from at most 2,000 points, the events list shows the newest 200."""
+    from sqlalchemy import insert
+
+    from app.db import session_scope
+    from app.jobs.tables import Job, JobEvent, JobMetric
+    from app.teams import repository as teams
+
+    with session_scope(deployment.settings.database_url) as session:
+        team_id = teams.team_by_name(session, "team-dashboard").id
+        job = Job(team_id=team_id, status="succeeded", base_model="tiny", queue="gpu-nobody", spec={}, name="long")
+        session.add(job)
+        session.flush()
+        session.execute(insert(JobMetric), [{"job_id": job.id, "kind": "train", "step": step, "train_loss": 2 + 1 / step}
+                                            for step in range(1, 130_001)])
+        session.execute(insert(JobEvent), [{"job_id": job.id, "attempt": 1, "type": "checkpoint_saved", "level": "info",
+                                            "step": n, "message": f"checkpoint {n}"} for n in range(1, 1001)])
+        job_id = job.id
+    sign_in(page, team_key)
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#train-loss-path")).to_have_attribute("data-points", "130000", timeout=120_000)
+    assert train_path_points(page) == 2000
+    expect(page.locator("#older-events")).to_contain_text("and 800 older events")
+    assert page.locator("#events li").count() == 201

@@ -1,5 +1,7 @@
 // The loss curve: an inline SVG drawn from the job's train and eval points, redrawn whole on
-// every update (a few hundred points at most), with no charting library.
+// every update, with no charting library. A long run logs hundreds of thousands of points: the
+// scales are found with loops (Math.max(...points) throws past ~125k arguments), and each series is
+// drawn from at most DRAWN points.
 
 import { svg } from "./dom.js";
 import { fmt } from "./format.js";
@@ -22,6 +24,24 @@ function tickLabel(value, step) {
   return value.toFixed(Math.min(decimals, 6));
 }
 
+const DRAWN = 2000; // points of a series drawn: a path of a million is no clearer, and far slower
+
+/** At most `limit` of a series' points, evenly spread, its first and last kept. */
+function thinned(points, limit = DRAWN) {
+  if (points.length <= limit) return points;
+  const stride = (points.length - 1) / (limit - 1);
+  return Array.from({ length: limit }, (_, i) => points[Math.round(i * stride)]);
+}
+
+/** [lowest, highest] of the values, by a loop: spreading them into Math.min's arguments overflows the stack. */
+function extent(values, low = Infinity, high = -Infinity) {
+  for (const v of values) {
+    if (v < low) low = v;
+    if (v > high) high = v;
+  }
+  return [low, high];
+}
+
 /** The whole chart for the job page, from the points so far; totalSteps sets the x axis before they arrive. */
 export function lossChart(trainPoints, evalPoints, totalSteps) {
   const W = 720, H = 380;
@@ -30,18 +50,17 @@ export function lossChart(trainPoints, evalPoints, totalSteps) {
   const evals = evalPoints.filter((p) => p.eval_loss !== null).sort((a, b) => a.step - b.step);
   const losses = [...train.map((p) => p.train_loss), ...evals.map((p) => p.eval_loss)];
 
-  const maxStep = Math.max(totalSteps || 0, ...train.map((p) => p.step), ...evals.map((p) => p.step), 1);
+  const maxStep = Math.max(totalSteps || 0, train.at(-1)?.step ?? 0, evals.at(-1)?.step ?? 0, 1); // sorted by step
   const xTicks = niceTicks(0, maxStep, 6);
   const xMax = xTicks.ticks[xTicks.ticks.length - 1];
-  const lossLow = losses.length ? Math.min(...losses) : 0;
-  const lossHigh = losses.length ? Math.max(...losses) : 1;
+  const [lossLow, lossHigh] = losses.length ? extent(losses) : [0, 1];
   const pad = (lossHigh - lossLow) * 0.08 || lossHigh * 0.1 || 0.5;
   const yTicks = niceTicks(Math.max(0, lossLow - pad), lossHigh + pad, 5);
   const yMin = yTicks.ticks[0], yMax = yTicks.ticks[yTicks.ticks.length - 1];
 
   const x = (step) => m.left + (step / xMax) * (W - m.left - m.right);
   const y = (loss) => H - m.bottom - ((loss - yMin) / (yMax - yMin)) * (H - m.top - m.bottom);
-  const path = (points, key) => points.map((p, i) => `${i ? "L" : "M"}${x(p.step).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ");
+  const path = (points, key) => thinned(points).map((p, i) => `${i ? "L" : "M"}${x(p.step).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ");
 
   const description = train.length
     ? `Train loss from ${fmt.loss(train[0].train_loss)} at step ${train[0].step} to ${fmt.loss(train.at(-1).train_loss)} at step ${train.at(-1).step}` +
@@ -70,7 +89,7 @@ export function lossChart(trainPoints, evalPoints, totalSteps) {
     svg("path", { class: "line-train", id: "train-loss-path", d: path(train, "train_loss"), "data-points": String(train.length) }),
     train.length ? svg("circle", { class: "dot-train", cx: x(train.at(-1).step), cy: y(train.at(-1).train_loss), r: 4 }) : null,
     svg("path", { class: "line-eval", id: "eval-loss-path", d: path(evals, "eval_loss"), "data-points": String(evals.length) }),
-    evals.map((p) => svg("circle", { class: "dot-eval", cx: x(p.step), cy: y(p.eval_loss), r: 4 },
+    thinned(evals, DRAWN / 10).map((p) => svg("circle", { class: "dot-eval", cx: x(p.step), cy: y(p.eval_loss), r: 4 },
       svg("title", {}, `eval loss ${fmt.loss(p.eval_loss)} at step ${p.step}`))),
     losses.length ? null : svg("text", { class: "empty-label", x: (m.left + W - m.right) / 2, y: (m.top + H - m.bottom) / 2, "text-anchor": "middle" },
       "Waiting for the first logged step…"));

@@ -12,8 +12,11 @@ export function h(tag, attrs = {}, ...children) {
 function setAttrs(el, attrs) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
-    if (name.startsWith("on") && typeof value === "function") el.addEventListener(name.slice(2), value);
-    else if (name === "dataset") Object.assign(el.dataset, value);
+    if (name.startsWith("on")) {
+      // A handler is a function; a string here would become inline script, so it is refused.
+      if (typeof value !== "function") throw new TypeError(`h(): ${name} must be a function`);
+      el.addEventListener(name.slice(2), value);
+    } else if (name === "dataset") Object.assign(el.dataset, value);
     else el.setAttribute(name, value === true ? "" : value);
   }
 }

@@ -75,18 +75,23 @@ export function renderSummary(box, state) {
   box.replaceChildren(h("dl", { class: "summary", id: "summary" }, rows));
 }
 
+const EVENTS_SHOWN = 200; // the newest; a job that saves every step has as many events as steps
+
 export function renderEvents(list, state) {
   const events = [...state.events.values()].sort((a, b) => b.id - a.id);
   if (!events.length) {
     list.replaceChildren(h("li", { class: "empty" }, "No events yet."));
     return;
   }
-  list.replaceChildren(...events.map((e) => h("li", { class: `level-${e.level}`, dataset: { type: e.type } },
+  const older = events.length - EVENTS_SHOWN;
+  list.replaceChildren(...events.slice(0, EVENTS_SHOWN).map((e) => h("li", { class: `level-${e.level}`, dataset: { type: e.type } },
     h("time", { datetime: e.created_at }, fmt.time(e.created_at)),
     h("div", {},
       h("span", { class: "event-type" }, e.type),
       e.step !== null ? h("span", { class: "event-step" }, `step ${e.step}`) : null,
-      e.message ? h("div", { class: "event-message" }, e.message) : null))));
+      e.message ? h("div", { class: "event-message" }, e.message) : null))),
+    older > 0 ? h("li", { class: "empty", id: "older-events" },
+      `and ${fmt.int(older)} older events: GET /jobs/${state.job.id}/events has them all`) : null);
 }
 
 export function renderCheckpoints(box, checkpoints) {

@@ -105,11 +105,16 @@ function example(shown) {
       shown.truncated ? `; the row is ${fmt.int(shown.length)} tokens and is truncated to the ${fmt.int(shown.tokens.length)} shown` : "",
       ". Hover a token for its id."),
     h("div", { class: "tokens", "aria-label": "The example's tokens; trained ones are marked" },
-      shown.tokens.map((t) => h("span", {
+      shown.tokens.slice(0, TOKENS_SHOWN).map((t) => h("span", {
         class: `tok ${t.trained ? "tok-trained" : "tok-context"}`, title: `id ${t.id} · ${t.trained ? "trained" : "context"}`,
         dataset: { trained: String(t.trained) },
-      }, visibleWhitespace(t.text)))));
+      }, visibleWhitespace(t.text))),
+      shown.tokens.length > TOKENS_SHOWN
+        ? h("p", { class: "note" }, `… and ${fmt.int(shown.tokens.length - TOKENS_SHOWN)} more tokens (the preflight's answer has them all)`)
+        : null));
 }
+
+const TOKENS_SHOWN = 4000; // two elements a token: a 1M-token row would freeze the tab
 
 /** A token's text with its spaces, tabs and newlines drawn, so " the" and "the" read apart; a newline also breaks the line. */
 function visibleWhitespace(text) {
