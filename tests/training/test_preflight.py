@@ -182,3 +182,15 @@ def test_the_demo_datas_files_are_valid_and_preflight_clean_for_sft_and_dpo(tiny
     report = preflight(dpo, tiny_model_dir, tmp_path / "pairs.jsonl")
     assert (report["refusals"], report["warnings"]) == ([], [])
     assert report["train"]["rows"] == 120 and report["train"]["duplicate_rows"] == 0
+
+
+def test_a_long_examples_first_tokens_are_shown_and_the_whole_row_counted(tiny_model_dir, tmp_path):
+    """A row of ~10,000 tokens: its first 4,096 in the answer (a million-token row would make one of 60 MB)."""
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moo " * 5_000}]}
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    report = preflight(JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=20_000)), tiny_model_dir, data,
+                       examples=1)
+    shown = report["examples"][0]
+    assert len(shown["tokens"]) == 4096 < shown["tokens_in_row"] == shown["length"] == report["train"]["tokens"]
+    assert shown["trained_in_row"] == report["train"]["trained_tokens"] > 4096

@@ -42,6 +42,7 @@ from worker.training.tokenization import (
 
 MAX_ROWS = 50_000  # rows a preflight reads: past this it reports on the first 50,000 and says so
 MAX_EXAMPLES = 5  # rows shown token by token
+EXAMPLE_TOKENS = 4096  # of each row shown
 TRUNCATED_WARNING = 0.10  # a tenth of the rows cut short is worth a word before spending GPU hours
 # Rows repeating an earlier one: a few are usual in scraped data; a hundredth is a pipeline that duplicated
 DUPLICATE_WARNING = 0.01
@@ -286,10 +287,13 @@ def _shown(example: Example, tokenizer, spec: JobSpec) -> dict:
 
 
 def explain(line: int, enc: Encoded) -> dict:
-    """One row token by token, each marked trained or not: exactly what the loss sees."""
-    return {"line": line, "truncated": enc.truncated, "length": enc.length,
-            "tokens": [{"id": token, "text": piece, "trained": label == token}
-                       for token, piece, label in zip(enc.input_ids, enc.pieces, enc.labels, strict=True)]}
+    """One row token by token, each marked trained or not: exactly what the loss sees. At most
+    EXAMPLE_TOKENS of them: a row of a million tokens would be an answer of some 60 MB; `tokens_in_row`
+    and `trained_in_row` count the whole row (as truncated to max_seq_length)."""
+    shown = zip(enc.input_ids[:EXAMPLE_TOKENS], enc.pieces[:EXAMPLE_TOKENS], enc.labels[:EXAMPLE_TOKENS], strict=True)
+    return {"line": line, "truncated": enc.truncated, "length": enc.length, "tokens_in_row": len(enc.input_ids),
+            "trained_in_row": enc.trained,
+            "tokens": [{"id": token, "text": piece, "trained": label == token} for token, piece, label in shown]}
 
 
 def _spread(lengths: list[int]) -> dict:

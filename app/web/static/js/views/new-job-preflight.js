@@ -93,7 +93,8 @@ function runFacts(report, placement) {
 
 /** One row token by token: trained tokens highlighted, context dimmed, whitespace drawn visibly. */
 function example(shown) {
-  const trained = shown.tokens.filter((t) => t.trained).length;
+  const trained = shown.trained_in_row ?? shown.tokens.filter((t) => t.trained).length;
+  const inRow = shown.tokens_in_row ?? shown.tokens.length;
   return h("div", { class: "preflight-example", id: "preflight-example" },
     h("div", { class: "card-head" },
       h("h3", {}, `Line ${shown.line}, token by token`),
@@ -101,20 +102,17 @@ function example(shown) {
         h("span", { class: "legend-item" }, h("span", { class: "tok tok-trained legend-token" }, "abc"), "trained: in the loss"),
         h("span", { class: "legend-item" }, h("span", { class: "tok tok-context legend-token" }, "abc"), "context: not trained"),
         h("span", { class: "legend-item" }, h("span", { class: "ws" }, "·"), "space ", h("span", { class: "ws" }, "↵"), "newline"))),
-    h("p", { class: "note" }, `${fmt.int(trained)} of ${fmt.int(shown.tokens.length)} tokens trained`,
-      shown.truncated ? `; the row is ${fmt.int(shown.length)} tokens and is truncated to the ${fmt.int(shown.tokens.length)} shown` : "",
+    h("p", { class: "note" }, `${fmt.int(trained)} of ${fmt.int(inRow)} tokens trained`,
+      shown.truncated ? `; the row is ${fmt.int(shown.length)} tokens and is truncated to ${fmt.int(inRow)}` : "",
       ". Hover a token for its id."),
     h("div", { class: "tokens", "aria-label": "The example's tokens; trained ones are marked" },
-      shown.tokens.slice(0, TOKENS_SHOWN).map((t) => h("span", {
+      shown.tokens.map((t) => h("span", {
         class: `tok ${t.trained ? "tok-trained" : "tok-context"}`, title: `id ${t.id} · ${t.trained ? "trained" : "context"}`,
         dataset: { trained: String(t.trained) },
       }, visibleWhitespace(t.text))),
-      shown.tokens.length > TOKENS_SHOWN
-        ? h("p", { class: "note" }, `… and ${fmt.int(shown.tokens.length - TOKENS_SHOWN)} more tokens (the preflight's answer has them all)`)
-        : null));
+      // The preflight sends the first 4,096 tokens of a row: two elements each, a whole long row would freeze the tab.
+      inRow > shown.tokens.length ? h("p", { class: "note" }, `… and ${fmt.int(inRow - shown.tokens.length)} more tokens`) : null));
 }
-
-const TOKENS_SHOWN = 4000; // two elements a token: a 1M-token row would freeze the tab
 
 /** A token's text with its spaces, tabs and newlines drawn, so " the" and "the" read apart; a newline also breaks the line. */
 function visibleWhitespace(text) {
