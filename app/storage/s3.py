@@ -114,6 +114,9 @@ class S3Storage(StorageBase):
             # MinIO and friends serve buckets as paths, not as DNS names.
             s3={"addressing_style": "path"} if endpoint_url else None,
             retries={"mode": "standard"},
+            # botocore presigns with the old SigV2 unless told otherwise (for us-east-1 and any custom
+            # endpoint), which AWS regions opened since 2014, and stores that followed them, refuse.
+            signature_version="s3v4",
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         # Download links are followed by users, who may reach the store under another name than
