@@ -268,6 +268,9 @@ class JobRun:
     def _attempt(self, job: ClaimedJob) -> None:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
+        held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
+        held.parent.mkdir(parents=True, exist_ok=True)
+        held.write_text(json.dumps({"job_id": job.id, "attempt": job.attempt}))
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
@@ -297,6 +300,7 @@ class JobRun:
                 log.exception("job %s failed in the worker", job.id)
                 final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
         finally:
+            held.unlink(missing_ok=True)
             watch.stop()  # its last heartbeat carries the last transfer's event; the final state comes after
             if watch.proc is not None and watch.proc.poll() is None:
                 _kill(watch.proc)
@@ -554,6 +558,22 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str) -> dict:
 
 FINISH_TRIES = 5
 MAX_OUT_OF_REACH_WAIT_S = 300
+
+
+def held_marker(settings: Settings, worker_pid: int) -> Path:
+    """Where a worker's pool process names the attempt it runs, for the worker process (`worker_pid`, the
+    pool's parent) to hand back when it is stopped: by job and attempt, not by the worker's name, which
+    two workers may share (two hosts started under one name)."""
+    return settings.work_dir / f".attempt-of-worker-{worker_pid}.json"
+
+
+def held_attempt(settings: Settings, worker_pid: int) -> tuple[str, int] | None:
+    """(job id, attempt) the worker `worker_pid` runs now, or None."""
+    try:
+        held = json.loads(held_marker(settings, worker_pid).read_text())
+        return str(held["job_id"]), int(held["attempt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def sweep_work_dir(settings: Settings) -> list[Path]:

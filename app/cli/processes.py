@@ -196,12 +196,16 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
     log = logging.getLogger("worker")
 
     def hand_back() -> None:
+        from worker.supervisor import held_attempt
+
+        held = held_attempt(settings, os.getpid())  # what this worker's pool process runs, if anything
+        if held is None:
+            return
         try:
             with session_scope(settings.database_url) as session:
-                handed = runs.hand_back(session, worker_name)
+                handed = runs.hand_back(session, worker_name, *held)
             if handed:
-                log.info("shutting down: handed back job(s) %s; each saves a checkpoint and is queued again",
-                         ", ".join(handed))
+                log.info("shutting down: handed back job %s; it saves a checkpoint and is queued again", held[0])
         except Exception:  # the reaper requeues the job anyway once this worker is gone
             log.exception("shutting down: could not hand back the running job")
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
@@ -299,20 +298,18 @@ def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
     return True
 
 
-def hand_back(session: Session, worker: str) -> list[str]:
-    """A worker shutting down (SIGTERM: a deploy, a scale-down) hands back the jobs it runs: each saves a
-    checkpoint after its current step and stops, then is queued again at once, as a preempted job is.
-    Before, the worker trained on to the end of the job, until its stop grace period ran out and the
-    kill lost everything since the last checkpoint and counted as a lost worker. Returns their ids."""
-    handed = []
-    for job_id, attempt in session.execute(select(Job.id, Job.attempt).where(Job.worker == worker,
-                                                                           Job.status == states.RUNNING)):
-        if repository.preempt(session, job_id, attempt, counted=False):
-            repository.add_event(session, job_id, "pause_requested", "info",
-                                 f"worker {worker} is shutting down: the job saves a checkpoint after its current "
-                                 "step, stops, and is queued again", attempt=attempt)
-            handed.append(job_id)
-    return handed
+def hand_back(session: Session, worker: str, job_id: str, attempt: int) -> bool:
+    """A worker shutting down (SIGTERM: a deploy, a scale-down) hands back the attempt it runs: the job saves
+    a checkpoint after its current step and stops, then is queued again at once, as a preempted job is.
+    Before, the worker trained on to the end of the job, until its stop grace period ran out and the kill
+    lost everything since the last checkpoint and counted as a lost worker. By job and attempt, which the
+    worker's own pool process names (worker/supervisor.held_attempt): a name may be another worker's too."""
+    if not repository.preempt(session, job_id, attempt, counted=False):
+        return False
+    repository.add_event(session, job_id, "pause_requested", "info",
+                         f"worker {worker} is shutting down: the job saves a checkpoint after its current "
+                         "step, stops, and is queued again", attempt=attempt)
+    return True
 
 
 def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: str, size: int, sha256: str) -> str | None:

@@ -128,15 +128,25 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
     """A deploy stops a worker with SIGTERM (docker stop: the main process alone). Celery's warm shutdown
     waited for the job to end, however long; the stop grace period's SIGKILL then lost everything since
     the last checkpoint and counted as a lost worker. Now the job saves a checkpoint after its current
-    step and is queued again, and the worker exits within a step of the signal."""
+    step and is queued again, and the worker exits within a step of the signal. Another worker started
+    under the same name (two hosts with one default name) keeps its job: the attempt handed back is the
+    one the stopped worker runs, not every job of its name."""
     # Held after step 3 until the pause the shutdown asks for: the run cannot end first on a fast machine.
     leaving = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"})
-    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
+    twin = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"})
+    both = [tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json() for _ in range(2)]
     staying = None
     try:
-        wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] >= 3, 180, "training under way")
+        for one in both:
+            wait_until(lambda one=one: tenant.get(f"/jobs/{one['id']}").json()["progress"]["step"] >= 3, 180,
+                       "training under way on both workers")
         os.kill(leaving.pid, signal.SIGTERM)
         leaving.wait(120)  # was: the rest of the job
+        now = {one["id"]: tenant.get(f"/jobs/{one['id']}").json() for one in both}
+        (job,) = [one for one in now.values() if one["status"] != "running"]
+        (kept,) = [one for one in now.values() if one["status"] == "running"]  # the twin's: not handed back
+        assert not any(e["type"] == "pause_requested" for e in events(tenant, kept["id"]))
+        tenant.post(f"/jobs/{kept['id']}/cancel")
         handed = tenant.get(f"/jobs/{job['id']}").json()
         assert handed["status"] == "queued" and handed["progress"]["step"] < 40, handed
         story = events(tenant, job["id"])
@@ -157,6 +167,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
                              "survived": 1, "steps_lost": 0})
     finally:
         faulty.stop(leaving)
+        faulty.stop(twin)
         if staying is not None:
             faulty.stop(staying)
 
