@@ -19,3 +19,25 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
+
+
+def schema_problem(database_url: str) -> str | None:
+    """None when the database is at this release's newest schema; else what is wrong, saying what to run.
+    An API on a database `qlora migrate` has not made answered /health and failed every other request."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from app.db import engine_for
+
+    scripts = ScriptDirectory.from_config(alembic_config(database_url))
+    head = scripts.get_current_head()
+    with engine_for(database_url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return None
+    if current is None:
+        return "the database has no schema yet: run `qlora migrate` first (with the same QLORA_DATABASE_URL)"
+    if current not in {script.revision for script in scripts.walk_revisions()}:
+        return (f"the database is at schema {current}, which this release does not know (a newer release "
+                "migrated it): run that release, or restore the database")
+    return f"the database is at schema {current}, this release needs {head}: run `qlora migrate` first"

@@ -377,7 +377,12 @@ class JobRun:
 
     def _base_model_path(self, model: dict, watch: AttemptWatch) -> Path:
         if model["path"]:
-            return Path(model["path"])
+            path = Path(model["path"])
+            if not (path / "config.json").is_file():
+                # This host's fault, not the job's: another worker may have the files (it gets the job next).
+                raise AttemptLost(f"the files of base model {model['name']} are not at {path} on worker "
+                                  f"{self.worker}: every worker host needs the registered models at their path")
+            return path
         # A hub model pinned to a revision, for hosts that reach a hub; weights only, never code.
         from huggingface_hub import snapshot_download
 

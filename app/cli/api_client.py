@@ -69,8 +69,9 @@ def resolve_credentials(url: str | None = None, api_key: str | None = None) -> t
     if not url or not api_key:
         missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
         raise ClientError(
-            f"no {' and no '.join(missing)}: pass --url and --api-key, set QLORA_URL and QLORA_API_KEY, "
-            f"or start the embedded server once (`qlora serve`), which saves both to {path}")
+            f"no {' and no '.join(missing)}: pass --url and --api-key, or set QLORA_URL and QLORA_API_KEY (an admin "
+            f"makes a key with `qlora admin create-key TEAM`); the embedded server (`qlora serve` with no database "
+            f"configured) saves both to {path} on its first start")
     return url.rstrip("/"), api_key
 
 

@@ -11,6 +11,7 @@ import signal
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from app.cli.render import err, out
 
@@ -58,6 +59,8 @@ def serve(
 
         bootstrap_embedded(settings, announce=lambda msg: out.print(msg, highlight=False),
                            build_demo_model=build_tiny_model)
+    else:
+        _check_schema(settings.database_url)
     raise_open_file_limit()  # connections need descriptors: the hard limit, not a default soft one (for its children too)
     run_worker = settings.embedded if worker is None else worker
     child = None
@@ -98,6 +101,22 @@ def serve(
     if terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
+
+
+def _check_schema(database_url: str) -> None:
+    """Exit 2 saying what to run where the database is not at this release's schema (the embedded default
+    migrates by itself). The database out of reach is said here too, rather than by the first request."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.migrate import schema_problem
+
+    try:
+        problem = schema_problem(database_url)
+    except SQLAlchemyError as exc:
+        problem = f"cannot reach the database at QLORA_DATABASE_URL: {str(exc).splitlines()[0]}"
+    if problem:
+        err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -170,6 +189,15 @@ def worker(
 
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name)
+    from app.bootstrap import make_private_dir
+
+    make_private_dir(settings.home)  # its attempts' data, logs and checkpoints: a team's, not other local users'
+    served = settings.served_gpu_classes
+    if (gpu_class or settings.default_gpu_class) not in served:
+        logging.getLogger("worker").warning(
+            "GPU class %r is not one the API serves with these settings (%s): it refuses jobs for it, so this "
+            "worker will wait for nothing; list the class in QLORA_EXTRA_GPU_CLASSES or QLORA_GPU_CLASSES for "
+            "every process", gpu_class or settings.default_gpu_class, ", ".join(served))
     from worker.supervisor import sweep_work_dir
 
     try:

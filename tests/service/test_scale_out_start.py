@@ -1,0 +1,78 @@
+"""What the processes say and do as they start on a scale-out deployment (Postgres, Redis, S3), where
+no embedded first start has made the schema or the home: the API refuses to start on a database
+`qlora migrate` has not made (it answered /health and failed every other request), a worker makes its
+home its owner's alone and says in its log when the API would refuse jobs for its GPU class."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import time
+
+from app.db import engine_for
+from tests import services
+from tests.deployment import ROOT
+
+
+def test_a_worker_keeps_its_home_private_and_says_when_no_job_can_reach_its_class(deployment, tmp_path):
+    home = tmp_path / "worker-home"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)  # as a umask of 022 leaves a directory made by hand
+    proc = deployment.spawn("worker", "--gpu-class", "l4", "--name", "start-check", log_name="worker-start-check",
+                            extra_env={"QLORA_HOME": str(home)})
+    try:
+        log = deployment.home / "worker-start-check.log"
+        deadline = time.monotonic() + 60
+        while "this worker will wait for nothing" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.2)
+        said = log.read_text()
+        assert "GPU class 'l4' is not one the API serves with these settings" in said
+        assert "QLORA_EXTRA_GPU_CLASSES or QLORA_GPU_CLASSES" in said
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    finally:
+        deployment.stop(proc)
+
+
+def test_the_api_will_not_start_on_a_database_without_its_schema(deployment, tmp_path):
+    services.ensure_postgres()
+    url = services.create_postgres_database()  # as a fresh Postgres is, before `qlora migrate`
+    try:
+        env = {**deployment.env, "QLORA_DATABASE_URL": url, "QLORA_PORT": str(services.free_port()),
+               "QLORA_HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--no-worker"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert ("error: the database has no schema yet: run `qlora migrate` first (with the same "
+                "QLORA_DATABASE_URL)") in " ".join(done.stderr.split())
+    finally:
+        engine_for(url).dispose()
+        services.drop_postgres_database(url)
+
+
+def test_a_model_missing_on_a_worker_host_is_that_hosts_fault_not_the_jobs(deployment, worker, demo_data,
+                                                                            tiny_model_dir, tmp_path):
+    """The files of a registered model are not where the registry says on the worker's host: the attempt
+    is lost (another worker may have them) and the events name the host and the path; before, the job
+    failed at once as an invalid spec, blaming the user."""
+    import shutil
+
+    from tests.deployment import upload, wait_for_status
+    from worker.training.tiny import demo_spec
+
+    model_dir = tmp_path / "tiny-elsewhere"
+    shutil.copytree(tiny_model_dir, model_dir)
+    admin = deployment.client(deployment.team_key("team-scale", admin=True))
+    registered = admin.post("/models", json={"name": "tiny-elsewhere", "path": str(model_dir)})
+    assert registered.status_code == 201, registered.text
+    model_dir.rename(tmp_path / "moved")  # as on a worker host that lacks the directory
+    dataset = upload(admin, demo_data["train"]).json()
+    job = admin.post("/jobs", json={"dataset_id": dataset["id"], **demo_spec("tiny-elsewhere")}).json()
+    done = wait_for_status(admin, job["id"], ("failed", "succeeded"), timeout=120, deployment=deployment)
+    assert done["status"] == "failed"
+    said = (f"the files of base model tiny-elsewhere are not at {model_dir} on worker shared: every worker "
+            "host needs the registered models at their path")
+    requeued = [e for e in admin.get(f"/jobs/{job['id']}/events").json() if e["type"] == "requeued"]
+    assert requeued and all(e["message"].startswith(said) for e in requeued)
+    assert said in done["error"] and "invalid job spec" not in done["error"]
