@@ -364,6 +364,7 @@ class Freed:
 def delete_checkpoints(session: Session, storage: Storage, caller: Caller, job_id: str) -> Freed:
     """Delete a finished job's checkpoints: what its storage_gib counts of it beyond the artifacts. A job
     that has not finished resumes from them (409 job_not_finished)."""
+    lock_team(session, caller.team_id)  # two deletes at once: the second finds none left, not rows gone under it
     job = _finished(get(session, caller, job_id), "its checkpoints are what it resumes from")
     rows = repository.delete_all_checkpoints(session, job.id)
     freed = Freed(len(rows), sum(row.bytes for row in rows))

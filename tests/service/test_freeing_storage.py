@@ -130,3 +130,16 @@ def test_the_cli_deletes_them_and_says_what_it_freed(deployment, storage, tmp_pa
     assert done.stdout.strip() == f"job {job_id}: merged deleted, 488.3 KiB freed"
     refused = qlora(env, "jobs", "delete-artifact", job_id, "--kind", "merged")
     assert refused.returncode != 0 and "no 'merged' artifact" in refused.stderr
+
+
+def test_two_deletes_at_once_free_the_checkpoints_once(deployment, storage, team_a):
+    """Without the team's row taken first, the second deleted rows the first had deleted: a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    job_id, checkpoint_keys, _ = finished_job_keeping(deployment, storage, "team-a", checkpoints=3)
+    clients = [deployment.client(deployment.team_key("team-a")) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda client: client.delete(f"/jobs/{job_id}/checkpoints"), clients))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert sorted(a.json()["deleted"] for a in answers) == [0, 3]
+    assert not any(storage.exists(key) for key in checkpoint_keys)
