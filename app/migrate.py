@@ -27,12 +27,16 @@ def schema_problem(database_url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from app.db import engine_for
+    from app.db import make_engine
 
     scripts = ScriptDirectory.from_config(alembic_config(database_url))
     head = scripts.get_current_head()
-    with engine_for(database_url).connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    engine = make_engine(database_url)  # asked once, by a process that serves nothing itself: no pool kept
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
     if current == head:
         return None
     if current is None:

@@ -34,7 +34,8 @@ function thinned(points, limit = DRAWN) {
 }
 
 /** [lowest, highest] of the values, by a loop: spreading them into Math.min's arguments overflows the stack. */
-function extent(values, low = Infinity, high = -Infinity) {
+function extent(values) {
+  let low = Infinity, high = -Infinity;
   for (const v of values) {
     if (v < low) low = v;
     if (v > high) high = v;
