@@ -372,9 +372,15 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
     paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
     assert paused.status == "paused" and paused.summary["steps"]["completed"] == 7
     assert (tmp_path / "run" / "checkpoints" / "step-7" / "COMPLETE").exists()  # saved at the pause, not at 10
-    # Paused under a release whose spec had no lora.dtype yet: the field takes its default on resume.
+    # Paused under a release whose spec had none of the fields added since (the service's releases up
+    # to migration 0011 had no lora.dtype, activation_offload, tiled_mlp, early stopping, best checkpoint
+    # or method): each takes its default on resume, and activation_offload and tiled_mlp, whose default
+    # "auto" this run decides for its device, this run's decision.
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
-    del manifest["spec"]["lora"]["dtype"]
+    old = manifest["spec"]
+    del old["lora"]["dtype"], old["training"]["activation_offload"], old["training"]["tiled_mlp"]
+    del old["training"]["early_stopping"], old["output"]["use_best_checkpoint"], old["method"]
+    del manifest["initial_adapter_sha256"]
     (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
 
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)

@@ -766,9 +766,11 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validat
                 "pass --resume to continue it, or choose an empty output directory")
         previous = json.loads(manifest_path.read_text())
         # The interrupted run's spec as this version reads it: a field added since (a new release
-        # between a pause and its resume) takes its default, as the job's stored spec does.
+        # between a pause and its resume) takes its default, as the job's stored spec does; where that
+        # default is "auto", this run's decision (the spec compared is fitted to the device).
         try:
-            previous["spec"] = JobSpec.model_validate(previous.get("spec")).model_dump(mode="json")
+            filled = JobSpec.model_validate(previous.get("spec")).model_dump(mode="json")
+            previous["spec"] = _added_since(previous.get("spec"), filled, manifest["spec"])
         except ValueError:
             pass  # not a spec this version reads: it differs
         changed = [k for k in manifest if previous.get(k) != manifest[k]]
@@ -779,6 +781,22 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validat
         return latest
     write_json_atomic(manifest_path, manifest, indent=2)
     return None
+
+
+_ABSENT = object()
+
+
+def _added_since(written: Any, filled: Any, fitted: Any) -> Any:
+    """`filled` (a run manifest's spec, `written`, with this release's defaults) with this run's value
+    (`fitted`) for each field `written` lacks and whose default is "auto": the release that wrote it had
+    no such field (activation_offload and tiled_mlp came later), and this run decided it for its device."""
+    if isinstance(filled, dict):
+        if not isinstance(fitted, dict):
+            return filled
+        written = written if isinstance(written, dict) else {}
+        return {key: _added_since(written.get(key, _ABSENT), value, fitted.get(key, _ABSENT))
+                for key, value in filled.items()}
+    return fitted if written is _ABSENT and filled == "auto" and fitted is not _ABSENT else filled
 
 
 def _sha256(path) -> str:
