@@ -87,6 +87,10 @@ def test_a_delete_during_an_uncommitted_creation_waits_and_answers_409(deploymen
         deleting.join(30)
     finally:
         session.close()
+    with session_scope(settings.database_url) as session:
+        # The job is queued for the shared worker: cancelled, it leaves the next test's jobs a free worker
+        # instead of a 160-step run to wait behind.
+        jobs.cancel(session, caller, job.id)
     # Before, the delete went through once the creation committed, and the queued job's dataset_id became NULL.
     assert refused and f"used by jobs that have not finished: {job.id} (queued)" in str(refused[0])
     (stored,) = jobs_of(deployment, caller)

@@ -7,6 +7,7 @@ release wrote: tests/training/test_recipe.py, the pause test.)"""
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_an_upgraded_database_serves_and_runs_the_jobs_an_old_release_wrote(data
 
     upgrade(url)  # qlora migrate
 
-    for name in [n for n in __import__("os").environ if n.startswith("QLORA_")]:
+    for name in [n for n in os.environ if n.startswith("QLORA_")]:
         monkeypatch.delenv(name)
     settings = Settings(home=home, database_url=url, storage_url=f"file://{home / 'storage'}", broker_url="",
                         reaper_interval_s=0, scheduler_interval_s=0, heartbeat_deadline_s=60)
