@@ -394,6 +394,34 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
     assert curve(tmp_path / "run") == curve(tmp_path / "straight")
 
 
+def test_a_resume_keeps_what_the_interrupted_run_decided_for_auto(tiny_model_dir, demo_data, tmp_path):
+    """per_device_batch_size "auto" is decided on the worker (a model registered without its config). A run
+    paused after a release (or a card of the class with other memory) decided 2 resumes with 2, where it
+    failed 'cannot resume: spec differ' as soon as this run decided otherwise (4 on the CPU)."""
+    asked = []
+
+    def pause() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=6, save_steps=100, per_device_batch_size="auto"))
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
+    assert paused.status == "paused" and paused.summary["spec"]["training"]["per_device_batch_size"] == 4
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    manifest["spec"]["training"]["per_device_batch_size"] = 2  # what the interrupted run had decided
+    (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
+
+    resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
+    assert resumed.status == "succeeded", resumed.summary
+    assert resumed.summary["spec"]["training"]["per_device_batch_size"] == 2
+    assert resumed.summary["steps"] == {"completed": 6, "planned": 6, "resumed_from": 3}
+
+    # A batch size the job asked for is the job's: a run that differs from it is still refused.
+    fixed = JobSpec.parse(short_spec(tiny_model_dir, max_steps=6, save_steps=100, per_device_batch_size=4))
+    with pytest.raises(TrainingError, match="cannot resume: spec differ"):
+        run(fixed, demo_data["train"], tmp_path / "run", resume=True)
+
+
 def test_a_bfloat16_adapter_trains_and_resumes_exactly(tiny_model_dir, demo_data, tmp_path):
     """lora.dtype bfloat16 (the paper's): the adapter's weights and gradients are bf16, it learns, and
     "exact" resume means for it what it means for float32: the bf16 weights, the float32 optimizer

@@ -313,6 +313,7 @@ class QLoRARecipe:
         self.device = pick_device()
         self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
+        self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
         self.spec = _fit_to_device(self.spec, self.base_path, self.device,
                                    keeps_reference_adapter(self.spec, self.initial_adapter is not None))
 
@@ -334,8 +335,9 @@ class QLoRARecipe:
 
     def _setup_run_dir(self) -> None:
         """The checkpoint to resume from, if any; a clean staging directory; the loss curve up to it."""
-        self.resume_from = _check_run_dir(self.out, self.ckpt_dir, self.spec, self.train_path,
-                                          self.validation_path, self.resume, self.initial_adapter_sha256)
+        self.resume_from, self.spec = _check_run_dir(self.out, self.ckpt_dir, self.spec, self.requested_spec,
+                                                     self.train_path, self.validation_path, self.resume,
+                                                     self.initial_adapter_sha256)
         self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
         self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
         _drop_metrics_after(self.metrics_file, self.resumed_step)  # steps logged after the checkpoint are redone
@@ -747,56 +749,71 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
     )
 
 
-def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, train_path, validation_path, resume: bool,
-                   initial_adapter_sha256: str | None = None) -> Path | None:
+def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_path, validation_path,
+                   resume: bool, initial_adapter_sha256: str | None = None) -> tuple[Path | None, JobSpec]:
     """Refuse to mix runs: resume only the same spec on the same data from the same starting adapter; never
-    silently restart over checkpoints."""
+    silently restart over checkpoints. Returns the checkpoint to resume from (None: a fresh run) and the
+    spec to run: `spec` (fitted to this device from `requested`), with a resumed run's own decisions for
+    what `requested` left "auto"."""
+    manifest_path = out / "run.json"
+    latest = checkpoints.latest_complete(ckpt_dir)
+    resuming = manifest_path.exists() and latest is not None
+    if resuming and not resume:
+        raise TrainingError(
+            f"{out} already holds a run with checkpoints (newest: {latest.name}); "
+            "pass --resume to continue it, or choose an empty output directory")
+    previous = json.loads(manifest_path.read_text()) if resuming else {}
+    written = previous.get("spec") if isinstance(previous.get("spec"), dict) else {}
+    if resuming:
+        spec = _as_decided_before(requested, spec, written)
     manifest = {
         "spec": spec.model_dump(mode="json"),
         "train_sha256": _sha256(train_path),
         "validation_sha256": _sha256(validation_path) if validation_path else None,
         "initial_adapter_sha256": initial_adapter_sha256,  # None: a fresh adapter (and a run.json from before it)
     }
-    manifest_path = out / "run.json"
-    latest = checkpoints.latest_complete(ckpt_dir)
-    if manifest_path.exists() and latest is not None:
-        if not resume:
-            raise TrainingError(
-                f"{out} already holds a run with checkpoints (newest: {latest.name}); "
-                "pass --resume to continue it, or choose an empty output directory")
-        previous = json.loads(manifest_path.read_text())
-        # The interrupted run's spec as this version reads it: a field added since (a new release
-        # between a pause and its resume) takes its default, as the job's stored spec does; where that
-        # default is "auto", this run's decision (the spec compared is fitted to the device).
-        try:
-            filled = JobSpec.model_validate(previous.get("spec")).model_dump(mode="json")
-            previous["spec"] = _added_since(previous.get("spec"), filled, manifest["spec"])
-        except ValueError:
-            pass  # not a spec this version reads: it differs
-        changed = [k for k in manifest if previous.get(k) != manifest[k]]
-        if changed:
-            raise TrainingError(
-                f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
-                "resume with the same spec and data, or start in an empty output directory")
-        return latest
-    write_json_atomic(manifest_path, manifest, indent=2)
-    return None
+    if not resuming:
+        write_json_atomic(manifest_path, manifest, indent=2)
+        return None, spec
+    # The interrupted run's spec as this version reads it: a field added since (a new release between a
+    # pause and its resume) takes its default, as the job's stored spec does, and a decided one this
+    # run's decision (the interrupted run had none to keep).
+    try:
+        filled = JobSpec.model_validate(written).model_dump(mode="json")
+        for section, field in DECIDED_ON_THE_DEVICE:
+            if field not in (written.get(section) or {}):
+                filled[section][field] = manifest["spec"][section][field]
+        previous["spec"] = filled
+    except (ValueError, TypeError):
+        pass  # not a spec this version reads: it differs
+    changed = [k for k in manifest if previous.get(k) != manifest[k]]
+    if changed:
+        raise TrainingError(
+            f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
+            "resume with the same spec and data, or start in an empty output directory")
+    return latest, spec
 
 
-_ABSENT = object()
+# What a run decides for its device where the spec says "auto" (_fit_to_device), as (section, field).
+DECIDED_ON_THE_DEVICE = (("training", "per_device_batch_size"), ("training", "activation_offload"),
+                         ("training", "tiled_mlp"))
 
 
-def _added_since(written: Any, filled: Any, fitted: Any) -> Any:
-    """`filled` (a run manifest's spec, `written`, with this release's defaults) with this run's value
-    (`fitted`) for each field `written` lacks and whose default is "auto": the release that wrote it had
-    no such field (activation_offload and tiled_mlp came later), and this run decided it for its device."""
-    if isinstance(filled, dict):
-        if not isinstance(fitted, dict):
-            return filled
-        written = written if isinstance(written, dict) else {}
-        return {key: _added_since(written.get(key, _ABSENT), value, fitted.get(key, _ABSENT))
-                for key, value in filled.items()}
-    return fitted if written is _ABSENT and filled == "auto" and fitted is not _ABSENT else filled
+def _as_decided_before(requested: JobSpec, fitted: JobSpec, written: dict) -> JobSpec:
+    """`fitted` with the interrupted run's decisions (`written`, its manifest's spec) for what `requested`
+    leaves "auto": a resumed run goes on as it started, though this release's estimate, or a card of the
+    class with other memory, might decide otherwise (and the spec compared would then differ, failing the
+    job). A decision the interrupted run did not record (a release before the field) stays this run's."""
+    data = fitted.model_dump(mode="json")
+    asked = requested.model_dump(mode="json")
+    for section, field in DECIDED_ON_THE_DEVICE:
+        before = (written.get(section) or {}).get(field) if isinstance(written.get(section), dict) else None
+        if asked[section][field] == "auto" and before is not None and before != "auto":
+            data[section][field] = before
+    try:
+        return JobSpec.model_validate(data)
+    except ValueError:
+        return fitted  # not a decision this version reads: the comparison says what differs
 
 
 def _sha256(path) -> str:
