@@ -781,7 +781,7 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
     try:
         filled = JobSpec.model_validate(written).model_dump(mode="json")
         for section, field in DECIDED_ON_THE_DEVICE:
-            if field not in (written.get(section) or {}):
+            if field not in written.get(section, {}):  # a present section validated: a dict
                 filled[section][field] = manifest["spec"][section][field]
         previous["spec"] = filled
     except (ValueError, TypeError):
@@ -807,7 +807,8 @@ def _as_decided_before(requested: JobSpec, fitted: JobSpec, written: dict) -> Jo
     data = fitted.model_dump(mode="json")
     asked = requested.model_dump(mode="json")
     for section, field in DECIDED_ON_THE_DEVICE:
-        before = (written.get(section) or {}).get(field) if isinstance(written.get(section), dict) else None
+        part = written.get(section)
+        before = part.get(field) if isinstance(part, dict) else None
         if asked[section][field] == "auto" and before is not None and before != "auto":
             data[section][field] = before
     try:
