@@ -162,3 +162,39 @@ def test_tiny_model_is_deterministic_from_its_seed(tiny_model_dir, tmp_path):
     again = build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}
+TOOLS = [{"type": "function", "function": {"name": "get_sound", "parameters": {"type": "object", "properties": {}}}}]
+USER, ANSWER = {"role": "user", "content": "What does the cow say?"}, {"role": "assistant", "content": "The cow says moo."}
+
+
+@pytest.mark.parametrize(
+    ("row", "names"),
+    [  # OpenAI's tool-calling rows: what the model would learn without the tools or the calls is another answer
+        ({"tools": TOOLS, "messages": [USER, ANSWER]}, '"tools"'),
+        ({"functions": [TOOLS[0]["function"]], "messages": [USER, ANSWER]}, '"functions"'),
+        ({"messages": [USER, {"role": "assistant", "content": "Let me look.", "tool_calls": [TOOL_CALL]}]},
+         'messages[1]: "tool_calls"'),
+        ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "moo"}, ANSWER]},
+         'messages[1]: "tool_calls"'),
+        ({"messages": [USER, {"role": "assistant", "content": "ok", "function_call": TOOL_CALL["function"]}]},
+         'messages[1]: "function_call"'),
+        ({"messages": [USER, {"role": "tool", "tool_call_id": "call_1", "content": "moo"}, ANSWER]},
+         "messages[1]: role 'tool'"),
+        ({"input": {"messages": [USER], "tools": TOOLS}, "preferred_output": [ANSWER],
+          "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools"'),
+    ],
+)
+def test_a_tool_calling_row_is_refused_naming_what_would_be_left_out(row, names):
+    with pytest.raises(DataError) as info:
+        validate_lines(lines(b"", row))  # the blank line 1 is skipped
+    [error] = info.value.errors
+    assert error.line == 2 and names in error.message and "tool calling is not supported" in error.message, error
+
+
+def test_empty_tool_fields_change_nothing_and_are_accepted():
+    row = {"tools": [], "messages": [USER, {**ANSWER, "tool_calls": [], "function_call": None}]}
+    [example] = validate_lines(lines(row)).examples
+    assert [m.content for m in example.messages] == [USER["content"], ANSWER["content"]]

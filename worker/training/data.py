@@ -12,7 +12,8 @@ Five formats, detected from the first row and then required of every row:
                                    "rejected": str | [one assistant message]}
 Every format but `text` becomes a conversation (user turn → assistant turn), so one chat template
 and one loss-masking rule serve them all; a preference row is its prompt conversation (ending with a
-user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored.
+user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored, but for OpenAI's
+tool-calling fields, which are refused (_refuse_tools, _message).
 """
 
 from __future__ import annotations
@@ -246,7 +247,42 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
     return value
 
 
+# OpenAI's tool-calling fields. A chat template renders them only where it knows tools, and a row trained
+# without them teaches another answer than the row's: the model learns to answer without the tools it was
+# shown, or to say an answer's text without the call it made. Empty ones (`"tools": []`) change nothing.
+_TOOL_ROW_KEYS = ("tools", "functions")
+_TOOL_MESSAGE_KEYS = ("tool_calls", "function_call")
+_TOOL_ROLES = ("tool", "function")
+_NO_TOOLS = ("tool calling is not supported: the model would train without the tools and their calls, "
+             "on another conversation than the row's; leave out rows that call tools, and the tool "
+             "definitions of rows whose answers do not")
+
+
+def _refuse_tools(obj: dict, where: str) -> None:
+    """ValueError where a row (or a preference row's input) holds tool definitions."""
+    for key in _TOOL_ROW_KEYS:
+        if obj.get(key):
+            raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
+
+
+def _message(m: dict, i: int, where: str) -> tuple[str, str]:
+    """A message's role and text, as every format's messages must have them: a known role, the system
+    message first alone, text content, no tool calls."""
+    role = m.get("role")
+    if role in _TOOL_ROLES:
+        raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
+    if role not in ROLES:
+        raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}")
+    if role == "system" and i != 0:
+        raise ValueError(f"{where}a system message may only come first")
+    for key in _TOOL_MESSAGE_KEYS:
+        if m.get(key):
+            raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
+    return role, _text(m, "content", where=where)
+
+
 def _parse_chat(obj: dict, line: int) -> Example:
+    _refuse_tools(obj, "")
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
@@ -255,12 +291,7 @@ def _parse_chat(obj: dict, line: int) -> Example:
         where = f"messages[{i}]: "
         if not isinstance(m, dict):
             raise ValueError(f"{where}must be an object with role and content")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}")
-        if role == "system" and i != 0:
-            raise ValueError(f"{where}a system message may only come first")
-        content = _text(m, "content", where=where)
+        role, content = _message(m, i, where)
         weight = m.get("weight", 1)
         if "weight" in m and role != "assistant":
             raise ValueError(f"{where}weight is only allowed on assistant messages")
@@ -303,6 +334,7 @@ def _parse_preference(obj: dict, line: int) -> Example:
         given = obj["input"]
         if not isinstance(given, dict) or "messages" not in given:
             raise ValueError('"input" must be an object with "messages" (the conversation before the answers)')
+        _refuse_tools(given, "input.")
         prompt = _prompt_messages(given["messages"], "input.messages")
         chosen = _answer(obj["preferred_output"], "preferred_output")
         rejected = _answer(obj["non_preferred_output"], "non_preferred_output")
@@ -325,11 +357,7 @@ def _prompt_messages(messages: Any, where: str) -> tuple[Message, ...]:
         at = f"{where}[{i}]: "
         if not isinstance(m, dict):
             raise ValueError(f"{at}must be an object with role and content")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"{at}role {excerpt(m.get('role'))} is not one of {', '.join(ROLES)}")
-        if m["role"] == "system" and i != 0:
-            raise ValueError(f"{at}a system message may only come first")
-        parsed.append(Message(m["role"], _text(m, "content", where=at)))
+        parsed.append(Message(*_message(m, i, at)))
     if parsed[-1].role != "user":
         raise ValueError(f'"{where}" must end with a user message: the answers reply to it '
                          f"(the last is from {parsed[-1].role})")
@@ -348,7 +376,7 @@ def _answer(value: Any, key: str) -> str:
                          f"or a string, got {got}")
     if value[0].get("role") != "assistant":
         raise ValueError(f'"{key}"[0]: role {excerpt(value[0].get("role"))} must be assistant: it is an answer')
-    return _text(value[0], "content", where=f'"{key}"[0]: ')
+    return _message(value[0], 0, f'"{key}"[0]: ')[1]
 
 
 _PARSERS = {
