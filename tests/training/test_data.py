@@ -198,3 +198,38 @@ def test_empty_tool_fields_change_nothing_and_are_accepted():
     row = {"tools": [], "messages": [USER, {**ANSWER, "tool_calls": [], "function_call": None}]}
     [example] = validate_lines(lines(row)).examples
     assert [m.content for m in example.messages] == [USER["content"], ANSWER["content"]]
+
+
+def test_content_as_a_list_of_text_parts_is_its_text():
+    """OpenAI takes a message's content as parts ([{"type": "text", "text": ...}]): the text parts, joined with a
+    newline as vLLM joins them when it serves the model."""
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What does"}, {"type": "text", "text": "the cow say?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "The cow says moo."}]}]}
+    pref = {"input": {"messages": [row["messages"][0]]}, "preferred_output": [row["messages"][1]],
+            "non_preferred_output": [{"role": "assistant", "content": [{"type": "text", "text": "Woof."}]}]}
+    [example] = validate_lines(lines(row)).examples
+    assert [m.content for m in example.messages] == ["What does\nthe cow say?", "The cow says moo."]
+    [pair] = validate_lines(lines(pref)).examples
+    assert (pair.messages[0].content, pair.chosen, pair.rejected) == ("What does\nthe cow say?", "The cow says moo.", "Woof.")
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        ({"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+         "messages[0]: content part 1 is of type 'image_url': only text parts are trained"),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, 'messages[0]: content part 0: "text" must be a string'),
+        ({"role": "user", "content": []}, 'messages[0]: "content" is empty'),
+        ({"role": "user", "content": [{"type": "text", "text": " "}]}, 'messages[0]: "content" is empty'),
+    ],
+)
+def test_content_parts_that_are_not_text_are_refused_naming_the_part(message, says):
+    with pytest.raises(DataError) as info:
+        validate_lines(lines({"messages": [message, ANSWER]}))
+    assert says in info.value.errors[0].message, info.value
+
+
+def test_an_assistant_refusal_without_content_says_to_put_it_in_content():
+    row = {"messages": [USER, {"role": "assistant", "content": None, "refusal": "I can't help with that."}]}
+    with pytest.raises(DataError, match='line 1: messages\\[1\\]: "refusal" is not trained: put its text in "content"'):
+        validate_lines(lines(row))

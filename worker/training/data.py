@@ -2,6 +2,7 @@
 
 Five formats, detected from the first row and then required of every row:
   chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
+                     (content may also be OpenAI's text parts: [{"type": "text", "text": str}, ...])
   prompt_completion  {"prompt": str, "completion": str}
   alpaca             {"instruction": str, "input"?: str, "output": str}
   text               {"text": str}
@@ -278,7 +279,26 @@ def _message(m: dict, i: int, where: str) -> tuple[str, str]:
     for key in _TOOL_MESSAGE_KEYS:
         if m.get(key):
             raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
+    content = m.get("content")
+    if content is None and isinstance(m.get("refusal"), str):
+        raise ValueError(f'{where}"refusal" is not trained: put its text in "content" (the words the model is to learn)')
+    if isinstance(content, list):
+        return role, _text({"content": _parts_text(content, where)}, "content", where=where)
     return role, _text(m, "content", where=where)
+
+
+def _parts_text(parts: list, where: str) -> str:
+    """The text of content given as OpenAI's parts ([{"type": "text", "text": ...}, ...]): its text parts,
+    joined with a newline as vLLM joins them when it serves the model. Other parts (images, audio) are refused:
+    the text models trained here cannot see them, and the answer may depend on them."""
+    texts = []
+    for n, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(f"{where}content part {n} is of type {excerpt(kind)}: only text parts are trained "
+                             '([{"type": "text", "text": ...}]); leave out rows that need an image or audio')
+        texts.append(_text(part, "text", where=f"{where}content part {n}: ", required=False))
+    return "\n".join(texts)
 
 
 def _parse_chat(obj: dict, line: int) -> Example:
