@@ -1,5 +1,6 @@
 """Datasets: format detection, bad lines named by number, and what ends up learned (EOS above all)."""
 
+import gzip
 import json
 
 import pytest
@@ -233,3 +234,40 @@ def test_an_assistant_refusal_without_content_says_to_put_it_in_content():
     row = {"messages": [USER, {"role": "assistant", "content": None, "refusal": "I can't help with that."}]}
     with pytest.raises(DataError, match='line 1: messages\\[1\\]: "refusal" is not trained: put its text in "content"'):
         validate_lines(lines(row))
+
+
+ROW = json.dumps(CHAT).encode()
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    """Notepad and Excel's "UTF-8" save writes one; the file is UTF-8 all the same, read alike on upload and by the trainer."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + ROW + b"\r\n" + ROW)
+    assert len(read_jsonl(path).examples) == 2
+    with pytest.raises(DataError, match="line 2: not valid JSON"):  # only at the start of the file
+        validate_lines([ROW, b"\xef\xbb\xbf" + ROW])
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ((ROW + b"\n" + ROW + b"\n").decode().encode("utf-16"), "the file is UTF-16"),
+        ((ROW + b"\n" + ROW + b"\n").decode().encode("utf-16-le"), "the file is UTF-16"),
+        (gzip.compress(ROW + b"\n" + ROW + b"\n"), "the file is gzip-compressed"),
+        (b"PK\x03\x04\x14\x00\x06\x00rest\nmore\n", "the file is a zip archive"),
+        (json.dumps([CHAT, CHAT]).encode(), "the file is one JSON array"),
+        (json.dumps([CHAT, CHAT], indent=2).encode(), "the file is one JSON array"),
+    ],
+)
+def test_a_file_that_is_not_jsonl_at_all_is_one_error_saying_what_it_is(tmp_path, data, says):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    assert info.value.total == 1 and info.value.errors[0].line == 1, info.value
+    assert says in info.value.errors[0].message and "JSONL" in info.value.errors[0].message, info.value
+
+
+def test_bytes_that_are_not_utf8_say_to_save_as_utf8():
+    with pytest.raises(DataError, match=r"line 2: not valid UTF-8 \(byte 6 of the line\): save the file as UTF-8"):
+        validate_lines([ROW, b'{"caf\xe9": 1}'])

@@ -127,13 +127,21 @@ class DatasetValidator:
         self.error_count = 0
         self.examples: list[Example] | None = [] if keep_examples else None
         self._line = 0
+        self._not_jsonl: str | None = None  # what the file is instead, where its first line shows it
 
     def feed(self, raw: bytes) -> None:
         self._line += 1
+        if self._not_jsonl:
+            return  # said once, on line 1: its lines are no rows to list one by one
+        if self._line == 1:
+            raw = raw.removeprefix(_UTF8_BOM)
+            self._not_jsonl = _not_jsonl(raw)
+            if self._not_jsonl:
+                return self._error(self._not_jsonl)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return self._error(f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+            return self._error(f"not valid UTF-8 (byte {exc.start + 1} of the line): save the file as UTF-8")
         if not text.strip():
             return  # blank lines (a trailing newline, spacing) carry nothing
         try:
@@ -176,7 +184,8 @@ class DatasetValidator:
     def skip_line(self, message: str) -> None:
         """Count a line the caller could not even read whole (one longer than it will buffer)."""
         self._line += 1
-        self._error(message)
+        if not self._not_jsonl:
+            self._error(message)
 
     def _error(self, message: str) -> None:
         self.error_count += 1
@@ -190,6 +199,29 @@ class DatasetValidator:
         if not self.rows:
             raise DataError([LineError(max(self._line, 1), "the file has no rows")], 1, source)
         return Dataset(format=self.format or "", examples=self.examples or [])
+
+
+# What a file saved "as UTF-8" by Notepad or Excel starts with; the text after it is UTF-8 all the same.
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SAVE_AS_JSONL = "JSONL is UTF-8 text, one JSON object per line"
+_NOT_JSONL = (  # how a file's first line starts, and what the file is then
+    ((b"\xff\xfe", b"\xfe\xff"), "the file is UTF-16 (a byte order mark of UTF-16)"),
+    ((b"\x1f\x8b",), "the file is gzip-compressed: upload it uncompressed"),
+    ((b"PK\x03\x04",), "the file is a zip archive (an .xlsx workbook is one): upload the JSONL file itself"),
+)
+
+
+def _not_jsonl(first_line: bytes) -> str | None:
+    """What a file is instead of JSONL, told by its first line, or None: one error for the file, not one per line."""
+    for starts, what in _NOT_JSONL:
+        if first_line.startswith(starts):
+            return f"{what}; {_SAVE_AS_JSONL}"
+    if b"\x00" in first_line:  # UTF-8 JSON never holds a NUL byte; UTF-16 without its mark holds one per ASCII character
+        return f"the file is UTF-16, or not text: it holds NUL bytes; {_SAVE_AS_JSONL}"
+    if first_line.lstrip().startswith(b"["):
+        return (f"the file is one JSON array, not JSONL: {_SAVE_AS_JSONL} (no [ ] around them, no commas between); "
+                "in Python: for row in rows: print(json.dumps(row), file=out)")
+    return None
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the escapes of d800-dfff: only these can leave half a pair
