@@ -137,6 +137,16 @@ def test_weight_zero_assistant_turn_is_context_not_target(tokenizer):
     assert "first" in tokenizer.decode(enc.input_ids)
 
 
+def test_weight_zero_holds_with_train_on_inputs(tokenizer):
+    """train_on_inputs learns the prompts too, not the answers a row marks as not to be learned."""
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first", "weight": 0},
+                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]}
+    enc = encode_example(validate_lines(lines(row)).examples[0], tokenizer, max_seq_length=512, train_on_inputs=True)
+    text = learned(tokenizer, enc)
+    assert "first" not in text and "a" in text and "b" in text and text.endswith("second" + tokenizer.eos_token), text
+    assert enc.labels[0] == enc.input_ids[0]  # the prompt before it is learned
+
+
 def test_truncated_rows_are_counted_and_empty_ones_dropped(tokenizer):
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "moo " * 40}]}
     long_prompt = {"messages": [{"role": "user", "content": "cow " * 60}, {"role": "assistant", "content": "moo"}]}

@@ -339,7 +339,8 @@ def _pieces(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]
 
 def render_conversation(example: Example, render: ChatRenderer, *,
                         train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the chat template; return the text and the (start, end) character spans to learn.
+    """Render with the chat template; return the text and the (start, end) character spans to learn: each
+    assistant turn of weight 1 or, with train_on_inputs, everything but the assistant turns of weight 0.
 
     An assistant turn's span runs from the end of the generation prompt that precedes it (e.g.
     "<|assistant|>\\n": what the model is given at inference) to the end of the turn as the template
@@ -356,11 +357,10 @@ def render_conversation(example: Example, render: ChatRenderer, *,
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
     full = render.row(example, messages)
     check_every_message_rendered(example, full)
-    if train_on_inputs:
-        return full, [(0, len(full))]
     spans = []
     for i, m in enumerate(example.messages):
-        if m.role != "assistant" or m.weight == 0:
+        # The turns to learn; with train_on_inputs, the turns not to learn (weight 0), cut out of the whole render.
+        if m.role != "assistant" or m.weight == (1 if train_on_inputs else 0):
             continue
         prompt = render.row(example, messages[:i], add_generation_prompt=True)
         if not full.startswith(prompt):
@@ -383,7 +383,15 @@ def render_conversation(example: Example, render: ChatRenderer, *,
                                     "conversation as the model's chat template renders it, for the loss mask")
             end = found + len(content)
         spans.append((start, _closed_turn(full, start, end, render.special_texts)))
+    if train_on_inputs:
+        return full, _outside(spans, len(full))
     return full, spans
+
+
+def _outside(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The spans of [0, length) that the given spans (in order, apart) leave."""
+    edges = [0, *(edge for span in spans for edge in span), length]
+    return [(start, end) for start, end in zip(edges[::2], edges[1::2], strict=True) if end > start]
 
 
 _SPACES = re.compile(r"\s+")
