@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.training.data import Example, read_jsonl
+from worker.training.data import DataError, Example, read_jsonl
 from worker.training.spec import METHOD_FORMATS, JobSpec
 from worker.training.tokenization import (
     Encoded,
@@ -86,6 +86,10 @@ class SetReport:
     template_refused_rows: int = 0
     template_refused_lines: list[int] = field(default_factory=list)
     template_refusal: str | None = None
+    # a dataset stored `ready` that the trainer, reading it with today's rules, refuses: its first bad line, and how
+    # many there are (an upload is checked as it arrives; the rules it was checked by may have been tightened since)
+    invalid: str | None = None
+    invalid_lines: int = 0
     format: str = ""  # the dataset's format, as read
 
     @property
@@ -130,7 +134,7 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
     }
     report["refusals"], report["warnings"] = problems(spec, train, validation)
     mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
-                  if s is not None and s.format not in METHOD_FORMATS[spec.method.type]]
+                  if s is not None and not s.invalid and s.format not in METHOD_FORMATS[spec.method.type]]
     if mismatched:
         allowed = " or ".join(METHOD_FORMATS[spec.method.type])
         report["refusals"] = [f"method {spec.method.type} trains on {allowed} rows, and the {name} data is in {fmt} "
@@ -158,7 +162,10 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
              ) -> tuple[SetReport, list[dict], Said]:
     """A set's report, its first `examples` rows token by token, and what its rows say and ask. With `train`
     (what the train set says: a validation set's), also the rows and prompts found in the train set."""
-    data = read_jsonl(path)
+    try:
+        data = read_jsonl(path)
+    except DataError as exc:
+        return SetReport(invalid=str(exc.errors[0]), invalid_lines=exc.total), [], Said()
     if data.format not in METHOD_FORMATS[spec.method.type]:
         # preflight refuses it, naming the format the method needs
         return SetReport(rows_in_file=len(data.examples), format=data.format), [], Said()
@@ -333,7 +340,11 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
     refusals, warnings = [], []
     scope = "" if train.rows == train.rows_in_file else f" (of the first {train.rows:,} rows read)"
     for name, s in (("train", train), ("validation", validation)):
-        if s is not None and s.template_refused_rows:
+        if s is not None and s.invalid:
+            refusals.append(f"the {name} dataset does not pass the checks the trainer reads it with, which have changed "
+                            f"since it was uploaded ({s.invalid_lines:,} bad lines; the first: {s.invalid}), and "
+                            "training would stop at it: fix the file and upload it again")
+        elif s is not None and s.template_refused_rows:
             lines = ", ".join(map(str, s.template_refused_lines[:5])) + ("..." if s.template_refused_rows > 5 else "")
             refusals.append(f"{s.template_refused_rows:,} {name} rows cannot be trained on with the model's chat template "
                             f"(lines {lines}), and training stops at the first; the first says: {s.template_refusal}")
