@@ -53,6 +53,7 @@ from worker.training.protocol import (
     RecordReader,
     Result,
     WorkDir,
+    write_json_atomic,
 )
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
@@ -270,7 +271,8 @@ class JobRun:
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         held.parent.mkdir(parents=True, exist_ok=True)
-        held.write_text(json.dumps({"job_id": job.id, "attempt": job.attempt}))
+        # Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one hands back nothing).
+        write_json_atomic(held, {"job_id": job.id, "attempt": job.attempt})
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
