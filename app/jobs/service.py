@@ -214,7 +214,8 @@ def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: st
     if dataset.status != "ready":
         first = dataset.errors[0] if dataset.errors else {"line": "?", "message": "?"}
         raise Invalid(
-            f"{field}: dataset {dataset_id} is invalid ({dataset.error_count} bad lines; first: line "
+            f"{field}: dataset {dataset_id} is invalid ({dataset.error_count:,} bad line{'' if dataset.error_count == 1 else 's'}; "
+            f"first: line "
             f"{first['line']}: {first['message']}); fix the file and upload it again",
             details=field_errors([(field, "dataset is invalid")]), code="invalid_job")
     return dataset

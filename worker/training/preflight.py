@@ -342,7 +342,8 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
     for name, s in (("train", train), ("validation", validation)):
         if s is not None and s.invalid:
             refusals.append(f"the {name} dataset does not pass the checks the trainer reads it with, which have changed "
-                            f"since it was uploaded ({s.invalid_lines:,} bad lines; the first: {s.invalid}), and "
+                            f"since it was uploaded ({s.invalid_lines:,} bad line{'' if s.invalid_lines == 1 else 's'}; the first: "
+                            f"{s.invalid}), and "
                             "training would stop at it: fix the file and upload it again")
         elif s is not None and s.template_refused_rows:
             lines = ", ".join(map(str, s.template_refused_lines[:5])) + ("..." if s.template_refused_rows > 5 else "")
