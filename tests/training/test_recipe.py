@@ -161,6 +161,24 @@ def short_spec(model_dir, **overrides):
     return data
 
 
+def test_the_cli_progress_bar_goes_to_stderr_so_stdout_holds_the_result_alone(capsys):
+    # `qlora train ... | jq` reads stdout: the bar drawn there made it invalid JSON.
+    from types import SimpleNamespace
+
+    from worker.training.callbacks import RichProgressCallback
+
+    bar, state = RichProgressCallback(), SimpleNamespace(max_steps=3, global_step=0)
+    bar.on_train_begin(None, state, None)
+    for step in (1, 2, 3):
+        state.global_step = step
+        bar.on_step_end(None, state, None)
+        bar.on_log(None, state, None, logs={"loss": 1.5})
+    bar.on_train_end(None, state, None)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "training" in captured.err and "3/3" in captured.err
+
+
 def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(short_spec(tiny_model_dir)))

@@ -297,11 +297,13 @@ class RichProgressCallback(TrainerCallback):
     """A progress bar for the CLI (the service shows progress from the metrics instead)."""
 
     def __init__(self):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # On stderr: `qlora train`'s stdout holds its result alone (JSON on a pipe, for `| jq`).
         self.progress = Progress(
             TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
         )
         self.task = None
 
