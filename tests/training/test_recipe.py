@@ -240,6 +240,16 @@ def test_resuming_from_the_last_planned_steps_checkpoint_trains_no_step_more(tin
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_the_last_step_is_always_on_the_curve(tiny_model_dir, demo_data, tmp_path):
+    """The trainer logs every logging_steps: a run shorter than that had no curve and no final loss, and
+    one past a multiple lost its last steps."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=5, save_steps=100, logging_steps=2))
+    result = run(spec, demo_data["train"], tmp_path)
+    points = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [p["step"] for p in points] == [2, 4, 5]
+    assert result.summary["train_loss_final"] == points[-1]["train_loss"]
+
+
 def test_output_dir_with_checkpoints_is_not_silently_restarted(tiny_model_dir, demo_data, tmp_path):
     spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=10, save_steps=5))
     run(spec, demo_data["train"], tmp_path)
@@ -253,15 +263,28 @@ def test_output_dir_with_checkpoints_is_not_silently_restarted(tiny_model_dir, d
 def test_cancel_hook_stops_training_cleanly(tiny_model_dir, demo_data, tmp_path):
     asked = []
 
-    def cancel() -> bool:  # the hook is asked once per optimizer step; say yes on the third ask
+    def cancel() -> bool:  # asked once before training, then once per optimizer step; yes after the third step
         asked.append(True)
-        return len(asked) >= 3
+        return len(asked) >= 4
 
     result = run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path, cancel=cancel)
     assert result.status == "cancelled"
-    assert len(asked) == 3  # not asked again once it said yes
+    assert len(asked) == 4  # not asked again once it said yes
     assert result.summary["steps"]["completed"] == 3  # stopped right after the step it was asked at
     assert not (tmp_path / "adapter").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "cancelled"
+
+
+def test_a_cancel_while_the_base_loads_trains_no_step(tiny_model_dir, demo_data, tmp_path):
+    """A cancel that came while the model loaded (minutes, for a large one) was first asked after a step:
+    one more step of the GPU, and a job saying "cancelled at step 1"."""
+    events = []
+    result = run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path, cancel=lambda: True,
+                 sink=events.append)
+    assert result.status == "cancelled" and "steps" not in result.summary
+    assert [(e.type, e.step) for e in events if getattr(e, "type", None) in ("started", "cancelled")] == [
+        ("started", 0), ("cancelled", 0)]
+    assert not (tmp_path / "metrics.jsonl").exists() and not list((tmp_path / "checkpoints").glob("step-*"))
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "cancelled"
 
 
@@ -270,15 +293,15 @@ def test_a_cancel_after_the_last_step_stops_before_the_merge_and_ends_cancelled(
     each on a large model) was ignored, and the job ended succeeded."""
     asked = []
 
-    def cancel() -> bool:  # no to every optimizer step's ask (10), the evaluation's and the adapter's; yes to the merge's
+    def cancel() -> bool:  # no before training, to every optimizer step (10), the evaluation and the adapter; yes to the merge
         asked.append(True)
-        return len(asked) > 12
+        return len(asked) > 13
 
     spec = short_spec(tiny_model_dir, max_steps=10, save_steps=10)
     spec["output"] = {"merge": True}
     events = []
     result = run(JobSpec.parse(spec), demo_data["train"], tmp_path, cancel=cancel, sink=events.append)
-    assert result.status == "cancelled" and len(asked) == 13
+    assert result.status == "cancelled" and len(asked) == 14
     assert result.summary["steps"]["completed"] == 10
     assert (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()  # stopped before the merge
     assert [e.type for e in events if getattr(e, "type", None) in ("adapter_saved", "merged", "cancelled", "finished")] == [

@@ -29,8 +29,8 @@ def rewards(logs: dict, prefix: str = "") -> dict:
 
 
 class MetricsCallback(TrainerCallback):
-    """One point per logging step (TrainPoint) and per evaluation (EvalPoint) to the sink. For method
-    dpo, with the rewards trl logs, and no perplexity (exp of a DPO loss measures nothing)."""
+    """One point per logging step and at the last step (TrainPoint), and per evaluation (EvalPoint), to the
+    sink. For method dpo, with the rewards trl logs, and no perplexity (exp of a DPO loss measures nothing)."""
 
     def __init__(self, sink: Sink, device: str, method: str = "sft"):
         self.sink = sink
@@ -43,6 +43,13 @@ class MetricsCallback(TrainerCallback):
         # After a resume the token count starts where the checkpoint left it.
         self._last_time = time.monotonic()
         self._last_tokens = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The trainer logs every logging_steps only: a run of 8 steps at 10 would end with no point at all
+        # (no curve, no final loss), and one of 165 without its last 5 steps. The last step of the
+        # schedule is always logged; a resumed run ends on the same step, so its curve stays the same.
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

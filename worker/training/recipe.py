@@ -201,6 +201,8 @@ def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: A
     recipe = QLoRARecipe(spec, train_path, out_dir, **options)
     with recipe.out_of_memory_in("loading the base model", "a GPU class with more memory"):
         recipe.setup()
+    if recipe.cancel():  # asked while the base loaded (minutes, for a large model): not one step after it
+        return recipe.summarize(TrainingEnd("cancelled", recipe.resumed_step))
     ended = recipe.train()
     if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
         return recipe.summarize(ended)
@@ -267,6 +269,7 @@ class QLoRARecipe:
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_file = self.out / "metrics.jsonl"
+        self.trained: dict = {}  # the summary's account of training, once it ran (_measure_training)
 
     def emit(self, record: Record) -> None:
         """Every record to the caller's sink; the loss curve (train and eval points) also to metrics.jsonl."""
