@@ -75,7 +75,9 @@ def serve(
     try:
         if run_worker:
             env = {**os.environ, "QLORA_HOME": str(settings.home)}
-            child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
+            # --stop-with: a `serve` killed outright (SIGKILL, the OOM killer) cannot stop its worker; the worker
+            # then stops by itself, as on SIGTERM, instead of running on beside the next `serve`'s own.
+            child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid())], env=env)
             out.print(f"started a local worker (pid {child.pid})")
         processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
         out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
@@ -162,6 +164,8 @@ def worker(
     gpu: Annotated[Optional[str], typer.Option(help="GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES).")] = None,
     gpu_class: Annotated[Optional[str], typer.Option(help="Serve the queue of this GPU class (QLORA_DEFAULT_GPU_CLASS).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Worker name in job records; default host:gpu.")] = None,
+    stop_with: Annotated[Optional[int], typer.Option(hidden=True, help="Stop (as on SIGTERM) once the process "
+                         "with this pid is no longer this worker's parent: `serve`'s local worker.")] = None,
 ) -> None:
     """Run one training worker: one job at a time, on one GPU (or the CPU)."""
     if gpu is not None:
@@ -189,6 +193,8 @@ def worker(
 
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name)
+    if stop_with is not None:
+        _stop_when_parent_gone(stop_with)
     from app.bootstrap import make_private_dir
 
     make_private_dir(settings.home)  # its attempts' data, logs and checkpoints: a team's, not other local users'
@@ -238,6 +244,25 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
             log.exception("shutting down: could not hand back the running job")
 
     worker_shutting_down.connect(lambda **_: threading.Thread(target=hand_back, daemon=True).start(), weak=False)
+
+
+def _stop_when_parent_gone(parent: int) -> None:
+    """`serve` stops its local worker on SIGTERM; killed with SIGKILL it cannot, and the worker ran on orphaned:
+    its job trained on with no API in front of it, and the next `serve` on the same QLORA_HOME started a second
+    worker beside it, both taking jobs from the local queue. So the worker watches its parent and, once that is
+    gone, sends itself SIGTERM: Celery stops taking messages and the job it runs is handed back (saved at a
+    checkpoint and queued again, see _hand_back_on_shutdown), for the next `serve`'s worker to resume."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:  # reparented (to init, or a subreaper) once the parent is gone
+            time.sleep(1)
+        logging.getLogger("worker").warning("the serve process (pid %s) that started this worker is gone; stopping, "
+                                            "as on SIGTERM", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @commands.command()

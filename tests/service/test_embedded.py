@@ -21,25 +21,29 @@ from tests.deployment import ROOT, upload, wait_for_status
 from worker.training.tiny import demo_spec
 
 
-@pytest.fixture
-def embedded(tmp_path):
-    port = services.free_port()
+def start_serve(home, port: int, log_name: str = "serve.log") -> subprocess.Popen:
+    """`qlora serve` with nothing configured but HOME (QLORA_HOME defaults to ~/.qlora) and the port, once it answers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
-    env.update(HOME=str(tmp_path), QLORA_PORT=str(port))  # QLORA_HOME defaults to ~/.qlora
-    log = open(tmp_path / "serve.log", "wb")
+    env.update(HOME=str(home), QLORA_PORT=str(port))
+    log = open(home / log_name, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    credentials = tmp_path / ".qlora" / "credentials.json"
+    credentials = home / ".qlora" / "credentials.json"
     deadline = time.monotonic() + 120
     while True:
         try:
             if credentials.exists() and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                break
+                return proc
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        assert proc.poll() is None and time.monotonic() < deadline, (home / log_name).read_text()
         time.sleep(0.3)
-    yield tmp_path, json.loads(credentials.read_text()), proc
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    proc = start_serve(tmp_path, services.free_port())
+    yield tmp_path, json.loads((tmp_path / ".qlora" / "credentials.json").read_text()), proc
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -106,6 +110,50 @@ def test_sigterm_to_serve_alone_stops_its_local_worker(embedded):
         os.kill(worker, 0)
     with pytest.raises(ProcessLookupError):  # nothing of the service is left in its process group
         os.killpg(proc.pid, 0)
+
+
+def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(embedded, demo_data):
+    """`kill -9` (or the OOM killer) gives `serve` no chance to stop its worker. That worker used to run on
+    orphaned: its job trained on with no API in front of it, and the next `serve` on the same home started a
+    second worker beside it, both taking jobs. Now the worker stops by itself as on SIGTERM: its job saves a
+    checkpoint, is queued again, and the next `serve` resumes it from there."""
+    home, credentials, proc = embedded
+    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text()).group(1))
+    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
+                          timeout=60)
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=30, logging_steps=1, save_steps=1000)  # the hand-back saves the one it resumes from
+    spec["output"] = {"merge": False}
+    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+    deadline = time.monotonic() + 300
+    while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+    proc.send_signal(signal.SIGKILL)  # serve alone: its worker is left without a parent
+    proc.wait(10)
+    deadline = time.monotonic() + 120
+    while True:  # gone, not just orphaned (reaped by init: kill 0 fails once it has exited)
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the worker of a killed serve is still running"
+        time.sleep(0.5)
+
+    restarted = start_serve(home, int(credentials["url"].rsplit(":", 1)[1]), "serve-again.log")
+    try:
+        done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        events = client.get(f"/jobs/{job_id}/events").json()
+        types = [e["type"] for e in events]
+        assert {"pause_requested", "paused", "requeued"} <= set(types), types
+        resumed = next(e for e in events if e["type"] == "resumed")
+        assert resumed["attempt"] == 2 and resumed["step"] >= 2, resumed  # from the hand-back's checkpoint
+        assert done["attempt"] == 2
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(60)
 
 
 def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
