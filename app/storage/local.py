@@ -45,7 +45,11 @@ class LocalWriter(WriterBase):
         fsync_dir(self._final_path.parent)
 
     def _abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # its buffer could not be flushed (a full disk): the file is closed all the same
+        # Removed even then: a full disk is where a partial object's bytes matter most.
         self._tmp_path.unlink(missing_ok=True)
 
 

@@ -27,8 +27,11 @@ from app.storage import (
     make_key,
     storage_from_settings,
 )
+from app.storage.local import TMP_DIR
 from app.storage.s3 import PART_SIZE, S3Storage
+from tests.full_disk import file_size_limit
 from tests.services import create_bucket, s3_env, start_s3_server
+from worker.training.protocol import out_of_space
 
 MIB = 1 << 20
 KEY = "team-a/datasets/0123abcd"
@@ -233,6 +236,20 @@ def test_writer_block_without_commit_keeps_nothing(backend):
     with backend.storage.writer(KEY) as writer:
         writer.write(b"forgotten")
     assert backend.leftovers() == []
+
+
+def test_a_write_the_full_disk_refuses_leaves_no_temp_file(tmp_path):
+    """Small writes wait in the file's buffer; when the disk refuses them, closing the file fails the same
+    way. The temp file must go even then: on a full disk its bytes are what keeps it full."""
+    storage = LocalStorage(tmp_path / "store")
+    with file_size_limit(64 * 1024), pytest.raises(OSError) as refused:
+        with storage.writer(KEY) as writer:
+            for _ in range(100):
+                writer.write(b"x" * 1000)
+            writer.commit()
+    assert out_of_space(refused.value)
+    assert list((tmp_path / "store" / TMP_DIR).iterdir()) == []
+    assert not storage.exists(KEY)
 
 
 def test_put_file_streams_a_local_file(backend, tmp_path):

@@ -12,6 +12,7 @@ Torch-free and service-free: the engine, the worker and the API all import it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -218,6 +219,32 @@ class Result:
     def read(cls, path: Path) -> Result | None:
         data = read_json(path)
         return cls(**data) if data is not None else None
+
+
+# ---------------------------------------------------------------- a full disk
+
+# The training process's exit status when a disk it writes to is full (sysexits' EX_TEMPFAIL): it could
+# write no result then, so the code says it, and the worker hands the job back rather than failing it.
+EXIT_NO_SPACE = 75
+# A write the filesystem refused for want of room: full, over a quota, or over the largest file it (or
+# the process's RLIMIT_FSIZE) allows. Freeing space or raising the limit lets the same write succeed.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# torch.save reports a short write (what a full disk makes of its zip writer's writes) without an errno.
+TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from or while handling, is a write a full disk refused."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        if isinstance(current, RuntimeError) and any(s in str(current) for s in TORCH_SHORT_WRITE):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # ---------------------------------------------------------------- files
