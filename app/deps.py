@@ -66,7 +66,14 @@ SESSION_END_THREADS = 16
 def _end(session: Session, commit: bool) -> None:
     try:
         if commit:
-            session.commit()
+            try:
+                session.commit()
+            except BaseException:
+                # A commit the database refused (its disk full, the connection lost) ends no transaction by
+                # itself: the rollback runs the request's undo hooks (app.db.on_rollback), so an upload's
+                # stored object goes with the row that will never exist, as session_scope does.
+                session.rollback()
+                raise
         else:
             session.rollback()
     finally:

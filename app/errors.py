@@ -96,6 +96,22 @@ class RangeNotSatisfiable(AppError):
     code = "range_not_satisfiable"
 
 
+class InsufficientStorage(AppError):
+    """The server's disk refused a write (full, or over a filesystem quota): nothing of the request was
+    kept, and the same request succeeds once an operator has freed space (RFC 4918's 507)."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class DatabaseUnavailable(AppError):
+    """The database could not serve the request for now (its disk full, a restart, a dropped connection,
+    a lock held too long); the request's transaction was rolled back, so it may be sent again."""
+
+    status = 503
+    code = "database_unavailable"
+
+
 class Invalid(AppError):
     """A request whose content is wrong; details name each field and its allowed values."""
 

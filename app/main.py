@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,7 +23,15 @@ from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import engine_for
 from app.deps import session_end_threads
-from app.errors import ERROR_RESPONSES, AppError, Invalid, NotFound, QuotaExceeded
+from app.errors import (
+    ERROR_RESPONSES,
+    AppError,
+    DatabaseUnavailable,
+    InsufficientStorage,
+    Invalid,
+    NotFound,
+    QuotaExceeded,
+)
 from app.jobs.preflight import PreflightRunner
 from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
@@ -45,6 +54,7 @@ from app.uploads import STREAMED_BODY
 from app.usage.routes import router as usage_router
 from app.web.routes import STATIC_DIR
 from app.web.routes import router as web_router
+from worker.training.protocol import out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +140,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def object_gone(request: Request, exc: ObjectNotFound):
         """A stored file deleted between the read of its row and its opening (a download racing a delete)."""
         return await app_error(request, NotFound("its stored file is gone: it was deleted meanwhile"))
+
+    @app.exception_handler(OSError)
+    async def disk_error(request: Request, exc: OSError):
+        """A write the server's disk refused (an upload to local storage, a file the API writes) answers
+        507: the request's work is undone (a writer aborts, the transaction rolls back), and the same request
+        succeeds once there is room. Any other OSError goes on to be a bug's 500, its traceback logged."""
+        if not out_of_space(exc):
+            raise exc
+        log.error("a write on %s failed: the disk is full: %s", request.url.path, exc)
+        return await app_error(request, InsufficientStorage(
+            "the server's storage is full, so this request could not be stored; nothing of it was kept. "
+            "Send it again later; an operator must free space (the API's log has the error)"))
+
+    @app.exception_handler(OperationalError)
+    async def database_error(request: Request, exc: OperationalError):
+        """The database refused or lost the request for now: 503, which clients send again (the `qlora` CLI
+        does), rather than a 500 that says nothing. Its transaction was rolled back: nothing was half done."""
+        log.error("the database failed %s %s: %s", request.method, request.url.path, exc)
+        full = "disk is full" in str(exc) or "DiskFull" in type(exc.orig).__name__
+        why = "its disk is full (an operator must free space)" if full else "it is unreachable, busy or out of room"
+        return await app_error(request, DatabaseUnavailable(
+            f"the database could not serve this request: {why}; nothing of it was kept. Send it again later",
+            headers={"Retry-After": "10"}))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

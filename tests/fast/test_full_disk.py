@@ -1,0 +1,80 @@
+"""A full disk under the API: an upload the disk refuses answers 507 and keeps nothing, a write the
+database's disk refuses answers 503 and keeps nothing either (not even the upload's stored object), and
+both succeed again once there is room. The disk fills for real (tests/full_disk.py: the kernel refuses
+the writes); the app runs in this process, on the embedded default (SQLite, a local storage directory)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.teams.service import create_key, create_team
+from tests.full_disk import file_size_limit
+
+LIMIT = 512 * 1024
+
+
+def line(i: int) -> bytes:
+    return b'{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a"}]}\n' % i
+
+
+@pytest.fixture
+def client(settings, session):
+    create_team(session, "team-a")
+    _row, key = create_key(session, "team-a")
+    session.commit()
+    # A server's error is answered as the server answers it (a 500), not raised into the test.
+    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}, raise_server_exceptions=False)
+
+
+def stored_files(settings) -> list[str]:
+    root = settings.home / "storage"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_an_upload_the_full_disk_refuses_answers_507_keeps_nothing_and_goes_through_once_there_is_room(
+        client, settings):
+    data = b"".join(line(i) for i in range(20_000))  # 1.7 MiB: past what the disk takes
+    assert len(data) > 2 * LIMIT
+    with file_size_limit(LIMIT):
+        refused = client.post("/datasets", files={"file": ("train.jsonl", data)})
+        refused_v1 = client.post("/v1/files", files={"file": ("train.jsonl", data)}, data={"purpose": "fine-tune"})
+    assert refused.status_code == 507, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_storage"
+    assert "storage is full" in refused.json()["error"]["message"]
+    assert "nothing of it was kept" in refused.json()["error"]["message"]
+    assert refused_v1.status_code == 507, refused_v1.text
+    assert refused_v1.json()["error"]["type"] == "server_error"  # what the openai SDK reads
+    assert client.get("/datasets").json()["data"] == []
+    assert stored_files(settings) == []  # no object, no temp file
+
+    stored = client.post("/datasets", files={"file": ("train.jsonl", data)})
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["rows"] == 20_000
+
+
+def test_a_write_the_databases_full_disk_refuses_answers_503_and_keeps_no_stored_object(client, settings):
+    # The database's write-ahead log is past the limit: the next commit's write goes beyond it and is
+    # refused, after the upload's object (smaller than the limit) was stored.
+    db = sqlite3.connect(settings.home / "qlora.db")
+    db.execute("CREATE TABLE filler (x BLOB)")
+    db.execute("INSERT INTO filler VALUES (?)", (b"x" * (2 * LIMIT),))
+    db.commit()
+    db.close()
+    wal = settings.home / "qlora.db-wal"
+    assert wal.stat().st_size > LIMIT, "the test needs a write-ahead log past the limit"
+    data = b"".join(line(i) for i in range(100))
+
+    with file_size_limit(LIMIT):
+        refused = client.post("/datasets", files={"file": ("train.jsonl", data)})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "database_unavailable"
+    assert refused.headers["retry-after"]
+    assert stored_files(settings) == []  # the row was never committed, so its object went too
+
+    stored = client.post("/datasets", files={"file": ("train.jsonl", data)})
+    assert stored.status_code == 201, stored.text
+    assert [d["id"] for d in client.get("/datasets").json()["data"]] == [stored.json()["id"]]
