@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -20,3 +21,25 @@ def file_size_limit(limit: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def lift_file_size_limit(pid: int) -> None:
+    """Room again, for a running process and every process it has started: its disk was freed."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    for each in [pid, *_descendants(pid)]:
+        try:
+            resource.prlimit(each, resource.RLIMIT_FSIZE, (hard, hard))
+        except ProcessLookupError:
+            pass  # it ended meanwhile
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found

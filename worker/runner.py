@@ -14,6 +14,7 @@ so a lost worker never leaves a training process holding the GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tarfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from app import logs
 from app.config import get_settings
 from worker.training.protocol import (
+    EXIT_NO_SPACE,
     CheckpointStored,
     JobFile,
     Progress,
@@ -33,6 +35,7 @@ from worker.training.protocol import (
     Result,
     Sink,
     WorkDir,
+    out_of_space,
 )
 
 if __name__ == "__main__":
@@ -55,6 +58,8 @@ FAULT_STALL_CHECKPOINT = "QLORA_FAULT_STALL_CHECKPOINT_STEP"
 # for as long as a fault it injects lasts, however fast the machine trains.
 FAULT_HOLD_AT_STEP = "QLORA_FAULT_HOLD_AT_STEP"
 FAULT_RELEASE = "fault-release"
+
+log = logging.getLogger(__name__)
 
 
 class ProgressFile(TrainerCallback):
@@ -135,7 +140,17 @@ def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float):
 def main(root: Path) -> int:
     workdir = WorkDir(root)
     _quiet_progress_bars()
-    return _train(workdir, JobFile.read(workdir.job), get_settings())
+    try:
+        return _train(workdir, JobFile.read(workdir.job), get_settings())
+    except Exception as exc:
+        if not out_of_space(exc):
+            raise
+        # A disk it writes to is full (a checkpoint, a record, the merged model; torch says so in its own
+        # words): no result can be written either. The exit status says it, and the worker hands the job
+        # back, to resume from its newest uploaded checkpoint once there is room. A half-written checkpoint
+        # was never marked complete, so nothing takes it for one.
+        log.error("a disk is full; stopping so the job can resume from its newest checkpoint: %s", exc)
+        return EXIT_NO_SPACE
 
 
 def _quiet_progress_bars() -> None:

@@ -42,7 +42,10 @@ from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
 from app.scheduling.service import claim_next
 from app.storage.base import make_key, storage_from_settings
+from app.storage.local import LocalStorage
+from app.text import format_bytes
 from worker.training.protocol import (
+    EXIT_NO_SPACE,
     AppendedLines,
     CheckpointStored,
     Event,
@@ -53,6 +56,7 @@ from worker.training.protocol import (
     RecordReader,
     Result,
     WorkDir,
+    out_of_space,
     write_json_atomic,
 )
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
@@ -291,11 +295,10 @@ class JobRun:
             log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
             lost = str(exc)
         except Exception as exc:
-            if _out_of_reach(exc):  # storage or the database, for a moment: the job is not at fault
-                log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc, exc_info=True)
-                said = str(exc)
-                said = said if len(said) <= 300 else said[:300] + "…"
-                lost = f"storage or the database was out of reach ({type(exc).__name__}: {said})"
+            why = self._not_the_jobs_fault(exc)
+            if why is not None:  # storage, the database or a disk, for a moment: the job is not at fault
+                log.warning("job %s attempt %s lost: %s", job.id, job.attempt, why, exc_info=True)
+                lost = why
                 # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass.
                 time.sleep(min(self.settings.out_of_reach_wait_s * 2 ** (job.attempt - 1), MAX_OUT_OF_REACH_WAIT_S))
             else:
@@ -312,6 +315,18 @@ class JobRun:
             self._finish(job, *final)
         elif lost is not None:
             self._lose(job, lost)
+
+    def _not_the_jobs_fault(self, exc: Exception) -> str | None:
+        """Why the attempt ended, where another attempt may well succeed: storage or the database out of
+        reach, or a disk full (the worker's, or local storage's) until an operator frees space. None: the
+        job's own fault or a bug, which another attempt would only repeat."""
+        if isinstance(exc, NoSpace) or out_of_space(exc):
+            said = "the training process stopped" if isinstance(exc, NoSpace) else _said(exc)
+            disks = [self.settings.work_dir] + ([self.storage.root] if isinstance(self.storage, LocalStorage) else [])
+            return (f"a disk was full ({said}; on worker {self.worker}: {free_space(disks)}); free space there")
+        if _out_of_reach(exc):
+            return f"storage or the database was out of reach ({_said(exc)})"
+        return None
 
     def _prepare(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:
         shutil.rmtree(workdir.root, ignore_errors=True)
@@ -467,6 +482,8 @@ class JobRun:
     def _record(self, job: ClaimedJob, workdir: WorkDir, outcome: Result | None, returncode: int,
                 watch: AttemptWatch) -> tuple[str, str | None, dict | None, dict | None]:
         """Upload what a successful run made; returns the final state to write (status, error, summary, report)."""
+        if outcome is None and returncode == EXIT_NO_SPACE:
+            raise NoSpace("the training process stopped: a disk it writes to is full")
         if outcome is None:  # killed (the kernel's out-of-memory killer), or crashed on storage: another attempt
             how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0
                    else f"exited with code {returncode}")
@@ -620,6 +637,34 @@ def _remove_if_empty(directory: Path) -> bool:
 
 class AttemptLost(Exception):  # noqa: N818 (an attempt's end, not the job's)
     """The training process ended without a result (killed, or crashed on the way to storage)."""
+
+
+class NoSpace(Exception):  # noqa: N818 (an attempt's end, not the job's)
+    """The training process stopped because a disk it writes to is full (worker/runner.py)."""
+
+
+def _said(exc: BaseException) -> str:
+    said = str(exc)
+    return f"{type(exc).__name__}: {said if len(said) <= 300 else said[:300] + '…'}"
+
+
+def free_space(paths: list[Path]) -> str:
+    """What the filesystems holding `paths` have left, for a person; one filesystem named once:
+    `0 bytes of 20.0 GiB free for /data/qlora/work`."""
+    seen, said = set(), []
+    for path in paths:
+        while not path.exists() and path != path.parent:  # not made yet: it will be on its parent's filesystem
+            path = path.parent
+        try:
+            device, stats = path.stat().st_dev, os.statvfs(path)
+        except OSError as exc:
+            said.append(f"the free space for {path} is unknown ({exc.strerror})")
+            continue
+        if device not in seen:
+            seen.add(device)
+            said.append(f"{format_bytes(stats.f_bavail * stats.f_frsize)} of "
+                        f"{format_bytes(stats.f_blocks * stats.f_frsize)} free for {path}")
+    return ", ".join(said)
 
 
 def _out_of_reach(exc: BaseException) -> bool:

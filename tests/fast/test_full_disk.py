@@ -1,11 +1,14 @@
-"""A full disk under the API: an upload the disk refuses answers 507 and keeps nothing, a write the
+"""A full disk. Under the API: an upload the disk refuses answers 507 and keeps nothing, a write the
 database's disk refuses answers 503 and keeps nothing either (not even the upload's stored object), and
-both succeed again once there is room. The disk fills for real (tests/full_disk.py: the kernel refuses
-the writes); the app runs in this process, on the embedded default (SQLite, a local storage directory)."""
+both succeed again once there is room; the app runs in this process, on the embedded default (SQLite, a
+local storage directory). Under a worker: what each library raises on a full disk gives the job another
+attempt, naming the disks (tests/service/test_full_disk.py runs it through a worker). The disk fills for
+real (tests/full_disk.py: the kernel refuses the writes)."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +16,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.teams.service import create_key, create_team
 from tests.full_disk import file_size_limit
+from worker.supervisor import JobRun
+from worker.training.protocol import out_of_space
 
 LIMIT = 512 * 1024
 
@@ -78,3 +83,41 @@ def test_a_write_the_databases_full_disk_refuses_answers_503_and_keeps_no_stored
     stored = client.post("/datasets", files={"file": ("train.jsonl", data)})
     assert stored.status_code == 201, stored.text
     assert [d["id"] for d in client.get("/datasets").json()["data"]] == [stored.json()["id"]]
+
+
+def plain_write(path: Path) -> None:
+    with path.open("wb") as f:
+        f.write(b"x" * 2 * LIMIT)
+
+
+def torch_save(path: Path) -> None:  # a checkpoint's optimizer state
+    import torch
+
+    torch.save({"state": torch.zeros(LIMIT // 2)}, path)
+
+
+def safetensors_save(path: Path) -> None:  # an adapter, a merged model
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(LIMIT // 2)}, path)
+
+
+@pytest.mark.parametrize("write", [plain_write, torch_save, safetensors_save])
+def test_a_write_the_full_disk_refuses_gives_the_job_another_attempt_naming_the_disks(settings, tmp_path, write):
+    """Each library says it in its own words (an OSError, torch's short write, Rust's "os error 27"): all
+    are a full disk, which freeing space mends, not a fault of the job that another attempt would repeat."""
+    with file_size_limit(LIMIT), pytest.raises(Exception) as refused:
+        write(tmp_path / "written")
+    assert out_of_space(refused.value)
+    why = JobRun(settings, "job-1", "w1")._not_the_jobs_fault(refused.value)
+    assert why is not None and why.startswith("a disk was full"), why
+    assert f"free for {settings.work_dir.parent}" in why  # the work directory's filesystem, not made yet
+    assert "free space there" in why
+
+
+def test_other_errors_fail_the_job_as_before(settings):
+    run = JobRun(settings, "job-1", "w1")
+    assert run._not_the_jobs_fault(ValueError("a bug")) is None
+    assert run._not_the_jobs_fault(PermissionError(13, "Permission denied", "/models/x")) is None
+    assert run._not_the_jobs_fault(RuntimeError("CUDA error: an illegal memory access")) is None

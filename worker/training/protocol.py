@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -229,8 +230,10 @@ EXIT_NO_SPACE = 75
 # A write the filesystem refused for want of room: full, over a quota, or over the largest file it (or
 # the process's RLIMIT_FSIZE) allows. Freeing space or raising the limit lets the same write succeed.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-# torch.save reports a short write (what a full disk makes of its zip writer's writes) without an errno.
+# Libraries that report a refused write as text: torch.save's writer comes up short without an errno;
+# Rust's (safetensors: adapters, merged models) end with "No space left on device (os error 28)".
 TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing")
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def out_of_space(exc: BaseException) -> bool:
@@ -239,10 +242,14 @@ def out_of_space(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
-            return True
-        if isinstance(current, RuntimeError) and any(s in str(current) for s in TORCH_SHORT_WRITE):
-            return True
+        if isinstance(current, OSError):
+            if current.errno in NO_SPACE_ERRNOS:
+                return True
+        else:
+            said = str(current)
+            if any(s in said for s in TORCH_SHORT_WRITE) or any(
+                    int(n) in NO_SPACE_ERRNOS for n in RUST_OS_ERROR.findall(said)):
+                return True
         current = current.__cause__ or current.__context__
     return False
 

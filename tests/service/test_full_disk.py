@@ -1,0 +1,73 @@
+"""A worker whose disk fills while a job trains: the job is handed back, saying which disk and how full,
+rather than failed, and trains to the end once there is room again (worker/runner.py's EXIT_NO_SPACE,
+worker/supervisor.py). The disk fills for real: the worker runs under a file-size limit
+(tests/full_disk.py) that refuses the checkpoint's adapter file, and the test lifts it as an operator
+frees space."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tests.deployment import start_deployment, stop_deployment, upload, wait_for_status
+from tests.full_disk import file_size_limit, lift_file_size_limit
+from worker.training.tiny import demo_spec
+
+# Past every file a worker writes before its first checkpoint (the data, its records and logs), short of
+# the checkpoint's adapter (about 1 MB for the tiny model).
+LIMIT = 512 * 1024
+
+
+@pytest.fixture
+def deployment_of_its_own(backing_services, tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    d = start_deployment(home, backing_services, tiny_model_dir, out_of_reach_wait_s="5")
+    yield d
+    stop_deployment(d)
+
+
+def training_processes_for(job_id: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", f"worker.runner .*{job_id}"], capture_output=True, text=True).stdout.split()
+
+
+def test_a_job_whose_checkpoint_the_full_disk_refuses_is_handed_back_and_finishes_once_there_is_room(
+        deployment_of_its_own, demo_data):
+    d = deployment_of_its_own
+    team = d.client(d.team_key("full-disk"))
+    dataset_id = upload(team, demo_data["train"]).json()["id"]
+    spec = demo_spec("tiny")
+    # No quantized base to cache (its files are larger than the limit): the checkpoint is the first large write.
+    spec["quantization"] = {"bits": "none"}
+    spec["training"].update(max_steps=4, save_steps=2, logging_steps=1, eval_steps=10_000)
+    spec["output"] = {"merge": False}
+    spec["eval"] = {"prompts": 0}
+    with file_size_limit(LIMIT):
+        worker = d.start_worker(name="full-disk")  # it, and the training processes it starts, inherit the limit
+    try:
+        job_id = team.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()["id"]
+        wait_for_status(team, job_id, ("running",), deployment=d)
+        deadline = time.monotonic() + 300
+        while not training_processes_for(job_id):  # the first attempt's training process starts...
+            assert time.monotonic() < deadline, d.log("worker-full-disk")
+            time.sleep(0.1)
+        while training_processes_for(job_id):  # ...and stops at its first checkpoint, the disk full
+            assert time.monotonic() < deadline, d.log("worker-full-disk")
+            time.sleep(0.1)
+        # The worker waits (QLORA_OUT_OF_REACH_WAIT_S) before it hands the job back; meanwhile, room again.
+        lift_file_size_limit(worker.pid)
+
+        done = wait_for_status(team, job_id, ("succeeded", "failed"), deployment=d)
+        assert done["status"] == "succeeded", done
+        assert done["attempt"] == 2
+        requeued = [e for e in team.get(f"/jobs/{job_id}/events").json() if e["type"] == "requeued"]
+        assert len(requeued) == 1, requeued
+        message = requeued[0]["message"]
+        assert message.startswith("a disk was full (the training process stopped; on worker full-disk: "), message
+        assert f"free for {d.settings.work_dir}" in message and "free space there" in message, message
+        assert "requeued for try 2" in message
+        assert [a["kind"] for a in team.get(f"/jobs/{job_id}/artifacts").json()] == ["adapter"]
+    finally:
+        d.stop(worker)
