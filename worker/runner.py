@@ -26,6 +26,7 @@ from app import logs
 from app.config import get_settings
 from worker.training.protocol import (
     EXIT_NO_SPACE,
+    EXIT_OUT_OF_REACH,
     CheckpointStored,
     JobFile,
     Progress,
@@ -47,6 +48,7 @@ if __name__ == "__main__":
 from transformers import TrainerCallback  # noqa: E402
 
 from app.storage.base import make_key, storage_from_settings  # noqa: E402
+from worker.supervisor import out_of_reach  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.transfer import WriterStream  # noqa: E402
 
@@ -143,14 +145,17 @@ def main(root: Path) -> int:
     try:
         return _train(workdir, JobFile.read(workdir.job), get_settings())
     except Exception as exc:
-        if not out_of_space(exc):
-            raise
         # A disk it writes to is full (a checkpoint, a record, the merged model; torch says so in its own
-        # words): no result can be written either. The exit status says it, and the worker hands the job
-        # back, to resume from its newest uploaded checkpoint once there is room. A half-written checkpoint
-        # was never marked complete, so nothing takes it for one.
-        log.error("a disk is full; stopping so the job can resume from its newest checkpoint: %s", exc)
-        return EXIT_NO_SPACE
+        # words), or storage is out of reach as a checkpoint goes up: the exit status says which, and the
+        # worker hands the job back after a wait, to resume from its newest uploaded checkpoint. A
+        # half-written checkpoint was never marked complete, nor reported, so nothing takes it for one.
+        if out_of_space(exc):
+            log.error("a disk is full; stopping so the job can resume from its newest checkpoint: %s", exc)
+            return EXIT_NO_SPACE
+        if out_of_reach(exc):
+            log.error("storage is out of reach (%s: %s)", type(exc).__name__, exc)  # the worker quotes this line
+            return EXIT_OUT_OF_REACH
+        raise
 
 
 def _quiet_progress_bars() -> None:

@@ -46,6 +46,7 @@ from app.storage.local import LocalStorage
 from app.text import format_bytes
 from worker.training.protocol import (
     EXIT_NO_SPACE,
+    EXIT_OUT_OF_REACH,
     AppendedLines,
     CheckpointStored,
     Event,
@@ -324,7 +325,7 @@ class JobRun:
             said = "the training process stopped" if isinstance(exc, NoSpace) else _said(exc)
             disks = [self.settings.work_dir] + ([self.storage.root] if isinstance(self.storage, LocalStorage) else [])
             return (f"a disk was full ({said}; on worker {self.worker}: {free_space(disks)}); free space there")
-        if _out_of_reach(exc):
+        if isinstance(exc, TrainerOutOfReach) or out_of_reach(exc):
             return f"storage or the database was out of reach ({_said(exc)})"
         return None
 
@@ -484,6 +485,8 @@ class JobRun:
         """Upload what a successful run made; returns the final state to write (status, error, summary, report)."""
         if outcome is None and returncode == EXIT_NO_SPACE:
             raise NoSpace("the training process stopped: a disk it writes to is full")
+        if outcome is None and returncode == EXIT_OUT_OF_REACH:  # its log's last line says what failed
+            raise TrainerOutOfReach(f"the training process stopped; its log ends: {_tail(workdir.log, 1)}")
         if outcome is None:  # killed (the kernel's out-of-memory killer), or crashed on storage: another attempt
             how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0
                    else f"exited with code {returncode}")
@@ -643,6 +646,10 @@ class NoSpace(Exception):  # noqa: N818 (an attempt's end, not the job's)
     """The training process stopped because a disk it writes to is full (worker/runner.py)."""
 
 
+class TrainerOutOfReach(Exception):  # noqa: N818 (an attempt's end, not the job's)
+    """The training process stopped because storage was out of reach as it uploaded a checkpoint."""
+
+
 def _said(exc: BaseException) -> str:
     said = str(exc)
     return f"{type(exc).__name__}: {said if len(said) <= 300 else said[:300] + '…'}"
@@ -667,7 +674,7 @@ def free_space(paths: list[Path]) -> str:
     return ", ".join(said)
 
 
-def _out_of_reach(exc: BaseException) -> bool:
+def out_of_reach(exc: BaseException) -> bool:
     """Storage or the database out of reach for a moment (an outage, a dropped connection, a timeout),
     as opposed to a fault of the job or a bug: worth another attempt."""
     if isinstance(exc, DBAPIError):

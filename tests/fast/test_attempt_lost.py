@@ -1,5 +1,5 @@
 """Which failures of the worker give a job another attempt (storage or the database out of reach for a
-moment: worker/supervisor.py, _out_of_reach) and which fail it (anything else: a fault of the job, or a
+moment: worker/supervisor.py, out_of_reach) and which fail it (anything else: a fault of the job, or a
 bug, which another attempt would only repeat); and what a starting worker clears of attempts that ended
 without cleaning up (sweep_work_dir)."""
 
@@ -9,7 +9,7 @@ import botocore.exceptions
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from worker.supervisor import _out_of_reach
+from worker.supervisor import out_of_reach
 
 
 def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
@@ -34,7 +34,7 @@ def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
     (KeyError("spec"), False),
 ])
 def test_only_storage_or_the_database_out_of_reach_is_worth_another_attempt(exc, another_attempt):
-    assert _out_of_reach(exc) is another_attempt
+    assert out_of_reach(exc) is another_attempt
 
 
 def test_a_starting_worker_removes_what_ended_attempts_left_and_keeps_what_runs(settings, make_job):

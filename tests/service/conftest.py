@@ -25,6 +25,17 @@ def deployment(backing_services, tmp_path_factory, tiny_model_dir):
     stop_deployment(d)
 
 
+@pytest.fixture
+def deployment_of_its_own(backing_services, tmp_path, tiny_model_dir):
+    """A deployment for one test, whose workers it starts with the faults it needs; a worker waits 5 s
+    (QLORA_OUT_OF_REACH_WAIT_S) before it hands back a job it could not run for no fault of the job's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    d = start_deployment(home, backing_services, tiny_model_dir, out_of_reach_wait_s="5")
+    yield d
+    stop_deployment(d)
+
+
 @pytest.fixture(scope="session")
 def worker(deployment):
     """One worker on the default queue, shared by the tests that need training to happen."""

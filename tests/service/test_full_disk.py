@@ -9,24 +9,13 @@ from __future__ import annotations
 import subprocess
 import time
 
-import pytest
-
-from tests.deployment import start_deployment, stop_deployment, upload, wait_for_status
+from tests.deployment import upload, wait_for_status
 from tests.full_disk import file_size_limit, lift_file_size_limit
 from worker.training.tiny import demo_spec
 
 # Past every file a worker writes before its first checkpoint (the data, its records and logs), short of
 # the checkpoint's adapter (about 1 MB for the tiny model).
 LIMIT = 512 * 1024
-
-
-@pytest.fixture
-def deployment_of_its_own(backing_services, tmp_path, tiny_model_dir):
-    home = tmp_path / "home"
-    home.mkdir()
-    d = start_deployment(home, backing_services, tiny_model_dir, out_of_reach_wait_s="5")
-    yield d
-    stop_deployment(d)
 
 
 def training_processes_for(job_id: str) -> list[str]:

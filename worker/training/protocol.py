@@ -227,6 +227,9 @@ class Result:
 # The training process's exit status when a disk it writes to is full (sysexits' EX_TEMPFAIL): it could
 # write no result then, so the code says it, and the worker hands the job back rather than failing it.
 EXIT_NO_SPACE = 75
+# Its exit status when storage (or the database) was out of reach as it uploaded a checkpoint (sysexits'
+# EX_UNAVAILABLE): the worker hands the job back after a wait, as for its own uploads, not at once.
+EXIT_OUT_OF_REACH = 69
 # A write the filesystem refused for want of room: full, over a quota, or over the largest file it (or
 # the process's RLIMIT_FSIZE) allows. Freeing space or raising the limit lets the same write succeed.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
