@@ -23,12 +23,22 @@ def file_size_limit(limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
+def fill_up(pid: int, limit: int) -> None:
+    """The file-size limit, for a running process and every process it has started: its disk is full now
+    (as it runs: some files a process makes as it starts, its pool's shared memory, need a page or more)."""
+    _set_file_size_limit(pid, limit)
+
+
 def lift_file_size_limit(pid: int) -> None:
     """Room again, for a running process and every process it has started: its disk was freed."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    _set_file_size_limit(pid, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+
+
+def _set_file_size_limit(pid: int, soft: int) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     for each in [pid, *_descendants(pid)]:
         try:
-            resource.prlimit(each, resource.RLIMIT_FSIZE, (hard, hard))
+            resource.prlimit(each, resource.RLIMIT_FSIZE, (soft, hard))
         except ProcessLookupError:
             pass  # it ended meanwhile
 

@@ -275,14 +275,16 @@ class JobRun:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
         held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
-        held.parent.mkdir(parents=True, exist_ok=True)
-        # Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one hands back nothing).
-        write_json_atomic(held, {"job_id": job.id, "attempt": job.attempt})
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
         lost: str | None = None  # why the attempt ended with no fault of the job's: it gets another
         try:
+            # Inside the try: a full work directory refuses even this small file, and must hand the job back
+            # saying so, not end the task with the job left running and silent until the reaper's deadline.
+            held.parent.mkdir(parents=True, exist_ok=True)
+            # Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one hands back nothing).
+            write_json_atomic(held, {"job_id": job.id, "attempt": job.attempt})
             self._prepare(job, workdir, watch)
             watch.proc = proc = self._spawn(workdir)
             log.info("training process started", extra={"pid": proc.pid, "attempt": job.attempt})

@@ -17,7 +17,7 @@ from app.main import create_app
 from app.teams.service import create_key, create_team
 from tests.full_disk import file_size_limit
 from worker.supervisor import JobRun
-from worker.training.protocol import out_of_space
+from worker.training.protocol import out_of_space, write_json_atomic
 
 LIMIT = 512 * 1024
 
@@ -121,3 +121,11 @@ def test_other_errors_fail_the_job_as_before(settings):
     assert run._not_the_jobs_fault(ValueError("a bug")) is None
     assert run._not_the_jobs_fault(PermissionError(13, "Permission denied", "/models/x")) is None
     assert run._not_the_jobs_fault(RuntimeError("CUDA error: an illegal memory access")) is None
+
+
+def test_a_json_file_the_full_disk_refuses_leaves_no_temp_file(tmp_path):
+    """The worker's and the training process's small files (progress, the held attempt, the result)."""
+    with file_size_limit(LIMIT), pytest.raises(OSError) as refused:
+        write_json_atomic(tmp_path / "progress.json", {"text": "y" * 2 * LIMIT})
+    assert out_of_space(refused.value)
+    assert list(tmp_path.iterdir()) == []

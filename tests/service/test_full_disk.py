@@ -10,12 +10,19 @@ import subprocess
 import time
 
 from tests.deployment import upload, wait_for_status
-from tests.full_disk import file_size_limit, lift_file_size_limit
+from tests.full_disk import file_size_limit, fill_up, lift_file_size_limit
 from worker.training.tiny import demo_spec
 
 # Past every file a worker writes before its first checkpoint (the data, its records and logs), short of
 # the checkpoint's adapter (about 1 MB for the tiny model).
 LIMIT = 512 * 1024
+
+
+def wait_until_ready(d, log_name: str) -> None:
+    deadline = time.monotonic() + 120
+    while " ready." not in d.log(log_name):
+        assert time.monotonic() < deadline, d.log(log_name)
+        time.sleep(0.2)
 
 
 def training_processes_for(job_id: str) -> list[str]:
@@ -58,5 +65,34 @@ def test_a_job_whose_checkpoint_the_full_disk_refuses_is_handed_back_and_finishe
         assert f"free for {d.settings.work_dir}" in message and "free space there" in message, message
         assert "requeued for try 2" in message
         assert [a["kind"] for a in team.get(f"/jobs/{job_id}/artifacts").json()] == ["adapter"]
+    finally:
+        d.stop(worker)
+
+
+def test_a_work_directory_too_full_for_the_attempts_first_file_hands_the_job_back_at_once(
+        deployment_of_its_own, demo_data):
+    """The first file an attempt writes is the worker's note of the attempt it holds (for its SIGTERM
+    handback): written before the attempt's error handling began, a full disk ended the task there, and the
+    job stayed running and silent until the reaper's heartbeat deadline (2 minutes by default)."""
+    d = deployment_of_its_own
+    team = d.client(d.team_key("full-disk"))
+    dataset_id = upload(team, demo_data["train"]).json()["id"]
+    spec = demo_spec("tiny")
+    spec["training"].update(max_steps=2, save_steps=10_000, eval_steps=10_000)
+    spec["output"] = {"merge": False}
+    spec["eval"] = {"prompts": 0}
+    worker = d.start_worker(name="full-disk")
+    try:
+        wait_until_ready(d, "worker-full-disk")
+        fill_up(worker.pid, 40)  # short of the worker's note of the attempt (60 bytes)
+        job_id = team.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()["id"]
+        deadline = time.monotonic() + 60  # well within the heartbeat deadline
+        while not (requeued := [e for e in team.get(f"/jobs/{job_id}/events").json() if e["type"] == "requeued"]):
+            assert time.monotonic() < deadline, (team.get(f"/jobs/{job_id}").json(), worker.poll())
+            time.sleep(0.5)
+        assert requeued[0]["message"].startswith("a disk was full (OSError: [Errno 27] File too large"), requeued
+        lift_file_size_limit(worker.pid)
+        done = wait_for_status(team, job_id, ("succeeded", "failed"), deployment=d)
+        assert done["status"] == "succeeded", done
     finally:
         d.stop(worker)

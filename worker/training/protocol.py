@@ -272,11 +272,15 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None, mode:
     # with the mode asked for, never an existing file (or a link planted there) keeping its own.
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
-    with open(fd, "w", encoding="utf-8") as file:
-        if mode is not None:
-            os.fchmod(fd, mode)  # the umask can only have narrowed it: now exactly `mode`, as asked
-        file.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(fd, "w", encoding="utf-8") as file:
+            if mode is not None:
+                os.fchmod(fd, mode)  # the umask can only have narrowed it: now exactly `mode`, as asked
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a write the full disk refused leaves nothing behind
+        raise
 
 
 def fsync_dir(path: Path) -> None:
