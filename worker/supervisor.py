@@ -74,6 +74,17 @@ class TimeLimitHit(Exception):
     """The attempt ran past QLORA_JOB_TIME_LIMIT_S; the job has been recorded failed, saying so."""
 
 
+class StoppedBeforeTraining(Exception):  # noqa: N818 (an attempt's end, not an error)
+    """The job was cancelled or paused while the attempt prepared (downloads, the quantized base); the
+    job has been recorded cancelled or paused, saying so."""
+
+
+# What the watch ends an attempt with: the main thread stops what it is doing, whatever that is.
+ATTEMPT_ENDED = (LeaseLost, TimeLimitHit, StoppedBeforeTraining)
+# A job asked to stop, and what it becomes when the attempt stops before its training process ran.
+STOPPED_AS = {states.CANCELLING: states.CANCELLED, states.PAUSING: states.PAUSED}
+
+
 class AttemptWatch(threading.Thread):
     """The attempt's heartbeat, from the claim until the final state is written; a thread, so that no
     download, training step or upload can outlast the heartbeat deadline unnoticed. Every supervise
@@ -85,10 +96,12 @@ class AttemptWatch(threading.Thread):
       one per that interval, and a last one when such a transfer ends;
     - when the lease is lost, kills the training process and stops beating;
     - when the attempt has run past QLORA_JOB_TIME_LIMIT_S, kills the training process and records
-      the job failed, saying so (no retry: another attempt would hit the same limit).
+      the job failed, saying so (no retry: another attempt would hit the same limit);
+    - when the job is being cancelled or paused before its training process started (a base model's
+      download takes minutes), ends the attempt there: the training process passes on these once it runs.
 
-    The main thread learns of either at its next check(), which raises LeaseLost or TimeLimitHit:
-    between supervise rounds, and at every chunk of a transfer.
+    The main thread learns of each at its next check(), which raises LeaseLost, TimeLimitHit or
+    StoppedBeforeTraining: between supervise rounds, and at every chunk of a transfer.
     """
 
     def __init__(self, settings: Settings, db: str, job: ClaimedJob, workdir: WorkDir):
@@ -109,7 +122,8 @@ class AttemptWatch(threading.Thread):
 
     # ------------------------------------------------------------------ the main thread's side
     def check(self) -> None:
-        """Raise if the attempt has ended: its lease is lost, or its time limit passed."""
+        """Raise if the attempt has ended: its lease is lost, its time limit passed, or the job was cancelled
+        or paused before training."""
         if self._ended is not None:
             kind, message = self._ended
             raise kind(message)
@@ -162,15 +176,17 @@ class AttemptWatch(threading.Thread):
             return  # a report wrote it within the interval: the database is at most two intervals behind
         try:
             with session_scope(self.db) as session:
-                owned = runs.heartbeat(session, self.job.id, self.job.attempt, events)
+                status = runs.heartbeat(session, self.job.id, self.job.attempt, events)
             self._last_beat = time.monotonic()
         except Exception as exc:  # the database's blip must not end the thread: beat again next interval
             log.warning("could not write the heartbeat of job %s: %s", self.job.id, exc)
             with self._events_lock:
                 self._events[:0] = events
             return
-        if not owned:
+        if status is None:
             self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
+        elif status in STOPPED_AS and self.proc is None:
+            self._stop_before_training(STOPPED_AS[status])
 
     def _due_progress(self) -> list[Event]:
         transfer = self.transfer
@@ -197,20 +213,38 @@ class AttemptWatch(threading.Thread):
         else:
             self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
 
+    def _stop_before_training(self, status: str) -> None:
+        # Recorded here, at once: the main thread may be inside a long read, and this thread's heartbeats
+        # stop with the attempt (the reaper would otherwise take the job for a lost one).
+        message = f"{status} before training started, while {self._doing()}"
+        try:
+            with session_scope(self.db) as session:
+                recorded = runs.finish(session, self.job.id, self.job.attempt, status, message=message,
+                                       half_life_s=self.settings.fair_share_half_life_s)
+        except Exception as exc:  # try again next interval
+            log.warning("could not record job %s %s: %s", self.job.id, status, exc)
+            return
+        if recorded:
+            self._end(StoppedBeforeTraining, message)
+        else:
+            self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
+
     def _time_limit_message(self, elapsed: float) -> str:
         limit = self.settings.job_time_limit_s
+        return (f"the job hit its time limit: attempt {self.job.attempt} ran for {format_duration(elapsed)}, past "
+                f"QLORA_JOB_TIME_LIMIT_S={limit:g} s ({format_duration(limit)}), and was stopped while {self._doing()}. "
+                "It is not retried, since another attempt would stop at the same limit: lower max_steps (or "
+                "num_epochs), or ask an operator to raise QLORA_JOB_TIME_LIMIT_S")
+
+    def _doing(self) -> str:
+        """What the attempt is doing now, for a person: a transfer, training, or preparing."""
         transfer = self.transfer
         progress = Progress.read(self.workdir.progress)
         if transfer is not None:
-            doing = transfer.describe()
-        elif progress is not None:
-            doing = f"training, at step {progress.step} of {progress.total_steps}"
-        else:
-            doing = "preparing to train"
-        return (f"the job hit its time limit: attempt {self.job.attempt} ran for {format_duration(elapsed)}, past "
-                f"QLORA_JOB_TIME_LIMIT_S={limit:g} s ({format_duration(limit)}), and was stopped while {doing}. "
-                "It is not retried, since another attempt would stop at the same limit: lower max_steps (or "
-                "num_epochs), or ask an operator to raise QLORA_JOB_TIME_LIMIT_S")
+            return transfer.describe()
+        if progress is not None:
+            return f"training, at step {progress.step} of {progress.total_steps}"
+        return "preparing to train"
 
     def _end(self, kind: type[Exception], message: str) -> None:
         self._ended = (kind, message)
@@ -286,6 +320,7 @@ class JobRun:
             # Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one hands back nothing).
             write_json_atomic(held, {"job_id": job.id, "attempt": job.attempt})
             self._prepare(job, workdir, watch)
+            watch.check()  # cancelled or paused as it prepared: no training process to start
             watch.proc = proc = self._spawn(workdir)
             log.info("training process started", extra={"pid": proc.pid, "attempt": job.attempt})
             outcome = self._supervise(job, workdir, proc, watch)
@@ -294,6 +329,8 @@ class JobRun:
             log.warning("job %s attempt %s: lease lost; stopping without writing", job.id, job.attempt)
         except TimeLimitHit:
             log.warning("job %s attempt %s: time limit; stopped (recorded failed)", job.id, job.attempt)
+        except StoppedBeforeTraining as exc:
+            log.info("job %s attempt %s: %s (recorded)", job.id, job.attempt, exc)
         except AttemptLost as exc:
             log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
             lost = str(exc)
@@ -385,7 +422,7 @@ class JobRun:
                 # The archive holds quantized/, which lands where workdir.quantized names it.
                 self._download_tar(watch, "quantized base", cached, workdir.root, workdir.archive("quantized"))
                 return QuantizedCache(dir=str(workdir.quantized), key=key, hit=True, identity=identity)
-            except (LeaseLost, TimeLimitHit):
+            except ATTEMPT_ENDED:
                 raise
             except Exception:  # a damaged entry must not fail the job: forget it and quantize afresh
                 log.exception("the cached quantized base %s is unusable; quantizing afresh", key)

@@ -127,15 +127,17 @@ def _plan_resume(session: Session, job: ClaimedJob) -> None:
     repository.add_event(session, job.id, "resumed", level, message, attempt=job.attempt, step=job.resume_step)
 
 
-def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> bool:
+def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> str | None:
     """The worker is alive and still owns the job: written every supervise interval from the claim to
     the final state, whatever the worker is doing (downloading, training, uploading), with the progress
-    events of long transfers. False: this attempt no longer owns the job (it was requeued or finished)."""
+    events of long transfers. Returns the job's status (cancelling or pausing means: stop); None: this
+    attempt no longer owns the job (it was requeued or finished)."""
     if not repository.touch(session, job_id, attempt, heartbeat_at=utcnow()):
-        return False
+        return None
     for event in events:
         _add_event(session, job_id, attempt, event)
-    return True
+    status = repository.status_of(session, job_id)
+    return status[0] if status else None
 
 
 def _add_event(session: Session, job_id: str, attempt: int, event: Event) -> None:
@@ -224,10 +226,12 @@ def finite_json(value):
 
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
-           summary: dict | None = None, report: dict | None = None, half_life_s: float | None = None) -> bool:
+           summary: dict | None = None, report: dict | None = None, half_life_s: float | None = None,
+           message: str | None = None) -> bool:
     """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt; with the
-    run's summary and its eval report (kept on the row: GET /jobs/{id}/report serves it from there).
-    False: someone else decided (the job was requeued, or cancelled while it was paused)."""
+    run's summary and its eval report (kept on the row: GET /jobs/{id}/report serves it from there), and
+    the event saying so (`message`, else the error). False: someone else decided (the job was requeued,
+    or cancelled while it was paused)."""
     values: dict = {"error": error, "heartbeat_at": utcnow()}
     if status in states.FINISHED:
         values["finished_at"] = utcnow()
@@ -241,7 +245,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
         level = {"succeeded": "info", "cancelled": "warning", "paused": "info"}.get(status, "error")
         # A run that stopped in training said so itself, with the step ("cancelled at step 12"): once is enough.
         if not (status in (states.CANCELLED, states.PAUSED) and repository.has_event(session, job_id, status, attempt)):
-            repository.add_event(session, job_id, status, level, error or f"job {status}", attempt=attempt)
+            repository.add_event(session, job_id, status, level, message or error or f"job {status}", attempt=attempt)
         ledger.end(session, job_id, attempt, values["heartbeat_at"], status, half_life_s)
         if status == states.PAUSED:
             requeue_if_preempted(session, job_id, attempt)
