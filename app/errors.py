@@ -104,6 +104,14 @@ class InsufficientStorage(AppError):
     code = "insufficient_storage"
 
 
+class StorageUnavailable(AppError):
+    """Object storage could not be reached for now (S3 down, refusing, or slow past boto's retries); the
+    request's writes were aborted and rolled back, so it may be sent again."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
 class DatabaseUnavailable(AppError):
     """The database could not serve the request for now (its disk full, a restart, a dropped connection,
     a lock held too long); the request's transaction was rolled back, so it may be sent again."""

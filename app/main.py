@@ -31,6 +31,7 @@ from app.errors import (
     Invalid,
     NotFound,
     QuotaExceeded,
+    StorageUnavailable,
 )
 from app.jobs.preflight import PreflightRunner
 from app.jobs.reaper import ReaperThread
@@ -47,7 +48,7 @@ from app.quotas.routes import router as quotas_router
 from app.quotas.service import UploadsInFlight
 from app.recent import Recent
 from app.scheduling.service import SchedulerThread
-from app.storage.base import ObjectNotFound, storage_from_settings
+from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_of_reach
 from app.teams.service import CallerCache
 from app.text import format_bytes
 from app.uploads import STREAMED_BODY
@@ -163,6 +164,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await app_error(request, DatabaseUnavailable(
             f"the database could not serve this request: {why}; nothing of it was kept. Send it again later",
             headers={"Retry-After": "10"}))
+
+    async def storage_error(request: Request, exc: Exception):
+        """S3 out of reach for now (down, answering 503, too slow): 503, which clients send again, rather than a
+        500. An upload's writer aborted its object and the transaction rolled back: nothing was kept. Any other
+        S3 error goes on to be a bug's 500."""
+        if not storage_out_of_reach(exc):
+            raise exc
+        log.error("object storage failed %s %s: %s", request.method, request.url.path, exc)
+        return await app_error(request, StorageUnavailable(
+            "object storage could not be reached, so this request was not carried out: nothing of it was kept. "
+            "Send it again later (the API's log has the error)", headers={"Retry-After": "10"}))
+
+    if settings.storage_url.startswith("s3://"):  # only then is botocore imported
+        import botocore.exceptions
+
+        app.add_exception_handler(botocore.exceptions.BotoCoreError, storage_error)
+        app.add_exception_handler(botocore.exceptions.ClientError, storage_error)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

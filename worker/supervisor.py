@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import botocore.exceptions
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -41,7 +40,7 @@ from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
 from app.scheduling.service import claim_next
-from app.storage.base import make_key, storage_from_settings
+from app.storage.base import make_key, storage_from_settings, storage_out_of_reach
 from app.storage.local import LocalStorage
 from app.text import format_bytes
 from worker.training.protocol import (
@@ -718,12 +717,7 @@ def out_of_reach(exc: BaseException) -> bool:
     as opposed to a fault of the job or a bug: worth another attempt."""
     if isinstance(exc, DBAPIError):
         return _passing(exc)
-    if isinstance(exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
-        return True
-    if isinstance(exc, botocore.exceptions.ClientError):  # S3 answered, with a server error or "slow down"
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
-    return isinstance(exc, ConnectionError | TimeoutError)
+    return storage_out_of_reach(exc) or isinstance(exc, ConnectionError | TimeoutError)
 
 
 def _passing(exc: DBAPIError) -> bool:

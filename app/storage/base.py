@@ -72,6 +72,28 @@ class Storage(Protocol):
     def abort_stale_writes(self, older_than_s: float) -> int: ...  # uncommitted writes left by dead processes
 
 
+def storage_out_of_reach(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it was raised from or while handling) is S3 out of reach for a moment:
+    no connection, a timeout, or a server error or "slow down" past boto's own retries, as opposed to a
+    request's fault or a bug. botocore is imported only for an error of its own (the local backend needs
+    none)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("botocore"):
+            import botocore.exceptions as boto
+
+            if isinstance(current, boto.ConnectionError | boto.HTTPClientError):
+                return True
+            if isinstance(current, boto.ClientError):  # S3 answered, with a server error or "slow down"
+                status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status >= 500 or current.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling"):
+                    return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def check_span(start: int, length: int | None) -> None:
     if start < 0 or (length is not None and length < 0):
         raise ValueError(f"a read starts at a byte >= 0 and reads >= 0 bytes, got start={start}, length={length}")
