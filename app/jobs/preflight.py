@@ -199,6 +199,9 @@ class _Child:
         self._process = context.Process(target=_serve, args=(theirs, target), daemon=True, name="qlora-preflight")
         self._process.start()
         theirs.close()
+        # The runner's close() and the preflight it interrupts both stop the child, at the same moment: closing
+        # the pipe twice at once closed its file descriptor twice (EBADF, and close() stopped no other child).
+        self._stopping = threading.Lock()
 
     def alive(self) -> bool:
         return self._process.is_alive()
@@ -218,10 +221,11 @@ class _Child:
             return "died", None
 
     def stop(self) -> None:
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(5)
-        self._conn.close()
+        with self._stopping:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join(5)
+            self._conn.close()  # a second stop finds it closed: a no-op
 
 
 def _serve(conn: Connection, target: Callable[[dict], dict]) -> None:
