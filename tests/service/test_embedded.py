@@ -122,8 +122,9 @@ def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(embedd
     client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
                           timeout=60)
     spec = demo_spec("tiny-demo")
-    spec["training"].update(max_steps=30, logging_steps=1, save_steps=1000)  # the hand-back saves the one it resumes from
+    spec["training"].update(max_steps=8, logging_steps=1, save_steps=1000)  # the hand-back saves the one it resumes from
     spec["output"] = {"merge": False}
+    spec["eval"] = {"prompts": 0}
     job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
     deadline = time.monotonic() + 300
     while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 2:
