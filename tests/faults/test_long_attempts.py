@@ -97,21 +97,28 @@ def test_a_base_download_three_heartbeat_deadlines_long(faulty, tenant, dataset_
                          "survived": 1, "steps_lost": 0, "seconds": round(download.seconds, 1)})
 
 
-def test_a_cancel_while_the_data_downloads_ends_the_attempt_there(faulty, tenant, dataset_id, slow_lane, fault_report):
-    """A cancel used to be passed on only to the training process: it waited for every download (a base
-    model's take minutes), the load and a first step, all on the GPU the job held."""
+def stopped_while_downloading(tenant, faulty, dataset_id, slow_lane, action: str, asked: str) -> tuple[dict, list[dict]]:
+    """A job on the slow lane asked to `action` (cancel, pause; the job then `asked`) while its training data
+    downloads: the job once it stopped, and its events."""
     slow_lane.proxy.stretch("GET", "/datasets/", STRETCH_S)
     try:
         job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10, gpu_class=slow_lane.gpu_class)).json()
         wait_until(lambda: any(e["type"] == "transfer" for e in events(tenant, job["id"])), 60,
                    "the training data's download to be under way")
-        assert tenant.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
-        done = wait_for_status(tenant, job["id"], FINISHED, timeout=STRETCH_S + 60, deployment=faulty)
+        assert tenant.post(f"/jobs/{job['id']}/{action}").json()["status"] == asked
+        stopped = wait_for_status(tenant, job["id"], ("paused", *FINISHED), timeout=STRETCH_S + 60, deployment=faulty)
     finally:
         slow_lane.proxy.clear()
-    assert done["status"] == "cancelled" and done["error"] is None
     story = events(tenant, job["id"])
     assert "started" not in [e["type"] for e in story]  # no training process ran
+    return stopped, story
+
+
+def test_a_cancel_while_the_data_downloads_ends_the_attempt_there(faulty, tenant, dataset_id, slow_lane, fault_report):
+    """A cancel used to be passed on only to the training process: it waited for every download (a base
+    model's take minutes), the load and a first step, all on the GPU the job held."""
+    done, story = stopped_while_downloading(tenant, faulty, dataset_id, slow_lane, "cancel", "cancelling")
+    assert done["status"] == "cancelled" and done["error"] is None
     assert story[-1]["type"] == "cancelled"
     assert story[-1]["message"].startswith("cancelled before training started, while downloading training data")
     fault_report.append({"fault": "a cancel while the attempt downloads its data", "injected": 1, "survived": 1,
@@ -120,21 +127,11 @@ def test_a_cancel_while_the_data_downloads_ends_the_attempt_there(faulty, tenant
 
 def test_a_pause_while_the_data_downloads_ends_the_attempt_there_and_resumes(faulty, tenant, dataset_id, slow_lane,
                                                                              fault_report):
-    slow_lane.proxy.stretch("GET", "/datasets/", STRETCH_S)
-    try:
-        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10, gpu_class=slow_lane.gpu_class)).json()
-        wait_until(lambda: any(e["type"] == "transfer" for e in events(tenant, job["id"])), 60,
-                   "the training data's download to be under way")
-        assert tenant.post(f"/jobs/{job['id']}/pause").json()["status"] == "pausing"
-        paused = wait_for_status(tenant, job["id"], ("paused", *FINISHED), timeout=STRETCH_S + 60, deployment=faulty)
-    finally:
-        slow_lane.proxy.clear()
-    assert paused["status"] == "paused"
-    story = events(tenant, job["id"])
-    assert "started" not in [e["type"] for e in story] and story[-1]["type"] == "paused"
+    paused, story = stopped_while_downloading(tenant, faulty, dataset_id, slow_lane, "pause", "pausing")
+    assert paused["status"] == "paused" and story[-1]["type"] == "paused"
     assert story[-1]["message"].startswith("paused before training started, while downloading training data")
-    assert tenant.post(f"/jobs/{job['id']}/resume").json()["status"] == "queued"
-    done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+    assert tenant.post(f"/jobs/{paused['id']}/resume").json()["status"] == "queued"
+    done = wait_for_status(tenant, paused["id"], FINISHED, timeout=240, deployment=faulty)
     assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
     fault_report.append({"fault": "a pause while the attempt downloads its data", "injected": 1, "survived": 1,
                          "steps_lost": 0})
