@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -53,7 +52,7 @@ from app.teams.service import CallerCache
 from app.text import format_bytes
 from app.uploads import STREAMED_BODY
 from app.usage.routes import router as usage_router
-from app.web.routes import STATIC_DIR
+from app.web.routes import STATIC_DIR, DashboardFiles
 from app.web.routes import router as web_router
 from worker.training.protocol import out_of_space
 
@@ -205,7 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(quotas_router)
     app.include_router(usage_router)
     app.include_router(web_router)  # the dashboard at /
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", DashboardFiles(directory=STATIC_DIR), name="static")
     document_request_models(app, [JobCreate])
     return app
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from worker.training.spec import (
     LEARNING_RATES,
@@ -52,6 +54,17 @@ PAGE_POLICY = {
 @router.get("/")
 def dashboard():
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **PAGE_POLICY})
+
+
+class DashboardFiles(StaticFiles):
+    """The /static mount, with the page's policy on every file: index.html is one of them, and at
+    /static/index.html it is the whole dashboard, key and all, which another site could otherwise frame and
+    where script injected into it would run."""
+
+    async def get_response(self, path: str, scope: Scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_POLICY)
+        return response
 
 
 @router.get("/web/spec-defaults")

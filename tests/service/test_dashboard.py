@@ -247,6 +247,43 @@ def test_a_bad_hyperparameter_is_explained_next_to_its_field(page, team, team_ke
     page.screenshot(path=tmp_path / "new-job-errors.png", full_page=True)
 
 
+# Markup as a hostile tenant writes it wherever it may write text: each piece would run if it were parsed.
+HOSTILE = """<img src=x onerror="window.pwned='img'"><script>window.pwned='script'</script><svg onload="window.pwned='svg'">"""
+
+
+def test_a_teams_text_shows_as_written_and_runs_nothing(page, team, team_key):
+    """A job's name, a file's name, a bad line echoed in its error, a row's text: the page shows them as
+    text, and its policy refuses inline script besides, so nothing reaches the key it keeps."""
+    page.add_init_script("window.refused = []; document.addEventListener('securitypolicyviolation', "
+                         "(e) => window.refused.push(e.violatedDirective));")
+    row = json.dumps({"messages": [{"role": "user", "content": HOSTILE}, {"role": "assistant", "content": HOSTILE}]})
+    ready = upload(team, content=f"{row}\n".encode(), name=f"{HOSTILE}.jsonl").json()
+    invalid = upload(team, content=json.dumps({HOSTILE: 1}).encode() + b"\n", name=f"bad {HOSTILE}.jsonl").json()
+    assert invalid["status"] == "invalid" and HOSTILE[:60] in invalid["errors"][0]["message"]  # echoed
+    created = team.post("/jobs", json={"dataset_id": ready["id"], "name": HOSTILE, "metadata": {"note": HOSTILE},
+                                       "base_model": "tiny", "gpu_class": "nobody", "training": {"max_steps": 5}})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+
+    sign_in(page, team_key)
+    expect(page.locator(f"#view a[href='#/jobs/{job_id}']")).to_have_text(HOSTILE)
+    go(page, "Datasets")
+    expect(page.locator(f"#datasets-table tr[data-dataset-id='{ready['id']}']")).to_contain_text(ready["filename"])
+    listed = page.locator(f"#datasets-table tr[data-dataset-id='{invalid['id']}']")
+    listed.get_by_text("1 bad line").click()
+    expect(listed.locator("tr[data-line='1']")).to_contain_text(invalid["errors"][0]["message"])
+    go(page, "New job")
+    expect(page.locator("#new-job").get_by_label("Training dataset")).to_contain_text(ready["filename"])
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#view h1")).to_have_text(HOSTILE)
+    expect(page).to_have_title(f"{HOSTILE} · qlora-service")
+    for path in ("#/jobs", "#/datasets", "#/usage"):
+        page.goto(f"/{path}")
+        expect(page.locator("#view h1")).to_be_visible()
+    assert page.evaluate("window.pwned") is None
+    assert page.evaluate("window.refused") == []  # not refused either: nothing was parsed as markup
+    assert team.post(f"/jobs/{job_id}/cancel").status_code == 200
+
 def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, team, team_b, demo_data):
     dataset = upload(team, demo_data["validation"], name="stream.jsonl").json()
     created = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",
@@ -273,12 +310,14 @@ def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, tea
 def test_the_dashboard_may_not_be_framed_by_another_site_nor_run_another_sites_script(deployment):
     """It acts with the key it keeps (cancel, delete): a page that framed it could steer a user's clicks,
     and a script from elsewhere could read the key."""
-    response = deployment.client(None).get("/")
-    assert response.status_code == 200
-    assert response.headers["x-frame-options"] == "DENY"
-    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
-    assert policy["frame-ancestors"] == "'none'" and policy["script-src"] == "'self'"
-    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    # The page is also its file under /static, and is the same dashboard there.
+    for path in ("/", "/static/index.html"):
+        response = deployment.client(None).get(path)
+        assert response.status_code == 200 and "<main id=\"view\"" in response.text, path
+        assert response.headers["x-frame-options"] == "DENY", path
+        policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+        assert policy["frame-ancestors"] == "'none'" and policy["script-src"] == "'self'"
+        assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
 
 
 def test_every_answer_says_how_to_treat_it(deployment, team):
