@@ -87,8 +87,9 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 async def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     """The caller of this key, from this process's CallerCache while it is fresh, else read in a short
-    session of its own (the request's session may never need a connection at all)."""
-    key_hash = bearer_key_hash(authorization)
+    session of its own (the request's session may never need a connection at all). `authorization` is
+    declared for /docs; the key is read from every Authorization header the request has."""
+    key_hash = bearer_key_hash(request.headers.getlist("authorization"))
     cache: CallerCache = request.app.state.callers
     return await cache.get_or_read(key_hash, lambda: run_in_threadpool(
         _read_caller, request.app.state.settings.database_url, key_hash))

@@ -92,8 +92,13 @@ def revoke_key(session: Session, ref: str) -> ApiKey:
     return key
 
 
-def bearer_key_hash(authorization: str | None) -> str:
-    """The sha256 of the key in an `Authorization: Bearer <key>` header; 401 without one."""
+def bearer_key_hash(headers: list[str]) -> str:
+    """The sha256 of the key in the request's `Authorization: Bearer <key>` header (all its values, as
+    received); 401 without one, or with several: a proxy or gateway in front that read another of them
+    than this API reads would disagree with it on who is calling."""
+    if len(headers) > 1:
+        raise Unauthorized(f"{len(headers)} Authorization headers: send one, 'Authorization: Bearer <key>'")
+    authorization = headers[0] if headers else None
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
     return hash_key(authorization[7:].strip())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import pytest
@@ -18,36 +20,63 @@ def a_objects(team_a, demo_data):
     return dataset["id"], job["id"]
 
 
-def routes_taking_ids(dataset_id: str, job_id: str) -> list[tuple[str, str]]:
-    return [
-        ("GET", f"/datasets/{dataset_id}"),
-        ("GET", f"/datasets/{dataset_id}/content"),
-        ("DELETE", f"/datasets/{dataset_id}"),
-        ("GET", f"/jobs/{job_id}"),
-        ("POST", f"/jobs/{job_id}/cancel"),
-        ("GET", f"/jobs/{job_id}/events"),
-        ("GET", f"/jobs/{job_id}/metrics"),
-        ("GET", f"/jobs/{job_id}/artifacts"),
-        ("GET", f"/jobs/{job_id}/artifacts/adapter"),
-        ("GET", f"/jobs/{job_id}/report"),
-    ]
+# Path parameters that name one of a team's objects ({kind} only ever follows a job's id).
+OBJECT_PARAMS = {"{dataset_id}", "{job_id}", "{file_id}", "{kind}"}
+MISSING_DATASET, MISSING_JOB = "f" * 32, "0" * 32
 
 
-def test_other_teams_ids_answer_404_everywhere(a_objects, team_a, team_b):
+def routes_taking_ids(deployment, dataset_id: str, job_id: str) -> list[tuple[str, str]]:
+    """Every route whose path names a team's object, read from /openapi.json (so a route added later is
+    checked without being listed here), with these ids in it: /v1's take them with OpenAI's prefixes."""
+    paths = deployment.client(None).get("/openapi.json").json()["paths"]
+    routes = []
+    for path, operations in paths.items():
+        params = set(re.findall(r"\{\w+\}", path))
+        if not params or not params <= OBJECT_PARAMS:  # /models/{name}, /admin/teams/{team}: nobody's object
+            continue
+        v1 = path.startswith("/v1/")
+        filled = (path.replace("{job_id}", ("ftjob-" if v1 else "") + job_id).replace("{dataset_id}", dataset_id)
+                  .replace("{file_id}", "file-" + dataset_id).replace("{kind}", "adapter"))
+        routes += [(method.upper(), filled) for method in operations if method != "head"]
+    assert len(routes) >= 25, routes  # the datasets', the jobs' and /v1's: the schema was read
+    return routes
+
+
+def as_missing(text: str, dataset_id: str, job_id: str) -> str:
+    return text.replace(dataset_id, MISSING_DATASET).replace(job_id, MISSING_JOB)
+
+
+def test_other_teams_ids_answer_404_everywhere(deployment, a_objects, team_a, team_b):
     dataset_id, job_id = a_objects
-    for method, path in routes_taking_ids(dataset_id, job_id):
+    for method, path in routes_taking_ids(deployment, dataset_id, job_id):
         response = team_b.request(method, path)
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["error"]["code"] == "not_found"
+        # ...answered as a missing id is, word for word: nothing tells that the object exists.
+        missing = team_b.request(method, as_missing(path, dataset_id, job_id))
+        assert missing.status_code == 404 and missing.text == as_missing(response.text, dataset_id, job_id), (path, missing.text)
     # ...and nothing team B tried changed anything of team A's.
     assert team_a.get(f"/datasets/{dataset_id}").status_code == 200
     assert team_a.get(f"/jobs/{job_id}").json()["status"] == "queued"
-    # Team B cannot train on team A's data either.
-    body = {"dataset_id": dataset_id, **demo_spec("tiny")}
-    assert team_b.post("/jobs", json=body).status_code == 404
+    # Team B cannot train on team A's data, validate with it, start from A's job, nor preflight any of
+    # them, natively or through /v1: each answers as a missing id.
+    own = upload(team_b, content=b'{"prompt": "a", "completion": "b"}\n').json()["id"]
+    spec = {"gpu_class": "nobody-listens", **demo_spec("tiny")}
+    native = [{"dataset_id": dataset_id}, {"dataset_id": own, "validation_dataset_id": dataset_id},
+              {"dataset_id": own, "initial_job_id": job_id}]
+    for path, body in [*((p, {**b, **spec}) for p in ("/jobs", "/jobs/preflight") for b in native),
+                       ("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": f"file-{dataset_id}"}),
+                       ("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": f"file-{own}",
+                                                 "validation_file": f"file-{dataset_id}"})]:
+        response = team_b.post(path, json=body)
+        assert response.status_code == 404, (path, body, response.text)
+        missing = team_b.post(path, json=json.loads(as_missing(json.dumps(body), dataset_id, job_id)))
+        assert missing.text == as_missing(response.text, dataset_id, job_id), (path, body, missing.text)
     # Lists show only one's own.
     assert dataset_id not in {d["id"] for d in team_b.get("/datasets").json()["data"]}
     assert job_id not in {j["id"] for j in team_b.get("/jobs").json()["data"]}
+    assert f"file-{dataset_id}" not in {f["id"] for f in team_b.get("/v1/files").json()["data"]}
+    assert f"ftjob-{job_id}" not in {j["id"] for j in team_b.get("/v1/fine_tuning/jobs").json()["data"]}
 
 
 def test_missing_and_revoked_keys_answer_401(deployment, a_objects):
@@ -69,11 +98,30 @@ def test_missing_and_revoked_keys_answer_401(deployment, a_objects):
         time.sleep(0.1)
     for client in (anonymous, wrong, revoked):
         for method, path in [("GET", "/jobs"), ("GET", "/datasets"), ("GET", "/models"), ("POST", "/jobs"),
-                             *routes_taking_ids(dataset_id, job_id)]:
+                             *routes_taking_ids(deployment, dataset_id, job_id)]:
             response = client.request(method, path)
             assert response.status_code == 401, (method, path, response.text)
     assert "Bearer" in anonymous.get("/jobs").json()["error"]["message"]
 
+
+
+def test_a_request_is_one_key_or_none(deployment, team_a):
+    """A key is read as its header says, however it is spelled; but two Authorization headers are refused,
+    whichever comes first: a proxy in front that read the other one would disagree on who is calling."""
+    anonymous = deployment.client(None)
+    key = team_a.headers["Authorization"].removeprefix("Bearer ")
+    for spelled in (f"bearer {key}", f"BEARER {key}", f"Bearer   {key}"):
+        assert anonymous.get("/quota", headers={"Authorization": spelled}).status_code == 200, spelled
+    admin = deployment.team_key("ops", admin=True)
+    for pair in ((key, "qlk_not-a-key"), ("qlk_not-a-key", key), (key, admin), (admin, key), (key, key)):
+        headers = [("Authorization", f"Bearer {k}") for k in pair]
+        for path in ("/quota", "/usage?all_teams=true"):
+            response = anonymous.get(path, headers=headers)
+            assert response.status_code == 401, (pair, path, response.text)
+            assert "2 Authorization headers" in response.json()["error"]["message"]
+    for header in (f"Bearer {key}, Bearer {admin}", f"Basic {key}", key, "Bearer qlk_" + "a" * 60_000):
+        assert anonymous.get("/quota", headers={"Authorization": header}).status_code == 401, header[:40]
+    assert anonymous.get("/admin/teams/team-a/quota", headers={"Authorization": f"Bearer {key}"}).status_code == 403
 
 def test_only_admin_keys_manage_the_registry(deployment, team_a, tiny_model_dir):
     body = {"name": "another", "path": str(tiny_model_dir)}
