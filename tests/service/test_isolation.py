@@ -55,6 +55,10 @@ def test_other_teams_ids_answer_404_everywhere(deployment, a_objects, team_a, te
         # ...answered as a missing id is, word for word: nothing tells that the object exists.
         missing = team_b.request(method, as_missing(path, dataset_id, job_id))
         assert missing.status_code == 404 and missing.text == as_missing(response.text, dataset_id, job_id), (path, missing.text)
+    # /v1's lists page after an id: another team's is as missing there too.
+    for path in (f"/v1/files?after=file-{dataset_id}", f"/v1/fine_tuning/jobs?after=ftjob-{job_id}"):
+        response, missing = team_b.get(path), team_b.get(as_missing(path, dataset_id, job_id))
+        assert response.status_code == 404 and missing.text == as_missing(response.text, dataset_id, job_id), path
     # ...and nothing team B tried changed anything of team A's.
     assert team_a.get(f"/datasets/{dataset_id}").status_code == 200
     assert team_a.get(f"/jobs/{job_id}").json()["status"] == "queued"
