@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import typer
 from rich.markup import escape
 
@@ -27,8 +29,15 @@ cli.add_typer(client.usage_commands)  # no name: `qlora usage`
 
 
 def main() -> None:
+    import sys
+
     from pydantic import ValidationError
 
+    for stream in (sys.stdout, sys.stderr):
+        # Under LC_ALL=C without UTF-8 mode, or PYTHONIOENCODING=ascii, a job named "lång" must print
+        # as "l?ng", not end the command with a UnicodeEncodeError. (JSON escapes it anyway.)
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="replace")
     try:
         cli()
     except ValidationError as exc:
@@ -40,3 +49,27 @@ def main() -> None:
             err.print(f"[red]error:[/red] {where}{escape(error['msg'].removeprefix('Value error, '))}",
                       highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
+    except OSError as exc:
+        # stdout redirected to a full disk or quota (`> /dev/full`): a file the user chose, so no traceback.
+        # (A broken pipe, `| head -1`, click ends quietly itself.) Other OSErrors are ours to see.
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        _output_failed(exc)
+
+
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _output_failed(exc: OSError) -> None:
+    import os
+    import sys
+
+    # What is still buffered would fail again when Python flushes stdout at exit ("Exception ignored ...").
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        err.print(f"[red]error:[/red] cannot write the output: {escape(exc.strerror or str(exc))}",
+                  highlight=False, soft_wrap=True)
+    except OSError:  # stderr is the full one
+        pass
+    raise SystemExit(1)

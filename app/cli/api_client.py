@@ -54,25 +54,88 @@ def qlora_home() -> Path:
     return Path(os.environ.get("QLORA_HOME") or "~/.qlora").expanduser()
 
 
-def resolve_credentials(url: str | None = None, api_key: str | None = None) -> tuple[str, str]:
+def resolve_credentials(url: str | None = None, api_key: str | None = None,
+                        warn: Callable[[str], None] | None = None) -> tuple[str, str]:
     """The server URL and API key: each from the flag, else QLORA_URL / QLORA_API_KEY, else the
-    credentials file that the embedded server writes on its first start."""
+    credentials file that the embedded server writes on its first start. Both are checked here, so a
+    mistyped URL or a key pasted with a line break is named as such, not as a server out of reach."""
     path = qlora_home() / "credentials.json"
-    saved: dict[str, str] = {}
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ClientError(f"cannot read {path}: {exc}; fix or delete it, or pass --url and --api-key") from None
-    url = url or os.environ.get("QLORA_URL") or saved.get("url")
-    api_key = api_key or os.environ.get("QLORA_API_KEY") or saved.get("api_key")
-    if not url or not api_key:
-        missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
+    for flag, value in (("--url", url), ("--api-key", api_key)):
+        if value is not None and not value.strip():
+            # `--api-key "$KEY"` with KEY unset: falling back to another identity would be a surprise.
+            raise ClientError(f"{flag} is empty: give a value, or leave the flag out to use the environment or {path}")
+    url = (url, "--url") if url else (os.environ.get("QLORA_URL"), "QLORA_URL")
+    api_key = (api_key, "--api-key") if api_key else (os.environ.get("QLORA_API_KEY"), "QLORA_API_KEY")
+    if not url[0] or not api_key[0]:  # the file only where the flags and the environment leave a gap
+        saved = _saved_credentials(path, warn)
+        url = url if url[0] else (saved.get("url"), str(path))
+        api_key = api_key if api_key[0] else (saved.get("api_key"), str(path))
+    if not url[0] or not api_key[0]:
+        missing = [name for name, value in (("server URL", url[0]), ("API key", api_key[0])) if not value]
         raise ClientError(
             f"no {' and no '.join(missing)}: pass --url and --api-key, or set QLORA_URL and QLORA_API_KEY (an admin "
             f"makes a key with `qlora admin create-key TEAM`); the embedded server (`qlora serve` with no database "
             f"configured) saves both to {path} on its first start")
-    return url.rstrip("/"), api_key
+    return _checked_url(*url), _checked_key(*api_key)
+
+
+def _saved_credentials(path: Path, warn: Callable[[str], None] | None) -> dict:
+    """credentials.json's {"url", "api_key"}, {} where there is none; ClientError for one that cannot be used."""
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # a directory, unreadable, not JSON, not UTF-8
+        raise ClientError(f"cannot read {path}: {exc}; fix or delete it, or pass --url and --api-key") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k, ""), str) for k in ("url", "api_key")):
+        raise ClientError(f"{path} must hold a JSON object with the strings \"url\" and \"api_key\"; fix or delete "
+                          "it, or pass --url and --api-key")
+    if warn and os.name == "posix" and path.stat().st_mode & 0o077:
+        # As ssh says of a private key: anyone who can read the file can act as the team.
+        warn(f"warning: {path} holds an API key and others on this machine can read it: chmod 600 {path}")
+    return saved
+
+
+def _checked_url(url: str, source: str) -> str:
+    url = url.strip()
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        problem = str(exc)
+    else:
+        problem = ("it must start with http:// or https://" if parsed.scheme not in ("http", "https")
+                   else "it names no host" if not parsed.host
+                   else "the API's address takes no ?query or #fragment" if parsed.query or parsed.fragment else "")
+    if problem:
+        raise ClientError(f"the server URL from {source}, {url!r}, cannot be used: {problem} "
+                          "(e.g. http://127.0.0.1:8000, or https://host/prefix behind a proxy)")
+    return url.rstrip("/")
+
+
+API_KEY = re.compile(r"[!-~]+")  # printable ASCII without spaces: what an HTTP header carries as is
+
+
+def _checked_key(api_key: str, source: str) -> str:
+    if not API_KEY.fullmatch(api_key):
+        # Never echoed: it may be a real key with a stray character.
+        raise ClientError(f"the API key from {source} holds a space, a line break or a non-ASCII character, "
+                          "which no API key has: copy it again")
+    return api_key
+
+
+# An id goes into the URL's path: anything but these characters could name another route (`../jobs/ID`
+# sent to `datasets delete` would reach DELETE /jobs/ID/...), or make a URL httpx refuses.
+ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ID_HINTS = {"job id": "32 hex digits, as `qlora jobs list` shows them",
+            "dataset id": "32 hex digits, as `qlora datasets list` shows them",
+            "artifact kind": "adapter, merged or report"}
+
+
+def _id(value: str, what: str = "job id") -> str:
+    if not ID.fullmatch(value):
+        shown = value if len(value) <= 80 else f"{value[:60]}… ({len(value):,} characters)"
+        raise ClientError(f"{shown!r} is not a{'n' if what[0] in 'aeiou' else ''} {what}: {ID_HINTS[what]}")
+    return value
 
 
 # ---------------------------------------------------------------- the API
@@ -89,8 +152,9 @@ class ApiClient:
         self._polled: OrderedDict[str, tuple[str, Any]] = OrderedDict()
 
     @classmethod
-    def from_sources(cls, url: str | None = None, api_key: str | None = None) -> ApiClient:
-        return cls(*resolve_credentials(url, api_key))
+    def from_sources(cls, url: str | None = None, api_key: str | None = None,
+                     warn: Callable[[str], None] | None = None) -> ApiClient:
+        return cls(*resolve_credentials(url, api_key, warn))
 
     def close(self) -> None:
         self._http.close()
@@ -139,10 +203,10 @@ class ApiClient:
         return self._json("GET", "/datasets", params={"limit": limit})["data"]
 
     def get_dataset(self, dataset_id: str) -> dict:
-        return self._json("GET", f"/datasets/{dataset_id}")
+        return self._json("GET", f"/datasets/{_id(dataset_id, 'dataset id')}")
 
     def delete_dataset(self, dataset_id: str) -> None:
-        self._json("DELETE", f"/datasets/{dataset_id}")
+        self._json("DELETE", f"/datasets/{_id(dataset_id, 'dataset id')}")
 
     # --- jobs
     # A creation or a preflight may wait its team's turn (60 s), then a preflight process (30 s), then
@@ -172,7 +236,7 @@ class ApiClient:
             else:
                 if last or response.status_code not in RETRIED_STATUSES or not again(None):
                     _raise_for_error(response)
-                    return response.json()
+                    return _decoded(response)
             time.sleep(backoff_s * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last try returns or raises")
 
@@ -184,30 +248,30 @@ class ApiClient:
         return self._json("GET", "/jobs", params=params)["data"]
 
     def get_job(self, job_id: str) -> dict:
-        return self._poll(f"/jobs/{job_id}")
+        return self._poll(f"/jobs/{_id(job_id)}")
 
     def cancel_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/jobs/{job_id}/cancel")
+        return self._json("POST", f"/jobs/{_id(job_id)}/cancel")
 
     def delete_checkpoints(self, job_id: str) -> dict:
-        return self._json("DELETE", f"/jobs/{job_id}/checkpoints")
+        return self._json("DELETE", f"/jobs/{_id(job_id)}/checkpoints")
 
     def delete_artifact(self, job_id: str, kind: str) -> dict:
-        return self._json("DELETE", f"/jobs/{job_id}/artifacts/{kind}")
+        return self._json("DELETE", f"/jobs/{_id(job_id)}/artifacts/{_id(kind, 'artifact kind')}")
 
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
-        return self._poll(f"/jobs/{job_id}/events", params={} if after is None else {"after": after})
+        return self._poll(f"/jobs/{_id(job_id)}/events", params={} if after is None else {"after": after})
 
     def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None) -> dict:
         params = {name: value for name, value in (("after_step", after_step), ("after_eval_step", after_eval_step))
                   if value is not None}
-        return self._poll(f"/jobs/{job_id}/metrics", params=params)
+        return self._poll(f"/jobs/{_id(job_id)}/metrics", params=params)
 
     def job_report(self, job_id: str) -> dict:
-        return self._json("GET", f"/jobs/{job_id}/report")
+        return self._json("GET", f"/jobs/{_id(job_id)}/report")
 
     def job_artifacts(self, job_id: str) -> list[dict]:
-        return self._json("GET", f"/jobs/{job_id}/artifacts")
+        return self._json("GET", f"/jobs/{_id(job_id)}/artifacts")
 
     def download_artifact(self, job_id: str, kind: str, out_dir: Path,
                           on_start: Callable[[int, int], None] | None = None,
@@ -224,35 +288,40 @@ class ApiClient:
             raise ClientError(f"job {job_id} has no {kind!r} artifact (it has: {have})", status=404)
         expected = listing[kind]
         total = expected["bytes"]
-        with PartFile(Path(out_dir) / f"{job_id}-{kind}.tar", expected["sha256"]) as part:
-            start = part.continue_within(total)
-            if start < total:
-                with self._artifact_response(job_id, kind, expected["sha256"], start) as response:
-                    if response.status_code != 206:  # the whole file: the server could not or would not resume
-                        start = part.start_over()
-                    if on_start:
-                        on_start(total, start)
-                    try:
-                        # As the bytes arrive, not gathered into 1 MiB chunks: what arrived before a
-                        # break is on disk, not lost with a half-filled chunk.
-                        for data in response.iter_bytes():
-                            part.write(data)
-                            if on_progress:
-                                on_progress(len(data))
-                    except httpx.TransportError as exc:
-                        raise ClientError(f"the download broke off at byte {part.size:,} of {total:,} "
-                                          f"({exc or type(exc).__name__}); run the same command again to resume "
-                                          f"from there (kept in {part.path})") from None
-            elif on_start:
-                on_start(total, start)
-            return Downloaded(part.finish(total, resumed_from=start), expected, start)
+        try:
+            with PartFile(Path(out_dir) / f"{job_id}-{kind}.tar", expected["sha256"]) as part:
+                start = part.continue_within(total)
+                if start < total:
+                    with self._artifact_response(job_id, kind, expected["sha256"], start) as response:
+                        if response.status_code != 206:  # the whole file: the server could not or would not resume
+                            start = part.start_over()
+                        if on_start:
+                            on_start(total, start)
+                        try:
+                            # As the bytes arrive, not gathered into 1 MiB chunks: what arrived before a
+                            # break is on disk, not lost with a half-filled chunk.
+                            for data in response.iter_bytes():
+                                part.write(data)
+                                if on_progress:
+                                    on_progress(len(data))
+                        except httpx.TransportError as exc:
+                            raise ClientError(f"the download broke off at byte {part.size:,} of {total:,} "
+                                              f"({exc or type(exc).__name__}); run the same command again to resume "
+                                              f"from there (kept in {part.path})") from None
+                elif on_start:
+                    on_start(total, start)
+                return Downloaded(part.finish(total, resumed_from=start), expected, start)
+        except OSError as exc:  # --out not a directory, not writable, or full
+            raise ClientError(f"cannot write the download into {out_dir}: {exc.strerror or exc}"
+                              f"{f' ({exc.filename})' if exc.filename else ''}; what was written stays for the "
+                              "same command to resume") from None
 
     @contextmanager
     def _artifact_response(self, job_id: str, kind: str, sha256: str, start: int) -> Iterator[httpx.Response]:
         """The artifact's bytes from `start` (206) or whole (200), from the API or the storage it redirects to."""
         resume = {"Range": f"bytes={start}-"} if start else {}
         # If-Range: should the artifact have changed since its part was written, the API sends it whole.
-        with self._send_stream("GET", f"/jobs/{job_id}/artifacts/{kind}",
+        with self._send_stream("GET", f"/jobs/{_id(job_id)}/artifacts/{_id(kind, 'artifact kind')}",
                                headers={**resume, "If-Range": f'"{sha256}"'} if start else None) as response:
             if response.status_code not in REDIRECTS:
                 _check_range(response, start)
@@ -294,7 +363,7 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from None
         _raise_for_error(response)
-        return response.json() if response.content else None
+        return _decoded(response) if response.content else None
 
     def _poll(self, path: str, params: dict | None = None) -> Any:
         """GET a polled read, sending the ETag of the last answer to the same URL: on 304 that answer
@@ -309,7 +378,7 @@ class ApiClient:
             self._polled.move_to_end(url)
             return copy.deepcopy(seen[1])  # the caller may change what it gets
         _raise_for_error(response)
-        body = response.json()
+        body = _decoded(response)
         if etag := response.headers.get("etag"):
             self._polled[url] = (etag, copy.deepcopy(body))
             self._polled.move_to_end(url)
@@ -341,9 +410,28 @@ def _raise_for_error(response: httpx.Response) -> None:
         error = response.json()["error"]
         raise ClientError(error["message"], status=response.status_code, code=error.get("code"),
                           details=error.get("details"))
-    except (ValueError, KeyError, TypeError):  # not our error shape: a proxy, a crash page
+    except (ValueError, KeyError, TypeError):  # not our error shape: a proxy, a crash page, another server
+        if "html" in response.headers.get("content-type", ""):
+            raise ClientError(f"{_not_the_api(response)} (an HTML page)", status=response.status_code) from None
         raise ClientError(f"the API answered {response.status_code}: {response.text[:300]}",
                           status=response.status_code) from None
+
+
+def _decoded(response: httpx.Response) -> Any:
+    """A success's JSON body; ClientError where it is none, as from a server that is not this API."""
+    try:
+        if "json" in response.headers.get("content-type", ""):
+            return response.json()
+    except ValueError:
+        pass
+    raise ClientError(f"{_not_the_api(response)} ({response.headers.get('content-type') or 'no content type'})",
+                      status=response.status_code)
+
+
+def _not_the_api(response: httpx.Response) -> str:
+    request = response.request
+    return (f"{request.url.copy_with(query=None)} answered {request.method} with {response.status_code}, not with "
+            "the API's JSON: is QLORA_URL (or --url) the address of the qlora-service API?")
 
 
 # ---------------------------------------------------------------- uploads

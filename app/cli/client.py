@@ -74,6 +74,12 @@ def _fail(message: str, details=None, code: int = 1):
     raise typer.Exit(code)
 
 
+def _interrupted(message: str):
+    """Ctrl-C: what became of the command's work, in one line, and the shell's exit status for SIGINT."""
+    err.print(message, highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _detail_lines(details) -> list[str]:
     if not details:
         return []
@@ -96,12 +102,15 @@ def _api(ctx: typer.Context):
     """An ApiClient for the command; any ClientError inside the `with` prints in red and exits 1."""
     from contextlib import contextmanager
 
+    from rich.text import Text
+
     from app.cli.api_client import ApiClient, ClientError
 
     @contextmanager
     def session():
         try:
-            with ApiClient.from_sources(**(ctx.obj or {})) as api:
+            with ApiClient.from_sources(**(ctx.obj or {}), warn=lambda message: err.print(
+                    Text(message, style="yellow"), soft_wrap=True)) as api:
                 yield api
         except ClientError as exc:
             _fail(exc.message, exc.details)
@@ -127,7 +136,20 @@ def _check_file(path: Path):
     return verdict
 
 
-JsonlFile = Annotated[Path, typer.Argument(help="A JSONL dataset.", exists=True, dir_okay=False, readable=True)]
+def _regular_file(path: Path) -> Path:
+    """A file argument must be a regular file: a FIFO would wait for a writer forever, and /dev/zero (or
+    any device) never ends, so reading it would fill the memory."""
+    import stat
+
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise typer.BadParameter(f"{path} is not a regular file")
+    return path
+
+
+JsonlFile = Annotated[Path, typer.Argument(help="A JSONL dataset.", exists=True, dir_okay=False, readable=True,
+                                           callback=_regular_file)]
+SpecFile = Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora train`).", exists=True, dir_okay=False,
+                                          readable=True, callback=_regular_file)]
 
 
 @datasets_commands.command("check")
@@ -160,10 +182,14 @@ def datasets_upload(ctx: typer.Context, file: JsonlFile,
     On a pipe: the dataset as the API recorded it ("id", "status", ...). Exits 1 unless it is ready."""
     if check and not _check_file(file).ok:
         _fail("nothing uploaded: fix the lines above (or pass --no-check to have the server record it as invalid)")
-    with _api(ctx) as api:
-        progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
-        with progress:
-            record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n))
+    try:
+        with _api(ctx) as api:
+            progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
+            with progress:
+                record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n))
+    except KeyboardInterrupt:
+        # The server records a dataset only once the whole file has arrived: a broken-off upload leaves none.
+        _interrupted(f"upload stopped; nothing was recorded (`qlora datasets upload {file}` to upload it again)")
     show(record, lambda: print_dataset(record), as_json)
     print_dataset_errors(record)
     if record["status"] != "ready":
@@ -217,7 +243,7 @@ InitialJobOption = Annotated[Optional[str], typer.Option(
 @jobs_commands.command("create")
 def jobs_create(
     ctx: typer.Context,
-    spec: Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora train`).", exists=True, dir_okay=False)],
+    spec: SpecFile,
     dataset: Annotated[str, typer.Option("--dataset", help="Training dataset id.")],
     validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A name for the job.")] = None,
@@ -239,11 +265,20 @@ def jobs_create(
     err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
 
 
+MAX_SPEC_BYTES = 16 << 20  # the API's own limit on a JSON body (QLORA_MAX_JSON_BYTES' default)
+
+
 def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
     """POST /jobs's body: the spec file's object, the dataset id and the fields given."""
     try:
-        body = json.loads(spec.read_text())
-    except ValueError as exc:
+        with open(spec, "rb") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+        if len(text) > MAX_SPEC_BYTES:
+            _fail(f"{spec} is larger than {MAX_SPEC_BYTES >> 20} MiB: a job spec is a small JSON object")
+        body = json.loads(text)
+    except OSError as exc:
+        _fail(f"cannot read {spec}: {exc.strerror or exc}")
+    except ValueError as exc:  # not UTF-8 either
         _fail(f"{spec} is not valid JSON: {exc}")
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
@@ -255,7 +290,7 @@ def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
 @jobs_commands.command("preflight")
 def jobs_preflight(
     ctx: typer.Context,
-    spec: Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora jobs create`).", exists=True, dir_okay=False)],
+    spec: SpecFile,
     dataset: Annotated[str, typer.Option("--dataset", help="Training dataset id.")],
     validation: Annotated[Optional[str], typer.Option("--validation", help="Validation dataset id.")] = None,
     gpu_class: Annotated[Optional[str], typer.Option("--gpu-class", help="As `jobs create` would ask for.")] = None,
@@ -360,7 +395,7 @@ def jobs_delete_artifact(
 def jobs_watch(
     ctx: typer.Context,
     job_id: JobId,
-    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.2)] = 1.0,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.2, max=3600)] = 1.0,
     as_json: JsonOption = None,
 ) -> None:
     """Follow a job live (progress, losses, tokens/s, loss curve, events) until it ends.
@@ -394,10 +429,8 @@ def jobs_watch(
                 if not out.is_terminal:
                     out.line()  # rich ends a live display with a newline only on a terminal
     except KeyboardInterrupt:
-        err.print(f"stopped watching; job {job_id} keeps running "
-                  f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)",
-                  highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        _interrupted(f"stopped watching; job {job_id} keeps running "
+                     f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)")
     job = watcher.job
     line = f"job {job['id']} {job['status']} at step {steps(job)}"
     if job["status"] == "succeeded":
@@ -570,18 +603,22 @@ def jobs_download(
 
     if kind not in ("adapter", "merged", "report"):
         _fail(f"--kind must be adapter, merged or report, got {kind!r}")
-    with _api(ctx) as api:
-        progress, task = transfer_progress(f"downloading {kind}", None)
+    try:
+        with _api(ctx) as api:
+            progress, task = transfer_progress(f"downloading {kind}", None)
 
-        def started(total: int, resumed_from: int) -> None:
-            progress.update(task, total=total, completed=resumed_from)
-            if resumed_from:
-                progress.console.print(f"resuming an interrupted download at byte {resumed_from:,} of {total:,}",
-                                       highlight=False)
+            def started(total: int, resumed_from: int) -> None:
+                progress.update(task, total=total, completed=resumed_from)
+                if resumed_from:
+                    progress.console.print(f"resuming an interrupted download at byte {resumed_from:,} of {total:,}",
+                                           highlight=False)
 
-        with progress:
-            download = api.download_artifact(job_id, kind, out_dir, on_start=started,
-                                             on_progress=lambda n: progress.advance(task, n))
+            with progress:
+                download = api.download_artifact(job_id, kind, out_dir, on_start=started,
+                                                 on_progress=lambda n: progress.advance(task, n))
+    except KeyboardInterrupt:
+        # What arrived stays in the part file (api_client.PartFile): the same command continues from there.
+        _interrupted("download stopped; run the same command again to resume it where it stopped")
     archive, artifact, resumed_from = download.path, download.artifact, download.resumed_from
     names: list[str] | None = None
     if extract:

@@ -11,14 +11,17 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
 from app.cli.api_client import ClientError, PartFile
 from tests.deployment import ROOT
+from tests.services import free_port
 from worker.training.tiny import demo_spec
 
 MAX_STEPS = 40
@@ -161,6 +164,66 @@ def test_api_errors_print_the_message_and_exit_1(cli_env, uploaded, tmp_path):
     invalid = qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", uploaded["id"])
     assert invalid.returncode == 1
     assert "\n  training.learning_rate:" in invalid.stderr  # the per-field details, one per line
+
+
+def test_an_id_that_is_no_id_never_reaches_another_route(watched_job, cli_env, deployment, cli_key):
+    """Ids went into the URL's path as typed: `datasets delete ../jobs/ID/checkpoints` was sent as DELETE
+    /jobs/ID/checkpoints, deleted the job's checkpoints and printed {"deleted": true}."""
+    job_id, _ = watched_job
+    checkpoints = deployment.client(cli_key).get(f"/jobs/{job_id}/checkpoints").json()
+    assert checkpoints
+    done = qlora(cli_env, "datasets", "delete", f"../jobs/{job_id}/checkpoints")
+    assert done.returncode == 1 and done.stdout == "" and "is not a dataset id" in done.stderr
+    assert deployment.client(cli_key).get(f"/jobs/{job_id}/checkpoints").json() == checkpoints
+    shown = qlora(cli_env, "datasets", "show", f"../jobs/{job_id}")  # was the job read as a dataset: a KeyError
+    assert shown.returncode == 1 and shown.stdout == "" and "Traceback" not in shown.stderr
+
+
+def test_a_server_that_is_not_the_api_is_named_as_such(cli_env, tmp_path):
+    """`python -m http.server` at QLORA_URL: its 404 page was printed whole, its 200 for a file named `jobs`
+    ended in a JSONDecodeError traceback."""
+    (tmp_path / "jobs").write_text("not the API")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env = cli_env | {"QLORA_URL": f"http://127.0.0.1:{port}"}
+        deadline = time.monotonic() + 30
+        while "refused" in (listed := qlora(env, "jobs", "list")).stderr and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for done in (listed, qlora(env, "jobs", "show", "0" * 32), qlora(env, "datasets", "delete", "0" * 32)):
+            assert done.returncode == 1 and done.stdout == "", done.stderr
+            assert "not with the API's JSON: is QLORA_URL (or --url) the address of the qlora-service API?" in done.stderr
+            assert "Traceback" not in done.stderr and "<html" not in done.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_ctrl_c_during_an_upload_says_so_and_records_nothing(deployment, cli_env, cli_key, tmp_path):
+    """Ctrl-C mid-upload exited 130 without a word. The server records a dataset only once it is whole."""
+    from tests.service.test_resumable_downloads import BreakingProxy
+
+    big = tmp_path / "big.jsonl"
+    row = json.dumps({"text": "x" * 1000}) + "\n"
+    big.write_text(row * (16_000_000 // len(row)))
+    before = deployment.client(cli_key).get("/datasets", params={"limit": 200}).json()["data"]
+    proxy = BreakingProxy(deployment.url)
+    proxy.request_delay = 0.1  # ~650 kB/s: 25 s for the file
+    try:
+        upload = subprocess.Popen([sys.executable, "-m", "app.cli", "datasets", "upload", str(big), "--no-check"],
+                                  cwd=ROOT, env=cli_env | {"QLORA_URL": proxy.url}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(4)
+        upload.send_signal(signal.SIGINT)
+        stdout, stderr = upload.communicate(timeout=30)
+    finally:
+        proxy.close()
+    assert upload.returncode == 130 and stdout == "", stderr
+    assert "upload stopped; nothing was recorded" in stderr and "Traceback" not in stderr
+    time.sleep(1)
+    assert deployment.client(cli_key).get("/datasets", params={"limit": 200}).json()["data"] == before
 
 
 def test_watch_follows_the_job_to_its_last_step_and_exits_0(watched_job, cli_env):

@@ -36,12 +36,14 @@ CUT_AFTER = 1_600_000  # bytes the proxy passes before it cuts the connection: m
 
 class BreakingProxy:
     """A TCP proxy to `upstream` that passes everything, unless told to cut each connection after
-    `cut_after` bytes of answer, or to hide requests' Range headers from the server."""
+    `cut_after` bytes of answer, to hide requests' Range headers from the server, or to pass requests
+    slowly (`request_delay` seconds before each chunk: an upload over a slow link)."""
 
     def __init__(self, upstream: str):
         host, port = upstream.removeprefix("http://").rstrip("/").split(":")
         self.cut_after: int | None = None
         self.strip_range = False
+        self.request_delay = 0.0
         ready, self._box = threading.Event(), {}
 
         async def answer(upstream_reader, client_writer):
@@ -59,6 +61,7 @@ class BreakingProxy:
 
         async def ask(client_reader, upstream_writer):
             while data := await client_reader.read(65536):
+                await asyncio.sleep(self.request_delay)
                 if self.strip_range:  # as a server without Range support sees the request
                     data = re.sub(rb"(?im)^(if-)?range:", rb"x-ignored:", data)
                 upstream_writer.write(data)
