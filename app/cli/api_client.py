@@ -64,19 +64,21 @@ def resolve_credentials(url: str | None = None, api_key: str | None = None,
         if value is not None and not value.strip():
             # `--api-key "$KEY"` with KEY unset: falling back to another identity would be a surprise.
             raise ClientError(f"{flag} is empty: give a value, or leave the flag out to use the environment or {path}")
-    url = (url, "--url") if url else (os.environ.get("QLORA_URL"), "QLORA_URL")
-    api_key = (api_key, "--api-key") if api_key else (os.environ.get("QLORA_API_KEY"), "QLORA_API_KEY")
-    if not url[0] or not api_key[0]:  # the file only where the flags and the environment leave a gap
+    # Each value with where it came from, for the message when it cannot be used.
+    found_url = (url, "--url") if url else (os.environ.get("QLORA_URL"), "QLORA_URL")
+    found_key = (api_key, "--api-key") if api_key else (os.environ.get("QLORA_API_KEY"), "QLORA_API_KEY")
+    if not found_url[0] or not found_key[0]:  # the file only where the flags and the environment leave a gap
         saved = _saved_credentials(path, warn)
-        url = url if url[0] else (saved.get("url"), str(path))
-        api_key = api_key if api_key[0] else (saved.get("api_key"), str(path))
-    if not url[0] or not api_key[0]:
-        missing = [name for name, value in (("server URL", url[0]), ("API key", api_key[0])) if not value]
+        found_url = found_url if found_url[0] else (saved.get("url"), str(path))
+        found_key = found_key if found_key[0] else (saved.get("api_key"), str(path))
+    (url, url_source), (api_key, key_source) = found_url, found_key
+    if not url or not api_key:
+        missing = [name for name, value in (("server URL", url), ("API key", api_key)) if not value]
         raise ClientError(
             f"no {' and no '.join(missing)}: pass --url and --api-key, or set QLORA_URL and QLORA_API_KEY (an admin "
             f"makes a key with `qlora admin create-key TEAM`); the embedded server (`qlora serve` with no database "
             f"configured) saves both to {path} on its first start")
-    return _checked_url(*url), _checked_key(*api_key)
+    return _checked_url(url, url_source), _checked_key(api_key, key_source)
 
 
 def _saved_credentials(path: Path, warn: Callable[[str], None] | None) -> dict:
