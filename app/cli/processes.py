@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import time
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -35,9 +37,6 @@ def serve(
                       "Default: on with the embedded queue, off when QLORA_BROKER_URL points at a server.")] = None,
 ) -> None:
     """Start the API. With no configuration: SQLite, local storage, a local queue and one worker."""
-    import subprocess
-    import sys
-
     import uvicorn
 
     from app import logs
@@ -63,7 +62,7 @@ def serve(
         _check_schema(settings.database_url)
     raise_open_file_limit()  # connections need descriptors: the hard limit, not a default soft one (for its children too)
     run_worker = settings.embedded if worker is None else worker
-    child = None
+    child: LocalWorker | None = None
     # One API process: uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler
     # it found. Under the default one, this process would end on the spot, before the `finally` below
     # stops the local worker, which would run on orphaned (holding its GPU, taking jobs): a supervisor's
@@ -74,11 +73,8 @@ def serve(
     terminated = False
     try:
         if run_worker:
-            env = {**os.environ, "QLORA_HOME": str(settings.home)}
-            # --stop-with: a `serve` killed outright (SIGKILL, the OOM killer) cannot stop its worker; the worker
-            # then stops by itself, as on SIGTERM, instead of running on beside the next `serve`'s own.
-            child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid())], env=env)
-            out.print(f"started a local worker (pid {child.pid})")
+            child = LocalWorker({**os.environ, "QLORA_HOME": str(settings.home)})
+            child.start()
         processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
         out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
         logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
@@ -95,11 +91,7 @@ def serve(
         terminated = True
     finally:
         if child is not None:
-            child.terminate()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.stop()
     if terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
@@ -136,6 +128,72 @@ def _check_port_free(host: str, port: int) -> None:
             err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}. Another process holds it: "
                       "stop it, or set QLORA_PORT (or --port) to a free port.", highlight=False)
             raise typer.Exit(2) from None
+
+
+class LocalWorker:
+    """`serve`'s local worker, started again should it end abnormally while `serve` runs (killed by hand or by
+    the out-of-memory killer, a crash): with none, jobs would wait queued with nothing to say why, behind an
+    API that answers. A job it held is requeued by the reaper once its heartbeats stop. A worker that stops
+    cleanly (SIGTERM, Ctrl-C, which the terminal sends it too as `serve` shuts down) is not replaced."""
+
+    CLEAN = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
+    MAX_DELAY_S = 60
+
+    def __init__(self, env: dict[str, str]):
+        import threading
+
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0  # when the current one started
+        self._lock = threading.Lock()  # no start after stop() began
+        self._stopping = threading.Event()
+        self._watch = threading.Thread(target=self._restart_when_ended, name="local-worker-watch", daemon=True)
+
+    def start(self) -> None:
+        self._start()
+        self._watch.start()
+
+    def _start(self) -> None:
+        import sys
+
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            # --stop-with: a `serve` killed outright (SIGKILL, the OOM killer) cannot stop its worker; the worker
+            # then stops by itself, as on SIGTERM, instead of running on beside the next `serve`'s own.
+            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid())],
+                                    env=self.env)
+            self.proc, self.started = proc, time.monotonic()
+        out.print(f"started a local worker (pid {proc.pid})")
+
+    def _restart_when_ended(self) -> None:
+        delay = 1.0
+        while not self._stopping.wait(1):
+            proc = self.proc
+            code = proc.poll() if proc is not None else None
+            if proc is None or code is None:
+                continue
+            if code in self.CLEAN:
+                return
+            # One that dies as it starts (a broken install, say) is started again less and less often.
+            delay = 1.0 if time.monotonic() - self.started > self.MAX_DELAY_S else min(delay * 2, self.MAX_DELAY_S)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            logging.getLogger("serve").warning("the local worker (pid %s) %s; starting another in %g s (a job it "
+                                               "held is requeued once its heartbeats stop)", proc.pid, how, delay)
+            if self._stopping.wait(delay):
+                return
+            self._start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 class _Terminated(Exception):

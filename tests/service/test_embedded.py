@@ -157,6 +157,31 @@ def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(embedd
         restarted.wait(60)
 
 
+def test_a_local_worker_that_dies_is_started_again(embedded, demo_data):
+    """Killed by hand or by the out-of-memory killer, serve's worker was gone for good: jobs waited queued
+    behind an API that answered, with nothing to say why."""
+    home, credentials, _proc = embedded
+
+    def workers() -> list[int]:
+        return [int(pid) for pid in re.findall(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text())]
+
+    [first] = workers()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(workers()) < 2:
+        assert time.monotonic() < deadline, (home / "serve.log").read_text()
+        time.sleep(0.3)
+    assert f"the local worker (pid {first}) was killed by SIGKILL" in (home / "serve.log").read_text()
+    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
+                          timeout=60)
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=2, save_steps=1000)
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+    done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+
+
 def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
     """It used to make the first start's team and key, save them with the address of the server already
     there, start a worker, and only then fail in uvicorn: the saved key then answered 401 there."""
