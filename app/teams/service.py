@@ -79,7 +79,7 @@ def revoke_key(session: Session, ref: str) -> ApiKey:
         # Revoking is for good: only a whole id or prefix, never the one key a part of one happens to match.
         near = repository.keys_starting_with(session, ref)
         raise NotFound(f"no API key with id or prefix {ref!r}"
-                       + (f"; it is the start of {len(near)} keys' prefixes: "
+                       + (f"; it is the start of {len(near)} key prefix{'' if len(near) == 1 else 'es'}: "
                           + ", ".join(f"{k.id} (prefix {k.prefix})" for k in near) + "; give one whole" if near else ""),
                        details=[{"id": k.id, "prefix": k.prefix} for k in near] or None)
     if len(keys) > 1:

@@ -163,7 +163,7 @@ function renderJobHeader(header, state, ctx) {
         h("span", { class: "mono" }, job.id), " · ", job.base_model, " · ",
         h("span", { id: "job-method" }, methodText(spec.method)), " · ",
         ...(job.initial_job_id ? ["from ", h("a", { id: "initial-job", class: "mono", href: `#/jobs/${job.initial_job_id}` }, job.initial_job_id), " · "] : []),
-        training.max_steps ? `${training.max_steps} steps` : `${training.epochs} epochs`, " · created ", fmt.date(job.created_at))),
+        training.max_steps ? `${training.max_steps} steps` : `${training.epochs} epoch${training.epochs === 1 ? "" : "s"}`, " · created ", fmt.date(job.created_at))),
     h("div", { class: "actions" }, ...downloads, cancel));
 }
 
