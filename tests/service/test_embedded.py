@@ -18,13 +18,14 @@ import pytest
 
 from tests import services
 from tests.deployment import ROOT, upload, wait_for_status
+from worker.runner import FAULT_HOLD_AT_STEP
 from worker.training.tiny import demo_spec
 
 
-def start_serve(home, port: int, log_name: str = "serve.log") -> subprocess.Popen:
+def start_serve(home, port: int, log_name: str = "serve.log", extra_env: dict | None = None) -> subprocess.Popen:
     """`qlora serve` with nothing configured but HOME (QLORA_HOME defaults to ~/.qlora) and the port, once it answers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
-    env.update(HOME=str(home), QLORA_PORT=str(port))
+    env.update(HOME=str(home), QLORA_PORT=str(port), **(extra_env or {}))
     log = open(home / log_name, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -112,26 +113,39 @@ def test_sigterm_to_serve_alone_stops_its_local_worker(embedded):
         os.killpg(proc.pid, 0)
 
 
-def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(embedded, demo_data):
+def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(tmp_path, demo_data):
     """`kill -9` (or the OOM killer) gives `serve` no chance to stop its worker. That worker used to run on
     orphaned: its job trained on with no API in front of it, and the next `serve` on the same home started a
     second worker beside it, both taking jobs. Now the worker stops by itself as on SIGTERM: its job saves a
     checkpoint, is queued again, and the next `serve` resumes it from there."""
-    home, credentials, proc = embedded
-    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text()).group(1))
+    port = services.free_port()
+    # The training process holds after step 2 until the hand-back's pause releases it: on a quiet machine
+    # a short job would otherwise finish before the worker notices.
+    proc = start_serve(tmp_path, port, extra_env={FAULT_HOLD_AT_STEP: "2"})
+    try:
+        sigkill_serve_then_start_it_again(tmp_path, port, proc, demo_data)
+    finally:
+        try:  # the first serve's group, should the test end before it is gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Popen, demo_data) -> None:
+    credentials = json.loads((tmp_path / ".qlora" / "credentials.json").read_text())
+    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (tmp_path / "serve.log").read_text()).group(1))
     client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
                           timeout=60)
     spec = demo_spec("tiny-demo")
-    spec["training"].update(max_steps=8, logging_steps=1, save_steps=1000)  # the hand-back saves the one it resumes from
-    spec["output"] = {"merge": False}
-    spec["eval"] = {"prompts": 0}
+    spec["training"].update(max_steps=6, logging_steps=1, save_steps=1000)  # the hand-back saves the one it resumes from
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
     job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
     deadline = time.monotonic() + 300
     while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.3)
 
-    proc.send_signal(signal.SIGKILL)  # serve alone: its worker is left without a parent
+    os.kill(proc.pid, signal.SIGKILL)  # serve alone: its worker is left without a parent
     proc.wait(10)
     deadline = time.monotonic() + 120
     while True:  # gone, not just orphaned (reaped by init: kill 0 fails once it has exited)
@@ -142,7 +156,7 @@ def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(embedd
         assert time.monotonic() < deadline, "the worker of a killed serve is still running"
         time.sleep(0.5)
 
-    restarted = start_serve(home, int(credentials["url"].rsplit(":", 1)[1]), "serve-again.log")
+    restarted = start_serve(tmp_path, port, "serve-again.log")
     try:
         done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
         assert done["status"] == "succeeded", done["error"]
