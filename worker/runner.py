@@ -47,8 +47,7 @@ if __name__ == "__main__":
 
 from transformers import TrainerCallback  # noqa: E402
 
-from app.storage.base import make_key, storage_from_settings  # noqa: E402
-from worker.supervisor import out_of_reach  # noqa: E402
+from app.storage.base import make_key, storage_from_settings, storage_out_of_reach  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.transfer import WriterStream  # noqa: E402
 
@@ -152,7 +151,7 @@ def main(root: Path) -> int:
         if out_of_space(exc):
             log.error("a disk is full; stopping so the job can resume from its newest checkpoint: %s", exc)
             return EXIT_NO_SPACE
-        if out_of_reach(exc):
+        if storage_out_of_reach(exc):
             log.error("storage is out of reach (%s: %s)", type(exc).__name__, exc)  # the worker quotes this line
             return EXIT_OUT_OF_REACH
         raise

@@ -717,7 +717,7 @@ def out_of_reach(exc: BaseException) -> bool:
     as opposed to a fault of the job or a bug: worth another attempt."""
     if isinstance(exc, DBAPIError):
         return _passing(exc)
-    return storage_out_of_reach(exc) or isinstance(exc, ConnectionError | TimeoutError)
+    return storage_out_of_reach(exc)
 
 
 def _passing(exc: DBAPIError) -> bool:

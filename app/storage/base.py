@@ -73,14 +73,16 @@ class Storage(Protocol):
 
 
 def storage_out_of_reach(exc: BaseException) -> bool:
-    """Whether `exc` (or an error it was raised from or while handling) is S3 out of reach for a moment:
-    no connection, a timeout, or a server error or "slow down" past boto's own retries, as opposed to a
-    request's fault or a bug. botocore is imported only for an error of its own (the local backend needs
-    none)."""
+    """Whether `exc` (or an error it was raised from or while handling) is storage out of reach for a
+    moment: no connection, a timeout, or a server error or "slow down" past boto's own retries, as opposed
+    to a request's fault or a bug. botocore is imported only for an error of its own (the local backend
+    needs none)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
         if type(current).__module__.startswith("botocore"):
             import botocore.exceptions as boto
 
