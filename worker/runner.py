@@ -28,10 +28,12 @@ from worker.training.protocol import (
     EXIT_NO_SPACE,
     EXIT_OUT_OF_REACH,
     CheckpointStored,
+    Event,
     JobFile,
     Progress,
     QuantizedBaseStored,
     QuantizedCache,
+    Record,
     RecordWriter,
     Result,
     Sink,
@@ -82,7 +84,13 @@ class ProgressFile(TrainerCallback):
 
 class CheckpointUpload(TrainerCallback):
     """After the recipe has moved a checkpoint into place, stream it (with the run manifest) to
-    object storage as one tar and report it. A checkpoint exists for a resume only once reported."""
+    object storage as one tar and report it. A checkpoint exists for a resume only once reported.
+
+    The recipe announces `checkpoint_saved` once the checkpoint is complete on this disk, which is
+    saved for `qlora train`; for the service it is saved once it is in storage. So the recipe's
+    records pass through `recipe_sink`, which holds that event back until the upload is reported:
+    a client reloading the job's checkpoints on the event finds it there, and an upload that fails
+    announces nothing."""
 
     def __init__(self, workdir: WorkDir, out_dir: Path, team_id: str, sink: Sink, storage):
         self.workdir = workdir
@@ -91,6 +99,13 @@ class CheckpointUpload(TrainerCallback):
         self.sink = sink
         self.storage = storage
         self.stall_at = int(os.environ.get(FAULT_STALL_CHECKPOINT, "-1"))
+        self.held: dict[int | None, Event] = {}  # by step: the recipe's checkpoint_saved, until uploaded
+
+    def recipe_sink(self, record: Record) -> None:
+        if isinstance(record, Event) and record.type == "checkpoint_saved":
+            self.held[record.step] = record
+        else:
+            self.sink(record)
 
     def on_save(self, args, state, control, **kwargs):
         step = state.global_step
@@ -108,6 +123,9 @@ class CheckpointUpload(TrainerCallback):
             stored = writer.commit()
         self.sink(CheckpointStored(step=step, key=stored.key, size=stored.size, sha256=stored.sha256,
                                    tokens_seen=state.num_input_tokens_seen))
+        saved = self.held.pop(step, None)
+        if saved is not None:
+            self.sink(saved)
 
 
 class FaultHold(TrainerCallback):
@@ -184,8 +202,8 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
         def cancel() -> bool:
             return workdir.cancel.exists() or gone()
 
-        callbacks: tuple[TrainerCallback, ...] = (ProgressFile(workdir.progress),
-                                                  CheckpointUpload(workdir, out_dir, job.team_id, sink, storage))
+        upload = CheckpointUpload(workdir, out_dir, job.team_id, sink, storage)
+        callbacks: tuple[TrainerCallback, ...] = (ProgressFile(workdir.progress), upload)
         if FAULT_HOLD_AT_STEP in os.environ:
             # Released by the test, or by a cancel or pause: the run then stops after its next step.
             callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]),
@@ -193,7 +211,7 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
         try:
             result = run(
                 JobSpec.parse(job.spec), job.train_path, out_dir,
-                validation_path=job.validation_path, registry=job.registry, sink=sink,
+                validation_path=job.validation_path, registry=job.registry, sink=upload.recipe_sink,
                 resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
                 quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
                 initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,

@@ -31,6 +31,11 @@ def test_a_checkpoint_upload_storage_refuses_is_another_attempt_after_a_wait(dep
         assert message.startswith("storage or the database was out of reach (TrainerOutOfReach: "), message
         assert "ServiceUnavailable" in message and "PutObject" in message, message
         assert "Traceback" not in message
+        # Saved means stored: the refused upload announced no checkpoint, each stored one was announced.
+        saved = [(e["attempt"], e["step"]) for e in events if e["type"] == "checkpoint_saved"]
+        assert saved == [(2, 2), (2, 4)], saved
+        stored = {c["step"] for c in team.get(f"/jobs/{job_id}/checkpoints").json()}
+        assert stored >= {2, 4}, stored
     finally:
         d.stop(worker)
         proxy.close()
