@@ -312,6 +312,7 @@ class JobRun:
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
         lost: str | None = None  # why the attempt ended with no fault of the job's: it gets another
+        outside = False  # ...and the end was a full disk or an outage: past the last attempt, paused, not failed
         try:
             # Inside the try: a full work directory refuses even this small file, and must hand the job back
             # saying so, not end the task with the job left running and silent until the reaper's deadline.
@@ -337,7 +338,7 @@ class JobRun:
             why = self._not_the_jobs_fault(exc)
             if why is not None:  # storage, the database or a disk, for a moment: the job is not at fault
                 log.warning("job %s attempt %s lost: %s", job.id, job.attempt, why, exc_info=True)
-                lost = why
+                lost, outside = why, True
                 # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass.
                 time.sleep(min(self.settings.out_of_reach_wait_s * 2 ** (job.attempt - 1), MAX_OUT_OF_REACH_WAIT_S))
             else:
@@ -353,7 +354,7 @@ class JobRun:
         if final is not None:
             self._finish(job, *final)
         elif lost is not None:
-            self._lose(job, lost)
+            self._lose(job, lost, outside_the_job=outside)
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
         """Why the attempt ended, where another attempt may well succeed: storage or the database out of
@@ -565,15 +566,16 @@ class JobRun:
             except Exception:  # a stray object costs storage, not correctness
                 log.exception("could not delete %s", key)
 
-    def _lose(self, job: ClaimedJob, why: str) -> None:
+    def _lose(self, job: ClaimedJob, why: str, outside_the_job: bool) -> None:
         """Another attempt for the job, from its newest checkpoint (the reaper's way with a silent worker,
-        here at once), or failed after QLORA_MAX_ATTEMPTS lost ones. Should the database be out of reach
-        still, the job keeps its state and, with its heartbeats stopped, the reaper does the same."""
+        here at once); after QLORA_MAX_ATTEMPTS lost ones, failed, or paused when this one ended on a full
+        disk or an outage (runs.attempt_lost). Should the database be out of reach still, the job keeps its
+        state and, with its heartbeats stopped, the reaper does the same."""
         try:
             with session_scope(self.db) as session:
                 row = session.get(Job, job.id)
                 became = (runs.attempt_lost(session, row, why, self.settings.max_attempts, utcnow(),
-                                            self.settings.fair_share_half_life_s)
+                                            self.settings.fair_share_half_life_s, outside_the_job=outside_the_job)
                           if row is not None and row.attempt == job.attempt else None)
         except DBAPIError as exc:
             log.warning("job %s attempt %s: could not record the lost attempt (the reaper will): %s", job.id,

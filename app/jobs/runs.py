@@ -253,12 +253,16 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
 
 
 def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_at: datetime,
-                 half_life_s: float) -> str | None:
+                 half_life_s: float, *, outside_the_job: bool = False) -> str | None:
     """The job's attempt ended without its result: its worker went silent (the reaper), or its training
     process died or the worker failed on the way to storage or the database (the worker itself). A job
     being cancelled is cancelled, one pausing is paused; any other gets another attempt, which resumes
-    from the newest checkpoint, until max_attempts attempts were lost. What became of it ("requeued",
-    "failed", "cancelled", "paused"), or None when something else moved the job meanwhile."""
+    from the newest checkpoint, until max_attempts attempts were lost. Then it fails, unless the last
+    attempt ended on something `outside_the_job` (a full disk, storage or the database out of reach):
+    that is for an operator to mend, not a reason to lose the job, so it is paused instead, keeping its
+    checkpoints, for its team to resume once mended (a resume counts its lost attempts afresh). What
+    became of it ("requeued", "failed", "cancelled", "paused"), or None when something else moved the
+    job meanwhile."""
     attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
     now = utcnow()
     values: dict[str, Any]
@@ -268,6 +272,11 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
         # It was stopping anyway: paused, resumable from its newest checkpoint.
         outcome, level, message, values = (states.PAUSED, "warning",
                                            f"{why} while pausing; it resumes from its newest checkpoint", {"worker": None})
+    elif job.lost_workers + 1 >= max_attempts and outside_the_job:
+        outcome, level, values = states.PAUSED, "warning", {"worker": None, "lost_workers": job.lost_workers + 1}
+        message = (f"the job lost {job.lost_workers + 1} attempts (last: {why}); paused rather than failed after "
+                   f"QLORA_MAX_ATTEMPTS={max_attempts}, keeping its checkpoints: resume it once that is mended, "
+                   "and it continues from the newest checkpoint")
     elif job.lost_workers + 1 >= max_attempts:
         outcome, level, values = states.FAILED, "error", {"finished_at": now}
         message = (f"the job lost {job.lost_workers + 1} attempts (last: {why}); giving up after "

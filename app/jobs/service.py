@@ -498,7 +498,9 @@ def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job
         target, event, message = _REQUESTS[request][job.status]
         values: dict[str, Any] = {"finished_at": utcnow()} if target in states.FINISHED else {}
         if target == states.QUEUED:
-            values["dispatched_at"] = None
+            # A person resumed it: its lost attempts count afresh (one paused after QLORA_MAX_ATTEMPTS
+            # lost to a full disk would otherwise be paused again by the first loss after the resume).
+            values.update(dispatched_at=None, lost_workers=0)
         if repository.transition(session, job.id, target, only_from=[job.status], **values):
             level = "warning" if request == "cancel" else "info"
             repository.add_event(session, job.id, event, level, message, attempt=job.attempt)

@@ -14,8 +14,9 @@ ALL = (*ACTIVE, *FINISHED)
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     QUEUED: (RUNNING, CANCELLED),
-    # A running job goes back to queued when its worker is lost (it resumes from a checkpoint).
-    RUNNING: (SUCCEEDED, FAILED, CANCELLING, PAUSING, QUEUED),
+    # A running job goes back to queued when its worker is lost (it resumes from a checkpoint), or to
+    # paused when its attempts keep ending on a full disk or an outage (runs.attempt_lost).
+    RUNNING: (SUCCEEDED, FAILED, CANCELLING, PAUSING, QUEUED, PAUSED),
     # A cancel that arrives as the last step finishes may still end in succeeded: that is the truth.
     CANCELLING: (CANCELLED, SUCCEEDED, FAILED),
     # Pausing saves a checkpoint and stops; a worker lost meanwhile leaves it paused at its newest checkpoint.

@@ -63,3 +63,35 @@ def test_a_starting_worker_removes_what_ended_attempts_left_and_keeps_what_runs(
     assert set(removed) >= set(left) and live not in removed
     assert live.is_dir() and claimed_meanwhile.is_dir() and not any(d.exists() for d in left)
     assert not (work / "no-such-job").exists()  # its job directory too, once empty
+
+
+@pytest.mark.parametrize("outside_the_job, became", [(True, "paused"), (False, "failed")])
+def test_the_last_lost_attempt_pauses_a_job_stopped_by_a_full_disk_or_an_outage_and_fails_any_other(
+        session, settings, caller, make_job, outside_the_job, became):
+    """Past QLORA_MAX_ATTEMPTS a job failed whatever ended its attempts, though a disk an operator had not
+    yet freed, or an outage, is nothing the job did: it is paused instead, keeping its checkpoints, and its
+    team's resume gives it QLORA_MAX_ATTEMPTS afresh. A crash of its own (a killed training process, a
+    silent worker) still fails it: another round would likely repeat it."""
+    from app.db import utcnow
+    from app.jobs import runs, service, states
+    from app.jobs.tables import Job
+
+    job_id = make_job(states.RUNNING, attempt=3, lost_workers=2, worker="gpu-3")
+    why = "a disk was full (the training process stopped; on worker gpu-3: 0 bytes of 1.0 GiB free for /work)"
+    assert runs.attempt_lost(session, session.get(Job, job_id), why, 3, utcnow(), 3600.0,
+                             outside_the_job=outside_the_job) == became
+    session.commit()
+    job = session.get(Job, job_id)
+    assert job.status == became
+    (event,) = [e for e in service.events(session, caller, job_id, None, 100) if e.type == became]
+    assert event.message.startswith(f"the job lost 3 attempts (last: {why}); ")
+    if became == "failed":
+        assert job.error == event.message and job.finished_at is not None
+        return
+    assert "paused rather than failed after QLORA_MAX_ATTEMPTS=3, keeping its checkpoints" in event.message
+    assert job.error is None and job.finished_at is None and job.worker is None
+
+    service.resume(session, settings, caller, job_id)
+    session.commit()
+    session.refresh(job)
+    assert (job.status, job.lost_workers) == (states.QUEUED, 0)

@@ -129,7 +129,8 @@ def main(paths: list[str]) -> str:
         "- The training process stops by itself when its worker dies or stops sending heartbeats.",
         "- An attempt that ends with no fault of the job's (its training process killed, storage or the "
         "database out of reach on the way) is the worker's to hand back at once, as the reaper does a silent "
-        "worker's: another attempt from the newest checkpoint, up to `QLORA_MAX_ATTEMPTS`; one stored "
+        "worker's: another attempt from the newest checkpoint, up to `QLORA_MAX_ATTEMPTS` (then failed, or paused, "
+        "resumable, when the last ended on a full disk or an outage); one stored "
         "artifact of a lost attempt is replaced by the next attempt's, and an attempt resumed from the last "
         "planned step's checkpoint trains no step more.",
         "- Uploads stream into a temp file or an S3 multipart upload that only a commit makes visible; writes "

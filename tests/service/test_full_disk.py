@@ -69,11 +69,13 @@ def test_a_job_whose_checkpoint_the_full_disk_refuses_is_handed_back_and_finishe
         d.stop(worker)
 
 
-def test_a_work_directory_too_full_for_the_attempts_first_file_hands_the_job_back_at_once(
+def test_a_work_directory_too_full_for_the_attempts_first_file_hands_the_job_back_at_once_paused_at_the_last(
         deployment_of_its_own, demo_data):
     """The first file an attempt writes is the worker's note of the attempt it holds (for its SIGTERM
     handback): written before the attempt's error handling began, a full disk ended the task there, and the
-    job stayed running and silent until the reaper's heartbeat deadline (2 minutes by default)."""
+    job stayed running and silent until the reaper's heartbeat deadline (2 minutes by default).
+    With QLORA_MAX_ATTEMPTS=1 that one attempt is the last: the job is paused, not failed (a full disk is
+    the operator's to free, not the job's fault), and its team resumes it once there is room."""
     d = deployment_of_its_own
     team = d.client(d.team_key("full-disk"))
     dataset_id = upload(team, demo_data["train"]).json()["id"]
@@ -81,18 +83,21 @@ def test_a_work_directory_too_full_for_the_attempts_first_file_hands_the_job_bac
     spec["training"].update(max_steps=2, save_steps=10_000, eval_steps=10_000)
     spec["output"] = {"merge": False}
     spec["eval"] = {"prompts": 0}
-    worker = d.start_worker(name="full-disk")
+    worker = d.start_worker(name="full-disk", extra_env={"QLORA_MAX_ATTEMPTS": "1"})
     try:
         wait_until_ready(d, "worker-full-disk")
         fill_up(worker.pid, 40)  # short of the worker's note of the attempt (60 bytes)
         job_id = team.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()["id"]
-        deadline = time.monotonic() + 60  # well within the heartbeat deadline
-        while not (requeued := [e for e in team.get(f"/jobs/{job_id}/events").json() if e["type"] == "requeued"]):
-            assert time.monotonic() < deadline, (team.get(f"/jobs/{job_id}").json(), worker.poll())
-            time.sleep(0.5)
-        assert requeued[0]["message"].startswith("a disk was full (OSError: [Errno 27] File too large"), requeued
+        # Well within the heartbeat deadline (the worker waits QLORA_OUT_OF_REACH_WAIT_S, 5 s here, first).
+        paused = wait_for_status(team, job_id, ("paused", "failed"), deployment=d, timeout=60)
+        assert paused["status"] == "paused" and paused["error"] is None, paused
+        (event,) = [e for e in team.get(f"/jobs/{job_id}/events").json() if e["type"] == "paused"]
+        assert event["message"].startswith("the job lost 1 attempts (last: a disk was full (OSError: [Errno 27] "
+                                           "File too large"), event
+        assert "paused rather than failed after QLORA_MAX_ATTEMPTS=1" in event["message"], event
         lift_file_size_limit(worker.pid)
+        assert team.post(f"/jobs/{job_id}/resume").status_code == 200
         done = wait_for_status(team, job_id, ("succeeded", "failed"), deployment=d)
-        assert done["status"] == "succeeded", done
+        assert (done["status"], done["attempt"]) == ("succeeded", 2), done
     finally:
         d.stop(worker)
