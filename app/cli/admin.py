@@ -17,9 +17,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import JsonOption, err, name_column, out, plain, print_table, show
+from app.cli.render import Commands, JsonOption, err, name_column, out, plain, print_table, show
 
-commands = typer.Typer(help="Administer teams, API keys and the model registry (runs against the database).",
+commands = Commands(help="Administer teams, API keys and the model registry (runs against the database).",
                        no_args_is_help=True)
 
 

@@ -148,7 +148,11 @@ POLLED_KEPT = 16  # answers kept for If-None-Match: a watch polls one job and it
 class ApiClient:
     def __init__(self, url: str, api_key: str, timeout: float = 60):
         self.url = url
-        self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+        self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout,
+                                  event_hooks={"response": [self._answered]})
+        # The last request the API answered, "GET http://host/jobs": an answer this client cannot use is
+        # named by it (UnexpectedAnswer), wherever the command found that out.
+        self.last_answered: str | None = None
         # The last answer to each polled read, with its ETag: `qlora jobs watch` asks again with
         # If-None-Match, and an unchanged job or curve comes back as a 304 with no body.
         self._polled: OrderedDict[str, tuple[str, Any]] = OrderedDict()
@@ -157,6 +161,9 @@ class ApiClient:
     def from_sources(cls, url: str | None = None, api_key: str | None = None,
                      warn: Callable[[str], None] | None = None) -> ApiClient:
         return cls(*resolve_credentials(url, api_key, warn))
+
+    def _answered(self, response: httpx.Response) -> None:
+        self.last_answered = f"{response.request.method} {response.request.url.copy_with(query=None)}"
 
     def close(self) -> None:
         self._http.close()
@@ -169,21 +176,19 @@ class ApiClient:
 
     # --- datasets
     def upload_dataset(self, path: Path, on_progress: Progress | None = None, *, tries: int = CREATE_TRIES,
-                       backoff_s: float = 1.0) -> dict:
-        """POST /datasets, streamed, with an Idempotency-Key: sent again (the bar starts over) when the
-        connection could not be made, or the whole file went and its answer was lost; not when the
-        upload broke off halfway (a refusal, or a link that broke: sending gigabytes again is the
-        user's call). A repeat is answered with the dataset the first try recorded."""
-        state = {"sent": 0, "whole": False}
-
-        def counted(moved: int) -> None:
-            state["sent"] += moved
-            if on_progress:
-                on_progress(moved)
+                       backoff_s: float = 1.0, on_restart: Callable[[], None] | None = None) -> dict:
+        """POST /datasets, streamed, with an Idempotency-Key: sent again (`on_restart` hears it before the
+        file is read from its start again) when the connection could not be made, or the whole file went
+        and its answer was lost; not when the upload broke off halfway (a refusal, or a link that broke:
+        sending gigabytes again is the user's call). A repeat is answered with the dataset the first try
+        recorded."""
+        state = {"tries": 0, "whole": False}
 
         def send(headers: dict[str, str]) -> httpx.Response:
-            state.update(sent=0, whole=False)
-            chunks, form = multipart_file_body(path, counted)
+            if state["tries"] and on_restart:
+                on_restart()
+            state.update(tries=state["tries"] + 1, whole=False)
+            chunks, form = multipart_file_body(path, on_progress)
 
             def body() -> Iterator[bytes]:
                 yield from chunks
@@ -195,17 +200,15 @@ class ApiClient:
                                    timeout=httpx.Timeout(60, read=None, write=None))
 
         def again(exc: Exception | None) -> bool:
-            if on_progress and state["sent"]:
-                on_progress(-state["sent"])
             return exc is None or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) or bool(state["whole"])
 
-        return self._once(send, tries=tries, backoff_s=backoff_s, again=again)
+        return self._once(send, tries=tries, backoff_s=backoff_s, again=again, expect=dict)
 
     def list_datasets(self, limit: int = 50) -> list[dict]:
-        return self._json("GET", "/datasets", params={"limit": limit})["data"]
+        return self._page("/datasets", {"limit": limit})
 
     def get_dataset(self, dataset_id: str) -> dict:
-        return self._json("GET", f"/datasets/{_id(dataset_id, 'dataset id')}")
+        return self._json("GET", f"/datasets/{_id(dataset_id, 'dataset id')}", expect=dict)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._json("DELETE", f"/datasets/{_id(dataset_id, 'dataset id')}")
@@ -215,19 +218,22 @@ class ApiClient:
     # the preflight itself (60 s at most) before the server answers: read for longer than that.
     PREFLIGHTED = httpx.Timeout(60, read=180)
 
-    def create_job(self, body: dict, *, tries: int = CREATE_TRIES, backoff_s: float = 1.0) -> dict:
+    def create_job(self, body: dict, *, tries: int = CREATE_TRIES, backoff_s: float = 1.0,
+                   idempotency_key: str | None = None) -> dict:
         """POST /jobs, sent again when its answer is lost (the connection dropped, a read timed out, a
-        proxy's 502/503/504): a repeat is answered with the job the first try made."""
+        proxy's 502/503/504): a repeat is answered with the job the first try made. `idempotency_key`
+        (a new UUID when None) lets a later command send the same creation again just as safely."""
         return self._once(lambda headers: self._http.post("/jobs", json=body, headers=headers, timeout=self.PREFLIGHTED),
-                          tries=tries, backoff_s=backoff_s)
+                          tries=tries, backoff_s=backoff_s, key=idempotency_key, expect=dict)
 
     def _once(self, send: Callable[[dict[str, str]], httpx.Response], *, tries: int, backoff_s: float,
-              again: Callable[[Exception | None], bool] = lambda _: True) -> Any:
+              again: Callable[[Exception | None], bool] = lambda _: True, key: str | None = None,
+              expect: type | None = None) -> Any:
         """A creation sent with an Idempotency-Key of its own, and sent again with the same key (1, 2, 4 s
         apart) when it failed in transit or a proxy answered 502/503/504 and `again` agrees (it is told the
         transport error, or None for such an answer): the server answers a repeat with what the first
         try made, so a lost answer never makes a second one."""
-        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        headers = {"Idempotency-Key": key or str(uuid.uuid4())}
         for attempt in range(1, tries + 1):
             last = attempt == tries
             try:
@@ -238,42 +244,41 @@ class ApiClient:
             else:
                 if last or response.status_code not in RETRIED_STATUSES or not again(None):
                     _raise_for_error(response)
-                    return _decoded(response)
+                    return _decoded(response, expect)
             time.sleep(backoff_s * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last try returns or raises")
 
     def preflight_job(self, body: dict) -> dict:
-        return self._json("POST", "/jobs/preflight", json=body, timeout=self.PREFLIGHTED)
+        return self._json("POST", "/jobs/preflight", json=body, timeout=self.PREFLIGHTED, expect=dict)
 
     def list_jobs(self, status: str | None = None, limit: int = 20) -> list[dict]:
-        params = {"limit": limit} | ({"status": status} if status else {})
-        return self._json("GET", "/jobs", params=params)["data"]
+        return self._page("/jobs", {"limit": limit} | ({"status": status} if status else {}))
 
     def get_job(self, job_id: str) -> dict:
-        return self._poll(f"/jobs/{_id(job_id)}")
+        return self._poll(f"/jobs/{_id(job_id)}", expect=dict)
 
     def cancel_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/jobs/{_id(job_id)}/cancel")
+        return self._json("POST", f"/jobs/{_id(job_id)}/cancel", expect=dict)
 
     def delete_checkpoints(self, job_id: str) -> dict:
-        return self._json("DELETE", f"/jobs/{_id(job_id)}/checkpoints")
+        return self._json("DELETE", f"/jobs/{_id(job_id)}/checkpoints", expect=dict)
 
     def delete_artifact(self, job_id: str, kind: str) -> dict:
-        return self._json("DELETE", f"/jobs/{_id(job_id)}/artifacts/{_id(kind, 'artifact kind')}")
+        return self._json("DELETE", f"/jobs/{_id(job_id)}/artifacts/{_id(kind, 'artifact kind')}", expect=dict)
 
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
-        return self._poll(f"/jobs/{_id(job_id)}/events", params={} if after is None else {"after": after})
+        return self._poll(f"/jobs/{_id(job_id)}/events", params={} if after is None else {"after": after}, expect=list)
 
     def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None) -> dict:
         params = {name: value for name, value in (("after_step", after_step), ("after_eval_step", after_eval_step))
                   if value is not None}
-        return self._poll(f"/jobs/{_id(job_id)}/metrics", params=params)
+        return self._poll(f"/jobs/{_id(job_id)}/metrics", params=params, expect=dict)
 
     def job_report(self, job_id: str) -> dict:
-        return self._json("GET", f"/jobs/{_id(job_id)}/report")
+        return self._json("GET", f"/jobs/{_id(job_id)}/report", expect=dict)
 
     def job_artifacts(self, job_id: str) -> list[dict]:
-        return self._json("GET", f"/jobs/{_id(job_id)}/artifacts")
+        return self._json("GET", f"/jobs/{_id(job_id)}/artifacts", expect=list)
 
     def download_artifact(self, job_id: str, kind: str, out_dir: Path,
                           on_start: Callable[[int, int], None] | None = None,
@@ -352,22 +357,33 @@ class ApiClient:
 
     # --- usage
     def list_models(self) -> list[dict]:
-        return self._json("GET", "/models")
+        return self._json("GET", "/models", expect=list)
 
     def usage(self, from_: str | None = None, to: str | None = None, all_teams: bool = False) -> dict:
         params = {k: v for k, v in (("from", from_), ("to", to)) if v} | ({"all_teams": "true"} if all_teams else {})
-        return self._json("GET", "/usage", params=params)
+        return self._json("GET", "/usage", params=params, expect=dict)
 
     # --- plumbing
-    def _json(self, method: str, path: str, **kwargs) -> Any:
+    def _json(self, method: str, path: str, *, expect: type | None = None, **kwargs) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from None
         _raise_for_error(response)
-        return _decoded(response) if response.content else None
+        if not response.content and expect is not None:
+            raise UnexpectedAnswer(self.last_answered, "it is empty")
+        return _decoded(response, expect) if response.content else None
 
-    def _poll(self, path: str, params: dict | None = None) -> Any:
+    def _page(self, path: str, params: dict) -> list[dict]:
+        """A list endpoint's first page: its {"data": [...]}."""
+        page = self._json("GET", path, params=params, expect=dict)
+        if "data" not in page:
+            raise UnexpectedAnswer(self.last_answered, 'the field "data" is missing')
+        if not isinstance(page["data"], list):
+            raise UnexpectedAnswer(self.last_answered, f'its "data" is {_json_type(page["data"])}, not an array')
+        return page["data"]
+
+    def _poll(self, path: str, params: dict | None = None, expect: type | None = None) -> Any:
         """GET a polled read, sending the ETag of the last answer to the same URL: on 304 that answer
         is still current. Keeps the last few URLs only (a curve's URL moves on with after_step)."""
         url = str(self._http.build_request("GET", path, params=params).url)
@@ -380,7 +396,7 @@ class ApiClient:
             self._polled.move_to_end(url)
             return copy.deepcopy(seen[1])  # the caller may change what it gets
         _raise_for_error(response)
-        body = _decoded(response)
+        body = _decoded(response, expect)
         if etag := response.headers.get("etag"):
             self._polled[url] = (etag, copy.deepcopy(body))
             self._polled.move_to_end(url)
@@ -401,8 +417,13 @@ class ApiClient:
 
 
 def _unreachable(url: str, exc: Exception) -> ClientError:
-    return ClientError(f"cannot reach the API at {url}: {exc or type(exc).__name__}; is the server running, "
-                       "and is QLORA_URL (or --url) right?")
+    reason = str(exc).rstrip(".") or type(exc).__name__  # httpx's "Server disconnected ... response." ends in one
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ClientError(f"cannot reach the API at {url}: {reason}; is the server running, "
+                           "and is QLORA_URL (or --url) right?")
+    # It was reached: saying otherwise would send the user to check a URL that is right.
+    return ClientError(f"the connection to the API at {url} broke off, or its answer did not come in time: {reason}; "
+                       "try again")
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -419,15 +440,35 @@ def _raise_for_error(response: httpx.Response) -> None:
                           status=response.status_code) from None
 
 
-def _decoded(response: httpx.Response) -> Any:
-    """A success's JSON body; ClientError where it is none, as from a server that is not this API."""
+def _decoded(response: httpx.Response, expect: type | None = None) -> Any:
+    """A success's JSON body; ClientError where it is none, as from a server that is not this API, and
+    UnexpectedAnswer where it is not the `expect`ed dict (a JSON object) or list (an array)."""
     try:
         if "json" in response.headers.get("content-type", ""):
-            return response.json()
+            body = response.json()
+            if expect is not None and not isinstance(body, expect):
+                raise UnexpectedAnswer(f"{response.request.method} {response.request.url.copy_with(query=None)}",
+                                       f"it is {_json_type(body)}, not {_json_type(expect())}")
+            return body
     except ValueError:
         pass
     raise ClientError(f"{_not_the_api(response)} ({response.headers.get('content-type') or 'no content type'})",
                       status=response.status_code)
+
+
+class UnexpectedAnswer(ClientError):
+    """JSON from the API that is not what this client reads: another server, or another version of the API."""
+
+    def __init__(self, request: str | None, what: str):
+        super().__init__(f"the answer to {request or 'a request'} is not what this CLI expects ({what}): is the "
+                         "server at QLORA_URL (or --url) the qlora-service API, of this CLI's version?")
+
+
+def _json_type(value: Any) -> str:
+    """How JSON calls a decoded value's type: "an object", "an array", "a string", "null"..."""
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
 
 
 def _not_the_api(response: httpx.Response) -> str:

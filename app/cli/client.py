@@ -11,14 +11,17 @@ progress always go to stderr as text, and a refused request exits 1.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Column, Table
 
 from app.cli.render import (
+    Commands,
     JsonOption,
     err,
     event_line,
@@ -50,8 +53,60 @@ from app.cli.render import (
 UrlOption = Annotated[Optional[str], typer.Option("--url", help="API URL; else QLORA_URL, else $QLORA_HOME/credentials.json.")]
 KeyOption = Annotated[Optional[str], typer.Option("--api-key", help="API key; else QLORA_API_KEY, else $QLORA_HOME/credentials.json.")]
 
-datasets_commands = typer.Typer(help="Check, upload, list and delete datasets (JSONL).", no_args_is_help=True)
-jobs_commands = typer.Typer(help="Create, watch, cancel and download fine-tuning jobs.", no_args_is_help=True)
+class _ClientCommands(Commands):
+    """The verbs that talk to the API: each runs through `_guarded`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:  # type: ignore[override]
+        register = super().command(*args, **kwargs)
+
+        def decorator(command: Callable) -> Callable:
+            register(_guarded(command))
+            return command
+
+        return decorator
+
+
+datasets_commands = _ClientCommands(help="Check, upload, list and delete datasets (JSONL).", no_args_is_help=True)
+jobs_commands = _ClientCommands(help="Create, watch, cancel and download fine-tuning jobs.", no_args_is_help=True)
+
+API = "qlora.api"  # ctx.meta: the command's ApiClient, once `_api` made it
+INTERRUPTED = "qlora.interrupted"  # ctx.meta: what Ctrl-C leaves behind, for a command that changes something
+SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+def _guarded(command: Callable) -> Callable:
+    """Every client verb runs inside this, so that two things end the same way whichever verb meets them:
+
+    - Ctrl-C prints one line on stderr, what `_on_interrupt` set (for a verb that changes something) or
+      "nothing was changed", and exits 130, as the shell's own SIGINT status says.
+    - JSON from the API of another shape than this CLI reads ({"items": 5}, an array where an object
+      belongs, a field missing) says so, naming the request it answered, and exits 1: not a KeyError's
+      traceback from deep in a table. Only once the API has answered: before that, such an error is ours.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from app.cli.api_client import UnexpectedAnswer
+
+        ctx = kwargs.get("ctx")  # every verb that calls the API takes it so (`datasets check` calls none)
+        meta = ctx.meta if ctx is not None else {}
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted(meta.get(INTERRUPTED, "interrupted; nothing was changed"))
+        except SHAPE_ERRORS as exc:
+            api = meta.get(API)
+            if api is None or api.last_answered is None:
+                raise
+            what = f'a field "{exc.args[0]}" is missing' if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            _fail(UnexpectedAnswer(api.last_answered, what[:200]).message)
+
+    return run
+
+
+def _on_interrupt(ctx: typer.Context, line: str) -> None:
+    """What `_guarded` says on Ctrl-C from here on: what became of a request that changes something."""
+    ctx.meta[INTERRUPTED] = line
 
 
 @datasets_commands.callback()
@@ -68,10 +123,23 @@ def _fail(message: str, details=None, code: int = 1):
     from rich.text import Text
 
     # Text, not markup: messages quote user data ("[...]" in a filename must print as-is).
-    err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
-    for line in _detail_lines(details):
+    headline, lines = _error_lines(message, details)
+    err.print(Text(f"error: {headline}", style="red"), soft_wrap=True)
+    for line in lines:
         err.print(Text(f"  {line}", style="red"), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _error_lines(message: str, details) -> tuple[str, list[str]]:
+    """An API error as a headline and one line per detail, each said once. The API writes the details
+    into its message too ("invalid job: lora.r: ...; training.max_steps: ..."), for a client that shows
+    the message alone: several of them fold out of the headline into their own lines, one stays in it,
+    and a detail the message does not hold gets a line of its own."""
+    lines = _detail_lines(details)
+    joined = "; ".join(lines)
+    if len(lines) > 1 and message.endswith(joined) and message[:-len(joined)].strip():
+        return message[:-len(joined)].rstrip(), lines
+    return message, [line for line in lines if line not in message]
 
 
 def _interrupted(message: str):
@@ -111,6 +179,7 @@ def _api(ctx: typer.Context):
         try:
             with ApiClient.from_sources(**(ctx.obj or {}), warn=lambda message: err.print(
                     Text(message, style="yellow"), soft_wrap=True)) as api:
+                ctx.meta[API] = api
                 yield api
         except ClientError as exc:
             _fail(exc.message, exc.details)
@@ -186,7 +255,10 @@ def datasets_upload(ctx: typer.Context, file: JsonlFile,
         with _api(ctx) as api:
             progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
             with progress:
-                record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n))
+                # A try sent again starts the bar over: reset, not advanced backwards, which would leave the
+                # first try's bytes in the speed (negative) or its finished speed on the bar.
+                record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n),
+                                            on_restart=lambda: progress.reset(task))
     except KeyboardInterrupt:
         # The server records a dataset only once the whole file has arrived: a broken-off upload leaves none.
         _interrupted(f"upload stopped; nothing was recorded (`qlora datasets upload {file}` to upload it again)")
@@ -228,6 +300,8 @@ def datasets_show(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(
 def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")],
                     as_json: JsonOption = None) -> None:
     """Delete a dataset (refused while a queued or running job uses it). On a pipe: {"id", "deleted": true}."""
+    _on_interrupt(ctx, f"interrupted; dataset {dataset_id} may or may not have been deleted "
+                       f"(`qlora datasets show {dataset_id}` tells; the same command again is safe)")
     with _api(ctx) as api:
         api.delete_dataset(dataset_id)
     show({"id": dataset_id, "deleted": True}, lambda: out.print(f"dataset {dataset_id} deleted"), as_json)
@@ -238,6 +312,15 @@ def datasets_delete(ctx: typer.Context, dataset_id: Annotated[str, typer.Argumen
 JobId = Annotated[str, typer.Argument(metavar="ID", help="Job id.")]
 InitialJobOption = Annotated[Optional[str], typer.Option(
     "--initial-job", metavar="ID", help="Start from this succeeded job's adapter (SFT, then DPO from it).")]
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    from app.cli.api_client import API_KEY
+
+    # As the API takes it: 1-255 visible ASCII characters (a non-ASCII one would not even make a header).
+    if value is not None and not (len(value) <= 255 and API_KEY.fullmatch(value)):
+        raise typer.BadParameter("1 to 255 visible ASCII characters, no spaces (a UUID does)")
+    return value
 
 
 @jobs_commands.command("create")
@@ -251,16 +334,26 @@ def jobs_create(
     priority: Annotated[Optional[str], typer.Option(
         "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
     initial_job: InitialJobOption = None,
+    idempotency_key: Annotated[Optional[str], typer.Option(
+        "--idempotency-key", metavar="KEY", callback=_idempotency_key,
+        help="Send the creation with this Idempotency-Key (default: a new one): the same key with the same request "
+             "within 24 hours is answered with the job it made, never a second one.")] = None,
     as_json: JsonOption = None,
 ) -> None:
     """Queue a fine-tuning job: the spec file plus the dataset ids. A spec with "method": {"type": "dpo"}
     trains on a preference dataset, usually from an SFT job's adapter (--initial-job).
 
     On a pipe: the job as the API answers it ("id", "status", ...)."""
+    import uuid
+
     body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, name=name, gpu_class=gpu_class,
                      priority=priority, initial_job_id=initial_job)
+    key = idempotency_key or str(uuid.uuid4())
+    # The same command again would send a new key, and may make a second job; this key makes the retry safe.
+    _on_interrupt(ctx, f"interrupted; the job may or may not have been created (`qlora jobs list` shows it if it was): "
+                       f"to send it again safely, add --idempotency-key {key} (the server makes one job per key within 24 hours)")
     with _api(ctx) as api:
-        job = api.create_job(body)
+        job = api.create_job(body, idempotency_key=key)
     show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
     err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
 
@@ -357,6 +450,8 @@ def jobs_report(
 def jobs_cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
     """Cancel a job: a queued one at once, a running one after its current step. On a pipe: the job, as
     the API answers it."""
+    _on_interrupt(ctx, f"interrupted; job {job_id} may or may not have been cancelled "
+                       f"(`qlora jobs show {job_id}` tells; the same command again is safe)")
     with _api(ctx) as api:
         job = api.cancel_job(job_id)
     show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
@@ -368,6 +463,8 @@ def jobs_delete_checkpoints(ctx: typer.Context, job_id: JobId, as_json: JsonOpti
     curve and its artifacts stay). On a pipe: {"job_id", "deleted" (how many), "bytes" (freed)}."""
     from app.text import format_bytes
 
+    _on_interrupt(ctx, f"interrupted; job {job_id}'s checkpoints may or may not have been deleted "
+                       "(the same command again is safe)")
     with _api(ctx) as api:
         freed = api.delete_checkpoints(job_id)
     show(freed, lambda: out.print(f"job {job_id}: {freed['deleted']} checkpoints deleted, "
@@ -385,6 +482,8 @@ def jobs_delete_artifact(
     the team's storage_gib. On a pipe: {"job_id", "kind", "deleted": true, "bytes" (freed)}."""
     from app.text import format_bytes
 
+    _on_interrupt(ctx, f"interrupted; job {job_id}'s {kind} may or may not have been deleted "
+                       "(the same command again is safe)")
     with _api(ctx) as api:
         freed = api.delete_artifact(job_id, kind)
     show(freed, lambda: out.print(f"job {job_id}: {kind} deleted, {format_bytes(freed['bytes'])} freed",
@@ -641,7 +740,7 @@ def jobs_download(
 
 # ---------------------------------------------------------------- usage
 
-usage_commands = typer.Typer()
+usage_commands = _ClientCommands()
 
 
 @usage_commands.command("usage")

@@ -15,9 +15,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import JsonOption, err, out, print_run_summary, show
+from app.cli.render import Commands, JsonOption, err, out, print_run_summary, show
 
-commands = typer.Typer()
+commands = Commands()
 
 
 @commands.command()

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.markup import escape
 
-from app.cli.render import err, out
+from app.cli.render import Commands, err, out
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-commands = typer.Typer()
+commands = Commands()
 
 # What each API process gives open requests (dashboard streams, say) when told to stop, before it
 # closes them: a restart must not wait until the jobs they watch end.

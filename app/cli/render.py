@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Column, Table
+from typer.core import TyperCommand
 
 err = Console(stderr=True)
 out = Console()
@@ -29,7 +30,30 @@ out = Console()
 # ---------------------------------------------------------------- people or machines
 
 JsonOption = Annotated[Optional[bool], typer.Option(
-    "--json/--table", help="The result as JSON, or as text and tables; by default text on a terminal, JSON on a pipe.")]
+    "--json/--table", help="The result as JSON, or as text and tables; by default text on a terminal, JSON on a pipe. "
+                           "Not both.")]
+
+
+class OutputCommand(TyperCommand):
+    """A command that refuses --json with --table. click lets the last of a flag pair win silently, which
+    suits an on/off switch (`--check ... --no-check`), not two formats: `qlora jobs list --json --table`
+    is a mistake to name (a usage error, exit 2), not a choice to guess."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = {arg for arg in itertools.takewhile(lambda arg: arg != "--", args) if arg in ("--json", "--table")}
+        if len(given) > 1:
+            raise typer.BadParameter("cannot be used together: --json for JSON, --table for text and tables, neither "
+                                     "for text on a terminal and JSON on a pipe", ctx=ctx, param_hint="'--json' / '--table'")
+        return super().parse_args(ctx, args)
+
+
+class Commands(typer.Typer):
+    """typer.Typer whose commands are OutputCommands: every `qlora` verb takes JsonOption the same way."""
+
+    # typer.Typer.command spells out click's keywords; this passes them all on, cls defaulted.
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:  # type: ignore[override]
+        kwargs.setdefault("cls", OutputCommand)
+        return super().command(*args, **kwargs)
 
 
 def wants_json(as_json: bool | None) -> bool:

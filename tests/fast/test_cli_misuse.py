@@ -134,3 +134,203 @@ def test_output_to_a_full_disk_says_so(env, tmp_path):
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip() == "error: cannot write the output: No space left on device"
+
+
+class StandIn:
+    """A stand-in for the API on loopback, answering every request with `status` and `body` (JSON), or
+    holding it unanswered (`hold`: a server that takes its time, while the user presses Ctrl-C). Records
+    each request's method, path and headers; `asked` is set once one has arrived."""
+
+    def __init__(self, body: object = None, status: int = 200, hold: bool = False):
+        import http.server
+        import threading
+
+        self.body, self.status, self.hold = body, status, hold
+        self.requests: list[tuple[str, str, dict]] = []
+        self.asked, self._released = threading.Event(), threading.Event()
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                stand_in.requests.append((self.command, self.path, dict(self.headers)))
+                stand_in.asked.set()
+                if stand_in.hold:
+                    stand_in._released.wait(60)
+                    return
+                data = json.dumps(stand_in.body).encode()
+                self.send_response(stand_in.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def stand_in():
+    servers: list[StandIn] = []
+
+    def start(*args, **kwargs) -> StandIn:
+        servers.append(StandIn(*args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+ZEROS = "0" * 32
+
+
+@pytest.mark.parametrize("body, args, what", [
+    ({"items": 5}, ("jobs", "list"), 'the field "data" is missing'),  # was KeyError: 'data'
+    ({"items": 5}, ("datasets", "list", "--json"), 'the field "data" is missing'),
+    ({"data": 5}, ("jobs", "list"), 'its "data" is a number, not an array'),  # was TypeError
+    ([1, 2], ("jobs", "show", ZEROS, "--json"), "it is an array, not an object"),  # was TypeError: list indices must be integers
+    ([1, 2], ("datasets", "show", ZEROS), "it is an array, not an object"),
+    ({"id": "x"}, ("jobs", "show", ZEROS, "--table"), 'a field "progress" is missing'),  # was KeyError in the table
+    ({"id": "x", "filename": "f"}, ("datasets", "show", ZEROS, "--table"), 'a field "status" is missing'),
+    ({"data": [{"id": "x"}]}, ("jobs", "list", "--table"), 'a field "name" is missing'),
+    ({"data": [[1]]}, ("datasets", "list", "--table"), "TypeError: list indices must be integers"),
+])
+def test_an_answer_of_another_shape_is_named_not_a_traceback(env, stand_in, body, args, what):
+    """JSON from the server that this CLI cannot read (another server, another version of the API) ended in a
+    KeyError or TypeError traceback from wherever the command first read it, list or table."""
+    server = stand_in(body)
+    path = "/" + "/".join(arg for arg in args[:3] if arg not in ("list", "show") and not arg.startswith("--"))
+    done = qlora(env | {"QLORA_URL": server.url}, *args)
+    refused(done, f"error: the answer to GET {server.url}{path} is not what this CLI expects ({what}")
+    assert "is the server at QLORA_URL (or --url) the qlora-service API, of this CLI's version?" in done.stderr
+
+
+def test_json_and_table_together_is_a_usage_error(env):
+    """`--json --table` printed the table, `--table --json` the JSON: the last flag won, silently."""
+    for flags in (("--json", "--table"), ("--table", "--json")):
+        refused(qlora(env, "jobs", "list", *flags), "'--json' / '--table': cannot be used together", code=2)
+        refused(qlora(env, "datasets", "check", "/dev/null", *flags), "cannot be used together", code=2)
+    # Once each is fine, and the same flag twice is no contradiction.
+    assert "cannot be used together" not in qlora(env, "jobs", "list", "--json", "--json").stderr
+
+
+INVALID_JOB = {"error": {"code": "invalid_job", "message": "invalid job: training.learning_rate: Input should be "
+                         "greater than 0 (got -1; allowed: > 0 and <= 1)",
+                         "details": [{"field": "training.learning_rate",
+                                      "message": "Input should be greater than 0 (got -1; allowed: > 0 and <= 1)"}]}}
+TWO_FIELDS = [("lora.r", "Input should be greater than or equal to 1 (got 0; allowed: >= 1 and <= 1024)"),
+              ("training.max_steps", "Input should be greater than or equal to 1 (got -3; allowed: >= 1 and <= 10000000)")]
+INVALID_FIELDS = {"error": {"code": "invalid_job", "message": "invalid job: " + "; ".join(f"{f}: {m}" for f, m in TWO_FIELDS),
+                            "details": [{"field": f, "message": m} for f, m in TWO_FIELDS]}}
+
+
+def test_a_refused_job_says_each_field_once(env, stand_in, tmp_path):
+    """The API writes its details into the message too (POST /jobs's 422, as the API answers it): the one
+    line of a refusal printed its one detail twice, and a refusal of several fields each twice."""
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    one = qlora(env | {"QLORA_URL": stand_in(INVALID_JOB, status=422).url}, "jobs", "create", str(spec), "--dataset", "d")
+    refused(one, "error: invalid job: training.learning_rate: Input should be greater than 0")
+    assert one.stderr.count("training.learning_rate") == 1 and len(one.stderr.splitlines()) == 1, one.stderr
+    several = qlora(env | {"QLORA_URL": stand_in(INVALID_FIELDS, status=422).url}, "jobs", "create", str(spec),
+                    "--dataset", "d")
+    refused(several, "error: invalid job:\n")
+    for field, message in TWO_FIELDS:
+        assert several.stderr.count(field) == 1 and f"\n  {field}: {message}\n" in several.stderr, several.stderr
+
+
+def interrupted(env: dict, server: StandIn, *args: str) -> subprocess.CompletedProcess:
+    """The command, sent Ctrl-C (SIGINT) once its request reached the server, which holds it unanswered."""
+    import signal
+
+    command = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env | {"QLORA_URL": server.url},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert server.asked.wait(30), command.kill() or command.communicate()
+    command.send_signal(signal.SIGINT)
+    stdout, stderr = command.communicate(timeout=30)
+    return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("args", [("jobs", "list"), ("jobs", "show", "0" * 32), ("datasets", "list"),
+                                  ("datasets", "show", "0" * 32), ("jobs", "report", "0" * 32)])
+def test_ctrl_c_while_reading_says_so(env, stand_in, args):
+    """Ctrl-C exited 130 without a word."""
+    done = interrupted(env, stand_in(hold=True), *args)
+    refused(done, "interrupted; nothing was changed", code=130)
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_ctrl_c_during_a_creation_says_how_to_check_and_how_to_send_it_again_safely(env, stand_in, tmp_path):
+    """Ctrl-C while POST /jobs was unanswered exited 130 without a word: the job may or may not exist, and
+    the same command again sends a new Idempotency-Key, so it may make a second one."""
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    server = stand_in(hold=True)
+    done = interrupted(env, server, "jobs", "create", str(spec), "--dataset", "d")
+    refused(done, "interrupted; the job may or may not have been created (`qlora jobs list` shows it if it was)", code=130)
+    [(method, path, headers)] = server.requests
+    assert (method, path) == ("POST", "/jobs")
+    assert f"add --idempotency-key {headers['Idempotency-Key']} " in done.stderr  # the key that request carried
+
+    again = stand_in({"id": "j", "status": "queued"}, status=201)
+    sent = qlora(env | {"QLORA_URL": again.url}, "jobs", "create", str(spec), "--dataset", "d",
+                 "--idempotency-key", headers["Idempotency-Key"])
+    assert sent.returncode == 0, sent.stderr
+    assert again.requests[0][2]["Idempotency-Key"] == headers["Idempotency-Key"]
+    refused(qlora(env, "jobs", "create", str(spec), "--dataset", "d", "--idempotency-key", "a key"),
+            "1 to 255 visible ASCII characters", code=2)
+
+
+def test_an_upload_that_breaks_off_leaves_the_bar_where_it_was(env, tmp_path):
+    """A dropped connection mid-upload moved the bar back to 0 with a negative speed ("-245,754,566 bytes/s"):
+    the client took the bytes sent back off the bar before deciding not to send the file again."""
+    import re
+    import socket
+    import struct
+    import threading
+
+    data = tmp_path / "big.jsonl"
+    # 16 MB: more than loopback's socket buffers hold, so the upload is still sending when the link drops (a
+    # file that fits in them counts as sent whole, and is sent again).
+    data.write_text((json.dumps(ROW) + "\n") * 135_000)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cut_off() -> None:  # read 2.5 MiB of each upload (the first two 1 MiB chunks whole), then reset the connection
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            got = 0
+            while got < 5 << 19 and (chunk := connection.recv(65536)):
+                got += len(chunk)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    threading.Thread(target=cut_off, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:  # FORCE_COLOR: rich draws the bar as on a terminal
+        done = qlora(env | {"QLORA_URL": url, "FORCE_COLOR": "1"}, "datasets", "upload", str(data), "--no-check", "--json")
+    finally:
+        listener.close()
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stderr)
+    assert not re.search(r"-[\d,.]+ \S*/s", frames), frames  # no negative speed
+    last = re.findall(r"([\d.]+)/([\d.]+) MB", frames)[-1]  # the frame drawn as the bar stopped
+    assert float(last[0]) > 0, frames  # the bar stays where the upload stopped
+    # It was reached: "cannot reach the API ...: Server disconnected without sending a response.; is the server running"
+    assert f"error: the connection to the API at {url} broke off" in done.stderr and ".;" not in done.stderr

@@ -298,13 +298,16 @@ def test_the_cli_client_sends_an_upload_again_when_its_answer_is_lost_and_one_da
     key = team_a.headers["Authorization"].split()[1]
     served, proxy_url, stop = lossy_proxy(deployment.url)
     moved: list[int] = []
+    restarts: list[int] = []
     try:
         datasets_before = stored_state(deployment)[0]
         with ApiClient(proxy_url, key) as api:
-            dataset = api.upload_dataset(path, on_progress=moved.append, backoff_s=0.05)
+            dataset = api.upload_dataset(path, on_progress=moved.append, backoff_s=0.05,
+                                         on_restart=lambda: restarts.append(sum(moved)) or moved.clear())
         assert served["connections"] == 2  # the answer was lost once, and the file sent again
         assert stored_state(deployment)[0] == datasets_before + 1
         assert dataset["rows"] == 5 and dataset["status"] == "ready"
-        assert sum(moved) == path.stat().st_size  # the bar started over for the second try
+        # The bar started over for the second try, told so rather than moved backwards (a negative speed).
+        assert restarts == [path.stat().st_size] and sum(moved) == path.stat().st_size
     finally:
         stop()
