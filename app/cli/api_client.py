@@ -176,12 +176,13 @@ class ApiClient:
 
     # --- datasets
     def upload_dataset(self, path: Path, on_progress: Progress | None = None, *, tries: int = CREATE_TRIES,
-                       backoff_s: float = 1.0, on_restart: Callable[[], None] | None = None) -> dict:
+                       backoff_s: float = 1.0, on_restart: Callable[[], None] | None = None,
+                       on_sent: Callable[[], None] | None = None) -> dict:
         """POST /datasets, streamed, with an Idempotency-Key: sent again (`on_restart` hears it before the
         file is read from its start again) when the connection could not be made, or the whole file went
         and its answer was lost; not when the upload broke off halfway (a refusal, or a link that broke:
         sending gigabytes again is the user's call). A repeat is answered with the dataset the first try
-        recorded."""
+        recorded. `on_sent` hears when the whole file has gone: from then on the server may record it."""
         state = {"tries": 0, "whole": False}
 
         def send(headers: dict[str, str]) -> httpx.Response:
@@ -193,6 +194,8 @@ class ApiClient:
             def body() -> Iterator[bytes]:
                 yield from chunks
                 state["whole"] = True
+                if on_sent:
+                    on_sent()
 
             # No read timeout while the body is sent: the server validates as it stores, and a slow
             # link must not abort a 2 GiB upload halfway.

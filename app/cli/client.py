@@ -251,17 +251,18 @@ def datasets_upload(ctx: typer.Context, file: JsonlFile,
     On a pipe: the dataset as the API recorded it ("id", "status", ...). Exits 1 unless it is ready."""
     if check and not _check_file(file).ok:
         _fail("nothing uploaded: fix the lines above (or pass --no-check to have the server record it as invalid)")
-    try:
-        with _api(ctx) as api:
-            progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
-            with progress:
-                # A try sent again starts the bar over: reset, not advanced backwards, which would leave the
-                # first try's bytes in the speed (negative) or its finished speed on the bar.
-                record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n),
-                                            on_restart=lambda: progress.reset(task))
-    except KeyboardInterrupt:
-        # The server records a dataset only once the whole file has arrived: a broken-off upload leaves none.
-        _interrupted(f"upload stopped; nothing was recorded (`qlora datasets upload {file}` to upload it again)")
+    # The server records a dataset only once the whole file has arrived: a broken-off upload leaves none.
+    _on_interrupt(ctx, f"upload stopped; nothing was recorded (`qlora datasets upload {file}` to upload it again)")
+    # Once it has all gone, Ctrl-C may come while the server is storing it: then it may be there.
+    sent_whole = functools.partial(_on_interrupt, ctx, "upload stopped after the whole file was sent; the server "
+                                   "may have recorded it (`qlora datasets list` shows it)")
+    with _api(ctx) as api:
+        progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
+        with progress:
+            # A try sent again starts the bar over: reset, not advanced backwards, which would leave the
+            # first try's bytes in the speed (negative) or its finished speed on the bar.
+            record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n),
+                                        on_restart=lambda: progress.reset(task), on_sent=sent_whole)
     show(record, lambda: print_dataset(record), as_json)
     print_dataset_errors(record)
     if record["status"] != "ready":

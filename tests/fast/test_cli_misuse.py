@@ -295,6 +295,18 @@ def test_ctrl_c_during_a_creation_says_how_to_check_and_how_to_send_it_again_saf
             "1 to 255 visible ASCII characters", code=2)
 
 
+def test_ctrl_c_after_an_upload_went_whole_does_not_say_nothing_was_recorded(env, stand_in, tmp_path):
+    """Ctrl-C while the server held the whole file (storing it, committing) said "nothing was recorded",
+    which the server may well have done by then."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(ROW) + "\n")
+    server = stand_in(hold=True)  # reads the whole body, then answers nothing
+    done = interrupted(env, server, "datasets", "upload", str(data))
+    refused(done, "upload stopped after the whole file was sent; the server may have recorded it "
+                  "(`qlora datasets list` shows it)", code=130)
+    assert "nothing was recorded" not in done.stderr
+
+
 def test_an_upload_that_breaks_off_leaves_the_bar_where_it_was(env, tmp_path):
     """A dropped connection mid-upload moved the bar back to 0 with a negative speed ("-245,754,566 bytes/s"):
     the client took the bytes sent back off the bar before deciding not to send the file again."""
