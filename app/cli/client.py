@@ -601,7 +601,7 @@ class _JobWatcher:
     def poll(self) -> None:
         import time
 
-        from app.cli.api_client import ClientError
+        from app.cli.api_client import ClientError, UnexpectedAnswer
 
         try:
             self.job = self.api.get_job(self.job_id)
@@ -621,7 +621,8 @@ class _JobWatcher:
                 self._last_event_id = self._events[-1]["id"]
             self.unreachable_since = None
         except ClientError as exc:
-            transient = exc.status is None or exc.status >= 500
+            # Not an answer of another shape: asking again for 5 minutes would get the same one.
+            transient = not isinstance(exc, UnexpectedAnswer) and (exc.status is None or exc.status >= 500)
             if not self.job or not transient:
                 raise
             self.unreachable_since = self.unreachable_since or time.monotonic()

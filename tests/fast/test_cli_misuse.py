@@ -141,11 +141,11 @@ class StandIn:
     holding it unanswered (`hold`: a server that takes its time, while the user presses Ctrl-C). Records
     each request's method, path and headers; `asked` is set once one has arrived."""
 
-    def __init__(self, body: object = None, status: int = 200, hold: bool = False):
+    def __init__(self, body: object = None, status: int = 200, hold: bool = False, later: object = None):
         import http.server
         import threading
 
-        self.body, self.status, self.hold = body, status, hold
+        self.body, self.status, self.hold, self.later = body, status, hold, later  # later: every answer after the first
         self.requests: list[tuple[str, str, dict]] = []
         self.asked, self._released = threading.Event(), threading.Event()
         stand_in = self
@@ -158,7 +158,8 @@ class StandIn:
                 if stand_in.hold:
                     stand_in._released.wait(60)
                     return
-                data = json.dumps(stand_in.body).encode()
+                later = stand_in.later is not None and len(stand_in.requests) > 1
+                data = json.dumps(stand_in.later if later else stand_in.body).encode()
                 self.send_response(stand_in.status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -216,6 +217,18 @@ def test_an_answer_of_another_shape_is_named_not_a_traceback(env, stand_in, body
     done = qlora(env | {"QLORA_URL": server.url}, *args)
     refused(done, f"error: the answer to GET {server.url}{path} is not what this CLI expects ({what}")
     assert "is the server at QLORA_URL (or --url) the qlora-service API, of this CLI's version?" in done.stderr
+
+
+def test_watch_stops_at_an_answer_of_another_shape(env, stand_in):
+    """`jobs watch` took an answer of another shape, after a good first one, for the API not answering, and
+    asked again for 5 minutes ("the API is not answering; retrying")."""
+    job = {"id": ZEROS, "name": "j", "status": "running", "step": 1, "total_steps": 10, "attempt": 1,
+           "progress": {"step": 1, "total_steps": 10, "fraction": 0.1}, "error": None}
+    server = stand_in(job, later=[1, 2])  # the job, then an array for its curve
+    done = qlora(env | {"QLORA_URL": server.url}, "jobs", "watch", ZEROS, "--interval", "0.2", "--json", timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: the answer to GET {server.url}/jobs/{ZEROS}/metrics is not what this CLI expects (it is an array, " \
+           "not an object)" in done.stderr, done.stderr
 
 
 def test_json_and_table_together_is_a_usage_error(env):
