@@ -260,8 +260,9 @@ class ApiClient:
     def get_job(self, job_id: str) -> dict:
         return self._poll(f"/jobs/{_id(job_id)}", expect=dict)
 
-    def cancel_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/jobs/{_id(job_id)}/cancel", expect=dict)
+    def job_request(self, job_id: str, verb: str) -> dict:
+        """POST /jobs/{id}/cancel, /pause or /resume: the job as it is after the request."""
+        return self._json("POST", f"/jobs/{_id(job_id)}/{verb}", expect=dict)
 
     def delete_checkpoints(self, job_id: str) -> dict:
         return self._json("DELETE", f"/jobs/{_id(job_id)}/checkpoints", expect=dict)

@@ -449,12 +449,33 @@ def jobs_report(
 
 @jobs_commands.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
-    """Cancel a job: a queued one at once, a running one after its current step. On a pipe: the job, as
-    the API answers it."""
-    _on_interrupt(ctx, f"interrupted; job {job_id} may or may not have been cancelled "
+    """Cancel a job: a queued or paused one at once, a running one after its current step. On a pipe: the
+    job, as the API answers it."""
+    _request(ctx, job_id, "cancel", as_json)
+
+
+@jobs_commands.command("pause")
+def jobs_pause(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
+    """Pause a running job: it saves a checkpoint after its current step and stops, freeing its GPU
+    (pausing, then paused). On a pipe: the job, as the API answers it."""
+    _request(ctx, job_id, "pause", as_json)
+
+
+@jobs_commands.command("resume")
+def jobs_resume(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> None:
+    """Queue a paused job again (one you paused, or one the service paused after its attempts kept ending on
+    a full disk or an outage); it continues from its newest checkpoint. On a pipe: the job, as the API
+    answers it."""
+    _request(ctx, job_id, "resume", as_json)
+
+
+def _request(ctx: typer.Context, job_id: str, verb: str, as_json: bool | None) -> None:
+    """POST /jobs/{id}/{verb}: safe to send again (a request already in effect answers the job as it is)."""
+    done = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}[verb]
+    _on_interrupt(ctx, f"interrupted; job {job_id} may or may not have been {done} "
                        f"(`qlora jobs show {job_id}` tells; the same command again is safe)")
     with _api(ctx) as api:
-        job = api.cancel_job(job_id)
+        job = api.job_request(job_id, verb)
     show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
 
 

@@ -146,6 +146,12 @@ def test_delete_and_cancel_answer_json_on_a_pipe(cli_env, demo_data, uploaded, t
 
     (tmp_path / "spec.json").write_text(json.dumps({**demo_spec("tiny"), "gpu_class": "nobody-listens"}))
     created = json.loads(qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", uploaded["id"]).stdout)
+    # Pause and resume are the same request: a queued job is where resume leads (answered as it is),
+    # and cannot be paused (the API's 409, on stderr).
+    resumed = qlora(cli_env, "jobs", "resume", created["id"], "--table")
+    assert resumed.returncode == 0 and resumed.stdout == f"job {created['id']} queued\n", resumed.stderr
+    paused = qlora(cli_env, "jobs", "pause", created["id"])
+    assert paused.returncode == 1 and f"cannot pause job {created['id']}: it is queued" in paused.stderr, paused.stderr
     cancelled = qlora(cli_env, "jobs", "cancel", created["id"])
     assert cancelled.returncode == 0, cancelled.stderr
     assert json.loads(cancelled.stdout)["id"] == created["id"] and json.loads(cancelled.stdout)["status"] == "cancelled"

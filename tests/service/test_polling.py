@@ -64,7 +64,7 @@ def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
         events, events_again = api.job_events(job["id"]), api.job_events(job["id"])
         assert statuses == [200, 304, 200, 304, 200, 304] and events_again == events
         assert again == first and again is not first and curve_again == curve
-        api.cancel_job(job["id"])
+        api.job_request(job["id"], "cancel")
         assert api.get_job(job["id"])["status"] == "cancelled" and statuses[-1] == 200
 
 
