@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
+from tests.training.test_recipe import pause_after
 from worker.training.data import Example, Message, read_jsonl
 from worker.training.estimate import estimate_peak_memory
 from worker.training.model import load_base_model
@@ -207,10 +208,9 @@ def test_pause_and_resume_reproduce_the_uninterrupted_run(dpo_run, task, tiny_mo
     spec = dpo_spec(tiny_model_dir)
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": False}),
                                    "eval": spec.eval.model_copy(update={"prompts": 0})})  # training is the same
-    asked = []
     out = tmp_path / "run"
     paused = run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=task["start"],
-                 pause=lambda: asked.append(True) or len(asked) >= 5)
+                 pause=pause_after(5))
     # Paused on a logging step: a logged point averages the steps since the last log, and a resumed run's
     # first log can only average those after its checkpoint.
     assert paused.status == "paused" and (out / "checkpoints" / "step-5" / "COMPLETE").exists()

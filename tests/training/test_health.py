@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from tests.training.test_recipe import pause_after
 from worker.training.callbacks import BEST_ADAPTER_FILE
 from worker.training.data import read_jsonl
 from worker.training.health import (
@@ -272,10 +273,9 @@ def test_a_paused_run_resumes_knowing_its_best_adapter_and_its_warnings(overfit_
     [memorising], [overfitting] = warnings_of(straight_events, "memorising"), warnings_of(straight_events, "overfitting")
     pause_at = memorising.step
     assert best_step < pause_at < overfitting.step  # what this test is about
-    asked = []
     spec = overfit_spec(tiny_model_dir)
     paused = run(spec, overfit_data["train"], tmp_path, validation_path=overfit_data["validation"],
-                 pause=lambda: asked.append(True) or len(asked) >= pause_at)
+                 pause=pause_after(pause_at))
     assert paused.status == "paused" and (tmp_path / "checkpoints" / f"step-{pause_at}" / BEST_ADAPTER_FILE).is_file()
 
     events = []

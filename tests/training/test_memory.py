@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.test_recipe import short_spec
+from tests.training.test_recipe import pause_after, short_spec
 from worker.training import memory
 from worker.training.recipe import run
 from worker.training.spec import JobSpec, SpecError
@@ -82,8 +82,7 @@ def test_both_together_learn_and_resume_exactly(tiny_model_dir, demo_data, tmp_p
     one, and a pause and resume reproduce the uninterrupted run exactly, as for the standard recipe."""
     data = short_spec(tiny_model_dir, **STEPS, activation_offload=True, tiled_mlp=True)
     spec = JobSpec.parse(data)
-    asked = []
-    paused = run(spec, demo_data["train"], tmp_path / "run", pause=lambda: asked.append(True) or len(asked) >= 5)
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(5))
     assert paused.status == "paused"
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
     assert resumed.summary["steps"]["resumed_from"] == 5

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -161,6 +162,18 @@ def short_spec(model_dir, **overrides):
     return data
 
 
+def pause_after(steps: int) -> Callable[[], bool]:
+    """A pause hook that says yes once `steps` optimizer steps are done: run() asks it once before
+    training, then after every step."""
+    asked: list[bool] = []
+
+    def pause() -> bool:
+        asked.append(True)
+        return len(asked) > steps
+
+    return pause
+
+
 def test_the_cli_progress_bar_goes_to_stderr_so_stdout_holds_the_result_alone(capsys):
     # `qlora train ... | jq` reads stdout: the bar drawn there made it invalid JSON.
     from types import SimpleNamespace
@@ -288,6 +301,18 @@ def test_a_cancel_while_the_base_loads_trains_no_step(tiny_model_dir, demo_data,
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "cancelled"
 
 
+def test_a_pause_while_the_base_loads_trains_no_step_and_saves_nothing(tiny_model_dir, demo_data, tmp_path):
+    """Likewise a pause (a preemption for another team's job, a worker shutting down): it trained a step and
+    saved a checkpoint there, minutes of a large model's GPU for the team that was to have it."""
+    events = []
+    result = run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path, pause=lambda: True,
+                 sink=events.append)
+    assert result.status == "paused" and "steps" not in result.summary
+    assert [(e.type, e.step, e.message) for e in events if getattr(e, "type", None) in ("started", "paused")] == [
+        ("started", 0, "training started"), ("paused", 0, "paused at step 0 before training; it resumes from the start")]
+    assert not (tmp_path / "metrics.jsonl").exists() and not list((tmp_path / "checkpoints").glob("step-*"))
+
+
 def test_a_cancel_after_the_last_step_stops_before_the_merge_and_ends_cancelled(tiny_model_dir, demo_data, tmp_path):
     """Before, only training asked the hook: a cancel during the evaluation, the merge or the report (minutes
     each on a large model) was ignored, and the job ended succeeded."""
@@ -403,14 +428,8 @@ def test_a_merged_model_larger_than_the_gpus_free_memory_is_built_on_the_cpu():
 
 
 def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path):
-    asked = []
-
-    def pause() -> bool:
-        asked.append(True)
-        return len(asked) >= 7
-
     spec = JobSpec.parse(short_spec(tiny_model_dir))
-    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(7))
     assert paused.status == "paused" and paused.summary["steps"]["completed"] == 7
     assert (tmp_path / "run" / "checkpoints" / "step-7" / "COMPLETE").exists()  # saved at the pause, not at 10
     # Paused under a release whose spec had none of the fields added since (the service's releases up
@@ -439,14 +458,8 @@ def test_a_resume_keeps_what_the_interrupted_run_decided_for_auto(tiny_model_dir
     """per_device_batch_size "auto" is decided on the worker (a model registered without its config). A run
     paused after a release (or a card of the class with other memory) decided 2 resumes with 2, where it
     failed 'cannot resume: spec differ' as soon as this run decided otherwise (4 on the CPU)."""
-    asked = []
-
-    def pause() -> bool:
-        asked.append(True)
-        return len(asked) >= 3
-
     spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=6, save_steps=100, per_device_batch_size="auto"))
-    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause)
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(3))
     assert paused.status == "paused" and paused.summary["spec"]["training"]["per_device_batch_size"] == 4
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     manifest["spec"]["training"]["per_device_batch_size"] = 2  # what the interrupted run had decided
@@ -477,8 +490,7 @@ def test_a_bfloat16_adapter_trains_and_resumes_exactly(tiny_model_dir, demo_data
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen.extend({p.dtype for p in model.parameters() if p.requires_grad})
 
-    asked = []
-    paused = run(spec, demo_data["train"], tmp_path / "run", pause=lambda: asked.append(True) or len(asked) >= 7,
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(7),
                  extra_callbacks=(AdapterDtype(),))
     assert paused.status == "paused" and set(seen) == {torch.bfloat16}
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)

@@ -201,8 +201,12 @@ def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: A
     recipe = QLoRARecipe(spec, train_path, out_dir, **options)
     with recipe.out_of_memory_in("loading the base model", "a GPU class with more memory"):
         recipe.setup()
-    if recipe.cancel():  # asked while the base loaded (minutes, for a large model): not one step after it
+    # Asked while the base loaded (minutes, for a large model): not one step after it. A pause then has no new
+    # step to save: the run resumes from the checkpoint it loaded, or from the start.
+    if recipe.cancel():
         return recipe.summarize(TrainingEnd("cancelled", recipe.resumed_step))
+    if recipe.pause():
+        return recipe.summarize(TrainingEnd("paused", recipe.resumed_step))
     ended = recipe.train()
     if ended.stopped_early:  # cancelled: nothing to keep; paused: its checkpoint is what a resume needs
         return recipe.summarize(ended)
@@ -604,7 +608,10 @@ class QLoRARecipe:
                   merge_fidelity: dict | None = None, report: dict | None = None) -> RunResult:
         """summary.json, and the event that says how the run ended."""
         if ended.stopped_early:
-            saved = " after saving a checkpoint to resume from" if ended.how == "paused" else ""
+            saved = ""
+            if ended.how == "paused":
+                saved = (" after saving a checkpoint to resume from" if ended.step > self.resumed_step
+                         else f" before training; it resumes from {'this step' if self.resume_from else 'the start'}")
             self.emit(Event(type=ended.how, level="warning" if ended.how == "cancelled" else "info",
                             step=ended.step, message=f"{ended.how} at step {ended.step}{saved}"))
             summary = {"status": ended.how, **self._summary_of_run(),
