@@ -313,6 +313,28 @@ def test_truncation_is_counted_as_the_collator_cuts(tiny_model_dir):
     assert stats.trained_tokens == sum(completion) and stats.tokens == int(from_whole["attention_mask"].sum())
 
 
+def test_a_pair_whose_answers_are_the_same_within_max_seq_length_is_dropped_and_named(tiny_model_dir, tmp_path):
+    # Answers that differ only past the cut: within max_seq_length both sides are the same tokens, a pair with a
+    # constant loss and no gradient that counts as lost in reward_accuracy. It is dropped and named, as a row
+    # truncated before its answer is; a set of nothing else is refused, saying why.
+    tokenizer = _tokenizer(tiny_model_dir)
+    shared = "The answer needs a few words first. " * 8
+    tie = Example(line=2, messages=(Message("user", "Is the sky blue?"),), chosen=shared + "Yes.", rejected=shared + "No.")
+    rows, stats = encode_preferences([PAIR, tie], tokenizer, max_seq_length=48)
+    assert len(rows) == 1 and stats.dropped_lines == [2] and stats.tied_rows == 1
+    assert not encode_preference(tie, tokenizer, max_seq_length=512).tied
+
+    trl = {"prompt": "Is the sky blue?", "chosen": shared + "Yes.", "rejected": shared + "No."}
+    mixed = write_jsonl([{"prompt": "What does the cow say?", "chosen": "Moo.", "rejected": "Woof."}, trl],
+                        tmp_path / "mixed.jsonl")
+    report = preflight(dpo_spec(tiny_model_dir, max_seq_length=48), tiny_model_dir, mixed)
+    assert report["train"]["dropped_lines"] == [2] and report["train"]["tied_rows"] == 1
+    assert any("1 is a pair whose two answers are the same tokens" in w for w in report["warnings"]), report["warnings"]
+    only_ties = write_jsonl([trl, trl], tmp_path / "ties.jsonl")
+    refused = preflight(dpo_spec(tiny_model_dir, max_seq_length=48), tiny_model_dir, only_ties)
+    assert len(refused["refusals"]) == 1 and "no pair is left to learn from" in refused["refusals"][0]
+
+
 def test_preflight_counts_pairs_as_the_run_does(dpo_run, task, tiny_model_dir):
     report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, task["train"], validation_path=task["validation"],
                        examples=1)

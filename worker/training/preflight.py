@@ -65,6 +65,8 @@ class SetReport:
     lengths: dict = field(default_factory=dict)  # tokens per row before truncation: min, median, p95, max
     # method dpo: kept rows whose chosen / rejected side lost its EOS ({"chosen": n, "rejected": n}); None for sft
     rows_without_eos_by_side: dict | None = None
+    # method dpo: of the dropped rows, those whose two answers are the same tokens within max_seq_length (None for sft)
+    tied_rows: int | None = None
     # conversation rows with a special token's text in a message (tokenized as that token, not as text): how many,
     # their first lines, each token's text with the rows it is in, and the rows where it is in a learned answer
     rows_with_special_tokens: int = 0
@@ -99,7 +101,7 @@ class SetReport:
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "format"}
         if self.rows_without_eos_by_side is None:  # an sft set
-            del out["rows_without_eos_by_side"]
+            del out["rows_without_eos_by_side"], out["tied_rows"]
         if self.rows_in_train is None:  # the train set itself
             del out["rows_in_train"], out["rows_in_train_lines"], out["prompts_in_train"], out["prompts_in_train_lines"]
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
@@ -185,7 +187,8 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
                        dropped_rows=stats.dropped_rows, dropped_lines=stats.dropped_lines, tokens=stats.tokens,
                        trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
-                       rows_without_eos_by_side=stats.eos_cut, format=data.format,
+                       rows_without_eos_by_side=stats.eos_cut,
+                       tied_rows=stats.tied_rows if stats.eos_cut is not None else None, format=data.format,
                        template_refused_rows=len(refused), template_refused_lines=[line for line, _ in refused[:LINES_SHOWN]],
                        template_refusal=refused[0][1] if refused else None)
     _count_special_tokens(report, read, tokenizer)
@@ -352,7 +355,13 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
     if refusals:
         return refusals, warnings
     if train.rows and train.kept_rows == 0:
-        if train.truncated_rows == train.rows:
+        if train.tied_rows:
+            refusals.append(f"no pair{scope} is left to learn from within max_seq_length={t.max_seq_length}: "
+                            f"{_tied(train)}"
+                            + (f"; the other {train.rows - train.tied_rows:,} have no answer token within it"
+                               if train.rows > train.tied_rows else "")
+                            + ". Make the preferred and the other answer differ, or raise max_seq_length")
+        elif train.truncated_rows == train.rows:
             refusals.append(f"every row{scope} is truncated at max_seq_length={t.max_seq_length} before its first "
                             f"trained token (the shortest row is {train.lengths['min']:,} tokens): raise max_seq_length "
                             "or shorten the prompts")
@@ -370,8 +379,10 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
                         f"are longer than max_seq_length={t.max_seq_length} and are truncated, losing "
                         f"{train.trained_tokens_lost:,} trained tokens; the p95 row is {train.lengths['p95']:,} tokens")
     if train.dropped_rows:
+        ties = f"; {_tied(train)}" if train.tied_rows else ""
         warnings.append(f"{train.dropped_rows:,} rows{scope} have nothing to learn within max_seq_length and are dropped "
-                        f"(lines {', '.join(map(str, train.dropped_lines[:5]))}{'...' if train.dropped_rows > 5 else ''})")
+                        f"(lines {', '.join(map(str, train.dropped_lines[:5]))}{'...' if train.dropped_rows > 5 else ''}"
+                        f"{ties})")
     if train.rows_without_eos:
         warnings.append(f"{train.rows_without_eos:,} kept rows{scope} do not keep their EOS in the labels (truncated, or "
                         "the last turn is not learned): the model learns to stop from the others only")
@@ -405,6 +416,13 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
     if train.rows + train.template_refused_rows < train.rows_in_file:
         warnings.append(f"the preflight read the first {train.rows:,} of {train.rows_in_file:,} rows")
     return refusals, warnings
+
+
+def _tied(s: SetReport) -> str:
+    """What a set's tied pairs are, for a refusal or a warning."""
+    return (f"{s.tied_rows:,} {'is a pair' if s.tied_rows == 1 else 'are pairs'} whose two answers are the same tokens "
+            "within max_seq_length (they differ only past the cut, or only in spacing the chat template trims), "
+            "and a tie teaches nothing")
 
 
 def _pairs(lines: list[list[int]], relation: str) -> str:

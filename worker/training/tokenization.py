@@ -124,6 +124,7 @@ class EncodeStats:
     dropped_lines: list[int] = field(default_factory=list)
     # preference rows only: kept rows whose EOS truncation cut off, per side ({"chosen": n, "rejected": n})
     eos_cut: dict[str, int] | None = None
+    tied_rows: int = 0  # preference rows only: of the dropped rows, those whose two sides are the same tokens
     # the preflight's alone
     trained_tokens_lost: int = 0  # trained tokens truncation cut off
     rows_without_eos: int = 0  # kept rows whose EOS is not in the labels (cut off, or an unlearned last turn)
@@ -142,6 +143,7 @@ class EncodeStats:
         if row.dropped:
             self.dropped_rows += 1
             self.dropped_lines.append(line)
+            self.tied_rows += isinstance(row, EncodedPair) and row.tied
             return False
         self.tokens += row.tokens
         self.trained_tokens += row.trained
@@ -159,6 +161,7 @@ class EncodeStats:
              "tokens": self.tokens, "trained_tokens": self.trained_tokens, "dropped_lines": self.dropped_lines[:20]}
         if self.eos_cut is not None:
             d["eos_cut"] = self.eos_cut
+            d["tied_rows"] = self.tied_rows
         return d
 
 
@@ -495,9 +498,18 @@ class EncodedPair:
         return self.chosen.truncated or self.rejected.truncated
 
     @property
+    def tied(self) -> bool:
+        """Both sides are the same tokens within max_seq_length: answers that differ only past the cut, or only in
+        spacing the chat template trims. The policy and the reference score such a pair alike on both sides, so its
+        loss is constant (log 2) with no gradient, and it counts as a pair lost in reward_accuracy: a silent weight
+        on every number the run reports."""
+        return self.chosen.input_ids == self.rejected.input_ids
+
+    @property
     def dropped(self) -> bool:
-        """Nothing left to compare: a side has no answer token within max_seq_length (the prompt fills it)."""
-        return self.chosen.trained == 0 or self.rejected.trained == 0
+        """Nothing left to compare: a side has no answer token within max_seq_length (the prompt fills it), or the
+        two sides are the same there (`tied`)."""
+        return self.chosen.trained == 0 or self.rejected.trained == 0 or self.tied
 
     @property
     def tokens(self) -> int:
