@@ -49,6 +49,16 @@ def test_openai_and_trl_rows_mix_in_one_file():
         ({**OPENAI, "input": {"messages": [*USER, {"role": "assistant", "content": "x"}]}}, "must end with a user"),
         ({**TRL_STRINGS, "chosen": 3}, '"chosen" must be one assistant message'),
         ({**TRL_STRINGS, "prompt": ""}, '"prompt" is empty'),
+        # trl's implicit prompt (each answer the whole conversation): the prompt is missing, not an answer
+        ({"chosen": [*USER, {"role": "assistant", "content": "Moo."}],
+          "rejected": [*USER, {"role": "assistant", "content": "Woof."}]},
+         'needs the conversation its answers reply to: "prompt" is missing'),
+        ({k: v for k, v in OPENAI.items() if k != "input"}, 'needs the conversation its answers reply to: "input"'),
+        ({**TRL_STRINGS, "prompt": 7}, '"prompt" must be a string or a non-empty list of messages, got int'),
+        ({**OPENAI, "input": {"messages": []}}, '"input.messages" must be a non-empty list of messages, got an empty'),
+        # weight 0 would show a chat turn without learning it; a pair's answers are always compared
+        ({**OPENAI, "preferred_output": [{"role": "assistant", "content": "Moo.", "weight": 0}]},
+         "weight 0 does not apply to a preference answer"),
     ],
 )
 def test_a_bad_preference_line_is_named(bad, message):

@@ -251,6 +251,10 @@ def _missing_side(row: dict) -> str | None:
         present = [k for k in keys if k in row]
         if len(present) == len(keys) - 1 and present != ["prompt", "completion"]:
             absent = next(k for k in keys if k not in row)
+            if absent == keys[0]:  # the prompt: trl's "implicit prompt" rows carry it inside each answer
+                return (f'a preference row needs the conversation its answers reply to: "{absent}" is missing (it has '
+                        f'{", ".join(present)}); where each answer holds the whole conversation, put the turns before '
+                        f'the answer in "{absent}" and keep only the last assistant message in each answer')
             return f'a preference row needs both answers: "{absent}" is missing (it has {", ".join(present)})'
     return None
 
@@ -403,7 +407,9 @@ def _parse_preference(obj: dict, line: int) -> Example:
 def _prompt_messages(messages: Any, where: str) -> tuple[Message, ...]:
     """The conversation a preference row's answers reply to: chat turns ending with a user turn."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f'"{where}" must be a non-empty list of messages')
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        either = " a string or" if where == "prompt" else ""  # trl's prompt may be a string; OpenAI's input is messages
+        raise ValueError(f'"{where}" must be{either} a non-empty list of messages, got {got}')
     parsed = []
     for i, m in enumerate(messages):
         at = f"{where}[{i}]: "
@@ -428,6 +434,11 @@ def _answer(value: Any, key: str) -> str:
                          f"or a string, got {got}")
     if value[0].get("role") != "assistant":
         raise ValueError(f'"{key}"[0]: role {excerpt(value[0].get("role"))} must be assistant: it is an answer')
+    if value[0].get("weight", 1) != 1:
+        # A chat row's weight 0 shows a turn without learning it; an answer of a pair is always compared, so a
+        # weight would be silently ignored: the row means something the trainer does not do.
+        raise ValueError(f'"{key}"[0]: weight {excerpt(value[0].get("weight"))} does not apply to a preference answer: '
+                         "both answers of a pair are always compared; leave out the weight, or the row")
     return _message(value[0], 0, f'"{key}"[0]: ')[1]
 
 
