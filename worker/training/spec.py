@@ -208,8 +208,11 @@ class DpoMethod(_Strict):
 
     type: Literal["dpo"]
     # How far the policy may move from the reference: 0.1 is the DPO paper's and trl's default; lower lets
-    # it drift further (stronger preference, more forgetting), higher keeps it closer.
-    beta: float = Field(0.1, gt=0, le=10)
+    # it drift further (stronger preference, more forgetting), higher keeps it closer. At least 0.001: the
+    # rewards and the sigmoid loss's gradient scale with beta, so a run below it has a flat loss and learns
+    # nothing (1e-300 is 0 in float32: log 2 and a zero gradient at every step), and ipo's target margin
+    # 1/(2 beta) overflows float32 (an inf loss at step 1). Published recipes use 0.01 to 0.5.
+    beta: float = Field(0.1, ge=0.001, le=10)
     # sigmoid: the DPO paper's loss. ipo (Azar et al., 2023): a squared loss that keeps the margin at
     # 1/(2 beta) instead of pushing it to infinity, which overfits less on pairs that are always right.
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
