@@ -47,6 +47,11 @@ def test_defaults_follow_qlora():
         ({"method": {"type": "dpo", "beta": 1e-4, "loss": "ipo"}}, "method.beta", ">= 0.001 and <= 10"),
         ({"method": {"type": "dpo", "beta": "NaN"}}, "method.beta", ">= 0.001 and <= 10"),
         ({"method": {"type": "dpo", "loss": "hinge"}}, "method.loss", "'sigmoid' | 'ipo'"),
+        # sft settings a dpo run cannot follow are refused, not silently ignored
+        ({"method": {"type": "dpo"}, "training": {"max_steps": 10, "train_on_inputs": True}},
+         "training.train_on_inputs", "method dpo compares the two answers only"),
+        ({"method": {"type": "dpo"}, "training": {"max_steps": 10, "packing": True}},
+         "training.packing", "method dpo never packs"),
         ({"method": {"type": "dpo", "label_smoothing": 0.5}}, "method.label_smoothing", ">= 0 and < 0.5"),
         ({"method": {"type": "ppo"}}, "method.type", "'sft', 'dpo'"),
         ({"method": {"beta": 0.1}}, "method.type", "'sft', 'dpo'"),

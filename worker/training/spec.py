@@ -259,6 +259,19 @@ class JobSpec(_Strict):
             return {**data, "training": {**training, "learning_rate": LEARNING_RATES[kind]}}
         return data
 
+    @model_validator(mode="after")
+    def _sft_only_settings(self) -> JobSpec:
+        """Settings a dpo run cannot follow, refused where asked for rather than silently not done."""
+        if self.method.type != "dpo":
+            return self
+        if self.training.train_on_inputs:
+            raise ValueError("training.train_on_inputs: method dpo compares the two answers only and never learns "
+                             "the prompt; set it to false (or leave it out)")
+        if self.training.packing is True:
+            raise ValueError("training.packing: method dpo never packs (a batch pads each pair's two answers); set it "
+                             "to \"auto\" or false (or leave it out)")
+        return self
+
     def validation_needed_by(self) -> list[tuple[str, str]]:
         """(field, why) for each setting that judges by eval loss, and so needs a validation set: the
         engine refuses such a run at setup, and POST /jobs such a job."""
