@@ -335,6 +335,22 @@ def test_a_pair_whose_answers_are_the_same_within_max_seq_length_is_dropped_and_
     assert len(refused["refusals"]) == 1 and "no pair is left to learn from" in refused["refusals"][0]
 
 
+def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tiny_model_dir, tmp_path):
+    # Prompts that fill max_seq_length leave no validation pair: the job ran without a single evaluation and
+    # its report silently prompted from the train set. The preflight refuses it; a set that loses some is warned of.
+    train = write_jsonl([{"prompt": "What does the cow say?", "chosen": "Moo.", "rejected": "Woof."}],
+                        tmp_path / "train.jsonl")
+    long = {"prompt": "word " * 80, "chosen": "Moo.", "rejected": "Woof."}
+    spec = dpo_spec(tiny_model_dir, max_seq_length=48)
+    none_left = preflight(spec, tiny_model_dir, train, validation_path=write_jsonl([long, long], tmp_path / "v.jsonl"))
+    assert none_left["validation"]["kept_rows"] == 0
+    assert len(none_left["refusals"]) == 1 and "no validation row is left to evaluate" in none_left["refusals"][0]
+    some_left = preflight(spec, tiny_model_dir, train, validation_path=write_jsonl(
+        [{"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}, long], tmp_path / "v2.jsonl"))
+    assert some_left["refusals"] == []
+    assert any("1 of 2 validation rows have nothing to evaluate" in w and "lines 2" in w for w in some_left["warnings"])
+
+
 def test_preflight_counts_pairs_as_the_run_does(dpo_run, task, tiny_model_dir):
     report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, task["train"], validation_path=task["validation"],
                        examples=1)

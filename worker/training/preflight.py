@@ -368,6 +368,12 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
         else:
             refusals.append(f"no row{scope} has a token to learn (zero trained tokens): check the assistant turns, "
                             "their weight, and train_on_inputs")
+    elif validation is not None and validation.rows and validation.kept_rows == 0:
+        ties = f" ({_tied(validation)})" if validation.tied_rows else ""
+        refusals.append(f"no validation row is left to evaluate within max_seq_length={t.max_seq_length} (all "
+                        f"{validation.rows:,} are dropped{ties}; the shortest is {validation.lengths['min']:,} tokens), "
+                        "so the job would run without an evaluation and its report would prompt from the train set: "
+                        "raise max_seq_length, shorten the validation prompts, or leave out validation_dataset_id")
     elif train.kept_rows and train.rows_without_eos == train.kept_rows:
         refusals.append(f"no row{scope} keeps its EOS in the labels, so the model would never learn to stop: "
                         f"raise max_seq_length (now {t.max_seq_length}; the longest row is {train.lengths['max']:,} "
@@ -382,6 +388,12 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
         ties = f"; {_tied(train)}" if train.tied_rows else ""
         warnings.append(f"{train.dropped_rows:,} rows{scope} have nothing to learn within max_seq_length and are dropped "
                         f"(lines {', '.join(map(str, train.dropped_lines[:5]))}{'...' if train.dropped_rows > 5 else ''}"
+                        f"{ties})")
+    if validation is not None and validation.dropped_rows:
+        ties = f"; {_tied(validation)}" if validation.tied_rows else ""
+        warnings.append(f"{validation.dropped_rows:,} of {validation.rows:,} validation rows have nothing to evaluate "
+                        f"within max_seq_length and are left out of the eval loss (lines "
+                        f"{', '.join(map(str, validation.dropped_lines[:5]))}{'...' if validation.dropped_rows > 5 else ''}"
                         f"{ties})")
     if train.rows_without_eos:
         warnings.append(f"{train.rows_without_eos:,} kept rows{scope} do not keep their EOS in the labels (truncated, or "
