@@ -302,7 +302,8 @@ def check(session: Session, storage: Storage, runner: PreflightRunner | None, ca
 def refuse_if_it_cannot_learn(report: dict) -> None:
     if report["refusals"]:
         reasons = report["refusals"]
-        raise PreflightRefused("this job cannot learn anything: " + "; ".join(reasons),
+        # Not all "cannot learn": a validation set with nothing left to evaluate refuses a job that could.
+        raise PreflightRefused("the preflight refuses this job: " + "; ".join(reasons),
                                details=field_errors([("dataset_id", reason) for reason in reasons]))
 
 

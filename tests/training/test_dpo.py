@@ -343,7 +343,7 @@ def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tin
     long = {"prompt": "word " * 80, "chosen": "Moo.", "rejected": "Woof."}
     spec = dpo_spec(tiny_model_dir, max_seq_length=48)
     none_left = preflight(spec, tiny_model_dir, train, validation_path=write_jsonl([long, long], tmp_path / "v.jsonl"))
-    assert none_left["validation"]["kept_rows"] == 0
+    assert none_left["validation"]["kept_rows"] == 0 and none_left["validation"]["tied_rows"] == 0  # no answer: no tie
     assert len(none_left["refusals"]) == 1 and "no validation row is left to evaluate" in none_left["refusals"][0]
     some_left = preflight(spec, tiny_model_dir, train, validation_path=write_jsonl(
         [{"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}, long], tmp_path / "v2.jsonl"))

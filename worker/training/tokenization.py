@@ -503,7 +503,7 @@ class EncodedPair:
         spacing the chat template trims. The policy and the reference score such a pair alike on both sides, so its
         loss is constant (log 2) with no gradient, and it counts as a pair lost in reward_accuracy: a silent weight
         on every number the run reports."""
-        return self.chosen.input_ids == self.rejected.input_ids
+        return bool(self.chosen.trained and self.rejected.trained) and self.chosen.input_ids == self.rejected.input_ids
 
     @property
     def dropped(self) -> bool:
