@@ -351,6 +351,18 @@ def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tin
     assert any("1 of 2 validation rows have nothing to evaluate" in w and "lines 2" in w for w in some_left["warnings"])
 
 
+def test_a_pair_reversing_an_earlier_pair_is_warned_of(tiny_model_dir, tmp_path):
+    # Two annotators' files concatenated: the same prompt with the answers the other way round. The pairs cancel
+    # each other out, silently; the preflight names them.
+    cow = {"prompt": "What does the cow say?", "chosen": "Moo.", "rejected": "Woof."}
+    dog = {"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}
+    path = write_jsonl([cow, dog, {**cow, "chosen": "woof. ", "rejected": "Moo."}], tmp_path / "flipped.jsonl")
+    report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, path)
+    assert report["train"]["contradicting_rows"] == 1 and report["train"]["contradicting_lines"] == [[3, 1]]
+    assert report["refusals"] == []
+    assert any("line 3 reverses line 1" in w for w in report["warnings"]), report["warnings"]
+
+
 def test_preflight_counts_pairs_as_the_run_does(dpo_run, task, tiny_model_dir):
     report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, task["train"], validation_path=task["validation"],
                        examples=1)

@@ -77,6 +77,10 @@ class SetReport:
     # line], the first few)
     duplicate_rows: int = 0
     duplicate_lines: list[list[int]] = field(default_factory=list)
+    # method dpo: pairs that say the opposite of an earlier pair of the set, the same prompt with the two answers
+    # swapped (each [line, the earlier line], the first few): the two pull against each other and teach nothing
+    contradicting_rows: int | None = None
+    contradicting_lines: list[list[int]] = field(default_factory=list)
     # validation only: rows a train row says too (each [line, the train line], the first few), and rows that ask
     # what a train row asks with another answer (the eval report prompts with what they ask)
     rows_in_train: int | None = None
@@ -101,7 +105,7 @@ class SetReport:
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "format"}
         if self.rows_without_eos_by_side is None:  # an sft set
-            del out["rows_without_eos_by_side"], out["tied_rows"]
+            del out["rows_without_eos_by_side"], out["tied_rows"], out["contradicting_rows"], out["contradicting_lines"]
         if self.rows_in_train is None:  # the train set itself
             del out["rows_in_train"], out["rows_in_train_lines"], out["prompts_in_train"], out["prompts_in_train_lines"]
         out["dropped_lines"] = self.dropped_lines[:LINES_SHOWN]
@@ -260,6 +264,11 @@ def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said |
         if first != example.line:
             report.duplicate_rows += 1
             _note(report.duplicate_lines, example.line, first)
+        if example.chosen is not None:  # a pair: the same prompt with the answers the other way round says the opposite
+            report.contradicting_rows = report.contradicting_rows or 0
+            if (opposite := said.rows.get((*row[:2], row[3], row[2]))) is not None:
+                report.contradicting_rows += 1
+                _note(report.contradicting_lines, example.line, opposite)
         prompt = example.prompt()  # the first of the messages: each said once, above
         asked = None if prompt is None else tuple((role, text) for role, text, _ in messages[:len(prompt)])
         if asked is not None:
@@ -411,6 +420,11 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
         warnings.append(f"{train.duplicate_rows:,} of {train.rows:,} rows{scope} ({train.duplicate_rows / train.rows:.0%}) "
                         f"repeat an earlier row, up to case and spacing ({_pairs(train.duplicate_lines, 'repeats line')}): each "
                         "epoch trains on them as many times as they appear; drop the repeats unless the weight is meant")
+    if train.contradicting_rows:
+        warnings.append(f"{train.contradicting_rows:,} pairs{scope} say the opposite of an earlier pair, the same prompt "
+                        f"with the two answers swapped ({_pairs(train.contradicting_lines, 'reverses line')}): each "
+                        "such two pull against each other and teach nothing, and they weigh down the reward accuracy; "
+                        "keep the pair whose label is right")
     if validation is not None and validation.rows_in_train:
         share = validation.rows_in_train / validation.rows
         warnings.append(f"{validation.rows_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) are also in the "
