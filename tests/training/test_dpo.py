@@ -333,6 +333,8 @@ def test_a_pair_whose_answers_are_the_same_within_max_seq_length_is_dropped_and_
     only_ties = write_jsonl([trl, trl], tmp_path / "ties.jsonl")
     refused = preflight(dpo_spec(tiny_model_dir, max_seq_length=48), tiny_model_dir, only_ties)
     assert len(refused["refusals"]) == 1 and "no pair is left to learn from" in refused["refusals"][0]
+    with pytest.raises(TrainingError, match="2 of them are pairs whose two answers are the same tokens"):
+        run(dpo_spec(tiny_model_dir, max_seq_length=48), only_ties, tmp_path / "run")  # the engine alone says it too
 
 
 def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tiny_model_dir, tmp_path):
@@ -349,6 +351,15 @@ def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tin
         [{"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}, long], tmp_path / "v2.jsonl"))
     assert some_left["refusals"] == []
     assert any("1 of 2 validation rows have nothing to evaluate" in w and "lines 2" in w for w in some_left["warnings"])
+
+    # The engine alone (qlora train) runs it, and says so.
+    events: list = []
+    quick = dpo_spec(tiny_model_dir, max_seq_length=48, max_steps=1, eval_steps=1).model_dump()
+    quick["output"], quick["eval"] = {"merge": False}, {"prompts": 0}
+    run(JobSpec.parse(quick), train, tmp_path / "run", validation_path=tmp_path / "v.jsonl", sink=events.append)
+    assert [e.message for e in events if getattr(e, "type", None) == "validation_empty"] == [
+        "no validation row has anything to evaluate within max_seq_length=48: the run has no evaluation, and the "
+        "report prompts from the train set"]
 
 
 def test_a_pair_reversing_an_earlier_pair_is_warned_of(tiny_model_dir, tmp_path):

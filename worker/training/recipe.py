@@ -367,10 +367,18 @@ class QLoRARecipe:
         self.train_rows, self.train_stats = encode(self.train_data.examples)
         self.val_rows, self.val_stats = encode(self.val_data.examples) if self.val_data else ([], None)
         if not self.train_rows:
+            ties = self.train_stats.tied_rows
             raise TrainingError(
                 f"no training rows left: all {self.train_stats.rows} had nothing to learn within "
                 f"max_seq_length={t.max_seq_length}; raise max_seq_length"
+                + (f" ({ties} of them are pairs whose two answers are the same tokens within it: make the answers "
+                   "differ)" if ties else "")
             )
+        if self.val_data and not self.val_rows:  # the service's preflight refuses such a job; the engine alone says so
+            self.emit(Event(
+                type="validation_empty", level="warning", step=self.resumed_step,
+                message=f"no validation row has anything to evaluate within max_seq_length={t.max_seq_length}: "
+                        "the run has no evaluation, and the report prompts from the train set"))
         if not self.val_rows and self.spec.validation_needed_by():
             field, why = self.spec.validation_needed_by()[0]
             raise TrainingError(f"{field}: there is no validation set (or none of its rows has a trained token left "
