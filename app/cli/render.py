@@ -417,17 +417,28 @@ def print_preflight(answer: dict) -> None:
             ("rows without EOS in their labels", lambda d: f"{d['rows_without_eos']:,}"),
             ("rows with special tokens in message text", lambda d: f"{d['rows_with_special_tokens']:,}"),
             ("rows repeating an earlier row", lambda d: f"{d['duplicate_rows']:,}"),
+            # method dpo only: among the dropped, pairs whose answers are the same tokens; pairs reversing another
+            ("pairs tied (answers the same within max_seq_length)",
+             lambda d: f"{d['tied_rows']:,}" if "tied_rows" in d else ""),
+            ("pairs reversing an earlier pair",
+             lambda d: f"{d['contradicting_rows']:,}" if "contradicting_rows" in d else ""),
             ("rows also in the train set", lambda d: f"{d['rows_in_train']:,}" if "rows_in_train" in d else ""),
             ("rows asking a train row's prompt", lambda d: f"{d['prompts_in_train']:,}" if "prompts_in_train" in d else "")]
     for label, cell in rows:
-        table.add_row(label, *[cell(data) for _, data in sets if data])
+        cells = [cell(data) for _, data in sets if data]
+        if label.startswith("pairs ") and not any(cells):
+            continue  # an sft job's sets have no pairs
+        table.add_row(label, *cells)
     print_table(table)
     steps_text = (f"{report['steps']:,} optimizer steps, {report['epochs']} epochs ({report['steps_per_epoch']:,} per epoch)"
                   if report["steps_per_epoch"] else f"{report['steps'] or '?'} steps")
     out.print(Text(steps_text + (f"; {report['steps_note']}" if report["steps_note"] else "")), soft_wrap=True)
     for example in report["examples"]:
-        line = Text(f"line {example['line']} ({example['length']:,} tokens{', truncated' if example['truncated'] else ''}; "
-                    "trained tokens highlighted):\n", style="bold")
+        # A dpo example is one side of its pair: say which, and that the other is scored alike.
+        side = ", the preferred answer" if example.get("side") == "chosen" else ""
+        alike = "; the other answer's are scored alike" if side else ""
+        line = Text(f"line {example['line']}{side} ({example['length']:,} tokens"
+                    f"{', truncated' if example['truncated'] else ''}; trained tokens highlighted{alike}):\n", style="bold")
         for token in example["tokens"]:
             line.append(token["text"], style="bold black on green" if token["trained"] else "dim")
         out.print(line, soft_wrap=True)

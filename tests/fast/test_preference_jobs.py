@@ -281,6 +281,33 @@ def test_jobs_show_and_watch_say_the_method_and_the_rewards():
     assert line.plain == "train reward accuracy 87.5%  margin 0.432   eval reward accuracy 100.0%  margin -"
 
 
+def test_preflight_on_a_terminal_says_which_side_of_a_pair_it_shows_and_counts_ties_and_reversals(capsys):
+    from app.cli.render import print_preflight
+
+    def train_set(**pairs) -> dict:
+        return {"rows": 3, "complete": True, "rows_in_file": 3, "lengths": {"min": 9, "median": 9, "p95": 9, "max": 9},
+                "truncated_rows": 0, "dropped_rows": 1, "trained_tokens": 8, "tokens": 20, "trained_fraction": 0.4,
+                "trained_tokens_lost": 0, "rows_without_eos": 0, "rows_with_special_tokens": 0, "duplicate_rows": 0,
+                **pairs}
+
+    def report(train: dict, examples: list) -> dict:
+        return {"placement": {"note": "memory not checked"}, "report": {
+            "train": train, "validation": None, "steps": 1, "epochs": 1.0, "steps_per_epoch": 1, "steps_note": None,
+            "examples": examples, "refusals": [], "warnings": []}}
+
+    token = {"id": 5, "text": "Moo", "trained": True}
+    print_preflight(report(train_set(tied_rows=1, contradicting_rows=2),
+                           [{"line": 1, "truncated": False, "length": 9, "tokens": [token], "side": "chosen"}]))
+    shown = capsys.readouterr().out
+    assert "line 1, the preferred answer (9 tokens; trained tokens highlighted; the other answer's are scored alike)" \
+        in shown
+    assert [line.split()[-2] for line in shown.splitlines() if "pairs tied" in line or "pairs reversing" in line] \
+        == ["1", "2"]
+    print_preflight(report(train_set(), [{"line": 1, "truncated": False, "length": 9, "tokens": [token]}]))
+    shown = capsys.readouterr().out  # an sft job: no pairs, no side
+    assert "pairs" not in shown and "line 1 (9 tokens; trained tokens highlighted):" in shown
+
+
 # ------------------------------------------------------------------ the worker's claim
 
 
