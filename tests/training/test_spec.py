@@ -45,7 +45,9 @@ def test_defaults_follow_qlora():
         # a beta that rounds to 0 in float32 trains a flat log-2 loss with no gradient, and "succeeds"
         ({"method": {"type": "dpo", "beta": 1e-300}}, "method.beta", ">= 0.001 and <= 10"),
         ({"method": {"type": "dpo", "beta": 1e-4, "loss": "ipo"}}, "method.beta", ">= 0.001 and <= 10"),
-        ({"method": {"type": "dpo", "beta": "NaN"}}, "method.beta", ">= 0.001 and <= 10"),
+        ({"method": {"type": "dpo", "beta": "NaN"}}, "method.beta", "finite number (got 'NaN'; allowed: >= 0.001"),
+        ({"method": {"type": "dpo", "label_smoothing": "-inf"}}, "method.label_smoothing", "finite number"),
+        ({"method": "dpo"}, "method", 'must be an object, {"type": "sft"} or {"type": "dpo", "beta": 0.1'),
         ({"method": {"type": "dpo", "loss": "hinge"}}, "method.loss", "'sigmoid' | 'ipo'"),
         # sft settings a dpo run cannot follow are refused, not silently ignored
         ({"method": {"type": "dpo"}, "training": {"max_steps": 10, "train_on_inputs": True}},

@@ -212,12 +212,12 @@ class DpoMethod(_Strict):
     # rewards and the sigmoid loss's gradient scale with beta, so a run below it has a flat loss and learns
     # nothing (1e-300 is 0 in float32: log 2 and a zero gradient at every step), and ipo's target margin
     # 1/(2 beta) overflows float32 (an inf loss at step 1). Published recipes use 0.01 to 0.5.
-    beta: float = Field(0.1, ge=0.001, le=10)
+    beta: float = Field(0.1, ge=0.001, le=10, allow_inf_nan=False)
     # sigmoid: the DPO paper's loss. ipo (Azar et al., 2023): a squared loss that keeps the margin at
     # 1/(2 beta) instead of pushing it to infinity, which overfits less on pairs that are always right.
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     # The share of pairs assumed mislabelled (conservative DPO, sigmoid loss only); 0 trusts every label.
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self) -> DpoMethod:
@@ -319,6 +319,10 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
         where, prefix = model, []
         if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:
             where, prefix, loc = METHODS[loc[1]], ["method"], loc[2:]
+        if loc == ["method"] and err["type"] == "model_attributes_type":  # "method": "dpo", a string for an object
+            out.append(("method", f"must be an object, {{\"type\": \"sft\"}} or {{\"type\": \"dpo\", \"beta\": 0.1, "
+                                  f"\"loss\": \"sigmoid\", \"label_smoothing\": 0.0}} (got {excerpt(err.get('input'))})"))
+            continue
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             given = err["input"].get("type") if isinstance(err.get("input"), dict) else None
             out.append((".".join([*loc, "type"]), f"must be one of {', '.join(map(repr, METHODS))} "
