@@ -57,7 +57,7 @@ class NoReport(Exception):  # noqa: N818 (not an error of the request: it is cre
 
 
 class PreflightRefused(Invalid):
-    """The job could not learn anything: 422 with each reason."""
+    """The job could not learn anything (or be evaluated, with a validation set of nothing left): 422 with each reason."""
 
     code = "preflight_refused"
 

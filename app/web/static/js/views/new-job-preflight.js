@@ -29,7 +29,7 @@ function verdict(answer) {
   }
   if (answer.can_learn === false) {
     return h("div", { class: "preflight-verdict refused", id: "preflight-verdict", role: "alert" },
-      h("p", {}, h("strong", {}, "This job cannot learn anything as it stands. "),
+      h("p", {}, h("strong", {}, "The preflight refuses this job as it stands (it cannot learn anything, or its validation set has nothing to evaluate). "),
         "POST /jobs would refuse it (422) for this reason; submitting is disabled until it is fixed."),
       h("ul", { id: "preflight-refusals" }, answer.report.refusals.map((text) => h("li", {}, text))));
   }
