@@ -367,7 +367,8 @@ def test_a_pair_reversing_an_earlier_pair_is_warned_of(tiny_model_dir, tmp_path)
     # each other out, silently; the preflight names them.
     cow = {"prompt": "What does the cow say?", "chosen": "Moo.", "rejected": "Woof."}
     dog = {"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}
-    path = write_jsonl([cow, dog, {**cow, "chosen": "woof. ", "rejected": "Moo."}], tmp_path / "flipped.jsonl")
+    cased = {"prompt": "What does the cat say?", "chosen": "Meow.", "rejected": "meow."}  # reverses no other pair
+    path = write_jsonl([cow, dog, {**cow, "chosen": "woof. ", "rejected": "Moo."}, cased], tmp_path / "flipped.jsonl")
     report = preflight(dpo_spec(tiny_model_dir), tiny_model_dir, path)
     assert report["train"]["contradicting_rows"] == 1 and report["train"]["contradicting_lines"] == [[3, 1]]
     assert report["refusals"] == []

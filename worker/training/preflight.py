@@ -266,7 +266,8 @@ def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said |
             _note(report.duplicate_lines, example.line, first)
         if example.chosen is not None:  # a pair: the same prompt with the answers the other way round says the opposite
             report.contradicting_rows = report.contradicting_rows or 0
-            if (opposite := said.rows.get((*row[:2], row[3], row[2]))) is not None:
+            opposite = said.rows.get((*row[:2], row[3], row[2]))
+            if opposite is not None and row[2] != row[3]:  # answers differing only in case or spacing reverse themselves
                 report.contradicting_rows += 1
                 _note(report.contradicting_lines, example.line, opposite)
         prompt = example.prompt()  # the first of the messages: each said once, above
