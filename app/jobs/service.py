@@ -452,7 +452,7 @@ _REQUESTS = {
     },
     "resume": {
         states.PAUSED: (states.QUEUED, "resume_requested", "resumed; the next attempt continues from the newest "
-                                                           "checkpoint (the pause saved one, unless its worker was lost first)"),
+                                                           "checkpoint, or from the start if it has none"),
     },
 }
 _ALREADY = {"cancel": (states.CANCELLING, states.CANCELLED), "pause": (states.PAUSING, states.PAUSED),
