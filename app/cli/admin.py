@@ -1,4 +1,5 @@
-"""`qlora admin`: teams, API keys and the model registry, straight against the database (QLORA_DATABASE_URL).
+"""`qlora admin`: teams, API keys, the model registry and stray objects in storage, straight against the
+database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
 
 Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
 --json/--table override): a model as GET /models answers it, a quota as GET /admin/teams/{team}/quota,
@@ -17,9 +18,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import Commands, JsonOption, err, name_column, out, plain, print_table, show
+from app.cli.render import Commands, JsonOption, err, name_column, number_column, out, plain, print_table, show
 
-commands = Commands(help="Administer teams, API keys and the model registry (runs against the database).",
+commands = Commands(help="Administer teams, API keys, the model registry and stray objects in storage (runs against "
+                            "the database).",
                        no_args_is_help=True)
 
 
@@ -272,3 +274,93 @@ def _quota_table(report) -> None:
         table.add_row(flag.removeprefix("--"), "no limit" if value is None else f"{value:g}",
                       "team" if own else "default", in_use.get(field, ""))
     print_table(table)
+
+
+@commands.command("sweep-storage")
+def sweep_storage(
+    older_than: Annotated[str, typer.Option(
+        "--older-than", metavar="AGE", help="Only objects last changed at least this long ago: 30m, 24h, 7d (at "
+        "least 1h without --force).")] = "24h",
+    delete: Annotated[bool, typer.Option("--delete", help="Delete the stray objects listed (by default nothing is "
+                                         "deleted).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow an age under 1h, and deleting where the database "
+                                        "looks empty or wrong (no stored object referenced by any row).")] = False,
+    as_json: JsonOption = None,
+) -> None:
+    """List the stray objects in storage: committed, of the service's key form, referenced by no row of
+    the database, last changed longer ago than --older-than. With --delete, delete them (each checked again
+    just before). Other files in the bucket or directory are never listed or touched. On a pipe: JSON."""
+    from app.config import get_settings
+    from app.operations import storage_sweep as sweeping
+    from app.storage.base import storage_from_settings, storage_out_of_reach
+
+    try:
+        older_than_s = sweeping.parse_age(older_than)
+        sweeping.check_age(older_than_s, force)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--older-than'") from None
+    settings = get_settings()
+    storage = storage_from_settings(settings)
+
+    def run(session) -> dict:
+        sweep = sweeping.find_strays(session, storage, older_than_s)
+        deletion = sweeping.delete_strays(session, storage, sweep, force=force) if delete else None
+        return sweeping.report(session, sweep, deletion)
+
+    try:
+        answer = _admin_call(run)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if not storage_out_of_reach(exc) and not isinstance(exc, OSError):
+            raise
+        _database_error(f"storage {settings.storage_url} cannot be used: {exc}")
+    show(answer, lambda: _print_sweep(answer, older_than), as_json)
+    if answer["deleted"] and answer["deleted"]["failed"]:
+        raise typer.Exit(1)
+
+
+def _age(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    days, hours = divmod(minutes // 60, 24)
+    return f"{days}d {hours}h" if days else f"{hours}h {minutes % 60}m" if hours else f"{minutes}m"
+
+
+def _print_sweep(answer: dict, older_than: str) -> None:
+    from app.text import format_bytes
+
+    def team(row: dict) -> str:
+        return row["team"] or f"{row['team_id']} (no such team)"
+
+    if answer["strays"]:
+        strays = Table(name_column("key"), name_column("team"), "kind", number_column("size"), number_column("age"),
+                       title="stray objects (no row refers to them)")
+        for s in answer["strays"]:
+            strays.add_row(plain(s["key"]), plain(team(s)), s["kind"], format_bytes(s["bytes"]), _age(s["age_s"]))
+        print_table(strays)
+        summary = Table(name_column("team"), "kind", number_column("objects"), number_column("size"),
+                        title="by team and kind")
+        for row in answer["summary"]:
+            summary.add_row(plain(team(row)), row["kind"], str(row["count"]), format_bytes(row["bytes"]))
+        print_table(summary)
+    seen = answer["storage"]
+    out.print(f"{answer['total']['count']} stray objects, {format_bytes(answer['total']['bytes'])}, last changed "
+              f"{older_than} ago or more. In storage: {seen['objects']} objects of the service's, {seen['referenced']} "
+              f"referenced by a row, {seen['young']} unreferenced but younger (left alone); {seen['foreign']} other "
+              "files, not the service's (never touched).", highlight=False, soft_wrap=True)
+    if answer["database_looks_wrong"]:
+        err.print("[yellow]warning:[/yellow] no stored object is referenced by any row of the database: it looks "
+                  "empty or wrong (check QLORA_DATABASE_URL); --delete refuses without --force", highlight=False)
+    deleted = answer["deleted"]
+    if deleted is None:
+        if answer["strays"]:
+            out.print(f"Nothing deleted: `qlora admin sweep-storage --older-than {older_than} --delete` deletes them.",
+                      highlight=False)
+        return
+    out.print(f"Deleted {deleted['count']} objects, freed {format_bytes(deleted['bytes'])}.", highlight=False)
+    if deleted["kept_referenced_now"]:
+        out.print(f"Kept {len(deleted['kept_referenced_now'])}: a row refers to them now.", highlight=False)
+    if deleted["failed"]:
+        err.print(f"[red]error:[/red] stopped at {escape(deleted['failed']['key'])}, which storage would not delete: "
+                  f"{escape(deleted['failed']['error'])}; run the sweep again once storage answers", highlight=False,
+                  soft_wrap=True)

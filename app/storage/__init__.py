@@ -6,6 +6,7 @@ when used, so the embedded default needs no boto3.
 
 from app.storage.base import (
     ChecksumMismatch,
+    ListedObject,
     ObjectNotFound,
     ObjectWriter,
     Storage,
@@ -18,6 +19,7 @@ from app.storage.local import LocalStorage
 
 __all__ = [
     "ChecksumMismatch",
+    "ListedObject",
     "LocalStorage",
     "ObjectNotFound",
     "ObjectWriter",

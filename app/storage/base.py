@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -41,6 +42,15 @@ class StoredObject:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ListedObject:
+    """A committed object as the store lists it: no sha256 (that is the database's), its last change in UTC."""
+
+    key: str
+    size: int
+    modified_at: datetime
+
+
 class ObjectWriter(Protocol):
     """Streams one object in; sha256 and size are computed on the way."""
 
@@ -68,6 +78,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> int: ...
     def list(self, prefix: str) -> list[str]: ...
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]: ...  # committed ones, with size and age
     def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None: ...
     def abort_stale_writes(self, older_than_s: float) -> int: ...  # uncommitted writes left by dead processes
 
@@ -198,6 +209,11 @@ class StorageBase:
         raise NotImplementedError
 
     def list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Every committed object under `prefix` (a write not yet committed is not one), in no set order,
+        read as it goes: a bucket of millions is never held whole."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:

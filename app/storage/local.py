@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from app.storage.base import (
     READ_CHUNK,
+    ListedObject,
     ObjectNotFound,
     StorageBase,
     WriterBase,
@@ -110,6 +113,25 @@ class LocalStorage(StorageBase):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        # The files a writer renamed into place: never its temp files under TMP_DIR, never a symbolic link
+        # (the service writes none). A file's mtime is its last write, which a commit's rename keeps.
+        start = self.root / check_prefix(prefix).rpartition("/")[0]
+        for dirpath, dirnames, filenames in os.walk(start):
+            if Path(dirpath) == self.root:
+                dirnames[:] = [d for d in dirnames if d != TMP_DIR]
+            for name in filenames:
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    status = path.lstat()
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                if stat.S_ISREG(status.st_mode):
+                    yield ListedObject(key, status.st_size, datetime.fromtimestamp(status.st_mtime, UTC))
 
     def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
         # No URL can serve a local file; the API streams it instead.

@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError
 
 from app.storage.base import (
     READ_CHUNK,
+    ListedObject,
     ObjectNotFound,
     StorageBase,
     WriterBase,
@@ -187,6 +188,16 @@ class S3Storage(StorageBase):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
         return sorted(keys)
+
+    def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
+        # ListObjectsV2 lists completed objects only (a multipart upload is one once completed), 1,000 a page.
+        # S3 dates a multipart upload's object from when the upload began, not when it was completed.
+        check_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                yield ListedObject(obj["Key"][strip:], obj["Size"], obj["LastModified"].astimezone(UTC))
 
     def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
         params = {"Bucket": self.bucket, "Key": self._s3_key(key)}
