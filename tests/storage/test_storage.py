@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -365,6 +366,27 @@ def test_list_and_delete_prefix(backend):
     storage.delete("team-b/datasets/5")
     assert storage.list("") == ["team-ab/datasets/4"]
     assert read_all(storage, "team-ab/datasets/4") == b"team-ab/datasets/4"
+    pending.abort()
+
+
+def test_list_objects_gives_each_committed_object_with_its_size_and_time(backend):
+    """What the storage sweep reads (app/operations/storage_sweep.py): committed objects only, a multipart
+    upload under way included (it is no object until completed)."""
+    storage = backend.storage
+    before = datetime.now(UTC) - timedelta(seconds=2)  # S3 dates to the second
+    sizes = {"team-a/datasets/1": 0, "team-a/checkpoints/2": 70_000, "team-b/datasets/3": 5}
+    for key, size in sizes.items():
+        with storage.writer(key) as writer:
+            writer.write(b"x" * size)
+            writer.commit()
+    pending = storage.writer("team-a/artifacts/4")
+    pending.write(b"p" * (PART_SIZE + 1))  # on S3 a multipart upload under way, on disk a temp file
+    after = datetime.now(UTC) + timedelta(seconds=2)
+
+    listed = {o.key: o for o in storage.list_objects()}
+    assert {key: o.size for key, o in listed.items()} == sizes
+    assert all(before <= o.modified_at <= after and o.modified_at.tzinfo is not None for o in listed.values())
+    assert sorted(o.key for o in storage.list_objects("team-a/")) == ["team-a/checkpoints/2", "team-a/datasets/1"]
     pending.abort()
 
 
