@@ -312,7 +312,8 @@ def sweep_storage(
     except typer.Exit:
         raise
     except Exception as exc:
-        if not storage_out_of_reach(exc) and not isinstance(exc, OSError):
+        # Storage out of reach, refused (no credentials, no such bucket) or a directory that cannot be read.
+        if not (storage_out_of_reach(exc) or isinstance(exc, OSError) or type(exc).__module__.startswith("botocore")):
             raise
         _database_error(f"storage {settings.storage_url} cannot be used: {exc}")
     show(answer, lambda: _print_sweep(answer, older_than), as_json)

@@ -7,6 +7,9 @@ object whose delete failed (storage out of reach) after its row was deleted (a d
 checkpoints, a replaced artifact). Nobody sees them and nobody is billed for them: a team's storage use
 is counted from rows. (Writes never committed are the reaper's: Storage.abort_stale_writes.)
 
+It lives with the operators' other whole-service tasks (metrics, leases) rather than in app/storage,
+whose backends know nothing of the database: the sweep is where storage and every domain's rows meet.
+
 The sweep is manual on purpose: pointed at an empty or wrong database, every object would look stray.
 Its rails:
 - Only keys of the service's own form (`{team id}/{datasets|artifacts|checkpoints}/{uuid hex}`, or
@@ -48,9 +51,9 @@ _UNIT_S = {"m": 60, "h": 3600, "d": 86400}
 
 def parse_age(text: str) -> int:
     """"30m", "24h", "7d" (or "0") in seconds; ValueError naming the forms otherwise."""
-    match = _AGE.fullmatch(text.strip())
     if text.strip() == "0":
         return 0
+    match = _AGE.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not an age: write a whole number of minutes, hours or days, as 30m, 24h or 7d")
     return int(match[1]) * _UNIT_S[match[2]]
