@@ -223,7 +223,7 @@ def release_connection(session: Session) -> None:
     session.commit()
 
 
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
     """Run callback once the session's current transaction has committed (dropped on rollback)."""
     session.info.setdefault("after_commit", []).append(callback)
 

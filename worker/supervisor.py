@@ -40,7 +40,7 @@ from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
 from app.scheduling.service import claim_next
-from app.storage.base import make_key, storage_from_settings, storage_out_of_reach
+from app.storage.base import delete_objects, make_key, storage_from_settings, storage_out_of_reach
 from app.storage.local import LocalStorage
 from app.text import format_bytes
 from worker.training.protocol import (
@@ -429,7 +429,7 @@ class JobRun:
                 shutil.rmtree(workdir.quantized, ignore_errors=True)
                 with session_scope(self.db) as session:
                     stale = runs.forget_cached_base(session, key)
-                self._delete([stale] if stale else [])
+                delete_objects(self.storage, [stale] if stale else [])
         return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
 
     def _base_model_path(self, model: dict, watch: AttemptWatch) -> Path:
@@ -492,7 +492,7 @@ class JobRun:
             except LeaseLost:
                 _kill(proc)
                 # Checkpoints it uploaded that will never be recorded: nobody else would delete them.
-                self._delete([r.key for r in unreported + records.read_new() if isinstance(r, CheckpointStored)])
+                delete_objects(self.storage, [r.key for r in unreported + records.read_new() if isinstance(r, CheckpointStored)])
                 watch.check()  # the time limit, if that is what ended the attempt (the watch recorded it)
                 raise
             except DBAPIError as exc:
@@ -503,7 +503,7 @@ class JobRun:
                             self.settings.supervise_interval_s, exc)
                 time.sleep(self.settings.supervise_interval_s)
                 continue
-            self._delete(unkept)
+            delete_objects(self.storage, unkept)
             if exited:
                 break
             if status == states.PAUSING:
@@ -557,14 +557,7 @@ class JobRun:
             self.storage.delete(stored.key)  # not recorded, so not kept
             raise
         if replaced is not None:
-            self._delete([replaced])  # a lost attempt's, no longer recorded
-
-    def _delete(self, keys: list[str]) -> None:
-        for key in keys:
-            try:
-                self.storage.delete(key)
-            except Exception:  # a stray object costs storage, not correctness
-                log.exception("could not delete %s", key)
+            delete_objects(self.storage, [replaced])  # a lost attempt's, no longer recorded
 
     def _lose(self, job: ClaimedJob, why: str, outside_the_job: bool) -> None:
         """Another attempt for the job, from its newest checkpoint (the reaper's way with a silent worker,

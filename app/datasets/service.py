@@ -20,7 +20,7 @@ from app.idempotency import service as idempotency
 from app.jobs.states import ACTIVE
 from app.pagination import Page, page
 from app.quotas import service as quotas
-from app.storage.base import ObjectWriter, Storage, make_key
+from app.storage.base import ObjectWriter, Storage, delete_objects, make_key
 from app.teams.service import Caller
 from app.text import format_bytes
 from app.uploads import declared_file_bytes, read_multipart
@@ -253,4 +253,4 @@ def delete(session: Session, storage: Storage, caller: Caller, dataset_id: str) 
     key = dataset.storage_key
     session.delete(dataset)
     session.flush()
-    after_commit(session, lambda: storage.delete(key))  # the row goes first; a stray object is harmless
+    after_commit(session, lambda: delete_objects(storage, [key]))  # the row goes first; a stray object is harmless

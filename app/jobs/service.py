@@ -32,7 +32,7 @@ from app.quotas.service import check_can_queue, lock_team
 from app.recent import Recent
 from app.scheduling import service as scheduling
 from app.scheduling.policy import PRIORITIES
-from app.storage.base import Storage
+from app.storage.base import Storage, delete_objects
 from app.teams.service import Caller
 from app.text import format_bytes, has_control_characters
 from worker.training.estimate import keeps_reference_adapter
@@ -407,14 +407,9 @@ def _finished(job: Job, why: str) -> Job:
 
 def _delete_after_commit(session: Session, storage: Storage, keys: list[str]) -> None:
     """The rows go first, in the request's transaction; the objects once it commits (a stray object is
-    harmless, a row without its object is not)."""
+    harmless, a row without its object is not), each tried even when storage refuses another."""
     session.flush()
-
-    def delete() -> None:
-        for key in keys:
-            storage.delete(key)
-
-    after_commit(session, delete)
+    after_commit(session, lambda: delete_objects(storage, keys))
 
 
 def eval_report(session: Session, caller: Caller, job_id: str) -> dict:

@@ -7,6 +7,7 @@ its key only once its writer has committed: a crash or an error midway leaves no
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from typing import Protocol
 from urllib.parse import quote
 
 READ_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class ObjectNotFound(Exception):
@@ -257,6 +260,21 @@ class StorageBase:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def delete_objects(storage: Storage, keys: list[str]) -> list[str]:
+    """Delete objects whose rows are already gone (committed): each one tried, whatever became of the
+    others, and a failure (storage out of reach) logged, not raised: the deletion the caller asked for has
+    happened, and an object left behind is a stray, which costs storage, not correctness, and which
+    `qlora admin sweep-storage` finds (app/operations/storage_sweep.py). Returns the keys left behind."""
+    left = []
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:  # noqa: BLE001 (each object on its own; the log has why)
+            log.exception("could not delete %s; it stays in storage as a stray (qlora admin sweep-storage)", key)
+            left.append(key)
+    return left
 
 
 def storage_from_settings(settings) -> Storage:

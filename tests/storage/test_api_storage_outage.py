@@ -74,3 +74,25 @@ def test_a_store_that_does_not_answer_is_a_503_too(client, proxy):
     refused = client.post("/datasets", files={"file": ("train.jsonl", ROWS)})
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "storage_unavailable"
+
+
+def test_a_delete_while_s3_refuses_deletes_the_row_answers_done_and_leaves_a_stray_for_the_sweep(
+        client, proxy, s3_inspect, s3_bucket):  # noqa: F811
+    """The row goes first and the object once that commits: with S3 refusing the delete, the dataset was
+    gone but the request answered 503, so a script took the delete for failed and tried again into a 404.
+    Now it answers what was done; the object left behind is a stray, which `qlora admin sweep-storage`
+    finds (app/operations/storage_sweep.py)."""
+    from app.operations.storage_sweep import find_strays
+
+    dataset = client.post("/datasets", files={"file": ("train.jsonl", ROWS)}).json()
+    (key,) = stored(s3_inspect, s3_bucket)
+    proxy.refuse("DELETE", "/objects/", times=1000)
+    deleted = client.delete(f"/datasets/{dataset['id']}")
+    assert deleted.status_code == 204, deleted.text
+    assert client.get(f"/datasets/{dataset['id']}").status_code == 404
+    proxy.clear()
+    assert stored(s3_inspect, s3_bucket) == [key]  # left behind, no row refers to it
+    settings = client.app.state.settings
+    with sessionmaker_for(settings.database_url)() as session:
+        sweep = find_strays(session, client.app.state.storage, older_than_s=0)
+    assert [f"objects/{s.key}" for s in sweep.strays] == [key]
