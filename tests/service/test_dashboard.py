@@ -284,6 +284,47 @@ def test_a_teams_text_shows_as_written_and_runs_nothing(page, team, team_key):
     assert page.evaluate("window.refused") == []  # not refused either: nothing was parsed as markup
     assert team.post(f"/jobs/{job_id}/cancel").status_code == 200
 
+def test_a_job_is_paused_and_resumed_from_its_page(page, deployment, team, team_key, demo_data):
+    """The service pauses a job whose attempts keep ending on a full disk or an outage (its team resumes it
+    once that is mended); the page offered cancel alone, so only the API or the CLI could resume it. The job
+    is put in each state directly (no worker here); the requests are the API's own."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import session_scope, utcnow
+    from app.jobs.tables import Job
+
+    dataset = upload(team, demo_data["validation"], name="pause.jsonl").json()
+    job_id = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",
+                                      "training": {"max_steps": 5}}).json()["id"]
+
+    def put(**values) -> None:
+        with session_scope(deployment.settings.database_url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    # Running, with a heartbeat the reaper will not find stale while the test runs.
+    put(status="running", attempt=1, worker="w-test", claimed_at=utcnow(), heartbeat_at=utcnow() + timedelta(hours=1))
+    sign_in(page, team_key)
+    page.goto(f"/#/jobs/{job_id}")
+    button = page.locator("#pause-resume-job")
+    expect(button).to_have_text("Pause job")
+    button.click()
+    expect(button).to_have_text("Pausing…")
+    expect(button).to_be_disabled()
+    assert team.get(f"/jobs/{job_id}").json()["status"] == "pausing"
+
+    put(status="paused", worker=None)  # as its worker records it, once the checkpoint is saved
+    page.reload()
+    expect(button).to_have_text("Resume job")
+    button.click()
+    expect(page.locator(".title-line .badge")).to_have_text("queued")
+    expect(button).to_have_text("Pause job")
+    expect(button).to_be_disabled()  # a queued job has nothing to pause
+    assert team.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    assert team.post(f"/jobs/{job_id}/cancel").status_code == 200
+
+
 def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, team, team_b, demo_data):
     dataset = upload(team, demo_data["validation"], name="stream.jsonl").json()
     created = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",

@@ -1,6 +1,6 @@
 // One job's page: it follows the job's stream live (status, loss points, events), redraws at most
-// once a frame, and offers cancel and the downloads. The panels are drawn in job-panels.js, the
-// eval report of a finished job in job-report.js.
+// once a frame, and offers pause or resume, cancel and the downloads. The panels are drawn in
+// job-panels.js, the eval report of a finished job in job-report.js.
 
 import { api, FINISHED } from "../api.js";
 import { lossChart } from "../chart.js";
@@ -145,6 +145,20 @@ function renderJobHeader(header, state, ctx) {
       if (!ctx.signal.aborted) header.append(errorAlert(err));
     }
   });
+  // Pause a running job (a checkpoint, then its GPU freed); resume a paused one: paused by its team, or by the
+  // service after its attempts kept ending on a full disk or an outage (its events say which).
+  const resumable = job.status === "paused";
+  const pause = h("button", { type: "button", class: "btn", id: "pause-resume-job",
+    disabled: !(resumable || job.status === "running") },
+    resumable ? "Resume job" : job.status === "pausing" ? "Pausing…" : "Pause job");
+  pause.addEventListener("click", async () => {
+    pause.disabled = true;
+    try {
+      state.job = await api(`/jobs/${job.id}/${resumable ? "resume" : "pause"}`, { method: "POST", signal: ctx.signal });
+    } catch (err) {
+      if (!ctx.signal.aborted) header.append(errorAlert(err));
+    }
+  });
   const downloads = ["adapter", "merged"].map((kind) => {
     const artifact = state.artifacts.find((a) => a.kind === kind);
     const button = h("button", {
@@ -164,7 +178,7 @@ function renderJobHeader(header, state, ctx) {
         h("span", { id: "job-method" }, methodText(spec.method)), " · ",
         ...(job.initial_job_id ? ["from ", h("a", { id: "initial-job", class: "mono", href: `#/jobs/${job.initial_job_id}` }, job.initial_job_id), " · "] : []),
         training.max_steps ? `${training.max_steps} steps` : `${training.epochs} epoch${training.epochs === 1 ? "" : "s"}`, " · created ", fmt.date(job.created_at))),
-    h("div", { class: "actions" }, ...downloads, cancel));
+    h("div", { class: "actions" }, ...downloads, pause, cancel));
 }
 
 /** "sft", or "dpo (beta 0.1, sigmoid)". */
