@@ -210,7 +210,7 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                                     lambda: cancel() or workdir.pause.exists()),)
         try:
             result = run(
-                JobSpec.parse(job.spec), job.train_path, out_dir,
+                JobSpec.parse(job.spec, stored=True), job.train_path, out_dir,
                 validation_path=job.validation_path, registry=job.registry, sink=upload.recipe_sink,
                 resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
                 quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,

@@ -525,3 +525,31 @@ def test_a_pre_quantized_base_trains_exactly_like_quantizing_afresh(tiny_model_d
                 if r["kind"] == "train"]
     assert curve(tmp_path / "first") == curve(tmp_path / "second")  # the same function, to the bit
     assert second.summary["merge_fidelity"] == first.summary["merge_fidelity"]
+
+
+def test_a_dpo_run_paused_with_a_spec_stored_before_its_packing_was_refused_resumes(tmp_path):
+    """Its manifest holds the spec the job was stored with ("packing": true, accepted then and silently not done
+    by dpo), as the earlier release wrote it: read back with the check that came since, it could not be filled
+    in with what was added since, and looked like another spec: 'cannot resume: spec differ'."""
+    from worker.training.recipe import _check_run_dir
+
+    stored = {"base_model": "tiny", "method": {"type": "dpo"}, "training": {"max_steps": 10, "packing": True}}
+    spec = JobSpec.parse(stored, stored=True)
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "COMPLETE").write_text("")
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
+    written = spec.model_dump(mode="json")
+    del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
+    (out / "run.json").write_text(json.dumps({"spec": written, "train_sha256": _file_sha256(train),
+                                              "validation_sha256": None, "initial_adapter_sha256": None}))
+    latest, resumed = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
+    assert latest == out / "checkpoints" / "step-3" and resumed == spec
+
+
+def _file_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

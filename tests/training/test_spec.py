@@ -110,3 +110,14 @@ def test_method_defaults_to_sft_and_dpo_to_the_papers_beta():
     # A spec stored before methods existed reads as sft, and the dump round-trips.
     spec = JobSpec.parse({**BASE, "method": {"type": "dpo", "beta": 0.5, "loss": "ipo"}})
     assert JobSpec.parse(spec.model_dump(mode="json")) == spec
+
+
+def test_a_dpo_spec_stored_before_packing_and_train_on_inputs_were_refused_still_reads_as_stored():
+    """POST /jobs took "packing": true and "train_on_inputs": true for a dpo job (the run silently did neither)
+    until 5d96912 refused them. A job stored so, queued or paused across the upgrade, is parsed again by the
+    worker that runs or resumes it: it failed there as an invalid spec, losing a paused run's checkpoints."""
+    stored = {**BASE, "method": {"type": "dpo"}, "training": {"max_steps": 10, "packing": True, "train_on_inputs": True}}
+    assert set(errors_of(stored)) == {"training.train_on_inputs"}  # a new request is still refused
+    spec = JobSpec.parse(stored, stored=True)
+    assert (spec.method.type, spec.training.packing, spec.training.train_on_inputs) == ("dpo", True, True)
+    assert JobSpec.parse(spec.model_dump(mode="json"), stored=True) == spec

@@ -91,7 +91,7 @@ from worker.training.protocol import (  # noqa: E402
     write_json_atomic,
 )
 from worker.training.report import REPORT_PATH, describe_report, make_report, perplexity  # noqa: E402
-from worker.training.spec import METHOD_FORMATS, JobSpec  # noqa: E402
+from worker.training.spec import METHOD_FORMATS, STORED, JobSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
     encode_examples,
     encode_preferences,
@@ -797,7 +797,7 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
     # pause and its resume) takes its default, as the job's stored spec does, and a decided one this
     # run's decision (the interrupted run had none to keep).
     try:
-        filled = JobSpec.model_validate(written).model_dump(mode="json")
+        filled = JobSpec.model_validate(written, context=STORED).model_dump(mode="json")
         for section, field in DECIDED_ON_THE_DEVICE:
             if field not in written.get(section, {}):  # a present section validated: a dict
                 filled[section][field] = manifest["spec"][section][field]
@@ -830,7 +830,7 @@ def _as_decided_before(requested: JobSpec, fitted: JobSpec, written: dict) -> Jo
         if asked[section][field] == "auto" and before is not None and before != "auto":
             data[section][field] = before
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context=STORED)
     except ValueError:
         return fitted  # not a decision this version reads: the comparison says what differs
 

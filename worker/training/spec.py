@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 EXCERPT_CHARS = 60  # of a value an error message echoes: enough to recognise it
 
@@ -232,6 +232,10 @@ Method = Annotated[SftMethod | DpoMethod, Field(discriminator="type")]
 # 40x below SFT's; at SFT's 2e-4 a DPO run garbles the answers it starts from.
 LEARNING_RATES = {"sft": 2e-4, "dpo": 5e-6}
 METHODS: dict[str, type[BaseModel]] = {"sft": SftMethod, "dpo": DpoMethod}
+# The validation context of a spec already accepted (a job's stored spec, a run's manifest): a check added
+# since that refuses what an earlier release accepted and ran (dpo's packing, train_on_inputs) asks a new
+# request only, or a job queued or paused across the upgrade would fail on the worker as an invalid spec.
+STORED = {"stored": True}
 # The dataset format each method trains on (worker/training/data.py); the API refuses a mismatch.
 METHOD_FORMATS = {"sft": ("chat", "prompt_completion", "alpaca", "text"), "dpo": ("preference",)}
 
@@ -260,9 +264,10 @@ class JobSpec(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _sft_only_settings(self) -> JobSpec:
-        """Settings a dpo run cannot follow, refused where asked for rather than silently not done."""
-        if self.method.type != "dpo":
+    def _sft_only_settings(self, info: ValidationInfo) -> JobSpec:
+        """Settings a dpo run cannot follow, refused where asked for rather than silently not done. Not in a
+        spec already stored (STORED): a job accepted before this check runs and resumes as it was accepted."""
+        if self.method.type != "dpo" or (info.context or {}).get("stored"):
             return self
         if self.training.train_on_inputs:
             raise ValueError("training.train_on_inputs: method dpo compares the two answers only and never learns "
@@ -287,10 +292,11 @@ class JobSpec(_Strict):
         return needs
 
     @classmethod
-    def parse(cls, data: dict[str, Any]) -> JobSpec:
-        """Validate a spec; on failure raise SpecError naming each field and its allowed values."""
+    def parse(cls, data: dict[str, Any], *, stored: bool = False) -> JobSpec:
+        """Validate a spec; on failure raise SpecError naming each field and its allowed values. `stored`: a
+        job's spec as the service stored it, perhaps under an earlier release (see STORED)."""
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data, context=STORED if stored else None)
         except ValidationError as exc:
             raise SpecError(describe_validation_error(exc, cls)) from None
 
