@@ -209,3 +209,19 @@ def test_a_long_examples_first_tokens_are_shown_and_the_whole_row_counted(tiny_m
     shown = report["examples"][0]
     assert len(shown["tokens"]) == 4096 < shown["tokens_in_row"] == shown["length"] == report["train"]["tokens"]
     assert shown["trained_in_row"] == report["train"]["trained_tokens"] > 4096
+
+
+def test_a_validation_set_with_nothing_to_evaluate_does_not_hide_a_train_set_that_never_learns_to_stop():
+    """Each reason a job is refused is named at once (a PreflightRefused lists them): the validation refusal
+    (baf7fa7) took the place of the one before it in a chain of alternatives, so a job with both problems was
+    refused for its validation set alone, and refused again for its EOS once that was mended."""
+    from worker.training.preflight import SetReport, problems
+
+    spec = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "max_seq_length": 32}})
+    train = SetReport(rows=4, rows_in_file=4, truncated_rows=4, rows_without_eos=4, tokens=128, trained_tokens=40,
+                      lengths={"min": 40, "median": 45, "p95": 50, "max": 50})
+    validation = SetReport(rows=2, rows_in_file=2, truncated_rows=2, dropped_rows=2, dropped_lines=[1, 2],
+                           lengths={"min": 60, "median": 60, "p95": 60, "max": 60})
+    refusals, _ = problems(spec, train, validation)
+    assert any("no validation row is left to evaluate" in r for r in refusals)
+    assert any("keeps its EOS in the labels" in r for r in refusals)

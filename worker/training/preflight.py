@@ -378,16 +378,17 @@ def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = Non
         else:
             refusals.append(f"no row{scope} has a token to learn (zero trained tokens): check the assistant turns, "
                             "their weight, and train_on_inputs")
-    elif validation is not None and validation.rows and validation.kept_rows == 0:
+    elif train.kept_rows and train.rows_without_eos == train.kept_rows:
+        refusals.append(f"no row{scope} keeps its EOS in the labels, so the model would never learn to stop: "
+                        f"raise max_seq_length (now {t.max_seq_length}; the longest row is {train.lengths['max']:,} "
+                        "tokens) or end each row with an assistant turn that is learned")
+    # The validation set's own: beside the train set's, not instead of it (each reason is named at once).
+    if validation is not None and validation.rows and validation.kept_rows == 0:
         ties = f" ({_tied(validation)})" if validation.tied_rows else ""
         refusals.append(f"no validation row is left to evaluate within max_seq_length={t.max_seq_length} (all "
                         f"{validation.rows:,} are dropped{ties}; the shortest is {validation.lengths['min']:,} tokens), "
                         "so the job would run without an evaluation and its report would prompt from the train set: "
                         "raise max_seq_length, shorten the validation prompts, or leave out validation_dataset_id")
-    elif train.kept_rows and train.rows_without_eos == train.kept_rows:
-        refusals.append(f"no row{scope} keeps its EOS in the labels, so the model would never learn to stop: "
-                        f"raise max_seq_length (now {t.max_seq_length}; the longest row is {train.lengths['max']:,} "
-                        "tokens) or end each row with an assistant turn that is learned")
     if refusals:
         return refusals, warnings
     if train.rows and train.truncated_rows / train.rows >= TRUNCATED_WARNING:
