@@ -177,3 +177,22 @@ def test_the_preflight_refuses_every_row_the_template_refuses_and_counts_the_oth
         "the first; the first says: " + report["train"]["template_refusal"]]
     assert report["train"]["template_refusal"].startswith(
         "line 2: the model's chat template refuses this conversation: System role not supported")
+
+
+def test_a_dpo_set_whose_every_pair_the_template_refuses_is_shown_by_qlora_jobs_preflight(base_tokenizer_dir, tmp_path):
+    """Its report counted no pair at all, so "contradicting_rows" (069fc99) stayed null where the other dpo counts
+    are 0, and the CLI's table formatted it as a number: a TypeError, which `qlora jobs preflight` told as an API
+    answer of another shape (exit 1) instead of showing the refusal that names the template."""
+    from app.cli.render import print_preflight
+
+    tok_dir = tmp_path / "tokenizer"
+    dressed(base_tokenizer_dir, "gemma2", tok_dir)
+    pair = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who says moo?"}],
+            "chosen": "The cow.", "rejected": "The dog."}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "A cow."}) + "\n")
+    spec = JobSpec.parse({"base_model": "m", "method": {"type": "dpo"}, "training": {"max_steps": 1}})
+    report = preflight(spec, tok_dir, data)
+    assert report["train"]["template_refused_rows"] == 2 and report["refusals"]
+    assert report["train"]["contradicting_rows"] == 0 and report["train"]["tied_rows"] == 0
+    print_preflight({"placement": {"note": "runs on the CPU"}, "report": report})

@@ -193,6 +193,8 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
                        rows_without_eos_by_side=stats.eos_cut,
                        tied_rows=stats.tied_rows if stats.eos_cut is not None else None, format=data.format,
+                       # a dpo set's count even where no pair is left to count (every one refused by the template)
+                       contradicting_rows=0 if stats.eos_cut is not None else None,
                        template_refused_rows=len(refused), template_refused_lines=[line for line, _ in refused[:LINES_SHOWN]],
                        template_refusal=refused[0][1] if refused else None)
     _count_special_tokens(report, read, tokenizer)
