@@ -263,6 +263,10 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
     checkpoints, for its team to resume once mended (a resume counts its lost attempts afresh). What
     became of it ("requeued", "failed", "cancelled", "paused"), or None when something else moved the
     job meanwhile."""
+    if job.status not in states.WORKER_OWNED:
+        # Ended by the attempt itself meanwhile (its watch records a time limit, or a cancel or pause before
+        # training, as the worker loses it): fenced by that state, a failed job was queued again or paused.
+        return None
     attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
     now = utcnow()
     values: dict[str, Any]

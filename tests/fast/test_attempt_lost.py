@@ -95,3 +95,27 @@ def test_the_last_lost_attempt_pauses_a_job_stopped_by_a_full_disk_or_an_outage_
     session.commit()
     session.refresh(job)
     assert (job.status, job.lost_workers) == (states.QUEUED, 0)
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled", "paused"])
+@pytest.mark.parametrize("outside_the_job", [True, False])
+def test_a_lost_attempt_leaves_a_job_its_own_watch_already_ended_as_it_is(
+        session, settings, caller, make_job, status, outside_the_job):
+    """The attempt's watch records the end itself: at the time limit it kills the training process, then
+    records failed; the main thread may see the process gone without a result first (AttemptLost, "killed by
+    SIGKILL") and, once the watch has stopped, lose the attempt (supervisor._lose) with the job failed by that
+    same attempt. Likewise a cancel or pause before training as a transfer meets storage out of reach.
+    attempt_lost moved the job from whatever state it found (its fence was that state and the attempt): a job
+    failed at its time limit ("not retried") was queued again, a cancelled or team-paused one too, and past
+    the last attempt a failed one was paused (outside_the_job) or failed again over its own error."""
+    from app.db import utcnow
+    from app.jobs import runs
+    from app.jobs.tables import Job
+
+    job_id = make_job(status, attempt=2, lost_workers=1 if outside_the_job else 0, worker="gpu-3")
+    why = "storage or the database was out of reach (EndpointConnectionError)"
+    assert runs.attempt_lost(session, session.get(Job, job_id), why, 2, utcnow(), 3600.0,
+                             outside_the_job=outside_the_job) is None
+    session.commit()
+    session.expire_all()
+    assert session.get(Job, job_id).status == status
