@@ -163,7 +163,7 @@ class ApiClient:
         return cls(*resolve_credentials(url, api_key, warn))
 
     def _answered(self, response: httpx.Response) -> None:
-        self.last_answered = f"{response.request.method} {response.request.url.copy_with(query=None)}"
+        self.last_answered = _named(response.request)
 
     def close(self) -> None:
         self._http.close()
@@ -451,8 +451,7 @@ def _decoded(response: httpx.Response, expect: type | None = None) -> Any:
         if "json" in response.headers.get("content-type", ""):
             body = response.json()
             if expect is not None and not isinstance(body, expect):
-                raise UnexpectedAnswer(f"{response.request.method} {response.request.url.copy_with(query=None)}",
-                                       f"it is {_json_type(body)}, not {_json_type(expect())}")
+                raise UnexpectedAnswer(_named(response.request), f"it is {_json_type(body)}, not {_json_type(expect())}")
             return body
     except ValueError:
         pass
@@ -466,6 +465,11 @@ class UnexpectedAnswer(ClientError):
     def __init__(self, request: str | None, what: str):
         super().__init__(f"the answer to {request or 'a request'} is not what this CLI expects ({what}): is the "
                          "server at QLORA_URL (or --url) the qlora-service API, of this CLI's version?")
+
+
+def _named(request: httpx.Request) -> str:
+    """A request as an error names it: "GET http://host/jobs" (its query left out)."""
+    return f"{request.method} {request.url.copy_with(query=None)}"
 
 
 def _json_type(value: Any) -> str:

@@ -212,7 +212,7 @@ class StorageBase:
         raise NotImplementedError
 
     def list(self, prefix: str) -> list[str]:
-        raise NotImplementedError
+        return sorted(listed.key for listed in self.list_objects(prefix))
 
     def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
         """Every committed object under `prefix` (a write not yet committed is not one), in no set order,

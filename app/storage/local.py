@@ -100,23 +100,11 @@ class LocalStorage(StorageBase):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def list(self, prefix: str) -> list[str]:
-        # Prefixes match like S3's, as plain string prefixes; the walk starts at the deepest
-        # directory the prefix names so listing one team never walks every team.
-        start = self.root / check_prefix(prefix).rpartition("/")[0]
-        keys = []
-        for dirpath, dirnames, filenames in os.walk(start):
-            if Path(dirpath) == self.root:
-                dirnames[:] = [d for d in dirnames if d != TMP_DIR]
-            for name in filenames:
-                key = (Path(dirpath) / name).relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
-
     def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
         # The files a writer renamed into place: never its temp files under TMP_DIR, never a symbolic link
         # (the service writes none). A file's mtime is its last write, which a commit's rename keeps.
+        # Prefixes match like S3's, as plain string prefixes; the walk starts at the deepest directory the
+        # prefix names so listing one team never walks every team.
         start = self.root / check_prefix(prefix).rpartition("/")[0]
         for dirpath, dirnames, filenames in os.walk(start):
             if Path(dirpath) == self.root:

@@ -180,15 +180,6 @@ class S3Storage(StorageBase):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
 
-    def list(self, prefix: str) -> list[str]:
-        check_prefix(prefix)
-        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
-        return sorted(keys)
-
     def list_objects(self, prefix: str = "") -> Iterator[ListedObject]:
         # ListObjectsV2 lists completed objects only (a multipart upload is one once completed), 1,000 a page.
         # S3 dates a multipart upload's object from when the upload began, not when it was completed.
