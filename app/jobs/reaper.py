@@ -1,4 +1,4 @@
-"""Finds jobs whose worker is gone and gives them another attempt (or fails them after too many).
+"""Finds jobs whose worker is gone and gives them another attempt (or pauses them after too many).
 (Sending "job X is ready" again for queued jobs whose message never reached a worker that claimed them
 is the scheduler's: app/scheduling/service.py.)
 
@@ -33,10 +33,15 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0}
     for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
-        # Its GPU time ends with its last sign of life, whatever comes of the job.
+        # Its GPU time ends with its last sign of life, whatever comes of the job. A silent worker is the
+        # host's doing, not the job's: the worker's heartbeats come from a thread of its own, beside a training
+        # process it watches (a training process killed or stuck is the worker's to report, and the time
+        # limit's), so silence means a host killed or preempted, a frozen VM, a partition, or the database out
+        # of reach for longer than the worker waits. Past the last attempt such a job is paused, resumable from
+        # its newest checkpoint, not failed: three spot preemptions must not lose a day's training.
         outcome = attempt_lost(session, job, f"worker {job.worker} stopped sending heartbeats at step {job.step}",
                                settings.max_attempts, job.heartbeat_at or job.claimed_at or now,
-                               settings.fair_share_half_life_s)
+                               settings.fair_share_half_life_s, outside_the_job=True)
         if outcome is not None:
             counts[outcome] += 1
     session.flush()

@@ -258,11 +258,11 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
     process died or the worker failed on the way to storage or the database (the worker itself). A job
     being cancelled is cancelled, one pausing is paused; any other gets another attempt, which resumes
     from the newest checkpoint, until max_attempts attempts were lost. Then it fails, unless the last
-    attempt ended on something `outside_the_job` (a full disk, storage or the database out of reach):
-    that is for an operator to mend, not a reason to lose the job, so it is paused instead, keeping its
-    checkpoints, for its team to resume once mended (a resume counts its lost attempts afresh). What
-    became of it ("requeued", "failed", "cancelled", "paused"), or None when something else moved the
-    job meanwhile."""
+    attempt ended on something `outside_the_job` (a full disk, storage or the database out of reach, a
+    worker gone silent): that is for an operator to mend, not a reason to lose the job, so it is paused
+    instead, keeping its checkpoints, for its team to resume once mended (a resume counts its lost
+    attempts afresh). What became of it ("requeued", "failed", "cancelled", "paused"), or None when
+    something else moved the job meanwhile."""
     if job.status not in states.WORKER_OWNED:
         # Ended by the attempt itself meanwhile (its watch records a time limit, or a cancel or pause before
         # training, as the worker loses it): fenced by that state, a failed job was queued again or paused.

@@ -70,8 +70,8 @@ def test_the_last_lost_attempt_pauses_a_job_stopped_by_a_full_disk_or_an_outage_
         session, settings, caller, make_job, outside_the_job, became):
     """Past QLORA_MAX_ATTEMPTS a job failed whatever ended its attempts, though a disk an operator had not
     yet freed, or an outage, is nothing the job did: it is paused instead, keeping its checkpoints, and its
-    team's resume gives it QLORA_MAX_ATTEMPTS afresh. A crash of its own (a killed training process, a
-    silent worker) still fails it: another round would likely repeat it."""
+    team's resume gives it QLORA_MAX_ATTEMPTS afresh. A crash of its own (a killed training process: the
+    kernel's OOM killer) still fails it: another round would likely repeat it."""
     from app.db import utcnow
     from app.jobs import runs, service, states
     from app.jobs.tables import Job
@@ -92,6 +92,39 @@ def test_the_last_lost_attempt_pauses_a_job_stopped_by_a_full_disk_or_an_outage_
     assert job.error is None and job.finished_at is None and job.worker is None
 
     service.resume(session, settings, caller, job_id)
+    session.commit()
+    session.refresh(job)
+    assert (job.status, job.lost_workers) == (states.QUEUED, 0)
+
+
+def test_the_reaper_pauses_a_job_whose_last_attempt_lost_its_worker(session, settings, caller, make_job):
+    """A silent worker is a host killed or preempted, a frozen VM, a partition, or the database out of reach
+    for longer than the worker waits: nothing the job did, as a full disk is not. Past QLORA_MAX_ATTEMPTS
+    the reaper failed such a job, so three spot preemptions lost a day's training; it is paused now, and a
+    job with attempts left is still requeued."""
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.jobs import service, states
+    from app.jobs.reaper import reap
+    from app.jobs.tables import Job
+
+    silent_since = utcnow() - timedelta(seconds=settings.heartbeat_deadline_s + 60)
+    last = make_job(states.RUNNING, attempt=3, lost_workers=settings.max_attempts - 1, worker="gpu-3",
+                    step=40, started_at=silent_since, heartbeat_at=silent_since)
+    another = make_job(states.RUNNING, attempt=1, worker="gpu-4", started_at=silent_since, heartbeat_at=silent_since)
+    alive = make_job(states.RUNNING, attempt=1, worker="gpu-5", started_at=silent_since, heartbeat_at=utcnow())
+
+    assert reap(session, settings) == {"requeued": 1, "failed": 0, "cancelled": 0, "paused": 1}
+    session.commit()
+    assert [session.get(Job, j).status for j in (last, another, alive)] == [states.PAUSED, states.QUEUED, states.RUNNING]
+    job = session.get(Job, last)
+    assert job.error is None and job.finished_at is None and job.worker is None
+    (event,) = [e for e in service.events(session, caller, last, None, 100) if e.type == states.PAUSED]
+    assert event.message.startswith(f"the job lost {settings.max_attempts} attempts (last: worker gpu-3 stopped "
+                                    "sending heartbeats at step 40); paused rather than failed"), event.message
+
+    service.resume(session, settings, caller, last)
     session.commit()
     session.refresh(job)
     assert (job.status, job.lost_workers) == (states.QUEUED, 0)

@@ -119,7 +119,7 @@ def main(paths: list[str]) -> str:
         "- Heartbeats every `QLORA_SUPERVISE_INTERVAL_S` from a thread of the worker, from the claim to the "
         "final state, through downloads and uploads of any length; the reaper (in the API process holding "
         "its lease) requeues "
-        "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and fails them after `QLORA_MAX_ATTEMPTS`.",
+        "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and pauses them (resumable) after `QLORA_MAX_ATTEMPTS`.",
         "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again by the scheduler; the "
         "claim, a compare-and-set, makes the duplicate harmless.",
         "- Past `QLORA_JOB_TIME_LIMIT_S` the worker stops the attempt and records the job failed, naming the "
