@@ -26,9 +26,9 @@ from app.jobs.schemas import (
 )
 from app.jobs.stream import job_stream
 from app.pagination import MAX_ID
-from app.ranges import RANGED, RangeDep, stored_object_response
+from app.ranges import RANGED, RangeDep, RangeRequest, stored_object_response
 from app.routing import CheckedJSONRoute
-from app.storage.base import StoredObject, attachment_disposition
+from app.storage.base import Storage, StoredObject, attachment_disposition
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=CheckedJSONRoute)
 
@@ -189,13 +189,28 @@ def download_artifact(job_id: str, kind: str, session: SessionDep, storage: Stor
     """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL.
     Resumable: Range (one byte range, 206) with If-Range set to the ETag, the quoted sha256."""
     found = service.download(session, storage, settings, caller, job_id, kind)
-    artifact = found.artifact
-    headers = {"X-Checksum-Sha256": artifact.sha256}
     if found.url:
-        return RedirectResponse(found.url, status_code=307, headers=headers)
+        return RedirectResponse(found.url, status_code=307, headers={"X-Checksum-Sha256": found.artifact.sha256})
+    return archive_response(asked, storage, found)
+
+
+@router.get("/{job_id}/artifacts/{kind}/signed", name="download_signed", responses={
+    **RANGED, 403: {"description": "`forbidden`: the link's signature does not match, its key was revoked, or it "
+                                   "expired."}})
+def download_signed(job_id: str, kind: str, key: str, expires: int, signature: str, session: SessionDep,
+                    storage: StorageDep, settings: SettingsDep, asked: RangeDep):
+    """The artifact as the route above streams it, with no API key: for a browser, which navigates to the
+    `url` the link route below answers on local storage (on S3 that is the store's presigned URL). Valid for
+    QLORA_PRESIGN_EXPIRES_S, and only while the key that asked for it is not revoked. Resumable, the same way."""
+    return archive_response(asked, storage, service.signed_download(session, storage, settings, job_id, kind, key,
+                                                                    expires, signature))
+
+
+def archive_response(asked: RangeRequest, storage: Storage, found: service.Download) -> StreamingResponse:
+    artifact = found.artifact
     return stored_object_response(asked, storage, StoredObject(artifact.storage_key, artifact.bytes, artifact.sha256),
-                                  "application/x-tar",
-                                  {**headers, "Content-Disposition": attachment_disposition(found.filename)})
+                                  "application/x-tar", {"X-Checksum-Sha256": artifact.sha256,
+                                                        "Content-Disposition": attachment_disposition(found.filename)})
 
 
 @router.delete("/{job_id}/artifacts/{kind}", responses={
@@ -209,18 +224,21 @@ def delete_artifact(job_id: str, kind: str, session: SessionDep, storage: Storag
 
 
 @router.get("/{job_id}/artifacts/{kind}/link")
-def artifact_link(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-                  caller: CallerDep):
-    """Where a browser can download the artifact without the API key: the presigned URL on S3 (`url`
-    is null on local storage, where the download route above streams it, with the key).
+def artifact_link(job_id: str, kind: str, request: Request, session: SessionDep, storage: StorageDep,
+                  settings: SettingsDep, caller: CallerDep):
+    """Where a browser can download the artifact without the API key, for QLORA_PRESIGN_EXPIRES_S: the
+    presigned URL on S3; on local storage the signed route above, signed with the asking key (revoking
+    the key revokes the link).
 
     A page cannot follow the download route's 307 as a download (a navigation carries no key, and
     fetch() would need the store to allow the page's origin and would hold the archive in memory),
     so it asks here with its key and then navigates to the URL.
     """
-    found = service.download(session, storage, settings, caller, job_id, kind)
+    found = service.browser_download(session, storage, settings, caller, job_id, kind)
+    url = found.url or str(request.url_for("download_signed", job_id=found.artifact.job_id, kind=found.artifact.kind)
+                           .include_query_params(**(found.signed or {})))
     return {"kind": found.artifact.kind, "bytes": found.artifact.bytes, "sha256": found.artifact.sha256,
-            "filename": found.filename, "url": found.url}
+            "filename": found.filename, "url": url}
 
 
 @router.get("/{job_id}/stream", response_class=StreamingResponse,

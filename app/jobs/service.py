@@ -5,6 +5,7 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from app.config import Settings
 from app.datasets import service as datasets
 from app.datasets.tables import Dataset
 from app.db import after_commit, read_only, utcnow
-from app.errors import Conflict, DoesNotFit, Invalid, NotFound, field_errors
+from app.errors import Conflict, DoesNotFit, Forbidden, Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
 from app.jobs import lineage, preflight, repository, states
 from app.jobs.admission import Admission, admit
@@ -33,6 +34,7 @@ from app.recent import Recent
 from app.scheduling import service as scheduling
 from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage, delete_objects
+from app.teams import service as teams
 from app.teams.service import Caller
 from app.text import format_bytes, has_control_characters
 from worker.training.estimate import keeps_reference_adapter
@@ -226,6 +228,8 @@ class Download:
     artifact: Artifact
     filename: str
     url: str | None  # a presigned URL on S3; None where the API itself must stream the archive
+    # Where it must (local storage), the query of its own signed route for a browser: see browser_download.
+    signed: dict[str, str] | None = None
 
 
 def download(session: Session, storage: Storage, settings: Settings, caller: Caller, job_id: str, kind: str) -> Download:
@@ -242,6 +246,36 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
     filename = "".join("_" if c in "/\\" or has_control_characters(c) else c for c in f"{job.name or job.id}-{kind}.tar")
     url = storage.presigned_url(artifact.storage_key, settings.presign_expires_s, filename=filename)
     return Download(artifact, filename, url)
+
+
+def browser_download(session: Session, storage: Storage, settings: Settings, caller: Caller, job_id: str,
+                     kind: str) -> Download:
+    """download(), with what a browser needs to save the archive without the key on either backend: on S3
+    the presigned URL; on local storage, where the API streams the archive itself, the query of its signed
+    route (the key's id, an expiry presign_expires_s away, and the key's signature over both and the
+    artifact). Before, the dashboard fetched a local archive with its key and saved it from the tab's
+    memory: a merged model of 16 GB took the tab down."""
+    found = download(session, storage, settings, caller, job_id, kind)
+    if found.url is None:
+        expires = int(time.time()) + settings.presign_expires_s
+        found.signed = {"key": caller.key_id, "expires": str(expires),
+                        "signature": teams.sign(session, caller, link_message(job_id, kind, expires))}
+    return found
+
+
+def signed_download(session: Session, storage: Storage, settings: Settings, job_id: str, kind: str, key_id: str,
+                    expires: int, signature: str) -> Download:
+    """What a link from browser_download streams, for whoever holds it, as long as it has not expired and
+    the key that signed it still authenticates; the job stays its team's (another team's signature is 404)."""
+    caller = teams.signer(session, key_id, link_message(job_id, kind, expires), signature)
+    if expires < time.time():
+        raise Forbidden("this download link has expired (links last QLORA_PRESIGN_EXPIRES_S="
+                        f"{settings.presign_expires_s} s); ask for a new one (GET /jobs/{{id}}/artifacts/{{kind}}/link)")
+    return download(session, storage, settings, caller, job_id, kind)
+
+
+def link_message(job_id: str, kind: str, expires: int) -> str:
+    return f"GET /jobs/{job_id}/artifacts/{kind}\n{expires}"
 
 
 T = TypeVar("T")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import Conflict, Invalid, NotFound, Unauthorized
+from app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.recent import Recent
 from app.teams import repository
 from app.teams.tables import ApiKey, Team
@@ -112,3 +113,30 @@ def authenticate(session: Session, key_hash: str) -> Caller:
     if team is None:  # the key's team row is gone: treat the key as revoked
         raise Unauthorized("invalid or revoked API key")
     return Caller.of(team, key)
+
+
+# Signed links: what a key's holder hands a browser, which cannot send the key as it navigates (a download
+# the browser saves to disk is a navigation, not a fetch). Signed with the key's own stored hash, a secret
+# the database keeps and nobody is shown, so no secret of the service's own must be made, kept and shared
+# between API processes; and a link dies with its key: revoking the key revokes every link it signed.
+
+def sign(session: Session, caller: Caller, message: str) -> str:
+    key = session.get(ApiKey, caller.key_id)
+    if key is None or key.revoked_at is not None:
+        raise Unauthorized("invalid or revoked API key")
+    return _signature(key, message)
+
+
+def signer(session: Session, key_id: str, message: str, signature: str) -> Caller:
+    """Who signed `message`, if the key `key_id` did and still authenticates; 403 otherwise, naming no
+    more than that (a wrong key id and a wrong signature read the same)."""
+    key = session.get(ApiKey, key_id) if key_id else None
+    team = repository.team_by_id(session, key.team_id) if key is not None and key.revoked_at is None else None
+    if key is None or team is None or not hmac.compare_digest(_signature(key, message), signature):
+        raise Forbidden("this link is not valid: its signature does not match, or the key that made it was "
+                        "revoked; ask for a new one")
+    return Caller.of(team, key)
+
+
+def _signature(key: ApiKey, message: str) -> str:
+    return hmac.new(key.key_hash.encode(), message.encode(), hashlib.sha256).hexdigest()

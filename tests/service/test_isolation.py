@@ -46,14 +46,31 @@ def as_missing(text: str, dataset_id: str, job_id: str) -> str:
     return text.replace(dataset_id, MISSING_DATASET).replace(job_id, MISSING_JOB)
 
 
+def signed_by(deployment, client, path: str) -> str:
+    """A route a browser's download link names (no key: a signature instead), signed as the client's own
+    key may sign it: a link's holder cannot sign, and a key's holder may sign only as its own team."""
+    from app.db import session_scope
+    from app.jobs.service import link_message
+    from app.teams import service as teams
+
+    match = re.fullmatch(r"/jobs/(\w+)/artifacts/(\w+)/signed", path)
+    if match is None:
+        return path
+    expires = int(time.time()) + 600
+    with session_scope(deployment.settings.database_url) as session:
+        caller = teams.authenticate(session, teams.hash_key(client.headers["authorization"].removeprefix("Bearer ")))
+        signature = teams.sign(session, caller, link_message(*match.groups(), expires))
+    return f"{path}?key={caller.key_id}&expires={expires}&signature={signature}"
+
+
 def test_other_teams_ids_answer_404_everywhere(deployment, a_objects, team_a, team_b):
     dataset_id, job_id = a_objects
     for method, path in routes_taking_ids(deployment, dataset_id, job_id):
-        response = team_b.request(method, path)
+        response = team_b.request(method, signed_by(deployment, team_b, path))
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["error"]["code"] == "not_found"
         # ...answered as a missing id is, word for word: nothing tells that the object exists.
-        missing = team_b.request(method, as_missing(path, dataset_id, job_id))
+        missing = team_b.request(method, signed_by(deployment, team_b, as_missing(path, dataset_id, job_id)))
         assert missing.status_code == 404 and missing.text == as_missing(response.text, dataset_id, job_id), (path, missing.text)
     # /v1's lists page after an id: another team's is as missing there too.
     for path in (f"/v1/files?after=file-{dataset_id}", f"/v1/fine_tuning/jobs?after=ftjob-{job_id}"):
@@ -100,9 +117,12 @@ def test_missing_and_revoked_keys_answer_401(deployment, a_objects):
     while revoked.get("/jobs").status_code != 401:
         assert time.monotonic() - revoked_at < deployment.settings.key_cache_s + 5, "the revoked key still works"
         time.sleep(0.1)
+    # A browser's download link takes no key, but its key's signature: a revoked key's links answer 403
+    # (test_resumable_downloads.py, test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused).
+    keyed = [(method, path) for method, path in routes_taking_ids(deployment, dataset_id, job_id)
+             if not path.endswith("/signed")]
     for client in (anonymous, wrong, revoked):
-        for method, path in [("GET", "/jobs"), ("GET", "/datasets"), ("GET", "/models"), ("POST", "/jobs"),
-                             *routes_taking_ids(deployment, dataset_id, job_id)]:
+        for method, path in [("GET", "/jobs"), ("GET", "/datasets"), ("GET", "/models"), ("POST", "/jobs"), *keyed]:
             response = client.request(method, path)
             assert response.status_code == 401, (method, path, response.text)
     assert "Bearer" in anonymous.get("/jobs").json()["error"]["message"]

@@ -18,6 +18,7 @@ import threading
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.jobs.tables import Artifact, Job
@@ -275,6 +276,105 @@ def test_another_teams_artifact_is_404_with_a_range(local_artifact, team_b):
         assert client.get(f"/jobs/{job_id}/artifacts/adapter", headers=headers).status_code == owners_status
         answer = other.get(f"/jobs/{job_id}/artifacts/adapter", headers=headers)
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
+# ---------------------------------------------------------------- a browser's link, on local storage
+
+
+def link_of(client: httpx.Client, job_id: str) -> dict:
+    answer = client.get(f"/jobs/{job_id}/artifacts/adapter/link")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_local_link_downloads_without_the_key_ranged_like_the_route(local_artifact):
+    """A browser cannot send the key as it navigates to a download. On local storage the link route
+    answered url null, and the dashboard fetched the archive with its key and saved it from the tab's
+    memory (a 16 GB merged model took the tab down): the link is now the API's own signed route, as S3's
+    is its presigned URL, and it answers as the keyed route does."""
+    client, job_id = local_artifact
+    link = link_of(client, job_id)
+    assert link["url"].startswith(f"{client.base_url}/jobs/{job_id}/artifacts/adapter/signed?")
+    assert (link["bytes"], link["sha256"], link["filename"]) == (len(DATA), SHA256, "sft-adapter.tar")
+    anyone = httpx.Client(timeout=60)  # no Authorization header
+    whole = anyone.get(link["url"])
+    assert whole.status_code == 200 and whole.content == DATA, whole.text[:200]
+    assert whole.headers["content-disposition"].startswith("attachment;") and "sft-adapter.tar" in whole.headers[
+        "content-disposition"]
+    assert whole.headers["etag"] == f'"{SHA256}"' and whole.headers["x-checksum-sha256"] == SHA256
+    part = anyone.get(link["url"], headers={"Range": "bytes=1000-", "If-Range": f'"{SHA256}"'})
+    assert part.status_code == 206 and part.content == DATA[1000:]
+
+
+def test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused(deployment, local_api, local_artifact, team_b):  # noqa: F811
+    from datetime import UTC, datetime
+
+    from app.jobs.service import link_message
+    from app.teams import service as teams
+    from app.teams.tables import ApiKey
+
+    client, job_id = local_artifact
+    anyone = httpx.Client(timeout=60)
+    url = httpx.URL(link_of(client, job_id)["url"])
+    query = dict(url.params)
+
+    def fetch(path: str = url.path, **changed: str) -> httpx.Response:
+        return anyone.get(url.copy_with(path=path, params={**query, **changed}))
+
+    assert fetch().status_code == 200
+    other_job = store_artifact(deployment, local_api[1], data=b"another archive")
+    for answer in (fetch(signature="0" * 64), fetch(signature=""), fetch(expires=str(int(query["expires"]) + 3600)),
+                   fetch(key=query["key"] + "x"), fetch(key=""),
+                   fetch(path=url.path.replace(job_id, other_job)),  # another job, the same team's
+                   fetch(path=url.path.replace("/adapter/", "/merged/"))):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "forbidden" and "not valid" in answer.json()["error"]["message"]
+    for broken in ({"expires": "soon"}, {"expires": "9" * 400}):
+        assert fetch(**broken).status_code in (403, 422)
+
+    # Expired: signed by the key for a time gone by.
+    with session_scope(deployment.settings.database_url) as session:
+        key = session.get(ApiKey, query["key"])
+        caller = teams.Caller(team_id=key.team_id, team_name="team-a", key_id=key.id, is_admin=False)
+        past = int(datetime.now(UTC).timestamp()) - 1
+        signature = teams.sign(session, caller, link_message(job_id, "adapter", past))
+    expired = fetch(expires=str(past), signature=signature)
+    assert expired.status_code == 403 and "expired" in expired.json()["error"]["message"], expired.text
+
+    # Another team's key signs only its own team's jobs: its link route says 404, as every route does.
+    assert team_b.get(f"/jobs/{job_id}/artifacts/adapter/link").status_code == 404
+
+    # Revoking the key revokes the links it made.
+    fresh = httpx.Client(base_url=client.base_url, headers={"Authorization": f"Bearer {deployment.team_key('team-a')}"},
+                         timeout=60)
+    revocable = link_of(fresh, job_id)["url"]
+    assert anyone.get(revocable).status_code == 200
+    with session_scope(deployment.settings.database_url) as session:
+        teams.revoke_key(session, httpx.URL(revocable).params["key"])
+    revoked = anyone.get(revocable)
+    assert revoked.status_code == 403 and "revoked" in revoked.json()["error"]["message"]
+
+
+def test_the_dashboard_saves_a_local_archive_through_its_link_not_the_tabs_memory(local_artifact, browser):
+    client, job_id = local_artifact
+    context = browser.new_context(base_url=str(client.base_url), accept_downloads=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto("/")
+        page.get_by_label("API key").fill(key_of(client))
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Jobs", exact=True)).to_be_visible()
+        page.goto(f"/#/jobs/{job_id}")
+        with page.expect_download() as download_info:
+            page.get_by_role("button", name=re.compile("^Download adapter")).click()
+        download = download_info.value
+        assert download.failure() is None
+        assert download.url.startswith(f"{client.base_url}/jobs/{job_id}/artifacts/adapter/signed?")  # not blob:
+        assert download.suggested_filename == "sft-adapter.tar"
+        assert hashlib.sha256(open(download.path(), "rb").read()).hexdigest() == SHA256
+    finally:
+        context.close()
 
 
 # ---------------------------------------------------------------- the CLI

@@ -1,30 +1,22 @@
-// Downloading a job's adapter or merged model from its page, with the key.
+// Downloading a job's adapter or merged model from its page.
 
-import { api, ApiError } from "../api.js";
+import { api } from "../api.js";
 import { h } from "../dom.js";
-import { authHeaders } from "../session.js";
 import { errorAlert } from "../widgets.js";
 
 /**
- * A download the browser saves to disk. On S3 the API's download route answers 307 to a presigned
- * URL; a page cannot follow that with its key as a download (fetch() would need CORS on the store and
- * would hold the archive in memory), so it asks for the presigned link with its key and navigates to
- * it: the store answers with Content-Disposition: attachment. Local storage has no link: then the
- * page fetches the download route itself (same origin, with the key) and saves the body.
+ * A download the browser saves to disk, straight from the server to the file, never through the tab's
+ * memory. The page's key cannot travel with a navigation, so it asks the API with its key for a link
+ * that needs none, and navigates to it: on S3 the presigned URL (the store answers with
+ * Content-Disposition: attachment), on local storage the API's own signed route, which does the same.
+ * (Local archives were once fetched with the key and saved from a blob: a 16 GB merged model took the
+ * tab down.)
  */
 export async function downloadArtifact(jobId, kind, button, header) {
   button.disabled = true;
   try {
     const link = await api(`/jobs/${jobId}/artifacts/${kind}/link`);
-    if (link.url) {
-      saveFrom(link.url, link.filename);
-    } else {
-      const response = await fetch(`/jobs/${jobId}/artifacts/${kind}`, { headers: authHeaders() });
-      if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
-      const blobUrl = URL.createObjectURL(await response.blob());
-      saveFrom(blobUrl, link.filename);
-      setTimeout(() => URL.revokeObjectURL(blobUrl), 60000);
-    }
+    saveFrom(link.url, link.filename);
   } catch (err) {
     header.append(errorAlert(err));
   } finally {
