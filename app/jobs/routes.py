@@ -197,12 +197,12 @@ def download_artifact(job_id: str, kind: str, session: SessionDep, storage: Stor
 @router.get("/{job_id}/artifacts/{kind}/signed", name="download_signed", responses={
     **RANGED, 403: {"description": "`forbidden`: the link's signature does not match, its key was revoked, or it "
                                    "expired."}})
-def download_signed(job_id: str, kind: str, key: str, expires: int, signature: str, session: SessionDep,
+def download_signed(job_id: str, kind: str, key_id: str, expires: int, signature: str, session: SessionDep,
                     storage: StorageDep, settings: SettingsDep, asked: RangeDep):
     """The artifact as the route above streams it, with no API key: for a browser, which navigates to the
     `url` the link route below answers on local storage (on S3 that is the store's presigned URL). Valid for
     QLORA_PRESIGN_EXPIRES_S, and only while the key that asked for it is not revoked. Resumable, the same way."""
-    return archive_response(asked, storage, service.signed_download(session, storage, settings, job_id, kind, key,
+    return archive_response(asked, storage, service.signed_download(session, storage, settings, job_id, kind, key_id,
                                                                     expires, signature))
 
 

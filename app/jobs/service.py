@@ -258,7 +258,7 @@ def browser_download(session: Session, storage: Storage, settings: Settings, cal
     found = download(session, storage, settings, caller, job_id, kind)
     if found.url is None:
         expires = int(time.time()) + settings.presign_expires_s
-        found.signed = {"key": caller.key_id, "expires": str(expires),
+        found.signed = {"key_id": caller.key_id, "expires": str(expires),
                         "signature": teams.sign(session, caller, link_message(job_id, kind, expires))}
     return found
 

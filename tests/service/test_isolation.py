@@ -60,7 +60,7 @@ def signed_by(deployment, client, path: str) -> str:
     with session_scope(deployment.settings.database_url) as session:
         caller = teams.authenticate(session, teams.hash_key(client.headers["authorization"].removeprefix("Bearer ")))
         signature = teams.sign(session, caller, link_message(*match.groups(), expires))
-    return f"{path}?key={caller.key_id}&expires={expires}&signature={signature}"
+    return f"{path}?key_id={caller.key_id}&expires={expires}&signature={signature}"
 
 
 def test_other_teams_ids_answer_404_everywhere(deployment, a_objects, team_a, team_b):

@@ -324,7 +324,7 @@ def test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused(deployment,
     assert fetch().status_code == 200
     other_job = store_artifact(deployment, local_api[1], data=b"another archive")
     for answer in (fetch(signature="0" * 64), fetch(signature=""), fetch(expires=str(int(query["expires"]) + 3600)),
-                   fetch(key=query["key"] + "x"), fetch(key=""),
+                   fetch(key_id=query["key_id"] + "x"), fetch(key_id=""),
                    fetch(path=url.path.replace(job_id, other_job)),  # another job, the same team's
                    fetch(path=url.path.replace("/adapter/", "/merged/"))):
         assert answer.status_code == 403, answer.text
@@ -334,7 +334,7 @@ def test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused(deployment,
 
     # Expired: signed by the key for a time gone by.
     with session_scope(deployment.settings.database_url) as session:
-        key = session.get(ApiKey, query["key"])
+        key = session.get(ApiKey, query["key_id"])
         caller = teams.Caller(team_id=key.team_id, team_name="team-a", key_id=key.id, is_admin=False)
         past = int(datetime.now(UTC).timestamp()) - 1
         signature = teams.sign(session, caller, link_message(job_id, "adapter", past))
@@ -350,7 +350,7 @@ def test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused(deployment,
     revocable = link_of(fresh, job_id)["url"]
     assert anyone.get(revocable).status_code == 200
     with session_scope(deployment.settings.database_url) as session:
-        teams.revoke_key(session, httpx.URL(revocable).params["key"])
+        teams.revoke_key(session, httpx.URL(revocable).params["key_id"])
     revoked = anyone.get(revocable)
     assert revoked.status_code == 403 and "revoked" in revoked.json()["error"]["message"]
 
