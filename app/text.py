@@ -38,3 +38,11 @@ def format_bytes(size: float) -> str:
     """"512 bytes", "4.0 MiB", "16.0 GiB"."""
     unit = byte_unit(size)
     return f"{in_unit(size, unit)} {unit}"
+
+
+def format_number(value: float) -> str:
+    """A number as it was given: "10" for 10 and 10.0, "2.5", "1000000" (never "1e+06", nor 1234567
+    rounded to six digits as "1.23457e+06", as :g writes them)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

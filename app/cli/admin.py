@@ -261,17 +261,17 @@ def _print_quota(report, as_json: bool | None) -> None:
 
 
 def _quota_table(report) -> None:
-    from app.text import format_bytes
+    from app.text import format_bytes, format_number
 
     use = report.use
     in_use = {"max_running": f"{use.running} running", "max_queued": f"{use.queued} queued",
-              "gpu_hours_per_month": f"{use.gpu_hours_this_month:g} GPU-hours this month",
+              "gpu_hours_per_month": f"{format_number(use.gpu_hours_this_month)} GPU-hours this month",
               "storage_gib": f"{format_bytes(use.storage_bytes)} stored"}
     table = Table("quota", "in force", "set by", "use now", title=f"team {report.team}")
     for field, flag in QUOTA_FLAGS.items():
         value = getattr(report.quota, field)
         own = getattr(report.own, field) is not None
-        table.add_row(flag.removeprefix("--"), "no limit" if value is None else f"{value:g}",
+        table.add_row(flag.removeprefix("--"), "no limit" if value is None else format_number(value),
                       "team" if own else "default", in_use.get(field, ""))
     print_table(table)
 

@@ -3,7 +3,9 @@ routes and `qlora admin set-quota` both validate with it."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Bounds on what an admin may set: generous, but finite, so a typo cannot store 1e308 and every value
 # stays a plain number in JSON. Strict: `true` is not a count, "5" is not a weight.
@@ -28,6 +30,14 @@ class QuotaChanges(BaseModel):
                                               strict=True, description="GPU-hours per calendar month (UTC).")
     storage_gib: float | None = Field(None, ge=0, le=MAX_STORAGE_GIB, allow_inf_nan=False, strict=True,
                                       description="Datasets, artifacts and checkpoints kept, in GiB.")
+
+    @field_validator("max_running", "max_queued", mode="before")
+    @classmethod
+    def _whole(cls, value: Any) -> Any:
+        """A count given as a whole float (3.0) is that count, as `qlora admin set-quota --max-running 3.0`
+        takes it: JSON does not tell 3 from 3.0 (a JavaScript client cannot even send 3.0). 3.5 is still
+        refused, and so are true and "3"."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # What each field accepts, for the error that names it.

@@ -25,7 +25,7 @@ from app.quotas import repository
 from app.quotas.schemas import ALLOWED, QuotaChanges, QuotaOut, QuotaOwn, QuotaUse, QuotaValues
 from app.teams import repository as teams
 from app.teams.tables import Team
-from app.text import format_bytes
+from app.text import format_bytes, format_number
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
 
 QUOTA_FIELDS = ("weight", "max_running", "max_queued", "gpu_hours_per_month", "storage_gib")
@@ -166,7 +166,7 @@ class StorageRoom:
         meanwhile = f", the team's other uploads in progress hold {format_bytes(others)}" if others else ""
         return QuotaExceeded(
             f"storage_gib: team {self.team_name!r} keeps {format_bytes(self.used_bytes)} of its limit of "
-            f"{format_bytes(self.limit_bytes)} (storage_gib {self.limit_gib:g}){meanwhile}, {format_bytes(left)} "
+            f"{format_bytes(self.limit_bytes)} (storage_gib {format_number(self.limit_gib)}){meanwhile}, {format_bytes(left)} "
             f"left, and {what}; nothing of this upload was kept. Delete what the team no longer needs: datasets "
             "(DELETE /datasets/{id}, or qlora datasets delete ID), finished jobs' checkpoints (DELETE "
             "/jobs/{id}/checkpoints) or artifacts (DELETE /jobs/{id}/artifacts/{kind}); or an admin may raise the "
