@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
@@ -85,10 +86,13 @@ class IdMixin:
 POOL_SIZE, MAX_OVERFLOW = 16, 8
 
 
-def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW) -> Engine:
+def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW, *, pooled: bool = True) -> Engine:
+    """pooled=False: a connection per session, closed at its end, for a thread of a process that forks
+    (a Celery worker's main process): a child would inherit a pooled connection's socket and share it."""
+    unpooled: dict = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               json_deserializer=from_json)
+                               json_deserializer=from_json, **unpooled)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -99,6 +103,8 @@ def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OV
             cur.close()
 
         return engine
+    if not pooled:
+        return create_engine(url, json_deserializer=from_json, **unpooled)
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
                          json_deserializer=from_json)
 

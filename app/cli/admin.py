@@ -1,4 +1,4 @@
-"""`qlora admin`: teams, API keys, the model registry and stray objects in storage, straight against the
+"""`qlora admin`: teams, API keys, the model registry, stray objects in storage and the queues' workers, straight against the
 database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
 
 Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
@@ -20,8 +20,8 @@ from rich.table import Table
 
 from app.cli.render import Commands, JsonOption, err, name_column, number_column, out, plain, print_table, show
 
-commands = Commands(help="Administer teams, API keys, the model registry and stray objects in storage (runs against "
-                            "the database).",
+commands = Commands(help="Administer teams, API keys, the model registry and stray objects in storage, and see "
+                            "the queues' workers (runs against the database).",
                        no_args_is_help=True)
 
 
@@ -274,6 +274,47 @@ def _quota_table(report) -> None:
         table.add_row(flag.removeprefix("--"), "no limit" if value is None else format_number(value),
                       "team" if own else "default", in_use.get(field, ""))
     print_table(table)
+
+
+@commands.command("status")
+def status(as_json: JsonOption = None) -> None:
+    """Each queue (GPU class): its workers alive, its jobs queued, how long the oldest has waited, and the
+    worker of it heard from last. A queue whose jobs wait while no worker of it is alive is named on stderr.
+    On a pipe: {"queues": [{"queue", "gpu_class", "workers_alive", "queued", "oldest_wait_s", "last_seen",
+    "stranded"}], "alive_within_s"}."""
+    from app.config import get_settings
+    from app.db import utcnow
+    from app.operations.service import queue_health
+    from app.operations.workers import WORKER_ALIVE_S
+
+    settings = get_settings()
+    now = utcnow()
+    queues = _admin_call(lambda s: queue_health(s, settings, now))
+    answer = {"queues": [{
+        "queue": q.queue, "gpu_class": q.queue.removeprefix("gpu-"), "workers_alive": q.workers_alive,
+        "queued": q.queued, "oldest_wait_s": round(q.oldest_wait_s, 3),
+        "last_seen": {"worker": q.last_seen.name, "at": q.last_seen.seen_at} if q.last_seen else None,
+        "stranded": q.stranded} for q in queues], "alive_within_s": WORKER_ALIVE_S}
+
+    def table() -> None:
+        table = Table(name_column("queue"), number_column("workers alive"), number_column("queued"),
+                      number_column("oldest waits"), name_column("last seen"),
+                      title=f"queues (a worker is alive if heard from within {WORKER_ALIVE_S:g} s)")
+        for q in queues:
+            seen = f"{q.last_seen.name}, {_age((now - q.last_seen.seen_at).total_seconds())} ago" if q.last_seen else ""
+            table.add_row(plain(q.queue), str(q.workers_alive), str(q.queued), _age(q.oldest_wait_s) if q.queued else "",
+                          plain(seen))
+        print_table(table)
+
+    show(answer, table, as_json)
+    for q in queues:
+        if q.stranded:
+            seen = (f"its last worker, {q.last_seen.name}, was heard from {_age((now - q.last_seen.seen_at).total_seconds())} "
+                    "ago" if q.last_seen else "no worker of it has said it is up")
+            err.print(f"[yellow]warning:[/yellow] no worker alive for queue {escape(q.queue)} while {q.queued} "
+                      f"{'job waits' if q.queued == 1 else 'jobs wait'} (the oldest for {_age(q.oldest_wait_s)}); {escape(seen)}. "
+                      f"Start one: qlora worker --gpu-class {escape(q.queue.removeprefix('gpu-'))}",
+                      highlight=False, soft_wrap=True)
 
 
 @commands.command("sweep-storage")

@@ -251,6 +251,7 @@ def worker(
 
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name)
+    _announce_while_up(settings, worker_name, queue)
     if stop_with is not None:
         _stop_when_parent_gone(stop_with)
     from app.bootstrap import make_private_dir
@@ -302,6 +303,18 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
             log.exception("shutting down: could not hand back the running job")
 
     worker_shutting_down.connect(lambda **_: threading.Thread(target=hand_back, daemon=True).start(), weak=False)
+
+
+def _announce_while_up(settings, worker_name: str, queue: str) -> None:
+    """Say in the database that this worker is up, idle or busy, from when Celery is ready to take messages
+    until it stops (app/operations/workers.py): /metrics and `qlora admin status` count it for its queue."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    from app.operations.workers import WorkerBeat
+
+    beat = WorkerBeat(settings.database_url, worker_name, queue)
+    worker_ready.connect(lambda **_: beat.start(), weak=False)
+    worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
 
 
 def _stop_when_parent_gone(parent: int) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
-from app.db import utcnow
+from app.db import UTCDateTime, utcnow
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first, newest_first_shape, newest_first_values
@@ -99,6 +99,8 @@ def transition(session: Session, job_id: str, to: str, *, attempt: int | None = 
     query = update(Job).where(Job.id == job_id, Job.status.in_(sources))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
+    if to == states.QUEUED:
+        values.setdefault("queued_at", utcnow())  # it waits for a worker from now, whatever it did before
     return _rows_changed(session, query.values(status=to, **values)) == 1
 
 
@@ -131,7 +133,8 @@ def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
     return _rows_changed(session, update(Job)
                          .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.PAUSED,
                                 Job.preempting.is_(True))
-                         .values(status=states.QUEUED, preempting=False, worker=None, dispatched_at=None)) == 1
+                         .values(status=states.QUEUED, preempting=False, worker=None, dispatched_at=None,
+                                 queued_at=utcnow())) == 1
 
 
 def keep_paused(session: Session, job_id: str) -> bool:
@@ -326,10 +329,12 @@ def count_active_by_status(session: Session) -> dict[str, int]:
         select(Job.status, func.count()).where(Job.status.in_(states.ACTIVE)).group_by(Job.status)).all())
 
 
-def queued_by_queue(session: Session) -> dict[str, int]:
-    """For the operators' /metrics, over every team."""
-    return dict(session.execute(
-        select(Job.queue, func.count()).where(Job.status == states.QUEUED).group_by(Job.queue)).all())
+def waiting_by_queue(session: Session) -> dict[str, tuple[int, datetime]]:
+    """For the operators (/metrics, `qlora admin status`), over every team: each queue's queued jobs, and
+    since when the longest-waiting of them waits (it last entered the queue, else it was created)."""
+    since = func.min(func.coalesce(Job.queued_at, Job.created_at), type_=UTCDateTime())
+    rows = session.execute(select(Job.queue, func.count(), since).where(Job.status == states.QUEUED).group_by(Job.queue))
+    return {queue: (count, oldest) for queue, count, oldest in rows}
 
 
 def finished_between(session: Session, since: datetime | None,

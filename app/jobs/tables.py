@@ -47,6 +47,10 @@ class Job(IdMixin, Base):
     # When a "job X is ready" message was last handed to the broker; null while it still has to be
     # (the broker was down at creation, or the job was just requeued): the reaper sends those.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the job last entered the queue again (requeued, resumed); null: it waits since its creation. How
+    # long it has waited for a worker, for the operators (/metrics, `qlora admin status`): created_at alone
+    # would count a requeued job's whole past as waiting.
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Within its team: 0 low, 1 normal, 2 high (app/scheduling/policy.PRIORITIES).
     priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # When the current attempt was claimed: its GPU time counts from here (JobAttempt has every attempt).

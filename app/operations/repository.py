@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
 from app.jobs.tables import Artifact, Checkpoint, QuantizedBase
+from app.operations.tables import Worker
 from app.teams.tables import Team
 
 # Every column that holds a storage key: an object no row of these names is a stray. A table that comes
@@ -34,3 +35,8 @@ def team_names(session: Session, team_ids: set[str]) -> dict[str, str]:
     if not team_ids:
         return {}
     return dict(session.execute(select(Team.id, Team.name).where(Team.id.in_(team_ids))).tuples().all())
+
+
+def workers(session: Session) -> list[Worker]:
+    """Every worker that has said it is up and not since stopped cleanly, alive or gone silent."""
+    return list(session.scalars(select(Worker).order_by(Worker.queue, Worker.name)))

@@ -16,8 +16,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db import utcnow
 from app.jobs import repository, states
+from app.operations import repository as operations_repository
+from app.operations.tables import Worker
+from app.operations.workers import WORKER_ALIVE_S
 
 # Job durations from minutes (the tiny model) to days (a large model's long run).
 DURATION_BUCKETS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
@@ -104,9 +108,47 @@ class FinishedJobs:
             return {s: self._settled.get(s, StatusTally()).plus(recent.get(s, StatusTally())) for s in statuses}
 
 
-def prometheus_text(session: Session, finished_jobs: FinishedJobs) -> str:
-    """Jobs by status, queue depth, durations of finished jobs, and each training worker's device."""
-    finished = finished_jobs.by_status(session, utcnow())
+@dataclass(frozen=True)
+class QueueHealth:
+    """One queue (GPU class) as an operator watches it: who serves it, and what waits on it."""
+
+    queue: str
+    workers_alive: int  # workers of this queue heard from within WORKER_ALIVE_S, busy or idle
+    queued: int
+    oldest_wait_s: float  # how long the longest-waiting queued job has waited; 0 with none queued
+    last_seen: Worker | None  # of this queue's workers that said they were up, the one heard from last
+
+    @property
+    def stranded(self) -> bool:
+        """Jobs wait and no worker is alive to take them: they wait until one is started."""
+        return self.queued > 0 and self.workers_alive == 0
+
+
+def queue_health(session: Session, settings: Settings, now: datetime) -> list[QueueHealth]:
+    """Every queue the deployment knows, by name: those of the GPU classes it serves (so a dashboard shows
+    0, not "no data", for one that is empty), those a worker serves, and those a queued job waits on."""
+    waiting = repository.waiting_by_queue(session)
+    by_queue: dict[str, list[Worker]] = {}
+    for worker in operations_repository.workers(session):
+        by_queue.setdefault(worker.queue, []).append(worker)
+    queues = {settings.queue_for(gpu_class) for gpu_class in settings.served_gpu_classes} | by_queue.keys() | waiting.keys()
+    alive_since = now - timedelta(seconds=WORKER_ALIVE_S)
+    health = []
+    for queue in sorted(queues):
+        queued, oldest = waiting.get(queue, (0, now))
+        seen = by_queue.get(queue, [])
+        health.append(QueueHealth(
+            queue=queue, workers_alive=sum(worker.seen_at >= alive_since for worker in seen), queued=queued,
+            oldest_wait_s=max((now - oldest).total_seconds(), 0.0),
+            last_seen=max(seen, key=lambda worker: worker.seen_at, default=None)))
+    return health
+
+
+def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Settings) -> str:
+    """Jobs by status, each queue's depth, wait and live workers, durations of finished jobs, and each
+    training worker's device."""
+    now = utcnow()
+    finished = finished_jobs.by_status(session, now)
     out = Exposition()
     out.family("qlora_jobs", "gauge", "Jobs by status.")
     counts = repository.count_active_by_status(session)
@@ -114,9 +156,18 @@ def prometheus_text(session: Session, finished_jobs: FinishedJobs) -> str:
         count = finished[status].jobs if status in finished else counts.get(status, 0)
         out.sample("qlora_jobs", count, status=status)
 
+    queues = queue_health(session, settings, now)
     out.family("qlora_queue_depth", "gauge", "Queued jobs waiting for a worker, by queue (GPU class).")
-    for queue, depth in sorted(repository.queued_by_queue(session).items()):
-        out.sample("qlora_queue_depth", depth, queue=queue)
+    for q in queues:
+        out.sample("qlora_queue_depth", q.queued, queue=q.queue)
+    out.family("qlora_queue_oldest_wait_seconds", "gauge",
+               "How long the longest-waiting queued job of each queue has waited for a worker (0: none queued).")
+    for q in queues:
+        out.sample("qlora_queue_oldest_wait_seconds", round(q.oldest_wait_s, 3), queue=q.queue)
+    out.family("qlora_workers_alive", "gauge",
+               f"Workers of each queue that said they were up within the last {WORKER_ALIVE_S:g} s, busy or idle.")
+    for q in queues:
+        out.sample("qlora_workers_alive", q.workers_alive, queue=q.queue)
 
     out.family("qlora_job_duration_seconds", "histogram", "Wall time from claim to end of finished jobs.")
     for status, t in sorted(finished.items()):

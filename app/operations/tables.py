@@ -20,3 +20,18 @@ class Lease(Base):
     holder: Mapped[str] = mapped_column(String(200))  # host:pid:random, see lease.holder_id()
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())  # when this holder took it (renewals keep it)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Worker(Base):
+    """A training worker that is up, as it last said so: the worker's main process upserts its row every
+    WORKER_BEAT_S, busy or idle (app/operations/workers.py), and deletes it when it stops cleanly. A row
+    whose seen_at is older than WORKER_ALIVE_S is a worker that died or was cut off without a word. Jobs'
+    heartbeats say the same only of a worker that trains: this is what tells an operator that the GPUs of a
+    class are gone while its jobs wait."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # as in jobs.worker: `qlora worker --name`
+    queue: Mapped[str] = mapped_column(String(100))  # the one queue (GPU class) it serves
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())  # when this worker process started beating
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

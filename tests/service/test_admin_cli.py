@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_scope
+from app.operations.tables import Worker
 from app.teams.service import Caller, authenticate, hash_key
 from app.teams.tables import ApiKey
 from tests.deployment import ROOT
@@ -119,3 +120,40 @@ def test_a_database_url_of_an_unknown_scheme_or_out_of_reach_is_said_plainly(tmp
                    env={"QLORA_DATABASE_URL": "postgresql+psycopg://u:secret@127.0.0.1:1/x"})
     assert driver.returncode == 1 and "Traceback" not in driver.stderr and "secret" not in driver.stderr
     assert "postgresql+psycopg://u:***@127.0.0.1:1/x cannot be used" in driver.stderr
+
+
+def test_status_names_each_queue_its_workers_and_its_wait(tmp_path):
+    """`qlora admin status` on the embedded default: the default class's queue with 0 rather than missing,
+    and a queue whose job waits while its only worker went silent named on stderr with when it was last heard."""
+    from datetime import timedelta
+
+    import app.datasets.tables  # noqa: F401  (the table a job's foreign keys name)
+    from app.db import utcnow
+    from app.jobs.tables import Job
+    from app.operations.workers import WORKER_ALIVE_S, beat
+    from app.teams.service import create_team
+
+    assert qlora(tmp_path, "migrate").returncode == 0
+    empty = qlora(tmp_path, "admin", "status")
+    assert empty.returncode == 0 and empty.stderr == ""
+    assert json.loads(empty.stdout)["queues"] == [{"queue": "gpu-default", "gpu_class": "default", "workers_alive": 0,
+                                                   "queued": 0, "oldest_wait_s": 0.0, "last_seen": None,
+                                                   "stranded": False}]
+
+    with session_scope(Settings(home=tmp_path).database_url) as session:
+        team = create_team(session, "research")
+        session.add(Job(team_id=team.id, status="queued", base_model="tiny", spec={}, queue="gpu-default",
+                        created_at=utcnow() - timedelta(minutes=12)))
+        beat(session, "gpu-host:gpu0", "gpu-default", utcnow() - timedelta(hours=1))
+    with session_scope(Settings(home=tmp_path).database_url) as session:
+        session.execute(Worker.__table__.update().values(seen_at=utcnow() - timedelta(seconds=WORKER_ALIVE_S + 600)))
+
+    stranded = qlora(tmp_path, "admin", "status")
+    assert stranded.returncode == 0, stranded.stderr
+    [queue] = json.loads(stranded.stdout)["queues"]
+    assert (queue["workers_alive"], queue["queued"], queue["stranded"]) == (0, 1, True)
+    assert queue["last_seen"]["worker"] == "gpu-host:gpu0" and 12 * 60 <= queue["oldest_wait_s"] < 13 * 60
+    assert ("no worker alive for queue gpu-default while 1 job waits (the oldest for 12m); its last worker, "
+            "gpu-host:gpu0, was heard from 10m ago") in stranded.stderr
+    table = qlora(tmp_path, "admin", "status", "--table")
+    assert "gpu-default" in table.stdout and "gpu-host:gpu0, 10m ago" in table.stdout

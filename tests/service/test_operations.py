@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 
 from sqlalchemy import text
 
+from app.config import Settings
 from app.db import engine_for, session_scope
 from app.migrate import upgrade
 from app.operations.service import FinishedJobs, prometheus_text
 from bench.metrics_bench import checks, samples, seed_jobs
 from tests import services
 from tests.deployment import upload, wait_for_status
+from tests.service.test_quota_cli import qlora
 from worker.training.tiny import demo_spec
 
 
@@ -30,6 +33,12 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     assert samples(text, "qlora_jobs")['{status="succeeded"}'] >= 1
     assert samples(text, "qlora_jobs")['{status="queued"}'] >= 1
     assert samples(text, "qlora_queue_depth")['{queue="gpu-metrics-queue"}'] == 1
+    served = {f'{{queue="{deployment.settings.queue_for(c)}"}}' for c in deployment.settings.served_gpu_classes}
+    assert served <= samples(text, "qlora_queue_depth").keys()  # an empty queue is 0, not missing
+    alive = samples(text, "qlora_workers_alive")
+    assert alive[f'{{queue="{deployment.settings.queue_for()}"}}'] >= 1  # the shared worker, idle by now
+    assert alive['{queue="gpu-metrics-queue"}'] == 0
+    assert samples(text, "qlora_queue_oldest_wait_seconds")['{queue="gpu-metrics-queue"}'] > 0
     durations = samples(text, "qlora_job_duration_seconds_count")
     buckets = samples(text, "qlora_job_duration_seconds_bucket")
     assert durations['{status="succeeded"}'] >= 1
@@ -66,11 +75,12 @@ ROWS_READ = text("SELECT sum(pg_stat_get_xact_tuples_returned(oid)) FROM pg_clas
 def scrape(database_url: str) -> tuple[str, int]:
     """A scrape by a newly started API process after its first one: the text, and the rows it read."""
     finished_jobs = FinishedJobs()
+    settings = Settings(database_url=database_url)
     with session_scope(database_url) as session:
-        prometheus_text(session, finished_jobs)  # a new process reads the finished jobs once
+        prometheus_text(session, finished_jobs, settings)  # a new process reads the finished jobs once
     with session_scope(database_url) as session:
         before = session.scalar(ROWS_READ)
-        body = prometheus_text(session, finished_jobs)
+        body = prometheus_text(session, finished_jobs, settings)
         return body, session.scalar(ROWS_READ) - before
 
 
@@ -98,3 +108,46 @@ def test_health_answers_a_head_probe_as_a_get(deployment):
     with deployment.client(None) as client:
         assert client.head("/health").status_code == 200
         assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_queue_with_jobs_waiting_and_no_worker_alive_is_named(deployment, team_a, demo_data):
+    """/health answers for the API alone (a load balancer must not drain it because the GPUs are gone);
+    /metrics and `qlora admin status` say which queue has jobs waiting and no worker, and a worker counts
+    from its start, idle, until it stops."""
+    queue = "gpu-metrics-queue"
+
+    def scrape_queue() -> tuple[float, float]:
+        text = deployment.client(None).get("/metrics").text
+        label = f'{{queue="{queue}"}}'
+        return samples(text, "qlora_workers_alive")[label], samples(text, "qlora_queue_depth")[label]
+
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "metrics-queue", **demo_spec("tiny")}).json()
+    try:
+        assert deployment.client(None).get("/health").json() == {"status": "ok"}
+        assert scrape_queue() == (0, 1)
+        status = qlora(deployment.env, "admin", "status")
+        assert status.returncode == 0, status.stderr
+        shown = {q["queue"]: q for q in json.loads(status.stdout)["queues"]}[queue]
+        assert (shown["workers_alive"], shown["queued"], shown["stranded"]) == (0, 1, True)
+        assert f"no worker alive for queue {queue} while 1 job waits" in status.stderr
+        assert "qlora worker --gpu-class metrics-queue" in status.stderr
+    finally:
+        team_a.post(f"/jobs/{job['id']}/cancel")  # before a worker of the class starts: it would train it
+
+    proc = deployment.start_worker("metrics-queue", name="metrics-worker")
+    try:
+        deadline = time.monotonic() + 60
+        while scrape_queue()[0] != 1:
+            assert time.monotonic() < deadline, deployment.log("worker-metrics-worker")
+            time.sleep(0.5)
+        status = qlora(deployment.env, "admin", "status")
+        shown = {q["queue"]: q for q in json.loads(status.stdout)["queues"]}[queue]
+        assert shown["last_seen"]["worker"] == "metrics-worker" and not shown["stranded"]
+        assert queue not in status.stderr
+    finally:
+        deployment.stop(proc)
+    assert proc.returncode == 0
+    assert scrape_queue() == (0, 0)  # a worker that stopped cleanly stops counting at once
+    shown = {q["queue"]: q for q in json.loads(qlora(deployment.env, "admin", "status").stdout)["queues"]}[queue]
+    assert shown["last_seen"] is None

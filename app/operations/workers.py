@@ -1,0 +1,92 @@
+"""Which training workers are up: each worker's main process says so every WORKER_BEAT_S, busy or idle.
+
+A job's heartbeat tells that its worker lives only while it trains; an idle worker wrote nothing, so
+nothing told "the GPUs of this class are all gone" from "they are all busy" while jobs waited. Celery can
+be asked (`inspect ping`), but only by broadcasting to every worker and waiting for answers on each
+scrape, and the embedded queue has no such channel: the database, which every process already reaches,
+holds the answer instead. A worker that stops cleanly deletes its row; one killed, frozen or cut off
+keeps it, and its seen_at falls behind: past WORKER_ALIVE_S it no longer counts as alive, and its row
+still tells when it was last seen.
+
+Expiry is judged by the clock of the process that reads, as heartbeats and leases are (lease.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import make_engine, utcnow
+from app.operations.lease import LEASE_TTL_INTERVALS
+from app.operations.tables import Worker
+
+log = logging.getLogger(__name__)
+
+# A worker says it is up this often: one small write per worker, so a pool of hundreds costs the
+# database a few writes a second.
+WORKER_BEAT_S = 15.0
+# Alive while its last word is this recent: it must miss two beats in a row (dead, frozen, cut off from
+# the database), as a lease's holder must miss two renewals, before it stops counting.
+WORKER_ALIVE_S = LEASE_TTL_INTERVALS * WORKER_BEAT_S
+
+
+def beat(session: Session, name: str, queue: str, started_at: datetime) -> None:
+    """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits."""
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    now = utcnow()
+    statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=["name"], set_={"queue": queue, "started_at": started_at, "seen_at": now}))
+
+
+def forget(session: Session, name: str) -> None:
+    """Worker `name` stopped cleanly: it no longer counts anywhere. The caller commits."""
+    session.execute(delete(Worker).where(Worker.name == name))
+
+
+class WorkerBeat(threading.Thread):
+    """In a worker's main process, from when it is ready to take jobs until it stops: beat() at once and
+    every WORKER_BEAT_S, forget() at stop(). A beat that fails (the database out of reach) is logged and
+    tried again at the next: the worker goes on, and shows as not alive until its beats get through.
+
+    Its engine keeps no connection between beats: Celery's pool processes are forked from this process
+    while it runs, and a pooled connection's socket would be shared with them."""
+
+    def __init__(self, database_url: str, name: str, queue: str, interval_s: float = WORKER_BEAT_S):
+        super().__init__(name="qlora-worker-beat", daemon=True)
+        self.worker, self.queue, self.interval_s = name, queue, interval_s
+        self.engine = make_engine(database_url, pooled=False)
+        self.sessions = sessionmaker(bind=self.engine)
+        self.started_at = utcnow()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                with self.sessions.begin() as session:
+                    beat(session, self.worker, self.queue, self.started_at)
+            except Exception:  # a database blip must not end the beats
+                log.warning("could not tell the database that worker %s is up; trying again in %ss", self.worker,
+                            self.interval_s, exc_info=True)
+            if self.stopped.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop beating and remove this worker's row, so it stops counting at once rather than after
+        WORKER_ALIVE_S. Should that fail, the row goes stale on its own."""
+        self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(5)
+        try:
+            with self.sessions.begin() as session:
+                forget(session, self.worker)
+        except Exception:
+            log.warning("could not remove worker %s from the database; it stops counting as alive within %ss",
+                        self.worker, WORKER_ALIVE_S, exc_info=True)
+        self.engine.dispose()

@@ -1,0 +1,94 @@
+"""What operators see of each queue (app/operations/service.queue_health, /metrics): the workers that said
+they are up, busy or idle (app/operations/workers.py), the jobs waiting and for how long. On SQLite here;
+tests/service/test_operations.py scrapes a deployment with a real worker."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from app.db import session_scope, utcnow
+from app.jobs import repository, states
+from app.operations.service import FinishedJobs, QueueHealth, prometheus_text, queue_health
+from app.operations.tables import Worker
+from app.operations.workers import WORKER_ALIVE_S, WorkerBeat, beat, forget
+from bench.metrics_bench import samples
+from tests.fast.conftest import make_settings
+
+
+def health(settings, queue: str = "gpu-default") -> QueueHealth:
+    with session_scope(settings.database_url) as session:
+        return {q.queue: q for q in queue_health(session, settings, utcnow())}[queue]
+
+
+def say_up(settings, name: str, queue: str = "gpu-default", ago_s: float = 0) -> None:
+    """As worker `name`'s beat would, `ago_s` seconds ago."""
+    with session_scope(settings.database_url) as session:
+        beat(session, name, queue, utcnow())
+        session.execute(update(Worker).where(Worker.name == name).values(seen_at=utcnow() - timedelta(seconds=ago_s)))
+
+
+def test_jobs_waiting_while_the_queues_workers_went_silent_are_stranded(settings, make_job):
+    make_job(created_at=utcnow() - timedelta(minutes=12))
+    nobody = health(settings)
+    assert (nobody.workers_alive, nobody.queued, nobody.stranded, nobody.last_seen) == (0, 1, True, None)
+    assert 12 * 60 <= nobody.oldest_wait_s < 13 * 60
+
+    say_up(settings, "host:gpu0")  # idle: it trains nothing, so no job's heartbeat says it lives
+    alive = health(settings)
+    assert (alive.workers_alive, alive.stranded) == (1, False)
+
+    say_up(settings, "host:gpu0", ago_s=WORKER_ALIVE_S + 1)  # killed or cut off: its beats stopped
+    silent = health(settings)
+    assert (silent.workers_alive, silent.stranded) == (0, True)
+    assert silent.last_seen is not None and silent.last_seen.name == "host:gpu0"
+
+    say_up(settings, "other:gpu0", queue="gpu-a100")  # a worker of another class serves none of these jobs
+    assert health(settings).stranded and health(settings, "gpu-a100").workers_alive == 1
+
+    with session_scope(settings.database_url) as session:
+        forget(session, "host:gpu0")  # stopped cleanly
+    assert health(settings).last_seen is None
+
+
+def test_every_queue_the_deployment_serves_is_in_the_metrics_when_empty(tmp_path, migrated_template):
+    """A dashboard's graph of a queue with nothing waiting showed "no data" rather than 0."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "qlora.db").write_bytes(migrated_template.read_bytes())
+    settings = make_settings(home, gpu_classes={"l4": 24}, extra_gpu_classes=["a100"], default_gpu_class="l4")
+    with session_scope(settings.database_url) as session:
+        text = prometheus_text(session, FinishedJobs(), settings)
+    for family in ("qlora_queue_depth", "qlora_queue_oldest_wait_seconds", "qlora_workers_alive"):
+        assert samples(text, family) == {'{queue="gpu-l4"}': 0, '{queue="gpu-a100"}': 0}, family
+
+
+def test_a_requeued_job_waits_from_its_requeue_not_from_its_creation(settings, make_job):
+    """A job that trained for days and lost its worker has waited seconds, not days: an alert on the
+    oldest wait would fire at every requeue."""
+    job_id = make_job(states.RUNNING, attempt=1, created_at=utcnow() - timedelta(days=3))
+    with session_scope(settings.database_url) as session:
+        assert repository.transition(session, job_id, states.QUEUED, attempt=1, worker=None)
+    assert health(settings).oldest_wait_s < 60
+
+
+def test_a_worker_says_it_is_up_until_it_stops(settings):
+    """WorkerBeat, as a worker's main process runs it: its row at once and at every beat; gone at stop."""
+    up = WorkerBeat(settings.database_url, "host:gpu3", "gpu-default", interval_s=0.2)
+    up.start()
+    try:
+        deadline = time.monotonic() + 10
+        while health(settings).workers_alive == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = health(settings).last_seen
+        assert first is not None and first.name == "host:gpu3"
+        time.sleep(0.5)
+        again = health(settings).last_seen
+        assert again is not None and again.seen_at > first.seen_at and again.started_at == first.started_at
+    finally:
+        up.stop()
+    assert not up.is_alive()
+    gone = health(settings)
+    assert (gone.workers_alive, gone.last_seen) == (0, None)
