@@ -299,12 +299,18 @@ def check(session: Session, storage: Storage, runner: PreflightRunner | None, ca
     return Checked(report, "")
 
 
+# The request's field that names each set a refusal can be about (the engine's report says which: refusal_sets).
+SET_FIELDS = {"train": "dataset_id", "validation": "validation_dataset_id"}
+
+
 def refuse_if_it_cannot_learn(report: dict) -> None:
     if report["refusals"]:
         reasons = report["refusals"]
         # Not all "cannot learn": a validation set with nothing left to evaluate refuses a job that could.
         raise PreflightRefused("the preflight refuses this job: " + "; ".join(reasons),
-                               details=field_errors([("dataset_id", reason) for reason in reasons]))
+                               details=field_errors([(SET_FIELDS[data], reason)
+                                                     for data, reason in zip(report["refusal_sets"], reasons,
+                                                                             strict=True)]))
 
 
 def needs_validation(spec: JobSpec, meta: dict) -> None:

@@ -222,7 +222,8 @@ class PreflightOut(BaseModel):
     report: dict[str, Any] | None = Field(description="train and validation: rows, tokens per row (min/median/p95/max), "
                                                       "truncated and dropped rows, trained tokens and those lost to "
                                                       "truncation, rows without EOS in their labels; steps and epochs; "
-                                                      "examples token by token; refusals and warnings. Null with a note "
+                                                      "examples token by token; refusals (refusal_sets: the set each "
+                                                      "is about, train or validation) and warnings. Null with a note "
                                                       "where no preflight could be made.")
     note: str = Field(description="Why there is no report, or empty.")
     can_learn: bool | None = Field(description="False where POST /jobs would refuse the job (see report.refusals).")

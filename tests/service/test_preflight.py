@@ -69,6 +69,16 @@ def test_a_job_that_cannot_learn_is_refused_at_creation_with_the_reason(team_a, 
     assert answer["can_learn"] is False and answer["report"]["train"]["dropped_rows"] == 6
 
 
+def test_a_refusal_of_the_validation_set_names_validation_dataset_id(team_a, datasets):
+    """The train set learns at max_seq_length=22; every validation row is dropped there. The refusal names the
+    field to change: it said dataset_id, and a script fixing that field sent the same job again."""
+    refused = team_a.post("/jobs", json={**body(datasets["demo"], max_seq_length=22),
+                                         "validation_dataset_id": datasets["long_prompts"]})
+    assert refused.status_code == 422, refused.text
+    (detail,) = refused.json()["error"]["details"]
+    assert detail["field"] == "validation_dataset_id" and "no validation row is left to evaluate" in detail["message"]
+
+
 def test_warnings_do_not_block_and_are_recorded_as_events(team_a, datasets):
     created = team_a.post("/jobs", json={**body(datasets["demo"], max_seq_length=22), "gpu_class": "nobody-listens"})
     assert created.status_code == 201, created.text

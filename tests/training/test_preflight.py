@@ -223,5 +223,5 @@ def test_a_validation_set_with_nothing_to_evaluate_does_not_hide_a_train_set_tha
     validation = SetReport(rows=2, rows_in_file=2, truncated_rows=2, dropped_rows=2, dropped_lines=[1, 2],
                            lengths={"min": 60, "median": 60, "p95": 60, "max": 60})
     refusals, _ = problems(spec, train, validation)
-    assert any("no validation row is left to evaluate" in r for r in refusals)
-    assert any("keeps its EOS in the labels" in r for r in refusals)
+    assert [(r.set, "no validation row is left to evaluate" in r.reason, "keeps its EOS in the labels" in r.reason)
+            for r in refusals] == [("train", False, True), ("validation", True, False)]

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from worker.training.data import DataError, Example, read_jsonl
 from worker.training.spec import METHOD_FORMATS, JobSpec
@@ -138,15 +139,17 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
         "train_on_inputs": t.train_on_inputs,
         **planned_steps(spec, train.kept_rows),
     }
-    report["refusals"], report["warnings"] = problems(spec, train, validation)
+    refusals, report["warnings"] = problems(spec, train, validation)
     mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
                   if s is not None and not s.invalid and s.format not in METHOD_FORMATS[spec.method.type]]
     if mismatched:
         allowed = " or ".join(METHOD_FORMATS[spec.method.type])
-        report["refusals"] = [f"method {spec.method.type} trains on {allowed} rows, and the {name} data is in {fmt} "
-                              f"format; use a dataset of the right format, or set method.type to "
-                              f"{'dpo' if fmt == 'preference' else 'sft'}" for name, fmt in mismatched]
+        refusals = [Refusal(name, f"method {spec.method.type} trains on {allowed} rows, and the {name} data is in {fmt} "
+                                  f"format; use a dataset of the right format, or set method.type to "
+                                  f"{'dpo' if fmt == 'preference' else 'sft'}") for name, fmt in mismatched]
         report["warnings"] = []
+    report["refusals"] = [r.reason for r in refusals]
+    report["refusal_sets"] = [r.set for r in refusals]  # which dataset each refusal is about: the API names its field
     return report
 
 
@@ -348,49 +351,60 @@ def planned_steps(spec: JobSpec, rows: int) -> dict:
             "steps_note": note}
 
 
-def problems(spec: JobSpec, train: SetReport, validation: SetReport | None = None) -> tuple[list[str], list[str]]:
-    """What stops the job from learning anything (refusals), and what is worth a look (warnings),
-    each saying what to change."""
+class Refusal(NamedTuple):
+    set: str  # the dataset it is about: "train" or "validation"
+    reason: str
+
+
+def problems(spec: JobSpec, train: SetReport,
+             validation: SetReport | None = None) -> tuple[list[Refusal], list[str]]:
+    """What stops the job from learning anything (refusals, each naming its set), and what is worth a look
+    (warnings), each saying what to change."""
     t = spec.training
-    refusals, warnings = [], []
+    refusals: list[Refusal] = []
+    warnings: list[str] = []
     scope = "" if train.rows == train.rows_in_file else f" (of the first {train.rows:,} rows read)"
     for name, s in (("train", train), ("validation", validation)):
         if s is not None and s.invalid:
-            refusals.append(f"the {name} dataset does not pass the checks the trainer reads it with, which have changed "
-                            f"since it was uploaded ({s.invalid_lines:,} bad line{'' if s.invalid_lines == 1 else 's'}; the first: "
-                            f"{s.invalid}), and "
-                            "training would stop at it: fix the file and upload it again")
+            refusals.append(Refusal(name, f"the {name} dataset does not pass the checks the trainer reads it with, "
+                                          f"which have changed since it was uploaded ({s.invalid_lines:,} bad "
+                                          f"line{'' if s.invalid_lines == 1 else 's'}; the first: {s.invalid}), and "
+                                          "training would stop at it: fix the file and upload it again"))
         elif s is not None and s.template_refused_rows:
             lines = ", ".join(map(str, s.template_refused_lines[:5])) + ("..." if s.template_refused_rows > 5 else "")
-            refusals.append(f"{s.template_refused_rows:,} {name} rows cannot be trained on with the model's chat template "
-                            f"(lines {lines}), and training stops at the first; the first says: {s.template_refusal}")
+            refusals.append(Refusal(name, f"{s.template_refused_rows:,} {name} rows cannot be trained on with the model's "
+                                          f"chat template (lines {lines}), and training stops at the first; the first "
+                                          f"says: {s.template_refusal}"))
     if refusals:
         return refusals, warnings
     if train.rows and train.kept_rows == 0:
         if train.tied_rows:
-            refusals.append(f"no pair{scope} is left to learn from within max_seq_length={t.max_seq_length}: "
-                            f"{_tied(train)}"
-                            + (f"; the other {train.rows - train.tied_rows:,} have no answer token within it"
-                               if train.rows > train.tied_rows else "")
-                            + ". Make the preferred and the other answer differ, or raise max_seq_length")
+            refusals.append(Refusal("train", f"no pair{scope} is left to learn from within max_seq_length="
+                                             f"{t.max_seq_length}: {_tied(train)}"
+                                    + (f"; the other {train.rows - train.tied_rows:,} have no answer token within it"
+                                       if train.rows > train.tied_rows else "")
+                                    + ". Make the preferred and the other answer differ, or raise max_seq_length"))
         elif train.truncated_rows == train.rows:
-            refusals.append(f"every row{scope} is truncated at max_seq_length={t.max_seq_length} before its first "
-                            f"trained token (the shortest row is {train.lengths['min']:,} tokens): raise max_seq_length "
-                            "or shorten the prompts")
+            refusals.append(Refusal("train", f"every row{scope} is truncated at max_seq_length={t.max_seq_length} "
+                                             f"before its first trained token (the shortest row is "
+                                             f"{train.lengths['min']:,} tokens): raise max_seq_length or shorten the prompts"))
         else:
-            refusals.append(f"no row{scope} has a token to learn (zero trained tokens): check the assistant turns, "
-                            "their weight, and train_on_inputs")
+            refusals.append(Refusal("train", f"no row{scope} has a token to learn (zero trained tokens): check the "
+                                             "assistant turns, their weight, and train_on_inputs"))
     elif train.kept_rows and train.rows_without_eos == train.kept_rows:
-        refusals.append(f"no row{scope} keeps its EOS in the labels, so the model would never learn to stop: "
-                        f"raise max_seq_length (now {t.max_seq_length}; the longest row is {train.lengths['max']:,} "
-                        "tokens) or end each row with an assistant turn that is learned")
+        refusals.append(Refusal("train", f"no row{scope} keeps its EOS in the labels, so the model would never learn "
+                                         f"to stop: raise max_seq_length (now {t.max_seq_length}; the longest row is "
+                                         f"{train.lengths['max']:,} tokens) or end each row with an assistant turn that "
+                                         "is learned"))
     # The validation set's own: beside the train set's, not instead of it (each reason is named at once).
     if validation is not None and validation.rows and validation.kept_rows == 0:
         ties = f" ({_tied(validation)})" if validation.tied_rows else ""
-        refusals.append(f"no validation row is left to evaluate within max_seq_length={t.max_seq_length} (all "
-                        f"{validation.rows:,} are dropped{ties}; the shortest is {validation.lengths['min']:,} tokens), "
-                        "so the job would run without an evaluation and its report would prompt from the train set: "
-                        "raise max_seq_length, shorten the validation prompts, or leave out validation_dataset_id")
+        refusals.append(Refusal("validation", f"no validation row is left to evaluate within max_seq_length="
+                                              f"{t.max_seq_length} (all {validation.rows:,} are dropped{ties}; the "
+                                              f"shortest is {validation.lengths['min']:,} tokens), so the job would run "
+                                              "without an evaluation and its report would prompt from the train set: "
+                                              "raise max_seq_length, shorten the validation prompts, or leave out "
+                                              "validation_dataset_id"))
     if refusals:
         return refusals, warnings
     if train.rows and train.truncated_rows / train.rows >= TRUNCATED_WARNING:
