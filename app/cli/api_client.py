@@ -177,12 +177,13 @@ class ApiClient:
     # --- datasets
     def upload_dataset(self, path: Path, on_progress: Progress | None = None, *, tries: int = CREATE_TRIES,
                        backoff_s: float = 1.0, on_restart: Callable[[], None] | None = None,
-                       on_sent: Callable[[], None] | None = None) -> dict:
+                       on_sent: Callable[[], None] | None = None, idempotency_key: str | None = None) -> dict:
         """POST /datasets, streamed, with an Idempotency-Key: sent again (`on_restart` hears it before the
         file is read from its start again) when the connection could not be made, or the whole file went
         and its answer was lost; not when the upload broke off halfway (a refusal, or a link that broke:
         sending gigabytes again is the user's call). A repeat is answered with the dataset the first try
-        recorded. `on_sent` hears when the whole file has gone: from then on the server may record it."""
+        recorded. `on_sent` hears when the whole file has gone: from then on the server may record it.
+        `idempotency_key` (a new UUID when None) lets a later command send the same upload again just as safely."""
         state = {"tries": 0, "whole": False}
 
         def send(headers: dict[str, str]) -> httpx.Response:
@@ -205,7 +206,7 @@ class ApiClient:
         def again(exc: Exception | None) -> bool:
             return exc is None or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) or bool(state["whole"])
 
-        return self._once(send, tries=tries, backoff_s=backoff_s, again=again, expect=dict)
+        return self._once(send, tries=tries, backoff_s=backoff_s, again=again, key=idempotency_key, expect=dict)
 
     def list_datasets(self, limit: int = 50) -> list[dict]:
         return self._page("/datasets", {"limit": limit})

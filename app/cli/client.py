@@ -221,6 +221,21 @@ SpecFile = Annotated[Path, typer.Argument(help="Job spec JSON (as for `qlora tra
                                           readable=True, callback=_regular_file)]
 
 
+def _idempotency_key(value: str | None) -> str | None:
+    from app.cli.api_client import API_KEY
+
+    # As the API takes it: 1-255 visible ASCII characters (a non-ASCII one would not even make a header).
+    if value is not None and not (len(value) <= 255 and API_KEY.fullmatch(value)):
+        raise typer.BadParameter("1 to 255 visible ASCII characters, no spaces (a UUID does)")
+    return value
+
+
+IdempotencyKeyOption = Annotated[Optional[str], typer.Option(
+    "--idempotency-key", metavar="KEY", callback=_idempotency_key,
+    help="Send the creation with this Idempotency-Key (default: a new one): the same key with the same request "
+         "(for an upload: the same file and name) within 24 hours is answered with what it made, never a second one.")]
+
+
 @datasets_commands.command("check")
 def datasets_check(file: JsonlFile, as_json: JsonOption = None) -> None:
     """Validate a JSONL file locally, with the server's rules; no server needed. Exits 1 on bad lines.
@@ -245,24 +260,31 @@ def datasets_check(file: JsonlFile, as_json: JsonOption = None) -> None:
 def datasets_upload(ctx: typer.Context, file: JsonlFile,
                     check: Annotated[bool, typer.Option("--check/--no-check", help="Validate locally first and "
                                                         "refuse a file with bad lines.")] = True,
+                    idempotency_key: IdempotencyKeyOption = None,
                     as_json: JsonOption = None) -> None:
     """Upload a JSONL dataset, streamed (a file of any size is never held in memory).
 
     On a pipe: the dataset as the API recorded it ("id", "status", ...). Exits 1 unless it is ready."""
+    import uuid
+
     if check and not _check_file(file).ok:
         _fail("nothing uploaded: fix the lines above (or pass --no-check to have the server record it as invalid)")
+    key = idempotency_key or str(uuid.uuid4())
     # The server records a dataset only once the whole file has arrived: a broken-off upload leaves none.
     _on_interrupt(ctx, f"upload stopped; nothing was recorded (`qlora datasets upload {file}` to upload it again)")
-    # Once it has all gone, Ctrl-C may come while the server is storing it: then it may be there.
+    # Once it has all gone, Ctrl-C may come while the server is storing it: then it may be there, and the same
+    # command again would send a new key, and may record a second copy; this key makes the retry safe.
     sent_whole = functools.partial(_on_interrupt, ctx, "upload stopped after the whole file was sent; the server "
-                                   "may have recorded it (`qlora datasets list` shows it)")
+                                   "may have recorded it (`qlora datasets list` shows it): to send it again safely, "
+                                   f"add --idempotency-key {key} (the server makes one dataset per key within 24 hours)")
     with _api(ctx) as api:
         progress, task = transfer_progress(f"uploading {file.name}", file.stat().st_size)
         with progress:
             # A try sent again starts the bar over: reset, not advanced backwards, which would leave the
             # first try's bytes in the speed (negative) or its finished speed on the bar.
             record = api.upload_dataset(file, on_progress=lambda n: progress.advance(task, n),
-                                        on_restart=lambda: progress.reset(task), on_sent=sent_whole)
+                                        on_restart=lambda: progress.reset(task), on_sent=sent_whole,
+                                        idempotency_key=key)
     show(record, lambda: print_dataset(record), as_json)
     print_dataset_errors(record)
     if record["status"] != "ready":
@@ -315,15 +337,6 @@ InitialJobOption = Annotated[Optional[str], typer.Option(
     "--initial-job", metavar="ID", help="Start from this succeeded job's adapter (SFT, then DPO from it).")]
 
 
-def _idempotency_key(value: str | None) -> str | None:
-    from app.cli.api_client import API_KEY
-
-    # As the API takes it: 1-255 visible ASCII characters (a non-ASCII one would not even make a header).
-    if value is not None and not (len(value) <= 255 and API_KEY.fullmatch(value)):
-        raise typer.BadParameter("1 to 255 visible ASCII characters, no spaces (a UUID does)")
-    return value
-
-
 @jobs_commands.command("create")
 def jobs_create(
     ctx: typer.Context,
@@ -335,10 +348,7 @@ def jobs_create(
     priority: Annotated[Optional[str], typer.Option(
         "--priority", help="low, normal or high: the order among your team's own queued jobs.")] = None,
     initial_job: InitialJobOption = None,
-    idempotency_key: Annotated[Optional[str], typer.Option(
-        "--idempotency-key", metavar="KEY", callback=_idempotency_key,
-        help="Send the creation with this Idempotency-Key (default: a new one): the same key with the same request "
-             "within 24 hours is answered with the job it made, never a second one.")] = None,
+    idempotency_key: IdempotencyKeyOption = None,
     as_json: JsonOption = None,
 ) -> None:
     """Queue a fine-tuning job: the spec file plus the dataset ids. A spec with "method": {"type": "dpo"}

@@ -318,6 +318,19 @@ def test_ctrl_c_after_an_upload_went_whole_does_not_say_nothing_was_recorded(env
     refused(done, "upload stopped after the whole file was sent; the server may have recorded it "
                   "(`qlora datasets list` shows it)", code=130)
     assert "nothing was recorded" not in done.stderr
+    # The same command again sent a new Idempotency-Key, and recorded a second copy where the first was made:
+    # it says the key that request carried, and --idempotency-key sends it again.
+    [(method, path, headers)] = server.requests
+    assert (method, path) == ("POST", "/datasets")
+    assert f"add --idempotency-key {headers['Idempotency-Key']} " in done.stderr
+    again = stand_in({"id": "d", "status": "ready", "filename": "data.jsonl", "format": "chat", "rows": 1,
+                      "bytes": 1, "token_estimate": 1, "error_count": 0, "errors": []}, status=201)
+    sent = qlora(env | {"QLORA_URL": again.url}, "datasets", "upload", str(data), "--json",
+                 "--idempotency-key", headers["Idempotency-Key"])
+    assert sent.returncode == 0, sent.stderr
+    assert again.requests[0][2]["Idempotency-Key"] == headers["Idempotency-Key"]
+    refused(qlora(env, "datasets", "upload", str(data), "--idempotency-key", "a key"),
+            "1 to 255 visible ASCII characters", code=2)
 
 
 def test_an_upload_that_breaks_off_leaves_the_bar_where_it_was(env, tmp_path):
