@@ -444,6 +444,39 @@ def test_a_row_with_half_a_surrogate_pair_is_a_bad_line_and_a_whole_pair_is_text
     team_a.delete(f"/datasets/{dataset['id']}")
 
 
+CHAT_ROW = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}).encode()
+
+
+@pytest.mark.parametrize(("data", "rows", "error"), [
+    (b"\xef\xbb\xbf" + CHAT_ROW + b"\n" + CHAT_ROW, 2, None),  # Notepad's "UTF-8"
+    (CHAT_ROW + b"\r\n" + CHAT_ROW + b"\r\n", 2, None),  # Windows line ends
+    (CHAT_ROW + b"\x00\n" + CHAT_ROW, 0, (1, "it holds NUL bytes")),
+    (CHAT_ROW + b"\n" + CHAT_ROW[:-2] + b"\x00]}", 1, (2, "not valid JSON")),
+    (CHAT_ROW + b"\n7\n", 1, (2, "expected a JSON object, got a number (7)")),
+    (CHAT_ROW + b"\n[1, 2]\n", 1, (2, "expected a JSON object, got an array")),
+    (CHAT_ROW + b"\nnull\n", 1, (2, "expected a JSON object, got null")),
+    (b"", 0, (1, "the file has no rows")),
+    (b"\n  \n\r\n", 0, (3, "the file has no rows")),
+    (CHAT_ROW + b"\r" + CHAT_ROW + b"\r", 0, (1, "the file's lines end with \\r alone")),  # old Mac line ends
+    # Python's json keeps the last of a key given twice: the row would train on its second conversation alone.
+    (CHAT_ROW[:-1] + b', "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     0, (1, "the key 'messages' appears twice in one object")),
+])
+def test_a_carelessly_saved_file_is_read_as_meant_or_refused_naming_the_line(team_a, data, rows, error):
+    response = upload(team_a, content=data)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["rows"] == rows, dataset
+    if error is None:
+        assert dataset["status"] == "ready" and dataset["format"] == "chat", dataset
+    else:
+        (first,) = dataset["errors"]
+        assert dataset["status"] == "invalid" and first["line"] == error[0] and error[1] in first["message"], dataset
+        job = team_a.post("/jobs", json={"dataset_id": dataset["id"], **demo_spec("tiny")})
+        assert job.status_code == 422 and f"line {error[0]}" in job.json()["error"]["message"], job.text
+    team_a.delete(f"/datasets/{dataset['id']}")
+
+
 def test_a_multipart_body_cut_off_before_its_closing_boundary_keeps_nothing(deployment, team_a, unchanged):
     """A client that stops early but ends its body cleanly (a chunked body's last chunk sent) must not
     leave a shorter dataset recorded as complete."""

@@ -22,6 +22,7 @@ def lines(*rows) -> list[bytes]:
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does the cow say?"},
                      {"role": "assistant", "content": "The cow says moo."}]}
+ROW = json.dumps(CHAT).encode()
 
 
 @pytest.fixture()
@@ -64,6 +65,15 @@ def test_formats_are_detected(row, fmt):
         # json.loads raises RecursionError and ValueError here, not JSONDecodeError: still a bad line.
         (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "arrays or objects nested too deeply"),
         (b'{"messages": ' + b"9" * 5000 + b"}", "a number too long"),
+        # Named as JSON names them: Python's NoneType, int and list meant nothing to whoever wrote the file.
+        (b"5", "expected a JSON object, got a number (5)"),
+        (b"null", "expected a JSON object, got null"),
+        (b'"row"', "expected a JSON object, got a string"),
+        ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+         'messages[0]: "content" must be a string, got null'),
+        (ROW + b" " + ROW, "Extra data (column 170); the line goes on after its JSON value: one JSON object per line"),
+        # Files joined after one saved with a byte order mark: the mark of the second starts a line.
+        (b"\xef\xbb\xbf" + ROW, "the line starts with a byte order mark (U+FEFF)"),
     ],
 )
 def test_bad_line_is_reported_with_its_number(bad, message):
@@ -246,9 +256,6 @@ def test_an_assistant_refusal_without_content_says_to_put_it_in_content():
         validate_lines(lines(row))
 
 
-ROW = json.dumps(CHAT).encode()
-
-
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     """Notepad and Excel's "UTF-8" save writes one; the file is UTF-8 all the same, read alike on upload and by the trainer."""
     path = tmp_path / "bom.jsonl"
@@ -304,3 +311,18 @@ def test_a_key_given_twice_in_one_object_is_a_bad_line_naming_the_key(row, key):
 
 def test_the_same_key_in_different_objects_of_a_row_is_no_repeat():
     assert len(validate_lines([ROW, ROW]).examples) == 2  # every message has its own "role" and "content"
+
+
+def test_a_file_whose_lines_end_with_a_lone_cr_says_so(tmp_path):
+    """Old Mac line ends: the whole file is one line, and "Extra data (column 147)" said nothing of why."""
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(ROW + b"\r" + ROW + b"\r")
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    assert info.value.total == 1 and "lines end with \\r alone" in info.value.errors[0].message, info.value
+
+
+def test_a_key_with_a_control_character_is_shown_escaped():
+    with pytest.raises(DataError) as info:
+        validate_lines([b'{"a\\u0000b": 1, "\\u001b[2Jc": 2}'])
+    assert "keys: '\\x1b[2Jc', 'a\\x00b'" in info.value.errors[0].message, info.value

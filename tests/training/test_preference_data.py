@@ -54,7 +54,7 @@ def test_openai_and_trl_rows_mix_in_one_file():
           "rejected": [*USER, {"role": "assistant", "content": "Woof."}]},
          'needs the conversation its answers reply to: "prompt" is missing'),
         ({k: v for k, v in OPENAI.items() if k != "input"}, 'needs the conversation its answers reply to: "input"'),
-        ({**TRL_STRINGS, "prompt": 7}, '"prompt" must be a string or a non-empty list of messages, got int'),
+        ({**TRL_STRINGS, "prompt": 7}, '"prompt" must be a string or a non-empty list of messages, got a number (7)'),
         ({**OPENAI, "input": {"messages": []}}, '"input.messages" must be a non-empty list of messages, got an empty'),
         # weight 0 would show a chat turn without learning it; a pair's answers are always compared
         ({**OPENAI, "preferred_output": [{"role": "assistant", "content": "Moo.", "weight": 0}]},

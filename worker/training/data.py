@@ -147,7 +147,7 @@ class DatasetValidator:
         try:
             obj = _ROW_DECODER.decode(text)
         except json.JSONDecodeError as exc:
-            return self._error(f"not valid JSON: {exc.msg} (column {exc.colno})")
+            return self._error(f"not valid JSON: {exc.msg} (column {exc.colno}){_json_error_hint(text, exc)}")
         except _RepeatedKey as exc:
             return self._error(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
                                "the two (Python's the last, silently), so the row would train on half of what it "
@@ -158,7 +158,7 @@ class DatasetValidator:
         except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
             return self._error(f"a number too long to read (more than {sys.get_int_max_str_digits()} digits)")
         if not isinstance(obj, dict):
-            return self._error(f"expected a JSON object, got {type(obj).__name__}")
+            return self._error(f"expected a JSON object, got {_json_kind(obj)}")
         if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
             return self._error("a \\uXXXX escape of half a surrogate pair (\\ud800-\\udfff without its other half) "
                                "is no character: no tokenizer can read it; write the character itself, or both halves")
@@ -167,7 +167,8 @@ class DatasetValidator:
         if missing:
             return self._error(missing)
         if fmt is None:
-            keys = excerpt(", ".join(sorted(obj)), quote=False) or "none"
+            # A key with a control character (NUL, an escape sequence) is shown escaped, not sent to a terminal as is.
+            keys = excerpt(", ".join(k if k.isprintable() else repr(k) for k in sorted(obj)), quote=False) or "none"
             shapes = " | ".join(_FORMAT_SHAPES.values())
             return self._error(f"unknown format (keys: {keys}); expected one of {shapes}")
         if self.format is not None and fmt != self.format:
@@ -264,6 +265,31 @@ def _lone_surrogate(obj: dict) -> bool:
     return False
 
 
+def _json_kind(value: Any) -> str:
+    """A value's type as JSON names it: Python's names (NoneType, dict, int) mean nothing to whoever wrote the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int | float):
+        return f"a number ({excerpt(value)})"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"  # all json.loads makes besides
+
+
+def _json_error_hint(text: str, exc: json.JSONDecodeError) -> str:
+    """What a line that is not JSON most likely is, where its error alone does not say."""
+    if text.startswith("\ufeff"):  # line 1's is skipped (feed): a later one came with a file joined to the first
+        return ("; the line starts with a byte order mark (U+FEFF): files saved with one were joined into this one; "
+                "remove it")
+    if exc.msg == "Extra data":
+        if "\r" in text[:exc.pos]:  # no JSON string holds a raw \r: before the extra data, it broke lines
+            return "; the file's lines end with \\r alone (old Mac line ends): save it with \\n or \\r\\n line ends"
+        return "; the line goes on after its JSON value: one JSON object per line"
+    return ""
+
+
 def detect_format(row: dict) -> str | None:
     for fmt, keys in _FORMAT_KEYS.items():
         if all(k in row for k in keys):
@@ -305,7 +331,7 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f'{where}"{key}" must be a string, got {type(value).__name__}')
+        raise ValueError(f'{where}"{key}" must be a string, got {_json_kind(value)}')
     if required and not value.strip():
         raise ValueError(f'{where}"{key}" is empty')
     return value
@@ -434,7 +460,7 @@ def _parse_preference(obj: dict, line: int) -> Example:
 def _prompt_messages(messages: Any, where: str) -> tuple[Message, ...]:
     """The conversation a preference row's answers reply to: chat turns ending with a user turn."""
     if not isinstance(messages, list) or not messages:
-        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        got = "an empty list" if isinstance(messages, list) else _json_kind(messages)
         either = " a string or" if where == "prompt" else ""  # trl's prompt may be a string; OpenAI's input is messages
         raise ValueError(f'"{where}" must be{either} a non-empty list of messages, got {got}')
     parsed = []
@@ -456,7 +482,7 @@ def _answer(value: Any, key: str) -> str:
             raise ValueError(f'"{key}" is empty')
         return value
     if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
-        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        got = f"a list of {len(value)}" if isinstance(value, list) else _json_kind(value)
         raise ValueError(f'"{key}" must be one assistant message ([{{"role": "assistant", "content": ...}}]) '
                          f"or a string, got {got}")
     if value[0].get("role") != "assistant":
