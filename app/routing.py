@@ -4,7 +4,9 @@ Python's json module takes a lone surrogate escape ("\\udc80") and makes a strin
 stored in a JSON column (a job's metadata, its spec), the row could then never be read again: every
 read of the job, the worker's claim among them, would fail. Parsed here, such a body is refused as
 malformed JSON before any route sees it, and so is anything else the database's reader would refuse
-(nesting past its limit, a number past its range).
+(nesting past its limit, a number past its range). A key given twice in one object is refused too,
+naming it: from_json keeps the last, so `{"learning_rate": 1e-4, ..., "learning_rate": 0.9}` trained
+with a spec its caller never read.
 
 A body is also bounded in how many values it holds (MAX_JSON_VALUES), not only in bytes: no request
 of this API needs more than a few hundred, and 16 MiB of `{"f0": 1, "f1": 1, ...}` would have the
@@ -28,6 +30,8 @@ from fastapi.routing import APIRoute
 from pydantic_core import from_json
 
 from app.deps import get_caller
+from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
+from worker.training.spec import excerpt
 
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
 
@@ -43,8 +47,27 @@ class CheckedJSONRequest(Request):
             if _more_values_than(value, MAX_JSON_VALUES):
                 raise HTTPException(413, f"the JSON body holds more than {MAX_JSON_VALUES:,} values; "
                                          "no request of this API needs as many")
+            repeated = _repeated_key(body)
+            if repeated is not None:
+                raise json.JSONDecodeError(f"the key {excerpt(repeated)} appears twice in one object: JSON readers "
+                                           "keep one of the two (this API's parser the last, silently); send each "
+                                           "key once", body.decode("utf-8", "replace"), 0)
             self._json = value
         return self._json
+
+
+def _repeated_key(body: bytes) -> str | None:
+    """The first key the body gives twice in one object ({"learning_rate": 1e-4, ..., "learning_rate": 1},
+    as a script that joins JSON by hand makes), which from_json takes as the last: a job would train with
+    another spec than the one its caller read. Read again by Python's parser, on a body already found
+    valid and bounded: a few KiB for any request of this API."""
+    try:
+        DECODER_WITHOUT_REPEATS.decode(body.decode("utf-8"))
+    except RepeatedKey as exc:
+        return exc.key
+    except (ValueError, RecursionError):  # what from_json reads and Python's parser does not (a 5,000-digit number)
+        return None
+    return None
 
 
 def _more_values_than(value: Any, limit: int) -> bool:

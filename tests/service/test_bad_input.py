@@ -394,6 +394,22 @@ def test_a_lone_surrogate_escape_anywhere_in_a_json_body_is_refused_and_nothing_
     assert team_a.get("/v1/fine_tuning/jobs").status_code == 200
 
 
+@pytest.mark.parametrize(("extra", "key"), [
+    # ("training" is given twice here too: the innermost repeat is named first)
+    ('"training": {"max_steps": 5, "learning_rate": 0.0002, "learning_rate": 0.9}', "learning_rate"),
+    ('"dataset_id": "another"', "dataset_id"),  # the body's first dataset_id is the ready one: the last was taken
+])
+def test_a_key_given_twice_in_a_json_body_is_refused_naming_it(team_a, ready_dataset, unchanged, extra, key):
+    """A script that joins JSON by hand gave a key twice: the job trained with the last value, silently."""
+    response = team_a.post("/jobs", content=job_bytes(ready_dataset, extra), headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["error"]["details"]
+    assert detail["field"] == "body" and f"the key '{key}' appears twice in one object" in detail["message"], detail
+    openai = team_a.post("/v1/fine_tuning/jobs", content=b'{"model": "tiny", "model": "tiny", "training_file": "x"}',
+                         headers={"Content-Type": "application/json"})
+    assert openai.status_code == 400 and "the key 'model' appears twice" in openai.json()["error"]["message"], openai.text
+
+
 def test_a_keyed_creation_whose_body_is_not_json_is_a_422_not_a_500(team_a, unchanged):
     response = team_a.post("/jobs", content=b"dataset_id=x&base_model=tiny", headers={
         "Content-Type": "application/x-www-form-urlencoded", "Idempotency-Key": "k-form"})

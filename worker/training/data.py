@@ -145,10 +145,10 @@ class DatasetValidator:
         if not text.strip():
             return  # blank lines (a trailing newline, spacing) carry nothing
         try:
-            obj = _ROW_DECODER.decode(text)
+            obj = DECODER_WITHOUT_REPEATS.decode(text)
         except json.JSONDecodeError as exc:
             return self._error(f"not valid JSON: {exc.msg} (column {exc.colno}){_json_error_hint(text, exc)}")
-        except _RepeatedKey as exc:
+        except RepeatedKey as exc:
             return self._error(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
                                "the two (Python's the last, silently), so the row would train on half of what it "
                                "says; write each key once")
@@ -229,7 +229,9 @@ def _not_jsonl(first_line: bytes) -> str | None:
     return None
 
 
-class _RepeatedKey(ValueError):
+class RepeatedKey(ValueError):
+    """A key given twice in one JSON object: DECODER_WITHOUT_REPEATS refuses it (the API's JSON bodies too)."""
+
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
@@ -244,13 +246,13 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _RepeatedKey(key)
+                raise RepeatedKey(key)
             seen.add(key)
     return obj
 
 
 # One decoder for every row: json.loads(text, object_pairs_hook=...) would build a new one per line.
-_ROW_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
+DECODER_WITHOUT_REPEATS = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the escapes of d800-dfff: only these can leave half a pair
 
