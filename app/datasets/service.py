@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # token, so a 16 MiB row took 5 GB in the preflight process, and as much in the training process.
 MAX_LINE_BYTES = 4 * 1024 * 1024
 OVERLONG = f"line is longer than {format_bytes(MAX_LINE_BYTES)}"
+LINE_HEAD_BYTES = 4096  # of an overlong line, what the validator sees: enough to tell what a first line is
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 
 
@@ -86,11 +87,11 @@ class DatasetIngest(Generic[SinkT]):
                 self._skipping = False  # the newline that ends the overlong line
                 continue
             if len(line) > MAX_LINE_BYTES:  # whole within this chunk: as overlong as one that spans chunks
-                self.validator.skip_line(OVERLONG)
+                self.validator.skip_line(OVERLONG, line[:LINE_HEAD_BYTES])
                 continue
             self.validator.feed(line)
         if len(self._partial) > MAX_LINE_BYTES and not self._skipping:
-            self.validator.skip_line(OVERLONG)
+            self.validator.skip_line(OVERLONG, self._partial[:LINE_HEAD_BYTES])
             self._skipping, self._partial = True, b""
         elif self._skipping:
             self._partial = b""

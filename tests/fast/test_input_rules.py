@@ -48,6 +48,19 @@ def test_a_row_past_the_line_limit_is_a_bad_line_and_the_rows_around_it_count(tm
     assert "longer than 4.0 MiB" in check.errors[0].message
 
 
+@pytest.mark.parametrize(("data", "says"), [
+    # json.dump(rows, f): the whole dataset on one line, past the line limit, was "line 1: line is longer than 4.0 MiB".
+    (json.dumps([{"text": "w " * 1000}] * 3000).encode(), "the file is one JSON array, not JSONL"),
+    (b"\xef\xbb\xbf" + json.dumps([{"text": "w " * 1000}] * 3000).encode() + b"\n", "the file is one JSON array"),
+    (json.dumps([{"text": "w " * 1000}] * 3000).encode("utf-16"), "the file is UTF-16"),
+])
+def test_a_first_line_past_the_line_limit_that_is_no_jsonl_says_what_the_file_is(tmp_path, data, says):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    check = check_dataset(path)
+    assert check.error_count == 1 and check.errors[0].line == 1 and says in check.errors[0].message, check.errors
+
+
 # ------------------------------------------------------------------ echoes are excerpts
 
 

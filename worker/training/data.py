@@ -186,9 +186,14 @@ class DatasetValidator:
         if self.examples is not None:
             self.examples.append(example)
 
-    def skip_line(self, message: str) -> None:
-        """Count a line the caller could not even read whole (one longer than it will buffer)."""
+    def skip_line(self, message: str, head: bytes = b"") -> None:
+        """Count a line the caller could not even read whole (one longer than it will buffer). `head`, the
+        line's start, tells a first line that is no JSONL at all (rows dumped as one JSON array) from a long row."""
         self._line += 1
+        if self._line == 1:
+            self._not_jsonl = _not_jsonl(head.removeprefix(_UTF8_BOM))
+            if self._not_jsonl:
+                return self._error(self._not_jsonl)
         if not self._not_jsonl:
             self._error(message)
 
