@@ -90,7 +90,7 @@ def file_object(dataset: Dataset) -> dict:
         "filename": dataset.filename, "purpose": "fine-tune", "expires_at": None,
         "status": "processed" if dataset.status == "ready" else "error",
         "status_details": None if dataset.status == "ready" else
-        f"{dataset.error_count} invalid lines; {errors}",
+        f"{dataset.error_count} invalid line{'' if dataset.error_count == 1 else 's'}; {errors}",
     }
 
 

@@ -292,6 +292,8 @@ def test_a_file_as_openai_shows_it(session, caller):
     shown = t.file_object(bad)
     assert shown["status"] == "error"
     assert shown["status_details"] == "2 invalid lines; line 1: not JSON; line 4: no messages"
+    bad.error_count, bad.errors = 1, [{"line": 2, "message": "not JSON"}]
+    assert t.file_object(bad)["status_details"] == "1 invalid line; line 2: not JSON"
 
 
 JOB_ID = "0123456789abcdef0123456789abcdef"

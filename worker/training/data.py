@@ -150,8 +150,8 @@ class DatasetValidator:
             return self._error(f"not valid JSON: {exc.msg} (column {exc.colno}){_json_error_hint(text, exc)}")
         except RepeatedKey as exc:
             return self._error(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
-                               "the two (Python's the last, silently), so the row would train on half of what it "
-                               "says; write each key once")
+                               "the two (Python's the last, silently), so what the row trains on would depend on "
+                               "the reader; write each key once")
         # Valid JSON that Python's parser still refuses, with other exceptions than a decode error.
         except RecursionError:
             return self._error("arrays or objects nested too deeply to read (about 1000 levels at most)")
