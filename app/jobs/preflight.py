@@ -307,10 +307,11 @@ def refuse_if_it_cannot_learn(report: dict) -> None:
     if report["refusals"]:
         reasons = report["refusals"]
         # Not all "cannot learn": a validation set with nothing left to evaluate refuses a job that could.
+        # A report from an engine older than refusal_sets (a preflight process mid-upgrade) names the train set.
+        sets = report.get("refusal_sets") or ["train"] * len(reasons)
         raise PreflightRefused("the preflight refuses this job: " + "; ".join(reasons),
                                details=field_errors([(SET_FIELDS[data], reason)
-                                                     for data, reason in zip(report["refusal_sets"], reasons,
-                                                                             strict=True)]))
+                                                     for data, reason in zip(sets, reasons, strict=True)]))
 
 
 def needs_validation(spec: JobSpec, meta: dict) -> None:
