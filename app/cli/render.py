@@ -459,17 +459,20 @@ def print_report(report: dict) -> None:
     from rich.text import Text
 
     generation, metrics = report["generation"], report["metrics"]
+    preference = "rewards" in report  # method dpo: the reference is the preferred answer, beside the rejected one
     # fold: a model's run-on "word" (an untrained base repeats one) shows whole, not cut at the cell's edge.
-    texts = [Column(name, overflow="fold") for name in ("prompt", "reference", "base", "tuned")]
+    names = ("prompt", "chosen", "rejected", "base", "tuned") if preference else ("prompt", "reference", "base", "tuned")
+    texts = [Column(name, overflow="fold") for name in names]
     rows = Table("line", *texts, Column("exact match\nbase / tuned", justify="center"),
                  Column("F1\nbase / tuned", justify="center"), show_lines=True,
                  title=f"eval report of job {report['job_id']}: {len(report['rows'])} prompts from {report['prompts_from']}, "
                        f"{_sampling(generation)}")
     for row in report["rows"]:
         base, tuned = row["base"], row["tuned"]
+        given = [row["reference"], row.get("rejected")] if preference else [row["reference"]]
         rows.add_row("-" if row["line"] is None else str(row["line"]),
                      Text(_printable(row["prompt"]) + (" (start cut)" if row["prompt_truncated"] else "")),
-                     Text(_printable(row["reference"])) if row["reference"] is not None else Text("-", style="dim"),
+                     *(Text(_printable(text)) if text is not None else Text("-", style="dim") for text in given),
                      _answer(base), _answer(tuned),
                      f"{_mark(base.get('exact_match'))} / {_mark(tuned.get('exact_match'))}",
                      f"{number(base.get('f1'), '.2f')} / {number(tuned.get('f1'), '.2f')}")
@@ -485,6 +488,34 @@ def print_report(report: dict) -> None:
                    f"with a reference; loss per trained token over {metrics['loss_rows']} {metrics['loss_rows_from']} "
                    f"rows ({metrics['loss_tokens']:,} tokens)\nbase: {generation['base']}\ntuned: {generation['tuned']}",
                    style="dim"), soft_wrap=True)
+    if preference:
+        _print_rewards(report["rewards"])
+
+
+def _print_rewards(rewards: dict | None) -> None:
+    """A dpo report's rewards on the validation pairs, first evaluation against final: did it learn the preference?"""
+    from rich.text import Text
+
+    if rewards is None:
+        out.print(Text("rewards: none (the job had no validation set to measure them on)", style="dim"))
+        return
+    first, final = rewards["first"], rewards["final"]
+    table = Table("", Column(f"first eval\nstep {first['step']}", justify="right"),
+                  Column(f"final\nstep {final['step']}", justify="right"), Column("change", justify="right"),
+                  title=f"rewards on {rewards['pairs']} validation pairs")
+    for label, key, spec in (("reward accuracy", "accuracy", ".0%"), ("reward margin", "margin", "+.4f"),
+                             ("reward chosen", "chosen", "+.4f"), ("reward rejected", "rejected", "+.4f"),
+                             ("DPO loss", "loss", ".4f")):
+        a, b = first[key], final[key]
+        change = ("-" if a is None or b is None else f"{100 * (b - a):+.0f} pts" if key == "accuracy"
+                  else format(b - a, "+.4f"))
+        table.add_row(label, number(a, spec), number(b, spec), change)
+    print_table(table)
+    against = "a frozen copy of the starting adapter" if rewards["reference"] == "initial_adapter" else "the base model"
+    out.print(Text("a reward is beta x how much likelier the tuned model finds an answer than the reference "
+                   f"({against}); accuracy: share of pairs whose chosen answer out-gains the rejected one (0 at "
+                   "step 0), margin: its mean lead. Accuracy near 100% with a growing margin: the preference "
+                   "was learned", style="dim"), soft_wrap=True)
 
 
 def _sampling(generation: dict) -> str:

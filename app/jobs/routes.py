@@ -152,9 +152,13 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
 async def job_report(job_id: str, request: Request, caller: CallerDep):
     """The eval report made when the job succeeded (the spec's `eval` section): for each prompt the base
     model's answer and the tuned model's beside the reference, exact match and token F1 per row and on
-    average, and the loss and perplexity of both on held-out rows. Also the job's `report` artifact."""
+    average, and the loss and perplexity of both on held-out rows. A dpo job's adds each pair's rejected
+    answer and the reward accuracy and margin on the validation pairs, first and final. Also the job's
+    `report` artifact."""
     def read(session: Session) -> bytes:
-        return JobReport.model_validate(service.eval_report(session, caller, job_id)).model_dump_json().encode()
+        report = JobReport.model_validate(service.eval_report(session, caller, job_id))
+        # exclude_unset: the dpo-only keys stay out of an sft report (and out of one made before them).
+        return report.model_dump_json(exclude_unset=True).encode()
 
     return await polled(request, read)
 

@@ -241,7 +241,11 @@ class ReportAnswer(BaseModel):
 class ReportRow(BaseModel):
     line: int | None = Field(description="The dataset line the prompt was sampled from; null for a prompt of the spec.")
     prompt: str
-    reference: str | None = Field(description="The row's last assistant turn; null for a prompt of the spec.")
+    reference: str | None = Field(description="The row's last assistant turn (method dpo: the pair's preferred "
+                                                "answer); null for a prompt of the spec.")
+    # Method dpo only (absent from an sft report, and from a dpo report made before it existed).
+    rejected: str | None = Field(None, description="Method dpo only: the pair's rejected answer, the one training "
+                                                   "taught the model to avoid; null for a prompt of the spec.")
     prompt_truncated: bool = Field(description="Longer than max_seq_length: its start was cut, as in training.")
     base: ReportAnswer
     tuned: ReportAnswer
@@ -272,11 +276,37 @@ class ReportGeneration(BaseModel):
     tuned: str = Field(description="Which model gave the tuned answers: the merged model where the job merged.")
 
 
+class RewardPoint(BaseModel):
+    step: int = Field(description="The optimizer step the evaluation ran after.")
+    accuracy: float = Field(description="Share of validation pairs whose preferred answer's reward is above the "
+                                        "rejected one's. 0 at step 0, where the model is its reference.")
+    margin: float = Field(description="Mean of the preferred answer's reward minus the rejected one's; above 0: "
+                                      "the preferred answers gained more likelihood than the rejected ones.")
+    chosen: float = Field(description="Mean reward of the preferred answers: beta times the log-likelihood gained "
+                                      "over the reference model.")
+    rejected: float = Field(description="Mean reward of the rejected answers (it falls as they are unlearned).")
+    loss: float | None = Field(description="The DPO loss on the validation pairs (log 2, 0.693, at step 0).")
+
+
+class ReportRewards(BaseModel):
+    pairs: int = Field(description="The validation pairs each evaluation measured.")
+    reference: Literal["base", "initial_adapter"] = Field(
+        description="What the rewards are measured against: the base, or a frozen copy of the starting adapter.")
+    evaluations: int = Field(description="How many evaluations the run made.")
+    first: RewardPoint = Field(description="The first evaluation.")
+    final: RewardPoint = Field(description="The evaluation of the weights shipped: the last, or the best with "
+                                           "output.use_best_checkpoint.")
+
+
 class JobReport(BaseModel):
-    """GET /jobs/{id}/report: the eval report made when the job succeeded (its spec's `eval` section)."""
+    """GET /jobs/{id}/report: the eval report made when the job succeeded (its spec's `eval` section).
+    A dpo job's also has `rewards` and each row's `rejected`; an sft job's has neither key."""
 
     job_id: str
     prompts_from: Literal["spec", "validation", "train"]
     generation: ReportGeneration
     metrics: ReportMetrics
     rows: list[ReportRow]
+    rewards: ReportRewards | None = Field(None, description="Method dpo only: DPO's implicit rewards on the validation "
+                                                            "pairs, at the first evaluation and at the shipped "
+                                                            "weights'; null where the job had no validation set.")

@@ -202,6 +202,21 @@ def test_summary_and_report_say_what_ran(dpo_run, task):
     assert report["rows"] and all(row["reference"] in references for row in report["rows"])
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
     assert tuned["exact_match"] > base["exact_match"] and tuned["loss"] < base["loss"]  # NLL of the preferred answers
+    # Each row is a held-out pair: its prompt, its preferred answer as the reference, the rejected one beside it.
+    for row in report["rows"]:
+        pair = task["held"][row["line"] - 1]
+        assert (row["prompt"], row["reference"], row["rejected"]) == (pair["prompt"], pair["chosen"], pair["rejected"])
+    # The rewards on the validation pairs, first evaluation and final, as the curve has them: the preference learned.
+    evals = [p for p in curve(dpo_run.out_dir) if p["kind"] == "eval"]
+    rewards = report["rewards"]
+    assert {k: rewards[k] for k in ("pairs", "reference", "evaluations")} == {
+        "pairs": len(task["held"]), "reference": "initial_adapter", "evaluations": len(evals)}
+    for name, point in (("first", evals[0]), ("final", evals[-1])):
+        assert rewards[name] == {"step": point["step"], "accuracy": point["reward_accuracy"],
+                                 "margin": point["reward_margin"], "chosen": point["reward_chosen"],
+                                 "rejected": point["reward_rejected"], "loss": point["eval_loss"]}
+    assert (rewards["first"]["step"], rewards["final"]["step"]) == (10, 20)
+    assert rewards["final"]["accuracy"] >= 0.9 and rewards["final"]["margin"] > rewards["first"]["margin"] > 0
 
 
 def test_pause_and_resume_reproduce_the_uninterrupted_run(dpo_run, task, tiny_model_dir, tmp_path):

@@ -17,7 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from worker.training.data import Example, Message
 from worker.training.protocol import Event
 from worker.training.recipe import run
-from worker.training.report import LOSS_MAX_ROWS, choose_prompts, exact_match, make_report, spread, token_f1
+from worker.training.report import (
+    LOSS_MAX_ROWS,
+    choose_prompts,
+    describe_report,
+    exact_match,
+    make_report,
+    reward_movement,
+    spread,
+    token_f1,
+)
 from worker.training.spec import JobSpec
 from worker.training.tiny import demo_spec
 
@@ -49,6 +58,8 @@ def test_the_demo_report_shows_the_tuned_model_answering_where_the_base_cannot(d
     assert result.summary["report"] == report["metrics"]  # the summary keeps the means
     assert report["prompts_from"] == "validation" and len(report["rows"]) == 8
     assert report["generation"]["tuned"] == "the merged model (bfloat16), as downloaded"
+    # An sft report has none of a dpo report's keys.
+    assert "rewards" not in report and not any("rejected" in row for row in report["rows"])
 
     # Each row is a validation line: its user turn as the prompt, its assistant turn as the reference.
     lines = validation_rows(demo_data)
@@ -190,3 +201,48 @@ def test_the_loss_reads_rows_spread_across_the_set():
     assert len(picked) == LOSS_MAX_ROWS == len(set(picked)) and picked[0] == 0 and picked[-1] > 980
     assert spread(rows, LOSS_MAX_ROWS) == picked  # the same rows every time
     assert spread(rows[:10], LOSS_MAX_ROWS) == rows[:10]
+
+
+def test_a_preference_row_prompts_with_its_prompt_beside_both_answers(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pair = Example(line=3, messages=(Message("user", "What does the cow say?"),),
+                   chosen="The cow says moo.", rejected="The cow says woof.")
+    [prompt] = choose_prompts(spec_for(tiny_model_dir, eval={"prompts": 1}), [pair], tokenizer)
+    assert (prompt.shown, prompt.reference, prompt.rejected, prompt.line) == (
+        "What does the cow say?", "The cow says moo.", "The cow says woof.", 3)
+
+
+def reward_point(step: int, accuracy: float, margin: float, loss: float) -> dict:
+    """An evaluation as the recipe reads it from the trainer's log (EvalPoint's fields)."""
+    return {"step": step, "eval_loss": loss, "reward_accuracy": accuracy, "reward_margin": margin,
+            "reward_chosen": margin / 2, "reward_rejected": -margin / 2}
+
+
+def test_dpo_rewards_are_the_first_evaluation_and_the_shipped_weights():
+    evaluations = [reward_point(10, 0.5, 0.02, 0.68), reward_point(20, 0.95, 0.8, 0.31), reward_point(30, 0.9, 0.7, 0.35)]
+    moved = reward_movement(evaluations, 30, pairs=96, reference="base")
+    assert moved == {"pairs": 96, "reference": "base", "evaluations": 3,
+                     "first": {"step": 10, "accuracy": 0.5, "margin": 0.02, "chosen": 0.01, "rejected": -0.01,
+                               "loss": 0.68},
+                     "final": {"step": 30, "accuracy": 0.9, "margin": 0.7, "chosen": 0.35, "rejected": -0.35,
+                               "loss": 0.35}}
+    # output.use_best_checkpoint shipped step 20's weights: theirs are the final rewards, not the last evaluation's.
+    assert reward_movement(evaluations, 20, pairs=96, reference="base")["final"]["step"] == 20
+    # One evaluation (the final one): it is both ends.
+    single = reward_movement(evaluations[2:], 30, pairs=96, reference="initial_adapter")
+    assert single["first"] == single["final"] and single["evaluations"] == 1
+    # No evaluation with rewards (no validation set; an sft run's evaluations): nothing to say.
+    assert reward_movement([], 30, pairs=0, reference="base") is None
+    sft_like = {**reward_point(10, 0, 0, 1.0), "reward_accuracy": None}
+    assert reward_movement([sft_like], 10, pairs=48, reference="base") is None
+
+
+def test_the_report_event_gives_a_dpo_jobs_reward_accuracy_and_margin():
+    side = {"exact_match": 0.5, "f1": 0.5, "stopped": 1.0, "loss": 1.0, "perplexity": math.e}
+    report = {"rows": [{}] * 2, "metrics": {"base": side, "tuned": side}}
+    assert "reward" not in describe_report(report)  # an sft report
+    report["rewards"] = reward_movement([reward_point(5, 0.25, 0.01, 0.69), reward_point(10, 0.75, 0.2, 0.6)], 10,
+                                        pairs=24, reference="base")
+    assert describe_report(report).endswith("reward accuracy 75% and margin 0.200 on the validation pairs "
+                                            "(first evaluation, step 5: 25%, 0.010)")
+    assert "reward" not in describe_report({**report, "rewards": None})  # a dpo job without a validation set

@@ -47,6 +47,7 @@ from worker.training.callbacks import (  # noqa: E402
     RichProgressCallback,
     StopCallback,
     TrainingEnd,
+    rewards,
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
@@ -90,7 +91,13 @@ from worker.training.protocol import (  # noqa: E402
     record_to_json,
     write_json_atomic,
 )
-from worker.training.report import REPORT_PATH, describe_report, make_report, perplexity  # noqa: E402
+from worker.training.report import (  # noqa: E402
+    REPORT_PATH,
+    describe_report,
+    make_report,
+    perplexity,
+    reward_movement,
+)
 from worker.training.spec import METHOD_FORMATS, STORED, JobSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
     encode_examples,
@@ -511,6 +518,7 @@ class QLoRARecipe:
     def save_adapter(self) -> None:
         self._unless_cancelled()
         shipped = self.best.restore()  # output.use_best_checkpoint: the best evaluation's weights go out
+        self.shipped_step = self.state.global_step if shipped is None else shipped.step
         if shipped is not None:
             self.emit(shipped)
         adapter_dir = self.out / "adapter"
@@ -592,11 +600,27 @@ class QLoRARecipe:
             report = make_report(self.spec, base_path=self.base_path, out_dir=self.out, tokenizer=self.tokenizer,
                                  compute_dtype=self.compute_dtype, device=self.device, examples=examples,
                                  examples_from=source, loss_rows=self._sft_rows(rows),
-                                 quantized_cache=self.quantized_cache)
+                                 quantized_cache=self.quantized_cache, rewards=self._reward_movement())
             self.emit(Event(type="report", level="info", step=self.state.global_step, message=describe_report(report),
                             data={"path": str(self.out / REPORT_PATH)}))
         self.clock.append(time.monotonic())
         return report
+
+    def _reward_movement(self) -> dict | None:
+        """Method dpo: the rewards on the validation pairs at the first evaluation and at the shipped weights',
+        from the trainer's log (a resumed run's holds the evaluations before its checkpoint too)."""
+        if self.spec.method.type != "dpo":
+            return None
+        evaluations = [{"step": entry["step"], "eval_loss": entry["eval_loss"], **rewards(entry, prefix="eval_")}
+                       for entry in self.state.log_history if "eval_loss" in entry]
+        return reward_movement(evaluations, self.shipped_step, pairs=len(self.val_rows),
+                               reference=self._reference_model())
+
+    def _reference_model(self) -> str | None:
+        """What DPO's rewards are measured against: a frozen copy of the starting adapter, or the base."""
+        if self.spec.method.type != "dpo":
+            return None
+        return "initial_adapter" if self.initial_adapter is not None else "base"
 
     def _sft_rows(self, rows: list[dict]) -> list[dict]:
         """Rows of input_ids and labels, what a plain forward scores: a DPO run's are its prompts with the
@@ -649,9 +673,7 @@ class QLoRARecipe:
             # The adapter training started from (initial_adapter), or None: a fresh one.
             "initial_adapter": None if self.initial_adapter is None else {
                 "path": str(self.initial_adapter), "sha256": self.initial_adapter_sha256},
-            # What DPO's rewards are measured against: a frozen copy of the starting adapter, or the base.
-            "reference_model": None if self.spec.method.type != "dpo" else (
-                "initial_adapter" if self.initial_adapter is not None else "base"),
+            "reference_model": self._reference_model(),
             "base_model_path": str(self.base_path),
             "device": self.device,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),

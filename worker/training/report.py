@@ -22,6 +22,14 @@ merge, and it writes the report to out/report/report.json (REPORT_PATH) and retu
   to LOSS_MAX_ROWS rows of the validation set (the train set where there is none), spread evenly
   across it; perplexity is its exponential. For method dpo the rows are the prompts with their preferred
   answers: the loss is the NLL of the answers the tuned model should now prefer.
+- Method dpo adds what says whether the preference was learned: each sampled pair's rejected answer beside
+  its preferred one (the reference), and `rewards`, DPO's implicit rewards on the validation pairs as the
+  trainer's evaluations measured them: at the first evaluation and at the one of the weights shipped (the
+  last, or the best with output.use_best_checkpoint). A pair's reward is beta times how much likelier the
+  tuned model finds an answer than the reference model does (the base, or the starting adapter); accuracy
+  is the share of pairs whose preferred answer gains more than the rejected one, margin the mean gain of the
+  one over the other. At step 0 the model is the reference: every reward, and so accuracy and margin, is 0.
+  An sft report has neither key.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import math
 import random
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +90,7 @@ class Prompt:
     reference: str | None  # the answer the row holds, whole (scored whole, shown cut); None for a given prompt
     line: int | None  # the dataset line it was sampled from
     truncated: bool  # longer than max_seq_length: its start was cut, as training would have cut the row
+    rejected: str | None = None  # a preference row's other answer, the one training taught the model to avoid
 
 
 @dataclass(frozen=True)
@@ -92,11 +101,12 @@ class Answer:
 
 def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, compute_dtype: torch.dtype,
                 device: str, examples: list[Example], examples_from: str, loss_rows: list[dict],
-                quantized_cache: Path | None = None) -> dict:
+                quantized_cache: Path | None = None, rewards: dict | None = None) -> dict:
     """Generate, score and measure; write out_dir/REPORT_PATH (whole or not at all) and return the report.
 
     `examples` and `loss_rows` are the validation set's (or the train set's, `examples_from` says which),
-    as read and as encoded for training; `tokenizer` is the one training used (template, pad token)."""
+    as read and as encoded for training; `tokenizer` is the one training used (template, pad token).
+    `rewards` (method dpo): reward_movement's account of the evaluations, None where nothing was evaluated."""
     prompts = choose_prompts(spec, examples, tokenizer)
     loss_rows = spread(loss_rows, LOSS_MAX_ROWS)
     # The adapter trained under autocast in the compute dtype (the 4-bit layers compute in it anyway);
@@ -125,7 +135,8 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
     del tuned
     free_memory()
 
-    rows = [_row(p, base_answer, tuned_answer)
+    preference = spec.method.type == "dpo"
+    rows = [_row(p, base_answer, tuned_answer, preference)
             for p, base_answer, tuned_answer in zip(prompts, base_answers, tuned_answers, strict=True)]
     report = {
         "prompts_from": "spec" if isinstance(spec.eval.prompts, list) else examples_from,
@@ -145,6 +156,8 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
         },
         "rows": rows,
     }
+    if preference:
+        report["rewards"] = rewards
     (out_dir / REPORT_PATH).parent.mkdir(exist_ok=True)
     write_json_atomic(out_dir / REPORT_PATH, report, indent=2)
     return report
@@ -159,7 +172,31 @@ def describe_report(report: dict) -> str:
                      f"F1 {tuned['f1']:.2f} vs {base['f1']:.2f}")
     if tuned["loss"] is not None and base["loss"] is not None:
         parts.append(f"loss {tuned['loss']:.4f} tuned vs {base['loss']:.4f} base")
+    if report.get("rewards"):
+        first, final = report["rewards"]["first"], report["rewards"]["final"]
+        parts.append(f"reward accuracy {final['accuracy']:.0%} and margin {final['margin']:.3f} on the validation pairs "
+                     f"(first evaluation, step {first['step']}: {first['accuracy']:.0%}, {first['margin']:.3f})")
     return "; ".join(parts)
+
+
+def reward_movement(evaluations: list[dict], shipped_step: int, *, pairs: int, reference: str | None) -> dict | None:
+    """The report's `rewards` (method dpo): the first evaluation and the one of the shipped weights, each as
+    {step, accuracy, margin, chosen, rejected, loss}. `evaluations` are the run's, oldest first, each
+    {step, eval_loss, reward_accuracy, reward_margin, reward_chosen, reward_rejected} (EvalPoint's fields);
+    `shipped_step` the step whose weights went out; `pairs` the validation pairs each measured; `reference` what
+    the rewards are measured against ("base" or "initial_adapter"). None where no evaluation has rewards."""
+    measured = [e for e in evaluations if e.get("reward_accuracy") is not None]
+    if not measured:
+        return None
+    # The shipped weights were evaluated (the final evaluation, or the best one); a repeat at a step keeps the last.
+    final = next((e for e in reversed(measured) if e["step"] == shipped_step), measured[-1])
+
+    def point(e: dict) -> dict:
+        return {"step": e["step"], "accuracy": e["reward_accuracy"], "margin": e["reward_margin"],
+                "chosen": e["reward_chosen"], "rejected": e["reward_rejected"], "loss": e["eval_loss"]}
+
+    return {"pairs": pairs, "reference": reference, "evaluations": len(measured),
+            "first": point(measured[0]), "final": point(final)}
 
 
 # ---------------------------------------------------------------- prompts
@@ -192,7 +229,8 @@ def _sampled_prompt(example: Example, max_new_tokens: int, tokenizer, limit: int
     assert prompt is not None  # a text row returned above
     # A preference row's reference is its preferred answer; a chat row's, the last assistant turn after its prompt.
     reference = example.chosen if example.chosen is not None else example.messages[len(prompt)].content
-    return _chat_prompt([{"role": m.role, "content": m.content} for m in prompt], reference, example.line, tokenizer, limit)
+    shown = _chat_prompt([{"role": m.role, "content": m.content} for m in prompt], reference, example.line, tokenizer, limit)
+    return replace(shown, rejected=example.rejected)
 
 
 def _chat_prompt(messages: list[dict], reference: str | None, line: int | None, tokenizer, limit: int) -> Prompt:
@@ -281,10 +319,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 # ---------------------------------------------------------------- scores
 
 
-def _row(prompt: Prompt, base: Answer, tuned: Answer) -> dict:
+def _row(prompt: Prompt, base: Answer, tuned: Answer, preference: bool = False) -> dict:
     reference = prompt.reference  # scored whole, shown cut
     row: dict = {"line": prompt.line, "prompt": prompt.shown, "prompt_truncated": prompt.truncated,
                  "reference": None if reference is None else _shown(reference)}
+    if preference:  # the pair's other answer: a tuned answer that says it is what DPO was to unlearn
+        row["rejected"] = None if prompt.rejected is None else _shown(prompt.rejected)
     for side, answer in (("base", base), ("tuned", tuned)):
         row[side] = {"answer": answer.text, "stopped": answer.stopped,
                      "exact_match": None if reference is None else exact_match(answer.text, reference),

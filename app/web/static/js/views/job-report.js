@@ -1,6 +1,8 @@
 // The job page's eval report (GET /jobs/{id}/report, made by the worker when the job ends): the
 // base model against the tuned one, in numbers (exact match, F1, loss, perplexity) and answer by
-// answer beside each prompt's reference.
+// answer beside each prompt's reference. A dpo job's report (it has `rewards`) shows each pair's
+// preferred and rejected answers, and the reward accuracy and margin on the validation pairs,
+// first evaluation against final.
 
 import { api } from "../api.js";
 import { h } from "../dom.js";
@@ -23,7 +25,9 @@ export async function loadReport(card, job, ctx) {
     card.replaceChildren(...reportHead(null), missing ? h("p", { class: "note", id: "no-report" }, err.message) : errorAlert(err));
     return;
   }
-  card.replaceChildren(...reportHead(report), metricsTable(report), rowsTable(report));
+  const preference = report.rewards !== undefined;
+  card.replaceChildren(...reportHead(report), ...(preference ? [rewardsTable(report.rewards)] : []), metricsTable(report),
+    rowsTable(report, preference));
   card.hidden = false;
 }
 
@@ -85,18 +89,64 @@ function change(base, tuned, key) {
   return `${sign}${Math.abs(d).toFixed(key === "loss" ? 4 : 2)}`;
 }
 
-function rowsTable(report) {
+// [label, key, how it reads, how its change reads]
+const REWARDS = [
+  ["Reward accuracy", "accuracy", (x) => `${(100 * x).toFixed(0)}%`, (d) => `${d >= 0 ? "+" : "−"}${Math.abs(100 * d).toFixed(0)} pts`],
+  ["Reward margin", "margin", (x) => x.toFixed(4), signed],
+  ["Reward of the chosen answers", "chosen", (x) => x.toFixed(4), signed],
+  ["Reward of the rejected answers", "rejected", (x) => x.toFixed(4), signed],
+  ["DPO loss", "loss", (x) => x.toFixed(4), signed],
+];
+
+function signed(d) {
+  return `${d > 0 ? "+" : d < 0 ? "−" : "±"}${Math.abs(d).toFixed(4)}`;
+}
+
+/** A dpo report's answer to "did it learn the preference?": the rewards on the validation pairs. */
+function rewardsTable(rewards) {
+  if (rewards === null) {
+    return h("p", { class: "note", id: "report-rewards" }, "No reward accuracy or margin: the job had no validation set to measure them on.");
+  }
+  const { first, final } = rewards;
+  const shown = (value, read) => (value === null || value === undefined ? "—" : read(value));
+  const against = rewards.reference === "initial_adapter" ? "a frozen copy of the starting adapter" : "the base model";
+  return h("div", { class: "report-metrics" },
+    h("table", { class: "table compact", id: "report-rewards" },
+      h("caption", {}, `Rewards on ${fmt.int(rewards.pairs)} validation pair${rewards.pairs === 1 ? "" : "s"}`),
+      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Metric"),
+        h("th", { scope: "col", class: "num" }, `First eval (step ${first.step})`),
+        h("th", { scope: "col", class: "num" }, `Final (step ${final.step})`), h("th", { scope: "col", class: "num" }, "Change"))),
+      h("tbody", {}, REWARDS.map(([label, key, read, change]) => {
+        const a = first[key];
+        const b = final[key];
+        const both = a !== null && a !== undefined && b !== null && b !== undefined;
+        return h("tr", { dataset: { reward: key } }, h("th", { scope: "row" }, label),
+          h("td", { class: "num" }, shown(a, read)), h("td", { class: "num strong" }, shown(b, read)),
+          h("td", { class: "num change" }, both ? change(b - a) : "—"));
+      }))),
+    h("p", { class: "note" }, `A reward is beta × how much likelier the tuned model finds an answer than the reference (${against}). `
+      + "Accuracy: the share of pairs whose chosen answer gains more than the rejected one; margin: the mean lead. "
+      + "Both are 0 at step 0, where the model is its reference; accuracy near 100% with a margin that grows says the preference was learned."));
+}
+
+function rowsTable(report, preference) {
   if (!report.rows.length) return h("p", { class: "empty" }, "The report has no prompts.");
-  return h("div", { class: "table-wrap" }, h("table", { class: "table answers", id: "report-rows" },
-    h("caption", { class: "sr-only" }, "Each prompt with its reference and the base and tuned models' answers"),
+  const given = () => h("span", { class: "faint" }, "— (a given prompt)");
+  return h("div", { class: "table-wrap" }, h("table", { class: `table answers${preference ? " preference" : ""}`, id: "report-rows" },
+    h("caption", { class: "sr-only" }, preference
+      ? "Each prompt with its chosen and rejected answers and the base and tuned models' answers"
+      : "Each prompt with its reference and the base and tuned models' answers"),
     h("thead", {}, h("tr", {},
-      h("th", { scope: "col", class: "num" }, "Line"), h("th", { scope: "col" }, "Prompt"), h("th", { scope: "col" }, "Reference"),
+      h("th", { scope: "col", class: "num" }, "Line"), h("th", { scope: "col" }, "Prompt"),
+      h("th", { scope: "col" }, preference ? "Chosen" : "Reference"), preference ? h("th", { scope: "col" }, "Rejected") : null,
       h("th", { scope: "col" }, "Base"), h("th", { scope: "col" }, "Tuned"))),
     h("tbody", {}, report.rows.map((row, i) => h("tr", { dataset: { row: String(i) } },
       h("td", { class: "num" }, row.line === null || row.line === undefined ? String(i + 1) : String(row.line)),
       h("td", { class: "prompt" }, text(row.prompt),
         row.prompt_truncated ? h("span", { class: "score-line" }, "its start was cut at max_seq_length") : null),
-      h("td", { class: "reference" }, row.reference === null ? h("span", { class: "faint" }, "— (a given prompt)") : text(row.reference)),
+      h("td", { class: "reference" }, row.reference === null ? given() : text(row.reference)),
+      preference ? h("td", { class: "reference rejected" }, row.rejected === null || row.rejected === undefined
+        ? given() : text(row.rejected)) : null,
       answerCell(row, "base", report), answerCell(row, "tuned", report))))));
 }
 
