@@ -13,8 +13,11 @@ FINISHED = ("succeeded", "failed", "cancelled")
 EXTRA = {  # LoRA, quantization and the rest of our spec ride in the SDK's extra_body
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     "quantization": {"bits": 4, "quant_type": "nf4"},
-    "training": {"max_steps": 60, "max_seq_length": 64, "logging_steps": 10, "save_steps": 20, "eval_steps": 30,
+    # What is checked is the flow and its pages (three checkpoints, the events), not how well it learns:
+    # 30 steps make them as 60 did, and no eval report (its answers and losses are not read here).
+    "training": {"max_steps": 30, "max_seq_length": 64, "logging_steps": 5, "save_steps": 10, "eval_steps": 15,
                  "lr_scheduler": "cosine"},
+    "eval": {"prompts": 0},
 }
 HYPERPARAMETERS = {"batch_size": 16, "learning_rate_multiplier": 10}
 
@@ -87,10 +90,10 @@ def test_events_and_checkpoints_page_through(sdk, finished):
     assert first.has_more and len(first.data) == 2
 
     checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(finished.id, limit=1))
-    assert [c.step_number for c in checkpoints] == [60, 40, 20][: len(checkpoints)] and len(checkpoints) >= 2
+    assert [c.step_number for c in checkpoints] == [30, 20, 10][: len(checkpoints)] and len(checkpoints) >= 2
     newest = checkpoints[0]
     assert newest.fine_tuning_job_id == finished.id and newest.metrics.train_loss > 0
-    assert newest.fine_tuned_model_checkpoint.endswith(":ckpt-step-60")
+    assert newest.fine_tuned_model_checkpoint.endswith(":ckpt-step-30")
 
 
 def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
