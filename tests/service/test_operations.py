@@ -22,7 +22,7 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
     spec = demo_spec("tiny")
     spec["training"].update(max_steps=10, logging_steps=5, save_steps=10)
-    spec["output"] = {"merge": False}
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}  # no eval report: nothing here reads one
     job = team_a.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()
     waiting = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "metrics-queue", **spec}).json()
     assert wait_for_status(team_a, job["id"], ("succeeded", "failed"), deployment=deployment)["status"] == "succeeded"
