@@ -48,9 +48,9 @@ train-demo: install
 		--validation demo/engine/validation.jsonl --out demo/run
 
 # The whole suite, after the lint. The tests start Postgres, Redis and an S3 server on loopback when
-# they are not running.
+# they are not running. The slowest tests are listed at the end, to keep the whole within its budget.
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 # Style (ruff), the direction of imports between app/ and worker/ (import-linter's contracts in
 # pyproject.toml) and types (mypy over the API and the contract it shares with the engine).
