@@ -20,6 +20,8 @@ from typing import TypeVar
 import anyio.to_thread
 from pydantic_core import from_json
 from sqlalchemy import DateTime, MetaData, String, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -58,6 +60,11 @@ class UTCDateTime(TypeDecorator):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+def insert_for(session: Session):
+    """The session's dialect's INSERT, which has ON CONFLICT (both Postgres and SQLite do; the generic one not)."""
+    return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def utcnow() -> datetime:

@@ -16,11 +16,9 @@ from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy import BindParameter, CursorResult, Row, Select, String, Text, Update, bindparam, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
-from app.db import UTCDateTime, utcnow
+from app.db import UTCDateTime, insert_for, utcnow
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first, newest_first_shape, newest_first_values
@@ -186,8 +184,7 @@ def events(session: Session, team_id: str, job_id: str, after: int | None, limit
 def upsert_metric(session: Session, job_id: str, values: dict) -> None:
     """Insert a point of the curve, or replace the one at the same (kind, step): a step redone
     after a resume must not appear twice."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    insert = insert_for(session)
     row = {"job_id": job_id, **values}
     stmt = insert(JobMetric).values(**row)
     session.execute(stmt.on_conflict_do_update(

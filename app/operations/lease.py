@@ -26,11 +26,9 @@ from datetime import timedelta
 from typing import cast
 
 from sqlalchemy import CursorResult, case, delete, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from app.db import session_scope, utcnow
+from app.db import insert_for, session_scope, utcnow
 from app.operations.tables import Lease
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ def acquire_or_renew(session: Session, name: str, holder: str, ttl_s: float) -> 
         return True
     # Nobody has held it yet (or its last holder released it). Of two processes inserting at once,
     # the unique name lets one in; the other's insert does nothing and it stays without the lease.
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = insert_for(session)
     # (RETURNING says whether it inserted: an INSERT's rowcount is not reported on every driver.)
     take_free = (insert(Lease).values(name=name, holder=holder, acquired_at=now, expires_at=expires_at)
                  .on_conflict_do_nothing(index_elements=["name"]).returning(Lease.name))

@@ -18,11 +18,9 @@ import threading
 from datetime import datetime
 
 from sqlalchemy import delete
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import make_engine, utcnow
+from app.db import insert_for, make_engine, utcnow
 from app.operations.lease import LEASE_TTL_INTERVALS
 from app.operations.tables import Worker
 
@@ -38,7 +36,7 @@ WORKER_ALIVE_S = LEASE_TTL_INTERVALS * WORKER_BEAT_S
 
 def beat(session: Session, name: str, queue: str, started_at: datetime) -> None:
     """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits."""
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = insert_for(session)
     now = utcnow()
     statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now)
     session.execute(statement.on_conflict_do_update(
