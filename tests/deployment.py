@@ -24,6 +24,18 @@ from tests import services
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m app.cli` runs its code
 BUCKET = "qlora-test"
 
+# The GPU classes service tests send jobs to: served by a worker a test starts, or by none (to keep a
+# job queued). Each is named for this test session (see lane()).
+LANES = ("nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share")
+_SESSION = uuid.uuid4().hex[:6]
+
+
+def lane(name: str) -> str:
+    """A GPU class of this test session's own. Redis is shared by every suite running on the machine,
+    and a worker of another session serving a same-named queue would take this session's messages
+    (its claim finds no such job, so the message is spent and the job waits for the scheduler)."""
+    return f"{name}-{_SESSION}"
+
 
 class Deployment:
     def __init__(self, env: dict[str, str], home: Path):
@@ -102,8 +114,7 @@ def start_deployment(home: Path, s3_endpoint: str, model_dir: Path, **settings: 
         "QLORA_S3_ENDPOINT_URL": s3_endpoint,
         "QLORA_PORT": str(services.free_port()),
         "QLORA_DEFAULT_GPU_CLASS": f"t{uuid.uuid4().hex[:8]}",  # queues no other test run listens to
-        # The classes tests send jobs to: served by a worker a test starts, or by none (to keep a job queued).
-        "QLORA_EXTRA_GPU_CLASSES": json.dumps(["nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share"]),
+        "QLORA_EXTRA_GPU_CLASSES": json.dumps([lane(name) for name in LANES]),
         "QLORA_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
         "QLORA_SUPERVISE_INTERVAL_S": "0.5",
         "QLORA_CANCEL_GRACE_S": "60",

@@ -20,7 +20,7 @@ from app.jobs.tables import Artifact, Job
 from app.storage.base import make_key
 from app.storage.local import LocalStorage
 from tests import services
-from tests.deployment import BUCKET, upload
+from tests.deployment import BUCKET, lane, upload
 from worker.training.tiny import demo_spec
 
 
@@ -147,7 +147,7 @@ def test_out_of_range_hyperparameters_name_the_field_and_range(team_a, ready_dat
 
 def test_deleting_a_dataset_in_use_is_refused_until_the_job_is_done(team_a, demo_data):
     dataset = upload(team_a, demo_data["validation"]).json()
-    job = team_a.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": "nobody-listens",
+    job = team_a.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": lane("nobody-listens"),
                                      **demo_spec("tiny")}).json()
     response = team_a.delete(f"/datasets/{dataset['id']}")
     assert response.status_code == 409 and job["id"] in response.json()["error"]["message"]
@@ -159,7 +159,7 @@ def test_deleting_a_dataset_in_use_is_refused_until_the_job_is_done(team_a, demo
 
 
 def test_a_cancelled_queued_job_stays_cancelled(team_a, ready_dataset):
-    job = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": "nobody-listens",
+    job = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": lane("nobody-listens"),
                                      **demo_spec("tiny")}).json()
     assert team_a.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
     assert team_a.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
@@ -232,7 +232,7 @@ def test_a_forged_cursor_is_a_422_naming_it(team_a, path, inside):
 
 @pytest.fixture(scope="module")
 def queued_job(team_a, ready_dataset):
-    job = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+    job = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": lane("nobody-listens"), **demo_spec("tiny")})
     assert job.status_code == 201, job.text
     yield job.json()
     team_a.post(f"/jobs/{job.json()['id']}/cancel")
@@ -330,7 +330,7 @@ def test_a_job_name_in_any_script_downloads_under_that_name(deployment, local_ap
     dataset = upload(client, demo_data["validation"]).json()
     spec = demo_spec("tiny")
     spec["training"]["per_device_batch_size"] = 8  # the ceiling this API process has
-    job = client.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": "nobody-listens", "name": "v1",
+    job = client.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": lane("nobody-listens"), "name": "v1",
                                      **spec}).json()
     name = "модель «v2» 数据\r\nX-Injected: 1\t"  # control characters: as a row written before names were checked
     with session_scope(deployment.settings.database_url) as session:
@@ -373,7 +373,7 @@ def test_operator_ceilings_refuse_a_spec_naming_the_field_and_the_ceiling(local_
 
 def job_bytes(ready_dataset: str, extra: str) -> bytes:
     """A POST /jobs body as raw bytes: an escape such as \\udc80 must reach the server as written."""
-    spec = json.dumps({"dataset_id": ready_dataset, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+    spec = json.dumps({"dataset_id": ready_dataset, "gpu_class": lane("nobody-listens"), **demo_spec("tiny")})
     return (spec[:-1] + ", " + extra + "}").encode()
 
 

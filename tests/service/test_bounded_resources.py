@@ -17,7 +17,7 @@ import pytest
 from app.db import MAX_OVERFLOW, POOL_SIZE, session_scope
 from app.teams import service as teams_service
 from app.uploads import MAX_FORM_FIELDS
-from tests.deployment import start_deployment, stop_deployment, upload
+from tests.deployment import lane, start_deployment, stop_deployment, upload
 from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
 
@@ -314,7 +314,7 @@ def test_a_burst_of_job_creations_from_one_team_is_answered_without_a_5xx(bounde
     key = bounded.team_key("burst")
     with bounded.client(key) as client:
         dataset = upload(client, content=ROW * 200).json()["id"]
-    body = {**demo_spec("tiny"), "dataset_id": dataset, "gpu_class": "nobody-listens"}
+    body = {**demo_spec("tiny"), "dataset_id": dataset, "gpu_class": lane("nobody-listens")}
 
     def create(_: int) -> int:
         with bounded.client(key) as client:
@@ -341,7 +341,7 @@ def test_a_teams_burst_of_creations_goes_one_at_a_time_and_another_team_is_serve
     with bounded.client(other_key) as client:
         small = upload(client, content=ROW * 20).json()["id"]
     spec = demo_spec("tiny")
-    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": "nobody-listens"}
+    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": lane("nobody-listens")}
     answered: list[str] = []  # who was answered, in order
     lock = threading.Lock()
 
@@ -382,7 +382,7 @@ def test_another_teams_preflight_gets_the_preflight_process_next_beside_a_burst_
     with bounded.client(other_key) as client:
         small = upload(client, content=ROW * 20).json()["id"]
     spec = demo_spec("tiny")
-    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": "nobody-listens"}
+    spec = {**spec, "training": {**spec["training"], "max_seq_length": 512}, "gpu_class": lane("nobody-listens")}
     burst_answers, stop = [], threading.Event()
 
     def create_until_stopped() -> set[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from worker.training.tiny import demo_spec
 
 
@@ -23,7 +23,7 @@ def training_processes_for(job_id: str) -> list[str]:
 
 def test_cancelled_queued_job_never_starts_and_a_running_one_stops(deployment, team_a, demo_data):
     dataset_id = upload(team_a, demo_data["train"]).json()["id"]
-    gpu_class = "cancel-test"
+    gpu_class = lane("cancel-test")
     queued = team_a.post("/jobs", json=body(dataset_id, gpu_class, 20)).json()
     cancelled = team_a.post(f"/jobs/{queued['id']}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"]

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from app.cli.api_client import ClientError, PartFile
-from tests.deployment import ROOT
+from tests.deployment import ROOT, lane
 from tests.services import free_port
 from worker.training.tiny import demo_spec
 
@@ -146,7 +146,7 @@ def test_delete_and_cancel_answer_json_on_a_pipe(cli_env, demo_data, uploaded, t
     assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"id": spare_id, "deleted": True}
     assert spare_id not in qlora(cli_env, "datasets", "list").stdout
 
-    (tmp_path / "spec.json").write_text(json.dumps({**demo_spec("tiny"), "gpu_class": "nobody-listens"}))
+    (tmp_path / "spec.json").write_text(json.dumps({**demo_spec("tiny"), "gpu_class": lane("nobody-listens")}))
     created = json.loads(qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", uploaded["id"]).stdout)
     # Pause and resume are the same request: a queued job is where resume leads (answered as it is),
     # and cannot be paused (the API's 409, on stderr).

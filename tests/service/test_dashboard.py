@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.deployment import upload
+from tests.deployment import lane, upload
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT_MS = 150_000
@@ -261,7 +261,7 @@ def test_a_teams_text_shows_as_written_and_runs_nothing(page, team, team_key):
     invalid = upload(team, content=json.dumps({HOSTILE: 1}).encode() + b"\n", name=f"bad {HOSTILE}.jsonl").json()
     assert invalid["status"] == "invalid" and HOSTILE[:60] in invalid["errors"][0]["message"]  # echoed
     created = team.post("/jobs", json={"dataset_id": ready["id"], "name": HOSTILE, "metadata": {"note": HOSTILE},
-                                       "base_model": "tiny", "gpu_class": "nobody", "training": {"max_steps": 5}})
+                                       "base_model": "tiny", "gpu_class": lane("nobody"), "training": {"max_steps": 5}})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
 
@@ -296,7 +296,7 @@ def test_a_job_is_paused_and_resumed_from_its_page(page, deployment, team, team_
     from app.jobs.tables import Job
 
     dataset = upload(team, demo_data["validation"], name="pause.jsonl").json()
-    job_id = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",
+    job_id = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": lane("nobody"),
                                       "training": {"max_steps": 5}}).json()["id"]
 
     def put(**values) -> None:
@@ -327,7 +327,7 @@ def test_a_job_is_paused_and_resumed_from_its_page(page, deployment, team, team_
 
 def test_the_stream_is_team_scoped_and_ends_with_the_final_state(deployment, team, team_b, demo_data):
     dataset = upload(team, demo_data["validation"], name="stream.jsonl").json()
-    created = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": "nobody",
+    created = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": lane("nobody"),
                                        "training": {"max_steps": 5}})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]

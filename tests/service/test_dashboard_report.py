@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from tests.service.test_dashboard import go, page, sign_in  # noqa: F401 (page: a fixture)
 from worker.training.tiny import demo_spec
 
@@ -204,7 +204,7 @@ def test_the_job_page_shows_the_eval_report(page, deployment, worker, team, team
     job_id = created.json()["id"]
     # A job that will never run, with preflight warnings (rows cut before their EOS): cancelled, it has
     # no report and its page shows none, and its warnings stand out among its events.
-    warned = team.post("/jobs", json={**body, "name": "warned", "gpu_class": "nobody-listens",
+    warned = team.post("/jobs", json={**body, "name": "warned", "gpu_class": lane("nobody-listens"),
                                       "training": {**spec["training"], "max_seq_length": 22}})
     assert warned.status_code == 201, warned.text
     assert team.post(f"/jobs/{warned.json()['id']}/cancel").status_code == 200

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from worker.training.model import load_base_model
 from worker.training.spec import QuantizationSpec
 from worker.training.tiny import demo_rows, demo_spec, score_demo
@@ -114,7 +114,7 @@ def test_merged_model_loads_with_transformers_and_generates(finished_job, team_a
 
 def test_listing_is_newest_first_with_a_cursor(finished_job, team_a, demo_data):
     dataset_id = finished_job["dataset_id"]
-    ids = [team_a.post("/jobs", json=job_body(dataset_id, gpu_class="nobody-listens")).json()["id"] for _ in range(3)]
+    ids = [team_a.post("/jobs", json=job_body(dataset_id, gpu_class=lane("nobody-listens"))).json()["id"] for _ in range(3)]
     first = team_a.get("/jobs", params={"limit": 2}).json()
     assert [j["id"] for j in first["data"]] == ids[::-1][:2]
     second = team_a.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()

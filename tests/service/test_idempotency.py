@@ -25,7 +25,7 @@ from app.jobs import service as jobs_service
 from app.jobs.tables import Job
 from app.models.tables import RegisteredModel
 from app.teams.service import Caller, create_key, create_team
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from tests.model_configs import LLAMA3_8B
 from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
@@ -41,7 +41,7 @@ def dataset(team_a, demo_data) -> str:
 def body(dataset_id: str, **fields) -> dict:
     spec = demo_spec("tiny")
     spec["training"]["max_steps"] = 5
-    return {**spec, "dataset_id": dataset_id, "gpu_class": "nobody-listens", **fields}
+    return {**spec, "dataset_id": dataset_id, "gpu_class": lane("nobody-listens"), **fields}
 
 
 def create(client, payload: dict, key: str | None):
@@ -108,7 +108,7 @@ def test_a_key_is_the_teams_own_and_its_endpoints_own(deployment, team_a, team_b
     assert mine not in theirs.text
     # The OpenAI-compatible endpoint with the same key is another request, and makes its own job.
     sdk = OpenAI(base_url=deployment.url + "/v1", api_key=team_a.headers["Authorization"].split()[1], max_retries=0)
-    extra = {"training": {"max_steps": 5}, "gpu_class": "nobody-listens"}
+    extra = {"training": {"max_steps": 5}, "gpu_class": lane("nobody-listens")}
     first = sdk.fine_tuning.jobs.with_raw_response.create(model="tiny", training_file=f"file-{dataset}", extra_body=extra,
                                                           extra_headers={"Idempotency-Key": key})
     assert first.parse().id != f"ftjob-{mine}" and REPLAYED not in first.headers

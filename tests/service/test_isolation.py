@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from worker.training.tiny import demo_spec
 
 
 @pytest.fixture(scope="module")
 def a_objects(team_a, demo_data):
     dataset = upload(team_a, demo_data["validation"]).json()
-    body = {"dataset_id": dataset["id"], "gpu_class": "nobody-listens", **demo_spec("tiny")}
+    body = {"dataset_id": dataset["id"], "gpu_class": lane("nobody-listens"), **demo_spec("tiny")}
     job = team_a.post("/jobs", json=body).json()
     return dataset["id"], job["id"]
 
@@ -82,7 +82,7 @@ def test_other_teams_ids_answer_404_everywhere(deployment, a_objects, team_a, te
     # Team B cannot train on team A's data, validate with it, start from A's job, nor preflight any of
     # them, natively or through /v1: each answers as a missing id.
     own = upload(team_b, content=b'{"prompt": "a", "completion": "b"}\n').json()["id"]
-    spec = {"gpu_class": "nobody-listens", **demo_spec("tiny")}
+    spec = {"gpu_class": lane("nobody-listens"), **demo_spec("tiny")}
     native = [{"dataset_id": dataset_id}, {"dataset_id": own, "validation_dataset_id": dataset_id},
               {"dataset_id": own, "initial_job_id": job_id}]
     for path, body in [*((p, {**b, **spec}) for p in ("/jobs", "/jobs/preflight") for b in native),

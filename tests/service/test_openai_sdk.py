@@ -8,6 +8,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.deployment import lane
+
 FINISHED = ("succeeded", "failed", "cancelled")
 
 EXTRA = {  # LoRA, quantization and the rest of our spec ride in the SDK's extra_body
@@ -98,7 +100,7 @@ def test_events_and_checkpoints_page_through(sdk, finished):
 
 def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
     made = [sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
-                                        extra_body={**EXTRA, "gpu_class": "nobody-listens"}).id for _ in range(3)]
+                                        extra_body={**EXTRA, "gpu_class": lane("nobody-listens")}).id for _ in range(3)]
     page = sdk.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in page.data] == made[::-1][:2] and page.has_more
     everything = [j.id for j in sdk.fine_tuning.jobs.list(limit=2)]

@@ -13,9 +13,11 @@ from app.migrate import upgrade
 from app.operations.service import FinishedJobs, prometheus_text
 from bench.metrics_bench import checks, samples, seed_jobs
 from tests import services
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from tests.service.test_quota_cli import qlora
 from worker.training.tiny import demo_spec
+
+METRICS_CLASS = lane("metrics-queue")  # no worker serves it until a test starts one
 
 
 def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
@@ -24,7 +26,7 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     spec["training"].update(max_steps=10, logging_steps=5, save_steps=10)
     spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}  # no eval report: nothing here reads one
     job = team_a.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()
-    waiting = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "metrics-queue", **spec}).json()
+    waiting = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": METRICS_CLASS, **spec}).json()
     assert wait_for_status(team_a, job["id"], ("succeeded", "failed"), deployment=deployment)["status"] == "succeeded"
 
     response = deployment.client(None).get("/metrics")  # scrapers carry no key; nothing team-specific is shown
@@ -32,13 +34,13 @@ def test_metrics_and_json_logs(deployment, worker, team_a, demo_data):
     text = response.text
     assert samples(text, "qlora_jobs")['{status="succeeded"}'] >= 1
     assert samples(text, "qlora_jobs")['{status="queued"}'] >= 1
-    assert samples(text, "qlora_queue_depth")['{queue="gpu-metrics-queue"}'] == 1
+    assert samples(text, "qlora_queue_depth")[f'{{queue="gpu-{METRICS_CLASS}"}}'] == 1
     served = {f'{{queue="{deployment.settings.queue_for(c)}"}}' for c in deployment.settings.served_gpu_classes}
     assert served <= samples(text, "qlora_queue_depth").keys()  # an empty queue is 0, not missing
     alive = samples(text, "qlora_workers_alive")
     assert alive[f'{{queue="{deployment.settings.queue_for()}"}}'] >= 1  # the shared worker, idle by now
-    assert alive['{queue="gpu-metrics-queue"}'] == 0
-    assert samples(text, "qlora_queue_oldest_wait_seconds")['{queue="gpu-metrics-queue"}'] > 0
+    assert alive[f'{{queue="gpu-{METRICS_CLASS}"}}'] == 0
+    assert samples(text, "qlora_queue_oldest_wait_seconds")[f'{{queue="gpu-{METRICS_CLASS}"}}'] > 0
     durations = samples(text, "qlora_job_duration_seconds_count")
     buckets = samples(text, "qlora_job_duration_seconds_bucket")
     assert durations['{status="succeeded"}'] >= 1
@@ -114,7 +116,7 @@ def test_a_queue_with_jobs_waiting_and_no_worker_alive_is_named(deployment, team
     """/health answers for the API alone (a load balancer must not drain it because the GPUs are gone);
     /metrics and `qlora admin status` say which queue has jobs waiting and no worker, and a worker counts
     from its start, idle, until it stops."""
-    queue = "gpu-metrics-queue"
+    queue = f"gpu-{METRICS_CLASS}"
 
     def scrape_queue() -> tuple[float, float]:
         text = deployment.client(None).get("/metrics").text
@@ -122,7 +124,7 @@ def test_a_queue_with_jobs_waiting_and_no_worker_alive_is_named(deployment, team
         return samples(text, "qlora_workers_alive")[label], samples(text, "qlora_queue_depth")[label]
 
     dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
-    job = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "metrics-queue", **demo_spec("tiny")}).json()
+    job = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": METRICS_CLASS, **demo_spec("tiny")}).json()
     try:
         assert deployment.client(None).get("/health").json() == {"status": "ok"}
         assert scrape_queue() == (0, 1)
@@ -131,11 +133,11 @@ def test_a_queue_with_jobs_waiting_and_no_worker_alive_is_named(deployment, team
         shown = {q["queue"]: q for q in json.loads(status.stdout)["queues"]}[queue]
         assert (shown["workers_alive"], shown["queued"], shown["stranded"]) == (0, 1, True)
         assert f"no worker alive for queue {queue} while 1 job waits" in status.stderr
-        assert "qlora worker --gpu-class metrics-queue" in status.stderr
+        assert f"qlora worker --gpu-class {METRICS_CLASS}" in status.stderr
     finally:
         team_a.post(f"/jobs/{job['id']}/cancel")  # before a worker of the class starts: it would train it
 
-    proc = deployment.start_worker("metrics-queue", name="metrics-worker")
+    proc = deployment.start_worker(METRICS_CLASS, name="metrics-worker")
     try:
         deadline = time.monotonic() + 60
         while scrape_queue()[0] != 1:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from app.db import session_scope
 from app.jobs import repository
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from worker.training.tiny import demo_spec
 
 
 def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a, team_b, demo_data):
     dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
     spec = demo_spec("tiny")
-    created = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": "nobody-listens", **spec}).json()
+    created = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"), **spec}).json()
     job_url = f"/jobs/{created['id']}"
     openai_url = f"/v1/fine_tuning/jobs/ftjob-{created['id']}"  # what the openai SDK's retrieve() polls
 
@@ -57,7 +57,7 @@ def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
         statuses: list[int] = []
         api._http.event_hooks["response"].append(lambda response: statuses.append(response.status_code))
         dataset_id = api.upload_dataset(demo_data["validation"])["id"]
-        job = api.create_job({"dataset_id": dataset_id, "gpu_class": "nobody-listens", **demo_spec("tiny")})
+        job = api.create_job({"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"), **demo_spec("tiny")})
         statuses.clear()
         first, again = api.get_job(job["id"]), api.get_job(job["id"])
         curve, curve_again = api.job_metrics(job["id"], after_step=0), api.job_metrics(job["id"], after_step=0)
@@ -81,7 +81,7 @@ def test_qlora_jobs_watch_holds_every_evaluation_though_each_lands_after_its_ste
 
     with ApiClient(deployment.url, deployment.team_key("polling-watch")) as api:
         dataset_id = api.upload_dataset(demo_data["validation"])["id"]
-        job_id = api.create_job({"dataset_id": dataset_id, "gpu_class": "nobody-listens", **demo_spec("tiny")})["id"]
+        job_id = api.create_job({"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"), **demo_spec("tiny")})["id"]
         watcher = _JobWatcher(api, job_id)
 
         def worker_logs(points: list[tuple[str, int]], step: int, status: str = "running") -> None:

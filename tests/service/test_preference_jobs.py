@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.tables import Artifact, Job
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from tests.service.test_cli_client import clean_env, qlora
 from tests.service.test_dashboard import page, sign_in  # noqa: F401 (page: the browser page fixture)
 from worker.training.protocol import EvalPoint, TrainPoint
@@ -107,7 +107,7 @@ def test_initial_job_of_another_team_is_a_404_like_a_missing_one(deployment, tea
 
 
 def test_initial_job_that_has_not_succeeded_is_refused_saying_so(deployment, team_a, datasets):
-    queued = team_a.post("/jobs", json={**BODY, "gpu_class": "nobody-listens", "dataset_id": datasets["chat"]["id"]})
+    queued = team_a.post("/jobs", json={**BODY, "gpu_class": lane("nobody-listens"), "dataset_id": datasets["chat"]["id"]})
     assert queued.status_code == 201, queued.text
     try:
         answer = team_a.post("/jobs", json={**BODY, "method": {"type": "dpo"}, "dataset_id": datasets["preference"]["id"],
@@ -140,7 +140,7 @@ def test_initial_job_with_another_lora_shape_is_a_422_naming_the_field(deploymen
 def test_a_dpo_job_shows_its_method_and_initial_job_and_fails_clearly_when_the_adapter_is_gone(
         deployment, team_a, datasets):
     sft = succeeded_job(deployment, "team-a")
-    created = team_a.post("/jobs", json={**BODY, "gpu_class": "nobody-listens", "method": {"type": "dpo", "beta": 0.2},
+    created = team_a.post("/jobs", json={**BODY, "gpu_class": lane("nobody-listens"), "method": {"type": "dpo", "beta": 0.2},
                                          "dataset_id": datasets["preference"]["id"], "initial_job_id": sft})
     assert created.status_code == 201, created.text
     job = team_a.get(f"/jobs/{created.json()['id']}").json()
@@ -162,7 +162,7 @@ def test_a_dpo_job_shows_its_method_and_initial_job_and_fails_clearly_when_the_a
 def rewarded_job(deployment, team_a, datasets):
     """A dpo job from an SFT job, claimed, with the curve a worker reports: the rewards on each point."""
     sft = succeeded_job(deployment, "team-a")
-    created = team_a.post("/jobs", json={**BODY, "gpu_class": "nobody-listens", "method": {"type": "dpo"},
+    created = team_a.post("/jobs", json={**BODY, "gpu_class": lane("nobody-listens"), "method": {"type": "dpo"},
                                          "dataset_id": datasets["preference"]["id"], "initial_job_id": sft,
                                          "name": "dpo-rewards"})
     assert created.status_code == 201, created.text
@@ -246,7 +246,7 @@ def test_the_new_job_form_offers_dpo_and_the_teams_finished_jobs(page, deploymen
 def test_the_cli_creates_a_job_from_an_initial_job_and_shows_its_lineage(deployment, datasets, tmp_path):
     cli_env = clean_env(tmp_path / "cli-home") | {"QLORA_URL": deployment.url, "QLORA_API_KEY": deployment.team_key("team-a")}
     sft = succeeded_job(deployment, "team-a")
-    (tmp_path / "spec.json").write_text(json.dumps({**BODY, "gpu_class": "nobody-listens"}))
+    (tmp_path / "spec.json").write_text(json.dumps({**BODY, "gpu_class": lane("nobody-listens")}))
     created = qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", datasets["chat"]["id"],
                     "--initial-job", sft)
     assert created.returncode == 0, created.stderr

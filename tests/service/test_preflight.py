@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from worker.training.tiny import demo_spec
 
 
@@ -80,7 +80,7 @@ def test_a_refusal_of_the_validation_set_names_validation_dataset_id(team_a, dat
 
 
 def test_warnings_do_not_block_and_are_recorded_as_events(team_a, datasets):
-    created = team_a.post("/jobs", json={**body(datasets["demo"], max_seq_length=22), "gpu_class": "nobody-listens"})
+    created = team_a.post("/jobs", json={**body(datasets["demo"], max_seq_length=22), "gpu_class": lane("nobody-listens")})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
     events = team_a.get(f"/jobs/{job_id}/events").json()
@@ -156,7 +156,7 @@ def test_a_preflight_process_that_dies_fails_one_preflight_at_most_and_the_next_
     if answers[0].status_code == 429:
         assert answers[0].json()["error"]["code"] == "preflight_busy" and "died" in answers[0].json()["error"]["message"]
     assert answers[1].status_code == 200 and answers[1].json()["report"]["train"]["rows"] == 48, answers[1].text
-    created = team_a.post("/jobs", json={**body(datasets["demo"]), "gpu_class": "nobody-listens"})
+    created = team_a.post("/jobs", json={**body(datasets["demo"]), "gpu_class": lane("nobody-listens")})
     assert created.status_code == 201, created.text
     (new_child,) = preflight_children(deployment)
     assert new_child != child

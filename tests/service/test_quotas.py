@@ -17,7 +17,7 @@ import pytest
 
 from app.db import session_scope
 from app.teams import repository as teams
-from tests.deployment import BUCKET, upload
+from tests.deployment import BUCKET, lane, upload
 from worker.training.tiny import demo_spec
 
 BOUNDARY = "qlora-quota"
@@ -328,7 +328,7 @@ def test_openai_file_upload_over_storage_gib_answers_in_openais_shape(deployment
 def job_body(dataset_id: str) -> dict:
     spec = demo_spec("tiny")
     spec["training"].update(max_steps=5, save_steps=10_000, eval_steps=10_000)
-    return {"dataset_id": dataset_id, "gpu_class": "nobody-listens", **spec}  # no worker: it stays queued
+    return {"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"), **spec}  # no worker: it stays queued
 
 
 def test_max_queued_holds_under_20_concurrent_submissions(deployment, admin, demo_data):
@@ -366,7 +366,7 @@ def test_max_queued_holds_under_20_concurrent_submissions(deployment, admin, dem
 
             # The OpenAI-compatible route refuses in OpenAI's shape.
             openai = member.post("/v1/fine_tuning/jobs", json={
-                "model": "tiny", "training_file": f"file-{dataset_id}", "gpu_class": "nobody-listens"})
+                "model": "tiny", "training_file": f"file-{dataset_id}", "gpu_class": lane("nobody-listens")})
             assert openai.status_code == 429, openai.text
             error = openai.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}

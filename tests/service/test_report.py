@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from tests.service.test_cli_client import clean_env, qlora
 from worker.training.tiny import demo_spec
 
@@ -143,7 +143,7 @@ def test_the_cli_prints_the_report(reported_job, deployment, team_a, tmp_path):
 
 def test_a_job_without_a_report_says_why(deployment, worker, team_a, datasets):
     train_id, _ = datasets
-    queued = team_a.post("/jobs", json=job_body(train_id, None, training={}, gpu_class="nobody-listens")).json()
+    queued = team_a.post("/jobs", json=job_body(train_id, None, training={}, gpu_class=lane("nobody-listens"))).json()
     waiting = team_a.get(f"/jobs/{queued['id']}/report")
     assert waiting.status_code == 409 and waiting.json()["error"]["code"] == "report_not_ready"
     assert "it is queued" in waiting.json()["error"]["message"]

@@ -18,10 +18,10 @@ from app.jobs import runs, states
 from app.jobs.tables import Job
 from app.scheduling import service as scheduling
 from app.teams import repository as teams
-from tests.deployment import upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status
 from worker.training.tiny import demo_spec
 
-GPU_CLASS = "fair-share"
+GPU_CLASS = lane("fair-share")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -141,7 +141,7 @@ def test_a_spent_budget_holds_a_job_with_the_reason_until_it_is_raised(deploymen
 def test_eight_concurrent_claims_start_no_more_than_max_running(deployment, demo_data):
     team = fresh_team(deployment, max_running=2)
     dataset_id = upload(team, demo_data["train"]).json()["id"]
-    body = {**job_body(dataset_id, 2), "gpu_class": "nobody"}  # no worker listens: the claims below are the test's
+    body = {**job_body(dataset_id, 2), "gpu_class": lane("nobody")}  # no worker listens: the claims below are the test's
     with ThreadPoolExecutor(20) as pool:
         created = list(pool.map(lambda _: team.post("/jobs", json=body), range(20)))
     assert [r.status_code for r in created] == [201] * 20

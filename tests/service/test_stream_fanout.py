@@ -24,7 +24,7 @@ from app.jobs import runs, states
 from app.jobs.stream import FEED_BUFFER_ROWS, STREAM_BATCH, JobFeeds, StreamSlots, job_stream
 from app.teams import repository as teams_repository
 from app.teams import service as teams_service
-from tests.deployment import upload
+from tests.deployment import lane, upload
 from tests.service.test_bounded_resources import sse_events
 from tests.services import in_a_thread_of_its_own
 from worker.training.protocol import Event, Progress, TrainPoint
@@ -66,7 +66,7 @@ def job(deployment, demo_data) -> HandTrainedJob:
     """A running job of TEAM: created through the API on a queue no worker serves, claimed by the test."""
     with deployment.client(deployment.team_key(TEAM)) as client:
         dataset_id = upload(client, demo_data["validation"]).json()["id"]
-        created = client.post("/jobs", json={"dataset_id": dataset_id, **demo_spec("tiny"), "gpu_class": "nobody"})
+        created = client.post("/jobs", json={"dataset_id": dataset_id, **demo_spec("tiny"), "gpu_class": lane("nobody")})
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
     with session_scope(deployment.settings.database_url) as session:
