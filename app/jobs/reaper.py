@@ -22,6 +22,7 @@ from app.config import Settings
 from app.db import session_scope, utcnow
 from app.jobs import repository
 from app.jobs.runs import attempt_lost
+from app.operations import workers
 from app.operations.lease import LeasedLoop
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,11 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
 
 
 def housekeeping(settings: Settings, storage) -> dict[str, int]:
-    """One pass: give lost jobs another attempt, and remove uploads that died half-written."""
+    """One pass: give lost jobs another attempt, forget workers long silent, and remove uploads that died
+    half-written."""
     with session_scope(settings.database_url) as session:
         counts = reap(session, settings)
+        counts["workers_forgotten"] = workers.forget_silent(session, utcnow())
     counts["stale_writes_removed"] = storage.abort_stale_writes(settings.stale_upload_s)
     return counts
 

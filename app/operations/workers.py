@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import delete
+from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import insert_for, make_engine, utcnow
@@ -32,6 +33,10 @@ WORKER_BEAT_S = 15.0
 # Alive while its last word is this recent: it must miss two beats in a row (dead, frozen, cut off from
 # the database), as a lease's holder must miss two renewals, before it stops counting.
 WORKER_ALIVE_S = LEASE_TTL_INTERVALS * WORKER_BEAT_S
+# A silent worker's row is kept this long, to tell when it was last heard from (a host down over a
+# weekend), then forgotten: a worker retired, renamed or moved to another GPU class is not listed by
+# `qlora admin status`, nor its old queue kept in /metrics, for ever.
+WORKER_FORGOTTEN_AFTER_S = 7 * 24 * 3600.0
 
 
 def beat(session: Session, name: str, queue: str, started_at: datetime) -> None:
@@ -46,6 +51,12 @@ def beat(session: Session, name: str, queue: str, started_at: datetime) -> None:
 def forget(session: Session, name: str) -> None:
     """Worker `name` stopped cleanly: it no longer counts anywhere. The caller commits."""
     session.execute(delete(Worker).where(Worker.name == name))
+
+
+def forget_silent(session: Session, now: datetime) -> int:
+    """Forget the workers silent for longer than WORKER_FORGOTTEN_AFTER_S; how many. The caller commits."""
+    since = now - timedelta(seconds=WORKER_FORGOTTEN_AFTER_S)
+    return cast(CursorResult, session.execute(delete(Worker).where(Worker.seen_at < since))).rowcount
 
 
 class WorkerBeat(threading.Thread):

@@ -7,13 +7,15 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.db import session_scope, utcnow
 from app.jobs import repository, states
+from app.jobs.reaper import housekeeping
 from app.operations.service import FinishedJobs, QueueHealth, prometheus_text, queue_health
 from app.operations.tables import Worker
-from app.operations.workers import WORKER_ALIVE_S, WorkerBeat, beat, forget
+from app.operations.workers import WORKER_ALIVE_S, WORKER_FORGOTTEN_AFTER_S, WorkerBeat, beat, forget
+from app.storage.local import LocalStorage
 from bench.metrics_bench import samples
 from tests.fast.conftest import make_settings
 
@@ -92,3 +94,19 @@ def test_a_worker_says_it_is_up_until_it_stops(settings):
     assert not up.is_alive()
     gone = health(settings)
     assert (gone.workers_alive, gone.last_seen) == (0, None)
+
+
+def test_a_worker_silent_for_a_week_is_forgotten_by_the_reapers_pass(settings, tmp_path):
+    """A worker retired, renamed or moved to another GPU class was listed (and its old queue kept in
+    /metrics) for ever; one silent for a day still tells when it was last heard from."""
+    say_up(settings, "retired:gpu0", queue="gpu-old", ago_s=WORKER_FORGOTTEN_AFTER_S + 60)
+    say_up(settings, "down-for-a-day:gpu0", ago_s=24 * 3600)
+    say_up(settings, "host:gpu0")
+    counts = housekeeping(settings, LocalStorage(tmp_path / "objects"))
+    assert counts["workers_forgotten"] == 1
+    with session_scope(settings.database_url) as session:
+        queues = {q.queue: q for q in queue_health(session, settings, utcnow())}
+    assert "gpu-old" not in queues
+    assert (queues["gpu-default"].workers_alive, queues["gpu-default"].last_seen.name) == (1, "host:gpu0")
+    with session_scope(settings.database_url) as session:
+        assert {w.name for w in session.scalars(select(Worker))} == {"down-for-a-day:gpu0", "host:gpu0"}
