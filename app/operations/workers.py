@@ -18,7 +18,7 @@ import threading
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import CursorResult, delete
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import insert_for, make_engine, utcnow
@@ -39,18 +39,23 @@ WORKER_ALIVE_S = LEASE_TTL_INTERVALS * WORKER_BEAT_S
 WORKER_FORGOTTEN_AFTER_S = 7 * 24 * 3600.0
 
 
-def beat(session: Session, name: str, queue: str, started_at: datetime) -> None:
-    """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits."""
+def beat(session: Session, name: str, queue: str, started_at: datetime) -> datetime | None:
+    """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits.
+    Returns when the row was last written by a worker of that name started at another time (a
+    predecessor that was killed, or another worker given the same name), else None."""
     insert = insert_for(session)
     now = utcnow()
+    before = session.execute(select(Worker.started_at, Worker.seen_at).where(Worker.name == name)).first()
     statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now)
     session.execute(statement.on_conflict_do_update(
         index_elements=["name"], set_={"queue": queue, "started_at": started_at, "seen_at": now}))
+    return before.seen_at if before is not None and before.started_at != started_at else None
 
 
-def forget(session: Session, name: str) -> None:
-    """Worker `name` stopped cleanly: it no longer counts anywhere. The caller commits."""
-    session.execute(delete(Worker).where(Worker.name == name))
+def forget(session: Session, name: str, started_at: datetime) -> None:
+    """Worker `name`, started at `started_at`, stopped cleanly: it no longer counts anywhere. A row another
+    worker of the same name wrote since stays: that one is still up. The caller commits."""
+    session.execute(delete(Worker).where(Worker.name == name, Worker.started_at == started_at))
 
 
 def forget_silent(session: Session, now: datetime) -> int:
@@ -76,10 +81,17 @@ class WorkerBeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        last_beat = None
         while True:
             try:
                 with self.sessions.begin() as session:
-                    beat(session, self.worker, self.queue, self.started_at)
+                    other_seen = beat(session, self.worker, self.queue, self.started_at)
+                # Another worker wrote the row since this one's last beat: a killed predecessor cannot have.
+                if other_seen is not None and last_beat is not None and other_seen > last_beat:
+                    log.warning("another worker named %s is up: the two count as one in `qlora admin status` and "
+                                "/metrics, and job records cannot tell them apart; give each its own name "
+                                "(qlora worker --name)", self.worker)
+                last_beat = utcnow()
             except Exception:  # a database blip must not end the beats
                 log.warning("could not tell the database that worker %s is up; trying again in %ss", self.worker,
                             self.interval_s, exc_info=True)
@@ -94,7 +106,7 @@ class WorkerBeat(threading.Thread):
             self.join(5)
         try:
             with self.sessions.begin() as session:
-                forget(session, self.worker)
+                forget(session, self.worker, self.started_at)
         except Exception:
             log.warning("could not remove worker %s from the database; it stops counting as alive within %ss",
                         self.worker, WORKER_ALIVE_S, exc_info=True)

@@ -51,7 +51,7 @@ def test_jobs_waiting_while_the_queues_workers_went_silent_are_stranded(settings
     assert health(settings).stranded and health(settings, "gpu-a100").workers_alive == 1
 
     with session_scope(settings.database_url) as session:
-        forget(session, "host:gpu0")  # stopped cleanly
+        forget(session, "host:gpu0", health(settings).last_seen.started_at)  # stopped cleanly
     assert health(settings).last_seen is None
 
 
@@ -110,3 +110,49 @@ def test_a_worker_silent_for_a_week_is_forgotten_by_the_reapers_pass(settings, t
     assert (queues["gpu-default"].workers_alive, queues["gpu-default"].last_seen.name) == (1, "host:gpu0")
     with session_scope(settings.database_url) as session:
         assert {w.name for w in session.scalars(select(Worker))} == {"down-for-a-day:gpu0", "host:gpu0"}
+
+
+def test_two_workers_of_one_name_are_told_and_one_stopping_leaves_the_others_row(settings, caplog):
+    """Two workers started without --name on one host (both `host:cpu`) share a row: each beat overwrote
+    the other's without a word, and the first to stop deleted the row of the one still up, which then
+    counted as gone until its next beat."""
+    first = WorkerBeat(settings.database_url, "host:cpu", "gpu-default", interval_s=0.1)
+    second = WorkerBeat(settings.database_url, "host:cpu", "gpu-default", interval_s=0.1)
+    first.start()
+    second.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "another worker named host:cpu is up" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "give each its own name (qlora worker --name)" in caplog.text
+    finally:
+        first.stopped.set()
+        second.stopped.set()
+        first.join(5)
+        second.join(5)
+    with session_scope(settings.database_url) as session:
+        beat(session, "host:cpu", "gpu-default", first.started_at)
+        beat(session, "host:cpu", "gpu-default", second.started_at)  # the second wrote last
+    with session_scope(settings.database_url) as session:
+        forget(session, "host:cpu", first.started_at)  # the first stops cleanly
+    assert health(settings).workers_alive == 1
+
+
+def test_a_restarted_worker_is_not_taken_for_a_second_one(settings, caplog):
+    """A worker killed outright and started again under its name finds its predecessor's row, still
+    fresh: that is no twin."""
+    say_up(settings, "host:gpu0", ago_s=5)  # the killed one's last beat
+    up = WorkerBeat(settings.database_url, "host:gpu0", "gpu-default", interval_s=0.1)
+    up.start()
+    try:
+        seen = set()  # its own beats; the warning would come at its second
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            row = health(settings).last_seen
+            if row is not None and row.started_at == up.started_at:
+                seen.add(row.seen_at)
+            time.sleep(0.02)
+        assert len(seen) == 3
+    finally:
+        up.stop()
+    assert "another worker named" not in caplog.text
