@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -312,6 +313,7 @@ class JobRun:
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
         lost: str | None = None  # why the attempt ended with no fault of the job's: it gets another
+        stopped_at: datetime | None = None  # ...and when: its GPU time ends there, not after a wait for an outage to pass
         outside = False  # ...and the end was a full disk or an outage: past the last attempt, paused, not failed
         try:
             # Inside the try: a full work directory refuses even this small file, and must hand the job back
@@ -333,13 +335,14 @@ class JobRun:
             log.info("job %s attempt %s: %s (recorded)", job.id, job.attempt, exc)
         except AttemptLost as exc:
             log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
-            lost = str(exc)
+            lost, stopped_at = str(exc), utcnow()
         except Exception as exc:
             why = self._not_the_jobs_fault(exc)
             if why is not None:  # storage, the database or a disk, for a moment: the job is not at fault
                 log.warning("job %s attempt %s lost: %s", job.id, job.attempt, why, exc_info=True)
-                lost, outside = why, True
-                # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass.
+                lost, outside, stopped_at = why, True, utcnow()
+                # Its heartbeats go on meanwhile: the job stays this worker's while the outage may pass. The
+                # wait is the service's, not the team's: the attempt's GPU time (usage, fair share) ends before it.
                 time.sleep(min(self.settings.out_of_reach_wait_s * 2 ** (job.attempt - 1), MAX_OUT_OF_REACH_WAIT_S))
             else:
                 log.exception("job %s failed in the worker", job.id)
@@ -354,7 +357,7 @@ class JobRun:
         if final is not None:
             self._finish(job, *final)
         elif lost is not None:
-            self._lose(job, lost, outside_the_job=outside)
+            self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
         """Why the attempt ended, where another attempt may well succeed: storage or the database out of
@@ -559,7 +562,7 @@ class JobRun:
         if replaced is not None:
             delete_objects(self.storage, [replaced])  # a lost attempt's, no longer recorded
 
-    def _lose(self, job: ClaimedJob, why: str, outside_the_job: bool) -> None:
+    def _lose(self, job: ClaimedJob, why: str, stopped_at: datetime, outside_the_job: bool) -> None:
         """Another attempt for the job, from its newest checkpoint (the reaper's way with a silent worker,
         here at once); after QLORA_MAX_ATTEMPTS lost ones, failed, or paused when this one ended on a full
         disk or an outage (runs.attempt_lost). Should the database be out of reach still, the job keeps its
@@ -567,7 +570,7 @@ class JobRun:
         try:
             with session_scope(self.db) as session:
                 row = session.get(Job, job.id)
-                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts, utcnow(),
+                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts, stopped_at,
                                             self.settings.fair_share_half_life_s, outside_the_job=outside_the_job)
                           if row is not None and row.attempt == job.attempt else None)
         except DBAPIError as exc:

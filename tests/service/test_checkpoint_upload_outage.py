@@ -1,9 +1,16 @@
 """Storage out of reach as the training process uploads a checkpoint: the job is handed back after the
 worker's wait (QLORA_OUT_OF_REACH_WAIT_S), as for the worker's own uploads, rather than at once: an outage
-of a minute used to take a job's three attempts in a row and fail it, each with a traceback."""
+of a minute used to take a job's three attempts in a row and fail it, each with a traceback. The wait is
+the service's: the team's GPU time for the attempt ends where it stopped, before the wait."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.jobs.tables import JobAttempt
 from tests.deployment import upload, wait_for_status
 from tests.faults.throttle import ThrottlingProxy
 from worker.training.tiny import demo_spec
@@ -36,6 +43,12 @@ def test_a_checkpoint_upload_storage_refuses_is_another_attempt_after_a_wait(dep
         assert saved == [(2, 2), (2, 4)], saved
         stored = {c["step"] for c in team.get(f"/jobs/{job_id}/checkpoints").json()}
         assert stored >= {2, 4}, stored
+        with session_scope(d.settings.database_url) as session:
+            first = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == 1)).one()
+        assert first.ended_at is not None and first.outcome == "queued"
+        # The 5 s wait came between the attempt's stop and its requeue; it was billed to the team before.
+        waited = datetime.fromisoformat(requeued["created_at"]) - first.ended_at
+        assert waited.total_seconds() >= d.settings.out_of_reach_wait_s - 0.5, (first.ended_at, requeued["created_at"])
     finally:
         d.stop(worker)
         proxy.close()
