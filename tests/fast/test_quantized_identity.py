@@ -1,4 +1,4 @@
-"""Which cached quantized base a job may load (worker/supervisor.quantized_identity): for a base model in
+"""Which cached quantized base a job may load (worker/quantized_bases.py): for a base model in
 a local directory, its weight files' contents decide, not how they were copied to each host."""
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ import os
 import shutil
 from types import SimpleNamespace
 
-from worker.supervisor import WEIGHT_DIGESTS, quantized_identity
+from worker.quantized_bases import WEIGHT_DIGESTS, cache_key, quantized_identity
 
 
 def key(job, base, work_dir) -> str:
-    """As the worker keys the cache."""
-    return hashlib.sha256(json.dumps(quantized_identity(job, base, "gpu-default", work_dir), sort_keys=True).encode()).hexdigest()
+    return cache_key(quantized_identity(job, base, "gpu-default", work_dir))
 
 
 def make_job(path):
