@@ -236,6 +236,9 @@ def test_the_job_page_shows_the_eval_report(page, deployment, worker, team, team
                       ("loss", lambda x: f"{x:.4f}"), ("perplexity", lambda x: f"{x:.2f}")):
         expect(metrics.locator(f"tr[data-metric='{key}'] td").nth(0)).to_have_text(read(base[key]))
         expect(metrics.locator(f"tr[data-metric='{key}'] td").nth(1)).to_have_text(read(tuned[key]))
+    ratio = tuned["perplexity"] / base["perplexity"]  # two significant digits below 0.1, never "×0.00"
+    expect(metrics.locator("tr[data-metric='perplexity'] td").nth(2)).to_have_text(
+        f"×{ratio:.2f}" if ratio >= 0.1 else f"×{ratio:#.2g}")
     assert tuned["loss"] < base["loss"]  # a few steps of the demo task: the tuned model already fits it better
     expect(metrics.locator("tr[data-metric='loss'] td.better")).to_have_count(1)
 

@@ -85,8 +85,13 @@ function change(base, tuned, key) {
   const d = tuned - base;
   const sign = d > 0 ? "+" : d < 0 ? "−" : "±";
   if (key === "exact_match" || key === "stopped") return `${sign}${Math.abs(100 * d).toFixed(0)} pts`;
-  if (key === "perplexity") return base ? `×${(tuned / base).toFixed(2)}` : "—";
+  if (key === "perplexity") return base ? `×${ratio(tuned / base)}` : "—";
   return `${sign}${Math.abs(d).toFixed(key === "loss" ? 4 : 2)}`;
+}
+
+// Two decimals, or two significant digits below 0.1: a perplexity from 3,000 down to 2 read "×0.00".
+function ratio(r) {
+  return r >= 0.1 ? r.toFixed(2) : r.toPrecision(2);
 }
 
 // [label, key, how it reads, how its change reads]
