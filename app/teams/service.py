@@ -132,7 +132,10 @@ def signer(session: Session, key_id: str, message: str, signature: str) -> Calle
     more than that (a wrong key id and a wrong signature read the same)."""
     key = session.get(ApiKey, key_id) if key_id else None
     team = repository.team_by_id(session, key.team_id) if key is not None and key.revoked_at is None else None
-    if key is None or team is None or not hmac.compare_digest(_signature(key, message), signature):
+    # As bytes: compare_digest refuses a str with a non-ASCII character (TypeError, a 500), and a link's
+    # signature is whatever its holder typed into the query.
+    if key is None or team is None or not hmac.compare_digest(_signature(key, message).encode(),
+                                                              signature.encode("utf-8", "replace")):
         raise Forbidden("this link is not valid: its signature does not match, or the key that made it was "
                         "revoked; ask for a new one")
     return Caller.of(team, key)
