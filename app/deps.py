@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.db import session_scope, sessionmaker_for
 from app.errors import Forbidden
+from app.idempotency import service as idempotency
 from app.storage.base import Storage
 from app.teams.service import Caller, CallerCache, authenticate, bearer_key_hash
 
@@ -112,11 +113,17 @@ async def team_turn(request: Request, caller: CallerDep) -> AsyncIterator[None]:
 
 TeamTurnDep = Annotated[None, Depends(team_turn)]
 
-# A creation's key (app/idempotency/), declared so /docs and generated clients show it.
-IdempotencyKeyHeader = Annotated[str | None, Header(
+
+async def one_idempotency_key(request: Request, idempotency_key: Annotated[str | None, Header(
     description="Makes the request safe to send again: the same key, from your team, to this endpoint, within "
                 "24 hours, answers with what the first request made (Idempotent-Replayed: true). "
-                "1-255 visible ASCII characters; a UUID does.")]
+                "1-255 visible ASCII characters; a UUID does. Sent once.")] = None) -> str | None:
+    """A creation's key (app/idempotency/): `idempotency_key` declares it so /docs and generated clients show
+    it; every value the request sent is read, to refuse two."""
+    return idempotency.one_key(request.headers.getlist(idempotency.HEADER))
+
+
+IdempotencyKeyHeader = Annotated[str | None, Depends(one_idempotency_key)]
 
 
 async def get_admin(caller: CallerDep) -> Caller:

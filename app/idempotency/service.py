@@ -75,6 +75,18 @@ def checked_key(key: str | None) -> str | None:
     return key
 
 
+def one_key(headers: list[str]) -> str | None:
+    """The request's one Idempotency-Key (all its values, as received), or None without one; Invalid for
+    several. Read as one value, the API took the first of `Idempotency-Key: a` and `Idempotency-Key: b`
+    (a script appending its key to headers that already held one), while a proxy or gateway in front
+    that deduplicates by key may read the last: the two would disagree on which request this replays."""
+    if len(headers) > 1:
+        raise Invalid(f"{len(headers)} {HEADER} headers: send one key per request",
+                      details=field_errors([(HEADER, "sent more than once; send one")]),
+                      code="invalid_idempotency_key")
+    return headers[0] if headers else None
+
+
 def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
     """The request's key (its Idempotency-Key header), or None when it sent none; Invalid for a key that
     is not 1-255 visible ASCII. `request` is what identifies the request: a JSON body, or an upload's

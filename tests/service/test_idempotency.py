@@ -91,6 +91,25 @@ def test_a_bad_key_is_refused_and_nothing_is_made(deployment, team_a, dataset, k
     assert job_count(deployment) == before
 
 
+def test_two_keys_in_one_request_are_refused_and_nothing_is_made(deployment, team_a, dataset):
+    """`Idempotency-Key: a` and `Idempotency-Key: b` (a script appending its key to headers that held one):
+    the API took the first and made a job, while a proxy in front may read the last; now refused, as two
+    Authorization headers are, for a job and for an upload (before its body is read)."""
+    two = [("Idempotency-Key", str(uuid.uuid4())), ("Idempotency-Key", str(uuid.uuid4()))]
+    before, stored = job_count(deployment), stored_state(deployment)
+    for status, refused in ((422, team_a.post("/jobs", json=body(dataset), headers=two)),
+                            (422, team_a.post("/datasets", files={"file": ("data.jsonl", CHAT, "application/jsonl")},
+                                              headers=two)),
+                            (400, team_a.post("/v1/files", files={"file": ("data.jsonl", CHAT, "application/jsonl")},
+                                              data={"purpose": "fine-tune"}, headers=two))):  # 400: OpenAI's shape
+        assert refused.status_code == status, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_idempotency_key" and "2 Idempotency-Key headers" in error["message"], error
+    assert (job_count(deployment), stored_state(deployment)) == (before, stored)
+    # One of them alone makes the job, as ever.
+    assert team_a.post("/jobs", json=body(dataset), headers=[two[0]]).status_code == 201
+
+
 def test_a_creation_that_failed_binds_nothing_and_the_key_makes_the_job_when_sent_right(deployment, team_a, dataset):
     key = str(uuid.uuid4())
     refused = create(team_a, body(dataset, training={"max_steps": -1}), key)
