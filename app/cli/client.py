@@ -39,6 +39,7 @@ from app.cli.render import (
     print_report,
     print_table,
     print_usage,
+    printable,
     reward_line,
     show,
     sparkline,
@@ -124,9 +125,9 @@ def _fail(message: str, details=None, code: int = 1):
 
     # Text, not markup: messages quote user data ("[...]" in a filename must print as-is).
     headline, lines = _error_lines(message, details)
-    err.print(Text(f"error: {headline}", style="red"), soft_wrap=True)
+    err.print(Text(f"error: {printable(headline)}", style="red"), soft_wrap=True)
     for line in lines:
-        err.print(Text(f"  {line}", style="red"), soft_wrap=True)
+        err.print(Text(f"  {printable(line)}", style="red"), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -569,7 +570,7 @@ def jobs_watch(
         if not streamed:  # else the last line said it
             out.print(Text(line + loss, style="green"), soft_wrap=True)
         return
-    err.print(Text(line + (f": {job['error']}" if job["error"] else ""), style="red"), soft_wrap=True)
+    err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else ""), style="red"), soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -698,7 +699,7 @@ class _JobWatcher:
         job = self.job
         self.progress.update(self._task, description=job["status"], total=job["total_steps"],
                              completed=job["step"], steps=steps(job))
-        header = Text.assemble((f"job {job['id']}", "bold"), f"  {job['name']}  ", (job["status"], status_style(job["status"])))
+        header = Text.assemble((f"job {job['id']}", "bold"), f"  {printable(job['name'])}  ", (job["status"], status_style(job["status"])))
         stats = Text.assemble(
             "train loss ", (f"{self.train_losses[-1]:.4f}" if self.train_losses else "-", "bold"),
             "   eval loss ", (f"{self.eval_loss:.4f}" if self.eval_loss is not None else "-", "bold"),

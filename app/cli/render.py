@@ -147,8 +147,9 @@ def number_column(header: str) -> Column:
 def plain(value: str):
     from rich.text import Text
 
-    # User data in a table cell must print as typed: "[x]" in a name is not rich markup.
-    return Text(value)
+    # User data in a table cell must print as typed: "[x]" in a name is not rich markup, and an escape
+    # sequence in it is not the terminal's to run (see printable).
+    return Text(printable(value))
 
 
 def when(value: str | None) -> str:
@@ -297,7 +298,7 @@ def print_job(job: dict) -> None:
                    "gpu_hours_per_month": "the team's monthly GPU-hours budget"}.get(job["waiting_for"], job["waiting_for"])
         rows.append(("queue position", f"{job['queue_position']} (waiting for {waiting})"))
     if job["error"]:
-        rows.append(("error", Text(job["error"], style="red")))
+        rows.append(("error", Text(printable(job["error"]), style="red")))
     rows += summary_rows(job.get("summary") or {})
     for k, v in rows:
         table.add_row(k, v)
@@ -339,7 +340,7 @@ def event_line(event: dict):
     style = {"warning": "yellow", "error": "red"}.get(event["level"], "dim")
     step = f" step {event['step']}" if event["step"] is not None else ""
     return Text.assemble((when(event["created_at"])[11:], "dim"), f"{step} ", (event["type"], style),
-                         f": {event['message']}" if event["message"] else "")
+                         f": {printable(event['message'])}" if event["message"] else "")
 
 
 # ---------------------------------------------------------------- transfers
@@ -440,7 +441,8 @@ def print_preflight(answer: dict) -> None:
         line = Text(f"line {example['line']}{side} ({example['length']:,} tokens"
                     f"{', truncated' if example['truncated'] else ''}; trained tokens highlighted{alike}):\n", style="bold")
         for token in example["tokens"]:
-            line.append(token["text"], style="bold black on green" if token["trained"] else "dim")
+            # A token is the dataset's own text: whatever bytes a team uploaded, escape sequences included.
+            line.append(printable(token["text"]), style="bold black on green" if token["trained"] else "dim")
         out.print(line, soft_wrap=True)
     for refusal in report["refusals"]:
         out.print(Text(f"refused: {refusal}", style="red"), soft_wrap=True)
@@ -471,8 +473,8 @@ def print_report(report: dict) -> None:
         base, tuned = row["base"], row["tuned"]
         given = [row["reference"], row.get("rejected")] if preference else [row["reference"]]
         rows.add_row("-" if row["line"] is None else str(row["line"]),
-                     Text(_printable(row["prompt"]) + (" (start cut)" if row["prompt_truncated"] else "")),
-                     *(Text(_printable(text)) if text is not None else Text("-", style="dim") for text in given),
+                     Text(printable(row["prompt"]) + (" (start cut)" if row["prompt_truncated"] else "")),
+                     *(Text(printable(text)) if text is not None else Text("-", style="dim") for text in given),
                      _answer(base), _answer(tuned),
                      f"{_mark(base.get('exact_match'))} / {_mark(tuned.get('exact_match'))}",
                      f"{number(base.get('f1'), '.2f')} / {number(tuned.get('f1'), '.2f')}")
@@ -526,7 +528,7 @@ def _sampling(generation: dict) -> str:
 def _answer(scored: dict):
     from rich.text import Text
 
-    text = Text(_printable(scored["answer"]))
+    text = Text(printable(scored["answer"]))
     if not scored["stopped"]:
         text.append(" (did not stop)", style="dim")
     return text
@@ -536,9 +538,15 @@ def _mark(match: bool | None) -> str:
     return "-" if match is None else ("✓" if match else "✗")
 
 
-def _printable(text: str) -> str:
-    """A model's text as a terminal may show it: control characters (an untrained model emits any byte,
-    escape sequences included) as U+FFFD, line breaks and tabs kept."""
+def printable(text: str) -> str:
+    """Text that is not ours (a model's answer, a dataset's tokens, a name or message read back from the
+    API) as a terminal may show it: control characters as U+FFFD, line breaks and tabs kept. An untrained
+    model emits any byte and a dataset holds what its team uploaded: "\\x1b]0;...\\x07" would retitle the
+    terminal, "\\x1b[2J" clear it, and rich passes ESC through (it strips only BEL, BS, VT, FF and CR).
+    Bidi overrides too: they make the text after them display as other text (app/text.BIDI_CONTROLS)."""
     import unicodedata
 
-    return "".join("\ufffd" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
+    from app.text import BIDI_CONTROLS
+
+    return "".join("\ufffd" if (unicodedata.category(c) == "Cc" and c not in "\n\t") or c in BIDI_CONTROLS else c
+                   for c in text)
