@@ -11,6 +11,11 @@ import unicodedata
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+# What a GPU class is called (a job's gpu_class, a worker's --gpu-class): its queue is "gpu-<class>",
+# a Celery queue name, a label value in /metrics and a column of 100 characters in the workers table.
+GPU_CLASS_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,49}$"
+
+
 def has_control_characters(text: str) -> bool:
     """C0/C1 controls (NUL, line breaks, tabs, DEL) and bidi overrides: no name or id has them, and
     Postgres refuses NUL in a text value, even one only compared with (the query fails)."""

@@ -232,11 +232,17 @@ def worker(
     import socket
 
     from app.config import get_settings
+    from app.operations.workers import worker_problems
 
     settings = get_settings()
     settings.check_timing()
     queue = settings.queue_for(gpu_class)
-    worker_name = name or f"{socket.gethostname()}:{'gpu' + gpu if gpu is not None else 'cpu'}"
+    worker_name = name if name is not None else f"{socket.gethostname()}:{'gpu' + gpu if gpu is not None else 'cpu'}"
+    problems = worker_problems(worker_name, gpu_class or settings.default_gpu_class)  # before Celery starts
+    for problem in problems:
+        err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
 
     from celery.signals import setup_logging
 

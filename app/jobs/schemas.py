@@ -10,7 +10,7 @@ from sqlalchemy import Row
 
 from app.jobs.tables import Job
 from app.scheduling.policy import PRIORITY_NAMES
-from app.text import has_control_characters
+from app.text import GPU_CLASS_PATTERN, has_control_characters
 from worker.training.spec import JobSpec
 
 MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
@@ -25,7 +25,7 @@ class JobCreate(JobSpec):
     validation_dataset_id: str | None = Field(
         None, min_length=1, description="A held-out set for eval loss; null or absent for none.")
     gpu_class: str | None = Field(
-        None, pattern=r"^[a-z0-9][a-z0-9_-]{0,49}$",
+        None, pattern=GPU_CLASS_PATTERN,
         description="Run on this class of GPU; by default the smallest that fits (or the default class).")
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=MAX_METADATA, description="Your own string tags, returned as given.")

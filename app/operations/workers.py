@@ -14,6 +14,7 @@ Expiry is judged by the clock of the process that reads, as heartbeats and lease
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from datetime import datetime, timedelta
 from typing import cast
@@ -24,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import insert_for, make_engine, utcnow
 from app.operations.lease import LEASE_TTL_INTERVALS
 from app.operations.tables import Worker
+from app.text import GPU_CLASS_PATTERN, has_control_characters
+from worker.training.spec import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,23 @@ WORKER_ALIVE_S = LEASE_TTL_INTERVALS * WORKER_BEAT_S
 # weekend), then forgotten: a worker retired, renamed or moved to another GPU class is not listed by
 # `qlora admin status`, nor its old queue kept in /metrics, for ever.
 WORKER_FORGOTTEN_AFTER_S = 7 * 24 * 3600.0
+
+MAX_WORKER_NAME = 200  # the workers table's name and jobs.worker hold this many characters
+
+
+def worker_problems(name: str, gpu_class: str) -> list[str]:
+    """What is wrong with a worker's --name and --gpu-class, each naming the option and what it may be; none
+    for a worker that can start. Unchecked, a name past MAX_WORKER_NAME failed every beat (a warning in the log
+    each WORKER_BEAT_S, and the worker never counted as alive) and its first claim; one with a line break or an
+    escape sequence went into `qlora admin status` and the job records as typed."""
+    problems = []
+    if not 1 <= len(name) <= MAX_WORKER_NAME or has_control_characters(name):
+        problems.append(f"--name: 1 to {MAX_WORKER_NAME} characters without control characters (line breaks, tabs, "
+                        f"escapes), got {excerpt(name)}")
+    if not re.fullmatch(GPU_CLASS_PATTERN, gpu_class):
+        problems.append("--gpu-class: lowercase letters, digits, '-' and '_', at most 50 characters, as a job's "
+                        f"gpu_class, got {excerpt(gpu_class)}")
+    return problems
 
 
 def beat(session: Session, name: str, queue: str, started_at: datetime) -> datetime | None:

@@ -372,3 +372,17 @@ def test_an_upload_that_breaks_off_leaves_the_bar_where_it_was(env, tmp_path):
     assert float(last[0]) > 0, frames  # the bar stays where the upload stopped
     # It was reached: "cannot reach the API ...: Server disconnected without sending a response.; is the server running"
     assert f"error: the connection to the API at {url} broke off" in done.stderr and ".;" not in done.stderr
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--name", "w" * 201], "--name: 1 to 200 characters"),  # past the workers table's column: every beat failed
+    (["--name", "gpu-host\x1b[2J"], "--name: 1 to 200 characters without control characters"),
+    (["--name", ""], "--name: 1 to 200 characters"),  # was replaced by host:cpu without a word
+    (["--gpu-class", 'a100"\nqlora_jobs{status="x"} 1'], "--gpu-class: lowercase letters, digits"),
+    (["--gpu-class", "g" * 101], "--gpu-class: lowercase letters, digits"),
+])
+def test_a_worker_name_or_gpu_class_no_record_can_hold_is_refused_before_it_starts(env, args, problem):
+    """`qlora worker` took any --name and --gpu-class: a name past 200 characters (or a queue past 100) failed
+    every beat into the workers table, so the worker never showed as alive in /metrics or `qlora admin status`
+    while it took jobs, and its claims failed; control characters went into the operators' views as typed."""
+    refused(qlora(env, "worker", *args, timeout=120), problem, code=2)
