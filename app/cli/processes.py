@@ -238,7 +238,8 @@ def worker(
     settings.check_timing()
     queue = settings.queue_for(gpu_class)
     worker_name = name if name is not None else f"{socket.gethostname()}:{'gpu' + gpu if gpu is not None else 'cpu'}"
-    problems = worker_problems(worker_name, gpu_class or settings.default_gpu_class)  # before Celery starts
+    problems = worker_problems(worker_name, gpu_class or settings.default_gpu_class,  # before Celery starts
+                               settings.served_gpu_classes)
     for problem in problems:
         err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:

@@ -44,16 +44,18 @@ WORKER_FORGOTTEN_AFTER_S = 7 * 24 * 3600.0
 MAX_WORKER_NAME = 200  # the workers table's name and jobs.worker hold this many characters
 
 
-def worker_problems(name: str, gpu_class: str) -> list[str]:
+def worker_problems(name: str, gpu_class: str, served: list[str]) -> list[str]:
     """What is wrong with a worker's --name and --gpu-class, each naming the option and what it may be; none
     for a worker that can start. Unchecked, a name past MAX_WORKER_NAME failed every beat (a warning in the log
     each WORKER_BEAT_S, and the worker never counted as alive) and its first claim; one with a line break or an
-    escape sequence went into `qlora admin status` and the job records as typed."""
+    escape sequence went into `qlora admin status` and the job records as typed. A class the settings serve
+    (`served`) is the operator's own and taken as configured (admission places jobs on it whatever its name);
+    any other must be named as a job's gpu_class is."""
     problems = []
     if not 1 <= len(name) <= MAX_WORKER_NAME or has_control_characters(name):
         problems.append(f"--name: 1 to {MAX_WORKER_NAME} characters without control characters (line breaks, tabs, "
                         f"escapes), got {excerpt(name)}")
-    if not re.fullmatch(GPU_CLASS_PATTERN, gpu_class):
+    if gpu_class not in served and not re.fullmatch(GPU_CLASS_PATTERN, gpu_class):
         problems.append("--gpu-class: lowercase letters, digits, '-' and '_', at most 50 characters, as a job's "
                         f"gpu_class, got {excerpt(gpu_class)}")
     return problems

@@ -386,3 +386,15 @@ def test_a_worker_name_or_gpu_class_no_record_can_hold_is_refused_before_it_star
     every beat into the workers table, so the worker never showed as alive in /metrics or `qlora admin status`
     while it took jobs, and its claims failed; control characters went into the operators' views as typed."""
     refused(qlora(env, "worker", *args, timeout=120), problem, code=2)
+
+
+def test_a_gpu_class_the_settings_serve_is_taken_as_configured():
+    """An operator's own class names (QLORA_GPU_CLASSES='{"A100": 80}': admission places jobs there) stay
+    servable; only a class the settings do not serve must be named as a job's gpu_class."""
+    from app.operations.workers import worker_problems
+
+    assert worker_problems("gpu-host-1:gpu0", "A100", ["A100", "l4"]) == []
+    assert worker_problems("gpu-host-1:gpu0", "l4", ["A100", "l4"]) == []
+    assert worker_problems("gpu-host-1:gpu0", "a100-80gb", ["l4"]) == []  # unserved, well named: only a warning
+    [problem] = worker_problems("gpu-host-1:gpu0", "A100", ["l4"])
+    assert problem.startswith("--gpu-class: lowercase letters")
