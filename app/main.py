@@ -48,6 +48,7 @@ from app.quotas.service import UploadsInFlight
 from app.recent import Recent
 from app.scheduling.service import SchedulerThread
 from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_of_reach
+from app.teams.routes import router as teams_router
 from app.teams.service import CallerCache
 from app.text import format_bytes
 from app.uploads import STREAMED_BODY
@@ -202,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(operations_router)
     app.include_router(quotas_router)
+    app.include_router(teams_router)
     app.include_router(usage_router)
     app.include_router(web_router)  # the dashboard at /
     app.mount("/static", DashboardFiles(directory=STATIC_DIR), name="static")

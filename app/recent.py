@@ -54,6 +54,12 @@ class Recent(Generic[K, V]):
         finally:
             del self._reading[key]
 
+    def forget(self, which: Callable[[V], bool]) -> None:
+        """Drop the kept values `which` picks: what the process itself just changed must not be served from here."""
+        with self._lock:
+            for key in [key for key, (_, value) in self._entries.items() if which(value)]:
+                del self._entries[key]
+
     def put(self, key: K, value: V) -> None:
         if self.ttl_s <= 0:
             return

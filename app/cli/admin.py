@@ -3,7 +3,7 @@ database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
 
 Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
 --json/--table override): a model as GET /models answers it, a quota as GET /admin/teams/{team}/quota,
-a team or a key as its fields. `create-key` alone keeps its stdout to the key itself, on a terminal and
+the teams as GET /admin/teams, a new team or a key as its fields. `create-key` alone keeps its stdout to the key itself, on a terminal and
 a pipe alike: `KEY=$(qlora admin create-key team)` is how scripts take it (--json for its id too).
 A refused change, or a database that cannot be used, prints one line on stderr and exits 1.
 """
@@ -81,6 +81,60 @@ def create_team(name: str, as_json: JsonOption = None) -> None:
     team = _admin_call(lambda s: service.create_team(s, name))
     show({"id": team.id, "name": team.name, "created_at": team.created_at},
          lambda: out.print(f"team {team.name!r} created (id {team.id})"), as_json)
+
+
+@commands.command("list-teams")
+def list_teams(as_json: JsonOption = None) -> None:
+    """List the teams: keys live (admin among them), jobs queued, running and paused, GPU-hours this month,
+    storage kept, and whether each is disabled. On a pipe: a JSON array, as GET /admin/teams answers."""
+    from app.teams import admin
+
+    teams = _admin_call(lambda s: [t.model_dump(mode="json") for t in admin.list_teams(s)])
+
+    def table() -> None:
+        from app.text import format_bytes, format_number
+
+        table = Table(name_column("team"), number_column("keys"), number_column("queued"), number_column("running"),
+                      number_column("paused"), number_column("GPU-h month"), number_column("storage"), "disabled")
+        for t in teams:
+            keys = f"{t['keys_live']}" + (f" ({t['admin_keys_live']} admin)" if t["admin_keys_live"] else "")
+            table.add_row(plain(t["name"]), keys, str(t["queued"]), str(t["running"]), str(t["paused"]),
+                          format_number(t["gpu_hours_this_month"]), format_bytes(t["storage_bytes"]),
+                          f"since {t['disabled_at'][:16].replace('T', ' ')}" if t["disabled"] else "")
+        print_table(table)
+
+    show(teams, table, as_json)
+
+
+@commands.command("disable-team")
+def disable_team(team: str, as_json: JsonOption = None) -> None:
+    """Offboard TEAM without deleting anything: its keys answer 401 (admin keys too), its queued jobs do not
+    start, its running jobs pause at a checkpoint; datasets, artifacts, checkpoints and usage stay. Refused
+    for the last team whose admin keys work. On a pipe: the team as list-teams shows it, with "pausing": the
+    ids of the jobs asked to pause."""
+    from app.teams import admin
+
+    disabled = _admin_call(lambda s: admin.disable_team(s, team)).model_dump(mode="json")
+
+    def text() -> None:
+        out.print(f"team {team!r} disabled: its {disabled['keys_live']} keys answer 401; {disabled['queued']} queued "
+                  f"jobs wait until it is enabled; {len(disabled['pausing'])} running jobs asked to pause at a checkpoint. "
+                  f"Nothing is deleted. `qlora admin enable-team {team}` reverses it (paused jobs stay paused until "
+                  "the team resumes them).", highlight=False, soft_wrap=True)
+
+    show(disabled, text, as_json)
+
+
+@commands.command("enable-team")
+def enable_team(team: str, as_json: JsonOption = None) -> None:
+    """Enable a disabled TEAM again: its keys work and its queued jobs start in their turn; its paused jobs stay
+    paused until the team resumes them. On a pipe: the team as list-teams shows it."""
+    from app.teams import admin
+
+    enabled = _admin_call(lambda s: admin.enable_team(s, team)).model_dump(mode="json")
+    show(enabled, lambda: out.print(f"team {team!r} enabled: its keys work again; {enabled['paused']} paused jobs "
+                                    "stay paused until the team resumes them.", highlight=False, soft_wrap=True),
+         as_json)
 
 
 @commands.command("create-key")

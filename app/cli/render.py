@@ -295,7 +295,8 @@ def print_job(job: dict) -> None:
     ]
     if job.get("queue_position") is not None:
         waiting = {"gpu": "a free GPU of its class", "max_running": "the team's max_running",
-                   "gpu_hours_per_month": "the team's monthly GPU-hours budget"}.get(job["waiting_for"], job["waiting_for"])
+                   "gpu_hours_per_month": "the team's monthly GPU-hours budget",
+                   "team_disabled": "its team to be enabled (an admin disabled it)"}.get(job["waiting_for"], job["waiting_for"])
         rows.append(("queue position", f"{job['queue_position']} (waiting for {waiting})"))
     if job["error"]:
         rows.append(("error", Text(printable(job["error"]), style="red")))

@@ -10,7 +10,7 @@ operators' aggregates.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import cast
 
@@ -324,6 +324,22 @@ def count_active_by_status(session: Session) -> dict[str, int]:
     status finds them without reading the finished ones, however many there are."""
     return dict(session.execute(
         select(Job.status, func.count()).where(Job.status.in_(states.ACTIVE)).group_by(Job.status)).all())
+
+
+def count_active_by_team(session: Session, team_ids: Collection[str]) -> dict[str, dict[str, int]]:
+    """For the admins' list of teams: each team's jobs not finished yet, by status (teams with none absent)."""
+    counts: dict[str, dict[str, int]] = {}
+    rows = session.execute(select(Job.team_id, Job.status, func.count())
+                           .where(Job.status.in_(states.ACTIVE), Job.team_id.in_(team_ids)).group_by(Job.team_id, Job.status))
+    for team_id, status, count in rows:
+        counts.setdefault(team_id, {})[status] = count
+    return counts
+
+
+def worker_owned_of_team(session: Session, team_id: str) -> list[Job]:
+    """The team's jobs holding a GPU (running, pausing, cancelling), for disabling it (app/teams/admin.py)."""
+    return list(session.scalars(select(Job).where(Job.team_id == team_id, Job.status.in_(states.WORKER_OWNED))
+                                .order_by(Job.created_at)))
 
 
 def waiting_by_queue(session: Session) -> dict[str, tuple[int, datetime]]:

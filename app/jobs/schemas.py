@@ -88,7 +88,7 @@ class JobOut(BaseModel):
     preemptions: int = Field(description="Times the scheduler paused it at a checkpoint for another team's job.")
     # Only while queued, and only in GET /jobs/{id}: 1 is the next job its GPU class starts, if no job
     # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), or the quota
-    # holding it back ("max_running", "gpu_hours_per_month").
+    # holding it back ("max_running", "gpu_hours_per_month"), or "team_disabled" (an admin disabled its team).
     queue_position: int | None = None
     waiting_for: str | None = None
 

@@ -370,7 +370,8 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
 
     while True:
         if subscriber.revoked:  # the answer the key now gets from any route, then the end
-            yield _sse("error", json.dumps(Unauthorized("the API key was revoked; this stream ends here").body()))
+            yield _sse("error", json.dumps(Unauthorized("the API key was revoked, or its team disabled; this stream ends "
+                                                            "here").body()))
             return
         if feed.gone:  # deleted under the stream
             return

@@ -24,6 +24,7 @@ from app.jobs import states
 from app.quotas import repository
 from app.quotas.schemas import ALLOWED, QuotaChanges, QuotaOut, QuotaOwn, QuotaUse, QuotaValues
 from app.teams import repository as teams
+from app.teams.service import team_disabled
 from app.teams.tables import Team
 from app.text import format_bytes, format_number
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
@@ -122,8 +123,11 @@ def show_own(session: Session, settings: Settings, team_id: str) -> QuotaOut:
 
 
 def check_can_queue(session: Session, settings: Settings, team_id: str) -> None:
-    """QuotaExceeded when the team already has max_queued jobs waiting. Locks the team's row first."""
+    """QuotaExceeded when the team already has max_queued jobs waiting. Locks the team's row first.
+    A team disabled since its key was read (the key cache's few seconds) queues nothing either."""
     team = lock_team(session, team_id)
+    if team.disabled_at is not None:
+        raise team_disabled(team)
     limit = effective(settings, team).max_queued
     if limit is None:
         return

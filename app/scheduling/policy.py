@@ -31,8 +31,10 @@ from dataclasses import dataclass, replace
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 
-# What a queued job waits for (GET /jobs/{id}'s waiting_for): a GPU of its class, or its team's quota.
+# What a queued job waits for (GET /jobs/{id}'s waiting_for): a GPU of its class, its team's quota, or (its team
+# disabled by an admin) the team to be enabled again (qlora admin enable-team).
 FOR_GPU, FOR_MAX_RUNNING, FOR_BUDGET = "gpu", "max_running", "gpu_hours_per_month"
+FOR_TEAM_DISABLED = "team_disabled"
 
 LN2 = math.log(2)
 
@@ -100,6 +102,7 @@ class TeamShare:
     max_running: int | None = None
     budget_left_s: float | None = None  # GPU-seconds left in its monthly budget; None: no budget
     half_life_s: float = DEFAULT_HALF_LIFE_S  # the decay recent_gpus was computed with
+    disabled: bool = False  # by an admin: none of its jobs starts, whatever its quota
 
     @property
     def share(self) -> float:
@@ -111,7 +114,9 @@ class TeamShare:
         return (self.recent_gpus + average_gpus(to_come, self.half_life_s)) / self.weight
 
     def blocked_by(self) -> str | None:
-        """The quota that keeps this team from starting another job now, if any."""
+        """What keeps this team from starting another job now, if anything: its being disabled, else a quota."""
+        if self.disabled:
+            return FOR_TEAM_DISABLED
         if self.budget_left_s is not None and self.budget_left_s <= 0:
             return FOR_BUDGET
         if self.max_running is not None and self.running >= self.max_running:
@@ -125,14 +130,14 @@ class TeamShare:
     @classmethod
     def at(cls, team_id: str, now: float, half_life_s: float, *, weight: float, usage_s: float,
            usage_at: float | None, running_since: Iterable[float], max_running: int | None = None,
-           budget_left_s: float | None = None) -> TeamShare:
+           budget_left_s: float | None = None, disabled: bool = False) -> TeamShare:
         """The team at `now`: its folded usage (as of usage_at) decayed to now, plus the attempts still
         running (claimed at running_since), which count up to now."""
         claims = list(running_since)
         usage = decayed(usage_s, now - usage_at, half_life_s) if usage_at is not None else 0.0
         usage += sum(used_between(claimed, now, now, half_life_s) for claimed in claims)
         return cls(team_id=team_id, weight=weight, running=len(claims), recent_gpus=average_gpus(usage, half_life_s),
-                   max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s)
+                   max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def team_shares(session: Session, settings: Settings, now: datetime) -> dict[str
             usage_s=team.fair_share_usage_s or 0.0,
             usage_at=team.fair_share_at.timestamp() if team.fair_share_at else None,
             running_since=claims.get(team.id, []), max_running=quota.max_running,
-            budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0))
+            budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0),
+            disabled=team.disabled_at is not None)
     return shares
 
 
@@ -89,6 +90,9 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
         if job.team_id in refused:
             continue
         team = lock_team(session, job.team_id)
+        if team.disabled_at is not None:  # disabled since the shares were read: disabling takes this row first
+            refused.add(job.team_id)
+            continue
         limit = effective(settings, team).max_running
         if limit is not None and quota_counts.count_jobs(session, job.team_id, states.WORKER_OWNED) >= limit:
             refused.add(job.team_id)  # another worker started one of its jobs meanwhile

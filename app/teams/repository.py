@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.teams.tables import ApiKey, Team
@@ -45,12 +45,30 @@ def keys_of(session: Session, team_id: str) -> list[ApiKey]:
 
 
 def live_keys(session: Session, key_ids: Collection[str]) -> set[str]:
-    """Which of these keys still authenticate: not revoked, and not gone with their team (the rows go
-    with it). One query for every key watching a job: a live stream's feed asks between polls, so a
-    revoked key's streams end at the next one."""
-    return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None))))
+    """Which of these keys still authenticate: not revoked, not of a disabled team, and not gone with their
+    team (the rows go with it). One query for every key watching a job: a live stream's feed asks between
+    polls, so a revoked key's streams, and a disabled team's, end at the next one."""
+    return set(session.scalars(select(ApiKey.id).join(Team, Team.id == ApiKey.team_id)
+                               .where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None), Team.disabled_at.is_(None))))
 
 
 def key_is_live(session: Session, key_id: str) -> bool:
     """live_keys for one key: a stream reading history on its own asks before each batch."""
     return key_id in live_keys(session, [key_id])
+
+
+def live_key_counts(session: Session) -> dict[str, tuple[int, int]]:
+    """(live keys, live admin keys) of each team that has any; "live": not revoked."""
+    rows = session.execute(select(ApiKey.team_id, func.count(), func.count(case((ApiKey.is_admin.is_(True), 1))))
+                           .where(ApiKey.revoked_at.is_(None)).group_by(ApiKey.team_id))
+    return {team_id: (keys, admin) for team_id, keys, admin in rows}
+
+
+def teams_with_live_admin_keys(session: Session, *, enabled_only: bool = True) -> set[str]:
+    """The teams holding a key that may administer (not revoked), of the enabled teams only by default:
+    those whose admin keys authenticate."""
+    query = select(ApiKey.team_id).join(Team, Team.id == ApiKey.team_id).where(
+        ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None))
+    if enabled_only:
+        query = query.where(Team.disabled_at.is_(None))
+    return set(session.scalars(query.distinct()))

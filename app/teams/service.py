@@ -43,8 +43,14 @@ class CallerCache(Recent[str, Caller]):
     Every request authenticates, and most are polls: without this, two of a status poll's three
     queries would read the same key and team again. The price: a key revoked (`qlora admin revoke-key`)
     still works for up to `ttl_s` in each API process that read it just before. Only keys that
-    authenticated are kept (a refused read keeps nothing), at most `max_entries` of them.
+    authenticated are kept (a refused read keeps nothing), at most `max_entries` of them. The same holds for
+    a team disabled (`qlora admin disable-team`), except in the process that served POST
+    /admin/teams/{team}/disable, which forgets the team's keys at once (forget_team); and whatever a
+    key still does in that window, its jobs do not start and no new job of it is queued.
     """
+
+    def forget_team(self, team_id: str) -> None:
+        self.forget(lambda caller: caller.team_id == team_id)
 
 
 def hash_key(key: str) -> str:
@@ -112,7 +118,17 @@ def authenticate(session: Session, key_hash: str) -> Caller:
     team = repository.team_by_id(session, key.team_id)
     if team is None:  # the key's team row is gone: treat the key as revoked
         raise Unauthorized("invalid or revoked API key")
+    if team.disabled_at is not None:
+        raise team_disabled(team)
     return Caller.of(team, key)
+
+
+def team_disabled(team: Team) -> Unauthorized:
+    """The refusal of every key of a disabled team, admin keys included: the key is valid, its team is not,
+    and only an admin can change that (a team that could enable itself would not be disabled)."""
+    return Unauthorized(f"team {team.name!r} is disabled (since {team.disabled_at:%Y-%m-%d %H:%M} UTC): its keys are "
+                        f"refused and its jobs do not start; an admin can enable it again (qlora admin enable-team "
+                        f"{team.name})", code="team_disabled")
 
 
 # Signed links: what a key's holder hands a browser, which cannot send the key as it navigates (a download
@@ -124,14 +140,20 @@ def sign(session: Session, caller: Caller, message: str) -> str:
     key = session.get(ApiKey, caller.key_id)
     if key is None or key.revoked_at is not None:
         raise Unauthorized("invalid or revoked API key")
+    team = repository.team_by_id(session, key.team_id)
+    if team is not None and team.disabled_at is not None:  # disabled within the key cache's few seconds
+        raise team_disabled(team)
     return _signature(key, message)
 
 
 def signer(session: Session, key_id: str, message: str, signature: str) -> Caller:
     """Who signed `message`, if the key `key_id` did and still authenticates; 403 otherwise, naming no
-    more than that (a wrong key id and a wrong signature read the same)."""
+    more than that (a wrong key id and a wrong signature read the same). A disabled team's links die with
+    it, as a revoked key's do, and come back if it is enabled again before they expire."""
     key = session.get(ApiKey, key_id) if key_id else None
     team = repository.team_by_id(session, key.team_id) if key is not None and key.revoked_at is None else None
+    if team is not None and team.disabled_at is not None:
+        team = None
     # As bytes: compare_digest refuses a str with a non-ASCII character (TypeError, a 500), and a link's
     # signature is whatever its holder typed into the query.
     if key is None or team is None or not hmac.compare_digest(_signature(key, message).encode(),

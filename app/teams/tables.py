@@ -22,6 +22,9 @@ class Team(IdMixin, Base):
     # of fair_share_at: what its fair share remembers of the past (app/scheduling/policy.py).
     fair_share_usage_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     fair_share_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Set by an admin to retire the team (app/teams/admin.py): its keys answer 401 and its jobs do not start;
+    # nothing of it is deleted, so its usage history stays for accounting. Null: the team is enabled.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ApiKey(IdMixin, Base):

@@ -18,10 +18,12 @@ from sqlalchemy.orm import Session
 
 from app.broker import celery_for
 from app.config import Settings
+from app.datasets.tables import Dataset
 from app.db import engine_for, sessionmaker_for
 from app.jobs import states
 from app.jobs.tables import Job
 from app.migrate import upgrade
+from app.models.tables import RegisteredModel
 from app.teams.service import Caller, create_key, create_team
 from worker.training.spec import JobSpec
 
@@ -76,6 +78,20 @@ def caller(session) -> Caller:
     key, _secret = create_key(session, "team-a")
     session.commit()
     return Caller.of(team, key)
+
+
+@pytest.fixture
+def world(session):
+    """Two teams, a registered model, and a dataset each: what a claim needs to start a job."""
+    session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+    teams = {}
+    for name in ("team-a", "team-b"):
+        team = create_team(session, name)
+        teams[name] = (team, Caller.of(team, create_key(session, name)[0]))
+        session.add(Dataset(id=f"data-{name}", team_id=team.id, filename="d.jsonl", storage_key=f"{name}/d",
+                            bytes=10, sha256="0" * 64, status="ready"))
+    session.commit()
+    return teams
 
 
 def job_spec(**training) -> JobSpec:

@@ -4,12 +4,14 @@ gets the next GPU, why a job waits, whose job is paused for whom, and the decay 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from app.scheduling.policy import (
     FOR_BUDGET,
     FOR_MAX_RUNNING,
+    FOR_TEAM_DISABLED,
     PRIORITIES,
     RUNNING_COUNTS_S,
     Running,
@@ -175,6 +177,20 @@ def test_a_job_is_never_preempted_before_its_minimum_runtime():
     assert plan_preemptions([job("l", "light")], young, teams, NOW, MIN_RUNTIME) == []
     # Past it, the same job is fair game.
     assert [p.victim.job_id for p in plan_preemptions([job("l", "light")], young, teams, NOW, 300)] == ["h1"]
+
+
+def test_a_disabled_teams_waiting_job_takes_no_gpu_and_preempts_nobody():
+    """An admin disabled the light team: its job, which would take the next GPU and preempt the heavy team's,
+    waits last, saying why, and nothing is paused for it."""
+    light = TeamShare.at("light", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None, running_since=[], disabled=True)
+    teams = teams_of(team("heavy", used_h=60, running_for_h=(5,)), light)
+    waiting = [job("light-1", "light", age_h=3), job("heavy-2", "heavy")]
+
+    assert claim_order(waiting, teams) == [(waiting[1], None), (waiting[0], FOR_TEAM_DISABLED)]
+    assert next_to_claim(waiting[:1], teams) is None
+    assert plan_preemptions(waiting[:1], [running("heavy-1", "heavy", for_h=5)], teams, NOW, MIN_RUNTIME) == []
+    enabled = {**teams, "light": replace(light, disabled=False)}
+    assert len(plan_preemptions(waiting[:1], [running("heavy-1", "heavy", for_h=5)], enabled, NOW, MIN_RUNTIME)) == 1
 
 
 def test_two_equal_teams_never_swap():

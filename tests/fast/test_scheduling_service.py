@@ -11,15 +11,12 @@ from datetime import timedelta
 import pytest
 
 from app.broker import RUN_JOB_TASK
-from app.datasets.tables import Dataset
 from app.db import session_scope, utcnow
 from app.jobs import runs, states
 from app.jobs import service as jobs_service
 from app.jobs.tables import Job, JobAttempt, JobEvent
-from app.models.tables import RegisteredModel
 from app.recent import Recent
 from app.scheduling import service
-from app.teams.service import Caller, create_key, create_team
 from app.teams.tables import Team
 from tests.fast.conftest import job_spec, make_settings, received
 from tests.services import in_a_thread_of_its_own
@@ -30,20 +27,6 @@ QUEUE = "gpu-default"
 @pytest.fixture
 def settings(settings):
     return make_settings(settings.home, min_runtime_before_preempt_s=600, preempt_after_wait_s=30)
-
-
-@pytest.fixture
-def world(session):
-    """Two teams, a registered model, and a dataset each: what a claim needs to start a job."""
-    session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
-    teams = {}
-    for name in ("team-a", "team-b"):
-        team = create_team(session, name)
-        teams[name] = (team, Caller.of(team, create_key(session, name)[0]))
-        session.add(Dataset(id=f"data-{name}", team_id=team.id, filename="d.jsonl", storage_key=f"{name}/d",
-                            bytes=10, sha256="0" * 64, status="ready"))
-    session.commit()
-    return teams
 
 
 def add_job(session, team: Team, *, status=states.QUEUED, age_s: float = 0, priority: int = 1, **values) -> str:

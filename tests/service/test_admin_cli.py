@@ -157,3 +157,51 @@ def test_status_names_each_queue_its_workers_and_its_wait(tmp_path):
             "gpu-host:gpu0, was heard from 10m ago") in stranded.stderr
     table = qlora(tmp_path, "admin", "status", "--table")
     assert "gpu-default" in table.stdout and "gpu-host:gpu0, 10m ago" in table.stdout
+
+
+def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
+    """`qlora admin list-teams`, `disable-team` and `enable-team` on the embedded default: JSON on a pipe (as
+    GET /admin/teams answers), a table on a terminal; a disabled team's key is refused saying so; the team
+    holding the last admin keys that work is not disabled."""
+    from app.errors import Unauthorized
+
+    assert qlora(tmp_path, "migrate").returncode == 0
+    for name in ("ops", "research"):
+        assert qlora(tmp_path, "admin", "create-team", name).returncode == 0
+    assert qlora(tmp_path, "admin", "create-key", "ops", "--admin").returncode == 0
+    key = qlora(tmp_path, "admin", "create-key", "research").stdout.strip()
+
+    listed = qlora(tmp_path, "admin", "list-teams")
+    assert listed.returncode == 0, listed.stderr
+    teams = {t["name"]: t for t in json.loads(listed.stdout)}
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["ops", "research"]
+    assert {k: teams["ops"][k] for k in ("keys_live", "admin_keys_live", "queued", "running", "paused", "disabled")} == {
+        "keys_live": 1, "admin_keys_live": 1, "queued": 0, "running": 0, "paused": 0, "disabled": False}
+    assert (teams["research"]["gpu_hours_this_month"], teams["research"]["storage_bytes"]) == (0.0, 0)
+
+    last_admin = qlora(tmp_path, "admin", "disable-team", "ops")
+    assert last_admin.returncode == 1 and "team 'ops' holds the last admin keys that work" in last_admin.stderr
+    missing = qlora(tmp_path, "admin", "disable-team", "nosuch")
+    assert missing.returncode == 1 and "no team 'nosuch'" in missing.stderr
+
+    disabled = qlora(tmp_path, "admin", "disable-team", "research")
+    assert disabled.returncode == 0, disabled.stderr
+    answer = json.loads(disabled.stdout)
+    assert answer["disabled"] and answer["disabled_at"] and answer["pausing"] == []
+    url = Settings(home=tmp_path).database_url
+    with session_scope(url) as session:
+        try:
+            authenticate(session, hash_key(key))
+            raise AssertionError("a disabled team's key still authenticates")
+        except Unauthorized as refused:
+            assert refused.code == "team_disabled" and "team 'research' is disabled" in refused.message
+    table = qlora(tmp_path, "admin", "list-teams", "--table")
+    row = next(line for line in table.stdout.splitlines() if "research" in line)
+    assert "since " in row and "since " not in next(line for line in table.stdout.splitlines() if "ops" in line)
+
+    enabled = qlora(tmp_path, "admin", "enable-team", "research")
+    assert enabled.returncode == 0 and json.loads(enabled.stdout)["disabled"] is False
+    with session_scope(url) as session:
+        assert authenticate(session, hash_key(key)).team_name == "research"
+    text = qlora(tmp_path, "admin", "enable-team", "research", "--table")
+    assert text.stdout.startswith("team 'research' enabled")

@@ -11,12 +11,15 @@ import json
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
+from app.db import session_scope
+from app.teams import admin
 from tests.deployment import lane, upload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,6 +198,23 @@ def test_a_job_from_upload_to_download(page, deployment, worker, team, team_key,
     expect(row).to_contain_text("dashboard-demo")
     expect(row.locator(".badge")).to_have_text("succeeded")
     expect(row).to_contain_text(f"{MAX_STEPS} / {MAX_STEPS}")
+
+
+def test_a_page_whose_team_is_disabled_signs_out_saying_why(page, deployment):
+    """The page signed out on any 401 saying the key was "revoked or mistyped": a disabled team's people
+    would check their key for nothing. It says what the API says: the team is disabled, by whom it comes back."""
+    name = f"leaving-{uuid.uuid4().hex[:6]}"
+    key = deployment.team_key(name)
+    sign_in(page, key)
+    with session_scope(deployment.settings.database_url) as session:
+        admin.disable_team(session, name)  # `qlora admin disable-team`
+    time.sleep(deployment.settings.key_cache_s)  # what the API process read of the key before, it trusts this long
+    go(page, "Datasets")
+    expect(page).to_have_url(re.compile(r"#/signin$"))
+    expect(page.get_by_role("status")).to_contain_text(f"team '{name}' is disabled")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text(f"qlora admin enable-team {name}")
 
 
 def test_an_invalid_dataset_shows_its_bad_lines(page, team, team_key, tmp_path):

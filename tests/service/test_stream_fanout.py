@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 
 import httpx
@@ -22,6 +23,7 @@ from sqlalchemy import event
 from app.db import engine_for, session_scope
 from app.jobs import runs, states
 from app.jobs.stream import FEED_BUFFER_ROWS, STREAM_BATCH, JobFeeds, StreamSlots, job_stream
+from app.teams import admin
 from app.teams import repository as teams_repository
 from app.teams import service as teams_service
 from tests.deployment import lane, upload
@@ -64,7 +66,11 @@ class HandTrainedJob:
 @pytest.fixture
 def job(deployment, demo_data) -> HandTrainedJob:
     """A running job of TEAM: created through the API on a queue no worker serves, claimed by the test."""
-    with deployment.client(deployment.team_key(TEAM)) as client:
+    return hand_trained_job(deployment, demo_data, TEAM)
+
+
+def hand_trained_job(deployment, demo_data, team: str) -> HandTrainedJob:
+    with deployment.client(deployment.team_key(team)) as client:
         dataset_id = upload(client, demo_data["validation"]).json()["id"]
         created = client.post("/jobs", json={"dataset_id": dataset_id, **demo_spec("tiny"), "gpu_class": lane("nobody")})
         assert created.status_code == 201, created.text
@@ -233,6 +239,23 @@ def test_revoking_a_key_ends_only_its_streams(deployment, job):
     finish_all([kept])
     with deployment.client(kept_key) as client:
         assert_saw_the_whole_job(kept, client, job)
+
+
+def test_disabling_a_team_ends_its_streams_saying_why(deployment, demo_data):
+    team = f"leaving-{uuid.uuid4().hex[:6]}"
+    job = hand_trained_job(deployment, demo_data, team)
+    reader = start(Reader(deployment, deployment.team_key(team), job.id))
+    job.report(3)
+    reader.wait_for_step(3)
+
+    with session_scope(deployment.settings.database_url) as session:
+        assert admin.disable_team(session, team).pausing == [job.id]  # `qlora admin disable-team`
+    reader.join(30)
+    assert not reader.is_alive(), "a stream went on after its team was disabled"
+    name, data = reader.messages[-1]
+    assert name == "error" and "its team disabled" in data["error"]["message"], reader.messages[-1]
+    with session_scope(deployment.settings.database_url) as session:  # what its worker would record
+        assert runs.finish(session, job.id, job.attempt, states.PAUSED)
 
 
 def test_a_slow_or_closed_client_does_not_hold_up_the_others(deployment, job):

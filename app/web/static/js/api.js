@@ -16,6 +16,15 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * Why a 401 signed the page out: the server's own words where the key is fine but its team was disabled
+ * by an admin (signing in again would not help), else the usual guess.
+ */
+export function refusal(data) {
+  if (data?.error?.code === "team_disabled") return `${data.error.message}.`;
+  return "Your API key was not accepted (revoked or mistyped). Sign in again.";
+}
+
 /** Call the API with the key. A 401 anywhere means the key is gone or revoked: back to sign-in. */
 export async function api(path, { method = "GET", json, body, signal } = {}) {
   const headers = authHeaders();
@@ -25,8 +34,9 @@ export async function api(path, { method = "GET", json, body, signal } = {}) {
   }
   const response = await fetch(path, { method, headers, body, signal });
   if (response.status === 401) {
-    signOut("Your API key was not accepted (revoked or mistyped). Sign in again.");
-    throw new ApiError(401, await response.json().catch(() => null));
+    const refused = await response.json().catch(() => null);
+    signOut(refusal(refused));
+    throw new ApiError(401, refused);
   }
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);

@@ -1,7 +1,7 @@
 // A job's live stream (GET /jobs/{id}/stream, Server-Sent Events), read with fetch so it can carry
 // the API key.
 
-import { ApiError, FINISHED } from "./api.js";
+import { ApiError, FINISHED, refusal } from "./api.js";
 import { authHeaders, signOut } from "./session.js";
 
 const RECONNECT_MS = 2000; // a job stream cut before the job finished is reopened after this
@@ -56,7 +56,7 @@ export async function followJob(jobId, ctx, onMessage, onFatal) {
       const response = await fetch(`/jobs/${jobId}/stream`, {
         headers: authHeaders({ Accept: "text/event-stream" }), signal: ctx.signal, cache: "no-store",
       });
-      if (response.status === 401) return signOut("Your API key was not accepted. Sign in again.");
+      if (response.status === 401) return signOut(refusal(await response.json().catch(() => null)));
       if (!response.ok) return onFatal(new ApiError(response.status, await response.json().catch(() => null)));
       for await (const message of readServerSentEvents(response.body)) {
         const payload = JSON.parse(message.data);

@@ -28,6 +28,7 @@ const WAITING_FOR = {
   gpu: "a free GPU of its class",
   max_running: "your team's max_running quota",
   gpu_hours_per_month: "your team's monthly GPU-hours budget",
+  team_disabled: "an admin to enable your team again",
 };
 
 function waiting(state) {

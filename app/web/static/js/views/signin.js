@@ -31,7 +31,9 @@ export function viewSignIn(main) {
       // A cheap authenticated call tells whether the key works before it is kept.
       const response = await fetch("/models", { headers: { Authorization: `Bearer ${key}` } });
       if (response.status === 401) {
-        message.append(h("div", { class: "alert alert-error", role: "alert" }, "This key was not accepted: check it, or ask an admin for a new one."));
+        const refused = await response.json().catch(() => null);
+        message.append(h("div", { class: "alert alert-error", role: "alert" }, refused?.error?.code === "team_disabled"
+          ? `${refused.error.message}.` : "This key was not accepted: check it, or ask an admin for a new one."));
         return;
       }
       if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));

@@ -1,0 +1,117 @@
+"""Teams as an admin sees and retires them: the list with what each holds, and disabling (offboarding) a
+team whose project ended or whose people left, then enabling it again.
+
+A team is never deleted: its jobs, datasets, artifacts and its usage rows (GPU-hours per team, which
+accounting reads) would go with its row. Disabled, it keeps all of it, and:
+
+- its keys answer 401 `team_disabled`, admin keys included (app/teams/service.authenticate); an API
+  process trusts what it read of a key for QLORA_KEY_CACHE_S, and in that window nothing of the team can
+  be queued (quotas.check_can_queue refuses it under the team's row lock);
+- its queued jobs stay queued and do not start: the scheduler holds them, waiting_for "team_disabled"
+  (scheduling/policy.py), and a claim checks again under the team's row lock, which disabling takes first;
+- its running jobs are paused as a team's pause would: a checkpoint after the current step, then paused,
+  the GPU freed, nothing lost; a job the scheduler was preempting stays paused instead of being queued again.
+
+Enabling lifts the refusal and the hold: queued jobs start in their turn, paused jobs stay paused until the
+team resumes them (it may no longer want them).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Conflict
+from app.jobs import repository as jobs
+from app.jobs import states
+from app.quotas.service import lock_team, team_named
+from app.teams import repository
+from app.teams.schemas import TeamDisabled, TeamOut
+from app.teams.service import Caller
+from app.teams.tables import Team
+from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes_by_team
+
+
+def list_teams(session: Session) -> list[TeamOut]:
+    """Every team, by name, with its live keys, jobs queued, running and paused, GPU-hours this month and
+    storage kept: a handful of grouped queries, whatever the number of teams."""
+    return _overview(session, repository.list_teams(session))
+
+
+def _overview(session: Session, teams: list[Team]) -> list[TeamOut]:
+    now = utcnow()
+    ids = [team.id for team in teams]
+    keys = repository.live_key_counts(session)
+    counts = jobs.count_active_by_team(session, ids)
+    gpu_s = gpu_seconds_by_team(session, month_start(now), now, now, ids)
+    stored = storage_bytes_by_team(session, ids)
+    out = []
+    for team in teams:
+        live, admin = keys.get(team.id, (0, 0))
+        held = counts.get(team.id, {})
+        out.append(TeamOut(
+            name=team.name, id=team.id, created_at=team.created_at, disabled=team.disabled_at is not None,
+            disabled_at=team.disabled_at, keys_live=live, admin_keys_live=admin,
+            queued=held.get(states.QUEUED, 0), running=sum(held.get(s, 0) for s in states.WORKER_OWNED),
+            paused=held.get(states.PAUSED, 0), gpu_hours_this_month=round(gpu_s.get(team.id, 0.0) / 3600, 4),
+            storage_bytes=stored.get(team.id, 0)))
+    return out
+
+
+def show_team(session: Session, team: Team) -> TeamOut:
+    return _overview(session, [team])[0]
+
+
+def disable_team(session: Session, name: str, *, caller: Caller | None = None) -> TeamDisabled:
+    """Disable the team and pause its running jobs. `caller`: the admin key asking over HTTP (None: `qlora
+    admin`, on the database itself). Disabling an already disabled team keeps its first date and pauses
+    anything of it still running (nothing should be)."""
+    team = team_named(session, name)
+    team = lock_team(session, team.id)  # before any claim of its jobs reads it (scheduling.claim_next)
+    _refuse_lockout(session, team, caller)
+    if team.disabled_at is None:
+        team.disabled_at = utcnow()
+    pausing = [job.id for job in jobs.worker_owned_of_team(session, team.id) if _pause(session, job)]
+    session.flush()
+    return TeamDisabled(**show_team(session, team).model_dump(), pausing=pausing)
+
+
+def _refuse_lockout(session: Session, team: Team, caller: Caller | None) -> None:
+    """No admin disables their own way in: not the team of the key asking, and not the last team whose admin
+    keys work (the API would then have no admin left; `qlora admin` on the database always works)."""
+    if caller is not None and caller.team_id == team.id:
+        raise Conflict(f"this admin key belongs to team {team.name!r}: disabling it would refuse this key too. Use an "
+                       f"admin key of another team, or `qlora admin disable-team {team.name}` on a host that reaches the "
+                       "database", code="own_team")
+    if team.disabled_at is not None:
+        return
+    admins = repository.teams_with_live_admin_keys(session)
+    if team.id in admins and admins == {team.id}:
+        raise Conflict(f"team {team.name!r} holds the last admin keys that work: disabled, the API would have no "
+                       "admin left. Make an admin key for another team first (qlora admin create-key TEAM --admin), "
+                       "or revoke these keys if no admin should use the API", code="last_admin")
+
+
+def _pause(session: Session, job) -> bool:
+    """Ask one of the team's jobs on a GPU to pause, as its team would (jobs.service.pause): True if it is
+    pausing now because of this. A job being cancelled goes on to its end; one being preempted for another
+    team stays paused once stopped, not queued again."""
+    message = ("paused: an admin disabled the team; the training process saves a checkpoint after its current "
+               "step and stops. It stays paused (checkpoints kept) until the team, enabled again, resumes it")
+    if job.status == states.RUNNING:
+        if not jobs.transition(session, job.id, states.PAUSING, attempt=job.attempt, only_from=[states.RUNNING],
+                               preempting=False):
+            return False  # it ended, or its worker was lost, meanwhile: nothing to pause
+    elif not (job.status == states.PAUSING and jobs.keep_paused(session, job.id)):
+        return False
+    jobs.add_event(session, job.id, "pause_requested", "warning", message, attempt=job.attempt)
+    return True
+
+
+def enable_team(session: Session, name: str) -> TeamOut:
+    """Lift the refusal and the hold: the team's keys work again (within QLORA_KEY_CACHE_S) and its queued jobs
+    start in their turn (the scheduler sends them). Its paused jobs stay paused. Enabled already: as it is."""
+    team = lock_team(session, team_named(session, name).id)
+    team.disabled_at = None
+    session.flush()
+    return show_team(session, team)

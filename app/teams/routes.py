@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.db import after_commit
+from app.deps import AdminDep, SessionDep
+from app.routing import CheckedJSONRoute
+from app.teams import admin
+from app.teams.schemas import TeamDisabled, TeamOut
+
+router = APIRouter(tags=["teams"], route_class=CheckedJSONRoute)
+
+
+@router.get("/admin/teams", response_model=list[TeamOut])
+def list_teams(session: SessionDep, _: AdminDep):
+    """Every team (admin keys): its live keys, jobs queued, running and paused, GPU-hours this month, storage
+    kept, and whether it is disabled."""
+    return admin.list_teams(session)
+
+
+@router.post("/admin/teams/{team}/disable", response_model=TeamDisabled)
+def disable_team(team: str, request: Request, session: SessionDep, caller: AdminDep):
+    """Disable a team (admin keys): its keys answer 401, its queued jobs do not start, its running jobs pause
+    at a checkpoint; nothing of it is deleted. Refused (409) for the caller's own team and for the last team
+    whose admin keys work."""
+    disabled = admin.disable_team(session, team, caller=caller)
+    # This process forgets the team's keys once the change is committed; the others within QLORA_KEY_CACHE_S.
+    after_commit(session, lambda: request.app.state.callers.forget_team(disabled.id))
+    return disabled
+
+
+@router.post("/admin/teams/{team}/enable", response_model=TeamOut)
+def enable_team(team: str, session: SessionDep, _: AdminDep):
+    """Enable a disabled team again (admin keys): its keys work and its queued jobs start in their turn; its
+    paused jobs stay paused until it resumes them."""
+    return admin.enable_team(session, team)

@@ -1,0 +1,176 @@
+"""Disabling a team (offboarding) on SQLite: its keys are refused saying why, its queued jobs are held with
+the reason while another team's start, its running jobs are asked to pause (one being preempted stays
+paused), nothing of it is deleted, and no admin disables the last way in. With a real worker and Postgres:
+tests/service/test_team_offboarding.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.datasets.tables import Dataset
+from app.db import session_scope
+from app.errors import Conflict, Unauthorized
+from app.jobs import repository as jobs_repository
+from app.jobs import runs, states
+from app.jobs import service as jobs_service
+from app.jobs.tables import Job, JobAttempt, JobEvent
+from app.scheduling import service as scheduling
+from app.teams import admin
+from app.teams import repository as teams_repository
+from app.teams.service import authenticate, create_key, create_team, hash_key, sign, signer
+from tests.fast.test_scheduling_service import add_job, claim, standing
+
+
+def refused(fn) -> Unauthorized:
+    with pytest.raises(Unauthorized) as caught:
+        fn()
+    return caught.value
+
+
+def test_a_disabled_teams_keys_are_refused_saying_so_and_work_again_once_enabled(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    _, secret = create_key(session, "team-a", admin=True)  # its admin keys too
+    create_key(session, "team-b", admin=True)  # another team's admin: disabling team-a locks nobody out
+    session.commit()
+    link = sign(session, caller_a, "a link")
+    paused = add_job(session, team_a, status=states.PAUSED, attempt=1)
+
+    admin.disable_team(session, "team-a")
+    session.commit()
+    error = refused(lambda: authenticate(session, hash_key(secret)))
+    assert error.code == "team_disabled" and "team 'team-a' is disabled" in error.message
+    assert "qlora admin enable-team team-a" in error.message
+    assert teams_repository.live_keys(session, [caller_a.key_id]) == set()  # its streams end at their next poll
+    with pytest.raises(Exception, match="this link is not valid"):
+        signer(session, caller_a.key_id, "a link", link)
+    # A key read just before (an API process trusts it for QLORA_KEY_CACHE_S) queues nothing meanwhile.
+    assert refused(lambda: jobs_service.resume(session, settings, caller_a, paused)).code == "team_disabled"
+    session.rollback()
+    assert session.get(Job, paused).status == states.PAUSED
+
+    admin.enable_team(session, "team-a")
+    session.commit()
+    assert authenticate(session, hash_key(secret)).team_id == team_a.id
+    assert signer(session, caller_a.key_id, "a link", link).team_id == team_a.id
+
+
+def test_a_disabled_teams_queued_jobs_wait_saying_why_while_another_teams_start(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    team_b = world["team-b"][0]
+    held = add_job(session, team_a, age_s=60)  # older: it would go first
+    admin.disable_team(session, "team-a")
+    session.commit()
+    assert standing(settings, jobs_service.view(session, caller_a, held)) == (1, "team_disabled")
+    assert claim(settings, held) is None  # its message finds nothing it may start
+    other = add_job(session, team_b, age_s=1)
+    assert claim(settings, held, "w2").id == other
+    session.expire_all()
+    assert session.get(Job, held).status == states.QUEUED
+
+    admin.enable_team(session, "team-a")
+    session.commit()
+    assert standing(settings, jobs_service.view(session, caller_a, held)) == (1, "gpu")
+    assert claim(settings, held, "w3").id == held
+
+
+def test_a_claim_that_read_the_team_enabled_checks_again_under_its_lock(session, settings, world, monkeypatch):
+    """A claim reads every team's share, then locks the chosen job's team: a team disabled in between
+    (disabling takes the same lock) must not have its job started."""
+    team_a = world["team-a"][0]
+    job_id = add_job(session, team_a)
+    read = scheduling.team_shares
+
+    def shares_then_disabled(*args, **kwargs):
+        shares = read(*args, **kwargs)
+        with session_scope(settings.database_url) as other:
+            admin.disable_team(other, "team-a")
+        return shares
+
+    monkeypatch.setattr(scheduling, "team_shares", shares_then_disabled)
+    assert claim(settings, job_id) is None
+    session.expire_all()
+    assert session.get(Job, job_id).status == states.QUEUED
+
+
+def test_disabling_pauses_the_running_jobs_and_deletes_nothing(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    running, preempted, cancelling = (add_job(session, team_a, age_s=age) for age in (30, 20, 10))
+    for job_id in (running, preempted, cancelling):
+        assert claim(settings, job_id).id == job_id
+    with session_scope(settings.database_url) as s:
+        assert jobs_repository.preempt(s, preempted, 1)  # the scheduler is pausing it for another team
+    jobs_service.cancel(session, caller_a, cancelling)
+    queued = add_job(session, team_a)
+    session.commit()
+
+    disabled = admin.disable_team(session, "team-a")
+    session.commit()
+    assert sorted(disabled.pausing) == sorted([running, preempted])
+    assert (disabled.disabled, disabled.running, disabled.queued) == (True, 3, 1)
+    session.expire_all()
+    statuses = {job_id: (session.get(Job, job_id).status, session.get(Job, job_id).preempting)
+                for job_id in (running, preempted, cancelling, queued)}
+    assert statuses == {running: (states.PAUSING, False), preempted: (states.PAUSING, False),
+                        cancelling: (states.CANCELLING, False), queued: (states.QUEUED, False)}
+    event = session.query(JobEvent).filter_by(job_id=running, type="pause_requested").one()
+    assert "an admin disabled the team" in event.message and "checkpoint" in event.message
+
+    # The workers saw pausing, saved a checkpoint and stopped: paused, the preempted one too (not queued again).
+    for job_id in (running, preempted):
+        with session_scope(settings.database_url) as s:
+            assert runs.finish(s, job_id, 1, states.PAUSED)
+    session.expire_all()
+    assert [session.get(Job, j).status for j in (running, preempted)] == [states.PAUSED, states.PAUSED]
+    assert session.query(JobAttempt).filter(JobAttempt.team_id == team_a.id).count() == 3  # usage rows stay
+    assert session.get(Dataset, "data-team-a") is not None
+
+    again = admin.disable_team(session, "team-a")  # already disabled: its date stays, nothing more to pause
+    assert again.disabled_at == disabled.disabled_at and again.pausing == []
+    enabled = admin.enable_team(session, "team-a")
+    session.commit()
+    assert (enabled.disabled, enabled.paused) == (False, 2)
+    session.expire_all()
+    assert session.get(Job, running).status == states.PAUSED  # until the team resumes it
+
+
+def test_no_admin_disables_the_last_way_in(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    key, _ = create_key(session, "team-a", admin=True)
+    session.commit()
+    with pytest.raises(Conflict, match="holds the last admin keys that work") as caught:
+        admin.disable_team(session, "team-a")
+    assert caught.value.code == "last_admin"
+    session.rollback()
+
+    create_team(session, "ops")
+    ops_key, _ = create_key(session, "ops", admin=True)
+    session.commit()
+    from app.teams.service import Caller
+
+    ops = Caller.of(teams_repository.team_by_name(session, "ops"), ops_key)
+    own = Caller.of(team_a, key)
+    with pytest.raises(Conflict, match="this admin key belongs to team 'team-a'"):
+        admin.disable_team(session, "team-a", caller=own)  # over HTTP: its own key would be refused
+    session.rollback()
+    assert admin.disable_team(session, "team-a", caller=ops).disabled
+    session.commit()
+    with pytest.raises(Conflict, match="team 'ops' holds the last admin keys"):
+        admin.disable_team(session, "ops")  # team-a's admin keys no longer work
+    session.rollback()
+
+
+def test_the_list_of_teams_shows_what_each_holds(session, settings, world):
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    create_key(session, "team-a", admin=True)
+    teams_repository.key_by_id_or_prefix(session, world["team-b"][1].key_id)[0].revoked_at = team_b.created_at
+    session.commit()
+    add_job(session, team_a)
+    add_job(session, team_a, status=states.PAUSED, attempt=1)
+    add_job(session, team_a, status=states.SUCCEEDED, attempt=1)
+    admin.disable_team(session, "team-b")
+    session.commit()
+    listed = {t.name: t for t in admin.list_teams(session)}
+    a, b = listed["team-a"], listed["team-b"]
+    assert (a.keys_live, a.admin_keys_live, a.queued, a.running, a.paused, a.disabled) == (2, 1, 1, 0, 1, False)
+    assert (b.keys_live, b.admin_keys_live, b.queued, b.disabled) == (0, 0, 0, True)
+    assert a.storage_bytes == 10 and b.disabled_at is not None
