@@ -15,13 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.training.data import Example, Message
+from worker.training.model import dequantized_on_cpu, load_base_model
 from worker.training.protocol import Event
 from worker.training.recipe import run
 from worker.training.report import (
     LOSS_MAX_ROWS,
+    _autocast,
     choose_prompts,
     describe_report,
     exact_match,
+    generate,
     make_report,
     reward_movement,
     spread,
@@ -144,6 +147,71 @@ def test_without_a_merge_the_adapter_answers_the_spec_prompts(demo_run, tiny_mod
     tuned = report["metrics"]["tuned"]
     assert tuned["exact_match"] is None and tuned["loss"] is None and tuned["stopped"] == 1.0
     assert report["metrics"]["scored_rows"] == 0
+
+
+def dequantizations(profile) -> int:
+    """How many times bitsandbytes dequantized a 4-bit weight, as the torch profiler saw its ops."""
+    return sum(event.count for event in profile.key_averages() if event.key == "bitsandbytes::dequantize_4bit")
+
+
+def test_on_the_cpu_the_report_dequantizes_each_4bit_weight_once_per_model_not_per_token(demo_run, tiny_model_dir):
+    """The report's cost on the CPU was bitsandbytes dequantizing every 4-bit weight at every call, so for every
+    generated token: here each layer is dequantized once for the base's column and once for the adapter's."""
+    result, _ = demo_run
+    spec = spec_for(tiny_model_dir, output={"merge": False},
+                    eval={"prompts": ["Ada asks: what sound does the cow make?"], "max_new_tokens": 8})
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "adapter")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        report = make_report(spec, base_path=tiny_model_dir, out_dir=result.out_dir, tokenizer=tokenizer,
+                             compute_dtype=getattr(torch, result.summary["compute_dtype"]), device="cpu",
+                             examples=[], examples_from="train", loss_rows=[])
+    assert report["rows"][0]["tuned"]["answer"] == "The cow says moo."
+    layers = 4 * 7  # the tiny model's blocks, each with q, k, v, o, gate, up and down projections in 4 bits
+    assert dequantizations(profile) == 2 * layers  # it was once a layer per forward: 392 here (8 + 6 tokens)
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, None])
+def test_dequantizing_once_gives_bitwise_the_outputs_of_bitsandbytes(tiny_model_dir, autocast):
+    """dequantized_on_cpu changes what the 4-bit layers cost, never what they compute: the logits are
+    bitwise bitsandbytes' own, and on leaving the layers are bitsandbytes' again."""
+    base = load_base_model(tiny_model_dir, JobSpec.parse(demo_spec(str(tiny_model_dir))).quantization,
+                           torch.bfloat16, "cpu").eval()
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad(), _autocast(torch.device("cpu"), autocast):
+        expected, expected_short = base(input_ids=ids).logits, base(input_ids=ids[:, :5]).logits
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            with dequantized_on_cpu(base) as layers:
+                first, short = base(input_ids=ids).logits, base(input_ids=ids[:, :5]).logits
+        after = base(input_ids=ids).logits
+    assert layers == 4 * 7 and dequantizations(profile) == layers  # once each, for both calls
+    assert torch.equal(first, expected) and torch.equal(short, expected_short) and torch.equal(after, expected)
+    assert not any("forward" in vars(module) for module in base.modules())
+
+
+def test_where_the_dense_weights_would_not_fit_the_layers_dequantize_per_call_as_before(tiny_model_dir, monkeypatch):
+    import worker.training.model as model_module
+
+    monkeypatch.setattr(model_module, "DENSE_CACHE_SHARE", 0.0)  # no memory to spare: nothing is cached
+    base = load_base_model(tiny_model_dir, JobSpec.parse(demo_spec(str(tiny_model_dir))).quantization,
+                           torch.bfloat16, "cpu").eval()
+    with dequantized_on_cpu(base) as layers:
+        assert layers == 0 and not any("forward" in vars(module) for module in base.modules())
+
+
+def test_generation_keeps_its_kv_cache_whatever_the_configs_say(tiny_model_dir):
+    """Training turns the cache off in model.config (packed rows), and a checkpoint's generation_config.json may
+    too: the report's generation still runs each new token alone against the cache, not the whole sequence again."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    model.generation_config.use_cache = False
+    seen = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    spec = spec_for(tiny_model_dir, eval={"max_new_tokens": 6})
+    [prompt] = choose_prompts(spec_for(tiny_model_dir, eval={"prompts": ["what does the cow say?"]}), [], tokenizer)
+    generate(model, prompt, spec, tokenizer, None)
+    assert seen == [len(prompt.input_ids)] + [1] * 5  # the prompt once, then one token per step
 
 
 def test_prompts_0_makes_no_report(tiny_model_dir, demo_data, tmp_path):

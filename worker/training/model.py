@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -241,13 +242,89 @@ def _keep_cpu_nf4_state_exact(model) -> None:
     expanded and rounded to bfloat16, and re-quantized ("best effort") when the state dict is read.
     Both are lossy, so the frozen base the adapter trains against would drift after every eval
     and the merged model would no longer be the function that was trained. Slower CPU eval is
-    the price of an exact base; GPUs never take this path.
+    the price of an exact base (the report, which generates token by token, gets the speed back
+    exactly: dequantized_on_cpu); GPUs never take this path.
     """
     import bitsandbytes as bnb
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+# Of the memory the host has available, what the dense copies of a model's 4-bit weights may take
+# (dequantized_on_cpu): past it, each layer dequantizes per call as before, slower but within memory.
+DENSE_CACHE_SHARE = 0.5
+
+
+@contextmanager
+def dequantized_on_cpu(model) -> Iterator[int]:
+    """Inference on the CPU without dequantizing every 4-bit weight at every call; yields the layers it covers.
+
+    bitsandbytes' CPU path for a 4-bit linear layer (its lossy AVX512-BF16 repacking being off:
+    _keep_cpu_nf4_state_exact) dequantizes the whole weight, then multiplies: per call, for every
+    generated token, and the dequantization costs several times the product (one token through a
+    layer of the tiny model: ~0.5 ms to dequantize against ~0.08 ms to multiply). Within this
+    context each such layer dequantizes once, with the very calls bitsandbytes makes (the nested absmax,
+    then the 4-bit data, into the input's compute dtype), and then computes `linear(x, weight, bias)`
+    as bitsandbytes would: the outputs are bitwise the same, only the repeated work is gone.
+
+    Only where the layer would take that path: on the CPU, in eval mode, without grad, weight in
+    [out, in] orientation; any other call goes to bitsandbytes. Nothing changes where the dense copies
+    would take more than DENSE_CACHE_SHARE of the memory available, or on a GPU (whose kernels
+    read the 4-bit weights directly). The layers are as they were on leaving.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules()
+              if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"
+              and getattr(m.weight, "quant_state", None) is not None
+              and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+              and not getattr(m, "support_avx512bf16_for_cpu", False)]
+    dense_bytes = sum(m.out_features * m.in_features * (m.compute_dtype or torch.float32).itemsize for m in layers)
+    if not layers or dense_bytes > DENSE_CACHE_SHARE * _available_host_memory():
+        yield 0
+        return
+    for layer in layers:
+        layer.forward = partial(_dense_4bit_forward, layer, layer.forward, {})
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again; the dense copies go with the partials
+
+
+def _available_host_memory() -> int:
+    import psutil  # a dependency of accelerate and peft
+
+    return psutil.virtual_memory().available
+
+
+def _dense_4bit_forward(layer, bnb_forward, dense: dict, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit.forward and matmul_4bit (0.50) for the CPU inference case, the weight
+    dequantized once per dtype (`dense`) instead of at every call; other cases go to `bnb_forward`."""
+    state = layer.weight.quant_state
+    bias = layer.bias
+    if (layer.training or not layer.compute_type_is_set or x.numel() == 0 or tuple(state.shape) != (layer.out_features, layer.in_features)
+            or (state.nested and state.state2.blocksize != 256)
+            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        return bnb_forward(x)
+    in_dtype = x.dtype
+    if layer.compute_dtype is not None:
+        x = x.to(layer.compute_dtype)
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)  # as bitsandbytes does
+        bias = bias.to(layer.compute_dtype)
+    weight = dense.get(x.dtype)
+    if weight is None:
+        absmax = state.absmax
+        if state.nested:  # per-block scale = code[absmax_8bit] * absmax2[block // 256] + offset (_gemm_4bit_default_impl)
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32) + state.offset
+        weight = dense[x.dtype] = torch.ops.bitsandbytes.dequantize_4bit.default(
+            layer.weight.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias).to(in_dtype)
 
 
 def linear_layer_names(model) -> dict[str, list[str]]:

@@ -45,7 +45,7 @@ import torch
 
 from worker.training.data import Example
 from worker.training.merge import free_memory
-from worker.training.model import device_map, fit_embeddings, load_base_model
+from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
 from worker.training.tokenization import IGNORE_INDEX
@@ -115,8 +115,9 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
 
     base = load_base_model(base_path, spec.quantization, compute_dtype, device, quantized_cache=quantized_cache)
     fit_embeddings(base, tokenizer)  # as training did
-    base_answers = [generate(base, p, spec, tokenizer, autocast) for p in prompts]
-    base_loss = mean_loss(base, loss_rows, autocast)
+    with dequantized_on_cpu(base):  # the same outputs; on the CPU, without dequantizing per token
+        base_answers = [generate(base, p, spec, tokenizer, autocast) for p in prompts]
+        base_loss = mean_loss(base, loss_rows, autocast)
     if spec.output.merge:
         del base
         free_memory()
@@ -130,8 +131,9 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
 
         tuned = PeftModel.from_pretrained(base, out_dir / "adapter")
         tuned_autocast = autocast
-    tuned_answers = [generate(tuned, p, spec, tokenizer, tuned_autocast) for p in prompts]
-    tuned_loss = mean_loss(tuned, loss_rows, tuned_autocast)
+    with dequantized_on_cpu(tuned):  # the adapter's base layers; nothing to do for the dense merged model
+        tuned_answers = [generate(tuned, p, spec, tokenizer, tuned_autocast) for p in prompts]
+        tuned_loss = mean_loss(tuned, loss_rows, tuned_autocast)
     del tuned
     free_memory()
 
@@ -273,7 +275,11 @@ def spread(rows: list, limit: int) -> list:
 @torch.no_grad()
 def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dtype | None) -> Answer:
     """One prompt, alone (no padding to get wrong): greedy at temperature 0, else sampled with the
-    training seed, drawn afresh for each prompt so base and tuned get the same dice."""
+    training seed, drawn afresh for each prompt so base and tuned get the same dice.
+
+    With the KV cache, whatever the model's configs say: training turns it off on its model
+    (model.config.use_cache, for packed rows), and a checkpoint's generation_config.json may too;
+    without it every new token runs the whole sequence again (quadratic in the answer's length)."""
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.input_ids], device=device)
@@ -284,7 +290,7 @@ def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dt
     with _autocast(device, autocast):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=spec.eval.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
+                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
     new = out[0, ids.shape[1]:].tolist()
     return Answer(tokenizer.decode(new, skip_special_tokens=True), tokenizer.eos_token_id in new)
 
