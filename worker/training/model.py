@@ -295,7 +295,7 @@ def dequantized_on_cpu(model) -> Iterator[int]:
 
 
 def _available_host_memory() -> int:
-    import psutil  # a dependency of accelerate and peft
+    import psutil
 
     return psutil.virtual_memory().available
 
