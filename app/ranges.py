@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.errors import ErrorBody, RangeNotSatisfiable
@@ -32,13 +32,16 @@ HUGE = 1 << 63
 
 @dataclass(frozen=True)
 class RangeRequest:
-    """What a request asked for with its Range and If-Range headers, as received."""
+    """What a request asked for with its Range and If-Range headers, as received, and whether it is a HEAD:
+    the headers of the answer without its bytes (a download manager's or `curl -I`'s check of the size)."""
 
     range: str | None = None
     if_range: str | None = None
+    head: bool = False
 
 
 def range_request(
+    request: Request,
     range_header: Annotated[str | None, Header(alias="Range", description=(
         "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-100`) to get 206 with those bytes; "
         "a malformed or multi-range header gets the whole file."))] = None,
@@ -46,7 +49,7 @@ def range_request(
         "The ETag (the quoted sha256) of the bytes already held: the range is served only if the file "
         "is still the same, else the whole file with 200."))] = None,
 ) -> RangeRequest:
-    return RangeRequest(range_header, if_range)
+    return RangeRequest(range_header, if_range, head=request.method == "HEAD")
 
 
 RangeDep = Annotated[RangeRequest, Depends(range_request)]
@@ -115,18 +118,23 @@ def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiable:
 
 
 def stored_object_response(asked: RangeRequest, storage: Storage, stored: StoredObject, media_type: str,
-                           headers: dict[str, str]) -> StreamingResponse:
+                           headers: dict[str, str]) -> Response:
     """The stored object streamed whole (200) or the one range asked for (206), with Accept-Ranges and
-    its ETag either way; `headers` (Content-Disposition, ...) go on both."""
+    its ETag either way; `headers` (Content-Disposition, ...) go on both. To a HEAD the same headers,
+    and storage is not read (the server would send none of the bytes, but a stream would read them all)."""
     etag = etag_of(stored.sha256)
     headers = {**headers, "Accept-Ranges": "bytes", "ETag": etag}
     # If-Range other than our ETag (another file's tag, a weak one, a date: we send no Last-Modified)
     # means the client holds other bytes than these: the whole file is its answer, not a range of it.
     wanted = requested_range(asked.range, stored.size) if asked.if_range in (None, etag) else None
     if wanted is None:
-        return StreamingResponse(storage.open(stored.key), media_type=media_type,
-                                 headers={**headers, "Content-Length": str(stored.size)})
+        headers["Content-Length"] = str(stored.size)
+        if asked.head:
+            return Response(media_type=media_type, headers=headers)
+        return StreamingResponse(storage.open(stored.key), media_type=media_type, headers=headers)
+    headers.update({"Content-Length": str(wanted.length),
+                    "Content-Range": f"bytes {wanted.first}-{wanted.last}/{stored.size}"})
+    if asked.head:
+        return Response(status_code=206, media_type=media_type, headers=headers)
     return StreamingResponse(storage.open(stored.key, start=wanted.first, length=wanted.length), status_code=206,
-                             media_type=media_type, headers={
-                                 **headers, "Content-Length": str(wanted.length),
-                                 "Content-Range": f"bytes {wanted.first}-{wanted.last}/{stored.size}"})
+                             media_type=media_type, headers=headers)

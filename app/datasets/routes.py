@@ -43,6 +43,7 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep):
 
 
 @router.get("/{dataset_id}/content", response_class=StreamingResponse, responses=RANGED)
+@router.head("/{dataset_id}/content", include_in_schema=False)
 def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
     """The file as uploaded; resumable with Range and If-Range, as an artifact's download."""
     dataset = service.get(session, caller, dataset_id)

@@ -188,12 +188,14 @@ def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: Ca
 
 @router.get("/{job_id}/artifacts/{kind}", name="download_artifact", responses={
     **RANGED, 307: {"description": "On S3: the presigned URL, which takes a Range header too."}})
+@router.head("/{job_id}/artifacts/{kind}", include_in_schema=False)
 def download_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
                       caller: CallerDep, asked: RangeDep):
     """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL.
-    Resumable: Range (one byte range, 206) with If-Range set to the ETag, the quoted sha256."""
+    Resumable: Range (one byte range, 206) with If-Range set to the ETag, the quoted sha256. HEAD answers
+    the headers (size, ETag) on every storage: a presigned URL is signed for GET only."""
     found = service.download(session, storage, settings, caller, job_id, kind)
-    if found.url:
+    if found.url and not asked.head:
         return RedirectResponse(found.url, status_code=307, headers={"X-Checksum-Sha256": found.artifact.sha256})
     return archive_response(asked, storage, found)
 
@@ -201,6 +203,7 @@ def download_artifact(job_id: str, kind: str, session: SessionDep, storage: Stor
 @router.get("/{job_id}/artifacts/{kind}/signed", name="download_signed", responses={
     **RANGED, 403: {"description": "`forbidden`: the link's signature does not match, its key was revoked, or it "
                                    "expired."}})
+@router.head("/{job_id}/artifacts/{kind}/signed", include_in_schema=False)
 def download_signed(job_id: str, kind: str, key_id: str, expires: int, signature: str, session: SessionDep,
                     storage: StorageDep, settings: SettingsDep, asked: RangeDep):
     """The artifact as the route above streams it, with no API key: for a browser, which navigates to the
@@ -210,7 +213,7 @@ def download_signed(job_id: str, kind: str, key_id: str, expires: int, signature
                                                                     expires, signature))
 
 
-def archive_response(asked: RangeRequest, storage: Storage, found: service.Download) -> StreamingResponse:
+def archive_response(asked: RangeRequest, storage: Storage, found: service.Download) -> Response:
     artifact = found.artifact
     return stored_object_response(asked, storage, StoredObject(artifact.storage_key, artifact.bytes, artifact.sha256),
                                   "application/x-tar", {"X-Checksum-Sha256": artifact.sha256,

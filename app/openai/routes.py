@@ -76,6 +76,7 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: 
 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse, responses=RANGED)
+@router.head("/files/{file_id}/content", include_in_schema=False)
 def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
     dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
     return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),

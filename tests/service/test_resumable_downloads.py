@@ -278,6 +278,40 @@ def test_another_teams_artifact_is_404_with_a_range(local_artifact, team_b):
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
 
 
+def test_head_answers_the_size_and_etag_of_every_download_without_its_bytes(deployment, local_artifact, local_api,  # noqa: F811
+                                                                           team_a, team_b):
+    """A download manager, or `curl -I`, asks HEAD for the size before it fetches: it answered 405. On S3 the
+    keyed route answers HEAD itself, not with the presigned URL, which is signed for GET only."""
+    client, job_id = local_artifact
+    link = link_of(client, job_id)["url"]
+    for url, http in ((f"/jobs/{job_id}/artifacts/adapter", client), (link, httpx.Client(timeout=60))):
+        got = http.get(url, headers={"Range": "bytes=10-19"})
+        head = http.head(url)
+        assert head.status_code == 200 and head.content == b"", (url, head.status_code)
+        assert head.headers["content-length"] == str(len(DATA)) and head.headers["etag"] == f'"{SHA256}"'
+        assert head.headers["accept-ranges"] == "bytes" and "sft-adapter.tar" in head.headers["content-disposition"]
+        ranged = http.head(url, headers={"Range": "bytes=10-19"})
+        assert ranged.status_code == 206 and ranged.content == b""
+        assert {k: ranged.headers[k] for k in ("content-range", "content-length", "etag")} == {
+            k: got.headers[k] for k in ("content-range", "content-length", "etag")}
+        assert http.head(url, headers={"Range": f"bytes={len(DATA)}-"}).status_code == 416
+    other = httpx.Client(base_url=client.base_url, headers=team_b.headers, timeout=60)
+    assert other.head(f"/jobs/{job_id}/artifacts/adapter").status_code == 404
+    assert httpx.head(f"{client.base_url}/jobs/{job_id}/artifacts/adapter").status_code == 401
+
+    rows = b'{"prompt": "q", "completion": "a"}\n' * 50
+    dataset = upload(client, content=rows).json()
+    for url in (f"/datasets/{dataset['id']}/content", f"/v1/files/file-{dataset['id']}/content"):
+        head = client.head(url)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(rows)) and head.content == b""
+        assert other.head(url).status_code == 404
+
+    s3_job = store_artifact(deployment, storage_from_settings(deployment.settings))
+    head = team_a.head(f"/jobs/{s3_job}/artifacts/adapter")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA)), head.headers
+    assert head.headers["x-checksum-sha256"] == SHA256
+
+
 # ---------------------------------------------------------------- a browser's link, on local storage
 
 
