@@ -81,6 +81,20 @@ def caller(session) -> Caller:
 
 
 @pytest.fixture
+def client(settings, session):
+    """The API in this process (fastapi's TestClient), with team-a's key. A server's error is answered
+    as the server answers it (a 500), not raised into the test."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    create_team(session, "team-a")
+    _row, key = create_key(session, "team-a")
+    session.commit()
+    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}, raise_server_exceptions=False)
+
+
+@pytest.fixture
 def world(session):
     """Two teams, a registered model, and a dataset each: what a claim needs to start a job."""
     session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))

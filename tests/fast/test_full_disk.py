@@ -11,10 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.teams.service import create_key, create_team
 from tests.full_disk import file_size_limit
 from worker.supervisor import JobRun
 from worker.training.protocol import out_of_space, write_json_atomic
@@ -24,15 +21,6 @@ LIMIT = 512 * 1024
 
 def line(i: int) -> bytes:
     return b'{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a"}]}\n' % i
-
-
-@pytest.fixture
-def client(settings, session):
-    create_team(session, "team-a")
-    _row, key = create_key(session, "team-a")
-    session.commit()
-    # A server's error is answered as the server answers it (a 500), not raised into the test.
-    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}, raise_server_exceptions=False)
 
 
 def stored_files(settings) -> list[str]:

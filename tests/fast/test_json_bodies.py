@@ -7,20 +7,9 @@ from __future__ import annotations
 import json
 import tracemalloc
 
-import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.routing import MAX_JSON_VALUES
-from app.teams.service import create_key, create_team
-
-
-@pytest.fixture
-def client(settings, session):
-    create_team(session, "team-a")
-    _row, key = create_key(session, "team-a")
-    session.commit()
-    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}, raise_server_exceptions=False)
 
 
 def post(client: TestClient, body: bytes):
