@@ -3,8 +3,9 @@ database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
 
 Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
 --json/--table override): a model as GET /models answers it, a quota as GET /admin/teams/{team}/quota,
-the teams as GET /admin/teams, a new team or a key as its fields. `create-key` alone keeps its stdout to the key itself, on a terminal and
-a pipe alike: `KEY=$(qlora admin create-key team)` is how scripts take it (--json for its id too).
+the teams as GET /admin/teams, a new team or a key as its fields. `create-key` alone keeps its stdout
+to the key itself, on a terminal and a pipe alike: `KEY=$(qlora admin create-key team)` is how scripts
+take it (--json for its id too).
 A refused change, or a database that cannot be used, prints one line on stderr and exits 1.
 """
 
