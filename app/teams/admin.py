@@ -27,7 +27,7 @@ from app.jobs import states
 from app.quotas.service import lock_team, team_named
 from app.teams import repository
 from app.teams.schemas import TeamDisabled, TeamOut
-from app.teams.service import Caller
+from app.teams.service import Caller, team_disabled
 from app.teams.tables import Team
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes_by_team
 
@@ -108,10 +108,15 @@ def _pause(session: Session, job) -> bool:
     return True
 
 
-def enable_team(session: Session, name: str) -> TeamOut:
+def enable_team(session: Session, name: str, *, caller: Caller | None = None) -> TeamOut:
     """Lift the refusal and the hold: the team's keys work again (within QLORA_KEY_CACHE_S) and its queued jobs
-    start in their turn (the scheduler sends them). Its paused jobs stay paused. Enabled already: as it is."""
+    start in their turn (the scheduler sends them). Its paused jobs stay paused. Enabled already: as it is.
+    `caller`: the admin key asking over HTTP (None: `qlora admin`). A disabled team's own admin key is refused
+    the 401 its team gets: an API process that read it before the disable still trusts it for
+    QLORA_KEY_CACHE_S, and a team that could enable itself would not be disabled."""
     team = lock_team(session, team_named(session, name).id)
+    if caller is not None and caller.team_id == team.id and team.disabled_at is not None:
+        raise team_disabled(team)
     team.disabled_at = None
     session.flush()
     return show_team(session, team)

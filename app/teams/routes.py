@@ -30,7 +30,7 @@ def disable_team(team: str, request: Request, session: SessionDep, caller: Admin
 
 
 @router.post("/admin/teams/{team}/enable", response_model=TeamOut)
-def enable_team(team: str, session: SessionDep, _: AdminDep):
-    """Enable a disabled team again (admin keys): its keys work and its queued jobs start in their turn; its
-    paused jobs stay paused until it resumes them."""
-    return admin.enable_team(session, team)
+def enable_team(team: str, session: SessionDep, caller: AdminDep):
+    """Enable a disabled team again (admin keys of another team): its keys work and its queued jobs start in
+    their turn; its paused jobs stay paused until it resumes them."""
+    return admin.enable_team(session, team, caller=caller)

@@ -174,3 +174,29 @@ def test_the_list_of_teams_shows_what_each_holds(session, settings, world):
     assert (a.keys_live, a.admin_keys_live, a.queued, a.running, a.paused, a.disabled) == (2, 1, 1, 0, 1, False)
     assert (b.keys_live, b.admin_keys_live, b.queued, b.disabled) == (0, 0, 0, True)
     assert a.storage_bytes == 10 and b.disabled_at is not None
+
+
+def test_a_disabled_teams_admin_key_still_trusted_elsewhere_cannot_enable_its_team(settings, session):
+    """Two API processes, each with its own key cache: one read team-a's admin key just before another
+    disabled team-a. For QLORA_KEY_CACHE_S it still trusts that key, which must not enable its own team."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    create_team(session, "team-a")
+    create_team(session, "team-b")
+    _, key_a = create_key(session, "team-a", admin=True)
+    _, key_b = create_key(session, "team-b", admin=True)
+    session.commit()
+    one = TestClient(create_app(settings), headers={"Authorization": f"Bearer {key_a}"}, raise_server_exceptions=False)
+    two = TestClient(create_app(settings), headers={"Authorization": f"Bearer {key_b}"}, raise_server_exceptions=False)
+    assert one.get("/admin/teams").status_code == 200  # process one now trusts team-a's key for a while
+
+    assert two.post("/admin/teams/team-a/disable").status_code == 200
+    refused = one.post("/admin/teams/team-a/enable")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "team_disabled"
+    session.expire_all()
+    assert teams_repository.team_by_name(session, "team-a").disabled_at is not None
+
+    enabled = two.post("/admin/teams/team-a/enable")  # another team's admin does
+    assert enabled.status_code == 200 and enabled.json()["disabled"] is False
