@@ -67,6 +67,8 @@ def disable_team(session: Session, name: str, *, caller: Caller | None = None) -
     admin`, on the database itself). Disabling an already disabled team keeps its first date and pauses
     anything of it still running (nothing should be)."""
     team = team_named(session, name)
+    # Its running jobs' rows first: one of them ending meanwhile takes its row, then the team's (usage.ledger).
+    jobs.lock_worker_owned_of_team(session, team.id)
     team = lock_team(session, team.id)  # before any claim of its jobs reads it (scheduling.claim_next)
     _refuse_lockout(session, team, caller)
     if team.disabled_at is None:

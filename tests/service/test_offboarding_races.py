@@ -1,0 +1,79 @@
+"""Disabling a team on Postgres while one of its jobs records its end: the worker's end takes the job's row,
+then the team's (usage.ledger folds the attempt's GPU time under lock_team); disabling must not take them
+the other way round, or Postgres breaks the deadlock by failing one of the two."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from app.config import Settings
+from app.datasets.tables import Dataset
+from app.db import session_scope, sessionmaker_for
+from app.jobs import runs, states
+from app.jobs.tables import Job
+from app.models.tables import RegisteredModel
+from app.scheduling import service as scheduling
+from app.teams import admin
+from app.teams.service import create_key, create_team
+from app.usage import ledger
+from tests.fast.conftest import job_spec
+from tests.fast.test_scheduling_service import QUEUE
+
+
+def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(database_url, tmp_path, monkeypatch):
+    settings = Settings(home=tmp_path, database_url=database_url, storage_url=f"file://{tmp_path}/s", broker_url="")
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        team = create_team(session, "leaving")
+        create_team(session, "staying")
+        create_key(session, "staying", admin=True)
+        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
+                            status="ready"))
+        session.flush()
+        job = Job(team_id=team.id, status=states.QUEUED, base_model="llama-3-8b", queue=QUEUE, dataset_id="data",
+                  spec=job_spec().model_dump(mode="json"), priority=1)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with session_scope(database_url) as session:
+        claimed = scheduling.claim_next(session, settings, job_id, "w1")
+        assert claimed is not None and claimed.id == job_id
+
+    # The worker's end: its job row taken (the transition), then, once the disable waits for that row while
+    # holding the team's, the ledger's fold asks for the team's row.
+    disable_started = threading.Event()
+    real_end = ledger.end
+
+    def end_once_the_disable_waits(*args, **kwargs):
+        disable_started.wait(10)
+        time.sleep(0.5)  # the disable is now waiting on the job's row
+        return real_end(*args, **kwargs)
+    monkeypatch.setattr(runs.ledger, "end", end_once_the_disable_waits)
+
+    outcomes: dict[str, object] = {}
+
+    def finish() -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcomes["finish"] = runs.finish(session, job_id, claimed.attempt, states.SUCCEEDED)
+        except Exception as exc:  # noqa: BLE001 - the test reports what failed
+            outcomes["finish"] = exc
+
+    def disable() -> None:
+        time.sleep(0.3)  # after the worker's transition took the job's row
+        disable_started.set()
+        try:
+            with session_scope(database_url) as session:
+                outcomes["disable"] = admin.disable_team(session, "leaving").disabled
+        except Exception as exc:  # noqa: BLE001
+            outcomes["disable"] = exc
+
+    threads = [threading.Thread(target=finish), threading.Thread(target=disable)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == {"finish": True, "disable": True}
+    with sessionmaker_for(database_url)() as session:
+        assert session.get(Job, job_id).status == states.SUCCEEDED
