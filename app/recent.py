@@ -22,6 +22,7 @@ class Recent(Generic[K, V]):
         self._lock = threading.Lock()
         self._entries: dict[K, tuple[float, V]] = {}  # key -> (read at, value), oldest first
         self._reading: dict[K, asyncio.Future[V]] = {}  # key -> its read in flight (event loop only)
+        self._forgets = 0  # forget() calls so far: a read in flight across one may have read what was forgotten
 
     def get(self, key: K) -> V | None:
         with self._lock:
@@ -47,9 +48,10 @@ class Recent(Generic[K, V]):
         return await asyncio.shield(reading)  # a request that gives up must not cancel the others' read
 
     async def _read_and_keep(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
+        forgets = self._forgets
         try:
             value = await read()
-            self.put(key, value)
+            self.put(key, value, unless_forgotten_since=forgets)
             return value
         finally:
             del self._reading[key]
@@ -57,13 +59,18 @@ class Recent(Generic[K, V]):
     def forget(self, which: Callable[[V], bool]) -> None:
         """Drop the kept values `which` picks: what the process itself just changed must not be served from here."""
         with self._lock:
+            self._forgets += 1
             for key in [key for key, (_, value) in self._entries.items() if which(value)]:
                 del self._entries[key]
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, *, unless_forgotten_since: int | None = None) -> None:
+        """Keep `value`; with `unless_forgotten_since` (the forget() count when its read began), only if
+        nothing was forgotten since: the read may have seen what forget() was told is no longer so."""
         if self.ttl_s <= 0:
             return
         with self._lock:
+            if unless_forgotten_since is not None and unless_forgotten_since != self._forgets:
+                return
             self._entries.pop(key, None)  # re-inserted last: the dict stays ordered by read time
             while len(self._entries) >= self.max_entries:
                 del self._entries[next(iter(self._entries))]  # the oldest read

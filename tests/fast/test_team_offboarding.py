@@ -200,3 +200,32 @@ def test_a_disabled_teams_admin_key_still_trusted_elsewhere_cannot_enable_its_te
 
     enabled = two.post("/admin/teams/team-a/enable")  # another team's admin does
     assert enabled.status_code == 200 and enabled.json()["disabled"] is False
+
+
+def test_a_key_read_in_flight_when_its_team_is_disabled_is_not_kept(session, world):
+    """The process that served the disable forgets the team's keys; a read of one of them that began before
+    the disable committed (it saw the team enabled) and ends after the forget must not put it back for
+    QLORA_KEY_CACHE_S."""
+    import asyncio
+
+    from app.teams.service import CallerCache
+
+    team_a, caller_a = world["team-a"]
+
+    async def race() -> tuple[object, object]:
+        cache = CallerCache(60)
+        read_began, disabled = asyncio.Event(), asyncio.Event()
+
+        async def read():
+            read_began.set()
+            await disabled.wait()  # the read saw the team enabled; the disable commits meanwhile
+            return caller_a
+        request = asyncio.ensure_future(cache.get_or_read("key-hash", read))
+        await read_began.wait()
+        cache.forget_team(team_a.id)  # after the disable's commit
+        disabled.set()
+        return await request, cache.get("key-hash")
+
+    answered, kept = asyncio.run(race())
+    assert answered == caller_a  # the request that began before the disable is answered as it was read
+    assert kept is None  # but the next request reads the key again, and is refused
