@@ -314,3 +314,19 @@ def test_the_report_event_gives_a_dpo_jobs_reward_accuracy_and_margin():
     assert describe_report(report).endswith("reward accuracy 75% and margin 0.200 on the validation pairs "
                                             "(first evaluation, step 5: 25%, 0.010)")
     assert "reward" not in describe_report({**report, "rewards": None})  # a dpo job without a validation set
+
+
+def test_layers_whose_forward_was_already_wrapped_get_that_forward_back(tiny_model_dir):
+    """A layer may carry a forward of its own (accelerate's hooks, when a device map dispatches the model):
+    leaving dequantized_on_cpu gives it that one back, not the class's, which would drop the hook."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    base = load_base_model(tiny_model_dir, JobSpec.parse(demo_spec(str(tiny_model_dir))).quantization,
+                           torch.bfloat16, "cpu").eval()
+    layer = base.model.layers[0].self_attn.q_proj
+    add_hook_to_module(layer, ModelHook())
+    hooked = layer.forward
+    with torch.no_grad(), dequantized_on_cpu(base) as layers:
+        assert layers == 4 * 7 and layer.forward is not hooked
+        base(input_ids=torch.tensor([[3, 4, 5]]))
+    assert layer.forward is hooked

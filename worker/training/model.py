@@ -285,13 +285,19 @@ def dequantized_on_cpu(model) -> Iterator[int]:
     if not layers or dense_bytes > DENSE_CACHE_SHARE * _available_host_memory():
         yield 0
         return
+    # A layer's own forward, where it has one (accelerate's hooks set one when a device map dispatches the
+    # model), is what it gets back; the others get the class's again.
+    own = {layer: vars(layer).get("forward") for layer in layers}
     for layer in layers:
         layer.forward = partial(_dense_4bit_forward, layer, layer.forward, {})
     try:
         yield len(layers)
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again; the dense copies go with the partials
+        for layer, forward in own.items():  # the dense copies go with the partials
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def _available_host_memory() -> int:
