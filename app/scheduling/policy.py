@@ -175,7 +175,7 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
     holds it back). The next claim takes the first job whose reason is None.
 
     Each job given a GPU raises its team's share before the next is chosen, so a team gets GPUs in
-    turn with the others rather than all at once. Jobs held back by a quota come last.
+    turn with the others rather than all at once. Jobs held back by a quota come last, then a disabled team's.
     """
     by_team: dict[str, list[Waiting]] = {}
     for job in waiting:
@@ -198,7 +198,8 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
         state[team_id] = team.with_running(1)
         if jobs:
             heapq.heappush(heap, (state[team_id].share, team_id))
-    held.sort(key=lambda item: (item[0], item[1]))
+    # A disabled team's last of all: it waits for an admin, not for its quota to allow one more.
+    held.sort(key=lambda item: (item[3] == FOR_TEAM_DISABLED, item[0], item[1]))
     return order + [(job, reason) for _, _, job, reason in held]
 
 

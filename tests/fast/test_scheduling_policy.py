@@ -193,6 +193,17 @@ def test_a_disabled_teams_waiting_job_takes_no_gpu_and_preempts_nobody():
     assert len(plan_preemptions(waiting[:1], [running("heavy-1", "heavy", for_h=5)], enabled, NOW, MIN_RUNTIME)) == 1
 
 
+def test_a_disabled_teams_jobs_wait_after_those_another_teams_quota_holds():
+    """As the README says: a disabled team's queued jobs are listed after every job of another team, the
+    ones a quota holds back included, whatever the disabled team's share (here none used)."""
+    disabled = TeamShare.at("gone", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None, running_since=[],
+                            disabled=True)
+    teams = teams_of(disabled, team("broke", used_h=50, budget_left_s=0))
+    waiting = [job("gone-1", "gone", age_h=3), job("broke-1", "broke")]
+    assert [(w.job_id, reason) for w, reason in claim_order(waiting, teams)] == [
+        ("broke-1", FOR_BUDGET), ("gone-1", FOR_TEAM_DISABLED)]
+
+
 def test_two_equal_teams_never_swap():
     for used_h in (0.0, 10.0, 500.0):
         teams = teams_of(team("a", used_h=used_h, running_for_h=(2,)), team("b", used_h=used_h + 2))
