@@ -63,6 +63,21 @@ class JobFromPath(logging.Filter):
         return True
 
 
+# A signed download link's signature (the keyless route app/jobs/routes.download_signed): whoever reads an
+# access log line holding it could download the artifact until the link expires.
+_SIGNATURE_IN_QUERY = re.compile(r"([?&]signature=)[^&\s\"]*")
+
+
+class RedactSignatures(logging.Filter):
+    """uvicorn's access log names each request's path with its query: a signed link's signature is kept out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            record.args = tuple(_SIGNATURE_IN_QUERY.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """A line a person reads: `time LEVEL process logger: message (job <id>)`, the level in colour on a
     terminal. Never cut or wrapped: a message may be a traceback."""
@@ -95,6 +110,7 @@ def configure(process: str, fmt: str = "auto", level: int = logging.INFO) -> Non
     handler.setFormatter(JsonFormatter(process) if resolve_format(fmt) == "json"
                          else TextFormatter(process, colour=sys.stderr.isatty()))
     handler.addFilter(JobFromPath())
+    handler.addFilter(RedactSignatures())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -15,6 +15,7 @@ import json
 import random
 import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -321,7 +322,7 @@ def link_of(client: httpx.Client, job_id: str) -> dict:
     return answer.json()
 
 
-def test_a_local_link_downloads_without_the_key_ranged_like_the_route(local_artifact):
+def test_a_local_link_downloads_without_the_key_ranged_like_the_route(deployment, local_artifact):
     """A browser cannot send the key as it navigates to a download. On local storage the link route
     answered url null, and the dashboard fetched the archive with its key and saved it from the tab's
     memory (a 16 GB merged model took the tab down): the link is now the API's own signed route, as S3's
@@ -338,6 +339,13 @@ def test_a_local_link_downloads_without_the_key_ranged_like_the_route(local_arti
     assert whole.headers["etag"] == f'"{SHA256}"' and whole.headers["x-checksum-sha256"] == SHA256
     part = anyone.get(link["url"], headers={"Range": "bytes=1000-", "If-Range": f'"{SHA256}"'})
     assert part.status_code == 206 and part.content == DATA[1000:]
+
+    # Whoever reads the API's access log must not be able to download with what it shows.
+    signature = link["url"].rsplit("signature=", 1)[1]
+    deadline = time.monotonic() + 30
+    while "signature=[redacted]" not in deployment.log("api-local") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "signature=[redacted]" in deployment.log("api-local") and signature not in deployment.log("api-local")
 
 
 def test_a_local_link_altered_expired_or_of_a_revoked_key_is_refused(deployment, local_api, local_artifact, team_b):  # noqa: F811
