@@ -40,6 +40,7 @@ from app.jobs import repository, states
 from app.jobs.schemas import EvalPoint, EventOut, JobOut, TrainPoint
 from app.jobs.tables import JobMetric
 from app.teams import repository as teams_repository
+from app.teams.service import team_disabled
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,16 @@ def _read_history(database_url: str, team_id: str, key_id: str, job_id: str, met
         if not teams_repository.key_is_live(session, key_id):
             return None
         return _rows_after(session, team_id, job_id, metric_after, event_after)
+
+
+def _refusal(database_url: str, team_id: str) -> dict:
+    """The error a stream ends with once its key no longer authenticates: the one any route now answers,
+    `team_disabled` (saying who can undo it) where an admin disabled the team, else the revoked key's."""
+    with session_scope(database_url) as session:
+        team = teams_repository.team_by_id(session, team_id)
+        if team is not None and team.disabled_at is not None:
+            return team_disabled(team).body()
+    return Unauthorized("the API key was revoked; this stream ends here").body()
 
 
 # ---------------------------------------------------------------- one feed per watched job
@@ -370,8 +381,7 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
 
     while True:
         if subscriber.revoked:  # the answer the key now gets from any route, then the end
-            yield _sse("error", json.dumps(Unauthorized("the API key was revoked, or its team disabled; this stream ends "
-                                                            "here").body()))
+            yield _sse("error", json.dumps(await run_in_threadpool(_refusal, database_url, team_id)))
             return
         if feed.gone:  # deleted under the stream
             return

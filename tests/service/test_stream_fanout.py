@@ -253,7 +253,8 @@ def test_disabling_a_team_ends_its_streams_saying_why(deployment, demo_data):
     reader.join(30)
     assert not reader.is_alive(), "a stream went on after its team was disabled"
     name, data = reader.messages[-1]
-    assert name == "error" and "its team disabled" in data["error"]["message"], reader.messages[-1]
+    assert name == "error" and data["error"]["code"] == "team_disabled", reader.messages[-1]  # as any route answers
+    assert f"qlora admin enable-team {team}" in data["error"]["message"]
     with session_scope(deployment.settings.database_url) as session:  # what its worker would record
         assert runs.finish(session, job.id, job.attempt, states.PAUSED)
 
