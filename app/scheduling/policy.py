@@ -219,9 +219,10 @@ def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], tea
                      now: float, min_runtime_s: float, freeing: int = 0) -> list[Preemption]:
     """For one GPU class with no free GPU: which running jobs to pause, for which waiting jobs.
 
-    `running` are the class's jobs that may be preempted (not already pausing); `freeing` counts GPUs
-    of the class already being freed by earlier preemptions: the first waiting jobs will get those, so
-    no second job is paused for them. Each preemption moves one GPU from the team furthest above its
+    `running` are the class's jobs that may be preempted (running, their worker alive); `freeing` counts
+    GPUs of the class already being freed, by a job pausing (preempted, paused by its team or its team
+    disabled) or cancelling whose worker is alive: the first waiting jobs will get those, so no second
+    job is paused for them. Each preemption moves one GPU from the team furthest above its
     share to the next job in claim order, and only while the victim's team, without that job, stays
     PREEMPT_MARGIN above the waiting team with it: the plan stops when a swap would not make the shares
     clearly fairer.

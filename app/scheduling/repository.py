@@ -39,9 +39,11 @@ def queues_with_waiting(session: Session) -> list[str]:
 
 
 def running_in(session: Session, queue: str) -> list[Row]:
-    """(id, team_id, priority, claimed_at, attempt, preempting, status) of the jobs holding a GPU of one class."""
+    """(id, team_id, priority, claimed_at, attempt, status, heard_at) of the jobs holding a GPU of one class;
+    heard_at is its worker's last sign of life, as the reaper reads it (jobs.repository.stale_jobs)."""
     return list(session.execute(select(Job.id, Job.team_id, Job.priority, func.coalesce(Job.claimed_at, Job.started_at),
-                                       Job.attempt, Job.preempting, Job.status)
+                                       Job.attempt, Job.status,
+                                       func.coalesce(Job.heartbeat_at, Job.started_at).label("heard_at"))
                                 .where(Job.status.in_(states.WORKER_OWNED), Job.queue == queue)))
 
 

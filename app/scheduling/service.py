@@ -160,12 +160,21 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
                                        and now - row.dispatched_at >= patience and now - row.created_at >= patience])
     if not waited:
         return 0
-    rows = repository.running_in(session, queue)
+    # A job whose worker has been silent for QLORA_HEARTBEAT_DEADLINE_S is the reaper's (jobs.reaper): its worker
+    # is taken for lost, and the GPU with it. Preempting it would free nothing, and if it is stopping already
+    # its GPU is not coming back to this class's next claim.
+    deadline = now - timedelta(seconds=settings.heartbeat_deadline_s)
+    rows = [row for row in repository.running_in(session, queue) if row.heard_at is None or row.heard_at >= deadline]
     candidates = [Running(job_id, team_id, priority, claimed_at.timestamp())
-                  for job_id, team_id, priority, claimed_at, _, preempting, status in rows
-                  if status == states.RUNNING and not preempting and claimed_at is not None]
+                  for job_id, team_id, priority, claimed_at, _, status, _ in rows
+                  if status == states.RUNNING and claimed_at is not None]
     attempts = {row[0]: row[4] for row in rows}
-    freeing = sum(1 for row in rows if row[5])
+    # Every GPU-holding job that is not running is stopping after its current step: pausing (preempted, paused by
+    # its team, or its team disabled by an admin) or cancelling. Each GPU it frees goes to the next claim, so
+    # none is preempted for the first waiting jobs meanwhile. Counting only the scheduler's own preemptions
+    # (`preempting`) missed a preempted job that its team or an admin then paused (that clears the flag, to
+    # keep it paused), and the next pass preempted a second job, of yet another team, for the same waiting job.
+    freeing = sum(1 for row in rows if row.status != states.RUNNING)
     plan = policy.plan_preemptions(waited, candidates, shares, now.timestamp(),
                                    settings.min_runtime_before_preempt_s, freeing)
     done = 0

@@ -175,3 +175,101 @@ def test_a_teams_own_pause_of_a_preempted_job_keeps_it_paused(session, settings,
         assert runs.finish(s, job_id, 1, states.PAUSED)
     session.expire_all()
     assert session.get(Job, job_id).status == states.PAUSED
+
+
+def busy_pool(session, settings, world) -> tuple[str, str, str]:
+    """Teams A and C hold a GPU each, claimed long ago (A's longer: A is furthest above its share);
+    team B, holding nothing, has a job that has waited with its message in the broker: every GPU is busy.
+    Returns (A's job, C's job, B's job)."""
+    from app.datasets.tables import Dataset
+    from app.teams.service import create_team
+
+    team_c = create_team(session, "team-c")
+    session.add(Dataset(id="data-team-c", team_id=team_c.id, filename="d.jsonl", storage_key="team-c/d", bytes=10,
+                        sha256="0" * 64, status="ready"))
+    session.commit()
+    now = utcnow()
+    held = []
+    for team, claimed_ago in ((world["team-a"][0], 3000), (team_c, 2000)):
+        job_id = add_job(session, team, age_s=claimed_ago + 100)
+        assert claim(settings, job_id).id == job_id
+        session.query(Job).filter_by(id=job_id).update({"claimed_at": now - timedelta(seconds=claimed_ago)})
+        session.query(JobAttempt).filter_by(job_id=job_id).update({"claimed_at": now - timedelta(seconds=claimed_ago)})
+        session.commit()
+        held.append(job_id)
+    waiting = add_job(session, world["team-b"][0], age_s=60, dispatched_at=now - timedelta(seconds=60))
+    return held[0], held[1], waiting
+
+
+def schedule(settings) -> dict[str, int]:
+    with session_scope(settings.database_url) as s:
+        return service.schedule(s, settings)
+
+
+def status(session, job_id: str) -> tuple[str, bool]:
+    session.expire_all()
+    job = session.get(Job, job_id)
+    return job.status, job.preempting
+
+
+@pytest.mark.parametrize("stopped_by", ["its team's pause", "an admin disabling its team"])
+def test_a_preempted_job_paused_by_its_team_or_an_admin_still_frees_its_gpu_for_the_waiting_job(
+        session, settings, world, stopped_by):
+    """The GPU of a job being preempted is freed whatever else asks it to pause: the waiting job gets it,
+    so no second job (of yet another team) is preempted for it. Before, the pause cleared `preempting`
+    (the job stays paused, not queued again), and the next pass preempted C's job too."""
+    from app.teams import admin
+
+    job_a, job_c, _ = busy_pool(session, settings, world)
+    assert schedule(settings)["preempted"] == 1
+    assert status(session, job_a) == (states.PAUSING, True)
+    if stopped_by == "its team's pause":
+        assert jobs_service.pause(session, world["team-a"][1], job_a).status == states.PAUSING
+    else:
+        assert admin.disable_team(session, "team-a").pausing == [job_a]
+    session.commit()
+    assert status(session, job_a) == (states.PAUSING, False)  # it stays paused once stopped
+
+    assert schedule(settings)["preempted"] == 0
+    assert status(session, job_c) == (states.RUNNING, False)
+
+
+@pytest.mark.parametrize("request_", ["pause", "cancel"])
+def test_a_job_its_team_pauses_or_cancels_frees_its_gpu_for_the_waiting_job(session, settings, world, request_):
+    """A job pausing or cancelling at its team's request stops after its current step and frees its GPU,
+    which the next claim gives to the waiting job: nothing is preempted for it meanwhile."""
+    job_a, job_c, _ = busy_pool(session, settings, world)
+    job = getattr(jobs_service, request_)(session, world["team-a"][1], job_a)
+    assert job.status == (states.PAUSING if request_ == "pause" else states.CANCELLING)
+    session.commit()
+
+    assert schedule(settings)["preempted"] == 0
+    assert status(session, job_c) == (states.RUNNING, False)
+
+
+def test_a_job_whose_worker_went_silent_frees_no_gpu_and_is_not_preempted(session, settings, world):
+    """A job whose worker has sent no heartbeat for QLORA_HEARTBEAT_DEADLINE_S is the reaper's: its worker
+    is taken for lost, and its GPU with it. Pausing (preempted) it frees nothing for the waiting job,
+    and preempting it would pause a job that no worker runs: the waiting job gets C's GPU instead."""
+    job_a, job_c, _ = busy_pool(session, settings, world)
+    silent_since = utcnow() - timedelta(seconds=settings.heartbeat_deadline_s + 30)
+    session.query(Job).filter_by(id=job_a).update({"heartbeat_at": silent_since})
+    session.commit()
+
+    assert schedule(settings)["preempted"] == 1  # A's job is furthest above its share, but no worker runs it
+    assert status(session, job_a) == (states.RUNNING, False)
+    assert status(session, job_c) == (states.PAUSING, True)
+
+
+def test_a_preempted_job_whose_worker_went_silent_frees_no_gpu(session, settings, world):
+    """Its GPU went with its worker: the reaper pauses it (and queues it again), and the waiting job is
+    still waiting. It does not count as a GPU being freed, so the waiting job gets C's."""
+    job_a, job_c, _ = busy_pool(session, settings, world)
+    assert schedule(settings)["preempted"] == 1
+    assert status(session, job_a) == (states.PAUSING, True)
+    silent_since = utcnow() - timedelta(seconds=settings.heartbeat_deadline_s + 30)
+    session.query(Job).filter_by(id=job_a).update({"heartbeat_at": silent_since})
+    session.commit()
+
+    assert schedule(settings)["preempted"] == 1
+    assert status(session, job_c) == (states.PAUSING, True)
