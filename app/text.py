@@ -51,3 +51,8 @@ def format_number(value: float) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def counted(count: int, noun: str) -> str:
+    """"1 job", "3 jobs", "0 jobs": a count and its noun, in the plural where it is not one."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

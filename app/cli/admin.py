@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from app.cli.render import Commands, JsonOption, err, name_column, number_column, out, plain, print_table, show
+from app.text import counted
 
 commands = Commands(help="Administer teams, API keys, the model registry and stray objects in storage, and see "
                             "the queues' workers (runs against the database).",
@@ -118,10 +119,11 @@ def disable_team(team: str, as_json: JsonOption = None) -> None:
     disabled = _admin_call(lambda s: admin.disable_team(s, team)).model_dump(mode="json")
 
     def text() -> None:
-        out.print(f"team {team!r} disabled: its {disabled['keys_live']} keys answer 401; {disabled['queued']} queued "
-                  f"jobs wait until it is enabled; {len(disabled['pausing'])} running jobs asked to pause at a checkpoint. "
-                  f"Nothing is deleted. `qlora admin enable-team {team}` reverses it (paused jobs stay paused until "
-                  "the team resumes them).", highlight=False, soft_wrap=True)
+        out.print(f"team {team!r} disabled: {counted(disabled['keys_live'], 'key')} of it answer 401; "
+                  f"{counted(disabled['queued'], 'queued job')} wait until it is enabled; "
+                  f"{counted(len(disabled['pausing']), 'running job')} asked to pause at a checkpoint. Nothing is "
+                  f"deleted. `qlora admin enable-team {team}` reverses it (paused jobs stay paused until the team "
+                  "resumes them).", highlight=False, soft_wrap=True)
 
     show(disabled, text, as_json)
 
@@ -133,7 +135,7 @@ def enable_team(team: str, as_json: JsonOption = None) -> None:
     from app.teams import admin
 
     enabled = _admin_call(lambda s: admin.enable_team(s, team)).model_dump(mode="json")
-    show(enabled, lambda: out.print(f"team {team!r} enabled: its keys work again; {enabled['paused']} paused jobs "
+    show(enabled, lambda: out.print(f"team {team!r} enabled: its keys work again; {counted(enabled['paused'], 'paused job')} "
                                     "stay paused until the team resumes them.", highlight=False, soft_wrap=True),
          as_json)
 

@@ -50,6 +50,7 @@ from app.cli.render import (
     wants_json,
     when,
 )
+from app.text import counted
 
 UrlOption = Annotated[Optional[str], typer.Option("--url", help="API URL; else QLORA_URL, else $QLORA_HOME/credentials.json.")]
 KeyOption = Annotated[Optional[str], typer.Option("--api-key", help="API key; else QLORA_API_KEY, else $QLORA_HOME/credentials.json.")]
@@ -200,7 +201,7 @@ def _check_file(path: Path):
     with progress:
         verdict = check_dataset(path, on_progress=lambda n: progress.advance(task, n))
     if not verdict.ok:
-        err.print(Text(f"{path}: {verdict.error_count} invalid line{'s' if verdict.error_count != 1 else ''}",
+        err.print(Text(f"{path}: {counted(verdict.error_count, 'invalid line')}",
                        style="red"), soft_wrap=True)
         print_line_errors(verdict.errors, verdict.error_count)
     return verdict

@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Column, Table
 from typer.core import TyperCommand
 
+from app.text import counted
+
 err = Console(stderr=True)
 out = Console()
 
@@ -319,7 +321,7 @@ def print_dataset(d: dict) -> None:
 def print_dataset_errors(d: dict) -> None:
     """An invalid dataset's first bad lines, on stderr: in either format, a person sees why."""
     if d["error_count"]:
-        err.print(f"[red]{d['error_count']} invalid line{'s' if d['error_count'] != 1 else ''}; "
+        err.print(f"[red]{counted(d['error_count'], 'invalid line')}; "
                   "this dataset cannot be trained on:[/red]")
         print_line_errors(d["errors"], d["error_count"])
 
