@@ -109,13 +109,14 @@ def build_model(out: Path, dims: dict, seed: int) -> None:
 
 def build_quantized_model(out: Path, dims: dict, seed: int) -> None:
     """Random Llama weights saved as the engine's quantized cache holds a base (NF4 linear layers with
-    double quantization, the engine's `quantization_config`; embeddings, head and norms in bf16), plus
+    double quantization, the engine's `quantization_config`; embeddings, head and norms in the compute
+    dtype the engine loads a base in on this device: bf16, or float32 on a CPU without native bf16), plus
     the tokenizer: a directory that is both the base model and its own pre-quantized cache
     (`load_base_model(out, ..., quantized_cache=out)` loads it as a cache hit).
 
     Built one layer at a time so that no memory ever holds the model in 16 bits (65B: 130 GB): the
     skeleton is made on the meta device and transformers' bitsandbytes quantizer swaps its linear
-    layers for Linear4bit, as its loader does; then each linear layer gets random bf16 weights on the
+    layers for Linear4bit, as its loader does; then each linear layer gets random weights on the
     device (the GPU, else the CPU), quantized there at once the way the loader quantizes (Params4bit),
     so only one layer's 16-bit matrix exists at a time, and transformers writes the checkpoint in
     shards of 4 GB, which is what host memory holds while it writes. The weights are drawn as Llama's
@@ -131,15 +132,16 @@ def build_quantized_model(out: Path, dims: dict, seed: int) -> None:
 
     device = pick_device()
     config = llama_config(dims)
-    bnb_config = quantization_config(QuantizationSpec(), resolve_compute_dtype("auto", device))
+    dtype = resolve_compute_dtype("auto", device)  # what the engine's own cache of this base would hold
+    bnb_config = quantization_config(QuantizationSpec(), dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
-    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": device})
+    quantizer.preprocess_model(model, dtype=dtype, device_map={"": device})
     generator = torch.Generator(device).manual_seed(seed)
 
     def normal(shape):
-        return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(
+        return torch.empty(shape, dtype=dtype, device=device).normal_(
             0, config.initializer_range, generator=generator)
 
     for module in model.modules():  # embeddings, then layer by layer, then the final norm and the head
@@ -148,7 +150,7 @@ def build_quantized_model(out: Path, dims: dict, seed: int) -> None:
                 # What transformers' loader does with a 16-bit weight (its Bnb4bitQuantize): quantize on the device.
                 value = bnb.nn.Params4bit(normal(param.shape), requires_grad=False, **param.__dict__).to(device)
             elif "norm" in type(module).__name__.lower():
-                value = torch.nn.Parameter(torch.ones(param.shape, dtype=torch.bfloat16, device=device),
+                value = torch.nn.Parameter(torch.ones(param.shape, dtype=dtype, device=device),
                                            requires_grad=False)
             else:
                 value = torch.nn.Parameter(normal(param.shape), requires_grad=False)
