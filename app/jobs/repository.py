@@ -336,18 +336,13 @@ def count_active_by_team(session: Session, team_ids: Collection[str]) -> dict[st
     return counts
 
 
-def lock_worker_owned_of_team(session: Session, team_id: str) -> None:
-    """Take the rows of the team's jobs holding a GPU, in id order, for disabling it: before the team's row,
-    as a job ending takes them (its own row, then its team's in usage.ledger); the other order deadlocks
-    with it on Postgres. On SQLite, a no-op: its writers go one at a time."""
-    session.execute(select(Job.id).where(Job.team_id == team_id, Job.status.in_(states.WORKER_OWNED))
-                    .order_by(Job.id).with_for_update())
-
-
 def worker_owned_of_team(session: Session, team_id: str) -> list[Job]:
-    """The team's jobs holding a GPU (running, pausing, cancelling), for disabling it (app/teams/admin.py)."""
+    """The team's jobs holding a GPU (running, pausing, cancelling), for disabling it (app/teams/admin.py),
+    their rows locked in id order: before the team's row, as a job ending takes them (its own row, then its
+    team's in usage.ledger); the other order deadlocks with it on Postgres. On SQLite the lock is a no-op:
+    its writers go one at a time."""
     return list(session.scalars(select(Job).where(Job.team_id == team_id, Job.status.in_(states.WORKER_OWNED))
-                                .order_by(Job.created_at)))
+                                .order_by(Job.id).with_for_update()))
 
 
 def waiting_by_queue(session: Session) -> dict[str, tuple[int, datetime]]:

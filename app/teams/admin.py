@@ -68,12 +68,12 @@ def disable_team(session: Session, name: str, *, caller: Caller | None = None) -
     anything of it still running (nothing should be)."""
     team = team_named(session, name)
     # Its running jobs' rows first: one of them ending meanwhile takes its row, then the team's (usage.ledger).
-    jobs.lock_worker_owned_of_team(session, team.id)
+    holding = jobs.worker_owned_of_team(session, team.id)
     team = lock_team(session, team.id)  # before any claim of its jobs reads it (scheduling.claim_next)
     _refuse_lockout(session, team, caller)
     if team.disabled_at is None:
         team.disabled_at = utcnow()
-    pausing = [job.id for job in jobs.worker_owned_of_team(session, team.id) if _pause(session, job)]
+    pausing = [job.id for job in holding if _pause(session, job)]
     session.flush()
     return TeamDisabled(**show_team(session, team).model_dump(), pausing=pausing)
 

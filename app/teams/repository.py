@@ -64,11 +64,7 @@ def live_key_counts(session: Session) -> dict[str, tuple[int, int]]:
     return {team_id: (keys, admin) for team_id, keys, admin in rows}
 
 
-def teams_with_live_admin_keys(session: Session, *, enabled_only: bool = True) -> set[str]:
-    """The teams holding a key that may administer (not revoked), of the enabled teams only by default:
-    those whose admin keys authenticate."""
-    query = select(ApiKey.team_id).join(Team, Team.id == ApiKey.team_id).where(
-        ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None))
-    if enabled_only:
-        query = query.where(Team.disabled_at.is_(None))
-    return set(session.scalars(query.distinct()))
+def teams_with_live_admin_keys(session: Session) -> set[str]:
+    """The enabled teams holding a key that may administer (not revoked): those whose admin keys authenticate."""
+    return set(session.scalars(select(ApiKey.team_id).join(Team, Team.id == ApiKey.team_id).where(
+        ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None), Team.disabled_at.is_(None)).distinct()))
