@@ -102,21 +102,41 @@ def list_teams(as_json: JsonOption = None) -> None:
             keys = f"{t['keys_live']}" + (f" ({t['admin_keys_live']} admin)" if t["admin_keys_live"] else "")
             table.add_row(plain(t["name"]), keys, str(t["queued"]), str(t["running"]), str(t["paused"]),
                           format_number(t["gpu_hours_this_month"]), format_bytes(t["storage_bytes"]),
-                          f"since {t['disabled_at'][:16].replace('T', ' ')}" if t["disabled"] else "")
+                          _disabled_cell(t))
         print_table(table)
 
     show(teams, table, as_json)
 
 
+def _disabled_cell(team: dict):
+    if not team["disabled"]:
+        return ""
+    since = f"since {team['disabled_at'][:16].replace('T', ' ')}"
+    return plain(f"{since}: {team['disabled_reason']}") if team["disabled_reason"] else since
+
+
 @commands.command("disable-team")
-def disable_team(team: str, as_json: JsonOption = None) -> None:
+def disable_team(
+    team: str,
+    reason: Annotated[Optional[str], typer.Option(
+        "--reason", help="Why, in one line (up to 500 characters): list-teams shows it, and so does the 401 every "
+                         "key of the team gets.")] = None,
+    as_json: JsonOption = None,
+) -> None:
     """Offboard TEAM without deleting anything: its keys answer 401 (admin keys too), its queued jobs do not
     start, its running jobs pause at a checkpoint; datasets, artifacts, checkpoints and usage stay. Refused
-    for the last team whose admin keys work. On a pipe: the team as list-teams shows it, with "pausing": the
-    ids of the jobs asked to pause."""
-    from app.teams import admin
+    for the last team whose admin keys work. Who ran it (user and host) is recorded with the reason. On a pipe:
+    the team as list-teams shows it, with "pausing": the ids of the jobs asked to pause."""
+    from pydantic import ValidationError
 
-    disabled = _admin_call(lambda s: admin.disable_team(s, team)).model_dump(mode="json")
+    from app.teams import admin
+    from app.teams.schemas import DisableTeam
+
+    try:
+        reason = DisableTeam(reason=reason).reason  # the API's rules for it
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.errors()[0]["msg"].removeprefix("Value error, "), param_hint="'--reason'") from None
+    disabled = _admin_call(lambda s: admin.disable_team(s, team, reason=reason)).model_dump(mode="json")
 
     def text() -> None:
         out.print(f"team {team!r} disabled: {counted(disabled['keys_live'], 'key')} of it answer 401; "

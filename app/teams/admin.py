@@ -18,6 +18,10 @@ team resumes them (it may no longer want them).
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
+
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -28,7 +32,7 @@ from app.quotas.service import lock_team, team_named
 from app.teams import repository
 from app.teams.schemas import TeamDisabled, TeamOut
 from app.teams.service import Caller, team_disabled
-from app.teams.tables import Team
+from app.teams.tables import ApiKey, Team
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes_by_team
 
 
@@ -51,7 +55,8 @@ def _overview(session: Session, teams: list[Team]) -> list[TeamOut]:
         held = counts.get(team.id, {})
         out.append(TeamOut(
             name=team.name, id=team.id, created_at=team.created_at, disabled=team.disabled_at is not None,
-            disabled_at=team.disabled_at, keys_live=live, admin_keys_live=admin,
+            disabled_at=team.disabled_at, disabled_by=team.disabled_by, disabled_reason=team.disabled_reason,
+            keys_live=live, admin_keys_live=admin,
             queued=held.get(states.QUEUED, 0), running=sum(held.get(s, 0) for s in states.WORKER_OWNED),
             paused=held.get(states.PAUSED, 0), gpu_hours_this_month=round(gpu_s.get(team.id, 0.0) / 3600, 4),
             storage_bytes=stored.get(team.id, 0)))
@@ -62,10 +67,11 @@ def show_team(session: Session, team: Team) -> TeamOut:
     return _overview(session, [team])[0]
 
 
-def disable_team(session: Session, name: str, *, caller: Caller | None = None) -> TeamDisabled:
-    """Disable the team and pause its running jobs. `caller`: the admin key asking over HTTP (None: `qlora
-    admin`, on the database itself). Disabling an already disabled team keeps its first date and pauses
-    anything of it still running (nothing should be)."""
+def disable_team(session: Session, name: str, *, caller: Caller | None = None, reason: str | None = None) -> TeamDisabled:
+    """Disable the team and pause its running jobs, recording who asked and `reason`. `caller`: the admin key
+    asking over HTTP (None: `qlora admin`, on the database itself). Disabling an already disabled team keeps its
+    first date and pauses anything of it still running (nothing should be); a reason given then replaces the
+    one recorded, with who gave it."""
     team = team_named(session, name)
     # Its running jobs' rows first: one of them ending meanwhile takes its row, then the team's (usage.ledger).
     holding = jobs.worker_owned_of_team(session, team.id)
@@ -73,9 +79,26 @@ def disable_team(session: Session, name: str, *, caller: Caller | None = None) -
     _refuse_lockout(session, team, caller)
     if team.disabled_at is None:
         team.disabled_at = utcnow()
+        team.disabled_by, team.disabled_reason = _who(session, caller), reason
+    elif reason is not None:
+        team.disabled_by, team.disabled_reason = _who(session, caller), reason
     pausing = [job.id for job in holding if _pause(session, job)]
     session.flush()
     return TeamDisabled(**show_team(session, team).model_dump(), pausing=pausing)
+
+
+def _who(session: Session, caller: Caller | None) -> str:
+    """Who is disabling, as admins read it later: the admin key (its prefix, never more of it) and its team, or
+    the user and host `qlora admin` runs as (it needs no key: whoever reaches the database)."""
+    if caller is not None:
+        key = session.get(ApiKey, caller.key_id)
+        prefix = key.prefix if key is not None else caller.key_id
+        return f"admin key {prefix}… of team {caller.team_name!r}"[:300]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = f"uid {os.getuid()}"
+    return f"qlora admin as {user} on {socket.gethostname()}"[:300]
 
 
 def _refuse_lockout(session: Session, team: Team, caller: Caller | None) -> None:
@@ -119,6 +142,6 @@ def enable_team(session: Session, name: str, *, caller: Caller | None = None) ->
     team = lock_team(session, team_named(session, name).id)
     if caller is not None and caller.team_id == team.id and team.disabled_at is not None:
         raise team_disabled(team)
-    team.disabled_at = None
+    team.disabled_at = team.disabled_by = team.disabled_reason = None
     session.flush()
     return show_team(session, team)

@@ -6,7 +6,7 @@ from app.db import after_commit
 from app.deps import AdminDep, SessionDep
 from app.routing import CheckedJSONRoute
 from app.teams import admin
-from app.teams.schemas import TeamDisabled, TeamOut
+from app.teams.schemas import DisableTeam, TeamDisabled, TeamOut
 
 router = APIRouter(tags=["teams"], route_class=CheckedJSONRoute)
 
@@ -19,11 +19,11 @@ def list_teams(session: SessionDep, _: AdminDep):
 
 
 @router.post("/admin/teams/{team}/disable", response_model=TeamDisabled)
-def disable_team(team: str, request: Request, session: SessionDep, caller: AdminDep):
+def disable_team(team: str, request: Request, session: SessionDep, caller: AdminDep, body: DisableTeam | None = None):
     """Disable a team (admin keys): its keys answer 401, its queued jobs do not start, its running jobs pause
     at a checkpoint; nothing of it is deleted. Refused (409) for the caller's own team and for the last team
-    whose admin keys work."""
-    disabled = admin.disable_team(session, team, caller=caller)
+    whose admin keys work. The body is optional: `{"reason": "..."}` is shown to admins and to the team."""
+    disabled = admin.disable_team(session, team, caller=caller, reason=body.reason if body else None)
     # This process forgets the team's keys once the change is committed; the others within QLORA_KEY_CACHE_S.
     after_commit(session, lambda: request.app.state.callers.forget_team(disabled.id))
     return disabled

@@ -126,8 +126,9 @@ def authenticate(session: Session, key_hash: str) -> Caller:
 def team_disabled(team: Team) -> Unauthorized:
     """The refusal of every key of a disabled team, admin keys included: the key is valid, its team is not,
     and only an admin can change that (a team that could enable itself would not be disabled)."""
-    return Unauthorized(f"team {team.name!r} is disabled (since {team.disabled_at:%Y-%m-%d %H:%M} UTC): its keys are "
-                        f"refused and its jobs do not start; an admin can enable it again (qlora admin enable-team "
+    reason = f" ({team.disabled_reason})" if team.disabled_reason else ""
+    return Unauthorized(f"team {team.name!r} is disabled (since {team.disabled_at:%Y-%m-%d %H:%M} UTC){reason}: its keys "
+                        f"are refused and its jobs do not start; an admin can enable it again (qlora admin enable-team "
                         f"{team.name})", code="team_disabled")
 
 

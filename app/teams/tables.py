@@ -25,6 +25,10 @@ class Team(IdMixin, Base):
     # Set by an admin to retire the team (app/teams/admin.py): its keys answer 401 and its jobs do not start;
     # nothing of it is deleted, so its usage history stays for accounting. Null: the team is enabled.
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Who disabled it (an admin key, or `qlora admin` on a host) and the reason they gave, shown to admins and to
+    # the team's own refused requests. Cleared with disabled_at.
+    disabled_by: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    disabled_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class ApiKey(IdMixin, Base):

@@ -229,3 +229,47 @@ def test_a_key_read_in_flight_when_its_team_is_disabled_is_not_kept(session, wor
     answered, kept = asyncio.run(race())
     assert answered == caller_a  # the request that began before the disable is answered as it was read
     assert kept is None  # but the next request reads the key again, and is refused
+
+
+def test_who_disabled_a_team_and_why_is_kept_and_told_to_the_team(settings, session):
+    """Admins later read who disabled a team and why, and the team's refused requests say why: before, only
+    the date was kept and a team's users read "disabled" with no reason to act on."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    create_team(session, "team-a")
+    create_team(session, "team-b")
+    _, key_a = create_key(session, "team-a")
+    admin_key, key_b = create_key(session, "team-b", admin=True)
+    session.commit()
+    app = create_app(settings)
+    ops = TestClient(app, headers={"Authorization": f"Bearer {key_b}"}, raise_server_exceptions=False)
+    team = TestClient(app, headers={"Authorization": f"Bearer {key_a}"}, raise_server_exceptions=False)
+
+    for body, field in (({"reason": "a\nb"}, "reason"), ({"reason": ""}, "reason"), ({"reason": "x" * 501}, "reason"),
+                        ({"reason": 7}, "reason"), ({"why": "typo"}, "why")):
+        bad = ops.post("/admin/teams/team-a/disable", json=body)
+        assert bad.status_code == 422 and field in bad.text, (body, bad.text)
+    assert teams_repository.team_by_name(session, "team-a").disabled_at is None  # nothing done
+
+    disabled = ops.post("/admin/teams/team-a/disable", json={"reason": "project Zephyr ended; ask #ml-platform"})
+    assert disabled.status_code == 200, disabled.text
+    by = f"admin key {admin_key.prefix}… of team 'team-b'"
+    assert (disabled.json()["disabled_by"], disabled.json()["disabled_reason"]) == (
+        by, "project Zephyr ended; ask #ml-platform")
+    listed = {t["name"]: t for t in ops.get("/admin/teams").json()}
+    assert listed["team-a"]["disabled_reason"] == "project Zephyr ended; ask #ml-platform"
+    assert listed["team-b"]["disabled_by"] is None
+    refusal = team.get("/jobs").json()["error"]
+    assert refusal["code"] == "team_disabled" and "(project Zephyr ended; ask #ml-platform)" in refusal["message"]
+
+    since = listed["team-a"]["disabled_at"]
+    again = ops.post("/admin/teams/team-a/disable").json()  # no reason: the first one stays, and the date
+    assert (again["disabled_at"], again["disabled_reason"]) == (since, "project Zephyr ended; ask #ml-platform")
+    again = ops.post("/admin/teams/team-a/disable", json={"reason": "archived"}).json()  # a new reason replaces it
+    assert (again["disabled_at"], again["disabled_reason"], again["disabled_by"]) == (since, "archived", by)
+
+    enabled = ops.post("/admin/teams/team-a/enable").json()
+    assert (enabled["disabled_at"], enabled["disabled_by"], enabled["disabled_reason"]) == (None, None, None)
+    assert team.get("/jobs").status_code == 200

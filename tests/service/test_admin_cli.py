@@ -184,10 +184,13 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
     missing = qlora(tmp_path, "admin", "disable-team", "nosuch")
     assert missing.returncode == 1 and "no team 'nosuch'" in missing.stderr
 
-    disabled = qlora(tmp_path, "admin", "disable-team", "research")
+    control = qlora(tmp_path, "admin", "disable-team", "research", "--reason", "two\nlines")
+    assert control.returncode == 2 and "--reason" in control.stderr and "control characters" in control.stderr
+    disabled = qlora(tmp_path, "admin", "disable-team", "research", "--reason", "grant ended [Q3]")
     assert disabled.returncode == 0, disabled.stderr
     answer = json.loads(disabled.stdout)
     assert answer["disabled"] and answer["disabled_at"] and answer["pausing"] == []
+    assert answer["disabled_reason"] == "grant ended [Q3]" and answer["disabled_by"].startswith("qlora admin as ")
     url = Settings(home=tmp_path).database_url
     with session_scope(url) as session:
         try:
@@ -198,6 +201,7 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
     table = qlora(tmp_path, "admin", "list-teams", "--table")
     row = next(line for line in table.stdout.splitlines() if "research" in line)
     assert "since " in row and "since " not in next(line for line in table.stdout.splitlines() if "ops" in line)
+    assert "grant ended [Q3]" in table.stdout  # as typed: not rich markup
 
     enabled = qlora(tmp_path, "admin", "enable-team", "research")
     assert enabled.returncode == 0 and json.loads(enabled.stdout)["disabled"] is False
