@@ -61,6 +61,10 @@ FAULT_STALL_CHECKPOINT = "QLORA_FAULT_STALL_CHECKPOINT_STEP"
 # for as long as a fault it injects lasts, however fast the machine trains.
 FAULT_HOLD_AT_STEP = "QLORA_FAULT_HOLD_AT_STEP"
 FAULT_RELEASE = "fault-release"
+# Fault injection for tests: "STEP:MICRO_BATCH": from optimizer step STEP on, a micro-batch larger than
+# MICRO_BATCH runs out of device memory (torch's OutOfMemoryError, as the CUDA allocator raises it), as a
+# job whose estimate fell short would on a GPU.
+FAULT_OUT_OF_MEMORY = "QLORA_FAULT_OUT_OF_MEMORY"
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,20 @@ class CheckpointUpload(TrainerCallback):
             self.sink(saved)
 
 
+class FaultOutOfMemory(TrainerCallback):
+    """tests: the device's memory ends at a micro-batch (see FAULT_OUT_OF_MEMORY)."""
+
+    def __init__(self, step: int, micro_batch: int):
+        self.step, self.micro_batch = step, micro_batch
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 >= self.step and args.per_device_train_batch_size > self.micro_batch:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OUT_OF_MEMORY}: micro-batch "
+                                         f"{args.per_device_train_batch_size} at step {state.global_step + 1})")
+
+
 class FaultHold(TrainerCallback):
     """tests/faults: hold the training loop after one step until released (see FAULT_HOLD_AT_STEP)."""
 
@@ -189,7 +207,7 @@ def _quiet_progress_bars() -> None:
 def _train(workdir: WorkDir, job: JobFile, settings) -> int:
     # Imported once logging is set up: bitsandbytes and friends log as they load.
     from worker.training.data import DataError
-    from worker.training.recipe import TrainingError, run
+    from worker.training.recipe import OutOfMemoryInTraining, TrainingError, run
     from worker.training.spec import SpecError
     from worker.training.tokenization import TemplateError
 
@@ -204,6 +222,8 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
 
         upload = CheckpointUpload(workdir, out_dir, job.team_id, sink, storage)
         callbacks: tuple[TrainerCallback, ...] = (ProgressFile(workdir.progress), upload)
+        if FAULT_OUT_OF_MEMORY in os.environ:
+            callbacks += (FaultOutOfMemory(*map(int, os.environ[FAULT_OUT_OF_MEMORY].split(":"))),)
         if FAULT_HOLD_AT_STEP in os.environ:
             # Released by the test, or by a cancel or pause: the run then stops after its next step.
             callbacks += (FaultHold(workdir, int(os.environ[FAULT_HOLD_AT_STEP]),
@@ -217,6 +237,8 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                 initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,
             )
             outcome = Result(status=result.status, summary=result.summary, report=result.report)
+        except OutOfMemoryInTraining as exc:
+            outcome = Result(status="failed", error=str(exc), retry_with=exc.smaller)
         except (SpecError, DataError, TemplateError, TrainingError) as exc:
             outcome = Result(status="failed", error=str(exc))
         if cache and not cache.hit and (Path(cache.dir) / "config.json").is_file():

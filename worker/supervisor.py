@@ -315,6 +315,7 @@ class JobRun:
         lost: str | None = None  # why the attempt ended with no fault of the job's: it gets another
         stopped_at: datetime | None = None  # ...and when: its GPU time ends there, not after a wait for an outage to pass
         outside = False  # ...and the end was a full disk or an outage: past the last attempt, paused, not failed
+        smaller: ContinueSmaller | None = None  # out of memory at a training step: the job goes on with less
         try:
             # Inside the try: a full work directory refuses even this small file, and must hand the job back
             # saying so, not end the task with the job left running and silent until the reaper's deadline.
@@ -336,6 +337,9 @@ class JobRun:
         except AttemptLost as exc:
             log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
             lost, stopped_at = str(exc), utcnow()
+        except ContinueSmaller as exc:
+            log.warning("job %s attempt %s: %s; continuing with %s", job.id, job.attempt, exc, exc.training)
+            smaller, stopped_at = exc, utcnow()
         except Exception as exc:
             why = self._not_the_jobs_fault(exc)
             if why is not None:  # storage, the database or a disk, for a moment: the job is not at fault
@@ -356,6 +360,8 @@ class JobRun:
             _remove_if_empty(workdir.root.parent)  # the job's directory, unless another attempt is in it
         if final is not None:
             self._finish(job, *final)
+        elif smaller is not None:
+            self._continue_smaller(job, smaller.training, stopped_at or utcnow())
         elif lost is not None:
             self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
 
@@ -534,6 +540,8 @@ class JobRun:
                    else f"exited with code {returncode}")
             raise AttemptLost(f"the training process {how} without a result; last lines of its log:\n"
                               f"{_tail(workdir.log)}")
+        if outcome.status == states.FAILED and outcome.retry_with:
+            raise ContinueSmaller(outcome.error or "out of memory", outcome.retry_with)
         summary = outcome.summary
         if summary is not None and job.initial_job_id:
             summary = {**summary, "initial_job_id": job.initial_job_id}  # the lineage, with the run's numbers
@@ -578,6 +586,19 @@ class JobRun:
                         job.attempt, exc)
             return
         log.info("job %s: attempt %s lost; the job is %s", job.id, job.attempt, became or "moved on already")
+
+    def _continue_smaller(self, job: ClaimedJob, training: dict[str, int], stopped_at: datetime) -> None:
+        """The job goes on from its newest checkpoint with a smaller micro-batch (runs.continue_smaller). The
+        database out of reach: the reaper gives it another attempt as for a lost worker, with the spec it had."""
+        try:
+            with session_scope(self.db) as session:
+                became = runs.continue_smaller(session, job.id, job.attempt, training, stopped_at,
+                                               self.settings.fair_share_half_life_s)
+        except DBAPIError as exc:
+            log.warning("job %s attempt %s: could not record the out-of-memory retry (the reaper will requeue it): %s",
+                        job.id, job.attempt, exc)
+            return
+        log.info("job %s: out of memory; the job is %s", job.id, became or "moved on already")
 
     def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None,
                 report: dict | None = None) -> None:
@@ -657,6 +678,15 @@ def _remove_if_empty(directory: Path) -> bool:
 
 class AttemptLost(Exception):  # noqa: N818 (an attempt's end, not the job's)
     """The training process ended without a result (killed, or crashed on the way to storage)."""
+
+
+class ContinueSmaller(Exception):  # noqa: N818 (an attempt's end, not the job's)
+    """The training process ran out of memory at a step with a micro-batch above 1: the job continues with
+    `training` (the run's Result.retry_with)."""
+
+    def __init__(self, message: str, training: dict[str, int]):
+        super().__init__(message)
+        self.training = training
 
 
 class NoSpace(Exception):  # noqa: N818 (an attempt's end, not the job's)

@@ -302,6 +302,43 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
     return "requeued" if outcome == states.QUEUED else outcome
 
 
+def continue_smaller(session: Session, job_id: str, attempt: int, training: dict[str, int], ended_at: datetime,
+                     half_life_s: float) -> str | None:
+    """The attempt ran out of memory at a training step (its failed event says where): the job continues
+    from its newest checkpoint with `training`, a smaller micro-batch and more gradient accumulation
+    (worker/training/recipe.smaller_micro_batch: the same rows at each optimizer step), written into its spec.
+    It is not a lost attempt: each retry halves the micro-batch or more, down to 1, where the job fails. A job
+    being paused is paused with the smaller micro-batch; one being cancelled is cancelled. What became of it
+    ("requeued", "paused", "cancelled"), or None when something else moved it meanwhile (fenced by attempt)."""
+    job = session.get(Job, job_id)
+    if job is None or job.attempt != attempt or job.status not in states.WORKER_OWNED:
+        return None
+    before = job.spec["training"]
+    micro, accumulation = training["per_device_batch_size"], training["gradient_accumulation_steps"]
+    was = (f"{before['per_device_batch_size']} and {before['gradient_accumulation_steps']}"
+           if before.get("per_device_batch_size") != "auto" else "what per_device_batch_size \"auto\" chose")
+    change = (f"micro-batch {micro} and gradient_accumulation_steps {accumulation} (from {was}: the same "
+              f"{micro * accumulation} rows at each optimizer step, in smaller pieces)")
+    values: dict[str, Any] = {"spec": {**job.spec, "training": {**before, **training}}}
+    if job.status == states.CANCELLING:
+        outcome, values, message = states.CANCELLED, {"finished_at": utcnow()}, "out of memory while cancelling"
+    elif job.status == states.PAUSING:
+        outcome, message = states.PAUSED, f"out of memory while pausing; paused, and it resumes with {change}"
+        values["worker"] = None
+    else:
+        outcome = states.QUEUED
+        values.update(worker=None, dispatched_at=None)
+        message = f"out of memory; queued again to continue from its newest checkpoint with {change}"
+    if not repository.transition(session, job_id, outcome, attempt=attempt, only_from=[job.status], **values):
+        return None
+    event = "requeued" if outcome == states.QUEUED else outcome
+    repository.add_event(session, job_id, event, "warning", message, attempt=attempt, step=job.step)
+    ledger.end(session, job_id, attempt, ended_at, outcome, half_life_s)
+    if outcome == states.PAUSED:
+        requeue_if_preempted(session, job_id, attempt)
+    return event
+
+
 def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
     """A job paused to make way (the scheduler's preemption for another team's job, or its worker shutting
     down; not its own team's pause) is queued again at once, keeping its place in its team; its next

@@ -398,6 +398,51 @@ def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_di
     assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message
 
 
+def test_out_of_memory_at_a_step_continues_from_the_checkpoint_with_a_smaller_micro_batch_on_the_same_rows(
+        tiny_model_dir, demo_data, tmp_path):
+    """A step that runs out of memory (the estimate fell short, a fragmented GPU): the run says with what it can
+    go on, half the micro-batch and twice the accumulation, and resumed with that from its checkpoint it is the
+    same run: the same rows at each optimizer step, so the curve and the adapter of a run never interrupted,
+    up to float rounding (smaller pieces pad less and sum in another order). Before, the job failed, and the
+    hours before the step were lost unless its team started over with a smaller batch by hand."""
+    from worker.runner import FaultOutOfMemory
+    from worker.training.recipe import OutOfMemoryInTraining
+
+    data = short_spec(tiny_model_dir, max_steps=12, save_steps=4, per_device_batch_size=8, gradient_accumulation_steps=1)
+    memory = FaultOutOfMemory(step=7, micro_batch=4)  # from step 7 on, more than 4 rows at once do not fit
+    events: list = []
+    with pytest.raises(OutOfMemoryInTraining) as info:
+        run(JobSpec.parse(data), demo_data["train"], tmp_path / "run", sink=events.append, extra_callbacks=(memory,))
+    assert info.value.smaller == {"per_device_batch_size": 4, "gradient_accumulation_steps": 2}
+    said = [(e.type, e.level) for e in events if isinstance(e, Event) and e.type in ("failed", "out_of_memory")]
+    assert said == [("out_of_memory", "warning")]  # not the run's end where a worker runs it
+
+    other = {**data, "training": {**data["training"], "per_device_batch_size": 4, "gradient_accumulation_steps": 4}}
+    with pytest.raises(TrainingError, match="cannot resume: spec differ"):  # other rows per step: another run
+        run(JobSpec.parse(other), demo_data["train"], tmp_path / "run", resume=True)
+    data["training"].update(info.value.smaller)
+    resumed = run(JobSpec.parse(data), demo_data["train"], tmp_path / "run", resume=True, extra_callbacks=(memory,))
+    assert resumed.summary["steps"] == {"completed": 12, "planned": 12, "resumed_from": 4}
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["spec"]["training"]["per_device_batch_size"] == 4
+
+    straight = short_spec(tiny_model_dir, max_steps=12, save_steps=4, per_device_batch_size=8,
+                          gradient_accumulation_steps=1)
+    run(JobSpec.parse(straight), demo_data["train"], tmp_path / "straight")
+
+    def curve(path):
+        return {r["step"]: r["train_loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"}
+    got, want = curve(tmp_path / "run"), curve(tmp_path / "straight")
+    assert sorted(got) == list(range(1, 13))
+    assert [got[s] for s in range(1, 13)] == pytest.approx([want[s] for s in range(1, 13)], rel=1e-4)
+    from safetensors.torch import load_file
+
+    ours, theirs = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (tmp_path / "run", tmp_path / "straight"))
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() / max(theirs[k].abs().max().item(), 1e-12) for k in ours)
+    assert worst < 1e-3, worst
+
+
 def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_keeps_the_adapter(
         tiny_model_dir, demo_data, tmp_path, monkeypatch):
     """The merge of a model whose dense weights outgrow the GPU, say: before, the error escaped the run,

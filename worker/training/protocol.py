@@ -212,6 +212,9 @@ class Result:
     summary: dict[str, Any] | None = None
     error: str | None = None
     report: dict[str, Any] | None = None  # the eval report (worker/training/report.py), where the run made one
+    # Failed out of memory at a training step with a micro-batch above 1: the training fields that continue the
+    # same run with a smaller one (recipe.smaller_micro_batch); the worker queues the job again with them.
+    retry_with: dict[str, int] | None = None
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))

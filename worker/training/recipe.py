@@ -98,7 +98,7 @@ from worker.training.report import (  # noqa: E402
     perplexity,
     reward_movement,
 )
-from worker.training.spec import METHOD_FORMATS, STORED, JobSpec  # noqa: E402
+from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
     encode_examples,
     encode_preferences,
@@ -111,6 +111,31 @@ KEEP_CHECKPOINTS = 2  # the newest, plus one in case the newest was written just
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says what happened and what to try."""
+
+
+class OutOfMemoryInTraining(TrainingError):
+    """Out of memory at a training step. `smaller`: the training fields that train the same rows at each
+    optimizer step with a smaller micro-batch (smaller_micro_batch), for the worker to continue the job from
+    its newest checkpoint with them; None where the micro-batch is 1 already."""
+
+    def __init__(self, message: str, smaller: dict[str, int] | None):
+        super().__init__(message)
+        self.smaller = smaller
+
+
+def smaller_micro_batch(training: TrainingSpec) -> dict[str, int] | None:
+    """The micro-batch divided by its smallest prime factor (8 → 4, 6 → 3, 5 → 1) and the gradient accumulation
+    multiplied by it: the same rows at each optimizer step (the product), in smaller pieces, so the same data
+    order (the sampler's batches are the product's size), the same gradient up to float rounding, and a
+    smaller peak. None at micro-batch 1, or where the accumulation would pass its bound."""
+    micro = training.per_device_batch_size
+    if not isinstance(micro, int) or micro <= 1:  # decided on the device by now ("auto" → an int)
+        return None
+    factor = next(f for f in range(2, micro + 1) if micro % f == 0)
+    accumulation = training.gradient_accumulation_steps * factor
+    if accumulation > MAX_ACCUMULATION:
+        return None
+    return {"per_device_batch_size": micro // factor, "gradient_accumulation_steps": accumulation}
 
 
 @dataclass
@@ -475,9 +500,16 @@ class QLoRARecipe:
                 if not is_out_of_memory(exc):
                     raise
                 step = self.trainer.state.global_step + 1
-                raise TrainingError(out_of_memory_message(self.spec, step, self.device)) from None
+                raise OutOfMemoryInTraining(out_of_memory_message(self.spec, step, self.device),
+                                            smaller_micro_batch(self.spec.training)) from None
         except TrainingError as exc:
-            self.emit(Event(type="failed", level="error", step=self.trainer.state.global_step, message=str(exc)))
+            if isinstance(exc, OutOfMemoryInTraining) and exc.smaller is not None:
+                # Not the job's end where a worker runs it: it continues from its newest checkpoint with a
+                # smaller micro-batch (worker/supervisor.py), and says so in the event that follows.
+                self.emit(Event(type="out_of_memory", level="warning", step=self.trainer.state.global_step,
+                                message=str(exc)))
+            else:
+                self.emit(Event(type="failed", level="error", step=self.trainer.state.global_step, message=str(exc)))
             raise
         self.clock.append(time.monotonic())
         self.state = self.trainer.state  # the trainer made it anew in train(); it outlives the trainer (merge frees it)
@@ -826,12 +858,28 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
         previous["spec"] = filled
     except (ValueError, TypeError):
         pass  # not a spec this version reads: it differs
-    changed = [k for k in manifest if previous.get(k) != manifest[k]]
+    changed = [k for k in manifest if (_rows_per_step(previous.get(k)) if k == "spec" else previous.get(k))
+               != (_rows_per_step(manifest[k]) if k == "spec" else manifest[k])]
     if changed:
         raise TrainingError(
             f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
             "resume with the same spec and data, or start in an empty output directory")
+    if previous.get("spec") != manifest["spec"]:  # a smaller micro-batch since: run.json says what runs now
+        write_json_atomic(manifest_path, manifest, indent=2)
     return latest, spec
+
+
+def _rows_per_step(spec):
+    """A spec with its micro-batch and gradient accumulation as their product, the rows of one optimizer step:
+    a run continued with a smaller micro-batch and more accumulation (smaller_micro_batch, after running out of
+    memory) is the same run, in the same data order, with the same gradients up to float rounding."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("training"), dict):
+        return spec
+    training = dict(spec["training"])
+    micro, accumulation = training.pop("per_device_batch_size", None), training.pop("gradient_accumulation_steps", None)
+    whole = isinstance(micro, int) and isinstance(accumulation, int)
+    training["rows per step"] = micro * accumulation if whole else (micro, accumulation)
+    return {**spec, "training": training}
 
 
 # What a run decides for its device where the spec says "auto" (_fit_to_device), as (section, field).

@@ -101,6 +101,9 @@ class LoraSpec(_Strict):
         return self
 
 
+MAX_ACCUMULATION = 4096  # training.gradient_accumulation_steps
+
+
 class TrainingSpec(_Strict):
     # Exactly one of epochs / max_steps: a run must know when it is done.
     epochs: float | None = Field(None, gt=0, le=100)
@@ -110,7 +113,7 @@ class TrainingSpec(_Strict):
     # Micro-batch size per device; with gradient_accumulation_steps=4 the effective batch is 16 (QLoRA used 16).
     # "auto": the largest micro-batch the memory estimate fits on the GPU the job runs on.
     per_device_batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 4
-    gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=MAX_ACCUMULATION)
     # Rows longer than this are truncated (and counted); 2048 fits most chat data on one 24 GB GPU at 7B.
     max_seq_length: int = Field(2048, ge=8, le=1_048_576)
     # QLoRA used a constant schedule; cosine is the common alternative.
