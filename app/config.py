@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     # An upload still in progress after this long belongs to a client or an API process that died:
     # its partial object (a temp file, a pending S3 multipart upload) is removed.
     stale_upload_s: float = Field(6 * 3600.0, gt=0)
+    # A pre-quantized base (the worker's cache of 4-bit weights, ~35 GB for a 65B model) that no job has loaded
+    # for this many days is deleted by the reaper: after a library upgrade or a changed or retired base model its
+    # key is never asked for again. A job that needs it later quantizes the base afresh (minutes) and stores it
+    # again. 0 keeps every entry for ever (`qlora admin prune-quantized-bases --older-than` still prunes by hand).
+    quantized_cache_keep_days: float = Field(30.0, ge=0)
 
     # Sharing the GPU pool between teams (app/scheduling/, docs/scheduling.md). Each team's quota is set by
     # an admin (`qlora admin set-quota`); these are the values of a team that has none set. None: no limit.

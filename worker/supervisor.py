@@ -424,6 +424,14 @@ class JobRun:
             return None
         identity = quantized_identity(job, base_path, job.queue, self.settings.work_dir)
         key = cache_key(identity)
+        # Marked used before it is looked up, so a prune (app/jobs/quantized_cache.py) that has not deleted it
+        # by now keeps it; one that has, the lookup misses. Only for the prune: a hit must not fail for it.
+        try:
+            with session_scope(self.db) as session:
+                runs.mark_cached_base_used(session, key)
+        except Exception:
+            log.warning("could not record the use of the cached quantized base %s; loading it all the same", key,
+                        exc_info=True)
         with session_scope(self.db) as session:
             cached = runs.cached_base(session, key)
         if cached is not None:
@@ -433,12 +441,12 @@ class JobRun:
                 return QuantizedCache(dir=str(workdir.quantized), key=key, hit=True, identity=identity)
             except ATTEMPT_ENDED:
                 raise
-            except Exception:  # a damaged entry must not fail the job: forget it and quantize afresh
+            except Exception:  # damaged, or pruned since the lookup: it must not fail the job; quantize afresh
                 log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
                 shutil.rmtree(workdir.quantized, ignore_errors=True)
                 with session_scope(self.db) as session:
-                    stale = runs.forget_cached_base(session, key)
-                delete_objects(self.storage, [stale] if stale else [])
+                    forgotten = runs.forget_cached_base(session, cached)
+                delete_objects(self.storage, [cached.storage_key] if forgotten else [])
         return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
 
     def _base_model_path(self, model: dict, watch: AttemptWatch) -> Path:

@@ -1,5 +1,5 @@
-"""`qlora admin`: teams, API keys, the model registry, stray objects in storage and the queues' workers, straight against the
-database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
+"""`qlora admin`: teams, API keys, the model registry, stray objects in storage, the pre-quantized base cache and the
+queues' workers, straight against the database (QLORA_DATABASE_URL) and storage (QLORA_STORAGE_URL).
 
 Each command prints its result as text or a table on a terminal and as JSON on a pipe (render.show;
 --json/--table override): a model as GET /models answers it, a quota as GET /admin/teams/{team}/quota,
@@ -22,8 +22,8 @@ from rich.table import Table
 from app.cli.render import Commands, JsonOption, err, name_column, number_column, out, plain, print_table, show
 from app.text import counted
 
-commands = Commands(help="Administer teams, API keys, the model registry and stray objects in storage, and see "
-                            "the queues' workers (runs against the database).",
+commands = Commands(help="Administer teams, API keys, the model registry, stray objects in storage and the "
+                            "pre-quantized base cache, and see the queues' workers (runs against the database).",
                        no_args_is_help=True)
 
 
@@ -437,6 +437,94 @@ def sweep_storage(
     show(answer, lambda: _print_sweep(answer, older_than), as_json)
     if answer["deleted"] and answer["deleted"]["failed"]:
         raise typer.Exit(1)
+
+
+@commands.command("list-quantized-bases")
+def list_quantized_bases(as_json: JsonOption = None) -> None:
+    """List the pre-quantized base cache, least recently used first: each entry's model, quantization, GPU
+    class, library versions, size, when it was stored and last loaded by a job, and when the reaper prunes
+    it unless a job loads it first (QLORA_QUANTIZED_CACHE_KEEP_DAYS). On a pipe: a JSON array of {"key",
+    "model", "path", "hub_id", "revision", "quantization", "gpu_class", "transformers", "bitsandbytes",
+    "bytes", "storage_key", "created_at", "last_used_at", "prune_after"}."""
+    from app.config import get_settings
+    from app.jobs import quantized_cache
+
+    settings = get_settings()
+    cached = _admin_call(lambda s: quantized_cache.entries(s, settings))
+    show(cached, lambda: _print_quantized_bases(cached, settings.quantized_cache_keep_days), as_json)
+
+
+def _print_quantized_bases(cached: list[dict], keep_days: float) -> None:
+    from app.text import format_bytes
+
+    def when(moment) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M") if moment else "never"
+
+    kept = f"pruned {keep_days:g} days after their last use" if keep_days else "kept for ever (QLORA_QUANTIZED_CACHE_KEEP_DAYS=0)"
+    table = Table(name_column("model"), "quantization", "GPU class", "transformers", "bitsandbytes", number_column("size"),
+                  "created", "last used", "pruned after", title=f"quantized bases ({kept})")
+    for entry in cached:
+        table.add_row(plain(entry["model"] or "?"), entry["quantization"] or "?", plain(entry["gpu_class"] or "?"),
+                      entry["transformers"] or "?", entry["bitsandbytes"] or "?", format_bytes(entry["bytes"]),
+                      when(entry["created_at"]), when(entry["last_used_at"]),
+                      when(entry["prune_after"]) if entry["prune_after"] else "kept")
+    print_table(table, optional=("created", "GPU class"))
+    out.print(f"{counted(len(cached), 'quantized base')}, {format_bytes(sum(e['bytes'] for e in cached))} in storage.",
+              highlight=False)
+
+
+@commands.command("prune-quantized-bases")
+def prune_quantized_bases(
+    older_than: Annotated[Optional[str], typer.Option(
+        "--older-than", metavar="DAYS", help="Prune the entries no job has loaded for this long: a number of days, "
+        "or 12h, 30m. By default QLORA_QUANTIZED_CACHE_KEEP_DAYS.")] = None,
+    as_json: JsonOption = None,
+) -> None:
+    """Prune the pre-quantized base cache now, as the reaper does on its own: delete the entries no job has
+    loaded for --older-than (their rows, then their objects in storage). A job that needs one later quantizes
+    its base afresh and stores it again; one loading it at that moment does the same. On a pipe: {"used_before",
+    "count", "bytes", "pruned", "left_in_storage"}, each pruned entry as list-quantized-bases shows it."""
+    from app.config import get_settings
+    from app.jobs import quantized_cache
+    from app.storage.base import storage_from_settings
+
+    settings = get_settings()
+    older_than_s = _days_or_age(older_than) if older_than is not None else quantized_cache.keep_s(settings)
+    if older_than_s is None:
+        raise typer.BadParameter("QLORA_QUANTIZED_CACHE_KEEP_DAYS is 0 (keep every entry for ever): say how long an "
+                                 "entry must have been unused to go, as --older-than 30", param_hint="'--older-than'")
+    storage = storage_from_settings(settings)
+    pruned = _admin_call(lambda s: quantized_cache.prune(s, storage, older_than_s)).report()
+
+    def text() -> None:
+        from app.text import format_bytes
+
+        out.print(f"Pruned {counted(pruned['count'], 'quantized base')} unused since "
+                  f"{pruned['used_before'].strftime('%Y-%m-%d %H:%M')} UTC, freed {format_bytes(pruned['bytes'])}"
+                  + "".join(f"\n  {entry['model']} ({entry['quantization']}, transformers {entry['transformers']}, "
+                            f"bitsandbytes {entry['bitsandbytes']}), {format_bytes(entry['bytes'])}"
+                            for entry in pruned["pruned"]), highlight=False, soft_wrap=True)
+
+    show(pruned, text, as_json)
+    if pruned["left_in_storage"]:
+        err.print(f"[red]error:[/red] storage would not delete {counted(len(pruned['left_in_storage']), 'object')} of "
+                  "them (their entries are gone all the same): `qlora admin sweep-storage --delete` removes them once "
+                  "storage answers", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _days_or_age(text: str) -> float:
+    """--older-than: a number of days (30, 0.5), or an age as sweep-storage takes it (12h, 30m, 7d); not 0."""
+    from app.operations.storage_sweep import parse_age
+
+    try:
+        seconds = float(text) * 86400 if re.fullmatch(r"\d+(\.\d+)?", text.strip()) else parse_age(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).replace("as 30m", "as 30 (days), 30m"), param_hint="'--older-than'") from None
+    if seconds <= 0:
+        raise typer.BadParameter("0 would prune every entry, those jobs loaded a moment ago too; give an age, as 30 "
+                                 "(days) or 12h", param_hint="'--older-than'")
+    return seconds
 
 
 def _age(seconds: float) -> str:

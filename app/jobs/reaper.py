@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope, utcnow
-from app.jobs import repository
+from app.jobs import quantized_cache, repository
 from app.jobs.runs import attempt_lost
 from app.operations import workers
 from app.operations.lease import LeasedLoop
@@ -50,12 +50,14 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
 
 
 def housekeeping(settings: Settings, storage) -> dict[str, int]:
-    """One pass: give lost jobs another attempt, forget workers long silent, and remove uploads that died
-    half-written."""
+    """One pass: give lost jobs another attempt, forget workers long silent, remove uploads that died
+    half-written, and prune the quantized bases no job has used for QLORA_QUANTIZED_CACHE_KEEP_DAYS (a
+    DELETE that finds nothing on a table of a few rows, on most passes)."""
     with session_scope(settings.database_url) as session:
         counts = reap(session, settings)
         counts["workers_forgotten"] = workers.forget_silent(session, utcnow())
     counts["stale_writes_removed"] = storage.abort_stale_writes(settings.stale_upload_s)
+    counts.update(quantized_cache.prune_unused(settings, storage))
     return counts
 
 

@@ -389,16 +389,38 @@ def add_quantized_base(session: Session, key: str, storage_key: str, size: int, 
     """Record a cache entry; False when another job recorded the same key first (keep theirs)."""
     if quantized_base(session, key) is not None:
         return False
-    session.add(QuantizedBase(key=key, storage_key=storage_key, bytes=size, sha256=sha256, identity=identity))
+    now = utcnow()
+    session.add(QuantizedBase(key=key, storage_key=storage_key, bytes=size, sha256=sha256, identity=identity,
+                              created_at=now, last_used_at=now))
     return True
 
 
-def drop_quantized_base(session: Session, key: str) -> str | None:
-    row = quantized_base(session, key)
-    if row is None:
-        return None
-    session.delete(row)
-    return row.storage_key
+def mark_quantized_base_used(session: Session, key: str, now: datetime) -> bool:
+    """One UPDATE by the unique key; False when there is no such entry (a miss, or pruned meanwhile)."""
+    statement = (update(QuantizedBase).where(QuantizedBase.key == key).values(last_used_at=now)
+                 .execution_options(synchronize_session=False))
+    return cast(CursorResult, session.execute(statement)).rowcount == 1
+
+
+def drop_quantized_base(session: Session, key: str, storage_key: str) -> bool:
+    """Forget the entry `key` if it is still the one stored under `storage_key`: an entry stored again under
+    the same key since (after a prune, by a job that quantized afresh) is another object, and stays."""
+    statement = delete(QuantizedBase).where(QuantizedBase.key == key, QuantizedBase.storage_key == storage_key)
+    return cast(CursorResult, session.execute(statement)).rowcount == 1
+
+
+def quantized_bases(session: Session) -> list[QuantizedBase]:
+    """Every cache entry, least recently used first (the table holds one row per model, version and class)."""
+    return list(session.scalars(select(QuantizedBase).order_by(QuantizedBase.last_used_at, QuantizedBase.key)))
+
+
+def delete_quantized_bases_unused_since(session: Session, used_before: datetime) -> list[QuantizedBase]:
+    """Delete every entry last used before `used_before`, in one statement, and return what was deleted.
+    The condition is the statement's own, so an entry a job marks used meanwhile stays (on Postgres a DELETE
+    that waits for that job's UPDATE checks the row again once it commits)."""
+    statement = (delete(QuantizedBase).where(QuantizedBase.last_used_at < used_before)
+                 .returning(QuantizedBase).execution_options(synchronize_session=False))
+    return list(session.scalars(statement))
 
 
 # The OpenAI events list shows the job's events and its metric points as one feed, newest first, ordered

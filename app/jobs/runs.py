@@ -209,9 +209,15 @@ def cached_base(session: Session, key: str) -> ObjectRef | None:
     return ObjectRef(row.key, row.storage_key, row.sha256, row.bytes) if row else None
 
 
-def forget_cached_base(session: Session, key: str) -> str | None:
-    """A cache entry that failed its checksum: forget it (returns its storage key, to delete)."""
-    return repository.drop_quantized_base(session, key)
+def mark_cached_base_used(session: Session, key: str) -> bool:
+    """A job is about to load entry `key` (if there is one): it is in use now, and a prune keeps it."""
+    return repository.mark_quantized_base_used(session, key, utcnow())
+
+
+def forget_cached_base(session: Session, entry: ObjectRef) -> bool:
+    """A cache entry that could not be loaded (failed its checksum, or its object is gone): forget it, unless
+    the key has been stored again since. True if it was forgotten (its object is then the caller's to delete)."""
+    return repository.drop_quantized_base(session, entry.id, entry.storage_key)
 
 
 def finite_json(value):

@@ -179,3 +179,6 @@ class QuantizedBase(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     identity: Mapped[dict] = mapped_column(JSON)  # what the key was made from, for people reading the table
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Set when stored and whenever a job loads it: an entry no job used for QLORA_QUANTIZED_CACHE_KEEP_DAYS is
+    # pruned (app/jobs/quantized_cache.py). Keys change with library versions and weights, so old ones never hit again.
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

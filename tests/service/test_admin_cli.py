@@ -209,3 +209,67 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
         assert authenticate(session, hash_key(key)).team_name == "research"
     text = qlora(tmp_path, "admin", "enable-team", "research", "--table")
     assert text.stdout.startswith("team 'research' enabled")
+
+
+def test_list_and_prune_the_quantized_base_cache(tmp_path):
+    """An operator sees each cached quantized base (model, versions, size, created, last used) and prunes those
+    unused for --older-than (or QLORA_QUANTIZED_CACHE_KEEP_DAYS), row and object."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import utcnow
+    from app.jobs import repository
+    from app.jobs.tables import QuantizedBase
+    from app.storage.base import make_key, storage_from_settings
+
+    assert qlora(tmp_path, "migrate").returncode == 0
+    settings = Settings(home=tmp_path)
+    storage = storage_from_settings(settings)
+    entries = {}
+    for model, transformers, unused_days in (("llama-65b", "4.44.0", 45), ("llama-8b", "4.46.1", 3)):
+        with storage.writer(make_key("shared", "quantized-bases")) as writer:
+            writer.write(b"4-bit weights of " + model.encode())
+            stored = writer.commit()
+        identity = {"model": model, "path": f"/models/{model}", "hub_id": None, "revision": None, "weights": [],
+                    "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True}, "gpu_class": "gpu-a100",
+                    "transformers": transformers, "bitsandbytes": "0.44.1"}
+        with session_scope(settings.database_url) as session:
+            repository.add_quantized_base(session, model.ljust(64, "0"), stored.key, stored.size, stored.sha256, identity)
+            session.flush()
+            session.execute(update(QuantizedBase).where(QuantizedBase.storage_key == stored.key)
+                            .values(created_at=utcnow() - timedelta(days=unused_days + 10),
+                                    last_used_at=utcnow() - timedelta(days=unused_days)))
+        entries[model] = stored
+
+    listed = qlora(tmp_path, "admin", "list-quantized-bases")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)  # least recently used first
+    assert [(r["model"], r["transformers"], r["bitsandbytes"], r["quantization"], r["bytes"]) for r in rows] == [
+        ("llama-65b", "4.44.0", "0.44.1", "4-bit nf4", entries["llama-65b"].size),
+        ("llama-8b", "4.46.1", "0.44.1", "4-bit nf4", entries["llama-8b"].size)]
+    assert all(r["created_at"] < r["last_used_at"] < r["prune_after"] for r in rows)
+    table = qlora(tmp_path, "admin", "list-quantized-bases", "--table", env={"COLUMNS": "200"})
+    assert "last used" in table.stdout and "llama-65b" in table.stdout and "4.46.1" in table.stdout
+    assert "2 quantized bases, 51 bytes in storage" in table.stdout
+
+    for refused in (("--older-than", "0"), ("--older-than", "soon")):
+        bad = qlora(tmp_path, "admin", "prune-quantized-bases", *refused)
+        assert bad.returncode == 2 and "--older-than" in bad.stderr
+    keep_for_ever = qlora(tmp_path, "admin", "prune-quantized-bases", env={"QLORA_QUANTIZED_CACHE_KEEP_DAYS": "0"})
+    assert keep_for_ever.returncode == 2 and "QLORA_QUANTIZED_CACHE_KEEP_DAYS is 0" in keep_for_ever.stderr
+    assert storage.exists(entries["llama-65b"].key)
+
+    nothing = qlora(tmp_path, "admin", "prune-quantized-bases", "--older-than", "60")
+    assert nothing.returncode == 0 and json.loads(nothing.stdout)["count"] == 0
+    pruned = qlora(tmp_path, "admin", "prune-quantized-bases", "--table")  # the default: 30 days
+    assert pruned.returncode == 0, pruned.stderr
+    assert "Pruned 1 quantized base unused since" in pruned.stdout and "llama-65b" in pruned.stdout
+    assert not storage.exists(entries["llama-65b"].key) and storage.exists(entries["llama-8b"].key)
+    assert [r["model"] for r in json.loads(qlora(tmp_path, "admin", "list-quantized-bases").stdout)] == ["llama-8b"]
+
+    by_hours = qlora(tmp_path, "admin", "prune-quantized-bases", "--older-than", "48h")
+    assert by_hours.returncode == 0
+    report = json.loads(by_hours.stdout)
+    assert (report["count"], report["bytes"], [e["model"] for e in report["pruned"]]) == (1, entries["llama-8b"].size, ["llama-8b"])
+    assert not storage.exists(entries["llama-8b"].key) and report["left_in_storage"] == []
