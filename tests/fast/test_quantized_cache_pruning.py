@@ -197,7 +197,7 @@ def test_a_load_of_a_pruned_object_raises_object_not_found_which_the_worker_fall
 
 def test_the_migration_takes_an_existing_entrys_creation_as_its_last_use(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    command.upgrade(alembic_config(url), "0018")
+    command.upgrade(alembic_config(url), "0019")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO quantized_bases (id, key, storage_key, bytes, sha256, identity, created_at) "

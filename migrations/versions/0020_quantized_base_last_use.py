@@ -2,16 +2,16 @@
 loads from it, so that entries no job has used for QLORA_QUANTIZED_CACHE_KEEP_DAYS can be pruned (a library
 upgrade or a changed or retired base model leaves its old entries unreachable, ~35 GB each for a 65B base)
 
-Revision ID: 0019
-Revises: 0018
+Revision ID: 0020
+Revises: 0019
 """
 import sqlalchemy as sa
 from alembic import op
 
 import app.db
 
-revision = '0019'
-down_revision = '0018'
+revision = '0020'
+down_revision = '0019'
 branch_labels = None
 depends_on = None
 
