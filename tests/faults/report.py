@@ -23,6 +23,11 @@ HOW = {
         "after step 15 (checkpoint 10 saved; fault hook QLORA_FAULT_HOLD_AT_STEP); its worker lives on. "
         "The worker records the lost attempt at once (no heartbeat deadline to wait for) and the job's next "
         "attempt, on the same worker, resumes from the newest checkpoint.",
+    "out of memory at a training step":
+        "torch's OutOfMemoryError at step 7 of 12 for any micro-batch above 4 (fault hook QLORA_FAULT_OUT_OF_MEMORY), "
+        "on a job of micro-batch 8 with a checkpoint every 4 steps. The worker queues the job again with "
+        "micro-batch 4 and gradient accumulation 2 (the same rows per step), written into its spec; the next "
+        "attempt resumes from the checkpoint at step 4.",
     "worker stopped with SIGTERM (a deploy) mid-run":
         "SIGTERM to the worker's main process alone, as `docker stop` sends it, while the run is held after "
         "step 3 of 40 (until the pause the shutdown asks for). The worker "

@@ -39,7 +39,7 @@ from tests.faults.conftest import (
     trainer_pids,
     wait_until,
 )
-from worker.runner import FAULT_HOLD_AT_STEP, FAULT_STALL_CHECKPOINT
+from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY, FAULT_STALL_CHECKPOINT
 from worker.supervisor import session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -120,6 +120,35 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
             assert first.trained_tokens + second.trained_tokens > done["summary"]["tokens_seen"]
         fault_report.append({"fault": "training process alone SIGKILLed (out of memory)", "injected": 1,
                              "survived": 1, "steps_lost": max(step_at_kill - resumed["step"], 0)})
+    finally:
+        faulty.stop(worker)
+
+
+def test_a_job_out_of_memory_at_a_step_continues_from_its_checkpoint_with_a_smaller_micro_batch(
+        faulty, tenant, dataset_id, fault_report):
+    """A step that does not fit the GPU (the estimate fell short): the job failed, naming the step and what to
+    change, and whatever it trained was lost unless its team started over by hand. Now the job is queued again
+    with half the micro-batch and twice the accumulation (the same rows at each step), written into its spec,
+    and the next attempt resumes from its newest checkpoint."""
+    worker = faulty.start_worker(name="small-gpu", extra_env={FAULT_OUT_OF_MEMORY: "7:4"})  # > 4 rows: no room
+    body = job_body(dataset_id, max_steps=12, save_steps=4)
+    body["training"]["gradient_accumulation_steps"] = 1
+    job = tenant.post("/jobs", json=body).json()
+    try:
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=300, deployment=faulty)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 13))
+        training = done["spec"]["training"]
+        assert (training["per_device_batch_size"], training["gradient_accumulation_steps"]) == (4, 2)
+        story = [e for e in events(tenant, job["id"]) if e["type"] in ("out_of_memory", "requeued", "resumed", "failed")]
+        assert [(e["type"], e["level"]) for e in story] == [
+            ("out_of_memory", "warning"), ("requeued", "warning"), ("resumed", "warning")]
+        assert "out of memory on cpu at step 7 with micro-batch 8" in story[0]["message"]
+        assert ("micro-batch 4 and gradient_accumulation_steps 2 (from 8 and 1: the same 8 rows at each optimizer "
+                "step" in story[1]["message"])
+        assert story[2]["step"] == 4 and story[2]["attempt"] == 2
+        fault_report.append({"fault": "out of memory at a training step", "injected": 1, "survived": 1,
+                             "steps_lost": 6 - 4})
     finally:
         faulty.stop(worker)
 
