@@ -152,3 +152,35 @@ def test_a_lost_attempt_leaves_a_job_its_own_watch_already_ended_as_it_is(
     session.commit()
     session.expire_all()
     assert session.get(Job, job_id).status == status
+
+
+@pytest.mark.parametrize("status, became, spec_changed", [
+    ("running", "requeued", True), ("pausing", "paused", True), ("cancelling", "cancelled", False),
+    ("failed", None, False), ("queued", None, False)])
+def test_out_of_memory_at_a_step_continues_the_job_with_a_smaller_micro_batch_in_its_spec(
+        session, settings, make_job, status, became, spec_changed):
+    """runs.continue_smaller, which the worker calls when its training process ran out of memory at a step
+    (worker/supervisor.py): a running job is queued again with the smaller micro-batch in its spec, for its
+    next attempt to resume from its checkpoint; a pausing one is paused with it; a cancelling one cancelled;
+    a job that moved on meanwhile (failed at its time limit, requeued by the reaper) is left as it is. It is
+    not a lost attempt."""
+    from app.db import utcnow
+    from app.jobs import runs
+    from app.jobs.tables import Job, JobEvent
+
+    job_id = make_job(status, attempt=2, worker="gpu-3")
+    smaller = {"per_device_batch_size": 2, "gradient_accumulation_steps": 8}
+    assert runs.continue_smaller(session, job_id, 2, smaller, utcnow(), 3600.0) == became
+    assert runs.continue_smaller(session, job_id, 1, smaller, utcnow(), 3600.0) is None  # an older attempt's: fenced
+    session.commit()
+    session.expire_all()
+    job = session.get(Job, job_id)
+    assert job.status == {"requeued": "queued"}.get(became, became or status)
+    assert job.lost_workers == 0
+    training = job.spec["training"]
+    assert ({k: training[k] for k in smaller} == smaller) is spec_changed
+    if became:
+        (event,) = session.query(JobEvent).filter_by(job_id=job_id).all()
+        assert event.type == became and event.level == "warning"
+        if spec_changed:  # job_spec()'s micro-batch 4 x 4: the same 16 rows a step
+            assert "micro-batch 2 and gradient_accumulation_steps 8 (from 4 and 4: the same 16 rows" in event.message
