@@ -274,6 +274,10 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
         (b"PK\x03\x04\x14\x00\x06\x00rest\nmore\n", "the file is a zip archive"),
         (json.dumps([CHAT, CHAT]).encode(), "the file is one JSON array"),
         (json.dumps([CHAT, CHAT], indent=2).encode(), "the file is one JSON array"),
+        # Rows written with indent=, or another JSON file (a job spec) given as the dataset: one error, not one a line.
+        ((json.dumps(CHAT, indent=2) + "\n" + json.dumps(CHAT, indent=2)).encode(), "the file is pretty-printed JSON"),
+        (json.dumps({"base_model": "tiny-demo", "training": {"max_steps": 10}}, indent=2).encode(),
+         "the file is pretty-printed JSON"),
     ],
 )
 def test_a_file_that_is_not_jsonl_at_all_is_one_error_saying_what_it_is(tmp_path, data, says):

@@ -231,6 +231,11 @@ def _not_jsonl(first_line: bytes) -> str | None:
     if first_line.lstrip().startswith(b"["):
         return (f"the file is one JSON array, not JSONL: {_SAVE_AS_JSONL} (no [ ] around them, no commas between); "
                 "in Python: for row in rows: print(json.dumps(row), file=out)")
+    # A line of `{` alone is never a row: this is pretty-printed JSON (rows written with indent=, or another JSON
+    # file, a job spec, given as the dataset), whose every line would otherwise be an error of its own.
+    if first_line.strip() == b"{":
+        return (f"the file is pretty-printed JSON (an object spread over several lines), not JSONL: {_SAVE_AS_JSONL}; "
+                "in Python: for row in rows: print(json.dumps(row), file=out) (no indent=)")
     return None
 
 
