@@ -136,7 +136,7 @@ def check_can_queue(session: Session, settings: Settings, team_id: str) -> None:
         raise QuotaExceeded(
             f"max_queued: team {team.name!r} already has {queued} jobs queued, its limit is {limit}; a job "
             "leaves the queue when a worker starts it or when you cancel it (POST /jobs/{id}/cancel), or an "
-            "admin may raise the limit (qlora admin set-quota --max-queued)",
+            f"admin may raise the limit (qlora admin set-quota {team.name} --max-queued N)",
             details={"limit": "max_queued", "allowed": limit, "current": queued})
 
 
@@ -174,7 +174,7 @@ class StorageRoom:
             f"left, and {what}; nothing of this upload was kept. Delete what the team no longer needs: datasets "
             "(DELETE /datasets/{id}, or qlora datasets delete ID), finished jobs' checkpoints (DELETE "
             "/jobs/{id}/checkpoints) or artifacts (DELETE /jobs/{id}/artifacts/{kind}); or an admin may raise the "
-            "limit (qlora admin set-quota TEAM --storage-gib G)",
+            f"limit (qlora admin set-quota {self.team_name} --storage-gib G)",
             details={"limit": "storage_gib", "allowed_bytes": self.limit_bytes, "current_bytes": self.used_bytes,
                      "in_flight_bytes": others, "left_bytes": left})
 
