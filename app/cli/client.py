@@ -385,7 +385,9 @@ def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
     except OSError as exc:
         _fail(f"cannot read {spec}: {exc.strerror or exc}")
     except ValueError as exc:  # not UTF-8 either
-        _fail(f"{spec} is not valid JSON: {exc}")
+        from worker.training.spec import spec_file_error  # the engine's commands say it alike
+
+        _fail(spec_file_error(spec, exc))
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
     body["dataset_id"] = dataset

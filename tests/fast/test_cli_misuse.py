@@ -117,6 +117,23 @@ def test_a_spec_larger_than_the_api_takes_is_refused_unread(env, tmp_path):
     refused(qlora(env, "jobs", "preflight", str(spec), "--dataset", "0" * 32), "is larger than 16 MiB")
 
 
+def test_a_dataset_or_an_archive_given_as_the_spec_says_what_it_is(env, tmp_path):
+    """`qlora jobs create demo/train.jsonl` said only "Extra data: line 2 column 1 (char 150)"; an adapter.tar
+    given as the spec ended `qlora estimate` in a UnicodeDecodeError and `qlora train` in an UnboundLocalError."""
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n")
+    archive = tmp_path / "adapter.tar"
+    archive.write_bytes(b"adapter/\x00\x00" + bytes(range(128, 256)))
+    for_a_dataset = "it holds one JSON value per line, as a dataset (JSONL) does: a job spec is one JSON object"
+    refused(qlora(env, "jobs", "create", str(dataset), "--dataset", "0" * 32), for_a_dataset)
+    refused(qlora(env, "estimate", str(dataset)), for_a_dataset, code=2)
+    for_an_archive = "is not a JSON text file (byte 11 is not UTF-8)"
+    refused(qlora(env, "jobs", "create", str(archive), "--dataset", "0" * 32), for_an_archive)
+    refused(qlora(env, "estimate", str(archive)), for_an_archive, code=2)
+    refused(qlora(env, "train", str(archive), "--data", str(dataset), "--out", str(tmp_path / "run")), for_an_archive,
+            code=2)
+
+
 def test_unicode_prints_on_a_terminal_that_cannot_show_it(env, tmp_path):
     """PYTHONIOENCODING=ascii (or LC_ALL=POSIX without UTF-8 mode): a unicode name ended in a UnicodeEncodeError."""
     data = tmp_path / "lång-🦙.jsonl"

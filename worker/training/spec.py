@@ -307,11 +307,26 @@ class JobSpec(_Strict):
     def from_file(cls, path: str | Path) -> JobSpec:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise SpecError([("(file)", f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}")]) from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise SpecError([("(file)", spec_file_error(path, exc))]) from None
         if not isinstance(data, dict):
             raise SpecError([("(file)", f"{path} must hold a JSON object")])
         return cls.parse(data)
+
+
+def spec_file_error(path: str | Path, exc: ValueError) -> str:
+    """Why a spec file could not be read as JSON, with what it most likely is instead: the dataset or an archive
+    given where the spec goes (`qlora jobs create demo/train.jsonl`). The CLI's commands that read a spec say it alike."""
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"{path} is not a JSON text file (byte {exc.start + 1} is not UTF-8): a job spec is one JSON object, "
+                "such as demo/spec.json from `qlora demo-data`")
+    if isinstance(exc, json.JSONDecodeError):
+        hint = ""
+        if exc.msg == "Extra data" and exc.colno == 1:  # a value per line: JSONL
+            hint = ("; it holds one JSON value per line, as a dataset (JSONL) does: a job spec is one JSON object, "
+                    "and the data is given apart")
+        return f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}{hint}"
+    return f"{path} is not valid JSON: {exc}"
 
 
 MAX_ERRORS_SHOWN = 20
