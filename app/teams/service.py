@@ -106,8 +106,10 @@ def bearer_key_hash(headers: list[str]) -> str:
     if len(headers) > 1:
         raise Unauthorized(f"{len(headers)} Authorization headers: send one, 'Authorization: Bearer <key>'")
     authorization = headers[0] if headers else None
-    if not authorization or not authorization.lower().startswith("bearer "):
+    if not authorization:
         raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+    if not authorization.lower().startswith("bearer "):  # a key without its scheme, or Basic, Token ...
+        raise Unauthorized("the Authorization header is not 'Bearer <key>': send the header 'Authorization: Bearer <key>'")
     return hash_key(authorization[7:].strip())
 
 

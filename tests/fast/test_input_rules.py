@@ -249,3 +249,28 @@ def test_a_model_registration_with_a_nul_or_past_its_column_is_refused_naming_th
     with pytest.raises(ValidationError) as caught:
         ModelIn.model_validate({"name": "m", **{field: value}})
     assert caught.value.errors()[0]["loc"] == (field,)
+
+
+def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_form(client):
+    """`curl -F data=@train.jsonl` held the file as a plain field's value: past 64 KiB it answered 413, "the form's
+    fields and part headers are over 64.0 KiB in all" (the demo's 69 KB train.jsonl did), and under it "no file"."""
+    data = b'{"text": "the cow says moo"}\n' * 4000  # 120 KB
+    for path, form in (("/datasets", {}), ("/v1/files", {"purpose": "fine-tune"})):
+        for size in (len(data), 100):
+            response = client.post(path, files={"data": ("train.jsonl", data[:size])}, data=form)
+            assert response.status_code in (400, 422), (path, size, response.text)
+            said = response.json()["error"]["message"]
+            assert "no file in the multipart field 'file': the file came as the field 'data'; send it as 'file'" in said
+    assert client.get("/datasets").json()["data"] == []
+
+
+def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
+    """`Authorization: qlk_…` (the scheme forgotten) answered "missing API key", as if no key had been sent."""
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    for header in (key, f"Basic {key}"):
+        response = client.get("/quota", headers={"Authorization": header})
+        assert response.status_code == 401, response.text
+        assert "the Authorization header is not 'Bearer <key>'" in response.json()["error"]["message"]
+    del client.headers["Authorization"]
+    assert "missing API key" in client.get("/quota").json()["error"]["message"]
+    assert client.get("/quota", headers={"Authorization": f"Bearer {key}"}).status_code == 200
