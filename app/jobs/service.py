@@ -57,6 +57,9 @@ _FIELD_RULES = {
 
 def parse_create(body: Any) -> tuple[dict, JobSpec]:
     """Split a POST /jobs body into the job's own fields and the engine's spec; report every bad field at once."""
+    if isinstance(body, bytes | str):  # FastAPI hands over a body it did not read as JSON as it came
+        raise Invalid("the body was not sent as JSON: send the job spec plus dataset_id as a JSON object with the "
+                      "header 'Content-Type: application/json' (curl -H 'content-type: application/json' -d '{...}')")
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object: the job spec plus dataset_id and an optional name")
     try:

@@ -274,3 +274,22 @@ def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
     del client.headers["Authorization"]
     assert "missing API key" in client.get("/quota").json()["error"]["message"]
     assert client.get("/quota", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_a_job_sent_without_its_json_content_type_is_told_to_send_it(client):
+    """`curl -d '{...}'` without `-H 'content-type: application/json'` sends a form: the answer was "the body must be
+    a JSON object", about a body that was one."""
+    body = json.dumps({"dataset_id": "0" * 32, "base_model": "tiny-demo", "training": {"max_steps": 10}})
+    for path in ("/jobs", "/jobs/preflight"):
+        response = client.post(path, content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 422, response.text
+        assert "'Content-Type: application/json'" in response.json()["error"]["message"], response.text
+
+
+def test_a_missing_training_section_or_base_model_says_what_to_set():
+    """Pydantic's own message was all the answer said: "training: Field required"."""
+    for body, field, says in (({"base_model": "m"}, "training", "training.epochs or training.max_steps"),
+                              ({"training": {"max_steps": 1}}, "base_model", "a registered model (GET /models")):
+        with pytest.raises(SpecError) as refused:
+            JobSpec.parse(body)
+        assert says in dict(refused.value.errors)[field], refused.value.errors

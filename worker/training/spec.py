@@ -332,6 +332,13 @@ def spec_file_error(path: str | Path, exc: ValueError) -> str:
 MAX_ERRORS_SHOWN = 20
 
 
+# What a spec's required fields are, said where one is missing.
+_REQUIRED = {
+    "base_model": "required: the name of a registered model (GET /models, qlora admin list-models)",
+    "training": 'required: an object setting training.epochs or training.max_steps, e.g. {"max_steps": 100}',
+}
+
+
 def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
     """Turn pydantic errors into (dotted field, message + allowed range) pairs."""
     out: list[tuple[str, str]] = []
@@ -351,6 +358,9 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
             given = err["input"].get("type") if isinstance(err.get("input"), dict) else None
             out.append((".".join([*loc, "type"]), f"must be one of {', '.join(map(repr, METHODS))} "
                                                   f"(got {excerpt(given) if given is not None else 'none'})"))
+            continue
+        if err["type"] == "missing" and ".".join(loc) in _REQUIRED:  # pydantic says only "Field required"
+            out.append((".".join([*prefix, *loc]), _REQUIRED[".".join(loc)]))
             continue
         if err["type"] == "extra_forbidden":  # the field's name is the caller's: echoed as an excerpt too
             field = ".".join([*prefix, *loc[:-1], excerpt(loc[-1], quote=False)])
