@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Column, Table
+from typer.core import TyperGroup
 
 from app.cli.render import (
     Commands,
@@ -68,8 +69,26 @@ class _ClientCommands(Commands):
         return decorator
 
 
-datasets_commands = _ClientCommands(help="Check, upload, list and delete datasets (JSONL).", no_args_is_help=True)
-jobs_commands = _ClientCommands(help="Create, watch, cancel and download fine-tuning jobs.", no_args_is_help=True)
+class _ConnectionOptionsFirst(TyperGroup):
+    """`qlora jobs list --url URL` said only "No such option: --url": the option is the group's, given before
+    the verb. Said so, with the line that works."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context, which typer does not export
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as exc:  # typer's own click: its NoSuchOption is not public, its option_name is
+            option = getattr(exc, "option_name", None)
+            if option in ("--url", "--api-key"):
+                exc.message = (f"No such option: {option}: it goes before the command, "
+                               f"`qlora {ctx.info_name} {option} VALUE {ctx.invoked_subcommand or 'COMMAND'} ...`"
+                               f" (or set {'QLORA_URL' if option == '--url' else 'QLORA_API_KEY'})")
+            raise
+
+
+datasets_commands = _ClientCommands(help="Check, upload, list and delete datasets (JSONL).", no_args_is_help=True,
+                                    cls=_ConnectionOptionsFirst)
+jobs_commands = _ClientCommands(help="Create, watch, cancel and download fine-tuning jobs.", no_args_is_help=True,
+                                cls=_ConnectionOptionsFirst)
 
 API = "qlora.api"  # ctx.meta: the command's ApiClient, once `_api` made it
 INTERRUPTED = "qlora.interrupted"  # ctx.meta: what Ctrl-C leaves behind, for a command that changes something

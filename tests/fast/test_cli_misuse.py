@@ -60,6 +60,15 @@ def test_a_url_that_cannot_be_used_is_named_with_where_it_came_from(env, url, pr
     refused(qlora(env | {"QLORA_URL": url}, "jobs", "list"), problem)
 
 
+def test_url_or_key_after_the_verb_says_where_it_goes(env):
+    """`qlora jobs list --url URL` said only "No such option: --url", of an option the README lists."""
+    refused(qlora(env, "jobs", "list", "--url", "http://127.0.0.1:1"),
+            "No such option: --url: it goes before the command, `qlora jobs --url VALUE list ...`", code=2)
+    refused(qlora(env, "datasets", "list", "--api-key", GOOD_KEY),
+            "it goes before the command, `qlora datasets --api-key VALUE list ...` (or set QLORA_API_KEY)", code=2)
+    assert "goes before" not in qlora(env, "jobs", "list", "--bogus").stderr  # any other unknown option as before
+
+
 def test_an_empty_flag_is_refused_rather_than_replaced_by_another_identity(env):
     """`--api-key "$KEY"` with KEY unset used the environment's or the credentials file's key instead."""
     refused(qlora(env, "jobs", "--api-key", "", "list"), "--api-key is empty")
