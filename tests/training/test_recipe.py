@@ -416,8 +416,10 @@ def test_out_of_memory_at_a_step_continues_from_the_checkpoint_with_a_smaller_mi
     with pytest.raises(OutOfMemoryInTraining) as info:
         run(JobSpec.parse(data), demo_data["train"], tmp_path / "run", sink=events.append, extra_callbacks=(memory,))
     assert info.value.smaller == {"per_device_batch_size": 4, "gradient_accumulation_steps": 2}
-    said = [(e.type, e.level) for e in events if isinstance(e, Event) and e.type in ("failed", "out_of_memory")]
-    assert said == [("out_of_memory", "warning")]  # not the run's end where a worker runs it
+    said = [(e.type, e.level, e.message) for e in events if isinstance(e, Event) and e.type in ("failed", "out_of_memory")]
+    # Not the run's end where a worker runs it, and no "try ..." for what the worker does itself.
+    assert said == [("out_of_memory", "warning", "out of memory on cpu at step 7 with micro-batch 8 and max_seq_length 64")]
+    assert "try per_device_batch_size 4 with gradient_accumulation_steps 2" in str(info.value)  # `qlora train`'s end
 
     other = {**data, "training": {**data["training"], "per_device_batch_size": 4, "gradient_accumulation_steps": 4}}
     with pytest.raises(TrainingError, match="cannot resume: spec differ"):  # other rows per step: another run

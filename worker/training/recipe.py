@@ -505,9 +505,11 @@ class QLoRARecipe:
         except TrainingError as exc:
             if isinstance(exc, OutOfMemoryInTraining) and exc.smaller is not None:
                 # Not the job's end where a worker runs it: it continues from its newest checkpoint with a
-                # smaller micro-batch (worker/supervisor.py), and says so in the event that follows.
-                self.emit(Event(type="out_of_memory", level="warning", step=self.trainer.state.global_step,
-                                message=str(exc)))
+                # smaller micro-batch (worker/supervisor.py), and says so in the event that follows; what to
+                # try by hand is for the end of `qlora train`, the exception's message.
+                step = self.trainer.state.global_step
+                self.emit(Event(type="out_of_memory", level="warning", step=step,
+                                message=out_of_memory_at(self.spec, step + 1, self.device)))
             else:
                 self.emit(Event(type="failed", level="error", step=self.trainer.state.global_step, message=str(exc)))
             raise
@@ -734,13 +736,21 @@ def _fit_to_device(spec: JobSpec, base_path: Path, device: str, reference_adapte
         raise TrainingError(str(exc)) from None
 
 
+def out_of_memory_at(spec: JobSpec, step: int, device: str) -> str:
+    """Where a training step ran out of memory, and with what."""
+    t = spec.training
+    where = torch.cuda.get_device_name() if device == "cuda" else device
+    return f"out of memory on {where} at step {step} with micro-batch {t.per_device_batch_size} and max_seq_length {t.max_seq_length}"
+
+
 def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
+    """out_of_memory_at, and what to change."""
     t = spec.training
     hints = []
-    if t.per_device_batch_size > 1:
-        half = t.per_device_batch_size // 2
-        hints.append(f"per_device_batch_size {half} with gradient_accumulation_steps "
-                     f"{t.gradient_accumulation_steps * t.per_device_batch_size // half} (same effective batch)")
+    smaller = smaller_micro_batch(t)
+    if smaller is not None:
+        hints.append(f"per_device_batch_size {smaller['per_device_batch_size']} with gradient_accumulation_steps "
+                     f"{smaller['gradient_accumulation_steps']} (same effective batch)")
     hints.append(f"a shorter max_seq_length (now {t.max_seq_length})")
     if not t.gradient_checkpointing:
         hints.append("gradient_checkpointing true")
@@ -751,9 +761,7 @@ def out_of_memory_message(spec: JobSpec, step: int, device: str) -> str:
     if t.optimizer == "adamw_torch":
         hints.append("optimizer paged_adamw_8bit")
     hints.append("a GPU class with more memory")
-    where = torch.cuda.get_device_name() if device == "cuda" else device
-    return (f"out of memory on {where} at step {step} with micro-batch {t.per_device_batch_size} and "
-            f"max_seq_length {t.max_seq_length}; try " + ", or ".join(hints))
+    return f"{out_of_memory_at(spec, step, device)}; try " + ", or ".join(hints)
 
 
 def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, device: str, speedups: Speedups,
