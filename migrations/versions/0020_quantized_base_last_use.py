@@ -19,9 +19,13 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('quantized_bases', schema=None) as batch_op:
         batch_op.add_column(sa.Column('last_used_at', app.db.UTCDateTime(timezone=True), nullable=True))
-    # When an entry stored before this release was last loaded is not known: its creation is the closest mark
-    # there is, and counts as a use, so an upgrade does not prune at once what jobs loaded yesterday.
-    op.execute("UPDATE quantized_bases SET last_used_at = created_at")
+    # When an entry stored before this release was last loaded is not known. Its creation says nothing of it (the
+    # base every job uses may have been quantized months ago): taken as the last use, the reaper's first pass after
+    # the upgrade would prune every entry older than QLORA_QUANTIZED_CACHE_KEEP_DAYS, those jobs loaded yesterday
+    # too, and their next jobs would all quantize afresh. The upgrade counts as a use instead: an entry no job
+    # loads goes that many days later.
+    quantized_bases = sa.table('quantized_bases', sa.column('last_used_at', app.db.UTCDateTime(timezone=True)))
+    op.execute(quantized_bases.update().values(last_used_at=app.db.utcnow()))
     with op.batch_alter_table('quantized_bases', schema=None) as batch_op:
         batch_op.alter_column('last_used_at', existing_type=app.db.UTCDateTime(timezone=True), nullable=False)
 

@@ -195,15 +195,27 @@ def test_a_load_of_a_pruned_object_raises_object_not_found_which_the_worker_fall
         storage.download(gone.storage_key, settings.home / "x.tar", expected_sha256=gone.sha256)
 
 
-def test_the_migration_takes_an_existing_entrys_creation_as_its_last_use(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    command.upgrade(alembic_config(url), "0019")
-    engine = sa.create_engine(url)
+def test_the_upgrade_counts_as_an_existing_entrys_last_use_so_the_first_pass_after_it_keeps_an_old_entry(tmp_path):
+    """When an entry stored before migration 0020 was last loaded is not known. Taken from its creation (as first
+    written), the reaper's first pass after the upgrade deleted every entry stored over 30 days ago, the base
+    every job loads included, and each of their next jobs quantized afresh; from the upgrade, it goes 30 days
+    later if no job loads it meanwhile."""
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = make_settings(home)
+    command.upgrade(alembic_config(settings.database_url), "0019")
+    engine = sa.create_engine(settings.database_url)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO quantized_bases (id, key, storage_key, bytes, sha256, identity, created_at) "
                              "VALUES ('e1', :key, 'shared/quantized-bases/x', 10, :sha, '{}', '2026-01-02 03:04:05.000000')"),
                      {"key": "d" * 64, "sha": "0" * 64})
-    command.upgrade(alembic_config(url), "head")
-    with engine.begin() as conn:
-        assert conn.execute(sa.text("SELECT last_used_at FROM quantized_bases")).scalar_one() == "2026-01-02 03:04:05.000000"
     engine.dispose()
+    before = utcnow()
+    command.upgrade(alembic_config(settings.database_url), "head")
+    kept = entry(settings, "d" * 64)
+    assert kept is not None and before <= kept.last_used_at <= utcnow()
+    storage = storage_from_settings(settings)
+    assert ReaperThread(settings, storage).pass_once()["quantized_bases_pruned"] == 0
+    assert entry(settings, "d" * 64) is not None
+    with session_scope(settings.database_url) as session:  # unused for 30 days after the upgrade: pruned then
+        assert len(prune(session, storage, older_than_s=30 * 86400, now=utcnow() + 31 * DAY).entries) == 1
