@@ -140,6 +140,15 @@ def main(paths: list[str]) -> str:
         "planned step's checkpoint trains no step more.",
         "- Uploads stream into a temp file or an S3 multipart upload that only a commit makes visible; writes "
         "left open by a dead process are removed after `QLORA_STALE_UPLOAD_S`.",
+        "- A training step out of memory is not the job's end while its micro-batch can shrink: the worker queues "
+        "it again with the micro-batch divided by its smallest factor and the gradient accumulation multiplied "
+        "by it (the same rows at each step), written into its spec, and the next attempt resumes from the "
+        "newest checkpoint; it is not a lost attempt.",
+        "- The reaper prunes pre-quantized bases no job has loaded for `QLORA_QUANTIZED_CACHE_KEEP_DAYS` (30): the "
+        "row first, committed, then the object. A worker marks an entry used before it looks it up, so a prune "
+        "either went first (the lookup misses) or keeps it; a job whose entry vanishes as it downloads it "
+        "quantizes the base afresh, as for a damaged entry (tests/fast/test_quantized_cache_pruning.py, "
+        "tests/service/test_quantized_cache.py).",
         "",
         "Regenerate: see the docstring of `tests/faults/report.py`.",
     ]
