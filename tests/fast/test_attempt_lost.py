@@ -184,3 +184,23 @@ def test_out_of_memory_at_a_step_continues_the_job_with_a_smaller_micro_batch_in
         assert event.type == became and event.level == "warning"
         if spec_changed:  # job_spec()'s micro-batch 4 x 4: the same 16 rows a step
             assert "micro-batch 2 and gradient_accumulation_steps 8 (from 4 and 4: the same 16 rows" in event.message
+
+
+def test_a_job_whose_micro_batch_was_auto_continues_with_the_number_and_says_auto_chose_the_one_before(
+        session, settings, make_job):
+    from app.db import utcnow
+    from app.jobs import runs
+    from app.jobs.tables import Job, JobEvent
+
+    job_id = make_job("running", attempt=1, worker="gpu-3")
+    job = session.get(Job, job_id)
+    job.spec = {**job.spec, "training": {**job.spec["training"], "per_device_batch_size": "auto"}}
+    session.commit()
+    smaller = {"per_device_batch_size": 8, "gradient_accumulation_steps": 8}
+    assert runs.continue_smaller(session, job_id, 1, smaller, utcnow(), 3600.0) == "requeued"
+    session.commit()
+    session.expire_all()
+    assert session.get(Job, job_id).spec["training"]["per_device_batch_size"] == 8  # what runs now, not "auto"
+    (event,) = session.query(JobEvent).filter_by(job_id=job_id).all()
+    assert ('micro-batch 8 and gradient_accumulation_steps 8 (from what per_device_batch_size "auto" chose: the same '
+            "64 rows") in event.message
