@@ -866,8 +866,9 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
         previous["spec"] = filled
     except (ValueError, TypeError):
         pass  # not a spec this version reads: it differs
-    changed = [k for k in manifest if (_rows_per_step(previous.get(k)) if k == "spec" else previous.get(k))
-               != (_rows_per_step(manifest[k]) if k == "spec" else manifest[k])]
+    def compared(key: str, value):
+        return _rows_per_step(value) if key == "spec" else value
+    changed = [k for k in manifest if compared(k, previous.get(k)) != compared(k, manifest[k])]
     if changed:
         raise TrainingError(
             f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
