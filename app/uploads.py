@@ -123,9 +123,10 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         part.filename = filename.decode("utf-8", "replace") if filename is not None else None
         part.buffer = []
         part.in_file = part.name == file_field and part.filename is not None
-        if part.filename is not None and not part.in_file:
+        if part.filename and not part.in_file:
             # A file under another name (`curl -F data=@train.jsonl`) would be held as a plain field's value and
-            # refused past 64 KiB as a form too large: say which field it came as, before more of it is read.
+            # refused past 64 KiB as a form too large: say which field it came as, before more of it is read. (An
+            # HTML form's file input left empty sends filename="" and nothing else: a plain, empty field.)
             raise Invalid(f"no file in the multipart field {file_field!r}: the file came as the field "
                           f"{excerpt(part.name)}; send it as {file_field!r} (curl -F {file_field}=@data.jsonl)")
         if part.in_file:

@@ -262,6 +262,13 @@ def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_fo
             said = response.json()["error"]["message"]
             assert "no file in the multipart field 'file': the file came as the field 'data'; send it as 'file'" in said
     assert client.get("/datasets").json()["data"] == []
+    # An HTML form's other file input left empty is no file: a browser sends it as filename="" with no bytes
+    # (httpx leaves an empty filename out, so the body is written here), and the upload goes through.
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="train.jsonl"\r\n\r\n' + data[:3000]
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="notes"; filename=""\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n\r\n--b--\r\n")
+    made = client.post("/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert made.status_code == 201, made.text
 
 
 def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
