@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,6 +445,27 @@ def test_out_of_memory_at_a_step_continues_from_the_checkpoint_with_a_smaller_mi
     assert ours.keys() == theirs.keys()
     worst = max((ours[k] - theirs[k]).abs().max().item() / max(theirs[k].abs().max().item(), 1e-12) for k in ours)
     assert worst < 1e-4, worst  # 3e-6 measured; other rows at a step would be ~1e-2
+
+
+def test_the_eval_loss_is_per_token_whatever_the_micro_batch(tiny_model_dir, demo_data, tmp_path):
+    """The same run in micro-batches of 8, and of 4 with twice the accumulation (what an out-of-memory
+    continuation makes of it), evaluated on the same validation rows: the same eval loss, the rows' loss per
+    trained token. transformers weighs each eval batch's mean by its rows, so the batch size moved it."""
+    # Answers of different lengths, as real validation sets have (the demo's all have as many tokens).
+    rows = [json.loads(line) for line in Path(demo_data["validation"]).read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["messages"][-1]["content"] += " It says it again." * (i % 5)
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    losses = {}
+    for micro, accumulation in ((8, 1), (4, 2)):
+        data = short_spec(tiny_model_dir, max_steps=4, save_steps=1000, per_device_batch_size=micro,
+                          gradient_accumulation_steps=accumulation)
+        data["quantization"] = {**data.get("quantization", {}), "compute_dtype": "float32"}  # equal to float32's rounding
+        result = run(JobSpec.parse(data), demo_data["train"], tmp_path / str(micro),
+                     validation_path=validation)
+        losses[micro] = result.summary["eval_loss_final"]
+    assert losses[4] == pytest.approx(losses[8], rel=1e-5), losses
 
 
 def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_keeps_the_adapter(

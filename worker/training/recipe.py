@@ -97,6 +97,7 @@ from worker.training.report import (  # noqa: E402
     make_report,
     perplexity,
     reward_movement,
+    trained_targets,
 )
 from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
@@ -211,7 +212,22 @@ class TrainerGuards:
 
 
 class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
-    """trl's SFTTrainer with the recipe's guards."""
+    """trl's SFTTrainer with the recipe's guards, and an eval loss per token whatever the batch size.
+
+    transformers averages the eval batches' losses weighing each by its rows, and each is its batch's mean per
+    token: the eval loss then depends on the batch size (the micro-batch here; huggingface/transformers#39241),
+    so it moved when an out-of-memory continuation halved the micro-batch, and it was not the report's loss per
+    token (report.mean_loss). Dividing each batch's token sum by its rows times the eval set's mean tokens a row
+    instead (trl's num_items_in_batch), the rows' weighing gives the whole set's sum over its tokens."""
+
+    def __init__(self, *args, eval_targets_per_row: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_targets_per_row = eval_targets_per_row
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.model.training and num_items_in_batch is None and self.eval_targets_per_row:
+            num_items_in_batch = self.eval_targets_per_row * inputs["input_ids"].shape[0]
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
@@ -475,8 +491,15 @@ class QLoRARecipe:
                                         extra_files=[self.best.write_into])]
         if self.progress:
             callbacks.append(RichProgressCallback())
-        trainer = GuardedDPOTrainer if self.spec.method.type == "dpo" else GuardedSFTTrainer
+        per_method: dict[str, Any] = {}
+        if self.spec.method.type == "dpo":
+            trainer: type = GuardedDPOTrainer
+        else:
+            trainer = GuardedSFTTrainer
+            targets = sum(trained_targets(row) for row in self.val_rows)
+            per_method["eval_targets_per_row"] = targets / len(self.val_rows) if targets else None
         self.trainer = trainer(
+            **per_method,
             adapter_dtype=getattr(torch, self.spec.lora.dtype),
             model=self.model,
             args=_trainer_args(self.spec, self.staging, self.compute_dtype, self.device, self.speedups,
