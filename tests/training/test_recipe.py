@@ -450,7 +450,9 @@ def test_out_of_memory_at_a_step_continues_from_the_checkpoint_with_a_smaller_mi
 def test_the_eval_loss_is_per_token_whatever_the_micro_batch(tiny_model_dir, demo_data, tmp_path):
     """The same run in micro-batches of 8, and of 4 with twice the accumulation (what an out-of-memory
     continuation makes of it), evaluated on the same validation rows: the same eval loss, the rows' loss per
-    trained token. transformers weighs each eval batch's mean by its rows, so the batch size moved it."""
+    trained token, which the eval report measures row by row (its tuned loss: the adapter as trained, on all
+    48 rows). transformers weighs each eval batch's mean by its rows (by 1 where a padding-free batch is one
+    row, as with packing), so the batch size moved it: 5.5876 at micro-batch 8, 5.5818 at 4."""
     # Answers of different lengths, as real validation sets have (the demo's all have as many tokens).
     rows = [json.loads(line) for line in Path(demo_data["validation"]).read_text().splitlines()]
     for i, row in enumerate(rows):
@@ -458,14 +460,16 @@ def test_the_eval_loss_is_per_token_whatever_the_micro_batch(tiny_model_dir, dem
     validation = tmp_path / "validation.jsonl"
     validation.write_text("".join(json.dumps(row) + "\n" for row in rows))
     losses = {}
-    for micro, accumulation in ((8, 1), (4, 2)):
+    for name, micro, accumulation, packing in (("8", 8, 1, False), ("4", 4, 2, False), ("packed", 8, 1, True)):
         data = short_spec(tiny_model_dir, max_steps=4, save_steps=1000, per_device_batch_size=micro,
-                          gradient_accumulation_steps=accumulation)
+                          gradient_accumulation_steps=accumulation, packing=packing)
         data["quantization"] = {**data.get("quantization", {}), "compute_dtype": "float32"}  # equal to float32's rounding
-        result = run(JobSpec.parse(data), demo_data["train"], tmp_path / str(micro),
-                     validation_path=validation)
-        losses[micro] = result.summary["eval_loss_final"]
-    assert losses[4] == pytest.approx(losses[8], rel=1e-5), losses
+        data["eval"] = {"prompts": 1, "max_new_tokens": 2}  # the report's losses, little generation
+        result = run(JobSpec.parse(data), demo_data["train"], tmp_path / name, validation_path=validation)
+        losses[name] = result.summary["eval_loss_final"]
+        assert result.report["metrics"]["loss_rows"] == len(rows)
+        assert losses[name] == pytest.approx(result.report["metrics"]["tuned"]["loss"], rel=1e-5), name
+    assert losses["4"] == pytest.approx(losses["8"], rel=1e-5), losses
 
 
 def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_keeps_the_adapter(

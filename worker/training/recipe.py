@@ -97,10 +97,10 @@ from worker.training.report import (  # noqa: E402
     make_report,
     perplexity,
     reward_movement,
-    trained_targets,
 )
 from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
+    IGNORE_INDEX,
     encode_examples,
     encode_preferences,
     preferred_rows,
@@ -214,20 +214,36 @@ class TrainerGuards:
 class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
     """trl's SFTTrainer with the recipe's guards, and an eval loss per token whatever the batch size.
 
-    transformers averages the eval batches' losses weighing each by its rows, and each is its batch's mean per
-    token: the eval loss then depends on the batch size (the micro-batch here; huggingface/transformers#39241),
-    so it moved when an out-of-memory continuation halved the micro-batch, and it was not the report's loss per
-    token (report.mean_loss). Dividing each batch's token sum by its rows times the eval set's mean tokens a row
-    instead (trl's num_items_in_batch), the rows' weighing gives the whole set's sum over its tokens."""
+    transformers averages the eval batches' losses weighing each by its rows (by 1 where trl's padding-free
+    collator makes a batch one row), and each is its batch's mean per token: the eval loss then depends on the
+    batch size, the micro-batch here (huggingface/transformers#39241), so it moved when an out-of-memory
+    continuation halved the micro-batch, and it was not the report's loss per token (report.mean_loss). Here
+    each batch's token sum and count are added up as it is evaluated, and the eval loss is their quotient."""
 
-    def __init__(self, *args, eval_targets_per_row: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_targets_per_row = eval_targets_per_row
+    _eval_sums: list | None = None  # [summed loss, trained tokens] while an evaluation runs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.model.training and num_items_in_batch is None and self.eval_targets_per_row:
-            num_items_in_batch = self.eval_targets_per_row * inputs["input_ids"].shape[0]
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._eval_sums is not None and not self.model.training:
+            loss = result[0] if return_outputs else result
+            # The tokens trl's loss averages over: each label but a row's first (predicted from the ones before;
+            # a padding-free batch's later rows start with -100 too).
+            tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            self._eval_sums[0] += loss.detach().double() * tokens
+            self._eval_sums[1] += tokens
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums = [0.0, 0]
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            total, tokens = self._eval_sums
+        finally:
+            self._eval_sums = None
+        if f"{metric_key_prefix}_loss" in output.metrics and int(tokens):
+            output.metrics[f"{metric_key_prefix}_loss"] = float(total / tokens)
+        return output
 
 
 class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
@@ -491,15 +507,8 @@ class QLoRARecipe:
                                         extra_files=[self.best.write_into])]
         if self.progress:
             callbacks.append(RichProgressCallback())
-        per_method: dict[str, Any] = {}
-        if self.spec.method.type == "dpo":
-            trainer: type = GuardedDPOTrainer
-        else:
-            trainer = GuardedSFTTrainer
-            targets = sum(trained_targets(row) for row in self.val_rows)
-            per_method["eval_targets_per_row"] = targets / len(self.val_rows) if targets else None
+        trainer = GuardedDPOTrainer if self.spec.method.type == "dpo" else GuardedSFTTrainer
         self.trainer = trainer(
-            **per_method,
             adapter_dtype=getattr(torch, self.spec.lora.dtype),
             model=self.model,
             args=_trainer_args(self.spec, self.staging, self.compute_dtype, self.device, self.speedups,

@@ -152,7 +152,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
         "metrics": {
             "scored_rows": sum(row["reference"] is not None for row in rows),
             "loss_rows": len(loss_rows), "loss_rows_from": examples_from,
-            "loss_tokens": sum(trained_targets(row) for row in loss_rows),
+            "loss_tokens": sum(_trained_targets(row) for row in loss_rows),
             "base": _side_metrics(rows, "base", base_loss),
             "tuned": _side_metrics(rows, "tuned", tuned_loss),
         },
@@ -302,7 +302,7 @@ def mean_loss(model, rows: list[dict], autocast: torch.dtype | None) -> float | 
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for row in rows:
-        count = trained_targets(row)
+        count = _trained_targets(row)
         if not count:
             continue
         with _autocast(device, autocast):
@@ -313,7 +313,7 @@ def mean_loss(model, rows: list[dict], autocast: torch.dtype | None) -> float | 
     return total / tokens if tokens else None
 
 
-def trained_targets(row: dict) -> int:
+def _trained_targets(row: dict) -> int:
     """The tokens a row's loss averages over: labels past the first (each is predicted from the ones before)."""
     return sum(label != IGNORE_INDEX for label in row["labels"][1:])
 
