@@ -273,7 +273,6 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
         # Ended by the attempt itself meanwhile (its watch records a time limit, or a cancel or pause before
         # training, as the worker loses it): fenced by that state, a failed job was queued again or paused.
         return None
-    attempt, only_from = job.attempt, [job.status]  # the fence: only if nothing moved the job meanwhile
     now = utcnow()
     values: dict[str, Any]
     if job.status == states.CANCELLING:
@@ -298,19 +297,27 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
                                                            "lost_workers": job.lost_workers + 1}
         message = (f"{why}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={max_attempts}, "
                    "which resumes from the newest checkpoint")
-    if not repository.transition(session, job.id, outcome, attempt=attempt, only_from=only_from, **values):
+    return _end_attempt(session, job, outcome, level, message, values, ended_at, half_life_s)
+
+
+def _end_attempt(session: Session, job: Job, outcome: str, level: str, message: str, values: dict[str, Any],
+                 ended_at: datetime, half_life_s: float) -> str | None:
+    """Move the job from the state it was read in to `outcome`, fenced by that state and its attempt; record the
+    event, the attempt's end (usage), and queue again a paused job that was making way. What became of it, or
+    None when something else moved it first."""
+    if not repository.transition(session, job.id, outcome, attempt=job.attempt, only_from=[job.status], **values):
         return None
-    repository.add_event(session, job.id, "requeued" if outcome == states.QUEUED else outcome, level, message,
-                         attempt=attempt, step=job.step)
-    ledger.end(session, job.id, attempt, ended_at, outcome, half_life_s)
+    event = "requeued" if outcome == states.QUEUED else outcome
+    repository.add_event(session, job.id, event, level, message, attempt=job.attempt, step=job.step)
+    ledger.end(session, job.id, job.attempt, ended_at, outcome, half_life_s)
     if outcome == states.PAUSED:
-        requeue_if_preempted(session, job.id, attempt)
-    return "requeued" if outcome == states.QUEUED else outcome
+        requeue_if_preempted(session, job.id, job.attempt)
+    return event
 
 
 def continue_smaller(session: Session, job_id: str, attempt: int, training: dict[str, int], ended_at: datetime,
                      half_life_s: float) -> str | None:
-    """The attempt ran out of memory at a training step (its failed event says where): the job continues
+    """The attempt ran out of memory at a training step (its out_of_memory event says where): the job continues
     from its newest checkpoint with `training`, a smaller micro-batch and more gradient accumulation
     (worker/training/recipe.smaller_micro_batch: the same rows at each optimizer step), written into its spec.
     It is not a lost attempt: each retry halves the micro-batch or more, down to 1, where the job fails. A job
@@ -335,14 +342,7 @@ def continue_smaller(session: Session, job_id: str, attempt: int, training: dict
         outcome = states.QUEUED
         values.update(worker=None, dispatched_at=None)
         message = f"out of memory; queued again to continue from its newest checkpoint with {change}"
-    if not repository.transition(session, job_id, outcome, attempt=attempt, only_from=[job.status], **values):
-        return None
-    event = "requeued" if outcome == states.QUEUED else outcome
-    repository.add_event(session, job_id, event, "warning", message, attempt=attempt, step=job.step)
-    ledger.end(session, job_id, attempt, ended_at, outcome, half_life_s)
-    if outcome == states.PAUSED:
-        requeue_if_preempted(session, job_id, attempt)
-    return event
+    return _end_attempt(session, job, outcome, "warning", message, values, ended_at, half_life_s)
 
 
 def requeue_if_preempted(session: Session, job_id: str, attempt: int) -> bool:
