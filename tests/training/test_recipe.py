@@ -397,6 +397,19 @@ def test_out_of_memory_names_the_step_the_batch_and_what_to_change(tiny_model_di
     message = str(info.value)
     assert "out of memory on cpu at step 3 with micro-batch 8 and max_seq_length 64" in message
     assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in message
+    assert info.value.smaller == {"per_device_batch_size": 4, "gradient_accumulation_steps": 2}  # the worker goes on
+
+    # A team measuring a fixed micro-batch: the job's end, as a failure, with the same advice.
+    data = short_spec(tiny_model_dir)
+    data["training"]["on_out_of_memory"] = "fail"
+    events: list = []
+    with pytest.raises(TrainingError) as info:
+        run(JobSpec.parse(data), demo_data["train"], tmp_path / "fail", sink=events.append,
+            extra_callbacks=(RunOutOfMemory(),))
+    assert info.value.smaller is None
+    said = [(e.type, e.level) for e in events if isinstance(e, Event) and e.type in ("failed", "out_of_memory")]
+    assert said == [("failed", "error")]
+    assert "per_device_batch_size 4 with gradient_accumulation_steps 2" in str(info.value)
 
 
 def test_out_of_memory_at_a_step_continues_from_the_checkpoint_with_a_smaller_micro_batch_on_the_same_rows(

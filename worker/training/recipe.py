@@ -117,7 +117,8 @@ class TrainingError(RuntimeError):
 class OutOfMemoryInTraining(TrainingError):
     """Out of memory at a training step. `smaller`: the training fields that train the same rows at each
     optimizer step with a smaller micro-batch (smaller_micro_batch), for the worker to continue the job from
-    its newest checkpoint with them; None where the micro-batch is 1 already."""
+    its newest checkpoint with them; None where the micro-batch is 1 already, or the spec says to fail
+    (training.on_out_of_memory)."""
 
     def __init__(self, message: str, smaller: dict[str, int] | None):
         super().__init__(message)
@@ -532,8 +533,9 @@ class QLoRARecipe:
                 if not is_out_of_memory(exc):
                     raise
                 step = self.trainer.state.global_step + 1
+                go_on = self.spec.training.on_out_of_memory == "smaller_micro_batch"
                 raise OutOfMemoryInTraining(out_of_memory_message(self.spec, step, self.device),
-                                            smaller_micro_batch(self.spec.training)) from None
+                                            smaller_micro_batch(self.spec.training) if go_on else None) from None
         except TrainingError as exc:
             if isinstance(exc, OutOfMemoryInTraining) and exc.smaller is not None:
                 # Not the job's end where a worker runs it: it continues from its newest checkpoint with a

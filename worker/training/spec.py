@@ -150,6 +150,11 @@ class TrainingSpec(_Strict):
     # more MLP forward per layer per step; with lora.dropout > 0 the masks are drawn per chunk (the same
     # training in distribution, not step for step). "auto" as above.
     tiled_mlp: bool | Literal["auto"] = "auto"
+    # A training step that runs out of GPU memory (an estimate that fell short, a fragmented GPU):
+    # "smaller_micro_batch" goes on from the newest checkpoint with the micro-batch divided and the
+    # accumulation multiplied alike, the same rows at each optimizer step (README, "When things break");
+    # "fail" ends the job there, for a team measuring what a fixed micro-batch does.
+    on_out_of_memory: Literal["smaller_micro_batch", "fail"] = "smaller_micro_batch"
     # Off by default: learning to produce prompts wastes capacity and teaches the model to talk as the user.
     train_on_inputs: bool = False
     seed: int = Field(42, ge=0, le=2**32 - 1)
