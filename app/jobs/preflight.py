@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import shutil
 import tempfile
 import threading
 import time
@@ -195,8 +196,12 @@ class _Child:
     def __init__(self, target: Callable[[dict], dict]):
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
+        # What the child writes (the models' tokenizer files) goes under a directory this side removes
+        # when it stops the child: a child is killed, never asked to end, so it cannot clean up itself.
+        self._scratch = tempfile.mkdtemp(prefix="qlora-preflight-child-")
         # daemon: killed with the API process if it ends without closing the runner.
-        self._process = context.Process(target=_serve, args=(theirs, target), daemon=True, name="qlora-preflight")
+        self._process = context.Process(target=_serve, args=(theirs, target, self._scratch), daemon=True,
+                                        name="qlora-preflight")
         self._process.start()
         theirs.close()
         # The runner's close() and the preflight it interrupts both stop the child, at the same moment: closing
@@ -226,10 +231,14 @@ class _Child:
                 self._process.kill()
             self._process.join(5)
             self._conn.close()  # a second stop finds it closed: a no-op
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def _serve(conn: Connection, target: Callable[[dict], dict]) -> None:
-    """The child's loop: a report for each request, until the API closes its end."""
+def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str) -> None:
+    """The child's loop: a report for each request, until the API closes its end. `scratch`: where it
+    may write, removed by the API when the child stops."""
+    global _SCRATCH
+    _SCRATCH = scratch
     while True:
         try:
             inputs = conn.recv()
@@ -242,8 +251,9 @@ def _serve(conn: Connection, target: Callable[[dict], dict]) -> None:
         conn.send(answer)
 
 
-# In the child: the tokenizer files written once per content, by their digest.
+# In the child: the tokenizer files written once per content, by their digest, under its scratch directory.
 _TOKENIZER_DIRS: dict[str, str] = {}
+_SCRATCH: str | None = None
 
 
 def _in_child(inputs: dict) -> dict:
@@ -252,7 +262,7 @@ def _in_child(inputs: dict) -> dict:
     engine = importlib.import_module("worker.training.preflight")
     files, digest = inputs["tokenizer_files"], inputs["tokenizer_sha256"]
     if digest not in _TOKENIZER_DIRS:
-        directory = tempfile.mkdtemp(prefix="qlora-tokenizer-")
+        directory = tempfile.mkdtemp(prefix="tokenizer-", dir=_SCRATCH)
         for name, text in files.items():
             (Path(directory) / name).write_text(text, encoding="utf-8")
         _TOKENIZER_DIRS[digest] = directory

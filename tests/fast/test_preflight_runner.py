@@ -11,14 +11,20 @@ import time
 
 import pytest
 
+from app.jobs import preflight
 from app.jobs.preflight import NoReport, PreflightRunner
 
 
 def stand_in(inputs: dict) -> dict:
-    """Runs in the child: says it started (a file) when asked, sleeps as long as asked, fails when asked,
-    answers with its process id."""
+    """Runs in the child: says it started (a file) when asked, writes a file where a child may write (as
+    the tokenizer files are written) when asked, sleeps as long as asked, fails when asked, answers with its
+    process id (and the file's path)."""
     if "started" in inputs:
         open(inputs["started"], "w").close()
+    if inputs.get("write"):
+        path = os.path.join(preflight._SCRATCH, "tokenizer.json")
+        open(path, "w").close()
+        return {"pid": os.getpid(), "wrote": path}
     time.sleep(inputs.get("sleep_s", 0))
     if inputs.get("fail"):
         raise ValueError("a bug of the preflight")
@@ -99,3 +105,19 @@ def test_closing_stops_every_process_a_busy_one_included(runner, tmp_path):
     thread.join(10)
     assert gone(pid)
     assert outcome and "died" in str(outcome[0])
+
+
+def test_what_a_child_wrote_is_removed_when_it_is_stopped(runner):
+    """A child is killed, never asked to end, so it cannot remove the tokenizer files it wrote: before, each
+    child left a qlora-tokenizer-* directory in /tmp for good, at every timeout and every API stop."""
+    with runner.turn("team-a", wait_s=5) as ask:
+        first = ask(write=True)
+    assert os.path.exists(first["wrote"])
+    with runner.turn("team-a", wait_s=5) as ask, pytest.raises(NoReport, match="took longer"):
+        ask(sleep_s=600)  # stopped at its timeout
+    assert gone(first["pid"]) and not os.path.exists(os.path.dirname(first["wrote"]))
+    with runner.turn("team-a", wait_s=5) as ask:
+        kept = ask(write=True)
+    assert os.path.exists(kept["wrote"])
+    runner.close()  # the API stops
+    assert not os.path.exists(os.path.dirname(kept["wrote"]))
