@@ -20,13 +20,14 @@ from app.migrate import upgrade
 from app.models import service as models_service
 from app.teams import service as teams_service
 from tests import services
+from worker.training.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m app.cli` runs its code
 BUCKET = "qlora-test"
 
 # The GPU classes service tests send jobs to: served by a worker a test starts, or by none (to keep a
 # job queued). Each is named for this test session (see lane()).
-LANES = ("nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share")
+LANES = ("nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share", "claims")
 _SESSION = uuid.uuid4().hex[:6]
 
 
@@ -130,6 +131,12 @@ def stop_deployment(d: Deployment) -> None:
     for proc in d.procs:
         d.stop(proc, timeout=10)
     services.drop_postgres_database(d.settings.database_url)
+
+
+def stored_spec(base_model: str = "tiny", raw: dict | None = None) -> dict:
+    """A job's spec as the service stores it (every field, defaults filled in), for a job row a test writes
+    itself: the routes read it as they read any job's (/v1 lists a team's jobs with their hyperparameters)."""
+    return JobSpec.parse(raw or {"base_model": base_model, "training": {"max_steps": 4}}).model_dump(mode="json")
 
 
 def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 420,

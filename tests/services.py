@@ -55,9 +55,9 @@ def _postgres_ready() -> bool:
         return False
 
 
-def _redis_ready() -> bool:
+def _redis_ready(port: int = REDIS_PORT) -> bool:
     try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=2) as s:
+        with socket.create_connection((REDIS_HOST, port), timeout=2) as s:
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -90,15 +90,38 @@ def ensure_redis() -> None:
     _ensure("Redis", _redis_ready, REDIS_START, "/var/log/redis/ci.log")
 
 
-def stop_redis(timeout: float = 30) -> None:
-    """An outage, for the fault tests: shut Redis down (it keeps nothing on disk) and wait until it is gone."""
-    subprocess.run(["redis-cli", "-h", REDIS_HOST, "-p", str(REDIS_PORT), "shutdown", "nosave"],
-                   capture_output=True, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while _redis_ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError("Redis is still answering after shutdown")
-        time.sleep(0.2)
+class RedisServer:
+    """A Redis of one test session's own on a free loopback port, keeping nothing on disk: a fault test
+    stops it (an outage) and starts it again on the same port, without taking the broker away from the
+    other test process of the suite (`make test` runs two) or any other suite on the machine."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.url = f"redis://{REDIS_HOST}:{self.port}/0"
+        self._directory = directory
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self._directory / "redis.log", "ab")
+        self._proc = subprocess.Popen(
+            ["redis-server", "--bind", REDIS_HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self._directory)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _redis_ready(self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n"
+                                   + (self._directory / "redis.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def _admin_connection() -> psycopg.Connection:

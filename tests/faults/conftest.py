@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import services
 from tests.deployment import Deployment, start_deployment, stop_deployment, upload
 from worker.runner import FAULT_RELEASE
 
@@ -28,10 +29,19 @@ LANES = ("twice", "nobody-listens", "restart", "blip", "slow", "limited")
 
 
 @pytest.fixture(scope="session")
-def faulty(backing_services, tmp_path_factory, tiny_model_dir):
+def faults_redis(tmp_path_factory):
+    """The fault deployment's broker, its own: the Redis outage test stops it."""
+    redis = services.RedisServer(tmp_path_factory.mktemp("faults-redis"))
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture(scope="session")
+def faulty(backing_services, faults_redis, tmp_path_factory, tiny_model_dir):
     default = f"f{uuid.uuid4().hex[:8]}"  # queues no other test run listens to
     d = start_deployment(
-        tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir,
+        tmp_path_factory.mktemp("faults"), backing_services, tiny_model_dir, broker_url=faults_redis.url,
         heartbeat_deadline_s=HEARTBEAT_DEADLINE_S, reaper_interval_s=1, scheduler_interval_s=1, keep_checkpoints=2,
         max_upload_bytes=64 * 1024 * 1024, redispatch_after_s=REDISPATCH_AFTER_S, out_of_reach_wait_s=1,
         default_gpu_class=default, extra_gpu_classes=json.dumps([f"{default}-{name}" for name in LANES]),

@@ -335,7 +335,7 @@ def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_the_requeue(fault
                          "steps_lost": 0})
 
 
-def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_report):
+def test_redis_down_for_30_seconds_mid_job(faulty, faults_redis, tenant, dataset_id, fault_report):
     # The training process waits after step 20 until released, so the whole outage surely falls inside
     # the run however fast or slow this machine trains (a job sized to outlast it finished first on a
     # quiet machine, and missed its deadline on a busy one).
@@ -343,12 +343,12 @@ def test_redis_down_for_30_seconds_mid_job(faulty, tenant, dataset_id, fault_rep
     try:
         job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] > 0, 120, "training")
-        services.stop_redis()
+        faults_redis.stop()
         try:
             time.sleep(30)
             assert tenant.get(f"/jobs/{job['id']}").json()["status"] == "running"
         finally:
-            services.ensure_redis()
+            faults_redis.start()
         release(faulty, job["id"])
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]

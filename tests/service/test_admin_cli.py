@@ -15,7 +15,7 @@ from app.db import session_scope
 from app.operations.tables import Worker
 from app.teams.service import Caller, authenticate, hash_key
 from app.teams.tables import ApiKey
-from tests.deployment import ROOT
+from tests.deployment import ROOT, stored_spec
 
 
 def qlora(home, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -142,7 +142,7 @@ def test_status_names_each_queue_its_workers_and_its_wait(tmp_path):
 
     with session_scope(Settings(home=tmp_path).database_url) as session:
         team = create_team(session, "research")
-        session.add(Job(team_id=team.id, status="queued", base_model="tiny", spec={}, queue="gpu-default",
+        session.add(Job(team_id=team.id, status="queued", base_model="tiny", spec=stored_spec(), queue="gpu-default",
                         created_at=utcnow() - timedelta(minutes=12)))
         beat(session, "gpu-host:gpu0", "gpu-default", utcnow() - timedelta(hours=1))
     with session_scope(Settings(home=tmp_path).database_url) as session:

@@ -20,7 +20,7 @@ from playwright.sync_api import Page, expect
 
 from app.db import session_scope
 from app.teams import admin
-from tests.deployment import lane, upload
+from tests.deployment import lane, stored_spec, upload
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT_MS = 150_000
@@ -418,7 +418,7 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
 
     with session_scope(deployment.settings.database_url) as session:
         team_id = teams.team_by_name(session, "team-dashboard").id
-        job = Job(team_id=team_id, status="succeeded", base_model="tiny", queue="gpu-nobody", spec={}, name="long")
+        job = Job(team_id=team_id, status="succeeded", base_model="tiny", queue="gpu-nobody", spec=stored_spec(), name="long")
         session.add(job)
         session.flush()
         session.execute(insert(JobMetric), [{"job_id": job.id, "kind": "train", "step": step, "train_loss": 2 + 1 / step}

@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.tables import Artifact, Job
-from tests.deployment import lane, upload
+from tests.deployment import lane, stored_spec, upload
 from tests.service.test_cli_client import clean_env, qlora
 from tests.service.test_dashboard import page, sign_in  # noqa: F401 (page: the browser page fixture)
 from worker.training.protocol import EvalPoint, TrainPoint
@@ -54,7 +54,8 @@ def succeeded_job(deployment, team_key_owner: str, base_model: str = "tiny", ada
         from app.teams import repository as teams
 
         team = teams.team_by_name(session, team_key_owner)
-        job = Job(team_id=team.id, status=status, base_model=base_model, queue="gpu-nobody", spec=spec or {},
+        job = Job(team_id=team.id, status=status, base_model=base_model, queue="gpu-nobody",
+                  spec=stored_spec(base_model, spec),
                   name="sft")
         session.add(job)
         session.flush()

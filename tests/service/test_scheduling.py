@@ -141,7 +141,9 @@ def test_a_spent_budget_holds_a_job_with_the_reason_until_it_is_raised(deploymen
 def test_eight_concurrent_claims_start_no_more_than_max_running(deployment, demo_data):
     team = fresh_team(deployment, max_running=2)
     dataset_id = upload(team, demo_data["train"]).json()["id"]
-    body = {**job_body(dataset_id, 2), "gpu_class": lane("nobody")}  # no worker listens: the claims below are the test's
+    # A class of its own, which no worker serves: the claims below are the test's, and they find only its jobs
+    # (a claim takes the first job of the class in fair-share order, another test's waiting one included).
+    body = {**job_body(dataset_id, 2), "gpu_class": lane("claims")}
     with ThreadPoolExecutor(20) as pool:
         created = list(pool.map(lambda _: team.post("/jobs", json=body), range(20)))
     assert [r.status_code for r in created] == [201] * 20

@@ -15,7 +15,7 @@ import pytest
 from app.db import session_scope
 from app.jobs.tables import Job, JobAttempt
 from app.teams import repository as teams
-from tests.deployment import ROOT, upload
+from tests.deployment import ROOT, stored_spec, upload
 
 T = datetime(2025, 3, 1, tzinfo=UTC)  # a month long past: nothing else of these teams falls in it
 HOUR = 3600.0
@@ -32,7 +32,7 @@ def add_job(deployment, team: str, name: str, status: str, attempts: list[tuple[
     with session_scope(deployment.settings.database_url) as session:
         team_row = teams.team_by_name(session, team)
         assert team_row is not None
-        job = Job(team_id=team_row.id, name=name, status=status, spec={}, base_model="tiny", queue="nobody",
+        job = Job(team_id=team_row.id, name=name, status=status, spec=stored_spec(), base_model="tiny", queue="nobody",
                   attempt=len(attempts), trained_tokens=job_tokens)
         session.add(job)
         session.flush()
