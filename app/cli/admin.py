@@ -19,7 +19,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import Commands, JsonOption, err, name_column, number_column, out, plain, print_table, show
+from app.cli.render import (
+    Commands,
+    JsonOption,
+    err,
+    name_column,
+    number_column,
+    out,
+    plain,
+    print_job_list,
+    print_table,
+    show,
+)
 from app.text import counted
 
 commands = Commands(help="Administer teams, API keys, the model registry, stray objects in storage and the "
@@ -106,6 +117,28 @@ def list_teams(as_json: JsonOption = None) -> None:
         print_table(table)
 
     show(teams, table, as_json)
+
+
+@commands.command("list-jobs")
+def list_jobs(
+    team: str,
+    status: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, paused, ...).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    as_json: JsonOption = None,
+) -> None:
+    """List TEAM's jobs, newest first, as the team's own `qlora jobs list` shows them: a disabled team's too,
+    whose keys answer 401. On a pipe: a JSON array of them, as GET /admin/teams/{team}/jobs answers them."""
+    import json
+
+    from app.jobs.schemas import job_page_json
+    from app.teams import admin
+
+    def read(session) -> list[dict]:
+        found = admin.jobs_of_team(session, team, status, None, limit)
+        return json.loads(job_page_json(found.data, found.next_cursor))["data"]
+
+    jobs = _admin_call(read)
+    show(jobs, lambda: print_job_list(jobs), as_json)
 
 
 def _disabled_cell(team: dict):

@@ -35,6 +35,7 @@ from app.cli.render import (
     print_dataset,
     print_dataset_errors,
     print_job,
+    print_job_list,
     print_line_errors,
     print_preflight,
     print_report,
@@ -447,16 +448,7 @@ def jobs_list(
     """List the team's jobs, newest first. On a pipe: a JSON array of them, each as the API answers it."""
     with _api(ctx) as api:
         jobs = api.list_jobs(status, limit)
-
-    def table() -> None:
-        table = Table(id_column(), name_column("name"), status_column(), Column("steps", no_wrap=True),
-                      name_column("base model"), Column("created", no_wrap=True), Column("finished", no_wrap=True))
-        for j in jobs:
-            table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
-                          plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
-        print_table(table, optional=("finished", "created", "base model"))
-
-    show(jobs, table, as_json)
+    show(jobs, lambda: print_job_list(jobs), as_json)
 
 
 @jobs_commands.command("show")

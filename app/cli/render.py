@@ -172,6 +172,16 @@ def status_style(status: str) -> str:
             "running": "cyan"}.get(status, "white")
 
 
+def print_job_list(jobs: list[dict]) -> None:
+    """A page of jobs as GET /jobs answers it: `qlora jobs list`, and `qlora admin list-jobs TEAM`."""
+    table = Table(id_column(), name_column("name"), status_column(), Column("steps", no_wrap=True),
+                  name_column("base model"), Column("created", no_wrap=True), Column("finished", no_wrap=True))
+    for j in jobs:
+        table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
+                      plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
+    print_table(table, optional=("finished", "created", "base model"))
+
+
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 
 

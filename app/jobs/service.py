@@ -330,7 +330,12 @@ def _found(job: T | None, job_id: str) -> T:
 
 def view_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
     """list_page as plain rows, for GET /jobs."""
-    return page(repository.view_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
+    return team_view_page(session, caller.team_id, status, cursor, limit)
+
+
+def team_view_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> Page:
+    """A team's page of GET /jobs, whoever reads it: the team, or an admin (GET /admin/teams/{team}/jobs)."""
+    return page(repository.view_page(session, team_id, _status_filter(status), cursor, limit), limit)
 
 
 def _status_filter(status: str | None) -> str | None:

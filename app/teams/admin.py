@@ -27,7 +27,9 @@ from sqlalchemy.orm import Session
 from app.db import utcnow
 from app.errors import Conflict
 from app.jobs import repository as jobs
+from app.jobs import service as jobs_service
 from app.jobs import states
+from app.pagination import Page
 from app.quotas.service import lock_team, team_named
 from app.teams import repository
 from app.teams.schemas import TeamDisabled, TeamOut
@@ -61,6 +63,12 @@ def _overview(session: Session, teams: list[Team]) -> list[TeamOut]:
             paused=held.get(states.PAUSED, 0), gpu_hours_this_month=round(gpu_s.get(team.id, 0.0) / 3600, 4),
             storage_bytes=stored.get(team.id, 0)))
     return out
+
+
+def jobs_of_team(session: Session, name: str, status: str | None, cursor: str | None, limit: int) -> Page:
+    """The team's jobs as its own GET /jobs pages them, for an admin: once the team is disabled its keys
+    answer 401, and what it holds (queued, running, paused) is what the admin deciding about it must see."""
+    return jobs_service.team_view_page(session, team_named(session, name).id, status, cursor, limit)
 
 
 def show_team(session: Session, team: Team) -> TeamOut:

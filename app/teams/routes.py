@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.db import after_commit
 from app.deps import AdminDep, SessionDep
+from app.jobs.schemas import JobPage, job_page_json
 from app.routing import CheckedJSONRoute
 from app.teams import admin
 from app.teams.schemas import DisableTeam, TeamDisabled, TeamOut
@@ -27,6 +28,15 @@ def disable_team(team: str, request: Request, session: SessionDep, caller: Admin
     # This process forgets the team's keys once the change is committed; the others within QLORA_KEY_CACHE_S.
     after_commit(session, lambda: request.app.state.callers.forget_team(disabled.id))
     return disabled
+
+
+@router.get("/admin/teams/{team}/jobs", response_model=JobPage)
+def list_team_jobs(team: str, session: SessionDep, _: AdminDep, status: str | None = None, cursor: str | None = None,
+                   limit: int = 50):
+    """A team's jobs, newest first, paged as the team's own GET /jobs (admin keys): a disabled team's too,
+    whose keys answer 401. 404 for a team that does not exist."""
+    found = admin.jobs_of_team(session, team, status, cursor, limit)
+    return Response(job_page_json(found.data, found.next_cursor), media_type="application/json")
 
 
 @router.post("/admin/teams/{team}/enable", response_model=TeamOut)

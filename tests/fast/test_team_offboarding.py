@@ -274,3 +274,42 @@ def test_who_disabled_a_team_and_why_is_kept_and_told_to_the_team(settings, sess
     enabled = ops.post("/admin/teams/team-a/enable").json()
     assert (enabled["disabled_at"], enabled["disabled_by"], enabled["disabled_reason"]) == (None, None, None)
     assert team.get("/jobs").status_code == 200
+
+
+def test_an_admin_lists_a_disabled_teams_jobs_which_its_own_keys_cannot(settings, session, world):
+    """Before, a disabled team's jobs were counts in list-teams: its keys answer 401, and no admin route listed
+    another team's jobs, so an admin deciding what to do with it could not see which jobs it holds."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    team_a, caller_a = world["team-a"]
+    _, key_a = create_key(session, "team-a")
+    _, admin_b = create_key(session, "team-b", admin=True)
+    _, plain_b = create_key(session, "team-b")
+    session.commit()
+    queued = [add_job(session, team_a, age_s=60 - n) for n in range(3)]  # the newest last
+    paused = add_job(session, team_a, status=states.PAUSED, attempt=1)
+    add_job(session, world["team-b"][0])  # another team's: never in team-a's list
+    app = create_app(settings)
+    ops = TestClient(app, headers={"Authorization": f"Bearer {admin_b}"}, raise_server_exceptions=False)
+    team = TestClient(app, headers={"Authorization": f"Bearer {key_a}"}, raise_server_exceptions=False)
+    own = team.get("/jobs").json()
+    assert ops.post("/admin/teams/team-a/disable").status_code == 200
+    assert team.get("/jobs").status_code == 401
+
+    listed = ops.get("/admin/teams/team-a/jobs")
+    assert listed.status_code == 200, listed.text
+    assert [j["id"] for j in listed.json()["data"]] == [paused, *reversed(queued)]  # newest first, as GET /jobs
+    assert listed.json()["data"] == own["data"]  # the team's own page, field for field
+    assert [j["id"] for j in ops.get("/admin/teams/team-a/jobs", params={"status": "paused"}).json()["data"]] == [paused]
+    first = ops.get("/admin/teams/team-a/jobs", params={"limit": 2}).json()
+    rest = ops.get("/admin/teams/team-a/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [j["id"] for j in first["data"] + rest["data"]] == [paused, *reversed(queued)] and rest["next_cursor"] is None
+
+    bad = ops.get("/admin/teams/team-a/jobs", params={"status": "sleeping"})
+    assert bad.status_code == 422 and "status: must be one of" in bad.json()["error"]["message"]
+    missing = ops.get("/admin/teams/team-z/jobs")
+    assert missing.status_code == 404 and "no team 'team-z'" in missing.json()["error"]["message"]
+    not_admin = TestClient(app, headers={"Authorization": f"Bearer {plain_b}"}, raise_server_exceptions=False)
+    assert not_admin.get("/admin/teams/team-a/jobs").status_code == 403

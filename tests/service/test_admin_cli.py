@@ -14,7 +14,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.operations.tables import Worker
 from app.teams.service import Caller, authenticate, hash_key
-from app.teams.tables import ApiKey
+from app.teams.tables import ApiKey, Team
 from tests.deployment import ROOT, stored_spec
 
 
@@ -198,6 +198,26 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
             raise AssertionError("a disabled team's key still authenticates")
         except Unauthorized as refused:
             assert refused.code == "team_disabled" and "team 'research' is disabled" in refused.message
+    # Its jobs, which its own keys no longer list: as GET /jobs answers (and GET /admin/teams/{team}/jobs).
+    import app.datasets.tables  # noqa: F401  (the table a job's foreign keys name)
+    from app.jobs.tables import Job
+
+    with session_scope(url) as session:
+        research = session.scalars(select(Team).where(Team.name == "research")).one()
+        job = Job(team_id=research.id, status="paused", base_model="tiny", spec=stored_spec(), queue="gpu-default",
+                  name="[grant] run")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    jobs = qlora(tmp_path, "admin", "list-jobs", "research")
+    assert jobs.returncode == 0, jobs.stderr
+    assert [(j["id"], j["status"], j["name"]) for j in json.loads(jobs.stdout)] == [(job_id, "paused", "[grant] run")]
+    assert json.loads(qlora(tmp_path, "admin", "list-jobs", "research", "--status", "queued").stdout) == []
+    jobs_table = qlora(tmp_path, "admin", "list-jobs", "research", "--table").stdout
+    assert job_id in jobs_table and "[grant] run" in jobs_table and "paused" in jobs_table
+    nobody = qlora(tmp_path, "admin", "list-jobs", "nosuch")
+    assert nobody.returncode == 1 and "no team 'nosuch'" in nobody.stderr
+
     table = qlora(tmp_path, "admin", "list-teams", "--table")
     row = next(line for line in table.stdout.splitlines() if "research" in line)
     assert "since " in row and "since " not in next(line for line in table.stdout.splitlines() if "ops" in line)
