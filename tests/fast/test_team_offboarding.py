@@ -283,7 +283,7 @@ def test_an_admin_lists_a_disabled_teams_jobs_which_its_own_keys_cannot(settings
 
     from app.main import create_app
 
-    team_a, caller_a = world["team-a"]
+    team_a = world["team-a"][0]
     _, key_a = create_key(session, "team-a")
     _, admin_b = create_key(session, "team-b", admin=True)
     _, plain_b = create_key(session, "team-b")
