@@ -11,6 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,9 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(None, description="The store's address as users reach it, for "
                                                "download links; default the same as s3_endpoint_url.")
     s3_region: str = "us-east-1"
+    # The API's address as users reach it, behind a TLS proxy: the base of the URLs the API answers (app/urls.py).
+    public_url: str | None = Field(None, description="The API's address as users reach it (https://host[/path]); "
+                                   "default the address each request came to.")
     # Presigned download links live long enough to start a download, not to be shared around.
     presign_expires_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     broker_url: str = Field("", description="Celery broker; default a filesystem transport under $QLORA_HOME.")
@@ -189,6 +193,24 @@ class Settings(BaseSettings):
         # The environment's JSON is decoded by pydantic-settings; Settings(extra_gpu_classes='["a"]'),
         # as a process passes its environment on, needs it decoded here.
         return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        form = "http(s)://HOST[:PORT][/PATH], the API's address as users reach it"
+        parts = urlsplit(value)
+        if parts.username is not None:  # not echoed: it may hold a password
+            raise ValueError(f"QLORA_PUBLIC_URL must be {form}, with no user or password in it")
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+            well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            well_formed = False
+        if not well_formed or parts.query or parts.fragment or any(c.isspace() for c in value):
+            raise ValueError(f"QLORA_PUBLIC_URL must be {form}, with no query or fragment; got {value[:200]!r}")
+        return value.rstrip("/")  # the routes' paths begin with their own "/"
 
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:

@@ -29,6 +29,7 @@ from app.pagination import MAX_ID
 from app.ranges import RANGED, RangeDep, RangeRequest, stored_object_response
 from app.routing import CheckedJSONRoute
 from app.storage.base import Storage, StoredObject, attachment_disposition
+from app.urls import public_url_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=CheckedJSONRoute)
 
@@ -180,9 +181,10 @@ def delete_checkpoints(job_id: str, session: SessionDep, storage: StorageDep, ca
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
-def job_artifacts(job_id: str, request: Request, session: SessionDep, caller: CallerDep):
+def job_artifacts(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     return [ArtifactOut(kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
-                        download_url=str(request.url_for("download_artifact", job_id=a.job_id, kind=a.kind)))
+                        download_url=str(public_url_for(request, settings, "download_artifact", job_id=a.job_id,
+                                                        kind=a.kind)))
             for a in service.artifacts(session, caller, job_id)]
 
 
@@ -242,8 +244,8 @@ def artifact_link(job_id: str, kind: str, request: Request, session: SessionDep,
     so it asks here with its key and then navigates to the URL.
     """
     found = service.browser_download(session, storage, settings, caller, job_id, kind)
-    url = found.url or str(request.url_for("download_signed", job_id=found.artifact.job_id, kind=found.artifact.kind)
-                           .include_query_params(**(found.signed or {})))
+    url = found.url or str(public_url_for(request, settings, "download_signed", job_id=found.artifact.job_id,
+                                          kind=found.artifact.kind).include_query_params(**(found.signed or {})))
     return {"kind": found.artifact.kind, "bytes": found.artifact.bytes, "sha256": found.artifact.sha256,
             "filename": found.filename, "url": url}
 
