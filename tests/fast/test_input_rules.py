@@ -300,3 +300,27 @@ def test_a_missing_training_section_or_base_model_says_what_to_set():
         with pytest.raises(SpecError) as refused:
             JobSpec.parse(body)
         assert says in dict(refused.value.errors)[field], refused.value.errors
+
+
+def test_a_tool_calling_dataset_is_taken_and_a_bad_call_is_named_by_its_line(client):
+    """OpenAI's tool-calling rows upload as chat rows, natively and through /v1/files; a call of a tool the row
+    does not define makes the upload invalid, naming its line and what to add."""
+    tools = [{"type": "function", "function": {"name": "get_sound", "parameters": {"type": "object"}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}
+    row = {"tools": tools, "messages": [{"role": "user", "content": "What does the cow say?"},
+                                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                                        {"role": "tool", "tool_call_id": "call_1", "content": "moo"},
+                                        {"role": "assistant", "content": "The cow says moo."}]}
+    data = (json.dumps(row) + "\n").encode() * 3
+    made = client.post("/datasets", files={"file": ("tools.jsonl", data)})
+    assert made.status_code == 201, made.text
+    assert (made.json()["status"], made.json()["format"], made.json()["rows"]) == ("ready", "chat", 3)
+    made = client.post("/v1/files", files={"file": ("tools.jsonl", data)}, data={"purpose": "fine-tune"})
+    assert made.status_code == 200 and made.json()["status"] == "processed", made.text
+
+    wrong = {**row, "messages": [row["messages"][0], {**row["messages"][1], "tool_calls": [
+        {**call, "function": {"name": "get_weather", "arguments": "{}"}}]}]}
+    invalid = client.post("/datasets", files={"file": ("tools.jsonl", data + (json.dumps(wrong) + "\n").encode())}).json()
+    assert invalid["status"] == "invalid" and invalid["errors"] == [{"line": 4, "message": (
+        "messages[1]: tool_calls[0]: calls 'get_weather', which the row's \"tools\" do not define: the model would "
+        "learn to call a tool it was never shown; add its definition to the row's tools")}]

@@ -149,6 +149,85 @@ def test_qwen3_learns_the_reasoning_of_the_last_answer_in_full(base_tokenizer_di
     assert learned_runs(enc) == ["<think>\nCows moo.\n</think>\n\nThe cow.<|im_end|>"]
 
 
+SOUND = {"type": "function", "function": {"name": "get_sound", "description": "The sound an animal makes",
+                                          "parameters": {"type": "object", "properties": {"animal": {"type": "string"}}}}}
+# Mistral's template takes call ids of nine letters and digits.
+TOOL_ROW = {"tools": [SOUND], "messages": [
+    {"role": "user", "content": "What does the cow say?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call12345", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}]},
+    {"role": "tool", "tool_call_id": "call12345", "content": "moo"},
+    {"role": "assistant", "content": "The cow says moo."}]}
+
+# What TOOL_ROW teaches under the templates that know tools: the call in the family's own format with its end of
+# turn (Llama 3.1 names the arguments "parameters"), and the answer; nothing of the tools, the question or the
+# tool's result. Qwen 3 renders the call's turn differently when it is last (an empty thinking block): it is found
+# by its render's tail.
+CALLS_LEARNED = {
+    "default": ['<tool_call>{"name": "get_sound", "arguments": {"animal": "cow"}}</tool_call></s>', "The cow says moo.</s>"],
+    "llama3.1": ['{"name": "get_sound", "parameters": {"animal": "cow"}}<|eot_id|>', "The cow says moo.<|eot_id|>"],
+    "mistral-v3": ['[TOOL_CALLS] [{"name": "get_sound", "arguments": {"animal": "cow"}, "id": "call12345"}]</s>',
+                   " The cow says moo.</s>"],
+    "qwen2.5": ['<tool_call>\n{"name": "get_sound", "arguments": {"animal": "cow"}}\n</tool_call><|im_end|>\n',
+                "The cow says moo.<|im_end|>"],
+    "qwen3": ['<tool_call>\n{"name": "get_sound", "arguments": {"animal": "cow"}}\n</tool_call><|im_end|>\n',
+              "<think>\n\n</think>\n\nThe cow says moo.<|im_end|>"],
+}
+
+
+def tokenizer_of(family: str, base: Path, out: Path):
+    """`family`'s tokenizer; "default": the tiny tokenizer as built, with the engine's default template."""
+    if family != "default":
+        return dressed(base, family, out)
+    tok = AutoTokenizer.from_pretrained(base)
+    prepare_tokenizer(tok)
+    return tok
+
+
+@pytest.mark.parametrize("family", sorted(CALLS_LEARNED))
+def test_a_tool_call_is_learned_in_the_familys_own_format_and_the_tools_result_is_not(family, base_tokenizer_dir,
+                                                                                        tmp_path):
+    tok = tokenizer_of(family, base_tokenizer_dir, tmp_path)
+    [example] = validate_lines([json.dumps(TOOL_ROW).encode()]).examples
+    enc = encode_example(example, tok, max_seq_length=4096, train_on_inputs=False, pieces=True)
+    assert learned_runs(enc) == CALLS_LEARNED[family]
+    assert enc.input_ids[-1] == tok.eos_token_id and enc.eos_learned
+    # The tools' definitions are in the rendered prompt (the model learns to call what it was shown), unlearned.
+    assert '"get_sound"' in "".join(p for p, label in zip(enc.pieces, enc.labels, strict=True) if label == IGNORE_INDEX)
+    # A row may end with the call: the model learns to call and stop.
+    ending = {**TOOL_ROW, "messages": TOOL_ROW["messages"][:2]}
+    enc = encode_example(validate_lines([json.dumps(ending).encode()]).examples[0], tok, max_seq_length=4096,
+                         train_on_inputs=False, pieces=True)
+    last = CALLS_LEARNED[family][0].rstrip("\n")
+    if family == "qwen3":  # its empty thinking block opens the last turn, a call too
+        last = "<think>\n\n</think>\n\n" + last
+    assert learned_runs(enc) == [last] and enc.eos_learned
+
+
+@pytest.mark.parametrize(("family", "says"), [
+    # Templates that know no tools render the conversation without them, or refuse the tool's turn.
+    ("zephyr", "does not render the row's tools ('get_sound' is not in the conversation it renders): this model's "
+               "template knows no tool calling"),
+    ("phi3.5", "this model's template knows no tool calling"),
+    ("gemma2", "refuses this conversation: Conversation roles must alternate"),
+])
+def test_a_tool_calling_row_on_a_template_without_tools_is_refused_by_the_engine_and_the_preflight(
+        family, says, base_tokenizer_dir, tmp_path):
+    tok_dir = tmp_path / "tokenizer"
+    tok = dressed(base_tokenizer_dir, family, tok_dir)
+    data = tmp_path / "train.jsonl"
+    plain = {"messages": [{"role": "user", "content": "Who says moo?"}, {"role": "assistant", "content": "The cow."}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (plain, TOOL_ROW, plain)))
+    [_, example, _] = validate_lines(data.read_bytes().splitlines()).examples
+    with pytest.raises(TemplateError) as refused:
+        encode_example(example, tok, max_seq_length=512, train_on_inputs=False)
+    assert str(refused.value).startswith("line 2: ") and says in str(refused.value)
+    if "refuses" in says:  # the template's own words, then what a row with tools needs
+        assert "a row that calls tools needs a model whose template knows tool calling" in str(refused.value)
+    report = preflight(JobSpec.parse({"base_model": "m", "training": {"max_steps": 1}}), tok_dir, data)
+    assert report["train"]["template_refused_lines"] == [2] and report["train"]["template_refusal"] == str(refused.value)
+
+
 def test_a_preference_row_learns_each_answer_with_its_end_of_turn(base_tokenizer_dir, tmp_path):
     tok = dressed(base_tokenizer_dir, "chatml-vllm", tmp_path)
     pair = json.dumps({"prompt": [{"role": "user", "content": "Who says moo?"}], "chosen": "The cow.",

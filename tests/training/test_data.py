@@ -190,29 +190,86 @@ TOOLS = [{"type": "function", "function": {"name": "get_sound", "parameters": {"
 USER, ANSWER = {"role": "user", "content": "What does the cow say?"}, {"role": "assistant", "content": "The cow says moo."}
 
 
+CALLED = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "moo"}
+
+
+def test_a_tool_calling_row_is_read_with_its_tools_calls_and_results():
+    """OpenAI's tool-calling rows, as its fine-tuning takes them: the tools on the row, an assistant message whose
+    answer is a call (content null), the tool's result, the answer from it. The arguments, a JSON text in OpenAI's
+    form, become the mapping chat templates render."""
+    row = {"tools": TOOLS, "messages": [USER, CALLED, RESULT, ANSWER]}
+    [example] = validate_lines(lines(row)).examples
+    assert example.tools == tuple(TOOLS)
+    called, result = example.messages[1], example.messages[2]
+    assert (called.content, called.tool_calls[0].name, called.tool_calls[0].arguments, called.tool_calls[0].id) == (
+        "", "get_sound", {"animal": "cow"}, "call_1")
+    assert called.for_template()["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_sound", "arguments": {"animal": "cow"}}, "id": "call_1"}]
+    assert (result.role, result.content, result.tool_call_id) == ("tool", "moo", "call_1")
+    # A call may carry text too, arguments may come as a mapping, a call needs no id, a tool may answer nothing.
+    row = {"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": "Let me look.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_sound", "arguments": {"animal": "cow"}}}]},
+        {"role": "tool", "content": ""}, ANSWER]}
+    [example] = validate_lines(lines(row)).examples
+    assert example.messages[1].said() == 'Let me look. get_sound({"animal": "cow"})' and example.messages[2].content == ""
+
+
+def call(**function) -> dict:
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {**TOOL_CALL["function"], **function}}]}
+
+
 @pytest.mark.parametrize(
-    ("row", "names"),
-    [  # OpenAI's tool-calling rows: what the model would learn without the tools or the calls is another answer
-        ({"tools": TOOLS, "messages": [USER, ANSWER]}, '"tools"'),
-        ({"functions": [TOOLS[0]["function"]], "messages": [USER, ANSWER]}, '"functions"'),
-        ({"messages": [USER, {"role": "assistant", "content": "Let me look.", "tool_calls": [TOOL_CALL]}]},
-         'messages[1]: "tool_calls"'),
-        ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-                       {"role": "tool", "tool_call_id": "call_1", "content": "moo"}, ANSWER]},
-         'messages[1]: "tool_calls"'),
+    ("row", "says"),
+    [  # what would teach another answer than the row's, or cannot be rendered, named with the fix
+        ({"messages": [USER, CALLED, RESULT, ANSWER]}, "tool_calls[0]: calls 'get_sound', which the row's \"tools\" do not define"),
+        ({"tools": TOOLS, "messages": [USER, call(name="bark")]}, "calls 'bark', which the row's \"tools\" do not define"),
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"animal": ')]}, '"arguments": not valid JSON'),
+        ({"tools": TOOLS, "messages": [USER, call(arguments="[1, 2]")]}, '"arguments" must be a JSON object'),
+        ({"tools": TOOLS, "messages": [USER, call(name="get sound")]}, "must be 1 to 64 letters, digits, _ or -"),
+        # The arguments' JSON text is read as the row is: what would break a later reader is refused, not a 500.
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"a": ' * 5000 + "1" + "}" * 5000)]},
+         '"arguments": arrays or objects nested too deeply to read'),
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"a": ' * 65 + "1" + "}" * 65)]},
+         '"arguments": nested more than 64 levels deep'),
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"animal": "cow", "animal": "dog"}')]},
+         "\"arguments\": the key 'animal' appears twice in one object"),
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"animal": "\\ud800"}')]},
+         '"arguments": a \\uXXXX escape of half a surrogate pair'),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a": ' * 70 + "{}" + "}" * 70)}}],
+          "messages": [USER, ANSWER]}, '"tools"[0]: nested more than 64 levels deep'),
+        ({"tools": TOOLS, "messages": [USER, RESULT, ANSWER]}, "messages[1]: a tool message answers a call"),
+        ({"tools": TOOLS, "messages": [USER, CALLED, {**RESULT, "tool_call_id": "call_9"}, ANSWER]},
+         "messages[2]: \"tool_call_id\" 'call_9' is not the id of a call of the assistant message before it ('call_1')"),
+        ({"tools": TOOLS, "messages": [USER, CALLED, RESULT]}, "the last message is from tool"),
+        ({"tools": TOOLS, "messages": [USER, CALLED, {**RESULT, "weight": 0}, ANSWER]},
+         "messages[2]: weight is only allowed on assistant messages"),
+        ({"tools": TOOLS, "messages": [{**USER, "tool_calls": [TOOL_CALL]}, ANSWER]},
+         "messages[0]: \"tool_calls\" are made by assistant messages only"),
+        ({"tools": [TOOLS[0], TOOLS[0]], "messages": [USER, ANSWER]}, "\"tools\"[1]: the name 'get_sound' is defined twice"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{n}"}} for n in range(129)], "messages": [USER, ANSWER]},
+         "\"tools\" holds 129 tools; at most 128"),
+        ({"tools": [{"type": "retrieval"}], "messages": [USER, ANSWER]}, "\"tools\"[0]: must be {\"type\": \"function\""),
+        ({"tools": {"get_sound": {}}, "messages": [USER, ANSWER]}, "\"tools\" must be a list"),
+        # OpenAI's legacy function calling: said how to write it today
+        ({"functions": [TOOLS[0]["function"]], "messages": [USER, ANSWER]}, "legacy function calling is not read"),
         ({"messages": [USER, {"role": "assistant", "content": "ok", "function_call": TOOL_CALL["function"]}]},
-         'messages[1]: "function_call"'),
-        ({"messages": [USER, {"role": "tool", "tool_call_id": "call_1", "content": "moo"}, ANSWER]},
-         "messages[1]: role 'tool'"),
+         "messages[1]: OpenAI's legacy function calling"),
+        ({"messages": [USER, {"role": "function", "name": "get_sound", "content": "moo"}, ANSWER]},
+         "messages[1]: OpenAI's legacy function calling"),
+        # preference rows: tool calling is trained from chat rows
         ({"input": {"messages": [USER], "tools": TOOLS}, "preferred_output": [ANSWER],
-          "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools"'),
+          "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools": tool calling is trained from chat rows'),
+        ({"input": {"messages": [USER]}, "preferred_output": [{**ANSWER, "tool_calls": [TOOL_CALL]}],
+          "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tool_calls": tool calling is trained from chat rows'),
     ],
 )
-def test_a_tool_calling_row_is_refused_naming_what_would_be_left_out(row, names):
+def test_a_tool_calling_row_that_cannot_be_trained_as_it_says_is_refused_naming_what(row, says):
     with pytest.raises(DataError) as info:
         validate_lines(lines(b"", row))  # the blank line 1 is skipped
     [error] = info.value.errors
-    assert error.line == 2 and names in error.message and "tool calling is not supported" in error.message, error
+    assert error.line == 2 and says in error.message, error
 
 
 def test_empty_tool_fields_change_nothing_and_are_accepted():

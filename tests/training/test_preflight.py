@@ -42,17 +42,18 @@ def test_a_dataset_whose_answers_all_sit_past_max_seq_length_is_refused_with_the
 
 
 def test_a_stored_dataset_the_trainer_would_now_refuse_is_a_refusal_naming_its_line(tiny_model_dir, demo_data, tmp_path):
-    """A dataset stored `ready` under rules since tightened (its tool calls were dropped silently then): the trainer
-    reads it with today's and would fail after the queue, so the preflight refuses the job, naming the line."""
-    data = tmp_path / "with_tools.jsonl"
+    """A dataset stored `ready` under rules since tightened (OpenAI's legacy function calls were dropped silently
+    then): the trainer reads it with today's and would fail after the queue, so the preflight refuses the job,
+    naming the line."""
+    data = tmp_path / "with_functions.jsonl"
     data.write_text(Path(demo_data["train"]).read_text() + json.dumps(
-        {"tools": [{"type": "function", "function": {"name": "f"}}],
+        {"functions": [{"name": "f"}],
          "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     line = len(data.read_text().splitlines())
     spec = JobSpec.parse(short_spec(tiny_model_dir))
     for report in (preflight(spec, tiny_model_dir, data), preflight(spec, tiny_model_dir, demo_data["train"], validation_path=data)):
         [refusal] = report["refusals"]
-        assert f"line {line}: \"tools\": tool calling is not supported" in refusal and "upload it again" in refusal, refusal
+        assert f"line {line}: \"functions\": OpenAI's legacy function calling" in refusal and "upload it again" in refusal, refusal
 
 
 def test_the_example_shows_train_on_inputs_mistaken(tiny_model_dir, demo_data):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from worker.training.data import Example, Message
+from worker.training.data import Example, Message, validate_lines
 from worker.training.model import dequantized_on_cpu, load_base_model
-from worker.training.protocol import Event
+from worker.training.protocol import Event, TrainPoint
 from worker.training.recipe import run
 from worker.training.report import (
     LOSS_MAX_ROWS,
@@ -31,7 +31,7 @@ from worker.training.report import (
     token_f1,
 )
 from worker.training.spec import JobSpec
-from worker.training.tiny import demo_spec
+from worker.training.tiny import ANIMAL_SOUNDS, demo_spec, write_jsonl
 
 
 def spec_for(model_dir, **sections) -> JobSpec:
@@ -330,3 +330,67 @@ def test_layers_whose_forward_was_already_wrapped_get_that_forward_back(tiny_mod
         assert layers == 4 * 7 and layer.forward is not hooked
         base(input_ids=torch.tensor([[3, 4, 5]]))
     assert layer.forward is hooked
+
+
+SOUND = {"type": "function", "function": {"name": "get_sound", "parameters": {
+    "type": "object", "properties": {"animal": {"type": "string"}}, "required": ["animal"]}}}
+
+
+def tool_rows(animals: list[str], *, answered: bool) -> list[dict]:
+    """The demo task as tool calls: the assistant calls get_sound for the animal asked about, and (answered)
+    says the sound from the tool's result."""
+    rows = []
+    for n, animal in enumerate(animals):
+        calling = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{n}", "type": "function", "function": {"name": "get_sound",
+                                                                 "arguments": json.dumps({"animal": animal})}}]}
+        messages = [{"role": "user", "content": f"What does the {animal} say?"}, calling]
+        if answered:
+            messages += [{"role": "tool", "tool_call_id": f"call_{n}", "content": ANIMAL_SOUNDS[animal]},
+                         {"role": "assistant", "content": f"The {animal} says {ANIMAL_SOUNDS[animal]}."}]
+        rows.append({"tools": [SOUND], "messages": messages})
+    return rows
+
+
+def test_a_tool_call_row_prompts_with_its_tools_and_its_reference_is_the_call_as_the_model_writes_it(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = spec_for(tiny_model_dir, training={"max_seq_length": 512}, eval={"prompts": 1})
+    [calling] = validate_lines([json.dumps(tool_rows(["cow"], answered=False)[0]).encode()]).examples
+    [prompt] = choose_prompts(spec, [calling], tokenizer)
+    assert prompt.reference == '<tool_call>{"name": "get_sound", "arguments": {"animal": "cow"}}</tool_call>'
+    text = tokenizer.decode(prompt.input_ids)
+    assert text.startswith('<s><|tools|>\n{"type": "function", "function": {"name": "get_sound"')  # shown the tool
+    assert text.endswith("What does the cow say?\n<|assistant|>\n") and prompt.shown == "What does the cow say?"
+
+    # After the tool's result: the conversation so far, the call read as one, and the answer as the reference.
+    [answered] = validate_lines([json.dumps(tool_rows(["cow"], answered=True)[0]).encode()]).examples
+    [prompt] = choose_prompts(spec, [answered], tokenizer)
+    assert prompt.reference == "The cow says moo."
+    assert prompt.shown == 'user: What does the cow say?\nassistant: get_sound({"animal": "cow"})\ntool: moo'
+    assert tokenizer.decode(prompt.input_ids).endswith(
+        '<tool_call>{"name": "get_sound", "arguments": {"animal": "cow"}}</tool_call></s><|tool|>\nmoo\n<|assistant|>\n')
+
+
+def test_a_job_on_tool_calling_rows_trains_and_reports_the_calls(tiny_model_dir, tmp_path):
+    """OpenAI-format tool-calling rows through the whole engine: read, rendered with the tools, trained (the loss
+    falls), reported with the call as the reference, the adapter saved with the template that renders tools."""
+    animals = list(ANIMAL_SOUNDS)
+    train = write_jsonl(tool_rows(animals * 2, answered=False) + tool_rows(animals, answered=True), tmp_path / "t.jsonl")
+    valid = write_jsonl(tool_rows(animals[:4], answered=False), tmp_path / "v.jsonl")
+    spec = spec_for(tiny_model_dir, training={"max_steps": 12, "max_seq_length": 256, "per_device_batch_size": 8,
+                                              "logging_steps": 1, "eval_steps": 12, "save_steps": 12},
+                    output={"merge": False}, eval={"prompts": 2, "max_new_tokens": 32})
+    records = []
+    result = run(spec, train, tmp_path / "out", validation_path=valid, sink=records.append)
+    assert result.status == "succeeded", result
+    assert result.summary["data"]["train"]["truncated_rows"] == 0 and result.summary["data"]["train"]["dropped_rows"] == 0
+    losses = [r.train_loss for r in records if isinstance(r, TrainPoint)]
+    assert len(losses) == 12 and losses[-1] < losses[0] / 2, losses
+    # Each reported row's reference is the call for the animal its prompt asks about, as the template writes it.
+    rows = result.report["rows"]
+    def call_of(animal: str) -> str:
+        return '<tool_call>{"name": "get_sound", "arguments": {"animal": "' + animal + '"}}</tool_call>'
+
+    assert len(rows) == 2 and all(row["reference"] == call_of(row["prompt"].split()[3]) for row in rows), rows
+    # The adapter carries the template that renders tools: served by vLLM, the model is prompted as it trained.
+    assert "tool_call" in AutoTokenizer.from_pretrained(result.out_dir / "adapter").chat_template

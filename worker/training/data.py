@@ -2,7 +2,8 @@
 
 Five formats, detected from the first row and then required of every row:
   chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
-                     (content may also be OpenAI's text parts: [{"type": "text", "text": str}, ...])
+                     (content may also be OpenAI's text parts: [{"type": "text", "text": str}, ...]), and
+                     OpenAI's tool calling: "tools" on the row, "tool_calls" on assistant messages, role "tool"
   prompt_completion  {"prompt": str, "completion": str}
   alpaca             {"instruction": str, "input"?: str, "output": str}
   text               {"text": str}
@@ -13,8 +14,9 @@ Five formats, detected from the first row and then required of every row:
                                    "rejected": str | [one assistant message]}
 Every format but `text` becomes a conversation (user turn → assistant turn), so one chat template
 and one loss-masking rule serve them all; a preference row is its prompt conversation (ending with a
-user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored, but for OpenAI's
-tool-calling fields, which are refused (_refuse_tools, _message).
+user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored. Tool calling is
+read in chat rows only (_tools, _tool_calls); elsewhere, and in OpenAI's legacy form ("functions",
+"function_call"), it is refused (_refuse_tools, _message).
 """
 
 from __future__ import annotations
@@ -52,10 +54,37 @@ _FORMAT_SHAPES = {
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One call an assistant message makes: OpenAI's {"id", "type": "function", "function": {"name", "arguments"}}."""
+
+    name: str
+    arguments: dict  # OpenAI sends a JSON text; chat templates render a mapping (transformers' convention, vLLM's too)
+    id: str | None = None
+
+
+@dataclass(frozen=True)
 class Message:
-    role: str
-    content: str
+    role: str  # ROLES, or "tool": a tool's result, shown as context
+    content: str  # "" for an assistant message that only calls tools
     weight: int = 1  # 0 = an assistant turn shown as context but not learned
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (apply_chat_template's, and vLLM's at inference)."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments},
+                                      **({"id": c.id} if c.id is not None else {})} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    def said(self) -> str:
+        """Its text and its calls (name and arguments), as a reader reads them and repeats are compared."""
+        calls = " ".join(f"{c.name}({json.dumps(c.arguments, ensure_ascii=False, sort_keys=True)})"
+                         for c in self.tool_calls)
+        return f"{self.content} {calls}".strip() if calls else self.content
 
 
 @dataclass(frozen=True)
@@ -66,6 +95,12 @@ class Example:
     # preference format: the preferred and the other answer to `messages` (which ends with a user turn)
     chosen: str | None = None
     rejected: str | None = None
+    # chat rows that call tools: the tools they are shown, as OpenAI's {"type": "function", "function": {...}}
+    tools: tuple[dict, ...] = ()
+
+    def template_tools(self) -> list[dict] | None:
+        """The row's tools as a chat template takes them (None: the template renders no tools section)."""
+        return list(self.tools) or None
 
     def prompt(self) -> tuple[Message, ...] | None:
         """What the row asks: its messages before its last assistant turn (a preference row: all of them,
@@ -80,7 +115,8 @@ class Example:
     def chars(self) -> int:
         """The characters of its text, messages and answers: what tokenizing it costs."""
         return (len(self.text or "") + sum(len(m.content) for m in self.messages) + len(self.chosen or "")
-                + len(self.rejected or ""))
+                + len(self.rejected or "") + (len(json.dumps(self.tools)) if self.tools else 0)
+                + sum(len(json.dumps(c.arguments)) for m in self.messages for c in m.tool_calls))
 
 
 @dataclass(frozen=True)
@@ -145,23 +181,11 @@ class DatasetValidator:
         if not text.strip():
             return  # blank lines (a trailing newline, spacing) carry nothing
         try:
-            obj = DECODER_WITHOUT_REPEATS.decode(text)
-        except json.JSONDecodeError as exc:
-            return self._error(f"not valid JSON: {exc.msg} (column {exc.colno}){_json_error_hint(text, exc)}")
-        except RepeatedKey as exc:
-            return self._error(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
-                               "the two (Python's the last, silently), so what the row trains on would depend on "
-                               "the reader; write each key once")
-        # Valid JSON that Python's parser still refuses, with other exceptions than a decode error.
-        except RecursionError:
-            return self._error("arrays or objects nested too deeply to read (about 1000 levels at most)")
-        except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
-            return self._error(f"a number too long to read (more than {sys.get_int_max_str_digits()} digits)")
+            obj = read_json(text)
+        except ValueError as exc:
+            return self._error(str(exc))
         if not isinstance(obj, dict):
             return self._error(f"expected a JSON object, got {_json_kind(obj)}")
-        if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
-            return self._error("a \\uXXXX escape of half a surrogate pair (\\ud800-\\udfff without its other half) "
-                               "is no character: no tokenizer can read it; write the character itself, or both halves")
         fmt = detect_format(obj)
         missing = _missing_side(obj) if fmt is None else None
         if missing:
@@ -267,7 +291,30 @@ DECODER_WITHOUT_REPEATS = json.JSONDecoder(object_pairs_hook=_object_without_rep
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the escapes of d800-dfff: only these can leave half a pair
 
 
-def _lone_surrogate(obj: dict) -> bool:
+def read_json(text: str) -> Any:
+    """A JSON text as Python values, or ValueError saying why not and how to mend it: what does not parse,
+    and what Python's parser takes that would break a later reader (a key given twice, half a surrogate pair,
+    nesting or a number too deep or too long to read). A row is read with it, and a call's arguments in it."""
+    try:
+        value = DECODER_WITHOUT_REPEATS.decode(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno}){_json_error_hint(text, exc)}") from None
+    except RepeatedKey as exc:
+        raise ValueError(f"the key {excerpt(exc.key)} appears twice in one object: JSON readers keep one of "
+                         "the two (Python's the last, silently), so what the row trains on would depend on "
+                         "the reader; write each key once") from None
+    # Valid JSON that Python's parser still refuses, with other exceptions than a decode error.
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply to read (about 1000 levels at most)") from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise ValueError(f"a number too long to read (more than {sys.get_int_max_str_digits()} digits)") from None
+    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(value):
+        raise ValueError("a \\uXXXX escape of half a surrogate pair (\\ud800-\\udfff without its other half) "
+                         "is no character: no tokenizer can read it; write the character itself, or both halves")
+    return value
+
+
+def _lone_surrogate(obj: Any) -> bool:
     """Whether a key or string of the row holds half a surrogate pair: Python's parser takes the
     escape and makes a string that UTF-8, the tokenizer and the database's JSON reader all refuse."""
     try:
@@ -349,43 +396,133 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
     return value
 
 
-# OpenAI's tool-calling fields. A chat template renders them only where it knows tools, and a row trained
-# without them teaches another answer than the row's: the model learns to answer without the tools it was
-# shown, or to say an answer's text without the call it made. Empty ones (`"tools": []`) change nothing.
+# OpenAI's tool-calling fields outside chat rows, and its legacy form everywhere. A row trained without them
+# teaches another answer than the row's: the model learns to answer without the tools it was shown, or to
+# say an answer's text without the call it made. Empty ones (`"tools": []`) change nothing.
 _TOOL_ROW_KEYS = ("tools", "functions")
 _TOOL_MESSAGE_KEYS = ("tool_calls", "function_call")
 _TOOL_ROLES = ("tool", "function")
-_NO_TOOLS = ("tool calling is not supported: the model would train without the tools and their calls, "
-             "on another conversation than the row's; leave out rows that call tools, and the tool "
-             "definitions of rows whose answers do not")
+_NO_TOOLS = ("tool calling is trained from chat rows (method sft) only, as OpenAI's tools and tool_calls; "
+             "leave out preference rows that call tools, and the tool definitions of rows whose answers do not")
+_LEGACY = ('OpenAI\'s legacy function calling is not read: give the functions as "tools": [{"type": "function", '
+           '"function": {...}}], a call as "tool_calls": [{"type": "function", "function": {"name": ..., '
+           '"arguments": ...}}], a result as a message of role "tool"')
+MAX_TOOLS = 128  # OpenAI's limit on a request's tools
+# How deep a tool's parameters or a call's arguments may nest: far past any function's (JSON Schema nests a few
+# levels a property), and far below the ~1,000 where rendering them (tojson) would fail mid-training.
+MAX_TOOL_NESTING = 64
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 def _refuse_tools(obj: dict, where: str) -> None:
     """ValueError where a row (or a preference row's input) holds tool definitions."""
     for key in _TOOL_ROW_KEYS:
         if obj.get(key):
-            raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
+            raise ValueError(f'{where}"{key}": {_LEGACY if key == "functions" else _NO_TOOLS}')
 
 
-def _message(m: dict, i: int, where: str) -> tuple[str, str]:
+def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, str]:
     """A message's role and text, as every format's messages must have them: a known role, the system
-    message first alone, text content, no tool calls."""
+    message first alone, text content; with `tools` (a chat row's), role "tool" too and an assistant's
+    content may be empty where it calls tools (_tool_calls reads the calls), else no tool calling."""
     role = m.get("role")
-    if role in _TOOL_ROLES:
+    if role == "function" or m.get("function_call"):
+        raise ValueError(f"{where}{_LEGACY}")
+    if not tools and role in _TOOL_ROLES:
         raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
-    if role not in ROLES:
-        raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}")
+    if role not in ROLES and not (tools and role == "tool"):
+        raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}{', tool' if tools else ''}")
     if role == "system" and i != 0:
         raise ValueError(f"{where}a system message may only come first")
-    for key in _TOOL_MESSAGE_KEYS:
-        if m.get(key):
-            raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
+    if not tools and m.get("tool_calls"):
+        raise ValueError(f'{where}"tool_calls": {_NO_TOOLS}')
     content = m.get("content")
     if content is None and isinstance(m.get("refusal"), str):
         raise ValueError(f'{where}"refusal" is not trained: put its text in "content" (the words the model is to learn)')
+    # A call alone is a whole answer (OpenAI writes its content null), and a tool may answer nothing.
+    optional = role == "tool" or (role == "assistant" and bool(m.get("tool_calls")))
     if isinstance(content, list):
-        return role, _text({"content": _parts_text(content, where)}, "content", where=where)
-    return role, _text(m, "content", where=where)
+        return role, _text({"content": _parts_text(content, where)}, "content", where=where, required=not optional)
+    return role, _text(m, "content", where=where, required=not optional)
+
+
+def _tools(obj: dict) -> tuple[dict, ...]:
+    """A chat row's "tools", checked as OpenAI checks them: functions with a name, each once."""
+    given = obj.get("tools")
+    if not given:
+        return ()
+    if not isinstance(given, list):
+        raise ValueError(f'"tools" must be a list of {{"type": "function", "function": {{"name": ...}}}}, got {_json_kind(given)}')
+    if len(given) > MAX_TOOLS:
+        raise ValueError(f'"tools" holds {len(given)} tools; at most {MAX_TOOLS}')
+    names: set[str] = set()
+    for n, tool in enumerate(given):
+        where = f'"tools"[{n}]: '
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ValueError(f'{where}must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        name = _tool_name(tool["function"], where)
+        if name in names:
+            raise ValueError(f"{where}the name {excerpt(name)} is defined twice")
+        names.add(name)
+        parameters = tool["function"].get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ValueError(f'{where}"parameters" must be a JSON Schema object, got {_json_kind(parameters)}')
+        _not_too_deep(tool, where)
+    return tuple(given)
+
+
+def _tool_name(function: dict, where: str) -> str:
+    name = function.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise ValueError(f"{where}the function's name {excerpt(name)} must be 1 to 64 letters, digits, _ or -")
+    return name
+
+
+def _not_too_deep(value: Any, where: str) -> None:
+    """ValueError where `value` holds objects or arrays more than MAX_TOOL_NESTING deep (itself the first)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_TOOL_NESTING:
+            raise ValueError(f"{where}nested more than {MAX_TOOL_NESTING} levels deep; no function needs as many")
+        pending.extend((child, depth + 1) for child in children)
+
+
+def _tool_calls(m: dict, where: str, tools: tuple[dict, ...]) -> tuple[ToolCall, ...]:
+    """An assistant message's calls, each of one of the row's tools, its arguments a JSON object."""
+    given = m.get("tool_calls")
+    if not given:
+        return ()
+    if not isinstance(given, list):
+        raise ValueError(f'{where}"tool_calls" must be a list of calls, got {_json_kind(given)}')
+    defined = {tool["function"]["name"] for tool in tools}
+    calls = []
+    for n, call in enumerate(given):
+        at = f'{where}tool_calls[{n}]: '
+        if not isinstance(call, dict) or call.get("type", "function") != "function" \
+                or not isinstance(call.get("function"), dict):
+            raise ValueError(f'{at}must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+        name = _tool_name(call["function"], at)
+        if name not in defined:
+            raise ValueError(f"{at}calls {excerpt(name)}, which the row's \"tools\" do not define: the model would "
+                             "learn to call a tool it was never shown; add its definition to the row's tools")
+        arguments = call["function"].get("arguments", "{}")
+        if isinstance(arguments, str):  # OpenAI's form: the arguments as a JSON text
+            try:
+                arguments = read_json(arguments)
+            except ValueError as exc:
+                raise ValueError(f'{at}"arguments": {exc}') from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f'{at}"arguments" must be a JSON object (the call\'s named arguments), got {_json_kind(arguments)}')
+        _not_too_deep(arguments, f'{at}"arguments": ')
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ValueError(f'{at}"id" must be a string, got {_json_kind(call_id)}')
+        calls.append(ToolCall(name, arguments, call_id))
+    return tuple(calls)
 
 
 def _parts_text(parts: list, where: str) -> str:
@@ -403,7 +540,9 @@ def _parts_text(parts: list, where: str) -> str:
 
 
 def _parse_chat(obj: dict, line: int) -> Example:
-    _refuse_tools(obj, "")
+    if obj.get("functions"):
+        raise ValueError(f'"functions": {_LEGACY}')
+    tools = _tools(obj)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
@@ -412,13 +551,16 @@ def _parse_chat(obj: dict, line: int) -> Example:
         where = f"messages[{i}]: "
         if not isinstance(m, dict):
             raise ValueError(f"{where}must be an object with role and content")
-        role, content = _message(m, i, where)
+        role, content = _message(m, i, where, tools=True)
         weight = m.get("weight", 1)
         if "weight" in m and role != "assistant":
             raise ValueError(f"{where}weight is only allowed on assistant messages")
         if weight not in (0, 1) or isinstance(weight, bool):
             raise ValueError(f"{where}weight must be 0 or 1, got {excerpt(weight)}")
-        parsed.append(Message(role, content, weight))
+        calls = _tool_calls(m, where, tools) if role == "assistant" else ()
+        if role != "assistant" and m.get("tool_calls"):
+            raise ValueError(f'{where}"tool_calls" are made by assistant messages only, not by {role}')
+        parsed.append(Message(role, content, weight, calls, _answered_call(m, where, parsed) if role == "tool" else None))
     if not any(m.role == "assistant" for m in parsed):
         raise ValueError("no assistant message: there is nothing to learn")
     if parsed[-1].role != "assistant":
@@ -428,7 +570,24 @@ def _parse_chat(obj: dict, line: int) -> Example:
         )
     if not any(m.role == "assistant" and m.weight == 1 for m in parsed):
         raise ValueError("every assistant message has weight 0: there is nothing to learn")
-    return Example(line=line, messages=tuple(parsed))
+    return Example(line=line, messages=tuple(parsed), tools=tools)
+
+
+def _answered_call(m: dict, where: str, before: list[Message]) -> str | None:
+    """A tool message's tool_call_id, checked against the calls it answers: those of the assistant message
+    just before it (tool messages after it answer the same message's calls)."""
+    asking = next((p for p in reversed(before) if p.role != "tool"), None)
+    if asking is None or not asking.tool_calls:
+        raise ValueError(f"{where}a tool message answers a call: it must follow an assistant message with "
+                         '"tool_calls" (or another tool message)')
+    call_id = m.get("tool_call_id")
+    if call_id is None:
+        return None
+    ids = [c.id for c in asking.tool_calls]
+    if call_id not in ids:
+        raise ValueError(f'{where}"tool_call_id" {excerpt(call_id)} is not the id of a call of the assistant message '
+                         f"before it ({', '.join(excerpt(i) for i in ids if i is not None) or 'its calls have no id'})")
+    return call_id
 
 
 def _parse_prompt_completion(obj: dict, line: int) -> Example:

@@ -16,6 +16,7 @@ when both sides do (`rows_without_eos_by_side` counts each); the example shows t
 from __future__ import annotations
 
 import gc
+import json
 import math
 import re
 from collections import Counter
@@ -232,8 +233,9 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
     for example in examples:
         answers = [a for a in (example.chosen, example.rejected) if a is not None]
         prompts: list[str] = []
-        for m in example.messages:
-            (answers if m.role == "assistant" and m.weight != 0 else prompts).append(m.content)
+        for m in example.messages:  # a call's arguments are rendered into the text too, tools' definitions as well
+            (answers if m.role == "assistant" and m.weight != 0 else prompts).append(m.said())
+        prompts.extend(json.dumps(tool, ensure_ascii=False) for tool in example.tools)
         in_answers = {match.group() for content in answers for match in pattern.finditer(content)}
         in_row = in_answers | {match.group() for content in prompts for match in pattern.finditer(content)}
         if not in_row:
@@ -262,21 +264,22 @@ def _count_repeats(report: SetReport, examples: Sequence[Example], train: Said |
     if train is not None:
         report.rows_in_train = report.prompts_in_train = 0
     for example in examples:
-        messages = tuple((m.role, _plain_text(m.content), m.weight) for m in example.messages)
+        tools = json.dumps(example.tools, sort_keys=True) if example.tools else None  # shown with the prompt
+        messages = tuple((m.role, _plain_text(m.said()), m.weight) for m in example.messages)
         row = (messages, *(None if text is None else _plain_text(text)
-                           for text in (example.text, example.chosen, example.rejected)))
+                           for text in (example.text, example.chosen, example.rejected)), tools)
         first = said.rows.setdefault(row, example.line)
         if first != example.line:
             report.duplicate_rows += 1
             _note(report.duplicate_lines, example.line, first)
         if example.chosen is not None:  # a pair: the same prompt with the answers the other way round says the opposite
             report.contradicting_rows = report.contradicting_rows or 0
-            opposite = said.rows.get((*row[:2], row[3], row[2]))
+            opposite = said.rows.get((*row[:2], row[3], row[2], *row[4:]))
             if opposite is not None and row[2] != row[3]:  # answers differing only in case or spacing reverse themselves
                 report.contradicting_rows += 1
                 _note(report.contradicting_lines, example.line, opposite)
         prompt = example.prompt()  # the first of the messages: each said once, above
-        asked = None if prompt is None else tuple((role, text) for role, text, _ in messages[:len(prompt)])
+        asked = None if prompt is None else (tools, *((role, text) for role, text, _ in messages[:len(prompt)]))
         if asked is not None:
             said.prompts.setdefault(asked, example.line)
         if train is None:

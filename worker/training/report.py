@@ -48,7 +48,7 @@ from worker.training.merge import free_memory
 from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
-from worker.training.tokenization import IGNORE_INDEX
+from worker.training.tokenization import IGNORE_INDEX, ChatRenderer, render_conversation
 
 # Under the run's output directory; the service stores report/ as the job's "report" artifact.
 REPORT_PATH = Path("report") / "report.json"
@@ -212,7 +212,7 @@ def choose_prompts(spec: JobSpec, examples: list[Example], tokenizer) -> list[Pr
         # or plain text where the job trained on plain text.
         as_text = bool(examples) and examples[0].text is not None
         return [_text_prompt(text, tokenizer, limit) if as_text else
-                _chat_prompt([{"role": "user", "content": text}], None, None, tokenizer, limit)
+                _chat_prompt([{"role": "user", "content": text}], None, None, tokenizer, limit, shown=[("user", text)])
                 for text in spec.eval.prompts]
     count = min(spec.eval.prompts, len(examples))
     picked = sorted(random.Random(spec.training.seed).sample(range(len(examples)), count))
@@ -230,20 +230,32 @@ def _sampled_prompt(example: Example, max_new_tokens: int, tokenizer, limit: int
     prompt = example.prompt()
     assert prompt is not None  # a text row returned above
     # A preference row's reference is its preferred answer; a chat row's, the last assistant turn after its prompt.
-    reference = example.chosen if example.chosen is not None else example.messages[len(prompt)].content
-    shown = _chat_prompt([{"role": m.role, "content": m.content} for m in prompt], reference, example.line, tokenizer, limit)
+    reference = example.chosen if example.chosen is not None else _turn_reference(example, tokenizer)
+    shown = _chat_prompt([m.for_template() for m in prompt], reference, example.line, tokenizer, limit,
+                         shown=[(m.role, m.said()) for m in prompt], tools=example.template_tools())
     return replace(shown, rejected=example.rejected)
 
 
-def _chat_prompt(messages: list[dict], reference: str | None, line: int | None, tokenizer, limit: int) -> Prompt:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _turn_reference(example: Example, tokenizer) -> str:
+    """A chat row's last assistant turn as the model is to write it: its text, or where it calls tools, the
+    turn as the chat template renders it (the call in the model's own format, what its answer is compared
+    with), its special tokens (the end of the turn) left out as the answer's are."""
+    turn = example.messages[-1]
+    if not turn.tool_calls:
+        return turn.content
+    full, spans = render_conversation(example, ChatRenderer(tokenizer), train_on_inputs=False)
+    start, end = spans[-1]
+    ids = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _chat_prompt(messages: list[dict], reference: str | None, line: int | None, tokenizer, limit: int, *,
+                 shown: list[tuple[str, str]], tools: list[dict] | None = None) -> Prompt:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template adds BOS, as in training
     # One user turn reads best as its text; a longer conversation shows who said what, newest last.
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        shown = messages[0]["content"]
-    else:
-        shown = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return Prompt(_shown(shown, keep="end"), ids[-limit:], reference, line, len(ids) > limit)
+    said = shown[0][1] if len(shown) == 1 and shown[0][0] == "user" else "\n".join(f"{r}: {t}" for r, t in shown)
+    return Prompt(_shown(said, keep="end"), ids[-limit:], reference, line, len(ids) > limit)
 
 
 def _text_prompt(text: str, tokenizer, limit: int, ids: list[int] | None = None) -> Prompt:

@@ -30,10 +30,17 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 # Used only when the tokenizer has no template of its own. Zephyr-style role markers; BOS once at
 # the start; each assistant turn ends with EOS right after its content, so EOS closes what is learned.
+# Tools as Hermes' format has them (vLLM's `hermes` tool parser reads the calls back at inference): the
+# definitions first, a call as <tool_call>{"name": ..., "arguments": {...}}</tool_call> after the turn's text.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|tools|>\n' }}{% for tool in tools %}{{ (tool | tojson) + '\n' }}{% endfor %}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
@@ -216,10 +223,12 @@ class ChatRenderer:
     def special_texts(self) -> list[str]:
         return special_token_texts(self._tokenizer)
 
-    def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                 tools: list[dict] | None = None) -> str:
         # What Template.render does, on variables that already hold the globals (shared=True: none merged in again)
         context = self._template.new_context(
-            {**self._variables, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True)
+            {**self._variables, "messages": messages, "add_generation_prompt": add_generation_prompt, "tools": tools},
+            shared=True)
         return "".join(self._template.root_render_func(context))
 
     @functools.cached_property
@@ -233,12 +242,14 @@ class ChatRenderer:
         them: its own raise_exception (Gemma's "System role not supported", Llama 2's and Mistral's
         alternation), or an error of a template that did not expect such a row."""
         try:
-            return self(messages, add_generation_prompt=add_generation_prompt)
+            return self(messages, add_generation_prompt=add_generation_prompt, tools=example.template_tools())
         except self._refusals as exc:
             raise TemplateError(
                 f"line {example.line}: the model's chat template refuses this conversation: {excerpt(str(exc), quote=False)}; "
                 "its rules hold for every row (a template without a system role takes the system text at the start "
                 "of the first user message; one that needs alternating turns takes one message per role in turn)"
+                + ("; a row that calls tools needs a model whose template knows tool calling (its tool messages, "
+                   "its calls)" if example.tools else "")
             ) from None
 
 
@@ -357,7 +368,7 @@ def render_conversation(example: Example, render: ChatRenderer, *,
     leaves out or rewrites a message's text (the model would learn something else than the row says),
     and one whose generation prompt is not where the turn starts in the whole render.
     """
-    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    messages = [m.for_template() for m in example.messages]
     full = render.row(example, messages)
     check_every_message_rendered(example, full)
     spans = []
@@ -381,14 +392,38 @@ def render_conversation(example: Example, render: ChatRenderer, *,
         else:
             content = m.content.strip()
             found = full.find(content, start) if content else start
-            if found < 0:
+            # A call is formatted by the template, not found as the row's text: its turn as rendered last is.
+            end = _call_turn_end(full, upto, prompt, m) if m.tool_calls else None if found < 0 else found + len(content)
+            if end is None:
                 raise TemplateError(f"line {example.line}: assistant message {i + 1} cannot be located in the "
                                     "conversation as the model's chat template renders it, for the loss mask")
-            end = found + len(content)
         spans.append((start, _closed_turn(full, start, end, render.special_texts)))
     if train_on_inputs:
         return full, _outside(spans, len(full))
     return full, spans
+
+
+def _call_turn_end(full: str, upto: str, prompt: str, m: Message) -> int | None:
+    """Where an assistant turn that calls tools ends in the whole render, where the conversation rendered up to
+    it is not a prefix of the whole (Qwen 3 opens a last assistant turn with an empty thinking block): the end
+    of the longest tail of the turn, as rendered last, that the whole holds after the turn's start. None where
+    that tail is not the calls (all of them, and the turn's text, between the turn's start and that end)."""
+    if not upto.startswith(prompt):
+        return None
+    turn, start = upto[len(prompt):], len(prompt)
+    found, longest = 0, len(turn)  # a tail of length `found` is in the whole after start; none longer than `longest`
+    while found < longest:  # a tail found has every shorter tail found: bisect on the length
+        mid = (found + longest + 1) // 2
+        if full.find(turn[-mid:], start) >= 0:
+            found = mid
+        else:
+            longest = mid - 1
+    tail = turn[-found:] if found else ""
+    if m.tool_calls[-1].name not in tail:
+        return None
+    end = full.find(tail, start) + len(tail)
+    held = full[start:end]
+    return end if all(c.name in held for c in m.tool_calls) and m.content.strip() in held else None
 
 
 def _outside(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
@@ -405,6 +440,7 @@ def check_every_message_rendered(example: Example, full: str) -> None:
     Spacing aside (templates trim content, and Qwen 3 re-spaces a thinking block): what a template leaves out
     is lost silently otherwise. DeepSeek-R1's distilled models drop every `<think>` block from assistant
     turns, Qwen 3 those of all but the last turn, the first Phi-3-mini template every system message."""
+    _check_tools_rendered(example, full)
     at = 0
     for m in example.messages:  # most templates keep each text as it is, at most trimmed: found as it stands
         content = m.content.strip()
@@ -433,6 +469,25 @@ def check_every_message_rendered(example: Example, full: str) -> None:
                    if m.role == "system" else "train without it")
             )
         at = found + len(content)
+
+
+def _check_tools_rendered(example: Example, full: str) -> None:
+    """TemplateError where the render leaves out a tool the row defines or a call it makes (a tool's name, a
+    call's name or the names of its arguments): a template that knows no tools renders the conversation
+    without them, and the model would learn to answer without the tools, or the call's turn as an empty one."""
+    for tool in example.tools:
+        name = tool["function"]["name"]
+        if name not in full:
+            raise TemplateError(f"line {example.line}: the model's chat template does not render the row's tools "
+                                f"({excerpt(name)} is not in the conversation it renders): this model's template knows "
+                                "no tool calling, and the model would learn to answer without the tools it was shown")
+    for n, m in enumerate(example.messages, 1):
+        for call in m.tool_calls:
+            missing = next((word for word in (call.name, *call.arguments) if word not in full), None)
+            if missing is not None:
+                raise TemplateError(f"line {example.line}: the model's chat template leaves out the call to "
+                                    f"{excerpt(call.name)} of message {n} ({excerpt(missing)} is not in the "
+                                    "conversation it renders), so the model would learn another answer than the row's")
 
 
 def _first_difference(a: str, b: str) -> str:
