@@ -84,6 +84,11 @@ def disable_team(session: Session, name: str, *, caller: Caller | None = None, r
     # Its running jobs' rows first: one of them ending meanwhile takes its row, then the team's (usage.ledger).
     holding = jobs.worker_owned_of_team(session, team.id)
     team = lock_team(session, team.id)  # before any claim of its jobs reads it (scheduling.claim_next)
+    # A claim holds the team's row from its check until it commits, so one that was under way as the jobs
+    # above were read started a job they could not see: read them again now that no claim can start one
+    # (without this, that job trained to its end for a disabled team). Only its row is taken after the
+    # team's, and only a job that ended the instant it started would take them the other way round.
+    holding = jobs.worker_owned_of_team(session, team.id)
     _refuse_lockout(session, team, caller)
     if team.disabled_at is None:
         team.disabled_at = utcnow()
