@@ -6,7 +6,7 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -509,16 +509,18 @@ def pause(session: Session, caller: Caller, job_id: str) -> Job:
 
 def resume(session: Session, settings: Settings, caller: Caller, job_id: str) -> Job:
     """A paused job is queued again; the worker that claims it continues from its pause checkpoint.
-    It counts against max_queued as a new job does: else paused jobs, resumed together, passed it."""
-    if get(session, caller, job_id).status == states.PAUSED:
-        check_can_queue(session, settings, caller.team_id)
-    job = _request(session, caller, job_id, "resume")
+    It counts against max_queued as a new job does: else paused jobs, resumed together, passed it.
+    Checked on the status the queueing compare-and-set starts from, not a look before it: a job that
+    turned paused between the two (its worker's commit) was queued unchecked, past max_queued."""
+    job = _request(session, caller, job_id, "resume",
+                   before_queueing=lambda: check_can_queue(session, settings, caller.team_id))
     if job.status == states.QUEUED and job.dispatched_at is None:
         after_commit(session, lambda: send(settings, job.id, job.queue))
     return job
 
 
-def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job:
+def _request(session: Session, caller: Caller, job_id: str, request: str,
+             before_queueing: Callable[[], None] | None = None) -> Job:
     for _ in range(3):  # the job may change state under us (claimed, finished); look again
         job = get(session, caller, job_id)
         if request == "pause" and job.preempting and job.status in (states.PAUSING, states.PAUSED):
@@ -535,6 +537,8 @@ def _request(session: Session, caller: Caller, job_id: str, request: str) -> Job
         target, event, message = _REQUESTS[request][job.status]
         values: dict[str, Any] = {"finished_at": utcnow()} if target in states.FINISHED else {}
         if target == states.QUEUED:
+            if before_queueing is not None:
+                before_queueing()  # max_queued, under the team's row: the job is queued only from what was read
             # A person resumed it: its lost attempts count afresh (one paused after QLORA_MAX_ATTEMPTS
             # lost to a full disk would otherwise be paused again by the first loss after the resume).
             values.update(dispatched_at=None, lost_workers=0)

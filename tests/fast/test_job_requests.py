@@ -176,3 +176,30 @@ def test_resuming_a_paused_job_counts_against_max_queued_as_a_new_job_does(setti
     service.cancel(session, caller, queued)
     session.commit()
     assert service.resume(session, settings, caller, paused).status == QUEUED
+
+
+def test_a_job_that_turns_paused_as_it_is_resumed_still_counts_against_max_queued(settings, session, caller, make_job,
+                                                                               monkeypatch):
+    """resume() looked at the job (pausing: no quota to check), then its worker committed paused, and the
+    request queued it from there unchecked: a team at max_queued got one more job queued."""
+    job_id = make_job(PAUSING)
+    session.get(Team, caller.team_id).max_queued = 0
+    session.commit()
+    real_get, looks = service.get, []
+
+    def get(*args, **kwargs):
+        job = real_get(*args, **kwargs)
+        looks.append(job.status)
+        if len(looks) == 1:  # the worker's commit lands right after the first look
+            with open_session(settings) as other:
+                assert repository.transition(other, job_id, PAUSED, only_from=[PAUSING])
+                other.commit()
+        return job
+    monkeypatch.setattr(service, "get", get)
+    # Pausing as it was read: 409 (wait for paused), or, read paused, the quota's refusal; never queued past it.
+    with pytest.raises((Conflict, QuotaExceeded)):
+        service.resume(session, settings, caller, job_id)
+    session.rollback()
+    assert stored(settings, job_id)[0].status == PAUSED
+    with pytest.raises(QuotaExceeded, match="max_queued"):  # and paused now, the quota refuses it
+        service.resume(session, settings, caller, job_id)
