@@ -5,7 +5,6 @@ job of the team on a GPU, not left to train to its end for a disabled team."""
 from __future__ import annotations
 
 import threading
-import time
 
 from app.config import Settings
 from app.datasets.tables import Dataset
@@ -16,6 +15,7 @@ from app.models.tables import RegisteredModel
 from app.scheduling import service as scheduling
 from app.teams import admin
 from app.teams.service import create_key, create_team
+from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
 
@@ -51,7 +51,7 @@ def test_a_job_claimed_while_its_team_is_disabled_is_paused(database_url, tmp_pa
     assert claimed is not None and claimed.id == job_id
     thread = threading.Thread(target=disable)
     thread.start()
-    time.sleep(0.5)  # the disable has read the team's jobs on a GPU and waits for the team's row
+    wait_for_a_lock_wait(database_url, "the disable, on the team's row,")  # it has read the team's jobs on a GPU
     claim.commit()
     claim.close()
     thread.join(30)

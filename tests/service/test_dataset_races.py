@@ -9,11 +9,10 @@ dataset), or while the creation's transaction is still open."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from app.datasets import service as datasets
 from app.db import session_scope, sessionmaker_for
@@ -24,7 +23,7 @@ from app.jobs.tables import Job
 from app.storage.base import storage_from_settings
 from app.teams import repository as teams
 from app.teams.service import Caller
-from tests.deployment import upload
+from tests.deployment import upload, wait_for_a_lock_wait
 from worker.training.tiny import demo_spec
 
 
@@ -82,7 +81,7 @@ def test_a_delete_during_an_uncommitted_creation_waits_and_answers_409(deploymen
         job = jobs.create(session, settings, caller, job_body(dataset_id))
         deleting = threading.Thread(target=delete)
         deleting.start()
-        waiting_on_a_lock(settings.database_url)  # the delete waits for the creation's transaction
+        wait_for_a_lock_wait(settings.database_url, "the delete")  # it waits for the creation's transaction
         session.commit()
         deleting.join(30)
     finally:
@@ -97,11 +96,3 @@ def test_a_delete_during_an_uncommitted_creation_waits_and_answers_409(deploymen
     assert stored.dataset_id == dataset_id
 
 
-def waiting_on_a_lock(database_url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    with session_scope(database_url) as session:
-        while not session.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                       "AND wait_event_type = 'Lock'")).scalar():
-            assert time.monotonic() < deadline, "the delete never waited"
-            session.rollback()  # a fresh snapshot of pg_stat_activity
-            time.sleep(0.02)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from datetime import timedelta
 
 import pytest
 from openai import OpenAI
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 
 from app.cli.api_client import ApiClient
 from app.config import Settings
@@ -25,7 +24,7 @@ from app.jobs import service as jobs_service
 from app.jobs.tables import Job
 from app.models.tables import RegisteredModel
 from app.teams.service import Caller, create_key, create_team
-from tests.deployment import lane, upload
+from tests.deployment import lane, upload, wait_for_a_lock_wait
 from tests.model_configs import LLAMA3_8B
 from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
@@ -236,7 +235,7 @@ def test_two_creations_with_one_key_at_once_through_two_processes_make_one_job(d
         racer = threading.Thread(target=lambda: second.update(
             answer=jobs_service.create_once(second_session, settings, caller, payload, keyed)))
         racer.start()
-        wait_for_a_lock_wait(database_url)
+        wait_for_a_lock_wait(database_url, "the second creation, on the team's row,")
         first_session.commit()
         racer.join(30)
         job, replayed = second["answer"]
@@ -247,17 +246,6 @@ def test_two_creations_with_one_key_at_once_through_two_processes_make_one_job(d
         second_session.close()
     with session_scope(database_url) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
-
-
-def wait_for_a_lock_wait(database_url: str) -> None:
-    """Until a connection of this database waits on a row lock (pg_stat_activity)."""
-    deadline = time.monotonic() + 30
-    with session_scope(database_url) as session:
-        while not session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND wait_event_type = 'Lock'")):
-            assert time.monotonic() < deadline, "the second creation never waited on the team's row"
-            time.sleep(0.02)
-            session.rollback()  # a new snapshot of the statistics each look
 
 
 
