@@ -400,8 +400,6 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
 # teaches another answer than the row's: the model learns to answer without the tools it was shown, or to
 # say an answer's text without the call it made. Empty ones (`"tools": []`) change nothing.
 _TOOL_ROW_KEYS = ("tools", "functions")
-_TOOL_MESSAGE_KEYS = ("tool_calls", "function_call")
-_TOOL_ROLES = ("tool", "function")
 _NO_TOOLS = ("tool calling is trained from chat rows (method sft) only, as OpenAI's tools and tool_calls; "
              "leave out preference rows that call tools, and the tool definitions of rows whose answers do not")
 _LEGACY = ('OpenAI\'s legacy function calling is not read: give the functions as "tools": [{"type": "function", '
@@ -428,7 +426,7 @@ def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, 
     role = m.get("role")
     if role == "function" or m.get("function_call"):
         raise ValueError(f"{where}{_LEGACY}")
-    if not tools and role in _TOOL_ROLES:
+    if not tools and role == "tool":
         raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
     if role not in ROLES and not (tools and role == "tool"):
         raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}{', tool' if tools else ''}")

@@ -200,7 +200,7 @@ class ChatRenderer:
     these rows never need (looking the template up, copying each message into plain JSON types, rebuilding the
     special-token map), and most of a jinja render is merging the template's globals into the variables. Our
     messages are plain strings already, so running the template on the variables apply_chat_template gives it
-    (the special tokens; tools and documents unset), merged with the globals once, gives the same text in a
+    (the special tokens; a row's tools, documents unset), merged with the globals once, gives the same text in a
     tenth of the time; tests/training/test_tokenization.py holds the two equal."""
 
     def __init__(self, tokenizer):
