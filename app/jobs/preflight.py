@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
@@ -119,6 +120,7 @@ class PreflightRunner:
         self._lock = threading.Lock()
         self._idle: list[_Child] = []
         self._all: set[_Child] = set()
+        remove_orphaned_scratch()
 
     @contextmanager
     def turn(self, team: str, wait_s: float) -> Iterator[Callable[..., dict]]:
@@ -198,7 +200,7 @@ class _Child:
         self._conn, theirs = context.Pipe()
         # What the child writes (the models' tokenizer files) goes under a directory this side removes
         # when it stops the child: a child is killed, never asked to end, so it cannot clean up itself.
-        self._scratch = tempfile.mkdtemp(prefix="qlora-preflight-child-")
+        self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         # daemon: killed with the API process if it ends without closing the runner.
         self._process = context.Process(target=_serve, args=(theirs, target, self._scratch), daemon=True,
                                         name="qlora-preflight")
@@ -232,6 +234,29 @@ class _Child:
             self._process.join(5)
             self._conn.close()  # a second stop finds it closed: a no-op
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "qlora-preflight-child-"  # then the API process's id, "-" and mkdtemp's random part
+
+
+def remove_orphaned_scratch() -> None:
+    """Remove the scratch directories of API processes that are gone. One killed outright (SIGKILL, the OOM
+    killer) could not stop its children, so their directories stayed; its process id, in their names, tells
+    them apart from those of API processes still running beside this one on the host."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        owner = path.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _running(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: whether it exists, sending nothing
+    except (ProcessLookupError, OverflowError):  # none has that id
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str) -> None:

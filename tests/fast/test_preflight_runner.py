@@ -6,6 +6,7 @@ outcome the test chooses (the engine's own preflight in a child: tests/service/t
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
@@ -121,3 +122,25 @@ def test_what_a_child_wrote_is_removed_when_it_is_stopped(runner):
     assert os.path.exists(kept["wrote"])
     runner.close()  # the API stops
     assert not os.path.exists(os.path.dirname(kept["wrote"]))
+
+
+def test_the_scratch_of_an_api_process_killed_outright_is_removed_at_the_next_start():
+    """An API process killed with SIGKILL cannot stop its children: their directory stayed in /tmp. The next
+    runner removes those of processes that are gone, and keeps those of API processes still running."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from app.jobs.preflight import SCRATCH_PREFIX
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{int(ended.stdout)}-")
+    alive = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+    other = tempfile.mkdtemp(prefix="qlora-preflight-childish-")  # not a scratch directory's name
+    os.makedirs(os.path.join(dead, "tokenizer-x"))
+    try:
+        PreflightRunner(processes=1).close()
+        assert not os.path.exists(dead) and os.path.exists(alive) and os.path.exists(other)
+    finally:
+        for path in (dead, alive, other):
+            shutil.rmtree(path, ignore_errors=True)
