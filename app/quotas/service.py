@@ -28,6 +28,7 @@ from app.teams.service import team_disabled
 from app.teams.tables import Team
 from app.text import format_bytes, format_number
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
+from worker.training.spec import excerpt
 
 QUOTA_FIELDS = ("weight", "max_running", "max_queued", "gpu_hours_per_month", "storage_gib")
 
@@ -68,7 +69,7 @@ def lock_team(session: Session, team_id: str) -> Team:
 def team_named(session: Session, name: str) -> Team:
     team = teams.team_by_name(session, name)
     if team is None:
-        raise NotFound(f"no team {name!r} (qlora admin create-team NAME makes one)")
+        raise NotFound(f"no team {excerpt(name)} (qlora admin create-team NAME makes one)")
     return team
 
 

@@ -15,6 +15,7 @@ from app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.recent import Recent
 from app.teams import repository
 from app.teams.tables import ApiKey, Team
+from worker.training.spec import excerpt
 
 KEY_PREFIX = "qlk_"
 _TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -72,7 +73,7 @@ def create_key(session: Session, team_name: str, *, admin: bool = False) -> tupl
     """Returns the key row and the key itself, which is never stored or shown again."""
     team = repository.team_by_name(session, team_name)
     if team is None:
-        raise NotFound(f"no team named {team_name!r}")
+        raise NotFound(f"no team named {excerpt(team_name)}")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(team_id=team.id, prefix=secret[:12], key_hash=hash_key(secret), is_admin=admin)
     session.add(key)
@@ -85,13 +86,13 @@ def revoke_key(session: Session, ref: str) -> ApiKey:
     if not keys:
         # Revoking is for good: only a whole id or prefix, never the one key a part of one happens to match.
         near = repository.keys_starting_with(session, ref)
-        raise NotFound(f"no API key with id or prefix {ref!r}"
+        raise NotFound(f"no API key with id or prefix {excerpt(ref)}"
                        + (f"; it is the start of {len(near)} key prefix{'' if len(near) == 1 else 'es'}: "
                           + ", ".join(f"{k.id} (prefix {k.prefix})" for k in near) + "; give one whole" if near else ""),
                        details=[{"id": k.id, "prefix": k.prefix} for k in near] or None)
     if len(keys) > 1:
         matching = ", ".join(f"{k.id} (prefix {k.prefix})" for k in keys)
-        raise Conflict(f"{ref!r} is ambiguous: {len(keys)} keys have that prefix: {matching}; give one key's id",
+        raise Conflict(f"{excerpt(ref)} is ambiguous: {len(keys)} keys have that prefix: {matching}; give one key's id",
                        details=[{"id": k.id, "prefix": k.prefix} for k in keys])
     key = keys[0]
     key.revoked_at = key.revoked_at or utcnow()

@@ -311,5 +311,7 @@ def test_an_admin_lists_a_disabled_teams_jobs_which_its_own_keys_cannot(settings
     assert bad.status_code == 422 and "status: must be one of" in bad.json()["error"]["message"]
     missing = ops.get("/admin/teams/team-z/jobs")
     assert missing.status_code == 404 and "no team 'team-z'" in missing.json()["error"]["message"]
+    long = ops.get("/admin/teams/" + "z" * 6000 + "/jobs")  # said as an excerpt, as every error says what was sent
+    assert long.status_code == 404 and len(long.json()["error"]["message"]) < 300, len(long.text)
     not_admin = TestClient(app, headers={"Authorization": f"Bearer {plain_b}"}, raise_server_exceptions=False)
     assert not_admin.get("/admin/teams/team-a/jobs").status_code == 403
