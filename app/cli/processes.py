@@ -277,8 +277,38 @@ def worker(
             logging.getLogger("worker").info("removed %s: left by an attempt that no longer runs", path)
     except Exception:  # the database not up yet, say: the worker starts all the same, and its claims wait for it
         logging.getLogger("worker").exception("could not clear the work directory of ended attempts")
-    celery_app.worker_main(["--quiet", "worker", "-Q", queue, "-c", "1", "-P", "prefork", "--prefetch-multiplier", "1",
-                            "-n", f"{worker_name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"])
+    code = _run_celery_worker(celery_app, ["--quiet", "worker", "-Q", queue, "-c", "1", "-P", "prefork",
+                                           "--prefetch-multiplier", "1", "-n", f"{worker_name}@%h", "-l", "INFO",
+                                           "--without-gossip", "--without-mingle"])
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_celery_worker(celery_app, argv: list[str]) -> int:
+    """Run the Celery worker; its exit status, 0 when it was asked to stop (SIGTERM, Ctrl-C, `serve` gone).
+
+    `celery_app.worker_main()` drops the status: a worker that Celery ended on an unrecoverable error (its
+    consumer crashed, say on a message file the local queue could not decode) exited 0, so `serve` took it
+    for a clean stop and never started another, and a supervisor's restart-on-failure did not either; jobs
+    then waited queued for ever behind an API that answered. A stop someone asked for stays 0 whatever
+    Celery says (it ends a Ctrl-C with 1): `serve` must not replace a worker that its own Ctrl-C stopped."""
+    import threading
+
+    from celery.bin.celery import celery as celery_cli
+    from celery.signals import worker_shutting_down
+
+    asked_to_stop = threading.Event()
+    worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
+    celery_cli.params[0].default = celery_app  # as celery_app.start() does
+    try:
+        code = celery_cli.main(args=argv, standalone_mode=False)
+    finally:
+        celery_cli.params[0].default = None
+    code = code if isinstance(code, int) else 0
+    if code and not asked_to_stop.is_set():
+        logging.getLogger("worker").error("the Celery worker ended on an error (exit status %s); see above", code)
+        return code
+    return 0
 
 
 def _hand_back_on_shutdown(settings, worker_name: str) -> None:

@@ -215,3 +215,36 @@ def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert "QLORA_PORT" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / ".qlora").exists()  # no key, no database, no worker
+
+
+def test_a_local_worker_that_celery_ends_on_an_error_is_started_again(embedded, demo_data):
+    """A message file of the local queue that is empty or cut short (a full disk as the API sent it, a crash
+    before the file reached the disk) crashed the worker's consumer: Celery logged `Unrecoverable error` and
+    ended the worker, whose exit status `qlora worker` dropped (0), so serve took it for a clean stop and
+    started none again; every job after it waited queued for ever behind an API that answered."""
+    home, credentials, _proc = embedded
+
+    def workers() -> list[int]:
+        return [int(pid) for pid in re.findall(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text())]
+
+    [first] = workers()
+    deadline = time.monotonic() + 60
+    while not re.search(r'"celery.apps.worker", "message": "[^"]*ready\.', (home / "serve.log").read_text()):
+        assert time.monotonic() < deadline, (home / "serve.log").read_text()  # taking messages: its queue exists
+        time.sleep(0.3)
+    queue = home / ".qlora" / "broker" / "queue"
+    (queue / f"0000001_{'0' * 8}-0000-0000-0000-{'0' * 12}.gpu-default.msg").write_bytes(b"")  # left by a failed send
+    deadline = time.monotonic() + 60
+    while len(workers()) < 2:
+        assert time.monotonic() < deadline, (home / "serve.log").read_text()
+        time.sleep(0.3)
+    log = (home / "serve.log").read_text()
+    assert "Unrecoverable error" in log and f"the local worker (pid {first}) exited with code 1" in log
+    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
+                          timeout=60)
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=2, save_steps=1000)
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+    done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
