@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from app import logs
 from app.config import Settings
 from app.db import session_scope, utcnow
+from app.host import process_exists
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
@@ -308,6 +309,7 @@ class JobRun:
     def _attempt(self, job: ClaimedJob) -> None:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
+        remove_earlier_attempts(self.settings.work_dir / job.id, job.attempt)
         held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
@@ -655,16 +657,16 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
     one host may share: an attempt's directory stays only while its job runs that very attempt, here
     or in another worker. A worker calls it as it starts. Returns what it removed."""
     root = settings.work_dir
+    removed = _remove_stale_markers(root)
     dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
     if not dirs:
-        return []
+        return removed
     with session_scope(settings.database_url) as session:
         live = {(job_id, attempt) for job_id, attempt in session.execute(
             select(Job.id, Job.attempt).where(Job.id.in_([d.name for d in dirs]),
                                               Job.status.in_(states.WORKER_OWNED)))}
     # A directory made since the query above may be an attempt claimed meanwhile: left alone.
     settled = time.time() - settings.heartbeat_deadline_s
-    removed = []
     for job_dir in dirs:
         for attempt_dir in [d for d in job_dir.iterdir() if d.is_dir()]:
             number = attempt_dir.name.removeprefix("attempt-")
@@ -674,6 +676,33 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
         if _remove_if_empty(job_dir):
             removed.append(job_dir)
     return removed
+
+
+def _remove_stale_markers(root: Path) -> list[Path]:
+    """The held_marker files of workers that are gone (one killed outright could not remove its own), and this
+    worker's own from a process that had its id before (in a container, ids repeat at every start): read on a
+    SIGTERM, a stale one would hand back an attempt this worker never ran."""
+    removed = []
+    for marker in root.glob(".attempt-of-worker-*.json") if root.is_dir() else ():
+        pid = marker.name.removeprefix(".attempt-of-worker-").removesuffix(".json")
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
+            marker.unlink(missing_ok=True)
+            removed.append(marker)
+    return removed
+
+
+def remove_earlier_attempts(job_dir: Path, attempt: int) -> None:
+    """The directories of a job's earlier attempts on this host, which the claim of `attempt` has fenced out.
+    After a crash of the host the starting worker's sweep keeps the dead attempt's (its job still runs it in
+    the database until the reaper's deadline), and nothing else would remove it: gigabytes per crash."""
+    try:
+        earlier = [d for d in job_dir.glob("attempt-*")
+                   if d.name.removeprefix("attempt-").isdigit() and int(d.name.removeprefix("attempt-")) < attempt]
+    except OSError:  # the disk, unreadable for a moment: the next claim, or the next worker's sweep, tries again
+        return
+    for attempt_dir in earlier:
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        log.info("removed %s: an earlier attempt of this job", attempt_dir)
 
 
 def _remove_if_empty(directory: Path) -> bool:

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
 from app.errors import AppError, Invalid, field_errors
+from app.host import process_exists
 from app.models import service as models
 from app.models.tables import RegisteredModel
 from app.storage.base import Storage
@@ -245,18 +246,8 @@ def remove_orphaned_scratch() -> None:
     them apart from those of API processes still running beside this one on the host."""
     for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
         owner = path.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if owner.isdigit() and not _running(int(owner)):
+        if owner.isdigit() and not process_exists(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: whether it exists, sending nothing
-    except (ProcessLookupError, OverflowError):  # none has that id
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str) -> None:

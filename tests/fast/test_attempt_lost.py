@@ -204,3 +204,37 @@ def test_a_job_whose_micro_batch_was_auto_continues_with_the_number_and_says_aut
     (event,) = session.query(JobEvent).filter_by(job_id=job_id).all()
     assert ('micro-batch 8 and gradient_accumulation_steps 8 (from what per_device_batch_size "auto" chose: the same '
             "64 rows") in event.message
+
+
+def test_a_claim_removes_its_jobs_earlier_attempts_that_a_crash_of_the_host_left(settings):
+    """After a crash of the host the starting worker's sweep keeps the dead attempt's directory (its job still
+    runs it in the database until the reaper's deadline); the claim of the next attempt removes it."""
+    from worker.supervisor import remove_earlier_attempts
+
+    job_dir = settings.work_dir / "job-1"
+    for n in (1, 2, 3, 12):
+        (job_dir / f"attempt-{n}" / "checkpoints").mkdir(parents=True)
+    (job_dir / "attempt-x").mkdir()  # no attempt's name: not ours to judge
+    remove_earlier_attempts(job_dir, 3)
+    assert sorted(d.name for d in job_dir.iterdir()) == ["attempt-12", "attempt-3", "attempt-x"]
+    remove_earlier_attempts(settings.work_dir / "no-such-job", 1)  # nothing there yet: nothing to do
+
+
+def test_a_starting_worker_removes_the_attempt_markers_of_workers_that_are_gone_and_its_own_old_one(settings):
+    """A worker killed outright left .attempt-of-worker-<pid>.json for good; in a container, where process
+    ids repeat at every start, a new worker of that id read it on SIGTERM and handed back an attempt it
+    never ran."""
+    import os
+    import subprocess
+    import sys
+
+    from worker.supervisor import held_marker, sweep_work_dir
+
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True).stdout)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    gone, mine, other = (held_marker(settings, pid) for pid in (ended, os.getpid(), os.getppid()))
+    for marker in (gone, mine, other):
+        marker.write_text('{"job_id": "j", "attempt": 1}')
+    removed = sweep_work_dir(settings)
+    assert set(removed) == {gone, mine} and other.exists()  # another worker, still running: its marker is kept
