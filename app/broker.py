@@ -43,6 +43,8 @@ def _make_celery(settings: Settings) -> Celery:
         transport_options.update(data_folder_in=str(queue_dir), data_folder_out=str(queue_dir),
                                  control_folder=str(settings.broker_dir / "control"),
                                  store_processed=False, polling_interval=0.5)
+        # kombu's filesystem transport, its messages written whole and an unreadable one skipped (app/local_queue.py)
+        app.conf.broker_transport = "app.local_queue:Transport"
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,

@@ -217,23 +217,34 @@ def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
     assert not (tmp_path / ".qlora").exists()  # no key, no database, no worker
 
 
-def test_a_local_worker_that_celery_ends_on_an_error_is_started_again(embedded, demo_data):
+def test_an_unreadable_local_message_is_skipped_and_a_worker_celery_ends_on_an_error_is_started_again(
+        embedded, demo_data):
     """A message file of the local queue that is empty or cut short (a full disk as the API sent it, a crash
     before the file reached the disk) crashed the worker's consumer: Celery logged `Unrecoverable error` and
     ended the worker, whose exit status `qlora worker` dropped (0), so serve took it for a clean stop and
-    started none again; every job after it waited queued for ever behind an API that answered."""
+    started none again; every job after it waited queued for ever behind an API that answered. Now such a
+    file is skipped (app/local_queue.py), and a worker Celery ends on an error all the same (here: a file
+    that is JSON but no message) exits 1 and is started again."""
     home, credentials, _proc = embedded
 
     def workers() -> list[int]:
         return [int(pid) for pid in re.findall(r"started a local worker \(pid (\d+)\)", (home / "serve.log").read_text())]
 
+    def wait_for(pattern: str, times: int = 1) -> None:
+        deadline = time.monotonic() + 60
+        while len(re.findall(pattern, (home / "serve.log").read_text())) < times:
+            assert time.monotonic() < deadline, (home / "serve.log").read_text()
+            time.sleep(0.3)
+
     [first] = workers()
-    deadline = time.monotonic() + 60
-    while not re.search(r'"celery.apps.worker", "message": "[^"]*ready\.', (home / "serve.log").read_text()):
-        assert time.monotonic() < deadline, (home / "serve.log").read_text()  # taking messages: its queue exists
-        time.sleep(0.3)
+    wait_for(r'"celery.apps.worker", "message": "[^"]*ready\.')  # taking messages: its queue exists
     queue = home / ".qlora" / "broker" / "queue"
-    (queue / f"0000001_{'0' * 8}-0000-0000-0000-{'0' * 12}.gpu-default.msg").write_bytes(b"")  # left by a failed send
+    name = f"{'0' * 8}-0000-0000-0000-{'0' * 12}.gpu-default.msg"
+    (queue / f"0000001_{name}").write_bytes(b"")  # left by a failed send
+    (queue / f"0000002_{name}").write_bytes(b'{"body": "eyJ')  # cut short by a crash
+    wait_for(r"skipped a message of queue gpu-default that could not be read", times=2)
+    assert workers() == [first] and "Unrecoverable error" not in (home / "serve.log").read_text()
+    (queue / f"0000003_{name}").write_bytes(b"[]")  # JSON, but no message: the consumer ends on it
     deadline = time.monotonic() + 60
     while len(workers()) < 2:
         assert time.monotonic() < deadline, (home / "serve.log").read_text()
