@@ -18,6 +18,8 @@ from rich.markup import escape
 from app.cli.render import Commands, err, out
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fastapi import FastAPI
 
 commands = Commands()
@@ -51,6 +53,8 @@ def serve(
     get_settings.cache_clear()
     settings = get_settings()
     _check_port_free(settings.host, settings.port)  # before a first start makes a key for this address
+    if settings.embedded:
+        _hold_home(settings.home)
     if settings.embedded or settings.database_url.startswith("sqlite"):
         # Here, once, before any API process starts: they all find the schema and the demo team ready.
         from app.bootstrap import bootstrap_embedded
@@ -111,6 +115,35 @@ def _check_schema(database_url: str) -> None:
     if problem:
         err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+
+
+_HOME_LOCK: list = []  # the open lock file of the home this `serve` runs on, held while it runs
+
+
+def _hold_home(home: Path) -> None:
+    """Exit 2, saying so, where another `serve` runs on this QLORA_HOME: each would run a local worker, and
+    the two would train two jobs at once on this machine (its one GPU: out of memory, or its CPU). The lock
+    is the kernel's (flock): it goes with the process however that ends, so a `serve` killed outright never
+    leaves one behind."""
+    import fcntl
+
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(home / "serve.lock", "a+")  # noqa: SIM115 (held open for the process's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process"
+        err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
+                  "its local worker and this one would train two jobs at once on this machine. Stop it first; "
+                  "for a second service set QLORA_HOME to another directory, for more API processes use "
+                  "--workers N.", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    _HOME_LOCK.append(lock)
 
 
 def _check_port_free(host: str, port: int) -> None:

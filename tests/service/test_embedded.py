@@ -259,3 +259,23 @@ def test_an_unreadable_local_message_is_skipped_and_a_worker_celery_ends_on_an_e
     job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
     done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
     assert done["status"] == "succeeded", done["error"]
+
+
+def test_a_second_serve_on_the_same_home_is_refused_naming_the_first(embedded):
+    """Two `serve` on one QLORA_HOME started two local workers, which trained two jobs at once on one machine.
+    The second now exits 2 naming the first; the first goes on serving, and once it is gone (here: killed
+    outright, which leaves no lock behind) another starts."""
+    home, credentials, proc = embedded
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
+    env.update(HOME=str(home), QLORA_PORT=str(services.free_port()))
+    second = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"another qlora serve (pid {proc.pid}) runs on QLORA_HOME={home / '.qlora'}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert httpx.get(f"{credentials['url']}/health", timeout=10).status_code == 200  # the first goes on
+    proc.kill()
+    proc.wait(30)
+    again = start_serve(home, services.free_port(), "serve-again.log")  # answers: it started
+    os.killpg(again.pid, signal.SIGTERM)
+    again.wait(60)
