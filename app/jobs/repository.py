@@ -126,6 +126,11 @@ def preempt(session: Session, job_id: str, attempt: int, *, counted: bool = True
                          .values(**values)) == 1
 
 
+def preempting(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether the attempt is being paused to be queued again (preempted, or handed back by its worker)."""
+    return bool(session.scalar(select(Job.preempting).where(Job.id == job_id, Job.attempt == attempt)))
+
+
 def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
     """paused → queued, only for a job the scheduler preempted (not one its team paused)."""
     return _rows_changed(session, update(Job)

@@ -240,7 +240,12 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
     or cancelled while it was paused)."""
     values: dict = {"error": error, "heartbeat_at": utcnow()}
     if status in states.FINISHED:
-        values["finished_at"] = utcnow()
+        # A hand-back or a preemption asked as the run was past training (merging, say) cannot pause it: it ends
+        # as it would have, and is not to be queued again. Its pause_requested event said it would be: say why not.
+        if status == states.SUCCEEDED and repository.preempting(session, job_id, attempt):
+            message = (f"{message or 'job succeeded'} (it was past training when it was asked to pause, so it "
+                       "finished instead of being queued again)")
+        values.update(finished_at=utcnow(), preempting=False)
     if summary is not None:
         values["summary"] = finite_json(summary)
     if report is not None:

@@ -273,3 +273,22 @@ def test_a_preempted_job_whose_worker_went_silent_frees_no_gpu(session, settings
 
     assert schedule(settings)["preempted"] == 1
     assert status(session, job_c) == (states.PAUSING, True)
+
+
+def test_a_job_handed_back_past_training_succeeds_saying_so_and_is_not_left_preempting(session, settings, world):
+    """A worker stopped as its job merged handed the job back (pause_requested: "queued again"), but a run past
+    training cannot pause: it succeeded with `preempting` still set and an event that said it would run again."""
+    from app.jobs.repository import events
+
+    team_a, _caller = world["team-a"]
+    job_id = add_job(session, team_a, age_s=60)
+    assert claim(settings, job_id).id == job_id
+    with session_scope(settings.database_url) as s:
+        assert runs.hand_back(s, "gpu-3", job_id, 1)
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, job_id, 1, states.SUCCEEDED)
+    session.expire_all()
+    job = session.get(Job, job_id)
+    assert (job.status, job.preempting) == (states.SUCCEEDED, False)
+    [succeeded] = [e for e in events(session, team_a.id, job_id, None, 100) if e.type == "succeeded"]
+    assert "past training when it was asked to pause, so it finished instead of being queued again" in succeeded.message
