@@ -387,3 +387,13 @@ def test_a_key_with_a_control_character_is_shown_escaped():
     with pytest.raises(DataError) as info:
         validate_lines([b'{"a\\u0000b": 1, "\\u001b[2Jc": 2}'])
     assert "keys: '\\x1b[2Jc', 'a\\x00b'" in info.value.errors[0].message, info.value
+
+
+def test_rows_that_show_the_same_tools_share_one_copy_of_them():
+    """A tool-calling set repeats its tools on every row: kept once, not a copy of the definitions per row."""
+    other = [{"type": "function", "function": {"name": "get_sound"}}]
+    rows = [{"tools": TOOLS, "messages": [USER, CALLED, RESULT, ANSWER]}] * 3 + [
+        {"tools": other, "messages": [USER, ANSWER]}]
+    examples = validate_lines(lines(*rows)).examples
+    assert examples[0].tools == tuple(TOOLS) and examples[3].tools == tuple(other)
+    assert examples[0].tools is examples[1].tools is examples[2].tools and examples[3].tools is not examples[0].tools

@@ -21,6 +21,7 @@ read in chat rows only (_tools, _tool_calls); elsewhere, and in OpenAI's legacy 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -164,6 +165,7 @@ class DatasetValidator:
         self.examples: list[Example] | None = [] if keep_examples else None
         self._line = 0
         self._not_jsonl: str | None = None  # what the file is instead, where its first line shows it
+        self._tools: dict[str, tuple[dict, ...]] = {}  # each distinct "tools" of the rows kept, once
 
     def feed(self, raw: bytes) -> None:
         self._line += 1
@@ -208,6 +210,11 @@ class DatasetValidator:
         self.rows += 1
         self.chars += example.chars()
         if self.examples is not None:
+            if example.tools:
+                # Most tool-calling sets show every row the same tools: one copy for all, not one per row (a
+                # hundred thousand rows of a few KB of definitions each are gigabytes of dicts in the trainer).
+                tools = self._tools.setdefault(json.dumps(example.tools, sort_keys=True), example.tools)
+                example = dataclasses.replace(example, tools=tools)
             self.examples.append(example)
 
     def skip_line(self, message: str, head: bytes = b"") -> None:
