@@ -173,6 +173,18 @@ def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Pope
         restarted.wait(60)
 
 
+def a_short_job_succeeds(credentials: dict, demo_data) -> None:
+    """A two-step job of the demo task, created through the API, succeeds: a local worker takes jobs."""
+    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
+                          timeout=60)
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=2, save_steps=1000)
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+    done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+
+
 def test_a_local_worker_that_dies_is_started_again(embedded, demo_data):
     """Killed by hand or by the out-of-memory killer, serve's worker was gone for good: jobs waited queued
     behind an API that answered, with nothing to say why."""
@@ -188,14 +200,7 @@ def test_a_local_worker_that_dies_is_started_again(embedded, demo_data):
         assert time.monotonic() < deadline, (home / "serve.log").read_text()
         time.sleep(0.3)
     assert f"the local worker (pid {first}) was killed by SIGKILL" in (home / "serve.log").read_text()
-    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
-                          timeout=60)
-    spec = demo_spec("tiny-demo")
-    spec["training"].update(max_steps=2, save_steps=1000)
-    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
-    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
-    done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
-    assert done["status"] == "succeeded", done["error"]
+    a_short_job_succeeds(credentials, demo_data)
 
 
 def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
@@ -251,14 +256,7 @@ def test_an_unreadable_local_message_is_skipped_and_a_worker_celery_ends_on_an_e
         time.sleep(0.3)
     log = (home / "serve.log").read_text()
     assert "Unrecoverable error" in log and f"the local worker (pid {first}) exited with code 1" in log
-    client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
-                          timeout=60)
-    spec = demo_spec("tiny-demo")
-    spec["training"].update(max_steps=2, save_steps=1000)
-    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
-    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
-    done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
-    assert done["status"] == "succeeded", done["error"]
+    a_short_job_succeeds(credentials, demo_data)
 
 
 def test_a_second_serve_on_the_same_home_is_refused_naming_the_first(embedded):

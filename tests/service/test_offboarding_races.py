@@ -1,6 +1,9 @@
-"""Disabling a team on Postgres while one of its jobs records its end: the worker's end takes the job's row,
-then the team's (usage.ledger folds the attempt's GPU time under lock_team); disabling must not take them
-the other way round, or Postgres breaks the deadlock by failing one of the two."""
+"""Disabling a team on Postgres while a worker claims or ends one of its jobs.
+
+- Its end takes the job's row, then the team's (usage.ledger folds the attempt's GPU time under lock_team);
+  disabling must not take them the other way round, or Postgres breaks the deadlock by failing one of the two.
+- A claim holds the team's row (lock_team) until it commits, and the disable waits for that row: the job the
+  claim started must be paused like every other job of the team on a GPU, not left to train to its end."""
 
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ from app.scheduling import service as scheduling
 from app.teams import admin
 from app.teams.service import create_key, create_team
 from app.usage import ledger
+from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
 
 
-def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(database_url, tmp_path, monkeypatch):
+def leaving_team_with_a_queued_job(database_url: str, tmp_path) -> tuple[Settings, str]:
+    """Team "leaving" with one queued job, and team "staying" with an admin key (the last way in stays)."""
     settings = Settings(home=tmp_path, database_url=database_url, storage_url=f"file://{tmp_path}/s", broker_url="")
     with session_scope(database_url) as session:
         session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
@@ -35,7 +40,11 @@ def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(databa
                   spec=job_spec().model_dump(mode="json"), priority=1)
         session.add(job)
         session.flush()
-        job_id = job.id
+        return settings, job.id
+
+
+def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(database_url, tmp_path, monkeypatch):
+    settings, job_id = leaving_team_with_a_queued_job(database_url, tmp_path)
     with session_scope(database_url) as session:
         claimed = scheduling.claim_next(session, settings, job_id, "w1")
         assert claimed is not None and claimed.id == job_id
@@ -77,3 +86,32 @@ def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(databa
     assert outcomes == {"finish": True, "disable": True}
     with sessionmaker_for(database_url)() as session:
         assert session.get(Job, job_id).status == states.SUCCEEDED
+
+
+def test_a_job_claimed_while_its_team_is_disabled_is_paused(database_url, tmp_path):
+    settings, job_id = leaving_team_with_a_queued_job(database_url, tmp_path)
+    outcome: dict[str, object] = {}
+
+    def disable() -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcome["disable"] = admin.disable_team(session, "leaving")
+        except Exception as exc:  # noqa: BLE001 - the test reports what failed
+            outcome["disable"] = exc
+
+    # The worker's claim: the team's row taken and the job claimed, not yet committed.
+    claim = sessionmaker_for(database_url)()
+    claimed = scheduling.claim_next(claim, settings, job_id, "w1")
+    assert claimed is not None and claimed.id == job_id
+    thread = threading.Thread(target=disable)
+    thread.start()
+    wait_for_a_lock_wait(database_url, "the disable, on the team's row,")  # it has read the team's jobs on a GPU
+    claim.commit()
+    claim.close()
+    thread.join(30)
+
+    disabled = outcome["disable"]
+    assert not isinstance(disabled, Exception), disabled
+    with sessionmaker_for(database_url)() as session:
+        status = session.get(Job, job_id).status
+    assert (status, disabled.pausing) == (states.PAUSING, [job_id])
