@@ -204,6 +204,39 @@ def test_a_tool_call_is_learned_in_the_familys_own_format_and_the_tools_result_i
     assert learned_runs(enc) == [last] and enc.eos_learned
 
 
+# An agent calls again after a tool's error: the same call twice, a tool's result between them.
+RETRY_ROW = {"tools": [SOUND], "messages": [
+    {"role": "user", "content": "What does the cow say?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call12345", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}]},
+    {"role": "tool", "tool_call_id": "call12345", "content": "TIMEOUT"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call00002", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}]},
+    {"role": "tool", "tool_call_id": "call00002", "content": "moo"},
+    {"role": "assistant", "content": "The cow says moo."}]}
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+@pytest.mark.parametrize("family", sorted(CALLS_LEARNED))
+def test_a_call_repeated_later_in_the_row_is_two_turns_and_the_result_between_them_is_not_learned(
+        family, train_on_inputs, base_tokenizer_dir, tmp_path):
+    # Qwen 3 finds a call turn by its render's tail: the same tail further on, the repeated call's, is no end of it.
+    tok = tokenizer_of(family, base_tokenizer_dir, tmp_path)
+    retry = json.loads(json.dumps(RETRY_ROW))
+    if train_on_inputs:  # all is learned but a turn of weight 0: the first call's
+        retry["messages"][1]["weight"] = 0
+    [example] = validate_lines([json.dumps(retry).encode()]).examples
+    enc = encode_example(example, tok, max_seq_length=4096, train_on_inputs=train_on_inputs, pieces=True)
+    learned = "".join(p for p, label in zip(enc.pieces, enc.labels, strict=True) if label != IGNORE_INDEX)
+    shown = "".join(p for p, label in zip(enc.pieces, enc.labels, strict=True) if label == IGNORE_INDEX)
+    if train_on_inputs:  # the tool's result after the first call, and the second call, are learned
+        assert "TIMEOUT" in learned and shown.count("get_sound") == 1 and "TIMEOUT" not in shown
+    else:  # each call and the answer, nothing between them
+        assert learned_runs(enc) == [CALLS_LEARNED[family][0], CALLS_LEARNED[family][0].replace("12345", "00002"),
+                                     CALLS_LEARNED[family][1]]
+        assert "TIMEOUT" in shown
+
+
 @pytest.mark.parametrize(("family", "says"), [
     # Templates that know no tools render the conversation without them, or refuse the tool's turn.
     ("zephyr", "does not render the row's tools ('get_sound' is not in the conversation it renders): this model's "

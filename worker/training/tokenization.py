@@ -406,24 +406,31 @@ def render_conversation(example: Example, render: ChatRenderer, *,
 def _call_turn_end(full: str, upto: str, prompt: str, m: Message) -> int | None:
     """Where an assistant turn that calls tools ends in the whole render, where the conversation rendered up to
     it is not a prefix of the whole (Qwen 3 opens a last assistant turn with an empty thinking block): the end
-    of the longest tail of the turn, as rendered last, that the whole holds after the turn's start. None where
-    that tail is not the calls (all of them, and the turn's text, between the turn's start and that end)."""
+    of the longest tail of the turn, as rendered last, that the whole holds right at the turn's start. None where
+    that tail is not the calls (all of them, and the turn's text, between the turn's start and that end).
+
+    Anchored at the turn's start: the same tail found further on is another turn (a call repeated after a tool's
+    error, as agents do), and a span to it would teach the tool's result between the two."""
     if not upto.startswith(prompt):
         return None
     turn, start = upto[len(prompt):], len(prompt)
-    found, longest = 0, len(turn)  # a tail of length `found` is in the whole after start; none longer than `longest`
-    while found < longest:  # a tail found has every shorter tail found: bisect on the length
-        mid = (found + longest + 1) // 2
-        if full.find(turn[-mid:], start) >= 0:
-            found = mid
-        else:
-            longest = mid - 1
-    tail = turn[-found:] if found else ""
+    anchor = full[start:start + 8]  # the whole's turn opens the tail: only where the turn holds these is one to try
+    at, tries = turn.find(anchor) if anchor else -1, 0
+    while 0 <= at and tries < _TAIL_TRIES and not full.startswith(turn[at:], start):
+        at, tries = turn.find(anchor, at + 1), tries + 1
+    if at < 0 or tries == _TAIL_TRIES:
+        return None
+    tail = turn[at:]
     if m.tool_calls[-1].name not in tail:
         return None
-    end = full.find(tail, start) + len(tail)
+    end = start + len(tail)
     held = full[start:end]
     return end if all(c.name in held for c in m.tool_calls) and m.content.strip() in held else None
+
+
+# How many places in a turn _call_turn_end tries before it gives up: the extra a template writes before a last
+# turn (Qwen 3's empty thinking block) is a few characters, and each try compares the rest of the turn.
+_TAIL_TRIES = 1000
 
 
 def _outside(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
