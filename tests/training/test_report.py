@@ -371,6 +371,20 @@ def test_a_tool_call_row_prompts_with_its_tools_and_its_reference_is_the_call_as
         '<tool_call>{"name": "get_sound", "arguments": {"animal": "cow"}}</tool_call></s><|tool|>\nmoo\n<|assistant|>\n')
 
 
+def test_the_reference_of_a_row_ending_with_a_call_of_weight_0_is_that_call(tiny_model_dir):
+    # The row's last turn is what its prompt asks, learned or not: not an earlier call the row learns.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = spec_for(tiny_model_dir, training={"max_seq_length": 512}, eval={"prompts": 1})
+    row = tool_rows(["cow"], answered=False)[0]
+    again = {"role": "assistant", "content": None, "weight": 0, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "dog"}'}}]}
+    row["messages"] += [{"role": "tool", "tool_call_id": "call_0", "content": "moo"}, again]
+    [example] = validate_lines([json.dumps(row).encode()]).examples
+    [prompt] = choose_prompts(spec, [example], tokenizer)
+    assert prompt.reference == '<tool_call>{"name": "get_sound", "arguments": {"animal": "dog"}}</tool_call>'
+    assert prompt.shown.endswith("tool: moo")
+
+
 def test_a_job_on_tool_calling_rows_trains_and_reports_the_calls(tiny_model_dir, tmp_path):
     """OpenAI-format tool-calling rows through the whole engine: read, rendered with the tools, trained (the loss
     falls), reported with the call as the reference, the adapter saved with the template that renders tools."""

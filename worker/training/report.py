@@ -243,7 +243,10 @@ def _turn_reference(example: Example, tokenizer) -> str:
     turn = example.messages[-1]
     if not turn.tool_calls:
         return turn.content
-    full, spans = render_conversation(example, ChatRenderer(tokenizer), train_on_inputs=False)
+    # Its span is the last one learned: counted as learned where the row shows it only (weight 0), whose last
+    # span would be an earlier turn's.
+    learned = replace(example, messages=(*example.messages[:-1], replace(turn, weight=1)))
+    full, spans = render_conversation(learned, ChatRenderer(tokenizer), train_on_inputs=False)
     start, end = spans[-1]
     ids = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
