@@ -239,6 +239,12 @@ def call(**function) -> dict:
          '"arguments": a \\uXXXX escape of half a surrogate pair'),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a": ' * 70 + "{}" + "}" * 70)}}],
           "messages": [USER, ANSWER]}, '"tools"[0]: nested more than 64 levels deep'),
+        # Numbers JSON cannot write, which Python's reader takes: the template would render NaN or Infinity.
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"weight": NaN}')]}, '"arguments": NaN or an infinite number'),
+        ({"tools": TOOLS, "messages": [USER, call(arguments='{"weight": 1e999}')]}, '"arguments": NaN or an infinite number'),
+        ({"tools": TOOLS, "messages": [USER, call(arguments={"weight": float("-inf")})]}, "NaN or an infinite number"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"minimum": float("nan")}}}],
+          "messages": [USER, ANSWER]}, '"tools"[0]: NaN or an infinite number'),
         ({"tools": TOOLS, "messages": [USER, RESULT, ANSWER]}, "messages[1]: a tool message answers a call"),
         ({"tools": TOOLS, "messages": [USER, CALLED, {**RESULT, "tool_call_id": "call_9"}, ANSWER]},
          "messages[2]: \"tool_call_id\" 'call_9' is not the id of a call of the assistant message before it ('call_1')"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -484,10 +485,16 @@ def _tool_name(function: dict, where: str) -> str:
 
 
 def _not_too_deep(value: Any, where: str) -> None:
-    """ValueError where `value` holds objects or arrays more than MAX_TOOL_NESTING deep (itself the first)."""
+    """ValueError where `value` holds objects or arrays more than MAX_TOOL_NESTING deep (itself the first), or a
+    number JSON has no way to write: Python's reader takes NaN and Infinity, and reads 1e999 as infinity, and
+    the template would write them as NaN and Infinity, which JSON readers refuse (the model would learn calls
+    that no client can read, or another number than the row's)."""
     pending = [(value, 1)]
     while pending:
         item, depth = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where}NaN or an infinite number (Infinity, or a number past 1.8e308) is not JSON: "
+                             "the model would learn to write what no JSON reader reads; write it as a string")
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
         if children is None:
             continue
