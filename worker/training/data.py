@@ -559,6 +559,8 @@ def _parse_chat(obj: dict, line: int) -> Example:
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
     parsed: list[Message] = []
+    asking: Message | None = None  # the last message but tool messages: the one a tool message answers
+    answerable: set[str | None] = set()  # the ids of its calls (a set: a message may make thousands of calls)
     for i, m in enumerate(messages):
         where = f"messages[{i}]: "
         if not isinstance(m, dict):
@@ -572,7 +574,10 @@ def _parse_chat(obj: dict, line: int) -> Example:
         calls = _tool_calls(m, where, tools) if role == "assistant" else ()
         if role != "assistant" and m.get("tool_calls"):
             raise ValueError(f'{where}"tool_calls" are made by assistant messages only, not by {role}')
-        parsed.append(Message(role, content, weight, calls, _answered_call(m, where, parsed) if role == "tool" else None))
+        parsed.append(Message(role, content, weight, calls,
+                              _answered_call(m, where, asking, answerable) if role == "tool" else None))
+        if role != "tool":
+            asking, answerable = parsed[-1], {c.id for c in calls}
     if not any(m.role == "assistant" for m in parsed):
         raise ValueError("no assistant message: there is nothing to learn")
     if parsed[-1].role != "assistant":
@@ -585,20 +590,20 @@ def _parse_chat(obj: dict, line: int) -> Example:
     return Example(line=line, messages=tuple(parsed), tools=tools)
 
 
-def _answered_call(m: dict, where: str, before: list[Message]) -> str | None:
-    """A tool message's tool_call_id, checked against the calls it answers: those of the assistant message
-    just before it (tool messages after it answer the same message's calls)."""
-    asking = next((p for p in reversed(before) if p.role != "tool"), None)
+def _answered_call(m: dict, where: str, asking: Message | None, ids: set[str | None]) -> str | None:
+    """A tool message's tool_call_id, checked against the calls it answers: those of `asking`, the message
+    just before it but tool messages (tool messages after it answer the same message's calls)."""
     if asking is None or not asking.tool_calls:
         raise ValueError(f"{where}a tool message answers a call: it must follow an assistant message with "
                          '"tool_calls" (or another tool message)')
     call_id = m.get("tool_call_id")
     if call_id is None:
         return None
-    ids = [c.id for c in asking.tool_calls]
-    if call_id not in ids:
+    if not isinstance(call_id, str) or call_id not in ids:
+        given = [c.id for c in asking.tool_calls if c.id is not None]
+        named = ", ".join(excerpt(i) for i in given[:5]) + (f" and {len(given) - 5} more" if len(given) > 5 else "")
         raise ValueError(f'{where}"tool_call_id" {excerpt(call_id)} is not the id of a call of the assistant message '
-                         f"before it ({', '.join(excerpt(i) for i in ids if i is not None) or 'its calls have no id'})")
+                         f"before it ({named or 'its calls have no id'})")
     return call_id
 
 
