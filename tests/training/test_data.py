@@ -270,6 +270,13 @@ def call(**function) -> dict:
           "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools": tool calling is trained from chat rows'),
         ({"input": {"messages": [USER]}, "preferred_output": [{**ANSWER, "tool_calls": [TOOL_CALL]}],
           "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tool_calls": tool calling is trained from chat rows'),
+        ({"prompt": [USER], "chosen": "moo", "rejected": "woof", "tools": TOOLS}, '"tools": tool calling is trained from chat rows'),
+        ({"input": {"messages": [USER]}, "preferred_output": [ANSWER], "tools": TOOLS,
+          "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools": tool calling is trained from chat rows'),
+        # the other formats: the tools would be dropped, and the completion learned without them
+        ({"prompt": "What does the cow say?", "completion": "moo", "tools": TOOLS}, '"tools": tool calling is trained'),
+        ({"instruction": "What does the cow say?", "output": "moo", "tools": TOOLS}, '"tools": tool calling is trained'),
+        ({"text": "The cow says moo.", "functions": [TOOLS[0]["function"]]}, '"functions": OpenAI\'s legacy function calling'),
     ],
 )
 def test_a_tool_calling_row_that_cannot_be_trained_as_it_says_is_refused_naming_what(row, says):

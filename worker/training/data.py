@@ -608,12 +608,14 @@ def _answered_call(m: dict, where: str, asking: Message | None, ids: set[str | N
 
 
 def _parse_prompt_completion(obj: dict, line: int) -> Example:
+    _refuse_tools(obj, "")
     prompt = _text(obj, "prompt")
     completion = _text(obj, "completion")
     return Example(line=line, messages=(Message("user", prompt), Message("assistant", completion)))
 
 
 def _parse_alpaca(obj: dict, line: int) -> Example:
+    _refuse_tools(obj, "")
     instruction = _text(obj, "instruction")
     extra = _text(obj, "input", required=False)
     output = _text(obj, "output")
@@ -623,10 +625,12 @@ def _parse_alpaca(obj: dict, line: int) -> Example:
 
 
 def _parse_text(obj: dict, line: int) -> Example:
+    _refuse_tools(obj, "")
     return Example(line=line, text=_text(obj, "text"))
 
 
 def _parse_preference(obj: dict, line: int) -> Example:
+    _refuse_tools(obj, "")  # trl's rows carry them beside the prompt, OpenAI's in its input (below)
     if "input" in obj:  # OpenAI's: the prompt's messages under input, each answer a list of one assistant message
         given = obj["input"]
         if not isinstance(given, dict) or "messages" not in given:
