@@ -204,6 +204,20 @@ def test_a_tool_call_is_learned_in_the_familys_own_format_and_the_tools_result_i
     assert learned_runs(enc) == [last] and enc.eos_learned
 
 
+@pytest.mark.parametrize("family", sorted(CALLS_LEARNED))
+def test_a_tools_result_in_json_on_lines_is_shown_as_the_template_writes_it(family, base_tokenizer_dir, tmp_path):
+    # A tool's result is most often JSON, and may span lines: Llama 3.1 renders it as a JSON string (tojson, its
+    # quotes and newlines escaped), as it does when it serves the model; the row is trained, not refused.
+    tok = tokenizer_of(family, base_tokenizer_dir, tmp_path)
+    result = '{"animal": "cow",\n "sound": "moo", "note": "«meuh»"}'
+    messages = [*TOOL_ROW["messages"][:2], {**TOOL_ROW["messages"][2], "content": result}, TOOL_ROW["messages"][3]]
+    [example] = validate_lines([json.dumps({**TOOL_ROW, "messages": messages}).encode()]).examples
+    enc = encode_example(example, tok, max_seq_length=4096, train_on_inputs=False, pieces=True)
+    assert learned_runs(enc) == CALLS_LEARNED[family]
+    shown = "".join(p for p, label in zip(enc.pieces, enc.labels, strict=True) if label == IGNORE_INDEX)
+    assert (json.dumps(result, ensure_ascii=False) if family == "llama3.1" else result) in shown
+
+
 # An agent calls again after a tool's error: the same call twice, a tool's result between them.
 RETRY_ROW = {"tools": [SOUND], "messages": [
     {"role": "user", "content": "What does the cow say?"},

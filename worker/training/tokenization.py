@@ -19,8 +19,9 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from worker.training.data import Example, Message
@@ -450,8 +451,7 @@ def check_every_message_rendered(example: Example, full: str) -> None:
     _check_tools_rendered(example, full)
     at = 0
     for m in example.messages:  # most templates keep each text as it is, at most trimmed: found as it stands
-        content = m.content.strip()
-        found = full.find(content, at)
+        found, content = _found_as_written(full, m, at, str.strip)
         if found < 0:
             break
         at = found + len(content)
@@ -460,10 +460,9 @@ def check_every_message_rendered(example: Example, full: str) -> None:
     rendered = _SPACES.sub("", full)
     at = 0
     for n, m in enumerate(example.messages, 1):
-        content = _SPACES.sub("", m.content)
+        found, content = _found_as_written(rendered, m, at, lambda text: _SPACES.sub("", text))
         if not content:
             continue
-        found = rendered.find(content, at)
         if found < 0:
             raise TemplateError(
                 f"line {example.line}: the model's chat template leaves out or rewrites part of message {n} "
@@ -476,6 +475,19 @@ def check_every_message_rendered(example: Example, full: str) -> None:
                    if m.role == "system" else "train without it")
             )
         at = found + len(content)
+
+
+def _found_as_written(rendered: str, m: Message, at: int, spaced: Callable[[str], str]) -> tuple[int, str]:
+    """Where `rendered` holds the message's text from `at` on (-1 where not), and the text found: as it stands, or
+    a tool's result as a JSON string (Llama 3.1 renders a tool message's content with tojson, quotes and newlines
+    escaped, as it does when it serves the model), each as `spaced` writes it."""
+    content = spaced(m.content)
+    found = rendered.find(content, at)
+    if found < 0 and m.role == "tool":
+        quoted = spaced(json.dumps(m.content, ensure_ascii=False))  # transformers' tojson
+        if (written := rendered.find(quoted, at)) >= 0:
+            return written, quoted
+    return found, content
 
 
 def _check_tools_rendered(example: Example, full: str) -> None:
