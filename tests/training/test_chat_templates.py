@@ -275,6 +275,33 @@ def test_a_tool_calling_row_on_a_template_without_tools_is_refused_by_the_engine
     assert report["train"]["template_refused_lines"] == [2] and report["train"]["template_refusal"] == str(refused.value)
 
 
+# The tool's name and its argument's in the user's words: a template that drops the tools and the call still
+# holds them, and learned the call's turn as an empty one.
+SAID_ROW = {"tools": [SOUND], "messages": [
+    {"role": "user", "content": "Please get_sound of the animal: the cow"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call12345", "type": "function", "function": {"name": "get_sound", "arguments": '{"animal": "cow"}'}}]}]}
+
+
+@pytest.mark.parametrize("family", ["zephyr", "phi3.5", "phi3-mini", "gemma2", "llama2", "chatml-vllm", "r1-distill"])
+def test_a_template_without_tools_is_refused_where_the_row_itself_says_the_tools_name(family, base_tokenizer_dir, tmp_path):
+    tok = dressed(base_tokenizer_dir, family, tmp_path)
+    [example] = validate_lines([json.dumps(SAID_ROW).encode()]).examples
+    with pytest.raises(TemplateError, match="does not render the row's tools"):
+        encode_example(example, tok, max_seq_length=512, train_on_inputs=False)
+
+
+def test_a_template_that_renders_the_tools_but_not_the_calls_is_refused(base_tokenizer_dir, tmp_path):
+    from worker.training.tokenization import DEFAULT_CHAT_TEMPLATE
+
+    tok = tokenizer_of("default", base_tokenizer_dir, tmp_path)
+    start = DEFAULT_CHAT_TEMPLATE.index("{% for call in")
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE[:start] + DEFAULT_CHAT_TEMPLATE[DEFAULT_CHAT_TEMPLATE.index("{% endfor %}", start) + 12:]
+    [example] = validate_lines([json.dumps(SAID_ROW).encode()]).examples
+    with pytest.raises(TemplateError, match="leaves out the row's calls"):
+        encode_example(example, tok, max_seq_length=512, train_on_inputs=False)
+
+
 def test_a_preference_row_learns_each_answer_with_its_end_of_turn(base_tokenizer_dir, tmp_path):
     tok = dressed(base_tokenizer_dir, "chatml-vllm", tmp_path)
     pair = json.dumps({"prompt": [{"role": "user", "content": "Who says moo?"}], "chosen": "The cow.",

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.training.data import Example, Message
 from worker.training.spec import excerpt
@@ -372,6 +372,8 @@ def render_conversation(example: Example, render: ChatRenderer, *,
     messages = [m.for_template() for m in example.messages]
     full = render.row(example, messages)
     check_every_message_rendered(example, full)
+    if example.tools:
+        _check_tools_change_the_render(example, render, messages, full)
     spans = []
     for i, m in enumerate(example.messages):
         # The turns to learn; with train_on_inputs, the turns not to learn (weight 0), cut out of the whole render.
@@ -507,6 +509,27 @@ def _check_tools_rendered(example: Example, full: str) -> None:
                 raise TemplateError(f"line {example.line}: the model's chat template leaves out the call to "
                                     f"{excerpt(call.name)} of message {n} ({excerpt(missing)} is not in the "
                                     "conversation it renders), so the model would learn another answer than the row's")
+
+
+def _check_tools_change_the_render(example: Example, render: ChatRenderer, messages: list[dict], full: str) -> None:
+    """TemplateError where the conversation renders the same without the row's tools, or without its calls: the
+    template knows no tools (or no calls), though their names are in the render (_check_tools_rendered), written
+    by the row's own text ("What is the weather in the city?" holds a call weather(city=...)), or the template's."""
+    def renders(example: Example, messages: list[dict]) -> str | None:
+        try:
+            return render.row(example, messages)
+        except TemplateError:  # refused without them: the template reads them
+            return None
+
+    if renders(replace(example, tools=()), messages) == full:
+        raise TemplateError(f"line {example.line}: the model's chat template does not render the row's tools (the "
+                            "conversation renders the same without them): this model's template knows no tool calling, "
+                            "and the model would learn to answer without the tools it was shown")
+    if any(m.tool_calls for m in example.messages) and \
+            renders(example, [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]) == full:
+        raise TemplateError(f"line {example.line}: the model's chat template leaves out the row's calls (the "
+                            "conversation renders the same without them), so the model would learn another answer "
+                            "than the row's: an empty one, or its text without the call")
 
 
 def _first_difference(a: str, b: str) -> str:
