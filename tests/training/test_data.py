@@ -216,6 +216,19 @@ def test_a_tool_calling_row_is_read_with_its_tools_calls_and_results():
     assert example.messages[1].said() == 'Let me look. get_sound({"animal": "cow"})' and example.messages[2].content == ""
 
 
+def test_openai_legacy_function_calling_is_read_as_todays_tool_calling():
+    """Files made for OpenAI's fine-tuning in 2023 write "functions", an assistant's "function_call" and role
+    "function": the same row as tools, tool_calls and role "tool", read and rendered as those."""
+    legacy = {"functions": [TOOLS[0]["function"]], "messages": [
+        USER, {"role": "assistant", "content": None, "function_call": TOOL_CALL["function"]},
+        {"role": "function", "name": "get_sound", "content": "moo"}, ANSWER]}
+    [read] = validate_lines(lines(legacy)).examples
+    today = {"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": TOOL_CALL["function"]}]}, {"role": "tool", "content": "moo"}, ANSWER]}
+    [expected] = validate_lines(lines(today)).examples
+    assert read == expected and read.messages[1].tool_calls[0].arguments == {"animal": "cow"}
+
+
 def call(**function) -> dict:
     return {"role": "assistant", "content": None,
             "tool_calls": [{"id": "call_1", "type": "function", "function": {**TOOL_CALL["function"], **function}}]}
@@ -259,12 +272,13 @@ def call(**function) -> dict:
          "\"tools\" holds 129 tools; at most 128"),
         ({"tools": [{"type": "retrieval"}], "messages": [USER, ANSWER]}, "\"tools\"[0]: must be {\"type\": \"function\""),
         ({"tools": {"get_sound": {}}, "messages": [USER, ANSWER]}, "\"tools\" must be a list"),
-        # OpenAI's legacy function calling: said how to write it today
-        ({"functions": [TOOLS[0]["function"]], "messages": [USER, ANSWER]}, "legacy function calling is not read"),
-        ({"messages": [USER, {"role": "assistant", "content": "ok", "function_call": TOOL_CALL["function"]}]},
-         "messages[1]: OpenAI's legacy function calling"),
-        ({"messages": [USER, {"role": "function", "name": "get_sound", "content": "moo"}, ANSWER]},
-         "messages[1]: OpenAI's legacy function calling"),
+        # OpenAI's legacy function calling is read as today's form, but not beside it
+        ({"functions": [TOOLS[0]["function"]], "tools": TOOLS, "messages": [USER, ANSWER]},
+         '"functions" and "tools" both given'),
+        ({"tools": TOOLS, "messages": [USER, {**CALLED, "function_call": TOOL_CALL["function"]}, RESULT, ANSWER]},
+         'a message gives both "function_call" and "tool_calls"'),
+        ({"messages": [USER, {"role": "assistant", "content": None, "function_call": TOOL_CALL["function"]}]},
+         "tool_calls[0]: calls 'get_sound', which the row's \"tools\" do not define"),
         # preference rows: tool calling is trained from chat rows
         ({"input": {"messages": [USER], "tools": TOOLS}, "preferred_output": [ANSWER],
           "non_preferred_output": [{"role": "assistant", "content": "woof"}]}, '"tools": tool calling is trained from chat rows'),
@@ -276,7 +290,10 @@ def call(**function) -> dict:
         # the other formats: the tools would be dropped, and the completion learned without them
         ({"prompt": "What does the cow say?", "completion": "moo", "tools": TOOLS}, '"tools": tool calling is trained'),
         ({"instruction": "What does the cow say?", "output": "moo", "tools": TOOLS}, '"tools": tool calling is trained'),
-        ({"text": "The cow says moo.", "functions": [TOOLS[0]["function"]]}, '"functions": OpenAI\'s legacy function calling'),
+        ({"text": "The cow says moo.", "functions": [TOOLS[0]["function"]]}, '"functions": tool calling is trained'),
+        ({"input": {"messages": [USER, {"role": "function", "name": "get_sound", "content": "moo"}]},
+          "preferred_output": [ANSWER], "non_preferred_output": [{"role": "assistant", "content": "woof"}]},
+         "input.messages[1]: role 'function': tool calling is trained from chat rows"),
     ],
 )
 def test_a_tool_calling_row_that_cannot_be_trained_as_it_says_is_refused_naming_what(row, says):

@@ -1,7 +1,6 @@
 """Preflight against the trainer: the numbers it gives before a run are the ones the run reports."""
 
 import json
-from pathlib import Path
 
 from tests.training.test_recipe import short_spec
 from worker.training.preflight import preflight
@@ -41,19 +40,21 @@ def test_a_dataset_whose_answers_all_sit_past_max_seq_length_is_refused_with_the
     assert report["refusals"][0].startswith("every row is truncated at max_seq_length=16 before its first trained token")
 
 
-def test_a_stored_dataset_the_trainer_would_now_refuse_is_a_refusal_naming_its_line(tiny_model_dir, demo_data, tmp_path):
-    """A dataset stored `ready` under rules since tightened (OpenAI's legacy function calls were dropped silently
+def test_a_stored_dataset_the_trainer_would_now_refuse_is_a_refusal_naming_its_line(tiny_model_dir, tmp_path):
+    """A dataset stored `ready` under rules since tightened (tools on a prompt/completion row were dropped silently
     then): the trainer reads it with today's and would fail after the queue, so the preflight refuses the job,
     naming the line."""
-    data = tmp_path / "with_functions.jsonl"
-    data.write_text(Path(demo_data["train"]).read_text() + json.dumps(
-        {"functions": [{"name": "f"}],
-         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    rows = [{"prompt": f"What does animal {n} say?", "completion": "moo"} for n in range(8)]
+    data = tmp_path / "with_tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps(
+        {"prompt": "hi", "completion": "yo", "tools": [{"type": "function", "function": {"name": "f"}}]}) + "\n")
     line = len(data.read_text().splitlines())
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = JobSpec.parse(short_spec(tiny_model_dir))
-    for report in (preflight(spec, tiny_model_dir, data), preflight(spec, tiny_model_dir, demo_data["train"], validation_path=data)):
+    for report in (preflight(spec, tiny_model_dir, data), preflight(spec, tiny_model_dir, train, validation_path=data)):
         [refusal] = report["refusals"]
-        assert f"line {line}: \"functions\": OpenAI's legacy function calling" in refusal and "upload it again" in refusal, refusal
+        assert f"line {line}: \"tools\": tool calling is trained" in refusal and "upload it again" in refusal, refusal
 
 
 def test_the_example_shows_train_on_inputs_mistaken(tiny_model_dir, demo_data):

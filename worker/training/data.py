@@ -404,15 +404,12 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
     return value
 
 
-# OpenAI's tool-calling fields outside chat rows, and its legacy form everywhere. A row trained without them
-# teaches another answer than the row's: the model learns to answer without the tools it was shown, or to
-# say an answer's text without the call it made. Empty ones (`"tools": []`) change nothing.
+# OpenAI's tool-calling fields outside chat rows. A row trained without them teaches another answer than the
+# row's: the model learns to answer without the tools it was shown, or to say an answer's text without the
+# call it made. Empty ones (`"tools": []`) change nothing.
 _TOOL_ROW_KEYS = ("tools", "functions")
 _NO_TOOLS = ("tool calling is trained from chat rows (method sft) only, as OpenAI's tools and tool_calls; "
              "leave out preference rows that call tools, and the tool definitions of rows whose answers do not")
-_LEGACY = ('OpenAI\'s legacy function calling is not read: give the functions as "tools": [{"type": "function", '
-           '"function": {...}}], a call as "tool_calls": [{"type": "function", "function": {"name": ..., '
-           '"arguments": ...}}], a result as a message of role "tool"')
 MAX_TOOLS = 128  # OpenAI's limit on a request's tools
 # How deep a tool's parameters or a call's arguments may nest: far past any function's (JSON Schema nests a few
 # levels a property), and far below the ~1,000 where rendering them (tojson) would fail mid-training.
@@ -424,7 +421,7 @@ def _refuse_tools(obj: dict, where: str) -> None:
     """ValueError where a row (or a preference row's input) holds tool definitions."""
     for key in _TOOL_ROW_KEYS:
         if obj.get(key):
-            raise ValueError(f'{where}"{key}": {_LEGACY if key == "functions" else _NO_TOOLS}')
+            raise ValueError(f'{where}"{key}": {_NO_TOOLS}')
 
 
 def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, str]:
@@ -432,8 +429,9 @@ def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, 
     message first alone, text content; with `tools` (a chat row's), role "tool" too and an assistant's
     content may be empty where it calls tools (_tool_calls reads the calls), else no tool calling."""
     role = m.get("role")
-    if role == "function" or m.get("function_call"):
-        raise ValueError(f"{where}{_LEGACY}")
+    if role == "function" or m.get("function_call"):  # a chat row's were read as today's form (_from_legacy_functions)
+        what = f"role {excerpt(role)}" if role == "function" else '"function_call"'
+        raise ValueError(f"{where}{what}: {_NO_TOOLS}")
     if not tools and role == "tool":
         raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
     if role not in ROLES and not (tools and role == "tool"):
@@ -552,8 +550,7 @@ def _parts_text(parts: list, where: str) -> str:
 
 
 def _parse_chat(obj: dict, line: int) -> Example:
-    if obj.get("functions"):
-        raise ValueError(f'"functions": {_LEGACY}')
+    obj = _from_legacy_functions(obj)
     tools = _tools(obj)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
@@ -588,6 +585,39 @@ def _parse_chat(obj: dict, line: int) -> Example:
     if not any(m.role == "assistant" and m.weight == 1 for m in parsed):
         raise ValueError("every assistant message has weight 0: there is nothing to learn")
     return Example(line=line, messages=tuple(parsed), tools=tools)
+
+
+def _from_legacy_functions(obj: dict) -> dict:
+    """A chat row in OpenAI's legacy function calling ("functions", an assistant's "function_call", a message of
+    role "function"), as today's form writes the same row: tools, tool_calls, role "tool". Files made for
+    OpenAI's fine-tuning in 2023 are written so; the rendering and the checks are those of today's form."""
+    messages = obj.get("messages")
+    legacy = [isinstance(m, dict) and (bool(m.get("function_call")) or m.get("role") == "function")
+              for m in messages] if isinstance(messages, list) else []
+    if not obj.get("functions") and not any(legacy):
+        return obj
+    row = dict(obj)
+    if obj.get("functions"):
+        if obj.get("tools"):
+            raise ValueError('"functions" and "tools" both given: OpenAI\'s legacy "functions" are the tools of '
+                             "today's form; give one of the two")
+        if not isinstance(obj["functions"], list):
+            raise ValueError(f'"functions" must be a list of functions, got {_json_kind(obj["functions"])}')
+        row["tools"] = [{"type": "function", "function": f} for f in obj["functions"]]
+    if not isinstance(messages, list):
+        return row  # refused as a chat row without messages
+    read = []
+    for m, old in zip(messages, legacy, strict=True):
+        if old and m.get("function_call"):
+            if m.get("tool_calls"):
+                raise ValueError('a message gives both "function_call" and "tool_calls"; give one of the two')
+            m = {k: v for k, v in m.items() if k != "function_call"} | {
+                "tool_calls": [{"type": "function", "function": m["function_call"]}]}
+        elif old:
+            m = {**m, "role": "tool"}  # a function's result, named by the function rather than by a call's id
+        read.append(m)
+    row["messages"] = read
+    return row
 
 
 def _answered_call(m: dict, where: str, asking: Message | None, ids: set[str | None]) -> str | None:
