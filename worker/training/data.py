@@ -15,8 +15,8 @@ Five formats, detected from the first row and then required of every row:
 Every format but `text` becomes a conversation (user turn → assistant turn), so one chat template
 and one loss-masking rule serve them all; a preference row is its prompt conversation (ending with a
 user turn) and the two answers to it. Other keys on a row (ids, metadata) are ignored. Tool calling is
-read in chat rows only (_tools, _tool_calls); elsewhere, and in OpenAI's legacy form ("functions",
-"function_call"), it is refused (_refuse_tools, _message).
+read in chat rows only (_tools, _tool_calls; OpenAI's legacy form, "functions" and "function_call", as
+today's: _from_legacy_functions); elsewhere it is refused (_refuse_tools, _message).
 """
 
 from __future__ import annotations
