@@ -309,7 +309,6 @@ class JobRun:
     def _attempt(self, job: ClaimedJob) -> None:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
-        remove_earlier_attempts(self.settings.work_dir / job.id, job.attempt)
         held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
@@ -359,6 +358,7 @@ class JobRun:
             if watch.proc is not None and watch.proc.poll() is None:
                 _kill(watch.proc)
             shutil.rmtree(workdir.root, ignore_errors=True)
+            remove_earlier_attempts(workdir.root.parent, job.attempt, self.settings.heartbeat_deadline_s)
             _remove_if_empty(workdir.root.parent)  # the job's directory, unless another attempt is in it
         if final is not None:
             self._finish(job, *final)
@@ -691,18 +691,30 @@ def _remove_stale_markers(root: Path) -> list[Path]:
     return removed
 
 
-def remove_earlier_attempts(job_dir: Path, attempt: int) -> None:
-    """The directories of a job's earlier attempts on this host, which the claim of `attempt` has fenced out.
-    After a crash of the host the starting worker's sweep keeps the dead attempt's (its job still runs it in
-    the database until the reaper's deadline), and nothing else would remove it: gigabytes per crash."""
+def remove_earlier_attempts(job_dir: Path, attempt: int, deadline_s: float) -> None:
+    """The directories of a job's earlier attempts on this host, removed as `attempt` ends. After a crash of the
+    host the starting worker's sweep keeps the dead attempt's (its job still runs it in the database until the
+    reaper's deadline), and nothing else removed it: gigabytes per crash. Only one whose heartbeat file is
+    older than the deadline: an attempt's training process stops by itself once its heartbeat is that old (a
+    frozen worker's, whose job went on here), so nothing is removed from under a process still running."""
+    settled = time.time() - deadline_s
     try:
         earlier = [d for d in job_dir.glob("attempt-*")
                    if d.name.removeprefix("attempt-").isdigit() and int(d.name.removeprefix("attempt-")) < attempt]
-    except OSError:  # the disk, unreadable for a moment: the next claim, or the next worker's sweep, tries again
+        stale = [d for d in earlier if _last_heartbeat(d) < settled]
+    except OSError:  # the disk, unreadable for a moment: the next attempt's end, or the next worker's sweep, tries again
         return
-    for attempt_dir in earlier:
+    for attempt_dir in stale:
         shutil.rmtree(attempt_dir, ignore_errors=True)
         log.info("removed %s: an earlier attempt of this job", attempt_dir)
+
+
+def _last_heartbeat(attempt_dir: Path) -> float:
+    """When the attempt's worker last said it lived (its heartbeat file; the directory's own time before one)."""
+    try:
+        return (attempt_dir / "heartbeat").stat().st_mtime
+    except FileNotFoundError:
+        return attempt_dir.stat().st_mtime
 
 
 def _remove_if_empty(directory: Path) -> bool:

@@ -206,18 +206,26 @@ def test_a_job_whose_micro_batch_was_auto_continues_with_the_number_and_says_aut
             "64 rows") in event.message
 
 
-def test_a_claim_removes_its_jobs_earlier_attempts_that_a_crash_of_the_host_left(settings):
+def test_an_attempts_end_removes_its_jobs_earlier_attempts_that_a_crash_of_the_host_left(settings):
     """After a crash of the host the starting worker's sweep keeps the dead attempt's directory (its job still
-    runs it in the database until the reaper's deadline); the claim of the next attempt removes it."""
+    runs it in the database until the reaper's deadline); the end of the next attempt removes it, unless its
+    heartbeat is fresher than the deadline (a frozen worker's training process may still be running there)."""
+    import os
+    import time
+
     from worker.supervisor import remove_earlier_attempts
 
     job_dir = settings.work_dir / "job-1"
+    long_ago = time.time() - 3600
     for n in (1, 2, 3, 12):
         (job_dir / f"attempt-{n}" / "checkpoints").mkdir(parents=True)
+        (job_dir / f"attempt-{n}" / "heartbeat").touch()
+        os.utime(job_dir / f"attempt-{n}" / "heartbeat", (long_ago, long_ago))
+    (job_dir / "attempt-2" / "heartbeat").touch()  # its worker said it lived a moment ago
     (job_dir / "attempt-x").mkdir()  # no attempt's name: not ours to judge
-    remove_earlier_attempts(job_dir, 3)
-    assert sorted(d.name for d in job_dir.iterdir()) == ["attempt-12", "attempt-3", "attempt-x"]
-    remove_earlier_attempts(settings.work_dir / "no-such-job", 1)  # nothing there yet: nothing to do
+    remove_earlier_attempts(job_dir, 3, deadline_s=120)
+    assert sorted(d.name for d in job_dir.iterdir()) == ["attempt-12", "attempt-2", "attempt-3", "attempt-x"]
+    remove_earlier_attempts(settings.work_dir / "no-such-job", 1, deadline_s=120)  # nothing there: nothing to do
 
 
 def test_a_starting_worker_removes_the_attempt_markers_of_workers_that_are_gone_and_its_own_old_one(settings):
