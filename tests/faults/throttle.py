@@ -11,6 +11,7 @@ or overloaded, without reaching the store.
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class ThrottlingProxy:
         self.refusals: dict[tuple[str, str], int] = {}
         self.refused = 0
         self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()  # clients' connections open now (boto keeps them alive)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-throttle", daemon=True)
@@ -87,8 +89,17 @@ class ThrottlingProxy:
             return [s for s in self.stretched if path_contains in s.path]
 
     def close(self) -> None:
+        """The store answers nothing from now on: no new connection, and none of those boto keeps alive (a
+        request on one of them went through to the store after close, as if it were still up)."""
         self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            open_now = list(self._connections)
+        for connection in open_now:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile
+                pass
 
     def _rule_for(self, method: str, path: str) -> Rule | None:
         with self._lock:
@@ -118,6 +129,16 @@ def _handler(proxy: ThrottlingProxy) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            with proxy._lock:
+                proxy._connections.add(self.connection)
+
+        def finish(self) -> None:
+            with proxy._lock:
+                proxy._connections.discard(self.connection)
+            super().finish()
 
         def _forward(self) -> None:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
