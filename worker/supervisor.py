@@ -669,8 +669,7 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
     settled = time.time() - settings.heartbeat_deadline_s
     for job_dir in dirs:
         for attempt_dir in [d for d in job_dir.iterdir() if d.is_dir()]:
-            number = attempt_dir.name.removeprefix("attempt-")
-            if not (number.isdigit() and (job_dir.name, int(number)) in live) and attempt_dir.stat().st_mtime < settled:
+            if (job_dir.name, _attempt_number(attempt_dir)) not in live and attempt_dir.stat().st_mtime < settled:
                 shutil.rmtree(attempt_dir, ignore_errors=True)
                 removed.append(attempt_dir)
         if _remove_if_empty(job_dir):
@@ -699,14 +698,19 @@ def remove_earlier_attempts(job_dir: Path, attempt: int, deadline_s: float) -> N
     frozen worker's, whose job went on here), so nothing is removed from under a process still running."""
     settled = time.time() - deadline_s
     try:
-        earlier = [d for d in job_dir.glob("attempt-*")
-                   if d.name.removeprefix("attempt-").isdigit() and int(d.name.removeprefix("attempt-")) < attempt]
-        stale = [d for d in earlier if _last_heartbeat(d) < settled]
+        stale = [d for d in job_dir.glob("attempt-*")
+                 if (n := _attempt_number(d)) is not None and n < attempt and _last_heartbeat(d) < settled]
     except OSError:  # the disk, unreadable for a moment: the next attempt's end, or the next worker's sweep, tries again
         return
     for attempt_dir in stale:
         shutil.rmtree(attempt_dir, ignore_errors=True)
         log.info("removed %s: an earlier attempt of this job", attempt_dir)
+
+
+def _attempt_number(attempt_dir: Path) -> int | None:
+    """The attempt an `attempt-N` directory is of; None for a name without a number."""
+    number = attempt_dir.name.removeprefix("attempt-")
+    return int(number) if number.isdigit() else None
 
 
 def _last_heartbeat(attempt_dir: Path) -> float:
