@@ -4,6 +4,8 @@ file there that cannot be read is skipped. The disk fills up for real (tests/ful
 from __future__ import annotations
 
 import logging
+import os
+import time
 from queue import Empty
 
 import pytest
@@ -47,3 +49,21 @@ def test_a_message_file_that_cannot_be_read_is_skipped_and_the_next_one_is_read(
     assert queued(settings) == []
     with pytest.raises(Empty):
         channel._get(QUEUE)
+
+
+def test_a_send_killed_before_its_rename_leaves_no_file_past_the_next_opening(settings):
+    """A process killed between writing a message and renaming it into the queue left its hidden file for
+    ever; a channel's opening removes those no send can still be writing (PARTIAL_MAX_AGE_S)."""
+    directory = settings.broker_dir / "queue"
+    directory.mkdir(parents=True, exist_ok=True)
+    abandoned = directory / f".0000001_a.{QUEUE}.msg.partial"
+    in_progress = directory / f".0000002_b.{QUEUE}.msg.partial"
+    for path in (abandoned, in_progress):
+        path.write_bytes(b'{"body": "jo')
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
+    with celery_for(settings).connection_for_write() as connection:
+        channel = connection.default_channel
+        assert not abandoned.exists() and in_progress.exists()  # a send this recent may still be writing
+        channel._put(QUEUE, {"body": "job 3"})
+        assert channel._get(QUEUE) == {"body": "job 3"}
