@@ -43,6 +43,8 @@ EXTRA_FIELDS = {"lora", "quantization", "training", "output", "eval", "gpu_class
 METHODS = {"supervised": "sft", "dpo": "dpo"}
 OPENAI_METHOD = {ours: theirs for theirs, ours in METHODS.items()}
 DPO_OPTIONS = ("beta", "loss", "label_smoothing")  # beta is OpenAI's; loss and label_smoothing are ours
+# OpenAI's hyperparameters of every method (a dpo method's also take DPO_OPTIONS).
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 # Our job states as OpenAI's; the ones it has no word for read as the nearest it has.
 STATUS = {
@@ -228,9 +230,14 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
         raise Invalid("validation_file: must be a file id from POST /v1/files, or null for none",
                       details=field_errors([("validation_file", "must be a file id or null")]))
     # The SDK sends the hyperparameters under method[type]; the top-level ones are the older way.
+    _only(method, ("type", kind), "method")
     settings = _object(method, kind, f"method.{kind}")
-    hyperparameters = {**_object(body, "hyperparameters", "hyperparameters"),
-                       **_object(settings, "hyperparameters", f"method.{kind}.hyperparameters")}
+    _only(settings, ("hyperparameters",), f"method.{kind}")
+    legacy = _object(body, "hyperparameters", "hyperparameters")
+    _only(legacy, HYPERPARAMETERS + DPO_OPTIONS, "hyperparameters")
+    current = _object(settings, "hyperparameters", f"method.{kind}.hyperparameters")
+    _only(current, HYPERPARAMETERS + DPO_OPTIONS, f"method.{kind}.hyperparameters")  # a supervised beta: _method_from
+    hyperparameters = {**legacy, **current}
     native_method = _method_from(kind, hyperparameters)
     training = _object(body, "training", "training")
     training.update(_training_from(hyperparameters, training, max_micro_batch, LEARNING_RATES[native_method["type"]]))
@@ -272,6 +279,17 @@ def _method_from(kind: str, hyperparameters: dict) -> dict:
             raise Invalid(f"method.{kind}.hyperparameters.{stray[0]}: only for method dpo",
                           details=field_errors([(f"method.{kind}.hyperparameters.{stray[0]}", "only for method dpo")]))
     return method
+
+
+def _only(value: dict, known: tuple[str, ...], field: str) -> None:
+    """Refuse a key of `value` that is not one of `known` (a null one is as absent): read no further,
+    a misspelt or unsupported setting ("n_epoch", "warmup_ratio", "method.dpo" beside type supervised)
+    would be dropped, and the job would train on defaults its owner never chose."""
+    unknown = sorted(key for key, setting in value.items() if key not in known and setting is not None)
+    if unknown:
+        name = f"{field}.{excerpt(unknown[0], quote=False)}"
+        raise Invalid(f"{name}: unknown field; {field} takes {', '.join(known)}",
+                      details=field_errors([(name, "unknown field")]))
 
 
 def _object(parent: dict, key: str, field: str) -> dict:

@@ -124,6 +124,16 @@ BAD_BODIES = [
     ({**BASE, "training_file": 42}, "training_file", 422),
     ({**BASE, "learning_rate": 0.1}, "learning_rate", 422),
     ({**BASE, "integrations": [{"type": "wandb"}]}, "integrations", 422),
+    # A setting this service does not know, at any depth, is refused rather than dropped: a misspelt
+    # n_epochs would otherwise train 3 epochs, a dpo beta beside type supervised would be ignored.
+    ({**BASE, "hyperparameters": {"n_epoch": 2}}, "hyperparameters.n_epoch", 422),
+    ({**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": {"warmup_ratio": 0.1}}}},
+     "method.supervised.hyperparameters.warmup_ratio", 422),
+    ({**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"bta": 0.2}}}}, "method.dpo.hyperparameters.bta", 422),
+    ({**BASE, "method": {"type": "supervised", "supervised": {"hyperparameter": {"n_epochs": 1}}}},
+     "method.supervised.hyperparameter", 422),
+    ({**BASE, "method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.2}}}}, "method.dpo", 422),
+    ({**BASE, "method": {"type": "supervised", "seed": 3}}, "method.seed", 422),
     ({**BASE, "training_file": "abc"}, None, 404),  # an id without its prefix is as missing as a wrong one
     ({**BASE, "training_file": "file-"}, None, 404),
     ({**BASE, "validation_file": "ftjob-abc"}, None, 404),
@@ -142,6 +152,13 @@ def test_a_malformed_body_is_a_client_error_that_names_the_part(body, field, sta
     assert shaped_status == (400 if status == 422 else status)
     assert shaped["error"]["param"] == (t.PARAM_NAMES.get(field, field) if field else None)
     assert shaped["error"]["type"] == "invalid_request_error"
+
+
+def test_a_null_setting_is_as_absent_as_an_unset_one():
+    """What a client's model of the body sends for what it leaves unset (the SDK's own types do)."""
+    native = job_body({**BASE, "hyperparameters": {"n_epochs": 2, "warmup": None},
+                       "method": {"type": "dpo", "supervised": None, "dpo": {"hyperparameters": {"beta": 0.2}}}})
+    assert native["method"] == {"type": "dpo", "beta": 0.2} and native["training"]["epochs"] == 2
 
 
 @pytest.mark.parametrize("body", [
