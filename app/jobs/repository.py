@@ -10,8 +10,9 @@ operators' aggregates.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import cast
 
 import sqlalchemy as sa
@@ -76,8 +77,31 @@ def get_any_team(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def list_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Job]:
-    return list(session.scalars(_page_of(readable_jobs(team_id), status, cursor, limit)))
+ANY_METADATA: Mapping[str, str] = MappingProxyType({})  # list_page's `metadata` that filters nothing
+
+
+def list_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int,
+              metadata: Mapping[str, str] | None = ANY_METADATA) -> list[Job]:
+    """A page of the team's jobs; with `metadata`, only those whose metadata holds each of its pairs,
+    and with None only those that have none (OpenAI's metadata[k]=v and metadata=null)."""
+    query = readable_jobs(team_id)
+    if metadata is None:
+        query = query.where(sa.or_(Job.user_metadata.is_(None), sa.cast(Job.user_metadata, Text) == "null"))
+    else:
+        dialect = session.get_bind().dialect.name
+        query = query.where(*(_metadata_holds(dialect, key, value) for key, value in metadata.items()))
+    return list(session.scalars(_page_of(query, status, cursor, limit)))
+
+
+def _metadata_holds(dialect: str, key: str, value: str) -> sa.ColumnElement[bool]:
+    """The job's metadata maps `key` to `value`. Postgres' ->> takes the key as a parameter. SQLite's
+    JSON paths ($."key") miss a key holding a quote or any non-ASCII character (the column stores
+    "\\u00e9" for "é", and the path is matched against that text), so there the pairs are read with
+    json_each, which decodes them. Neither uses an index: the team's jobs are all read."""
+    if dialect == "sqlite":
+        pairs = func.json_each(Job.user_metadata).table_valued("key", "value")
+        return sa.exists().where(pairs.c.key == key, pairs.c.value == value)
+    return Job.user_metadata[key].as_string() == value
 
 
 def _page_of(query: Select, status: str | None, cursor: str | None, limit: int) -> Select:

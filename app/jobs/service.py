@@ -6,7 +6,7 @@ the job owns (events, metrics, checkpoints, artifacts) is read with the team in 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -288,9 +288,11 @@ def get(session: Session, caller: Caller, job_id: str) -> Job:
     return _found(repository.get(session, caller.team_id, job_id), job_id)
 
 
-def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int) -> Page:
-    """The team's jobs newest first, optionally of one status."""
-    return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit), limit)
+def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int,
+              metadata: Mapping[str, str] | None = repository.ANY_METADATA) -> Page:
+    """The team's jobs newest first, optionally of one status, and of metadata holding each pair of
+    `metadata` (None: jobs without metadata)."""
+    return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit, metadata), limit)
 
 
 def view(session: Session, caller: Caller, job_id: str) -> Row:

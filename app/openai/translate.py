@@ -9,12 +9,14 @@ any job (the spec's fields, datasets, base model, GPU class; scoping; state chan
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 from app.datasets.tables import Dataset
 from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
+from app.jobs.schemas import MAX_METADATA
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.pagination import MAX_ID
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
@@ -83,6 +85,34 @@ def feed_cursor(openai_id: str) -> tuple[str, int]:
     if openai_id.startswith(METRIC_EVENT):
         return "metric", event_id(EVENT + openai_id[len(METRIC_EVENT):])
     return "event", event_id(openai_id)
+
+
+_METADATA_PAIR = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+
+
+def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str] | None:
+    """jobs.list()'s metadata filter from the query string, as the SDK sends it: `metadata[k]=v` for each
+    pair a job's metadata must hold (none: no filter), or `metadata=null` for the jobs with none (None).
+    Read from the raw query: a route's parameters would silently drop `metadata[k]`, listing every job."""
+    pairs: dict[str, str] = {}
+    null = False
+    for name, value in query:
+        pair = _METADATA_PAIR.fullmatch(name)
+        if name == "metadata" and value == "null":
+            null = True
+        elif name == "metadata" or (pair and pairs.get(pair[1], value) != value):
+            raise Invalid(f"metadata: filter with metadata[key]=value (each key once) or metadata=null, got "
+                          f"{excerpt(name, quote=False)}={excerpt(value, quote=False)}",
+                          details=field_errors([("metadata", "use metadata[key]=value or metadata=null")]))
+        elif pair:
+            pairs[pair[1]] = value
+    if null and pairs:
+        raise Invalid("metadata: metadata=null selects jobs without metadata; it cannot be combined with "
+                      "metadata[key]=value", details=field_errors([("metadata", "null or pairs, not both")]))
+    if len(pairs) > MAX_METADATA:  # no job holds more: the filter would match none, at the cost of each pair
+        raise Invalid(f"metadata: at most {MAX_METADATA} pairs, as a job holds at most {MAX_METADATA}; got {len(pairs)}",
+                      details=field_errors([("metadata", f"at most {MAX_METADATA} pairs")]))
+    return None if null else pairs
 
 
 def file_object(dataset: Dataset) -> dict:

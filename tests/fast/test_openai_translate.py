@@ -329,3 +329,43 @@ def test_an_error_speaks_of_what_the_openai_client_sent_and_sees(ours, theirs, p
     """A /v1 client sent training_file "file-nope", not dataset_id "nope"; it sees a pausing job as running."""
     status, body = openai_error(404, ours, "not_found", None)
     assert (body["error"]["message"], body["error"]["param"]) == (theirs, param)
+
+
+# ------------------------------------------------------------------ jobs.list's metadata filter
+
+
+@pytest.mark.parametrize(("query", "wanted"), [
+    ([], {}), ([("limit", "2"), ("after", "ftjob-x")], {}),
+    ([("metadata[team]", "nlp"), ("metadata[run]", "")], {"team": "nlp", "run": ""}),  # an empty value is a value
+    ([("metadata[a]b]", "1"), ("metadata[é]", "ü")], {"a]b": "1", "é": "ü"}),
+    ([("metadata[k]", "v"), ("metadata[k]", "v")], {"k": "v"}),
+    ([("metadata", "null")], None),
+])
+def test_the_metadata_filter_is_read_as_the_sdk_sends_it(query, wanted):
+    assert t.metadata_filter(query) == wanted
+
+
+@pytest.mark.parametrize("query", [
+    [("metadata", "null"), ("metadata[k]", "v")], [("metadata", "{}")], [("metadata[k]", "a"), ("metadata[k]", "b")],
+    [(f"metadata[k{i}]", "v") for i in range(17)],
+])
+def test_a_metadata_filter_that_can_match_nothing_sensible_is_refused(query):
+    with pytest.raises(Invalid) as refused:
+        t.metadata_filter(query)
+    assert refused.value.details[0]["field"] == "metadata"
+
+
+def test_jobs_are_listed_by_their_metadata(session, caller, make_job):
+    """Keys SQLite's JSON paths would miss (a quote, non-ASCII) are found as well as plain ones."""
+    tagged = make_job(user_metadata={"team": "nlp", 'say "hi"': "é", "ключ": "значение"})
+    other = make_job(user_metadata={"team": "vision"})
+    bare = make_job()
+
+    def listed(metadata):
+        return [job.id for job in service.list_page(session, caller, None, None, 10, metadata).data]
+
+    assert set(listed({})) == {tagged, other, bare}
+    assert listed({"team": "nlp"}) == [tagged]
+    assert listed({'say "hi"': "é", "ключ": "значение"}) == [tagged]
+    assert listed({"team": "nlp", "ключ": "other"}) == [] and listed({"missing": ""}) == []
+    assert listed(None) == [bare]

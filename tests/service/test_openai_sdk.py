@@ -109,6 +109,26 @@ def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
         assert sdk.fine_tuning.jobs.cancel(job_id).status == "cancelled"
 
 
+def test_jobs_list_filters_by_metadata(sdk, files):
+    """The SDK sends metadata={"k": "v"} as metadata[k]=v: only the jobs tagged so are listed (on Postgres here,
+    whose JSON reads differ from SQLite's, tests/fast/test_openai_translate.py)."""
+    run = str(time.monotonic_ns())
+    made = {tag: sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id, metadata=tags,
+                                             extra_body={**EXTRA, "gpu_class": lane("nobody-listens")}).id
+            for tag, tags in (("a", {"run": run, "arm": "a"}), ("b", {"run": run, "arm": "b ü"}), ("bare", None))}
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"run": run})] == [made["b"], made["a"]]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"run": run, "arm": "b ü"})] == [made["b"]]
+    page = sdk.fine_tuning.jobs.list(metadata={"run": run}, limit=1)
+    assert [j.id for j in page.data] == [made["b"]] and page.has_more
+    without = [j.id for j in sdk.fine_tuning.jobs.list(extra_query={"metadata": "null"}, limit=200).data]
+    assert made["bare"] in without and made["a"] not in without
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.fine_tuning.jobs.list(extra_query={"metadata": "tagged"})
+    assert info.value.body["param"] == "metadata"
+    for job_id in made.values():
+        sdk.fine_tuning.jobs.cancel(job_id)
+
+
 def test_openai_shaped_errors_for_a_bad_file_and_a_bad_job(sdk, files, deployment):
     bad = sdk.files.create(file=("bad.jsonl", b'{"messages": [\n{"prompt": "p"}\n'), purpose="fine-tune")
     bad = sdk.files.wait_for_processing(bad.id)
