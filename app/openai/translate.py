@@ -382,8 +382,19 @@ _IN_OPENAI_WORDS = (
     (re.compile(r"\bno dataset '(?!file-)"), f"no file '{FILE}"),
     (re.compile(r"\bno job '(?!ftjob-)"), f"no fine-tuning job '{JOB}"),
     (re.compile(r"\bjob ([0-9a-f]{32})\b"), rf"job {JOB}\1"),
+    (re.compile(r"\bdataset ([0-9a-f]{32})\b"), rf"file {FILE}\1"),
+    (re.compile(r"\b([0-9a-f]{32}) (?=\((?:" + "|".join(states.ALL) + r")\))"), rf"{JOB}\1 "),  # a job listed with its state
     (re.compile(r"\bit is (pausing|cancelling)\b"), r"it is \1 (shown as running until it stops)"),
 )
+
+
+def openai_param(field: str) -> str:
+    """A field of ours as the client named it: OpenAI's name for it, and a query or path parameter
+    bare ("limit", as the SDK sent it, not FastAPI's "query.limit")."""
+    if field in PARAM_NAMES:
+        return PARAM_NAMES[field]
+    where, dot, name = field.partition(".")
+    return name if dot and where in ("query", "path") else field
 
 
 def in_openai_words(message: str) -> tuple[str, str | None]:
@@ -391,8 +402,8 @@ def in_openai_words(message: str) -> tuple[str, str | None]:
     ids and states as the client knows them; and that field's OpenAI name, if it led."""
     param = None
     field, colon, rest = message.partition(": ")
-    if colon and field in PARAM_NAMES:
-        param = PARAM_NAMES[field]
+    if colon and openai_param(field) != field:
+        param = openai_param(field)
         message = f"{param}: {rest}"
     for ours, theirs in _IN_OPENAI_WORDS:
         message = ours.sub(theirs, message)
@@ -408,7 +419,7 @@ def openai_error(status: int, message: str, code: str | None, details: Any) -> t
     first = details[0] if isinstance(details, list) and details else None
     field = first.get("field") if isinstance(first, dict) else None
     message, leading = in_openai_words(message)
-    param = PARAM_NAMES.get(field, field) if field else leading
+    param = openai_param(field) if field else leading
     if status in (409, 422):
         status = 400
     kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",

@@ -215,6 +215,13 @@ def test_the_first_bad_field_is_named_as_an_openai_client_sent_it(ours, theirs):
     assert openai_error(422, "m", "invalid_job", details)[1]["error"]["param"] == theirs
 
 
+def test_a_query_parameter_is_named_as_the_sdk_sent_it():
+    details = [{"field": "query.limit", "message": "Input should be a valid integer"}]
+    assert openai_error(422, "query.limit: Input should be a valid integer", "invalid", details)[1]["error"] == {
+        "message": "limit: Input should be a valid integer", "type": "invalid_request_error", "param": "limit",
+        "code": "invalid"}
+
+
 def test_details_that_name_no_field_give_no_param():
     for details in (None, [], ["a string"], {"needed_bytes": 1}):
         assert openai_error(400, "m", "c", details)[1]["error"]["param"] is None
@@ -324,6 +331,13 @@ JOB_ID = "0123456789abcdef0123456789abcdef"
     (f"cannot resume job {JOB_ID}: it is pausing",
      f"cannot resume job ftjob-{JOB_ID}: it is pausing (shown as running until it stops)", None),
     ("lora.r: Input should be greater than or equal to 1", "lora.r: Input should be greater than or equal to 1", None),
+    (f"dataset {JOB_ID} is used by jobs that have not finished: {JOB_ID[::-1]} (queued), {JOB_ID} (running); cancel them",
+     f"file file-{JOB_ID} is used by jobs that have not finished: ftjob-{JOB_ID[::-1]} (queued), ftjob-{JOB_ID} (running); "
+     "cancel them", None),
+    (f"dataset_id: method dpo trains on a preference dataset, but dataset {JOB_ID} is chat",
+     f"training_file: method dpo trains on a preference dataset, but file file-{JOB_ID} is chat", "training_file"),
+    # FastAPI's own check of a query parameter: the SDK sent `limit`.
+    ("query.limit: Input should be a valid integer", "limit: Input should be a valid integer", "limit"),
 ])
 def test_an_error_speaks_of_what_the_openai_client_sent_and_sees(ours, theirs, param):
     """A /v1 client sent training_file "file-nope", not dataset_id "nope"; it sees a pausing job as running."""
