@@ -13,15 +13,18 @@ from sqlalchemy.orm import Session
 from app.conditional import POLLED, polled
 from app.datasets import service as datasets
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
-from app.errors import Invalid, field_errors
+from app.errors import Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
 from app.jobs import service as jobs
+from app.jobs import states
 from app.jobs.tables import JobEvent
+from app.models import service as models
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
 from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute
 from app.storage import StoredObject
+from app.teams.service import Caller
 from worker.training.spec import excerpt
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=CheckedJSONRoute)
@@ -158,3 +161,44 @@ def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep, after:
     saved = page_after(newest_first, lambda c: t.CHECKPOINT + c.id, after, limit,
                        unknown=f"after: no checkpoint {excerpt(after)} in this job")
     return _list([t.checkpoint_object(c, job, caller.team_name) for c in saved.data], saved)
+
+
+# ------------------------------------------------------------------ models
+
+
+@router.get("/models")
+def list_models(session: SessionDep, caller: CallerDep):
+    """The registered base models (the registry is small and the same for every team). A team's
+    fine-tuned models, one per succeeded job, are not listed (there may be any number): each is read
+    by its name, and listed as jobs.list()'s succeeded jobs."""
+    return {"object": "list", "data": [t.model_object(m.name, m.created_at, "system") for m in models.list_models(session)]}
+
+
+@router.get("/models/{model:path}")
+def retrieve_model(model: str, session: SessionDep, caller: CallerDep):
+    return _model(session, caller, model)
+
+
+@router.delete("/models/{model:path}")
+def delete_model(model: str, session: SessionDep, caller: CallerDep):
+    """This service serves no inference, so there is no model to take down: a fine-tuned model is its
+    job's artifacts, deleted as such. Refused, after the model is found (404 first, as for any id)."""
+    _model(session, caller, model)
+    raise Invalid("model: this service serves no models to delete: a fine-tuned model's weights are its job's "
+                  "artifacts (DELETE /jobs/{id}/artifacts/adapter and /merged), a base model is removed from the "
+                  "registry by an admin (DELETE /models/{name})", details=field_errors([("model", "not deleted here")]))
+
+
+def _model(session: Session, caller: Caller, name: str) -> dict:
+    """A base model by its registered name, or a fine-tuned one by the name its succeeded job gave it
+    (another team's, or a job that has not succeeded, is as missing as a wrong name)."""
+    job_id = t.fine_tuned_job_id(name)
+    if job_id is None:
+        return t.model_object(name, models.get_model(session, name).created_at, "system")
+    try:
+        job = jobs.get(session, caller, job_id)
+    except NotFound:
+        job = None
+    if job is None or job.status != states.SUCCEEDED or t.fine_tuned_model(job, caller.team_name) != name:
+        raise NotFound(f"no fine-tuned model {excerpt(name)}; its name is the fine_tuned_model of a succeeded job")
+    return t.model_object(name, job.finished_at, caller.team_name)

@@ -143,6 +143,19 @@ def fine_tuned_model(job: Job, team_name: str) -> str:
     return f"ft:{job.base_model}:{team_name}:{job.name}:{job.id}"
 
 
+FINE_TUNED = "ft:"
+
+
+def fine_tuned_job_id(model: str) -> str | None:
+    """The job id a fine-tuned model's name ends with (as fine_tuned_model writes it), or None for a
+    name that is not a fine-tuned model's (a base model's)."""
+    return model.rsplit(":", 1)[-1] if model.startswith(FINE_TUNED) else None
+
+
+def model_object(name: str, created: datetime | None, owned_by: str) -> dict:
+    return {"id": name, "object": "model", "created": unix(created), "owned_by": owned_by}
+
+
 def method_type(spec: dict) -> str:
     return (spec.get("method") or {"type": "sft"})["type"]
 
@@ -250,8 +263,8 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
                       f"{' or '.join(map(repr, METHODS))}",
                       details=field_errors([("method.type", f"must be one of {', '.join(map(repr, METHODS))}")]))
     if not isinstance(body.get("model"), str):
-        raise Invalid("model: required, the name of a registered base model (GET /v1/models is not served; "
-                      "see GET /models)", details=field_errors([("model", "required")]))
+        raise Invalid("model: required, the name of a registered base model (GET /v1/models lists them)",
+                      details=field_errors([("model", "required")]))
     if not isinstance(body.get("training_file"), str):
         raise Invalid("training_file: required, a file id from POST /v1/files",
                       details=field_errors([("training_file", "required")]))

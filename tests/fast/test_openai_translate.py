@@ -248,6 +248,13 @@ def test_ids_carry_openais_prefixes(openai_id, prefix, native):
     assert t.native_id(openai_id, prefix, "thing") == native
 
 
+@pytest.mark.parametrize(("model", "job_id"), [
+    ("ft:llama-3-8b:team-a:bot:" + "0" * 32, "0" * 32), ("ft:org/m:v2:team:a:b:c1", "c1"),  # the id is the last part
+    ("tiny-demo", None), ("org/model:v2", None), ("ft", None)])
+def test_a_fine_tuned_models_name_ends_with_its_job(model, job_id):
+    assert t.fine_tuned_job_id(model) == job_id
+
+
 @pytest.mark.parametrize("openai_id", ["abc", "file-", "ftjob-abc", "", "FILE-abc"])
 def test_a_malformed_id_is_not_found(openai_id):
     with pytest.raises(NotFound, match="no file"):

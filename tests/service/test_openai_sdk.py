@@ -109,6 +109,27 @@ def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
         assert sdk.fine_tuning.jobs.cancel(job_id).status == "cancelled"
 
 
+def test_models_are_the_registered_bases_and_each_succeeded_jobs(sdk, finished, deployment):
+    """What scripts call around a fine-tune: models.list() and models.retrieve(job.fine_tuned_model) answer
+    OpenAI's Model; models.delete() is refused saying where the weights are, not a bare 404."""
+    assert "tiny" in [m.id for m in sdk.models.list()]
+    base = sdk.models.retrieve("tiny")
+    assert (base.id, base.object, base.owned_by) == ("tiny", "model", "system") and isinstance(base.created, int)
+    mine = sdk.models.retrieve(finished.fine_tuned_model)
+    assert (mine.id, mine.owned_by, mine.created) == (finished.fine_tuned_model, "sdk-team", finished.finished_at)
+    other = OpenAI(base_url=deployment.url + "/v1", api_key=deployment.team_key("sdk-other"), max_retries=0)
+    for client, name in ((other, finished.fine_tuned_model), (sdk, finished.fine_tuned_model.replace(":sounds:", ":x:")),
+                         (sdk, finished.fine_tuned_model + ":ckpt-step-30"), (sdk, "gpt-4o-mini"), (sdk, "ft:é")):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(name)
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete(finished.fine_tuned_model)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.models.delete(finished.fine_tuned_model)
+    assert info.value.body["param"] == "model" and "/artifacts/adapter" in info.value.body["message"]
+    assert sdk.models.retrieve(finished.fine_tuned_model).id == finished.fine_tuned_model  # still there
+
+
 def test_jobs_list_filters_by_metadata(sdk, files):
     """The SDK sends metadata={"k": "v"} as metadata[k]=v: only the jobs tagged so are listed (on Postgres here,
     whose JSON reads differ from SQLite's, tests/fast/test_openai_translate.py)."""
