@@ -443,3 +443,21 @@ def test_rows_that_show_the_same_tools_share_one_copy_of_them():
     examples = validate_lines(lines(*rows)).examples
     assert examples[0].tools == tuple(TOOLS) and examples[3].tools == tuple(other)
     assert examples[0].tools is examples[1].tools is examples[2].tools and examples[3].tools is not examples[0].tools
+
+
+def test_a_spare_special_token_pads_where_there_is_no_pad_or_unk(tiny_model_dir):
+    """Llama 3 has neither; a spare special token of its vocabulary pads (no row is added to the model), one made
+    for padding before one held in reserve, never one the chat template writes."""
+    from transformers import AddedToken
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.unk_token = None
+    spares = ["<|reserved_special_token_0|>", "<|finetune_right_pad_id|>", "<|pad_written|>"]
+    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in spares], special_tokens=True)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE + "{{ '<|pad_written|>' }}"
+    setup = prepare_tokenizer(tok)
+    assert not setup.pad_token_added and tok.pad_token == "<|finetune_right_pad_id|>"
+    tok.add_special_tokens({"pad_token": tok.eos_token})
+    tok.add_tokens([AddedToken("<|finetune_right_pad_id|>", special=False)])  # already there: no change
+    tok.chat_template += "{{ '<|finetune_right_pad_id|>' }}"
+    assert prepare_tokenizer(tok).pad_token == "<|reserved_special_token_0|>"

@@ -6,7 +6,8 @@
 - Loss is on assistant turns only (their content and end-of-turn), unless train_on_inputs.
 - Every row ends with EOS and the EOS is in the labels: a model that never sees EOS as a target
   never learns to stop. Labels are built here, explicitly, so no collator can mask EOS out by
-  mistaking it for padding; and the pad token is never EOS anyway (unk is reused, or one is added).
+  mistaking it for padding; and the pad token is never EOS anyway (unk is reused, else a spare special token
+  the vocabulary has for padding or in reserve, else one is added).
 - Rows longer than max_seq_length are truncated from the end and counted; a row left with nothing
   to learn after truncation is dropped and counted.
 - Preference rows (method dpo) become two sequences, the prompt followed by each answer, rendered as a
@@ -73,12 +74,34 @@ def prepare_tokenizer(tokenizer) -> TokenizerSetup:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token  # unk never occurs in byte-level text; safe to reuse
+        elif (spare := spare_pad_token(tokenizer)) is not None:
+            tokenizer.pad_token = spare
         else:
             tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
             added = True
     tokenizer.padding_side = "right"  # training pads on the right; labels there are IGNORE_INDEX
     digest = hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()
     return TokenizerSetup(source, digest, tokenizer.pad_token, added)
+
+
+def spare_pad_token(tokenizer) -> str | None:
+    """A special token the vocabulary already has for padding, or holds in reserve, that the chat template never
+    writes: Llama 3.1's `<|finetune_right_pad_id|>`, Llama 3's `<|reserved_special_token_0|>`. Llama 3 has no pad and
+    no unk, and a pad added instead (DEFAULT_PAD_TOKEN) is a row past the base's embeddings: the adapter then
+    carries the whole embedding matrix and output head (peft saves them once the vocabulary grew: gigabytes at
+    128k tokens), `PeftModel.from_pretrained` onto the base as downloaded fails on their shapes, and the merged
+    model's vocabulary is no longer the base's. A padded position is masked from attention and from the loss,
+    so which id pads never shows in what is learned. None where there is none: the pad is added."""
+    template = tokenizer.chat_template or ""
+    written = template if isinstance(template, str) else "\n".join(template.values())  # a tokenizer's named templates
+    never_written = [(token.content, i) for i, token in tokenizer.added_tokens_decoder.items()
+                     if token.special and i not in (tokenizer.eos_token_id, tokenizer.bos_token_id)
+                     and token.content not in written]
+    for kind in ("pad", "reserved"):
+        named = sorted((i, text) for text, i in never_written if kind in text.lower())
+        if named:
+            return named[0][1]
+    return None
 
 
 def special_token_texts(tokenizer) -> list[str]:

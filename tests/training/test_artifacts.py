@@ -1,0 +1,73 @@
+"""What a team downloads, read with the standard tools outside the service, for a base shaped like Llama 3.1:
+its chat template and special tokens, no pad and no unk token (a pad must come from somewhere), a spare
+`<|finetune_right_pad_id|>`, and the stop tokens Meta's generation_config.json lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from worker.training.recipe import run
+from worker.training.spec import JobSpec
+from worker.training.tiny import build_tokenizer, demo_spec
+
+LLAMA31 = json.loads((Path(__file__).parent / "chat_templates.json").read_text(encoding="utf-8"))["llama3.1"]
+STOPS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # Llama 3.1 Instruct's generation_config.json eos_token_id
+
+
+def llama31_like(out: Path) -> Path:
+    """A tiny random Llama whose tokenizer is dressed as Llama 3.1's (EOS <|eot_id|>, no unk, no pad)."""
+    build_tokenizer(0).save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    specials = [*LLAMA31["special"], LLAMA31["bos"], "<|finetune_right_pad_id|>"]
+    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    tok.eos_token, tok.bos_token, tok.chat_template = LLAMA31["eos"], LLAMA31["bos"], LLAMA31["template"]
+    tok.unk_token = None
+    tok.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token is None and tok.unk_token is None
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=352,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, do_sample=False,
+                                               eos_token_id=tok.convert_tokens_to_ids(STOPS))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama31_run(tmp_path_factory, demo_data):
+    base = llama31_like(tmp_path_factory.mktemp("llama31"))
+    spec = demo_spec(str(base))
+    # The 3.1 template writes a dated system header before every conversation.
+    spec["training"].update(max_steps=4, max_seq_length=256, per_device_batch_size=4, save_steps=4, eval_steps=4)
+    spec["eval"] = {"prompts": 0}
+    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path_factory.mktemp("llama31-run") / "out")
+    assert result.status == "succeeded"
+    return base, result
+
+
+def test_an_adapter_for_a_base_without_pad_or_unk_loads_with_plain_peft_onto_the_base(llama31_run):
+    """Llama 3 has neither a pad nor an unk token. The pad used to be a new token, a row past the base's
+    embeddings: the adapter then carried the whole embedding matrix and output head, and
+    `PeftModel.from_pretrained(base, "adapter")` failed with a size mismatch on both. A spare special token
+    of the vocabulary pads instead, and the downloads keep the base's shape."""
+    base, result = llama31_run
+    adapter = result.out_dir / "adapter"
+    assert result.summary["tokenizer"]["pad_token"] == "<|finetune_right_pad_id|>"
+    assert not result.summary["tokenizer"]["pad_token_added"]
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        assert all("lora_" in name for name in weights.keys())  # the adapter alone, no embedding copies
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)  # raised before
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert tokenizer.pad_token_id < model.get_input_embeddings().weight.shape[0]
+    assert json.loads((result.out_dir / "merged" / "config.json").read_text())["vocab_size"] == len(tokenizer)
