@@ -71,3 +71,13 @@ def test_an_adapter_for_a_base_without_pad_or_unk_loads_with_plain_peft_onto_the
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     assert tokenizer.pad_token_id < model.get_input_embeddings().weight.shape[0]
     assert json.loads((result.out_dir / "merged" / "config.json").read_text())["vocab_size"] == len(tokenizer)
+
+
+def test_the_merged_model_stops_where_the_base_stops(llama31_run):
+    """generation_config.json's eos_token_id keeps the base's stop tokens (what vLLM and generate() stop at): it
+    used to be the tokenizer's EOS alone, and the merged model ran on past <|end_of_text|> and <|eom_id|>."""
+    base, result = llama31_run
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "merged")
+    merged = GenerationConfig.from_pretrained(result.out_dir / "merged")
+    assert merged.eos_token_id == tokenizer.convert_tokens_to_ids(STOPS) == GenerationConfig.from_pretrained(base).eos_token_id
+    assert tokenizer.eos_token_id in merged.eos_token_id and merged.pad_token_id == tokenizer.pad_token_id

@@ -79,6 +79,16 @@ def build_merged_model(
     return merged.to(merge_dtype)
 
 
+def stop_token_ids(base_eos: int | list[int] | None, tokenizer) -> int | list[int]:
+    """The merged model's generation_config eos_token_id: the base's stop tokens, which a server (vLLM, transformers'
+    generate) stops at, each of them (Llama 3.1 Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>; Phi-3.5
+    <|end|> and <|endoftext|>), with the tokenizer's EOS, which training ends every row with. Writing the EOS
+    alone dropped the others: the merged model ran on past a stop token the base model stopped at."""
+    base = [base_eos] if isinstance(base_eos, int) else list(base_eos or [])
+    ids = list(dict.fromkeys([*base, tokenizer.eos_token_id]))
+    return ids[0] if len(ids) == 1 else ids
+
+
 def measure_fidelity(reference: list[tuple[torch.Tensor, float]], merged_model, rows: list[dict]) -> dict:
     """Max / mean |logit difference| and eval-loss difference between adapter-on-quantized-base and merged."""
     merged = forward_rows(merged_model, rows)

@@ -64,6 +64,7 @@ from worker.training.merge import (  # noqa: E402
     free_memory,
     measure_fidelity,
     merge_device,
+    stop_token_ids,
 )
 from worker.training.model import (  # noqa: E402
     Speedups,
@@ -648,7 +649,7 @@ class QLoRARecipe:
                                     merge_dtype, device, tokenizer=self.tokenizer,
                                     quantized_cache=self.quantized_cache)
         merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        merged.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        merged.generation_config.eos_token_id = stop_token_ids(merged.generation_config.eos_token_id, self.tokenizer)
         _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
                                                        self.tokenizer.save_pretrained(tmp)))
 
