@@ -404,6 +404,8 @@ class JobRun:
             resume=job.attempt > 1,
             quantized_cache=self._quantized_cache(job, base_path, workdir, watch),
             initial_adapter=str(workdir.initial / "adapter") if job.initial_adapter is not None else None,
+            base_model_id=job.base_model["hub_id"] or job.base_model["name"],
+            base_model_revision=job.base_model["revision"] if job.base_model["hub_id"] else None,
         ).write(workdir.job)
 
     def _download(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, path: Path) -> None:

@@ -97,6 +97,8 @@ def _download(client: httpx.Client, job_id: str, kind: str, tmp_path):
 
 def test_adapter_downloads_and_loads_with_peft(finished_job, team_a, tiny_model_dir, tmp_path):
     adapter = _download(team_a, finished_job["id"], "adapter", tmp_path)
+    # Its base by the registered name (the registry's hub id where it has one), not the worker's directory of it.
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     base = load_base_model(tiny_model_dir, QuantizationSpec(), torch.float32, "cpu")
     model = PeftModel.from_pretrained(base, adapter)
     scored = score_demo(model, AutoTokenizer.from_pretrained(adapter), HELDOUT)

@@ -18,6 +18,7 @@ from worker.training.spec import JobSpec
 from worker.training.tiny import build_tokenizer, demo_spec
 
 LLAMA31 = json.loads((Path(__file__).parent / "chat_templates.json").read_text(encoding="utf-8"))["llama3.1"]
+HUB_ID, REVISION = "meta-llama/Llama-3.1-8B-Instruct", "0e9e39f249a16976918f6564b8830bc894c89659"
 STOPS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # Llama 3.1 Instruct's generation_config.json eos_token_id
 
 
@@ -51,7 +52,9 @@ def llama31_run(tmp_path_factory, demo_data):
     # The 3.1 template writes a dated system header before every conversation.
     spec["training"].update(max_steps=4, max_seq_length=256, per_device_batch_size=4, save_steps=4, eval_steps=4)
     spec["eval"] = {"prompts": 0}
-    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path_factory.mktemp("llama31-run") / "out")
+    spec["base_model"] = "llama-3.1-like"  # a registered name, as the service runs it
+    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path_factory.mktemp("llama31-run") / "out",
+                 registry={"llama-3.1-like": str(base)}, base_model_id=HUB_ID, base_model_revision=REVISION)
     assert result.status == "succeeded"
     return base, result
 
@@ -81,3 +84,44 @@ def test_the_merged_model_stops_where_the_base_stops(llama31_run):
     merged = GenerationConfig.from_pretrained(result.out_dir / "merged")
     assert merged.eos_token_id == tokenizer.convert_tokens_to_ids(STOPS) == GenerationConfig.from_pretrained(base).eos_token_id
     assert tokenizer.eos_token_id in merged.eos_token_id and merged.pad_token_id == tokenizer.pad_token_id
+
+
+def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine_that_trained_it(llama31_run):
+    """adapter_config.json's base_model_name_or_path (what AutoPeftModelForCausalLM loads the base from) and the
+    adapter's model card named the directory the worker loaded the base from: its model path, or its attempt's
+    quantized copy. They name the registry's hub id and revision; no file of either download names a local path."""
+    base, result = llama31_run
+    adapter = result.out_dir / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (HUB_ID, REVISION)
+    assert f"base_model: {HUB_ID}" in (adapter / "README.md").read_text()
+    for path in [*adapter.iterdir(), *(result.out_dir / "merged").iterdir()]:
+        if path.suffix in (".json", ".md", ".jinja"):
+            text = path.read_text()
+            assert str(base) not in text and str(result.out_dir) not in text, path.name
+
+
+def test_where_a_pad_is_added_the_adapter_carries_the_grown_embeddings(tiny_model_dir, demo_data, tmp_path):
+    """A tokenizer with nothing to pad with gets a pad token, and the model a row for it: the adapter then carries
+    the grown embeddings and head, loading onto the base once resized to the adapter's tokenizer. (peft decides
+    that by reading the config.json at the path the adapter names its base by, a registered name now.)"""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.unk_token = tokenizer.eos_token  # nothing to reuse: a pad must be added
+    tokenizer.save_pretrained(base)
+    spec = demo_spec("tiny")
+    spec["training"].update(max_steps=2, per_device_batch_size=4, save_steps=2, eval_steps=2)
+    spec["eval"] = {"prompts": 0}
+    spec["output"] = {"merge": False}
+    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path / "out", registry={"tiny": str(base)})
+    assert result.summary["tokenizer"]["pad_token_added"]
+    adapter = result.out_dir / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(weights.keys())
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
+    PeftModel.from_pretrained(model, adapter)

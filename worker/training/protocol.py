@@ -176,6 +176,9 @@ class JobFile:
     resume: bool
     quantized_cache: QuantizedCache | None = None
     initial_adapter: str | None = None  # the starting adapter's directory (initial_job_id); None: a fresh adapter
+    # What the adapter names its base (adapter_config.json): the registry's hub id and revision, else its name.
+    base_model_id: str | None = None
+    base_model_revision: str | None = None
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))

@@ -318,6 +318,8 @@ class QLoRARecipe:
         pause: Callable[[], bool] | None = None,
         quantized_cache: Path | None = None,
         initial_adapter: Path | None = None,
+        base_model_id: str | None = None,
+        base_model_revision: str | None = None,
         progress: bool = False,
         extra_callbacks: tuple = (),
     ):
@@ -334,6 +336,12 @@ class QLoRARecipe:
         self.quantized_cache = quantized_cache
         # A saved adapter (adapter_config.json + adapter_model.safetensors) to start from instead of a fresh one.
         self.initial_adapter = Path(initial_adapter) if initial_adapter is not None else None
+        # What the adapter names its base (adapter_config.json's base_model_name_or_path and revision, its model
+        # card): where the base was loaded from is a directory of the machine that trained it (a worker's model
+        # path, or its attempt's quantized copy), of no use to whoever downloads the adapter. The service gives
+        # the registry's hub id; else the job spec's base_model, as the user named it.
+        self.base_model_id = base_model_id or spec.base_model
+        self.base_model_revision = base_model_revision
         self.progress = progress
         self.extra_callbacks = extra_callbacks
         self.out = Path(out_dir)
@@ -473,7 +481,11 @@ class QLoRARecipe:
         # No KV cache in training: besides wasting memory, a cache hides packed rows' restarting
         # position ids from the attention mask, which would then let examples attend to each other.
         model.config.use_cache = False
+        rows = model.get_input_embeddings().weight.shape[0]
         fit_embeddings(model, self.tokenizer)
+        # A pad row added for training: the adapter carries the grown embeddings and head (peft would decide that by
+        # reading the base's config.json at the path the adapter names, no longer this machine's: save_adapter).
+        self.embeddings_resized = model.get_input_embeddings().weight.shape[0] != rows
         t = spec.training
         self.offload = ActivationOffload() if t.activation_offload is True else None
         model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,
@@ -591,9 +603,14 @@ class QLoRARecipe:
         if shipped is not None:
             self.emit(shipped)
         adapter_dir = self.out / "adapter"
+        config = self.model.peft_config["default"]
+        config.base_model_name_or_path, config.revision = self.base_model_id, self.base_model_revision
+        base = self.model.get_base_model()  # what the model card writes as its base_model and its tags
+        base.name_or_path = base.config.name_or_path = self.base_model_id
         # The trained adapter alone: not DPO's frozen reference copy ("ref") beside it.
         _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True,
-                                                                          selected_adapters=["default"]),
+                                                                          selected_adapters=["default"],
+                                                                          save_embedding_layers=self.embeddings_resized),
                                                self.tokenizer.save_pretrained(tmp)))
         self.emit(Event(type="adapter_saved", level="info", step=self.state.global_step,
                         message="adapter saved", data={"path": str(adapter_dir)}))
