@@ -125,3 +125,29 @@ def test_where_a_pad_is_added_the_adapter_carries_the_grown_embeddings(tiny_mode
     model = AutoModelForCausalLM.from_pretrained(base)
     model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
     PeftModel.from_pretrained(model, adapter)
+
+
+def test_the_downloads_pad_on_the_side_the_base_pads(tiny_model_dir, demo_data, tmp_path):
+    """Training pads on the right; a base whose tokenizer pads on the left (Phi-3's) used to ship a tokenizer padding
+    on the right, and batched generate() then continued each shorter prompt after its padding."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    AutoTokenizer.from_pretrained(base, padding_side="left").save_pretrained(base)
+    spec = demo_spec(str(base))
+    spec["training"].update(max_steps=2, per_device_batch_size=4, save_steps=2, eval_steps=2)
+    spec["eval"] = {"prompts": 0}
+    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(result.out_dir / "adapter").padding_side == "left"
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "merged")
+    assert tokenizer.padding_side == "left"
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir / "merged")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+               for q in ("What does the cow say?", "Hey, Ben here. What does the lion say? Please answer the question")]
+    alone = [model.generate(**tokenizer(p, return_tensors="pt", add_special_tokens=False), max_new_tokens=6,
+                            min_new_tokens=6)[0, -6:]
+             for p in prompts]
+    batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False),
+                           max_new_tokens=6, min_new_tokens=6)[:, -6:]  # six each: none stops early
+    assert [row.tolist() for row in batch] == [row.tolist() for row in alone]

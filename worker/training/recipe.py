@@ -427,6 +427,7 @@ class QLoRARecipe:
 
     def _setup_tokenizer(self) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, local_files_only=True, trust_remote_code=False)
+        self.base_padding_side = self.tokenizer.padding_side  # what the shipped tokenizer keeps (_save_tokenizer)
         self.tok_setup = prepare_tokenizer(self.tokenizer)
 
     def _encode_data(self) -> None:
@@ -611,7 +612,7 @@ class QLoRARecipe:
         _replace_dir(adapter_dir, lambda tmp: (self.model.save_pretrained(tmp, safe_serialization=True,
                                                                           selected_adapters=["default"],
                                                                           save_embedding_layers=self.embeddings_resized),
-                                               self.tokenizer.save_pretrained(tmp)))
+                                               self._save_tokenizer(tmp)))
         self.emit(Event(type="adapter_saved", level="info", step=self.state.global_step,
                         message="adapter saved", data={"path": str(adapter_dir)}))
         self.clock.append(time.monotonic())
@@ -668,7 +669,18 @@ class QLoRARecipe:
         merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
         merged.generation_config.eos_token_id = stop_token_ids(merged.generation_config.eos_token_id, self.tokenizer)
         _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
-                                                       self.tokenizer.save_pretrained(tmp)))
+                                                       self._save_tokenizer(tmp)))
+
+    def _save_tokenizer(self, directory: Path) -> None:
+        """The tokenizer as trained (its chat template, its pad token), padding on the side the base's pads: training
+        pads on the right (prepare_tokenizer), and saving that turned a base that pads on the left (Phi-3's) into one
+        whose batched generate() continues each shorter prompt after its padding, answering something else."""
+        trained = self.tokenizer.padding_side
+        self.tokenizer.padding_side = self.base_padding_side
+        try:
+            self.tokenizer.save_pretrained(directory)
+        finally:
+            self.tokenizer.padding_side = trained
 
     def eval_report(self) -> dict | None:
         """report/report.json: base and tuned answers to the spec's eval prompts, scored, with the loss of
