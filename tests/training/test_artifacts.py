@@ -101,10 +101,15 @@ def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine
             assert str(base) not in text and str(result.out_dir) not in text, path.name
 
 
-def test_where_a_pad_is_added_the_adapter_carries_the_grown_embeddings(tiny_model_dir, demo_data, tmp_path):
-    """A tokenizer with nothing to pad with gets a pad token, and the model a row for it: the adapter then carries
-    the grown embeddings and head, loading onto the base once resized to the adapter's tokenizer. (peft decides
-    that by reading the config.json at the path the adapter names its base by, a registered name now.)"""
+def short_spec(base_model: str, **sections) -> JobSpec:
+    spec = demo_spec(base_model)
+    spec["training"].update(max_steps=2, per_device_batch_size=4, save_steps=2, eval_steps=2)
+    spec["eval"] = {"prompts": 0}
+    return JobSpec.parse({**spec, **sections})
+
+
+def grown_adapter(tiny_model_dir, demo_data, tmp_path):
+    """A copy of the tiny base whose tokenizer has nothing to pad with, and an adapter trained on it (a pad row added)."""
     import shutil
 
     base = tmp_path / "base"
@@ -112,12 +117,17 @@ def test_where_a_pad_is_added_the_adapter_carries_the_grown_embeddings(tiny_mode
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.unk_token = tokenizer.eos_token  # nothing to reuse: a pad must be added
     tokenizer.save_pretrained(base)
-    spec = demo_spec("tiny")
-    spec["training"].update(max_steps=2, per_device_batch_size=4, save_steps=2, eval_steps=2)
-    spec["eval"] = {"prompts": 0}
-    spec["output"] = {"merge": False}
-    result = run(JobSpec.parse(spec), demo_data["train"], tmp_path / "out", registry={"tiny": str(base)})
+    result = run(short_spec("tiny", output={"merge": False}), demo_data["train"], tmp_path / "sft",
+                 registry={"tiny": str(base)})
     assert result.summary["tokenizer"]["pad_token_added"]
+    return base, result
+
+
+def test_where_a_pad_is_added_the_adapter_carries_the_grown_embeddings(tiny_model_dir, demo_data, tmp_path):
+    """A tokenizer with nothing to pad with gets a pad token, and the model a row for it: the adapter then carries
+    the grown embeddings and head, loading onto the base once resized to the adapter's tokenizer. (peft decides
+    that by reading the config.json at the path the adapter names its base by, a registered name now.)"""
+    base, result = grown_adapter(tiny_model_dir, demo_data, tmp_path)
     adapter = result.out_dir / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
@@ -151,3 +161,28 @@ def test_the_downloads_pad_on_the_side_the_base_pads(tiny_model_dir, demo_data, 
     batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False),
                            max_new_tokens=6, min_new_tokens=6)[:, -6:]  # six each: none stops early
     assert [row.tolist() for row in batch] == [row.tolist() for row in alone]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_job_continues_an_adapter_that_carries_more_rows_than_it_adds(tiny_model_dir, demo_data, tmp_path, merge):
+    """An SFT adapter trained where a pad row was added (an adapter of Llama 3 from before spare pad tokens), continued
+    by DPO whose tokenizer pads with a token it has: peft refused the adapter's larger matrices at the start, and the
+    merge and the report (on the adapter, without a merge) would have too. The continued adapter and the merged model
+    keep the rows the started adapter carries."""
+    from worker.training.tiny import demo_pairs, write_jsonl
+
+    base, sft = grown_adapter(tiny_model_dir, demo_data, tmp_path)
+    rows = json.loads((base / "config.json").read_text())["vocab_size"]
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)  # unk pads again: no row added
+    pairs = write_jsonl(demo_pairs(0, 16), tmp_path / "pairs.jsonl")
+    spec = short_spec("tiny", method={"type": "dpo"}, output={"merge": merge},
+                      eval={"prompts": 0 if merge else 1, "max_new_tokens": 2})
+    result = run(spec, pairs, tmp_path / "dpo", registry={"tiny": str(base)}, initial_adapter=sft.out_dir / "adapter")
+    assert result.status == "succeeded" and not result.summary["tokenizer"]["pad_token_added"]
+    with safe_open(str(result.out_dir / "adapter" / "adapter_model.safetensors"), "pt") as weights:
+        assert weights.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0] == rows + 1
+    if merge:
+        assert json.loads((result.out_dir / "merged" / "config.json").read_text())["vocab_size"] == rows + 1
+        assert result.summary["merge_fidelity"]["eval_loss_diff"] < 0.01
+    else:
+        assert result.report is not None

@@ -415,7 +415,26 @@ def load_initial_adapter(model, adapter_dir: Path, config: LoraConfig):
         if have != want:
             raise ValueError(f"lora.{field}: the initial adapter has {have!r}, the spec asks for {want!r}; set "
                              f"lora.{field} to the initial adapter's (a continued adapter keeps its shape)")
+    fit_saved_embeddings(model, adapter_dir)
     return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=True)
+
+
+def fit_saved_embeddings(model, adapter_dir: Path) -> None:
+    """Grow the model's embeddings (and output rows) to those a saved adapter carries, before it loads onto the
+    model; the saved rows replace them as it loads. An adapter trained where a pad token was added carries the grown
+    embeddings and head (the recipe's save_adapter); a job continuing it may add none (its tokenizer pads with a
+    token it has: the base's tokenizer fixed, or an adapter from before spare pad tokens were used,
+    tokenization.spare_pad_token), and peft would refuse the adapter's larger matrices. The merge does the same,
+    so the merged model is the function trained, every row of its head included."""
+    from safetensors import safe_open
+
+    embeddings = model.get_input_embeddings()
+    name = next(name for name, module in model.named_modules() if module is embeddings)
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as saved:
+        key = next((key for key in saved.keys() if key.endswith(f"{name}.weight")), None)
+        rows = None if key is None else saved.get_slice(key).get_shape()[0]
+    if rows is not None and rows > embeddings.weight.shape[0]:
+        model.resize_token_embeddings(rows)
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -484,9 +484,6 @@ class QLoRARecipe:
         model.config.use_cache = False
         rows = model.get_input_embeddings().weight.shape[0]
         fit_embeddings(model, self.tokenizer)
-        # A pad row added for training: the adapter carries the grown embeddings and head (peft would decide that by
-        # reading the base's config.json at the path the adapter names, no longer this machine's: save_adapter).
-        self.embeddings_resized = model.get_input_embeddings().weight.shape[0] != rows
         t = spec.training
         self.offload = ActivationOffload() if t.activation_offload is True else None
         model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,
@@ -500,6 +497,10 @@ class QLoRARecipe:
                 raise TrainingError(str(exc)) from None
         else:
             self.model = get_peft_model(model, config)
+        # Rows grown past the base's (a pad row added for training, or those a started adapter carries): the adapter
+        # carries the grown embeddings and head. peft would decide that by reading the base's config.json at the
+        # path the adapter names, no longer this machine's (save_adapter).
+        self.embeddings_resized = self.model.get_input_embeddings().weight.shape[0] != rows
         if self.speedups.liger:
             # On this model, here, rather than by the trainer (use_liger_kernel), which patches at train()
             # and would write Liger's MLP forward over the tiled one. The loss stays trl's chunked head,
