@@ -101,9 +101,9 @@ def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine
             assert str(base) not in text and str(result.out_dir) not in text, path.name
 
 
-def short_spec(base_model: str, **sections) -> JobSpec:
+def short_spec(base_model: str, steps: int = 2, **sections) -> JobSpec:
     spec = demo_spec(base_model)
-    spec["training"].update(max_steps=2, per_device_batch_size=4, save_steps=2, eval_steps=2)
+    spec["training"].update(max_steps=steps, per_device_batch_size=4, save_steps=2, eval_steps=2)
     spec["eval"] = {"prompts": 0}
     return JobSpec.parse({**spec, **sections})
 
@@ -186,3 +186,33 @@ def test_a_job_continues_an_adapter_that_carries_more_rows_than_it_adds(tiny_mod
         assert result.summary["merge_fidelity"]["eval_loss_diff"] < 0.01
     else:
         assert result.report is not None
+
+
+def test_an_attempt_that_adds_no_pad_row_resumes_a_checkpoint_that_has_one(tiny_model_dir, demo_data, tmp_path):
+    """A job paused (or its worker lost) where a pad row was added, resumed where none is (Llama 3, across the release
+    that pads with a spare token): loading its checkpoint failed on the larger matrices, and the job with it."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.unk_token = tokenizer.eos_token  # nothing to reuse: a pad must be added
+    tokenizer.save_pretrained(base)
+    spec = short_spec("tiny", steps=4)
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    out = tmp_path / "out"
+    paused = run(spec, demo_data["train"], out, registry={"tiny": str(base)}, pause=lambda: bool(steps),
+                 extra_callbacks=(Steps(),))
+    assert paused.status == "paused" and paused.summary["tokenizer"]["pad_token_added"]
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)  # unk pads again: no row added
+    resumed = run(spec, demo_data["train"], out, registry={"tiny": str(base)}, resume=True)
+    assert resumed.status == "succeeded" and resumed.summary["steps"]["resumed_from"] > 0
+    rows = json.loads((base / "config.json").read_text())["vocab_size"]
+    assert json.loads((out / "merged" / "config.json").read_text())["vocab_size"] == rows + 1

@@ -424,7 +424,8 @@ def fit_saved_embeddings(model, adapter_dir: Path) -> None:
     model; the saved rows replace them as it loads. An adapter trained where a pad token was added carries the grown
     embeddings and head (the recipe's save_adapter); a job continuing it may add none (its tokenizer pads with a
     token it has: the base's tokenizer fixed, or an adapter from before spare pad tokens were used,
-    tokenization.spare_pad_token), and peft would refuse the adapter's larger matrices. The merge does the same,
+    tokenization.spare_pad_token), and peft would refuse the adapter's larger matrices. So may a resumed attempt,
+    whose checkpoint (an adapter too) an attempt from before that saved. The merge does the same,
     so the merged model is the function trained, every row of its head included."""
     from safetensors import safe_open
 
