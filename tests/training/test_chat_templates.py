@@ -142,6 +142,20 @@ def test_a_row_the_template_refuses_or_would_change_is_refused_naming_its_line(
         encode_example(row(*messages, line=7), tok, max_seq_length=512, train_on_inputs=True)
 
 
+def test_a_template_that_opens_answers_otherwise_in_its_prompt_says_what_trains(base_tokenizer_dir, tmp_path):
+    """DeepSeek-R1's distilled models' template opens an answer with a newline in the prompt alone: a row with one
+    answer at its end is refused too, so the advice for a turn in the middle ("one assistant turn at its end") was
+    wrong. What it advises now trains."""
+    tok = dressed(base_tokenizer_dir, "r1-distill", tmp_path)
+    moo = row(("user", "Who says moo?"), ("assistant", "The cow says moo."), line=7)
+    with pytest.raises(TemplateError) as refused:
+        encode_example(moo, tok, max_seq_length=512, train_on_inputs=False)
+    assert "so no answer can be told from its prompt: set training.train_on_inputs" in str(refused.value)
+    assert "avoids this" not in str(refused.value)
+    enc = encode_example(moo, tok, max_seq_length=512, train_on_inputs=True, pieces=True)
+    assert "The cow says moo.<｜end▁of▁sentence｜>" in "".join(learned_runs(enc))
+
+
 def test_qwen3_learns_the_reasoning_of_the_last_answer_in_full(base_tokenizer_dir, tmp_path):
     tok = dressed(base_tokenizer_dir, "qwen3", tmp_path)
     enc = encode_example(row(("user", "Who says moo?"), ("assistant", "<think>\nCows moo.\n</think>\n\nThe cow.")),

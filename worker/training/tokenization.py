@@ -404,11 +404,19 @@ def render_conversation(example: Example, render: ChatRenderer, *,
             continue
         prompt = render.row(example, messages[:i], add_generation_prompt=True)
         if not full.startswith(prompt):
+            # Where the turn is the row's last, the template itself opens an answer otherwise at inference than
+            # in a conversation (DeepSeek-R1's distilled models' writes a newline after <｜Assistant｜> in the
+            # prompt alone): no row trains on it, and the advice for a turn in the middle would be wrong.
+            remedy = ("this template opens an assistant turn otherwise in the prompt at inference than in a "
+                      "conversation, so no answer can be told from its prompt: set training.train_on_inputs (the "
+                      "prompts are learned too), or an admin registers the model with a tokenizer whose chat "
+                      "template opens both alike" if i == len(messages) - 1
+                      else "a row with one assistant turn at its end avoids this")
             raise TemplateError(
                 f"line {example.line}: the model's chat template renders the conversation before assistant message "
                 f"{i + 1} one way on its own, as the prompt at inference, and another way inside the whole "
                 f"conversation ({_first_difference(prompt, full)}), so that turn cannot be told from its prompt "
-                "for the loss mask; a row with one assistant turn at its end avoids this"
+                f"for the loss mask; {remedy}"
             )
         start = len(prompt)
         # The last turn's prefix is the whole conversation, rendered already.
