@@ -132,7 +132,7 @@ def claim(session: Session, job_id: str, worker: str, now) -> int | None:
                             .where(Job.id == job_id, Job.status == states.QUEUED)
                             .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker,
                                     started_at=func.coalesce(Job.started_at, now), claimed_at=now, heartbeat_at=now,
-                                    error=None, preempting=False))
+                                    error=None, preempting=False, continuing=False))
     if changed != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
@@ -156,12 +156,13 @@ def preempting(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
-    """paused → queued, only for a job the scheduler preempted (not one its team paused)."""
+    """paused → queued, only for a job the scheduler preempted (not one its team paused). It is continuing: the
+    monthly budget does not hold it back (policy.claim_order)."""
     return _rows_changed(session, update(Job)
                          .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.PAUSED,
                                 Job.preempting.is_(True))
-                         .values(status=states.QUEUED, preempting=False, worker=None, dispatched_at=None,
-                                 queued_at=utcnow())) == 1
+                         .values(status=states.QUEUED, preempting=False, continuing=True, worker=None,
+                                 dispatched_at=None, queued_at=utcnow())) == 1
 
 
 def keep_paused(session: Session, job_id: str) -> bool:

@@ -298,7 +298,7 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
                    "driver errors, storage and database reachability) and start a new job")
         values["error"] = message
     else:
-        outcome, level, values = states.QUEUED, "warning", {"worker": None, "dispatched_at": None,
+        outcome, level, values = states.QUEUED, "warning", {"worker": None, "dispatched_at": None, "continuing": True,
                                                            "lost_workers": job.lost_workers + 1}
         message = (f"{why}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={max_attempts}, "
                    "which resumes from the newest checkpoint")
@@ -345,7 +345,7 @@ def continue_smaller(session: Session, job_id: str, attempt: int, training: dict
         values["worker"] = None
     else:
         outcome = states.QUEUED
-        values.update(worker=None, dispatched_at=None)
+        values.update(worker=None, dispatched_at=None, continuing=True)
         message = f"out of memory; queued again to continue from its newest checkpoint with {change}"
     return _end_attempt(session, job, outcome, "warning", message, values, ended_at, half_life_s)
 

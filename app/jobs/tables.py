@@ -58,6 +58,10 @@ class Job(IdMixin, Base):
     # The scheduler asked this running job to pause for another team's: once paused, it is queued again.
     preempting: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
     preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Queued again by the service mid-run (preempted, handed back by a stopping worker, its worker lost, out of
+    # memory), until its next claim: it goes on past its team's monthly GPU-hour budget, which holds back starts,
+    # not work under way (app/scheduling/policy.py). A team's own resume of a job it paused is a start.
+    continuing: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
 
 
 class JobAttempt(Base):

@@ -113,11 +113,13 @@ class TeamShare:
         to_come = (self.running + more_running) * RUNNING_COUNTS_S + more_used_s
         return (self.recent_gpus + average_gpus(to_come, self.half_life_s)) / self.weight
 
-    def blocked_by(self) -> str | None:
-        """What keeps this team from starting another job now, if anything: its being disabled, else a quota."""
+    def blocked_by(self, continuing: bool = False) -> str | None:
+        """What keeps this team from starting another job now, if anything: its being disabled, else a quota.
+        `continuing`: for a job the service queued again mid-run (Waiting.continuing), which the monthly budget
+        does not hold back: it holds back starts, and such a job started with budget left, to run to its end."""
         if self.disabled:
             return FOR_TEAM_DISABLED
-        if self.budget_left_s is not None and self.budget_left_s <= 0:
+        if self.budget_left_s is not None and self.budget_left_s <= 0 and not continuing:
             return FOR_BUDGET
         if self.max_running is not None and self.running >= self.max_running:
             return FOR_MAX_RUNNING
@@ -148,6 +150,10 @@ class Waiting:
     team_id: str
     priority: int  # PRIORITIES
     created_at: float  # seconds; a preempted job keeps its place in its team
+    # Queued again by the service mid-run (preempted, handed back, its worker lost, out of memory): the monthly
+    # budget does not hold it back. Before, a job preempted once its team had spent its budget waited, a GPU idle,
+    # until the next month, cut off midway, where a job that was not preempted ran to its end.
+    continuing: bool = False
 
     def team_order(self) -> tuple:
         return (-self.priority, self.created_at, self.job_id)
@@ -191,6 +197,12 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
         _, team_id = heapq.heappop(heap)
         team, jobs = state[team_id], by_team[team_id]
         reason = team.blocked_by()
+        if reason == FOR_BUDGET:  # its jobs under way go on (Waiting.continuing); the others wait
+            held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs) if not job.continuing]
+            jobs[:] = [job for job in jobs if job.continuing]
+            reason = team.blocked_by(continuing=True)
+            if not jobs:
+                continue
         if reason is not None:
             held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs)]
             continue
@@ -208,11 +220,12 @@ def next_to_claim(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) ->
     asks this on every claim, and a busy class has thousands of jobs queued)."""
     best: dict[str, Waiting] = {}
     for job in waiting:
+        if teams[job.team_id].blocked_by(job.continuing) is not None:
+            continue
         mine = best.get(job.team_id)
         if mine is None or job.team_order() < mine.team_order():
             best[job.team_id] = job
-    ready = [(teams[team_id].share, team_id) for team_id in best if teams[team_id].blocked_by() is None]
-    return best[min(ready)[1]] if ready else None
+    return best[min((teams[team_id].share, team_id) for team_id in best)[1]] if best else None
 
 
 def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], teams: Mapping[str, TeamShare],

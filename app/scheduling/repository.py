@@ -29,8 +29,9 @@ def running_claims(session: Session) -> list[Row]:
 
 
 def waiting(session: Session, queue: str) -> list[Row]:
-    """(id, team_id, priority, created_at, dispatched_at) of the jobs queued in one GPU class."""
-    return list(session.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at, Job.dispatched_at)
+    """(id, team_id, priority, created_at, dispatched_at, continuing) of the jobs queued in one GPU class."""
+    return list(session.execute(select(Job.id, Job.team_id, Job.priority, Job.created_at, Job.dispatched_at,
+                                       Job.continuing)
                                 .where(Job.status == states.QUEUED, Job.queue == queue)))
 
 

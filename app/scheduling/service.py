@@ -65,8 +65,9 @@ def team_shares(session: Session, settings: Settings, now: datetime) -> dict[str
 
 
 def _waiting(session: Session, queue: str, rows: list[Row] | None = None) -> list[Waiting]:
-    return [Waiting(job_id, team_id, priority, created_at.timestamp())
-            for job_id, team_id, priority, created_at, _ in (repository.waiting(session, queue) if rows is None else rows)]
+    return [Waiting(job_id, team_id, priority, created_at.timestamp(), continuing)
+            for job_id, team_id, priority, created_at, _, continuing
+            in (repository.waiting(session, queue) if rows is None else rows)]
 
 
 def claim_next(session: Session, settings: Settings, named_job_id: str, worker: str) -> ClaimedJob | None:

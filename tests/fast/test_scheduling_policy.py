@@ -140,6 +140,23 @@ def test_a_spent_budget_holds_every_job_of_the_team_and_nothing_is_claimed_for_i
     assert claim_order([job("x", "t")], both)[0][1] == FOR_BUDGET
 
 
+def test_a_spent_budget_holds_back_starts_not_the_jobs_the_service_queued_again_mid_run():
+    # A job preempted for another team's (or handed back by a stopping worker, or whose worker was lost) after its
+    # team spent its budget started with budget left: it goes on to its end, as a job never preempted does.
+    teams = teams_of(team("spent", budget_left_s=0), team("other", used_h=100))
+    waiting = [job("spent-new", "spent", priority=HIGH, age_h=10), job("other-1", "other"),
+               replace(job("spent-preempted", "spent", priority=LOW), continuing=True)]
+
+    assert [(w.job_id, reason) for w, reason in claim_order(waiting, teams)] == [
+        ("spent-preempted", None), ("other-1", None), ("spent-new", FOR_BUDGET)]
+    assert next_to_claim([waiting[0], waiting[2]], teams).job_id == "spent-preempted"
+    # max_running still holds it back, with that reason.
+    capped = teams_of(team("spent", budget_left_s=0, max_running=1, running_for_h=(1.0,)))
+    assert [(w.job_id, reason) for w, reason in claim_order([waiting[0], waiting[2]], capped)] == [
+        ("spent-new", FOR_BUDGET), ("spent-preempted", FOR_MAX_RUNNING)]
+    assert next_to_claim([waiting[2]], capped) is None
+
+
 def test_next_to_claim_is_always_the_first_job_claim_order_would_start():
     rng = random.Random(7)
     for _ in range(300):
@@ -148,7 +165,8 @@ def test_next_to_claim_is_always_the_first_job_claim_order_would_start():
                                 max_running=rng.choice([None, None, 1, 2]),
                                 budget_left_s=rng.choice([None, None, 0.0, 100.0]))
                            for i in range(4)))
-        waiting = [job(f"j{n}", f"t{rng.randrange(4)}", priority=rng.randrange(3), age_h=rng.choice([1, 2, 3]))
+        waiting = [replace(job(f"j{n}", f"t{rng.randrange(4)}", priority=rng.randrange(3), age_h=rng.choice([1, 2, 3])),
+                           continuing=rng.random() < 0.3)
                    for n in range(rng.randint(0, 12))]
         ready = [w for w, reason in claim_order(waiting, teams) if reason is None]
         assert next_to_claim(waiting, teams) == (ready[0] if ready else None)

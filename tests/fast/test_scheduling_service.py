@@ -112,6 +112,59 @@ def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, setting
     assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu")
 
 
+def spend_budget(session, team: Team) -> None:
+    """The team's monthly budget (1 GPU-hour) spent by a job that ran for an hour and a minute."""
+    team.gpu_hours_per_month = 1.0
+    now = utcnow()
+    done = add_job(session, team, status=states.SUCCEEDED, attempt=1)
+    session.add(JobAttempt(job_id=done, team_id=team.id, attempt=1, queue=QUEUE, claimed_at=now - timedelta(hours=1, minutes=1),
+                           ended_at=now - timedelta(seconds=1), outcome=states.SUCCEEDED))
+    session.commit()
+
+
+@pytest.mark.parametrize("queued_again_by", ["preemption", "the reaper", "out of memory"])
+def test_a_job_started_with_budget_left_and_queued_again_mid_run_goes_on_past_the_budget(
+        session, settings, world, queued_again_by):
+    # Found probing with a real worker: a job preempted for another team's job after its team had spent its budget
+    # waited "gpu_hours_per_month", its GPU idle, until the next month; the budget holds back starts only.
+    team_a, caller_a = world["team-a"]
+    job_id = add_job(session, team_a, age_s=100)
+    assert claim(settings, job_id).id == job_id  # started with budget left
+    spend_budget(session, team_a)
+    with session_scope(settings.database_url) as s:
+        if queued_again_by == "preemption":
+            from app.jobs import repository
+
+            assert repository.preempt(s, job_id, 1) and runs.finish(s, job_id, 1, states.PAUSED)
+        elif queued_again_by == "the reaper":
+            assert runs.attempt_lost(s, s.get(Job, job_id), "worker gone", 3, utcnow(), settings.fair_share_half_life_s,
+                                     outside_the_job=True) == "requeued"
+        else:
+            assert runs.continue_smaller(s, job_id, 1, {"per_device_batch_size": 1, "gradient_accumulation_steps": 8},
+                                         utcnow(), settings.fair_share_half_life_s) == "requeued"
+    new_job = add_job(session, team_a, age_s=200, priority=2)  # older, higher priority: but a start
+    assert standing(settings, jobs_service.view(session, caller_a, job_id)) == (1, "gpu")
+    assert standing(settings, jobs_service.view(session, caller_a, new_job)) == (2, "gpu_hours_per_month")
+    claimed = claim(settings, new_job)
+    assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 2)
+    assert claim(settings, new_job) is None  # nothing else of the team starts
+
+
+def test_a_job_its_team_paused_and_resumes_past_the_budget_is_a_start_and_waits(session, settings, world):
+    team_a, caller_a = world["team-a"]
+    job_id = add_job(session, team_a, age_s=100)
+    assert claim(settings, job_id).id == job_id
+    assert jobs_service.pause(session, caller_a, job_id).status == states.PAUSING
+    session.commit()
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, job_id, 1, states.PAUSED)
+    spend_budget(session, team_a)
+    assert jobs_service.resume(session, settings, caller_a, job_id).status == states.QUEUED
+    session.commit()
+    assert standing(settings, jobs_service.view(session, caller_a, job_id)) == (1, "gpu_hours_per_month")
+    assert claim(settings, job_id) is None
+
+
 def test_preemption_pauses_the_newest_job_of_the_team_above_its_share_and_queues_it_again(session, settings, world):
     team_a, team_b = world["team-a"][0], world["team-b"][0]
     now = utcnow()
