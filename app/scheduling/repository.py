@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.jobs import states
 from app.jobs.tables import Job
+from app.operations.tables import Worker
 from app.teams.tables import Team
 
 
@@ -74,3 +75,11 @@ def unsent(session: Session, queue: str, before: datetime | None = None) -> set[
     `before`, whose message went out before it (it may have been lost)."""
     condition = Job.dispatched_at.is_(None) if before is None else (Job.dispatched_at.is_(None) | (Job.dispatched_at < before))
     return set(session.scalars(select(Job.id).where(Job.queue == queue, Job.status == states.QUEUED, condition)))
+
+
+def idle_workers(session: Session, queue: str, alive_since: datetime) -> int:
+    """Workers of the class that said they were up since `alive_since` (app/operations/workers.py) and hold no
+    job now, by their name as jobs.worker records it."""
+    busy = select(Job.worker).where(Job.status.in_(states.WORKER_OWNED), Job.worker.is_not(None))
+    return session.scalar(select(func.count()).select_from(Worker).where(
+        Worker.queue == queue, Worker.seen_at >= alive_since, Worker.name.not_in(busy))) or 0

@@ -15,6 +15,7 @@ from app.db import session_scope, utcnow
 from app.jobs import runs, states
 from app.jobs import service as jobs_service
 from app.jobs.tables import Job, JobAttempt, JobEvent
+from app.operations.tables import Worker
 from app.recent import Recent
 from app.scheduling import service
 from app.teams.tables import Team
@@ -110,6 +111,31 @@ def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, setting
     team_b.gpu_hours_per_month = 2.0
     session.commit()
     assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu")
+
+
+def test_a_message_sent_long_ago_is_sent_again_only_while_a_worker_of_its_class_is_idle(session, settings, world):
+    # Found probing with a real worker and Redis: with the one worker busy, ten queued jobs' messages in the broker
+    # went 10, 13, 23, 33 ... 73 in 70 s (QLORA_REDISPATCH_AFTER_S=10): one more per job per deadline, never lost.
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    long_ago = utcnow() - timedelta(seconds=settings.redispatch_after_s + 60)
+    running = add_job(session, team_a, age_s=900)
+    assert claim(settings, running, "w1").id == running
+    waiting = add_job(session, team_b, age_s=900, dispatched_at=long_ago)
+    received(settings, QUEUE)  # empty the broker
+    assert schedule(settings)["sent"] == 0  # no worker of the class is up: a message would wait as the first does
+    session.add(Worker(name="w1", queue=QUEUE, started_at=long_ago, seen_at=utcnow()))
+    session.add(Worker(name="w-elsewhere", queue="gpu-other", started_at=long_ago, seen_at=utcnow()))
+    session.add(Worker(name="w-silent", queue=QUEUE, started_at=long_ago, seen_at=long_ago))
+    session.commit()
+    assert schedule(settings)["sent"] == 0  # its one live worker is busy: the message waits for it, not lost
+    assert received(settings, QUEUE) == []
+
+    session.add(Worker(name="w2", queue=QUEUE, started_at=long_ago, seen_at=utcnow()))
+    session.commit()
+    # An idle worker of the class and a job whose message is long unclaimed: that message may be lost.
+    assert schedule(settings)["sent"] == 1
+    assert received(settings, QUEUE) == [(RUN_JOB_TASK, [waiting])]
+    assert schedule(settings)["sent"] == 0  # sent now: not again before the deadline
 
 
 def spend_budget(session, team: Team) -> None:

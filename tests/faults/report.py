@@ -125,8 +125,9 @@ def main(paths: list[str]) -> str:
         "final state, through downloads and uploads of any length; the reaper (in the API process holding "
         "its lease) requeues "
         "jobs silent for `QLORA_HEARTBEAT_DEADLINE_S` and pauses them (resumable) after `QLORA_MAX_ATTEMPTS`.",
-        "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again by the scheduler; the "
-        "claim, a compare-and-set, makes the duplicate harmless.",
+        "- A queued job still unclaimed `QLORA_REDISPATCH_AFTER_S` after it was sent is sent again by the scheduler while "
+        "a worker of its class is idle (behind busy workers its message is waiting, not lost); the claim, a "
+        "compare-and-set, makes the duplicate harmless.",
         "- Past `QLORA_JOB_TIME_LIMIT_S` the worker stops the attempt and records the job failed, naming the "
         "limit; it is not retried.",
         "- A checkpoint is uploaded whole before its row is written; resume picks the newest row, and the "
