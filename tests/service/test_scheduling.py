@@ -119,6 +119,28 @@ def test_a_preempted_job_resumes_from_its_checkpoint_to_the_same_end(deployment,
     assert short_done["started_at"] < next(e["created_at"] for e in events if e["type"] == "resumed")
 
 
+def test_a_job_preempted_after_its_team_spent_its_budget_resumes_to_its_end(deployment, fair_worker, demo_data):
+    # A job started with budget left runs to its end (README, Quotas), preempted or not. It waited for the next
+    # month instead, "gpu_hours_per_month", the GPU idle, once its team's budget was spent (found probing).
+    heavy, light = fresh_team(deployment, gpu_hours_per_month=1.0), fresh_team(deployment)
+    long_job = heavy.post("/jobs", json=job_body(upload(heavy, demo_data["train"]).json()["id"], 30)).json()
+    while heavy.get(f"/jobs/{long_job['id']}").json()["progress"]["step"] < 3:
+        threading.Event().wait(0.2)
+    set_quota(deployment, heavy.team_name, gpu_hours_per_month=0.0)  # spent, as its running job goes on
+    short_job = light.post("/jobs", json=job_body(upload(light, demo_data["train"]).json()["id"], 2)).json()
+    eager = deployment.settings.model_copy(update={"min_runtime_before_preempt_s": 0, "preempt_after_wait_s": 0})
+    with session_scope(eager.database_url) as session:
+        assert scheduling.schedule(session, eager)["preempted"] == 1
+
+    assert wait_for_status(light, short_job["id"], FINISHED, timeout=180, deployment=deployment)["status"] == "succeeded"
+    done = wait_for_status(heavy, long_job["id"], FINISHED, timeout=240, deployment=deployment)
+    assert (done["status"], done["attempt"], done["preemptions"], done["progress"]["step"]) == ("succeeded", 2, 1, 30)
+    # A new job of the team is a start: the spent budget holds it.
+    held = heavy.post("/jobs", json=job_body(done["dataset_id"], 2)).json()
+    assert heavy.get(f"/jobs/{held['id']}").json()["waiting_for"] == "gpu_hours_per_month"
+    heavy.post(f"/jobs/{held['id']}/cancel")  # leave the queue empty
+
+
 def test_a_spent_budget_holds_a_job_with_the_reason_until_it_is_raised(deployment, fair_worker, demo_data):
     team = fresh_team(deployment, gpu_hours_per_month=0)
     job = team.post("/jobs", json=job_body(upload(team, demo_data["train"]).json()["id"], 2)).json()
