@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+
+from celery.signals import worker_process_init
 
 from app.broker import RUN_JOB_TASK, celery_for
 from app.config import get_settings
@@ -22,3 +25,17 @@ def run_job(job_id: str) -> None:
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
     JobRun(settings, job_id, worker).run()
+
+
+@worker_process_init.connect(weak=False)
+def _leave_termination_to_the_worker(**_) -> None:
+    """The pool process ignores SIGTERM; the worker's main process takes it and hands the running job back (saved
+    at a checkpoint after its current step, queued again: app/cli/processes._hand_back_on_shutdown), then the pool
+    process ends with its task. Celery resets SIGTERM to its default in a pool process (billiard then installs its
+    own exit handler over anything but SIG_IGN), so SIGTERM to the worker's whole process group (systemd's default
+    KillMode=control-group, `kill -- -PGID`), not only to its main process as `docker stop` sends it, killed the
+    pool process at once: the supervisor was gone, its training process stopped by itself, and everything since
+    the last checkpoint was lost and counted a lost worker. A kill that must end it (SIGKILL, a stop grace
+    period's end) still does; SIGINT (Ctrl-C to a terminal's group) the pool ignores already. The training
+    process it starts inherits the ignored signal and restores it (worker/runner.py)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

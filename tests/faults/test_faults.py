@@ -157,7 +157,9 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
     """A deploy stops a worker with SIGTERM (docker stop: the main process alone). Celery's warm shutdown
     waited for the job to end, however long; the stop grace period's SIGKILL then lost everything since
     the last checkpoint and counted as a lost worker. Now the job saves a checkpoint after its current
-    step and is queued again, and the worker exits within a step of the signal. Another worker started
+    step and is queued again, and the worker exits within a step of the signal. Sent here to the worker's
+    whole process group, as systemd sends it (KillMode=control-group): the pool process took it too and died
+    at once, losing the steps since the last checkpoint; it leaves the signal to the main process now. Another worker started
     under the same name (two hosts with one default name) keeps its job: the attempt handed back is the
     one the stopped worker runs, not every job of its name."""
     # Held after step 3 until the pause the shutdown asks for: the run cannot end first on a fast machine.
@@ -169,7 +171,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
         for one in both:
             wait_until(lambda one=one: tenant.get(f"/jobs/{one['id']}").json()["progress"]["step"] >= 3, 180,
                        "training under way on both workers")
-        os.kill(leaving.pid, signal.SIGTERM)
+        os.killpg(leaving.pid, signal.SIGTERM)  # to the pool process too, as systemd sends it
         leaving.wait(120)  # was: the rest of the job
         now = {one["id"]: tenant.get(f"/jobs/{one['id']}").json() for one in both}
         (job,) = [one for one in now.values() if one["status"] != "running"]
