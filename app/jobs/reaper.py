@@ -33,7 +33,8 @@ LEASE = "reaper"
 def reap(session: Session, settings: Settings) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0}
-    for job in repository.stale_jobs(session, now - timedelta(seconds=settings.heartbeat_deadline_s)):
+    deadline = now - timedelta(seconds=settings.heartbeat_deadline_s)
+    for job in repository.stale_jobs(session, deadline):
         # Its GPU time ends with its last sign of life, whatever comes of the job. A silent worker is the
         # host's doing, not the job's: the worker's heartbeats come from a thread of its own, beside a training
         # process it watches (a training process killed or stuck is the worker's to report, and the time
@@ -42,7 +43,7 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
         # its newest checkpoint, not failed: three spot preemptions must not lose a day's training.
         outcome = attempt_lost(session, job, f"worker {job.worker} stopped sending heartbeats at step {job.step}",
                                settings.max_attempts, job.heartbeat_at or job.claimed_at or now,
-                               settings.fair_share_half_life_s, outside_the_job=True)
+                               settings.fair_share_half_life_s, outside_the_job=True, silent_before=deadline)
         if outcome is not None:
             counts[outcome] += 1
     session.flush()

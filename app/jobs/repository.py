@@ -111,16 +111,21 @@ def _page_of(query: Select, status: str | None, cursor: str | None, limit: int) 
 
 
 def transition(session: Session, job_id: str, to: str, *, attempt: int | None = None,
-               only_from: Iterable[str] | None = None, **values) -> bool:
-    """UPDATE jobs SET status=:to ... WHERE id=:id AND status IN (legal sources) [AND attempt=:attempt].
+               only_from: Iterable[str] | None = None, silent_before: datetime | None = None, **values) -> bool:
+    """UPDATE jobs SET status=:to ... WHERE id=:id AND status IN (legal sources) [AND attempt=:attempt]
+    [AND its last sign of life < :silent_before].
 
     True if this call made the change. False means someone else changed the job first (or, with
-    `attempt`, that the caller's lease on the job is gone): the caller must not act as if it won.
+    `attempt`, that the caller's lease on the job is gone; with `silent_before`, that its worker spoke since):
+    the caller must not act as if it won. `silent_before` is the reaper's: a heartbeat written after it read
+    the job silent, and before this, keeps the job with its worker (the update reads the row as it is now).
     """
     sources = tuple(only_from) if only_from is not None else states.sources_of(to)
     query = update(Job).where(Job.id == job_id, Job.status.in_(sources))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
+    if silent_before is not None:
+        query = query.where(_last_sign_of_life() < silent_before)
     if to == states.QUEUED:
         values.setdefault("queued_at", utcnow())  # it waits for a worker from now, whatever it did before
     return _rows_changed(session, query.values(status=to, **values)) == 1
@@ -277,9 +282,12 @@ def put_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     """For the reaper: jobs a worker owns whose worker has been silent since before cutoff, of every
     team; a job that never sent a heartbeat counts from its claim."""
-    last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
     return list(session.scalars(
-        select(Job).where(Job.status.in_(states.WORKER_OWNED), last_sign < cutoff)))
+        select(Job).where(Job.status.in_(states.WORKER_OWNED), _last_sign_of_life() < cutoff)))
+
+
+def _last_sign_of_life() -> sa.ColumnElement:
+    return func.coalesce(Job.heartbeat_at, Job.started_at)
 
 
 def mark_dispatched(session: Session, job_id: str, now: datetime) -> None:

@@ -264,7 +264,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
 
 
 def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_at: datetime,
-                 half_life_s: float, *, outside_the_job: bool = False) -> str | None:
+                 half_life_s: float, *, outside_the_job: bool = False, silent_before: datetime | None = None) -> str | None:
     """The job's attempt ended without its result: its worker went silent (the reaper), or its training
     process died or the worker failed on the way to storage or the database (the worker itself). A job
     being cancelled is cancelled, one pausing is paused; any other gets another attempt, which resumes
@@ -273,7 +273,8 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
     worker gone silent): that is for an operator to mend, not a reason to lose the job, so it is paused
     instead, keeping its checkpoints, for its team to resume once mended (a resume counts its lost
     attempts afresh). What became of it ("requeued", "failed", "cancelled", "paused"), or None when
-    something else moved the job meanwhile."""
+    something else moved the job meanwhile. `silent_before` (the reaper's deadline): only while its worker's
+    last heartbeat is still older than that when the change is written, not only when the job was read."""
     if job.status not in states.WORKER_OWNED:
         # Ended by the attempt itself meanwhile (its watch records a time limit, or a cancel or pause before
         # training, as the worker loses it): fenced by that state, a failed job was queued again or paused.
@@ -302,15 +303,16 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
                                                            "lost_workers": job.lost_workers + 1}
         message = (f"{why}; requeued for try {job.lost_workers + 2} of QLORA_MAX_ATTEMPTS={max_attempts}, "
                    "which resumes from the newest checkpoint")
-    return _end_attempt(session, job, outcome, level, message, values, ended_at, half_life_s)
+    return _end_attempt(session, job, outcome, level, message, values, ended_at, half_life_s, silent_before)
 
 
 def _end_attempt(session: Session, job: Job, outcome: str, level: str, message: str, values: dict[str, Any],
-                 ended_at: datetime, half_life_s: float) -> str | None:
-    """Move the job from the state it was read in to `outcome`, fenced by that state and its attempt; record the
-    event, the attempt's end (usage), and queue again a paused job that was making way. What became of it, or
-    None when something else moved it first."""
-    if not repository.transition(session, job.id, outcome, attempt=job.attempt, only_from=[job.status], **values):
+                 ended_at: datetime, half_life_s: float, silent_before: datetime | None = None) -> str | None:
+    """Move the job from the state it was read in to `outcome`, fenced by that state and its attempt (and, with
+    `silent_before`, by its last heartbeat being older); record the event, the attempt's end (usage), and queue
+    again a paused job that was making way. What became of it, or None when something else moved it first."""
+    if not repository.transition(session, job.id, outcome, attempt=job.attempt, only_from=[job.status],
+                                 silent_before=silent_before, **values):
         return None
     event = "requeued" if outcome == states.QUEUED else outcome
     repository.add_event(session, job.id, event, level, message, attempt=job.attempt, step=job.step)

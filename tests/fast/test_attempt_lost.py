@@ -130,6 +130,35 @@ def test_the_reaper_pauses_a_job_whose_last_attempt_lost_its_worker(session, set
     assert (job.status, job.lost_workers) == (states.QUEUED, 0)
 
 
+def test_a_heartbeat_between_the_reapers_read_and_its_write_keeps_the_job_with_its_worker(session, settings, make_job):
+    """The reaper reads the silent jobs, then requeues each, fenced by its status and attempt only: a heartbeat
+    written between the two (a worker back from a database blip just at the deadline) still lost the job to a
+    requeue, and its worker, fenced out, stopped training and lost its steps since the last checkpoint. The
+    requeue now holds only while the heartbeat is still older than the deadline."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import utcnow
+    from app.jobs import repository, states
+    from app.jobs.runs import attempt_lost
+    from app.jobs.tables import Job
+
+    deadline = utcnow() - timedelta(seconds=settings.heartbeat_deadline_s)
+    silent_since = deadline - timedelta(seconds=60)
+    job_id = make_job(states.RUNNING, attempt=1, worker="gpu-1", started_at=silent_since, heartbeat_at=silent_since)
+    (read,) = repository.stale_jobs(session, deadline)
+    # The worker's heartbeat lands now, as the reaper's own read of the job stands.
+    session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow())
+                    .execution_options(synchronize_session=False))
+    assert attempt_lost(session, read, "worker gpu-1 stopped sending heartbeats", settings.max_attempts, silent_since,
+                        settings.fair_share_half_life_s, outside_the_job=True, silent_before=deadline) is None
+    session.commit()
+    session.expire_all()
+    job = session.get(Job, job_id)
+    assert (job.status, job.worker, job.lost_workers) == (states.RUNNING, "gpu-1", 0)
+
+
 @pytest.mark.parametrize("status", ["failed", "cancelled", "paused"])
 @pytest.mark.parametrize("outside_the_job", [True, False])
 def test_a_lost_attempt_leaves_a_job_its_own_watch_already_ended_as_it_is(
