@@ -12,6 +12,9 @@ from pydantic import BaseModel
 class AppError(Exception):
     status = 400
     code = "bad_request"
+    # For an answer to send again later (429): when, as Retry-After, which clients' retries (the openai SDK's,
+    # urllib3's) wait for rather than their own short backoff.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, details: Any = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -19,6 +22,8 @@ class AppError(Exception):
         self.message = message
         self.details = details
         self.headers = headers or {}  # sent with the error's answer (416's Content-Range)
+        if self.retry_after_s is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after_s))
         if code:
             self.code = code
 

@@ -53,6 +53,7 @@ DIED = "the preflight process died (killed, or out of memory)"
 class PreflightBusy(AppError):
     status = 429
     code = "preflight_busy"
+    retry_after_s = 60  # its message says "try again in a minute"
 
 
 class NoReport(Exception):  # noqa: N818 (not an error of the request: it is created, or answered, without a report)

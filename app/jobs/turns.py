@@ -23,6 +23,7 @@ TURN_WAIT_S = 60.0
 class Busy(AppError):
     status = 429
     code = "busy"
+    retry_after_s = 5  # the team's creation ahead of it takes seconds
 
 
 class TeamTurns:

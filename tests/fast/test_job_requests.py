@@ -203,3 +203,19 @@ def test_a_job_that_turns_paused_as_it_is_resumed_still_counts_against_max_queue
     assert stored(settings, job_id)[0].status == PAUSED
     with pytest.raises(QuotaExceeded, match="max_queued"):  # and paused now, the quota refuses it
         service.resume(session, settings, caller, job_id)
+
+
+def test_a_creation_that_waited_for_its_teams_turn_in_vain_says_when_to_come_back(client, session):
+    """429 `busy` came without Retry-After, so clients retried on their own short backoff (the openai SDK's
+    starts under a second) into the same queue of the team's creations; it says 5 s now."""
+    import asyncio
+
+    from app.jobs.turns import TeamTurns
+
+    team_id = session.scalar(select(Team.id).where(Team.name == "team-a"))
+    turns = TeamTurns(wait_s=0)
+    turns._gates[team_id], turns._holders[team_id] = asyncio.Semaphore(0), 1  # another creation holds the turn
+    client.app.state.team_turns = turns
+    answer = client.post("/jobs/preflight", json={"dataset_id": "0" * 32, "base_model": "tiny"})
+    assert answer.status_code == 429 and answer.json()["error"]["code"] == "busy", answer.text
+    assert answer.headers["retry-after"] == "5"
