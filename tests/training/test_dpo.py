@@ -7,10 +7,12 @@ One SFT start and one DPO run are shared by the module; the pause/resume run is 
 """
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -263,6 +265,27 @@ def test_a_start_of_another_shape_or_data_of_another_format_is_refused(task, tin
     sft = JobSpec.parse(demo_spec(str(tiny_model_dir)))
     with pytest.raises(TrainingError, match="method sft trains on .* and the training data is in preference"):
         run(sft, task["train"], tmp_path / "c")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+def test_the_logged_loss_is_dpos_with_its_label_smoothing(tiny_model_dir, tmp_path, label_smoothing):
+    # label_smoothing is conservative DPO: -(1-e)·logsigmoid(margin) - e·logsigmoid(-margin), margin = beta·Δ. trl 1.16's
+    # sigmoid loss ignores label_smoothing, so a job asking for 0.25 logged and trained plain DPO. One pair, one
+    # pair a step, float32: after one update (policy no longer its reference) the step's loss is the pair's loss.
+    train = write_jsonl([{"prompt": "What does the cow say?", "chosen": "The cow says moo.",
+                          "rejected": "The cow says woof."}], tmp_path / "pair.jsonl")
+    data = dpo_spec(tiny_model_dir, max_steps=2, learning_rate=3e-2, logging_steps=1, save_steps=100,
+                    per_device_batch_size=1, lr_scheduler="constant").model_dump(mode="json")
+    data["method"].update(beta=0.5, label_smoothing=label_smoothing)
+    data["quantization"]["compute_dtype"] = "float32"
+    data["output"], data["eval"] = {"merge": False}, {"prompts": 0}
+    run(JobSpec.parse(data), train, tmp_path / "run")
+    first, second = [p for p in curve(tmp_path / "run") if p["kind"] == "train"]
+    assert first["train_loss"] == pytest.approx(math.log(2))  # policy = reference: margin 0, whatever e
+    margin = torch.tensor(second["reward_margin"], dtype=torch.float64)
+    assert abs(float(margin)) > 0.5  # the update moved the pair: the smoothing term is not negligible
+    want = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    assert second["train_loss"] == pytest.approx(float(want), rel=1e-4)
 
 
 # ---------------------------------------------------------------- tokenization, preflight, estimate

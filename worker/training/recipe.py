@@ -876,8 +876,7 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         return DPOConfig(
             **common,
             beta=method.beta,
-            loss_type=[method.loss],
-            label_smoothing=method.label_smoothing,
+            **_dpo_loss(method.loss, method.label_smoothing),
             # What DataCollatorForPreference does with max_length, and what encode_preferences counted.
             truncation_mode="keep_start",
             # The reference pass runs beside each step (no pass over the data before training): a resume
@@ -895,6 +894,21 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         eval_packing=False,  # evaluate example by example, so eval loss means the same packed or not
         train_sampling_strategy="group_by_length" if speedups.group_by_length else "random",
     )
+
+
+def _dpo_loss(loss: str, label_smoothing: float) -> dict[str, Any]:
+    """DPOConfig's loss_type, loss_weights and label_smoothing for the spec's method.loss and label_smoothing.
+
+    label_smoothing ε on the sigmoid loss is conservative DPO (cDPO, the README's "share of pairs you believe are
+    mislabelled"): -(1-ε)·logσ(βΔ) - ε·logσ(-βΔ). trl 1.16's "sigmoid" loss ignores label_smoothing (only its
+    "robust", "exo_pair" and "aot" losses read it), so passing it there trained plain DPO, whatever ε the job
+    asked for. trl has no cDPO loss, but its robust loss, (-(1-ε)·logσ(βΔ) + ε·logσ(-βΔ)) / (1-2ε), weighed
+    against its sigmoid loss gives it exactly: 2(1-ε)·sigmoid - (1-2ε)·robust = cDPO (trl sums the losses of
+    loss_type, each times its weight)."""
+    if loss == "sigmoid" and label_smoothing > 0:
+        return {"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - label_smoothing), -(1 - 2 * label_smoothing)],
+                "label_smoothing": label_smoothing}
+    return {"loss_type": [loss], "label_smoothing": label_smoothing}
 
 
 def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_path, validation_path,
