@@ -288,6 +288,30 @@ def test_the_logged_loss_is_dpos_with_its_label_smoothing(tiny_model_dir, tmp_pa
     assert second["train_loss"] == pytest.approx(float(want), rel=1e-4)
 
 
+def test_an_evaluations_rewards_are_the_mean_over_its_pairs_however_they_are_batched(tiny_model_dir, tmp_path):
+    # trl logs the mean of the batches' means: 5 validation pairs in batches of 4 weighed the last pair as the other four
+    # (reward_accuracy 0.25 where 2 of the 5 pairs were won, by hand). The same run evaluated in one batch of 5 and in
+    # batches of 4 and 1 must give the same point. One train pair: its one step is the same at either batch size.
+    animals = [("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("pig", "oink")]
+    rows = [{"prompt": f"What does the {a} say?", "chosen": f"The {a} says {s}.", "rejected": f"The {a} says {t}."}
+            for (a, s), (_, t) in zip(animals, animals[1:] + animals[:1], strict=True)]
+    train, validation = write_jsonl(rows[:1], tmp_path / "train.jsonl"), write_jsonl(rows, tmp_path / "val.jsonl")
+    points = {}
+    for batch in (5, 4):
+        data = dpo_spec(tiny_model_dir, max_steps=1, learning_rate=3e-2, logging_steps=1, save_steps=100, eval_steps=1,
+                        per_device_batch_size=batch, lr_scheduler="constant", warmup_ratio=0.0).model_dump(mode="json")
+        data["method"]["beta"] = 0.5
+        data["quantization"]["compute_dtype"] = "float32"
+        data["output"], data["eval"] = {"merge": False}, {"prompts": 0}
+        run(JobSpec.parse(data), train, tmp_path / f"b{batch}", validation_path=validation)
+        points[batch] = [p for p in curve(tmp_path / f"b{batch}") if p["kind"] == "eval"][-1]
+    one, split = points[5], points[4]
+    assert one["reward_margin"] != 0  # the step moved the policy off its reference
+    assert 0 < one["reward_accuracy"] < 1  # some pairs won, some lost: a misweighted batch shows
+    for key in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "eval_loss"):
+        assert split[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
 # ---------------------------------------------------------------- tokenization, preflight, estimate
 
 

@@ -257,10 +257,38 @@ class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
     (initial_adapter) gets a frozen copy of itself as a second adapter named "ref". Either way one copy
     of the 4-bit base is in memory."""
 
+    # trl's metrics that are a mean over the batch's pairs (the curve's rewards, and the log-probabilities beside them).
+    PER_PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                        "logps/rejected")
+
+    def __init__(self, *args, **kwargs):
+        self._pairs: dict[str, list[int]] = {"train": [], "eval": []}  # pairs of each batch since the last log
+        super().__init__(*args, **kwargs)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Already tokenized and truncated by encode_preferences, the one preflight reports: what trains is
         # what it counted. (trl would tokenize again; its result is the same, by tests/training/test_dpo.py.)
         return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # The collator stacks each pair's two sides: the batch's pairs are half its rows.
+        self._pairs["train" if self.model.training else "eval"].append(inputs["input_ids"].shape[0] // 2)
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # trl logs each metric as the mean of its batches' means: an evaluation of 5 pairs in batches of 4 gave the
+        # last pair the weight of the other four (reward_accuracy 0.25 where 2 of 5 pairs were won), in the curve and
+        # the report's rewards, which say they are the share (the mean) over the validation pairs. Each batch's mean
+        # is weighed here by its pairs, so the point is the mean over the pairs. (The eval loss is: transformers
+        # weighs each batch's loss by its rows.)
+        mode = "train" if self.model.training else "eval"
+        pairs, self._pairs[mode] = self._pairs[mode], []
+        metrics = self._metrics[mode]
+        for key in self.PER_PAIR_METRICS:
+            if key in metrics and len(metrics[key]) == len(pairs) and sum(pairs):
+                metrics[key] = [sum(m * n for m, n in zip(metrics[key], pairs, strict=True)) / sum(pairs)]
+        super().log(logs, start_time)
 
 
 def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: Any) -> RunResult:
