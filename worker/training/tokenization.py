@@ -406,7 +406,7 @@ def render_conversation(example: Example, render: ChatRenderer, *,
         if not full.startswith(prompt):
             # Where the turn is the row's last, the template itself opens an answer otherwise at inference than
             # in a conversation (DeepSeek-R1's distilled models' writes a newline after <｜Assistant｜> in the
-            # prompt alone): no row trains on it, and the advice for a turn in the middle would be wrong.
+            # prompt alone): no answer is told from its prompt, and the advice for a turn in the middle would be wrong.
             remedy = ("this template opens an assistant turn otherwise in the prompt at inference than in a "
                       "conversation, so no answer can be told from its prompt: set training.train_on_inputs (the "
                       "prompts are learned too), or an admin registers the model with a tokenizer whose chat "
