@@ -1,6 +1,7 @@
 """Preflight against the trainer: the numbers it gives before a run are the ones the run reports."""
 
 import json
+import math
 
 from tests.training.test_recipe import short_spec
 from worker.training.preflight import preflight
@@ -26,6 +27,44 @@ def test_preflight_numbers_are_what_the_trainer_then_reports(tiny_model_dir, dem
     assert report["validation"]["truncated_rows"] == result.summary["data"]["validation"]["truncated_rows"]
     assert report["steps"] == result.summary["steps"]["planned"] == result.summary["steps"]["completed"]
     assert report["epochs"] == 1.0 and report["steps_per_epoch"] == report["steps"]
+
+
+def test_with_packing_on_the_preflight_counts_the_steps_the_trainer_then_takes(tiny_model_dir, demo_data, tmp_path):
+    """packing true packs rows on any device, into fewer sequences: fewer steps. The preflight counted the
+    rows unpacked (37 demo rows, micro-batch 4, accumulation 2: "10 steps, 5 per epoch") and said packing was a
+    GPU's "auto" matter, while the run took 6 steps."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=None, epochs=2, packing=True, per_device_batch_size=4,
+                                    gradient_accumulation_steps=2, max_seq_length=64))
+    train_path = tmp_path / "train.jsonl"
+    train_path.write_text("".join(demo_data["validation"].read_text().splitlines(keepends=True)[:37]))
+    report = preflight(spec, tiny_model_dir, train_path)
+    result = run(spec, train_path, tmp_path / "run")
+    assert result.summary["speedups"]["packing"] is True
+    assert report["steps"] == result.summary["steps"]["planned"] == result.summary["steps"]["completed"]
+    assert report["steps"] < 2 * math.ceil(37 / 8)  # packed: fewer than the unpacked rows make
+    assert report["epochs"] == 2.0 and report["steps"] == 2 * report["steps_per_epoch"]
+    assert report["steps_note"].startswith("packing on: the 37 rows are packed into")
+    # "auto" (on a GPU with flash-attention only): the unpacked steps, and the note says what packing would make
+    auto = preflight(spec.model_copy(update={"training": spec.training.model_copy(update={"packing": "auto"})}),
+                     tiny_model_dir, train_path)
+    assert auto["steps"] == 2 * math.ceil(37 / 8)
+    assert f"({report['steps']} steps, 2.0 epochs)" in auto["steps_note"]
+
+
+def test_packed_sequences_are_counted_as_trl_packs_them():
+    """The preflight's count of packed sequences against trl's own packing (best-fit decreasing, in batches of
+    1,000 rows), on lengths of every kind: longer than max_seq_length, exactly it, empty."""
+    import random
+
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    from worker.training.preflight import packed_sequences
+
+    rng = random.Random(7)
+    lengths = [rng.choice([0, 1, 3, 17, 32, 40, 63, 64, 65, 100]) for _ in range(2_345)]
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths]})
+    assert packed_sequences(lengths, 64) == len(pack_dataset(rows, 64, "bfd"))
 
 
 def test_a_dataset_whose_answers_all_sit_past_max_seq_length_is_refused_with_the_reason(tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ when both sides do (`rows_without_eos_by_side` counts each); the example shows t
 
 from __future__ import annotations
 
+import bisect
 import gc
 import json
 import math
@@ -99,13 +100,14 @@ class SetReport:
     invalid: str | None = None
     invalid_lines: int = 0
     format: str = ""  # the dataset's format, as read
+    kept_lengths: list[int] = field(default_factory=list)  # tokens of each kept row, for the packed steps (not shown)
 
     @property
     def kept_rows(self) -> int:
         return self.rows - self.dropped_rows
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "format"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("format", "kept_lengths")}
         if self.rows_without_eos_by_side is None:  # an sft set
             del out["rows_without_eos_by_side"], out["tied_rows"], out["contradicting_rows"], out["contradicting_lines"]
         if self.rows_in_train is None:  # the train set itself
@@ -138,7 +140,7 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
         "chat_template": setup.chat_template_source,
         "max_seq_length": t.max_seq_length,
         "train_on_inputs": t.train_on_inputs,
-        **planned_steps(spec, train.kept_rows),
+        **planned_steps(spec, train.kept_rows, train.kept_lengths),
     }
     refusals, report["warnings"] = problems(spec, train, validation)
     mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
@@ -195,6 +197,7 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
                        dropped_rows=stats.dropped_rows, dropped_lines=stats.dropped_lines, tokens=stats.tokens,
                        trained_tokens=stats.trained_tokens, trained_tokens_lost=stats.trained_tokens_lost,
                        rows_without_eos=stats.rows_without_eos, lengths=_spread(stats.lengths),
+                       kept_lengths=stats.kept_lengths,
                        rows_without_eos_by_side=stats.eos_cut,
                        tied_rows=stats.tied_rows if stats.eos_cut is not None else None, format=data.format,
                        # a dpo set's count even where no pair is left to count (every one refused by the template)
@@ -335,23 +338,67 @@ def _spread(lengths: list[int]) -> dict:
     return {"min": ordered[0], "median": at(0.5), "p95": at(0.95), "max": ordered[-1]}
 
 
-def planned_steps(spec: JobSpec, rows: int) -> dict:
+def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = ()) -> dict:
     """Optimizer steps and epochs as the trainer counts them (transformers' Trainer: a last partial
-    micro-batch and a last partial accumulation count as one), for rows unpacked. With packing on,
-    the trainer packs rows into fewer sequences: fewer steps per epoch."""
+    micro-batch and a last partial accumulation count as one). With packing on (`training.packing` true),
+    the trainer packs the kept rows (`kept_lengths`, their tokens) into fewer sequences of up to
+    max_seq_length, and counts its micro-batches in those: the steps are counted the same way
+    (packed_sequences). With packing "auto" the rows pack only on a GPU with flash-attention, which the
+    preflight cannot see: the steps are the unpacked ones, and the note says how many packing would make."""
     t = spec.training
     batch = t.per_device_batch_size
     if not isinstance(batch, int):  # "auto": the GPU decides; say so rather than guess
         return {"steps": t.max_steps, "epochs": t.epochs, "steps_per_epoch": None,
                 "micro_batch": "auto", "steps_note": "per_device_batch_size \"auto\" is decided for the GPU the job runs on"}
-    micro_batches = math.ceil(rows / batch)
-    per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
-    steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
-    epochs = round(steps / per_epoch, 3)
-    note = ("packing \"auto\" may pack rows on a GPU with flash-attention, which makes fewer steps per epoch"
-            if t.packing is not False and spec.method.type == "sft" else None)  # DPO never packs
+
+    def counted(sequences: int) -> tuple[int, int, float]:
+        micro_batches = math.ceil(sequences / batch)
+        per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
+        steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
+        return steps, per_epoch, round(steps / per_epoch, 3)
+
+    steps, per_epoch, epochs = counted(rows)
+    note = None
+    if t.packing is not False and spec.method.type == "sft":  # DPO never packs
+        packed = packed_sequences(kept_lengths, t.max_seq_length)
+        packed_steps, packed_per_epoch, packed_epochs = counted(packed)
+        if t.packing is True:
+            # What trl's trainer then steps through: e.g. 37 rows packed into 19 sequences made 6 steps where
+            # the unpacked count said 10 (found by probing preflight against the run).
+            steps, per_epoch, epochs = packed_steps, packed_per_epoch, packed_epochs
+            note = (f"packing on: the {rows:,} rows are packed into {packed:,} sequences of up to "
+                    f"max_seq_length={t.max_seq_length} tokens, counted here as the trainer counts them")
+        else:
+            note = (f"packing \"auto\" packs rows on a GPU with flash-attention: there the {rows:,} rows are "
+                    f"{packed:,} sequences, {packed_per_epoch:,} steps per epoch ({packed_steps:,} steps, "
+                    f"{packed_epochs} epochs); set training.packing true or false to have one count")
     return {"steps": steps, "epochs": epochs, "steps_per_epoch": per_epoch, "micro_batch": batch,
             "steps_note": note}
+
+
+PACK_BATCH_ROWS = 1_000  # datasets' Dataset.map batch size, which trl's pack_dataset packs each batch of apart
+
+
+def packed_sequences(lengths: Sequence[int], max_seq_length: int) -> int:
+    """How many sequences trl's best-fit-decreasing packing (pack_dataset(..., "bfd"), the recipe's
+    packing_strategy) makes of rows of these lengths, in order: each batch of PACK_BATCH_ROWS rows apart (the
+    trainer does not shuffle before packing), longest first, each row into the fullest sequence it still fits,
+    else a new one. Only the lengths decide it, so the preflight counts it without the rows' tokens
+    (tests/training/test_preflight.py holds it equal to trl's)."""
+    sequences = 0
+    for start in range(0, len(lengths), PACK_BATCH_ROWS):
+        spaces: list[int] = []  # the room left in each open sequence of this batch, sorted
+        for length in sorted((min(n, max_seq_length) for n in lengths[start:start + PACK_BATCH_ROWS] if n > 0),
+                             reverse=True):
+            at = bisect.bisect_left(spaces, length)  # the smallest room that holds it
+            if at < len(spaces):
+                left = spaces.pop(at) - length
+            else:
+                sequences += 1
+                left = max_seq_length - length
+            if left > 0:
+                bisect.insort(spaces, left)
+    return sequences
 
 
 class Refusal(NamedTuple):

@@ -160,6 +160,7 @@ class EncodeStats:
     trained_tokens_lost: int = 0  # trained tokens truncation cut off
     rows_without_eos: int = 0  # kept rows whose EOS is not in the labels (cut off, or an unlearned last turn)
     lengths: list[int] = field(default_factory=list)  # tokens per row before truncation (a pair's: its longer side)
+    kept_lengths: list[int] = field(default_factory=list)  # tokens per kept row after truncation: what packing packs
 
     @classmethod
     def for_pairs(cls) -> EncodeStats:
@@ -177,6 +178,7 @@ class EncodeStats:
             self.tied_rows += isinstance(row, EncodedPair) and row.tied
             return False
         self.tokens += row.tokens
+        self.kept_lengths.append(row.tokens)
         self.trained_tokens += row.trained
         self.rows_without_eos += not row.eos_learned
         if isinstance(row, EncodedPair):
