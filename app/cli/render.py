@@ -216,16 +216,25 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
     parameters = s.get("parameters") or {}
     train_data = (s.get("data") or {}).get("train") or {}
     peak = s.get("peak_memory_bytes")
+    best = s.get("best_eval")
     rows = [
-        ("steps", _run_steps(run_steps) if run_steps else "-"),
+        ("steps", _run_steps(run_steps, best) if run_steps else "-"),
         ("train loss", _train_loss(s.get("train_loss_first"), s.get("train_loss_final"))),
-        ("eval loss", number(s.get("eval_loss_final"), ".4f")),
+        ("eval loss", number(s.get("eval_loss_final"), ".4f")
+         + (" (the last step's)" if best and best["step"] != run_steps.get("completed") else "")),
         ("trainable / total params", f"{parameters['trainable']:,} / {parameters['total']:,}" if parameters else "-"),
         ("target modules", ", ".join(s.get("target_modules") or ()) or "-"),
         ("truncated rows", number(train_data.get("truncated_rows"), "d")),
         ("tokens/s", number(s.get("tokens_per_second"), ",.0f")),
         ("peak memory", "-" if peak is None else f"{peak / 2**20:,.0f} MiB"),
     ]
+    if best and best["step"] is not None:
+        # Which weights went out: with output.use_best_checkpoint the best evaluation's, not the last step's,
+        # whose eval loss the row above shows (an early-stopped run read "20 / 40, eval loss 2.2100" while the
+        # adapter shipped was step 12's, at 2.0057).
+        shipped = ("the adapter shipped" if best.get("final_adapter_is_best")
+                   else "not shipped: the adapter is the last step's (output.use_best_checkpoint ships the best)")
+        rows.insert(3, ("best eval loss", f"{number(best['eval_loss'], '.4f')} at step {best['step']}; {shipped}"))
     if s.get("merge_fidelity"):
         f = s["merge_fidelity"]
         rows.append(("merge fidelity", f"max |Δlogit| {number(f.get('max_abs_logit_diff'), '.3g')}, "
@@ -240,9 +249,14 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _run_steps(run_steps: dict) -> str:
+def _run_steps(run_steps: dict, best: dict | None = None) -> str:
+    """Steps run of those planned; why fewer, where early stopping ended the run (a succeeded job at "20 / 40"
+    reads as one cut short otherwise)."""
     resumed = run_steps.get("resumed_from")
-    return f"{run_steps['completed']} / {run_steps['planned']}" + (f" (resumed from {resumed})" if resumed else "")
+    stopped = (best or {}).get("early_stopped_at")
+    return (f"{run_steps['completed']} / {run_steps['planned']}" + (f" (resumed from {resumed})" if resumed else "")
+            + (f", stopped early at step {stopped}: the eval loss stopped improving (training.early_stopping)"
+               if stopped is not None else ""))
 
 
 def _train_loss(first: float | None, final: float | None) -> str:

@@ -227,6 +227,22 @@ def test_early_stopping_ends_the_run_patience_evaluations_after_the_best(overfit
                                            "final_adapter_is_best": True, "early_stopped_at": stop_step}
 
 
+def test_the_summary_as_printed_says_the_run_stopped_early_and_which_adapter_shipped(overfit_run):
+    """`qlora train` and `qlora jobs get` print the summary: an early-stopped run read "steps 20 / 40, eval loss
+    2.2100" (the last step's), saying neither why it stopped at half nor that the adapter shipped is the best
+    evaluation's, with a lower eval loss."""
+    from app.cli.render import summary_rows
+
+    result, _ = overfit_run
+    summary, best = result.summary, result.summary["best_eval"]
+    rows = dict(summary_rows(summary))
+    completed = summary["steps"]["completed"]
+    assert rows["steps"] == (f"{completed} / 40, stopped early at step {completed}: the eval loss stopped improving "
+                             "(training.early_stopping)")
+    assert rows["eval loss"] == f"{summary['eval_loss_final']:.4f} (the last step's)"
+    assert rows["best eval loss"] == f"{best['eval_loss']:.4f} at step {best['step']}; the adapter shipped"
+
+
 def eval_loss_of_adapter(adapter_dir, base_dir, summary: dict, validation_path, tmp_path) -> float:
     """The eval loss of a saved adapter, measured afresh: the base loaded again (in the run's compute
     dtype: bfloat16 on a CPU that computes it natively), the adapter read from disk, the validation rows

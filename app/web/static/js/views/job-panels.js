@@ -58,6 +58,12 @@ export function renderSummary(box, state) {
     section("Loss");
     row("Train loss, first → final", `${fmt.loss(s.train_loss_first)} → ${fmt.loss(s.train_loss_final)}`);
     row("Eval loss, final", fmt.loss(s.eval_loss_final));
+    // Which weights went out (as `qlora jobs get` says): the best evaluation's with output.use_best_checkpoint.
+    const best = s.best_eval;
+    if (best && best.step !== null) {
+      row("Best eval loss", `${fmt.loss(best.eval_loss)} at step ${fmt.int(best.step)}; ${best.final_adapter_is_best
+        ? "the adapter shipped" : "not shipped: the adapter is the last step's (output.use_best_checkpoint ships the best)"}`);
+    }
     if (s.perplexity_final) row("Perplexity", Number(s.perplexity_final).toFixed(2));
     if (s.merge_fidelity) {
       section("Merge fidelity");
@@ -69,7 +75,11 @@ export function renderSummary(box, state) {
     row("Tokens / s", fmt.int(s.tokens_per_second));
     row("Peak memory", fmt.bytes(s.peak_memory_bytes));
     row("Tokens seen", fmt.int(s.tokens_seen));
-    if (s.steps) row("Steps", `${fmt.int(s.steps.completed)} of ${fmt.int(s.steps.planned)}`);
+    if (s.steps) {
+      const stopped = best && best.early_stopped_at !== null && best.early_stopped_at !== undefined
+        ? `, stopped early at step ${fmt.int(best.early_stopped_at)}: the eval loss stopped improving (training.early_stopping)` : "";
+      row("Steps", `${fmt.int(s.steps.completed)} of ${fmt.int(s.steps.planned)}${stopped}`);
+    }
     if (s.parameters) row("Trainable parameters", `${fmt.int(s.parameters.trainable)} (${(100 * s.parameters.trainable / s.parameters.total).toFixed(2)}%)`);
     if (s.device) row("Device", `${s.device}${s.compute_dtype ? `, ${s.compute_dtype}` : ""}`);
   }
