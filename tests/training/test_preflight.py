@@ -44,6 +44,8 @@ def test_with_packing_on_the_preflight_counts_the_steps_the_trainer_then_takes(t
     assert report["steps"] < 2 * math.ceil(37 / 8)  # packed: fewer than the unpacked rows make
     assert report["epochs"] == 2.0 and report["steps"] == 2 * report["steps_per_epoch"]
     assert report["steps_note"].startswith("packing on: the 37 rows are packed into")
+    # What the job then counts as its trained_tokens (README): the preflight's tokens, each epoch, prompts too
+    assert result.summary["tokens_seen"] == 2 * report["train"]["tokens"] > 2 * report["train"]["trained_tokens"]
     # "auto" (on a GPU with flash-attention only): the unpacked steps, and the note says what packing would make
     auto = preflight(spec.model_copy(update={"training": spec.training.model_copy(update={"packing": "auto"})}),
                      tiny_model_dir, train_path)
