@@ -140,7 +140,7 @@ def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, 
         "chat_template": setup.chat_template_source,
         "max_seq_length": t.max_seq_length,
         "train_on_inputs": t.train_on_inputs,
-        **planned_steps(spec, train.kept_rows, train.kept_lengths),
+        **planned_steps(spec, train.kept_rows, train.kept_lengths, read=(train.rows, train.rows_in_file - train.template_refused_rows)),
     }
     refusals, report["warnings"] = problems(spec, train, validation)
     mismatched = [(name, s.format) for name, s in (("train", train), ("validation", validation))
@@ -338,13 +338,19 @@ def _spread(lengths: list[int]) -> dict:
     return {"min": ordered[0], "median": at(0.5), "p95": at(0.95), "max": ordered[-1]}
 
 
-def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = ()) -> dict:
+def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = (), *,
+                  read: tuple[int, int] | None = None) -> dict:
     """Optimizer steps and epochs as the trainer counts them (transformers' Trainer: a last partial
     micro-batch and a last partial accumulation count as one). With packing on (`training.packing` true),
     the trainer packs the kept rows (`kept_lengths`, their tokens) into fewer sequences of up to
     max_seq_length, and counts its micro-batches in those: the steps are counted the same way
     (packed_sequences). With packing "auto" the rows pack only on a GPU with flash-attention, which the
-    preflight cannot see: the steps are the unpacked ones, and the note says how many packing would make."""
+    preflight cannot see: the steps are the unpacked ones, and the note says how many packing would make.
+
+    `read`: (rows read, rows in the file) where the preflight read only the first MAX_ROWS: the trainer trains on
+    them all, so the rows (and sequences) counted are scaled to the whole file, as the first ones go, and the
+    note says the steps are an estimate (60,000 rows counted as their first 50,000 said 3,125 steps where the
+    run planned 3,750)."""
     t = spec.training
     batch = t.per_device_batch_size
     if not isinstance(batch, int):  # "auto": the GPU decides; say so rather than guess
@@ -357,10 +363,16 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = ()) ->
         steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
         return steps, per_epoch, round(steps / per_epoch, 3)
 
+    partly = read is not None and 0 < read[0] < read[1]
+
+    def whole(count: int) -> int:  # a count of the rows read, for the whole file
+        return math.ceil(count * read[1] / read[0]) if partly and read else count
+
+    rows = whole(rows)
     steps, per_epoch, epochs = counted(rows)
     note = None
     if t.packing is not False and spec.method.type == "sft":  # DPO never packs
-        packed = packed_sequences(kept_lengths, t.max_seq_length)
+        packed = whole(packed_sequences(kept_lengths, t.max_seq_length))
         packed_steps, packed_per_epoch, packed_epochs = counted(packed)
         if t.packing is True:
             # What trl's trainer then steps through: e.g. 37 rows packed into 19 sequences made 6 steps where
@@ -372,6 +384,10 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = ()) ->
             note = (f"packing \"auto\" packs rows on a GPU with flash-attention: there the {rows:,} rows are "
                     f"{packed:,} sequences, {packed_per_epoch:,} steps per epoch ({packed_steps:,} steps, "
                     f"{packed_epochs} epochs); set training.packing true or false to have one count")
+    if partly and read:
+        estimate = (f"an estimate: the preflight read the first {read[0]:,} of {read[1]:,} rows, and counts the "
+                    f"others as those went ({rows:,} rows to train on)")
+        note = estimate if note is None else f"{estimate}; {note}"
     return {"steps": steps, "epochs": epochs, "steps_per_epoch": per_epoch, "micro_batch": batch,
             "steps_note": note}
 
