@@ -150,11 +150,15 @@ def _record_preflight(session: Session, job: Job, checked: preflight.Checked) ->
         return
     train = report["train"]
     steps = f"{report['steps']:,} steps" if report["steps"] is not None else "steps decided on the GPU"
+    # What the count rests on, where it may not be the run's (packing "auto", a set longer than the preflight reads):
+    # the job's total_steps may then differ from the number here, and its events say why.
+    note = f" ({report['steps_note']})" if report.get("steps_note") else ""
     repository.add_event(
         session, job.id, "preflight",
         message=f"preflight: {train['kept_rows']:,} rows to train on, {train['trained_tokens']:,} trained tokens "
-                f"({train['trained_fraction']:.0%} of {train['tokens']:,}), {train['truncated_rows']:,} truncated; {steps}",
-        data={key: report[key] for key in ("train", "validation", "steps", "epochs", "steps_per_epoch")})
+                f"({train['trained_fraction']:.0%} of {train['tokens']:,}), {train['truncated_rows']:,} truncated; "
+                f"{steps}{note}",
+        data={key: report.get(key) for key in ("train", "validation", "steps", "epochs", "steps_per_epoch", "steps_note")})
     for warning in report["warnings"]:
         repository.add_event(session, job.id, "preflight_warning", level="warning", message=warning)
 

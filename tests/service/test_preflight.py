@@ -86,6 +86,10 @@ def test_warnings_do_not_block_and_are_recorded_as_events(team_a, datasets):
     events = team_a.get(f"/jobs/{job_id}/events").json()
     preflight = next(e for e in events if e["type"] == "preflight")
     assert "rows to train on" in preflight["message"] and preflight["data"]["train"]["truncated_rows"] > 0
+    # packing "auto": the steps are the unpacked count, and the event says what a GPU that packs would take (it
+    # said "N steps" alone, and such a job's total_steps came out lower with nothing saying why)
+    note = preflight["data"]["steps_note"]
+    assert note.startswith('packing "auto" packs rows on a GPU with flash-attention') and f"steps ({note})" in preflight["message"]
     warnings = [e for e in events if e["type"] == "preflight_warning"]
     assert warnings and all(e["level"] == "warning" for e in warnings)
     assert any("do not keep their EOS" in e["message"] for e in warnings)
