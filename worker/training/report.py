@@ -89,7 +89,7 @@ class Prompt:
     input_ids: list[int]  # what the models get: the prompt rendered as training rendered its rows
     reference: str | None  # the answer the row holds, whole (scored whole, shown cut); None for a given prompt
     line: int | None  # the dataset line it was sampled from
-    truncated: bool  # longer than max_seq_length: its start was cut, as training would have cut the row
+    truncated: bool  # longer than max_seq_length: its start was cut, keeping the end the answer follows (training keeps a row's start)
     rejected: str | None = None  # a preference row's other answer, the one training taught the model to avoid
 
 
