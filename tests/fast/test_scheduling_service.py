@@ -99,12 +99,7 @@ def test_max_running_holds_jobs_back_and_their_message_is_sent_once_they_may_sta
 
 def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, settings, world):
     team_b, caller_b = world["team-b"]
-    team_b.gpu_hours_per_month = 1.0
-    now = utcnow()
-    done = add_job(session, team_b, status=states.SUCCEEDED, attempt=1)
-    session.add(JobAttempt(job_id=done, team_id=team_b.id, attempt=1, queue=QUEUE, claimed_at=now - timedelta(hours=1, minutes=1),
-                           ended_at=now - timedelta(seconds=1), outcome=states.SUCCEEDED))
-    session.commit()
+    spend_budget(session, team_b)
     waiting = add_job(session, team_b)
     assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu_hours_per_month")
     assert claim(settings, waiting) is None
