@@ -148,9 +148,8 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
     busy (or none is up) it waits in the broker for one to free, and is not lost. Sent again regardless, every
     queued job behind busy workers got one more message each QLORA_REDISPATCH_AFTER_S: a team's 1,000 queued
     jobs piled up 288,000 messages a day in the broker, each a claim for a worker to make once one freed."""
-    unsent = repository.unsent(session, queue)
-    if repository.idle_workers(session, queue, now - timedelta(seconds=WORKER_ALIVE_S)):
-        unsent = repository.unsent(session, queue, before=now - timedelta(seconds=settings.redispatch_after_s))
+    idle = repository.idle_workers(session, queue, now - timedelta(seconds=WORKER_ALIVE_S))
+    unsent = repository.unsent(session, queue, before=now - timedelta(seconds=settings.redispatch_after_s) if idle else None)
     young = now - timedelta(seconds=SEND_UNSENT_AFTER_S)
     sent = 0
     for job, reason in order:

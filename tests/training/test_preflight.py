@@ -54,15 +54,14 @@ def test_with_packing_on_the_preflight_counts_the_steps_the_trainer_then_takes(t
 
 
 def test_a_set_longer_than_the_preflight_reads_has_its_steps_counted_for_all_its_rows(tiny_model_dir, demo_data,
-                                                                                     tmp_path, monkeypatch):
+                                                                                     tmp_path):
     """The preflight reads the first MAX_ROWS rows; the trainer trains on them all. The steps were counted for the
     rows read (60,000 demo rows: 3,125 steps said, 3,750 planned by the run): now for the whole file, as an
-    estimate that says so. Here MAX_ROWS is 30 of 45 rows."""
-    monkeypatch.setattr("worker.training.preflight.MAX_ROWS", 30)
+    estimate that says so. Here the preflight reads 30 of 45 rows."""
     spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=None, epochs=1, per_device_batch_size=4, packing=False))
     train_path = tmp_path / "train.jsonl"
     train_path.write_text("".join(demo_data["validation"].read_text().splitlines(keepends=True)[:45]))
-    report = preflight(spec, tiny_model_dir, train_path)
+    report = preflight(spec, tiny_model_dir, train_path, max_rows=30)
     assert (report["train"]["rows"], report["train"]["rows_in_file"]) == (30, 45)
     result = run(spec, train_path, tmp_path / "run")
     assert report["steps"] == result.summary["steps"]["planned"] == math.ceil(45 / 4)

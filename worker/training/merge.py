@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from worker.training.model import device_map, fit_embeddings, fit_saved_embeddings, load_base_model
+from worker.training.model import device_map, fit_embeddings, load_base_model
 from worker.training.spec import QuantizationSpec
 
 FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep logits for them in memory
@@ -74,8 +74,7 @@ def build_merged_model(
         # save_pretrained would try to pack the now-dense weights back that way (which has no
         # reverse). The merged model is a plain dense model: it saves as one.
         base._weight_conversions = None
-    fit_embeddings(base, tokenizer)  # as training did
-    fit_saved_embeddings(base, adapter_dir)  # and as it did for a started adapter that carries grown rows
+    fit_embeddings(base, tokenizer, adapter_dir)  # as training did, a started adapter's grown rows included
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return merged.to(merge_dtype)
 

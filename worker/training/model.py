@@ -191,21 +191,40 @@ def check_quantized(model, quant: QuantizationSpec) -> None:
                           "Gemma and most others)")])
 
 
-def fit_embeddings(model, tokenizer) -> None:
+def fit_embeddings(model, tokenizer, *saved: Path | None) -> None:
     """Give the model an embedding row (and output row) for every id the tokenizer can produce: one more
     for a pad token added for training, or kept from a tokenizer whose pad lies past the model's rows.
     Never fewer rows than the model came with: Qwen and Gemma 3 ship spare rows past their tokenizers,
     and the merged model keeps the base's shape. Any other token past the rows means the tokenizer is
-    not the model's: SpecError, rather than an index error in the first step."""
+    not the model's: SpecError, rather than an index error in the first step.
+
+    `saved`: adapter directories about to load onto the model (a started adapter, a checkpoint to resume, the
+    adapter to merge or report on), whose rows it grows to as well: an adapter trained where a pad token was
+    added carries the grown embeddings and head (the recipe's save_adapter), and a run that adds none (its
+    tokenizer pads with a token it has: tokenization.spare_pad_token, or the base's tokenizer fixed) continues,
+    resumes, merges or reports on it all the same, every row of its head included; peft refused the larger
+    matrices. The saved rows replace the grown ones as the adapter loads."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
-        return
-    past = sorted((i, token) for token, i in tokenizer.get_vocab().items() if i >= rows and token != tokenizer.pad_token)
-    if past:
-        raise SpecError([("base_model", f"its tokenizer has {len(tokenizer)} tokens and its embeddings {rows} rows: "
-                          f"{', '.join(repr(token) for _, token in past[:3])}{' and more' if len(past) > 3 else ''} "
-                          "would index past them, so the tokenizer does not belong to this model")])
-    model.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > rows:
+        past = sorted((i, token) for token, i in tokenizer.get_vocab().items() if i >= rows and token != tokenizer.pad_token)
+        if past:
+            raise SpecError([("base_model", f"its tokenizer has {len(tokenizer)} tokens and its embeddings {rows} rows: "
+                              f"{', '.join(repr(token) for _, token in past[:3])}{' and more' if len(past) > 3 else ''} "
+                              "would index past them, so the tokenizer does not belong to this model")])
+    wanted = max([len(tokenizer), *(_saved_embedding_rows(model, adapter) for adapter in saved if adapter is not None)])
+    if wanted > rows:
+        model.resize_token_embeddings(wanted)
+
+
+def _saved_embedding_rows(model, adapter_dir: Path) -> int:
+    """The embedding rows a saved adapter carries (0: it carries no embeddings), read from its file's header."""
+    from safetensors import safe_open
+
+    embeddings = model.get_input_embeddings()
+    name = next(name for name, module in model.named_modules() if module is embeddings)
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as weights:
+        key = next((key for key in weights.keys() if key.endswith(f"{name}.weight")), None)
+        return 0 if key is None else weights.get_slice(key).get_shape()[0]
 
 
 def prepare_for_training(model, quant: QuantizationSpec, compute_dtype: torch.dtype, checkpointing: bool,
@@ -415,27 +434,7 @@ def load_initial_adapter(model, adapter_dir: Path, config: LoraConfig):
         if have != want:
             raise ValueError(f"lora.{field}: the initial adapter has {have!r}, the spec asks for {want!r}; set "
                              f"lora.{field} to the initial adapter's (a continued adapter keeps its shape)")
-    fit_saved_embeddings(model, adapter_dir)
     return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=True)
-
-
-def fit_saved_embeddings(model, adapter_dir: Path) -> None:
-    """Grow the model's embeddings (and output rows) to those a saved adapter carries, before it loads onto the
-    model; the saved rows replace them as it loads. An adapter trained where a pad token was added carries the grown
-    embeddings and head (the recipe's save_adapter); a job continuing it may add none (its tokenizer pads with a
-    token it has: the base's tokenizer fixed, or an adapter from before spare pad tokens were used,
-    tokenization.spare_pad_token), and peft would refuse the adapter's larger matrices. So may a resumed attempt,
-    whose checkpoint (an adapter too) an attempt from before that saved. The merge does the same,
-    so the merged model is the function trained, every row of its head included."""
-    from safetensors import safe_open
-
-    embeddings = model.get_input_embeddings()
-    name = next(name for name, module in model.named_modules() if module is embeddings)
-    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as saved:
-        key = next((key for key in saved.keys() if key.endswith(f"{name}.weight")), None)
-        rows = None if key is None else saved.get_slice(key).get_shape()[0]
-    if rows is not None and rows > embeddings.weight.shape[0]:
-        model.resize_token_embeddings(rows)
 
 
 def peak_memory_bytes(device: str) -> int:

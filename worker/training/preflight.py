@@ -120,18 +120,18 @@ class SetReport:
 
 
 def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, *,
-              validation_path: str | Path | None = None, examples: int = 0) -> dict:
+              validation_path: str | Path | None = None, examples: int = 0, max_rows: int = MAX_ROWS) -> dict:
     """The report: each set's numbers, the first `examples` rows token by token, the steps and epochs
     the spec resolves to, and the problems (`refusals`: the job cannot learn; `warnings`: it can, but
-    look first)."""
+    look first). Each set is read to its first `max_rows` rows."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
     setup = prepare_tokenizer(tokenizer)
     t = spec.training
     with _collector_paused():
-        train, shown, train_said = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES))
-        validation = (_measure(validation_path, tokenizer, spec, 0, train=train_said)[0]
+        train, shown, train_said = _measure(train_path, tokenizer, spec, min(examples, MAX_EXAMPLES), max_rows)
+        validation = (_measure(validation_path, tokenizer, spec, 0, max_rows, train=train_said)[0]
                       if validation_path else None)
     report = {
         "train": train.as_dict(),
@@ -170,7 +170,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | None = None,
+def _measure(path, tokenizer, spec: JobSpec, examples: int, max_rows: int, *, train: Said | None = None,
              ) -> tuple[SetReport, list[dict], Said]:
     """A set's report, its first `examples` rows token by token, and what its rows say and ask. With `train`
     (what the train set says: a validation set's), also the rows and prompts found in the train set."""
@@ -182,7 +182,7 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, *, train: Said | Non
         # preflight refuses it, naming the format the method needs
         return SetReport(rows_in_file=len(data.examples), format=data.format), [], Said()
     t = spec.training
-    read = data.examples[:MAX_ROWS]
+    read = data.examples[:max_rows]
     try:
         stats = _encode_stats(read, tokenizer, spec)
         refused: list[tuple[int, str]] = []

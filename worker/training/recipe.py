@@ -72,7 +72,6 @@ from worker.training.model import (  # noqa: E402
     check_quantized,
     device_map,
     fit_embeddings,
-    fit_saved_embeddings,
     load_base_model,
     load_initial_adapter,
     lora_config,
@@ -512,9 +511,8 @@ class QLoRARecipe:
         # position ids from the attention mask, which would then let examples attend to each other.
         model.config.use_cache = False
         rows = model.get_input_embeddings().weight.shape[0]
-        fit_embeddings(model, self.tokenizer)
-        if self.resume_from is not None:  # the rows its checkpoint carries: an attempt before a pad was no longer added
-            fit_saved_embeddings(model, self.resume_from)
+        # The rows a started adapter or the checkpoint to resume carries too (from before a pad was no longer added).
+        fit_embeddings(model, self.tokenizer, self.initial_adapter, self.resume_from)
         t = spec.training
         self.offload = ActivationOffload() if t.activation_offload is True else None
         model = prepare_for_training(model, spec.quantization, self.compute_dtype, t.gradient_checkpointing,

@@ -45,7 +45,7 @@ import torch
 
 from worker.training.data import Example
 from worker.training.merge import free_memory
-from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, fit_saved_embeddings, load_base_model
+from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
 from worker.training.tokenization import IGNORE_INDEX, ChatRenderer, render_conversation
@@ -129,7 +129,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
     else:
         from peft import PeftModel
 
-        fit_saved_embeddings(base, out_dir / "adapter")  # rows a started adapter carries, as training had them
+        fit_embeddings(base, tokenizer, out_dir / "adapter")  # rows a started adapter carries, as training had them
         tuned = PeftModel.from_pretrained(base, out_dir / "adapter")
         tuned_autocast = autocast
     with dequantized_on_cpu(tuned):  # the adapter's base layers; nothing to do for the dense merged model
