@@ -23,9 +23,11 @@ memory. Now it is answered 401 before anything of its body is read (a client tha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -40,25 +42,43 @@ from worker.training.spec import excerpt
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
 
 
+# Past this size a body is parsed on a thread of its own, not on the event loop: the checks below take about
+# 10 ms a MiB (a 16 MiB body held the loop, and every other team's request, for 64 ms; measured with
+# bench/burst_bench.py --body-mib). Below it, the hop to a thread would cost more than the parse.
+PARSE_ON_LOOP_BYTES = 256 * 1024
+# Two such parses at once in each API process: each holds about three times its body, and a team that sends
+# large bodies in a loop then waits for its own turn, while small bodies are parsed on the loop as they come.
+_LARGE_BODY_PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="json-body")
+
+
 class CheckedJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            if _more_values_than_in(body, MAX_JSON_VALUES):  # before parsing: see the module's docstring
-                raise _too_many_values()
-            try:
-                value = from_json(body)
-            except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
-                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
-            if _more_values_than(value, MAX_JSON_VALUES):  # empty containers, which the bytes' count leaves out
-                raise _too_many_values()
-            repeated = _repeated_key(body)
-            if repeated is not None:
-                raise json.JSONDecodeError(f"the key {excerpt(repeated)} appears twice in one object: JSON readers "
-                                           "keep one of the two (this API's parser the last, silently); send each "
-                                           "key once", body.decode("utf-8", "replace"), 0)
-            self._json = value
+            if len(body) <= PARSE_ON_LOOP_BYTES:
+                self._json = checked_json(body)
+            else:
+                self._json = await asyncio.get_running_loop().run_in_executor(_LARGE_BODY_PARSER, checked_json, body)
         return self._json
+
+
+def checked_json(body: bytes) -> Any:
+    """The value of the JSON text `body`, as the database would read it back, or the error that refuses it:
+    see the module's docstring."""
+    if _more_values_than_in(body, MAX_JSON_VALUES):  # before parsing: see the module's docstring
+        raise _too_many_values()
+    try:
+        value = from_json(body)
+    except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
+        raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+    if _more_values_than(value, MAX_JSON_VALUES):  # empty containers, which the bytes' count leaves out
+        raise _too_many_values()
+    repeated = _repeated_key(body)
+    if repeated is not None:
+        raise json.JSONDecodeError(f"the key {excerpt(repeated)} appears twice in one object: JSON readers "
+                                   "keep one of the two (this API's parser the last, silently); send each "
+                                   "key once", body.decode("utf-8", "replace"), 0)
+    return value
 
 
 def _repeated_key(body: bytes) -> str | None:

@@ -1,6 +1,6 @@
 """One team's burst of job creations, and what another team's requests cost beside it.
 
-    .venv/bin/python bench/burst_bench.py [--threads 50] [--seconds 60] [--rows 10000]
+    .venv/bin/python bench/burst_bench.py [--threads 50] [--seconds 60] [--rows 10000] [--body-mib 0]
 
 A deployment started as production starts one (api_load.deployment: a fresh Postgres database, the
 API as its own process with its one preflight process), the tiny model registered with its tokenizer
@@ -11,6 +11,9 @@ files. Team "burst" uploads a chat dataset of --rows rows; team "calm" a small o
    (its own small dataset), round and round. This is the baseline.
 2. Beside the burst: the same, while team burst sends `POST /jobs` (its big dataset, so each
    creation preflights seconds of rows) from --threads threads in a loop, as a careless script does.
+
+With --body-mib M, team burst's creations are instead bodies of M MiB (the job with a metadata value
+of that size, refused 422 once parsed): what parsing large JSON bodies costs the other team.
 
 It reports, per request of team calm, the answers and the median and longest time in each phase, and
 the burst's answers; the figure is each median beside the burst as a ratio to the one alone. Exit 1
@@ -86,15 +89,15 @@ def summary(answers: list[tuple[int, float]]) -> dict:
             "max_s": round(max(seconds), 3) if seconds else None}
 
 
-def run(threads: int, seconds: float, rows: int) -> dict:
+def run(threads: int, seconds: float, rows: int, body_mib: float = 0) -> dict:
     work = Path(tempfile.mkdtemp(prefix="qlora-burst-bench-"))
     try:
-        return _run(work, threads, seconds, rows)
+        return _run(work, threads, seconds, rows, body_mib)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the tiny model and both datasets
 
 
-def _run(work: Path, threads: int, seconds: float, rows: int) -> dict:
+def _run(work: Path, threads: int, seconds: float, rows: int, body_mib: float) -> dict:
     model = build_tiny_model(work / "tiny")
     big, small = work / "big.jsonl", work / "small.jsonl"
     write_dataset(big, rows, turns=3)
@@ -119,6 +122,8 @@ def _run(work: Path, threads: int, seconds: float, rows: int) -> dict:
                 uploaded = clients[team].post("/datasets", files={"file": ("data.jsonl", f, "application/jsonl")})
             uploaded.raise_for_status()
             bodies[team] = {**spec, "dataset_id": uploaded.json()["id"]}
+        if body_mib:  # one string as large as asked, so the body is as large as the parse is long
+            bodies["burst"] = {**bodies["burst"], "metadata": {"pad": "x" * int(body_mib * 2**20)}}
         first = clients["calm"].post("/jobs/preflight", json=bodies["calm"])  # starts the preflight child
         if first.status_code != 200:
             raise RuntimeError(f"the first preflight failed: {first.text}")
@@ -139,7 +144,7 @@ def _run(work: Path, threads: int, seconds: float, rows: int) -> dict:
             client.close()
     redis.Redis.from_url("redis://127.0.0.1:6379/0").delete(f"gpu-{gpu_class}")
 
-    results: dict = {"threads": threads, "seconds": seconds, "rows": rows,
+    results: dict = {"threads": threads, "seconds": seconds, "rows": rows, "body_mib": body_mib,
                      "burst": {str(k): v for k, v in Counter(burst_statuses).items()}, "calm": {}}
     for call in CALLS:
         a, b = summary(alone[call]), summary(beside[call])
@@ -153,8 +158,9 @@ def _run(work: Path, threads: int, seconds: float, rows: int) -> dict:
 
 
 def print_report(r: dict) -> None:
+    what = f"{r['body_mib']:g} MiB bodies" if r.get("body_mib") else f"{r['rows']:,}-row dataset"
     table = Table(title=f"team calm's requests: alone, then beside team burst's {r['threads']} threads of POST /jobs "
-                        f"({r['rows']:,}-row dataset), {r['seconds']:g} s each")
+                        f"({what}), {r['seconds']:g} s each")
     for column in ("request", "alone: answers", "median", "max", "beside: answers", "median", "max", "× median"):
         table.add_column(column, justify="left" if column == "request" else "right")
     for call, x in r["calm"].items():
@@ -175,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=50, help="team burst's threads sending POST /jobs (default 50)")
     p.add_argument("--seconds", type=float, default=60, help="length of each phase (default 60)")
     p.add_argument("--rows", type=int, default=10_000, help="rows of team burst's dataset (default 10,000)")
+    p.add_argument("--body-mib", type=float, default=0,
+                   help="team burst sends bodies of this many MiB instead, each refused once parsed (default 0: off)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
-    results = run(args.threads, args.seconds, args.rows)
+    results = run(args.threads, args.seconds, args.rows, args.body_mib)
     print_report(results)
     return save_results(results, args.out)
 

@@ -9,7 +9,7 @@ import tracemalloc
 
 from fastapi.testclient import TestClient
 
-from app.routing import MAX_JSON_VALUES
+from app.routing import MAX_JSON_VALUES, PARSE_ON_LOOP_BYTES
 
 
 def post(client: TestClient, body: bytes):
@@ -52,3 +52,22 @@ def test_the_bound_counts_values_not_the_separators_in_strings(client):
     # Empty containers have no separator to count before parsing: the count of the parsed value still has them.
     empties = json.dumps({"training": [[]] * (MAX_JSON_VALUES // 2) + [{}] * (MAX_JSON_VALUES // 2)}).encode()
     assert post(client, empties).status_code == 413
+
+
+def test_a_large_body_parsed_off_the_event_loop_is_refused_as_a_small_one(client):
+    """Past PARSE_ON_LOOP_BYTES a body is parsed on a thread of its own (app/routing.py), so that a team's
+    16 MiB bodies do not hold every other request; its refusals stay what they are on the loop: the key
+    given twice named, half a surrogate pair refused, a valid body read whole (a job
+    refused for what its spec lacks)."""
+    pad = "x" * (PARSE_ON_LOOP_BYTES + 1)
+    for padding in ("", pad):
+        repeated = b'{"pad": "' + padding.encode() + b'", "dataset_id": "x", "base_model": "tiny", "dataset_id": "y"}'
+        answer = post(client, repeated)
+        assert answer.status_code == 422 and "the key 'dataset_id' appears twice" in answer.text, answer.text[:300]
+        surrogate = b'{"pad": "' + padding.encode() + b'", "metadata": {"k": "\\udc80"}}'
+        answer = post(client, surrogate)
+        assert answer.status_code == 422 and answer.json()["error"]["details"][0]["field"] == "body", answer.text[:300]
+        valid = json.dumps({"dataset_id": "x", "base_model": "tiny", "metadata": {"note": padding}}).encode()
+        answer = post(client, valid)
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_job", answer.text[:300]
+        assert answer.json()["error"]["details"][0]["field"] == "training", answer.text[:300]
