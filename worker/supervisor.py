@@ -554,9 +554,7 @@ class JobRun:
                               f"{_tail(workdir.log)}")
         if outcome.status == states.FAILED and outcome.retry_with:
             raise ContinueSmaller(outcome.error or "out of memory", outcome.retry_with)
-        summary = outcome.summary
-        if summary is not None and job.initial_job_id:
-            summary = {**summary, "initial_job_id": job.initial_job_id}  # the lineage, with the run's numbers
+        summary = None if outcome.summary is None else _summary_for_team(outcome.summary, job.initial_job_id)
         if outcome.status == states.SUCCEEDED:
             for kind in ARTIFACTS:
                 source = workdir.out / kind
@@ -804,3 +802,15 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def _summary_for_team(summary: dict, initial_job_id: str | None) -> dict:
+    """The engine's summary as the team reads it through the API: the run's numbers, with the starting adapter
+    named by its job (the lineage) and the base by the spec, not by directories on this worker's disk, which
+    mean nothing to the team and show it the worker's layout."""
+    summary = {key: value for key, value in summary.items() if key != "base_model_path"}
+    if initial_job_id:
+        summary["initial_job_id"] = initial_job_id
+        if summary.get("initial_adapter"):
+            summary["initial_adapter"] = {"job_id": initial_job_id, "sha256": summary["initial_adapter"]["sha256"]}
+    return summary

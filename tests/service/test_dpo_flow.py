@@ -94,6 +94,9 @@ def test_sft_then_dpo_from_it_through_the_sdk(sdk, flow, deployment):
     assert native["initial_job_id"] == sft.id.removeprefix("ftjob-")
     assert native["summary"]["initial_job_id"] == native["initial_job_id"]
     assert native["summary"]["initial_adapter"]["sha256"] and native["summary"]["reference_model"] == "initial_adapter"
+    # Named by its job, as the base by the spec: no directory of the worker's disk reaches the team.
+    assert native["summary"]["initial_adapter"]["job_id"] == native["initial_job_id"]
+    assert "path" not in native["summary"]["initial_adapter"] and "base_model_path" not in native["summary"]
 
 
 def test_the_dpo_report_shows_held_out_pairs_and_the_rewards(flow, deployment, tmp_path):
