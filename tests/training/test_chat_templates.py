@@ -15,6 +15,7 @@ import pytest
 from transformers import AddedToken, AutoTokenizer
 
 from worker.training.data import Example, validate_lines
+from worker.training.merge import stop_token_ids
 from worker.training.preflight import preflight
 from worker.training.spec import JobSpec
 from worker.training.tiny import build_tokenizer
@@ -24,6 +25,7 @@ from worker.training.tokenization import (
     encode_example,
     encode_preference,
     prepare_tokenizer,
+    turn_end_token_id,
 )
 
 FAMILIES = json.loads((Path(__file__).parent / "chat_templates.json").read_text(encoding="utf-8"))
@@ -36,14 +38,15 @@ def base_tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
-def dressed(base: Path, family: str, out: Path):
-    """The tiny tokenizer with `family`'s template, special tokens and EOS, saved and read back as a model's files."""
-    f = FAMILIES[family]
+def dressed(base: Path, family: str | dict, out: Path, eos: str | None = None):
+    """The tiny tokenizer with `family`'s template, special tokens and EOS (or `eos`, one of them: a base model's
+    tokenizer beside its instruct model's), saved and read back as a model's files."""
+    f = FAMILIES[family] if isinstance(family, str) else family
     tok = AutoTokenizer.from_pretrained(base)
     specials = list(dict.fromkeys([*f["special"], f["eos"], *([f["bos"]] if f["bos"] else [])]))
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
     tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in f["plain"]])
-    tok.eos_token, tok.bos_token, tok.chat_template = f["eos"], f["bos"], f["template"]
+    tok.eos_token, tok.bos_token, tok.chat_template = eos or f["eos"], f["bos"], f["template"]
     tok.save_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     prepare_tokenizer(tok)
@@ -103,6 +106,26 @@ def test_every_answer_is_learned_with_the_token_that_closes_it_and_nothing_of_th
     assert enc.input_ids[-1] == tok.eos_token_id and enc.eos_learned
     # One EOS closes the row: ChatML's "<|im_end|>\n" where <|im_end|> is the EOS is not followed by another.
     assert enc.input_ids[-2] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), "qwen2.5 base"])
+def test_a_model_stops_at_the_end_of_turn_it_learns_where_that_is_not_its_eos(family, base_tokenizer_dir, tmp_path):
+    """Training learns the template's end of turn, then the EOS. Where they are two tokens (a Qwen 2.5 base:
+    EOS <|endoftext|>, turns closed by <|im_end|>; Gemma; Phi-3), the merged model's generation_config and the
+    eval report stop at both: at the EOS alone, the tuned model answered "\n" past its turn, then stopped."""
+    base = family == "qwen2.5 base"  # the base model's tokenizer: the instruct one's template, EOS <|endoftext|>
+    f = FAMILIES[family.removesuffix(" base")]
+    tok = dressed(base_tokenizer_dir, f, tmp_path, eos="<|endoftext|>" if base else None)
+    turn_end = turn_end_token_id(tok)
+    stops = stop_token_ids(None, tok)
+    if f["end_of_turn"] == tok.eos_token:
+        assert turn_end is None and stops == tok.eos_token_id
+    else:
+        assert turn_end == tok.convert_tokens_to_ids(f["end_of_turn"]) != tok.eos_token_id
+        assert stops == [tok.eos_token_id, turn_end]
+        enc = encode_example(row(*THREE_TURNS), tok, max_seq_length=4096, train_on_inputs=False, pieces=True)
+        last = learned_runs(enc)[-1]  # what the stops cut: the end of turn, its newline (Qwen, Gemma), the EOS
+        assert last.endswith(tok.eos_token) and last.removesuffix(tok.eos_token).rstrip("\n").endswith(f["end_of_turn"])
 
 
 def test_a_character_split_over_byte_level_tokens_is_shown_once(base_tokenizer_dir, tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from worker.training.model import device_map, fit_embeddings, load_base_model
 from worker.training.spec import QuantizationSpec
+from worker.training.tokenization import turn_end_token_id
 
 FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep logits for them in memory
 FIDELITY_MAX_TOKENS = 256
@@ -82,10 +83,13 @@ def build_merged_model(
 def stop_token_ids(base_eos: int | list[int] | None, tokenizer) -> int | list[int]:
     """The merged model's generation_config eos_token_id: the base's stop tokens, which a server (vLLM, transformers'
     generate) stops at, each of them (Llama 3.1 Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>; Phi-3.5
-    <|end|> and <|endoftext|>), with the tokenizer's EOS, which training ends every row with. Writing the EOS
-    alone dropped the others: the merged model ran on past a stop token the base model stopped at."""
+    <|end|> and <|endoftext|>), with the tokenizer's EOS, which training ends every row with, and the template's
+    end of turn where it is another token (turn_end_token_id: a base model lists its EOS alone, and its tuned
+    model answered past the turn it learned to close). Writing the EOS alone dropped the others: the merged
+    model ran on past a stop token the base model stopped at."""
     base = [base_eos] if isinstance(base_eos, int) else list(base_eos or [])
-    ids = list(dict.fromkeys([*base, tokenizer.eos_token_id]))
+    turn_end = turn_end_token_id(tokenizer)
+    ids = list(dict.fromkeys([*base, tokenizer.eos_token_id, *([] if turn_end is None else [turn_end])]))
     return ids[0] if len(ids) == 1 else ids
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from worker.training.data import Example
-from worker.training.merge import free_memory
+from worker.training.merge import free_memory, stop_token_ids
 from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
@@ -303,12 +303,16 @@ def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dt
     if spec.eval.temperature > 0:
         torch.manual_seed(spec.training.seed)
         sampling = {"do_sample": True, "temperature": spec.eval.temperature}
+    # Where the downloaded merged model stops (its generation_config): the tokenizer's EOS, the template's end of
+    # turn and the base's own stop tokens.
+    stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
+    stops = [stops] if isinstance(stops, int) else stops
     with _autocast(device, autocast):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=spec.eval.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             max_new_tokens=spec.eval.max_new_tokens, eos_token_id=stops,
                              pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
     new = out[0, ids.shape[1]:].tolist()
-    return Answer(tokenizer.decode(new, skip_special_tokens=True), tokenizer.eos_token_id in new)
+    return Answer(tokenizer.decode(new, skip_special_tokens=True), any(stop in new for stop in stops))
 
 
 @torch.no_grad()

@@ -114,6 +114,23 @@ def special_token_texts(tokenizer) -> list[str]:
     return sorted(texts, key=lambda text: (-len(text), text))
 
 
+def turn_end_token_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with, where it is not the EOS (Gemma's
+    <end_of_turn> beside <eos>, Phi-3's <|end|> beside <|endoftext|>, ChatML's <|im_end|> on a Qwen base whose
+    EOS is <|endoftext|>), else None. Training learns that token and then the EOS it appends (_ending_with_eos):
+    a model told to stop at the EOS alone answers past the end of its turn (Qwen's "\n", then the EOS)."""
+    answer = "The answer ends here."
+    try:  # a turn that another follows: every template closes it (vLLM's ChatML closes a last turn with nothing)
+        text = ChatRenderer(tokenizer)([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer},
+                                        {"role": "user", "content": "Hi"}])
+    except Exception:  # a template that refuses this conversation names no turn end: the EOS stops alone
+        return None
+    after = text[text.rfind(answer) + len(answer):].lstrip() if answer in text else ""
+    closing = next((special for special in special_token_texts(tokenizer) if after.startswith(special)), None)
+    token_id = None if closing is None else tokenizer.convert_tokens_to_ids(closing)
+    return None if token_id == tokenizer.eos_token_id else token_id
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
