@@ -208,7 +208,8 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
     """A run's summary (the recipe's summary.json, which is also a finished job's `summary`) as table rows.
 
     "-" where it has no value: no validation set, a loss that diverged (stored as null), a run that
-    stopped before the end. The merge fidelity shows only for a run that merged.
+    stopped before the end. The merge fidelity shows only for a run that merged; why a run did not, where it
+    was asked to.
     """
     if not s:
         return []
@@ -240,6 +241,8 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("merge fidelity", f"max |Δlogit| {number(f.get('max_abs_logit_diff'), '.3g')}, "
                                        f"mean {number(f.get('mean_abs_logit_diff'), '.3g')}, "
                                        f"Δeval loss {number(f.get('eval_loss_diff'), '.3g')}"))
+    if s.get("merge_skipped"):  # output.merge asked for it and the host could not hold it
+        rows.append(("merged model", s["merge_skipped"]))
     if s.get("report"):  # the eval report's means; the rows: qlora jobs report, or report/report.json
         base, tuned = s["report"]["base"], s["report"]["tuned"]
         rows.append(("eval report (tuned / base)",

@@ -108,6 +108,27 @@ def short_spec(base_model: str, steps: int = 2, **sections) -> JobSpec:
     return JobSpec.parse({**spec, **sections})
 
 
+def test_a_merge_the_host_cannot_hold_is_not_started_and_the_adapter_is_delivered(tiny_model_dir, demo_data, tmp_path):
+    """A merge on the CPU takes about twice the merged model in host memory (a 65B model in bfloat16: 260 GB).
+    With less, the kernel killed the training process after the whole training, and every attempt after it
+    again, and the job failed with nothing to download. It succeeds now with the adapter, the summary and a
+    warning event saying why there is no merged model, and the eval report answers with the adapter."""
+    events: list = []
+    spec = short_spec("tiny", eval={"prompts": 2, "max_new_tokens": 4})
+    result = run(spec, demo_data["train"], tmp_path / "out", registry={"tiny": str(tiny_model_dir)},
+                 sink=events.append, host_memory=1)
+    assert result.status == "succeeded" and spec.output.merge
+    assert (result.out_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (result.out_dir / "merged").exists() and result.summary["merge_fidelity"] is None
+    skipped = [e for e in events if getattr(e, "type", None) == "merge_skipped"]
+    assert len(skipped) == 1 and skipped[0].level == "warning" and skipped[0].message == result.summary["merge_skipped"]
+    assert "GiB of host memory" in skipped[0].message and "0.0 GiB available" in skipped[0].message
+    assert result.report["generation"]["tuned"].startswith("the adapter on the base model")
+    from app.cli.render import summary_rows  # what `qlora jobs get` shows of the summary
+
+    assert dict(summary_rows(result.summary))["merged model"] == result.summary["merge_skipped"]
+
+
 def grown_adapter(tiny_model_dir, demo_data, tmp_path):
     """A copy of the tiny base whose tokenizer has nothing to pad with, and an adapter trained on it (a pad row added)."""
     import shutil

@@ -49,6 +49,26 @@ def forward_rows(model, rows: list[dict],
 MERGE_ON_GPU_SHARE = 0.9
 
 
+# A merge on the CPU holds the dense model and, while it is built and written, about as much again (the 4-bit
+# base it is dequantized from, float32 copies of a layer, a shard being serialized): its peak measured 2.07x the
+# dense model's bytes (resident memory merging a 335M-parameter Llama into bfloat16). A host with less has the
+# training process killed by the kernel after the whole training, and every attempt after it again.
+MERGE_HOST_MEMORY_FACTOR = 2.0
+# The merged model's safetensors files: transformers' default is 50 GB, and each is serialized in memory whole.
+MERGED_SHARD_SIZE = "5GB"
+
+
+def merge_too_large_for_host(dense_bytes: int, available_bytes: int, merge_dtype: str) -> str | None:
+    """Why a merge on the CPU of a model of `dense_bytes` would not fit the host's `available_bytes`, or None."""
+    need = MERGE_HOST_MEMORY_FACTOR * dense_bytes
+    if need <= available_bytes:
+        return None
+    return (f"the merged model was not built: merging on the CPU takes about {need / 2**30:.1f} GiB of host memory "
+            f"(the {dense_bytes / 2**30:.1f} GiB model in {merge_dtype}, about twice over while it is built and "
+            f"written) and this host has {available_bytes / 2**30:.1f} GiB available. The adapter is saved: merge it "
+            "on a host with that much memory, or set output.merge false to skip the merge")
+
+
 def merge_device(dense_bytes: int, free_bytes: int) -> str:
     """Where the merged model is built on a GPU worker: there, or on the CPU where the dense model would
     not fit its free memory (the merge would run out of memory after the whole training)."""

@@ -301,7 +301,7 @@ def dequantized_on_cpu(model) -> Iterator[int]:
               and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
               and not getattr(m, "support_avx512bf16_for_cpu", False)]
     dense_bytes = sum(m.out_features * m.in_features * (m.compute_dtype or torch.float32).itemsize for m in layers)
-    if not layers or dense_bytes > DENSE_CACHE_SHARE * _available_host_memory():
+    if not layers or dense_bytes > DENSE_CACHE_SHARE * available_host_memory():
         yield 0
         return
     # A layer's own forward, where it has one (accelerate's hooks set one when a device map dispatches the
@@ -319,7 +319,7 @@ def dequantized_on_cpu(model) -> Iterator[int]:
                 layer.forward = forward
 
 
-def _available_host_memory() -> int:
+def available_host_memory() -> int:
     import psutil
 
     return psutil.virtual_memory().available

@@ -58,17 +58,20 @@ from worker.training.estimate import (  # noqa: E402
 )
 from worker.training.memory import ActivationOffload, is_out_of_memory, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
+    MERGED_SHARD_SIZE,
     build_merged_model,
     fidelity_rows,
     forward_rows,
     free_memory,
     measure_fidelity,
     merge_device,
+    merge_too_large_for_host,
     stop_token_ids,
 )
 from worker.training.model import (  # noqa: E402
     Speedups,
     adapter_sha256,
+    available_host_memory,
     check_quantized,
     device_map,
     fit_embeddings,
@@ -350,6 +353,7 @@ class QLoRARecipe:
         base_model_revision: str | None = None,
         progress: bool = False,
         extra_callbacks: tuple = (),
+        host_memory: int | None = None,
     ):
         # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
@@ -372,6 +376,9 @@ class QLoRARecipe:
         self.base_model_revision = base_model_revision
         self.progress = progress
         self.extra_callbacks = extra_callbacks
+        # The host memory a merge on the CPU may take; None: what the host has available when the merge starts.
+        self.host_memory = host_memory
+        self.merge_skipped: str | None = None  # why the merged model was not built, where output.merge asked for it
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_file = self.out / "metrics.jsonl"
@@ -660,29 +667,43 @@ class QLoRARecipe:
             free_memory()
             merge_dtype = getattr(torch, self.spec.output.merge_dtype)
             on = self._merge_device(merge_dtype)
-            self._save_merged(merge_dtype, on)
-            free_memory()  # the merged model went with _save_merged's frame
-            from transformers import AutoModelForCausalLM
-
-            # Measure what users download, not what is in memory: reload from disk, where it was built.
-            reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
-                                                            device_map=device_map(on), local_files_only=True)
-            fidelity = {"rows_from": "validation" if self.val_rows else "train",
-                        **measure_fidelity(reference, reloaded, rows)}
-            del reloaded
-            free_memory()
-            self.emit(Event(type="merged", level="info", step=self.state.global_step,
-                            message=f"merged model saved; max |logit diff| {fidelity['max_abs_logit_diff']:.3g}",
-                            data={"path": str(self.out / "merged")}))
+            available = self.host_memory if self.host_memory is not None else available_host_memory()
+            self.merge_skipped = None if on != "cpu" else merge_too_large_for_host(
+                self._dense_bytes(merge_dtype), available, self.spec.output.merge_dtype)
+            if self.merge_skipped:  # succeeded with the adapter, rather than killed after training, attempt after attempt
+                self.emit(Event(type="merge_skipped", level="warning", step=self.state.global_step,
+                                message=self.merge_skipped))
+            else:
+                fidelity = self._save_merged_and_measure(merge_dtype, on, reference, rows)
         self.clock.append(time.monotonic())
         return fidelity
+
+    def _save_merged_and_measure(self, merge_dtype: torch.dtype, on: str, reference: list, rows: list[dict]) -> dict:
+        self._save_merged(merge_dtype, on)
+        free_memory()  # the merged model went with _save_merged's frame
+        from transformers import AutoModelForCausalLM
+
+        # Measure what users download, not what is in memory: reload from disk, where it was built.
+        reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
+                                                        device_map=device_map(on), local_files_only=True)
+        fidelity = {"rows_from": "validation" if self.val_rows else "train", **measure_fidelity(reference, reloaded, rows)}
+        del reloaded
+        free_memory()
+        self.emit(Event(type="merged", level="info", step=self.state.global_step,
+                        message=f"merged model saved; max |logit diff| {fidelity['max_abs_logit_diff']:.3g}",
+                        data={"path": str(self.out / "merged")}))
+        return fidelity
+
+    def _dense_bytes(self, merge_dtype: torch.dtype) -> int:
+        """The merged model's weights in merge_dtype: the base's, dequantized (the adapter's merge into them)."""
+        return (self.total_params - self.trainable_params) * merge_dtype.itemsize
 
     def _merge_device(self, merge_dtype: torch.dtype) -> str:
         """The training device, or the CPU where the dense merged model would not fit the GPU's free memory
         (a 70B model is 140 GB in bf16, an H100 has 80): said in an event, as it takes longer there."""
         if self.device != "cuda":
             return self.device
-        dense = (self.total_params - self.trainable_params) * merge_dtype.itemsize
+        dense = self._dense_bytes(merge_dtype)
         free, _ = torch.cuda.mem_get_info()
         on = merge_device(dense, free)
         if on == "cpu":
@@ -698,7 +719,8 @@ class QLoRARecipe:
                                     quantized_cache=self.quantized_cache)
         merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
         merged.generation_config.eos_token_id = stop_token_ids(merged.generation_config.eos_token_id, self.tokenizer)
-        _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True),
+        _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True,
+                                                                              max_shard_size=MERGED_SHARD_SIZE),
                                                        self._save_tokenizer(tmp)))
 
     def _save_tokenizer(self, directory: Path) -> None:
@@ -728,7 +750,8 @@ class QLoRARecipe:
             report = make_report(self.spec, base_path=self.base_path, out_dir=self.out, tokenizer=self.tokenizer,
                                  compute_dtype=self.compute_dtype, device=self.device, examples=examples,
                                  examples_from=source, loss_rows=self._sft_rows(rows),
-                                 quantized_cache=self.quantized_cache, rewards=self._reward_movement())
+                                 quantized_cache=self.quantized_cache, rewards=self._reward_movement(),
+                                 merged=self.spec.output.merge and not self.merge_skipped)
             self.emit(Event(type="report", level="info", step=self.state.global_step, message=describe_report(report),
                             data={"path": str(self.out / REPORT_PATH)}))
         self.clock.append(time.monotonic())
@@ -785,6 +808,7 @@ class QLoRARecipe:
             "eval_loss_final": eval_loss,
             "perplexity_final": perplexity(eval_loss) if self.spec.method.type == "sft" else None,  # exp(DPO loss): no
             "merge_fidelity": merge_fidelity,
+            "merge_skipped": self.merge_skipped,  # why no merged model, where output.merge asked for one
             "best_eval": self.best.summary(self.state.global_step),  # None where nothing was evaluated
             "report": report["metrics"] if report else None,  # the means; the rows are in report/report.json
             "durations_s": _durations(*self.clock),

@@ -101,12 +101,16 @@ class Answer:
 
 def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, compute_dtype: torch.dtype,
                 device: str, examples: list[Example], examples_from: str, loss_rows: list[dict],
-                quantized_cache: Path | None = None, rewards: dict | None = None) -> dict:
+                quantized_cache: Path | None = None, rewards: dict | None = None, merged: bool | None = None) -> dict:
     """Generate, score and measure; write out_dir/REPORT_PATH (whole or not at all) and return the report.
+
+    The tuned answers are the merged model's where the run made one (`merged`; None: where spec.output.merge
+    asked for it), else the adapter's on the quantized base.
 
     `examples` and `loss_rows` are the validation set's (or the train set's, `examples_from` says which),
     as read and as encoded for training; `tokenizer` is the one training used (template, pad token).
     `rewards` (method dpo): reward_movement's account of the evaluations, None where nothing was evaluated."""
+    merged = spec.output.merge if merged is None else merged
     prompts = choose_prompts(spec, examples, tokenizer)
     loss_rows = spread(loss_rows, LOSS_MAX_ROWS)
     # The adapter trained under autocast in the compute dtype (the 4-bit layers compute in it anyway);
@@ -118,7 +122,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
     with dequantized_on_cpu(base):  # the same outputs; on the CPU, without dequantizing per token
         base_answers = [generate(base, p, spec, tokenizer, autocast) for p in prompts]
         base_loss = mean_loss(base, loss_rows, autocast)
-    if spec.output.merge:
+    if merged:
         del base
         free_memory()
         from transformers import AutoModelForCausalLM
@@ -147,7 +151,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
             "max_new_tokens": spec.eval.max_new_tokens, "temperature": spec.eval.temperature,
             "seed": spec.training.seed,
             "base": f"the base model as trained against ({_precision(spec)}), no adapter",
-            "tuned": (f"the merged model ({spec.output.merge_dtype}), as downloaded" if spec.output.merge
+            "tuned": (f"the merged model ({spec.output.merge_dtype}), as downloaded" if merged
                       else f"the adapter on the base model ({_precision(spec)})"),
         },
         "metrics": {

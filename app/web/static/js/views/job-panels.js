@@ -71,6 +71,10 @@ export function renderSummary(box, state) {
       row("Mean |logit diff|", fmt.small(s.merge_fidelity.mean_abs_logit_diff));
       row("Eval loss diff", fmt.small(s.merge_fidelity.eval_loss_diff));
     }
+    if (s.merge_skipped) {  // output.merge asked for it and the host could not hold it: why, and what to do
+      section("Merged model");
+      row("Not built", s.merge_skipped);
+    }
     section("Run");
     row("Tokens / s", fmt.int(s.tokens_per_second));
     row("Peak memory", fmt.bytes(s.peak_memory_bytes));
