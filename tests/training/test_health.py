@@ -71,9 +71,32 @@ def test_a_spike_warns_once_per_episode_after_the_first_logs():
 def test_small_losses_doubling_is_not_a_spike():
     watch = HealthWatch(JobSpec.parse({"base_model": "m", "training": {"max_steps": 100}}))
     for step in range(1, 21):
-        assert watch.train_loss(step, 0.02) == []
+        assert watch.train_loss(step, 0.02 if step > 1 else 1.5) == []  # learned, then level
     assert watch.train_loss(21, 0.3) == []  # 15x the median, but a jump of 0.28 nats: a near-perfect model still
     assert watch.train_loss(22, 0.6) != []  # half a nat above it: a spike
+
+
+def test_a_run_whose_loss_jumped_and_stayed_up_is_not_learning():
+    """A learning rate far too high: the loss jumps within the first logs, which the spike rule does not judge,
+    and stays up, so no later log is a spike either. The median of the last 20 logs no lower than the first
+    logged loss says it (once per episode); a curve that fell and levelled off, however flat, does not."""
+    spec = JobSpec.parse({"base_model": "m", "training": {"max_steps": 100, "learning_rate": 0.05}})
+    diverged = HealthWatch(spec)
+    losses = [2.1, 9.5, 11.0, *[10.3 + 0.1 * (i % 3) for i in range(18)]]  # 21 logs: the 21st is the first judged
+    warned = [(step, e) for step, loss in enumerate(losses, 1) for e in diverged.train_loss(step, loss)]
+    assert [(step, e.type, e.level) for step, e in warned] == [(21, "not_learning", "warning")]
+    message = warned[0][1].message
+    assert "the median train loss of the last 20 logs, 10.4, is no lower than the first logged, 2.1" in message
+    assert "training.learning_rate (now 0.05) is too high" in message
+    assert diverged.train_loss(22, 10.4) == []  # the same episode
+    for step in range(23, 43):
+        diverged.train_loss(step, 1.5)  # recovered: the episode is over once the median is below the start
+    again = [e.type for step in range(43, 63) for e in diverged.train_loss(step, 12.0)]
+    assert again == ["loss_spike", "not_learning"]  # the jump is a spike; staying up, not learning again
+
+    levelled = HealthWatch(spec)  # a strong base on familiar data: falls a little, then flat with noise
+    curve = [1.30, 1.22, 1.18, *[1.17 + 0.02 * (i % 5) for i in range(200)]]
+    assert [e for step, loss in enumerate(curve, 1) for e in levelled.train_loss(step, loss)] == []
 
 
 def test_overfitting_needs_rising_eval_and_falling_train():

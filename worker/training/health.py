@@ -6,7 +6,9 @@ again only after it has ended), each with the step, what it saw and what to try:
 
 - `loss_spike`: a logged train loss far above the recent ones (a destabilised step or a bad batch);
 - `overfitting`: eval loss rising evaluation after evaluation while train loss keeps falling;
-- `memorising`: train loss near zero while eval loss stays far from it.
+- `memorising`: train loss near zero while eval loss stays far from it;
+- `not_learning`: train loss no lower, over the last logs, than where the run started (a learning rate so
+  high that the loss jumped and stayed there; a spike warns only about a loss above the recent ones).
 
 And the best evaluation (lowest eval loss), which `training.early_stopping` and
 `output.use_best_checkpoint` act on.
@@ -40,6 +42,13 @@ SPIKE_WINDOW = 20
 # once the median has SPIKE_WARMUP_LOGS logs behind it.
 SPIKE_WARMUP_LOGS = 5
 
+# Not learning: the median of the last SPIKE_WINDOW logged train losses at or above the first logged loss,
+# judged once that many logs came after the first. A healthy run ends below where it started, however flat
+# its curve (a strong base on familiar data falls a little, then levels off); one whose learning rate is far
+# too high jumps (to ~ln(vocabulary): 10.4 nats for Llama's 32k tokens, where a pretrained base starts near
+# 1 to 3) and stays there, and the median of the recent logs, which a spike warns about only at its start,
+# says the run learns nothing. At or above, not near: a curve that has fallen 5% is learning.
+
 # Overfitting: eval loss higher than the evaluation before, OVERFIT_RISES times in a row, while the
 # train loss at the latest evaluation is below its value where the rise began. One or two rises happen
 # on a healthy curve (the model moves between evaluations); three in a row is a trend.
@@ -63,9 +72,11 @@ class HealthWatch:
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last logged train losses
         self.since_eval: list[float] = []  # train losses logged since the last evaluation
         self.last_train: float | None = None
+        self.first_train: float | None = None  # the first logged train loss: where the run started
+        self.logs = 0  # finite train losses logged so far
         # (step, eval loss, train loss at that evaluation) of every evaluation so far
         self.evals: list[tuple[int, float, float | None]] = []
-        self.in_spike = self.in_overfitting = self.in_memorising = False
+        self.in_spike = self.in_overfitting = self.in_memorising = self.in_stall = False
 
     def train_loss(self, step: int, loss: float) -> list[Event]:
         if not math.isfinite(loss):
@@ -80,6 +91,14 @@ class HealthWatch:
         self.recent.append(loss)
         self.since_eval.append(loss)
         self.last_train = loss
+        self.first_train = loss if self.first_train is None else self.first_train
+        self.logs += 1
+        if self.logs > SPIKE_WINDOW:  # the window holds no log of the start (the first is the yardstick)
+            median = statistics.median(self.recent)
+            stalled = median >= self.first_train
+            if stalled and not self.in_stall:
+                warnings.append(self._not_learning(step, median))
+            self.in_stall = stalled
         return warnings
 
     def eval_loss(self, step: int, loss: float) -> list[Event]:
@@ -105,6 +124,18 @@ class HealthWatch:
                     f"training.warmup_ratio (now {t.warmup_ratio:g}); a spike that recurs at the same point of "
                     "each epoch points at a bad row in the data",
             data={"train_loss": loss, "median": median, "window": len(self.recent), "factor": SPIKE_FACTOR},
+        )
+
+    def _not_learning(self, step: int, median: float) -> Event:
+        t = self.spec.training
+        return Event(
+            type="not_learning", level="warning", step=step,
+            message=f"not learning at step {step}: the median train loss of the last {len(self.recent)} logs, "
+                    f"{median:.4g}, is no lower than the first logged, {self.first_train:.4g}. Where the loss "
+                    f"jumped early and stayed up, training.learning_rate (now {t.learning_rate:g}) is too high: "
+                    "try a tenth of it, or a longer training.warmup_ratio; where it never moved, the rate is too "
+                    "low, or the base model already answers these rows as they are written",
+            data={"train_loss_median": median, "first_train_loss": self.first_train, "window": len(self.recent)},
         )
 
     def _check_overfitting(self) -> list[Event]:
