@@ -97,16 +97,45 @@ def print_table(table: Table, optional: Sequence[str] = ()) -> None:
         # whole there (it stays as narrow as its content).
         Console(file=out.file, width=240).print(table)
         return
-    hidden = []
+    columns, hidden = list(table.columns), []
     for header in optional:
         if _narrowest(table) <= out.width:
             break
         table.columns = [column for column in table.columns if column.header != header]
         hidden.append(header)
+    if optional and _narrowest(table) > out.width:
+        # Even without the optional columns the row is wider than the terminal (the 32-character id alone
+        # takes 36 of 60 columns): rich would crop the table's right side, a column gone with no word, or
+        # squeeze a status to "s…". A row per record then, as psql's expanded display: nothing cut.
+        _print_records(table, columns)
+        return
     if hidden:
         table.caption = f"not shown at this width: {', '.join(hidden)} (a wider terminal or --json shows them)"
         table.caption_justify = "left"
     out.print(table)
+
+
+def _print_records(table: Table, columns: list[Column]) -> None:
+    """A list table's rows one after another, each a line per column: the id alone as the record's first
+    line (it fits where the table did not, and is what a user copies), then each other column as
+    "header  value", a long value folding onto more lines."""
+    from rich.console import Group
+    from rich.text import Text
+
+    cells = [list(column.cells) for column in columns]
+    records: list = [Text(str(table.title), style="italic")] if table.title else []
+    for row in range(max(map(len, cells), default=0)):
+        fields = Table.grid(Column(style="bold", no_wrap=True), Column(overflow="fold"), padding=(0, 0, 0, 2))
+        if row:
+            records.append(Text(""))  # a blank line between records
+        for column, column_cells in zip(columns, cells, strict=True):
+            cell = column_cells[row]
+            if column is columns[0] and column.header == "id":
+                records.append(Text(str(cell), style="bold"))
+            else:
+                fields.add_row(str(column.header).replace("\n", " "), Text.from_markup(cell) if isinstance(cell, str) else cell)
+        records.append(fields)
+    out.print(Group(*records))
 
 
 FOLDED_MIN_WIDTH = 10  # a name or a filename folds onto more lines, never narrower than this
@@ -122,8 +151,9 @@ def _narrowest(table: Table) -> int:
         if column.no_wrap:
             cells = [column.header, *column.cells]
             width += max(Measurement.get(out, out.options, cell).maximum for cell in cells)
-        else:
-            width += column.min_width or FOLDED_MIN_WIDTH
+        else:  # folds down to FOLDED_MIN_WIDTH, or to its widest cell where that is narrower
+            widest = max(Measurement.get(out, out.options, cell).maximum for cell in [column.header, *column.cells])
+            width += min(column.min_width or FOLDED_MIN_WIDTH, widest)
     return width
 
 
@@ -301,10 +331,16 @@ def reward_line(train: dict | None, evaluated: dict | None):
     return Text.assemble(*parts)
 
 
+def _key_value_columns() -> tuple[Column, Column]:
+    # A value too long for the width (an id, in a narrow terminal) folds onto the next line: "c63fdac0289a4286…"
+    # lost the rest of the id a user copies into the next command.
+    return Column("field"), Column("value", overflow="fold")
+
+
 def print_job(job: dict) -> None:
     from rich.text import Text
 
-    table = Table(show_header=False, title=f"job {job['id']}")
+    table = Table(*_key_value_columns(), show_header=False, title=f"job {job['id']}")
     fraction = job["progress"]["fraction"]
     rows = [
         ("name", plain(job["name"])),
@@ -336,7 +372,7 @@ def print_job(job: dict) -> None:
 
 
 def print_dataset(d: dict) -> None:
-    table = Table(show_header=False, title=f"dataset {d['id']}")
+    table = Table(*_key_value_columns(), show_header=False, title=f"dataset {d['id']}")
     status = f"[green]{d['status']}[/green]" if d["status"] == "ready" else f"[red]{d['status']}[/red]"
     for k, v in (("id", d["id"]), ("filename", plain(d["filename"])), ("status", status), ("format", d["format"] or "-"),
                  ("rows", f"{d['rows']:,}"), ("token estimate", f"{d['token_estimate']:,}"),
@@ -399,16 +435,16 @@ def print_usage(report: dict) -> None:
     number = number_column
     window = f"{when(report['from'])} to {when(report['to'])} UTC"
     teams = report["teams"]
-    table = Table("team", number("GPU-hours"), number("trained tokens"), number("jobs"), number("storage now"),
-                  title=f"usage, {window}")
+    table = Table(name_column("team"), number("GPU-hours"), number("trained tokens"), number("jobs"),
+                  number("storage now"), title=f"usage, {window}")
     for t in teams:
         table.add_row(plain(t["team"]), gpu_hours(t["gpu_seconds"]), f"{t['trained_tokens']:,}", f"{t['jobs']:,}",
                       format_bytes(t["storage_bytes"]))
-    print_table(table)
+    print_table(table, optional=("storage now", "trained tokens"))
     if len(teams) != 1:
         return
     team = teams[0]
-    days = Table("day (UTC)", number("GPU-hours"), number("trained tokens"), title="by day")
+    days = Table(Column("day (UTC)", no_wrap=True), number("GPU-hours"), number("trained tokens"), title="by day")
     for d in team["by_day"]:
         days.add_row(d["date"], gpu_hours(d["gpu_seconds"]), f"{d['trained_tokens']:,}")
     jobs = Table(id_column(), name_column("name"), status_column(), number("GPU-hours"), number("trained tokens"),
@@ -417,7 +453,7 @@ def print_usage(report: dict) -> None:
         jobs.add_row(j["job_id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]",
                      gpu_hours(j["gpu_seconds"]), f"{j['trained_tokens']:,}", str(j["attempts"]))
     if days.row_count:
-        print_table(days)
+        print_table(days, optional=("trained tokens",))
     if jobs.row_count:
         print_table(jobs, optional=("attempts", "trained tokens"))
     if team["by_job_truncated"]:

@@ -4,9 +4,16 @@ is not rich markup. A dataset holds whatever its team uploaded, and a preflight 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
+import pytest
 from rich.console import Console
 
 from app.cli import render
+from tests.deployment import ROOT
 
 # Retitle the terminal (OSC 0), clear the screen (CSI 2J), and a right-to-left override (U+202E) that
 # would make what follows display reversed: none of them may reach the terminal as themselves.
@@ -46,3 +53,50 @@ def test_a_jobs_name_error_and_events_print_as_text(capsys):
         console.print(render.event_line({"level": "error", "step": 3, "created_at": "2026-01-01T00:00:00Z",
                                          "type": "failed", "message": HOSTILE}))
     assert_shown_not_run(captured.get())
+
+
+def terminal_of(columns: int, code: str) -> str:
+    """What `code` prints on a colour terminal `columns` wide (rich reads FORCE_COLOR and COLUMNS as it starts),
+    its colours taken out: each line as the terminal shows it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")} | {
+        "FORCE_COLOR": "1", "COLUMNS": str(columns), "LINES": "50", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-c", "from app.cli import render\n" + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stdout)
+
+
+JOBS = [{"id": f"{n:x}" * 32, "name": name, "status": status, "base_model": "tiny-demo", "step": 160, "total_steps": 160,
+         "created_at": "2026-12-06T18:41:11Z", "finished_at": "2026-12-06T18:44:12Z"}
+        for n, name, status in ((7, "animal-sounds ✓ lång", "succeeded"), (13, "cancel-me", "cancelled"))]
+
+
+@pytest.mark.parametrize("columns", [40, 60])
+def test_a_list_too_wide_for_the_terminal_loses_no_column_and_cuts_no_cell(columns):
+    """`qlora jobs list` at 60 columns cropped the table's right edge (the steps column gone, and the caption naming
+    only the columns it had left out on purpose); at 40 the name column had no width left and the status read "s…".
+    A list whose id and status alone overflow prints each job as a record: every field, each whole."""
+    shown = terminal_of(columns, f"render.print_job_list({JOBS!r})")
+    assert max(map(len, shown.splitlines())) <= columns, shown
+    assert "…" not in shown, shown
+    for job in JOBS:
+        assert "160/160" in shown and f" {job['status']}" in shown and job["name"] in shown, shown
+        for field in ("name", "status", "steps", "base model", "created", "finished"):
+            assert field in shown, shown
+        assert job["id"] in shown.splitlines(), shown  # a line of its own: whole, to copy
+    assert "2026-12-06 18:44:12" in shown, shown
+    wide = terminal_of(200, f"render.print_job_list({JOBS!r})")  # where the table fits, it is the table
+    assert "┃ id " in wide and "finished" in wide, wide
+
+
+def test_a_jobs_dataset_id_folds_in_a_narrow_terminal_rather_than_being_cut():
+    """`qlora jobs show` at 40 columns printed the dataset's id as "c63fdac0289a4286…": the rest, which the next
+    command needs, was gone. Now it folds onto the next line."""
+    job = {**JOBS[0], "spec": {}, "initial_job_id": None, "dataset_id": "c63fdac0289a4286a0642830033f57af",
+           "validation_dataset_id": None, "queue": "gpu-default", "attempt": 1, "priority": "normal",
+           "preemptions": 0, "trained_tokens": 100, "progress": {"step": 160, "total_steps": 160, "fraction": 1.0},
+           "started_at": None, "queue_position": None, "error": None, "summary": None}
+    shown = terminal_of(40, f"render.print_job({job!r})")
+    assert "…" not in shown and max(map(len, shown.splitlines())) <= 40, shown
+    cells = "".join(line.split("│")[2].strip() for line in shown.splitlines() if line.count("│") == 3)
+    assert job["dataset_id"] in cells, shown
