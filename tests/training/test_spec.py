@@ -81,6 +81,11 @@ def test_unknown_fields_are_refused_not_ignored():
     assert "unknown field" in errors["trust_remote_code"]
     typo = errors_of({"base_model": "x", "training": {"max_steps": 5, "learnin_rate": 1e-4}})
     assert "learning_rate" in typo["training.learnin_rate"]  # the message lists the real names
+    # and names the one a typo meant, first: among 24 names, "unknown field" read as a setting that does not exist
+    assert typo["training.learnin_rate"].startswith("unknown field (did you mean learning_rate?); allowed here: ")
+    misspelt = errors_of({"base_model": "x", "trainig": {"max_steps": 5}})
+    assert misspelt["trainig"].startswith("unknown field (did you mean training?)"), misspelt
+    assert "did you mean" not in errors_of({**BASE, "trust_remote_code": True})["trust_remote_code"]  # no near name
 
 
 def test_every_error_is_reported_at_once():

@@ -7,6 +7,7 @@ import torch: the API validates specs without it.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -369,7 +370,11 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
             continue
         if err["type"] == "extra_forbidden":  # the field's name is the caller's: echoed as an excerpt too
             field = ".".join([*prefix, *loc[:-1], excerpt(loc[-1], quote=False)])
-            out.append((field, f"unknown field; allowed here: {', '.join(_fields_at(where, loc[:-1]))}"))
+            allowed_here = _fields_at(where, loc[:-1])
+            # A typo ("learnin_rate") is named with the field meant: in a list of 24 it read as an unknown setting.
+            meant = difflib.get_close_matches(loc[-1], allowed_here, n=1, cutoff=0.8)
+            out.append((field, "unknown field" + (f" (did you mean {meant[0]}?)" if meant else "")
+                        + f"; allowed here: {', '.join(allowed_here)}"))
             continue
         if err["type"] == "value_error" and ": " in msg:  # a cross-field rule names its own fields
             fields, msg = msg.split(": ", 1)
