@@ -753,9 +753,12 @@ def jobs_download(
     try:
         with _api(ctx) as api:
             progress, task = transfer_progress(f"downloading {kind}", None)
+            # Shown once the archive starts to come: a job with no such artifact (or no job) left an empty
+            # "downloading adapter 0/? bytes" bar above its error.
+            progress.update(task, visible=False)
 
             def started(total: int, resumed_from: int) -> None:
-                progress.update(task, total=total, completed=resumed_from)
+                progress.update(task, total=total, completed=resumed_from, visible=True)
                 if resumed_from:
                     progress.console.print(f"resuming an interrupted download at byte {resumed_from:,} of {total:,}",
                                            highlight=False)

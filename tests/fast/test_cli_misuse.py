@@ -424,3 +424,11 @@ def test_a_gpu_class_the_settings_serve_is_taken_as_configured():
     assert worker_problems("gpu-host-1:gpu0", "a100-80gb", ["l4"]) == []  # unserved, well named: only a warning
     [problem] = worker_problems("gpu-host-1:gpu0", "A100", ["l4"])
     assert problem.startswith("--gpu-class: lowercase letters")
+
+
+def test_a_download_that_never_started_leaves_no_empty_progress_bar(env):
+    """A download refused before its first byte (no such job, the API out of reach) printed an empty
+    "downloading adapter ━━━ 0/? bytes" bar above its error, as if something had begun."""
+    done = qlora(env, "jobs", "download", "a" * 32, "--kind", "adapter")
+    refused(done, "cannot reach the API")
+    assert "downloading" not in done.stderr and "bytes" not in done.stderr, done.stderr
