@@ -456,7 +456,9 @@ def jobs_show(ctx: typer.Context, job_id: JobId, as_json: JsonOption = None) -> 
     """A job's status, progress, timestamps, error and summary. On a pipe: the API's answer."""
     with _api(ctx) as api:
         job = api.get_job(job_id)
+        outputs = _outputs(api, job)
     show(job, lambda: print_job(job), as_json)
+    _print_outputs(job, outputs)
 
 
 @jobs_commands.command("report")
@@ -574,6 +576,7 @@ def jobs_watch(
                         live.update(watcher.view(), refresh=True)
                 if not out.is_terminal:
                     out.line()  # rich ends a live display with a newline only on a terminal
+            outputs = _outputs(api, watcher.job)
     except KeyboardInterrupt:
         _interrupted(f"stopped watching; job {job_id} keeps running "
                      f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)")
@@ -583,9 +586,39 @@ def jobs_watch(
         loss = f", train loss {watcher.train_losses[-1]:.4f}" if watcher.train_losses else ""
         if not streamed:  # else the last line said it
             out.print(Text(line + loss, style="green"), soft_wrap=True)
+        _print_outputs(job, outputs)
         return
     err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else ""), style="red"), soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _outputs(api, job: dict) -> list[dict] | None:
+    """A succeeded job's artifacts, for `_print_outputs`; None for any other job, or where the list cannot be
+    read (the job's own answer has been shown: a hint is not worth failing the command for)."""
+    from app.cli.api_client import ClientError
+
+    if job.get("status") != "succeeded":
+        return None
+    try:
+        return api.job_artifacts(job["id"])
+    except ClientError:
+        return None
+
+
+def _print_outputs(job: dict, artifacts: list[dict] | None) -> None:
+    """After a job that succeeded (`jobs show`, the end of `jobs watch`), on stderr: what it made and the commands
+    that fetch it. The job's answer names no artifact, so "did it work, and where is the adapter?" was a
+    curl to GET /jobs/{id}/artifacts."""
+    from rich.text import Text
+
+    from app.text import format_bytes
+
+    if not artifacts:
+        return
+    made = ", ".join(f"{a['kind']} ({format_bytes(a['bytes'])})" for a in artifacts)
+    err.print(Text(f"artifacts: {made}; fetch one with `qlora jobs download {job['id']} --kind {artifacts[0]['kind']}`"
+                   + (f"; the eval report side by side: `qlora jobs report {job['id']}`"
+                      if any(a["kind"] == "report" for a in artifacts) else "")), soft_wrap=True)
 
 
 def _stream_job(watcher: _JobWatcher, interval: float) -> None:

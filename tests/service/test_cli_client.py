@@ -253,11 +253,15 @@ def test_watch_follows_the_job_to_its_last_step_and_exits_0(watched_job, cli_env
     again = qlora(cli_env, "jobs", "watch", job_id, "--table")  # a person's view of the job that ended
     assert again.returncode == 0 and f"job {job_id} succeeded at step {MAX_STEPS}/{MAX_STEPS}" in again.stdout
     assert re.search("[▁▂▃▄▅▆▇█]{3,}", again.stdout)  # the loss sparkline over the train points
+    # Did it work, and where is what it made: the artifacts and the command that fetches them (on stderr, a hint).
+    assert re.search(r"artifacts: adapter \(.+\), merged \(.+\)", again.stderr), again.stderr
+    assert f"`qlora jobs download {job_id} --kind adapter`" in again.stderr, again.stderr
 
     listed = qlora(cli_env, "jobs", "list", "--status", "succeeded")
     assert listed.returncode == 0 and job_id in [j["id"] for j in json.loads(listed.stdout)]
     shown = qlora(cli_env, "jobs", "show", job_id)
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    assert f"qlora jobs download {job_id}" in shown.stderr, shown.stderr  # stdout stays the API's answer
     table = qlora(cli_env, "jobs", "show", job_id, "--table")
     assert table.returncode == 0 and "succeeded" in table.stdout and f"{MAX_STEPS}/{MAX_STEPS}" in table.stdout
     assert "train loss" in table.stdout and "merge fidelity" in table.stdout
