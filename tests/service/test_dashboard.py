@@ -6,6 +6,7 @@ Chromium is Debian's package (installed here when missing); playwright only driv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -326,9 +327,16 @@ def test_a_job_is_paused_and_resumed_from_its_page(page, deployment, team, team_
     # Running, with a heartbeat the reaper will not find stale while the test runs.
     put(status="running", attempt=1, worker="w-test", claimed_at=utcnow(), heartbeat_at=utcnow() + timedelta(hours=1))
     sign_in(page, team_key)
-    page.goto(f"/#/jobs/{job_id}")
+    # Every stream the key may hold is open (other tabs, say): the stream answers 429. The page said "This job
+    # cannot be shown" for good; it says why it is not live and tries again, and follows the job once one closes.
+    with contextlib.ExitStack() as held:
+        for _ in range(deployment.settings.max_streams_per_key):
+            assert held.enter_context(team.stream("GET", f"/jobs/{job_id}/stream")).status_code == 200
+        page.goto(f"/#/jobs/{job_id}")
+        expect(page.locator("#view")).to_contain_text("live streams open")  # why it is not live
     button = page.locator("#pause-resume-job")
-    expect(button).to_have_text("Pause job")
+    expect(button).to_have_text("Pause job")  # live, once a stream is free, by itself
+    expect(page.locator("#stream-notice")).to_be_hidden()
     button.click()
     expect(button).to_have_text("Pausing…")
     expect(button).to_be_disabled()

@@ -5,6 +5,7 @@ import { ApiError, FINISHED, refusal } from "./api.js";
 import { authHeaders, signOut } from "./session.js";
 
 const RECONNECT_MS = 2000; // a job stream cut before the job finished is reopened after this
+const RETRY_MAX_MS = 30000; // refused for now (429, 5xx) or out of reach: retried ever less often, up to this
 
 /**
  * Read a Server-Sent Events body. EventSource cannot send an Authorization header, so the stream is
@@ -48,8 +49,15 @@ async function* readServerSentEvents(body) {
 /**
  * Follow a job's stream until the job has finished. Every (re)connection replays the job from the
  * start, and the page keys what it holds by step and event id, so a reconnect never doubles a point.
+ *
+ * An answer that may change by itself is retried, not final: 429 (the key already holds
+ * QLORA_MAX_STREAMS_PER_KEY streams, say another tab's: it frees when that one closes) and 5xx (a proxy
+ * while the API restarts), like a connection that failed. `onNotice(text)` says why the page is not live
+ * meanwhile, and `onNotice(null)` once it is again. Those answers ended the page's live view for good
+ * ("This job cannot be shown"), until a reload.
  */
-export async function followJob(jobId, ctx, onMessage, onFatal) {
+export async function followJob(jobId, ctx, onMessage, onFatal, onNotice = () => {}) {
+  let wait = RECONNECT_MS;
   while (!ctx.signal.aborted) {
     let finished = false;
     try {
@@ -57,16 +65,26 @@ export async function followJob(jobId, ctx, onMessage, onFatal) {
         headers: authHeaders({ Accept: "text/event-stream" }), signal: ctx.signal, cache: "no-store",
       });
       if (response.status === 401) return signOut(refusal(await response.json().catch(() => null)));
-      if (!response.ok) return onFatal(new ApiError(response.status, await response.json().catch(() => null)));
-      for await (const message of readServerSentEvents(response.body)) {
-        const payload = JSON.parse(message.data);
-        onMessage(message.event, payload);
-        if (message.event === "job" && FINISHED.includes(payload.status)) finished = true;
+      if (response.status === 429 || response.status >= 500) {
+        const error = new ApiError(response.status, await response.json().catch(() => null));
+        onNotice(`Live updates paused: ${error.message}. Trying again in ${Math.round(wait / 1000)} s.`);
+      } else if (!response.ok) {
+        return onFatal(new ApiError(response.status, await response.json().catch(() => null)));
+      } else {
+        let live = false;
+        for await (const message of readServerSentEvents(response.body)) {
+          if (!live) { live = true; wait = RECONNECT_MS; onNotice(null); }
+          const payload = JSON.parse(message.data);
+          onMessage(message.event, payload);
+          if (message.event === "job" && FINISHED.includes(payload.status)) finished = true;
+        }
       }
     } catch (err) {
       if (ctx.signal.aborted) return;
+      onNotice(`Live updates paused: the API did not answer. Trying again in ${Math.round(wait / 1000)} s.`);
     }
     if (finished) return;
-    await ctx.sleep(RECONNECT_MS);
+    await ctx.sleep(wait);
+    wait = Math.min(2 * wait, RETRY_MAX_MS);
   }
 }

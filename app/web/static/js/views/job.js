@@ -19,6 +19,8 @@ export function viewJob(main, ctx, jobId) {
   const header = h("div", { class: "page-head" }, h("h1", {}, "Loading job…"));
   const progressCard = h("section", { class: "card", "aria-label": "Progress" });
   const errorBox = h("div");
+  // Why the page is not live just now (the stream refused for a while, or out of reach): it retries by itself.
+  const noticeBox = h("div", { class: "alert alert-warn", id: "stream-notice", role: "status", hidden: true });
   const chartBox = h("div", { id: "loss-chart" });
   const summaryBox = h("div");
   const eventsBox = h("ol", { class: "events", id: "events", "aria-label": "Job events, newest first" });
@@ -31,7 +33,7 @@ export function viewJob(main, ctx, jobId) {
       h("span", { class: "meta" }, "dpo: how often the preferred answer scores higher, and by how much")), rewardsBox);
   main.append(
     h("a", { class: "back", href: "#/jobs" }, "← All jobs"),
-    header, errorBox, progressCard,
+    header, noticeBox, errorBox, progressCard,
     h("div", { class: "grid" },
       h("section", { class: "card", "aria-labelledby": "chart-title" },
         h("div", { class: "card-head" }, h("h2", { id: "chart-title" }, "Loss"),
@@ -127,8 +129,13 @@ export function viewJob(main, ctx, jobId) {
     errorBox.replaceChildren(errorAlert(err));
   }
 
+  function onNotice(text) {
+    noticeBox.hidden = !text;
+    noticeBox.textContent = text || "";
+  }
+
   loadCheckpoints();
-  followJob(jobId, ctx, onMessage, onFatal);
+  followJob(jobId, ctx, onMessage, onFatal, onNotice);
 }
 
 function renderJobHeader(header, state, ctx) {
