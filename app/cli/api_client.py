@@ -296,8 +296,7 @@ class ApiClient:
         size and the byte the transfer starts from (0, or where an earlier one stopped)."""
         listing = {a["kind"]: a for a in self.job_artifacts(job_id)}
         if kind not in listing:
-            have = ", ".join(sorted(listing)) or "none yet"
-            raise ClientError(f"job {job_id} has no {kind!r} artifact (it has: {have})", status=404)
+            raise ClientError(f"job {job_id} has no {kind!r} artifact{self._why_none(job_id, listing)}", status=404)
         expected = listing[kind]
         total = expected["bytes"]
         try:
@@ -327,6 +326,18 @@ class ApiClient:
             raise ClientError(f"cannot write the download into {out_dir}: {exc.strerror or exc}"
                               f"{f' ({exc.filename})' if exc.filename else ''}; what was written stays for the "
                               "same command to resume") from None
+
+    def _why_none(self, job_id: str, listing: dict) -> str:
+        """Why a job has not the artifact asked for. "(it has: none yet)" told a job that failed or was
+        cancelled, which never will have one, to wait."""
+        if listing:
+            return f" (it has: {', '.join(sorted(listing))})"
+        status = self.get_job(job_id)["status"]
+        if status in ("failed", "cancelled"):
+            return f": it {'failed' if status == 'failed' else 'was cancelled'}, and artifacts are made only when a job succeeds"
+        if status == "succeeded":
+            return " (it has none left: they were deleted)"
+        return f" yet: it is {status}, and its artifacts are stored when it succeeds (`qlora jobs watch {job_id}` follows it)"
 
     @contextmanager
     def _artifact_response(self, job_id: str, kind: str, sha256: str, start: int) -> Iterator[httpx.Response]:

@@ -432,3 +432,16 @@ def test_a_download_that_never_started_leaves_no_empty_progress_bar(env):
     done = qlora(env, "jobs", "download", "a" * 32, "--kind", "adapter")
     refused(done, "cannot reach the API")
     assert "downloading" not in done.stderr and "bytes" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("status, why", [
+    ("cancelled", "has no 'adapter' artifact: it was cancelled, and artifacts are made only when a job succeeds"),
+    ("failed", "has no 'adapter' artifact: it failed, and artifacts are made only when a job succeeds"),
+    ("running", f"has no 'adapter' artifact yet: it is running, and its artifacts are stored when it succeeds "
+                f"(`qlora jobs watch {ZEROS}` follows it)"),
+])
+def test_a_download_of_a_job_without_artifacts_says_whether_to_wait(env, stand_in, status, why):
+    """`qlora jobs download` of a cancelled or failed job said "(it has: none yet)": wait, for a job that never
+    will have one."""
+    server = stand_in([], later={"id": ZEROS, "status": status})  # GET .../artifacts, then GET /jobs/{id}
+    refused(qlora(env | {"QLORA_URL": server.url}, "jobs", "download", ZEROS), why)
