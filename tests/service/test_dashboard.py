@@ -305,6 +305,27 @@ def test_a_teams_text_shows_as_written_and_runs_nothing(page, team, team_key):
     assert page.evaluate("window.refused") == []  # not refused either: nothing was parsed as markup
     assert team.post(f"/jobs/{job_id}/cancel").status_code == 200
 
+def test_a_list_asks_again_only_while_its_tab_is_seen(page, team_key):
+    """The jobs list asked for /jobs?limit=100 every 3 s in every open tab, seen or not: a team's forgotten tabs
+    each pulled its list for as long as they stayed open. Out of sight it asks for nothing now (the page's clock
+    run two minutes on), and once seen again it refreshes at once."""
+    listed: list[str] = []
+    page.on("request", lambda request: listed.append(request.url) if "/jobs?limit=100" in request.url else None)
+    page.clock.install()
+    sign_in(page, team_key)
+    seen = "(hidden) => { Object.defineProperty(document, 'hidden', {configurable: true, get: () => hidden});" \
+           " document.dispatchEvent(new Event('visibilitychange')); }"
+    with page.expect_response(lambda response: "/jobs?limit=100" in response.url):
+        page.clock.run_for(3_000)  # seen: again 3 s after the answer before
+    page.evaluate(seen, True)
+    asked = len(listed)
+    page.clock.run_for(120_000)
+    assert len(listed) == asked, listed[asked:]
+    with page.expect_request(lambda request: "/jobs?limit=100" in request.url):
+        page.evaluate(seen, False)
+        page.clock.run_for(1)
+
+
 def test_a_job_is_paused_and_resumed_from_its_page(page, deployment, team, team_key, demo_data):
     """The service pauses a job whose attempts keep ending on a full disk or an outage (its team resumes it
     once that is mended); the page offered cancel alone, so only the API or the CLI could resume it. The job

@@ -22,6 +22,8 @@ const ROUTES = [
 
 let currentView = null;
 
+const BACKOFF_MAX_MS = 60000; // a refresh that keeps failing is tried again at most this seldom
+
 /** What a view gets: an abort signal for its fetches, and timers that stop when the view is left. */
 function viewContext() {
   const controller = new AbortController();
@@ -29,9 +31,29 @@ function viewContext() {
   return {
     signal,
     leave: () => controller.abort(),
+    /**
+     * `fn` again `ms` after each call of it has ended, while the view is open. Not on a fixed beat: an answer
+     * slower than `ms` never had the next request sent beside it. Only while the tab is seen: a team's
+     * forgotten tabs each asked for the jobs list every 3 s; one shown again refreshes at once. A call that
+     * fails (`fn` resolves to false) is followed by a wait twice the one before, up to BACKOFF_MAX_MS.
+     */
     every(ms, fn) {
-      const timer = setInterval(() => { if (!signal.aborted) fn(); }, ms);
-      signal.addEventListener("abort", () => clearInterval(timer));
+      let wait = ms, timer = null, running = false;
+      const later = (delay) => { clearTimeout(timer); timer = setTimeout(tick, delay); };
+      async function tick() {
+        if (signal.aborted || running || document.hidden) return; // hidden: visibilitychange starts it again
+        running = true;
+        try {
+          wait = (await fn()) === false ? Math.min(2 * wait, BACKOFF_MAX_MS) : ms;
+        } finally {
+          running = false;
+        }
+        if (!signal.aborted) later(wait);
+      }
+      const seen = () => { if (!document.hidden && !signal.aborted) later(0); };
+      document.addEventListener("visibilitychange", seen);
+      signal.addEventListener("abort", () => { clearTimeout(timer); document.removeEventListener("visibilitychange", seen); });
+      later(ms);
     },
     sleep(ms) {
       return new Promise((resolve) => {

@@ -100,8 +100,7 @@ export function viewJob(main, ctx, jobId) {
       redraw();
     } catch { /* the stream still shows the job */ }
   }
-  const standingTimer = setInterval(loadStanding, 5000);
-  ctx.signal.addEventListener("abort", () => clearInterval(standingTimer));
+  ctx.every(5000, loadStanding); // asks only while the job is queued and the tab is seen
 
   function onMessage(type, payload) {
     if (type === "job") {

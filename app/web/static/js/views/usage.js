@@ -34,6 +34,7 @@ export function viewUsage(main, ctx) {
       renderDays(daysCard, usage.value, team);
       renderJobs(jobsCard, team);
     }
+    return failed.length === 0; // ctx.every asks less often while it fails
   }
   refresh();
   ctx.every(REFRESH_MS * 5, refresh);
