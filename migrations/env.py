@@ -1,7 +1,7 @@
 """One linear history that runs on Postgres and SQLite (batch mode rewrites tables where SQLite cannot ALTER)."""
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 import app.datasets.tables  # noqa: F401  (each domain's tables register on Base.metadata)
 import app.idempotency.tables  # noqa: F401
@@ -13,6 +13,9 @@ from app.config import get_settings
 from app.db import Base
 
 config = context.config
+# The advisory lock that lets one `qlora migrate` at a time change a Postgres database (any constant works: it
+# only needs to be the same in every process that migrates).
+MIGRATION_LOCK = 0x716C6F7261  # "qlora"
 
 
 def database_url() -> str:
@@ -30,6 +33,12 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Several `qlora migrate` at once (an init step per API replica): the first migrates, the
+                # others wait here until it commits, then read its revision and find nothing to do. Without
+                # it each ran the same DDL and all but one failed (duplicate key in pg_type, or a column
+                # that already exists). Held until this transaction ends; SQLite serializes writers itself.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
 
 

@@ -101,9 +101,10 @@ def serve(
         signal.raise_signal(signal.SIGTERM)
 
 
-def _check_schema(database_url: str) -> None:
+def _check_schema(database_url: str, *, unreachable_ok: bool = False) -> None:
     """Exit 2 saying what to run where the database is not at this release's schema (the embedded default
-    migrates by itself). The database out of reach is said here too, rather than by the first request."""
+    migrates by itself). The database out of reach is said here too, rather than by the first request; a
+    worker (unreachable_ok) starts anyway and waits for it, as it waits for a database lost later."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from app.migrate import schema_problem
@@ -111,6 +112,8 @@ def _check_schema(database_url: str) -> None:
     try:
         problem = schema_problem(database_url)
     except SQLAlchemyError as exc:
+        if unreachable_ok:
+            return
         problem = f"cannot reach the database at QLORA_DATABASE_URL: {str(exc).splitlines()[0]}"
     if problem:
         err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
@@ -277,6 +280,9 @@ def worker(
         err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(2)
+    # A worker of this release on a database `qlora migrate` has not brought to its schema (a rolling upgrade
+    # that updated the workers first) took each job's message and failed it on a missing column, over and over.
+    _check_schema(settings.database_url, unreachable_ok=True)
 
     from celery.signals import setup_logging
 

@@ -185,4 +185,5 @@ class QuantizedBase(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Set when stored and whenever a job loads it: an entry no job used for QLORA_QUANTIZED_CACHE_KEEP_DAYS is
     # pruned (app/jobs/quantized_cache.py). Keys change with library versions and weights, so old ones never hit again.
-    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The server default is for workers of a release before migration 0020 still storing entries (0023).
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=sa.text("CURRENT_TIMESTAMP"))

@@ -51,6 +51,28 @@ def test_the_api_will_not_start_on_a_database_without_its_schema(deployment, tmp
         services.drop_postgres_database(url)
 
 
+def test_a_worker_will_not_start_on_a_database_an_older_release_migrated(deployment, tmp_path):
+    """Workers updated before `qlora migrate` ran (a rolling upgrade in the wrong order): the worker says what
+    to run and exits 2. Before, it started, took each job's message and failed it on a missing column
+    (`column teams.disabled_at does not exist`), over and over, while the job waited."""
+    from alembic import command
+
+    from app.migrate import alembic_config
+
+    services.ensure_postgres()
+    url = services.create_postgres_database()
+    try:
+        command.upgrade(alembic_config(url), "0015")  # as the release that shipped 0015 left it
+        env = {**deployment.env, "QLORA_DATABASE_URL": url, "QLORA_HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--name", "updated-first"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "error: the database is at schema 0015, this release needs" in " ".join(done.stderr.split())
+        assert "run `qlora migrate` first" in " ".join(done.stderr.split())
+    finally:
+        engine_for(url).dispose()
+        services.drop_postgres_database(url)
+
 def test_a_model_missing_on_a_worker_host_is_that_hosts_fault_not_the_jobs(deployment, worker, demo_data,
                                                                             tiny_model_dir, tmp_path):
     """The files of a registered model are not where the registry says on the worker's host: the attempt

@@ -3,23 +3,34 @@ polled reads of jobs walk their indexes, however many jobs a team has."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert, select
+from alembic.script import ScriptDirectory
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects import postgresql
 
 import app.bootstrap  # noqa: F401  (every table's module, as the running service has them)
-from app.db import Base, engine_for, new_id, session_scope, utcnow
+import app.operations.tables  # noqa: F401  (the workers' table: the migrations below may run in other processes)
+from app.datasets.tables import Dataset
+from app.db import Base, UTCDateTime, engine_for, new_id, session_scope, utcnow
+from app.idempotency import repository as idempotency
 from app.jobs import repository, states
 from app.jobs.tables import Job
-from app.migrate import upgrade
+from app.migrate import alembic_config, upgrade
 from app.pagination import cursor_after, newest_first_values
 from app.teams.service import create_team
 from bench.api_load import analyze
+from tests import services
 from worker.training.spec import JobSpec
 from worker.training.tiny import demo_spec
 
@@ -27,12 +38,132 @@ from worker.training.tiny import demo_spec
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_the_migrations_build_exactly_the_tables_the_code_declares(database, tmp_path, request):
     """A column, index or constraint added to (or dropped from) a table's class needs its migration,
-    and the reverse: Alembic's own comparison finds nothing between the two."""
+    and the reverse: Alembic's own comparison finds nothing between the two, server defaults included."""
     url = f"sqlite:///{tmp_path / 'qlora.db'}" if database == "sqlite" else request.getfixturevalue("database_url")
     upgrade(url)
     with engine_for(url).connect() as conn:
-        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        differences = schema_differences(conn)
     assert differences == []
+
+
+
+
+def schema_differences(conn) -> list:
+    """Alembic's autogenerate comparison of a database with the tables' classes: columns, types, nullability,
+    server defaults, indexes, unique and foreign key constraints."""
+    return compare_metadata(MigrationContext.configure(conn, opts={"compare_server_default": True}), Base.metadata)
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_database_migrated_by_the_releases_that_first_shipped_0015_is_brought_to_the_same_schema(
+        database, tmp_path, request):
+    """Releases 284e0ff and c2cdd04 ran 0015 before it gained idempotency_keys.dataset_id (and let job_id be
+    NULL): Alembic never runs a revision twice, so on their databases every upload sent with an Idempotency-Key
+    failed with a 500 after an upgrade. The upgrade gives them the table a fresh database has, keeping the keys
+    those releases recorded, and an upload's key is recorded."""
+    url = f"sqlite:///{tmp_path / 'qlora.db'}" if database == "sqlite" else request.getfixturevalue("database_url")
+    (command.upgrade if database == "sqlite" else command.downgrade)(alembic_config(url), "0014")
+    as_released = sa.MetaData(naming_convention=Base.metadata.naming_convention)
+    as_released.reflect(engine_for(url), only=["teams", "jobs"])
+    sa.Table("idempotency_keys", as_released,
+             sa.Column("team_id", sa.String(32), sa.ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("scope", sa.String(50), primary_key=True), sa.Column("key", sa.String(255), primary_key=True),
+             sa.Column("request_sha256", sa.String(64), nullable=False),
+             sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+             sa.Column("created_at", UTCDateTime(), nullable=False),
+             sa.Index("ix_idempotency_keys_team_created", "team_id", "created_at"))
+    now = utcnow()
+    team_id = "t" * 32
+    with engine_for(url).begin() as conn:  # what those releases wrote: a team, a job, the key it was made with
+        as_released.create_all(conn, tables=[as_released.tables["idempotency_keys"]])
+        conn.execute(as_released.tables["teams"].insert().values(id=team_id, name="keyed", created_at=now))
+        conn.execute(as_released.tables["jobs"].insert().values(
+            id="j" * 32, team_id=team_id, name="old", status=states.QUEUED, spec={}, base_model="tiny",
+            queue="gpu-default", attempt=0, step=0, trained_tokens=0, created_at=now))
+        conn.execute(as_released.tables["idempotency_keys"].insert().values(
+            team_id=team_id, scope="POST /jobs", key="job-key", request_sha256="0" * 64, job_id="j" * 32,
+            created_at=now))
+    command.stamp(alembic_config(url), "0015")
+    engine_for(url).dispose()
+
+    upgrade(url)  # qlora migrate
+
+    with engine_for(url).connect() as conn:
+        assert schema_differences(conn) == []
+    with session_scope(url) as session:
+        assert idempotency.get(session, team_id, "POST /jobs", "job-key").job_id == "j" * 32
+        session.add(Dataset(id="d" * 32, team_id=team_id, filename="train.jsonl", storage_key="k", bytes=1,
+                            sha256="0" * 64, status="ready"))
+        session.flush()
+        idempotency.add(session, team_id, "POST /datasets", "upload-key", "1" * 64, dataset_id="d" * 32)
+    with session_scope(url) as session:
+        assert idempotency.get(session, team_id, "POST /datasets", "upload-key").dataset_id == "d" * 32
+    engine_for(url).dispose()
+
+
+
+def test_two_migrations_started_at_once_on_a_fresh_postgres_both_succeed(tmp_path):
+    """Several replicas each running `qlora migrate` as they start (an init step per API pod): each exits 0 and
+    the schema is built once. Both are held at the same point (a table named alembic_version that this test
+    creates and does not commit), so they race for certain when it rolls back. Before, the loser's CREATE
+    TABLE failed with a duplicate key in pg_type and its replica did not start."""
+    services.ensure_postgres()
+    url = services.create_postgres_database()
+    try:
+        with engine_for(url).connect() as holder:
+            holder.execute(text("CREATE TABLE alembic_version (version_num varchar(32))"))
+            logs = [(tmp_path / f"migrate-{n}.log").open("w") for n in range(2)]
+            migrations = [subprocess.Popen([sys.executable, "-c", f"from app.migrate import upgrade; upgrade({url!r})"],
+                                           stdout=log, stderr=subprocess.STDOUT) for log in logs]
+            wait_for_lock_waits(url, 2)
+            holder.rollback()
+        for migration, log in zip(migrations, logs, strict=True):
+            migration.wait(timeout=120)
+            log.close()
+            assert migration.returncode == 0, Path(log.name).read_text()[-2000:]
+        with engine_for(url).connect() as conn:
+            assert schema_differences(conn) == []
+    finally:
+        engine_for(url).dispose()
+        services.drop_postgres_database(url)
+
+
+def wait_for_lock_waits(database_url: str, count: int) -> None:
+    """Until `count` connections of this database wait on a lock (pg_stat_activity), after 60 s a failure."""
+    deadline = time.monotonic() + 60
+    with engine_for(database_url).connect() as conn:
+        while conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'")) < count:
+            assert time.monotonic() < deadline, f"the {count} migrations never both waited"
+            time.sleep(0.05)
+            conn.rollback()  # a new snapshot of the statistics each look
+
+
+
+def test_every_column_a_migration_adds_to_an_existing_table_takes_rows_written_without_it(tmp_path):
+    """Processes of the release before a migration (a worker still finishing its job in a rolling upgrade)
+    insert rows without the columns it added: each added column is nullable or has a server default. Before,
+    0020's quantized_bases.last_used_at had neither, and such a worker's job failed as it stored its
+    quantized base (`null value in column "last_used_at" ... violates not-null constraint`)."""
+    url = f"sqlite:///{tmp_path / 'qlora.db'}"
+    config = alembic_config(url)
+    scripts = ScriptDirectory.from_config(config)
+    added_to_existing: dict[tuple[str, str], str] = {}
+    before: dict[str, set[str]] = {}
+    for script in reversed(list(scripts.walk_revisions())):  # oldest first
+        command.upgrade(config, script.revision)
+        inspector = sa.inspect(engine_for(url))
+        now = {table: {c["name"] for c in inspector.get_columns(table)} for table in inspector.get_table_names()}
+        for table, columns in now.items():
+            for column in columns - before.get(table, columns):
+                added_to_existing[(table, column)] = script.revision
+        before = now
+        engine_for(url).dispose()
+    inspector = sa.inspect(engine_for(url))
+    refused = [f"{table}.{column['name']} (migration {added_to_existing[(table, column['name'])]})"
+               for table in inspector.get_table_names() for column in inspector.get_columns(table)
+               if (table, column["name"]) in added_to_existing and not column["nullable"] and column["default"] is None]
+    engine_for(url).dispose()
+    assert refused == []
 
 
 def plan(database_url: str, statement, values: dict) -> dict:
