@@ -58,10 +58,15 @@ def serve(
     if settings.embedded or settings.database_url.startswith("sqlite"):
         # Here, once, before any API process starts: they all find the schema and the demo team ready.
         from app.bootstrap import bootstrap_embedded
+        from app.migrate import NewerSchema
         from worker.training.tiny import build_tiny_model  # torch only inside, when it builds
 
-        bootstrap_embedded(settings, announce=lambda msg: out.print(msg, highlight=False),
-                           build_demo_model=build_tiny_model)
+        try:
+            bootstrap_embedded(settings, announce=lambda msg: out.print(msg, highlight=False),
+                               build_demo_model=build_tiny_model)
+        except NewerSchema as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     else:
         _check_schema(settings.database_url)
     raise_open_file_limit()  # connections need descriptors: the hard limit, not a default soft one (for its children too)
@@ -451,10 +456,14 @@ def migrate() -> None:
     """Bring the database (QLORA_DATABASE_URL) to the newest schema."""
     from app.bootstrap import make_private_dir
     from app.config import get_settings
-    from app.migrate import upgrade
+    from app.migrate import NewerSchema, upgrade
 
     settings = get_settings()
     if settings.database_url == f"sqlite:///{settings.home / 'qlora.db'}":
         make_private_dir(settings.home)  # the embedded default, before a first `qlora serve` made its home
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except NewerSchema as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     out.print("database is at the newest schema")

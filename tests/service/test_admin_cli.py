@@ -78,6 +78,28 @@ def test_a_database_not_made_yet_is_said_plainly_and_migrate_makes_the_home(tmp_
     assert qlora(home, "admin", "create-team", "research").returncode == 0
 
 
+def test_a_database_a_newer_release_migrated_is_refused_saying_so(tmp_path):
+    """Rolled back after an upgrade: `qlora migrate` and the embedded `qlora serve` say the database is newer than
+    this release and what to do (exit 2), and leave it as it is; before, both printed a page of traceback ending in
+    Alembic's "Can't locate revision identified by ..."."""
+    from sqlalchemy import create_engine, text
+
+    from tests.services import free_port
+
+    assert qlora(tmp_path, "migrate").returncode == 0
+    engine = create_engine(f"sqlite:///{tmp_path / 'qlora.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))  # as a later release leaves it
+    said = ("error: the database is at schema 9999, which this release does not know (a newer release migrated it): "
+            "run that release, or restore the database")
+    for args in (["migrate"], ["serve", "--port", str(free_port())]):
+        refused = qlora(tmp_path, *args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert said in " ".join(refused.stderr.split()), refused.stderr
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "9999"
+    engine.dispose()
+
 def test_keys_by_prefix_and_models_a_host_cannot_read(tmp_path):
     assert qlora(tmp_path, "migrate").returncode == 0
     assert qlora(tmp_path, "admin", "create-team", "research").returncode == 0
