@@ -51,7 +51,7 @@ PAGE_POLICY = {
 }
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # a health check or uptime probe may ask with HEAD (405 before)
 def dashboard():
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **PAGE_POLICY})
 

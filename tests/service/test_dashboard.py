@@ -408,6 +408,9 @@ def test_the_dashboard_may_not_be_framed_by_another_site_nor_run_another_sites_s
         policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
         assert policy["frame-ancestors"] == "'none'" and policy["script-src"] == "'self'"
         assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+        # HEAD, as an uptime probe asks: the same headers, no body (the page answered it 405).
+        head = deployment.client(None).head(path)
+        assert head.status_code == 200 and head.content == b"" and head.headers["x-frame-options"] == "DENY", path
 
 
 def test_every_answer_says_how_to_treat_it(deployment, team):
