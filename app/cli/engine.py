@@ -65,6 +65,10 @@ def estimate(
     from_adapter: Annotated[bool, typer.Option(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
                                "copy of it as the reference, and it is counted.")] = False,
+    max_paged_fraction: Annotated[float, typer.Option(
+        min=0, max=1, envvar="QLORA_MAX_PAGED_FRACTION",
+        help="How much of a paged optimizer's state may page to CPU memory, as admission allows it "
+             "(the service's QLORA_MAX_PAGED_FRACTION, 1 by default).")] = 1.0,
     as_json: JsonOption = None,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs. Exits 1 when --gpu-memory is given
@@ -114,7 +118,7 @@ def estimate(
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
     reference = keeps_reference_adapter(job, from_adapter)
     # "auto" offload and tiling: on where it would not fit without
-    job = fit_memory_savers(job, model_config, budget, reference_adapter=reference)
+    job = fit_memory_savers(job, model_config, budget, max_paged_fraction, reference_adapter=reference)
     result = estimate_peak_memory(job, model_config, reference_adapter=reference)
     answer: dict = {"micro_batch": result.micro_batch, "seq_len": result.seq_len,
                     "gradient_checkpointing": result.checkpointing, "activation_offload": result.offload,
@@ -123,10 +127,12 @@ def estimate(
                     "host_bytes": result.host_bytes}
     fits = True
     if budget is not None:
-        fits = result.fits(budget)
+        # The same rule as admission's (app/jobs/admission.py), paging share included: a job this says fits is admitted.
+        fits = result.fits(budget, max_paged_fraction)
         answer |= {"gpu_memory": budget, "fits": fits, "paged_bytes": result.paged_bytes(budget),
-                   "largest_micro_batch": largest_micro_batch(job, model_config, budget, reference_adapter=reference),
-                   "suggestions": advice(job, model_config, budget, reference_adapter=reference) if not fits else []}
+                   "largest_micro_batch": largest_micro_batch(job, model_config, budget, max_paged_fraction=max_paged_fraction,
+                                                              reference_adapter=reference),
+                   "suggestions": advice(job, model_config, budget, max_paged_fraction, reference) if not fits else []}
 
     def tables() -> None:
         table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "

@@ -30,6 +30,7 @@ from worker.training.estimate import (
     LLAMA_FAMILIES,
     ModelShape,
     estimate_peak_memory,
+    fit_to_gpu,
     largest_micro_batch,
     quantized_weight_bytes,
 )
@@ -385,6 +386,20 @@ def test_qlora_estimate_states_the_paging_of_the_papers_65b_recipe(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "optimizer state (pageable)" in done.stdout and "resident (pageable state paged out)" in done.stdout
     assert "fits, with 1.07 GiB of the 5.96 GiB of paged optimizer state paged to CPU memory" in done.stdout, done.stdout
+    # Where the operator allows less paging than that (1.07 of 5.96 GiB is 18 %), admission turns on activation
+    # offload ("auto") to page less, or refuses where nothing pages little enough; the estimate, which says what
+    # admission would do, said "fits" as it was (paging 18 %) and exited 0 whatever the operator allowed.
+    def strict(fraction: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "spec.json"), "--gpu-memory",
+                               "48", "--json"], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "QLORA_MAX_PAGED_FRACTION": fraction})
+    tenth = strict("0.1")
+    answer = json.loads(tenth.stdout)
+    admitted = fit_to_gpu(JobSpec.parse({"base_model": "x", **PAPER_RECIPE}), LLAMA_65B, 48 * GIB, 0.1)
+    assert admitted is not None and admitted.training.activation_offload is True
+    assert tenth.returncode == 0 and answer["fits"] and answer["activation_offload"] is True
+    assert answer["paged_bytes"] <= 0.1 * answer["pageable_bytes"]
+    assert strict("0").returncode == 1  # nothing may page: it does not fit, as admission refuses it
 
 
 def test_a_bfloat16_adapter_halves_its_weights_and_gradients_as_counted_live(tmp_path):
