@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     # The default class is where a job goes that names none and that admission does not place, and
     # what a worker started without --gpu-class serves; it must be a class workers serve.
     default_gpu_class: str = "default"
-    # The GPU classes workers serve and each one's memory in GiB, e.g. {"l4": 24, "a100-80gb": 80}.
+    # The GPU classes workers serve and each one's memory in GiB as the card reports it (nvidia-smi's MiB / 1024),
+    # e.g. {"l4": 22.49, "h100": 79.65}: a "24 GB" L4 has 22.49 GiB, and admission's "auto" decisions hold the job to it.
     # When set, a job is admitted only if its estimated peak fits one, and goes to the smallest that
     # fits; when empty (the embedded default), memory is not checked before a job runs.
     gpu_classes: dict[str, float] = Field(default_factory=dict)
