@@ -89,13 +89,19 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     try_this = advice(at_least_one, model.config, budget, paging, reference_adapter)
     needs = gib(estimate.total) if not estimate.pageable_bytes else \
         f"{gib(estimate.resident)} resident ({gib(estimate.total)} with its paged optimizer state)"
+    if try_this:
+        fix = f"It would fit with {' or '.join(try_this)}."
+    elif not estimate_peak_memory(at_least_one, model.config, micro_batch=1, seq_len=1,
+                                  reference_adapter=reference_adapter).fits(budget, paging):
+        # Not even one token fits: the base's weights, the adapter and what goes with it, which no length changes.
+        fix = "It does not fit even with the shortest sequences: use a smaller base model (or a smaller lora.r)."
+    else:
+        fix = "It does not fit even with a micro-batch of 1: use a shorter max_seq_length or a smaller base model."
     raise DoesNotFit(
         f"this job needs about {needs} of GPU memory (largest parts: "
         + ", ".join(f"{part} {gib(size)}" for part, size in largest)
         + f"); the largest GPU class {'you asked for' if requested else 'the workers serve'}, {name}, has "
-        + f"{gib(budget)}. " + (f"It would fit with {' or '.join(try_this)}." if try_this else
-                                "It does not fit even with a micro-batch of 1: use a shorter max_seq_length "
-                                "or a smaller base model."),
+        + f"{gib(budget)}. " + fix,
         details={"needed_bytes": estimate.total, "resident_bytes": estimate.resident, "available_bytes": budget,
                  "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
 

@@ -161,8 +161,16 @@ def test_a_base_model_too_large_even_for_one_sequence_says_so(tmp_path, micro_ba
         admit(only_l4, model(LLAMA3_70B, "llama-3-70b"), spec, None)
     error = refused.value
     assert error.details["suggestions"] == []
-    assert error.message.endswith("It does not fit even with a micro-batch of 1: use a shorter max_seq_length "
-                                  "or a smaller base model.")
+    # 70B's 4-bit weights alone (36 GiB) are more than the L4's 24: no shorter max_seq_length helps, and the
+    # message said to try one.
+    assert error.message.endswith("It does not fit even with the shortest sequences: use a smaller base model "
+                                  "(or a smaller lora.r).")
+    # Where a shorter max_seq_length would fit, though not half or a quarter of this one, it says that.
+    eight = make_settings(tmp_path, gpu_classes={"small": 8}, default_gpu_class="small")
+    with pytest.raises(DoesNotFit) as too_long:
+        admit(eight, model(), job_spec(per_device_batch_size=micro_batch, max_seq_length=8192), None)
+    assert too_long.value.message.endswith("It does not fit even with a micro-batch of 1: use a shorter max_seq_length "
+                                           "or a smaller base model.")
     # What it needs is measured at a micro-batch of 1, the least "auto" could have chosen.
     assert error.details["needed_bytes"] == peak(job_spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_70B)
 
