@@ -46,9 +46,9 @@ def initial_job(session: Session, team_id: str, job_id: str, spec: JobSpec) -> J
         raise NotFound(f"initial_job_id: no job {excerpt(job_id)}")
     if job.status != states.SUCCEEDED:
         later = "" if job.status in states.FINISHED else "; wait until it succeeds"
-        raise Conflict(f"initial_job_id: job {job.id} is {job.status}, and only a job that succeeded has an "
+        raise Conflict(f"initial_job_id: job {job.id} {states.described(job.status)}, and only a job that succeeded has an "
                        f"adapter to start from{later}", code="initial_job_not_ready",
-                       details=field_errors([("initial_job_id", f"job is {job.status}, not succeeded")]))
+                       details=field_errors([("initial_job_id", f"job {states.described(job.status)}, not succeeded")]))
     if repository.artifact(session, team_id, job.id, ADAPTER) is None:
         raise Invalid(f"initial_job_id: job {job.id} has no adapter artifact to start from",
                       details=field_errors([("initial_job_id", "the job has no adapter artifact")]),

@@ -246,8 +246,8 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
         kinds = [a.kind for a in repository.artifacts(session, caller.team_id, job.id)]
         raise NotFound(f"job {job.id} has no {excerpt(kind)} artifact; it has "
                        + (", ".join(kinds) if kinds else "none yet")
-                       + ("" if job.status == states.SUCCEEDED else f" (it is {job.status}; a job's artifacts are "
-                                                                    "stored as it ends)"))
+                       + ("" if job.status == states.SUCCEEDED else f" (it {states.described(job.status)}; a job's "
+                                                                    "artifacts are stored as it ends)"))
     # The name as the user gave it (any script; the response header encodes it), minus what a file
     # name cannot hold: a path separator, or a control character in a row stored before names were checked.
     filename = "".join("_" if c in "/\\" or has_control_characters(c) else c for c in f"{job.name or job.id}-{kind}.tar")
@@ -539,7 +539,7 @@ def _request(session: Session, caller: Caller, job_id: str, request: str,
         if job.status in _ALREADY[request]:
             return job
         if job.status not in _REQUESTS[request]:
-            raise Conflict(f"cannot {request} job {job_id}: it is {job.status}", code="invalid_state")
+            raise Conflict(f"cannot {request} job {job_id}: it {states.described(job.status)}", code="invalid_state")
         target, event, message = _REQUESTS[request][job.status]
         values: dict[str, Any] = {"finished_at": utcnow()} if target in states.FINISHED else {}
         if target == states.QUEUED:

@@ -28,6 +28,12 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def described(status: str) -> str:
+    """The status as a sentence says it of a job ("it has succeeded", "it is running"): "it is succeeded" read
+    as a typo in every refusal of a finished job."""
+    return {SUCCEEDED: "has succeeded", FAILED: "has failed", CANCELLED: "was cancelled"}.get(status, f"is {status}")
+
+
 def sources_of(target: str) -> tuple[str, ...]:
     """The states a job may be in to move to `target`."""
     return tuple(state for state, targets in TRANSITIONS.items() if target in targets)

@@ -85,7 +85,7 @@ def test_a_request_from_every_state(settings, session, caller, make_job, request
             ask(request_, session, settings, caller, job_id)
         session.rollback()
         assert (refused.value.status, refused.value.code) == (409, "invalid_state")
-        assert refused.value.message == f"cannot {request_} job {job_id}: it is {state}"
+        assert refused.value.message == f"cannot {request_} job {job_id}: it {states.described(state)}"
         job, events = stored(settings, job_id)
         assert (job.status, events) == (state, [])
 
@@ -123,7 +123,7 @@ def test_a_pause_that_races_the_end_of_training_is_refused(settings, session, ca
     with open_session(settings) as worker:
         assert repository.transition(worker, job_id, states.SUCCEEDED, attempt=1, finished_at=utcnow())
         worker.commit()
-    with pytest.raises(Conflict, match="it is succeeded"):
+    with pytest.raises(Conflict, match="it has succeeded"):
         service.pause(session, caller, job_id)
     session.rollback()
     assert stored(settings, job_id)[0].status == states.SUCCEEDED

@@ -183,7 +183,7 @@ def test_what_openai_does_not_define_is_refused_by_the_native_service(body):
     (Invalid("bad"), 400, "invalid_request_error"),
     (DoesNotFit("too big"), 400, "invalid_request_error"),
     # The SDK retries a 409: a request the job's state forbids is answered 400 so it is not repeated.
-    (Conflict("cannot pause job x: it is succeeded", code="invalid_state"), 400, "invalid_request_error"),
+    (Conflict("cannot pause job x: it has succeeded", code="invalid_state"), 400, "invalid_request_error"),
     (NotFound("no job"), 404, "invalid_request_error"),
     (PayloadTooLarge("too large"), 413, "invalid_request_error"),
     (Unauthorized("missing key"), 401, "authentication_error"),

@@ -143,7 +143,7 @@ def test_a_job_that_has_not_succeeded_is_refused_saying_its_state(deployment, se
     unfinished = finished_job(session, caller.team_id, status=status, adapter=False)
     with pytest.raises(Conflict) as refused:
         service.create(session, settings, caller, body(ids["preference"], {"type": "dpo"}, initial_job_id=unfinished))
-    assert refused.value.code == "initial_job_not_ready" and f"is {status}" in refused.value.message
+    assert refused.value.code == "initial_job_not_ready" and f"job {unfinished} {states.described(status)}, and" in refused.value.message
 
 
 def test_a_succeeded_job_without_an_adapter_is_refused(deployment, session, caller):

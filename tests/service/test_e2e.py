@@ -53,7 +53,7 @@ def test_job_succeeds_with_progress_and_summary(finished_job):
 def test_a_finished_job_cannot_be_cancelled(finished_job, team_a):
     response = team_a.post(f"/jobs/{finished_job['id']}/cancel")
     assert response.status_code == 409
-    assert "cannot cancel job" in response.json()["error"]["message"] and "it is succeeded" in response.text
+    assert "cannot cancel job" in response.json()["error"]["message"] and "it has succeeded" in response.text
 
 
 def test_metrics_endpoint_returns_a_falling_loss_curve(finished_job, team_a):
