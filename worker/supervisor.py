@@ -550,6 +550,9 @@ class JobRun:
         if outcome is None:  # killed (the kernel's out-of-memory killer), or crashed on storage: another attempt
             how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0
                    else f"exited with code {returncode}")
+            if returncode == -signal.SIGKILL:  # what the kernel sends when the host is out of memory
+                how += (f" (the kernel's out-of-memory killer sends it when the host runs out of memory: "
+                        f"`dmesg` on worker {self.worker} says whether it did)")
             raise AttemptLost(f"the training process {how} without a result; last lines of its log:\n"
                               f"{_tail(workdir.log)}")
         if outcome.status == states.FAILED and outcome.retry_with:
@@ -789,11 +792,27 @@ def _passing(exc: DBAPIError) -> bool:
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_bytes().decode(errors="replace")  # read_text() would make each \r a line break
     except FileNotFoundError:
         return "(no log)"
-    # Progress bars redraw with \r; keep what was last on each line.
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+    # Progress bars redraw with \r; keep what was last on each line (read as text, or split by splitlines(), a
+    # bar's every redraw was a line of its own, and its redraws filled the tail).
+    return "\n".join(_readable(line.rsplit("\r", 1)[-1]) for line in text.rstrip("\n").split("\n")[-lines:])
+
+
+def _readable(line: str) -> str:
+    """A log line as a person reads it in an event: the training process logs JSON where its output is no
+    terminal (app/logs.py), and its records read as {"time": ..., "level": ..., "process": ...} in the job's
+    events. A JSON record becomes "level: message"; any other line stays as written."""
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or not isinstance(record.get("message"), str):
+        return line
+    return f"{record.get('level', 'info')}: {record['message']}" + (f"\n{record['exception']}" if record.get("exception") else "")
 
 
 def _kill(proc: subprocess.Popen) -> None:

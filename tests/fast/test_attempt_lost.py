@@ -275,3 +275,20 @@ def test_a_starting_worker_removes_the_attempt_markers_of_workers_that_are_gone_
         marker.write_text('{"job_id": "j", "attempt": 1}')
     removed = sweep_work_dir(settings)
     assert set(removed) == {gone, mine} and other.exists()  # another worker, still running: its marker is kept
+
+
+def test_a_lost_attempts_log_tail_reads_as_text(tmp_path):
+    """The training process logs JSON where its output is no terminal: a lost attempt's requeued event (and
+    the job's error) quoted its last lines as {"time": ..., "level": ..., "process": ...} records."""
+    from worker.supervisor import _tail
+
+    log = tmp_path / "train.log"
+    log.write_text('{"time": "2026-12-06T19:00:00.000Z", "level": "info", "process": "trainer", "pid": 7, '
+                   '"logger": "worker.training", "message": "step 40 of 160"}\n'
+                   'a line of its own, as a library printed it\n'
+                   'progress 10%\rprogress 20%\n'
+                   '{"level": "error", "message": "writing the checkpoint failed", "exception": "Traceback ...\\nOSError"}\n'
+                   '{"not": "a record"}\n')
+    assert _tail(log).splitlines() == ["info: step 40 of 160", "a line of its own, as a library printed it",
+                                       "progress 20%", "error: writing the checkpoint failed", "Traceback ...",
+                                       "OSError", '{"not": "a record"}']

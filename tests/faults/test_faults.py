@@ -109,6 +109,7 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
         story = events(tenant, job["id"])
         (requeued,) = [e for e in story if e["type"] == "requeued"]
         assert "training process was killed by SIGKILL" in requeued["message"] and "try 2 of" in requeued["message"]
+        assert "out-of-memory killer" in requeued["message"]  # what usually sends it, and where to look
         (resumed,) = [e for e in story if e["type"] == "resumed"]
         assert resumed["step"] >= newest and resumed["level"] == "warning"  # news, unlike a resume after a pause
         # The GPU ran the steps after the checkpoint twice, and both count: attempt 2 counts its tokens from
