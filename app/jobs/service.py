@@ -49,7 +49,7 @@ _FIELD_RULES = {
     "validation_dataset_id": "must be a dataset id, or null for none",
     "name": "must be one line of at most 200 characters, without control characters (line breaks, tabs, NUL)",
     "gpu_class": "lowercase letters, digits, '-' and '_', at most 50 characters",
-    "metadata": f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars)",
+    "metadata": f"at most {MAX_METADATA} string keys (<= 64 chars) with string values (<= 512 chars), without NUL",
     "priority": "one of low, normal, high (the order among your team's own queued jobs)",
     "initial_job_id": "must be the id of a job of yours that succeeded (its adapter is where this job starts), or null",
 }
