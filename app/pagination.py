@@ -15,9 +15,11 @@ from app.errors import Invalid, field_errors
 from app.text import has_control_characters
 
 MAX_LIMIT = 200
-# The largest id a serial column holds on any backend (a signed 64-bit integer): a larger one in a
-# query is an error from the database (SQLite overflows, Postgres cannot cast it), not a miss.
-MAX_ID = 2**63 - 1
+# The largest id a serial column holds on every backend, and the largest step: Postgres' `integer`
+# (job_events.id, job_metrics.id and step are SERIAL / INTEGER there) is a signed 32-bit integer. A
+# larger number in a query is an error from the database (Postgres cannot cast it to the column's type:
+# `after=2147483648` was a 500), not a miss; SQLite's 64-bit integers hold more, but no id gets there.
+MAX_ID = 2**31 - 1
 
 
 class Page(NamedTuple):

@@ -244,17 +244,24 @@ def test_an_openai_checkpoint_after_that_is_none_echoes_an_excerpt(team_a, queue
     assert "5,000 characters" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("after", ["ftevent-²", "ftevent-" + "9" * 5000, "ftevent-" + str(2**64), "ftevent--1"])
+# 2**31: past Postgres' `integer`, the type of the ids and steps, but within 64 bits: it was a 500.
+@pytest.mark.parametrize("after", ["ftevent-²", "ftevent-" + "9" * 5000, "ftevent-" + str(2**64), "ftevent--1",
+                                   "ftevent-" + str(2**31), "ftevent-m" + str(2**31)])
 def test_an_openai_after_that_is_no_event_id_is_a_400_naming_it(team_a, queued_job, after):
     response = team_a.get(f"/v1/fine_tuning/jobs/ftjob-{queued_job['id']}/events", params={"after": after})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "after" and len(response.text) < 1000
 
 
-def test_a_native_after_beyond_any_event_id_is_a_422(team_a, queued_job):
-    response = team_a.get(f"/jobs/{queued_job['id']}/events", params={"after": 10**30})
+@pytest.mark.parametrize(("path", "param", "value"), [
+    ("events", "after", 10**30), ("events", "after", 2**31),
+    ("metrics", "after_step", 2**31), ("metrics", "after_eval_step", 2**31),
+])
+def test_a_native_after_beyond_any_event_id_is_a_422(team_a, queued_job, path, param, value):
+    response = team_a.get(f"/jobs/{queued_job['id']}/{path}", params={param: value})
     assert response.status_code == 422, response.text
-    assert response.json()["error"]["details"][0]["field"] == "query.after"
+    assert response.json()["error"]["details"][0]["field"] == f"query.{param}"
+    assert str(2**31 - 1) in response.json()["error"]["message"]  # the largest it takes
 
 
 @pytest.mark.parametrize(("body", "param"), [
