@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # each holds a socket and polls the database every second. A dashboard tab or `qlora` watching a
     # job holds one; beyond the cap a stream answers 429.
     max_streams_per_key: int = Field(10, ge=1)
+    # Uploads (POST /datasets, POST /v1/files) one API key may have in flight at once in one API process:
+    # each holds a socket and, until it is stored, up to a storage part in memory (8 MiB on S3) for as
+    # long as its client keeps sending, however slowly. A client uploading its files one at a time, or a
+    # few at once, holds one or a few; beyond the cap an upload answers 429 before its body is read.
+    max_uploads_per_key: int = Field(8, ge=1)
     # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
     # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
     # revoked key stops working within this long everywhere (at once in the process that revoked it).

@@ -85,6 +85,14 @@ class TooManyStreams(AppError):
     code = "too_many_streams"
 
 
+class TooManyUploads(AppError):
+    """A key that already has QLORA_MAX_UPLOADS_PER_KEY uploads in flight in this process."""
+
+    status = 429
+    code = "too_many_uploads"
+    retry_after_s = 5
+
+
 class QuotaExceeded(AppError):
     """Over one of the team's quotas (app/quotas/): the message names the limit, the team's use, and
     what frees it; details carry them as fields."""

@@ -51,7 +51,7 @@ from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_
 from app.teams.routes import router as teams_router
 from app.teams.service import CallerCache
 from app.text import format_bytes
-from app.uploads import STREAMED_BODY
+from app.uploads import STREAMED_BODY, upload_slots
 from app.usage.routes import router as usage_router
 from app.web.routes import STATIC_DIR, DashboardFiles
 from app.web.routes import router as web_router
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = storage_from_settings(settings)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)  # live streams per key, in this process
+    app.state.upload_slots = upload_slots(settings.max_uploads_per_key)  # uploads in flight per key, in this process
     app.state.job_feeds = JobFeeds()  # one poll per watched job, in this process, for all its streams
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
     app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second

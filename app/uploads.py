@@ -21,7 +21,8 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import Invalid, PayloadTooLarge, UploadInterrupted
+from app.errors import Invalid, PayloadTooLarge, TooManyUploads, UploadInterrupted
+from app.slots import KeySlots
 from app.text import format_bytes, has_control_characters
 from worker.training.spec import excerpt
 
@@ -35,6 +36,15 @@ MULTIPART_OVERHEAD = MAX_FORM_BYTES + (MAX_FORM_FIELDS + 2) * 80
 # Set in a request's scope by a reader that streams its body under a limit of its own (read_multipart):
 # the cap on bodies read whole (QLORA_MAX_JSON_BYTES, app.main.RequestScope) then lets it through.
 STREAMED_BODY = "qlora.streamed_body"
+
+
+def upload_slots(per_key: int) -> KeySlots:
+    """The uploads each API key has in flight in this process, up to QLORA_MAX_UPLOADS_PER_KEY: without a
+    cap, one key's client opening uploads and sending each a little at a time held an S3 part buffer
+    (8 MiB) per upload, as many as it liked, until the process ran out of memory."""
+    return KeySlots(per_key, lambda held: TooManyUploads(
+        f"this API key already has {held} uploads in flight, the limit per key (QLORA_MAX_UPLOADS_PER_KEY="
+        f"{per_key}); send the next once one has finished"))
 
 
 class FileSink(Protocol):

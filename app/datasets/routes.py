@@ -15,7 +15,8 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=CheckedJSO
 
 
 @router.post("", response_model=DatasetOut, status_code=201,
-             responses={413: {"description": "Over QLORA_MAX_UPLOAD_BYTES, or a form over its bounds around the file."}},
+             responses={413: {"description": "Over QLORA_MAX_UPLOAD_BYTES, or a form over its bounds around the file."},
+                        429: {"description": "`too_many_uploads`: the key has QLORA_MAX_UPLOADS_PER_KEY uploads in flight."}},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["file"],
                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})

@@ -118,17 +118,21 @@ async def upload(session: Session, storage: Storage, settings: Settings, caller:
     The session has only authenticated the caller so far. Its connection goes back to the pool
     while the body streams (a slow client can take minutes), and a new one is taken to record."""
     idempotency.checked_key(idempotency_key)  # before a byte of the body is read
-    room = await run_in_threadpool(_room, session, settings, caller, idempotency_key, scope,
-                                   request.app.state.uploads_in_flight)
-    await run_in_threadpool(release_connection, session)
+    slot = request.app.state.upload_slots.take(caller.key_id)  # 429 at the key's cap, before a byte is read
     try:
-        if room is not None:
-            room.check_declared(declared_file_bytes(request))
-        return await _stream_and_record(session, storage, settings, caller, request, room, check_fields,
-                                        idempotency_key, scope)
+        room = await run_in_threadpool(_room, session, settings, caller, idempotency_key, scope,
+                                       request.app.state.uploads_in_flight)
+        await run_in_threadpool(release_connection, session)
+        try:
+            if room is not None:
+                room.check_declared(declared_file_bytes(request))
+            return await _stream_and_record(session, storage, settings, caller, request, room, check_fields,
+                                            idempotency_key, scope)
+        finally:
+            if room is not None:
+                room.release()
     finally:
-        if room is not None:
-            room.release()
+        slot.release()
 
 
 async def _stream_and_record(session: Session, storage: Storage, settings: Settings, caller: Caller, request: Request,

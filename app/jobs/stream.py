@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import logging
-import threading
 import time
 import weakref
 from collections import deque
@@ -39,6 +38,7 @@ from app.errors import TooManyStreams, Unauthorized
 from app.jobs import repository, states
 from app.jobs.schemas import EvalPoint, EventOut, JobOut, TrainPoint
 from app.jobs.tables import JobMetric
+from app.slots import KeySlot, KeySlots
 from app.teams import repository as teams_repository
 from app.teams.service import team_disabled
 
@@ -55,49 +55,20 @@ FEED_BUFFER_ROWS = 4 * STREAM_BATCH
 FEED_BUFFER_TICKS = 120
 
 
-class StreamSlot:
-    """One open stream's place in its key's count; the stream gives it back when it ends."""
-
-    def __init__(self, slots: StreamSlots, key_id: str):
-        self._slots, self._key_id = slots, key_id
-
-    def release(self) -> None:
-        self._slots.release(self._key_id, self)
+StreamSlot = KeySlot  # one open stream's place in its key's count; the stream gives it back when it ends
 
 
-class StreamSlots:
+class StreamSlots(KeySlots):
     """The live streams each API key holds open in this process, up to a cap (QLORA_MAX_STREAMS_PER_KEY).
 
     The cap is per process because what a stream holds (a socket, its place in its job's feed, and its
-    own reads of the database whenever it is behind the feed) is the process's to give. A slot is
-    counted while its stream lives: a weak set, so a stream whose generator never ran its `finally`
-    (its client left before the first byte) still frees its slot once it is garbage-collected.
+    own reads of the database whenever it is behind the feed) is the process's to give.
     """
 
     def __init__(self, per_key: int):
-        self.per_key = per_key
-        self._lock = threading.Lock()
-        self._open: dict[str, weakref.WeakSet[StreamSlot]] = {}
-
-    def take(self, key_id: str) -> StreamSlot:
-        """A slot for one more stream of this key, or TooManyStreams (429) when it has the cap open."""
-        with self._lock:
-            live = self._open.setdefault(key_id, weakref.WeakSet())
-            if len(live) >= self.per_key:
-                raise TooManyStreams(
-                    f"this API key already has {len(live)} live streams open, the limit per key "
-                    f"(QLORA_MAX_STREAMS_PER_KEY={self.per_key}); close one, or poll GET /jobs/{{id}} instead")
-            slot = StreamSlot(self, key_id)
-            live.add(slot)
-            return slot
-
-    def release(self, key_id: str, slot: StreamSlot) -> None:
-        with self._lock:
-            live = self._open.get(key_id)
-            if live is not None:
-                live.discard(slot)
-                if not live:
-                    del self._open[key_id]
+        super().__init__(per_key, lambda held: TooManyStreams(
+            f"this API key already has {held} live streams open, the limit per key "
+            f"(QLORA_MAX_STREAMS_PER_KEY={per_key}); close one, or poll GET /jobs/{{id}} instead"))
 
 
 # ---------------------------------------------------------------- reads (in the threadpool)

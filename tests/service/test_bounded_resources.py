@@ -1,6 +1,6 @@
 """Every resource a caller can hold is bounded (DESIGN.md, rule 9): a body read whole (JSON), the form
-around an upload, the bytes of its body as read, the database connections while it streams, and live
-job streams per key. (Slow and endless clients at the connection: test_slow_clients.py.)"""
+around an upload, the bytes of its body as read, the database connections while it streams, uploads in
+flight and live job streams per key. (Slow and endless clients at the connection: test_slow_clients.py.)"""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
 
 STREAMS_PER_KEY = 2
+UPLOADS_PER_KEY = 3
 MAX_JSON_BYTES = 64 * 1024
 BOUNDARY = "qlora-bounded"
 ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).encode() + b"\n"
@@ -31,7 +32,8 @@ ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).enco
 def bounded(backing_services, tmp_path_factory, tiny_model_dir):
     """A deployment of its own, with no worker: its jobs stay queued, so their streams stay open."""
     d = start_deployment(tmp_path_factory.mktemp("bounded"), backing_services, tiny_model_dir,
-                         max_streams_per_key=STREAMS_PER_KEY, max_json_bytes=MAX_JSON_BYTES)
+                         max_streams_per_key=STREAMS_PER_KEY, max_uploads_per_key=UPLOADS_PER_KEY,
+                         max_json_bytes=MAX_JSON_BYTES)
     yield d
     stop_deployment(d)
 
@@ -191,6 +193,15 @@ class SlowUpload:
             pass
         return line
 
+    def response(self) -> tuple[str, str]:
+        """The next response's status line and body (by its Content-Length)."""
+        line, length = self.reader.readline().decode().strip(), 0
+        while (header := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = header.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return line, self.reader.read(length).decode()
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
 
@@ -207,20 +218,48 @@ class SlowUpload:
 def test_slow_uploads_leave_the_database_to_other_requests(bounded):
     """More uploads in flight than the API's database pool holds (its size plus overflow): each has
     begun its body, which the server is reading, and a listing still answers."""
-    key = bounded.team_key("slow-uploads")
+    keys = [bounded.team_key("slow-uploads") for _ in range(POOL_SIZE + MAX_OVERFLOW + 1)]  # one each: a key's are capped
     uploads: list[SlowUpload] = []
     try:
-        for i in range(POOL_SIZE + MAX_OVERFLOW + 1):
+        for i, key in enumerate(keys):
             uploads.append(SlowUpload(bounded.url, key))
             status = uploads[-1].status()
             assert status == "HTTP/1.1 100 Continue", f"upload {i + 1} answered {status!r}"
             uploads[-1].send(file_part(rows=10)[:-2])  # the file has begun; the rest comes later
-        with bounded.client(key) as client:
+        with bounded.client(keys[0]) as client:
             response = client.get("/jobs")
         assert response.status_code == 200, response.text
         # And every slow upload, once its client finishes, is recorded.
         finished = [u.finish(b"\r\n" + f"--{BOUNDARY}--\r\n".encode()) for u in uploads]
         assert all(line.startswith("HTTP/1.1 201") for line in finished), finished
+    finally:
+        for u in uploads:
+            u.close()
+
+
+def test_a_keys_uploads_in_flight_are_capped(bounded):
+    """An upload holds a socket and, until stored, up to a storage part (8 MiB on S3) in memory for as long as
+    its client sends, however slowly: a key opening uploads without end grew the API until it ran out of
+    memory. At the cap the next upload of the key is refused before its body is read; another key's is not."""
+    key, other_key = bounded.team_key("uploads"), bounded.team_key("uploads")
+    end = b"\r\n" + f"--{BOUNDARY}--\r\n".encode()
+    uploads: list[SlowUpload] = []
+    try:
+        for _ in range(UPLOADS_PER_KEY):
+            uploads.append(SlowUpload(bounded.url, key))
+            assert uploads[-1].status() == "HTTP/1.1 100 Continue"
+            uploads[-1].send(file_part(rows=10)[:-2])  # begun, not finished
+        uploads.append(SlowUpload(bounded.url, key))
+        status, body = uploads[-1].response()
+        assert status.startswith("HTTP/1.1 429"), (status, body)
+        assert json.loads(body)["error"]["code"] == "too_many_uploads"
+        assert f"QLORA_MAX_UPLOADS_PER_KEY={UPLOADS_PER_KEY}" in json.loads(body)["error"]["message"]
+        with bounded.client(other_key) as other:
+            assert upload(other, content=ROW * 10).status_code == 201  # the cap is per key
+        assert uploads[0].finish(end).startswith("HTTP/1.1 201")
+        with bounded.client(key) as client:  # a finished upload gives its place back
+            assert upload(client, content=ROW * 10).status_code == 201
+        assert all(u.finish(end).startswith("HTTP/1.1 201") for u in uploads[1:UPLOADS_PER_KEY])
     finally:
         for u in uploads:
             u.close()
