@@ -43,7 +43,7 @@ def initial_job(session: Session, team_id: str, job_id: str, spec: JobSpec) -> J
     was trained on another base model."""
     job = None if has_control_characters(job_id) else repository.get(session, team_id, job_id)
     if job is None:
-        raise NotFound(f"initial_job_id: no job {excerpt(job_id)}")
+        raise NotFound(f"initial_job_id: no job {excerpt(job_id)}", details=field_errors([("initial_job_id", "no such job")]))
     if job.status != states.SUCCEEDED:
         later = "" if job.status in states.FINISHED else "; wait until it succeeds"
         raise Conflict(f"initial_job_id: job {job.id} {states.described(job.status)}, and only a job that succeeded has an "

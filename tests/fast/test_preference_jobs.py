@@ -135,6 +135,10 @@ def test_another_teams_job_answers_404_like_a_missing_one(deployment, session, c
         with pytest.raises(NotFound) as refused:
             service.create(session, settings, caller, body(ids["preference"], {"type": "dpo"}, initial_job_id=job_id))
         assert refused.value.message == f"initial_job_id: no job '{job_id}'"
+        # /v1 names the field as `param`, as it does for a training_file that is not the team's
+        status, shaped = openai_error(refused.value.status, refused.value.message, refused.value.code,
+                                      refused.value.details)
+        assert status == 404 and shaped["error"]["param"] == "initial_job_id"
 
 
 @pytest.mark.parametrize("status", [states.QUEUED, states.RUNNING, states.FAILED, states.CANCELLED])
