@@ -37,7 +37,7 @@ from app.jobs.reaper import ReaperThread
 from app.jobs.routes import router as jobs_router
 from app.jobs.schemas import JobCreate
 from app.jobs.stream import JobFeeds, StreamSlots
-from app.jobs.turns import TeamTurns
+from app.jobs.turns import Turns
 from app.models.routes import router as models_router
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
@@ -46,6 +46,7 @@ from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
 from app.quotas.service import UploadsInFlight
 from app.recent import Recent
+from app.routing import json_body_turns
 from app.scheduling.service import SchedulerThread
 from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_of_reach
 from app.teams.routes import router as teams_router
@@ -103,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second
     app.state.preflight = PreflightRunner(settings.preflight_processes)  # child processes that tokenize job data
     app.state.uploads_in_flight = UploadsInFlight()  # what each team's uploads hold of its storage room, in this process
-    app.state.team_turns = TeamTurns()  # one job creation or preflight at a time per team, in this process
+    app.state.team_turns = Turns()  # one job creation or preflight at a time per team, in this process
+    app.state.json_bodies = json_body_turns()  # JSON requests per key at once, in this process (app/routing.py)
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)

@@ -36,10 +36,19 @@ from fastapi.routing import APIRoute
 from pydantic_core import from_json
 
 from app.deps import get_caller
+from app.jobs.turns import Busy, Turns
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
 from worker.training.spec import excerpt
 
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
+# Requests with a JSON body one API key may have in progress at once in one API process; the next waits for one
+# of them to end (JSON_TURN_WAIT_S at most, then 429 `busy`), before any of its body is read. Each holds its body
+# (up to QLORA_MAX_JSON_BYTES, 16 MiB) from the moment it is read until it is answered, which for a job creation
+# includes its wait for the team's turn: without a bound, one key sending forty 15 MiB bodies slowly grew the API
+# by 600 MiB, as many as it liked. A script creating jobs in parallel gets its answers as before (its creations
+# go one at a time anyway, app/jobs/turns.py).
+JSON_REQUESTS_PER_KEY = 4
+JSON_TURN_WAIT_S = 60.0
 
 
 # Past this size a body is parsed on a thread of its own, not on the event loop: the checks below take about
@@ -144,9 +153,17 @@ def _more_values_than(value: Any, limit: int) -> bool:
     return False
 
 
+def json_body_turns() -> Turns:
+    """Each key's turns at requests with a JSON body, in this process (JSON_REQUESTS_PER_KEY)."""
+    return Turns(JSON_TURN_WAIT_S, size=JSON_REQUESTS_PER_KEY, busy=lambda waited: Busy(
+        f"this API key has {JSON_REQUESTS_PER_KEY} requests with a JSON body in progress in this API process, the "
+        f"most at once (each holds its body, up to QLORA_MAX_JSON_BYTES), and this one waited {waited:g} s for one "
+        "of them to end; send it again"))
+
+
 class CheckedJSONRoute(APIRoute):
     """The route class of every router (app/*/routes.py): a route with a JSON body authenticates its caller
-    before reading it, and parses it with CheckedJSONRequest."""
+    before reading it, waits for the key's turn (json_body_turns), and parses it with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -155,9 +172,12 @@ class CheckedJSONRoute(APIRoute):
         authenticated = _needs(self.dependant, get_caller)
 
         async def checked(request: Request) -> Response:
-            if authenticated:  # 401 before the body; the route's own dependency then finds the caller cached
-                await get_caller(request, request.headers.get("authorization"))
-            return await handler(CheckedJSONRequest(request.scope, request.receive))
+            if not authenticated:
+                return await handler(CheckedJSONRequest(request.scope, request.receive))
+            # 401 before the body; the route's own dependency then finds the caller cached
+            caller = await get_caller(request, request.headers.get("authorization"))
+            async with request.app.state.json_bodies.turn(caller.key_id):
+                return await handler(CheckedJSONRequest(request.scope, request.receive))
 
         return checked
 

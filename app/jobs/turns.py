@@ -7,12 +7,15 @@ that creates a hundred jobs at once, would otherwise hold every route thread: me
 route takes a thread or a connection, the burst holds one thread and the others are served; the team's
 own requests go one after the other, each answered as before. A request that waits TURN_WAIT_S without
 its turn is answered 429 (`busy`), to be sent again.
+
+The same turns, four per API key, bound the requests with a JSON body a key has in progress
+(app/routing.py): each holds its body until it is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from app.errors import AppError
@@ -26,29 +29,37 @@ class Busy(AppError):
     retry_after_s = 5  # the team's creation ahead of it takes seconds
 
 
-class TeamTurns:
-    """Per team, a turn of one (this process's event loop runs every caller: no lock)."""
+class Turns:
+    """Per holder (a team, an API key), turns of `size` (this process's event loop runs every caller: no
+    lock). A request that waits `wait_s` without one is refused with `busy(wait_s)`, by default the team's
+    creations' Busy below."""
 
-    def __init__(self, wait_s: float = TURN_WAIT_S):
+    def __init__(self, wait_s: float = TURN_WAIT_S, size: int = 1, busy: Callable[[float], AppError] | None = None):
         self.wait_s = wait_s
+        self.size = size
+        self._busy = busy or _creations_busy
         self._gates: dict[str, asyncio.Semaphore] = {}
-        self._holders: dict[str, int] = {}  # requests holding or waiting for each team's turn
+        self._holders: dict[str, int] = {}  # requests holding or waiting for each holder's turns
 
     @asynccontextmanager
-    async def turn(self, team_id: str) -> AsyncIterator[None]:
-        gate = self._gates.setdefault(team_id, asyncio.Semaphore(1))
-        self._holders[team_id] = self._holders.get(team_id, 0) + 1
+    async def turn(self, holder: str) -> AsyncIterator[None]:
+        gate = self._gates.setdefault(holder, asyncio.Semaphore(self.size))
+        self._holders[holder] = self._holders.get(holder, 0) + 1
         try:
             try:
                 await asyncio.wait_for(gate.acquire(), self.wait_s)
             except TimeoutError:
-                raise Busy(f"this team's job creations and preflights go one at a time in each API process, and "
-                           f"this one waited {self.wait_s:g} s behind the team's others; send it again") from None
+                raise self._busy(self.wait_s) from None
             try:
                 yield
             finally:
                 gate.release()
         finally:
-            self._holders[team_id] -= 1
-            if not self._holders[team_id]:  # nobody holds or waits: forget the team
-                del self._holders[team_id], self._gates[team_id]
+            self._holders[holder] -= 1
+            if not self._holders[holder]:  # nobody holds or waits: forget it
+                del self._holders[holder], self._gates[holder]
+
+
+def _creations_busy(waited_s: float) -> Busy:
+    return Busy(f"this team's job creations and preflights go one at a time in each API process, and "
+                f"this one waited {waited_s:g} s behind the team's others; send it again")

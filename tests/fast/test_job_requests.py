@@ -210,10 +210,10 @@ def test_a_creation_that_waited_for_its_teams_turn_in_vain_says_when_to_come_bac
     starts under a second) into the same queue of the team's creations; it says 5 s now."""
     import asyncio
 
-    from app.jobs.turns import TeamTurns
+    from app.jobs.turns import Turns
 
     team_id = session.scalar(select(Team.id).where(Team.name == "team-a"))
-    turns = TeamTurns(wait_s=0)
+    turns = Turns(wait_s=0)
     turns._gates[team_id], turns._holders[team_id] = asyncio.Semaphore(0), 1  # another creation holds the turn
     client.app.state.team_turns = turns
     answer = client.post("/jobs/preflight", json={"dataset_id": "0" * 32, "base_model": "tiny"})

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from app.db import MAX_OVERFLOW, POOL_SIZE, session_scope
+from app.routing import JSON_REQUESTS_PER_KEY
 from app.teams import service as teams_service
 from app.uploads import MAX_FORM_FIELDS
 from tests.deployment import lane, start_deployment, stop_deployment, upload
@@ -175,16 +176,28 @@ def test_bytes_after_the_form_count_against_the_limit(bounded, unchanged):
 
 
 class SlowUpload:
-    """An upload from a slow client over a plain socket: headers, then the body a piece at a time."""
+    """An upload from a slow client over a plain socket: headers, then the body a piece at a time (or
+    another request with a body: `path`, `content_type`)."""
 
-    def __init__(self, url: str, key: str):
+    def __init__(self, url: str, key: str, path: str = "/datasets",
+                 content_type: str = f"multipart/form-data; boundary={BOUNDARY}"):
         parts = urlsplit(url)
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
         self.reader = self.sock.makefile("rb")
         # Expect: 100-continue makes the server say when the route starts reading the body.
-        self.sock.sendall((f"POST /datasets HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
-                           f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        self.sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+                           f"Content-Type: {content_type}\r\n"
                            "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n").encode())
+
+    def nothing_answered_yet(self) -> bool:
+        """Whether the server has sent nothing on this connection so far (not even 100 Continue)."""
+        self.sock.setblocking(False)
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        finally:
+            self.sock.setblocking(True)
 
     def status(self) -> str:
         """The next response's status line (its headers are read and dropped)."""
@@ -263,6 +276,32 @@ def test_a_keys_uploads_in_flight_are_capped(bounded):
     finally:
         for u in uploads:
             u.close()
+
+
+def test_a_keys_json_requests_in_progress_are_capped_and_the_next_waits_unread(bounded):
+    """A JSON body is read whole (up to QLORA_MAX_JSON_BYTES) and held until its request is answered: one key
+    sending forty 15 MiB bodies slowly grew the API by 600 MiB. A key's requests with a JSON body go
+    JSON_REQUESTS_PER_KEY at a time; the next is not read (no 100 Continue) until one of them ends, and
+    another key is not held back."""
+    key, other_key = bounded.team_key("json-bodies"), bounded.team_key("json-bodies")
+    path, json_type = "/jobs/preflight", "application/json"
+    held: list[SlowUpload] = []
+    try:
+        for _ in range(JSON_REQUESTS_PER_KEY):
+            held.append(SlowUpload(bounded.url, key, path, json_type))
+            assert held[-1].status() == "HTTP/1.1 100 Continue"
+            held[-1].send(b'{"base_model": "tiny", "name": "')  # begun, not finished
+        waiting = SlowUpload(bounded.url, key, path, json_type)
+        held.append(waiting)
+        with bounded.client(other_key) as other:  # asked after `waiting`, answered while it waits
+            assert other.post(path, json={"base_model": "tiny"}).status_code == 422  # answered (no dataset_id)
+        assert waiting.nothing_answered_yet()  # its body not asked for: the key has its requests in progress
+        assert held[0].finish(b'x"}').startswith("HTTP/1.1 422")  # one ends (no dataset_id)...
+        assert waiting.status() == "HTTP/1.1 100 Continue"  # ...and the next is read
+        assert waiting.finish(b'{"base_model": "tiny"}').startswith("HTTP/1.1 422")
+    finally:
+        for request in held:
+            request.close()
 
 
 # ------------------------------------------------------------------ live streams
