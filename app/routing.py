@@ -50,10 +50,10 @@ MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec 
 JSON_REQUESTS_PER_KEY = 4
 JSON_TURN_WAIT_S = 60.0
 
-
-# Past this size a body is parsed on a thread of its own, not on the event loop: the checks below take about
-# 10 ms a MiB (a 16 MiB body held the loop, and every other team's request, for 64 ms; measured with
-# bench/burst_bench.py --body-mib). Below it, the hop to a thread would cost more than the parse.
+# Past this size a body is parsed on a thread of its own, not on the event loop: the checks below take several
+# ms a MiB, and a 15 MiB body held the loop, and every other team's request, 75-115 ms (asyncio's slow-callback
+# log, the API in uvicorn); 13-32 ms of it is left there now, FastAPI's validation and the answer.
+# bench/burst_bench.py --body-mib measures it beside another team. Below it, the hop would cost more than the parse.
 PARSE_ON_LOOP_BYTES = 256 * 1024
 # Two such parses at once in each API process: each holds about three times its body, and a team that sends
 # large bodies in a loop then waits for its own turn, while small bodies are parsed on the loop as they come.
