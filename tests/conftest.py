@@ -4,13 +4,16 @@ import pytest
 
 from tests import services
 from tests.deployment import BUCKET
+from tests.once import once_per_suite
 from worker.training.tiny import build_tiny_model, demo_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny Llama model and tokenizer, built once per test session, offline and from a seed."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+def tiny_model_dir(tmp_path_factory, worker_id):
+    """The tiny Llama model and tokenizer, built once for the suite (not once per test process), offline and
+    from a seed. Read-only: a test that changes a model copies it first."""
+    return once_per_suite("tiny-model", tmp_path_factory, worker_id,
+                          lambda: build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -34,28 +34,10 @@ def spec_for(model_dir, **training) -> JobSpec:
     return JobSpec.parse(data)
 
 
-class FrozenBaseProbe(TrainerCallback):
-    """Snapshots every non-LoRA weight (the 4-bit base, its quant state, norms, embeddings) at the
-    start of training and compares at the end."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.before = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
-        import bitsandbytes as bnb
-
-        # bnb's own 4-bit layers (peft's LoRA wrappers around them are a different class).
-        self.quantized = sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        after = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-        self.changed = [k for k, v in self.before.items() if not torch.equal(v, after[k])]
-
-
 @pytest.fixture(scope="module")
-def qlora_run(tiny_model_dir, demo_data, tmp_path_factory):
-    probe = FrozenBaseProbe()
-    out = tmp_path_factory.mktemp("qlora-run")
-    result = run(spec_for(tiny_model_dir), demo_data["train"], out,
-                 validation_path=demo_data["validation"], extra_callbacks=(probe,))
+def qlora_run(demo_training_run):
+    """demo_spec's run (tests/training/conftest.py): its result, and what FrozenBaseProbe saw of the base."""
+    result, _, probe = demo_training_run
     return result, probe
 
 

@@ -42,10 +42,9 @@ def spec_for(model_dir, **sections) -> JobSpec:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny_model_dir, demo_data, tmp_path_factory):
-    records = []
-    result = run(spec_for(tiny_model_dir), demo_data["train"], tmp_path_factory.mktemp("report-run"),
-                 validation_path=demo_data["validation"], sink=records.append)
+def demo_run(demo_training_run):
+    """demo_spec's run (tests/training/conftest.py): its result and the records it sent its sink."""
+    result, records, _ = demo_training_run
     assert result.status == "succeeded"
     return result, records
 
