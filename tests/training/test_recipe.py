@@ -145,6 +145,15 @@ def short_spec(model_dir, **overrides):
     return data
 
 
+@pytest.fixture(scope="module")
+def straight_short_run(tiny_model_dir, demo_data, tmp_path_factory) -> Path:
+    """short_spec's run, never interrupted: what the tests of an interrupted run (a crash, a pause) compare
+    their resumed run with. Each of them trained this same run of its own."""
+    out = tmp_path_factory.mktemp("straight")
+    run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], out)
+    return out
+
+
 def pause_after(steps: int) -> Callable[[], bool]:
     """A pause hook that says yes once `steps` optimizer steps are done: run() asks it once before
     training, then after every step."""
@@ -175,7 +184,7 @@ def test_the_cli_progress_bar_goes_to_stderr_so_stdout_holds_the_result_alone(ca
     assert "training" in captured.err and "3/3" in captured.err
 
 
-def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, tmp_path):
+def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, tmp_path, straight_short_run):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(short_spec(tiny_model_dir)))
     out = tmp_path / "run"
@@ -204,12 +213,10 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": newest}
 
     # Same step count and the same data order: the curve matches a run that was never interrupted.
-    # The uninterrupted run, for comparison.
-    run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], tmp_path / "straight")
     def curve(path):
         return {r["step"]: r["train_loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "train"}
-    got, want = curve(out), curve(tmp_path / "straight")
+    got, want = curve(out), curve(straight_short_run)
     assert sorted(got) == list(range(1, 31))  # each step logged once: none lost, none doubled
     # Weights, optimizer moments, schedule, RNG and data position all come back exactly, so the
     # resumed steps are the uninterrupted run's to the last bit on the same machine.
@@ -496,7 +503,7 @@ def test_a_merged_model_larger_than_the_gpus_free_memory_is_built_on_the_cpu():
     assert merge_device(16 * gib, 78 * gib) == "cuda"  # an 8B
 
 
-def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path):
+def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path, straight_short_run):
     spec = JobSpec.parse(short_spec(tiny_model_dir))
     paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(7))
     assert paused.status == "paused" and paused.summary["steps"]["completed"] == 7
@@ -515,12 +522,11 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_di
     resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True)
     assert resumed.status == "succeeded"
     assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": 7}
-    run(spec, demo_data["train"], tmp_path / "straight")  # the uninterrupted run, for comparison
 
     def curve(path):
         return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "train"]
-    assert curve(tmp_path / "run") == curve(tmp_path / "straight")
+    assert curve(tmp_path / "run") == curve(straight_short_run)  # the uninterrupted run's
 
 
 def test_a_resume_keeps_what_the_interrupted_run_decided_for_auto(tiny_model_dir, demo_data, tmp_path):
