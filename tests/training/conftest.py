@@ -34,7 +34,9 @@ class FrozenBaseProbe(TrainerCallback):
 def demo_training_run(tiny_model_dir, demo_data, tmp_path_factory, worker_id):
     """demo_spec's run (160 steps, evaluation, merge, eval report) on the demo data with its validation set:
     (the RunResult, every record it sent its sink, what FrozenBaseProbe saw). test_recipe and test_report each
-    ran this same run of their own, the longest of the training tier; made once for the suite now."""
+    ran this same run of their own, the longest of the training tier; its tests are all in test_report.py now,
+    so one process trains it while the other runs other files (once_per_suite keeps it one run should another
+    file in another process ask for it: that process would wait for it, idle)."""
 
     def make():
         probe, records = FrozenBaseProbe(), []
