@@ -120,7 +120,8 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
     base = load_base_model(base_path, spec.quantization, compute_dtype, device, quantized_cache=quantized_cache)
     fit_embeddings(base, tokenizer)  # as training did
     with dequantized_on_cpu(base):  # the same outputs; on the CPU, without dequantizing per token
-        base_answers = [generate(base, p, spec, tokenizer, autocast) for p in prompts]
+        stops = stops_of(base, tokenizer)
+        base_answers = [generate(base, p, spec, tokenizer, autocast, stops) for p in prompts]
         base_loss = mean_loss(base, loss_rows, autocast)
     if merged:
         del base
@@ -137,7 +138,8 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
         tuned = PeftModel.from_pretrained(base, out_dir / "adapter")
         tuned_autocast = autocast
     with dequantized_on_cpu(tuned):  # the adapter's base layers; nothing to do for the dense merged model
-        tuned_answers = [generate(tuned, p, spec, tokenizer, tuned_autocast) for p in prompts]
+        stops = stops_of(tuned, tokenizer)
+        tuned_answers = [generate(tuned, p, spec, tokenizer, tuned_autocast, stops) for p in prompts]
         tuned_loss = mean_loss(tuned, loss_rows, tuned_autocast)
     del tuned
     free_memory()
@@ -293,7 +295,15 @@ def spread(rows: list, limit: int) -> list:
 
 
 @torch.no_grad()
-def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dtype | None) -> Answer:
+def stops_of(model, tokenizer) -> list[int]:
+    """Where the downloaded merged model stops (its generation_config): the tokenizer's EOS, the template's end of
+    turn and the base's own stop tokens. Found once per model: the end of turn is a render of the template."""
+    stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
+    return [stops] if isinstance(stops, int) else stops
+
+
+def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dtype | None,
+             stops: list[int] | None = None) -> Answer:
     """One prompt, alone (no padding to get wrong): greedy at temperature 0, else sampled with the
     training seed, drawn afresh for each prompt so base and tuned get the same dice.
 
@@ -307,10 +317,7 @@ def generate(model, prompt: Prompt, spec: JobSpec, tokenizer, autocast: torch.dt
     if spec.eval.temperature > 0:
         torch.manual_seed(spec.training.seed)
         sampling = {"do_sample": True, "temperature": spec.eval.temperature}
-    # Where the downloaded merged model stops (its generation_config): the tokenizer's EOS, the template's end of
-    # turn and the base's own stop tokens.
-    stops = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
-    stops = [stops] if isinstance(stops, int) else stops
+    stops = stops_of(model, tokenizer) if stops is None else stops
     with _autocast(device, autocast):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=spec.eval.max_new_tokens, eos_token_id=stops,
