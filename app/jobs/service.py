@@ -125,6 +125,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
+        created_dataset_id=meta["dataset_id"], created_validation_dataset_id=meta.get("validation_dataset_id"),
         initial_job_id=meta.get("initial_job_id"),
         queue=settings.queue_for(admitted.gpu_class), priority=PRIORITIES[meta.get("priority", "normal")],
     )

@@ -23,6 +23,11 @@ class Job(IdMixin, Base):
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True)
     validation_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True)
+    # The ids the job was created with, kept when the dataset is deleted (the two above turn null): the job was
+    # trained on it, and an OpenAI client reads back the training_file it sent. Null in a row an older release
+    # inserted during a rolling upgrade (the view falls back to dataset_id), or backfilled (0024) after a delete.
+    created_dataset_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_validation_dataset_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # The finished job (of the same team) whose adapter this one starts from: SFT, then DPO from it.
     # Kept when that job is deleted (SET NULL would erase the lineage): it names what the adapter grew from.
     initial_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)

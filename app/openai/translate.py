@@ -168,6 +168,10 @@ def method_of(spec: dict, hyperparameters: dict) -> dict:
     return {"type": kind, kind: {"hyperparameters": {**hyperparameters, **extra}}}
 
 
+def _file_id(dataset_id: str | None) -> str | None:
+    return FILE + dataset_id if dataset_id else None
+
+
 def job_object(job: Job, team_name: str) -> dict:
     hyperparameters = hyperparameters_of(job.spec)
     error = None
@@ -178,8 +182,9 @@ def job_object(job: Job, team_name: str) -> dict:
         "created_at": unix(job.created_at), "finished_at": unix(job.finished_at),
         "fine_tuned_model": fine_tuned_model(job, team_name) if job.status == states.SUCCEEDED else None,
         "organization_id": job.team_id, "result_files": [], "status": STATUS[job.status],
-        "training_file": FILE + job.dataset_id if job.dataset_id else None,
-        "validation_file": FILE + job.validation_dataset_id if job.validation_dataset_id else None,
+        # The files it was created with, also once deleted: the job was trained on them (OpenAI keeps them too).
+        "training_file": _file_id(job.created_dataset_id or job.dataset_id),
+        "validation_file": _file_id(job.created_validation_dataset_id or job.validation_dataset_id),
         "hyperparameters": hyperparameters,
         "method": method_of(job.spec, hyperparameters),
         "trained_tokens": job.trained_tokens if job.status == states.SUCCEEDED else None,

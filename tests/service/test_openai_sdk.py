@@ -109,6 +109,23 @@ def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
         assert sdk.fine_tuning.jobs.cancel(job_id).status == "cancelled"
 
 
+def test_a_job_names_the_files_it_was_created_with_after_they_are_deleted(sdk, demo_data):
+    """OpenAI keeps a job's training_file and validation_file once the files are deleted; before, both turned
+    null here with the dataset (its foreign key is ON DELETE SET NULL), and a client lost what the job ran on."""
+    uploaded = []
+    for name in ("train", "validation"):
+        with open(demo_data[name], "rb") as f:
+            uploaded.append(sdk.files.wait_for_processing(sdk.files.create(file=f, purpose="fine-tune").id).id)
+    job = sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded[0], validation_file=uploaded[1],
+                                      extra_body={**EXTRA, "gpu_class": lane("nobody-listens")})
+    sdk.fine_tuning.jobs.cancel(job.id)  # a file an active job uses cannot be deleted
+    for file_id in uploaded:
+        assert sdk.files.delete(file_id).deleted
+    for seen in (sdk.fine_tuning.jobs.retrieve(job.id),
+                 next(j for j in sdk.fine_tuning.jobs.list(limit=50) if j.id == job.id)):
+        assert (seen.training_file, seen.validation_file) == tuple(uploaded)
+
+
 def test_models_are_the_registered_bases_and_each_succeeded_jobs(sdk, finished, deployment):
     """What scripts call around a fine-tune: models.list() and models.retrieve(job.fine_tuned_model) answer
     OpenAI's Model; models.delete() is refused saying where the weights are, not a bare 404."""

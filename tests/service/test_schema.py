@@ -101,6 +101,50 @@ def test_a_database_migrated_by_the_releases_that_first_shipped_0015_is_brought_
 
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_0024_keeps_the_datasets_jobs_were_created_with_and_takes_nul_out_of_their_metadata(database, tmp_path, request):
+    """Rows of the releases before 0024: a job's datasets are kept apart from the references a delete turns
+    null (backfilled from those), and the NUL that releases before its refusal stored in metadata becomes U+FFFD.
+    Before, one such job failed every metadata filter of its team on Postgres with a 500 (\\u0000 cannot be
+    converted to text)."""
+    url = f"sqlite:///{tmp_path / 'qlora.db'}" if database == "sqlite" else request.getfixturevalue("database_url")
+    (command.upgrade if database == "sqlite" else command.downgrade)(alembic_config(url), "0023")
+    as_released = sa.MetaData()
+    as_released.reflect(engine_for(url), only=["teams", "datasets", "jobs"])
+    now = utcnow()
+    team_id, train, validation = "t" * 32, "d" * 32, "v" * 32
+    with engine_for(url).begin() as conn:
+        conn.execute(as_released.tables["teams"].insert().values(id=team_id, name="old", created_at=now))
+        for dataset_id in (train, validation):
+            conn.execute(as_released.tables["datasets"].insert().values(
+                id=dataset_id, team_id=team_id, filename="d.jsonl", storage_key=dataset_id, bytes=1, sha256="0" * 64,
+                status="ready", rows=1, token_estimate=1, error_count=0, errors=[], created_at=now))
+        for job_id, metadata, validation_id in (("a" * 32, {"run": "r", "bad\x00key": "x\x00y"}, validation),
+                                                ("b" * 32, {"run": "r"}, None), ("c" * 32, None, None)):
+            conn.execute(as_released.tables["jobs"].insert().values(
+                id=job_id, team_id=team_id, name="old", status=states.CANCELLED, spec={}, base_model="tiny",
+                queue="gpu-default", attempt=0, step=0, trained_tokens=0, created_at=now, metadata=metadata,
+                dataset_id=train, validation_dataset_id=validation_id))
+    engine_for(url).dispose()
+
+    upgrade(url)  # qlora migrate
+
+    with session_scope(url) as session:
+        assert {job.id for job in repository.list_page(session, team_id, None, None, 10, {"run": "r"})} == {
+            "a" * 32, "b" * 32}
+        assert [job.id for job in repository.list_page(session, team_id, None, None, 10, {"bad\ufffdkey": "x\ufffdy"})] \
+            == ["a" * 32]
+        session.execute(sa.delete(Dataset).where(Dataset.team_id == team_id))
+    with session_scope(url) as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.team_id == team_id))}
+        assert {job_id: (job.dataset_id, job.created_dataset_id, job.created_validation_dataset_id)
+                for job_id, job in jobs.items()} == {
+            "a" * 32: (None, train, validation), "b" * 32: (None, train, None), "c" * 32: (None, train, None)}
+        assert jobs["a" * 32].user_metadata == {"run": "r", "bad\ufffdkey": "x\ufffdy"}
+        assert jobs["c" * 32].user_metadata is None
+    engine_for(url).dispose()
+
+
 def test_two_migrations_started_at_once_on_a_fresh_postgres_both_succeed(tmp_path):
     """Several replicas each running `qlora migrate` as they start (an init step per API pod): each exits 0 and
     the schema is built once. Both are held at the same point (a table named alembic_version that this test
