@@ -240,6 +240,7 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                 quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
                 initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,
                 base_model_id=job.base_model_id, base_model_revision=job.base_model_revision,
+                max_paged_fraction=settings.max_paged_fraction,
             )
             outcome = Result(status=result.status, summary=result.summary, report=result.report)
         except OutOfMemoryInTraining as exc:

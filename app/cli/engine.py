@@ -18,6 +18,12 @@ from rich.table import Table
 from app.cli.render import Commands, JsonOption, err, out, print_run_summary, show
 
 commands = Commands()
+# Where "auto" is decided against a GPU's memory (estimate's --gpu-memory, train's own GPU), as admission and
+# the service's workers decide it.
+MaxPagedFractionOption = Annotated[float, typer.Option(
+    min=0, max=1, envvar="QLORA_MAX_PAGED_FRACTION",
+    help="How much of a paged optimizer's state may page to CPU memory, as admission allows it "
+         "(the service's QLORA_MAX_PAGED_FRACTION, 1 by default).")]
 
 
 @commands.command()
@@ -30,6 +36,7 @@ def train(
     initial_adapter: Annotated[Optional[Path], typer.Option(
         "--initial-adapter", help="Start from this saved adapter (a run's adapter/ directory) instead of a fresh one: "
         "SFT, then DPO from it.", exists=True, file_okay=False)] = None,
+    max_paged_fraction: MaxPagedFractionOption = 1.0,
     as_json: JsonOption = None,
 ) -> None:
     """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out.
@@ -44,7 +51,7 @@ def train(
         from worker.training.recipe import TrainingError, run
 
         result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True,
-                     initial_adapter=initial_adapter)
+                     initial_adapter=initial_adapter, max_paged_fraction=max_paged_fraction)
     except (SpecError, DataError, TemplateError) as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
@@ -65,10 +72,7 @@ def estimate(
     from_adapter: Annotated[bool, typer.Option(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
                                "copy of it as the reference, and it is counted.")] = False,
-    max_paged_fraction: Annotated[float, typer.Option(
-        min=0, max=1, envvar="QLORA_MAX_PAGED_FRACTION",
-        help="How much of a paged optimizer's state may page to CPU memory, as admission allows it "
-             "(the service's QLORA_MAX_PAGED_FRACTION, 1 by default).")] = 1.0,
+    max_paged_fraction: MaxPagedFractionOption = 1.0,
     as_json: JsonOption = None,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs. Exits 1 when --gpu-memory is given

@@ -20,10 +20,12 @@ from worker.training.estimate import (
     estimate_peak_memory,
     fit_memory_savers,
     fit_micro_batch,
+    fit_to_device,
     fit_to_gpu,
     resolve_auto_micro_batch,
     with_training,
 )
+from worker.training.spec import JobSpec
 
 CLASSES = {"h100": 80, "l4": 24}  # in no particular order: admission sorts them by memory
 
@@ -279,8 +281,24 @@ def test_a_refusal_suggests_the_cheapest_savers_that_make_it_fit(tmp_path, memor
 def test_auto_savers_and_micro_batch_are_decided_the_same_way_by_admission_and_the_worker():
     auto = conftest.job_spec(per_device_batch_size="auto", max_seq_length=32768)
     admitted = fit_to_gpu(auto, LLAMA3_8B_128K, 24 * GIB)
-    on_worker = resolve_auto_micro_batch(fit_memory_savers(auto, LLAMA3_8B_128K, 24 * GIB), LLAMA3_8B_128K, 24 * GIB)
+    on_worker = fit_to_device(auto, LLAMA3_8B_128K, 24 * GIB)
     assert admitted == on_worker and admitted.training.per_device_batch_size >= 1
+
+
+def test_the_worker_decides_auto_under_the_operators_max_paged_fraction_as_admission_does():
+    """Without GPU classes admission decides nothing and the training process decides "auto" for its GPU
+    (recipe._fit_to_device): it paged as much as it liked there, whatever QLORA_MAX_PAGED_FRACTION allowed.
+    The paper's 65B recipe on 48 GiB pages 18 % of its optimizer state with no saver on: an operator who
+    allows 10 % gets activation offload, and one who allows none a refusal, where the job runs as on admission."""
+    auto = JobSpec.parse({"base_model": "llama-65b", "lora": {"r": 64, "alpha": 16}, "training": {
+        "max_steps": 10, "per_device_batch_size": "auto", "max_seq_length": 512, "gradient_checkpointing": True}})
+    everything = fit_to_device(auto, LLAMA_65B, 48 * GIB)
+    assert everything.training.activation_offload is False and everything == fit_to_gpu(auto, LLAMA_65B, 48 * GIB)
+    tenth = fit_to_device(auto, LLAMA_65B, 48 * GIB, max_paged_fraction=0.1)
+    assert tenth.training.activation_offload is True and tenth == fit_to_gpu(auto, LLAMA_65B, 48 * GIB, 0.1)
+    assert fit_to_gpu(auto, LLAMA_65B, 48 * GIB, 0) is None
+    with pytest.raises(ValueError, match="found no micro-batch that fits"):
+        fit_to_device(auto, LLAMA_65B, 48 * GIB, max_paged_fraction=0)
 
 
 def test_a_model_registered_before_the_registry_refused_its_kind_is_refused_naming_base_model(served):

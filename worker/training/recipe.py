@@ -51,10 +51,10 @@ from worker.training.callbacks import (  # noqa: E402
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
-    fit_memory_savers,
+    MAX_PAGED_FRACTION,
+    fit_to_device,
     keeps_reference_adapter,
     mlp_tile_tokens,
-    resolve_auto_micro_batch,
 )
 from worker.training.memory import ActivationOffload, is_out_of_memory, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
@@ -354,6 +354,7 @@ class QLoRARecipe:
         progress: bool = False,
         extra_callbacks: tuple = (),
         host_memory: int | None = None,
+        max_paged_fraction: float = MAX_PAGED_FRACTION,
     ):
         # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
@@ -374,6 +375,9 @@ class QLoRARecipe:
         # the registry's hub id; else the job spec's base_model, as the user named it.
         self.base_model_id = base_model_id or spec.base_model
         self.base_model_revision = base_model_revision
+        # How much of a paged optimizer's state may page out when "auto" is decided here (the worker's
+        # QLORA_MAX_PAGED_FRACTION, as admission has it).
+        self.max_paged_fraction = max_paged_fraction
         self.progress = progress
         self.extra_callbacks = extra_callbacks
         # The host memory a merge on the CPU may take; None: what the host has available when the merge starts.
@@ -430,7 +434,7 @@ class QLoRARecipe:
         self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
-        self.spec = _fit_to_device(self.spec, self.base_path, self.device,
+        self.spec = _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
                                    keeps_reference_adapter(self.spec, self.initial_adapter is not None))
 
     def _setup_data(self) -> None:
@@ -841,15 +845,15 @@ class QLoRARecipe:
         }
 
 
-def _fit_to_device(spec: JobSpec, base_path: Path, device: str, reference_adapter: bool) -> JobSpec:
+def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
+                   reference_adapter: bool) -> JobSpec:
     """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
     only where the job would not fit without), then per_device_batch_size "auto" (the largest
     micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
     budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     config = json.loads((base_path / "config.json").read_text())
     try:
-        savers = fit_memory_savers(spec, config, budget, reference_adapter=reference_adapter)
-        return resolve_auto_micro_batch(savers, config, budget, reference_adapter)
+        return fit_to_device(spec, config, budget, max_paged_fraction, reference_adapter)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
 
