@@ -299,12 +299,17 @@ WIDE = [
 ]
 # Families whose layers are not Llama's, at their own proportions: Qwen 3's attention twice as wide as its
 # hidden size, with its queries and keys normalized; Gemma 3's 256-wide heads, query and key norms, and
-# four norms per layer.
+# four norms per layer; GPT-NeoX's and StarCoder 2's two-matrix MLPs (no gate), which the estimate counted
+# as gated, 30 % over GPT-NeoX's step (GPT-NeoX also runs attention and MLP side by side, fused q/k/v).
 FAMILIES = [
     dict(model_type="qwen3", num_hidden_layers=2, hidden_size=768, intermediate_size=2304, num_attention_heads=12,
          num_key_value_heads=4, head_dim=128, vocab_size=1500),
     dict(model_type="gemma3_text", num_hidden_layers=2, hidden_size=768, intermediate_size=3072,
          num_attention_heads=4, num_key_value_heads=2, head_dim=256, vocab_size=1500),
+    dict(model_type="gpt_neox", num_hidden_layers=2, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+         vocab_size=1500),
+    dict(model_type="starcoder2", num_hidden_layers=2, hidden_size=768, intermediate_size=3072,
+         num_attention_heads=12, num_key_value_heads=4, vocab_size=1500),
 ]
 
 

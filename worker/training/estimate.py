@@ -54,6 +54,19 @@ ACT_PER_QUERY = 10.3  # of the attention's width (heads x head_dim: the queries,
 ACT_PER_INTERMEDIATE = 12.5
 ACT_PER_INTERMEDIATE_F32_RESIDUAL = 18.5  # with float32 frozen weights, and so a float32 residual stream
 ACT_PER_KV = 4.25
+# A two-matrix MLP (up, activation, down: GPT-NeoX, StarCoder 2) whose activation is one kernel keeps two
+# intermediate-wide tensors per token (the up projection's output and the activation's) where the gated MLP
+# keeps four (gate, up, the activation, their product), one projection's copies of its input rather than two,
+# and one intermediate-wide gradient in flight rather than two. Fitted, per module, on GPT-NeoX and StarCoder 2
+# as above (GPT-NeoX's parallel block shares more of the MLP's input with the attention: 2.25 per hidden unit);
+# counted as gated, the estimate of a GPT-NeoX step was 29-40 % over what is live. Other activations (gelu_new,
+# relu2, xielu) keep more tensors of their own: their families are still counted as gated, on the safe side.
+ACT_PER_INTERMEDIATE_TWO_MATRIX = 8.25
+ACT_MLP_PER_HIDDEN_TWO_MATRIX = 6.4
+GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, where a gated MLP has two float32 (8)
+# With float32 frozen weights: scaled from the gated MLP's (18.5 / 12.5), not measured.
+ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL = 12.25
+ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"})
 ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, the adapter's dropout copies)
 # Per token per hidden unit, once per model rather than per layer: the first layer keeps less than
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
@@ -158,6 +171,7 @@ class ModelShape:
     sandwich_norms: bool = False
     eager_attention: bool = False
     family: str = "llama"  # config.json's model_type: which linear layers a block has (FAMILY_LINEARS)
+    activation: str = "silu"  # config.json's hidden_act: what a two-matrix MLP keeps (two_matrix_mlp)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -177,6 +191,7 @@ class ModelShape:
             sandwich_norms=config.get("model_type") in SANDWICH_NORM_FAMILIES,
             eager_attention=config.get("model_type") in EAGER_ATTENTION_FAMILIES,
             family=config["model_type"] if isinstance(config.get("model_type"), str) else "llama",
+            activation=config["hidden_act"] if isinstance(config.get("hidden_act"), str) else "silu",
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -213,6 +228,14 @@ class ModelShape:
             named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"no linear layer named {named} in a {self.family} model's blocks; "
                              f"they have: {', '.join(layers)}")
+
+    @property
+    def two_matrix_mlp(self) -> bool:
+        """The block's MLP has no gate (one layer into the intermediate width, FAMILY_LINEARS) and its
+        activation is one kernel: it keeps and backpropagates what ACT_PER_INTERMEDIATE_TWO_MATRIX counts."""
+        into_intermediate = sum({"i": 1, "2i": 2}.get(o, 0)
+                                for _, _, o in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS))
+        return into_intermediate == 1 and self.activation in ONE_KERNEL_ACTIVATIONS
 
     @property
     def linear_params(self) -> int:
@@ -350,15 +373,25 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     frozen = 4 if spec.quantization.float32_frozen_weights(compute_name) else compute
     adapter = lora_params(spec, shape)
 
-    per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if frozen == 4 and compute < 4 else ACT_PER_INTERMEDIATE
+    f32_residual = frozen == 4 and compute < 4
+    if shape.two_matrix_mlp:
+        per_intermediate = ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL if f32_residual else ACT_PER_INTERMEDIATE_TWO_MATRIX
+    else:
+        per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if f32_residual else ACT_PER_INTERMEDIATE
+    # The MLP's intermediate-wide gradients in flight, bytes per token: gate's and up's (float32), or a
+    # two-matrix MLP's up projection's and its activation's (bf16), fitted as ACT_PER_INTERMEDIATE_TWO_MATRIX.
+    intermediate_grads = (GRAD_PER_INTERMEDIATE_TWO_MATRIX if shape.two_matrix_mlp else 4 * 2) * shape.intermediate
     scale = compute / 2  # the coefficients are for bf16 compute
     # Per token, what the MLP alone saves (its intermediates, and its input and the adapter's copies of it)...
-    mlp = scale * (per_intermediate * shape.intermediate + ACT_MLP_PER_HIDDEN * shape.hidden)
+    mlp_per_hidden = ACT_MLP_PER_HIDDEN_TWO_MATRIX if shape.two_matrix_mlp else ACT_MLP_PER_HIDDEN
+    mlp = scale * (per_intermediate * shape.intermediate + mlp_per_hidden * shape.hidden)
     query, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_layer = scale * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_QUERY * query + per_intermediate * shape.intermediate
                          + ACT_PER_KV * kv + (ACT_PER_QK_NORMED * (query + kv) if shape.qk_norm else 0)
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
-    grads: float = 4 * (shape.hidden + 2 * shape.intermediate)  # float32 gradients in flight: hidden state, gate and up
+    if shape.two_matrix_mlp:  # ACT_PER_HIDDEN holds a gated MLP's copies of its input
+        per_layer -= scale * (ACT_MLP_PER_HIDDEN - ACT_MLP_PER_HIDDEN_TWO_MATRIX) * shape.hidden
+    grads: float = 4 * shape.hidden + intermediate_grads  # gradients in flight: the hidden state's (float32), the MLP's
     if shape.eager_attention:  # each token's scores against the seq tokens of its row, per head
         per_layer += ACT_PER_SCORE * shape.heads * seq
         grads += GRAD_PER_SCORE * shape.heads * seq
@@ -369,7 +402,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         tile = min(tokens, mlp_tile_tokens(shape.hidden))
         per_layer = per_layer - mlp + compute * shape.hidden
         grads = 4 * shape.hidden
-    chunk = tile * (mlp + 4 * 2 * shape.intermediate)
+    chunk = tile * (mlp + intermediate_grads)
     host = 0
     if t.gradient_checkpointing:
         # Kept through the step: each layer's input, and the final norm's. Offloaded, the layers'
