@@ -5,6 +5,7 @@ its chat template and special tokens, no pad and no unk token (a pad must come f
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,21 @@ def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine
         if path.suffix in (".json", ".md", ".jinja"):
             text = path.read_text()
             assert str(base) not in text and str(result.out_dir) not in text, path.name
+
+
+def test_the_downloads_tokenizer_config_holds_no_load_kwargs_of_the_machine_that_trained_it(llama31_run, tmp_path):
+    """transformers 5's save_pretrained wrote how the worker loaded the tokenizer ("local_files_only": true,
+    "is_local": true) into both downloads' tokenizer_config.json. Copied to another machine, each tokenizer
+    loads as the base's, offline or not, and what it writes again carries neither."""
+    base, result = llama31_run
+    expected = AutoTokenizer.from_pretrained(base)("hello <|eot_id|> world")["input_ids"]
+    for name in ("adapter", "merged"):
+        config = json.loads((result.out_dir / name / "tokenizer_config.json").read_text())
+        assert not {"local_files_only", "is_local"} & config.keys(), name
+        copied = shutil.copytree(result.out_dir / name, tmp_path / name)
+        for offline in (False, True):
+            assert AutoTokenizer.from_pretrained(copied, local_files_only=offline)("hello <|eot_id|> world")[
+                "input_ids"] == expected, (name, offline)
 
 
 def short_spec(base_model: str, steps: int = 2, **sections) -> JobSpec:

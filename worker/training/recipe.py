@@ -737,6 +737,7 @@ class QLoRARecipe:
             self.tokenizer.save_pretrained(directory)
         finally:
             self.tokenizer.padding_side = trained
+        _drop_load_kwargs(directory / "tokenizer_config.json")
 
     def eval_report(self) -> dict | None:
         """report/report.json: base and tuned answers to the spec's eval prompts, scored, with the loss of
@@ -843,6 +844,21 @@ class QLoRARecipe:
             **self.trained,
             "versions": _library_versions(),
         }
+
+
+# What transformers 5's save_pretrained writes into tokenizer_config.json from how this process loaded the
+# tokenizer (from a local directory, offline): facts of the machine that trained it, not of the tokenizer, as
+# name_or_path is, which transformers leaves out. A loader overwrites both with its own call's (5.x), so they
+# change nothing there; they told anyone who reads the download it was to be loaded offline from disk.
+TOKENIZER_LOAD_KWARGS = ("local_files_only", "is_local")
+
+
+def _drop_load_kwargs(tokenizer_config: Path) -> None:
+    config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    if any(key in config for key in TOKENIZER_LOAD_KWARGS):
+        kept = {key: value for key, value in config.items() if key not in TOKENIZER_LOAD_KWARGS}
+        # As transformers writes it.
+        tokenizer_config.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
