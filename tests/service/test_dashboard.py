@@ -442,7 +442,8 @@ def test_the_api_docs_run_only_the_pinned_files_they_were_checked_against(deploy
 
 def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page, deployment, team, team_key):
     """130,000 logged steps (Math.max(...points) threw past ~125,000, and the page stopped drawing) and
-    1,000 events: the curve is drawn from at most 2,000 points, the events list shows the newest 200."""
+    1,000 events: the page keeps at most 4,000 of the points, draws at most 2,000, and the events list shows
+    the newest 200."""
     from sqlalchemy import insert
 
     from app.db import session_scope
@@ -461,7 +462,36 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
         job_id = job.id
     sign_in(page, team_key)
     page.goto(f"/#/jobs/{job_id}")
-    expect(page.locator("#train-loss-path")).to_have_attribute("data-points", "130000", timeout=120_000)
+    expect(page.locator("#chart-svg-desc")).to_contain_text("at step 130000.", timeout=120_000)  # every point sent
+    expect(page.locator("#chart-svg-desc")).to_contain_text(" at step 1 to ")
+    # The page holds a bounded series (it held all 130,000 for as long as it stayed open), and draws 2,000 of it.
+    assert int(page.locator("#train-loss-path").get_attribute("data-points") or 0) <= 4000
     assert train_path_points(page) == 2000
     expect(page.locator("#older-events")).to_contain_text("and 800 older events")
     assert page.locator("#events li").count() == 201
+
+
+def test_the_job_pages_series_stays_bounded_and_keeps_a_short_jobs_points_as_they_are(page):
+    """The job page's loss series (series.js), fed as the stream feeds it, in the browser: a short job's points
+    are all kept (its chart is what it was); a job logging 200,000 steps, replayed whole by a reconnect, never
+    holds more than 4,000, keeping its first point, its newest 1,000 as they are and the older ones evenly by
+    step. The page kept every point it was sent for as long as it stayed open."""
+    page.goto("/")
+    seen = page.evaluate("""async () => {
+        const { PointSeries } = await import("/static/js/series.js");
+        const feed = (series, last) => { let most = 0;
+            for (let step = 1; step <= last; step++) { series.set(step, { step }); most = Math.max(most, series.size); }
+            return most; };
+        const short = new PointSeries();
+        feed(short, 4000);
+        const long = new PointSeries();
+        const most = Math.max(feed(long, 200000), feed(long, 200000));
+        const steps = [...long.values()].map((p) => p.step).sort((a, b) => a - b);
+        const older = steps.slice(0, -1000);
+        const gaps = older.slice(1).map((step, i) => step - older[i]);
+        return { short: short.size, most, first: steps[0], tail: steps.slice(-1000),
+                 widest: Math.max(...gaps), thinned: older.length };
+    }""")
+    assert seen["short"] == 4000
+    assert seen["most"] <= 4000 and seen["first"] == 1 and seen["tail"] == list(range(199_001, 200_001))
+    assert seen["thinned"] >= 1000 and seen["widest"] <= 200_000 / 500  # the older ones spread over the whole run

@@ -6,6 +6,7 @@ import { api, FINISHED } from "../api.js";
 import { lossChart } from "../chart.js";
 import { h, setTitle } from "../dom.js";
 import { fmt } from "../format.js";
+import { PointSeries } from "../series.js";
 import { followJob } from "../stream.js";
 import { errorAlert, statusBadge } from "../widgets.js";
 import { downloadArtifact } from "./job-download.js";
@@ -14,7 +15,8 @@ import { loadReport } from "./job-report.js";
 
 export function viewJob(main, ctx, jobId) {
   setTitle("Job");
-  const state = { job: null, train: new Map(), eval: new Map(), events: new Map(), artifacts: [], checkpoints: [] };
+  // The loss points by step, bounded for a page left open on a long job (series.js); events by id.
+  const state = { job: null, train: new PointSeries(), eval: new PointSeries(), events: new Map(), artifacts: [], checkpoints: [] };
 
   const header = h("div", { class: "page-head" }, h("h1", {}, "Loading job…"));
   const progressCard = h("section", { class: "card", "aria-label": "Progress" });
