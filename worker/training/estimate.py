@@ -54,20 +54,21 @@ ACT_PER_QUERY = 10.3  # of the attention's width (heads x head_dim: the queries,
 ACT_PER_INTERMEDIATE = 12.5
 ACT_PER_INTERMEDIATE_F32_RESIDUAL = 18.5  # with float32 frozen weights, and so a float32 residual stream
 ACT_PER_KV = 4.25
+ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, the adapter's dropout copies)
 # A two-matrix MLP (up, activation, down: GPT-NeoX, StarCoder 2) whose activation is one kernel keeps two
 # intermediate-wide tensors per token (the up projection's output and the activation's) where the gated MLP
 # keeps four (gate, up, the activation, their product), one projection's copies of its input rather than two,
 # and one intermediate-wide gradient in flight rather than two. Fitted, per module, on GPT-NeoX and StarCoder 2
-# as above (GPT-NeoX's parallel block shares more of the MLP's input with the attention: 2.25 per hidden unit);
-# counted as gated, the estimate of a GPT-NeoX step was 29-40 % over what is live. Other activations (gelu_new,
-# relu2, xielu) keep more tensors of their own: their families are still counted as gated, on the safe side.
+# (GPT-NeoX's parallel block shares more of the MLP's input with the attention: 2.25 per hidden unit); counted
+# as gated, the estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). Other
+# activations (gelu_new, relu2, xielu) keep more tensors of their own: their families are still counted as
+# gated, on the safe side.
 ACT_PER_INTERMEDIATE_TWO_MATRIX = 8.25
 ACT_MLP_PER_HIDDEN_TWO_MATRIX = 6.4
 GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, where a gated MLP has two float32 (8)
 # With float32 frozen weights: scaled from the gated MLP's (18.5 / 12.5), not measured.
 ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL = 12.25
-ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"})
-ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, the adapter's dropout copies)
+ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"})  # config.json's hidden_act
 # Per token per hidden unit, once per model rather than per layer: the first layer keeps less than
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
 ACT_MODEL_PER_HIDDEN = -12.0
