@@ -270,7 +270,9 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         f = s["merge_fidelity"]
         rows.append(("merge fidelity", f"max |Δlogit| {number(f.get('max_abs_logit_diff'), '.3g')}, "
                                        f"mean {number(f.get('mean_abs_logit_diff'), '.3g')}, "
-                                       f"Δeval loss {number(f.get('eval_loss_diff'), '.3g')}"))
+                                       f"Δeval loss {number(f.get('eval_loss_diff'), '.3g')}"
+                                       # too large to build in memory: written layer by layer (merging_streamed)
+                                       + ("; merged layer by layer" if f.get("merge") == "streaming" else "")))
     if s.get("merge_skipped"):  # output.merge asked for it and the host could not hold it
         rows.append(("merged model", s["merge_skipped"]))
     if s.get("report"):  # the eval report's means; the rows: qlora jobs report, or report/report.json

@@ -125,8 +125,9 @@ def short_spec(base_model: str, steps: int = 2, **sections) -> JobSpec:
 
 
 def test_a_merge_the_host_cannot_hold_is_not_started_and_the_adapter_is_delivered(tiny_model_dir, demo_data, tmp_path):
-    """A merge on the CPU takes about twice the merged model in host memory (a 65B model in bfloat16: 260 GB).
-    With less, the kernel killed the training process after the whole training, and every attempt after it
+    """A merge on the CPU takes about twice the merged model in host memory (a 65B model in bfloat16: 260 GB);
+    streamed from the 4-bit base, a file being written and a layer, beside the 4-bit base on a CPU worker. With
+    less than either, the kernel killed the training process after the whole training, and every attempt after it
     again, and the job failed with nothing to download. It succeeds now with the adapter, the summary and a
     warning event saying why there is no merged model, and the eval report answers with the adapter."""
     events: list = []
@@ -139,10 +140,54 @@ def test_a_merge_the_host_cannot_hold_is_not_started_and_the_adapter_is_delivere
     skipped = [e for e in events if getattr(e, "type", None) == "merge_skipped"]
     assert len(skipped) == 1 and skipped[0].level == "warning" and skipped[0].message == result.summary["merge_skipped"]
     assert "GiB of host memory" in skipped[0].message and "0.0 GiB available" in skipped[0].message
+    assert "writing it layer by layer takes about" in skipped[0].message  # the streaming merge did not fit either
     assert result.report["generation"]["tuned"].startswith("the adapter on the base model")
     from app.cli.render import summary_rows  # what `qlora jobs get` shows of the summary
 
     assert dict(summary_rows(result.summary))["merged model"] == result.summary["merge_skipped"]
+
+
+def test_a_merge_too_large_to_build_in_memory_is_streamed_from_the_quantized_base(tiny_model_dir, demo_data, tmp_path):
+    """Where the host cannot hold the merged model built whole, but can hold the 4-bit base, a file being written
+    and a layer (the QLoRA paper's 65B on a 48 GiB GPU and a 128 GB host), the merged model is written tensor by
+    tensor from the 4-bit base, where it used to be skipped: the same files the in-memory merge writes, its
+    fidelity measured from them with the layers that do not fit read from disk, and the eval report on the
+    adapter (the merged model cannot be loaded whole)."""
+    from worker.training.merge import stop_token_ids, write_merged
+
+    events: list = []
+    dense = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors")) // 2  # float32 → bfloat16
+    spec = short_spec("tiny", eval={"prompts": 1, "max_new_tokens": 2})
+    # 1.5x the merged model: less than the in-memory merge's 2x, more than a 256 kB file, a layer and the 4-bit base.
+    result = run(spec, demo_data["train"], tmp_path / "out", registry={"tiny": str(tiny_model_dir)},
+                 sink=events.append, host_memory=int(1.5 * dense), merge_shard_size="256KB")
+    assert result.status == "succeeded" and result.summary["merge_skipped"] is None
+    streamed = [e for e in events if getattr(e, "type", None) == "merging_streamed"]
+    assert len(streamed) == 1 and "layer by layer on the CPU" in streamed[0].message
+    merged_events = [e for e in events if getattr(e, "type", None) == "merged"]
+    assert len(merged_events) == 1 and merged_events[0].data["merge"] == "streaming"
+    fidelity = result.summary["merge_fidelity"]
+    assert fidelity["merge"] == "streaming" and fidelity["eval_loss_diff"] < 0.01 and fidelity["max_abs_logit_diff"] < 0.5
+    assert fidelity["modules_read_from_disk"] > 0  # measured without loading the merged model whole
+    merged = result.out_dir / "merged"
+    assert len(list(merged.glob("model-*.safetensors"))) > 1 and (merged / "tokenizer.json").is_file()
+    # What the in-memory merge writes from the same adapter, configured as the recipe configures it.
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "adapter")
+
+    def configure(model):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
+
+    write_merged("in_memory", tmp_path / "in_memory", base_path=tiny_model_dir, adapter_dir=result.out_dir / "adapter",
+                 quant=spec.quantization, compute_dtype=getattr(torch, result.summary["compute_dtype"]),
+                 merge_dtype=torch.bfloat16, device="cpu", tokenizer=tokenizer, max_shard_size="256KB",
+                 configure=configure)
+    for path in (tmp_path / "in_memory").iterdir():
+        assert path.read_bytes() == (merged / path.name).read_bytes(), path.name
+    assert result.report["generation"]["tuned"].startswith("the adapter on the base model")
+    from app.cli.render import summary_rows
+
+    assert dict(summary_rows(result.summary))["merge fidelity"].endswith("; merged layer by layer")
 
 
 def grown_adapter(tiny_model_dir, demo_data, tmp_path):

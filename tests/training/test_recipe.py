@@ -378,7 +378,7 @@ def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_kee
     def dense_model_too_large(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
 
-    monkeypatch.setattr(recipe, "build_merged_model", dense_model_too_large)
+    monkeypatch.setattr(recipe, "write_merged", dense_model_too_large)
     data = short_spec(tiny_model_dir, max_steps=2)
     data["output"], data["eval"] = {"merge": True}, {"prompts": 0}
     events: list = []
@@ -391,11 +391,15 @@ def test_out_of_memory_after_training_fails_the_job_once_naming_the_step_and_kee
 
 
 def test_a_merged_model_larger_than_the_gpus_free_memory_is_built_on_the_cpu():
-    from worker.training.merge import merge_device
+    from worker.training.merge import plan_merge
 
     gib = 2**30
-    assert merge_device(140 * gib, 78 * gib) == "cpu"  # Llama 3 70B in bf16 on an H100
-    assert merge_device(16 * gib, 78 * gib) == "cuda"  # an 8B
+    machine = dict(merge_dtype="bfloat16", training_device="cuda", gpu_free=78 * gib, host_available=500 * gib,
+                   disk_free=1000 * gib, base_bytes=40 * gib, largest_tensor_params=28672 * 8192,
+                   shard_bytes=5 * 10**9, streaming_unsupported=None)
+    seventy_b, eight_b = plan_merge(dense_bytes=140 * gib, **machine), plan_merge(dense_bytes=16 * gib, **machine)
+    assert (seventy_b.how, seventy_b.device) == ("in_memory", "cpu")  # Llama 3 70B in bf16 on an H100
+    assert (eight_b.how, eight_b.device) == ("in_memory", "cuda")  # an 8B
 
 
 def test_pause_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, demo_data, tmp_path, straight_short_run):

@@ -58,15 +58,21 @@ from worker.training.estimate import (  # noqa: E402
 )
 from worker.training.memory import ActivationOffload, is_out_of_memory, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
+    FIDELITY_MEMORY_SHARE,
+    MERGE_ON_GPU_SHARE,
     MERGED_SHARD_SIZE,
-    build_merged_model,
+    MergePlan,
     fidelity_rows,
     forward_rows,
     free_memory,
+    load_merged_for_fidelity,
+    loaded_weights,
     measure_fidelity,
-    merge_device,
-    merge_too_large_for_host,
+    parse_size,
+    plan_merge,
     stop_token_ids,
+    streaming_merge_unsupported,
+    write_merged,
 )
 from worker.training.model import (  # noqa: E402
     Speedups,
@@ -355,6 +361,8 @@ class QLoRARecipe:
         extra_callbacks: tuple = (),
         host_memory: int | None = None,
         max_paged_fraction: float = MAX_PAGED_FRACTION,
+        disk_free: int | None = None,
+        merge_shard_size: str = MERGED_SHARD_SIZE,
     ):
         # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
@@ -382,7 +390,11 @@ class QLoRARecipe:
         self.extra_callbacks = extra_callbacks
         # The host memory a merge on the CPU may take; None: what the host has available when the merge starts.
         self.host_memory = host_memory
+        # The disk space the merged model's files may take; None: what the output directory's disk has free.
+        self.disk_free = disk_free
+        self.merge_shard_size = merge_shard_size  # the largest of the merged model's safetensors files
         self.merge_skipped: str | None = None  # why the merged model was not built, where output.merge asked for it
+        self.merge_plan: MergePlan | None = None  # how it was built, where output.merge asked for it
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_file = self.out / "metrics.jsonl"
@@ -667,65 +679,78 @@ class QLoRARecipe:
             rows = fidelity_rows(self._sft_rows(self.val_rows or self.train_rows))
             autocast = self.compute_dtype if self.compute_dtype != torch.float32 else None  # as the trainer ran it
             reference = forward_rows(self.model, rows, autocast_dtype=autocast)
+            base_bytes, largest_tensor = loaded_weights(self.model)  # what a streaming merge loads again
             del self.trainer, self.model
             free_memory()
             merge_dtype = getattr(torch, self.spec.output.merge_dtype)
-            on = self._merge_device(merge_dtype)
-            available = self.host_memory if self.host_memory is not None else available_host_memory()
-            self.merge_skipped = None if on != "cpu" else merge_too_large_for_host(
-                self._dense_bytes(merge_dtype), available, self.spec.output.merge_dtype)
-            if self.merge_skipped:  # succeeded with the adapter, rather than killed after training, attempt after attempt
-                self.emit(Event(type="merge_skipped", level="warning", step=self.state.global_step,
-                                message=self.merge_skipped))
+            plan = self.merge_plan = self._plan_merge(merge_dtype, base_bytes, largest_tensor)
+            if plan.how == "skipped":  # succeeded with the adapter, rather than killed after training, attempt after attempt
+                self.merge_skipped = plan.why
+                self.emit(Event(type="merge_skipped", level="warning", step=self.state.global_step, message=plan.why))
             else:
-                fidelity = self._save_merged_and_measure(merge_dtype, on, reference, rows)
+                if plan.why:
+                    self.emit(Event(type="merging_on_cpu" if plan.how == "in_memory" else "merging_streamed",
+                                    level="info", step=self.state.global_step, message=plan.why))
+                fidelity = self._save_merged_and_measure(merge_dtype, plan, reference, rows)
         self.clock.append(time.monotonic())
         return fidelity
 
-    def _save_merged_and_measure(self, merge_dtype: torch.dtype, on: str, reference: list, rows: list[dict]) -> dict:
-        self._save_merged(merge_dtype, on)
-        free_memory()  # the merged model went with _save_merged's frame
-        from transformers import AutoModelForCausalLM
+    def _plan_merge(self, merge_dtype: torch.dtype, base_bytes: int, largest_tensor: int) -> MergePlan:
+        return plan_merge(
+            dense_bytes=self._dense_bytes(merge_dtype), merge_dtype=self.spec.output.merge_dtype,
+            training_device=self.device, gpu_free=torch.cuda.mem_get_info()[0] if self.device == "cuda" else 0,
+            host_available=self._host_available(), base_bytes=base_bytes, largest_tensor_params=largest_tensor,
+            disk_free=self.disk_free if self.disk_free is not None else shutil.disk_usage(self.out).free,
+            shard_bytes=parse_size(self.merge_shard_size),
+            streaming_unsupported=streaming_merge_unsupported(self.spec.quantization))
 
-        # Measure what users download, not what is in memory: reload from disk, where it was built.
-        reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
-                                                        device_map=device_map(on), local_files_only=True)
-        fidelity = {"rows_from": "validation" if self.val_rows else "train", **measure_fidelity(reference, reloaded, rows)}
+    def _host_available(self) -> int:
+        return self.host_memory if self.host_memory is not None else available_host_memory()
+
+    def _save_merged_and_measure(self, merge_dtype: torch.dtype, plan: MergePlan, reference: list,
+                                 rows: list[dict]) -> dict:
+        self._save_merged(merge_dtype, plan)
+        free_memory()  # the merged model (or the quantized base it was streamed from) went with _save_merged's frame
+        # Measure what users download, not what is in memory: reload from disk, where it was built; after a streaming
+        # merge, which the host could not hold whole, with the layers past a share of the memory left in the files.
+        if plan.how == "streaming":
+            memory: dict[int | str, int] = {"cpu": int(FIDELITY_MEMORY_SHARE * self._host_available())}
+            if plan.device == "cuda":
+                memory[0] = int(MERGE_ON_GPU_SHARE * torch.cuda.mem_get_info()[0])
+            reloaded = load_merged_for_fidelity(self.out / "merged", merge_dtype, plan.device, memory,
+                                                offload_dir=self.staging / "fidelity-offload")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            reloaded = AutoModelForCausalLM.from_pretrained(self.out / "merged", dtype=merge_dtype,
+                                                            device_map=device_map(plan.device), local_files_only=True)
+        fidelity = {"rows_from": "validation" if self.val_rows else "train", "merge": plan.how,
+                    # the modules whose weights stayed in the files, read as each ran (0: the model was loaded whole)
+                    "modules_read_from_disk": sum(where == "disk" for where in getattr(reloaded, "hf_device_map", {}).values()),
+                    **measure_fidelity(reference, reloaded, rows, device=torch.device(plan.device))}
         del reloaded
         free_memory()
         self.emit(Event(type="merged", level="info", step=self.state.global_step,
-                        message=f"merged model saved; max |logit diff| {fidelity['max_abs_logit_diff']:.3g}",
-                        data={"path": str(self.out / "merged")}))
+                        message=f"merged model saved ({plan.how.replace('_', ' ')}); max |logit diff| "
+                                f"{fidelity['max_abs_logit_diff']:.3g}",
+                        data={"path": str(self.out / "merged"), "merge": plan.how}))
         return fidelity
 
     def _dense_bytes(self, merge_dtype: torch.dtype) -> int:
         """The merged model's weights in merge_dtype: the base's, dequantized (the adapter's merge into them)."""
         return (self.total_params - self.trainable_params) * merge_dtype.itemsize
 
-    def _merge_device(self, merge_dtype: torch.dtype) -> str:
-        """The training device, or the CPU where the dense merged model would not fit the GPU's free memory
-        (a 70B model is 140 GB in bf16, an H100 has 80): said in an event, as it takes longer there."""
-        if self.device != "cuda":
-            return self.device
-        dense = self._dense_bytes(merge_dtype)
-        free, _ = torch.cuda.mem_get_info()
-        on = merge_device(dense, free)
-        if on == "cpu":
-            self.emit(Event(type="merging_on_cpu", level="info", step=self.state.global_step,
-                            message=f"merging on the CPU: the merged model ({dense / 2**30:.1f} GiB in "
-                                    f"{self.spec.output.merge_dtype}) needs more than the GPU's "
-                                    f"{free / 2**30:.1f} GiB free"))
-        return on
+    def _save_merged(self, merge_dtype: torch.dtype, plan: MergePlan) -> None:
+        def configure(merged) -> None:
+            merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
+            merged.generation_config.eos_token_id = stop_token_ids(merged.generation_config.eos_token_id, self.tokenizer)
 
-    def _save_merged(self, merge_dtype: torch.dtype, device: str) -> None:
-        merged = build_merged_model(self.base_path, self.out / "adapter", self.spec.quantization, self.compute_dtype,
-                                    merge_dtype, device, tokenizer=self.tokenizer,
-                                    quantized_cache=self.quantized_cache)
-        merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        merged.generation_config.eos_token_id = stop_token_ids(merged.generation_config.eos_token_id, self.tokenizer)
-        _replace_dir(self.out / "merged", lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True,
-                                                                              max_shard_size=MERGED_SHARD_SIZE),
-                                                       self._save_tokenizer(tmp)))
+        _replace_dir(self.out / "merged", lambda tmp: (
+            write_merged(plan.how, tmp, base_path=self.base_path, adapter_dir=self.out / "adapter",
+                         quant=self.spec.quantization, compute_dtype=self.compute_dtype, merge_dtype=merge_dtype,
+                         device=plan.device, tokenizer=self.tokenizer, max_shard_size=self.merge_shard_size,
+                         quantized_cache=self.quantized_cache, configure=configure),
+            self._save_tokenizer(tmp)))
 
     def _save_tokenizer(self, directory: Path) -> None:
         """The tokenizer as trained (its chat template, its pad token), padding on the side the base's pads: training
@@ -756,7 +781,8 @@ class QLoRARecipe:
                                  compute_dtype=self.compute_dtype, device=self.device, examples=examples,
                                  examples_from=source, loss_rows=self._sft_rows(rows),
                                  quantized_cache=self.quantized_cache, rewards=self._reward_movement(),
-                                 merged=self.spec.output.merge and not self.merge_skipped)
+                                 # After a streaming merge, the model the host could not hold whole: the adapter answers.
+                                 merged=self.merge_plan is not None and self.merge_plan.how == "in_memory")
             self.emit(Event(type="report", level="info", step=self.state.global_step, message=describe_report(report),
                             data={"path": str(self.out / REPORT_PATH)}))
         self.clock.append(time.monotonic())
