@@ -28,20 +28,23 @@ NF4 = QuantizationSpec()
 COMPUTE = torch.float32  # the CPU's compute dtype where it has no native bfloat16 (resolve_compute_dtype)
 
 
-def make_adapter(base: Path, tokenizer, out: Path, dtype: torch.dtype, seed: int = 1) -> Path:
+def make_adapter(base: Path, tokenizer, out: Path, dtype: torch.dtype, seed: int = 1, bias: str = "none") -> Path:
     """A LoRA adapter on every linear layer of `base`'s 4-bit model, saved as the recipe saves one (with the
-    embeddings and head where `tokenizer` grew them), its weights in `dtype` (lora.dtype)."""
+    embeddings and head where `tokenizer` grew them), its weights in `dtype` (lora.dtype); with `bias` (lora.bias)
+    "all", the base's biases trained too (moved, so the merge must take the adapter's)."""
     model = load_base_model(base, NF4, COMPUTE, "cpu")
     rows = model.get_input_embeddings().weight.shape[0]
     fit_embeddings(model, tokenizer)
     grown = model.get_input_embeddings().weight.shape[0] > rows
     torch.manual_seed(seed)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=resolve_target_modules(model, "all-linear"),
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+                        init_lora_weights=False, task_type="CAUSAL_LM", bias=bias)
     peft = get_peft_model(model, config)
     for name, param in peft.named_parameters():
         if "lora_" in name:
             param.data = param.data.to(dtype)
+        elif name.endswith(".bias") and param.requires_grad:
+            param.data += 0.1 * torch.randn_like(param)
     peft.save_pretrained(out, save_embedding_layers=grown)
     tokenizer.save_pretrained(out)
     return out
@@ -81,6 +84,14 @@ def assert_same_files(expected: Path, actual: Path) -> int:
 
 
 @pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2: biases on its attention projections, which lora.bias "all" trains."""
+    from worker.training.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("qwen2"), model_type="qwen2", num_layers=2)
+
+
+@pytest.fixture(scope="module")
 def tied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with its output head tied to its embeddings (Qwen3's and Gemma's small models are)."""
     out = tmp_path_factory.mktemp("tied")
@@ -93,28 +104,29 @@ def tied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 CASES = {
-    # name: (adapter dtype, merge dtype, shard size, base: "tiny" | "tied", a pad row added)
+    # name: (adapter dtype, merge dtype, shard size, base: "tiny" | "tied" | "qwen2", a pad row added)
     "float32 adapter into bfloat16": (torch.float32, torch.bfloat16, "5GB", "tiny", False),
     "bfloat16 adapter into bfloat16": (torch.bfloat16, torch.bfloat16, "5GB", "tiny", False),
     "float32 into float32 in several shards": (torch.float32, torch.float32, "1MB", "tiny", False),
     "into float16, shards of 300 kB": (torch.bfloat16, torch.float16, "300KB", "tiny", False),
     "tied embeddings": (torch.float32, torch.bfloat16, "5GB", "tied", False),
     "grown embeddings, several shards": (torch.float32, torch.bfloat16, "1MB", "tiny", True),
+    "trained biases (lora.bias all)": (torch.float32, torch.bfloat16, "5GB", "qwen2", False),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_streaming_merge_writes_the_in_memory_merges_files_bit_for_bit(case, tiny_model_dir, tied_model_dir,
-                                                                          tmp_path):
+                                                                          biased_model_dir, tmp_path):
     """A 65B model's merge (130 GB in bfloat16) cannot be built in a 128 GB host's memory; written tensor by tensor
     from the 4-bit base it can. What users download must not depend on which way it was made: the same names,
     dtypes, values, shards, index and config files, tied weights left out as save_pretrained leaves them out."""
     adapter_dtype, merge_dtype, shard, which, grow = CASES[case]
-    base = tied_model_dir if which == "tied" else tiny_model_dir
+    base = {"tiny": tiny_model_dir, "tied": tied_model_dir, "qwen2": biased_model_dir}[which]
     tokenizer = AutoTokenizer.from_pretrained(base)
     if grow:  # nothing to pad with: a pad token, and a row for it that the adapter carries
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    adapter = make_adapter(base, tokenizer, tmp_path / "adapter", adapter_dtype)
+    adapter = make_adapter(base, tokenizer, tmp_path / "adapter", adapter_dtype, bias="all" if which == "qwen2" else "none")
     in_memory, streaming = merge_both_ways(base, adapter, tokenizer, merge_dtype, tmp_path, shard)
     tensors = assert_same_files(in_memory, streaming)
     files = [p.name for p in streaming.iterdir() if p.suffix == ".safetensors"]
@@ -128,6 +140,12 @@ def test_the_streaming_merge_writes_the_in_memory_merges_files_bit_for_bit(case,
     assert len(names) == tensors and ("lm_head.weight" in names) == (which != "tied")
     if grow:
         assert AutoConfig.from_pretrained(streaming).vocab_size == len(tokenizer)
+    if which == "qwen2":  # the trained biases, not the base's
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as saved, \
+                safe_open(str(streaming / "model.safetensors"), "pt") as merged:
+            key = next(k for k in saved.keys() if k.endswith("q_proj.base_layer.bias"))
+            name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(merged.get_tensor(name), saved.get_tensor(key).to(merge_dtype))
 
 
 def test_a_streaming_merge_that_skips_a_delta_is_caught(tiny_model_dir, tmp_path, monkeypatch):

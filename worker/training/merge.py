@@ -5,6 +5,10 @@ base we merge into: load the quantized base, dequantize it to a dense model, add
 save in merge_dtype. Merging into the original 16-bit checkpoint instead would give a different
 function from the one trained (the quantization error is not in it); merging into 4-bit weights
 would re-quantize the delta away. Fidelity is then measured, never assumed.
+
+Where the host cannot hold the dense model (about twice over, as it is built and written), the same files are
+written tensor by tensor from the 4-bit base instead (save_streaming_merge), and their fidelity is measured with
+the layers that do not fit read from the files as they run (load_merged_for_fidelity); plan_merge decides which.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ merge, and it writes the report to out/report/report.json (REPORT_PATH) and retu
   its prompt conversation and its reference the preferred answer. A text row has no turns: its first half
   (in tokens) is the prompt and what follows (up to max_new_tokens) the reference.
 - Tuned answers come from what the team downloads: the merged model reloaded from out/merged where the
-  job merged (output.merge), else the adapter on the quantized base. Base answers come from the base as
+  job merged it in memory, else (no merge, or one streamed as the host could not hold the merged model whole)
+  the adapter on the quantized base. Base answers come from the base as
   it was trained against (4-bit where the job quantized it) with no adapter, so the two columns differ
   by the fine-tune, not by a change of precision.
 - Exact match compares answer and reference with surrounding whitespace stripped. F1 is SQuAD's
