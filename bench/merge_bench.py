@@ -49,7 +49,7 @@ print(json.dumps({"peak_above_start": peak - start_rss, "wall_s": time.perf_coun
 """
 
 
-def build(work: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
+def build(work: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path, Path, int]:
     """The float32 base, its 4-bit copy (load_base_model's quantized cache) and a random adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -61,7 +61,7 @@ def build(work: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
 
     base, cache, adapter = work / "base", work / "quantized", work / "adapter"
     tokenizer = build_tokenizer(0)
-    config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                                   num_hidden_layers=layers, num_attention_heads=hidden // 64,
                                   num_key_value_heads=hidden // 128, max_position_embeddings=512,
                                   tie_word_embeddings=False, dtype="float32")
@@ -80,16 +80,17 @@ def build(work: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
     return base, cache, adapter, params
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard", default="100MB", help="the merged model's largest file (the recipe's: 5GB)")
     parser.add_argument("--merge-dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import os
 
     import torch
@@ -97,7 +98,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="merge-bench-") as tmp:
         work = Path(tmp)
-        base, cache, adapter, params = build(work, args.hidden, args.layers)
+        base, cache, adapter, params = build(work, args.hidden, args.layers, args.vocab)
         dense = params * getattr(torch, args.merge_dtype).itemsize
         results: dict[str, list[dict]] = {"in_memory": [], "streaming": []}
         for run in range(args.runs):
@@ -119,12 +120,12 @@ def main() -> int:
     ratio = {key: best["streaming"][key] / best["in_memory"][key] for key in best["streaming"]}
     print(f"streaming / in memory: peak {ratio['peak_above_start']:.2f}, cpu {ratio['cpu_s']:.2f}, "
           f"wall {ratio['wall_s']:.2f}; files byte for byte the same: {same}")
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "params": params, "dense_bytes": dense,
+              "results": results, "best": best, "ratio": ratio, "identical": same}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "params": params,
-                                    "dense_bytes": dense, "results": results, "best": best, "ratio": ratio,
-                                    "identical": same}, indent=2))
-    return 0 if same else 1
+    args.out.write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["identical"] else 1)

@@ -70,6 +70,8 @@ export function renderSummary(box, state) {
       row("Max |logit diff|", fmt.small(s.merge_fidelity.max_abs_logit_diff));
       row("Mean |logit diff|", fmt.small(s.merge_fidelity.mean_abs_logit_diff));
       row("Eval loss diff", fmt.small(s.merge_fidelity.eval_loss_diff));
+      // Too large to build in memory: written layer by layer from the 4-bit base (the merging_streamed event says why).
+      if (s.merge_fidelity.merge === "streaming") row("Built", "layer by layer from the quantized base");
     }
     if (s.merge_skipped) {  // output.merge asked for it and the host could not hold it: why, and what to do
       section("Merged model");
