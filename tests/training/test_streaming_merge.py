@@ -28,11 +28,12 @@ NF4 = QuantizationSpec()
 COMPUTE = torch.float32  # the CPU's compute dtype where it has no native bfloat16 (resolve_compute_dtype)
 
 
-def make_adapter(base: Path, tokenizer, out: Path, dtype: torch.dtype, seed: int = 1, bias: str = "none") -> Path:
+def make_adapter(base: Path, tokenizer, out: Path, dtype: torch.dtype, seed: int = 1, bias: str = "none",
+                 quant: QuantizationSpec = NF4) -> Path:
     """A LoRA adapter on every linear layer of `base`'s 4-bit model, saved as the recipe saves one (with the
     embeddings and head where `tokenizer` grew them), its weights in `dtype` (lora.dtype); with `bias` (lora.bias)
     "all", the base's biases trained too (moved, so the merge must take the adapter's)."""
-    model = load_base_model(base, NF4, COMPUTE, "cpu")
+    model = load_base_model(base, quant, COMPUTE, "cpu")
     rows = model.get_input_embeddings().weight.shape[0]
     fit_embeddings(model, tokenizer)
     grown = model.get_input_embeddings().weight.shape[0] > rows
@@ -51,14 +52,14 @@ def make_adapter(base: Path, tokenizer, out: Path, dtype: torch.dtype, seed: int
 
 
 def merge_both_ways(base: Path, adapter: Path, tokenizer, merge_dtype: torch.dtype, out: Path,
-                    shard: str = "5GB") -> tuple[Path, Path]:
+                    shard: str = "5GB", quant: QuantizationSpec = NF4) -> tuple[Path, Path]:
     def configure(model) -> None:  # what the recipe sets: the run's pad and stop tokens
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
 
     dirs = out / "in_memory", out / "streaming"
     for how, directory in zip(("in_memory", "streaming"), dirs, strict=True):
-        write_merged(how, directory, base_path=base, adapter_dir=adapter, quant=NF4, compute_dtype=COMPUTE,
+        write_merged(how, directory, base_path=base, adapter_dir=adapter, quant=quant, compute_dtype=COMPUTE,
                      merge_dtype=merge_dtype, device="cpu", tokenizer=tokenizer, max_shard_size=shard,
                      configure=configure)
     return dirs
@@ -104,7 +105,7 @@ def tied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 CASES = {
-    # name: (adapter dtype, merge dtype, shard size, base: "tiny" | "tied" | "qwen2", a pad row added)
+    # name: (adapter dtype, merge dtype, shard size, base: "tiny" | "tied" | "qwen2" | "8-bit" (the tiny one), a pad row added)
     "float32 adapter into bfloat16": (torch.float32, torch.bfloat16, "5GB", "tiny", False),
     "bfloat16 adapter into bfloat16": (torch.bfloat16, torch.bfloat16, "5GB", "tiny", False),
     "float32 into float32 in several shards": (torch.float32, torch.float32, "1MB", "tiny", False),
@@ -112,6 +113,7 @@ CASES = {
     "tied embeddings": (torch.float32, torch.bfloat16, "5GB", "tied", False),
     "grown embeddings, several shards": (torch.float32, torch.bfloat16, "1MB", "tiny", True),
     "trained biases (lora.bias all)": (torch.float32, torch.bfloat16, "5GB", "qwen2", False),
+    "an 8-bit base": (torch.float32, torch.bfloat16, "1MB", "8-bit", False),
 }
 
 
@@ -122,12 +124,14 @@ def test_the_streaming_merge_writes_the_in_memory_merges_files_bit_for_bit(case,
     from the 4-bit base it can. What users download must not depend on which way it was made: the same names,
     dtypes, values, shards, index and config files, tied weights left out as save_pretrained leaves them out."""
     adapter_dtype, merge_dtype, shard, which, grow = CASES[case]
-    base = {"tiny": tiny_model_dir, "tied": tied_model_dir, "qwen2": biased_model_dir}[which]
+    base = {"tiny": tiny_model_dir, "tied": tied_model_dir, "qwen2": biased_model_dir, "8-bit": tiny_model_dir}[which]
+    quant = QuantizationSpec(bits=8) if which == "8-bit" else NF4
     tokenizer = AutoTokenizer.from_pretrained(base)
     if grow:  # nothing to pad with: a pad token, and a row for it that the adapter carries
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    adapter = make_adapter(base, tokenizer, tmp_path / "adapter", adapter_dtype, bias="all" if which == "qwen2" else "none")
-    in_memory, streaming = merge_both_ways(base, adapter, tokenizer, merge_dtype, tmp_path, shard)
+    adapter = make_adapter(base, tokenizer, tmp_path / "adapter", adapter_dtype, bias="all" if which == "qwen2" else "none",
+                           quant=quant)
+    in_memory, streaming = merge_both_ways(base, adapter, tokenizer, merge_dtype, tmp_path, shard, quant)
     tensors = assert_same_files(in_memory, streaming)
     files = [p.name for p in streaming.iterdir() if p.suffix == ".safetensors"]
     assert (len(files) > 1) == (shard != "5GB") and ((streaming / "model.safetensors.index.json").is_file() == (len(files) > 1))
@@ -215,8 +219,8 @@ def test_the_merge_is_planned_from_what_the_machine_has():
     assert small_host.how == "skipped" and "36.0 GiB quantized base" in small_host.why
     full_disk = plan_merge(training_device="cuda", **{**paper, "disk_free": 100 * GIB})
     assert full_disk.how == "skipped" and "100.0 GiB free" in full_disk.why
-    eight_bit = plan_merge(training_device="cuda", **{**paper, "streaming_unsupported": "a reason"})
-    assert eight_bit.how == "skipped" and "a reason" in eight_bit.why
+    unquantized = plan_merge(training_device="cuda", **{**paper, "streaming_unsupported": "a reason"})
+    assert unquantized.how == "skipped" and "a reason" in unquantized.why
     # Llama 3 8B (16 GB in bf16): in memory on an H100; on a 24 GiB GPU, in memory on the CPU where the host has 2x.
     eight_b = {**paper, "dense_bytes": 16 * 10**9}
     assert plan_merge(training_device="cuda", **{**eight_b, "gpu_free": 78 * GIB}).how == "in_memory"

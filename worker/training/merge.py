@@ -196,18 +196,19 @@ def build_merged_model(
 def streaming_merge_unsupported(quant: QuantizationSpec) -> str | None:
     """Why the streaming merge cannot build this run's merged model (the in-memory merge then does), or None.
 
-    It reads each weight from the 4-bit base as bitsandbytes keeps it; an 8-bit or unquantized base is held
-    whole by training anyway, and its merge by the in-memory path takes no more than training's base did
-    twice over, which such a host had."""
-    if quant.bits != 4:
-        return f"the streaming merge reads a 4-bit base and this run's is {quant.bits!r}"
+    It reads each weight from the quantized base as bitsandbytes keeps it (4-bit or 8-bit). An unquantized base
+    (quantization.bits "none") is loaded by the in-memory merge straight in merge_dtype, which a base loaded in
+    the compute dtype would not reproduce bit for bit (a bfloat16 compute dtype merged into float32); training
+    held that base whole in 16 bits anyway."""
+    if quant.bits == "none":
+        return "the streaming merge reads a quantized base and this run's is not quantized (quantization.bits \"none\")"
     return None
 
 
 class MergedWeights(Mapping):
-    """The merged model's tensors by name, each computed when asked for, from the adapter on the 4-bit base
-    where it is loaded: a weight of a LoRA layer is its 4-bit weight dequantized as transformers' `dequantize`
-    does it (bitsandbytes' dequantize_4bit, then the cast to merge_dtype), plus the LoRA delta as peft's merge
+    """The merged model's tensors by name, each computed when asked for, from the adapter on the quantized base
+    where it is loaded: a weight of a LoRA layer is its 4-bit (or 8-bit) weight dequantized as transformers'
+    `dequantize` does it (bitsandbytes' dequantize_4bit, then the cast to merge_dtype), plus the LoRA delta as peft's merge
     adds it (`lora.Linear.get_delta_weight`, added in place in merge_dtype); any other 4-bit weight is dequantized
     alike; everything else (embeddings, norms, the head, a pad row the adapter carries) is cast to merge_dtype as
     `merge_and_unload().to(merge_dtype)` casts it. The same library calls in the same order as the in-memory
@@ -236,8 +237,9 @@ class MergedWeights(Mapping):
             module = lora.get_base_layer()
         tensor = getattr(module, attr)
         with torch.no_grad():
-            if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-                tensor = dequantize_bnb_weight(tensor).to(self.merge_dtype)  # transformers' dequantize_and_replace
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and attr == "weight":
+                state = module.state if isinstance(module, bnb.nn.Linear8bitLt) else None  # as dequantize_and_replace
+                tensor = dequantize_bnb_weight(tensor, state).to(self.merge_dtype)  # transformers' dequantize_and_replace
             elif tensor.is_floating_point():
                 tensor = tensor.to(self.merge_dtype)  # merge_and_unload().to(merge_dtype); a copy where already so
                 if tensor is getattr(module, attr) and lora is not None and attr == "weight":
