@@ -213,7 +213,8 @@ class MergedWeights(Mapping):
     alike; everything else (embeddings, norms, the head, a pad row the adapter carries) is cast to merge_dtype as
     `merge_and_unload().to(merge_dtype)` casts it. The same library calls in the same order as the in-memory
     merge, so the files are bit for bit the same (tests/training/test_streaming_merge.py holds them to it).
-    On the CPU, each tensor is handed out on the CPU: one at a time, as save_pretrained writes the shard."""
+    Each tensor is made where the base is (the GPU that trained, or the CPU) and handed out on the CPU, one at a
+    time, as save_pretrained fills the shard it writes."""
 
     def __init__(self, model, adapter: str, merge_dtype: torch.dtype, names: list[str]):
         self.model, self.adapter, self.merge_dtype, self.names = model, adapter, merge_dtype, names
@@ -241,9 +242,9 @@ class MergedWeights(Mapping):
                 state = module.state if isinstance(module, bnb.nn.Linear8bitLt) else None  # as dequantize_and_replace
                 tensor = dequantize_bnb_weight(tensor, state).to(self.merge_dtype)  # transformers' dequantize_and_replace
             elif tensor.is_floating_point():
-                tensor = tensor.to(self.merge_dtype)  # merge_and_unload().to(merge_dtype); a copy where already so
+                tensor = tensor.to(self.merge_dtype)  # merge_and_unload().to(merge_dtype): itself where already so
                 if tensor is getattr(module, attr) and lora is not None and attr == "weight":
-                    tensor = tensor.clone()  # the add below must not change the loaded base
+                    tensor = tensor.clone()  # then the add below must not change the loaded base
             if lora is not None and attr == "weight":
                 tensor += LoraLinear.get_delta_weight(lora, self.adapter)  # peft's lora.Linear.merge (not safe_merge)
         return tensor.cpu()
@@ -251,7 +252,7 @@ class MergedWeights(Mapping):
 
 def save_streaming_merge(model, adapter: str, merge_dtype: torch.dtype, directory: Path, max_shard_size: str,
                          configure=None) -> None:
-    """Write the merged model of `model` (a PeftModel on a 4-bit base, loaded as the in-memory merge loads it)
+    """Write the merged model of `model` (a PeftModel on a quantized base, loaded as the in-memory merge loads it)
     into `directory` without building it: save_pretrained of a weightless copy (its tensors on the meta device,
     the dense merged model's config and shapes) whose weights transformers takes for offloaded to disk, and
     reads one at a time, shard by shard, from MergedWeights (accelerate's hook's weights_map, what
