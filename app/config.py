@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # long as its client keeps sending, however slowly. A client uploading its files one at a time, or a
     # few at once, holds one or a few; beyond the cap an upload answers 429 before its body is read.
     max_uploads_per_key: int = Field(8, ge=1)
+    # Requests one API process has in progress at once, shared among the teams that have some (app/shares.py):
+    # three quarters of them split equally among the busy teams, a quarter kept so a team that arrives starts
+    # at once. A team alone holds 18, two busy teams 9 each. 24 is the database pool (16 + 8 at a peak), under
+    # the 40 route threads: a team at its share never waits for a connection another team's requests hold.
+    request_slots: int = Field(24, ge=1)
     # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
     # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
     # revoked key stops working within this long everywhere (at once in the process that revoked it).

@@ -48,6 +48,7 @@ from app.quotas.service import UploadsInFlight
 from app.recent import Recent
 from app.routing import json_body_turns
 from app.scheduling.service import SchedulerThread
+from app.shares import TeamShares
 from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_of_reach
 from app.teams.routes import router as teams_router
 from app.teams.service import CallerCache
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.uploads_in_flight = UploadsInFlight()  # what each team's uploads hold of its storage room, in this process
     app.state.team_turns = Turns()  # one job creation or preflight at a time per team, in this process
     app.state.json_bodies = json_body_turns()  # JSON requests per key at once, in this process (app/routing.py)
+    app.state.team_shares = TeamShares(settings.request_slots)  # each team's share of the requests in progress
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)

@@ -28,6 +28,7 @@ import json
 import re
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -161,23 +162,42 @@ def json_body_turns() -> Turns:
         "of them to end; send it again"))
 
 
+def outside_team_shares(endpoint: Callable) -> Callable:
+    """Marks a route whose requests are not counted in their team's share (app/shares.py): an upload, which
+    holds its place for as long as its client sends the body, however slowly, and has a cap per key of its
+    own (QLORA_MAX_UPLOADS_PER_KEY). Counted, a team's uploads would leave its polls waiting."""
+    endpoint.outside_team_shares = True  # type: ignore[attr-defined]
+    return endpoint
+
+
 class CheckedJSONRoute(APIRoute):
-    """The route class of every router (app/*/routes.py): a route with a JSON body authenticates its caller
-    before reading it, waits for the key's turn (json_body_turns), and parses it with CheckedJSONRequest."""
+    """The route class of every router (app/*/routes.py). A route that authenticates its caller does so first
+    (401 before anything is queued or read), then, with a JSON body, waits for the key's turn (json_body_turns),
+    then for the team's share of the requests in progress (app/shares.py), before any of its dependencies takes
+    a thread or a connection. A JSON body is parsed with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:  # no JSON body to parse (the polls): nothing added to their path
-            return handler
-        authenticated = _needs(self.dependant, get_caller)
+        json_body = self.body_field is not None
+        if not _needs(self.dependant, get_caller):
+            if not json_body:  # nothing added to its path
+                return handler
+
+            async def parsed(request: Request) -> Response:
+                return await handler(CheckedJSONRequest(request.scope, request.receive))
+            return parsed
+        shared = not getattr(self.endpoint, "outside_team_shares", False)
 
         async def checked(request: Request) -> Response:
-            if not authenticated:
-                return await handler(CheckedJSONRequest(request.scope, request.receive))
-            # 401 before the body; the route's own dependency then finds the caller cached
+            # 401 before the body or a queue; the route's own dependency then finds the caller cached
             caller = await get_caller(request, request.headers.get("authorization"))
-            async with request.app.state.json_bodies.turn(caller.key_id):
-                return await handler(CheckedJSONRequest(request.scope, request.receive))
+            async with AsyncExitStack() as turns:
+                if json_body:
+                    await turns.enter_async_context(request.app.state.json_bodies.turn(caller.key_id))
+                    request = CheckedJSONRequest(request.scope, request.receive)
+                if shared:
+                    await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id))
+                return await handler(request)
 
         return checked
 

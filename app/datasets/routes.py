@@ -8,7 +8,7 @@ from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.idempotency import service as idempotency
 from app.ranges import RANGED, RangeDep, stored_object_response
-from app.routing import CheckedJSONRoute
+from app.routing import CheckedJSONRoute, outside_team_shares
 from app.storage import StoredObject
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=CheckedJSONRoute)
@@ -20,6 +20,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=CheckedJSO
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["file"],
                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
+@outside_team_shares
 async def upload_dataset(request: Request, response: Response, session: SessionDep, storage: StorageDep,
                          settings: SettingsDep, caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None):
     """Upload a JSONL file (multipart field `file`). It is streamed to storage and every line is

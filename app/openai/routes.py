@@ -22,7 +22,7 @@ from app.models import service as models
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
 from app.ranges import RANGED, RangeDep, stored_object_response
-from app.routing import CheckedJSONRoute
+from app.routing import CheckedJSONRoute, outside_team_shares
 from app.storage import StoredObject
 from app.teams.service import Caller
 from worker.training.spec import excerpt
@@ -40,6 +40,7 @@ def _list(data: list[dict], rows: Page) -> dict:
 
 
 @router.post("/files")
+@outside_team_shares
 async def create_file(request: Request, response: Response, session: SessionDep, storage: StorageDep,
                       settings: SettingsDep, caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None):
     """multipart: `file` (JSONL) and `purpose` = fine-tune. Validated line by line while it streams."""

@@ -1,0 +1,119 @@
+"""Each team's share of the requests one API process has in progress at once (QLORA_REQUEST_SLOTS).
+
+A request in progress holds something every team needs: a route thread (40 in all, anyio's pool) for a
+`def` route, a database connection (16 pooled and 8 more at a peak) while it talks to Postgres, and its
+turns of the event loop and its CPU. Without a share, one team's scripts sending cheap GETs back to back
+from 30 threads raised another team's p99 from 96 ms to 1041 ms; a team whose requests were slow (waiting
+on a lock, on S3) held every route thread and connection, and every other team waited for them.
+
+So every authenticated request first waits for its team's turn here, on the event loop, before its route
+takes a thread or a connection (app/routing.py); a team over its share waits in a queue of its own, which
+holds a socket and a parked coroutine, nothing else. Unauthenticated requests (their 401), /health and the
+dashboard's static files never wait here.
+
+The share is dynamic, as a scheduler's fair share with borrowing is: the slots are split equally among
+the teams that have requests in progress or waiting, after a quarter of them kept for teams that come
+(`share`). A team alone, say with 200 polling scripts, may hold three quarters of them, which a CPU or two
+serve as fast as it can ask; a second team that arrives starts its first requests at once on the quarter
+kept, while the first team's share halves and the requests it has beyond the new share end (a poll's few
+ms) before it starts another. A fixed share would leave a lone team's requests waiting beside idle slots;
+no share, every team waiting behind the busiest. Streams (SSE) and uploads are not counted here: each has
+a cap per key of its own (app/slots.py), an upload's route is not counted while its body arrives, and a
+stream's route is counted only until its answer starts.
+
+A request that waits QUEUE_WAIT_S without its turn is answered 429 `busy` with a Retry-After; a team with
+QUEUE_LIMIT requests waiting already has the next one refused at once, so a team's queue is bounded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from app.jobs.turns import Busy
+
+# How long a request waits for its team's turn before its 429: a poll ahead of it takes a few ms, so a
+# wait this long means the team asks for far more than the process serves; the client should slow down.
+QUEUE_WAIT_S = 30.0
+# Requests of one team that may wait at once in one API process; each holds a socket and a parked
+# coroutine (a few KiB). Past it the team's next request is refused at once.
+QUEUE_LIMIT = 1000
+
+
+class TeamBusy(Busy):
+    retry_after_s = 2  # requests ahead of it end in ms; a client waiting this long lets them drain
+
+
+@dataclass
+class _Team:
+    held: int = 0  # requests of the team in progress
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)  # first come, first served
+
+
+class TeamShares:
+    """Per team, its requests in progress in this process, up to `share()`, the others waiting their turn.
+    Used from this process's event loop only: no lock."""
+
+    def __init__(self, slots: int, wait_s: float = QUEUE_WAIT_S, queue_limit: int = QUEUE_LIMIT):
+        self.slots, self.wait_s, self.queue_limit = slots, wait_s, queue_limit
+        self._teams: dict[str, _Team] = {}  # the teams with requests in progress or waiting
+
+    def share(self, teams: int | None = None) -> int:
+        """What each of `teams` busy teams (by default those busy now) may have in progress: an equal part of
+        the slots less a quarter kept for teams to come, at least one."""
+        teams = teams or max(1, len(self._teams))
+        return max(1, (self.slots - self.slots // 4) // teams)
+
+    def in_progress(self, team_id: str) -> tuple[int, int]:
+        """(requests in progress, requests waiting) of a team."""
+        team = self._teams.get(team_id)
+        return (team.held, len(team.waiting)) if team else (0, 0)
+
+    @asynccontextmanager
+    async def turn(self, team_id: str) -> AsyncIterator[None]:
+        team = self._teams.setdefault(team_id, _Team())
+        if team.waiting or team.held >= self.share():
+            await self._wait(team)
+        else:
+            team.held += 1
+        try:
+            yield
+        finally:
+            team.held -= 1
+            self._pass_on()
+
+    async def _wait(self, team: _Team) -> None:
+        if len(team.waiting) >= self.queue_limit:
+            raise TeamBusy(f"this team has {self.queue_limit} requests waiting for its share of this API process "
+                           "already, the most it may; send fewer at once")
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        team.waiting.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+        except BaseException as exc:  # out of time, or its client left
+            if turn.done():  # given its turn as it gave up: hand it on
+                team.held -= 1
+                self._pass_on()
+            else:
+                turn.cancel()
+                team.waiting.remove(turn)
+                self._pass_on()
+            if isinstance(exc, TimeoutError):
+                raise TeamBusy(f"this team's requests in progress in this API process are at its share ({self.share()} "
+                               f"while {len(self._teams)} teams are busy), and this one waited {self.wait_s:g} s for "
+                               "one of them to end; send it again, and fewer at once") from None
+            raise
+
+    def _pass_on(self) -> None:
+        """Start the waiting requests that are now within their team's share: a request ended, or a team
+        left (nothing in progress or waiting), and the others' shares grew."""
+        for team_id in [team_id for team_id, team in self._teams.items() if not team.held and not team.waiting]:
+            del self._teams[team_id]
+        share = self.share()
+        for team in self._teams.values():
+            while team.waiting and team.held < share:
+                team.waiting.popleft().set_result(None)
+                team.held += 1
