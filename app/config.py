@@ -83,9 +83,13 @@ class Settings(BaseSettings):
     max_uploads_per_key: int = Field(8, ge=1)
     # Requests one API process has in progress at once, shared among the teams that have some (app/shares.py):
     # three quarters of them split equally among the busy teams, a quarter kept so a team that arrives starts
-    # at once. A team alone holds 18, two busy teams 9 each. 24 is the database pool (16 + 8 at a peak), under
-    # the 40 route threads: a team at its share never waits for a connection another team's requests hold.
-    request_slots: int = Field(24, ge=1)
+    # at once. With 8, a team alone holds 6, two busy teams 3 each. Small on purpose: a request in progress also
+    # takes turns of the process's one event loop (and GIL), so another team's poll waits about as long as the
+    # requests in progress beside it take; with a team's 9 to 18 in progress (24 slots), another team's polls
+    # took 5 times as long as alone, with 3 to 6, under 3 times (docs/performance.md). A process's own CPU
+    # serves a team's polls as fast with 6 in progress as with 30. Under the database pool (16 + 8) and the
+    # 40 route threads: a team at its share never waits for a connection another team's requests hold.
+    request_slots: int = Field(8, ge=1)
     # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
     # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
     # revoked key stops working within this long everywhere (at once in the process that revoked it).

@@ -13,13 +13,16 @@ dashboard's static files never wait here.
 
 The share is dynamic, as a scheduler's fair share with borrowing is: the slots are split equally among
 the teams that have requests in progress or waiting, after a quarter of them kept for teams that come
-(`share`). A team alone, say with 200 polling scripts, may hold three quarters of them, which a CPU or two
-serve as fast as it can ask; a second team that arrives starts its first requests at once on the quarter
-kept, while the first team's share halves and the requests it has beyond the new share end (a poll's few
-ms) before it starts another. A fixed share would leave a lone team's requests waiting beside idle slots;
-no share, every team waiting behind the busiest. Streams (SSE) and uploads are not counted here: each has
-a cap per key of its own (app/slots.py), an upload's route is not counted while its body arrives, and a
-stream's route is counted only until its answer starts.
+(`share`). A team alone, say with 200 polling scripts, may hold three quarters of them (6 of the 8 by
+default), which the process's CPU serves as fast as 30 in progress; a second team that arrives starts its
+first requests at once on the quarter kept, while the first team's share halves and the requests it has
+beyond the new share end (a poll's few ms) before it starts another. A fixed share would leave a lone team's
+requests waiting beside idle slots; no share, every team waiting behind the busiest. The slots are few
+(QLORA_REQUEST_SLOTS says why): what another team's request waits for is mostly the event loop's and the
+CPU's time for the requests in progress beside it, so the fewer of the busy team's, the sooner it is answered.
+Streams (SSE) and uploads are not counted here: each has a cap per key of its own (app/slots.py), an
+upload's route is not counted while its body arrives, and a stream's route is counted only until its
+answer starts (its polls then run as the job's feed, one per watched job, app/jobs/stream.py).
 
 A request that waits QUEUE_WAIT_S without its turn is answered 429 `busy` with a Retry-After; a team with
 QUEUE_LIMIT requests waiting already has the next one refused at once, so a team's queue is bounded too.

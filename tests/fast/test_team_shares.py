@@ -17,6 +17,8 @@ from app.shares import TeamBusy, TeamShares
 def test_a_team_alone_holds_three_quarters_of_the_slots_and_busy_teams_split_them():
     shares = TeamShares(slots=24)
     assert [shares.share(teams) for teams in (1, 2, 3, 18, 40)] == [18, 9, 6, 1, 1]
+    shares = TeamShares(slots=8)  # the default
+    assert [shares.share(teams) for teams in (1, 2, 3, 6, 7)] == [6, 3, 2, 1, 1]
 
 
 async def hold(shares: TeamShares, team: str, count: int, stack: AsyncExitStack) -> None:
