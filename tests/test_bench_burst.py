@@ -17,3 +17,16 @@ def test_burst_benchmark_measures_the_calm_team_alone_and_beside_the_burst(tmp_p
         measured = results["calm"][call]
         assert measured["alone"]["count"] > 0 and measured["beside_burst"]["count"] > 0
         assert measured["median_ratio"] > 0
+
+
+def test_flood_benchmark_measures_the_calm_teams_gets_alone_and_beside_another_teams_flood(tmp_path):
+    out = tmp_path / "burst_bench_flood.json"
+    assert burst_bench.main(["--flood", "--threads", "3", "--seconds", "1", "--rows", "50", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ok"] is True and results["mode"] == "flood"
+    assert set(results["burst"]) == {"200"} and results["burst_per_s"]["alone"] > 0 and results["burst_per_s"]["beside_calm"] > 0
+    assert len(results["load_avg_before"]) == 3
+    for call in (*burst_bench.FLOOD_CALLS, "all"):
+        measured = results["calm"][call]
+        assert measured["alone"]["count"] > 0 and measured["beside_flood"]["count"] > 0
+        assert measured["p50_ratio"] > 0 and measured["p99_ratio"] > 0
