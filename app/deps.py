@@ -104,11 +104,11 @@ def _read_caller(database_url: str, key_hash: str) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def team_turn(request: Request, caller: CallerDep) -> AsyncIterator[None]:
-    """The team's turn for a job creation or preflight in this process (app/jobs/turns.py), awaited before
-    the route takes a thread or a connection, held until its answer is sent."""
-    async with request.app.state.team_turns.turn(caller.team_id):
-        yield
+async def team_turn() -> None:
+    """Declares that a route takes its team's turn for a job creation or preflight in this process
+    (app/jobs/turns.py). Its route class awaits it (app/routing.py, CheckedJSONRoute) before the route takes a
+    thread or a connection, and before the team's share of the requests in progress (app/shares.py): a creation
+    waiting for its turn holds no place of its team's share, which its polls meanwhile use."""
 
 
 TeamTurnDep = Annotated[None, Depends(team_turn)]

@@ -35,8 +35,9 @@ from fastapi import HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic_core import from_json
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.deps import get_caller
+from app.deps import get_caller, team_turn
 from app.jobs.turns import Busy, Turns
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
 from worker.training.spec import excerpt
@@ -173,8 +174,9 @@ def outside_team_shares(endpoint: Callable) -> Callable:
 class CheckedJSONRoute(APIRoute):
     """The route class of every router (app/*/routes.py). A route that authenticates its caller does so first
     (401 before anything is queued or read), then, with a JSON body, waits for the key's turn (json_body_turns),
-    then for the team's share of the requests in progress (app/shares.py), before any of its dependencies takes
-    a thread or a connection. A JSON body is parsed with CheckedJSONRequest."""
+    a job creation or preflight for the team's turn (app/deps.py, team_turn), and then for the team's share of
+    the requests in progress (app/shares.py), before any of its dependencies takes a thread or a connection. A
+    JSON body is parsed with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -187,6 +189,7 @@ class CheckedJSONRoute(APIRoute):
                 return await handler(CheckedJSONRequest(request.scope, request.receive))
             return parsed
         shared = not getattr(self.endpoint, "outside_team_shares", False)
+        creation = _needs(self.dependant, team_turn)
 
         async def checked(request: Request) -> Response:
             # 401 before the body or a queue; the route's own dependency then finds the caller cached
@@ -195,11 +198,25 @@ class CheckedJSONRoute(APIRoute):
                 if json_body:
                     await turns.enter_async_context(request.app.state.json_bodies.turn(caller.key_id))
                     request = CheckedJSONRequest(request.scope, request.receive)
+                if creation:  # held until its answer is built, after its commit
+                    await _body_read(request)  # first: a client sending it slowly must not hold the team's turn
+                    await turns.enter_async_context(request.app.state.team_turns.turn(caller.team_id))
                 if shared:
                     await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id))
                 return await handler(request)
 
         return checked
+
+
+async def _body_read(request: Request) -> None:
+    """The request's body read (kept by the request for its route), failing as FastAPI's own reading of it
+    fails: the body's bound's 413 as it is, anything else (the client gone mid-body) a 400."""
+    try:
+        await request.body()
+    except StarletteHTTPException:  # FastAPI's own and the body bound's (app/main.py, RequestScope)
+        raise
+    except Exception as exc:
+        raise HTTPException(400, "There was an error parsing the body") from exc
 
 
 def _needs(dependant: Dependant, call: Callable) -> bool:

@@ -92,3 +92,41 @@ def test_a_teams_queue_is_bounded():
             await asyncio.gather(*queued, return_exceptions=True)
             assert shares.in_progress("a") == (3, 0)
     asyncio.run(scenario())
+
+
+def test_a_teams_creations_waiting_for_their_turn_hold_none_of_its_share(client, session):
+    """A team's job creations and preflights go one at a time (app/jobs/turns.py). Waiting for that turn
+    inside their share, more of them than the share held all of it, and the team's own polls (its dashboard)
+    waited behind creations that were themselves only waiting. The turn is now awaited before the share."""
+    import httpx
+    from sqlalchemy import select
+
+    from app.routing import JSON_REQUESTS_PER_KEY
+    from app.teams.service import create_key
+    from app.teams.tables import Team
+
+    app = client.app
+    team_id = session.scalar(select(Team.id).where(Team.name == "team-a"))
+    creations = app.state.team_shares.share(teams=1) + 1
+    keys = [client.headers["Authorization"]] + [f"Bearer {create_key(session, 'team-a')[1]}"  # a key's JSON requests are capped
+                                                for _ in range(creations // JSON_REQUESTS_PER_KEY)]
+    session.commit()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers=dict(client.headers)) as api:
+            async with app.state.team_turns.turn(team_id):  # the team's creation in progress holds its turn
+                waiting = [asyncio.ensure_future(api.post("/jobs/preflight", json={"dataset_id": "0" * 32, "base_model": "tiny"},
+                                                          headers={"Authorization": keys[i % len(keys)]}))
+                           for i in range(creations)]
+                deadline = asyncio.get_running_loop().time() + 10
+                while (app.state.team_turns._holders.get(team_id, 0) - 1 + sum(app.state.team_shares.in_progress(team_id))
+                       < creations):  # every creation has arrived, waiting for the turn or for the share
+                    assert asyncio.get_running_loop().time() < deadline, "the creations did not arrive"
+                    await asyncio.sleep(0.01)
+                assert app.state.team_shares.in_progress(team_id) == (0, 0)  # waiting for the turn, they hold none of it
+                listing = await asyncio.wait_for(api.get("/datasets"), 10)
+                assert listing.status_code == 200, listing.text
+            answers = await asyncio.gather(*waiting)
+            assert all(answer.status_code < 500 for answer in answers), [a.text for a in answers]
+    asyncio.run(scenario())
