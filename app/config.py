@@ -85,10 +85,11 @@ class Settings(BaseSettings):
     # three quarters of them split equally among the busy teams, a quarter kept so a team that arrives starts
     # at once. With 8, a team alone holds 6, two busy teams 3 each. Small on purpose: a request in progress also
     # takes turns of the process's one event loop (and GIL), so another team's poll waits about as long as the
-    # requests in progress beside it take; with a team's 9 to 18 in progress (24 slots), another team's polls
-    # took 5 times as long as alone, with 3 to 6, under 3 times (docs/performance.md). A process's own CPU
-    # serves a team's polls as fast with 6 in progress as with 30. Under the database pool (16 + 8) and the
-    # 40 route threads: a team at its share never waits for a connection another team's requests hold.
+    # requests in progress beside it take: beside a team's 30 at once another team's polls took 11 to 17 times
+    # as long as alone at the median, beside its 9 to 18 (24 slots) 4 times, beside its 3 to 6 (8 slots) 3.7 to 5
+    # times (docs/performance.md). The process's CPU serves a lone team's polls about as fast with 6 in progress
+    # as with 30. Under the database pool (16 + 8) and the 40 route threads: a team at its share never waits for
+    # a connection another team's requests hold.
     request_slots: int = Field(8, ge=1)
     # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
     # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
