@@ -193,10 +193,18 @@ class ApiClient:
             chunks, form = multipart_file_body(path, on_progress)
 
             def body() -> Iterator[bytes]:
-                yield from chunks
-                state["whole"] = True
+                last = None
+                for chunk in chunks:
+                    if last is not None:
+                        yield last
+                    last = chunk
+                # Heard before the last piece goes, not after: once it is written the server may hold the whole
+                # file before this process runs again, and a Ctrl-C then must not say nothing was recorded.
                 if on_sent:
                     on_sent()
+                if last is not None:
+                    yield last
+                state["whole"] = True
 
             # No read timeout while the body is sent: the server validates as it stores, and a slow
             # link must not abort a 2 GiB upload halfway.
