@@ -50,6 +50,12 @@ if __name__ == "__main__":
     # process trains one job, so every line it logs is about that job.
     logs.configure("trainer", get_settings().log_format)
     logs.job_id_var.set(JobFile.read(WorkDir(Path(sys.argv[1])).job).job_id)
+    # The whole training stack, at once and for less (worker/training/stack.py): the imports below and
+    # _train's then find it loaded.
+    from worker.training import stack
+
+    with stack.loading():
+        import worker.training.recipe  # noqa: F401
 
 from transformers import TrainerCallback  # noqa: E402
 

@@ -48,7 +48,10 @@ def train(
 
     try:
         job = JobSpec.from_file(spec)
-        from worker.training.recipe import TrainingError, run
+        from worker.training import stack
+
+        with stack.loading():  # this process trains: its imports for less (worker/training/stack.py)
+            from worker.training.recipe import TrainingError, run
 
         result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True,
                      initial_adapter=initial_adapter, max_paged_fraction=max_paged_fraction)

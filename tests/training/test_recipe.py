@@ -119,6 +119,35 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     assert not mismatch, mismatch
 
 
+STACK_PROBE = """
+import gc, json, os, sys
+from worker.training import stack
+with stack.loading():
+    import worker.training.recipe
+import torch
+from bitsandbytes.backends.default import ops
+print(json.dumps({"compiler_imported": "torch._inductor.compile_fx" in sys.modules,
+                  "variable_left": "TORCHDYNAMO_DISABLE" in os.environ, "gc_on": gc.isenabled(),
+                  "frozen": gc.get_freeze_count() > 100_000,
+                  "bitsandbytes_compiled": any(hasattr(cell.cell_contents, "_torchdynamo_orig_callable")
+                                               for cell in ops._dequantize_4bit_compute.__closure__ or ()),
+                  "compile_still_wraps": hasattr(torch.compile(lambda x: x), "_torchdynamo_orig_callable")}))
+"""
+
+
+def test_a_training_process_loads_the_stack_without_the_compiler_and_leaves_compile_working():
+    """A training process (the worker's, `qlora train`) imports the stack through worker/training/stack.py:
+    bitsandbytes' fallback kernels are not wrapped in torch.compile (which imported torch's whole compiler,
+    ~1 s of each job's start), and afterwards torch.compile, the environment and the garbage collector
+    are as they were. Its training is the same to the bit: test_resume_after_a_crash_continues_the_same_run."""
+    done = subprocess.run([sys.executable, "-c", STACK_PROBE], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "compiler_imported": False, "variable_left": False, "gc_on": True, "frozen": True,
+        "bitsandbytes_compiled": False, "compile_still_wraps": True}
+
+
 def test_resuming_from_the_last_planned_steps_checkpoint_trains_no_step_more(tiny_model_dir, demo_data, tmp_path):
     """A run lost after its final checkpoint (in the merge, say) is resumed from it. transformers took one
     step more there (step 11 of 10, at the full learning rate): the adapter shipped differed from the

@@ -32,6 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from worker.training.stack import import_bitsandbytes  # noqa: E402
+
+import_bitsandbytes()  # before transformers and peft import it: see stack.py
+
 import torch  # noqa: E402
 from datasets import Dataset as HFDataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
