@@ -16,7 +16,6 @@ import httpx
 
 from app.config import Settings
 from app.db import session_scope
-from app.migrate import upgrade
 from app.models import service as models_service
 from app.teams import service as teams_service
 from tests import services
@@ -103,8 +102,7 @@ class Deployment:
 def start_deployment(home: Path, s3_endpoint: str, model_dir: Path, **settings: str) -> Deployment:
     """A fresh database, a storage prefix and queue names of its own, and a running API process.
     `settings` override QLORA_* values (lowercase names without the prefix)."""
-    database_url = services.create_postgres_database()
-    upgrade(database_url)
+    database_url = services.create_migrated_postgres_database()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("QLORA_")},
         **services.s3_env(s3_endpoint),

@@ -5,6 +5,7 @@ Plain functions; tests/conftest.py turns them into fixtures.
 
 from __future__ import annotations
 
+import atexit
 import socket
 import subprocess
 import sys
@@ -129,11 +130,33 @@ def _admin_connection() -> psycopg.Connection:
     return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True)
 
 
-def create_postgres_database() -> str:
+def create_postgres_database(template: str | None = None) -> str:
+    """An empty database, or a copy of the database `template` (a URL), which nothing may be connected to."""
     name = f"qlora_test_{uuid.uuid4().hex[:16]}"
     with _admin_connection() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        if template is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(urlsplit(template).path.lstrip("/"))))
     return f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+_migrated: list[str] = []  # the URL of this process's migrated template, once made
+
+
+def create_migrated_postgres_database() -> str:
+    """A database at the newest schema, as `qlora migrate` leaves it: a copy (CREATE DATABASE ... TEMPLATE, a
+    file copy) of one the project's migrations built once in this process, instead of running them again
+    for each database (~0.4 s of Alembic each). The tests of the migrations themselves run them."""
+    if not _migrated:
+        from app.migrate import upgrade
+
+        url = create_postgres_database()
+        upgrade(url)  # which keeps no connection open: a template takes none while it is copied
+        _migrated.append(url)
+        atexit.register(drop_postgres_database, url)
+    return create_postgres_database(template=_migrated[0])
 
 
 def drop_postgres_database(url: str) -> None:

@@ -11,7 +11,6 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from app.db import engine_for
-from app.migrate import upgrade
 from tests import services
 from tests.deployment import start_deployment, stop_deployment
 
@@ -90,8 +89,7 @@ def database_url() -> Iterator[str]:
     """A Postgres database of its own at the newest schema, for a test that starts its own processes
     or reads plans and statistics; dropped afterwards."""
     services.ensure_postgres()
-    url = services.create_postgres_database()
-    upgrade(url)
+    url = services.create_migrated_postgres_database()
     yield url
     engine_for(url).dispose()  # our connections, before the drop
     services.drop_postgres_database(url)

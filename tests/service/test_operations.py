@@ -9,7 +9,6 @@ from sqlalchemy import text
 
 from app.config import Settings
 from app.db import engine_for, session_scope
-from app.migrate import upgrade
 from app.operations.service import FinishedJobs, prometheus_text
 from bench.metrics_bench import checks, samples, seed_jobs
 from tests import services
@@ -90,9 +89,8 @@ def test_a_scrape_reads_no_more_rows_with_2000_finished_jobs_than_with_10():
     """What /metrics costs the database, counted in rows read rather than timed (bench/metrics_bench.py
     times it at 100,000): the same active jobs, 10 finished jobs and then 2,000, each with its loss curve."""
     services.ensure_postgres()
-    database_url = services.create_postgres_database()
+    database_url = services.create_migrated_postgres_database()
     try:
-        upgrade(database_url)
         made = seed_jobs(database_url, finished=10, points=5)
         body, rows_small = scrape(database_url)
         assert all(checks(body, made).values()), checks(body, made)

@@ -18,7 +18,6 @@ import pytest
 
 from app.datasets.tables import Dataset
 from app.db import engine_for, session_scope, sessionmaker_for
-from app.migrate import upgrade
 from app.operations import storage_sweep as sweeping
 from app.storage import make_key
 from app.storage.s3 import S3Storage
@@ -32,9 +31,7 @@ PREFIX = "objects"
 
 def postgres_database() -> str:
     services.ensure_postgres()
-    url = services.create_postgres_database()
-    upgrade(url)
-    return url
+    return services.create_migrated_postgres_database()
 
 
 @pytest.fixture
