@@ -6,7 +6,8 @@ Each round runs, each in a fresh process, alternating: "before" imports the stac
 wrapping its fallback kernels in torch.compile, the garbage collector on: `import bitsandbytes` first),
 "after" as a training process does now (worker/training/stack.py: `stack.loading()`). Both then train the
 same short run (`--steps`, a loss logged at every step) and report the wall and CPU time (user+sys, of the
-process) from its start to the end of the imports and to the end of the first optimizer step, and the
+process) from its start to the end of the imports and to the end of the first optimizer step, then from
+there to the end of the last step (the steps after the first: the garbage collector's share), and the
 losses, which must be the same to the bit. Prints each figure's after/before ratio over the rounds'
 medians. CPU time is the figure to trust on a loaded machine.
 """
@@ -50,11 +51,13 @@ def child(mode: str, work: Path, steps: int, started: float) -> None:
     from worker.training.spec import JobSpec
 
     first: dict = {}
+    last: dict = {}
 
     class FirstStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if not first:
                 first.update(wall_s=time.time() - started, cpu_s=cpu_s())
+            last.update(wall_s=time.time() - started - first["wall_s"], cpu_s=cpu_s() - first["cpu_s"])
 
     spec = json.loads((work / "demo" / "spec.json").read_text())
     spec["training"].update(max_steps=steps, logging_steps=1, eval_steps=steps, save_steps=steps)
@@ -65,7 +68,7 @@ def child(mode: str, work: Path, steps: int, started: float) -> None:
     # The curve without its clock: the step, losses and gradient norms of each point.
     losses = [{k: v for k, v in json.loads(line).items() if k in ("step", "train_loss", "grad_norm", "eval_loss")}
               for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps({"imports": imported, "first_step": first, "losses": losses}))
+    print(json.dumps({"imports": imported, "first_step": first, "later_steps": last, "losses": losses}))
 
 
 def main() -> None:
@@ -95,7 +98,7 @@ def main() -> None:
     same = all(r["losses"] == results["before"][0]["losses"] for rs in results.values() for r in rs)
     print(f"{args.rounds} rounds; losses of every run the same to the bit: {same} ({len(results['before'][0]['losses'])} steps)")
     print(f"{'median over rounds':<40}{'before':>10}{'after':>10}{'after/before':>14}")
-    for phase in ("imports", "first_step"):
+    for phase in ("imports", "first_step", "later_steps"):
         for figure in ("wall_s", "cpu_s"):
             before = statistics.median(r[phase][figure] for r in results["before"])
             after = statistics.median(r[phase][figure] for r in results["after"])
