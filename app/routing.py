@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.deps import get_caller, team_turn
 from app.jobs.turns import Busy, Turns
+from app.shares import ClientLeft
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
 from worker.training.spec import excerpt
 
@@ -202,10 +203,30 @@ class CheckedJSONRoute(APIRoute):
                     await _body_read(request)  # first: a client sending it slowly must not hold the team's turn
                     await turns.enter_async_context(request.app.state.team_turns.turn(caller.team_id))
                 if shared:
-                    await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id))
+                    # Watched while it waits where nothing of its body is left to read (a body read by the
+                    # watch would be lost to the route); a client that left has its place given up.
+                    left = _client_left(request) if creation or not _has_body(request) else None
+                    try:
+                        await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id, left))
+                    except ClientLeft:
+                        return Response(status_code=499)  # sent to no one: uvicorn drops it
                 return await handler(request)
 
         return checked
+
+
+def _has_body(request: Request) -> bool:
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+
+
+def _client_left(request: Request) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Returns when the request's client has gone (its connection closed): for a request whose body is read or
+    that has none, whose messages left are its empty body's and the disconnect."""
+    async def left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return left
 
 
 async def _body_read(request: Request) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -48,6 +48,10 @@ QUEUE_LIMIT = 1000
 
 class TeamBusy(Busy):
     retry_after_s = 2  # requests ahead of it end in ms; a client waiting this long lets them drain
+
+
+class ClientLeft(Exception):
+    """The client of a waiting request left before its turn: nothing is to be answered, its place is given up."""
 
 
 @dataclass
@@ -76,10 +80,13 @@ class TeamShares:
         return (team.held, len(team.waiting)) if team else (0, 0)
 
     @asynccontextmanager
-    async def turn(self, team_id: str) -> AsyncIterator[None]:
+    async def turn(self, team_id: str, left: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[None]:
+        """The team's turn. `left`, where given, returns when the request's client has gone: awaited only while
+        the request waits, which then ends (ClientLeft) rather than run later for no one (uvicorn does not
+        cancel a request whose client left; its client's retry would have been queued beside it)."""
         team = self._teams.setdefault(team_id, _Team())
         if team.waiting or team.held >= self.share():
-            await self._wait(team)
+            await self._wait(team, left)
         else:
             team.held += 1
         try:
@@ -88,14 +95,20 @@ class TeamShares:
             team.held -= 1
             self._pass_on()
 
-    async def _wait(self, team: _Team) -> None:
+    async def _wait(self, team: _Team, left: Callable[[], Awaitable[None]] | None) -> None:
         if len(team.waiting) >= self.queue_limit:
             raise TeamBusy(f"this team has {self.queue_limit} requests waiting for its share of this API process "
                            "already, the most it may; send fewer at once")
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         team.waiting.append(turn)
+        gone = asyncio.ensure_future(left()) if left is not None else None
         try:
-            await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+            if gone is None:
+                await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+            else:
+                await asyncio.wait((turn, gone), timeout=self.wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if not turn.done():
+                    raise ClientLeft() if gone.done() else TimeoutError()
         except BaseException as exc:  # out of time, or its client left
             if turn.done():  # given its turn as it gave up: hand it on
                 team.held -= 1
@@ -109,6 +122,9 @@ class TeamShares:
                                f"while {len(self._teams)} teams are busy), and this one waited {self.wait_s:g} s for "
                                "one of them to end; send it again, and fewer at once") from None
             raise
+        finally:
+            if gone is not None:
+                gone.cancel()
 
     def _pass_on(self) -> None:
         """Start the waiting requests that are now within their team's share: a request ended, or a team

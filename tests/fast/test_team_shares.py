@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from app.shares import TeamBusy, TeamShares
+from app.shares import ClientLeft, TeamBusy, TeamShares
 
 
 def test_a_team_alone_holds_three_quarters_of_the_slots_and_busy_teams_split_them():
@@ -91,6 +91,29 @@ def test_a_teams_queue_is_bounded():
                 request.cancel()  # their clients left: they leave the queue
             await asyncio.gather(*queued, return_exceptions=True)
             assert shares.in_progress("a") == (3, 0)
+    asyncio.run(scenario())
+
+
+def test_a_waiting_request_whose_client_left_leaves_the_queue_and_the_team_is_forgotten():
+    """The end-to-end check, with a real client that leaves: tests/service/test_bounded_resources.py."""
+    async def scenario() -> None:
+        shares = TeamShares(slots=4)  # alone: 3
+        flood = AsyncExitStack()
+        await hold(shares, "a", 3, flood)
+        client_gone = asyncio.Event()
+
+        async def left() -> None:
+            await client_gone.wait()
+
+        waiting = asyncio.ensure_future(shares.turn("a", left).__aenter__())
+        await asyncio.sleep(0)
+        assert shares.in_progress("a") == (3, 1)
+        client_gone.set()
+        with pytest.raises(ClientLeft):
+            await waiting
+        assert shares.in_progress("a") == (3, 0)
+        await flood.aclose()
+        assert not shares._teams
     asyncio.run(scenario())
 
 

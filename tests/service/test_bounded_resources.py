@@ -349,6 +349,44 @@ def test_a_team_whose_requests_are_all_held_leaves_another_team_its_share(bounde
         assert [request.result().status_code for request in held] == [200] * ROUTE_THREADS
 
 
+def test_a_request_whose_client_left_while_it_waited_for_its_team_gives_up_its_place(bounded):
+    """uvicorn does not cancel a request whose client has gone: a request waiting for its team's share (app/shares.py)
+    whose client gave up (its timeout, then a retry) stayed in the team's queue and ran later for no one, in the
+    team's share. Here the team's share is held on the jobs table's lock, more of its requests wait and their
+    clients leave; once the share is free, those requests would each wait on the datasets table's lock, and the
+    team's next request behind them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = bounded.team_key("leaving-team")
+    database_url = bounded.settings.database_url
+    share = TeamShares(bounded.settings.request_slots).share(teams=1)
+
+    def give_up() -> str:
+        with httpx.Client(base_url=bounded.url, headers={"Authorization": f"Bearer {key}"}, timeout=1) as leaving:
+            try:
+                return str(leaving.get("/datasets").status_code)
+            except httpx.TimeoutException:
+                return "left"
+
+    with bounded.client(key) as client, ThreadPoolExecutor(2 * share) as pool:
+        assert client.get("/jobs").status_code == 200  # the key read
+        with session_scope(database_url) as datasets_lock:
+            datasets_lock.execute(text("LOCK TABLE datasets IN ACCESS EXCLUSIVE MODE"))
+            with session_scope(database_url) as jobs_lock:
+                jobs_lock.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+                held = [pool.submit(client.get, "/jobs") for _ in range(share)]
+                deadline = time.monotonic() + 30
+                while lock_waiters(database_url, "jobs") < share:  # the team's share is held
+                    assert time.monotonic() < deadline, "the team's requests did not reach the database"
+                    time.sleep(0.05)
+                assert [request.result() for request in [pool.submit(give_up) for _ in range(share)]] == ["left"] * share
+                assert httpx.get(bounded.url + "/health").status_code == 200  # answered after it saw them leave
+            assert [request.result().status_code for request in held] == [200] * share  # the share is free again
+            answered = client.get("/jobs", timeout=10)  # not behind the requests of the clients that left
+            assert answered.status_code == 200, answered.text
+            assert lock_waiters(database_url, "datasets") == 0  # none of theirs ran
+
+
 # ------------------------------------------------------------------ live streams
 
 
