@@ -189,8 +189,11 @@ class CheckedJSONRoute(APIRoute):
             async def parsed(request: Request) -> Response:
                 return await handler(CheckedJSONRequest(request.scope, request.receive))
             return parsed
-        shared = not getattr(self.endpoint, "outside_team_shares", False)
         creation = _needs(self.dependant, team_turn)
+        # A creation or preflight is not counted in its team's share either: its team's turn bounds it to one in
+        # progress per team, and it may take a minute (waiting for a preflight process, then running it), which,
+        # counted, held the whole share of a team among 7 busy ones and left its polls waiting for it, then 429.
+        shared = not getattr(self.endpoint, "outside_team_shares", False) and not creation
 
         async def checked(request: Request) -> Response:
             # 401 before the body or a queue; the route's own dependency then finds the caller cached
@@ -205,7 +208,7 @@ class CheckedJSONRoute(APIRoute):
                 if shared:
                     # Watched while it waits where nothing of its body is left to read (a body read by the
                     # watch would be lost to the route); a client that left has its place given up.
-                    left = _client_left(request) if creation or not _has_body(request) else None
+                    left = None if _has_body(request) else _client_left(request)
                     try:
                         await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id, left))
                     except ClientLeft:

@@ -20,7 +20,9 @@ beyond the new share end (a poll's few ms) before it starts another. A fixed sha
 requests waiting beside idle slots; no share, every team waiting behind the busiest. The slots are few
 (QLORA_REQUEST_SLOTS says why): what another team's request waits for is mostly the event loop's and the
 CPU's time for the requests in progress beside it, so the fewer of the busy team's, the sooner it is answered.
-Streams (SSE) and uploads are not counted here: each has a cap per key of its own (app/slots.py), an
+Job creations and preflights are not counted here: their team's turn lets one in progress per team (app/jobs/
+turns.py), and one may take a minute. Streams (SSE) and uploads are not either: each has a cap per key of its
+own (app/slots.py), an
 upload's route is not counted while its body arrives, and a stream's route is counted only until its
 answer starts (its polls then run as the job's feed, one per watched job, app/jobs/stream.py).
 

@@ -153,3 +153,28 @@ def test_a_teams_creations_waiting_for_their_turn_hold_none_of_its_share(client,
             answers = await asyncio.gather(*waiting)
             assert all(answer.status_code < 500 for answer in answers), [a.text for a in answers]
     asyncio.run(scenario())
+
+
+def test_a_teams_creation_does_not_wait_for_its_share_held_by_its_polls(client, session):
+    """A creation or preflight may take a minute (a preflight process to wait for, then the preflight), and its
+    team's turn lets one in progress per team: counted in the share, it held all of it where 7 teams are busy
+    (a share of 1), and its polls waited behind it. Here the team's polls hold its whole share: its preflight
+    is still answered."""
+    import httpx
+    from sqlalchemy import select
+
+    from app.teams.tables import Team
+
+    app = client.app
+    team_id = session.scalar(select(Team.id).where(Team.name == "team-a"))
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers=dict(client.headers)) as api:
+            async with AsyncExitStack() as polls:
+                await hold(app.state.team_shares, team_id, app.state.team_shares.share(), polls)
+                answer = await asyncio.wait_for(api.post("/jobs/preflight", json={
+                    "dataset_id": "0" * 32, "base_model": "tiny"}), 10)
+                assert answer.status_code == 422, answer.text  # its spec is incomplete: answered, not queued
+                assert app.state.team_shares.in_progress(team_id) == (app.state.team_shares.share(), 0)
+    asyncio.run(scenario())
