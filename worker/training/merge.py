@@ -212,7 +212,9 @@ class MergedWeights(Mapping):
     adds it (`lora.Linear.get_delta_weight`, added in place in merge_dtype); any other 4-bit weight is dequantized
     alike; everything else (embeddings, norms, the head, a pad row the adapter carries) is cast to merge_dtype as
     `merge_and_unload().to(merge_dtype)` casts it. The same library calls in the same order as the in-memory
-    merge, so the files are bit for bit the same (tests/training/test_streaming_merge.py holds them to it).
+    merge, so the tensors are bit for bit the same, and the files too (tests/training/test_streaming_merge.py holds them to
+    it), but for a family whose weights transformers renames as it saves (GPT-NeoX): it sorts the names before it
+    shards an in-memory model, not an offloaded one, so the same tensors may sit in other shards, as the index says.
     Each tensor is made where the base is (the GPU that trained, or the CPU) and handed out on the CPU, one at a
     time, as save_pretrained fills the shard it writes."""
 
