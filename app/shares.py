@@ -33,7 +33,7 @@ QUEUE_LIMIT requests waiting already has the next one refused at once, so a team
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,6 +56,22 @@ class ClientLeft(Exception):
     """The client of a waiting request left before its turn: nothing is to be answered, its place is given up."""
 
 
+@dataclass(frozen=True)
+class SharesNow:
+    """What /metrics shows of this process's shares: totals over the teams, naming none (the endpoint needs
+    no key), enough for an operator to see that teams are being queued and how many requests each kind of
+    refusal turned away."""
+
+    slots: int
+    share: int  # what each busy team may have in progress now
+    teams_busy: int  # teams with requests in progress or waiting
+    teams_waiting: int  # of those, teams with requests waiting for their share
+    in_progress: int
+    waiting: int
+    most_waiting: int  # the most requests one team has waiting
+    refused: dict[str, int]  # 429s since the process started, by reason: "waited" (QUEUE_WAIT_S), "queue_full"
+
+
 @dataclass
 class _Team:
     held: int = 0  # requests of the team in progress
@@ -69,6 +85,15 @@ class TeamShares:
     def __init__(self, slots: int, wait_s: float = QUEUE_WAIT_S, queue_limit: int = QUEUE_LIMIT):
         self.slots, self.wait_s, self.queue_limit = slots, wait_s, queue_limit
         self._teams: dict[str, _Team] = {}  # the teams with requests in progress or waiting
+        self.refused: Counter[str] = Counter()  # 429s by reason, for /metrics
+
+    def now(self) -> SharesNow:
+        """A snapshot for /metrics; on the event loop, as every use of this object (app/operations/routes.py)."""
+        teams = list(self._teams.values())
+        return SharesNow(slots=self.slots, share=self.share(), teams_busy=len(teams),
+                         teams_waiting=sum(bool(t.waiting) for t in teams), in_progress=sum(t.held for t in teams),
+                         waiting=sum(len(t.waiting) for t in teams), most_waiting=max((len(t.waiting) for t in teams), default=0),
+                         refused={reason: self.refused[reason] for reason in ("waited", "queue_full")})
 
     def share(self, teams: int | None = None) -> int:
         """What each of `teams` busy teams (by default those busy now) may have in progress: an equal part of
@@ -99,6 +124,7 @@ class TeamShares:
 
     async def _wait(self, team: _Team, left: Callable[[], Awaitable[None]] | None) -> None:
         if len(team.waiting) >= self.queue_limit:
+            self.refused["queue_full"] += 1
             raise TeamBusy(f"this team has {self.queue_limit} requests waiting for its share of this API process "
                            "already, the most it may; send fewer at once")
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -120,6 +146,7 @@ class TeamShares:
                 team.waiting.remove(turn)
                 self._pass_on()
             if isinstance(exc, TimeoutError):
+                self.refused["waited"] += 1
                 raise TeamBusy(f"this team's requests in progress in this API process are at its share ({self.share()} "
                                f"while {len(self._teams)} teams are busy), and this one waited {self.wait_s:g} s for "
                                "one of them to end; send it again, and fewer at once") from None

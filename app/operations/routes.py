@@ -5,18 +5,27 @@ Aggregates only (no team's names or ids), so it needs no key: scrapers rarely ca
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from app.deps import SessionDep, SettingsDep
 from app.operations import service
 from app.routing import CheckedJSONRoute
+from app.shares import SharesNow
 
 router = APIRouter(tags=["operations"], route_class=CheckedJSONRoute)
 
 
+async def shares_now(request: Request) -> SharesNow:
+    """This process's team shares, read on the event loop that changes them (an async dependency runs there;
+    the route's thread could see them mid-change)."""
+    return request.app.state.team_shares.now()
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request, session: SessionDep, settings: SettingsDep):
+def metrics(request: Request, session: SessionDep, settings: SettingsDep, shares: Annotated[SharesNow, Depends(shares_now)]):
     """Costs the same with ten finished jobs or a hundred thousand (see service.FinishedJobs)."""
-    text = service.prometheus_text(session, request.app.state.finished_jobs, settings)
+    text = service.prometheus_text(session, request.app.state.finished_jobs, settings, shares)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -9,6 +9,7 @@ each running job only, and keeps what it knows of finished jobs from one scrape 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from app.jobs import repository, states
 from app.operations import repository as operations_repository
 from app.operations.tables import Worker
 from app.operations.workers import WORKER_ALIVE_S
+from app.shares import SharesNow
 
 # Job durations from minutes (the tiny model) to days (a large model's long run).
 DURATION_BUCKETS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
@@ -144,9 +146,9 @@ def queue_health(session: Session, settings: Settings, now: datetime) -> list[Qu
     return health
 
 
-def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Settings) -> str:
-    """Jobs by status, each queue's depth, wait and live workers, durations of finished jobs, and each
-    training worker's device."""
+def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Settings, shares: SharesNow | None = None) -> str:
+    """Jobs by status, each queue's depth, wait and live workers, durations of finished jobs, each
+    training worker's device, and this API process's team shares (`shares`)."""
     now = utcnow()
     finished = finished_jobs.by_status(session, now)
     out = Exposition()
@@ -189,4 +191,31 @@ def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Set
     for worker, _, utilization in devices:
         if utilization is not None:
             out.sample("qlora_worker_gpu_utilization_ratio", utilization, worker=worker)
+    if shares is not None:
+        team_shares(out, shares)
     return out.text()
+
+
+def team_shares(out: Exposition, shares: SharesNow) -> None:
+    """The team shares of the API process that answers this scrape (app/shares.py). Each process has its own
+    (with `--workers N` a scrape reaches one of them), so each sample carries its `pid`: one process's counter
+    never reads as another's going back, and a dashboard sums over pid. No team is named (the endpoint needs
+    no key): totals, the teams waiting and the most one team has waiting say that teams are being queued."""
+    pid = str(os.getpid())
+    for name, value, help_text in (
+            ("qlora_api_request_slots", shares.slots, "QLORA_REQUEST_SLOTS: the requests in progress this API process shares among teams."),
+            ("qlora_api_team_share", shares.share, "What each busy team may have in progress in this API process now."),
+            ("qlora_api_teams_busy", shares.teams_busy, "Teams with requests in progress or waiting for their share in this API process."),
+            ("qlora_api_teams_waiting", shares.teams_waiting, "Teams with requests waiting for their share in this API process."),
+            ("qlora_api_requests_in_progress", shares.in_progress,
+             "Authenticated requests in progress in this API process, each counted in its team's share."),
+            ("qlora_api_requests_waiting", shares.waiting, "Requests waiting for their team's share in this API process."),
+            ("qlora_api_team_most_waiting", shares.most_waiting,
+             "The most requests one team has waiting for its share in this API process.")):
+        out.family(name, "gauge", help_text)
+        out.sample(name, value, pid=pid)
+    out.family("qlora_api_requests_refused_total", "counter",
+               "Requests answered 429 busy by their team's share in this API process since it started: waited out (waited) or "
+               "refused with the team's queue full (queue_full).")
+    for reason, count in shares.refused.items():
+        out.sample("qlora_api_requests_refused_total", count, pid=pid, reason=reason)

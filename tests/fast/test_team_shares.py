@@ -75,6 +75,7 @@ def test_a_request_that_waits_in_vain_is_answered_busy_with_a_retry_after_and_le
             assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "2"
             assert "waited 0.01 s" in refused.value.message
             assert shares.in_progress("a") == (3, 0)
+            assert shares.now().refused == {"waited": 1, "queue_full": 0}  # /metrics counts it
     asyncio.run(scenario())
 
 
@@ -87,6 +88,9 @@ def test_a_teams_queue_is_bounded():
             await asyncio.sleep(0)
             with pytest.raises(TeamBusy, match="2 requests waiting"):
                 await hold(shares, "a", 1, flood)
+            now = shares.now()  # what /metrics shows: one team, 3 in progress, 2 waiting, 1 refused
+            assert (now.teams_busy, now.teams_waiting, now.in_progress, now.waiting, now.most_waiting) == (1, 1, 3, 2, 2)
+            assert now.refused == {"waited": 0, "queue_full": 1}
             for request in queued:
                 request.cancel()  # their clients left: they leave the queue
             await asyncio.gather(*queued, return_exceptions=True)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 
 from app.config import Settings
 from app.db import engine_for, session_scope
 from app.operations.service import FinishedJobs, prometheus_text
+from app.routing import JSON_REQUESTS_PER_KEY
+from app.shares import TeamShares
 from bench.metrics_bench import checks, samples, seed_jobs
 from tests import services
 from tests.deployment import lane, upload, wait_for_status
@@ -101,6 +105,44 @@ def test_a_scrape_reads_no_more_rows_with_2000_finished_jobs_than_with_10():
     finally:
         engine_for(database_url).dispose()
         services.drop_postgres_database(database_url)
+
+
+def test_a_team_held_at_its_share_shows_as_requests_in_progress_and_waiting(deployment):
+    """An operator sees on /metrics that a team is being queued by its share of the API process's requests in
+    progress (app/shares.py): its requests in progress, those waiting, and that one team waits, naming none.
+    The team's requests are held in progress by their bodies, which never come: each is counted in its
+    team's share before its route reads its body."""
+    share = TeamShares(deployment.settings.request_slots).share(teams=1)
+    waiting = 2
+    keys = [deployment.team_key("metrics-shares", admin=True) for _ in range(-(-(share + waiting) // JSON_REQUESTS_PER_KEY))]
+    host, port = urlsplit(deployment.url).hostname, urlsplit(deployment.url).port
+    held = []
+
+    def totals() -> dict[str, float]:
+        text = deployment.client(None).get("/metrics").text
+        assert "metrics-shares" not in text
+        return {name: sum(samples(text, name).values()) for name in (
+            "qlora_api_requests_in_progress", "qlora_api_requests_waiting", "qlora_api_teams_waiting", "qlora_api_team_most_waiting")}
+
+    try:
+        for i in range(share + waiting):  # POST /models, an admin's JSON route, its body promised and never sent
+            conn = socket.create_connection((host, port), timeout=10)
+            conn.sendall(f"POST /models HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {keys[i % len(keys)]}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+            held.append(conn)
+        expected = {"qlora_api_requests_in_progress": share, "qlora_api_requests_waiting": waiting,
+                    "qlora_api_teams_waiting": 1, "qlora_api_team_most_waiting": waiting}
+        deadline = time.monotonic() + 30
+        while (seen := totals()) != expected:  # the requests reach the API process
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+    finally:
+        for conn in held:
+            conn.close()  # their clients leave: the requests end, and those waiting after them
+    deadline = time.monotonic() + 30
+    while (seen := totals())["qlora_api_requests_in_progress"] or seen["qlora_api_requests_waiting"]:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
 
 
 def test_health_answers_a_head_probe_as_a_get(deployment):
