@@ -128,14 +128,16 @@ def flood_requests(url: str, key: str, job_id: str, stop: threading.Event, statu
                 statuses.append((time.monotonic(), "timeout"))
 
 
-def flood_process(url: str, key: str, job_id: str, threads: int, stop, answers) -> None:
+def flood_process(url: str, key: str, job_id: str, threads: int, started, stop, answers) -> None:
     """Team burst's threads, in a process of their own: in the bench's, they held its GIL, and team calm's
-    client waited for it as much as for the API. Puts the flood's (answered at, status) in `answers` once `stop`
-    is set (time.monotonic is the system's clock, the same in every process)."""
+    client waited for it as much as for the API. Sets `started` once they run (the process's imports take
+    seconds on a loaded machine), and puts the flood's (answered at, status) in `answers` once `stop` is set
+    (time.monotonic is the system's clock, the same in every process)."""
     stopping, statuses = threading.Event(), []  # list.append: one step, whichever thread
     flooding = [threading.Thread(target=flood_requests, args=(url, key, job_id, stopping, statuses, i)) for i in range(threads)]
     for thread in flooding:
         thread.start()
+    started.set()
     stop.wait()
     stopping.set()
     for thread in flooding:
@@ -167,16 +169,17 @@ def summary(answers: list[tuple[int, float]]) -> dict:
 
 
 def run(threads: int, seconds: float, rows: int, body_mib: float = 0, flood: bool = False, every_s: float = 0.05,
-        request_slots: int | None = None) -> dict:
+        request_slots: int | None = None, then_flood: float = 0) -> dict:
+    """`then_flood`: after the burst's phases, the flood's, each this many seconds, on the same deployment."""
     work = Path(tempfile.mkdtemp(prefix="qlora-burst-bench-"))
     try:
-        return _run(work, threads, seconds, rows, body_mib, flood, every_s, request_slots)
+        return _run(work, threads, seconds, rows, body_mib, flood, every_s, request_slots, then_flood)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the tiny model and both datasets
 
 
 def _run(work: Path, threads: int, seconds: float, rows: int, body_mib: float, flood: bool, every_s: float,
-         request_slots: int | None) -> dict:
+         request_slots: int | None, then_flood: float) -> dict:
     model = build_tiny_model(work / "tiny")
     big, small = work / "big.jsonl", work / "small.jsonl"
     write_dataset(big, rows, turns=3)
@@ -228,8 +231,11 @@ def _run(work: Path, threads: int, seconds: float, rows: int, body_mib: float, f
             stop.set()
             for thread in burst:
                 thread.join()
-        for client in clients.values():
-            client.close()
+        try:  # --then-flood: the flood's phases too, on this deployment (no second one started)
+            flooded = _flood(d.url, keys, clients, bodies, threads, then_flood, every_s, request_slots) if then_flood else None
+        finally:
+            for client in clients.values():
+                client.close()
     redis.Redis.from_url("redis://127.0.0.1:6379/0").delete(f"gpu-{gpu_class}")
 
     results: dict = {"threads": threads, "seconds": seconds, "rows": rows, "body_mib": body_mib,
@@ -242,6 +248,9 @@ def _run(work: Path, threads: int, seconds: float, rows: int, body_mib: float, f
                   for phase in (r["alone"], r["beside_burst"]))
     no_5xx = not any(str(status).startswith("5") for status in burst_statuses)
     results["ok"] = calm_ok and no_5xx and all(r["beside_burst"]["count"] for r in results["calm"].values())
+    if flooded is not None:
+        results["flood"] = flooded
+        results["ok"] = results["ok"] and flooded["ok"]
     return results
 
 
@@ -257,12 +266,14 @@ def _flood(url: str, keys: dict[str, str], clients: dict[str, httpx.Client], bod
     load_before = os.getloadavg()
     alone = trickle(clients["calm"], job_ids["calm"], every_s, time.monotonic() + seconds)
     spawn = multiprocessing.get_context("spawn")
-    stop, answers = spawn.Event(), spawn.Queue()
-    flooding = spawn.Process(target=flood_process, args=(url, keys["burst"], job_ids["burst"], threads, stop, answers))
+    started, stop, answers = spawn.Event(), spawn.Event(), spawn.Queue()
+    flooding = spawn.Process(target=flood_process, args=(url, keys["burst"], job_ids["burst"], threads, started, stop, answers))
     flooding.start()
     try:
+        if not started.wait(300):
+            raise RuntimeError("the flood's process did not start its threads in 300 s")
         # The flood alone first, for what team burst gets when no other team asks anything (its first
-        # second left out: the process and its connections starting).
+        # second left out: its connections starting).
         alone_from = time.monotonic() + 1
         time.sleep(1 + seconds)
         beside_from = time.monotonic()
@@ -341,14 +352,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="team burst sends bodies of this many MiB instead, each refused once parsed (default 0: off)")
     p.add_argument("--flood", action="store_true",
                    help="team burst sends cheap GETs instead, and team calm a steady trickle of them (see above)")
+    p.add_argument("--then-flood", type=float, default=0, metavar="SECONDS",
+                   help="after the burst's phases, --flood's on the same deployment too, each this long (results under \"flood\")")
     p.add_argument("--every-ms", type=float, default=50, help="--flood: team calm's GETs, one every this many ms (default 50)")
     p.add_argument("--request-slots", type=int, default=None,
                    help="QLORA_REQUEST_SLOTS for the API (default: the service's; 100000: no team's share bounded)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)}, or {FLOOD_OUT.relative_to(ROOT)} with --flood)")
     args = p.parse_args(argv)
-    results = run(args.threads, args.seconds, args.rows, args.body_mib, args.flood, args.every_ms / 1000, args.request_slots)
+    results = run(args.threads, args.seconds, args.rows, args.body_mib, args.flood, args.every_ms / 1000, args.request_slots,
+                  then_flood=0 if args.flood else args.then_flood)
     (print_flood_report if args.flood else print_report)(results)
+    if "flood" in results:
+        print_flood_report(results["flood"])
     args.out = args.out or (FLOOD_OUT if args.flood else DEFAULT_OUT)
     return save_results(results, args.out)
 

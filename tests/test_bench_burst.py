@@ -7,9 +7,11 @@ import json
 from bench import burst_bench
 
 
-def test_burst_benchmark_measures_the_calm_team_alone_and_beside_the_burst(tmp_path):
+def test_burst_and_flood_benchmarks_measure_the_calm_team_alone_and_beside_the_other_team(tmp_path):
+    """Both modes in one invocation (--then-flood), so one deployment serves both: the burst of POST /jobs,
+    then the flood of GETs."""
     out = tmp_path / "burst_bench.json"
-    assert burst_bench.main(["--threads", "3", "--seconds", "2", "--rows", "300", "--out", str(out)]) == 0
+    assert burst_bench.main(["--then-flood", "1", "--threads", "3", "--seconds", "2", "--rows", "300", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["ok"] is True
     assert set(results["burst"]) <= {"201", "429"} and results["burst"].get("201")
@@ -18,11 +20,7 @@ def test_burst_benchmark_measures_the_calm_team_alone_and_beside_the_burst(tmp_p
         assert measured["alone"]["count"] > 0 and measured["beside_burst"]["count"] > 0
         assert measured["median_ratio"] > 0
 
-
-def test_flood_benchmark_measures_the_calm_teams_gets_alone_and_beside_another_teams_flood(tmp_path):
-    out = tmp_path / "burst_bench_flood.json"
-    assert burst_bench.main(["--flood", "--threads", "3", "--seconds", "1", "--rows", "50", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
+    results = results["flood"]
     assert results["ok"] is True and results["mode"] == "flood"
     assert set(results["burst"]) == {"200"} and results["burst_per_s"]["alone"] > 0 and results["burst_per_s"]["beside_calm"] > 0
     assert len(results["load_avg_before"]) == 3
