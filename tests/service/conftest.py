@@ -76,7 +76,10 @@ def chromium() -> Path:
                 f"(run `apt-get update && apt-get install -y chromium` as root):\n" + "\n".join(attempts))
 
 
-@pytest.fixture(scope="session")
+# Per test file, not per session: playwright's sync API runs an event loop in the main thread for as long as it
+# is open, and every later test file in the same process that calls asyncio.run() failed ("cannot be called
+# from a running event loop"), depending on which files --dist loadfile had run there before.
+@pytest.fixture(scope="module")
 def browser(chromium):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
