@@ -107,8 +107,8 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 async def team_turn() -> None:
     """Declares that a route takes its team's turn for a job creation or preflight in this process
     (app/jobs/turns.py). Its route class awaits it (app/routing.py, CheckedJSONRoute) before the route takes a
-    thread or a connection, and before the team's share of the requests in progress (app/shares.py): a creation
-    waiting for its turn holds no place of its team's share, which its polls meanwhile use."""
+    thread or a connection; such a route is not counted in its team's share of the requests in progress
+    (app/shares.py), which its turn already bounds to one, and which the team's polls meanwhile use."""
 
 
 TeamTurnDep = Annotated[None, Depends(team_turn)]

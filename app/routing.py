@@ -175,9 +175,9 @@ def outside_team_shares(endpoint: Callable) -> Callable:
 class CheckedJSONRoute(APIRoute):
     """The route class of every router (app/*/routes.py). A route that authenticates its caller does so first
     (401 before anything is queued or read), then, with a JSON body, waits for the key's turn (json_body_turns),
-    a job creation or preflight for the team's turn (app/deps.py, team_turn), and then for the team's share of
-    the requests in progress (app/shares.py), before any of its dependencies takes a thread or a connection. A
-    JSON body is parsed with CheckedJSONRequest."""
+    then a job creation or preflight for the team's turn (app/deps.py, team_turn), and any other route (but an
+    upload's) for the team's share of the requests in progress (app/shares.py), before any of its dependencies
+    takes a thread or a connection. A JSON body is parsed with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
