@@ -92,8 +92,11 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
     declared for /docs; the key is read from every Authorization header the request has."""
     key_hash = bearer_key_hash(request.headers.getlist("authorization"))
     cache: CallerCache = request.app.state.callers
-    return await cache.get_or_read(key_hash, lambda: run_in_threadpool(
-        _read_caller, request.app.state.settings.database_url, key_hash))
+
+    async def read() -> Caller:
+        async with cache.reads:  # a few at once (KEY_READS): made-up keys, each a miss, must not take every thread
+            return await run_in_threadpool(_read_caller, request.app.state.settings.database_url, key_hash)
+    return await cache.get_or_read(key_hash, read)
 
 
 def _read_caller(database_url: str, key_hash: str) -> Caller:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -38,6 +39,13 @@ class Caller:
         return cls(team_id=team.id, team_name=team.name, key_id=key.id, is_admin=key.is_admin)
 
 
+# Keys this process reads at once when they missed its cache (each read a route thread and a database connection).
+# A key is read before its team is known, so no team's share (app/shares.py) bounds these reads: 200 requests at
+# once with made-up keys, each a miss and a 401, held all 40 route threads and once the whole connection pool.
+# A read takes a few ms, so 4 at once still read hundreds of keys a second (a restart's first polls).
+KEY_READS = 4
+
+
 class CallerCache(Recent[str, Caller]):
     """What this process read of each API key lately (by key hash), for `ttl_s` seconds.
 
@@ -49,6 +57,10 @@ class CallerCache(Recent[str, Caller]):
     /admin/teams/{team}/disable, which forgets the team's keys at once (forget_team); and whatever a
     key still does in that window, its jobs do not start and no new job of it is queued.
     """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, reads: int = KEY_READS):
+        super().__init__(ttl_s, max_entries)
+        self.reads = asyncio.Semaphore(reads)  # the reads that missed, at once (KEY_READS); awaited on the event loop
 
     def forget_team(self, team_id: str) -> None:
         self.forget(lambda caller: caller.team_id == team_id)

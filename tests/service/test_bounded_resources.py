@@ -349,6 +349,39 @@ def test_a_team_whose_requests_are_all_held_leaves_another_team_its_share(bounde
         assert [request.result().status_code for request in held] == [200] * ROUTE_THREADS
 
 
+def test_reads_of_keys_the_api_does_not_know_take_a_few_threads_not_all(bounded):
+    """A key is read before its team is known, so no team's share bounds its read: made-up keys, each a miss of the
+    key cache and a 401, held all 40 route threads and once the whole connection pool (200 at once). Here the
+    keys table is locked (as a migration would), so each read, once it runs, holds its thread and connection;
+    only KEY_READS of them run, and a team whose key is cached is answered meanwhile."""
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    calm_key = bounded.team_key("calm-team")
+    database_url = bounded.settings.database_url
+    made_up = 3 * teams_service.KEY_READS
+
+    def unknown_key() -> int:
+        with httpx.Client(base_url=bounded.url, timeout=60,
+                          headers={"Authorization": f"Bearer qlk_{secrets.token_urlsafe(32)}"}) as stranger:
+            return stranger.get("/jobs").status_code
+
+    with bounded.client(calm_key) as calm, ThreadPoolExecutor(made_up) as pool:
+        assert calm.get("/models").status_code == 200  # its key read, and cached
+        with session_scope(database_url) as lock:
+            lock.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))  # until this session commits
+            strangers = [pool.submit(unknown_key) for _ in range(made_up)]
+            deadline = time.monotonic() + 30
+            while lock_waiters(database_url, "api_keys") < teams_service.KEY_READS:
+                assert time.monotonic() < deadline, "the made-up keys' reads did not reach the database"
+                time.sleep(0.05)
+            answered = calm.get("/models", timeout=15)
+            assert answered.status_code == 200, answered.text
+            assert not any(request.done() for request in strangers)
+            assert lock_waiters(database_url, "api_keys") == teams_service.KEY_READS  # the others wait their turn
+        assert [request.result() for request in strangers] == [401] * made_up
+
+
 def test_a_request_whose_client_left_while_it_waited_for_its_team_gives_up_its_place(bounded):
     """uvicorn does not cancel a request whose client has gone: a request waiting for its team's share (app/shares.py)
     whose client gave up (its timeout, then a retry) stayed in the team's queue and ran later for no one, in the
