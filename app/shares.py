@@ -22,9 +22,8 @@ requests waiting beside idle slots; no share, every team waiting behind the busi
 CPU's time for the requests in progress beside it, so the fewer of the busy team's, the sooner it is answered.
 Job creations and preflights are not counted here: their team's turn lets one in progress per team (app/jobs/
 turns.py), and one may take a minute. Streams (SSE) and uploads are not either: each has a cap per key of its
-own (app/slots.py), an
-upload's route is not counted while its body arrives, and a stream's route is counted only until its
-answer starts (its polls then run as the job's feed, one per watched job, app/jobs/stream.py).
+own (app/slots.py), an upload's route is not counted while its body arrives, and a stream's route is counted
+only until its answer starts (its polls then run as the job's feed, one per watched job, app/jobs/stream.py).
 
 A request that waits QUEUE_WAIT_S without its turn is answered 429 `busy` with a Retry-After; a team with
 QUEUE_LIMIT requests waiting already has the next one refused at once, so a team's queue is bounded too.
@@ -140,11 +139,10 @@ class TeamShares:
         except BaseException as exc:  # out of time, or its client left
             if turn.done():  # given its turn as it gave up: hand it on
                 team.held -= 1
-                self._pass_on()
             else:
                 turn.cancel()
                 team.waiting.remove(turn)
-                self._pass_on()
+            self._pass_on()
             if isinstance(exc, TimeoutError):
                 self.refused["waited"] += 1
                 raise TeamBusy(f"this team's requests in progress in this API process are at its share ({self.share()} "

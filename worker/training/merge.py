@@ -230,14 +230,9 @@ class MergedWeights(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         import bitsandbytes as bnb
         from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.tuners_utils import BaseTunerLayer
         from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
-        module_name, _, attr = name.rpartition(".")
-        module = self.model.get_submodule(module_name)
-        lora = module if isinstance(module, BaseTunerLayer) else None
-        if lora is not None:
-            module = lora.get_base_layer()
+        lora, module, attr = _owner(self.model, name)
         tensor = getattr(module, attr)
         with torch.no_grad():
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and attr == "weight":
@@ -286,14 +281,22 @@ def save_streaming_merge(model, adapter: str, merge_dtype: torch.dtype, director
         skeleton.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
 
 
-def _has_tensor(model, name: str) -> bool:
+def _owner(model, name: str):
+    """(the LoRA layer or None, the module holding the tensor `name` of the dense model, the attribute's name):
+    a LoRA layer's weight and bias are its base layer's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    lora = module if isinstance(module, BaseTunerLayer) else None
+    return lora, module if lora is None else lora.get_base_layer(), attr
+
+
+def _has_tensor(model, name: str) -> bool:
     try:
-        module = model.get_submodule(module_name)
+        _, module, attr = _owner(model, name)
     except AttributeError:
         return False
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
     return isinstance(getattr(module, attr, None), torch.Tensor)
 
 

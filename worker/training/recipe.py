@@ -397,7 +397,6 @@ class QLoRARecipe:
         # The disk space the merged model's files may take; None: what the output directory's disk has free.
         self.disk_free = disk_free
         self.merge_shard_size = merge_shard_size  # the largest of the merged model's safetensors files
-        self.merge_skipped: str | None = None  # why the merged model was not built, where output.merge asked for it
         self.merge_plan: MergePlan | None = None  # how it was built, where output.merge asked for it
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -689,7 +688,6 @@ class QLoRARecipe:
             merge_dtype = getattr(torch, self.spec.output.merge_dtype)
             plan = self.merge_plan = self._plan_merge(merge_dtype, base_bytes, largest_tensor)
             if plan.how == "skipped":  # succeeded with the adapter, rather than killed after training, attempt after attempt
-                self.merge_skipped = plan.why
                 self.emit(Event(type="merge_skipped", level="warning", step=self.state.global_step, message=plan.why))
             else:
                 if plan.why:
@@ -843,7 +841,8 @@ class QLoRARecipe:
             "eval_loss_final": eval_loss,
             "perplexity_final": perplexity(eval_loss) if self.spec.method.type == "sft" else None,  # exp(DPO loss): no
             "merge_fidelity": merge_fidelity,
-            "merge_skipped": self.merge_skipped,  # why no merged model, where output.merge asked for one
+            # why no merged model, where output.merge asked for one
+            "merge_skipped": self.merge_plan.why if self.merge_plan and self.merge_plan.how == "skipped" else None,
             "best_eval": self.best.summary(self.state.global_step),  # None where nothing was evaluated
             "report": report["metrics"] if report else None,  # the means; the rows are in report/report.json
             "durations_s": _durations(*self.clock),
