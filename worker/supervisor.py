@@ -41,7 +41,14 @@ from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
 from app.scheduling.service import claim_next
-from app.storage.base import delete_objects, make_key, storage_from_settings, storage_out_of_reach
+from app.storage.base import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    delete_objects,
+    make_key,
+    storage_from_settings,
+    storage_out_of_reach,
+)
 from app.storage.local import LocalStorage
 from app.text import format_bytes
 from worker.quantized_bases import cache_key, quantized_identity
@@ -385,10 +392,7 @@ class JobRun:
         self._download(watch, "training data", job.train, workdir.train_data)
         if job.validation:
             self._download(watch, "validation data", job.validation, workdir.validation_data)
-        if job.resume_from is not None:
-            # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
-            self._download_tar(watch, f"checkpoint at step {job.resume_step}", job.resume_from, workdir.out,
-                               workdir.archive("resume"))
+        self._download_checkpoint(job, workdir, watch)
         if job.initial_adapter is not None:
             # The artifact is a tar of adapter/ (adapter_config.json, adapter_model.safetensors); job.json
             # tells the training process where it landed. Every attempt fetches the same one.
@@ -407,6 +411,26 @@ class JobRun:
             base_model_id=job.base_model["hub_id"] or job.base_model["name"],
             base_model_revision=job.base_model["revision"] if job.base_model["hub_id"] else None,
         ).write(workdir.job)
+
+    def _download_checkpoint(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:
+        """Fetch the checkpoint a later attempt resumes from into the output directory. One that went bad in
+        storage after it was recorded (its bytes changed, or it was deleted) would meet every attempt: it is
+        dropped and the attempt falls back to the one before, or to step 0 when none is left, saying so
+        (runs.checkpoint_unusable). Before, the job failed at once with all its other checkpoints."""
+        while job.resume_from is not None:
+            # The checkpoint archive holds checkpoints/step-N and the run manifest, as the recipe wrote them.
+            try:
+                self._download_tar(watch, f"checkpoint at step {job.resume_step}", job.resume_from, workdir.out,
+                                   workdir.archive("resume"))
+                return
+            except (ChecksumMismatch, ObjectNotFound) as exc:  # both raised before a byte of it is unpacked
+                why = ("its bytes no longer match the sha256 recorded at its upload"
+                       if isinstance(exc, ChecksumMismatch) else "it is gone from storage")
+                log.warning("job %s: the checkpoint at step %s is unusable (%s); falling back", job.id,
+                            job.resume_step, exc)
+                with session_scope(self.db) as session:
+                    dropped = runs.checkpoint_unusable(session, job, why)
+                delete_objects(self.storage, [dropped])  # its row is gone: a bad copy nobody will read again
 
     def _download(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, path: Path) -> None:
         """Fetch a stored object, checked against its sha256, counting it for the progress events."""

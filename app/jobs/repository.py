@@ -323,6 +323,12 @@ def _checkpoints(session: Session, of_job) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(of_job).order_by(Checkpoint.step)))
 
 
+def checkpoint(session: Session, job_id: str, checkpoint_id: str) -> Checkpoint | None:
+    """For the worker: one checkpoint of the job it runs."""
+    return session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                    Checkpoint.id == checkpoint_id)).one_or_none()
+
+
 def delete_checkpoint(session: Session, checkpoint: Checkpoint) -> None:
     session.delete(checkpoint)
 

@@ -106,25 +106,52 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     return claimed
 
 
-def _plan_resume(session: Session, job: ClaimedJob) -> None:
+def _plan_resume(session: Session, job: ClaimedJob, instead_of: str | None = None) -> None:
     """A later attempt continues from the newest complete checkpoint; what the lost attempt logged
-    after it is deleted, so the curve has each step once, as the resumed run logs it again."""
+    after it is deleted, so the curve has each step once, as the resumed run logs it again.
+    `instead_of`: the newer checkpoint it could not use, and why (checkpoint_unusable)."""
     saved = repository.checkpoints(session, job.id)
+    job.resume_from, job.resume_step = None, 0
     if saved:
         newest = saved[-1]
         job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256, newest.bytes)
         job.resume_step = newest.step
         message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
         tokens = newest.tokens_seen
+    elif instead_of is not None:
+        message = f"attempt {job.attempt} starts over from step 0: no usable checkpoint is left"
+        tokens = 0
     else:
         message = f"attempt {job.attempt} starts over: no checkpoint was saved before the worker was lost"
         tokens = 0
+    if instead_of is not None:
+        message += f" ({instead_of})"
     if tokens is not None:  # None: a checkpoint saved before its tokens were recorded
         ledger.resumes_at(session, job.id, job.attempt, tokens)
     repository.delete_metrics_after(session, job.id, job.resume_step)
     # After a pause (asked for, or to make room for another job) resuming is the plan; after a lost attempt, news.
-    level = "info" if repository.has_event(session, job.id, states.PAUSED, job.attempt - 1) else "warning"
-    repository.add_event(session, job.id, "resumed", level, message, attempt=job.attempt, step=job.resume_step)
+    planned = instead_of is None and repository.has_event(session, job.id, states.PAUSED, job.attempt - 1)
+    repository.add_event(session, job.id, "resumed", "info" if planned else "warning", message, attempt=job.attempt,
+                         step=job.resume_step)
+
+
+def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
+    """The checkpoint the attempt was to resume from (job.resume_from) cannot be fetched as it was stored: its
+    bytes no longer match the sha256 recorded at its upload, or it is gone from storage. Another attempt would
+    meet the same checkpoint, so instead of failing the job (it did: "the worker failed: ChecksumMismatch"), its
+    row goes and the attempt resumes from the newest checkpoint before it, or from step 0 when none is left;
+    `job` is changed to say which, and the resumed event says why. Fenced by the attempt (LeaseLost). Returns the
+    dropped checkpoint's storage key, to delete once this is committed."""
+    if not repository.touch(session, job.id, job.attempt, heartbeat_at=utcnow()):
+        raise LeaseLost(f"job {job.id}: attempt {job.attempt} no longer owns it")
+    assert job.resume_from is not None
+    dropped, step = job.resume_from, job.resume_step
+    row = repository.checkpoint(session, job.id, dropped.id)
+    if row is not None:
+        repository.delete_checkpoint(session, row)
+        session.flush()
+    _plan_resume(session, job, instead_of=f"the checkpoint at step {step} is unusable and was dropped: {why}")
+    return dropped.storage_key
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> str | None:

@@ -1,0 +1,63 @@
+"""Work that must not be lost where the other fault tests do not look: a checkpoint that went bad in storage
+after it was recorded."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import boto3
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.jobs.tables import Checkpoint
+from tests.deployment import BUCKET, wait_for_status
+from tests.faults.conftest import curve_steps, events, job_body, release, trainer_pids, wait_until
+from worker.runner import FAULT_HOLD_AT_STEP
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def _checkpoint_keys(d, job_id: str) -> dict[int, str]:
+    with session_scope(d.settings.database_url) as session:
+        return {c.step: c.storage_key for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(faulty, tenant, dataset_id, fault_report):
+    """The checkpoint a resume needs rotted in storage (other bytes under its key): the job failed at once, "the
+    worker failed: ChecksumMismatch: object '<key>' is corrupt ... so upload it again", though the checkpoint
+    before it was whole. Now the attempt drops it and resumes from that one."""
+    # Held after step 25 (checkpoints 10 and 20 recorded: the deployment keeps 2), so the kill lands mid-run.
+    worker = faulty.start_worker(name="bitrot", extra_env={FAULT_HOLD_AT_STEP: "25"})
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
+    s3 = boto3.client("s3", endpoint_url=faulty.settings.s3_endpoint_url, region_name="us-east-1")
+    prefix = faulty.settings.storage_url.split("/", 3)[3]
+    try:
+        def held(attempt: int):
+            now = tenant.get(f"/jobs/{job['id']}").json()
+            return (now["attempt"] == attempt and max(curve_steps(tenant, job["id"]), default=0) >= 24
+                    and sorted(_checkpoint_keys(faulty, job["id"])) == [10, 20])
+
+        wait_until(lambda: held(1), 180, "attempt 1 held after step 25, checkpoints 10 and 20 recorded")
+        rotten = _checkpoint_keys(faulty, job["id"])[20]
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{rotten}", Body=b"rotten")
+        (trainer,) = trainer_pids(job["id"], attempt=1)
+        os.kill(trainer, signal.SIGKILL)  # attempt 2, on the same worker, resumes from the newest checkpoint
+        wait_until(lambda: held(2) or tenant.get(f"/jobs/{job['id']}").json()["status"] in FINISHED, 240,
+                   "attempt 2 held after step 25 in its turn")
+        if tenant.get(f"/jobs/{job['id']}").json()["status"] not in FINISHED:  # it failed at once, before
+            release(faulty, job["id"], attempt=2)
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 41))
+        resumed = [e for e in events(tenant, job["id"]) if e["type"] == "resumed"]
+        assert [e["step"] for e in resumed] == [20, 10] and resumed[-1]["level"] == "warning"
+        assert ("the checkpoint at step 20 is unusable and was dropped: its bytes no longer match the sha256"
+                in resumed[-1]["message"])
+        assert sorted(_checkpoint_keys(faulty, job["id"])) == [30, 40]
+        # The rotten copy went with its row: nothing of it is left for a sweep to find.
+        assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/{rotten}")
+        fault_report.append({"fault": "the checkpoint to resume from corrupt in storage", "injected": 1,
+                             "survived": 1, "steps_lost": 25 - 10})
+    finally:
+        faulty.stop(worker)
