@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TypeVar
 
 import anyio.to_thread
 from pydantic_core import from_json
-from sqlalchemy import DateTime, MetaData, String, create_engine, event
+from sqlalchemy import DateTime, MetaData, String, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -67,8 +68,27 @@ def insert_for(session: Session):
     return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
+# Fault injection for tests/faults: this process's clock runs this many seconds off (a host whose clock is
+# wrong: NTP down, a VM resumed from suspend). Read once; 0 everywhere else.
+FAULT_CLOCK_SKEW = "QLORA_FAULT_CLOCK_SKEW_S"
+_SKEW = timedelta(seconds=float(os.environ.get(FAULT_CLOCK_SKEW) or 0))
+
+
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """This host's clock, in UTC."""
+    return datetime.now(UTC) + _SKEW
+
+
+def database_now(session: Session) -> datetime:
+    """The database's clock, in UTC (at the start of the session's transaction): what a job's heartbeats are
+    written with and judged by (the reaper's deadline, the scheduler's). Each host's own clock did only while
+    the hosts agreed: a worker whose clock ran behind the reaper's by more than QLORA_HEARTBEAT_DEADLINE_S wrote
+    heartbeats that looked that old as they landed, and every job it claimed was requeued from under it, again
+    and again, then paused ("stopped sending heartbeats"); one whose clock ran ahead, once dead, kept its job
+    for as long as its clock was ahead. SQLite is one host's file (the embedded default): its clock is that host's."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    return session.execute(select(func.now())).scalar_one().astimezone(UTC)
 
 
 def new_id() -> str:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import session_scope, utcnow
+from app.db import database_now, session_scope, utcnow
 from app.jobs import quantized_cache, repository
 from app.jobs.runs import attempt_lost
 from app.operations import workers
@@ -31,7 +31,7 @@ LEASE = "reaper"
 
 
 def reap(session: Session, settings: Settings) -> dict[str, int]:
-    now = utcnow()
+    now = database_now(session)  # the clock heartbeats are written with
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "paused": 0}
     deadline = now - timedelta(seconds=settings.heartbeat_deadline_s)
     for job in repository.stale_jobs(session, deadline):

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
-from app.db import utcnow
+from app.db import database_now, utcnow
 from app.jobs import repository, states
 from app.jobs.tables import Job
 from app.models import repository as models
@@ -64,7 +64,7 @@ class ClaimedJob:
 
 def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     """queued → running. None when the job is not queued (cancelled, or another worker has it)."""
-    attempt = repository.claim(session, job_id, worker, utcnow())
+    attempt = repository.claim(session, job_id, worker, database_now(session))
     if attempt is None:
         return None
     job = repository.get_any_team(session, job_id)
@@ -142,7 +142,7 @@ def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
     row goes and the attempt resumes from the newest checkpoint before it, or from step 0 when none is left;
     `job` is changed to say which, and the resumed event says why. Fenced by the attempt (LeaseLost). Returns the
     dropped checkpoint's storage key, to delete once this is committed."""
-    if not repository.touch(session, job.id, job.attempt, heartbeat_at=utcnow()):
+    if not repository.touch(session, job.id, job.attempt, heartbeat_at=database_now(session)):
         raise LeaseLost(f"job {job.id}: attempt {job.attempt} no longer owns it")
     assert job.resume_from is not None
     dropped, step = job.resume_from, job.resume_step
@@ -159,7 +159,7 @@ def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Even
     the final state, whatever the worker is doing (downloading, training, uploading), with the progress
     events of long transfers. Returns the job's status (cancelling or pausing means: stop); None: this
     attempt no longer owns the job (it was requeued or finished)."""
-    if not repository.touch(session, job_id, attempt, heartbeat_at=utcnow()):
+    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
         return None
     for event in events:
         _add_event(session, job_id, attempt, event)
@@ -179,7 +179,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
     """Write the training process's metrics, events and checkpoints and a heartbeat. Returns the
     job's status (cancelling means: stop) and the storage keys of checkpoints no longer kept, to
     delete once this is committed. Raises LeaseLost when this attempt no longer owns the job."""
-    values: dict = {"heartbeat_at": utcnow()}
+    values: dict = {"heartbeat_at": database_now(session)}
     if progress:
         values["step"] = progress.step
         values["total_steps"] = progress.total_steps
@@ -265,14 +265,14 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
     run's summary and its eval report (kept on the row: GET /jobs/{id}/report serves it from there), and
     the event saying so (`message`, else the error). False: someone else decided (the job was requeued,
     or cancelled while it was paused)."""
-    values: dict = {"error": error, "heartbeat_at": utcnow()}
+    values: dict = {"error": error, "heartbeat_at": database_now(session)}
     if status in states.FINISHED:
         # A hand-back or a preemption asked as the run was past training (merging, say) cannot pause it: it ends
         # as it would have, and is not to be queued again. Its pause_requested event said it would be: say why not.
         if status == states.SUCCEEDED and repository.preempting(session, job_id, attempt):
             message = (f"{message or 'job succeeded'} (it was past training when it was asked to pause, so it "
                        "finished instead of being queued again)")
-        values.update(finished_at=utcnow(), preempting=False)
+        values.update(finished_at=values["heartbeat_at"], preempting=False)
     if summary is not None:
         values["summary"] = finite_json(summary)
     if report is not None:
@@ -410,6 +410,6 @@ def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: st
     """Records an artifact the attempt stored. One an earlier attempt stored before it was lost (between
     its adapter and its merged model, say) is replaced: the unique (job, kind) made the retry fail the
     job. Returns the replaced object's key, to delete once this is committed."""
-    if not repository.touch(session, job_id, attempt, heartbeat_at=utcnow()):
+    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
     return repository.put_artifact(session, job_id, kind, key, size, sha256)

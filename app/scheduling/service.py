@@ -20,7 +20,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import after_commit, session_scope, utcnow
+from app.db import after_commit, database_now, session_scope, utcnow
 from app.jobs import repository as jobs
 from app.jobs import runs, states
 from app.jobs.dispatch import send
@@ -171,7 +171,7 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
     # A job whose worker has been silent for QLORA_HEARTBEAT_DEADLINE_S is the reaper's (jobs.reaper): its worker
     # is taken for lost, and the GPU with it. Preempting it would free nothing, and if it is stopping already
     # its GPU is not coming back to this class's next claim.
-    deadline = now - timedelta(seconds=settings.heartbeat_deadline_s)
+    deadline = database_now(session) - timedelta(seconds=settings.heartbeat_deadline_s)  # heartbeats' clock
     rows = [row for row in repository.running_in(session, queue) if row.heard_at is None or row.heard_at >= deadline]
     candidates = [Running(job_id, team_id, priority, claimed_at.timestamp())
                   for job_id, team_id, priority, claimed_at, _, status, _ in rows

@@ -1,5 +1,5 @@
 """Work that must not be lost where the other fault tests do not look: a checkpoint that went bad in storage
-after it was recorded."""
+after it was recorded; worker hosts whose clocks disagree with the reaper's."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import signal
 import boto3
 from sqlalchemy import select
 
-from app.db import session_scope
+from app.db import FAULT_CLOCK_SKEW, session_scope
 from app.jobs.tables import Checkpoint
 from tests.deployment import BUCKET, wait_for_status
-from tests.faults.conftest import curve_steps, events, job_body, release, trainer_pids, wait_until
+from tests.faults.conftest import (
+    HEARTBEAT_DEADLINE_S,
+    curve_steps,
+    events,
+    job_body,
+    kill_worker_and_trainer,
+    release,
+    trainer_pids,
+    wait_until,
+)
 from worker.runner import FAULT_HOLD_AT_STEP
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -61,3 +70,44 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(faulty, tenant,
                              "survived": 1, "steps_lost": 25 - 10})
     finally:
         faulty.stop(worker)
+
+
+def test_a_worker_whose_clock_runs_behind_keeps_its_job(faulty, tenant, dataset_id, fault_report):
+    """A worker host whose clock runs behind the reaper's by more than the heartbeat deadline (120 s in
+    production; NTP down, a VM resumed from suspend) wrote heartbeats that looked that old as they landed."""
+    worker = faulty.start_worker(name="clock-behind", extra_env={FAULT_CLOCK_SKEW: str(-12 * HEARTBEAT_DEADLINE_S)})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10, save_steps=5)).json()
+        done = wait_for_status(tenant, job["id"], ("paused", *FINISHED), timeout=240, deployment=faulty)
+        story = events(tenant, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
+        assert "requeued" not in [e["type"] for e in story]
+        fault_report.append({"fault": "a worker's clock a minute behind the reaper's", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(worker)
+
+
+def test_a_dead_worker_whose_clock_ran_ahead_loses_its_job_within_the_deadline(faulty, tenant, dataset_id,
+                                                                                fault_report):
+    """A worker host whose clock runs ahead wrote heartbeats dated in the future: killed, its job looked alive
+    for as long as its clock was ahead."""
+    ahead = faulty.start_worker(name="clock-ahead", extra_env={FAULT_CLOCK_SKEW: "3600", FAULT_HOLD_AT_STEP: "6"})
+    rescuer = None
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10, save_steps=5)).json()
+        wait_until(lambda: max(curve_steps(tenant, job["id"]), default=0) >= 5, 180, "attempt 1 held after step 6")
+        kill_worker_and_trainer(faulty, ahead, job["id"])
+        # The reaper gives it another attempt once it is silent for the deadline (was: an hour later).
+        wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["status"] == "queued", 12 * HEARTBEAT_DEADLINE_S,
+                   "the dead worker's job to be requeued")
+        rescuer = faulty.start_worker(name="clock-right")
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
+        assert curve_steps(tenant, job["id"]) == list(range(1, 11))
+        fault_report.append({"fault": "a dead worker's clock an hour ahead of the reaper's", "injected": 1,
+                             "survived": 1, "steps_lost": 1})
+    finally:
+        faulty.stop(ahead)
+        if rescuer is not None:
+            faulty.stop(rescuer)
