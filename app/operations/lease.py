@@ -11,8 +11,9 @@ cleanly releases it, so a restart hands over at once.
 The TTL must exceed the renewal interval with a margin (the reaper's is 3 intervals): a live
 holder renews long before it expires, so a slow pass or a database blip does not hand the role to
 another process while the first still plays it. Expiry is judged by the clock of the process that
-looks, as heartbeats are: hosts whose clocks disagree by more than the margin could both act for a
-moment, so work done under a lease stays safe on its own (the reaper's changes are compare-and-sets).
+looks (a job's heartbeats, unlike a lease, are judged by the database's: app.db.database_now): hosts whose
+clocks disagree by more than the margin could both act for a moment, so work done under a lease stays
+safe on its own (the reaper's changes are compare-and-sets).
 """
 
 from __future__ import annotations
