@@ -78,7 +78,8 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
 
     Each candidate's team is locked before its running jobs are counted, so workers claiming at once
     never start more than max_running of one team; a job another claim holds is skipped (SKIP LOCKED),
-    and the claim itself is the compare-and-set it always was.
+    and the claim itself is the compare-and-set it always was. A candidate passed over gives its team's
+    row back at once (repository.Candidate): a claim holds at most one team's row while it waits for another.
     """
     queue = repository.queue_of(session, named_job_id)
     if queue is None:
@@ -91,16 +92,20 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
             break  # the rest are held back too
         if job.team_id in refused:
             continue
+        candidate = repository.Candidate(session)
         team = lock_team(session, job.team_id)
-        if team.disabled_at is not None:  # disabled since the shares were read: disabling takes this row first
+        limit = effective(settings, team).max_running
+        # Disabled since the shares were read (disabling takes this row first), or another worker started one
+        # of its jobs meanwhile.
+        if team.disabled_at is not None or (
+                limit is not None and quota_counts.count_jobs(session, job.team_id, states.WORKER_OWNED) >= limit):
+            candidate.pass_over()
             refused.add(job.team_id)
             continue
-        limit = effective(settings, team).max_running
-        if limit is not None and quota_counts.count_jobs(session, job.team_id, states.WORKER_OWNED) >= limit:
-            refused.add(job.team_id)  # another worker started one of its jobs meanwhile
-            continue
         if not repository.take_if_free(session, job.job_id):
+            candidate.pass_over()
             continue
+        candidate.take()
         claimed = runs.claim(session, job.job_id, worker)
         if claimed is not None:
             if claimed.id != named_job_id:

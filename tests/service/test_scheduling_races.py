@@ -1,0 +1,114 @@
+"""Claims racing on Postgres, with no worker: several workers' claims at once, and a claim that passes over a
+team while another transaction holds the next team's row.
+
+- Claims at once never take one job twice, and each takes the next job in fair-share order: the team that
+  queued one job is not behind the team that queued a thousand.
+- A claim that passes over a team (its job taken or locked by another transaction, the team at max_running or
+  disabled) gives the team's row back before it waits for the next team's: held to its commit, two claims that
+  took teams in different orders waited for each other, and Postgres failed one with "deadlock detected"."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from app.config import Settings
+from app.datasets.tables import Dataset
+from app.db import session_scope, sessionmaker_for, utcnow
+from app.jobs import repository as jobs
+from app.jobs import states
+from app.jobs.tables import Job
+from app.models.tables import RegisteredModel
+from app.quotas.service import lock_team
+from app.scheduling import service as scheduling
+from app.teams.service import create_team
+from tests.deployment import wait_for_a_lock_wait
+from tests.fast.conftest import job_spec
+from tests.fast.test_scheduling_service import QUEUE
+
+
+def pool_of(database_url: str, tmp_path, queued: dict[str, int]) -> tuple[Settings, dict[str, str], dict[str, list[str]]]:
+    """Teams named in `queued`, each with that many queued jobs (oldest first, in the order of `queued`)."""
+    settings = Settings(home=tmp_path, database_url=database_url, storage_url=f"file://{tmp_path}/s", broker_url="")
+    team_ids: dict[str, str] = {}
+    job_ids: dict[str, list[str]] = {}
+    now = utcnow()
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        for rank, (name, count) in enumerate(queued.items()):
+            team = create_team(session, name)
+            session.add(Dataset(id=f"data-{name}", team_id=team.id, filename="d.jsonl", storage_key=name, bytes=10,
+                                sha256="0" * 64, status="ready"))
+            session.flush()
+            rows = [Job(team_id=team.id, status=states.QUEUED, base_model="llama-3-8b", queue=QUEUE,
+                        dataset_id=f"data-{name}", spec=job_spec().model_dump(mode="json"), priority=1,
+                        created_at=now - timedelta(hours=len(queued) - rank, seconds=-i)) for i in range(count)]
+            session.add_all(rows)
+            session.flush()
+            team_ids[name], job_ids[name] = team.id, [row.id for row in rows]
+    return settings, team_ids, job_ids
+
+
+def test_eight_claims_at_once_take_eight_jobs_and_the_team_with_one_job_is_not_behind_a_thousand(database_url,
+                                                                                                  tmp_path):
+    settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"sweeps": 1000, "one-off": 1})
+    barrier = threading.Barrier(8)
+
+    def claim(i: int):
+        barrier.wait()
+        with session_scope(database_url) as session:
+            # Each message names one of the big team's jobs, as the broker's oldest messages do.
+            claimed = scheduling.claim_next(session, settings, job_ids["sweeps"][i], f"worker-{i}")
+            return claimed.id if claimed else None
+
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(claim, range(8)))
+    assert None not in claimed and len(set(claimed)) == 8, claimed
+    assert job_ids["one-off"][0] in claimed
+    # The rest are the big team's oldest seven, in order: each claim took the next job, none skipped one.
+    assert sorted(set(claimed) - set(job_ids["one-off"])) == sorted(job_ids["sweeps"][:7])
+    with sessionmaker_for(database_url)() as session:
+        running = session.query(Job).filter(Job.status == states.RUNNING).count()
+    assert running == 8
+
+
+def test_a_claim_gives_back_the_row_of_a_team_it_passes_over_before_it_waits_for_the_next(database_url, tmp_path):
+    settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"first": 1, "second": 1})
+    with session_scope(database_url) as session:  # "second" used a GPU-hour lately: "first" comes first
+        second = lock_team(session, team_ids["second"])
+        second.fair_share_usage_s, second.fair_share_at = 3600.0, utcnow()
+    first_job, second_job = job_ids["first"][0], job_ids["second"][0]
+
+    # A cancel of first's job under way: its row is taken, so the claim passes it over (SKIP LOCKED).
+    cancel = sessionmaker_for(database_url)()
+    assert jobs.transition(cancel, first_job, states.CANCELLED, finished_at=utcnow())
+    # Another worker's claim under way on second's job: it holds second's row.
+    other = sessionmaker_for(database_url)()
+    lock_team(other, team_ids["second"])
+
+    outcome: dict[str, object] = {}
+
+    def claim() -> None:
+        try:
+            with session_scope(database_url) as session:
+                claimed = scheduling.claim_next(session, settings, first_job, "worker-1")
+                outcome["claimed"] = claimed.id if claimed else None
+        except Exception as exc:  # noqa: BLE001 - the test reports what failed
+            outcome["claimed"] = exc
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    wait_for_a_lock_wait(database_url, "the claim, on second's row,")  # it passed first over
+    # The other claim passes over second (its job taken meanwhile, say) and goes on to first's row, as a claim
+    # that read the shares a moment apart does. The first claim must not hold first's row any more: it did, and
+    # each waited for the other until Postgres failed one ("deadlock detected").
+    try:
+        lock_team(other, team_ids["first"])
+        other.rollback()
+    finally:
+        other.close()
+        cancel.commit()
+        cancel.close()
+        thread.join(30)
+    assert outcome == {"claimed": second_job}
