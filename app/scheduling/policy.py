@@ -181,35 +181,34 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
     holds it back). The next claim takes the first job whose reason is None.
 
     Each job given a GPU raises its team's share before the next is chosen, so a team gets GPUs in
-    turn with the others rather than all at once. Jobs held back by a quota come last, then a disabled team's.
+    turn with the others rather than all at once. Teams of equal share go by their next job's age (_turn).
+    Jobs held back by a quota come last, then a disabled team's.
     """
     by_team: dict[str, list[Waiting]] = {}
     for job in waiting:
         by_team.setdefault(job.team_id, []).append(job)
-    for jobs in by_team.values():
+    held: list[tuple[float, tuple, Waiting, str]] = []
+    for team_id, jobs in by_team.items():
         jobs.sort(key=Waiting.team_order, reverse=True)  # each team's next job at the end: pop()
-    state = {team_id: teams[team_id] for team_id in by_team}
-    heap = [(state[t].share, t) for t in by_team]
+        team = teams[team_id]
+        if team.blocked_by() == FOR_BUDGET:  # its jobs under way go on (Waiting.continuing); the others wait
+            held += [(team.share, job.team_order(), job, FOR_BUDGET) for job in reversed(jobs) if not job.continuing]
+            jobs[:] = [job for job in jobs if job.continuing]
+    state = {team_id: teams[team_id] for team_id, jobs in by_team.items() if jobs}
+    heap = [_turn(state[team_id], by_team[team_id][-1]) for team_id in state]
     heapq.heapify(heap)
     order: list[tuple[Waiting, str | None]] = []
-    held: list[tuple[float, tuple, Waiting, str]] = []
     while heap:
-        _, team_id = heapq.heappop(heap)
+        *_, team_id = heapq.heappop(heap)
         team, jobs = state[team_id], by_team[team_id]
-        reason = team.blocked_by()
-        if reason == FOR_BUDGET:  # its jobs under way go on (Waiting.continuing); the others wait
-            held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs) if not job.continuing]
-            jobs[:] = [job for job in jobs if job.continuing]
-            reason = team.blocked_by(continuing=True)
-            if not jobs:
-                continue
+        reason = team.blocked_by(continuing=True)  # the budget held back its other jobs above
         if reason is not None:
             held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs)]
             continue
         order.append((jobs.pop(), None))
         state[team_id] = team.with_running(1)
         if jobs:
-            heapq.heappush(heap, (state[team_id].share, team_id))
+            heapq.heappush(heap, _turn(state[team_id], jobs[-1]))
     # A disabled team's last of all: it waits for an admin, not for its quota to allow one more.
     held.sort(key=lambda item: (item[3] == FOR_TEAM_DISABLED, item[0], item[1]))
     return order + [(job, reason) for _, _, job, reason in held]
@@ -225,7 +224,15 @@ def next_to_claim(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) ->
         mine = best.get(job.team_id)
         if mine is None or job.team_order() < mine.team_order():
             best[job.team_id] = job
-    return best[min((teams[team_id].share, team_id) for team_id in best)[1]] if best else None
+    return best[min(_turn(teams[team_id], job) for team_id, job in best.items())[-1]] if best else None
+
+
+def _turn(team: TeamShare, next_job: Waiting) -> tuple[float, float, str, str]:
+    """Which team's turn comes first: the lower share, and between equal shares (teams with no past and as many
+    jobs running, as in a new pool) the team whose next job has waited longer: fair share, then age, as for the
+    jobs of one team. Ties went by team id before, a random hex string: a team that queued one job waited
+    behind a thousand queued after it by a team whose id sorted first."""
+    return (team.share, next_job.created_at, next_job.job_id, team.team_id)
 
 
 def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], teams: Mapping[str, TeamShare],

@@ -104,6 +104,21 @@ def test_two_equal_teams_take_gpus_in_turn_rather_than_one_taking_them_all():
     assert all(reason is None for _, reason in claim_order(waiting, teams))
 
 
+def test_between_teams_of_equal_share_the_job_that_waited_longer_goes_first_whatever_the_team_ids():
+    # A new pool: no team has a past, none runs anything. "zz-one-off" queued one job an hour before "aa-sweeps"
+    # queued a thousand; the shares tie at 0. The tie went by team id (random hex in the service), so
+    # the one-off job waited behind the sweep whenever the sweep's team id sorted first.
+    teams = teams_of(team("aa-sweeps"), team("zz-one-off"))
+    waiting = [job(f"sweep-{i}", "aa-sweeps", age_h=1 - i / 10_000) for i in range(1000)]
+    waiting.append(job("one-off", "zz-one-off", age_h=2))
+
+    assert next_to_claim(waiting, teams).job_id == "one-off"
+    assert ids(claim_order(waiting, teams))[:3] == ["one-off", "sweep-0", "sweep-1"]
+    # Held to the same rule, the first claim after it goes to the sweep: the one-off team now runs a job.
+    assert next_to_claim(waiting[:-1], teams_of(team("aa-sweeps"), team("zz-one-off").with_running(1))).job_id \
+        == "sweep-0"
+
+
 def test_within_a_team_priority_decides_then_age():
     teams = teams_of(team("t"))
     waiting = [job("old-low", "t", priority=LOW, age_h=30), job("new-normal", "t", age_h=1),
