@@ -1,5 +1,5 @@
-"""Claims racing on Postgres, with no worker: several workers' claims at once, and a claim that passes over a
-team while another transaction holds the next team's row.
+"""Claims racing on Postgres, with no worker: several workers' claims at once, a claim that passes over a
+team while another transaction holds the next team's row, and the accounts of a job preempted between claims.
 
 - Claims at once never take one job twice, and each takes the next job in fair-share order: the team that
   queued one job is not behind the team that queued a thousand.
@@ -13,19 +13,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
+
 from app.config import Settings
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import repository as jobs
-from app.jobs import states
-from app.jobs.tables import Job
+from app.jobs import runs, states
+from app.jobs.tables import Job, JobAttempt
 from app.models.tables import RegisteredModel
 from app.quotas.service import lock_team
 from app.scheduling import service as scheduling
+from app.scheduling.policy import fold
 from app.teams.service import create_team
+from app.teams.tables import Team
+from app.usage.repository import gpu_seconds_by_team
 from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
+from worker.training.protocol import CheckpointStored, Progress
 
 
 def pool_of(database_url: str, tmp_path, queued: dict[str, int]) -> tuple[Settings, dict[str, str], dict[str, list[str]]]:
@@ -112,3 +118,59 @@ def test_a_claim_gives_back_the_row_of_a_team_it_passes_over_before_it_waits_for
         cancel.close()
         thread.join(30)
     assert outcome == {"claimed": second_job}
+
+
+def test_a_job_preempted_for_a_team_that_comes_back_is_charged_once_and_resumes_where_it_paused(database_url,
+                                                                                                 tmp_path):
+    """Team "borrower" runs on a pool "owner" left idle; owner comes back with a job. The borrower's job is paused
+    at a checkpoint for it, then resumes from that checkpoint: its two attempts do not overlap, its team's
+    decayed usage is exactly the two attempts folded (nothing counted twice, the queued time between not at
+    all), and the tokens of the attempts add up to the job's, none twice."""
+    settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"borrower": 1, "owner": 0})
+    settings = settings.model_copy(update={"min_runtime_before_preempt_s": 0, "preempt_after_wait_s": 0})
+    borrowed = job_ids["borrower"][0]
+
+    def report(attempt: int, step: int, tokens: int, checkpoint: bool = False) -> str:
+        with session_scope(database_url) as session:
+            saved = [CheckpointStored(step=step, key=f"ckpt-{step}", size=1, sha256="0" * 64, tokens_seen=tokens)]
+            return runs.report(session, borrowed, attempt, saved if checkpoint else [],
+                               Progress(step=step, total_steps=20, tokens_seen=tokens))[0]
+
+    with session_scope(database_url) as session:
+        assert scheduling.claim_next(session, settings, borrowed, "worker-1").attempt == 1
+    report(1, 10, 1000, checkpoint=True)
+    report(1, 12, 1200)
+    with session_scope(database_url) as session:  # the owner's job, its message in the broker
+        owner_job = Job(team_id=team_ids["owner"], status=states.QUEUED, base_model="llama-3-8b", queue=QUEUE,
+                        dataset_id="data-owner", spec=job_spec().model_dump(mode="json"), priority=1,
+                        dispatched_at=utcnow() - timedelta(seconds=60))
+        session.add(owner_job)
+    with session_scope(database_url) as session:
+        assert scheduling.schedule(session, settings)["preempted"] == 1
+    assert report(1, 12, 1200, checkpoint=True) == states.PAUSING  # the worker saves at its step and stops
+    with session_scope(database_url) as session:
+        assert runs.finish(session, borrowed, 1, states.PAUSED, half_life_s=settings.fair_share_half_life_s)
+    with session_scope(database_url) as session:  # the freed GPU goes to the owner, whatever message it took
+        assert scheduling.claim_next(session, settings, borrowed, "worker-1").id == owner_job.id
+    with session_scope(database_url) as session:
+        resumed = scheduling.claim_next(session, settings, borrowed, "worker-2")
+        assert (resumed.id, resumed.attempt, resumed.resume_step) == (borrowed, 2, 12)
+    report(2, 20, 2000)
+    with session_scope(database_url) as session:
+        assert runs.finish(session, borrowed, 2, states.SUCCEEDED, half_life_s=settings.fair_share_half_life_s)
+
+    with sessionmaker_for(database_url)() as session:
+        first, second = session.query(JobAttempt).filter_by(job_id=borrowed).order_by(JobAttempt.attempt)
+        assert (first.outcome, second.outcome) == (states.PAUSED, states.SUCCEEDED)
+        assert first.ended_at <= second.claimed_at
+        assert (first.trained_tokens, second.trained_tokens) == (1200, 800)
+        usage, at = 0.0, None
+        for attempt in (first, second):
+            usage, at = fold(usage, at, attempt.claimed_at.timestamp(), attempt.ended_at.timestamp(),
+                             settings.fair_share_half_life_s)
+        borrower = session.get(Team, team_ids["borrower"])
+        assert borrower.fair_share_usage_s == pytest.approx(usage, rel=1e-9)
+        charged = sum((a.ended_at - a.claimed_at).total_seconds() for a in (first, second))
+        now = utcnow()
+        assert gpu_seconds_by_team(session, now - timedelta(days=1), now, now, [borrower.id]) == \
+            {borrower.id: pytest.approx(charged)}
