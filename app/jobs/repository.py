@@ -482,7 +482,8 @@ def feed_key(session: Session, team_id: str, job_id: str, table: type[JobEvent] 
 
 def feed_before(session: Session, team_id: str, job_id: str, table: type[JobEvent] | type[JobMetric],
                 key: tuple[datetime, int, int] | None, limit: int) -> list:
-    """The job's events (or metric points) older in the feed than `key`, newest first."""
+    """The job's events (or metric points) older in the feed than `key`, newest first: read from the index
+    (job_id, created_at, id) backwards, `limit` rows whatever the length of the job's curve."""
     query = select(table).where(table.job_id.in_(_readable_job_id(team_id, job_id)))
     if key is not None:
         created, rank, row_id = key
@@ -490,7 +491,10 @@ def feed_before(session: Session, team_id: str, job_id: str, table: type[JobEven
         if own < rank:
             query = query.where(table.created_at <= created)
         elif own == rank:
-            query = query.where(sa.or_(table.created_at < created, sa.and_(table.created_at == created, table.id < row_id)))
+            # A row comparison, not (created_at < c OR (created_at = c AND id < i)): Postgres seeks the index
+            # (job_id, created_at, id) to it, where the OR is a filter over every newer row of the job (a page deep
+            # in a curve of 500,000 points read 450,000 rows to skip them).
+            query = query.where(sa.tuple_(table.created_at, table.id) < sa.tuple_(created, row_id))
         else:
             query = query.where(table.created_at < created)
     return list(session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(limit)))

@@ -25,10 +25,11 @@ from app.datasets.tables import Dataset
 from app.db import Base, UTCDateTime, engine_for, new_id, session_scope, utcnow
 from app.idempotency import repository as idempotency
 from app.jobs import repository, states
-from app.jobs.tables import Job
+from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.migrate import alembic_config, upgrade
 from app.pagination import cursor_after, newest_first_values
 from app.teams.service import create_team
+from app.usage.repository import storage_bytes_by_team
 from bench.api_load import analyze
 from tests import services
 from worker.training.spec import JobSpec
@@ -263,3 +264,99 @@ def cursor_after_any(database_url: str, team_id: str) -> str:
         row = session.execute(select(Job.created_at, Job.id).where(Job.team_id == team_id)
                               .order_by(Job.created_at.desc(), Job.id.desc()).offset(1_000).limit(1)).one()
     return cursor_after(row)
+
+
+def test_a_page_of_the_openai_events_of_a_long_curve_reads_its_rows_from_an_index(database_url):
+    """GET /v1/fine_tuning/jobs/{id}/events lists a job's events and points newest first by (created_at, id).
+    Its read of the points, first page and a page deep in the curve, walks an index backwards from where the page
+    starts: no sort of the job's points and no filter over the newer ones, so a page costs the same at 500,000
+    points as at 50; its read of the events never scans the table. Before (no index in that order), every page
+    sorted all of the job's points: 0.6 s a page for a job of 500,000 (bench/scale_bench.py)."""
+    spec = JobSpec.parse(demo_spec("tiny")).model_dump(mode="json")
+    start = utcnow() - timedelta(days=1)
+    with session_scope(database_url) as session:
+        team_id = create_team(session, "long-curves").id
+        job_ids = [new_id() for _ in range(3)]
+        session.execute(insert(Job), [{"id": job_id, "team_id": team_id, "name": "long", "status": states.RUNNING,
+                                       "spec": spec, "base_model": "tiny", "queue": "gpu-default"} for job_id in job_ids])
+        for job_id in job_ids:  # as a training process writes them: one point a step, an event now and then
+            session.execute(insert(JobMetric), [{"job_id": job_id, "kind": "train", "step": step, "train_loss": 1.0,
+                                                 "created_at": start + timedelta(seconds=step)} for step in range(1, 4001)])
+            session.execute(insert(JobEvent), [{"job_id": job_id, "type": "progress", "level": "info", "attempt": 1,
+                                                "created_at": start + timedelta(seconds=10 * n)} for n in range(400)])
+        newest_page = [row.id for row in repository.feed_before(session, team_id, job_ids[0], JobMetric, None, 21)]
+    analyze(database_url)
+    with session_scope(database_url) as session:
+        deep_point = session.scalar(select(JobMetric.id).where(JobMetric.job_id == job_ids[0], JobMetric.step == 100))
+        deep_key = repository.feed_key(session, team_id, job_ids[0], JobMetric, deep_point)
+    for key in (None, deep_key):
+        for table in (JobMetric, JobEvent):
+            [(statement, values)] = statements_of(database_url, lambda session, table=table, key=key: repository.feed_before(
+                session, team_id, job_ids[0], table, key, 21))
+            read = [n for n in nodes(plan_of_sql(database_url, statement, values)) if n["Node Type"] in SCANS]
+            own = [n for n in read if n.get("Relation Name") == table.__tablename__]
+            assert "Seq Scan" not in [n["Node Type"] for n in own], (table.__tablename__, key, read)
+            if table is JobMetric:  # a job has a few events, which Postgres may sort; its points are the long list
+                assert [n["Node Type"] for n in read if n["Node Type"] in ("Sort", "Incremental Sort")] == [], (key, read)
+                assert [(n["Node Type"], n.get("Index Name"), n.get("Scan Direction"), "Filter" in n) for n in own] == [
+                    ("Index Scan", "ix_job_metrics_job_created", "Backward", False)], (key, read)
+    # the same rows as before: the newest first, and past the key exactly the older ones
+    with session_scope(database_url) as session:
+        assert newest_page == list(range(max(newest_page), max(newest_page) - 21, -1))
+        older = repository.feed_before(session, team_id, job_ids[0], JobMetric, deep_key, 200)
+        assert [row.step for row in older] == list(range(99, 0, -1))
+        assert repository.feed_before(session, "another-team", job_ids[0], JobMetric, None, 21) == []
+
+
+def test_a_teams_stored_bytes_are_summed_from_its_own_jobs_rows(database_url):
+    """GET /quota, GET /usage and the storage_gib quota sum a team's checkpoints and artifacts: read from the
+    (job_id, bytes) indexes of the team's own jobs, never a scan of every team's rows (0.25 s a read for one
+    team among 237,000 checkpoints before: bench/scale_bench.py). And the sums are the team's own."""
+    spec = JobSpec.parse(demo_spec("tiny")).model_dump(mode="json")
+    with session_scope(database_url) as session:
+        team_ids = [create_team(session, f"storage-{n}").id for n in range(40)]
+        jobs = [{"id": new_id(), "team_id": team_id, "name": "done", "status": states.SUCCEEDED, "spec": spec,
+                 "base_model": "tiny", "queue": "gpu-default"} for team_id in team_ids for _ in range(100)]
+        session.execute(insert(Job), jobs)
+        session.execute(insert(Checkpoint), [
+            {"id": new_id(), "job_id": job["id"], "attempt": 1, "step": step, "storage_key": "k", "sha256": "0" * 64,
+             "bytes": 1_000 * (n % 7 + 1) + step} for n, job in enumerate(jobs) for step in (10, 20, 30)])
+        session.execute(insert(Artifact), [{"id": new_id(), "job_id": job["id"], "kind": kind, "storage_key": "k",
+                                            "sha256": "0" * 64, "bytes": 5_000 + n} for n, job in enumerate(jobs)
+                                           for kind in ("adapter", "merged", "report")])
+    with engine_for(database_url).connect() as conn:  # the visibility map autovacuum keeps: index-only reads
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    team = team_ids[7]
+    statements = statements_of(database_url, lambda session: storage_bytes_by_team(session, [team]))
+    for statement, values in statements:
+        scans = [(n["Node Type"], n.get("Relation Name")) for n in nodes(plan_of_sql(database_url, statement, values))
+                 if n["Node Type"] in SCANS]
+        assert ("Seq Scan", "checkpoints") not in scans and ("Seq Scan", "artifacts") not in scans, scans
+    expected = sum(1_000 * (n % 7 + 1) + step for n, job in enumerate(jobs) if job["team_id"] == team
+                   for step in (10, 20, 30)) + 3 * sum(5_000 + n for n, job in enumerate(jobs) if job["team_id"] == team)
+    with session_scope(database_url) as session:
+        assert storage_bytes_by_team(session, [team]) == {team: expected}
+
+
+def statements_of(database_url: str, read) -> list[tuple[str, object]]:
+    """The SQL and parameters read(session) sends, as the driver sends them."""
+    sent: list[tuple[str, object]] = []
+
+    def keep(conn, cursor, statement, parameters, context, executemany):
+        sent.append((statement, parameters))
+
+    engine = engine_for(database_url)
+    sa.event.listen(engine, "before_cursor_execute", keep)
+    try:
+        with session_scope(database_url) as session:
+            read(session)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", keep)
+    return sent
+
+
+def plan_of_sql(database_url: str, statement: str, values) -> dict:
+    """plan() for a statement as the driver sent it, with the parameters it sent."""
+    with engine_for(database_url).connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, values).scalar_one()[0]["Plan"]
