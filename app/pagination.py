@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, Select, String, and_, bindparam, or_
+from sqlalchemy import Integer, Select, String, bindparam, tuple_
 
 from app.errors import Invalid, field_errors
 from app.text import has_control_characters
@@ -79,7 +79,10 @@ def newest_first_shape(query: Select, table, *, after: bool) -> Select:
     newest_first_values: for a read built once and run by every poll (GET /jobs)."""
     if after:
         created, item_id = bindparam("after_created", type_=table.created_at.type), bindparam("after_id", type_=String)
-        query = query.where(or_(table.created_at < created, and_(table.created_at == created, table.id < item_id)))
+        # A row comparison, which Postgres seeks the (team_id, created_at, id) index to; the equivalent
+        # `created_at < c OR (created_at = c AND id < i)` was a filter over every row newer than the cursor
+        # (1,000 rows read to skip them at page 20, more each page: bench/scale_bench.py).
+        query = query.where(tuple_(table.created_at, table.id) < tuple_(created, item_id))
     return query.order_by(table.created_at.desc(), table.id.desc()).limit(bindparam("rows_wanted", type_=Integer))
 
 

@@ -56,6 +56,23 @@ def test_a_page_read_lean_is_the_page_jobout_makes(session, make_job, caller):
     assert empty == {"data": [], "next_cursor": None}
 
 
+def test_pages_of_jobs_created_at_the_same_moment_hold_each_job_once(session, make_job, caller):
+    """The cursor is the last job's (created_at, id), compared as a row (app/pagination.py): jobs created in
+    the same microsecond, a page boundary among them, come each once, in (created_at, id) order newest first."""
+    moment, later = utcnow() - timedelta(minutes=1), utcnow()
+    ids = [make_job(states.SUCCEEDED, created_at=moment) for _ in range(5)] + [make_job(created_at=later)]
+    seen, cursor = [], None
+    while True:
+        found = service.view_page(session, caller, None, cursor, 2)
+        seen += [row.id for row in found.data]
+        if (cursor := found.next_cursor) is None:
+            break
+    assert seen == [ids[-1], *sorted(ids[:5], reverse=True)]
+    succeeded = service.view_page(session, caller, states.SUCCEEDED, service.view_page(session, caller, None, None, 3)
+                                  .next_cursor, 50)
+    assert [row.id for row in succeeded.data] == sorted(ids[:5], reverse=True)[2:]
+
+
 def test_the_lean_reads_keep_to_the_callers_team(session, settings, make_job, caller):
     from app.errors import NotFound
     from app.teams.service import create_key, create_team

@@ -253,6 +253,11 @@ def test_the_polled_reads_walk_their_indexes_whatever_the_teams_count_of_jobs(da
         values = {"team_id": team_ids[0], **newest_first_values(cursor, 50), **({"status": status} if status else {})}
         assert scans(repository._view_page(by_status=bool(status), after=bool(cursor)), values) == [
             ("Index Scan", "ix_jobs_team_created", "Backward")], (status, cursor)
+    # A page after a cursor starts where the cursor is, not at the newest job: no filter over the rows before it.
+    values = {"team_id": team_ids[0], **newest_first_values(cursor_after_any(database_url, team_ids[0]), 50)}
+    [scan] = [n for n in nodes(plan(database_url, repository._view_page(by_status=False, after=True), values))
+              if n["Node Type"] in SCANS]
+    assert "Filter" not in scan and "ROW(created_at" in scan["Index Cond"], scan
 
 
 SCANS = ("Index Scan", "Index Only Scan", "Seq Scan", "Sort", "Bitmap Heap Scan", "Bitmap Index Scan")
