@@ -37,9 +37,9 @@ from fastapi.routing import APIRoute
 from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.deps import get_caller, team_turn
+from app.deps import get_caller, get_session, team_turn
 from app.jobs.turns import Busy, Turns
-from app.shares import ClientLeft
+from app.shares import KEYLESS, ClientLeft
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
 from worker.training.spec import excerpt
 
@@ -177,18 +177,26 @@ class CheckedJSONRoute(APIRoute):
     (401 before anything is queued or read), then, with a JSON body, waits for the key's turn (json_body_turns),
     then a job creation or preflight for the team's turn (app/deps.py, team_turn), and any other route (but an
     upload's) for the team's share of the requests in progress (app/shares.py), before any of its dependencies
-    takes a thread or a connection. A JSON body is parsed with CheckedJSONRequest."""
+    takes a thread or a connection. A route that takes no key but a database session waits for the share of the
+    requests without a key (app/shares.py, KEYLESS). A JSON body is parsed with CheckedJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         json_body = self.body_field is not None
         if not _needs(self.dependant, get_caller):
-            if not json_body:  # nothing added to its path
+            # No key, yet a thread and a connection (GET /metrics, a signed download link): in the share of the
+            # requests without a key, one team's worth (app/shares.py, KEYLESS), or anyone held them all.
+            keyless = _needs(self.dependant, get_session)
+            if not json_body and not keyless:  # nothing added to its path
                 return handler
 
-            async def parsed(request: Request) -> Response:
-                return await handler(CheckedJSONRequest(request.scope, request.receive))
-            return parsed
+            async def unkeyed(request: Request) -> Response:
+                if json_body:
+                    request = CheckedJSONRequest(request.scope, request.receive)
+                if not keyless:
+                    return await handler(request)
+                return await _in_share(request, KEYLESS, handler)
+            return unkeyed
         creation = _needs(self.dependant, team_turn)
         # A creation or preflight is not counted in its team's share either: its team's turn bounds it to one in
         # progress per team, and it may take a minute (waiting for a preflight process, then running it), which,
@@ -206,16 +214,23 @@ class CheckedJSONRoute(APIRoute):
                     await _body_read(request)  # first: a client sending it slowly must not hold the team's turn
                     await turns.enter_async_context(request.app.state.team_turns.turn(caller.team_id))
                 if shared:
-                    # Watched while it waits where nothing of its body is left to read (a body read by the
-                    # watch would be lost to the route); a client that left has its place given up.
-                    left = None if _has_body(request) else _client_left(request)
-                    try:
-                        await turns.enter_async_context(request.app.state.team_shares.turn(caller.team_id, left))
-                    except ClientLeft:
-                        return Response(status_code=499)  # sent to no one: uvicorn drops it
+                    return await _in_share(request, caller.team_id, handler)
                 return await handler(request)
 
         return checked
+
+
+async def _in_share(request: Request, team_id: str, handler: Callable[[Request], Coroutine[Any, Any, Response]]) -> Response:
+    """The handler's answer, once the team has a turn of its share (app/shares.py). The request is watched while it
+    waits where nothing of its body is left to read (a body read by the watch would be lost to the route); a
+    client that left has its place given up."""
+    left = None if _has_body(request) else _client_left(request)
+    async with AsyncExitStack() as turn:
+        try:
+            await turn.enter_async_context(request.app.state.team_shares.turn(team_id, left))
+        except ClientLeft:
+            return Response(status_code=499)  # sent to no one: uvicorn drops it
+        return await handler(request)
 
 
 def _has_body(request: Request) -> bool:

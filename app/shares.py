@@ -9,7 +9,10 @@ on a lock, on S3) held every route thread and connection, and every other team w
 So every authenticated request first waits for its team's turn here, on the event loop, before its route
 takes a thread or a connection (app/routing.py); a team over its share waits in a queue of its own, which
 holds a socket and a parked coroutine, nothing else. Unauthenticated requests (their 401), /health and the
-dashboard's static files never wait here.
+dashboard's static files never wait here. The requests that need no key yet take a thread and a database
+connection (GET /metrics, a browser's signed download link) wait here as one team of their own (KEYLESS):
+uncounted, anyone who could reach the API held every route thread and connection with them (80 scrapes of
+/metrics while a migration locked the jobs table), and no team was answered until they ended.
 
 The share is dynamic, as a scheduler's fair share with borrowing is: the slots are split equally among
 the teams that have requests in progress or waiting, after a quarter of them kept for teams that come
@@ -45,6 +48,10 @@ QUEUE_WAIT_S = 30.0
 # Requests of one team that may wait at once in one API process; each holds a socket and a parked
 # coroutine (a few KiB). Past it the team's next request is refused at once.
 QUEUE_LIMIT = 1000
+# The "team" of the requests that carry no API key but use the database (see the module's docstring). No team's id
+# (a uuid's hex) looks like it.
+KEYLESS = "(no API key)"
+KEYLESS_WHO = "the requests sent without an API key (GET /metrics, download links)"  # in their refusals
 
 
 class TeamBusy(Busy):
@@ -73,6 +80,7 @@ class SharesNow:
 
 @dataclass
 class _Team:
+    who: str  # whose requests these are, in a refusal's words
     held: int = 0  # requests of the team in progress
     waiting: deque[asyncio.Future[None]] = field(default_factory=deque)  # first come, first served
 
@@ -110,7 +118,7 @@ class TeamShares:
         """The team's turn. `left`, where given, returns when the request's client has gone: awaited only while
         the request waits, which then ends (ClientLeft) rather than run later for no one (uvicorn does not
         cancel a request whose client left; its client's retry would have been queued beside it)."""
-        team = self._teams.setdefault(team_id, _Team())
+        team = self._teams.setdefault(team_id, _Team(KEYLESS_WHO if team_id == KEYLESS else "this team"))
         if team.waiting or team.held >= self.share():
             await self._wait(team, left)
         else:
@@ -124,8 +132,8 @@ class TeamShares:
     async def _wait(self, team: _Team, left: Callable[[], Awaitable[None]] | None) -> None:
         if len(team.waiting) >= self.queue_limit:
             self.refused["queue_full"] += 1
-            raise TeamBusy(f"this team has {self.queue_limit} requests waiting for its share of this API process "
-                           "already, the most it may; send fewer at once")
+            raise TeamBusy(f"{team.who}: {self.queue_limit} requests waiting for a share of this API process already, "
+                           "the most that may wait; send fewer at once")
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         team.waiting.append(turn)
         gone = asyncio.ensure_future(left()) if left is not None else None
@@ -145,7 +153,7 @@ class TeamShares:
             self._pass_on()
             if isinstance(exc, TimeoutError):
                 self.refused["waited"] += 1
-                raise TeamBusy(f"this team's requests in progress in this API process are at its share ({self.share()} "
+                raise TeamBusy(f"{team.who}: the requests in progress in this API process are at its share ({self.share()} "
                                f"while {len(self._teams)} teams are busy), and this one waited {self.wait_s:g} s for "
                                "one of them to end; send it again, and fewer at once") from None
             raise

@@ -382,6 +382,48 @@ def test_reads_of_keys_the_api_does_not_know_take_a_few_threads_not_all(bounded)
         assert [request.result() for request in strangers] == [401] * made_up
 
 
+def queries_waiting(database_url: str, like: str) -> int:
+    """The database's sessions waiting for a lock whose query is like `like` (SQL LIKE): those of one route, not
+    the background loops' that may read the same table meanwhile."""
+    with session_scope(database_url) as session:
+        return session.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND query LIKE :like"), {"like": like}).scalar_one()
+
+
+@pytest.mark.parametrize(("path", "table", "query"), [
+    ("/metrics", "workers", "%FROM workers ORDER BY%"),
+    (f"/jobs/{'0' * 32}/artifacts/adapter/signed?key_id=made-up&expires=1&signature=made-up", "api_keys",
+     "%FROM api_keys%WHERE api_keys.id =%"),
+])
+def test_requests_without_a_key_that_use_the_database_take_one_share_not_every_thread(bounded, path, table, query):
+    """GET /metrics and a browser's signed download link need no key, so no team's share bounded them: anyone who
+    reached the API held all 40 route threads and the whole connection pool with them (80 scrapes of /metrics while
+    a table they read was locked, as a migration locks it), and no team was answered until they ended. Now they
+    share the requests in progress as one team of their own (app/shares.py, KEYLESS): as many as the API has route
+    threads are sent while the table is locked, only a share of them run, and a team is answered meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calm_key = bounded.team_key("calm-team")
+    database_url = bounded.settings.database_url
+    share_alone = TeamShares(bounded.settings.request_slots).share(teams=1)
+    with (bounded.client(None) as anyone, bounded.client(calm_key) as calm, ThreadPoolExecutor(ROUTE_THREADS) as pool,
+          session_scope(database_url) as lock):
+        assert calm.get("/models").status_code == 200  # its key read, and cached
+        lock.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))  # until this session commits
+        held = [pool.submit(anyone.get, path) for _ in range(ROUTE_THREADS)]
+        deadline = time.monotonic() + 30
+        while queries_waiting(database_url, query) < share_alone:
+            assert time.monotonic() < deadline, f"the requests to {path} did not reach the database"
+            time.sleep(0.05)
+        answered = calm.get("/models", timeout=15)
+        assert answered.status_code == 200, answered.text
+        assert not any(request.done() for request in held)
+        assert queries_waiting(database_url, query) == share_alone  # only a share of them run
+        lock.commit()  # the lock goes: those that ran and those that waited are all answered
+        assert {request.result().status_code for request in held} == {200 if path == "/metrics" else 403}
+
+
 def test_a_request_whose_client_left_while_it_waited_for_its_team_gives_up_its_place(bounded):
     """uvicorn does not cancel a request whose client has gone: a request waiting for its team's share (app/shares.py)
     whose client gave up (its timeout, then a retry) stayed in the team's queue and ran later for no one, in the
