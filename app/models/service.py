@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, Invalid, NotFound
+from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.models import repository
 from app.models.tables import RegisteredModel
 from worker.training.estimate import ModelShape
@@ -23,7 +23,8 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
     """Register a base model. Its config.json is read from `path` when this host can see it (or
     given as `config`): the API estimates jobs' memory from it."""
     if not _NAME.match(name):
-        raise Invalid(f"model name {name!r}: 1-200 letters, digits and _ . : / -", details=[{"field": "name"}])
+        raise Invalid(f"model name {excerpt(name)}: 1-200 letters, digits and _ . : / -",
+                      details=field_errors([("name", "1-200 letters, digits and _ . : / -")]))
     if (path is None) == (hub_id is None):
         raise Invalid("give exactly one of path (a directory of safetensors weights) or hub_id (with revision)")
     if path is not None:
@@ -108,7 +109,7 @@ def get_model(session: Session, name: str) -> RegisteredModel:
     model = repository.by_name(session, name)
     if model is None:
         known = ", ".join(m.name for m in repository.list_all(session)) or "none registered"
-        raise NotFound(f"no registered base model {name!r}; registered: {known}")
+        raise NotFound(f"no registered base model {excerpt(name)}; registered: {known}")
     return model
 
 

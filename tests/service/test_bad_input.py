@@ -210,7 +210,7 @@ def test_an_error_echoes_an_excerpt_of_what_was_sent(team_a, ready_dataset, unch
     assert response.status_code == 404 and len(response.text) < 1000
     # The same in the lookups by id that other routes answer, and the OpenAI-compatible API's.
     long = "x" * 5000
-    for path, params in [(f"/datasets/{long}", None), ("/v1/files", {"after": f"file-{long}"})]:
+    for path, params in [(f"/datasets/{long}", None), ("/v1/files", {"after": f"file-{long}"}), (f"/v1/models/{long}", None)]:
         response = team_a.get(path, params=params)
         assert response.status_code in (400, 404) and len(response.text) < 1000, (path, response.text[:300])
     response = team_a.post("/v1/files", files={"file": ("a.jsonl", b'{"text": "hi"}\n')}, data={"purpose": long})
@@ -556,6 +556,11 @@ def test_registering_a_model_whose_config_is_not_json_or_whose_name_races_is_a_4
         response = admin.post("/models", json={"name": f"bad-{name}", "path": str(tmp_path / name)})
         assert response.status_code == 422, response.text  # was 500
         assert response.json()["error"]["details"][0]["field"] == "path"
+    # A name the registry cannot hold names its field and the rule, as every other refusal's details do
+    # (it had a field and no message).
+    response = admin.post("/models", json={"name": "../up", "hub_id": "org/up", "revision": "v1"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [{"field": "name", "message": "1-200 letters, digits and _ . : / -"}]
     # The same name from several admins at once: one registers it, the others learn it is taken.
     name = f"raced-{uuid.uuid4().hex[:6]}"
     with ThreadPoolExecutor(6) as pool:
