@@ -6,7 +6,7 @@ One range is served, as 206. A Range header that is malformed, in another unit o
 ranges is ignored and the whole object sent with 200, as RFC 9110 allows: a client that asked for more
 than one range gets more than it asked, never wrong bytes, and no Range header can make a 5xx. The
 ETag is the object's sha256, a strong validator, so `If-Range` with it continues only the same bytes:
-with any other value the whole object comes back.
+with any other value the whole object comes back. `If-None-Match` with it answers 304 and no bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.conditional import matches
 from app.errors import ErrorBody, RangeNotSatisfiable
 from app.storage import Storage, StoredObject
 from worker.training.spec import excerpt
@@ -32,12 +33,13 @@ HUGE = 1 << 63
 
 @dataclass(frozen=True)
 class RangeRequest:
-    """What a request asked for with its Range and If-Range headers, as received, and whether it is a HEAD:
-    the headers of the answer without its bytes (a download manager's or `curl -I`'s check of the size)."""
+    """What a request asked for with its Range, If-Range and If-None-Match headers, as received, and whether it
+    is a HEAD: the headers of the answer without its bytes (a download manager's or `curl -I`'s check of the size)."""
 
     range: str | None = None
     if_range: str | None = None
     head: bool = False
+    if_none_match: str | None = None
 
 
 def range_request(
@@ -48,8 +50,10 @@ def range_request(
     if_range: Annotated[str | None, Header(alias="If-Range", description=(
         "The ETag (the quoted sha256) of the bytes already held: the range is served only if the file "
         "is still the same, else the whole file with 200."))] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", description=(
+        "The ETag of the file already held (`curl --etag-compare`): 304 with no bytes while it is the same."))] = None,
 ) -> RangeRequest:
-    return RangeRequest(range_header, if_range, head=request.method == "HEAD")
+    return RangeRequest(range_header, if_range, head=request.method == "HEAD", if_none_match=if_none_match)
 
 
 RangeDep = Annotated[RangeRequest, Depends(range_request)]
@@ -57,6 +61,7 @@ RangeDep = Annotated[RangeRequest, Depends(range_request)]
 # For a ranged route's OpenAPI entry.
 RANGED: dict[int | str, dict[str, Any]] = {
     206: {"description": "The one byte range asked for (Range), with Content-Range."},
+    304: {"description": "Not modified: If-None-Match holds the file's ETag; no bytes are sent."},
     416: {"model": ErrorBody, "description": "`range_not_satisfiable`: the range starts at or past the end of the "
                                              "file; Content-Range says its size (`bytes */size`)."},
 }
@@ -124,6 +129,10 @@ def stored_object_response(asked: RangeRequest, storage: Storage, stored: Stored
     and storage is not read (the server would send none of the bytes, but a stream would read them all)."""
     etag = etag_of(stored.sha256)
     headers = {**headers, "Accept-Ranges": "bytes", "ETag": etag}
+    # The client holds these bytes already (RFC 9110 13.2.2: If-None-Match is evaluated before Range): a download
+    # manager or `curl --etag-compare` checking a 16 GB merged model for a change got all of it again.
+    if matches(asked.if_none_match, etag):
+        return Response(status_code=304, headers=headers)
     # If-Range other than our ETag (another file's tag, a weak one, a date: we send no Last-Modified)
     # means the client holds other bytes than these: the whole file is its answer, not a range of it.
     wanted = requested_range(asked.range, stored.size) if asked.if_range in (None, etag) else None

@@ -241,6 +241,26 @@ def test_no_range_header_ever_makes_a_5xx(local_artifact):
     assert seen == {200, 206, 416}  # the headers reached each kind of answer
 
 
+def test_a_download_sent_with_the_etag_it_holds_is_304_without_its_bytes(local_artifact):
+    """If-None-Match was ignored: a download manager or `curl --etag-compare` checking whether an artifact changed
+    got all of it again (RFC 9110 13.2.2: the condition is evaluated, and before Range). Each download route
+    answers 304 with its ETag and no bytes for the tag it sent, and the whole file for any other."""
+    client, job_id = local_artifact
+    rows = b'{"prompt": "a", "completion": "b"}\n'
+    dataset = upload(client, content=rows).json()["id"]
+    etag = f'"{SHA256}"'
+    for url, tag, size in [(f"/jobs/{job_id}/artifacts/adapter", etag, len(DATA)),
+                           (f"/datasets/{dataset}/content", f'"{hashlib.sha256(rows).hexdigest()}"', len(rows)),
+                           (f"/v1/files/file-{dataset}/content", f'"{hashlib.sha256(rows).hexdigest()}"', len(rows))]:
+        for held in (tag, f'"other", {tag}', f"W/{tag}", "*"):
+            for method, headers in [("GET", {}), ("GET", {"Range": "bytes=0-9"}), ("HEAD", {})]:
+                answer = client.request(method, url, headers={"If-None-Match": held, **headers})
+                assert answer.status_code == 304 and answer.content == b"", (url, held, method, headers, answer.text[:200])
+                assert answer.headers["etag"] == tag
+        changed = client.get(url, headers={"If-None-Match": '"another-file"'})
+        assert changed.status_code == 200 and len(changed.content) == size and changed.headers["etag"] == tag
+
+
 def test_dataset_and_v1_file_content_are_ranged_too(local_api, team_b):  # noqa: F811
     client, _ = local_api
     rows = b"".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}).encode() + b"\n" for i in range(200))
