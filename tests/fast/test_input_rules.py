@@ -324,3 +324,32 @@ def test_a_tool_calling_dataset_is_taken_and_a_bad_call_is_named_by_its_line(cli
     assert invalid["status"] == "invalid" and invalid["errors"] == [{"line": 4, "message": (
         "messages[1]: tool_calls[0]: calls 'get_weather', which the row's \"tools\" do not define: the model would "
         "learn to call a tool it was never shown; add its definition to the row's tools")}]
+
+
+NUMBERS = [("training", name) for name in ("epochs", "max_steps", "learning_rate", "per_device_batch_size",
+                                           "gradient_accumulation_steps", "max_seq_length", "warmup_ratio",
+                                           "weight_decay", "max_grad_norm", "seed", "logging_steps", "eval_steps",
+                                           "save_steps", "early_stopping")] + \
+          [("lora", name) for name in ("r", "alpha", "dropout")] + \
+          [("eval", name) for name in ("prompts", "max_new_tokens", "temperature")] + \
+          [("method", name) for name in ("beta", "label_smoothing")]
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize(("section", "field"), NUMBERS)
+def test_true_or_false_where_a_number_goes_is_refused_naming_the_field(section, field, value):
+    """pydantic reads a JSON boolean as 1 or 0: `"learning_rate": true` was a job that trained at 1.0, and
+    `"max_steps": true` one of a single step, with no word said."""
+    spec = {"base_model": "tiny", "training": {"max_steps": 10}}
+    if section == "method":
+        spec["method"] = {"type": "dpo"}
+    if field in ("epochs", "max_steps"):
+        spec["training"] = {}
+    spec.setdefault(section, {})[field] = value
+    with pytest.raises(SpecError) as refused:
+        JobSpec.parse(spec)
+    assert (f"{section}.{field}", "a number, not true or false") in refused.value.errors
+    # The switches stay true or false.
+    spec = {"base_model": "tiny", "training": {"max_steps": 10, "gradient_checkpointing": value, "packing": value},
+            "lora": {"use_rslora": value}, "quantization": {"double_quant": value}, "output": {"merge": value}}
+    assert JobSpec.parse(spec).lora.use_rslora is value

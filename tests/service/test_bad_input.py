@@ -145,6 +145,19 @@ def test_out_of_range_hyperparameters_name_the_field_and_range(team_a, ready_dat
     assert {"training.epochs / max_steps", "learning_rat"} <= fields
 
 
+def test_true_where_a_number_goes_is_refused_and_nothing_is_made(team_a, ready_dataset, unchanged):
+    """`"learning_rate": true` made a job that trained at 1.0 (and /v1's `"seed": true` one of seed 1): a JSON
+    boolean is no number, natively or through /v1, and the answer names the field."""
+    spec = demo_spec("tiny")
+    spec["training"]["learning_rate"] = True
+    response = team_a.post("/jobs", json={"dataset_id": ready_dataset, "gpu_class": lane("nobody-listens"), **spec})
+    assert response.status_code == 422, response.text
+    assert {"field": "training.learning_rate", "message": "a number, not true or false"} in response.json()["error"]["details"]
+    response = team_a.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f"file-{ready_dataset}",
+                                                         "gpu_class": lane("nobody-listens"), "seed": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed", response.text
+
+
 def test_deleting_a_dataset_in_use_is_refused_until_the_job_is_done(team_a, demo_data):
     dataset = upload(team_a, demo_data["validation"]).json()
     job = team_a.post("/jobs", json={"dataset_id": dataset["id"], "gpu_class": lane("nobody-listens"),

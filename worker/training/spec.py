@@ -8,6 +8,7 @@ import torch: the API validates specs without it.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,32 @@ class SpecError(ValueError):
 class _Strict(BaseModel):
     # A typo like "learning_rat" must fail loudly, not train with the default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, data: Any) -> Any:
+        """A JSON true or false where a number goes is refused, naming the fields: pydantic reads it as 1 or 0, so a
+        script's `"learning_rate": true` (a template's slip, a YAML `yes`) trained at 1.0, and `"max_steps": true`
+        one step. (A model's validator, not a field's: pydantic allows none before a method's discriminator.)"""
+        if isinstance(data, dict):
+            named = [name for name, value in data.items()
+                     if isinstance(value, bool) and name in cls.model_fields and _takes_a_number(cls, name)]
+            if named:  # "<fields>: <rule>", as a rule across fields names them (describe_validation_error)
+                raise ValueError(f"{' / '.join(named)}: a number, not true or false")
+        return data
+
+
+@functools.cache
+def _takes_a_number(model: type[BaseModel], field: str) -> bool:
+    """Whether the field's type takes an int or a float and no bool (its unions and Annotated types looked into)."""
+    pending, numbers = [model.model_fields[field].annotation], False
+    while pending:
+        kind = pending.pop()
+        if kind is bool:
+            return False
+        numbers = numbers or kind in (int, float)
+        pending.extend(arg for arg in get_args(kind) if isinstance(arg, type) or get_origin(arg) is not None)
+    return numbers
 
 
 class QuantizationSpec(_Strict):
