@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # long as its client keeps sending, however slowly. A client uploading its files one at a time, or a
     # few at once, holds one or a few; beyond the cap an upload answers 429 before its body is read.
     max_uploads_per_key: int = Field(8, ge=1)
+    # Downloads the API streams itself (a dataset's file, an artifact on local storage, a signed link's) one API
+    # key may have in flight at once in one API process: each holds a socket, an open file or a connection to
+    # the store, and up to a chunk (1 MiB) in memory for as long as its client reads, however slowly. A
+    # download manager splitting a file into parts holds a few; beyond the cap a download answers 429.
+    max_downloads_per_key: int = Field(16, ge=1)
     # Requests one API process has in progress at once, shared among the teams that have some (app/shares.py):
     # three quarters of them split equally among the busy teams, a quarter kept so a team that arrives starts
     # at once. With 8, a team alone holds 6, two busy teams 3 each. Small on purpose: a request in progress also

@@ -93,6 +93,14 @@ class TooManyUploads(AppError):
     retry_after_s = 5
 
 
+class TooManyDownloads(AppError):
+    """A key that already has QLORA_MAX_DOWNLOADS_PER_KEY downloads streaming in this process."""
+
+    status = 429
+    code = "too_many_downloads"
+    retry_after_s = 5
+
+
 class QuotaExceeded(AppError):
     """Over one of the team's quotas (app/quotas/): the message names the limit, the team's use, and
     what frees it; details carry them as fields."""

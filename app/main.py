@@ -45,6 +45,7 @@ from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
 from app.quotas.service import UploadsInFlight
+from app.ranges import download_slots
 from app.recent import Recent
 from app.routing import json_body_turns
 from app.scheduling.service import SchedulerThread
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = storage_from_settings(settings)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)  # live streams per key, in this process
     app.state.upload_slots = upload_slots(settings.max_uploads_per_key)  # uploads in flight per key, in this process
+    app.state.download_slots = download_slots(settings.max_downloads_per_key)  # downloads streaming per key, here
     app.state.job_feeds = JobFeeds()  # one poll per watched job, in this process, for all its streams
     app.state.callers = CallerCache(settings.key_cache_s)  # who each API key is, read again every few seconds
     app.state.standings = Recent(settings.standings_cache_s)  # each GPU class's queue order, read again each second

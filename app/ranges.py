@@ -11,15 +11,19 @@ with any other value the whole object comes back. `If-None-Match` with it answer
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.conditional import matches
-from app.errors import ErrorBody, RangeNotSatisfiable
+from app.errors import ErrorBody, RangeNotSatisfiable, TooManyDownloads
+from app.slots import KeySlot, KeySlots
 from app.storage import Storage, StoredObject
 from worker.training.spec import excerpt
 
@@ -40,6 +44,7 @@ class RangeRequest:
     if_range: str | None = None
     head: bool = False
     if_none_match: str | None = None
+    downloads: KeySlots | None = None  # each key's downloads streaming in this process (None: not counted)
 
 
 def range_request(
@@ -53,10 +58,21 @@ def range_request(
     if_none_match: Annotated[str | None, Header(alias="If-None-Match", description=(
         "The ETag of the file already held (`curl --etag-compare`): 304 with no bytes while it is the same."))] = None,
 ) -> RangeRequest:
-    return RangeRequest(range_header, if_range, head=request.method == "HEAD", if_none_match=if_none_match)
+    return RangeRequest(range_header, if_range, head=request.method == "HEAD", if_none_match=if_none_match,
+                        downloads=request.app.state.download_slots)
 
 
 RangeDep = Annotated[RangeRequest, Depends(range_request)]
+
+
+def download_slots(per_key: int) -> KeySlots:
+    """The downloads each API key has streaming in this process, up to QLORA_MAX_DOWNLOADS_PER_KEY: without a cap,
+    one key's client opening downloads and reading none held a socket and a file or a connection to the store
+    for each, as many as it liked (600 at once took 450 of the process's file descriptors), until no one else
+    could connect."""
+    return KeySlots(per_key, lambda held: TooManyDownloads(
+        f"this API key already has {held} downloads in progress, the limit per key (QLORA_MAX_DOWNLOADS_PER_KEY="
+        f"{per_key}); start the next once one has finished"))
 
 # For a ranged route's OpenAPI entry.
 RANGED: dict[int | str, dict[str, Any]] = {
@@ -123,10 +139,12 @@ def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiable:
 
 
 def stored_object_response(asked: RangeRequest, storage: Storage, stored: StoredObject, media_type: str,
-                           headers: dict[str, str]) -> Response:
+                           headers: dict[str, str], *, key_id: str) -> Response:
     """The stored object streamed whole (200) or the one range asked for (206), with Accept-Ranges and
     its ETag either way; `headers` (Content-Disposition, ...) go on both. To a HEAD the same headers,
-    and storage is not read (the server would send none of the bytes, but a stream would read them all)."""
+    and storage is not read (the server would send none of the bytes, but a stream would read them all).
+    A stream counts among the downloads of the key `key_id` (the caller's, or the one that signed a link)
+    until its last byte is sent or its client leaves: 429 at QLORA_MAX_DOWNLOADS_PER_KEY."""
     etag = etag_of(stored.sha256)
     headers = {**headers, "Accept-Ranges": "bytes", "ETag": etag}
     # The client holds these bytes already (RFC 9110 13.2.2: If-None-Match is evaluated before Range): a download
@@ -140,10 +158,45 @@ def stored_object_response(asked: RangeRequest, storage: Storage, stored: Stored
         headers["Content-Length"] = str(stored.size)
         if asked.head:
             return Response(media_type=media_type, headers=headers)
-        return StreamingResponse(storage.open(stored.key), media_type=media_type, headers=headers)
+        return _download(asked, key_id, lambda: storage.open(stored.key), status_code=200, media_type=media_type,
+                         headers=headers)
     headers.update({"Content-Length": str(wanted.length),
                     "Content-Range": f"bytes {wanted.first}-{wanted.last}/{stored.size}"})
     if asked.head:
         return Response(status_code=206, media_type=media_type, headers=headers)
-    return StreamingResponse(storage.open(stored.key, start=wanted.first, length=wanted.length), status_code=206,
-                             media_type=media_type, headers=headers)
+    return _download(asked, key_id, lambda: storage.open(stored.key, start=wanted.first, length=wanted.length),
+                     status_code=206, media_type=media_type, headers=headers)
+
+
+def _download(asked: RangeRequest, key_id: str, open_stored: Callable[[], Iterator[bytes]], **response: Any) -> Response:
+    """The stored bytes as a stream, opened once the key has a download's slot (429 without)."""
+    slot = asked.downloads.take(key_id) if asked.downloads is not None else None
+    try:
+        chunks = open_stored()
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
+    return _StoredStream(chunks, slot, **response)
+
+
+class _StoredStream(StreamingResponse):
+    """A stored object's bytes, which give their key's download slot back and close the object (a file, a
+    connection to the store) as soon as the answer ends, however it ends. Starlette leaves the iterator of a
+    stream whose client left mid-body to the garbage collector, which in an idle API process (its start-up
+    frozen out of the collector's sight) ran minutes later: the slot, the file and the connection were held that long."""
+
+    def __init__(self, chunks: Iterator[bytes], slot: KeySlot | None, **response: Any):
+        super().__init__(chunks, **response)
+        self._chunks, self._slot = chunks, slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._slot is not None:
+                self._slot.release()
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                with contextlib.suppress(ValueError):  # a cancelled answer whose read runs on in a thread: left to the collector
+                    close()

@@ -1,8 +1,9 @@
 """What one API key may hold at once in one API process: live job streams (QLORA_MAX_STREAMS_PER_KEY),
-uploads in flight (QLORA_MAX_UPLOADS_PER_KEY). Each holds something of the process's for as long as its
-client keeps it (a stream its socket and its reads of the database; an upload its socket and up to a
-storage part in memory, 8 MiB on S3), so a key's count is capped, and past the cap the request is
-refused before any of it is served or read."""
+uploads in flight (QLORA_MAX_UPLOADS_PER_KEY), downloads the API streams (QLORA_MAX_DOWNLOADS_PER_KEY).
+Each holds something of the process's for as long as its client keeps it (a stream its socket and its
+reads of the database; an upload its socket and up to a storage part in memory, 8 MiB on S3; a download
+its socket, a file or a connection to the store, and a chunk), so a key's count is capped, and past the
+cap the request is refused before any of it is served or read."""
 
 from __future__ import annotations
 

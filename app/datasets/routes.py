@@ -52,7 +52,7 @@ def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, c
     return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
                                   "application/x-ndjson", {
                                       "Content-Disposition": f'attachment; filename="{dataset.id}.jsonl"',
-                                      "X-Checksum-Sha256": dataset.sha256})
+                                      "X-Checksum-Sha256": dataset.sha256}, key_id=caller.key_id)
 
 
 @router.delete("/{dataset_id}", status_code=204)

@@ -219,7 +219,8 @@ def archive_response(asked: RangeRequest, storage: Storage, found: service.Downl
     artifact = found.artifact
     return stored_object_response(asked, storage, StoredObject(artifact.storage_key, artifact.bytes, artifact.sha256),
                                   "application/x-tar", {"X-Checksum-Sha256": artifact.sha256,
-                                                        "Content-Disposition": attachment_disposition(found.filename)})
+                                                        "Content-Disposition": attachment_disposition(found.filename)},
+                                  key_id=found.key_id)
 
 
 @router.delete("/{job_id}/artifacts/{kind}", responses={

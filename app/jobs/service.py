@@ -236,6 +236,7 @@ class Download:
     artifact: Artifact
     filename: str
     url: str | None  # a presigned URL on S3; None where the API itself must stream the archive
+    key_id: str  # the key that asked (or signed the link): a download the API streams counts among its downloads
     # Where it must (local storage), the query of its own signed route for a browser: see browser_download.
     signed: dict[str, str] | None = None
 
@@ -253,7 +254,7 @@ def download(session: Session, storage: Storage, settings: Settings, caller: Cal
     # name cannot hold: a path separator, or a control character in a row stored before names were checked.
     filename = "".join("_" if c in "/\\" or has_control_characters(c) else c for c in f"{job.name or job.id}-{kind}.tar")
     url = storage.presigned_url(artifact.storage_key, settings.presign_expires_s, filename=filename)
-    return Download(artifact, filename, url)
+    return Download(artifact, filename, url, caller.key_id)
 
 
 def browser_download(session: Session, storage: Storage, settings: Settings, caller: Caller, job_id: str,

@@ -84,7 +84,7 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: 
 def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
     dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
     return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
-                                  "application/octet-stream", {})
+                                  "application/octet-stream", {}, key_id=caller.key_id)
 
 
 # ------------------------------------------------------------------ fine-tuning jobs

@@ -26,6 +26,7 @@ from worker.training.tiny import demo_spec
 
 STREAMS_PER_KEY = 2
 UPLOADS_PER_KEY = 3
+DOWNLOADS_PER_KEY = 2
 MAX_JSON_BYTES = 64 * 1024
 BOUNDARY = "qlora-bounded"
 ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).encode() + b"\n"
@@ -36,6 +37,7 @@ def bounded(backing_services, tmp_path_factory, tiny_model_dir):
     """A deployment of its own, with no worker: its jobs stay queued, so their streams stay open."""
     d = start_deployment(tmp_path_factory.mktemp("bounded"), backing_services, tiny_model_dir,
                          max_streams_per_key=STREAMS_PER_KEY, max_uploads_per_key=UPLOADS_PER_KEY,
+                         max_downloads_per_key=DOWNLOADS_PER_KEY,
                          max_json_bytes=MAX_JSON_BYTES)
     yield d
     stop_deployment(d)
@@ -522,6 +524,51 @@ def test_live_streams_per_key_are_capped(bounded, queued_job):
                     break
             time.sleep(0.2)
         assert again.status_code == 200, again.text
+
+
+@contextlib.contextmanager
+def unread_download(deployment, key: str, path: str) -> Iterator[socket.socket]:
+    """A download whose answer has started and whose client reads no more of it (a receive buffer of 4 KiB):
+    the server's stream stays in flight until the connection closes."""
+    address = urlsplit(deployment.url)
+    with socket.socket() as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.connect((address.hostname, address.port))
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += connection.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        yield connection
+
+
+def test_a_keys_downloads_in_flight_are_capped_and_freed_when_their_clients_leave(bounded):
+    """A download the API streams (a dataset's file, /v1's, an artifact on local storage) holds a socket, a file or
+    a connection to the store and a chunk in memory for as long as its client reads: one key opening downloads
+    and reading none held as many as it liked (600 took 450 of the API's file descriptors). A key has at most
+    QLORA_MAX_DOWNLOADS_PER_KEY; a download whose client left frees its place at once (starlette left it to the
+    garbage collector, minutes later in an idle process), and HEAD, a 304 or a refusal take none."""
+    key, other_key = bounded.team_key("downloads"), bounded.team_key("downloads")
+    rows = b"".join(json.dumps({"prompt": f"{i} " + "grass " * 150, "completion": "Hay."}).encode() + b"\n"
+                    for i in range(4000))
+    with bounded.client(key) as client, bounded.client(other_key) as other, contextlib.ExitStack() as held:
+        dataset = upload(client, content=rows[:3_900_000]).json()
+        path = f"/datasets/{dataset['id']}/content"
+        first = held.enter_context(unread_download(bounded, key, path))
+        for _ in range(DOWNLOADS_PER_KEY - 1):
+            held.enter_context(unread_download(bounded, key, f"/v1/files/file-{dataset['id']}/content"))
+        refused = client.get(path, headers={"Range": "bytes=0-9"})
+        assert refused.status_code == 429 and refused.headers["retry-after"], refused.text
+        assert f"QLORA_MAX_DOWNLOADS_PER_KEY={DOWNLOADS_PER_KEY}" in refused.json()["error"]["message"]
+        assert client.head(path).status_code == 200  # no bytes, no place taken
+        assert client.get(path, headers={"If-None-Match": f'"{dataset["sha256"]}"'}).status_code == 304
+        assert other.get(path, headers={"Range": "bytes=0-9"}).status_code == 206  # the cap is per key
+        first.close()
+        # The server frees the place when it sees the connection close, which the client cannot wait on: ask again.
+        deadline = time.monotonic() + 30
+        while (again := client.get(path, headers={"Range": "bytes=0-9"})).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert again.status_code == 206, again.text
 
 
 def test_a_stream_ends_when_its_key_is_revoked(bounded, queued_job):
