@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from datasets import Dataset as HFDataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, PrinterCallback, set_seed  # noqa: E402
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from worker.training import checkpoints  # noqa: E402
@@ -226,8 +227,29 @@ class TrainerGuards:
     control: Any
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from a generator seeded by the data seed and the epoch, as accelerate
+    seeds the plain random order (SeedableRandomSampler): an epoch's order is the same in a run resumed in it.
+
+    transformers' sampler draws from the global RNG when the epoch starts, and a resume restores the RNG state only
+    after that: resumed past its first epoch, a run trained another order than the one it resumes, some rows twice in
+    the epoch and others not at all (the Trainer skips the batches already trained by count, not by row)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before each epoch, a resumed one too
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
-    """trl's SFTTrainer with the recipe's guards, and an eval loss per token whatever the batch size.
+    """trl's SFTTrainer with the recipe's guards, a length-grouped order that a resume continues
+    (EpochSeededLengthGroupedSampler), and an eval loss per token whatever the batch size.
 
     transformers averages the eval batches' losses weighing each by its rows (by 1 where trl's padding-free
     collator makes a batch one row), and each is its batch's mean per token: the eval loss then depends on the
@@ -236,6 +258,12 @@ class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
     each batch's token sum and count are added up as it is evaluated, and the eval loss is their quotient."""
 
     _eval_sums: list | None = None  # [summed loss, trained tokens] while an evaluation runs
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):  # training.group_by_length
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
