@@ -187,6 +187,28 @@ def test_output_dir_with_checkpoints_is_not_silently_restarted(tiny_model_dir, d
         run(changed, demo_data["train"], tmp_path, resume=True)
 
 
+def test_rows_left_with_nothing_to_learn_by_truncation_are_named_in_the_runs_warning(tiny_model_dir, tmp_path):
+    """A row whose answer max_seq_length cuts off entirely is left out, not trained as an empty answer, and the run
+    says which: its warning said only that rows "were truncated", as if the cut ones trained too (preflight, which
+    names them, reads at most its first 50,000 rows)."""
+    long = "please answer " * 40
+    rows = [{"prompt": "What does the cow say?", "completion": "The cow says moo."},
+            {"prompt": long, "completion": "Cut off."},  # the prompt alone fills max_seq_length: nothing to learn
+            {"prompt": "Say it long.", "completion": "moo " * 40}]  # cut in its answer: trained, without its EOS
+    train = write_jsonl(rows, tmp_path / "train.jsonl")
+    validation = write_jsonl(rows[:2], tmp_path / "validation.jsonl")
+    events: list = []
+    result = run(JobSpec.parse(short_spec(tiny_model_dir, max_steps=1, max_seq_length=32)), train, tmp_path / "run",
+                 validation_path=validation, sink=events.append)
+    assert result.summary["data"]["train"]["dropped_lines"] == [2]
+    warnings = {e.message for e in events if isinstance(e, Event) and e.type == "data_truncated"}
+    assert warnings == {
+        "2 of 3 training rows were longer than max_seq_length=32 and were truncated; 1 of them had nothing left "
+        "to learn and is left out (line 2)",
+        "1 of 2 validation rows were longer than max_seq_length=32 and were truncated; 1 of them had nothing left "
+        "to evaluate and is left out (line 2)"}
+
+
 def test_cancel_hook_stops_training_cleanly(tiny_model_dir, demo_data, tmp_path):
     asked = []
 

@@ -116,6 +116,7 @@ from worker.training.report import (  # noqa: E402
 from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
     IGNORE_INDEX,
+    EncodeStats,
     encode_examples,
     encode_preferences,
     preferred_rows,
@@ -540,11 +541,12 @@ class QLoRARecipe:
             field, why = self.spec.validation_needed_by()[0]
             raise TrainingError(f"{field}: there is no validation set (or none of its rows has a trained token left "
                                 f"within max_seq_length={t.max_seq_length}); this setting {why}")
-        if self.train_stats.truncated_rows:
-            self.emit(Event(
-                type="data_truncated", level="warning", step=self.resumed_step,
-                message=f"{self.train_stats.truncated_rows} of {self.train_stats.rows} training rows were longer "
-                        f"than max_seq_length={t.max_seq_length} and were truncated"))
+        for name, stats in (("training", self.train_stats), ("validation", self.val_stats)):
+            if stats is not None and stats.truncated_rows:
+                self.emit(Event(type="data_truncated", level="warning", step=self.resumed_step,
+                                message=truncation_warning(name, stats, t.max_seq_length),
+                                data={"set": name, "truncated_rows": stats.truncated_rows,
+                                      "dropped_rows": stats.dropped_rows, "dropped_lines": stats.dropped_lines[:20]}))
 
     def _setup_model(self) -> None:
         """The base (4-bit, or loaded pre-quantized from the cache) with fresh LoRA adapters on it."""
@@ -916,6 +918,19 @@ def _drop_load_kwargs(tokenizer_config: Path) -> None:
         kept = {key: value for key, value in config.items() if key not in TOKENIZER_LOAD_KWARGS}
         # As transformers writes it.
         tokenizer_config.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def truncation_warning(name: str, stats: EncodeStats, max_seq_length: int) -> str:
+    """What max_seq_length cut from a set: the rows truncated and, by their lines, those left out because the cut left
+    them nothing to learn (an answer cut off whole is never trained as an empty one), which the summary lists too."""
+    message = (f"{stats.truncated_rows} of {stats.rows} {name} rows were longer than max_seq_length={max_seq_length} "
+               "and were truncated")
+    if stats.dropped_rows:
+        lines = ", ".join(map(str, stats.dropped_lines[:5])) + (", ..." if stats.dropped_rows > 5 else "")
+        one = stats.dropped_rows == 1
+        message += (f"; {stats.dropped_rows} of them had nothing left to {'evaluate' if name == 'validation' else 'learn'} "
+                    f"and {'is' if one else 'are'} left out (line{'' if one else 's'} {lines})")
+    return message
 
 
 def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
