@@ -501,6 +501,22 @@ def test_a_run_grouped_by_length_resumed_in_its_second_epoch_continues_the_same_
     assert curve(tmp_path / "run") == curve(tmp_path / "straight")
 
 
+def test_the_first_point_logged_after_a_resume_is_the_uninterrupted_runs(tiny_model_dir, demo_data, tmp_path):
+    """With logging_steps 5, step 10's train loss is the mean of steps 6 to 10. Resumed from a pause at step 7, it
+    was the mean of steps 8 to 10 alone (2.908 against 3.134): the steps before the checkpoint since the last log
+    are carried in the checkpoint now, so the resumed run logs the same curve."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=10, save_steps=100, logging_steps=5))
+    assert run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(7)).status == "paused"
+    run(spec, demo_data["train"], tmp_path / "run", resume=True)
+    run(spec, demo_data["train"], tmp_path / "straight")
+
+    def curve(path):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert [step for step, _ in curve(tmp_path / "straight")] == [5, 10]
+    assert curve(tmp_path / "run") == curve(tmp_path / "straight")
+
+
 def test_a_resume_keeps_what_the_interrupted_run_decided_for_auto(tiny_model_dir, demo_data, tmp_path):
     """per_device_batch_size "auto" is decided on the worker (a model registered without its config). A run
     paused after a release (or a card of the class with other memory) decided 2 resumes with 2, where it

@@ -124,6 +124,7 @@ from worker.training.tokenization import (  # noqa: E402
 )
 
 KEEP_CHECKPOINTS = 2  # the newest, plus one in case the newest was written just before a disk filled
+LOSS_SINCE_LOG_FILE = "loss_since_log.json"  # in each checkpoint: TrainerGuards._save_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -191,13 +192,28 @@ class TrainerGuards:
             if param.requires_grad and param.dtype != self.adapter_dtype:
                 param.data = param.data.to(self.adapter_dtype)
 
-    def _load_from_checkpoint(self, *args, **kwargs):
+    def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
         # peft loads a saved adapter upcast to float32 (autocast_adapter_dtype): a bfloat16 adapter must
         # go back to bfloat16, or the resumed run would take float32 steps that the run it resumes did not.
-        super()._load_from_checkpoint(*args, **kwargs)  # type: ignore[misc]
+        super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
         self._cast_adapter()
+        saved = Path(resume_from_checkpoint) / LOSS_SINCE_LOG_FILE  # absent from a checkpoint of an older release
+        self._loss_since_log = json.loads(saved.read_text()) if saved.is_file() else None
+
+    def _save_checkpoint(self, model, trial):
+        # The summed loss of the steps since the last log, and that log's step: a resume starts them at zero and
+        # the resumed step, so the first point it logged (logging_steps > 1) was the mean of the resumed steps alone,
+        # another point than the uninterrupted run's. A float32 sum as a Python float is exact, so is the sum resumed.
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        staged = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        write_json_atomic(staged / LOSS_SINCE_LOG_FILE, {"loss_sum": float(self._tr_loss),
+                                                         "last_logged_step": self._globalstep_last_logged})
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._loss_since_log is not None:  # the first step after a resume, before its loss is added
+            self._tr_loss += self._loss_since_log["loss_sum"]
+            self._globalstep_last_logged = self._loss_since_log["last_logged_step"]
+            self._loss_since_log = None
         # Resumed from a checkpoint of the last planned step (the run was lost after it, in the merge
         # say), transformers would take one more step: it looks for the end only after a step. That step
         # changed the adapter (at a constant learning rate) and put step N+1 on the curve. No batches: no step.
@@ -221,7 +237,11 @@ class TrainerGuards:
             )
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
 
+    _loss_since_log: dict | None = None  # from the checkpoint a run resumes, until its first step
+
     # The attributes the trainers this mixes into have (for type checkers).
+    _tr_loss: torch.Tensor
+    _globalstep_last_logged: int
     model: Any
     args: Any
     state: Any
