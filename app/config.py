@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     # How long an API process trusts what it read of an API key (its team, whether it is an admin key,
     # that it is not revoked) before reading it again: every poll would otherwise cost two queries. A
     # revoked key stops working within this long everywhere (at once in the process that revoked it).
+    # A key refused (no such key, or revoked) is refused this long without a read (CallerCache.refused).
     # 0 reads the key on every request.
     key_cache_s: float = Field(2.0, ge=0, le=60)
     # How long an API process keeps the order of a GPU class's queued jobs (GET /jobs/{id}'s

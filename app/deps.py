@@ -87,8 +87,8 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 async def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    """The caller of this key, from this process's CallerCache while it is fresh, else read in a short
-    session of its own (the request's session may never need a connection at all). `authorization` is
+    """The caller of this key, from this process's CallerCache while it is fresh (or its refusal, for a key that
+    works nowhere), else read in a short session of its own (the request's session may never need a connection at all). `authorization` is
     declared for /docs; the key is read from every Authorization header the request has."""
     key_hash = bearer_key_hash(request.headers.getlist("authorization"))
     cache: CallerCache = request.app.state.callers
@@ -96,7 +96,7 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
     async def read() -> Caller:
         async with cache.reads:  # a few at once (KEY_READS): made-up keys, each a miss, must not take every thread
             return await run_in_threadpool(_read_caller, request.app.state.settings.database_url, key_hash)
-    return await cache.get_or_read(key_hash, read)
+    return await cache.caller(key_hash, read)
 
 
 def _read_caller(database_url: str, key_hash: str) -> Caller:

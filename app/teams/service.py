@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -46,21 +47,54 @@ class Caller:
 KEY_READS = 4
 
 
+# Key hashes refused lately that each API process keeps (see CallerCache.refused): ~250 bytes each, so a flood of
+# made-up keys, each refused once, holds at most ~1 MB however many it sends; the oldest refusal goes first.
+REFUSED_KEYS = 4096
+
+
+class UnknownKey(Unauthorized):
+    """No key with this hash works, and none ever will: none was made (keys are 32 random bytes the server makes,
+    so no client sent one before it existed), it was revoked (for good), or its team row is gone. What
+    CallerCache.refused keeps; a disabled team's keys are refused otherwise (team_disabled), and work again when
+    it is enabled."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid or revoked API key")
+
+
 class CallerCache(Recent[str, Caller]):
     """What this process read of each API key lately (by key hash), for `ttl_s` seconds.
 
     Every request authenticates, and most are polls: without this, two of a status poll's three
     queries would read the same key and team again. The price: a key revoked (`qlora admin revoke-key`)
-    still works for up to `ttl_s` in each API process that read it just before. Only keys that
-    authenticated are kept (a refused read keeps nothing), at most `max_entries` of them. The same holds for
+    still works for up to `ttl_s` in each API process that read it just before. Here only keys that
+    authenticated are kept, at most `max_entries` of them (refusals: `refused`, below). The same holds for
     a team disabled (`qlora admin disable-team`), except in the process that served POST
     /admin/teams/{team}/disable, which forgets the team's keys at once (forget_team); and whatever a
     key still does in that window, its jobs do not start and no new job of it is queued.
+
+    `refused` keeps the keys that authenticated nothing (UnknownKey), as long and at most `max_refused` of them:
+    a script sending a wrong or revoked key in a loop cost a database read per request, and KEY_READS of those
+    at once held back every other key this process had not read yet. A refusal kept is always still true (no
+    key comes to work after UnknownKey), so nothing is ever forgotten from it: a key made since, by `qlora admin
+    create-key` or at the first start, was never sent before it existed and works at once everywhere. Only a
+    key row that comes back (a database restored from a backup) waits out `ttl_s`.
     """
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000, reads: int = KEY_READS):
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, reads: int = KEY_READS, max_refused: int = REFUSED_KEYS):
         super().__init__(ttl_s, max_entries)
         self.reads = asyncio.Semaphore(reads)  # the reads that missed, at once (KEY_READS); awaited on the event loop
+        self.refused: Recent[str, bool] = Recent(ttl_s, max_refused)
+
+    async def caller(self, key_hash: str, read: Callable[[], Awaitable[Caller]]) -> Caller:
+        """The caller of `key_hash`, kept or read(); UnknownKey, kept or read, for a key that works nowhere."""
+        if self.refused.get(key_hash):
+            raise UnknownKey()
+        try:
+            return await self.get_or_read(key_hash, read)
+        except UnknownKey:
+            self.refused.put(key_hash, True)
+            raise
 
     def forget_team(self, team_id: str) -> None:
         self.forget(lambda caller: caller.team_id == team_id)
@@ -129,10 +163,10 @@ def bearer_key_hash(headers: list[str]) -> str:
 def authenticate(session: Session, key_hash: str) -> Caller:
     key = repository.key_by_hash(session, key_hash)
     if key is None or key.revoked_at is not None:
-        raise Unauthorized("invalid or revoked API key")
+        raise UnknownKey()
     team = repository.team_by_id(session, key.team_id)
     if team is None:  # the key's team row is gone: treat the key as revoked
-        raise Unauthorized("invalid or revoked API key")
+        raise UnknownKey()
     if team.disabled_at is not None:
         raise team_disabled(team)
     return Caller.of(team, key)

@@ -426,6 +426,52 @@ def test_requests_without_a_key_that_use_the_database_take_one_share_not_every_t
         assert {request.result().status_code for request in held} == {200 if path == "/metrics" else 403}
 
 
+@pytest.fixture(scope="module")
+def long_key_cache(backing_services, tmp_path_factory, tiny_model_dir):
+    """A deployment whose API process keeps what it read of a key for a minute (QLORA_KEY_CACHE_S): longer than
+    any step of a test takes, so what the test saw kept is still kept when it asks again."""
+    d = start_deployment(tmp_path_factory.mktemp("key-cache"), backing_services, tiny_model_dir, key_cache_s=60)
+    yield d
+    stop_deployment(d)
+
+
+def test_a_wrong_key_sent_again_is_refused_without_reading_the_keys_again(long_key_cache):
+    """A script sending a wrong or a revoked key in a loop cost a read of the keys table per request (KEY_READS of
+    them at once, holding back every key the process had not read yet). Once refused, such a key is refused from
+    the process's memory for QLORA_KEY_CACHE_S: here the keys table is locked after the first refusals, and the same
+    keys are refused again while nothing waits on the lock; a key never sent before is still read (it waits)."""
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = long_key_cache
+    database_url = d.settings.database_url
+    revoked = d.team_key("revoking")
+    with session_scope(database_url) as session:
+        teams_service.revoke_key(session, revoked[:12])
+
+    def asked(key: str, times: int = 1) -> list[int]:
+        with httpx.Client(base_url=d.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+            return [client.get("/jobs").status_code for _ in range(times)]
+
+    wrong = f"qlk_{secrets.token_urlsafe(32)}"
+    assert asked(wrong) == asked(revoked) == [401]  # each read once, and refused
+    with ThreadPoolExecutor(1) as pool:
+        with session_scope(database_url) as lock:
+            lock.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))  # until this session commits
+            again = pool.submit(lambda: asked(wrong, 20) + asked(revoked, 20))
+            while not again.done():
+                assert lock_waiters(database_url, "api_keys") == 0, "a key refused before was read again"
+                time.sleep(0.05)
+            assert again.result() == [401] * 40
+            stranger = pool.submit(asked, f"qlk_{secrets.token_urlsafe(32)}")  # never sent before: read
+            deadline = time.monotonic() + 30
+            while lock_waiters(database_url, "api_keys") < 1:
+                assert time.monotonic() < deadline, "the new made-up key was not read"
+                time.sleep(0.05)
+            assert not stranger.done()
+        assert stranger.result() == [401]
+
+
 def test_a_request_whose_client_left_while_it_waited_for_its_team_gives_up_its_place(bounded):
     """uvicorn does not cancel a request whose client has gone: a request waiting for its team's share (app/shares.py)
     whose client gave up (its timeout, then a retry) stayed in the team's queue and ran later for no one, in the
