@@ -172,6 +172,32 @@ def test_two_migrations_started_at_once_on_a_fresh_postgres_both_succeed(tmp_pat
         services.drop_postgres_database(url)
 
 
+def test_two_migrations_started_at_once_on_a_fresh_sqlite_file_both_succeed(tmp_path):
+    """The embedded default's first start: `qlora migrate` and `qlora serve` (or two `qlora migrate`) started at
+    the same moment on a QLORA_HOME with no database yet. Each exits 0 and the schema is built once. Before, both
+    read "no schema" and ran the same CREATE TABLEs, which SQLite commits one by one: one exited 1 with "table
+    base_models already exists" (3 runs of 3 by hand)."""
+    import os
+
+    from tests.deployment import ROOT
+
+    home = tmp_path / "home"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}, "QLORA_HOME": str(home)}
+    logs = [(tmp_path / f"migrate-{n}.log").open("w") for n in range(2)]
+    migrations = [subprocess.Popen([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    for migration, log in zip(migrations, logs, strict=True):
+        migration.wait(timeout=300)
+        log.close()
+        assert migration.returncode == 0, Path(log.name).read_text()[-2000:]
+    url = f"sqlite:///{home / 'qlora.db'}"
+    try:
+        with engine_for(url).connect() as conn:
+            assert schema_differences(conn) == []
+    finally:
+        engine_for(url).dispose()
+
+
 def wait_for_lock_waits(database_url: str, count: int) -> None:
     """Until `count` connections of this database wait on a lock (pg_stat_activity), after 60 s a failure."""
     deadline = time.monotonic() + 60
