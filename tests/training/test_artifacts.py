@@ -14,6 +14,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from worker.training import checkpoints
 from worker.training.recipe import run
 from worker.training.spec import JobSpec
 from worker.training.tiny import build_tokenizer, demo_spec
@@ -104,11 +105,14 @@ def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine
 
 def test_the_downloads_tokenizer_config_holds_no_load_kwargs_of_the_machine_that_trained_it(llama31_run, tmp_path):
     """transformers 5's save_pretrained wrote how the worker loaded the tokenizer ("local_files_only": true,
-    "is_local": true) into both downloads' tokenizer_config.json. Copied to another machine, each tokenizer
-    loads as the base's, offline or not, and what it writes again carries neither."""
+    "is_local": true) into both downloads' tokenizer_config.json, and the Trainer into each checkpoint's (stored,
+    and moved to whichever host resumes it). Copied to another machine, each tokenizer loads as the base's,
+    offline or not, and what it writes again carries neither."""
     base, result = llama31_run
     expected = AutoTokenizer.from_pretrained(base)("hello <|eot_id|> world")["input_ids"]
-    for name in ("adapter", "merged"):
+    checkpoint = checkpoints.latest_complete(result.out_dir / "checkpoints")
+    assert checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file()
+    for name in ("adapter", "merged", f"checkpoints/{checkpoint.name}"):
         config = json.loads((result.out_dir / name / "tokenizer_config.json").read_text())
         assert not {"local_files_only", "is_local"} & config.keys(), name
         copied = shutil.copytree(result.out_dir / name, tmp_path / name)

@@ -625,7 +625,7 @@ class QLoRARecipe:
         metrics = MetricsCallback(self.emit, self.device, method=self.spec.method.type)
         callbacks = [metrics, self.stop, HealthCallback(self.emit, self.spec), self.best,
                      CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS,
-                                        extra_files=[self.best.write_into])]
+                                        extra_files=[self.best.write_into, _drop_load_kwargs])]
         if self.progress:
             callbacks.append(RichProgressCallback())
         trainer = GuardedDPOTrainer if self.spec.method.type == "dpo" else GuardedSFTTrainer
@@ -814,7 +814,7 @@ class QLoRARecipe:
             self.tokenizer.save_pretrained(directory)
         finally:
             self.tokenizer.padding_side = trained
-        _drop_load_kwargs(directory / "tokenizer_config.json")
+        _drop_load_kwargs(directory)
 
     def eval_report(self) -> dict | None:
         """report/report.json: base and tuned answers to the spec's eval prompts, scored, with the loss of
@@ -932,7 +932,13 @@ class QLoRARecipe:
 TOKENIZER_LOAD_KWARGS = ("local_files_only", "is_local")
 
 
-def _drop_load_kwargs(tokenizer_config: Path) -> None:
+def _drop_load_kwargs(directory: Path) -> None:
+    """TOKENIZER_LOAD_KWARGS out of the tokenizer_config.json in `directory`: the adapter's, the merged model's,
+    and each checkpoint's (the Trainer saves the tokenizer into every checkpoint it writes; CheckpointCallback
+    runs this on it before marking it complete). A directory without one (no tokenizer saved) is left as it is."""
+    tokenizer_config = directory / "tokenizer_config.json"
+    if not tokenizer_config.is_file():
+        return
     config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
     if any(key in config for key in TOKENIZER_LOAD_KWARGS):
         kept = {key: value for key, value in config.items() if key not in TOKENIZER_LOAD_KWARGS}
