@@ -443,7 +443,7 @@ def test_the_api_docs_run_only_the_pinned_files_they_were_checked_against(deploy
 def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page, deployment, team, team_key):
     """130,000 logged steps (Math.max(...points) threw past ~125,000, and the page stopped drawing) and
     1,000 events: the page keeps at most 4,000 of the points, draws at most 2,000, and the events list shows
-    the newest 200."""
+    the newest 200, the only ones the page holds."""
     from sqlalchemy import insert
 
     from app.db import session_scope
@@ -469,6 +469,36 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
     assert train_path_points(page) == 2000
     expect(page.locator("#older-events")).to_contain_text("and 800 older events")
     assert page.locator("#events li").count() == 201
+    assert page.locator("#events").get_attribute("data-held") == "200"  # it held all 1,000 events it was sent
+
+
+def test_the_job_pages_events_stay_bounded_and_count_the_older_ones_and_their_warnings(page):
+    """The job page's events (event-log.js), fed as the stream feeds them, in the browser: the page held every event
+    it was sent for as long as it stayed open (a job that saves every step has as many as steps, and each
+    reconnect replays them all). It keeps the newest 200, the ones the list shows, and counts the older ones and
+    their warnings, once each however often they are replayed; an event sent again replaces the one kept."""
+    page.goto("/")
+    seen = page.evaluate("""async () => {
+        const { EventLog } = await import("/static/js/event-log.js");
+        const feed = (log, last) => { let most = 0;
+            for (let id = 1; id <= last; id++) {
+                log.add({ id, level: id % 10 === 0 ? "warning" : "info", type: "checkpoint_saved", step: id });
+                most = Math.max(most, log.size);
+            }
+            return most; };
+        const short = new EventLog();
+        feed(short, 150);
+        short.add({ id: 150, level: "info", type: "succeeded", step: 150 });  // sent again, changed: no longer a warning
+        const long = new EventLog();
+        const most = Math.max(feed(long, 5000), feed(long, 5000));  // a reconnect replays them all
+        const ids = long.newestFirst().map((e) => e.id);
+        return { short: short.size, shortOlder: short.older, shortWarnings: short.warnings,
+                 shortNewest: short.newestFirst()[0].type, most, newest: ids[0], oldest: ids[ids.length - 1],
+                 kept: ids.length, older: long.older, warnings: long.warnings };
+    }""")
+    assert (seen["short"], seen["shortOlder"], seen["shortWarnings"], seen["shortNewest"]) == (150, 0, 14, "succeeded")
+    assert seen["most"] == seen["kept"] == 200 and (seen["newest"], seen["oldest"]) == (5000, 4801)
+    assert seen["older"] == 4800 and seen["warnings"] == 500  # counted once, though sent twice
 
 
 def test_the_job_pages_series_stays_bounded_and_keeps_a_short_jobs_points_as_they_are(page):

@@ -5,6 +5,7 @@
 import { api, FINISHED } from "../api.js";
 import { lossChart } from "../chart.js";
 import { h, setTitle } from "../dom.js";
+import { EventLog } from "../event-log.js";
 import { fmt } from "../format.js";
 import { PointSeries } from "../series.js";
 import { followJob } from "../stream.js";
@@ -15,8 +16,9 @@ import { loadReport } from "./job-report.js";
 
 export function viewJob(main, ctx, jobId) {
   setTitle("Job");
-  // The loss points by step, bounded for a page left open on a long job (series.js); events by id.
-  const state = { job: null, train: new PointSeries(), eval: new PointSeries(), events: new Map(), artifacts: [], checkpoints: [] };
+  // The loss points by step and the newest events, each bounded for a page left open on a long job
+  // (series.js, event-log.js).
+  const state = { job: null, train: new PointSeries(), eval: new PointSeries(), events: new EventLog(), artifacts: [], checkpoints: [] };
 
   const header = h("div", { class: "page-head" }, h("h1", {}, "Loading job…"));
   const progressCard = h("section", { class: "card", "aria-label": "Progress" });
@@ -71,7 +73,7 @@ export function viewJob(main, ctx, jobId) {
       renderRewards(rewardsCard, rewardsBox, state);
       renderEvents(eventsBox, state);
       // Warnings (preflight's, the health watch's) are easy to miss in a long list: count them in the header.
-      const warnings = [...state.events.values()].filter((e) => e.level === "warning").length;
+      const warnings = state.events.warnings;
       eventsMeta.textContent = warnings ? `${warnings} warning${warnings === 1 ? "" : "s"}` : "";
     });
   }
@@ -119,7 +121,7 @@ export function viewJob(main, ctx, jobId) {
     } else if (type === "metric") {
       (payload.kind === "eval" ? state.eval : state.train).set(payload.step, payload);
     } else if (type === "event") {
-      state.events.set(payload.id, payload);
+      state.events.add(payload);
       if (payload.type === "checkpoint_saved") loadCheckpoints();
     }
     redraw();
