@@ -92,6 +92,11 @@ ATTEMPT_ENDED = (LeaseLost, TimeLimitHit, StoppedBeforeTraining)
 # A job asked to stop, and what it becomes when the attempt stops before its training process ran.
 STOPPED_AS = {states.CANCELLING: states.CANCELLED, states.PAUSING: states.PAUSED}
 
+# Fault injection for tests: an attempt number. The worker holds once that attempt of a job has ended, before it
+# records how (the end's write waiting on a slow database, a stalled host), until the test releases it
+# (fault_hold_end_markers names the files: the worker touches the first while it holds, the test the second).
+FAULT_HOLD_END = "QLORA_FAULT_HOLD_END"
+
 
 class AttemptWatch(threading.Thread):
     """The attempt's heartbeat, from the claim until the final state is written; a thread, so that no
@@ -107,6 +112,13 @@ class AttemptWatch(threading.Thread):
       the job failed, saying so (no retry: another attempt would hit the same limit);
     - when the job is being cancelled or paused before its training process started (a base model's
       download takes minutes), ends the attempt there: the training process passes on these once it runs.
+
+    It beats until the attempt's end is written (stop() comes after), so the job is never silent while its
+    worker records how the attempt ended: it was stopped before, and a worker that took longer than the
+    reaper's deadline to write the end (a slow database, a loaded host) lost the attempt to the reaper, which
+    queued the job again as it was; a job that ran out of memory then ran with its old micro-batch, its smaller
+    one dropped, and ran out of memory again. ending() writes the pending events first, so they still come
+    before the end.
 
     The main thread learns of each at its next check(), which raises LeaseLost, TimeLimitHit or
     StoppedBeforeTraining: between supervise rounds, and at every chunk of a transfer.
@@ -127,6 +139,8 @@ class AttemptWatch(threading.Thread):
         self._last_event_at = 0.0
         self._ended: tuple[type[Exception], str] | None = None
         self._stopped = threading.Event()
+        self._workdir_lock = threading.Lock()  # a touch of the heartbeat file, or the end of them (ending)
+        self._workdir_gone = False
 
     # ------------------------------------------------------------------ the main thread's side
     def check(self) -> None:
@@ -155,8 +169,26 @@ class AttemptWatch(threading.Thread):
         need not write one as well (half the writes on the job's row while training)."""
         self._last_beat = time.monotonic()
 
+    def ending(self) -> None:
+        """The attempt is over, its end not yet written: the pending events (the last transfer's) are written
+        now, before it, and the heartbeat file is no longer touched (the work directory goes next). The
+        heartbeats in the database go on until stop(), once the end is written."""
+        with self._workdir_lock:
+            self._workdir_gone = True
+        with self._events_lock:
+            events, self._events = self._events, []
+        if not events:
+            return
+        try:
+            with session_scope(self.db) as session:
+                runs.heartbeat(session, self.job.id, self.job.attempt, events)
+        except Exception as exc:  # the next heartbeat writes them, after the end at worst
+            log.warning("could not write the last events of job %s: %s", self.job.id, exc)
+            with self._events_lock:
+                self._events[:0] = events
+
     def stop(self) -> None:
-        """Before the final state is written: the last heartbeat goes out with any pending events."""
+        """Once the attempt's end is written (or found written by another): no more heartbeats."""
         self._stopped.set()
         self.join()
 
@@ -170,10 +202,12 @@ class AttemptWatch(threading.Thread):
     def _beat(self) -> None:
         if self._ended is not None:
             return
-        try:
-            self.workdir.heartbeat.touch()
-        except FileNotFoundError:
-            pass  # the work directory is being set up
+        with self._workdir_lock:
+            try:
+                if not self._workdir_gone:
+                    self.workdir.heartbeat.touch()
+            except FileNotFoundError:
+                pass  # the work directory is being set up
         elapsed = time.monotonic() - self.started
         if elapsed > self.settings.job_time_limit_s and not self._stopped.is_set():
             self._hit_time_limit(elapsed)
@@ -361,18 +395,23 @@ class JobRun:
                 final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
         finally:
             held.unlink(missing_ok=True)
-            watch.stop()  # its last heartbeat carries the last transfer's event; the final state comes after
+            watch.ending()  # the last transfer's event goes out now; the final state comes after
             if watch.proc is not None and watch.proc.poll() is None:
                 _kill(watch.proc)
             shutil.rmtree(workdir.root, ignore_errors=True)
             remove_earlier_attempts(workdir.root.parent, job.attempt, self.settings.heartbeat_deadline_s)
             _remove_if_empty(workdir.root.parent)  # the job's directory, unless another attempt is in it
-        if final is not None:
-            self._finish(job, *final)
-        elif smaller is not None:
-            self._continue_smaller(job, smaller.training, stopped_at or utcnow())
-        elif lost is not None:
-            self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
+        try:
+            if os.environ.get(FAULT_HOLD_END) == str(job.attempt):
+                _hold_end(self.settings, job.id)
+            if final is not None:
+                self._finish(job, *final)
+            elif smaller is not None:
+                self._continue_smaller(job, smaller.training, stopped_at or utcnow())
+            elif lost is not None:
+                self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
+        finally:
+            watch.stop()  # the end is written: the reaper may take the job only now, if anything moved it back
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
         """Why the attempt ended, where another attempt may well succeed: storage or the database out of
@@ -656,6 +695,20 @@ class JobRun:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:
             log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
+
+
+def fault_hold_end_markers(settings: Settings, job_id: str) -> tuple[Path, Path]:
+    """FAULT_HOLD_END's files: (held, release)."""
+    return settings.work_dir / f".fault-end-held-{job_id}", settings.work_dir / f".fault-end-release-{job_id}"
+
+
+def _hold_end(settings: Settings, job_id: str) -> None:
+    held, release = fault_hold_end_markers(settings, job_id)
+    held.touch()
+    while not release.exists():
+        time.sleep(0.1)
+    held.unlink(missing_ok=True)
+    release.unlink(missing_ok=True)
 
 
 FINISH_TRIES = 5

@@ -27,7 +27,9 @@ HOW = {
         "torch's OutOfMemoryError at step 7 of 12 for any micro-batch above 4 (fault hook QLORA_FAULT_OUT_OF_MEMORY), "
         "on a job of micro-batch 8 with a checkpoint every 4 steps. The worker queues the job again with "
         "micro-batch 4 and gradient accumulation 2 (the same rows per step), written into its spec; the next "
-        "attempt resumes from the checkpoint at step 4.",
+        "attempt resumes from the checkpoint at step 4. The worker is held before it writes that retry until a "
+        "whole heartbeat deadline has passed (fault hook QLORA_FAULT_HOLD_END): its heartbeats go on, so the "
+        "reaper leaves the attempt alone.",
     "worker stopped with SIGTERM (a deploy) mid-run":
         "SIGTERM to the worker's main process alone, as `docker stop` sends it, while the run is held after "
         "step 3 of 40 (until the pause the shutdown asks for). The worker "

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timedelta
 
 import boto3
 from sqlalchemy import func, select
@@ -20,7 +21,7 @@ from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import repository, runs
 from app.jobs.reaper import LEASE
-from app.jobs.tables import JobAttempt
+from app.jobs.tables import Job, JobAttempt
 from app.operations.lease import current_holder
 from app.storage.base import make_key, storage_from_settings
 from app.storage.s3 import PART_SIZE
@@ -40,7 +41,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY, FAULT_STALL_CHECKPOINT
-from worker.supervisor import session_url
+from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers, session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -130,12 +131,35 @@ def test_a_job_out_of_memory_at_a_step_continues_from_its_checkpoint_with_a_smal
     """A step that does not fit the GPU (the estimate fell short): the job failed, naming the step and what to
     change, and whatever it trained was lost unless its team started over by hand. Now the job is queued again
     with half the micro-batch and twice the accumulation (the same rows at each step), written into its spec,
-    and the next attempt resumes from its newest checkpoint."""
-    worker = faulty.start_worker(name="small-gpu", extra_env={FAULT_OUT_OF_MEMORY: "7:4"})  # > 4 rows: no room
+    and the next attempt resumes from its newest checkpoint.
+
+    The worker is held once attempt 1 has ended, before it writes the retry, until a full heartbeat deadline has
+    passed (what a slow database or a loaded host did by chance: the test failed with attempt 3). It used to
+    stop its heartbeats before writing the end, so the reaper took the silent attempt and queued the job as it
+    was: attempt 2 ran out of memory again with micro-batch 8, and attempt 3 had the smaller one. Its
+    heartbeats now go on until the end is written."""
+    # > 4 rows: no room; and the worker held at the end of attempt 1 (FAULT_HOLD_END)
+    worker = faulty.start_worker(name="small-gpu", extra_env={FAULT_OUT_OF_MEMORY: "7:4", FAULT_HOLD_END: "1"})
     body = job_body(dataset_id, max_steps=12, save_steps=4)
     body["training"]["gradient_accumulation_steps"] = 1
     job = tenant.post("/jobs", json=body).json()
+    held, release = fault_hold_end_markers(faulty.settings, job["id"])
     try:
+        wait_until(held.exists, 300, "attempt 1 out of memory, its worker held before writing the retry")
+
+        def heard() -> tuple[str, datetime]:
+            with session_scope(faulty.settings.database_url) as session:
+                row = session.get(Job, job["id"])
+                return row.status, row.heartbeat_at
+
+        status, held_since = heard()
+        assert status == "running"
+        # Until the reaper would have taken a silent attempt (the job queued again), or the worker's heartbeats
+        # have gone on past a whole deadline while it is held: only then is the end written.
+        wait_until(lambda: (now := heard())[0] != "running"
+                   or now[1] > held_since + timedelta(seconds=HEARTBEAT_DEADLINE_S + 1), 120,
+                   "a heartbeat deadline passed while the worker was held")
+        release.touch()
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=300, deployment=faulty)
         assert done["status"] == "succeeded", done["error"]
         assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 13))
@@ -151,7 +175,9 @@ def test_a_job_out_of_memory_at_a_step_continues_from_its_checkpoint_with_a_smal
         fault_report.append({"fault": "out of memory at a training step", "injected": 1, "survived": 1,
                              "steps_lost": 6 - 4})
     finally:
+        release.touch()  # a worker still held must not hang its stop
         faulty.stop(worker)
+        release.unlink(missing_ok=True)
 
 
 def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty, tenant, dataset_id, fault_report):
