@@ -28,10 +28,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from app import logs
 from app.config import Settings
@@ -71,6 +73,7 @@ from worker.training.protocol import (
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
 ARTIFACTS = {"adapter": "adapter", "merged": "merged model", "report": "eval report"}  # kind → what a person reads
@@ -637,9 +640,11 @@ class JobRun:
                 tar.add(source, arcname=kind)
             stored = writer.commit()
         try:
-            watch.check()
-            with session_scope(self.db) as session:
-                replaced = runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
+            replaced = self._write_through_outage(
+                f"the {ARTIFACTS[kind]} of job {job.id}",
+                lambda session: runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size,
+                                                  stored.sha256),
+                check=watch.check)
         except BaseException:
             self.storage.delete(stored.key)  # not recorded, so not kept
             raise
@@ -678,23 +683,43 @@ class JobRun:
 
     def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None,
                 report: dict | None = None) -> None:
-        for tries_left in range(FINISH_TRIES - 1, -1, -1):
-            try:
-                with session_scope(self.db) as session:
-                    recorded = runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
-                                           report=report, half_life_s=self.settings.fair_share_half_life_s)
-                break
-            except DBAPIError as exc:
-                # A dropped connection at the very end would cost the whole run: its heartbeats have
-                # stopped, so the reaper would give the finished job another attempt.
-                if not tries_left or not _passing(exc):
-                    raise
-                log.warning("could not record job %s %s (trying again): %s", job.id, status, exc)
-                time.sleep(self.settings.supervise_interval_s)
+        recorded = self._write_through_outage(
+            f"job {job.id} {status}",
+            lambda session: runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
+                                        report=report, half_life_s=self.settings.fair_share_half_life_s))
         if recorded:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:
             log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
+
+    def _write_through_outage(self, what: str, write: Callable[[Session], T], check: Callable[[], None] | None = None) -> T:
+        """One write of the attempt's outcome (an artifact, the final state), tried again while the database is out
+        of reach (a restart, a failover, a dropped connection) for up to QLORA_HEARTBEAT_DEADLINE_S from its first
+        failure, waiting a little longer each time up to QLORA_SUPERVISE_INTERVAL_S (so the write lands within a
+        heartbeat's interval of the database's return). Given up sooner, the outage cost the whole run: the
+        attempt counted as lost and the next one trained from the newest checkpoint and evaluated, merged and
+        uploaded all over again (an artifact's record was not tried again at all; the final state 5 times, 1 s
+        apart). Past the deadline the reaper, if it reaches the database, has given the job another attempt
+        anyway. Each try is fenced by the attempt as any write of the worker's: a job requeued meanwhile raises
+        LeaseLost (an artifact) or answers False (the final state), and nothing is overwritten. `check` (the
+        watch's) runs before each try: the attempt may have ended meanwhile (time limit, lease lost)."""
+        wait = self.settings.supervise_interval_s / 8
+        give_up_at: float | None = None
+        while True:
+            if check is not None:
+                check()
+            try:
+                with session_scope(self.db) as session:
+                    return write(session)
+            except DBAPIError as exc:
+                now = time.monotonic()
+                give_up_at = give_up_at or now + self.settings.heartbeat_deadline_s
+                if not _passing(exc) or now >= give_up_at:
+                    raise
+                log.warning("could not record %s: the database is out of reach (trying again for up to %.0f s "
+                            "more): %s", what, give_up_at - now, exc)
+                time.sleep(min(wait, give_up_at - now))
+                wait = min(wait * 2, self.settings.supervise_interval_s)
 
 
 def fault_hold_end_markers(settings: Settings, job_id: str) -> tuple[Path, Path]:
@@ -711,7 +736,6 @@ def _hold_end(settings: Settings, job_id: str) -> None:
     release.unlink(missing_ok=True)
 
 
-FINISH_TRIES = 5
 MAX_OUT_OF_REACH_WAIT_S = 300
 
 

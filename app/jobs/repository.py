@@ -274,6 +274,10 @@ def put_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
     if row is None:
         session.add(Artifact(job_id=job_id, kind=kind, storage_key=storage_key, bytes=size, sha256=sha256))
         return None
+    if row.storage_key == storage_key:
+        # This very record, tried again (worker/supervisor.py) after its commit went through but the answer was
+        # lost with the connection: the object is the one recorded, and not to be deleted as a replaced one.
+        return None
     replaced = row.storage_key
     row.storage_key, row.bytes, row.sha256, row.created_at = storage_key, size, sha256, utcnow()
     return replaced

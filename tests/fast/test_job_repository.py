@@ -142,3 +142,15 @@ def test_an_artifact_a_lost_attempt_stored_is_replaced_by_the_next_attempts(sett
                                                                     ("merged", "t/artifacts/m2", 30)]
     with pytest.raises(runs.LeaseLost):  # the lost attempt itself can no longer record one
         runs.add_artifact(session, job_id, 1, "merged", "t/artifacts/m1", 30, "3" * 64)
+
+
+def test_an_artifact_recorded_again_is_not_taken_for_one_it_replaces(settings, session, make_job):
+    """The worker records an artifact again when the answer to its commit was lost with the connection (a
+    database restart as it recorded: worker/supervisor.py tries again). The row is its own: the same key must
+    not come back as a replaced object, which the worker deletes (the job's artifact, gone from storage)."""
+    from app.jobs import runs
+
+    job_id = make_job(states.RUNNING, attempt=1)
+    assert runs.add_artifact(session, job_id, 1, "adapter", "t/artifacts/a1", 10, "1" * 64) is None
+    session.commit()
+    assert runs.add_artifact(session, job_id, 1, "adapter", "t/artifacts/a1", 10, "1" * 64) is None

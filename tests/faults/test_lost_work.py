@@ -1,16 +1,19 @@
 """Work that must not be lost where the other fault tests do not look: a checkpoint that went bad in storage
-after it was recorded; worker hosts whose clocks disagree with the reaper's."""
+after it was recorded; worker hosts whose clocks disagree with the reaper's; the database out of reach just as a
+finished run's outcome is recorded."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import boto3
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from app.db import FAULT_CLOCK_SKEW, session_scope
-from app.jobs.tables import Checkpoint
+from app.jobs.tables import Artifact, Checkpoint
 from tests.deployment import BUCKET, wait_for_status
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
@@ -22,9 +25,14 @@ from tests.faults.conftest import (
     trainer_pids,
     wait_until,
 )
+from tests.faults.tcp_link import CuttableLink
+from tests.faults.throttle import ThrottlingProxy
 from worker.runner import FAULT_HOLD_AT_STEP
 
 FINISHED = ("succeeded", "failed", "cancelled")
+# How long the database stays out of the worker's reach: a Postgres restart's few seconds, well inside the 5 s
+# heartbeat deadline once the heartbeat missed before it (up to a supervise interval, 0.5 s) is counted.
+OUTAGE_S = 2.5
 
 
 def _checkpoint_keys(d, job_id: str) -> dict[int, str]:
@@ -111,3 +119,52 @@ def test_a_dead_worker_whose_clock_ran_ahead_loses_its_job_within_the_deadline(f
         faulty.stop(ahead)
         if rescuer is not None:
             faulty.stop(rescuer)
+
+
+def test_a_database_outage_as_the_outcome_is_recorded_costs_no_attempt(faulty, tenant, dataset_id, fault_report):
+    """Postgres restarted (or failed over) just as the worker recorded a finished run's artifacts: the record was
+    not tried again, so the attempt counted as lost, and the next one trained to the end from the newest
+    checkpoint and merged and uploaded everything again (tens of minutes on a real model). Now the worker
+    rides the outage out, up to the heartbeat deadline, and the job succeeds on its first attempt."""
+    url = make_url(faulty.settings.database_url)
+    link = CuttableLink((url.host or "127.0.0.1", url.port or 5432))
+    s3 = ThrottlingProxy(faulty.settings.s3_endpoint_url)
+    through_link = url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+    worker = faulty.start_worker(name="db-outage", extra_env={"QLORA_DATABASE_URL": through_link,
+                                                              "QLORA_S3_ENDPOINT_URL": s3.url})
+    cut_at: list[threading.Timer] = []
+
+    def outage() -> None:  # the adapter is in the store, and the worker is about to record it
+        link.cut()
+        cut_at.append(threading.Timer(OUTAGE_S, link.restore))
+        cut_at[0].start()
+
+    s3.trip("PUT", "/artifacts/", outage)
+    try:
+        body = job_body(dataset_id, max_steps=4, save_steps=2) | {"output": {"merge": True}}
+        job = tenant.post("/jobs", json=body).json()
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        story = events(tenant, job["id"])
+        assert cut_at, "the outage never began: no artifact was uploaded"
+        assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
+        assert "requeued" not in [e["type"] for e in story]
+        # The outage met the record (not only the heartbeats around it), and it was ridden out.
+        worker_log = (faulty.home / "worker-db-outage.log").read_text(errors="replace")
+        assert link.refused and f"could not record the adapter of job {job['id']}" in worker_log
+        # Each artifact was uploaded once: what the store took under /artifacts/ is what is recorded, nothing more.
+        with session_scope(faulty.settings.database_url) as session:
+            recorded = {a.kind: a.storage_key for a in session.scalars(select(Artifact).where(
+                Artifact.job_id == job["id"]))}
+        uploaded = {path.split("?")[0].split("/", 2)[2] for method, path in s3.requests
+                    if method in ("PUT", "POST") and "/artifacts/" in path}
+        prefix = faulty.settings.storage_url.split("/", 3)[3]
+        assert sorted(recorded) == ["adapter", "merged"]
+        assert uploaded == {f"{prefix}/{key}" for key in recorded.values()}
+        fault_report.append({"fault": "the database out of reach as a finished run's artifacts are recorded",
+                             "injected": 1, "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(worker)
+        for timer in cut_at:
+            timer.cancel()
+        s3.close()
+        link.close()

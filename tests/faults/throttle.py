@@ -5,7 +5,8 @@ names are stretched to last a given time: an upload's body is read from the work
 goes on to the store, a download's body is fed to the worker slowly. Every other request passes
 through as it is. Each stretched transfer is measured, so a test can show how long it really took.
 And a storage outage: the next requests a test names are answered 503, as S3 answers when it is down
-or overloaded, without reaching the store.
+or overloaded, without reaching the store. And a tripwire: something a test does the moment a named request
+has reached the store, before its answer goes back (a database outage just as an artifact is stored).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import http.client
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -48,6 +50,8 @@ class ThrottlingProxy:
         self.stretched: list[Stretched] = []
         self.refusals: dict[tuple[str, str], int] = {}
         self.refused = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each request the store took (2xx), in order
+        self._tripwires: list[tuple[str, str, Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()  # clients' connections open now (boto keeps them alive)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -70,6 +74,21 @@ class ThrottlingProxy:
         with self._lock:
             self.refusals[(method, path_contains)] = times
 
+    def trip(self, method: str, path_contains: str, action: Callable[[], None]) -> None:
+        """Run `action` once, when the next matching request has been answered by the store and before the
+        answer goes back to the client: the store has it, and the client does not know yet."""
+        with self._lock:
+            self._tripwires.append((method, path_contains, action))
+
+    def _tripped(self, method: str, path: str) -> Callable[[], None] | None:
+        with self._lock:
+            self.requests.append((method, path))
+            for wire in self._tripwires:
+                if wire[0] == method and wire[1] in path:
+                    self._tripwires.remove(wire)
+                    return wire[2]
+            return None
+
     def _refused(self, method: str, path: str) -> bool:
         with self._lock:
             for (m, part), left in self.refusals.items():
@@ -83,6 +102,7 @@ class ThrottlingProxy:
         with self._lock:
             self.rules.clear()
             self.refusals.clear()
+            self._tripwires.clear()
 
     def stretched_matching(self, path_contains: str) -> list[Stretched]:
         with self._lock:
@@ -166,6 +186,8 @@ def _handler(proxy: ThrottlingProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
+                if response.status < 300 and (action := proxy._tripped(self.command, self.path)) is not None:
+                    action()
                 self.send_response(response.status, response.reason)
                 for name, value in response.getheaders():
                     if name.lower() not in HOP_BY_HOP:

@@ -1,0 +1,80 @@
+"""A TCP link a test can cut: a worker's database traffic goes through it (its QLORA_DATABASE_URL names the link's
+port), and cut() is a Postgres restart or failover as the worker sees it: every open connection drops, and each
+new one is closed as soon as it is made, until restore(). The API and the reaper keep their own way to the
+database, so the job's heartbeats, not the reaper's view, are what the outage takes away."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class CuttableLink:
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.refused = 0  # connections made while cut (and closed at once)
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._closed = False
+        threading.Thread(target=self._accept, name="db-link", daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self._listener.getsockname()[1]
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut.set()
+            open_now, self._open = list(self._open), set()
+        for sock in open_now:
+            _drop(sock)
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            if self._cut.is_set():
+                self.refused += 1
+                _drop(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                _drop(client)
+                continue
+            with self._lock:
+                self._open.update((client, server))
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with self._lock:
+                    self._open.discard(sock)
+                _drop(sock)
+
+
+def _drop(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+    sock.close()
