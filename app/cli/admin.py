@@ -411,7 +411,7 @@ def status(as_json: JsonOption = None) -> None:
                       number_column("oldest waits"), name_column("last seen"),
                       title=f"queues (a worker is alive if heard from within {WORKER_ALIVE_S:g} s)")
         for q in queues:
-            seen = f"{q.last_seen.name}, {_age((now - q.last_seen.seen_at).total_seconds())} ago" if q.last_seen else ""
+            seen = f"{q.last_seen.name}, {_age(q.last_seen_s or 0)} ago" if q.last_seen else ""
             table.add_row(plain(q.queue), str(q.workers_alive), str(q.queued), _age(q.oldest_wait_s) if q.queued else "",
                           plain(seen))
         print_table(table)
@@ -419,7 +419,7 @@ def status(as_json: JsonOption = None) -> None:
     show(answer, table, as_json)
     for q in queues:
         if q.stranded:
-            seen = (f"its last worker, {q.last_seen.name}, was heard from {_age((now - q.last_seen.seen_at).total_seconds())} "
+            seen = (f"its last worker, {q.last_seen.name}, was heard from {_age(q.last_seen_s or 0)} "
                     "ago" if q.last_seen else "no worker of it has said it is up")
             err.print(f"[yellow]warning:[/yellow] no worker alive for queue {escape(q.queue)} while {q.queued} "
                       f"{'job waits' if q.queued == 1 else 'jobs wait'} (the oldest for {_age(q.oldest_wait_s)}); {escape(seen)}. "

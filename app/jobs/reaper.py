@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import database_now, session_scope, utcnow
+from app.db import database_now, session_scope
 from app.jobs import quantized_cache, repository
 from app.jobs.runs import attempt_lost
 from app.operations import workers
@@ -56,7 +56,7 @@ def housekeeping(settings: Settings, storage) -> dict[str, int]:
     DELETE that finds nothing on a table of a few rows, on most passes)."""
     with session_scope(settings.database_url) as session:
         counts = reap(session, settings)
-        counts["workers_forgotten"] = workers.forget_silent(session, utcnow())
+        counts["workers_forgotten"] = workers.forget_silent(session, database_now(session))  # seen_at's clock
     counts["stale_writes_removed"] = storage.abort_stale_writes(settings.stale_upload_s)
     counts.update(quantized_cache.prune_unused(settings, storage))
     return counts

@@ -18,9 +18,10 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import utcnow
+from app.db import database_now, utcnow
 from app.jobs import repository, states
 from app.operations import repository as operations_repository
+from app.operations import workers
 from app.operations.tables import Worker
 from app.operations.workers import WORKER_ALIVE_S
 from app.shares import SharesNow
@@ -119,6 +120,7 @@ class QueueHealth:
     queued: int
     oldest_wait_s: float  # how long the longest-waiting queued job has waited; 0 with none queued
     last_seen: Worker | None  # of this queue's workers that said they were up, the one heard from last
+    last_seen_s: float | None = None  # ...how long ago, by the database's clock (which its seen_at is)
 
     @property
     def stranded(self) -> bool:
@@ -134,15 +136,17 @@ def queue_health(session: Session, settings: Settings, now: datetime) -> list[Qu
     for worker in operations_repository.workers(session):
         by_queue.setdefault(worker.queue, []).append(worker)
     queues = {settings.queue_for(gpu_class) for gpu_class in settings.served_gpu_classes} | by_queue.keys() | waiting.keys()
-    alive_since = now - timedelta(seconds=WORKER_ALIVE_S)
+    alive_since = workers.alive_since(session)  # seen_at's clock (the database's), not `now`'s
+    heard_now = database_now(session)  # the same instant: now() is the transaction's start
     health = []
     for queue in sorted(queues):
         queued, oldest = waiting.get(queue, (0, now))
         seen = by_queue.get(queue, [])
+        last_seen = max(seen, key=lambda worker: worker.seen_at, default=None)
         health.append(QueueHealth(
             queue=queue, workers_alive=sum(worker.seen_at >= alive_since for worker in seen), queued=queued,
-            oldest_wait_s=max((now - oldest).total_seconds(), 0.0),
-            last_seen=max(seen, key=lambda worker: worker.seen_at, default=None)))
+            oldest_wait_s=max((now - oldest).total_seconds(), 0.0), last_seen=last_seen,
+            last_seen_s=None if last_seen is None else max((heard_now - last_seen.seen_at).total_seconds(), 0.0)))
     return health
 
 

@@ -8,7 +8,10 @@ holds the answer instead. A worker that stops cleanly deletes its row; one kille
 keeps it, and its seen_at falls behind: past WORKER_ALIVE_S it no longer counts as alive, and its row
 still tells when it was last seen.
 
-Expiry is judged by the clock of the process that reads, as heartbeats and leases are (lease.py).
+A worker's seen_at is the database's clock, and expiry is judged by it (alive_since), as jobs' heartbeats are
+(app.db.database_now): by the worker host's own clock, a worker whose clock ran behind the readers' by more
+than WORKER_ALIVE_S looked dead while it beat (idle, it was not counted by the scheduler's redispatch; `qlora
+admin status` and /metrics called its queue stranded), and one whose clock ran ahead stayed alive after its death.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import insert_for, make_engine, utcnow
+from app.db import database_now, insert_for, make_engine, utcnow
 from app.operations.lease import LEASE_TTL_INTERVALS
 from app.operations.tables import Worker
 from app.text import GPU_CLASS_PATTERN, has_control_characters
@@ -61,17 +65,28 @@ def worker_problems(name: str, gpu_class: str, served: list[str]) -> list[str]:
     return problems
 
 
-def beat(session: Session, name: str, queue: str, started_at: datetime) -> datetime | None:
+def alive_since(session: Session) -> datetime:
+    """Workers seen since this are alive: WORKER_ALIVE_S ago by the database's clock, which seen_at is written with."""
+    return database_now(session) - timedelta(seconds=WORKER_ALIVE_S)
+
+
+@dataclass(frozen=True)
+class Beat:
+    seen_at: datetime  # what this beat wrote (the database's clock)
+    other_seen_at: datetime | None  # when a worker of that name started at another time wrote the row last, if one did
+
+
+def beat(session: Session, name: str, queue: str, started_at: datetime) -> Beat:
     """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits.
-    Returns when the row was last written by a worker of that name started at another time (a
-    predecessor that was killed, or another worker given the same name), else None."""
+    Says when the row was last written by a worker of that name started at another time (a predecessor that
+    was killed, or another worker given the same name)."""
     insert = insert_for(session)
-    now = utcnow()
+    now = database_now(session)
     before = session.execute(select(Worker.started_at, Worker.seen_at).where(Worker.name == name)).first()
     statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now)
     session.execute(statement.on_conflict_do_update(
         index_elements=["name"], set_={"queue": queue, "started_at": started_at, "seen_at": now}))
-    return before.seen_at if before is not None and before.started_at != started_at else None
+    return Beat(now, before.seen_at if before is not None and before.started_at != started_at else None)
 
 
 def forget(session: Session, name: str, started_at: datetime) -> None:
@@ -107,13 +122,14 @@ class WorkerBeat(threading.Thread):
         while True:
             try:
                 with self.sessions.begin() as session:
-                    other_seen = beat(session, self.worker, self.queue, self.started_at)
-                # Another worker wrote the row since this one's last beat: a killed predecessor cannot have.
-                if other_seen is not None and last_beat is not None and other_seen > last_beat:
+                    done = beat(session, self.worker, self.queue, self.started_at)
+                # Another worker wrote the row since this one's last beat: a killed predecessor cannot have. Both
+                # times are the database's: another host's clock, or this one's, would make or miss a twin.
+                if done.other_seen_at is not None and last_beat is not None and done.other_seen_at > last_beat:
                     log.warning("another worker named %s is up: the two count as one in `qlora admin status` and "
                                 "/metrics, and job records cannot tell them apart; give each its own name "
                                 "(qlora worker --name)", self.worker)
-                last_beat = utcnow()
+                last_beat = done.seen_at
             except Exception:  # a database blip must not end the beats
                 log.warning("could not tell the database that worker %s is up; trying again in %ss", self.worker,
                             self.interval_s, exc_info=True)

@@ -25,8 +25,8 @@ from app.jobs import repository as jobs
 from app.jobs import runs, states
 from app.jobs.dispatch import send
 from app.jobs.runs import ClaimedJob
+from app.operations import workers
 from app.operations.lease import LeasedLoop
-from app.operations.workers import WORKER_ALIVE_S
 from app.quotas import repository as quota_counts
 from app.quotas.service import effective, lock_team
 from app.scheduling import policy, repository
@@ -153,7 +153,7 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
     busy (or none is up) it waits in the broker for one to free, and is not lost. Sent again regardless, every
     queued job behind busy workers got one more message each QLORA_REDISPATCH_AFTER_S: a team's 1,000 queued
     jobs piled up 288,000 messages a day in the broker, each a claim for a worker to make once one freed."""
-    idle = repository.idle_workers(session, queue, now - timedelta(seconds=WORKER_ALIVE_S))
+    idle = repository.idle_workers(session, queue, workers.alive_since(session))
     unsent = repository.unsent(session, queue, before=now - timedelta(seconds=settings.redispatch_after_s) if idle else None)
     young = now - timedelta(seconds=SEND_UNSENT_AFTER_S)
     sent = 0

@@ -12,8 +12,11 @@ import boto3
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from app.db import FAULT_CLOCK_SKEW, session_scope
+from app.db import FAULT_CLOCK_SKEW, session_scope, utcnow
 from app.jobs.tables import Artifact, Checkpoint
+from app.operations import workers
+from app.operations.service import QueueHealth, queue_health
+from app.scheduling.repository import idle_workers
 from tests.deployment import BUCKET, wait_for_status
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
@@ -21,6 +24,7 @@ from tests.faults.conftest import (
     events,
     job_body,
     kill_worker_and_trainer,
+    lane,
     release,
     trainer_pids,
     wait_until,
@@ -91,6 +95,34 @@ def test_a_worker_whose_clock_runs_behind_keeps_its_job(faulty, tenant, dataset_
         assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
         assert "requeued" not in [e["type"] for e in story]
         fault_report.append({"fault": "a worker's clock a minute behind the reaper's", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(worker)
+
+
+def test_an_idle_worker_whose_clock_runs_behind_counts_as_alive(faulty, fault_report):
+    """A worker's liveness (its row's seen_at, every WORKER_BEAT_S) was written with its host's clock and judged by
+    the reader's: idle on a host whose clock ran WORKER_ALIVE_S behind, it counted as dead while it beat. The
+    scheduler did not send a lost message again for it to take (no idle worker), and `qlora admin status` and
+    /metrics called its queue stranded, its worker last heard from a minute ago."""
+    gpu_class = lane(faulty, "idle-behind")
+    queue = faulty.settings.queue_for(gpu_class)
+    behind = str(-2 * workers.WORKER_ALIVE_S)
+    worker = faulty.start_worker(gpu_class=gpu_class, name="idle-behind", extra_env={FAULT_CLOCK_SKEW: behind})
+
+    def heard() -> QueueHealth | None:
+        with session_scope(faulty.settings.database_url) as session:
+            health = {q.queue: q for q in queue_health(session, faulty.settings, utcnow())}.get(queue)
+        return health if health is not None and health.last_seen is not None else None
+
+    try:
+        health = wait_until(heard, 60, "the worker's first beat")
+        assert health.last_seen is not None and health.last_seen.name == "idle-behind"
+        assert health.workers_alive == 1 and health.last_seen_s is not None
+        assert health.last_seen_s < workers.WORKER_ALIVE_S
+        with session_scope(faulty.settings.database_url) as session:  # the scheduler's view: one idle worker
+            assert idle_workers(session, queue, workers.alive_since(session)) == 1
+        fault_report.append({"fault": "an idle worker's clock a minute behind the readers'", "injected": 1,
                              "survived": 1, "steps_lost": 0})
     finally:
         faulty.stop(worker)
