@@ -379,6 +379,9 @@ class JobRun:
             log.warning("job %s attempt %s: time limit; stopped (recorded failed)", job.id, job.attempt)
         except StoppedBeforeTraining as exc:
             log.info("job %s attempt %s: %s (recorded)", job.id, job.attempt, exc)
+        except UnusableInput as exc:  # every attempt would meet it: the job fails, saying what to do
+            log.warning("job %s attempt %s: %s", job.id, job.attempt, exc)
+            final = (states.FAILED, str(exc), None, None)
         except AttemptLost as exc:
             log.warning("job %s attempt %s lost: %s", job.id, job.attempt, exc)
             lost, stopped_at = str(exc), utcnow()
@@ -431,15 +434,19 @@ class JobRun:
     def _prepare(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:
         shutil.rmtree(workdir.root, ignore_errors=True)
         workdir.root.mkdir(parents=True)
-        self._download(watch, "training data", job.train, workdir.train_data)
+        with _input_of_the_job(f"its training dataset {job.train.id}", UPLOAD_AGAIN.format(field="dataset_id")):
+            self._download(watch, "training data", job.train, workdir.train_data)
         if job.validation:
-            self._download(watch, "validation data", job.validation, workdir.validation_data)
+            with _input_of_the_job(f"its validation dataset {job.validation.id}",
+                                   UPLOAD_AGAIN.format(field="validation_dataset_id")):
+                self._download(watch, "validation data", job.validation, workdir.validation_data)
         self._download_checkpoint(job, workdir, watch)
         if job.initial_adapter is not None:
             # The artifact is a tar of adapter/ (adapter_config.json, adapter_model.safetensors); job.json
             # tells the training process where it landed. Every attempt fetches the same one.
-            self._download_tar(watch, f"adapter of job {job.initial_job_id}", job.initial_adapter,
-                               workdir.initial, workdir.archive("initial"))
+            with _input_of_the_job(f"the adapter of its initial job {job.initial_job_id}", ANOTHER_ADAPTER):
+                self._download_tar(watch, f"adapter of job {job.initial_job_id}", job.initial_adapter,
+                                   workdir.initial, workdir.archive("initial"))
         base_path = self._base_model_path(job.base_model, watch)
         JobFile(
             job_id=job.id, team_id=job.team_id, spec=job.spec,
@@ -466,8 +473,7 @@ class JobRun:
                                    workdir.archive("resume"))
                 return
             except (ChecksumMismatch, ObjectNotFound) as exc:  # both raised before a byte of it is unpacked
-                why = ("its bytes no longer match the sha256 recorded at its upload"
-                       if isinstance(exc, ChecksumMismatch) else "it is gone from storage")
+                why = _gone_bad(exc)
                 log.warning("job %s: the checkpoint at step %s is unusable (%s); falling back", job.id,
                             job.resume_step, exc)
                 with session_scope(self.db) as session:
@@ -831,6 +837,33 @@ def _remove_if_empty(directory: Path) -> bool:
         return True
     except OSError:  # not empty (or already gone)
         return False
+
+
+class UnusableInput(Exception):  # noqa: N818 (the job's end, said to its team)
+    """A dataset or the starting adapter of the job went bad in storage after it was recorded: every attempt would
+    meet it. Its message names it as the team knows it (a dataset id, the initial job) and what to do."""
+
+
+# What a team does about a dataset that went bad in storage, and about a starting adapter that did.
+UPLOAD_AGAIN = "upload the file again (it gets a new dataset id) and create the job again with that {field}"
+ANOTHER_ADAPTER = "create the job again from another job's adapter, or without initial_job_id"
+
+
+@contextmanager
+def _input_of_the_job(what: str, fix: str) -> Iterator[None]:
+    """A fetch of the job's own input whose stored copy went bad ends the job saying so in the team's terms. Before,
+    it failed "the worker failed: ChecksumMismatch: object '<storage key>' is corrupt ... so upload it again":
+    the service's internal key, and for a starting adapter a fix that cannot be done."""
+    try:
+        yield
+    except (ChecksumMismatch, ObjectNotFound) as exc:
+        raise UnusableInput(f"cannot train: {what} is unusable ({_gone_bad(exc)}); {fix}") from exc
+
+
+def _gone_bad(exc: ChecksumMismatch | ObjectNotFound) -> str:
+    """How a recorded object went bad in storage, for a person."""
+    return ("its bytes no longer match the sha256 recorded at its upload" if isinstance(exc, ChecksumMismatch)
+            else "it is gone from storage")
 
 
 class AttemptLost(Exception):  # noqa: N818 (an attempt's end, not the job's)
