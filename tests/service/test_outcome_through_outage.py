@@ -1,0 +1,113 @@
+"""A worker records a finished run's outcome (each artifact, then the final state) through a short database
+outage, on real Postgres behind a TCP link the test cuts (tests/faults/tcp_link.py): the final state was tried 5
+times, 1 supervise interval apart, then given up, and the attempt counted as lost. And the retries stay fenced by
+the attempt: a job given to another attempt while the worker was cut off is not overwritten.
+(tests/faults/test_lost_work.py shows the artifacts' side on a deployment, with a real training run.)"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
+
+from app.config import Settings
+from app.db import engine_for, session_scope
+from app.jobs import states
+from app.jobs.runs import ClaimedJob, LeaseLost, ObjectRef
+from app.jobs.tables import Artifact, Job
+from app.teams.service import create_team
+from tests.deployment import stored_spec
+from tests.faults.tcp_link import CuttableLink
+from worker.supervisor import AttemptWatch, JobRun
+from worker.training.protocol import WorkDir
+
+# The outage outlasts what the final state's 5 tries used to wait (5 x 0.5 s), and not the deadline (6 s).
+SUPERVISE_INTERVAL_S, HEARTBEAT_DEADLINE_S, OUTAGE_S = 0.5, 6.0, 3.0
+
+
+@pytest.fixture
+def link(database_url) -> Iterator[CuttableLink]:
+    url = make_url(database_url)
+    link = CuttableLink((url.host or "127.0.0.1", url.port or 5432))
+    yield link
+    link.close()
+
+
+@pytest.fixture
+def worker_settings(database_url, link, tmp_path) -> Settings:
+    """A worker's settings: its database reached through the link."""
+    through = make_url(database_url).set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+    settings = Settings(home=tmp_path, database_url=through, storage_url=f"file://{tmp_path / 'storage'}",
+                        broker_url="", supervise_interval_s=SUPERVISE_INTERVAL_S,
+                        heartbeat_deadline_s=HEARTBEAT_DEADLINE_S)
+    yield settings
+    engine_for(JobRun(settings, "-", "w1").db).dispose()
+
+
+def running_job(database_url: str) -> ClaimedJob:
+    """A job attempt 1 of worker w1 runs, as a claim leaves it."""
+    with session_scope(database_url) as session:
+        team = create_team(session, "outage")
+        job = Job(team_id=team.id, status=states.RUNNING, attempt=1, worker="w1", base_model="tiny",
+                  spec=stored_spec(), queue="gpu-default")
+        session.add(job)
+        session.flush()
+        return ClaimedJob(id=job.id, team_id=team.id, queue="gpu-default", attempt=1, spec={}, base_model={},
+                          train=ObjectRef("d", "k", "s", 0), validation=None)
+
+
+def given_to_attempt_2(database_url: str, job_id: str) -> None:
+    """What the reaper and another worker do while this one is cut off: the job requeued and claimed again."""
+    with session_scope(database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(attempt=2, worker="w2"))
+
+
+def outage(link: CuttableLink) -> threading.Timer:
+    link.cut()
+    restore = threading.Timer(OUTAGE_S, link.restore)
+    restore.start()
+    return restore
+
+
+def test_the_final_state_is_recorded_through_an_outage(database_url, link, worker_settings):
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    with session_scope(run.db):
+        pass  # the worker's pool holds a connection, as it does after its last report
+    restore = outage(link)
+    try:
+        run._finish(job, states.SUCCEEDED)
+    finally:
+        restore.cancel()
+        link.restore()
+    assert link.refused  # the outage met the write
+    with session_scope(database_url) as session:
+        ended = session.get(Job, job.id)
+        assert ended is not None and (ended.status, ended.attempt) == (states.SUCCEEDED, 1)
+
+
+def test_an_artifact_recorded_after_the_job_moved_on_is_not_kept(database_url, link, worker_settings, tmp_path):
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    source = tmp_path / "out" / "adapter"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_text("{}")
+    watch = AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))  # not started: no beats
+    restore = outage(link)
+    try:
+        given_to_attempt_2(database_url, job.id)
+        with pytest.raises(LeaseLost):
+            run._upload_artifact(job, "adapter", source, watch)
+        run._finish(job, states.SUCCEEDED)  # answered "moved on": nothing written
+    finally:
+        restore.cancel()
+        link.restore()
+    with session_scope(database_url) as session:
+        ended = session.get(Job, job.id)
+        assert ended is not None and (ended.status, ended.attempt, ended.worker) == (states.RUNNING, 2, "w2")
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job.id)).all() == []
+    stored = tmp_path / "storage"
+    assert not [p for p in stored.rglob("*") if p.is_file()]  # the upload went with its record
