@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -77,7 +78,9 @@ T = TypeVar("T")
 
 LOG_TAIL_LINES = 30  # what a crash report shows of the training process's output
 ARTIFACTS = {"adapter": "adapter", "merged": "merged model", "report": "eval report"}  # kind → what a person reads
-CLAIM_TRIES = 10  # SQLite: claims that lost the race for its one writer (see JobRun._claim)
+CLAIM_TRIES = 10  # claims that met a database error that passes (see JobRun._claim)
+CLAIM_BACKOFF_S = 0.1  # the first wait before a claim is tried again; doubled each try, up to MAX_CLAIM_BACKOFF_S
+MAX_CLAIM_BACKOFF_S = 2.0
 TAR_BUFFER = 1 << 20  # tar's stream-mode buffer: 1 MiB writes into the storage writer, not 10 KiB ones
 
 
@@ -337,17 +340,26 @@ class JobRun:
             self._attempt(job)
 
     def _claim(self) -> ClaimedJob | None:
-        """The best queued job of the message's class, claimed (app/scheduling/service.claim_next). SQLite
-        refuses a transaction that writes after reading what another writer has changed since (a claim
-        reads the queue first): such a claim is tried again."""
+        """The best queued job of the message's class, claimed (app/scheduling/service.claim_next). A claim that
+        meets a database error that passes is tried again, after a jittered backoff (claims that collided once
+        would collide again in step): SQLite refusing a transaction that writes after reading what another
+        writer changed since (a claim reads the queue first), Postgres ending the claim as the victim of a
+        deadlock or a serialization failure (a claim holds its candidate's team row while it fails a job whose
+        base model or dataset is gone, then waits for the next team's), or a dropped connection. Raised instead,
+        the task failed with its message spent (acks on failure), and the GPU stood idle while jobs waited, until
+        the scheduler sent the message again (QLORA_REDISPATCH_AFTER_S). Each try is its own transaction, rolled
+        back whole, so nothing of a failed try is left."""
         for tries_left in range(CLAIM_TRIES - 1, -1, -1):
             try:
                 with session_scope(self.db) as session:
                     return claim_next(session, self.settings, self.job_id, self.worker)
-            except OperationalError as exc:
-                if not tries_left or "locked" not in str(exc):
+            except DBAPIError as exc:
+                if not tries_left or not _passing(exc):
                     raise
-                time.sleep(0.2)
+                wait = min(CLAIM_BACKOFF_S * 2 ** (CLAIM_TRIES - 1 - tries_left), MAX_CLAIM_BACKOFF_S)
+                wait *= random.uniform(0.5, 1.5)
+                log.warning("the claim met a passing database error (trying again in %.2fs): %s", wait, _said(exc))
+                time.sleep(wait)
         return None
 
     def _attempt(self, job: ClaimedJob) -> None:
