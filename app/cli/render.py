@@ -361,10 +361,13 @@ def print_job(job: dict) -> None:
         ("finished", when(job["finished_at"])),
     ]
     if job.get("queue_position") is not None:
-        waiting = {"gpu": "a free GPU of its class", "max_running": "the team's max_running",
+        waiting = {"gpu": "a free GPU of its class", "no_worker": "a worker of its class to be up",
+                   "max_running": "the team's max_running",
                    "gpu_hours_per_month": "the team's monthly GPU-hours budget",
                    "team_disabled": "its team to be enabled (an admin disabled it)"}.get(job["waiting_for"], job["waiting_for"])
         rows.append(("queue position", f"{job['queue_position']} (waiting for {waiting})"))
+        if job.get("waiting_detail"):
+            rows.append(("waiting", Text(printable(job["waiting_detail"]), style="yellow")))
     if job["error"]:
         rows.append(("error", Text(printable(job["error"]), style="red")))
     rows += summary_rows(job.get("summary") or {})

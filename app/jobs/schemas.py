@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 from pydantic_core import to_json
@@ -12,6 +12,9 @@ from app.jobs.tables import Job
 from app.scheduling.policy import PRIORITY_NAMES
 from app.text import GPU_CLASS_PATTERN, has_control_characters
 from worker.training.spec import JobSpec
+
+if TYPE_CHECKING:
+    from app.scheduling.service import Standing
 
 MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
 
@@ -91,10 +94,12 @@ class JobOut(BaseModel):
     priority: Literal["low", "normal", "high"]
     preemptions: int = Field(description="Times the scheduler paused it at a checkpoint for another team's job.")
     # Only while queued, and only in GET /jobs/{id}: 1 is the next job its GPU class starts, if no job
-    # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), or the quota
-    # holding it back ("max_running", "gpu_hours_per_month"), or "team_disabled" (an admin disabled its team).
+    # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), "no_worker" (no
+    # worker of its class is up: waiting_detail says since when), or the quota holding it back ("max_running",
+    # "gpu_hours_per_month"), or "team_disabled" (an admin disabled its team).
     queue_position: int | None = None
     waiting_for: str | None = None
+    waiting_detail: str | None = None
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -121,16 +126,17 @@ def progress_of(step: int, total_steps: int | None) -> dict[str, Any]:
     return {"step": step, "total_steps": total_steps, "fraction": round(step / total_steps, 4) if total_steps else None}
 
 
-def job_json(row: Row, standing: tuple[int, str] | None = None) -> bytes:
+def job_json(row: Row, standing: Standing | None = None) -> bytes:
     """JobOut's JSON for a row of repository.JOB_VIEW, whose JSON columns are the text the database
-    holds, and for a queued job its (queue_position, waiting_for): the scalars as one dict through
+    holds, and for a queued job its standing (queue_position, waiting_for, waiting_detail): the scalars as one dict through
     pydantic's encoder (building and dumping a JobOut per row was a third of a page's time in the
     profile), the JSON embedded as stored (it was validated when it was written). The same answer as
     JobOut.of(job).model_dump_json(), keys in another order (tests/fast/test_job_views.py)."""
     values = row._asdict()
     embedded = [(name, values.pop(name)) for name in JOB_JSON_FIELDS]
     values["priority"] = PRIORITY_NAMES[values["priority"]]
-    values["queue_position"], values["waiting_for"] = standing or (None, None)
+    values["queue_position"], values["waiting_for"], values["waiting_detail"] = (
+        (standing.position, standing.waiting_for, standing.detail) if standing else (None, None, None))
     values["progress"] = progress_of(values["step"], values["total_steps"])
     head = to_json(values)
     tail = b"".join(b',"%s":%s' % (name.encode(), (text or "null").encode()) for name, text in embedded)

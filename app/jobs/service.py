@@ -309,7 +309,7 @@ def view(session: Session, caller: Caller, job_id: str) -> Row:
 Standings = dict[str, scheduling.Standing]
 
 
-async def standing(settings: Settings, kept: Recent[str, Standings], row: Row) -> tuple[int, str] | None:
+async def standing(settings: Settings, kept: Recent[str, Standings], row: Row) -> scheduling.Standing | None:
     """A queued job's place in its class and what it waits for; None for any other job.
 
     The order of a class is read once for every poll of its queued jobs in this process, and kept for
@@ -325,8 +325,7 @@ async def standing(settings: Settings, kept: Recent[str, Standings], row: Row) -
     order = await kept.get_or_read(row.queue, read)
     if row.id not in order:
         order = await kept.read_again(row.queue, read)
-    found = order.get(row.id)
-    return (found.position, found.waiting_for) if found else None
+    return order.get(row.id)
 
 
 def _found(job: T | None, job_id: str) -> T:

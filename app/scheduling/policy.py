@@ -35,6 +35,9 @@ PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 # disabled by an admin) the team to be enabled again (qlora admin enable-team).
 FOR_GPU, FOR_MAX_RUNNING, FOR_BUDGET = "gpu", "max_running", "gpu_hours_per_month"
 FOR_TEAM_DISABLED = "team_disabled"
+# What a job waits for that the rules here do not decide: no worker of its class is up at all (the service reads the
+# workers table, app/scheduling/service.standings). Said instead of "gpu", which a person read as "soon".
+FOR_NO_WORKER = "no_worker"
 
 LN2 = math.log(2)
 

@@ -110,3 +110,10 @@ def idle_workers(session: Session, queue: str, alive_since: datetime) -> int:
     busy = select(Job.worker).where(Job.status.in_(states.WORKER_OWNED), Job.worker.is_not(None))
     return session.scalar(select(func.count()).select_from(Worker).where(
         Worker.queue == queue, Worker.seen_at >= alive_since, Worker.name.not_in(busy))) or 0
+
+
+def last_worker_seen(session: Session, queue: str) -> Row | None:
+    """(name, seen_at) of the worker of the class heard from last (app/operations/workers.py), or None when the
+    class has no row: every worker of it stopped cleanly, was forgotten after a week of silence, or never ran."""
+    return session.execute(select(Worker.name, Worker.seen_at).where(Worker.queue == queue)
+                           .order_by(Worker.seen_at.desc()).limit(1)).first()

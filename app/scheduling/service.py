@@ -30,7 +30,8 @@ from app.operations.lease import LeasedLoop
 from app.quotas import repository as quota_counts
 from app.quotas.service import effective, lock_team
 from app.scheduling import policy, repository
-from app.scheduling.policy import FOR_GPU, Running, TeamShare, Waiting
+from app.scheduling.policy import FOR_GPU, FOR_NO_WORKER, Running, TeamShare, Waiting
+from app.text import counted
 from app.usage.repository import gpu_seconds_by_team, month_start
 
 log = logging.getLogger(__name__)
@@ -117,16 +118,41 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
 
 @dataclass(frozen=True)
 class Standing:
-    """Where a queued job stands: 1 is the next its class starts; why it waits."""
+    """Where a queued job stands: 1 is the next its class starts; why it waits, and (no_worker) since when, for a
+    person."""
 
     position: int
     waiting_for: str
+    detail: str | None = None
 
 
 def standings(session: Session, settings: Settings, queue: str, now: datetime | None = None) -> dict[str, Standing]:
-    """Each queued job of one class with its place in claim order, if no job ended meanwhile."""
-    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now or utcnow()))
-    return {job.job_id: Standing(position, reason or FOR_GPU) for position, (job, reason) in enumerate(order, 1)}
+    """Each queued job of one class with its place in claim order, if no job ended meanwhile. A job that needs only
+    a GPU waits for "no_worker" while no worker of its class is up: it said "gpu" at position 1 for as long as the
+    class had no worker at all, and its team took that for "it starts in a moment"."""
+    now = now or utcnow()
+    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now))
+    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now)
+    for_gpu = (FOR_GPU, None) if no_worker is None else (FOR_NO_WORKER, no_worker)
+    return {job.job_id: Standing(position, *((reason, None) if reason else for_gpu))
+            for position, (job, reason) in enumerate(order, 1)}
+
+
+def no_worker_said(queue: str, last_seen: Row | None, now: datetime) -> str | None:
+    """Why the jobs of `queue` cannot start whatever their place, for a person: no worker of the class said it
+    was up within WORKER_ALIVE_S (`last_seen`: repository.last_worker_seen). None: one is up."""
+    gpu_class = queue.removeprefix("gpu-")  # Settings.queue_for
+    start = f"the job starts once one is up (an operator starts one: qlora worker --gpu-class {gpu_class})"
+    if last_seen is None:
+        return f"no worker of GPU class {gpu_class} is up (every one stopped, or none was started); {start}"
+    silent_s = (now - last_seen.seen_at).total_seconds()
+    if silent_s <= WORKER_ALIVE_S:
+        return None
+    minutes = int(silent_s // 60)
+    silent = (f"{int(silent_s)} s" if not minutes else counted(minutes, "minute") if minutes < 120
+              else counted(minutes // 60, "hour"))
+    return (f"no worker of GPU class {gpu_class} has been seen for {silent} (the last, {last_seen.name}, stopped "
+            f"without a word or was cut off from the database); {start}")
 
 
 def schedule(session: Session, settings: Settings) -> dict[str, int]:

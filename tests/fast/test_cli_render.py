@@ -100,3 +100,16 @@ def test_a_jobs_dataset_id_folds_in_a_narrow_terminal_rather_than_being_cut():
     assert "…" not in shown and max(map(len, shown.splitlines())) <= 40, shown
     cells = "".join(line.split("│")[2].strip() for line in shown.splitlines() if line.count("│") == 3)
     assert job["dataset_id"] in cells, shown
+
+
+def test_a_queued_job_whose_class_has_no_worker_says_so_and_since_when():
+    """`qlora jobs show` printed "waiting for a free GPU of its class" at position 1 while no worker of the class was up."""
+    detail = ("no worker of GPU class default has been seen for 12 minutes (the last, gpu-host-3, stopped without a "
+              "word or was cut off from the database); the job starts once one is up")
+    job = {**JOBS[0], "status": "queued", "spec": {}, "initial_job_id": None, "dataset_id": "d" * 32, "validation_dataset_id": None,
+           "queue": "gpu-default", "attempt": 0, "priority": "normal", "preemptions": 0, "trained_tokens": 0,
+           "progress": {"step": 0, "total_steps": None, "fraction": None}, "started_at": None, "finished_at": None,
+           "queue_position": 1, "waiting_for": "no_worker", "waiting_detail": detail, "error": None, "summary": None}
+    shown = terminal_of(300, f"render.print_job({job!r})")
+    assert "1 (waiting for a worker of its class to be up)" in shown, shown
+    assert "no worker of GPU class default has been seen for 12 minutes (the last, gpu-host-3," in shown, shown

@@ -39,8 +39,10 @@ def test_a_job_read_lean_is_the_job_jobout_makes(session, settings, make_job, ca
     standing = in_a_thread_of_its_own(lambda: asyncio.run(service.standing(settings, Recent(0), row)))
     lean = json.loads(job_json(row, standing))
     if values.get("status", states.QUEUED) == states.QUEUED:  # only GET /jobs/{id} says where a queued job stands
-        assert (lean.pop("queue_position"), lean.pop("waiting_for")) == (1, "gpu")
-        lean.update(queue_position=None, waiting_for=None)
+        # No worker of its class is up here: it waits for one, saying since when (waiting_detail).
+        assert (lean.pop("queue_position"), lean.pop("waiting_for")) == (1, "no_worker")
+        assert lean.pop("waiting_detail").startswith(f"no worker of GPU class {row.queue.removeprefix('gpu-')} is up")
+        lean.update(queue_position=None, waiting_for=None, waiting_detail=None)
     assert lean == as_jobout(session, job_id)
 
 
@@ -144,12 +146,14 @@ def test_a_queued_jobs_place_is_read_once_per_class_while_kept_and_a_job_queued_
 
     async def places(*job_ids):
         rows = [service.view(session, caller, job_id) for job_id in job_ids]
-        return [await service.standing(settings, kept, row) for row in rows]
+        return [(found.position, found.waiting_for) if (found := await service.standing(settings, kept, row)) else None
+                for row in rows]
 
-    assert in_a_thread_of_its_own(lambda: asyncio.run(places(first, second, first))) == [(1, "gpu"), (2, "gpu")] + [(1, "gpu")]
+    waiting = "no_worker"  # no worker of the class is up here
+    assert in_a_thread_of_its_own(lambda: asyncio.run(places(first, second, first))) == [(1, waiting), (2, waiting), (1, waiting)]
     assert len(reads) == 1  # one read of the class's order served the three polls
     third = make_job()  # queued after that read: its poll reads the order again rather than show no place
-    assert in_a_thread_of_its_own(lambda: asyncio.run(places(third, second))) == [(3, "gpu"), (2, "gpu")]
+    assert in_a_thread_of_its_own(lambda: asyncio.run(places(third, second))) == [(3, waiting), (2, waiting)]
     assert len(reads) == 2
     assert in_a_thread_of_its_own(lambda: asyncio.run(places(make_job(states.RUNNING)))) == [None]
     assert len(reads) == 2  # a job that is not queued has no place to read

@@ -41,8 +41,9 @@ def add_job(session, team: Team, *, status=states.QUEUED, age_s: float = 0, prio
 
 
 def standing(settings, row) -> tuple[int, str] | None:
-    """Where GET /jobs/{id} says the job stands, the class's order read afresh."""
-    return in_a_thread_of_its_own(lambda: asyncio.run(jobs_service.standing(settings, Recent(0), row)))
+    """Where GET /jobs/{id} says the job stands (queue_position, waiting_for), the class's order read afresh."""
+    found = in_a_thread_of_its_own(lambda: asyncio.run(jobs_service.standing(settings, Recent(0), row)))
+    return (found.position, found.waiting_for) if found else None
 
 
 def claim(settings, named: str, worker: str = "w1"):
@@ -105,7 +106,40 @@ def test_a_spent_monthly_budget_holds_jobs_back_with_the_reason(session, setting
     assert claim(settings, waiting) is None
     team_b.gpu_hours_per_month = 2.0
     session.commit()
-    assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "gpu")
+    assert standing(settings, jobs_service.view(session, caller_b, waiting)) == (1, "no_worker")  # no quota holds it: no worker here
+
+
+def test_a_job_whose_class_has_no_worker_up_says_so_and_since_when_instead_of_gpu(session, settings, world):
+    """It said "gpu" at position 1 for as long as no worker of its class was up, and its team took it for "soon"."""
+    team_a, caller_a = world["team-a"]
+    job_id = add_job(session, team_a, age_s=60)
+
+    def said() -> tuple[str, str | None]:
+        found = in_a_thread_of_its_own(lambda: asyncio.run(
+            jobs_service.standing(settings, Recent(0), jobs_service.view(session, caller_a, job_id))))
+        assert found is not None and found.position == 1
+        return found.waiting_for, found.detail
+
+    start = "the job starts once one is up (an operator starts one: qlora worker --gpu-class default)"  # queue gpu-default
+    assert said() == ("no_worker", f"no worker of GPU class default is up (every one stopped, or none was started); {start}")
+    now = utcnow()
+    # A worker of another class does not count; one of its class last heard from 12 minutes ago is named.
+    session.add(Worker(name="w-elsewhere", queue="gpu-other", started_at=now, seen_at=now))
+    session.add(Worker(name="gpu-host-3", queue=QUEUE, started_at=now - timedelta(hours=5),
+                       seen_at=now - timedelta(minutes=12, seconds=30)))
+    session.add(Worker(name="gpu-host-1", queue=QUEUE, started_at=now - timedelta(hours=5),
+                       seen_at=now - timedelta(hours=3)))
+    session.commit()
+    assert said() == ("no_worker", f"no worker of GPU class default has been seen for 12 minutes (the last, gpu-host-3, "
+                                   f"stopped without a word or was cut off from the database); {start}")
+    # One of its class is up, busy or idle: the job waits for a free GPU of it.
+    session.add(Worker(name="gpu-host-2", queue=QUEUE, started_at=now, seen_at=utcnow()))
+    session.commit()
+    assert said() == ("gpu", None)
+    # The quotas say the same as before, worker or none: it is its team's limit that holds the job.
+    team_a.max_running = 0
+    session.commit()
+    assert said() == ("max_running", None)
 
 
 def test_a_message_sent_long_ago_is_sent_again_only_while_a_worker_of_its_class_is_idle(session, settings, world):
@@ -164,7 +198,7 @@ def test_a_job_started_with_budget_left_and_queued_again_mid_run_goes_on_past_th
             assert runs.continue_smaller(s, job_id, 1, {"per_device_batch_size": 1, "gradient_accumulation_steps": 8},
                                          utcnow(), settings.fair_share_half_life_s) == "requeued"
     new_job = add_job(session, team_a, age_s=200, priority=2)  # older, higher priority: but a start
-    assert standing(settings, jobs_service.view(session, caller_a, job_id)) == (1, "gpu")
+    assert standing(settings, jobs_service.view(session, caller_a, job_id)) == (1, "no_worker")  # no quota holds it; no worker is up here
     assert standing(settings, jobs_service.view(session, caller_a, new_job)) == (2, "gpu_hours_per_month")
     claimed = claim(settings, new_job)
     assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 2)

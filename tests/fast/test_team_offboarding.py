@@ -70,7 +70,7 @@ def test_a_disabled_teams_queued_jobs_wait_saying_why_while_another_teams_start(
 
     admin.enable_team(session, "team-a")
     session.commit()
-    assert standing(settings, jobs_service.view(session, caller_a, held)) == (1, "gpu")
+    assert standing(settings, jobs_service.view(session, caller_a, held)) == (1, "no_worker")  # no worker here
     assert claim(settings, held, "w3").id == held
 
 

@@ -26,6 +26,7 @@ export function renderProgress(card, state) {
 
 const WAITING_FOR = {
   gpu: "a free GPU of its class",
+  no_worker: "a worker of its class to be up",
   max_running: "your team's max_running quota",
   gpu_hours_per_month: "your team's monthly GPU-hours budget",
   team_disabled: "an admin to enable your team again",
@@ -34,7 +35,8 @@ const WAITING_FOR = {
 function waiting(state) {
   const standing = state.job.status === "queued" && state.standing;
   if (!standing) return "waiting for a worker";
-  return `queued · position ${standing.position} · waiting for ${WAITING_FOR[standing.waitingFor] || standing.waitingFor}`;
+  const said = `queued · position ${standing.position} · waiting for ${WAITING_FOR[standing.waitingFor] || standing.waitingFor}`;
+  return standing.detail ? `${said}: ${standing.detail}` : said; // no_worker: since when, and what starts one
 }
 
 function stat(label, value) { return h("div", { class: "stat" }, h("dt", {}, label), h("dd", {}, value)); }

@@ -100,7 +100,7 @@ export function viewJob(main, ctx, jobId) {
     try {
       const fresh = await api(`/jobs/${jobId}`, { signal: ctx.signal });
       state.standing = fresh.status === "queued" && fresh.queue_position
-        ? { position: fresh.queue_position, waitingFor: fresh.waiting_for } : null;
+        ? { position: fresh.queue_position, waitingFor: fresh.waiting_for, detail: fresh.waiting_detail } : null;
       redraw();
     } catch { /* the stream still shows the job */ }
   }
