@@ -119,10 +119,17 @@ class TeamShare:
     def blocked_by(self, continuing: bool = False) -> str | None:
         """What keeps this team from starting another job now, if anything: its being disabled, else a quota.
         `continuing`: for a job the service queued again mid-run (Waiting.continuing), which the monthly budget
-        does not hold back: it holds back starts, and such a job started with budget left, to run to its end."""
+        does not hold back: it holds back starts, and such a job started with budget left, to run to its end.
+
+        The budget counts each job running now for RUNNING_COUNTS_S of GPU time still to come, as the share does:
+        a job starts only while what is left covers that much for every running job. Counting only what they had
+        used so far, a team with seconds left started a job on every free GPU at once (each start had "budget
+        left"), and ran past its month by as many jobs; now a team with less than 5 GPU-minutes left per running
+        job starts none, and one with seconds left starts one."""
         if self.disabled:
             return FOR_TEAM_DISABLED
-        if self.budget_left_s is not None and self.budget_left_s <= 0 and not continuing:
+        if self.budget_left_s is not None and not continuing and \
+                self.budget_left_s - self.running * RUNNING_COUNTS_S <= 0:
             return FOR_BUDGET
         if self.max_running is not None and self.running >= self.max_running:
             return FOR_MAX_RUNNING
@@ -204,12 +211,16 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
     while heap:
         *_, team_id = heapq.heappop(heap)
         team, jobs = state[team_id], by_team[team_id]
-        reason = team.blocked_by(continuing=True)  # the budget held back its other jobs above
-        if reason is not None:
+        reason = team.blocked_by(continuing=jobs[-1].continuing)
+        if reason == FOR_BUDGET:  # spent by the jobs given a GPU before: its starts wait, its continuing jobs go on
+            held += [(team.share, job.team_order(), job, FOR_BUDGET) for job in reversed(jobs) if not job.continuing]
+            jobs[:] = [job for job in jobs if job.continuing]
+        elif reason is not None:
             held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs)]
             continue
-        order.append((jobs.pop(), None))
-        state[team_id] = team.with_running(1)
+        else:
+            order.append((jobs.pop(), None))
+            state[team_id] = team.with_running(1)
         if jobs:
             heapq.heappush(heap, _turn(state[team_id], jobs[-1]))
     # A disabled team's last of all: it waits for an admin, not for its quota to allow one more.

@@ -23,10 +23,13 @@ def teams(session: Session, team_ids: Collection[str] | None = None) -> list[Tea
     return list(session.scalars(query))
 
 
-def running_claims(session: Session) -> list[Row]:
-    """(team_id, claimed_at) of every job holding a GPU, of every class: a team's share counts them all."""
-    return list(session.execute(select(Job.team_id, func.coalesce(Job.claimed_at, Job.started_at))
-                                .where(Job.status.in_(states.WORKER_OWNED))))
+def running_claims(session: Session, team_ids: Collection[str] | None = None) -> list[Row]:
+    """(team_id, claimed_at) of every job holding a GPU (of these teams'), of every class: a team's share counts
+    them all."""
+    query = select(Job.team_id, func.coalesce(Job.claimed_at, Job.started_at)).where(Job.status.in_(states.WORKER_OWNED))
+    if team_ids is not None:
+        query = query.where(Job.team_id.in_(team_ids))
+    return list(session.execute(query))
 
 
 def waiting(session: Session, queue: str) -> list[Row]:

@@ -27,10 +27,11 @@ from app.jobs.dispatch import send
 from app.jobs.runs import ClaimedJob
 from app.operations import workers
 from app.operations.lease import LeasedLoop
-from app.quotas import repository as quota_counts
+from app.operations.workers import WORKER_ALIVE_S
 from app.quotas.service import effective, lock_team
 from app.scheduling import policy, repository
-from app.scheduling.policy import FOR_GPU, FOR_NO_WORKER, Running, TeamShare, Waiting
+from app.scheduling.policy import FOR_BUDGET, FOR_GPU, FOR_NO_WORKER, Running, TeamShare, Waiting
+from app.teams.tables import Team
 from app.text import counted
 from app.usage.repository import gpu_seconds_by_team, month_start
 
@@ -42,13 +43,14 @@ LEASE = "scheduler"
 SEND_UNSENT_AFTER_S = 10
 
 
-def team_shares(session: Session, settings: Settings, now: datetime) -> dict[str, TeamShare]:
-    """Every team as the rules see it now: weight and quota in force, GPUs held, decayed usage, and
-    what is left of its monthly budget."""
+def team_shares(session: Session, settings: Settings, now: datetime, teams: list[Team] | None = None) -> dict[str, TeamShare]:
+    """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
+    force, GPUs held, decayed usage, and what is left of its monthly budget."""
+    some = None if teams is None else [team.id for team in teams]
+    teams = repository.teams(session) if teams is None else teams
     claims: dict[str, list[float]] = {}
-    for team_id, claimed_at in repository.running_claims(session):
+    for team_id, claimed_at in repository.running_claims(session, some):
         claims.setdefault(team_id, []).append((claimed_at or now).timestamp())
-    teams = repository.teams(session)
     quotas = {team.id: effective(settings, team) for team in teams}
     budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
@@ -77,31 +79,31 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
     now (maybe another), or None when none may start (its message is then marked unsent, and the
     scheduler sends it again once the job may start).
 
-    Each candidate's team is locked before its running jobs are counted, so workers claiming at once
-    never start more than max_running of one team; a job another claim holds is skipped (SKIP LOCKED),
-    and the claim itself is the compare-and-set it always was. A candidate passed over gives its team's
-    row back at once (repository.Candidate): a claim holds at most one team's row while it waits for another.
+    Each candidate's team is locked, then read again (its quota, its running jobs, its month's GPU time), so
+    workers claiming at once, of one GPU class or of several, never start more than max_running of one team,
+    nor more than its monthly budget lets start (TeamShare.blocked_by); a job another claim holds is skipped
+    (SKIP LOCKED), and the claim itself is the compare-and-set it always was. A candidate passed over gives its
+    team's row back at once (repository.Candidate): a claim holds at most one team's row while it waits for another.
     """
     queue = repository.queue_of(session, named_job_id)
     if queue is None:
         return None  # deleted with its team
-    now = utcnow()
-    shares = team_shares(session, settings, now)
-    refused: set[str] = set()
+    shares = team_shares(session, settings, utcnow())
+    refused: set[str] = set()  # teams that may start nothing now
+    spent: set[str] = set()  # teams whose budget lets no job start now, only continuing ones go on
     for job, reason in policy.claim_order(_waiting(session, queue), shares):
         if reason is not None:
             break  # the rest are held back too
-        if job.team_id in refused:
+        if job.team_id in refused or (job.team_id in spent and not job.continuing):
             continue
         candidate = repository.Candidate(session)
         team = lock_team(session, job.team_id)
-        limit = effective(settings, team).max_running
-        # Disabled since the shares were read (disabling takes this row first), or another worker started one
-        # of its jobs meanwhile.
-        if team.disabled_at is not None or (
-                limit is not None and quota_counts.count_jobs(session, job.team_id, states.WORKER_OWNED) >= limit):
+        # Disabled since the shares were read (disabling takes this row first), or other workers (of this class or
+        # another) started its jobs meanwhile: its max_running reached, or its budget no longer covers one more.
+        held_by = team_shares(session, settings, utcnow(), [team])[team.id].blocked_by(job.continuing)
+        if held_by is not None:
             candidate.pass_over()
-            refused.add(job.team_id)
+            (spent if held_by == FOR_BUDGET else refused).add(job.team_id)
             continue
         if not repository.take_if_free(session, job.job_id):
             candidate.pass_over()
@@ -130,9 +132,10 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
     """Each queued job of one class with its place in claim order, if no job ended meanwhile. A job that needs only
     a GPU waits for "no_worker" while no worker of its class is up: it said "gpu" at position 1 for as long as the
     class had no worker at all, and its team took that for "it starts in a moment"."""
-    now = now or utcnow()
-    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now))
-    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now)
+    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now or utcnow()))
+    # seen_at is the database's clock (app.operations.workers): judged by this host's, an API host whose clock ran
+    # ahead of the database's saw a live worker as silent, and the jobs of its class said no_worker.
+    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now or database_now(session))
     for_gpu = (FOR_GPU, None) if no_worker is None else (FOR_NO_WORKER, no_worker)
     return {job.job_id: Standing(position, *((reason, None) if reason else for_gpu))
             for position, (job, reason) in enumerate(order, 1)}

@@ -172,6 +172,23 @@ def test_a_spent_budget_holds_back_starts_not_the_jobs_the_service_queued_again_
     assert next_to_claim([waiting[2]], capped) is None
 
 
+def test_a_budget_lets_start_only_as_many_jobs_as_its_last_gpu_minutes_cover():
+    """Each job running counts for RUNNING_COUNTS_S against the budget: with a minute left one job starts, not one
+    per free GPU; with 12 minutes left, three (0, 1 and 2 running leave 12, 7 and 2 minutes), then the rest wait."""
+    waiting = [job(f"b-{i}", "b", age_h=10 - i) for i in range(5)] + [job("other-1", "other")]
+    one = teams_of(team("b", budget_left_s=60), team("other", used_h=100))
+    assert [(w.job_id, reason) for w, reason in claim_order(waiting, one)] == [
+        ("b-0", None), ("other-1", None)] + [(f"b-{i}", FOR_BUDGET) for i in range(1, 5)]
+    assert next_to_claim(waiting[:5], teams_of(team("b", budget_left_s=60, running_for_h=(0.0,)))) is None
+    three = teams_of(team("b", budget_left_s=12 * 60), team("other", used_h=100))
+    assert [reason for _, reason in claim_order(waiting[:5], three)] == [None, None, None, FOR_BUDGET, FOR_BUDGET]
+    # A job the service queued again mid-run goes on past it, as before.
+    continuing = replace(job("b-resumed", "b", priority=LOW), continuing=True)
+    assert [(w.job_id, r) for w, r in claim_order([waiting[0], waiting[1], continuing], one)] == [
+        ("b-0", None), ("b-resumed", None), ("b-1", FOR_BUDGET)]
+    assert RUNNING_COUNTS_S == 300  # the 5 GPU-minutes the README and docs/scheduling.md name
+
+
 def test_next_to_claim_is_always_the_first_job_claim_order_would_start():
     rng = random.Random(7)
     for _ in range(300):

@@ -27,7 +27,7 @@ from app.scheduling import service as scheduling
 from app.scheduling.policy import fold
 from app.teams.service import create_team
 from app.teams.tables import Team
-from app.usage.repository import gpu_seconds_by_team
+from app.usage.repository import gpu_seconds_by_team, month_start
 from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
@@ -174,3 +174,55 @@ def test_a_job_preempted_for_a_team_that_comes_back_is_charged_once_and_resumes_
         now = utcnow()
         assert gpu_seconds_by_team(session, now - timedelta(days=1), now, now, [borrower.id]) == \
             {borrower.id: pytest.approx(charged)}
+
+
+def test_claims_at_once_on_every_gpu_class_start_no_more_of_a_team_than_its_last_gpu_minutes_of_budget_cover(
+        database_url, tmp_path):
+    """A team with a minute of its monthly budget left and a job queued in each of four GPU classes; a free GPU in
+    each class claims at once. One of its jobs starts; the other three GPUs take another team's jobs. Before, the
+    budget was read once, before the claim locked the team, and counted only what running jobs had used so far:
+    each class's claim saw a minute left and started the team's job, four jobs on a minute of budget."""
+    classes = [f"gpu-{name}" for name in ("a100", "h100", "l4", "t4")]
+    settings, team_ids, _ = pool_of(database_url, tmp_path, {"budgeted": 0, "other": 0})
+    now = utcnow()
+    jobs_of: dict[str, list[str]] = {"budgeted": [], "other": []}
+    with session_scope(database_url) as session:
+        for rank, name in enumerate(("budgeted", "other")):  # budgeted's jobs are the older: first in each class
+            for queue in classes:
+                row = Job(team_id=team_ids[name], status=states.QUEUED, base_model="llama-3-8b", queue=queue,
+                          dataset_id=f"data-{name}", spec=job_spec().model_dump(mode="json"), priority=1,
+                          created_at=now - timedelta(hours=2 - rank))
+                session.add(row)
+                session.flush()
+                jobs_of[name].append(row.id)
+        # An hour trained this month by a job of budgeted's that finished (or as much of it as this month holds).
+        done = Job(team_id=team_ids["budgeted"], status=states.SUCCEEDED, base_model="llama-3-8b", queue=classes[0],
+                   dataset_id="data-budgeted", spec=job_spec().model_dump(mode="json"), priority=1, attempt=1)
+        session.add(done)
+        session.flush()
+        session.add(JobAttempt(job_id=done.id, team_id=team_ids["budgeted"], attempt=1, queue=classes[0],
+                               claimed_at=max(now - timedelta(hours=1), month_start(now)), ended_at=now,
+                               outcome=states.SUCCEEDED))
+        session.flush()
+        used = gpu_seconds_by_team(session, month_start(now), now, now, [team_ids["budgeted"]])[team_ids["budgeted"]]
+        budgeted = session.get(Team, team_ids["budgeted"])
+        assert budgeted is not None
+        budgeted.gpu_hours_per_month = (used + 60) / 3600  # a minute left
+
+    barrier = threading.Barrier(len(classes))
+
+    def claim(i: int):
+        barrier.wait()
+        with session_scope(database_url) as session:
+            claimed = scheduling.claim_next(session, settings, jobs_of["budgeted"][i], f"worker-{i}")
+            return claimed.id if claimed else None
+
+    with ThreadPoolExecutor(len(classes)) as pool:
+        claimed = list(pool.map(claim, range(len(classes))))
+    started = {name: [job_id for job_id in ids if job_id in claimed] for name, ids in jobs_of.items()}
+    assert len(started["budgeted"]) == 1 and len(started["other"]) == len(classes) - 1, started
+    # The budgeted team's other jobs wait, saying why; a GPU of their class went to the other team meanwhile.
+    with session_scope(database_url) as session:
+        for job_id in set(jobs_of["budgeted"]) - set(started["budgeted"]):
+            queue = session.get(Job, job_id).queue
+            assert scheduling.standings(session, settings, queue)[job_id].waiting_for == "gpu_hours_per_month"
