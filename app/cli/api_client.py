@@ -282,10 +282,25 @@ class ApiClient:
     def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
         return self._poll(f"/jobs/{_id(job_id)}/events", params={} if after is None else {"after": after}, expect=list)
 
-    def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None) -> dict:
-        params = {name: value for name, value in (("after_step", after_step), ("after_eval_step", after_eval_step))
-                  if value is not None}
+    def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
+                    limit: int | None = None) -> dict:
+        """One page of the curve (GET /jobs/{id}/metrics): at most `limit` points (the API's default when None)."""
+        params = {name: value for name, value in (("after_step", after_step), ("after_eval_step", after_eval_step),
+                                                  ("limit", limit)) if value is not None}
         return self._poll(f"/jobs/{_id(job_id)}/metrics", params=params, expect=dict)
+
+    def job_curve(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
+                  limit: int | None = None) -> dict:
+        """The curve past after_step / after_eval_step, every page of it: the API answers at most `limit`
+        points a request and says where to go on (`next`) while `has_more`."""
+        curve = self.job_metrics(job_id, after_step, after_eval_step, limit)
+        page = curve
+        while page.get("has_more"):
+            page = self.job_metrics(job_id, page["next"]["after_step"], page["next"]["after_eval_step"], limit)
+            curve["train"] += page["train"]
+            curve["eval"] += page["eval"]
+        curve["has_more"], curve["next"] = False, page.get("next")
+        return curve
 
     def job_report(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{_id(job_id)}/report", expect=dict)

@@ -693,7 +693,7 @@ class _JobWatcher:
                     self._train, self._eval, self._curve_attempt = [], [], self.job["attempt"]
                 last_train = max((p["step"] for p in self._train), default=None)
                 last_eval = max((p["step"] for p in self._eval), default=None if last_train is None else 0)
-                self._read_metrics(self.api.job_metrics(self.job_id, after_step=last_train, after_eval_step=last_eval))
+                self._read_metrics(self.api.job_curve(self.job_id, after_step=last_train, after_eval_step=last_eval))
                 self._metrics_at = (self.job["step"], self.job["status"])
             self._events += self.api.job_events(self.job_id, after=self._last_event_id)
             if self._events:

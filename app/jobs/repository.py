@@ -244,17 +244,20 @@ def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, f
     return train, eval_
 
 
-def metrics(session: Session, team_id: str, job_id: str, after_step: int | None = None,
-            after_eval_step: int | None = None) -> list[JobMetric]:
-    """The curve's points: train points past after_step, eval points past after_eval_step (by default
-    after_step too); None reads the series whole."""
-    query = select(JobMetric).where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)))
-    if after_step is not None or after_eval_step is not None:
-        train_after = -1 if after_step is None else after_step
-        eval_after = train_after if after_eval_step is None else after_eval_step
-        query = query.where(sa.or_(sa.and_(JobMetric.kind == "train", JobMetric.step > train_after),
-                                   sa.and_(JobMetric.kind == "eval", JobMetric.step > eval_after)))
-    return list(session.scalars(query.order_by(JobMetric.step, JobMetric.kind)))
+def metrics(session: Session, team_id: str, job_id: str, train_after: int, eval_after: int,
+            limit: int) -> list[JobMetric]:
+    """The first `limit` points of the curve by (step, kind) among the train points past step train_after
+    and the eval points past eval_after (-1 for a whole series), and one more if there is more. Each series
+    is its own walk of the (job_id, kind, step) index that stops after limit + 1 rows: one query ordered by
+    (step, kind) over both sorted every point of the job first (2.2 s of SQL at 510,000 points), a page or not."""
+    readable = _readable_job_id(team_id, job_id)
+    rows: list[JobMetric] = []
+    for kind, after in (("train", train_after), ("eval", eval_after)):
+        rows += session.scalars(select(JobMetric).where(JobMetric.job_id.in_(readable), JobMetric.kind == kind,
+                                                        JobMetric.step > after)
+                                .order_by(JobMetric.step).limit(limit + 1))
+    rows.sort(key=lambda row: (row.step, row.kind))
+    return rows[:limit + 1]
 
 
 def artifacts(session: Session, team_id: str, job_id: str) -> list[Artifact]:

@@ -133,14 +133,21 @@ EVENT_LIST = TypeAdapter(list[EventOut])
 @router.get("/{job_id}/metrics", response_model=MetricsOut, responses=POLLED)
 async def job_metrics(job_id: str, request: Request, caller: CallerDep,
                       after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
-                      after_eval_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
-    """The loss curve: one train point per logging step, one eval point per evaluation. Pass the last
-    train step you have as `after_step` and the last eval step you have as `after_eval_step` (0 when
-    you have none; it defaults to `after_step`) to get only newer points: an evaluation at step N is
-    recorded after step N's train point, so one `after_step` alone can skip it. A job that resumed
-    from a checkpoint logs the steps past it again: when `attempt` changes, read the curve whole once more."""
+                      after_eval_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
+                      # The range is checked by the service, whose 422 names it; the schema shows it too.
+                      limit: Annotated[int, Query(description=f"Points per page, 1 to {service.MAX_POINTS}.",
+                                                  json_schema_extra={"minimum": 1, "maximum": service.MAX_POINTS})]
+                      = service.MAX_POINTS):
+    """The loss curve, a page at a time: one train point per logging step, one eval point per
+    evaluation, at most `limit` points (default and most: 10,000) in step order. Pass the last train
+    step you have as `after_step` and the last eval step you have as `after_eval_step` (0 when you have
+    none; it defaults to `after_step`) to get only the points past them: `next` holds both for the
+    curve read so far. While `has_more` is true, ask again at once with `next` for the rest; then poll
+    with it for new points. An evaluation at step N is recorded after step N's train point, so one
+    `after_step` alone can skip it. A job that resumed from a checkpoint logs the steps past it again:
+    when `attempt` changes, read the curve from the start once more."""
     def read(session: Session) -> bytes:
-        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step, after_eval_step),
+        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step, after_eval_step, limit),
                                           from_attributes=True)
         return curve.model_dump_json().encode()
 

@@ -199,10 +199,20 @@ class EvalPoint(BaseModel):
     reward_margin: float | None = None
 
 
+class MetricsNext(BaseModel):
+    after_step: int | None = Field(description="The last train step of the curve read so far (null: none yet): "
+                                               "pass it as `after_step`.")
+    after_eval_step: int = Field(description="The last eval step read so far (0: none yet): pass it as "
+                                             "`after_eval_step`.")
+
+
 class MetricsOut(BaseModel):
     job_id: str
     train: list[TrainPoint]
     eval: list[EvalPoint]
+    has_more: bool = Field(description="The page was cut at `limit`: ask again with `next` for the rest.")
+    next: MetricsNext = Field(description="Where the next request goes on from: at once while `has_more`, "
+                                          "else on the next poll, for points logged since.")
 
 
 class ArtifactOut(BaseModel):

@@ -381,17 +381,41 @@ def feed_newest_first(session: Session, caller: Caller, job_id: str, after: tupl
     return page(rows[:limit + 1], limit)
 
 
+# Points of the curve per answer, by default and at most: ~3 MB of JSON and well under a second to build. A
+# whole curve in one answer was 150 MB and half a minute to a minute of an API process for 510,000 points
+# (docs/performance.md); a client reads a longer one page by page with `next`.
+MAX_POINTS = 10_000
+
+
 def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None,
-            after_eval_step: int | None = None) -> dict:
-    """The loss curve: one train point per logging step, one eval point per evaluation; with
-    `after_step`, only the points past it, so a poller fetches what is new rather than the whole curve.
-    An evaluation at step N is recorded after step N's train point (it runs once that step is logged),
-    so a poller that holds train points to N but eval points to an earlier step passes that step as
-    `after_eval_step`, or the evaluation at N, arriving after its train point, would be skipped."""
+            after_eval_step: int | None = None, limit: int = MAX_POINTS) -> dict:
+    """A page of the loss curve: one train point per logging step, one eval point per evaluation, the
+    first `limit` by (step, kind) of the train points past `after_step` and the eval points past
+    `after_eval_step` (by default `after_step`; None reads the series from its start). An evaluation
+    at step N is recorded after step N's train point (it runs once that step is logged), so a poller
+    that holds train points to N but eval points to an earlier step passes that step as
+    `after_eval_step`, or the evaluation at N, arriving after its train point, would be skipped.
+
+    `next` is where to go on from, by that same rule: the last train and eval step the caller holds
+    once it has this page. Asked again with it, the next page starts exactly after this one (nothing
+    lost, nothing twice) and an evaluation that lands later at a step already held is still read.
+    `has_more` says the page was cut at `limit`."""
+    check_limit(limit, MAX_POINTS)
     job = get(session, caller, job_id)
-    points = repository.metrics(session, caller.team_id, job.id, after_step, after_eval_step)
-    return {"job_id": job.id, "train": [p for p in points if p.kind == "train"],
-            "eval": [p for p in points if p.kind == "eval"]}
+    train_after = -1 if after_step is None else after_step
+    eval_after = train_after if after_eval_step is None else after_eval_step
+    points = repository.metrics(session, caller.team_id, job.id, train_after, eval_after, limit)
+    has_more = len(points) > limit
+    points = points[:limit]
+    train = [p for p in points if p.kind == "train"]
+    eval_ = [p for p in points if p.kind == "eval"]
+    # No train point held yet: after_step stays unset (from the start). No eval point held: 0, not unset,
+    # which would default to after_step and skip an evaluation still to land at a train point held (steps
+    # count from 1, so 0 holds nothing).
+    next_train = train[-1].step if train else (None if train_after < 0 else train_after)
+    next_eval = eval_[-1].step if eval_ else max(eval_after, 0)
+    return {"job_id": job.id, "train": train, "eval": eval_, "has_more": has_more,
+            "next": {"after_step": next_train, "after_eval_step": next_eval}}
 
 
 def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoint]:

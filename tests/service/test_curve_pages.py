@@ -1,0 +1,127 @@
+"""GET /jobs/{id}/metrics answers a long curve a bounded page at a time (10,000 points by default and
+at most): a curve of half a million points was one answer of 150 MB and up to a minute of an API
+process. Following `next` joins the pages to the whole curve, as the database holds it, with no point
+lost or read twice, after a resume redid steps past its checkpoint too; `qlora jobs watch` reads
+every page."""
+
+from __future__ import annotations
+
+from sqlalchemy import insert, select
+
+from app.db import session_scope
+from app.jobs import repository
+from app.jobs.tables import JobMetric
+from tests.deployment import lane, upload
+from worker.training.tiny import demo_spec
+
+LOGGED_STEPS = 12_000  # train points of the first attempt, one per step
+EVAL_EVERY = 100
+RESUMED_FROM = 11_500  # the checkpoint the second attempt resumes from
+REDONE_TO = 12_300  # the second attempt logs 11,501..12,300 again, with other losses
+
+
+def curve_in_the_database(database_url: str, job_id: str) -> dict[str, list[tuple[int, float]]]:
+    with session_scope(database_url) as session:
+        rows = session.execute(select(JobMetric.kind, JobMetric.step, JobMetric.train_loss, JobMetric.eval_loss)
+                               .where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+    return {"train": [(r.step, r.train_loss) for r in rows if r.kind == "train"],
+            "eval": [(r.step, r.eval_loss) for r in rows if r.kind == "eval"]}
+
+
+def as_pairs(curve: dict) -> dict[str, list[tuple[int, float]]]:
+    return {"train": [(p["step"], p["train_loss"]) for p in curve["train"]],
+            "eval": [(p["step"], p["eval_loss"]) for p in curve["eval"]]}
+
+
+def read_by_pages(client, job_id: str, params: dict) -> tuple[dict, list[dict]]:
+    """The curve joined from pages, following each answer's `next` while it has_more; and the pages."""
+    pages = [client.get(f"/jobs/{job_id}/metrics", params=params)]
+    while True:
+        assert pages[-1].status_code == 200, pages[-1].text
+        answer = pages[-1].json()
+        if not answer["has_more"]:
+            break
+        pages.append(client.get(f"/jobs/{job_id}/metrics", params={**params, **{
+            name: value for name, value in answer["next"].items() if value is not None}}))
+    answers = [page.json() for page in pages]
+    joined = {"train": [p for a in answers for p in a["train"]], "eval": [p for a in answers for p in a["eval"]]}
+    return joined, answers
+
+
+def test_a_long_curve_comes_in_bounded_pages_that_join_to_the_whole_curve(deployment, team_a, team_b, demo_data):
+    from app.cli.api_client import ApiClient
+
+    url = deployment.settings.database_url
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    with session_scope(url) as session:  # the first attempt's curve, as the worker's upserts leave it
+        session.execute(insert(JobMetric), [
+            {"job_id": job_id, "kind": "train", "step": s, "train_loss": 3.0 - s / 10_000} for s in range(1, LOGGED_STEPS + 1)])
+        session.execute(insert(JobMetric), [
+            {"job_id": job_id, "kind": "eval", "step": s, "eval_loss": 3.5 - s / 10_000}
+            for s in range(EVAL_EVERY, LOGGED_STEPS + 1, EVAL_EVERY)])
+    with session_scope(url) as session:  # a second attempt resumes from a checkpoint and logs the steps past it again
+        repository.delete_metrics_after(session, job_id, RESUMED_FROM)
+        for s in range(RESUMED_FROM + 1, REDONE_TO + 1):
+            repository.upsert_metric(session, job_id, {"kind": "train", "step": s, "train_loss": 1.0 + s / 100_000})
+            if s % EVAL_EVERY == 0:
+                repository.upsert_metric(session, job_id, {"kind": "eval", "step": s, "eval_loss": 1.5 + s / 100_000})
+        repository.upsert_metric(session, job_id, {"kind": "train", "step": 700, "train_loss": 0.25})  # a step logged again
+    whole = curve_in_the_database(url, job_id)
+    assert len(whole["train"]) == REDONE_TO and len(whole["eval"]) == REDONE_TO // EVAL_EVERY
+
+    # Asked with no parameter, as a client that does not page: the first 10,000 points, and where to go on.
+    first = team_a.get(f"/jobs/{job_id}/metrics")
+    assert first.status_code == 200
+    page = first.json()
+    assert page["has_more"] is True and len(page["train"]) + len(page["eval"]) == 10_000
+    assert len(first.content) < 4_000_000
+    assert page["next"] == {"after_step": page["train"][-1]["step"], "after_eval_step": page["eval"][-1]["step"]}
+
+    # Every page size joins to the whole curve, in step order, no point lost or twice, the redone losses read.
+    for params in ({}, {"limit": 997}, {"after_step": 11_990, "after_eval_step": 11_900, "limit": 1},
+                   {"after_step": 5_000, "after_eval_step": 4_000, "limit": 1_000}):
+        joined, answers = read_by_pages(team_a, job_id, params)
+        limit = params.get("limit", 10_000)
+        assert all(len(a["train"]) + len(a["eval"]) <= limit for a in answers)
+        assert all(len(a["train"]) + len(a["eval"]) == limit for a in answers[:-1])
+        train_after, eval_after = params.get("after_step", -1), params.get("after_eval_step", -1)
+        assert as_pairs(joined) == {"train": [p for p in whole["train"] if p[0] > train_after],
+                                    "eval": [p for p in whole["eval"] if p[0] > eval_after]}, params
+    assert dict(whole["train"])[700] == 0.25 and dict(whole["train"])[12_000] == 1.0 + 12_000 / 100_000
+
+    # A poller goes on from the last page's `next`: a train point, then the evaluation at its step landing after it.
+    _, answers = read_by_pages(team_a, job_id, {})
+    after = answers[-1]["next"]
+    with session_scope(url) as session:
+        repository.upsert_metric(session, job_id, {"kind": "train", "step": REDONE_TO + 1, "train_loss": 0.5})
+    polled = team_a.get(f"/jobs/{job_id}/metrics", params=after).json()
+    assert as_pairs(polled) == {"train": [(REDONE_TO + 1, 0.5)], "eval": []} and polled["has_more"] is False
+    with session_scope(url) as session:
+        repository.upsert_metric(session, job_id, {"kind": "eval", "step": REDONE_TO + 1, "eval_loss": 0.75})
+    polled = team_a.get(f"/jobs/{job_id}/metrics", params=polled["next"]).json()
+    assert as_pairs(polled) == {"train": [], "eval": [(REDONE_TO + 1, 0.75)]}
+
+    # The CLI reads every page (what `qlora jobs watch` shows on its first poll).
+    with ApiClient(deployment.url, deployment.team_key("team-a")) as api:
+        assert as_pairs(api.job_curve(job_id)) == curve_in_the_database(url, job_id)
+
+    # Another team's job is 404, whatever the page asked for.
+    for params in ({}, {"limit": 5}, {"after_step": 10, "limit": 5}):
+        assert team_b.get(f"/jobs/{job_id}/metrics", params=params).status_code == 404
+
+
+def test_a_page_limit_out_of_range_is_a_422_naming_it(team_a, demo_data):
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    for limit in (0, -1, 10_001, 10**30):
+        answer = team_a.get(f"/jobs/{job_id}/metrics", params={"limit": limit})
+        assert answer.status_code == 422, (limit, answer.text)
+        error = answer.json()["error"]
+        assert error["message"] == f"limit: must be between 1 and 10000, got {limit}"
+        assert error["details"] == [{"field": "limit", "message": "must be between 1 and 10000"}]
+    answer = team_a.get(f"/jobs/{job_id}/metrics", params={"limit": "many"})
+    assert answer.status_code == 422 and "limit" in answer.json()["error"]["message"]
+    assert team_a.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["has_more"] is False
