@@ -112,7 +112,16 @@ def whole_curve(url: str, key: str, job_id: str) -> dict:
 
     with ApiClient(url, key) as api:
         took: list[float] = []
-        api._http.event_hooks["response"].append(lambda r: took.append(r.elapsed.total_seconds()))
+        one_page = api.job_metrics
+
+        def timed_page(*args, **kwargs) -> dict:  # each request job_curve makes, timed
+            start = time.perf_counter()
+            try:
+                return one_page(*args, **kwargs)
+            finally:
+                took.append(time.perf_counter() - start)
+
+        api.job_metrics = timed_page  # type: ignore[method-assign]
         t0 = time.perf_counter()
         curve = api.job_curve(job_id)
         seconds = time.perf_counter() - t0
