@@ -91,6 +91,14 @@ def database_now(session: Session) -> datetime:
     return session.execute(select(func.now())).scalar_one().astimezone(UTC)
 
 
+def on_database_clock(session: Session, host_moment: datetime) -> datetime:
+    """`host_moment`, taken from this host's clock (utcnow), moved onto the database's: as long before
+    database_now as it is before this host's now. For a moment a process noted before it could reach the
+    database (an attempt's end, written once an outage passed): compared with a job's claimed_at, which is the
+    database's clock, the host's own reading was off by the hosts' skew (an hour ahead charged an hour)."""
+    return database_now(session) - (utcnow() - host_moment)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

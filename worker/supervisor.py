@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from app import logs
 from app.config import Settings
-from app.db import session_scope, utcnow
+from app.db import on_database_clock, session_scope, utcnow
 from app.host import process_exists
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
@@ -677,7 +677,9 @@ class JobRun:
         try:
             with session_scope(self.db) as session:
                 row = session.get(Job, job.id)
-                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts, stopped_at,
+                # stopped_at is this host's clock, the attempt's claimed_at the database's (usage, fair share)
+                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts,
+                                            on_database_clock(session, stopped_at),
                                             self.settings.fair_share_half_life_s, outside_the_job=outside_the_job)
                           if row is not None and row.attempt == job.attempt else None)
         except DBAPIError as exc:
@@ -691,7 +693,8 @@ class JobRun:
         database out of reach: the reaper gives it another attempt as for a lost worker, with the spec it had."""
         try:
             with session_scope(self.db) as session:
-                became = runs.continue_smaller(session, job.id, job.attempt, training, stopped_at,
+                became = runs.continue_smaller(session, job.id, job.attempt, training,
+                                               on_database_clock(session, stopped_at),  # as in _lose
                                                self.settings.fair_share_half_life_s)
         except DBAPIError as exc:
             log.warning("job %s attempt %s: could not record the out-of-memory retry (the reaper will requeue it): %s",

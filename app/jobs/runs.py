@@ -306,7 +306,7 @@ def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_
         # Ended by the attempt itself meanwhile (its watch records a time limit, or a cancel or pause before
         # training, as the worker loses it): fenced by that state, a failed job was queued again or paused.
         return None
-    now = utcnow()
+    now = database_now(session)  # finished_at, beside started_at and heartbeat_at: the database's clock
     values: dict[str, Any]
     if job.status == states.CANCELLING:
         outcome, level, message, values = states.CANCELLED, "warning", f"{why} while cancelling", {"finished_at": now}
@@ -368,7 +368,7 @@ def continue_smaller(session: Session, job_id: str, attempt: int, training: dict
               f"{micro * accumulation} rows at each optimizer step, in smaller pieces)")
     values: dict[str, Any] = {"spec": {**job.spec, "training": {**before, **training}}}
     if job.status == states.CANCELLING:
-        outcome, values, message = states.CANCELLED, {"finished_at": utcnow()}, "out of memory while cancelling"
+        outcome, values, message = states.CANCELLED, {"finished_at": database_now(session)}, "out of memory while cancelling"
     elif job.status == states.PAUSING:
         outcome, message = states.PAUSED, f"out of memory while pausing; paused, and it resumes with {change}"
         values["worker"] = None

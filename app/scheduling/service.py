@@ -88,7 +88,8 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
     queue = repository.queue_of(session, named_job_id)
     if queue is None:
         return None  # deleted with its team
-    shares = team_shares(session, settings, utcnow())
+    now = database_now(session)  # running claims' clock (runs.claim), and the month's attempts'
+    shares = team_shares(session, settings, now)
     refused: set[str] = set()  # teams that may start nothing now
     spent: set[str] = set()  # teams whose budget lets no job start now, only continuing ones go on
     for job, reason in policy.claim_order(_waiting(session, queue), shares):
@@ -100,7 +101,7 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
         team = lock_team(session, job.team_id)
         # Disabled since the shares were read (disabling takes this row first), or other workers (of this class or
         # another) started its jobs meanwhile: its max_running reached, or its budget no longer covers one more.
-        held_by = team_shares(session, settings, utcnow(), [team])[team.id].blocked_by(job.continuing)
+        held_by = team_shares(session, settings, now, [team])[team.id].blocked_by(job.continuing)
         if held_by is not None:
             candidate.pass_over()
             (spent if held_by == FOR_BUDGET else refused).add(job.team_id)
@@ -132,10 +133,11 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
     """Each queued job of one class with its place in claim order, if no job ended meanwhile. A job that needs only
     a GPU waits for "no_worker" while no worker of its class is up: it said "gpu" at position 1 for as long as the
     class had no worker at all, and its team took that for "it starts in a moment"."""
-    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now or utcnow()))
+    now = now or database_now(session)  # running claims' clock (runs.claim), and seen_at's
+    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now))
     # seen_at is the database's clock (app.operations.workers): judged by this host's, an API host whose clock ran
     # ahead of the database's saw a live worker as silent, and the jobs of its class said no_worker.
-    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now or database_now(session))
+    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now)
     for_gpu = (FOR_GPU, None) if no_worker is None else (FOR_NO_WORKER, no_worker)
     return {job.job_id: Standing(position, *((reason, None) if reason else for_gpu))
             for position, (job, reason) in enumerate(order, 1)}
@@ -160,9 +162,12 @@ def no_worker_said(queue: str, last_seen: Row | None, now: datetime) -> str | No
 
 def schedule(session: Session, settings: Settings) -> dict[str, int]:
     """One scheduler pass over every class with queued jobs: send the messages due, then preempt."""
-    now = utcnow()
+    now = utcnow()  # the clock of created_at, queued_at and dispatched_at, which API processes write
     counts = {"sent": 0, "preempted": 0}
-    shares = team_shares(session, settings, now)
+    # A job's claimed_at, and so the usage of the jobs running and their runtime before a preemption, is on the
+    # database's clock (runs.claim): read against this host's, a host an hour ahead preempted a job claimed a
+    # second ago as one past QLORA_MIN_RUNTIME_BEFORE_PREEMPT_S, and one behind never preempted anything.
+    shares = team_shares(session, settings, database_now(session))
     for queue in repository.queues_with_waiting(session):
         rows = repository.waiting(session, queue)
         order = policy.claim_order(_waiting(session, queue, rows), shares)
@@ -217,7 +222,7 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
     # (`preempting`) missed a preempted job that its team or an admin then paused (that clears the flag, to
     # keep it paused), and the next pass preempted a second job, of yet another team, for the same waiting job.
     freeing = sum(1 for row in rows if row.status != states.RUNNING)
-    plan = policy.plan_preemptions(waited, candidates, shares, now.timestamp(),
+    plan = policy.plan_preemptions(waited, candidates, shares, database_now(session).timestamp(),  # claimed_at's clock
                                    settings.min_runtime_before_preempt_s, freeing)
     done = 0
     for preemption in plan:
