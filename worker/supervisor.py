@@ -657,14 +657,21 @@ class JobRun:
             with tarfile.open(fileobj=WriterStream(writer, transfer.add), mode="w|", bufsize=TAR_BUFFER) as tar:
                 tar.add(source, arcname=kind)
             stored = writer.commit()
+        committing = False  # a try wrote the record and went on to commit it
+
+        def record(session: Session) -> str | None:
+            nonlocal committing
+            replaced = runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size, stored.sha256)
+            committing = True
+            return replaced
         try:
-            replaced = self._write_through_outage(
-                f"the {ARTIFACTS[kind]} of job {job.id}",
-                lambda session: runs.add_artifact(session, job.id, job.attempt, kind, stored.key, stored.size,
-                                                  stored.sha256),
-                check=watch.check)
+            replaced = self._write_through_outage(f"the {ARTIFACTS[kind]} of job {job.id}", record, check=watch.check)
         except BaseException:
-            self.storage.delete(stored.key)  # not recorded, so not kept
+            # Not recorded, so not kept; unless a try's commit failed, which may have reached the database and
+            # lost only its answer with the connection: its row may name the object, so it stays (a stray at worst,
+            # for `qlora admin sweep-storage`). Deleted, the job's artifact row named an object gone from storage.
+            if not committing:
+                self.storage.delete(stored.key)
             raise
         if replaced is not None:
             delete_objects(self.storage, [replaced])  # a lost attempt's, no longer recorded

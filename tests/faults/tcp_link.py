@@ -18,6 +18,7 @@ class CuttableLink:
         self._open: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closed = False
+        self._cut_at: bytes | None = None  # cut_at_answer
         threading.Thread(target=self._accept, name="db-link", daemon=True).start()
 
     @property
@@ -30,6 +31,11 @@ class CuttableLink:
             open_now, self._open = list(self._open), set()
         for sock in open_now:
             _drop(sock)
+
+    def cut_at_answer(self, marker: bytes) -> None:
+        """Cut the link as the next answer from the database that holds `marker` arrives, without passing it on
+        (b"COMMIT\\x00", a COMMIT's CommandComplete): the statement took effect, and its client never hears so."""
+        self._cut_at = marker
 
     def restore(self) -> None:
         self._cut.clear()
@@ -56,12 +62,16 @@ class CuttableLink:
                 continue
             with self._lock:
                 self._open.update((client, server))
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, answers in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, answers), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
+                if answers and self._cut_at is not None and self._cut_at in data:
+                    self._cut_at = None
+                    self.cut()
+                    return
                 sink.sendall(data)
         except OSError:
             pass

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.db import engine_for, session_scope
@@ -111,3 +112,26 @@ def test_an_artifact_recorded_after_the_job_moved_on_is_not_kept(database_url, l
         assert session.scalars(select(Artifact).where(Artifact.job_id == job.id)).all() == []
     stored = tmp_path / "storage"
     assert not [p for p in stored.rglob("*") if p.is_file()]  # the upload went with its record
+
+
+def test_an_artifact_whose_record_landed_unheard_keeps_its_object(database_url, link, worker_settings, tmp_path):
+    """The commit of an artifact's record reaches the database and its answer is lost with the connection, and the
+    database stays out of reach past the deadline: the worker gives up on the attempt, but the object that the
+    committed row names stays in storage. Before, it was deleted as "not recorded", and the job's adapter row
+    named an object gone from storage (a download of it, or a next attempt's replacement, found nothing)."""
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    source = tmp_path / "out" / "adapter"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_text("{}")
+    watch = AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))  # not started: no beats
+    link.cut_at_answer(b"COMMIT\x00")  # the record's commit lands; the link goes down as its answer comes back
+    try:
+        with pytest.raises(DBAPIError):  # out of reach for the whole deadline: the worker gives up
+            run._upload_artifact(job, "adapter", source, watch)
+    finally:
+        link.restore()
+    with session_scope(database_url) as session:
+        recorded = session.scalars(select(Artifact).where(Artifact.job_id == job.id)).one()
+        key = recorded.storage_key
+    assert run.storage.exists(key)
