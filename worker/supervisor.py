@@ -147,6 +147,9 @@ class AttemptWatch(threading.Thread):
         self._stopped = threading.Event()
         self._workdir_lock = threading.Lock()  # a touch of the heartbeat file, or the end of them (ending)
         self._workdir_gone = False
+        # ending() was called: the main thread writes how the attempt ended, and this thread only beats (a time
+        # limit or a stop it decided now would race that write, and the first compare-and-set would win)
+        self._ending = False
 
     # ------------------------------------------------------------------ the main thread's side
     def check(self) -> None:
@@ -179,6 +182,7 @@ class AttemptWatch(threading.Thread):
         """The attempt is over, its end not yet written: the pending events (the last transfer's) are written
         now, before it, and the heartbeat file is no longer touched (the work directory goes next). The
         heartbeats in the database go on until stop(), once the end is written."""
+        self._ending = True
         with self._workdir_lock:
             self._workdir_gone = True
         with self._events_lock:
@@ -215,7 +219,7 @@ class AttemptWatch(threading.Thread):
             except FileNotFoundError:
                 pass  # the work directory is being set up
         elapsed = time.monotonic() - self.started
-        if elapsed > self.settings.job_time_limit_s and not self._stopped.is_set():
+        if elapsed > self.settings.job_time_limit_s and not self._stopped.is_set() and not self._ending:
             self._hit_time_limit(elapsed)
             return
         with self._events_lock:
@@ -233,7 +237,7 @@ class AttemptWatch(threading.Thread):
             return
         if status is None:
             self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")
-        elif status in STOPPED_AS and self.proc is None:
+        elif status in STOPPED_AS and self.proc is None and not self._ending:
             self._stop_before_training(STOPPED_AS[status])
 
     def _due_progress(self) -> list[Event]:
