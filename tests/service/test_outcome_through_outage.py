@@ -90,13 +90,18 @@ def test_the_final_state_is_recorded_through_an_outage(database_url, link, worke
         assert ended is not None and (ended.status, ended.attempt) == (states.SUCCEEDED, 1)
 
 
-def test_an_artifact_recorded_after_the_job_moved_on_is_not_kept(database_url, link, worker_settings, tmp_path):
+def adapter_to_record(database_url: str, worker_settings: Settings, tmp_path):
+    """A running job's worker with its adapter written, to store and record (its watch not started: no beats)."""
     job = running_job(database_url)
     run = JobRun(worker_settings, job.id, "w1")
     source = tmp_path / "out" / "adapter"
     source.mkdir(parents=True)
     (source / "adapter_config.json").write_text("{}")
-    watch = AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))  # not started: no beats
+    return job, run, source, AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))
+
+
+def test_an_artifact_recorded_after_the_job_moved_on_is_not_kept(database_url, link, worker_settings, tmp_path):
+    job, run, source, watch = adapter_to_record(database_url, worker_settings, tmp_path)
     restore = outage(link)
     try:
         given_to_attempt_2(database_url, job.id)
@@ -119,12 +124,7 @@ def test_an_artifact_whose_record_landed_unheard_keeps_its_object(database_url, 
     database stays out of reach past the deadline: the worker gives up on the attempt, but the object that the
     committed row names stays in storage. Before, it was deleted as "not recorded", and the job's adapter row
     named an object gone from storage (a download of it, or a next attempt's replacement, found nothing)."""
-    job = running_job(database_url)
-    run = JobRun(worker_settings, job.id, "w1")
-    source = tmp_path / "out" / "adapter"
-    source.mkdir(parents=True)
-    (source / "adapter_config.json").write_text("{}")
-    watch = AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))  # not started: no beats
+    job, run, source, watch = adapter_to_record(database_url, worker_settings, tmp_path)
     link.cut_at_answer(b"COMMIT\x00")  # the record's commit lands; the link goes down as its answer comes back
     try:
         with pytest.raises(DBAPIError):  # out of reach for the whole deadline: the worker gives up
