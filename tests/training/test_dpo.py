@@ -255,6 +255,24 @@ def test_pause_and_resume_reproduce_the_uninterrupted_run(dpo_run, task, tiny_mo
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_pause_between_logged_points_resumes_to_the_same_rewards(dpo_run, task, tiny_model_dir, tmp_path):
+    """Paused at step 7 with logging_steps 5 (a preemption or hand-back pauses at any step): step 10's point
+    averages steps 6 to 10, its rewards too. The loss since the last log is carried in the checkpoint; trl's
+    rewards since it were not, and the resumed run's step-10 rewards averaged steps 8 to 10 alone."""
+    spec = dpo_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": False}),
+                                   "eval": spec.eval.model_copy(update={"prompts": 0})})
+    out = tmp_path / "run"
+    assert run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=task["start"],
+               pause=pause_after(7)).status == "paused"
+    run(spec, task["train"], out, validation_path=task["validation"], initial_adapter=task["start"], resume=True)
+
+    def points(curve_points):
+        return [(p["kind"], p["step"], p.get("train_loss") or p.get("eval_loss"), p["reward_accuracy"],
+                 p["reward_margin"], p.get("reward_chosen"), p.get("reward_rejected")) for p in curve_points]
+    assert points(curve(out)) == points(curve(dpo_run.out_dir))
+
+
 def test_a_start_of_another_shape_or_data_of_another_format_is_refused(task, tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match=r"lora.r: the initial adapter has 16, the spec asks for 8"):
         data = dpo_spec(tiny_model_dir).model_dump(mode="json")

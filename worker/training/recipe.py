@@ -206,13 +206,21 @@ class TrainerGuards:
         # another point than the uninterrupted run's. A float32 sum as a Python float is exact, so is the sum resumed.
         super()._save_checkpoint(model, trial)  # type: ignore[misc]
         staged = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        write_json_atomic(staged / LOSS_SINCE_LOG_FILE, {"loss_sum": float(self._tr_loss),
-                                                         "last_logged_step": self._globalstep_last_logged})
+        carried: dict[str, Any] = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
+        # trl's own per-step values since the last log (DPO's rewards, margins, accuracies, log-probs), which its
+        # log() averages: without them the first point a resumed run logged had the uninterrupted run's loss but
+        # rewards averaged over the resumed steps alone.
+        trl_metrics = getattr(self, "_metrics", None)
+        if isinstance(trl_metrics, dict) and "train" in trl_metrics:
+            carried["metrics_since_log"] = {name: list(values) for name, values in trl_metrics["train"].items()}
+        write_json_atomic(staged / LOSS_SINCE_LOG_FILE, carried)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self._loss_since_log is not None:  # the first step after a resume, before its loss is added
             self._tr_loss += self._loss_since_log["loss_sum"]
             self._globalstep_last_logged = self._loss_since_log["last_logged_step"]
+            for name, values in self._loss_since_log.get("metrics_since_log", {}).items():
+                self._metrics["train"][name] = values + self._metrics["train"][name]
             self._loss_since_log = None
         # Resumed from a checkpoint of the last planned step (the run was lost after it, in the merge
         # say), transformers would take one more step: it looks for the end only after a step. That step
