@@ -29,6 +29,7 @@ from app.cli.render import (
     plain,
     print_job_list,
     print_table,
+    print_team_list,
     show,
 )
 from app.text import counted
@@ -104,19 +105,7 @@ def list_teams(as_json: JsonOption = None) -> None:
 
     teams = _admin_call(lambda s: [t.model_dump(mode="json") for t in admin.list_teams(s)])
 
-    def table() -> None:
-        from app.text import format_bytes, format_number
-
-        table = Table(name_column("team"), number_column("keys"), number_column("queued"), number_column("running"),
-                      number_column("paused"), number_column("GPU-h month"), number_column("storage"), "disabled")
-        for t in teams:
-            keys = f"{t['keys_live']}" + (f" ({t['admin_keys_live']} admin)" if t["admin_keys_live"] else "")
-            table.add_row(plain(t["name"]), keys, str(t["queued"]), str(t["running"]), str(t["paused"]),
-                          format_number(t["gpu_hours_this_month"]), format_bytes(t["storage_bytes"]),
-                          _disabled_cell(t))
-        print_table(table)
-
-    show(teams, table, as_json)
+    show(teams, lambda: print_team_list(teams), as_json)
 
 
 @commands.command("list-jobs")
@@ -139,13 +128,6 @@ def list_jobs(
 
     jobs = _admin_call(read)
     show(jobs, lambda: print_job_list(jobs), as_json)
-
-
-def _disabled_cell(team: dict):
-    if not team["disabled"]:
-        return ""
-    since = f"since {team['disabled_at'][:16].replace('T', ' ')}"
-    return plain(f"{since}: {team['disabled_reason']}") if team["disabled_reason"] else since
 
 
 @commands.command("disable-team")

@@ -279,8 +279,11 @@ class ApiClient:
     def delete_artifact(self, job_id: str, kind: str) -> dict:
         return self._json("DELETE", f"/jobs/{_id(job_id)}/artifacts/{_id(kind, 'artifact kind')}", expect=dict)
 
-    def job_events(self, job_id: str, after: int | None = None) -> list[dict]:
-        return self._poll(f"/jobs/{_id(job_id)}/events", params={} if after is None else {"after": after}, expect=list)
+    def job_events(self, job_id: str, after: int | None = None, limit: int | None = None) -> list[dict]:
+        """One page of events, oldest first, after the event with id `after`: at most `limit` (the API's default
+        is 200, its most 1,000); a full page means there may be more."""
+        params = {name: value for name, value in (("after", after), ("limit", limit)) if value is not None}
+        return self._poll(f"/jobs/{_id(job_id)}/events", params=params, expect=list)
 
     def job_metrics(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
                     limit: int | None = None) -> dict:

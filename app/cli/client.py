@@ -42,6 +42,7 @@ from app.cli.render import (
     print_table,
     print_usage,
     printable,
+    queue_position,
     reward_line,
     show,
     sparkline,
@@ -568,12 +569,13 @@ def jobs_watch(
                 _stream_job(watcher, interval)
             else:
                 with Live(watcher.view(), console=out, auto_refresh=False) as live:
-                    while not watcher.ended:
+                    while True:
+                        _print_events(live.console, watcher.take_new_events(), job_id)
+                        live.update(watcher.view(), refresh=True)
+                        if watcher.ended:
+                            break
                         time.sleep(interval)
                         watcher.poll()
-                        for event in watcher.take_new_events():
-                            live.console.print(event_line(event))
-                        live.update(watcher.view(), refresh=True)
                 if not out.is_terminal:
                     out.line()  # rich ends a live display with a newline only on a terminal
             outputs = _outputs(api, watcher.job)
@@ -590,6 +592,21 @@ def jobs_watch(
         return
     err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else ""), style="red"), soft_wrap=True)
     raise typer.Exit(1)
+
+
+EVENTS_SHOWN = 50  # a terminal gets at most this many events of one poll, the newest: a history of 100k is a pipe's
+
+
+def _print_events(console, events: list[dict], job_id: str) -> None:
+    """`jobs watch`'s new events on a terminal, above the live view. A job watched once it ended printed none of
+    its events (its error alone said what happened); a job with thousands would scroll them all past."""
+    from rich.text import Text
+
+    if len(events) > EVENTS_SHOWN:
+        console.print(Text(f"... {len(events) - EVENTS_SHOWN:,} earlier events not shown (`qlora jobs watch {job_id} "
+                           "--json` streams them all)", style="dim"), soft_wrap=True)
+    for event in events[-EVENTS_SHOWN:]:
+        console.print(event_line(event))
 
 
 def _outputs(api, job: dict) -> list[dict] | None:
@@ -695,9 +712,7 @@ class _JobWatcher:
                 last_eval = max((p["step"] for p in self._eval), default=None if last_train is None else 0)
                 self._read_metrics(self.api.job_curve(self.job_id, after_step=last_train, after_eval_step=last_eval))
                 self._metrics_at = (self.job["step"], self.job["status"])
-            self._events += self.api.job_events(self.job_id, after=self._last_event_id)
-            if self._events:
-                self._last_event_id = self._events[-1]["id"]
+            self._read_events()
             self.unreachable_since = None
         except ClientError as exc:
             # Not an answer of another shape: asking again for 5 minutes would get the same one.
@@ -707,6 +722,21 @@ class _JobWatcher:
             self.unreachable_since = self.unreachable_since or time.monotonic()
             if time.monotonic() - self.unreachable_since > self.UNREACHABLE_LIMIT_S:
                 raise
+
+    EVENT_PAGE = 1000  # GET /jobs/{id}/events answers at most this many at once (app.jobs.service.MAX_EVENTS)
+
+    def _read_events(self) -> None:
+        """Every event past the last one read, page after page. One page a poll left a job that ended with more
+        events than a page (a checkpoint each step, a long run's requeues) cut short: `watch` stopped at the
+        first page of a finished job's 238 events, its last line "checkpoint of step 195 saved", without the
+        adapter_saved, finished and succeeded that followed."""
+        while True:
+            page = self.api.job_events(self.job_id, after=self._last_event_id, limit=self.EVENT_PAGE)
+            self._events += page
+            if page:
+                self._last_event_id = page[-1]["id"]
+            if len(page) < self.EVENT_PAGE:
+                return
 
     def _read_metrics(self, new: dict) -> None:
         self._train += new["train"]
@@ -753,6 +783,10 @@ class _JobWatcher:
             "   tokens/s ", (f"{self.tokens_per_second:,.0f}" if self.tokens_per_second else "-", "bold"),
             "   loss ", (sparkline(self.train_losses), "cyan"))
         parts: list[RenderableType] = [header, self.progress, stats]
+        if job.get("queue_position") is not None:  # why a queued job has not started, as `jobs show` says it
+            parts.append(Text(f"queue position {queue_position(job)}", style="yellow"))
+            if job.get("waiting_detail"):
+                parts.append(Text(printable(job["waiting_detail"]), style="yellow"))
         if self.rewards is not None or self.eval_rewards is not None:
             parts.append(reward_line(self.rewards, self.eval_rewards))
         if self.unreachable_since is not None:

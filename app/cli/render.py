@@ -212,6 +212,28 @@ def print_job_list(jobs: list[dict]) -> None:
     print_table(table, optional=("finished", "created", "base model"))
 
 
+def print_team_list(teams: list[dict]) -> None:
+    """`qlora admin list-teams`, as GET /admin/teams answers it. "disabled" is the column an admin looks for after
+    offboarding a team: the counts give way to it on a narrow terminal. At 80 columns the table had no room for it,
+    and rich cropped it away without a word: a disabled team's row read as a run of blank lines."""
+    from app.text import format_bytes, format_number
+
+    table = Table(name_column("team"), name_column("disabled"), number_column("keys"), number_column("queued"),
+                  number_column("running"), number_column("paused"), number_column("GPU-h month"), number_column("storage"))
+    for t in teams:
+        keys = f"{t['keys_live']}" + (f" ({t['admin_keys_live']} admin)" if t["admin_keys_live"] else "")
+        table.add_row(plain(t["name"]), _disabled_cell(t), keys, str(t["queued"]), str(t["running"]), str(t["paused"]),
+                      format_number(t["gpu_hours_this_month"]), format_bytes(t["storage_bytes"]))
+    print_table(table, optional=("paused", "queued", "storage", "keys"))
+
+
+def _disabled_cell(team: dict):
+    if not team["disabled"]:
+        return "-"
+    since = f"since {team['disabled_at'][:16].replace('T', ' ')}"
+    return plain(f"{since}: {team['disabled_reason']}") if team["disabled_reason"] else since
+
+
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 
 
@@ -339,6 +361,18 @@ def _key_value_columns() -> tuple[Column, Column]:
     return Column("field"), Column("value", overflow="fold")
 
 
+WAITING_FOR = {"gpu": "a free GPU of its class", "no_worker": "a worker of its class to be up",
+               "max_running": "the team's max_running", "gpu_hours_per_month": "the team's monthly GPU-hours budget",
+               "team_disabled": "its team to be enabled (an admin disabled it)"}
+
+
+def queue_position(job: dict) -> str:
+    """A queued job's place and what it waits for: "2 (waiting for a free GPU of its class)". `jobs show` and
+    `jobs watch` both say it: a watch of a queued job showed "queued, step 0/?" and nothing of why."""
+    waiting = WAITING_FOR.get(job.get("waiting_for") or "", job.get("waiting_for") or "its turn")
+    return f"{job['queue_position']} (waiting for {printable(waiting)})"
+
+
 def print_job(job: dict) -> None:
     from rich.text import Text
 
@@ -361,11 +395,7 @@ def print_job(job: dict) -> None:
         ("finished", when(job["finished_at"])),
     ]
     if job.get("queue_position") is not None:
-        waiting = {"gpu": "a free GPU of its class", "no_worker": "a worker of its class to be up",
-                   "max_running": "the team's max_running",
-                   "gpu_hours_per_month": "the team's monthly GPU-hours budget",
-                   "team_disabled": "its team to be enabled (an admin disabled it)"}.get(job["waiting_for"], job["waiting_for"])
-        rows.append(("queue position", f"{job['queue_position']} (waiting for {waiting})"))
+        rows.append(("queue position", queue_position(job)))
         if job.get("waiting_detail"):
             rows.append(("waiting", Text(printable(job["waiting_detail"]), style="yellow")))
     if job["error"]:

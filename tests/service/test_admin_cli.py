@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -244,6 +245,13 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
     row = next(line for line in table.stdout.splitlines() if "research" in line)
     assert "since " in row and "since " not in next(line for line in table.stdout.splitlines() if "ops" in line)
     assert "grant ended [Q3]" in table.stdout  # as typed: not rich markup
+    # On an 80-column terminal the last column, "disabled", was cropped away without a word: the disabled team's
+    # row read as blank lines. The counts give way to it now, and the caption names them.
+    narrow = qlora(tmp_path, "admin", "list-teams", env={"FORCE_COLOR": "1", "COLUMNS": "80"})
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", narrow.stdout)
+    cells = " ".join(line.split("│")[2].strip() for line in shown.splitlines() if line.startswith("│"))
+    assert max(map(len, shown.splitlines())) <= 80 and "grant ended [Q3]" in cells, shown  # whole, if folded
+    assert "┃ disabled" in shown and "not shown at this width:" in shown, shown
 
     enabled = qlora(tmp_path, "admin", "enable-team", "research")
     assert enabled.returncode == 0 and json.loads(enabled.stdout)["disabled"] is False
