@@ -590,7 +590,11 @@ def jobs_watch(
             out.print(Text(line + loss, style="green"), soft_wrap=True)
         _print_outputs(job, outputs)
         return
-    err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else ""), style="red"), soft_wrap=True)
+    # A paused job waits for a person (it was paused, or its attempts kept ending on a full disk or an outage):
+    # "paused at step 11/2000" alone read as an end, with nothing of how it goes on.
+    then = (f"; it waits to be resumed: `qlora jobs resume {job['id']}` continues it from its newest checkpoint"
+            if job["status"] == "paused" else "")
+    err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else "") + then, style="red"), soft_wrap=True)
     raise typer.Exit(1)
 
 

@@ -42,7 +42,7 @@ class JobApi:
                 if url.path == f"/jobs/{JOB_ID}":
                     body: object = api.jobs.pop(0) if len(api.jobs) > 1 else api.jobs[0]
                 elif url.path == f"/jobs/{JOB_ID}/metrics":
-                    body = {"train": [], "eval": []}
+                    body = {"train": [], "eval": [], "has_more": False, "next": None}
                 elif url.path == f"/jobs/{JOB_ID}/events":
                     after, limit = int(query.get("after", 0)), min(int(query.get("limit", 200)), EVENT_PAGE_MOST)
                     body = [e for e in api.events if e["id"] > after][:limit]
@@ -141,3 +141,13 @@ def test_a_queued_job_says_why_it_waits_while_watched(serve, tmp_path):
     assert "queue position 3 (waiting for a worker of its class to be up)" in shown, shown
     assert detail in shown, shown
     assert done.returncode == 1  # it ended paused: a person's to resume, not a success
+
+
+def test_a_watch_that_ends_paused_says_how_the_job_goes_on(serve, tmp_path):
+    """`qlora jobs watch` of a job paused at step 11 ended "job … paused at step 11/2000" (exit 1): nothing said
+    that the job waits, or for what. Exit 1 stays (it did not succeed); the line says how to continue it."""
+    for flags, terminal in (((), False), (("--table",), True)):
+        done = watch(serve(a_job("paused", step=11, total_steps=2000)), tmp_path, *flags, terminal=terminal)
+        assert done.returncode == 1, done.stderr
+        assert f"job {JOB_ID} paused at step 11/2000; it waits to be resumed: `qlora jobs resume {JOB_ID}` continues " \
+               "it from its newest checkpoint" in " ".join(done.stderr.split()), done.stderr
