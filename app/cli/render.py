@@ -55,7 +55,25 @@ class Commands(typer.Typer):
     # typer.Typer.command spells out click's keywords; this passes them all on, cls defaulted.
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:  # type: ignore[override]
         kwargs.setdefault("cls", OutputCommand)
-        return super().command(*args, **kwargs)
+        register = super().command(*args, **kwargs)
+
+        def decorator(function: Callable) -> Callable:
+            function.__doc__ = unwrapped(function.__doc__)
+            return register(function)
+
+        return decorator
+
+
+def unwrapped(doc: str | None) -> str | None:
+    """A docstring as --help shows it: its paragraphs (split by blank lines), each one line that the terminal wraps.
+    typer (0.29) keeps a docstring's line breaks, so `qlora --help` and `qlora jobs watch --help` broke sentences
+    where the source did, mid-line: "{"kind": "status", "job"} when the status" / "changes, ..."."""
+    if doc is None:
+        return None
+    import inspect
+
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines())
+                        for paragraph in inspect.cleandoc(doc).split("\n\n"))
 
 
 def wants_json(as_json: bool | None) -> bool:

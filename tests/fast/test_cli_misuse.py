@@ -445,3 +445,14 @@ def test_a_download_of_a_job_without_artifacts_says_whether_to_wait(env, stand_i
     will have one."""
     server = stand_in([], later={"id": ZEROS, "status": status})  # GET .../artifacts, then GET /jobs/{id}
     refused(qlora(env | {"QLORA_URL": server.url}, "jobs", "download", ZEROS), why)
+
+
+def test_help_wraps_sentences_where_the_terminal_ends_not_where_the_source_did(env):
+    """typer keeps a docstring's line breaks: `qlora --help` broke "Exits 1 when --gpu-memory is given" / "and the job
+    does not fit it." onto two lines of a 400-column terminal, and `jobs watch --help` its NDJSON shapes mid-sentence."""
+    top = qlora(env, "--help")
+    assert top.returncode == 0 and "Exits 1 when --gpu-memory is given and the job does not fit it." in top.stdout, top.stdout
+    watch = qlora(env, "jobs", "watch", "--help")
+    assert '{"kind": "status", "job"} when the status changes, {"kind": "metric", "split": "train" or "eval", "point"}' \
+        in watch.stdout, watch.stdout
+    assert "\n\n" in watch.stdout.split("Usage:")[1]  # paragraphs stay apart
