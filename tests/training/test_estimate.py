@@ -105,7 +105,9 @@ def test_the_loss_head_tiles_are_trls():
 def test_more_tokens_and_no_checkpointing_cost_more():
     base = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048), LLAMA3_8B)
     bigger = estimate_peak_memory(spec(per_device_batch_size=4, max_seq_length=2048), LLAMA3_8B)
-    assert bigger.parts["activations (kept for backward)"] == 4 * base.parts["activations (kept for backward)"]
+    # Four times the tokens, and a batch of four rows may be padded: SDPA's boolean mask over each row's 2048 x 2048.
+    padding_mask = 4 * 2048 * 2048
+    assert bigger.parts["activations (kept for backward)"] == 4 * base.parts["activations (kept for backward)"] + padding_mask
     assert bigger.parts["base weights (quantized)"] == base.parts["base weights (quantized)"]
     off = estimate_peak_memory(spec(per_device_batch_size=1, max_seq_length=2048, gradient_checkpointing=False),
                                LLAMA3_8B)
@@ -712,3 +714,36 @@ def test_fused_layers_are_counted_as_the_family_has_them():
                                          "qkv_proj, o_proj, gate_up_proj, down_proj"):
         estimate_peak_memory(JobSpec.parse({"base_model": "m", "lora": {"target_modules": ["q_proj"]},
                                             "training": {"max_steps": 1}}), PHI3_MINI)
+
+
+def test_a_packed_micro_batch_keeps_its_block_diagonal_attention_mask_as_counted(tmp_path, monkeypatch):
+    """training.packing true without flash-attn (the default worker image has none): trl flattens the micro-batch
+    into one row of micro-batch x seq tokens and transformers keeps its examples apart with a (row x row) boolean
+    mask, which SDPA turns into an additive mask of the compute dtype in every attention call. Quadratic in the
+    micro-batch: at 8 x 512 tokens the estimate, which counted no mask, was 14 % under what the step holds."""
+    monkeypatch.setattr(estimate, "LOSS_VOCAB_TILE", 0)  # the logits tiles are left out of both sides
+    dims, batch, seq = WIDE[0], 8, 512
+    _, model = build(tmp_path, dims, checkpointing=True)
+    ids = torch.randint(0, dims["vocab_size"], (1, batch * seq))
+    examples = torch.arange(64).repeat(batch * seq // 64).unsqueeze(0)  # many short rows, packed: positions restart
+    with LiveTensorBytes(model, dims["vocab_size"], widths=(LOGITS_TILE,)) as live:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, position_ids=examples, fused_lm_head=True).loss
+        loss.backward()
+    e = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "packing": True}}),
+                             {**dims, "tie_word_embeddings": False}, micro_batch=batch, seq_len=seq)
+    assert layers_side(e) == pytest.approx(live.peak, rel=0.10), (layers_side(e), live.peak)
+
+
+def test_rows_longer_than_the_models_max_position_embeddings_are_counted_as_the_recipe_cuts_them(tmp_path, monkeypatch):
+    """The recipe cuts rows at max_seq_length, never at the model's max_position_embeddings (rotary positions go
+    on past it, and nothing refuses the spec): a Llama 2 (4,096) job at max_seq_length 8,192 carries 8,192 tokens a
+    row. The estimate counted max_position_embeddings' tokens: half the activations of such a step."""
+    monkeypatch.setattr(estimate, "LOSS_VOCAB_TILE", 0)
+    dims = {**WIDE[1], "max_position_embeddings": 128}
+    s, model = build(tmp_path, dims, checkpointing=True)
+    measured = step_peak(model, dims, batch=4, seq=256)
+    e = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "max_seq_length": 256}}),
+                             {**dims, "tie_word_embeddings": False}, micro_batch=4)
+    assert layers_side(e) == pytest.approx(measured, rel=0.10), (layers_side(e), measured)
+    assert e.seq_len == 256

@@ -109,6 +109,15 @@ ACT_PER_SANDWICH_HIDDEN = 7.5  # per unit of the hidden size: their float32 inpu
 EAGER_ATTENTION_FAMILIES = frozenset({"gemma2", "vaultgemma", "granite_swa"})
 ACT_PER_SCORE = 7.75  # bytes per score, per layer: what the layer keeps
 GRAD_PER_SCORE = 2.0  # and the scores' gradient, in flight as its backward runs
+# SDPA (every other family, where flash-attn is not installed, as in the default worker image) gets a
+# (rows, 1, row length, row length) boolean mask from transformers (masking_utils.sdpa_mask) wherever a plain
+# causal mask would be wrong: a batch with padding (any SFT micro-batch over 1 row, every DPO batch of pairs),
+# a packed row (packing true: the micro-batch flattened into one row of micro-batch x seq tokens, examples kept
+# apart by a block-diagonal mask), or a sliding window shorter than the row. The model keeps it for the whole
+# step (each checkpointed layer's input), and each attention call turns it into an additive mask of the compute
+# dtype (torch's SDPA, on the CPU and in CUDA's memory-efficient kernel alike), which the call saves for its
+# backward. Measured in tests/training/test_estimate.py (a packed row of 4,096 tokens: 16 MiB kept, 32 MiB a call).
+MASK_BYTES_PER_ENTRY = 1  # bool
 # The linear layers of one decoder block, as (name, input width, output width) in the block's widths:
 # h the hidden size, q the queries' (heads x head_dim), kv the keys' and the values' each, i the MLP's.
 LLAMA_LINEARS = (("q_proj", "h", "q"), ("k_proj", "h", "kv"), ("v_proj", "h", "kv"), ("o_proj", "q", "h"),
@@ -153,6 +162,21 @@ def _dimension(config: dict, key: str, default: int | None = None) -> int:
     return value
 
 
+def _sliding_window(config: dict) -> int | None:
+    """The attention window of a config whose layers use one (Qwen 2 names one it leaves off: use_sliding_window)."""
+    window = config.get("sliding_window")
+    usable = isinstance(window, int) and not isinstance(window, bool) and window > 0
+    return window if usable and config.get("use_sliding_window", True) is not False else None
+
+
+def _mixes_full_layers(config: dict) -> bool:
+    """Sliding-window layers beside full-attention ones (Gemma 3's five to one): transformers builds both masks."""
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list):
+        return "full_attention" in layer_types
+    return isinstance(config.get("sliding_window_pattern"), int) or config.get("model_type") in SANDWICH_NORM_FAMILIES
+
+
 def excerpt_value(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -173,6 +197,8 @@ class ModelShape:
     eager_attention: bool = False
     family: str = "llama"  # config.json's model_type: which linear layers a block has (FAMILY_LINEARS)
     activation: str = "silu"  # config.json's hidden_act: what a two-matrix MLP keeps (two_matrix_mlp)
+    sliding_window: int | None = None  # config.json's, where its layers use it (Mistral 7B v0.1, Gemma 3)
+    attention_masks: int = 1  # masks a step builds where one is needed: 2 where sliding and full layers mix
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -193,6 +219,8 @@ class ModelShape:
             eager_attention=config.get("model_type") in EAGER_ATTENTION_FAMILIES,
             family=config["model_type"] if isinstance(config.get("model_type"), str) else "llama",
             activation=config["hidden_act"] if isinstance(config.get("hidden_act"), str) else "silu",
+            sliding_window=_sliding_window(config),
+            attention_masks=2 if _sliding_window(config) and _mixes_full_layers(config) else 1,
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -229,6 +257,10 @@ class ModelShape:
             named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"no linear layer named {named} in a {self.family} model's blocks; "
                              f"they have: {', '.join(layers)}")
+
+    def sliding_window_below(self, row_length: int) -> bool:
+        """Whether a window shorter than the row makes attention need a mask even with no padding."""
+        return self.sliding_window is not None and self.sliding_window < row_length
 
     @property
     def two_matrix_mlp(self) -> bool:
@@ -365,9 +397,14 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     offload = t.activation_offload is True and t.gradient_checkpointing
     tiled = t.tiled_mlp is True
     batch = micro_batch or (t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1)
-    seq = seq_len or min(t.max_seq_length, model_config.get("max_position_embeddings") or t.max_seq_length)
+    # max_seq_length as the recipe cuts rows, even past the model's max_position_embeddings: nothing cuts them
+    # there (rotary positions go on), so a step carries max_seq_length tokens a row whatever the config says.
+    seq = seq_len or t.max_seq_length
     dpo = spec.method.type == "dpo"
     tokens = batch * seq * (2 if dpo else 1)  # DPO: the preferred and the other sequence of each pair
+    # The rows attention sees: a packed micro-batch is one row of all its tokens (trl's padding-free collator).
+    packed = t.packing is True and not dpo
+    rows, row_length = (1, tokens) if packed else (tokens // seq, seq)
     compute = COMPUTE_BYTES[spec.quantization.compute_dtype]
     compute_name = "bfloat16" if spec.quantization.compute_dtype == "auto" else spec.quantization.compute_dtype
     # The dtype of the embeddings, head and norms, and so of the residual stream they feed.
@@ -393,9 +430,14 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     if shape.two_matrix_mlp:  # ACT_PER_HIDDEN holds a gated MLP's copies of its input
         per_layer -= scale * (ACT_MLP_PER_HIDDEN - ACT_MLP_PER_HIDDEN_TWO_MATRIX) * shape.hidden
     grads: float = 4 * shape.hidden + intermediate_grads  # gradients in flight: the hidden state's (float32), the MLP's
-    if shape.eager_attention:  # each token's scores against the seq tokens of its row, per head
-        per_layer += ACT_PER_SCORE * shape.heads * seq
-        grads += GRAD_PER_SCORE * shape.heads * seq
+    mask = mask_per_call = 0
+    if shape.eager_attention:  # each token's scores against the tokens of its row, per head
+        per_layer += ACT_PER_SCORE * shape.heads * row_length
+        grads += GRAD_PER_SCORE * shape.heads * row_length
+    elif packed or rows > 1 or shape.sliding_window_below(row_length):
+        entries = rows * row_length * row_length
+        mask = shape.attention_masks * entries * MASK_BYTES_PER_ENTRY
+        mask_per_call = entries * compute  # one layer's, of the one mask its kind of layer uses
     tile = 0
     if tiled:
         # ...which a tiled MLP replaces by its input alone; one chunk's intermediates and gradients
@@ -414,10 +456,11 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
             inputs_on_gpu = min(OFFLOAD_IN_FLIGHT, shape.layers) * inputs
         else:
             inputs_on_gpu = shape.layers * inputs
-        kept = inputs_on_gpu + tokens * shape.hidden * ACT_MODEL_CHECKPOINTED_PER_HIDDEN
-        recomputed = tokens * per_layer + chunk  # one layer at a time, during its backward
+        kept = inputs_on_gpu + tokens * shape.hidden * ACT_MODEL_CHECKPOINTED_PER_HIDDEN + mask
+        recomputed = tokens * per_layer + chunk + mask_per_call  # one layer at a time, during its backward
     else:
-        kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden)
+        kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden) + mask
+        kept += shape.layers * mask_per_call  # each layer's additive mask, saved by its attention
         recomputed = chunk
     # Backward runs the loss head first (its hidden states, gradients and logits tile), then each
     # layer, last to first, with the gradients in flight (float32, per token: the hidden state's and
@@ -425,7 +468,8 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     # two never overlap; the larger is the step's peak beyond what is kept.
     backward = max(loss_head_bytes(shape, tokens, compute, frozen), recomputed + tokens * grads)
     if dpo:  # the reference's no-grad forward: one layer's activations at a time, then its loss head's tile
-        backward = max(backward, tokens * per_layer + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
+        backward = max(backward, tokens * per_layer + mask_per_call
+                       + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
