@@ -28,6 +28,7 @@ from app.cli.render import (
     out,
     plain,
     print_job_list,
+    print_next_page,
     print_table,
     print_team_list,
     show,
@@ -112,22 +113,33 @@ def list_teams(as_json: JsonOption = None) -> None:
 def list_jobs(
     team: str,
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, paused, ...).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(help="At most this many (1-200), newest first; with --all, how many "
+                                            "each read takes.")] = 20,
+    cursor: Annotated[Optional[str], typer.Option(help="Start after the page that named this cursor.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every job, older pages too.")] = False,
     as_json: JsonOption = None,
 ) -> None:
     """List TEAM's jobs, newest first, as the team's own `qlora jobs list` shows them: a disabled team's too,
-    whose keys answer 401. On a pipe: a JSON array of them, as GET /admin/teams/{team}/jobs answers them."""
+    whose keys answer 401. On a pipe: a JSON array of them, as GET /admin/teams/{team}/jobs answers them.
+    Where older jobs follow, stderr names the next page's --cursor; --all reads them all."""
     import json
+    import shlex
 
     from app.jobs.schemas import job_page_json
     from app.teams import admin
 
-    def read(session) -> list[dict]:
-        found = admin.jobs_of_team(session, team, status, None, limit)
-        return json.loads(job_page_json(found.data, found.next_cursor))["data"]
+    def read(session) -> tuple[list[dict], str | None]:
+        found = admin.jobs_of_team(session, team, status, cursor, limit)
+        jobs = json.loads(job_page_json(found.data, None))["data"]
+        while every and found.next_cursor:
+            found = admin.jobs_of_team(session, team, status, found.next_cursor, limit)
+            jobs += json.loads(job_page_json(found.data, None))["data"]
+        return jobs, found.next_cursor
 
-    jobs = _admin_call(read)
+    jobs, next_cursor = _admin_call(read)
     show(jobs, lambda: print_job_list(jobs), as_json)
+    if next_cursor:
+        print_next_page(f"admin list-jobs {shlex.quote(team)}", next_cursor, status=status, limit=limit)
 
 
 @commands.command("disable-team")

@@ -263,8 +263,11 @@ class ApiClient:
     def preflight_job(self, body: dict) -> dict:
         return self._json("POST", "/jobs/preflight", json=body, timeout=self.PREFLIGHTED, expect=dict)
 
-    def list_jobs(self, status: str | None = None, limit: int = 20) -> list[dict]:
-        return self._page("/jobs", {"limit": limit} | ({"status": status} if status else {}))
+    def list_jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of the team's jobs, newest first, starting after `cursor`: (the jobs, the cursor of the
+        next page, None on the last)."""
+        params = {"limit": limit} | ({"status": status} if status else {}) | ({"cursor": cursor} if cursor else {})
+        return self._cursor_page("/jobs", params)
 
     def get_job(self, job_id: str) -> dict:
         return self._poll(f"/jobs/{_id(job_id)}", expect=dict)
@@ -418,12 +421,19 @@ class ApiClient:
 
     def _page(self, path: str, params: dict) -> list[dict]:
         """A list endpoint's first page: its {"data": [...]}."""
+        return self._cursor_page(path, params)[0]
+
+    def _cursor_page(self, path: str, params: dict) -> tuple[list[dict], str | None]:
+        """A list endpoint's page: its {"data": [...]} and its "next_cursor" (None on the last page)."""
         page = self._json("GET", path, params=params, expect=dict)
         if "data" not in page:
             raise UnexpectedAnswer(self.last_answered, 'the field "data" is missing')
         if not isinstance(page["data"], list):
             raise UnexpectedAnswer(self.last_answered, f'its "data" is {_json_type(page["data"])}, not an array')
-        return page["data"]
+        cursor = page.get("next_cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise UnexpectedAnswer(self.last_answered, f'its "next_cursor" is {_json_type(cursor)}, not a string')
+        return page["data"], cursor
 
     def _poll(self, path: str, params: dict | None = None, expect: type | None = None) -> Any:
         """GET a polled read, sending the ETag of the last answer to the same URL: on 304 that answer

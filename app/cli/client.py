@@ -37,6 +37,7 @@ from app.cli.render import (
     print_job,
     print_job_list,
     print_line_errors,
+    print_next_page,
     print_preflight,
     print_report,
     print_table,
@@ -443,13 +444,26 @@ def jobs_preflight(
 def jobs_list(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, succeeded, ...).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(help="At most this many (1-200), newest first; with --all, how many "
+                                            "each request reads.")] = 20,
+    cursor: Annotated[Optional[str], typer.Option(help="Start after the page that named this cursor (the previous "
+                                                       "list prints it when there are older jobs).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every job, older pages too (read --limit at a time).")] = False,
     as_json: JsonOption = None,
 ) -> None:
-    """List the team's jobs, newest first. On a pipe: a JSON array of them, each as the API answers it."""
+    """List the team's jobs, newest first. On a pipe: a JSON array of them, each as the API answers it.
+
+    Where there are older jobs than the page shows, stderr names the cursor of the next page
+    (`--cursor CURSOR`); --all reads them all, page after page, into the one list (the JSON array on a pipe)."""
     with _api(ctx) as api:
-        jobs = api.list_jobs(status, limit)
+        jobs, next_cursor = api.list_jobs(status, limit, cursor)
+        while every and next_cursor:
+            page, next_cursor = api.list_jobs(status, limit, next_cursor)
+            jobs += page
     show(jobs, lambda: print_job_list(jobs), as_json)
+    if next_cursor:
+        print_next_page("jobs list", next_cursor, status=status, limit=limit)
+
 
 
 @jobs_commands.command("show")

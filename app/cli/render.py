@@ -462,6 +462,19 @@ def event_line(event: dict):
                          f": {printable(event['message'])}" if event["message"] else "")
 
 
+def print_next_page(command: str, next_cursor: str, **options: Any) -> None:
+    """After a page of a list with more after it, on stderr (a pipe's stdout keeps its JSON array): the command that
+    shows the next page. `jobs list` stopped at --limit (200 at most) with nothing saying there was more, nor a way
+    to reach it. `options`: the command's other options, to give again (None: not given)."""
+    import shlex
+
+    from rich.text import Text
+
+    given = "".join(f" --{name} {shlex.quote(str(value))}" for name, value in options.items() if value is not None)
+    err.print(Text(f"older ones follow: `qlora {command}{given} --cursor {next_cursor}` for the next page, "
+                   "--all for all of them"), soft_wrap=True)
+
+
 # ---------------------------------------------------------------- transfers
 
 

@@ -240,6 +240,16 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
     assert job_id in jobs_table and "[grant] run" in jobs_table and "paused" in jobs_table
     nobody = qlora(tmp_path, "admin", "list-jobs", "nosuch")
     assert nobody.returncode == 1 and "no team 'nosuch'" in nobody.stderr
+    # Past --limit: the older jobs were out of reach. Stderr names the next page; --all reads every page.
+    with session_scope(url) as session:
+        session.add_all([Job(team_id=research.id, status="cancelled", base_model="tiny", spec=stored_spec(),
+                             queue="gpu-default", name=f"older {n}") for n in range(2)])
+    first = qlora(tmp_path, "admin", "list-jobs", "research", "--limit", "2")
+    [cursor] = re.findall(r"`qlora admin list-jobs research --limit 2 --cursor (\S+)` for the next page", first.stderr)
+    rest = json.loads(qlora(tmp_path, "admin", "list-jobs", "research", "--limit", "2", "--cursor", cursor).stdout)
+    every = qlora(tmp_path, "admin", "list-jobs", "research", "--all", "--limit", "2")
+    assert [j["id"] for j in json.loads(first.stdout) + rest] == [j["id"] for j in json.loads(every.stdout)]
+    assert len(rest) == 1 and every.stderr == ""
 
     table = qlora(tmp_path, "admin", "list-teams", "--table")
     row = next(line for line in table.stdout.splitlines() if "research" in line)
