@@ -564,8 +564,9 @@ def jobs_watch(
     """Follow a job live (progress, losses, tokens/s, loss curve, events) until it ends.
 
     On a pipe, one JSON object a line (NDJSON) as things happen: {"kind": "status", "job"} when the status
-    changes, {"kind": "metric", "split": "train" or "eval", "point"} for each new point of the curve,
-    {"kind": "event", "event"} for each new event, and last {"kind": "job", "job"}: the job as it ended.
+    changes, or a queued job's queue_position or waiting_for, {"kind": "metric", "split": "train" or "eval",
+    "point"} for each new point of the curve, {"kind": "event", "event"} for each new event, and last
+    {"kind": "job", "job"}: the job as it ended.
 
     Exits 0 when it succeeded, 1 when it failed, was cancelled or paused. Ctrl-C stops watching; the job keeps running.
     """
@@ -660,10 +661,13 @@ def _stream_job(watcher: _JobWatcher, interval: float) -> None:
     """`jobs watch` on a pipe: what changed since the last poll, one JSON object a line, then the job as it ended."""
     import time
 
-    status = None
+    shown = None
     while True:
-        if watcher.job["status"] != status:
-            status = watcher.job["status"]
+        # A queued job's wait changes without its status (its place in the queue, what it waits for): a script
+        # saw none of that. Once per change, not per poll, so an unchanged job adds nothing to the stream.
+        now = (watcher.job["status"], watcher.job.get("queue_position"), watcher.job.get("waiting_for"))
+        if now != shown:
+            shown = now
             json_line({"kind": "status", "job": watcher.job})
         for split, point in watcher.take_new_points():
             json_line({"kind": "metric", "split": split, "point": point})

@@ -453,6 +453,7 @@ def test_help_wraps_sentences_where_the_terminal_ends_not_where_the_source_did(e
     top = qlora(env, "--help")
     assert top.returncode == 0 and "Exits 1 when --gpu-memory is given and the job does not fit it." in top.stdout, top.stdout
     watch = qlora(env, "jobs", "watch", "--help")
-    assert '{"kind": "status", "job"} when the status changes, {"kind": "metric", "split": "train" or "eval", "point"}' \
+    assert '{"kind": "status", "job"} when the status changes, or a queued job\'s queue_position or waiting_for, ' \
+        '{"kind": "metric", "split": "train" or "eval", "point"}' \
         in watch.stdout, watch.stdout
     assert "\n\n" in watch.stdout.split("Usage:")[1]  # paragraphs stay apart

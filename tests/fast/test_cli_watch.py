@@ -151,3 +151,19 @@ def test_a_watch_that_ends_paused_says_how_the_job_goes_on(serve, tmp_path):
         assert done.returncode == 1, done.stderr
         assert f"job {JOB_ID} paused at step 11/2000; it waits to be resumed: `qlora jobs resume {JOB_ID}` continues " \
                "it from its newest checkpoint" in " ".join(done.stderr.split()), done.stderr
+
+
+def test_a_pipe_hears_a_queued_jobs_wait_change_once_per_change(serve, tmp_path):
+    """On a pipe `jobs watch` wrote a status record only when the status changed: a queued job moving from place 3
+    to place 1, or from waiting for a worker to waiting for its team's quota, never reached a script. One record per
+    change of the wait, none for a poll that found it unchanged."""
+    jobs = [a_job("queued", queue_position=3, waiting_for="no_worker"), a_job("queued", queue_position=3, waiting_for="no_worker"),
+            a_job("queued", queue_position=1, waiting_for="no_worker"), a_job("queued", queue_position=1, waiting_for="quota"),
+            a_job("queued", queue_position=1, waiting_for="quota"), a_job("running", step=1, total_steps=2),
+            a_job("paused", step=1, total_steps=2)]
+    done = watch(serve(*jobs), tmp_path)
+    assert done.returncode == 1, done.stderr  # it ended paused
+    statuses = [(r["job"]["status"], r["job"]["queue_position"], r["job"].get("waiting_for"))
+                for r in map(json.loads, done.stdout.splitlines()) if r["kind"] == "status"]
+    assert statuses == [("queued", 3, "no_worker"), ("queued", 1, "no_worker"), ("queued", 1, "quota"),
+                        ("running", None, None), ("paused", None, None)]
