@@ -568,7 +568,8 @@ def jobs_watch(
     "point"} for each new point of the curve, {"kind": "event", "event"} for each new event, and last
     {"kind": "job", "job"}: the job as it ended.
 
-    Exits 0 when it succeeded, 1 when it failed, was cancelled or paused. Ctrl-C stops watching; the job keeps running.
+    Exits 0 when it succeeded, 1 when it failed, was cancelled or paused. Ctrl-C stops watching, not the job: a
+    queued one keeps its place in the queue, a running one runs on.
     """
     import time
 
@@ -576,6 +577,7 @@ def jobs_watch(
     from rich.text import Text
 
     streamed = wants_json(as_json)
+    watcher: _JobWatcher | None = None
     try:
         with _api(ctx) as api:
             watcher = _JobWatcher(api, job_id)
@@ -595,8 +597,8 @@ def jobs_watch(
                     out.line()  # rich ends a live display with a newline only on a terminal
             outputs = _outputs(api, watcher.job)
     except KeyboardInterrupt:
-        _interrupted(f"stopped watching; job {job_id} keeps running "
-                     f"(`qlora jobs watch {job_id}` to follow it again, `qlora jobs cancel {job_id}` to stop it)")
+        _interrupted(_left_watching(job_id, watcher.job if watcher else {}))
+    assert watcher is not None  # made before anything that returns here
     job = watcher.job
     line = f"job {job['id']} {job['status']} at step {steps(job)}"
     if job["status"] == "succeeded":
@@ -611,6 +613,24 @@ def jobs_watch(
             if job["status"] == "paused" else "")
     err.print(Text(line + (f": {printable(job['error'])}" if job["error"] else "") + then, style="red"), soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _left_watching(job_id: str, job: dict) -> str:
+    """What Ctrl-C during `jobs watch` leaves the job doing, by its status when last seen. "job X keeps running"
+    was said of a queued job too, which runs nothing yet."""
+    again = f"`qlora jobs watch {job_id}` to follow it again"
+    stop = f"`qlora jobs cancel {job_id}` to stop it"
+    left = {
+        "queued": f"job {job_id} keeps its place in the queue ({again}, `qlora jobs cancel {job_id}` to take it out)",
+        "running": f"job {job_id} keeps running ({again}, {stop})",
+        "pausing": f"job {job_id} goes on pausing: it saves a checkpoint and stops ({again})",
+        "cancelling": f"job {job_id} goes on cancelling: it stops after its current step ({again})",
+        "paused": f"job {job_id} stays paused (`qlora jobs resume {job_id}` continues it)",
+    }
+    status = job.get("status")
+    if status is None:  # stopped before the first answer: nothing is known of the job, and nothing was asked of it
+        return f"stopped watching; job {job_id} was not changed"
+    return "stopped watching; " + left.get(status, f"job {job_id} has ended {status}")
 
 
 EVENTS_SHOWN = 50  # a terminal gets at most this many events of one poll, the newest: a history of 100k is a pipe's

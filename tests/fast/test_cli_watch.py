@@ -167,3 +167,27 @@ def test_a_pipe_hears_a_queued_jobs_wait_change_once_per_change(serve, tmp_path)
                 for r in map(json.loads, done.stdout.splitlines()) if r["kind"] == "status"]
     assert statuses == [("queued", 3, "no_worker"), ("queued", 1, "no_worker"), ("queued", 1, "quota"),
                         ("running", None, None), ("paused", None, None)]
+
+
+@pytest.mark.parametrize("status, left", [
+    ("queued", "job {id} keeps its place in the queue (`qlora jobs watch {id}` to follow it again, `qlora jobs cancel "
+               "{id}` to take it out)"),
+    ("running", "job {id} keeps running (`qlora jobs watch {id}` to follow it again, `qlora jobs cancel {id}` to stop it)"),
+    ("pausing", "job {id} goes on pausing: it saves a checkpoint and stops"),
+])
+def test_ctrl_c_during_a_watch_says_what_the_job_goes_on_doing(serve, tmp_path, status, left):
+    """Ctrl-C during `jobs watch` said "job X keeps running" of any job, a queued one too, which runs nothing yet."""
+    import signal
+
+    server = serve(a_job(status, queue_position=2 if status == "queued" else None))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | {
+        "QLORA_HOME": str(tmp_path), "QLORA_URL": server.url, "QLORA_API_KEY": "qlk_" + "x" * 43, "COLUMNS": "400"}
+    command = subprocess.Popen([sys.executable, "-m", "app.cli", "jobs", "watch", JOB_ID, "--interval", "0.2"], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert json.loads(command.stdout.readline())["job"]["status"] == status  # the watch has seen the job
+    command.send_signal(signal.SIGINT)
+    _, stderr = command.communicate(timeout=30)
+    assert command.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "stopped watching; " + left.format(id=JOB_ID) in stderr, stderr
+    assert status == "running" or "keeps running" not in stderr, stderr
