@@ -481,9 +481,11 @@ def print_next_page(command: str, next_cursor: str, **options: Any) -> None:
 def transfer_progress(description: str, total: int | None, transient: bool = False):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    # On stderr, so stdout carries only the result.
+    # On stderr, so stdout carries only the result; and only on a terminal: elsewhere rich prints the bar's final
+    # state once as it stops, which left each upload's last bar in a pipe's stderr, and an empty line above a
+    # download's error where the bar was still hidden (nothing had come).
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=err, transient=transient)
+                        TimeRemainingColumn(), console=err, transient=transient, disable=not err.is_terminal)
     return progress, progress.add_task(description, total=total)
 
 

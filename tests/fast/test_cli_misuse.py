@@ -457,3 +457,19 @@ def test_help_wraps_sentences_where_the_terminal_ends_not_where_the_source_did(e
         '{"kind": "metric", "split": "train" or "eval", "point"}' \
         in watch.stdout, watch.stdout
     assert "\n\n" in watch.stdout.split("Usage:")[1]  # paragraphs stay apart
+
+
+def test_a_pipe_gets_no_progress_bar_and_an_error_no_blank_line_above_it(env, stand_in, tmp_path):
+    """On a pipe, rich printed a transfer's bar once as it stopped: `jobs download` of a failed job put an empty line
+    (the bar, still hidden) above its error, and `datasets upload` left its finished bar in stderr."""
+    failed = stand_in([], later={"id": ZEROS, "status": "failed"})  # GET .../artifacts, then GET /jobs/{id}
+    done = qlora(env | {"QLORA_URL": failed.url}, "jobs", "download", ZEROS, "--out", str(tmp_path))
+    refused(done, "has no 'adapter' artifact: it failed")
+    assert done.stderr.startswith("error: ") and "" not in done.stderr.splitlines(), repr(done.stderr)
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(ROW) + "\n")
+    recorded = {"id": ZEROS, "status": "ready", "error_count": 0, "errors": []}
+    uploaded = qlora(env | {"QLORA_URL": stand_in(recorded).url}, "datasets", "upload", str(data))
+    assert uploaded.returncode == 0 and json.loads(uploaded.stdout)["id"] == ZEROS, uploaded.stderr
+    assert uploaded.stderr == "", repr(uploaded.stderr)
