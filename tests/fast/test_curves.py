@@ -46,7 +46,7 @@ def test_another_teams_curve_is_not_found_with_or_without_after_step(session, ca
     for after_step in (None, 0, 5):
         with pytest.raises(NotFound):
             service.metrics(session, other, job_id, after_step)
-        assert repository.metrics(session, other.team_id, job_id, after_step) == []
+        assert repository.metrics(session, other.team_id, job_id, -1 if after_step is None else after_step, -1, 100) == []
 
 
 def test_after_eval_step_reads_an_evaluation_that_landed_after_its_steps_train_point(session, caller, make_job):

@@ -8,6 +8,7 @@ One worker serves the "fair-share" GPU class for this module; every test leaves 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +17,7 @@ import pytest
 from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.tables import Job
+from app.operations import repository as operations
 from app.scheduling import service as scheduling
 from app.teams import repository as teams
 from tests.deployment import lane, upload, wait_for_status
@@ -28,8 +30,19 @@ FINISHED = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def fair_worker(deployment):
     proc = deployment.start_worker(gpu_class=GPU_CLASS, name="fair-share")
+    # Up once it has said so (its first beat in the workers table): before, a job of its class waits, truthfully,
+    # for "no_worker", which the tests here do not expect.
+    deadline = time.monotonic() + 120
+    while not _has_beaten(deployment, "fair-share"):
+        assert proc.poll() is None and time.monotonic() < deadline, deployment.log("worker-fair-share")
+        time.sleep(0.1)
     yield proc
     deployment.stop(proc)
+
+
+def _has_beaten(deployment, name: str) -> bool:
+    with session_scope(deployment.settings.database_url) as session:
+        return any(worker.name == name for worker in operations.workers(session))
 
 
 def fresh_team(deployment, **quota):
