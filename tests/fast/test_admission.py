@@ -136,7 +136,9 @@ def test_a_job_that_fits_no_class_it_may_use_is_refused_with_changes_that_fit(se
     assert error.details["available_bytes"] == 24 * GIB and error.details["gpu_class"] == "l4"
     assert error.details["suggestions"] == [
         "per_device_batch_size 8 with gradient_accumulation_steps 8 (the same effective batch)", "max_seq_length 1024",
-        "tiled_mlp true"]
+        # Tiling alone needs 24.14 GiB resident since a tiled layer's norm phase is counted (its backward's
+        # float32 temporaries over 32,768 tokens): it takes offload as well.
+        "activation_offload true and tiled_mlp true"]
     assert "It would fit with per_device_batch_size 8" in error.message
     # Each suggestion, taken as it is written, is admitted on the class that refused the job.
     for suggestion in error.details["suggestions"]:
@@ -228,7 +230,7 @@ def test_32k_tokens_fit_24_gib_with_offload_and_tiling(served):
     both = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"), job_spec(**LONG, activation_offload=True, tiled_mlp=True),
                  "l4")
     e = both.estimate
-    assert both.gpu_class == "l4" and e.fits(24 * GIB) and e.total < 16 * GIB
+    assert both.gpu_class == "l4" and e.fits(24 * GIB) and e.total < 16.5 * GIB  # 16.15 GiB: 7.85 to spare
     assert e.offload and e.tiled and e.host_bytes == 32 * 32768 * 4096 * 2  # every layer's bf16 input, in CPU memory
     assert f"activations offloaded to {e.host_bytes / GIB:.2f} GiB of pinned CPU memory and tiled MLPs" in both.note
     # "auto" (the default) turns on the cheapest that fits: here tiling alone (offloading alone does not fit).

@@ -567,6 +567,24 @@ def test_a_tiled_mlp_step_peak_matches_what_is_live_at_once(tmp_path, dims, chec
     assert peaks[True] < 0.75 * peaks[False]
 
 
+@pytest.mark.parametrize("dims", [dict(num_hidden_layers=2, hidden_size=512, intermediate_size=1408, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=1000)], ids=["hidden512"])
+def test_a_long_tiled_step_is_not_under_counted(tmp_path, dims, monkeypatch):
+    """At 2,048 tokens a tiled, checkpointed layer's backward peaks after its MLP's, in its post-attention norm's
+    (float32 temporaries beside the attention's saved tensors): the estimate counted only the MLP's phase and was
+    11-12 % under what is live at 2,048 tokens, 13 % at 4,096 (an under-count is an OOM hours into a job). Now the
+    larger of the two phases: never under, at most 10 % over."""
+    monkeypatch.setattr(estimate, "mlp_tile_tokens", lambda hidden: TILE)
+    monkeypatch.setattr(estimate, "LOSS_VOCAB_TILE", 0)  # the logits tiles are left out of both sides
+    step = dict(batch=8, seq=256)
+    s, model = build(tmp_path, dims, checkpointing=True)
+    assert tile_mlps(model, TILE) == dims["num_hidden_layers"]
+    measured = step_peak(model, dims, **step)
+    e = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {"max_steps": 1, "tiled_mlp": True}}),
+                             {**dims, "tie_word_embeddings": False}, micro_batch=step["batch"], seq_len=step["seq"])
+    assert 0.98 * measured <= layers_side(e) <= 1.10 * measured, (layers_side(e), measured)
+
+
 def test_offloaded_activations_leave_the_device_as_the_estimate_counts(tmp_path, monkeypatch):
     """training.activation_offload: every layer's checkpointed input is held by the offload (host
     memory: the estimate's host_bytes, exactly), and the device's step peak is the estimate's parts
@@ -630,7 +648,10 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
         return " ".join(done.stdout.split())  # the table's title wraps at the table's width
 
     auto = estimate_cli("auto.json")  # "auto": the cheapest saver that fits, tiling alone here
-    assert "gradient checkpointing on, tiled MLPs" in auto and "fits in 24.00 GiB" in auto
+    # By a thin margin since a tiled layer's norm phase is counted (23.94 GiB resident): it pages most of the
+    # optimizer state at each optimizer step.
+    assert "gradient checkpointing on, tiled MLPs" in auto
+    assert "fits, with 0.25 GiB of the 0.31 GiB of paged optimizer state paged to CPU memory" in auto
     both = estimate_cli("both.json")
     assert "activations offloaded to 8.00 GiB of pinned CPU memory and tiled MLPs" in both
     assert "offloaded activations (pinned CPU memory, not GPU)" in both and "fits in 24.00 GiB" in both

@@ -11,7 +11,8 @@ The peak of a QLoRA step is the sum of:
 - the larger of the backward's two phases: the loss head (trl's SFTTrainer scores tokens through a
   chunked LM head that never holds the whole logits tensor, so its hidden states, their gradient
   and one tile of logits), then each layer with the gradients in flight and, with checkpointing,
-  its recomputed activations;
+  its recomputed activations: the larger of its MLP's phase and its norm's, which follows (with a
+  tiled MLP the norm's float32 temporaries outweigh one chunk's intermediates past ~1,000 tokens);
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
 A DPO step (method dpo) runs each pair's two sequences, preferred and other, in one batch: twice the
@@ -73,6 +74,15 @@ ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"}
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
 ACT_MODEL_PER_HIDDEN = -12.0
 ACT_MODEL_CHECKPOINTED_PER_HIDDEN = 4.0
+
+# The backward of a layer's post-attention RMSNorm, once the MLP's has ended: per token per hidden unit, its
+# float32 temporaries (the gradient upcast from the residual stream's dtype, its products with the norm's scale
+# and with its float32 input, the square's gradient: 4 bytes each) and the layer output's gradient (in the
+# residual stream's dtype), beside what the layer saved and has not freed yet (its attention's; its norms'
+# float32 inputs). Measured on a tiled step (tests/training/test_estimate.py, 1,024 to 4,096 tokens, hidden 768
+# and 1,024): 11 float32 and 7 bf16 (tokens x hidden) tensors live at once, with the attention's queries, keys
+# and values, where the layer's MLP phase counted 4 bytes of gradient; without tiling the MLP's phase is larger.
+NORM_BACKWARD_F32_TENSORS = 4
 
 # Offloaded layer inputs on the GPU at once: the one being copied out (or brought back) and its neighbour.
 OFFLOAD_IN_FLIGHT = 2
@@ -446,6 +456,11 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         per_layer = per_layer - mlp + compute * shape.hidden
         grads = 4 * shape.hidden
     chunk = tile * (mlp + intermediate_grads)
+    # A layer's backward has two phases whose larger is its peak: the MLP's (its intermediates, or one chunk's,
+    # and their gradients in flight: `grads`, `chunk`), then its norms' and attention's, with the MLP's gone
+    # and the norm's float32 temporaries in flight (NORM_BACKWARD_F32_TENSORS). A tiled MLP makes the second
+    # the larger past ~1,000 tokens: counting only the first put a 4,096-token step 13 % under what is live.
+    norm_grads = 4 * NORM_BACKWARD_F32_TENSORS * shape.hidden + frozen * shape.hidden
     host = 0
     if t.gradient_checkpointing:
         # Kept through the step: each layer's input, and the final norm's. Offloaded, the layers'
@@ -457,16 +472,17 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         else:
             inputs_on_gpu = shape.layers * inputs
         kept = inputs_on_gpu + tokens * shape.hidden * ACT_MODEL_CHECKPOINTED_PER_HIDDEN + mask
-        recomputed = tokens * per_layer + chunk + mask_per_call  # one layer at a time, during its backward
+        recomputed = tokens * per_layer + mask_per_call  # one layer at a time, during its backward
     else:
         kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden) + mask
         kept += shape.layers * mask_per_call  # each layer's additive mask, saved by its attention
-        recomputed = chunk
+        recomputed = 0
     # Backward runs the loss head first (its hidden states, gradients and logits tile), then each
     # layer, last to first, with the gradients in flight (float32, per token: the hidden state's and
     # the MLP's gate and up activations') and, with checkpointing, its recomputed activations. The
     # two never overlap; the larger is the step's peak beyond what is kept.
-    backward = max(loss_head_bytes(shape, tokens, compute, frozen), recomputed + tokens * grads)
+    layer_backward = max(recomputed + chunk + tokens * grads, recomputed + tokens * norm_grads)
+    backward = max(loss_head_bytes(shape, tokens, compute, frozen), layer_backward)
     if dpo:  # the reference's no-grad forward: one layer's activations at a time, then its loss head's tile
         backward = max(backward, tokens * per_layer + mask_per_call
                        + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
