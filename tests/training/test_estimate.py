@@ -536,7 +536,7 @@ def layers_side(e) -> int:
                                     "LoRA gradients"))
 
 
-# 1,024 tokens a step, and MLP chunks of 128: long enough that a layer's backward, not the loss head's
+# 512 tokens a step, and MLP chunks of 64: long enough that a layer's backward, not the loss head's
 # hidden states, is the step's peak, as at long context; short enough for the CPU (attention there
 # materialises its scores, which flash attention on a GPU never does).
 LONG_STEP = dict(batch=8, seq=64)
