@@ -168,15 +168,16 @@ class StandIn:
     each request's method, path and headers; `asked` is set once one has arrived."""
 
     def __init__(self, body: object = None, status: int = 200, hold: bool = False, later: object = None):
-        import http.server
         import threading
+
+        from tests.fast.loopback import JsonHandler, Loopback
 
         self.body, self.status, self.hold, self.later = body, status, hold, later  # later: every answer after the first
         self.requests: list[tuple[str, str, dict]] = []
         self.asked, self._released = threading.Event(), threading.Event()
         stand_in = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def answer(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 stand_in.requests.append((self.command, self.path, dict(self.headers)))
@@ -185,27 +186,16 @@ class StandIn:
                     stand_in._released.wait(60)
                     return
                 later = stand_in.later is not None and len(stand_in.requests) > 1
-                data = json.dumps(stand_in.later if later else stand_in.body).encode()
-                self.send_response(stand_in.status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json(stand_in.later if later else stand_in.body, stand_in.status)
 
             do_GET = do_POST = do_DELETE = answer
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._loopback = Loopback(Handler)
+        self.url = self._loopback.url
 
     def close(self) -> None:
         self._released.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self._loopback.close()
 
 
 @pytest.fixture

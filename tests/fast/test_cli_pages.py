@@ -3,18 +3,17 @@ loopback that pages as the API does: newest first, at most `limit` (200 at most)
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from tests.deployment import ROOT
+from tests.fast.loopback import JsonHandler, Loopback
 
 JOBS = [{"id": f"{n:032x}", "name": f"job-{n}", "status": "succeeded", "base_model": "tiny", "step": 1, "total_steps": 1,
          "created_at": "2026-12-06T18:41:11Z", "finished_at": None} for n in range(450, 0, -1)]  # newest first
@@ -24,7 +23,7 @@ class JobsApi:
     """GET /jobs as the API pages it; the cursor here is the index of the page's first job (the API's is opaque)."""
 
     def __init__(self) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -33,25 +32,13 @@ class JobsApi:
                     self.send_error(422 if url.path == "/jobs" else 404)
                     return
                 more = start + limit < len(JOBS)
-                data = json.dumps({"data": JOBS[start:start + limit],
-                                   "next_cursor": str(start + limit) if more else None}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json({"data": JOBS[start:start + limit], "next_cursor": str(start + limit) if more else None})
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._loopback = Loopback(Handler)
+        self.url = self._loopback.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._loopback.close()
 
 
 @pytest.fixture

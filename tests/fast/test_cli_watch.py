@@ -4,18 +4,17 @@ artifacts): what a pipe and a terminal get of a job's whole history, however lon
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from tests.deployment import ROOT
+from tests.fast.loopback import JsonHandler, Loopback
 
 JOB_ID = "a" * 32
 EVENT_PAGE_MOST = 1000  # the API's most per page (app.jobs.service.MAX_EVENTS); its default is 200
@@ -35,7 +34,7 @@ class JobApi:
     def __init__(self, jobs: list[dict], events: list[dict]):
         api = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -51,25 +50,14 @@ class JobApi:
                 else:
                     self.send_error(404)
                     return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
+                self.send_json(body)
 
         self.jobs, self.events = jobs, events
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._loopback = Loopback(Handler)
+        self.url = self._loopback.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._loopback.close()
 
 
 @pytest.fixture
