@@ -387,13 +387,11 @@ def status(as_json: JsonOption = None) -> None:
     On a pipe: {"queues": [{"queue", "gpu_class", "workers_alive", "queued", "oldest_wait_s", "last_seen",
     "stranded"}], "alive_within_s"}."""
     from app.config import get_settings
-    from app.db import utcnow
     from app.operations.service import queue_health
     from app.operations.workers import WORKER_ALIVE_S
 
     settings = get_settings()
-    now = utcnow()
-    queues = _admin_call(lambda s: queue_health(s, settings, now))
+    queues = _admin_call(lambda s: queue_health(s, settings))
     answer = {"queues": [{
         "queue": q.queue, "gpu_class": q.queue.removeprefix("gpu-"), "workers_alive": q.workers_alive,
         "queued": q.queued, "oldest_wait_s": round(q.oldest_wait_s, 3),

@@ -7,7 +7,7 @@ import logging
 
 from app.broker import RUN_JOB_TASK, celery_for
 from app.config import Settings
-from app.db import session_scope, utcnow
+from app.db import database_now, session_scope
 from app.jobs import repository
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ def send(settings: Settings, job_id: str, queue: str) -> None:
     if dispatch(settings, job_id, queue):
         # Often after a request's commit, where the request pool must not be waited for (app/db.py)
         with session_scope(settings.database_url, bookkeeping=True) as session:
-            repository.mark_dispatched(session, job_id, utcnow())
+            repository.mark_dispatched(session, job_id, database_now(session))  # the scheduler's clock
 
 
 def dispatch(settings: Settings, job_id: str, queue: str) -> bool:

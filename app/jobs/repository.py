@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import BindParameter, CursorResult, Row, Select, String, Text, Update, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app.db import UTCDateTime, insert_for, utcnow
+from app.db import UTCDateTime, database_now, insert_for, utcnow
 from app.jobs import states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric, QuantizedBase
 from app.pagination import newest_first, newest_first_shape, newest_first_values
@@ -127,7 +127,9 @@ def transition(session: Session, job_id: str, to: str, *, attempt: int | None = 
     if silent_before is not None:
         query = query.where(_last_sign_of_life() < silent_before)
     if to == states.QUEUED:
-        values.setdefault("queued_at", utcnow())  # it waits for a worker from now, whatever it did before
+        # It waits for a worker from now, whatever it did before; by the database's clock, which every host reads
+        # alike: a worker requeueing a job dated it by its own, and an API host read that wait off by the skew.
+        values.setdefault("queued_at", database_now(session))
     return _rows_changed(session, query.values(status=to, **values)) == 1
 
 
@@ -167,7 +169,7 @@ def requeue_preempted(session: Session, job_id: str, attempt: int) -> bool:
                          .where(Job.id == job_id, Job.attempt == attempt, Job.status == states.PAUSED,
                                 Job.preempting.is_(True))
                          .values(status=states.QUEUED, preempting=False, continuing=True, worker=None,
-                                 dispatched_at=None, queued_at=utcnow())) == 1
+                                 dispatched_at=None, queued_at=database_now(session))) == 1
 
 
 def keep_paused(session: Session, job_id: str) -> bool:

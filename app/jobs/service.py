@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.datasets import service as datasets
 from app.datasets.tables import Dataset
-from app.db import after_commit, read_only, utcnow
+from app.db import after_commit, database_now, read_only
 from app.errors import Conflict, DoesNotFit, Forbidden, Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
 from app.jobs import lineage, preflight, repository, states
@@ -122,6 +122,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     if meta.get("initial_job_id") is not None:  # its adapter too, which deleting it takes the team's row for
         lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
     job = Job(
+        created_at=database_now(session),  # a job's times are all the database's clock (docs/reliability.md)
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
         spec=admitted.spec.model_dump(mode="json"), base_model=spec.base_model,
         dataset_id=meta["dataset_id"], validation_dataset_id=meta.get("validation_dataset_id"),
@@ -566,7 +567,9 @@ def _request(session: Session, caller: Caller, job_id: str, request: str,
         if job.status not in _REQUESTS[request]:
             raise Conflict(f"cannot {request} job {job_id}: it {states.described(job.status)}", code="invalid_state")
         target, event, message = _REQUESTS[request][job.status]
-        values: dict[str, Any] = {"finished_at": utcnow()} if target in states.FINISHED else {}
+        # finished_at on the database's clock, as a worker's end of a job (runs.py) and its started_at: read
+        # against those (/metrics' durations and its window of finished jobs), an API host's own was off by its skew.
+        values: dict[str, Any] = {"finished_at": database_now(session)} if target in states.FINISHED else {}
         if target == states.QUEUED:
             if before_queueing is not None:
                 before_queueing()  # max_queued, under the team's row: the job is queued only from what was read

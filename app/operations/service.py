@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import database_now, utcnow
+from app.db import database_now
 from app.jobs import repository, states
 from app.operations import repository as operations_repository
 from app.operations import workers
@@ -128,16 +128,17 @@ class QueueHealth:
         return self.queued > 0 and self.workers_alive == 0
 
 
-def queue_health(session: Session, settings: Settings, now: datetime) -> list[QueueHealth]:
+def queue_health(session: Session, settings: Settings) -> list[QueueHealth]:
     """Every queue the deployment knows, by name: those of the GPU classes it serves (so a dashboard shows
-    0, not "no data", for one that is empty), those a worker serves, and those a queued job waits on."""
+    0, not "no data", for one that is empty), those a worker serves, and those a queued job waits on. Waits
+    and silences are reckoned on the database's clock, which a job's queued_at and a worker's seen_at are."""
     waiting = repository.waiting_by_queue(session)
     by_queue: dict[str, list[Worker]] = {}
     for worker in operations_repository.workers(session):
         by_queue.setdefault(worker.queue, []).append(worker)
     queues = {settings.queue_for(gpu_class) for gpu_class in settings.served_gpu_classes} | by_queue.keys() | waiting.keys()
-    alive_since = workers.alive_since(session)  # seen_at's clock (the database's), not `now`'s
-    heard_now = database_now(session)  # the same instant: now() is the transaction's start
+    alive_since = workers.alive_since(session)
+    now = database_now(session)  # the same instant: now() is the transaction's start
     health = []
     for queue in sorted(queues):
         queued, oldest = waiting.get(queue, (0, now))
@@ -146,15 +147,16 @@ def queue_health(session: Session, settings: Settings, now: datetime) -> list[Qu
         health.append(QueueHealth(
             queue=queue, workers_alive=sum(worker.seen_at >= alive_since for worker in seen), queued=queued,
             oldest_wait_s=max((now - oldest).total_seconds(), 0.0), last_seen=last_seen,
-            last_seen_s=None if last_seen is None else max((heard_now - last_seen.seen_at).total_seconds(), 0.0)))
+            last_seen_s=None if last_seen is None else max((now - last_seen.seen_at).total_seconds(), 0.0)))
     return health
 
 
 def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Settings, shares: SharesNow | None = None) -> str:
     """Jobs by status, each queue's depth, wait and live workers, durations of finished jobs, each
     training worker's device, and this API process's team shares (`shares`)."""
-    now = utcnow()
-    finished = finished_jobs.by_status(session, now)
+    # finished_at's clock: the mark of the jobs already tallied moves on it. On this host's, one an hour ahead
+    # set the mark an hour past the jobs finishing, and every one of them was left out of the durations.
+    finished = finished_jobs.by_status(session, database_now(session))
     out = Exposition()
     out.family("qlora_jobs", "gauge", "Jobs by status.")
     counts = repository.count_active_by_status(session)
@@ -162,7 +164,7 @@ def prometheus_text(session: Session, finished_jobs: FinishedJobs, settings: Set
         count = finished[status].jobs if status in finished else counts.get(status, 0)
         out.sample("qlora_jobs", count, status=status)
 
-    queues = queue_health(session, settings, now)
+    queues = queue_health(session, settings)
     out.family("qlora_queue_depth", "gauge", "Queued jobs waiting for a worker, by queue (GPU class).")
     for q in queues:
         out.sample("qlora_queue_depth", q.queued, queue=q.queue)

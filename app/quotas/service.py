@@ -18,7 +18,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import GIB, Settings
-from app.db import utcnow
+from app.db import database_now
 from app.errors import Invalid, NotFound, QuotaExceeded, field_errors
 from app.jobs import states
 from app.quotas import repository
@@ -96,7 +96,7 @@ def _field_of(loc: tuple) -> str:
 
 def report(session: Session, settings: Settings, team: Team) -> QuotaOut:
     """The quota in force, which of it is the team's own, and what the team holds against it now."""
-    now = utcnow()
+    now = database_now(session)  # claimed_at's clock: a running attempt counts up to now
     gpu_s = gpu_seconds_by_team(session, month_start(now), now, now, [team.id]).get(team.id, 0.0)
     in_force = effective(settings, team)
     return QuotaOut(

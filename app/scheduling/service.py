@@ -20,7 +20,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import after_commit, database_now, session_scope, utcnow
+from app.db import after_commit, database_now, session_scope
 from app.jobs import repository as jobs
 from app.jobs import runs, states
 from app.jobs.dispatch import send
@@ -162,12 +162,13 @@ def no_worker_said(queue: str, last_seen: Row | None, now: datetime) -> str | No
 
 def schedule(session: Session, settings: Settings) -> dict[str, int]:
     """One scheduler pass over every class with queued jobs: send the messages due, then preempt."""
-    now = utcnow()  # the clock of created_at, queued_at and dispatched_at, which API processes write
+    # Every time of a job is on the database's clock: created_at, queued_at, dispatched_at (jobs.service.create,
+    # jobs.dispatch), claimed_at (runs.claim), and so the usage of the jobs running and their runtime before a
+    # preemption. Read against this host's, a host an hour ahead preempted a job claimed a second ago as one past
+    # QLORA_MIN_RUNTIME_BEFORE_PREEMPT_S, and one behind never preempted anything.
+    now = database_now(session)
     counts = {"sent": 0, "preempted": 0}
-    # A job's claimed_at, and so the usage of the jobs running and their runtime before a preemption, is on the
-    # database's clock (runs.claim): read against this host's, a host an hour ahead preempted a job claimed a
-    # second ago as one past QLORA_MIN_RUNTIME_BEFORE_PREEMPT_S, and one behind never preempted anything.
-    shares = team_shares(session, settings, database_now(session))
+    shares = team_shares(session, settings, now)
     for queue in repository.queues_with_waiting(session):
         rows = repository.waiting(session, queue)
         order = policy.claim_order(_waiting(session, queue, rows), shares)
@@ -210,7 +211,7 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
     # A job whose worker has been silent for QLORA_HEARTBEAT_DEADLINE_S is the reaper's (jobs.reaper): its worker
     # is taken for lost, and the GPU with it. Preempting it would free nothing, and if it is stopping already
     # its GPU is not coming back to this class's next claim.
-    deadline = database_now(session) - timedelta(seconds=settings.heartbeat_deadline_s)  # heartbeats' clock
+    deadline = now - timedelta(seconds=settings.heartbeat_deadline_s)  # heartbeats' clock
     rows = [row for row in repository.running_in(session, queue) if row.heard_at is None or row.heard_at >= deadline]
     candidates = [Running(job_id, team_id, priority, claimed_at.timestamp())
                   for job_id, team_id, priority, claimed_at, _, status, _ in rows
@@ -222,7 +223,7 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
     # (`preempting`) missed a preempted job that its team or an admin then paused (that clears the flag, to
     # keep it paused), and the next pass preempted a second job, of yet another team, for the same waiting job.
     freeing = sum(1 for row in rows if row.status != states.RUNNING)
-    plan = policy.plan_preemptions(waited, candidates, shares, database_now(session).timestamp(),  # claimed_at's clock
+    plan = policy.plan_preemptions(waited, candidates, shares, now.timestamp(),  # claimed_at's clock
                                    settings.min_runtime_before_preempt_s, freeing)
     done = 0
     for preemption in plan:

@@ -24,7 +24,7 @@ import socket
 
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import database_now, utcnow
 from app.errors import Conflict
 from app.jobs import repository as jobs
 from app.jobs import service as jobs_service
@@ -45,7 +45,7 @@ def list_teams(session: Session) -> list[TeamOut]:
 
 
 def _overview(session: Session, teams: list[Team]) -> list[TeamOut]:
-    now = utcnow()
+    now = database_now(session)  # claimed_at's clock: a running attempt counts up to now
     ids = [team.id for team in teams]
     keys = repository.live_key_counts(session)
     counts = jobs.count_active_by_team(session, ids)

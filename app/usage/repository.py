@@ -12,7 +12,6 @@ from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
-from app.db import utcnow
 from app.jobs.tables import Artifact, Checkpoint, Job, JobAttempt
 
 
@@ -26,11 +25,12 @@ class Span(Protocol):
     def ended_at(self) -> datetime | None: ...
 
 
-def _overlapping(query: Select, since: datetime, until: datetime, team_ids: Collection[str] | None) -> Select:
+def _overlapping(query: Select, since: datetime, until: datetime, now: datetime,
+                 team_ids: Collection[str] | None) -> Select:
     """Attempts that held a GPU at some time in [since, until): claimed before until, and not ended
-    before since (or still running, where since is past: a running attempt holds no GPU in the future).
-    None: of every team."""
-    running = JobAttempt.ended_at.is_(None) if since < utcnow() else false()
+    before since (or still running, where since is before `now`, the database's clock: a running attempt
+    holds no GPU in the future). None: of every team."""
+    running = JobAttempt.ended_at.is_(None) if since < now else false()
     query = query.where(JobAttempt.claimed_at < until, or_(running, JobAttempt.ended_at >= since))
     if team_ids is not None:
         query = query.where(JobAttempt.team_id.in_(team_ids))
@@ -42,11 +42,11 @@ def month_start(now: datetime) -> datetime:
     return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def attempts_overlapping(session: Session, since: datetime, until: datetime,
+def attempts_overlapping(session: Session, since: datetime, until: datetime, now: datetime,
                          team_ids: Collection[str] | None = None) -> list[JobAttempt]:
     """Attempts that held a GPU at some time in [since, until): claimed before until, and not ended
     before since (or still running). None: of every team."""
-    return list(session.scalars(_overlapping(select(JobAttempt), since, until, team_ids)))
+    return list(session.scalars(_overlapping(select(JobAttempt), since, until, now, team_ids)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +72,12 @@ class AttemptSpan:
         return max(self.job_trained_tokens - self.tokens_at_claim, 0)
 
 
-def attempt_spans(session: Session, since: datetime, until: datetime,
+def attempt_spans(session: Session, since: datetime, until: datetime, now: datetime,
                   team_ids: Collection[str] | None = None) -> list[AttemptSpan]:
     """attempts_overlapping, with their jobs' names, states and token counts, in one query."""
     query = _overlapping(select(JobAttempt.job_id, JobAttempt.team_id, JobAttempt.claimed_at, JobAttempt.ended_at,
                                 JobAttempt.trained_tokens, JobAttempt.tokens_at_claim, Job.name, Job.status,
-                                Job.trained_tokens).join(Job, Job.id == JobAttempt.job_id), since, until, team_ids)
+                                Job.trained_tokens).join(Job, Job.id == JobAttempt.job_id), since, until, now, team_ids)
     return [AttemptSpan(job_id, team_id, claimed_at, ended_at, trained or 0, at_claim or 0, name or "", status,
                         job_trained or 0)
             for job_id, team_id, claimed_at, ended_at, trained, at_claim, name, status, job_trained
@@ -93,9 +93,10 @@ def overlap_s(attempt: Span, since: datetime, until: datetime, now: datetime) ->
 
 def gpu_seconds_by_team(session: Session, since: datetime, until: datetime, now: datetime,
                         team_ids: Collection[str] | None = None) -> dict[str, float]:
-    """GPU-seconds each team's attempts held in [since, until) (teams with none are absent)."""
+    """GPU-seconds each team's attempts held in [since, until) (teams with none are absent); a running one
+    counts up to `now`, which must be the database's clock (app.db.database_now), as claimed_at is."""
     used: dict[str, float] = {}
-    for attempt in attempts_overlapping(session, since, until, team_ids):
+    for attempt in attempts_overlapping(session, since, until, now, team_ids):
         used[attempt.team_id] = used.get(attempt.team_id, 0.0) + overlap_s(attempt, since, until, now)
     return used
 

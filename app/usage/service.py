@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import database_now
 from app.errors import Forbidden, Invalid, field_errors
 from app.teams import repository as teams
 from app.teams.service import Caller
@@ -75,12 +75,12 @@ def report(session: Session, caller: Caller, from_: str | None, to: str | None, 
     if all_teams and not caller.is_admin:
         raise Forbidden("all_teams=true needs an admin key (qlora admin create-key TEAM --admin); "
                         "without it, /usage answers for your own team")
-    now = now or utcnow()
+    now = now or database_now(session)  # the attempts' clock: a running one counts up to now
     span = window(from_, to, now)
     names = {team.id: team.name for team in teams.list_teams(session)} if all_teams else {caller.team_id: caller.team_name}
     scope = None if all_teams else [caller.team_id]
     tallies = {team_id: _TeamTally() for team_id in names}
-    for attempt in repository.attempt_spans(session, span.since, span.until, scope):
+    for attempt in repository.attempt_spans(session, span.since, span.until, now, scope):
         tallies.setdefault(attempt.team_id, _TeamTally()).add(attempt, span, now)
     stored = repository.storage_bytes_by_team(session, scope)
     used = [tally.usage(names.get(team_id, team_id), stored.get(team_id, 0)) for team_id, tally in tallies.items()]

@@ -22,7 +22,7 @@ from tests.fast.conftest import make_settings
 
 def health(settings, queue: str = "gpu-default") -> QueueHealth:
     with session_scope(settings.database_url) as session:
-        return {q.queue: q for q in queue_health(session, settings, utcnow())}[queue]
+        return {q.queue: q for q in queue_health(session, settings)}[queue]
 
 
 def say_up(settings, name: str, queue: str = "gpu-default", ago_s: float = 0) -> None:
@@ -105,7 +105,7 @@ def test_a_worker_silent_for_a_week_is_forgotten_by_the_reapers_pass(settings, t
     counts = housekeeping(settings, LocalStorage(tmp_path / "objects"))
     assert counts["workers_forgotten"] == 1
     with session_scope(settings.database_url) as session:
-        queues = {q.queue: q for q in queue_health(session, settings, utcnow())}
+        queues = {q.queue: q for q in queue_health(session, settings)}
     assert "gpu-old" not in queues
     assert (queues["gpu-default"].workers_alive, queues["gpu-default"].last_seen.name) == (1, "host:gpu0")
     with session_scope(settings.database_url) as session:

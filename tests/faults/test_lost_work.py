@@ -12,7 +12,7 @@ import boto3
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from app.db import FAULT_CLOCK_SKEW, session_scope, utcnow
+from app.db import FAULT_CLOCK_SKEW, session_scope
 from app.jobs.tables import Artifact, Checkpoint
 from app.operations import workers
 from app.operations.service import QueueHealth, queue_health
@@ -112,7 +112,7 @@ def test_an_idle_worker_whose_clock_runs_behind_counts_as_alive(faulty, fault_re
 
     def heard() -> QueueHealth | None:
         with session_scope(faulty.settings.database_url) as session:
-            health = {q.queue: q for q in queue_health(session, faulty.settings, utcnow())}.get(queue)
+            health = {q.queue: q for q in queue_health(session, faulty.settings)}.get(queue)
         return health if health is not None and health.last_seen is not None else None
 
     try:

@@ -1,0 +1,101 @@
+"""What an API process writes and shows of a job's times is on the database's clock, as the workers' claims,
+heartbeats and ends are: on real Postgres (SQLite's clock is its one host's), with the API in a process of its own
+whose clock runs two hours ahead (QLORA_FAULT_CLOCK_SKEW_S, app/db.py). Read against its own clock, a running
+attempt claimed a moment ago showed two hours of GPU time in GET /usage, GET /quota and the admin's team list; a
+cancel dated the job's end two hours on; a preempted job requeued by a worker waited from its host's clock; and
+/metrics moved its mark of tallied finished jobs past the jobs finishing, leaving them out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.db import FAULT_CLOCK_SKEW, database_now, session_scope
+from app.jobs import repository, states
+from app.jobs.tables import Job
+from app.operations.service import SETTLE_S
+from app.teams.service import create_team
+from app.usage import ledger
+from tests.deployment import stored_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SKEW_S = 2 * SETTLE_S  # past /metrics' settling too: its mark is SETTLE_S behind the clock it reads
+
+# Run in an API process whose clock is SKEW_S ahead: what /usage, /quota, GET /admin/teams, POST /jobs/{id}/cancel
+# and /metrics do, and a worker's requeue of a preempted job.
+API = """
+import json, re, sys
+from sqlalchemy import update
+from app.config import Settings
+from app.db import database_now, session_scope
+from app.jobs import runs, service as jobs, states
+from app.jobs.tables import Job
+from app.operations.service import FinishedJobs, prometheus_text
+from app.quotas.service import show_own
+from app.teams.admin import list_teams
+from app.teams.service import Caller
+from app.usage.service import report
+url, home, team_id, running_id, queued_id, preempted_id, finishing_id = sys.argv[1:]
+settings = Settings(home=home, database_url=url, storage_url=f"file://{home}/storage", broker_url="")
+caller = Caller(team_id=team_id, team_name="skewed", key_id="k", is_admin=True)
+out = {}
+with session_scope(url) as s:
+    out["usage_s"] = report(s, caller, None, None).teams[0].gpu_seconds
+    out["quota_h"] = show_own(s, settings, team_id).use.gpu_hours_this_month
+    out["admin_h"] = [t.gpu_hours_this_month for t in list_teams(s) if t.id == team_id][0]
+with session_scope(url) as s:
+    jobs.cancel(s, caller, queued_id)
+with session_scope(url) as s:
+    assert runs.requeue_if_preempted(s, preempted_id, 1)
+finished = FinishedJobs()
+with session_scope(url) as s:
+    prometheus_text(s, finished, settings)  # the first scrape sets the mark
+with session_scope(url) as s:  # a worker ends a job, on the database's clock (runs.finish)
+    s.execute(update(Job).where(Job.id == finishing_id).values(status=states.SUCCEEDED, finished_at=database_now(s)))
+with session_scope(url) as s:
+    text = prometheus_text(s, finished, settings)
+out["succeeded"] = int(re.search(r'^qlora_jobs\\{status="succeeded"\\} (\\d+)', text, re.M).group(1))
+print(json.dumps(out))
+"""
+
+
+def test_an_api_host_whose_clock_runs_ahead_charges_and_dates_on_the_databases_clock(database_url, tmp_path):
+    with session_scope(database_url) as session:
+        team = create_team(session, "skewed")
+        spec = stored_spec()
+        running, queued, finishing = (Job(team_id=team.id, status=states.QUEUED, base_model="tiny", queue="gpu-default",
+                                          spec=spec) for _ in range(3))
+        preempted = Job(team_id=team.id, status=states.PAUSED, preempting=True, attempt=1, base_model="tiny",
+                        queue="gpu-default", spec=spec)
+        session.add_all([running, queued, finishing, preempted])
+        session.flush()
+        for job in (running, finishing):
+            assert repository.claim(session, job.id, "w1", database_now(session)) == 1
+        session.refresh(running)
+        ledger.start(session, running, running.claimed_at)  # as runs.claim opens the attempt
+        ids = [team.id, running.id, queued.id, preempted.id, finishing.id]
+
+    env = {**os.environ, FAULT_CLOCK_SKEW: str(SKEW_S), "QLORA_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", API, database_url, str(tmp_path), *ids],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+
+    with session_scope(database_url) as session:
+        now = database_now(session)
+        times = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids[1:])))}
+        cancelled, requeued = times[ids[2]], times[ids[3]]
+        ages = {"finished_at": (now - cancelled.finished_at).total_seconds(),
+                "queued_at": (now - requeued.queued_at).total_seconds()}
+    report = json.dumps({**seen, **ages})
+    # The attempt has run the subprocess's start, seconds: not the two hours the API's clock is ahead.
+    assert 0 <= seen["usage_s"] < 600, report
+    assert seen["quota_h"] < 600 / 3600 and seen["admin_h"] < 600 / 3600, report
+    assert cancelled.status == states.CANCELLED and 0 <= ages["finished_at"] < 600, report
+    assert requeued.status == states.QUEUED and 0 <= ages["queued_at"] < 600, report
+    assert seen["succeeded"] == 1, report
