@@ -40,7 +40,7 @@ def bootstrap_embedded(settings: Settings, announce: Callable[[str], object],
             if not (path / "config.json").exists():
                 announce(f"building the tiny demo model in {path} (a few seconds, nothing is downloaded)")
                 build_demo_model(path)
-            models_service.add_model(session, DEMO_MODEL, path=str(path),
+            models_service.add_model(session, DEMO_MODEL, path=str(path), roots=[settings.home / "models"],
                                      description="a ~4M-parameter Llama-architecture model built offline, for trying things out")
 
 

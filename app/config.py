@@ -8,6 +8,7 @@ server at all. Production points the same settings at Postgres, Redis and an S3-
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +126,10 @@ class Settings(BaseSettings):
     # not checked there. A job asking for a class that is in neither list (nor the default) is refused:
     # it would wait forever on a queue no worker listens to.
     extra_gpu_classes: list[str] = Field(default_factory=list)
+    # Where base models may be registered from (POST /models, `qlora admin add-model --path`), e.g. ["/models"]:
+    # a model's path must be a directory under one of these, on every host. Without it: <home>/models, the
+    # service's own (where the demo model is built). An admin key may then name no other file of a host.
+    model_roots: list[Path] = Field(default_factory=list)
     # Operator ceilings on what a spec may ask for, checked when a job is created (none: the spec's own
     # ranges). A longer sequence or a larger micro-batch needs more GPU memory than admission may know
     # of (a class without its memory configured, a model without config.json); more steps hold a GPU longer.
@@ -209,7 +214,7 @@ class Settings(BaseSettings):
     # message) once it has waited this long without a claim.
     preempt_after_wait_s: float = Field(30.0, ge=0)
 
-    @field_validator("extra_gpu_classes", mode="before")
+    @field_validator("extra_gpu_classes", "model_roots", mode="before")
     @classmethod
     def _json_list(cls, value: Any) -> Any:
         # The environment's JSON is decoded by pydantic-settings; Settings(extra_gpu_classes='["a"]'),
@@ -252,12 +257,21 @@ class Settings(BaseSettings):
                              f"(postgres:// and postgresql:// are read as the latter), got {scheme[:40]!r}")
         if not self.storage_url.startswith(("file://", "s3://")):
             raise ValueError(f"QLORA_STORAGE_URL must start with file:// or s3://, got {self.storage_url!r}")
+        relative = [str(root) for root in self.model_roots if not root.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"QLORA_MODEL_ROOTS must be absolute directories; {relative[0][:200]!r} is not")
+        self.model_roots = [Path(os.path.normpath(root.expanduser())) for root in self.model_roots]
         if self.default_gpu_class not in self.served_gpu_classes:
             raise ValueError(
                 f"QLORA_DEFAULT_GPU_CLASS {self.default_gpu_class!r} is not one of the GPU classes workers serve "
                 f"({', '.join(self.served_gpu_classes)}): jobs that name no class would wait on a queue no worker "
                 "listens to; set it to one of them, or add it to QLORA_EXTRA_GPU_CLASSES")
         return self
+
+    @property
+    def allowed_model_roots(self) -> list[Path]:
+        """QLORA_MODEL_ROOTS, or the service's own <home>/models where none are given."""
+        return self.model_roots or [self.home / "models"]
 
     @property
     def served_gpu_classes(self) -> list[str]:

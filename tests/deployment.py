@@ -92,7 +92,7 @@ class Deployment:
 
     def register_model(self, name: str, path: Path) -> None:
         with session_scope(self.settings.database_url) as session:
-            models_service.add_model(session, name, path=str(path))
+            models_service.add_model(session, name, path=str(path), roots=self.settings.allowed_model_roots)
 
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -117,6 +117,8 @@ def start_deployment(home: Path, s3_endpoint: str, model_dir: Path, **settings: 
         "QLORA_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
         "QLORA_SUPERVISE_INTERVAL_S": "0.5",
         "QLORA_CANCEL_GRACE_S": "60",
+        # The test run's temporary tree, where the tiny model and the models tests make are (tmp_path)
+        "QLORA_MODEL_ROOTS": json.dumps([os.path.commonpath([home, model_dir])]),
         **{f"QLORA_{k.upper()}": str(v) for k, v in settings.items()},
     }
     d = Deployment(env, home)

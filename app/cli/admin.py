@@ -11,6 +11,7 @@ A refused change, or a database that cannot be used, prints one line on stderr a
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -263,13 +264,17 @@ def add_model(
 
     A --path this host cannot read is registered all the same (workers resolve it on their own hosts),
     with a warning: without its config.json here, jobs on it get no memory check and no preflight."""
+    from app.config import get_settings
     from app.models import service
     from app.models.schemas import ModelOut
 
-    resolved = path.expanduser().resolve() if path else None
+    # Absolute, but not resolved: a link under a model root is checked for where it leads (service.model_path),
+    # and the name under the root is what the workers' hosts have.
+    resolved = Path(os.path.abspath(path.expanduser())) if path else None
+    roots = get_settings().allowed_model_roots
     model = _admin_call(lambda s: ModelOut.model_validate(
-        service.add_model(s, name, path=str(resolved) if resolved else None, hub_id=hub_id, revision=revision,
-                          description=description)))
+        service.add_model(s, name, roots=roots, path=str(resolved) if resolved else None, hub_id=hub_id,
+                          revision=revision, description=description)))
     if resolved is not None and model.config is None:
         err.print(f"[yellow]warning:[/yellow] {escape(str(resolved / 'config.json'))} is not readable on this host: "
                   "the model is registered, but jobs on it will not have their memory checked and `qlora jobs "

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import AdminDep, CallerDep, SessionDep
+from app.deps import AdminDep, CallerDep, SessionDep, SettingsDep
 from app.models import service
 from app.models.schemas import ModelIn, ModelOut
 from app.routing import CheckedJSONRoute
@@ -16,8 +16,8 @@ def list_models(session: SessionDep, _: CallerDep):
 
 
 @router.post("", response_model=ModelOut, status_code=201)
-def add_model(body: ModelIn, session: SessionDep, _: AdminDep):
-    return service.add_model(session, **body.model_dump())
+def add_model(body: ModelIn, session: SessionDep, settings: SettingsDep, _: AdminDep):
+    return service.add_model(session, roots=settings.allowed_model_roots, **body.model_dump())
 
 
 @router.delete("/{name:path}", status_code=204)

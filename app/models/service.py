@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -18,25 +20,23 @@ from worker.training.spec import excerpt
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
 
 
-def add_model(session: Session, name: str, *, path: str | None = None, hub_id: str | None = None,
+def add_model(session: Session, name: str, *, roots: Sequence[Path], path: str | None = None, hub_id: str | None = None,
               revision: str | None = None, description: str = "", config: dict | None = None) -> RegisteredModel:
-    """Register a base model. Its config.json is read from `path` when this host can see it (or
-    given as `config`): the API estimates jobs' memory from it."""
+    """Register a base model. A `path` must be a directory under one of `roots` (Settings.allowed_model_roots:
+    model_path). Its config.json is read from `path` when this host can see it (or given as `config`): the API
+    estimates jobs' memory from it."""
     if not _NAME.match(name):
         raise Invalid(f"model name {excerpt(name)}: 1-200 letters, digits and _ . : / -",
                       details=field_errors([("name", "1-200 letters, digits and _ . : / -")]))
     if (path is None) == (hub_id is None):
         raise Invalid("give exactly one of path (a directory of safetensors weights) or hub_id (with revision)")
     if path is not None:
-        directory = Path(path).expanduser()
-        if not directory.is_absolute():
-            raise Invalid(f"path {path!r} must be absolute: workers resolve it on their own hosts")
-        path = str(directory)
+        path = model_path(path, roots)
     if hub_id is not None and not revision:
         raise Invalid("a hub model needs a revision (a commit hash or tag), so every job trains the same weights")
     if repository.by_name(session, name):
         raise Conflict(f"a model named {name!r} is already registered")
-    if config is None and path is not None and (Path(path) / "config.json").is_file():
+    if config is None and path is not None and (Path(path) / "config.json").is_file():  # this host sees it
         config = _read_config(Path(path) / "config.json")
     if config is not None:
         try:
@@ -51,6 +51,37 @@ def add_model(session: Session, name: str, *, path: str | None = None, hub_id: s
     except IntegrityError:  # registered meanwhile by a request that passed the check above at the same time
         raise Conflict(f"a model named {name!r} is already registered") from None
     return model
+
+
+def model_path(path: str, roots: Sequence[Path]) -> str:
+    """`path`, normalized, if it may be registered as a model: a directory under one of `roots`
+    (QLORA_MODEL_ROOTS), else Invalid naming the field and the roots. Without the rule an admin key registered
+    any directory of the API host (/etc, another service's home) and GET /models served its config.json to every
+    team, and workers loaded weights from wherever it said. Where this host sees the path it must be what it
+    claims, by what it is and not what it is called: no symbolic link out of the roots, a directory, a
+    config.json in it. Where it does not (scale-out: models on the worker hosts only) the name alone is checked,
+    and workers resolve it on their own hosts."""
+    allowed = ", ".join(str(root) for root in roots)
+
+    def refuse(why: str) -> Invalid:
+        return Invalid(f"path: {excerpt(path)} {why}; a model's path must be a directory under a model root: {allowed} "
+                       "(QLORA_MODEL_ROOTS)", details=field_errors([("path", f"{why}; allowed: a directory under {allowed}")]))
+
+    given = Path(path).expanduser()
+    if not given.is_absolute():
+        raise refuse("is not absolute (workers resolve it on their own hosts)")
+    normal = Path(os.path.normpath(given))  # /models/../etc is /etc
+    if not any(normal != root and normal.is_relative_to(root) for root in roots):
+        raise refuse("is not under a model root")
+    if os.path.lexists(normal):
+        real = Path(os.path.realpath(normal))
+        if not any(real != Path(os.path.realpath(root)) and real.is_relative_to(Path(os.path.realpath(root))) for root in roots):
+            raise refuse("leads out of the model roots through a symbolic link")
+        if not real.is_dir():
+            raise refuse("is not a directory")
+        if not (real / "config.json").is_file():
+            raise refuse("has no config.json (a Hugging Face model directory of safetensors weights has one)")
+    return str(normal)
 
 
 def _read_config(file: Path) -> dict:

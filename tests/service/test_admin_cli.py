@@ -58,8 +58,13 @@ def test_admin_commands_manage_teams_keys_and_models(tmp_path, tiny_model_dir):
         except Unauthorized:
             pass
 
-    added = qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir))
-    assert added.returncode == 0 and "warning" not in added.stderr
+    # Only under a model root: the service's own <home>/models by default, which the tiny model is not under.
+    outside = qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir))
+    assert outside.returncode == 1 and "is not under a model root" in outside.stderr, outside.stderr
+    assert str(tmp_path / "models") in " ".join(outside.stderr.split())
+    roots = {"QLORA_MODEL_ROOTS": json.dumps([str(tiny_model_dir.parent)])}
+    added = qlora(tmp_path, "admin", "add-model", "tiny", "--path", str(tiny_model_dir), env=roots)
+    assert added.returncode == 0 and "warning" not in added.stderr, added.stderr
     assert json.loads(added.stdout)["name"] == "tiny" and json.loads(added.stdout)["config"]["model_type"] == "llama"
     assert [m["name"] for m in json.loads(qlora(tmp_path, "admin", "list-models").stdout)] == ["tiny"]
     no_revision = qlora(tmp_path, "admin", "add-model", "hubbed", "--hub-id", "org/model")
@@ -121,7 +126,7 @@ def test_keys_by_prefix_and_models_a_host_cannot_read(tmp_path):
     assert listed[keys[0]["id"]] is not None and listed[keys[1]["id"]] is None
 
     # Workers resolve a path on their own hosts: registered, with a warning of what this host cannot do.
-    elsewhere = qlora(tmp_path, "admin", "add-model", "elsewhere", "--path", str(tmp_path / "nonexistent"))
+    elsewhere = qlora(tmp_path, "admin", "add-model", "elsewhere", "--path", str(tmp_path / "models" / "nonexistent"))
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert "warning" in elsewhere.stderr and "config.json is not readable on this host" in elsewhere.stderr
     assert "memory checked" in elsewhere.stderr and json.loads(elsewhere.stdout)["config"] is None

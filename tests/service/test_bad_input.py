@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import tempfile
 import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import unquote
 
 import boto3
@@ -581,6 +584,45 @@ def test_registering_a_model_whose_config_is_not_json_or_whose_name_races_is_a_4
             "name": name, "hub_id": "org/raced", "revision": "v1"}).status_code, range(6)))
     assert sorted(answers) == [201] + [409] * 5, answers  # some were 500 (the unique index's violation)
     assert admin.delete(f"/models/{name}").status_code == 204
+
+
+def test_a_model_path_must_be_a_model_directory_under_a_model_root(deployment, tiny_model_dir, tmp_path):
+    """POST /models registered any directory of the API host (its config.json served to every team by GET /models,
+    its files loaded by workers): only a directory with a config.json under QLORA_MODEL_ROOTS is, by where it
+    leads and not only what it is called. The deployment's root is the test run's temporary tree."""
+    admin = deployment.client(deployment.team_key("registry-admins", admin=True))
+    (root,) = deployment.settings.allowed_model_roots
+    outside = Path(tempfile.mkdtemp(prefix="qlora-outside-"))  # /tmp itself, not under the root
+    try:
+        shutil.copy(tiny_model_dir / "config.json", outside / "config.json")
+        (tmp_path / "escape").symlink_to(outside)
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "a-file").write_text("{}")
+        up = "/".join([".."] * len(tmp_path.relative_to("/").parts))  # to / from tmp_path, lexically
+        refused = {"/etc": "is not under a model root",
+                   f"{tmp_path}/{up}{outside}": "is not under a model root",
+                   str(outside): "is not under a model root",
+                   str(tmp_path / "escape"): "leads out of the model roots through a symbolic link",
+                   str(tmp_path / "empty"): "has no config.json",
+                   str(tmp_path / "a-file"): "is not a directory",
+                   "relative/dir": "is not absolute"}
+        for path, why in refused.items():
+            response = admin.post("/models", json={"name": "refused", "path": path})
+            assert response.status_code == 422, (path, response.text)  # all 201 before, /etc included
+            (detail,) = response.json()["error"]["details"]
+            assert detail["field"] == "path" and detail["message"].startswith(why), (path, detail)
+            assert str(root) in detail["message"] and str(root) in response.json()["error"]["message"]
+        assert "refused" not in {m["name"] for m in admin.get("/models").json()}
+        shutil.copytree(tiny_model_dir, tmp_path / "inside")
+        through_a_link = tmp_path / "linked"
+        through_a_link.symlink_to(tmp_path / "inside")  # a link that stays under the root is fine
+        for name, path in [("inside", tmp_path / "inside"), ("linked", through_a_link)]:
+            created = admin.post("/models", json={"name": f"rooted-{name}", "path": str(path)})
+            assert created.status_code == 201, created.text
+            assert created.json()["path"] == str(path) and created.json()["config"]["model_type"] == "llama"
+            assert admin.delete(f"/models/rooted-{name}").status_code == 204
+    finally:
+        shutil.rmtree(outside)
 
 
 def test_a_job_request_without_a_body_names_the_body(team_a, unchanged):
