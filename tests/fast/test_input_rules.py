@@ -353,3 +353,37 @@ def test_true_or_false_where_a_number_goes_is_refused_naming_the_field(section, 
     spec = {"base_model": "tiny", "training": {"max_steps": 10, "gradient_checkpointing": value, "packing": value},
             "lora": {"use_rslora": value}, "quantization": {"double_quant": value}, "output": {"merge": value}}
     assert JobSpec.parse(spec).lora.use_rslora is value
+
+
+@pytest.mark.parametrize(("training", "hyperparameters", "field", "says"), [
+    ({"epochs": 1e-300}, {}, "training.epochs", "allowed: [0.01, 100], or set training.max_steps"),
+    ({"epochs": 0.009}, {}, "training.epochs", "allowed: [0.01, 100], or set training.max_steps"),
+    ({"max_steps": 10, "learning_rate": 1e-300}, {}, "training.learning_rate", "allowed: [1e-07, 1]"),
+    ({}, {"n_epochs": 1, "learning_rate_multiplier": 1e-300}, "training.learning_rate", "allowed: [1e-07, 1]"),
+])
+def test_a_value_in_range_but_too_small_to_mean_anything_is_refused_on_both_routes(client, training, hyperparameters,
+                                                                                      field, says):
+    """epochs 1e-300 was inside (0, 100] and trained one step, whatever the data (the step count is rounded up); a
+    learning rate of 1e-300 held a GPU to move the adapter by nothing. POST /jobs and the OpenAI route refuse them
+    alike, through the one spec validation, naming the field and the range."""
+    if not hyperparameters:
+        native = client.post("/jobs", json={"dataset_id": "d" * 32, "base_model": "tiny", "training": training})
+        assert native.status_code == 422, native.text
+        (detail,) = native.json()["error"]["details"]
+        assert detail["field"] == field and says in detail["message"], detail
+    openai = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-" + "d" * 32,
+                                                        "hyperparameters": hyperparameters, "training": training})
+    assert openai.status_code == 400, openai.text
+    error = openai.json()["error"]
+    assert says in error["message"], error
+    assert error["param"] == {"training.epochs": "hyperparameters.n_epochs",
+                              "training.learning_rate": "hyperparameters.learning_rate_multiplier"}[field]
+    assert client.get("/jobs").json()["data"] == []
+
+
+def test_a_stored_spec_from_before_the_minimums_still_runs():
+    """A job queued across the upgrade with epochs 1e-300 resumes as it was accepted, not failed as invalid."""
+    stored = {"base_model": "tiny", "training": {"epochs": 1e-300, "learning_rate": 1e-300}}
+    assert JobSpec.parse(stored, stored=True).training.epochs == 1e-300
+    with pytest.raises(SpecError):
+        JobSpec.parse(stored)

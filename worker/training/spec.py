@@ -131,6 +131,12 @@ class LoraSpec(_Strict):
 
 
 MAX_ACCUMULATION = 4096  # training.gradient_accumulation_steps
+# The least a new request may ask for. Smaller values were in range (> 0) and did nothing sensible: epochs 1e-300
+# trained one optimizer step, whatever the data, as ceil(epochs x steps per epoch) is at least 1; a learning rate of
+# 1e-300 held a GPU for the whole run and moved the adapter by nothing. A hundredth of the data is the least an
+# epoch count means (for a few steps, max_steps says so); 1e-7 is below the smallest rate published for DPO (5e-7).
+MIN_EPOCHS = 0.01
+MIN_LEARNING_RATE = 1e-7
 
 
 class TrainingSpec(_Strict):
@@ -198,11 +204,20 @@ class TrainingSpec(_Strict):
     early_stopping: int | None = Field(None, ge=1, le=1000)
 
     @model_validator(mode="after")
-    def _one_stopping_rule(self) -> TrainingSpec:
+    def _one_stopping_rule(self, info: ValidationInfo) -> TrainingSpec:
         if self.epochs is None and self.max_steps is None:
-            raise ValueError("epochs / max_steps: set one of them (epochs in (0, 100], max_steps in [1, 10000000])")
+            raise ValueError(f"epochs / max_steps: set one of them (epochs in [{MIN_EPOCHS:g}, 100], max_steps in "
+                             "[1, 10000000])")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("epochs / max_steps: set only one of them, not both")
+        if not (info.context or {}).get("stored"):  # a job accepted before these minimums runs as it was accepted
+            if self.epochs is not None and self.epochs < MIN_EPOCHS:
+                raise ValueError(f"epochs: {self.epochs:g} is below the least an epoch count means, {MIN_EPOCHS:g} (a "
+                                 f"hundredth of the data; less trains one step, whatever the data); allowed: "
+                                 f"[{MIN_EPOCHS:g}, 100], or set training.max_steps instead for a number of steps")
+            if self.learning_rate < MIN_LEARNING_RATE:
+                raise ValueError(f"learning_rate: {self.learning_rate:g} is below {MIN_LEARNING_RATE:g}, too small to "
+                                 f"move the adapter; allowed: [{MIN_LEARNING_RATE:g}, 1]")
         if self.activation_offload is True and not self.gradient_checkpointing:
             raise ValueError("activation_offload: true offloads what gradient checkpointing keeps; "
                              "set gradient_checkpointing true, or activation_offload \"auto\" or false")
