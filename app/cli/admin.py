@@ -32,6 +32,7 @@ from app.cli.render import (
     print_next_page,
     print_table,
     print_team_list,
+    read_pages,
     show,
 )
 from app.text import counted
@@ -130,12 +131,11 @@ def list_jobs(
     from app.teams import admin
 
     def read(session) -> tuple[list[dict], str | None]:
-        found = admin.jobs_of_team(session, team, status, cursor, limit)
-        jobs = json.loads(job_page_json(found.data, None))["data"]
-        while every and found.next_cursor:
-            found = admin.jobs_of_team(session, team, status, found.next_cursor, limit)
-            jobs += json.loads(job_page_json(found.data, None))["data"]
-        return jobs, found.next_cursor
+        def one(at: str | None) -> tuple[list[dict], str | None]:
+            found = admin.jobs_of_team(session, team, status, at, limit)
+            return json.loads(job_page_json(found.data, None))["data"], found.next_cursor
+
+        return read_pages(one, cursor, every)
 
     jobs, next_cursor = _admin_call(read)
     show(jobs, lambda: print_job_list(jobs), as_json)

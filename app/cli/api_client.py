@@ -216,8 +216,10 @@ class ApiClient:
 
         return self._once(send, tries=tries, backoff_s=backoff_s, again=again, key=idempotency_key, expect=dict)
 
-    def list_datasets(self, limit: int = 50) -> list[dict]:
-        return self._page("/datasets", {"limit": limit})
+    def list_datasets(self, limit: int = 50, cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of the team's datasets, newest first, starting after `cursor`: (the datasets, the cursor of
+        the next page, None on the last)."""
+        return self._cursor_page("/datasets", {"limit": limit} | ({"cursor": cursor} if cursor else {}))
 
     def get_dataset(self, dataset_id: str) -> dict:
         return self._json("GET", f"/datasets/{_id(dataset_id, 'dataset id')}", expect=dict)
@@ -418,10 +420,6 @@ class ApiClient:
         if not response.content and expect is not None:
             raise UnexpectedAnswer(self.last_answered, "it is empty")
         return _decoded(response, expect) if response.content else None
-
-    def _page(self, path: str, params: dict) -> list[dict]:
-        """A list endpoint's first page: its {"data": [...]}."""
-        return self._cursor_page(path, params)[0]
 
     def _cursor_page(self, path: str, params: dict) -> tuple[list[dict], str | None]:
         """A list endpoint's page: its {"data": [...]} and its "next_cursor" (None on the last page)."""

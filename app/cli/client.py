@@ -44,6 +44,7 @@ from app.cli.render import (
     print_usage,
     printable,
     queue_position,
+    read_pages,
     reward_line,
     show,
     sparkline,
@@ -316,11 +317,21 @@ def datasets_upload(ctx: typer.Context, file: JsonlFile,
 
 
 @datasets_commands.command("list")
-def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
-                  as_json: JsonOption = None) -> None:
-    """List the team's datasets, newest first. On a pipe: a JSON array of them, each as the API answers it."""
+def datasets_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="At most this many (1-200), newest first; with --all, how many "
+                                            "each request reads.")] = 50,
+    cursor: Annotated[Optional[str], typer.Option(help="Start after the page that named this cursor (the previous "
+                                                       "list prints it when there are older datasets).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every dataset, older pages too (read --limit at a time).")] = False,
+    as_json: JsonOption = None,
+) -> None:
+    """List the team's datasets, newest first. On a pipe: a JSON array of them, each as the API answers it.
+
+    Where there are older datasets than the page shows, stderr names the cursor of the next page
+    (`--cursor CURSOR`); --all reads them all, page after page, into the one list (the JSON array on a pipe)."""
     with _api(ctx) as api:
-        rows = api.list_datasets(limit)
+        rows, next_cursor = read_pages(lambda at: api.list_datasets(limit, at), cursor, every)
 
     def table() -> None:
         table = Table(id_column(), name_column("filename"), status_column(), name_column("format"), number_column("rows"),
@@ -331,6 +342,8 @@ def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="A
         print_table(table, optional=("format", "created", "tokens"))
 
     show(rows, table, as_json)
+    if next_cursor:
+        print_next_page("datasets list", next_cursor, limit=limit)
 
 
 @datasets_commands.command("show")
@@ -456,10 +469,7 @@ def jobs_list(
     Where there are older jobs than the page shows, stderr names the cursor of the next page
     (`--cursor CURSOR`); --all reads them all, page after page, into the one list (the JSON array on a pipe)."""
     with _api(ctx) as api:
-        jobs, next_cursor = api.list_jobs(status, limit, cursor)
-        while every and next_cursor:
-            page, next_cursor = api.list_jobs(status, limit, next_cursor)
-            jobs += page
+        jobs, next_cursor = read_pages(lambda at: api.list_jobs(status, limit, at), cursor, every)
     show(jobs, lambda: print_job_list(jobs), as_json)
     if next_cursor:
         print_next_page("jobs list", next_cursor, status=status, limit=limit)

@@ -462,10 +462,22 @@ def event_line(event: dict):
                          f": {printable(event['message'])}" if event["message"] else "")
 
 
+def read_pages(read: Callable[[str | None], tuple[list[dict], str | None]], cursor: str | None,
+               every: bool) -> tuple[list[dict], str | None]:
+    """The page of a list that starts after `cursor` (`read` reads one: its rows and the next page's cursor), and
+    with `every` each page after it too, into the one list: (the rows, the cursor of the page after them, None when
+    nothing follows). What every paged list command (`jobs list`, `datasets list`, `admin list-jobs`) does."""
+    rows, next_cursor = read(cursor)
+    while every and next_cursor:
+        page, next_cursor = read(next_cursor)
+        rows += page
+    return rows, next_cursor
+
+
 def print_next_page(command: str, next_cursor: str, **options: Any) -> None:
     """After a page of a list with more after it, on stderr (a pipe's stdout keeps its JSON array): the command that
-    shows the next page. `jobs list` stopped at --limit (200 at most) with nothing saying there was more, nor a way
-    to reach it. `options`: the command's other options, to give again (None: not given)."""
+    shows the next page. `jobs list` and `datasets list` stopped at --limit (200 at most) with nothing saying there
+    was more, nor a way to reach it. `options`: the command's other options, to give again (None: not given)."""
     import shlex
 
     from rich.text import Text
