@@ -501,6 +501,39 @@ def test_a_run_grouped_by_length_resumed_in_its_second_epoch_continues_the_same_
     assert curve(tmp_path / "run") == curve(tmp_path / "straight")
 
 
+def test_a_grouped_run_begun_by_the_older_release_resumes_in_the_order_it_began_with(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A job paused (or preempted, or lost) by the release before EpochSeededLengthGroupedSampler resumes on this one
+    from a checkpoint whose first steps were trained in transformers' order (drawn from the global RNG, which that
+    release's resume in the first epoch drew again alike). Resumed in the epoch-seeded order, the one-epoch run
+    skipped by count the batches it had trained, of another order: some rows twice, others never (a loss of 5.07
+    against 5.05 at the first step after the resume). It keeps the order it began with, through a second pause too."""
+    from worker.training import recipe
+    rows = demo_rows(0, 40, distinct=True)
+    for i, row in enumerate(rows):  # lengths that differ, for the grouping to group
+        row["messages"][-1]["content"] += " It says it again." * (i % 7)
+    train = write_jsonl(rows, tmp_path / "train.jsonl")
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=None, epochs=1, save_steps=100, max_seq_length=128,
+                                    group_by_length=True))  # 5 steps, one epoch
+
+    with monkeypatch.context() as older_release:  # its sampler, and no file carried in its checkpoints
+        older_release.setattr(recipe.GuardedSFTTrainer, "_get_train_sampler",  # transformers' own
+                              lambda self, dataset=None: super(recipe.GuardedSFTTrainer, self)._get_train_sampler(dataset))
+        older_release.setattr(recipe.TrainerGuards, "_save_checkpoint",
+                              lambda self, model, trial: super(recipe.TrainerGuards, self)._save_checkpoint(model, trial))
+        assert run(spec, train, tmp_path / "run", pause=pause_after(2)).status == "paused"
+        run(spec, train, tmp_path / "straight")
+    assert not (tmp_path / "run" / "checkpoints" / "step-2" / recipe.LOSS_SINCE_LOG_FILE).exists()
+    assert run(spec, train, tmp_path / "run", resume=True, pause=pause_after(1)).status == "paused"  # at step 3
+    resumed = run(spec, train, tmp_path / "run", resume=True)
+    assert resumed.summary["steps"] == {"completed": 5, "planned": 5, "resumed_from": 3}
+
+    def curve(path):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert curve(tmp_path / "run") == curve(tmp_path / "straight")
+
+
 def test_the_first_point_logged_after_a_resume_is_the_uninterrupted_runs(tiny_model_dir, demo_data, tmp_path):
     """With logging_steps 5, step 10's train loss is the mean of steps 6 to 10. Resumed from a pause at step 7, it
     was the mean of steps 8 to 10 alone (2.908 against 3.134): the steps before the checkpoint since the last log

@@ -125,6 +125,7 @@ from worker.training.tokenization import (  # noqa: E402
 
 KEEP_CHECKPOINTS = 2  # the newest, plus one in case the newest was written just before a disk filled
 LOSS_SINCE_LOG_FILE = "loss_since_log.json"  # in each checkpoint: TrainerGuards._save_checkpoint
+EPOCH_SEEDED_ORDER = "epoch_seeded_order"  # in it: the run's group_by_length order is EpochSeededLengthGroupedSampler's
 
 
 class TrainingError(RuntimeError):
@@ -199,6 +200,11 @@ class TrainerGuards:
         self._cast_adapter()
         saved = Path(resume_from_checkpoint) / LOSS_SINCE_LOG_FILE  # absent from a checkpoint of an older release
         self._loss_since_log = json.loads(saved.read_text()) if saved.is_file() else None
+        # A run an older release began drew group_by_length's order from the global RNG, as transformers does: it
+        # goes on in that order (its checkpoints say so from here on), or the batches a resume skips by count would
+        # be another order's, and some rows trained twice in the epoch, others never. In its first epoch that order
+        # is drawn again alike; past it, no order is the one it trained, as before.
+        self._epoch_seeded_order = self._loss_since_log is not None and self._loss_since_log.get(EPOCH_SEEDED_ORDER, True)
 
     def _save_checkpoint(self, model, trial):
         # The summed loss of the steps since the last log, and that log's step: a resume starts them at zero and
@@ -206,7 +212,8 @@ class TrainerGuards:
         # another point than the uninterrupted run's. A float32 sum as a Python float is exact, so is the sum resumed.
         super()._save_checkpoint(model, trial)  # type: ignore[misc]
         staged = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        carried: dict[str, Any] = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
+        carried: dict[str, Any] = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged,
+                                   EPOCH_SEEDED_ORDER: self._epoch_seeded_order}
         # trl's own per-step values since the last log (DPO's rewards, margins, accuracies, log-probs), which its
         # log() averages: without them the first point a resumed run logged had the uninterrupted run's loss but
         # rewards averaged over the resumed steps alone.
@@ -246,6 +253,8 @@ class TrainerGuards:
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
 
     _loss_since_log: dict | None = None  # from the checkpoint a run resumes, until its first step
+    # group_by_length's order is EpochSeededLengthGroupedSampler's; False for a run an older release began
+    _epoch_seeded_order: bool = True
 
     # The attributes the trainers this mixes into have (for type checkers).
     _tr_loss: torch.Tensor
@@ -290,7 +299,7 @@ class GuardedSFTTrainer(TrainerGuards, SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):  # training.group_by_length
+        if isinstance(sampler, LengthGroupedSampler) and self._epoch_seeded_order:  # training.group_by_length
             return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)
         return sampler
 
