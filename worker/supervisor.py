@@ -25,6 +25,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -352,11 +353,18 @@ class JobRun:
         base model or dataset is gone, then waits for the next team's), or a dropped connection. Raised instead,
         the task failed with its message spent (acks on failure), and the GPU stood idle while jobs waited, until
         the scheduler sent the message again (QLORA_REDISPATCH_AFTER_S). Each try is its own transaction, rolled
-        back whole, so nothing of a failed try is left."""
+        back whole, so nothing of a failed try is left; but a commit whose connection dropped may have landed,
+        its answer lost: a try after a failed one first looks for the job its claim token took (runs.landed_claim)
+        and runs that one. Claimed anew, the worker ran a second job while the first stayed running, claimed by
+        a worker that never ran it, until the reaper's deadline."""
+        token = uuid.uuid4().hex  # this claim's, whichever try lands
         for tries_left in range(CLAIM_TRIES - 1, -1, -1):
             try:
                 with session_scope(self.db) as session:
-                    return claim_next(session, self.settings, self.job_id, self.worker)
+                    if tries_left < CLAIM_TRIES - 1 and (landed := runs.landed_claim(session, token)) is not None:
+                        log.info("the claim of job %s had landed before its connection dropped; running it", landed.id)
+                        return landed
+                    return claim_next(session, self.settings, self.job_id, self.worker, token)
             except DBAPIError as exc:
                 if not tries_left or not _passing(exc):
                     raise

@@ -133,16 +133,23 @@ def transition(session: Session, job_id: str, to: str, *, attempt: int | None = 
     return _rows_changed(session, query.values(status=to, **values)) == 1
 
 
-def claim(session: Session, job_id: str, worker: str, now) -> int | None:
-    """queued → running, taking the next attempt number. Returns it, or None if not claimable."""
+def claim(session: Session, job_id: str, worker: str, now, token: str | None = None) -> int | None:
+    """queued → running, taking the next attempt number, marked with the claim's `token` (landed_claim). Returns
+    the attempt, or None if not claimable."""
     changed = _rows_changed(session, update(Job)
                             .where(Job.id == job_id, Job.status == states.QUEUED)
-                            .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker,
+                            .values(status=states.RUNNING, attempt=Job.attempt + 1, worker=worker, claim_token=token,
                                     started_at=func.coalesce(Job.started_at, now), claimed_at=now, heartbeat_at=now,
                                     error=None, preempting=False, continuing=False))
     if changed != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def landed_claim(session: Session, token: str) -> Job | None:
+    """The job a claim marked `token` took, while that attempt still runs (a worker-owned state). Few jobs run at
+    once, so the status index finds it; only a claim tried again asks."""
+    return session.scalars(select(Job).where(Job.status.in_(states.WORKER_OWNED), Job.claim_token == token)).first()
 
 
 def preempt(session: Session, job_id: str, attempt: int, *, counted: bool = True) -> bool:

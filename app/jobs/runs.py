@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.datasets.tables import Dataset
 from app.db import database_now, utcnow
 from app.jobs import repository, states
-from app.jobs.tables import Job
+from app.jobs.tables import Checkpoint, Job
 from app.models import repository as models
 from app.usage import ledger
 from worker.training.protocol import (
@@ -62,9 +62,10 @@ class ClaimedJob:
     initial_job_id: str | None = None
 
 
-def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
-    """queued → running. None when the job is not queued (cancelled, or another worker has it)."""
-    attempt = repository.claim(session, job_id, worker, database_now(session))
+def claim(session: Session, job_id: str, worker: str, token: str | None = None) -> ClaimedJob | None:
+    """queued → running, marked with the claim's `token` (landed_claim). None when the job is not queued
+    (cancelled, or another worker has it)."""
+    attempt = repository.claim(session, job_id, worker, database_now(session), token)
     if attempt is None:
         return None
     job = repository.get_any_team(session, job_id)
@@ -72,11 +73,35 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     session.refresh(job)
     assert job.claimed_at is not None
     ledger.start(session, job, job.claimed_at)
+    repository.add_event(session, job.id, "claimed", message=f"{worker} took the job (attempt {attempt})",
+                         attempt=attempt, data={"worker": worker})
+    claimed = _to_run(session, job, attempt)
+    if claimed is not None and attempt > 1:
+        _plan_resume(session, claimed)
+    return claimed
+
+
+def landed_claim(session: Session, token: str) -> ClaimedJob | None:
+    """The job a claim marked `token` took, if that claim's commit landed and the attempt still runs: what a worker
+    whose claim met a dropped connection asks before it claims again, since the commit may have reached the
+    database and lost only its answer. Claimed anew instead, the worker took a second job while the first stayed
+    running, claimed by a worker that never ran it, until the reaper's deadline. What the claim wrote (its event,
+    the resume plan) landed with it, and is not written again."""
+    job = repository.landed_claim(session, token)
+    if job is None:
+        return None
+    claimed = _to_run(session, job, job.attempt)
+    if claimed is not None and job.attempt > 1:
+        _resume_point(session, claimed)
+    return claimed
+
+
+def _to_run(session: Session, job: Job, attempt: int) -> ClaimedJob | None:
+    """What the worker needs to run the claimed attempt; None, and the job failed saying why, when its base model,
+    its training dataset or its starting adapter is gone."""
     model = models.by_name(session, job.base_model)
     train = session.get(Dataset, job.dataset_id) if job.dataset_id else None
     validation = session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
-    repository.add_event(session, job.id, "claimed", message=f"{worker} took the job (attempt {attempt})",
-                         attempt=attempt, data={"worker": worker})
     # The starting adapter, read in the job's own team like every other read of a job.
     initial = repository.artifact(session, job.team_id, job.initial_job_id, INITIAL_ADAPTER) \
         if job.initial_job_id else None
@@ -92,7 +117,7 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
         finish(session, job.id, attempt, states.FAILED, error=f"cannot start: {missing}")
         return None
     assert model is not None and train is not None
-    claimed = ClaimedJob(
+    return ClaimedJob(
         id=job.id, team_id=job.team_id, queue=job.queue, attempt=attempt, spec=job.spec,
         base_model={"name": model.name, "path": model.path, "hub_id": model.hub_id, "revision": model.revision},
         train=ObjectRef(train.id, train.storage_key, train.sha256, train.bytes),
@@ -101,21 +126,23 @@ def claim(session: Session, job_id: str, worker: str) -> ClaimedJob | None:
         initial_adapter=ObjectRef(initial.id, initial.storage_key, initial.sha256, initial.bytes) if initial else None,
         initial_job_id=job.initial_job_id,
     )
-    if attempt > 1:
-        _plan_resume(session, claimed)
-    return claimed
+
+
+def _resume_point(session: Session, job: ClaimedJob) -> Checkpoint | None:
+    """Point `job` at the newest complete checkpoint (None: from step 0), and return it."""
+    saved = repository.checkpoints(session, job.id)
+    newest = saved[-1] if saved else None
+    job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256, newest.bytes) if newest else None
+    job.resume_step = newest.step if newest else 0
+    return newest
 
 
 def _plan_resume(session: Session, job: ClaimedJob, instead_of: str | None = None) -> None:
     """A later attempt continues from the newest complete checkpoint; what the lost attempt logged
     after it is deleted, so the curve has each step once, as the resumed run logs it again.
     `instead_of`: the newer checkpoint it could not use, and why (checkpoint_unusable)."""
-    saved = repository.checkpoints(session, job.id)
-    job.resume_from, job.resume_step = None, 0
-    if saved:
-        newest = saved[-1]
-        job.resume_from = ObjectRef(newest.id, newest.storage_key, newest.sha256, newest.bytes)
-        job.resume_step = newest.step
+    newest = _resume_point(session, job)
+    if newest is not None:
         message = f"attempt {job.attempt} resumes from the checkpoint at step {newest.step}"
         tokens = newest.tokens_seen
     elif instead_of is not None:

@@ -38,6 +38,9 @@ class Job(IdMixin, Base):
     # Workers lost so far (a pause and resume also takes a new attempt, but loses nothing).
     lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The token of the claim that took the current attempt, one per claim a worker makes: a claim tried again after
+    # its connection dropped finds by it the job its first try took, if that commit landed (runs.landed_claim).
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -74,7 +74,8 @@ def _waiting(session: Session, queue: str, rows: list[Row] | None = None) -> lis
             in (repository.waiting(session, queue) if rows is None else rows)]
 
 
-def claim_next(session: Session, settings: Settings, named_job_id: str, worker: str) -> ClaimedJob | None:
+def claim_next(session: Session, settings: Settings, named_job_id: str, worker: str,
+               token: str | None = None) -> ClaimedJob | None:
     """A worker took the message of `named_job_id`: claim the best queued job of that job's GPU class
     now (maybe another), or None when none may start (its message is then marked unsent, and the
     scheduler sends it again once the job may start).
@@ -84,6 +85,7 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
     nor more than its monthly budget lets start (TeamShare.blocked_by); a job another claim holds is skipped
     (SKIP LOCKED), and the claim itself is the compare-and-set it always was. A candidate passed over gives its
     team's row back at once (repository.Candidate): a claim holds at most one team's row while it waits for another.
+    The job claimed is marked with `token` (runs.landed_claim).
     """
     queue = repository.queue_of(session, named_job_id)
     if queue is None:
@@ -110,7 +112,7 @@ def claim_next(session: Session, settings: Settings, named_job_id: str, worker: 
             candidate.pass_over()
             continue
         candidate.take()
-        claimed = runs.claim(session, job.job_id, worker)
+        claimed = runs.claim(session, job.job_id, worker, token)
         if claimed is not None:
             if claimed.id != named_job_id:
                 log.info("the message named job %s; claimed %s, first in fair-share order", named_job_id, claimed.id)
