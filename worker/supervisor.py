@@ -14,6 +14,7 @@ it ends the attempt when the lease is lost or the job's time limit has passed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -500,8 +501,14 @@ class JobRun:
                 why = _gone_bad(exc)
                 log.warning("job %s: the checkpoint at step %s is unusable (%s); falling back", job.id,
                             job.resume_step, exc)
-                with session_scope(self.db) as session:
-                    dropped = runs.checkpoint_unusable(session, job, why)
+                def drop(session: Session, why: str = why) -> tuple[ClaimedJob, str]:
+                    # A copy per try: a try rolled back must leave the attempt's resume point as it was, or the
+                    # next try would drop the checkpoint before the bad one too.
+                    plan = dataclasses.replace(job)
+                    return plan, runs.checkpoint_unusable(session, plan, why)
+                plan, dropped = self._write_through_outage(f"the unusable checkpoint of job {job.id}", drop,
+                                                           check=watch.check)
+                job.resume_from, job.resume_step = plan.resume_from, plan.resume_step
                 delete_objects(self.storage, [dropped])  # its row is gone: a bad copy nobody will read again
 
     def _download(self, watch: AttemptWatch, what: str, ref: runs.ObjectRef, path: Path) -> None:
@@ -527,13 +534,15 @@ class JobRun:
         # Marked used before it is looked up, so a prune (app/jobs/quantized_cache.py) that has not deleted it
         # by now keeps it; one that has, the lookup misses. Only for the prune: a hit must not fail for it.
         try:
-            with session_scope(self.db) as session:
-                runs.mark_cached_base_used(session, key)
+            self._write_through_outage(f"the use of the cached quantized base {key}",
+                                       lambda session: runs.mark_cached_base_used(session, key), check=watch.check)
+        except ATTEMPT_ENDED:
+            raise
         except Exception:
             log.warning("could not record the use of the cached quantized base %s; loading it all the same", key,
                         exc_info=True)
-        with session_scope(self.db) as session:
-            cached = runs.cached_base(session, key)
+        cached = self._write_through_outage(f"the lookup of the cached quantized base {key}",
+                                            lambda session: runs.cached_base(session, key), check=watch.check)
         if cached is not None:
             try:
                 # The archive holds quantized/, which lands where workdir.quantized names it.
@@ -544,8 +553,9 @@ class JobRun:
             except Exception:  # damaged, or pruned since the lookup: it must not fail the job; quantize afresh
                 log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
                 shutil.rmtree(workdir.quantized, ignore_errors=True)
-                with session_scope(self.db) as session:
-                    forgotten = runs.forget_cached_base(session, cached)
+                forgotten = self._write_through_outage(f"the unusable cached quantized base {key}",
+                                                       lambda session: runs.forget_cached_base(session, cached),
+                                                       check=watch.check)
                 delete_objects(self.storage, [cached.storage_key] if forgotten else [])
         return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
 
@@ -691,16 +701,21 @@ class JobRun:
     def _lose(self, job: ClaimedJob, why: str, stopped_at: datetime, outside_the_job: bool) -> None:
         """Another attempt for the job, from its newest checkpoint (the reaper's way with a silent worker,
         here at once); after QLORA_MAX_ATTEMPTS lost ones, failed, or paused when this one ended on a full
-        disk or an outage (runs.attempt_lost). Should the database be out of reach still, the job keeps its
-        state and, with its heartbeats stopped, the reaper does the same."""
+        disk or an outage (runs.attempt_lost). The write rides out a short outage (_write_through_outage): given up
+        at once, a blip of a second left the job running and silent until the reaper's deadline. Should the
+        database be out of reach still, the job keeps its state and, with its heartbeats stopped, the reaper does
+        the same. A try after one whose commit landed unheard finds the job moved on (fenced by state and
+        attempt), and changes nothing."""
+        def lose(session: Session) -> str | None:
+            row = session.get(Job, job.id)
+            if row is None or row.attempt != job.attempt:
+                return None
+            # stopped_at is this host's clock, the attempt's claimed_at the database's (usage, fair share)
+            return runs.attempt_lost(session, row, why, self.settings.max_attempts,
+                                     on_database_clock(session, stopped_at), self.settings.fair_share_half_life_s,
+                                     outside_the_job=outside_the_job)
         try:
-            with session_scope(self.db) as session:
-                row = session.get(Job, job.id)
-                # stopped_at is this host's clock, the attempt's claimed_at the database's (usage, fair share)
-                became = (runs.attempt_lost(session, row, why, self.settings.max_attempts,
-                                            on_database_clock(session, stopped_at),
-                                            self.settings.fair_share_half_life_s, outside_the_job=outside_the_job)
-                          if row is not None and row.attempt == job.attempt else None)
+            became = self._write_through_outage(f"the lost attempt {job.attempt} of job {job.id}", lose)
         except DBAPIError as exc:
             log.warning("job %s attempt %s: could not record the lost attempt (the reaper will): %s", job.id,
                         job.attempt, exc)
@@ -709,12 +724,15 @@ class JobRun:
 
     def _continue_smaller(self, job: ClaimedJob, training: dict[str, int], stopped_at: datetime) -> None:
         """The job goes on from its newest checkpoint with a smaller micro-batch (runs.continue_smaller). The
-        database out of reach: the reaper gives it another attempt as for a lost worker, with the spec it had."""
+        database out of reach for longer than the ride-out (_write_through_outage, as _lose): the reaper gives it
+        another attempt as for a lost worker, with the spec it had. Fenced by the attempt: a try after one whose
+        commit landed unheard finds the job moved on, and changes nothing."""
         try:
-            with session_scope(self.db) as session:
-                became = runs.continue_smaller(session, job.id, job.attempt, training,
-                                               on_database_clock(session, stopped_at),  # as in _lose
-                                               self.settings.fair_share_half_life_s)
+            became = self._write_through_outage(
+                f"the out-of-memory retry of job {job.id}",
+                lambda session: runs.continue_smaller(session, job.id, job.attempt, training,
+                                                      on_database_clock(session, stopped_at),  # as in _lose
+                                                      self.settings.fair_share_half_life_s))
         except DBAPIError as exc:
             log.warning("job %s attempt %s: could not record the out-of-memory retry (the reaper will requeue it): %s",
                         job.id, job.attempt, exc)
@@ -733,7 +751,8 @@ class JobRun:
             log.warning("job %s attempt %s: could not record %s; the job has moved on", job.id, job.attempt, status)
 
     def _write_through_outage(self, what: str, write: Callable[[Session], T], check: Callable[[], None] | None = None) -> T:
-        """One write of the attempt's outcome (an artifact, the final state), tried again while the database is out
+        """One unit of the attempt's database work (a read or write as it prepares, an artifact, the final state, the
+        job handed back, the out-of-memory retry), tried again while the database is out
         of reach (a restart, a failover, a dropped connection) for up to QLORA_HEARTBEAT_DEADLINE_S from its first
         failure, waiting a little longer each time up to QLORA_SUPERVISE_INTERVAL_S (so the write lands within a
         heartbeat's interval of the database's return). Given up sooner, the outage cost the whole run: the

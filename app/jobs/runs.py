@@ -174,9 +174,14 @@ def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
     assert job.resume_from is not None
     dropped, step = job.resume_from, job.resume_step
     row = repository.checkpoint(session, job.id, dropped.id)
-    if row is not None:
-        repository.delete_checkpoint(session, row)
-        session.flush()
+    if row is None:
+        # Dropped already, by a try of this very change whose commit landed unheard (its connection dropped on the
+        # way back): the plan it wrote stands, and is read, not written twice (a second resumed event, and the
+        # checkpoint before dropped too).
+        _resume_point(session, job)
+        return dropped.storage_key
+    repository.delete_checkpoint(session, row)
+    session.flush()
     _plan_resume(session, job, instead_of=f"the checkpoint at step {step} is unusable and was dropped: {why}")
     return dropped.storage_key
 

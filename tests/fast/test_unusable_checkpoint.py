@@ -6,6 +6,7 @@ job failed at once ("the worker failed: ChecksumMismatch ... so upload it again"
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 
@@ -122,6 +123,28 @@ def test_an_attempt_that_no_longer_owns_its_job_drops_nothing(settings, storage,
     with pytest.raises(LeaseLost):
         resume(settings, storage, job_id, tmp_path)
     assert rows(settings, job_id)[0] == [10, 20, 30]
+
+
+def test_a_drop_tried_again_after_its_commit_landed_changes_nothing_more(settings, job_with_checkpoints):
+    """The worker rides out a database outage as it drops the checkpoint (worker/supervisor._write_through_outage),
+    and a try whose commit landed unheard (its connection dropped on the way back) is tried again from the
+    attempt's plan as it was: that try must find the drop done, and neither write a second resumed event nor drop
+    the checkpoint before."""
+    job_id, keys = job_with_checkpoints
+    job = ClaimedJob(id=job_id, team_id="team", queue="gpu-default", attempt=2, spec={}, base_model={},
+                     train=ObjectRef("d", "k", "s", 0), validation=None)
+    with session_scope(settings.database_url) as session:
+        runs._plan_resume(session, job)
+    why = "its bytes no longer match the sha256 recorded at its upload"
+    with session_scope(settings.database_url) as session:  # it landed; the worker never heard
+        runs.checkpoint_unusable(session, dataclasses.replace(job), why)
+    again = dataclasses.replace(job)
+    with session_scope(settings.database_url) as session:
+        assert runs.checkpoint_unusable(session, again, why) == keys[30]
+    assert again.resume_step == 20 and again.resume_from is not None and again.resume_from.storage_key == keys[20]
+    steps, curve, resumed = rows(settings, job_id)
+    assert steps == [10, 20] and curve == list(range(1, 21))
+    assert [step for step, _, _ in resumed] == [30, 20]
 
 
 def _put_over(storage, key: str, data: bytes) -> None:

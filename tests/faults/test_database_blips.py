@@ -5,6 +5,8 @@ the test cuts (tests/faults/tcp_link.py); the API and the reaper keep their own 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -13,9 +15,12 @@ from sqlalchemy.engine import make_url
 
 from app.db import session_scope
 from app.jobs.tables import Job
-from tests.faults.conftest import events, job_body, lane, wait_until
+from tests.deployment import wait_for_status
+from tests.faults.conftest import curve_steps, events, job_body, lane, trainer_pids, wait_until
 from tests.faults.tcp_link import CuttableLink
-from worker.supervisor import JobRun
+from tests.faults.throttle import ThrottlingProxy
+from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY
+from worker.supervisor import FAULT_HOLD_END, JobRun, fault_hold_end_markers
 
 FINISHED = ("succeeded", "failed", "cancelled")
 OUTAGE_S = 1.5  # a Postgres restart's seconds, well inside the 5 s heartbeat deadline (as in test_lost_work.py)
@@ -71,3 +76,72 @@ def test_a_claim_whose_commit_landed_unheard_runs_the_job_it_took(faulty, tenant
     finally:
         for job in (first, second):
             tenant.post(f"/jobs/{job['id']}/cancel")
+
+
+def test_a_database_outage_as_an_attempt_prepares_costs_no_attempt(faulty, tenant, dataset_id, link, fault_report):
+    """Postgres restarted as the worker fetched the job's data: the lookup of the cached quantized base that
+    follows failed, and the attempt was handed back as lost (the job trained on attempt 2, after the worker's wait
+    for the outage). Now the worker rides the outage out, and the job succeeds on its first attempt."""
+    s3 = ThrottlingProxy(faulty.settings.s3_endpoint_url)
+    timers: list[threading.Timer] = []
+    s3.trip("GET", "/datasets/", lambda: _outage(link, timers))  # the data is on its way: the lookups come next
+    worker = faulty.start_worker(name="prepare-outage", extra_env={"QLORA_DATABASE_URL": _through(faulty, link),
+                                                                   "QLORA_S3_ENDPOINT_URL": s3.url})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=2, save_steps=2)).json()
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        story = events(tenant, job["id"])
+        assert timers, "the outage never began: no dataset was fetched"
+        assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
+        assert "requeued" not in [e["type"] for e in story]
+        worker_log = (faulty.home / "worker-prepare-outage.log").read_text(errors="replace")
+        assert link.refused and "the cached quantized base" in worker_log and "out of reach" in worker_log
+        fault_report.append({"fault": "the database out of reach as an attempt prepares", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        faulty.stop(worker)
+        for timer in timers:
+            timer.cancel()
+        s3.close()
+
+
+@pytest.mark.parametrize("ending", ["killed", "out_of_memory"])
+def test_a_database_outage_as_an_attempt_is_handed_back_is_ridden_out(faulty, tenant, dataset_id, link, ending,
+                                                                      fault_report):
+    """The attempt ended with no fault of the job's (its training process killed), or ran out of memory, and
+    Postgres restarted just as the worker wrote so: the write was not tried again, the job stayed running and
+    silent until the reaper's deadline, and the reaper queued it as for a lost worker (after out of memory, with
+    the micro-batch that did not fit). Now the worker rides the outage out and writes the end itself."""
+    env = {"QLORA_DATABASE_URL": _through(faulty, link), FAULT_HOLD_END: "1"}
+    env |= {FAULT_HOLD_AT_STEP: "3"} if ending == "killed" else {FAULT_OUT_OF_MEMORY: "2:4"}
+    worker = faulty.start_worker(name=f"end-outage-{ending}", extra_env=env)
+    body = job_body(dataset_id, max_steps=6, save_steps=2)
+    body["training"]["gradient_accumulation_steps"] = 1
+    job = tenant.post("/jobs", json=body).json()
+    held, release = fault_hold_end_markers(faulty.settings, job["id"])
+    timers: list[threading.Timer] = []
+    try:
+        if ending == "killed":
+            wait_until(lambda: max(curve_steps(tenant, job["id"]), default=0) >= 2, 180, "attempt 1 held at step 3")
+            for pid in trainer_pids(job["id"], attempt=1):
+                os.killpg(pid, signal.SIGKILL)
+        wait_until(held.exists, 180, "attempt 1 ended, its worker held before writing so")
+        _outage(link, timers)
+        release.touch()
+        requeued = wait_until(lambda: [e for e in events(tenant, job["id"]) if e["type"] == "requeued"], 60,
+                              "the job queued again")
+        said = requeued[0]["message"]
+        assert "stopped sending heartbeats" not in said, said  # the reaper's words: the worker gave up
+        expected = "the training process was killed by SIGKILL" if ending == "killed" else "micro-batch 4"
+        assert expected in said, said
+        worker_log = (faulty.home / f"worker-end-outage-{ending}.log").read_text(errors="replace")
+        assert link.refused and "the database is out of reach" in worker_log
+        fault_report.append({"fault": f"the database out of reach as a worker hands back an attempt ({ending})",
+                             "injected": 1, "survived": 1, "steps_lost": 0})
+    finally:
+        release.touch()
+        faulty.stop(worker)
+        release.unlink(missing_ok=True)
+        for timer in timers:
+            timer.cancel()
+        tenant.post(f"/jobs/{job['id']}/cancel")
