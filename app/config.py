@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     # than this has lost its worker (killed, partitioned, frozen): the reaper requeues the job and
     # it resumes from its newest checkpoint elsewhere; the old worker, if it wakes, is fenced out.
     heartbeat_deadline_s: float = Field(120.0, gt=0)
+    # How long a worker waits on a database connection that does not answer (connecting, or a query whose packets
+    # are dropped: a failover that moved the address, a partition) before it counts the connection as dropped and
+    # tries again: libpq's connect_timeout, tcp_user_timeout and TCP keepalives (worker/supervisor.session_url).
+    # Without them one try could hang for the kernel's retransmission timeout (15 minutes on Linux), far past
+    # the heartbeat deadline. 0: a quarter of the heartbeat deadline, between 2 s (libpq's least) and 30 s.
+    worker_database_timeout_s: int = Field(0, ge=0, le=3600)
     # How often the reaper looks for such jobs: every API process runs one (0 turns it off there; `qlora
     # reaper` runs one alone), and only the holder of the "reaper" lease works (app/operations/lease.py).
     reaper_interval_s: float = Field(15.0, ge=0)
@@ -285,6 +291,12 @@ class Settings(BaseSettings):
         """Celery's hard limit for one job: a backstop an hour past the worker's own limit, for a worker
         stuck where it cannot stop itself."""
         return self.job_time_limit_s + 3600
+
+    @property
+    def database_timeout_s(self) -> int:
+        """QLORA_WORKER_DATABASE_TIMEOUT_S, or what it derives: a quarter of the heartbeat deadline, so that a
+        worker riding out an outage gets several tries inside it, between libpq's least (2 s) and 30 s."""
+        return self.worker_database_timeout_s or min(30, max(2, int(self.heartbeat_deadline_s // 4)))
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -315,16 +315,35 @@ def _transfer_event(transfer: Transfer, message: str) -> Event:
 
 
 def session_url(settings: Settings) -> str:
-    """The database URL of a worker's sessions. On Postgres, a transaction the worker leaves idle longer
-    than the heartbeat deadline is ended by the server: a worker frozen mid-transaction (a stopped VM,
-    SIGSTOP) would otherwise keep its job's row locked, and the reaper that must requeue the job would
-    wait on that lock for as long as the freeze lasts."""
+    """The database URL of a worker's sessions. On Postgres:
+
+    - a transaction the worker leaves idle longer than the heartbeat deadline is ended by the server: a worker
+      frozen mid-transaction (a stopped VM, SIGSTOP) would otherwise keep its job's row locked, and the reaper
+      that must requeue the job would wait on that lock for as long as the freeze lasts;
+    - a connection that does not answer for settings.database_timeout_s counts as dropped (libpq's
+      connect_timeout; tcp_user_timeout for a query whose packets go unacknowledged; TCP keepalives for one sent
+      whose answer never comes), and the write is tried again (JobRun._write_through_outage). Without them, in a
+      failover that drops packets instead of refusing them, one try waited for the kernel's retransmission
+      timeout (about 15 minutes on Linux), or without end for an answer that never came: far past the heartbeat
+      deadline, where a try on a new connection would have gone through in seconds.
+    Settings the URL already names are kept: an operator's own choice wins."""
     url = make_url(settings.database_url)
     if url.get_backend_name() != "postgresql":
         return settings.database_url
     timeout_ms = int(settings.heartbeat_deadline_s * 1000)
     options = f"{url.query.get('options', '')} -c idle_in_transaction_session_timeout={timeout_ms}".strip()
-    return url.update_query_dict({"options": options}).render_as_string(hide_password=False)
+    return url.update_query_dict({"options": options, **{
+        name: value for name, value in _dead_connection_params(settings.database_timeout_s).items()
+        if name not in url.query}}).render_as_string(hide_password=False)
+
+
+def _dead_connection_params(timeout_s: int) -> dict[str, str]:
+    """libpq's parameters that end a connection unanswered for about `timeout_s`: connecting; sent data
+    unacknowledged (tcp_user_timeout); an idle wait for an answer, probed by keepalives (the first after a
+    third of it, then every sixth, four unanswered: dead at about the whole)."""
+    return {"connect_timeout": str(timeout_s), "tcp_user_timeout": str(timeout_s * 1000), "keepalives": "1",
+            "keepalives_idle": str(max(1, timeout_s // 3)), "keepalives_interval": str(max(1, timeout_s // 6)),
+            "keepalives_count": "4"}
 
 
 class JobRun:
@@ -760,8 +779,11 @@ class JobRun:
         uploaded all over again (an artifact's record was not tried again at all; the final state 5 times, 1 s
         apart). Past the deadline the reaper, if it reaches the database, has given the job another attempt
         anyway. Each try is fenced by the attempt as any write of the worker's: a job requeued meanwhile raises
-        LeaseLost (an artifact) or answers False (the final state), and nothing is overwritten. `check` (the
-        watch's) runs before each try: the attempt may have ended meanwhile (time limit, lease lost)."""
+        LeaseLost (an artifact) or answers False (the final state), and nothing is overwritten; so too a try after one
+        whose commit landed unheard (its connection dropped on the way back): `write` must be safe to repeat so.
+        `check` (the watch's) runs before each try: the attempt may have ended meanwhile (time limit, lease lost).
+        One try is bounded too (session_url: a connection unanswered for QLORA_WORKER_DATABASE_TIMEOUT_S counts as
+        dropped), so the whole ends within about the deadline and one try."""
         wait = self.settings.supervise_interval_s / 8
         give_up_at: float | None = None
         while True:

@@ -370,13 +370,15 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
     log = logging.getLogger("worker")
 
     def hand_back() -> None:
-        from worker.supervisor import held_attempt
+        from worker.supervisor import held_attempt, session_url
 
         held = held_attempt(settings, os.getpid())  # what this worker's pool process runs, if anything
         if held is None:
             return
         try:
-            with session_scope(settings.database_url) as session:
+            # The worker's connection settings: a database that drops packets fails the hand-back in seconds,
+            # and the reaper takes the job, instead of holding the shutdown.
+            with session_scope(session_url(settings)) as session:
                 handed = runs.hand_back(session, worker_name, *held)
             if handed:
                 log.info("shutting down: handed back job %s; it saves a checkpoint and is queued again", held[0])
@@ -392,8 +394,9 @@ def _announce_while_up(settings, worker_name: str, queue: str) -> None:
     from celery.signals import worker_ready, worker_shutdown
 
     from app.operations.workers import WorkerBeat
+    from worker.supervisor import session_url
 
-    beat = WorkerBeat(settings.database_url, worker_name, queue)
+    beat = WorkerBeat(session_url(settings), worker_name, queue)  # a beat unanswered is given up as any write
     worker_ready.connect(lambda **_: beat.start(), weak=False)
     worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
 

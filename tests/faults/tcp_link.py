@@ -1,7 +1,11 @@
 """A TCP link a test can cut: a worker's database traffic goes through it (its QLORA_DATABASE_URL names the link's
 port), and cut() is a Postgres restart or failover as the worker sees it: every open connection drops, and each
 new one is closed as soon as it is made, until restore(). The API and the reaper keep their own way to the
-database, so the job's heartbeats, not the reaper's view, are what the outage takes away."""
+database, so the job's heartbeats, not the reaper's view, are what the outage takes away.
+
+black_hole() is a failover that drops packets instead of refusing them (an address moved, a partition): every
+connection, open or new, is held and answered nothing, until restore(); those made meanwhile stay so (a client
+must give them up itself)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ class CuttableLink:
     def __init__(self, upstream: tuple[str, int]):
         self.upstream = upstream
         self.refused = 0  # connections made while cut (and closed at once)
+        self.swallowed = 0  # connections made while black-holed (held, answered nothing)
         self._cut = threading.Event()
+        self._hole = threading.Event()
+        self._held: list[socket.socket] = []
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -37,13 +44,21 @@ class CuttableLink:
         (b"COMMIT\\x00", a COMMIT's CommandComplete): the statement took effect, and its client never hears so."""
         self._cut_at = marker
 
+    def black_hole(self) -> None:
+        self._hole.set()
+
     def restore(self) -> None:
         self._cut.clear()
+        self._hole.clear()
 
     def close(self) -> None:
         self._closed = True
         self.cut()
         self._listener.close()
+        with self._lock:
+            held, self._held = self._held, []
+        for sock in held:
+            _drop(sock)
 
     def _accept(self) -> None:
         while not self._closed:
@@ -54,6 +69,11 @@ class CuttableLink:
             if self._cut.is_set():
                 self.refused += 1
                 _drop(client)
+                continue
+            if self._hole.is_set():
+                with self._lock:
+                    self.swallowed += 1
+                    self._held.append(client)
                 continue
             try:
                 server = socket.create_connection(self.upstream)
@@ -68,6 +88,8 @@ class CuttableLink:
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
+                if self._hole.is_set():
+                    continue  # dropped on the way
                 if answers and self._cut_at is not None and self._cut_at in data:
                     self._cut_at = None
                     self.cut()

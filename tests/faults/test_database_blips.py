@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
-from app.db import session_scope
+from app.db import engine_for, session_scope
 from app.jobs.tables import Job
 from tests.deployment import wait_for_status
 from tests.faults.conftest import curve_steps, events, job_body, lane, trainer_pids, wait_until
 from tests.faults.tcp_link import CuttableLink
 from tests.faults.throttle import ThrottlingProxy
 from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY
-from worker.supervisor import FAULT_HOLD_END, JobRun, fault_hold_end_markers
+from worker.supervisor import FAULT_HOLD_END, JobRun, fault_hold_end_markers, session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
 OUTAGE_S = 1.5  # a Postgres restart's seconds, well inside the 5 s heartbeat deadline (as in test_lost_work.py)
@@ -145,3 +146,40 @@ def test_a_database_outage_as_an_attempt_is_handed_back_is_ridden_out(faulty, te
         for timer in timers:
             timer.cancel()
         tenant.post(f"/jobs/{job['id']}/cancel")
+
+
+def test_a_write_through_a_database_that_drops_packets_gives_the_try_up_and_lands(faulty, link):
+    """A failover that drops packets instead of refusing connections (an address moved, a partition): with no
+    connect timeout a worker's try waited for an answer that never came, far past the heartbeat deadline, and the
+    ride-out never got to try again. Now a try unanswered for QLORA_WORKER_DATABASE_TIMEOUT_S (here its default, a
+    quarter of the 5 s deadline, so libpq's least: 2 s) is given up, and the next one lands once the database is
+    back."""
+    run = JobRun(faulty.settings.model_copy(update={"database_url": _through(faulty, link)}), "none", "black-hole")
+    link.black_hole()
+    answered: list[int] = []
+    writer = threading.Thread(target=lambda: answered.append(
+        run._write_through_outage("a probe", lambda session: session.execute(text("select 1")).scalar_one())),
+        daemon=True)
+    writer.start()
+    # A second connection into the hole: the first try was given up, not left hanging.
+    wait_until(lambda: link.swallowed >= 2, 60, "the first try, unanswered, to be given up for another")
+    link.restore()
+    writer.join(60)
+    assert answered == [1]
+
+
+def test_a_worker_connection_says_when_it_is_dead(faulty):
+    """What bounds a try whose connection goes silent after it was made (sent data unacknowledged, an answer that
+    never comes): TCP keepalives and tcp_user_timeout on the socket of every connection a worker makes. A loopback
+    proxy cannot drop packets (its kernel acknowledges them), so the socket is read back instead."""
+    timeout_s = faulty.settings.database_timeout_s
+    with engine_for(session_url(faulty.settings)).connect() as connection:
+        pgconn = connection.connection.dbapi_connection.pgconn  # type: ignore[union-attr]
+        sock = socket.socket(fileno=os.dup(pgconn.socket))
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == timeout_s * 1000
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == max(1, timeout_s // 3)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+    finally:
+        sock.close()
