@@ -82,6 +82,25 @@ HOW = {
         "A worker with QLORA_JOB_TIME_LIMIT_S=30 runs a job whose training process holds after step 2. "
         "Survived means: failed on its first attempt with an error naming the limit, never requeued as a "
         "lost worker, its training process stopped.",
+    "the database dropped the connection as a claim's commit landed":
+        "The claim runs in the test's process (the worker's JobRun) through the cuttable link, which is cut as the"
+        " claim's COMMIT answer arrives, without passing it on: the claim took the job, and the worker never "
+        "heard. The link is restored once a retry has met the outage. Two jobs are queued in the class: the claim "
+        "tried again must come back with the first (found by its claim token), the second still queued, never "
+        "claimed.",
+    "the database out of reach as an attempt prepares":
+        "The worker's database traffic goes through the cuttable link, its S3 traffic through the throttling "
+        "proxy, which cuts the link for 1.5 s as the store answers the job's dataset download: the pre-quantized "
+        "base's lookup that follows meets the outage. The job must succeed on attempt 1, never requeued.",
+    "the database out of reach as a worker hands back an attempt (killed)":
+        "The training process is SIGKILLed while held at step 3; the worker is held before it writes the lost "
+        "attempt (fault hook QLORA_FAULT_HOLD_END), the link is cut for 1.5 s and the worker released. The job "
+        "must be queued again by the worker itself (its requeued event names the SIGKILL), not by the reaper as a "
+        "silent worker's.",
+    "the database out of reach as a worker hands back an attempt (out_of_memory)":
+        "As above, with torch's OutOfMemoryError at step 2 for a micro-batch above 4 (QLORA_FAULT_OUT_OF_MEMORY): "
+        "the worker must queue the job again with micro-batch 4 itself, not leave it for the reaper, which "
+        "requeued it with the micro-batch that did not fit.",
 }
 
 
@@ -141,6 +160,11 @@ def main(paths: list[str]) -> str:
         "resumable, when the last ended on a full disk or an outage); one stored "
         "artifact of a lost attempt is replaced by the next attempt's, and an attempt resumed from the last "
         "planned step's checkpoint trains no step more.",
+        "- A worker rides out a short database outage in every unit of an attempt's database work, from its "
+        "preparation to its end, for up to `QLORA_HEARTBEAT_DEADLINE_S`, each try fenced by the attempt; a claim "
+        "tried again first looks for the job its claim token took; and a try unanswered for "
+        "`QLORA_WORKER_DATABASE_TIMEOUT_S` (connect timeout, tcp_user_timeout, TCP keepalives) is given up for "
+        "the next, so a failover that drops packets cannot hang it.",
         "- Uploads stream into a temp file or an S3 multipart upload that only a commit makes visible; writes "
         "left open by a dead process are removed after `QLORA_STALE_UPLOAD_S`.",
         "- A training step out of memory is not the job's end while its micro-batch can shrink: the worker queues "
