@@ -308,6 +308,8 @@ class Settings(BaseSettings):
         - supervise interval x 4 <= heartbeat deadline: a live worker is never taken for lost.
         - redispatch deadline >= scheduler interval: the scheduler looks that often, so a shorter deadline
           would send every job waiting for a busy GPU class again on each pass.
+        - worker database timeout x 2 <= heartbeat deadline (when set): a worker riding out an outage gets a try
+          after one given up, before the deadline.
         - task time limit < broker visibility timeout: the broker redelivers a message only once
           the task holding it has surely ended. (A redelivery is harmless anyway: the claim is a
           compare-and-set, so this order is about not waking a second worker for nothing.)
@@ -323,6 +325,11 @@ class Settings(BaseSettings):
                 f"QLORA_REDISPATCH_AFTER_S ({self.redispatch_after_s}) must be at least QLORA_SCHEDULER_INTERVAL_S "
                 f"({self.scheduler_interval_s}): the scheduler looks only that often, so a shorter deadline would "
                 "send every waiting job again on each of its passes")
+        if self.worker_database_timeout_s and self.worker_database_timeout_s * 2 > self.heartbeat_deadline_s:
+            raise ValueError(
+                f"QLORA_WORKER_DATABASE_TIMEOUT_S ({self.worker_database_timeout_s}) must be at most half "
+                f"QLORA_HEARTBEAT_DEADLINE_S ({self.heartbeat_deadline_s}): a worker riding out a database outage "
+                "must get to try again, on a new connection, before the reaper takes its job")
         if self.task_time_limit_s >= self.visibility_timeout_s:
             raise ValueError(
                 f"QLORA_BROKER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the task time limit "

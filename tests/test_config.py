@@ -18,6 +18,14 @@ def test_a_heartbeat_deadline_too_close_to_the_interval_is_refused(tmp_path):
         Settings(home=tmp_path, supervise_interval_s=5, heartbeat_deadline_s=10).check_timing()
 
 
+def test_a_worker_database_timeout_that_leaves_no_second_try_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="WORKER_DATABASE_TIMEOUT_S .* at most half"):
+        Settings(home=tmp_path, worker_database_timeout_s=90).check_timing()
+    Settings(home=tmp_path, worker_database_timeout_s=60).check_timing()
+    assert Settings(home=tmp_path).database_timeout_s == 30  # derived: a quarter of the 120 s deadline
+    assert Settings(home=tmp_path, heartbeat_deadline_s=5).database_timeout_s == 2  # libpq's least
+
+
 def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     settings = Settings(home=tmp_path, job_time_limit_s=7200, broker_visibility_timeout_s=3600)
     with pytest.raises(ValueError, match="would hand a running job's message to a second worker"):
