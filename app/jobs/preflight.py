@@ -44,6 +44,10 @@ from worker.training.spec import JobSpec
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 60.0  # a preflight reads at most 50,000 rows: seconds, far from this
+# A new child's start (an interpreter, then the API's modules it imports) is no part of a preflight's time: it
+# is waited for apart, this long. Seconds when idle, several times that on a loaded host, where counted in
+# TIMEOUT_S it ate a shorter timeout whole and the child was killed before it began, and each next one too.
+START_TIMEOUT_S = 120.0
 WAIT_FOR_SLOT_S = 30.0  # a preflight waits this long for a free child (then POST /jobs creates the job unchecked)
 
 
@@ -114,9 +118,11 @@ class PreflightRunner:
     huge dataset would otherwise keep every other team's preflights waiting behind it. A child that dies
     (killed, or out of memory on a huge row) fails the one preflight it ran; the next gets a new child."""
 
-    def __init__(self, processes: int, timeout_s: float = TIMEOUT_S, target: Callable[[dict], dict] | None = None):
+    def __init__(self, processes: int, timeout_s: float = TIMEOUT_S, target: Callable[[dict], dict] | None = None,
+                 start_timeout_s: float = START_TIMEOUT_S):
         self.processes = processes
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self._target = target or _in_child  # what a child runs on each request's inputs (a test's stand-in aside)
         self._slots = TeamSlots(max(processes, 1))
         self._lock = threading.Lock()
@@ -140,7 +146,7 @@ class PreflightRunner:
         for attempt in (1, 2):
             child = self._take()
             try:
-                kind, value = child.ask(inputs, self.timeout_s)
+                kind, value = child.ask(inputs, self.timeout_s, self.start_timeout_s)
                 break
             except _Died:  # gone since it last answered (killed while idle): this preflight gets a new one
                 self._drop(child)
@@ -149,6 +155,10 @@ class PreflightRunner:
             except BaseException:
                 self._drop(child)
                 raise
+        if kind == "unstarted":
+            self._drop(child)
+            log.error("a preflight process did not start within %g s: it was stopped", self.start_timeout_s)
+            raise NoReport(f"its process did not start within {self.start_timeout_s:g} s")
         if kind == "slow":
             self._drop(child)
             log.warning("a preflight took longer than %g s: its process was stopped", self.timeout_s)
@@ -211,13 +221,22 @@ class _Child:
         # The runner's close() and the preflight it interrupts both stop the child, at the same moment: closing
         # the pipe twice at once closed its file descriptor twice (EBADF, and close() stopped no other child).
         self._stopping = threading.Lock()
+        self._started = False  # its READY came: the preflight's timeout starts with the request
 
     def alive(self) -> bool:
         return self._process.is_alive()
 
-    def ask(self, inputs: dict, timeout_s: float) -> tuple[str, Any]:
-        """("report", report), ("failed", traceback), ("slow", None) or ("died", None); _Died when the
-        request could not even be sent."""
+    def ask(self, inputs: dict, timeout_s: float, start_timeout_s: float) -> tuple[str, Any]:
+        """("report", report), ("failed", traceback), ("slow", None), ("unstarted", None) or ("died", None);
+        _Died when the request could not even be sent."""
+        if not self._started:
+            try:
+                if not self._conn.poll(start_timeout_s):
+                    return "unstarted", None
+                self._conn.recv()  # READY
+            except (EOFError, OSError):  # it died starting, or the runner closed
+                return "died", None
+            self._started = True
         try:
             self._conn.send(inputs)
         except OSError as exc:  # a broken pipe, or closed by the runner's close()
@@ -238,6 +257,7 @@ class _Child:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+READY = ("ready", None)  # a child's first message, before any request
 SCRATCH_PREFIX = "qlora-preflight-child-"  # then the API process's id, "-" and mkdtemp's random part
 
 
@@ -256,6 +276,7 @@ def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str) -> No
     may write, removed by the API when the child stops."""
     global _SCRATCH
     _SCRATCH = scratch
+    conn.send(READY)  # started: the target's module is imported (it came with `target`)
     while True:
         try:
             inputs = conn.recv()

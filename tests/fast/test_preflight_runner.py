@@ -32,6 +32,25 @@ def stand_in(inputs: dict) -> dict:
     return {"pid": os.getpid()}
 
 
+class SlowToStart:
+    """The stand-in, in a child whose start takes `start_s` (its unpickling in the child sleeps): a child
+    starting on a loaded host, whose interpreter and imports took seconds, made so at will."""
+
+    def __init__(self, start_s: float):
+        self.start_s = start_s
+
+    def __reduce__(self):
+        return started_slowly, (self.start_s,)
+
+    def __call__(self, inputs: dict) -> dict:
+        return stand_in(inputs)
+
+
+def started_slowly(start_s: float) -> SlowToStart:
+    time.sleep(start_s)
+    return SlowToStart(start_s)
+
+
 def gone(pid: int, within_s: float = 10) -> bool:
     """Ended (a zombie not yet reaped counts: it runs no more)."""
     deadline = time.monotonic() + within_s
@@ -64,6 +83,25 @@ def test_a_preflight_past_its_timeout_is_stopped_and_the_next_team_waits_for_not
     with runner.turn("team-b", wait_s=5) as ask:
         second = ask()["pid"]
     assert second != first and time.monotonic() - started < 60  # a new process's start, not the 600 s behind it
+
+
+def test_a_childs_start_is_no_part_of_its_preflights_timeout():
+    """A new child's start (an interpreter and the API's modules) counted in the timeout: on a loaded 2-core
+    host it took longer than a short timeout by itself (4-7 s against 3 s), so the child was killed before
+    it began, and the next new one as well. The start is waited for apart, within its own bound."""
+    runner = PreflightRunner(1, timeout_s=3, target=SlowToStart(start_s=4))
+    try:
+        with runner.turn("team-a", wait_s=5) as ask:
+            assert ask()["pid"]
+    finally:
+        runner.close()
+    never = PreflightRunner(1, timeout_s=3, target=SlowToStart(start_s=600), start_timeout_s=1)
+    try:
+        with never.turn("team-a", wait_s=5) as ask, pytest.raises(NoReport, match="did not start within 1 s"):
+            ask()
+        assert not never._all  # stopped, not kept for the next preflight
+    finally:
+        never.close()
 
 
 def test_a_failed_preflight_keeps_its_process_and_the_next_is_answered(runner):
