@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from app.config import Settings
 from app.datasets.tables import Dataset
@@ -50,13 +49,15 @@ def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(databa
         assert claimed is not None and claimed.id == job_id
 
     # The worker's end: its job row taken (the transition), then, once the disable waits for that row while
-    # holding the team's, the ledger's fold asks for the team's row.
-    disable_started = threading.Event()
+    # holding the team's, the ledger's fold asks for the team's row. Each step awaits the one before it (fixed
+    # sleeps ordered them: on a loaded machine the disable could start before the transition, or the fold
+    # before the disable waited, and the test then proved nothing, or failed for a race it did not set up).
+    job_row_taken = threading.Event()
     real_end = ledger.end
 
     def end_once_the_disable_waits(*args, **kwargs):
-        disable_started.wait(10)
-        time.sleep(0.5)  # the disable is now waiting on the job's row
+        job_row_taken.set()
+        wait_for_a_lock_wait(database_url, "the disable, on the job's row,")
         return real_end(*args, **kwargs)
     monkeypatch.setattr(runs.ledger, "end", end_once_the_disable_waits)
 
@@ -70,9 +71,8 @@ def test_disabling_a_team_while_its_job_records_its_end_deadlocks_neither(databa
             outcomes["finish"] = exc
 
     def disable() -> None:
-        time.sleep(0.3)  # after the worker's transition took the job's row
-        disable_started.set()
         try:
+            assert job_row_taken.wait(30), "the worker's end never took the job's row"
             with session_scope(database_url) as session:
                 outcomes["disable"] = admin.disable_team(session, "leaving").disabled
         except Exception as exc:  # noqa: BLE001
