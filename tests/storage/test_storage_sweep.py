@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.datasets.tables import Dataset
-from app.db import engine_for, session_scope, sessionmaker_for
+from app.db import engine_for, session_scope, sessionmaker_for, utcnow
 from app.operations import storage_sweep as sweeping
 from app.storage import make_key
 from app.storage.s3 import S3Storage
@@ -71,10 +71,13 @@ def test_the_sweep_finds_and_deletes_exactly_the_strays_and_keeps_what_a_row_cla
     with sessionmaker_for(database_url)() as session:
         scene = build(session, storage)
     time.sleep(2.5)  # the scene's objects are now at least 2 s old, as S3 dates them
+    # The sweep's "now" is taken before the young object is stored, so it is young however long the machine
+    # takes between the upload and the listing (with the listing's own now, a second's delay made it a stray).
+    as_of = utcnow()
     just_uploaded = store(storage, make_key(scene.team_id, "datasets")).key
 
     with session_scope(database_url) as session:
-        sweep = sweeping.find_strays(session, storage, older_than_s=2)
+        sweep = sweeping.find_strays(session, storage, older_than_s=2, now=as_of)
     assert sorted(s.key for s in sweep.strays) == sorted(scene.strays + scene.young)
     assert (sweep.stored, sweep.referenced, sweep.young, sweep.foreign) == (11, 4, 1, len(scene.foreign))
     assert {s.key: s.bytes for s in sweep.strays}[scene.strays[1]] == 5000  # the checkpoint's size, as listed
