@@ -138,8 +138,8 @@ def test_an_upload_whose_body_stops_arriving_is_closed_and_leaves_nothing(slow):
     before = stored_state(slow)
     body = upload_body(rows=200)
     with connect(slow.url) as sock:
+        started = time.monotonic()  # before the send: the server's idle clock starts after it, however late we run
         sock.sendall(upload_head(slow.url, key, len(body)) + body[:len(body) // 2])  # and then nothing
-        started = time.monotonic()
         assert read_until_closed(sock) == b""  # closed: the route saw its client gone
         assert BODY_IDLE_TIMEOUT_S - 0.5 < time.monotonic() - started < BODY_IDLE_TIMEOUT_S + 10
     assert stored_state(slow) == before
