@@ -163,6 +163,18 @@ class Settings(BaseSettings):
     # Without them one try could hang for the kernel's retransmission timeout (15 minutes on Linux), far past
     # the heartbeat deadline. 0: a quarter of the heartbeat deadline, between 2 s (libpq's least) and 30 s.
     worker_database_timeout_s: int = Field(0, ge=0, le=3600)
+    # How long an API process waits on a database connection that does not answer (connecting, a query whose
+    # packets are dropped, a pooled connection while others are connecting) before the request answers 503
+    # database_unavailable: libpq's connect_timeout, tcp_user_timeout and TCP keepalives, and the pool's checkout
+    # timeout (app/db.api_database_url). Without them a database that dropped packets held every route thread
+    # for minutes. 2 is libpq's least.
+    api_database_timeout_s: int = Field(10, ge=2, le=3600)
+    # A statement of a request that runs longer than this (a lock held by a stuck transaction elsewhere, a
+    # pathological plan) is cancelled by Postgres and the request answers 503 database_busy, rolled back. 0: no
+    # bound. /metrics, whose first scrape reads the whole job history, gets API_LONG_STATEMENT_TIMEOUT_S instead;
+    # the CLI (admin commands, `qlora reaper`), migrations and the API's reaper and scheduler loops are not bound.
+    api_statement_timeout_s: float = Field(30.0, ge=0, le=86400)
+    api_long_statement_timeout_s: float = Field(600.0, ge=0, le=86400)
     # How often the reaper looks for such jobs: every API process runs one (0 turns it off there; `qlora
     # reaper` runs one alone), and only the holder of the "reaper" lease works (app/operations/lease.py).
     reaper_interval_s: float = Field(15.0, ge=0)

@@ -20,10 +20,10 @@ from typing import TypeVar
 
 import anyio.to_thread
 from pydantic_core import from_json
-from sqlalchemy import DateTime, MetaData, String, create_engine, event, func, select
+from sqlalchemy import DateTime, MetaData, String, create_engine, event, func, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -121,9 +121,60 @@ class IdMixin:
 POOL_SIZE, MAX_OVERFLOW = 16, 8
 
 
+def dead_connection_params(timeout_s: int) -> dict[str, str]:
+    """libpq's parameters that end a connection unanswered for about `timeout_s`: connecting; sent data
+    unacknowledged (tcp_user_timeout); an idle wait for an answer, probed by keepalives (the first after a
+    third of it, then every sixth, four unanswered: dead at about the whole). Without them, in a failover that
+    drops packets instead of refusing them, a connection waited for the kernel's retransmission timeout (about
+    15 minutes on Linux), or without end for an answer that never came. The worker's connections
+    (worker/supervisor.session_url) and the API's (api_database_url) both carry them."""
+    return {"connect_timeout": str(timeout_s), "tcp_user_timeout": str(timeout_s * 1000), "keepalives": "1",
+            "keepalives_idle": str(max(1, timeout_s // 3)), "keepalives_interval": str(max(1, timeout_s // 6)),
+            "keepalives_count": "4"}
+
+
+def with_connection_params(url: str, params: dict[str, str], server_options: str = "") -> str:
+    """`url` (Postgres) with libpq `params` it does not name already (an operator's own choice wins) and
+    `server_options` (`-c name=value ...`) appended to its `options`."""
+    parsed = make_url(url)
+    options = f"{parsed.query.get('options', '')} {server_options}".strip()
+    query = {name: value for name, value in params.items() if name not in parsed.query}
+    return parsed.update_query_dict(query | ({"options": options} if options else {})).render_as_string(
+        hide_password=False)
+
+
+def api_database_url(url: str, timeout_s: int, statement_timeout_s: float) -> str:
+    """The database URL of an API process's connections (its request pool, its bookkeeping pool, its async
+    reads): on Postgres a connection unanswered for `timeout_s` is given up (dead_connection_params), so a
+    database that drops packets answers requests 503 in seconds instead of holding every route thread for
+    minutes; and a statement running past `statement_timeout_s` (0: no bound) is cancelled by the server, so one
+    request stuck on a lock cannot hold a thread and a connection without end. The CLI, migrations and `qlora
+    reaper` connect with the URL as set: an admin command or a migration may run long."""
+    if make_url(url).get_backend_name() != "postgresql":
+        return url
+    bound = f"-c statement_timeout={int(statement_timeout_s * 1000)}" if statement_timeout_s else ""
+    return with_connection_params(url, dead_connection_params(timeout_s), bound)
+
+
+def statement_timeout_of(exc: BaseException) -> bool:
+    """Whether a database error is Postgres cancelling a statement at its statement_timeout."""
+    return type(getattr(exc, "orig", None)).__name__ == "QueryCanceled" and "statement timeout" in str(exc)
+
+
+def allow_long_statements(session: Session, timeout_s: float) -> None:
+    """Raise the statement bound for the rest of the session's transaction (SET LOCAL), for a request whose
+    work is legitimately long (/metrics' first read of the job history). No-op off Postgres."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"))
+
+
 def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW, *, pooled: bool = True) -> Engine:
     """pooled=False: a connection per session, closed at its end, for a thread of a process that forks
-    (a Celery worker's main process): a child would inherit a pooled connection's socket and share it."""
+    (a Celery worker's main process): a child would inherit a pooled connection's socket and share it.
+
+    A URL that bounds connecting (connect_timeout) bounds the wait for a pooled connection as long: with
+    the database out of reach, a request queued behind others that are connecting gives up as they do,
+    not after SQLAlchemy's 30 s."""
     unpooled: dict = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
@@ -141,7 +192,12 @@ def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OV
     if not pooled:
         return create_engine(url, json_deserializer=from_json, **unpooled)
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-                         json_deserializer=from_json)
+                         pool_timeout=_checkout_timeout_s(url), json_deserializer=from_json)
+
+
+def _checkout_timeout_s(url: str) -> float:
+    connect_timeout = make_url(url).query.get("connect_timeout")
+    return float(connect_timeout) if isinstance(connect_timeout, str) and connect_timeout.isdigit() else 30.0
 
 
 @lru_cache
@@ -185,7 +241,8 @@ def async_engine_for(url: str) -> AsyncEngine | None:
     if url.startswith("sqlite"):
         return None
     return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=ASYNC_POOL_SIZE,
-                               max_overflow=ASYNC_MAX_OVERFLOW, json_deserializer=from_json)
+                               max_overflow=ASYNC_MAX_OVERFLOW, pool_timeout=_checkout_timeout_s(url),
+                               json_deserializer=from_json)
 
 
 async def read_only(url: str, read: Callable[[Session], T]) -> T:

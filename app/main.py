@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,14 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
-from app.db import engine_for
+from app.db import api_database_url, engine_for, read_only, statement_timeout_of
 from app.deps import session_end_threads
 from app.errors import (
     ERROR_RESPONSES,
@@ -64,7 +66,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    given = settings or get_settings()
+    # The API's own connections give up on a database that does not answer, and bound each statement
+    # (app/db.api_database_url); its reaper and scheduler loops are not statement-bound (their work is not a
+    # request's, and may be long), and the CLI and migrations keep the URL as set.
+    settings = given.model_copy(update={"database_url": api_database_url(
+        given.database_url, given.api_database_timeout_s, given.api_statement_timeout_s)})
+    loop_settings = given.model_copy(update={"database_url": api_database_url(
+        given.database_url, given.api_database_timeout_s, 0)})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,8 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             conn.execute(text("SELECT 1"))
         app.state.session_ends = session_end_threads()  # see app.deps.get_session
         # Background loops: every API process runs them, the holder of each one's lease works (0: off here).
-        loops = [loop for loop, interval in ((ReaperThread(settings, app.state.storage), settings.reaper_interval_s),
-                                              (SchedulerThread(settings), settings.scheduler_interval_s)) if interval > 0]
+        loops = [loop for loop, interval in ((ReaperThread(loop_settings, app.state.storage), settings.reaper_interval_s),
+                                              (SchedulerThread(loop_settings), settings.scheduler_interval_s))
+                 if interval > 0]
         for loop in loops:
             loop.start()
         # What start-up made (modules, the app, pydantic's and SQLAlchemy's schemas) lives as long as the
@@ -161,16 +171,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "the server's storage is full, so this request could not be stored; nothing of it was kept. "
             "Send it again later; an operator must free space (the API's log has the error)"))
 
-    @app.exception_handler(OperationalError)
-    async def database_error(request: Request, exc: OperationalError):
-        """The database refused or lost the request for now: 503, which clients send again (the `qlora` CLI
-        does), rather than a 500 that says nothing. Its transaction was rolled back: nothing was half done."""
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError):
+        """The database refused or lost the request for now (out of reach, restarting, a dropped connection, its
+        disk full, a statement past QLORA_API_STATEMENT_TIMEOUT_S): 503, which clients send again (the `qlora`
+        CLI does), rather than a 500 that says nothing. Its transaction was rolled back: nothing was half done.
+        Any other database error (a constraint a bug broke) goes on to be a bug's 500."""
+        if not (isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated):
+            raise exc
         log.error("the database failed %s %s: %s", request.method, request.url.path, exc)
+        if statement_timeout_of(exc):
+            return await app_error(request, database_busy(settings))
         full = "disk is full" in str(exc) or "DiskFull" in type(exc.orig).__name__
         why = "its disk is full (an operator must free space)" if full else "it is unreachable, busy or out of room"
         return await app_error(request, DatabaseUnavailable(
             f"the database could not serve this request: {why}; nothing of it was kept. Send it again later",
             headers={"Retry-After": "10"}))
+
+    @app.exception_handler(PoolTimeout)
+    async def no_connection(request: Request, exc: PoolTimeout):
+        """No database connection came free within QLORA_API_DATABASE_TIMEOUT_S (every one of the pool's was
+        busy or connecting to a database that does not answer): 503 rather than a bug's 500."""
+        log.error("no database connection for %s %s: %s", request.method, request.url.path, exc)
+        return await app_error(request, DatabaseUnavailable(
+            f"no database connection came free within {settings.api_database_timeout_s} s (the database is slow "
+            "or unreachable); nothing of this request was kept. Send it again later", headers={"Retry-After": "10"}))
 
     async def storage_error(request: Request, exc: Exception):
         """S3 out of reach for now (down, answering 503, too slow): 503, which clients send again, rather than a
@@ -204,6 +229,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["operations"])
+    async def ready():
+        """Whether this process can serve requests: the database answers a `SELECT 1` within
+        QLORA_API_DATABASE_TIMEOUT_S. 503 with what is wrong otherwise, for a readiness probe (/health stays a
+        liveness probe: the process answers)."""
+        try:
+            await asyncio.wait_for(read_only(settings.database_url, lambda s: s.execute(text("SELECT 1")).scalar_one()),
+                                   settings.api_database_timeout_s)
+        except (DBAPIError, PoolTimeout, TimeoutError) as exc:
+            why = ("did not answer within QLORA_API_DATABASE_TIMEOUT_S "
+                   f"({settings.api_database_timeout_s} s)") if isinstance(exc, TimeoutError) else f"failed: {exc.__class__.__name__}"
+            log.error("readiness: the database %s: %s", why, exc)
+            return JSONResponse({"status": "unavailable", "database": f"unreachable: the database {why}"},
+                                status_code=503, headers={"Retry-After": "10"})
+        return {"status": "ok", "database": "ok"}
+
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
@@ -216,6 +257,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", DashboardFiles(directory=STATIC_DIR), name="static")
     document_request_models(app, [JobCreate])
     return app
+
+
+def database_busy(settings: Settings) -> DatabaseUnavailable:
+    """A request's statement cancelled at QLORA_API_STATEMENT_TIMEOUT_S."""
+    return DatabaseUnavailable(
+        f"a database statement of this request ran past {settings.api_statement_timeout_s:g} s "
+        "(QLORA_API_STATEMENT_TIMEOUT_S) and was cancelled: the database is busy, or another transaction holds a "
+        "lock this request needs; nothing of it was kept. Send it again later",
+        code="database_busy", headers={"Retry-After": "10"})
 
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from app import logs
 from app.config import Settings
-from app.db import on_database_clock, session_scope, utcnow
+from app.db import dead_connection_params, on_database_clock, session_scope, utcnow, with_connection_params
 from app.host import process_exists
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
@@ -327,23 +327,11 @@ def session_url(settings: Settings) -> str:
       timeout (about 15 minutes on Linux), or without end for an answer that never came: far past the heartbeat
       deadline, where a try on a new connection would have gone through in seconds.
     Settings the URL already names are kept: an operator's own choice wins."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "postgresql":
+    if make_url(settings.database_url).get_backend_name() != "postgresql":
         return settings.database_url
     timeout_ms = int(settings.heartbeat_deadline_s * 1000)
-    options = f"{url.query.get('options', '')} -c idle_in_transaction_session_timeout={timeout_ms}".strip()
-    return url.update_query_dict({"options": options, **{
-        name: value for name, value in _dead_connection_params(settings.database_timeout_s).items()
-        if name not in url.query}}).render_as_string(hide_password=False)
-
-
-def _dead_connection_params(timeout_s: int) -> dict[str, str]:
-    """libpq's parameters that end a connection unanswered for about `timeout_s`: connecting; sent data
-    unacknowledged (tcp_user_timeout); an idle wait for an answer, probed by keepalives (the first after a
-    third of it, then every sixth, four unanswered: dead at about the whole)."""
-    return {"connect_timeout": str(timeout_s), "tcp_user_timeout": str(timeout_s * 1000), "keepalives": "1",
-            "keepalives_idle": str(max(1, timeout_s // 3)), "keepalives_interval": str(max(1, timeout_s // 6)),
-            "keepalives_count": "4"}
+    return with_connection_params(settings.database_url, dead_connection_params(settings.database_timeout_s),
+                                  f"-c idle_in_transaction_session_timeout={timeout_ms}")
 
 
 class JobRun:

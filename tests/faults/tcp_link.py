@@ -44,8 +44,15 @@ class CuttableLink:
         (b"COMMIT\\x00", a COMMIT's CommandComplete): the statement took effect, and its client never hears so."""
         self._cut_at = marker
 
-    def black_hole(self) -> None:
+    def black_hole(self, drop_open: bool = False) -> None:
+        """drop_open: the open connections are reset first (the old server is gone, its address moved to one that
+        answers nothing), so what is tried next meets the hole as a new connection."""
         self._hole.set()
+        if drop_open:
+            with self._lock:
+                open_now, self._open = list(self._open), set()
+            for sock in open_now:
+                _drop(sock)
 
     def restore(self) -> None:
         self._cut.clear()
