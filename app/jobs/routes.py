@@ -21,6 +21,7 @@ from app.jobs.schemas import (
     JobReport,
     MetricsOut,
     PreflightOut,
+    curve_json,
     job_json,
     job_page_json,
 )
@@ -147,9 +148,7 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
     `after_step` alone can skip it. A job that resumed from a checkpoint logs the steps past it again:
     when `attempt` changes, read the curve from the start once more."""
     def read(session: Session) -> bytes:
-        curve = MetricsOut.model_validate(service.metrics(session, caller, job_id, after_step, after_eval_step, limit),
-                                          from_attributes=True)
-        return curve.model_dump_json().encode()
+        return curve_json(service.metrics(session, caller, job_id, after_step, after_eval_step, limit))
 
     return await polled(request, read)
 

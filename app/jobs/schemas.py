@@ -215,6 +215,14 @@ class MetricsOut(BaseModel):
                                           "else on the next poll, for points logged since.")
 
 
+def curve_json(curve: dict) -> bytes:
+    """MetricsOut's JSON for service.metrics' answer (plain dicts and lists in the schema's field order):
+    the same bytes as MetricsOut.model_validate(curve).model_dump_json(), through the same pydantic
+    encoder (floats written alike; inf and nan as null, as a model writes them), with no model per point
+    (tests/service/test_curve_pages.py compares the two)."""
+    return to_json(curve, inf_nan_mode="null")
+
+
 class ArtifactOut(BaseModel):
     kind: str
     bytes: int

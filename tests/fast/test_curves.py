@@ -20,7 +20,7 @@ def log_curve(session, job_id: str, steps: range, eval_every: int) -> None:
 
 
 def steps(curve: dict) -> tuple[list[int], list[int]]:
-    return [p.step for p in curve["train"]], [p.step for p in curve["eval"]]
+    return [p["step"] for p in curve["train"]], [p["step"] for p in curve["eval"]]
 
 
 def test_after_step_returns_only_the_points_past_it(session, caller, make_job):
@@ -46,7 +46,8 @@ def test_another_teams_curve_is_not_found_with_or_without_after_step(session, ca
     for after_step in (None, 0, 5):
         with pytest.raises(NotFound):
             service.metrics(session, other, job_id, after_step)
-        assert repository.metrics(session, other.team_id, job_id, -1 if after_step is None else after_step, -1, 100) == []
+        assert repository.metrics(session, other.team_id, job_id, "train", ("step",),
+                                  -1 if after_step is None else after_step, 100) == []
 
 
 def test_after_eval_step_reads_an_evaluation_that_landed_after_its_steps_train_point(session, caller, make_job):

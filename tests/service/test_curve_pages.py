@@ -125,3 +125,53 @@ def test_a_page_limit_out_of_range_is_a_422_naming_it(team_a, demo_data):
     answer = team_a.get(f"/jobs/{job_id}/metrics", params={"limit": "many"})
     assert answer.status_code == 422 and "limit" in answer.json()["error"]["message"]
     assert team_a.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["has_more"] is False
+
+
+def page_as_the_models_wrote_it(database_url: str, job_id: str, after_step: int | None, after_eval_step: int | None,
+                                limit: int) -> bytes:
+    """A page as GET /jobs/{id}/metrics wrote it before it skipped the models: an ORM row per point, a
+    MetricsOut (a TrainPoint or EvalPoint per point) validated from them, and its model_dump_json."""
+    from app.jobs.schemas import MetricsOut
+
+    train_after = -1 if after_step is None else after_step
+    eval_after = train_after if after_eval_step is None else after_eval_step
+    with session_scope(database_url) as session:
+        rows = [row for kind, after in (("train", train_after), ("eval", eval_after))
+                for row in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.kind == kind,
+                                                                   JobMetric.step > after).order_by(JobMetric.step))]
+        rows.sort(key=lambda row: (row.step, row.kind))
+        page = rows[:limit]
+        train, eval_ = [p for p in page if p.kind == "train"], [p for p in page if p.kind == "eval"]
+        return MetricsOut.model_validate({
+            "job_id": job_id, "train": train, "eval": eval_, "has_more": len(rows) > limit,
+            "next": {"after_step": train[-1].step if train else (None if train_after < 0 else train_after),
+                     "after_eval_step": eval_[-1].step if eval_ else max(eval_after, 0)}},
+            from_attributes=True).model_dump_json().encode()
+
+
+def test_a_page_is_byte_for_byte_the_json_its_models_wrote(deployment, team_a, demo_data):
+    """The page is built from plain column tuples, not a pydantic model per point: its bytes (so its ETag)
+    are what MetricsOut wrote, for floats of every shape, nulls, large integers and a dpo job's rewards."""
+    url = deployment.settings.database_url
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    floats = [0.1 + 0.2, 1 / 3, 1e-7, 2e-4, 5e-324, 1.7976931348623157e308, 1e16, 1e22, 123456789.0, -0.0, 0.0, 2.0,
+              -1.5e-10, float("inf"), float("-inf"), float("nan"), None]
+    with session_scope(url) as session:
+        session.execute(insert(JobMetric), [
+            {"job_id": job_id, "kind": "train", "step": s, "epoch": floats[s % len(floats)],
+             "train_loss": floats[(s * 7) % len(floats)], "learning_rate": floats[(s * 3) % len(floats)],
+             "grad_norm": None if s % 5 else 1.25, "tokens_seen": s * 4096 + 2**40,
+             "tokens_per_second": floats[(s * 11) % len(floats)], "peak_memory_bytes": 80 * 2**30 + s,
+             "gpu_utilization": s / 1000, "reward_accuracy": floats[(s * 13) % len(floats)] if s % 2 else None,
+             "reward_chosen": s / 7, "reward_rejected": -s / 9, "reward_margin": s / 7 + s / 9} for s in range(1, 701)])
+        session.execute(insert(JobMetric), [
+            {"job_id": job_id, "kind": "eval", "step": s, "epoch": s / 700, "eval_loss": floats[s % len(floats)],
+             "reward_accuracy": 0.5 if s % 20 else None, "reward_margin": s / 3} for s in range(10, 701, 10)])
+    for params in ({}, {"limit": 1}, {"limit": 333}, {"after_step": 100, "limit": 50},
+                   {"after_step": 100, "after_eval_step": 0, "limit": 200}, {"after_step": 700}, {"after_eval_step": 695}):
+        answer = team_a.get(f"/jobs/{job_id}/metrics", params=params)
+        assert answer.status_code == 200, answer.text
+        assert answer.content == page_as_the_models_wrote_it(url, job_id, params.get("after_step"),
+                                                             params.get("after_eval_step"), params.get("limit", 10_000)), params
