@@ -254,17 +254,39 @@ def losses_at(session: Session, job_id: str, step: int) -> tuple[float | None, f
 
 
 def metrics(session: Session, team_id: str, job_id: str, kind: str, columns: Sequence[str], after: int,
-            limit: int) -> Sequence[Row]:
+            limit: int, through: int | None = None) -> Sequence[Row]:
     """The first `limit` points of one series (kind train or eval) past step `after` (-1: from its start), by
     step, as tuples of `columns`. Each series is its own walk of the (job_id, kind, step) index that stops
     after `limit` rows: one query ordered by (step, kind) over both sorted every point of the job first (2.2 s
     of SQL at 510,000 points), a page or not. Tuples of the columns a page shows, not ORM rows: building an
     ORM object per point, then a pydantic model from it, was most of a page's cost (bench/curve_bench.py)."""
     # On the session's connection: core rows, without the ORM's loading of each (a third of the query's cost).
-    return session.connection().execute(
-        select(*(getattr(JobMetric, column) for column in columns))
-        .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.kind == kind, JobMetric.step > after)
-        .order_by(JobMetric.step).limit(limit)).all()
+    query = (select(*(getattr(JobMetric, column) for column in columns))
+             .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.kind == kind, JobMetric.step > after))
+    if through is not None:
+        query = query.where(JobMetric.step <= through)
+    return session.connection().execute(query.order_by(JobMetric.step).limit(limit)).all()
+
+
+def metric_extent(session: Session, team_id: str, job_id: str) -> dict[str, tuple[int, int, int]]:
+    """For each series of the curve that has points (train, eval): (points, first step, last step), from the
+    (job_id, kind, step) index alone."""
+    return {kind: (count, first, last) for kind, count, first, last in session.connection().execute(
+        select(JobMetric.kind, func.count(), func.min(JobMetric.step), func.max(JobMetric.step))
+        .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id))).group_by(JobMetric.kind))}
+
+
+def metrics_at(session: Session, team_id: str, job_id: str, kind: str, columns: Sequence[str],
+               steps: Sequence[int]) -> list[Row]:
+    """The points of one series at these steps, by step, as tuples of `columns`: a few hundred steps a query,
+    under every backend's limit on bound parameters."""
+    rows: list[Row] = []
+    for start in range(0, len(steps), 500):
+        rows += session.connection().execute(
+            select(*(getattr(JobMetric, column) for column in columns))
+            .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.kind == kind,
+                   JobMetric.step.in_(steps[start:start + 500])).order_by(JobMetric.step)).all()
+    return rows
 
 
 def artifacts(session: Session, team_id: str, job_id: str) -> list[Artifact]:

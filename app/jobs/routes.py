@@ -21,6 +21,7 @@ from app.jobs.schemas import (
     JobReport,
     MetricsOut,
     PreflightOut,
+    ThinnedMetricsOut,
     curve_json,
     job_json,
     job_page_json,
@@ -131,14 +132,19 @@ async def job_events(job_id: str, request: Request, caller: CallerDep,
 EVENT_LIST = TypeAdapter(list[EventOut])
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut, responses=POLLED)
+@router.get("/{job_id}/metrics", response_model=MetricsOut | ThinnedMetricsOut, responses=POLLED)
 async def job_metrics(job_id: str, request: Request, caller: CallerDep,
                       after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
                       after_eval_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
                       # The range is checked by the service, whose 422 names it; the schema shows it too.
                       limit: Annotated[int, Query(description=f"Points per page, 1 to {service.MAX_POINTS}.",
                                                   json_schema_extra={"minimum": 1, "maximum": service.MAX_POINTS})]
-                      = service.MAX_POINTS):
+                      = service.MAX_POINTS,
+                      points: Annotated[int | None, Query(
+                          description=f"A thinned view of the whole curve instead of a page: at most this many points "
+                                      f"({service.MIN_THINNED} to {service.MAX_THINNED}) that keep its shape. Not with "
+                                      "after_step, after_eval_step or limit.",
+                          json_schema_extra={"minimum": service.MIN_THINNED, "maximum": service.MAX_THINNED})] = None):
     """The loss curve, a page at a time: one train point per logging step, one eval point per
     evaluation, at most `limit` points (default and most: 10,000) in step order. Pass the last train
     step you have as `after_step` and the last eval step you have as `after_eval_step` (0 when you have
@@ -146,7 +152,20 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
     curve read so far. While `has_more` is true, ask again at once with `next` for the rest; then poll
     with it for new points. An evaluation at step N is recorded after step N's train point, so one
     `after_step` alone can skip it. A job that resumed from a checkpoint logs the steps past it again:
-    when `attempt` changes, read the curve from the start once more."""
+    when `attempt` changes, read the curve from the start once more.
+
+    With `points=N`, the shape of the whole curve instead, for a chart: at most N points (`thinned`,
+    `bucket_steps`): the steps are cut into N/8 buckets of `bucket_steps` steps, and in each, each series
+    keeps its first and last point and those of its lowest and highest loss. `next` is the end of the
+    curve, to poll on from with `after_step` and `after_eval_step`."""
+    if points is not None:
+        paged = [name for name in ("after_step", "after_eval_step", "limit") if name in request.query_params]
+
+        def thinned(session: Session) -> bytes:
+            return curve_json(service.thinned_metrics(session, caller, job_id, points, paged))
+
+        return await polled(request, thinned)
+
     def read(session: Session) -> bytes:
         return curve_json(service.metrics(session, caller, job_id, after_step, after_eval_step, limit))
 

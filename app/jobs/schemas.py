@@ -215,6 +215,16 @@ class MetricsOut(BaseModel):
                                           "else on the next poll, for points logged since.")
 
 
+class ThinnedMetricsOut(MetricsOut):
+    """GET /jobs/{id}/metrics?points=N: the whole curve's shape in at most N points."""
+
+    thinned: bool = Field(description="Points were left out: in each bucket of `bucket_steps` steps, each series "
+                                      "kept its first and last point and those of its lowest and highest loss. "
+                                      "False: the curve fit in `points`, every point is here.")
+    bucket_steps: int | None = Field(description="The width of a bucket in steps (null when not thinned).")
+    curve_points: int = Field(description="The points the whole curve holds, train and eval.")
+
+
 def curve_json(curve: dict) -> bytes:
     """MetricsOut's JSON for service.metrics' answer (plain dicts and lists in the schema's field order):
     the same bytes as MetricsOut.model_validate(curve).model_dump_json(), through the same pydantic

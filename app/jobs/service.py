@@ -442,6 +442,92 @@ def first_by_step(train: Sequence[Sequence], eval_: Sequence[Sequence], limit: i
     return limit - held_eval, held_eval
 
 
+# A thinned view (GET /jobs/{id}/metrics?points=N): the shape of a curve of any length in at most N points,
+# for a chart. The curve's steps are cut into buckets of equal width, as many as N / 8; in each, each series
+# keeps its first and last point and those of its lowest and highest loss (at most 4 a series, 8 a bucket).
+# So a spike or a dip, which an even sample steps over, stays; and every evaluation of a job that evaluates
+# at most four times a bucket (most jobs) is kept. Between 8 (one bucket) and 5,000: more than a chart draws.
+MIN_THINNED, MAX_THINNED = 8, 5_000
+PER_BUCKET = 8
+THIN_BATCH = 20_000  # rows of (step, loss) a query while thinning: what the pass holds at once, whatever the curve
+LOSS_OF = {"train": "train_loss", "eval": "eval_loss"}
+
+
+def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> dict:
+    """The whole curve in at most `points` points that keep its shape (see MIN_THINNED), read in one pass
+    over each series in batches of THIN_BATCH rows, then the points kept: bounded memory at any length.
+    `paged`: the paging parameters the request also gave, which a thinned view does not take. Curves that
+    fit in `points` come whole (`thinned` false). `next` is the end of the curve: where a poller goes on
+    for the points logged since, with after_step and after_eval_step."""
+    if not MIN_THINNED <= points <= MAX_THINNED:
+        raise Invalid(f"points: must be between {MIN_THINNED} and {MAX_THINNED}, got {points}",
+                      details=field_errors([("points", f"must be between {MIN_THINNED} and {MAX_THINNED}")]))
+    if paged:
+        raise Invalid(f"points: cannot be combined with {' or '.join(paged)}: a thinned view is of the whole curve "
+                      "(drop points to read it page by page)",
+                      details=field_errors([("points", f"cannot be combined with {' or '.join(paged)}")]))
+    job = get(session, caller, job_id)
+    extent = repository.metric_extent(session, caller.team_id, job.id)
+    in_curve = sum(count for count, _, _ in extent.values())
+    # Read up to the last step counted: points logged meanwhile would fall past the last bucket.
+    first = min((lo for _, lo, _ in extent.values()), default=0)
+    last = max((hi for _, _, hi in extent.values()), default=0)
+    width = None if in_curve <= points else (last - first) // (points // PER_BUCKET) + 1
+    curve = {kind: _thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
+             for kind in ("train", "eval")}
+    if width is None and len(curve["train"]) + len(curve["eval"]) > points:  # logged at steps counted, since
+        width = (last - first) // (points // PER_BUCKET) + 1
+        curve = {kind: _thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
+                 for kind in ("train", "eval")}
+    train, eval_ = curve["train"], curve["eval"]
+    return {"job_id": job.id, "train": [dict(zip(TRAIN_FIELDS, row, strict=True)) for row in train],
+            "eval": [dict(zip(EVAL_FIELDS, row, strict=True)) for row in eval_], "has_more": False,
+            "next": {"after_step": train[-1][0] if train else None, "after_eval_step": eval_[-1][0] if eval_ else 0},
+            "thinned": width is not None, "bucket_steps": width, "curve_points": in_curve}
+
+
+def _kept(head: int, tail: int, low: int | None, high: int | None) -> list[int]:
+    """A bucket's steps kept, each once, by step."""
+    return sorted({head, tail, *(step for step in (low, high) if step is not None)})
+
+
+def _thinned_series(session: Session, team_id: str, job_id: str, kind: str, first: int, last: int,
+                    width: int | None, points: int) -> list:
+    """One series' points kept (all of them up to `points` + 1 when width is None), by step."""
+    fields = TRAIN_FIELDS if kind == "train" else EVAL_FIELDS
+    if width is None:
+        return list(repository.metrics(session, team_id, job_id, kind, fields, -1, points + 1, through=last))
+    steps: list[int] = []
+    bucket: int | None = None
+    head = tail = 0
+    low: int | None = None
+    high: int | None = None
+    low_loss = high_loss = 0.0
+    after = -1
+    while True:
+        rows = repository.metrics(session, team_id, job_id, kind, ("step", LOSS_OF[kind]), after, THIN_BATCH,
+                                  through=last)
+        for step, loss in rows:
+            here = (step - first) // width
+            if here != bucket:
+                if bucket is not None:
+                    steps += _kept(head, tail, low, high)
+                bucket, head, low, high = here, step, None, None
+            tail = step
+            if loss is None or loss != loss:  # no loss (diverged: null), or NaN: no lowest or highest
+                continue
+            if low is None or loss < low_loss:
+                low, low_loss = step, loss
+            if high is None or loss > high_loss:
+                high, high_loss = step, loss
+        if len(rows) < THIN_BATCH:
+            break
+        after = rows[-1][0]
+    if bucket is not None:
+        steps += _kept(head, tail, low, high)
+    return repository.metrics_at(session, team_id, job_id, kind, fields, steps)
+
+
 def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoint]:
     """Complete checkpoints in storage, oldest first."""
     job = get(session, caller, job_id)

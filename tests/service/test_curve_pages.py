@@ -175,3 +175,103 @@ def test_a_page_is_byte_for_byte_the_json_its_models_wrote(deployment, team_a, d
         assert answer.status_code == 200, answer.text
         assert answer.content == page_as_the_models_wrote_it(url, job_id, params.get("after_step"),
                                                              params.get("after_eval_step"), params.get("limit", 10_000)), params
+
+
+def test_a_thinned_view_keeps_the_shape_of_a_long_curve_in_a_bounded_count(deployment, team_a, team_b, demo_data):
+    """GET /jobs/{id}/metrics?points=N: a chart's view of a curve of any length, in at most N points that keep
+    each bucket's first and last point and its lowest and highest loss (a spike an even sample steps over
+    stays), every evaluation of a job that evaluates rarely, and the end of the curve to poll on from."""
+    import math
+    import random
+
+    url = deployment.settings.database_url
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    rng = random.Random(7)
+    steps = 30_000
+    losses = {s: 2.0 * math.exp(-s / 3000) + 0.3 + rng.random() * 0.05 for s in range(1, steps + 1)}
+    losses[12_345], losses[20_001] = 50.0, -1.0  # a spike and a dip, one step each
+    for s in range(5_000, 5_010):
+        losses[s] = None  # a stretch where the loss diverged (stored as null)
+    with session_scope(url) as session:
+        session.execute(insert(JobMetric), [{"job_id": job_id, "kind": "train", "step": s, "train_loss": loss,
+                                             "tokens_seen": s * 4096} for s, loss in losses.items()])
+        session.execute(insert(JobMetric), [{"job_id": job_id, "kind": "eval", "step": s, "eval_loss": 1.0 + 1 / s}
+                                            for s in range(1_000, steps + 1, 1_000)])
+    whole = curve_in_the_database(url, job_id)
+
+    answer = team_a.get(f"/jobs/{job_id}/metrics", params={"points": 2_000})
+    assert answer.status_code == 200, answer.text
+    view = answer.json()
+    width = view["bucket_steps"]
+    assert view["thinned"] is True and view["curve_points"] == steps + 30 and view["has_more"] is False
+    assert len(view["train"]) + len(view["eval"]) <= 2_000 and len(view["train"]) > 500
+    assert width == (steps - 1) // (2_000 // 8) + 1
+    # Every point shown is the curve's own, in step order; each bucket's first, last, lowest and highest are there.
+    shown = as_pairs(view)
+    assert set(shown["train"]) <= set(whole["train"]) and [s for s, _ in shown["train"]] == sorted({s for s, _ in shown["train"]})
+    buckets: dict[int, list[tuple[int, float]]] = {}
+    for step, loss in whole["train"]:
+        buckets.setdefault((step - 1) // width, []).append((step, loss))
+    kept = {step for step, _ in shown["train"]}
+    for points in buckets.values():
+        valued = [p for p in points if p[1] is not None]
+        assert points[0][0] in kept and points[-1][0] in kept
+        assert min(p[1] for p in valued) in {loss for s, loss in shown["train"] if s in {q[0] for q in points}}
+        assert max(p[1] for p in valued) in {loss for s, loss in shown["train"] if s in {q[0] for q in points}}
+    assert (12_345, 50.0) in shown["train"] and (20_001, -1.0) in shown["train"]
+    assert shown["eval"] == whole["eval"]  # one evaluation every 1,000 steps: all of them
+    assert view["train"][0]["tokens_seen"] == 4096  # whole points, every field
+    assert view["next"] == {"after_step": steps, "after_eval_step": steps}
+
+    # However small N, however dense the evaluations: at most N.
+    for points in (8, 9, 100, 4_999):
+        view = team_a.get(f"/jobs/{job_id}/metrics", params={"points": points}).json()
+        assert len(view["train"]) + len(view["eval"]) <= points and view["thinned"] is True, points
+        assert (12_345, 50.0) in as_pairs(view)["train"] and (20_001, -1.0) in as_pairs(view)["train"]
+    one_bucket = team_a.get(f"/jobs/{job_id}/metrics", params={"points": 8}).json()
+    assert [p["step"] for p in one_bucket["train"]] == [1, 12_345, 20_001, steps]
+
+    # A curve that fits comes whole, not thinned; a poller goes on from its `next`.
+    view = team_a.get(f"/jobs/{job_id}/metrics", params={"points": 5_000}).json()
+    short_job = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                           **demo_spec("tiny")}).json()["id"]
+    with session_scope(url) as session:
+        for s in range(1, 51):
+            repository.upsert_metric(session, short_job, {"kind": "train", "step": s, "train_loss": 1 / s})
+    view = team_a.get(f"/jobs/{short_job}/metrics", params={"points": 50}).json()
+    assert view["thinned"] is False and view["bucket_steps"] is None and view["curve_points"] == 50
+    assert as_pairs(view) == curve_in_the_database(url, short_job)
+    with session_scope(url) as session:
+        repository.upsert_metric(session, short_job, {"kind": "train", "step": 51, "train_loss": 0.01})
+    polled = team_a.get(f"/jobs/{short_job}/metrics", params=view["next"]).json()
+    assert as_pairs(polled) == {"train": [(51, 0.01)], "eval": []}
+    empty_job = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                           **demo_spec("tiny")}).json()["id"]
+    assert team_a.get(f"/jobs/{empty_job}/metrics", params={"points": 10}).json() == {
+        "job_id": empty_job, "train": [], "eval": [], "has_more": False, "next": {"after_step": None, "after_eval_step": 0},
+        "thinned": False, "bucket_steps": None, "curve_points": 0}
+
+    # Another team's job is 404, as without `points`.
+    assert team_b.get(f"/jobs/{job_id}/metrics", params={"points": 100}).status_code == 404
+
+
+def test_a_thinned_view_out_of_range_or_with_paging_is_a_422_naming_points(team_a, demo_data):
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    for points in (0, -1, 7, 5_001, 10**30):
+        answer = team_a.get(f"/jobs/{job_id}/metrics", params={"points": points})
+        assert answer.status_code == 422, (points, answer.text)
+        error = answer.json()["error"]
+        assert error["message"] == f"points: must be between 8 and 5000, got {points}"
+        assert error["details"] == [{"field": "points", "message": "must be between 8 and 5000"}]
+    for paging in ({"after_step": 10}, {"after_eval_step": 0}, {"limit": 100}, {"after_step": 1, "limit": 5}):
+        answer = team_a.get(f"/jobs/{job_id}/metrics", params={"points": 100, **paging})
+        assert answer.status_code == 422, (paging, answer.text)
+        error = answer.json()["error"]
+        assert error["message"].startswith(f"points: cannot be combined with {' or '.join(paging)}: "), error
+        assert error["details"] == [{"field": "points", "message": f"cannot be combined with {' or '.join(paging)}"}]
+    answer = team_a.get(f"/jobs/{job_id}/metrics", params={"points": "many"})
+    assert answer.status_code == 422 and "points" in answer.json()["error"]["message"]
