@@ -143,6 +143,9 @@ def _id(value: str, what: str = "job id") -> str:
 # ---------------------------------------------------------------- the API
 
 POLLED_KEPT = 16  # answers kept for If-None-Match: a watch polls one job and its curve
+# Nor any answer larger than this: a page of a long curve (up to 3 MB of JSON, ~30 MB once parsed) is asked once,
+# the next poll asks past it; keeping the last 16 held hundreds of MB in `jobs watch` for nothing.
+POLLED_KEPT_BYTES = 512 * 1024
 
 
 class ApiClient:
@@ -297,18 +300,33 @@ class ApiClient:
                                                   ("limit", limit)) if value is not None}
         return self._poll(f"/jobs/{_id(job_id)}/metrics", params=params, expect=dict)
 
-    def job_curve(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
-                  limit: int | None = None) -> dict:
-        """The curve past after_step / after_eval_step, every page of it: the API answers at most `limit`
-        points a request and says where to go on (`next`) while `has_more`."""
-        curve = self.job_metrics(job_id, after_step, after_eval_step, limit)
-        page = curve
+    def job_curve_pages(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
+                        limit: int | None = None) -> Iterator[dict]:
+        """The curve past after_step / after_eval_step, a page at a time (the API answers at most `limit` points
+        a request and says where to go on, `next`, while `has_more`): for a reader that keeps only what it needs
+        of each page, whatever the length of the curve."""
+        page = self.job_metrics(job_id, after_step, after_eval_step, limit)
+        yield page
         while page.get("has_more"):
             page = self.job_metrics(job_id, page["next"]["after_step"], page["next"]["after_eval_step"], limit)
+            yield page
+
+    def job_curve(self, job_id: str, after_step: int | None = None, after_eval_step: int | None = None,
+                  limit: int | None = None) -> dict:
+        """The curve past after_step / after_eval_step, every page of it joined into one answer."""
+        pages = self.job_curve_pages(job_id, after_step, after_eval_step, limit)
+        curve = next(pages)
+        page = curve
+        for page in pages:
             curve["train"] += page["train"]
             curve["eval"] += page["eval"]
         curve["has_more"], curve["next"] = False, page.get("next")
         return curve
+
+    def job_curve_thinned(self, job_id: str, points: int) -> dict:
+        """The shape of the whole curve in at most `points` points (GET /jobs/{id}/metrics?points=N): each
+        bucket of `bucket_steps` steps keeps its first, last, lowest and highest point of each series."""
+        return self._poll(f"/jobs/{_id(job_id)}/metrics", params={"points": points}, expect=dict)
 
     def job_report(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{_id(job_id)}/report", expect=dict)
@@ -447,7 +465,7 @@ class ApiClient:
             return copy.deepcopy(seen[1])  # the caller may change what it gets
         _raise_for_error(response)
         body = _decoded(response, expect)
-        if etag := response.headers.get("etag"):
+        if (etag := response.headers.get("etag")) and len(response.content) <= POLLED_KEPT_BYTES:
             self._polled[url] = (etag, copy.deepcopy(body))
             self._polled.move_to_end(url)
             while len(self._polled) > POLLED_KEPT:

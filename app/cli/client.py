@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from app.cli.render import (
     Commands,
     JsonOption,
+    LossTrail,
     err,
     event_line,
     id_column,
@@ -590,7 +591,7 @@ def jobs_watch(
     watcher: _JobWatcher | None = None
     try:
         with _api(ctx) as api:
-            watcher = _JobWatcher(api, job_id)
+            watcher = _JobWatcher(api, job_id, every_point=streamed)
             watcher.poll()  # a wrong id fails here, before the live display starts
             if streamed:
                 _stream_job(watcher, interval)
@@ -612,7 +613,7 @@ def jobs_watch(
     job = watcher.job
     line = f"job {job['id']} {job['status']} at step {steps(job)}"
     if job["status"] == "succeeded":
-        loss = f", train loss {watcher.train_losses[-1]:.4f}" if watcher.train_losses else ""
+        loss = f", train loss {watcher.train_loss:.4f}" if watcher.train_loss is not None else ""
         if not streamed:  # else the last line said it
             out.print(Text(line + loss, style="green"), soft_wrap=True)
         _print_outputs(job, outputs)
@@ -714,17 +715,26 @@ def _stream_job(watcher: _JobWatcher, interval: float) -> None:
 
 
 class _JobWatcher:
-    """The state `jobs watch` shows: the job, its loss series and the events not yet printed."""
+    """The state `jobs watch` shows: the job, what it shows of its curve and the events not yet printed.
+
+    Of the curve it holds only what it prints, whatever the length of the run: the newest values, the loss
+    as a LossTrail for the sparkline, and the last step read of each series. A terminal's view starts from
+    the thinned curve (GET /jobs/{id}/metrics?points=N: one request for a run of any length), then reads
+    the points logged since, poll by poll. A pipe (`every_point`) gets every point once, read page by page
+    and passed on as it comes. It kept every point it had read, twice (a dict, and a string to tell a new one
+    from one seen): hundreds of MB, growing, for a run of 500,000 steps."""
 
     UNREACHABLE_LIMIT_S = 300  # ride out an API restart; give up if it stays down this long
     STOP_STATES = ("succeeded", "failed", "cancelled", "paused")  # paused waits for a person: stop watching too
+    SHOWN_POINTS = 2000  # the thinned curve a terminal's view starts from: plenty for a 40-column sparkline
 
-    def __init__(self, api, job_id: str):
+    def __init__(self, api, job_id: str, every_point: bool = False):
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-        self.api, self.job_id = api, job_id
+        self.api, self.job_id, self.every_point = api, job_id, every_point
         self.job: dict = {}
-        self.train_losses: list[float] = []
+        self.trail = LossTrail()
+        self.train_loss: float | None = None
         self.eval_loss: float | None = None
         self.rewards: dict | None = None  # a dpo job's newest train point: reward accuracy and margin
         self.eval_rewards: dict | None = None
@@ -732,15 +742,20 @@ class _JobWatcher:
         self.unreachable_since: float | None = None
         self._events: list[dict] = []
         self._last_event_id: int | None = None
+        self._resumed_at: dict[int, int] = {}  # attempt -> the step it resumed from (its `resumed` event)
         self._metrics_at: tuple | None = None
-        self._train: list[dict] = []  # the curve so far, extended poll by poll
-        self._eval: list[dict] = []
         self._curve_attempt: int | None = None
-        self._new_points: list[tuple[str, dict]] = []  # (split, point) not yet taken
-        self._points_seen: set[str] = set()
+        self.last_step: dict[str, int | None] = {"train": None, "eval": None}  # the last point read of each series
+        self._passed_through = {"train": 0, "eval": 0}  # a pipe was given every point up to these steps
+        self._new_points: list[tuple[str, dict]] = []  # (split, point) not yet taken, for a pipe
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("step {task.fields[steps]}"), TextColumn("ETA"), TimeRemainingColumn())
         self._task = self.progress.add_task("", total=None, steps="0/?")
+
+    @property
+    def train_losses(self) -> list[float]:
+        """The train loss for the sparkline: each bucket's mean, by step (every point while the run is short)."""
+        return self.trail.values()
 
     @property
     def ended(self) -> bool:
@@ -755,14 +770,9 @@ class _JobWatcher:
             self.job = self.api.get_job(self.job_id)
             # The curve only changes with the step: skip it between logging steps, and fetch only the
             # points past the last one held of each series (an evaluation at step N lands after step N's
-            # train point). A new attempt resumed from a checkpoint and logs the steps past it again:
-            # read the curve whole then.
+            # train point).
             if self._metrics_at != (self.job["step"], self.job["status"]):
-                if self._curve_attempt != self.job["attempt"]:
-                    self._train, self._eval, self._curve_attempt = [], [], self.job["attempt"]
-                last_train = max((p["step"] for p in self._train), default=None)
-                last_eval = max((p["step"] for p in self._eval), default=None if last_train is None else 0)
-                self._read_metrics(self.api.job_curve(self.job_id, after_step=last_train, after_eval_step=last_eval))
+                self._read_curve()
                 self._metrics_at = (self.job["step"], self.job["status"])
             self._read_events()
             self.unreachable_since = None
@@ -775,6 +785,34 @@ class _JobWatcher:
             if time.monotonic() - self.unreachable_since > self.UNREACHABLE_LIMIT_S:
                 raise
 
+    def _read_curve(self) -> None:
+        """A new attempt resumed from a checkpoint and logs the steps past it again: read the curve again from
+        there (a pipe, which was given the steps up to it already) or whole (a terminal's view)."""
+        if self._curve_attempt != self.job["attempt"]:
+            first_read = self._curve_attempt is None
+            self._curve_attempt = self.job["attempt"]
+            if not self.every_point:
+                view = self.api.job_curve_thinned(self.job_id, self.SHOWN_POINTS)
+                self.trail = LossTrail(width=view.get("bucket_steps") or 1)
+                self.last_step = {"train": None, "eval": None}
+                self._read_points(view)
+                # Past its last point, the terminal reads on from the last step of each series.
+                if self.last_step["eval"] is None and self.last_step["train"] is not None:
+                    self.last_step["eval"] = 0
+            elif not first_read:
+                self._read_events()  # the new attempt's `resumed` event: the step its curve is logged again past
+                redone_from = self._resumed_at.get(self.job["attempt"], 0)  # none said: from the start
+                for split in ("train", "eval"):
+                    self._passed_through[split] = min(self._passed_through[split], redone_from)
+                    held = self.last_step[split]
+                    self.last_step[split] = None if held is None else min(held, redone_from)
+                self.trail = LossTrail()
+        last_train, last_eval = self.last_step["train"], self.last_step["eval"]
+        if last_eval is None and last_train is not None:
+            last_eval = 0
+        for page in self.api.job_curve_pages(self.job_id, after_step=last_train, after_eval_step=last_eval):
+            self._read_points(page)
+
     EVENT_PAGE = 1000  # GET /jobs/{id}/events answers at most this many at once (app.jobs.service.MAX_EVENTS)
 
     def _read_events(self) -> None:
@@ -785,30 +823,36 @@ class _JobWatcher:
         while True:
             page = self.api.job_events(self.job_id, after=self._last_event_id, limit=self.EVENT_PAGE)
             self._events += page
+            for event in page:
+                if event.get("type") == "resumed" and event.get("step") is not None:
+                    self._resumed_at[event["attempt"]] = event["step"]
             if page:
                 self._last_event_id = page[-1]["id"]
             if len(page) < self.EVENT_PAGE:
                 return
 
-    def _read_metrics(self, new: dict) -> None:
-        self._train += new["train"]
-        self._eval += new["eval"]
+    def _read_points(self, new: dict) -> None:
+        """A page of the curve (or the thinned view): what the view shows of it, and for a pipe each point past
+        what it was given already (a new attempt's points up to its checkpoint are the ones it was given)."""
         for split in ("train", "eval"):
             for point in new[split]:
-                # A new attempt's curve is read whole again: its points up to the checkpoint are the ones seen.
-                seen = json.dumps([split, point], sort_keys=True)
-                if seen not in self._points_seen:
-                    self._points_seen.add(seen)
+                self.last_step[split] = point["step"]
+                if self.every_point and point["step"] > self._passed_through[split]:
+                    self._passed_through[split] = point["step"]
                     self._new_points.append((split, point))
-        self.train_losses = [p["train_loss"] for p in self._train if p["train_loss"] is not None]
-        speeds = [p["tokens_per_second"] for p in self._train if p["tokens_per_second"]]
-        self.tokens_per_second = speeds[-1] if speeds else None
-        evals = [p["eval_loss"] for p in self._eval if p["eval_loss"] is not None]
-        self.eval_loss = evals[-1] if evals else None
-        rewarded = [p for p in self._train if p.get("reward_accuracy") is not None]
-        self.rewards = rewarded[-1] if rewarded else None
-        rewarded = [p for p in self._eval if p.get("reward_accuracy") is not None]
-        self.eval_rewards = rewarded[-1] if rewarded else None
+        for point in new["train"]:
+            if point["train_loss"] is not None:
+                self.train_loss = point["train_loss"]
+                self.trail.add(point["step"], point["train_loss"])
+            if point["tokens_per_second"]:
+                self.tokens_per_second = point["tokens_per_second"]
+            if point.get("reward_accuracy") is not None:
+                self.rewards = point
+        for point in new["eval"]:
+            if point["eval_loss"] is not None:
+                self.eval_loss = point["eval_loss"]
+            if point.get("reward_accuracy") is not None:
+                self.eval_rewards = point
 
     def take_new_events(self) -> list[dict]:
         events, self._events = self._events, []
@@ -830,7 +874,7 @@ class _JobWatcher:
                              completed=job["step"], steps=steps(job))
         header = Text.assemble((f"job {job['id']}", "bold"), f"  {printable(job['name'])}  ", (job["status"], status_style(job["status"])))
         stats = Text.assemble(
-            "train loss ", (f"{self.train_losses[-1]:.4f}" if self.train_losses else "-", "bold"),
+            "train loss ", (f"{self.train_loss:.4f}" if self.train_loss is not None else "-", "bold"),
             "   eval loss ", (f"{self.eval_loss:.4f}" if self.eval_loss is not None else "-", "bold"),
             "   tokens/s ", (f"{self.tokens_per_second:,.0f}" if self.tokens_per_second else "-", "bold"),
             "   loss ", (sparkline(self.train_losses), "cyan"))

@@ -271,6 +271,35 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(SPARK_LEVELS[round((v - low) / (high - low) * top)] for v in values)
 
 
+
+class LossTrail:
+    """A loss series as a sparkline needs it, in bounded memory whatever the length of the run: the mean loss
+    of each bucket of `width` steps, at most `limit` buckets; past that the buckets double in width (each two
+    merged into one), so the whole run stays spread evenly by step. `jobs watch` kept every point it was sent
+    (a dict each, and a string each to tell new ones): hundreds of MB for a run of 500,000 steps."""
+
+    def __init__(self, width: int = 1, limit: int = 1000):
+        self.width, self.limit = max(width, 1), limit
+        self._buckets: dict[int, list[float]] = {}  # bucket -> [sum of losses, count]
+
+    def add(self, step: int, loss: float) -> None:
+        bucket = self._buckets.setdefault(step // self.width, [0.0, 0])
+        bucket[0] += loss
+        bucket[1] += 1
+        if len(self._buckets) > self.limit:
+            self.width *= 2
+            merged: dict[int, list[float]] = {}
+            for index, (total, count) in self._buckets.items():
+                into = merged.setdefault(index // 2, [0.0, 0])
+                into[0] += total
+                into[1] += count
+            self._buckets = merged
+
+    def values(self) -> list[float]:
+        """The mean loss of each bucket, by step."""
+        return [total / count for _, (total, count) in sorted(self._buckets.items())]
+
+
 # ---------------------------------------------------------------- a run's summary
 
 

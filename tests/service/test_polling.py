@@ -100,4 +100,4 @@ def test_qlora_jobs_watch_holds_every_evaluation_though_each_lands_after_its_ste
         worker_logs([("eval", 20)], step=20, status="succeeded")  # the last evaluation, then the end
         watcher.poll()
         assert watcher.ended and watcher.eval_loss == 2.0 / 20
-        assert [p["step"] for p in watcher._eval] == [10, 20] and [p["step"] for p in watcher._train] == [5, 10, 15, 20]
+        assert watcher.last_step == {"train": 20, "eval": 20} and watcher.train_losses == [1 / 5, 1 / 10, 1 / 15, 1 / 20]
