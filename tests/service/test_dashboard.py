@@ -444,8 +444,9 @@ def test_the_api_docs_run_only_the_pinned_files_they_were_checked_against(deploy
 
 def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page, deployment, team, team_key):
     """130,000 logged steps (Math.max(...points) threw past ~125,000, and the page stopped drawing) and
-    1,000 events: the page keeps at most 4,000 of the points, draws at most 2,000, and the events list shows
-    the newest 200, the only ones the page holds."""
+    1,000 events: the page keeps at most 4,000 of the points and draws the thinned curve (GET
+    /jobs/{id}/metrics?points=N), which keeps a one-step spike that an even sample stepped over; the events
+    list shows the newest 200, the only ones the page holds."""
     from sqlalchemy import insert
 
     from app.db import session_scope
@@ -457,7 +458,8 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
         job = Job(team_id=team_id, status="succeeded", base_model="tiny", queue="gpu-nobody", spec=stored_spec(), name="long")
         session.add(job)
         session.flush()
-        session.execute(insert(JobMetric), [{"job_id": job.id, "kind": "train", "step": step, "train_loss": 2 + 1 / step}
+        session.execute(insert(JobMetric), [{"job_id": job.id, "kind": "train", "step": step,
+                                             "train_loss": 9.5 if step == 77_777 else 2 + 1 / step}
                                             for step in range(1, 130_001)])
         session.execute(insert(JobEvent), [{"job_id": job.id, "attempt": 1, "type": "checkpoint_saved", "level": "info",
                                             "step": n, "message": f"checkpoint {n}"} for n in range(1, 1001)])
@@ -466,9 +468,12 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
     page.goto(f"/#/jobs/{job_id}")
     expect(page.locator("#chart-svg-desc")).to_contain_text("at step 130000.", timeout=120_000)  # every point sent
     expect(page.locator("#chart-svg-desc")).to_contain_text(" at step 1 to ")
-    # The page holds a bounded series (it held all 130,000 for as long as it stayed open), and draws 2,000 of it.
-    assert int(page.locator("#train-loss-path").get_attribute("data-points") or 0) <= 4000
-    assert train_path_points(page) == 2000
+    # The page holds a bounded series (it held all 130,000 for as long as it stayed open), and draws the thinned
+    # curve: at most 2,000 points, the spike at step 77,777 among them (the y axis reaches it).
+    expect(page.locator("#loss-chart")).to_have_attribute("data-thinned", str((130_000 - 1) // (4_000 // 8) + 1))
+    assert int(page.locator("#train-loss-path").get_attribute("data-points") or 0) <= 2000
+    assert 500 <= train_path_points(page) <= 2000
+    assert max(float(tick) for tick in page.locator(".tick-label[text-anchor='end']").all_text_contents()) >= 9.5
     expect(page.locator("#older-events")).to_contain_text("and 800 older events")
     assert page.locator("#events li").count() == 201
     assert page.locator("#events").get_attribute("data-held") == "200"  # it held all 1,000 events it was sent

@@ -14,11 +14,26 @@ import { downloadArtifact } from "./job-download.js";
 import { renderCheckpoints, renderEvents, renderProgress, renderRewards, renderSummary } from "./job-panels.js";
 import { loadReport } from "./job-report.js";
 
+// A long job's chart draws its thinned curve (GET /jobs/{id}/metrics?points=N: in each bucket of steps, each
+// series' first, last, lowest and highest point), extended by the streamed points past it. What the page holds
+// of a long series point by point is thinned evenly (series.js), which steps over a spike or a dip.
+const THINNED_FROM = 4000; // steps: past this, or once the page thinned what it holds, the chart asks for the view
+const THINNED_POINTS = 4000; // at most 2,000 a series: what the chart draws (chart.js)
+const THINNED_EVERY_MS = 30000; // asked again while the job runs, and once more when it has finished
+
+/** The chart's points of a series: the thinned view's, then the streamed ones past its last step. */
+function charted(series, thinned) {
+  if (!thinned) return [...series.values()];
+  const last = thinned.length ? thinned[thinned.length - 1].step : -Infinity;
+  return [...thinned, ...[...series.values()].filter((p) => p.step > last)];
+}
+
 export function viewJob(main, ctx, jobId) {
   setTitle("Job");
   // The loss points by step and the newest events, each bounded for a page left open on a long job
   // (series.js, event-log.js).
-  const state = { job: null, train: new PointSeries(), eval: new PointSeries(), events: new EventLog(), artifacts: [], checkpoints: [] };
+  const state = { job: null, train: new PointSeries(), eval: new PointSeries(), events: new EventLog(), artifacts: [], checkpoints: [],
+    thinned: null };
 
   const header = h("div", { class: "page-head" }, h("h1", {}, "Loading job…"));
   const progressCard = h("section", { class: "card", "aria-label": "Progress" });
@@ -68,7 +83,9 @@ export function viewJob(main, ctx, jobId) {
       errorBox.replaceChildren(...(state.job.error ? [h("div", { class: "alert alert-error", role: "alert" },
         h("p", {}, h("strong", {}, `This job ${state.job.status === "failed" ? "failed" : "reported an error"}.`)),
         h("pre", {}, state.job.error))] : []));
-      chartBox.replaceChildren(lossChart([...state.train.values()], [...state.eval.values()], state.job.progress.total_steps));
+      chartBox.replaceChildren(lossChart(charted(state.train, state.thinned?.train), charted(state.eval, state.thinned?.eval),
+        state.job.progress.total_steps));
+      chartBox.dataset.thinned = state.thinned ? String(state.thinned.bucket_steps) : "";
       renderSummary(summaryBox, state);
       renderRewards(rewardsCard, rewardsBox, state);
       renderEvents(eventsBox, state);
@@ -106,6 +123,28 @@ export function viewJob(main, ctx, jobId) {
   }
   ctx.every(5000, loadStanding); // asks only while the job is queued and the tab is seen
 
+  // The thinned curve of a long job: asked when the job or the held series shows it is long, then again while it runs.
+  let thinnedAsked = false;
+  let thinnedFinal = false; // read once the job had finished: it will not change
+  async function loadThinned() {
+    if (thinnedFinal || !state.job) return;
+    const finished = FINISHED.includes(state.job.status);
+    try {
+      const view = await api(`/jobs/${jobId}/metrics?points=${THINNED_POINTS}`, { signal: ctx.signal });
+      state.thinned = view.thinned ? view : null;
+      thinnedFinal = finished;
+      redraw();
+    } catch (err) {
+      return false; // the chart draws the streamed points meanwhile; asked again later
+    }
+  }
+  function askThinnedIfLong() {
+    if (thinnedAsked || !(state.train.bucket > 1 || (state.job && state.job.step > THINNED_FROM))) return;
+    thinnedAsked = true;
+    loadThinned();
+    ctx.every(THINNED_EVERY_MS, loadThinned);
+  }
+
   function onMessage(type, payload) {
     if (type === "job") {
       const before = state.job && state.job.status;
@@ -113,6 +152,8 @@ export function viewJob(main, ctx, jobId) {
       if (payload.status === "queued" && before !== "queued") loadStanding();
       if (payload.status !== "queued") state.standing = null;
       setTitle(payload.name || "Job");
+      askThinnedIfLong();
+      if (thinnedAsked && payload.status !== before && FINISHED.includes(payload.status)) loadThinned(); // its last points
       if (payload.status !== before && FINISHED.includes(payload.status)) {
         loadArtifacts();
         loadCheckpoints();
@@ -120,6 +161,7 @@ export function viewJob(main, ctx, jobId) {
       }
     } else if (type === "metric") {
       (payload.kind === "eval" ? state.eval : state.train).set(payload.step, payload);
+      askThinnedIfLong();
     } else if (type === "event") {
       state.events.add(payload);
       if (payload.type === "checkpoint_saved") loadCheckpoints();
