@@ -13,6 +13,9 @@ For each side, on its fresh API process first (its peak resident memory is the p
 read from /proc before and after), then --repeats more times taking turns:
 - `GET /jobs/{id}/metrics`, no parameter: what a client that does not page asks first (the whole curve
   before; the first page after);
+- PAGES_SAMPLED full pages from across the curve, read as bytes (no parse here): what a page costs the API to
+  build and send, per point;
+- `?points=2000`, the thinned view of the whole curve (this checkout only: main answers a page);
 - the whole curve as this checkout's CLI reads it (ApiClient.job_curve: every page, following `next`;
   against the baseline, which answers everything at once, one request), and the slowest single
   request of it: how long one request holds an API process.
@@ -107,6 +110,37 @@ def first_page(url: str, key: str, job_id: str) -> dict:
     return {"ms": seconds * 1000, "bytes": len(response.content), "points": len(body["train"]) + len(body["eval"])}
 
 
+PAGES_SAMPLED = 10  # pages of 10,000 points, spread over the curve, each asked once a round
+
+
+def pages(url: str, key: str, job_id: str, points: int) -> dict:
+    """PAGES_SAMPLED full pages from across the curve, the bytes only (no parse on this side): what building
+    and sending a page costs the API, median ms."""
+    took: list[float] = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+        for n in range(PAGES_SAMPLED):
+            after = n * (points - 10_000) // PAGES_SAMPLED
+            t0 = time.perf_counter()
+            response = http.get(f"/jobs/{job_id}/metrics", params={"after_step": after})
+            took.append(time.perf_counter() - t0)
+            response.raise_for_status()
+    return {"ms": statistics.median(took) * 1000, "per_point_us": statistics.median(took) * 1e6 / 10_000}
+
+
+def thinned_view(url: str, key: str, job_id: str, points: int = 2000) -> dict | None:
+    """GET /jobs/{id}/metrics?points=N (None where the API has no thinned view: it answers a page)."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+        t0 = time.perf_counter()
+        response = http.get(f"/jobs/{job_id}/metrics", params={"points": points})
+        seconds = time.perf_counter() - t0
+    response.raise_for_status()
+    body = response.json()
+    if "thinned" not in body:
+        return None
+    return {"ms": seconds * 1000, "bytes": len(response.content), "points": len(body["train"]) + len(body["eval"]),
+            "bucket_steps": body["bucket_steps"]}
+
+
 def whole_curve(url: str, key: str, job_id: str) -> dict:
     from app.cli.api_client import ApiClient
 
@@ -159,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         key, job_id = seed(database_url, args.points)
         engine_for(database_url).dispose()
         sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
-        runs: dict[str, dict[str, list[dict]]] = {side: {"first": [], "whole": []} for side in sides}
+        runs: dict[str, dict[str, list]] = {side: {"first": [], "whole": [], "pages": [], "thinned": []} for side in sides}
         memory: dict[str, dict] = {}
         with apis(sides) as urls:
             for side, url in urls.items():  # each fresh process's first poll, for its memory
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 for side, url in urls.items():
                     log(f"{side}: round {turn + 1}/{args.repeats}")
                     runs[side]["first"].append(first_page(url, key, job_id))
+                    runs[side]["pages"].append(pages(url, key, job_id, args.points))
+                    runs[side]["thinned"].append(thinned_view(url, key, job_id))
                     runs[side]["whole"].append(whole_curve(url, key, job_id))
             for side, url in urls.items():
                 memory[side]["peak_rss_at_end"] = peak_rss_bytes(url)
@@ -179,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_for(database_url).dispose()
         services.drop_postgres_database(database_url)
 
-    def median(side: str, what: str, field: str) -> float:
-        return statistics.median(run[field] for run in runs[side][what])
+    def median(side: str, what: str, field: str) -> float | None:
+        values = [run[field] for run in runs[side][what] if run is not None]
+        return statistics.median(values) if values else None
 
     rows = [
         ("GET /jobs/{id}/metrics, no parameter: ms", median("before", "first", "ms"), median("after", "first", "ms")),
@@ -192,19 +229,27 @@ def main(argv: list[str] | None = None) -> int:
         ("  slowest single request: ms", median("before", "whole", "slowest_request_ms"),
          median("after", "whole", "slowest_request_ms")),
         ("API peak RSS at the end, MB", *(memory[s]["peak_rss_at_end"] / 2**20 for s in sides)),
+        (f"a full page of 10,000 points (median of {PAGES_SAMPLED} across the curve, unparsed): ms",
+         median("before", "pages", "ms"), median("after", "pages", "ms")),
+        ("  per point: us", median("before", "pages", "per_point_us"), median("after", "pages", "per_point_us")),
+        ("GET /jobs/{id}/metrics?points=2000 (the whole curve's shape): ms", median("before", "thinned", "ms"),
+         median("after", "thinned", "ms")),
+        ("  its points", median("before", "thinned", "points"), median("after", "thinned", "points")),
+        ("  its bytes", median("before", "thinned", "bytes"), median("after", "thinned", "bytes")),
     ]
     points = {side: [run["points"] for run in runs[side]["whole"]] for side in sides}
     ok = all(count == args.points + args.points // 50 for counts in points.values() for count in counts)
     table = Table(title=f"A curve of {args.points:,} train points: {args.baseline} (before) against this checkout (after)")
     for column in ("", "before", "after", "before / after"):
         table.add_column(column, justify="left" if not column else "right")
-    for label, before, after in rows:
-        table.add_row(label, f"{before:,.1f}", f"{after:,.1f}", f"{before / after:.2f}" if after else "-")
+    for label, before, after in rows:  # None: that side has no such read (main has no thinned view)
+        table.add_row(label, "-" if before is None else f"{before:,.1f}", "-" if after is None else f"{after:,.1f}",
+                      f"{before / after:.2f}" if before is not None and after else "-")
     console.print(table)
     if not ok:
         console.print(f"[red]the whole curve read did not hold every point: {points}[/red]")
     return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "runs": runs, "memory": memory,
-                         "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if a else None}
+                         "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if b is not None and a else None}
                                   for label, b, a in rows]}, args.out)
 
 
