@@ -276,6 +276,27 @@ def metric_extent(session: Session, team_id: str, job_id: str) -> dict[str, tupl
         .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id))).group_by(JobMetric.kind))}
 
 
+def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_column: str, first: int, width: int,
+                   through: int) -> list[tuple[int, int, int | None, int | None]]:
+    """One series cut into buckets of `width` steps from step `first` (up to `through`): for each bucket with
+    points, by step, its first and last step and the first step of its lowest and of its highest loss (None
+    where no point of it has a loss). Two aggregating passes in the database, one row a bucket out: the rows
+    never come to Python (a pass over 510,000 of them there held the API's event loop for seconds)."""
+    loss = getattr(JobMetric, loss_column)
+    readable = JobMetric.job_id.in_(_readable_job_id(team_id, job_id))
+    in_series = (readable, JobMetric.kind == kind, JobMetric.step <= through)
+    bucket_of = (JobMetric.step - first) // width
+    per_bucket = (select(bucket_of.label("bucket"), func.min(JobMetric.step).label("head"),
+                         func.max(JobMetric.step).label("tail"), func.min(loss).label("low"), func.max(loss).label("high"))
+                  .where(*in_series).group_by(bucket_of).subquery())
+    query = (select(per_bucket.c.head, per_bucket.c.tail,
+                    func.min(sa.case((loss == per_bucket.c.low, JobMetric.step))),
+                    func.min(sa.case((loss == per_bucket.c.high, JobMetric.step))))
+             .join_from(JobMetric, per_bucket, bucket_of == per_bucket.c.bucket).where(*in_series)
+             .group_by(per_bucket.c.bucket, per_bucket.c.head, per_bucket.c.tail).order_by(per_bucket.c.bucket))
+    return [(head, tail, low, high) for head, tail, low, high in session.connection().execute(query)]
+
+
 def metrics_at(session: Session, team_id: str, job_id: str, kind: str, columns: Sequence[str],
                steps: Sequence[int]) -> list[Row]:
     """The points of one series at these steps, by step, as tuples of `columns`: a few hundred steps a query,

@@ -449,13 +449,13 @@ def first_by_step(train: Sequence[Sequence], eval_: Sequence[Sequence], limit: i
 # at most four times a bucket (most jobs) is kept. Between 8 (one bucket) and 5,000: more than a chart draws.
 MIN_THINNED, MAX_THINNED = 8, 5_000
 PER_BUCKET = 8
-THIN_BATCH = 20_000  # rows of (step, loss) a query while thinning: what the pass holds at once, whatever the curve
 LOSS_OF = {"train": "train_loss", "eval": "eval_loss"}
 
 
 def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> dict:
-    """The whole curve in at most `points` points that keep its shape (see MIN_THINNED), read in one pass
-    over each series in batches of THIN_BATCH rows, then the points kept: bounded memory at any length.
+    """The whole curve in at most `points` points that keep its shape (see MIN_THINNED): each series' buckets
+    summed up in the database (repository.metric_buckets), then the points kept read: bounded memory, and
+    little work for the API's process, at any length.
     `paged`: the paging parameters the request also gave, which a thinned view does not take. Curves that
     fit in `points` come whole (`thinned` false). `next` is the end of the curve: where a poller goes on
     for the points logged since, with after_step and after_eval_step."""
@@ -497,34 +497,8 @@ def _thinned_series(session: Session, team_id: str, job_id: str, kind: str, firs
     fields = TRAIN_FIELDS if kind == "train" else EVAL_FIELDS
     if width is None:
         return list(repository.metrics(session, team_id, job_id, kind, fields, -1, points + 1, through=last))
-    steps: list[int] = []
-    bucket: int | None = None
-    head = tail = 0
-    low: int | None = None
-    high: int | None = None
-    low_loss = high_loss = 0.0
-    after = -1
-    while True:
-        rows = repository.metrics(session, team_id, job_id, kind, ("step", LOSS_OF[kind]), after, THIN_BATCH,
-                                  through=last)
-        for step, loss in rows:
-            here = (step - first) // width
-            if here != bucket:
-                if bucket is not None:
-                    steps += _kept(head, tail, low, high)
-                bucket, head, low, high = here, step, None, None
-            tail = step
-            if loss is None or loss != loss:  # no loss (diverged: null), or NaN: no lowest or highest
-                continue
-            if low is None or loss < low_loss:
-                low, low_loss = step, loss
-            if high is None or loss > high_loss:
-                high, high_loss = step, loss
-        if len(rows) < THIN_BATCH:
-            break
-        after = rows[-1][0]
-    if bucket is not None:
-        steps += _kept(head, tail, low, high)
+    steps = [step for bucket in repository.metric_buckets(session, team_id, job_id, kind, LOSS_OF[kind], first, width, last)
+             for step in _kept(*bucket)]
     return repository.metrics_at(session, team_id, job_id, kind, fields, steps)
 
 

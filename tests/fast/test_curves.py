@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import NotFound
+from app.errors import Invalid, NotFound
 from app.jobs import repository, service
 from app.teams.service import Caller, create_key, create_team
 
@@ -63,3 +63,23 @@ def test_after_eval_step_reads_an_evaluation_that_landed_after_its_steps_train_p
         list(range(11, 21)), [10, 20])
     assert steps(service.metrics(session, caller, job_id, after_step=20, after_eval_step=10)) == ([], [20])
     assert steps(service.metrics(session, caller, job_id, after_eval_step=10)) == (list(range(10, 21)), [20])
+
+
+def test_a_thinned_view_on_the_embedded_database_keeps_each_buckets_extremes(session, caller, make_job):
+    """The thinned view's buckets are summed up in SQL that SQLite (the embedded default) runs as Postgres does."""
+    job_id = make_job("running")
+    log_curve(session, job_id, range(1, 1001), eval_every=100)
+    repository.upsert_metric(session, job_id, {"kind": "train", "step": 333, "train_loss": 9.0})  # a spike
+    repository.upsert_metric(session, job_id, {"kind": "train", "step": 334, "train_loss": None})
+    session.commit()
+    view = service.thinned_metrics(session, caller, job_id, 80)
+    assert view["thinned"] is True and view["bucket_steps"] == 999 // 10 + 1 and view["curve_points"] == 1010
+    assert len(view["train"]) + len(view["eval"]) <= 80
+    shown = {p["step"]: p["train_loss"] for p in view["train"]}
+    assert shown[333] == 9.0 and shown[1] == 1.0 and shown[1000] == 1 / 1000
+    for bucket in range(10):  # each bucket's first, last and lowest (losses fall: the last but for the spike)
+        steps = [s for s in range(1, 1001) if (s - 1) // view["bucket_steps"] == bucket]
+        assert {steps[0], steps[-1]} <= set(shown)
+    assert [p["step"] for p in view["eval"]] == list(range(100, 1001, 100))
+    with pytest.raises(Invalid, match="points: must be between 8 and 5000, got 5001"):
+        service.thinned_metrics(session, caller, job_id, 5001)
