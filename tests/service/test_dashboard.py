@@ -470,7 +470,8 @@ def test_a_job_with_a_long_curve_and_many_events_draws_them_in_bounded_time(page
     expect(page.locator("#chart-svg-desc")).to_contain_text(" at step 1 to ")
     # The page holds a bounded series (it held all 130,000 for as long as it stayed open), and draws the thinned
     # curve: at most 2,000 points, the spike at step 77,777 among them (the y axis reaches it).
-    expect(page.locator("#loss-chart")).to_have_attribute("data-thinned", str((130_000 - 1) // (4_000 // 8) + 1))
+    expect(page.locator("#loss-chart")).to_have_attribute("data-thinned", str((130_000 - 1) // (4_000 // 8) + 1),
+                                                          timeout=60_000)
     assert int(page.locator("#train-loss-path").get_attribute("data-points") or 0) <= 2000
     assert 500 <= train_path_points(page) <= 2000
     assert max(float(tick) for tick in page.locator(".tick-label[text-anchor='end']").all_text_contents()) >= 9.5

@@ -127,8 +127,9 @@ export function viewJob(main, ctx, jobId) {
   let thinnedAsked = false;
   let thinnedFinal = false; // read once the job had finished: it will not change
   async function loadThinned() {
-    if (thinnedFinal || !state.job) return;
-    const finished = FINISHED.includes(state.job.status);
+    if (thinnedFinal) return;
+    // The stream sends a job's history before the job itself: no job yet is not known to be finished.
+    const finished = Boolean(state.job && FINISHED.includes(state.job.status));
     try {
       const view = await api(`/jobs/${jobId}/metrics?points=${THINNED_POINTS}`, { signal: ctx.signal });
       state.thinned = view.thinned ? view : null;
