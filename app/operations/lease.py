@@ -2,7 +2,8 @@
 holder dies.
 
 Every process that may play a role (each API process runs a reaper thread, say) calls
-`acquire_or_renew` once per pass and does the work only when it returns True. The row is a
+`acquire_or_renew` before each pass, and every interval while the pass runs, and does the work only
+when it returns True. The row is a
 compare-and-set on (holder, expires_at), so of several processes racing for a free or expired lease
 exactly one gets it, on Postgres and on SQLite alike. A holder that dies stops renewing: another
 process takes the role over once the lease expires, within about its TTL. A holder that stops
@@ -82,8 +83,8 @@ def current_holder(session: Session, name: str) -> str | None:
 
 
 class LeaseHolder:
-    """One process's claim on one lease: renew() at the start of each pass, release() when the
-    process stops. Logs when this process takes the role over and when it loses it."""
+    """One process's claim on one lease: renew() at the start of each pass and every interval during it
+    (LeasedLoop), release() when the process stops. Logs when this process takes the role over and when it loses it."""
 
     def __init__(self, database_url: str, name: str, ttl_s: float):
         self.database_url = database_url
@@ -163,10 +164,32 @@ class LeasedLoop(threading.Thread):
             self.lease.release()  # so a restart hands over at once, not once the lease expires
 
     def pass_once(self) -> dict[str, int] | None:
-        """One pass if this process holds (or can take) the lease; None while another one does."""
+        """One pass if this process holds (or can take) the lease; None while another one does.
+
+        The lease is renewed every interval while the pass runs, not only before it: a pass that waits on a
+        row lock (a claim holding a team's row, a long transaction of an admin) or on slow storage can outlast
+        the TTL, and renewed only once per pass the lease then went to another process, whose pass overlapped
+        this one (both sent the same unsent jobs' messages, both planned preemptions from the same snapshot).
+        A live process's long pass is work, not a sign of death; only a holder that cannot renew (dead,
+        frozen, cut off from the database) hands over, and what its pass still does is fenced by compare-and-sets."""
         if not self.lease.renew():
             return None
-        return self.work()
+        done = threading.Event()
+        renewer = threading.Thread(target=self._renew_until, args=(done,), name=f"{self.name}-renew", daemon=True)
+        renewer.start()
+        try:
+            return self.work()
+        finally:
+            done.set()
+            renewer.join()
+
+    def _renew_until(self, done: threading.Event) -> None:
+        while not done.wait(self.interval_s):
+            try:
+                self.lease.renew()  # a loss is logged by the holder; the pass's own writes stay fenced
+            except Exception:  # the database out of reach: the next interval tries again, until the TTL runs out
+                log.warning("could not renew the %r lease during a pass; trying again in %ss",
+                            self.lease.name, self.interval_s, exc_info=True)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import update
@@ -13,7 +14,7 @@ from app.db import session_scope, sessionmaker_for, utcnow
 from app.jobs import states
 from app.jobs.reaper import LEASE, ReaperThread
 from app.jobs.tables import Job
-from app.operations.lease import LEASE_TTL_INTERVALS, LeaseHolder, acquire_or_renew, current_holder, release
+from app.operations.lease import LEASE_TTL_INTERVALS, LeasedLoop, LeaseHolder, acquire_or_renew, current_holder, release
 from app.operations.tables import Lease
 from app.storage.base import storage_from_settings
 
@@ -146,3 +147,50 @@ def test_only_the_reaper_holding_the_lease_works(settings, make_job):
         assert current_holder(session, LEASE) == second.lease.holder
         job = session.get(Job, silent)
         assert job is not None and (job.status, job.lost_workers) == (states.QUEUED, 1)
+
+
+class HeldPass(LeasedLoop):
+    """A loop whose pass waits for a lock: as long a pass as whoever holds the lock makes it (as a scheduler pass
+    waits on a team's row that a claim holds)."""
+
+    def __init__(self, database_url: str, lock: threading.Lock, interval_s: float):
+        super().__init__(database_url, "long-pass", interval_s)
+        self.lock = lock
+        self.working = threading.Event()
+
+    def work(self) -> dict[str, int]:
+        self.working.set()
+        with self.lock:
+            return {"passes": 1}
+
+
+def test_a_pass_that_outlasts_the_lease_keeps_it_and_no_other_process_overlaps_it(settings):
+    """Renewed only once per pass, the lease expired under a pass longer than its TTL and another process took the
+    role over while the first still played it (two schedulers sending the same messages, planning preemptions from
+    the same snapshot). The holder renews during its pass, so the other is refused until the pass ends."""
+    interval_s = 1.0  # TTL 3 s: the first's renewals would have to stall 2 s for the second to get in
+    held = threading.Lock()
+    held.acquire()
+    first = HeldPass(settings.database_url, held, interval_s)
+    first.start()
+    try:
+        assert first.working.wait(60), "the first loop never began its pass"
+        expiry_at_start = row(settings, "long-pass").expires_at
+        # The other process tries, try after try, until one of its tries comes after the time the lease taken at
+        # the start of the pass ran out (the pass is still waiting on the lock meanwhile).
+        second = HeldPass(settings.database_url, threading.Lock(), interval_s)
+        deadline = time.monotonic() + 120
+        while True:
+            tried_at = utcnow()
+            assert second.pass_once() is None, "another process took the lease over while the holder's pass ran"
+            if tried_at > expiry_at_start + timedelta(seconds=interval_s):
+                break
+            assert time.monotonic() < deadline, "the clock never passed the lease's first expiry"
+            time.sleep(interval_s / 5)
+        assert row(settings, "long-pass").expires_at > expiry_at_start  # renewed during the pass
+        assert row(settings, "long-pass").holder == first.lease.holder
+    finally:
+        held.release()
+        first.stop()
+    assert not first.is_alive()
+    assert second.pass_once() == {"passes": 1}  # released as the first stopped: the role passes on at once
