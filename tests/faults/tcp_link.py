@@ -26,14 +26,18 @@ class CuttableLink:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closed = False
         self._cut_at: bytes | None = None  # cut_at_answer
+        self._restore_after: int | None = None  # cut(restore_after=)
         threading.Thread(target=self._accept, name="db-link", daemon=True).start()
 
     @property
     def port(self) -> int:
         return self._listener.getsockname()[1]
 
-    def cut(self) -> None:
+    def cut(self, restore_after: int | None = None) -> None:
+        """restore_after=N: the link comes back by itself once it has refused N connections, an outage as long as
+        N tries of the client, however slowly a loaded machine runs them (a timer raced the client's tries)."""
         with self._lock:
+            self._restore_after = None if restore_after is None else self.refused + restore_after
             self._cut.set()
             open_now, self._open = list(self._open), set()
         for sock in open_now:
@@ -55,6 +59,7 @@ class CuttableLink:
                 _drop(sock)
 
     def restore(self) -> None:
+        self._restore_after = None
         self._cut.clear()
         self._hole.clear()
 
@@ -76,6 +81,8 @@ class CuttableLink:
             if self._cut.is_set():
                 self.refused += 1
                 _drop(client)
+                if self._restore_after is not None and self.refused >= self._restore_after:
+                    self.restore()
                 continue
             if self._hole.is_set():
                 with self._lock:
