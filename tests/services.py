@@ -6,6 +6,8 @@ Plain functions; tests/conftest.py turns them into fixtures.
 from __future__ import annotations
 
 import atexit
+import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -40,10 +42,42 @@ REDIS_START = (
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# Ports handed to servers the tests start (an API, redis-server, the S3 server), which bind them a moment later.
+# Bound to port 0 and closed, the kernel's pick was free only until then: the suite's other xdist process could be
+# handed the same one (its own bind to 0), or an outgoing connection could take it as its source port (drawn from
+# the same ephemeral range, 32768 and up by default), and the server then failed to start (EADDRINUSE). So each
+# xdist process draws from a block of its own below the ephemeral range, walking it from a random place (other
+# suites on the machine, a port of a previous run still closing) and never handing a port out twice.
+PORT_RANGE = range(20000, 32000)
+_port_lock = threading.Lock()
+_ports: Iterator[int] | None = None
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # set by pytest-xdist in each of its processes
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    size = len(PORT_RANGE) // count
+    return range(PORT_RANGE.start + index * size, PORT_RANGE.start + (index + 1) * size)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, that no other call of this suite (in this process or the other xdist
+    process) is handed: for a server a test starts, or for a URL that must answer nothing."""
+    global _ports
+    with _port_lock:
+        if _ports is None:
+            block = _port_block()
+            start = random.randrange(len(block))
+            _ports = iter([*block[start:], *block[:start]])
+        for port in _ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:  # taken by something else on the machine: the next one
+                    continue
+            return port
+    raise RuntimeError(f"every port of this test process's block {_port_block()} was handed out or taken")
 
 
 def _postgres_ready() -> bool:
