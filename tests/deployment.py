@@ -139,6 +139,20 @@ def stored_spec(base_model: str = "tiny", raw: dict | None = None) -> dict:
     return JobSpec.parse(raw or {"base_model": base_model, "training": {"max_steps": 4}}).model_dump(mode="json")
 
 
+def wait_until(condition, timeout: float, what, interval: float = 0.2):
+    """condition()'s first truthy value; after `timeout` s (generous: CI is a loaded 2-core machine) a failure that
+    says what never came, never a hang. `what` is a text, or a function that makes one when it fails (a log then,
+    not at the start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
 def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 420,
                     deployment: Deployment | None = None) -> dict:
     deadline = time.monotonic() + timeout

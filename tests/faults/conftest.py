@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -114,17 +113,6 @@ def kill_worker_and_trainer(d: Deployment, worker: subprocess.Popen, job_id: str
         except ProcessLookupError:
             pass
     worker.wait()
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def curve_steps(client, job_id: str) -> list[int]:

@@ -16,8 +16,8 @@ from sqlalchemy.engine import make_url
 
 from app.db import engine_for, session_scope
 from app.jobs.tables import Job
-from tests.deployment import wait_for_status
-from tests.faults.conftest import curve_steps, events, job_body, lane, trainer_pids, wait_until
+from tests.deployment import wait_for_status, wait_until
+from tests.faults.conftest import curve_steps, events, job_body, lane, trainer_pids
 from tests.faults.tcp_link import CuttableLink
 from tests.faults.throttle import ThrottlingProxy
 from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY

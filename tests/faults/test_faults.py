@@ -26,7 +26,7 @@ from app.operations.lease import current_holder
 from app.storage.base import make_key, storage_from_settings
 from app.storage.s3 import PART_SIZE
 from tests import services
-from tests.deployment import BUCKET, wait_for_status
+from tests.deployment import BUCKET, wait_for_status, wait_until
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
     STALE_UPLOAD_S,
@@ -38,7 +38,6 @@ from tests.faults.conftest import (
     lane,
     release,
     trainer_pids,
-    wait_until,
 )
 from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY, FAULT_STALL_CHECKPOINT
 from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers, session_url

@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.jobs.tables import QuantizedBase
-from tests.deployment import wait_for_status
-from tests.faults.conftest import HEARTBEAT_DEADLINE_S, events, job_body, lane, trainer_pids, wait_until
+from tests.deployment import wait_for_status, wait_until
+from tests.faults.conftest import HEARTBEAT_DEADLINE_S, events, job_body, lane, trainer_pids
 from tests.faults.throttle import ThrottlingProxy
 from worker.runner import FAULT_HOLD_AT_STEP
 

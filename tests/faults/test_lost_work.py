@@ -17,7 +17,7 @@ from app.jobs.tables import Artifact, Checkpoint
 from app.operations import workers
 from app.operations.service import QueueHealth, queue_health
 from app.scheduling.repository import idle_workers
-from tests.deployment import BUCKET, wait_for_status
+from tests.deployment import BUCKET, wait_for_status, wait_until
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
     curve_steps,
@@ -27,7 +27,6 @@ from tests.faults.conftest import (
     lane,
     release,
     trainer_pids,
-    wait_until,
 )
 from tests.faults.tcp_link import CuttableLink
 from tests.faults.throttle import ThrottlingProxy

@@ -24,14 +24,8 @@ def api(deployment):
                             extra_env={"QLORA_PORT": str(port), "QLORA_GPU_CLASSES": json.dumps(CLASSES),
                                        "QLORA_DEFAULT_GPU_CLASS": "h100", "QLORA_EXTRA_GPU_CLASSES": "[]"})
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            import time
-
-            time.sleep(0.2)
+    # (It went on after 60 s without a word, and the first request then failed for a reason other than its own.)
+    assert services.wait_until_up(url + "/health", proc, timeout_s=120, need_ok=True), deployment.log("api-admission")
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {deployment.team_key('adm', admin=True)}"})
     created = admin.post("/models", json={"name": "llama-3-8b", "hub_id": "meta-llama/Meta-Llama-3-8B",
                                           "revision": "main", "config": LLAMA3_8B})

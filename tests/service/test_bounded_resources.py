@@ -20,7 +20,7 @@ from app.routing import JSON_REQUESTS_PER_KEY
 from app.shares import TeamShares
 from app.teams import service as teams_service
 from app.uploads import MAX_FORM_FIELDS
-from tests.deployment import lane, start_deployment, stop_deployment, upload
+from tests.deployment import lane, start_deployment, stop_deployment, upload, wait_until
 from tests.service.test_bad_input import stored_state
 from worker.training.tiny import demo_spec
 
@@ -683,8 +683,8 @@ def test_a_teams_burst_of_creations_goes_one_at_a_time_and_another_team_is_serve
 
     with ThreadPoolExecutor(46) as pool:
         burst = [pool.submit(create, burst_key, big, "a") for _ in range(45)]  # more than the API's 40 route threads
-        while not answered:  # the burst is under way
-            time.sleep(0.05)
+        # The burst is under way (a burst request that failed ends the wait too: its result() says why).
+        wait_until(lambda: answered or any(f.done() for f in burst), 120, "a first answer to the burst")
         other = pool.submit(create, other_key, small, "b")
         assert other.result() == 201
         statuses = [f.result() for f in burst]
@@ -726,8 +726,8 @@ def test_another_teams_preflight_gets_the_preflight_process_next_beside_a_burst_
     with ThreadPoolExecutor(3) as pool:
         burst = [pool.submit(create_until_stopped) for _ in range(3)]
         try:
-            while not burst_answers:  # the burst is under way: the process is busy with it
-                time.sleep(0.05)
+            # The burst is under way, the process busy with it (a burst thread that failed ends the wait too).
+            wait_until(lambda: burst_answers or any(f.done() for f in burst), 120, "a first answer to the burst")
             with bounded.client(other_key) as client:
                 for _ in range(3):
                     answered_before = len(burst_answers)

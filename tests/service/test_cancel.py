@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.deployment import lane, upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status, wait_until
 from worker.training.tiny import demo_spec
 
 
@@ -32,10 +32,9 @@ def test_cancelled_queued_job_never_starts_and_a_running_one_stops(deployment, t
     worker = deployment.start_worker(gpu_class=gpu_class, name="cancel")
     try:
         running = team_a.post("/jobs", json=body(dataset_id, gpu_class, 100_000)).json()
-        job = wait_for_status(team_a, running["id"], ("running",), deployment=deployment)
-        while job["progress"]["step"] < 2:  # really training, not just claimed
-            time.sleep(0.2)
-            job = team_a.get(f"/jobs/{running['id']}").json()
+        wait_for_status(team_a, running["id"], ("running",), deployment=deployment)
+        wait_until(lambda: team_a.get(f"/jobs/{running['id']}").json()["progress"]["step"] >= 2, 300,
+                   lambda: f"the running job past step 2 (really training, not just claimed)\n{deployment.log('worker-cancel')}")
         assert training_processes_for(running["id"])
 
         # The first job's message was consumed before the second's (one queue, one at a time): it did nothing.

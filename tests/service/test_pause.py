@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from tests.deployment import upload, wait_for_status
+from tests.deployment import upload, wait_for_status, wait_until
 from tests.service.test_cancel import training_processes_for
 from worker.training.tiny import demo_spec
 
@@ -15,8 +13,8 @@ def test_pause_then_resume_finishes_with_the_same_step_count(deployment, worker,
     spec["training"].update(max_steps=120, save_steps=100, logging_steps=1, per_device_batch_size=8)
     spec["output"] = {"merge": False}
     job = team_a.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()
-    while team_a.get(f"/jobs/{job['id']}").json()["progress"]["step"] < 5:
-        time.sleep(0.2)
+    wait_until(lambda: team_a.get(f"/jobs/{job['id']}").json()["progress"]["step"] >= 5, 300,
+               lambda: f"the job past step 5\n{deployment.log('worker-shared')}")
 
     assert team_a.post(f"/jobs/{job['id']}/pause").json()["status"] == "pausing"
     paused = wait_for_status(team_a, job["id"], ("paused", "succeeded", "failed"), timeout=60, deployment=deployment)

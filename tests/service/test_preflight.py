@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.deployment import lane, upload
+from tests.deployment import lane, upload, wait_until
 from worker.training.tiny import demo_spec
 
 
@@ -147,13 +147,18 @@ def test_a_preflight_process_that_dies_fails_one_preflight_at_most_and_the_next_
     """Killed (as the kernel kills one out of memory), the child took its whole pool with it, and every
     preflight and job creation after it answered 500 until the API restarted."""
     import signal
-    import time
 
     assert team_a.post("/jobs/preflight", json=body(datasets["demo"])).status_code == 200
     (child,) = preflight_children(deployment)
     os.kill(child, signal.SIGKILL)
-    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
-        time.sleep(0.05)
+    def dead() -> bool:  # a zombie, or already reaped (the file may go between the look and the read)
+        try:
+            with open(f"/proc/{child}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(dead, 60, f"the killed preflight child {child} to die", interval=0.05)
     answers = [team_a.post("/jobs/preflight", json=body(datasets["demo"])) for _ in range(2)]
     # The first may still find the dead pool (then 429, saying so) or find it already known dead (a new one).
     assert answers[0].status_code in (200, 429), answers[0].text

@@ -20,7 +20,7 @@ from app.jobs.tables import Job
 from app.operations import repository as operations
 from app.scheduling import service as scheduling
 from app.teams import repository as teams
-from tests.deployment import lane, upload, wait_for_status
+from tests.deployment import lane, upload, wait_for_status, wait_until
 from worker.training.tiny import demo_spec
 
 GPU_CLASS = lane("fair-share")
@@ -110,8 +110,9 @@ def test_a_preempted_job_resumes_from_its_checkpoint_to_the_same_end_past_a_spen
     start, is still held."""
     heavy, light = fresh_team(deployment, gpu_hours_per_month=1.0), fresh_team(deployment)
     long_job = heavy.post("/jobs", json=job_body(upload(heavy, demo_data["train"]).json()["id"], 40)).json()
-    while heavy.get(f"/jobs/{long_job['id']}").json()["progress"]["step"] < 3:
-        threading.Event().wait(0.2)
+    long_url = f"/jobs/{long_job['id']}"
+    wait_until(lambda: heavy.get(long_url).json()["progress"]["step"] >= 3, 300,
+               lambda: f"the long job past step 3: {heavy.get(long_url).json()}\n{deployment.log('worker-fair-share')}")
     set_quota(deployment, heavy.team_name, gpu_hours_per_month=0.0)  # spent, as its running job goes on
     short_job = light.post("/jobs", json=job_body(upload(light, demo_data["train"]).json()["id"], 3)).json()
     assert light.get(f"/jobs/{short_job['id']}").json()["waiting_for"] == "gpu"
@@ -147,11 +148,13 @@ def test_a_spent_budget_holds_a_job_with_the_reason_until_it_is_raised(deploymen
     held = team.get(f"/jobs/{job['id']}").json()
     assert (held["status"], held["waiting_for"], held["queue_position"]) == ("queued", "gpu_hours_per_month", 1)
     # The worker takes its message and finds nothing it may start: the job is marked unsent.
-    for _ in range(100):
+    def marked_unsent() -> bool:
         with session_scope(deployment.settings.database_url) as session:
-            if session.get(Job, job["id"]).dispatched_at is None:
-                break
-        threading.Event().wait(0.2)
+            return session.get(Job, job["id"]).dispatched_at is None
+
+    # (It went on silently after 20 s, and the test then passed or failed for a reason other than its own.)
+    wait_until(marked_unsent, 120,
+               lambda: f"the worker to mark the held job unsent\n{deployment.log('worker-fair-share')}")
     assert team.get(f"/jobs/{job['id']}").json()["status"] == "queued"
 
     set_quota(deployment, team.team_name, gpu_hours_per_month=1.0)
