@@ -79,10 +79,11 @@ def test_a_preflight_past_its_timeout_is_stopped_and_the_next_team_waits_for_not
     with runner.turn("team-a", wait_s=5) as ask, pytest.raises(NoReport, match="took longer than 3 s"):
         ask(sleep_s=600)
     assert gone(first), "the slow preflight's process still runs"
-    started = time.monotonic()
+    # Answered at all, by a new process: behind the 600 s one, the turn (5 s) or the ask (3 s) would have given up.
+    # (A time limit of 60 s here told nothing more, and only a loaded machine could trip it.)
     with runner.turn("team-b", wait_s=5) as ask:
         second = ask()["pid"]
-    assert second != first and time.monotonic() - started < 60  # a new process's start, not the 600 s behind it
+    assert second != first
 
 
 def test_a_childs_start_is_no_part_of_its_preflights_timeout():

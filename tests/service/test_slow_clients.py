@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from app.connections import MAX_HEADER_BYTES, PENDING_AFTER_S, RESERVED_FDS
+from app.connections import MAX_HEADER_BYTES, RESERVED_FDS
 from tests.deployment import ROOT, start_deployment, stop_deployment
 from tests.service.test_bad_input import stored_state
 
@@ -74,14 +74,15 @@ def test_connections_that_never_finish_their_headers_are_answered_408_and_closed
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Wait: ")
     with slow.client(None) as client:
         assert client.get("/health").status_code == 200
-    started = time.monotonic()
+    # Closed by the headers' deadline of this deployment (1.5 s), not the 30 s one deployed by default: the 408s
+    # name it. (A time limit here, 11.5 s, told the two apart as well, and failed on a loaded machine.)
     answers = [read_until_closed(sock) for sock in silent + partial]
-    assert time.monotonic() - started < HEADER_TIMEOUT_S + 10
     assert answers[:len(silent)] == [b""] * len(silent)
     for answer in answers[len(silent):]:
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 408 "), answer
-        assert json.loads(body)["error"]["code"] == "request_timeout"
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_timeout" and f"within {HEADER_TIMEOUT_S:g} s" in error["message"], error
     for sock in silent + partial:
         sock.close()
 
@@ -141,7 +142,10 @@ def test_an_upload_whose_body_stops_arriving_is_closed_and_leaves_nothing(slow):
         started = time.monotonic()  # before the send: the server's idle clock starts after it, however late we run
         sock.sendall(upload_head(slow.url, key, len(body)) + body[:len(body) // 2])  # and then nothing
         assert read_until_closed(sock) == b""  # closed: the route saw its client gone
-        assert BODY_IDLE_TIMEOUT_S - 0.5 < time.monotonic() - started < BODY_IDLE_TIMEOUT_S + 10
+        # Not before the idle timeout (a loaded machine only makes it later), and by it, as the API says: no upper
+        # time limit, which failed on a loaded machine.
+        assert time.monotonic() - started > BODY_IDLE_TIMEOUT_S - 0.5
+    assert f"closed a connection whose request body stopped arriving for {BODY_IDLE_TIMEOUT_S:g} s" in (slow.home / "api.log").read_text()
     assert stored_state(slow) == before
 
 
@@ -186,7 +190,7 @@ def eventually_served(url: str, source: str = "127.0.0.1") -> bool:
 
 def test_one_address_holding_connections_it_sends_no_request_on_is_capped_and_others_are_served(crowded):
     """As nginx's limit_conn: one address's connections waiting for their request (silent, or mid-headers)
-    past PENDING_AFTER_S are bounded, so opening them faster than the headers' deadline closes them starves
+    past app.connections.PENDING_AFTER_S are bounded, so opening them faster than the headers' deadline closes them starves
     no one else. A burst of connections whose requests follow, and connections in a request or idle
     between two, are not counted."""
     burst = [connect(crowded.url) for _ in range(2 * PENDING_PER_CLIENT)]  # all open before any request
@@ -198,10 +202,10 @@ def test_one_address_holding_connections_it_sends_no_request_on_is_capped_and_ot
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # mid-headers counts as silent does
     try:
         with connect(crowded.url) as extra:
-            # refused as it opens if the others count already, else once it has waited PENDING_AFTER_S itself
-            started = time.monotonic()
+            # Refused as it opens if the others count already, else once it has waited app.connections.PENDING_AFTER_S itself. The
+            # 503 says it was their number; nothing else here closes it before the headers' deadline (30 s), and
+            # that would close it without an answer. (A time limit, PENDING_AFTER_S + 5 s, failed on a loaded machine.)
             assert refused_for_number(read_until_closed(extra))
-            assert time.monotonic() - started < PENDING_AFTER_S + 5
         with connect(crowded.url, "127.0.0.2") as other:  # another address, meanwhile
             assert served(other)
         assert served(held[1])  # a request on one of them: answered, and that connection no longer counts

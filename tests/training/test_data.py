@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import time
 
 import pytest
 from transformers import AutoTokenizer
@@ -303,15 +302,15 @@ def test_a_tool_calling_row_that_cannot_be_trained_as_it_says_is_refused_naming_
     assert error.line == 2 and says in error.message, error
 
 
-def test_a_row_of_thousands_of_calls_and_results_is_read_in_linear_time():
+def test_a_row_of_thousands_of_calls_and_results_is_read_whole():
     # Each tool message is checked against the calls it answers: once per message, not a scan of them all
-    # (a 4 MB line of 30,000 parallel calls and their results took half a minute).
+    # (a 4 MB line of 30,000 parallel calls and their results took half a minute). That it is linear is measured
+    # as a ratio in bench/tool_rows_bench.py: a time limit here failed on a loaded machine, or passed a slow one.
     calls = [{**TOOL_CALL, "id": f"call_{n}"} for n in range(30_000)]
     row = {"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": None, "tool_calls": calls},
                                         *({**RESULT, "tool_call_id": f"call_{n}"} for n in range(30_000)), ANSWER]}
-    started = time.monotonic()
     [example] = validate_lines(lines(row)).examples
-    assert len(example.messages) == 30_003 and time.monotonic() - started < 10
+    assert len(example.messages) == 30_003
     row["messages"][-2] = {**RESULT, "tool_call_id": "call_x"}  # an unknown id names a few of the calls, not all
     with pytest.raises(DataError) as info:
         validate_lines(lines(row))
