@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class CuttableLink:
@@ -57,6 +58,20 @@ class CuttableLink:
                 open_now, self._open = list(self._open), set()
             for sock in open_now:
                 _drop(sock)
+
+    def restore_when(self, seen, timeout_s: float = 120) -> threading.Thread:
+        """Restore the link once seen() is true (a worker's log says its write met the outage: the outage lasts
+        until then, however slowly a loaded machine gets there; a timer raced the write), or after timeout_s,
+        when the test's own assertions say what never came."""
+        def watch() -> None:
+            deadline = time.monotonic() + timeout_s
+            while not seen() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.restore()
+
+        watcher = threading.Thread(target=watch, name="db-link-restore", daemon=True)
+        watcher.start()
+        return watcher
 
     def restore(self) -> None:
         self._restore_after = None

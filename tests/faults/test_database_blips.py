@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -24,7 +25,9 @@ from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY
 from worker.supervisor import FAULT_HOLD_END, JobRun, fault_hold_end_markers, session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
-OUTAGE_S = 1.5  # a Postgres restart's seconds, well inside the 5 s heartbeat deadline (as in test_lost_work.py)
+# The worker's words when one of its writes meets the outage (supervisor._write_through_outage): the link comes
+# back once they are in its log, a Postgres restart as short as can be that the write still meets.
+MET_THE_OUTAGE = "could not record "
 
 
 @pytest.fixture
@@ -40,10 +43,12 @@ def _through(faulty, link: CuttableLink) -> str:
     return url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
 
 
-def _outage(link: CuttableLink, timers: list[threading.Timer]) -> None:
+def _outage(link: CuttableLink, log: Path, began: list[bool]) -> None:
+    """Cut the link until the worker logging to `log` says a write of its met the outage. (A 1.5 s timer could end
+    it before the write came, on a loaded machine, and the test then failed for want of an outage.)"""
     link.cut()
-    timers.append(threading.Timer(OUTAGE_S, link.restore))
-    timers[-1].start()
+    began.append(True)
+    link.restore_when(lambda: MET_THE_OUTAGE in log.read_text(errors="replace"))
 
 
 def test_a_claim_whose_commit_landed_unheard_runs_the_job_it_took(faulty, tenant, dataset_id, link, fault_report):
@@ -84,15 +89,16 @@ def test_a_database_outage_as_an_attempt_prepares_costs_no_attempt(faulty, tenan
     follows failed, and the attempt was handed back as lost (the job trained on attempt 2, after the worker's wait
     for the outage). Now the worker rides the outage out, and the job succeeds on its first attempt."""
     s3 = ThrottlingProxy(faulty.settings.s3_endpoint_url)
-    timers: list[threading.Timer] = []
-    s3.trip("GET", "/datasets/", lambda: _outage(link, timers))  # the data is on its way: the lookups come next
+    began: list[bool] = []
+    log = faulty.home / "worker-prepare-outage.log"
+    s3.trip("GET", "/datasets/", lambda: _outage(link, log, began))  # the data is on its way: the lookups come next
     worker = faulty.start_worker(name="prepare-outage", extra_env={"QLORA_DATABASE_URL": _through(faulty, link),
                                                                    "QLORA_S3_ENDPOINT_URL": s3.url})
     try:
         job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=2, save_steps=2)).json()
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         story = events(tenant, job["id"])
-        assert timers, "the outage never began: no dataset was fetched"
+        assert began, "the outage never began: no dataset was fetched"
         assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
         assert "requeued" not in [e["type"] for e in story]
         worker_log = (faulty.home / "worker-prepare-outage.log").read_text(errors="replace")
@@ -100,9 +106,8 @@ def test_a_database_outage_as_an_attempt_prepares_costs_no_attempt(faulty, tenan
         fault_report.append({"fault": "the database out of reach as an attempt prepares", "injected": 1,
                              "survived": 1, "steps_lost": 0})
     finally:
+        link.restore()
         faulty.stop(worker)
-        for timer in timers:
-            timer.cancel()
         s3.close()
 
 
@@ -120,14 +125,13 @@ def test_a_database_outage_as_an_attempt_is_handed_back_is_ridden_out(faulty, te
     body["training"]["gradient_accumulation_steps"] = 1
     job = tenant.post("/jobs", json=body).json()
     held, release = fault_hold_end_markers(faulty.settings, job["id"])
-    timers: list[threading.Timer] = []
     try:
         if ending == "killed":
             wait_until(lambda: max(curve_steps(tenant, job["id"]), default=0) >= 2, 180, "attempt 1 held at step 3")
             for pid in trainer_pids(job["id"], attempt=1):
                 os.killpg(pid, signal.SIGKILL)
         wait_until(held.exists, 180, "attempt 1 ended, its worker held before writing so")
-        _outage(link, timers)
+        _outage(link, faulty.home / f"worker-end-outage-{ending}.log", [])
         release.touch()
         requeued = wait_until(lambda: [e for e in events(tenant, job["id"]) if e["type"] == "requeued"], 60,
                               "the job queued again")
@@ -143,8 +147,7 @@ def test_a_database_outage_as_an_attempt_is_handed_back_is_ridden_out(faulty, te
         release.touch()
         faulty.stop(worker)
         release.unlink(missing_ok=True)
-        for timer in timers:
-            timer.cancel()
+        link.restore()
         tenant.post(f"/jobs/{job['id']}/cancel")
 
 
