@@ -182,7 +182,7 @@ def seed(d: Deployment, jobs: int) -> tuple[str, list[str]]:
         team = teams_service.create_team(session, "bench")
         _, key = teams_service.create_key(session, team.name)
         # A registry row only: nothing trains here, so the directory need not exist.
-        models_service.add_model(session, MODEL_NAME, path=str(d.home / "models" / MODEL_NAME))
+        models_service.add_model(session, MODEL_NAME, path=str(d.home / "models" / MODEL_NAME), roots=[d.home / "models"])
         dataset = _store_dataset(session, LocalStorage(d.home / "storage"), team.id)
         now = utcnow()
         rows = []

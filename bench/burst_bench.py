@@ -192,7 +192,7 @@ def _run(work: Path, threads: int, seconds: float, rows: int, body_mib: float, f
     with deployment(max_upload_bytes=1 << 30, env=env) as d:
         keys = {}
         with session_scope(d.database_url) as session:
-            models_service.add_model(session, "tiny", path=str(model))
+            models_service.add_model(session, "tiny", path=str(model), roots=[model.parent])
             for team in ("burst", "calm"):
                 teams_service.create_team(session, team)
                 keys[team] = teams_service.create_key(session, team)[1]

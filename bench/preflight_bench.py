@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         with session_scope(d.database_url) as session:
             teams_service.create_team(session, "bench")
             key = teams_service.create_key(session, "bench")[1]
-            models_service.add_model(session, "tiny", path=str(model))
+            models_service.add_model(session, "tiny", path=str(model), roots=[model.parent])
         client = httpx.Client(base_url=d.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
         started = time.perf_counter()
         with open(data, "rb") as f:

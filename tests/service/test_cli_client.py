@@ -242,8 +242,13 @@ def test_watch_follows_the_job_to_its_last_step_and_exits_0(watched_job, cli_env
     records = [json.loads(line) for line in watch.stdout.splitlines()]  # on a pipe: one JSON object a line
     assert records[-1]["kind"] == "job" and records[-1]["job"]["status"] == "succeeded"
     assert records[-1]["job"]["step"] == MAX_STEPS
-    statuses = [r["job"]["status"] for r in records if r["kind"] == "status"]
-    assert statuses[-1] == "succeeded" and len(statuses) == len(set(statuses))  # each change once
+    # A status record for each change of the status, or of a queued job's wait (its place, what it waits for),
+    # and none for a poll that changed nothing.
+    shown = [(r["job"]["status"], r["job"].get("queue_position"), r["job"].get("waiting_for"))
+             for r in records if r["kind"] == "status"]
+    assert all(a != b for a, b in zip(shown, shown[1:], strict=False)), shown
+    statuses = [status for i, (status, _, _) in enumerate(shown) if i == 0 or status != shown[i - 1][0]]
+    assert statuses[-1] == "succeeded" and len(statuses) == len(set(statuses)), shown  # each status once, in order
     events = [r["event"]["type"] for r in records if r["kind"] == "event"]
     for event in ("claimed", "started", "checkpoint_saved", "adapter_saved", "succeeded"):
         assert event in events, events  # as they arrived
