@@ -420,6 +420,18 @@ def metrics_after(session: Session, team_id: str, job_id: str, after_id: int, li
         .order_by(JobMetric.id).limit(limit)))
 
 
+def metric_id_before_step(session: Session, team_id: str, job_id: str, step: int) -> int:
+    """A point id to read on from with metrics_after() to meet every point of a step past `step`: just
+    before the first such point, or the last point written when there is none yet (those still to come
+    are written later). A point of an earlier step may still lie past it (one logged again after a resume);
+    the reader skips it by its step."""
+    readable = JobMetric.job_id.in_(_readable_job_id(team_id, job_id))
+    first_past = session.scalar(select(func.min(JobMetric.id)).where(readable, JobMetric.step > step))
+    if first_past is not None:
+        return first_past - 1
+    return session.scalar(select(func.max(JobMetric.id)).where(readable)) or 0
+
+
 def count_active_by_status(session: Session) -> dict[str, int]:
     """For the operators' /metrics: jobs not finished yet, by status, over every team. The index on
     status finds them without reading the finished ones, however many there are."""

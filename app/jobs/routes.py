@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
@@ -279,16 +279,28 @@ def artifact_link(job_id: str, kind: str, request: Request, session: SessionDep,
 @router.get("/{job_id}/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}},
                        429: {"description": "The key already holds QLORA_MAX_STREAMS_PER_KEY live streams."}})
-def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep,
+               after_step: Annotated[int | None, Query(
+                   ge=0, le=MAX_ID, description="Only the points of steps past this one (a chart that already "
+                                                "holds the curve through it: the `next` of GET /jobs/{id}/metrics).")] = None,
+               after_event: Annotated[int | None, Query(
+                   ge=0, le=MAX_ID, description="Only the events past the one with this id.")] = None,
+               last_event_id: Annotated[str | None, Header(
+                   alias="Last-Event-ID", description="On a reconnect: the `id:` of the last metric or event message "
+                                                      "received; the stream goes on right after it.")] = None):
     """Server-Sent Events for one job: `job` (the job, whenever it changed), `metric` (each point of the
     loss curve, with its `kind`: train or eval) and `event` (each job event). Everything so far comes
-    first, then news about every second; the stream ends after the final state of a finished job, or
-    with an `error` event if the key is revoked meanwhile. A key holds at most QLORA_MAX_STREAMS_PER_KEY
-    streams at once (429 beyond). Browsers: EventSource cannot send the API key, read this with fetch()."""
+    first (past `after_step` and `after_event` when given), then news about every second; the stream ends
+    after the final state of a finished job, or with an `error` event if the key is revoked meanwhile.
+    Each metric and event message has an `id:`; a client that reconnects with the last one as
+    Last-Event-ID goes on from there, with no point or event twice or missed. A key holds at most
+    QLORA_MAX_STREAMS_PER_KEY streams at once (429 beyond). Browsers: EventSource cannot send the API key,
+    read this with fetch()."""
     job = service.get(session, caller, job_id)  # another team's job answers 404 here, before any byte is streamed
+    start = service.stream_start(session, caller, job, after_step, after_event, last_event_id)  # 422 before any byte
     slot = request.app.state.stream_slots.take(caller.key_id)  # 429 at the cap, before any byte is streamed
     # The request's session is committed and closed when this function returns: the stream reads through its
     # job's feed in this app (app.state.job_feeds: one poll per job, however many streams watch it) and its own sessions.
-    return StreamingResponse(job_stream(request.app.state, settings.database_url, caller.team_id, caller.key_id, job.id, slot),
+    return StreamingResponse(job_stream(request.app.state, settings.database_url, caller.team_id, caller.key_id, job.id, slot, start),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

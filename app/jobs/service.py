@@ -26,10 +26,11 @@ from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
 from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, EvalPoint, JobCreate, TrainPoint
+from app.jobs.stream import StreamStart, parse_event_id
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.models import repository as models
 from app.models.tables import RegisteredModel
-from app.pagination import Page, check_limit, page
+from app.pagination import MAX_ID, Page, check_limit, page
 from app.quotas.service import check_can_queue, lock_team
 from app.recent import Recent
 from app.scheduling import service as scheduling
@@ -294,6 +295,23 @@ T = TypeVar("T")
 
 def get(session: Session, caller: Caller, job_id: str) -> Job:
     return _found(repository.get(session, caller.team_id, job_id), job_id)
+
+
+def stream_start(session: Session, caller: Caller, job: Job, after_step: int | None, after_event: int | None,
+                 last_event_id: str | None) -> StreamStart:
+    """Where GET /jobs/{id}/stream starts: a reconnecting client's Last-Event-ID (both cursors, exactly
+    where it left off) over `after_event`; with `after_step`, only points past that step (a reconnect keeps
+    the URL, so the filter holds across reconnects too), the stream reading from just before the first."""
+    if last_event_id is not None and last_event_id.strip():
+        cursors = parse_event_id(last_event_id, MAX_ID)
+        if cursors is None:
+            raise Invalid("Last-Event-ID: not an id this stream sent; reconnect without it, or with the `id:` of "
+                          "the last metric or event message received (\"<metric id>.<event id>\")",
+                          details=field_errors([("Last-Event-ID", 'expected "<metric id>.<event id>", '
+                                                                  f"each 0 to {MAX_ID}")]))
+        return StreamStart(*cursors, after_step=after_step)
+    metric_after = 0 if after_step is None else repository.metric_id_before_step(session, caller.team_id, job.id, after_step)
+    return StreamStart(metric_after, after_event or 0, after_step)
 
 
 def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int,

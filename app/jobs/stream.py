@@ -14,6 +14,11 @@ stays bounded (one buffer per job, nothing queued per stream), a slow client nev
 or the other streams, and a stream never skips a point: the price of being behind is the reads that
 every stream used to make.
 
+A stream may start past a position instead of at the job's beginning (`StreamStart`: `?after_step=`, or a
+reconnecting client's `Last-Event-ID`): every metric and event message carries an `id:` holding both of
+the stream's cursors as they stand after it, so a client that reconnects with the last one it got goes
+on with the next point and the next event, none twice and none missed.
+
 A key may hold only so many streams at once, and a stream lasts only as long as its key: the feed
 checks every watching key at each poll, and a revoked key's streams end there with an `error` event.
 """
@@ -24,6 +29,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import time
 import weakref
 from collections import deque
@@ -73,9 +79,37 @@ class StreamSlots(KeySlots):
 
 # ---------------------------------------------------------------- reads (in the threadpool)
 
-# A metric point or an event as the streams take it: its id (what their cursors compare) and its SSE
-# message, made once in the feed's thread for every stream of the job.
-Row = tuple[int, str]
+# A metric point or an event as the streams take it: its id (what their cursors compare), its step (a
+# point's, for streams that start past a step; None for an event) and its SSE message without the `id:`
+# line (each stream adds its own cursors), made once in the feed's thread for every stream of the job.
+Row = tuple[int, int | None, str]
+
+# Last-Event-ID as the stream writes it: "<metric id>.<event id>", the ids of the last point and the last
+# event the stream had sent (0: none yet).
+_EVENT_ID = re.compile(r"(\d{1,10})\.(\d{1,10})")
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a stream starts: past these point and event ids, and only with points past `after_step`
+    (None: every step). The job's beginning is StreamStart()."""
+
+    metric_after: int = 0
+    event_after: int = 0
+    after_step: int | None = None
+
+
+def event_id(metric_after: int, event_after: int) -> str:
+    return f"{metric_after}.{event_after}"
+
+
+def parse_event_id(value: str, max_id: int) -> tuple[int, int] | None:
+    """Both cursors from a Last-Event-ID this stream wrote; None if it is not one."""
+    match = _EVENT_ID.fullmatch(value.strip())
+    if match is None:
+        return None
+    cursors = int(match[1]), int(match[2])
+    return cursors if max(cursors) <= max_id else None
 
 
 def _sse(event: str, data: str) -> str:
@@ -91,8 +125,8 @@ def _rows_after(session: Session, team_id: str, job_id: str, metric_after: int, 
     """Up to STREAM_BATCH points and STREAM_BATCH events past the cursors, oldest first, as SSE messages."""
     points = repository.metrics_after(session, team_id, job_id, metric_after, STREAM_BATCH)
     events = repository.events(session, team_id, job_id, event_after, STREAM_BATCH)
-    return ([(p.id, _metric_message(p)) for p in points],
-            [(e.id, _sse("event", EventOut.model_validate(e).model_dump_json())) for e in events])
+    return ([(p.id, p.step, _metric_message(p)) for p in points],
+            [(e.id, None, _sse("event", EventOut.model_validate(e).model_dump_json())) for e in events])
 
 
 @dataclass(frozen=True)
@@ -190,10 +224,14 @@ class JobFeed:
 
     # --- streams
 
-    def subscribe(self, key_id: str) -> Subscriber:
+    def subscribe(self, key_id: str, start: StreamStart = StreamStart()) -> Subscriber:
         subscriber = Subscriber(key_id)
         self._subscribers.add(subscriber)
         if self._task is None:
+            # A new feed reads from where its first stream starts, not from the job's beginning: a page that
+            # asked for the news past a long job's history does not make the process read that history.
+            # A stream that joins later from further back reads the difference itself (see covers()).
+            self.metric_after, self.event_after = start.metric_after, start.event_after
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"job feed {self.job_id}")
         return subscriber
 
@@ -322,15 +360,15 @@ class FeedFailed(RuntimeError):
 
 
 async def job_stream(app_state, database_url: str, team_id: str, key_id: str, job_id: str,
-                     slot: StreamSlot) -> AsyncIterator[str]:
+                     slot: StreamSlot, start: StreamStart = StreamStart()) -> AsyncIterator[str]:
     """The stream for one caller: it holds `slot` and a place in its job's feed (from the app's
     JobFeeds) until it ends, and ends when the key is revoked. A client that leaves cancels the
     generator, which runs the `finally`."""
     try:
         feed = app_state.job_feeds.feed(database_url, team_id, job_id)
-        subscriber = feed.subscribe(key_id)
+        subscriber = feed.subscribe(key_id, start)
         try:
-            async for chunk in _follow(feed, subscriber, database_url, team_id, key_id, job_id):
+            async for chunk in _follow(feed, subscriber, database_url, team_id, key_id, job_id, start):
                 yield chunk
         finally:
             feed.unsubscribe(subscriber)
@@ -339,13 +377,26 @@ async def job_stream(app_state, database_url: str, team_id: str, key_id: str, jo
 
 
 async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team_id: str, key_id: str,
-                  job_id: str) -> AsyncIterator[str]:
-    """Everything so far first (every point and event from the start, then the job), then the news.
+                  job_id: str, start: StreamStart) -> AsyncIterator[str]:
+    """Everything so far first (every point and event past `start`, then the job), then the news.
 
     The stream's own cursors say what it has sent; rows are filtered by them wherever they come from
     (its own reads, the feed's buffer), so none is sent twice. The job comes only from the feed: each
     tick's job was read before the tick's rows, so a final state is sent after every row before it."""
-    metric_after = event_after = 0
+    metric_after, event_after = start.metric_after, start.event_after
+    out: list[str] = []
+
+    def take_point(point_id: int, step: int | None, message: str) -> None:
+        nonlocal metric_after
+        metric_after = point_id
+        if start.after_step is None or (step is not None and step > start.after_step):
+            out.append(f"id: {event_id(metric_after, event_after)}\n{message}")
+
+    def take_event(row_id: int, message: str) -> None:
+        nonlocal event_after
+        event_after = row_id
+        out.append(f"id: {event_id(metric_after, event_after)}\n{message}")
+
     position: int | None = None  # the last tick taken; None while the stream reads on its own
     last_job: str | None = None
     quiet_since = time.monotonic()
@@ -359,7 +410,7 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
         if feed.failure is not None:
             raise FeedFailed(f"the live view of job {job_id} could not read the database") from feed.failure
 
-        out: list[str] = []
+        out.clear()
         done = False
         if position is None and feed.covers(metric_after, event_after):
             position = feed.oldest_position()
@@ -369,13 +420,11 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
             if rows is None:
                 subscriber.revoked = True
                 continue
-            for point_id, message in rows[0]:
-                out.append(message)
-                metric_after = point_id
-            for event_id, message in rows[1]:
-                out.append(message)
-                event_after = event_id
-            if not out and not feed.covers(metric_after, event_after):
+            for point_id, step, message in rows[0]:
+                take_point(point_id, step, message)
+            for row_id, _, message in rows[1]:
+                take_event(row_id, message)
+            if not rows[0] and not rows[1] and not feed.covers(metric_after, event_after):
                 # Caught up with the database, yet behind the buffer: the job's rows were deleted under us
                 # (the feed will see it gone), or it moved between our read and the feed's. The next
                 # tick settles which, and spares the database a loop of reads.
@@ -390,14 +439,12 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
             if not ticks:
                 await feed.wait(max(0.0, STREAM_KEEPALIVE_S - (time.monotonic() - quiet_since)))
             for tick in ticks:
-                for point_id, message in tick.points:
+                for point_id, step, message in tick.points:
                     if point_id > metric_after:
-                        out.append(message)
-                        metric_after = point_id
-                for event_id, message in tick.events:
-                    if event_id > event_after:
-                        out.append(message)
-                        event_after = event_id
+                        take_point(point_id, step, message)
+                for row_id, _, message in tick.events:
+                    if row_id > event_after:
+                        take_event(row_id, message)
             if ticks:
                 newest = ticks[-1]
                 position = newest.seq

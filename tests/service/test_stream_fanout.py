@@ -88,11 +88,11 @@ class Reader(threading.Thread):
     """One client reading a job's stream to its end in a thread: what it saw, parsed, as it arrives."""
 
     def __init__(self, deployment, key: str, job_id: str, transport: httpx.HTTPTransport | None = None,
-                 hold: threading.Event | None = None):
+                 hold: threading.Event | None = None, params: dict | None = None):
         super().__init__(daemon=True)
         self.client = httpx.Client(base_url=deployment.url, headers={"Authorization": f"Bearer {key}"},
                                    timeout=STREAM_TIMEOUT_S, transport=transport)
-        self.job_id, self.hold = job_id, hold
+        self.job_id, self.hold, self.params = job_id, hold, params
         self.messages: list[tuple[str, dict | str]] = []
         self.last_step = 0  # of the last metric seen, for waiting on it
         self.status: int | None = None
@@ -102,7 +102,7 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            with self.client, self.client.stream("GET", f"/jobs/{self.job_id}/stream") as response:
+            with self.client, self.client.stream("GET", f"/jobs/{self.job_id}/stream", params=self.params) as response:
                 self.status = response.status_code
                 if self.hold is not None:  # a client that does not read (yet): the server's writes back up
                     self.opened.set()

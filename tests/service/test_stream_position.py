@@ -1,0 +1,149 @@
+"""A job stream that starts past a position (app/jobs/stream.py, StreamStart): `?after_step=` for a chart
+that already holds the curve through a step, and the standard SSE `Last-Event-ID` for a client that
+reconnects, so it goes on exactly where it was. Against the real API process and Postgres; the job is
+trained by hand (tests/service/test_stream_fanout.py) so the test knows every point and event to expect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.pagination import MAX_ID
+from tests.service.test_stream_fanout import (
+    STREAM_TIMEOUT_S,
+    TEAM,
+    HandTrainedJob,
+    Reader,
+    assert_saw_the_whole_job,
+    finish_all,
+    hand_trained_job,
+    start,
+)
+
+
+@pytest.fixture
+def job(deployment, demo_data) -> HandTrainedJob:
+    return hand_trained_job(deployment, demo_data, TEAM)
+
+
+def messages(response: httpx.Response) -> Iterator[tuple[str, dict, str | None]]:
+    """(event, data, id) of each message of an SSE body as it arrives; comments skipped. `id` is the message's
+    own `id:` field, None where it has none (an EventSource then keeps the one it had)."""
+    name, data, message_id = "message", [], None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line.startswith("id:"):
+            message_id = line[3:].strip()
+        elif not line and data:
+            yield name, json.loads("\n".join(data)), message_id
+            name, data, message_id = "message", [], None
+
+
+def all_event_ids(client: httpx.Client, job: HandTrainedJob) -> list[int]:
+    ids: list[int] = []
+    while page := client.get(f"/jobs/{job.id}/events", params={"limit": 1000, "after": ids[-1] if ids else 0}).json():
+        ids += [e["id"] for e in page]
+    return ids
+
+
+def test_a_stream_after_a_step_gets_exactly_the_points_past_it_and_a_later_full_stream_everything(deployment, job):
+    key = deployment.team_key(TEAM)
+    for _ in range(30):
+        job.report(10, events=1)
+    # The first stream of the job starts its feed where it starts (past step 200); one opened from the
+    # job's beginning afterwards must still get the whole history, read by itself.
+    past = start(Reader(deployment, key, job.id, params={"after_step": 200}))
+    past.wait_for_step(300)
+    whole = start(Reader(deployment, key, job.id))
+    whole.wait_for_step(300)
+    for _ in range(5):
+        job.report(4, events=1)
+    job.finish()
+    finish_all([past, whole])
+    assert past.steps() == list(range(201, job.step + 1))
+    with deployment.client(key) as client:
+        assert past.event_ids() == all_event_ids(client, job)  # events: all of them
+        assert past.messages[-1] == ("job", client.get(f"/jobs/{job.id}").json())  # the final state last
+        assert_saw_the_whole_job(whole, client, job)
+
+
+def test_a_reconnect_with_last_event_id_goes_on_with_no_duplicate_and_no_gap(deployment, job):
+    key = deployment.team_key(TEAM)
+    for _ in range(100):
+        job.report(3, events=1)
+    steps: list[int] = []
+    events: list[int] = []
+
+    def read(headers: dict[str, str], params: dict, stop_after: tuple[str, int] | None) -> str | None:
+        """Read the stream until `stop_after` (that many messages of that kind, then hang up) or its end;
+        the last `id:` seen."""
+        last_id, seen = None, 0
+        with httpx.Client(base_url=deployment.url, headers={"Authorization": f"Bearer {key}", **headers},
+                          timeout=STREAM_TIMEOUT_S) as client, \
+                client.stream("GET", f"/jobs/{job.id}/stream", params=params) as response:
+            assert response.status_code == 200, response.read()
+            for name, data, message_id in messages(response):
+                if name in ("metric", "event"):
+                    assert message_id is not None, (name, data)
+                    last_id = message_id
+                    (steps if name == "metric" else events).append(data["step"] if name == "metric" else data["id"])
+                if stop_after and name == stop_after[0]:
+                    seen += 1
+                    if seen == stop_after[1]:
+                        return last_id  # hang up in the middle of the history, as a dropped connection would
+        return last_id
+
+    # Cut in the middle of the points, then in the middle of the events (the history sends a batch of
+    # points, then one of events), then follow to the end across news written between the connections.
+    cut = read({}, {}, ("metric", 150))
+    job.report(3, events=1)
+    cut = read({"Last-Event-ID": cut}, {}, ("event", 60))
+    job.report(3, events=1)
+    job.finish()
+    read({"Last-Event-ID": cut}, {}, None)
+    assert steps == list(range(1, job.step + 1))
+    with deployment.client(key) as client:
+        assert events == all_event_ids(client, job)
+
+    # With after_step too (a reconnect keeps its URL): still only the points past it, none twice.
+    steps.clear()
+    events.clear()
+    cut = read({}, {"after_step": 100}, ("metric", 50))
+    read({"Last-Event-ID": cut}, {"after_step": 100}, None)
+    assert steps == list(range(101, job.step + 1))
+
+
+@pytest.mark.parametrize(("params", "headers", "field"), [
+    ({"after_step": -1}, {}, "after_step"),
+    ({"after_step": MAX_ID + 1}, {}, "after_step"),
+    ({"after_step": 10**30}, {}, "after_step"),
+    ({"after_step": "ten"}, {}, "after_step"),
+    ({"after_event": -5}, {}, "after_event"),
+    ({"after_event": 10**30}, {}, "after_event"),
+    ({}, {"Last-Event-ID": "garbage"}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": "12"}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": "1.2.3"}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": "-1.0"}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": f"{MAX_ID + 1}.0"}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": "0." + "9" * 40}, "Last-Event-ID"),
+])
+def test_a_bad_position_answers_422_naming_the_field_and_holds_no_stream(deployment, job, params, headers, field):
+    key = deployment.team_key(TEAM)
+    with deployment.client(key) as client:
+        for _ in range(12):  # more than the streams a key may hold (10): a refused stream holds none
+            # Read as a stream: one wrongly served would never end (the job runs).
+            with client.stream("GET", f"/jobs/{job.id}/stream", params=params, headers=headers) as answer:
+                assert answer.status_code == 422, answer.status_code
+                answer.read()
+            assert field in [d["field"].split(".")[-1] for d in answer.json()["error"]["details"]], answer.json()
+    reader = start(Reader(deployment, key, job.id))
+    job.report(2)
+    job.finish()
+    finish_all([reader])
