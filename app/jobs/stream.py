@@ -86,7 +86,7 @@ Row = tuple[int, int | None, str]
 
 # Last-Event-ID as the stream writes it: "<metric id>.<event id>", the ids of the last point and the last
 # event the stream had sent (0: none yet).
-_EVENT_ID = re.compile(r"(\d{1,10})\.(\d{1,10})")
+_EVENT_ID = re.compile(r"([0-9]{1,10})\.([0-9]{1,10})")  # [0-9]: \d would take any script's digits
 
 
 @dataclass(frozen=True)
