@@ -16,6 +16,7 @@ async function* readServerSentEvents(body) {
   let buffer = "";
   let event = "message";
   let data = [];
+  let id = null; // the message's `id:`, null where it has none
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -27,9 +28,10 @@ async function* readServerSentEvents(body) {
         buffer = buffer.slice(newline + 1);
         if (line.endsWith("\r")) line = line.slice(0, -1);
         if (line === "") {
-          if (data.length) yield { event, data: data.join("\n") };
+          if (data.length) yield { event, data: data.join("\n"), id };
           event = "message";
           data = [];
+          id = null;
           continue;
         }
         if (line.startsWith(":")) continue; // a keepalive comment
@@ -39,6 +41,7 @@ async function* readServerSentEvents(body) {
         if (text.startsWith(" ")) text = text.slice(1);
         if (field === "event") event = text;
         else if (field === "data") data.push(text);
+        else if (field === "id") id = text;
       }
     }
   } finally {
@@ -47,8 +50,10 @@ async function* readServerSentEvents(body) {
 }
 
 /**
- * Follow a job's stream until the job has finished. Every (re)connection replays the job from the
- * start, and the page keys what it holds by step and event id, so a reconnect never doubles a point.
+ * Follow a job's stream until the job has finished. The first connection sends the job's history (only
+ * the points past `afterStep` when given: a long job's page holds the thinned curve through it); a
+ * reconnection sends the id of the last message received as Last-Event-ID, as EventSource does, and the
+ * stream goes on right after it. The page also keys what it holds by step and event id.
  *
  * An answer that may change by itself is retried, not final: 429 (the key already holds
  * QLORA_MAX_STREAMS_PER_KEY streams, say another tab's: it frees when that one closes) and 5xx (a proxy
@@ -56,13 +61,16 @@ async function* readServerSentEvents(body) {
  * meanwhile, and `onNotice(null)` once it is again. Those answers ended the page's live view for good
  * ("This job cannot be shown"), until a reload.
  */
-export async function followJob(jobId, ctx, onMessage, onFatal, onNotice = () => {}) {
+export async function followJob(jobId, ctx, onMessage, onFatal, onNotice = () => {}, afterStep = null) {
   let wait = RECONNECT_MS;
+  let lastEventId = null;
+  const url = `/jobs/${jobId}/stream` + (afterStep === null ? "" : `?after_step=${afterStep}`);
   while (!ctx.signal.aborted) {
     let finished = false;
     try {
-      const response = await fetch(`/jobs/${jobId}/stream`, {
-        headers: authHeaders({ Accept: "text/event-stream" }), signal: ctx.signal, cache: "no-store",
+      const resume = lastEventId === null ? {} : { "Last-Event-ID": lastEventId };
+      const response = await fetch(url, {
+        headers: authHeaders({ Accept: "text/event-stream", ...resume }), signal: ctx.signal, cache: "no-store",
       });
       if (response.status === 401) return signOut(refusal(await response.json().catch(() => null)));
       if (response.status === 429 || response.status >= 500) {
@@ -74,6 +82,7 @@ export async function followJob(jobId, ctx, onMessage, onFatal, onNotice = () =>
         let live = false;
         for await (const message of readServerSentEvents(response.body)) {
           if (!live) { live = true; wait = RECONNECT_MS; onNotice(null); }
+          if (message.id !== null) lastEventId = message.id;
           const payload = JSON.parse(message.data);
           onMessage(message.event, payload);
           if (message.event === "job" && FINISHED.includes(payload.status)) finished = true;
