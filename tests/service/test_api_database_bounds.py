@@ -19,8 +19,7 @@ from sqlalchemy.engine import make_url
 
 from app.db import api_database_url, engine_for
 from tests import services
-from tests.deployment import Deployment
-from tests.faults.conftest import wait_until
+from tests.deployment import Deployment, wait_until
 from tests.faults.tcp_link import CuttableLink
 
 # Short, so the test is quick: libpq's least connect timeout.
