@@ -201,13 +201,21 @@ def _checkout_timeout_s(url: str) -> float:
 
 
 @lru_cache
+def _database(url: str) -> tuple[Engine, sessionmaker[Session]]:
+    """A URL's engine and the sessionmaker bound to it, cached as one: two caches evicted apart (lru_cache keeps
+    128 each) once a process had opened more databases than that (a test process does, one per test), and
+    engine_for(url) then made a second pool of a database whose sessions still ran on the first: what it
+    named (its dispose(), its event listeners) was no longer what sessionmaker_for(url) used."""
+    engine = make_engine(url)
+    return engine, sessionmaker(bind=engine, expire_on_commit=False)
+
+
 def engine_for(url: str) -> Engine:
-    return make_engine(url)
+    return _database(url)[0]
 
 
-@lru_cache
 def sessionmaker_for(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+    return _database(url)[1]
 
 
 # What runs after a request's commit and writes (dispatch.send marking a job sent) runs where the request's
