@@ -490,14 +490,17 @@ def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, 
     # Read up to the last step counted: points logged meanwhile would fall past the last bucket.
     first = min((lo for _, lo, _ in extent.values()), default=0)
     last = max((hi for _, _, hi in extent.values()), default=0)
-    width = None if in_curve <= points else (last - first) // (points // PER_BUCKET) + 1
-    curve = {kind: _thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
-             for kind in ("train", "eval")}
-    if width is None and len(curve["train"]) + len(curve["eval"]) > points:  # logged at steps counted, since
-        width = (last - first) // (points // PER_BUCKET) + 1
-        curve = {kind: _thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
-                 for kind in ("train", "eval")}
-    train, eval_ = curve["train"], curve["eval"]
+    bucketed = (last - first) // (points // PER_BUCKET) + 1  # the width of a bucket, where the curve is thinned
+
+    def read(width: int | None) -> list[list]:  # [train, eval]
+        return [_thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
+                for kind in ("train", "eval")]
+
+    width = None if in_curve <= points else bucketed
+    train, eval_ = read(width)
+    if width is None and len(train) + len(eval_) > points:  # logged at steps counted, since
+        width = bucketed
+        train, eval_ = read(width)
     return {"job_id": job.id, "train": [dict(zip(TRAIN_FIELDS, row, strict=True)) for row in train],
             "eval": [dict(zip(EVAL_FIELDS, row, strict=True)) for row in eval_], "has_more": False,
             "next": {"after_step": train[-1][0] if train else None, "after_eval_step": eval_[-1][0] if eval_ else 0},
