@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import session_scope, utcnow
+from app.db import database_now, session_scope
 from app.jobs import repository
 from app.jobs.tables import QuantizedBase
 from app.storage.base import Storage, delete_objects
@@ -78,8 +78,11 @@ class Pruned:
 
 def prune(session: Session, storage: Storage, older_than_s: float, now: datetime | None = None) -> Pruned:
     """Delete the entries no job has used for older_than_s: their rows, committed here (before anything
-    else the session's transaction holds, so call it in a transaction of its own), then their objects."""
-    used_before = (now or utcnow()) - timedelta(seconds=older_than_s)
+    else the session's transaction holds, so call it in a transaction of its own), then their objects.
+    Read on the database's clock, which last_used_at is written on (runs.mark_cached_base_used): on this host's,
+    a reaper whose clock ran 30 days ahead deleted the entry every job loads, and one behind kept stale entries
+    (~35 GB each) for as long. `now`: as the database's clock reads."""
+    used_before = (now or database_now(session)) - timedelta(seconds=older_than_s)
     deleted = [entry_view(row) for row in repository.delete_quantized_bases_unused_since(session, used_before)]
     # Committed before the objects go: from here on no job finds these entries; one that found one just before
     # falls back to quantizing the base itself (module docstring).

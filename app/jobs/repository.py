@@ -499,10 +499,11 @@ def quantized_base(session: Session, key: str) -> QuantizedBase | None:
 
 
 def add_quantized_base(session: Session, key: str, storage_key: str, size: int, sha256: str, identity: dict) -> bool:
-    """Record a cache entry; False when another job recorded the same key first (keep theirs)."""
+    """Record a cache entry; False when another job recorded the same key first (keep theirs). Its times are the
+    database's clock, which the reaper prunes by (quantized_cache.prune)."""
     if quantized_base(session, key) is not None:
         return False
-    now = utcnow()
+    now = database_now(session)
     session.add(QuantizedBase(key=key, storage_key=storage_key, bytes=size, sha256=sha256, identity=identity,
                               created_at=now, last_used_at=now))
     return True

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
-from app.db import database_now, utcnow
+from app.db import database_now
 from app.jobs import repository, states
 from app.jobs.tables import Checkpoint, Job
 from app.models import repository as models
@@ -269,8 +269,10 @@ def cached_base(session: Session, key: str) -> ObjectRef | None:
 
 
 def mark_cached_base_used(session: Session, key: str) -> bool:
-    """A job is about to load entry `key` (if there is one): it is in use now, and a prune keeps it."""
-    return repository.mark_quantized_base_used(session, key, utcnow())
+    """A job is about to load entry `key` (if there is one): it is in use now, and a prune keeps it. Now by the
+    database's clock, which the prune reads too: by the worker's, a worker whose clock ran 30 days behind marked
+    an entry it loaded as unused for 30 days, and the reaper's next pass deleted it."""
+    return repository.mark_quantized_base_used(session, key, database_now(session))
 
 
 def forget_cached_base(session: Session, entry: ObjectRef) -> bool:
