@@ -17,7 +17,8 @@ Its rails:
   a shared bucket or directory is counted as foreign and never listed or touched.
 - An object younger than `older_than_s` is left alone: it may have been uploaded a moment ago, its row
   about to be committed. At least MIN_AGE_S unless forced (S3 dates a multipart upload's object from
-  when the upload began, so a large merged model is already that old when it is recorded).
+  when the upload began, so a large merged model is already that old when it is recorded). The age is read
+  on the store's own clock, which dated the object (Storage.now), not on this host's.
 - Just before each delete the database is asked again: a row recorded since the listing keeps its object.
 - Deleting is refused (DatabaseLooksWrong) when no stored object is referenced by any row while storage
   holds objects of the service's form: the database is empty, or is another deployment's.
@@ -31,7 +32,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from app.db import release_connection, utcnow
+from app.db import release_connection
 from app.errors import Conflict
 from app.operations import repository
 from app.storage.base import Storage
@@ -110,8 +111,11 @@ class DatabaseLooksWrong(Conflict):
 
 def find_strays(session: Session, storage: Storage, older_than_s: float, now: datetime | None = None) -> Sweep:
     """Every committed object of the service's form that no row refers to and that was last changed at
-    least older_than_s ago, oldest first. Deletes nothing."""
-    now = now or utcnow()
+    least older_than_s ago, oldest first. Deletes nothing. Ages are read on the store's own clock
+    (storage.now()), which dated the objects: on this host's, a host whose clock ran a day ahead took an
+    object uploaded a moment ago, its row about to be committed, for a day-old stray and deleted it, and one
+    a day behind kept every stray a day longer. `now`: as the store's clock reads."""
+    now = now or storage.now()
     referenced = repository.referenced_keys(session)
     release_connection(session)  # listing a large bucket takes a while: no transaction held open meanwhile
     sweep = Sweep(older_than_s, now, rows=len(referenced))

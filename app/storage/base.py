@@ -84,6 +84,7 @@ class Storage(Protocol):
     def list_objects(self, prefix: str = "") -> Iterator[ListedObject]: ...  # committed ones, with size and age
     def presigned_url(self, key: str, expires_s: int, filename: str | None = None) -> str | None: ...
     def abort_stale_writes(self, older_than_s: float) -> int: ...  # uncommitted writes left by dead processes
+    def now(self) -> datetime: ...  # the store's own clock, which dates its objects (an age is measured on it)
 
 
 def storage_out_of_reach(exc: BaseException) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -126,9 +125,23 @@ class LocalStorage(StorageBase):
         self._path(key)
         return None
 
+    def now(self) -> datetime:
+        """The filesystem's clock, as it dates a file written now: a probe file's mtime. That is this host's clock
+        on a local disk, and the file server's on a network filesystem, where the files' mtimes come from it."""
+        probe = self.root / TMP_DIR / f"clock-{uuid.uuid4().hex}"
+        try:
+            probe.touch()
+            try:
+                return datetime.fromtimestamp(probe.stat().st_mtime, UTC)
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError:  # a full disk refuses even this: this host's clock, which a local disk's files have too
+            return datetime.now(UTC)
+
     def abort_stale_writes(self, older_than_s: float) -> int:
-        """Delete temp files of writes nobody finished: a process died between open and commit."""
-        cutoff = time.time() - older_than_s
+        """Delete temp files of writes nobody finished: a process died between open and commit. Their ages are
+        the filesystem's (now()), as their mtimes are."""
+        cutoff = self.now().timestamp() - older_than_s
         removed = 0
         for path in (self.root / TMP_DIR).iterdir():
             try:

@@ -5,8 +5,10 @@ Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, inst
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import boto3
 from botocore.config import Config
@@ -23,6 +25,8 @@ from app.storage.base import (
     check_prefix,
     check_span,
 )
+
+log = logging.getLogger(__name__)
 
 # Above S3's 5 MiB minimum part; 10,000 parts of it still reach 80 GiB, past any merged model here.
 PART_SIZE = 8 << 20
@@ -196,10 +200,23 @@ class S3Storage(StorageBase):
             params["ResponseContentDisposition"] = attachment_disposition(filename)
         return self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
 
+    def now(self) -> datetime:
+        """The store's clock, which dates its objects (LastModified) and uploads (Initiated): the Date of its answer
+        to a HEAD of the bucket, in whole seconds as LastModified is (S3 and moto cut both down).
+        This host's clock may be hours off the store's (NTP down, a VM resumed from suspend): read on it, a sweep
+        took an object uploaded a moment ago, its row about to be committed, for a stray, and the reaper aborted
+        an upload under way."""
+        answer = self.client.head_bucket(Bucket=self.bucket)
+        date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:  # HTTP/1.1 servers send it; should one not, this host's clock is the one left
+            log.warning("the store sent no Date header: reading ages on this host's clock")
+            return datetime.now(UTC)
+        return parsedate_to_datetime(date).astimezone(UTC)
+
     def abort_stale_writes(self, older_than_s: float) -> int:
         """Abort multipart uploads nobody finished (a process died mid-write): S3 keeps their parts,
-        and bills for them, until told otherwise."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        and bills for them, until told otherwise. Their ages are the store's (now()), as their Initiated is."""
+        cutoff = self.now() - timedelta(seconds=older_than_s)
         aborted = 0
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.datasets.tables import Dataset
-from app.db import Base, engine_for
+from app.db import FAULT_CLOCK_SKEW, Base, engine_for
 from app.migrate import upgrade
 from app.operations import repository
 from app.operations import storage_sweep as sweeping
@@ -53,11 +53,14 @@ def scene(session, storage) -> Scene:
     return made
 
 
-def qlora(home: Path, *args: str, storage_url: str | None = None) -> subprocess.CompletedProcess:
-    """The command as an operator runs it, against QLORA_HOME's database (and its storage, or storage_url's)."""
+def qlora(home: Path, *args: str, storage_url: str | None = None, clock_skew_s: float = 0) -> subprocess.CompletedProcess:
+    """The command as an operator runs it, against QLORA_HOME's database (and its storage, or storage_url's), on
+    a host whose clock runs clock_skew_s off (QLORA_FAULT_CLOCK_SKEW_S)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | {"QLORA_HOME": str(home)}
     if storage_url:
         env["QLORA_STORAGE_URL"] = storage_url
+    if clock_skew_s:
+        env[FAULT_CLOCK_SKEW] = str(clock_skew_s)
     return subprocess.run([sys.executable, "-m", "app.cli", "admin", "sweep-storage", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
@@ -161,6 +164,18 @@ def test_the_command_lists_on_a_pipe_says_how_to_delete_on_a_terminal_and_delete
     assert on_disk(storage) == set(scene.referenced + scene.young + scene.foreign)
     again = json.loads(qlora(settings.home).stdout)
     assert again["strays"] == [] and again["storage"]["referenced"] == 4
+
+
+@pytest.mark.parametrize("skew_days", [3, -3], ids=["ahead", "behind"])
+def test_ages_are_the_filesystems_whatever_the_operators_host_clock_reads(settings, storage, scene, skew_days):
+    """The files' mtimes are the filesystem's clock: read on a host's clock three days ahead, the object uploaded a
+    moment ago (its row about to be committed) looked three days old and went; three days behind, the two-day-old
+    strays looked a day from now and stayed."""
+    deleted = qlora(settings.home, "--delete", clock_skew_s=skew_days * DAY)
+
+    assert deleted.returncode == 0, deleted.stderr
+    assert sorted(json.loads(deleted.stdout)["deleted"]["keys"]) == sorted(scene.strays)
+    assert on_disk(storage) == set(scene.referenced + scene.young + scene.foreign)
 
 
 @pytest.mark.parametrize(("given", "seconds"), [("30m", 1800), ("24h", DAY), ("7d", 7 * DAY), ("0", 0)])

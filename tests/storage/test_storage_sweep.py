@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.datasets.tables import Dataset
-from app.db import engine_for, session_scope, sessionmaker_for, utcnow
+from app.db import FAULT_CLOCK_SKEW, engine_for, session_scope, sessionmaker_for
 from app.operations import storage_sweep as sweeping
 from app.storage import make_key
 from app.storage.s3 import S3Storage
@@ -73,11 +73,12 @@ def test_the_sweep_finds_and_deletes_exactly_the_strays_and_keeps_what_a_row_cla
     time.sleep(2.5)  # the scene's objects are now at least 2 s old, as S3 dates them
     # The sweep's "now" is taken before the young object is stored, so it is young however long the machine
     # takes between the upload and the listing (with the listing's own now, a second's delay made it a stray).
-    as_of = utcnow()
+    # It is the store's clock, in whole seconds as S3's LastModified: the scene's objects are 2 s old on it.
+    as_of = storage.now()
     just_uploaded = store(storage, make_key(scene.team_id, "datasets")).key
 
     with session_scope(database_url) as session:
-        sweep = sweeping.find_strays(session, storage, older_than_s=2, now=as_of)
+        sweep = sweeping.find_strays(session, storage, older_than_s=1, now=as_of)
     assert sorted(s.key for s in sweep.strays) == sorted(scene.strays + scene.young)
     assert (sweep.stored, sweep.referenced, sweep.young, sweep.foreign) == (11, 4, 1, len(scene.foreign))
     assert {s.key: s.bytes for s in sweep.strays}[scene.strays[1]] == 5000  # the checkpoint's size, as listed
@@ -140,6 +141,26 @@ def test_the_command_on_s3_and_postgres(tmp_path, database_url, storage, outside
     assert deleted.returncode == 0, deleted.stderr
     assert json.loads(deleted.stdout)["deleted"]["count"] == 6
     assert in_bucket(s3_inspect, s3_bucket) == inside(scene.referenced + scene.foreign) | set(outside)
+
+
+def test_the_command_on_a_host_whose_clock_runs_ahead_keeps_what_was_uploaded_a_moment_ago(
+        tmp_path, database_url, storage, s3_endpoint, s3_bucket, s3_inspect):  # noqa: F811
+    """S3 dates its objects on its own clock (LastModified), and the sweep reads their ages on it (the Date of the
+    store's answer): on the operator's host's clock two days ahead, every stray uploaded a moment ago (a checkpoint
+    whose row was about to be committed) looked two days old, and `--older-than 1h --delete` deleted it."""
+    with sessionmaker_for(database_url)() as session:
+        scene = build(session, storage)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")} | services.s3_env(s3_endpoint) | {
+        "QLORA_HOME": str(tmp_path), "QLORA_DATABASE_URL": database_url, "QLORA_STORAGE_URL": f"s3://{s3_bucket}/{PREFIX}",
+        FAULT_CLOCK_SKEW: str(2 * 86400)}
+
+    swept = subprocess.run([sys.executable, "-m", "app.cli", "admin", "sweep-storage", "--older-than", "1h", "--delete"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    assert swept.returncode == 0, swept.stderr
+    answer = json.loads(swept.stdout)
+    assert answer["deleted"]["count"] == 0 and answer["storage"]["young"] == 6, answer
+    assert in_bucket(s3_inspect, s3_bucket) >= inside(scene.strays + scene.young + scene.referenced)
 
 
 def test_listing_goes_past_a_page_of_a_thousand(storage, s3_inspect, s3_bucket):  # noqa: F811
