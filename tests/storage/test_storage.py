@@ -382,12 +382,16 @@ def test_list_objects_gives_each_committed_object_with_its_size_and_time(backend
     pending = storage.writer("team-a/artifacts/4")
     pending.write(b"p" * (PART_SIZE + 1))  # on S3 a multipart upload under way, on disk a temp file
     after = datetime.now(UTC) + timedelta(seconds=2)
+    store_now = storage.now()  # the store's clock, which the sweep reads ages on: theirs are never negative on it
 
     listed = {o.key: o for o in storage.list_objects()}
     assert {key: o.size for key, o in listed.items()} == sizes
     assert all(before <= o.modified_at <= after and o.modified_at.tzinfo is not None for o in listed.values())
+    assert all(o.modified_at <= store_now for o in listed.values()) and before <= store_now <= after
     assert sorted(o.key for o in storage.list_objects("team-a/")) == ["team-a/checkpoints/2", "team-a/datasets/1"]
+    assert storage.abort_stale_writes(older_than_s=3600) == 0  # the write under way is young on the store's clock
     pending.abort()
+    assert backend.leftovers() == sorted((f"objects/{key}" if backend.name == "s3" else key) for key in sizes)
 
 
 def test_make_key():
