@@ -208,10 +208,11 @@ class S3Storage(StorageBase):
         an upload under way."""
         answer = self.client.head_bucket(Bucket=self.bucket)
         date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        if not date:  # HTTP/1.1 servers send it; should one not, this host's clock is the one left
-            log.warning("the store sent no Date header: reading ages on this host's clock")
+        try:
+            return parsedate_to_datetime(date).astimezone(UTC)
+        except (TypeError, ValueError):  # HTTP/1.1 servers send it; should one not, this host's clock is the one left
+            log.warning("the store sent no readable Date header (%r): reading ages on this host's clock", date)
             return datetime.now(UTC)
-        return parsedate_to_datetime(date).astimezone(UTC)
 
     def abort_stale_writes(self, older_than_s: float) -> int:
         """Abort multipart uploads nobody finished (a process died mid-write): S3 keeps their parts,
