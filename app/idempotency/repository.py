@@ -14,10 +14,10 @@ def get(session: Session, team_id: str, scope: str, key: str) -> IdempotencyKey 
     return session.get(IdempotencyKey, (team_id, scope, key))
 
 
-def add(session: Session, team_id: str, scope: str, key: str, request_sha256: str, *, job_id: str | None = None,
-        dataset_id: str | None = None) -> None:
+def add(session: Session, team_id: str, scope: str, key: str, request_sha256: str, created_at: datetime, *,
+        job_id: str | None = None, dataset_id: str | None = None) -> None:
     session.add(IdempotencyKey(team_id=team_id, scope=scope, key=key, request_sha256=request_sha256, job_id=job_id,
-                               dataset_id=dataset_id))
+                               dataset_id=dataset_id, created_at=created_at))
 
 
 def forget_older(session: Session, team_id: str, made_before: datetime) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import database_now
 from app.errors import Invalid, field_errors
 from app.idempotency import repository
 from app.idempotency.tables import IdempotencyKey
@@ -103,9 +103,11 @@ def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
 
 
 def _bound(session: Session, team_id: str, scope: str, key: str) -> IdempotencyKey | None:
-    """The key's binding, unless it is older than KEPT (then the key is free again)."""
+    """The key's binding, unless it is older than KEPT (then the key is free again). Aged on the database's clock,
+    which bind dates it by: on each API host's own, a host a day ahead took a key bound a moment ago for an expired
+    one, and a retried POST made its job or dataset a second time."""
     bound = repository.get(session, team_id, scope, key)
-    return None if bound is None or bound.created_at < utcnow() - KEPT else bound
+    return None if bound is None or bound.created_at < database_now(session) - KEPT else bound
 
 
 def earlier(session: Session, team_id: str, keyed: Keyed) -> Made | None:
@@ -145,5 +147,7 @@ def check_not_made_meanwhile(session: Session, team_id: str, keyed: Keyed) -> No
 def bind(session: Session, team_id: str, keyed: Keyed, *, job_id: str | None = None,
          dataset_id: str | None = None) -> None:
     """The key now names what was made (and the team's keys older than KEPT, this one's old binding too, go)."""
-    repository.forget_older(session, team_id, made_before=utcnow() - KEPT)
-    repository.add(session, team_id, keyed.scope, keyed.key, keyed.request_sha256, job_id=job_id, dataset_id=dataset_id)
+    now = database_now(session)
+    repository.forget_older(session, team_id, made_before=now - KEPT)
+    repository.add(session, team_id, keyed.scope, keyed.key, keyed.request_sha256, now, job_id=job_id,
+                   dataset_id=dataset_id)

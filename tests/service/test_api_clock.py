@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
 from app.db import FAULT_CLOCK_SKEW, database_now, session_scope
+from app.idempotency import service as idempotency
 from app.jobs import repository, states
 from app.jobs.tables import Job
 from app.operations.service import SETTLE_S
@@ -99,3 +101,42 @@ def test_an_api_host_whose_clock_runs_ahead_charges_and_dates_on_the_databases_c
     assert cancelled.status == states.CANCELLED and 0 <= ages["finished_at"] < 600, report
     assert requeued.status == states.QUEUED and 0 <= ages["queued_at"] < 600, report
     assert seen["succeeded"] == 1, report
+
+
+# An API process whose clock runs a day and an hour ahead (past idempotency's KEPT): the key another API host bound a
+# moment ago, by the database's clock, is still bound for it, and one it binds is dated by the database's clock.
+KEYS = """
+import json, sys
+from app.db import database_now, session_scope
+from app.idempotency import repository, service
+url, team_id, job_id = sys.argv[1:]
+with session_scope(url) as s:
+    earlier = service.earlier(s, team_id, service.requested("bound-elsewhere", "POST /jobs", {"a": 1}))
+with session_scope(url) as s:
+    service.bind(s, team_id, service.requested("bound-here", "POST /jobs", {"b": 2}), job_id=job_id)
+with session_scope(url) as s:
+    age_s = (database_now(s) - repository.get(s, team_id, "POST /jobs", "bound-here").created_at).total_seconds()
+print(json.dumps({"earlier": None if earlier is None else earlier.job_id, "age_s": age_s}))
+"""
+
+
+def test_an_api_host_a_day_ahead_still_finds_an_idempotency_key_bound_a_moment_ago(database_url, tmp_path):
+    with session_scope(database_url) as session:
+        team = create_team(session, "keyed")
+        team_id = team.id
+        job = Job(team_id=team_id, status=states.QUEUED, base_model="tiny", queue="gpu-default", spec=stored_spec())
+        session.add(job)
+        session.flush()
+        job_id = job.id
+        idempotency.bind(session, team_id, idempotency.requested("bound-elsewhere", "POST /jobs", {"a": 1}),
+                         job_id=job_id)
+
+    skew_s = (idempotency.KEPT + timedelta(hours=1)).total_seconds()
+    env = {**os.environ, FAULT_CLOCK_SKEW: str(skew_s), "QLORA_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", KEYS, database_url, team_id, job_id],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # Read on its own clock, the key had expired: a retried POST /jobs would have made a second job.
+    assert seen["earlier"] == job_id, seen
+    assert 0 <= seen["age_s"] < 600, seen

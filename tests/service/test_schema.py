@@ -95,7 +95,7 @@ def test_a_database_migrated_by_the_releases_that_first_shipped_0015_is_brought_
         session.add(Dataset(id="d" * 32, team_id=team_id, filename="train.jsonl", storage_key="k", bytes=1,
                             sha256="0" * 64, status="ready"))
         session.flush()
-        idempotency.add(session, team_id, "POST /datasets", "upload-key", "1" * 64, dataset_id="d" * 32)
+        idempotency.add(session, team_id, "POST /datasets", "upload-key", "1" * 64, now, dataset_id="d" * 32)
     with session_scope(url) as session:
         assert idempotency.get(session, team_id, "POST /datasets", "upload-key").dataset_id == "d" * 32
     engine_for(url).dispose()
