@@ -11,10 +11,11 @@ cleanly releases it, so a restart hands over at once.
 
 The TTL must exceed the renewal interval with a margin (the reaper's is 3 intervals): a live
 holder renews long before it expires, so a slow pass or a database blip does not hand the role to
-another process while the first still plays it. Expiry is judged by the clock of the process that
-looks (a job's heartbeats, unlike a lease, are judged by the database's: app.db.database_now): hosts whose
-clocks disagree by more than the margin could both act for a moment, so work done under a lease stays
-safe on its own (the reaper's changes are compare-and-sets).
+another process while the first still plays it. A lease is dated and judged on the database's clock
+(app.db.database_now), as a job's heartbeats are: on each process's own, a host whose clock ran an hour
+ahead took the lease from a live holder at its every pass, and, once it died, left the role unplayed for
+that hour, until its expiry came on the others' clocks. Work done under a lease stays safe on its own all
+the same (the reaper's changes are compare-and-sets): a holder learns it lost the lease only at its next renewal.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import cast
 from sqlalchemy import CursorResult, case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db import insert_for, session_scope, utcnow
+from app.db import database_now, insert_for, session_scope
 from app.operations.tables import Lease
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def acquire_or_renew(session: Session, name: str, holder: str, ttl_s: float) -> 
     """Take lease `name` for `holder` for ttl_s from now if it is free, expired or already
     `holder`'s; True if `holder` now holds it. The caller commits (at once: the lease protects
     nothing until the others can see it)."""
-    now = utcnow()
+    now = database_now(session)
     expires_at = now + timedelta(seconds=ttl_s)
     # Renew our own, or take over one whose holder stopped renewing. On Postgres a racing UPDATE
     # waits for the first to commit and then finds the row no longer expired: it changes nothing.
@@ -79,7 +80,7 @@ def _rows_changed(session: Session, statement) -> int:
 
 def current_holder(session: Session, name: str) -> str | None:
     """Who holds lease `name` now (None: nobody, or an expired holder)."""
-    return session.scalar(select(Lease.holder).where(Lease.name == name, Lease.expires_at >= utcnow()))
+    return session.scalar(select(Lease.holder).where(Lease.name == name, Lease.expires_at >= database_now(session)))
 
 
 class LeaseHolder:

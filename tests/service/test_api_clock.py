@@ -20,10 +20,12 @@ from app.db import FAULT_CLOCK_SKEW, database_now, session_scope
 from app.idempotency import service as idempotency
 from app.jobs import repository, states
 from app.jobs.tables import Job
+from app.operations.lease import acquire_or_renew, current_holder, release
 from app.operations.service import SETTLE_S
+from app.operations.tables import Lease
 from app.teams.service import create_team
 from app.usage import ledger
-from tests.deployment import stored_spec
+from tests.deployment import stored_spec, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SKEW_S = 2 * SETTLE_S  # past /metrics' settling too: its mark is SETTLE_S behind the clock it reads
@@ -140,3 +142,46 @@ def test_an_api_host_a_day_ahead_still_finds_an_idempotency_key_bound_a_moment_a
     # Read on its own clock, the key had expired: a retried POST /jobs would have made a second job.
     assert seen["earlier"] == job_id, seen
     assert 0 <= seen["age_s"] < 600, seen
+
+
+# A process whose clock runs SKEW_S ahead tries lease "role" for ttl_s (argv), and leaves without releasing it, as
+# one that dies does.
+LEASE_TRY = """
+import sys
+from app.db import session_scope
+from app.operations.lease import acquire_or_renew
+url, holder, ttl_s = sys.argv[1:]
+with session_scope(url) as s:
+    print("held" if acquire_or_renew(s, "role", holder, float(ttl_s)) else "refused")
+"""
+
+
+def try_lease_ahead(database_url: str, home: Path, holder: str, ttl_s: float) -> str:
+    env = {**os.environ, FAULT_CLOCK_SKEW: str(SKEW_S), "QLORA_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-c", LEASE_TRY, database_url, holder, str(ttl_s)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_lease_is_judged_on_the_databases_clock_whatever_the_hosts_read(database_url, tmp_path):
+    """Judged on its own clock, a host ahead took the lease from a live holder; and when it died holding it, the
+    role stayed unplayed on the other hosts for as long as its clock was ahead."""
+    with session_scope(database_url) as session:
+        assert acquire_or_renew(session, "role", "here", 60)
+    assert try_lease_ahead(database_url, tmp_path, "ahead", 60) == "refused"  # "here" renews it well within 60 s
+
+    with session_scope(database_url) as session:
+        assert release(session, "role", "here")
+    assert try_lease_ahead(database_url, tmp_path, "ahead", 1) == "held"  # and it dies holding it, for 1 s
+    with session_scope(database_url) as session:
+        taken_at = session.get(Lease, "role").acquired_at
+    wait_until(lambda: after(database_url, taken_at, 1.5), 60, "the database's clock passed the dead holder's TTL")
+    with session_scope(database_url) as session:
+        assert current_holder(session, "role") is None
+        assert acquire_or_renew(session, "role", "here", 60)
+
+
+def after(database_url: str, moment, seconds: float) -> bool:
+    with session_scope(database_url) as session:
+        return (database_now(session) - moment).total_seconds() > seconds
