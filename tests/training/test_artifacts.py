@@ -146,7 +146,7 @@ def test_a_merge_the_host_cannot_hold_is_not_started_and_the_adapter_is_delivere
     assert "GiB of host memory" in skipped[0].message and "0.0 GiB available" in skipped[0].message
     assert "writing it layer by layer takes about" in skipped[0].message  # the streaming merge did not fit either
     assert result.report["generation"]["tuned"].startswith("the adapter on the base model")
-    from app.cli.render import summary_rows  # what `qlora jobs get` shows of the summary
+    from app.cli.render import summary_rows  # what `qlora jobs show` shows of the summary
 
     assert dict(summary_rows(result.summary))["merged model"] == result.summary["merge_skipped"]
 

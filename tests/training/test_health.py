@@ -251,7 +251,7 @@ def test_early_stopping_ends_the_run_patience_evaluations_after_the_best(overfit
 
 
 def test_the_summary_as_printed_says_the_run_stopped_early_and_which_adapter_shipped(overfit_run):
-    """`qlora train` and `qlora jobs get` print the summary: an early-stopped run read "steps 20 / 40, eval loss
+    """`qlora train` and `qlora jobs show` print the summary: an early-stopped run read "steps 20 / 40, eval loss
     2.2100" (the last step's), saying neither why it stopped at half nor that the adapter shipped is the best
     evaluation's, with a lower eval loss."""
     from app.cli.render import summary_rows

@@ -60,7 +60,7 @@ export function renderSummary(box, state) {
     section("Loss");
     row("Train loss, first → final", `${fmt.loss(s.train_loss_first)} → ${fmt.loss(s.train_loss_final)}`);
     row("Eval loss, final", fmt.loss(s.eval_loss_final));
-    // Which weights went out (as `qlora jobs get` says): the best evaluation's with output.use_best_checkpoint.
+    // Which weights went out (as `qlora jobs show` says): the best evaluation's with output.use_best_checkpoint.
     const best = s.best_eval;
     if (best && best.step !== null) {
       row("Best eval loss", `${fmt.loss(best.eval_loss)} at step ${fmt.int(best.step)}; ${best.final_adapter_is_best
