@@ -281,10 +281,13 @@ def job_body(body: Any, max_micro_batch: int | None = None) -> dict:
     _only(method, ("type", kind), "method")
     settings = _object(method, kind, f"method.{kind}")
     _only(settings, ("hyperparameters",), f"method.{kind}")
+    # A supervised beta gets past here, to be refused by _method_from as "only for method dpo"; the list of what a
+    # field takes names the method's own (a supervised job was told it took beta, then refused it).
+    takes = HYPERPARAMETERS + DPO_OPTIONS if kind == "dpo" else HYPERPARAMETERS
     legacy = _object(body, "hyperparameters", "hyperparameters")
-    _only(legacy, HYPERPARAMETERS + DPO_OPTIONS, "hyperparameters")
+    _only(legacy, HYPERPARAMETERS + DPO_OPTIONS, "hyperparameters", takes)
     current = _object(settings, "hyperparameters", f"method.{kind}.hyperparameters")
-    _only(current, HYPERPARAMETERS + DPO_OPTIONS, f"method.{kind}.hyperparameters")  # a supervised beta: _method_from
+    _only(current, HYPERPARAMETERS + DPO_OPTIONS, f"method.{kind}.hyperparameters", takes)
     hyperparameters = {**legacy, **current}
     native_method = _method_from(kind, hyperparameters)
     training = _object(body, "training", "training")
@@ -329,14 +332,15 @@ def _method_from(kind: str, hyperparameters: dict) -> dict:
     return method
 
 
-def _only(value: dict, known: tuple[str, ...], field: str) -> None:
+def _only(value: dict, known: tuple[str, ...], field: str, takes: tuple[str, ...] | None = None) -> None:
     """Refuse a key of `value` that is not one of `known` (a null one is as absent): read no further,
     a misspelt or unsupported setting ("n_epoch", "warmup_ratio", "method.dpo" beside type supervised)
-    would be dropped, and the job would train on defaults its owner never chose."""
+    would be dropped, and the job would train on defaults its owner never chose. The refusal says the field
+    takes `takes` (default: `known`)."""
     unknown = sorted(key for key, setting in value.items() if key not in known and setting is not None)
     if unknown:
         name = f"{field}.{excerpt(unknown[0], quote=False)}"
-        raise Invalid(f"{name}: unknown field; {field} takes {', '.join(known)}",
+        raise Invalid(f"{name}: unknown field; {field} takes {', '.join(takes or known)}",
                       details=field_errors([(name, "unknown field")]))
 
 

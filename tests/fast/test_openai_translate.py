@@ -154,6 +154,16 @@ def test_a_malformed_body_is_a_client_error_that_names_the_part(body, field, sta
     assert shaped["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("kind", "takes"), [
+    ("supervised", "n_epochs, batch_size, learning_rate_multiplier"),
+    ("dpo", "n_epochs, batch_size, learning_rate_multiplier, beta, loss, label_smoothing")])
+def test_an_unknown_hyperparameter_is_told_what_its_method_takes(kind, takes):
+    """Not what another method takes: a supervised job was told it took beta, and then refused beta."""
+    with pytest.raises(Invalid) as refused:
+        job_body({**BASE, "method": {"type": kind, kind: {"hyperparameters": {"warmup": 3}}}})
+    assert refused.value.message.endswith(f"method.{kind}.hyperparameters takes {takes}"), refused.value.message
+
+
 def test_a_null_setting_is_as_absent_as_an_unset_one():
     """What a client's model of the body sends for what it leaves unset (the SDK's own types do)."""
     native = job_body({**BASE, "hyperparameters": {"n_epochs": 2, "warmup": None},
