@@ -262,7 +262,7 @@ def api_process_app() -> FastAPI:
 def worker(
     gpu: Annotated[Optional[str], typer.Option(help="GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES).")] = None,
     gpu_class: Annotated[Optional[str], typer.Option(help="Serve the queue of this GPU class (QLORA_DEFAULT_GPU_CLASS).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Worker name in job records; default host:gpu.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Worker name in job records; default host:gpuN (--gpu N) or host:cpu.")] = None,
     stop_with: Annotated[Optional[int], typer.Option(hidden=True, help="Stop (as on SIGTERM) once the process "
                          "with this pid is no longer this worker's parent: `serve`'s local worker.")] = None,
 ) -> None:
