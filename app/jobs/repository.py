@@ -432,6 +432,15 @@ def metric_id_before_step(session: Session, team_id: str, job_id: str, step: int
     return session.scalar(select(func.max(JobMetric.id)).where(readable)) or 0
 
 
+def newest_row_ids(session: Session, team_id: str, job_id: str) -> tuple[int, int]:
+    """The ids of the job's newest metric point and newest event (0 where it has none), as a live view's
+    cursors count them: where a stream that has seen everything stands."""
+    newest = [select(func.max(table.id)).where(table.job_id.in_(_readable_job_id(team_id, job_id))).scalar_subquery()
+              for table in (JobMetric, JobEvent)]
+    metric, event = session.execute(select(*newest)).one()
+    return metric or 0, event or 0
+
+
 def count_active_by_status(session: Session) -> dict[str, int]:
     """For the operators' /metrics: jobs not finished yet, by status, over every team. The index on
     status finds them without reading the finished ones, however many there are."""

@@ -309,9 +309,18 @@ def stream_start(session: Session, caller: Caller, job: Job, after_step: int | N
                           "the last metric or event message received (\"<metric id>.<event id>\")",
                           details=field_errors([("Last-Event-ID", 'expected "<metric id>.<event id>", '
                                                                   f"each 0 to {MAX_ID}")]))
-        return StreamStart(*cursors, after_step=after_step)
-    metric_after = 0 if after_step is None else repository.metric_id_before_step(session, caller.team_id, job.id, after_step)
-    return StreamStart(metric_after, after_event or 0, after_step)
+        metric_after, event_after = cursors
+    else:
+        metric_after = 0 if after_step is None else repository.metric_id_before_step(session, caller.team_id, job.id,
+                                                                                       after_step)
+        event_after = after_event or 0
+    # A position past the job's newest rows (a Last-Event-ID kept from another job: ids are the whole table's;
+    # an after_event too high) is read as those rows: the first stream of a job starts the job's feed where
+    # it starts (app/jobs/stream.py), and a feed started past every row the job has was one no other stream
+    # of the job ever caught up with: each read the database alone every second, never got the job's state,
+    # and never ended.
+    newest_metric, newest_event = repository.newest_row_ids(session, caller.team_id, job.id)
+    return StreamStart(min(metric_after, newest_metric), min(event_after, newest_event), after_step)
 
 
 def list_page(session: Session, caller: Caller, status: str | None, cursor: str | None, limit: int,

@@ -88,9 +88,9 @@ class Reader(threading.Thread):
     """One client reading a job's stream to its end in a thread: what it saw, parsed, as it arrives."""
 
     def __init__(self, deployment, key: str, job_id: str, transport: httpx.HTTPTransport | None = None,
-                 hold: threading.Event | None = None, params: dict | None = None):
+                 hold: threading.Event | None = None, params: dict | None = None, headers: dict | None = None):
         super().__init__(daemon=True)
-        self.client = httpx.Client(base_url=deployment.url, headers={"Authorization": f"Bearer {key}"},
+        self.client = httpx.Client(base_url=deployment.url, headers={"Authorization": f"Bearer {key}", **(headers or {})},
                                    timeout=STREAM_TIMEOUT_S, transport=transport)
         self.job_id, self.hold, self.params = job_id, hold, params
         self.messages: list[tuple[str, dict | str]] = []

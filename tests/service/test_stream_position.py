@@ -147,3 +147,32 @@ def test_a_bad_position_answers_422_naming_the_field_and_holds_no_stream(deploym
     job.report(2)
     job.finish()
     finish_all([reader])
+
+
+@pytest.mark.parametrize(("params", "headers", "first_step"), [
+    ({}, {"Last-Event-ID": f"{MAX_ID}.{MAX_ID}"}, 11),  # forged, or another job's (ids are the whole table's)
+    ({"after_event": MAX_ID}, {}, 1),
+])
+def test_a_position_past_the_jobs_newest_rows_does_not_stall_the_other_streams_of_the_job(deployment, job, params,
+                                                                                             headers, first_step):
+    """The first stream of a job starts the job's feed where it starts. One that started past every row the job
+    has (a Last-Event-ID a script kept from another job, ids being the whole table's; an after_event too high)
+    started the feed there, and no other stream of the job in that process ever caught up with it: each read
+    the database by itself every second, never got the job's state, and never ended, even after the job did.
+    Such a position now means the job's newest rows: the stream gets what comes after them."""
+    key = deployment.team_key(TEAM)
+    job.report(10, events=2)
+    with deployment.client(key) as client:
+        seen = all_event_ids(client, job)
+    far = start(Reader(deployment, key, job.id, params=params, headers=headers))
+    whole = Reader(deployment, key, job.id)
+    whole.start()
+    assert whole.opened.wait(STREAM_TIMEOUT_S), "a stream opened after the far one never got the job"
+    whole.wait_for_step(10)
+    job.report(5, events=1)
+    job.finish()
+    finish_all([far, whole])
+    with deployment.client(key) as client:
+        assert_saw_the_whole_job(whole, client, job)
+        assert far.steps() == list(range(first_step, 16))
+        assert far.event_ids() == [i for i in all_event_ids(client, job) if i > max(seen)]
