@@ -12,7 +12,9 @@ the buffer moved past it) reads the missing points and events itself, in batches
 did before the feed, until the buffer covers its cursors; then it follows the feed again. So memory
 stays bounded (one buffer per job, nothing queued per stream), a slow client never holds up the feed
 or the other streams, and a stream never skips a point: the price of being behind is the reads that
-every stream used to make.
+every stream used to make. Points deleted since the feed read them (those a lost attempt logged past the
+checkpoint its successor resumes from) are not sent: a stream whose read found the job's newest rows goes
+on from what the feed has read, since anything up to there that it did not find is gone.
 
 A stream may start past a position instead of at the job's beginning (`StreamStart`: `?after_step=`, or a
 reconnecting client's `Last-Event-ID`): every metric and event message carries an `id:` holding both of
@@ -416,6 +418,8 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
             position = feed.oldest_position()
         if position is None:
             # Behind what the feed holds: read the next batch ourselves, as a lone stream did.
+            # What the feed has read, before this read: each of those rows was written before this read began.
+            feed_read = feed.metric_after, feed.event_after
             rows = await run_in_threadpool(_read_history, database_url, team_id, key_id, job_id, metric_after, event_after)
             if rows is None:
                 subscriber.revoked = True
@@ -424,6 +428,15 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
                 take_point(point_id, step, message)
             for row_id, _, message in rows[1]:
                 take_event(row_id, message)
+            # A read of less than a batch reached the job's newest rows: a row the feed had read that it did not
+            # find was deleted since (a resumed attempt deletes the points its lost one logged past the checkpoint),
+            # so the stream goes on from where the feed was, and the buffer's copies of those rows are not sent.
+            # Else it stayed behind the buffer until the job logged a row past it, which a resumed run may never do:
+            # it never got the job's state, nor ended with the job.
+            if len(rows[0]) < STREAM_BATCH:
+                metric_after = max(metric_after, feed_read[0])
+            if len(rows[1]) < STREAM_BATCH:
+                event_after = max(event_after, feed_read[1])
             if not rows[0] and not rows[1] and not feed.covers(metric_after, event_after):
                 # Caught up with the database, yet behind the buffer: the job's rows were deleted under us
                 # (the feed will see it gone), or it moved between our read and the feed's. The next

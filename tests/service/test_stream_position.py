@@ -12,6 +12,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from app.db import session_scope
+from app.jobs import runs, states
+from app.jobs.stream import STREAM_BATCH
 from app.pagination import MAX_ID
 from tests.service.test_stream_fanout import (
     STREAM_TIMEOUT_S,
@@ -176,3 +179,37 @@ def test_a_position_past_the_jobs_newest_rows_does_not_stall_the_other_streams_o
         assert_saw_the_whole_job(whole, client, job)
         assert far.steps() == list(range(first_step, 16))
         assert far.event_ids() == [i for i in all_event_ids(client, job) if i > max(seen)]
+
+
+def test_a_stream_opened_after_a_resume_deleted_points_the_feed_had_read_follows_the_feed(deployment, job):
+    """A resumed attempt deletes the points its lost one logged past the checkpoint (app/jobs/runs.py,
+    _plan_resume). A stream opened afterwards reads the job's history up to its newest point, which now lies
+    before what the job's feed still holds (a watcher kept the feed going while its buffer moved on): it was never
+    "covered" by the feed, so it read the database alone every second, never got the job's state, and did not end
+    when the job did, until the resumed run logged a point past the deleted ones (never, if it ended first)."""
+    from datetime import UTC, datetime
+
+    from app.jobs import repository
+
+    key = deployment.team_key(TEAM)
+    watcher = start(Reader(deployment, key, job.id))
+    for _ in range(6):  # more rows than the feed keeps (FEED_BUFFER_ROWS): its oldest ticks leave the buffer
+        job.report(STREAM_BATCH)
+    watcher.wait_for_step(job.step)
+    with session_scope(deployment.settings.database_url) as session:  # the worker is lost; no checkpoint was saved
+        row = repository.get_any_team(session, job.id)
+        assert runs.attempt_lost(session, row, "the worker stopped sending heartbeats", 3, datetime.now(UTC), 3600.0,
+                                 outside_the_job=True) == "requeued"
+    with session_scope(deployment.settings.database_url) as session:  # the next attempt starts over: no point is left
+        claimed = runs.claim(session, job.id, "hand:gpu1")
+        assert claimed is not None and claimed.attempt == job.attempt + 1
+    job.attempt, job.step = claimed.attempt, 0
+    late = Reader(deployment, key, job.id)
+    late.start()
+    assert late.opened.wait(STREAM_TIMEOUT_S), "a stream opened after the resume never got the job"
+    job.finish()  # the resumed attempt ends before it logs a point
+    finish_all([watcher, late])
+    with deployment.client(key) as client:
+        final = client.get(f"/jobs/{job.id}").json()
+        assert late.messages[-1] == ("job", final) and final["status"] == states.SUCCEEDED
+        assert late.steps() == [] and late.event_ids() == all_event_ids(client, job)
