@@ -13,8 +13,9 @@ did before the feed, until the buffer covers its cursors; then it follows the fe
 stays bounded (one buffer per job, nothing queued per stream), a slow client never holds up the feed
 or the other streams, and a stream never skips a point: the price of being behind is the reads that
 every stream used to make. Points deleted since the feed read them (those a lost attempt logged past the
-checkpoint its successor resumes from) are not sent: a stream whose read found the job's newest rows goes
-on from what the feed has read, since anything up to there that it did not find is gone.
+checkpoint its successor resumes from) are not sent: the feed empties its buffer when it sees a new
+attempt, and a stream whose read found the job's newest rows goes on from what the feed has read, since
+anything up to there that it did not find is gone.
 
 A stream may start past a position instead of at the job's beginning (`StreamStart`: `?after_step=`, or a
 reconnecting client's `Last-Event-ID`): every metric and event message carries an `id:` holding both of
@@ -137,6 +138,7 @@ class _Poll:
 
     job_message: str  # the `job` SSE message
     job_state: str  # the job without its heartbeat, which moves every second while a job runs and is no news
+    attempt: int
     finished: bool
     points: list[Row]
     events: list[Row]
@@ -155,7 +157,7 @@ def _poll_feed(database_url: str, team_id: str, job_id: str, key_ids: Collection
         out = JobOut.of(job)
         points, events = _rows_after(session, team_id, job.id, metric_after, event_after)
         return live, _Poll(_sse("job", out.model_dump_json()), out.model_dump_json(exclude={"heartbeat_at"}),
-                           job.status in states.FINISHED, points, events)
+                           job.attempt, job.status in states.FINISHED, points, events)
 
 
 def _read_history(database_url: str, team_id: str, key_id: str, job_id: str, metric_after: int,
@@ -192,6 +194,7 @@ class Tick:
     events: list[Row]
     job_message: str
     job_state: str
+    attempt: int
     finished: bool
     caught_up: bool  # the poll found fewer than a batch of each: nothing more to read right now
 
@@ -312,9 +315,15 @@ class JobFeed:
         if last and not poll.points and not poll.events and poll.job_state == last.job_state \
                 and caught_up == last.caught_up:
             return False
+        if last and poll.attempt != last.attempt:
+            # A new attempt: one that resumes deleted the points its lost predecessor logged past the checkpoint
+            # (app/jobs/runs.py, _plan_resume), which the buffer may hold. None of it is kept, or a stream that
+            # joins or lags would take them from here: such a stream reads from the database, where they are gone.
+            self._ticks.clear()
+            self._rows = 0
         self._seq += 1
         self._ticks.append(Tick(self._seq, self.metric_after, self.event_after, poll.points, poll.events,
-                                poll.job_message, poll.job_state, poll.finished, caught_up))
+                                poll.job_message, poll.job_state, poll.attempt, poll.finished, caught_up))
         self._rows += len(poll.points) + len(poll.events)
         if poll.points:
             self.metric_after = poll.points[-1][0]

@@ -16,6 +16,7 @@ from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.stream import STREAM_BATCH
 from app.pagination import MAX_ID
+from tests.deployment import wait_until
 from tests.service.test_stream_fanout import (
     STREAM_TIMEOUT_S,
     TEAM,
@@ -181,19 +182,21 @@ def test_a_position_past_the_jobs_newest_rows_does_not_stall_the_other_streams_o
         assert far.event_ids() == [i for i in all_event_ids(client, job) if i > max(seen)]
 
 
-def test_a_stream_opened_after_a_resume_deleted_points_the_feed_had_read_follows_the_feed(deployment, job):
+@pytest.mark.parametrize("batches", [6, 1])  # more rows than the feed keeps (FEED_BUFFER_ROWS), and fewer
+def test_a_stream_opened_after_a_resume_deleted_points_the_feed_had_read_follows_the_feed(deployment, job, batches):
     """A resumed attempt deletes the points its lost one logged past the checkpoint (app/jobs/runs.py,
     _plan_resume). A stream opened afterwards reads the job's history up to its newest point, which now lies
     before what the job's feed still holds (a watcher kept the feed going while its buffer moved on): it was never
     "covered" by the feed, so it read the database alone every second, never got the job's state, and did not end
-    when the job did, until the resumed run logged a point past the deleted ones (never, if it ended first)."""
+    when the job did, until the resumed run logged a point past the deleted ones (never, if it ended first).
+    Where the feed's buffer still held every point, the stream took the deleted ones from it."""
     from datetime import UTC, datetime
 
     from app.jobs import repository
 
     key = deployment.team_key(TEAM)
     watcher = start(Reader(deployment, key, job.id))
-    for _ in range(6):  # more rows than the feed keeps (FEED_BUFFER_ROWS): its oldest ticks leave the buffer
+    for _ in range(batches):
         job.report(STREAM_BATCH)
     watcher.wait_for_step(job.step)
     with session_scope(deployment.settings.database_url) as session:  # the worker is lost; no checkpoint was saved
@@ -204,6 +207,10 @@ def test_a_stream_opened_after_a_resume_deleted_points_the_feed_had_read_follows
         claimed = runs.claim(session, job.id, "hand:gpu1")
         assert claimed is not None and claimed.attempt == job.attempt + 1
     job.attempt, job.step = claimed.attempt, 0
+    # The late stream opens once the feed has seen the new attempt (it polls every STREAM_POLL_S): the watcher,
+    # which follows the feed, got the job with it.
+    wait_until(lambda: any(j["attempt"] == claimed.attempt for j in watcher.jobs()), STREAM_TIMEOUT_S,
+               "the watcher never got the job's new attempt")
     late = Reader(deployment, key, job.id)
     late.start()
     assert late.opened.wait(STREAM_TIMEOUT_S), "a stream opened after the resume never got the job"
