@@ -183,8 +183,10 @@ export function viewJob(main, ctx, jobId) {
 
   // A job already long when the page opens: its thinned curve first, then the stream past that curve's end
   // (`next`), not its whole history (~100 MB for 500,000 points, on every reconnect). From the lower of the
-  // two series' ends: an evaluation is recorded after its step's train point, so the view may lack the
-  // last one; points sent again replace the ones held.
+  // two series' ends, less one step: an evaluation is recorded after its step's train point, so the view may
+  // lack the one at its last step (with no evaluation yet, after_eval_step is 0 and after_step is the lower,
+  // and a stream past it alone skipped the first evaluation landing there); points sent again replace the
+  // ones held.
   async function followFromThinnedIfLong() {
     let afterStep = null;
     try {
@@ -194,7 +196,9 @@ export function viewJob(main, ctx, jobId) {
         const view = await loadThinned();
         ctx.every(THINNED_EVERY_MS, loadThinned);
         const next = view && view.next;
-        if (next && next.after_step !== null) afterStep = Math.min(next.after_step, next.after_eval_step || next.after_step);
+        if (next && next.after_step !== null) {
+          afterStep = Math.max(0, Math.min(next.after_step, next.after_eval_step || next.after_step) - 1);
+        }
       }
     } catch { /* the stream from the start says what is wrong, or shows the job */ }
     if (!ctx.signal.aborted) followJob(jobId, ctx, onMessage, onFatal, onNotice, afterStep);
