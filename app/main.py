@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import logs
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
-from app.db import api_database_url, engine_for, read_only, statement_timeout_of
+from app.db import api_database_url, engine_for, statement_timeout_of
 from app.deps import session_end_threads
 from app.errors import (
     ERROR_RESPONSES,
@@ -43,6 +42,7 @@ from app.jobs.turns import Turns
 from app.models.routes import router as models_router
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
+from app.operations.readiness import Readiness
 from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
@@ -229,19 +229,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    readiness = Readiness(settings.database_url, settings.api_database_timeout_s)
+
     @app.api_route("/ready", methods=["GET", "HEAD"], tags=["operations"])
     async def ready():
         """Whether this process can serve requests: the database answers a `SELECT 1` within
         QLORA_API_DATABASE_TIMEOUT_S. 503 with what is wrong otherwise, for a readiness probe (/health stays a
-        liveness probe: the process answers)."""
-        try:
-            await asyncio.wait_for(read_only(settings.database_url, lambda s: s.execute(text("SELECT 1")).scalar_one()),
-                                   settings.api_database_timeout_s)
-        except (DBAPIError, PoolTimeout, TimeoutError) as exc:
-            why = ("did not answer within QLORA_API_DATABASE_TIMEOUT_S "
-                   f"({settings.api_database_timeout_s} s)") if isinstance(exc, TimeoutError) else f"failed: {exc.__class__.__name__}"
-            log.error("readiness: the database %s: %s", why, exc)
-            return JSONResponse({"status": "unavailable", "database": f"unreachable: the database {why}"},
+        liveness probe: the process answers). One check at a time per process, shared by the probes that ask
+        within a second of it (app/operations/readiness.py)."""
+        answer = await readiness.answer()
+        if not answer.ok:
+            return JSONResponse({"status": "unavailable", "database": answer.database},
                                 status_code=503, headers={"Retry-After": "10"})
         return {"status": "ok", "database": "ok"}
 

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -87,13 +88,13 @@ def test_a_black_holed_database_answers_503_and_the_api_recovers(api_through_lin
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["Retry-After"]
     assert "send it again later" in answer.json()["error"]["message"].lower()
-    ready = get(api, "/ready")
-    assert ready.status_code == 503 and ready.json()["database"].startswith("unreachable"), ready.text
+    ready = ready_when(api, 503)
+    assert ready.json()["database"].startswith("unreachable"), ready.text
     assert link.swallowed >= 1  # the API did try a new connection, and gave it up
 
     link.restore()
     assert _served_again(api, "/jobs")
-    assert get(api, "/ready").json() == {"status": "ok", "database": "ok"}
+    assert ready_when(api, 200).json() == {"status": "ok", "database": "ok"}
 
 
 def test_a_refused_database_is_503_and_ready_says_unreachable(api_through_link, link):
@@ -107,10 +108,31 @@ def test_a_refused_database_is_503_and_ready_says_unreachable(api_through_link, 
         answer = get(api, path)
         assert answer.status_code == 503, (path, answer.text)
         assert answer.json()["error"]["code"] == "database_unavailable", (path, answer.text)
-    ready = get(api, "/ready")
-    assert ready.status_code == 503 and ready.headers["Retry-After"], ready.text
+    ready = ready_when(api, 503)
+    assert ready.headers["Retry-After"], ready.text
     assert ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["database"]
     assert get(api, "/health").status_code == 200
+    link.restore()
+    assert _served_again(api, "/ready")
+
+
+def test_a_flood_of_readiness_probes_costs_the_database_one_check_at_a_time(api_through_link, link):
+    """/ready takes no key: each probe took a connection attempt of its own, so a flood of them (a misconfigured
+    probe, anyone) held the pool and its queue, every team's polls waiting behind it, and against a database
+    that refused connections opened one attempt per probe. Now the probes that ask within a second of a check share
+    its answer: a flood of PROBES costs a check or a few, and each probe still gets the 503."""
+    api = api_through_link
+    assert get(api, "/ready").status_code == 200
+    link.cut()
+    ready_when(api, 503)
+    probes = 60
+    before = link.refused
+    with ThreadPoolExecutor(probes) as pool:
+        answers = list(pool.map(lambda _: get(api, "/ready"), range(probes)))
+    assert all(answer.status_code == 503 and answer.json()["status"] == "unavailable" for answer in answers), \
+        {(answer.status_code, answer.text) for answer in answers}
+    # A check a second while they come: a few on a loaded machine, where the old code made one per probe.
+    assert link.refused - before < probes // 3, f"{link.refused - before} connection attempts for {probes} probes"
     link.restore()
     assert _served_again(api, "/ready")
 
@@ -138,6 +160,13 @@ def test_a_request_stuck_on_a_lock_is_cancelled_at_the_statement_timeout(deploym
     finally:
         holder.close()
         deployment.stop(api.proc)
+
+
+def ready_when(api: Api, status: int) -> httpx.Response:
+    """/ready's first answer with `status`, for up to a minute: an answer may be a second old (probes within a
+    second of a check share it), so one asked just after the database changed may still say what it was."""
+    return wait_until(lambda: (lambda answer: answer if answer.status_code == status else None)(get(api, "/ready")),
+                      60, f"/ready answering {status}")
 
 
 def _served_again(api: Api, path: str) -> bool:
