@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -195,6 +196,7 @@ def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OV
                          pool_timeout=_checkout_timeout_s(url), json_deserializer=from_json)
 
 
+@lru_cache  # read_only asks it for every read
 def _checkout_timeout_s(url: str) -> float:
     connect_timeout = make_url(url).query.get("connect_timeout")
     return float(connect_timeout) if isinstance(connect_timeout, str) and connect_timeout.isdigit() else 30.0
@@ -265,8 +267,20 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
     engine = async_engine_for(url)
     if engine is None:
         return await anyio.to_thread.run_sync(functools.partial(_read_in_session, url, read))
-    async with _turn(engine):
+    gate, wait_s = _turn(engine), _checkout_timeout_s(url)
+    try:
+        # The wait for a turn is a wait for a pooled connection, bounded as the pool's own checkout is: with the
+        # database black-holed, the reads holding every connection wait on it, and each read that came after
+        # waited here without end; now it gives up as a checkout does (503 database_unavailable).
+        async with asyncio.timeout(wait_s):
+            await gate.acquire()
+    except TimeoutError:
+        raise PoolTimeout(f"no turn for a database connection within {wait_s:g} s (every one of the "
+                          f"{ASYNC_POOL_SIZE + ASYNC_MAX_OVERFLOW} is busy)") from None
+    try:
         return await _read_async(engine, read)
+    finally:
+        gate.release()
 
 
 async def _read_async(engine: AsyncEngine, read: Callable[[Session], T]) -> T:

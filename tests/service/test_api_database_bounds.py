@@ -6,9 +6,11 @@ database is unreachable. The database is reached through a TCP link the test cut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,6 +97,65 @@ def test_a_black_holed_database_answers_503_and_the_api_recovers(api_through_lin
     link.restore()
     assert _served_again(api, "/jobs")
     assert ready_when(api, 200).json() == {"status": "ok", "database": "ok"}
+
+
+def test_a_read_that_gets_no_turn_within_the_database_timeout_answers_503(deployment, link):
+    """The async reads take the pool's connections in turn (app.db.read_only), and the wait for a turn had no
+    bound: with every connection held by a read whose answer the black hole swallowed, each read after them
+    waited without end (an API whose QLORA_REQUEST_SLOTS lets more reads be in progress than the pool has
+    connections). Now a read that gets no turn within QLORA_API_DATABASE_TIMEOUT_S answers 503
+    database_unavailable with Retry-After, as one that gets no pooled connection does."""
+    from app.db import ASYNC_POOL_SIZE
+
+    through = make_url(deployment.settings.database_url).set(host="127.0.0.1", port=link.port)
+    # More slots than connections, so reads past the pool's wait for a turn; the key read once for the whole
+    # test (the key's read would go through the black hole too, on the other pool).
+    api = start_api(deployment, "api-turns", through.render_as_string(hide_password=False),
+                    QLORA_REQUEST_SLOTS=str(4 * ASYNC_POOL_SIZE), QLORA_KEY_CACHE_S="60")
+    holder = engine_for(deployment.settings.database_url).connect()  # not through the link
+    held: list[threading.Thread] = []
+    try:
+        assert get(api, "/jobs").status_code == 200
+        stuck = holder.begin()
+        holder.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        # As many reads as the pool has connections, each holding one, waiting on the lock.
+        for _ in range(ASYNC_POOL_SIZE):
+            held.append(threading.Thread(target=_ask_and_ignore, args=(api, "/jobs"), daemon=True))
+            held[-1].start()
+        wait_until(lambda: _waiting_on_locks(deployment.settings.database_url) >= ASYNC_POOL_SIZE, 60,
+                   f"{ASYNC_POOL_SIZE} reads waiting on the lock")
+        link.black_hole()  # their answers, once the lock is gone, are swallowed: they hold their turns for good
+        stuck.rollback()
+
+        answer = get(api, "/jobs")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["Retry-After"]
+        assert f"within {DATABASE_TIMEOUT_S} s" in answer.json()["error"]["message"]
+
+        link.cut()  # the held reads' connections drop: they end, and give their turns back
+        for thread in held:
+            thread.join(HUNG_S)
+        link.restore()
+        assert _served_again(api, "/jobs")
+    finally:
+        link.restore()
+        holder.close()
+        deployment.stop(api.proc)
+
+
+def _waiting_on_locks(database_url: str) -> int:
+    """Backends of the database waiting on a lock now (a transaction of its own: Postgres keeps what a
+    transaction read of pg_stat_activity for the rest of it)."""
+    with engine_for(database_url).connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND wait_event_type = 'Lock' AND state = 'active'")).scalar_one()
+
+
+def _ask_and_ignore(api: Api, path: str) -> None:
+    """A request on a connection of its own, its answer (if any) ignored."""
+    with httpx.Client(base_url=api.client.base_url, headers=api.client.headers, timeout=HUNG_S) as client, \
+            contextlib.suppress(httpx.HTTPError):
+        client.get(path)
 
 
 def test_a_refused_database_is_503_and_ready_says_unreachable(api_through_link, link):
