@@ -7,7 +7,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
-from app.conditional import POLLED, json_answer, polled
+from app.conditional import POLLED, json_answer, polled, polled_off_loop
 from app.db import read_only
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.idempotency import service as idempotency
@@ -161,15 +161,20 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
     if points is not None:
         paged = [name for name in ("after_step", "after_eval_step", "limit") if name in request.query_params]
 
-        def thinned(session: Session) -> bytes:
-            return curve_json(service.thinned_metrics(session, caller, job_id, points, paged))
+        def thinned(session: Session) -> service.CurveRead:
+            return service.thinned_curve(session, caller, job_id, points, paged)
 
-        return await polled(request, thinned)
+        return await polled_off_loop(request, thinned, encode_curve)
 
-    def read(session: Session) -> bytes:
-        return curve_json(service.metrics(session, caller, job_id, after_step, after_eval_step, limit))
+    def read(session: Session) -> service.CurveRead:
+        return service.curve_page(session, caller, job_id, after_step, after_eval_step, limit)
 
-    return await polled(request, read)
+    return await polled_off_loop(request, read, encode_curve)
+
+
+def encode_curve(read: service.CurveRead) -> bytes:
+    """A page or thinned view's JSON, built and encoded (in a worker thread: polled_off_loop)."""
+    return curve_json(read.curve())
 
 
 @router.get("/{job_id}/report", response_model=JobReport, responses={

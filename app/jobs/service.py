@@ -416,8 +416,34 @@ def feed_newest_first(session: Session, caller: Caller, job_id: str, after: tupl
 MAX_POINTS = 10_000
 
 
+@dataclass(frozen=True)
+class CurveRead:
+    """A page of the curve or a thinned view as read from the database: each series' points as column tuples
+    (TRAIN_FIELDS, EVAL_FIELDS), and the rest of the answer (`tail`: has_more, next, and a thinned view's
+    fields, in the schema's order). Building a dict per point from them and encoding those is most of a full
+    page's Python (tens of ms for 10,000 points), which a route does off the event loop (app.conditional.
+    polled_off_loop), apart from the read, which runs on it."""
+
+    job_id: str
+    train: Sequence[Sequence]
+    eval: Sequence[Sequence]
+    tail: dict[str, Any]
+
+    def curve(self) -> dict:
+        """The answer as plain dicts and lists in the schema's field order (schemas.curve_json encodes it into
+        MetricsOut's very bytes): a pydantic model per point (from an ORM object per point) was ~50 µs a point."""
+        return {"job_id": self.job_id, "train": [dict(zip(TRAIN_FIELDS, row, strict=True)) for row in self.train],
+                "eval": [dict(zip(EVAL_FIELDS, row, strict=True)) for row in self.eval], **self.tail}
+
+
 def metrics(session: Session, caller: Caller, job_id: str, after_step: int | None = None,
             after_eval_step: int | None = None, limit: int = MAX_POINTS) -> dict:
+    """curve_page(...).curve(): the page as the schema's dicts."""
+    return curve_page(session, caller, job_id, after_step, after_eval_step, limit).curve()
+
+
+def curve_page(session: Session, caller: Caller, job_id: str, after_step: int | None = None,
+               after_eval_step: int | None = None, limit: int = MAX_POINTS) -> CurveRead:
     """A page of the loss curve: one train point per logging step, one eval point per evaluation, the
     first `limit` by (step, kind) of the train points past `after_step` and the eval points past
     `after_eval_step` (by default `after_step`; None reads the series from its start). An evaluation
@@ -443,11 +469,8 @@ def metrics(session: Session, caller: Caller, job_id: str, after_step: int | Non
     # count from 1, so 0 holds nothing).
     next_train = train[-1][0] if train else (None if train_after < 0 else train_after)
     next_eval = eval_[-1][0] if eval_ else max(eval_after, 0)
-    # Plain dicts in the schema's field order, encoded by routes.curve_json into MetricsOut's very bytes: a
-    # pydantic model per point (from an ORM object per point) was ~50 µs a point, most of a page's cost.
-    return {"job_id": job.id, "train": [dict(zip(TRAIN_FIELDS, row, strict=True)) for row in train],
-            "eval": [dict(zip(EVAL_FIELDS, row, strict=True)) for row in eval_], "has_more": has_more,
-            "next": {"after_step": next_train, "after_eval_step": next_eval}}
+    return CurveRead(job.id, train, eval_, {"has_more": has_more,
+                                            "next": {"after_step": next_train, "after_eval_step": next_eval}})
 
 
 # The columns a page shows of each series, named as job_metrics' columns are: the schema's fields, in order.
@@ -480,6 +503,11 @@ LOSS_OF = {"train": "train_loss", "eval": "eval_loss"}
 
 
 def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> dict:
+    """thinned_curve(...).curve(): the view as the schema's dicts."""
+    return thinned_curve(session, caller, job_id, points, paged).curve()
+
+
+def thinned_curve(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> CurveRead:
     """The whole curve in at most `points` points that keep its shape (see MIN_THINNED): each series' buckets
     summed up in the database (repository.metric_buckets), then the points kept read: bounded memory, and
     little work for the API's process, at any length.
@@ -510,10 +538,10 @@ def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, 
     if width is None and len(train) + len(eval_) > points:  # logged at steps counted, since
         width = bucketed
         train, eval_ = read(width)
-    return {"job_id": job.id, "train": [dict(zip(TRAIN_FIELDS, row, strict=True)) for row in train],
-            "eval": [dict(zip(EVAL_FIELDS, row, strict=True)) for row in eval_], "has_more": False,
-            "next": {"after_step": train[-1][0] if train else None, "after_eval_step": eval_[-1][0] if eval_ else 0},
-            "thinned": width is not None, "bucket_steps": width, "curve_points": in_curve}
+    return CurveRead(job.id, train, eval_, {
+        "has_more": False, "next": {"after_step": train[-1][0] if train else None,
+                                    "after_eval_step": eval_[-1][0] if eval_ else 0},
+        "thinned": width is not None, "bucket_steps": width, "curve_points": in_curve})
 
 
 def _kept(head: int, tail: int, low: int | None, high: int | None) -> list[int]:
