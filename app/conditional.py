@@ -20,7 +20,7 @@ import anyio.to_thread
 from fastapi import Request, Response
 from sqlalchemy.orm import Session
 
-from app.db import read_only
+from app.db import connection_wait_s, held_within, read_only, session_scope
 
 T = TypeVar("T")
 
@@ -58,24 +58,32 @@ async def polled(request: Request, read: Callable[[Session], bytes]) -> Response
 
 
 async def polled_off_loop(request: Request, read: Callable[[Session], T], encode: Callable[[T], bytes]) -> Response:
-    """polled() for an answer that is costly to build (a curve page of 10,000 points: a dict per point, 3 MB of
-    JSON): read(session) on the async driver as polled does, then encode(what it read) and the ETag in a worker
-    thread. Built by the read on the event loop, such a page held the loop for its whole ~50-100 ms, and
-    every other request of the process (another team's poll, /health, a stream's next event) waited behind
-    each page in turn (bench/loop_bench.py). The threads are few (BUILDERS): a burst of pages cannot take the
-    route threads the `def` routes need, and more than the cores would only share the GIL."""
-    found = await read_only(request.app.state.settings.database_url, read)
-    body, etag = await anyio.to_thread.run_sync(functools.partial(_encoded, encode, found), limiter=_builders())
+    """polled() for an answer that is costly to make (a curve page of 10,000 points: the rows decoded, a dict per
+    point, 3 MB of JSON): read(session), encode(what it read) and the ETag, all in a worker thread, on the request
+    pool's sync session. On the async driver all of it ran on the event loop, ~40 ms a page, and every other
+    request of the process (another team's poll, /health, a stream's next event) waited behind each page in
+    turn; with only the building and encoding moved to a thread, the rows' decoding (psycopg's and SQLAlchemy's,
+    in the driver's fetch) still held the loop for a third of that, and the other team's poll beside four page
+    pullers still took 9 times as long as alone, against 4 times now (bench/loop_bench.py, docs/performance.md).
+    At most BUILDERS at once: a burst of pages cannot take the route threads and connections the `def` routes
+    need, and more than one would only share the GIL with the loop. A page that cannot start within the
+    database's wait (a page ahead of it hung on a database that does not answer) answers 503 as a read that
+    gets no connection does (app.db.held_within)."""
+    url = request.app.state.settings.database_url
+    async with held_within(_builders(), connection_wait_s(url), "turn at reading a large answer"):
+        body, etag = await anyio.to_thread.run_sync(functools.partial(_read_and_encode, url, read, encode))
     return json_answer(request, body, etag)
 
 
-def _encoded(encode: Callable[[T], bytes], found: T) -> tuple[bytes, str]:
+def _read_and_encode(url: str, read: Callable[[Session], T], encode: Callable[[T], bytes]) -> tuple[bytes, str]:
+    with session_scope(url) as session:
+        found = read(session)
     body = encode(found)
     return body, etag_of(body)
 
 
-# Threads that build costly answers at once, per event loop (polled_off_loop): the API's CPU is a core or two,
-# and a page waiting for a builder waits off the loop.
+# Large answers made at once, per event loop (polled_off_loop): one, since the process's Python runs on one core
+# (the GIL) that the event loop needs too.
 BUILDERS = 1
 _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
 

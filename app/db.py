@@ -12,8 +12,8 @@ import functools
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TypeVar
@@ -193,11 +193,12 @@ def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OV
     if not pooled:
         return create_engine(url, json_deserializer=from_json, **unpooled)
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-                         pool_timeout=_checkout_timeout_s(url), json_deserializer=from_json)
+                         pool_timeout=connection_wait_s(url), json_deserializer=from_json)
 
 
 @lru_cache  # read_only asks it for every read
-def _checkout_timeout_s(url: str) -> float:
+def connection_wait_s(url: str) -> float:
+    """How long a request waits for a pooled connection of `url`'s database: as long as connecting may take."""
     connect_timeout = make_url(url).query.get("connect_timeout")
     return float(connect_timeout) if isinstance(connect_timeout, str) and connect_timeout.isdigit() else 30.0
 
@@ -251,7 +252,7 @@ def async_engine_for(url: str) -> AsyncEngine | None:
     if url.startswith("sqlite"):
         return None
     return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=ASYNC_POOL_SIZE,
-                               max_overflow=ASYNC_MAX_OVERFLOW, pool_timeout=_checkout_timeout_s(url),
+                               max_overflow=ASYNC_MAX_OVERFLOW, pool_timeout=connection_wait_s(url),
                                json_deserializer=from_json)
 
 
@@ -267,18 +268,25 @@ async def read_only(url: str, read: Callable[[Session], T]) -> T:
     engine = async_engine_for(url)
     if engine is None:
         return await anyio.to_thread.run_sync(functools.partial(_read_in_session, url, read))
-    gate, wait_s = _turn(engine), _checkout_timeout_s(url)
+    # The wait for a turn is a wait for a pooled connection, bounded as the pool's own checkout is: with the
+    # database black-holed, the reads holding every connection wait on it, and each read that came after
+    # waited here without end; now it gives up as a checkout does (503 database_unavailable).
+    async with held_within(_turn(engine), connection_wait_s(url), "turn at a database connection"):
+        return await _read_async(engine, read)
+
+
+@asynccontextmanager
+async def held_within(gate: asyncio.Semaphore | anyio.CapacityLimiter, wait_s: float, what: str) -> AsyncIterator[None]:
+    """`gate` held, once had within `wait_s`; else the pool's TimeoutError, which the API answers 503
+    database_unavailable with Retry-After: for a wait in front of the database, which lasts only while the
+    requests ahead wait on a database that does not answer."""
     try:
-        # The wait for a turn is a wait for a pooled connection, bounded as the pool's own checkout is: with the
-        # database black-holed, the reads holding every connection wait on it, and each read that came after
-        # waited here without end; now it gives up as a checkout does (503 database_unavailable).
         async with asyncio.timeout(wait_s):
             await gate.acquire()
     except TimeoutError:
-        raise PoolTimeout(f"no turn for a database connection within {wait_s:g} s (every one of the "
-                          f"{ASYNC_POOL_SIZE + ASYNC_MAX_OVERFLOW} is busy)") from None
+        raise PoolTimeout(f"no {what} came free within {wait_s:g} s") from None
     try:
-        return await _read_async(engine, read)
+        yield
     finally:
         gate.release()
 

@@ -420,9 +420,8 @@ MAX_POINTS = 10_000
 class CurveRead:
     """A page of the curve or a thinned view as read from the database: each series' points as column tuples
     (TRAIN_FIELDS, EVAL_FIELDS), and the rest of the answer (`tail`: has_more, next, and a thinned view's
-    fields, in the schema's order). Building a dict per point from them and encoding those is most of a full
-    page's Python (tens of ms for 10,000 points), which a route does off the event loop (app.conditional.
-    polled_off_loop), apart from the read, which runs on it."""
+    fields, in the schema's order), for a route to build the answer from apart (CurveRead.curve, then
+    schemas.curve_json): the dicts and the JSON are most of a full page's Python (tens of ms for 10,000 points)."""
 
     job_id: str
     train: Sequence[Sequence]
