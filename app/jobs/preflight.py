@@ -119,11 +119,14 @@ class PreflightRunner:
     (killed, or out of memory on a huge row) fails the one preflight it ran; the next gets a new child."""
 
     def __init__(self, processes: int, timeout_s: float = TIMEOUT_S, target: Callable[[dict], dict] | None = None,
-                 start_timeout_s: float = START_TIMEOUT_S):
+                 start_timeout_s: float = START_TIMEOUT_S, warm_up: Callable[[], object] | None = None):
         self.processes = processes
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self._target = target or _in_child  # what a child runs on each request's inputs (a test's stand-in aside)
+        # What a child does before it says it started (its start is bounded by start_timeout_s, apart from any
+        # preflight's timeout): for the engine's preflight, import the tokenizer's libraries.
+        self._warm_up = warm_up or (_load_engine if target is None else None)
         self._slots = TeamSlots(max(processes, 1))
         self._lock = threading.Lock()
         self._idle: list[_Child] = []
@@ -182,7 +185,7 @@ class PreflightRunner:
                     return child
                 self._all.discard(child)
                 child.stop()
-            child = _Child(self._target)
+            child = _Child(self._target, self._warm_up)
             self._all.add(child)
             return child
 
@@ -207,14 +210,14 @@ class _Child:
     """One preflight process and the pipe it is asked through. spawn, not fork: a fork of a threaded
     server would copy its locks mid-use."""
 
-    def __init__(self, target: Callable[[dict], dict]):
+    def __init__(self, target: Callable[[dict], dict], warm_up: Callable[[], object] | None = None):
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
         # What the child writes (the models' tokenizer files) goes under a directory this side removes
         # when it stops the child: a child is killed, never asked to end, so it cannot clean up itself.
         self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         # daemon: killed with the API process if it ends without closing the runner.
-        self._process = context.Process(target=_serve, args=(theirs, target, self._scratch), daemon=True,
+        self._process = context.Process(target=_serve, args=(theirs, target, self._scratch, warm_up), daemon=True,
                                         name="qlora-preflight")
         self._process.start()
         theirs.close()
@@ -271,12 +274,15 @@ def remove_orphaned_scratch() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str) -> None:
+def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str,
+           warm_up: Callable[[], object] | None = None) -> None:
     """The child's loop: a report for each request, until the API closes its end. `scratch`: where it
-    may write, removed by the API when the child stops."""
+    may write, removed by the API when the child stops. `warm_up`: run before it says it started."""
     global _SCRATCH
     _SCRATCH = scratch
-    conn.send(READY)  # started: the target's module is imported (it came with `target`)
+    if warm_up is not None:
+        warm_up()
+    conn.send(READY)  # started: the target's module is imported (it came with `target`), and warm_up has run
     while True:
         try:
             inputs = conn.recv()
@@ -294,10 +300,19 @@ _TOKENIZER_DIRS: dict[str, str] = {}
 _SCRATCH: str | None = None
 
 
+def _load_engine() -> None:
+    """The child's warm-up: the engine's preflight and the libraries it tokenizes with. Imported on the first
+    request instead, they took seconds of that preflight's TIMEOUT_S (more on a loaded host)."""
+    importlib.import_module(ENGINE).load_libraries()
+
+
+# Imported by name, in the child only: the engine's preflight brings transformers (and torch), which the API
+# process must not load.
+ENGINE = "worker.training.preflight"
+
+
 def _in_child(inputs: dict) -> dict:
-    # Imported by name, here: the engine's preflight brings transformers (and torch), which the API
-    # process must not load; only this child does.
-    engine = importlib.import_module("worker.training.preflight")
+    engine = importlib.import_module(ENGINE)
     files, digest = inputs["tokenizer_files"], inputs["tokenizer_sha256"]
     if digest not in _TOKENIZER_DIRS:
         directory = tempfile.mkdtemp(prefix="tokenizer-", dir=_SCRATCH)

@@ -5,6 +5,7 @@ outcome the test chooses (the engine's own preflight in a child: tests/service/t
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -183,3 +184,30 @@ def test_the_scratch_of_an_api_process_killed_outright_is_removed_at_the_next_st
     finally:
         for path in (dead, alive, other):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_new_process_loads_the_tokenizer_libraries_before_it_says_it_started():
+    """A new child said it started at once and imported transformers and torch (the engine's preflight) on its
+    first request: seconds of that preflight's TIMEOUT_S, more on a loaded host, where a first preflight could
+    run out of time before it read a row. It now imports them first, within its start's own bound
+    (START_TIMEOUT_S): once it says READY, torch's library is mapped in the child."""
+    runner = PreflightRunner(1)  # the engine's own preflight
+    try:
+        child = runner._take()
+        assert child._conn.poll(preflight.START_TIMEOUT_S), "the child did not start"
+        assert child._conn.recv() == preflight.READY
+        mapped = open(f"/proc/{child._process.pid}/maps").read()
+        assert "libtorch" in mapped, "the child said READY before it imported torch"
+    finally:
+        runner.close()
+
+
+def test_a_warm_up_is_part_of_the_start_not_of_the_first_preflights_timeout():
+    """What a child does before it says READY (its warm-up) is waited for within the start's bound, apart from
+    the preflight's own timeout: a warm-up longer than the timeout still lets the first preflight answer."""
+    runner = PreflightRunner(1, timeout_s=3, target=stand_in, warm_up=functools.partial(time.sleep, 4))
+    try:
+        with runner.turn("team-a", wait_s=5) as ask:
+            assert ask()["pid"]
+    finally:
+        runner.close()

@@ -119,6 +119,14 @@ class SetReport:
         return out
 
 
+def load_libraries() -> None:
+    """Import what preflight() tokenizes with: transformers, and torch with it (seconds; more on a loaded host),
+    and the fast tokenizer's and chat templates' modules, which transformers loads on first use. For a process
+    that runs preflights to pay at its start rather than inside its first preflight's time limit."""
+    import jinja2  # noqa: F401  (the chat template's engine)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  (lazy names: importing loads them)
+
+
 def preflight(spec: JobSpec, tokenizer_dir: str | Path, train_path: str | Path, *,
               validation_path: str | Path | None = None, examples: int = 0, max_rows: int = MAX_ROWS) -> dict:
     """The report: each set's numbers, the first `examples` rows token by token, the steps and epochs
