@@ -143,6 +143,40 @@ def test_a_read_that_gets_no_turn_within_the_database_timeout_answers_503(deploy
         deployment.stop(api.proc)
 
 
+def test_a_page_behind_one_hung_on_the_database_answers_503(deployment, link):
+    """Curve pages are read and built one at a time, in a worker thread (app.conditional.polled_off_loop): a page
+    whose answer the black hole swallowed holds that turn for good, and a page after it must not wait for it
+    without end. It answers 503 database_unavailable with Retry-After once it has waited as long as a read waits
+    for a connection (QLORA_API_DATABASE_TIMEOUT_S). A regression guard of that turn: on main a page was a read
+    on the async driver, whose turn is bounded by the test above."""
+    through = make_url(deployment.settings.database_url).set(host="127.0.0.1", port=link.port)
+    api = start_api(deployment, "api-pages", through.render_as_string(hide_password=False), QLORA_KEY_CACHE_S="60")
+    holder = engine_for(deployment.settings.database_url).connect()  # not through the link
+    page = f"/jobs/{'0' * 32}/metrics"  # no such job: its read is the job's, as every page's first is
+    try:
+        assert get(api, page).status_code == 404
+        stuck = holder.begin()
+        holder.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        held = threading.Thread(target=_ask_and_ignore, args=(api, page), daemon=True)
+        held.start()
+        wait_until(lambda: _waiting_on_locks(deployment.settings.database_url) >= 1, 60, "a page waiting on the lock")
+        link.black_hole()  # its answer, once the lock is gone, is swallowed: it holds the page's turn for good
+        stuck.rollback()
+
+        answer = get(api, page)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["Retry-After"]
+
+        link.cut()  # the held page's connection drops: it ends, and gives its turn back
+        held.join(HUNG_S)
+        link.restore()
+        assert wait_until(lambda: get(api, page).status_code == 404, 60, "pages served again")
+    finally:
+        link.restore()
+        holder.close()
+        deployment.stop(api.proc)
+
+
 def _waiting_on_locks(database_url: str) -> int:
     """Backends of the database waiting on a lock now (a transaction of its own: Postgres keeps what a
     transaction read of pg_stat_activity for the rest of it)."""
