@@ -225,13 +225,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
         request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
 
-    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"])  # load balancers probe with either
+    # GET and HEAD as two routes, not one api_route of both: that gave both methods one operationId (a client
+    # generator refuses the schema), and which method it was named after changed from run to run (a set's order).
+    @app.get("/health", tags=["operations"])
+    @app.head("/health", tags=["operations"])  # load balancers probe with either
     async def health():
         return {"status": "ok"}
 
     readiness = Readiness(settings.database_url, settings.api_database_timeout_s)
 
-    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["operations"])
+    @app.get("/ready", tags=["operations"])
+    @app.head("/ready", tags=["operations"])
     async def ready():
         """Whether this process can serve requests: the database answers a `SELECT 1` within
         QLORA_API_DATABASE_TIMEOUT_S. 503 with what is wrong otherwise, for a readiness probe (/health stays a
