@@ -70,6 +70,16 @@ def test_out_of_range_names_field_and_range(patch, field, allowed):
     assert allowed in errors[field]
 
 
+@pytest.mark.parametrize("field", ["activation_offload", "tiled_mlp", "packing"])
+def test_a_switch_that_may_be_auto_names_itself_once_with_all_it_takes(field):
+    """training.activation_offload, tiled_mlp and packing take true, false or "auto". A value that is none of
+    them was refused under two fields, one that does not exist ("training.tiled_mlp.bool", pydantic's tag for
+    the union's boolean branch) and the real one saying it took 'auto' alone."""
+    errors = errors_of({**BASE, "training": {"max_steps": 10, field: "maybe"}})
+    assert list(errors) == [f"training.{field}"], errors
+    assert "(got 'maybe'; allowed: true | false | 'auto')" in errors[f"training.{field}"]
+
+
 def test_epochs_and_max_steps_both_missing_or_both_set():
     assert "set one of them" in errors_of({"base_model": "x", "training": {}})["training.epochs / max_steps"]
     both = errors_of({"base_model": "x", "training": {"epochs": 1, "max_steps": 5}})

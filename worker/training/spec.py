@@ -409,8 +409,10 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> l
 
 def _described(err: Any, model: type[BaseModel]) -> tuple[str, Callable[[], str]]:
     """One pydantic error's dotted field, and what makes its message (called for the fields shown alone)."""
-    # Drop the union branch tags pydantic adds ("literal['auto']", "constrained-int", "list[str]").
-    loc = [str(part) for part in err["loc"] if not str(part).startswith(("literal[", "list[", "constrained-"))]
+    # Drop the union branch tags pydantic adds ("literal['auto']", "constrained-int", "list[str]", and "bool" for a
+    # switch that may also be "auto"): no field is named so, and each branch's error is the one field's.
+    loc = [str(part) for part in err["loc"]
+           if not str(part).startswith(("literal[", "list[", "constrained-")) and part != "bool"]
     msg = err["msg"].removeprefix("Value error, ")
     # A method's fields are reported as "method.beta", looked up in the method the tag chose ("method.dpo.beta").
     where, prefix = model, []
@@ -473,6 +475,8 @@ def _allowed(model: type[BaseModel], loc: list[str]) -> str:
         if get_origin(arg) is Annotated:
             ranges = [_range(getattr(meta, "metadata", [meta])) for meta in get_args(arg)[1:]]
             allowed += [f"an integer {r}" for r in ranges if r]
+    if info.annotation is bool or bool in get_args(info.annotation):  # a switch, perhaps "auto" too
+        allowed += ["true", "false"]
     allowed += [repr(v) if isinstance(v, str) else str(v) for v in _literal_values(info.annotation)]
     if any(get_origin(arg) is list or get_origin(get_args(arg)[0] if get_origin(arg) is Annotated else arg) is list
            for arg in get_args(info.annotation)):
