@@ -92,6 +92,8 @@ OFFLOAD_IN_FLIGHT = 2
 CONTEXT_BYTES = int(0.85 * GIB)
 FRAGMENTATION = 0.08  # the caching allocator's slack over what tensors use
 
+# Two moments a weight. bitsandbytes keeps its 32-bit moments in float32 whatever the weights; torch's AdamW
+# (adamw_torch) keeps them in the weights' dtype, lora.dtype: 4 bytes a weight for a bfloat16 adapter.
 OPTIMIZER_BYTES_PER_PARAM = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}
 PAGED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit")
 OPTIMIZER_STATE = "optimizer state"
@@ -101,6 +103,12 @@ OPTIMIZER_STATE = "optimizer state"
 MAX_PAGED_FRACTION = 1.0
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto is bf16 on current GPUs
 ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weights and their gradients
+
+
+def optimizer_bytes_per_param(optimizer: str, lora_dtype: str) -> int:
+    if optimizer == "adamw_torch":
+        return 2 * ADAPTER_BYTES[lora_dtype]
+    return OPTIMIZER_BYTES_PER_PARAM[optimizer]
 
 
 # What a family's decoder layer holds beyond a Llama layer, by config.json's model_type; a family not
@@ -491,7 +499,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
         "LoRA adapter": adapter * ADAPTER_BYTES[spec.lora.dtype],
         "LoRA gradients": adapter * ADAPTER_BYTES[spec.lora.dtype],
-        OPTIMIZER_STATE: adapter * OPTIMIZER_BYTES_PER_PARAM[t.optimizer],
+        OPTIMIZER_STATE: adapter * optimizer_bytes_per_param(t.optimizer, spec.lora.dtype),
         "activations (kept for backward)": int(kept),
         "backward peak (loss head, or one layer)": int(backward),
     }

@@ -113,7 +113,8 @@ class LoraSpec(_Strict):
     use_rslora: bool = False
     # The adapter's weights and gradients. float32: an Adam step of lr ~2e-4 on a weight of ~0.05 is below
     # bfloat16's resolution and would be rounded away; a resume continues bit for bit. bfloat16 (the QLoRA
-    # paper's choice) halves the adapter's weights and gradients (the optimizer's moments stay float32):
+    # paper's choice) halves the adapter's weights and gradients (the paged optimizers' moments stay float32;
+    # adamw_torch's are the weights' dtype):
     # small updates round away, and a resume is still exact, since it restores the bf16 weights as saved.
     dtype: Literal["float32", "bfloat16"] = "float32"
 
