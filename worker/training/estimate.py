@@ -12,13 +12,15 @@ The peak of a QLoRA step is the sum of:
   chunked LM head that never holds the whole logits tensor, so its hidden states, their gradient
   and one tile of logits), then each layer with the gradients in flight and, with checkpointing,
   its recomputed activations: the larger of its MLP's phase and its norm's, which follows (with a
-  tiled MLP the norm's float32 temporaries outweigh one chunk's intermediates past ~1,000 tokens);
+  tiled MLP the norm's float32 temporaries outweigh one chunk's intermediates past ~1,000 tokens),
+  and of a layer's forward at its MLP's output projection, whose input is in flight three ways
+  (the forward's last layer without checkpointing, each layer's recomputation with it);
 - an allowance for the CUDA context, library workspaces and allocator fragmentation.
 
 A DPO step (method dpo) runs each pair's two sequences, preferred and other, in one batch: twice the
 tokens of an SFT micro-batch of the same size, in every per-token part. It also runs the reference: a
-no-grad forward of the same batch, while the policy's activations are kept, so its one layer at a time
-(and its loss head's tile) competes with the backward for the step's peak. The reference adds no weights
+no-grad forward of the same batch, while the policy's activations are kept, so what one no-grad layer has
+in flight (and its loss head's tile) competes with the backward for the step's peak. The reference adds no weights
 when it is the adapter switched off (the base); continued from a saved adapter, trl keeps a frozen copy
 of it (float32, as peft loads it): `reference_adapter=True` counts it.
 
@@ -60,13 +62,20 @@ ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, t
 # intermediate-wide tensors per token (the up projection's output and the activation's) where the gated MLP
 # keeps four (gate, up, the activation, their product), one projection's copies of its input rather than two,
 # and one intermediate-wide gradient in flight rather than two. Fitted, per module, on GPT-NeoX and StarCoder 2
-# (GPT-NeoX's parallel block shares more of the MLP's input with the attention: 2.25 per hidden unit); counted
-# as gated, the estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). Other
+# as the CPU runs them (GPT-NeoX's block is now counted on its own: GPT_NEOX_PER_HIDDEN); counted as gated, the
+# estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). Other
 # activations (gelu_new, relu2, xielu) keep more tensors of their own: their families are still counted as
 # gated, on the safe side.
 ACT_PER_INTERMEDIATE_TWO_MATRIX = 8.25
 ACT_MLP_PER_HIDDEN_TWO_MATRIX = 6.4
 GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, where a gated MLP has two float32 (8)
+# After a LayerNorm, on a GPU: CUDA's autocast runs layer_norm in float32 (the CPU's in bf16), and bitsandbytes'
+# 4-bit layers return their input's dtype, so the up projection's output and the activation are float32: 2 bytes
+# per intermediate unit more than the CPU keeps. Measured with layer_norm run as on CUDA (the test fixture
+# layer_norm_as_on_cuda): StarCoder 2 (intermediate 1,536 and 3,072) and GPT-NeoX (2,048 and 4,096). Counted as
+# the CPU runs it, a StarCoder 2 step read 0.90 of what a GPU's autocast keeps live (4 x 64 tokens).
+ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM = 10.25
+LAYER_NORM_FAMILIES = frozenset({"gpt_neox", "starcoder2"})  # their blocks' norms are nn.LayerNorm
 # With float32 frozen weights: scaled from the gated MLP's (18.5 / 12.5), not measured.
 ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL = 12.25
 ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"})  # config.json's hidden_act
@@ -74,6 +83,39 @@ ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"}
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
 ACT_MODEL_PER_HIDDEN = -12.0
 ACT_MODEL_CHECKPOINTED_PER_HIDDEN = 4.0
+# GPT-NeoX's block (Pythia, GPT-NeoX 20B), counted on its own: its queries, keys and values are each as wide as the
+# hidden size, so per hidden and per intermediate unit of one layer. Against the Llama count of its widths (47.65
+# and 8.25): one fused q/k/v projection, so one LoRA copy of its input where Llama's three projections keep three;
+# and LayerNorms, which CUDA's autocast runs in float32 (layer_norm is on its float32 list), so each saves a float32
+# copy of its input and returns float32, which bitsandbytes' 4-bit layers hand on (they return their input's dtype):
+# the MLP's up projection and activation are float32 on a GPU. The CPU's autocast runs layer_norm in bf16 and sees
+# none of that (6 bytes per hidden unit and 2 per intermediate unit a layer less): measured per layer with
+# layer_norm in float32 as on CUDA (saved_tensors_hooks, hidden 768 and 1,024, intermediate 2,048 to 4,096, 1 and
+# 2 layers; tests/training/test_estimate.py). use_parallel_residual false: the MLP's norm reads its own input.
+GPT_NEOX_PER_HIDDEN = 31.3  # and ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM per intermediate unit
+GPT_NEOX_SERIAL_PER_HIDDEN = 35.3
+GPT_NEOX_MODEL_PER_HIDDEN = -6.3  # once per model, where a Llama model's is ACT_MODEL_PER_HIDDEN
+GPT_NEOX_SERIAL_MODEL_PER_HIDDEN = -2.15
+
+# Without checkpointing, the forward's last layer runs with every layer's saved activations live, and its MLP's
+# output projection holds its input three ways that nothing keeps (the 4-bit layer saves no input): in the compute
+# dtype, cast to the adapter's dtype for LoRA, and the LoRA dropout's output in that dtype; beside them, per
+# token, about 4 bytes per hidden unit more than the layer keeps (its input, the residual, the embeddings the
+# model's loop still holds, less the final norm's saved input, which comes later). With checkpointing the same
+# phase comes in each layer's recomputation, beside the layer's other recomputed activations. Measured (live
+# tensors, hidden 768 and 1,024, Llama and GPT-NeoX, 512 to 2,048 tokens): the step's peak is there, in both
+# modes, not in a layer's backward: 10 bytes per intermediate unit in flight where the backward has 8 (gated
+# MLP) or 6 (two-matrix). Counting only the backward put a checkpointed Llama step 2 % under, GPT-NeoX's 8 %.
+FORWARD_PER_HIDDEN = 4.0
+# DPO's reference forward runs under no_grad, so a layer holds only what is in flight: four hidden-wide tensors
+# in the residual stream's dtype (the embeddings and the layer's input, which the model's loop still holds, the
+# residual and the norm's output) and its MLP's intermediates (gate, up and their product; a two-matrix MLP's
+# up projection and activation), beside its own padding mask. Measured on Llama (hidden 768 and 1,024) and
+# GPT-NeoX (768) at 4 pairs x 256 tokens: exactly these. Counting a layer's saved activations instead put a
+# DPO step without checkpointing 27 % over what is live.
+NO_GRAD_HIDDEN_TENSORS = 4
+NO_GRAD_INTERMEDIATE_TENSORS = 3
+NO_GRAD_INTERMEDIATE_TENSORS_TWO_MATRIX = 2
 
 # The backward of a layer's post-attention RMSNorm, once the MLP's has ended: per token per hidden unit, its
 # float32 temporaries (the gradient upcast from the residual stream's dtype, its products with the norm's scale
@@ -217,6 +259,7 @@ class ModelShape:
     activation: str = "silu"  # config.json's hidden_act: what a two-matrix MLP keeps (two_matrix_mlp)
     sliding_window: int | None = None  # config.json's, where its layers use it (Mistral 7B v0.1, Gemma 3)
     attention_masks: int = 1  # masks a step builds where one is needed: 2 where sliding and full layers mix
+    parallel_residual: bool = True  # GPT-NeoX's use_parallel_residual: attention and MLP read one input
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -239,6 +282,7 @@ class ModelShape:
             activation=config["hidden_act"] if isinstance(config.get("hidden_act"), str) else "silu",
             sliding_window=_sliding_window(config),
             attention_masks=2 if _sliding_window(config) and _mixes_full_layers(config) else 1,
+            parallel_residual=config.get("use_parallel_residual", True) is not False,
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -430,8 +474,11 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     adapter = lora_params(spec, shape)
 
     f32_residual = frozen == 4 and compute < 4
-    if shape.two_matrix_mlp:
-        per_intermediate = ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL if f32_residual else ACT_PER_INTERMEDIATE_TWO_MATRIX
+    if shape.two_matrix_mlp and f32_residual:
+        per_intermediate = ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL
+    elif shape.two_matrix_mlp:
+        per_intermediate = (ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM if shape.family in LAYER_NORM_FAMILIES
+                            else ACT_PER_INTERMEDIATE_TWO_MATRIX)
     else:
         per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if f32_residual else ACT_PER_INTERMEDIATE
     # The MLP's intermediate-wide gradients in flight, bytes per token: gate's and up's (float32), or a
@@ -447,6 +494,11 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
     if shape.two_matrix_mlp:  # ACT_PER_HIDDEN holds a gated MLP's copies of its input
         per_layer -= scale * (ACT_MLP_PER_HIDDEN - ACT_MLP_PER_HIDDEN_TWO_MATRIX) * shape.hidden
+    model_per_hidden = ACT_MODEL_PER_HIDDEN
+    if shape.family == "gpt_neox" and shape.two_matrix_mlp and not f32_residual:  # its fused q/k/v, float32 LayerNorms
+        per_layer = scale * ((GPT_NEOX_PER_HIDDEN if shape.parallel_residual else GPT_NEOX_SERIAL_PER_HIDDEN) * shape.hidden
+                             + per_intermediate * shape.intermediate)
+        model_per_hidden = GPT_NEOX_MODEL_PER_HIDDEN if shape.parallel_residual else GPT_NEOX_SERIAL_MODEL_PER_HIDDEN
     grads: float = 4 * shape.hidden + intermediate_grads  # gradients in flight: the hidden state's (float32), the MLP's
     mask = mask_per_call = 0
     if shape.eager_attention:  # each token's scores against the tokens of its row, per head
@@ -482,7 +534,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         kept = inputs_on_gpu + tokens * shape.hidden * ACT_MODEL_CHECKPOINTED_PER_HIDDEN + mask
         recomputed = tokens * per_layer + mask_per_call  # one layer at a time, during its backward
     else:
-        kept = tokens * (shape.layers * per_layer + ACT_MODEL_PER_HIDDEN * shape.hidden) + mask
+        kept = tokens * (shape.layers * per_layer + model_per_hidden * shape.hidden) + mask
         kept += shape.layers * mask_per_call  # each layer's additive mask, saved by its attention
         recomputed = 0
     # Backward runs the loss head first (its hidden states, gradients and logits tile), then each
@@ -490,10 +542,28 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     # the MLP's gate and up activations') and, with checkpointing, its recomputed activations. The
     # two never overlap; the larger is the step's peak beyond what is kept.
     layer_backward = max(recomputed + chunk + tokens * grads, recomputed + tokens * norm_grads)
+    if not tiled:
+        # A layer's forward at its MLP's output projection (FORWARD_PER_HIDDEN): without checkpointing the last
+        # layer's, with every layer's activations kept; with it, each layer's recomputation in backward. The
+        # adapter's gradients counted beside it are there from a step's second micro-batch on (accumulation).
+        transient = (compute + 2 * ADAPTER_BYTES[spec.lora.dtype]) * shape.intermediate
+        layer_backward = max(layer_backward, recomputed + tokens * (transient + FORWARD_PER_HIDDEN * frozen / 2 * shape.hidden))
     backward = max(loss_head_bytes(shape, tokens, compute, frozen), layer_backward)
-    if dpo:  # the reference's no-grad forward: one layer's activations at a time, then its loss head's tile
-        backward = max(backward, tokens * per_layer + mask_per_call
-                       + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
+    if dpo:
+        # The reference's no-grad forward, after the policy's, whose activations are kept: what one layer has in
+        # flight (NO_GRAD_HIDDEN_TENSORS), its padding mask, its attention's additive one, then the loss head's
+        # tile; counted together, though the tile comes after the layers, on the safe side.
+        intermediates = NO_GRAD_INTERMEDIATE_TENSORS_TWO_MATRIX if shape.two_matrix_mlp else NO_GRAD_INTERMEDIATE_TENSORS
+        in_flight = NO_GRAD_HIDDEN_TENSORS * frozen * shape.hidden
+        reference: float
+        if tiled:  # one chunk's intermediates, and the chunks' outputs with their concatenation
+            reference = tokens * (in_flight + 2 * compute * shape.hidden) + tile * intermediates * compute * shape.intermediate
+        else:
+            reference = tokens * (in_flight + intermediates * compute * shape.intermediate)
+        if shape.eager_attention:  # its scores, their softmax and its copy (not measured: a layer's kept and in flight)
+            reference += tokens * (ACT_PER_SCORE + GRAD_PER_SCORE) * shape.heads * row_length
+        reference += mask // shape.attention_masks + mask_per_call
+        backward = max(backward, reference + min(tokens, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE * compute)
     parts = {
         "base weights (quantized)": quantized_weight_bytes(spec, shape),
         "base weights (embeddings, head, norms)": shape.other_params * frozen,
