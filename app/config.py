@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     # When set, a job is admitted only if its estimated peak fits one, and goes to the smallest that
     # fits; when empty (the embedded default), memory is not checked before a job runs.
     gpu_classes: dict[str, float] = Field(default_factory=dict)
+    # The host (CPU) memory in GiB a job on one GPU of a class may hold, by class, e.g. {"l4": 40, "h100": 200}: the
+    # host's RAM shared among its GPUs, less what its processes take without a job. Activation offload pins a
+    # step's kept activations there (8 GiB for Llama 3 8B at 32k tokens) and a paged optimizer's overflow pages
+    # there; where a class's is given, admission counts both against it (a job needing more is refused, and
+    # "auto" does not turn offload on past it). A class without one: host memory is not checked, and the
+    # created event says so.
+    host_memory: dict[str, float] = Field(default_factory=dict)
     # More classes workers serve, by name only, e.g. ["a100"]: a job may ask for one, and its memory is
     # not checked there. A job asking for a class that is in neither list (nor the default) is refused:
     # it would wait forever on a queue no worker listens to.
@@ -279,6 +286,10 @@ class Settings(BaseSettings):
         if relative:
             raise ValueError(f"QLORA_MODEL_ROOTS must be absolute directories; {relative[0][:200]!r} is not")
         self.model_roots = [Path(os.path.normpath(root.expanduser())) for root in self.model_roots]
+        unknown = [name for name in self.host_memory if name not in self.served_gpu_classes]
+        if unknown or not all(0 < gib <= 1e6 for gib in self.host_memory.values()):  # NaN fails too
+            raise ValueError(f"QLORA_HOST_MEMORY must give a positive GiB for classes workers serve "
+                             f"({', '.join(self.served_gpu_classes)}); got {str(self.host_memory)[:200]!r}")
         if self.default_gpu_class not in self.served_gpu_classes:
             raise ValueError(
                 f"QLORA_DEFAULT_GPU_CLASS {self.default_gpu_class!r} is not one of the GPU classes workers serve "

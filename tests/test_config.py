@@ -69,3 +69,12 @@ def test_a_setting_that_cannot_be_used_is_one_line_from_any_command_not_a_traceb
         done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, capture_output=True, text=True,
                               env={**env, "QLORA_HOME": str(tmp_path / "home"), name: value}, timeout=60)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_host_memory_is_refused_for_a_class_no_worker_serves_or_a_size_that_is_not_one(tmp_path):
+    """QLORA_HOST_MEMORY for a mistyped class would be ignored, and the class's hosts left unchecked."""
+    classes = {"gpu_classes": {"l4": 22.49}, "default_gpu_class": "l4"}
+    assert Settings(home=tmp_path, host_memory={"l4": 40}, **classes).host_memory == {"l4": 40}
+    for given in ({"L4": 40}, {"l4": 0}, {"l4": float("nan")}):
+        with pytest.raises(ValueError, match=r"QLORA_HOST_MEMORY must give a positive GiB for classes workers serve \(l4\)"):
+            Settings(home=tmp_path, host_memory=given, **classes)

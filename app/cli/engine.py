@@ -76,14 +76,18 @@ def estimate(
         "--from-adapter", help="The job continues a saved adapter (initial_job_id): a DPO job then keeps a frozen "
                                "copy of it as the reference, and it is counted.")] = False,
     max_paged_fraction: MaxPagedFractionOption = 1.0,
+    host_memory: Annotated[Optional[float], typer.Option(
+        min=0, help="Host (CPU) memory in GiB a job on that GPU may hold, as the service's QLORA_HOST_MEMORY gives "
+                    "its class: the offloaded activations and the paged optimizer's overflow must fit it too.")] = None,
     as_json: JsonOption = None,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs. Exits 1 when --gpu-memory is given
     and the job does not fit it.
 
     On a pipe: {"micro_batch", "seq_len", "parts": {part: bytes}, "pageable": [parts], "total", "resident",
-    "pageable_bytes", "host_bytes", ...}, in bytes; with --gpu-memory also "gpu_memory", "fits", "paged_bytes",
-    "largest_micro_batch" and "suggestions"."""
+    "pageable_bytes", "host_bytes", "host": {part: bytes}, "host_total", ...}, in bytes ("host": the CPU memory a
+    step holds: offloaded activations, and with --gpu-memory the paged optimizer's overflow); with --gpu-memory also
+    "gpu_memory", "fits", "paged_bytes", "largest_micro_batch" and "suggestions", and with --host-memory "host_memory"."""
     from worker.training.estimate import (
         GIB,
         ModelShape,
@@ -123,23 +127,28 @@ def estimate(
         err.print(f"[red]error:[/red] lora.target_modules: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
+    host = int(host_memory * GIB) if host_memory is not None and budget is not None else None
     reference = keeps_reference_adapter(job, from_adapter)
-    # "auto" offload and tiling: on where it would not fit without
-    job = fit_memory_savers(job, model_config, budget, max_paged_fraction, reference_adapter=reference)
+    # "auto" offload and tiling: on where it would not fit without (and, with --host-memory, where the host holds it)
+    job = fit_memory_savers(job, model_config, budget, max_paged_fraction, reference_adapter=reference,
+                            host_budget_bytes=host)
     result = estimate_peak_memory(job, model_config, reference_adapter=reference)
     answer: dict = {"micro_batch": result.micro_batch, "seq_len": result.seq_len,
                     "gradient_checkpointing": result.checkpointing, "activation_offload": result.offload,
                     "tiled_mlp": result.tiled, "parts": result.parts, "pageable": sorted(result.pageable),
                     "total": result.total, "resident": result.resident, "pageable_bytes": result.pageable_bytes,
-                    "host_bytes": result.host_bytes}
+                    "host_bytes": result.host_bytes, "host": result.host_parts(budget),
+                    "host_total": result.host_need(budget)}
     fits = True
     if budget is not None:
         # The same rule as admission's (app/jobs/admission.py), paging share included: a job this says fits is admitted.
-        fits = result.fits(budget, max_paged_fraction)
+        fits = result.fits(budget, max_paged_fraction, host)
         answer |= {"gpu_memory": budget, "fits": fits, "paged_bytes": result.paged_bytes(budget),
                    "largest_micro_batch": largest_micro_batch(job, model_config, budget, max_paged_fraction=max_paged_fraction,
-                                                              reference_adapter=reference),
-                   "suggestions": advice(job, model_config, budget, max_paged_fraction, reference) if not fits else []}
+                                                              reference_adapter=reference, host_budget_bytes=host),
+                   "suggestions": advice(job, model_config, budget, max_paged_fraction, reference, host) if not fits else []}
+        if host is not None:
+            answer["host_memory"] = host
 
     def tables() -> None:
         table = Table(title=f"peak memory: micro-batch {result.micro_batch} x {result.seq_len} tokens, "
@@ -152,8 +161,10 @@ def estimate(
         table.add_row("[bold]total[/bold]", f"[bold]{result.total / GIB:.2f}[/bold]")
         if result.pageable:
             table.add_row("[bold]resident[/bold] (pageable state paged out)", f"[bold]{result.resident / GIB:.2f}[/bold]")
-        if result.host_bytes:
-            table.add_row("offloaded activations [dim](pinned CPU memory, not GPU)[/dim]", f"{result.host_bytes / GIB:.2f}")
+        for part, size in answer["host"].items():
+            table.add_row(f"host memory: {part} [dim](CPU, not GPU)[/dim]", f"{size / GIB:.2f}")
+        if len(answer["host"]) > 1:
+            table.add_row("[bold]host total[/bold]", f"[bold]{answer['host_total'] / GIB:.2f}[/bold]")
         out.print(table)
         if budget is None:
             return
@@ -163,7 +174,9 @@ def estimate(
                        "to CPU memory at each optimizer step,")
         else:
             verdict = "fits" if fits else "does not fit"
-        out.print(f"{verdict} in {gib(budget)}; the largest micro-batch that fits: {answer['largest_micro_batch'] or 'none'}")
+        held = (f" of GPU memory and {gib(host)} of host memory (it holds {gib(answer['host_total'])} there)"
+                if host is not None else "")
+        out.print(f"{verdict} in {gib(budget)}{held}; the largest micro-batch that fits: {answer['largest_micro_batch'] or 'none'}")
         for idea in answer["suggestions"]:
             out.print(f"  try {idea}")
 

@@ -5,11 +5,17 @@ classes configured (QLORA_GPU_CLASSES), a new job goes to the smallest class who
 estimated peak, and one that fits none is refused with what it needs, what there is, and what to
 change. activation_offload and tiled_mlp "auto" become on where the job would not fit that class
 without them, and per_device_batch_size "auto" the largest micro-batch that fits it.
+
+The host (CPU) memory a job holds beside its GPU's (offloaded activations, pinned; a paged optimizer's
+overflow) is counted against QLORA_HOST_MEMORY where it gives the class's: a job the GPU holds but the
+host cannot is refused (naming training.activation_offload where the job asked for offload), and "auto"
+does not turn offload on past it. Without it, the created event says host memory was not checked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 from app.config import Settings
 from app.errors import DoesNotFit, Invalid, field_errors
@@ -35,6 +41,25 @@ class Admission:
     spec: JobSpec  # with "auto" resolved when the class is known
     estimate: Estimate | None
     note: str
+    host_parts: dict[str, int] | None = None  # the host memory it holds, by part (Estimate.host_parts), where placed
+
+
+def host_budget(settings: Settings, gpu_class: str) -> int | None:
+    """The host memory in bytes a job on one GPU of this class may hold (QLORA_HOST_MEMORY); None: not known."""
+    memory = settings.host_memory.get(gpu_class)
+    return int(memory * GIB) if memory is not None else None
+
+
+def host_note(estimate: Estimate, budget: int, gpu_class: str, host: int | None) -> str:
+    """What the created event says of host memory: what the job holds there, against what the class has
+    where that is known; nothing for a job that holds none."""
+    parts = estimate.host_parts(budget)
+    if not parts:
+        return ""
+    held = f"{gib(sum(parts.values()))} of host memory ({', '.join(f'{name} {gib(size)}' for name, size in parts.items())})"
+    if host is None:
+        return f"; it holds {held}: host memory not checked, QLORA_HOST_MEMORY gives none for {gpu_class}"
+    return f"; it holds {held} of the {gib(host)} a worker of {gpu_class} may hold"
 
 
 def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: str | None,
@@ -61,8 +86,8 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         classes = [(requested, settings.gpu_classes[requested])]
     paging = settings.max_paged_fraction
     for name, memory_gib in classes:
-        budget = int(memory_gib * GIB)
-        sized = fit_to_gpu(spec, model.config, budget, paging, reference_adapter)
+        budget, host = int(memory_gib * GIB), host_budget(settings, name)
+        sized = fit_to_gpu(spec, model.config, budget, paging, reference_adapter, host)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
         micro = sized.training.per_device_batch_size
@@ -70,7 +95,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
             # "auto" sized past the ceiling: a smaller micro-batch needs less memory, so it fits too.
             sized = with_micro_batch(sized, settings.max_micro_batch)
         estimate = estimate_peak_memory(sized, model.config, reference_adapter=reference_adapter)
-        if estimate.fits(budget, paging):
+        if estimate.fits(budget, paging, host):
             paged = estimate.paged_bytes(budget)
             return Admission(name, sized, estimate,
                              f"estimated peak {gib(estimate.total)} of the {gib(budget)} on {name} "
@@ -78,15 +103,18 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                              + memory_savers_note(estimate) + ")"
                              + (f"; {gib(paged)} of the {gib(estimate.pageable_bytes)} of paged optimizer state "
                                 "will page to CPU memory at each optimizer step (resident peak "
-                                f"{gib(estimate.resident)})" if paged else ""))
+                                f"{gib(estimate.resident)})" if paged else "")
+                             + host_note(estimate, budget, name, host), estimate.host_parts(budget))
     name, memory_gib = classes[-1]
-    budget = int(memory_gib * GIB)
+    budget, host = int(memory_gib * GIB), host_budget(settings, name)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
     # "auto" savers on: all they save
-    at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging, reference_adapter)
+    at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging, reference_adapter, host)
     estimate = estimate_peak_memory(at_least_one, model.config, reference_adapter=reference_adapter)
     largest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
-    try_this = advice(at_least_one, model.config, budget, paging, reference_adapter)
+    try_this = advice(at_least_one, model.config, budget, paging, reference_adapter, host)
+    if host is not None and estimate.fits(budget, paging) and not estimate.fits(budget, paging, host):
+        refuse_for_host_memory(spec, estimate, name, budget, host, requested is not None, try_this)
     needs = gib(estimate.total) if not estimate.pageable_bytes else \
         f"{gib(estimate.resident)} resident ({gib(estimate.total)} with its paged optimizer state)"
     if try_this:
@@ -104,6 +132,30 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
         + f"{gib(budget)}. " + fix,
         details={"needed_bytes": estimate.total, "resident_bytes": estimate.resident, "available_bytes": budget,
                  "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
+
+
+def refuse_for_host_memory(spec: JobSpec, estimate: Estimate, gpu_class: str, budget: int, host: int,
+                           requested: bool, try_this: list[str]) -> NoReturn:
+    """The refusal of a job whose GPU memory fits `gpu_class` and whose host memory (Estimate.host_parts)
+    does not: 422 naming training.activation_offload where the job asked for offload (its own choice is
+    what does not fit), else 400 does_not_fit, saying what offload or paging would need."""
+    parts = estimate.host_parts(budget)
+    need = sum(parts.values())
+    which = "you asked for" if requested else "the workers serve"
+    detail = (f"{gib(need)} of host memory ({', '.join(f'{part} {gib(size)}' for part, size in parts.items())}), "
+              f"and a worker of {gpu_class}, the largest GPU class {which}, may hold {gib(host)} of it "
+              f"(QLORA_HOST_MEMORY)")
+    fix = f" It would fit with {' or '.join(try_this)}." if try_this else \
+        " Use a shorter max_seq_length or a smaller micro-batch, or a class whose hosts have more memory."
+    details = {"host_needed_bytes": need, "host_available_bytes": host, "host_estimate": parts,
+               "gpu_class": gpu_class, "needed_bytes": estimate.total, "resident_bytes": estimate.resident,
+               "available_bytes": budget, "suggestions": try_this}
+    if spec.training.activation_offload is True:
+        message = f"training.activation_offload: true needs {detail}.{fix}"
+        raise Invalid(message, details=field_errors([("training.activation_offload", message)]), code="invalid_job")
+    what = "with activation offload, which" if estimate.offload else "by paging its optimizer state, which"
+    raise DoesNotFit(f"this job fits the GPU memory of {gpu_class} ({gib(estimate.resident)} resident of "
+                     f"{gib(budget)}) only {what} would need {detail}.{fix}", details=details)
 
 
 def check_trainable(model: RegisteredModel, spec: JobSpec) -> None:

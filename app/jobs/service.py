@@ -139,7 +139,9 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     repository.add_event(session, job.id, "created", message=f"job created on queue {job.queue}; {admitted.note}",
                          data={"estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None,
                                "estimated_resident_bytes": admitted.estimate.resident if admitted.estimate else None,
-                               "estimate": admitted.estimate.parts if admitted.estimate else None})
+                               "estimate": admitted.estimate.parts if admitted.estimate else None,
+                               # the host (CPU) memory it holds, by part: offloaded activations, paged overflow
+                               "host_estimate": admitted.host_parts})
     _record_preflight(session, job, checked)
     # The message only says "job X is ready"; it must not reach a worker before the row exists.
     after_commit(session, lambda: send(settings, job.id, job.queue))
@@ -181,7 +183,7 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
         admitted = _admit(settings, model, spec, meta)
         placement: dict[str, Any] = {
             "gpu_class": admitted.gpu_class, "note": admitted.note, "spec": admitted.spec.model_dump(mode="json"),
-            "estimate": admitted.estimate.parts if admitted.estimate else None,
+            "estimate": admitted.estimate.parts if admitted.estimate else None, "host_estimate": admitted.host_parts,
             "estimated_peak_bytes": admitted.estimate.total if admitted.estimate else None}
         sized = admitted.spec
     except DoesNotFit as exc:

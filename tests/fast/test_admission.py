@@ -68,6 +68,17 @@ def test_the_papers_65b_recipe_is_admitted_on_48_gib_saying_its_optimizer_pages(
     assert admitted.gpu_class == "a6000" and e.resident <= 48 * GIB < e.total
     assert f"{e.paged_bytes(48 * GIB) / GIB:.2f} GiB of the {e.pageable_bytes / GIB:.2f} GiB of paged optimizer state " \
            "will page to CPU memory at each optimizer step" in admitted.note
+    # What pages out is held in host memory: counted where the class's is known (QLORA_HOST_MEMORY), and the
+    # job refused where its hosts cannot hold that much.
+    paged = e.paged_bytes(48 * GIB)
+    assert admitted.host_parts == {"optimizer state paged out": paged}
+    assert "host memory not checked, QLORA_HOST_MEMORY gives none for a6000" in admitted.note
+    small_hosts = make_settings(tmp_path, gpu_classes={"a6000": 48}, default_gpu_class="a6000", host_memory={"a6000": 0.5})
+    with pytest.raises(DoesNotFit) as refused:
+        admit(small_hosts, model(LLAMA_65B, "llama-65b"), paper, None)
+    assert (f"only by paging its optimizer state, which would need {paged / GIB:.2f} GiB of host memory "
+            f"(optimizer state paged out {paged / GIB:.2f} GiB)") in refused.value.message
+    assert refused.value.details["host_available_bytes"] == GIB // 2
     # An operator who allows no paging (QLORA_MAX_PAGED_FRACTION=0) refuses it, saying what it needs resident.
     with pytest.raises(DoesNotFit, match="resident"):
         admit(make_settings(tmp_path, gpu_classes={"a6000": 48}, default_gpu_class="a6000", max_paged_fraction=0),
@@ -242,6 +253,68 @@ def test_32k_tokens_fit_24_gib_with_offload_and_tiling(served):
     # Where it fits as it is, auto leaves both off: they cost time.
     roomy = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"), conftest.job_spec(**LONG), "h100")
     assert (roomy.spec.training.activation_offload, roomy.spec.training.tiled_mlp) == (False, False)
+
+
+# Llama 3.1 8B at 32k tokens on a 20 GiB GPU needs offload and tiling (test_a_refusal_suggests_...); its
+# offloaded activations take 8.00 GiB of pinned host memory (its optimizer state then stays on the GPU).
+OFFLOADED_32K = 32 * 32768 * 4096 * 2
+
+
+def test_explicit_offload_the_hosts_cannot_hold_is_refused_naming_the_field_with_the_numbers(tmp_path):
+    """Where QLORA_HOST_MEMORY gives a class's host memory, a job asking for offload whose pinned activations
+    it cannot hold is refused when created, not when the first step pins them two hours after its wait."""
+    settings = make_settings(tmp_path, gpu_classes={"l4": 24}, default_gpu_class="l4", host_memory={"l4": 6})
+    spec = job_spec(**LONG, activation_offload=True, tiled_mlp=True)
+    with pytest.raises(Invalid) as refused:
+        admit(settings, model(LLAMA3_8B_128K, "llama-3.1-8b"), spec, None)
+    message = refused.value.message
+    assert refused.value.details[0]["field"] == "training.activation_offload"
+    assert message.startswith("training.activation_offload: true needs 8.00 GiB of host memory "
+                              "(offloaded activations (pinned) 8.00 GiB)"), message
+    assert "a worker of l4, the largest GPU class the workers serve, may hold 6.00 GiB of it (QLORA_HOST_MEMORY)" in message
+    assert "It would fit with max_seq_length 16384." in message
+    # Hosts that hold it: admitted, saying what it holds there against what there is.
+    roomy = make_settings(tmp_path, gpu_classes={"l4": 24}, default_gpu_class="l4", host_memory={"l4": 16})
+    admitted = admit(roomy, model(LLAMA3_8B_128K, "llama-3.1-8b"), spec, None)
+    assert admitted.host_parts == {"offloaded activations (pinned)": OFFLOADED_32K}
+    assert admitted.note.endswith("; it holds 8.00 GiB of host memory (offloaded activations (pinned) 8.00 GiB) "
+                                  "of the 16.00 GiB a worker of l4 may hold"), admitted.note
+
+
+def test_auto_does_not_offload_past_the_hosts_memory(tmp_path):
+    """On a 20 GiB class the 32k job fits only with offload: with hosts too small for its pinned activations
+    it goes to a larger class that needs no offload, and where there is none it is refused saying why."""
+    llama = model(LLAMA3_8B_128K, "llama-3.1-8b")
+    two = make_settings(tmp_path, gpu_classes={"a4500": 20, "h100": 80}, default_gpu_class="h100",
+                        host_memory={"a4500": 6, "h100": 100})
+    admitted = admit(two, llama, conftest.job_spec(**LONG), None)
+    assert admitted.gpu_class == "h100" and admitted.spec.training.activation_offload is False
+    # The same classes with hosts that hold it: the smaller class, offloading.
+    roomy = make_settings(tmp_path, gpu_classes={"a4500": 20, "h100": 80}, default_gpu_class="h100",
+                          host_memory={"a4500": 16})
+    admitted = admit(roomy, llama, conftest.job_spec(**LONG), None)
+    assert admitted.gpu_class == "a4500" and admitted.spec.training.activation_offload is True
+    one = make_settings(tmp_path, gpu_classes={"a4500": 20}, default_gpu_class="a4500", host_memory={"a4500": 6})
+    with pytest.raises(DoesNotFit) as refused:
+        admit(one, llama, conftest.job_spec(**LONG), None)
+    message, details = refused.value.message, refused.value.details
+    assert message.startswith("this job fits the GPU memory of a4500 (15.84 GiB resident of 20.00 GiB) only with "
+                              "activation offload, which would need 8.00 GiB of host memory "
+                              "(offloaded activations (pinned) 8.00 GiB), and a worker of a4500"), message
+    assert "may hold 6.00 GiB of it (QLORA_HOST_MEMORY)" in message
+    assert (details["host_available_bytes"], details["host_needed_bytes"]) == (6 * GIB, OFFLOADED_32K)
+    assert details["host_estimate"] == {"offloaded activations (pinned)": OFFLOADED_32K}
+    assert details["suggestions"] == ["max_seq_length 16384"]
+
+
+def test_without_host_memory_configured_the_note_says_it_was_not_checked(served):
+    """Today's behaviour where the operator gave no host memory, but the event says so."""
+    admitted = admit(served, model(LLAMA3_8B_128K, "llama-3.1-8b"),
+                     job_spec(**LONG, activation_offload=True, tiled_mlp=True), "l4")
+    assert admitted.note.endswith("; it holds 8.00 GiB of host memory (offloaded activations (pinned) 8.00 GiB): "
+                                  "host memory not checked, QLORA_HOST_MEMORY gives none for l4"), admitted.note
+    # A job that holds nothing there says nothing of it.
+    assert "host memory" not in admit(served, model(), job_spec(per_device_batch_size=1, max_seq_length=2048), None).note
 
 
 def test_auto_takes_the_cheapest_saver_that_fits():

@@ -22,7 +22,9 @@ def api(deployment):
     port = services.free_port()
     proc = deployment.spawn("serve", "--no-worker", log_name="api-admission",
                             extra_env={"QLORA_PORT": str(port), "QLORA_GPU_CLASSES": json.dumps(CLASSES),
-                                       "QLORA_DEFAULT_GPU_CLASS": "h100", "QLORA_EXTRA_GPU_CLASSES": "[]"})
+                                       "QLORA_DEFAULT_GPU_CLASS": "h100", "QLORA_EXTRA_GPU_CLASSES": "[]",
+                                       # an L4 host's memory per GPU; the H100s' is not given (not checked)
+                                       "QLORA_HOST_MEMORY": json.dumps({"l4": 6})})
     url = f"http://127.0.0.1:{port}"
     # (It went on after 60 s without a word, and the first request then failed for a reason other than its own.)
     assert services.wait_until_up(url + "/health", proc, timeout_s=120, need_ok=True), deployment.log("api-admission")
@@ -85,6 +87,25 @@ def test_auto_micro_batch_becomes_the_largest_that_fits(api, dataset_id):
     assert isinstance(stored, int) and stored >= 1
     assert response.json()["queue"] == "gpu-l4"  # the smallest class; auto fills it
     api.post(f"/jobs/{response.json()['id']}/cancel")
+
+
+def test_offload_the_hosts_cannot_hold_is_refused_and_an_unchecked_one_says_so(api, dataset_id):
+    """8 GiB of offloaded activations (Llama 3 8B at 32k tokens) pinned on an L4 whose hosts give a job 6: a
+    422 naming training.activation_offload when the job is posted, not an out-of-memory when it first steps."""
+    long = {"max_seq_length": 32768, "per_device_batch_size": 1, "activation_offload": True, "tiled_mlp": True}
+    refused = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "l4",
+                                      "training": {"max_steps": 10, **long}})
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["details"][0]["field"] == "training.activation_offload"
+    assert "needs 8.00 GiB of host memory" in error["message"] and "may hold 6.00 GiB" in error["message"]
+    created = api.post("/jobs", json={"dataset_id": dataset_id, "base_model": "llama-3-8b", "gpu_class": "h100",
+                                      "training": {"max_steps": 10, **long}})
+    assert created.status_code == 201, created.text
+    event = api.get(f"/jobs/{created.json()['id']}/events").json()[0]
+    assert "host memory not checked, QLORA_HOST_MEMORY gives none for h100" in event["message"]
+    assert event["data"]["host_estimate"] == {"offloaded activations (pinned)": 32 * 32768 * 4096 * 2}
+    api.post(f"/jobs/{created.json()['id']}/cancel")
 
 
 def test_unknown_class_and_a_model_without_a_config(api, dataset_id):

@@ -658,10 +658,11 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
     (tmp_path / "both.json").write_text(json.dumps({"base_model": str(tmp_path), "training": {
         **training, "activation_offload": True, "tiled_mlp": True}}))
 
-    def estimate_cli(name):
+    def estimate_cli(name, *options, returncode=0):
         done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / name), "--gpu-memory", "24",
-                               "--table"], capture_output=True, text=True, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
-        assert done.returncode == 0, done.stderr
+                               *options, "--table"], capture_output=True, text=True,
+                              env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+        assert done.returncode == returncode, done.stderr
         return " ".join(done.stdout.split())  # the table's title wraps at the table's width
 
     auto = estimate_cli("auto.json")  # "auto": the cheapest saver that fits, tiling alone here
@@ -671,7 +672,14 @@ def test_qlora_estimate_turns_on_tiling_where_32k_tokens_would_not_fit(tmp_path)
     assert "fits, with 0.25 GiB of the 0.31 GiB of paged optimizer state paged to CPU memory" in auto
     both = estimate_cli("both.json")
     assert "activations offloaded to 8.00 GiB of pinned CPU memory and tiled MLPs" in both
-    assert "offloaded activations (pinned CPU memory, not GPU)" in both and "fits in 24.00 GiB" in both
+    assert "host memory: offloaded activations (pinned) (CPU, not GPU) │ 8.00" in both and "fits in 24.00 GiB" in both
+    # The paged optimizer's overflow is host memory too, beside the offloaded activations' (none here: it fits).
+    assert "host memory: optimizer state paged out (CPU, not GPU) │ 0.25" in auto
+    # With the host memory a job may hold (the service's QLORA_HOST_MEMORY), the verdict is admission's.
+    small_hosts = estimate_cli("both.json", "--host-memory", "6", returncode=1)
+    assert "does not fit in 24.00 GiB of GPU memory and 6.00 GiB of host memory (it holds 8.00 GiB there)" in small_hosts
+    assert "try max_seq_length 16384" in small_hosts
+    assert "fits in 24.00 GiB of GPU memory and 16.00 GiB of host memory" in estimate_cli("both.json", "--host-memory", "16")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -143,6 +143,9 @@ OPTIMIZER_STATE = "optimizer state"
 # moves that much over PCIe and back (about 0.5 s for 6 GiB), small beside a step of the large models
 # where it matters; an operator who prefers speed to fitting lowers it (QLORA_MAX_PAGED_FRACTION).
 MAX_PAGED_FRACTION = 1.0
+# The host (CPU) memory parts of a step (Estimate.host_parts).
+HOST_OFFLOADED = "offloaded activations (pinned)"
+HOST_PAGED = "optimizer state paged out"
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto is bf16 on current GPUs
 ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weights and their gradients
 
@@ -370,10 +373,25 @@ class Estimate:
         """How much of the pageable state a GPU of this budget leaves in CPU memory (0: all of it fits)."""
         return max(self.total - budget_bytes, 0)
 
-    def fits(self, budget_bytes: int, max_paged_fraction: float = MAX_PAGED_FRACTION) -> bool:
+    def host_parts(self, budget_bytes: int | None) -> dict[str, int]:
+        """The CPU (host) memory one step holds beyond the training process's own, by part, on a GPU of this
+        budget: the offloaded activations (pinned: the kernel cannot swap them out) and the paged optimizer
+        state that overflows the GPU (paged_bytes). None (no GPU known): only what does not depend on it."""
+        parts = {HOST_OFFLOADED: self.host_bytes} if self.host_bytes else {}
+        paged = self.paged_bytes(budget_bytes) if budget_bytes else 0
+        return parts | ({HOST_PAGED: paged} if paged else {})
+
+    def host_need(self, budget_bytes: int | None) -> int:
+        return sum(self.host_parts(budget_bytes).values())
+
+    def fits(self, budget_bytes: int, max_paged_fraction: float = MAX_PAGED_FRACTION,
+             host_budget_bytes: int | None = None) -> bool:
         """The resident peak fits the budget, and what overflows it is pageable, at most
-        max_paged_fraction of the pageable state."""
-        return self.resident <= budget_bytes and self.paged_bytes(budget_bytes) <= max_paged_fraction * self.pageable_bytes
+        max_paged_fraction of the pageable state; and, where the host memory a job may hold is known
+        (`host_budget_bytes`, QLORA_HOST_MEMORY), what it holds there (host_need) fits that."""
+        return (self.resident <= budget_bytes
+                and self.paged_bytes(budget_bytes) <= max_paged_fraction * self.pageable_bytes
+                and (host_budget_bytes is None or self.host_need(budget_bytes) <= host_budget_bytes))
 
     def describe(self) -> str:
         width = max(map(len, self.parts))
@@ -583,14 +601,17 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
 
 
 def largest_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int, limit: int = 256,
-                        max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> int | None:
+                        max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+                        host_budget_bytes: int | None = None) -> int | None:
     """The largest micro-batch (a power of two up to `limit`) that fits the budget; None if not even 1.
-    `reference_adapter`, here and in the functions below: as estimate_peak_memory's."""
+    `reference_adapter`, here and in the functions below: as estimate_peak_memory's; `host_budget_bytes`:
+    the host memory a job may hold (Estimate.fits; None: not known, not checked)."""
     best = None
     batch = 1
     while batch <= limit and estimate_peak_memory(spec, model_config, micro_batch=batch,
                                                   reference_adapter=reference_adapter).fits(budget_bytes,
-                                                                                            max_paged_fraction):
+                                                                                            max_paged_fraction,
+                                                                                            host_budget_bytes):
         best, batch = batch, batch * 2
     return best
 
@@ -600,14 +621,15 @@ def with_micro_batch(spec: JobSpec, micro_batch: int) -> JobSpec:
 
 
 def fit_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int,
-                    max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec | None:
+                    max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+                    host_budget_bytes: int | None = None) -> JobSpec | None:
     """`spec` sized for a budget (a GPU's memory): per_device_batch_size "auto" becomes the largest
     micro-batch that fits, and None says that not even a micro-batch of 1 does. A spec with a fixed
     micro-batch comes back as it is; whether that one fits is the caller's question (the estimate says)."""
     if spec.training.per_device_batch_size != "auto":
         return spec
     fitting = largest_micro_batch(spec, model_config, budget_bytes, max_paged_fraction=max_paged_fraction,
-                                  reference_adapter=reference_adapter)
+                                  reference_adapter=reference_adapter, host_budget_bytes=host_budget_bytes)
     return with_micro_batch(spec, fitting) if fitting is not None else None
 
 
@@ -621,11 +643,14 @@ MEMORY_SAVERS = ((False, False), (True, False), (False, True), (True, True))
 
 
 def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | None,
-                      max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec:
+                      max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+                      host_budget_bytes: int | None = None) -> JobSpec:
     """training.activation_offload and tiled_mlp "auto" decided for a budget (a GPU's memory): on only
     where the job would not fit without them, the cheapest choice that fits (at the spec's micro-batch,
     or 1 for "auto"); everything allowed on where nothing fits, so a refusal counts all they save.
-    Without a budget (the CPU, where RAM rather than device memory bounds it) "auto" is off."""
+    Without a budget (the CPU, where RAM rather than device memory bounds it) "auto" is off. Where the host
+    memory a job may hold is known (`host_budget_bytes`), a choice fits only if its pinned activations and
+    paged overflow fit that too: "auto" never chooses offload that the host cannot hold."""
     t = spec.training
     if t.activation_offload != "auto" and t.tiled_mlp != "auto":
         return spec
@@ -636,18 +661,22 @@ def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | Non
         probe = spec if isinstance(t.per_device_batch_size, int) else with_micro_batch(spec, 1)
         for offload, tiled in allowed:
             if estimate_peak_memory(with_training(probe, activation_offload=offload, tiled_mlp=tiled), model_config,
-                                    reference_adapter=reference_adapter).fits(budget_bytes, max_paged_fraction):
+                                    reference_adapter=reference_adapter).fits(budget_bytes, max_paged_fraction,
+                                                                              host_budget_bytes):
                 return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
     offload, tiled = allowed[-1] if budget_bytes else allowed[0]
     return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
 
 
 def fit_to_gpu(spec: JobSpec, model_config: dict, budget_bytes: int,
-               max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec | None:
+               max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+               host_budget_bytes: int | None = None) -> JobSpec | None:
     """`spec` as it will run on a GPU of this memory: the memory savers' "auto" decided
     (fit_memory_savers), then the micro-batch's (fit_micro_batch); None where not even 1 fits."""
-    savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter)
-    return fit_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter)
+    savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter,
+                               host_budget_bytes)
+    return fit_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter,
+                           host_budget_bytes)
 
 
 def fit_to_device(spec: JobSpec, model_config: dict, budget_bytes: int | None,
@@ -678,18 +707,20 @@ def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: in
 
 
 def advice(spec: JobSpec, model_config: dict, budget_bytes: int,
-           max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> list[str]:
-    """What would make the job fit a budget, each checked against the estimate."""
+           max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+           host_budget_bytes: int | None = None) -> list[str]:
+    """What would make the job fit a budget (and the host memory, where known), each checked against the estimate."""
     t = spec.training
 
     def fits(candidate: JobSpec, **shape) -> bool:
         return estimate_peak_memory(candidate, model_config, reference_adapter=reference_adapter,
-                                    **shape).fits(budget_bytes, max_paged_fraction)
+                                    **shape).fits(budget_bytes, max_paged_fraction, host_budget_bytes)
 
     batch = t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1
     ideas = []
     fitting = largest_micro_batch(spec, model_config, budget_bytes, limit=max(batch - 1, 1),
-                                  max_paged_fraction=max_paged_fraction, reference_adapter=reference_adapter)
+                                  max_paged_fraction=max_paged_fraction, reference_adapter=reference_adapter,
+                                  host_budget_bytes=host_budget_bytes)
     if fitting and fitting < batch:
         ideas.append(f"per_device_batch_size {fitting} with gradient_accumulation_steps "
                      f"{t.gradient_accumulation_steps * batch // fitting} (the same effective batch)")
