@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tests.training.test_recipe import pause_after, short_spec
 from worker.training import memory
-from worker.training.recipe import run
+from worker.training.recipe import TrainingError, run
 from worker.training.spec import JobSpec, SpecError
 
 # Micro-batches of 16 demo rows: some 400 tokens, more than one MLP chunk (256 tokens, the tiny model's hidden size).
@@ -92,6 +92,28 @@ def test_both_together_learn_and_resume_exactly(tiny_model_dir, demo_data, tmp_p
     plain_losses = [loss for _, loss in curve(plain)]
     assert losses[-1] < 0.8 * losses[0]
     assert losses[-1] == pytest.approx(plain_losses[-1], rel=0.15)  # other dropout masks, the same training
+
+
+def test_offload_the_host_cannot_hold_fails_before_the_base_loads(tiny_model_dir, demo_data, tmp_path):
+    """The offloaded activations are pinned as the first step runs: on a host with less memory available than
+    they take, the run failed there (for a large model after its load, or the kernel killed it). It now fails at
+    setup, before the base loads, saying what it needs and what the host has (`host_memory`: what this run may
+    take, as a merge has it; a worker's run asks the host, MemAvailable)."""
+    from worker.training.estimate import estimate_peak_memory
+
+    spec = JobSpec.parse(short_spec(tiny_model_dir, **STEPS, activation_offload=True, tiled_mlp=False))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    need = estimate_peak_memory(spec, config).host_bytes
+    assert need > 0
+    events: list = []
+    with pytest.raises(TrainingError) as failed:
+        run(spec, demo_data["train"], tmp_path / "out", host_memory=need // 2, sink=events.append)
+    assert str(failed.value) == (
+        f"training.activation_offload: this job holds {need / 2**30:.2f} GiB of host memory at each step "
+        f"(offloaded activations (pinned) {need / 2**30:.2f} GiB) and this host has {need // 2 / 2**30:.2f} GiB "
+        "available; try activation_offload false (on a GPU that holds the activations), a shorter max_seq_length "
+        "or a smaller micro-batch, or a host with more free memory")
+    assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]  # failed before the load
 
 
 def test_offload_needs_gradient_checkpointing():

@@ -57,7 +57,10 @@ from worker.training.callbacks import (  # noqa: E402
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
     MAX_PAGED_FRACTION,
+    PAGED_OPTIMIZERS,
+    estimate_peak_memory,
     fit_to_device,
+    gib,
     keeps_reference_adapter,
     mlp_tile_tokens,
 )
@@ -458,7 +461,8 @@ class QLoRARecipe:
         self.max_paged_fraction = max_paged_fraction
         self.progress = progress
         self.extra_callbacks = extra_callbacks
-        # The host memory a merge on the CPU may take; None: what the host has available when the merge starts.
+        # The host memory this run may take (offloaded activations, a paged optimizer's overflow, a merge on the
+        # CPU); None: what the host has available when each is checked (MemAvailable).
         self.host_memory = host_memory
         # The disk space the merged model's files may take; None: what the output directory's disk has free.
         self.disk_free = disk_free
@@ -502,6 +506,7 @@ class QLoRARecipe:
         self._setup_device()
         self._setup_data()
         self._setup_run_dir()
+        self._check_host_memory()
         self._setup_tokenizer()
         self._encode_data()
         self._setup_model()
@@ -517,6 +522,32 @@ class QLoRARecipe:
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
         self.spec = _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
                                    keeps_reference_adapter(self.spec, self.initial_adapter is not None))
+
+    def _check_host_memory(self) -> None:
+        """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
+        offloaded activations, pinned; the paged optimizer's overflow) exceeds what this host has available:
+        pinning them failed at the first step, after the load and the wait, or the kernel killed the process.
+        Admission checks it against QLORA_HOST_MEMORY where the class's is given; this is the host as it is now."""
+        t = self.spec.training
+        if t.activation_offload is not True and t.optimizer not in PAGED_OPTIMIZERS:
+            return  # nothing of a step is held in host memory by design
+        budget = torch.cuda.get_device_properties(0).total_memory if self.device == "cuda" else None
+        try:
+            config = json.loads((self.base_path / "config.json").read_text())
+            estimate = estimate_peak_memory(self.spec, config, reference_adapter=keeps_reference_adapter(
+                self.spec, self.initial_adapter is not None))
+        except (OSError, ValueError):
+            return  # a config the estimate cannot read: loading the model says what is wrong with it
+        parts, available = estimate.host_parts(budget), self._host_available()
+        need = sum(parts.values())
+        if need <= available:
+            return
+        field = "training.activation_offload" if estimate.offload else "training.optimizer"
+        fix = ("activation_offload false (on a GPU that holds the activations), a shorter max_seq_length or a smaller "
+               "micro-batch" if estimate.offload else "a GPU class with more memory, so less of it pages")
+        raise TrainingError(f"{field}: this job holds {gib(need)} of host memory at each step ("
+                            + ", ".join(f"{part} {gib(size)}" for part, size in parts.items())
+                            + f") and this host has {gib(available)} available; try {fix}, or a host with more free memory")
 
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
