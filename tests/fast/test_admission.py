@@ -376,6 +376,22 @@ def test_the_worker_decides_auto_under_the_operators_max_paged_fraction_as_admis
         fit_to_device(auto, LLAMA_65B, 48 * GIB, max_paged_fraction=0)
 
 
+def test_the_worker_does_not_offload_past_the_memory_its_host_has_available():
+    """Without GPU classes the training process decides "auto" for its GPU (recipe._fit_to_device) against the
+    memory its host has available, as admission does against QLORA_HOST_MEMORY: the paper's 65B recipe under a
+    10 % paging share offloads 0.62 GiB of activations and pages 0.43 GiB; a host with 0.5 GiB available
+    gets a refusal saying so, not a run that pins what the host does not have."""
+    auto = JobSpec.parse({"base_model": "llama-65b", "lora": {"r": 64, "alpha": 16}, "training": {
+        "max_steps": 10, "per_device_batch_size": "auto", "max_seq_length": 512, "gradient_checkpointing": True}})
+    roomy = fit_to_device(auto, LLAMA_65B, 48 * GIB, max_paged_fraction=0.1, host_budget_bytes=2 * GIB)
+    assert roomy.training.activation_offload is True and roomy == fit_to_device(auto, LLAMA_65B, 48 * GIB, 0.1)
+    assert roomy == fit_to_gpu(auto, LLAMA_65B, 48 * GIB, 0.1, host_budget_bytes=2 * GIB)
+    with pytest.raises(ValueError, match=r"found no micro-batch that fits: even 1 holds 1\.04 GiB of host memory "
+                                         r"and the host has 0\.50 GiB available"):
+        fit_to_device(auto, LLAMA_65B, 48 * GIB, max_paged_fraction=0.1, host_budget_bytes=GIB // 2)
+    assert fit_to_gpu(auto, LLAMA_65B, 48 * GIB, 0.1, host_budget_bytes=GIB // 2) is None
+
+
 def test_a_model_registered_before_the_registry_refused_its_kind_is_refused_naming_base_model(served):
     """A mixture of experts (or a broken config.json) in the registry from before it was checked: a 422
     naming base_model, not a 500 from the estimate."""

@@ -680,17 +680,23 @@ def fit_to_gpu(spec: JobSpec, model_config: dict, budget_bytes: int,
 
 
 def fit_to_device(spec: JobSpec, model_config: dict, budget_bytes: int | None,
-                  max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec:
+                  max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+                  host_budget_bytes: int | None = None) -> JobSpec:
     """What the training process decides for its own device where the spec says "auto": the memory savers
     (fit_memory_savers), then the micro-batch (resolve_auto_micro_batch), by admission's rule for a GPU class
     (fit_to_gpu) and under the operator's max_paged_fraction (QLORA_MAX_PAGED_FRACTION), as admission and
-    `qlora estimate` decide. Without GPU classes nothing was decided at admission: this is the only decision."""
-    savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter)
-    return resolve_auto_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter)
+    `qlora estimate` decide. Without GPU classes nothing was decided at admission: this is the only decision.
+    `host_budget_bytes`: the host memory the run may hold (the host's available memory), as QLORA_HOST_MEMORY
+    is to admission: "auto" does not offload, nor size a micro-batch, past it."""
+    savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter,
+                               host_budget_bytes)
+    return resolve_auto_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter,
+                                    host_budget_bytes)
 
 
 def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: int | None,
-                             max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False) -> JobSpec:
+                             max_paged_fraction: float = MAX_PAGED_FRACTION, reference_adapter: bool = False,
+                             host_budget_bytes: int | None = None) -> JobSpec:
     """per_device_batch_size "auto" → the largest micro-batch that fits the budget (a GPU's memory);
     ValueError, saying what one needs and what there is, when not even 1 fits. Without a budget (the
     CPU, where RAM rather than device memory bounds it) "auto" means the default, 4."""
@@ -698,9 +704,14 @@ def resolve_auto_micro_batch(spec: JobSpec, model_config: dict, budget_bytes: in
         return spec
     if not budget_bytes:
         return with_micro_batch(spec, 4)
-    sized = fit_micro_batch(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter)
+    sized = fit_micro_batch(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter, host_budget_bytes)
     if sized is None:
-        need = estimate_peak_memory(spec, model_config, micro_batch=1, reference_adapter=reference_adapter).resident
+        one = estimate_peak_memory(spec, model_config, micro_batch=1, reference_adapter=reference_adapter)
+        if one.fits(budget_bytes, max_paged_fraction) and host_budget_bytes is not None:
+            raise ValueError(f"training.per_device_batch_size: \"auto\" found no micro-batch that fits: even 1 holds "
+                             f"{gib(one.host_need(budget_bytes))} of host memory and the host has {gib(host_budget_bytes)} "
+                             "available")
+        need = one.resident
         raise ValueError(f"training.per_device_batch_size: \"auto\" found no micro-batch that fits: even 1 needs "
                          f"{gib(need)} resident and the device has {gib(budget_bytes)}")
     return sized

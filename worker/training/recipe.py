@@ -521,7 +521,8 @@ class QLoRARecipe:
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
         self.spec = _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
-                                   keeps_reference_adapter(self.spec, self.initial_adapter is not None))
+                                   keeps_reference_adapter(self.spec, self.initial_adapter is not None),
+                                   self._host_available())
 
     def _check_host_memory(self) -> None:
         """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
@@ -1008,14 +1009,17 @@ def truncation_warning(name: str, stats: EncodeStats, max_seq_length: int) -> st
 
 
 def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
-                   reference_adapter: bool) -> JobSpec:
+                   reference_adapter: bool, host_available: int) -> JobSpec:
     """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
     only where the job would not fit without), then per_device_batch_size "auto" (the largest
     micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
     budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     config = json.loads((base_path / "config.json").read_text())
     try:
-        return fit_to_device(spec, config, budget, max_paged_fraction, reference_adapter)
+        # "auto" is decided on a GPU only, where offload and paging put a step's memory on the host: against what
+        # the host has available, as admission decides it against QLORA_HOST_MEMORY.
+        return fit_to_device(spec, config, budget, max_paged_fraction, reference_adapter,
+                             host_budget_bytes=host_available if budget else None)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
 
