@@ -641,7 +641,7 @@ def test_a_dpo_run_paused_with_a_spec_stored_before_its_packing_was_refused_resu
     del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
     (out / "run.json").write_text(json.dumps({"spec": written, "train_sha256": _file_sha256(train),
                                               "validation_sha256": None, "initial_adapter_sha256": None}))
-    latest, resumed = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
+    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
     assert latest == out / "checkpoints" / "step-3" and resumed == spec
 
 
@@ -649,3 +649,93 @@ def _file_sha256(path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_curve(path):
+    return [(r["step"], r["train_loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_a_resume_keeps_the_packing_and_compute_dtype_the_interrupted_run_decided_for_auto(
+        tiny_model_dir, demo_data, tmp_path):
+    """packing and compute_dtype "auto" were decided again by each attempt, from the worker it landed on: an
+    attempt that packed (a worker with flash-attention) resumed on one without went on unpacked, each step then
+    other rows than the checkpoint's data position counts (rows skipped and repeated), and one that computed in
+    bfloat16 went on in float32 (or the reverse), unsaid. run.json records both now, and a resume keeps them where
+    the device can run them. The interrupted attempt here asked for them outright, which writes the run.json an
+    "auto" attempt on such a worker writes: packing true, and the compute dtype other than this CPU's own."""
+    from worker.training.model import resolve_compute_dtype
+
+    other = "float32" if resolve_compute_dtype("auto", "cpu") == torch.bfloat16 else "bfloat16"
+
+    def spec(packing, dtype):
+        data = short_spec(tiny_model_dir, max_steps=12, packing=packing)
+        data["quantization"] = {**data.get("quantization", {}), "compute_dtype": dtype}
+        return JobSpec.parse(data)
+
+    paused = run(spec(True, other), demo_data["train"], tmp_path / "run", pause=pause_after(5))
+    assert paused.status == "paused"
+    events: list = []
+    resumed = run(spec("auto", "auto"), demo_data["train"], tmp_path / "run", resume=True, sink=events.append)
+    assert resumed.status == "succeeded", resumed.summary
+    assert resumed.summary["steps"] == {"completed": 12, "planned": 12, "resumed_from": 5}
+    assert resumed.summary["speedups"]["packing"] is True and resumed.summary["compute_dtype"] == other
+    kept = [e for e in events if isinstance(e, Event) and e.type == "decisions_kept"]
+    assert len(kept) == 1 and kept[0].data == {"training.packing": True, "quantization.compute_dtype": other}
+    assert "the same rows in each step" in kept[0].message
+
+    run(spec(True, other), demo_data["train"], tmp_path / "straight")
+    assert _train_curve(tmp_path / "run") == _train_curve(tmp_path / "straight")  # the same run, to the bit
+
+
+def test_a_decision_the_resuming_worker_cannot_run_is_replaced_and_said(tiny_model_dir, demo_data, tmp_path,
+                                                                        straight_short_run):
+    """A run that computed in float16 with Liger's kernels (what "auto" decides on a CUDA GPU without bfloat16,
+    with liger-kernel installed) resumed on a worker that has neither: it goes on with this worker's own
+    decisions, says so in a warning, and trains the same rows in the same order (here: the straight run on this
+    CPU, whose checkpoint it is). Before, run.json held "auto" and the run changed unsaid."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir))
+    paused = run(spec, demo_data["train"], tmp_path / "run", pause=pause_after(7))
+    assert paused.status == "paused"
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    own = paused.summary["compute_dtype"]
+    assert manifest["spec"]["quantization"]["compute_dtype"] == own  # decided, not "auto": it travels
+    assert manifest["spec"]["training"]["packing"] is False and manifest["spec"]["training"]["kernels"] == "none"
+    manifest["spec"]["quantization"]["compute_dtype"] = "float16"
+    manifest["spec"]["training"]["kernels"] = "liger"
+    (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
+
+    events: list = []
+    resumed = run(spec, demo_data["train"], tmp_path / "run", resume=True, sink=events.append)
+    assert resumed.status == "succeeded", resumed.summary
+    assert resumed.summary["compute_dtype"] == own and resumed.summary["speedups"]["liger"] is False
+    changed = {e.data["field"]: e for e in events if isinstance(e, Event) and e.type == "decision_changed"}
+    assert set(changed) == {"quantization.compute_dtype", "training.kernels"}
+    assert changed["quantization.compute_dtype"].level == "warning"
+    assert changed["quantization.compute_dtype"].data == {"field": "quantization.compute_dtype", "before": "float16",
+                                                          "now": own}
+    assert "needs a CUDA GPU" in changed["quantization.compute_dtype"].message
+    written = json.loads((tmp_path / "run" / "run.json").read_text())["spec"]
+    assert written["quantization"]["compute_dtype"] == own and written["training"]["kernels"] == "none"  # what runs now
+    assert _train_curve(tmp_path / "run") == _train_curve(straight_short_run)
+
+
+def test_a_run_json_that_left_packing_compute_dtype_and_kernels_auto_resumes_with_this_workers_decisions(tmp_path):
+    """A run paused by the release before these were recorded wrote them "auto": nothing to keep, so this
+    worker's decisions, and the manifest rewritten with them, rather than 'cannot resume: spec differ'."""
+    from worker.training.recipe import _check_run_dir
+
+    spec = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10}})
+    fitted = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "packing": False, "kernels": "none"},
+                            "quantization": {"compute_dtype": "float32"}})
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a"}\n')
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "COMPLETE").write_text("")
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
+    (out / "run.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"), "train_sha256": _file_sha256(train),
+                                              "validation_sha256": None, "initial_adapter_sha256": None}))
+    latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, resume=True)
+    assert latest == out / "checkpoints" / "step-3" and resumed == fitted and unheld == []
+    assert json.loads((out / "run.json").read_text())["spec"] == fitted.model_dump(mode="json")

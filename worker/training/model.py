@@ -35,10 +35,17 @@ class Speedups:
         return dict(self.__dict__)
 
 
+def flash_attention_available(device: str) -> bool:
+    return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def liger_available(device: str) -> bool:
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def resolve_speedups(training, device: str, method: str = "sft") -> Speedups:
-    flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    liger_available = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-    if training.kernels == "liger" and not liger_available:
+    flash = flash_attention_available(device)
+    if training.kernels == "liger" and not liger_available(device):
         raise SpecError([("training.kernels", "'liger' needs a CUDA GPU and the liger-kernel package; "
                           "allowed here: 'auto' | 'none'")])
     packing = flash if training.packing == "auto" else training.packing
@@ -48,7 +55,7 @@ def resolve_speedups(training, device: str, method: str = "sft") -> Speedups:
         packing=packing,
         # packed rows have no padding to save; DPO's rows are pairs, sampled as they come
         group_by_length=training.group_by_length and not packing and method != "dpo",
-        liger=training.kernels == "liger" or (training.kernels == "auto" and liger_available),
+        liger=training.kernels == "liger" or (training.kernels == "auto" and liger_available(device)),
         # Varlen flash-attention for packed rows; elsewhere SDPA, which masks packed examples apart
         # (transformers builds a block-diagonal mask from the restarting position ids).
         attention="flash_attention_2" if flash else "sdpa",
@@ -77,6 +84,20 @@ def resolve_compute_dtype(choice: str, device: str) -> torch.dtype:
         native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if native_bf16 else torch.float32
     return getattr(torch, choice)
+
+
+def why_not_on(device: str, field: str, value) -> str | None:
+    """Why `value`, what an earlier attempt of the run decided for `field` ("compute_dtype", "packing",
+    "kernels") where the spec says "auto", cannot run on this device; None: it can. Packing always can:
+    without flash-attention, SDPA masks the packed examples apart (the same rows in each step, slower)."""
+    try:
+        if field == "compute_dtype":
+            resolve_compute_dtype(value, device)
+        elif field == "kernels" and value == "liger" and not liger_available(device):
+            return "liger-kernel needs a CUDA GPU with the liger-kernel package, and this worker has none"
+    except SpecError as exc:
+        return exc.errors[0][1]
+    return None
 
 
 def resolve_base_model(name: str, registry: Mapping[str, str | Path] | None = None) -> Path:

@@ -99,6 +99,7 @@ from worker.training.model import (  # noqa: E402
     resolve_compute_dtype,
     resolve_speedups,
     resolve_target_modules,
+    why_not_on,
 )
 from worker.training.protocol import (  # noqa: E402
     EvalPoint,
@@ -517,12 +518,13 @@ class QLoRARecipe:
         """What the spec leaves to the machine: the device, compute_dtype "auto", the base model's
         local path, and per_device_batch_size "auto" (which needs both)."""
         self.device = pick_device()
-        self.compute_dtype = resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
-        self.spec = _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
-                                   keeps_reference_adapter(self.spec, self.initial_adapter is not None),
-                                   self._host_available())
+        self.spec = _decide_speed_and_precision(
+            _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
+                           keeps_reference_adapter(self.spec, self.initial_adapter is not None),
+                           self._host_available()), self.device)
+        self.compute_dtype = getattr(torch, self.spec.quantization.compute_dtype)
 
     def _check_host_memory(self) -> None:
         """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
@@ -568,14 +570,18 @@ class QLoRARecipe:
 
     def _setup_run_dir(self) -> None:
         """The checkpoint to resume from, if any; a clean staging directory; the loss curve up to it."""
-        self.resume_from, self.spec = _check_run_dir(self.out, self.ckpt_dir, self.spec, self.requested_spec,
-                                                     self.train_path, self.validation_path, self.resume,
-                                                     self.initial_adapter_sha256)
+        own = self.spec  # what this worker decides for "auto" by itself
+        self.resume_from, self.spec, unheld = _check_run_dir(
+            self.out, self.ckpt_dir, self.spec, self.requested_spec, self.train_path, self.validation_path,
+            self.resume, self.initial_adapter_sha256, self.device)
+        self.compute_dtype = getattr(torch, self.spec.quantization.compute_dtype)  # the interrupted run's, if kept
         self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
         self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
         _drop_metrics_after(self.metrics_file, self.resumed_step)  # steps logged after the checkpoint are redone
         self.emit(Event(type="started", level="info", step=self.resumed_step,
                         message=f"resuming from step {self.resumed_step}" if self.resume_from else "training started"))
+        for event in _decisions_events(self.requested_spec, own, self.spec, unheld, self.resumed_step):
+            self.emit(event)
 
     def _setup_tokenizer(self) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, local_files_only=True, trust_remote_code=False)
@@ -1132,11 +1138,12 @@ def _dpo_loss(loss: str, label_smoothing: float) -> dict[str, Any]:
 
 
 def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_path, validation_path,
-                   resume: bool, initial_adapter_sha256: str | None = None) -> tuple[Path | None, JobSpec]:
+                   resume: bool, initial_adapter_sha256: str | None = None, device: str = "cpu",
+                   ) -> tuple[Path | None, JobSpec, list[Unheld]]:
     """Refuse to mix runs: resume only the same spec on the same data from the same starting adapter; never
-    silently restart over checkpoints. Returns the checkpoint to resume from (None: a fresh run) and the
+    silently restart over checkpoints. Returns the checkpoint to resume from (None: a fresh run), the
     spec to run: `spec` (fitted to this device from `requested`), with a resumed run's own decisions for
-    what `requested` left "auto"."""
+    what `requested` left "auto", and those of its decisions this `device` cannot run (this run's instead)."""
     manifest_path = out / "run.json"
     latest = checkpoints.latest_complete(ckpt_dir)
     resuming = manifest_path.exists() and latest is not None
@@ -1146,8 +1153,9 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
             "pass --resume to continue it, or choose an empty output directory")
     previous = json.loads(manifest_path.read_text()) if resuming else {}
     written = previous.get("spec") if isinstance(previous.get("spec"), dict) else {}
+    unheld: list[Unheld] = []
     if resuming:
-        spec = _as_decided_before(requested, spec, written)
+        spec, unheld = _as_decided_before(requested, spec, written, device)
     manifest = {
         "spec": spec.model_dump(mode="json"),
         "train_sha256": _sha256(train_path),
@@ -1156,14 +1164,18 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
     }
     if not resuming:
         write_json_atomic(manifest_path, manifest, indent=2)
-        return None, spec
+        return None, spec, []
     # The interrupted run's spec as this version reads it: a field added since (a new release between a
     # pause and its resume) takes its default, as the job's stored spec does, and a decided one this
-    # run's decision (the interrupted run had none to keep).
+    # run's decision: the interrupted run had none to keep (a field added since, or one an earlier release
+    # left "auto" in run.json, as it did compute_dtype, packing and kernels), or one this device cannot run.
+    asked = requested.model_dump(mode="json")
     try:
         filled = JobSpec.model_validate(written, context=STORED).model_dump(mode="json")
         for section, field in DECIDED_ON_THE_DEVICE:
-            if field not in written.get(section, {}):  # a present section validated: a dict
+            part = written.get(section, {})  # a present section validated: a dict
+            if (field not in part or part[field] == "auto" and asked[section][field] == "auto"
+                    or (section, field) in {u[:2] for u in unheld}):
                 filled[section][field] = manifest["spec"][section][field]
         previous["spec"] = filled
     except (ValueError, TypeError):
@@ -1175,9 +1187,11 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
         raise TrainingError(
             f"cannot resume: {', '.join(changed)} differ from the interrupted run in {out}; "
             "resume with the same spec and data, or start in an empty output directory")
-    if previous.get("spec") != manifest["spec"]:  # a smaller micro-batch since: run.json says what runs now
+    # A smaller micro-batch since, a decision this device cannot run, or one the interrupted run left "auto":
+    # run.json says what runs now.
+    if written != manifest["spec"]:
         write_json_atomic(manifest_path, manifest, indent=2)
-    return latest, spec
+    return latest, spec, unheld
 
 
 def _rows_per_step(spec):
@@ -1193,27 +1207,82 @@ def _rows_per_step(spec):
     return {**spec, "training": training}
 
 
-# What a run decides for its device where the spec says "auto" (_fit_to_device), as (section, field).
+# What a run decides for its device where the spec says "auto" (_fit_to_device, _decide_speed_and_precision), as
+# (section, field). Each is written into run.json's spec, which travels inside every checkpoint, and a resume
+# keeps it: packing decides which rows make each step (a resume that packed otherwise would skip or repeat rows
+# at the checkpoint's data position), the compute dtype and the kernels the numbers of every step.
 DECIDED_ON_THE_DEVICE = (("training", "per_device_batch_size"), ("training", "activation_offload"),
-                         ("training", "tiled_mlp"))
+                         ("training", "tiled_mlp"), ("training", "packing"), ("training", "kernels"),
+                         ("quantization", "compute_dtype"))
+# (section, field, the interrupted run's decision, why this device cannot run it): _as_decided_before
+Unheld = tuple[str, str, Any, str]
 
 
-def _as_decided_before(requested: JobSpec, fitted: JobSpec, written: dict) -> JobSpec:
+def _decide_speed_and_precision(spec: JobSpec, device: str) -> JobSpec:
+    """`spec` with compute_dtype, packing and kernels "auto" decided for this device (resolve_compute_dtype,
+    resolve_speedups), so that run.json records them as it does the memory decisions."""
+    speedups = resolve_speedups(spec.training, device, spec.method.type)
+    t, q = spec.training, spec.quantization
+    training = t.model_copy(update={
+        "packing": speedups.packing if t.packing == "auto" else t.packing,
+        "kernels": ("liger" if speedups.liger else "none") if t.kernels == "auto" else t.kernels})
+    quantization = q.model_copy(update={
+        "compute_dtype": str(resolve_compute_dtype(q.compute_dtype, device)).removeprefix("torch.")})
+    return spec.model_copy(update={"training": training, "quantization": quantization})
+
+
+def _as_decided_before(requested: JobSpec, fitted: JobSpec, written: dict, device: str) -> tuple[JobSpec, list[Unheld]]:
     """`fitted` with the interrupted run's decisions (`written`, its manifest's spec) for what `requested`
-    leaves "auto": a resumed run goes on as it started, though this release's estimate, or a card of the
-    class with other memory, might decide otherwise (and the spec compared would then differ, failing the
-    job). A decision the interrupted run did not record (a release before the field) stays this run's."""
+    leaves "auto": a resumed run goes on as it started, though this release's estimate, or a worker with
+    other memory, other libraries (flash-attention, liger-kernel) or another device might decide otherwise
+    (and the spec compared would then differ, failing the job, or, for what run.json did not record, the run
+    went on otherwise unsaid). A decision the interrupted run did not record (a release before the field)
+    stays this run's; so does one this device cannot run (a compute dtype it lacks: the same rows in the same
+    order, computed otherwise), returned with why, for the run to say so."""
     data = fitted.model_dump(mode="json")
     asked = requested.model_dump(mode="json")
+    unheld: list[Unheld] = []
     for section, field in DECIDED_ON_THE_DEVICE:
         part = written.get(section)
         before = part.get(field) if isinstance(part, dict) else None
-        if asked[section][field] == "auto" and before is not None and before != "auto":
-            data[section][field] = before
+        if asked[section][field] == "auto" and before is not None and before != "auto" and before != data[section][field]:
+            why = why_not_on(device, field, before)
+            if why is None:
+                data[section][field] = before
+            else:
+                unheld.append((section, field, before, why))
     try:
-        return JobSpec.model_validate(data, context=STORED)
+        return JobSpec.model_validate(data, context=STORED), unheld
     except ValueError:
-        return fitted  # not a decision this version reads: the comparison says what differs
+        return fitted, unheld  # not a decision this version reads: the comparison says what differs
+
+
+def _decisions_events(requested: JobSpec, own: JobSpec, kept: JobSpec, unheld: list[Unheld], step: int) -> list[Event]:
+    """What a resumed run says of the "auto" decisions it took over: those the interrupted run made otherwise than
+    this worker would (kept, so the run goes on as it began), and those this worker cannot run (changed)."""
+    asked, mine, runs = (s.model_dump(mode="json") for s in (requested, own, kept))
+    events = []
+    held = [(section, field) for section, field in DECIDED_ON_THE_DEVICE
+            if asked[section][field] == "auto" and runs[section][field] != mine[section][field]]
+    if held:
+        said = [f"{section}.{field} {json.dumps(runs[section][field])} (this worker alone would choose "
+                f"{json.dumps(mine[section][field])})" for section, field in held]
+        if ("training", "packing") in held and runs["training"]["packing"] is True:
+            said.append("packed rows without flash-attention are masked apart by SDPA: the same rows in each step, "
+                        "slower")
+        events.append(Event(type="decisions_kept", level="info", step=step,
+                            message="kept as the interrupted run decided \"auto\" on its worker, so it goes on as it "
+                                    "began: " + "; ".join(said),
+                            data={f"{section}.{field}": runs[section][field] for section, field in held}))
+    for section, field, before, why in unheld:
+        now = runs[section][field]
+        events.append(Event(
+            type="decision_changed", level="warning", step=step,
+            message=f"{section}.{field}: the interrupted run decided \"auto\" as {json.dumps(before)}, which this "
+                    f"worker cannot run ({why.split('; allowed here')[0]}); it goes on with {json.dumps(now)}: the same "
+                    "rows in the same order, with other rounding, so the loss curve may differ slightly from here",
+            data={"field": f"{section}.{field}", "before": before, "now": now}))
+    return events
 
 
 def _sha256(path) -> str:
