@@ -171,24 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    import shutil
-
-    from app.migrate import upgrade
+    from app.db import engine_for
     from bench.api_load import console, save_results
-    from bench.scale_bench import apis, baseline_tree, head_of
-    from tests import services
+    from bench.scale_bench import apis, baseline_sharing_a_database
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    services.ensure_postgres()
-    database_url = services.create_postgres_database()
-    baseline = baseline_tree(args.baseline)
-    try:
-        if head_of(baseline) != head_of(ROOT):
-            raise SystemExit(f"{args.baseline} has schema {head_of(baseline)}, this checkout {head_of(ROOT)}: "
-                             "the sides share one database here")
-        upgrade(database_url)
+    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
         log(f"seeding a curve of {args.points:,} points")
         key, job_id = seed(database_url, args.points)
         engine_for(database_url).dispose()
@@ -210,10 +200,6 @@ def main(argv: list[str] | None = None) -> int:
                     runs[side]["whole"].append(whole_curve(url, key, job_id))
             for side, url in urls.items():
                 memory[side]["peak_rss_at_end"] = peak_rss_bytes(url)
-    finally:
-        shutil.rmtree(baseline, ignore_errors=True)
-        engine_for(database_url).dispose()
-        services.drop_postgres_database(database_url)
 
     def median(side: str, what: str, field: str) -> float | None:
         values = [run[field] for run in runs[side][what] if run is not None]

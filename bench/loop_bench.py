@@ -126,28 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    import shutil
-
     from app.db import engine_for
-    from app.migrate import upgrade
     from bench.api_load import console, save_results
     from bench.curve_bench import seed
-    from bench.scale_bench import apis, baseline_tree, head_of
-    from tests import services
+    from bench.scale_bench import apis, baseline_sharing_a_database
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    services.ensure_postgres()
-    database_url = services.create_postgres_database()
-    baseline = baseline_tree(args.baseline)
-    sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
-    try:
-        if head_of(baseline) != head_of(ROOT):
-            raise SystemExit(f"{args.baseline} has schema {head_of(baseline)}, this checkout {head_of(ROOT)}: "
-                             "the sides share one database here")
-        upgrade(database_url)
+    runs: dict[str, list[dict]] = {side: [] for side in ("before", "after")}
+    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
+        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
         log(f"seeding a curve of {args.points:,} points")
         curve = seed(database_url, args.points)
         other = seed(database_url, 10)  # another team's small job: what its poller asks meanwhile
@@ -164,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
                     busy, pulled = loaded(url, curve, args.points, args.pullers,
                                           lambda url=url: probe(url, paths, keys, args.probes))
                     runs[side].append({"quiet": quiet, "loaded": busy, **pulled})
-    finally:
-        shutil.rmtree(baseline, ignore_errors=True)
-        engine_for(database_url).dispose()
-        services.drop_postgres_database(database_url)
 
     stats = {side: {kind: {phase: summary([ms for run in found for ms in run[phase][kind]])
                            for phase in ("quiet", "loaded")} for kind in PROBES}

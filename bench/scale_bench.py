@@ -307,6 +307,29 @@ def baseline_tree(ref: str) -> Path:
     return where
 
 
+@contextmanager
+def baseline_sharing_a_database(ref: str) -> Iterator[tuple[Path, str]]:
+    """`ref`'s code (baseline_tree) and a new Postgres database that both sides use, migrated to their schema,
+    which must be one (SystemExit otherwise); both removed after. For a bench whose sides read the same rows."""
+    from app.db import engine_for
+    from app.migrate import upgrade
+    from tests import services
+
+    services.ensure_postgres()
+    database_url = services.create_postgres_database()
+    baseline = baseline_tree(ref)
+    try:
+        if head_of(baseline) != head_of(ROOT):
+            raise SystemExit(f"{ref} has schema {head_of(baseline)}, this checkout {head_of(ROOT)}: "
+                             "the sides share one database here")
+        upgrade(database_url)
+        yield baseline, database_url
+    finally:
+        shutil.rmtree(baseline, ignore_errors=True)
+        engine_for(database_url).dispose()
+        services.drop_postgres_database(database_url)
+
+
 def head_of(tree: Path) -> str:
     from alembic.script import ScriptDirectory
 
