@@ -631,18 +631,25 @@ def test_a_dpo_run_paused_with_a_spec_stored_before_its_packing_was_refused_resu
 
     stored = {"base_model": "tiny", "method": {"type": "dpo"}, "training": {"max_steps": 10, "packing": True}}
     spec = JobSpec.parse(stored, stored=True)
+    written = spec.model_dump(mode="json")
+    del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
+    out, train = interrupted_run(tmp_path, '{"prompt": "a", "chosen": "b", "rejected": "c"}', written)
+    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
+    assert latest == out / "checkpoints" / "step-3" and resumed == spec
+
+
+def interrupted_run(tmp_path, row: str, written_spec: dict):
+    """A run directory as an interrupted run leaves it: a complete checkpoint at step 3 and run.json with
+    `written_spec`, over a training file of one row; (the run directory, the training file)."""
     train = tmp_path / "train.jsonl"
-    train.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    train.write_text(row + "\n")
     out = tmp_path / "run"
     (out / "checkpoints" / "step-3").mkdir(parents=True)
     (out / "checkpoints" / "step-3" / "COMPLETE").write_text("")
     (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
-    written = spec.model_dump(mode="json")
-    del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
-    (out / "run.json").write_text(json.dumps({"spec": written, "train_sha256": _file_sha256(train),
+    (out / "run.json").write_text(json.dumps({"spec": written_spec, "train_sha256": _file_sha256(train),
                                               "validation_sha256": None, "initial_adapter_sha256": None}))
-    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
-    assert latest == out / "checkpoints" / "step-3" and resumed == spec
+    return out, train
 
 
 def _file_sha256(path) -> str:
@@ -728,14 +735,7 @@ def test_a_run_json_that_left_packing_compute_dtype_and_kernels_auto_resumes_wit
     spec = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10}})
     fitted = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "packing": False, "kernels": "none"},
                             "quantization": {"compute_dtype": "float32"}})
-    train = tmp_path / "train.jsonl"
-    train.write_text('{"text": "a"}\n')
-    out = tmp_path / "run"
-    (out / "checkpoints" / "step-3").mkdir(parents=True)
-    (out / "checkpoints" / "step-3" / "COMPLETE").write_text("")
-    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
-    (out / "run.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"), "train_sha256": _file_sha256(train),
-                                              "validation_sha256": None, "initial_adapter_sha256": None}))
+    out, train = interrupted_run(tmp_path, '{"text": "a"}', spec.model_dump(mode="json"))
     latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, resume=True)
     assert latest == out / "checkpoints" / "step-3" and resumed == fitted and unheld == []
     assert json.loads((out / "run.json").read_text())["spec"] == fitted.model_dump(mode="json")
