@@ -889,3 +889,17 @@ def test_a_gpt_neox_step_peak_matches_what_is_live_at_once(tmp_path, checkpointi
     e = estimate_peak_memory(s, {**dims, "tie_word_embeddings": False}, micro_batch=LONG_STEP["batch"],
                              seq_len=LONG_STEP["seq"])
     assert layers_side(e) == pytest.approx(measured, rel=0.10), (layers_side(e), measured)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "paged_adamw_32bit"])
+def test_host_memory_counts_no_more_paged_out_than_the_optimizer_state_that_pages(optimizer):
+    """A job over the card (resident peak past it): what overflows is not pageable state, and not host memory.
+    Counted as the whole overflow, adamw_torch (nothing pageable) held 2.5 GiB of "paged out" optimizer state, and
+    a worker's run failed for host memory it would never use."""
+    e = estimate_peak_memory(spec(per_device_batch_size=16, max_seq_length=2048, activation_offload=True,
+                                  tiled_mlp=False, optimizer=optimizer), LLAMA3_8B)
+    budget = 24 * GIB
+    assert e.paged_bytes(budget) > e.pageable_bytes  # over the card by more than pages
+    parts = e.host_parts(budget)
+    assert parts.get("optimizer state paged out", 0) == e.pageable_bytes
+    assert parts["offloaded activations (pinned)"] == e.host_bytes

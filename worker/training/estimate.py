@@ -378,7 +378,9 @@ class Estimate:
         budget: the offloaded activations (pinned: the kernel cannot swap them out) and the paged optimizer
         state that overflows the GPU (paged_bytes). None (no GPU known): only what does not depend on it."""
         parts = {HOST_OFFLOADED: self.host_bytes} if self.host_bytes else {}
-        paged = self.paged_bytes(budget_bytes) if budget_bytes else 0
+        # No more than the pageable state can page out (none of adamw_torch's): past it, the overflow is
+        # resident memory the GPU lacks (fits() refuses that), not host memory.
+        paged = min(self.paged_bytes(budget_bytes), self.pageable_bytes) if budget_bytes else 0
         return parts | ({HOST_PAGED: paged} if paged else {})
 
     def host_need(self, budget_bytes: int | None) -> int:
@@ -411,6 +413,13 @@ def memory_savers_note(estimate: Estimate) -> str:
 
 def gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
+
+
+def describe_host_memory(parts: dict[str, int]) -> str:
+    """The host memory of Estimate.host_parts in words, as admission, its refusal and the training process say
+    it: "8.00 GiB of host memory (offloaded activations (pinned) 8.00 GiB)"."""
+    return (f"{gib(sum(parts.values()))} of host memory ("
+            + ", ".join(f"{part} {gib(size)}" for part, size in parts.items()) + ")")
 
 
 def quantized_weight_bytes(spec: JobSpec, shape: ModelShape) -> int:
