@@ -206,7 +206,13 @@ class S3Storage(StorageBase):
         This host's clock may be hours off the store's (NTP down, a VM resumed from suspend): read on it, a sweep
         took an object uploaded a moment ago, its row about to be committed, for a stray, and the reaper aborted
         an upload under way."""
-        answer = self.client.head_bucket(Bucket=self.bucket)
+        try:
+            answer = self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            # HeadBucket needs s3:ListBucket on the whole bucket; a policy that grants it only under the service's
+            # prefix (a shared bucket) refuses it: a listing under the prefix, which the sweep makes anyway, dates too.
+            answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "",
+                                                 MaxKeys=1)
         date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         try:
             return parsedate_to_datetime(date).astimezone(UTC)
