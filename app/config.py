@@ -286,10 +286,13 @@ class Settings(BaseSettings):
         if relative:
             raise ValueError(f"QLORA_MODEL_ROOTS must be absolute directories; {relative[0][:200]!r} is not")
         self.model_roots = [Path(os.path.normpath(root.expanduser())) for root in self.model_roots]
-        unknown = [name for name in self.host_memory if name not in self.served_gpu_classes]
+        # Only a class QLORA_GPU_CLASSES sizes is estimated at admission: host memory given for another (a class by
+        # name only, or the embedded default's) would be accepted here and never checked.
+        unknown = [name for name in self.host_memory if name not in self.gpu_classes]
         if unknown or not all(0 < gib <= 1e6 for gib in self.host_memory.values()):  # NaN fails too
             raise ValueError(f"QLORA_HOST_MEMORY must give a positive GiB for classes workers serve "
-                             f"({', '.join(self.served_gpu_classes)}); got {str(self.host_memory)[:200]!r}")
+                             f"({', '.join(self.gpu_classes) or 'none with its memory in QLORA_GPU_CLASSES'}); "
+                             f"got {str(self.host_memory)[:200]!r}")
         if self.default_gpu_class not in self.served_gpu_classes:
             raise ValueError(
                 f"QLORA_DEFAULT_GPU_CLASS {self.default_gpu_class!r} is not one of the GPU classes workers serve "

@@ -78,3 +78,8 @@ def test_host_memory_is_refused_for_a_class_no_worker_serves_or_a_size_that_is_n
     for given in ({"L4": 40}, {"l4": 0}, {"l4": float("nan")}):
         with pytest.raises(ValueError, match=r"QLORA_HOST_MEMORY must give a positive GiB for classes workers serve \(l4\)"):
             Settings(home=tmp_path, host_memory=given, **classes)
+    # A class served by name only, whose jobs are never estimated: accepted, it was never checked.
+    with pytest.raises(ValueError, match=r"QLORA_HOST_MEMORY must give a positive GiB .* \(l4\)"):
+        Settings(home=tmp_path, host_memory={"a100": 80}, extra_gpu_classes=["a100"], **classes)
+    with pytest.raises(ValueError, match="none with its memory in QLORA_GPU_CLASSES"):
+        Settings(home=tmp_path, host_memory={"default": 16})
