@@ -25,6 +25,7 @@ from worker.training.estimate import (
     Estimate,
     ModelShape,
     advice,
+    describe_host_memory,
     estimate_peak_memory,
     fit_memory_savers,
     fit_to_gpu,
@@ -56,7 +57,7 @@ def host_note(estimate: Estimate, budget: int, gpu_class: str, host: int | None)
     parts = estimate.host_parts(budget)
     if not parts:
         return ""
-    held = f"{gib(sum(parts.values()))} of host memory ({', '.join(f'{name} {gib(size)}' for name, size in parts.items())})"
+    held = describe_host_memory(parts)
     if host is None:
         return f"; it holds {held}: host memory not checked, QLORA_HOST_MEMORY gives none for {gpu_class}"
     return f"; it holds {held} of the {gib(host)} a worker of {gpu_class} may hold"
@@ -142,7 +143,7 @@ def refuse_for_host_memory(spec: JobSpec, estimate: Estimate, gpu_class: str, bu
     parts = estimate.host_parts(budget)
     need = sum(parts.values())
     which = "you asked for" if requested else "the workers serve"
-    detail = (f"{gib(need)} of host memory ({', '.join(f'{part} {gib(size)}' for part, size in parts.items())}), "
+    detail = (f"{describe_host_memory(parts)}, "
               f"and a worker of {gpu_class}, the largest GPU class {which}, may hold {gib(host)} of it "
               f"(QLORA_HOST_MEMORY)")
     fix = f" It would fit with {' or '.join(try_this)}." if try_this else \

@@ -109,11 +109,30 @@ def test_offload_the_host_cannot_hold_fails_before_the_base_loads(tiny_model_dir
     with pytest.raises(TrainingError) as failed:
         run(spec, demo_data["train"], tmp_path / "out", host_memory=need // 2, sink=events.append)
     assert str(failed.value) == (
-        f"training.activation_offload: this job holds {need / 2**30:.2f} GiB of host memory at each step "
-        f"(offloaded activations (pinned) {need / 2**30:.2f} GiB) and this host has {need // 2 / 2**30:.2f} GiB "
-        "available; try activation_offload false (on a GPU that holds the activations), a shorter max_seq_length "
-        "or a smaller micro-batch, or a host with more free memory")
+        f"training.activation_offload: this job holds {need / 2**30:.2f} GiB of host memory "
+        f"(offloaded activations (pinned) {need / 2**30:.2f} GiB) at each step and this host has "
+        f"{need // 2 / 2**30:.2f} GiB available; try activation_offload false (on a GPU that holds the activations), "
+        "a shorter max_seq_length or a smaller micro-batch, or a host with more memory")
     assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]  # failed before the load
+
+
+def test_offload_past_all_the_hosts_memory_fails_before_the_base_loads(tiny_model_dir, demo_data, tmp_path):
+    """Without a limit given, a worker's run compares with the host: more than it has in all can never be had, and
+    fails at setup. (Less than that but more than is available now is a warning, and the run goes on: the failure
+    would be for good, and another job's memory may be free by the first step.)"""
+    import psutil
+
+    from worker.training.estimate import estimate_peak_memory
+
+    total = psutil.virtual_memory().total
+    spec = JobSpec.parse(short_spec(tiny_model_dir, **{**STEPS, "per_device_batch_size": 256}, activation_offload=True,
+                                    tiled_mlp=False, max_seq_length=1_048_576))
+    need = estimate_peak_memory(spec, json.loads((tiny_model_dir / "config.json").read_text())).host_bytes
+    assert need > total  # the offloaded activations of 256 x 1M tokens: past any host this runs on
+    events: list = []
+    with pytest.raises(TrainingError, match=f"this host has {total / 2**30:.2f} GiB in all"):
+        run(spec, demo_data["train"], tmp_path / "out", sink=events.append)
+    assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]
 
 
 def test_offload_needs_gradient_checkpointing():

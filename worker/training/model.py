@@ -346,6 +346,12 @@ def available_host_memory() -> int:
     return psutil.virtual_memory().available
 
 
+def total_host_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
 def _dense_4bit_forward(layer, bnb_forward, dense: dict, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit.forward and matmul_4bit (0.50) for the CPU inference case, the weight
     dequantized once per dtype (`dense`) instead of at every call; other cases go to `bnb_forward`."""

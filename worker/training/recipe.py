@@ -58,6 +58,7 @@ from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
     MAX_PAGED_FRACTION,
     PAGED_OPTIMIZERS,
+    describe_host_memory,
     estimate_peak_memory,
     fit_to_device,
     gib,
@@ -99,6 +100,7 @@ from worker.training.model import (  # noqa: E402
     resolve_compute_dtype,
     resolve_speedups,
     resolve_target_modules,
+    total_host_memory,
     why_not_on,
 )
 from worker.training.protocol import (  # noqa: E402
@@ -528,29 +530,40 @@ class QLoRARecipe:
 
     def _check_host_memory(self) -> None:
         """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
-        offloaded activations, pinned; the paged optimizer's overflow) exceeds what this host has available:
-        pinning them failed at the first step, after the load and the wait, or the kernel killed the process.
-        Admission checks it against QLORA_HOST_MEMORY where the class's is given; this is the host as it is now."""
+        offloaded activations, pinned; the paged optimizer's overflow) can never be had here: more than the run may
+        take (`host_memory`, given), or, without that, more than the host has in all. Pinning them failed at the
+        first step, after the load and the wait, or the kernel killed the process. More than the host has
+        available only now (another GPU's job merging on the CPU, say) is said in a warning, and the run goes
+        on: a failure is for good, and the memory may be free by then. Admission checks it against
+        QLORA_HOST_MEMORY where the class's is given."""
         t = self.spec.training
         if t.activation_offload is not True and t.optimizer not in PAGED_OPTIMIZERS:
             return  # nothing of a step is held in host memory by design
-        budget = torch.cuda.get_device_properties(0).total_memory if self.device == "cuda" else None
         try:
             config = json.loads((self.base_path / "config.json").read_text())
             estimate = estimate_peak_memory(self.spec, config, reference_adapter=keeps_reference_adapter(
                 self.spec, self.initial_adapter is not None))
         except (OSError, ValueError):
             return  # a config the estimate cannot read: loading the model says what is wrong with it
-        parts, available = estimate.host_parts(budget), self._host_available()
+        parts, available = estimate.host_parts(_gpu_memory(self.device)), self._host_available()
         need = sum(parts.values())
         if need <= available:
             return
+        held = describe_host_memory(parts)
+        if self.host_memory is None:
+            total = total_host_memory()
+            if need <= total:
+                self.emit(Event(type="host_memory_short", level="warning", step=0, message=(
+                    f"this job holds {held} at each step and this host has {gib(available)} available now (of "
+                    f"{gib(total)}): it goes on, and runs out of memory at its first step if the host's other work "
+                    "still holds it then"), data={"host_needed_bytes": need, "host_available_bytes": available}))
+                return
         field = "training.activation_offload" if estimate.offload else "training.optimizer"
         fix = ("activation_offload false (on a GPU that holds the activations), a shorter max_seq_length or a smaller "
                "micro-batch" if estimate.offload else "a GPU class with more memory, so less of it pages")
-        raise TrainingError(f"{field}: this job holds {gib(need)} of host memory at each step ("
-                            + ", ".join(f"{part} {gib(size)}" for part, size in parts.items())
-                            + f") and this host has {gib(available)} available; try {fix}, or a host with more free memory")
+        has = f"{gib(available)} available" if self.host_memory is not None else f"{gib(total)} in all"
+        raise TrainingError(f"{field}: this job holds {held} at each step and this host has {has}; try {fix}, or a "
+                            "host with more memory")
 
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
@@ -1014,12 +1027,17 @@ def truncation_warning(name: str, stats: EncodeStats, max_seq_length: int) -> st
     return message
 
 
+def _gpu_memory(device: str) -> int | None:
+    """The GPU's memory in bytes; None on the CPU."""
+    return torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+
+
 def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
                    reference_adapter: bool, host_available: int) -> JobSpec:
     """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
     only where the job would not fit without), then per_device_batch_size "auto" (the largest
     micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
-    budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+    budget = _gpu_memory(device)
     config = json.loads((base_path / "config.json").read_text())
     try:
         # "auto" is decided on a GPU only, where offload and paging put a step's memory on the host: against what
