@@ -101,6 +101,10 @@ def estimate(
     )
     from worker.training.spec import JobSpec, SpecError
 
+    if host_memory is not None and gpu_memory is None:  # a verdict for a class needs its GPU memory too
+        err.print("[red]error:[/red] --host-memory gives admission's verdict for a GPU class: give its --gpu-memory too",
+                  highlight=False)
+        raise typer.Exit(2)
     try:
         job = JobSpec.from_file(spec)
     except SpecError as exc:
@@ -127,7 +131,7 @@ def estimate(
         err.print(f"[red]error:[/red] lora.target_modules: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
-    host = int(host_memory * GIB) if host_memory is not None and budget is not None else None
+    host = int(host_memory * GIB) if host_memory is not None else None
     reference = keeps_reference_adapter(job, from_adapter)
     # "auto" offload and tiling: on where it would not fit without (and, with --host-memory, where the host holds it)
     job = fit_memory_savers(job, model_config, budget, max_paged_fraction, reference_adapter=reference,

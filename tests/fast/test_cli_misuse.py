@@ -128,6 +128,13 @@ def test_a_spec_larger_than_the_api_takes_is_refused_unread(env, tmp_path):
     refused(qlora(env, "jobs", "preflight", str(spec), "--dataset", "0" * 32), "is larger than 16 MiB")
 
 
+def test_host_memory_without_gpu_memory_is_refused_not_ignored(env, tmp_path):
+    """`qlora estimate --host-memory 6` alone printed the estimate as if the option were not there."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base_model": "m", "training": {"max_steps": 1}}))
+    refused(qlora(env, "estimate", str(spec), "--host-memory", "6"), "give its --gpu-memory too", code=2)
+
+
 def test_a_dataset_or_an_archive_given_as_the_spec_says_what_it_is(env, tmp_path):
     """`qlora jobs create demo/train.jsonl` said only "Extra data: line 2 column 1 (char 150)"; an adapter.tar
     given as the spec ended `qlora estimate` in a UnicodeDecodeError and `qlora train` in an UnboundLocalError."""

@@ -634,7 +634,7 @@ def test_a_dpo_run_paused_with_a_spec_stored_before_its_packing_was_refused_resu
     written = spec.model_dump(mode="json")
     del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
     out, train = interrupted_run(tmp_path, '{"prompt": "a", "chosen": "b", "rejected": "c"}', written)
-    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, resume=True)
+    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, True, None, "cpu")
     assert latest == out / "checkpoints" / "step-3" and resumed == spec
 
 
@@ -736,6 +736,6 @@ def test_a_run_json_that_left_packing_compute_dtype_and_kernels_auto_resumes_wit
     fitted = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "packing": False, "kernels": "none"},
                             "quantization": {"compute_dtype": "float32"}})
     out, train = interrupted_run(tmp_path, '{"text": "a"}', spec.model_dump(mode="json"))
-    latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, resume=True)
+    latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, True, None, "cpu")
     assert latest == out / "checkpoints" / "step-3" and resumed == fitted and unheld == []
     assert json.loads((out / "run.json").read_text())["spec"] == fitted.model_dump(mode="json")

@@ -517,8 +517,10 @@ class QLoRARecipe:
         self.clock.append(time.monotonic())
 
     def _setup_device(self) -> None:
-        """What the spec leaves to the machine: the device, compute_dtype "auto", the base model's
-        local path, and per_device_batch_size "auto" (which needs both)."""
+        """What the spec leaves to the machine: the device, the base model's local path, and each "auto" decided
+        for this device: per_device_batch_size, activation_offload and tiled_mlp (by the estimate, against the GPU's
+        memory and the host's), packing, kernels and compute_dtype (by what the device and its libraries run).
+        _setup_run_dir then keeps what an interrupted run of the job decided instead."""
         self.device = pick_device()
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
@@ -1156,7 +1158,7 @@ def _dpo_loss(loss: str, label_smoothing: float) -> dict[str, Any]:
 
 
 def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_path, validation_path,
-                   resume: bool, initial_adapter_sha256: str | None = None, device: str = "cpu",
+                   resume: bool, initial_adapter_sha256: str | None, device: str,
                    ) -> tuple[Path | None, JobSpec, list[Unheld]]:
     """Refuse to mix runs: resume only the same spec on the same data from the same starting adapter; never
     silently restart over checkpoints. Returns the checkpoint to resume from (None: a fresh run), the
