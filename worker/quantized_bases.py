@@ -30,7 +30,8 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str, work_dir: P
     return {
         "model": model["name"], "path": model["path"], "hub_id": model["hub_id"], "revision": model["revision"],
         "weights": weights, "quantization": job.spec["quantization"],
-        # The compute dtype "auto" resolves per device kind: workers of one GPU class share entries.
+        # The compute dtype "auto" resolves per device kind: workers of one GPU class share entries (an entry saved for
+        # another dtype than a run computes in is passed over by it: worker.training.model.cache_holds).
         "gpu_class": queue,
         "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
     }

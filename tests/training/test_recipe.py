@@ -739,3 +739,23 @@ def test_a_run_json_that_left_packing_compute_dtype_and_kernels_auto_resumes_wit
     latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, True, None, "cpu")
     assert latest == out / "checkpoints" / "step-3" and resumed == fitted and unheld == []
     assert json.loads((out / "run.json").read_text())["spec"] == fitted.model_dump(mode="json")
+
+
+def test_a_cached_base_of_another_compute_dtype_is_passed_over_not_computed_in(tiny_model_dir, tmp_path):
+    """A pre-quantized base's 4-bit layers compute in the dtype saved in its config, whatever the loading run asks:
+    an entry saved by a float32 run (a CPU worker of the class, or a run that kept its first attempt's float32)
+    made a bfloat16 run compute in float32, unsaid. It is now quantized afresh, and the entry left as it was."""
+    import bitsandbytes as bnb
+
+    from worker.training.model import cache_holds, load_base_model
+
+    quant = JobSpec.parse({"base_model": "m", "training": {"max_steps": 1}}).quantization
+    cache = tmp_path / "quantized"
+    load_base_model(tiny_model_dir, quant, torch.float32, "cpu", quantized_cache=cache)
+    saved = (cache / "config.json").read_text()
+    assert cache_holds(cache, torch.float32) and not cache_holds(cache, torch.bfloat16)
+
+    model = load_base_model(tiny_model_dir, quant, torch.bfloat16, "cpu", quantized_cache=cache)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {layer.compute_dtype for layer in layers} == {torch.bfloat16}
+    assert (cache / "config.json").read_text() == saved  # the float32 runs' entry, untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,15 +156,32 @@ def load_base_model(path: Path, quant: QuantizationSpec, compute_dtype: torch.dt
         trust_remote_code=False,  # a job spec is data, never code
         local_files_only=True,  # nothing downloads at run time
     )
-    if quantized_cache is not None and (quantized_cache / "config.json").is_file():
+    if cache_holds(quantized_cache, compute_dtype):
         model = AutoModelForCausalLM.from_pretrained(quantized_cache, **common)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization_config(quant, compute_dtype), **common)
-        if quantized_cache is not None and quant.bits != "none":
+        if quantized_cache is not None and quant.bits != "none" and not (quantized_cache / "config.json").exists():
             model.save_pretrained(quantized_cache, safe_serialization=True)
     _keep_cpu_nf4_state_exact(model)
     return model
+
+
+def cache_holds(quantized_cache: Path | None, compute_dtype: torch.dtype) -> bool:
+    """Whether `quantized_cache` holds a pre-quantized base for this compute dtype. Its 4-bit layers compute in the
+    dtype saved in its config (quantization_config), whatever the loading run asks: an entry saved by a run that
+    computed in float32 (a CPU worker of the class, or a run that kept its first attempt's float32) loaded into a
+    bfloat16 run computed in float32, and the other way round, unsaid. One saved for another dtype is passed over:
+    the base is quantized from its weights, and the entry is left to the runs it serves."""
+    if quantized_cache is None:
+        return False
+    try:
+        saved = json.loads((quantized_cache / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quantization = saved.get("quantization_config") if isinstance(saved, dict) else None
+    dtype = quantization.get("bnb_4bit_compute_dtype") if isinstance(quantization, dict) else None
+    return dtype == str(compute_dtype).removeprefix("torch.")
 
 
 def supported_attention(path: Path, attention: str) -> str:

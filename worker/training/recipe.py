@@ -87,6 +87,7 @@ from worker.training.model import (  # noqa: E402
     Speedups,
     adapter_sha256,
     available_host_memory,
+    cache_holds,
     check_quantized,
     device_map,
     fit_embeddings,
@@ -643,7 +644,7 @@ class QLoRARecipe:
         spec = self.spec
         set_seed(spec.training.seed)
         self.speedups = resolve_speedups(spec.training, self.device, spec.method.type)
-        self.cache_hit = self.quantized_cache is not None and (self.quantized_cache / "config.json").is_file()
+        self.cache_hit = cache_holds(self.quantized_cache, self.compute_dtype)
         model = load_base_model(self.base_path, spec.quantization, self.compute_dtype, self.device,
                                 attention=self.speedups.attention, quantized_cache=self.quantized_cache)
         check_quantized(model, spec.quantization)
