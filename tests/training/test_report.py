@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.training.data import Example, Message, validate_lines
-from worker.training.model import dequantized_on_cpu, load_base_model
+from worker.training.model import dequantized_on_cpu, load_base_model, resolve_compute_dtype
 from worker.training.protocol import Event, TrainPoint
 from worker.training.recipe import run
 from worker.training.report import (
@@ -68,7 +68,9 @@ def test_training_learns_through_frozen_4bit_weights(qlora_run, tiny_model_dir):
     result, probe = qlora_run
     assert result.status == "succeeded"
     s = result.summary
-    assert s["spec"]["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
+    # The spec as it ran: compute_dtype "auto" decided for this device, as run.json records it for a resume.
+    ran = str(resolve_compute_dtype("auto", "cpu")).removeprefix("torch.")
+    assert s["spec"]["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": ran}
 
     # The loss falls.
     curve = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
