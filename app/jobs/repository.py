@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 from typing import cast
@@ -277,24 +278,79 @@ def metric_extent(session: Session, team_id: str, job_id: str) -> dict[str, tupl
 
 
 def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_column: str, first: int, width: int,
-                   through: int) -> list[tuple[int, int, int | None, int | None]]:
-    """One series cut into buckets of `width` steps from step `first` (up to `through`): for each bucket with
-    points, by step, its first and last step and the first step of its lowest and of its highest loss (None
-    where no point of it has a loss). Two aggregating passes in the database, one row a bucket out: the rows
-    never come to Python (a pass over 510,000 of them there held the API's event loop for seconds)."""
+                   through: int, from_step: int | None = None) -> list[tuple[int, int, int | None, int | None, int, int]]:
+    """One series cut into buckets of `width` steps from step `first` (up to `through`; from `from_step` on, a
+    bucket's first step, where given): for each bucket with points, by step, its first and last step, the first
+    step of its lowest and of its highest loss (None where no point of it has a loss), its count of points and
+    the id of its last point (what the thinned view's kept buckets check against: app/jobs/thinned.py). Two
+    aggregating passes in the database, one row a bucket out: the rows never come to Python (a pass over
+    510,000 of them there held the API's event loop for seconds)."""
     loss = getattr(JobMetric, loss_column)
     readable = JobMetric.job_id.in_(_readable_job_id(team_id, job_id))
-    in_series = (readable, JobMetric.kind == kind, JobMetric.step <= through)
+    in_series = [readable, JobMetric.kind == kind, JobMetric.step <= through]
+    if from_step is not None:  # the (job_id, kind, step) index read from there on: the cost of the buckets read only
+        in_series.append(JobMetric.step >= from_step)
     bucket_of = (JobMetric.step - first) // width
     per_bucket = (select(bucket_of.label("bucket"), func.min(JobMetric.step).label("head"),
-                         func.max(JobMetric.step).label("tail"), func.min(loss).label("low"), func.max(loss).label("high"))
+                         func.max(JobMetric.step).label("tail"), func.min(loss).label("low"), func.max(loss).label("high"),
+                         func.count().label("points"))
                   .where(*in_series).group_by(bucket_of).subquery())
     query = (select(per_bucket.c.head, per_bucket.c.tail,
                     func.min(sa.case((loss == per_bucket.c.low, JobMetric.step))),
-                    func.min(sa.case((loss == per_bucket.c.high, JobMetric.step))))
+                    func.min(sa.case((loss == per_bucket.c.high, JobMetric.step))),
+                    per_bucket.c.points, func.min(sa.case((JobMetric.step == per_bucket.c.tail, JobMetric.id))))
              .join_from(JobMetric, per_bucket, bucket_of == per_bucket.c.bucket).where(*in_series)
-             .group_by(per_bucket.c.bucket, per_bucket.c.head, per_bucket.c.tail).order_by(per_bucket.c.bucket))
-    return [(head, tail, low, high) for head, tail, low, high in session.connection().execute(query)]
+             .group_by(per_bucket.c.bucket, per_bucket.c.head, per_bucket.c.tail, per_bucket.c.points)
+             .order_by(per_bucket.c.bucket))
+    return [(head, tail, low, high, points, tail_id)
+            for head, tail, low, high, points, tail_id in session.connection().execute(query)]
+
+
+def metric_ids_only_grow(session: Session) -> bool:
+    """Whether a point written gets an id past every id a point ever had (what the thinned view's kept buckets
+    tell a deleted and rewritten point by): on Postgres, from a sequence that never hands one out twice. SQLite
+    gives a new row the largest id + 1 (a rowid table, no AUTOINCREMENT): after a resume deleted a job's newest
+    points, the points it logs again take their ids back."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def newest_metric_id(session: Session, team_id: str, job_id: str) -> int:
+    """The highest id of the job's points (0: none), from the (job_id, id) index: a point written later has a
+    higher one (each series' points are written by the one attempt that holds the job, one report at a time)."""
+    return session.connection().execute(select(func.coalesce(func.max(JobMetric.id), 0)).where(
+        JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery())).scalar_one()  # curve_changes: why =
+
+
+@dataclass(frozen=True)
+class CurveChanges:
+    """What changed of a job's curve since its points up to id `since` were read (curve_changes)."""
+
+    ends: dict[str, tuple[int, int]]  # each series with points: its first and last step
+    newest_id: int  # the highest id of its points (0: none)
+    earliest_new_step: int | None  # the lowest step of a point with an id past `since` (None: no such point)
+    ids_at: dict[tuple[str, int], int | None]  # the id of the point at each (kind, step) asked (None: none there)
+
+
+def curve_changes(session: Session, team_id: str, job_id: str, since: int,
+                  at: Sequence[tuple[str, int]]) -> CurveChanges:
+    """In one statement (one snapshot), each an index's ends or range, so a cost with no term in the curve's
+    length: each series' first and last step ((job_id, kind, step)), the newest point's id and the lowest step
+    of the points past id `since` ((job_id, id): the points written since, only), and the id of the point at
+    each of `at` (the unique (job_id, kind, step))."""
+    # `= (the job's id if readable)`, not `IN (...)`: an equality to one value that Postgres's planner can take the
+    # ends of an index with (min/max as a one-row index scan); with IN, each aggregate read all of the job's points.
+    readable = JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery()
+
+    def one(column, *where) -> sa.ScalarSelect:
+        return select(column).where(readable, *where).scalar_subquery()
+
+    kinds = ("train", "eval")
+    columns = [one(agg(JobMetric.step), JobMetric.kind == kind) for kind in kinds for agg in (func.min, func.max)]
+    columns += [one(func.coalesce(func.max(JobMetric.id), 0)), one(func.min(JobMetric.step), JobMetric.id > since)]
+    columns += [one(JobMetric.id, JobMetric.kind == kind, JobMetric.step == step) for kind, step in at]
+    row = session.connection().execute(select(*columns)).one()
+    ends = {kind: (row[2 * n], row[2 * n + 1]) for n, kind in enumerate(kinds) if row[2 * n] is not None}
+    return CurveChanges(ends, row[4], row[5], dict(zip(at, row[6:], strict=True)))
 
 
 def metrics_at(session: Session, team_id: str, job_id: str, kind: str, columns: Sequence[str],

@@ -21,7 +21,7 @@ from app.datasets.tables import Dataset
 from app.db import after_commit, database_now, read_only
 from app.errors import Conflict, DoesNotFit, Forbidden, Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
-from app.jobs import lineage, preflight, repository, states
+from app.jobs import lineage, preflight, repository, states, thinned
 from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
@@ -501,20 +501,30 @@ def first_by_step(train: Sequence[Sequence], eval_: Sequence[Sequence], limit: i
 MIN_THINNED, MAX_THINNED = 8, 5_000
 PER_BUCKET = 8
 LOSS_OF = {"train": "train_loss", "eval": "eval_loss"}
+FIELDS_OF = {"train": TRAIN_FIELDS, "eval": EVAL_FIELDS}
 
 
-def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> dict:
+# The completed buckets of the thinned views asked in this process, kept between polls (app/jobs/thinned.py).
+COMPLETED = thinned.CompletedBuckets()
+
+
+def thinned_metrics(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = (),
+                    completed: thinned.CompletedBuckets | None = COMPLETED) -> dict:
     """thinned_curve(...).curve(): the view as the schema's dicts."""
-    return thinned_curve(session, caller, job_id, points, paged).curve()
+    return thinned_curve(session, caller, job_id, points, paged, completed).curve()
 
 
-def thinned_curve(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = ()) -> CurveRead:
+def thinned_curve(session: Session, caller: Caller, job_id: str, points: int, paged: Sequence[str] = (),
+                  completed: thinned.CompletedBuckets | None = COMPLETED) -> CurveRead:
     """The whole curve in at most `points` points that keep its shape (see MIN_THINNED): each series' buckets
     summed up in the database (repository.metric_buckets), then the points kept read: bounded memory, and
     little work for the API's process, at any length.
     `paged`: the paging parameters the request also gave, which a thinned view does not take. Curves that
     fit in `points` come whole (`thinned` false). `next` is the end of the curve: where a poller goes on
-    for the points logged since, with after_step and after_eval_step."""
+    for the points logged since, with after_step and after_eval_step.
+    `completed`: where the view's completed buckets are kept between polls, so that a poll reads only the
+    buckets past them (app/jobs/thinned.py), on Postgres; the answer is the one computed whole. None: computed
+    whole."""
     if not MIN_THINNED <= points <= MAX_THINNED:
         raise Invalid(f"points: must be between {MIN_THINNED} and {MAX_THINNED}, got {points}",
                       details=field_errors([("points", f"must be between {MIN_THINNED} and {MAX_THINNED}")]))
@@ -523,23 +533,63 @@ def thinned_curve(session: Session, caller: Caller, job_id: str, points: int, pa
                       "(drop points to read it page by page)",
                       details=field_errors([("points", f"cannot be combined with {' or '.join(paged)}")]))
     job = get(session, caller, job_id)
+    if completed is not None and not repository.metric_ids_only_grow(session):
+        completed = None  # the embedded database (SQLite): computed whole, as the check cannot be made there
+    key = (job.id, points)
+    known = completed.get(key) if completed is not None else None
+    if completed is not None and known is not None:
+        view = _thinned_past(session, caller.team_id, job, points, known, completed)
+        if view is not None:
+            return view
+        completed.drop(key)
+    # Read before the curve: a point written meanwhile has a higher id, and the next poll sees it as new.
+    newest_id = repository.newest_metric_id(session, caller.team_id, job.id) if completed is not None else 0
     extent = repository.metric_extent(session, caller.team_id, job.id)
     in_curve = sum(count for count, _, _ in extent.values())
     # Read up to the last step counted: points logged meanwhile would fall past the last bucket.
     first = min((lo for _, lo, _ in extent.values()), default=0)
     last = max((hi for _, _, hi in extent.values()), default=0)
     bucketed = (last - first) // (points // PER_BUCKET) + 1  # the width of a bucket, where the curve is thinned
-
-    def read(width: int | None) -> list[list]:  # [train, eval]
-        return [_thinned_series(session, caller.team_id, job.id, kind, first, last, width, points)
-                for kind in ("train", "eval")]
-
-    width = None if in_curve <= points else bucketed
-    train, eval_ = read(width)
-    if width is None and len(train) + len(eval_) > points:  # logged at steps counted, since
+    width = None
+    if in_curve <= points:
+        train, eval_ = (list(repository.metrics(session, caller.team_id, job.id, kind, FIELDS_OF[kind], -1, points + 1,
+                                                through=last)) for kind in ("train", "eval"))
+        if len(train) + len(eval_) > points:  # logged at steps counted, since
+            width = bucketed
+    else:
         width = bucketed
-        train, eval_ = read(width)
-    return CurveRead(job.id, train, eval_, {
+    if width is not None:
+        read = {kind: _bucketed(session, caller.team_id, job.id, kind, first, width, last) for kind in ("train", "eval")}
+        train, eval_ = list(read["train"][1]), list(read["eval"][1])
+        if completed is not None:
+            completed.put(key, thinned.completed_after(None, job.attempt, first, width, last, newest_id, read))
+    return _thinned_view(job.id, train, eval_, width, in_curve)
+
+
+def _thinned_past(session: Session, team_id: str, job: Job, points: int, known: thinned.Completed,
+                  completed: thinned.CompletedBuckets) -> CurveRead | None:
+    """The view from its completed buckets `known` and the buckets past them, read now; None where `known` no
+    longer holds (app/jobs/thinned.py says when), for the view to be computed whole."""
+    changes = repository.curve_changes(session, team_id, job.id, known.newest_id, known.last_points())
+    if not changes.ends:
+        return None
+    first = min(lo for lo, _ in changes.ends.values())
+    last = max(hi for _, hi in changes.ends.values())
+    width = (last - first) // (points // PER_BUCKET) + 1
+    if not known.holds(job.attempt, first, width, changes.earliest_new_step, changes.ids_at):
+        return None
+    read = {kind: _bucketed(session, team_id, job.id, kind, first, width, last, from_step=known.through)
+            for kind in ("train", "eval")}
+    in_curve = (sum(kept.points for kept in known.series.values())
+                + sum(points for buckets, _ in read.values() for _, _, points, _ in buckets))
+    completed.put((job.id, points), thinned.completed_after(known, job.attempt, first, width, last, changes.newest_id, read))
+    return _thinned_view(job.id, [*known.series["train"].rows, *read["train"][1]],
+                         [*known.series["eval"].rows, *read["eval"][1]], width, in_curve)
+
+
+def _thinned_view(job_id: str, train: Sequence[Sequence], eval_: Sequence[Sequence], width: int | None,
+                  in_curve: int) -> CurveRead:
+    return CurveRead(job_id, train, eval_, {
         "has_more": False, "next": {"after_step": train[-1][0] if train else None,
                                     "after_eval_step": eval_[-1][0] if eval_ else 0},
         "thinned": width is not None, "bucket_steps": width, "curve_points": in_curve})
@@ -550,15 +600,14 @@ def _kept(head: int, tail: int, low: int | None, high: int | None) -> list[int]:
     return sorted({head, tail, *(step for step in (low, high) if step is not None)})
 
 
-def _thinned_series(session: Session, team_id: str, job_id: str, kind: str, first: int, last: int,
-                    width: int | None, points: int) -> list:
-    """One series' points kept (all of them up to `points` + 1 when width is None), by step."""
-    fields = TRAIN_FIELDS if kind == "train" else EVAL_FIELDS
-    if width is None:
-        return list(repository.metrics(session, team_id, job_id, kind, fields, -1, points + 1, through=last))
-    steps = [step for bucket in repository.metric_buckets(session, team_id, job_id, kind, LOSS_OF[kind], first, width, last)
-             for step in _kept(*bucket)]
-    return repository.metrics_at(session, team_id, job_id, kind, fields, steps)
+def _bucketed(session: Session, team_id: str, job_id: str, kind: str, first: int, width: int, last: int,
+              from_step: int | None = None) -> tuple[list[tuple[int, int, int, int]], Sequence[Row]]:
+    """One series' buckets of `width` steps from `first` up to `last` (from `from_step` on, where given): each
+    bucket's (first step, last step, points, id of its last point), and the points kept of them, by step."""
+    buckets = repository.metric_buckets(session, team_id, job_id, kind, LOSS_OF[kind], first, width, last, from_step)
+    steps = [step for head, tail, low, high, _, _ in buckets for step in _kept(head, tail, low, high)]
+    return ([(head, tail, count, tail_id) for head, tail, _, _, count, tail_id in buckets],
+            repository.metrics_at(session, team_id, job_id, kind, FIELDS_OF[kind], steps))
 
 
 def checkpoints(session: Session, caller: Caller, job_id: str) -> list[Checkpoint]:

@@ -83,3 +83,56 @@ def test_a_thinned_view_on_the_embedded_database_keeps_each_buckets_extremes(ses
     assert [p["step"] for p in view["eval"]] == list(range(100, 1001, 100))
     with pytest.raises(Invalid, match="points: must be between 8 and 5000, got 5001"):
         service.thinned_metrics(session, caller, job_id, 5001)
+
+
+def test_a_thinned_view_on_the_embedded_database_is_computed_whole_on_each_poll(session, caller, make_job):
+    """On Postgres a poll of the thinned view reads only the buckets past the completed ones kept from the poll
+    before (tests/service/test_curve_pages.py). SQLite gives a new row the largest id + 1, so after a resume of
+    the same attempt from an older checkpoint deleted the newest points, the points logged again took back their
+    ids, and kept buckets would have been checked as unchanged: there the view is computed whole each time."""
+    from app.jobs import thinned
+
+    job_id = make_job("running")
+    completed = thinned.CompletedBuckets()
+
+    def log(steps: range, loss: float) -> None:
+        for step in steps:
+            repository.upsert_metric(session, job_id, {"kind": "train", "step": step, "train_loss": loss + (step * 37 % 101) / 100})
+        session.commit()
+
+    def polled() -> dict:
+        view = service.thinned_metrics(session, caller, job_id, 80, completed=completed)
+        assert view == service.thinned_metrics(session, caller, job_id, 80, completed=None)
+        assert len(completed) == 0
+        return view
+
+    log(range(1, 1001), 1.0)
+    before = polled()
+    repository.delete_metrics_after(session, job_id, 300)  # the same attempt, from an older checkpoint ...
+    session.commit()
+    log(range(301, 1001), 3.0)  # ... logs the steps again, with other losses, under the same ids
+    after = polled()
+    assert after["bucket_steps"] == before["bucket_steps"] and after["train"] != before["train"]
+
+
+def test_the_kept_buckets_are_bounded_in_points_least_recently_used_first():
+    from app.jobs import thinned
+
+    def entry(points: int) -> thinned.Completed:
+        kept = thinned.Kept(tuple((step, 1.0) for step in range(points)), points * 10, (points, 1))
+        return thinned.Completed(0, 1, 10, 5, 100, {"train": kept, "eval": thinned.Kept((), 0, None)})
+
+    completed = thinned.CompletedBuckets(max_points=100)
+    for job in ("a", "b", "c"):
+        completed.put((job, 80), entry(40))
+        assert completed.kept_points() <= 100
+    assert len(completed) == 2 and completed.get(("a", 80)) is None and completed.kept_points() == 80
+    assert completed.get(("b", 80)) is not None  # b used last: c goes first now
+    completed.put(("d", 80), entry(40))
+    assert completed.get(("c", 80)) is None and completed.get(("b", 80)) is not None
+    completed.put(("b", 80), entry(10))  # replaced, not added
+    assert completed.kept_points() == 50 and len(completed) == 2
+    completed.put(("e", 80), entry(101))  # one view's more than the whole bound: not kept
+    assert completed.get(("e", 80)) is None and completed.kept_points() == 50
+    completed.drop(("b", 80))
+    assert completed.kept_points() == 40 and len(completed) == 1
