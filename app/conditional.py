@@ -9,10 +9,11 @@ which for a page of jobs or a long curve are most of a poller's cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
 import anyio
@@ -58,7 +59,7 @@ async def polled(request: Request, read: Callable[[Session], bytes]) -> Response
 
 
 async def polled_off_loop(request: Request, read: Callable[[Session], T], encode: Callable[[T], bytes], *,
-                          read_in_thread: bool = True) -> Response:
+                          read_in_thread: bool = True, one_read_per: Hashable | None = None) -> Response:
     """polled() for an answer that is costly to make (a curve page of 10,000 points: the rows decoded, a dict per
     point, 3 MB of JSON): read(session), encode(what it read) and the ETag, all in a worker thread, on the request
     pool's sync session. On the async driver all of it ran on the event loop, ~40 ms a page, and every other
@@ -73,12 +74,21 @@ async def polled_off_loop(request: Request, read: Callable[[Session], T], encode
 
     read_in_thread=False: for a read whose time is the database's and whose rows are few (the thinned view: at
     most 5,000 points, from an aggregation that takes Postgres a second at 510,000), read on the async driver
-    (read_only) first, so that the wait holds no builder; only the building and encoding take one."""
+    (read_only) first, so that the wait holds no builder; only the building and encoding take one.
+    `one_read_per` (with read_in_thread=False): reads with the same key run one at a time in the process, for a
+    read that leaves behind what the next one starts from (the thinned view's completed buckets): a hundred
+    polls of one long job arriving while its view is computed whole (a second) wait for that one, then each
+    reads only what is past it, instead of a hundred whole computations at once. The wait is bounded as a
+    connection's is (503 database_unavailable past it)."""
     url = request.app.state.settings.database_url
     if read_in_thread:
         make = functools.partial(_read_and_encode, url, read, encode)
-    else:
+    elif one_read_per is None:
         make = functools.partial(_encoded, encode, await read_only(url, read))
+    else:
+        async with _turns().of(one_read_per, connection_wait_s(url)):
+            found = await read_only(url, read)
+        make = functools.partial(_encoded, encode, found)
     async with held_within(_builders(), connection_wait_s(url), "turn at building a large answer"):
         body, etag = await anyio.to_thread.run_sync(make)
     return json_answer(request, body, etag)
@@ -106,6 +116,43 @@ def _builders() -> anyio.CapacityLimiter:
     if limiter is None:
         limiter = _limiters[loop] = anyio.CapacityLimiter(BUILDERS)
     return limiter
+
+
+class Turns:
+    """One holder at a time per key; a key's entry lives while someone holds or waits for it (so the keys held
+    are at most the requests in flight)."""
+
+    def __init__(self) -> None:
+        self._gates: dict[Hashable, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def of(self, key: Hashable, wait_s: float) -> AsyncIterator[None]:
+        gate, users = self._gates.get(key, (None, 0))
+        gate = gate or asyncio.Semaphore(1)
+        self._gates[key] = (gate, users + 1)
+        try:
+            async with held_within(gate, wait_s, "turn at the same read"):
+                yield
+        finally:
+            gate, users = self._gates[key]
+            if users == 1:
+                del self._gates[key]
+            else:
+                self._gates[key] = (gate, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._gates)
+
+
+_turns_of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns] = weakref.WeakKeyDictionary()
+
+
+def _turns() -> Turns:
+    loop = asyncio.get_running_loop()
+    turns = _turns_of.get(loop)
+    if turns is None:
+        turns = _turns_of[loop] = Turns()
+    return turns
 
 
 # For a polled route's OpenAPI entry.

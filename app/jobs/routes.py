@@ -164,7 +164,9 @@ async def job_metrics(job_id: str, request: Request, caller: CallerDep,
         def thinned(session: Session) -> service.CurveRead:
             return service.thinned_curve(session, caller, job_id, points, paged)
 
-        return await polled_off_loop(request, thinned, encode_curve, read_in_thread=False)  # a second of SQL at most
+        # One read per (job, points) at a time: each starts from the completed buckets the one before it kept.
+        return await polled_off_loop(request, thinned, encode_curve, read_in_thread=False,
+                                     one_read_per=("thinned", job_id, points))
 
     def read(session: Session) -> service.CurveRead:
         return service.curve_page(session, caller, job_id, after_step, after_eval_step, limit)
