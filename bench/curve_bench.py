@@ -22,6 +22,18 @@ read from /proc before and after), then --repeats more times taking turns:
 
 It prints a table (before / after: above 1 is cheaper now) and writes the JSON (--out). The sides share the
 machine: take the ratios, not the absolute figures, and a ratio within 0.8-1.25 as noise.
+
+    .venv/bin/python bench/curve_bench.py --watchers 8 [--seconds 40] [--append-per-s 10] [--baseline main]
+
+--watchers N: people watching one long running job instead. N clients poll the thinned view of the job
+(`?points=4000` as the dashboard asks, `?points=2000` as `qlora jobs watch` starts, in turn), each once every
+--interval-s (back to back when an answer takes longer), for --seconds, while the job appends --append-per-s
+train points a second (an eval every 50 steps), as its worker would. The sides take turns, each alone with its
+own fresh API process (the first poll included); what Postgres spent is read from its own counters for the
+bench's database (pg_stat_database: active_time, the time its backends spent running statements, and rows
+read), after each side's process has gone and with it its backends, whose exit flushes their counters. The
+appender's inserts are in both sides' figures. At the end of each turn the appending stops and each side's
+answer for both N is kept: the after side's (its buckets kept across the turn) must be the baseline's bytes.
 """
 
 from __future__ import annotations
@@ -51,12 +63,12 @@ INSERT INTO job_metrics (job_id, kind, step, epoch, train_loss, learning_rate, g
                          tokens_per_second, peak_memory_bytes, gpu_utilization, created_at)
 SELECT :job, 'train', s, s / CAST(:steps AS float), 2.0 * exp(-s / 300.0) + 0.3 + random() * 0.05, 2e-4, 1.0, s * 4096,
        3000.0, 8000000000, 0.9, now() + s * interval '2 seconds'
-FROM generate_series(1, :steps) AS s
+FROM generate_series(CAST(:start AS integer), CAST(:steps AS integer)) AS s
 """
 _EVAL = """
 INSERT INTO job_metrics (job_id, kind, step, eval_loss, created_at)
 SELECT :job, 'eval', s, 2.0 * exp(-s / 300.0) + 0.4, now() + s * interval '2 seconds' + interval '1 second'
-FROM generate_series(50, :steps, 50) AS s
+FROM generate_series(CAST(:start AS integer), CAST(:steps AS integer)) AS s WHERE s % 50 = 0
 """
 
 
@@ -74,8 +86,8 @@ def seed(database_url: str, points: int) -> tuple[str, str]:
             "id": job_id, "team_id": team.id, "name": "long-curve", "status": states.SUCCEEDED,
             "spec": JobSpec.parse(demo_spec("tiny")).model_dump(mode="json"), "base_model": "tiny",
             "queue": "gpu-default", "total_steps": points, "step": points}])
-        session.execute(text(_TRAIN), {"job": job_id, "steps": points})
-        session.execute(text(_EVAL), {"job": job_id, "steps": points})
+        session.execute(text(_TRAIN), {"job": job_id, "start": 1, "steps": points})
+        session.execute(text(_EVAL), {"job": job_id, "start": 1, "steps": points})
     with engine_for(database_url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job_metrics"))
     return key, job_id
@@ -168,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=510_000)
     parser.add_argument("--baseline", default="main", help="the git ref measured against (default: main)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--watchers", type=int, default=0, help="N clients polling the thinned view of a running job")
+    parser.add_argument("--seconds", type=float, default=40, help="--watchers: length of each side's turn")
+    parser.add_argument("--interval-s", type=float, default=1.0, help="--watchers: each client's poll interval")
+    parser.add_argument("--append-per-s", type=float, default=10, help="--watchers: train points the job logs a second")
     args = parser.parse_args(argv)
+    if args.watchers:
+        return watched(args)
+    args.out = args.out or DEFAULT_OUT
 
     from app.db import engine_for
     from bench.api_load import console, save_results
@@ -237,6 +256,205 @@ def main(argv: list[str] | None = None) -> int:
     return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "runs": runs, "memory": memory,
                          "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if b is not None and a else None}
                                   for label, b, a in rows]}, args.out)
+
+
+
+# ---------------------------------------------------------------- --watchers: one long running job, watched
+
+WATCHED_OUT = ROOT / "bench" / "results" / "curve_watch_bench.json"
+VIEWS = (4000, 2000)  # the dashboard's ?points=, then the terminal's (qlora jobs watch): the watchers take turns
+
+
+def database_counters(database_url: str) -> dict[str, float]:
+    """What Postgres has counted for this database so far: ms its backends spent running statements, rows read
+    (by scans and index fetches), transactions. A backend adds its share when idle (at most once a second)
+    and when it exits: read it once the backends measured have gone (no_backends_left)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT active_time, tup_returned + tup_fetched, xact_commit + xact_rollback "
+                                    "FROM pg_stat_database WHERE datname = current_database()")).one()
+    finally:
+        engine.dispose()
+    return {"active_ms": float(row[0]), "rows_read": float(row[1]), "transactions": float(row[2])}
+
+
+def no_backends_left(database_url: str, timeout_s: float = 60) -> None:
+    """Wait until no other backend is connected to the bench's database (an API process that stopped: its
+    backends' exit flushed their counters)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with engine.connect() as conn:
+                others = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND pid <> pg_backend_pid()")).scalar_one()
+            if not others:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{others} backends still connected to the bench's database after {timeout_s} s")
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+class Appender:
+    """The job's worker: --append-per-s train points a second (an eval every 50 steps), one commit a tick, on a
+    connection of its own, from step `after` + 1."""
+
+    TICK_S = 0.5
+
+    def __init__(self, database_url: str, job_id: str, after: int, per_s: float):
+        import threading
+
+        self.database_url, self.job_id, self.step, self.per_s = database_url, job_id, after, per_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Appender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(self.database_url, poolclass=NullPool)
+        owed = 0.0
+        try:
+            with engine.connect() as conn:
+                while not self._stop.wait(self.TICK_S):
+                    owed += self.per_s * self.TICK_S
+                    steps = range(self.step + 1, self.step + 1 + int(owed))
+                    owed -= len(steps)
+                    if not steps:
+                        continue
+                    for insert_points in (_TRAIN, _EVAL):
+                        conn.execute(text(insert_points), {"job": self.job_id, "start": steps[0], "steps": steps[-1]})
+                    conn.commit()
+                    self.step = steps[-1]
+        finally:
+            engine.dispose()
+
+
+def watch_turn(url: str, key: str, job_id: str, watchers: int, seconds: float, interval_s: float) -> dict:
+    """`watchers` clients polling the thinned view for `seconds`; each request's ms, status and bucket width."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + seconds
+
+    def watcher(n: int) -> list[dict]:
+        points = VIEWS[n % len(VIEWS)]
+        seen = []
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+            while (start := time.monotonic()) < deadline:
+                response = http.get(f"/jobs/{job_id}/metrics", params={"points": points})
+                took = time.monotonic() - start
+                width = response.json().get("bucket_steps") if response.status_code == 200 else None
+                seen.append({"ms": took * 1000, "status": response.status_code, "points": points, "width": width})
+                if took < interval_s:
+                    time.sleep(interval_s - took)  # a watcher's pace, not a wait for something
+        return seen
+
+    with ThreadPoolExecutor(watchers) as pool:
+        return {"requests": [r for found in pool.map(watcher, range(watchers)) for r in found]}
+
+
+def watched(args: argparse.Namespace) -> int:
+    from app.db import engine_for
+    from bench.api_load import console, save_results
+    from bench.scale_bench import apis, baseline_sharing_a_database
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    turns: dict[str, list[dict]] = {"before": [], "after": []}
+    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
+        log(f"seeding a curve of {args.points:,} points")
+        key, job_id = seed(database_url, args.points)
+        engine_for(database_url).dispose()
+        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
+        last = args.points
+        for turn in range(args.repeats):
+            for side in sides:
+                log(f"{side}: {args.watchers} watchers for {args.seconds:g} s ({turn + 1}/{args.repeats})")
+                no_backends_left(database_url)
+                counted = database_counters(database_url)
+                with apis({side: sides[side]}) as urls:
+                    with Appender(database_url, job_id, last, args.append_per_s) as appender:
+                        found = watch_turn(urls[side], key, job_id, args.watchers, args.seconds, args.interval_s)
+                    last = appender.step
+                    with httpx.Client(base_url=urls[side], headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+                        final = {points: http.get(f"/jobs/{job_id}/metrics", params={"points": points}).content
+                                 for points in VIEWS}
+                no_backends_left(database_url)
+                spent = {name: value - counted[name] for name, value in database_counters(database_url).items()}
+                turns[side].append({**found, "postgres": spent, "final": final, "appended_to": last})
+            # Each side's answer at the end of its turn, against the other side's for the same curve: the curve
+            # moved on between turns, so the side that went first is asked again now, on a fresh process.
+            with apis({"before": sides["before"]}) as urls, \
+                    httpx.Client(base_url=urls["before"], headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+                baseline_now = {points: http.get(f"/jobs/{job_id}/metrics", params={"points": points}).content
+                                for points in VIEWS}
+            turns["after"][-1]["same_bytes"] = baseline_now == turns["after"][-1]["final"]
+            turns["after"][-1]["final_bytes"] = {points: len(body) for points, body in baseline_now.items()}
+
+    def per_request(side: str, what: str) -> float:
+        spent = sum(t["postgres"][what] for t in turns[side])
+        return spent / max(1, sum(len(t["requests"]) for t in turns[side]))
+
+    def latency(side: str, q: float) -> float:
+        took = sorted(r["ms"] for t in turns[side] for r in t["requests"])
+        return took[min(len(took) - 1, int(q * len(took)))] if took else 0.0
+
+    def count(side: str) -> float:
+        return float(sum(len(t["requests"]) for t in turns[side]))
+
+    def widths(side: str) -> float:
+        return float(len({(r["points"], r["width"]) for t in turns[side] for r in t["requests"]}))
+
+    def failed(side: str) -> float:
+        return float(sum(r["status"] != 200 for t in turns[side] for r in t["requests"]))
+
+    rows = [
+        ("polls answered (all turns)", count("before"), count("after")),
+        ("  not 200", failed("before"), failed("after")),
+        ("Postgres time per poll: ms (pg_stat_database active_time)", per_request("before", "active_ms"),
+         per_request("after", "active_ms")),
+        ("Postgres rows read per poll", per_request("before", "rows_read"), per_request("after", "rows_read")),
+        ("Postgres time a second of the turn: ms", *(sum(t["postgres"]["active_ms"] for t in turns[s])
+                                                     / (args.seconds * args.repeats) for s in ("before", "after"))),
+        ("a poll's latency, median: ms", latency("before", 0.5), latency("after", 0.5)),
+        ("  p95: ms", latency("before", 0.95), latency("after", 0.95)),
+        ("(points, bucket width) pairs seen", widths("before"), widths("after")),
+    ]
+    for side in turns:
+        for t in turns[side]:
+            t.pop("final", None)
+    ok = all(t.get("same_bytes") for t in turns["after"]) and not failed("after")
+    table = Table(title=f"{args.watchers} watchers of a running job of {args.points:,} points (+{args.append_per_s:g} "
+                        f"a second), {args.seconds:g} s a turn: {args.baseline} (before) against this checkout (after)")
+    for column in ("", "before", "after", "before / after"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, before, after in rows:
+        table.add_row(label, f"{before:,.1f}", f"{after:,.1f}", f"{before / after:.2f}" if after else "-")
+    console.print(table)
+    if not ok:
+        console.print("[red]the after side's last answers were not the baseline's bytes, or a poll failed[/red]")
+    return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "watchers": args.watchers,
+                         "seconds": args.seconds, "interval_s": args.interval_s, "append_per_s": args.append_per_s,
+                         "turns": turns, "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if a else None}
+                                                  for label, b, a in rows]}, args.out or WATCHED_OUT)
 
 
 if __name__ == "__main__":

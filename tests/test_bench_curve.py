@@ -18,3 +18,19 @@ def test_curve_benchmark_reads_the_whole_curve_from_both_sides(tmp_path):
         assert results["runs"][side]["whole"][0]["requests"] == 3
         assert all(run["points"] == 10_000 for run in results["runs"][side]["first"])
         assert results["memory"][side]["peak_rss_after_first_poll"] >= results["memory"][side]["peak_rss_before"] > 0
+
+
+def test_curve_benchmark_watchers_of_a_running_job_get_the_baselines_bytes(tmp_path):
+    """--watchers: clients poll the thinned view while the job appends points; each side's Postgres time is read
+    from the database's own counters, and the after side's last answers are the baseline's bytes."""
+    out = tmp_path / "curve_watch_bench.json"
+
+    assert curve_bench.main(["--points", "20000", "--watchers", "2", "--seconds", "2", "--append-per-s", "40",
+                             "--baseline", "HEAD", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ok"] is True and results["turns"]["after"][0]["same_bytes"] is True
+    for side in ("before", "after"):
+        turn = results["turns"][side][0]
+        assert turn["requests"] and all(request["status"] == 200 for request in turn["requests"])
+        assert turn["postgres"]["active_ms"] > 0 and turn["postgres"]["rows_read"] > 0
+    assert results["turns"]["after"][0]["appended_to"] > 20_000
