@@ -294,8 +294,8 @@ def test_a_polled_thinned_view_reads_only_whats_past_its_completed_buckets_and_a
     A poll now reads only the buckets past the completed ones kept from the poll before, and the answer is,
     byte for byte, the one computed whole: as the curve grows, when its bucket width changes, after a resume
     deleted the points past its checkpoint and logged them again (with its new attempt, and without one: an
-    unusable checkpoint makes the same attempt resume from an older one), and when a point lands late in a
-    completed bucket."""
+    unusable checkpoint makes the same attempt resume from an older one), after such a resume polled before it
+    logged again (the same bucket width), and when a point lands late in a completed bucket."""
     from app.jobs import service
     from app.jobs.schemas import curve_json
     from app.jobs.tables import Job
@@ -371,3 +371,10 @@ def test_a_polled_thinned_view_reads_only_whats_past_its_completed_buckets_and_a
         repository.upsert_metric(session, job_id, {"kind": "eval", "step": 5_050, "eval_loss": 0.125})
     polled(2_000)
     assert polled(2_000) < whole_read / 20
+    polled(4_000)
+    # The same attempt once more, from a checkpoint inside the completed buckets, polled before it logs again:
+    # the same width, nothing written since; only the points gone tell.
+    resume(20_340, next_attempt=False)
+    assert json.loads(whole(2_000))["bucket_steps"] == width + 1
+    polled(2_000)
+    polled(4_000)
