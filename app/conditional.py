@@ -9,19 +9,20 @@ which for a page of jobs or a long curve are most of a poller's cost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import Request, Response
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from app.db import connection_wait_s, held_within, read_only, session_scope
+from app.jobs.turns import Turns
 
 T = TypeVar("T")
 
@@ -86,7 +87,7 @@ async def polled_off_loop(request: Request, read: Callable[[Session], T], encode
     elif one_read_per is None:
         make = functools.partial(_encoded, encode, await read_only(url, read))
     else:
-        async with _turns().of(one_read_per, connection_wait_s(url)):
+        async with _turns(url).turn(one_read_per):
             found = await read_only(url, read)
         make = functools.partial(_encoded, encode, found)
     async with held_within(_builders(), connection_wait_s(url), "turn at building a large answer"):
@@ -118,40 +119,20 @@ def _builders() -> anyio.CapacityLimiter:
     return limiter
 
 
-class Turns:
-    """One holder at a time per key; a key's entry lives while someone holds or waits for it (so the keys held
-    are at most the requests in flight)."""
-
-    def __init__(self) -> None:
-        self._gates: dict[Hashable, tuple[asyncio.Semaphore, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def of(self, key: Hashable, wait_s: float) -> AsyncIterator[None]:
-        gate, users = self._gates.get(key, (None, 0))
-        gate = gate or asyncio.Semaphore(1)
-        self._gates[key] = (gate, users + 1)
-        try:
-            async with held_within(gate, wait_s, "turn at the same read"):
-                yield
-        finally:
-            gate, users = self._gates[key]
-            if users == 1:
-                del self._gates[key]
-            else:
-                self._gates[key] = (gate, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._gates)
+def same_read_turns(wait_s: float) -> Turns:
+    """One read at a time per key (polled_off_loop's one_read_per); one that waits `wait_s` without its turn gets
+    the pool's TimeoutError, answered 503 database_unavailable, as a wait for a connection is (held_within)."""
+    return Turns(wait_s, busy=lambda waited: PoolTimeout(f"no turn at the same read came free within {waited:g} s"))
 
 
 _turns_of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns] = weakref.WeakKeyDictionary()
 
 
-def _turns() -> Turns:
+def _turns(url: str) -> Turns:
     loop = asyncio.get_running_loop()
     turns = _turns_of.get(loop)
     if turns is None:
-        turns = _turns_of[loop] = Turns()
+        turns = _turns_of[loop] = same_read_turns(connection_wait_s(url))
     return turns
 
 

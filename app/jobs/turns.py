@@ -15,7 +15,7 @@ The same turns, four per API key, bound the requests with a JSON body a key has 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 
 from app.errors import AppError
@@ -30,26 +30,32 @@ class Busy(AppError):
 
 
 class Turns:
-    """Per holder (a team, an API key), turns of `size` (this process's event loop runs every caller: no
-    lock). A request that waits `wait_s` without one is refused with `busy(wait_s)`, by default the team's
-    creations' Busy below."""
+    """Per holder (a team, an API key, a job's thinned view: app/conditional.py), turns of `size` (this process's
+    event loop runs every caller: no lock). A request that waits `wait_s` without one is refused with
+    `busy(wait_s)`, by default the team's creations' Busy below. Holders are forgotten once nobody holds or
+    waits for their turns (len: the holders known)."""
 
-    def __init__(self, wait_s: float = TURN_WAIT_S, size: int = 1, busy: Callable[[float], AppError] | None = None):
+    def __init__(self, wait_s: float = TURN_WAIT_S, size: int = 1, busy: Callable[[float], Exception] | None = None):
         self.wait_s = wait_s
         self.size = size
         self._busy = busy or _creations_busy
-        self._gates: dict[str, asyncio.Semaphore] = {}
-        self._holders: dict[str, int] = {}  # requests holding or waiting for each holder's turns
+        self._gates: dict[Hashable, asyncio.Semaphore] = {}
+        self._holders: dict[Hashable, int] = {}  # requests holding or waiting for each holder's turns
+
+    def __len__(self) -> int:
+        return len(self._gates)
 
     @asynccontextmanager
-    async def turn(self, holder: str) -> AsyncIterator[None]:
+    async def turn(self, holder: Hashable, wait_s: float | None = None) -> AsyncIterator[None]:
+        """A turn of `holder`'s, waited for up to `wait_s` (default: the turns' own)."""
+        wait_s = self.wait_s if wait_s is None else wait_s
         gate = self._gates.setdefault(holder, asyncio.Semaphore(self.size))
         self._holders[holder] = self._holders.get(holder, 0) + 1
         try:
             try:
-                await asyncio.wait_for(gate.acquire(), self.wait_s)
+                await asyncio.wait_for(gate.acquire(), wait_s)
             except TimeoutError:
-                raise self._busy(self.wait_s) from None
+                raise self._busy(wait_s) from None
             try:
                 yield
             finally:

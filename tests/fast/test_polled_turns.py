@@ -1,4 +1,4 @@
-"""conditional.Turns: reads with the same key one at a time (the thinned view's polls of one job and N: each
+"""conditional.same_read_turns: reads with the same key one at a time (the thinned view's polls of one job and N: each
 starts from the completed buckets the one before it kept), other keys not held behind them, the wait bounded."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import asyncio
 import pytest
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from app.conditional import Turns
+from app.conditional import same_read_turns
 
 
 def test_reads_with_one_key_take_turns_others_do_not_wait_and_nothing_is_left_behind():
     async def scenario() -> list[str]:
-        turns, seen = Turns(), []
+        turns, seen = same_read_turns(30), []
         first_in, release = asyncio.Event(), asyncio.Event()
 
         async def read(key: str, name: str, hold: asyncio.Event | None = None) -> None:
-            async with turns.of(key, wait_s=30):
+            async with turns.turn(key):
                 seen.append(f"{name} in")
                 if hold is not None:
                     first_in.set()
@@ -40,17 +40,17 @@ def test_reads_with_one_key_take_turns_others_do_not_wait_and_nothing_is_left_be
 
 def test_a_turn_not_had_within_the_wait_is_the_pools_timeout():
     async def scenario() -> None:
-        turns, holding, release = Turns(), asyncio.Event(), asyncio.Event()
+        turns, holding, release = same_read_turns(30), asyncio.Event(), asyncio.Event()
 
         async def hold() -> None:
-            async with turns.of("job-1", wait_s=30):
+            async with turns.turn("job-1"):
                 holding.set()
                 await release.wait()
 
         holder = asyncio.create_task(hold())
         await holding.wait()
         with pytest.raises(PoolTimeout, match="turn at the same read"):
-            async with turns.of("job-1", wait_s=0.05):
+            async with turns.turn("job-1", wait_s=0.05):
                 pass
         assert len(turns) == 1  # the one waiting gave up its place
         release.set()
