@@ -529,7 +529,12 @@ class QLoRARecipe:
             _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
                            keeps_reference_adapter(self.spec, self.initial_adapter is not None),
                            self._host_available()), self.device)
-        self.compute_dtype = getattr(torch, self.spec.quantization.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the run computes in: the spec's, decided for this device (_setup_device) or kept from the
+        interrupted run (_setup_run_dir)."""
+        return getattr(torch, self.spec.quantization.compute_dtype)
 
     def _check_host_memory(self) -> None:
         """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
@@ -590,7 +595,6 @@ class QLoRARecipe:
         self.resume_from, self.spec, unheld = _check_run_dir(
             self.out, self.ckpt_dir, self.spec, self.requested_spec, self.train_path, self.validation_path,
             self.resume, self.initial_adapter_sha256, self.device)
-        self.compute_dtype = getattr(torch, self.spec.quantization.compute_dtype)  # the interrupted run's, if kept
         self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
         self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
         _drop_metrics_after(self.metrics_file, self.resumed_step)  # steps logged after the checkpoint are redone
