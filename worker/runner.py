@@ -261,11 +261,25 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
 
 def share_quantized_base(cache: QuantizedCache, storage, sink: Sink) -> None:
     """Upload the base this run quantized, for later jobs of any team (registry models are shared);
-    the worker records it, and of two jobs that quantized the same base at once the first wins."""
-    with storage.writer(make_key("shared", "quantized-bases")) as writer:
-        with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:
-            tar.add(cache.dir, arcname="quantized")
-        stored = writer.commit()
+    the worker records it, and of two jobs that quantized the same base at once the first wins.
+
+    Only a shortcut for later jobs, so a failure (storage refusing it, out of reach, full) is said as a
+    warning and the run's result stands. It comes after the run and before its result is written: raised,
+    the process exited with no result, and the finished run (evaluation, merge, eval report) was thrown
+    away as a lost attempt and done again; a refusal that lasted (a 35 GB upload is a long window) lost
+    every attempt. The writer's context removes a partial upload."""
+    try:
+        with storage.writer(make_key("shared", "quantized-bases")) as writer:
+            with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:
+                tar.add(cache.dir, arcname="quantized")
+            stored = writer.commit()
+    except Exception as exc:
+        said = f"{type(exc).__name__}: {exc}"
+        log.warning("the quantized base was not stored for later jobs: %s", said, exc_info=True)
+        sink(Event(type="quantized_base_not_cached", level="warning",
+                   message=f"the quantized base this run made was not stored for later jobs "
+                           f"({said[:300]}); the next job on this base quantizes it again"))
+        return
     sink(QuantizedBaseStored(key=cache.key, storage_key=stored.key, size=stored.size, sha256=stored.sha256,
                              identity=cache.identity))
 
