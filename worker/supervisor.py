@@ -557,9 +557,17 @@ class JobRun:
                 return QuantizedCache(dir=str(workdir.quantized), key=key, hit=True, identity=identity)
             except ATTEMPT_ENDED:
                 raise
-            except Exception:  # damaged, or pruned since the lookup: it must not fail the job; quantize afresh
-                log.exception("the cached quantized base %s is unusable; quantizing afresh", key)
+            except Exception as exc:  # it must not fail the job: quantize afresh
                 shutil.rmtree(workdir.quantized, ignore_errors=True)
+                workdir.archive("quantized").unlink(missing_ok=True)  # a full disk's room, for the base made afresh
+                if not isinstance(exc, ChecksumMismatch | ObjectNotFound | tarfile.TarError):
+                    # Storage out of reach, this host's disk full: the entry is as good as it was, and stays for later
+                    # jobs. It was forgotten and deleted as a damaged one, on a 503 of a moment, for every team.
+                    log.warning("could not fetch the cached quantized base %s; quantizing afresh (the entry stays)",
+                                key, exc_info=True)
+                    return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
+                log.exception("the cached quantized base %s is unusable (damaged, or pruned since the lookup); "
+                              "quantizing afresh", key)
                 forgotten = self._write_through_outage(f"the unusable cached quantized base {key}",
                                                        lambda session: runs.forget_cached_base(session, cached),
                                                        check=watch.check)
