@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from tests.full_disk import fill_up
 from worker.training.protocol import Event
 from worker.training.recipe import TrainingError, run
 from worker.training.spec import JobSpec, SpecError
@@ -117,6 +118,44 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     # resumed steps are the uninterrupted run's to the last bit on the same machine.
     mismatch = {s: (got[s], want[s]) for s in range(newest + 1, 31) if got[s] != want[s]}
     assert not mismatch, mismatch
+
+
+def test_a_run_a_full_disk_stopped_halfway_through_a_line_of_its_curve_resumes(tiny_model_dir, demo_data, tmp_path):
+    """A full disk takes `qlora train` halfway through appending a point to metrics.jsonl: the point is cut short
+    there, and the run stops. Its checkpoints are whole; once there is room it resumes from the newest, and the
+    curve has each step once. The resume read the cut line as JSON, failed, and failed so every time after,
+    until someone mended the file by hand."""
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(short_spec(tiny_model_dir)))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", str(spec_path), "--data",
+                             str(demo_data["train"]), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-10" / "COMPLETE").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        # Stopped while the disk fills: room for 10 more bytes of the curve, in the middle of its next point
+        # (and of anything larger; the next checkpoint comes after that point). No write is cut by the stop itself.
+        os.kill(proc.pid, signal.SIGSTOP)
+        fill_up(proc.pid, (out / "metrics.jsonl").stat().st_size + 10)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, stderr.decode()[-2000:]
+    text = (out / "metrics.jsonl").read_text()
+    assert not text.endswith("\n"), text[-300:]  # the point the full disk cut short
+    newest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+
+    resumed = run(JobSpec.parse(short_spec(tiny_model_dir)), demo_data["train"], out, resume=True)
+    assert resumed.summary["steps"] == {"completed": 30, "planned": 30, "resumed_from": newest}
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert steps == list(range(1, 31))  # each step logged once: the cut point redone, none doubled
 
 
 STACK_PROBE = """

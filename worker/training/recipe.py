@@ -1319,11 +1319,23 @@ def _sha256(path) -> str:
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
+    """The curve up to the checkpoint a run resumes from: the steps after it are redone. A line that is not JSON is
+    one a full disk or a crash cut short as it was appended (the last): it goes too. Read as JSON, it failed the
+    resume, and every resume after it, until the file was mended by hand. Rewritten whole or not at all: cut short
+    itself, the rewrite would lose the curve."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            point = json.loads(line)
+        except ValueError:
+            continue
+        if point["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _replace_dir(final: Path, write: Callable[[Path], object]) -> None:
