@@ -28,8 +28,21 @@ from app.storage.base import (
 
 log = logging.getLogger(__name__)
 
-# Above S3's 5 MiB minimum part; 10,000 parts of it still reach 80 GiB, past any merged model here.
+# The first parts' size: above S3's 5 MiB minimum part, and one part is what a writer holds in memory.
 PART_SIZE = 8 << 20
+# S3 and MinIO take at most 10,000 parts of at most 5 GiB each. 10,000 parts of 8 MiB end at 78 GiB, short of a 65B
+# model merged in bfloat16 (130 GB; 70B: 140 GB), which the streaming merge writes: its upload was refused at
+# part 10,001, after the whole training and merge, and the job failed ("Part number must be an integer between 1 and
+# 10000"), every attempt alike. So the part size doubles every PARTS_PER_SIZE parts: 8 MiB parts up to 7.8 GiB,
+# 128 MiB ones around 130 GB, and 10,000 parts reach past S3's largest object (5 TiB).
+MAX_PARTS = 10_000
+MAX_PART_SIZE = 5 << 30
+PARTS_PER_SIZE = 1_000
+
+
+def part_size(number: int, first: int = PART_SIZE, parts_per_size: int = PARTS_PER_SIZE) -> int:
+    """The size of a multipart upload's part `number` (from 1): `first`, doubled every `parts_per_size` parts."""
+    return min(first << ((number - 1) // parts_per_size), MAX_PART_SIZE)
 
 
 def _is_missing(err: ClientError) -> bool:
@@ -37,15 +50,16 @@ def _is_missing(err: ClientError) -> bool:
 
 
 class S3Writer(WriterBase):
-    """Holds at most one part in memory: small objects go up in one put at commit, larger ones as
-    a multipart upload that becomes visible only when completed."""
+    """Holds at most one part in memory (8 MiB, growing past 7.8 GiB: part_size): small objects go up in one put at
+    commit, larger ones as a multipart upload that becomes visible only when completed."""
 
-    def __init__(self, client, bucket: str, key: str, s3_key: str, part_size: int):
+    def __init__(self, client, bucket: str, key: str, s3_key: str, part_size: int, parts_per_size: int = PARTS_PER_SIZE):
         super().__init__(key)
         self._client = client
         self._bucket = bucket
         self._s3_key = s3_key
-        self._part_size = part_size
+        self._first_part_size = part_size
+        self._parts_per_size = parts_per_size
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
@@ -53,10 +67,11 @@ class S3Writer(WriterBase):
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            take = self._part_size - len(self._buffer)
+            size = part_size(len(self._parts) + 1, self._first_part_size, self._parts_per_size)
+            take = size - len(self._buffer)
             self._buffer += view[:take]
             view = view[take:]
-            if len(self._buffer) == self._part_size:
+            if len(self._buffer) == size:
                 self._upload_part()
 
     def _upload_part(self) -> None:
@@ -107,10 +122,12 @@ class S3Storage(StorageBase):
         public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         part_size: int = PART_SIZE,
+        parts_per_size: int = PARTS_PER_SIZE,
     ):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.part_size = part_size
+        self.part_size = part_size  # the first parts'; see part_size()
+        self.parts_per_size = parts_per_size
         config = Config(
             # boto3 >= 1.36 otherwise adds CRC32 checksums to every upload and validates them on
             # download, which several S3-compatible stores reject or do not send.
@@ -143,7 +160,7 @@ class S3Storage(StorageBase):
             raise
 
     def writer(self, key: str) -> S3Writer:
-        return S3Writer(self.client, self.bucket, key, self._s3_key(key), self.part_size)
+        return S3Writer(self.client, self.bucket, key, self._s3_key(key), self.part_size, self.parts_per_size)
 
     def open(self, key: str, *, start: int = 0, length: int | None = None,
              chunk_size: int = READ_CHUNK) -> Iterator[bytes]:

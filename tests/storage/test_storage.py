@@ -29,7 +29,7 @@ from app.storage import (
     storage_from_settings,
 )
 from app.storage.local import TMP_DIR
-from app.storage.s3 import PART_SIZE, S3Storage
+from app.storage.s3 import MAX_PART_SIZE, MAX_PARTS, PART_SIZE, S3Storage, part_size
 from tests.full_disk import file_size_limit
 from tests.services import create_bucket, s3_env, start_s3_server
 from worker.training.protocol import out_of_space
@@ -194,6 +194,33 @@ def test_s3_large_object_goes_multipart(s3_endpoint, s3_bucket, s3_inspect):
     head = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}")
     assert head["ContentLength"] == 20 * MIB
     assert head["ETag"].endswith('-3"'), "8 + 8 + 4 MiB parts"
+
+
+def test_s3_parts_grow_so_the_largest_merged_model_fits_the_stores_part_limit():
+    """S3 and MinIO take 10,000 parts of at most 5 GiB. Of 8 MiB each they ended at 78 GiB: the 130 GB of a 65B model
+    merged in bfloat16 (the streaming merge writes it) was refused at part 10,001, after the whole run, and the
+    job failed. The parts grow instead, from the same 8 MiB."""
+    sizes = [part_size(number) for number in range(1, MAX_PARTS + 1)]
+    assert sizes[0] == PART_SIZE and all(5 * MIB <= size <= MAX_PART_SIZE for size in sizes)
+    assert sum(sizes) >= 5 << 40  # S3's largest object, 5 TiB
+    merged_70b = 140 * 10**9
+    needed = next(n for n in range(1, MAX_PARTS + 1) if sum(sizes[:n]) >= merged_70b)
+    assert max(sizes[:needed]) <= 128 * MIB  # what the writer holds in memory at most, for it
+
+
+def test_s3_an_upload_whose_parts_grow_is_stored_whole(s3_endpoint, s3_bucket, s3_inspect, tmp_path):
+    # Growing every 2 parts here (every 1,000 by default), from S3's 5 MiB minimum: 5, 5, 10, 10, 20 and 2 MiB.
+    storage = S3Storage(s3_bucket, "objects", endpoint_url=s3_endpoint, part_size=5 * MIB, parts_per_size=2)
+    expected = hashlib.sha256()
+    with storage.writer(KEY) as writer:
+        for piece in chunks(52 * MIB, MIB):
+            writer.write(piece)
+            expected.update(piece)
+        stored = writer.commit()
+    head = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}")
+    assert head["ContentLength"] == 52 * MIB and head["ETag"].endswith('-6"'), head["ETag"]
+    assert stored.sha256 == expected.hexdigest()
+    storage.download(KEY, tmp_path / "back", expected_sha256=stored.sha256)  # checked against it as it lands
 
 
 def test_s3_small_object_carries_sha256_metadata(s3_endpoint, s3_bucket, s3_inspect):
