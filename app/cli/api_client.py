@@ -26,6 +26,8 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from app.openai.ids import FILE, JOB
+
 CHUNK_BYTES = 1 << 20  # 1 MiB reads and writes: steady progress, bounded memory for a 2 GiB file
 REDIRECTS = (301, 302, 303, 307, 308)
 CREATE_TRIES = 4  # a creation (a job, an upload) whose answer is lost is sent again (1, 2, 4 s apart), with its key
@@ -133,7 +135,19 @@ ID_HINTS = {"job id": "32 hex digits, as `qlora jobs list` shows them",
             "artifact kind": "adapter, merged or report"}
 
 
+# The same job and dataset as /v1 names them (`ftjob-<job id>`, `file-<dataset id>`): what the openai SDK printed
+# for a job made with it, which a user then downloads with `qlora jobs download`.
+OPENAI_PREFIXES = {"job id": JOB, "dataset id": FILE}
+
+
+def native_id(value: str, what: str) -> str:
+    """A job or dataset id as the native API names it: taken as given, or from its /v1 name."""
+    prefix = OPENAI_PREFIXES.get(what)
+    return value[len(prefix):] if prefix and value.startswith(prefix) and len(value) > len(prefix) else value
+
+
 def _id(value: str, what: str = "job id") -> str:
+    value = native_id(value, what)
     if not ID.fullmatch(value):
         shown = value if len(value) <= 80 else f"{value[:60]}… ({len(value):,} characters)"
         raise ClientError(f"{shown!r} is not a{'n' if what[0] in 'aeiou' else ''} {what}: {ID_HINTS[what]}")

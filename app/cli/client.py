@@ -426,8 +426,13 @@ def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
         _fail(spec_file_error(spec, exc))
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
+    from app.cli.api_client import native_id
+
     body["dataset_id"] = dataset
     body.update({key: value for key, value in fields.items() if value is not None})
+    for field, what in (("dataset_id", "dataset id"), ("validation_dataset_id", "dataset id"), ("initial_job_id", "job id")):
+        if isinstance(body.get(field), str):  # an id as the openai SDK printed it, too (`file-…`, `ftjob-…`)
+            body[field] = native_id(body[field], what)
     return body
 
 
@@ -909,8 +914,9 @@ def jobs_download(
     continued from, 0 for a whole download), "extracted": [the paths unpacked] or null with --no-extract}."""
     import tarfile
 
-    from app.cli.api_client import extract_tar
+    from app.cli.api_client import extract_tar, native_id
 
+    job_id = native_id(job_id, "job id")  # the archive and its part file named alike, whichever name was given
     if kind not in ("adapter", "merged", "report"):
         _fail(f"--kind must be adapter, merged or report, got {kind!r}")
     try:

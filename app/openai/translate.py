@@ -18,10 +18,9 @@ from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
 from app.jobs.schemas import MAX_METADATA
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
+from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB
 from app.pagination import MAX_ID
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
-
-FILE, JOB, EVENT, CHECKPOINT = "file-", "ftjob-", "ftevent-", "ftckpt-"
 
 DEFAULT_EPOCHS = 3  # n_epochs "auto": what most small fine-tunes use, and OpenAI's usual pick
 DEFAULT_MICRO_BATCH = TrainingSpec.model_fields["per_device_batch_size"].default

@@ -8,10 +8,12 @@ QLORA_URL names a port nothing listens on, so "cannot reach the API" there means
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -183,12 +185,13 @@ class StandIn:
 
         self.body, self.status, self.hold, self.later = body, status, hold, later  # later: every answer after the first
         self.requests: list[tuple[str, str, dict]] = []
+        self.bodies: list[bytes] = []  # each request's body, in the order of `requests`
         self.asked, self._released = threading.Event(), threading.Event()
         stand_in = self
 
         class Handler(JsonHandler):
             def answer(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
+                stand_in.bodies.append(self.rfile.read(int(self.headers.get("content-length") or 0)))
                 stand_in.requests.append((self.command, self.path, dict(self.headers)))
                 stand_in.asked.set()
                 if stand_in.hold:
@@ -431,6 +434,60 @@ def test_a_download_that_never_started_leaves_no_empty_progress_bar(env):
     done = qlora(env, "jobs", "download", "a" * 32, "--kind", "adapter")
     refused(done, "cannot reach the API")
     assert "downloading" not in done.stderr and "bytes" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args", [("jobs", "show", "ftjob-" + ZEROS), ("jobs", "cancel", "ftjob-" + ZEROS),
+                                  ("jobs", "download", "ftjob-" + ZEROS), ("datasets", "show", "file-" + ZEROS)])
+def test_an_id_as_the_openai_sdk_printed_it_names_the_same_object(env, stand_in, args):
+    """A job made with the openai SDK is `ftjob-<id>` there, and its weights are downloaded with `qlora jobs
+    download`: given that id, the CLI asked for /jobs/ftjob-<id> and said "no job 'ftjob-…'", naming no fix."""
+    server = stand_in({"error": {"code": "not_found", "message": "no such thing"}}, status=404)
+    qlora(env | {"QLORA_URL": server.url}, *args, "--json")
+    method, path, _ = server.requests[0]
+    assert path.startswith(f"/{args[0]}/{ZEROS}"), path
+
+
+def test_a_download_by_the_openai_sdk_id_is_named_by_the_job_id(env, tmp_path):
+    """The archive of `qlora jobs download ftjob-<id>` was ftjob-<id>-adapter.tar (its part file too): the same
+    download by the plain id, or a retry by it, started over beside it."""
+    from tests.fast.loopback import JsonHandler, Loopback
+
+    archive = tmp_path / "archive.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.addfile(tarfile.TarInfo("adapter/"))
+    data = archive.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+
+    class Handler(JsonHandler):
+        def do_GET(self):
+            if self.path.endswith("/artifacts"):
+                self.send_json([{"kind": "adapter", "bytes": len(data), "sha256": digest}])
+                return
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.send_header("etag", f'"{digest}"')
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = Loopback(Handler)
+    try:
+        done = qlora(env | {"QLORA_URL": server.url}, "jobs", "download", "ftjob-" + ZEROS, "--out", str(tmp_path / "run"))
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["job_id"] == ZEROS and answer["archive"] == str(tmp_path / "run" / f"{ZEROS}-adapter.tar")
+
+
+def test_a_job_from_openai_sdk_files_and_jobs_is_created_on_them(env, stand_in, tmp_path):
+    """`--dataset file-<id>` (an upload made with the openai SDK) was sent as it was: "no dataset 'file-…'"."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base_model": "tiny", "training": {"max_steps": 1}}))
+    server = stand_in({"error": {"code": "not_found", "message": "no such thing"}}, status=404)
+    qlora(env | {"QLORA_URL": server.url}, "jobs", "create", str(spec), "--dataset", "file-" + ZEROS,
+          "--validation", "file-" + "1" * 32, "--initial-job", "ftjob-" + "2" * 32)
+    sent = json.loads(server.bodies[0])
+    assert (sent["dataset_id"], sent["validation_dataset_id"], sent["initial_job_id"]) == (ZEROS, "1" * 32, "2" * 32)
 
 
 @pytest.mark.parametrize("status, why", [

@@ -1,0 +1,5 @@
+"""The prefixes /v1 puts before our ids, as OpenAI's objects have them: `file-<dataset id>`,
+`ftjob-<job id>`. A module of its own, importing nothing, so the `qlora` client reads them without
+loading the translation (tables, services): it takes an id as the openai SDK printed it."""
+
+FILE, JOB, EVENT, CHECKPOINT = "file-", "ftjob-", "ftevent-", "ftckpt-"
