@@ -717,6 +717,18 @@ _REQUESTS = {
 }
 _ALREADY = {"cancel": (states.CANCELLING, states.CANCELLED), "pause": (states.PAUSING, states.PAUSED),
             "resume": (states.QUEUED, states.RUNNING)}
+# What to do instead, where a refusal's state alone does not say it: "cannot pause job X: it is queued" left a
+# script (the README's own openai example, which pauses right after creating) with no next step.
+_FINISHED_RUNS_NO_MORE = "a finished job does not run again: create a new job"
+_REFUSAL_FIX = {
+    ("pause", states.QUEUED): "a queued job has no training to pause yet: pause it once it is running, or cancel it",
+    ("pause", states.CANCELLING): "it stops without a pause",
+    ("resume", states.PAUSING): "it is saving its checkpoint: resume it once it is paused",
+    ("resume", states.CANCELLING): "it stops; it cannot be resumed",
+    ("resume", states.SUCCEEDED): f"{_FINISHED_RUNS_NO_MORE} (initial_job_id starts one from its adapter)",
+    ("resume", states.FAILED): f"{_FINISHED_RUNS_NO_MORE} with the same spec and data to try again",
+    ("resume", states.CANCELLED): f"{_FINISHED_RUNS_NO_MORE} with the same spec and data to try again",
+}
 
 
 def cancel(session: Session, caller: Caller, job_id: str) -> Job:
@@ -756,7 +768,9 @@ def _request(session: Session, caller: Caller, job_id: str, request: str,
         if job.status in _ALREADY[request]:
             return job
         if job.status not in _REQUESTS[request]:
-            raise Conflict(f"cannot {request} job {job_id}: it {states.described(job.status)}", code="invalid_state")
+            fix = _REFUSAL_FIX.get((request, job.status))
+            raise Conflict(f"cannot {request} job {job_id}: it {states.described(job.status)}{f'; {fix}' if fix else ''}",
+                           code="invalid_state")
         target, event, message = _REQUESTS[request][job.status]
         # finished_at on the database's clock, as a worker's end of a job (runs.py) and its started_at: read
         # against those (/metrics' durations and its window of finished jobs), an API host's own was off by its skew.

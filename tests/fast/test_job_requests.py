@@ -14,11 +14,13 @@ from app.jobs.states import (
     ALL,
     CANCELLED,
     CANCELLING,
+    FAILED,
     FINISHED,
     PAUSED,
     PAUSING,
     QUEUED,
     RUNNING,
+    SUCCEEDED,
     TRANSITIONS,
 )
 from app.jobs.tables import Job, JobEvent
@@ -40,6 +42,17 @@ MOVES = {
 ALREADY = {("cancel", CANCELLING), ("cancel", CANCELLED), ("pause", PAUSING), ("pause", PAUSED),
            ("resume", QUEUED), ("resume", RUNNING)}
 REQUESTS = ("cancel", "pause", "resume")
+# Refused, with what to do instead where the state alone does not say it ("cannot pause job X: it is queued"
+# was all a script that paused right after creating heard). The others: "it has succeeded" and the like.
+FIXES = {
+    ("pause", QUEUED): "a queued job has no training to pause yet: pause it once it is running, or cancel it",
+    ("pause", CANCELLING): "it stops without a pause",
+    ("resume", PAUSING): "it is saving its checkpoint: resume it once it is paused",
+    ("resume", CANCELLING): "it stops; it cannot be resumed",
+    ("resume", SUCCEEDED): "a finished job does not run again: create a new job (initial_job_id starts one from its adapter)",
+    ("resume", FAILED): "a finished job does not run again: create a new job with the same spec and data to try again",
+    ("resume", CANCELLED): "a finished job does not run again: create a new job with the same spec and data to try again",
+}
 
 
 def ask(request, session, settings, caller, job_id):
@@ -85,7 +98,8 @@ def test_a_request_from_every_state(settings, session, caller, make_job, request
             ask(request_, session, settings, caller, job_id)
         session.rollback()
         assert (refused.value.status, refused.value.code) == (409, "invalid_state")
-        assert refused.value.message == f"cannot {request_} job {job_id}: it {states.described(state)}"
+        fix = f"; {FIXES[(request_, state)]}" if (request_, state) in FIXES else ""
+        assert refused.value.message == f"cannot {request_} job {job_id}: it {states.described(state)}{fix}"
         job, events = stored(settings, job_id)
         assert (job.status, events) == (state, [])
 

@@ -348,8 +348,9 @@ JOB_ID = "0123456789abcdef0123456789abcdef"
     ("validation_dataset_id: no dataset 'x'", "validation_file: no file 'file-x'", "validation_file"),
     (f"no job '{JOB_ID}'", f"no fine-tuning job 'ftjob-{JOB_ID}'", None),
     ("base_model: 'llama' is not a registered model", "model: 'llama' is not a registered model", "model"),
-    (f"cannot resume job {JOB_ID}: it is pausing",
-     f"cannot resume job ftjob-{JOB_ID}: it is pausing (shown as running until it stops)", None),
+    (f"cannot resume job {JOB_ID}: it is pausing; it is saving its checkpoint: resume it once it is paused",
+     f"cannot resume job ftjob-{JOB_ID}: it is pausing (shown as running until it stops); it is saving its checkpoint: "
+     "resume it once it is paused", None),
     ("lora.r: Input should be greater than or equal to 1", "lora.r: Input should be greater than or equal to 1", None),
     (f"dataset {JOB_ID} is used by jobs that have not finished: {JOB_ID[::-1]} (queued), {JOB_ID} (running); cancel them",
      f"file file-{JOB_ID} is used by jobs that have not finished: ftjob-{JOB_ID[::-1]} (queued), ftjob-{JOB_ID} (running); "
