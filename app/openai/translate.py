@@ -406,6 +406,7 @@ _IN_OPENAI_WORDS = (
     (re.compile(r"\bdataset ([0-9a-f]{32})\b"), rf"file {FILE}\1"),
     (re.compile(r"\b([0-9a-f]{32}) (?=\((?:" + "|".join(states.ALL) + r")\))"), rf"{JOB}\1 "),  # a job listed with its state
     (re.compile(r"\bit is (pausing|cancelling)\b"), r"it is \1 (shown as running until it stops)"),
+    (re.compile(r"\bsee GET /models\b"), "see GET /v1/models, the SDK's models.list()"),  # the registry, as /v1 lists it
 )
 
 

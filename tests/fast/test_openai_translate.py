@@ -348,6 +348,10 @@ JOB_ID = "0123456789abcdef0123456789abcdef"
     ("validation_dataset_id: no dataset 'x'", "validation_file: no file 'file-x'", "validation_file"),
     (f"no job '{JOB_ID}'", f"no fine-tuning job 'ftjob-{JOB_ID}'", None),
     ("base_model: 'llama' is not a registered model", "model: 'llama' is not a registered model", "model"),
+    # The registry as the client lists it: GET /models is the native route, not the SDK's.
+    ("base_model: 'gpt-4o-mini' is not a registered model (registered: tiny; see GET /models)",
+     "model: 'gpt-4o-mini' is not a registered model (registered: tiny; see GET /v1/models, the SDK's models.list())",
+     "model"),
     (f"cannot resume job {JOB_ID}: it is pausing; it is saving its checkpoint: resume it once it is paused",
      f"cannot resume job ftjob-{JOB_ID}: it is pausing (shown as running until it stops); it is saving its checkpoint: "
      "resume it once it is paused", None),
