@@ -102,5 +102,7 @@ def test_datasets_list_reaches_past_its_first_page_as_jobs_list_does(api, tmp_pa
 
     shown = jobs_list(api, tmp_path, "--limit", "100", terminal=True, what="datasets")
     assert DATASETS[99]["filename"] in shown.stdout and DATASETS[100]["filename"] not in shown.stdout  # the table
+    # The upload's token_estimate, said to be one ("tokens" read as the count the preflight tokenizes, a third more).
+    assert re.search(r"┃\s*~tokens\s*┃", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.stdout)), shown.stdout
     stderr = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.stderr)
     assert "`qlora datasets list --limit 100 --cursor 100` for the next page" in stderr, stderr
