@@ -340,8 +340,9 @@ def view(session: Session, caller: Caller, job_id: str) -> Row:
 Standings = dict[str, scheduling.Standing]
 
 
-async def standing(settings: Settings, kept: Recent[str, Standings], row: Row) -> scheduling.Standing | None:
-    """A queued job's place in its class and what it waits for; None for any other job.
+async def standing(settings: Settings, kept: Recent[str, Standings], row: Row | Job) -> scheduling.Standing | None:
+    """A queued job's place in its class and what it waits for; None for any other job (as GET /jobs/{id}
+    and /v1's jobs.retrieve() show them, from a row of the view or the job itself).
 
     The order of a class is read once for every poll of its queued jobs in this process, and kept for
     QLORA_STANDINGS_CACHE_S: it weighs every waiting job and every team's share, several queries

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic_core import to_json
 from sqlalchemy.orm import Session
 
-from app.conditional import POLLED, polled
+from app.conditional import POLLED, json_answer, polled
 from app.datasets import service as datasets
+from app.db import read_only
 from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.errors import Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
@@ -119,13 +120,14 @@ async def list_jobs(request: Request, caller: CallerDep, after: str | None = Non
 
 @router.get("/fine_tuning/jobs/{job_id}", responses=POLLED)
 async def retrieve_job(job_id: str, request: Request, caller: CallerDep):
-    """What the SDK's jobs.retrieve() polls: read like GET /jobs/{id} (app.conditional.polled), and
+    """What the SDK's jobs.retrieve() polls: read like GET /jobs/{id} (app.db.read_only, an ETag), a queued
+    job with its standing as there (why it waits: "queued" alone never said a class had no worker), and
     encoded by pydantic-core in one call (FastAPI's jsonable_encoder took 0.11 ms of it)."""
-    def read(session: Session) -> bytes:
-        job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
-        return to_json(t.job_object(job, caller.team_name))
-
-    return await polled(request, read)
+    settings = request.app.state.settings
+    job = await read_only(settings.database_url,
+                          lambda session: jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")))
+    standing = await jobs.standing(settings, request.app.state.standings, job)
+    return json_answer(request, to_json(t.job_object(job, caller.team_name, standing)))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")

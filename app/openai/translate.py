@@ -20,6 +20,7 @@ from app.jobs.schemas import MAX_METADATA
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB
 from app.pagination import MAX_ID
+from app.scheduling.service import Standing
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
 
 DEFAULT_EPOCHS = 3  # n_epochs "auto": what most small fine-tunes use, and OpenAI's usual pick
@@ -171,7 +172,9 @@ def _file_id(dataset_id: str | None) -> str | None:
     return FILE + dataset_id if dataset_id else None
 
 
-def job_object(job: Job, team_name: str) -> dict:
+def job_object(job: Job, team_name: str, standing: Standing | None = None) -> dict:
+    """OpenAI's fine_tuning.job, and ours beside it; `standing`, a queued job's place and what it waits for, as
+    GET /jobs/{id} says it (jobs.retrieve() reads it; a list leaves it out, as GET /jobs does)."""
     hyperparameters = hyperparameters_of(job.spec)
     error = None
     if job.status == states.FAILED:
@@ -191,6 +194,9 @@ def job_object(job: Job, team_name: str) -> dict:
         "user_provided_suffix": job.name or None, "estimated_finish": None, "integrations": [],
         # Ours, for clients that know them: where training is and how a job is configured.
         "progress": {"step": job.step, "total_steps": job.total_steps}, "spec": job.spec,
+        "queue_position": standing.position if standing else None,
+        "waiting_for": standing.waiting_for if standing else None,
+        "waiting_detail": standing.detail if standing else None,
         "initial_job_id": JOB + job.initial_job_id if job.initial_job_id else None,
     }
 

@@ -408,3 +408,31 @@ def test_jobs_are_listed_by_their_metadata(session, caller, make_job):
     assert listed({'say "hi"': "é", "ключ": "значение"}) == [tagged]
     assert listed({"team": "nlp", "ключ": "other"}) == [] and listed({"missing": ""}) == []
     assert listed(None) == [bare]
+
+
+# ------------------------------------------------------------------ jobs.retrieve() of a queued job
+
+
+def test_a_queued_job_retrieved_says_what_it_waits_for_as_get_jobs_does(client, session, settings):
+    """jobs.retrieve() of a job queued where no worker of its class was up said "queued" and nothing more, for as
+    long as it waited; GET /jobs/{id} said no worker was up, and who starts one. Now both say it, alike."""
+    from app.jobs.tables import Job
+    from app.teams.tables import Team
+
+    team = session.query(Team).filter_by(name="team-a").one()
+    job = Job(team_id=team.id, status="queued", attempt=0, base_model="llama-3-8b", queue="gpu-default",
+              spec=JobSpec.parse({"base_model": "llama-3-8b", "training": {"max_steps": 10}}).model_dump(mode="json"))
+    session.add(job)
+    session.commit()
+    native = client.get(f"/jobs/{job.id}").json()
+    retrieved = client.get(f"/v1/fine_tuning/jobs/ftjob-{job.id}")
+    assert retrieved.status_code == 200, retrieved.text
+    shown = retrieved.json()
+    assert shown["status"] == "queued" and native["waiting_for"] == "no_worker", native
+    assert {k: shown[k] for k in ("queue_position", "waiting_for", "waiting_detail")} == \
+        {k: native[k] for k in ("queue_position", "waiting_for", "waiting_detail")}
+    assert "no worker of GPU class default is up" in shown["waiting_detail"]
+    again = client.get(f"/v1/fine_tuning/jobs/ftjob-{job.id}", headers={"If-None-Match": retrieved.headers["etag"]})
+    assert again.status_code == 304  # still the polled read: an unchanged job costs no body
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"][0]
+    assert listed["id"] == f"ftjob-{job.id}" and listed["waiting_for"] is None  # a page leaves it out, as GET /jobs does
