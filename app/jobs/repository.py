@@ -57,17 +57,33 @@ def view(session: Session, team_id: str, job_id: str) -> Row | None:
 
 
 def view_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> list[Row]:
+    return list(session.connection().execute(_view_page(by_status=bool(status), after=bool(cursor)),
+                                             _view_page_values(team_id, status, cursor, limit)))
+
+
+def view_page_spec_chars(session: Session, team_id: str, status: str | None, cursor: str | None,
+                         limit: int) -> list[int]:
+    """The length of each spec on view_page's page of `limit` jobs (and the one past it), read without the specs."""
+    values = _view_page_values(team_id, status, cursor, limit)
+    return list(session.connection().scalars(_view_page(by_status=bool(status), after=bool(cursor), sizes=True), values))
+
+
+def _view_page_values(team_id: str, status: str | None, cursor: str | None, limit: int) -> dict:
     values = {"team_id": team_id, **newest_first_values(cursor, limit)}
     if status:
         values["status"] = status
-    return list(session.connection().execute(_view_page(by_status=bool(status), after=bool(cursor)), values))
+    return values
+
+
+# A spec's length in characters, as the database holds it (JSON text): what a page of jobs weighs.
+SPEC_CHARS = func.coalesce(func.length(sa.cast(Job.spec, Text)), 0)
 
 
 @functools.cache
-def _view_page(*, by_status: bool, after: bool) -> Select:
+def _view_page(*, by_status: bool, after: bool, sizes: bool = False) -> Select:
     """GET /jobs's statement in each of its four shapes, built once like _VIEW_BY_ID: building it for
-    each poll was a sixth of a page's time in the profile."""
-    query = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW)
+    each poll was a sixth of a page's time in the profile. With `sizes`, each job's SPEC_CHARS instead."""
+    query = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*((SPEC_CHARS,) if sizes else JOB_VIEW))
     if by_status:
         query = query.where(Job.status == bindparam("status", type_=String))
     return newest_first_shape(query, Job, after=after)
@@ -85,13 +101,22 @@ def list_page(session: Session, team_id: str, status: str | None, cursor: str | 
               metadata: Mapping[str, str] | None = ANY_METADATA) -> list[Job]:
     """A page of the team's jobs; with `metadata`, only those whose metadata holds each of its pairs,
     and with None only those that have none (OpenAI's metadata[k]=v and metadata=null)."""
+    return list(session.scalars(_page_of(_listed(session, team_id, metadata), status, cursor, limit)))
+
+
+def list_page_spec_chars(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int,
+                         metadata: Mapping[str, str] | None = ANY_METADATA) -> list[int]:
+    """The length of each spec on list_page's page of `limit` jobs (and the one past it), read without the jobs."""
+    query = _listed(session, team_id, metadata).with_only_columns(SPEC_CHARS)
+    return list(session.scalars(_page_of(query, status, cursor, limit)))
+
+
+def _listed(session: Session, team_id: str, metadata: Mapping[str, str] | None) -> Select[Job]:
     query = readable_jobs(team_id)
     if metadata is None:
-        query = query.where(sa.or_(Job.user_metadata.is_(None), sa.cast(Job.user_metadata, Text) == "null"))
-    else:
-        dialect = session.get_bind().dialect.name
-        query = query.where(*(_metadata_holds(dialect, key, value) for key, value in metadata.items()))
-    return list(session.scalars(_page_of(query, status, cursor, limit)))
+        return query.where(sa.or_(Job.user_metadata.is_(None), sa.cast(Job.user_metadata, Text) == "null"))
+    dialect = session.get_bind().dialect.name
+    return query.where(*(_metadata_holds(dialect, key, value) for key, value in metadata.items()))
 
 
 def _metadata_holds(dialect: str, key: str, value: str) -> sa.ColumnElement[bool]:

@@ -329,7 +329,9 @@ def list_page(session: Session, caller: Caller, status: str | None, cursor: str 
               metadata: Mapping[str, str] | None = repository.ANY_METADATA) -> Page:
     """The team's jobs newest first, optionally of one status, and of metadata holding each pair of
     `metadata` (None: jobs without metadata)."""
-    return page(repository.list_page(session, caller.team_id, _status_filter(status), cursor, limit, metadata), limit)
+    status = _status_filter(status)
+    limit = _jobs_that_fit(repository.list_page_spec_chars(session, caller.team_id, status, cursor, limit, metadata), limit)
+    return page(repository.list_page(session, caller.team_id, status, cursor, limit, metadata), limit)
 
 
 def view(session: Session, caller: Caller, job_id: str) -> Row:
@@ -374,7 +376,27 @@ def view_page(session: Session, caller: Caller, status: str | None, cursor: str 
 
 def team_view_page(session: Session, team_id: str, status: str | None, cursor: str | None, limit: int) -> Page:
     """A team's page of GET /jobs, whoever reads it: the team, or an admin (GET /admin/teams/{team}/jobs)."""
-    return page(repository.view_page(session, team_id, _status_filter(status), cursor, limit), limit)
+    status = _status_filter(status)
+    limit = _jobs_that_fit(repository.view_page_spec_chars(session, team_id, status, cursor, limit), limit)
+    return page(repository.view_page(session, team_id, status, cursor, limit), limit)
+
+
+# A page of jobs holds at most about this many characters of specs, as well as at most `limit` jobs. A spec
+# may hold 256 eval prompts of 20,000 characters (5 million; 30 MB once JSON escapes non-ASCII text), and
+# GET /jobs?limit=200 of such jobs read, built and sent gigabytes at once: a page of 3 of them grew the API
+# by 480 MB. A page of ordinary specs (a few KiB each) is far below it.
+PAGE_SPEC_CHARS = 4 * 1024 * 1024
+
+
+def _jobs_that_fit(spec_chars: Sequence[int], limit: int) -> int:
+    """How many of a page's jobs, whose specs have these lengths in order, to send: as many as fit in
+    PAGE_SPEC_CHARS (the first always does), at most `limit`; next_cursor goes on from the last one sent."""
+    total = 0
+    for count, chars in enumerate(spec_chars[:limit]):
+        total += chars
+        if count and total > PAGE_SPEC_CHARS:
+            return count
+    return limit
 
 
 def _status_filter(status: str | None) -> str | None:

@@ -18,6 +18,7 @@ from app.jobs.tables import Job
 from app.recent import Recent
 from app.teams.service import Caller, CallerCache
 from tests.services import in_a_thread_of_its_own
+from worker.training.spec import JobSpec
 
 
 def as_jobout(session, job_id: str) -> dict:
@@ -161,3 +162,37 @@ def test_a_queued_jobs_place_is_read_once_per_class_while_kept_and_a_job_queued_
     assert len(reads) == 2
     assert in_a_thread_of_its_own(lambda: asyncio.run(places(make_job(states.RUNNING)))) == [None]
     assert len(reads) == 2  # a job that is not queued has no place to read
+
+
+def test_a_page_of_jobs_with_long_specs_stops_short_and_the_next_page_goes_on(session, caller):
+    """A spec may hold 256 eval prompts of 20,000 characters: GET /jobs?limit=200 of such jobs read, built and
+    sent gigabytes in one answer (a page of 3 grew the API by 480 MB). A page stops at about
+    PAGE_SPEC_CHARS of specs, and its next_cursor goes on to the rest; each list (GET /jobs, an admin's, /v1's)."""
+    prompts = ["x" * 20_000] * (service.PAGE_SPEC_CHARS // 3 // 20_000 + 2)  # two such specs fit, three do not
+    spec = JobSpec.parse({"base_model": "llama-3-8b", "training": {"max_steps": 10},
+                          "eval": {"prompts": prompts}}).model_dump(mode="json")
+    ids = []
+    for _ in range(5):
+        job = Job(team_id=caller.team_id, status=states.QUEUED, base_model="llama-3-8b", spec=spec, queue="gpu-default")
+        session.add(job)
+        session.commit()
+        ids.append(job.id)
+    for pages in (lambda cursor: service.view_page(session, caller, None, cursor, 200),
+                  lambda cursor: service.list_page(session, caller, None, cursor, 200)):
+        seen, cursor, sizes = [], None, []
+        while True:
+            found = pages(cursor)
+            sizes.append(len(found.data))
+            seen += [row.id for row in found.data]
+            if found.next_cursor is None:
+                break
+            cursor = found.next_cursor
+        assert sizes == [2, 2, 1] and seen == ids[::-1]
+    first = service.view_page(session, caller, None, None, 200)
+    assert len(job_page_json(first.data, first.next_cursor)) < 2 * service.PAGE_SPEC_CHARS
+
+
+def test_a_page_of_ordinary_specs_is_as_long_as_asked(session, make_job, caller):
+    ids = [make_job() for _ in range(30)]
+    found = service.view_page(session, caller, None, None, 200)
+    assert [row.id for row in found.data] == ids[::-1] and found.next_cursor is None
