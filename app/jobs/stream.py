@@ -192,8 +192,6 @@ class Tick:
     event_after: int
     points: list[Row]
     events: list[Row]
-    job_message: str
-    job_state: str
     attempt: int
     finished: bool
     caught_up: bool  # the poll found fewer than a batch of each: nothing more to read right now
@@ -222,6 +220,11 @@ class JobFeed:
         self._rows = 0  # points and events in _ticks
         self._seq = 0  # the last tick's number
         self.metric_after = self.event_after = 0  # what the feed has read: it starts from the job's beginning
+        # The job as the newest tick found it: a stream sends only the newest state, however many ticks it takes at
+        # once, so the feed keeps that one alone. Kept in each tick, a running job's state (it changes at every
+        # step) was up to FEED_BUFFER_TICKS copies of the job, spec and all: with 256 long eval prompts in its
+        # spec (30 MB as JSON), one watched job grew the API by more than a GB a minute.
+        self.job_message = self.job_state = ""
         self.gone = False  # the job was deleted: every stream ends
         self.failure: BaseException | None = None  # a poll failed: every stream ends with it, as it did alone
         self._news = asyncio.Event()
@@ -312,7 +315,7 @@ class JobFeed:
     def _append(self, poll: _Poll, caught_up: bool) -> bool:
         """Keep the poll as a tick if it brought news; False if it did not (no stream need wake)."""
         last = self._ticks[-1] if self._ticks else None
-        if last and not poll.points and not poll.events and poll.job_state == last.job_state \
+        if last and not poll.points and not poll.events and poll.job_state == self.job_state \
                 and caught_up == last.caught_up:
             return False
         if last and poll.attempt != last.attempt:
@@ -323,7 +326,8 @@ class JobFeed:
             self._rows = 0
         self._seq += 1
         self._ticks.append(Tick(self._seq, self.metric_after, self.event_after, poll.points, poll.events,
-                                poll.job_message, poll.job_state, poll.attempt, poll.finished, caught_up))
+                                poll.attempt, poll.finished, caught_up))
+        self.job_message, self.job_state = poll.job_message, poll.job_state
         self._rows += len(poll.points) + len(poll.events)
         if poll.points:
             self.metric_after = poll.points[-1][0]
@@ -470,9 +474,9 @@ async def _follow(feed: JobFeed, subscriber: Subscriber, database_url: str, team
             if ticks:
                 newest = ticks[-1]
                 position = newest.seq
-                if newest.job_state != last_job:  # several ticks at once: only the newest state is news
-                    out.append(newest.job_message)
-                    last_job = newest.job_state
+                if feed.job_state != last_job:  # several ticks at once: only the newest (the feed's) state is news
+                    out.append(feed.job_message)
+                    last_job = feed.job_state
                 done = newest.finished and newest.caught_up
 
         if out:
