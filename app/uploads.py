@@ -12,9 +12,11 @@ the file (the number of fields, and the bytes of their headers and values, which
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import unquote_to_bytes
 
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -45,6 +47,26 @@ def upload_slots(per_key: int) -> KeySlots:
     return KeySlots(per_key, lambda held: TooManyUploads(
         f"this API key already has {held} uploads in flight, the limit per key (QLORA_MAX_UPLOADS_PER_KEY="
         f"{per_key}); send the next once one has finished"))
+
+
+# A file name in RFC 5987's extended form, `filename*=UTF-8''%C3%A9t%C3%A9.jsonl`, as clients send a name that is not
+# ASCII (urllib3 before 1.25, and so `requests`; RFC 6266 has it preferred to a plain `filename` beside it). The
+# multipart parser drops such a parameter: the file was then read as a plain field, and refused past 64 KiB as
+# a form too large, telling the caller to send the file as 'file', which it had.
+_EXTENDED_FILENAME = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*([!#$&+.^`|~\w-]*)'[^']*'([^;\s]*)""", re.IGNORECASE)
+
+
+def _filename(disposition: bytes, plain: bytes | None) -> str | None:
+    """A part's file name: its extended form where it has one (percent-decoded in its charset, or as UTF-8
+    where Python knows no such charset), else its plain form as UTF-8; None for a part without one."""
+    extended = _EXTENDED_FILENAME.search(disposition)
+    if extended is not None:
+        charset = extended.group(1).decode("ascii", "replace") or "utf-8"
+        try:
+            return unquote_to_bytes(extended.group(2).decode("latin-1")).decode(charset, "replace")
+        except LookupError:  # a charset Python does not know
+            return unquote_to_bytes(extended.group(2).decode("latin-1")).decode("utf-8", "replace")
+    return plain.decode("utf-8", "replace") if plain is not None else None
 
 
 class FileSink(Protocol):
@@ -129,8 +151,7 @@ async def read_multipart(request: Request, open_file: Callable[[str, str], FileS
         nonlocal sink, seen_file, form_parts
         _, disposition = parse_options_header(part.headers.get("content-disposition"))
         part.name = disposition.get(b"name", b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
-        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        part.filename = _filename(part.headers.get("content-disposition", b""), disposition.get(b"filename"))
         part.buffer = []
         part.in_file = part.name == file_field and part.filename is not None
         if part.filename and not part.in_file:

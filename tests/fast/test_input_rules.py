@@ -271,6 +271,21 @@ def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_fo
     assert made.status_code == 201, made.text
 
 
+def test_a_file_named_in_the_extended_form_is_that_file_under_that_name(client):
+    """A client that sends a name that is not ASCII as `filename*=UTF-8''%C3%A9t%C3%A9.jsonl` (RFC 5987; urllib3
+    before 1.25, so `requests`) had its file read as a plain field, its name dropped: past 64 KiB a 413 that said to
+    send the file as 'file', which it was, and under it "no file in the upload"."""
+    data = b'{"text": "the cow says moo"}\n' * 4000  # 120 KB
+    for path, form in (("/datasets", b""), ("/v1/files", b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n'
+                                                          b"\r\nfine-tune\r\n")):
+        for size in (len(data), 100):
+            body = (form + b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''%C3%A9t%C3%A9.jsonl"
+                    b"\r\n\r\n" + data[:size] + b"\r\n--b--\r\n")
+            made = client.post(path, content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert made.status_code in (200, 201), (path, size, made.text)
+            assert (made.json()["filename"], made.json()["bytes"]) == ("été.jsonl", size)
+
+
 def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
     """`Authorization: qlk_…` (the scheme forgotten) answered "missing API key", as if no key had been sent."""
     key = client.headers["Authorization"].removeprefix("Bearer ")
