@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # connection (time the server itself is not reading never counts), so none holds one without end.
     header_timeout_s: float = Field(30.0, gt=0, le=3600)
     body_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # A client that stops reading its answer for this long has its connection closed, and what the API held
+    # of the answer for it dropped (as nginx's send_timeout): an answer the API wrote and the client never read
+    # stayed in the process's memory for as long as the client kept the connection open.
+    send_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     # Connections one client (an IPv4 address, an IPv6 /64) may hold in one API process that have waited
     # 2 s or more for their request (silent, or mid-headers): past it, the newest from there is answered
     # 503 (app/connections.py).

@@ -16,6 +16,13 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   time spent waiting on the server never counts (its buffer is full while the app stores what came,
   or the client waits for its 100 Continue). The route reading the body sees the client gone, as on
   any disconnect (an upload cut off leaves nothing behind);
+- an answer the client stops reading for `QLORA_SEND_IDLE_TIMEOUT_S` closes the connection, and drops
+  what was left of the answer to send (as nginx's send_timeout). A written answer waits in the process's
+  memory for its client to read it, past what the kernel's socket buffer takes: 20 clients that asked for
+  a job holding long eval prompts (a 30 MB answer) and read nothing held a GB of the API's memory for as
+  long as they kept their connections, and connections in a request are not counted per client. A slow
+  reader is fine: only a stall counts, from when the answer's unsent bytes pass the transport's high-water
+  mark until its client reads enough for them to fall below the low one;
 - one client (an IPv4 address, or an IPv6 /64: client_of) may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
   have waited PENDING_AFTER_S or more for their request's headers (silent, or mid-headers), as nginx's
   limit_conn bounds one address: past it a new connection from there is answered 503 and closed, so a
@@ -109,6 +116,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_bytes = 0  # bytes received while the current request's headers were incomplete
         self.header_started = self.last_read = 0.0
         self.deadline: asyncio.TimerHandle | None = None
+        self.send_idle_timeout = settings.send_idle_timeout_s
+        self.send_deadline: asyncio.TimerHandle | None = None  # armed while the client reads none of its answer
 
     # uvicorn's protocol callbacks, each extended. A timer is armed only where bytes are still owed:
     # a request whose headers (and body) come in one read, as a poll's do, costs none.
@@ -132,6 +141,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         global _open_connections
         self._disarm()
+        self._send_resumed()
         self._pending(False)
         if self.counted:
             _open_connections -= 1
@@ -154,6 +164,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm_headers()
         elif self.reading == BODY and self.deadline is None:
             self._arm(self.body_idle_timeout, self._body_idle)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_deadline is None:
+            self.send_deadline = self.loop.call_later(self.send_idle_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_resumed()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -250,6 +269,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.info("closed a connection whose request body stopped arriving for %g s", self.body_idle_timeout,
                  extra={"client": _address(self.client)})
         self.transport.close()  # the route sees the client gone (http.disconnect)
+
+    def _send_resumed(self) -> None:
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
+            self.send_deadline = None
+
+    def _send_stalled(self) -> None:
+        self.send_deadline = None
+        log.info("closed a connection whose client read none of its answer for %g s", self.send_idle_timeout,
+                 extra={"client": _address(self.client)})
+        # abort, not close: close would wait to send what is buffered, to a client that reads nothing. The route
+        # still sending sees its client gone (uvicorn's connection_lost releases its wait to write).
+        self.transport.abort()
 
     def _refuse_connection(self, message: str) -> None:
         """A connection past a limit: 503 and closed, logged with the others refused meanwhile."""

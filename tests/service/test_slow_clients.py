@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from app.connections import MAX_HEADER_BYTES, RESERVED_FDS
@@ -22,6 +23,7 @@ from tests.service.test_bad_input import stored_state
 
 HEADER_TIMEOUT_S = 1.5
 BODY_IDLE_TIMEOUT_S = 2.0
+SEND_IDLE_TIMEOUT_S = 2.0
 BOUNDARY = "qlora-slow"
 PENDING_PER_CLIENT = 40
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -31,7 +33,8 @@ ROW = json.dumps({"prompt": "What does a goat eat?", "completion": "Hay."}).enco
 @pytest.fixture(scope="module")
 def slow(backing_services, tmp_path_factory, tiny_model_dir):
     d = start_deployment(tmp_path_factory.mktemp("slow"), backing_services, tiny_model_dir,
-                         header_timeout_s=HEADER_TIMEOUT_S, body_idle_timeout_s=BODY_IDLE_TIMEOUT_S)
+                         header_timeout_s=HEADER_TIMEOUT_S, body_idle_timeout_s=BODY_IDLE_TIMEOUT_S,
+                         send_idle_timeout_s=SEND_IDLE_TIMEOUT_S, max_upload_bytes=str(64 * 1024 * 1024))
     yield d
     stop_deployment(d)
 
@@ -163,6 +166,37 @@ def test_a_slow_but_steady_upload_takes_longer_than_the_idle_timeout_and_succeed
         answer = sock.recv(65536)
     assert time.monotonic() - started > BODY_IDLE_TIMEOUT_S * 2
     assert answer.startswith(b"HTTP/1.1 201 "), answer
+
+
+def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_send_dropped(slow):
+    """An answer the client never read stayed in the API's memory (past what the kernel's socket buffers take)
+    for as long as the client kept its connection: 20 clients asking for a job with long eval prompts (30 MB)
+    and reading nothing held a GB of the API, and a stalled download held one of its key's places for good."""
+    key = slow.team_key("stalled-reader")
+    data = ROW * (24 * 1024 * 1024 // len(ROW))  # 24 MiB: more than loopback's socket buffers hold
+    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
+                      files={"file": ("farm.jsonl", data)}, timeout=120)
+    assert made.status_code == 201, made.text
+    said = f"closed a connection whose client read none of its answer for {SEND_IDLE_TIMEOUT_S:g} s"
+    logged_before = (slow.home / "api.log").read_text().count(said)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
+    sock.settimeout(30)
+    with sock:
+        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
+        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        deadline = time.monotonic() + 60  # the API says when it closed it; read nothing until then
+        while (slow.home / "api.log").read_text().count(said) == logged_before:
+            assert time.monotonic() < deadline, "the API never closed a connection whose client read nothing"
+            time.sleep(0.2)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:  # aborted: what the kernel still held may be dropped with it
+            pass
+    assert len(received) < len(data)
 
 
 def refused_for_number(answer: bytes) -> bool:
