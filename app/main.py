@@ -61,6 +61,7 @@ from app.usage.routes import router as usage_router
 from app.web.routes import STATIC_DIR, DashboardFiles
 from app.web.routes import router as web_router
 from worker.training.protocol import out_of_space
+from worker.training.spec import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         error.status = 500
         return await app_error(request, error)
 
-    app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, on_nul=lambda request: app_error(
-        request, AppError("the URL holds a NUL character (%00); no id or parameter has one")))
+    app.add_middleware(RequestScope, max_body_bytes=settings.max_json_bytes, refuse=app_error)
 
     # GET and HEAD as two routes, not one api_route of both: that gave both methods one operationId (a client
     # generator refuses the schema), and which method it was named after changed from run to run (a set's order).
@@ -282,6 +282,10 @@ class RequestScope:
 
     - A URL with NUL in it is answered 400 here, once: no id or parameter holds NUL, and Postgres
       fails any query that compares with one.
+    - A body sent compressed (Content-Encoding: gzip, as some HTTP clients can be set to send) is answered
+      415 `unsupported_content_encoding`, naming it, before any of it is read, as RFC 7694 has a server do:
+      no route decodes one, and read as it came it was "not valid JSON: expected value at line 1 column 1",
+      or for an upload "not valid multipart/form-data: Expected boundary character 45, got 31".
     - A body that a route reads whole (JSON) is refused past `max_body_bytes` (413): up front by its
       Content-Length (a client that sent Expect: 100-continue is never asked for it), else as it
       arrives (a chunked one declares none). FastAPI reads a body whole
@@ -295,14 +299,19 @@ class RequestScope:
       revalidated, so an upgrade never runs stale modules beside new ones.
     """
 
-    def __init__(self, app: ASGIApp, on_nul: Callable[[Request], Awaitable[Response]], max_body_bytes: int):
-        self.app, self.on_nul, self.max_body_bytes = app, on_nul, max_body_bytes
+    def __init__(self, app: ASGIApp, refuse: Callable[[Request, AppError], Awaitable[Response]], max_body_bytes: int):
+        self.app, self.refuse, self.max_body_bytes = app, refuse, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal = None
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
-            response = await self.on_nul(Request(scope, receive))
+            refusal = AppError("the URL holds a NUL character (%00); no id or parameter has one")
+        elif scope["method"] in BODY_METHODS:
+            refusal = _encoded_body(scope)
+        if refusal is not None:
+            response = await self.refuse(Request(scope, receive), refusal)
             return await response(scope, receive, send)
         if scope["method"] in BODY_METHODS:
             receive = self.bounded(scope, receive)
@@ -354,6 +363,18 @@ class RequestScope:
                 raise too_large()
             return message
         return counted
+
+
+def _encoded_body(scope: Scope) -> AppError | None:
+    """The refusal of a request whose body is sent compressed (any Content-Encoding but identity), or None."""
+    codings = [value.decode("latin-1").strip().lower() for name, value in scope["headers"] if name == b"content-encoding"]
+    if all(coding in ("", "identity") for coding in codings):
+        return None
+    error = AppError(f"the request body is sent with Content-Encoding: {excerpt(', '.join(codings))}, which this API "
+                     "does not decode; send it uncompressed (and a dataset as its .jsonl, not compressed)",
+                     code="unsupported_content_encoding", headers={"Accept-Encoding": "identity"})
+    error.status = 415
+    return error
 
 
 def document_request_models(app: FastAPI, models: list[type[BaseModel]]) -> None:

@@ -5,6 +5,7 @@ echoes more than an excerpt of what was sent."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 
 import pytest
@@ -284,6 +285,26 @@ def test_a_file_named_in_the_extended_form_is_that_file_under_that_name(client):
             made = client.post(path, content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
             assert made.status_code in (200, 201), (path, size, made.text)
             assert (made.json()["filename"], made.json()["bytes"]) == ("été.jsonl", size)
+
+
+def test_a_body_sent_compressed_is_refused_naming_its_encoding_and_nothing_is_made(client):
+    """A client set to compress its requests (Content-Encoding: gzip) was told "not valid JSON: expected value at
+    line 1 column 1", or for an upload "not valid multipart/form-data: Expected boundary character 45, got 31":
+    no route decodes a compressed body. It is a 415 naming the encoding (RFC 7694), before the body is read."""
+    spec = gzip.compress(json.dumps({"base_model": "llama-3-8b", "training": {"max_steps": 10}}).encode())
+    upload = client.build_request("POST", "/datasets", files={"file": ("t.jsonl", b'{"text": "moo"}\n')})
+    for path, body, content_type in (("/jobs", spec, "application/json"), ("/jobs/preflight", spec, "application/json"),
+                                     ("/datasets", gzip.compress(upload.read()), upload.headers["content-type"])):
+        answer = client.post(path, content=body, headers={"Content-Type": content_type, "Content-Encoding": "gzip"})
+        assert answer.status_code == 415, (path, answer.text)
+        assert answer.json()["error"]["code"] == "unsupported_content_encoding"
+        assert "Content-Encoding: 'gzip'" in answer.json()["error"]["message"]
+        assert answer.headers["accept-encoding"] == "identity"
+    assert client.get("/datasets").json()["data"] == [] and client.get("/jobs").json()["data"] == []
+    # `identity` is no encoding at all
+    made = client.post("/datasets", files={"file": ("t.jsonl", b'{"text": "moo"}\n')},
+                       headers={"Content-Encoding": "identity"})
+    assert made.status_code == 201, made.text
 
 
 def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
