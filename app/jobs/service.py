@@ -381,10 +381,11 @@ def team_view_page(session: Session, team_id: str, status: str | None, cursor: s
     return page(repository.view_page(session, team_id, status, cursor, limit), limit)
 
 
-# A page of jobs holds at most about this many characters of specs, as well as at most `limit` jobs. A spec
-# may hold 256 eval prompts of 20,000 characters (5 million; 30 MB once JSON escapes non-ASCII text), and
-# GET /jobs?limit=200 of such jobs read, built and sent gigabytes at once: a page of 3 of them grew the API
-# by 480 MB. A page of ordinary specs (a few KiB each) is far below it.
+# A page of jobs holds at most about this many characters of specs, as well as at most `limit` jobs. A job
+# accepted before eval prompts had a total (MAX_EVAL_PROMPT_CHARS) may hold 256 of 20,000 characters (5 million;
+# 30 MB once JSON escapes non-ASCII text), and GET /jobs?limit=200 of such jobs read, built and sent gigabytes at
+# once: a page of 3 of them grew the API by 480 MB; 200 specs at today's limit still reach 26 million characters.
+# A page of ordinary specs (a few KiB each) is far below it.
 PAGE_SPEC_CHARS = 4 * 1024 * 1024
 
 

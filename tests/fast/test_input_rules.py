@@ -20,7 +20,7 @@ from app.openai import translate
 from app.pagination import MAX_ID
 from tests.fast.conftest import job_spec, make_settings
 from tests.model_configs import LLAMA3_8B
-from worker.training.spec import JobSpec, SpecError
+from worker.training.spec import MAX_EVAL_PROMPT_CHARS, JobSpec, SpecError
 
 HUGE = "h" * (2 * 1024 * 1024)
 LLAMA = RegisteredModel(name="llama-3-8b", hub_id="meta-llama/Meta-Llama-3-8B", revision="main", config=LLAMA3_8B)
@@ -423,3 +423,21 @@ def test_a_stored_spec_from_before_the_minimums_still_runs():
     assert JobSpec.parse(stored, stored=True).training.epochs == 1e-300
     with pytest.raises(SpecError):
         JobSpec.parse(stored)
+
+
+def test_eval_prompts_past_their_total_are_refused_naming_the_field_and_nothing_is_made(client):
+    """256 prompts of 20,000 characters each were accepted: a 30 MB spec carried by every poll, list page and
+    stream message of the job, and a create-and-cancel loop of them grew the database by megabytes a second,
+    counted by no quota. Within the total they are accepted; past it, 422 names eval.prompts and the way out."""
+    prompts = ["x" * 20_000] * (MAX_EVAL_PROMPT_CHARS // 20_000)
+    body = {"base_model": "tiny", "training": {"max_steps": 1}}
+    refused = client.post("/jobs", json={**body, "dataset_id": "d" * 32, "eval": {"prompts": [*prompts, "x" * 20_000]}})
+    assert refused.status_code == 422, refused.text
+    (detail,) = refused.json()["error"]["details"]
+    assert detail["field"] == "eval.prompts" and "131,072" in detail["message"] and "validation dataset" in detail[
+        "message"], detail
+    assert client.get("/jobs").json()["data"] == []
+    assert JobSpec.parse({**body, "eval": {"prompts": prompts}}).eval.prompts == prompts
+    # A job accepted before the total still runs as it was accepted.
+    stored = {**body, "eval": {"prompts": ["x" * 20_000] * 256}}
+    assert len(JobSpec.parse(stored, stored=True).eval.prompts) == 256

@@ -165,12 +165,12 @@ def test_a_queued_jobs_place_is_read_once_per_class_while_kept_and_a_job_queued_
 
 
 def test_a_page_of_jobs_with_long_specs_stops_short_and_the_next_page_goes_on(session, caller):
-    """A spec may hold 256 eval prompts of 20,000 characters: GET /jobs?limit=200 of such jobs read, built and
+    """A spec could hold 256 eval prompts of 20,000 characters: GET /jobs?limit=200 of such jobs read, built and
     sent gigabytes in one answer (a page of 3 grew the API by 480 MB). A page stops at about
     PAGE_SPEC_CHARS of specs, and its next_cursor goes on to the rest; each list (GET /jobs, an admin's, /v1's)."""
     prompts = ["x" * 20_000] * (service.PAGE_SPEC_CHARS // 3 // 20_000 + 2)  # two such specs fit, three do not
-    spec = JobSpec.parse({"base_model": "llama-3-8b", "training": {"max_steps": 10},
-                          "eval": {"prompts": prompts}}).model_dump(mode="json")
+    spec = JobSpec.parse({"base_model": "llama-3-8b", "training": {"max_steps": 10}}).model_dump(mode="json")
+    spec["eval"]["prompts"] = prompts  # as a job accepted before eval.prompts had a total (MAX_EVAL_PROMPT_CHARS)
     ids = []
     for _ in range(5):
         job = Job(team_id=caller.team_id, status=states.QUEUED, base_model="llama-3-8b", spec=spec, queue="gpu-default")
