@@ -302,10 +302,16 @@ WIDE = [
     dict(num_hidden_layers=2, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
          num_key_value_heads=4, vocab_size=1500),
 ]
+# Hidden 768, intermediate 3,072, grouped-query attention, head_dim said (GLM's default differs from hidden / heads).
+SMALL_BLOCK = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                   vocab_size=1500)
 # Families whose layers are not Llama's, at their own proportions: Qwen 3's attention twice as wide as its
 # hidden size, with its queries and keys normalized; Gemma 3's 256-wide heads, query and key norms, and
 # four norms per layer; GPT-NeoX's and StarCoder 2's two-matrix MLPs (no gate), which the estimate counted
-# as gated, 30 % over GPT-NeoX's step (GPT-NeoX also runs attention and MLP side by side, fused q/k/v).
+# as gated, 30 % over GPT-NeoX's step (GPT-NeoX also runs attention and MLP side by side, fused q/k/v); StableLM's
+# gated MLP after float32 LayerNorms (counted as Llama's, 0.87 of its step), Phi-3's fused qkv_proj and
+# gate_up_proj (1.15), Nemotron's relu2 MLP and norms in bf16 (1.35), Jais 2's relu2 MLP after LayerNorms (0.98),
+# Phi-2's gelu_new MLP after them (0.86).
 FAMILIES = [
     dict(model_type="qwen3", num_hidden_layers=2, hidden_size=768, intermediate_size=2304, num_attention_heads=12,
          num_key_value_heads=4, head_dim=128, vocab_size=1500),
@@ -315,6 +321,10 @@ FAMILIES = [
          vocab_size=1500),
     dict(model_type="starcoder2", num_hidden_layers=2, hidden_size=768, intermediate_size=3072,
          num_attention_heads=12, num_key_value_heads=4, vocab_size=1500),
+    *(dict(model_type=family, num_hidden_layers=2, **dims) for family, dims in (
+        ("stablelm", dict(SMALL_BLOCK)), ("phi3", dict(SMALL_BLOCK, pad_token_id=0)),
+        ("nemotron", dict(SMALL_BLOCK, hidden_act="relu2")), ("jais2", dict(SMALL_BLOCK, pad_token_id=0)),
+        ("phi", dict(SMALL_BLOCK, hidden_act="gelu_new", pad_token_id=0)))),
 ]
 
 
@@ -875,6 +885,44 @@ def test_a_gpt_neox_layer_keeps_what_is_counted(tmp_path, parallel, intermediate
     assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.10), (estimated, saved)
     # And the whole model's (the loss head keeps the bf16 hidden states of the tokens it scores).
     assert estimated[1] + 4 * 64 * NEOX["hidden_size"] * 2 == pytest.approx(saved[1], rel=0.10), (estimated, saved)
+
+
+# One family's block each, where its layer differs from Llama's in what it keeps for backward.
+OWN_BLOCKS = [
+    dict(model_type="stablelm", **SMALL_BLOCK),  # serial, as transformers' default: two float32 LayerNorms
+    dict(model_type="stablelm", **SMALL_BLOCK, use_parallel_residual=True, qk_layernorm=True),  # StableLM 2 12B's
+    dict(model_type="cohere", **SMALL_BLOCK),  # parallel attention and MLP after one float32 norm of its own
+    dict(model_type="cohere", **SMALL_BLOCK, use_qk_norm=True),
+    dict(model_type="phi3", **{**SMALL_BLOCK, "num_key_value_heads": 12}, pad_token_id=0),  # fused, keys as wide as h
+    dict(model_type="nemotron", **SMALL_BLOCK, hidden_act="relu2"),
+]
+
+
+@pytest.mark.parametrize("dims", OWN_BLOCKS, ids=lambda dims: "-".join(
+    [dims["model_type"], *(key for key in ("use_parallel_residual", "qk_layernorm", "use_qk_norm") if dims.get(key)),
+     *(["mha"] if dims["num_key_value_heads"] == dims["num_attention_heads"] else [])]))
+def test_a_familys_layer_keeps_what_is_counted(tmp_path, dims, layer_norm_as_on_cuda):
+    """What one more layer keeps for backward, against what the estimate adds for it, LayerNorms run as on CUDA.
+    Counted as a Llama layer, StableLM's read 0.81 (serial) and 0.84 (parallel) of what it keeps, Phi-3's 1.17 and
+    Nemotron's 1.37 (its relu2 MLP counted as gated); Cohere's matched, and still does."""
+    saved, estimated = [], []
+    for layers in (1, 2):
+        _, model = build(tmp_path / str(layers), {**dims, "num_hidden_layers": layers}, checkpointing=False)
+        saved.append(saved_for_backward(model, 4, 64, dims["vocab_size"]))
+        e = estimate_peak_memory(spec(gradient_checkpointing=False), {**dims, "num_hidden_layers": layers,
+                                                                        "tie_word_embeddings": False},
+                                 micro_batch=4, seq_len=64)
+        estimated.append(e.parts["activations (kept for backward)"])
+    assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.05), (estimated, saved)
+
+
+def test_which_blocks_read_one_input_is_each_familys_default():
+    """use_parallel_residual is GPT-NeoX's default and not StableLM's (transformers' configs), where absent."""
+    block = dict(SMALL_BLOCK, num_hidden_layers=2)
+    assert ModelShape.from_config({**block, "model_type": "gpt_neox"}).parallel_residual
+    assert not ModelShape.from_config({**block, "model_type": "stablelm"}).parallel_residual
+    assert ModelShape.from_config({**block, "model_type": "stablelm", "use_parallel_residual": True}).parallel_residual
+    assert not AutoConfig.for_model("stablelm").use_parallel_residual and AutoConfig.for_model("gpt_neox").use_parallel_residual
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -35,7 +35,9 @@ The per-token activation coefficients were fitted (to within 0.5 %) on what the 
 backward in Llama-architecture models of 1 and 3 layers and six shapes, bf16 compute, LoRA on every
 linear layer, through the trainer's loss head; the attention's own width (heads x head_dim, which
 Qwen 3 and Gemma make wider than the hidden size) on Llama models of three head sizes, and what Qwen 3,
-Gemma 3 and OLMo 2 add to a layer (query and key norms, four norms a layer) on those families.
+Gemma 3 and OLMo 2 add to a layer (query and key norms, four norms a layer) on those families; what StableLM's
+float32 LayerNorms, Phi-3's fused layers and Nemotron's relu2 MLP and bf16 norms change, on theirs (one and two
+layers, LayerNorms run as a GPU's autocast runs them).
 A mixture of experts is refused (ModelShape.from_config says why). tests/training/test_estimate.py re-measures them on
 shapes the fit never saw, and checks the step's parts against every tensor live at its worst
 moment; the allowance is the part to recalibrate against bench/ measurements on real GPUs.
@@ -63,9 +65,10 @@ ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, t
 # keeps four (gate, up, the activation, their product), one projection's copies of its input rather than two,
 # and one intermediate-wide gradient in flight rather than two. Fitted, per module, on GPT-NeoX and StarCoder 2
 # as the CPU runs them (GPT-NeoX's block is now counted on its own: GPT_NEOX_PER_HIDDEN); counted as gated, the
-# estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). Other
-# activations (gelu_new, relu2, xielu) keep more tensors of their own: their families are still counted as
-# gated, on the safe side.
+# estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). relu2 (Nemotron, Jais 2) is two
+# kernels whose first output is the second's saved input and its own backward's, so it keeps two as well (measured
+# on Nemotron, intermediate 1,536 and 3,072: 8.25; counted as gated, its step was 28-35 % over). Other activations
+# (gelu_new, xielu) keep more tensors of their own: their families are still counted as gated, on the safe side.
 ACT_PER_INTERMEDIATE_TWO_MATRIX = 8.25
 ACT_MLP_PER_HIDDEN_TWO_MATRIX = 6.4
 GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, where a gated MLP has two float32 (8)
@@ -75,10 +78,30 @@ GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, wher
 # layer_norm_as_on_cuda): StarCoder 2 (intermediate 1,536 and 3,072) and GPT-NeoX (2,048 and 4,096). Counted as
 # the CPU runs it, a StarCoder 2 step read 0.90 of what a GPU's autocast keeps live (4 x 64 tokens).
 ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM = 10.25
-LAYER_NORM_FAMILIES = frozenset({"gpt_neox", "starcoder2"})  # their blocks' norms are nn.LayerNorm
+LAYER_NORM_FAMILIES = frozenset({"gpt_neox", "starcoder2", "stablelm", "jais2", "phi"})  # their blocks' norms are nn.LayerNorm
+# StableLM's gated MLP after the same float32 LayerNorm: gate, up, the activation and their product float32 on a GPU,
+# as with float32 frozen weights (ACT_PER_INTERMEDIATE_F32_RESIDUAL). Measured with layer_norm as on CUDA, hidden
+# 768 and 1,024, intermediate 1,536 and 3,072: 18.4 bytes per intermediate unit a layer, Llama's count of its hidden
+# and attention widths otherwise. Counted as a Llama layer, its step read 0.87 of what is live. With
+# use_parallel_residual (StableLM 2 12B) attention and MLP read one norm's output: one float32 norm input fewer.
+LAYER_NORM_PARALLEL_PER_HIDDEN = -4.0
+# In its backward the MLP's gradients are float32 too: the product's, the activation's and the up projection's in
+# flight at once (three, where the gated MLP's count has two); counting two, its checkpointed step at 4 x 256
+# tokens read 0.99 of what is live.
+GRAD_F32_INTERMEDIATES_LAYER_NORM = 3
+# Phi-2's MLP (fc1, gelu_new, fc2) after the same float32 LayerNorm: gelu_new is a chain of element-wise ops, each
+# saving a float32 intermediate-wide tensor on a GPU. Measured with layer_norm as on CUDA (hidden 768, intermediate
+# 1,536 and 3,072): 22.25 bytes per intermediate unit a layer; counted as a gated MLP's 12.5, a Phi-2 step read 0.86
+# of what is live.
+ACT_PER_INTERMEDIATE_GELU_NEW_LAYER_NORM = 22.25
+# Nemotron's LayerNorm1P casts its input to the autocast dtype and runs with autocast off, on a GPU as on the CPU:
+# its two norms save bf16 inputs where Llama's RMSNorms save float32 ones (measured per layer: 4.2 bytes per hidden
+# unit under the two-matrix count; with relu2 counted so, its step was 10 % over).
+AUTOCAST_DTYPE_NORM_FAMILIES = frozenset({"nemotron"})
+AUTOCAST_DTYPE_NORMS_PER_HIDDEN = -4.0
 # With float32 frozen weights: scaled from the gated MLP's (18.5 / 12.5), not measured.
 ACT_PER_INTERMEDIATE_TWO_MATRIX_F32_RESIDUAL = 12.25
-ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu"})  # config.json's hidden_act
+ONE_KERNEL_ACTIVATIONS = frozenset({"gelu", "gelu_pytorch_tanh", "silu", "relu", "relu2"})  # config.json's hidden_act
 # Per token per hidden unit, once per model rather than per layer: the first layer keeps less than
 # the per-layer rate; with checkpointing, the final norm keeps its input beside the layers' inputs.
 ACT_MODEL_PER_HIDDEN = -12.0
@@ -96,6 +119,19 @@ GPT_NEOX_PER_HIDDEN = 31.3  # and ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM per
 GPT_NEOX_SERIAL_PER_HIDDEN = 35.3
 GPT_NEOX_MODEL_PER_HIDDEN = -6.3  # once per model, where a Llama model's is ACT_MODEL_PER_HIDDEN
 GPT_NEOX_SERIAL_MODEL_PER_HIDDEN = -2.15
+# A LoRA layer keeps its own float32 copy of its input (the cast to the adapter's dtype, through lora.dropout), so a
+# block whose fused layers read the norm's output fewer times than Llama's five (q, k, v, gate, up) keeps fewer:
+# Phi-3's qkv_proj and gate_up_proj read it twice. Measured per layer on Phi-3 (hidden 768 and 1,024, intermediate
+# 1,536 and 3,072, LoRA on every linear layer): 16 bytes per hidden unit under Llama's count for its three fewer
+# readers: 5 per reader, the dropout's float32 output and its boolean mask (counted so, on the safe side). Counted
+# as Llama's, a Phi-3 step was 12-15 % over what is live (the estimator's error, not the CPU's: a GPU keeps the
+# same float32 copies).
+LLAMA_INPUT_READERS = 5
+ACT_PER_INPUT_READER = 5.0
+# A fused q/k/v projection's one output holds the keys and values that attention reads as views of it, so the whole
+# of it stays while they do: 2 bytes per unit of the keys' and values' width more than Llama's count (Phi-3, keys
+# and values 256 and 768 wide at hidden 768).
+ACT_PER_KV_FUSED = 2.0
 
 # Without checkpointing, the forward's last layer runs with every layer's saved activations live, and its MLP's
 # output projection holds its input three ways that nothing keeps (the 4-bit layer saves no input): in the compute
@@ -262,7 +298,7 @@ class ModelShape:
     activation: str = "silu"  # config.json's hidden_act: what a two-matrix MLP keeps (two_matrix_mlp)
     sliding_window: int | None = None  # config.json's, where its layers use it (Mistral 7B v0.1, Gemma 3)
     attention_masks: int = 1  # masks a step builds where one is needed: 2 where sliding and full layers mix
-    parallel_residual: bool = True  # GPT-NeoX's use_parallel_residual: attention and MLP read one input
+    parallel_residual: bool = True  # use_parallel_residual (GPT-NeoX, StableLM): attention and MLP read one input
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -285,7 +321,9 @@ class ModelShape:
             activation=config["hidden_act"] if isinstance(config.get("hidden_act"), str) else "silu",
             sliding_window=_sliding_window(config),
             attention_masks=2 if _sliding_window(config) and _mixes_full_layers(config) else 1,
-            parallel_residual=config.get("use_parallel_residual", True) is not False,
+            # transformers' defaults: GPT-NeoX's blocks are parallel, StableLM's serial
+            parallel_residual=(config["use_parallel_residual"] if isinstance(config.get("use_parallel_residual"), bool)
+                               else config.get("model_type") == "gpt_neox"),
         )
         experts = next((config[key] for key in EXPERT_KEYS if isinstance(config.get(key), int)), 0)
         if experts > 1:
@@ -334,6 +372,15 @@ class ModelShape:
         into_intermediate = sum({"i": 1, "2i": 2}.get(o, 0)
                                 for _, _, o in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS))
         return into_intermediate == 1 and self.activation in ONE_KERNEL_ACTIVATIONS
+
+    @property
+    def input_readers(self) -> int:
+        """How many of the block's linear layers read a hidden-wide input (the norms' outputs; Llama's five)."""
+        return sum(i == "h" for _, i, _ in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS))
+
+    @property
+    def fused_qkv(self) -> bool:
+        return any(o == "qkv" for _, _, o in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS))
 
     @property
     def linear_params(self) -> int:
@@ -506,11 +553,20 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
     elif shape.two_matrix_mlp:
         per_intermediate = (ACT_PER_INTERMEDIATE_TWO_MATRIX_LAYER_NORM if shape.family in LAYER_NORM_FAMILIES
                             else ACT_PER_INTERMEDIATE_TWO_MATRIX)
+    else:  # a float32 residual stream, or a float32 LayerNorm's output on a GPU, makes the MLP's intermediates float32
+        per_intermediate = (ACT_PER_INTERMEDIATE_F32_RESIDUAL if f32_residual or shape.family in LAYER_NORM_FAMILIES
+                            else ACT_PER_INTERMEDIATE)
+        if shape.family in LAYER_NORM_FAMILIES and shape.activation == "gelu_new":
+            per_intermediate = max(per_intermediate, ACT_PER_INTERMEDIATE_GELU_NEW_LAYER_NORM)
+    # The MLP's intermediate-wide gradients in flight, bytes per token: gate's and up's (float32; a LayerNorm family's
+    # three, GRAD_F32_INTERMEDIATES_LAYER_NORM), or a two-matrix MLP's up projection's and its activation's (bf16),
+    # fitted as ACT_PER_INTERMEDIATE_TWO_MATRIX.
+    if shape.two_matrix_mlp:
+        intermediate_grads = GRAD_PER_INTERMEDIATE_TWO_MATRIX * shape.intermediate
     else:
-        per_intermediate = ACT_PER_INTERMEDIATE_F32_RESIDUAL if f32_residual else ACT_PER_INTERMEDIATE
-    # The MLP's intermediate-wide gradients in flight, bytes per token: gate's and up's (float32), or a
-    # two-matrix MLP's up projection's and its activation's (bf16), fitted as ACT_PER_INTERMEDIATE_TWO_MATRIX.
-    intermediate_grads = (GRAD_PER_INTERMEDIATE_TWO_MATRIX if shape.two_matrix_mlp else 4 * 2) * shape.intermediate
+        gated = shape.linear_shapes().keys() & {"gate_proj", "gate_up_proj"}  # Phi-2's gelu_new MLP has no product
+        f32_grads = GRAD_F32_INTERMEDIATES_LAYER_NORM if shape.family in LAYER_NORM_FAMILIES and gated else 2
+        intermediate_grads = 4 * f32_grads * shape.intermediate
     scale = compute / 2  # the coefficients are for bf16 compute
     # Per token, what the MLP alone saves (its intermediates, and its input and the adapter's copies of it)...
     mlp_per_hidden = ACT_MLP_PER_HIDDEN_TWO_MATRIX if shape.two_matrix_mlp else ACT_MLP_PER_HIDDEN
@@ -521,6 +577,13 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
     if shape.two_matrix_mlp:  # ACT_PER_HIDDEN holds a gated MLP's copies of its input
         per_layer -= scale * (ACT_MLP_PER_HIDDEN - ACT_MLP_PER_HIDDEN_TWO_MATRIX) * shape.hidden
+    else:  # and five LoRA copies of the norm's output, where fused layers keep fewer
+        per_layer -= scale * ACT_PER_INPUT_READER * (LLAMA_INPUT_READERS - shape.input_readers) * shape.hidden
+        per_layer += scale * (ACT_PER_KV_FUSED * kv if shape.fused_qkv else 0)
+    if shape.family in AUTOCAST_DTYPE_NORM_FAMILIES:
+        per_layer += scale * AUTOCAST_DTYPE_NORMS_PER_HIDDEN * shape.hidden
+    if shape.family == "stablelm" and shape.parallel_residual:
+        per_layer += scale * LAYER_NORM_PARALLEL_PER_HIDDEN * shape.hidden
     model_per_hidden = ACT_MODEL_PER_HIDDEN
     if shape.family == "gpt_neox" and shape.two_matrix_mlp and not f32_residual:  # its fused q/k/v, float32 LayerNorms
         per_layer = scale * ((GPT_NEOX_PER_HIDDEN if shape.parallel_residual else GPT_NEOX_SERIAL_PER_HIDDEN) * shape.hidden
