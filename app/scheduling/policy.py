@@ -250,7 +250,8 @@ def _turn(team: TeamShare, next_job: Waiting) -> tuple[float, float, str, str]:
 
 
 def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], teams: Mapping[str, TeamShare],
-                     now: float, min_runtime_s: float, freeing: int = 0) -> list[Preemption]:
+                     now: float, min_runtime_s: float, freeing: int = 0, *,
+                     teams_after: dict[str, TeamShare] | None = None) -> list[Preemption]:
     """For one GPU class with no free GPU: which running jobs to pause, for which waiting jobs.
 
     `running` are the class's jobs that may be preempted (running, their worker alive); `freeing` counts
@@ -260,6 +261,14 @@ def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], tea
     share to the next job in claim order, and only while the victim's team, without that job, stays
     PREEMPT_MARGIN above the waiting team with it: the plan stops when a swap would not make the shares
     clearly fairer.
+
+    `teams_after`, when given, is updated to the teams as they will stand once the plan is carried out: each
+    team whose job gets a GPU (freed or preempted) with one more job running, each victim's with one fewer. The
+    service plans one GPU class after another with it, so that a team waiting in two classes is not given a GPU
+    in each when its max_running or its budget lets it start only one: planned on the shares read before the
+    pass, a team at max_running - 1 had a job of another team paused in every class it waited in, and the
+    GPUs it could not take went back to the jobs just paused, each pause (a checkpoint saved and loaded)
+    charged to their team for nothing.
     """
     teams = dict(teams)
     pending = sorted(waiting, key=lambda job: job.team_order())
@@ -285,6 +294,8 @@ def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], tea
         teams[first.team_id] = claimant.with_running(1)
         teams[victim.team_id] = teams[victim.team_id].with_running(-1)
         plan.append(Preemption(victim=victim, for_job=first))
+    if teams_after is not None:
+        teams_after.update(teams)
     return plan
 
 

@@ -171,12 +171,17 @@ def schedule(session: Session, settings: Settings) -> dict[str, int]:
     now = database_now(session)
     counts = {"sent": 0, "preempted": 0}
     shares = team_shares(session, settings, now)
-    for queue in repository.queues_with_waiting(session):
+    # The teams as they will stand once the GPUs this pass frees or preempts are claimed, class after class: a team
+    # given one in a class is seen with it in the next (policy.plan_preemptions' teams_after). The classes go in one
+    # order at every pass, so that a GPU planned for a team in one class, still being freed at the next pass, is
+    # counted before the other classes again.
+    planned = dict(shares)
+    for queue in sorted(repository.queues_with_waiting(session)):
         rows = repository.waiting(session, queue)
         order = policy.claim_order(_waiting(session, queue, rows), shares)
         counts["sent"] += _send_due(session, settings, queue, order, now)
         if settings.preemption:
-            counts["preempted"] += _preempt(session, settings, queue, now, shares, rows)
+            counts["preempted"] += _preempt(session, settings, queue, now, planned, rows)
     return counts
 
 
@@ -204,7 +209,8 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
 def _preempt(session: Session, settings: Settings, queue: str, now: datetime, shares: dict[str, TeamShare],
              waiting_rows: list[Row]) -> int:
     """Pause (at a checkpoint) the jobs plan_preemptions names, for jobs that have waited
-    QLORA_PREEMPT_AFTER_WAIT_S with their message in the broker: no worker of the class was free to take it."""
+    QLORA_PREEMPT_AFTER_WAIT_S with their message in the broker: no worker of the class was free to take it.
+    `shares` are the teams as the classes planned before this one leave them, and are updated for the next."""
     patience = timedelta(seconds=settings.preempt_after_wait_s)
     waited = _waiting(session, queue, [row for row in waiting_rows if row.dispatched_at is not None
                                        and now - row.dispatched_at >= patience and now - row.created_at >= patience])
@@ -226,7 +232,7 @@ def _preempt(session: Session, settings: Settings, queue: str, now: datetime, sh
     # keep it paused), and the next pass preempted a second job, of yet another team, for the same waiting job.
     freeing = sum(1 for row in rows if row.status != states.RUNNING)
     plan = policy.plan_preemptions(waited, candidates, shares, now.timestamp(),  # claimed_at's clock
-                                   settings.min_runtime_before_preempt_s, freeing)
+                                   settings.min_runtime_before_preempt_s, freeing, teams_after=shares)
     done = 0
     for preemption in plan:
         victim = preemption.victim

@@ -226,3 +226,48 @@ def test_claims_at_once_on_every_gpu_class_start_no_more_of_a_team_than_its_last
         for job_id in set(jobs_of["budgeted"]) - set(started["budgeted"]):
             queue = session.get(Job, job_id).queue
             assert scheduling.standings(session, settings, queue)[job_id].waiting_for == "gpu_hours_per_month"
+
+
+@pytest.mark.parametrize("quota", ["max_running", "gpu_hours_per_month"])
+def test_a_team_that_may_start_one_more_job_has_one_job_preempted_for_it_not_one_in_every_class_it_waits_in(
+        database_url, tmp_path, quota):
+    """Team "capped" may start one more job (max_running 1, or a minute of budget left: less than a running job
+    counts for) and waits in two GPU classes, each held for hours by team "hog". A scheduler pass pauses one of
+    hog's jobs for it, and the next pass (that job still saving its checkpoint) none. Before, each class was planned
+    on the shares read before the pass: a job of hog's was paused in both, capped could start only one, and the
+    other GPU went back to the job just paused, its pause and reload charged to hog for nothing."""
+    settings, team_ids, _ = pool_of(database_url, tmp_path, {"hog": 0, "capped": 0})
+    settings = settings.model_copy(update={"min_runtime_before_preempt_s": 600, "preempt_after_wait_s": 30})
+    now = utcnow()
+    hogs: list[str] = []
+    with session_scope(database_url) as session:
+        capped = session.get(Team, team_ids["capped"])
+        assert capped is not None
+        if quota == "max_running":
+            capped.max_running = 1
+        else:
+            capped.gpu_hours_per_month = 60 / 3600
+        for queue in ("gpu-a100", "gpu-h100"):
+            hog = Job(team_id=team_ids["hog"], status=states.QUEUED, base_model="llama-3-8b", queue=queue,
+                      dataset_id="data-hog", spec=job_spec().model_dump(mode="json"), priority=1,
+                      created_at=now - timedelta(hours=3))
+            session.add(hog)
+            session.flush()
+            assert scheduling.claim_next(session, settings, hog.id, f"worker-{queue}").id == hog.id
+            session.query(Job).filter_by(id=hog.id).update({"claimed_at": now - timedelta(hours=2)})
+            session.query(JobAttempt).filter_by(job_id=hog.id).update({"claimed_at": now - timedelta(hours=2)})
+            hogs.append(hog.id)
+            session.add(Job(team_id=team_ids["capped"], status=states.QUEUED, base_model="llama-3-8b", queue=queue,
+                            dataset_id="data-capped", spec=job_spec().model_dump(mode="json"), priority=1,
+                            created_at=now - timedelta(minutes=5), dispatched_at=now - timedelta(minutes=5)))
+
+    def statuses() -> list[str]:
+        with sessionmaker_for(database_url)() as session:
+            return sorted(session.get(Job, job_id).status for job_id in hogs)
+
+    with session_scope(database_url) as session:
+        assert scheduling.schedule(session, settings)["preempted"] == 1
+    assert statuses() == [states.PAUSING, states.RUNNING]
+    with session_scope(database_url) as session:  # the paused job's GPU is capped's already
+        assert scheduling.schedule(session, settings)["preempted"] == 0
+    assert statuses() == [states.PAUSING, states.RUNNING]
