@@ -92,6 +92,15 @@ def database_now(session: Session) -> datetime:
     return session.execute(select(func.now())).scalar_one().astimezone(UTC)
 
 
+def database_clock(session: Session) -> datetime:
+    """The database's clock at this very moment, not at the start of the transaction as database_now: for a
+    change that must be dated after what the transaction saw committed (a claim takes a job another worker's
+    attempt just left; its GPU time starts here, after that attempt's end). SQLite: this host's clock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    return session.execute(select(func.clock_timestamp())).scalar_one().astimezone(UTC)
+
+
 def on_database_clock(session: Session, host_moment: datetime) -> datetime:
     """`host_moment`, taken from this host's clock (utcnow), moved onto the database's: as long before
     database_now as it is before this host's now. For a moment a process noted before it could reach the

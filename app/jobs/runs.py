@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset
-from app.db import database_now
+from app.db import database_clock, database_now
 from app.jobs import repository, states
 from app.jobs.tables import Checkpoint, Job
 from app.models import repository as models
@@ -64,8 +64,13 @@ class ClaimedJob:
 
 def claim(session: Session, job_id: str, worker: str, token: str | None = None) -> ClaimedJob | None:
     """queued → running, marked with the claim's `token` (landed_claim). None when the job is not queued
-    (cancelled, or another worker has it)."""
-    attempt = repository.claim(session, job_id, worker, database_now(session), token)
+    (cancelled, or another worker has it).
+
+    The attempt's GPU time starts now, by the database's clock at this moment: the claim saw the job queued, so
+    this comes after the end of the attempt before it (a preemption, a lost worker, out of memory). At the claim
+    transaction's start instead (database_now), a claim that began a moment before that end and read the queue
+    after it charged the seconds between twice (usage, the monthly budget, fair share)."""
+    attempt = repository.claim(session, job_id, worker, database_clock(session), token)
     if attempt is None:
         return None
     job = repository.get_any_team(session, job_id)

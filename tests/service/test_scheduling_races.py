@@ -17,7 +17,7 @@ import pytest
 
 from app.config import Settings
 from app.datasets.tables import Dataset
-from app.db import session_scope, sessionmaker_for, utcnow
+from app.db import database_now, session_scope, sessionmaker_for, utcnow
 from app.jobs import repository as jobs
 from app.jobs import runs, states
 from app.jobs.tables import Job, JobAttempt
@@ -271,3 +271,32 @@ def test_a_team_that_may_start_one_more_job_has_one_job_preempted_for_it_not_one
     with session_scope(database_url) as session:  # the paused job's GPU is capped's already
         assert scheduling.schedule(session, settings)["preempted"] == 0
     assert statuses() == [states.PAUSING, states.RUNNING]
+
+
+def test_a_claim_whose_transaction_began_before_the_last_attempt_ended_does_not_charge_its_seconds_twice(
+        database_url, tmp_path):
+    """A worker's claim began (its first reads) a moment before another worker ended a job's attempt at a
+    checkpoint (preempted, queued again at once), then took that job: a claim reads the queue after its first
+    reads, and on a busy host those take a fraction of a second (measured: up to 0.3 s with nine claimers on two
+    cores). The new attempt's GPU time starts where the claim took the job, after the last one ended. Before, it
+    started at the claim transaction's start (Postgres' now()), before the end of the attempt it followed: the
+    seconds between were charged twice, to usage, the monthly budget and fair share."""
+    settings, _, job_ids = pool_of(database_url, tmp_path, {"team": 1})
+    job_id = job_ids["team"][0]
+    with session_scope(database_url) as session:
+        assert scheduling.claim_next(session, settings, job_id, "worker-1").attempt == 1
+    claiming = sessionmaker_for(database_url)()
+    try:
+        database_now(claiming)  # the second worker's claim has begun: its transaction's clock is set
+        with session_scope(database_url) as session:  # the first worker's attempt ends, the job queued again
+            assert jobs.preempt(session, job_id, 1, counted=False)
+        with session_scope(database_url) as session:
+            assert runs.finish(session, job_id, 1, states.PAUSED, half_life_s=settings.fair_share_half_life_s)
+        claimed = scheduling.claim_next(claiming, settings, job_id, "worker-2")
+        assert claimed is not None and claimed.attempt == 2
+        claiming.commit()
+    finally:
+        claiming.close()
+    with sessionmaker_for(database_url)() as session:
+        first, second = session.query(JobAttempt).filter_by(job_id=job_id).order_by(JobAttempt.attempt)
+        assert first.ended_at <= second.claimed_at, (first.ended_at, second.claimed_at)
