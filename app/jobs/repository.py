@@ -419,9 +419,16 @@ def put_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
 
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     """For the reaper: jobs a worker owns whose worker has been silent since before cutoff, of every
-    team; a job that never sent a heartbeat counts from its claim."""
+    team; a job that never sent a heartbeat counts from its claim. Their rows are locked, in id order, before
+    the reaper ends any attempt (which takes the job's team's row: usage.ledger): a job ending takes its own row,
+    then its team's, and so must the reaper, all its jobs' rows first. Taking them one job at a time, the reaper
+    held one team's row (its first job's end) while it waited for another job of that team, whose worker, back
+    from silence, held that job's row and waited for the team's: Postgres ended one with "deadlock detected"
+    (the reaper's whole pass, or the worker's end, rolled back). A job whose worker ends it meanwhile is waited
+    for and, ended, left out. On SQLite the lock is a no-op: its writers go one at a time."""
     return list(session.scalars(
-        select(Job).where(Job.status.in_(states.WORKER_OWNED), _last_sign_of_life() < cutoff)))
+        select(Job).where(Job.status.in_(states.WORKER_OWNED), _last_sign_of_life() < cutoff)
+        .order_by(Job.id).with_for_update()))
 
 
 def _last_sign_of_life() -> sa.ColumnElement:

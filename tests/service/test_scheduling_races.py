@@ -300,3 +300,48 @@ def test_a_claim_whose_transaction_began_before_the_last_attempt_ended_does_not_
     with sessionmaker_for(database_url)() as session:
         first, second = session.query(JobAttempt).filter_by(job_id=job_id).order_by(JobAttempt.attempt)
         assert first.ended_at <= second.claimed_at, (first.ended_at, second.claimed_at)
+
+
+def test_the_reaper_waits_for_a_worker_back_from_silence_that_ends_its_job_instead_of_deadlocking_with_it(
+        database_url, tmp_path):
+    """Two jobs of one team, their workers silent past the deadline; one worker comes back and records its job's
+    success (its job's row, then its team's, for the usage ledger) just as the reaper passes. The reaper waits for
+    it, leaves that job as it ended, and queues the other again. Before, the reaper took the other job's row and
+    then the team's (its attempt's end), then waited for the returning worker's job while that worker waited for
+    the team's row: Postgres ended one of them with "deadlock detected"."""
+    from app.jobs import reaper
+    from app.usage import ledger
+
+    settings, _, job_ids = pool_of(database_url, tmp_path, {"team": 2})
+    for job_id in job_ids["team"]:
+        with session_scope(database_url) as session:
+            assert scheduling.claim_next(session, settings, job_id, f"worker-{job_id}").id == job_id
+    with session_scope(database_url) as session:
+        session.query(Job).update({"heartbeat_at": utcnow() - timedelta(minutes=10)})
+    back = job_ids["team"][1]  # the one a scan of the table comes to second, as the reaper's did
+    worker = sessionmaker_for(database_url)()
+    outcome: dict[str, object] = {}
+
+    def reap() -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcome["reaped"] = reaper.reap(session, settings)
+        except Exception as exc:  # noqa: BLE001 - the test reports what failed
+            outcome["reaped"] = exc
+
+    try:
+        assert jobs.transition(worker, back, states.SUCCEEDED, attempt=1, only_from=[states.RUNNING],
+                               finished_at=utcnow())
+        thread = threading.Thread(target=reap)
+        thread.start()
+        wait_for_a_lock_wait(database_url, "the reaper, on the returning worker's job,")
+        ledger.end(worker, back, 1, utcnow(), states.SUCCEEDED, settings.fair_share_half_life_s)
+        worker.commit()
+    finally:
+        worker.close()
+        thread.join(30)
+    assert outcome == {"reaped": {"requeued": 1, "failed": 0, "cancelled": 0, "paused": 0}}
+    with sessionmaker_for(database_url)() as session:
+        assert {job_id: session.get(Job, job_id).status for job_id in job_ids["team"]} == {
+            job_id: states.SUCCEEDED if job_id == back else states.QUEUED for job_id in job_ids["team"]}
+        assert session.query(JobAttempt).filter(JobAttempt.ended_at.is_(None)).count() == 0
