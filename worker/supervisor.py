@@ -756,10 +756,15 @@ class JobRun:
 
     def _finish(self, job: ClaimedJob, status: str, error: str | None = None, summary: dict | None = None,
                 report: dict | None = None) -> None:
+        # The attempt ends now: a wait for the database to come back is the service's, not the team's (usage,
+        # budget, fair share), as for an attempt handed back on an outage (_lose). Ended at the write that went
+        # through instead, an outage was charged to the job, up to QLORA_HEARTBEAT_DEADLINE_S.
+        ended = utcnow()
         recorded = self._write_through_outage(
             f"job {job.id} {status}",
             lambda session: runs.finish(session, job.id, job.attempt, status, error=error, summary=summary,
-                                        report=report, half_life_s=self.settings.fair_share_half_life_s))
+                                        report=report, half_life_s=self.settings.fair_share_half_life_s,
+                                        ended_at=on_database_clock(session, ended)))  # as in _lose
         if recorded:
             log.info("job %s", status, extra={"attempt": job.attempt, "status": status})
         else:

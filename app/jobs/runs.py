@@ -299,11 +299,12 @@ def finite_json(value):
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
            summary: dict | None = None, report: dict | None = None, half_life_s: float | None = None,
-           message: str | None = None) -> bool:
+           message: str | None = None, ended_at: datetime | None = None) -> bool:
     """From a worker-owned state to succeeded | failed | cancelled | paused, fenced by attempt; with the
     run's summary and its eval report (kept on the row: GET /jobs/{id}/report serves it from there), and
     the event saying so (`message`, else the error). False: someone else decided (the job was requeued,
-    or cancelled while it was paused)."""
+    or cancelled while it was paused). `ended_at` (the database's clock): when the attempt ended, where that
+    was before this write (a worker that waited for the database to come back); its GPU time ends there."""
     values: dict = {"error": error, "heartbeat_at": database_now(session)}
     if status in states.FINISHED:
         # A hand-back or a preemption asked as the run was past training (merging, say) cannot pause it: it ends
@@ -323,7 +324,8 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
         # A run that stopped in training said so itself, with the step ("cancelled at step 12"): once is enough.
         if not (status in (states.CANCELLED, states.PAUSED) and repository.has_event(session, job_id, status, attempt)):
             repository.add_event(session, job_id, status, level, message or error or f"job {status}", attempt=attempt)
-        ledger.end(session, job_id, attempt, values["heartbeat_at"], status, half_life_s)
+        ledger.end(session, job_id, attempt, min(ended_at or values["heartbeat_at"], values["heartbeat_at"]), status,
+                   half_life_s)
         if status == states.PAUSED:
             requeue_if_preempted(session, job_id, attempt)
     return won

@@ -6,6 +6,8 @@ the attempt: a job given to another attempt while the worker was cut off is not 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,11 +16,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.db import engine_for, session_scope
+from app.db import database_now, engine_for, session_scope
 from app.jobs import states
 from app.jobs.runs import ClaimedJob, LeaseLost, ObjectRef
-from app.jobs.tables import Artifact, Job
+from app.jobs.tables import Artifact, Job, JobAttempt
 from app.teams.service import create_team
+from app.usage import ledger
 from tests.deployment import stored_spec
 from tests.faults.tcp_link import CuttableLink
 from worker.supervisor import AttemptWatch, JobRun
@@ -86,6 +89,39 @@ def test_the_final_state_is_recorded_through_an_outage(database_url, link, worke
     with session_scope(database_url) as session:
         ended = session.get(Job, job.id)
         assert ended is not None and (ended.status, ended.attempt) == (states.SUCCEEDED, 1)
+
+
+def test_the_wait_for_the_database_to_come_back_is_not_charged_to_the_team(database_url, link, worker_settings):
+    """The run ended while the database was out of reach; the worker recorded its outcome once it came back. The
+    attempt's GPU time (usage, the monthly budget, fair share) ends where the run ended, not where the write went
+    through: the wait is the service's, as it is for an attempt handed back on an outage (README, "What counts").
+    Before, it ended at the write, and the team was charged the outage (up to QLORA_HEARTBEAT_DEADLINE_S a job)."""
+    job = running_job(database_url)
+    with session_scope(database_url) as session:
+        row = session.get(Job, job.id)
+        assert row is not None
+        row.claimed_at = database_now(session)
+        ledger.start(session, row, row.claimed_at)  # as runs.claim opens the attempt
+    run = JobRun(worker_settings, job.id, "w1")
+    with session_scope(run.db):
+        pass  # the worker's pool holds a connection, as it does after its last report
+    link.cut()
+    recording = threading.Thread(target=run._finish, args=(job, states.SUCCEEDED))
+    try:
+        recording.start()
+        while link.refused < OUTAGE_REFUSALS:  # the worker is waiting for the database, try after try
+            assert recording.is_alive(), "the worker gave up within the outage"
+            time.sleep(0.02)
+        with session_scope(database_url) as session:  # past the outage's first moments, by the database's clock
+            during_the_outage = database_now(session)
+    finally:
+        link.restore()
+        recording.join(30)
+    with session_scope(database_url) as session:
+        attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job.id)).one()
+        assert attempt.outcome == states.SUCCEEDED
+        assert attempt.ended_at is not None and attempt.ended_at < during_the_outage, (attempt.ended_at,
+                                                                                       during_the_outage)
 
 
 def adapter_to_record(database_url: str, worker_settings: Settings, tmp_path):
