@@ -330,6 +330,30 @@ def test_an_evaluations_rewards_are_the_mean_over_its_pairs_however_they_are_bat
         assert split[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
+def test_a_resume_between_logged_points_weighs_each_batch_by_its_pairs(tiny_model_dir, tmp_path):
+    # 3 pairs in batches of 2 then 1, a point every 2 steps: step 2's rewards are the mean over the epoch's 3 pairs,
+    # step 1's batch (2 pairs, still the reference: every reward 0) weighed twice step 2's. A run paused at step 1
+    # carried trl's per-batch rewards in its checkpoint but not their pair counts, so the resumed run's step-2 point
+    # fell back to trl's mean of the two batch means (step 2's pair weighed as the other two).
+    rows = [{"prompt": f"What does the {a} say?", "chosen": f"The {a} says {s}.", "rejected": f"The {a} says {t}."}
+            for a, s, t in (("cow", "moo", "woof"), ("dog", "woof", "meow"), ("cat", "meow", "moo"))]
+    train = write_jsonl(rows, tmp_path / "train.jsonl")
+    data = dpo_spec(tiny_model_dir, max_steps=2, learning_rate=3e-2, logging_steps=2, save_steps=1,
+                    per_device_batch_size=2, lr_scheduler="constant", warmup_ratio=0.0).model_dump(mode="json")
+    data["method"]["beta"] = 0.5
+    data["quantization"]["compute_dtype"] = "float32"
+    data["output"], data["eval"] = {"merge": False}, {"prompts": 0}
+    spec = JobSpec.parse(data)
+    run(spec, train, tmp_path / "whole")
+    assert run(spec, train, tmp_path / "resumed", pause=pause_after(1)).status == "paused"
+    run(spec, train, tmp_path / "resumed", resume=True)
+    whole, resumed = ([p for p in curve(tmp_path / name) if p["kind"] == "train"] for name in ("whole", "resumed"))
+    assert [p["step"] for p in whole] == [p["step"] for p in resumed] == [2]
+    assert whole[0]["reward_margin"] != 0  # step 2 moved the policy: a misweighted mean shows
+    for key in ("train_loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"):
+        assert resumed[0][key] == pytest.approx(whole[0][key], rel=1e-5, abs=1e-7), key
+
+
 # ---------------------------------------------------------------- tokenization, preflight, estimate
 
 

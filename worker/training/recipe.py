@@ -227,6 +227,12 @@ class TrainerGuards:
         trl_metrics = getattr(self, "_metrics", None)
         if isinstance(trl_metrics, dict) and "train" in trl_metrics:
             carried["metrics_since_log"] = {name: list(values) for name, values in trl_metrics["train"].items()}
+        # ...and each of those batches' pairs (GuardedDPOTrainer.log weighs the batches by them): without them the
+        # resumed point's rewards fell back to trl's mean of batch means: an epoch's last, smaller batch (or the halved
+        # micro-batches of an out-of-memory continuation) weighed as a full one.
+        pairs = getattr(self, "_pairs", None)
+        if isinstance(pairs, dict):
+            carried["pairs_since_log"] = list(pairs["train"])
         write_json_atomic(staged / LOSS_SINCE_LOG_FILE, carried)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -235,6 +241,8 @@ class TrainerGuards:
             self._globalstep_last_logged = self._loss_since_log["last_logged_step"]
             for name, values in self._loss_since_log.get("metrics_since_log", {}).items():
                 self._metrics["train"][name] = values + self._metrics["train"][name]
+            if "pairs_since_log" in self._loss_since_log:
+                self._pairs["train"] = self._loss_since_log["pairs_since_log"] + self._pairs["train"]
             self._loss_since_log = None
         # Resumed from a checkpoint of the last planned step (the run was lost after it, in the merge
         # say), transformers would take one more step: it looks for the end only after a step. That step
@@ -266,6 +274,7 @@ class TrainerGuards:
     # The attributes the trainers this mixes into have (for type checkers).
     _tr_loss: torch.Tensor
     _globalstep_last_logged: int
+    _pairs: dict[str, list[int]]  # GuardedDPOTrainer's: the pairs of each batch since the last log
     model: Any
     args: Any
     state: Any
