@@ -354,6 +354,28 @@ def test_a_resume_between_logged_points_weighs_each_batch_by_its_pairs(tiny_mode
         assert resumed[0][key] == pytest.approx(whole[0][key], rel=1e-5, abs=1e-7), key
 
 
+def test_a_bfloat16_adapter_continued_starts_equal_to_its_reference(tiny_model_dir, tmp_path):
+    # lora.dtype bfloat16 from a started adapter: the policy is the start rounded to bfloat16; trl's frozen copy of it
+    # (the reference) was the start in float32, so the policy was not its reference at step 1 (a margin, an accuracy
+    # and a loss off log 2 before any update), and every reward after measured the rounding beside the preference.
+    rows = [{"prompt": f"What does the {a} say?", "chosen": f"The {a} says {s}.", "rejected": f"The {a} says {t}."}
+            for a, s, t in (("cow", "moo", "woof"), ("dog", "woof", "meow"), ("cat", "meow", "moo"))]
+    train = write_jsonl(rows, tmp_path / "train.jsonl")
+    sft = demo_spec(str(tiny_model_dir))
+    sft["training"].update(max_steps=4, learning_rate=3e-2, save_steps=100, eval_steps=100, per_device_batch_size=3)
+    sft["output"], sft["eval"] = {"merge": False}, {"prompts": 0}
+    start = run(JobSpec.parse(sft), write_jsonl(as_chat(rows, "rejected"), tmp_path / "sft.jsonl"), tmp_path / "sft")
+    data = dpo_spec(tiny_model_dir, max_steps=1, logging_steps=1, save_steps=100,
+                    per_device_batch_size=3).model_dump(mode="json")
+    data["lora"]["dtype"] = "bfloat16"
+    data["quantization"]["compute_dtype"] = "float32"  # the forward passes exact: only the adapters' weights differ
+    data["output"], data["eval"] = {"merge": False}, {"prompts": 0}
+    run(JobSpec.parse(data), train, tmp_path / "dpo", initial_adapter=start.out_dir / "adapter")
+    [first] = [p for p in curve(tmp_path / "dpo") if p["kind"] == "train"]
+    assert (first["reward_chosen"], first["reward_rejected"], first["reward_margin"], first["reward_accuracy"]) == (0, 0, 0, 0)
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 # ---------------------------------------------------------------- tokenization, preflight, estimate
 
 

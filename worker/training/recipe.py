@@ -193,6 +193,11 @@ class TrainerGuards:
             for name, param in self.model.named_parameters():
                 if name in given:
                     param.data = given[name].to(param.device)
+                elif ".ref." in name and param.dtype != adapter_dtype:
+                    # DPO's frozen copy of a started adapter (trl's "ref"), made from the start as given: in the
+                    # adapter's dtype too, or with lora.dtype bfloat16 the policy (the start rounded) was not its
+                    # reference at step 0, and every reward measured the rounding beside the preference.
+                    param.data = param.data.to(adapter_dtype)
         self._cast_adapter()
 
     def _cast_adapter(self) -> None:
