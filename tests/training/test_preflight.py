@@ -186,6 +186,35 @@ def test_special_tokens_written_in_messages_are_counted_and_shown_to_be_what_the
     assert not any("special tokens" in w for w in plain["warnings"])
 
 
+def test_a_special_token_in_a_pairs_prompt_turn_is_not_counted_as_learned(tiny_model_dir, tmp_path):
+    # DPO learns the two answers only: an assistant turn of the prompt is context, whatever its weight (the trainer's
+    # labels cover the completions alone). Such a turn's "</s>" was counted in learned answers, and the warning told
+    # the user the model would learn to stop there.
+    from transformers import AutoTokenizer
+
+    from worker.training.data import read_jsonl
+    from worker.training.tokenization import encode_preference, prepare_tokenizer
+
+    prompt = [{"role": "user", "content": "Quote it"}, {"role": "assistant", "content": "It is </s> here."},
+              {"role": "user", "content": "What does the cow say?"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": prompt, "chosen": "The cow says moo.", "rejected": "The cow says woof."}) + "\n")
+    dpo = short_spec(tiny_model_dir, max_seq_length=64) | {"method": {"type": "dpo", "beta": 0.1}}
+    report = preflight(JobSpec.parse(dpo), tiny_model_dir, pairs)
+    train = report["train"]
+    assert train["rows_with_special_tokens"] == 1 and train["special_tokens_found"] == {"</s>": 1}
+    assert train["rows_with_special_tokens_in_answers"] == 0
+    [warning] = [w for w in report["warnings"] if "special tokens" in w]
+    assert "0 of them in learned answers" in warning
+
+    # What the trainer learns: the EOS of each answer, none in the prompt.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare_tokenizer(tokenizer)
+    pair = encode_preference(read_jsonl(pairs).examples[0], tokenizer, max_seq_length=64)
+    for side in (pair.chosen, pair.rejected):
+        assert [label for label in side.labels if label == tokenizer.eos_token_id] == [tokenizer.eos_token_id]
+
+
 def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_lines(tiny_model_dir, tmp_path):
     """A pipeline that duplicated rows trains on them twice an epoch; a validation row also in train makes the eval
     loss, early stopping and the report measure recall. Both are warned of, with the lines."""

@@ -245,7 +245,9 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
         answers = [a for a in (example.chosen, example.rejected) if a is not None]
         prompts: list[str] = []
         for m in example.messages:  # a call's arguments are rendered into the text too, tools' definitions as well
-            (answers if m.role == "assistant" and m.weight != 0 else prompts).append(m.said())
+            # A pair's messages are its prompt: DPO learns its two answers alone, an assistant turn before them is context.
+            learned = m.role == "assistant" and m.weight != 0 and example.chosen is None
+            (answers if learned else prompts).append(m.said())
         prompts.extend(json.dumps(tool, ensure_ascii=False) for tool in example.tools)
         in_answers = {match.group() for content in answers for match in pattern.finditer(content)}
         in_row = in_answers | {match.group() for content in prompts for match in pattern.finditer(content)}
