@@ -215,6 +215,31 @@ def test_a_special_token_in_a_pairs_prompt_turn_is_not_counted_as_learned(tiny_m
         assert [label for label in side.labels if label == tokenizer.eos_token_id] == [tokenizer.eos_token_id]
 
 
+def test_with_train_on_inputs_a_special_token_in_a_user_turn_is_counted_as_learned(tiny_model_dir, tmp_path):
+    # train_on_inputs learns the user turns too: a "</s>" written in one is an EOS in the labels, mid-row, and the model
+    # learns to stop there. It was counted as prompt text (0 in learned text), as without train_on_inputs.
+    from transformers import AutoTokenizer
+
+    from worker.training.data import read_jsonl
+    from worker.training.tokenization import encode_example, prepare_tokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "It ends </s> here, then more."},
+                                             {"role": "assistant", "content": "The cow says moo."}]}) + "\n")
+    counted = {}
+    for on in (False, True):
+        spec = JobSpec.parse(short_spec(tiny_model_dir, max_seq_length=64, train_on_inputs=on))
+        counted[on] = preflight(spec, tiny_model_dir, data)["train"]
+    assert counted[False]["rows_with_special_tokens"] == counted[True]["rows_with_special_tokens"] == 1
+    assert (counted[False]["rows_with_special_tokens_in_answers"], counted[True]["rows_with_special_tokens_in_answers"]) == (0, 1)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare_tokenizer(tokenizer)
+    encoded = encode_example(read_jsonl(data).examples[0], tokenizer, max_seq_length=64, train_on_inputs=True)
+    learned_eos = [i for i, label in enumerate(encoded.labels) if label == tokenizer.eos_token_id]
+    assert len(learned_eos) == 2 and learned_eos[0] < len(encoded.labels) - 1  # the user turn's, and the row's own
+
+
 def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_lines(tiny_model_dir, tmp_path):
     """A pipeline that duplicated rows trains on them twice an epoch; a validation row also in train makes the eval
     loss, early stopping and the report measure recall. Both are warned of, with the lines."""

@@ -212,7 +212,7 @@ def _measure(path, tokenizer, spec: JobSpec, examples: int, max_rows: int, *, tr
                        contradicting_rows=0 if stats.eos_cut is not None else None,
                        template_refused_rows=len(refused), template_refused_lines=[line for line, _ in refused[:LINES_SHOWN]],
                        template_refusal=refused[0][1] if refused else None)
-    _count_special_tokens(report, read, tokenizer)
+    _count_special_tokens(report, read, tokenizer, train_on_inputs=t.train_on_inputs)
     said = _count_repeats(report, read, train)
     # The rows shown are encoded again with each token's text: a few rows, not a piece of text per token of them all.
     return report, [_shown(example, tokenizer, spec) for example in read[:examples]], said
@@ -232,10 +232,12 @@ def _encode_stats(read: Sequence[Example], tokenizer, spec: JobSpec) -> EncodeSt
     return stats
 
 
-def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer) -> None:
+def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokenizer, *, train_on_inputs: bool) -> None:
     """The conversation rows whose messages (or answers) hold a special token's text, which the tokenizer reads
-    as that token. A text row is the user's own formatting, where writing special tokens is deliberate (a
-    trailing "</s>", Llama-2's "[INST]" layouts): it is not counted."""
+    as that token, and of them the rows where it is in learned text (render_conversation's spans: the assistant
+    turns of weight 1, everything else too with train_on_inputs; a pair's two answers). A text row is the user's
+    own formatting, where writing special tokens is deliberate (a trailing "</s>", Llama-2's "[INST]" layouts):
+    it is not counted."""
     texts = special_token_texts(tokenizer)
     if not texts:
         return
@@ -244,11 +246,14 @@ def _count_special_tokens(report: SetReport, examples: Sequence[Example], tokeni
     for example in examples:
         answers = [a for a in (example.chosen, example.rejected) if a is not None]
         prompts: list[str] = []
+        # A pair's messages are its prompt: DPO learns its two answers alone, an assistant turn before them is context.
+        # A conversation learns its assistant turns of weight 1 and, with train_on_inputs, all but those of weight 0:
+        # a "</s>" in a user turn is then a learned EOS too.
+        inputs_learned = train_on_inputs and example.chosen is None
         for m in example.messages:  # a call's arguments are rendered into the text too, tools' definitions as well
-            # A pair's messages are its prompt: DPO learns its two answers alone, an assistant turn before them is context.
-            learned = m.role == "assistant" and m.weight != 0 and example.chosen is None
+            learned = example.chosen is None and m.weight != 0 if m.role == "assistant" else inputs_learned
             (answers if learned else prompts).append(m.said())
-        prompts.extend(json.dumps(tool, ensure_ascii=False) for tool in example.tools)
+        (answers if inputs_learned else prompts).extend(json.dumps(tool, ensure_ascii=False) for tool in example.tools)
         in_answers = {match.group() for content in answers for match in pattern.finditer(content)}
         in_row = in_answers | {match.group() for content in prompts for match in pattern.finditer(content)}
         if not in_row:
