@@ -122,7 +122,7 @@ def test_admission_counts_the_reference_copy_of_a_dpo_jobs_starting_adapter(depl
         return created[0].data["estimate"]
 
     from_sft = estimate("preference", {"type": "dpo"}, initial_job_id=sft)
-    assert from_sft[reference] == from_sft["LoRA adapter"]  # float32 as peft loads it, as the default adapter is
+    assert from_sft[reference] == from_sft["LoRA adapter"]  # in lora.dtype, as the default adapter is
     assert reference not in estimate("preference", {"type": "dpo"})  # the reference is the base, adapter off
     assert reference not in estimate("chat", initial_job_id=sft)  # sft keeps no reference
 

@@ -526,4 +526,7 @@ def test_the_estimate_counts_two_sequences_and_the_reference(tiny_model_dir):
     assert dpo.parts[activations] == doubled.parts[activations] > plain.parts[activations]
     with_copy = estimate_peak_memory(spec, config, reference_adapter=True)
     assert with_copy.parts["DPO reference adapter (frozen copy)"] == dpo.parts["LoRA adapter"]  # float32 both
+    halved = spec.model_copy(update={"lora": spec.lora.model_copy(update={"dtype": "bfloat16"})})
+    bf16 = estimate_peak_memory(halved, config, reference_adapter=True)  # the copy is cast as the adapter is
+    assert bf16.parts["DPO reference adapter (frozen copy)"] == bf16.parts["LoRA adapter"] == dpo.parts["LoRA adapter"] // 2
     assert with_copy.total > dpo.total > plain.total

@@ -22,7 +22,7 @@ tokens of an SFT micro-batch of the same size, in every per-token part. It also 
 no-grad forward of the same batch, while the policy's activations are kept, so what one no-grad layer has
 in flight (and its loss head's tile) competes with the backward for the step's peak. The reference adds no weights
 when it is the adapter switched off (the base); continued from a saved adapter, trl keeps a frozen copy
-of it (float32, as peft loads it): `reference_adapter=True` counts it.
+of it, in the adapter's dtype (lora.dtype, as the recipe casts it): `reference_adapter=True` counts it.
 
 A paged optimizer's state (QLoRA section 3: bitsandbytes allocates it in CUDA unified memory) is
 *pageable*: under memory pressure the driver moves it to CPU memory and back for the optimizer step,
@@ -664,7 +664,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
         "backward peak (loss head, or one layer)": int(backward),
     }
     if dpo and reference_adapter:
-        parts["DPO reference adapter (frozen copy)"] = adapter * 4
+        parts["DPO reference adapter (frozen copy)"] = adapter * ADAPTER_BYTES[spec.lora.dtype]  # the policy's start
     pageable = frozenset({OPTIMIZER_STATE} if t.optimizer in PAGED_OPTIMIZERS else ())
     allocated = sum(size for name, size in parts.items() if name not in pageable)  # through PyTorch's allocator
     parts["allowance (context, fragmentation)"] = CONTEXT_BYTES + int(FRAGMENTATION * allocated)
