@@ -61,7 +61,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from app.storage.base import make_key, storage_from_settings, storage_out_of_reach  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
-from worker.transfer import WriterStream  # noqa: E402
+from worker.transfer import WriterStream, tree_bytes  # noqa: E402
 
 # Fault injection for tests/faults: stall forever halfway through uploading this step's checkpoint,
 # so a test can kill the process while a checkpoint is being written.
@@ -126,7 +126,8 @@ class CheckpointUpload(TrainerCallback):
         source = self.out_dir / "checkpoints" / f"step-{step}"
         if not source.is_dir():
             return
-        with self.storage.writer(make_key(self.team_id, "checkpoints")) as writer:
+        expected = tree_bytes(source) + tree_bytes(self.out_dir / "run.json")
+        with self.storage.writer(make_key(self.team_id, "checkpoints"), expected_size=expected) as writer:
             with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:  # streamed: no temp archive on disk
                 tar.add(self.out_dir / "run.json", arcname="run.json")
                 tar.add(source, arcname=f"checkpoints/step-{step}")
@@ -269,7 +270,7 @@ def share_quantized_base(cache: QuantizedCache, storage, sink: Sink) -> None:
     away as a lost attempt and done again; a refusal that lasted (a 35 GB upload is a long window) lost
     every attempt. The writer's context removes a partial upload."""
     try:
-        with storage.writer(make_key("shared", "quantized-bases")) as writer:
+        with storage.writer(make_key("shared", "quantized-bases"), expected_size=tree_bytes(Path(cache.dir))) as writer:
             with tarfile.open(fileobj=WriterStream(writer), mode="w|") as tar:
                 tar.add(cache.dir, arcname="quantized")
             stored = writer.commit()

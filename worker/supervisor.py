@@ -689,8 +689,9 @@ class JobRun:
     def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:
         """Stream a tar of the directory into storage (weights barely compress; a plain tar is fast to
         make and read) and record it. Stopped midway (lease lost, time limit), nothing is kept."""
-        with (watch.transferring(f"uploading {ARTIFACTS[kind]}", tree_bytes(source)) as transfer,
-              self.storage.writer(make_key(job.team_id, "artifacts")) as writer):
+        size = tree_bytes(source)
+        with (watch.transferring(f"uploading {ARTIFACTS[kind]}", size) as transfer,
+              self.storage.writer(make_key(job.team_id, "artifacts"), expected_size=size) as writer):
             with tarfile.open(fileobj=WriterStream(writer, transfer.add), mode="w|", bufsize=TAR_BUFFER) as tar:
                 tar.add(source, arcname=kind)
             stored = writer.commit()

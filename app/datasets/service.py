@@ -144,7 +144,8 @@ async def _stream_and_record(session: Session, storage: Storage, settings: Setti
 
     def open_file(_field: str, name: str) -> DatasetIngest[ObjectWriter]:
         filename.append(name)
-        ingest.append(DatasetIngest(storage.writer(key), settings.max_upload_bytes, room))
+        ingest.append(DatasetIngest(storage.writer(key, expected_size=settings.max_upload_bytes), settings.max_upload_bytes,
+                                    room))  # at most that: its parts sized for it
         return ingest[0]
 
     try:

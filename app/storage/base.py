@@ -70,7 +70,8 @@ class ObjectWriter(Protocol):
 
 
 class Storage(Protocol):
-    def writer(self, key: str) -> ObjectWriter: ...
+    # expected_size: what the writer expects to write, where known (S3 sizes its parts by it: part_size_for)
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter: ...
     def put_file(self, key: str, path: Path) -> StoredObject: ...
     def open(self, key: str, *, start: int = 0, length: int | None = None,
              chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...  # see StorageBase.open
@@ -201,7 +202,7 @@ class WriterBase:
 class StorageBase:
     """Uploads and downloads of whole files, built once on each backend's `writer` and `open`."""
 
-    def writer(self, key: str) -> ObjectWriter:
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter:
         raise NotImplementedError
 
     def open(self, key: str, *, start: int = 0, length: int | None = None,
@@ -232,7 +233,7 @@ class StorageBase:
         return len(keys)
 
     def put_file(self, key: str, path: Path) -> StoredObject:
-        with path.open("rb") as src, self.writer(key) as writer:
+        with path.open("rb") as src, self.writer(key, expected_size=path.stat().st_size) as writer:
             while chunk := src.read(READ_CHUNK):
                 writer.write(chunk)
             return writer.commit()

@@ -65,7 +65,7 @@ class LocalStorage(StorageBase):
             raise ValueError(f"invalid storage key {key!r}: {TMP_DIR}/ holds uncommitted writes")
         return self.root / key
 
-    def writer(self, key: str) -> LocalWriter:
+    def writer(self, key: str, expected_size: int | None = None) -> LocalWriter:  # a file takes any size
         return LocalWriter(key, self.root / TMP_DIR / uuid.uuid4().hex, self._path(key))
 
     def open(self, key: str, *, start: int = 0, length: int | None = None,

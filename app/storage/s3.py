@@ -28,21 +28,27 @@ from app.storage.base import (
 
 log = logging.getLogger(__name__)
 
-# The first parts' size: above S3's 5 MiB minimum part, and one part is what a writer holds in memory.
+# The least part size: above S3's 5 MiB minimum part, and one part is what a writer holds in memory.
 PART_SIZE = 8 << 20
-# S3 and MinIO take at most 10,000 parts of at most 5 GiB each. 10,000 parts of 8 MiB end at 78 GiB, short of a 65B
-# model merged in bfloat16 (130 GB; 70B: 140 GB), which the streaming merge writes: its upload was refused at
-# part 10,001, after the whole training and merge, and the job failed ("Part number must be an integer between 1 and
-# 10000"), every attempt alike. So the part size doubles every PARTS_PER_SIZE parts: 8 MiB parts up to 7.8 GiB,
-# 128 MiB ones around 130 GB, and 10,000 parts reach past S3's largest object (5 TiB).
+# S3 and MinIO take at most 10,000 parts of at most 5 GiB each, and Cloudflare R2 only parts of one size (but the
+# last). 10,000 parts of 8 MiB end at 78 GiB, short of a 65B model merged in bfloat16 (130 GB; 70B: 140 GB), which
+# the streaming merge writes: its upload was refused at part 10,001, after the whole training and merge, and the job
+# failed ("Part number must be an integer between 1 and 10000"), every attempt alike. So each upload has one part
+# size, from the size its writer expects (writer(key, expected_size)): that size spread over PLANNED_PARTS, the
+# rest of the 10,000 room for what a tar adds to the files it holds (16 MiB parts for 140 GB).
 MAX_PARTS = 10_000
 MAX_PART_SIZE = 5 << 30
-PARTS_PER_SIZE = 1_000
+PLANNED_PARTS = 9_000
+MIB = 1 << 20
 
 
-def part_size(number: int, first: int = PART_SIZE, parts_per_size: int = PARTS_PER_SIZE) -> int:
-    """The size of a multipart upload's part `number` (from 1): `first`, doubled every `parts_per_size` parts."""
-    return min(first << ((number - 1) // parts_per_size), MAX_PART_SIZE)
+def part_size_for(expected_size: int | None, least: int = PART_SIZE, planned_parts: int = PLANNED_PARTS) -> int:
+    """The one part size of an upload expected to be `expected_size` bytes (None: not known, at most `least`
+    x MAX_PARTS): `least`, or what spreads it over `planned_parts` parts, in whole MiB."""
+    if not expected_size:
+        return least
+    spread = -(-expected_size // planned_parts)
+    return min(max(least, -(-spread // MIB) * MIB), MAX_PART_SIZE)
 
 
 def _is_missing(err: ClientError) -> bool:
@@ -50,16 +56,15 @@ def _is_missing(err: ClientError) -> bool:
 
 
 class S3Writer(WriterBase):
-    """Holds at most one part in memory (8 MiB, growing past 7.8 GiB: part_size): small objects go up in one put at
-    commit, larger ones as a multipart upload that becomes visible only when completed."""
+    """Holds at most one part in memory (8 MiB, more for an upload expected past 70 GiB: part_size_for): small
+    objects go up in one put at commit, larger ones as a multipart upload that becomes visible only when completed."""
 
-    def __init__(self, client, bucket: str, key: str, s3_key: str, part_size: int, parts_per_size: int = PARTS_PER_SIZE):
+    def __init__(self, client, bucket: str, key: str, s3_key: str, part_size: int):
         super().__init__(key)
         self._client = client
         self._bucket = bucket
         self._s3_key = s3_key
-        self._first_part_size = part_size
-        self._parts_per_size = parts_per_size
+        self._part_size = part_size
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
@@ -67,11 +72,10 @@ class S3Writer(WriterBase):
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            size = part_size(len(self._parts) + 1, self._first_part_size, self._parts_per_size)
-            take = size - len(self._buffer)
+            take = self._part_size - len(self._buffer)
             self._buffer += view[:take]
             view = view[take:]
-            if len(self._buffer) == size:
+            if len(self._buffer) == self._part_size:
                 self._upload_part()
 
     def _upload_part(self) -> None:
@@ -79,6 +83,9 @@ class S3Writer(WriterBase):
             upload = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._s3_key)
             self._upload_id = upload["UploadId"]
         number = len(self._parts) + 1
+        if number > MAX_PARTS:  # said here, in our words, rather than as the store's refusal of the part
+            raise ValueError(f"{self.key}: past {MAX_PARTS:,} parts of {self._part_size / MIB:g} MiB, more than the "
+                             "writer was told to expect (expected_size)")
         part = self._client.upload_part(
             Bucket=self._bucket, Key=self._s3_key, UploadId=self._upload_id, PartNumber=number, Body=self._buffer
         )
@@ -122,12 +129,12 @@ class S3Storage(StorageBase):
         public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         part_size: int = PART_SIZE,
-        parts_per_size: int = PARTS_PER_SIZE,
+        planned_parts: int = PLANNED_PARTS,
     ):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.part_size = part_size  # the first parts'; see part_size()
-        self.parts_per_size = parts_per_size
+        self.part_size = part_size  # the least; see part_size_for()
+        self.planned_parts = planned_parts
         config = Config(
             # boto3 >= 1.36 otherwise adds CRC32 checksums to every upload and validates them on
             # download, which several S3-compatible stores reject or do not send.
@@ -159,8 +166,9 @@ class S3Storage(StorageBase):
                 return None
             raise
 
-    def writer(self, key: str) -> S3Writer:
-        return S3Writer(self.client, self.bucket, key, self._s3_key(key), self.part_size, self.parts_per_size)
+    def writer(self, key: str, expected_size: int | None = None) -> S3Writer:
+        return S3Writer(self.client, self.bucket, key, self._s3_key(key),
+                        part_size_for(expected_size, self.part_size, self.planned_parts))
 
     def open(self, key: str, *, start: int = 0, length: int | None = None,
              chunk_size: int = READ_CHUNK) -> Iterator[bytes]:

@@ -29,7 +29,7 @@ from app.storage import (
     storage_from_settings,
 )
 from app.storage.local import TMP_DIR
-from app.storage.s3 import MAX_PART_SIZE, MAX_PARTS, PART_SIZE, S3Storage, part_size
+from app.storage.s3 import MAX_PART_SIZE, MAX_PARTS, PART_SIZE, PLANNED_PARTS, S3Storage, part_size_for
 from tests.full_disk import file_size_limit
 from tests.services import create_bucket, s3_env, start_s3_server
 from worker.training.protocol import out_of_space
@@ -196,29 +196,31 @@ def test_s3_large_object_goes_multipart(s3_endpoint, s3_bucket, s3_inspect):
     assert head["ETag"].endswith('-3"'), "8 + 8 + 4 MiB parts"
 
 
-def test_s3_parts_grow_so_the_largest_merged_model_fits_the_stores_part_limit():
-    """S3 and MinIO take 10,000 parts of at most 5 GiB. Of 8 MiB each they ended at 78 GiB: the 130 GB of a 65B model
-    merged in bfloat16 (the streaming merge writes it) was refused at part 10,001, after the whole run, and the
-    job failed. The parts grow instead, from the same 8 MiB."""
-    sizes = [part_size(number) for number in range(1, MAX_PARTS + 1)]
-    assert sizes[0] == PART_SIZE and all(5 * MIB <= size <= MAX_PART_SIZE for size in sizes)
-    assert sum(sizes) >= 5 << 40  # S3's largest object, 5 TiB
+def test_s3_an_uploads_parts_are_of_one_size_that_fits_the_largest_merged_model_in_the_stores_part_limit():
+    """S3 and MinIO take 10,000 parts of at most 5 GiB, R2 only parts of one size. Of 8 MiB each they ended at
+    78 GiB: the 130 GB of a 65B model merged in bfloat16 (the streaming merge writes it) was refused at part 10,001,
+    after the whole run, and the job failed. An upload's one part size comes from the size it expects."""
+    assert part_size_for(None) == part_size_for(MIB) == part_size_for(PLANNED_PARTS * PART_SIZE) == PART_SIZE
     merged_70b = 140 * 10**9
-    needed = next(n for n in range(1, MAX_PARTS + 1) if sum(sizes[:n]) >= merged_70b)
-    assert max(sizes[:needed]) <= 128 * MIB  # what the writer holds in memory at most, for it
+    size = part_size_for(merged_70b)
+    assert size % MIB == 0 and size * PLANNED_PARTS >= merged_70b and size <= 16 * MIB  # held in memory, one at a time
+    assert size * MAX_PARTS >= 1.1 * merged_70b  # room for what a tar adds
+    assert part_size_for(50 << 40) == MAX_PART_SIZE
 
 
-def test_s3_an_upload_whose_parts_grow_is_stored_whole(s3_endpoint, s3_bucket, s3_inspect, tmp_path):
-    # Growing every 2 parts here (every 1,000 by default), from S3's 5 MiB minimum: 5, 5, 10, 10, 20 and 2 MiB.
-    storage = S3Storage(s3_bucket, "objects", endpoint_url=s3_endpoint, part_size=5 * MIB, parts_per_size=2)
+def test_s3_an_upload_expected_larger_goes_up_in_parts_of_one_larger_size(s3_endpoint, s3_bucket, s3_inspect, tmp_path):
+    # Planned over 4 parts here (9,000 by default): 30 MiB expected, 8 MiB parts, 8 + 8 + 8 + 6 written.
+    storage = S3Storage(s3_bucket, "objects", endpoint_url=s3_endpoint, part_size=5 * MIB, planned_parts=4)
     expected = hashlib.sha256()
-    with storage.writer(KEY) as writer:
-        for piece in chunks(52 * MIB, MIB):
+    with storage.writer(KEY, expected_size=30 * MIB) as writer:
+        for piece in chunks(30 * MIB, MIB):
             writer.write(piece)
             expected.update(piece)
         stored = writer.commit()
     head = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}")
-    assert head["ContentLength"] == 52 * MIB and head["ETag"].endswith('-6"'), head["ETag"]
+    assert head["ContentLength"] == 30 * MIB and head["ETag"].endswith('-4"'), head["ETag"]
+    first = s3_inspect.head_object(Bucket=s3_bucket, Key=f"objects/{KEY}", PartNumber=1)
+    assert first["ContentLength"] == 8 * MIB
     assert stored.sha256 == expected.hexdigest()
     storage.download(KEY, tmp_path / "back", expected_sha256=stored.sha256)  # checked against it as it lands
 
