@@ -12,6 +12,7 @@ the file (the number of fields, and the bytes of their headers and values, which
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,16 +57,23 @@ def upload_slots(per_key: int) -> KeySlots:
 _EXTENDED_FILENAME = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*([!#$&+.^`|~\w-]*)'[^']*'([^;\s]*)""", re.IGNORECASE)
 
 
+# A quoted string in a header's parameters: what it holds is a value, never another parameter.
+_QUOTED = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
 def _filename(disposition: bytes, plain: bytes | None) -> str | None:
     """A part's file name: its extended form where it has one (percent-decoded in its charset, or as UTF-8
-    where Python knows no such charset), else its plain form as UTF-8; None for a part without one."""
-    extended = _EXTENDED_FILENAME.search(disposition)
+    where that is no text encoding Python knows), else its plain form as UTF-8; None for a part without one."""
+    extended = _EXTENDED_FILENAME.search(_QUOTED.sub(b'""', disposition))
     if extended is not None:
+        raw = unquote_to_bytes(extended.group(2).decode("latin-1"))
         charset = extended.group(1).decode("ascii", "replace") or "utf-8"
         try:
-            return unquote_to_bytes(extended.group(2).decode("latin-1")).decode(charset, "replace")
-        except LookupError:  # a charset Python does not know
-            return unquote_to_bytes(extended.group(2).decode("latin-1")).decode("utf-8", "replace")
+            if codecs.lookup(charset)._is_text_encoding:  # not idna, punycode, rot13, zlib...: they raise, or are no text
+                return raw.decode(charset, "replace")
+        except (LookupError, UnicodeError):  # a charset Python does not know, or one that cannot decode with "replace"
+            pass
+        return raw.decode("utf-8", "replace")
     return plain.decode("utf-8", "replace") if plain is not None else None
 
 

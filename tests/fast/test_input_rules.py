@@ -287,6 +287,23 @@ def test_a_file_named_in_the_extended_form_is_that_file_under_that_name(client):
             assert (made.json()["filename"], made.json()["bytes"]) == ("été.jsonl", size)
 
 
+@pytest.mark.parametrize(("name", "stored"), [
+    (b"filename*=idna''%C3%A9t%C3%A9.jsonl", "\u00e9t\u00e9.jsonl"),  # Python's decoders of these raise with "replace"
+    (b"filename*=undefined''%C3%A9t%C3%A9.jsonl", "\u00e9t\u00e9.jsonl"),
+    (b"filename*=punycode''%C3%A9t%C3%A9.jsonl", "\u00e9t\u00e9.jsonl"),
+    (b"filename*=rot13''abc.jsonl", "abc.jsonl"),  # no text encoding: read as UTF-8
+    (b"filename*=iso-8859-1''%E9t%E9.jsonl", "\u00e9t\u00e9.jsonl"),
+    (b'filename="a;filename*=UTF-8\'\'evil.jsonl"', "a;filename*=UTF-8''evil.jsonl"),  # quoted: a name, not a parameter
+])
+def test_an_extended_file_name_in_any_charset_is_a_name_not_an_error(client, name, stored):
+    """`filename*=idna''...` (undefined, punycode) was a 500: Python's decoders of those charsets raise where others
+    replace what they cannot read. And a plain name quoting `;filename*=` was taken for an extended one."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; ' + name + b'\r\n\r\n{"text": "moo"}\n\r\n--b--\r\n')
+    made = client.post("/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert made.status_code == 201, made.text
+    assert made.json()["filename"] == stored
+
+
 def test_a_body_sent_compressed_is_refused_naming_its_encoding_and_nothing_is_made(client):
     """A client set to compress its requests (Content-Encoding: gzip) was told "not valid JSON: expected value at
     line 1 column 1", or for an upload "not valid multipart/form-data: Expected boundary character 45, got 31":
