@@ -14,7 +14,7 @@ from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository, states
 from app.jobs.tables import Job
 from app.text import has_control_characters
-from worker.training.spec import METHOD_FORMATS, JobSpec, excerpt
+from worker.training.spec import METHOD_FORMATS, STORED, JobSpec, excerpt
 
 ADAPTER = "adapter"  # the artifact a job continues from (the worker unpacks it as the starting adapter)
 
@@ -70,7 +70,8 @@ def check_lora_shape(job: Job, spec: JobSpec) -> None:
     """422 when the new job's lora section would build another adapter than the one it continues: the
     engine would refuse it at setup (worker/training/model.load_initial_adapter), after a wait in the queue."""
     try:
-        started = JobSpec.model_validate(job.spec).lora
+        # As stored: a spec accepted before a rule of new requests (a minimum) still has its adapter's shape.
+        started = JobSpec.model_validate(job.spec, context=STORED).lora
     except ValueError:
         return  # a spec this release no longer reads: the engine checks the adapter's own config
     differ = [(name, getattr(started, name), getattr(spec.lora, name)) for name in LORA_SHAPE

@@ -11,12 +11,14 @@ from sqlalchemy import Row
 from app.jobs.tables import Job
 from app.scheduling.policy import PRIORITY_NAMES
 from app.text import GPU_CLASS_PATTERN, has_control_characters
-from worker.training.spec import JobSpec
+from worker.training.spec import EvalSpec, JobSpec
 
 if TYPE_CHECKING:
     from app.scheduling.service import Standing
 
 MAX_METADATA = 16  # key/value pairs, as the OpenAI API allows
+# The characters of all eval.prompts given as a list: 64 prompts of 2,000 characters (JobCreate._prompts_in_reason).
+MAX_EVAL_PROMPT_CHARS = 131_072
 
 
 class JobCreate(JobSpec):
@@ -46,6 +48,19 @@ class JobCreate(JobSpec):
         if has_control_characters(name):
             raise ValueError("control characters")
         return name
+
+    @field_validator("eval")
+    @classmethod
+    def _prompts_in_reason(cls, eval: EvalSpec) -> EvalSpec:
+        # A list is stored in the job's spec, which every poll, list page and stream message of the job carries:
+        # 256 prompts of 20,000 characters made each of them 30 MB, and a create-and-cancel loop of such jobs grew
+        # the database by megabytes a second, counted by no quota. The service's rule, not the engine's (`qlora
+        # train` reads a spec file): longer prompts belong in a dataset, sampled by a number.
+        if isinstance(eval.prompts, list) and (total := sum(map(len, eval.prompts))) > MAX_EVAL_PROMPT_CHARS:
+            raise ValueError(f"prompts: {total:,} characters in all, past the {MAX_EVAL_PROMPT_CHARS:,} a job's spec "
+                             "holds; put longer prompts in a validation dataset and set eval.prompts to the number "
+                             "of its rows to sample")
+        return eval
 
     @field_validator("metadata")
     @classmethod

@@ -15,12 +15,15 @@ from app.cli.api_client import check_dataset
 from app.errors import Invalid, NotFound
 from app.jobs import service
 from app.jobs.admission import admit
+from app.jobs.lineage import check_lora_shape
+from app.jobs.schemas import MAX_EVAL_PROMPT_CHARS
+from app.jobs.tables import Job
 from app.models.tables import RegisteredModel
 from app.openai import translate
 from app.pagination import MAX_ID
 from tests.fast.conftest import job_spec, make_settings
 from tests.model_configs import LLAMA3_8B
-from worker.training.spec import MAX_EVAL_PROMPT_CHARS, JobSpec, SpecError
+from worker.training.spec import JobSpec, SpecError
 
 HUGE = "h" * (2 * 1024 * 1024)
 LLAMA = RegisteredModel(name="llama-3-8b", hub_id="meta-llama/Meta-Llama-3-8B", revision="main", config=LLAMA3_8B)
@@ -440,6 +443,11 @@ def test_a_stored_spec_from_before_the_minimums_still_runs():
     assert JobSpec.parse(stored, stored=True).training.epochs == 1e-300
     with pytest.raises(SpecError):
         JobSpec.parse(stored)
+    # A job continuing its adapter is checked against the adapter's shape as stored: read as a new request, the
+    # check was skipped, and the job refused at setup after its wait in the queue.
+    started = Job(id="a" * 32, spec={**stored, "lora": {"r": 8}})
+    with pytest.raises(Invalid, match="lora.r: job a{32}'s adapter has 8, this job asks for 16"):
+        check_lora_shape(started, JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 1}}))
 
 
 def test_eval_prompts_past_their_total_are_refused_naming_the_field_and_nothing_is_made(client):
@@ -454,7 +462,10 @@ def test_eval_prompts_past_their_total_are_refused_naming_the_field_and_nothing_
     assert detail["field"] == "eval.prompts" and "131,072" in detail["message"] and "validation dataset" in detail[
         "message"], detail
     assert client.get("/jobs").json()["data"] == []
-    assert JobSpec.parse({**body, "eval": {"prompts": prompts}}).eval.prompts == prompts
-    # A job accepted before the total still runs as it was accepted.
-    stored = {**body, "eval": {"prompts": ["x" * 20_000] * 256}}
-    assert len(JobSpec.parse(stored, stored=True).eval.prompts) == 256
+    openai = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-" + "d" * 32,
+                                                        "eval": {"prompts": [*prompts, "x" * 20_000]}})
+    assert openai.status_code == 400 and "131,072" in openai.json()["error"]["message"], openai.text
+    within = client.post("/jobs", json={**body, "dataset_id": "d" * 32, "eval": {"prompts": prompts}})
+    assert "prompts" not in within.text, within.text  # refused for its model (none is registered here), not them
+    # The service's rule alone: the engine (qlora train, a job stored before it) reads any number of them.
+    assert len(JobSpec.parse({**body, "eval": {"prompts": ["x" * 20_000] * 256}}).eval.prompts) == 256

@@ -235,11 +235,6 @@ class OutputSpec(_Strict):
     use_best_checkpoint: bool = False
 
 
-# The characters of all eval.prompts given as a list: 64 prompts of 2,000 characters (a spec is carried by every
-# read of its job; see EvalSpec).
-MAX_EVAL_PROMPT_CHARS = 131_072
-
-
 class EvalSpec(_Strict):
     """The report made when a job ends: base and tuned answers side by side, with metrics."""
 
@@ -251,21 +246,6 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=2048)
     # 0 = greedy: the same answers every time, so base and tuned differ by the model, not the dice.
     temperature: float = Field(0.0, ge=0, le=2)
-
-    @model_validator(mode="after")
-    def _prompts_in_reason(self, info: ValidationInfo) -> EvalSpec:
-        # A list is stored in the job's spec, which every poll, list page and stream message of the job carries:
-        # 256 prompts of 20,000 characters made each of them 30 MB, and a create-and-cancel loop of such jobs
-        # grew the database by megabytes a second, counted by no quota. Longer prompts belong in the dataset
-        # (eval.prompts: N samples them from the validation set, which is stored and counted as a dataset).
-        prompts = self.prompts
-        if isinstance(prompts, list) and not (info.context or {}).get("stored"):
-            total = sum(len(prompt) for prompt in prompts)
-            if total > MAX_EVAL_PROMPT_CHARS:
-                raise ValueError(f"prompts: {total:,} characters in all, past the {MAX_EVAL_PROMPT_CHARS:,} a job's "
-                                 "spec holds; put longer prompts in a validation dataset and set eval.prompts to the "
-                                 "number of its rows to sample")
-        return self
 
 
 class SftMethod(_Strict):
