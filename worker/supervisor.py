@@ -563,9 +563,11 @@ class JobRun:
                 if not isinstance(exc, ChecksumMismatch | ObjectNotFound | tarfile.TarError):
                     # Storage out of reach, this host's disk full: the entry is as good as it was, and stays for later
                     # jobs. It was forgotten and deleted as a damaged one, on a 503 of a moment, for every team.
+                    # No cache for this run: the base it quantizes would be stored (35 GB for a 65B model) only for
+                    # the worker to delete it, the entry being there (the first of two wins).
                     log.warning("could not fetch the cached quantized base %s; quantizing afresh (the entry stays)",
                                 key, exc_info=True)
-                    return QuantizedCache(dir=str(workdir.quantized), key=key, hit=False, identity=identity)
+                    return None
                 log.exception("the cached quantized base %s is unusable (damaged, or pruned since the lookup); "
                               "quantizing afresh", key)
                 forgotten = self._write_through_outage(f"the unusable cached quantized base {key}",
