@@ -18,7 +18,7 @@ from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
 from app.jobs.schemas import MAX_METADATA
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
-from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB
+from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, without_prefix
 from app.pagination import MAX_ID
 from app.scheduling.service import Standing
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
@@ -61,9 +61,10 @@ def unix(moment: datetime | None) -> int | None:
 
 def native_id(openai_id: str, prefix: str, what: str) -> str:
     """An id as OpenAI clients send it, without its prefix. A malformed one is as missing as a wrong one."""
-    if not openai_id.startswith(prefix) or len(openai_id) == len(prefix):
+    native = without_prefix(openai_id, prefix)
+    if native is None:
         raise NotFound(f"no {what} {excerpt(openai_id)}")
-    return openai_id[len(prefix):]
+    return native
 
 
 def event_id(openai_id: str) -> int:
