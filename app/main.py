@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,7 +50,7 @@ from app.quotas.routes import router as quotas_router
 from app.quotas.service import UploadsInFlight
 from app.ranges import download_slots
 from app.recent import Recent
-from app.routing import json_body_turns
+from app.routing import declares_body, json_body_turns
 from app.scheduling.service import SchedulerThread
 from app.shares import TeamShares
 from app.storage.base import ObjectNotFound, storage_from_settings, storage_out_of_reach
@@ -285,7 +286,9 @@ class RequestScope:
     - A body sent compressed (Content-Encoding: gzip, as some HTTP clients can be set to send) is answered
       415 `unsupported_content_encoding`, naming it, before any of it is read, as RFC 7694 has a server do:
       no route decodes one, and read as it came it was "not valid JSON: expected value at line 1 column 1",
-      or for an upload "not valid multipart/form-data: Expected boundary character 45, got 31".
+      or for an upload "not valid multipart/form-data: Expected boundary character 45, got 31". A request
+      that declares no body (a cancel) is let through, whatever Content-Encoding its client sends on all.
+    - These refusals carry the headers every answer does (below), as the routes' answers.
     - A body that a route reads whole (JSON) is refused past `max_body_bytes` (413): up front by its
       Content-Length (a client that sent Expect: 100-continue is never asked for it), else as it
       arrives (a chunked one declares none). FastAPI reads a body whole
@@ -305,6 +308,7 @@ class RequestScope:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = self.with_headers(scope, send)  # on a refusal here too: every answer carries them
         refusal = None
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             refusal = AppError("the URL holds a NUL character (%00); no id or parameter has one")
@@ -315,7 +319,6 @@ class RequestScope:
             return await response(scope, receive, send)
         if scope["method"] in BODY_METHODS:
             receive = self.bounded(scope, receive)
-        send = self.with_headers(scope, send)
         job_id = logs.job_id_in(scope["path"])
         if job_id is None:
             return await self.app(scope, receive, send)
@@ -366,7 +369,11 @@ class RequestScope:
 
 
 def _encoded_body(scope: Scope) -> AppError | None:
-    """The refusal of a request whose body is sent compressed (any Content-Encoding but identity), or None."""
+    """The refusal of a request whose body is sent compressed (any Content-Encoding but identity), or None. A
+    request with no body (a cancel, a pause, a resume) has nothing compressed, whatever a client set to send
+    Content-Encoding on every request says."""
+    if not declares_body(Headers(scope=scope)):
+        return None
     codings = [value.decode("latin-1").strip().lower() for name, value in scope["headers"] if name == b"content-encoding"]
     if all(coding in ("", "identity") for coding in codings):
         return None

@@ -36,6 +36,7 @@ from fastapi import HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic_core import from_json
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.deps import get_caller, get_session, team_turn
@@ -229,7 +230,7 @@ async def _in_share(request: Request, team_id: str, handler: Callable[[Request],
     """The handler's answer, once the team has a turn of its share (app/shares.py). The request is watched while it
     waits where nothing of its body is left to read (a body read by the watch would be lost to the route); a
     client that left has its place given up."""
-    left = None if _has_body(request) else _client_left(request)
+    left = None if declares_body(request.headers) else _client_left(request)
     async with AsyncExitStack() as turn:
         try:
             await turn.enter_async_context(request.app.state.team_shares.turn(team_id, left))
@@ -238,8 +239,9 @@ async def _in_share(request: Request, team_id: str, handler: Callable[[Request],
         return await handler(request)
 
 
-def _has_body(request: Request) -> bool:
-    headers = request.headers
+def declares_body(headers: Headers) -> bool:
+    """Whether a request says it sends a body: a chunked one, or a Content-Length but 0 (a cancel, a pause or a
+    resume sends neither)."""
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 

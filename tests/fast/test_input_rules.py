@@ -327,6 +327,33 @@ def test_a_body_sent_compressed_is_refused_naming_its_encoding_and_nothing_is_ma
     assert made.status_code == 201, made.text
 
 
+def test_a_request_without_a_body_is_not_refused_for_a_content_encoding(client):
+    """A client set to send Content-Encoding: gzip on every request sends it on a cancel, a pause or a resume too,
+    which carry no body: nothing was compressed, and the route answers (here: no such job), not a 415."""
+    for action in ("cancel", "pause", "resume"):
+        for declared in ({"Content-Length": "0"}, {}):
+            answer = client.send(client.build_request("POST", f"/jobs/job-missing/{action}",
+                                                      headers={"Content-Encoding": "gzip", **declared}))
+            assert answer.status_code == 404, (action, declared, answer.text)
+            assert answer.json()["error"]["code"] == "not_found"
+    # a body that does come compressed is refused, on any route
+    answer = client.post("/jobs/job-missing/cancel", content=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 415, answer.text
+
+
+def test_a_request_refused_before_its_route_carries_the_headers_every_answer_does(client):
+    """The 415 for a compressed body and the 400 for a NUL in the URL were answered before the headers every
+    other answer carries were added: a browser was free to guess their type, and send a Referer onward."""
+    refused = [client.post("/jobs", content=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip",
+                                                                             "Content-Type": "application/json"}),
+               client.get("/jobs/job%00x"), client.get("/jobs", params={"name": "a\x00b"})]
+    assert [answer.status_code for answer in refused] == [415, 400, 400], [answer.text for answer in refused]
+    for answer in refused:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.headers
+        assert answer.headers["referrer-policy"] == "no-referrer", answer.headers
+        assert answer.headers["cache-control"] == "no-store", answer.headers  # asked with a key, as any answer
+
+
 def test_a_key_sent_without_its_scheme_is_told_to_say_bearer(client):
     """`Authorization: qlk_…` (the scheme forgotten) answered "missing API key", as if no key had been sent."""
     key = client.headers["Authorization"].removeprefix("Bearer ")
