@@ -21,8 +21,11 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   memory for its client to read it, past what the kernel's socket buffer takes: 20 clients that asked for
   a job holding long eval prompts (a 30 MB answer) and read nothing held a GB of the API's memory for as
   long as they kept their connections, and connections in a request are not counted per client. A slow
-  reader is fine: only a stall counts, from when the answer's unsent bytes pass the transport's high-water
-  mark until its client reads enough for them to fall below the low one;
+  reader is fine: only a stall counts, a whole timeout while the answer waits on its client (its unsent bytes
+  past the transport's high-water mark) in which none of it went (unsent_bytes: the transport's buffer and
+  the kernel's). Waiting for the transport's low-water mark alone cut off steady readers: it needs the kernel
+  to free a large share of its send buffer, about 1 MB read per timeout, so at 60 s one reading under ~20 KB/s
+  (curl --limit-rate, a slow link) was closed;
 - one client (an IPv4 address, or an IPv6 /64: client_of) may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
   have waited PENDING_AFTER_S or more for their request's headers (silent, or mid-headers), as nginx's
   limit_conn bounds one address: past it a new connection from there is answered 503 and closed, so a
@@ -42,10 +45,13 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import json
 import logging
 import resource
+import struct
+import termios
 from collections import Counter
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -59,6 +65,9 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 
 HEADERS, BODY = "headers", "body"
+
+# The request for a socket's unsent bytes (Linux's SIOCOUTQ); None where termios has none.
+TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 # How long a connection may wait for its request's headers before it counts against its address's
 # QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT: a client sends them within a round trip of connecting, and
@@ -77,6 +86,20 @@ _pending_by_client: Counter[str] = Counter()
 # what the limits are for, and a log line each would be a flood of its own.
 REFUSALS_LOGGED_EVERY_S = 10.0
 _refusals = {"since_log": 0, "logged_at": float("-inf")}
+
+
+def unsent_bytes(transport: asyncio.Transport) -> int:
+    """What a connection's answer still has to send: the bytes in the transport's buffer, and on Linux those
+    in the kernel's send queue not yet taken by the client's (its socket's TIOCOUTQ, 0 where there is none
+    to ask: the transport's buffer then moves each time the kernel takes more)."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and TIOCOUTQ is not None:
+        try:
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:  # not a socket the kernel counts so (closed, or another system's)
+            pass
+    return unsent
 
 
 def max_connections() -> int:
@@ -117,7 +140,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_started = self.last_read = 0.0
         self.deadline: asyncio.TimerHandle | None = None
         self.send_idle_timeout = settings.send_idle_timeout_s
-        self.send_deadline: asyncio.TimerHandle | None = None  # armed while the client reads none of its answer
+        self.send_deadline: asyncio.TimerHandle | None = None  # armed while the answer waits on its client
+        self.unsent_when_armed = 0  # unsent_bytes() when send_deadline was armed
 
     # uvicorn's protocol callbacks, each extended. A timer is armed only where bytes are still owed:
     # a request whose headers (and body) come in one read, as a poll's do, costs none.
@@ -168,7 +192,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.send_deadline is None:
-            self.send_deadline = self.loop.call_later(self.send_idle_timeout, self._send_stalled)
+            self._arm_send()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -275,9 +299,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.send_deadline.cancel()
             self.send_deadline = None
 
+    def _arm_send(self) -> None:
+        self.unsent_when_armed = unsent_bytes(self.transport)
+        self.send_deadline = self.loop.call_later(self.send_idle_timeout, self._send_stalled)
+
     def _send_stalled(self) -> None:
         self.send_deadline = None
-        log.info("closed a connection whose client read none of its answer for %g s", self.send_idle_timeout,
+        if unsent_bytes(self.transport) < self.unsent_when_armed:  # its client read some: a window of its own
+            self._arm_send()  # (the route waits to write while writing is paused: nothing was added meanwhile)
+            return
+        log.info("closed a connection whose client read nothing of its answer for %g s", self.send_idle_timeout,
                  extra={"client": _address(self.client)})
         # abort, not close: close would wait to send what is buffered, to a client that reads nothing. The route
         # still sending sees its client gone (uvicorn's connection_lost releases its wait to write).

@@ -177,7 +177,7 @@ def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_s
     made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
                       files={"file": ("farm.jsonl", data)}, timeout=120)
     assert made.status_code == 201, made.text
-    said = f"closed a connection whose client read none of its answer for {SEND_IDLE_TIMEOUT_S:g} s"
+    said = f"closed a connection whose client read nothing of its answer for {SEND_IDLE_TIMEOUT_S:g} s"
     logged_before = (slow.home / "api.log").read_text().count(said)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
@@ -197,6 +197,41 @@ def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_s
         except ConnectionResetError:  # aborted: what the kernel still held may be dropped with it
             pass
     assert len(received) < len(data)
+
+
+def test_a_client_reading_its_answer_slowly_but_steadily_for_longer_than_the_send_timeout_gets_all_of_it(slow):
+    """A slow reader is not a stalled one (curl --limit-rate, a slow link downloading an artifact): the send timeout
+    counts a window in which none of the answer went. It counted from when the answer's unsent bytes passed the
+    transport's high-water mark until they fell below the low one, which takes about a megabyte read: a client
+    reading 80 KB/s here (a 2 s timeout) was closed, and at 60 s one under ~20 KB/s, as having "read none of it"."""
+    key = slow.team_key("slow-reader")
+    data = ROW * (8 * 1024 * 1024 // len(ROW))  # 8 MiB: more than loopback's socket buffers hold
+    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
+                      files={"file": ("farm.jsonl", data)}, timeout=120)
+    assert made.status_code == 201, made.text
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
+    sock.settimeout(30)
+    received = b""
+    with sock:
+        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
+        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        # 4 KiB every 50 ms, at most 80 KB/s, for 2.5 timeouts (a loaded machine only reads slower, and a window
+        # still sees tens of reads), then the rest at once: the API holds most of the answer all along
+        slow_until = time.monotonic() + 2.5 * SEND_IDLE_TIMEOUT_S
+        try:
+            while time.monotonic() < slow_until and (chunk := sock.recv(4096)):
+                received += chunk
+                time.sleep(0.05)
+            assert len(received) < len(data) // 2, "the answer went faster than the API's buffers would hold"
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:  # the API aborted the connection: the answer stops short below
+            pass
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(body) == len(data) and body == data, f"{len(body)} of {len(data)} bytes came"
 
 
 def refused_for_number(answer: bytes) -> bool:
