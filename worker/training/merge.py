@@ -16,8 +16,9 @@ from __future__ import annotations
 import gc
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -30,9 +31,10 @@ FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep log
 FIDELITY_MAX_TOKENS = 256
 
 
-def fidelity_rows(rows: list[dict]) -> list[dict]:
+def fidelity_rows(rows: Iterable[dict]) -> list[dict]:
+    """The first FIDELITY_ROWS rows, each cut to FIDELITY_MAX_TOKENS (`rows`: a list, or the recipe's Dataset)."""
     return [{"input_ids": r["input_ids"][:FIDELITY_MAX_TOKENS], "labels": r["labels"][:FIDELITY_MAX_TOKENS]}
-            for r in rows[:FIDELITY_ROWS]]
+            for r in islice(rows, FIDELITY_ROWS)]
 
 
 @torch.no_grad()

@@ -619,13 +619,19 @@ def template_refusals(examples: Sequence[Example], tokenizer, *, preference: boo
 def encode_examples(
     examples: Sequence[Example], tokenizer, *, max_seq_length: int, train_on_inputs: bool
 ) -> tuple[list[dict], EncodeStats]:
-    rows: list[dict] = []
     stats = EncodeStats()
+    return list(kept_rows(examples, tokenizer, stats, max_seq_length=max_seq_length,
+                          train_on_inputs=train_on_inputs)), stats
+
+
+def kept_rows(examples: Sequence[Example], tokenizer, stats: EncodeStats, *, max_seq_length: int,
+              train_on_inputs: bool) -> Iterator[dict]:
+    """encode_examples' rows one at a time, each counted into `stats` as it goes: the recipe stores them a batch
+    at a time as Arrow columns (rows.rows_dataset) rather than holding them all as Python lists."""
     encoded = encoded_rows(examples, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
     for example, enc in zip(examples, encoded, strict=True):
         if stats.count(example.line, enc):
-            rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    return rows, stats
+            yield {"input_ids": enc.input_ids, "labels": enc.labels}
 
 
 @dataclass
@@ -746,12 +752,15 @@ def _completion(ids: list[int], shown: list[str] | None, prompt_length: int, max
 
 def encode_preferences(examples: Sequence[Example], tokenizer, *, max_seq_length: int) -> tuple[list[dict], EncodeStats]:
     """encode_examples for preference rows: the rows DataCollatorForPreference takes, and what was cut or dropped."""
-    rows: list[dict] = []
     stats = EncodeStats.for_pairs()
+    return list(kept_pairs(examples, tokenizer, stats, max_seq_length=max_seq_length)), stats
+
+
+def kept_pairs(examples: Sequence[Example], tokenizer, stats: EncodeStats, *, max_seq_length: int) -> Iterator[dict]:
+    """encode_preferences' rows one at a time, each counted into `stats` (EncodeStats.for_pairs) as it goes."""
     for example, pair in zip(examples, encoded_pairs(examples, tokenizer, max_seq_length=max_seq_length), strict=True):
         if stats.count(example.line, pair):
-            rows.append(pair.row())
-    return rows, stats
+            yield pair.row()
 
 
 def preferred_rows(rows: list[dict]) -> list[dict]:
