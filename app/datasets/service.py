@@ -25,6 +25,7 @@ from app.teams.service import Caller
 from app.text import format_bytes
 from app.uploads import declared_file_bytes, read_multipart
 from worker.training.data import DataError, DatasetValidator
+from worker.training.estimate import CHARS_PER_TOKEN
 from worker.training.spec import excerpt
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 4 * 1024 * 1024
 OVERLONG = f"line is longer than {format_bytes(MAX_LINE_BYTES)}"
 LINE_HEAD_BYTES = 4096  # of an overlong line, what the validator sees: enough to tell what a first line is
-CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 
 
 class Room(Protocol):

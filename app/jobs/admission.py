@@ -25,6 +25,7 @@ from worker.training.estimate import (
     Estimate,
     ModelShape,
     advice,
+    dataset_host_parts,
     describe_host_memory,
     estimate_peak_memory,
     fit_memory_savers,
@@ -45,16 +46,16 @@ class Admission:
     host_parts: dict[str, int] | None = None  # the host memory it holds, by part (Estimate.host_parts), where placed
 
 
-def host_budget(settings: Settings, gpu_class: str) -> int | None:
-    """The host memory in bytes a job on one GPU of this class may hold (QLORA_HOST_MEMORY); None: not known."""
+def host_budget(settings: Settings, gpu_class: str, held: int = 0) -> int | None:
+    """The host memory in bytes a job on one GPU of this class may hold (QLORA_HOST_MEMORY), less `held` (its
+    datasets': the rest is what its steps may hold); None: not known."""
     memory = settings.host_memory.get(gpu_class)
-    return int(memory * GIB) if memory is not None else None
+    return int(memory * GIB) - held if memory is not None else None
 
 
-def host_note(estimate: Estimate, budget: int, gpu_class: str, host: int | None) -> str:
-    """What the created event says of host memory: what the job holds there, against what the class has
-    where that is known; nothing for a job that holds none."""
-    parts = estimate.host_parts(budget)
+def host_note(parts: dict[str, int], gpu_class: str, host: int | None) -> str:
+    """What the created event says of host memory: what the job holds there (`parts`), against what the class
+    has where that is known; nothing for a job that holds none."""
     if not parts:
         return ""
     held = describe_host_memory(parts)
@@ -63,9 +64,17 @@ def host_note(estimate: Estimate, budget: int, gpu_class: str, host: int | None)
     return f"; it holds {held} of the {gib(host)} a worker of {gpu_class} may hold"
 
 
+def held_parts(step: dict[str, int], datasets: dict[str, int], host: int | None) -> dict[str, int]:
+    """What the created event's note names of the host memory a job holds: its step's parts and its datasets';
+    where the class's is not known and the step holds none, nothing (every job holds its datasets)."""
+    return step | datasets if step or host is not None else {}
+
+
 def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: str | None,
-          reference_adapter: bool = False) -> Admission:
-    """`reference_adapter`: the job keeps a frozen copy of its starting adapter (keeps_reference_adapter)."""
+          reference_adapter: bool = False, dataset_tokens: int = 0) -> Admission:
+    """`reference_adapter`: the job keeps a frozen copy of its starting adapter (keeps_reference_adapter);
+    `dataset_tokens`: its datasets' token estimates, train and validation, which it holds in host memory for the
+    whole run (dataset_host_parts): what its steps may hold there is the class's QLORA_HOST_MEMORY less that."""
     check_ceilings(settings, spec)
     classes = sorted(settings.gpu_classes.items(), key=lambda item: item[1])
     served = settings.served_gpu_classes
@@ -86,8 +95,10 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     if requested is not None:
         classes = [(requested, settings.gpu_classes[requested])]
     paging = settings.max_paged_fraction
+    data_parts = dataset_host_parts(dataset_tokens)
+    held = sum(data_parts.values())
     for name, memory_gib in classes:
-        budget, host = int(memory_gib * GIB), host_budget(settings, name)
+        budget, host = int(memory_gib * GIB), host_budget(settings, name, held)
         sized = fit_to_gpu(spec, model.config, budget, paging, reference_adapter, host)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
@@ -105,9 +116,11 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                              + (f"; {gib(paged)} of the {gib(estimate.pageable_bytes)} of paged optimizer state "
                                 "will page to CPU memory at each optimizer step (resident peak "
                                 f"{gib(estimate.resident)})" if paged else "")
-                             + host_note(estimate, budget, name, host), estimate.host_parts(budget))
+                             + host_note(held_parts(estimate.host_parts(budget), data_parts, host), name,
+                                         host_budget(settings, name)),
+                             estimate.host_parts(budget) | data_parts)
     name, memory_gib = classes[-1]
-    budget, host = int(memory_gib * GIB), host_budget(settings, name)
+    budget, host = int(memory_gib * GIB), host_budget(settings, name, held)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
     # "auto" savers on: all they save
     at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging, reference_adapter, host)
@@ -115,7 +128,10 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     largest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
     try_this = advice(at_least_one, model.config, budget, paging, reference_adapter, host)
     if host is not None and estimate.fits(budget, paging) and not estimate.fits(budget, paging, host):
-        refuse_for_host_memory(spec, estimate, name, budget, host, requested is not None, try_this)
+        if held and estimate.fits(budget, paging, host + held):  # the step fits the host; with the datasets, not
+            refuse_for_dataset_memory(estimate.host_parts(budget) | data_parts, name, host + held,
+                                      requested is not None)
+        refuse_for_host_memory(spec, estimate, name, budget, host + held, requested is not None, try_this, data_parts)
     needs = gib(estimate.total) if not estimate.pageable_bytes else \
         f"{gib(estimate.resident)} resident ({gib(estimate.total)} with its paged optimizer state)"
     if try_this:
@@ -135,12 +151,27 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                  "gpu_class": name, "estimate": estimate.parts, "suggestions": try_this})
 
 
+def refuse_for_dataset_memory(parts: dict[str, int], gpu_class: str, host: int, requested: bool) -> NoReturn:
+    """The refusal of a job that fits the GPU memory of `gpu_class`, and whose steps fit its hosts' memory, but not
+    beside its datasets, which a run holds in host memory from start to end (dataset_host_parts)."""
+    need = sum(parts.values())
+    which = "you asked for" if requested else "the workers serve"
+    raise DoesNotFit(
+        f"this job needs about {describe_host_memory(parts)}, and a worker of {gpu_class}, the largest GPU class "
+        f"{which}, may hold {gib(host)} of it (QLORA_HOST_MEMORY). Its datasets are held for the whole run: train on "
+        "fewer rows per job (a later job can start from this one's adapter, initial_job_id), or use a class whose "
+        "hosts have more memory.",
+        details={"host_needed_bytes": need, "host_available_bytes": host, "host_estimate": parts,
+                 "gpu_class": gpu_class})
+
+
 def refuse_for_host_memory(spec: JobSpec, estimate: Estimate, gpu_class: str, budget: int, host: int,
-                           requested: bool, try_this: list[str]) -> NoReturn:
+                           requested: bool, try_this: list[str], datasets: dict[str, int] | None = None) -> NoReturn:
     """The refusal of a job whose GPU memory fits `gpu_class` and whose host memory (Estimate.host_parts)
     does not: 422 naming training.activation_offload where the job asked for offload (its own choice is
-    what does not fit), else 400 does_not_fit, saying what offload or paging would need."""
-    parts = estimate.host_parts(budget)
+    what does not fit), else 400 does_not_fit, saying what offload or paging would need (`datasets`: the host
+    memory its datasets hold beside it, dataset_host_parts; `host`: the class's, theirs included)."""
+    parts = estimate.host_parts(budget) | (datasets or {})
     need = sum(parts.values())
     which = "you asked for" if requested else "the workers serve"
     detail = (f"{describe_host_memory(parts)}, "

@@ -77,11 +77,12 @@ def parse_create(body: Any) -> tuple[dict, JobSpec]:
     return meta, spec
 
 
-def _admit(settings: Settings, model: RegisteredModel, spec: JobSpec, meta: dict) -> Admission:
+def _admit(settings: Settings, model: RegisteredModel, spec: JobSpec, meta: dict, dataset_tokens: int) -> Admission:
     """Admission of a new job (POST /jobs and its preflight): a DPO job from another job's adapter also
-    holds a frozen copy of that adapter as its reference."""
+    holds a frozen copy of that adapter as its reference; its datasets' tokens are held in host memory."""
     return admit(settings, model, spec, meta.get("gpu_class"),
-                 reference_adapter=keeps_reference_adapter(spec, meta.get("initial_job_id") is not None))
+                 reference_adapter=keeps_reference_adapter(spec, meta.get("initial_job_id") is not None),
+                 dataset_tokens=dataset_tokens)
 
 
 def create_once(session: Session, settings: Settings, caller: Caller, body: Any, keyed: idempotency.Keyed | None, *,
@@ -107,8 +108,8 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
     """Validate, admit, preflight (with `storage` and `runner`: a job that cannot learn is refused) and
     queue; with `keyed`, bind its key to the job (create_once is the way in)."""
     meta, spec = parse_create(body)
-    model = _checked_inputs(session, caller, meta, spec)
-    admitted = _admit(settings, model, spec, meta)
+    model, dataset_tokens = _checked_inputs(session, caller, meta, spec)
+    admitted = _admit(settings, model, spec, meta, dataset_tokens)
     checked = (preflight.check(session, storage, runner, caller, model, admitted.spec, meta) if storage is not None
                else preflight.Checked(None, "preflight not run"))
     if checked.report:
@@ -178,9 +179,9 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
         raise Invalid(f"examples: an integer from 0 to {MAX_EXAMPLES} (rows shown token by token), got {excerpt(examples)}",
                       details=field_errors([("examples", f"an integer from 0 to {MAX_EXAMPLES}")]), code="invalid_job")
     meta, spec = parse_create(body)
-    model = _checked_inputs(session, caller, meta, spec)
+    model, dataset_tokens = _checked_inputs(session, caller, meta, spec)
     try:
-        admitted = _admit(settings, model, spec, meta)
+        admitted = _admit(settings, model, spec, meta, dataset_tokens)
         placement: dict[str, Any] = {
             "gpu_class": admitted.gpu_class, "note": admitted.note, "spec": admitted.spec.model_dump(mode="json"),
             "estimate": admitted.estimate.parts if admitted.estimate else None, "host_estimate": admitted.host_parts,
@@ -195,18 +196,21 @@ def preflight_report(session: Session, settings: Settings, storage: Storage, run
             "can_learn": None if checked.report is None else not checked.report["refusals"]}
 
 
-def _checked_inputs(session: Session, caller: Caller, meta: dict, spec: JobSpec) -> RegisteredModel:
+def _checked_inputs(session: Session, caller: Caller, meta: dict, spec: JobSpec) -> tuple[RegisteredModel, int]:
     """What POST /jobs and POST /jobs/preflight both check before admission: the base model is registered,
     the datasets are the team's, ready and of a format the method trains on, the initial job (if any) is the
     team's and left an adapter for the same base model, and a validation set is there where the spec needs one."""
     model = _registered_model(session, spec)
+    tokens = 0  # the datasets' token estimates, which the run holds in host memory (admission counts them)
     for field in ("dataset_id", "validation_dataset_id"):
         if meta.get(field) is not None:
-            lineage.check_format(spec, field, _usable_dataset(session, caller, field, meta[field]))
+            dataset = _usable_dataset(session, caller, field, meta[field])
+            lineage.check_format(spec, field, dataset)
+            tokens += dataset.token_estimate
     if meta.get("initial_job_id") is not None:
         lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
     needs_validation(spec, meta)
-    return model
+    return model, tokens
 
 
 def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:

@@ -422,3 +422,36 @@ def test_target_modules_a_models_blocks_lack_are_refused_at_creation_naming_the_
     # A family the tables do not know is estimated as a Llama block; its names are the worker's to check.
     unknown = {**LLAMA3_8B, "model_type": "someday"}
     assert admit(served, model(unknown, name="someday"), targeting(llama_names, "wqkv"), None)
+
+
+def test_a_jobs_datasets_count_against_its_hosts_memory(tmp_path):
+    """A run holds its datasets in host memory from start to end (read, and encoded as the trainer's rows:
+    DATASET_BYTES_PER_TOKEN, bench/rows_bench.py); a billion-token dataset was killed on the host with nothing
+    counting it. Admission counts the datasets' token estimates against QLORA_HOST_MEMORY beside the step's parts:
+    a class whose hosts cannot hold them is passed over, and where none can, the job is refused saying so."""
+    from worker.training.estimate import DATASET_BYTES_PER_TOKEN, HOST_DATASET
+
+    spec = job_spec(per_device_batch_size=1, max_seq_length=2048)
+    tokens = 1_000_000_000
+    held = DATASET_BYTES_PER_TOKEN * tokens  # ~45 GiB
+    two = make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100", host_memory={"l4": 16, "h100": 100})
+    admitted = admit(two, model(), spec, None, dataset_tokens=tokens)
+    assert admitted.gpu_class == "h100"  # the l4 holds the step on its GPU, but its hosts not the datasets
+    assert admitted.host_parts == {HOST_DATASET: held}
+    assert admitted.note.endswith(f"; it holds {held / GIB:.2f} GiB of host memory (datasets (read and encoded) "
+                                  f"{held / GIB:.2f} GiB) of the 100.00 GiB a worker of h100 may hold"), admitted.note
+    assert admit(two, model(), spec, None, dataset_tokens=1_000_000).gpu_class == "l4"  # a small dataset: the l4
+    small_hosts = make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100",
+                                host_memory={"l4": 16, "h100": 32})
+    with pytest.raises(DoesNotFit) as refused:
+        admit(small_hosts, model(), spec, None, dataset_tokens=tokens)
+    assert refused.value.message.startswith(
+        f"this job needs about {held / GIB:.2f} GiB of host memory (datasets (read and encoded) {held / GIB:.2f} GiB), "
+        "and a worker of h100, the largest GPU class the workers serve, may hold 32.00 GiB of it (QLORA_HOST_MEMORY). "
+        "Its datasets are held for the whole run"), refused.value.message
+    assert refused.value.details["host_needed_bytes"] == held
+    # Without QLORA_HOST_MEMORY nothing changes, and the note says nothing of a step that holds no host memory.
+    unknown = admit(make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100"), model(), spec, None,
+                    dataset_tokens=tokens)
+    assert unknown.gpu_class == "l4" and "host memory" not in unknown.note
+    assert unknown.host_parts == {HOST_DATASET: held}

@@ -11,7 +11,7 @@ import pytest
 from tests import services
 from tests.deployment import upload
 from tests.model_configs import LLAMA3_8B, MIXTRAL_8X7B, PHI3_MINI
-from worker.training.estimate import GIB
+from worker.training.estimate import DATASET_BYTES_PER_TOKEN, GIB
 
 CLASSES = {"l4": 24, "h100": 80}
 
@@ -104,7 +104,11 @@ def test_offload_the_hosts_cannot_hold_is_refused_and_an_unchecked_one_says_so(a
     assert created.status_code == 201, created.text
     event = api.get(f"/jobs/{created.json()['id']}/events").json()[0]
     assert "host memory not checked, QLORA_HOST_MEMORY gives none for h100" in event["message"]
-    assert event["data"]["host_estimate"] == {"offloaded activations (pinned)": 32 * 32768 * 4096 * 2}
+    estimate = event["data"]["host_estimate"]
+    assert estimate["offloaded activations (pinned)"] == 32 * 32768 * 4096 * 2
+    # ...beside its dataset's, held for the whole run (estimate.DATASET_BYTES_PER_TOKEN a token)
+    dataset = api.get(f"/datasets/{dataset_id}").json()
+    assert estimate["datasets (read and encoded)"] == DATASET_BYTES_PER_TOKEN * dataset["token_estimate"] > 0
     api.post(f"/jobs/{created.json()['id']}/cancel")
 
 

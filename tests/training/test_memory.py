@@ -103,17 +103,44 @@ def test_offload_the_host_cannot_hold_fails_before_the_base_loads(tiny_model_dir
 
     spec = JobSpec.parse(short_spec(tiny_model_dir, **STEPS, activation_offload=True, tiled_mlp=False))
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    need = estimate_peak_memory(spec, config).host_bytes
-    assert need > 0
+    offloaded = estimate_peak_memory(spec, config).host_bytes
+    assert offloaded > 0
+    data = dataset_bytes(demo_data["train"])
+    need = offloaded + data
     events: list = []
     with pytest.raises(TrainingError) as failed:
         run(spec, demo_data["train"], tmp_path / "out", host_memory=need // 2, sink=events.append)
     assert str(failed.value) == (
         f"training.activation_offload: this job holds {need / 2**30:.2f} GiB of host memory "
-        f"(offloaded activations (pinned) {need / 2**30:.2f} GiB) at each step and this host has "
-        f"{need // 2 / 2**30:.2f} GiB available; try activation_offload false (on a GPU that holds the activations), "
-        "a shorter max_seq_length or a smaller micro-batch, or a host with more memory")
+        f"(offloaded activations (pinned) {offloaded / 2**30:.2f} GiB, datasets (read and encoded) {data / 2**30:.2f} "
+        f"GiB) and this host has {need // 2 / 2**30:.2f} GiB available; try activation_offload false (on a GPU that "
+        "holds the activations), a shorter max_seq_length or a smaller micro-batch, or a host with more memory")
     assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]  # failed before the load
+
+
+def dataset_bytes(path) -> int:
+    """What the run counts its datasets to hold in host memory: the service's token estimate (characters / 4)."""
+    from worker.training.data import read_jsonl
+    from worker.training.estimate import CHARS_PER_TOKEN, DATASET_BYTES_PER_TOKEN
+
+    return DATASET_BYTES_PER_TOKEN * (sum(e.chars() for e in read_jsonl(path).examples) // CHARS_PER_TOKEN)
+
+
+def test_datasets_the_host_cannot_hold_fail_before_the_base_loads(tiny_model_dir, demo_data, tmp_path):
+    """A run holds its datasets in host memory from start to end, read and encoded (bench/rows_bench.py); a
+    billion tokens' took ~76 GB and the kernel killed the process as it encoded them or in training, with nothing
+    counting them. The host check counts them now, offload or not, and fails at setup saying what to change."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir, **STEPS))
+    data = dataset_bytes(demo_data["train"])
+    events: list = []
+    with pytest.raises(TrainingError) as failed:
+        run(spec, demo_data["train"], tmp_path / "out", host_memory=data // 2, sink=events.append)
+    assert str(failed.value) == (
+        f"dataset: this job holds {data / 2**30:.2f} GiB of host memory (datasets (read and encoded) "
+        f"{data / 2**30:.2f} GiB) and this host has {data // 2 / 2**30:.2f} GiB available; try training on fewer rows "
+        "per job (a later job can start from this one's adapter), or a host with more memory")
+    assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]  # failed before the load
+    assert run(spec, demo_data["train"], tmp_path / "roomy", host_memory=data).status == "succeeded"
 
 
 def test_offload_past_all_the_hosts_memory_fails_before_the_base_loads(tiny_model_dir, demo_data, tmp_path):

@@ -182,6 +182,14 @@ MAX_PAGED_FRACTION = 1.0
 # The host (CPU) memory parts of a step (Estimate.host_parts).
 HOST_OFFLOADED = "offloaded activations (pinned)"
 HOST_PAGED = "optimizer state paged out"
+HOST_DATASET = "datasets (read and encoded)"
+# The host memory a run holds for each token of its datasets, from the start to the end of the run: the rows as
+# read (the report prompts from them), as encoded (int32 Arrow columns, worker/training/rows.py) and as the trainer
+# prepared them from those (a truncated or packed copy). bench/rows_bench.py, with the tiny tokenizer: 7 bytes a token
+# as read and 17-24 as encoded and prepared at ~390-token rows, 20 and 28 at ~50-token rows (a row's own objects
+# weigh more there); the larger, rounded up. (As Python lists, before, the encoded rows alone took ~75.)
+DATASET_BYTES_PER_TOKEN = 48
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers: a dataset's token_estimate
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto is bf16 on current GPUs
 ADAPTER_BYTES = {"float32": 4, "bfloat16": 2}  # lora.dtype: the adapter's weights and their gradients
 
@@ -460,6 +468,12 @@ def memory_savers_note(estimate: Estimate) -> str:
 
 def gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
+
+
+def dataset_host_parts(tokens: int) -> dict[str, int]:
+    """The host memory a run's datasets hold for the whole run, as a host part (Estimate.host_parts' beside it), for
+    their tokens (train and validation): none for none."""
+    return {HOST_DATASET: DATASET_BYTES_PER_TOKEN * tokens} if tokens > 0 else {}
 
 
 def describe_host_memory(parts: dict[str, int]) -> str:

@@ -55,8 +55,11 @@ from worker.training.callbacks import (  # noqa: E402
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
+    CHARS_PER_TOKEN,
+    HOST_DATASET,
     MAX_PAGED_FRACTION,
     PAGED_OPTIMIZERS,
+    dataset_host_parts,
     describe_host_memory,
     estimate_peak_memory,
     fit_to_device,
@@ -551,23 +554,29 @@ class QLoRARecipe:
         return getattr(torch, self.spec.quantization.compute_dtype)
 
     def _check_host_memory(self) -> None:
-        """TrainingError, before the base loads, where the host memory the step holds (the estimate's host parts:
-        offloaded activations, pinned; the paged optimizer's overflow) can never be had here: more than the run may
-        take (`host_memory`, given), or, without that, more than the host has in all. Pinning them failed at the
-        first step, after the load and the wait, or the kernel killed the process. More than the host has
+        """TrainingError, before the base loads, where the host memory the run holds (the estimate's host parts:
+        offloaded activations, pinned; the paged optimizer's overflow; and its datasets, read and encoded, for the
+        whole run) can never be had here: more than the run may take (`host_memory`, given), or, without that,
+        more than the host has in all. Pinning them failed at the first step, after the load and the wait, or the
+        kernel killed the process (the datasets: as they were encoded, or in training). More than the host has
         available only now (another GPU's job merging on the CPU, say) is said in a warning, and the run goes
         on: a failure is for good, and the memory may be free by then. Admission checks it against
         QLORA_HOST_MEMORY where the class's is given."""
         t = self.spec.training
-        if t.activation_offload is not True and t.optimizer not in PAGED_OPTIMIZERS:
-            return  # nothing of a step is held in host memory by design
-        try:
-            config = json.loads((self.base_path / "config.json").read_text())
-            estimate = estimate_peak_memory(self.spec, config, reference_adapter=keeps_reference_adapter(
-                self.spec, self.initial_adapter is not None))
-        except (OSError, ValueError):
-            return  # a config the estimate cannot read: loading the model says what is wrong with it
-        parts, available = estimate.host_parts(_gpu_memory(self.device)), self._host_available()
+        parts: dict[str, int] = {}
+        estimate = None
+        if t.activation_offload is True or t.optimizer in PAGED_OPTIMIZERS:  # else a step holds none by design
+            try:
+                config = json.loads((self.base_path / "config.json").read_text())
+                estimate = estimate_peak_memory(self.spec, config, reference_adapter=keeps_reference_adapter(
+                    self.spec, self.initial_adapter is not None))
+                parts = estimate.host_parts(_gpu_memory(self.device))
+            except (OSError, ValueError):
+                pass  # a config the estimate cannot read: loading the model says what is wrong with it
+        # The datasets' tokens as the service estimates them on upload (characters / CHARS_PER_TOKEN).
+        examples = [*self.train_data.examples, *(self.val_data.examples if self.val_data else [])]
+        parts |= dataset_host_parts(sum(example.chars() for example in examples) // CHARS_PER_TOKEN)
+        available = self._host_available()
         need = sum(parts.values())
         if need <= available:
             return
@@ -576,16 +585,20 @@ class QLoRARecipe:
             total = total_host_memory()
             if need <= total:
                 self.emit(Event(type="host_memory_short", level="warning", step=0, message=(
-                    f"this job holds {held} at each step and this host has {gib(available)} available now (of "
-                    f"{gib(total)}): it goes on, and runs out of memory at its first step if the host's other work "
-                    "still holds it then"), data={"host_needed_bytes": need, "host_available_bytes": available}))
+                    f"this job holds {held} and this host has {gib(available)} available now (of {gib(total)}): it "
+                    "goes on, and runs out of memory if the host's other work still holds it then"),
+                    data={"host_needed_bytes": need, "host_available_bytes": available}))
                 return
+        limit, has = (available, f"{gib(available)} available") if self.host_memory is not None else \
+            (total, f"{gib(total)} in all")
+        if estimate is None or need - parts.get(HOST_DATASET, 0) <= limit:  # its steps alone would fit: its datasets not
+            raise TrainingError(f"dataset: this job holds {held} and this host has {has}; try training on fewer rows "
+                                "per job (a later job can start from this one's adapter), or a host with more memory")
         field = "training.activation_offload" if estimate.offload else "training.optimizer"
         fix = ("activation_offload false (on a GPU that holds the activations), a shorter max_seq_length or a smaller "
                "micro-batch" if estimate.offload else "a GPU class with more memory, so less of it pages")
-        has = f"{gib(available)} available" if self.host_memory is not None else f"{gib(total)} in all"
-        raise TrainingError(f"{field}: this job holds {held} at each step and this host has {has}; try {fix}, or a "
-                            "host with more memory")
+        raise TrainingError(f"{field}: this job holds {held} and this host has {has}; try {fix}, or a host with more "
+                            "memory")
 
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
