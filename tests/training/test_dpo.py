@@ -365,15 +365,24 @@ def test_a_bfloat16_adapter_continued_starts_equal_to_its_reference(tiny_model_d
     sft["training"].update(max_steps=4, learning_rate=3e-2, save_steps=100, eval_steps=100, per_device_batch_size=3)
     sft["output"], sft["eval"] = {"merge": False}, {"prompts": 0}
     start = run(JobSpec.parse(sft), write_jsonl(as_chat(rows, "rejected"), tmp_path / "sft.jsonl"), tmp_path / "sft")
-    data = dpo_spec(tiny_model_dir, max_steps=1, logging_steps=1, save_steps=100,
-                    per_device_batch_size=3).model_dump(mode="json")
+    data = dpo_spec(tiny_model_dir, max_steps=2, logging_steps=1, save_steps=1, learning_rate=3e-2,
+                    per_device_batch_size=3, lr_scheduler="constant", warmup_ratio=0.0).model_dump(mode="json")
     data["lora"]["dtype"] = "bfloat16"
     data["quantization"]["compute_dtype"] = "float32"  # the forward passes exact: only the adapters' weights differ
     data["output"], data["eval"] = {"merge": False}, {"prompts": 0}
-    run(JobSpec.parse(data), train, tmp_path / "dpo", initial_adapter=start.out_dir / "adapter")
-    [first] = [p for p in curve(tmp_path / "dpo") if p["kind"] == "train"]
+    spec, adapter = JobSpec.parse(data), start.out_dir / "adapter"
+    run(spec, train, tmp_path / "dpo", initial_adapter=adapter)
+    first, second = [p for p in curve(tmp_path / "dpo") if p["kind"] == "train"]
     assert (first["reward_chosen"], first["reward_rejected"], first["reward_margin"], first["reward_accuracy"]) == (0, 0, 0, 0)
     assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # A resume loads the copy from the checkpoint's ref/, upcast to float32 by peft: it stays in lora.dtype, so the
+    # resumed step measures the same rewards as the run that was not paused.
+    assert run(spec, train, tmp_path / "resumed", initial_adapter=adapter, pause=pause_after(1)).status == "paused"
+    run(spec, train, tmp_path / "resumed", initial_adapter=adapter, resume=True)
+    [resumed] = [p for p in curve(tmp_path / "resumed") if p["kind"] == "train" and p["step"] == 2]
+    assert second["reward_margin"] != 0
+    for key in ("train_loss", "reward_margin", "reward_chosen", "reward_rejected"):
+        assert resumed[key] == pytest.approx(second[key], rel=1e-6, abs=1e-9), key
 
 
 # ---------------------------------------------------------------- tokenization, preflight, estimate

@@ -196,16 +196,15 @@ class TrainerGuards:
             for name, param in self.model.named_parameters():
                 if name in given:
                     param.data = given[name].to(param.device)
-                elif ".ref." in name and param.dtype != adapter_dtype:
-                    # DPO's frozen copy of a started adapter (trl's "ref"), made from the start as given: in the
-                    # adapter's dtype too, or with lora.dtype bfloat16 the policy (the start rounded) was not its
-                    # reference at step 0, and every reward measured the rounding beside the preference.
-                    param.data = param.data.to(adapter_dtype)
         self._cast_adapter()
 
     def _cast_adapter(self) -> None:
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype != self.adapter_dtype:
+        """The trained adapter in lora.dtype, and DPO's frozen copy of a started one (trl's "ref", made from the start
+        as given, and loaded from a checkpoint's ref/ on a resume, both upcast to float32 by peft) too: in another
+        dtype than the trained copy, with lora.dtype bfloat16 the policy was not its reference at step 0, and every
+        reward measured the rounding beside the preference; a resume brought the float32 copy back."""
+        for name, param in self.model.named_parameters():
+            if (param.requires_grad or ".ref." in name) and param.dtype != self.adapter_dtype:
                 param.data = param.data.to(self.adapter_dtype)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
