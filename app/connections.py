@@ -22,8 +22,8 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   a job holding long eval prompts (a 30 MB answer) and read nothing held a GB of the API's memory for as
   long as they kept their connections, and connections in a request are not counted per client. A slow
   reader is fine: only a stall counts, a whole timeout while the answer waits on its client (its unsent bytes
-  past the transport's high-water mark) in which none of it went (unsent_bytes: the transport's buffer and
-  the kernel's). Waiting for the transport's low-water mark alone cut off steady readers: it needs the kernel
+  past the transport's high-water mark) in which less than SEND_PROGRESS_BYTES of it went (unsent_bytes: the
+  transport's buffer and the kernel's). Waiting for the transport's low-water mark alone cut off steady readers: it needs the kernel
   to free a large share of its send buffer, about 1 MB read per timeout, so at 60 s one reading under ~20 KB/s
   (curl --limit-rate, a slow link) was closed;
 - one client (an IPv4 address, or an IPv6 /64: client_of) may hold at most `QLORA_MAX_PENDING_CONNECTIONS_PER_CLIENT` connections that
@@ -66,6 +66,9 @@ MAX_HEADER_BYTES = 64 * 1024
 
 HEADERS, BODY = "headers", "body"
 
+# What a client must read of an answer waiting on it in each QLORA_SEND_IDLE_TIMEOUT_S, or be closed: 16 KiB a minute
+# at the default, a trickle no download or stream reads at, however slow its link.
+SEND_PROGRESS_BYTES = 16 * 1024
 # The request for a socket's unsent bytes (Linux's SIOCOUTQ); None where termios has none.
 TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
@@ -305,11 +308,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_stalled(self) -> None:
         self.send_deadline = None
-        if unsent_bytes(self.transport) < self.unsent_when_armed:  # its client read some: a window of its own
-            self._arm_send()  # (the route waits to write while writing is paused: nothing was added meanwhile)
+        # Its client read at least SEND_PROGRESS_BYTES in the window: a window of its own (the route waits to write
+        # while writing is paused, so nothing was added meanwhile). Any progress at all let a client reading a few
+        # bytes a second (the kernel reopens its window after one packet) hold the connection and the answer
+        # buffered for it without end.
+        if self.unsent_when_armed - unsent_bytes(self.transport) >= SEND_PROGRESS_BYTES:
+            self._arm_send()
             return
-        log.info("closed a connection whose client read nothing of its answer for %g s", self.send_idle_timeout,
-                 extra={"client": _address(self.client)})
+        log.info("closed a connection whose client read under %d KiB of its answer in %g s", SEND_PROGRESS_BYTES // 1024,
+                 self.send_idle_timeout, extra={"client": _address(self.client)})
         # abort, not close: close would wait to send what is buffered, to a client that reads nothing. The route
         # still sending sees its client gone (uvicorn's connection_lost releases its wait to write).
         self.transport.abort()

@@ -177,7 +177,7 @@ def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_s
     made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
                       files={"file": ("farm.jsonl", data)}, timeout=120)
     assert made.status_code == 201, made.text
-    said = f"closed a connection whose client read nothing of its answer for {SEND_IDLE_TIMEOUT_S:g} s"
+    said = f"closed a connection whose client read under 16 KiB of its answer in {SEND_IDLE_TIMEOUT_S:g} s"
     logged_before = (slow.home / "api.log").read_text().count(said)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
@@ -232,6 +232,35 @@ def test_a_client_reading_its_answer_slowly_but_steadily_for_longer_than_the_sen
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(body) == len(data) and body == data, f"{len(body)} of {len(data)} bytes came"
+
+
+def test_a_client_reading_a_trickle_of_its_answer_is_closed_as_a_stalled_one(slow):
+    """Any progress in a window kept the connection: a client reading a few bytes a second (the kernel takes more
+    after each packet read) held it, and the answer buffered for it, without end. Under 16 KiB a window is a stall."""
+    key = slow.team_key("trickle-reader")
+    data = ROW * (8 * 1024 * 1024 // len(ROW))  # 8 MiB: more than loopback's socket buffers hold
+    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
+                      files={"file": ("farm.jsonl", data)}, timeout=120)
+    assert made.status_code == 201, made.text
+    said = f"closed a connection whose client read under 16 KiB of its answer in {SEND_IDLE_TIMEOUT_S:g} s"
+    logged_before = (slow.home / "api.log").read_text().count(said)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
+    sock.settimeout(30)
+    received = b""
+    with sock:
+        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
+        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        deadline = time.monotonic() + 60
+        try:
+            while (slow.home / "api.log").read_text().count(said) == logged_before:  # 1 KiB every 0.5 s meanwhile
+                assert time.monotonic() < deadline, "the API never closed a connection whose client read a trickle"
+                received += sock.recv(1024)
+                time.sleep(0.5)
+        except ConnectionResetError:  # aborted before the log was read
+            pass
+    assert len(received) < len(data) // 4
 
 
 def refused_for_number(answer: bytes) -> bool:
