@@ -424,11 +424,13 @@ def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     then its team's, and so must the reaper, all its jobs' rows first. Taking them one job at a time, the reaper
     held one team's row (its first job's end) while it waited for another job of that team, whose worker, back
     from silence, held that job's row and waited for the team's: Postgres ended one with "deadlock detected"
-    (the reaper's whole pass, or the worker's end, rolled back). A job whose worker ends it meanwhile is waited
-    for and, ended, left out. On SQLite the lock is a no-op: its writers go one at a time."""
+    (the reaper's whole pass, or the worker's end, rolled back). A job whose row another transaction holds (its
+    worker, back, ending it) is left to the next pass rather than waited for: a transaction a frozen host left open
+    on one job's row would otherwise hold up the reaping of every job. On SQLite the lock is a no-op: its writers go
+    one at a time."""
     return list(session.scalars(
         select(Job).where(Job.status.in_(states.WORKER_OWNED), _last_sign_of_life() < cutoff)
-        .order_by(Job.id).with_for_update()))
+        .order_by(Job.id).with_for_update(skip_locked=True)))
 
 
 def _last_sign_of_life() -> sa.ColumnElement:
