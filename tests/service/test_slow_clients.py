@@ -168,26 +168,35 @@ def test_a_slow_but_steady_upload_takes_longer_than_the_idle_timeout_and_succeed
     assert answer.startswith(b"HTTP/1.1 201 "), answer
 
 
+STALLED = f"closed a connection whose client read under 16 KiB of its answer in {SEND_IDLE_TIMEOUT_S:g} s"
+
+
+def download_asked(slow, team: str, mib: int) -> tuple[bytes, socket.socket]:
+    """A dataset of `mib` MiB (more than loopback's socket buffers hold) uploaded, and its download asked for on a
+    socket whose receive window is small, its answer not yet read: the API holds the rest of it."""
+    key = slow.team_key(team)
+    data = ROW * (mib * 1024 * 1024 // len(ROW))
+    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
+                      files={"file": ("farm.jsonl", data)}, timeout=120)
+    assert made.status_code == 201, made.text
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
+    sock.settimeout(30)
+    sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
+    sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 f"Authorization: Bearer {key}\r\n\r\n".encode())
+    return data, sock
+
+
 def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_send_dropped(slow):
     """An answer the client never read stayed in the API's memory (past what the kernel's socket buffers take)
     for as long as the client kept its connection: 20 clients asking for a job with long eval prompts (30 MB)
     and reading nothing held a GB of the API, and a stalled download held one of its key's places for good."""
-    key = slow.team_key("stalled-reader")
-    data = ROW * (24 * 1024 * 1024 // len(ROW))  # 24 MiB: more than loopback's socket buffers hold
-    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
-                      files={"file": ("farm.jsonl", data)}, timeout=120)
-    assert made.status_code == 201, made.text
-    said = f"closed a connection whose client read under 16 KiB of its answer in {SEND_IDLE_TIMEOUT_S:g} s"
-    logged_before = (slow.home / "api.log").read_text().count(said)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
-    sock.settimeout(30)
+    logged_before = (slow.home / "api.log").read_text().count(STALLED)
+    data, sock = download_asked(slow, "stalled-reader", 24)
     with sock:
-        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
-        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
         deadline = time.monotonic() + 60  # the API says when it closed it; read nothing until then
-        while (slow.home / "api.log").read_text().count(said) == logged_before:
+        while (slow.home / "api.log").read_text().count(STALLED) == logged_before:
             assert time.monotonic() < deadline, "the API never closed a connection whose client read nothing"
             time.sleep(0.2)
         received = b""
@@ -201,22 +210,12 @@ def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_s
 
 def test_a_client_reading_its_answer_slowly_but_steadily_for_longer_than_the_send_timeout_gets_all_of_it(slow):
     """A slow reader is not a stalled one (curl --limit-rate, a slow link downloading an artifact): the send timeout
-    counts a window in which none of the answer went. It counted from when the answer's unsent bytes passed the
-    transport's high-water mark until they fell below the low one, which takes about a megabyte read: a client
-    reading 80 KB/s here (a 2 s timeout) was closed, and at 60 s one under ~20 KB/s, as having "read none of it"."""
-    key = slow.team_key("slow-reader")
-    data = ROW * (8 * 1024 * 1024 // len(ROW))  # 8 MiB: more than loopback's socket buffers hold
-    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
-                      files={"file": ("farm.jsonl", data)}, timeout=120)
-    assert made.status_code == 201, made.text
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
-    sock.settimeout(30)
+    counts a window in which less than 16 KiB of the answer went. It counted from when the answer's unsent bytes
+    passed the transport's high-water mark until they fell below the low one, which takes about a megabyte read: a
+    client reading 80 KB/s here (a 2 s timeout) was closed, and at 60 s one under ~20 KB/s, as having "read none"."""
+    data, sock = download_asked(slow, "slow-reader", 8)
     received = b""
     with sock:
-        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
-        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
         # 4 KiB every 50 ms, at most 80 KB/s, for 2.5 timeouts (a loaded machine only reads slower, and a window
         # still sees tens of reads), then the rest at once: the API holds most of the answer all along
         slow_until = time.monotonic() + 2.5 * SEND_IDLE_TIMEOUT_S
@@ -237,24 +236,13 @@ def test_a_client_reading_its_answer_slowly_but_steadily_for_longer_than_the_sen
 def test_a_client_reading_a_trickle_of_its_answer_is_closed_as_a_stalled_one(slow):
     """Any progress in a window kept the connection: a client reading a few bytes a second (the kernel takes more
     after each packet read) held it, and the answer buffered for it, without end. Under 16 KiB a window is a stall."""
-    key = slow.team_key("trickle-reader")
-    data = ROW * (8 * 1024 * 1024 // len(ROW))  # 8 MiB: more than loopback's socket buffers hold
-    made = httpx.post(f"{slow.url}/datasets", headers={"Authorization": f"Bearer {key}"},
-                      files={"file": ("farm.jsonl", data)}, timeout=120)
-    assert made.status_code == 201, made.text
-    said = f"closed a connection whose client read under 16 KiB of its answer in {SEND_IDLE_TIMEOUT_S:g} s"
-    logged_before = (slow.home / "api.log").read_text().count(said)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window it offers
-    sock.settimeout(30)
+    logged_before = (slow.home / "api.log").read_text().count(STALLED)
+    data, sock = download_asked(slow, "trickle-reader", 8)
     received = b""
     with sock:
-        sock.connect((urlsplit(slow.url).hostname, urlsplit(slow.url).port))
-        sock.sendall(f"GET /datasets/{made.json()['id']}/content HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
         deadline = time.monotonic() + 60
         try:
-            while (slow.home / "api.log").read_text().count(said) == logged_before:  # 1 KiB every 0.5 s meanwhile
+            while (slow.home / "api.log").read_text().count(STALLED) == logged_before:  # 1 KiB every 0.5 s meanwhile
                 assert time.monotonic() < deadline, "the API never closed a connection whose client read a trickle"
                 received += sock.recv(1024)
                 time.sleep(0.5)

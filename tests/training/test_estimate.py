@@ -867,13 +867,9 @@ def layer_norm_as_on_cuda(monkeypatch):
 NEOX = dict(model_type="gpt_neox", hidden_size=1024, num_attention_heads=16, vocab_size=1500)
 
 
-@pytest.mark.parametrize("intermediate", [4096, 2048])
-@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "serial"])
-def test_a_gpt_neox_layer_keeps_what_is_counted(tmp_path, parallel, intermediate, layer_norm_as_on_cuda):
-    """GPT-NeoX's block (fused q/k/v, LayerNorms, by default attention and MLP side by side on one input): what one
-    more layer keeps for backward, against what the estimate adds for it. Counted as a Llama block of its widths it
-    was 12 % over at Pythia's proportions (intermediate 4 x hidden), 24 % at 2 x."""
-    dims = {**NEOX, "intermediate_size": intermediate, "use_parallel_residual": parallel}
+def kept_by_one_and_two_layers(tmp_path, dims: dict) -> tuple[list[int], list[int]]:
+    """What a model of `dims` with one layer, then two, keeps for backward (4 x 64 tokens, no checkpointing), and what
+    the estimate counts as kept for each: one more layer's share is the difference."""
     saved, estimated = [], []
     for layers in (1, 2):
         _, model = build(tmp_path / str(layers), {**dims, "num_hidden_layers": layers}, checkpointing=False)
@@ -882,6 +878,17 @@ def test_a_gpt_neox_layer_keeps_what_is_counted(tmp_path, parallel, intermediate
                                                                         "tie_word_embeddings": False},
                                  micro_batch=4, seq_len=64)
         estimated.append(e.parts["activations (kept for backward)"])
+    return saved, estimated
+
+
+@pytest.mark.parametrize("intermediate", [4096, 2048])
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "serial"])
+def test_a_gpt_neox_layer_keeps_what_is_counted(tmp_path, parallel, intermediate, layer_norm_as_on_cuda):
+    """GPT-NeoX's block (fused q/k/v, LayerNorms, by default attention and MLP side by side on one input): what one
+    more layer keeps for backward, against what the estimate adds for it. Counted as a Llama block of its widths it
+    was 12 % over at Pythia's proportions (intermediate 4 x hidden), 24 % at 2 x."""
+    dims = {**NEOX, "intermediate_size": intermediate, "use_parallel_residual": parallel}
+    saved, estimated = kept_by_one_and_two_layers(tmp_path, dims)
     assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.10), (estimated, saved)
     # And the whole model's (the loss head keeps the bf16 hidden states of the tokens it scores).
     assert estimated[1] + 4 * 64 * NEOX["hidden_size"] * 2 == pytest.approx(saved[1], rel=0.10), (estimated, saved)
@@ -905,14 +912,7 @@ def test_a_familys_layer_keeps_what_is_counted(tmp_path, dims, layer_norm_as_on_
     """What one more layer keeps for backward, against what the estimate adds for it, LayerNorms run as on CUDA.
     Counted as a Llama layer, StableLM's read 0.81 (serial) and 0.84 (parallel) of what it keeps, Phi-3's 1.17 and
     Nemotron's 1.37 (its relu2 MLP counted as gated); Cohere's matched, and still does."""
-    saved, estimated = [], []
-    for layers in (1, 2):
-        _, model = build(tmp_path / str(layers), {**dims, "num_hidden_layers": layers}, checkpointing=False)
-        saved.append(saved_for_backward(model, 4, 64, dims["vocab_size"]))
-        e = estimate_peak_memory(spec(gradient_checkpointing=False), {**dims, "num_hidden_layers": layers,
-                                                                        "tie_word_embeddings": False},
-                                 micro_batch=4, seq_len=64)
-        estimated.append(e.parts["activations (kept for backward)"])
+    saved, estimated = kept_by_one_and_two_layers(tmp_path, dims)
     assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.05), (estimated, saved)
 
 
