@@ -68,7 +68,8 @@ ACT_MLP_PER_HIDDEN = 12.5  # of ACT_PER_HIDDEN, what the MLP saves (its input, t
 # estimate of a GPT-NeoX step was 26-33 % over what is live (docs/performance.md). relu2 (Nemotron, Jais 2) is two
 # kernels whose first output is the second's saved input and its own backward's, so it keeps two as well (measured
 # on Nemotron, intermediate 1,536 and 3,072: 8.25; counted as gated, its step was 28-35 % over). Other activations
-# (gelu_new, xielu) keep more tensors of their own: their families are still counted as gated, on the safe side.
+# (gelu_new, xielu) keep more tensors of their own: their families are still counted as gated, on the safe side
+# (whole: ModelShape.mlp_counted_as_its_own).
 ACT_PER_INTERMEDIATE_TWO_MATRIX = 8.25
 ACT_MLP_PER_HIDDEN_TWO_MATRIX = 6.4
 GRAD_PER_INTERMEDIATE_TWO_MATRIX = 6  # bytes in flight per token per unit, where a gated MLP has two float32 (8)
@@ -382,6 +383,16 @@ class ModelShape:
         return into_intermediate == 1 and self.activation in ONE_KERNEL_ACTIVATIONS
 
     @property
+    def mlp_counted_as_its_own(self) -> bool:
+        """The count of the block's MLP is one measured for it: gated, two-matrix with a one-kernel activation (two_matrix_mlp),
+        or Phi-2's gelu_new after LayerNorms. A gateless MLP with another activation (Apertus' xielu) is counted as gated,
+        a stand-in whose surplus covers what its activation keeps: its one fewer reader is not taken off that (taken
+        off, an Apertus layer read 0.98 of what it keeps, its step without checkpointing 0.96 of what is live)."""
+        names = {name for name, _, _ in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS)}
+        return (self.two_matrix_mlp or bool(names & {"gate_proj", "gate_up_proj"})
+                or (self.family in LAYER_NORM_FAMILIES and self.activation == "gelu_new"))
+
+    @property
     def input_readers(self) -> int:
         """How many of the block's linear layers read a hidden-wide input (the norms' outputs; Llama's five)."""
         return sum(i == "h" for _, i, _ in FAMILY_LINEARS.get(self.family, LLAMA_LINEARS))
@@ -591,7 +602,7 @@ def estimate_peak_memory(spec: JobSpec, model_config: dict, micro_batch: int | N
                          + (ACT_PER_SANDWICH_HIDDEN * shape.hidden if shape.sandwich_norms else 0))
     if shape.two_matrix_mlp:  # ACT_PER_HIDDEN holds a gated MLP's copies of its input
         per_layer -= scale * (ACT_MLP_PER_HIDDEN - ACT_MLP_PER_HIDDEN_TWO_MATRIX) * shape.hidden
-    else:  # and five LoRA copies of the norm's output, where fused layers keep fewer
+    elif shape.mlp_counted_as_its_own:  # and five LoRA copies of the norm's output, where fused layers keep fewer
         per_layer -= scale * ACT_PER_INPUT_READER * (LLAMA_INPUT_READERS - shape.input_readers) * shape.hidden
         per_layer += scale * (ACT_PER_KV_FUSED * kv if shape.fused_qkv else 0)
     if shape.family in AUTOCAST_DTYPE_NORM_FAMILIES:
