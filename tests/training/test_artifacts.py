@@ -14,6 +14,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from tests.training.conftest import dataset_bytes
 from worker.training import checkpoints
 from worker.training.recipe import run
 from worker.training.spec import JobSpec
@@ -136,8 +137,9 @@ def test_a_merge_the_host_cannot_hold_is_not_started_and_the_adapter_is_delivere
     warning event saying why there is no merged model, and the eval report answers with the adapter."""
     events: list = []
     spec = short_spec("tiny", eval={"prompts": 2, "max_new_tokens": 4})
+    # Host memory for its dataset alone (the run holds it from start to end), none to merge in.
     result = run(spec, demo_data["train"], tmp_path / "out", registry={"tiny": str(tiny_model_dir)},
-                 sink=events.append, host_memory=1)
+                 sink=events.append, host_memory=dataset_bytes(demo_data["train"]))
     assert result.status == "succeeded" and spec.output.merge
     assert (result.out_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not (result.out_dir / "merged").exists() and result.summary["merge_fidelity"] is None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.training.conftest import dataset_bytes
 from tests.training.test_recipe import pause_after, short_spec
 from worker.training import memory
 from worker.training.recipe import TrainingError, run
@@ -116,14 +117,6 @@ def test_offload_the_host_cannot_hold_fails_before_the_base_loads(tiny_model_dir
         f"GiB) and this host has {need // 2 / 2**30:.2f} GiB available; try activation_offload false (on a GPU that "
         "holds the activations), a shorter max_seq_length or a smaller micro-batch, or a host with more memory")
     assert not [e for e in events if getattr(e, "type", None) == "base_loaded"]  # failed before the load
-
-
-def dataset_bytes(path) -> int:
-    """What the run counts its datasets to hold in host memory: the service's token estimate (characters / 4)."""
-    from worker.training.data import read_jsonl
-    from worker.training.estimate import CHARS_PER_TOKEN, DATASET_BYTES_PER_TOKEN
-
-    return DATASET_BYTES_PER_TOKEN * (sum(e.chars() for e in read_jsonl(path).examples) // CHARS_PER_TOKEN)
 
 
 def test_datasets_the_host_cannot_hold_fail_before_the_base_loads(tiny_model_dir, demo_data, tmp_path):
