@@ -108,7 +108,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
             sized = with_micro_batch(sized, settings.max_micro_batch)
         estimate = estimate_peak_memory(sized, model.config, reference_adapter=reference_adapter)
         if estimate.fits(budget, paging, host):
-            paged = estimate.paged_bytes(budget)
+            paged, step_parts = estimate.paged_bytes(budget), estimate.host_parts(budget)
             return Admission(name, sized, estimate,
                              f"estimated peak {gib(estimate.total)} of the {gib(budget)} on {name} "
                              f"(micro-batch {sized.training.per_device_batch_size}"
@@ -116,9 +116,8 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                              + (f"; {gib(paged)} of the {gib(estimate.pageable_bytes)} of paged optimizer state "
                                 "will page to CPU memory at each optimizer step (resident peak "
                                 f"{gib(estimate.resident)})" if paged else "")
-                             + host_note(held_parts(estimate.host_parts(budget), data_parts, host), name,
-                                         host_budget(settings, name)),
-                             estimate.host_parts(budget) | data_parts)
+                             + host_note(held_parts(step_parts, data_parts, host), name, host_budget(settings, name)),
+                             step_parts | data_parts)
     name, memory_gib = classes[-1]
     budget, host = int(memory_gib * GIB), host_budget(settings, name, held)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)

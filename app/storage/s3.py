@@ -14,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from app.config import MIB
 from app.storage.base import (
     READ_CHUNK,
     ListedObject,
@@ -29,7 +30,7 @@ from app.storage.base import (
 log = logging.getLogger(__name__)
 
 # The least part size: above S3's 5 MiB minimum part, and one part is what a writer holds in memory.
-PART_SIZE = 8 << 20
+PART_SIZE = 8 * MIB
 # S3 and MinIO take at most 10,000 parts of at most 5 GiB each, and Cloudflare R2 only parts of one size (but the
 # last). 10,000 parts of 8 MiB end at 78 GiB, short of a 65B model merged in bfloat16 (130 GB; 70B: 140 GB), which
 # the streaming merge writes: its upload was refused at part 10,001, after the whole training and merge, and the job
@@ -39,7 +40,6 @@ PART_SIZE = 8 << 20
 MAX_PARTS = 10_000
 MAX_PART_SIZE = 5 << 30
 PLANNED_PARTS = 9_000
-MIB = 1 << 20
 
 
 def part_size_for(expected_size: int | None, least: int = PART_SIZE, planned_parts: int = PLANNED_PARTS) -> int:
