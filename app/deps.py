@@ -9,6 +9,7 @@ from typing import Annotated
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Header, Request
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +17,7 @@ from app.config import Settings
 from app.db import session_scope, sessionmaker_for
 from app.errors import Forbidden
 from app.idempotency import service as idempotency
+from app.openai.ids import FILE, JOB, native
 from app.storage.base import Storage
 from app.teams.service import Caller, CallerCache, authenticate, bearer_key_hash
 
@@ -136,3 +138,10 @@ async def get_admin(caller: CallerDep) -> Caller:
 
 
 AdminDep = Annotated[Caller, Depends(get_admin)]
+
+
+# A job or dataset id in a native route's path, also as /v1 and the openai SDK name it (`ftjob-…`, `file-…`): the same
+# job or dataset, so an id copied from the SDK's output works with curl and the dashboard's URLs as with the `qlora` CLI.
+# A plain 404 for it was no help; another team's id, prefixed or not, is still as missing as a wrong one.
+JobId = Annotated[str, AfterValidator(lambda value: native(value, JOB))]
+DatasetId = Annotated[str, AfterValidator(lambda value: native(value, FILE))]

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from app.openai.ids import FILE, JOB, without_prefix
+from app.openai.ids import FILE, JOB, native
 
 CHUNK_BYTES = 1 << 20  # 1 MiB reads and writes: steady progress, bounded memory for a 2 GiB file
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -143,7 +143,7 @@ OPENAI_PREFIXES = {"job id": JOB, "dataset id": FILE}
 def native_id(value: str, what: str) -> str:
     """A job or dataset id as the native API names it: taken as given, or from its /v1 name."""
     prefix = OPENAI_PREFIXES.get(what)
-    return (without_prefix(value, prefix) if prefix else None) or value
+    return native(value, prefix) if prefix else value
 
 
 def _id(value: str, what: str = "job id") -> str:

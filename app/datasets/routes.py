@@ -5,7 +5,7 @@ from fastapi.responses import StreamingResponse
 
 from app.datasets import service
 from app.datasets.schemas import DatasetOut, DatasetPage
-from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
+from app.deps import CallerDep, DatasetId, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.idempotency import service as idempotency
 from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute, outside_team_shares
@@ -40,13 +40,13 @@ def list_datasets(session: SessionDep, caller: CallerDep, cursor: str | None = N
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep):
+def get_dataset(dataset_id: DatasetId, session: SessionDep, caller: CallerDep):
     return service.get(session, caller, dataset_id)
 
 
 @router.get("/{dataset_id}/content", response_class=StreamingResponse, responses=RANGED)
 @router.head("/{dataset_id}/content", include_in_schema=False)
-def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
+def dataset_content(dataset_id: DatasetId, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
     """The file as uploaded; resumable with Range and If-Range, as an artifact's download."""
     dataset = service.get(session, caller, dataset_id)
     return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
@@ -56,5 +56,5 @@ def dataset_content(dataset_id: str, session: SessionDep, storage: StorageDep, c
 
 
 @router.delete("/{dataset_id}", status_code=204)
-def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+def delete_dataset(dataset_id: DatasetId, session: SessionDep, storage: StorageDep, caller: CallerDep):
     service.delete(session, storage, caller, dataset_id)

@@ -346,6 +346,20 @@ def newest_metric_id(session: Session, team_id: str, job_id: str) -> int:
         JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery())).scalar_one()  # curve_changes: why =
 
 
+def train_points_since(session: Session, team_id: str, job_id: str, since: datetime) -> list[tuple[int, datetime]]:
+    """(step, created_at) of the job's first and newest train points logged at or after `since` (none, one or
+    two), each one seek of the (job_id, created_at, id) index, however long the curve: what the job's pace in
+    its current attempt is read from (jobs.retrieve() polls it)."""
+    query = (select(JobMetric.step, JobMetric.created_at)
+             .where(JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery(), JobMetric.kind == "train",
+                    JobMetric.created_at >= since).limit(1))
+    first = session.connection().execute(query.order_by(JobMetric.created_at, JobMetric.id)).first()
+    if first is None:
+        return []
+    newest = session.connection().execute(query.order_by(JobMetric.created_at.desc(), JobMetric.id.desc())).one()
+    return [(first.step, first.created_at), (newest.step, newest.created_at)]
+
+
 @dataclass(frozen=True)
 class CurveChanges:
     """What changed of a job's curve since its points up to id `since` were read (curve_changes)."""

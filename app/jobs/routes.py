@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.conditional import POLLED, json_answer, polled, polled_off_loop
 from app.db import read_only
-from app.deps import CallerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep, TeamTurnDep
+from app.deps import CallerDep, IdempotencyKeyHeader, JobId, SessionDep, SettingsDep, StorageDep, TeamTurnDep
 from app.idempotency import service as idempotency
 from app.jobs import service
 from app.jobs.schemas import (
@@ -85,25 +85,25 @@ async def list_jobs(request: Request, caller: CallerDep, status: str | None = No
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=POLLED)
-async def get_job(job_id: str, request: Request, caller: CallerDep):
+async def get_job(job_id: JobId, request: Request, caller: CallerDep):
     settings = request.app.state.settings
     row = await read_only(settings.database_url, lambda session: service.view(session, caller, job_id))
     return json_answer(request, job_json(row, await service.standing(settings, request.app.state.standings, row)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, caller: CallerDep):
+def cancel_job(job_id: JobId, session: SessionDep, caller: CallerDep):
     return encoded(JobOut.of(service.cancel(session, caller, job_id)))
 
 
 @router.post("/{job_id}/pause", response_model=JobOut)
-def pause_job(job_id: str, session: SessionDep, caller: CallerDep):
+def pause_job(job_id: JobId, session: SessionDep, caller: CallerDep):
     """Save a checkpoint after the current step and stop, freeing the GPU; the job becomes paused."""
     return encoded(JobOut.of(service.pause(session, caller, job_id)))
 
 
 @router.post("/{job_id}/resume", response_model=JobOut)
-def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+def resume_job(job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     """Queue a paused job again; it continues from its pause checkpoint with the same final step count."""
     return encoded(JobOut.of(service.resume(session, settings, caller, job_id)))
 
@@ -119,7 +119,7 @@ def encoded(answer: BaseModel, status_code: int = 200, *, replayed: bool = False
 
 
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=POLLED)
-async def job_events(job_id: str, request: Request, caller: CallerDep,
+async def job_events(job_id: JobId, request: Request, caller: CallerDep,
                      after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, limit: int = 200):
     """Events oldest first; pass the last id seen as `after` to get only newer ones."""
     def read(session: Session) -> bytes:
@@ -133,7 +133,7 @@ EVENT_LIST = TypeAdapter(list[EventOut])
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut | ThinnedMetricsOut, responses=POLLED)
-async def job_metrics(job_id: str, request: Request, caller: CallerDep,
+async def job_metrics(job_id: JobId, request: Request, caller: CallerDep,
                       after_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
                       after_eval_step: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
                       # The range is checked by the service, whose 422 names it; the schema shows it too.
@@ -182,7 +182,7 @@ def encode_curve(read: service.CurveRead) -> bytes:
 @router.get("/{job_id}/report", response_model=JobReport, responses={
     **POLLED, 404: {"description": "No such job, or (`no_report`) a finished job that made no report, saying why."},
     409: {"description": "`report_not_ready`: the job has not finished; the report is made when it succeeds."}})
-async def job_report(job_id: str, request: Request, caller: CallerDep):
+async def job_report(job_id: JobId, request: Request, caller: CallerDep):
     """The eval report made when the job succeeded (the spec's `eval` section): for each prompt the base
     model's answer and the tuned model's beside the reference, exact match and token F1 per row and on
     average, and the loss and perplexity of both on held-out rows. A dpo job's adds each pair's rejected
@@ -197,7 +197,7 @@ async def job_report(job_id: str, request: Request, caller: CallerDep):
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
-def job_checkpoints(job_id: str, session: SessionDep, caller: CallerDep):
+def job_checkpoints(job_id: JobId, session: SessionDep, caller: CallerDep):
     """Complete checkpoints in storage, oldest first: the newest few and the best by eval loss.
     A job that loses its worker resumes from the newest."""
     return service.checkpoints(session, caller, job_id)
@@ -205,7 +205,7 @@ def job_checkpoints(job_id: str, session: SessionDep, caller: CallerDep):
 
 @router.delete("/{job_id}/checkpoints", responses={
     409: {"description": "`job_not_finished`: a job that has not finished resumes from its checkpoints."}})
-def delete_checkpoints(job_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+def delete_checkpoints(job_id: JobId, session: SessionDep, storage: StorageDep, caller: CallerDep):
     """Delete a finished job's checkpoints, to free what they take of the team's storage_gib. The job, its
     curve, events and artifacts stay; its `checkpoints` list is empty after. Answers what was freed."""
     freed = service.delete_checkpoints(session, storage, caller, job_id)
@@ -213,7 +213,7 @@ def delete_checkpoints(job_id: str, session: SessionDep, storage: StorageDep, ca
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
-def job_artifacts(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+def job_artifacts(job_id: JobId, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     return [ArtifactOut(kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
                         download_url=str(public_url_for(request, settings, "download_artifact", job_id=a.job_id,
                                                         kind=a.kind)))
@@ -223,7 +223,7 @@ def job_artifacts(job_id: str, request: Request, session: SessionDep, settings: 
 @router.get("/{job_id}/artifacts/{kind}", name="download_artifact", responses={
     **RANGED, 307: {"description": "On S3: the presigned URL, which takes a Range header too."}})
 @router.head("/{job_id}/artifacts/{kind}", include_in_schema=False)
-def download_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+def download_artifact(job_id: JobId, kind: str, session: SessionDep, storage: StorageDep, settings: SettingsDep,
                       caller: CallerDep, asked: RangeDep):
     """The artifact as one tar archive (adapter/ or merged/). On S3 this redirects to a presigned URL.
     Resumable: Range (one byte range, 206) with If-Range set to the ETag, the quoted sha256. HEAD answers
@@ -258,7 +258,7 @@ def archive_response(asked: RangeRequest, storage: Storage, found: service.Downl
 @router.delete("/{job_id}/artifacts/{kind}", responses={
     409: {"description": "`job_not_finished`, or `artifact_in_use`: the adapter is where a job that has not "
                          "finished starts (initial_job_id)."}})
-def delete_artifact(job_id: str, kind: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+def delete_artifact(job_id: JobId, kind: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
     """Delete one artifact of a finished job (a merged model once downloaded, say), to free what it takes
     of the team's storage_gib. Answers what was freed."""
     freed = service.delete_artifact(session, storage, caller, job_id, kind)
@@ -266,7 +266,7 @@ def delete_artifact(job_id: str, kind: str, session: SessionDep, storage: Storag
 
 
 @router.get("/{job_id}/artifacts/{kind}/link")
-def artifact_link(job_id: str, kind: str, request: Request, session: SessionDep, storage: StorageDep,
+def artifact_link(job_id: JobId, kind: str, request: Request, session: SessionDep, storage: StorageDep,
                   settings: SettingsDep, caller: CallerDep):
     """Where a browser can download the artifact without the API key, for QLORA_PRESIGN_EXPIRES_S: the
     presigned URL on S3; on local storage the signed route above, signed with the asking key (revoking
@@ -286,7 +286,7 @@ def artifact_link(job_id: str, kind: str, request: Request, session: SessionDep,
 @router.get("/{job_id}/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}},
                        429: {"description": "The key already holds QLORA_MAX_STREAMS_PER_KEY live streams."}})
-def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep,
+def stream_job(job_id: JobId, request: Request, session: SessionDep, settings: SettingsDep, caller: CallerDep,
                after_step: Annotated[int | None, Query(
                    ge=0, le=MAX_ID, description="Only the points of steps past this one (a chart that already "
                                                 "holds the curve through it: the `next` of GET /jobs/{id}/metrics).")] = None,

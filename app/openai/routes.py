@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
@@ -18,7 +19,7 @@ from app.errors import Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
 from app.jobs import service as jobs
 from app.jobs import states
-from app.jobs.tables import JobEvent
+from app.jobs.tables import Job, JobEvent
 from app.models import service as models
 from app.openai import translate as t
 from app.pagination import Page, cursor_after, page_after
@@ -71,11 +72,17 @@ def list_files(session: SessionDep, caller: CallerDep, purpose: str | None = Non
 
 @router.get("/files/{file_id}")
 def retrieve_file(file_id: str, session: SessionDep, caller: CallerDep):
+    if file_id.startswith(t.RESULTS):
+        return t.result_file_object(*_result_file(session, caller, file_id))
     return t.file_object(datasets.get(session, caller, t.native_id(file_id, t.FILE, "file")))
 
 
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
+    if file_id.startswith(t.RESULTS):
+        _result_file(session, caller, file_id)  # 404 first, as for any id
+        raise Invalid("file_id: a job's result file is its curve, read from the job when asked; it goes with the job's "
+                      "metrics, not on its own", details=field_errors([("file_id", "a result file is not deleted")]))
     datasets.delete(session, storage, caller, t.native_id(file_id, t.FILE, "file"))
     return {"id": file_id, "object": "file", "deleted": True}
 
@@ -83,9 +90,35 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse, responses=RANGED)
 @router.head("/files/{file_id}/content", include_in_schema=False)
 def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
+    if file_id.startswith(t.RESULTS):
+        _job, content = _result_file(session, caller, file_id)
+        return Response(content, media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{t.RESULTS_FILENAME}"'})
     dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
     return stored_object_response(asked, storage, StoredObject(dataset.storage_key, dataset.bytes, dataset.sha256),
                                   "application/octet-stream", {}, key_id=caller.key_id)
+
+
+def _result_file(session: Session, caller: Caller, file_id: str) -> tuple[Job, bytes]:
+    """A succeeded job's result file (t.result_files) and its CSV, made from the whole curve, a page at a time.
+    Another team's job, or one that has not succeeded, is as missing as a wrong id, in the same words."""
+    missing = NotFound(f"no file {excerpt(file_id)}")
+    try:
+        job = jobs.get(session, caller, t.native_id(file_id, t.RESULTS, "file"))
+    except NotFound:
+        raise missing from None
+    if job.status != states.SUCCEEDED:
+        raise missing
+    train: list[dict] = []
+    eval_: list[dict] = []
+    after: dict[str, Any] = {"after_step": None, "after_eval_step": None}
+    while True:
+        page = jobs.metrics(session, caller, job.id, **after)
+        train += page["train"]
+        eval_ += page["eval"]
+        if not page["has_more"]:
+            return job, t.results_csv(train, eval_, dpo=t.method_type(job.spec) == "dpo")
+        after = page["next"]
 
 
 # ------------------------------------------------------------------ fine-tuning jobs
@@ -124,10 +157,14 @@ async def retrieve_job(job_id: str, request: Request, caller: CallerDep):
     job with its standing as there (why it waits: "queued" alone never said a class had no worker), and
     encoded by pydantic-core in one call (FastAPI's jsonable_encoder took 0.11 ms of it)."""
     settings = request.app.state.settings
-    job = await read_only(settings.database_url,
-                          lambda session: jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job")))
+
+    def read(session: Session) -> tuple[Job, datetime | None]:
+        job = jobs.get(session, caller, t.native_id(job_id, t.JOB, "fine-tuning job"))
+        return job, jobs.estimated_finish(session, caller, job)
+
+    job, finish = await read_only(settings.database_url, read)
     standing = await jobs.standing(settings, request.app.state.standings, job)
-    return json_answer(request, to_json(t.job_object(job, caller.team_name, standing)))
+    return json_answer(request, to_json(t.job_object(job, caller.team_name, standing, finish)))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")

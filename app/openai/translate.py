@@ -8,8 +8,10 @@ any job (the spec's fields, datasets, base model, GPU class; scoping; state chan
 
 from __future__ import annotations
 
+import csv
+import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +20,7 @@ from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
 from app.jobs.schemas import MAX_METADATA
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
-from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, without_prefix
+from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, RESULTS, without_prefix
 from app.pagination import MAX_ID
 from app.scheduling.service import Standing
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
@@ -127,12 +129,60 @@ def file_object(dataset: Dataset) -> dict:
     }
 
 
+def result_files(job: Job) -> list[str]:
+    """A succeeded job's result file, as OpenAI lists it: its curve as CSV, read with files.content(id)."""
+    return [RESULTS + job.id] if job.status == states.SUCCEEDED else []
+
+
+RESULTS_FILENAME = "step_metrics.csv"  # OpenAI's name for it
+
+
+def result_file_object(job: Job, content: bytes) -> dict:
+    return {
+        "id": RESULTS + job.id, "object": "file", "bytes": len(content), "created_at": unix(job.finished_at),
+        "filename": RESULTS_FILENAME, "purpose": "fine-tune-results", "expires_at": None, "status": "processed",
+        "status_details": None,
+    }
+
+
+_SHARED = ("step", "epoch")
+_TRAIN_COLUMNS = ("train_loss", "learning_rate", "grad_norm", "tokens_seen")
+_DPO_COLUMNS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
+
+
+def results_csv(train: Sequence[dict], eval_: Sequence[dict], dpo: bool) -> bytes:
+    """The curve as OpenAI's step_metrics.csv: a row per step that has a train or an eval point, in step order;
+    train_* and valid_* columns as its metrics events name them (valid_loss: the eval loss), empty where that
+    step has no such point; a dpo job's rewards beside them. No accuracy columns: this service measures none."""
+    rows: dict[int, dict] = {}
+    for point in train:
+        row = rows.setdefault(point["step"], {"step": point["step"], "epoch": point["epoch"]})
+        row.update({name: point[name] for name in _TRAIN_COLUMNS})
+        row.update({f"train_{name}": point[name] for name in _DPO_COLUMNS})
+    for point in eval_:
+        row = rows.setdefault(point["step"], {"step": point["step"], "epoch": point["epoch"]})
+        row["valid_loss"] = point["eval_loss"]
+        row.update({f"valid_{name}": point[name] for name in _DPO_COLUMNS})
+    columns = [*_SHARED, "train_loss", "valid_loss", *_TRAIN_COLUMNS[1:]]
+    if dpo:
+        columns += [f"{side}_{name}" for side in ("train", "valid") for name in _DPO_COLUMNS]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows[step] for step in sorted(rows))
+    return out.getvalue().encode()
+
+
 def hyperparameters_of(spec: dict) -> dict:
+    """OpenAI's hyperparameters as the job trains. n_epochs is a whole number of epochs, or null where the job
+    trains by another count: a number of steps (training.max_steps) or a fractional epochs, which OpenAI's
+    n_epochs (an integer or "auto") cannot hold; spec.training beside it says which. It never reads "auto":
+    "auto" was chosen when the job was created, and a job trained by max_steps chose no epochs at all."""
     training = spec["training"]
     micro = training["per_device_batch_size"]
+    epochs = training.get("epochs")
     return {
-        "n_epochs": int(training["epochs"]) if training.get("epochs") and float(training["epochs"]).is_integer()
-        else training.get("epochs") or "auto",
+        "n_epochs": int(epochs) if epochs is not None and float(epochs).is_integer() else None,
         "batch_size": micro * training["gradient_accumulation_steps"] if micro != "auto" else "auto",
         "learning_rate_multiplier": round(training["learning_rate"] / LEARNING_RATES[method_type(spec)], 6),
     }
@@ -173,9 +223,10 @@ def _file_id(dataset_id: str | None) -> str | None:
     return FILE + dataset_id if dataset_id else None
 
 
-def job_object(job: Job, team_name: str, standing: Standing | None = None) -> dict:
+def job_object(job: Job, team_name: str, standing: Standing | None = None, estimated_finish: datetime | None = None) -> dict:
     """OpenAI's fine_tuning.job, and ours beside it; `standing`, a queued job's place and what it waits for, as
-    GET /jobs/{id} says it (jobs.retrieve() reads it; a list leaves it out, as GET /jobs does)."""
+    GET /jobs/{id} says it, and `estimated_finish`, a running job's (jobs.service.estimated_finish): jobs.retrieve()
+    reads both, a list leaves them out, as GET /jobs leaves out the standing."""
     hyperparameters = hyperparameters_of(job.spec)
     error = None
     if job.status == states.FAILED:
@@ -184,7 +235,7 @@ def job_object(job: Job, team_name: str, standing: Standing | None = None) -> di
         "id": JOB + job.id, "object": "fine_tuning.job", "model": job.base_model,
         "created_at": unix(job.created_at), "finished_at": unix(job.finished_at),
         "fine_tuned_model": fine_tuned_model(job, team_name) if job.status == states.SUCCEEDED else None,
-        "organization_id": job.team_id, "result_files": [], "status": STATUS[job.status],
+        "organization_id": job.team_id, "result_files": result_files(job), "status": STATUS[job.status],
         # The files it was created with, also once deleted: the job was trained on them (OpenAI keeps them too).
         "training_file": _file_id(job.created_dataset_id or job.dataset_id),
         "validation_file": _file_id(job.created_validation_dataset_id or job.validation_dataset_id),
@@ -192,7 +243,7 @@ def job_object(job: Job, team_name: str, standing: Standing | None = None) -> di
         "method": method_of(job.spec, hyperparameters),
         "trained_tokens": job.trained_tokens if job.status == states.SUCCEEDED else None,
         "error": error, "seed": job.spec["training"]["seed"], "metadata": job.user_metadata,
-        "user_provided_suffix": job.name or None, "estimated_finish": None, "integrations": [],
+        "user_provided_suffix": job.name or None, "estimated_finish": unix(estimated_finish), "integrations": [],
         # Ours, for clients that know them: where training is and how a job is configured.
         "progress": {"step": job.step, "total_steps": job.total_steps}, "spec": job.spec,
         "queue_position": standing.position if standing else None,

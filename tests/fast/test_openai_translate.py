@@ -4,9 +4,12 @@ part that is wrong, never a crash."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from openai.types import FileObject
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from app.datasets.tables import Dataset
 from app.errors import AppError, Conflict, DoesNotFit, Invalid, NotFound, PayloadTooLarge, Unauthorized
@@ -277,21 +280,25 @@ def test_a_malformed_id_is_not_found(openai_id):
 @pytest.mark.parametrize("status", states.ALL)
 def test_a_job_as_openai_shows_it(session, caller, make_job, status):
     finished = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    job_id = make_job(status, name="bot", dataset_id=None, error="CUDA out of memory at step 3" if status == "failed"
-                      else None, trained_tokens=1234, finished_at=finished if status in states.FINISHED else None)
+    job_id = make_job(status, name="bot", dataset_id=None, created_dataset_id="d" * 32,
+                      error="CUDA out of memory at step 3" if status == "failed" else None, trained_tokens=1234,
+                      finished_at=finished if status in states.FINISHED else None)
     job = session.get(Job, job_id)
     shown = t.job_object(job, "team-a")
     assert shown["id"] == "ftjob-" + job_id and shown["status"] == t.STATUS[status]
     assert shown["created_at"] == int(job.created_at.timestamp())
     assert shown["finished_at"] == (int(finished.timestamp()) if status in states.FINISHED else None)
-    assert shown["training_file"] is None and shown["organization_id"] == caller.team_id
+    assert shown["training_file"] == "file-" + "d" * 32 and shown["organization_id"] == caller.team_id
     succeeded = status == states.SUCCEEDED
     assert shown["fine_tuned_model"] == (f"ft:llama-3-8b:team-a:bot:{job_id}" if succeeded else None)
     assert shown["trained_tokens"] == (1234 if succeeded else None)
     assert shown["error"] == ({"code": "job_failed", "message": "CUDA out of memory at step 3", "param": None}
                               if status == states.FAILED else None)
-    # The spec trains for max_steps, so OpenAI's epochs read "auto"; the batch is micro x accumulation.
-    assert shown["hyperparameters"] == {"n_epochs": "auto", "batch_size": 16, "learning_rate_multiplier": 1.0}
+    # The spec trains for max_steps: no epochs were chosen ("auto" said one was); the batch is micro x accumulation.
+    assert shown["hyperparameters"] == {"n_epochs": None, "batch_size": 16, "learning_rate_multiplier": 1.0}
+    # As the openai SDK's own types take it, strictly; "paused" is the status its jobs.pause() leaves, which its
+    # FineTuningJob's list of statuses does not hold yet (the SDK keeps it as sent).
+    FineTuningJob.model_validate({**shown, "status": "queued"} if status == states.PAUSED else shown, strict=True)
 
 
 def test_hyperparameters_read_back_from_a_spec():
@@ -301,7 +308,7 @@ def test_hyperparameters_read_back_from_a_spec():
 
     assert shown(epochs=2, per_device_batch_size=2, gradient_accumulation_steps=3, learning_rate=4e-4) == {
         "n_epochs": 2, "batch_size": 6, "learning_rate_multiplier": 2.0}
-    assert shown(epochs=1.5)["n_epochs"] == 1.5
+    assert shown(epochs=1.5)["n_epochs"] is None  # OpenAI's n_epochs holds an integer; spec.training says 1.5
     assert shown(max_steps=5, per_device_batch_size="auto")["batch_size"] == "auto"
 
 
@@ -320,6 +327,8 @@ def test_events_and_checkpoints_as_openai_shows_them(session, make_job):
     assert shown["id"] == "ftckpt-" + checkpoint.id and shown["fine_tuning_job_id"] == "ftjob-" + job_id
     assert shown["step_number"] == 30 and shown["metrics"] == {"step": 30, "train_loss": 1.5}
     assert shown["fine_tuned_model_checkpoint"] == f"ft:llama-3-8b:team-a:{job.name}:{job_id}:ckpt-step-30"
+    FineTuningJobCheckpoint.model_validate(shown, strict=True)
+    FineTuningJobEvent.model_validate(t.event_object(event), strict=True)
 
 
 def test_a_file_as_openai_shows_it(session, caller):
@@ -336,6 +345,7 @@ def test_a_file_as_openai_shows_it(session, caller):
     shown = t.file_object(bad)
     assert shown["status"] == "error"
     assert shown["status_details"] == "2 invalid lines; line 1: not JSON; line 4: no messages"
+    FileObject.model_validate(shown, strict=True)
     bad.error_count, bad.errors = 1, [{"line": 2, "message": "not JSON"}]
     assert t.file_object(bad)["status_details"] == "1 invalid line; line 2: not JSON"
 
@@ -436,3 +446,103 @@ def test_a_queued_job_retrieved_says_what_it_waits_for_as_get_jobs_does(client, 
     assert again.status_code == 304  # still the polled read: an unchanged job costs no body
     listed = client.get("/v1/fine_tuning/jobs").json()["data"][0]
     assert listed["id"] == f"ftjob-{job.id}" and listed["waiting_for"] is None  # a page leaves it out, as GET /jobs does
+
+
+# ------------------------------------------------------------------ what jobs.retrieve() and the files API tell of a run
+
+
+def _team_job(session, team_name: str = "team-a", **values) -> Job:
+    from app.teams.tables import Team
+
+    team = session.query(Team).filter_by(name=team_name).one()
+    job = Job(team_id=team.id, attempt=1, base_model="llama-3-8b", queue="gpu-default",
+              spec=JobSpec.parse({"base_model": "llama-3-8b", "training": {"max_steps": 50}}).model_dump(mode="json"),
+              **values)
+    session.add(job)
+    session.commit()
+    return job
+
+
+def _point(session, job_id: str, kind: str, step: int, at: datetime, loss: float) -> None:
+    repository.upsert_metric(session, job_id, {"kind": kind, "step": step, "epoch": step / 50, "created_at": at,
+                                               ("train_loss" if kind == "train" else "eval_loss"): loss})
+    session.commit()
+
+
+def test_a_running_job_retrieved_says_when_it_should_finish_at_its_current_pace(client, session):
+    """estimated_finish was always null. It is the newest point's time plus the steps left at the pace of this attempt
+    (10 s a step here); a point from before the job was claimed again (its earlier attempt, then a wait) is no part of
+    the pace; a job with one point of this attempt, or one pausing (it stops early), has none."""
+    claimed = datetime(2025, 1, 2, 3, 0, 0, tzinfo=UTC)
+    job = _team_job(session, status=states.RUNNING, total_steps=50, step=20, claimed_at=claimed)
+    _point(session, job.id, "train", 5, claimed - timedelta(hours=2), 2.0)  # the earlier attempt's
+    _point(session, job.id, "train", 10, claimed + timedelta(seconds=100), 1.5)
+    _point(session, job.id, "eval", 10, claimed + timedelta(seconds=140), 1.6)  # an eval point paces nothing
+    _point(session, job.id, "train", 20, claimed + timedelta(seconds=200), 1.0)
+
+    def finish() -> int | None:
+        return client.get(f"/v1/fine_tuning/jobs/ftjob-{job.id}").json()["estimated_finish"]
+
+    assert finish() == int(claimed.timestamp()) + 200 + 30 * 10
+    assert client.get("/v1/fine_tuning/jobs").json()["data"][0]["estimated_finish"] is None  # a list reads no pace
+    session.query(Job).filter_by(id=job.id).update({"claimed_at": claimed + timedelta(seconds=150)})
+    session.commit()
+    assert finish() is None  # one point since this claim
+    session.query(Job).filter_by(id=job.id).update({"claimed_at": claimed, "status": states.PAUSING})
+    session.commit()
+    assert finish() is None
+
+
+def test_a_succeeded_jobs_result_file_is_its_curve_as_csv_and_only_its_team_reads_it(client, session):
+    """result_files was always []: a script written for a hosted API reads job.result_files[0] with files.content().
+    It is the curve, one row per step; another team's, or a job's that has not succeeded, is as missing as a wrong id."""
+    from app.teams.service import create_team
+
+    at = datetime(2025, 1, 2, 3, 0, 0, tzinfo=UTC)
+    job = _team_job(session, status=states.SUCCEEDED, total_steps=50, finished_at=at)
+    for kind, step, loss in (("train", 10, 1.5), ("train", 20, 1.25), ("eval", 20, 1.75)):
+        _point(session, job.id, kind, step, at, loss)
+    shown = client.get(f"/v1/fine_tuning/jobs/ftjob-{job.id}").json()
+    assert shown["result_files"] == [f"file-results-{job.id}"]
+    results = client.get(f"/v1/files/file-results-{job.id}")
+    assert results.status_code == 200, results.text
+    content = client.get(f"/v1/files/file-results-{job.id}/content")
+    assert content.text.splitlines() == ["step,epoch,train_loss,valid_loss,learning_rate,grad_norm,tokens_seen",
+                                         "10,0.2,1.5,,,,", "20,0.4,1.25,1.75,,,"]
+    assert results.json() == {"id": f"file-results-{job.id}", "object": "file", "bytes": len(content.content),
+                              "created_at": int(at.timestamp()), "filename": "step_metrics.csv",
+                              "purpose": "fine-tune-results", "expires_at": None, "status": "processed",
+                              "status_details": None}
+    assert client.delete(f"/v1/files/file-results-{job.id}").status_code == 400
+
+    create_team(session, "team-b")
+    session.commit()
+    others = _team_job(session, "team-b", status=states.SUCCEEDED, total_steps=50, finished_at=at)
+    running = _team_job(session, status=states.RUNNING, total_steps=50)
+    for job_id in (others.id, running.id, "0" * 32):
+        for path in (f"/v1/files/file-results-{job_id}", f"/v1/files/file-results-{job_id}/content"):
+            missing = client.get(path)
+            assert missing.status_code == 404
+            assert missing.json()["error"]["message"] == f"no file 'file-results-{job_id}'"
+
+
+def test_native_routes_take_the_ids_the_openai_sdk_printed(client, session):
+    """GET /jobs/ftjob-… answered a bare 404 (the `qlora` CLI took both names, curl did not): now the same job or
+    dataset, while another team's is as missing by either name as an id that names nothing."""
+    from app.teams.service import create_team
+
+    job = _team_job(session, status=states.QUEUED)
+    dataset = Dataset(team_id=job.team_id, filename="d.jsonl", storage_key="team-a/d", bytes=10, sha256="0" * 64,
+                      status="ready")
+    session.add(dataset)
+    create_team(session, "team-b")
+    session.commit()
+    assert client.get(f"/jobs/ftjob-{job.id}").json()["id"] == job.id
+    assert client.get(f"/jobs/ftjob-{job.id}/events").status_code == 200
+    assert client.get(f"/datasets/file-{dataset.id}").json()["id"] == dataset.id
+    others = _team_job(session, "team-b", status=states.QUEUED)
+    nothing = client.get(f"/jobs/ftjob-{'0' * 32}")
+    assert nothing.status_code == 404
+    for name in (others.id, f"ftjob-{others.id}"):
+        missing = client.get(f"/jobs/{name}")
+        assert (missing.status_code, missing.text) == (404, nothing.text.replace("0" * 32, others.id))

@@ -98,6 +98,42 @@ def test_events_and_checkpoints_page_through(sdk, finished):
     assert newest.fine_tuned_model_checkpoint.endswith(":ckpt-step-30")
 
 
+def test_every_object_of_the_flow_is_the_sdks_type_strictly(sdk, finished, files, deployment):
+    """The SDK builds its objects without validating them, so a field of the wrong type reached a user's code
+    unnoticed: each answer of the flow is checked against the SDK's pydantic type, strictly. And what a hosted
+    API's user reads of a finished job: its result file (the curve as CSV, via the files API, its team's only)
+    and n_epochs that says no epochs were chosen (this job trains by max_steps), not "auto"."""
+    from openai.types import FileObject
+    from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+    jobs = sdk.fine_tuning.jobs
+    job = jobs.with_raw_response.retrieve(finished.id).http_response.json()
+    FineTuningJob.model_validate(job, strict=True)
+    assert job["hyperparameters"]["n_epochs"] is None and job["estimated_finish"] is None
+    for file_id in (files[0].id, *job["result_files"]):
+        FileObject.model_validate(sdk.files.with_raw_response.retrieve(file_id).http_response.json(), strict=True)
+    page = jobs.with_raw_response.list_events(finished.id, limit=4).http_response.json()
+    after = jobs.with_raw_response.list_events(finished.id, limit=4, after=page["last_id"]).http_response.json()
+    assert not {e["id"] for e in page["data"]} & {e["id"] for e in after["data"]}
+    for event in page["data"] + after["data"]:
+        FineTuningJobEvent.model_validate(event, strict=True)
+    for checkpoint in jobs.checkpoints.with_raw_response.list(finished.id).http_response.json()["data"]:
+        FineTuningJobCheckpoint.model_validate(checkpoint, strict=True)
+
+    (results,) = finished.result_files
+    assert sdk.files.retrieve(results).purpose == "fine-tune-results"
+    rows = sdk.files.content(results).text.splitlines()
+    assert rows[0].startswith("step,epoch,train_loss,valid_loss") and [r.split(",")[0] for r in rows[1:4]] == ["5", "10", "15"]
+    other = OpenAI(base_url=deployment.url + "/v1", api_key=deployment.team_key("sdk-other"), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(results)
+
+    queued = jobs.create(model="tiny", training_file=files[0].id, extra_body={**EXTRA, "gpu_class": lane("nobody-listens")})
+    for answer in (jobs.with_raw_response.cancel(queued.id), jobs.with_raw_response.retrieve(queued.id)):
+        FineTuningJob.model_validate(answer.http_response.json(), strict=True)
+
+
 def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
     made = [sdk.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
                                         extra_body={**EXTRA, "gpu_class": lane("nobody-listens")}).id for _ in range(3)]
