@@ -103,7 +103,7 @@ def test_every_object_of_the_flow_is_the_sdks_type_strictly(sdk, finished, files
     unnoticed: each answer of the flow is checked against the SDK's pydantic type, strictly. And what a hosted
     API's user reads of a finished job: its result file (the curve as CSV, via the files API, its team's only)
     and n_epochs that says no epochs were chosen (this job trains by max_steps), not "auto"."""
-    from openai.types import FileObject
+    from openai.types import FileObject, Model
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
     from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
@@ -132,6 +132,13 @@ def test_every_object_of_the_flow_is_the_sdks_type_strictly(sdk, finished, files
     queued = jobs.create(model="tiny", training_file=files[0].id, extra_body={**EXTRA, "gpu_class": lane("nobody-listens")})
     for answer in (jobs.with_raw_response.cancel(queued.id), jobs.with_raw_response.retrieve(queued.id)):
         FineTuningJob.model_validate(answer.http_response.json(), strict=True)
+    for listed in jobs.with_raw_response.list(limit=5).http_response.json()["data"]:
+        FineTuningJob.model_validate(listed, strict=True)
+    for listed in sdk.files.with_raw_response.list().http_response.json()["data"]:
+        FileObject.model_validate(listed, strict=True)
+    for listed in sdk.models.with_raw_response.list().http_response.json()["data"]:
+        Model.model_validate(listed, strict=True)
+    Model.model_validate(sdk.models.with_raw_response.retrieve(finished.fine_tuned_model).http_response.json(), strict=True)
 
 
 def test_jobs_list_pages_newest_first_and_cancel(sdk, files):
