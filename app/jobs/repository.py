@@ -346,17 +346,25 @@ def newest_metric_id(session: Session, team_id: str, job_id: str) -> int:
         JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery())).scalar_one()  # curve_changes: why =
 
 
+_TRAIN_POINTS_SINCE = (
+    select(JobMetric.step, JobMetric.created_at)
+    .where(JobMetric.job_id == readable_jobs(bindparam("team_id", type_=String)).with_only_columns(Job.id)
+           .where(Job.id == bindparam("job_id")).scalar_subquery(),
+           JobMetric.kind == "train", JobMetric.created_at >= bindparam("since", type_=UTCDateTime())).limit(1))
+# Built once, as _VIEW_BY_ID: jobs.retrieve() polls them.
+_FIRST_TRAIN_POINT_SINCE = _TRAIN_POINTS_SINCE.order_by(JobMetric.created_at, JobMetric.id)
+_NEWEST_TRAIN_POINT_SINCE = _TRAIN_POINTS_SINCE.order_by(JobMetric.created_at.desc(), JobMetric.id.desc())
+
+
 def train_points_since(session: Session, team_id: str, job_id: str, since: datetime) -> list[tuple[int, datetime]]:
     """(step, created_at) of the job's first and newest train points logged at or after `since` (none, one or
     two), each one seek of the (job_id, created_at, id) index, however long the curve: what the job's pace in
     its current attempt is read from (jobs.retrieve() polls it)."""
-    query = (select(JobMetric.step, JobMetric.created_at)
-             .where(JobMetric.job_id == _readable_job_id(team_id, job_id).scalar_subquery(), JobMetric.kind == "train",
-                    JobMetric.created_at >= since).limit(1))
-    first = session.connection().execute(query.order_by(JobMetric.created_at, JobMetric.id)).first()
+    values = {"team_id": team_id, "job_id": job_id, "since": since}
+    first = session.connection().execute(_FIRST_TRAIN_POINT_SINCE, values).first()
     if first is None:
         return []
-    newest = session.connection().execute(query.order_by(JobMetric.created_at.desc(), JobMetric.id.desc())).one()
+    newest = session.connection().execute(_NEWEST_TRAIN_POINT_SINCE, values).one()
     return [(first.step, first.created_at), (newest.step, newest.created_at)]
 
 
