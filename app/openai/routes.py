@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -109,16 +110,17 @@ def _result_file(session: Session, caller: Caller, file_id: str) -> tuple[Job, b
         raise missing from None
     if job.status != states.SUCCEEDED:
         raise missing
-    train: list[dict] = []
-    eval_: list[dict] = []
-    after: dict[str, Any] = {"after_step": None, "after_eval_step": None}
-    while True:
-        page = jobs.metrics(session, caller, job.id, **after)
-        train += page["train"]
-        eval_ += page["eval"]
-        if not page["has_more"]:
-            return job, t.results_csv(train, eval_, dpo=t.method_type(job.spec) == "dpo")
-        after = page["next"]
+
+    def pages() -> Iterator[tuple[Sequence[Sequence], Sequence[Sequence]]]:
+        after: dict[str, Any] = {"after_step": None, "after_eval_step": None}
+        while True:
+            page = jobs.curve_page(session, caller, job.id, **after)
+            yield page.train, page.eval
+            if not page.tail["has_more"]:
+                return
+            after = page.tail["next"]
+
+    return job, t.results_csv(pages(), dpo=t.method_type(job.spec) == "dpo")
 
 
 # ------------------------------------------------------------------ fine-tuning jobs

@@ -9,6 +9,7 @@ any job (the spec's fields, datasets, base model, GPU class; scoping; state chan
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import re
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 from app.datasets.tables import Dataset
 from app.errors import Invalid, NotFound, field_errors
 from app.jobs import states
-from app.jobs.schemas import MAX_METADATA
+from app.jobs.schemas import MAX_METADATA, EvalPoint, TrainPoint
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, RESULTS, without_prefix
 from app.pagination import MAX_ID
@@ -145,31 +146,42 @@ def result_file_object(job: Job, content: bytes) -> dict:
     }
 
 
-_SHARED = ("step", "epoch")
-_TRAIN_COLUMNS = ("train_loss", "learning_rate", "grad_norm", "tokens_seen")
-_DPO_COLUMNS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
+# Each column of the result file and where it comes from: (series, field of that series' points as
+# schemas.TrainPoint / EvalPoint list them, in the order a curve page's tuples hold them).
+_RESULT_COLUMNS = (("step", "*", "step"), ("epoch", "*", "epoch"), ("train_loss", "train", "train_loss"),
+                   ("valid_loss", "eval", "eval_loss"), ("learning_rate", "train", "learning_rate"),
+                   ("grad_norm", "train", "grad_norm"), ("tokens_seen", "train", "tokens_seen"))
+_DPO_COLUMNS = tuple((f"{side}_{name}", kind, name) for side, kind in (("train", "train"), ("valid", "eval"))
+                     for name in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"))
+_SERIES_FIELDS = {"train": tuple(TrainPoint.model_fields), "eval": tuple(EvalPoint.model_fields)}
 
 
-def results_csv(train: Sequence[dict], eval_: Sequence[dict], dpo: bool) -> bytes:
-    """The curve as OpenAI's step_metrics.csv: a row per step that has a train or an eval point, in step order;
-    train_* and valid_* columns as its metrics events name them (valid_loss: the eval loss), empty where that
-    step has no such point; a dpo job's rewards beside them. No accuracy columns: this service measures none."""
-    rows: dict[int, dict] = {}
-    for point in train:
-        row = rows.setdefault(point["step"], {"step": point["step"], "epoch": point["epoch"]})
-        row.update({name: point[name] for name in _TRAIN_COLUMNS})
-        row.update({f"train_{name}": point[name] for name in _DPO_COLUMNS})
-    for point in eval_:
-        row = rows.setdefault(point["step"], {"step": point["step"], "epoch": point["epoch"]})
-        row["valid_loss"] = point["eval_loss"]
-        row.update({f"valid_{name}": point[name] for name in _DPO_COLUMNS})
-    columns = [*_SHARED, "train_loss", "valid_loss", *_TRAIN_COLUMNS[1:]]
-    if dpo:
-        columns += [f"{side}_{name}" for side in ("train", "valid") for name in _DPO_COLUMNS]
+def results_csv(pages: Iterable[tuple[Sequence[Sequence], Sequence[Sequence]]], dpo: bool) -> bytes:
+    """The curve as OpenAI's step_metrics.csv, from its pages of (train, eval) point tuples in step order (as
+    jobs.service.curve_page reads them): a row per step that has a train or an eval point, train_* and valid_*
+    columns as the metrics events name them (valid_loss: the eval loss), empty where the step has no such point,
+    and a dpo job's rewards. No accuracy columns: this service measures none. Written page by page: a row is
+    held only until the next step's point (an evaluation may come on the page after its step's train point)."""
+    columns = _RESULT_COLUMNS + (_DPO_COLUMNS if dpo else ())
+    # For each series, (column index, field index) of the columns it fills.
+    fills = {kind: [(i, fields.index(field)) for i, (_, of, field) in enumerate(columns) if of in ("*", kind)]
+             for kind, fields in _SERIES_FIELDS.items()}
     out = io.StringIO()
-    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows[step] for step in sorted(rows))
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(name for name, _, _ in columns)
+    row: list = []
+    for train, eval_ in pages:
+        points = heapq.merge(((p[0], 0, "train", p) for p in train), ((p[0], 1, "eval", p) for p in eval_))
+        for step, _, kind, point in points:
+            if row and row[0] != step:
+                writer.writerow(row)
+                row = []
+            row = row or [None] * len(columns)
+            for column, field in fills[kind]:
+                if point[field] is not None or row[column] is None:
+                    row[column] = point[field]
+    if row:
+        writer.writerow(row)
     return out.getvalue().encode()
 
 

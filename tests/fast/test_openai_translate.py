@@ -526,6 +526,24 @@ def test_a_succeeded_jobs_result_file_is_its_curve_as_csv_and_only_its_team_read
             assert missing.json()["error"]["message"] == f"no file 'file-results-{job_id}'"
 
 
+def test_the_result_file_has_one_row_a_step_when_an_evaluation_comes_on_the_next_page():
+    """Pages of (train, eval) tuples as curve_page reads them: step 20's eval point on the page after its train point."""
+    def train(step, loss):
+        return (step, step / 50, loss, 1e-4, 0.5, step * 100, None, None, None, None, None, None, None)
+
+    def evaluation(step, loss):
+        return (step, step / 50, loss, 0.75, None, None, 0.125)
+
+    pages = [([train(10, 1.5), train(20, 1.25)], [evaluation(10, 1.0)]), ([train(30, 1.0)], [evaluation(20, 2.0)])]
+    assert t.results_csv(pages, dpo=False).decode().splitlines() == [
+        "step,epoch,train_loss,valid_loss,learning_rate,grad_norm,tokens_seen",
+        "10,0.2,1.5,1.0,0.0001,0.5,1000", "20,0.4,1.25,2.0,0.0001,0.5,2000", "30,0.6,1.0,,0.0001,0.5,3000"]
+    header, first = t.results_csv(pages[:1], dpo=True).decode().splitlines()[:2]
+    assert header.endswith(",train_reward_accuracy,train_reward_margin,train_reward_chosen,train_reward_rejected,"
+                           "valid_reward_accuracy,valid_reward_margin,valid_reward_chosen,valid_reward_rejected")
+    assert first.endswith(",,,,,0.75,0.125,,")
+
+
 def test_native_routes_take_the_ids_the_openai_sdk_printed(client, session):
     """GET /jobs/ftjob-… answered a bare 404 (the `qlora` CLI took both names, curl did not): now the same job or
     dataset, while another team's is as missing by either name as an id that names nothing."""
