@@ -331,6 +331,18 @@ def test_a_page_of_the_openai_events_of_a_long_curve_reads_its_rows_from_an_inde
                 assert [n["Node Type"] for n in read if n["Node Type"] in ("Sort", "Incremental Sort")] == [], (key, read)
                 assert [(n["Node Type"], n.get("Index Name"), n.get("Scan Direction"), "Filter" in n) for n in own] == [
                     ("Index Scan", "ix_job_metrics_job_created", "Backward", False)], (key, read)
+    # jobs.retrieve()'s pace of a running job (estimated_finish): its first and newest points since its claim, each
+    # a walk of the same index from one end, however long the curve.
+    since = start + timedelta(seconds=1000)
+    statements = statements_of(database_url, lambda session: repository.train_points_since(session, team_id, job_ids[0], since))
+    assert len(statements) == 2
+    for (statement, values), direction in zip(statements, ("Forward", "Backward"), strict=True):
+        read = [n for n in nodes(plan_of_sql(database_url, statement, values)) if n["Node Type"] in SCANS]
+        assert [(n["Node Type"], n.get("Index Name"), n.get("Scan Direction")) for n in read
+                if n.get("Relation Name") == "job_metrics" or n["Node Type"] in ("Sort", "Incremental Sort")] == [
+            ("Index Scan", "ix_job_metrics_job_created", direction)], read
+    with session_scope(database_url) as session:
+        assert [step for step, _ in repository.train_points_since(session, team_id, job_ids[0], since)] == [1000, 4000]
     # the same rows as before: the newest first, and past the key exactly the older ones
     with session_scope(database_url) as session:
         assert newest_page == list(range(max(newest_page), max(newest_page) - 21, -1))
