@@ -296,8 +296,8 @@ def test_a_job_as_openai_shows_it(session, caller, make_job, status):
                               if status == states.FAILED else None)
     # The spec trains for max_steps: no epochs were chosen ("auto" said one was); the batch is micro x accumulation.
     assert shown["hyperparameters"] == {"n_epochs": None, "batch_size": 16, "learning_rate_multiplier": 1.0}
-    # As the openai SDK's own types take it, strictly; "paused" is the status its jobs.pause() leaves, which its
-    # FineTuningJob's list of statuses does not hold yet (the SDK keeps it as sent).
+    # As the openai SDK's own types take it, strictly; but "paused" (after its jobs.pause()), which its FineTuningJob's
+    # list of statuses does not hold (the SDK keeps it as sent).
     FineTuningJob.model_validate({**shown, "status": "queued"} if status == states.PAUSED else shown, strict=True)
 
 
