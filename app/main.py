@@ -41,6 +41,7 @@ from app.jobs.schemas import JobCreate
 from app.jobs.stream import JobFeeds, StreamSlots
 from app.jobs.turns import Turns
 from app.models.routes import router as models_router
+from app.openai.result_files import ResultFiles
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
 from app.operations.readiness import Readiness
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.team_turns = Turns()  # one job creation or preflight at a time per team, in this process
     app.state.json_bodies = json_body_turns()  # JSON requests per key at once, in this process (app/routing.py)
     app.state.team_shares = TeamShares(settings.request_slots)  # each team's share of the requests in progress
+    app.state.result_files = ResultFiles()  # succeeded jobs' step_metrics.csv, built once in this process (/v1 files)
     app.state.finished_jobs = FinishedJobs()  # what /metrics has read of finished jobs, kept between scrapes
 
     @app.exception_handler(AppError)

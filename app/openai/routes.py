@@ -72,16 +72,16 @@ def list_files(session: SessionDep, caller: CallerDep, purpose: str | None = Non
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(file_id: str, session: SessionDep, caller: CallerDep):
+def retrieve_file(file_id: str, request: Request, session: SessionDep, caller: CallerDep):
     if file_id.startswith(t.RESULTS):
-        return t.result_file_object(*_result_file(session, caller, file_id))
+        return t.result_file_object(*_result_file(request, session, caller, file_id))
     return t.file_object(datasets.get(session, caller, t.native_id(file_id, t.FILE, "file")))
 
 
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep):
     if file_id.startswith(t.RESULTS):
-        _result_file(session, caller, file_id)  # 404 first, as for any id
+        _result_job(session, caller, file_id)  # 404 first, as for any id
         raise Invalid("file_id: a job's result file is its curve, read from the job when asked; it goes with the job's "
                       "metrics, not on its own", details=field_errors([("file_id", "a result file is not deleted")]))
     datasets.delete(session, storage, caller, t.native_id(file_id, t.FILE, "file"))
@@ -90,9 +90,10 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep, caller: 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse, responses=RANGED)
 @router.head("/files/{file_id}/content", include_in_schema=False)
-def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep, asked: RangeDep):
+def file_content(file_id: str, request: Request, session: SessionDep, storage: StorageDep, caller: CallerDep,
+                 asked: RangeDep):
     if file_id.startswith(t.RESULTS):
-        _job, content = _result_file(session, caller, file_id)
+        _job, content = _result_file(request, session, caller, file_id)
         return Response(content, media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{t.RESULTS_FILENAME}"'})
     dataset = datasets.get(session, caller, t.native_id(file_id, t.FILE, "file"))
@@ -100,9 +101,9 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep, caller:
                                   "application/octet-stream", {}, key_id=caller.key_id)
 
 
-def _result_file(session: Session, caller: Caller, file_id: str) -> tuple[Job, bytes]:
-    """A succeeded job's result file (t.result_files) and its CSV, made from the whole curve, a page at a time.
-    Another team's job, or one that has not succeeded, is as missing as a wrong id, in the same words."""
+def _result_job(session: Session, caller: Caller, file_id: str) -> Job:
+    """The succeeded job whose result file (t.result_files) this is. Another team's job, or one that has not
+    succeeded, is as missing as a wrong id, in the same words."""
     missing = NotFound(f"no file {excerpt(file_id)}")
     try:
         job = jobs.get(session, caller, t.native_id(file_id, t.RESULTS, "file"))
@@ -110,6 +111,13 @@ def _result_file(session: Session, caller: Caller, file_id: str) -> tuple[Job, b
         raise missing from None
     if job.status != states.SUCCEEDED:
         raise missing
+    return job
+
+
+def _result_file(request: Request, session: Session, caller: Caller, file_id: str) -> tuple[Job, bytes]:
+    """A succeeded job's result file and its CSV, made from the whole curve a page at a time, once in this process
+    (app/openai/result_files.py)."""
+    job = _result_job(session, caller, file_id)
 
     def pages() -> Iterator[tuple[Sequence[Sequence], Sequence[Sequence]]]:
         after: dict[str, Any] = {"after_step": None, "after_eval_step": None}
@@ -120,7 +128,8 @@ def _result_file(session: Session, caller: Caller, file_id: str) -> tuple[Job, b
                 return
             after = page.tail["next"]
 
-    return job, t.results_csv(pages(), dpo=t.method_type(job.spec) == "dpo")
+    built = request.app.state.result_files.get(job.id, lambda: t.results_csv(pages(), dpo=t.method_type(job.spec) == "dpo"))
+    return job, built
 
 
 # ------------------------------------------------------------------ fine-tuning jobs

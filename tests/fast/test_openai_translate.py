@@ -4,6 +4,7 @@ part that is wrong, never a crash."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -524,6 +525,51 @@ def test_a_succeeded_jobs_result_file_is_its_curve_as_csv_and_only_its_team_read
             missing = client.get(path)
             assert missing.status_code == 404
             assert missing.json()["error"]["message"] == f"no file 'file-results-{job_id}'"
+
+
+def test_a_result_file_is_built_once_for_its_retrieve_and_its_reads(client, session):
+    """A succeeded job's curve is final, so its CSV is built once: `files.retrieve` (its bytes) and each
+    `files.content` built it again, about 8 s for a 500,000-point curve. A point written after the first read
+    (none is, for a succeeded job) shows the later reads were not built anew."""
+    at = datetime(2025, 1, 2, 3, 0, 0, tzinfo=UTC)
+    job = _team_job(session, status=states.SUCCEEDED, total_steps=50, finished_at=at)
+    _point(session, job.id, "train", 10, at, 1.5)
+    first = client.get(f"/v1/files/file-results-{job.id}")
+    _point(session, job.id, "train", 20, at, 1.25)
+    assert client.get(f"/v1/files/file-results-{job.id}/content").text.splitlines()[1:] == ["10,0.2,1.5,,,,"]
+    assert client.get(f"/v1/files/file-results-{job.id}").json()["bytes"] == first.json()["bytes"]
+
+
+def test_result_files_build_each_csv_once_and_keep_what_fits():
+    """Requests for one job that come during its build wait for it; the least lately read goes first past the
+    bytes kept; a CSV larger than those is built at each read."""
+    from app.openai.result_files import ResultFiles
+
+    files, started, release, builds = ResultFiles(kept_bytes=10), threading.Event(), threading.Event(), []
+
+    def slow_build():
+        builds.append("a")
+        started.set()
+        release.wait(30)
+        return b"aaaa"
+
+    results: list[bytes] = []
+    readers = [threading.Thread(target=lambda: results.append(files.get("a", slow_build))) for _ in range(4)]
+    readers[0].start()
+    assert started.wait(30)
+    for reader in readers[1:]:
+        reader.start()
+    release.set()
+    for reader in readers:
+        reader.join(30)
+    assert results == [b"aaaa"] * 4 and builds == ["a"]
+
+    assert files.get("b", lambda: b"bbbb") == b"bbbb"
+    assert files.get("a", lambda: b"new!") == b"aaaa"  # read lately: b is now the least lately read
+    assert files.get("c", lambda: b"cccc") == b"cccc"  # 12 bytes kept: b goes
+    assert files.get("b", lambda: b"BBBB") == b"BBBB"
+    assert files.get("big", lambda: b"x" * 11) == b"x" * 11
+    assert files.get("big", lambda: b"y" * 11) == b"y" * 11
 
 
 def test_the_result_file_has_one_row_a_step_when_an_evaluation_comes_on_the_next_page():
