@@ -215,7 +215,7 @@ def _record(session, storage, settings, caller, validator: DatasetValidator, sto
             storage.delete(stored.key)
             assert earlier.made.dataset_id is not None  # a key of an upload endpoint made a dataset
             return get(session, caller, earlier.made.dataset_id), True
-    quotas.check_storage_fits(session, settings, caller.team_id, stored.size)
+    quotas.check_storage_fits(session, settings, caller, stored.size)
     fmt: str | None
     try:
         verdict = validator.finish()

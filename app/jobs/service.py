@@ -117,7 +117,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
         preflight.refuse_if_it_cannot_learn(checked.report)
     if keyed is not None:
         idempotency.check_not_made_meanwhile(session, caller.team_id, keyed)  # takes the team's row
-    check_can_queue(session, settings, caller.team_id)  # last: it holds the team's row until the commit
+    check_can_queue(session, settings, caller)  # last: it holds the team's row until the commit
     for field in ("dataset_id", "validation_dataset_id"):
         # Again under the team's row, which deleting a dataset takes too: one deleted during the preflight's
         # seconds is a 404 here, not a failed insert (500) or a queued job with no data (Postgres' SET NULL).
@@ -794,7 +794,7 @@ def resume(session: Session, settings: Settings, caller: Caller, job_id: str) ->
     Checked on the status the queueing compare-and-set starts from, not a look before it: a job that
     turned paused between the two (its worker's commit) was queued unchecked, past max_queued."""
     job = _request(session, caller, job_id, "resume",
-                   before_queueing=lambda: check_can_queue(session, settings, caller.team_id))
+                   before_queueing=lambda: check_can_queue(session, settings, caller))
     if job.status == states.QUEUED and job.dispatched_at is None:
         after_commit(session, lambda: send(settings, job.id, job.queue))
     return job

@@ -24,7 +24,7 @@ from app.jobs import states
 from app.quotas import repository
 from app.quotas.schemas import ALLOWED, QuotaChanges, QuotaOut, QuotaOwn, QuotaUse, QuotaValues
 from app.teams import repository as teams
-from app.teams.service import team_disabled
+from app.teams.service import Caller, still_authenticated
 from app.teams.tables import Team
 from app.text import format_bytes, format_number
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
@@ -123,12 +123,13 @@ def show_own(session: Session, settings: Settings, team_id: str) -> QuotaOut:
 # ---------------------------------------------------------------- max_queued
 
 
-def check_can_queue(session: Session, settings: Settings, team_id: str) -> None:
-    """QuotaExceeded when the team already has max_queued jobs waiting. Locks the team's row first.
-    A team disabled since its key was read (the key cache's few seconds) queues nothing either."""
+def check_can_queue(session: Session, settings: Settings, caller: Caller) -> None:
+    """QuotaExceeded when the caller's team already has max_queued jobs waiting. Locks the team's row first.
+    A key revoked, or a team disabled, since the key was read (the key cache's few seconds, or the minute a
+    creation may wait for its team's turn) queues nothing either."""
+    team_id = caller.team_id
     team = lock_team(session, team_id)
-    if team.disabled_at is not None:
-        raise team_disabled(team)
+    still_authenticated(session, caller)
     limit = effective(settings, team).max_queued
     if limit is None:
         return
@@ -240,10 +241,14 @@ def storage_room(session: Session, settings: Settings, team_id: str,
     return StorageRoom(team.name, limit, storage_bytes(session, team_id), in_flight, team_id)
 
 
-def check_storage_fits(session: Session, settings: Settings, team_id: str, incoming_bytes: int) -> None:
+def check_storage_fits(session: Session, settings: Settings, caller: Caller, incoming_bytes: int) -> None:
     """Before recording a stored upload: with the team's row locked, its use now plus these bytes must
-    fit. Two uploads that each fitted when they began cannot both be kept past the limit."""
+    fit. Two uploads that each fitted when they began cannot both be kept past the limit. And the key must
+    still authenticate: an upload may stream for minutes after its key was read, and one whose key was
+    revoked, or whose team was disabled, meanwhile keeps nothing."""
+    team_id = caller.team_id
     team = lock_team(session, team_id)  # also reads the quota afresh: an admin may have changed it meanwhile
+    still_authenticated(session, caller)
     limit = effective(settings, team).storage_gib
     if limit is None:
         return

@@ -172,6 +172,24 @@ def authenticate(session: Session, key_hash: str) -> Caller:
     return Caller.of(team, key)
 
 
+def still_authenticated(session: Session, caller: Caller) -> ApiKey:
+    """The caller's key row, read again now: UnknownKey if it was revoked since the request read it, team_disabled
+    if its team was disabled. For what a request makes long after it authenticated, where the key cache's
+    QLORA_KEY_CACHE_S is not the bound: an upload that streamed for minutes, a job that waited its team's turn and
+    ran its preflight. Without it a key revoked (leaked, say) mid-upload still stored its file in the team's
+    datasets once the upload ended. Called with the team's row locked, so a disable, which takes that row first,
+    commits before this reads it or after the write."""
+    key = session.get(ApiKey, caller.key_id, populate_existing=True)
+    if key is None or key.revoked_at is not None:
+        raise UnknownKey()
+    team = session.get(Team, key.team_id, populate_existing=True)
+    if team is None:  # the key's team row is gone: treat the key as revoked, as authenticate does
+        raise UnknownKey()
+    if team.disabled_at is not None:
+        raise team_disabled(team)
+    return key
+
+
 def team_disabled(team: Team) -> Unauthorized:
     """The refusal of every key of a disabled team, admin keys included: the key is valid, its team is not,
     and only an admin can change that (a team that could enable itself would not be disabled)."""
@@ -187,13 +205,7 @@ def team_disabled(team: Team) -> Unauthorized:
 # between API processes; and a link dies with its key: revoking the key revokes every link it signed.
 
 def sign(session: Session, caller: Caller, message: str) -> str:
-    key = session.get(ApiKey, caller.key_id)
-    if key is None or key.revoked_at is not None:
-        raise Unauthorized("invalid or revoked API key")
-    team = repository.team_by_id(session, key.team_id)
-    if team is not None and team.disabled_at is not None:  # disabled within the key cache's few seconds
-        raise team_disabled(team)
-    return _signature(key, message)
+    return _signature(still_authenticated(session, caller), message)
 
 
 def signer(session: Session, key_id: str, message: str, signature: str) -> Caller:

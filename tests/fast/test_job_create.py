@@ -12,6 +12,7 @@ from app.jobs import service, states
 from app.jobs.tables import Job, JobEvent
 from app.models.tables import RegisteredModel
 from app.openai import translate
+from app.teams.service import UnknownKey, revoke_key
 from tests.fast.conftest import open_session, received
 from tests.model_configs import LLAMA3_8B
 from worker.training.estimate import GIB
@@ -51,6 +52,20 @@ def test_a_created_job_is_queued_on_its_class_and_sent_after_commit(deployment, 
     assert preflight.type == "preflight" and preflight.message == "preflight not run"  # no tokenizer process here
     assert 0 < created.data["estimated_peak_bytes"] <= 24 * GIB
     assert sum(created.data["estimate"].values()) == created.data["estimated_peak_bytes"]
+
+
+def test_a_key_revoked_while_its_creation_waited_queues_nothing(deployment, session, caller):
+    """The key was read as the request began; it may wait a minute for its team's turn and run its preflight
+    before it queues. A key revoked meanwhile (a leaked one, say) queued its job all the same."""
+    settings, dataset_id = deployment
+    with open_session(settings) as admin:  # `qlora admin revoke-key`, while the creation waits
+        revoke_key(admin, caller.key_id)
+        admin.commit()
+    with pytest.raises(UnknownKey):
+        service.create(session, settings, caller, body(dataset_id))
+    session.rollback()
+    assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert received(settings, "gpu-l4") == []
 
 
 def test_a_job_rolled_back_is_never_sent(deployment, session, caller):

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from app.db import MAX_OVERFLOW, POOL_SIZE, session_scope
 from app.routing import JSON_REQUESTS_PER_KEY
 from app.shares import TeamShares
+from app.teams import admin
 from app.teams import service as teams_service
 from app.uploads import MAX_FORM_FIELDS
 from tests.deployment import lane, start_deployment, stop_deployment, upload, wait_until
@@ -631,6 +632,32 @@ def test_a_stream_ends_when_its_key_is_revoked(bounded, queued_job):
                 last = event, data
         assert last is not None and last[0] == "error", last
         assert "revoked" in json.loads(last[1])["error"]["message"]
+
+
+@pytest.mark.parametrize("how", ["revoke the key", "disable the team"])
+def test_an_upload_whose_key_stopped_working_while_it_streamed_keeps_nothing(bounded, unchanged, how):
+    """An upload is authenticated as it begins and may stream for minutes, or hours at a trickle. Its key revoked
+    (a leaked one) or its team disabled meanwhile, it still stored its file among the team's datasets at the end."""
+    team = f"uploading-{how.split()[-1]}"
+    key = bounded.team_key(team)
+    end = b"\r\n" + f"--{BOUNDARY}--\r\n".encode()
+    slow = SlowUpload(bounded.url, key)
+    try:
+        assert slow.status() == "HTTP/1.1 100 Continue"  # authenticated: the route reads the body
+        slow.send(file_part(rows=10)[:-2])
+        with session_scope(bounded.settings.database_url) as session:
+            if how == "revoke the key":
+                teams_service.revoke_key(session, key[:12])
+            else:
+                admin.disable_team(session, team)
+        slow.send(ROW * 10)
+        slow.send(end)
+        slow.sock.sendall(b"0\r\n\r\n")
+        status, body = slow.response()
+    finally:
+        slow.close()
+    assert status.startswith("HTTP/1.1 401"), (status, body)
+    assert json.loads(body)["error"]["code"] == ("unauthorized" if how == "revoke the key" else "team_disabled")
 
 
 def test_a_burst_of_job_creations_from_one_team_is_answered_without_a_5xx(bounded):

@@ -21,8 +21,7 @@ from app.jobs import preflight
 from app.jobs import service as jobs
 from app.jobs.tables import Job
 from app.storage.base import storage_from_settings
-from app.teams import repository as teams
-from app.teams.service import Caller
+from app.teams.service import Caller, authenticate, hash_key
 from tests.deployment import upload, wait_for_a_lock_wait
 from worker.training.tiny import demo_spec
 
@@ -30,10 +29,10 @@ from worker.training.tiny import demo_spec
 @pytest.fixture
 def team_dataset(deployment, demo_data) -> tuple[Caller, str]:
     name = f"race-{uuid.uuid4().hex[:6]}"
-    dataset_id = upload(deployment.client(deployment.team_key(name)), demo_data["train"]).json()["id"]
+    key = deployment.team_key(name)
+    dataset_id = upload(deployment.client(key), demo_data["train"]).json()["id"]
     with session_scope(deployment.settings.database_url) as session:
-        team = teams.team_by_name(session, name)
-        return Caller(team_id=team.id, team_name=name, key_id="test", is_admin=False), dataset_id
+        return authenticate(session, hash_key(key)), dataset_id  # the caller the key is (a job's creation reads it again)
 
 
 def job_body(dataset_id: str) -> dict:
