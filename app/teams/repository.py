@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from sqlalchemy import case, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.teams.tables import ApiKey, Team
@@ -21,7 +22,14 @@ def list_teams(session: Session) -> list[Team]:
 
 
 def key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
-    return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+    try:
+        return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+    except DBAPIError as exc:
+        # The hash signs the key's download links (teams.service.sign): a read that failed (the database restarting,
+        # a statement timeout) wrote it into the API's log as the query's parameter, and whoever read the log could
+        # sign links to any artifact of the key's team. The statement stays in the message, the value does not.
+        exc.hide_parameters = True
+        raise
 
 
 def key_by_id_or_prefix(session: Session, ref: str) -> list[ApiKey]:

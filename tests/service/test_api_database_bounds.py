@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.db import api_database_url, engine_for
+from app.teams.service import hash_key
 from tests import services
 from tests.deployment import Deployment, wait_until
 from tests.faults.tcp_link import CuttableLink
@@ -236,7 +237,8 @@ def test_a_request_stuck_on_a_lock_is_cancelled_at_the_statement_timeout(deploym
     """A transaction elsewhere holds a lock a request needs (a stuck admin session, a migration run by hand):
     the request waited for as long as the lock was held, holding a route thread and a connection. Now its
     statement is cancelled at QLORA_API_STATEMENT_TIMEOUT_S and it answers 503 database_busy, naming the bound;
-    the lock's holder is untouched, and once it ends the same request is served."""
+    the lock's holder is untouched, and once it ends the same request is served. A key's read cancelled so is
+    logged without the key's hash."""
     api = start_api(deployment, "api-statement-bound", deployment.settings.database_url,
                     QLORA_API_STATEMENT_TIMEOUT_S="1")
     holder = engine_for(deployment.settings.database_url).connect()
@@ -252,6 +254,17 @@ def test_a_request_stuck_on_a_lock_is_cancelled_at_the_statement_timeout(deploym
         assert holder.execute(text("SELECT 1")).scalar_one() == 1  # the holder's transaction goes on
         stuck.rollback()
         assert get(api, "/jobs").status_code == 200
+
+        # The read of a key this process has not seen, cancelled so: its hash signs the key's download links
+        # (teams.service.sign), and the log line of the failure held it as the query's parameter.
+        key = deployment.team_key("db-bounds")
+        stuck = holder.begin()
+        holder.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+        assert api.client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 503
+        stuck.rollback()
+        log = deployment.log("api-statement-bound")
+        assert "FROM api_keys" in log and "parameters hidden" in log  # the failure is logged, what it read is not
+        assert hash_key(key) not in log
     finally:
         holder.close()
         deployment.stop(api.proc)
