@@ -306,6 +306,49 @@ def test_a_teams_text_shows_as_written_and_runs_nothing(page, team, team_key):
     assert page.evaluate("window.refused") == []  # not refused either: nothing was parsed as markup
     assert team.post(f"/jobs/{job_id}/cancel").status_code == 200
 
+def test_an_upload_or_a_job_whose_answer_was_lost_is_made_once_when_sent_again(page, team, team_key):
+    """The page's POST reached the API, which made the dataset or the job, but its answer never came back (a proxy's
+    504 after a minute of preflight, a dropped connection): the page said it failed, and the user sent it again. That
+    made a second dataset, and a second job of hours. The page sends an Idempotency-Key that stays while the form
+    does, so the API answers the second with what the first made."""
+    name = f"lost-{uuid.uuid4().hex[:8]}"
+    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    lost: set[str] = set()
+
+    def lose_the_first_answer(route) -> None:
+        path = route.request.url.split("?")[0]
+        if route.request.method != "POST" or path in lost:
+            return route.continue_()
+        route.fetch()  # the API makes it...
+        lost.add(path)
+        route.abort("connectionreset")  # ...and the page never hears of it
+
+    page.route(re.compile(r"/(datasets|jobs)$"), lose_the_first_answer)
+    sign_in(page, team_key)
+    go(page, "Datasets")
+    page.get_by_label("JSONL file").set_input_files({"name": f"{name}.jsonl", "mimeType": "application/jsonl",
+                                                      "buffer": f"{row}\n".encode()})
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-result .alert-error")).to_be_visible()  # the page saw the upload fail
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-result .alert-ok")).to_contain_text(f"{name}.jsonl is ready")
+    datasets = [d for d in team.get("/datasets", params={"limit": 200}).json()["data"] if d["filename"] == f"{name}.jsonl"]
+    assert len(datasets) == 1, datasets
+
+    go(page, "New job")
+    form = page.locator("#new-job")
+    form.get_by_label("Name").fill(name)
+    form.get_by_label("Training dataset").select_option(datasets[0]["id"])
+    form.get_by_role("button", name="Start training").click()
+    # The page saw the request fail (a creation runs its preflight first: seconds on a loaded machine).
+    expect(page.locator("#form-errors .alert-error")).to_be_visible(timeout=60_000)
+    form.get_by_role("button", name="Start training").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/[0-9a-f]{32}$"), timeout=60_000)
+    jobs = [j for j in team.get("/jobs", params={"limit": 200}).json()["data"] if j["name"] == name]
+    assert [j["id"] for j in jobs] == [page.url.rsplit("/", 1)[1]], jobs
+    assert team.post(f"/jobs/{jobs[0]['id']}/cancel").status_code == 200
+
+
 def test_a_list_asks_again_only_while_its_tab_is_seen(page, team_key):
     """The jobs list asked for /jobs?limit=100 every 3 s in every open tab, seen or not: a team's forgotten tabs
     each pulled its list for as long as they stayed open. Out of sight it asks for nothing now (the page's clock

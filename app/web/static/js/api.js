@@ -26,8 +26,8 @@ export function refusal(data) {
 }
 
 /** Call the API with the key. A 401 anywhere means the key is gone or revoked: back to sign-in. */
-export async function api(path, { method = "GET", json, body, signal } = {}) {
-  const headers = authHeaders();
+export async function api(path, { method = "GET", json, body, signal, headers: extra = {} } = {}) {
+  const headers = authHeaders(extra);
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(json);
@@ -42,4 +42,24 @@ export async function api(path, { method = "GET", json, body, signal } = {}) {
   const data = await response.json().catch(() => null);
   if (!response.ok) throw new ApiError(response.status, data);
   return data;
+}
+
+/**
+ * Idempotency-Keys for one form's creations (POST /jobs, POST /datasets): `keyFor(what)` is the key of the request
+ * that `what` (the body as text, or the file's name, size and date) describes, the same as long as `what` is. A
+ * creation whose answer was lost (a proxy's 504 after a minute of preflight, a dropped connection) made its job or
+ * dataset all the same, and sent again without a key it would make a second (hours of GPU): with the same key the
+ * API answers with what the first made. A changed form is another request, with a key of its own.
+ */
+export function idempotencyKeys() {
+  let last = null;
+  return (what) => {
+    if (last === null || last.what !== what) last = { what, key: randomKey() };
+    return last.key;
+  };
+}
+
+function randomKey() {
+  // Not crypto.randomUUID(): a page served over plain HTTP from another host than localhost has none.
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 }

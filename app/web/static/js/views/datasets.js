@@ -1,7 +1,7 @@
 // Datasets: upload a JSONL file (every line is checked on upload), see what the team has, and
 // for an invalid file the bad lines with their numbers.
 
-import { api } from "../api.js";
+import { api, idempotencyKeys } from "../api.js";
 import { h, setTitle } from "../dom.js";
 import { fmt } from "../format.js";
 import { liveList, REFRESH_MS } from "../live-list.js";
@@ -28,6 +28,7 @@ export function viewDatasets(main, ctx) {
   // Datasets change only on upload, so the list refreshes less often than the jobs table.
   const refresh = liveList(ctx, list, "/datasets?limit=100", datasetsTable, REFRESH_MS * 3);
 
+  const keyFor = idempotencyKeys(); // the same file sent again is stored once
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     result.replaceChildren();
@@ -41,7 +42,8 @@ export function viewDatasets(main, ctx) {
     button.disabled = true;
     button.textContent = "Uploading…";
     try {
-      const dataset = await api("/datasets", { method: "POST", body: data, signal: ctx.signal });
+      const headers = { "Idempotency-Key": keyFor(JSON.stringify([file.name, file.size, file.lastModified])) };
+      const dataset = await api("/datasets", { method: "POST", body: data, headers, signal: ctx.signal });
       result.append(dataset.status === "ready"
         ? h("div", { class: "alert alert-ok" },
           h("p", {}, h("strong", {}, dataset.filename), ` is ready: ${fmt.int(dataset.rows)} rows in ${dataset.format} format, about ${fmt.int(dataset.token_estimate)} tokens. `,

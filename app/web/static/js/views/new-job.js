@@ -2,7 +2,7 @@
 // spec and opens the new job's page, or puts the API's 422 details next to their fields. Before
 // submit, its preflight (POST /jobs/preflight, the same body) shows what the job would train on.
 
-import { api } from "../api.js";
+import { api, idempotencyKeys } from "../api.js";
 import { h, setTitle } from "../dom.js";
 import { fmt } from "../format.js";
 import { errorAlert } from "../widgets.js";
@@ -195,6 +195,7 @@ export async function viewNewJob(main, ctx) {
     return body;
   }
 
+  const keyFor = idempotencyKeys(); // the same form sent again makes no second job
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form, summary);
@@ -202,7 +203,8 @@ export async function viewNewJob(main, ctx) {
     submit.disabled = true;
     submit.textContent = "Creating…";
     try {
-      const job = await api("/jobs", { method: "POST", json: body, signal: ctx.signal });
+      const headers = { "Idempotency-Key": keyFor(JSON.stringify(body)) };
+      const job = await api("/jobs", { method: "POST", json: body, headers, signal: ctx.signal });
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
       if (!ctx.signal.aborted) showErrors(form, summary, err);
