@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 import anyio
@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db import session_scope, sessionmaker_for
-from app.errors import Forbidden
+from app.errors import Forbidden, Unauthorized
 from app.idempotency import service as idempotency
 from app.openai.ids import FILE, JOB, native
 from app.storage.base import Storage
@@ -94,11 +94,14 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
     declared for /docs; the key is read from every Authorization header the request has."""
     key_hash = bearer_key_hash(request.headers.getlist("authorization"))
     cache: CallerCache = request.app.state.callers
+    return await cache.caller(key_hash, _key_read(request, cache, key_hash))
 
+
+def _key_read(request: Request, cache: CallerCache, key_hash: str) -> Callable[[], Awaitable[Caller]]:
     async def read() -> Caller:
         async with cache.reads:  # a few at once (KEY_READS): made-up keys, each a miss, must not take every thread
             return await run_in_threadpool(_read_caller, request.app.state.settings.database_url, key_hash)
-    return await cache.caller(key_hash, read)
+    return read
 
 
 def _read_caller(database_url: str, key_hash: str) -> Caller:
@@ -131,10 +134,20 @@ async def one_idempotency_key(request: Request, idempotency_key: Annotated[str |
 IdempotencyKeyHeader = Annotated[str | None, Depends(one_idempotency_key)]
 
 
-async def get_admin(caller: CallerDep) -> Caller:
+async def get_admin(request: Request, caller: CallerDep) -> Caller:
+    """The caller, if its key may administer, read again rather than taken from the key cache: an admin key acts on
+    every team (disables them, sets their quotas, reads their jobs), and one revoked (leaked, say) or whose team was
+    disabled kept doing so for QLORA_KEY_CACHE_S (up to 60 s) in every API process that had read it. Admin requests
+    are few; the read costs them a query."""
     if not caller.is_admin:
         raise Forbidden("this needs an admin key (qlora admin create-key TEAM --admin)")
-    return caller
+    key_hash = bearer_key_hash(request.headers.getlist("authorization"))
+    cache: CallerCache = request.app.state.callers
+    try:
+        return await cache.read_again(key_hash, _key_read(request, cache, key_hash))
+    except Unauthorized:
+        cache.forget(lambda kept: kept.key_id == caller.key_id)  # its other requests are refused from now on too
+        raise
 
 
 AdminDep = Annotated[Caller, Depends(get_admin)]

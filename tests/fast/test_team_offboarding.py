@@ -17,7 +17,7 @@ from app.jobs.tables import Job, JobAttempt, JobEvent
 from app.scheduling import service as scheduling
 from app.teams import admin
 from app.teams import repository as teams_repository
-from app.teams.service import authenticate, create_key, create_team, hash_key, sign, signer
+from app.teams.service import authenticate, create_key, create_team, hash_key, revoke_key, sign, signer
 from tests.fast.test_scheduling_service import add_job, claim, standing
 from tests.services import in_a_thread_of_its_own
 
@@ -204,6 +204,38 @@ def test_a_disabled_teams_admin_key_still_trusted_elsewhere_cannot_enable_its_te
 
     enabled = two.post("/admin/teams/team-a/enable")  # another team's admin does
     assert enabled.status_code == 200 and enabled.json()["disabled"] is False
+
+
+def test_an_admin_key_revoked_or_disabled_is_refused_at_once_though_an_api_process_kept_it(settings, session):
+    """An API process keeps what it read of a key for QLORA_KEY_CACHE_S (up to a minute). An admin key acts on every
+    team: one revoked (leaked, say), or whose team was disabled, went on disabling teams and setting quotas for that
+    long in every process that had read it."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    for name in ("ops", "ops-2", "team-b"):
+        create_team(session, name)
+    revoked, key = create_key(session, "ops", admin=True)
+    _, key_2 = create_key(session, "ops-2", admin=True)
+    create_key(session, "team-b", admin=True)  # a third team's admin: disabling ops-2 locks nobody out
+    session.commit()
+    api = create_app(settings.model_copy(update={"key_cache_s": 60}))
+    client = TestClient(api, raise_server_exceptions=False)
+    for secret in (key, key_2):
+        assert client.get("/admin/teams", headers={"Authorization": f"Bearer {secret}"}).status_code == 200  # kept
+
+    revoke_key(session, revoked.id)
+    admin.disable_team(session, "ops-2")
+    session.commit()
+    for secret, code in ((key, "unauthorized"), (key_2, "team_disabled")):
+        auth = {"Authorization": f"Bearer {secret}"}
+        refused = client.put("/admin/teams/team-b/quota", json={"max_running": 0}, headers=auth)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == code
+        assert client.get("/jobs", headers=auth).status_code == 401  # nor kept for the key's other requests
+    session.expire_all()
+    assert teams_repository.team_by_name(session, "team-b").max_running is None
 
 
 def test_a_key_read_in_flight_when_its_team_is_disabled_is_not_kept(session, world):
