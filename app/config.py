@@ -24,6 +24,19 @@ MIB = 1024**2
 # What QLORA_DATABASE_URL takes (Settings checks it; `qlora admin` names it where a URL fails).
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
 
+
+SQLITE_URL_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite file at `path`. SQLAlchemy reads a `?` as the start of the URL's query
+    and decodes `%XX`: with the path pasted in as it was, a QLORA_HOME such as `/data/run?1` or `/data/a%41` named
+    another file than the home's qlora.db (`/data/run`, `/data/aA/qlora.db`), and `qlora serve` failed ("unable to
+    open database file") or, worse, used a database outside its home. Those two are escaped (and `#`); the rest
+    of the path stays as typed, as SQLAlchemy reads it back."""
+    return "sqlite:///" + str(path).translate(SQLITE_URL_ESCAPES)
+
+
 class Settings(BaseSettings):
     # An empty variable is as if unset: `QLORA_HOME=` (or a compose file's `${QLORA_HOME:-}`) would otherwise
     # put the database, the credentials and the demo model in whatever directory the command runs in.
@@ -272,7 +285,7 @@ class Settings(BaseSettings):
     def _defaults_under_home(self) -> Settings:
         self.home = self.home.expanduser().resolve()
         if not self.database_url:
-            self.database_url = f"sqlite:///{self.home / 'qlora.db'}"
+            self.database_url = sqlite_url(self.home / "qlora.db")
         if not self.storage_url:
             self.storage_url = f"file://{self.home / 'storage'}"
         if not self.broker_url:

@@ -83,3 +83,20 @@ def test_host_memory_is_refused_for_a_class_no_worker_serves_or_a_size_that_is_n
         Settings(home=tmp_path, host_memory={"a100": 80}, extra_gpu_classes=["a100"], **classes)
     with pytest.raises(ValueError, match="none with its memory in QLORA_GPU_CLASSES"):
         Settings(home=tmp_path, host_memory={"default": 16})
+
+
+@pytest.mark.parametrize("name", ["run?1", "a%41"])
+def test_the_embedded_database_lives_in_its_home_whatever_the_home_is_named(tmp_path, name):
+    """SQLAlchemy reads `?` as a URL's query and decodes `%XX`: a home so named had its database URL name another
+    file (`run` beside it; `aA/qlora.db`), and the start failed, "unable to open database file"."""
+    from sqlalchemy import inspect
+
+    from app.db import engine_for
+    from app.migrate import upgrade
+
+    home = tmp_path / name
+    home.mkdir()
+    url = Settings(home=home).database_url
+    upgrade(url)
+    assert (home / "qlora.db").is_file() and [p.name for p in tmp_path.iterdir()] == [name]
+    assert "jobs" in inspect(engine_for(url)).get_table_names()

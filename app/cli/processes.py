@@ -458,11 +458,11 @@ def reaper() -> None:
 def migrate() -> None:
     """Bring the database (QLORA_DATABASE_URL) to the newest schema."""
     from app.bootstrap import make_private_dir
-    from app.config import get_settings
+    from app.config import get_settings, sqlite_url
     from app.migrate import NewerSchema, upgrade
 
     settings = get_settings()
-    if settings.database_url == f"sqlite:///{settings.home / 'qlora.db'}":
+    if settings.database_url == sqlite_url(settings.home / "qlora.db"):
         make_private_dir(settings.home)  # the embedded default, before a first `qlora serve` made its home
     try:
         upgrade(settings.database_url)
