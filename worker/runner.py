@@ -45,7 +45,9 @@ from worker.training.protocol import (
 if __name__ == "__main__":
     # SIGTERM back to its default: the worker's pool process, which starts this one, ignores it (worker/tasks.py),
     # and an ignored signal stays ignored across exec; an operator's `kill` must still stop a training process.
+    # So SIGHUP, which a local worker's pool process ignores too.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     # Before the imports below: transformers pulls in bitsandbytes, which logs as it loads. The
     # process trains one job, so every line it logs is about that job.
     logs.configure("trainer", get_settings().log_format)

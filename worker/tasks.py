@@ -37,5 +37,8 @@ def _leave_termination_to_the_worker(**_) -> None:
     pool process at once: the supervisor was gone, its training process stopped by itself, and everything since
     the last checkpoint was lost and counted a lost worker. A kill that must end it (SIGKILL, a stop grace
     period's end) still does; SIGINT (Ctrl-C to a terminal's group) the pool ignores already. The training
-    process it starts inherits the ignored signal and restores it (worker/runner.py)."""
+    process it starts inherits the ignored signal and restores it (worker/runner.py). `serve`'s local worker leaves
+    SIGHUP (its terminal closed) to `serve` alike, which then stops it (app/cli/processes._leave_stopping_to_serve)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if celery_app.conf.get("qlora_ignore_hangup"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

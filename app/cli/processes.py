@@ -79,6 +79,8 @@ def serve(
     # until the worker has stopped; then this process ends by the signal after all, as its sender expects.
     # (With several API processes uvicorn's supervisor keeps SIGTERM to itself and returns.)
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under `nohup` it stays ignored, as asked
+        signal.signal(signal.SIGHUP, _terminate_on_hangup)
     terminated = False
     try:
         if run_worker:
@@ -245,6 +247,16 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
+def _terminate_on_hangup(signum, frame) -> None:
+    """SIGHUP: the terminal `make run` ran in was closed (or its SSH session dropped), which signals its whole
+    process group. By default it ended `serve` on the spot and its local worker's pool process with it: the job
+    it trained stayed `running` until the reaper's deadline (QLORA_HEARTBEAT_DEADLINE_S), then lost that attempt
+    and the steps since its last checkpoint. Now a hangup stops `serve` as SIGTERM does: the API gracefully, then
+    the local worker, which hands its job back (the worker itself ignores the hangup: `_leave_stopping_to_serve`).
+    With several API processes uvicorn's supervisor takes SIGHUP over (it restarts them) and `serve` runs on."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def api_process_app() -> FastAPI:
     """What each API process serves (uvicorn's factory). With --workers N uvicorn starts each in a fresh
     interpreter (spawn): it reads its settings from the environment `serve` prepared, and sets up its
@@ -305,6 +317,7 @@ def worker(
     _announce_while_up(settings, worker_name, queue)
     if stop_with is not None:
         _stop_when_parent_gone(stop_with)
+        _leave_stopping_to_serve(celery_app)
     from app.bootstrap import make_private_dir
 
     make_private_dir(settings.home)  # its attempts' data, logs and checkpoints: a team's, not other local users'
@@ -399,6 +412,20 @@ def _announce_while_up(settings, worker_name: str, queue: str) -> None:
     beat = WorkerBeat(session_url(settings), worker_name, queue)  # a beat unanswered is given up as any write
     worker_ready.connect(lambda **_: beat.start(), weak=False)
     worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
+
+
+def _leave_stopping_to_serve(celery_app) -> None:
+    """`serve`'s local worker ignores SIGHUP, in its main process and its pool processes (worker/tasks.py): a closed
+    terminal signals the whole process group, and `serve` stops this worker, which then hands its job back
+    (_terminate_on_hangup). Left to Celery, the hangup killed the pool process that supervised the training (the
+    job lost its attempt), and the main process with it on a terminal, or, with its output sent to a file, made it
+    restart itself (Celery's SIGHUP handler) without handing anything back. Set before Celery starts, and again once
+    it is ready: it installs its restart handler at its start where its output is not a terminal."""
+    from celery.signals import worker_ready
+
+    celery_app.conf.qlora_ignore_hangup = True  # read by the pool processes, forked from this one
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    worker_ready.connect(lambda **_: signal.signal(signal.SIGHUP, signal.SIG_IGN), weak=False)
 
 
 def _stop_when_parent_gone(parent: int) -> None:

@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from tests import services
 from tests.deployment import ROOT, upload, wait_for_status
@@ -133,9 +134,10 @@ def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(tmp_pa
             pass
 
 
-def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Popen, demo_data) -> None:
-    credentials = json.loads((tmp_path / ".qlora" / "credentials.json").read_text())
-    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (tmp_path / "serve.log").read_text()).group(1))
+def a_job_held_at_step_2(home, demo_data) -> tuple[httpx.Client, str]:
+    """A job of the serve started with FAULT_HOLD_AT_STEP=2 on `home`, once it trains step 2 (held there until a
+    hand-back's pause releases it); with the client that made it."""
+    credentials = json.loads((home / ".qlora" / "credentials.json").read_text())
     client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
                           timeout=60)
     spec = demo_spec("tiny-demo")
@@ -146,6 +148,12 @@ def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Pope
     while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.3)
+    return client, job_id
+
+
+def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Popen, demo_data) -> None:
+    worker = int(re.search(r"started a local worker \(pid (\d+)\)", (tmp_path / "serve.log").read_text()).group(1))
+    client, job_id = a_job_held_at_step_2(tmp_path, demo_data)
 
     os.kill(proc.pid, signal.SIGKILL)  # serve alone: its worker is left without a parent
     proc.wait(10)
@@ -171,6 +179,30 @@ def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Pope
     finally:
         restarted.send_signal(signal.SIGTERM)
         restarted.wait(60)
+
+
+def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_back(tmp_path, demo_data):
+    """Closing the terminal `make run` runs in signals SIGHUP to its process group. It ended `serve` on the spot,
+    and its local worker's pool process, which supervised the training: the job stayed `running` until the reaper's
+    deadline, then lost the attempt and the steps since its last checkpoint. Now it stops as on SIGTERM."""
+    from app.db import session_scope
+    from app.jobs.tables import Job, JobEvent
+
+    proc = start_serve(tmp_path, services.free_port(), extra_env={FAULT_HOLD_AT_STEP: "2"})
+    try:
+        _, job_id = a_job_held_at_step_2(tmp_path, demo_data)
+        os.killpg(proc.pid, signal.SIGHUP)  # what the terminal sends as it closes
+        assert proc.wait(120) == -signal.SIGTERM  # stopped as on SIGTERM: the API, then the worker it stops
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with session_scope(f"sqlite:///{tmp_path / '.qlora' / 'qlora.db'}") as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.status, job.lost_workers) == ("queued", 0)  # handed back, for the next serve
+        types = set(session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)))
+        assert {"pause_requested", "paused", "requeued"} <= types, types
 
 
 def a_short_job_succeeds(credentials: dict, demo_data) -> None:
