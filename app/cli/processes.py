@@ -134,7 +134,12 @@ def _hold_home(home: Path) -> None:
     """Exit 2, saying so, where another `serve` runs on this QLORA_HOME: each would run a local worker, and
     the two would train two jobs at once on this machine (its one GPU: out of memory, or its CPU). The lock
     is the kernel's (flock): it goes with the process however that ends, so a `serve` killed outright never
-    leaves one behind."""
+    leaves one behind.
+
+    Its local worker holds the lock too (LocalWorker passes it on): a `serve` killed outright left a worker that
+    went on for as long as it took to hand its job back (a checkpoint saved, a merge finished), and a `serve`
+    started meanwhile took the lock and started a second worker beside it, which took the next queued job. So
+    where the holder named is a `serve` that is gone, this one waits for its worker to stop, saying so."""
     import fcntl
 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -144,16 +149,39 @@ def _hold_home(home: Path) -> None:
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "a process"
+        if _gone(holder.removeprefix("pid ")):
+            err.print(f"the last qlora serve on QLORA_HOME={escape(str(home))} ({escape(holder)}) was stopped outright; "
+                      "waiting for its local worker to hand its job back and stop (Ctrl-C to give up)", highlight=False,
+                      soft_wrap=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _took_home(lock)
         err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
                   "its local worker and this one would train two jobs at once on this machine. Stop it first; "
                   "for a second service set QLORA_HOME to another directory, for more API processes use "
                   "--workers N.", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    _took_home(lock)
+
+
+def _took_home(lock) -> None:
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()}")
     lock.flush()
     _HOME_LOCK.append(lock)
+
+
+def _gone(pid: str) -> bool:
+    """Whether `pid` (as the lock file names it) is a process that no longer exists."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's: it exists
+        pass
+    return False
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -204,8 +232,10 @@ class LocalWorker:
                 return
             # --stop-with: a `serve` killed outright (SIGKILL, the OOM killer) cannot stop its worker; the worker
             # then stops by itself, as on SIGTERM, instead of running on beside the next `serve`'s own.
+            # The home's lock, held by the worker too (and its pool processes, forked from it): a `serve` started
+            # after this one was killed outright waits until this worker has handed back its job (_hold_home).
             proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid())],
-                                    env=self.env)
+                                    env=self.env, pass_fds=[lock.fileno() for lock in _HOME_LOCK])
             self.proc, self.started = proc, time.monotonic()
         out.print(f"started a local worker (pid {proc.pid})")
 

@@ -25,11 +25,18 @@ from worker.training.tiny import demo_spec
 
 def start_serve(home, port: int, log_name: str = "serve.log", extra_env: dict | None = None) -> subprocess.Popen:
     """`qlora serve` with nothing configured but HOME (QLORA_HOME defaults to ~/.qlora) and the port, once it answers."""
+    return serve_answering(home, port, launch_serve(home, port, log_name, extra_env), log_name)
+
+
+def launch_serve(home, port: int, log_name: str = "serve.log", extra_env: dict | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "AWS_"))}
     env.update(HOME=str(home), QLORA_PORT=str(port), **(extra_env or {}))
     log = open(home / log_name, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def serve_answering(home, port: int, proc: subprocess.Popen, log_name: str = "serve.log") -> subprocess.Popen:
     credentials = home / ".qlora" / "credentials.json"
     deadline = time.monotonic() + 120
     while True:
@@ -203,6 +210,45 @@ def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_bac
         assert job is not None and (job.status, job.lost_workers) == ("queued", 0)  # handed back, for the next serve
         types = set(session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)))
         assert {"pause_requested", "paused", "requeued"} <= types, types
+
+
+def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_that_worker(tmp_path, demo_data):
+    """`serve` killed outright leaves its worker running until it has handed its job back (a checkpoint saved, a
+    merge finished). The home's lock went with `serve`: one started meanwhile ran a second worker beside the first,
+    which took the next queued job, two trainings at once on one GPU. Here the first worker's attempt end is held
+    (QLORA_FAULT_HOLD_END) so that it is still there, deterministically, as the second `serve` starts."""
+    from app.config import Settings
+    from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers
+
+    port = services.free_port()
+    first = start_serve(tmp_path, port, extra_env={FAULT_HOLD_AT_STEP: "2", FAULT_HOLD_END: "1"})
+    second = None
+    try:
+        client, job_id = a_job_held_at_step_2(tmp_path, demo_data)
+        os.kill(first.pid, signal.SIGKILL)  # serve alone: its worker hands the job back, then holds at its end
+        first.wait(10)
+        held, release = fault_hold_end_markers(Settings(home=tmp_path / ".qlora"), job_id)
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert time.monotonic() < deadline, "the first worker never reached its attempt's end"
+            time.sleep(0.2)
+
+        second = launch_serve(tmp_path, port, "serve-again.log")
+        deadline = time.monotonic() + 120
+        while "waiting for its local worker" not in (tmp_path / "serve-again.log").read_text():
+            assert "started a local worker" not in (tmp_path / "serve-again.log").read_text(), "a second worker started"
+            assert second.poll() is None and time.monotonic() < deadline, (tmp_path / "serve-again.log").read_text()
+            time.sleep(0.2)
+        release.touch()  # the first worker ends its attempt and stops: the second serve goes on
+        serve_answering(tmp_path, port, second, "serve-again.log")
+        assert client.get(f"/jobs/{job_id}").json()["status"] in ("queued", "running")
+    finally:
+        for proc in (first, second):
+            try:
+                if proc is not None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def a_short_job_succeeds(credentials: dict, demo_data) -> None:
