@@ -58,7 +58,6 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy import text, update  # noqa: E402
 
-from app.datasets.service import CHARS_PER_TOKEN  # noqa: E402
 from app.datasets.tables import Dataset  # noqa: E402
 from app.db import engine_for, new_id, session_scope, utcnow  # noqa: E402
 from app.jobs import states  # noqa: E402
@@ -70,6 +69,7 @@ from app.storage.local import LocalStorage  # noqa: E402
 from app.teams import service as teams_service  # noqa: E402
 from tests import services  # noqa: E402  (the Postgres the test suite uses, started if it is not running)
 from worker.training.data import DatasetValidator  # noqa: E402
+from worker.training.estimate import token_estimate  # noqa: E402
 from worker.training.spec import JobSpec  # noqa: E402
 from worker.training.tiny import demo_rows, demo_spec  # noqa: E402
 
@@ -215,7 +215,7 @@ def _store_dataset(session, storage: LocalStorage, team_id: str) -> Dataset:
     stored = writer.commit()
     dataset = Dataset(team_id=team_id, filename="train.jsonl", storage_key=stored.key, bytes=stored.size,
                       sha256=stored.sha256, status="ready", format=validator.format, rows=validator.rows,
-                      token_estimate=validator.chars // CHARS_PER_TOKEN, errors=[])
+                      token_estimate=token_estimate(validator.chars), errors=[])
     session.add(dataset)
     session.flush()
     return dataset

@@ -622,8 +622,9 @@ class _Discard:
 def check_dataset(path: Path, on_progress: Progress | None = None) -> LocalCheck:
     """Validate a JSONL file exactly as an upload is validated, by running the server's own ingest
     (the same line splitting, overlong-line rule, validator and token estimate) over the file."""
-    from app.datasets.service import CHARS_PER_TOKEN, DatasetIngest
+    from app.datasets.service import DatasetIngest
     from worker.training.data import DataError
+    from worker.training.estimate import token_estimate
 
     ingest = DatasetIngest(_Discard(), max_bytes=sys.maxsize)  # the size limit is the server's to apply
     with open(path, "rb") as f:
@@ -638,7 +639,7 @@ def check_dataset(path: Path, on_progress: Progress | None = None) -> LocalCheck
         errors, error_count = [], 0
     except DataError as exc:  # includes a file with no rows at all
         errors, error_count = exc.errors, exc.total
-    return LocalCheck(format=validator.format, rows=validator.rows, token_estimate=validator.chars // CHARS_PER_TOKEN,
+    return LocalCheck(format=validator.format, rows=validator.rows, token_estimate=token_estimate(validator.chars),
                       error_count=error_count, errors=errors)
 
 

@@ -78,26 +78,34 @@ def estimate(
     max_paged_fraction: MaxPagedFractionOption = 1.0,
     host_memory: Annotated[Optional[float], typer.Option(
         min=0, help="Host (CPU) memory in GiB a job on that GPU may hold, as the service's QLORA_HOST_MEMORY gives "
-                    "its class: the offloaded activations and the paged optimizer's overflow must fit it too.")] = None,
+                    "its class: the offloaded activations, the paged optimizer's overflow and the datasets (--data) "
+                    "must fit it too.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option(
+        "--data", exists=True, dir_okay=False,
+        help="The job's dataset, a local JSONL file (repeat it for the validation set): the host memory a run holds "
+             "for it from start to end is counted, by its token estimate as an upload has it.")] = None,
     as_json: JsonOption = None,
 ) -> None:
     """Estimate a job's peak GPU memory, part by part, before it runs. Exits 1 when --gpu-memory is given
     and the job does not fit it.
 
     On a pipe: {"micro_batch", "seq_len", "parts": {part: bytes}, "pageable": [parts], "total", "resident",
-    "pageable_bytes", "host_bytes", "host": {part: bytes}, "host_total", ...}, in bytes ("host": the CPU memory a
-    step holds: offloaded activations, and with --gpu-memory the paged optimizer's overflow); with --gpu-memory also
-    "gpu_memory", "fits", "paged_bytes", "largest_micro_batch" and "suggestions", and with --host-memory "host_memory"."""
+    "pageable_bytes", "host_bytes", "host": {part: bytes}, "host_total", ...}, in bytes ("host": the CPU memory the
+    run holds: offloaded activations, with --gpu-memory the paged optimizer's overflow, and with --data its
+    datasets); with --gpu-memory also "gpu_memory", "fits", "paged_bytes", "largest_micro_batch" and "suggestions",
+    with --host-memory "host_memory", and with --data "dataset_tokens"."""
     from worker.training.estimate import (
         GIB,
         ModelShape,
         advice,
+        dataset_host_parts,
         estimate_peak_memory,
         fit_memory_savers,
         gib,
         keeps_reference_adapter,
         largest_micro_batch,
         memory_savers_note,
+        steps_host_budget,
     )
     from worker.training.spec import JobSpec, SpecError
 
@@ -130,27 +138,32 @@ def estimate(
     except ValueError as exc:
         err.print(f"[red]error:[/red] lora.target_modules: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    tokens = _dataset_tokens(data or [])
     budget = int(gpu_memory * GIB) if gpu_memory is not None else None
     host = int(host_memory * GIB) if host_memory is not None else None
+    steps_host = steps_host_budget(host, tokens)  # what the datasets leave of it for the steps, as admission counts it
     reference = keeps_reference_adapter(job, from_adapter)
     # "auto" offload and tiling: on where it would not fit without (and, with --host-memory, where the host holds it)
     job = fit_memory_savers(job, model_config, budget, max_paged_fraction, reference_adapter=reference,
-                            host_budget_bytes=host)
+                            host_budget_bytes=steps_host)
     result = estimate_peak_memory(job, model_config, reference_adapter=reference)
     answer: dict = {"micro_batch": result.micro_batch, "seq_len": result.seq_len,
                     "gradient_checkpointing": result.checkpointing, "activation_offload": result.offload,
                     "tiled_mlp": result.tiled, "parts": result.parts, "pageable": sorted(result.pageable),
                     "total": result.total, "resident": result.resident, "pageable_bytes": result.pageable_bytes,
-                    "host_bytes": result.host_bytes, "host": result.host_parts(budget),
-                    "host_total": result.host_need(budget)}
+                    "host_bytes": result.host_bytes, "host": result.host_parts(budget) | dataset_host_parts(tokens)}
+    answer["host_total"] = sum(answer["host"].values())
+    if data:
+        answer["dataset_tokens"] = tokens
     fits = True
     if budget is not None:
         # The same rule as admission's (app/jobs/admission.py), paging share included: a job this says fits is admitted.
-        fits = result.fits(budget, max_paged_fraction, host)
+        fits = result.fits(budget, max_paged_fraction, steps_host)
         answer |= {"gpu_memory": budget, "fits": fits, "paged_bytes": result.paged_bytes(budget),
                    "largest_micro_batch": largest_micro_batch(job, model_config, budget, max_paged_fraction=max_paged_fraction,
-                                                              reference_adapter=reference, host_budget_bytes=host),
-                   "suggestions": advice(job, model_config, budget, max_paged_fraction, reference, host) if not fits else []}
+                                                              reference_adapter=reference, host_budget_bytes=steps_host),
+                   "suggestions": advice(job, model_config, budget, max_paged_fraction, reference, steps_host)
+                   if not fits else []}
         if host is not None:
             answer["host_memory"] = host
 
@@ -187,6 +200,24 @@ def estimate(
     show(answer, tables, as_json)
     if not fits:  # as `qlora jobs preflight` exits 1 where the service would refuse the job
         raise typer.Exit(1)
+
+
+def _dataset_tokens(paths: list[Path]) -> int:
+    """The token estimates of the local JSONL files `paths`, summed, each as an upload of it gets (the server's
+    own ingest): what admission counts a job's datasets' host memory by. Exit 2 on a file with bad lines."""
+    from app.cli.api_client import check_dataset
+
+    tokens = 0
+    for path in paths:
+        verdict = check_dataset(path)
+        if not verdict.ok:
+            first = verdict.errors[0] if verdict.errors else None
+            err.print(f"[red]error:[/red] --data {escape(str(path))}: {verdict.error_count:,} bad line(s)"
+                      + (f", the first: line {first.line}: {escape(first.message)}" if first else "")
+                      + f" (`qlora datasets check {escape(str(path))}` lists them)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        tokens += verdict.token_estimate
+    return tokens
 
 
 def _registered_config(name: str, tried: Path) -> dict:

@@ -25,7 +25,7 @@ from app.teams.service import Caller
 from app.text import format_bytes
 from app.uploads import declared_file_bytes, read_multipart
 from worker.training.data import DataError, DatasetValidator
-from worker.training.estimate import CHARS_PER_TOKEN
+from worker.training.estimate import token_estimate
 from worker.training.spec import excerpt
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _record(session, storage, settings, caller, validator: DatasetValidator, sto
     dataset = Dataset(
         team_id=caller.team_id, filename=filename[:255], storage_key=stored.key, bytes=stored.size,
         sha256=stored.sha256, status=status, format=fmt, rows=validator.rows,
-        token_estimate=validator.chars // CHARS_PER_TOKEN, error_count=error_count, errors=errors,
+        token_estimate=token_estimate(validator.chars), error_count=error_count, errors=errors,
     )
     session.add(dataset)
     session.flush()

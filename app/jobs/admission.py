@@ -32,6 +32,7 @@ from worker.training.estimate import (
     fit_to_gpu,
     gib,
     memory_savers_note,
+    steps_host_budget,
     with_micro_batch,
 )
 from worker.training.spec import JobSpec
@@ -46,11 +47,11 @@ class Admission:
     host_parts: dict[str, int] | None = None  # the host memory it holds, by part (Estimate.host_parts), where placed
 
 
-def host_budget(settings: Settings, gpu_class: str, held: int = 0) -> int | None:
-    """The host memory in bytes a job on one GPU of this class may hold (QLORA_HOST_MEMORY), less `held` (its
-    datasets': the rest is what its steps may hold); None: not known."""
+def host_budget(settings: Settings, gpu_class: str, dataset_tokens: int = 0) -> int | None:
+    """The host memory in bytes a job on one GPU of this class may hold (QLORA_HOST_MEMORY), less what its
+    datasets of `dataset_tokens` hold (steps_host_budget: the rest is what its steps may hold); None: not known."""
     memory = settings.host_memory.get(gpu_class)
-    return int(memory * GIB) - held if memory is not None else None
+    return steps_host_budget(int(memory * GIB) if memory is not None else None, dataset_tokens)
 
 
 def host_note(parts: dict[str, int], gpu_class: str, host: int | None) -> str:
@@ -98,7 +99,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
     data_parts = dataset_host_parts(dataset_tokens)
     held = sum(data_parts.values())
     for name, memory_gib in classes:
-        budget, host = int(memory_gib * GIB), host_budget(settings, name, held)
+        budget, host = int(memory_gib * GIB), host_budget(settings, name, dataset_tokens)
         sized = fit_to_gpu(spec, model.config, budget, paging, reference_adapter, host)
         if sized is None:
             continue  # "auto", and not even a micro-batch of 1 fits this class
@@ -119,7 +120,7 @@ def admit(settings: Settings, model: RegisteredModel, spec: JobSpec, requested: 
                              + host_note(held_parts(step_parts, data_parts, host), name, host_budget(settings, name)),
                              step_parts | data_parts)
     name, memory_gib = classes[-1]
-    budget, host = int(memory_gib * GIB), host_budget(settings, name, held)
+    budget, host = int(memory_gib * GIB), host_budget(settings, name, dataset_tokens)
     at_least_one = spec if spec.training.per_device_batch_size != "auto" else with_micro_batch(spec, 1)
     # "auto" savers on: all they save
     at_least_one = fit_memory_savers(at_least_one, model.config, budget, paging, reference_adapter, host)

@@ -51,6 +51,6 @@ def demo_training_run(tiny_model_dir, demo_data, tmp_path_factory, worker_id):
 def dataset_bytes(path) -> int:
     """What a run counts its dataset at `path` to hold in host memory: the service's token estimate (characters / 4)."""
     from worker.training.data import read_jsonl
-    from worker.training.estimate import CHARS_PER_TOKEN, DATASET_BYTES_PER_TOKEN
+    from worker.training.estimate import DATASET_BYTES_PER_TOKEN, token_estimate
 
-    return DATASET_BYTES_PER_TOKEN * (sum(e.chars() for e in read_jsonl(path).examples) // CHARS_PER_TOKEN)
+    return DATASET_BYTES_PER_TOKEN * token_estimate(sum(e.chars() for e in read_jsonl(path).examples))

@@ -969,3 +969,45 @@ def test_host_memory_counts_no_more_paged_out_than_the_optimizer_state_that_page
     parts = e.host_parts(budget)
     assert parts.get("optimizer state paged out", 0) == e.pageable_bytes
     assert parts["offloaded activations (pinned)"] == e.host_bytes
+
+
+def test_qlora_estimate_counts_the_datasets_host_memory_as_admission_does(tiny_model_dir, demo_data, tmp_path):
+    """`qlora estimate --host-memory` gives admission's verdict for a class, and counted only a step's host memory:
+    it printed a host total lower than what admission and the run check (their datasets, held for the whole run),
+    and "auto" offloaded where, beside the datasets, the host could not hold it. --data (a local JSONL, its token
+    estimate as an upload gets) counts them as admission does (steps_host_budget)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.training.conftest import dataset_bytes
+    from worker.training.estimate import DATASET_BYTES_PER_TOKEN
+
+    training = {"max_steps": 2, "per_device_batch_size": 16, "max_seq_length": 2048}
+    (tmp_path / "auto.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "training": training}))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    offloaded = estimate_peak_memory(JobSpec.parse({"base_model": "m", "training": {
+        **training, "activation_offload": True, "tiled_mlp": False}}), config).host_bytes
+    data = dataset_bytes(demo_data["train"]) + dataset_bytes(demo_data["validation"])
+    # A GPU the tiny model fits at 16 x 2,048 tokens with its activations offloaded or its MLPs tiled, not without
+    # (test_memory.TIGHT_GPU); hosts with room for the activations, and for them beside the datasets or not.
+    gpu = str(2_290_000_000 / GIB)
+
+    def estimate_cli(*options):
+        done = subprocess.run([sys.executable, "-m", "app.cli", "estimate", str(tmp_path / "auto.json"), "--gpu-memory",
+                               gpu, *options, "--json"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode in (0, 1), done.stderr
+        return json.loads(done.stdout)
+
+    with_data = ("--data", str(demo_data["train"]), "--data", str(demo_data["validation"]))
+    roomy = estimate_cli("--host-memory", str((offloaded + data) / GIB), *with_data)
+    assert (roomy["activation_offload"], roomy["tiled_mlp"], roomy["fits"]) == (True, False, True)
+    assert roomy["host"] == {"offloaded activations (pinned)": offloaded, "datasets (read and encoded)": data}
+    assert roomy["host_total"] == offloaded + data and roomy["dataset_tokens"] == data // DATASET_BYTES_PER_TOKEN
+    short = str((offloaded + data // 2) / GIB)
+    assert estimate_cli("--host-memory", short)["activation_offload"] is True  # the datasets not counted
+    tiled = estimate_cli("--host-memory", short, *with_data)  # counted: the host cannot pin the activations beside them
+    assert (tiled["activation_offload"], tiled["tiled_mlp"], tiled["fits"]) == (False, True, True)
+    assert tiled["host"] == {"datasets (read and encoded)": data}
+    # Where the datasets alone do not fit, neither does the job, as admission refuses it.
+    assert estimate_cli("--host-memory", str(data / 2 / GIB), *with_data)["fits"] is False

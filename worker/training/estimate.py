@@ -487,6 +487,24 @@ def dataset_host_parts(tokens: int) -> dict[str, int]:
     return {HOST_DATASET: DATASET_BYTES_PER_TOKEN * tokens} if tokens > 0 else {}
 
 
+def token_estimate(chars: int) -> int:
+    """A dataset's tokens as the service estimates them on upload, from its characters (Example.chars): what its
+    host memory is counted by (dataset_host_parts), wherever it is counted."""
+    return chars // CHARS_PER_TOKEN
+
+
+def steps_host_budget(host_bytes: int | None, dataset_tokens: int) -> int | None:
+    """The host memory a run's steps may hold (offloaded activations, a paged optimizer's overflow: the
+    `host_budget_bytes` of the functions below), out of `host_bytes` a run may hold in all (QLORA_HOST_MEMORY at
+    admission and in `qlora estimate`, MemAvailable on a worker): what its datasets hold for the whole run
+    (dataset_host_parts of their tokens, train and validation) is not there for them. Negative where the datasets
+    alone do not fit; None where `host_bytes` is not known. Admission, the training process's "auto" and
+    `qlora estimate` all count it so."""
+    if host_bytes is None:
+        return None
+    return host_bytes - sum(dataset_host_parts(dataset_tokens).values())
+
+
 def describe_host_memory(parts: dict[str, int]) -> str:
     """The host memory of Estimate.host_parts in words, as admission, its refusal and the training process say
     it: "8.00 GiB of host memory (offloaded activations (pinned) 8.00 GiB)"."""
@@ -783,8 +801,13 @@ def fit_to_device(spec: JobSpec, model_config: dict, budget_bytes: int | None,
     (fit_memory_savers), then the micro-batch (resolve_auto_micro_batch), by admission's rule for a GPU class
     (fit_to_gpu) and under the operator's max_paged_fraction (QLORA_MAX_PAGED_FRACTION), as admission and
     `qlora estimate` decide. Without GPU classes nothing was decided at admission: this is the only decision.
-    `host_budget_bytes`: the host memory the run may hold (the host's available memory), as QLORA_HOST_MEMORY
-    is to admission: "auto" does not offload, nor size a micro-batch, past it."""
+    `host_budget_bytes`: the host memory the run's steps may hold (steps_host_budget of the host's available
+    memory), as QLORA_HOST_MEMORY is to admission: "auto" does not offload, nor size a micro-batch, past it.
+    Where it is negative (the datasets alone take more than the host has available now) no choice fits it,
+    and "everything on where nothing fits" would pin more on a host already short: "auto" is decided as for a
+    host with nothing to spare for a step. The run's host check says what the datasets need."""
+    if host_budget_bytes is not None:
+        host_budget_bytes = max(host_budget_bytes, 0)
     savers = fit_memory_savers(spec, model_config, budget_bytes, max_paged_fraction, reference_adapter,
                                host_budget_bytes)
     return resolve_auto_micro_batch(savers, model_config, budget_bytes, max_paged_fraction, reference_adapter,
