@@ -25,6 +25,7 @@ from pathlib import Path
 
 from app import logs
 from app.config import get_settings
+from worker.training.host_claims import HOST_CLAIMS_DIR
 from worker.training.protocol import (
     EXIT_NO_SPACE,
     EXIT_OUT_OF_REACH,
@@ -250,6 +251,9 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                 initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,
                 base_model_id=job.base_model_id, base_model_revision=job.base_model_revision,
                 max_paged_fraction=settings.max_paged_fraction,
+                # Shared with the other workers of this host: each run counts what the others claimed and have not
+                # taken yet (worker/training/host_claims.py).
+                host_claims=settings.work_dir / HOST_CLAIMS_DIR,
             )
             outcome = Result(status=result.status, summary=result.summary, report=result.report)
         except OutOfMemoryInTraining as exc:

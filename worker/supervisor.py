@@ -847,7 +847,8 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
     or in another worker. A worker calls it as it starts. Returns what it removed."""
     root = settings.work_dir
     removed = _remove_stale_markers(root)
-    dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    # A job's directory, not the host's claims (HOST_CLAIMS_DIR) or another dot-directory beside them.
+    dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
     if not dirs:
         return removed
     with session_scope(settings.database_url) as session:

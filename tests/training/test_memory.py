@@ -176,3 +176,82 @@ def test_a_failed_device_allocation_is_an_out_of_memory_wherever_it_is_raised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not is_out_of_memory(RuntimeError("expected scalar type BFloat16 but found Float"))
+
+
+# The tiny model at 16 x 2,048 tokens on a GPU of this memory: it fits with its activations offloaded (64 MiB pinned)
+# or its MLPs tiled, and with neither not (tests/training/test_estimate.py measures the estimate against the model).
+TIGHT_GPU = 2_290_000_000
+
+
+def test_auto_does_not_offload_what_the_host_holds_only_without_the_datasets(tiny_model_dir, demo_data, tmp_path):
+    """The training process decides "auto" for its GPU against the host's available memory (recipe._fit_to_device),
+    and counted only the step's part there: on a host with room for the offloaded activations but not for them
+    beside the datasets (which the run holds from start to end, and its host check counts), it turned offload on
+    and pinned what the host did not have. It counts the datasets now, as admission and `qlora estimate` do
+    (steps_host_budget): it tiles the MLPs instead, which hold nothing on the host."""
+    from worker.training.estimate import DATASET_BYTES_PER_TOKEN, estimate_peak_memory
+    from worker.training.recipe import QLoRARecipe, _fit_to_device
+
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=2, per_device_batch_size=16, max_seq_length=2048))
+    recipe = QLoRARecipe(spec, demo_data["train"], tmp_path / "out")
+    recipe._setup_data()  # what setup() counts the datasets by, before it decides "auto"
+    data = dataset_bytes(demo_data["train"])
+    assert DATASET_BYTES_PER_TOKEN * recipe.dataset_tokens == data > 0
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    offloaded = estimate_peak_memory(with_savers(spec, True, False), config).host_bytes
+
+    def decided(host_available: int) -> tuple:
+        t = _fit_to_device(spec, tiny_model_dir, TIGHT_GPU, 1.0, False, host_available, recipe.dataset_tokens).training
+        return t.activation_offload, t.tiled_mlp
+
+    assert decided(offloaded + data) == (True, False)  # room for both: offload, the cheaper saver
+    assert decided(offloaded + data // 2) == (False, True)  # room for the activations alone: tiling
+    assert decided(data // 2) == (False, True)  # the datasets alone do not fit: nothing more pinned (their check fails)
+
+
+def with_savers(spec: JobSpec, offload: bool, tiled: bool) -> JobSpec:
+    from worker.training.estimate import with_training
+
+    return with_training(spec, activation_offload=offload, tiled_mlp=tiled)
+
+
+def test_a_run_counts_what_the_other_runs_of_its_host_claimed_and_have_not_taken(tiny_model_dir, demo_data, tmp_path):
+    """Training processes starting together on one multi-GPU host each checked MemAvailable and decided "auto" by it,
+    each seeing the memory the others would take only later (their datasets as encoded, their activations pinned at
+    the first step): each passed, and together they held more than the host has. A run now counts what the other
+    runs of its host claimed (worker/training/host_claims.py: another process here, claiming all the host has),
+    claims what it holds itself until its first step has run, and leaves no claim behind."""
+    from transformers import TrainerCallback
+
+    from tests.fast.test_host_claims import Claimer
+    from worker.training.host_claims import HostClaims
+    from worker.training.model import total_host_memory
+
+    claims = tmp_path / "claims"
+    total = total_host_memory()
+    seen: dict[str, int] = {}
+
+    class Probe(TrainerCallback):  # what another run starting now would count
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["training"] = HostClaims(claims).others()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.setdefault("after the first step", HostClaims(claims).others())
+
+    other = Claimer(claims)
+    try:
+        other.say(f"claim {total}")
+        events: list = []
+        spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=2))
+        result = run(spec, demo_data["train"], tmp_path / "out", host_claims=claims, sink=events.append,
+                     extra_callbacks=(Probe(),))
+        assert result.status == "succeeded"
+        [short] = [e for e in events if getattr(e, "type", None) == "host_memory_short"]
+        data = dataset_bytes(demo_data["train"])
+        assert short.data == {"host_needed_bytes": data, "host_available_bytes": 0, "host_claimed_bytes": total}
+        assert f"less {total / 2**30:.2f} GiB that other training runs here claimed" in short.message
+        assert seen == {"training": total + data, "after the first step": total}
+        assert HostClaims(claims).others() == total  # the run's own claim is gone; the other's stands
+    finally:
+        other.end()
+    assert HostClaims(claims).others() == 0  # the other process ended without withdrawing: its claim counts no more

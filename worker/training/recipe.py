@@ -38,7 +38,7 @@ import_bitsandbytes()  # before transformers and peft import it: see stack.py
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import AutoTokenizer, PrinterCallback, set_seed  # noqa: E402
+from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
@@ -55,7 +55,6 @@ from worker.training.callbacks import (  # noqa: E402
 )
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
-    CHARS_PER_TOKEN,
     HOST_DATASET,
     MAX_PAGED_FRACTION,
     PAGED_OPTIMIZERS,
@@ -66,7 +65,10 @@ from worker.training.estimate import (  # noqa: E402
     gib,
     keeps_reference_adapter,
     mlp_tile_tokens,
+    steps_host_budget,
+    token_estimate,
 )
+from worker.training.host_claims import HostClaims  # noqa: E402
 from worker.training.memory import ActivationOffload, is_out_of_memory, tile_mlps  # noqa: E402
 from worker.training.merge import (  # noqa: E402
     FIDELITY_MEMORY_SHARE,
@@ -395,6 +397,14 @@ class GuardedDPOTrainer(TrainerGuards, DPOTrainer):
 def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: Any) -> RunResult:
     """Train, evaluate, save and merge one job; `options` are QLoRARecipe's keyword arguments."""
     recipe = QLoRARecipe(spec, train_path, out_dir, **options)
+    try:
+        return _run(recipe)
+    finally:
+        if recipe.host_claims is not None:  # its process may go on (a test, a notebook): no claim outlives the run
+            recipe.host_claims.withdraw()
+
+
+def _run(recipe: QLoRARecipe) -> RunResult:
     with recipe.out_of_memory_in("loading the base model", "a GPU class with more memory"):
         recipe.setup()
     # Asked while the base loaded (minutes, for a large model): not one step after it. A pause then has no new
@@ -421,6 +431,18 @@ def run(spec: JobSpec, train_path: str | Path, out_dir: str | Path, **options: A
         return recipe.summarize(TrainingEnd("cancelled", ended.step))
     recipe.cleanup()
     return recipe.summarize(ended, eval_loss=eval_loss, merge_fidelity=fidelity, report=report)
+
+
+class WithdrawHostClaim(TrainerCallback):
+    """Withdraws the run's claim on the host's memory (host_claims) once its first step has run: what it claimed
+    (its datasets, encoded; its offloaded activations, pinned; a paged optimizer's state) is held by then, and
+    MemAvailable says so to the runs that start after."""
+
+    def __init__(self, claims: HostClaims):
+        self.claims = claims
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.claims.withdraw()
 
 
 class CancelledAfterTraining(Exception):  # noqa: N818 (a request obeyed, not an error)
@@ -456,6 +478,7 @@ class QLoRARecipe:
         max_paged_fraction: float = MAX_PAGED_FRACTION,
         disk_free: int | None = None,
         merge_shard_size: str = MERGED_SHARD_SIZE,
+        host_claims: Path | None = None,
     ):
         # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
@@ -484,6 +507,9 @@ class QLoRARecipe:
         # The host memory this run may take (offloaded activations, a paged optimizer's overflow, a merge on the
         # CPU); None: what the host has available when each is checked (MemAvailable).
         self.host_memory = host_memory
+        # Where the training processes of this host claim the host memory they will hold (worker/training/
+        # host_claims.py: a worker's work directory); None: no other run on this host is counted.
+        self.host_claims = HostClaims(host_claims, label=str(out_dir)) if host_claims is not None else None
         # The disk space the merged model's files may take; None: what the output directory's disk has free.
         self.disk_free = disk_free
         self.merge_shard_size = merge_shard_size  # the largest of the merged model's safetensors files
@@ -523,10 +549,15 @@ class QLoRARecipe:
     def setup(self) -> None:
         """Everything training needs; the cheap checks (spec, data, output directory) before the model loads."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self._setup_device()
-        self._setup_data()
-        self._setup_run_dir()
-        self._check_host_memory()
+        self._setup_data()  # first: "auto" is decided (_setup_device) for what its datasets leave of the host
+        # The host's memory decided on (the "auto" savers), checked and claimed as one, under the lock of the host's
+        # claims: a run starting beside this one decides after it, counting its claim.
+        with self.host_claims.locked() if self.host_claims is not None else contextlib.nullcontext():
+            self._setup_device()
+            self._setup_run_dir()
+            self._check_host_memory()
+            if self.host_claims is not None:  # withdrawn after the first step (WithdrawHostClaim), or as it ends
+                self.host_claims.claim(self.host_need)
         self._setup_tokenizer()
         self._encode_data()
         self._setup_model()
@@ -536,15 +567,16 @@ class QLoRARecipe:
     def _setup_device(self) -> None:
         """What the spec leaves to the machine: the device, the base model's local path, and each "auto" decided
         for this device: per_device_batch_size, activation_offload and tiled_mlp (by the estimate, against the GPU's
-        memory and the host's), packing, kernels and compute_dtype (by what the device and its libraries run).
+        memory and the host's, less what the datasets hold there: steps_host_budget, as admission and `qlora
+        estimate` count it), packing, kernels and compute_dtype (by what the device and its libraries run).
         _setup_run_dir then keeps what an interrupted run of the job decided instead."""
         self.device = pick_device()
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
         self.spec = _decide_speed_and_precision(
-            _fit_to_device(self.spec, self.base_path, self.device, self.max_paged_fraction,
+            _fit_to_device(self.spec, self.base_path, _gpu_memory(self.device), self.max_paged_fraction,
                            keeps_reference_adapter(self.spec, self.initial_adapter is not None),
-                           self._host_available()), self.device)
+                           self._host_available(), self.dataset_tokens), self.device)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -572,21 +604,22 @@ class QLoRARecipe:
                 parts = estimate.host_parts(_gpu_memory(self.device))
             except (OSError, ValueError):
                 pass  # a config the estimate cannot read: loading the model says what is wrong with it
-        # The datasets' tokens as the service estimates them on upload (characters / CHARS_PER_TOKEN).
-        examples = [*self.train_data.examples, *(self.val_data.examples if self.val_data else [])]
-        parts |= dataset_host_parts(sum(example.chars() for example in examples) // CHARS_PER_TOKEN)
+        parts |= dataset_host_parts(self.dataset_tokens)
         available = self._host_available()
-        need = sum(parts.values())
+        need = self.host_need = sum(parts.values())
         if need <= available:
             return
         held = describe_host_memory(parts)
         if self.host_memory is None:
             total = total_host_memory()
             if need <= total:
+                claimed = self.host_claims.others() if self.host_claims is not None else 0
                 self.emit(Event(type="host_memory_short", level="warning", step=0, message=(
-                    f"this job holds {held} and this host has {gib(available)} available now (of {gib(total)}): it "
-                    "goes on, and runs out of memory if the host's other work still holds it then"),
-                    data={"host_needed_bytes": need, "host_available_bytes": available}))
+                    f"this job holds {held} and this host has {gib(available)} available now (of {gib(total)}"
+                    + (f"; less {gib(claimed)} that other training runs here claimed and have not taken yet"
+                       if claimed else "")
+                    + "): it goes on, and runs out of memory if the host's other work still holds it then"),
+                    data={"host_needed_bytes": need, "host_available_bytes": available, "host_claimed_bytes": claimed}))
                 return
         limit, has = (available, f"{gib(available)} available") if self.host_memory is not None else \
             (total, f"{gib(total)} in all")
@@ -602,6 +635,10 @@ class QLoRARecipe:
     def _setup_data(self) -> None:
         self.train_data = read_jsonl(self.train_path)
         self.val_data = read_jsonl(self.validation_path) if self.validation_path else None
+        # Their tokens as the service estimates them on upload, each set's (admission sums the two): what their
+        # host memory is counted by, here as there.
+        self.dataset_tokens = sum(token_estimate(sum(example.chars() for example in data.examples))
+                                  for data in (self.train_data, self.val_data) if data is not None)
         method = self.spec.method.type
         for name, data in (("training", self.train_data), ("validation", self.val_data)):
             if data is not None and data.format not in METHOD_FORMATS[method]:
@@ -733,6 +770,8 @@ class QLoRARecipe:
         callbacks = [metrics, self.stop, HealthCallback(self.emit, self.spec), self.best,
                      CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS,
                                         extra_files=[self.best.write_into, _drop_load_kwargs])]
+        if self.host_claims is not None:
+            callbacks.append(WithdrawHostClaim(self.host_claims))
         if self.progress:
             callbacks.append(RichProgressCallback())
         trainer = GuardedDPOTrainer if self.spec.method.type == "dpo" else GuardedSFTTrainer
@@ -864,7 +903,12 @@ class QLoRARecipe:
             streaming_unsupported=streaming_merge_unsupported(self.spec.quantization))
 
     def _host_available(self) -> int:
-        return self.host_memory if self.host_memory is not None else available_host_memory()
+        """`host_memory` where given (this run's own share); else what the host has available less what the other
+        runs of this host claimed and have not taken yet (host_claims)."""
+        if self.host_memory is not None:
+            return self.host_memory
+        claimed = self.host_claims.others() if self.host_claims is not None else 0
+        return max(available_host_memory() - claimed, 0)
 
     def _save_merged_and_measure(self, merge_dtype: torch.dtype, plan: MergePlan, reference: list,
                                  rows: list[dict]) -> dict:
@@ -1071,18 +1115,18 @@ def _gpu_memory(device: str) -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
 
 
-def _fit_to_device(spec: JobSpec, base_path: Path, device: str, max_paged_fraction: float,
-                   reference_adapter: bool, host_available: int) -> JobSpec:
-    """What the memory estimate decides for this device: activation_offload and tiled_mlp "auto" (on
-    only where the job would not fit without), then per_device_batch_size "auto" (the largest
+def _fit_to_device(spec: JobSpec, base_path: Path, budget: int | None, max_paged_fraction: float,
+                   reference_adapter: bool, host_available: int, dataset_tokens: int) -> JobSpec:
+    """What the memory estimate decides for a device of `budget` bytes (None: the CPU): activation_offload and
+    tiled_mlp "auto" (on only where the job would not fit without), then per_device_batch_size "auto" (the largest
     micro-batch that fits). A job the service admitted comes with these decided for its GPU class."""
-    budget = _gpu_memory(device)
     config = json.loads((base_path / "config.json").read_text())
     try:
         # "auto" is decided on a GPU only, where offload and paging put a step's memory on the host: against what
-        # the host has available, as admission decides it against QLORA_HOST_MEMORY.
+        # the host has available less what the datasets hold there for the whole run, as admission decides it
+        # against QLORA_HOST_MEMORY less theirs.
         return fit_to_device(spec, config, budget, max_paged_fraction, reference_adapter,
-                             host_budget_bytes=host_available if budget else None)
+                             host_budget_bytes=steps_host_budget(host_available, dataset_tokens) if budget else None)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
 
