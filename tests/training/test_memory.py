@@ -220,10 +220,12 @@ def test_a_run_counts_what_the_other_runs_of_its_host_claimed_and_have_not_taken
     each seeing the memory the others would take only later (their datasets as encoded, their activations pinned at
     the first step): each passed, and together they held more than the host has. A run now counts what the other
     runs of its host claimed (worker/training/host_claims.py: another process here, claiming all the host has),
-    claims what it holds itself until its first step has run, and leaves no claim behind."""
+    claims what it will hold itself (its datasets until they are encoded, its step's parts until its first step has
+    run), and leaves no claim behind."""
     from transformers import TrainerCallback
 
     from tests.fast.test_host_claims import Claimer
+    from worker.training.estimate import estimate_peak_memory
     from worker.training.host_claims import HostClaims
     from worker.training.model import total_host_memory
 
@@ -242,15 +244,19 @@ def test_a_run_counts_what_the_other_runs_of_its_host_claimed_and_have_not_taken
     try:
         other.say(f"claim {total}")
         events: list = []
-        spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=2))
+        spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=2, per_device_batch_size=4, activation_offload=True,
+                                        tiled_mlp=False))
         result = run(spec, demo_data["train"], tmp_path / "out", host_claims=claims, sink=events.append,
                      extra_callbacks=(Probe(),))
         assert result.status == "succeeded"
         [short] = [e for e in events if getattr(e, "type", None) == "host_memory_short"]
         data = dataset_bytes(demo_data["train"])
-        assert short.data == {"host_needed_bytes": data, "host_available_bytes": 0, "host_claimed_bytes": total}
+        offloaded = estimate_peak_memory(spec, json.loads((tiny_model_dir / "config.json").read_text())).host_bytes
+        assert short.data == {"host_needed_bytes": offloaded + data, "host_available_bytes": 0,
+                              "host_claimed_bytes": total}
         assert f"less {total / 2**30:.2f} GiB that other training runs here claimed" in short.message
-        assert seen == {"training": total + data, "after the first step": total}
+        # Once its datasets are encoded, its claim is what its first step takes: the offloaded activations.
+        assert seen == {"training": total + offloaded, "after the first step": total}
         assert HostClaims(claims).others() == total  # the run's own claim is gone; the other's stands
     finally:
         other.end()

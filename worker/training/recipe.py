@@ -560,6 +560,8 @@ class QLoRARecipe:
                 self.host_claims.claim(self.host_need)
         self._setup_tokenizer()
         self._encode_data()
+        if self.host_claims is not None:  # the datasets are held now, in MemAvailable: what is left to take, the step's
+            self.host_claims.claim(self.host_need - sum(dataset_host_parts(self.dataset_tokens).values()))
         self._setup_model()
         self._setup_trainer()
         self.clock.append(time.monotonic())
