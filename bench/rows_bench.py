@@ -7,16 +7,18 @@ Synthetic chat rows (a user turn and a longer assistant turn of the tiny tokeniz
 tokens each) until --tokens kept tokens, encoded with the tiny tokenizer the tests build. Each way runs in a process
 of its own, from the same JSONL file read as the recipe reads it:
 
-- `lists`: encode_examples' rows (Python lists of ints), then Dataset.from_list, both held, as the recipe held them;
-- `arrow`: rows_dataset(kept_rows(...)), the recipe's way now (worker/training/rows.py);
-
-and then, for both, the copy trl's SFTTrainer makes of a processed dataset as it prepares it (a truncation map, or
-packing with --packing), held beside the rows as the trainer holds it. Per way: `held_bytes_per_token` (RSS after
+- `lists`: encode_examples' rows (Python lists of ints), then Dataset.from_list, both held, as the recipe held them,
+  and the copy trl's SFTTrainer makes of a processed dataset as it prepares it (a truncation map, or packing with
+  --packing), held beside the rows as the trainer holds it;
+- `prepared`: rows_dataset(kept_rows(...)) (worker/training/rows.py) and trl's copy of them, as the recipe held them
+  before it skipped trl's preparation of unpacked rows;
+- `arrow`: the recipe's way now: the rows, and trl's copy only with --packing (unpacked, the trainer is given the
+  rows as they are: skip_prepare_dataset, recipe._trainer_args). Per way: `held_bytes_per_token` (RSS after
 all of it, less RSS before encoding, over the kept tokens), `peak_bytes_per_token` (peak RSS less RSS before
 encoding), `arrow_bytes_per_token` (Arrow's own allocations), and `examples_bytes_per_token` (the rows as read,
 which the run holds too). Each is the slope between a run at half --tokens and one at all of them: what a token
 adds, without the fixed costs (a batch's transient lists). estimate.DATASET_BYTES_PER_TOKEN counts the arrow
-way's held bytes and the examples', rounded up. Exit 1 if the two ways' datasets differ in a row.
+way's held bytes and the examples', rounded up. Exit 1 if the ways' datasets differ in a row.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def measure(way: str, data: str, tokenizer_dir: str, packing: bool) -> dict:
         rows = rows_dataset(kept_rows(examples, tokenizer, stats, max_seq_length=MAX_SEQ_LENGTH, train_on_inputs=False),
                             ("input_ids", "labels"))
         dataset = rows
-    prepared = prepare(dataset)
+    prepared = dataset if way == "arrow" and not packing else prepare(dataset)
     gc.collect()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _trim()  # what malloc keeps of freed memory (a batch's transient lists) is reused, not held per token
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from worker.training.tiny import build_tokenizer
 
-    results: dict[str, list[dict]] = {"lists": [], "arrow": []}
+    results: dict[str, list[dict]] = {"lists": [], "prepared": [], "arrow": []}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
         build_tokenizer().save_pretrained(tokenizer_dir)
@@ -172,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         report[way] = {"runs": [half, whole], **{f"{key}_bytes_per_token": value for key, value in slope.items()}}
         print(f"{way:<8}{whole['tokens']:>10}{slope['held']:>14.1f}{slope['peak']:>14.1f}{slope['arrow']:>15.1f}"
               f"{slope['examples']:>18.1f}")
-    same = all(a["dataset_sha256"] == b["dataset_sha256"] for a, b in zip(*results.values(), strict=True))
+    same = all(len({run["dataset_sha256"] for run in runs}) == 1 for runs in zip(*results.values(), strict=True))
     report["same_dataset"] = same
     report["held_ratio"] = report["arrow"]["held_bytes_per_token"] / report["lists"]["held_bytes_per_token"]
+    report["unprepared_ratio"] = report["arrow"]["held_bytes_per_token"] / report["prepared"]["held_bytes_per_token"]
     print(f"per token added (between {results['arrow'][0]['tokens']} and {results['arrow'][1]['tokens']} tokens); "
-          f"held, arrow / lists: {report['held_ratio']:.2f}; same dataset: {same}")
+          f"held, arrow / lists: {report['held_ratio']:.2f}, arrow / prepared: {report['unprepared_ratio']:.2f}; "
+          f"same dataset: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if same else 1

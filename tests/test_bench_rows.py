@@ -12,7 +12,7 @@ def test_rows_benchmark_builds_the_same_dataset_both_ways_and_reports_bytes_per_
     assert rows_bench.main(["--tokens", "20000", "--row-tokens", "100", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["same_dataset"] is True
-    for way in ("lists", "arrow"):
+    for way in ("lists", "prepared", "arrow"):
         half, whole = results[way]["runs"]
         assert 0 < half["tokens"] < whole["tokens"]
         assert "held_bytes_per_token" in results[way] and "peak_bytes_per_token" in results[way]

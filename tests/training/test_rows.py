@@ -94,6 +94,22 @@ def test_the_trainer_sees_the_same_rows_labels_packing_and_order_as_from_python_
     # ...and the same batches, tensors of the same dtype, in the same order under the data seed.
     compact, lists = trainer.train_dataset, from_lists(recipe, recipe.train_data.examples, "train")
     assert_same_batches(epoch_batches(trainer, compact), epoch_batches(trainer, lists))
+    # Unpacked, the trainer takes the recipe's rows as they are (skip_prepare_dataset): trl's preparation copied them
+    # (~8 bytes a token, bench/rows_bench.py) and changed nothing, as the batches of an epoch show, against what it
+    # made of these same rows before; packed, it packs them.
+    assert (compact is recipe.train_rows) is not packing
+    assert (trainer.eval_dataset is recipe.val_rows) is not packing  # the flag is the trainer's: eval rows too
+    if format != "preference":
+        before = recipe.trainer._prepare_dataset(recipe.train_rows, recipe.tokenizer, trainer.args, packing, None,
+                                                 "train")
+        assert_same_batches(epoch_batches(trainer, compact), epoch_batches(trainer, before))
+        evaluated = recipe.trainer._prepare_dataset(recipe.val_rows, recipe.tokenizer, trainer.args, False, None, "eval")
+        assert_same_batches(eval_batches(trainer, trainer.eval_dataset), eval_batches(trainer, evaluated))
+
+
+def eval_batches(trainer, dataset: Dataset) -> list[dict]:
+    """The batches of an evaluation, as the trainer's eval dataloader gives them to the model."""
+    return [dict(batch) for batch in trainer.get_eval_dataloader(dataset)]
 
 
 def test_encoded_rows_are_not_held_as_python_objects(tiny_model_dir, tmp_path):

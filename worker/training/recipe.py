@@ -1222,6 +1222,11 @@ def _trainer_args(spec: JobSpec, staging: Path, compute_dtype: torch.dtype, devi
         packing_strategy="bfd",  # best-fit decreasing; implies padding-free rows with restarting position ids
         eval_packing=False,  # evaluate example by example, so eval loss means the same packed or not
         train_sampling_strategy="group_by_length" if speedups.group_by_length else "random",
+        # Unpacked, trl's preparation of rows already encoded (kept_rows: truncated to max_seq_length, each with a
+        # trained token) changes nothing (the same batches, tests/training/test_rows.py) and copies the rows once
+        # more, ~8 bytes a token for the whole run (bench/rows_bench.py): the trainer takes them as they are. Packed,
+        # it packs them: prepared (the flag is the trainer's, for the eval rows too).
+        dataset_kwargs=None if speedups.packing else {"skip_prepare_dataset": True},
     )
 
 
