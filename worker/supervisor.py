@@ -45,6 +45,7 @@ from app.host import process_exists
 from app.jobs import runs, states
 from app.jobs.runs import ClaimedJob, LeaseLost
 from app.jobs.tables import Job
+from app.models.service import hub_source_problems
 from app.scheduling.service import claim_next
 from app.storage.base import (
     ChecksumMismatch,
@@ -584,7 +585,14 @@ class JobRun:
                 raise AttemptLost(f"the files of base model {model['name']} are not at {path} on worker "
                                   f"{self.worker}: every worker host needs the registered models at their path")
             return path
-        # A hub model pinned to a revision, for hosts that reach a hub; weights only, never code.
+        # A hub model pinned to a revision, for hosts that reach a hub; weights only, never code. One registered
+        # before the registry checked hub ids and revisions may name a path: snapshot_download joins the revision
+        # into its cache's paths.
+        problems = hub_source_problems(model["hub_id"], model["revision"])
+        if problems:
+            raise UnusableInput(f"cannot train: base model {model['name']!r} is registered with a "
+                                + " and a ".join(f"{field} that is not {rule}" for field, rule in problems)
+                                + "; an admin registers it again (DELETE and POST /models)")
         from huggingface_hub import snapshot_download
 
         cache_dir = self.settings.home / "hub"

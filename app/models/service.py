@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
-import json
+import codecs
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic_core import from_json
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.models import repository
 from app.models.tables import RegisteredModel
+from app.routing import MAX_JSON_VALUES, more_values_than
 from worker.training.estimate import ModelShape
 from worker.training.spec import excerpt
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
+
+# A hub repo as huggingface_hub's validate_repo_id takes it, in ASCII and with its owner: `org/name`. A revision as
+# a branch, a tag or a commit names it, each part after a / starting with a letter or digit. The worker hands both
+# to snapshot_download, which joins the revision into paths of its cache (refs/<revision>, written after a
+# download): "../../x" or "/x" there named a file outside the cache. Both were taken as given, and a job on such
+# a model failed after its wait in the queue, on the worker.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+HUB_ID_RULE = "org/name: letters, digits and - _ . inside each part, no -- or .., at most 96 characters"
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+REVISION_RULE = ("a 40-hex commit, a tag or a branch: letters, digits and - _ . /, each part after a / starting "
+                 "with a letter or digit, no ..")
+
+
+def hub_source_problems(hub_id: str, revision: str | None) -> list[tuple[str, str]]:
+    """(field, rule) for each of a hub model's hub_id and revision that is not of the allowed form; none where
+    both are. The registry checks a model when it is added, the worker before it downloads one (a row from
+    before the rule)."""
+    problems = []
+    if not (_HUB_ID.match(hub_id) and len(hub_id) <= 96 and "--" not in hub_id and ".." not in hub_id):
+        problems.append(("hub_id", HUB_ID_RULE))
+    if revision is not None and not (_REVISION.match(revision) and ".." not in revision):
+        problems.append(("revision", REVISION_RULE))
+    return problems
 
 
 def add_model(session: Session, name: str, *, roots: Sequence[Path], path: str | None = None, hub_id: str | None = None,
@@ -34,12 +61,17 @@ def add_model(session: Session, name: str, *, roots: Sequence[Path], path: str |
         path = model_path(path, roots)
     if hub_id is not None and not revision:
         raise Invalid("a hub model needs a revision (a commit hash or tag), so every job trains the same weights")
+    if hub_id is not None and (problems := hub_source_problems(hub_id, revision)):
+        given = {"hub_id": hub_id, "revision": revision}
+        raise Invalid("; ".join(f"{field}: {excerpt(given[field] or '')} is not {rule}" for field, rule in problems),
+                      details=field_errors(problems))
     if repository.by_name(session, name):
         raise Conflict(f"a model named {name!r} is already registered")
     if config is None and path is not None and (Path(path) / "config.json").is_file():  # this host sees it
         config = _read_config(Path(path) / "config.json")
     if config is not None:
         try:
+            _check_config_values(config)
             ModelShape.from_config(config)
         except ValueError as exc:
             raise Invalid(f"config: {exc}", details=[{"field": "config", "message": str(exc)}]) from None
@@ -84,16 +116,45 @@ def model_path(path: str, roots: Sequence[Path]) -> str:
     return str(normal)
 
 
+# A config.json is a few KiB (Gemma 3's, with a type per layer, 3 KiB); it is kept in the registry and served to
+# every team by GET /models.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def _read_config(file: Path) -> dict:
+    """The config.json of a model directory, read as the database reads JSON back (pydantic_core.from_json, as
+    the API's bodies are): Python's json module took a lone surrogate escape and nesting past the database
+    reader's limit, and the insert (Postgres) or every later read of the registry failed, a 500."""
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        with file.open("rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ValueError(f"over {MAX_CONFIG_BYTES // 1024} KiB; a model's config.json is a few KiB")
+        config = from_json(text.removeprefix(codecs.BOM_UTF8))
+    except (OSError, ValueError) as exc:
         raise Invalid(f"path: {file} is not a readable JSON file ({excerpt(str(exc), quote=False)})",
                       details=[{"field": "path", "message": "config.json is not readable JSON"}]) from None
     if not isinstance(config, dict):
         raise Invalid(f"path: {file} holds a JSON {type(config).__name__}, not the object a config.json is",
                       details=[{"field": "path", "message": "config.json is not a JSON object"}])
     return config
+
+
+def _check_config_values(config: dict) -> None:
+    """ValueError for what a config.json read from disk may hold and a JSON column may not, or GET /models should
+    not serve every team: NaN or Infinity (Python's reader takes them, Postgres refuses them: the insert was a 500)
+    and more values than any request body of this API may hold."""
+    if more_values_than(config, MAX_JSON_VALUES):
+        raise ValueError(f"it holds more than {MAX_JSON_VALUES:,} values; a model's config.json holds a few dozen")
+    pending: list = [config]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"it holds {value}, which JSON has no number for; give a finite number")
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 # What a transformers tokenizer is made of, text files all (a sentencepiece-only model without a

@@ -255,6 +255,43 @@ def test_a_model_registration_with_a_nul_or_past_its_column_is_refused_naming_th
     assert caught.value.errors()[0]["loc"] == (field,)
 
 
+@pytest.mark.parametrize(("hub_id", "revision", "field"), [
+    ("../../x", "main", "hub_id"), ("/etc/passwd", "main", "hub_id"), ("org/../x", "main", "hub_id"),
+    ("org/x/y", "main", "hub_id"), ("org/\uff58", "main", "hub_id"), ("org/" + "x" * 95, "main", "hub_id"),
+    ("org/x", "../../../../tmp/x", "revision"), ("org/x", "/tmp/x", "revision"), ("org/x", "a//b", "revision"),
+    ("org/x", "v1..2", "revision")])
+def test_a_hub_id_or_revision_that_could_name_a_path_is_refused_at_registration(session, tmp_path, hub_id, revision,
+                                                                               field):
+    """Both were registered as given (201); the worker handed them to snapshot_download after the job's wait in the
+    queue, which joins the revision into its cache's paths."""
+    from app.models import service as models
+
+    with pytest.raises(Invalid) as caught:
+        models.add_model(session, "hub-model", roots=[tmp_path], hub_id=hub_id, revision=revision)
+    assert [d["field"] for d in caught.value.details] == [field]
+    for fine in ("main", "refs/pr/1", "v1.0", "0123456789abcdef0123456789abcdef01234567"):
+        assert models.add_model(session, f"m-{fine}", roots=[tmp_path], hub_id="meta-llama/Llama-3.1-8B", revision=fine)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('{"rope_theta": NaN, ', "finite number"), ('{"rope_theta": Infinity, ', "finite number"),
+    ('{"name": "\\udc80", ', "not a readable JSON file"), ('{"x": ' + "[" * 300 + "]" * 300 + ", ", "not a readable JSON"),
+    ('{"pad": "' + "x" * (1024 * 1024) + '", ', "not a readable JSON file")])
+def test_a_model_config_json_the_registry_cannot_keep_is_refused_not_a_500(session, tmp_path, text, says):
+    """A config.json read from the model's directory bypassed the checks a request body gets: NaN and Infinity
+    failed the insert on Postgres, a lone surrogate or nesting past the database reader's limit failed it or every
+    later read of the registry (GET /models for every team), and any size was kept and served."""
+    from app.models import service as models
+
+    (tmp_path / "m").mkdir()
+    shape = json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                        "intermediate_size": 128, "vocab_size": 256})
+    (tmp_path / "m" / "config.json").write_text(text + shape[1:])
+    with pytest.raises(Invalid, match=says):
+        models.add_model(session, "hostile", roots=[tmp_path], path=str(tmp_path / "m"))
+    assert models.list_models(session) == []
+
+
 def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_form(client):
     """`curl -F data=@train.jsonl` held the file as a plain field's value: past 64 KiB it answered 413, "the form's
     fields and part headers are over 64.0 KiB in all" (the demo's 69 KB train.jsonl did), and under it "no file"."""
