@@ -303,7 +303,8 @@ def list_models(as_json: JsonOption = None) -> None:
 @commands.command("remove-model")
 def remove_model(name: str, as_json: JsonOption = None) -> None:
     """Remove a base model from the registry (as DELETE /models/NAME): new jobs can no longer ask for it;
-    jobs made from it keep their results. On a pipe: {"name", "removed": true}."""
+    jobs made from it keep their results. Refused while jobs queued, running or paused name it. On a pipe:
+    {"name", "removed": true}."""
     from app.models import service
 
     _admin_call(lambda s: service.remove_model(s, name))

@@ -94,6 +94,13 @@ def get_any_team(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+def unfinished_on_model_any_team(session: Session, base_model: str) -> dict[str, int]:
+    """For an admin removing a base model: how many jobs of every team, by status, have not finished on it."""
+    rows = session.execute(sa.select(Job.status, sa.func.count()).where(
+        Job.base_model == base_model, Job.status.in_(states.ACTIVE)).group_by(Job.status))
+    return {status: count for status, count in rows}
+
+
 ANY_METADATA: Mapping[str, str] = MappingProxyType({})  # list_page's `metadata` that filters nothing
 
 

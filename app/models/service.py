@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound, field_errors
+from app.jobs import repository as jobs
 from app.models import repository
 from app.models.tables import RegisteredModel
 from app.routing import MAX_JSON_VALUES, more_values_than
@@ -206,5 +207,16 @@ def get_model(session: Session, name: str) -> RegisteredModel:
 
 
 def remove_model(session: Session, name: str) -> None:
-    session.delete(get_model(session, name))
+    """Remove a model no unfinished job names. A job names its model by name, and every attempt reads the
+    registry again: removed under a queued or paused job, the job failed when a worker took it, after its wait
+    ("base model ... is no longer registered"); removed and registered again with other weights, a paused job
+    resumed its adapter on them."""
+    model = get_model(session, name)
+    unfinished = jobs.unfinished_on_model_any_team(session, name)
+    if unfinished:
+        held = ", ".join(f"{count} {status}" for status, count in sorted(unfinished.items()))
+        raise Conflict(f"base model {name!r} is in use by jobs that have not finished ({held}); remove it once they "
+                       "have (their teams cancel them, or they succeed or fail), so none fails for it or trains on "
+                       "another model registered under its name")
+    session.delete(model)
     session.flush()

@@ -400,3 +400,24 @@ def test_a_job_handed_back_past_training_succeeds_saying_so_and_is_not_left_pree
     assert (job.status, job.preempting) == (states.SUCCEEDED, False)
     [succeeded] = [e for e in events(session, team_a.id, job_id, None, 100) if e.type == "succeeded"]
     assert "past training when it was asked to pause, so it finished instead of being queued again" in succeeded.message
+
+
+def test_a_model_that_unfinished_jobs_name_cannot_be_removed_under_them(session, settings, world):
+    """Removed under a queued job (204), the model was gone when a worker took the job after its wait: it failed
+    "base model ... is no longer registered". A paused job, resumed on a model registered again under the name,
+    trained its adapter on other weights."""
+    from app.errors import Conflict
+    from app.models import service as models
+
+    team_a = world["team-a"][0]
+    queued = add_job(session, team_a)
+    add_job(session, team_a, status=states.PAUSED)
+    with pytest.raises(Conflict, match=r"1 paused, 1 queued"):
+        models.remove_model(session, "llama-3-8b")
+    session.rollback()
+    claimed = claim(settings, queued)
+    assert claimed is not None and claimed.base_model["path"] == "/models/llama"
+    session.query(Job).update({Job.status: states.CANCELLED})
+    models.remove_model(session, "llama-3-8b")  # nothing unfinished names it now
+    session.commit()
+    assert models.list_models(session) == []
