@@ -292,6 +292,22 @@ def test_a_model_config_json_the_registry_cannot_keep_is_refused_not_a_500(sessi
     assert models.list_models(session) == []
 
 
+@pytest.mark.parametrize(("fields", "says"), [({"model_type": ["llama"]}, "'model_type' must be a string"),
+                                              ({"num_key_value_heads": 3}, "must be a multiple of its 'num_key_value_heads'"),
+                                              ({"num_key_value_heads": 8}, "must be a multiple of its 'num_key_value_heads'")])
+def test_a_model_config_of_a_wrong_type_or_impossible_shape_is_refused_naming_config(session, tmp_path, fields, says):
+    """A model_type that is no string was a TypeError (500) at registration, and at each job's admission on a model
+    registered so; key/value heads that do not divide the query heads were registered, and the job failed at its
+    first step on the worker, after its wait."""
+    from app.models import service as models
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "intermediate_size": 128, "vocab_size": 256, **fields}
+    with pytest.raises(Invalid, match=says) as caught:
+        models.add_model(session, "odd", roots=[tmp_path], hub_id="org/odd", revision="main", config=config)
+    assert [d["field"] for d in caught.value.details] == ["config"]
+
+
 def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_form(client):
     """`curl -F data=@train.jsonl` held the file as a plain field's value: past 64 KiB it answered 413, "the form's
     fields and part headers are over 64.0 KiB in all" (the demo's 69 KB train.jsonl did), and under it "no file"."""

@@ -314,12 +314,21 @@ class ModelShape:
         """From a transformers config.json of a dense decoder-only model (Llama, Mistral, Qwen, Gemma and
         the other families whose layers are attention and a gated MLP). ValueError, saying why, for a
         config that lacks a dimension or holds a broken one, and for a mixture-of-experts model."""
+        if not isinstance(config.get("model_type", ""), str):  # a list was a TypeError below: a 500 at registration
+            raise ValueError(f"the model config's 'model_type' must be a string, got "
+                             f"{excerpt_value(config['model_type'])}")
         hidden = _dimension(config, "hidden_size")
         heads = _dimension(config, "num_attention_heads")
+        kv_heads = _dimension(config, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            # Grouped-query attention shares each key/value head among a whole number of query heads; transformers
+            # builds such a model and fails only at its first forward pass, on the worker after the job's wait.
+            raise ValueError(f"the model config's 'num_attention_heads' ({heads}) must be a multiple of its "
+                             f"'num_key_value_heads' ({kv_heads})")
         shape = cls(
             layers=_dimension(config, "num_hidden_layers"), hidden=hidden,
             intermediate=_dimension(config, "intermediate_size"), heads=heads,
-            kv_heads=_dimension(config, "num_key_value_heads", heads),
+            kv_heads=kv_heads,
             head_dim=_dimension(config, "head_dim", max(hidden // heads, 1)), vocab=_dimension(config, "vocab_size"),
             tied=bool(config.get("tie_word_embeddings", False)),
             qk_norm=config.get("model_type") in QK_NORM_FAMILIES or bool(config.get("use_qk_norm"))
