@@ -64,3 +64,20 @@ def test_a_deleted_starting_adapter_names_the_initial_job_and_the_fix(settings, 
     assert ended.error == ("cannot train: the adapter of its initial job job-7 is unusable (it is gone from storage); "
                            "create the job again from another job's adapter, or without initial_job_id")
     assert adapter.storage_key not in ended.error and "upload" not in ended.error
+
+
+def test_a_hub_model_registered_with_a_revision_that_names_a_path_fails_its_job_before_any_download(
+        settings, storage, make_job, tmp_path):
+    """A row from before the registry checked revisions: snapshot_download joins the revision into its cache's paths
+    (refs/<revision>), so "../../.." wrote outside the worker's hub cache. The job fails at once, saying why."""
+    train = _put(storage, "datasets", b'{"text": "hello"}\n')
+    job_id = make_job(states.RUNNING, attempt=1, worker="w1")
+    escape = "/".join([".."] * 8) + str(tmp_path / "planted")
+    job = ClaimedJob(id=job_id, team_id="team", queue="gpu-default", attempt=1, spec={}, validation=None, train=train,
+                     base_model={"name": "old", "path": None, "hub_id": "org/model", "revision": escape})
+    JobRun(settings, job_id, "w1")._attempt(job)
+    with session_scope(settings.database_url) as session:
+        ended = session.get(Job, job_id)
+        assert ended is not None and ended.status == states.FAILED
+        assert ended.error.startswith("cannot train: base model 'old' is registered with a revision that is not ")
+    assert not (tmp_path / "planted").exists() and not (settings.home / "hub").exists()
