@@ -106,14 +106,25 @@ def model_path(path: str, roots: Sequence[Path]) -> str:
     normal = Path(os.path.normpath(given))  # /models/../etc is /etc
     if not any(normal != root and normal.is_relative_to(root) for root in roots):
         raise refuse("is not under a model root")
+    real_roots = [Path(os.path.realpath(root)) for root in roots]
+
+    def inside(file: Path) -> bool:
+        real = Path(os.path.realpath(file))
+        return any(real != root and real.is_relative_to(root) for root in real_roots)
+
     if os.path.lexists(normal):
-        real = Path(os.path.realpath(normal))
-        if not any(real != Path(os.path.realpath(root)) and real.is_relative_to(Path(os.path.realpath(root))) for root in roots):
+        if not inside(normal):
             raise refuse("leads out of the model roots through a symbolic link")
+        real = Path(os.path.realpath(normal))
         if not real.is_dir():
             raise refuse("is not a directory")
         if not (real / "config.json").is_file():
             raise refuse("has no config.json (a Hugging Face model directory of safetensors weights has one)")
+        # The files this host reads from it, each by where it leads: a config.json linked to a JSON file elsewhere
+        # on the host was read and served by GET /models to every team, as a linked tokenizer file was kept.
+        for name in ("config.json", *TOKENIZER_FILES):
+            if os.path.lexists(real / name) and not inside(real / name):
+                raise refuse(f"has a {name} that leads out of the model roots through a symbolic link")
     return str(normal)
 
 

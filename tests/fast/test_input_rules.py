@@ -308,6 +308,30 @@ def test_a_model_config_of_a_wrong_type_or_impossible_shape_is_refused_naming_co
     assert [d["field"] for d in caught.value.details] == ["config"]
 
 
+@pytest.mark.parametrize("linked", ["config.json", "tokenizer.json"])
+def test_a_model_file_linked_out_of_the_model_roots_is_refused(session, tmp_path, linked):
+    """The directory's own link was checked, not its files': a config.json linked to any JSON object of the API
+    host was read, kept and served by GET /models to every team (a tokenizer file likewise kept)."""
+    from app.models import service as models
+
+    root, blobs = tmp_path / "root", tmp_path / "root" / "blobs"
+    (root / "m").mkdir(parents=True)
+    blobs.mkdir()
+    shape = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+             "intermediate_size": 128, "vocab_size": 256}
+    (tmp_path / "secret.json").write_text(json.dumps({**shape, "token": "s3cr3t"}))
+    (blobs / "config").write_text(json.dumps(shape))
+    (blobs / "tokenizer").write_text("{}")
+    for name in ("config.json", "tokenizer.json"):  # as a hub cache's snapshot links its blobs: fine
+        (root / "m" / name).symlink_to(blobs / name.removesuffix(".json"))
+    assert models.add_model(session, "linked-inside", roots=[root], path=str(root / "m")).config == shape
+    (root / "m" / linked).unlink()
+    (root / "m" / linked).symlink_to(tmp_path / "secret.json")
+    with pytest.raises(Invalid, match=f"has a {linked} that leads out of the model roots") as caught:
+        models.add_model(session, "linked-out", roots=[root], path=str(root / "m"))
+    assert [d["field"] for d in caught.value.details] == ["path"]
+
+
 def test_a_file_sent_under_another_field_name_is_named_not_refused_as_a_large_form(client):
     """`curl -F data=@train.jsonl` held the file as a plain field's value: past 64 KiB it answered 413, "the form's
     fields and part headers are over 64.0 KiB in all" (the demo's 69 KB train.jsonl did), and under it "no file"."""
