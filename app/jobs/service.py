@@ -215,8 +215,9 @@ def _checked_inputs(session: Session, caller: Caller, meta: dict, spec: JobSpec)
 
 
 def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:
-    # No registered name has a control character, and Postgres would fail the lookup of one with NUL.
-    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model)
+    # No registered name has a control character, and Postgres would fail the lookup of one with NUL. Held shared
+    # until the job is committed: a removal of the model meanwhile waits, then sees the job (models.remove_model).
+    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model, lock="share")
     if model is None:
         known = ", ".join(m.name for m in models.list_all(session)) or "none"
         raise Invalid(f"base_model: {excerpt(spec.base_model)} is not a registered model (registered: {known}; see GET /models)",

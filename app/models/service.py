@@ -209,8 +209,8 @@ def list_models(session: Session) -> list[RegisteredModel]:
     return repository.list_all(session)
 
 
-def get_model(session: Session, name: str) -> RegisteredModel:
-    model = repository.by_name(session, name)
+def get_model(session: Session, name: str, *, lock: str | None = None) -> RegisteredModel:
+    model = repository.by_name(session, name, lock=lock)
     if model is None:
         known = ", ".join(m.name for m in repository.list_all(session)) or "none registered"
         raise NotFound(f"no registered base model {excerpt(name)}; registered: {known}")
@@ -221,8 +221,9 @@ def remove_model(session: Session, name: str) -> None:
     """Remove a model no unfinished job names. A job names its model by name, and every attempt reads the
     registry again: removed under a queued or paused job, the job failed when a worker took it, after its wait
     ("base model ... is no longer registered"); removed and registered again with other weights, a paused job
-    resumed its adapter on them."""
-    model = get_model(session, name)
+    resumed its adapter on them. The row is locked first: a job being created on the model holds it shared until
+    its transaction ends, and its job is then counted."""
+    model = get_model(session, name, lock="update")
     unfinished = jobs.unfinished_on_model_any_team(session, name)
     if unfinished:
         held = ", ".join(f"{count} {status}" for status, count in sorted(unfinished.items()))

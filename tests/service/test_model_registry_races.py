@@ -1,0 +1,56 @@
+"""Removing a base model on Postgres while a job on it is being created: the removal waits for the job's
+transaction, then sees the job and is refused. Without the lock it counted no job, removed the model, and the job
+committed after it failed when a worker took it ("base model ... is no longer registered")."""
+
+from __future__ import annotations
+
+import threading
+
+from app.datasets.tables import Dataset
+from app.db import session_scope, sessionmaker_for
+from app.errors import Conflict
+from app.jobs import service as jobs_service
+from app.jobs import states
+from app.jobs.tables import Job
+from app.models import service as models
+from app.models.tables import RegisteredModel
+from app.teams.service import create_team
+from tests.deployment import wait_for_a_lock_wait
+from tests.fast.conftest import job_spec
+from tests.fast.test_scheduling_service import QUEUE
+
+
+def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_commits(database_url):
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        team = create_team(session, "team-a")
+        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
+                            status="ready"))
+        team_id = team.id
+    creating = sessionmaker_for(database_url)()
+    try:
+        # The creation's read of the model (POST /jobs and the OpenAI route both read it so), its job not yet made.
+        model = jobs_service._registered_model(creating, job_spec())
+        removal: dict[str, object] = {}
+
+        def remove() -> None:
+            try:
+                with session_scope(database_url) as session:
+                    models.remove_model(session, model.name)
+                removal["outcome"] = "removed"
+            except Conflict as exc:
+                removal["outcome"] = exc
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        wait_for_a_lock_wait(database_url, "the removal, on the model's row,")
+        creating.add(Job(team_id=team_id, status=states.QUEUED, base_model=model.name, queue=QUEUE, dataset_id="data",
+                         spec=job_spec().model_dump(mode="json"), priority=1))
+        creating.commit()
+        remover.join(30)
+    finally:
+        creating.close()
+    assert isinstance(removal.get("outcome"), Conflict), removal
+    assert "1 queued" in str(removal["outcome"])
+    with session_scope(database_url) as session:
+        assert [m.name for m in models.list_models(session)] == ["llama-3-8b"]
