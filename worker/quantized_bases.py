@@ -27,7 +27,7 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str, work_dir: P
     if model["path"]:
         weights = sorted((p.name, p.stat().st_size, digest) for p, digest in
                          weight_digests(sorted(base_path.glob("*.safetensors")), work_dir / WEIGHT_DIGESTS).items())
-    return {
+    identity = {
         "model": model["name"], "path": model["path"], "hub_id": model["hub_id"], "revision": model["revision"],
         "weights": weights, "quantization": job.spec["quantization"],
         # The compute dtype "auto" resolves per device kind: workers of one GPU class share entries (an entry saved for
@@ -35,6 +35,12 @@ def quantized_identity(job: ClaimedJob, base_path: Path, queue: str, work_dir: P
         "gpu_class": queue,
         "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
     }
+    if model["hub_id"] and base_path.name != model["revision"]:
+        # A branch or a tag (the registry takes both) moves: the commit it resolved to, which names the snapshot
+        # directory the download returned, decides the weights. Keyed on "main" alone, a job after the branch moved
+        # loaded the old commit's quantized weights from the cache. (A revision that is the commit keys as before.)
+        identity["commit"] = base_path.name
+    return identity
 
 
 def cache_key(identity: dict) -> str:

@@ -64,3 +64,14 @@ def test_a_file_is_read_whole_once_per_host_and_again_when_it_changes(tmp_path):
 
     memo.write_text("{not json")  # a damaged memo costs a read, not the job
     assert quantized_identity(job, base, "gpu-default", work)["weights"][0][2] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_a_hub_branch_that_moved_to_another_commit_is_another_entry(tmp_path):
+    """Keyed on the registry's revision alone, a job on `main` after the branch moved loaded the old commit's
+    quantized weights from the cache, while the download had fetched the new ones."""
+    job = SimpleNamespace(base_model={"name": "base", "path": None, "hub_id": "org/model", "revision": "main"},
+                          spec={"quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True}})
+    snapshots = tmp_path / "hub" / "models--org--model" / "snapshots"  # where snapshot_download answers
+    before, after = snapshots / ("a" * 40), snapshots / ("b" * 40)
+    assert key(job, before, tmp_path / "work") != key(job, after, tmp_path / "work")
+    assert key(job, before, tmp_path / "work") == key(job, before, tmp_path / "work-2")
