@@ -125,6 +125,7 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
             _usable_dataset(session, caller, field, meta[field])
     if meta.get("initial_job_id") is not None:  # its adapter too, which deleting it takes the team's row for
         lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
+    _still_registered(session, spec, model)
     job = Job(
         created_at=database_now(session),  # a job's times are all the database's clock (docs/reliability.md)
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,
@@ -212,6 +213,15 @@ def _checked_inputs(session: Session, caller: Caller, meta: dict, spec: JobSpec)
         lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
     needs_validation(spec, meta)
     return model, tokens
+
+
+def _still_registered(session: Session, spec: JobSpec, model: RegisteredModel) -> None:
+    """The model the job was admitted on, read again and held shared until the commit: the preflight gave the
+    connection back, and the model's row with it, so a removal during its seconds counted no job and went ahead
+    (the job then failed when a worker took it), or another model came under the name (admitted on the old one)."""
+    if _registered_model(session, spec).id != model.id:
+        raise Conflict(f"base_model: {excerpt(spec.base_model)} was registered again while this job was checked; "
+                       "send it again to be admitted on the model registered now")
 
 
 def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:

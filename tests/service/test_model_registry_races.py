@@ -8,7 +8,7 @@ import threading
 
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for
-from app.errors import Conflict
+from app.errors import Conflict, Invalid
 from app.jobs import service as jobs_service
 from app.jobs import states
 from app.jobs.tables import Job
@@ -54,3 +54,30 @@ def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_co
     assert "1 queued" in str(removal["outcome"])
     with session_scope(database_url) as session:
         assert [m.name for m in models.list_models(session)] == ["llama-3-8b"]
+
+
+def test_a_model_removed_or_registered_again_during_a_jobs_preflight_refuses_the_job(database_url):
+    """The preflight commits to give its connection back while the child works, and the model's row lock went with
+    it: a removal then counted no job and went ahead, and the job committed after it. Read again before the job
+    is made: gone, the job is refused as naming no model; registered again, it is refused as admitted on another."""
+    for registered_again in (False, True):
+        with session_scope(database_url) as session:
+            session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        creating = sessionmaker_for(database_url)()
+        try:
+            model = jobs_service._registered_model(creating, job_spec())
+            creating.commit()  # what preflight.check does before it asks the child
+            with session_scope(database_url) as session:
+                models.remove_model(session, model.name)  # not held up: the creation holds no lock now
+                if registered_again:
+                    session.add(RegisteredModel(name="llama-3-8b", path="/models/llama-v2"))
+            refused = Conflict if registered_again else Invalid
+            try:
+                jobs_service._still_registered(creating, job_spec(), model)
+                raise AssertionError("not refused")
+            except refused as exc:
+                assert "base_model" in str(exc)
+        finally:
+            creating.close()
+        with session_scope(database_url) as session:
+            session.query(RegisteredModel).delete()
