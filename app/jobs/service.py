@@ -22,7 +22,7 @@ from app.datasets.tables import Dataset
 from app.db import after_commit, database_now, read_only
 from app.errors import Conflict, DoesNotFit, Forbidden, Invalid, NotFound, field_errors
 from app.idempotency import service as idempotency
-from app.jobs import lineage, preflight, repository, states, thinned
+from app.jobs import lineage, pace, preflight, repository, states, thinned
 from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
@@ -316,20 +316,13 @@ def get(session: Session, caller: Caller, job_id: str) -> Job:
 
 
 def estimated_finish(session: Session, caller: Caller, job: Job) -> datetime | None:
-    """When a running job's last step is expected, at the pace of its current attempt: the time between the
-    attempt's first and newest train points over the steps between them, carried on from the newest point to
-    the job's total. None where that is not known: a job not running (a pausing or cancelling one stops
-    early), one whose attempt has logged fewer than two points, or one without a total (before the worker
-    counts it). Points of an earlier attempt are left out (they were logged before this claim): the time a
-    job waited between attempts is no part of its pace. Merging and the eval report come after the last step."""
+    """When a running job's last step is expected, at the pace of its current attempt (pace.finish_at); None where
+    that is not known. Points of an earlier attempt are left out (they were logged before this claim): the time a
+    job waited between attempts is no part of its pace."""
     if job.status != states.RUNNING or not job.total_steps or job.claimed_at is None:
         return None
-    points = repository.train_points_since(session, caller.team_id, job.id, job.claimed_at)
-    if len(points) < 2 or points[1][0] <= points[0][0]:
-        return None
-    (first_step, first_at), (last_step, last_at) = points
-    per_step = (last_at - first_at) / (last_step - first_step)
-    return last_at + per_step * max(job.total_steps - last_step, 0)
+    return pace.finish_at(job.status, job.total_steps,
+                          repository.train_points_since(session, caller.team_id, job.id, job.claimed_at))
 
 
 def stream_start(session: Session, caller: Caller, job: Job, after_step: int | None, after_event: int | None,

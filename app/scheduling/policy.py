@@ -50,7 +50,12 @@ LN2 = math.log(2)
 # 86,400 s), so within hours the order is decided by GPU time actually used, and GPU time follows the
 # weights, even for a team whose slice of the pool is under one GPU (it takes turns holding one).
 # (Counting a running job as a whole GPU for the whole decay window dwarfs that past instead: a team
-# whose slice is half a GPU then gets one whenever it asks, twice its weight.)
+# whose slice is half a GPU then gets one whenever it asks, twice its weight.) The share keeps this fixed
+# count, not a running job's projected time (to_come_s, what the budget counts): a projection of hours is the
+# same mistake on a smaller scale, it would make a team running one long job look busier than one running
+# several short ones, and move with every metric point, so that preemption (PREEMPT_MARGIN, tuned on this
+# count) traded GPUs over a job's changing pace. The share orders teams by time used; the budget, which must
+# not be overrun, counts the time still to come. Each running job counts at least this for the budget too.
 RUNNING_COUNTS_S = 300.0
 # A job is preempted only for a team whose share, with the GPU, would still be this much lower (3 %)
 # than the victim team's without it. Teams that are nearly even (every busy team, once the shares have
@@ -106,6 +111,13 @@ class TeamShare:
     budget_left_s: float | None = None  # GPU-seconds left in its monthly budget; None: no budget
     half_life_s: float = DEFAULT_HALF_LIFE_S  # the decay recent_gpus was computed with
     disabled: bool = False  # by an admin: none of its jobs starts, whatever its quota
+    # GPU-seconds its running jobs will still use, each as to_come_s() projects it; None: RUNNING_COUNTS_S each.
+    to_come_s: float | None = None
+
+    @property
+    def still_to_come_s(self) -> float:
+        """What the budget holds back for the jobs running now (blocked_by)."""
+        return self.running * RUNNING_COUNTS_S if self.to_come_s is None else self.to_come_s
 
     @property
     def share(self) -> float:
@@ -121,35 +133,51 @@ class TeamShare:
         `continuing`: for a job the service queued again mid-run (Waiting.continuing), which the monthly budget
         does not hold back: it holds back starts, and such a job started with budget left, to run to its end.
 
-        The budget counts each job running now for RUNNING_COUNTS_S of GPU time still to come, as the share does:
-        a job starts only while what is left covers that much for every running job. Counting only what they had
-        used so far, a team with seconds left started a job on every free GPU at once (each start had "budget
-        left"), and ran past its month by as many jobs; now a team with less than 5 GPU-minutes left per running
-        job starts none, and one with seconds left starts one."""
+        The budget counts each job running now for the GPU time it still has to come (still_to_come_s: at its
+        pace, to_come_s(); RUNNING_COUNTS_S at least, and where its pace is not known yet): a job starts only while
+        what is left exceeds that. Counting only what they had used so far, a team with seconds left started a job
+        on every free GPU at once (each start had "budget left"); counting RUNNING_COUNTS_S for each, a team with an
+        hour left started 12 jobs that each ran for hours, and ran past its month by as many GPU-hours. Now a job
+        running with 3 hours to go holds back a team with 1 hour left, and one with 10 minutes to go does not."""
         if self.disabled:
             return FOR_TEAM_DISABLED
         if self.budget_left_s is not None and not continuing and \
-                self.budget_left_s - self.running * RUNNING_COUNTS_S <= 0:
+                self.budget_left_s - self.still_to_come_s <= 0:
             return FOR_BUDGET
         if self.max_running is not None and self.running >= self.max_running:
             return FOR_MAX_RUNNING
         return None
 
     def with_running(self, delta: int) -> TeamShare:
-        """The team once it starts delta more jobs (a claim: 1), or stops -delta (a preemption: -1)."""
-        return replace(self, running=self.running + delta)
+        """The team once it starts delta more jobs (a claim: 1), or stops -delta (a preemption: -1). A job started
+        has no pace yet: it counts RUNNING_COUNTS_S. A job preempted gives back as much, not its projection: it is
+        queued again mid-run and goes on past the budget (Waiting.continuing), so the rest of it is still to come."""
+        to_come = None if self.to_come_s is None else max(self.to_come_s + delta * RUNNING_COUNTS_S, 0.0)
+        return replace(self, running=self.running + delta, to_come_s=to_come)
 
     @classmethod
     def at(cls, team_id: str, now: float, half_life_s: float, *, weight: float, usage_s: float,
            usage_at: float | None, running_since: Iterable[float], max_running: int | None = None,
-           budget_left_s: float | None = None, disabled: bool = False) -> TeamShare:
+           budget_left_s: float | None = None, disabled: bool = False,
+           to_come_s: Iterable[float] | None = None) -> TeamShare:
         """The team at `now`: its folded usage (as of usage_at) decayed to now, plus the attempts still
-        running (claimed at running_since), which count up to now."""
+        running (claimed at running_since), which count up to now; `to_come_s`, the GPU-seconds each running job
+        still has to come (to_come_s(); None: RUNNING_COUNTS_S each)."""
         claims = list(running_since)
         usage = decayed(usage_s, now - usage_at, half_life_s) if usage_at is not None else 0.0
         usage += sum(used_between(claimed, now, now, half_life_s) for claimed in claims)
         return cls(team_id=team_id, weight=weight, running=len(claims), recent_gpus=average_gpus(usage, half_life_s),
-                   max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled)
+                   max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled,
+                   to_come_s=None if to_come_s is None else sum(to_come_s))
+
+
+def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float) -> float:
+    """The GPU-seconds a running job will still use, as the budget counts it: until its last step at its current
+    pace (`finish_at`, jobs.pace.finish_at; None: not known yet, before two train points), RUNNING_COUNTS_S at least
+    (merging and the eval report come after the last step, and a job without a pace is loading its model), and never
+    past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker ends it there."""
+    pace = RUNNING_COUNTS_S if finish_at is None else max(finish_at - now, RUNNING_COUNTS_S)
+    return min(pace, max(claimed_at + time_limit_s - now, 0.0))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from app.jobs import states
-from app.jobs.tables import Job
+from app.jobs.tables import Job, JobMetric
 from app.operations.tables import Worker
 from app.teams.tables import Team
 
@@ -24,9 +24,22 @@ def teams(session: Session, team_ids: Collection[str] | None = None) -> list[Tea
 
 
 def running_claims(session: Session, team_ids: Collection[str] | None = None) -> list[Row]:
-    """(team_id, claimed_at) of every job holding a GPU (of these teams'), of every class: a team's share counts
-    them all."""
-    query = select(Job.team_id, func.coalesce(Job.claimed_at, Job.started_at)).where(Job.status.in_(states.WORKER_OWNED))
+    """(team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at) of every job holding a
+    GPU (of these teams'), of every class: a team's share counts them all, and its budget what they have still to
+    come. first_* and last_* are the first and newest train points logged since the claim (None: none yet), as
+    jobs.repository.train_points_since reads them for one job: here as correlated subqueries, each one seek of the
+    (job_id, created_at, id) index, so that the pace of every running job (one per GPU) costs this one statement."""
+    claimed_at = func.coalesce(Job.claimed_at, Job.started_at)
+    since = select(JobMetric).where(JobMetric.job_id == Job.id, JobMetric.kind == "train",
+                                    JobMetric.created_at >= claimed_at).limit(1)
+    first = since.order_by(JobMetric.created_at, JobMetric.id)
+    newest = since.order_by(JobMetric.created_at.desc(), JobMetric.id.desc())
+    query = select(Job.team_id, claimed_at, Job.status, Job.total_steps,
+                   first.with_only_columns(JobMetric.step).scalar_subquery(),
+                   first.with_only_columns(JobMetric.created_at).scalar_subquery(),
+                   newest.with_only_columns(JobMetric.step).scalar_subquery(),
+                   newest.with_only_columns(JobMetric.created_at).scalar_subquery()
+                   ).where(Job.status.in_(states.WORKER_OWNED))
     if team_ids is not None:
         query = query.where(Job.team_id.in_(team_ids))
     return list(session.execute(query))

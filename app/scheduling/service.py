@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import after_commit, database_now, session_scope
+from app.jobs import pace, runs, states
 from app.jobs import repository as jobs
-from app.jobs import runs, states
 from app.jobs.dispatch import send
 from app.jobs.runs import ClaimedJob
 from app.operations import workers
@@ -45,12 +45,20 @@ SEND_UNSENT_AFTER_S = 10
 
 def team_shares(session: Session, settings: Settings, now: datetime, teams: list[Team] | None = None) -> dict[str, TeamShare]:
     """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
-    force, GPUs held, decayed usage, and what is left of its monthly budget."""
+    force, GPUs held, decayed usage, what is left of its monthly budget, and what its running jobs will still use
+    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_at)."""
     some = None if teams is None else [team.id for team in teams]
     teams = repository.teams(session) if teams is None else teams
     claims: dict[str, list[float]] = {}
-    for team_id, claimed_at in repository.running_claims(session, some):
-        claims.setdefault(team_id, []).append((claimed_at or now).timestamp())
+    to_come: dict[str, list[float]] = {}
+    for team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at \
+            in repository.running_claims(session, some):
+        claimed = (claimed_at or now).timestamp()
+        claims.setdefault(team_id, []).append(claimed)
+        finish = pace.finish_at(status, total_steps, [] if first_at is None else [(first_step, first_at),
+                                                                                  (last_step, last_at)])
+        to_come.setdefault(team_id, []).append(policy.to_come_s(
+            now.timestamp(), claimed, None if finish is None else finish.timestamp(), settings.job_time_limit_s))
     quotas = {team.id: effective(settings, team) for team in teams}
     budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
@@ -64,7 +72,7 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
             usage_at=team.fair_share_at.timestamp() if team.fair_share_at else None,
             running_since=claims.get(team.id, []), max_running=quota.max_running,
             budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0),
-            disabled=team.disabled_at is not None)
+            disabled=team.disabled_at is not None, to_come_s=to_come.get(team.id, []))
     return shares
 
 
@@ -136,13 +144,30 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
     a GPU waits for "no_worker" while no worker of its class is up: it said "gpu" at position 1 for as long as the
     class had no worker at all, and its team took that for "it starts in a moment"."""
     now = now or database_now(session)  # running claims' clock (runs.claim), and seen_at's
-    order = policy.claim_order(_waiting(session, queue), team_shares(session, settings, now))
+    shares = team_shares(session, settings, now)
+    order = policy.claim_order(_waiting(session, queue), shares)
     # seen_at is the database's clock (app.operations.workers): judged by this host's, an API host whose clock ran
     # ahead of the database's saw a live worker as silent, and the jobs of its class said no_worker.
     no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now)
     for_gpu = (FOR_GPU, None) if no_worker is None else (FOR_NO_WORKER, no_worker)
-    return {job.job_id: Standing(position, *((reason, None) if reason else for_gpu))
+    return {job.job_id: Standing(position, *((reason, budget_said(shares[job.team_id]) if reason == FOR_BUDGET else None)
+                                             if reason else for_gpu))
             for position, (job, reason) in enumerate(order, 1)}
+
+
+def budget_said(team: TeamShare) -> str:
+    """Why the monthly budget holds a team's job back, for a person: what is left against what its running jobs will
+    still use (TeamShare.blocked_by). Before, a job said only gpu_hours_per_month, and a team with budget left
+    could not tell why its job waited."""
+    left_h = (team.budget_left_s or 0.0) / 3600
+    left = f"{left_h:.1f} GPU-h left" if left_h >= 0 else f"none left ({-left_h:.1f} GPU-h over)"
+    said = (f"budget: {left}, {team.still_to_come_s / 3600:.1f} GPU-h still to come on "
+            f"{counted(team.running, 'running job')}")
+    if team.blocked_by() != FOR_BUDGET:  # held back by the team's jobs ahead of it, once they start
+        said += (f", and {policy.RUNNING_COUNTS_S / 60:.0f} GPU-minutes for each of the team's jobs that start "
+                 "before this one")
+    return (said + "; a job starts while what is left exceeds what is still to come, and a job that started runs to "
+            "its end (README, Quotas)")
 
 
 def no_worker_said(queue: str, last_seen: Row | None, now: datetime) -> str | None:

@@ -23,6 +23,7 @@ from app.scheduling.policy import (
     fold,
     next_to_claim,
     plan_preemptions,
+    to_come_s,
     used_between,
 )
 
@@ -187,6 +188,39 @@ def test_a_budget_lets_start_only_as_many_jobs_as_its_last_gpu_minutes_cover():
     assert [(w.job_id, r) for w, r in claim_order([waiting[0], waiting[1], continuing], one)] == [
         ("b-0", None), ("b-resumed", None), ("b-1", FOR_BUDGET)]
     assert RUNNING_COUNTS_S == 300  # the 5 GPU-minutes the README and docs/scheduling.md name
+
+
+def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_its_pace():
+    """A team with an hour left and a job running that will need 3 more hours at its pace starts nothing: counted as 5
+    GPU-minutes, it started 12 jobs with that hour, each running for hours, and overran its month by as many
+    GPU-hours. A job 10 minutes from its end leaves 50 minutes: the next one starts."""
+    limit = 72 * HOUR  # QLORA_JOB_TIME_LIMIT_S's default
+    claimed = NOW - HOUR
+
+    def with_one_running(finish_in_s: float | None) -> dict[str, TeamShare]:
+        finish = None if finish_in_s is None else NOW + finish_in_s
+        share = TeamShare.at("b", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None, running_since=[claimed],
+                             budget_left_s=HOUR, to_come_s=[to_come_s(NOW, claimed, finish, limit)])
+        return teams_of(share, team("other", used_h=100))
+
+    waiting = [job("b-1", "b"), job("other-1", "other")]
+    long_one = with_one_running(3 * HOUR)
+    assert long_one["b"].blocked_by() == FOR_BUDGET
+    assert claim_order(waiting, long_one) == [(waiting[1], None), (waiting[0], FOR_BUDGET)]
+    assert next_to_claim(waiting[:1], long_one) is None
+    short_one = with_one_running(10 * 60)
+    assert short_one["b"].blocked_by() is None and next_to_claim(waiting[:1], short_one) == waiting[0]
+    # A job whose pace is not known yet (model loading, fewer than two points) counts 5 GPU-minutes, as before, and
+    # so does one about to end (merging and the eval report come after its last step).
+    assert to_come_s(NOW, claimed, None, limit) == to_come_s(NOW, claimed, NOW + 10, limit) == RUNNING_COUNTS_S
+    # Never past what its time limit leaves: the worker ends the attempt there.
+    assert to_come_s(NOW, NOW - 71 * HOUR, NOW + 10 * HOUR, limit) == HOUR
+    assert to_come_s(NOW, NOW - 73 * HOUR, None, limit) == 0.0
+    # A job it starts counts 5 GPU-minutes more, a job preempted from it as much less (it is still to come).
+    assert long_one["b"].with_running(1).still_to_come_s == 3 * HOUR + RUNNING_COUNTS_S
+    assert long_one["b"].with_running(-1).still_to_come_s == 3 * HOUR - RUNNING_COUNTS_S
+    # The share is not moved by the projection: it orders teams by the GPU time they used (policy.RUNNING_COUNTS_S).
+    assert long_one["b"].share == short_one["b"].share
 
 
 def test_next_to_claim_is_always_the_first_job_claim_order_would_start():

@@ -14,7 +14,7 @@ from app.broker import RUN_JOB_TASK
 from app.db import session_scope, utcnow
 from app.jobs import runs, states
 from app.jobs import service as jobs_service
-from app.jobs.tables import Job, JobAttempt, JobEvent
+from app.jobs.tables import Job, JobAttempt, JobEvent, JobMetric
 from app.operations.tables import Worker
 from app.recent import Recent
 from app.scheduling import service
@@ -203,6 +203,37 @@ def test_a_job_started_with_budget_left_and_queued_again_mid_run_goes_on_past_th
     claimed = claim(settings, new_job)
     assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 2)
     assert claim(settings, new_job) is None  # nothing else of the team starts
+
+
+def test_a_budget_holds_back_starts_for_the_time_its_running_job_still_needs_at_its_pace(session, settings, world):
+    """A team with an hour left and a job running that needs about 3.3 more hours at the pace of its train points
+    starts nothing more, and its queued job says why; counted as 5 GPU-minutes, it started one job after another
+    with that hour. Once the running job is 10 minutes from its end (a smaller total), the next one may start."""
+    team_a, caller_a = world["team-a"]
+    team_a.gpu_hours_per_month = 1.0
+    session.commit()
+    running = add_job(session, team_a, age_s=100)
+    assert claim(settings, running).id == running
+    job = session.get(Job, running)
+    job.total_steps = 1000
+    # 12 s a step in this attempt: 998 steps to go, 3.3 GPU-hours, as GET /jobs/{id}'s estimated_finish says.
+    session.add_all([JobMetric(job_id=running, kind="train", step=step, train_loss=1.0,
+                               created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1))) for step in (1, 2)])
+    session.commit()
+    waiting = add_job(session, team_a, age_s=50, dispatched_at=utcnow())
+
+    found = in_a_thread_of_its_own(lambda: asyncio.run(
+        jobs_service.standing(settings, Recent(0), jobs_service.view(session, caller_a, waiting))))
+    assert (found.position, found.waiting_for) == (1, "gpu_hours_per_month")
+    assert found.detail is not None and found.detail.startswith(
+        "budget: 1.0 GPU-h left, 3.3 GPU-h still to come on 1 running job;")
+    assert claim(settings, waiting, "w2") is None
+
+    job.total_steps = 50  # 48 steps to go: 10 minutes
+    session.commit()
+    assert standing(settings, jobs_service.view(session, caller_a, waiting)) == (1, "no_worker")  # no quota holds it
+    claimed = claim(settings, waiting, "w2")
+    assert claimed is not None and claimed.id == waiting
 
 
 def test_a_job_its_team_paused_and_resumes_past_the_budget_is_a_start_and_waits(session, settings, world):

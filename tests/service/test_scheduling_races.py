@@ -20,7 +20,7 @@ from app.datasets.tables import Dataset
 from app.db import database_now, session_scope, sessionmaker_for, utcnow
 from app.jobs import repository as jobs
 from app.jobs import runs, states
-from app.jobs.tables import Job, JobAttempt
+from app.jobs.tables import Job, JobAttempt, JobMetric
 from app.models.tables import RegisteredModel
 from app.quotas.service import lock_team
 from app.scheduling import service as scheduling
@@ -226,6 +226,35 @@ def test_claims_at_once_on_every_gpu_class_start_no_more_of_a_team_than_its_last
         for job_id in set(jobs_of["budgeted"]) - set(started["budgeted"]):
             queue = session.get(Job, job_id).queue
             assert scheduling.standings(session, settings, queue)[job_id].waiting_for == "gpu_hours_per_month"
+
+
+def test_a_budget_counts_a_running_job_for_what_it_still_needs_at_its_pace_on_postgres(database_url, tmp_path):
+    """The scheduler's one statement for every running job's pace (scheduling.repository.running_claims: its first
+    and newest train points since its claim) on Postgres: a team with an hour left, running a job 3.3 hours from its
+    end at 12 s a step, starts nothing more and says why; 10 minutes from its end, the next job starts."""
+    settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"b": 2})
+    with session_scope(database_url) as session:
+        session.get(Team, team_ids["b"]).gpu_hours_per_month = 1.0
+    running, waiting = job_ids["b"]
+    with session_scope(database_url) as session:
+        claimed = scheduling.claim_next(session, settings, running, "w1")
+        assert claimed is not None and claimed.id == running
+    with session_scope(database_url) as session:
+        job = session.get(Job, running)
+        job.total_steps = 1000
+        session.add_all([JobMetric(job_id=running, kind="train", step=step, train_loss=1.0,
+                                   created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1)))
+                         for step in (1, 2)])
+    with session_scope(database_url) as session:
+        standing = scheduling.standings(session, settings, QUEUE)[waiting]
+        assert standing.waiting_for == "gpu_hours_per_month"
+        assert standing.detail is not None and "3.3 GPU-h still to come on 1 running job" in standing.detail
+        assert scheduling.claim_next(session, settings, waiting, "w2") is None
+    with session_scope(database_url) as session:
+        session.get(Job, running).total_steps = 50  # 48 steps to go: 10 minutes
+    with session_scope(database_url) as session:
+        claimed = scheduling.claim_next(session, settings, waiting, "w2")
+        assert claimed is not None and claimed.id == waiting
 
 
 @pytest.mark.parametrize("quota", ["max_running", "gpu_hours_per_month"])
