@@ -27,8 +27,9 @@ def running_claims(session: Session, team_ids: Collection[str] | None = None) ->
     """(team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at) of every job holding a
     GPU (of these teams'), of every class: a team's share counts them all, and its budget what they have still to
     come. first_* and last_* are the first and newest train points logged since the claim (None: none yet), as
-    jobs.repository.train_points_since reads them for one job: here as correlated subqueries, each one seek of the
-    (job_id, created_at, id) index, so that the pace of every running job (one per GPU) costs this one statement."""
+    jobs.repository.train_points_since reads them for one job: here as four correlated subqueries (a column each),
+    each one seek of the (job_id, created_at, id) index, so that the pace of every running job (one per GPU) costs
+    no statement more."""
     claimed_at = func.coalesce(Job.claimed_at, Job.started_at)
     since = select(JobMetric).where(JobMetric.job_id == Job.id, JobMetric.kind == "train",
                                     JobMetric.created_at >= claimed_at).limit(1)
