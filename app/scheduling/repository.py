@@ -36,11 +36,11 @@ def running_claims(session: Session, team_ids: Collection[str] | None = None) ->
     first = since.order_by(JobMetric.created_at, JobMetric.id)
     newest = since.order_by(JobMetric.created_at.desc(), JobMetric.id.desc())
     query = select(Job.team_id, claimed_at, Job.status, Job.total_steps,
-                   first.with_only_columns(JobMetric.step).scalar_subquery(),
-                   first.with_only_columns(JobMetric.created_at).scalar_subquery(),
-                   newest.with_only_columns(JobMetric.step).scalar_subquery(),
-                   newest.with_only_columns(JobMetric.created_at).scalar_subquery()
-                   ).where(Job.status.in_(states.WORKER_OWNED))
+                   first.with_only_columns(JobMetric.step).scalar_subquery().label("first_step"),
+                   first.with_only_columns(JobMetric.created_at).scalar_subquery().label("first_at"),
+                   newest.with_only_columns(JobMetric.step).scalar_subquery().label("last_step"),
+                   newest.with_only_columns(JobMetric.created_at).scalar_subquery().label("last_at"))\
+        .where(Job.status.in_(states.WORKER_OWNED))
     if team_ids is not None:
         query = query.where(Job.team_id.in_(team_ids))
     return list(session.execute(query))

@@ -28,6 +28,7 @@ from app.jobs import repository, states
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.migrate import alembic_config, upgrade
 from app.pagination import cursor_after, newest_first_values
+from app.scheduling import repository as scheduling
 from app.teams.service import create_team
 from app.usage.repository import storage_bytes_by_team
 from bench.api_load import analyze
@@ -343,6 +344,17 @@ def test_a_page_of_the_openai_events_of_a_long_curve_reads_its_rows_from_an_inde
             ("Index Scan", "ix_job_metrics_job_created", direction)], read
     with session_scope(database_url) as session:
         assert [step for step, _ in repository.train_points_since(session, team_id, job_ids[0], since)] == [1000, 4000]
+    # The scheduler reads the same pace of every running job (the budget counts what it still needs) in the statement
+    # of the running claims: the same walks, as correlated subqueries, and no scan of the points.
+    with session_scope(database_url) as session:
+        session.get(Job, job_ids[0]).claimed_at = since
+    [(statement, values)] = statements_of(database_url, lambda session: scheduling.running_claims(session, [team_id]))
+    read = [n for n in nodes(plan_of_sql(database_url, statement, values)) if n.get("Relation Name") == "job_metrics"]
+    assert len(read) == 4 and {(n["Node Type"], n.get("Index Name")) for n in read} == {
+        ("Index Scan", "ix_job_metrics_job_created")}, read
+    with session_scope(database_url) as session:
+        paces = {(row.first_step, row.last_step) for row in scheduling.running_claims(session, [team_id])}
+        assert paces == {(None, None), (1000, 4000)}, paces
     # the same rows as before: the newest first, and past the key exactly the older ones
     with session_scope(database_url) as session:
         assert newest_page == list(range(max(newest_page), max(newest_page) - 21, -1))
