@@ -49,18 +49,18 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
     of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_at)."""
     some = None if teams is None else [team.id for team in teams]
     teams = repository.teams(session) if teams is None else teams
+    quotas = {team.id: effective(settings, team) for team in teams}
+    budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
     claims: dict[str, list[float]] = {}
     to_come: dict[str, list[float]] = {}
     for team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at \
-            in repository.running_claims(session, some):
+            in repository.running_claims(session, some, paced=budgeted):
         claimed = (claimed_at or now).timestamp()
         claims.setdefault(team_id, []).append(claimed)
         finish = pace.finish_at(status, total_steps, [] if first_at is None else [(first_step, first_at),
                                                                                   (last_step, last_at)])
         to_come.setdefault(team_id, []).append(policy.to_come_s(
             now.timestamp(), claimed, None if finish is None else finish.timestamp(), settings.job_time_limit_s))
-    quotas = {team.id: effective(settings, team) for team in teams}
-    budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
     shares = {}
     for team in teams:

@@ -348,13 +348,16 @@ def test_a_page_of_the_openai_events_of_a_long_curve_reads_its_rows_from_an_inde
     # of the running claims: the same walks, as correlated subqueries, and no scan of the points.
     with session_scope(database_url) as session:
         session.get(Job, job_ids[0]).claimed_at = since
-    [(statement, values)] = statements_of(database_url, lambda session: scheduling.running_claims(session, [team_id]))
+    [(statement, values)] = statements_of(database_url, lambda session: scheduling.running_claims(
+        session, [team_id], paced=[team_id]))
     read = [n for n in nodes(plan_of_sql(database_url, statement, values)) if n.get("Relation Name") == "job_metrics"]
     assert len(read) == 4 and {(n["Node Type"], n.get("Index Name")) for n in read} == {
         ("Index Scan", "ix_job_metrics_job_created")}, read
     with session_scope(database_url) as session:
-        paces = {(row.first_step, row.last_step) for row in scheduling.running_claims(session, [team_id])}
+        paces = {(row.first_step, row.last_step) for row in scheduling.running_claims(session, [team_id], paced=[team_id])}
         assert paces == {(None, None), (1000, 4000)}, paces
+        # A team without a budget needs no pace: none is read.
+        assert {(row.first_step, row.last_at) for row in scheduling.running_claims(session, [team_id])} == {(None, None)}
     # the same rows as before: the newest first, and past the key exactly the older ones
     with session_scope(database_url) as session:
         assert newest_page == list(range(max(newest_page), max(newest_page) - 21, -1))
