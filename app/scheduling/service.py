@@ -54,7 +54,7 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
     claims: dict[str, list[float]] = {}
     to_come: dict[str, list[float]] = {}
     for team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at \
-            in repository.running_claims(session, some, paced=budgeted):
+            in repository.running_claims(session, some, paced=None if len(budgeted) == len(quotas) else budgeted):
         claimed = (claimed_at or now).timestamp()
         claims.setdefault(team_id, []).append(claimed)
         finish = pace.finish_at(status, total_steps, [] if first_at is None else [(first_step, first_at),
