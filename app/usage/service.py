@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.db import database_now
 from app.errors import Forbidden, Invalid, field_errors
 from app.teams import repository as teams
-from app.teams.service import Caller
+from app.teams.service import Caller, still_authenticated
 from app.usage import repository
 from app.usage.repository import AttemptSpan
 from app.usage.schemas import MAX_JOBS_PER_TEAM, DayUsage, JobUsage, TeamUsage, UsageReport
@@ -75,6 +75,10 @@ def report(session: Session, caller: Caller, from_: str | None, to: str | None, 
     if all_teams and not caller.is_admin:
         raise Forbidden("all_teams=true needs an admin key (qlora admin create-key TEAM --admin); "
                         "without it, /usage answers for your own team")
+    if all_teams:
+        # Every team's usage is an admin read: the key is read again, as for /admin/... (app.deps.get_admin), not
+        # trusted from the key cache, where a revoked admin key kept reading it for QLORA_KEY_CACHE_S.
+        still_authenticated(session, caller)
     now = now or database_now(session)  # the attempts' clock: a running one counts up to now
     span = window(from_, to, now)
     names = {team.id: team.name for team in teams.list_teams(session)} if all_teams else {caller.team_id: caller.team_name}

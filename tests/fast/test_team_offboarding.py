@@ -238,6 +238,27 @@ def test_an_admin_key_revoked_or_disabled_is_refused_at_once_though_an_api_proce
     assert teams_repository.team_by_name(session, "team-b").max_running is None
 
 
+def test_an_admin_key_revoked_reads_no_other_teams_usage_though_an_api_process_kept_it(settings, session):
+    """GET /usage?all_teams=true is an admin request (every team's names, GPU time and storage): it reads its key
+    again, as /admin/... does. It trusted the key cache, so a revoked (leaked) admin key read every team's usage
+    for QLORA_KEY_CACHE_S (up to a minute) in each API process that had read it."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    create_team(session, "ops")
+    revoked, key = create_key(session, "ops", admin=True)
+    session.commit()
+    client = TestClient(create_app(settings.model_copy(update={"key_cache_s": 60})), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/usage", params={"all_teams": "true"}, headers=auth).status_code == 200  # the key is kept
+
+    revoke_key(session, revoked.id)
+    session.commit()
+    refused = client.get("/usage", params={"all_teams": "true"}, headers=auth)
+    assert refused.status_code == 401, refused.text
+
+
 def test_a_key_read_in_flight_when_its_team_is_disabled_is_not_kept(session, world):
     """The process that served the disable forgets the team's keys; a read of one of them that began before
     the disable committed (it saw the team enabled) and ends after the forget must not put it back for
