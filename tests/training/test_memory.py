@@ -261,3 +261,47 @@ def test_a_run_counts_what_the_other_runs_of_its_host_claimed_and_have_not_taken
     finally:
         other.end()
     assert HostClaims(claims).others() == 0  # the other process ended without withdrawing: its claim counts no more
+
+
+def test_a_run_picks_its_device_and_hashes_its_data_before_it_waits_for_the_hosts_claims(tiny_model_dir, demo_data,
+                                                                                          tmp_path):
+    """Every run starting on a host waits for the lock of the host's claims (worker/training/host_claims.py) while
+    another holds it. A run held it as it started CUDA (reading its GPU's memory: seconds, and for ever on a GPU
+    fallen off its bus) and hashed its datasets (seconds for 2 GiB): each start on the host waited for the others'
+    and one hung GPU held up them all. Those come first now; under the lock, only the decision, the check and the
+    claim."""
+    import threading
+    import time
+
+    from tests.fast.test_host_claims import Claimer
+    from worker.training.recipe import QLoRARecipe
+
+    claims = tmp_path / "claims"
+    other = Claimer(claims)
+    recipe = QLoRARecipe(JobSpec.parse(short_spec(tiny_model_dir, max_steps=2)), demo_data["train"], tmp_path / "out",
+                         host_claims=claims)
+    failed: list[BaseException] = []
+
+    def setup() -> None:
+        try:
+            recipe.setup()
+        except BaseException as exc:
+            failed.append(exc)
+
+    starting = threading.Thread(target=setup)
+    try:
+        other.say("lock")  # another run of the host deciding
+        starting.start()
+        deadline = time.monotonic() + 120  # no event marks a wait on a lock: watched, with room for a loaded machine
+        while not (hasattr(recipe, "device") and hasattr(recipe, "train_sha256")):
+            assert starting.is_alive() and time.monotonic() < deadline, \
+                f"the run waited for the host's claims before it picked its device and hashed its data {failed}"
+            time.sleep(0.05)
+        assert not hasattr(recipe, "host_need")  # still waiting: nothing decided or claimed without the lock
+    finally:
+        other.end()  # the lock goes with its process
+        starting.join()
+        if recipe.host_claims is not None:
+            recipe.host_claims.withdraw()
+    assert not failed, failed
+    assert recipe.host_need > 0 and recipe.device == "cpu"

@@ -666,14 +666,14 @@ def test_a_dpo_run_paused_with_a_spec_stored_before_its_packing_was_refused_resu
     """Its manifest holds the spec the job was stored with ("packing": true, accepted then and silently not done
     by dpo), as the earlier release wrote it: read back with the check that came since, it could not be filled
     in with what was added since, and looked like another spec: 'cannot resume: spec differ'."""
-    from worker.training.recipe import _check_run_dir
+    from worker.training.recipe import _check_run_dir, _sha256
 
     stored = {"base_model": "tiny", "method": {"type": "dpo"}, "training": {"max_steps": 10, "packing": True}}
     spec = JobSpec.parse(stored, stored=True)
     written = spec.model_dump(mode="json")
     del written["eval"]  # written by an earlier release, before a section added since (it takes its defaults)
     out, train = interrupted_run(tmp_path, '{"prompt": "a", "chosen": "b", "rejected": "c"}', written)
-    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, train, None, True, None, "cpu")
+    latest, resumed, _ = _check_run_dir(out, out / "checkpoints", spec, spec, _sha256(train), None, True, None, "cpu")
     assert latest == out / "checkpoints" / "step-3" and resumed == spec
 
 
@@ -769,13 +769,13 @@ def test_a_decision_the_resuming_worker_cannot_run_is_replaced_and_said(tiny_mod
 def test_a_run_json_that_left_packing_compute_dtype_and_kernels_auto_resumes_with_this_workers_decisions(tmp_path):
     """A run paused by the release before these were recorded wrote them "auto": nothing to keep, so this
     worker's decisions, and the manifest rewritten with them, rather than 'cannot resume: spec differ'."""
-    from worker.training.recipe import _check_run_dir
+    from worker.training.recipe import _check_run_dir, _sha256
 
     spec = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10}})
     fitted = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "packing": False, "kernels": "none"},
                             "quantization": {"compute_dtype": "float32"}})
     out, train = interrupted_run(tmp_path, '{"text": "a"}', spec.model_dump(mode="json"))
-    latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, train, None, True, None, "cpu")
+    latest, resumed, unheld = _check_run_dir(out, out / "checkpoints", fitted, spec, _sha256(train), None, True, None, "cpu")
     assert latest == out / "checkpoints" / "step-3" and resumed == fitted and unheld == []
     assert json.loads((out / "run.json").read_text())["spec"] == fitted.model_dump(mode="json")
 

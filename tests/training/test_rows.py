@@ -120,6 +120,7 @@ def test_encoded_rows_are_not_held_as_python_objects(tiny_model_dir, tmp_path):
     # setup() up to the encoding (its order, recipe.setup)
     recipe.out.mkdir(parents=True, exist_ok=True)
     recipe._setup_data()
+    recipe._pick_device()
     recipe._setup_device()
     recipe._setup_run_dir()
     recipe._setup_tokenizer()

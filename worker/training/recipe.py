@@ -550,8 +550,10 @@ class QLoRARecipe:
         """Everything training needs; the cheap checks (spec, data, output directory) before the model loads."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._setup_data()  # first: "auto" is decided (_setup_device) for what its datasets leave of the host
+        self._pick_device()
         # The host's memory decided on (the "auto" savers), checked and claimed as one, under the lock of the host's
-        # claims: a run starting beside this one decides after it, counting its claim.
+        # claims: a run starting beside this one decides after it, counting its claim. Only that under the lock, which
+        # every run starting on the host waits for: the device (CUDA's start) and the data's hashes are read before.
         with self.host_claims.locked() if self.host_claims is not None else contextlib.nullcontext():
             self._setup_device()
             self._setup_run_dir()
@@ -566,17 +568,23 @@ class QLoRARecipe:
         self._setup_trainer()
         self.clock.append(time.monotonic())
 
-    def _setup_device(self) -> None:
-        """What the spec leaves to the machine: the device, the base model's local path, and each "auto" decided
-        for this device: per_device_batch_size, activation_offload and tiled_mlp (by the estimate, against the GPU's
-        memory and the host's, less what the datasets hold there: steps_host_budget, as admission and `qlora
-        estimate` count it), packing, kernels and compute_dtype (by what the device and its libraries run).
-        _setup_run_dir then keeps what an interrupted run of the job decided instead."""
+    def _pick_device(self) -> None:
+        """The device, its memory and the base model's local path. Before the lock of the host's claims (setup):
+        reading a GPU's memory starts CUDA, seconds, and for ever on a GPU fallen off its bus, where every other run
+        starting on the host waited on the lock behind it."""
         self.device = pick_device()
+        self.gpu_memory = _gpu_memory(self.device)
         self.base_path = resolve_base_model(self.spec.base_model, self.registry)
+
+    def _setup_device(self) -> None:
+        """What the spec leaves to the machine, each "auto" decided for _pick_device's device: per_device_batch_size,
+        activation_offload and tiled_mlp (by the estimate, against the GPU's memory and the host's, less what the
+        datasets hold there: steps_host_budget, as admission and `qlora estimate` count it), packing, kernels and
+        compute_dtype (by what the device and its libraries run).
+        _setup_run_dir then keeps what an interrupted run of the job decided instead."""
         self.requested_spec = self.spec  # as given: a resume keeps the interrupted run's "auto" decisions
         self.spec = _decide_speed_and_precision(
-            _fit_to_device(self.spec, self.base_path, _gpu_memory(self.device), self.max_paged_fraction,
+            _fit_to_device(self.spec, self.base_path, self.gpu_memory, self.max_paged_fraction,
                            keeps_reference_adapter(self.spec, self.initial_adapter is not None),
                            self._host_available(), self.dataset_tokens), self.device)
 
@@ -603,7 +611,7 @@ class QLoRARecipe:
                 config = json.loads((self.base_path / "config.json").read_text())
                 estimate = estimate_peak_memory(self.spec, config, reference_adapter=keeps_reference_adapter(
                     self.spec, self.initial_adapter is not None))
-                parts = estimate.host_parts(_gpu_memory(self.device))
+                parts = estimate.host_parts(self.gpu_memory)
             except (OSError, ValueError):
                 pass  # a config the estimate cannot read: loading the model says what is wrong with it
         parts |= dataset_host_parts(self.dataset_tokens)
@@ -647,6 +655,10 @@ class QLoRARecipe:
                 raise TrainingError(f"method {method} trains on {' or '.join(METHOD_FORMATS[method])} rows, and the "
                                     f"{name} data is in {data.format} format; use a dataset of the right format, or "
                                     f"set method.type to {'dpo' if data.format == 'preference' else 'sft'}")
+        # Hashed here, before the lock of the host's claims (setup): a 2 GiB file takes seconds, which no other run
+        # starting on the host waits for. What a resumed run's data is compared by (_check_run_dir).
+        self.train_sha256 = _sha256(self.train_path)
+        self.validation_sha256 = _sha256(self.validation_path) if self.validation_path else None
         self.initial_adapter_sha256 = None
         if self.initial_adapter is not None:
             try:
@@ -658,7 +670,7 @@ class QLoRARecipe:
         """The checkpoint to resume from, if any; a clean staging directory; the loss curve up to it."""
         own = self.spec  # what this worker decides for "auto" by itself
         self.resume_from, self.spec, unheld = _check_run_dir(
-            self.out, self.ckpt_dir, self.spec, self.requested_spec, self.train_path, self.validation_path,
+            self.out, self.ckpt_dir, self.spec, self.requested_spec, self.train_sha256, self.validation_sha256,
             self.resume, self.initial_adapter_sha256, self.device)
         self.resumed_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else 0
         self.staging = checkpoints.clear_staging(self.ckpt_dir)  # a crash mid-save leaves junk only here
@@ -1245,7 +1257,8 @@ def _dpo_loss(loss: str, label_smoothing: float) -> dict[str, Any]:
     return {"loss_type": [loss], "label_smoothing": label_smoothing}
 
 
-def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_path, validation_path,
+def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec, train_sha256: str,
+                   validation_sha256: str | None,
                    resume: bool, initial_adapter_sha256: str | None, device: str,
                    ) -> tuple[Path | None, JobSpec, list[Unheld]]:
     """Refuse to mix runs: resume only the same spec on the same data from the same starting adapter; never
@@ -1266,8 +1279,8 @@ def _check_run_dir(out: Path, ckpt_dir: Path, spec: JobSpec, requested: JobSpec,
         spec, unheld = _as_decided_before(requested, spec, written, device)
     manifest = {
         "spec": spec.model_dump(mode="json"),
-        "train_sha256": _sha256(train_path),
-        "validation_sha256": _sha256(validation_path) if validation_path else None,
+        "train_sha256": train_sha256,
+        "validation_sha256": validation_sha256,
         "initial_adapter_sha256": initial_adapter_sha256,  # None: a fresh adapter (and a run.json from before it)
     }
     if not resuming:
