@@ -450,6 +450,15 @@ def test_a_jobs_datasets_count_against_its_hosts_memory(tmp_path):
         "and a worker of h100, the largest GPU class the workers serve, may hold 32.00 GiB of it (QLORA_HOST_MEMORY). "
         "Its datasets are held for the whole run"), refused.value.message
     assert refused.value.details["host_needed_bytes"] == held
+    # The memory savers left "auto" (the default): a host that cannot hold the datasets has nothing to spare for a step,
+    # so "auto" is decided as for none, not with every saver on, which named 0.50 GiB of pinned activations that an
+    # 8B at 2,048 tokens on an H100 never offloads.
+    with pytest.raises(DoesNotFit) as refused:
+        admit(small_hosts, model(), conftest.job_spec(per_device_batch_size=1, max_seq_length=2048), None,
+              dataset_tokens=tokens)
+    assert refused.value.message.startswith(f"this job needs about {held / GIB:.2f} GiB of host memory (datasets (read "
+                                            f"and encoded) {held / GIB:.2f} GiB), "), refused.value.message
+    assert refused.value.details["host_needed_bytes"] == held
     # Without QLORA_HOST_MEMORY nothing changes, and the note says nothing of a step that holds no host memory.
     unknown = admit(make_settings(tmp_path, gpu_classes=CLASSES, default_gpu_class="h100"), model(), spec, None,
                     dataset_tokens=tokens)

@@ -1010,4 +1010,9 @@ def test_qlora_estimate_counts_the_datasets_host_memory_as_admission_does(tiny_m
     assert (tiled["activation_offload"], tiled["tiled_mlp"], tiled["fits"]) == (False, True, True)
     assert tiled["host"] == {"datasets (read and encoded)": data}
     # Where the datasets alone do not fit, neither does the job, as admission refuses it.
-    assert estimate_cli("--host-memory", str(data / 2 / GIB), *with_data)["fits"] is False
+    starved = estimate_cli("--host-memory", str(data / 2 / GIB), *with_data)
+    assert starved["fits"] is False
+    # ...and "auto" is decided as for a host with nothing to spare, as the run decides it (fit_to_device): tiling, which
+    # holds nothing there; not every saver on, which counted pinned activations beside datasets that already do not fit.
+    assert (starved["activation_offload"], starved["tiled_mlp"]) == (False, True)
+    assert starved["host"] == {"datasets (read and encoded)": data}

@@ -774,10 +774,15 @@ def fit_memory_savers(spec: JobSpec, model_config: dict, budget_bytes: int | Non
     or 1 for "auto"); everything allowed on where nothing fits, so a refusal counts all they save.
     Without a budget (the CPU, where RAM rather than device memory bounds it) "auto" is off. Where the host
     memory a job may hold is known (`host_budget_bytes`), a choice fits only if its pinned activations and
-    paged overflow fit that too: "auto" never chooses offload that the host cannot hold."""
+    paged overflow fit that too: "auto" never chooses offload that the host cannot hold. A negative one (the
+    datasets alone take more than the host memory: steps_host_budget) is decided as none to spare: no choice fits
+    a negative budget, and "everything on where nothing fits" turned offload on for a job whose GPU holds it without,
+    counting pinned activations it would never hold in admission's refusal and `qlora estimate`'s host total."""
     t = spec.training
     if t.activation_offload != "auto" and t.tiled_mlp != "auto":
         return spec
+    if host_budget_bytes is not None:
+        host_budget_bytes = max(host_budget_bytes, 0)
     allowed = [(offload, tiled) for offload, tiled in MEMORY_SAVERS
                if t.activation_offload in ("auto", offload) and t.tiled_mlp in ("auto", tiled)
                and (t.gradient_checkpointing or not offload)]  # offload moves what checkpointing keeps
