@@ -21,4 +21,7 @@ def finish_at(status: str, total_steps: int | None, points: Sequence[tuple[int, 
         return None
     (first_step, first_at), (last_step, last_at) = points[0], points[1]
     per_step = (last_at - first_at) / (last_step - first_step)
-    return last_at + per_step * max(total_steps - last_step, 0)
+    try:
+        return last_at + per_step * max(total_steps - last_step, 0)
+    except OverflowError:  # past the year 9999 (a worker's clock that jumped between two points): not known
+        return None

@@ -494,6 +494,19 @@ def test_a_running_job_retrieved_says_when_it_should_finish_at_its_current_pace(
     assert finish() is None
 
 
+def test_a_pace_that_would_finish_past_the_calendar_gives_no_estimate_not_a_500(client, session):
+    """A worker's clock that jumped a day between the attempt's first two points (a VM resumed from suspend, NTP
+    stepping it) makes a day a step; with ten million steps left that is past the year 9999, which a datetime cannot
+    hold: jobs.retrieve() answered 500 at every poll until more points came. It has no estimate instead."""
+    claimed = datetime(2025, 1, 2, 3, 0, 0, tzinfo=UTC)
+    job = _team_job(session, status=states.RUNNING, total_steps=10_000_000, step=2, claimed_at=claimed)
+    _point(session, job.id, "train", 1, claimed + timedelta(seconds=10), 2.0)
+    _point(session, job.id, "train", 2, claimed + timedelta(days=1, seconds=10), 1.5)
+    retrieved = client.get(f"/v1/fine_tuning/jobs/ftjob-{job.id}")
+    assert retrieved.status_code == 200, retrieved.text
+    assert retrieved.json()["estimated_finish"] is None
+
+
 def test_a_succeeded_jobs_result_file_is_its_curve_as_csv_and_only_its_team_reads_it(client, session):
     """result_files was always []: a script written for a hosted API reads job.result_files[0] with files.content().
     It is the curve, one row per step; another team's, or a job's that has not succeeded, is as missing as a wrong id."""
