@@ -178,8 +178,10 @@ def still_authenticated(session: Session, caller: Caller) -> ApiKey:
     QLORA_KEY_CACHE_S is not the bound: an upload that streamed for minutes, a job that waited its team's turn and
     ran its preflight. Without it a key revoked (leaked, say) mid-upload still stored its file in the team's
     datasets once the upload ended. Called with the team's row locked, so a disable, which takes that row first,
-    commits before this reads it or after the write."""
-    key = session.get(ApiKey, caller.key_id, populate_existing=True)
+    commits before this reads it or after the write. The key's row is read shared, held until the write commits:
+    a revoke (which updates it) meanwhile waits for the write, so once `revoke-key` has answered, nothing more is
+    recorded under the key (read unlocked, a revoke between this read and the commit answered first)."""
+    key = session.get(ApiKey, caller.key_id, populate_existing=True, with_for_update={"read": True})
     if key is None or key.revoked_at is not None:
         raise UnknownKey()
     team = session.get(Team, key.team_id, populate_existing=True)

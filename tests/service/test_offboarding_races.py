@@ -17,7 +17,7 @@ from app.jobs.tables import Job
 from app.models.tables import RegisteredModel
 from app.scheduling import service as scheduling
 from app.teams import admin
-from app.teams.service import create_key, create_team
+from app.teams.service import Caller, create_key, create_team, revoke_key, still_authenticated
 from app.usage import ledger
 from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
@@ -115,3 +115,32 @@ def test_a_job_claimed_while_its_team_is_disabled_is_paused(database_url, tmp_pa
     with sessionmaker_for(database_url)() as session:
         status = session.get(Job, job_id).status
     assert (status, disabled.pausing) == (states.PAUSING, [job_id])
+
+
+def test_a_key_revoked_while_a_request_records_under_it_answers_once_the_record_is_in(database_url):
+    """An upload or a job creation checks its key again just before it writes (still_authenticated). Read unlocked,
+    a revoke between that check and the commit answered "revoked" first, and the file or job was recorded under the
+    revoked key after it. The check holds the key's row shared: the revoke waits for the record, then revokes."""
+    with session_scope(database_url) as session:
+        team = create_team(session, "team-a")
+        key, _secret = create_key(session, "team-a")
+        caller = Caller(team_id=team.id, team_name="team-a", key_id=key.id, is_admin=False)
+    recording = sessionmaker_for(database_url)()
+    revoked: list[str] = []
+
+    def revoke() -> None:
+        with session_scope(database_url) as session:
+            revoke_key(session, caller.key_id)
+        revoked.append("answered")
+
+    try:
+        still_authenticated(recording, caller)
+        revoker = threading.Thread(target=revoke)
+        revoker.start()
+        wait_for_a_lock_wait(database_url, "the revoke, on the key's row,")
+        assert revoked == []  # not answered while the request's record is still to commit
+        recording.commit()
+        revoker.join(30)
+    finally:
+        recording.close()
+    assert revoked == ["answered"]
