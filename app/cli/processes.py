@@ -127,6 +127,7 @@ def _check_schema(database_url: str, *, unreachable_ok: bool = False) -> None:
         raise typer.Exit(2)
 
 
+WAIT_LOOK_S = 0.25  # how often a `serve` waiting for a killed one's worker looks at the home's lock again
 _HOME_LOCK: list = []  # the open lock file of the home this `serve` runs on, held while it runs
 
 
@@ -139,28 +140,34 @@ def _hold_home(home: Path) -> None:
     Its local worker holds the lock too (LocalWorker passes it on): a `serve` killed outright left a worker that
     went on for as long as it took to hand its job back (a checkpoint saved, a merge finished), and a `serve`
     started meanwhile took the lock and started a second worker beside it, which took the next queued job. So
-    where the holder named is a `serve` that is gone, this one waits for its worker to stop, saying so."""
+    where the holder named is a `serve` that is gone, this one waits for its worker to stop, saying so. It looks
+    again every WAIT_LOOK_S rather than block on the lock: of two `serve`s waiting so, the one that did not get
+    the lock saw the other's pid written there and blocked on until that one stopped, then started unannounced."""
     import fcntl
 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = open(home / "serve.lock", "a+")  # noqa: SIM115 (held open for the process's life)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process"
-        if _gone(holder.removeprefix("pid ")):
+    said = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return _took_home(lock)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process"
+        if not _gone(holder.removeprefix("pid ")):
+            break
+        if not said:
             err.print(f"the last qlora serve on QLORA_HOME={escape(str(home))} ({escape(holder)}) was stopped outright; "
                       "waiting for its local worker to hand its job back and stop (Ctrl-C to give up)", highlight=False,
                       soft_wrap=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return _took_home(lock)
-        err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
-                  "its local worker and this one would train two jobs at once on this machine. Stop it first; "
-                  "for a second service set QLORA_HOME to another directory, for more API processes use "
-                  "--workers N.", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    _took_home(lock)
+            said = True
+        time.sleep(WAIT_LOOK_S)
+    err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
+              "its local worker and this one would train two jobs at once on this machine. Stop it first; "
+              "for a second service set QLORA_HOME to another directory, for more API processes use "
+              "--workers N.", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def _took_home(lock) -> None:
