@@ -239,8 +239,13 @@ def status_of(session: Session, job_id: str) -> tuple[str, int] | None:
 
 
 def add_event(session: Session, job_id: str, type: str, level: str = "info", message: str = "", *,
-              attempt: int = 0, step: int | None = None, data: dict | None = None) -> JobEvent:
-    event = JobEvent(job_id=job_id, attempt=attempt, type=type, level=level, step=step, message=message, data=data)
+              attempt: int = 0, step: int | None = None, data: dict | None = None,
+              at: datetime | None = None) -> JobEvent:
+    """Dated `at`, or by the database's clock (database_now): as the job's claimed_at and heartbeats are, and the
+    metric points the /v1 feed orders events among. On the writer's own clock (a worker's, an API host's), an
+    event of a worker an hour behind sorted an hour before the points logged beside it."""
+    event = JobEvent(job_id=job_id, attempt=attempt, type=type, level=level, step=step, message=message, data=data,
+                     created_at=database_now(session) if at is None else at)
     session.add(event)
     return event
 
@@ -258,11 +263,14 @@ def events(session: Session, team_id: str, job_id: str, after: int | None, limit
     return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
 
 
-def upsert_metric(session: Session, job_id: str, values: dict) -> None:
+def upsert_metric(session: Session, job_id: str, values: dict, at: datetime | None = None) -> None:
     """Insert a point of the curve, or replace the one at the same (kind, step): a step redone
-    after a resume must not appear twice."""
+    after a resume must not appear twice. Dated `at`, or by the database's clock (database_now), the redone step
+    anew: the job's pace in its current attempt (pace.finish_at) reads the points logged since its claimed_at,
+    which is the database's clock. On a worker's own clock, one an hour behind left the estimate unknown for the
+    attempt's first hour, and one ahead counted the earlier attempt's points and the wait between attempts."""
     insert = insert_for(session)
-    row = {"job_id": job_id, **values}
+    row = {"job_id": job_id, **values, "created_at": database_now(session) if at is None else at}
     stmt = insert(JobMetric).values(**row)
     session.execute(stmt.on_conflict_do_update(
         index_elements=["job_id", "kind", "step"],

@@ -196,19 +196,20 @@ def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Even
     the final state, whatever the worker is doing (downloading, training, uploading), with the progress
     events of long transfers. Returns the job's status (cancelling or pausing means: stop); None: this
     attempt no longer owns the job (it was requeued or finished)."""
-    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
+    now = database_now(session)
+    if not repository.touch(session, job_id, attempt, heartbeat_at=now):
         return None
     for event in events:
-        _add_event(session, job_id, attempt, event)
+        _add_event(session, job_id, attempt, event, now)
     status = repository.status_of(session, job_id)
     return status[0] if status else None
 
 
-def _add_event(session: Session, job_id: str, attempt: int, event: Event) -> None:
+def _add_event(session: Session, job_id: str, attempt: int, event: Event, at: datetime) -> None:
     # A path the training process wrote to is on the worker's disk, gone with the attempt: nothing for a client.
     data = {key: value for key, value in (event.data or {}).items() if key != "path"}
     repository.add_event(session, job_id, event.type, event.level, event.message, attempt=attempt, step=event.step,
-                         data=data or None)
+                         data=data or None, at=at)
 
 
 def report(session: Session, job_id: str, attempt: int, records: list[Record], progress: Progress | None,
@@ -216,7 +217,10 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
     """Write the training process's metrics, events and checkpoints and a heartbeat. Returns the
     job's status (cancelling means: stop) and the storage keys of checkpoints no longer kept, to
     delete once this is committed. Raises LeaseLost when this attempt no longer owns the job."""
-    values: dict = {"heartbeat_at": database_now(session)}
+    # The batch's points and events are dated with the heartbeat: the database's clock, as claimed_at is, which
+    # the job's pace is read since (pace.finish_at), read once for all of them.
+    now = database_now(session)
+    values: dict = {"heartbeat_at": now}
     if progress:
         values["step"] = progress.step
         values["total_steps"] = progress.total_steps
@@ -227,7 +231,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
     for record in records:
         match record:
             case TrainPoint() | EvalPoint():
-                repository.upsert_metric(session, job_id, _metric_values(record))
+                repository.upsert_metric(session, job_id, _metric_values(record), at=now)
             case QuantizedBaseStored():
                 if not repository.add_quantized_base(session, record.key, record.storage_key, record.size,
                                                      record.sha256, record.identity):
@@ -239,7 +243,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
                 session.flush()
                 unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
             case Event():
-                _add_event(session, job_id, attempt, record)
+                _add_event(session, job_id, attempt, record, now)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
 

@@ -465,8 +465,8 @@ def _team_job(session, team_name: str = "team-a", **values) -> Job:
 
 
 def _point(session, job_id: str, kind: str, step: int, at: datetime, loss: float) -> None:
-    repository.upsert_metric(session, job_id, {"kind": kind, "step": step, "epoch": step / 50, "created_at": at,
-                                               ("train_loss" if kind == "train" else "eval_loss"): loss})
+    repository.upsert_metric(session, job_id, {"kind": kind, "step": step, "epoch": step / 50,
+                                               ("train_loss" if kind == "train" else "eval_loss"): loss}, at=at)
     session.commit()
 
 

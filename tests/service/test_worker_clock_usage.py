@@ -18,8 +18,9 @@ from sqlalchemy import select
 
 from app.db import FAULT_CLOCK_SKEW, database_now, session_scope
 from app.jobs import repository, states
-from app.jobs.tables import Job, JobAttempt
-from app.teams.service import create_team
+from app.jobs import service as jobs
+from app.jobs.tables import Job, JobAttempt, JobEvent, JobMetric
+from app.teams.service import Caller, create_team
 from app.teams.tables import Team
 from app.usage import ledger
 from tests.deployment import stored_spec
@@ -116,3 +117,50 @@ def test_a_job_claimed_a_moment_ago_is_not_preempted_by_a_scheduler_whose_clock_
     assert done.stdout.split() == ["0"]
     with session_scope(database_url) as session:
         assert {job.status for job in session.scalars(select(Job).where(Job.team_id == busy.id))} == {states.RUNNING}
+
+
+# Run in the worker's process: two reports of the training process's records, a supervise interval apart (two
+# transactions), the first with a step logged again after a resume and an event.
+REPORT = """
+import sys
+from app.db import session_scope
+from app.jobs import runs
+from worker.training.protocol import Event, Progress, TrainPoint
+url, job_id = sys.argv[1:]
+with session_scope(url) as s:
+    runs.report(s, job_id, 1, [TrainPoint(step=1, epoch=0.1, train_loss=2.0), Event(type="started", message="go")],
+                Progress(step=1, total_steps=10))
+with session_scope(url) as s:
+    runs.report(s, job_id, 1, [TrainPoint(step=2, epoch=0.2, train_loss=1.5)], Progress(step=2, total_steps=10))
+"""
+
+
+def test_points_and_events_a_worker_behind_reports_are_dated_on_the_databases_clock(database_url, tmp_path):
+    """A job's pace in its current attempt (estimated_finish, the monthly budget's projection) is read from the train
+    points logged since its claimed_at, the database's clock; the /v1 events feed orders points and events together.
+    Dated by a worker's clock two hours behind, every point of the attempt looked logged before its claim: no
+    estimate for two hours. A step logged again kept the time of the attempt that first logged it."""
+    with session_scope(database_url) as session:
+        team = create_team(session, "behind")
+        job = Job(team_id=team.id, status=states.QUEUED, base_model="tiny", queue="gpu-default", spec=stored_spec())
+        session.add(job)
+        session.flush()
+        # Step 1 as an earlier attempt logged it, hours ago.
+        session.add(JobMetric(job_id=job.id, kind="train", step=1, train_loss=3.0,
+                              created_at=database_now(session) - timedelta(hours=3)))
+        assert repository.claim(session, job.id, "w1", database_now(session)) == 1
+        job_id, caller = job.id, Caller(team_id=team.id, team_name="behind", key_id="k", is_admin=False)
+
+    env = {**os.environ, FAULT_CLOCK_SKEW: "-7200", "QLORA_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", REPORT, database_url, job_id],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    with session_scope(database_url) as session:
+        now, job = database_now(session), session.get(Job, job_id)
+        dated = [*session.scalars(select(JobMetric.created_at).where(JobMetric.job_id == job_id)),
+                 *session.scalars(select(JobEvent.created_at).where(JobEvent.job_id == job_id))]
+        ages = [(now - at).total_seconds() for at in dated]
+        assert len(ages) == 3 and all(at >= job.claimed_at for at in dated), ages
+        assert all(0 <= age < 600 for age in ages), ages  # seconds old: not two hours (nor three) before the claim
+        assert jobs.estimated_finish(session, caller, job) is not None, ages
