@@ -219,15 +219,19 @@ def _still_registered(session: Session, spec: JobSpec, model: RegisteredModel) -
     """The model the job was admitted on, read again and held shared until the commit: the preflight gave the
     connection back, and the model's row with it, so a removal during its seconds counted no job and went ahead
     (the job then failed when a worker took it), or another model came under the name (admitted on the old one)."""
-    if _registered_model(session, spec).id != model.id:
+    if _registered_model(session, spec, lock="share").id != model.id:
         raise Conflict(f"base_model: {excerpt(spec.base_model)} was registered again while this job was checked; "
                        "send it again to be admitted on the model registered now")
 
 
-def _registered_model(session: Session, spec: JobSpec) -> RegisteredModel:
-    # No registered name has a control character, and Postgres would fail the lookup of one with NUL. Held shared
-    # until the job is committed: a removal of the model meanwhile waits, then sees the job (models.remove_model).
-    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model, lock="share")
+def _registered_model(session: Session, spec: JobSpec, *, lock: str | None = None) -> RegisteredModel:
+    # No registered name has a control character, and Postgres would fail the lookup of one with NUL. `lock`
+    # "share" (_still_registered only): held until the job is committed, so a removal of the model meanwhile waits,
+    # then sees the job (models.remove_model). Not at the first read (_checked_inputs): held from there, the lock
+    # spanned the preflight (its wait for a child, the datasets' download: minutes) and POST /jobs/preflight, which
+    # makes no job; a removal waited all that time, and, as Postgres lets a shared lock past a waiting FOR UPDATE,
+    # for as long as creations on the model overlapped.
+    model = None if has_control_characters(spec.base_model) else models.by_name(session, spec.base_model, lock=lock)
     if model is None:
         known = ", ".join(m.name for m in models.list_all(session)) or "none"
         raise Invalid(f"base_model: {excerpt(spec.base_model)} is not a registered model (registered: {known}; see GET /models)",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 
+from sqlalchemy import text
+
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for
 from app.errors import Conflict, Invalid
@@ -14,7 +16,7 @@ from app.jobs import states
 from app.jobs.tables import Job
 from app.models import service as models
 from app.models.tables import RegisteredModel
-from app.teams.service import create_team
+from app.teams.service import Caller, create_key, create_team
 from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
@@ -29,8 +31,10 @@ def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_co
         team_id = team.id
     creating = sessionmaker_for(database_url)()
     try:
-        # The creation's read of the model (POST /jobs and the OpenAI route both read it so), its job not yet made.
+        # The creation's last read of the model, under its team's row after the preflight (POST /jobs and the OpenAI
+        # route both read it so), its job not yet made.
         model = jobs_service._registered_model(creating, job_spec())
+        jobs_service._still_registered(creating, job_spec(), model)
         removal: dict[str, object] = {}
 
         def remove() -> None:
@@ -81,3 +85,31 @@ def test_a_model_removed_or_registered_again_during_a_jobs_preflight_refuses_the
             creating.close()
         with session_scope(database_url) as session:
             session.query(RegisteredModel).delete()
+
+
+def test_a_models_removal_does_not_wait_for_the_preflight_of_a_job_on_it(database_url):
+    """The creation's first read of the model (_checked_inputs) took its row shared, held through the preflight (the
+    wait for a child, the datasets' download: minutes) and by POST /jobs/preflight, which makes no job: a removal
+    waited all that time, and for as long as creations on the model overlapped (Postgres lets a shared lock past a
+    waiting FOR UPDATE). Only the last read, after the preflight, holds it; a removal before it refuses the job."""
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        team = create_team(session, "team-a")
+        key, _secret = create_key(session, "team-a")
+        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
+                            status="ready", format="text"))
+        caller = Caller(team_id=team.id, team_name="team-a", key_id=key.id, is_admin=False)
+    creating = sessionmaker_for(database_url)()
+    try:
+        model, _tokens = jobs_service._checked_inputs(creating, caller, {"dataset_id": "data"}, job_spec())
+        # the preflight under way: its transaction still open
+        with session_scope(database_url) as session:
+            session.execute(text("SET LOCAL lock_timeout = '10s'"))  # the old code waited here, then failed
+            models.remove_model(session, model.name)
+        try:
+            jobs_service._still_registered(creating, job_spec(), model)
+            raise AssertionError("not refused")
+        except Invalid as exc:
+            assert "not a registered model" in str(exc)
+    finally:
+        creating.close()
