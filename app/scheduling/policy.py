@@ -173,11 +173,12 @@ class TeamShare:
 
 def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float) -> float:
     """The GPU-seconds a running job will still use, as the budget counts it: until its last step at its current
-    pace (`finish_at`, jobs.pace.finish_at; None: not known yet, before two train points), RUNNING_COUNTS_S at least
+    pace (`finish_at`, jobs.pace.finish_s; None: not known yet, before two train points), RUNNING_COUNTS_S at least
     (merging and the eval report come after the last step, and a job without a pace is loading its model), and never
-    past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker ends it there."""
+    past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker ends it there.
+    A job still running at its time limit counts RUNNING_COUNTS_S too: it holds its GPU until its worker stops it."""
     pace = RUNNING_COUNTS_S if finish_at is None else max(finish_at - now, RUNNING_COUNTS_S)
-    return min(pace, max(claimed_at + time_limit_s - now, 0.0))
+    return min(pace, max(claimed_at + time_limit_s - now, RUNNING_COUNTS_S))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ SEND_UNSENT_AFTER_S = 10
 def team_shares(session: Session, settings: Settings, now: datetime, teams: list[Team] | None = None) -> dict[str, TeamShare]:
     """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
     force, GPUs held, decayed usage, what is left of its monthly budget, and what its running jobs will still use
-    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_at)."""
+    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s)."""
     some = None if teams is None else [team.id for team in teams]
     teams = repository.teams(session) if teams is None else teams
     quotas = {team.id: effective(settings, team) for team in teams}
@@ -57,10 +57,10 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
             in repository.running_claims(session, some, paced=None if len(budgeted) == len(quotas) else budgeted):
         claimed = (claimed_at or now).timestamp()
         claims.setdefault(team_id, []).append(claimed)
-        finish = pace.finish_at(status, total_steps, [] if first_at is None else [(first_step, first_at),
-                                                                                  (last_step, last_at)])
-        to_come.setdefault(team_id, []).append(policy.to_come_s(
-            now.timestamp(), claimed, None if finish is None else finish.timestamp(), settings.job_time_limit_s))
+        finish = pace.finish_s(status, total_steps, [] if first_at is None else [(first_step, first_at),
+                                                                                 (last_step, last_at)])
+        to_come.setdefault(team_id, []).append(policy.to_come_s(now.timestamp(), claimed, finish,
+                                                                settings.job_time_limit_s))
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
     shares = {}
     for team in teams:

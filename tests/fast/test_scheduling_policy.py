@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 
+from app.jobs import pace, states
 from app.scheduling.policy import (
     FOR_BUDGET,
     FOR_MAX_RUNNING,
@@ -215,7 +217,13 @@ def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_it
     assert to_come_s(NOW, claimed, None, limit) == to_come_s(NOW, claimed, NOW + 10, limit) == RUNNING_COUNTS_S
     # Never past what its time limit leaves: the worker ends the attempt there.
     assert to_come_s(NOW, NOW - 71 * HOUR, NOW + 10 * HOUR, limit) == HOUR
-    assert to_come_s(NOW, NOW - 73 * HOUR, None, limit) == 0.0
+    # One still running at its limit holds its GPU until its worker stops it: 5 GPU-minutes, not none.
+    assert to_come_s(NOW, NOW - 73 * HOUR, NOW + 10 * HOUR, limit) == RUNNING_COUNTS_S
+    # A pace that ends past any calendar (a worker's clock that jumped a day between two points, millions of steps
+    # left) is no estimate to show, and all that the time limit leaves to count (it counted 5 GPU-minutes).
+    jumped = [(1, datetime(2026, 1, 1, tzinfo=UTC)), (2, datetime(2026, 1, 2, tzinfo=UTC))]
+    assert pace.finish_at(states.RUNNING, 10_000_000, jumped) is None
+    assert to_come_s(NOW, claimed, pace.finish_s(states.RUNNING, 10_000_000, jumped), limit) == limit - HOUR
     # A job it starts counts 5 GPU-minutes more, a job preempted from it as much less (it is still to come).
     assert long_one["b"].with_running(1).still_to_come_s == 3 * HOUR + RUNNING_COUNTS_S
     assert long_one["b"].with_running(-1).still_to_come_s == 3 * HOUR - RUNNING_COUNTS_S
