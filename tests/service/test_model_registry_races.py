@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy import text
 
 from app.datasets.tables import Dataset
@@ -75,12 +76,8 @@ def test_a_model_removed_or_registered_again_during_a_jobs_preflight_refuses_the
                 models.remove_model(session, model.name)  # not held up: the creation holds no lock now
                 if registered_again:
                     session.add(RegisteredModel(name="llama-3-8b", path="/models/llama-v2"))
-            refused = Conflict if registered_again else Invalid
-            try:
+            with pytest.raises(Conflict if registered_again else Invalid, match="base_model"):
                 jobs_service._still_registered(creating, job_spec(), model)
-                raise AssertionError("not refused")
-            except refused as exc:
-                assert "base_model" in str(exc)
         finally:
             creating.close()
         with session_scope(database_url) as session:
@@ -106,10 +103,7 @@ def test_a_models_removal_does_not_wait_for_the_preflight_of_a_job_on_it(databas
         with session_scope(database_url) as session:
             session.execute(text("SET LOCAL lock_timeout = '10s'"))  # the old code waited here, then failed
             models.remove_model(session, model.name)
-        try:
+        with pytest.raises(Invalid, match="not a registered model"):
             jobs_service._still_registered(creating, job_spec(), model)
-            raise AssertionError("not refused")
-        except Invalid as exc:
-            assert "not a registered model" in str(exc)
     finally:
         creating.close()
