@@ -34,6 +34,13 @@ bench's database (pg_stat_database: active_time, the time its backends spent run
 read), after each side's process has gone and with it its backends, whose exit flushes their counters. The
 appender's inserts are in both sides' figures. At the end of each turn the appending stops and each side's
 answer for both N is kept: the after side's (its buckets kept across the turn) must be the baseline's bytes.
+
+    .venv/bin/python bench/curve_bench.py --buckets 20000,100000 [--repeats 2]
+
+--buckets: the thinned view's bucket query alone (repository.metric_buckets, one series cut into 250 buckets)
+against the join it replaced (joined_buckets), in the same process on the same fresh database, for each length:
+first with the table never analyzed since its points were written (a running job's usual case), then after
+ANALYZE. The answers must be equal.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import insert, text  # noqa: E402
+from sqlalchemy import insert, select, text  # noqa: E402
 
 from app.db import engine_for, new_id, session_scope  # noqa: E402
 from app.jobs import states  # noqa: E402
@@ -72,8 +79,9 @@ FROM generate_series(CAST(:start AS integer), CAST(:steps AS integer)) AS s WHER
 """
 
 
-def seed(database_url: str, points: int) -> tuple[str, str]:
-    """A team, its key and one succeeded job with a curve of `points` train points; (key, job id)."""
+def seed(database_url: str, points: int, analyze: bool = True) -> tuple[str, str]:
+    """A team, its key and one succeeded job with a curve of `points` train points; (key, job id). `analyze`
+    false: the table's statistics left as they were before the points (--buckets)."""
     from app.teams import service as teams_service
     from worker.training.spec import JobSpec
     from worker.training.tiny import demo_spec
@@ -88,8 +96,9 @@ def seed(database_url: str, points: int) -> tuple[str, str]:
             "queue": "gpu-default", "total_steps": points, "step": points}])
         session.execute(text(_TRAIN), {"job": job_id, "start": 1, "steps": points})
         session.execute(text(_EVAL), {"job": job_id, "start": 1, "steps": points})
-    with engine_for(database_url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE job_metrics"))
+    if analyze:
+        with engine_for(database_url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE job_metrics"))
     return key, job_id
 
 
@@ -185,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40, help="--watchers: length of each side's turn")
     parser.add_argument("--interval-s", type=float, default=1.0, help="--watchers: each client's poll interval")
     parser.add_argument("--append-per-s", type=float, default=10, help="--watchers: train points the job logs a second")
+    parser.add_argument("--buckets", default="", help="curve lengths (20000,100000): the thinned view's bucket query, "
+                                                      "this checkout's against the join it replaced, stale statistics")
     args = parser.parse_args(argv)
     if args.watchers:
         return watched(args)
+    if args.buckets:
+        return buckets(args)
     args.out = args.out or DEFAULT_OUT
 
     from app.db import engine_for
@@ -455,6 +468,96 @@ def watched(args: argparse.Namespace) -> int:
                          "seconds": args.seconds, "interval_s": args.interval_s, "append_per_s": args.append_per_s,
                          "turns": turns, "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if a else None}
                                                   for label, b, a in rows]}, args.out or WATCHED_OUT)
+
+
+# ---------------------------------------------------------------- --buckets: the bucket query, stale statistics
+
+BUCKETS_OUT = ROOT / "bench" / "results" / "curve_buckets_bench.json"
+
+
+def joined_buckets(session, team_id: str, job_id: str, kind: str, loss_column: str, first: int, width: int,
+                   through: int, from_step: int | None = None) -> list[tuple]:
+    """repository.metric_buckets as it was, each point joined to its bucket's totals on `(step - first) / width =
+    bucket`: the baseline of --buckets, and the reference its answers must equal (tests/service/test_curve_plans.py).
+    With statistics older than the points, Postgres estimated one row and looped over every bucket for each point."""
+    import sqlalchemy as sa
+    from sqlalchemy import func
+
+    from app.jobs.tables import JobMetric
+
+    loss = getattr(JobMetric, loss_column)
+    readable = JobMetric.job_id.in_(select(Job.id).where(Job.team_id == team_id, Job.id == job_id))
+    in_series = [readable, JobMetric.kind == kind, JobMetric.step <= through]
+    if from_step is not None:
+        in_series.append(JobMetric.step >= from_step)
+    bucket_of = (JobMetric.step - first) // width
+    per_bucket = (select(bucket_of.label("bucket"), func.min(JobMetric.step).label("head"),
+                         func.max(JobMetric.step).label("tail"), func.min(loss).label("low"),
+                         func.max(loss).label("high"), func.count().label("points"))
+                  .where(*in_series).group_by(bucket_of).subquery())
+    query = (select(per_bucket.c.head, per_bucket.c.tail,
+                    func.min(sa.case((loss == per_bucket.c.low, JobMetric.step))),
+                    func.min(sa.case((loss == per_bucket.c.high, JobMetric.step))),
+                    per_bucket.c.points, func.min(sa.case((JobMetric.step == per_bucket.c.tail, JobMetric.id))))
+             .join_from(JobMetric, per_bucket, bucket_of == per_bucket.c.bucket).where(*in_series)
+             .group_by(per_bucket.c.bucket, per_bucket.c.head, per_bucket.c.tail, per_bucket.c.points)
+             .order_by(per_bucket.c.bucket))
+    return [tuple(row) for row in session.execute(query)]
+
+
+def buckets(args: argparse.Namespace) -> int:
+    """For each length: a fresh database (autovacuum off for job_metrics, never analyzed: a running job's points
+    past the last analyze), one job's curve, and the train series' 250 buckets (?points=2000 of the whole curve)
+    read --repeats times by each side in turn; then the same after ANALYZE. ok: the answers are equal."""
+    from app.db import engine_for
+    from app.jobs import repository
+    from app.migrate import upgrade
+    from bench.api_load import console, save_results
+    from tests import services
+
+    services.ensure_postgres()
+    results: dict[str, dict] = {}
+    ok = True
+    for points in (int(n) for n in args.buckets.split(",")):
+        url = services.create_postgres_database()
+        try:
+            upgrade(url)
+            with session_scope(url) as session:
+                session.execute(text("ALTER TABLE job_metrics SET (autovacuum_enabled = false)"))
+            _, job_id = seed(url, points, analyze=False)
+            with session_scope(url) as session:
+                team_id = session.scalar(select(Job.team_id).where(Job.id == job_id))
+            width = (points - 1) // 250 + 1
+            sides = {"before": joined_buckets, "after": repository.metric_buckets}
+            for stats in ("stale", "analyzed"):
+                if stats == "analyzed":
+                    with engine_for(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                        conn.execute(text("ANALYZE job_metrics"))
+                ms: dict[str, list[float]] = {side: [] for side in sides}
+                answers = {}
+                for _ in range(args.repeats):
+                    for side, read in sides.items():
+                        with session_scope(url) as session:
+                            start = time.perf_counter()
+                            answers[side] = read(session, team_id, job_id, "train", "train_loss", 1, width, points)
+                            ms[side].append((time.perf_counter() - start) * 1000)
+                ok = ok and answers["before"] == answers["after"] and len(answers["after"]) == (points - 1) // width + 1
+                results[f"{points} {stats}"] = {side: statistics.median(values) for side, values in ms.items()}
+                print(f"{points:,} points, {stats}: {results[f'{points} {stats}']}", file=sys.stderr, flush=True)
+        finally:
+            engine_for(url).dispose()
+            services.drop_postgres_database(url)
+    table = Table(title="The thinned view's buckets of one series (250 buckets): the join it replaced (before) "
+                        "against this checkout (after), ms")
+    for column in ("", "before", "after", "before / after"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, row in results.items():
+        table.add_row(f"{label} statistics", f"{row['before']:,.1f}", f"{row['after']:,.1f}",
+                      f"{row['before'] / row['after']:.2f}")
+    console.print(table)
+    return save_results({"ok": ok, "repeats": args.repeats, "results": results,
+                         "rows": [{"label": label, **row, "ratio": row["before"] / row["after"]}
+                                  for label, row in results.items()]}, args.out or BUCKETS_OUT)
 
 
 if __name__ == "__main__":

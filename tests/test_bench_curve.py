@@ -34,3 +34,14 @@ def test_curve_benchmark_watchers_of_a_running_job_get_the_baselines_bytes(tmp_p
         assert turn["requests"] and all(request["status"] == 200 for request in turn["requests"])
         assert turn["postgres"]["active_ms"] > 0 and turn["postgres"]["rows_read"] > 0
     assert results["turns"]["after"][0]["appended_to"] > 20_000
+
+
+def test_curve_benchmark_buckets_reads_the_replaced_joins_answers(tmp_path):
+    """--buckets: the bucket query and the join it replaced answer alike, stale statistics and fresh."""
+    out = tmp_path / "curve_buckets_bench.json"
+
+    assert curve_bench.main(["--buckets", "3000", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    assert set(results["results"]) == {"3000 stale", "3000 analyzed"}
+    assert all(row["before"] > 0 and row["after"] > 0 for row in results["results"].values())

@@ -322,28 +322,46 @@ def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_
     """One series cut into buckets of `width` steps from step `first` (up to `through`; from `from_step` on, a
     bucket's first step, where given): for each bucket with points, by step, its first and last step, the first
     step of its lowest and of its highest loss (None where no point of it has a loss), its count of points and
-    the id of its last point (what the thinned view's kept buckets check against: app/jobs/thinned.py). Two
-    aggregating passes in the database, one row a bucket out: the rows never come to Python (a pass over
-    510,000 of them there held the API's event loop for seconds)."""
+    the id of its last point (what the thinned view's kept buckets check against: app/jobs/thinned.py). One
+    aggregating pass in the database, then a few index lookups a bucket, one row a bucket out: the rows never
+    come to Python (a pass over 510,000 of them there held the API's event loop for seconds)."""
     loss = getattr(JobMetric, loss_column)
     readable = JobMetric.job_id.in_(_readable_job_id(team_id, job_id))
     in_series = [readable, JobMetric.kind == kind, JobMetric.step <= through]
     if from_step is not None:  # the (job_id, kind, step) index read from there on: the cost of the buckets read only
         in_series.append(JobMetric.step >= from_step)
     bucket_of = (JobMetric.step - first) // width
-    per_bucket = (select(bucket_of.label("bucket"), func.min(JobMetric.step).label("head"),
-                         func.max(JobMetric.step).label("tail"), func.min(loss).label("low"), func.max(loss).label("high"),
-                         func.count().label("points"))
+    per_bucket = (select(func.min(JobMetric.step).label("head"), func.max(JobMetric.step).label("tail"),
+                         func.min(loss).label("low"), func.max(loss).label("high"), func.count().label("points"))
                   .where(*in_series).group_by(bucket_of).subquery())
-    query = (select(per_bucket.c.head, per_bucket.c.tail,
-                    func.min(sa.case((loss == per_bucket.c.low, JobMetric.step))),
-                    func.min(sa.case((loss == per_bucket.c.high, JobMetric.step))),
-                    per_bucket.c.points, func.min(sa.case((JobMetric.step == per_bucket.c.tail, JobMetric.id))))
-             .join_from(JobMetric, per_bucket, bucket_of == per_bucket.c.bucket).where(*in_series)
-             .group_by(per_bucket.c.bucket, per_bucket.c.head, per_bucket.c.tail, per_bucket.c.points)
-             .order_by(per_bucket.c.bucket))
-    return [(head, tail, low, high, points, tail_id)
-            for head, tail, low, high, points, tail_id in session.connection().execute(query)]
+    # Each bucket's steps of its lowest and highest loss and its last point's id: correlated subqueries, each a
+    # range (or one entry) of the (job_id, kind, step) index per bucket, so a cost linear in the points whatever
+    # the planner believes. Joining the points to their bucket on `(step - first) / width = bucket` instead had
+    # Postgres, with statistics older than the points (a running job's), estimate a few rows and loop over
+    # every bucket for every point: 0.6-1 s at 20,000 points, quadratic (bench/curve_bench.py --buckets). The
+    # points are the job's by id: the buckets they are read for are the readable job's only.
+    in_bucket = [JobMetric.job_id == job_id, JobMetric.kind == kind,
+                 JobMetric.step.between(per_bucket.c.head, per_bucket.c.tail)]
+
+    def first_step_where(*where) -> sa.ScalarSelect:
+        return select(func.min(JobMetric.step)).where(*in_bucket, *where).scalar_subquery()
+
+    tail_id = (select(JobMetric.id).where(JobMetric.job_id == job_id, JobMetric.kind == kind,
+                                          JobMetric.step == per_bucket.c.tail).scalar_subquery())
+    query = (select(per_bucket.c.head, per_bucket.c.tail, first_step_where(loss == per_bucket.c.low),
+                    first_step_where(loss == per_bucket.c.high), per_bucket.c.points, tail_id)
+             .order_by(per_bucket.c.head))
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        return [tuple(row) for row in connection.execute(query)]
+    # Without JIT compilation, for this statement only: Postgres cannot tell how many buckets `(step - first) / width`
+    # makes and takes one a point, and the cost it then expects (three subqueries a bucket) is past jit_above_cost:
+    # compiling took 200 ms, running 10 (20,000 points, fresh statistics: bench/curve_bench.py --buckets).
+    jit = connection.execute(select(func.current_setting("jit"), func.set_config("jit", "off", True))).scalar_one()
+    try:
+        return [tuple(row) for row in connection.execute(query)]
+    finally:
+        connection.execute(select(func.set_config("jit", jit, True)))
 
 
 def metric_ids_only_grow(session: Session) -> bool:
@@ -406,8 +424,14 @@ def curve_changes(session: Session, team_id: str, job_id: str, since: int,
     def one(column, *where) -> sa.ScalarSelect:
         return select(column).where(readable, *where).scalar_subquery()
 
+    def end(kind: str, order) -> sa.ScalarSelect:
+        # ORDER BY ... LIMIT 1, not min()/max(): Postgres takes an aggregate's ends of the index only where it
+        # estimates that cheaper, and with statistics older than the points (a running job's) it estimated one
+        # row and read all of the series (20,000 index entries a poll, tests/service/test_curve_pages.py).
+        return select(JobMetric.step).where(readable, JobMetric.kind == kind).order_by(order).limit(1).scalar_subquery()
+
     kinds = ("train", "eval")
-    columns = [one(agg(JobMetric.step), JobMetric.kind == kind) for kind in kinds for agg in (func.min, func.max)]
+    columns = [end(kind, order) for kind in kinds for order in (JobMetric.step, JobMetric.step.desc())]
     columns += [one(func.coalesce(func.max(JobMetric.id), 0)), one(func.min(JobMetric.step), JobMetric.id > since)]
     columns += [one(JobMetric.id, JobMetric.kind == kind, JobMetric.step == step) for kind, step in at]
     row = session.connection().execute(select(*columns)).one()
@@ -424,6 +448,9 @@ def metrics_at(session: Session, team_id: str, job_id: str, kind: str, columns: 
         rows += session.connection().execute(
             select(*(getattr(JobMetric, column) for column in columns))
             .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.kind == kind,
+                   # The range too: with statistics older than the points Postgres took the IN list as a filter
+                   # on all of the series, not as the index's bounds (20,000 entries for the few steps of a poll).
+                   JobMetric.step.between(min(steps[start:start + 500]), max(steps[start:start + 500])),
                    JobMetric.step.in_(steps[start:start + 500])).order_by(JobMetric.step)).all()
     return rows
 
