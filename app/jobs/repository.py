@@ -357,11 +357,13 @@ def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_
     # Without JIT compilation, for this statement only: Postgres cannot tell how many buckets `(step - first) / width`
     # makes and takes one a point, and the cost it then expects (three subqueries a bucket) is past jit_above_cost:
     # compiling took 200 ms, running 10 (20,000 points, fresh statistics: bench/curve_bench.py --buckets).
+    # Set for the transaction (is_local): put back after the statement, and by the transaction's end where it fails
+    # (a statement on a failed transaction, putting it back in a `finally`, raised an error of its own in place of
+    # the statement's, its timeout's 503 among them).
     jit = connection.execute(select(func.current_setting("jit"), func.set_config("jit", "off", True))).scalar_one()
-    try:
-        return [tuple(row) for row in connection.execute(query)]
-    finally:
-        connection.execute(select(func.set_config("jit", jit, True)))
+    rows = [tuple(row) for row in connection.execute(query)]
+    connection.execute(select(func.set_config("jit", jit, True)))
+    return rows
 
 
 def metric_ids_only_grow(session: Session) -> bool:

@@ -110,3 +110,14 @@ def test_a_curve_logged_since_the_last_analyze_is_read_in_work_linear_in_its_poi
         kept = repository.metrics_at(session, team_id, job_id, "train", ("step",), [points - 40, points - 2, points])
         assert [row.step for row in kept] == [points - 40, points - 2, points]
         assert rows_read(session) - before < 100
+
+
+def test_a_bucket_query_that_fails_raises_its_own_error_not_the_jit_settings(database_url):
+    """JIT is turned off for the statement and put back after it. Put back in a `finally`, a statement that failed
+    (its statement timeout, say, which the API answers 503) raised "current transaction is aborted" from the
+    setting's statement instead of its own error. A width of 0 makes the statement fail in the database."""
+    from sqlalchemy.exc import DataError
+
+    team_id, job_id = new_curve(database_url, range(5, 50), every_eval=10)
+    with session_scope(database_url) as session, pytest.raises(DataError, match="division by zero"):
+        repository.metric_buckets(session, team_id, job_id, "train", "train_loss", 5, 0, 49)
