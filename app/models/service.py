@@ -23,14 +23,18 @@ from worker.training.spec import excerpt
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}$")
 
-# A hub repo as huggingface_hub's validate_repo_id takes it, in ASCII and with its owner: `org/name`. A revision as
-# a branch, a tag or a commit names it, each part after a / starting with a letter or digit. The worker hands both
-# to snapshot_download, which joins the revision into paths of its cache (refs/<revision>, written after a
-# download): "../../x" or "/x" there named a file outside the cache. Both were taken as given, and a job on such
-# a model failed after its wait in the queue, on the worker.
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
-HUB_ID_RULE = "org/name: letters, digits and - _ . inside each part, no -- or .., at most 96 characters"
+# A hub repo as huggingface_hub's validate_repo_id takes it (its REPO_ID_REGEX, in ASCII): `name` or `org/name`, each
+# part 1-96 letters, digits and - _ ., starting and ending with a letter, a digit or _, no -- or .. anywhere, not
+# ending in .git. Stricter than the hub, it refused ids the hub serves (`gpt2`, `org/name_`, a name of 60 characters
+# after its org), and the worker applies it to models registered before: their jobs failed. A revision as a branch,
+# a tag or a commit names it, each part after a / starting with a letter or digit. The worker hands both to
+# snapshot_download, which makes a cache folder of the id (models--org--name: hence no --) and joins the revision
+# into paths of its cache (refs/<revision>, written after a download): "../../x" or "/x" there named a file outside
+# the cache. Both were taken as given, and a job on such a model failed after its wait in the queue, on the worker.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+HUB_ID_RULE = ("name or org/name as the Hugging Face hub takes it: each part 1-96 ASCII letters, digits and - _ ., "
+               "starting and ending with a letter, digit or _, no -- or .., not ending in .git")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 REVISION_RULE = ("a 40-hex commit, a tag or a branch: letters, digits and - _ . /, each part after a / starting "
                  "with a letter or digit, no ..")
@@ -41,7 +45,7 @@ def hub_source_problems(hub_id: str, revision: str | None) -> list[tuple[str, st
     both are. The registry checks a model when it is added, the worker before it downloads one (a row from
     before the rule)."""
     problems = []
-    if not (_HUB_ID.match(hub_id) and len(hub_id) <= 96 and "--" not in hub_id and ".." not in hub_id):
+    if not (_HUB_ID.fullmatch(hub_id) and "--" not in hub_id and ".." not in hub_id and not hub_id.endswith(".git")):
         problems.append(("hub_id", HUB_ID_RULE))
     if revision is not None and not (_REVISION.match(revision) and ".." not in revision):
         problems.append(("revision", REVISION_RULE))

@@ -257,7 +257,8 @@ def test_a_model_registration_with_a_nul_or_past_its_column_is_refused_naming_th
 
 @pytest.mark.parametrize(("hub_id", "revision", "field"), [
     ("../../x", "main", "hub_id"), ("/etc/passwd", "main", "hub_id"), ("org/../x", "main", "hub_id"),
-    ("org/x/y", "main", "hub_id"), ("org/\uff58", "main", "hub_id"), ("org/" + "x" * 95, "main", "hub_id"),
+    ("org/x/y", "main", "hub_id"), ("org/\uff58", "main", "hub_id"), ("org/" + "x" * 97, "main", "hub_id"),
+    ("org--x/y", "main", "hub_id"), ("org/.x", "main", "hub_id"), ("org/x.git", "main", "hub_id"),
     ("org/x", "../../../../tmp/x", "revision"), ("org/x", "/tmp/x", "revision"), ("org/x", "a//b", "revision"),
     ("org/x", "v1..2", "revision")])
 def test_a_hub_id_or_revision_that_could_name_a_path_is_refused_at_registration(session, tmp_path, hub_id, revision,
@@ -271,6 +272,27 @@ def test_a_hub_id_or_revision_that_could_name_a_path_is_refused_at_registration(
     assert [d["field"] for d in caught.value.details] == [field]
     for fine in ("main", "refs/pr/1", "v1.0", "0123456789abcdef0123456789abcdef01234567"):
         assert models.add_model(session, f"m-{fine}", roots=[tmp_path], hub_id="meta-llama/Llama-3.1-8B", revision=fine)
+
+
+@pytest.mark.parametrize("hub_id", [
+    # validate_repo_id's own examples, valid ("foo"...) and not ("datasets/foo/bar"...); ids the hub serves
+    "foo", "foo/bar", "123", "Foo-BAR_foo.bar123", "datasets/foo/bar", ".repo_id", "foo--bar", "foo.git",
+    "gpt2", "org/name_", "org_/name", "_org/name", "org/" + "n" * 60, "o" * 96 + "/" + "n" * 96, "org/" + "n" * 97,
+    "org/name-", "org/-name", "org/na..me", "org/a.b-c_d", "a/b", "/name", "org/", "org//name", "../name", "org/..",
+    "org/.", "org/name.", "org/name/", "org name/x", "org/na+me"])
+def test_a_hub_id_is_taken_exactly_when_the_hub_takes_it(hub_id):
+    """The rule refused ids the hub takes (`gpt2`, `org/name_`, `org_/name`, a name of 60 characters after its org),
+    and the worker applies it to models registered before it: their jobs failed. The hub's own check decides."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from app.models.service import hub_source_problems
+
+    try:
+        validate_repo_id(hub_id)
+        hub_takes = True
+    except HFValidationError:
+        hub_takes = False
+    assert (hub_source_problems(hub_id, "main") == []) == hub_takes
 
 
 @pytest.mark.parametrize(("text", "says"), [
