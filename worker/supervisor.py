@@ -592,7 +592,8 @@ class JobRun:
         if problems:
             raise UnusableInput(f"cannot train: base model {model['name']!r} is registered with a "
                                 + " and a ".join(f"{field} that is not {rule}" for field, rule in problems)
-                                + "; an admin registers it again (DELETE and POST /models)")
+                                + "; an admin registers it again (DELETE /models/NAME?force=true, which cancels "
+                                  "the jobs on it, then POST /models)")
         from huggingface_hub import snapshot_download
 
         cache_dir = self.settings.home / "hub"

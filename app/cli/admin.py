@@ -301,13 +301,18 @@ def list_models(as_json: JsonOption = None) -> None:
 
 
 @commands.command("remove-model")
-def remove_model(name: str, as_json: JsonOption = None) -> None:
+def remove_model(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Remove it even while jobs queued, running or paused name "
+                                        "it, and cancel those jobs (running ones after their current step).")] = False,
+    as_json: JsonOption = None,
+) -> None:
     """Remove a base model from the registry (as DELETE /models/NAME): new jobs can no longer ask for it;
-    jobs made from it keep their results. Refused while jobs queued, running or paused name it. On a pipe:
-    {"name", "removed": true}."""
+    jobs made from it keep their results. Refused while jobs queued, running or paused name it, unless --force
+    (?force=true). On a pipe: {"name", "removed": true}."""
     from app.models import service
 
-    _admin_call(lambda s: service.remove_model(s, name))
+    _admin_call(lambda s: service.remove_model(s, name, force=force))
     show({"name": name, "removed": True}, lambda: out.print(f"model {name!r} removed"), as_json)
 
 

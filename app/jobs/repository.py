@@ -101,6 +101,13 @@ def unfinished_on_model_any_team(session: Session, base_model: str) -> dict[str,
     return {status: count for status, count in rows}
 
 
+def unfinished_on_model_locked(session: Session, base_model: str) -> list[Job]:
+    """For an admin removing a base model by force: the unfinished jobs of every team on it, their rows locked in
+    id order (after the model's row, as a job's creation takes the model's and then writes its own)."""
+    return list(session.scalars(select(Job).where(Job.base_model == base_model, Job.status.in_(states.ACTIVE))
+                                .order_by(Job.id).with_for_update()))
+
+
 ANY_METADATA: Mapping[str, str] = MappingProxyType({})  # list_page's `metadata` that filters nothing
 
 

@@ -309,7 +309,10 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
     the event saying so (`message`, else the error). False: someone else decided (the job was requeued,
     or cancelled while it was paused). `ended_at` (the database's clock): when the attempt ended, where that
     was before this write (a worker that waited for the database to come back); its GPU time ends there."""
-    values: dict = {"error": error, "heartbeat_at": database_now(session)}
+    values: dict = {"heartbeat_at": database_now(session)}
+    if error is not None or status != states.CANCELLED:
+        # A cancel says no error; one an admin's removal of the base model asked for left its own, which stays.
+        values["error"] = error
     if status in states.FINISHED:
         # A hand-back or a preemption asked as the run was past training (merging, say) cannot pause it: it ends
         # as it would have, and is not to be queued again. Its pause_requested event said it would be: say why not.

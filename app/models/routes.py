@@ -21,5 +21,6 @@ def add_model(body: ModelIn, session: SessionDep, settings: SettingsDep, _: Admi
 
 
 @router.delete("/{name:path}", status_code=204)
-def remove_model(name: str, session: SessionDep, _: AdminDep):
-    service.remove_model(session, name)
+def remove_model(name: str, session: SessionDep, _: AdminDep, force: bool = False):
+    """Refused (409) while unfinished jobs name the model; `force=true` removes it anyway and cancels them."""
+    service.remove_model(session, name, force=force)

@@ -8,13 +8,17 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic_core import from_json
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.db import database_now
 from app.errors import Conflict, Invalid, NotFound, field_errors
 from app.jobs import repository as jobs
+from app.jobs import states
+from app.jobs.tables import Job
 from app.models import repository
 from app.models.tables import RegisteredModel
 from app.routing import MAX_JSON_VALUES, more_values_than
@@ -221,18 +225,42 @@ def get_model(session: Session, name: str, *, lock: str | None = None) -> Regist
     return model
 
 
-def remove_model(session: Session, name: str) -> None:
-    """Remove a model no unfinished job names. A job names its model by name, and every attempt reads the
-    registry again: removed under a queued or paused job, the job failed when a worker took it, after its wait
-    ("base model ... is no longer registered"); removed and registered again with other weights, a paused job
-    resumed its adapter on them. The row is locked first: a job being created on the model holds it shared until
-    its transaction ends, and its job is then counted."""
+def remove_model(session: Session, name: str, *, force: bool = False) -> None:
+    """Remove a model no unfinished job names; with `force`, remove it anyway and end every unfinished job on it
+    (end_for_removal). A job names its model by name, and every attempt reads the registry again: removed under
+    a queued or paused job, the job failed when a worker took it, after its wait ("base model ... is no longer
+    registered"); removed and registered again with other weights, a paused job resumed its adapter on them. The
+    row is locked first: a job being created on the model holds it shared until its transaction ends, and its job
+    is then counted (or, with `force`, ended)."""
     model = get_model(session, name, lock="update")
-    unfinished = jobs.unfinished_on_model_any_team(session, name)
-    if unfinished:
+    if force:
+        for job in jobs.unfinished_on_model_locked(session, name):  # model, then jobs: as a job's creation
+            end_for_removal(session, job, name)
+    elif unfinished := jobs.unfinished_on_model_any_team(session, name):
         held = ", ".join(f"{count} {status}" for status, count in sorted(unfinished.items()))
         raise Conflict(f"base model {name!r} is in use by jobs that have not finished ({held}); remove it once they "
                        "have (their teams cancel them, or they succeed or fail), so none fails for it or trains on "
-                       "another model registered under its name")
+                       "another model registered under its name; or remove it now with ?force=true (qlora admin "
+                       "remove-model --force), which cancels them: queued and paused ones at once, running ones "
+                       "after their current step")
     session.delete(model)
     session.flush()
+
+
+def end_for_removal(session: Session, job: Job, name: str) -> None:
+    """End an unfinished job (its row locked) whose base model an admin removes by force: cancelled, the one end a
+    queued or paused job may take, its checkpoints and adapters kept for download as any cancelled job's. A job on
+    a GPU is asked to stop as a cancel asks it (cancelling: its worker records cancelled after the current step);
+    one cancelling already goes on to its end. The error says why, and stays once the worker records cancelled."""
+    error = f"base model {name} was removed by an admin"
+    values: dict[str, Any]
+    if job.status in (states.QUEUED, states.PAUSED):
+        target, event, message = states.CANCELLED, "cancelled", f"cancelled: {error}"
+        values = {"finished_at": database_now(session), "error": error}
+    elif job.status in (states.RUNNING, states.PAUSING):
+        target, event, values = states.CANCELLING, "cancel_requested", {"error": error}
+        message = f"cancel requested: {error}; the training process stops, and its worker records it cancelled"
+    else:
+        return
+    if jobs.transition(session, job.id, target, only_from=[job.status], **values):  # its row is held: it wins
+        jobs.add_event(session, job.id, event, "warning", message, attempt=job.attempt)

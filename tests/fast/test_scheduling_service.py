@@ -452,3 +452,34 @@ def test_a_model_that_unfinished_jobs_name_cannot_be_removed_under_them(session,
     models.remove_model(session, "llama-3-8b")  # nothing unfinished names it now
     session.commit()
     assert models.list_models(session) == []
+
+
+def test_an_admin_removes_a_model_by_force_and_the_jobs_on_it_are_cancelled_saying_why(session, settings, world):
+    """Refused while a job named it, a model could not be removed at all where a job stayed paused (or queued for a
+    disabled team): --force removes it, cancels the queued and paused jobs at once and stops the running one as a
+    cancel does, each saying the admin removed its model."""
+    from app.errors import Conflict
+    from app.jobs.repository import events
+    from app.models import service as models
+
+    team_a, team_b = world["team-a"][0], world["team-b"][0]
+    running = add_job(session, team_b, age_s=60)
+    assert claim(settings, running).id == running
+    queued, paused = add_job(session, team_a), add_job(session, team_a, status=states.PAUSED)
+    with pytest.raises(Conflict, match=r"force=true \(qlora admin remove-model --force\)"):
+        models.remove_model(session, "llama-3-8b")
+    session.rollback()
+    models.remove_model(session, "llama-3-8b", force=True)
+    session.commit()
+    assert models.list_models(session) == []
+    why = "base model llama-3-8b was removed by an admin"
+    for job_id, status, event in ((queued, states.CANCELLED, "cancelled"), (paused, states.CANCELLED, "cancelled"),
+                                  (running, states.CANCELLING, "cancel_requested")):
+        job = session.get(Job, job_id)
+        assert (job.status, job.error) == (status, why)
+        [said] = [e for e in events(session, job.team_id, job_id, None, 100) if e.type == event]
+        assert why in said.message
+    with session_scope(settings.database_url) as s:  # its worker, once the training process has stopped
+        assert runs.finish(s, running, 1, states.CANCELLED)
+    session.expire_all()
+    assert (session.get(Job, running).status, session.get(Job, running).error) == (states.CANCELLED, why)

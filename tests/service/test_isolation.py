@@ -156,4 +156,5 @@ def test_only_admin_keys_manage_the_registry(deployment, team_a, tiny_model_dir)
     assert created.status_code == 201, created.text
     assert "another" in {m["name"] for m in team_a.get("/models").json()}
     assert admin.post("/models", json=body).status_code == 409
-    assert admin.delete("/models/another").status_code == 204
+    assert team_a.delete("/models/another", params={"force": "true"}).status_code == 403  # forced, still admins only
+    assert admin.delete("/models/another", params={"force": "true"}).status_code == 204

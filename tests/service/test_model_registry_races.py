@@ -107,3 +107,49 @@ def test_a_models_removal_does_not_wait_for_the_preflight_of_a_job_on_it(databas
             jobs_service._still_registered(creating, job_spec(), model)
     finally:
         creating.close()
+
+
+def test_a_model_removed_by_force_while_a_job_on_it_is_created_cancels_that_job_and_stops_the_running_one(database_url):
+    """Forced, the removal still waits for the job being created on the model, then ends it with the others: a job
+    committed after it would fail when a worker took it. A running job is asked to stop as a cancel asks it."""
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        team = create_team(session, "team-a")
+        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
+                            status="ready"))
+        running = Job(team_id=team.id, status=states.RUNNING, attempt=1, worker="w1", base_model="llama-3-8b",
+                      queue=QUEUE, dataset_id="data", spec=job_spec().model_dump(mode="json"), priority=1)
+        session.add(running)
+        session.flush()
+        team_id, running_id = team.id, running.id
+    creating = sessionmaker_for(database_url)()
+    try:
+        model = jobs_service._registered_model(creating, job_spec())
+        jobs_service._still_registered(creating, job_spec(), model)
+        removal: dict[str, object] = {}
+
+        def remove() -> None:
+            try:
+                with session_scope(database_url) as session:
+                    models.remove_model(session, model.name, force=True)
+                removal["outcome"] = "removed"
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                removal["outcome"] = exc
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        wait_for_a_lock_wait(database_url, "the forced removal, on the model's row,")
+        created = Job(team_id=team_id, status=states.QUEUED, base_model=model.name, queue=QUEUE, dataset_id="data",
+                      spec=job_spec().model_dump(mode="json"), priority=1)
+        creating.add(created)
+        creating.commit()
+        created_id = created.id
+        remover.join(30)
+    finally:
+        creating.close()
+    assert removal.get("outcome") == "removed", removal
+    why = "base model llama-3-8b was removed by an admin"
+    with session_scope(database_url) as session:
+        assert models.list_models(session) == []
+        assert (session.get(Job, created_id).status, session.get(Job, created_id).error) == (states.CANCELLED, why)
+        assert (session.get(Job, running_id).status, session.get(Job, running_id).error) == (states.CANCELLING, why)
