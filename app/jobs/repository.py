@@ -367,7 +367,19 @@ def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_
     # Set for the transaction (is_local): put back after the statement, and by the transaction's end where it fails
     # (a statement on a failed transaction, putting it back in a `finally`, raised an error of its own in place of
     # the statement's, its timeout's 503 among them).
-    jit = connection.execute(select(func.current_setting("jit"), func.set_config("jit", "off", True))).scalar_one()
+    # Each statement its own transaction (autocommit: app.db.read_only, which the thinned route reads on), a setting
+    # for the transaction was back before the query ran: set for the connection there, and put back whatever
+    # happens, which no aborted transaction refuses there.
+    dbapi_connection = connection.connection.dbapi_connection
+    autocommit = bool(dbapi_connection is not None and dbapi_connection.autocommit)
+    jit = connection.execute(select(func.current_setting("jit"),
+                                    func.set_config("jit", "off", not autocommit))).scalar_one()
+    if autocommit:
+        try:
+            return [tuple(row) for row in connection.execute(query)]
+        finally:
+            if not connection.invalidated:  # a dropped connection is not given back to the pool
+                connection.execute(select(func.set_config("jit", jit, False)))
     rows = [tuple(row) for row in connection.execute(query)]
     connection.execute(select(func.set_config("jit", jit, True)))
     return rows

@@ -5,12 +5,14 @@ is counted in the database's own terms (rows each plan node handled, rows read),
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 
 import pytest
 from sqlalchemy import event, insert, text
 
-from app.db import engine_for, new_id, session_scope
+from app.db import engine_for, new_id, read_only, session_scope
 from app.jobs import repository, states
 from app.jobs.tables import Job, JobMetric
 from app.migrate import upgrade
@@ -121,3 +123,36 @@ def test_a_bucket_query_that_fails_raises_its_own_error_not_the_jit_settings(dat
     team_id, job_id = new_curve(database_url, range(5, 50), every_eval=10)
     with session_scope(database_url) as session, pytest.raises(DataError, match="division by zero"):
         repository.metric_buckets(session, team_id, job_id, "train", "train_loss", 5, 0, 49)
+
+
+def test_the_thinned_routes_bucket_query_runs_without_jit_and_leaves_the_pooled_connection_as_it_was(database_url):
+    """The thinned route reads on app.db.read_only, where each statement is its own transaction (autocommit): JIT
+    turned off for the transaction was back on before the bucket query ran, which compiled (200 ms a poll at 20,000
+    points) as before. Off for that query, and back after it on the connection, which goes back to the pool, whether
+    the query succeeded or failed (a width of 0 fails it in the database)."""
+    from sqlalchemy.exc import DataError
+
+    team_id, job_id = new_curve(database_url, range(5, 50), every_eval=10)
+
+    def read(session, width: int) -> tuple[bool, list[str], str, str]:
+        connection = session.connection()
+        before = connection.execute(text("SHOW jit")).scalar_one()
+        seen: list[str] = []
+
+        def look(conn, cursor, statement, *_) -> None:
+            if "GROUP BY" in statement:  # the bucket query, as it is sent
+                probe = conn.connection.dbapi_connection.cursor()
+                probe.execute("SHOW jit")
+                seen.append(probe.fetchone()[0])
+        event.listen(connection, "before_cursor_execute", look)
+        try:
+            read_ok = bool(repository.metric_buckets(session, team_id, job_id, "train", "train_loss", 5, width, 49))
+        except DataError:
+            read_ok = False
+        finally:
+            event.remove(connection, "before_cursor_execute", look)
+        return read_ok, seen, before, connection.execute(text("SHOW jit")).scalar_one()
+
+    for width, succeeds in ((4, True), (0, False)):
+        read_ok, seen, before, after = asyncio.run(read_only(database_url, functools.partial(read, width=width)))
+        assert (read_ok, seen, after) == (succeeds, ["off"], before)
