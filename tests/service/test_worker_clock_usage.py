@@ -17,13 +17,14 @@ import pytest
 from sqlalchemy import select
 
 from app.db import FAULT_CLOCK_SKEW, database_now, session_scope
-from app.jobs import repository, states
+from app.jobs import repository, runs, states
 from app.jobs import service as jobs
 from app.jobs.tables import Job, JobAttempt, JobEvent, JobMetric
 from app.teams.service import Caller, create_team
 from app.teams.tables import Team
 from app.usage import ledger
 from tests.deployment import stored_spec
+from worker.training.protocol import Event, TrainPoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,3 +165,24 @@ def test_points_and_events_a_worker_behind_reports_are_dated_on_the_databases_cl
         assert len(ages) == 3 and all(at >= job.claimed_at for at in dated), ages
         assert all(0 <= age < 600 for age in ages), ages  # seconds old: not two hours (nor three) before the claim
         assert jobs.estimated_finish(session, caller, job) is not None, ages
+
+
+def test_a_reports_events_sit_among_its_points_in_the_v1_feed_as_they_were_logged(database_url):
+    """A report's points and events are all dated at its heartbeat; the /v1 events feed puts an event after the points
+    of its moment, so each event of a batch read as newer than every point of it (a checkpoint saved at step 1 above
+    steps 2 and 3). In the order the training process logged them, as when each row took its own time."""
+    with session_scope(database_url) as session:
+        team = create_team(session, "feed")
+        job = Job(team_id=team.id, status=states.QUEUED, base_model="tiny", queue="gpu-default", spec=stored_spec())
+        session.add(job)
+        session.flush()
+        assert repository.claim(session, job.id, "w1", database_now(session)) == 1
+        job_id, caller = job.id, Caller(team_id=team.id, team_name="feed", key_id="k", is_admin=False)
+    with session_scope(database_url) as session:
+        runs.report(session, job_id, 1, [TrainPoint(step=1, epoch=0, train_loss=3.0),
+                                         Event(type="checkpoint_saved", message="saved", step=1),
+                                         TrainPoint(step=2, epoch=0, train_loss=2.9),
+                                         TrainPoint(step=3, epoch=0, train_loss=2.8)], None)
+    with session_scope(database_url) as session:
+        feed = jobs.feed_newest_first(session, caller, job_id, None, 10).data
+        assert [row.type if isinstance(row, JobEvent) else row.step for row in feed] == [3, 2, "checkpoint_saved", 1]
