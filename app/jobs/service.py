@@ -115,6 +115,11 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
                else preflight.Checked(None, "preflight not run"))
     if checked.report:
         preflight.refuse_if_it_cannot_learn(checked.report)
+    # Before the team's row, never after it: a forced removal of the model holds the model's row while it waits for
+    # the rows of the jobs on it, and a worker ending one of those holds its job's row while it waits for its team's
+    # (usage.ledger). Taken under the team's row, a creation waited for the model's with the team's held: Postgres
+    # ended one of the three with "deadlock detected".
+    _still_registered(session, spec, model)
     if keyed is not None:
         idempotency.check_not_made_meanwhile(session, caller.team_id, keyed)  # takes the team's row
     check_can_queue(session, settings, caller)  # last: it holds the team's row until the commit
@@ -125,7 +130,6 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
             _usable_dataset(session, caller, field, meta[field])
     if meta.get("initial_job_id") is not None:  # its adapter too, which deleting it takes the team's row for
         lineage.initial_job(session, caller.team_id, meta["initial_job_id"], spec)
-    _still_registered(session, spec, model)
     job = Job(
         created_at=database_now(session),  # a job's times are all the database's clock (docs/reliability.md)
         team_id=caller.team_id, name=meta.get("name", ""), user_metadata=meta.get("metadata"), status=states.QUEUED,

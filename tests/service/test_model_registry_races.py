@@ -5,22 +5,26 @@ committed after it failed when a worker took it ("base model ... is no longer re
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import text
 
+from app.config import Settings
 from app.datasets.tables import Dataset
 from app.db import session_scope, sessionmaker_for
 from app.errors import Conflict, Invalid
+from app.jobs import runs, states
 from app.jobs import service as jobs_service
-from app.jobs import states
 from app.jobs.tables import Job
 from app.models import service as models
 from app.models.tables import RegisteredModel
+from app.quotas.service import lock_team
 from app.teams.service import Caller, create_key, create_team
 from tests.deployment import wait_for_a_lock_wait
 from tests.fast.conftest import job_spec
 from tests.fast.test_scheduling_service import QUEUE
+from tests.model_configs import LLAMA3_8B
 
 
 def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_commits(database_url):
@@ -153,3 +157,70 @@ def test_a_model_removed_by_force_while_a_job_on_it_is_created_cancels_that_job_
         assert models.list_models(session) == []
         assert (session.get(Job, created_id).status, session.get(Job, created_id).error) == (states.CANCELLED, why)
         assert (session.get(Job, running_id).status, session.get(Job, running_id).error) == (states.CANCELLING, why)
+
+
+def lock_waits(database_url: str, count: int, what: str) -> None:
+    """Until `count` connections of this database wait on a lock (as tests.deployment.wait_for_a_lock_wait)."""
+    deadline = time.monotonic() + 30
+    with session_scope(database_url) as session:
+        while session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND wait_event_type = 'Lock'")) < count:
+            assert time.monotonic() < deadline, f"{what} never waited"
+            time.sleep(0.02)
+            session.rollback()
+
+
+def test_a_forced_removal_a_workers_end_and_a_creation_of_its_team_at_once_do_not_deadlock(database_url, tmp_path):
+    """The removal holds the model's row and waits for a running job's; that job's worker, ending it, holds its row and
+    waits for its team's (usage.ledger); a creation of that team held the team's row and waited for the model's
+    (taken after the team's): Postgres ended one of the three with "deadlock detected". Now the creation takes the
+    model's first: the removal waits for it, then cancels its job with the others."""
+    settings = Settings(home=tmp_path, database_url=database_url, storage_url=f"file://{tmp_path / 'storage'}",
+                        broker_url="").model_copy(update={"gpu_classes": {"l4": 24}})
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", hub_id="meta-llama/Meta-Llama-3-8B", revision="main",
+                                    config=LLAMA3_8B))
+        team = create_team(session, "team-a")
+        key, _secret = create_key(session, "team-a")
+        dataset = Dataset(team_id=team.id, filename="t.jsonl", storage_key="k", bytes=1, sha256="0" * 64,
+                          status="ready", format="chat", rows=1)
+        session.add(dataset)
+        session.flush()
+        running = Job(team_id=team.id, status=states.QUEUED, base_model="llama-3-8b", queue=QUEUE,
+                      dataset_id=dataset.id, spec=job_spec().model_dump(mode="json"), priority=1)
+        session.add(running)
+        session.flush()
+        caller, team_id, dataset_id, running_id = Caller.of(team, key), team.id, dataset.id, running.id
+    with session_scope(database_url) as session:
+        assert runs.claim(session, running_id, "w1") is not None
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, work) -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcomes[name] = work(session)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcomes[name] = exc
+
+    payload = {"dataset_id": dataset_id, "base_model": "llama-3-8b", "training": {"max_steps": 10}}
+    holder = sessionmaker_for(database_url)()
+    try:
+        lock_team(holder, team_id)  # another request of the team (a creation, a resume) holds its row for a moment
+        threads = [threading.Thread(target=run, args=(name, work)) for name, work in (
+            ("create", lambda s: jobs_service.create(s, settings, caller, dict(payload)).id),
+            ("finish", lambda s: runs.finish(s, running_id, 1, states.SUCCEEDED)),
+            ("remove", lambda s: models.remove_model(s, "llama-3-8b", force=True)))]
+        for waiting, thread in enumerate(threads, start=1):  # each in turn, to its wait
+            thread.start()
+            lock_waits(database_url, waiting, f"{thread.name}")
+        holder.commit()  # the creation, first in line for the team's row, goes on
+        for thread in threads:
+            thread.join(30)
+    finally:
+        holder.close()
+    assert not [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)], outcomes
+    assert outcomes["finish"] is True
+    with session_scope(database_url) as session:
+        created = session.get(Job, outcomes["create"])
+        assert (created.status, created.error) == (states.CANCELLED, "base model llama-3-8b was removed by an admin")
+        assert session.get(Job, running_id).status == states.SUCCEEDED
