@@ -173,6 +173,11 @@ def transition(session: Session, job_id: str, to: str, *, attempt: int | None = 
     return _rows_changed(session, query.values(status=to, **values)) == 1
 
 
+def lock(session: Session, job_id: str) -> None:
+    """The job's row locked until the commit (on SQLite a no-op: its writers go one at a time)."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+
 def claim(session: Session, job_id: str, worker: str, now, token: str | None = None) -> int | None:
     """queued → running, taking the next attempt number, marked with the claim's `token` (landed_claim). Returns
     the attempt, or None if not claimable."""

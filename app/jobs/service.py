@@ -835,6 +835,11 @@ def _request(session: Session, caller: Caller, job_id: str, request: str,
         values: dict[str, Any] = {"finished_at": database_now(session)} if target in states.FINISHED else {}
         if target == states.QUEUED:
             if before_queueing is not None:
+                # The job's row before the team's (which before_queueing takes), as a worker ending a job takes them:
+                # the other way round, this waited for the job's row with the team's held, which a forced removal of
+                # its base model held while it waited for a job of the team that its worker, ending it, held while it
+                # waited for the team's row: Postgres ended one of the three with "deadlock detected".
+                repository.lock(session, job.id)
                 before_queueing()  # max_queued, under the team's row: the job is queued only from what was read
             # A person resumed it: its lost attempts count afresh (one paused after QLORA_MAX_ATTEMPTS
             # lost to a full disk would otherwise be paused again by the first loss after the resume).

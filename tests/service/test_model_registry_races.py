@@ -224,3 +224,54 @@ def test_a_forced_removal_a_workers_end_and_a_creation_of_its_team_at_once_do_no
         created = session.get(Job, outcomes["create"])
         assert (created.status, created.error) == (states.CANCELLED, "base model llama-3-8b was removed by an admin")
         assert session.get(Job, running_id).status == states.SUCCEEDED
+
+
+def test_a_forced_removal_a_workers_end_and_a_resume_of_its_team_at_once_do_not_deadlock(database_url, tmp_path):
+    """The removal holds a paused job's row (jobs in id order) and waits for a running one's; that job's worker, ending
+    it, holds its row and waits for its team's (usage.ledger); a resume of the paused job held the team's row (its
+    max_queued check) and waited for the job's: Postgres ended one of the three with "deadlock detected". Now the
+    resume takes the job's row first, as a worker does: the removal waits for it, then cancels the job queued again."""
+    settings = Settings(home=tmp_path, database_url=database_url, storage_url=f"file://{tmp_path / 'storage'}",
+                        broker_url="")
+    with session_scope(database_url) as session:
+        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
+        team = create_team(session, "team-a")
+        key, _secret = create_key(session, "team-a")
+        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
+                            status="ready"))
+        paused_id, running_id = "a" * 32, "b" * 32  # the paused job first in id order, as the removal locks them
+        for job_id, status in ((paused_id, states.PAUSED), (running_id, states.QUEUED)):
+            session.add(Job(id=job_id, team_id=team.id, status=status, base_model="llama-3-8b", queue=QUEUE,
+                            dataset_id="data", spec=job_spec().model_dump(mode="json"), priority=1))
+        caller, team_id = Caller.of(team, key), team.id
+    with session_scope(database_url) as session:
+        assert runs.claim(session, running_id, "w1") is not None
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, work) -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcomes[name] = work(session)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcomes[name] = exc
+
+    holder = sessionmaker_for(database_url)()
+    try:
+        lock_team(holder, team_id)  # another request of the team (a creation, a resume) holds its row for a moment
+        threads = [threading.Thread(target=run, args=(name, work)) for name, work in (
+            ("resume", lambda s: jobs_service.resume(s, settings, caller, paused_id).status),
+            ("finish", lambda s: runs.finish(s, running_id, 1, states.SUCCEEDED)),
+            ("remove", lambda s: models.remove_model(s, "llama-3-8b", force=True)))]
+        for waiting, thread in enumerate(threads, start=1):  # each in turn, to its wait
+            thread.start()
+            lock_waits(database_url, waiting, f"{thread.name}")
+        holder.commit()  # the resume, first in line for the team's row, goes on
+        for thread in threads:
+            thread.join(30)
+    finally:
+        holder.close()
+    assert outcomes == {"resume": states.QUEUED, "finish": True, "remove": None}, outcomes
+    with session_scope(database_url) as session:
+        resumed = session.get(Job, paused_id)
+        assert (resumed.status, resumed.error) == (states.CANCELLED, "base model llama-3-8b was removed by an admin")
+        assert session.get(Job, running_id).status == states.SUCCEEDED
