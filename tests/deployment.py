@@ -174,15 +174,15 @@ def upload(client: httpx.Client, path: Path | None = None, content: bytes | None
     return client.post("/datasets", files={"file": (name, data, "application/jsonl")})
 
 
-def wait_for_a_lock_wait(database_url: str, what: str) -> None:
-    """Until a connection of this database waits on a lock (pg_stat_activity): the moment a race is set up.
+def wait_for_a_lock_wait(database_url: str, what: str, count: int = 1) -> None:
+    """Until `count` connections of this database wait on a lock (pg_stat_activity): the moment a race is set up.
     `what` names the wait in the failure, after 30 s."""
     from sqlalchemy import text
 
     deadline = time.monotonic() + 30
     with session_scope(database_url) as session:
-        while not session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND wait_event_type = 'Lock'")):
+        while session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND wait_event_type = 'Lock'")) < count:
             assert time.monotonic() < deadline, f"{what} never waited"
             time.sleep(0.02)
             session.rollback()  # a new snapshot of the statistics each look

@@ -5,10 +5,11 @@ committed after it failed when a worker took it ("base model ... is no longer re
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets.tables import Dataset
@@ -27,17 +28,25 @@ from tests.fast.test_scheduling_service import QUEUE
 from tests.model_configs import LLAMA3_8B
 
 
-def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_commits(database_url):
+def removal_during_a_creation(database_url: str, *, force: bool, running: bool) -> tuple[object, str, str | None]:
+    """A team with a dataset (and, `running`, a job running on the model); a job being created on the model, at its
+    last read of it (under its team's row, after the preflight: POST /jobs and the OpenAI route both read it so);
+    the model's removal (`force` or not) started meanwhile, and the job committed once the removal waits. The
+    removal's outcome ("removed", or what it raised), the created job's id and the running one's."""
     with session_scope(database_url) as session:
         session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
         team = create_team(session, "team-a")
         session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
                             status="ready"))
-        team_id = team.id
+        team_id, running_id = team.id, None
+        if running:
+            job = Job(team_id=team.id, status=states.RUNNING, attempt=1, worker="w1", base_model="llama-3-8b",
+                      queue=QUEUE, dataset_id="data", spec=job_spec().model_dump(mode="json"), priority=1)
+            session.add(job)
+            session.flush()
+            running_id = job.id
     creating = sessionmaker_for(database_url)()
     try:
-        # The creation's last read of the model, under its team's row after the preflight (POST /jobs and the OpenAI
-        # route both read it so), its job not yet made.
         model = jobs_service._registered_model(creating, job_spec())
         jobs_service._still_registered(creating, job_spec(), model)
         removal: dict[str, object] = {}
@@ -45,22 +54,29 @@ def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_co
         def remove() -> None:
             try:
                 with session_scope(database_url) as session:
-                    models.remove_model(session, model.name)
+                    models.remove_model(session, model.name, force=force)
                 removal["outcome"] = "removed"
-            except Conflict as exc:
+            except Exception as exc:  # noqa: BLE001 - the caller asserts what it is
                 removal["outcome"] = exc
 
         remover = threading.Thread(target=remove)
         remover.start()
         wait_for_a_lock_wait(database_url, "the removal, on the model's row,")
-        creating.add(Job(team_id=team_id, status=states.QUEUED, base_model=model.name, queue=QUEUE, dataset_id="data",
-                         spec=job_spec().model_dump(mode="json"), priority=1))
+        created = Job(team_id=team_id, status=states.QUEUED, base_model=model.name, queue=QUEUE, dataset_id="data",
+                      spec=job_spec().model_dump(mode="json"), priority=1)
+        creating.add(created)
         creating.commit()
+        created_id = created.id
         remover.join(30)
     finally:
         creating.close()
-    assert isinstance(removal.get("outcome"), Conflict), removal
-    assert "1 queued" in str(removal["outcome"])
+    return removal.get("outcome"), created_id, running_id
+
+
+def test_a_model_removed_while_a_job_on_it_is_created_is_refused_once_the_job_commits(database_url):
+    outcome, _created, _running = removal_during_a_creation(database_url, force=False, running=False)
+    assert isinstance(outcome, Conflict), outcome
+    assert "1 queued" in str(outcome)
     with session_scope(database_url) as session:
         assert [m.name for m in models.list_models(session)] == ["llama-3-8b"]
 
@@ -116,42 +132,8 @@ def test_a_models_removal_does_not_wait_for_the_preflight_of_a_job_on_it(databas
 def test_a_model_removed_by_force_while_a_job_on_it_is_created_cancels_that_job_and_stops_the_running_one(database_url):
     """Forced, the removal still waits for the job being created on the model, then ends it with the others: a job
     committed after it would fail when a worker took it. A running job is asked to stop as a cancel asks it."""
-    with session_scope(database_url) as session:
-        session.add(RegisteredModel(name="llama-3-8b", path="/models/llama"))
-        team = create_team(session, "team-a")
-        session.add(Dataset(id="data", team_id=team.id, filename="d.jsonl", storage_key="k", bytes=10, sha256="0" * 64,
-                            status="ready"))
-        running = Job(team_id=team.id, status=states.RUNNING, attempt=1, worker="w1", base_model="llama-3-8b",
-                      queue=QUEUE, dataset_id="data", spec=job_spec().model_dump(mode="json"), priority=1)
-        session.add(running)
-        session.flush()
-        team_id, running_id = team.id, running.id
-    creating = sessionmaker_for(database_url)()
-    try:
-        model = jobs_service._registered_model(creating, job_spec())
-        jobs_service._still_registered(creating, job_spec(), model)
-        removal: dict[str, object] = {}
-
-        def remove() -> None:
-            try:
-                with session_scope(database_url) as session:
-                    models.remove_model(session, model.name, force=True)
-                removal["outcome"] = "removed"
-            except Exception as exc:  # noqa: BLE001 - asserted below
-                removal["outcome"] = exc
-
-        remover = threading.Thread(target=remove)
-        remover.start()
-        wait_for_a_lock_wait(database_url, "the forced removal, on the model's row,")
-        created = Job(team_id=team_id, status=states.QUEUED, base_model=model.name, queue=QUEUE, dataset_id="data",
-                      spec=job_spec().model_dump(mode="json"), priority=1)
-        creating.add(created)
-        creating.commit()
-        created_id = created.id
-        remover.join(30)
-    finally:
-        creating.close()
-    assert removal.get("outcome") == "removed", removal
+    outcome, created_id, running_id = removal_during_a_creation(database_url, force=True, running=True)
+    assert outcome == "removed", outcome
     why = "base model llama-3-8b was removed by an admin"
     with session_scope(database_url) as session:
         assert models.list_models(session) == []
@@ -159,15 +141,36 @@ def test_a_model_removed_by_force_while_a_job_on_it_is_created_cancels_that_job_
         assert (session.get(Job, running_id).status, session.get(Job, running_id).error) == (states.CANCELLING, why)
 
 
-def lock_waits(database_url: str, count: int, what: str) -> None:
-    """Until `count` connections of this database wait on a lock (as tests.deployment.wait_for_a_lock_wait)."""
-    deadline = time.monotonic() + 30
-    with session_scope(database_url) as session:
-        while session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND wait_event_type = 'Lock'")) < count:
-            assert time.monotonic() < deadline, f"{what} never waited"
-            time.sleep(0.02)
-            session.rollback()
+def request_finish_and_forced_removal(database_url: str, team_id: str, running_id: str,
+                                      request: tuple[str, Callable[[Session], object]]) -> dict[str, object]:
+    """With the team's row held a moment (another request of the team), in turn each to its wait: `request` (a
+    creation, a resume), the worker ending job `running_id`, and the base model's forced removal; then the team's row
+    let go, the request first in line for it. What each returned, or raised, by name ("finish", "remove")."""
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, work: Callable[[Session], object]) -> None:
+        try:
+            with session_scope(database_url) as session:
+                outcomes[name] = work(session)
+        except Exception as exc:  # noqa: BLE001 - the caller asserts what it is
+            outcomes[name] = exc
+
+    holder = sessionmaker_for(database_url)()
+    try:
+        lock_team(holder, team_id)
+        threads = [threading.Thread(target=run, args=(name, work)) for name, work in (
+            request,
+            ("finish", lambda s: runs.finish(s, running_id, 1, states.SUCCEEDED)),
+            ("remove", lambda s: models.remove_model(s, "llama-3-8b", force=True)))]
+        for waiting, thread in enumerate(threads, start=1):  # each in turn, to its wait
+            thread.start()
+            wait_for_a_lock_wait(database_url, f"{thread.name}", count=waiting)
+        holder.commit()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        holder.close()
+    return outcomes
 
 
 def test_a_forced_removal_a_workers_end_and_a_creation_of_its_team_at_once_do_not_deadlock(database_url, tmp_path):
@@ -193,31 +196,9 @@ def test_a_forced_removal_a_workers_end_and_a_creation_of_its_team_at_once_do_no
         caller, team_id, dataset_id, running_id = Caller.of(team, key), team.id, dataset.id, running.id
     with session_scope(database_url) as session:
         assert runs.claim(session, running_id, "w1") is not None
-    outcomes: dict[str, object] = {}
-
-    def run(name: str, work) -> None:
-        try:
-            with session_scope(database_url) as session:
-                outcomes[name] = work(session)
-        except Exception as exc:  # noqa: BLE001 - asserted below
-            outcomes[name] = exc
-
     payload = {"dataset_id": dataset_id, "base_model": "llama-3-8b", "training": {"max_steps": 10}}
-    holder = sessionmaker_for(database_url)()
-    try:
-        lock_team(holder, team_id)  # another request of the team (a creation, a resume) holds its row for a moment
-        threads = [threading.Thread(target=run, args=(name, work)) for name, work in (
-            ("create", lambda s: jobs_service.create(s, settings, caller, dict(payload)).id),
-            ("finish", lambda s: runs.finish(s, running_id, 1, states.SUCCEEDED)),
-            ("remove", lambda s: models.remove_model(s, "llama-3-8b", force=True)))]
-        for waiting, thread in enumerate(threads, start=1):  # each in turn, to its wait
-            thread.start()
-            lock_waits(database_url, waiting, f"{thread.name}")
-        holder.commit()  # the creation, first in line for the team's row, goes on
-        for thread in threads:
-            thread.join(30)
-    finally:
-        holder.close()
+    outcomes = request_finish_and_forced_removal(
+        database_url, team_id, running_id, ("create", lambda s: jobs_service.create(s, settings, caller, dict(payload)).id))
     assert not [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)], outcomes
     assert outcomes["finish"] is True
     with session_scope(database_url) as session:
@@ -246,30 +227,8 @@ def test_a_forced_removal_a_workers_end_and_a_resume_of_its_team_at_once_do_not_
         caller, team_id = Caller.of(team, key), team.id
     with session_scope(database_url) as session:
         assert runs.claim(session, running_id, "w1") is not None
-    outcomes: dict[str, object] = {}
-
-    def run(name: str, work) -> None:
-        try:
-            with session_scope(database_url) as session:
-                outcomes[name] = work(session)
-        except Exception as exc:  # noqa: BLE001 - asserted below
-            outcomes[name] = exc
-
-    holder = sessionmaker_for(database_url)()
-    try:
-        lock_team(holder, team_id)  # another request of the team (a creation, a resume) holds its row for a moment
-        threads = [threading.Thread(target=run, args=(name, work)) for name, work in (
-            ("resume", lambda s: jobs_service.resume(s, settings, caller, paused_id).status),
-            ("finish", lambda s: runs.finish(s, running_id, 1, states.SUCCEEDED)),
-            ("remove", lambda s: models.remove_model(s, "llama-3-8b", force=True)))]
-        for waiting, thread in enumerate(threads, start=1):  # each in turn, to its wait
-            thread.start()
-            lock_waits(database_url, waiting, f"{thread.name}")
-        holder.commit()  # the resume, first in line for the team's row, goes on
-        for thread in threads:
-            thread.join(30)
-    finally:
-        holder.close()
+    outcomes = request_finish_and_forced_removal(
+        database_url, team_id, running_id, ("resume", lambda s: jobs_service.resume(s, settings, caller, paused_id).status))
     assert outcomes == {"resume": states.QUEUED, "finish": True, "remove": None}, outcomes
     with session_scope(database_url) as session:
         resumed = session.get(Job, paused_id)
