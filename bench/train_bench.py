@@ -526,8 +526,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "lr": args.lr, "seed": args.seed,
                 "packing": {"auto": "auto", "on": True, "off": False}[args.packing]}
 
-    model = ensure_model(Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="qlora-train-bench-")),
-                         dims, args.seed)
+    if args.work:  # kept: the built model is reused by the next run given the same --work
+        return measure(args, dims, settings, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="qlora-train-bench-") as made:  # 19 MB a run otherwise left in /tmp
+        return measure(args, dims, settings, Path(made))
+
+
+def measure(args: argparse.Namespace, dims: dict, settings: dict, root: Path) -> dict:
+    """The three paths' runs on the model built (or found) under `root`, their report saved and printed."""
+    model = ensure_model(root, dims, args.seed)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=model.parent))  # this run's data, results and cache
     write_data(work / "train.jsonl", rows=args.steps * args.batch * 2, seq=args.seq, vocab=dims["vocab_size"],
                seed=args.seed)

@@ -1,12 +1,16 @@
 """bench/train_bench.py runs end to end on the CPU with the tiny preset (a benchmark: no timing asserted)."""
 
 import json
+import tempfile
 
 from bench import train_bench
 
 
-def test_train_bench_compares_both_paths_on_the_cpu(tmp_path):
+def test_train_bench_compares_both_paths_on_the_cpu(tmp_path, monkeypatch):
     out = tmp_path / "train_bench.json"
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where the bench's own folders go
     report = train_bench.main(["--preset", "tiny", "--steps", "8", "--batch", "4", "--seq", "128",
                                "--packing", "on", "--out", str(out)])
     assert json.loads(out.read_text())["preset"] == "tiny"
@@ -23,3 +27,4 @@ def test_train_bench_compares_both_paths_on_the_cpu(tmp_path):
                                     "time_to_first_step_s", "final_loss"}
     # Same data, seed and rank: the loss curves agree (the tolerance is the benchmark's own).
     assert report["loss_parity"]["within"], report["loss_parity"]
+    assert [p.name for p in temporary.glob("qlora-*")] == []  # without --work, its model and runs go with it (19 MB a run were left)
