@@ -369,12 +369,9 @@ def metric_buckets(session: Session, team_id: str, job_id: str, kind: str, loss_
     # Without JIT compilation, for this statement only: Postgres cannot tell how many buckets `(step - first) / width`
     # makes and takes one a point, and the cost it then expects (three subqueries a bucket) is past jit_above_cost:
     # compiling took 200 ms, running 10 (20,000 points, fresh statistics: bench/curve_bench.py --buckets).
-    # Set for the transaction (is_local): put back after the statement, and by the transaction's end where it fails
-    # (a statement on a failed transaction, putting it back in a `finally`, raised an error of its own in place of
-    # the statement's, its timeout's 503 among them).
-    # Each statement its own transaction (autocommit: app.db.read_only, which the thinned route reads on), a setting
-    # for the transaction was back before the query ran: set for the connection there, and put back whatever
-    # happens, which no aborted transaction refuses there.
+    # In a transaction the setting is the transaction's (it goes back at its end if the statement fails: a statement
+    # put back in a `finally` there raised "transaction aborted" in place of the statement's own error). In
+    # autocommit (app.db.read_only, the thinned route's reads) it is the connection's, put back whatever happens.
     dbapi_connection = connection.connection.dbapi_connection
     autocommit = bool(dbapi_connection is not None and dbapi_connection.autocommit)
     jit = connection.execute(select(func.current_setting("jit"),

@@ -756,14 +756,12 @@ def eval_report(session: Session, caller: Caller, job_id: str) -> dict:
 # What each request does from each state: (target state, event type, message). A state not listed
 # for a request answers 409; a job already where the request leads is answered as it is.
 _REQUESTS = {
-    "cancel": {
-        states.QUEUED: (states.CANCELLED, "cancelled", "cancelled before it started"),
-        states.PAUSED: (states.CANCELLED, "cancelled", "cancelled while paused"),
-        states.RUNNING: (states.CANCELLING, "cancel_requested",
-                         "cancel requested; the training process stops after its current step"),
-        states.PAUSING: (states.CANCELLING, "cancel_requested",
-                         "cancel requested while pausing; the training process stops without waiting for its save"),
-    },
+    "cancel": {status: (states.CANCELS_TO[status], states.CANCEL_EVENTS[states.CANCELS_TO[status]], message) for status, message in (
+        (states.QUEUED, "cancelled before it started"),
+        (states.PAUSED, "cancelled while paused"),
+        (states.RUNNING, "cancel requested; the training process stops after its current step"),
+        (states.PAUSING, "cancel requested while pausing; the training process stops without waiting for its save"),
+    )},
     "pause": {
         states.RUNNING: (states.PAUSING, "pause_requested",
                          "pause requested; the training process saves a checkpoint after its current step and stops"),

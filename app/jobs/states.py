@@ -10,6 +10,10 @@ WORKER_OWNED = (RUNNING, CANCELLING, PAUSING)
 # Not finished: the job still needs its datasets.
 ACTIVE = (QUEUED, *WORKER_OWNED, PAUSED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+# Where a cancel takes a job, from each state it may be cancelled in: at once where no process runs it, else asked to
+# stop (its worker records cancelled). A team's cancel (jobs.service) and an admin's forced model removal both.
+CANCELS_TO = {QUEUED: CANCELLED, PAUSED: CANCELLED, RUNNING: CANCELLING, PAUSING: CANCELLING}
+CANCEL_EVENTS = {CANCELLED: "cancelled", CANCELLING: "cancel_requested"}  # the event each of those records
 ALL = (*ACTIVE, *FINISHED)
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {

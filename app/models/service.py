@@ -253,14 +253,14 @@ def end_for_removal(session: Session, job: Job, name: str) -> None:
     a GPU is asked to stop as a cancel asks it (cancelling: its worker records cancelled after the current step);
     one cancelling already goes on to its end. The error says why, and stays once the worker records cancelled."""
     error = f"base model {name} was removed by an admin"
-    values: dict[str, Any]
-    if job.status in (states.QUEUED, states.PAUSED):
-        target, event, message = states.CANCELLED, "cancelled", f"cancelled: {error}"
-        values = {"finished_at": database_now(session), "error": error}
-    elif job.status in (states.RUNNING, states.PAUSING):
-        target, event, values = states.CANCELLING, "cancel_requested", {"error": error}
-        message = f"cancel requested: {error}; the training process stops, and its worker records it cancelled"
-    else:
+    target = states.CANCELS_TO.get(job.status)  # where a team's cancel takes it
+    values: dict[str, Any] = {"error": error}
+    if target is None:  # cancelling already: it goes on to its end
         return
+    if target == states.CANCELLED:
+        message = f"cancelled: {error}"
+        values["finished_at"] = database_now(session)
+    else:
+        message = f"cancel requested: {error}; the training process stops, and its worker records it cancelled"
     if jobs.transition(session, job.id, target, only_from=[job.status], **values):  # its row is held: it wins
-        jobs.add_event(session, job.id, event, "warning", message, attempt=job.attempt)
+        jobs.add_event(session, job.id, states.CANCEL_EVENTS[target], "warning", message, attempt=job.attempt)
