@@ -67,6 +67,9 @@ RUNNING_COUNTS_S = 300.0
 PREEMPT_MARGIN = 0.03
 # QLORA_FAIR_SHARE_HALF_LIFE_S's default, for a TeamShare made by hand rather than by TeamShare.at.
 DEFAULT_HALF_LIFE_S = 7 * 24 * 3600.0
+# QLORA_JOB_TIME_LIMIT_S's default, for a TeamShare made by hand: what a job started counts for its team's budget
+# until its pace is known (TeamShare.job_time_limit_s).
+DEFAULT_JOB_TIME_LIMIT_S = 72 * 3600.0
 
 
 def decayed(value_s: float, elapsed_s: float, half_life_s: float) -> float:
@@ -113,6 +116,11 @@ class TeamShare:
     disabled: bool = False  # by an admin: none of its jobs starts, whatever its quota
     # GPU-seconds its running jobs will still use, each as to_come_s() projects it; None: RUNNING_COUNTS_S each.
     to_come_s: float | None = None
+    # Its running jobs whose pace is not known yet (to_come_s counts them for all their time limit leaves), for a
+    # person (service.budget_said).
+    unpaced: int = 0
+    # What a job it starts counts for its budget until its pace is known: all of its time limit (to_come_s()).
+    job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S
 
     @property
     def still_to_come_s(self) -> float:
@@ -134,11 +142,13 @@ class TeamShare:
         does not hold back: it holds back starts, and such a job started with budget left, to run to its end.
 
         The budget counts each job running now for the GPU time it still has to come (still_to_come_s: at its
-        pace, to_come_s(); RUNNING_COUNTS_S at least, and where its pace is not known yet): a job starts only while
-        what is left exceeds that. Counting only what they had used so far, a team with seconds left started a job
-        on every free GPU at once (each start had "budget left"); counting RUNNING_COUNTS_S for each, a team with an
-        hour left started 12 jobs that each ran for hours, and ran past its month by as many GPU-hours. Now a job
-        running with 3 hours to go holds back a team with 1 hour left, and one with 10 minutes to go does not."""
+        pace, to_come_s(), RUNNING_COUNTS_S at least; where its pace is not known yet, all that its time limit
+        leaves it): a job starts only while what is left exceeds that. Counting only what they had used so far, a
+        team with seconds left started a job on every free GPU at once (each start had "budget left"); counting
+        RUNNING_COUNTS_S for each, a team with an hour left started 12 jobs that each ran for hours, and ran past its
+        month by as many GPU-hours, first one after another, then (once a running job counted its pace) all 12 in
+        one moment, before any had a pace. Now a job running with 3 hours to go holds back a team with 1 hour left,
+        one with 10 minutes to go does not, and one that has just started holds it back until its pace shows."""
         if self.disabled:
             return FOR_TEAM_DISABLED
         if self.budget_left_s is not None and not continuing and \
@@ -150,8 +160,12 @@ class TeamShare:
 
     def with_running(self, delta: int) -> TeamShare:
         """The team once it starts delta more jobs (a claim: 1), or stops -delta (a preemption: -1). A job started
-        has no pace yet: it counts RUNNING_COUNTS_S. A job preempted gives back as much, not its projection: it is
-        queued again mid-run and goes on past the budget (Waiting.continuing), so the rest of it is still to come."""
+        has no pace yet: it counts all of its time limit (to_come_s()), as it will once the claim reads it running.
+        A job preempted gives back RUNNING_COUNTS_S, not its projection: it is queued again mid-run and goes on past
+        the budget (Waiting.continuing), so the rest of it is still to come."""
+        if delta > 0:
+            return replace(self, running=self.running + delta, unpaced=self.unpaced + delta,
+                           to_come_s=self.still_to_come_s + delta * self.job_time_limit_s)
         to_come = None if self.to_come_s is None else max(self.to_come_s + delta * RUNNING_COUNTS_S, 0.0)
         return replace(self, running=self.running + delta, to_come_s=to_come)
 
@@ -159,26 +173,39 @@ class TeamShare:
     def at(cls, team_id: str, now: float, half_life_s: float, *, weight: float, usage_s: float,
            usage_at: float | None, running_since: Iterable[float], max_running: int | None = None,
            budget_left_s: float | None = None, disabled: bool = False,
-           to_come_s: Iterable[float] | None = None) -> TeamShare:
+           to_come_s: Iterable[float] | None = None, unpaced: int = 0,
+           job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S) -> TeamShare:
         """The team at `now`: its folded usage (as of usage_at) decayed to now, plus the attempts still
         running (claimed at running_since), which count up to now; `to_come_s`, the GPU-seconds each running job
-        still has to come (to_come_s(); None: RUNNING_COUNTS_S each)."""
+        still has to come (to_come_s(); None: RUNNING_COUNTS_S each), `unpaced` of them with no pace yet."""
         claims = list(running_since)
         usage = decayed(usage_s, now - usage_at, half_life_s) if usage_at is not None else 0.0
         usage += sum(used_between(claimed, now, now, half_life_s) for claimed in claims)
         return cls(team_id=team_id, weight=weight, running=len(claims), recent_gpus=average_gpus(usage, half_life_s),
                    max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled,
-                   to_come_s=None if to_come_s is None else sum(to_come_s))
+                   to_come_s=None if to_come_s is None else sum(to_come_s), unpaced=unpaced,
+                   job_time_limit_s=job_time_limit_s)
 
 
-def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float) -> float:
+def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
+              stopping: bool = False) -> float:
     """The GPU-seconds a running job will still use, as the budget counts it: until its last step at its current
-    pace (`finish_at`, jobs.pace.finish_s; None: not known yet, before two train points), RUNNING_COUNTS_S at least
-    (merging and the eval report come after the last step, and a job without a pace is loading its model), and never
-    past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker ends it there.
-    A job still running at its time limit counts RUNNING_COUNTS_S too: it holds its GPU until its worker stops it."""
-    pace = RUNNING_COUNTS_S if finish_at is None else max(finish_at - now, RUNNING_COUNTS_S)
-    return min(pace, max(claimed_at + time_limit_s - now, RUNNING_COUNTS_S))
+    pace (`finish_at`, jobs.pace.finish_s), RUNNING_COUNTS_S at least (merging and the eval report come after the last
+    step), and never past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker
+    ends it there. A job still running at its time limit counts RUNNING_COUNTS_S too: it holds its GPU until its
+    worker stops it.
+
+    A job whose pace is not known yet (finish_at None: loading its model, fewer than two train points since its claim,
+    or no total counted yet) counts all that its time limit leaves: the most it can use, as Slurm's safe limits count
+    a job's time limit before they start it. Counted as RUNNING_COUNTS_S, a team with an hour left started 12 jobs in
+    one moment (12 x 5 minutes), each of which then ran for hours. So a team whose budget left is under one time limit
+    starts one job, then the next once the first shows a pace that leaves room for it; one with more starts as many as
+    their time limits fit in it, and never overruns it for want of a pace. `stopping` (pausing or cancelling, which
+    have no pace): it ends after its current step, RUNNING_COUNTS_S."""
+    left_s = max(claimed_at + time_limit_s - now, RUNNING_COUNTS_S)
+    if finish_at is None:
+        return RUNNING_COUNTS_S if stopping else left_s
+    return min(max(finish_at - now, RUNNING_COUNTS_S), left_s)
 
 
 @dataclass(frozen=True)

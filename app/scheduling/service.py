@@ -46,21 +46,25 @@ SEND_UNSENT_AFTER_S = 10
 def team_shares(session: Session, settings: Settings, now: datetime, teams: list[Team] | None = None) -> dict[str, TeamShare]:
     """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
     force, GPUs held, decayed usage, what is left of its monthly budget, and what its running jobs will still use
-    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s)."""
+    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s; all that
+    its time limit leaves, where that pace is not known yet)."""
     some = None if teams is None else [team.id for team in teams]
     teams = repository.teams(session) if teams is None else teams
     quotas = {team.id: effective(settings, team) for team in teams}
     budgeted = [team_id for team_id, quota in quotas.items() if quota.gpu_hours_per_month is not None]
     claims: dict[str, list[float]] = {}
     to_come: dict[str, list[float]] = {}
+    unpaced: dict[str, int] = {}
     for team_id, claimed_at, status, total_steps, first_step, first_at, last_step, last_at \
             in repository.running_claims(session, some, paced=None if len(budgeted) == len(quotas) else budgeted):
         claimed = (claimed_at or now).timestamp()
         claims.setdefault(team_id, []).append(claimed)
         finish = pace.finish_s(status, total_steps, [] if first_at is None else [(first_step, first_at),
                                                                                  (last_step, last_at)])
+        stopping = status != states.RUNNING
+        unpaced[team_id] = unpaced.get(team_id, 0) + (finish is None and not stopping)
         to_come.setdefault(team_id, []).append(policy.to_come_s(now.timestamp(), claimed, finish,
-                                                                settings.job_time_limit_s))
+                                                                settings.job_time_limit_s, stopping=stopping))
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
     shares = {}
     for team in teams:
@@ -72,7 +76,8 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
             usage_at=team.fair_share_at.timestamp() if team.fair_share_at else None,
             running_since=claims.get(team.id, []), max_running=quota.max_running,
             budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0),
-            disabled=team.disabled_at is not None, to_come_s=to_come.get(team.id, []))
+            disabled=team.disabled_at is not None, to_come_s=to_come.get(team.id, []),
+            unpaced=unpaced.get(team.id, 0), job_time_limit_s=settings.job_time_limit_s)
     return shares
 
 
@@ -157,15 +162,22 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
 
 def budget_said(team: TeamShare) -> str:
     """Why the monthly budget holds a team's job back, for a person: what is left against what its running jobs will
-    still use (TeamShare.blocked_by). Before, a job said only gpu_hours_per_month, and a team with budget left
-    could not tell why its job waited."""
+    still use (TeamShare.blocked_by), and, where some of them have no pace yet, that they count for their time limit
+    until it shows. Before, a job said only gpu_hours_per_month, and a team with budget left could not tell why its
+    job waited; and a job held back by one without a pace read "71.9 GPU-h still to come" with no word of why."""
     left_h = (team.budget_left_s or 0.0) / 3600
     left = f"{left_h:.1f} GPU-h left" if left_h >= 0 else f"none left ({-left_h:.1f} GPU-h over)"
+    limit_h = f"{team.job_time_limit_s / 3600:g} h"
     said = (f"budget: {left}, {team.still_to_come_s / 3600:.1f} GPU-h still to come on "
             f"{counted(team.running, 'running job')}")
+    if team.unpaced:
+        just = "it has" if team.running == 1 else "1 of them has" if team.unpaced == 1 else \
+            f"{team.unpaced} of them have"
+        said += (f" ({just} no pace yet: until its first training steps show one, a job counts for the rest "
+                 f"of its {limit_h} time limit)")
     if team.blocked_by() != FOR_BUDGET:  # held back by the team's jobs ahead of it, once they start
-        said += (f", and {policy.RUNNING_COUNTS_S / 60:.0f} GPU-minutes for each of the team's jobs that start "
-                 "before this one")
+        said += (f", and each of the team's jobs that start before this one will count for up to {limit_h} until "
+                 "its pace shows")
     return (said + "; a job starts while what is left exceeds what is still to come, and a job that started runs to "
             "its end (README, Quotas)")
 

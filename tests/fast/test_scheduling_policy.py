@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from app.config import Settings
 from app.jobs import pace, states
 from app.scheduling.policy import (
+    DEFAULT_JOB_TIME_LIMIT_S,
     FOR_BUDGET,
     FOR_MAX_RUNNING,
     FOR_TEAM_DISABLED,
@@ -175,16 +177,25 @@ def test_a_spent_budget_holds_back_starts_not_the_jobs_the_service_queued_again_
     assert next_to_claim([waiting[2]], capped) is None
 
 
-def test_a_budget_lets_start_only_as_many_jobs_as_its_last_gpu_minutes_cover():
-    """Each job running counts for RUNNING_COUNTS_S against the budget: with a minute left one job starts, not one
-    per free GPU; with 12 minutes left, three (0, 1 and 2 running leave 12, 7 and 2 minutes), then the rest wait."""
-    waiting = [job(f"b-{i}", "b", age_h=10 - i) for i in range(5)] + [job("other-1", "other")]
+def test_a_budget_lets_start_only_as_many_jobs_as_their_time_limits_fit_in_what_is_left():
+    """A job started counts all of its time limit against the budget until its pace is known: with a minute, or an
+    hour, left one job starts, not one per free GPU (counted as RUNNING_COUNTS_S each, an hour started 12 jobs in one
+    moment, each of which then ran for hours); with two and a half time limits left, three start (0, 1 and 2 running
+    leave 2.5, 1.5 and 0.5 of them), then the rest wait. A team without a budget starts them all."""
+    limit = DEFAULT_JOB_TIME_LIMIT_S
+    assert limit == Settings.model_fields["job_time_limit_s"].default  # QLORA_JOB_TIME_LIMIT_S's
+    waiting = [job(f"b-{i}", "b", age_h=10 - i) for i in range(12)] + [job("other-1", "other")]
     one = teams_of(team("b", budget_left_s=60), team("other", used_h=100))
     assert [(w.job_id, reason) for w, reason in claim_order(waiting, one)] == [
-        ("b-0", None), ("other-1", None)] + [(f"b-{i}", FOR_BUDGET) for i in range(1, 5)]
-    assert next_to_claim(waiting[:5], teams_of(team("b", budget_left_s=60, running_for_h=(0.0,)))) is None
-    three = teams_of(team("b", budget_left_s=12 * 60), team("other", used_h=100))
+        ("b-0", None), ("other-1", None)] + [(f"b-{i}", FOR_BUDGET) for i in range(1, 12)]
+    assert next_to_claim(waiting[:12], teams_of(team("b", budget_left_s=60, running_for_h=(0.0,)))) is None
+    hour = teams_of(team("b", budget_left_s=HOUR), team("other", used_h=100))
+    assert [reason for _, reason in claim_order(waiting[:12], hour)] == [None] + [FOR_BUDGET] * 11
+    assert hour["b"].with_running(1).blocked_by() == FOR_BUDGET  # what a second claim, under the lock, reads
+    three = teams_of(team("b", budget_left_s=2.5 * limit), team("other", used_h=100))
     assert [reason for _, reason in claim_order(waiting[:5], three)] == [None, None, None, FOR_BUDGET, FOR_BUDGET]
+    unbudgeted = teams_of(team("b"), team("other", used_h=100))
+    assert [reason for _, reason in claim_order(waiting, unbudgeted)] == [None] * 13
     # A job the service queued again mid-run goes on past it, as before.
     continuing = replace(job("b-resumed", "b", priority=LOW), continuing=True)
     assert [(w.job_id, r) for w, r in claim_order([waiting[0], waiting[1], continuing], one)] == [
@@ -212,9 +223,13 @@ def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_it
     assert next_to_claim(waiting[:1], long_one) is None
     short_one = with_one_running(10 * 60)
     assert short_one["b"].blocked_by() is None and next_to_claim(waiting[:1], short_one) == waiting[0]
-    # A job whose pace is not known yet (model loading, fewer than two points) counts 5 GPU-minutes, as before, and
-    # so does one about to end (merging and the eval report come after its last step).
-    assert to_come_s(NOW, claimed, None, limit) == to_come_s(NOW, claimed, NOW + 10, limit) == RUNNING_COUNTS_S
+    # A job whose pace is not known yet (model loading, fewer than two points) counts all its time limit leaves: it
+    # counted 5 GPU-minutes, and a team with an hour left started 12 jobs in one moment. One about to end counts 5
+    # GPU-minutes (merging and the eval report come after its last step), and so does one pausing or cancelling,
+    # which has no pace: it stops after its current step.
+    assert to_come_s(NOW, claimed, None, limit) == limit - HOUR
+    assert to_come_s(NOW, claimed, NOW + 10, limit) == to_come_s(NOW, claimed, None, limit, stopping=True) \
+        == RUNNING_COUNTS_S
     # Never past what its time limit leaves: the worker ends the attempt there.
     assert to_come_s(NOW, NOW - 71 * HOUR, NOW + 10 * HOUR, limit) == HOUR
     # One still running at its limit holds its GPU until its worker stops it: 5 GPU-minutes, not none.
@@ -224,8 +239,9 @@ def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_it
     jumped = [(1, datetime(2026, 1, 1, tzinfo=UTC)), (2, datetime(2026, 1, 2, tzinfo=UTC))]
     assert pace.finish_at(states.RUNNING, 10_000_000, jumped) is None
     assert to_come_s(NOW, claimed, pace.finish_s(states.RUNNING, 10_000_000, jumped), limit) == limit - HOUR
-    # A job it starts counts 5 GPU-minutes more, a job preempted from it as much less (it is still to come).
-    assert long_one["b"].with_running(1).still_to_come_s == 3 * HOUR + RUNNING_COUNTS_S
+    # A job it starts counts its time limit more (no pace yet), a job preempted from it 5 GPU-minutes less (the rest
+    # of it is still to come: it goes on past the budget).
+    assert long_one["b"].with_running(1).still_to_come_s == 3 * HOUR + limit
     assert long_one["b"].with_running(-1).still_to_come_s == 3 * HOUR - RUNNING_COUNTS_S
     # The share is not moved by the projection: it orders teams by the GPU time they used (policy.RUNNING_COUNTS_S).
     assert long_one["b"].share == short_one["b"].share

@@ -46,6 +46,13 @@ def standing(settings, row) -> tuple[int, str] | None:
     return (found.position, found.waiting_for) if found else None
 
 
+def detail(settings, row) -> str:
+    """What GET /jobs/{id} says a held-back job waits for, in words (waiting_detail)."""
+    found = in_a_thread_of_its_own(lambda: asyncio.run(jobs_service.standing(settings, Recent(0), row)))
+    assert found is not None and found.detail is not None, found
+    return found.detail
+
+
 def claim(settings, named: str, worker: str = "w1"):
     with session_scope(settings.database_url) as s:
         return service.claim_next(s, settings, named, worker)
@@ -214,18 +221,21 @@ def test_a_budget_holds_back_starts_for_the_time_its_running_job_still_needs_at_
     session.commit()
     running = add_job(session, team_a, age_s=100)
     assert claim(settings, running).id == running
+    waiting = add_job(session, team_a, age_s=50, dispatched_at=utcnow())
+    # Just started, no pace yet: it counts for the rest of its time limit, and the queued job says so.
+    assert detail(settings, jobs_service.view(session, caller_a, waiting)).startswith(
+        "budget: 1.0 GPU-h left, 72.0 GPU-h still to come on 1 running job (it has no pace yet: until its first "
+        "training steps show one, a job counts for the rest of its 72 h time limit);")
+    assert claim(settings, waiting, "w2") is None
     job = session.get(Job, running)
     job.total_steps = 1000
     # 12 s a step in this attempt: 998 steps to go, 3.3 GPU-hours, as GET /jobs/{id}'s estimated_finish says.
     session.add_all([JobMetric(job_id=running, kind="train", step=step, train_loss=1.0,
                                created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1))) for step in (1, 2)])
     session.commit()
-    waiting = add_job(session, team_a, age_s=50, dispatched_at=utcnow())
 
-    found = in_a_thread_of_its_own(lambda: asyncio.run(
-        jobs_service.standing(settings, Recent(0), jobs_service.view(session, caller_a, waiting))))
-    assert (found.position, found.waiting_for) == (1, "gpu_hours_per_month")
-    assert found.detail is not None and found.detail.startswith(
+    assert standing(settings, jobs_service.view(session, caller_a, waiting)) == (1, "gpu_hours_per_month")
+    assert detail(settings, jobs_service.view(session, caller_a, waiting)).startswith(
         "budget: 1.0 GPU-h left, 3.3 GPU-h still to come on 1 running job;")
     assert claim(settings, waiting, "w2") is None
 
@@ -234,6 +244,23 @@ def test_a_budget_holds_back_starts_for_the_time_its_running_job_still_needs_at_
     assert standing(settings, jobs_service.view(session, caller_a, waiting)) == (1, "no_worker")  # no quota holds it
     claimed = claim(settings, waiting, "w2")
     assert claimed is not None and claimed.id == waiting
+
+
+def test_the_budget_says_which_running_jobs_have_no_pace_yet_and_what_jobs_ahead_will_count_for():
+    """waiting_detail's words for the budget, where a running job has no pace yet or the team's jobs ahead will start
+    first: a job held back by one that had just started read "71.9 GPU-h still to come" with no word of why."""
+    from app.scheduling.policy import TeamShare
+
+    rest = ("; a job starts while what is left exceeds what is still to come, and a job that started runs to its end "
+            "(README, Quotas)")
+    two = TeamShare("t", 1.0, running=3, unpaced=2, budget_left_s=3600, to_come_s=147 * 3600)
+    assert service.budget_said(two) == (
+        "budget: 1.0 GPU-h left, 147.0 GPU-h still to come on 3 running jobs (2 of them have no pace yet: until its "
+        "first training steps show one, a job counts for the rest of its 72 h time limit)" + rest)
+    ahead = TeamShare("t", 1.0, budget_left_s=3600, to_come_s=0.0, job_time_limit_s=86400)
+    assert service.budget_said(ahead) == (
+        "budget: 1.0 GPU-h left, 0.0 GPU-h still to come on 0 running jobs, and each of the team's jobs that start "
+        "before this one will count for up to 24 h until its pace shows" + rest)
 
 
 def test_a_job_its_team_paused_and_resumes_past_the_budget_is_a_start_and_waits(session, settings, world):

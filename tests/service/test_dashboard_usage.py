@@ -81,8 +81,10 @@ def test_the_usage_page_shows_use_against_the_quota(page, usage_team):  # noqa: 
     # A queued job's page says where it stands in its class, as GET /jobs/{id} does.
     queued = usage_team["client"].get(f"/jobs/{usage_team['jobs']['queued']}").json()
     page.goto(page.url.split("#")[0] + f"#/jobs/{queued['id']}")
-    # No worker of its class is up unless the suite's shared worker is (tests that train start it): then a free GPU.
-    waiting = {"gpu": "a free GPU of its class", "no_worker": "a worker of its class to be up"}[queued["waiting_for"]]
+    # Its team's running job has logged no training step yet, so it counts for the rest of its time limit, more than
+    # the team's 10 GPU-hours (docs/scheduling.md, The budget and the jobs running): the budget holds it, and says so.
+    assert queued["waiting_for"] == "gpu_hours_per_month", queued
+    waiting = "your team's monthly GPU-hours budget"
     detail = f": {queued['waiting_detail']}" if queued["waiting_detail"] else ""
     expect(page.locator("#progress-meta")).to_have_text(
         f"queued · position {queued['queue_position']} · waiting for {waiting}{detail}")

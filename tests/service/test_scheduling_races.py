@@ -257,6 +257,49 @@ def test_a_budget_counts_a_running_job_for_what_it_still_needs_at_its_pace_on_po
         assert claimed is not None and claimed.id == waiting
 
 
+@pytest.mark.parametrize("budget_h", [1.0, None])
+def test_a_team_with_an_hour_of_budget_left_starts_one_job_on_eight_free_gpus_not_eight(database_url, tmp_path,
+                                                                                         budget_h):
+    """Eight free GPUs claim at once for a team with an hour of its monthly budget left and eight long jobs queued.
+    One starts: until its first training steps show its pace, it counts for the rest of its time limit, and the
+    others wait, saying so. Before, a job without a pace counted 5 GPU-minutes: all eight started (8 x 5 minutes
+    fit in the hour), each to run for hours, and the team ended its month many GPU-hours over. Once the job shows a
+    pace 10 minutes from its end, the next one starts. A team without a budget starts all eight at once, as before."""
+    settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"b": 8})
+    with session_scope(database_url) as session:
+        session.get(Team, team_ids["b"]).gpu_hours_per_month = budget_h
+    barrier = threading.Barrier(8)
+
+    def claim(i: int):
+        barrier.wait()
+        with session_scope(database_url) as session:
+            claimed = scheduling.claim_next(session, settings, job_ids["b"][i], f"worker-{i}")
+            return claimed.id if claimed else None
+
+    with ThreadPoolExecutor(8) as pool:
+        started = [job_id for job_id in pool.map(claim, range(8)) if job_id]
+    if budget_h is None:
+        assert sorted(started) == sorted(job_ids["b"])
+        return
+    assert started == [job_ids["b"][0]], started  # the oldest
+    first, second = job_ids["b"][:2]
+    with session_scope(database_url) as session:
+        standing = scheduling.standings(session, settings, QUEUE)[second]
+    assert (standing.position, standing.waiting_for) == (1, "gpu_hours_per_month")
+    assert standing.detail is not None and standing.detail.startswith(
+        "budget: 1.0 GPU-h left, 72.0 GPU-h still to come on 1 running job (it has no pace yet: until its first "
+        "training steps show one, a job counts for the rest of its 72 h time limit);"), standing.detail
+    with session_scope(database_url) as session:  # its pace: 12 s a step, 48 steps to go
+        job = session.get(Job, first)
+        job.total_steps = 50
+        session.add_all([JobMetric(job_id=first, kind="train", step=step, train_loss=1.0,
+                                   created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1)))
+                         for step in (1, 2)])
+    with ThreadPoolExecutor(8) as pool:
+        started = [job_id for job_id in pool.map(claim, range(8)) if job_id]
+    assert started == [second], started
+
+
 @pytest.mark.parametrize("quota", ["max_running", "gpu_hours_per_month"])
 def test_a_team_that_may_start_one_more_job_has_one_job_preempted_for_it_not_one_in_every_class_it_waits_in(
         database_url, tmp_path, quota):
