@@ -484,6 +484,17 @@ def test_a_missing_training_section_or_base_model_says_what_to_set():
         assert says in dict(refused.value.errors)[field], refused.value.errors
 
 
+@pytest.mark.parametrize("kind", [[], {}, ["dpo"]])
+def test_a_method_type_that_is_no_string_is_refused_naming_it_on_the_native_routes(client, kind):
+    """A list or an object as method.type was a 500 (unhashable, looked up in the learning rates before the field
+    checks ran) on POST /jobs and /jobs/preflight; /v1 refused it itself."""
+    body = {"dataset_id": "d" * 32, "base_model": "tiny", "training": {"max_steps": 10}, "method": {"type": kind}}
+    for path in ("/jobs", "/jobs/preflight"):
+        response = client.post(path, json=body)
+        assert response.status_code == 422, response.text
+        assert [d["field"] for d in response.json()["error"]["details"]] == ["method.type"], response.text
+
+
 def test_a_tool_calling_dataset_is_taken_and_a_bad_call_is_named_by_its_line(client):
     """OpenAI's tool-calling rows upload as chat rows, natively and through /v1/files; a call of a tool the row
     does not define makes the upload invalid, naming its line and what to add."""

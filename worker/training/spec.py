@@ -312,7 +312,8 @@ class JobSpec(_Strict):
             return data  # the field checks say what is wrong
         method, training = data.get("method"), data.get("training")
         kind = method.get("type") if isinstance(method, dict) else getattr(method, "type", "sft")
-        if kind in LEARNING_RATES and isinstance(training, dict) and "learning_rate" not in training:
+        # A type that is no string (a list, an object: unhashable) is left to the field checks to name.
+        if isinstance(kind, str) and kind in LEARNING_RATES and isinstance(training, dict) and "learning_rate" not in training:
             return {**data, "training": {**training, "learning_rate": LEARNING_RATES[kind]}}
         return data
 
