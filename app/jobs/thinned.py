@@ -123,7 +123,10 @@ class CompletedBuckets:
     def put(self, key: tuple[str, int], entry: Completed) -> None:
         with self._lock:
             self._pop(key)
-            if entry.size > self.max_points:
+            # An entry of no point (a view of 8 to 15 points has no completed bucket: one bucket, the last) saves its
+            # next poll nothing, and counted as none toward the bound, such entries were never dropped: eight per job
+            # whose curve is thinned, for the process's life.
+            if entry.size == 0 or entry.size > self.max_points:
                 return
             self._entries[key] = entry
             self._points += entry.size

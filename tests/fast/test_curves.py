@@ -136,3 +136,15 @@ def test_the_kept_buckets_are_bounded_in_points_least_recently_used_first():
     assert completed.get(("e", 80)) is None and completed.kept_points() == 50
     completed.drop(("b", 80))
     assert completed.kept_points() == 40 and len(completed) == 1
+
+
+def test_a_view_with_no_completed_bucket_is_not_kept():
+    """A thinned view of 8 to 15 points is one bucket, never complete: its entry held no point, counted nothing
+    toward the bound, and so was never dropped (one per job and `points`, for the life of the process)."""
+    from app.jobs import thinned
+
+    completed = thinned.CompletedBuckets(max_points=100)
+    nothing = thinned.Kept((), 0, None)
+    for job in range(1000):
+        completed.put((f"job-{job}", 8), thinned.Completed(0, 1, 1000, 0, 100, {"train": nothing, "eval": nothing}))
+    assert len(completed) == 0
