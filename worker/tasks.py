@@ -6,6 +6,7 @@ import logging
 import signal
 import socket
 
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
 
 from app.broker import RUN_JOB_TASK, celery_for
@@ -22,6 +23,11 @@ def run_job(job_id: str) -> None:
     """Claim the best queued job of this job's GPU class (this one, or one fair share puts first:
     app/scheduling/service.claim_next), supervise its training process, record the outcome. A no-op
     when no job of the class may start (this one cancelled or already claimed, the rest held back)."""
+    stopping = celery_app.conf.get("qlora_stopping")  # set by the worker process as it is asked to stop
+    if stopping is not None and stopping.value:
+        # The message came in Celery's last read after the signal: claim nothing, and put the message back for
+        # the next worker, rather than start an attempt that the stop then kills (app/cli/processes.py).
+        raise Reject("the worker is stopping", requeue=True)
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
     JobRun(settings, job_id, worker).run()

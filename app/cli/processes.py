@@ -350,7 +350,7 @@ def worker(
     from worker.tasks import celery_app  # registers the task
 
     celery_app.conf.qlora_worker_name = worker_name
-    _hand_back_on_shutdown(settings, worker_name)
+    _hand_back_on_shutdown(settings, worker_name, celery_app)
     _announce_while_up(settings, worker_name, queue)
     if stop_with is not None:
         _stop_when_parent_gone(stop_with)
@@ -405,11 +405,12 @@ def _run_celery_worker(celery_app, argv: list[str]) -> int:
     return 0
 
 
-def _hand_back_on_shutdown(settings, worker_name: str) -> None:
+def _hand_back_on_shutdown(settings, worker_name: str, celery_app) -> None:
     """On SIGTERM (a deploy, a scale-down) Celery stops taking messages and waits for the job it runs: the
     job is handed back (app/jobs/runs.py hand_back), so it saves a checkpoint after its current step,
     stops, and is queued again for another worker, and the wait is a step and a checkpoint, not the rest
     of the job. Off the signal handler, in a thread of its own: it writes to the database."""
+    import multiprocessing
     import threading
 
     from celery.signals import worker_shutting_down
@@ -418,6 +419,12 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
     from app.jobs import runs
 
     log = logging.getLogger("worker")
+    # Shared with the pool process, forked from this one: it claims nothing once this is set. Celery's loop over
+    # the local queue reads messages once more after the signal, for up to 2 s; a job handed back within that
+    # freed the pool process, which took the next message and claimed again (the job just handed back, as its
+    # attempt 2), an attempt `serve` killed 30 s later, leaving the job `running` until the reaper's deadline.
+    stopping = multiprocessing.RawValue("b", 0)
+    celery_app.conf.qlora_stopping = stopping
 
     def hand_back() -> None:
         from worker.supervisor import held_attempt, session_url
@@ -435,7 +442,11 @@ def _hand_back_on_shutdown(settings, worker_name: str) -> None:
         except Exception:  # the reaper requeues the job anyway once this worker is gone
             log.exception("shutting down: could not hand back the running job")
 
-    worker_shutting_down.connect(lambda **_: threading.Thread(target=hand_back, daemon=True).start(), weak=False)
+    def on_shutting_down(**_) -> None:
+        stopping.value = 1
+        threading.Thread(target=hand_back, daemon=True).start()
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
 
 
 def _announce_while_up(settings, worker_name: str, queue: str) -> None:

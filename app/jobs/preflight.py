@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -280,6 +281,9 @@ def _serve(conn: Connection, target: Callable[[dict], dict], scratch: str,
     may write, removed by the API when the child stops. `warm_up`: run before it says it started."""
     global _SCRATCH
     _SCRATCH = scratch
+    # Ctrl-C reaches the whole process group: the API stops this child (it closes its end, or ends it as a
+    # daemon); the signal itself only printed a KeyboardInterrupt traceback over `serve`'s shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if warm_up is not None:
         warm_up()
     conn.send(READY)  # started: the target's module is imported (it came with `target`), and warm_up has run

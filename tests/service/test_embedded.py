@@ -212,6 +212,39 @@ def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_bac
         assert {"pause_requested", "paused", "requeued"} <= types, types
 
 
+def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_data):
+    """Ctrl-C to `make run` (SIGINT to its process group) while a job trains and another waits. The local
+    queue's Celery loop reads messages once more after the signal, for up to 2 s: the running job, handed
+    back within that, freed the worker, which took the waiting job's message and claimed a job again (attempt
+    2 of the one just handed back); `serve` killed it 30 s later, and that job stayed `running`, lost, until
+    the reaper's deadline. Now its message goes back to the queue for the next start. The preflight process
+    printed a KeyboardInterrupt traceback on the way out."""
+    from app.db import session_scope
+    from app.jobs.tables import Job, JobEvent
+
+    proc = start_serve(tmp_path, services.free_port(), extra_env={FAULT_HOLD_AT_STEP: "2"})
+    try:
+        client, running = a_job_held_at_step_2(tmp_path, demo_data)
+        spec = demo_spec("tiny-demo")
+        spec["training"].update(max_steps=2)
+        waiting = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"],
+                                             **spec}).json()["id"]
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+        proc.wait(120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with session_scope(f"sqlite:///{tmp_path / '.qlora' / 'qlora.db'}") as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_([running, waiting])))}
+        assert (jobs[running].status, jobs[running].attempt, jobs[running].lost_workers) == ("queued", 1, 0)
+        assert (jobs[waiting].status, jobs[waiting].attempt) == ("queued", 0)
+        claims = session.scalars(select(JobEvent.attempt).where(JobEvent.type == "claimed")).all()
+        assert claims == [1], claims  # the running job's first attempt, nothing claimed while stopping
+    assert "KeyboardInterrupt" not in (tmp_path / "serve.log").read_text()
+
+
 def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_that_worker(tmp_path, demo_data):
     """`serve` killed outright leaves its worker running until it has handed its job back (a checkpoint saved, a
     merge finished). The home's lock went with `serve`: one started meanwhile ran a second worker beside the first,
