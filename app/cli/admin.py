@@ -167,8 +167,9 @@ def disable_team(
     disabled = _admin_call(lambda s: admin.disable_team(s, team, reason=reason)).model_dump(mode="json")
 
     def text() -> None:
-        out.print(f"team {team!r} disabled: {counted(disabled['keys_live'], 'key')} of it answer 401; "
-                  f"{counted(disabled['queued'], 'queued job')} wait until it is enabled; "
+        keys, queued = disabled["keys_live"], disabled["queued"]
+        out.print(f"team {team!r} disabled: {counted(keys, 'key')} of it {'answers' if keys == 1 else 'answer'} 401; "
+                  f"{counted(queued, 'queued job')} {'waits' if queued == 1 else 'wait'} until it is enabled; "
                   f"{counted(len(disabled['pausing']), 'running job')} asked to pause at a checkpoint. Nothing is "
                   f"deleted. `qlora admin enable-team {team}` reverses it (paused jobs stay paused until the team "
                   "resumes them).", highlight=False, soft_wrap=True)

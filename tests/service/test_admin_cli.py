@@ -243,6 +243,8 @@ def test_list_teams_and_disabling_a_team_that_leaves(tmp_path):
     assert json.loads(qlora(tmp_path, "admin", "list-jobs", "research", "--status", "queued").stdout) == []
     jobs_table = qlora(tmp_path, "admin", "list-jobs", "research", "--table").stdout
     assert job_id in jobs_table and "[grant] run" in jobs_table and "paused" in jobs_table
+    again = qlora(tmp_path, "admin", "disable-team", "research", "--table").stdout  # as on a terminal, one of each
+    assert "disabled: 1 key of it answers 401; 0 queued jobs wait until it is enabled" in " ".join(again.split())
     nobody = qlora(tmp_path, "admin", "list-jobs", "nosuch")
     assert nobody.returncode == 1 and "no team 'nosuch'" in nobody.stderr
     # Past --limit: the older jobs were out of reach. Stderr names the next page; --all reads every page.
