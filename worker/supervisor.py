@@ -336,18 +336,27 @@ def session_url(settings: Settings) -> str:
 
 
 class JobRun:
-    def __init__(self, settings: Settings, job_id: str, worker: str):
+    def __init__(self, settings: Settings, job_id: str, worker: str, home_lock_fd: int | None = None):
         self.settings = settings
         self.job_id = job_id
         self.worker = worker
         self.storage = storage_from_settings(settings)
         self.db = session_url(settings)
+        # `serve`'s local worker holds its home's lock (app/cli/processes._hold_home) by this descriptor, and so does
+        # this pool process, forked from it. The training process is given it too: started in a session of its own,
+        # it outlives a SIGKILL to serve's process group (it stops after its current step, or its merge, on its
+        # own), and the next `serve` on the home waits for it before it hands back this worker's job and resumes it.
+        self.home_lock_fd = home_lock_fd
+        self.held = held_marker(settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
+        self.claim_token = uuid.uuid4().hex  # this run's claim, whichever try lands (_claim)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
         with logs.job_context(self.job_id):
+            self._mark_held()  # before the claim: a worker killed right after it still leaves its token behind
             job = self._claim()
             if job is None:
+                self.held.unlink(missing_ok=True)
                 log.info("no job of this class may start now (the message named %s); nothing to do", self.job_id)
                 return
         with logs.job_context(job.id):  # the message's job, or the one fair share put first
@@ -366,7 +375,7 @@ class JobRun:
         its answer lost: a try after a failed one first looks for the job its claim token took (runs.landed_claim)
         and runs that one. Claimed anew, the worker ran a second job while the first stayed running, claimed by
         a worker that never ran it, until the reaper's deadline."""
-        token = uuid.uuid4().hex  # this claim's, whichever try lands
+        token = self.claim_token
         for tries_left in range(CLAIM_TRIES - 1, -1, -1):
             try:
                 with session_scope(self.db) as session:
@@ -386,7 +395,6 @@ class JobRun:
     def _attempt(self, job: ClaimedJob) -> None:
         workdir = WorkDir(self.settings.work_dir / job.id / f"attempt-{job.attempt}")
         log.info("claimed job, attempt %s", job.attempt, extra={"worker": self.worker, "attempt": job.attempt})
-        held = held_marker(self.settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         watch = AttemptWatch(self.settings, self.db, job, workdir)
         watch.start()
         final: tuple[str, str | None, dict | None, dict | None] | None = None
@@ -397,9 +405,7 @@ class JobRun:
         try:
             # Inside the try: a full work directory refuses even this small file, and must hand the job back
             # saying so, not end the task with the job left running and silent until the reaper's deadline.
-            held.parent.mkdir(parents=True, exist_ok=True)
-            # Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one hands back nothing).
-            write_json_atomic(held, {"job_id": job.id, "attempt": job.attempt})
+            self._mark_held(job)
             self._prepare(job, workdir, watch)
             watch.check()  # cancelled or paused as it prepared: no training process to start
             watch.proc = proc = self._spawn(workdir)
@@ -433,7 +439,7 @@ class JobRun:
                 log.exception("job %s failed in the worker", job.id)
                 final = (states.FAILED, f"the worker failed: {type(exc).__name__}: {exc}", None, None)
         finally:
-            held.unlink(missing_ok=True)
+            self._mark_held(ending=True)  # nothing left for a SIGTERM to hand back; the end is not written yet
             watch.ending()  # the last transfer's event goes out now; the final state comes after
             if watch.proc is not None and watch.proc.poll() is None:
                 _kill(watch.proc)
@@ -451,6 +457,28 @@ class JobRun:
                 self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
         finally:
             watch.stop()  # the end is written: the reaper may take the job only now, if anything moved it back
+            self.held.unlink(missing_ok=True)
+
+    def _mark_held(self, job: ClaimedJob | None = None, *, ending: bool = False) -> None:
+        """Say in held_marker what this pool process holds: its claim's token from before the claim until the
+        attempt's end is written, and the job and attempt while the attempt runs (a SIGTERM to its worker hands
+        those back: held_attempt). Whole or not at all: the worker may read it the moment SIGTERM comes (a torn one
+        hands back nothing). `serve`'s local worker marks it as holding the home's lock: the next `serve` on the
+        home, once it has that lock, knows the worker is gone and requeues the job its token took (local_claims_left).
+        Raises OSError (a full disk) when the attempt starts (`job`), where the attempt hands the job back saying so;
+        elsewhere a marker that cannot be written is only a hand-back left to the reaper's deadline."""
+        marker: dict = {"claim_token": self.claim_token, "home_lock": self.home_lock_fd is not None}
+        if job is not None:
+            marker |= {"job_id": job.id, "attempt": job.attempt}
+        try:
+            self.held.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.held, marker)
+        except OSError:
+            if job is not None:
+                raise
+            if ending:  # not one naming an attempt that has ended
+                self.held.unlink(missing_ok=True)
+            log.warning("could not write %s", self.held, exc_info=True)
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
         """Why the attempt ended, where another attempt may well succeed: storage or the database out of
@@ -614,6 +642,7 @@ class JobRun:
                 [sys.executable, "-m", "worker.runner", str(workdir.root)],
                 stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir.root,
                 start_new_session=True,  # its own process group: a kill reaches its helpers too
+                pass_fds=() if self.home_lock_fd is None else (self.home_lock_fd,),
                 # Its lines join this worker's stream (_supervise), so they take the format this worker's have.
                 env={**os.environ, "PYTHONUNBUFFERED": "1",
                      "QLORA_LOG_FORMAT": logs.resolve_format(self.settings.log_format)},
@@ -847,6 +876,23 @@ def held_attempt(settings: Settings, worker_pid: int) -> tuple[str, int] | None:
         return str(held["job_id"]), int(held["attempt"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def local_claims_left(settings: Settings) -> dict[str, Path]:
+    """The claim tokens that `serve`'s local workers of this home left in their held_marker files, each with its
+    file: the claims of workers killed before their attempt's end was written (a SIGKILL to serve's process group,
+    the out-of-memory killer, a crash of the machine). Only for a `serve` that has just taken the home's lock, before
+    it starts its own worker: every such worker held that lock, so none of them runs any more. Markers of other
+    workers (`qlora worker` started by hand on this home) are not among them: those may be running."""
+    left = {}
+    for marker in settings.work_dir.glob(".attempt-of-worker-*.json") if settings.work_dir.is_dir() else ():
+        try:
+            held = json.loads(marker.read_text())
+            if held.get("home_lock") is True and isinstance(held.get("claim_token"), str):
+                left[held["claim_token"]] = marker
+        except (OSError, ValueError, AttributeError):  # torn or gone: nothing to say of it
+            continue
+    return left
 
 
 def sweep_work_dir(settings: Settings) -> list[Path]:

@@ -30,7 +30,7 @@ def run_job(job_id: str) -> None:
         raise Reject("the worker is stopping", requeue=True)
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
-    JobRun(settings, job_id, worker).run()
+    JobRun(settings, job_id, worker, home_lock_fd=celery_app.conf.get("qlora_home_lock_fd")).run()
 
 
 @worker_process_init.connect(weak=False)

@@ -69,6 +69,8 @@ def serve(
             raise typer.Exit(2) from None
     else:
         _check_schema(settings.database_url)
+    if settings.embedded:  # the home's lock is this process's now: the last serve's local worker is gone
+        _requeue_what_the_last_serve_held(settings)
     raise_open_file_limit()  # connections need descriptors: the hard limit, not a default soft one (for its children too)
     run_worker = settings.embedded if worker is None else worker
     child: LocalWorker | None = None
@@ -142,7 +144,10 @@ def _hold_home(home: Path) -> None:
     started meanwhile took the lock and started a second worker beside it, which took the next queued job. So
     where the holder named is a `serve` that is gone, this one waits for its worker to stop, saying so. It looks
     again every WAIT_LOOK_S rather than block on the lock: of two `serve`s waiting so, the one that did not get
-    the lock saw the other's pid written there and blocked on until that one stopped, then started unannounced."""
+    the lock saw the other's pid written there and blocked on until that one stopped, then started unannounced.
+    The worker's training processes hold it as well: each runs in a session of its own, so a SIGKILL to `serve`'s
+    process group leaves it running, orphaned, until it stops by itself after its current step (or the merge it is
+    making); the wait lasts until then, so the job it ran resumes, at once, on this `serve`'s worker alone."""
     import fcntl
 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -159,8 +164,8 @@ def _hold_home(home: Path) -> None:
             break
         if not said:
             err.print(f"the last qlora serve on QLORA_HOME={escape(str(home))} ({escape(holder)}) was stopped outright; "
-                      "waiting for its local worker to hand its job back and stop (Ctrl-C to give up)", highlight=False,
-                      soft_wrap=True)
+                      "waiting for its local worker to hand its job back and stop, and for the training process it ran "
+                      "to stop (Ctrl-C to give up)", highlight=False, soft_wrap=True)
             said = True
         time.sleep(WAIT_LOOK_S)
     err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
@@ -168,6 +173,41 @@ def _hold_home(home: Path) -> None:
               "for a second service set QLORA_HOME to another directory, for more API processes use "
               "--workers N.", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _requeue_what_the_last_serve_held(settings) -> None:
+    """Requeue at once the jobs that the local worker of the last `serve` on this home held when it was killed (with
+    `serve`: SIGKILL to its process group, the out-of-memory killer, the machine crashed), to resume from their newest
+    checkpoints. That worker held the home's lock, which this `serve` now holds: it is gone for certain. The reaper
+    knows a worker lost only by its silence (one on another host may be alive and cut off), and left such a job
+    `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S (2 minutes) old. Only the claims
+    that worker marked (worker/supervisor.local_claims_left), fenced by the attempt each took: never a job that
+    another worker runs. Should the database refuse, the reaper requeues them at its deadline, as before."""
+    from app.db import session_scope
+    from app.jobs.reaper import reap_claims_of_gone_worker
+    from worker.supervisor import local_claims_left
+
+    left = local_claims_left(settings)
+    if not left:
+        return
+
+    def why(job) -> str:
+        return (f"the last qlora serve on this QLORA_HOME stopped outright at step {job.step} (killed with its local "
+                f"worker {job.worker}: SIGKILL to its process group, the out-of-memory killer, or the machine went "
+                "down) without handing the job back; the next serve found that worker gone (it no longer held the "
+                "home's lock)")
+    try:
+        with session_scope(settings.database_url) as session:
+            became = reap_claims_of_gone_worker(session, settings, left.keys(), why)
+    except Exception as exc:
+        err.print(f"could not requeue the jobs the last qlora serve's worker held ({escape(str(exc))}); they are "
+                  "requeued once their heartbeats are QLORA_HEARTBEAT_DEADLINE_S old", highlight=False, soft_wrap=True)
+        return
+    for marker in left.values():
+        marker.unlink(missing_ok=True)
+    for job_id, outcome in became.items():
+        out.print(f"job {job_id}, which the last qlora serve's local worker held as it was stopped outright: {outcome}",
+                  highlight=False, soft_wrap=True)
 
 
 def _took_home(lock) -> None:
@@ -241,7 +281,8 @@ class LocalWorker:
             # then stops by itself, as on SIGTERM, instead of running on beside the next `serve`'s own.
             # The home's lock, held by the worker too (and its pool processes, forked from it): a `serve` started
             # after this one was killed outright waits until this worker has handed back its job (_hold_home).
-            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid())],
+            home_lock = [f"--home-lock-fd={lock.fileno()}" for lock in _HOME_LOCK]  # for its training processes too
+            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--stop-with", str(os.getpid()), *home_lock],
                                     env=self.env, pass_fds=[lock.fileno() for lock in _HOME_LOCK])
             self.proc, self.started = proc, time.monotonic()
         out.print(f"started a local worker (pid {proc.pid})")
@@ -314,6 +355,8 @@ def worker(
     name: Annotated[Optional[str], typer.Option(help="Worker name in job records; default host:gpuN (--gpu N) or host:cpu.")] = None,
     stop_with: Annotated[Optional[int], typer.Option(hidden=True, help="Stop (as on SIGTERM) once the process "
                          "with this pid is no longer this worker's parent: `serve`'s local worker.")] = None,
+    home_lock_fd: Annotated[Optional[int], typer.Option(hidden=True, help="The descriptor of the home's lock that "
+                            "`serve` passed to its local worker: its training processes hold it too.")] = None,
 ) -> None:
     """Run one training worker: one job at a time, on one GPU (or the CPU)."""
     if gpu is not None:
@@ -352,6 +395,9 @@ def worker(
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name, celery_app)
     _announce_while_up(settings, worker_name, queue)
+    # Read by the pool processes, forked from this one: each attempt's marker says the lock proves this worker gone
+    # once the next `serve` holds it (_requeue_what_the_last_serve_held), and its training process holds it too.
+    celery_app.conf.qlora_home_lock_fd = home_lock_fd
     if stop_with is not None:
         _stop_when_parent_gone(stop_with)
         _leave_stopping_to_serve(celery_app)

@@ -197,6 +197,16 @@ def landed_claim(session: Session, token: str) -> Job | None:
     return session.scalars(select(Job).where(Job.status.in_(states.WORKER_OWNED), Job.claim_token == token)).first()
 
 
+def claimed_with(session: Session, tokens: Collection[str]) -> list[Job]:
+    """The jobs the claims marked `tokens` took, while those attempts still run (a worker-owned state), of every team:
+    for a `serve` requeueing what its home's dead local worker held. Rows locked in id order before any attempt is
+    ended, as stale_jobs takes them and for the same reason."""
+    if not tokens:
+        return []
+    return list(session.scalars(select(Job).where(Job.status.in_(states.WORKER_OWNED), Job.claim_token.in_(tokens))
+                                .order_by(Job.id).with_for_update()))
+
+
 def preempt(session: Session, job_id: str, attempt: int, *, counted: bool = True) -> bool:
     """running → pausing, to be queued again once paused (requeue_preempted), fenced by the attempt the
     caller saw: for another team's job (counted in `preemptions`), or, not counted, because its worker

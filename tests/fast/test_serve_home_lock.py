@@ -57,3 +57,39 @@ def test_of_two_serves_waiting_for_a_killed_ones_worker_one_runs_and_the_other_i
         for serve in serves:
             serve.kill()
             serve.wait()
+
+
+def test_a_serve_that_takes_the_home_requeues_only_what_the_dead_local_workers_claims_hold(settings, session, make_job):
+    """The next `serve` on a home whose last one was killed with its local worker requeues, at once, the job that
+    worker's claim took (the home's lock, now this serve's, proves that worker gone), with an event saying why, and
+    sends it to its queue. Nothing else: not a job of a worker started by hand on the home (its marker holds no
+    lock: it may be running), nor one claimed by another worker, nor one the dead worker's claim took that has moved
+    on to a later attempt since."""
+    import json
+
+    from app.broker import RUN_JOB_TASK
+    from app.cli.processes import _requeue_what_the_last_serve_held
+    from app.jobs import states
+    from app.jobs.tables import Job, JobEvent
+    from tests.fast.conftest import received
+    from worker.supervisor import held_marker
+
+    def running(token: str, attempt: int = 1) -> str:
+        return make_job(states.RUNNING, attempt=attempt, worker="laptop:cpu", claim_token=token, step=40)
+
+    dead, by_hand, other, moved_on = running("a" * 32), running("b" * 32), running("c" * 32), running("e" * 32, 2)
+    settings.work_dir.mkdir(parents=True)
+    markers = {pid: held_marker(settings, pid) for pid in (101, 102, 103)}
+    markers[101].write_text(json.dumps({"claim_token": "a" * 32, "home_lock": True, "job_id": dead, "attempt": 1}))
+    markers[102].write_text(json.dumps({"claim_token": "b" * 32, "home_lock": False, "job_id": by_hand, "attempt": 1}))
+    markers[103].write_text(json.dumps({"claim_token": "d" * 32, "home_lock": True}))  # attempt 1 of moved_on's
+
+    _requeue_what_the_last_serve_held(settings)
+
+    statuses = {job_id: session.get(Job, job_id).status for job_id in (dead, by_hand, other, moved_on)}
+    assert statuses == {dead: "queued", by_hand: "running", other: "running", moved_on: "running"}
+    assert session.get(Job, dead).lost_workers == 1  # a lost attempt, as the reaper counts a silent worker's
+    event = session.query(JobEvent).filter_by(job_id=dead, type="requeued").one()
+    assert "stopped outright at step 40" in event.message and "without handing the job back" in event.message
+    assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [dead])]  # sent: no wait for the dead serve's lease
+    assert not markers[101].exists() and not markers[103].exists() and markers[102].exists()

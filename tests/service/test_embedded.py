@@ -284,6 +284,54 @@ def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_th
                 pass
 
 
+def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_job_at_once(tmp_path, demo_data):
+    """SIGKILL to `serve`'s whole process group (`kill -9 -PGID`, the out-of-memory killer, a laptop crash) takes its
+    local worker too, with no hand-back: the job stayed `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S
+    old (2 minutes by default), although the next `serve`, holding the home's lock its worker held, knows that worker
+    is gone. Now that `serve` requeues the job before its API answers. The deadline is an hour here: the reaper
+    cannot be what requeues it. The training process, in a session of its own, outlives the kill; the new `serve`
+    waits for it (it holds the lock too and stops by itself once its worker is gone) rather than train beside it."""
+    port = services.free_port()
+    long_deadline = {"QLORA_HEARTBEAT_DEADLINE_S": "3600"}
+    # Held after step 3, once the checkpoint of step 2 is stored; released by the kill (its worker gone).
+    first = start_serve(tmp_path, port, extra_env={**long_deadline, FAULT_HOLD_AT_STEP: "3"})
+    again = None
+    try:
+        credentials = json.loads((tmp_path / ".qlora" / "credentials.json").read_text())
+        client = httpx.Client(base_url=credentials["url"], timeout=60,
+                              headers={"Authorization": f"Bearer {credentials['api_key']}"})
+        spec = demo_spec("tiny-demo")
+        spec["training"].update(max_steps=5, logging_steps=1, save_steps=2)
+        spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+        job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+        deadline = time.monotonic() + 300
+        while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 3:
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.3)
+
+        os.killpg(first.pid, signal.SIGKILL)  # serve, its local worker and its pool process, all at once
+        first.wait(10)
+        again = start_serve(tmp_path, port, "serve-again.log", extra_env=long_deadline)
+        # Requeued by the time the new serve answers: attempt 1 was held by nobody any more.
+        job = client.get(f"/jobs/{job_id}").json()
+        assert (job["status"], job["attempt"]) in (("queued", 1), ("running", 2)), job
+        done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled", "paused"), timeout=300)
+        assert (done["status"], done["attempt"]) == ("succeeded", 2), done
+        events = client.get(f"/jobs/{job_id}/events").json()
+        requeued = next(e for e in events if e["type"] == "requeued")
+        assert requeued["attempt"] == 1 and "without handing the job back" in requeued["message"], requeued
+        resumed = next(e for e in events if e["type"] == "resumed")
+        assert resumed["attempt"] == 2 and resumed["step"] == 2, resumed  # from the checkpoint of step 2
+        assert not any(e["type"] == "started" and e["attempt"] == 2 and e["step"] == 0 for e in events), events
+    finally:
+        for proc in (first, again):
+            try:
+                if proc is not None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def a_short_job_succeeds(credentials: dict, demo_data) -> None:
     """A two-step job of the demo task, created through the API, succeeds: a local worker takes jobs."""
     client = httpx.Client(base_url=credentials["url"], headers={"Authorization": f"Bearer {credentials['api_key']}"},
