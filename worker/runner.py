@@ -8,7 +8,7 @@ only then reports it.
 
 It stops after its current step when the cancel file appears (after saving a checkpoint when the
 pause file appears), and also when its supervisor is gone (the parent process died) or silent (the
-heartbeat file is older than the heartbeat deadline: the job has surely been requeued elsewhere),
+heartbeat file has not changed for the heartbeat deadline: the job has surely been requeued elsewhere),
 so a lost worker never leaves a training process holding the GPU.
 """
 
@@ -176,16 +176,35 @@ class FaultHold(TrainerCallback):
 
 
 def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float):
+    """True once the worker is gone (this process was handed to another parent) or silent: its heartbeat file
+    unchanged for `deadline_s` by this process's monotonic clock. Not its age by the wall clock (now minus the
+    file's time): a host's clock stepped ahead by more than the deadline (NTP correcting it, a VM resumed) made
+    the file look that old until the worker's next touch, and a run whose worker lived stopped as if
+    cancelled; the worker could not record that, the job went silent, and the reaper took it for a lost
+    worker's, everything since the last checkpoint trained again."""
     heartbeat = workdir.heartbeat
+    last = _mtime(heartbeat)
+    changed_at = time.monotonic()  # the worker touched the file as it spawned this process: fresh from here
 
     def check() -> bool:
+        nonlocal last, changed_at
         if os.getppid() != parent:
             return True
-        try:
-            return time.time() - heartbeat.stat().st_mtime > deadline_s
-        except FileNotFoundError:
+        now, seen = time.monotonic(), _mtime(heartbeat)
+        if seen is None:
+            return False  # the work directory is being set up
+        if seen != last:  # touched (forward or back, whatever the clock did): the worker lives
+            last, changed_at = seen, now
             return False
+        return now - changed_at > deadline_s
     return check
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def main(root: Path) -> int:

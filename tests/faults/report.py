@@ -101,6 +101,11 @@ HOW = {
         "As above, with torch's OutOfMemoryError at step 2 for a micro-batch above 4 (QLORA_FAULT_OUT_OF_MEMORY): "
         "the worker must queue the job again with micro-batch 4 itself, not leave it for the reaper, which "
         "requeued it with the micro-batch that did not fit.",
+    "a worker host's wall clock stepped an hour ahead mid-run":
+        "While the training process is held after step 3 of 6, the test sets the work directory's heartbeat file an "
+        "hour back, five times, each until the worker's next touch: what the training process sees when its host's "
+        "clock steps an hour ahead (NTP, a VM resumed). The job must succeed on attempt 1, neither cancelled nor "
+        "requeued.",
 }
 
 
@@ -153,7 +158,9 @@ def main(paths: list[str]) -> str:
         "limit; it is not retried.",
         "- A checkpoint is uploaded whole before its row is written; resume picks the newest row, and the "
         "loss-curve points past it are deleted and logged again.",
-        "- The training process stops by itself when its worker dies or stops sending heartbeats.",
+        "- The training process stops by itself when its worker dies or stops sending heartbeats: its parent is "
+        "gone, or the heartbeat file has not changed for `QLORA_HEARTBEAT_DEADLINE_S` by the training process's own "
+        "monotonic clock (never the file's age on the wall clock, which a clock stepped ahead made look stale).",
         "- An attempt that ends with no fault of the job's (its training process killed, storage or the "
         "database out of reach on the way) is the worker's to hand back at once, as the reaper does a silent "
         "worker's: another attempt from the newest checkpoint, up to `QLORA_MAX_ATTEMPTS` (then failed, or paused, "

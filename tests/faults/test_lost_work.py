@@ -4,8 +4,10 @@ finished run's outcome is recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 
 import boto3
 from sqlalchemy import select
@@ -19,6 +21,7 @@ from app.scheduling.repository import idle_workers
 from tests.deployment import BUCKET, wait_for_status, wait_until
 from tests.faults.conftest import (
     HEARTBEAT_DEADLINE_S,
+    attempt_dir,
     curve_steps,
     events,
     job_body,
@@ -146,6 +149,48 @@ def test_a_dead_worker_whose_clock_ran_ahead_loses_its_job_within_the_deadline(f
         faulty.stop(ahead)
         if rescuer is not None:
             faulty.stop(rescuer)
+
+
+def test_a_training_run_whose_hosts_clock_steps_ahead_goes_on(faulty, tenant, dataset_id, fault_report):
+    """The worker host's wall clock stepped an hour ahead (NTP correcting it, a VM resumed) while a job trained: the
+    training process judged its heartbeat file by its age on the wall clock, took the live worker for gone until
+    the worker's next touch, and stopped, "cancelled at step 4"; the worker could not record a cancel nobody
+    asked for, the job went silent, and the reaper queued it again as a lost worker's (attempt 2 trained again
+    from checkpoint 2). Now the file counts as stale only once it has not changed for the deadline."""
+    worker = faulty.start_worker(name="clock-step", extra_env={FAULT_HOLD_AT_STEP: "3"})
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=6, save_steps=2)).json()
+    try:
+        wait_until(lambda: max(curve_steps(tenant, job["id"]), default=0) >= 2, 180, "attempt 1 held after step 3")
+        heartbeat = attempt_dir(faulty, job["id"]) / "heartbeat"
+
+        def touched_since(moment: float) -> bool:  # or gone: the attempt ended (the old code's way)
+            try:
+                return heartbeat.stat().st_mtime > moment
+            except FileNotFoundError:
+                return True
+
+        for _ in range(5):  # each step ahead lasts until the worker's next touch; the held run looks every 0.1 s
+            ahead = time.time() - 3600  # the file's time, an hour before "now" on the stepped clock
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(heartbeat, (ahead, ahead))
+            wait_until(lambda ahead=ahead: touched_since(ahead + 1800), 30, "the worker's next touch")
+        with contextlib.suppress(FileNotFoundError):
+            release(faulty, job["id"])
+
+        def settled() -> dict | None:  # finished, or given another attempt (held at step 3 in its turn)
+            now = tenant.get(f"/jobs/{job['id']}").json()
+            return now if now["status"] in FINISHED or now["attempt"] > 1 else None
+
+        done = wait_until(settled, 240, "the job to finish")
+        story = events(tenant, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 1, [(e["type"], e["message"]) for e in story]
+        assert not {"cancelled", "requeued"} & {e["type"] for e in story}
+        assert curve_steps(tenant, job["id"]) == list(range(1, 7))
+        fault_report.append({"fault": "a worker host's wall clock stepped an hour ahead mid-run", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        tenant.post(f"/jobs/{job['id']}/cancel")
+        faulty.stop(worker)
 
 
 def test_a_database_outage_as_the_outcome_is_recorded_costs_no_attempt(faulty, tenant, dataset_id, fault_report):
