@@ -720,10 +720,15 @@ class JobRun:
             raise ContinueSmaller(outcome.error or "out of memory", outcome.retry_with)
         summary = None if outcome.summary is None else _summary_for_team(outcome.summary, job.initial_job_id)
         if outcome.status == states.SUCCEEDED:
-            for kind in ARTIFACTS:
-                source = workdir.out / kind
-                if source.is_dir():
-                    self._upload_artifact(job, kind, source, watch)
+            made = [kind for kind in ARTIFACTS if (workdir.out / kind).is_dir()]
+            for kind in made:
+                self._upload_artifact(job, kind, workdir.out / kind, watch)
+            # What an earlier attempt stored and this one did not make (runs.keep_only_artifacts): the job's
+            # artifacts are this run's, all of them.
+            stale = self._write_through_outage(
+                f"the artifacts of job {job.id} an earlier attempt stored",
+                lambda session: runs.keep_only_artifacts(session, job.id, job.attempt, made), check=watch.check)
+            delete_objects(self.storage, stale)
         return (outcome.status, outcome.error, summary, outcome.report)
 
     def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:

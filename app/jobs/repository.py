@@ -514,6 +514,14 @@ def put_artifact(session: Session, job_id: str, kind: str, storage_key: str, siz
     return replaced
 
 
+def delete_artifacts_except(session: Session, job_id: str, kinds: Collection[str]) -> list[str]:
+    """For the worker: the job's artifacts of any other kind than `kinds` deleted; their storage keys."""
+    rows = list(session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind.not_in(kinds))))
+    for row in rows:
+        session.delete(row)
+    return [row.storage_key for row in rows]
+
+
 def stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     """For the reaper: jobs a worker owns whose worker has been silent since before cutoff, of every
     team; a job that never sent a heartbeat counts from its claim. Their rows are locked, in id order, before

@@ -5,7 +5,7 @@ finished), the write changes nothing and the worker learns it has lost the job."
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -464,3 +464,14 @@ def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: st
     if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
     return repository.put_artifact(session, job_id, kind, key, size, sha256)
+
+
+def keep_only_artifacts(session: Session, job_id: str, attempt: int, kinds: Collection[str]) -> list[str]:
+    """A succeeding attempt has stored and recorded its artifacts, of `kinds`: any other kind recorded is an earlier
+    attempt's, lost after it stored it (a merged model, where this attempt's merge was skipped on a host without
+    the memory or disk for it), and goes. Kept, the job that says "the merged model was not built" served a
+    merged model of another run, whose fidelity nothing recorded. Fenced by the attempt (LeaseLost); safe to repeat.
+    Returns the storage keys of the rows deleted, to delete once this is committed."""
+    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
+        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+    return repository.delete_artifacts_except(session, job_id, kinds)

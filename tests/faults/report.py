@@ -106,6 +106,10 @@ HOW = {
         "hour back, five times, each until the worker's next touch: what the training process sees when its host's "
         "clock steps an hour ahead (NTP, a VM resumed). The job must succeed on attempt 1, neither cancelled nor "
         "requeued.",
+    "worker killed after its artifacts were recorded; the next attempt could not merge":
+        "The worker is held once attempt 1 has recorded its adapter and merged model, before its final state "
+        "(QLORA_FAULT_HOLD_END), and SIGKILLed; a process claiming more host memory than there is leaves attempt 2 "
+        "no room to merge (merge_skipped). The job must succeed with the adapter alone, attempt 1's objects gone.",
 }
 
 
@@ -165,7 +169,8 @@ def main(paths: list[str]) -> str:
         "database out of reach on the way) is the worker's to hand back at once, as the reaper does a silent "
         "worker's: another attempt from the newest checkpoint, up to `QLORA_MAX_ATTEMPTS` (then failed, or paused, "
         "resumable, when the last ended on a full disk or an outage); one stored "
-        "artifact of a lost attempt is replaced by the next attempt's, and an attempt resumed from the last "
+        "artifact of a lost attempt is replaced by the next attempt's, and one the succeeding attempt did not make "
+        "(a merged model its host had no room to build) is deleted; an attempt resumed from the last "
         "planned step's checkpoint trains no step more.",
         "- A worker rides out a short database outage in every unit of an attempt's database work, from its "
         "preparation to its end, for up to `QLORA_HEARTBEAT_DEADLINE_S`, each try fenced by the attempt; a claim "

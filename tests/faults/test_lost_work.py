@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import boto3
@@ -33,6 +35,8 @@ from tests.faults.conftest import (
 from tests.faults.tcp_link import CuttableLink
 from tests.faults.throttle import ThrottlingProxy
 from worker.runner import FAULT_HOLD_AT_STEP
+from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers
+from worker.training.host_claims import HOST_CLAIMS_DIR
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -191,6 +195,64 @@ def test_a_training_run_whose_hosts_clock_steps_ahead_goes_on(faulty, tenant, da
     finally:
         tenant.post(f"/jobs/{job['id']}/cancel")
         faulty.stop(worker)
+
+
+def test_a_merged_model_of_a_lost_attempt_goes_when_the_next_one_builds_none(faulty, tenant, dataset_id,
+                                                                                  fault_report):
+    """Attempt 1 stored and recorded its adapter and merged model and was lost before its end (its worker killed);
+    attempt 2, on a host without the memory to merge, saved the adapter alone ("merge_skipped: the merged model was
+    not built") and succeeded, and the job still served attempt 1's merged model, of another run, its fidelity never
+    recorded. Now a succeeding attempt's artifacts are the job's, all of them: the earlier merged model goes, row
+    and object."""
+    first = faulty.start_worker(name="merged-then-lost", extra_env={FAULT_HOLD_END: "1"})
+    body = job_body(dataset_id, max_steps=2, save_steps=2) | {"output": {"merge": True}}
+    job = tenant.post("/jobs", json=body).json()
+    held, release_end = fault_hold_end_markers(faulty.settings, job["id"])
+    second = claim = None
+    try:
+        wait_until(held.exists, 240, "attempt 1's artifacts recorded, its worker held before its end")
+        earlier = _artifact_keys(faulty, job["id"])
+        assert sorted(earlier) == ["adapter", "merged"]
+        claim = _claim_all_host_memory(faulty)  # another run of this host holds its memory: no room to merge
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = faulty.start_worker(name="no-room-to-merge")
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
+        story = events(tenant, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 2, [(e["type"], e["message"]) for e in story]
+        assert [e["attempt"] for e in story if e["type"] == "merge_skipped"] == [2]
+        assert [a["kind"] for a in tenant.get(f"/jobs/{job['id']}/artifacts").json()] == ["adapter"]
+        s3 = boto3.client("s3", endpoint_url=faulty.settings.s3_endpoint_url, region_name="us-east-1")
+        prefix = faulty.settings.storage_url.split("/", 3)[3]
+        for key in earlier.values():  # attempt 1's objects went with their rows
+            assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/{key}")
+        fault_report.append({"fault": "worker killed after its artifacts were recorded; the next attempt could not merge",
+                             "injected": 1, "survived": 1, "steps_lost": 0})
+    finally:
+        release_end.touch()
+        if claim is not None:
+            claim.kill()
+            claim.wait()
+        faulty.stop(first)
+        if second is not None:
+            faulty.stop(second)
+        release_end.unlink(missing_ok=True)
+
+
+def _artifact_keys(d, job_id: str) -> dict[str, str]:
+    with session_scope(d.settings.database_url) as session:
+        return {a.kind: a.storage_key for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+
+
+def _claim_all_host_memory(d) -> subprocess.Popen:
+    """A process that claims more host memory than there is, in the workers' shared claims
+    (worker/training/host_claims.py), as another run of the host about to take it would; until it is killed."""
+    code = ("import sys, time; from pathlib import Path; from worker.training.host_claims import HostClaims; "
+            "HostClaims(Path(sys.argv[1]), 'test').claim(1 << 50); print('claimed', flush=True); time.sleep(3600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(d.settings.work_dir / HOST_CLAIMS_DIR)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("claimed")
+    return proc
 
 
 def test_a_database_outage_as_the_outcome_is_recorded_costs_no_attempt(faulty, tenant, dataset_id, fault_report):
