@@ -66,6 +66,7 @@ from worker.training.protocol import (
     Event,
     JobFile,
     Progress,
+    QuantizedBaseStored,
     QuantizedCache,
     Record,
     RecordReader,
@@ -308,6 +309,12 @@ class AttemptWatch(threading.Thread):
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             _kill(self.proc)
+
+
+def _uploaded_keys(records: list[Record]) -> list[str]:
+    """The storage keys of the objects these records say the training process stored."""
+    return [r.key if isinstance(r, CheckpointStored) else r.storage_key for r in records
+            if isinstance(r, CheckpointStored | QuantizedBaseStored)]
 
 
 def _transfer_event(transfer: Transfer, message: str) -> Event:
@@ -673,8 +680,9 @@ class JobRun:
                 watch.check()
             except LeaseLost:
                 _kill(proc)
-                # Checkpoints it uploaded that will never be recorded: nobody else would delete them.
-                delete_objects(self.storage, [r.key for r in unreported + records.read_new() if isinstance(r, CheckpointStored)])
+                # What it uploaded that will never be recorded (checkpoints, and the quantized base of a run that
+                # finished cut off from the database: gigabytes): nobody else would delete them.
+                delete_objects(self.storage, _uploaded_keys(unreported + records.read_new()))
                 watch.check()  # the time limit, if that is what ended the attempt (the watch recorded it)
                 raise
             except DBAPIError as exc:

@@ -110,6 +110,10 @@ HOW = {
         "The worker is held once attempt 1 has recorded its adapter and merged model, before its final state "
         "(QLORA_FAULT_HOLD_END), and SIGKILLed; a process claiming more host memory than there is leaves attempt 2 "
         "no room to merge (merge_skipped). The job must succeed with the adapter alone, attempt 1's objects gone.",
+    "a worker cut off from the database while its run finished":
+        "The worker's database link is cut until the reaper has queued its job again; its run, released, finishes "
+        "cut off (checkpoint 4, the quantized base for the cache); the link is restored and the worker finds its "
+        "lease lost. Nothing it stored may be left in storage unrecorded.",
 }
 
 

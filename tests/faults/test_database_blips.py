@@ -11,17 +11,18 @@ import socket
 import threading
 from pathlib import Path
 
+import boto3
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from app.db import engine_for, session_scope
-from app.jobs.tables import Job
-from tests.deployment import wait_for_status, wait_until
-from tests.faults.conftest import curve_steps, events, job_body, lane, trainer_pids
+from app.jobs.tables import Checkpoint, Job, QuantizedBase
+from tests.deployment import BUCKET, wait_for_status, wait_until
+from tests.faults.conftest import attempt_dir, curve_steps, events, job_body, lane, trainer_pids
 from tests.faults.tcp_link import CuttableLink
 from tests.faults.throttle import ThrottlingProxy
-from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY
+from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY, FAULT_RELEASE
 from worker.supervisor import FAULT_HOLD_END, JobRun, fault_hold_end_markers, session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -149,6 +150,53 @@ def test_a_database_outage_as_an_attempt_is_handed_back_is_ridden_out(faulty, te
         release.unlink(missing_ok=True)
         link.restore()
         tenant.post(f"/jobs/{job['id']}/cancel")
+
+
+def test_a_run_that_finished_cut_off_from_the_database_leaves_nothing_in_storage(faulty, tenant, dataset_id, link,
+                                                                                  fault_report):
+    """A worker cut off from the database (not from storage) past the deadline: the reaper gives its job another
+    attempt, and its training process, which the worker keeps alive, trains to the end and stores its checkpoints
+    and the base it quantized for the cache. Once the worker reaches the database again, its lease is lost and what
+    was never recorded is deleted: the checkpoints were, the quantized base (35 GB for a 65B model) was left, a
+    stray under shared/ that no row names."""
+    gpu_class = lane(faulty, "cut-off")  # a class of its own: its quantized base is not cached yet
+    s3 = boto3.client("s3", endpoint_url=faulty.settings.s3_endpoint_url, region_name="us-east-1")
+    prefix = faulty.settings.storage_url.split("/", 3)[3]
+
+    def unrecorded() -> set[str]:
+        with session_scope(faulty.settings.database_url) as session:
+            recorded = set(session.scalars(select(QuantizedBase.storage_key)))
+            recorded |= set(session.scalars(select(Checkpoint.storage_key)))
+            team_id = session.get(Job, job["id"]).team_id
+        listed = set()
+        for shelf in ("shared/quantized-bases/", f"{team_id}/checkpoints/"):
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/{shelf}"):
+                listed |= {o["Key"].removeprefix(f"{prefix}/") for o in page.get("Contents", [])}
+        return listed - recorded
+
+    worker = faulty.start_worker(gpu_class=gpu_class, name="cut-off", extra_env={
+        "QLORA_DATABASE_URL": _through(faulty, link), FAULT_HOLD_AT_STEP: "3"})
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=4, save_steps=2, gpu_class=gpu_class)).json()
+    try:
+        wait_until(lambda: [c for c in tenant.get(f"/jobs/{job['id']}/checkpoints").json() if c["step"] == 2], 180,
+                   "attempt 1 held after step 3, its checkpoint 2 recorded")
+        strays_before = unrecorded()  # another test's, if any
+        link.cut()
+        wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["status"] == "queued", 60,
+                   "the reaper to queue the silent worker's job again")
+        (attempt_dir(faulty, job["id"]) / FAULT_RELEASE).touch()
+        wait_until(lambda: not trainer_pids(job["id"], attempt=1), 180, "attempt 1's run to end, cut off")
+        link.restore()
+        log = faulty.home / "worker-cut-off.log"
+        wait_until(lambda: "lease lost; stopping without writing" in log.read_text(errors="replace"), 60,
+                   "the worker to learn it lost the job")
+        assert unrecorded() - strays_before == set()
+        fault_report.append({"fault": "a worker cut off from the database while its run finished", "injected": 1,
+                             "survived": 1, "steps_lost": 0})
+    finally:
+        link.restore()
+        tenant.post(f"/jobs/{job['id']}/cancel")
+        faulty.stop(worker)
 
 
 def test_a_write_through_a_database_that_drops_packets_gives_the_try_up_and_lands(faulty, link):
