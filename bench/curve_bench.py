@@ -35,6 +35,14 @@ read), after each side's process has gone and with it its backends, whose exit f
 appender's inserts are in both sides' figures. At the end of each turn the appending stops and each side's
 answer for both N is kept: the after side's (its buckets kept across the turn) must be the baseline's bytes.
 
+    .venv/bin/python bench/curve_bench.py --streams 3 --points 50000 [--baseline main]
+
+--streams N: a job page opened on the finished job, N times a side, the sides taking turns: the live stream
+(`GET /jobs/{id}/stream`, no parameter, as the dashboard opens a job of up to 4,000 steps and as a script
+following a job from its start does) read to its end, which for a finished job comes after its whole history.
+Per stream: the wall time, the API process's CPU time (from /proc, which the machine's other work does not
+move), and the metric messages; both sides' messages must hold the same points (the JSON values).
+
     .venv/bin/python bench/curve_bench.py --buckets 20000,100000 [--repeats 2]
 
 --buckets: the thinned view's bucket query alone (repository.metric_buckets, one series cut into 250 buckets)
@@ -46,6 +54,7 @@ ANALYZE. The answers must be equal.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -106,12 +115,8 @@ def peak_rss_bytes(url: str) -> int:
     """The high-water mark of resident memory of the API process listening at `url` (and its children)."""
     import psutil
 
-    port = int(url.rsplit(":", 1)[1])
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            process = psutil.Process(conn.pid)
-            return max(_vm_hwm(p.pid) for p in [process, *process.children(recursive=True)])
-    raise RuntimeError(f"no process listens on {url}")
+    process = psutil.Process(api_pid(url))
+    return max(_vm_hwm(p.pid) for p in [process, *process.children(recursive=True)])
 
 
 def _vm_hwm(pid: int) -> int:
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40, help="--watchers: length of each side's turn")
     parser.add_argument("--interval-s", type=float, default=1.0, help="--watchers: each client's poll interval")
     parser.add_argument("--append-per-s", type=float, default=10, help="--watchers: train points the job logs a second")
+    parser.add_argument("--streams", type=int, default=0, help="N job pages opened on the job a side: its stream read "
+                                                            "whole, the API's CPU per stream")
     parser.add_argument("--buckets", default="", help="curve lengths (20000,100000): the thinned view's bucket query, "
                                                       "this checkout's against the join it replaced, stale statistics")
     args = parser.parse_args(argv)
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return watched(args)
     if args.buckets:
         return buckets(args)
+    if args.streams:
+        return streamed(args)
     args.out = args.out or DEFAULT_OUT
 
     from app.db import engine_for
@@ -270,6 +279,86 @@ def main(argv: list[str] | None = None) -> int:
                          "rows": [{"label": label, "before": b, "after": a, "ratio": b / a if b is not None and a else None}
                                   for label, b, a in rows]}, args.out)
 
+
+
+# ---------------------------------------------------------------- --streams: a job page opened, its stream read whole
+
+STREAMS_OUT = ROOT / "bench" / "results" / "curve_stream_bench.json"
+
+
+def api_pid(url: str) -> int:
+    """The process listening at `url` (the side's `qlora serve`)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise RuntimeError(f"no process listens on {url}")
+
+
+def whole_stream(url: str, key: str, job_id: str) -> dict:
+    """The job's stream read to its end (a finished job's ends after its history and its state): wall ms, the API
+    process's CPU ms meanwhile, and the metric messages' data (parsed: the sides may write them differently)."""
+    from bench.api_load import cpu_seconds
+    from tests.service.test_bounded_resources import sse_events
+
+    pid = api_pid(url)
+    points: list = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        with http.stream("GET", f"/jobs/{job_id}/stream") as response:
+            response.raise_for_status()
+            points = [json.loads(data) for name, data in sse_events(response) if name == "metric"]
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return {"ms": seconds * 1000, "api_cpu_ms": cpu * 1000, "points": len(points),
+            "api_cpu_us_per_point": cpu * 1e6 / max(len(points), 1), "digest": hash(json.dumps(points))}
+
+
+def streamed(args: argparse.Namespace) -> int:
+    from bench.api_load import console, save_results
+    from bench.scale_bench import apis, baseline_sharing_a_database
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
+        log(f"seeding a curve of {args.points:,} points")
+        key, job_id = seed(database_url, args.points)
+        engine_for(database_url).dispose()
+        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        with apis(sides) as urls:
+            for url in urls.values():  # warm each process (imports, the pool) on a few points
+                with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+                    http.get(f"/jobs/{job_id}/metrics", params={"limit": 10}).raise_for_status()
+            for turn in range(args.streams):
+                for side, url in urls.items():
+                    runs[side].append(whole_stream(url, key, job_id))
+                    log(f"{side}: stream {turn + 1}/{args.streams}: {runs[side][-1]['ms']:,.0f} ms, "
+                        f"API CPU {runs[side][-1]['api_cpu_ms']:,.0f} ms")
+
+    def median(side: str, field: str) -> float:
+        return statistics.median(run[field] for run in runs[side])
+
+    rows = [("the whole stream read: ms", median("before", "ms"), median("after", "ms")),
+            ("  the API's CPU: ms", median("before", "api_cpu_ms"), median("after", "api_cpu_ms")),
+            ("  the API's CPU per point: us", median("before", "api_cpu_us_per_point"), median("after", "api_cpu_us_per_point")),
+            ("  metric messages", median("before", "points"), median("after", "points"))]
+    ok = len({run["digest"] for side in runs for run in runs[side]}) == 1 and \
+        all(run["points"] == args.points + args.points // 50 for side in runs for run in runs[side])
+    table = Table(title=f"A job page opened on a finished job of {args.points:,} train points: its stream read whole, "
+                        f"{args.streams} a side: {args.baseline} (before) against this checkout (after)")
+    for column in ("", "before", "after", "before / after"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, before, after in rows:
+        table.add_row(label, f"{before:,.1f}", f"{after:,.1f}", f"{before / after:.2f}")
+    console.print(table)
+    if not ok:
+        console.print("[red]the sides' streams did not hold the same points, every one of the curve[/red]")
+    return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "runs": runs,
+                         "rows": [{"label": label, "before": b, "after": a, "ratio": b / a} for label, b, a in rows]},
+                        args.out or STREAMS_OUT)
 
 
 # ---------------------------------------------------------------- --watchers: one long running job, watched

@@ -45,3 +45,16 @@ def test_curve_benchmark_buckets_reads_the_replaced_joins_answers(tmp_path):
     assert results["ok"] is True
     assert set(results["results"]) == {"3000 stale", "3000 analyzed"}
     assert all(row["before"] > 0 and row["after"] > 0 for row in results["results"].values())
+
+
+def test_curve_benchmark_streams_reads_each_sides_stream_whole(tmp_path):
+    """--streams: each side's stream of the finished job is read to its end, every point of the curve, the same
+    points on both sides."""
+    out = tmp_path / "curve_stream_bench.json"
+
+    assert curve_bench.main(["--points", "2000", "--streams", "1", "--baseline", "HEAD", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    for side in ("before", "after"):
+        [run] = results["runs"][side]
+        assert run["points"] == 2000 + 2000 // 50 and run["api_cpu_ms"] >= 0

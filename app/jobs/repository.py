@@ -607,12 +607,16 @@ def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[s
     return [row.storage_key for row in rows]
 
 
-def metrics_after(session: Session, team_id: str, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
-    """Points written after the one with id `after_id`, in write order: the cursor of a live view.
+def metrics_after(session: Session, team_id: str, job_id: str, after_id: int, limit: int,
+                  columns: Sequence[str]) -> Sequence[Row]:
+    """Points written after the one with id `after_id`, in write order: the cursor of a live view. As tuples
+    (id, kind, *columns), core rows as a curve page reads them: an ORM object per point, then a model from it,
+    was most of what a stream's history cost (bench/curve_bench.py --streams).
     A point logged again after a resume is a new row, so a view following the cursor sees it again."""
-    return list(session.scalars(select(JobMetric).where(
-        JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.id > after_id)
-        .order_by(JobMetric.id).limit(limit)))
+    return session.connection().execute(
+        select(JobMetric.id, JobMetric.kind, *(getattr(JobMetric, column) for column in columns))
+        .where(JobMetric.job_id.in_(_readable_job_id(team_id, job_id)), JobMetric.id > after_id)
+        .order_by(JobMetric.id).limit(limit)).all()
 
 
 def metric_id_before_step(session: Session, team_id: str, job_id: str, step: int) -> int:

@@ -214,6 +214,14 @@ class EvalPoint(BaseModel):
     reward_margin: float | None = None
 
 
+# The fields of each series' points, in the schema's order and named as job_metrics' columns are: what a curve page
+# and a live stream's `metric` messages read of a point, as plain rows (no ORM object or model per point).
+TRAIN_FIELDS = tuple(TrainPoint.model_fields)
+EVAL_FIELDS = tuple(EvalPoint.model_fields)
+FIELDS_OF = {"train": TRAIN_FIELDS, "eval": EVAL_FIELDS}
+assert TRAIN_FIELDS[0] == EVAL_FIELDS[0] == "step"  # pages, cursors and streams read the step first
+
+
 class MetricsNext(BaseModel):
     after_step: int | None = Field(description="The last train step of the curve read so far (null: none yet): "
                                                "pass it as `after_step`.")

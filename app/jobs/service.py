@@ -26,7 +26,7 @@ from app.jobs import lineage, pace, preflight, repository, states, thinned
 from app.jobs.admission import Admission, admit
 from app.jobs.dispatch import send
 from app.jobs.preflight import PreflightRunner, needs_validation
-from app.jobs.schemas import JOB_FIELDS, MAX_METADATA, EvalPoint, JobCreate, TrainPoint
+from app.jobs.schemas import EVAL_FIELDS, FIELDS_OF, JOB_FIELDS, MAX_METADATA, TRAIN_FIELDS, JobCreate
 from app.jobs.stream import StreamStart, parse_event_id
 from app.jobs.tables import Artifact, Checkpoint, Job, JobEvent, JobMetric
 from app.models import repository as models
@@ -532,12 +532,6 @@ def curve_page(session: Session, caller: Caller, job_id: str, after_step: int | 
                                             "next": {"after_step": next_train, "after_eval_step": next_eval}})
 
 
-# The columns a page shows of each series, named as job_metrics' columns are: the schema's fields, in order.
-TRAIN_FIELDS = tuple(TrainPoint.model_fields)
-EVAL_FIELDS = tuple(EvalPoint.model_fields)
-assert TRAIN_FIELDS[0] == EVAL_FIELDS[0] == "step"  # first_by_step and `next` read the step first
-
-
 def first_by_step(train: Sequence[Sequence], eval_: Sequence[Sequence], limit: int) -> tuple[int, int]:
     """How many of each series (both sorted by step, step first in each point) make the first `limit` points
     by (step, kind): at the same step an evaluation comes before the train point ("eval" < "train")."""
@@ -559,7 +553,6 @@ def first_by_step(train: Sequence[Sequence], eval_: Sequence[Sequence], limit: i
 MIN_THINNED, MAX_THINNED = 8, 5_000
 PER_BUCKET = 8
 LOSS_OF = {"train": "train_loss", "eval": "eval_loss"}
-FIELDS_OF = {"train": TRAIN_FIELDS, "eval": EVAL_FIELDS}
 
 
 # The completed buckets of the thinned views asked in this process, kept between polls (app/jobs/thinned.py).

@@ -23,13 +23,14 @@ from sqlalchemy import event
 from app.db import engine_for, session_scope
 from app.jobs import runs, states
 from app.jobs.stream import FEED_BUFFER_ROWS, STREAM_BATCH, STREAM_POLL_S, JobFeeds, StreamSlots, job_stream
+from app.jobs.tables import JobMetric
 from app.teams import admin
 from app.teams import repository as teams_repository
 from app.teams import service as teams_service
 from tests.deployment import lane, upload
 from tests.service.test_bounded_resources import sse_events
 from tests.services import in_a_thread_of_its_own
-from worker.training.protocol import Event, Progress, TrainPoint
+from worker.training.protocol import EvalPoint, Event, Progress, TrainPoint
 from worker.training.tiny import demo_spec
 
 TEAM = "team-fanout"  # keys are made per test; streams per key are capped (QLORA_MAX_STREAMS_PER_KEY, 10 here)
@@ -388,3 +389,52 @@ def test_streams_of_a_job_share_one_poll_that_stops_with_the_last(deployment, jo
         gaps = [b - a for (a, _), (b, _) in zip(polls, polls[1:], strict=False)]
         assert min(gaps) >= STREAM_POLL_S * 0.95, gaps
     assert after_the_last == []
+
+
+def test_a_streams_points_are_made_from_plain_rows_as_the_schema_shows_them(deployment, demo_data):
+    """A job page opened on a job nobody watches streams its whole history; each point's `metric` message is made
+    from the row as read (no ORM object per point: they and a model per point were most of what that cost, see
+    docs/performance.md) and holds what GET /jobs/{id}/metrics shows of the point: train and eval points, dpo
+    rewards and empty fields alike. job_stream is driven in this process, so its ORM loads are seen."""
+    job = hand_trained_job(deployment, demo_data, TEAM)
+    records: list = []
+    for step in range(1, 41):
+        records.append(TrainPoint(step=step, epoch=step / 40, train_loss=2.0 / step, learning_rate=2e-4, grad_norm=0.5,
+                                  tokens_seen=step * 64, tokens_per_second=1000.0, peak_memory_bytes=2**30,
+                                  **({"reward_accuracy": 0.75, "reward_margin": 0.125} if step > 20 else {})))
+        if step % 10 == 0:
+            records.append(EvalPoint(step=step, epoch=step / 40, eval_loss=1.0 / step,
+                                     **({"reward_accuracy": 0.5, "reward_chosen": -0.25} if step > 20 else {})))
+    with session_scope(deployment.settings.database_url) as session:
+        runs.report(session, job.id, job.attempt, records, Progress(40, 40, 40 * 64))
+    job.step = 40
+    job.finish()
+    key = deployment.team_key(TEAM)
+    with session_scope(deployment.settings.database_url) as session:
+        api_key = teams_repository.key_by_id_or_prefix(session, key[:12])[0]
+        key_id, team_id = api_key.id, api_key.team_id
+
+    async def whole_stream() -> list[dict]:
+        state, slots = SimpleNamespace(job_feeds=JobFeeds()), StreamSlots(per_key=10)
+        text = "".join([message async for message in job_stream(state, deployment.settings.database_url, team_id,
+                                                                  key_id, job.id, slots.take(key_id))])
+        return [json.loads(data) for name, data in sse_events(SimpleNamespace(iter_lines=lambda: iter(text.splitlines())))
+                if name == "metric"]
+
+    loaded: list[JobMetric] = []
+
+    def on_load(point: JobMetric, _context) -> None:
+        loaded.append(point)
+
+    event.listen(JobMetric, "load", on_load)
+    try:
+        streamed = in_a_thread_of_its_own(lambda: asyncio.run(whole_stream()))
+    finally:
+        event.remove(JobMetric, "load", on_load)
+    assert loaded == []
+    with deployment.client(key) as client:
+        curve = client.get(f"/jobs/{job.id}/metrics").json()
+    shown = sorted([{"kind": "train", **point} for point in curve["train"]] + [{"kind": "eval", **point} for point in curve["eval"]],
+                   key=lambda point: (point["step"], point["kind"] == "eval"))  # as written: a step's eval after its train point
+    assert streamed == shown
+    assert len(streamed) == 44 and any(point["reward_chosen"] == -0.25 for point in streamed)
