@@ -43,6 +43,12 @@ following a job from its start does) read to its end, which for a finished job c
 Per stream: the wall time, the API process's CPU time (from /proc, which the machine's other work does not
 move), and the metric messages; both sides' messages must hold the same points (the JSON values).
 
+    .venv/bin/python bench/curve_bench.py --polls 6 --points 50000 [--baseline main] [--repeats 2]
+
+--polls S: `qlora jobs watch`'s curve poll, the points past the last step it holds (`?after_step=` five steps
+before the curve's end), asked back to back by 4 clients (bench/api_load.py's raw client) for S seconds a side, the
+sides taking turns --repeats times: the API process's CPU per poll, from /proc.
+
     .venv/bin/python bench/curve_bench.py --buckets 20000,100000 [--repeats 2]
 
 --buckets: the thinned view's bucket query alone (repository.metric_buckets, one series cut into 250 buckets)
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-per-s", type=float, default=10, help="--watchers: train points the job logs a second")
     parser.add_argument("--streams", type=int, default=0, help="N job pages opened on the job a side: its stream read "
                                                             "whole, the API's CPU per stream")
+    parser.add_argument("--polls", type=float, default=0, help="S seconds a side of a watch's curve poll, back to back: "
+                                                             "the API's CPU per poll")
     parser.add_argument("--buckets", default="", help="curve lengths (20000,100000): the thinned view's bucket query, "
                                                       "this checkout's against the join it replaced, stale statistics")
     args = parser.parse_args(argv)
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return watched(args)
     if args.buckets:
         return buckets(args)
-    if args.streams:
+    if args.streams or args.polls:
         return streamed(args)
     args.out = args.out or DEFAULT_OUT
 
@@ -328,6 +336,7 @@ def streamed(args: argparse.Namespace) -> int:
         engine_for(database_url).dispose()
         sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
         runs: dict[str, list[dict]] = {side: [] for side in sides}
+        polls: dict[str, list[dict]] = {side: [] for side in sides}
         with apis(sides) as urls:
             for url in urls.values():  # warm each process (imports, the pool) on a few points
                 with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
@@ -337,18 +346,26 @@ def streamed(args: argparse.Namespace) -> int:
                     runs[side].append(whole_stream(url, key, job_id))
                     log(f"{side}: stream {turn + 1}/{args.streams}: {runs[side][-1]['ms']:,.0f} ms, "
                         f"API CPU {runs[side][-1]['api_cpu_ms']:,.0f} ms")
+            for turn in range(args.repeats if args.polls else 0):
+                for side, url in urls.items():
+                    polls[side].append(watch_polls(url, key, job_id, args.points, args.polls))
+                    log(f"{side}: polls {turn + 1}/{args.repeats}: API CPU {polls[side][-1]['api_cpu_ms']:.2f} ms a poll")
 
-    def median(side: str, field: str) -> float:
-        return statistics.median(run[field] for run in runs[side])
+    def median(side: str, field: str, of: dict[str, list[dict]] = runs) -> float:
+        return statistics.median(run[field] for run in of[side])
 
     rows = [("the whole stream read: ms", median("before", "ms"), median("after", "ms")),
             ("  the API's CPU: ms", median("before", "api_cpu_ms"), median("after", "api_cpu_ms")),
             ("  the API's CPU per point: us", median("before", "api_cpu_us_per_point"), median("after", "api_cpu_us_per_point")),
-            ("  metric messages", median("before", "points"), median("after", "points"))]
-    ok = len({run["digest"] for side in runs for run in runs[side]}) == 1 and \
-        all(run["points"] == args.points + args.points // 50 for side in runs for run in runs[side])
-    table = Table(title=f"A job page opened on a finished job of {args.points:,} train points: its stream read whole, "
-                        f"{args.streams} a side: {args.baseline} (before) against this checkout (after)")
+            ("  metric messages", median("before", "points"), median("after", "points"))] if args.streams else []
+    if args.polls:
+        rows += [("a watch's curve poll (?after_step=): the API's CPU per poll, ms", median("before", "api_cpu_ms", polls),
+                  median("after", "api_cpu_ms", polls))]
+    ok = len({run["digest"] for side in runs for run in runs[side]}) <= 1 and \
+        all(run["points"] == args.points + args.points // 50 for side in runs for run in runs[side]) and \
+        all(run["errors"] == 0 and run["polls"] > 0 for side in polls for run in polls[side])
+    table = Table(title=f"A finished job of {args.points:,} train points: its stream read whole ({args.streams} a side), "
+                        f"a watch's curve poll ({args.polls:g} s a side): {args.baseline} (before) against this checkout (after)")
     for column in ("", "before", "after", "before / after"):
         table.add_column(column, justify="left" if not column else "right")
     for label, before, after in rows:
@@ -356,9 +373,26 @@ def streamed(args: argparse.Namespace) -> int:
     console.print(table)
     if not ok:
         console.print("[red]the sides' streams did not hold the same points, every one of the curve[/red]")
-    return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "runs": runs,
+    return save_results({"ok": ok, "baseline": args.baseline, "points": args.points, "runs": runs, "polls": polls,
                          "rows": [{"label": label, "before": b, "after": a, "ratio": b / a} for label, b, a in rows]},
                         args.out or STREAMS_OUT)
+
+
+def watch_polls(url: str, key: str, job_id: str, points: int, seconds: float) -> dict:
+    """`qlora jobs watch`'s curve poll past the last step it holds (five before the curve's end: five points a
+    poll, as a job logging every step polled each second), back to back from 4 raw clients for `seconds`: the API
+    process's CPU per poll (from /proc) and the polls answered a second."""
+    from bench.api_load import cpu_seconds, run_raw_clients
+
+    path = f"/jobs/{job_id}/metrics?after_step={points - 5}&after_eval_step={points - points % 50}"
+    pid = api_pid(url)
+    cpu0 = cpu_seconds(pid)
+    samples, wall_s = run_raw_clients(url, {"Authorization": f"Bearer {key}"}, 4, seconds, lambda _rng: ("poll", path))
+    cpu = cpu_seconds(pid) - cpu0
+    done = samples["poll"]
+    answered = len(done.latencies_s)
+    return {"polls": answered, "errors": done.errors, "per_s": answered / wall_s,
+            "api_cpu_ms": cpu * 1000 / max(answered, 1)}
 
 
 # ---------------------------------------------------------------- --watchers: one long running job, watched

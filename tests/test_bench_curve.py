@@ -47,14 +47,17 @@ def test_curve_benchmark_buckets_reads_the_replaced_joins_answers(tmp_path):
     assert all(row["before"] > 0 and row["after"] > 0 for row in results["results"].values())
 
 
-def test_curve_benchmark_streams_reads_each_sides_stream_whole(tmp_path):
+def test_curve_benchmark_streams_reads_each_sides_stream_whole_and_polls_past_its_end(tmp_path):
     """--streams: each side's stream of the finished job is read to its end, every point of the curve, the same
-    points on both sides."""
+    points on both sides; --polls: a watch's curve poll asked of each side, none failing."""
     out = tmp_path / "curve_stream_bench.json"
 
-    assert curve_bench.main(["--points", "2000", "--streams", "1", "--baseline", "HEAD", "--out", str(out)]) == 0
+    assert curve_bench.main(["--points", "2000", "--streams", "1", "--polls", "0.5", "--repeats", "1", "--baseline", "HEAD",
+                             "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["ok"] is True
     for side in ("before", "after"):
         [run] = results["runs"][side]
         assert run["points"] == 2000 + 2000 // 50 and run["api_cpu_ms"] >= 0
+        [poll] = results["polls"][side]
+        assert poll["polls"] > 0 and poll["errors"] == 0

@@ -40,6 +40,11 @@ def get(session: Session, team_id: str, job_id: str) -> Job | None:
     return session.scalars(readable_jobs(team_id).where(Job.id == job_id)).one_or_none()
 
 
+def readable_id(session: Session, team_id: str, job_id: str) -> str | None:
+    """The job's id if the team may read it: whether it is there, without reading the row."""
+    return session.scalar(_readable_job_id(team_id, job_id))
+
+
 # What a job's answer shows (JobOut), for the reads every poller makes: plain rows, no ORM object made
 # and tracked per job, and the JSON columns as the text the database holds, which the answer embeds as
 # it is (schemas.job_json) instead of decoding and encoding it again: a page of fifty jobs holds fifty

@@ -515,11 +515,15 @@ def curve_page(session: Session, caller: Caller, job_id: str, after_step: int | 
     lost, nothing twice) and an evaluation that lands later at a step already held is still read.
     `has_more` says the page was cut at `limit`."""
     check_limit(limit, MAX_POINTS)
-    job = get(session, caller, job_id)
     train_after = -1 if after_step is None else after_step
     eval_after = train_after if after_eval_step is None else after_eval_step
-    train = repository.metrics(session, caller.team_id, job.id, "train", TRAIN_FIELDS, train_after, limit + 1)
-    eval_ = repository.metrics(session, caller.team_id, job.id, "eval", EVAL_FIELDS, eval_after, limit + 1)
+    # Each series' read holds the team's scope, so the job is read only when both come back empty, to tell an
+    # empty page from another team's job or none (404): a watch's poll, the step moved, finds its new points in
+    # two statements. It read the whole job first (spec and summary decoded into an ORM object), a third of them.
+    train = repository.metrics(session, caller.team_id, job_id, "train", TRAIN_FIELDS, train_after, limit + 1)
+    eval_ = repository.metrics(session, caller.team_id, job_id, "eval", EVAL_FIELDS, eval_after, limit + 1)
+    if not train and not eval_:
+        _found(repository.readable_id(session, caller.team_id, job_id), job_id)
     held_train, held_eval = first_by_step(train, eval_, limit)
     has_more = held_train + held_eval < len(train) + len(eval_)
     train, eval_ = train[:held_train], eval_[:held_eval]
@@ -528,7 +532,7 @@ def curve_page(session: Session, caller: Caller, job_id: str, after_step: int | 
     # count from 1, so 0 holds nothing).
     next_train = train[-1][0] if train else (None if train_after < 0 else train_after)
     next_eval = eval_[-1][0] if eval_ else max(eval_after, 0)
-    return CurveRead(job.id, train, eval_, {"has_more": has_more,
+    return CurveRead(job_id, train, eval_, {"has_more": has_more,
                                             "next": {"after_step": next_train, "after_eval_step": next_eval}})
 
 

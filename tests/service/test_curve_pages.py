@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import insert, select, text, update
 
 from app.db import session_scope
@@ -378,3 +379,46 @@ def test_a_polled_thinned_view_reads_only_whats_past_its_completed_buckets_and_a
     assert json.loads(whole(2_000))["bucket_steps"] == width + 1
     polled(2_000)
     polled(4_000)
+
+
+def test_a_watchs_poll_finds_its_new_points_without_reading_the_job(deployment, team_a, team_b, demo_data):
+    """`qlora jobs watch` asks for the points past the last step it holds each time the job's step moves: two
+    statements, one per series, each scoped to the team inside it; the job is read only when both are empty, to
+    tell an empty page (200) from another team's job (404). It read the whole job first, every poll."""
+    from sqlalchemy import event
+
+    from app.db import engine_for
+    from app.errors import NotFound
+    from app.jobs import service
+    from app.jobs.tables import Job
+    from app.teams.service import Caller
+
+    url = deployment.settings.database_url
+    dataset_id = upload(team_a, demo_data["validation"]).json()["id"]
+    job_id = team_a.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                        **demo_spec("tiny")}).json()["id"]
+    with session_scope(url) as session:
+        session.execute(insert(JobMetric), [{"job_id": job_id, "kind": "train", "step": s, "train_loss": 2.0 / s}
+                                            for s in range(1, 31)])
+        team_id = session.scalar(select(Job.team_id).where(Job.id == job_id))
+    owner, stranger = Caller(team_id, "a", "key-a", False), Caller("0" * 32, "b", "key-b", False)
+    sent: list[str] = []
+
+    def count(_conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append(statement)
+
+    engine = engine_for(url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with session_scope(url) as session:
+            page = service.curve_page(session, owner, job_id, after_step=25, after_eval_step=0).curve()
+            polled, sent[:] = len(sent), []
+            empty = service.curve_page(session, owner, job_id, after_step=30, after_eval_step=0).curve()
+            with pytest.raises(NotFound):
+                service.curve_page(session, stranger, job_id, after_step=25, after_eval_step=0)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert [point["step"] for point in page["train"]] == [26, 27, 28, 29, 30] and page["eval"] == []
+    assert polled == 2
+    assert empty["train"] == empty["eval"] == [] and empty["next"] == {"after_step": 30, "after_eval_step": 0}
