@@ -70,17 +70,20 @@ def _filename(disposition: bytes, plain: bytes | None) -> str | None:
         charset = extended.group(1).decode("ascii", "replace") or "utf-8"
         try:
             if codecs.lookup(charset)._is_text_encoding:  # not idna, punycode, rot13, zlib...: they raise, or are no text
-                return _LONE_SURROGATE.sub("\ufffd", raw.decode(charset, "replace"))
+                return _whole_characters(raw.decode(charset, "replace"))
         except (LookupError, UnicodeError):  # a charset Python does not know, or one that cannot decode with "replace"
             pass
         return raw.decode("utf-8", "replace")
     return plain.decode("utf-8", "replace") if plain is not None else None
 
 
-# Half of a surrogate pair, which some charsets' decoders make (utf-7's "+2AA-", unicode_escape's "\ud800") where
-# UTF-8's refuses it: no database driver can encode it, and a name holding one was a 500 at the dataset's insert.
-# Replaced as a byte the charset cannot read is.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+def _whole_characters(name: str) -> str:
+    """`name` with each half of a surrogate pair that stands alone replaced, as a byte its charset cannot read is.
+    Some charsets' decoders make one (utf-7's "+2AA-", unicode_escape's "\\ud800") where UTF-8's refuses it: no
+    database driver can encode it, and a name holding one was a 500 at the dataset's insert. A whole pair
+    (unicode_escape's "\\ud83d\\ude00") is joined into the one character it spells: replacing every half, as a
+    pattern over U+D800-DFFF did, stored that emoji as two U+FFFD."""
+    return name.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class FileSink(Protocol):

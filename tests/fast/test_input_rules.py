@@ -398,11 +398,14 @@ def test_a_file_named_in_the_extended_form_is_that_file_under_that_name(client):
     (b'filename="a;filename*=UTF-8\'\'evil.jsonl"', "a;filename*=UTF-8''evil.jsonl"),  # quoted: a name, not a parameter
     (b"filename*=utf-7''a%2B2AA-.jsonl", "a\ufffd.jsonl"),  # half a surrogate pair, which no database can store
     (b"filename*=unicode_escape''%5Cudc80.jsonl", "\ufffd.jsonl"),
+    (b"filename*=unicode_escape''%5Cud83d%5Cude00%5Cud83d.jsonl", "\U0001f600\ufffd.jsonl"),  # a whole pair is one
+    (b"filename*=utf-7''%2B2D3eAA-.jsonl", "\U0001f600.jsonl"),
 ])
 def test_an_extended_file_name_in_any_charset_is_a_name_not_an_error(client, name, stored):
     """`filename*=idna''...` (undefined, punycode) was a 500: Python's decoders of those charsets raise where others
     replace what they cannot read; so was a utf-7 or unicode_escape name decoded to half a surrogate pair, which the
-    database driver cannot encode. And a plain name quoting `;filename*=` was taken for an extended one."""
+    database driver cannot encode (a whole pair, though, is the one character it spells, not two U+FFFD). And a
+    plain name quoting `;filename*=` was taken for an extended one."""
     body = (b'--b\r\nContent-Disposition: form-data; name="file"; ' + name + b'\r\n\r\n{"text": "moo"}\n\r\n--b--\r\n')
     made = client.post("/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert made.status_code == 201, made.text
