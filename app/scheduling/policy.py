@@ -189,7 +189,13 @@ class TeamShare:
 
 def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
               stopping: bool = False) -> float:
-    """The GPU-seconds a running job will still use, as the budget counts it: until its last step at its current
+    """projection()'s GPU-seconds."""
+    return projection(now, claimed_at, finish_at, time_limit_s, stopping=stopping)[0]
+
+
+def projection(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
+               stopping: bool = False) -> tuple[float, bool]:
+    """(to come, unpaced): the GPU-seconds a running job will still use, as the budget counts it: until its last step at its current
     pace (`finish_at`, jobs.pace.finish_s), RUNNING_COUNTS_S at least (merging and the eval report come after the last
     step), and never past what its attempt's time limit (QLORA_JOB_TIME_LIMIT_S from its claim) leaves it: the worker
     ends it there. A job still running at its time limit counts RUNNING_COUNTS_S too: it holds its GPU until its
@@ -201,11 +207,15 @@ def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit
     one moment (12 x 5 minutes), each of which then ran for hours. So a team whose budget left is under one time limit
     starts one job, then the next once the first shows a pace that leaves room for it; one with more starts as many as
     their time limits fit in it, and never overruns it for want of a pace. `stopping` (pausing or cancelling, which
-    have no pace): it ends after its current step, RUNNING_COUNTS_S."""
-    left_s = max(claimed_at + time_limit_s - now, RUNNING_COUNTS_S)
+    have no pace): it ends after its current step, RUNNING_COUNTS_S.
+
+    `unpaced`: whether it counts for what its time limit leaves for want of a pace (service.budget_said says so). Not a
+    job past its time limit, which counts RUNNING_COUNTS_S: said to count "the rest of its time limit", it read as
+    hours to come where there are minutes."""
+    left_s = claimed_at + time_limit_s - now
     if finish_at is None:
-        return RUNNING_COUNTS_S if stopping else left_s
-    return min(max(finish_at - now, RUNNING_COUNTS_S), left_s)
+        return (RUNNING_COUNTS_S, False) if stopping or left_s <= RUNNING_COUNTS_S else (left_s, True)
+    return min(max(finish_at - now, RUNNING_COUNTS_S), max(left_s, RUNNING_COUNTS_S)), False
 
 
 @dataclass(frozen=True)

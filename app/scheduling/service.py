@@ -61,10 +61,10 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
         claims.setdefault(team_id, []).append(claimed)
         finish = pace.finish_s(status, total_steps, [] if first_at is None else [(first_step, first_at),
                                                                                  (last_step, last_at)])
-        stopping = status != states.RUNNING
-        unpaced[team_id] = unpaced.get(team_id, 0) + (finish is None and not stopping)
-        to_come.setdefault(team_id, []).append(policy.to_come_s(now.timestamp(), claimed, finish,
-                                                                settings.job_time_limit_s, stopping=stopping))
+        seconds, by_limit = policy.projection(now.timestamp(), claimed, finish, settings.job_time_limit_s,
+                                              stopping=status != states.RUNNING)
+        unpaced[team_id] = unpaced.get(team_id, 0) + by_limit
+        to_come.setdefault(team_id, []).append(seconds)
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
     shares = {}
     for team in teams:
@@ -167,7 +167,7 @@ def budget_said(team: TeamShare) -> str:
     job waited; and a job held back by one without a pace read "71.9 GPU-h still to come" with no word of why."""
     left_h = (team.budget_left_s or 0.0) / 3600
     left = f"{left_h:.1f} GPU-h left" if left_h >= 0 else f"none left ({-left_h:.1f} GPU-h over)"
-    limit_h = f"{team.job_time_limit_s / 3600:g} h"
+    limit_h = f"{team.job_time_limit_s / 3600:.1f}".removesuffix(".0") + " h"  # 72 h, 27.8 h: not 27.7778 h
     said = (f"budget: {left}, {team.still_to_come_s / 3600:.1f} GPU-h still to come on "
             f"{counted(team.running, 'running job')}")
     if team.unpaced:

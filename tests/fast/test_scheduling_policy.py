@@ -27,6 +27,7 @@ from app.scheduling.policy import (
     fold,
     next_to_claim,
     plan_preemptions,
+    projection,
     to_come_s,
     used_between,
 )
@@ -234,6 +235,10 @@ def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_it
     assert to_come_s(NOW, NOW - 71 * HOUR, NOW + 10 * HOUR, limit) == HOUR
     # One still running at its limit holds its GPU until its worker stops it: 5 GPU-minutes, not none.
     assert to_come_s(NOW, NOW - 73 * HOUR, NOW + 10 * HOUR, limit) == RUNNING_COUNTS_S
+    # Only a job that counts the rest of its limit for want of a pace is said to (budget_said): not one past its limit.
+    assert projection(NOW, claimed, None, limit) == (limit - HOUR, True)
+    assert projection(NOW, NOW - 73 * HOUR, None, limit) == projection(NOW, claimed, None, limit, stopping=True) \
+        == (RUNNING_COUNTS_S, False)
     # A pace that ends past any calendar (a worker's clock that jumped a day between two points, millions of steps
     # left) is no estimate to show, and all that the time limit leaves to count (it counted 5 GPU-minutes).
     jumped = [(1, datetime(2026, 1, 1, tzinfo=UTC)), (2, datetime(2026, 1, 2, tzinfo=UTC))]

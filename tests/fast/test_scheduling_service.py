@@ -6,6 +6,7 @@ right job and queues it again, and every attempt's GPU time lands in the ledger 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -210,6 +211,34 @@ def test_a_job_started_with_budget_left_and_queued_again_mid_run_goes_on_past_th
     claimed = claim(settings, new_job)
     assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 2)
     assert claim(settings, new_job) is None  # nothing else of the team starts
+
+
+def test_a_job_past_its_time_limit_is_not_said_to_count_the_rest_of_it():
+    """A job running past its time limit counts 5 GPU-minutes, but was said to have "no pace yet: ... counts for the
+    rest of its 72 h time limit"; and a limit of 100,000 s read "27.7778 h"."""
+    from app.scheduling.policy import RUNNING_COUNTS_S, TeamShare
+
+    rest = ("; a job starts while what is left exceeds what is still to come, and a job that started runs to its end "
+            "(README, Quotas)")
+    over = TeamShare("t", 1.0, running=1, unpaced=0, budget_left_s=0, to_come_s=RUNNING_COUNTS_S,
+                     job_time_limit_s=100_000)
+    assert service.budget_said(over) == "budget: 0.0 GPU-h left, 0.1 GPU-h still to come on 1 running job" + rest
+    assert service.budget_said(replace(over, unpaced=1)) == (
+        "budget: 0.0 GPU-h left, 0.1 GPU-h still to come on 1 running job (it has no pace yet: until its first training "
+        "steps show one, a job counts for the rest of its 27.8 h time limit)" + rest)
+
+
+def test_team_shares_counts_a_job_past_its_time_limit_as_paced(session, settings, world):
+    team_a = world["team-a"][0]
+    team_a.gpu_hours_per_month = 1.0
+    session.commit()
+    over = add_job(session, team_a, age_s=100)
+    assert claim(settings, over).id == over
+    session.get(Job, over).claimed_at = utcnow() - timedelta(seconds=settings.job_time_limit_s + 3600)
+    session.commit()
+    with session_scope(settings.database_url) as s:
+        a = service.team_shares(s, settings, utcnow())[team_a.id]
+    assert (a.running, a.unpaced) == (1, 0)
 
 
 def test_a_budget_holds_back_starts_for_the_time_its_running_job_still_needs_at_its_pace(session, settings, world):
