@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -121,10 +122,18 @@ class TeamShare:
     unpaced: int = 0
     # What a job it starts counts for its budget until its pace is known: all of its time limit (to_come_s()).
     job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S
+    # Its jobs queued again mid-run (Waiting.continuing), or being preempted to be: the budget does not hold them
+    # back, so they will run again past it. Each counts for a time limit (what its next attempt may use, as a job
+    # started counts until its pace shows). Read for a team with a budget only (service.team_shares).
+    resuming: int = 0
 
     @property
     def still_to_come_s(self) -> float:
-        """What the budget holds back for the jobs running now (blocked_by)."""
+        """What the budget holds back for the jobs running now and those that will resume (blocked_by)."""
+        return self._running_to_come_s + self.resuming * self.job_time_limit_s
+
+    @property
+    def _running_to_come_s(self) -> float:
         return self.running * RUNNING_COUNTS_S if self.to_come_s is None else self.to_come_s
 
     @property
@@ -148,7 +157,11 @@ class TeamShare:
         RUNNING_COUNTS_S for each, a team with an hour left started 12 jobs that each ran for hours, and ran past its
         month by as many GPU-hours, first one after another, then (once a running job counted its pace) all 12 in
         one moment, before any had a pace. Now a job running with 3 hours to go holds back a team with 1 hour left,
-        one with 10 minutes to go does not, and one that has just started holds it back until its pace shows."""
+        one with 10 minutes to go does not, and one that has just started holds it back until its pace shows.
+
+        A job queued again mid-run (`resuming`) counts for a time limit too: counting nothing while it waited (5
+        minutes while it paused), a team with an hour left whose one job with 3 hours to go was preempted started a
+        new job at once, and the preempted one then resumed past the budget as well: two jobs over, not one."""
         if self.disabled:
             return FOR_TEAM_DISABLED
         if self.budget_left_s is not None and not continuing and \
@@ -158,33 +171,42 @@ class TeamShare:
             return FOR_MAX_RUNNING
         return None
 
-    def with_running(self, delta: int) -> TeamShare:
-        """The team once it starts delta more jobs (a claim: 1), or stops -delta (a preemption: -1). A job started
-        has no pace yet: it counts all of its time limit (to_come_s()), as it will once the claim reads it running.
-        A job preempted gives back RUNNING_COUNTS_S, not its projection: it is queued again mid-run and goes on past
-        the budget (Waiting.continuing), so the rest of it is still to come."""
+    def with_running(self, delta: int, continuing: bool = False) -> TeamShare:
+        """The team once it starts delta more jobs (a claim: 1; `continuing`: jobs it had to resume), or stops -delta
+        (a preemption: -1). A job started has no pace yet: it counts all of its time limit (to_come_s()), as it will
+        once the claim reads it running. A job preempted gives back RUNNING_COUNTS_S, not its projection, and is one
+        more to resume: it is queued again mid-run and goes on past the budget (Waiting.continuing)."""
         if delta > 0:
             return replace(self, running=self.running + delta, unpaced=self.unpaced + delta,
-                           to_come_s=self.still_to_come_s + delta * self.job_time_limit_s)
+                           to_come_s=self._running_to_come_s + delta * self.job_time_limit_s,
+                           resuming=max(self.resuming - delta, 0) if continuing else self.resuming)
         to_come = None if self.to_come_s is None else max(self.to_come_s + delta * RUNNING_COUNTS_S, 0.0)
-        return replace(self, running=self.running + delta, to_come_s=to_come)
+        return replace(self, running=self.running + delta, to_come_s=to_come, resuming=self.resuming - delta)
+
+    def expecting(self, continuing: int) -> TeamShare:
+        """The team counting at least `continuing` jobs to resume: those queued in the class being scheduled, where
+        a budgeted team's share was read without them (one made by hand)."""
+        if self.budget_left_s is None or continuing <= self.resuming:
+            return self
+        return replace(self, resuming=continuing)
 
     @classmethod
     def at(cls, team_id: str, now: float, half_life_s: float, *, weight: float, usage_s: float,
            usage_at: float | None, running_since: Iterable[float], max_running: int | None = None,
            budget_left_s: float | None = None, disabled: bool = False,
            to_come_s: Iterable[float] | None = None, unpaced: int = 0,
-           job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S) -> TeamShare:
+           job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S, resuming: int = 0) -> TeamShare:
         """The team at `now`: its folded usage (as of usage_at) decayed to now, plus the attempts still
         running (claimed at running_since), which count up to now; `to_come_s`, the GPU-seconds each running job
-        still has to come (to_come_s(); None: RUNNING_COUNTS_S each), `unpaced` of them with no pace yet."""
+        still has to come (to_come_s(); None: RUNNING_COUNTS_S each), `unpaced` of them with no pace yet; `resuming`, its
+        jobs queued again mid-run or being preempted to be."""
         claims = list(running_since)
         usage = decayed(usage_s, now - usage_at, half_life_s) if usage_at is not None else 0.0
         usage += sum(used_between(claimed, now, now, half_life_s) for claimed in claims)
         return cls(team_id=team_id, weight=weight, running=len(claims), recent_gpus=average_gpus(usage, half_life_s),
                    max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled,
                    to_come_s=None if to_come_s is None else sum(to_come_s), unpaced=unpaced,
-                   job_time_limit_s=job_time_limit_s)
+                   job_time_limit_s=job_time_limit_s, resuming=resuming)
 
 
 def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
@@ -263,6 +285,7 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
     by_team: dict[str, list[Waiting]] = {}
     for job in waiting:
         by_team.setdefault(job.team_id, []).append(job)
+    teams = _expecting(teams, (job for jobs in by_team.values() for job in jobs))
     held: list[tuple[float, tuple, Waiting, str]] = []
     for team_id, jobs in by_team.items():
         jobs.sort(key=Waiting.team_order, reverse=True)  # each team's next job at the end: pop()
@@ -285,8 +308,9 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
             held += [(team.share, job.team_order(), job, reason) for job in reversed(jobs)]
             continue
         else:
-            order.append((jobs.pop(), None))
-            state[team_id] = team.with_running(1)
+            started = jobs.pop()
+            order.append((started, None))
+            state[team_id] = team.with_running(1, started.continuing)
         if jobs:
             heapq.heappush(heap, _turn(state[team_id], jobs[-1]))
     # A disabled team's last of all: it waits for an admin, not for its quota to allow one more.
@@ -297,6 +321,8 @@ def claim_order(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> l
 def next_to_claim(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) -> Waiting | None:
     """The job the next claim takes: claim_order's first, found without ordering the rest (a worker
     asks this on every claim, and a busy class has thousands of jobs queued)."""
+    waiting = list(waiting)
+    teams = _expecting(teams, waiting)
     best: dict[str, Waiting] = {}
     for job in waiting:
         if teams[job.team_id].blocked_by(job.continuing) is not None:
@@ -305,6 +331,14 @@ def next_to_claim(waiting: Iterable[Waiting], teams: Mapping[str, TeamShare]) ->
         if mine is None or job.team_order() < mine.team_order():
             best[job.team_id] = job
     return best[min(_turn(teams[team_id], job) for team_id, job in best.items())[-1]] if best else None
+
+
+def _expecting(teams: Mapping[str, TeamShare], waiting: Iterable[Waiting]) -> Mapping[str, TeamShare]:
+    """`teams`, each counting its continuing jobs in `waiting` as to resume (TeamShare.expecting)."""
+    continuing = Counter(job.team_id for job in waiting if job.continuing)
+    if not continuing:
+        return teams
+    return {**teams, **{team_id: teams[team_id].expecting(count) for team_id, count in continuing.items()}}
 
 
 def _turn(team: TeamShare, next_job: Waiting) -> tuple[float, float, str, str]:
@@ -348,7 +382,7 @@ def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], tea
         claimant = teams[first.team_id]
         if freeing:  # a GPU already being freed goes to this job
             freeing -= 1
-            teams[first.team_id] = claimant.with_running(1)
+            teams[first.team_id] = claimant.with_running(1, first.continuing)
             continue
         # The waiting team as it would stand with the GPU: its new job counts for what it will surely use,
         # its minimum runtime (RUNNING_COUNTS_S at most, like any running job).
@@ -357,7 +391,7 @@ def plan_preemptions(waiting: Iterable[Waiting], running: Iterable[Running], tea
         if victim is None:
             break
         candidates.remove(victim)
-        teams[first.team_id] = claimant.with_running(1)
+        teams[first.team_id] = claimant.with_running(1, first.continuing)
         teams[victim.team_id] = teams[victim.team_id].with_running(-1)
         plan.append(Preemption(victim=victim, for_job=first))
     if teams_after is not None:

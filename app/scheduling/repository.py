@@ -61,6 +61,15 @@ def waiting(session: Session, queue: str) -> list[Row]:
                                 .where(Job.status == states.QUEUED, Job.queue == queue)))
 
 
+def resuming(session: Session, team_ids: Collection[str]) -> dict[str, int]:
+    """How many jobs of each of these teams will run again mid-run: queued again (continuing), or pausing or paused to
+    be (preempting). Asked for the teams with a monthly budget only, which counts them (policy.TeamShare.resuming)."""
+    again = ((Job.status == states.QUEUED) & Job.continuing.is_(True)) | \
+        (Job.status.in_((states.PAUSING, states.PAUSED)) & Job.preempting.is_(True))
+    return {team_id: count for team_id, count in session.execute(
+        select(Job.team_id, func.count()).where(Job.team_id.in_(team_ids), again).group_by(Job.team_id))}
+
+
 def queues_with_waiting(session: Session) -> list[str]:
     return list(session.scalars(select(Job.queue).where(Job.status == states.QUEUED).distinct()))
 

@@ -47,7 +47,8 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
     """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
     force, GPUs held, decayed usage, what is left of its monthly budget, and what its running jobs will still use
     of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s; all that
-    its time limit leaves, where that pace is not known yet)."""
+    its time limit leaves, where that pace is not known yet), and which of its jobs will resume past it (TeamShare.resuming).
+    A team without a budget costs no read more."""
     some = None if teams is None else [team.id for team in teams]
     teams = repository.teams(session) if teams is None else teams
     quotas = {team.id: effective(settings, team) for team in teams}
@@ -66,6 +67,7 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
         unpaced[team_id] = unpaced.get(team_id, 0) + by_limit
         to_come.setdefault(team_id, []).append(seconds)
     used = gpu_seconds_by_team(session, month_start(now), now, now, budgeted) if budgeted else {}
+    resuming = repository.resuming(session, budgeted) if budgeted else {}
     shares = {}
     for team in teams:
         quota = quotas[team.id]
@@ -77,7 +79,8 @@ def team_shares(session: Session, settings: Settings, now: datetime, teams: list
             running_since=claims.get(team.id, []), max_running=quota.max_running,
             budget_left_s=None if budget is None else budget * 3600 - used.get(team.id, 0.0),
             disabled=team.disabled_at is not None, to_come_s=to_come.get(team.id, []),
-            unpaced=unpaced.get(team.id, 0), job_time_limit_s=settings.job_time_limit_s)
+            unpaced=unpaced.get(team.id, 0), job_time_limit_s=settings.job_time_limit_s,
+            resuming=resuming.get(team.id, 0))
     return shares
 
 
@@ -162,19 +165,25 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
 
 def budget_said(team: TeamShare) -> str:
     """Why the monthly budget holds a team's job back, for a person: what is left against what its running jobs will
-    still use (TeamShare.blocked_by), and, where some of them have no pace yet, that they count for their time limit
-    until it shows. Before, a job said only gpu_hours_per_month, and a team with budget left could not tell why its
-    job waited; and a job held back by one without a pace read "71.9 GPU-h still to come" with no word of why."""
+    still use and its jobs stopped midway will use once they resume (TeamShare.blocked_by), and, where some of them
+    have no pace yet, that they count for their time limit until it shows. Before, a job said only
+    gpu_hours_per_month, and a team with budget left could not tell why its job waited; and a job held back by one
+    without a pace read "71.9 GPU-h still to come" with no word of why."""
     left_h = (team.budget_left_s or 0.0) / 3600
     left = f"{left_h:.1f} GPU-h left" if left_h >= 0 else f"none left ({-left_h:.1f} GPU-h over)"
     limit_h = f"{team.job_time_limit_s / 3600:.1f}".removesuffix(".0") + " h"  # 72 h, 27.8 h: not 27.7778 h
-    said = (f"budget: {left}, {team.still_to_come_s / 3600:.1f} GPU-h still to come on "
-            f"{counted(team.running, 'running job')}")
-    if team.unpaced:
-        just = "it has" if team.running == 1 else "1 of them has" if team.unpaced == 1 else \
-            f"{team.unpaced} of them have"
-        said += (f" ({just} no pace yet: until its first training steps show one, a job counts for the rest "
-                 f"of its {limit_h} time limit)")
+    on = []
+    if team.running or not team.resuming:
+        on.append(counted(team.running, "running job"))
+        if team.unpaced:
+            just = "it has" if team.running == 1 else "1 of them has" if team.unpaced == 1 else \
+                f"{team.unpaced} of them have"
+            on[-1] += (f" ({just} no pace yet: until its first training steps show one, a job counts for the rest "
+                       f"of its {limit_h} time limit)")
+    if team.resuming:
+        on.append(f"{counted(team.resuming, 'job')} stopped midway to resume (preempted, out of memory, or its worker stopped or "
+                  f"lost: each resumes past the budget, and counts for a {limit_h} time limit until its pace shows)")
+    said = f"budget: {left}, {team.still_to_come_s / 3600:.1f} GPU-h still to come on {' and '.join(on)}"
     if team.blocked_by() != FOR_BUDGET:  # held back by the team's jobs ahead of it, once they start
         said += (f", and each of the team's jobs that start before this one will count for up to {limit_h} until "
                  "its pace shows")

@@ -197,11 +197,37 @@ def test_a_budget_lets_start_only_as_many_jobs_as_their_time_limits_fit_in_what_
     assert [reason for _, reason in claim_order(waiting[:5], three)] == [None, None, None, FOR_BUDGET, FOR_BUDGET]
     unbudgeted = teams_of(team("b"), team("other", used_h=100))
     assert [reason for _, reason in claim_order(waiting, unbudgeted)] == [None] * 13
-    # A job the service queued again mid-run goes on past it, as before.
+    # A job the service queued again mid-run goes on past it, as before, and the team's new jobs wait behind it: it
+    # will use what is left (b-0 started ahead of it, and both ran past the budget).
     continuing = replace(job("b-resumed", "b", priority=LOW), continuing=True)
     assert [(w.job_id, r) for w, r in claim_order([waiting[0], waiting[1], continuing], one)] == [
-        ("b-0", None), ("b-resumed", None), ("b-1", FOR_BUDGET)]
+        ("b-resumed", None), ("b-0", FOR_BUDGET), ("b-1", FOR_BUDGET)]
     assert RUNNING_COUNTS_S == 300  # the 5 GPU-minutes the README and docs/scheduling.md name
+
+
+def test_a_job_stopped_midway_holds_back_its_teams_new_jobs_as_much_as_a_running_one():
+    """Team b has an hour left and b-1 running with 3 hours to go: its new jobs wait. b-1 is preempted (or its worker
+    stops or is lost): it counted 5 GPU-minutes while pausing and nothing queued, so b-2 started, counting 72 hours,
+    and b-1 then resumed past the budget (Waiting.continuing): two jobs over the month, not one. A job stopped midway
+    counts for a time limit, what its next attempt may use, until it resumes and its pace shows; it goes first."""
+    limit = DEFAULT_JOB_TIME_LIMIT_S
+    fresh = job("b-2", "b", priority=HIGH, age_h=5)
+    resumed = replace(job("b-1", "b", priority=LOW), continuing=True)
+    for b in (team("b", budget_left_s=HOUR),  # made by hand: the queued job is counted
+              TeamShare.at("b", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None, running_since=[],
+                           budget_left_s=HOUR, to_come_s=[], resuming=1)):  # as the service reads it
+        teams = teams_of(b, team("other", used_h=100))
+        assert [(w.job_id, r) for w, r in claim_order([fresh, resumed], teams)] == [("b-1", None), ("b-2", FOR_BUDGET)]
+        assert next_to_claim([fresh, resumed], teams) == resumed
+    # Pausing (or queued in another GPU class) it holds them back too; once it runs again it counts as a job started.
+    pausing = TeamShare.at("b", NOW, HALF_LIFE, weight=1.0, usage_s=0.0, usage_at=None, running_since=[NOW - HOUR],
+                           budget_left_s=HOUR, to_come_s=[RUNNING_COUNTS_S], resuming=1)
+    assert pausing.still_to_come_s == RUNNING_COUNTS_S + limit and pausing.blocked_by() == FOR_BUDGET
+    assert next_to_claim([fresh], {"b": pausing}) is None
+    assert pausing.blocked_by(continuing=True) is None
+    assert pausing.with_running(1, continuing=True).still_to_come_s == RUNNING_COUNTS_S + limit
+    # A team without a budget is not held back by it.
+    assert claim_order([fresh, resumed], teams_of(team("b"))) == [(fresh, None), (resumed, None)]
 
 
 def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_its_pace():
@@ -244,10 +270,10 @@ def test_the_budget_counts_a_running_job_for_the_time_it_has_still_to_come_at_it
     jumped = [(1, datetime(2026, 1, 1, tzinfo=UTC)), (2, datetime(2026, 1, 2, tzinfo=UTC))]
     assert pace.finish_at(states.RUNNING, 10_000_000, jumped) is None
     assert to_come_s(NOW, claimed, pace.finish_s(states.RUNNING, 10_000_000, jumped), limit) == limit - HOUR
-    # A job it starts counts its time limit more (no pace yet), a job preempted from it 5 GPU-minutes less (the rest
-    # of it is still to come: it goes on past the budget).
+    # A job it starts counts its time limit more (no pace yet); a job preempted from it 5 GPU-minutes less, and a time
+    # limit more: it will resume past the budget, and its next attempt may use that much.
     assert long_one["b"].with_running(1).still_to_come_s == 3 * HOUR + limit
-    assert long_one["b"].with_running(-1).still_to_come_s == 3 * HOUR - RUNNING_COUNTS_S
+    assert long_one["b"].with_running(-1).still_to_come_s == 3 * HOUR - RUNNING_COUNTS_S + limit
     # The share is not moved by the projection: it orders teams by the GPU time they used (policy.RUNNING_COUNTS_S).
     assert long_one["b"].share == short_one["b"].share
 

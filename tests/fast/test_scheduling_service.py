@@ -213,6 +213,37 @@ def test_a_job_started_with_budget_left_and_queued_again_mid_run_goes_on_past_th
     assert claim(settings, new_job) is None  # nothing else of the team starts
 
 
+def test_a_job_preempted_midway_holds_back_its_teams_new_job_until_it_has_resumed(session, settings, world):
+    """A team with an hour left, its job running with about 3.3 hours to go: its new job waits. That job is preempted:
+    pausing it counted 5 GPU-minutes and, queued again, nothing, so the new job started (counting 72 hours) and the
+    preempted one then resumed past the budget: two jobs over the month. Stopped midway, it counts for a time limit."""
+    team_a, caller_a = world["team-a"]
+    team_a.gpu_hours_per_month = 1.0
+    session.commit()
+    first = add_job(session, team_a, age_s=100)
+    assert claim(settings, first).id == first
+    job = session.get(Job, first)
+    job.total_steps = 1000
+    session.add_all([JobMetric(job_id=first, kind="train", step=step, train_loss=1.0,
+                               created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1))) for step in (1, 2)])
+    session.commit()
+    new_job = add_job(session, team_a, age_s=200, priority=2, dispatched_at=utcnow())
+    assert standing(settings, jobs_service.view(session, caller_a, new_job)) == (1, "gpu_hours_per_month")
+    from app.jobs import repository
+
+    with session_scope(settings.database_url) as s:
+        assert repository.preempt(s, first, 1)
+    assert standing(settings, jobs_service.view(session, caller_a, new_job)) == (1, "gpu_hours_per_month")
+    assert claim(settings, new_job, "w2") is None
+    with session_scope(settings.database_url) as s:
+        assert runs.finish(s, first, 1, states.PAUSED)  # queued again, continuing
+    assert standing(settings, jobs_service.view(session, caller_a, new_job)) == (2, "gpu_hours_per_month")
+    assert "1 job stopped midway to resume" in detail(settings, jobs_service.view(session, caller_a, new_job))
+    claimed = claim(settings, new_job, "w2")
+    assert claimed is not None and (claimed.id, claimed.attempt) == (first, 2)
+    assert claim(settings, new_job, "w3") is None
+
+
 def test_a_job_past_its_time_limit_is_not_said_to_count_the_rest_of_it():
     """A job running past its time limit counts 5 GPU-minutes, but was said to have "no pace yet: ... counts for the
     rest of its 72 h time limit"; and a limit of 100,000 s read "27.7778 h"."""
