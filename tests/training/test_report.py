@@ -9,6 +9,7 @@ other cases call the report on its output directory or train for two steps.
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -17,6 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.training.data import Example, Message, validate_lines
+from worker.training.merge import FIDELITY_MAX_TOKENS, fidelity_rows, forward_rows, measure_fidelity
 from worker.training.model import dequantized_on_cpu, load_base_model, resolve_compute_dtype
 from worker.training.protocol import Event, TrainPoint
 from worker.training.recipe import run
@@ -28,12 +30,14 @@ from worker.training.report import (
     exact_match,
     generate,
     make_report,
+    mean_loss,
     reward_movement,
     spread,
     token_f1,
 )
 from worker.training.spec import JobSpec
 from worker.training.tiny import ANIMAL_SOUNDS, demo_rows, demo_spec, score_demo, write_jsonl
+from worker.training.tokenization import encode_examples, prepare_tokenizer
 
 
 def spec_for(model_dir, **sections) -> JobSpec:
@@ -124,6 +128,24 @@ def test_merge_fidelity_is_measured_and_tight(qlora_run):
     assert f["eval_loss_diff"] < 0.01, f
     assert f["mean_abs_logit_diff"] < 0.01, f
     assert f["max_abs_logit_diff"] < 0.25, f
+
+
+def test_merge_fidelity_compares_losses_on_rows_whose_prompt_fills_their_first_tokens(tiny_model_dir):
+    """Rows cut to their first 256 tokens for the fidelity check: a long system prompt left none trained, their loss
+    was NaN, and the run's summary said eval_loss_diff Infinity (null through the API) where the merge was exact."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare_tokenizer(tokenizer)
+    rows = demo_rows(0, 3, distinct=True)
+    rows[0]["messages"].insert(0, {"role": "system", "content": "You answer questions about animal sounds. " * 20})
+    encoded, _ = encode_examples(validate_lines([json.dumps(r).encode() for r in rows]).examples, tokenizer,
+                                 max_seq_length=1024, train_on_inputs=False)
+    assert len(encoded[0]["input_ids"]) > FIDELITY_MAX_TOKENS
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    checked = fidelity_rows(encoded)
+    f = measure_fidelity(forward_rows(model, checked), model, checked)
+    assert f["eval_loss_diff"] == 0.0
+    # per trained token over the rows, as the report's loss is
+    assert f["eval_loss_adapter"] == pytest.approx(mean_loss(model, checked, None), rel=1e-6)
 
 
 def test_summary_records_what_a_user_needs(qlora_run):
@@ -242,14 +264,23 @@ def test_the_report_equals_an_independent_generation_with_the_merged_model(demo_
     assert report["metrics"]["tuned"]["f1"] == pytest.approx(sum(f1s) / len(f1s))
 
 
-def test_without_a_merge_the_adapter_answers_the_spec_prompts(demo_run, tiny_model_dir):
+def adapter_alone(result, tmp_path):
+    """A run directory holding the demo run's adapter alone, for a report without a merge: make_report writes its
+    report.json there, not over the demo run's, which test_the_demo_report_shows_... reads (after such a test, in
+    the same process, as pytest-xdist may order them)."""
+    shutil.copytree(result.out_dir / "adapter", tmp_path / "run" / "adapter")
+    return tmp_path / "run"
+
+
+def test_without_a_merge_the_adapter_answers_the_spec_prompts(demo_run, tiny_model_dir, tmp_path):
     """output.merge false: the tuned answers come from the saved adapter on the 4-bit base. Prompts of the
     spec have no reference: nothing is scored, every answer is shown."""
     result, _ = demo_run
+    out = adapter_alone(result, tmp_path)
     prompts = ["Ada asks: what sound does the cow make?", "Hey, Gus here. What does the duck say?"]
     spec = spec_for(tiny_model_dir, output={"merge": False}, eval={"prompts": prompts, "max_new_tokens": 16})
-    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "adapter")
-    report = make_report(spec, base_path=tiny_model_dir, out_dir=result.out_dir, tokenizer=tokenizer,
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    report = make_report(spec, base_path=tiny_model_dir, out_dir=out, tokenizer=tokenizer,
                          compute_dtype=getattr(torch, result.summary["compute_dtype"]), device="cpu",
                          examples=[], examples_from="train", loss_rows=[])
     assert report["prompts_from"] == "spec"
@@ -268,15 +299,17 @@ def dequantizations(profile) -> int:
     return sum(event.count for event in profile.key_averages() if event.key == "bitsandbytes::dequantize_4bit")
 
 
-def test_on_the_cpu_the_report_dequantizes_each_4bit_weight_once_per_model_not_per_token(demo_run, tiny_model_dir):
+def test_on_the_cpu_the_report_dequantizes_each_4bit_weight_once_per_model_not_per_token(demo_run, tiny_model_dir,
+                                                                                         tmp_path):
     """The report's cost on the CPU was bitsandbytes dequantizing every 4-bit weight at every call, so for every
     generated token: here each layer is dequantized once for the base's column and once for the adapter's."""
     result, _ = demo_run
+    out = adapter_alone(result, tmp_path)
     spec = spec_for(tiny_model_dir, output={"merge": False},
                     eval={"prompts": ["Ada asks: what sound does the cow make?"], "max_new_tokens": 8})
-    tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        report = make_report(spec, base_path=tiny_model_dir, out_dir=result.out_dir, tokenizer=tokenizer,
+        report = make_report(spec, base_path=tiny_model_dir, out_dir=out, tokenizer=tokenizer,
                              compute_dtype=getattr(torch, result.summary["compute_dtype"]), device="cpu",
                              examples=[], examples_from="train", loss_rows=[])
     assert report["rows"][0]["tuned"]["answer"] == "The cow says moo."

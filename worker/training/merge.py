@@ -25,15 +25,18 @@ import torch
 
 from worker.training.model import device_map, fit_embeddings, load_base_model
 from worker.training.spec import QuantizationSpec
-from worker.training.tokenization import turn_end_token_id
+from worker.training.tokenization import trained_targets, turn_end_token_id
 
 FIDELITY_ROWS = 8  # enough rows to catch a broken merge; few enough to keep logits for them in memory
 FIDELITY_MAX_TOKENS = 256
 
 
 def fidelity_rows(rows: Iterable[dict]) -> list[dict]:
-    """The first FIDELITY_ROWS rows, each cut to FIDELITY_MAX_TOKENS (`rows`: a list, or the recipe's Dataset)."""
-    return [{"input_ids": r["input_ids"][:FIDELITY_MAX_TOKENS], "labels": r["labels"][:FIDELITY_MAX_TOKENS]}
+    """The first FIDELITY_ROWS rows, each cut to its last FIDELITY_MAX_TOKENS tokens (`rows`: a list, or the recipe's
+    Dataset). A row's end holds what it learns (its answer, its EOS): cut to its first tokens, a row whose prompt
+    fills them (a long system prompt, a document to answer from) had no trained token left, its loss was NaN, and so
+    was the eval-loss comparison of every run whose first rows were such rows."""
+    return [{"input_ids": r["input_ids"][-FIDELITY_MAX_TOKENS:], "labels": r["labels"][-FIDELITY_MAX_TOKENS:]}
             for r in islice(rows, FIDELITY_ROWS)]
 
 
@@ -351,7 +354,9 @@ def stop_token_ids(base_eos: int | list[int] | None, tokenizer) -> int | list[in
 
 def measure_fidelity(reference: list[tuple[torch.Tensor, float]], merged_model, rows: list[dict],
                      device: torch.device | None = None) -> dict:
-    """Max / mean |logit difference| and eval-loss difference between adapter-on-quantized-base and merged."""
+    """Max / mean |logit difference| and eval-loss difference between adapter-on-quantized-base and merged. The
+    losses are per trained token, as the eval report's (report.mean_loss): a row without one (its loss NaN) adds
+    nothing; None where no row has one."""
     merged = forward_rows(merged_model, rows, device=device)
     max_diff, total_diff, count = 0.0, 0.0, 0
     for (ref_logits, _), (new_logits, _) in zip(reference, merged, strict=False):
@@ -359,15 +364,21 @@ def measure_fidelity(reference: list[tuple[torch.Tensor, float]], merged_model, 
         max_diff = max(max_diff, float(diff.max()))
         total_diff += float(diff.sum())
         count += diff.numel()
-    ref_loss = sum(loss for _, loss in reference) / len(reference)
-    merged_loss = sum(loss for _, loss in merged) / len(merged)
+    targets = [trained_targets(row) for row in rows]
+
+    def per_token(losses: list[tuple[torch.Tensor, float]]) -> float | None:
+        return (sum(loss * n for (_, loss), n in zip(losses, targets, strict=True) if n) / sum(targets)
+                if sum(targets) else None)
+
+    ref_loss, merged_loss = per_token(reference), per_token(merged)
     return {
         "rows": len(rows),
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": total_diff / max(count, 1),
         "eval_loss_adapter": ref_loss,
         "eval_loss_merged": merged_loss,
-        "eval_loss_diff": abs(merged_loss - ref_loss) if math.isfinite(ref_loss + merged_loss) else float("inf"),
+        "eval_loss_diff": None if ref_loss is None or merged_loss is None
+        else abs(merged_loss - ref_loss) if math.isfinite(ref_loss + merged_loss) else float("inf"),
     }
 
 

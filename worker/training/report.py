@@ -49,7 +49,7 @@ from worker.training.merge import free_memory, stop_token_ids
 from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
 from worker.training.spec import JobSpec
-from worker.training.tokenization import IGNORE_INDEX, ChatRenderer, render_conversation
+from worker.training.tokenization import ChatRenderer, render_conversation, trained_targets
 
 # Under the run's output directory; the service stores report/ as the job's "report" artifact.
 REPORT_PATH = Path("report") / "report.json"
@@ -160,7 +160,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
         "metrics": {
             "scored_rows": sum(row["reference"] is not None for row in rows),
             "loss_rows": len(loss_rows), "loss_rows_from": examples_from,
-            "loss_tokens": sum(_trained_targets(row) for row in loss_rows),
+            "loss_tokens": sum(trained_targets(row) for row in loss_rows),
             "base": _side_metrics(rows, "base", base_loss),
             "tuned": _side_metrics(rows, "tuned", tuned_loss),
         },
@@ -334,7 +334,7 @@ def mean_loss(model, rows: list[dict], autocast: torch.dtype | None) -> float | 
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for row in rows:
-        count = _trained_targets(row)
+        count = trained_targets(row)
         if not count:
             continue
         with _autocast(device, autocast):
@@ -343,11 +343,6 @@ def mean_loss(model, rows: list[dict], autocast: torch.dtype | None) -> float | 
         total += float(loss) * count  # the model averages over the row's targets; weigh rows by theirs
         tokens += count
     return total / tokens if tokens else None
-
-
-def _trained_targets(row: dict) -> int:
-    """The tokens a row's loss averages over: labels past the first (each is predicted from the ones before)."""
-    return sum(label != IGNORE_INDEX for label in row["labels"][1:])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -763,6 +763,12 @@ def kept_pairs(examples: Sequence[Example], tokenizer, stats: EncodeStats, *, ma
             yield pair.row()
 
 
+def trained_targets(row: dict) -> int:
+    """The tokens an encoded row's loss averages over: labels past the first (each is predicted from the ones before),
+    what the eval report's loss and the merge's fidelity weigh each row by."""
+    return sum(label != IGNORE_INDEX for label in row["labels"][1:])
+
+
 def preferred_rows(rows: list[dict]) -> list[dict]:
     """Preference rows as SFT rows of the prompt and the preferred answer (input_ids, labels on the answer):
     what the merge's fidelity check and the report's loss read."""
