@@ -388,15 +388,17 @@ def _end_attempt(session: Session, job: Job, outcome: str, level: str, message: 
                  ended_at: datetime, half_life_s: float, silent_before: datetime | None = None) -> str | None:
     """Move the job from the state it was read in to `outcome`, fenced by that state and its attempt (and, with
     `silent_before`, by its last heartbeat being older); record the event, the attempt's end (usage), and queue
-    again a paused job that was making way. What became of it, or None when something else moved it first."""
+    again a paused job that was making way. What became of it, or None when something else moved it first: a job
+    paused and queued again so is "requeued", which its caller sends (reaper.reap_claims_of_gone_worker). Said to be
+    "paused", a preempted or handed-back job lost with its worker was left unsent, and `serve` called it paused."""
     if not repository.transition(session, job.id, outcome, attempt=job.attempt, only_from=[job.status],
                                  silent_before=silent_before, **values):
         return None
     event = "requeued" if outcome == states.QUEUED else outcome
     repository.add_event(session, job.id, event, level, message, attempt=job.attempt, step=job.step)
     ledger.end(session, job.id, job.attempt, ended_at, outcome, half_life_s)
-    if outcome == states.PAUSED:
-        requeue_if_preempted(session, job.id, job.attempt)
+    if outcome == states.PAUSED and requeue_if_preempted(session, job.id, job.attempt):
+        return "requeued"
     return event
 
 

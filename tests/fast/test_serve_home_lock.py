@@ -93,3 +93,28 @@ def test_a_serve_that_takes_the_home_requeues_only_what_the_dead_local_workers_c
     assert "stopped outright at step 40" in event.message and "without handing the job back" in event.message
     assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [dead])]  # sent: no wait for the dead serve's lease
     assert not markers[101].exists() and not markers[103].exists() and markers[102].exists()
+
+
+def test_a_job_being_handed_back_as_its_serve_was_killed_is_queued_sent_and_said_so(settings, session, make_job, capsys):
+    """A job pausing to make way (preempted, or handed back by a worker stopping on Ctrl-C) when the whole process
+    group was SIGKILLed: the next `serve` ends the attempt as paused, which queues it again at once. Before, that was
+    reported as "paused": nothing was sent (it waited for the dead serve's scheduler lease) and serve said "paused"."""
+    import json
+
+    from app.broker import RUN_JOB_TASK
+    from app.cli.processes import _requeue_what_the_last_serve_held
+    from app.jobs import states
+    from app.jobs.tables import Job
+    from tests.fast.conftest import received
+    from worker.supervisor import held_marker
+
+    handed = make_job(states.PAUSING, attempt=1, worker="laptop:cpu", claim_token="f" * 32, preempting=True, step=7)
+    settings.work_dir.mkdir(parents=True)
+    held_marker(settings, 104).write_text(json.dumps({"claim_token": "f" * 32, "home_lock": True}))
+
+    _requeue_what_the_last_serve_held(settings)
+
+    assert session.get(Job, handed).status == states.QUEUED
+    assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [handed])]
+    assert capsys.readouterr().out.split()[-1] == "requeued"
+
