@@ -13,13 +13,15 @@ from app.jobs import repository
 log = logging.getLogger(__name__)
 
 
-def send(settings: Settings, job_id: str, queue: str) -> None:
+def send(settings: Settings, job_id: str, queue: str) -> bool:
     """Hand "job X is ready" to the broker and remember when, so the reaper sends it again only if the
-    job is still unclaimed QLORA_REDISPATCH_AFTER_S later."""
-    if dispatch(settings, job_id, queue):
-        # Often after a request's commit, where the request pool must not be waited for (app/db.py)
-        with session_scope(settings.database_url, bookkeeping=True) as session:
-            repository.mark_dispatched(session, job_id, database_now(session))  # the scheduler's clock
+    job is still unclaimed QLORA_REDISPATCH_AFTER_S later. False where the broker refused it (it stays queued)."""
+    if not dispatch(settings, job_id, queue):
+        return False
+    # Often after a request's commit, where the request pool must not be waited for (app/db.py)
+    with session_scope(settings.database_url, bookkeeping=True) as session:
+        repository.mark_dispatched(session, job_id, database_now(session))  # the scheduler's clock
+    return True
 
 
 def dispatch(settings: Settings, job_id: str, queue: str) -> bool:

@@ -58,17 +58,30 @@ def reap_claims_of_gone_worker(session: Session, settings: Settings, claim_token
     (or paused, cancelled, as reap() does), at once: their worker is known to be gone (`serve` on the embedded
     default, holding its home's lock that the worker held). `why(job)` says how it went, for the job's event. A
     job requeued is sent to its queue once this commits: the scheduler would send it only once the lease of the
-    `serve` that died ran out. {job id: what became of it} ("requeued", "paused", "cancelled", "failed")."""
+    `serve` that died ran out. {job id: what became of it} ("requeued", "paused", "cancelled", "failed"); a send that
+    fails (the broker out of reach) says so in its job's entry once the commit is done, rather than raise out of the
+    commit: the job is queued all the same, and the scheduler sends it (said "could not requeue", it was not true)."""
     now = database_now(session)
-    became = {}
+    became: dict[str, str] = {}
     for job in repository.claimed_with(session, claim_tokens):
         outcome = _worker_lost(session, settings, job, why(job), now)
         if outcome is not None:
             became[job.id] = outcome
         if outcome == "requeued":
-            after_commit(session, functools.partial(send, settings, job.id, job.queue))
+            after_commit(session, functools.partial(_send_requeued, settings, job.id, job.queue, became))
     session.flush()
     return became
+
+
+def _send_requeued(settings: Settings, job_id: str, queue: str, became: dict[str, str]) -> None:
+    """After the commit. Raised out of it, a failure here had `serve` say it could not requeue jobs it had requeued."""
+    try:
+        sent = send(settings, job_id, queue)
+    except Exception:  # sent, its time not recorded (the database): the scheduler may send it again, which is harmless
+        log.warning("job %s requeued and sent, but its dispatch time was not recorded", job_id, exc_info=True)
+        return
+    if not sent:
+        became[job_id] = "requeued, but its message could not be sent to its queue (see above): the scheduler sends it"
 
 
 def _worker_lost(session: Session, settings: Settings, job: Job, why: str, now: datetime,

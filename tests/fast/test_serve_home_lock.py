@@ -118,3 +118,23 @@ def test_a_job_being_handed_back_as_its_serve_was_killed_is_queued_sent_and_said
     assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [handed])]
     assert capsys.readouterr().out.split()[-1] == "requeued"
 
+
+def test_a_requeued_job_whose_message_the_broker_refuses_is_said_to_be_queued_unsent(settings, session, make_job, capsys):
+    """The broker out of reach as the next `serve` requeues the dead worker's job: the job is queued (committed), only
+    its message is not sent. `serve` says so, and that the scheduler sends it; before, it said plainly "requeued"."""
+    import json
+
+    from app.cli.processes import _requeue_what_the_last_serve_held
+    from app.jobs import states
+    from app.jobs.tables import Job
+    from worker.supervisor import held_marker
+
+    left = make_job(states.RUNNING, attempt=1, worker="laptop:cpu", claim_token="9" * 32, step=3)
+    settings.work_dir.mkdir(parents=True)
+    held_marker(settings, 105).write_text(json.dumps({"claim_token": "9" * 32, "home_lock": True}))
+
+    _requeue_what_the_last_serve_held(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
+
+    assert session.get(Job, left).status == states.QUEUED
+    said = " ".join(capsys.readouterr().out.split())
+    assert "requeued, but its message could not be sent to its queue" in said and "the scheduler sends it" in said
