@@ -356,6 +356,7 @@ class JobRun:
         self.home_lock_fd = home_lock_fd
         self.held = held_marker(settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         self.claim_token = uuid.uuid4().hex  # this run's claim, whichever try lands (_claim)
+        self.training_pid: int | None = None  # the attempt's training process, once started
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -417,6 +418,7 @@ class JobRun:
             watch.check()  # cancelled or paused as it prepared: no training process to start
             watch.proc = proc = self._spawn(workdir)
             log.info("training process started", extra={"pid": proc.pid, "attempt": job.attempt})
+            self._name_training_process(job, proc.pid)
             outcome = self._supervise(job, workdir, proc, watch)
             final = self._record(job, workdir, outcome, proc.returncode, watch)
         except LeaseLost:
@@ -477,6 +479,8 @@ class JobRun:
         marker: dict = {"claim_token": self.claim_token, "home_lock": self.home_lock_fd is not None}
         if job is not None:
             marker |= {"job_id": job.id, "attempt": job.attempt}
+            if self.training_pid is not None:
+                marker["training_pid"] = self.training_pid
         try:
             self.held.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.held, marker)
@@ -485,6 +489,16 @@ class JobRun:
                 raise
             if ending:  # not one naming an attempt that has ended
                 self.held.unlink(missing_ok=True)
+            log.warning("could not write %s", self.held, exc_info=True)
+
+    def _name_training_process(self, job: ClaimedJob, pid: int) -> None:
+        """The training process's pid in the marker: should this worker be killed outright, the process (holding the
+        home's lock) runs on, orphaned, and the next `serve` waiting for it names it (training_processes_left).
+        Unwritten (a full disk), that serve only cannot say which process it waits for."""
+        self.training_pid = pid
+        try:
+            self._mark_held(job)
+        except OSError:
             log.warning("could not write %s", self.held, exc_info=True)
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
@@ -906,6 +920,29 @@ def local_claims_left(settings: Settings) -> dict[str, Path]:
         except (OSError, ValueError, AttributeError):  # torn or gone: nothing to say of it
             continue
     return left
+
+
+def training_processes_left(settings: Settings) -> dict[int, str]:
+    """{pid: job id} of the training processes that `serve`'s local workers of this home started and that still run,
+    as their markers (local_claims_left) name them: for a `serve` waiting for the home's lock, which such a process
+    holds on after its worker was killed outright. A pid reused since by a process of another program is left out."""
+    running = {}
+    for marker in local_claims_left(settings).values():
+        try:
+            held = json.loads(marker.read_text())
+            pid, job_id = int(held["training_pid"]), str(held["job_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not Path("/proc/self").is_dir():  # not Linux: whether it exists is all there is to go on
+            if process_exists(pid):
+                running[pid] = job_id
+            continue
+        try:
+            if b"worker.runner" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                running[pid] = job_id
+        except OSError:  # ended
+            continue
+    return running
 
 
 def sweep_work_dir(settings: Settings) -> list[Path]:

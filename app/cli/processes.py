@@ -18,8 +18,6 @@ from rich.markup import escape
 from app.cli.render import Commands, err, out
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from fastapi import FastAPI
 
 commands = Commands()
@@ -54,7 +52,7 @@ def serve(
     settings = get_settings()
     _check_port_free(settings.host, settings.port)  # before a first start makes a key for this address
     if settings.embedded:
-        _hold_home(settings.home)
+        _hold_home(settings)
     if settings.embedded or settings.database_url.startswith("sqlite"):
         # Here, once, before any API process starts: they all find the schema and the demo team ready.
         from app.bootstrap import bootstrap_embedded
@@ -133,7 +131,7 @@ WAIT_LOOK_S = 0.25  # how often a `serve` waiting for a killed one's worker look
 _HOME_LOCK: list = []  # the open lock file of the home this `serve` runs on, held while it runs
 
 
-def _hold_home(home: Path) -> None:
+def _hold_home(settings) -> None:
     """Exit 2, saying so, where another `serve` runs on this QLORA_HOME: each would run a local worker, and
     the two would train two jobs at once on this machine (its one GPU: out of memory, or its CPU). The lock
     is the kernel's (flock): it goes with the process however that ends, so a `serve` killed outright never
@@ -147,12 +145,19 @@ def _hold_home(home: Path) -> None:
     the lock saw the other's pid written there and blocked on until that one stopped, then started unannounced.
     The worker's training processes hold it as well: each runs in a session of its own, so a SIGKILL to `serve`'s
     process group leaves it running, orphaned, until it stops by itself after its current step (or the merge it is
-    making); the wait lasts until then, so the job it ran resumes, at once, on this `serve`'s worker alone."""
+    making); the wait lasts until then, so the job it ran resumes, at once, on this `serve`'s worker alone. One that
+    does not stop (inside a model's load, a merge, an upload, or a call that hangs: it looks for its worker only
+    between steps) held this `serve` for ever, naming only the dead `serve`: the wait names the training processes
+    it is for (worker/supervisor.training_processes_left), and past QLORA_HEARTBEAT_DEADLINE_S says to kill them."""
     import fcntl
 
+    from worker.supervisor import training_processes_left
+
+    home = settings.home
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = open(home / "serve.lock", "a+")  # noqa: SIM115 (held open for the process's life)
-    said = False
+    said = named = False
+    started = time.monotonic()
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,10 +168,24 @@ def _hold_home(home: Path) -> None:
         if not _gone(holder.removeprefix("pid ")):
             break
         if not said:
+            training = "".join(f"; training process pid {pid} (job {job_id})"
+                               for pid, job_id in training_processes_left(settings).items())
             err.print(f"the last qlora serve on QLORA_HOME={escape(str(home))} ({escape(holder)}) was stopped outright; "
                       "waiting for its local worker to hand its job back and stop, and for the training process it ran "
-                      "to stop (Ctrl-C to give up)", highlight=False, soft_wrap=True)
+                      f"to stop after its current step{escape(training)} (Ctrl-C to give up)", highlight=False,
+                      soft_wrap=True)
             said = True
+        if not named and time.monotonic() - started > settings.heartbeat_deadline_s:
+            named = True
+            left = training_processes_left(settings)
+            for pid, job_id in left.items():
+                err.print(f"pid {pid} (training job {escape(job_id)}) still holds QLORA_HOME={escape(str(home))}, "
+                          f"QLORA_HEARTBEAT_DEADLINE_S={settings.heartbeat_deadline_s:g} s on: `kill {pid}` to go on; "
+                          "the job resumes from its newest checkpoint", highlight=False, soft_wrap=True)
+            if not left:
+                err.print(f"a process still holds {escape(str(home / 'serve.lock'))}, QLORA_HEARTBEAT_DEADLINE_S="
+                          f"{settings.heartbeat_deadline_s:g} s on: `fuser -v {escape(str(home / 'serve.lock'))}` "
+                          "names it; kill it to go on", highlight=False, soft_wrap=True)
         time.sleep(WAIT_LOOK_S)
     err.print(f"[red]error:[/red] another qlora serve ({escape(holder)}) runs on QLORA_HOME={escape(str(home))}: "
               "its local worker and this one would train two jobs at once on this machine. Stop it first; "

@@ -5,6 +5,8 @@ the lock; the one that did not get it waited on for as long as the other ran, th
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +16,11 @@ from tests.deployment import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = """
 import sys
-from pathlib import Path
 import typer
 from app.cli.processes import _hold_home
+from app.config import get_settings
 try:
-    _hold_home(Path(sys.argv[1]))
+    _hold_home(get_settings())  # of QLORA_HOME
 except typer.Exit as refused:  # what `qlora serve` exits with
     sys.exit(refused.exit_code)
 print("took", flush=True)
@@ -32,6 +34,11 @@ def _a_dead_pid() -> int:
     return gone.pid
 
 
+def _serve(home: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "QLORA_HOME": str(home), **env})
+
+
 def test_of_two_serves_waiting_for_a_killed_ones_worker_one_runs_and_the_other_is_refused(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -39,8 +46,7 @@ def test_of_two_serves_waiting_for_a_killed_ones_worker_one_runs_and_the_other_i
     fcntl.flock(worker_lock, fcntl.LOCK_EX)
     worker_lock.write(f"pid {_a_dead_pid()}")
     worker_lock.flush()
-    serves = [subprocess.Popen([sys.executable, "-c", SERVE, str(home)], cwd=ROOT, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    serves = [_serve(home) for _ in range(2)]
     try:
         for serve in serves:
             assert serve.stderr is not None
@@ -138,3 +144,46 @@ def test_a_requeued_job_whose_message_the_broker_refuses_is_said_to_be_queued_un
     assert session.get(Job, left).status == states.QUEUED
     said = " ".join(capsys.readouterr().out.split())
     assert "requeued, but its message could not be sent to its queue" in said and "the scheduler sends it" in said
+
+
+# A training process orphaned by the SIGKILL of its serve's process group, stuck where it does not look for its worker
+# (a model's load, a merge, an upload): it holds the home's lock, inherited, and runs as `-m worker.runner` does.
+STUCK_TRAINING = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_serve_waiting_for_a_stuck_training_process_names_it_and_says_to_kill_it(tmp_path):
+    """The next `serve` waits for the orphaned training process of the one killed with its process group. One that
+    does not stop held it for ever, saying only that the dead serve's worker should stop, and "Ctrl-C to give up".
+    Now the wait names the process and its job, and once QLORA_HEARTBEAT_DEADLINE_S has passed says to kill it; once
+    killed, the serve takes the home."""
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    stuck = subprocess.Popen([sys.executable, "-c", STUCK_TRAINING, str(home / "serve.lock"), "-m", "worker.runner"],
+                             stdout=subprocess.PIPE, text=True)
+    serve = None
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline() == "holding\n"
+        (home / "serve.lock").write_text(f"pid {_a_dead_pid()}")  # the killed serve's
+        from app.config import Settings
+        from worker.supervisor import held_marker
+
+        held_marker(Settings(home=home), 106).write_text(json.dumps(
+            {"claim_token": "a" * 32, "home_lock": True, "job_id": "j-stuck", "attempt": 2, "training_pid": stuck.pid}))
+        serve = _serve(home, QLORA_HEARTBEAT_DEADLINE_S="1", QLORA_SUPERVISE_INTERVAL_S="0.25")
+        assert serve.stderr is not None
+        assert f"training process pid {stuck.pid} (job j-stuck)" in serve.stderr.readline()
+        said = serve.stderr.readline()
+        assert f"pid {stuck.pid} (training job j-stuck) still holds" in said and f"`kill {stuck.pid}` to go on" in said
+        stuck.kill()
+        assert serve.stdout is not None and serve.stdout.readline() == "took\n"
+    finally:
+        for process in (stuck, serve):
+            if process is not None:
+                process.kill()
+                process.wait()
