@@ -343,7 +343,8 @@ def session_url(settings: Settings) -> str:
 
 
 class JobRun:
-    def __init__(self, settings: Settings, job_id: str, worker: str, home_lock_fd: int | None = None):
+    def __init__(self, settings: Settings, job_id: str, worker: str, home_lock_fd: int | None = None,
+                 stopping: Callable[[], bool] | None = None):
         self.settings = settings
         self.job_id = job_id
         self.worker = worker
@@ -355,6 +356,7 @@ class JobRun:
         # own), and the next `serve` on the home waits for it before it hands back this worker's job and resumes it.
         self.home_lock_fd = home_lock_fd
         self.held = held_marker(settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
+        self.stopping = stopping  # whether that worker is stopping (asked to: SIGTERM, Ctrl-C), when it can tell
         self.claim_token = uuid.uuid4().hex  # this run's claim, whichever try lands (_claim)
         self.training_pid: int | None = None  # the attempt's training process, once started
 
@@ -414,6 +416,8 @@ class JobRun:
             # Inside the try: a full work directory refuses even this small file, and must hand the job back
             # saying so, not end the task with the job left running and silent until the reaper's deadline.
             self._mark_held(job)
+            if self.stopping is not None and self.stopping():
+                self._hand_back_before_training(job)
             self._prepare(job, workdir, watch)
             watch.check()  # cancelled or paused as it prepared: no training process to start
             watch.proc = proc = self._spawn(workdir)
@@ -490,6 +494,22 @@ class JobRun:
             if ending:  # not one naming an attempt that has ended
                 self.held.unlink(missing_ok=True)
             log.warning("could not write %s", self.held, exc_info=True)
+
+    def _hand_back_before_training(self, job: ClaimedJob) -> None:
+        """The worker was asked to stop as this claim landed: the job is paused and queued again at once (as a
+        hand-back pauses it: runs.hand_back), before any training. The worker's hand-back runs once, as the stop
+        comes: where its claim had not yet landed, it read a marker naming no job and handed back nothing, the
+        claim committed, and the attempt trained until `serve` killed the worker 30 s later (a worker stopped
+        gracefully elsewhere waited for the whole job). A job that its team is pausing stays paused; one being
+        cancelled goes on to its cancel (the watch's, before training)."""
+        message = f"handed back before training started: worker {self.worker} is shutting down"
+
+        def hand_back(session: Session) -> bool:
+            runs.hand_back(session, self.worker, job.id, job.attempt)  # pausing to make way, unless already pausing
+            return runs.finish(session, job.id, job.attempt, states.PAUSED, message=message,
+                               half_life_s=self.settings.fair_share_half_life_s)
+        if self._write_through_outage(f"the hand-back of job {job.id}", hand_back):
+            raise StoppedBeforeTraining(message)
 
     def _name_training_process(self, job: ClaimedJob, pid: int) -> None:
         """The training process's pid in the marker: should this worker be killed outright, the process (holding the

@@ -30,7 +30,9 @@ def run_job(job_id: str) -> None:
         raise Reject("the worker is stopping", requeue=True)
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
-    JobRun(settings, job_id, worker, home_lock_fd=celery_app.conf.get("qlora_home_lock_fd")).run()
+    # Read again once a claim lands: a stop that comes after the check above finds no job to hand back yet.
+    JobRun(settings, job_id, worker, home_lock_fd=celery_app.conf.get("qlora_home_lock_fd"),
+           stopping=None if stopping is None else lambda: bool(stopping.value)).run()
 
 
 @worker_process_init.connect(weak=False)

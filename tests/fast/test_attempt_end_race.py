@@ -26,3 +26,21 @@ def test_a_run_that_crosses_its_time_limit_while_its_success_is_written_succeeds
     with session_scope(settings.database_url) as session:
         ended = session.get(Job, job_id)
         assert ended is not None and (ended.status, ended.error) == (states.SUCCEEDED, None)
+
+
+def test_a_claim_that_lands_as_its_worker_stops_is_handed_back_before_training(settings, make_job, tmp_path):
+    """The worker's hand-back runs once, as the stop (SIGTERM, Ctrl-C) comes: one that came just after the task's look
+    at the stop flag, before its claim landed, found no job to hand back, and the attempt trained on until `serve`
+    killed the worker 30 s later. Now the attempt looks at the flag again once its claim has landed, and hands the
+    job back at once: queued again, nothing prepared (the dataset here is not in storage) and nothing trained."""
+    from app.jobs.tables import JobEvent
+
+    job_id = make_job(states.RUNNING, attempt=1, worker="w1")
+    job = ClaimedJob(id=job_id, team_id="team", queue="gpu-default", attempt=1, spec={}, base_model={},
+                     train=ObjectRef("d", "k", "s", 0), validation=None)
+    JobRun(settings, job_id, "w1", stopping=lambda: True)._attempt(job)
+    with session_scope(settings.database_url) as session:
+        ended = session.get(Job, job_id)
+        assert ended is not None and (ended.status, ended.preempting, ended.lost_workers) == (states.QUEUED, False, 0)
+        said = [e.message for e in session.query(JobEvent).filter_by(job_id=job_id, type="paused")]
+        assert said == ["handed back before training started: worker w1 is shutting down"]
