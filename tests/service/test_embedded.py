@@ -305,7 +305,10 @@ def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_jo
         spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
         job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
         deadline = time.monotonic() + 300
-        while (client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 3:
+        # Held at step 3, and the checkpoint of step 2 recorded: the worker may report a checkpoint a round after the
+        # progress that passed it (appended between its reads of the two), and a kill in that gap resumed from step 0.
+        while ((client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 3
+               or 2 not in {c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()}):
             assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.3)
 
