@@ -1,7 +1,9 @@
 """What a process can tell of the others on its host: whether one still runs.
 
-Files named by a process's id (a preflight child's scratch directory, a worker's marker of the attempt it
-runs) outlive a process killed outright; the process that starts next removes those whose owner is gone."""
+Files named by a process's id (a preflight child's scratch directory, in the API process's own temporary
+directory) outlive a process killed outright; the process that starts next removes those whose owner is gone.
+Only for files no other PID namespace shares: the workers' shared work directory judges liveness by a lock
+instead (worker/supervisor.py held_marker, worker/training/host_claims.py), since containers' ids repeat."""
 
 from __future__ import annotations
 

@@ -47,9 +47,10 @@ class Deployment:
         self.procs: list[subprocess.Popen] = []
 
     # --- processes
-    def spawn(self, *args: str, log_name: str, extra_env: dict | None = None) -> subprocess.Popen:
+    def spawn(self, *args: str, log_name: str, extra_env: dict | None = None,
+              wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
         log = open(self.home / f"{log_name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env={**self.env, **(extra_env or {})},
+        proc = subprocess.Popen([*wrapper, sys.executable, "-m", "app.cli", *args], cwd=ROOT, env={**self.env, **(extra_env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.procs.append(proc)
@@ -61,12 +62,17 @@ class Deployment:
             raise RuntimeError(f"the API did not start:\n{self.log('api')}")
 
     def start_worker(self, gpu_class: str | None = None, name: str | None = None,
-                     extra_env: dict | None = None) -> subprocess.Popen:
+                     extra_env: dict | None = None, container: bool = False) -> subprocess.Popen:
+        """`container`: in a process-id namespace of its own, as a worker in docker-compose.yml (`init: true`: an
+        init as PID 1, the worker beside it), where every worker has the same small pid. An unprivileged user
+        namespace lets a test run that is not root make one."""
         args = ["worker"]
         if gpu_class:
             args += ["--gpu-class", gpu_class]
         name = name or f"w{len(self.procs)}"
-        return self.spawn(*args, "--name", name, log_name=f"worker-{name}", extra_env=extra_env)
+        wrapper = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                   "sh", "-c", '"$@" & wait', "init") if container else ()
+        return self.spawn(*args, "--name", name, log_name=f"worker-{name}", extra_env=extra_env, wrapper=wrapper)
 
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         if proc.poll() is None:

@@ -15,6 +15,7 @@ it ends the attempt when the lease is lost or the job's time limit has passed.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -344,10 +345,11 @@ def session_url(settings: Settings) -> str:
 
 class JobRun:
     def __init__(self, settings: Settings, job_id: str, worker: str, home_lock_fd: int | None = None,
-                 stopping: Callable[[], bool] | None = None):
+                 held: Path | None = None, stopping: Callable[[], bool] | None = None):
         self.settings = settings
         self.job_id = job_id
         self.worker = worker
+        self.held = held  # the worker process's held_marker: it hands back on SIGTERM the attempt named there
         self.storage = storage_from_settings(settings)
         self.db = session_url(settings)
         # `serve`'s local worker holds its home's lock (app/cli/processes._hold_home) by this descriptor, and so does
@@ -355,7 +357,6 @@ class JobRun:
         # it outlives a SIGKILL to serve's process group (it stops after its current step, or its merge, on its
         # own), and the next `serve` on the home waits for it before it hands back this worker's job and resumes it.
         self.home_lock_fd = home_lock_fd
-        self.held = held_marker(settings, os.getppid())  # this pool process's worker hands it back on SIGTERM
         self.stopping = stopping  # whether that worker is stopping (asked to: SIGTERM, Ctrl-C), when it can tell
         self.claim_token = uuid.uuid4().hex  # this run's claim, whichever try lands (_claim)
         self.training_pid: int | None = None  # the attempt's training process, once started
@@ -366,7 +367,7 @@ class JobRun:
             self._mark_held()  # before the claim: a worker killed right after it still leaves its token behind
             job = self._claim()
             if job is None:
-                self.held.unlink(missing_ok=True)
+                self._unmark_held()
                 log.info("no job of this class may start now (the message named %s); nothing to do", self.job_id)
                 return
         with logs.job_context(job.id):  # the message's job, or the one fair share put first
@@ -470,7 +471,7 @@ class JobRun:
                 self._lose(job, lost, stopped_at or utcnow(), outside_the_job=outside)
         finally:
             watch.stop()  # the end is written: the reaper may take the job only now, if anything moved it back
-            self.held.unlink(missing_ok=True)
+            self._unmark_held()
 
     def _mark_held(self, job: ClaimedJob | None = None, *, ending: bool = False) -> None:
         """Say in held_marker what this pool process holds: its claim's token from before the claim until the
@@ -480,6 +481,8 @@ class JobRun:
         home, once it has that lock, knows the worker is gone and requeues the job its token took (local_claims_left).
         Raises OSError (a full disk) when the attempt starts (`job`), where the attempt hands the job back saying so;
         elsewhere a marker that cannot be written is only a hand-back left to the reaper's deadline."""
+        if self.held is None:  # not run by a worker (a test's JobRun): no one to hand it back
+            return
         marker: dict = {"claim_token": self.claim_token, "home_lock": self.home_lock_fd is not None}
         if job is not None:
             marker |= {"job_id": job.id, "attempt": job.attempt}
@@ -520,6 +523,10 @@ class JobRun:
             self._mark_held(job)
         except OSError:
             log.warning("could not write %s", self.held, exc_info=True)
+
+    def _unmark_held(self) -> None:
+        if self.held is not None:
+            self.held.unlink(missing_ok=True)
 
     def _not_the_jobs_fault(self, exc: Exception) -> str | None:
         """Why the attempt ended, where another attempt may well succeed: storage or the database out of
@@ -909,17 +916,36 @@ def _hold_end(settings: Settings, job_id: str) -> None:
 MAX_OUT_OF_REACH_WAIT_S = 300
 
 
-def held_marker(settings: Settings, worker_pid: int) -> Path:
-    """Where a worker's pool process names the attempt it runs, for the worker process (`worker_pid`, the
-    pool's parent) to hand back when it is stopped: by job and attempt, not by the worker's name, which
-    two workers may share (two hosts started under one name)."""
-    return settings.work_dir / f".attempt-of-worker-{worker_pid}.json"
+HELD_DIR = ".held"  # in the work directory: per worker process, its lock and the attempt it runs (held_marker)
 
 
-def held_attempt(settings: Settings, worker_pid: int) -> tuple[str, int] | None:
-    """(job id, attempt) the worker `worker_pid` runs now, or None."""
+def held_marker(settings: Settings) -> Path:
+    """Where this worker's pool process names the attempt it runs, for the worker process to hand back when it is
+    stopped (SIGTERM). Called once by the worker process as it starts, before Celery forks its pool.
+
+    By a name no other worker has, not by the worker's name (two hosts may start workers under one name) nor by its
+    process id: the workers of a host share the work directory, and in containers (docker-compose.yml) each has a
+    process-id namespace of its own, where every worker gets the same small id; with one marker file between them, a
+    stopping worker handed back another's job (which a live worker was training) and not its own. Beside it, a lock
+    file this process holds locked (flock) for its life and its pool processes inherit: the kernel drops the lock
+    however the worker ends, and flock works across containers on one kernel, where a process id tells nothing.
+    Returns the marker's path (which exists only while an attempt runs)."""
+    directory = settings.work_dir / HELD_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    # Locked under a name the sweep does not list, then renamed into place (the lock stays with the file): a worker
+    # starting beside it never finds it unlocked and takes it for a dead worker's.
+    locking = directory / f"{token}.locking"
+    fd = os.open(locking, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # never released: it goes with the process (and its pool processes)
+    locking.rename(directory / f"{token}.lock")
+    return directory / f"{token}.json"
+
+
+def held_attempt(marker: Path) -> tuple[str, int] | None:
+    """(job id, attempt) the worker whose held_marker is `marker` runs now, or None."""
     try:
-        held = json.loads(held_marker(settings, worker_pid).read_text())
+        held = json.loads(marker.read_text())
         return str(held["job_id"]), int(held["attempt"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -932,7 +958,8 @@ def local_claims_left(settings: Settings) -> dict[str, Path]:
     it starts its own worker: every such worker held that lock, so none of them runs any more. Markers of other
     workers (`qlora worker` started by hand on this home) are not among them: those may be running."""
     left = {}
-    for marker in settings.work_dir.glob(".attempt-of-worker-*.json") if settings.work_dir.is_dir() else ():
+    held_dir = settings.work_dir / HELD_DIR
+    for marker in held_dir.glob("*.json") if held_dir.is_dir() else ():
         try:
             held = json.loads(marker.read_text())
             if held.get("home_lock") is True and isinstance(held.get("claim_token"), str):
@@ -993,15 +1020,25 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
 
 
 def _remove_stale_markers(root: Path) -> list[Path]:
-    """The held_marker files of workers that are gone (one killed outright could not remove its own), and this
-    worker's own from a process that had its id before (in a container, ids repeat at every start): read on a
-    SIGTERM, a stale one would hand back an attempt this worker never ran."""
+    """The held_marker files of workers that are gone (one killed outright could not remove its own): those whose
+    lock no process holds. Read on a SIGTERM, a stale one would hand back an attempt its worker no longer runs."""
     removed = []
-    for marker in root.glob(".attempt-of-worker-*.json") if root.is_dir() else ():
-        pid = marker.name.removeprefix(".attempt-of-worker-").removesuffix(".json")
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
-            marker.unlink(missing_ok=True)
-            removed.append(marker)
+    for lock in (root / HELD_DIR).glob("*.lock") if (root / HELD_DIR).is_dir() else ():
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # another starting worker removed it as we looked
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its worker holds it: live, wherever it runs
+                continue
+            for path in (lock.with_suffix(".json"), lock):  # the lock last: a crash between leaves it to the next sweep
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        finally:
+            os.close(fd)
     return removed
 
 

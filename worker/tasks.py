@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from pathlib import Path
 
 from celery.exceptions import Reject
 from celery.signals import worker_process_init
@@ -30,8 +31,10 @@ def run_job(job_id: str) -> None:
         raise Reject("the worker is stopping", requeue=True)
     settings = get_settings()
     worker = celery_app.conf.get("qlora_worker_name") or socket.gethostname()
+    held = celery_app.conf.get("qlora_held_marker")  # set by the worker process as it starts
     # Read again once a claim lands: a stop that comes after the check above finds no job to hand back yet.
     JobRun(settings, job_id, worker, home_lock_fd=celery_app.conf.get("qlora_home_lock_fd"),
+           held=Path(held) if held else None,
            stopping=None if stopping is None else lambda: bool(stopping.value)).run()
 
 

@@ -409,8 +409,10 @@ def worker(
     setup_logging.connect(lambda **_: logs.configure("worker", settings.log_format), weak=False)
     logs.configure("worker", settings.log_format)  # already for what Celery says before it sets up
 
+    from app.bootstrap import make_private_dir
     from worker.tasks import celery_app  # registers the task
 
+    make_private_dir(settings.home)  # its attempts' data, logs and checkpoints: a team's, not other local users'
     celery_app.conf.qlora_worker_name = worker_name
     _hand_back_on_shutdown(settings, worker_name, celery_app)
     _announce_while_up(settings, worker_name, queue)
@@ -420,9 +422,6 @@ def worker(
     if stop_with is not None:
         _stop_when_parent_gone(stop_with)
         _leave_stopping_to_serve(celery_app)
-    from app.bootstrap import make_private_dir
-
-    make_private_dir(settings.home)  # its attempts' data, logs and checkpoints: a team's, not other local users'
     served = settings.served_gpu_classes
     if (gpu_class or settings.default_gpu_class) not in served:
         logging.getLogger("worker").warning(
@@ -482,6 +481,7 @@ def _hand_back_on_shutdown(settings, worker_name: str, celery_app) -> None:
 
     from app.db import session_scope
     from app.jobs import runs
+    from worker.supervisor import held_attempt, held_marker, session_url
 
     log = logging.getLogger("worker")
     # Shared with the pool process, forked from this one: it claims nothing once this is set. Celery's loop over
@@ -490,11 +490,17 @@ def _hand_back_on_shutdown(settings, worker_name: str, celery_app) -> None:
     # attempt 2), an attempt `serve` killed 30 s later, leaving the job `running` until the reaper's deadline.
     stopping = multiprocessing.RawValue("b", 0)
     celery_app.conf.qlora_stopping = stopping
+    # This worker's own, in the work directory its host's workers share; its pool process, forked from this one,
+    # names there the attempt it runs (worker/tasks.py).
+    try:
+        marker = held_marker(settings)
+        celery_app.conf.qlora_held_marker = str(marker)
+    except OSError:  # a full disk, say: the worker starts all the same (its attempts say what is wrong)
+        log.exception("no marker for the attempt this worker runs: a SIGTERM will not hand its job back")
+        marker = None
 
     def hand_back() -> None:
-        from worker.supervisor import held_attempt, session_url
-
-        held = held_attempt(settings, os.getpid())  # what this worker's pool process runs, if anything
+        held = held_attempt(marker) if marker is not None else None  # what this worker's pool process runs, if anything
         if held is None:
             return
         try:

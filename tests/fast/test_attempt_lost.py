@@ -5,6 +5,8 @@ without cleaning up (sweep_work_dir)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import botocore.exceptions
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -257,24 +259,49 @@ def test_an_attempts_end_removes_its_jobs_earlier_attempts_that_a_crash_of_the_h
     remove_earlier_attempts(settings.work_dir / "no-such-job", 1, deadline_s=120)  # nothing there: nothing to do
 
 
-def test_a_starting_worker_removes_the_attempt_markers_of_workers_that_are_gone_and_its_own_old_one(settings):
-    """A worker killed outright left .attempt-of-worker-<pid>.json for good; in a container, where process
-    ids repeat at every start, a new worker of that id read it on SIGTERM and handed back an attempt it
-    never ran."""
-    import os
+# A worker of its own, as its pool process runs an attempt: it holds its marker, names its attempt there, and
+# lives until the test kills it.
+OTHER_WORKER = """
+import sys
+from pathlib import Path
+from app.config import Settings
+from worker.supervisor import held_marker
+from worker.training.protocol import write_json_atomic
+
+marker = held_marker(Settings(home=Path(sys.argv[1])))
+write_json_atomic(marker, {"job_id": "theirs", "attempt": 2})
+print(marker, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_workers_sharing_a_work_dir_each_hand_back_their_own_attempt(settings):
+    """docker-compose's workers share the work directory, each in a container with a process-id namespace of its
+    own, where each worker has the same small pid. The marker of the attempt a worker runs was named by that pid:
+    one file between them, so a worker stopped with SIGTERM handed back another's job (which a live worker was
+    training) and not its own, and a worker starting beside a live one removed its marker (no process of that id
+    in its own namespace, or its own id), so that one's SIGTERM handed back nothing. Whatever the ids, each worker
+    process has a marker of its own now, and a marker goes only once no process holds its worker's lock."""
     import subprocess
     import sys
 
-    from worker.supervisor import held_marker, sweep_work_dir
+    from worker.supervisor import held_attempt, held_marker, sweep_work_dir
+    from worker.training.protocol import write_json_atomic
 
-    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                               text=True).stdout)
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    gone, mine, other = (held_marker(settings, pid) for pid in (ended, os.getpid(), os.getppid()))
-    for marker in (gone, mine, other):
-        marker.write_text('{"job_id": "j", "attempt": 1}')
-    removed = sweep_work_dir(settings)
-    assert set(removed) == {gone, mine} and other.exists()  # another worker, still running: its marker is kept
+    other = subprocess.Popen([sys.executable, "-c", OTHER_WORKER, str(settings.home)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        mine = held_marker(settings)  # this process: a worker starting beside the other one
+        assert sweep_work_dir(settings) == [] and theirs.exists()  # a live worker's marker stays
+        assert held_attempt(mine) is None  # stopped now, this worker hands back nothing: it runs nothing
+        write_json_atomic(mine, {"job_id": "mine", "attempt": 1})
+        assert (held_attempt(mine), held_attempt(theirs)) == (("mine", 1), ("theirs", 2))
+    finally:
+        other.kill()  # killed outright, as a container's SIGKILL: it removes nothing
+        other.wait()
+    removed = sweep_work_dir(settings)  # the next worker to start
+    assert sorted(removed) == sorted([theirs, theirs.with_suffix(".lock")]) and held_attempt(mine) == ("mine", 1)
 
 
 def test_a_lost_attempts_log_tail_reads_as_text(tmp_path):

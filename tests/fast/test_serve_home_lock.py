@@ -85,7 +85,7 @@ def test_a_serve_that_takes_the_home_requeues_only_what_the_dead_local_workers_c
 
     dead, by_hand, other, moved_on = running("a" * 32), running("b" * 32), running("c" * 32), running("e" * 32, 2)
     settings.work_dir.mkdir(parents=True)
-    markers = {pid: held_marker(settings, pid) for pid in (101, 102, 103)}
+    markers = {n: held_marker(settings) for n in (101, 102, 103)}  # three workers' (this process holds their locks)
     markers[101].write_text(json.dumps({"claim_token": "a" * 32, "home_lock": True, "job_id": dead, "attempt": 1}))
     markers[102].write_text(json.dumps({"claim_token": "b" * 32, "home_lock": False, "job_id": by_hand, "attempt": 1}))
     markers[103].write_text(json.dumps({"claim_token": "d" * 32, "home_lock": True}))  # attempt 1 of moved_on's
@@ -116,7 +116,7 @@ def test_a_job_being_handed_back_as_its_serve_was_killed_is_queued_sent_and_said
 
     handed = make_job(states.PAUSING, attempt=1, worker="laptop:cpu", claim_token="f" * 32, preempting=True, step=7)
     settings.work_dir.mkdir(parents=True)
-    held_marker(settings, 104).write_text(json.dumps({"claim_token": "f" * 32, "home_lock": True}))
+    held_marker(settings).write_text(json.dumps({"claim_token": "f" * 32, "home_lock": True}))
 
     _requeue_what_the_last_serve_held(settings)
 
@@ -137,7 +137,7 @@ def test_a_requeued_job_whose_message_the_broker_refuses_is_said_to_be_queued_un
 
     left = make_job(states.RUNNING, attempt=1, worker="laptop:cpu", claim_token="9" * 32, step=3)
     settings.work_dir.mkdir(parents=True)
-    held_marker(settings, 105).write_text(json.dumps({"claim_token": "9" * 32, "home_lock": True}))
+    held_marker(settings).write_text(json.dumps({"claim_token": "9" * 32, "home_lock": True}))
 
     _requeue_what_the_last_serve_held(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
 
@@ -173,7 +173,7 @@ def test_a_serve_waiting_for_a_stuck_training_process_names_it_and_says_to_kill_
         from app.config import Settings
         from worker.supervisor import held_marker
 
-        held_marker(Settings(home=home), 106).write_text(json.dumps(
+        held_marker(Settings(home=home)).write_text(json.dumps(
             {"claim_token": "a" * 32, "home_lock": True, "job_id": "j-stuck", "attempt": 2, "training_pid": stuck.pid}))
         serve = _serve(home, QLORA_HEARTBEAT_DEADLINE_S="1", QLORA_SUPERVISE_INTERVAL_S="0.25")
         assert serve.stderr is not None

@@ -34,7 +34,10 @@ HOW = {
         "SIGTERM to the worker's main process alone, as `docker stop` sends it, while the run is held after "
         "step 3 of 40 (until the pause the shutdown asks for). The worker "
         "hands the job back: it saves a checkpoint after its current step and is queued again; a second "
-        "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost.",
+        "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost. "
+        "It and a twin of its name, started while it trains, each run in a process-id namespace of their own "
+        "sharing the work directory, as docker-compose's containers do (both have the same pid): the twin "
+        "keeps its job.",
     "S3 answering 503 as an attempt fetches its data":
         "The worker's S3 traffic goes through the throttling proxy, which answers the job's dataset "
         "download 503 three times (boto's standard mode tries a request three times). The attempt is lost, "

@@ -187,14 +187,20 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
     whole process group, as systemd sends it (KillMode=control-group): the pool process took it too and died
     at once, losing the steps since the last checkpoint; it leaves the signal to the main process now. Another worker started
     under the same name (two hosts with one default name) keeps its job: the attempt handed back is the
-    one the stopped worker runs, not every job of its name."""
+    one the stopped worker runs, not every job of its name. Both run as in docker-compose.yml: each in a container
+    (a process-id namespace of its own, where both have the same pid), sharing the work directory. The marker of
+    the attempt a worker runs was named by that pid: the twin, starting while the first worker trained, removed
+    the first's marker (its own pid's) and wrote its own there, so the SIGTERM handed back the twin's job."""
     # Held after step 3 until the pause the shutdown asks for: the run cannot end first on a fast machine.
-    leaving = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"})
-    twin = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"})
-    both = [tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json() for _ in range(2)]
-    staying = None
+    leaving = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"}, container=True)
+    twin = staying = None
+    both = []
     try:
-        for one in both:
+        for started in range(2):
+            if started:  # the twin starts once the first worker trains, as a scale-up or a restart would
+                twin = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"}, container=True)
+            one = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
+            both.append(one)
             wait_until(lambda one=one: tenant.get(f"/jobs/{one['id']}").json()["progress"]["step"] >= 3, 180,
                        "training under way on both workers")
         os.killpg(leaving.pid, signal.SIGTERM)  # to the pool process too, as systemd sends it
@@ -224,7 +230,8 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
                              "survived": 1, "steps_lost": 0})
     finally:
         faulty.stop(leaving)
-        faulty.stop(twin)
+        if twin is not None:
+            faulty.stop(twin)
         if staying is not None:
             faulty.stop(staying)
 
