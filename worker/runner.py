@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,29 +176,62 @@ class FaultHold(TrainerCallback):
             time.sleep(0.1)
 
 
-def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float):
+def supervisor_gone(workdir: WorkDir, parent: int, deadline_s: float) -> HeartbeatWatch:
     """True once the worker is gone (this process was handed to another parent) or silent: its heartbeat file
-    unchanged for `deadline_s` by this process's monotonic clock. Not its age by the wall clock (now minus the
-    file's time): a host's clock stepped ahead by more than the deadline (NTP correcting it, a VM resumed) made
-    the file look that old until the worker's next touch, and a run whose worker lived stopped as if
-    cancelled; the worker could not record that, the job went silent, and the reaper took it for a lost
-    worker's, everything since the last checkpoint trained again."""
-    heartbeat = workdir.heartbeat
-    last = _mtime(heartbeat)
-    changed_at = time.monotonic()  # the worker touched the file as it spawned this process: fresh from here
+    unchanged for `deadline_s` (see HeartbeatWatch). The watch's thread runs until the process ends."""
+    watch = HeartbeatWatch(workdir.heartbeat, parent, deadline_s)
+    watch.start()
+    return watch
 
-    def check() -> bool:
-        nonlocal last, changed_at
-        if os.getppid() != parent:
+
+class HeartbeatWatch(threading.Thread):
+    """Whether the worker still touches the heartbeat file, judged by when this process saw its mtime change,
+    on this process's monotonic clock. Not the file's age by the wall clock (now minus its mtime): a host's
+    clock stepped ahead by more than the deadline (NTP correcting it, a VM resumed) made a live worker's file
+    look that old, the run stopped as if cancelled, and the reaper took the job for a lost worker's.
+
+    A thread samples the mtime about every second, so the answer does not depend on how often the run asks
+    (once after setup, which can load a base for minutes, then once a step): a worker that touched the file
+    during the load and then froze is silent from its last touch, not from when the run next looked. A change
+    is dated at the sample before the one that saw it, the earliest it can have happened: after a gap in
+    sampling (this process stopped or starved) it may be old, and counting it fresh would keep a run going for
+    a deadline more after the reaper gave its job to another worker. A missing file is a value
+    too, and no touch: the worker touches the file before it starts this process, so a missing one means the
+    work directory was removed, and its absence counts toward the deadline like an unchanged mtime."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, heartbeat: Path, parent: int, deadline_s: float, clock: Callable[[], float] = time.monotonic):
+        super().__init__(name="heartbeat-watch", daemon=True)
+        self.heartbeat, self.parent, self.deadline_s, self.clock = heartbeat, parent, deadline_s, clock
+        self.interval_s = min(self.INTERVAL_S, deadline_s / 10)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._seen = _mtime(heartbeat)
+        self._sampled_at = self._changed_at = clock()  # the worker touched the file as it spawned this process
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def sample(self) -> None:
+        with self._lock:
+            now, seen = self.clock(), _mtime(self.heartbeat)
+            if seen != self._seen:
+                if seen is not None:  # touched (forward or back, whatever the wall clock did): alive by then
+                    self._changed_at = self._sampled_at
+                self._seen = seen
+            self._sampled_at = now
+
+    def __call__(self) -> bool:
+        if os.getppid() != self.parent:
             return True
-        now, seen = time.monotonic(), _mtime(heartbeat)
-        if seen is None:
-            return False  # the work directory is being set up
-        if seen != last:  # touched (forward or back, whatever the clock did): the worker lives
-            last, changed_at = seen, now
-            return False
-        return now - changed_at > deadline_s
-    return check
+        self.sample()
+        with self._lock:
+            return self._sampled_at - self._changed_at > self.deadline_s
 
 
 def _mtime(path: Path) -> int | None:

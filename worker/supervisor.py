@@ -1045,9 +1045,11 @@ def _remove_stale_markers(root: Path) -> list[Path]:
 def remove_earlier_attempts(job_dir: Path, attempt: int, deadline_s: float) -> None:
     """The directories of a job's earlier attempts on this host, removed as `attempt` ends. After a crash of the
     host the starting worker's sweep keeps the dead attempt's (its job still runs it in the database until the
-    reaper's deadline), and nothing else removed it: gigabytes per crash. Only one whose heartbeat file is
-    older than the deadline: an attempt's training process stops by itself once its heartbeat is that old (a
-    frozen worker's, whose job went on here), so nothing is removed from under a process still running."""
+    reaper's deadline), and nothing else removed it: gigabytes per crash. Only one whose heartbeat file was last
+    touched more than the deadline ago by this host's clock: an attempt's training process (a frozen worker's,
+    whose job went on here) stops by itself once the file has gone unchanged that long by its own monotonic clock,
+    sampled about every second (runner.supervisor_gone), so nothing is removed from under a process still
+    running, unless the host's clock stepped ahead meanwhile (it ages the file here, not there)."""
     settled = time.time() - deadline_s
     try:
         stale = [d for d in job_dir.glob("attempt-*")

@@ -321,8 +321,9 @@ def test_frozen_worker_is_fenced_out_and_the_job_finishes_elsewhere(faulty, tena
     try:
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["attempt"] == 2, 60, "the job to be requeued")
         # The first training process notices its supervisor is silent and stops by itself: only once
-        # the heartbeat file, untouched since the freeze, is older than the deadline. (Measured from
-        # the file, not from the SIGSTOP: the last heartbeat came up to a supervise interval before it.)
+        # the heartbeat file, untouched since the freeze, has stayed unchanged for the deadline. (From
+        # the file's last change, which the process sees within a second of it, not from the SIGSTOP:
+        # the last heartbeat came up to a supervise interval before it.)
         wait_until(lambda: not trainer_pids(job["id"], attempt=1), HEARTBEAT_DEADLINE_S + 30,
                    "the frozen worker's training process to stop")
         assert time.time() - (attempt_dir(faulty, job["id"]) / "heartbeat").stat().st_mtime > HEARTBEAT_DEADLINE_S
