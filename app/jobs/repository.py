@@ -604,6 +604,15 @@ def active_jobs_starting_from(session: Session, team_id: str, job_id: str, activ
                                                              Job.status.in_(active_statuses))))
 
 
+def recorded_storage_keys(session: Session, keys: Collection[str]) -> set[str]:
+    """Which of these storage keys a checkpoint or a quantized base's row names."""
+    if not keys:
+        return set()
+    named = select(Checkpoint.storage_key).where(Checkpoint.storage_key.in_(keys)).union(
+        select(QuantizedBase.storage_key).where(QuantizedBase.storage_key.in_(keys)))
+    return set(session.scalars(named))
+
+
 def delete_checkpoints_after(session: Session, job_id: str, step: int) -> list[str]:
     """Checkpoints past the one a resume starts from describe a run that is being redone."""
     rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step)))
@@ -714,8 +723,12 @@ def quantized_base(session: Session, key: str) -> QuantizedBase | None:
 def add_quantized_base(session: Session, key: str, storage_key: str, size: int, sha256: str, identity: dict) -> bool:
     """Record a cache entry; False when another job recorded the same key first (keep theirs). Its times are the
     database's clock, which the reaper prunes by (quantized_cache.prune)."""
-    if quantized_base(session, key) is not None:
-        return False
+    row = quantized_base(session, key)
+    if row is not None:
+        # The same object: this very record, tried again (worker/supervisor.py) after its commit went through but
+        # the answer was lost with the connection. Kept: deleted as another job's duplicate, the entry would name
+        # an object gone, and every later job would fail to fetch it (a 65B base: 35 GB quantized again).
+        return row.storage_key == storage_key
     now = database_now(session)
     session.add(QuantizedBase(key=key, storage_key=storage_key, bytes=size, sha256=sha256, identity=identity,
                               created_at=now, last_used_at=now))

@@ -468,6 +468,14 @@ def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: st
     return repository.put_artifact(session, job_id, kind, key, size, sha256)
 
 
+def unrecorded_keys(session: Session, keys: list[str]) -> list[str]:
+    """Of the storage keys of an attempt's records that it could not report (its lease lost), those no row names:
+    a report whose commit went through but whose answer was lost recorded some, and their objects stay. A read,
+    so not fenced: the rows stay whoever owns the job now."""
+    named = repository.recorded_storage_keys(session, keys)
+    return [key for key in keys if key not in named]
+
+
 def keep_only_artifacts(session: Session, job_id: str, attempt: int, kinds: Collection[str]) -> list[str]:
     """A succeeding attempt has stored and recorded its artifacts, of `kinds`: any other kind recorded is an earlier
     attempt's, lost after it stored it (a merged model, where this attempt's merge was skipped on a host without

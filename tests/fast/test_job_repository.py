@@ -154,3 +154,28 @@ def test_an_artifact_recorded_again_is_not_taken_for_one_it_replaces(settings, s
     assert runs.add_artifact(session, job_id, 1, "adapter", "t/artifacts/a1", 10, "1" * 64) is None
     session.commit()
     assert runs.add_artifact(session, job_id, 1, "adapter", "t/artifacts/a1", 10, "1" * 64) is None
+
+
+def test_a_quantized_base_reported_again_is_not_taken_for_another_jobs_duplicate(settings, session, make_job):
+    """A report tried again after its commit landed unheard finds its own cache entry: its object is the one the
+    entry names and must not come back as unkept, which the worker deletes (the cache entry naming an object gone,
+    every later job of the base failing to fetch it, a 65B base quantized again). Another job's object for the
+    same key is still a duplicate."""
+    from app.jobs import runs
+    from worker.training.protocol import QuantizedBaseStored
+
+    def stored_base(storage_key: str) -> QuantizedBaseStored:
+        return QuantizedBaseStored(key="k" * 64, storage_key=storage_key, size=10, sha256="1" * 64, identity={})
+
+    job_id = make_job(states.RUNNING, attempt=1)
+    assert runs.report(session, job_id, 1, [stored_base("shared/quantized-bases/a")], None)[1] == []
+    session.commit()
+    assert runs.report(session, job_id, 1, [stored_base("shared/quantized-bases/a")], None)[1] == []
+    session.commit()
+    other = make_job(states.RUNNING, attempt=1)
+    assert runs.report(session, other, 1, [stored_base("shared/quantized-bases/b")], None)[1] == [
+        "shared/quantized-bases/b"]
+    session.commit()
+    assert repository.quantized_base(session, "k" * 64).storage_key == "shared/quantized-bases/a"
+    assert repository.recorded_storage_keys(session, ["shared/quantized-bases/a", "shared/quantized-bases/b"]) == {
+        "shared/quantized-bases/a"}

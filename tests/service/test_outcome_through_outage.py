@@ -6,9 +6,11 @@ the attempt: a job given to another attempt while the worker was cut off is not 
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import select, update
@@ -25,7 +27,7 @@ from app.usage import ledger
 from tests.deployment import stored_spec
 from tests.faults.tcp_link import CuttableLink
 from worker.supervisor import AttemptWatch, JobRun
-from worker.training.protocol import WorkDir
+from worker.training.protocol import CheckpointStored, QuantizedBaseStored, RecordWriter, WorkDir
 
 SUPERVISE_INTERVAL_S, HEARTBEAT_DEADLINE_S = 0.5, 6.0
 # The outage lasts until the link has refused this many connections: more tries than the final state's 5 (after which
@@ -168,3 +170,43 @@ def test_an_artifact_whose_record_landed_unheard_keeps_its_object(database_url, 
         recorded = session.scalars(select(Artifact).where(Artifact.job_id == job.id)).one()
         key = recorded.storage_key
     assert run.storage.exists(key)
+
+
+def test_a_lost_lease_deletes_only_the_objects_no_row_names(database_url, link, worker_settings, tmp_path):
+    """A report's commit lands (a checkpoint and the quantized base it cached) and its answer is lost with the
+    connection; while the worker is cut off the job goes to attempt 2, and its next report meets LeaseLost. The
+    worker deletes what it uploaded and will never record, but not the objects of that committed report: deleted,
+    the checkpoint row a resume reads and the cache entry later jobs fetch named objects gone (a 65B base: 35 GB
+    quantized again by the next job of it)."""
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    workdir = WorkDir(tmp_path / "attempt-1")
+    workdir.root.mkdir()
+    workdir.log.touch()
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x")
+    checkpoint, base, later = (f"{job.team_id}/checkpoints/c1", "shared/quantized-bases/q1",
+                               f"{job.team_id}/checkpoints/c2")
+    for key in (checkpoint, base, later):
+        run.storage.put_file(key, blob)
+    with RecordWriter(workdir.records) as records:
+        records(CheckpointStored(step=1, key=checkpoint, size=1, sha256="1" * 64))
+        records(QuantizedBaseStored(key="q" * 64, storage_key=base, size=1, sha256="2" * 64, identity={}))
+    trainer = subprocess.Popen(["sleep", "120"], start_new_session=True)  # the training process, as _spawn starts it
+    link.cut_at_answer(b"COMMIT\x00")  # the first report's commit lands; its answer is lost
+    with ThreadPoolExecutor(1) as pool:
+        supervising = pool.submit(run._supervise, job, workdir, trainer, AttemptWatch(worker_settings, run.db, job,
+                                                                                      workdir))
+        try:
+            while link.refused < 1:  # cut off, and trying again
+                assert not supervising.done(), supervising.exception()
+                time.sleep(0.02)
+            with RecordWriter(workdir.records) as records:  # stored while cut off: never recorded
+                records(CheckpointStored(step=2, key=later, size=1, sha256="3" * 64))
+            given_to_attempt_2(database_url, job.id)
+        finally:
+            link.restore()
+        with pytest.raises(LeaseLost):
+            supervising.result(timeout=60)
+    assert trainer.poll() is not None
+    assert (run.storage.exists(checkpoint), run.storage.exists(base), run.storage.exists(later)) == (True, True, False)
