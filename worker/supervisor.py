@@ -786,13 +786,22 @@ class JobRun:
             made = [kind for kind in ARTIFACTS if (workdir.out / kind).is_dir()]
             for kind in made:
                 self._upload_artifact(job, kind, workdir.out / kind, watch)
-            # What an earlier attempt stored and this one did not make (runs.keep_only_artifacts): the job's
-            # artifacts are this run's, all of them.
-            stale = self._write_through_outage(
-                f"the artifacts of job {job.id} an earlier attempt stored",
-                lambda session: runs.keep_only_artifacts(session, job.id, job.attempt, made), check=watch.check)
-            delete_objects(self.storage, stale)
+            self._keep_only_artifacts(job, made, watch)
         return (outcome.status, outcome.error, summary, outcome.report)
+
+    def _keep_only_artifacts(self, job: ClaimedJob, made: list[str], watch: AttemptWatch) -> None:
+        """What an earlier attempt stored and this one did not make (runs.keep_only_artifacts) goes: the job's
+        artifacts are this run's, all of them. Their objects are deleted once the rows are: those of every try,
+        since a try after one whose commit landed unheard finds the rows gone and answers none (the earlier
+        attempt's merged model was left in storage, named by nothing)."""
+        stale: list[str] = []
+
+        def keep(session: Session) -> None:
+            stale.extend(key for key in runs.keep_only_artifacts(session, job.id, job.attempt, made)
+                         if key not in stale)
+        self._write_through_outage(f"the artifacts of job {job.id} an earlier attempt stored", keep,
+                                   check=watch.check)
+        delete_objects(self.storage, stale)
 
     def _upload_artifact(self, job: ClaimedJob, kind: str, source: Path, watch: AttemptWatch) -> None:
         """Stream a tar of the directory into storage (weights barely compress; a plain tar is fast to

@@ -481,7 +481,8 @@ def keep_only_artifacts(session: Session, job_id: str, attempt: int, kinds: Coll
     attempt's, lost after it stored it (a merged model, where this attempt's merge was skipped on a host without
     the memory or disk for it), and goes. Kept, the job that says "the merged model was not built" served a
     merged model of another run, whose fidelity nothing recorded. Fenced by the attempt (LeaseLost); safe to repeat.
-    Returns the storage keys of the rows deleted, to delete once this is committed."""
+    Returns the storage keys of the rows deleted, to delete once this is committed; a repeat after a commit that
+    landed unheard finds none, so the caller keeps every try's (worker/supervisor.py)."""
     if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
         raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
     return repository.delete_artifacts_except(session, job_id, kinds)

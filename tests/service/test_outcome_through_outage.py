@@ -27,7 +27,7 @@ from app.usage import ledger
 from tests.deployment import stored_spec
 from tests.faults.tcp_link import CuttableLink
 from worker.supervisor import AttemptWatch, JobRun
-from worker.training.protocol import CheckpointStored, QuantizedBaseStored, RecordWriter, WorkDir
+from worker.training.protocol import CheckpointStored, QuantizedBaseStored, RecordWriter, Result, WorkDir
 
 SUPERVISE_INTERVAL_S, HEARTBEAT_DEADLINE_S = 0.5, 6.0
 # The outage lasts until the link has refused this many connections: more tries than the final state's 5 (after which
@@ -210,3 +210,28 @@ def test_a_lost_lease_deletes_only_the_objects_no_row_names(database_url, link, 
             supervising.result(timeout=60)
     assert trainer.poll() is not None
     assert (run.storage.exists(checkpoint), run.storage.exists(base), run.storage.exists(later)) == (True, True, False)
+
+
+def test_an_earlier_attempts_artifact_goes_with_its_object_when_the_rows_removal_landed_unheard(
+        database_url, link, worker_settings, tmp_path):
+    """A succeeding attempt removes the artifact rows of kinds it did not make (an earlier attempt's merged model,
+    runs.keep_only_artifacts); that commit lands and its answer is lost. The try again finds the rows gone and
+    answers no keys: the object must still go, as the rows did. Before, it stayed in storage, named by nothing.
+    (This run made no artifact of its own, so the removal's COMMIT is the first the link cuts at.)"""
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x")
+    merged = f"{job.team_id}/artifacts/m0"
+    run.storage.put_file(merged, blob)
+    with session_scope(database_url) as session:  # stored and recorded by an attempt lost after it
+        session.add(Artifact(job_id=job.id, kind="merged", storage_key=merged, bytes=1, sha256="1" * 64))
+    workdir = WorkDir(tmp_path / "attempt-1")
+    watch = AttemptWatch(worker_settings, run.db, job, workdir)
+    link.cut_at_answer(b"COMMIT\x00")
+    link.restore_when(lambda: link.refused >= 1)  # the try again gets through
+    assert run._record(job, workdir, Result(status=states.SUCCEEDED), 0, watch)[0] == states.SUCCEEDED
+    assert link.refused >= 1  # the commit's answer was lost, and the worker tried again
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job.id)).all() == []
+    assert not run.storage.exists(merged)
