@@ -248,12 +248,17 @@ class ThinnedMetricsOut(MetricsOut):
     curve_points: int = Field(description="The points the whole curve holds, train and eval.")
 
 
+def points_json(value: object) -> bytes:
+    """The JSON a model of these points dumps, from plain dicts and lists in the schema's field order, with no model
+    per point: pydantic's encoder, as a model's (floats written alike; inf and nan as null, as a model writes them).
+    A curve page (curve_json) and a stream's `metric` message (app/jobs/stream.py) write their points through it."""
+    return to_json(value, inf_nan_mode="null")
+
+
 def curve_json(curve: dict) -> bytes:
-    """MetricsOut's JSON for service.metrics' answer (plain dicts and lists in the schema's field order):
-    the same bytes as MetricsOut.model_validate(curve).model_dump_json(), through the same pydantic
-    encoder (floats written alike; inf and nan as null, as a model writes them), with no model per point
-    (tests/service/test_curve_pages.py compares the two)."""
-    return to_json(curve, inf_nan_mode="null")
+    """MetricsOut's JSON for service.metrics' answer: the same bytes as
+    MetricsOut.model_validate(curve).model_dump_json() (tests/service/test_curve_pages.py compares the two)."""
+    return points_json(curve)
 
 
 class ArtifactOut(BaseModel):

@@ -40,14 +40,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 
-from pydantic_core import to_json
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.errors import TooManyStreams, Unauthorized
 from app.jobs import repository, states
-from app.jobs.schemas import EVAL_FIELDS, FIELDS_OF, TRAIN_FIELDS, EventOut, JobOut
+from app.jobs.schemas import EVAL_FIELDS, FIELDS_OF, TRAIN_FIELDS, EventOut, JobOut, points_json
 from app.slots import KeySlot, KeySlots
 from app.teams import repository as teams_repository
 from app.teams.service import team_disabled
@@ -129,10 +128,11 @@ _SHOWN = {kind: operator.itemgetter(*(_POINT_COLUMNS.index(field) for field in f
 def _metric_message(kind: str, values: Sequence) -> str:
     """A point's `metric` message from its row's values (_POINT_COLUMNS): its kind, then its series' fields in the
     schema's order, the JSON value a TrainPoint or EvalPoint dumps (tests/service/test_stream_fanout.py compares
-    them), encoded by pydantic's encoder. An ORM object and a model per point, then json.dumps, were ~27 µs a point:
-    most of what a stream's history cost, paid by every job page opened on a job nobody in the process watches."""
+    them), encoded as a model would (schemas.points_json, as the curve pages are). An ORM object and a model per
+    point, then json.dumps, were ~27 µs a point: most of what a stream's history cost, paid by every job page
+    opened on a job nobody in the process watches."""
     point = {"kind": kind, **dict(zip(FIELDS_OF[kind], _SHOWN[kind](values), strict=True))}
-    return _sse("metric", to_json(point).decode())
+    return _sse("metric", points_json(point).decode())
 
 
 def _rows_after(session: Session, team_id: str, job_id: str, metric_after: int, event_after: int) -> tuple[list[Row], list[Row]]:

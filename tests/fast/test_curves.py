@@ -148,3 +148,23 @@ def test_a_view_with_no_completed_bucket_is_not_kept():
     for job in range(1000):
         completed.put((f"job-{job}", 8), thinned.Completed(0, 1, 1000, 0, 100, {"train": nothing, "eval": nothing}))
     assert len(completed) == 0
+
+
+def test_a_streams_point_writes_a_float_json_cannot_hold_as_a_curve_page_does():
+    """A stream's `metric` message encodes its point as a curve page does (schemas.points_json): inf and nan as
+    null, as a model writes them. Encoded without, the message held `Infinity`, which is no JSON (a browser's
+    JSON.parse throws on it), where GET /jobs/{id}/metrics showed null."""
+    import json
+
+    from app.jobs import stream
+    from app.jobs.schemas import curve_json
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is no JSON")
+
+    row = dict.fromkeys(stream._POINT_COLUMNS)
+    row.update(step=1, train_loss=float("inf"))
+    message = stream._metric_message("train", tuple(row.values()))
+    point = json.loads(message.split("data: ", 1)[1], parse_constant=refuse)
+    assert point["train_loss"] is None
+    assert json.loads(curve_json({"train": [point]}), parse_constant=refuse)["train"] == [point]
