@@ -960,8 +960,13 @@ def held_marker(settings: Settings) -> Path:
     # starting beside it never finds it unlocked and takes it for a dead worker's.
     locking = directory / f"{token}.locking"
     fd = os.open(locking, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # never released: it goes with the process (and its pool processes)
-    locking.rename(directory / f"{token}.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # never released: it goes with the process (and its pool processes)
+        locking.rename(directory / f"{token}.lock")
+    except OSError:  # a filesystem without flock (NFS mounted nolock): no marker, and nothing left of it either
+        os.close(fd)
+        locking.unlink(missing_ok=True)
+        raise
     return directory / f"{token}.json"
 
 
@@ -1044,9 +1049,14 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
 
 def _remove_stale_markers(root: Path) -> list[Path]:
     """The held_marker files of workers that are gone (one killed outright could not remove its own): those whose
-    lock no process holds. Read on a SIGTERM, a stale one would hand back an attempt its worker no longer runs."""
+    lock no process holds. Read on a SIGTERM, a stale one would hand back an attempt its worker no longer runs.
+    Also what a worker killed between two calls microseconds apart left: a lock file not yet renamed into place
+    (`.locking`), a marker not yet renamed into place (write_json_atomic's temporary file), once a minute old."""
+    held = root / HELD_DIR
+    if not held.is_dir():
+        return []
     removed = []
-    for lock in (root / HELD_DIR).glob("*.lock") if (root / HELD_DIR).is_dir() else ():
+    for lock in held.glob("*.lock"):
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
@@ -1056,13 +1066,28 @@ def _remove_stale_markers(root: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # its worker holds it: live, wherever it runs
                 continue
+            except OSError:  # no flock on this filesystem: not ours to judge, and the attempts' sweep goes on
+                continue
             for path in (lock.with_suffix(".json"), lock):  # the lock last: a crash between leaves it to the next sweep
                 if path.exists():
                     path.unlink(missing_ok=True)
                     removed.append(path)
         finally:
             os.close(fd)
+    settled = time.time() - LEFT_HALF_MADE_S
+    for leftover in [*held.glob("*.locking"), *held.glob(".*.tmp")]:
+        try:
+            if leftover.stat().st_mtime < settled:
+                leftover.unlink()
+                removed.append(leftover)
+        except FileNotFoundError:
+            continue
     return removed
+
+
+# A held marker's files are half made (locked, not yet renamed; written, not yet renamed) for microseconds: one this
+# old was left by a worker killed in between.
+LEFT_HALF_MADE_S = 60
 
 
 def remove_earlier_attempts(job_dir: Path, attempt: int, deadline_s: float) -> None:

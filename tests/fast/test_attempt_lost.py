@@ -304,6 +304,27 @@ def test_workers_sharing_a_work_dir_each_hand_back_their_own_attempt(settings):
     assert sorted(removed) == sorted([theirs, theirs.with_suffix(".lock")]) and held_attempt(mine) == ("mine", 1)
 
 
+def test_a_workers_half_made_marker_files_go_once_a_minute_old(settings):
+    """A worker killed between locking its lock file and renaming it into place left `<token>.locking`, and one
+    killed while writing its marker left write_json_atomic's `.<token>.json.tmp`: no sweep listed them, one more
+    file per such start for ever. A minute old, they go; younger ones may be a worker's starting beside this one."""
+    import os
+    import time
+
+    from worker.supervisor import HELD_DIR, sweep_work_dir
+
+    held = settings.work_dir / HELD_DIR
+    held.mkdir(parents=True)
+    old = [held / "a.locking", held / ".b.json.tmp"]
+    young = [held / "c.locking", held / ".d.json.tmp"]
+    for path in old + young:
+        path.touch()
+    for path in old:
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    assert sorted(sweep_work_dir(settings)) == sorted(old)
+    assert all(path.exists() for path in young)
+
+
 def test_a_lost_attempts_log_tail_reads_as_text(tmp_path):
     """The training process logs JSON where its output is no terminal: a lost attempt's requeued event (and
     the job's error) quoted its last lines as {"time": ..., "level": ..., "process": ...} records."""
