@@ -64,6 +64,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +197,23 @@ def whole_curve(url: str, key: str, job_id: str) -> dict:
             "points": len(curve["train"]) + len(curve["eval"])}
 
 
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def seeded_sides(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str, tuple[Path, str]]]]:
+    """A finished job's curve of args.points seeded in a database that args.baseline's checkout and this one share:
+    (the team's key, the job, the database, each side's (checkout, database) as scale_bench.apis takes them)."""
+    from bench.scale_bench import baseline_sharing_a_database
+
+    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
+        log(f"seeding a curve of {args.points:,} points")
+        key, job_id = seed(database_url, args.points)
+        engine_for(database_url).dispose()
+        yield key, job_id, database_url, {"before": (baseline, database_url), "after": (ROOT, database_url)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=510_000)
@@ -220,18 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         return streamed(args)
     args.out = args.out or DEFAULT_OUT
 
-    from app.db import engine_for
     from bench.api_load import console, save_results
-    from bench.scale_bench import apis, baseline_sharing_a_database
+    from bench.scale_bench import apis
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
-        log(f"seeding a curve of {args.points:,} points")
-        key, job_id = seed(database_url, args.points)
-        engine_for(database_url).dispose()
-        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
+    with seeded_sides(args) as (key, job_id, database_url, sides):
         runs: dict[str, dict[str, list]] = {side: {"first": [], "whole": [], "pages": [], "thinned": []} for side in sides}
         memory: dict[str, dict] = {}
         with apis(sides) as urls:
@@ -325,16 +336,9 @@ def whole_stream(url: str, key: str, job_id: str) -> dict:
 
 def streamed(args: argparse.Namespace) -> int:
     from bench.api_load import console, save_results
-    from bench.scale_bench import apis, baseline_sharing_a_database
+    from bench.scale_bench import apis
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
-        log(f"seeding a curve of {args.points:,} points")
-        key, job_id = seed(database_url, args.points)
-        engine_for(database_url).dispose()
-        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
+    with seeded_sides(args) as (key, job_id, database_url, sides):
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         polls: dict[str, list[dict]] = {side: [] for side in sides}
         with apis(sides) as urls:
@@ -507,19 +511,11 @@ def watch_turn(url: str, key: str, job_id: str, watchers: int, seconds: float, i
 
 
 def watched(args: argparse.Namespace) -> int:
-    from app.db import engine_for
     from bench.api_load import console, save_results
-    from bench.scale_bench import apis, baseline_sharing_a_database
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    from bench.scale_bench import apis
 
     turns: dict[str, list[dict]] = {"before": [], "after": []}
-    with baseline_sharing_a_database(args.baseline) as (baseline, database_url):
-        log(f"seeding a curve of {args.points:,} points")
-        key, job_id = seed(database_url, args.points)
-        engine_for(database_url).dispose()
-        sides = {"before": (baseline, database_url), "after": (ROOT, database_url)}
+    with seeded_sides(args) as (key, job_id, database_url, sides):
         last = args.points
         for turn in range(args.repeats):
             for side in sides:

@@ -49,6 +49,16 @@ def serve_answering(home, port: int, proc: subprocess.Popen, log_name: str = "se
         time.sleep(0.3)
 
 
+def kill_groups(*procs: subprocess.Popen | None) -> None:
+    """SIGKILL to each serve's process group (those started), should a test end before it is gone."""
+    for proc in procs:
+        try:
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture
 def embedded(tmp_path):
     proc = start_serve(tmp_path, services.free_port())
@@ -135,10 +145,7 @@ def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(tmp_pa
     try:
         sigkill_serve_then_start_it_again(tmp_path, port, proc, demo_data)
     finally:
-        try:  # the first serve's group, should the test end before it is gone
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_groups(proc)  # the first serve's group, should the test end before it is gone
 
 
 def a_job_held_at_step_2(home, demo_data) -> tuple[httpx.Client, str]:
@@ -201,10 +208,7 @@ def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_bac
         os.killpg(proc.pid, signal.SIGHUP)  # what the terminal sends as it closes
         assert proc.wait(120) == -signal.SIGTERM  # stopped as on SIGTERM: the API, then the worker it stops
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_groups(proc)
     with session_scope(f"sqlite:///{tmp_path / '.qlora' / 'qlora.db'}") as session:
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.lost_workers) == ("queued", 0)  # handed back, for the next serve
@@ -232,10 +236,7 @@ def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_da
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
         proc.wait(120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_groups(proc)
     with session_scope(f"sqlite:///{tmp_path / '.qlora' / 'qlora.db'}") as session:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_([running, waiting])))}
         assert (jobs[running].status, jobs[running].attempt, jobs[running].lost_workers) == ("queued", 1, 0)
@@ -276,12 +277,7 @@ def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_th
         serve_answering(tmp_path, port, second, "serve-again.log")
         assert client.get(f"/jobs/{job_id}").json()["status"] in ("queued", "running")
     finally:
-        for proc in (first, second):
-            try:
-                if proc is not None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(first, second)
 
 
 def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_job_at_once(tmp_path, demo_data):
@@ -327,12 +323,7 @@ def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_jo
         assert resumed["attempt"] == 2 and resumed["step"] == 2, resumed  # from the checkpoint of step 2
         assert not any(e["type"] == "started" and e["attempt"] == 2 and e["step"] == 0 for e in events), events
     finally:
-        for proc in (first, again):
-            try:
-                if proc is not None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(first, again)
 
 
 def a_short_job_succeeds(credentials: dict, demo_data) -> None:

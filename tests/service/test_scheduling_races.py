@@ -56,20 +56,25 @@ def pool_of(database_url: str, tmp_path, queued: dict[str, int]) -> tuple[Settin
     return settings, team_ids, job_ids
 
 
+def claimed_at_once(database_url: str, settings: Settings, messages: list[str]) -> list[str | None]:
+    """A worker for each message claims at the same moment (its message names one job): the job each claimed."""
+    barrier = threading.Barrier(len(messages))
+
+    def claim(i: int) -> str | None:
+        barrier.wait()
+        with session_scope(database_url) as session:
+            claimed = scheduling.claim_next(session, settings, messages[i], f"worker-{i}")
+            return claimed.id if claimed else None
+
+    with ThreadPoolExecutor(len(messages)) as pool:
+        return list(pool.map(claim, range(len(messages))))
+
+
 def test_eight_claims_at_once_take_eight_jobs_and_the_team_with_one_job_is_not_behind_a_thousand(database_url,
                                                                                                   tmp_path):
     settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"sweeps": 1000, "one-off": 1})
-    barrier = threading.Barrier(8)
-
-    def claim(i: int):
-        barrier.wait()
-        with session_scope(database_url) as session:
-            # Each message names one of the big team's jobs, as the broker's oldest messages do.
-            claimed = scheduling.claim_next(session, settings, job_ids["sweeps"][i], f"worker-{i}")
-            return claimed.id if claimed else None
-
-    with ThreadPoolExecutor(8) as pool:
-        claimed = list(pool.map(claim, range(8)))
+    # Each message names one of the big team's jobs, as the broker's oldest messages do.
+    claimed = claimed_at_once(database_url, settings, job_ids["sweeps"][:8])
     assert None not in claimed and len(set(claimed)) == 8, claimed
     assert job_ids["one-off"][0] in claimed
     # The rest are the big team's oldest seven, in order: each claim took the next job, none skipped one.
@@ -209,16 +214,7 @@ def test_claims_at_once_on_every_gpu_class_start_no_more_of_a_team_than_its_last
         assert budgeted is not None
         budgeted.gpu_hours_per_month = (used + 60) / 3600  # a minute left
 
-    barrier = threading.Barrier(len(classes))
-
-    def claim(i: int):
-        barrier.wait()
-        with session_scope(database_url) as session:
-            claimed = scheduling.claim_next(session, settings, jobs_of["budgeted"][i], f"worker-{i}")
-            return claimed.id if claimed else None
-
-    with ThreadPoolExecutor(len(classes)) as pool:
-        claimed = list(pool.map(claim, range(len(classes))))
+    claimed = claimed_at_once(database_url, settings, jobs_of["budgeted"][:len(classes)])
     started = {name: [job_id for job_id in ids if job_id in claimed] for name, ids in jobs_of.items()}
     assert len(started["budgeted"]) == 1 and len(started["other"]) == len(classes) - 1, started
     # The budgeted team's other jobs wait, saying why; a GPU of their class went to the other team meanwhile.
@@ -268,16 +264,7 @@ def test_a_team_with_an_hour_of_budget_left_starts_one_job_on_eight_free_gpus_no
     settings, team_ids, job_ids = pool_of(database_url, tmp_path, {"b": 8})
     with session_scope(database_url) as session:
         session.get(Team, team_ids["b"]).gpu_hours_per_month = budget_h
-    barrier = threading.Barrier(8)
-
-    def claim(i: int):
-        barrier.wait()
-        with session_scope(database_url) as session:
-            claimed = scheduling.claim_next(session, settings, job_ids["b"][i], f"worker-{i}")
-            return claimed.id if claimed else None
-
-    with ThreadPoolExecutor(8) as pool:
-        started = [job_id for job_id in pool.map(claim, range(8)) if job_id]
+    started = [job_id for job_id in claimed_at_once(database_url, settings, job_ids["b"]) if job_id]
     if budget_h is None:
         assert sorted(started) == sorted(job_ids["b"])
         return
@@ -295,8 +282,7 @@ def test_a_team_with_an_hour_of_budget_left_starts_one_job_on_eight_free_gpus_no
         session.add_all([JobMetric(job_id=first, kind="train", step=step, train_loss=1.0,
                                    created_at=job.claimed_at + timedelta(seconds=1 + 12 * (step - 1)))
                          for step in (1, 2)])
-    with ThreadPoolExecutor(8) as pool:
-        started = [job_id for job_id in pool.map(claim, range(8)) if job_id]
+    started = [job_id for job_id in claimed_at_once(database_url, settings, job_ids["b"]) if job_id]
     assert started == [second], started
 
 
