@@ -167,6 +167,14 @@ def _plan_resume(session: Session, job: ClaimedJob, instead_of: str | None = Non
                          step=job.resume_step)
 
 
+def _still_owns(session: Session, job_id: str, attempt: int, **values: Any) -> None:
+    """The fence of every write an attempt makes: its heartbeat (now, unless `values` say when) and `values`
+    written while it still runs the job, LeaseLost once another attempt, or an end, has taken it."""
+    values.setdefault("heartbeat_at", database_now(session))
+    if not repository.touch(session, job_id, attempt, **values):
+        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+
+
 def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
     """The checkpoint the attempt was to resume from (job.resume_from) cannot be fetched as it was stored: its
     bytes no longer match the sha256 recorded at its upload, or it is gone from storage. Another attempt would
@@ -174,8 +182,7 @@ def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
     row goes and the attempt resumes from the newest checkpoint before it, or from step 0 when none is left;
     `job` is changed to say which, and the resumed event says why. Fenced by the attempt (LeaseLost). Returns the
     dropped checkpoint's storage key, to delete once this is committed."""
-    if not repository.touch(session, job.id, job.attempt, heartbeat_at=database_now(session)):
-        raise LeaseLost(f"job {job.id}: attempt {job.attempt} no longer owns it")
+    _still_owns(session, job.id, job.attempt)
     assert job.resume_from is not None
     dropped, step = job.resume_from, job.resume_step
     row = repository.checkpoint(session, job.id, dropped.id)
@@ -225,8 +232,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
         values["step"] = progress.step
         values["total_steps"] = progress.total_steps
         values["trained_tokens"] = progress.tokens_seen
-    if not repository.touch(session, job_id, attempt, **values):
-        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+    _still_owns(session, job_id, attempt, **values)
     unkept: list[str] = []
     for logged, record in enumerate(records):
         # A microsecond apart, in the order the training process logged them: dated alike, the /v1 events feed (which
@@ -463,8 +469,7 @@ def add_artifact(session: Session, job_id: str, attempt: int, kind: str, key: st
     """Records an artifact the attempt stored. One an earlier attempt stored before it was lost (between
     its adapter and its merged model, say) is replaced: the unique (job, kind) made the retry fail the
     job. Returns the replaced object's key, to delete once this is committed."""
-    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
-        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+    _still_owns(session, job_id, attempt)
     return repository.put_artifact(session, job_id, kind, key, size, sha256)
 
 
@@ -483,6 +488,5 @@ def keep_only_artifacts(session: Session, job_id: str, attempt: int, kinds: Coll
     merged model of another run, whose fidelity nothing recorded. Fenced by the attempt (LeaseLost); safe to repeat.
     Returns the storage keys of the rows deleted, to delete once this is committed; a repeat after a commit that
     landed unheard finds none, so the caller keeps every try's (worker/supervisor.py)."""
-    if not repository.touch(session, job_id, attempt, heartbeat_at=database_now(session)):
-        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer owns it")
+    _still_owns(session, job_id, attempt)
     return repository.delete_artifacts_except(session, job_id, kinds)
