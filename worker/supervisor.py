@@ -985,28 +985,32 @@ def local_claims_left(settings: Settings) -> dict[str, Path]:
     the out-of-memory killer, a crash of the machine). Only for a `serve` that has just taken the home's lock, before
     it starts its own worker: every such worker held that lock, so none of them runs any more. Markers of other
     workers (`qlora worker` started by hand on this home) are not among them: those may be running."""
-    left = {}
+    return {held["claim_token"]: marker for marker, held in _local_markers(settings)}
+
+
+def _local_markers(settings: Settings) -> list[tuple[Path, dict]]:
+    """The held_marker files of `serve`'s local workers of this home (marked as holding its lock), read."""
+    found = []
     held_dir = settings.work_dir / HELD_DIR
     for marker in held_dir.glob("*.json") if held_dir.is_dir() else ():
         try:
             held = json.loads(marker.read_text())
             if held.get("home_lock") is True and isinstance(held.get("claim_token"), str):
-                left[held["claim_token"]] = marker
+                found.append((marker, held))
         except (OSError, ValueError, AttributeError):  # torn or gone: nothing to say of it
             continue
-    return left
+    return found
 
 
 def training_processes_left(settings: Settings) -> dict[int, str]:
     """{pid: job id} of the training processes that `serve`'s local workers of this home started and that still run,
-    as their markers (local_claims_left) name them: for a `serve` waiting for the home's lock, which such a process
+    as their markers (_local_markers) name them: for a `serve` waiting for the home's lock, which such a process
     holds on after its worker was killed outright. A pid reused since by a process of another program is left out."""
     running = {}
-    for marker in local_claims_left(settings).values():
+    for _, held in _local_markers(settings):
         try:
-            held = json.loads(marker.read_text())
             pid, job_id = int(held["training_pid"]), str(held["job_id"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             continue
         if not Path("/proc/self").is_dir():  # not Linux: whether it exists is all there is to go on
             if process_exists(pid):
@@ -1064,9 +1068,7 @@ def _remove_stale_markers(root: Path) -> list[Path]:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its worker holds it: live, wherever it runs
-                continue
-            except OSError:  # no flock on this filesystem: not ours to judge, and the attempts' sweep goes on
+            except OSError:  # its worker holds it (live, wherever it runs), or no flock here: not ours to judge
                 continue
             for path in (lock.with_suffix(".json"), lock):  # the lock last: a crash between leaves it to the next sweep
                 if path.exists():
