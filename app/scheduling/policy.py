@@ -115,12 +115,12 @@ class TeamShare:
     budget_left_s: float | None = None  # GPU-seconds left in its monthly budget; None: no budget
     half_life_s: float = DEFAULT_HALF_LIFE_S  # the decay recent_gpus was computed with
     disabled: bool = False  # by an admin: none of its jobs starts, whatever its quota
-    # GPU-seconds its running jobs will still use, each as to_come_s() projects it; None: RUNNING_COUNTS_S each.
+    # GPU-seconds its running jobs will still use, each as projection() projects it; None: RUNNING_COUNTS_S each.
     to_come_s: float | None = None
     # Its running jobs whose pace is not known yet (to_come_s counts them for all their time limit leaves), for a
     # person (service.budget_said).
     unpaced: int = 0
-    # What a job it starts counts for its budget until its pace is known: all of its time limit (to_come_s()).
+    # What a job it starts counts for its budget until its pace is known: all of its time limit (projection()).
     job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S
     # Its jobs queued again mid-run (Waiting.continuing), or being preempted to be: the budget does not hold them
     # back, so they will run again past it. Each counts for a time limit (what its next attempt may use, as a job
@@ -151,7 +151,7 @@ class TeamShare:
         does not hold back: it holds back starts, and such a job started with budget left, to run to its end.
 
         The budget counts each job running now for the GPU time it still has to come (still_to_come_s: at its
-        pace, to_come_s(), RUNNING_COUNTS_S at least; where its pace is not known yet, all that its time limit
+        pace, projection(), RUNNING_COUNTS_S at least; where its pace is not known yet, all that its time limit
         leaves it): a job starts only while what is left exceeds that. Counting only what they had used so far, a
         team with seconds left started a job on every free GPU at once (each start had "budget left"); counting
         RUNNING_COUNTS_S for each, a team with an hour left started 12 jobs that each ran for hours, and ran past its
@@ -173,7 +173,7 @@ class TeamShare:
 
     def with_running(self, delta: int, continuing: bool = False) -> TeamShare:
         """The team once it starts delta more jobs (a claim: 1; `continuing`: jobs it had to resume), or stops -delta
-        (a preemption: -1). A job started has no pace yet: it counts all of its time limit (to_come_s()), as it will
+        (a preemption: -1). A job started has no pace yet: it counts all of its time limit (projection()), as it will
         once the claim reads it running. A job preempted gives back RUNNING_COUNTS_S, not its projection, and is one
         more to resume: it is queued again mid-run and goes on past the budget (Waiting.continuing)."""
         if delta > 0:
@@ -198,7 +198,7 @@ class TeamShare:
            job_time_limit_s: float = DEFAULT_JOB_TIME_LIMIT_S, resuming: int = 0) -> TeamShare:
         """The team at `now`: its folded usage (as of usage_at) decayed to now, plus the attempts still
         running (claimed at running_since), which count up to now; `to_come_s`, the GPU-seconds each running job
-        still has to come (to_come_s(); None: RUNNING_COUNTS_S each), `unpaced` of them with no pace yet; `resuming`, its
+        still has to come (projection(); None: RUNNING_COUNTS_S each), `unpaced` of them with no pace yet; `resuming`, its
         jobs queued again mid-run or being preempted to be."""
         claims = list(running_since)
         usage = decayed(usage_s, now - usage_at, half_life_s) if usage_at is not None else 0.0
@@ -207,12 +207,6 @@ class TeamShare:
                    max_running=max_running, budget_left_s=budget_left_s, half_life_s=half_life_s, disabled=disabled,
                    to_come_s=None if to_come_s is None else sum(to_come_s), unpaced=unpaced,
                    job_time_limit_s=job_time_limit_s, resuming=resuming)
-
-
-def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
-              stopping: bool = False) -> float:
-    """projection()'s GPU-seconds."""
-    return projection(now, claimed_at, finish_at, time_limit_s, stopping=stopping)[0]
 
 
 def projection(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,

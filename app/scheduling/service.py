@@ -46,7 +46,7 @@ SEND_UNSENT_AFTER_S = 10
 def team_shares(session: Session, settings: Settings, now: datetime, teams: list[Team] | None = None) -> dict[str, TeamShare]:
     """Every team (or those of `teams`, as these rows hold them) as the rules see it now: weight and quota in
     force, GPUs held, decayed usage, what is left of its monthly budget, and what its running jobs will still use
-    of it (policy.to_come_s, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s; all that
+    of it (policy.projection, at the pace that GET /jobs/{id}'s estimated_finish shows: jobs.pace.finish_s; all that
     its time limit leaves, where that pace is not known yet), and which of its jobs will resume past it (TeamShare.resuming).
     A team without a budget costs no read more."""
     some = None if teams is None else [team.id for team in teams]

@@ -28,7 +28,6 @@ from app.scheduling.policy import (
     next_to_claim,
     plan_preemptions,
     projection,
-    to_come_s,
     used_between,
 )
 
@@ -37,6 +36,12 @@ HALF_LIFE = 7 * 24 * HOUR  # QLORA_FAIR_SHARE_HALF_LIFE_S's default
 NOW = 1_000_000_000.0
 MIN_RUNTIME = 600.0
 LOW, NORMAL, HIGH = PRIORITIES["low"], PRIORITIES["normal"], PRIORITIES["high"]
+
+
+def to_come_s(now: float, claimed_at: float, finish_at: float | None, time_limit_s: float, *,
+              stopping: bool = False) -> float:
+    """projection()'s GPU-seconds: what a running job counts for its team's budget."""
+    return projection(now, claimed_at, finish_at, time_limit_s, stopping=stopping)[0]
 
 
 def team(name: str, *, weight: float = 1.0, used_h: float = 0.0, running_for_h: tuple[float, ...] = (),
