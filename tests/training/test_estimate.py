@@ -243,21 +243,24 @@ def test_checkpointed_activations_match(tmp_path, dims):
 # Matrix products that a CPU without native bf16 (AVX512-BF16 or AMX) emulates in bf16, 6x slower than
 # in float32 for a plain product and ~80x for the transposed ones of a 4-bit layer's backward: 16 of
 # this module's minutes on such a CPU. LiveTensorBytes computes them in float32 and rounds the result:
-# the same shape, dtype and so bytes, values within bf16 rounding. A 4-bit layer's forward product is
-# bitsandbytes' own op (gemm_4bit: dequantize to the input's dtype, then the product); inside it the
-# mode sees nothing, so it is widened whole, by its input: another 7 minutes.
+# the same shapes, dtypes and so bytes, values within bf16 rounding. Widened whole, by their first input,
+# as the mode sees nothing inside them: a 4-bit layer's forward product (bitsandbytes' gemm_4bit:
+# dequantize to the input's dtype, then the product; another 7 minutes) and SDPA's backward on the CPU
+# (three quarters of a packed step's time).
 NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default}
-GEMM_4BIT = "bitsandbytes::gemm_4bit"  # by name: registered once bitsandbytes is imported
+WIDENED_WHOLE = {"bitsandbytes::gemm_4bit",  # by name: registered once bitsandbytes is imported
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
 def _in_float32(func, args, kwargs):
     """`func` on bf16 tensors, computed in float32 and rounded back; None where it does not apply."""
-    if NATIVE_BF16 or (func not in MATMULS and func.name() != GEMM_4BIT):
+    if NATIVE_BF16 or (func not in MATMULS and func.name() not in WIDENED_WHOLE):
         return None
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    # A matmul's operands are all bf16; gemm_4bit's input is (its 4-bit weights and their constants are not).
+    # A matmul's operands are all bf16; the others' first input is (not their 4-bit weights, their constants or
+    # SDPA's float32 logsumexp).
     widened_ones = tensors if func in MATMULS else tensors[:1]
     if not tensors or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in widened_ones):
         return None
@@ -265,9 +268,10 @@ def _in_float32(func, args, kwargs):
     def widen(a):
         return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
 
-    # Autocast off: it would narrow them back to bf16 on the way down.
+    # Autocast off: it would narrow them back to bf16 on the way down. Every output of these is the bf16 one.
     with torch.autocast("cpu", enabled=False):
-        return func(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()}).to(torch.bfloat16)
+        out = func(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+    return pytree.tree_map(lambda t: t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t, out)
 
 
 class LiveTensorBytes(TorchDispatchMode):
