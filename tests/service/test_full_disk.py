@@ -9,7 +9,9 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.deployment import upload, wait_for_status
+import pytest
+
+from tests.deployment import start_deployment, stop_deployment, upload, wait_for_status
 from tests.full_disk import file_size_limit, fill_up, lift_file_size_limit
 from worker.training.tiny import demo_spec
 
@@ -25,13 +27,24 @@ def wait_until_ready(d, log_name: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def full_disk_deployment(backing_services, tmp_path_factory, tiny_model_dir):
+    """One deployment for this file's two tests (an API process, its first preflight, cost ~15 s of a loaded
+    machine each), each test starting its own worker with the limit it needs; each test's job ends before it
+    does. As deployment_of_its_own: a worker waits 5 s (QLORA_OUT_OF_REACH_WAIT_S) before it hands back a job
+    it could not run for no fault of the job's."""
+    d = start_deployment(tmp_path_factory.mktemp("full-disk"), backing_services, tiny_model_dir, out_of_reach_wait_s="5")
+    yield d
+    stop_deployment(d)
+
+
 def training_processes_for(job_id: str) -> list[str]:
     return subprocess.run(["pgrep", "-f", f"worker.runner .*{job_id}"], capture_output=True, text=True).stdout.split()
 
 
 def test_a_job_whose_checkpoint_the_full_disk_refuses_is_handed_back_and_finishes_once_there_is_room(
-        deployment_of_its_own, demo_data):
-    d = deployment_of_its_own
+        full_disk_deployment, demo_data):
+    d = full_disk_deployment
     team = d.client(d.team_key("full-disk"))
     dataset_id = upload(team, demo_data["train"]).json()["id"]
     spec = demo_spec("tiny")
@@ -70,22 +83,23 @@ def test_a_job_whose_checkpoint_the_full_disk_refuses_is_handed_back_and_finishe
 
 
 def test_a_work_directory_too_full_for_the_attempts_first_file_hands_the_job_back_at_once_paused_at_the_last(
-        deployment_of_its_own, demo_data):
+        full_disk_deployment, demo_data):
     """The first file an attempt writes is the worker's note of the attempt it holds (for its SIGTERM
     handback): written before the attempt's error handling began, a full disk ended the task there, and the
     job stayed running and silent until the reaper's heartbeat deadline (2 minutes by default).
     With QLORA_MAX_ATTEMPTS=1 that one attempt is the last: the job is paused, not failed (a full disk is
     the operator's to free, not the job's fault), and its team resumes it once there is room."""
-    d = deployment_of_its_own
+    d = full_disk_deployment
     team = d.client(d.team_key("full-disk"))
     dataset_id = upload(team, demo_data["train"]).json()["id"]
     spec = demo_spec("tiny")
     spec["training"].update(max_steps=2, save_steps=10_000, eval_steps=10_000)
     spec["output"] = {"merge": False}
     spec["eval"] = {"prompts": 0}
-    worker = d.start_worker(name="full-disk", extra_env={"QLORA_MAX_ATTEMPTS": "1"})
+    # A name (and so a log) of its own: the other test's worker, on the same deployment, said " ready." too.
+    worker = d.start_worker(name="full-disk-last", extra_env={"QLORA_MAX_ATTEMPTS": "1"})
     try:
-        wait_until_ready(d, "worker-full-disk")
+        wait_until_ready(d, "worker-full-disk-last")
         fill_up(worker.pid, 40)  # short of the worker's note of the attempt (60 bytes)
         job_id = team.post("/jobs", json={"dataset_id": dataset_id, **spec}).json()["id"]
         # Well within the heartbeat deadline (the worker waits QLORA_OUT_OF_REACH_WAIT_S, 5 s here, first).
