@@ -11,18 +11,31 @@ neither the job that fills it nor the good entry itself pays for an outage.
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from app.db import session_scope
+from app.jobs import repository
 from app.jobs.tables import QuantizedBase
 from app.storage.base import storage_from_settings
-from tests.deployment import upload, wait_for_status
+from tests.deployment import start_deployment, stop_deployment, upload, wait_for_status
 from tests.faults.throttle import ThrottlingProxy
 from worker.training.tiny import demo_spec
 
 
-def test_a_cache_upload_storage_refuses_costs_the_finished_run_nothing(deployment_of_its_own, demo_data):
-    d = deployment_of_its_own
+@pytest.fixture(scope="module")
+def outage_deployment(backing_services, tmp_path_factory, tiny_model_dir):
+    """One deployment for this file's two tests (an API process and its first preflight cost ~15 s of a loaded
+    machine each), each test with a worker of its own behind a proxy of its own. Each test starts on an empty
+    cache and leaves it so: the first stores nothing, the second drops the entry it made."""
+    d = start_deployment(tmp_path_factory.mktemp("cache-outages"), backing_services, tiny_model_dir,
+                         out_of_reach_wait_s="5")
+    yield d
+    stop_deployment(d)
+
+
+def test_a_cache_upload_storage_refuses_costs_the_finished_run_nothing(outage_deployment, demo_data):
+    d = outage_deployment
     team = d.client(d.team_key("cache-outage"))
     dataset_id = upload(team, demo_data["train"]).json()["id"]
     spec = demo_spec("tiny")
@@ -68,8 +81,8 @@ def cache_rows(deployment) -> list[tuple[str, str]]:
         return [(row.key, row.storage_key) for row in session.scalars(select(QuantizedBase))]
 
 
-def test_storage_out_of_reach_as_a_cached_base_downloads_keeps_the_entry(deployment_of_its_own, demo_data):
-    d = deployment_of_its_own
+def test_storage_out_of_reach_as_a_cached_base_downloads_keeps_the_entry(outage_deployment, demo_data):
+    d = outage_deployment
     team = d.client(d.team_key("cache-download-outage"))
     dataset_id = upload(team, demo_data["train"]).json()["id"]
     proxy = ThrottlingProxy(d.settings.s3_endpoint_url)
@@ -84,6 +97,9 @@ def test_storage_out_of_reach_as_a_cached_base_downloads_keeps_the_entry(deploym
         assert proxy.refused == 3
         assert cache_rows(d) == [entry]  # the same entry, still pointing at the same object
         assert storage_from_settings(d.settings).exists(entry[1])
+        with session_scope(d.settings.database_url) as session:  # an empty cache again, for the other test
+            assert repository.drop_quantized_base(session, *entry)
+        storage_from_settings(d.settings).delete(entry[1])
     finally:
         d.stop(worker)
         proxy.close()
