@@ -6,21 +6,42 @@ import pytest
 
 from bench import estimate_bench, train_bench
 
+OFFLOADED = "tiny:2:64:offload:tiled"
 
-def test_estimate_bench_sets_predicted_beside_measured(tmp_path):
-    out = tmp_path / "estimate_bench.json"
-    report = estimate_bench.main(["--case", "tiny:2:64", "--case", "tiny:2:64:nogc", "--work", str(tmp_path / "work"),
-                                  "--out", str(out)])
+
+@pytest.fixture(scope="module")
+def tiny_work(tmp_path_factory):
+    """A work folder holding the tiny preset's 16-bit model (seed 0), built once for the module, in this process:
+    estimate_bench's runs find it where ensure_model keeps it (ensure_model's own build, in a process of its own,
+    is what test_bench_train runs), and the 4-bit layout test quantizes it as the engine would."""
+    work = tmp_path_factory.mktemp("estimate-work")
+    dims = train_bench.PRESETS["tiny"]
+    train_bench.build_model(work / train_bench.model_name(dims, 0) / "model", dims, seed=0)
+    return work
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_work):
+    """One run of the CPU cases the tests below read: each case is a process of its own (most of its time is
+    imports), so one run serves them all. Returns the report and the JSON file it saved."""
+    out = tiny_work / "estimate_bench.json"
+    report = estimate_bench.main(["--case", "tiny:2:64", "--case", "tiny:2:64:nogc", "--case", OFFLOADED,
+                                  "--work", str(tiny_work), "--out", str(out)])
+    return report, out
+
+
+def test_estimate_bench_sets_predicted_beside_measured(cpu_run, tiny_work):
+    report, out = cpu_run
     assert json.loads(out.read_text())["rows"] == report["rows"]
-    on, off = report["rows"]
+    on, off, _ = report["rows"]
     assert (on["micro_batch"], on["seq"], on["gradient_checkpointing"]) == (2, 64, True)
     assert off["gradient_checkpointing"] is False
     for row in (on, off):
         assert row["predicted_bytes"] > 0 and row["measured_bytes"] > 0
         assert row["error"] == row["predicted_bytes"] / row["measured_bytes"] - 1
     assert off["predicted_bytes"] > on["predicted_bytes"]  # activations of every layer, not one
-    # The second case loaded the base the first one quantized.
-    assert len(list((tmp_path / "work").glob("llama-*/estimate/quantized/config.json"))) == 1
+    # The later cases loaded the base the first one quantized.
+    assert len(list(tiny_work.glob("llama-*/estimate/quantized/config.json"))) == 1
 
 
 def test_cases_carry_the_memory_savers_and_the_lora_knobs():
@@ -50,23 +71,22 @@ def test_cases_carry_the_memory_savers_and_the_lora_knobs():
         "8b-long:1:16384:standard", "8b-long:1:16384", "8b-long:1:16384:offload:tiled", "8b-long:1:32768:offload:tiled"]
 
 
-def test_a_case_with_offload_and_tiling_trains_and_its_row_says_so(tmp_path):
-    report = estimate_bench.main(["--case", "tiny:2:64:offload:tiled", "--work", str(tmp_path / "work"),
-                                  "--out", str(tmp_path / "estimate_bench.json")])
-    (row,) = report["rows"]
-    assert row["case"] == "tiny:2:64:offload:tiled"
+def test_a_case_with_offload_and_tiling_trains_and_its_row_says_so(cpu_run, tiny_work):
+    report, _ = cpu_run
+    row = report["rows"][-1]
+    assert row["case"] == OFFLOADED
     assert (row["gradient_checkpointing"], row["activation_offload"], row["tiled_mlp"]) == (True, True, True)
     assert (row["lora_r"], row["lora_alpha"]) == (16, 32)
     assert row["predicted_bytes"] > 0 and row["measured_bytes"] > 0 and row["oom"] is None
     assert row["tokens_per_s"] > 0 and row["predicted_host_bytes"] >= 0
     assert "skipped" in report["allowance_fit"]  # the CPU measures RSS: nothing to fit the GPU allowance to
     # What the engine ran: the spec the child wrote into its run directory.
-    (run,) = (tmp_path / "work").glob("llama-*/estimate/b2-s64-gc-offload-tiled-run/run.json")
+    (run,) = tiny_work.glob("llama-*/estimate/b2-s64-gc-offload-tiled-run/run.json")
     training = json.loads(run.read_text())["spec"]["training"]
     assert (training["activation_offload"], training["tiled_mlp"]) == (True, True)
 
 
-def test_the_layer_by_layer_4bit_base_is_what_the_engine_caches_and_it_trains(tmp_path, monkeypatch):
+def test_the_layer_by_layer_4bit_base_is_what_the_engine_caches_and_it_trains(tmp_path, monkeypatch, tiny_work):
     import bitsandbytes as bnb
     from safetensors import safe_open
 
@@ -79,8 +99,8 @@ def test_the_layer_by_layer_4bit_base_is_what_the_engine_caches_and_it_trains(tm
     # The engine's own cache of the same shape: a 16-bit model quantized on load and saved.
     dtype = resolve_compute_dtype("auto", "cpu")
     reference = tmp_path / "reference-cache"
-    train_bench.build_model(tmp_path / "bf16", dims, seed=0)
-    load_base_model(tmp_path / "bf16", QuantizationSpec(), dtype, "cpu", quantized_cache=reference)
+    load_base_model(tiny_work / train_bench.model_name(dims, 0) / "model", QuantizationSpec(), dtype, "cpu",
+                    quantized_cache=reference)
 
     def layout(folder):
         tensors, states = {}, {}
