@@ -15,7 +15,11 @@ def test_stream_load_benchmark_checks_every_client_and_reads_the_databases_work(
     out = tmp_path / "stream_load.json"
 
     # Its clients run on an event loop of their own, in a thread of their own (see in_a_thread_of_its_own).
-    exit_code = in_a_thread_of_its_own(lambda: stream_load.main(["--clients", "20", "--seconds", "3", "--out", str(out)]))
+    # Windows of 2 s, each opened 2 s after the phase before it rather than the bench's 11 (most of the run's time,
+    # asleep): a count that lands late moves between windows, and each window still holds the API's own
+    # transactions (a dozen in 3 s with no stream open, measured here), so the checks below keep their margin.
+    exit_code = in_a_thread_of_its_own(lambda: stream_load.main(["--clients", "20", "--seconds", "2", "--settle-s", "2",
+                                                                 "--out", str(out)]))
 
     results = json.loads(out.read_text())
     assert {"config", "machine", "no_stream", "one", "many", "checks", "ratio_many_to_one", "ok"} <= results.keys()
@@ -32,7 +36,7 @@ def test_stream_load_benchmark_checks_every_client_and_reads_the_databases_work(
         assert measured["caught_up_to_step"] > 0
         assert measured["connect"]["api_transactions"] > 0  # opening streams costs the API's requests at least
         steady = measured["steady"]
-        assert steady["seconds"] >= 3 and steady["worker_transactions"] > 0
+        assert steady["seconds"] >= 2 and steady["worker_transactions"] > 0
         assert steady["api_transactions_per_s"] > 0  # a watched job is polled: Postgres counted it
     assert results["many"]["clients"] == 20 and results["one"]["clients"] == 1
     assert isinstance(results["ratio_many_to_one"], float) and results["ratio_many_to_one"] > 0
