@@ -15,9 +15,9 @@ from pathlib import Path
 
 HOW = {
     "worker and training process SIGKILLed mid-run":
-        "SIGKILL to the worker's process group and its training process once a checkpoint at step >= 20 "
-        "exists; a second worker is started. The reaper requeues the silent job, the new worker resumes "
-        "from the newest checkpoint.",
+        "SIGKILL to the worker's process group and its training process while it is held after step 25 of "
+        "40 (checkpoint 20 saved; fault hook QLORA_FAULT_HOLD_AT_STEP); a second worker is started. The "
+        "reaper requeues the silent job, the new worker resumes from the newest checkpoint.",
     "training process alone SIGKILLed (out of memory)":
         "SIGKILL to the training process alone, as the kernel's out-of-memory killer would, while it is held "
         "after step 15 (checkpoint 10 saved; fault hook QLORA_FAULT_HOLD_AT_STEP); its worker lives on. "
@@ -32,7 +32,7 @@ HOW = {
         "reaper leaves the attempt alone.",
     "worker stopped with SIGTERM (a deploy) mid-run":
         "SIGTERM to the worker's main process alone, as `docker stop` sends it, while the run is held after "
-        "step 3 of 40 (until the pause the shutdown asks for). The worker "
+        "step 3 of 12 (until the pause the shutdown asks for). The worker "
         "hands the job back: it saves a checkpoint after its current step and is queued again; a second "
         "worker resumes it from that checkpoint. Nothing is trained twice, and no attempt counts as lost. "
         "It and a twin of its name, started while it trains, each run in a process-id namespace of their own "
@@ -60,10 +60,10 @@ HOW = {
         "transaction is left open: what a worker frozen while it reports leaves behind. Postgres ends that "
         "transaction after the heartbeat deadline (the worker's idle_in_transaction_session_timeout), so "
         "the reaper's requeue, which needs the row, goes through.",
-    "Redis stopped for 30 s mid-job":
-        "redis-server shut down (nosave) while a 40-step job trains, restarted 30 s later. The training "
-        "process holds after step 20 until the outage is over (fault hook QLORA_FAULT_HOLD_AT_STEP), so the "
-        "whole outage falls inside the run however fast the machine trains.",
+    "Redis stopped for 15 s mid-job":
+        "redis-server shut down (nosave) while a 40-step job trains, restarted 15 s (three heartbeat "
+        "deadlines) later. The training process holds after step 20 until the outage is over (fault hook "
+        "QLORA_FAULT_HOLD_AT_STEP), so the whole outage falls inside the run however fast the machine trains.",
     "cancelled jobs, then the worker restarted":
         "A queued job and a running job are cancelled, the worker gets SIGTERM (its unacknowledged "
         "messages go back to the queue) and a new worker starts.",

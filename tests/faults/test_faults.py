@@ -43,6 +43,7 @@ from worker.runner import FAULT_HOLD_AT_STEP, FAULT_OUT_OF_MEMORY, FAULT_STALL_C
 from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers, session_url
 
 FINISHED = ("succeeded", "failed", "cancelled")
+REDIS_OUTAGE_S = 3 * HEARTBEAT_DEADLINE_S
 
 
 def checkpoint_steps(client, job_id: str) -> list[int]:
@@ -50,15 +51,17 @@ def checkpoint_steps(client, job_id: str) -> list[int]:
 
 
 def test_sigkilled_worker_and_trainer_resume_from_the_last_checkpoint(faulty, tenant, dataset_id, fault_report):
-    doomed = faulty.start_worker(name="doomed")
-    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=60)).json()
+    # Held after step 25 (checkpoints 10 and 20 recorded), so the kill lands mid-run however fast the machine
+    # trains. (A 60-step job, killed once a poll saw checkpoint 20 or later, left the rescuer 30 to 40 steps.)
+    doomed = faulty.start_worker(name="doomed", extra_env={FAULT_HOLD_AT_STEP: "25"})
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
 
     def mid_run():
         saved = checkpoint_steps(tenant, job["id"])
         step = tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"]
-        return saved and saved[-1] >= 20 and step > saved[-1] and step < 60 and (saved[-1], step)
+        return saved and saved[-1] >= 20 and step > saved[-1] and (saved[-1], step)
 
-    newest, step_at_kill = wait_until(mid_run, 180, "a checkpoint at step 20 or later, mid-run")
+    newest, step_at_kill = wait_until(mid_run, 180, "a checkpoint at step 20, and training past it")
     kill_worker_and_trainer(faulty, doomed, job["id"])
     step_at_kill = max(step_at_kill, max(curve_steps(tenant, job["id"])))
 
@@ -66,8 +69,8 @@ def test_sigkilled_worker_and_trainer_resume_from_the_last_checkpoint(faulty, te
     try:
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded", done["error"]
-        assert done["attempt"] == 2 and done["progress"]["step"] == done["progress"]["total_steps"] == 60
-        assert curve_steps(tenant, job["id"]) == list(range(1, 61))  # every step once: none lost, none twice
+        assert done["attempt"] == 2 and done["progress"]["step"] == done["progress"]["total_steps"] == 40
+        assert curve_steps(tenant, job["id"]) == list(range(1, 41))  # every step once: none lost, none twice
         story = events(tenant, job["id"])
         requeued = [e for e in story if e["type"] == "requeued"]
         resumed = [e for e in story if e["type"] == "resumed"]
@@ -87,7 +90,7 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
     checkpoint."""
     # Held after step 15 (checkpoint 10 saved), so the kill lands mid-run however fast the machine trains.
     worker = faulty.start_worker(name="oom-host", extra_env={FAULT_HOLD_AT_STEP: "15"})
-    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40)).json()
+    job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=20)).json()
     try:
         def held(attempt: int):
             # The curve, not the progress: a claim deletes the points past the checkpoint it resumes from,
@@ -105,7 +108,7 @@ def test_a_training_process_killed_alone_is_another_attempt_from_the_checkpoint(
         release(faulty, job["id"], attempt=2)
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded", done["error"]  # was failed, at once
-        assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 41))
+        assert done["attempt"] == 2 and curve_steps(tenant, job["id"]) == list(range(1, 21))
         story = events(tenant, job["id"])
         (requeued,) = [e for e in story if e["type"] == "requeued"]
         assert "training process was killed by SIGKILL" in requeued["message"] and "try 2 of" in requeued["message"]
@@ -199,7 +202,8 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
         for started in range(2):
             if started:  # the twin starts once the first worker trains, as a scale-up or a restart would
                 twin = faulty.start_worker(name="leaving", extra_env={FAULT_HOLD_AT_STEP: "3"}, container=True)
-            one = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
+            # 12 steps: the checkpoint before the last is the one saved on the way out (save_steps past the end).
+            one = tenant.post("/jobs", json=job_body(dataset_id, max_steps=12, save_steps=20)).json()
             both.append(one)
             wait_until(lambda one=one: tenant.get(f"/jobs/{one['id']}").json()["progress"]["step"] >= 3, 180,
                        "training under way on both workers")
@@ -211,7 +215,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
         assert not any(e["type"] == "pause_requested" for e in events(tenant, kept["id"]))
         tenant.post(f"/jobs/{kept['id']}/cancel")
         handed = tenant.get(f"/jobs/{job['id']}").json()
-        assert handed["status"] == "queued" and handed["progress"]["step"] < 40, handed
+        assert handed["status"] == "queued" and handed["progress"]["step"] < 12, handed
         story = events(tenant, job["id"])
         assert any(e["type"] == "pause_requested" and "leaving is shutting down" in e["message"] for e in story)
         ends = [e["type"] for e in story if e["type"] in ("paused", "requeued")]
@@ -223,7 +227,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_a_checkpoint(faulty
         done = wait_for_status(tenant, job["id"], FINISHED, timeout=240, deployment=faulty)
         assert done["status"] == "succeeded", done["error"]
         assert done["attempt"] == 2 and done["preemptions"] == 0
-        assert curve_steps(tenant, job["id"]) == list(range(1, 41))
+        assert curve_steps(tenant, job["id"]) == list(range(1, 13))
         (resumed,) = [e for e in events(tenant, job["id"]) if e["type"] == "resumed"]
         assert resumed["step"] == paused_at
         fault_report.append({"fault": "worker stopped with SIGTERM (a deploy) mid-run", "injected": 1,
@@ -371,17 +375,20 @@ def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_the_requeue(fault
                          "steps_lost": 0})
 
 
-def test_redis_down_for_30_seconds_mid_job(faulty, faults_redis, tenant, dataset_id, fault_report):
+def test_redis_down_for_three_heartbeat_deadlines_mid_job(faulty, faults_redis, tenant, dataset_id, fault_report):
     # The training process waits after step 20 until released, so the whole outage surely falls inside
     # the run however fast or slow this machine trains (a job sized to outlast it finished first on a
-    # quiet machine, and missed its deadline on a busy one).
+    # quiet machine, and missed its deadline on a busy one). The outage outlasts the heartbeat deadline
+    # three times over (as the slow transfers of test_long_attempts do): a job whose worker went silent
+    # with the broker would be requeued well within it. It was 30 s, six deadlines: the other three
+    # checked nothing more and cost the suite 15 s.
     worker = faulty.start_worker(name="outage", extra_env={FAULT_HOLD_AT_STEP: "20"})
     try:
         job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=40, save_steps=20)).json()
         wait_until(lambda: tenant.get(f"/jobs/{job['id']}").json()["progress"]["step"] > 0, 120, "training")
         faults_redis.stop()
         try:
-            time.sleep(30)
+            time.sleep(REDIS_OUTAGE_S)
             assert tenant.get(f"/jobs/{job['id']}").json()["status"] == "running"
         finally:
             faults_redis.start()
@@ -393,7 +400,7 @@ def test_redis_down_for_30_seconds_mid_job(faulty, faults_redis, tenant, dataset
         # The worker reconnected: it takes the next job.
         after = tenant.post("/jobs", json=job_body(dataset_id, max_steps=10)).json()
         assert wait_for_status(tenant, after["id"], FINISHED, timeout=120, deployment=faulty)["status"] == "succeeded"
-        fault_report.append({"fault": "Redis stopped for 30 s mid-job", "injected": 1, "survived": 1,
+        fault_report.append({"fault": f"Redis stopped for {REDIS_OUTAGE_S} s mid-job", "injected": 1, "survived": 1,
                              "steps_lost": 0})
     finally:
         faulty.stop(worker)
