@@ -11,7 +11,7 @@ def test_train_bench_compares_both_paths_on_the_cpu(tmp_path, monkeypatch):
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where the bench's own folders go
-    # The fewest steps that leave a steady rate after the warm-up (WARMUP_STEPS + 2), on small batches: each path's
+    # Few steps that leave a steady rate after the warm-up (three steps, two intervals), on small batches: each path's
     # process spends most of its time importing, and the steps it trains are what the test can make shorter.
     steps = train_bench.WARMUP_STEPS + 3
     report = train_bench.main(["--preset", "tiny", "--steps", str(steps), "--batch", "2", "--seq", "64",
