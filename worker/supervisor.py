@@ -1051,6 +1051,11 @@ def sweep_work_dir(settings: Settings) -> list[Path]:
     return removed
 
 
+# A held marker's files are half made (locked, not yet renamed; written, not yet renamed) for microseconds: one this
+# old was left by a worker killed in between.
+LEFT_HALF_MADE_S = 60
+
+
 def _remove_stale_markers(root: Path) -> list[Path]:
     """The held_marker files of workers that are gone (one killed outright could not remove its own): those whose
     lock no process holds. Read on a SIGTERM, a stale one would hand back an attempt its worker no longer runs.
@@ -1085,11 +1090,6 @@ def _remove_stale_markers(root: Path) -> list[Path]:
         except FileNotFoundError:
             continue
     return removed
-
-
-# A held marker's files are half made (locked, not yet renamed; written, not yet renamed) for microseconds: one this
-# old was left by a worker killed in between.
-LEFT_HALF_MADE_S = 60
 
 
 def remove_earlier_attempts(job_dir: Path, attempt: int, deadline_s: float) -> None:

@@ -60,13 +60,14 @@ def kill_groups(*procs: subprocess.Popen | None) -> None:
             pass
 
 
-def place_demo_model(home, tiny_model_dir) -> None:
-    """The demo model a first `serve` on `home` builds, there beforehand: the suite's tiny model is the same build
-    (build_tiny_model, seed 0), and the first start only does what is missing (app/bootstrap.py), so it registers
-    this copy instead of importing torch and training a tokenizer again, seconds of every test's start. Building
-    it is test_embedded_default_trains_a_job_with_nothing_configured's to check."""
-    (home / ".qlora").mkdir(mode=0o700)  # as serve makes its home: its owner's alone
-    shutil.copytree(tiny_model_dir, home / ".qlora" / "models" / "tiny-demo")
+@pytest.fixture
+def demo_model_placed(tmp_path, tiny_model_dir) -> None:
+    """The demo model a first `serve` on the test's home (tmp_path) builds, there beforehand: the suite's tiny model
+    is the same build (build_tiny_model, seed 0), and the first start only does what is missing (app/bootstrap.py),
+    so it registers this copy instead of importing torch and training a tokenizer again, seconds of every test's
+    start. Building it is test_embedded_default_trains_a_job_with_nothing_configured's to check."""
+    (tmp_path / ".qlora").mkdir(mode=0o700)  # as serve makes its home: its owner's alone
+    shutil.copytree(tiny_model_dir, tmp_path / ".qlora" / "models" / "tiny-demo")
 
 
 @pytest.fixture
@@ -76,9 +77,8 @@ def embedded_from_nothing(tmp_path):
 
 
 @pytest.fixture
-def embedded(tmp_path, tiny_model_dir):
-    """A `serve` whose home has the demo model already (place_demo_model)."""
-    place_demo_model(tmp_path, tiny_model_dir)
+def embedded(tmp_path, demo_model_placed):
+    """A `serve` whose home has the demo model already (demo_model_placed)."""
     yield from serving(tmp_path)
 
 
@@ -156,13 +156,12 @@ def test_sigterm_to_serve_alone_stops_its_local_worker(embedded):
         os.killpg(proc.pid, 0)
 
 
-def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(tmp_path, demo_data, tiny_model_dir):
+def test_sigkill_to_serve_stops_its_local_worker_which_hands_back_its_job(tmp_path, demo_data, demo_model_placed):
     """`kill -9` (or the OOM killer) gives `serve` no chance to stop its worker. That worker used to run on
     orphaned: its job trained on with no API in front of it, and the next `serve` on the same home started a
     second worker beside it, both taking jobs. Now the worker stops by itself as on SIGTERM: its job saves a
     checkpoint, is queued again, and the next `serve` resumes it from there."""
     port = services.free_port()
-    place_demo_model(tmp_path, tiny_model_dir)
     # The training process holds after step 2 until the hand-back's pause releases it: on a quiet machine
     # a short job would otherwise finish before the worker notices.
     proc = start_serve(tmp_path, port, extra_env={FAULT_HOLD_AT_STEP: "2"})
@@ -220,14 +219,13 @@ def sigkill_serve_then_start_it_again(tmp_path, port: int, proc: subprocess.Pope
 
 
 def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_back(tmp_path, demo_data,
-                                                                                  tiny_model_dir):
+                                                                                  demo_model_placed):
     """Closing the terminal `make run` runs in signals SIGHUP to its process group. It ended `serve` on the spot,
     and its local worker's pool process, which supervised the training: the job stayed `running` until the reaper's
     deadline, then lost the attempt and the steps since its last checkpoint. Now it stops as on SIGTERM."""
     from app.db import session_scope
     from app.jobs.tables import Job, JobEvent
 
-    place_demo_model(tmp_path, tiny_model_dir)
     proc = start_serve(tmp_path, services.free_port(), extra_env={FAULT_HOLD_AT_STEP: "2"})
     try:
         _, job_id = a_job_held_at_step_2(tmp_path, demo_data)
@@ -242,7 +240,7 @@ def test_a_closed_terminal_stops_serve_as_sigterm_does_and_its_job_is_handed_bac
         assert {"pause_requested", "paused", "requeued"} <= types, types
 
 
-def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_data, tiny_model_dir):
+def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_data, demo_model_placed):
     """Ctrl-C to `make run` (SIGINT to its process group) while a job trains and another waits. The local
     queue's Celery loop reads messages once more after the signal, for up to 2 s: the running job, handed
     back within that, freed the worker, which took the waiting job's message and claimed a job again (attempt
@@ -252,7 +250,6 @@ def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_da
     from app.db import session_scope
     from app.jobs.tables import Job, JobEvent
 
-    place_demo_model(tmp_path, tiny_model_dir)
     proc = start_serve(tmp_path, services.free_port(), extra_env={FAULT_HOLD_AT_STEP: "2"})
     try:
         client, running = a_job_held_at_step_2(tmp_path, demo_data)
@@ -274,7 +271,7 @@ def test_ctrl_c_hands_back_the_running_job_and_starts_no_other(tmp_path, demo_da
 
 
 def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_that_worker(tmp_path, demo_data,
-                                                                                           tiny_model_dir):
+                                                                                           demo_model_placed):
     """`serve` killed outright leaves its worker running until it has handed its job back (a checkpoint saved, a
     merge finished). The home's lock went with `serve`: one started meanwhile ran a second worker beside the first,
     which took the next queued job, two trainings at once on one GPU. Here the first worker's attempt end is held
@@ -283,7 +280,6 @@ def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_th
     from worker.supervisor import FAULT_HOLD_END, fault_hold_end_markers
 
     port = services.free_port()
-    place_demo_model(tmp_path, tiny_model_dir)
     first = start_serve(tmp_path, port, extra_env={FAULT_HOLD_AT_STEP: "2", FAULT_HOLD_END: "1"})
     second = None
     try:
@@ -310,7 +306,7 @@ def test_a_serve_started_as_a_killed_ones_worker_hands_back_its_job_waits_for_th
 
 
 def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_job_at_once(tmp_path, demo_data,
-                                                                                           tiny_model_dir):
+                                                                                           demo_model_placed):
     """SIGKILL to `serve`'s whole process group (`kill -9 -PGID`, the out-of-memory killer, a laptop crash) takes its
     local worker too, with no hand-back: the job stayed `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S
     old (2 minutes by default), although the next `serve`, holding the home's lock its worker held, knows that worker
@@ -319,7 +315,6 @@ def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_jo
     waits for it (it holds the lock too and stops by itself once its worker is gone) rather than train beside it."""
     port = services.free_port()
     long_deadline = {"QLORA_HEARTBEAT_DEADLINE_S": "3600"}
-    place_demo_model(tmp_path, tiny_model_dir)
     # Held after step 3, once the checkpoint of step 2 is stored; released by the kill (its worker gone).
     first = start_serve(tmp_path, port, extra_env={**long_deadline, FAULT_HOLD_AT_STEP: "3"})
     again = None
