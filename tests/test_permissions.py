@@ -68,13 +68,14 @@ def test_bootstrap_keeps_qlora_home_and_the_key_private(tmp_path, tiny_model_dir
 
 
 def test_a_mode_is_exact_and_without_one_the_umask_decides_as_for_any_new_file(tmp_path):
-    # A leftover of an earlier crash, readable by all: the next write must not inherit its mode.
+    # A leftover of an earlier version's crash, readable by all, where it wrote its temporary file: the next
+    # write must not inherit its mode (each write creates a file of its own, O_EXCL).
     leftover = tmp_path / ".secret.json.tmp"
     leftover.write_text("stale")
     leftover.chmod(0o644)
     write_json_atomic(tmp_path / "secret.json", {"k": 1}, mode=0o600)
     assert mode(tmp_path / "secret.json") == 0o600 and json.loads((tmp_path / "secret.json").read_text()) == {"k": 1}
-    assert not leftover.exists()
+    assert leftover.read_text() == "stale"  # not written through, nor renamed into place
 
     write_json_atomic(tmp_path / "shared.json", {"k": 2}, mode=0o644)
     assert mode(tmp_path / "shared.json") == 0o644

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -273,10 +274,13 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None, mode:
     With `mode`, the file has it from its creation on, so a secret is never readable by others, not
     even half-written by a process that dies; without, the umask decides, as for any new file."""
     text = json.dumps(data, indent=indent, default=str)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # A leftover of a crash goes first: O_EXCL then guarantees the file written is one created here,
-    # with the mode asked for, never an existing file (or a link planted there) keeping its own.
-    tmp.unlink(missing_ok=True)
+    # A name of this write's own: two processes writing one file at once (two workers updating the host's
+    # weight-digest memo) each rename a whole file of their own into place, and the last one wins. With one
+    # shared temporary name, each removed or overwrote the other's half-written file, and could rename it into
+    # place. O_EXCL guarantees the file written is one created here, with the mode asked for, never an
+    # existing file (or a link planted there) keeping its own. A process killed between the two steps leaves
+    # its temporary file (hidden; nothing reads it; the held-attempt markers' sweep removes theirs).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
         with open(fd, "w", encoding="utf-8") as file:
