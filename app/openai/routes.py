@@ -48,8 +48,12 @@ async def create_file(request: Request, response: Response, session: SessionDep,
                       settings: SettingsDep, caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None):
     """multipart: `file` (JSONL) and `purpose` = fine-tune. Validated line by line while it streams."""
     def purpose_is_fine_tune(fields: dict[str, str]) -> None:
-        if fields.get("purpose") != "fine-tune":
-            raise Invalid(f"purpose must be 'fine-tune', got {excerpt(fields.get('purpose'))}",
+        purpose = fields.get("purpose")
+        if purpose is None:  # the OpenAI SDK always sends it; a hand-written curl may not
+            raise Invalid("purpose is required: send the form field purpose=fine-tune beside the file",
+                          details=field_errors([("purpose", "required: 'fine-tune'")]))
+        if purpose != "fine-tune":
+            raise Invalid(f"purpose must be 'fine-tune', got {excerpt(purpose)}",
                           details=field_errors([("purpose", "must be 'fine-tune'")]))
 
     dataset, replayed = await datasets.upload(session, storage, settings, caller, request, check_fields=purpose_is_fine_tune,

@@ -233,6 +233,15 @@ def test_an_error_echoes_an_excerpt_of_what_was_sent(team_a, ready_dataset, unch
     assert response.status_code == 400 and len(response.text) < 1000, response.text[:300]
 
 
+def test_a_file_upload_without_purpose_says_it_is_required(team_a):
+    # Not what a missing value prints as ("got None"): that it is required, and what to send.
+    response = team_a.post("/v1/files", files={"file": ("a.jsonl", b'{"text": "hi"}\n')})
+    assert response.status_code == 400, response.text[:300]
+    message = response.json()["error"]["message"]
+    assert "purpose is required" in message and "purpose=fine-tune" in message and "None" not in message, message
+    assert response.json()["error"]["param"] == "purpose"  # OpenAI's error shape: the field is its `param`
+
+
 @pytest.mark.parametrize("path", ["/jobs", "/datasets"])
 @pytest.mark.parametrize("inside", [
     json.dumps(["2024-05-01T12:00:00", "x"]).encode(),  # a timestamp without a timezone
