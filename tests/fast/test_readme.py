@@ -154,3 +154,46 @@ def test_every_qlora_command_line_in_the_docs_is_one_the_cli_has():
                 if option and option.group(1) not in options:
                     wrong.append(f"{where}: `{line}`: no option {option.group(1)}")
     assert not wrong, "\n".join(wrong)
+
+
+def fenced_out(text: str) -> str:
+    """The text without its fenced blocks (a `# comment` in a shell block is no heading)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def anchor_of(title: str) -> str:
+    """The anchor GitHub gives a heading: lowercased, punctuation but `-` and `_` dropped, spaces as `-`."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors of a Markdown file's headings; a repeated one gets -1, -2, ... as on GitHub."""
+    anchors: set[str] = set()
+    for title in re.findall(r"^#{1,6} (.+)$", fenced_out(text), re.M):
+        anchor, n = anchor_of(title), 0
+        while (f"{anchor}-{n}" if n else anchor) in anchors:
+            n += 1
+        anchors.add(f"{anchor}-{n}" if n else anchor)
+    return anchors
+
+
+def section_links(text: str) -> list[str]:
+    return re.findall(r"\]\(#([^)\s]+)\)", text)
+
+
+def test_every_link_to_a_section_names_a_heading_there():
+    # The README's contents and its "see ..." links: a heading reworded breaks them silently.
+    wrong: list[str] = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        anchors = heading_anchors(text)
+        wrong += [f"{path.name}: #{link}" for link in section_links(text) if link not in anchors]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_contents_lists_every_section_and_subsection():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    contents = text.split("\n## Contents\n", 1)[1].split("\n## ", 1)[0]
+    sections = [anchor_of(title) for title in re.findall(r"^###? (.+)$", fenced_out(text), re.M) if title != "Contents"]
+    missing = [anchor for anchor in sections if anchor not in section_links(contents)]
+    assert not missing, f"add these to the README's Contents: {missing}"
