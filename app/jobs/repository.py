@@ -48,11 +48,12 @@ def readable_id(session: Session, team_id: str, job_id: str) -> str | None:
 # What a job's answer shows (JobOut), for the reads every poller makes: plain rows, no ORM object made
 # and tracked per job, and the JSON columns as the text the database holds, which the answer embeds as
 # it is (schemas.job_json) instead of decoding and encoding it again: a page of fifty jobs holds fifty
-# specs and summaries (docs/performance.md).
-JOB_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model, Job.dataset_id,
-            Job.validation_dataset_id, Job.initial_job_id, sa.cast(Job.spec, Text).label("spec"), Job.queue, Job.attempt,
-            Job.trained_tokens, Job.error, sa.cast(Job.summary, Text).label("summary"), Job.created_at, Job.started_at,
-            Job.finished_at, Job.heartbeat_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
+# specs and summaries (docs/performance.md). A page of jobs shows all of it but the heartbeat (schemas.JobListItem).
+JOB_LIST_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model,
+                 Job.dataset_id, Job.validation_dataset_id, Job.initial_job_id, sa.cast(Job.spec, Text).label("spec"),
+                 Job.queue, Job.attempt, Job.trained_tokens, Job.error, sa.cast(Job.summary, Text).label("summary"),
+                 Job.created_at, Job.started_at, Job.finished_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
+JOB_VIEW = (*JOB_LIST_VIEW, Job.heartbeat_at)
 # Built once: a status poll binds its team and job into it rather than building and caching a statement.
 _VIEW_BY_ID = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW).where(Job.id == bindparam("job_id"))
 
@@ -88,7 +89,7 @@ SPEC_CHARS = func.coalesce(func.length(sa.cast(Job.spec, Text)), 0)
 def _view_page(*, by_status: bool, after: bool, sizes: bool = False) -> Select:
     """GET /jobs's statement in each of its four shapes, built once like _VIEW_BY_ID: building it for
     each poll was a sixth of a page's time in the profile. With `sizes`, each job's SPEC_CHARS instead."""
-    query = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*((SPEC_CHARS,) if sizes else JOB_VIEW))
+    query = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*((SPEC_CHARS,) if sizes else JOB_LIST_VIEW))
     if by_status:
         query = query.where(Job.status == bindparam("status", type_=String))
     return newest_first_shape(query, Job, after=after)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 from pydantic_core import to_json
@@ -83,7 +83,15 @@ class Progress(BaseModel):
     fraction: float | None
 
 
-class JobOut(BaseModel):
+class JobListItem(BaseModel):
+    """A job as GET /jobs lists it: all of JobOut but its heartbeat. A running job's worker writes heartbeat_at every
+    supervise interval (1 s), so with it the page, and its ETag, changed every second while any job of the team
+    ran, and no poll of the list (the dashboard's, a script's) ever got a 304, though nothing it shows had changed.
+    What a person reads off a list moves with the job's own state (status, step, attempt, error); a worker lost
+    shows there too, once the reaper requeues or pauses its job. The heartbeat itself is GET /jobs/{id}'s, and
+    its stream's (Kubernetes moved nodes' heartbeats out of the Node object that lists and watches read, into
+    Leases, for the same reason)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -103,7 +111,6 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    heartbeat_at: datetime | None
     step: int
     total_steps: int | None
     priority: Literal["low", "normal", "high"]
@@ -128,8 +135,15 @@ class JobOut(BaseModel):
         return Progress(**progress_of(self.step, self.total_steps))
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job) -> Self:
         return cls.model_validate(job)
+
+
+class JobOut(JobListItem):
+    """A job as GET /jobs/{id} (and every answer about one job) shows it: JobListItem and the worker's last word."""
+
+    heartbeat_at: datetime | None = Field(
+        description="The running job's worker's last heartbeat, written every supervise interval (database clock).")
 
 
 # JobOut's fields that hold JSON of the caller's or the engine's; the rest are scalars.
@@ -142,7 +156,7 @@ def progress_of(step: int, total_steps: int | None) -> dict[str, Any]:
 
 
 def job_json(row: Row, standing: Standing | None = None) -> bytes:
-    """JobOut's JSON for a row of repository.JOB_VIEW, whose JSON columns are the text the database
+    """JobOut's JSON for a row of repository.JOB_VIEW (JobListItem's for one of JOB_LIST_VIEW), whose JSON columns are the text the database
     holds, and for a queued job its standing (queue_position, waiting_for, waiting_detail): the scalars as one dict through
     pydantic's encoder (building and dumping a JobOut per row was a third of a page's time in the
     profile), the JSON embedded as stored (it was validated when it was written). The same answer as
@@ -159,13 +173,13 @@ def job_json(row: Row, standing: Standing | None = None) -> bytes:
 
 
 def job_page_json(rows: list[Row], next_cursor: str | None) -> bytes:
-    """JobPage's JSON for rows of repository.JOB_VIEW."""
+    """JobPage's JSON for rows of repository.JOB_LIST_VIEW."""
     cursor = b"null" if next_cursor is None else json.dumps(next_cursor).encode()
     return b'{"data":[' + b",".join(job_json(row) for row in rows) + b'],"next_cursor":' + cursor + b"}"
 
 
 class JobPage(BaseModel):
-    data: list[JobOut]
+    data: list[JobListItem]
     next_cursor: str | None
 
 

@@ -13,7 +13,7 @@ import pytest
 from app.conditional import etag_of, matches
 from app.db import utcnow
 from app.jobs import repository, service, states
-from app.jobs.schemas import JobOut, JobPage, job_json, job_page_json
+from app.jobs.schemas import JobListItem, JobOut, JobPage, job_json, job_page_json
 from app.jobs.tables import Job
 from app.recent import Recent
 from app.teams.service import Caller, CallerCache
@@ -51,8 +51,12 @@ def test_a_page_read_lean_is_the_page_jobout_makes(session, make_job, caller):
     ids = [make_job(states.SUCCEEDED, summary={"i": i}) for i in range(5)]
     first = service.view_page(session, caller, None, None, 3)
     page = json.loads(job_page_json(first.data, first.next_cursor))
-    assert page == json.loads(JobPage(data=[JobOut.of(session.get(Job, row.id)) for row in first.data],
+    assert page == json.loads(JobPage(data=[JobListItem.of(session.get(Job, row.id)) for row in first.data],
                                       next_cursor=first.next_cursor).model_dump_json())
+    # A listed job is the job GET /jobs/{id} shows but for its heartbeat (JobListItem says why).
+    assert all("heartbeat_at" not in listed for listed in page["data"])
+    assert [{**listed, "heartbeat_at": None} for listed in page["data"]] == [
+        as_jobout(session, row.id) for row in first.data]
     rest = service.view_page(session, caller, None, first.next_cursor, 3)
     assert [j["id"] for j in page["data"]] + [row.id for row in rest.data] == ids[::-1] and rest.next_cursor is None
     empty = json.loads(job_page_json([], None))

@@ -4,9 +4,12 @@ reads answer exactly what the job's other routes answer."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from app.db import session_scope
-from app.jobs import repository
+from app.jobs import repository, runs, states
 from tests.deployment import lane, upload
+from worker.training.protocol import Progress
 from worker.training.tiny import demo_spec
 
 
@@ -42,11 +45,56 @@ def test_unchanged_polls_answer_304_and_a_change_answers_anew(deployment, team_a
     for url in (job_url, "/jobs?limit=5", f"{job_url}/events", openai_url):  # the cancel is an event too
         changed = team_a.get(url, headers={"If-None-Match": before[url]})
         assert changed.status_code == 200 and changed.headers["etag"] != before[url]
-    # The lean read answers what the ORM's JobOut answers for the same job.
+    # The lean read answers what the ORM's JobOut answers for the same job; the list, all of it but the heartbeat.
     assert team_a.get(job_url).json() == cancelled
     listed = next(j for j in team_a.get("/jobs?limit=50").json()["data"] if j["id"] == created["id"])
-    assert listed == cancelled
+    assert listed == {name: value for name, value in cancelled.items() if name != "heartbeat_at"}
     assert team_a.get(openai_url).json()["status"] == "cancelled"
+
+
+def test_a_poll_of_the_list_across_heartbeats_is_a_304_and_a_step_or_a_status_is_news(deployment, demo_data):
+    """A running job's worker writes its heartbeat every supervise interval, whatever else happens. Polls of the
+    list across heartbeats, nothing else changed, get the same ETag and a 304 (the dashboard polls the list
+    every 3 s: it got the whole page each time while any job ran); GET /jobs/{id} still shows each heartbeat;
+    a step, and a change of status, are answered anew."""
+    with deployment.client(deployment.team_key("polling-heartbeats")) as client:
+        dataset_id = upload(client, demo_data["validation"]).json()["id"]
+        job_id = client.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("nobody-listens"),
+                                            **demo_spec("tiny")}).json()["id"]
+        database_url = deployment.settings.database_url
+        with session_scope(database_url) as session:  # as the worker of its class claims it
+            claimed = runs.claim(session, job_id, "hand:gpu0")
+            assert claimed is not None
+        listing, job_url = "/jobs?limit=100", f"/jobs/{job_id}"
+        first, job_first = client.get(listing), client.get(job_url)
+        [listed] = first.json()["data"]
+        assert listed["status"] == states.RUNNING and "heartbeat_at" not in listed
+
+        def beat() -> None:
+            with session_scope(database_url) as session:  # the worker's next heartbeat, and nothing else
+                assert runs.heartbeat(session, job_id, claimed.attempt) == states.RUNNING
+
+        heard = [datetime.fromisoformat(job_first.json()["heartbeat_at"])]
+        for _ in range(2):
+            beat()
+            again = client.get(listing, headers={"If-None-Match": first.headers["etag"]})
+            assert again.status_code == 304 and again.headers["etag"] == first.headers["etag"]
+            job = client.get(job_url, headers={"If-None-Match": job_first.headers["etag"]})
+            assert job.status_code == 200, "GET /jobs/{id} shows each heartbeat"
+            heard.append(datetime.fromisoformat(job.json()["heartbeat_at"]))
+        assert heard == sorted(set(heard))
+
+        with session_scope(database_url) as session:  # a step trained: the worker's report, with its heartbeat
+            runs.report(session, job_id, claimed.attempt, [], Progress(step=1, total_steps=10, tokens_seen=64))
+        stepped = client.get(listing, headers={"If-None-Match": first.headers["etag"]})
+        assert stepped.status_code == 200 and stepped.headers["etag"] != first.headers["etag"]
+        assert stepped.json()["data"][0]["step"] == 1
+
+        beat()
+        assert client.get(listing, headers={"If-None-Match": stepped.headers["etag"]}).status_code == 304
+        assert client.post(f"{job_url}/cancel").status_code == 200
+        cancelling = client.get(listing, headers={"If-None-Match": stepped.headers["etag"]})
+        assert cancelling.status_code == 200 and cancelling.json()["data"][0]["status"] == states.CANCELLING
 
 
 def test_the_cli_client_polls_with_the_etag_it_has(deployment, demo_data):
