@@ -1006,22 +1006,95 @@ def training_processes_left(settings: Settings) -> dict[int, str]:
     """{pid: job id} of the training processes that `serve`'s local workers of this home started and that still run,
     as their markers (_local_markers) name them: for a `serve` waiting for the home's lock, which such a process
     holds on after its worker was killed outright. A pid reused since by a process of another program is left out."""
-    running = {}
-    for _, held in _local_markers(settings):
-        try:
-            pid, job_id = int(held["training_pid"]), str(held["job_id"])
-        except (ValueError, KeyError, TypeError):
+    return {pid: str(held["job_id"]) for _, held in _local_markers(settings)
+            if (pid := _training_pid(held)) is not None and _training_runs(pid)}
+
+
+def _training_pid(held: dict) -> int | None:
+    """The pid of the training process a held_marker names (with its job), or None."""
+    if "job_id" not in held:
+        return None
+    try:
+        return int(held["training_pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _training_runs(pid: int) -> bool:
+    """Whether `pid` is a training process still running: not one ended (a zombie has no command line), nor a pid
+    reused since by a process of another program."""
+    if not Path("/proc/self").is_dir():  # not Linux: whether it exists is all there is to go on
+        return process_exists(pid)
+    try:
+        return b"worker.runner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended
+        return False
+
+
+# How long `serve` waits, once its local worker ended unasked, for the worker's pool process to end with it and for
+# the training process it sent SIGKILL to to be gone: a moment each (the kernel's), unless a process is stuck in the
+# kernel (a GPU driver, a hung disk).
+ENDED_WORKER_WAIT_S = 30
+
+
+def claims_of_ended_local_worker(settings: Settings, wait_s: float = ENDED_WORKER_WAIT_S) -> dict[str, Path]:
+    """For `serve`, once the local worker it started has ended unasked (killed by hand or by the out-of-memory killer,
+    a crash) and before it starts the next: the claim tokens that worker left in its held_marker files, each with its
+    file, as local_claims_left gives them to a `serve` that has just taken the home's lock, and only once nothing of
+    the attempts they took runs any more, so that the job can be requeued at once without ever running twice.
+    `serve` runs one local worker at a time, so every local marker is that worker's. Two processes of it outlive its
+    main process: its pool process, which runs the attempt and writes its end (fenced by its attempt number), ends
+    with it a moment later (Celery has the kernel kill it as its parent dies, PR_SET_PDEATHSIG), and the marker's lock
+    is free once it has (the worker held it, and its pool processes with it); the training process, in a session of
+    its own, stops by itself only after its current step (or its model's load, a merge, an upload: minutes), so it is
+    sent SIGKILL, to its process group, and waited for: what it would still do no supervisor records. A marker whose
+    lock is still held after `wait_s` (a pool process outliving its worker, where there is no PR_SET_PDEATHSIG), or
+    whose training process has not ended by then, is left out, saying so: its job is the reaper's, at its deadline."""
+    left = {}
+    for marker, held in _local_markers(settings):
+        lock = marker.with_suffix(".lock")
+        if not _wait_until(lambda lock=lock: _unheld(lock), wait_s):
+            log.warning("the ended local worker's pool process still holds %s after %g s: its job %s is left to the "
+                        "reaper", lock, wait_s, held.get("job_id", "(none claimed yet)"))
             continue
-        if not Path("/proc/self").is_dir():  # not Linux: whether it exists is all there is to go on
-            if process_exists(pid):
-                running[pid] = job_id
-            continue
-        try:
-            if b"worker.runner" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                running[pid] = job_id
-        except OSError:  # ended
-            continue
-    return running
+        pid = _training_pid(held)
+        if pid is not None and _training_runs(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # started in a session of its own: its group is its pid
+            except ProcessLookupError:  # ended meanwhile
+                pass
+            if not _wait_until(lambda pid=pid: not _training_runs(pid), wait_s):
+                log.warning("the training process (pid %s) of job %s has not ended %g s after SIGKILL: the job is left "
+                            "to the reaper", pid, held["job_id"], wait_s)
+                continue
+            log.info("stopped the training process (pid %s) of job %s: its local worker ended", pid, held["job_id"])
+        left[held["claim_token"]] = marker
+    return left
+
+
+def _unheld(lock: Path) -> bool:
+    """Whether no process holds `lock` (a held_marker's lock file), which a worker held for its life: a missing one
+    was removed by a sweep that found it so."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _wait_until(done: Callable[[], bool], wait_s: float) -> bool:
+    give_up_at = time.monotonic() + wait_s
+    while not done():
+        if time.monotonic() > give_up_at:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def sweep_work_dir(settings: Settings) -> list[Path]:

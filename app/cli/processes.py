@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -19,6 +21,8 @@ from app.cli.render import Commands, err, out
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from app.jobs.tables import Job
 
 commands = Commands()
 
@@ -84,7 +88,7 @@ def serve(
     terminated = False
     try:
         if run_worker:
-            child = LocalWorker({**os.environ, "QLORA_HOME": str(settings.home)})
+            child = LocalWorker(settings, {**os.environ, "QLORA_HOME": str(settings.home)})
             child.start()
         processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
         out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
@@ -202,31 +206,44 @@ def _requeue_what_the_last_serve_held(settings) -> None:
     `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S (2 minutes) old. Only the claims
     that worker marked (worker/supervisor.local_claims_left), fenced by the attempt each took: never a job that
     another worker runs. Should the database refuse, the reaper requeues them at its deadline, as before."""
-    from app.db import session_scope
-    from app.jobs.reaper import reap_claims_of_gone_worker
     from worker.supervisor import local_claims_left
-
-    left = local_claims_left(settings)
-    if not left:
-        return
 
     def why(job) -> str:
         return (f"the last qlora serve on this QLORA_HOME stopped outright at step {job.step} (killed with its local "
                 f"worker {job.worker}: SIGKILL to its process group, the out-of-memory killer, or the machine went "
                 "down) without handing the job back; the next serve found that worker gone (it no longer held the "
                 "home's lock)")
+
+    def say(text: str, failed: bool) -> None:
+        (err if failed else out).print(escape(text), highlight=False, soft_wrap=True)
+
+    _requeue_claims_left(settings, local_claims_left(settings), why, "the last qlora serve's local worker",
+                         "was stopped outright", say)
+
+
+def _requeue_claims_left(settings, left: dict[str, Path], why: Callable[[Job], str], whose: str, how: str,
+                         say: Callable[[str, bool], None]) -> None:
+    """End, at once, the attempts that the claims `left` (token: its held_marker file) of a local worker known to be
+    gone took, as the reaper ends a silent worker's (app/jobs/reaper.reap_claims_of_gone_worker: fenced by each
+    claim's attempt, the job requeued and sent to its queue), `why(job)` saying how in its event; then remove the
+    markers. `say(text, failed)` tells the operator what became of each job, or that the database refused (the
+    reaper then requeues them at its deadline)."""
+    from app.db import session_scope
+    from app.jobs.reaper import reap_claims_of_gone_worker
+
+    if not left:
+        return
     try:
         with session_scope(settings.database_url) as session:
             became = reap_claims_of_gone_worker(session, settings, left.keys(), why)
     except Exception as exc:
-        err.print(f"could not requeue the jobs the last qlora serve's worker held ({escape(str(exc))}); they are "
-                  "requeued once their heartbeats are QLORA_HEARTBEAT_DEADLINE_S old", highlight=False, soft_wrap=True)
+        say(f"could not requeue the jobs {whose} held ({exc}); they are requeued once their heartbeats are "
+            "QLORA_HEARTBEAT_DEADLINE_S old", True)
         return
     for marker in left.values():
         marker.unlink(missing_ok=True)
     for job_id, outcome in became.items():
-        out.print(f"job {job_id}, which the last qlora serve's local worker held as it was stopped outright: {outcome}",
-                  highlight=False, soft_wrap=True)
+        say(f"job {job_id}, which {whose} held as it {how}: {outcome}", False)
 
 
 def _took_home(lock) -> None:
@@ -270,15 +287,17 @@ def _check_port_free(host: str, port: int) -> None:
 class LocalWorker:
     """`serve`'s local worker, started again should it end abnormally while `serve` runs (killed by hand or by
     the out-of-memory killer, a crash): with none, jobs would wait queued with nothing to say why, behind an
-    API that answers. A job it held is requeued by the reaper once its heartbeats stop. A worker that stops
-    cleanly (SIGTERM, Ctrl-C, which the terminal sends it too as `serve` shuts down) is not replaced."""
+    API that answers. A job it held is requeued at once, before the next one starts (_requeue_what_it_held). A
+    worker that stops cleanly (SIGTERM, Ctrl-C, which the terminal sends it too as `serve` shuts down) is not
+    replaced."""
 
     CLEAN = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
     MAX_DELAY_S = 60
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, settings, env: dict[str, str]):
         import threading
 
+        self.settings = settings
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.started = 0.0  # when the current one started
@@ -318,11 +337,34 @@ class LocalWorker:
             # One that dies as it starts (a broken install, say) is started again less and less often.
             delay = 1.0 if time.monotonic() - self.started > self.MAX_DELAY_S else min(delay * 2, self.MAX_DELAY_S)
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            logging.getLogger("serve").warning("the local worker (pid %s) %s; starting another in %g s (a job it "
-                                               "held is requeued once its heartbeats stop)", proc.pid, how, delay)
+            logging.getLogger("serve").warning("the local worker (pid %s) %s; starting another in %g s", proc.pid,
+                                               how, delay)
+            self._requeue_what_it_held(proc.pid, how)  # first: the next one's start removes a dead worker's markers
             if self._stopping.wait(delay):
                 return
             self._start()
+
+    def _requeue_what_it_held(self, pid: int, how: str) -> None:
+        """The job the worker that ended (`how`) held, requeued now, to resume from its newest checkpoint on the next
+        worker, rather than left `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S old (2 minutes): the
+        reaper knows a worker lost only by its silence, `serve` saw this one end. Once nothing of the attempt runs any
+        more (worker/supervisor.claims_of_ended_local_worker: its pool process ended with it, its training process
+        killed), so it never runs twice; through the path a `serve` starting after one killed outright takes."""
+        from worker.supervisor import claims_of_ended_local_worker
+
+        serve_log = logging.getLogger("serve")
+
+        def why(job) -> str:
+            return (f"the local worker {job.worker} (pid {pid}) {how} at step {job.step} without handing the job back; "
+                    "qlora serve, which started it, saw it end and made sure its training process had stopped")
+        try:
+            left = claims_of_ended_local_worker(self.settings)
+        except Exception:  # the work directory unreadable, say: the reaper requeues the job at its deadline
+            serve_log.exception("could not read what the local worker (pid %s) held; a job it held is requeued once "
+                                "its heartbeats are QLORA_HEARTBEAT_DEADLINE_S old", pid)
+            return
+        _requeue_claims_left(self.settings, left, why, f"the local worker (pid {pid})", "ended",
+                             lambda text, failed: serve_log.warning(text))
 
     def stop(self) -> None:
         with self._lock:

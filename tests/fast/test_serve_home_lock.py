@@ -187,3 +187,70 @@ def test_a_serve_waiting_for_a_stuck_training_process_names_it_and_says_to_kill_
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+def _stuck_training_process() -> subprocess.Popen:
+    """A training process stuck where it does not look for its worker (a model's load, a merge, an upload), in a session
+    of its own as the worker starts one, running as `-m worker.runner` does."""
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)", "-m",
+                              "worker.runner"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert stuck.stdout is not None and stuck.stdout.readline() == "up\n"
+    return stuck
+
+
+def test_serve_whose_local_worker_died_stops_its_training_process_then_requeues_its_job_at_once(settings, session,
+                                                                                                 make_job):
+    """serve's local worker killed alone (by hand, the out-of-memory killer) while `serve` runs: the job it held stayed
+    `running` until its heartbeats were QLORA_HEARTBEAT_DEADLINE_S old. Now serve, seeing it end, kills the training
+    process its marker names (which would otherwise train on until its current step ends: here, never) and requeues the
+    job its claim took, with an event saying why, and sends it. Its worker's lock free is what says that worker's pool
+    process is gone too."""
+    from app.broker import RUN_JOB_TASK
+    from app.cli.processes import LocalWorker
+    from app.jobs import states
+    from app.jobs.tables import Job, JobEvent
+    from tests.fast.conftest import received
+    from worker.supervisor import HELD_DIR
+
+    dead = make_job(states.RUNNING, attempt=1, worker="laptop:cpu", claim_token="a" * 32, step=7)
+    held = settings.work_dir / HELD_DIR
+    held.mkdir(parents=True)
+    stuck = _stuck_training_process()
+    try:
+        (held / f"{'1' * 32}.lock").touch()  # the dead worker's lock: nothing holds it any more
+        (held / f"{'1' * 32}.json").write_text(json.dumps(
+            {"claim_token": "a" * 32, "home_lock": True, "job_id": dead, "attempt": 1, "training_pid": stuck.pid}))
+
+        LocalWorker(settings, {})._requeue_what_it_held(4242, "was killed by SIGKILL")
+
+        assert stuck.wait(10) == -9  # killed, not left to stop by itself
+        job = session.get(Job, dead)
+        assert (job.status, job.lost_workers) == (states.QUEUED, 1)
+        event = session.query(JobEvent).filter_by(job_id=dead, type="requeued").one()
+        assert "the local worker laptop:cpu (pid 4242) was killed by SIGKILL at step 7 without handing the job back" \
+            in event.message and "requeued for try 2" in event.message, event.message
+        assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [dead])]
+        assert not (held / f"{'1' * 32}.json").exists()
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
+def test_an_attempt_whose_pool_process_outlived_its_worker_is_left_alone(settings, session, make_job):
+    """A worker's pool process that outlives it (where the kernel does not end it with its parent) still holds the
+    worker's lock and may still write its attempt's end: serve neither kills its training process nor ends its attempt."""
+    from app.jobs import states
+    from worker.supervisor import claims_of_ended_local_worker, held_marker
+
+    running = make_job(states.RUNNING, attempt=1, worker="laptop:cpu", claim_token="b" * 32, step=7)
+    settings.work_dir.mkdir(parents=True)
+    stuck = _stuck_training_process()
+    try:
+        held_marker(settings).write_text(json.dumps(  # its lock held by this process, as by a pool process
+            {"claim_token": "b" * 32, "home_lock": True, "job_id": running, "attempt": 1, "training_pid": stuck.pid}))
+
+        assert claims_of_ended_local_worker(settings, wait_s=0.5) == {}
+        assert stuck.poll() is None
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -319,21 +319,7 @@ def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_jo
     first = start_serve(tmp_path, port, extra_env={**long_deadline, FAULT_HOLD_AT_STEP: "3"})
     again = None
     try:
-        credentials = json.loads((tmp_path / ".qlora" / "credentials.json").read_text())
-        client = httpx.Client(base_url=credentials["url"], timeout=60,
-                              headers={"Authorization": f"Bearer {credentials['api_key']}"})
-        spec = demo_spec("tiny-demo")
-        spec["training"].update(max_steps=5, logging_steps=1, save_steps=2)
-        spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
-        job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
-        deadline = time.monotonic() + 300
-        # Held at step 3, and the checkpoint of step 2 recorded: the worker may report a checkpoint a round after the
-        # progress that passed it (appended between its reads of the two), and a kill in that gap resumed from step 0.
-        while ((client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 3
-               or 2 not in {c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()}):
-            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.3)
-
+        client, job_id = a_job_held_at_step_3_past_checkpoint_2(tmp_path, demo_data, first)
         os.killpg(first.pid, signal.SIGKILL)  # serve, its local worker and its pool process, all at once
         first.wait(10)
         again = start_serve(tmp_path, port, "serve-again.log", extra_env=long_deadline)
@@ -350,6 +336,26 @@ def test_a_serve_started_after_its_whole_process_group_was_killed_resumes_the_jo
         assert not any(e["type"] == "started" and e["attempt"] == 2 and e["step"] == 0 for e in events), events
     finally:
         kill_groups(first, again)
+
+
+def a_job_held_at_step_3_past_checkpoint_2(home, demo_data, serve: subprocess.Popen) -> tuple[httpx.Client, str]:
+    """A 5-step job (a checkpoint every 2) of the serve started with FAULT_HOLD_AT_STEP=3 on `home`, once it is held
+    after step 3 with the checkpoint of step 2 recorded; with the client that made it."""
+    credentials = json.loads((home / ".qlora" / "credentials.json").read_text())
+    client = httpx.Client(base_url=credentials["url"], timeout=60,
+                          headers={"Authorization": f"Bearer {credentials['api_key']}"})
+    spec = demo_spec("tiny-demo")
+    spec["training"].update(max_steps=5, logging_steps=1, save_steps=2)
+    spec["output"], spec["eval"] = {"merge": False}, {"prompts": 0}
+    job_id = client.post("/jobs", json={"dataset_id": upload(client, demo_data["train"]).json()["id"], **spec}).json()["id"]
+    deadline = time.monotonic() + 300
+    # Held at step 3, and the checkpoint of step 2 recorded: the worker may report a checkpoint a round after the
+    # progress that passed it (appended between its reads of the two), and a kill in that gap resumed from step 0.
+    while ((client.get(f"/jobs/{job_id}").json()["progress"] or {}).get("step", 0) < 3
+           or 2 not in {c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()}):
+        assert time.monotonic() < deadline and serve.poll() is None, (home / "serve.log").read_text()
+        time.sleep(0.3)
+    return client, job_id
 
 
 def a_short_job_succeeds(credentials: dict, demo_data) -> None:
@@ -380,6 +386,52 @@ def test_a_local_worker_that_dies_is_started_again(embedded, demo_data):
         time.sleep(0.3)
     assert f"the local worker (pid {first}) was killed by SIGKILL" in (home / "serve.log").read_text()
     a_short_job_succeeds(credentials, demo_data)
+
+
+def test_a_local_worker_killed_alone_has_its_job_requeued_at_once_and_resumed_by_the_next(tmp_path, demo_data,
+                                                                                          demo_model_placed):
+    """SIGKILL to serve's local worker alone (by hand, or the out-of-memory killer choosing it) while a job trains:
+    serve, its parent, saw it end and started another, but the job stayed `running` until its heartbeats were
+    QLORA_HEARTBEAT_DEADLINE_S old (2 minutes by default), and only then was it requeued. Now serve requeues it
+    at once, once the worker's training process is gone too, and the next worker resumes it from its checkpoint.
+    The deadline is ten minutes here, longer than the test waits: the reaper cannot be what requeues it."""
+    from app.config import Settings
+    from worker.runner import FAULT_RELEASE
+
+    home = tmp_path / ".qlora"
+    # Held after step 3, once the checkpoint of step 2 is stored: the kill comes mid-job, past a checkpoint.
+    serve = start_serve(tmp_path, services.free_port(),
+                        extra_env={"QLORA_HEARTBEAT_DEADLINE_S": "600", FAULT_HOLD_AT_STEP: "3"})
+    try:
+        client, job_id = a_job_held_at_step_3_past_checkpoint_2(tmp_path, demo_data, serve)
+        [worker] = re.findall(r"started a local worker \(pid (\d+)\)", (tmp_path / "serve.log").read_text())
+        os.kill(int(worker), signal.SIGKILL)  # the worker's main process alone; serve lives on
+
+        # The next worker resumes the job and is held again after step 3: let it go on.
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/jobs/{job_id}").json())["attempt"] < 2 or (job["progress"] or {}).get("step", 0) < 3:
+            assert job["status"] in ("running", "queued") and job["attempt"] <= 2, job
+            assert time.monotonic() < deadline, f"not resumed: {job}\n{(tmp_path / 'serve.log').read_text()}"
+            time.sleep(0.3)
+        # Never twice: the killed worker's training process is gone as the next trains.
+        assert subprocess.run(["pgrep", "-f", f"worker.runner .*{job_id}/attempt-1"], capture_output=True).returncode == 1
+        (Settings(home=home).work_dir / job_id / "attempt-2" / FAULT_RELEASE).touch()
+
+        done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled", "paused"), timeout=300)
+        assert (done["status"], done["attempt"]) == ("succeeded", 2), done
+        events = client.get(f"/jobs/{job_id}/events").json()
+        requeued = [e for e in events if e["type"] == "requeued"]
+        assert len(requeued) == 1 and requeued[0]["attempt"] == 1, requeued
+        said = requeued[0]["message"]
+        assert f"(pid {worker}) was killed by SIGKILL at step 3 without handing the job back" in said, said
+        assert "requeued for try 2" in said, said
+        resumed = next(e for e in events if e["type"] == "resumed")
+        assert resumed["attempt"] == 2 and resumed["step"] == 2, resumed  # from the checkpoint of step 2
+        assert not any(e["type"] == "started" and e["attempt"] == 2 and e["step"] == 0 for e in events), events
+        assert serve.poll() is None  # serve ran on throughout, with its next worker
+        assert len(re.findall(r"started a local worker", (tmp_path / "serve.log").read_text())) == 2
+    finally:
+        kill_groups(serve)
 
 
 def test_serve_on_a_taken_port_says_so_before_it_makes_anything(tmp_path):
