@@ -23,7 +23,7 @@ from app.jobs import states
 from app.jobs.tables import Job, JobEvent
 from app.models import service as models
 from app.openai import translate as t
-from app.pagination import Page, cursor_after, page_after
+from app.pagination import Page, page_after
 from app.ranges import RANGED, RangeDep, stored_object_response
 from app.routing import CheckedJSONRoute, outside_team_shares
 from app.storage import StoredObject
@@ -70,7 +70,7 @@ def list_files(session: SessionDep, caller: CallerDep, purpose: str | None = Non
         raise Invalid("order: only 'desc' (newest first) is supported", details=field_errors([("order", "use desc")]))
     if purpose not in (None, "fine-tune"):
         return _list([], Page([], None))
-    cursor = cursor_after(datasets.get(session, caller, t.native_id(after, t.FILE, "file"))) if after else None
+    cursor = t.list_cursor(after, t.FILE, "file", lambda file_id: datasets.get(session, caller, file_id))
     files = datasets.list_page(session, caller, cursor, limit)
     return _list([t.file_object(d) for d in files.data], files)
 
@@ -159,7 +159,7 @@ async def list_jobs(request: Request, caller: CallerDep, after: str | None = Non
     metadata = t.metadata_filter(request.query_params.multi_items())
 
     def read(session: Session) -> bytes:
-        cursor = cursor_after(jobs.get(session, caller, t.native_id(after, t.JOB, "fine-tuning job"))) if after else None
+        cursor = t.list_cursor(after, t.JOB, "fine-tuning job", lambda job_id: jobs.get(session, caller, job_id))
         found = jobs.list_page(session, caller, None, cursor, limit, metadata)
         return to_json(_list([t.job_object(j, caller.team_name) for j in found.data], found))
 

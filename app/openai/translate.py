@@ -12,7 +12,7 @@ import csv
 import heapq
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +22,7 @@ from app.jobs import states
 from app.jobs.schemas import MAX_METADATA, EvalPoint, TrainPoint
 from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, RESULTS, without_prefix
-from app.pagination import MAX_ID
+from app.pagination import MAX_ID, cursor_after
 from app.scheduling.service import Standing
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
 
@@ -68,6 +68,23 @@ def native_id(openai_id: str, prefix: str, what: str) -> str:
     if native is None:
         raise NotFound(f"no {what} {excerpt(openai_id)}")
     return native
+
+
+def list_cursor(after: str | None, prefix: str, what: str, find: Callable[[str], Any]) -> str | None:
+    """The native cursor of a list page that starts after the object `after` names (the SDK sends the last
+    id of the page before). One that names none of the caller's objects is still a 404, as any missing or
+    other team's id is, but one that names `after` and what to do: a loop that deletes the files it lists
+    (`for f in client.files.list(): client.files.delete(f.id)`) asks for the page after a file it has just
+    deleted, which cannot be placed any more (its row went with it), and a bare `no file` read as if the
+    list itself were not there."""
+    if not after:
+        return None
+    try:
+        return cursor_after(find(native_id(after, prefix, what)))
+    except NotFound:
+        raise NotFound(f"after: no {what} {excerpt(after)} of yours, deleted since the page that listed it (or never "
+                       "one): a page starts after an id that still exists; list again from the start, without after",
+                       details=field_errors([("after", f"no such {what}")])) from None
 
 
 def event_id(openai_id: str) -> int:

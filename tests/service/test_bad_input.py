@@ -278,6 +278,31 @@ def test_an_openai_after_that_is_no_event_id_is_a_400_naming_it(team_a, queued_j
     assert response.json()["error"]["param"] == "after" and len(response.text) < 1000
 
 
+def test_an_openai_list_page_after_a_file_deleted_since_names_after_and_what_to_do(team_a, team_b):
+    """A script deleting the files it lists asks for the next page after the last file it deleted (the SDK's
+    `for f in client.files.list(): client.files.delete(f.id)` does): the answer was a bare 404 `no file`, with
+    no `param`, as if the list were not there. It is still a 404 (another team's id answers as a missing one),
+    naming `after` and what to do."""
+    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}) + "\n"
+    ids = [team_a.post("/v1/files", files={"file": ("d.jsonl", row.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+           for _ in range(3)]
+    page = team_a.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in page["data"]] == ids[:0:-1] and page["has_more"], page
+    for file in page["data"]:
+        assert team_a.delete(f"/v1/files/{file['id']}").status_code == 200
+    theirs = team_b.post("/v1/files", files={"file": ("d.jsonl", row.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+    for after in (ids[1], "file-" + "f" * 32, theirs):
+        response = team_a.get("/v1/files", params={"limit": 2, "after": after})
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["param"] == "after" and "deleted since" in error["message"] and "without after" in error["message"]
+    missing_job = team_a.get("/v1/fine_tuning/jobs", params={"after": "ftjob-" + "0" * 32})
+    assert missing_job.status_code == 404 and missing_job.json()["error"]["param"] == "after", missing_job.text
+    assert ids[0] in [f["id"] for f in team_a.get("/v1/files", params={"limit": 2}).json()["data"]]  # from the start
+    team_a.delete(f"/v1/files/{ids[0]}")
+    team_b.delete(f"/v1/files/{theirs}")
+
+
 @pytest.mark.parametrize(("path", "param", "value"), [
     ("events", "after", 10**30), ("events", "after", 2**31),
     ("metrics", "after_step", 2**31), ("metrics", "after_eval_step", 2**31),
