@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(16 * MIB, ge=64 * 1024)
     # Slow or silent clients (app/connections.py): a request's line and headers must arrive within
     # this long of the connection's opening, and a body that stops arriving for the second closes the
-    # connection (time the server itself is not reading never counts), so none holds one without end.
+    # connection (time the server itself is not reading never counts), as does one that goes on arriving
+    # for the second after its answer was sent (a GET's, read by no route), so none holds one without end.
     header_timeout_s: float = Field(30.0, gt=0, le=3600)
     body_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     # A client that stops reading its answer for this long has its connection closed, and what the API held

@@ -16,6 +16,11 @@ This protocol is uvicorn's own with the bounds a server put in front of it (ngin
   time spent waiting on the server never counts (its buffer is full while the app stores what came,
   or the client waits for its 100 Continue). The route reading the body sees the client gone, as on
   any disconnect (an upload cut off leaves nothing behind);
+- a body still arriving after its answer was sent (a GET, which reads none; a request refused before its
+  body ended: 401, 413) is read and dropped, as the connection's next request comes after it, for at most
+  `QLORA_BODY_IDLE_TIMEOUT_S` more (nginx's lingering_time), then the connection is closed. Before, an
+  endless one (chunked, or a Content-Length of a terabyte) held its connection for as long as it went on,
+  from a client without a key too, and the process read it at up to 2 GB/s;
 - an answer the client stops reading for `QLORA_SEND_IDLE_TIMEOUT_S` closes the connection, and drops
   what was left of the answer to send (as nginx's send_timeout). A written answer waits in the process's
   memory for its client to read it, past what the kernel's socket buffer takes: 20 clients that asked for
@@ -141,6 +146,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.reading: str | None = None  # HEADERS or BODY of the request being received, None between requests
         self.header_bytes = 0  # bytes received while the current request's headers were incomplete
         self.header_started = self.last_read = 0.0
+        self.dropping_until: float | None = None  # while a body arrives after its answer: when it stops being read
         self.deadline: asyncio.TimerHandle | None = None
         self.send_idle_timeout = settings.send_idle_timeout_s
         self.send_deadline: asyncio.TimerHandle | None = None  # armed while the answer waits on its client
@@ -216,12 +222,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.reading = None  # the request is in: how long the answer takes is the route's business
+        self.dropping_until = None
         self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.reading == BODY and not self.transport.is_closing():
+            # Answered before its body ended: what is left is read only to reach the next request, and no one
+            # waits for it (uvicorn drops it as it comes), so it gets a deadline of its own, not an idle one.
+            self.dropping_until = self.loop.time() + self.body_idle_timeout
+            if self.deadline is None:
+                self._arm(self.body_idle_timeout, self._body_idle)
 
     # The deadlines
 
     def _expect_headers(self) -> None:
         self.reading = HEADERS
+        self.dropping_until = None
         self.header_bytes = 0
         self.header_started = self.loop.time()
 
@@ -285,13 +302,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _body_idle(self) -> None:
         self.deadline = None
         now = self.loop.time()
+        if self.dropping_until is not None and now >= self.dropping_until:
+            log.info("closed a connection whose request body went on arriving %g s after its answer was sent",
+                     self.body_idle_timeout, extra={"client": _address(self.client)})
+            self.transport.close()
+            return
         # Waiting on the server, not the client: its buffer is full and it stopped reading, or the client
         # asked to be told when to send (Expect: 100-continue) and the route has not started reading yet.
         if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
             self.last_read = now
         idle = now - self.last_read
         if idle < self.body_idle_timeout:
-            self._arm(self.body_idle_timeout - idle, self._body_idle)
+            due = self.body_idle_timeout - idle
+            self._arm(due if self.dropping_until is None else min(due, self.dropping_until - now), self._body_idle)
             return
         log.info("closed a connection whose request body stopped arriving for %g s", self.body_idle_timeout,
                  extra={"client": _address(self.client)})

@@ -188,6 +188,51 @@ def download_asked(slow, team: str, mib: int) -> tuple[bytes, socket.socket]:
     return data, sock
 
 
+DROPPED = "closed a connection whose request body went on arriving"
+
+
+@pytest.mark.parametrize(("request_line", "framing", "status"), [
+    ("GET /health", "Transfer-Encoding: chunked", b"200"),  # a route that reads no body, asked without a key
+    ("POST /jobs", f"Content-Length: {10**12}\r\nContent-Type: application/json", b"401"),  # refused before its body
+])
+def test_a_body_that_goes_on_after_its_answer_is_dropped_for_the_idle_timeout_then_the_connection_closed(
+        slow, request_line, framing, status):
+    """The rest of a body its route did not read is read (and dropped) to reach the connection's next request: an
+    endless one held the connection for as long as its client went on sending, a client without a key too, with
+    the API reading it at up to 2 GB/s. A short one is still read through, and the connection serves on."""
+    logged_before = (slow.home / "api.log").read_text().count(DROPPED)
+    chunked = "chunked" in framing
+    piece = b"x" * 16384
+    piece = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+    with connect(slow.url) as sock:
+        sock.sendall(f"{request_line} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode() + piece)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        # Go on sending, steadily (never idle), as long as the server reads: it closes the connection within
+        # QLORA_BODY_IDLE_TIMEOUT_S of its answer, which 30 s leaves a loaded machine ample room for.
+        deadline = time.monotonic() + 30
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(piece)
+                readable, _, _ = select.select([sock], [], [], 0.01)
+                closed = bool(readable) and sock.recv(65536) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "the API read a body past its answer for 30 s without closing the connection"
+    assert (slow.home / "api.log").read_text().count(DROPPED) > logged_before
+    # A short body of a GET (a script sending {} with it) is read through, and the connection's next request answered.
+    with connect(slow.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + HEALTH)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200 ") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, answers
+            answers += chunk
+
+
 def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_send_dropped(slow):
     """An answer the client never read stayed in the API's memory (past what the kernel's socket buffers take)
     for as long as the client kept its connection: 20 clients asking for a job with long eval prompts (30 MB)
