@@ -77,6 +77,16 @@ def test_a_spec_error_echoes_an_excerpt_of_the_value_and_of_an_unknown_field():
     assert any(field.startswith("hhhh") and "2,097,152 characters" in field for field in fields)
 
 
+@pytest.mark.parametrize("section, value", [("training", [1, 2]), ("lora", 16), ("training", "max_steps=10")])
+def test_a_section_that_is_no_object_names_its_fields_not_a_class(section, value):
+    spec = {"base_model": "m", "training": {"max_steps": 1}, section: value}
+    with pytest.raises(SpecError) as refused:
+        JobSpec.parse(spec)
+    message = dict(refused.value.errors)[section]
+    assert message.startswith("must be an object with fields among ") and "Spec" not in message, message
+    assert ("max_steps" if section == "training" else "r, alpha") in message and str(value)[:5] in message
+
+
 @pytest.mark.parametrize("body", [
     {"hyperparameters": {"n_epochs": HUGE}}, {"hyperparameters": {"batch_size": HUGE}},
     {"hyperparameters": {"learning_rate_multiplier": HUGE}}, {"method": {"type": HUGE}}, {HUGE: 1},

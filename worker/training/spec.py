@@ -423,6 +423,10 @@ def _described(err: Any, model: type[BaseModel]) -> tuple[str, Callable[[], str]
     if loc == ["method"] and err["type"] == "model_attributes_type":  # "method": "dpo", a string for an object
         return "method", lambda: (f"must be an object, {{\"type\": \"sft\"}} or {{\"type\": \"dpo\", \"beta\": 0.1, "
                                   f"\"loss\": \"sigmoid\", \"label_smoothing\": 0.0}} (got {excerpt(err.get('input'))})")
+    if err["type"] in ("model_type", "model_attributes_type"):  # a list or a number where a section goes
+        # pydantic says "a valid dictionary or instance of TrainingSpec": a class name the caller never wrote.
+        return ".".join([*prefix, *loc]), lambda: (f"must be an object with fields among {', '.join(_fields_at(where, loc))} "
+                                                   f"(got {excerpt(err.get('input'))})")
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         given = err["input"].get("type") if isinstance(err.get("input"), dict) else None
         return ".".join([*loc, "type"]), lambda: (f"must be one of {', '.join(map(repr, METHODS))} "
