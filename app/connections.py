@@ -344,6 +344,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # still sending sees its client gone (uvicorn's connection_lost releases its wait to write).
         self.transport.abort()
 
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse (raw non-ASCII bytes in the URL, a control character in a header, a
+        Transfer-Encoding it does not know), in the API's error shape, not uvicorn's text/plain line."""
+        self._refuse(400, "malformed_request", "not an HTTP/1.1 request this server can read: a malformed request "
+                     "line or header (percent-encode the URL; no control characters in header values; "
+                     "Transfer-Encoding: chunked or none)")
+
     def _refuse_connection(self, message: str) -> None:
         """A connection past a limit: 503 and closed, logged with the others refused meanwhile."""
         _refusals["since_log"] += 1
@@ -362,7 +369,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not logged:
             log.info("refused a request before the app: %s", message, extra={"client": _address(self.client)})
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}[status]
+        reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+                  503: b"Service Unavailable"}[status]
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         if status == 503:

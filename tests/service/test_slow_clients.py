@@ -233,6 +233,22 @@ def test_a_body_that_goes_on_after_its_answer_is_dropped_for_the_idle_timeout_th
             answers += chunk
 
 
+@pytest.mark.parametrize("request_bytes", [
+    "GET /jobs/ü HTTP/1.1\r\nHost: x\r\n\r\n".encode(),  # raw UTF-8 in the URL, not percent-encoded
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x7fb\r\n\r\n",  # DEL in a header's value
+    b"POST /jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked, x\r\n\r\n",
+])
+def test_a_request_the_parser_cannot_read_is_a_400_in_the_error_shape(slow, request_bytes):
+    with connect(slow.url) as sock:
+        sock.sendall(request_bytes)
+        answer = read_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["error"]["code"] == "malformed_request"
+    with slow.client(None) as client:
+        assert client.get("/health").status_code == 200
+
+
 def test_a_client_that_reads_none_of_its_answer_is_closed_and_what_was_left_to_send_dropped(slow):
     """An answer the client never read stayed in the API's memory (past what the kernel's socket buffers take)
     for as long as the client kept its connection: 20 clients asking for a job with long eval prompts (30 MB)
