@@ -1068,8 +1068,26 @@ def claims_of_ended_local_worker(settings: Settings, wait_s: float = ENDED_WORKE
                             "to the reaper", pid, held["job_id"], wait_s)
                 continue
             log.info("stopped the training process (pid %s) of job %s: its local worker ended", pid, held["job_id"])
+        _remove_dead_attempt_dir(settings, held)
         left[held["claim_token"]] = marker
     return left
+
+
+def _remove_dead_attempt_dir(settings: Settings, held: dict) -> None:
+    """The work directory of the attempt a held_marker names, once nothing of that attempt runs: its quantized base and
+    checkpoints (gigabytes for a large model) are no use to the next attempt, which resumes from storage in a directory
+    of its own. Left to the age-based sweeps, it stayed until this job's next attempt ended, or the next `serve`."""
+    try:
+        job_id, attempt = str(held["job_id"]), int(held["attempt"])
+    except (KeyError, TypeError, ValueError):  # no attempt claimed yet: nothing was made
+        return
+    if Path(job_id).name != job_id or job_id in ("", ".", ".."):  # a marker is this host's own, but never a path out
+        return
+    attempt_dir = settings.work_dir / job_id / f"attempt-{attempt}"
+    if attempt_dir.is_dir():
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        _remove_if_empty(attempt_dir.parent)
+        log.info("removed %s: the attempt of the local worker that ended", attempt_dir)
 
 
 def _unheld(lock: Path) -> bool:

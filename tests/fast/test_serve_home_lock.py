@@ -218,6 +218,9 @@ def test_serve_whose_local_worker_died_stops_its_training_process_then_requeues_
     stuck = _stuck_training_process()
     try:
         (held / f"{'1' * 32}.lock").touch()  # the dead worker's lock: nothing holds it any more
+        attempt_dir = settings.work_dir / dead / "attempt-1"
+        (attempt_dir / "quantized-base").mkdir(parents=True)
+        (attempt_dir / "quantized-base" / "model.safetensors").write_bytes(b"x" * 1024)
         (held / f"{'1' * 32}.json").write_text(json.dumps(
             {"claim_token": "a" * 32, "home_lock": True, "job_id": dead, "attempt": 1, "training_pid": stuck.pid}))
 
@@ -231,6 +234,7 @@ def test_serve_whose_local_worker_died_stops_its_training_process_then_requeues_
             in event.message and "requeued for try 2" in event.message, event.message
         assert received(settings, "gpu-default") == [(RUN_JOB_TASK, [dead])]
         assert not (held / f"{'1' * 32}.json").exists()
+        assert not (settings.work_dir / dead).exists()  # its attempt's directory too: nothing of it runs any more
     finally:
         stuck.kill()
         stuck.wait()
@@ -249,8 +253,9 @@ def test_an_attempt_whose_pool_process_outlived_its_worker_is_left_alone(setting
         held_marker(settings).write_text(json.dumps(  # its lock held by this process, as by a pool process
             {"claim_token": "b" * 32, "home_lock": True, "job_id": running, "attempt": 1, "training_pid": stuck.pid}))
 
+        (settings.work_dir / running / "attempt-1").mkdir(parents=True)
         assert claims_of_ended_local_worker(settings, wait_s=0.5) == {}
-        assert stuck.poll() is None
+        assert stuck.poll() is None and (settings.work_dir / running / "attempt-1").is_dir()
     finally:
         stuck.kill()
         stuck.wait()

@@ -415,7 +415,9 @@ def test_a_local_worker_killed_alone_has_its_job_requeued_at_once_and_resumed_by
             time.sleep(0.3)
         # Never twice: the killed worker's training process is gone as the next trains.
         assert subprocess.run(["pgrep", "-f", f"worker.runner .*{job_id}/attempt-1"], capture_output=True).returncode == 1
-        (Settings(home=home).work_dir / job_id / "attempt-2" / FAULT_RELEASE).touch()
+        work_dir = Settings(home=home).work_dir
+        assert not (work_dir / job_id / "attempt-1").exists()  # removed once nothing of it ran: not left to a sweep
+        (work_dir / job_id / "attempt-2" / FAULT_RELEASE).touch()
 
         done = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled", "paused"), timeout=300)
         assert (done["status"], done["attempt"]) == ("succeeded", 2), done
