@@ -31,11 +31,16 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trl's trainers report each run to Hugging Face (trainer, model type, GPU) from a thread as they are made: a
+# self-hosted service says nothing of its teams' runs to anyone. Without a network that thread waits on DNS, and
+# it was seen to crash a process (a segfault in getaddrinfo). trl skips it only where CI is set.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from worker.training.stack import import_bitsandbytes  # noqa: E402
 
 import_bitsandbytes()  # before transformers and peft import it: see stack.py
 
+import huggingface_hub.constants  # noqa: E402
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed  # noqa: E402
@@ -134,6 +139,10 @@ from worker.training.tokenization import (  # noqa: E402
     preferred_rows,
     prepare_tokenizer,
 )
+
+# The variables at the top are read as huggingface_hub is imported: a process that imported it before this module (an
+# embedding program, a test) would still report. The telemetry switch is read at each call, so it is set here too.
+huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
 
 KEEP_CHECKPOINTS = 2  # the newest, plus one in case the newest was written just before a disk filled
 LOSS_SINCE_LOG_FILE = "loss_since_log.json"  # in each checkpoint: TrainerGuards._save_checkpoint
