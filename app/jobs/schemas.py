@@ -146,6 +146,11 @@ class JobOut(JobListItem):
         description="The running job's worker's last heartbeat, written every supervise interval (database clock).")
 
 
+# What JobOut shows beyond JobListItem: it moves with every heartbeat and is no news to a person (the list leaves it
+# out; a job's stream sends the job again only when the rest changed).
+BEAT_FIELDS = frozenset(JobOut.model_fields) - frozenset(JobListItem.model_fields)
+
+
 # JobOut's fields that hold JSON of the caller's or the engine's; the rest are scalars.
 JOB_JSON_FIELDS = ("metadata", "spec", "summary")
 

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import session_scope
 from app.errors import TooManyStreams, Unauthorized
 from app.jobs import repository, states
-from app.jobs.schemas import EVAL_FIELDS, FIELDS_OF, TRAIN_FIELDS, EventOut, JobOut, points_json
+from app.jobs.schemas import BEAT_FIELDS, EVAL_FIELDS, FIELDS_OF, TRAIN_FIELDS, EventOut, JobOut, points_json
 from app.slots import KeySlot, KeySlots
 from app.teams import repository as teams_repository
 from app.teams.service import team_disabled
@@ -168,7 +168,7 @@ def _poll_feed(database_url: str, team_id: str, job_id: str, key_ids: Collection
             return live, None
         out = JobOut.of(job)
         points, events = _rows_after(session, team_id, job.id, metric_after, event_after)
-        return live, _Poll(_sse("job", out.model_dump_json()), out.model_dump_json(exclude={"heartbeat_at"}),
+        return live, _Poll(_sse("job", out.model_dump_json()), out.model_dump_json(exclude=set(BEAT_FIELDS)),
                            job.attempt, job.status in states.FINISHED, points, events)
 
 
