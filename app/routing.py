@@ -4,7 +4,8 @@ Python's json module takes a lone surrogate escape ("\\udc80") and makes a strin
 stored in a JSON column (a job's metadata, its spec), the row could then never be read again: every
 read of the job, the worker's claim among them, would fail. Parsed here, such a body is refused as
 malformed JSON before any route sees it, and so is anything else the database's reader would refuse
-(nesting past its limit, a number past its range). A key given twice in one object is refused too,
+(nesting past its limit), but a number too long for it to read, which is read as the float it denotes for the
+field's own check to refuse (_long_numbers_as_floats). A key given twice in one object is refused too,
 naming it: from_json keeps the last, so `{"learning_rate": 1e-4, ..., "learning_rate": 0.9}` trained
 with a spec its caller never read.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import math
 import re
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -87,8 +89,12 @@ def checked_json(body: bytes) -> Any:
         raise _too_many_values()
     try:
         value = from_json(body)
-    except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
-        raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+    except ValueError as exc:
+        body = _long_numbers_as_floats(body) if str(exc).startswith(NUMBER_OUT_OF_RANGE) else body
+        try:
+            value = from_json(body)
+        except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
+            raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
     if more_values_than(value, MAX_JSON_VALUES):  # empty containers, which the bytes' count leaves out
         raise _too_many_values()
     repeated = _repeated_key(body)
@@ -97,6 +103,33 @@ def checked_json(body: bytes) -> Any:
                                    "keep one of the two (this API's parser the last, silently); send each "
                                    "key once", body.decode("utf-8", "replace"), 0)
     return value
+
+
+# from_json refuses a number whose integer part has more digits than this ("number out of range", its whole body
+# a 422 naming no field), as Python's int() does past sys.int_info.default_max_str_digits.
+FROM_JSON_MAX_DIGITS = 4300
+NUMBER_OUT_OF_RANGE = "number out of range"
+# A string (skipped: its digits are no number) or a number whose integer part is past FROM_JSON_MAX_DIGITS; a number
+# starts where no other number's character is before it (the digits after a point or an `e` are no number's start).
+_STRING_OR_LONG_NUMBER = re.compile(
+    rb'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+-])-?[0-9]{%d,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?' % (FROM_JSON_MAX_DIGITS + 1),
+    re.DOTALL)
+
+
+def _long_numbers_as_floats(body: bytes) -> bytes:
+    """The JSON text `body` with each number from_json refuses for its length (a 5,000-digit max_steps) written as
+    the float it denotes: past every float (1e400, which from_json reads as inf, as it reads any number past
+    float's range) unless its exponent brings it back (`1<4,400 zeros>e-4400` is 1.0). So it is the field's own
+    check that refuses it, naming the field and its range (`training.max_steps: ... got inf; allowed: ...`), as
+    for `1e999`, instead of the whole body refused as "number out of range at line 1 column 4302". No field of
+    this API takes a number that large, and one brought back into range is read as any float is, to the nearest."""
+    def short(token: re.Match[bytes]) -> bytes:
+        text = token[0]
+        if text.startswith(b'"'):
+            return text
+        number = float(text)  # correctly rounded however many digits it has; inf past float's range
+        return repr(number).encode() if math.isfinite(number) else b"-1e400" if number < 0 else b"1e400"
+    return _STRING_OR_LONG_NUMBER.sub(short, body)
 
 
 def _repeated_key(body: bytes) -> str | None:
@@ -108,7 +141,7 @@ def _repeated_key(body: bytes) -> str | None:
         DECODER_WITHOUT_REPEATS.decode(body.decode("utf-8"))
     except RepeatedKey as exc:
         return exc.key
-    except (ValueError, RecursionError):  # what from_json reads and Python's parser does not (a 5,000-digit number)
+    except (ValueError, RecursionError):  # what from_json reads and Python's parser does not (nesting past its depth)
         return None
     return None
 

@@ -1,16 +1,21 @@
 """A JSON body's bound on values (app/routing.py, MAX_JSON_VALUES) holds before the body is parsed: a body
 of millions of tiny values costs the API what its bytes cost, not what millions of Python objects cost, and
-the count reads strings as strings (their commas, colons and escaped quotes are no values)."""
+the count reads strings as strings (their commas, colons and escaped quotes are no values). A number too long
+for the parser is refused by its field's own check, naming the field and its range."""
 
 from __future__ import annotations
 
 import codecs
 import json
+import math
 import tracemalloc
 
+import pytest
 from fastapi.testclient import TestClient
+from pydantic_core import from_json
 
-from app.routing import MAX_JSON_VALUES, PARSE_ON_LOOP_BYTES
+from app.routing import FROM_JSON_MAX_DIGITS, MAX_JSON_VALUES, NUMBER_OUT_OF_RANGE, PARSE_ON_LOOP_BYTES, checked_json
+from app.teams.service import create_key
 
 
 def post(client: TestClient, body: bytes):
@@ -82,3 +87,56 @@ def test_a_body_saved_with_a_byte_order_mark_is_read_as_without_it(client):
     plain, marked = post(client, body), post(client, codecs.BOM_UTF8 + body)
     assert (marked.status_code, marked.json()) == (plain.status_code, plain.json())
     assert marked.status_code in (404, 422) and marked.json()["error"]["code"] != "invalid"  # read as JSON: a job refused
+
+
+LONG = "9" * 5000  # an integer part past the digits from_json reads (app/routing.py, FROM_JSON_MAX_DIGITS)
+
+
+def long_numbers(template: str) -> str:
+    return template.replace("<LONG>", LONG).replace("<ZEROS>", "0" * 5000)
+
+
+def test_a_number_too_long_to_read_is_refused_naming_its_field_and_range(client, session):
+    """A 5,000-digit number was "body: not valid JSON: number out of range at line 1 column 4369", naming no field:
+    it is read as the float it denotes (past every float's range), so each field's own check refuses it, with the
+    range it allows, on every route with a JSON body."""
+    spec = long_numbers('{"dataset_id": "x", "base_model": "tiny", "training": {"max_steps": <LONG>}}')
+    for path in ("/jobs", "/jobs/preflight"):
+        answer = client.post(path, content=spec, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422, answer.text[:300]
+        assert answer.json()["error"]["details"] == [
+            {"field": "training.max_steps", "message": "Input should be a finite number (got inf; allowed: >= 1 and <= 10000000)"}]
+    openai = long_numbers('{"model": "tiny", "training_file": "file-x", "hyperparameters": {"learning_rate_multiplier": -<LONG>}}')
+    answer = client.post("/v1/fine_tuning/jobs", content=openai, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text[:300]
+    error = answer.json()["error"]
+    assert error["param"] == "hyperparameters.learning_rate_multiplier" and "a number in (0, 10], got -inf" in error["message"]
+
+    admin_key = create_key(session, "team-a", admin=True)[1]  # the quota's route takes an admin key
+    session.commit()
+    answer = client.put("/admin/teams/team-a/quota", content=long_numbers('{"max_queued": <LONG>}'),
+                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {admin_key}"})
+    assert answer.status_code == 422, answer.text[:300]
+    [detail] = answer.json()["error"]["details"]
+    assert detail["field"] == "max_queued" and "a whole number from 0 to 1,000,000" in detail["message"]
+
+
+def test_a_long_number_is_read_as_the_value_it_denotes_and_digits_in_a_string_stay_a_string():
+    """Only numbers from_json cannot read are rewritten, to the float they denote: one whose exponent brings it
+    back into range is that number, a long number's digits inside a string are no number, and the body's other
+    refusals (a key given twice, half a surrogate pair) still hold."""
+    value = checked_json(long_numbers('{"big": <LONG>, "near_one": 1<ZEROS>e-5000, "minus": -<LONG>.5e3, "text": "<LONG>", '
+                                      '"short": 1.<LONG>}').encode())
+    assert value == {"big": math.inf, "near_one": 1.0, "minus": -math.inf, "text": LONG, "short": 2.0}
+    with pytest.raises(json.JSONDecodeError, match="the key 'a' appears twice"):
+        checked_json(long_numbers('{"a": <LONG>, "a": 1}').encode())
+    with pytest.raises(json.JSONDecodeError, match="surrogate"):
+        checked_json(long_numbers('{"a": <LONG>, "b": "\\udc80"}').encode())
+
+
+def test_the_digits_from_json_reads_are_those_the_rewrite_assumes():
+    """If pydantic-core reads more or fewer digits than FROM_JSON_MAX_DIGITS, this says so before a long number
+    is again a body error naming no field."""
+    assert from_json("9" * FROM_JSON_MAX_DIGITS) == int("9" * FROM_JSON_MAX_DIGITS)
+    with pytest.raises(ValueError, match=NUMBER_OUT_OF_RANGE):
+        from_json("9" * (FROM_JSON_MAX_DIGITS + 1))
