@@ -17,6 +17,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The range of a team's weight (its quota's, and QLORA_DEFAULT_WEIGHT): the most is 100,000 times the least. The
+# least keeps a share a plain number: a share is GPU time used divided by the weight, and a weight of 1e-320 (taken
+# while the range was only > 0) made it inf for any use at all, so that such teams tied however much each had used.
+# A team meant to get nothing has max_running 0; at 0.01 a team gets a hundredth of a weight-1 team's GPU time
+# while both have work waiting, and what the others leave free.
+MIN_WEIGHT = 0.01
+MAX_WEIGHT = 1000.0
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -231,8 +239,8 @@ class Settings(BaseSettings):
 
     # Sharing the GPU pool between teams (app/scheduling/, docs/scheduling.md). Each team's quota is set by
     # an admin (`qlora admin set-quota`); these are the values of a team that has none set. None: no limit.
-    # A team's share of the pool against the others' (Kueue's weight, Slurm's shares).
-    default_weight: float = Field(1.0, gt=0, le=1000)
+    # A team's share of the pool against the others' (Kueue's weight, Slurm's shares), MIN_WEIGHT to MAX_WEIGHT.
+    default_weight: float = Field(1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
     # Jobs of one team training at once, over every GPU class.
     default_max_running: int | None = Field(None, ge=0)
     # Jobs of one team waiting at once: a script in a loop must not queue without bound (rule 9).

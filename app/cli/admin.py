@@ -324,7 +324,7 @@ QUOTA_FLAGS = {"weight": "--weight", "max_running": "--max-running", "max_queued
 @commands.command("set-quota")
 def set_quota(
     team: str,
-    weight: Annotated[Optional[float], typer.Option(help="Share of the GPU pool against other teams' (> 0, <= 1000).")] = None,
+    weight: Annotated[Optional[float], typer.Option(help="Share of the GPU pool against other teams' (0.01 to 1000).")] = None,
     max_running: Annotated[Optional[int], typer.Option(help="Jobs training at once; 0 starts none.")] = None,
     max_queued: Annotated[Optional[int], typer.Option(help="Jobs waiting at once; 0 refuses every new job.")] = None,
     gpu_hours_per_month: Annotated[Optional[float], typer.Option(help="GPU-hours per calendar month (UTC).")] = None,

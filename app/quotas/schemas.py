@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.config import MAX_WEIGHT, MIN_WEIGHT
+
 # Bounds on what an admin may set: generous, but finite, so a typo cannot store 1e308 and every value
 # stays a plain number in JSON. Strict: `true` is not a count, "5" is not a weight.
 MAX_COUNT = 1_000_000
@@ -20,7 +22,7 @@ class QuotaChanges(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False, strict=True,
+    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False, strict=True,
                                  description="The team's share of the GPU pool against the others'.")
     max_running: int | None = Field(None, ge=0, le=MAX_COUNT, strict=True,
                                     description="Jobs training at once; 0 starts none.")
@@ -42,7 +44,7 @@ class QuotaChanges(BaseModel):
 
 # What each field accepts, for the error that names it.
 ALLOWED = {
-    "weight": "a number > 0 and <= 1000",
+    "weight": f"a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}",
     "max_running": f"a whole number from 0 to {MAX_COUNT:,}",
     "max_queued": f"a whole number from 0 to {MAX_COUNT:,}",
     "gpu_hours_per_month": f"a number from 0 to {MAX_GPU_HOURS_PER_MONTH:,.0f}",

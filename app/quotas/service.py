@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.config import GIB, Settings
+from app.config import GIB, MIN_WEIGHT, Settings
 from app.db import database_now
 from app.errors import Invalid, NotFound, QuotaExceeded, field_errors
 from app.jobs import states
@@ -49,6 +49,9 @@ def effective(settings: Settings, team: Team) -> Quota:
     for field in QUOTA_FIELDS:
         own = getattr(team, field)
         values[field] = own if own is not None else getattr(settings, f"default_{field}")
+    # A weight stored while any weight > 0 was taken (down to 5e-324) counts as the least now allowed: below it a
+    # share overflows to inf (app/config.py, MIN_WEIGHT). `own` still shows what was stored.
+    values["weight"] = max(values["weight"], MIN_WEIGHT)
     return Quota(**values)
 
 

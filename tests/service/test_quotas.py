@@ -88,7 +88,7 @@ def test_only_admin_keys_read_or_set_another_teams_quota(deployment, admin):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("weight", 0), ("weight", 1000.5), ("weight", "2"), ("max_running", -1), ("max_queued", 1.5),
+    ("weight", 0), ("weight", 1e-320), ("weight", 1000.5), ("weight", "2"), ("max_running", -1), ("max_queued", 1.5),
     ("max_queued", True), ("max_queued", 10**7), ("gpu_hours_per_month", -0.5), ("storage_gib", 1e12),
     ("max_gpus", 3),
 ])
