@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from fastapi import HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
@@ -42,6 +42,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.deps import get_caller, get_session, team_turn
+from app.errors import Invalid, field_errors
 from app.jobs.turns import Busy, Turns
 from app.shares import KEYLESS, ClientLeft
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
@@ -221,6 +222,9 @@ class CheckedJSONRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        once = single_query_parameters(self.dependant)
+        if once:
+            handler = _refusing_repeats(handler, once)
         json_body = self.body_field is not None
         if not _needs(self.dependant, get_caller):
             # No key, yet a thread and a connection (GET /metrics, a signed download link): in the share of the
@@ -296,6 +300,46 @@ async def _body_read(request: Request) -> None:
         raise
     except Exception as exc:
         raise HTTPException(400, "There was an error parsing the body") from exc
+
+
+def single_query_parameters(dependant: Dependant) -> frozenset[str]:
+    """The names of the query parameters a route and its dependencies declare that take one value (not a list)."""
+    names: set[str] = set()
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        names.update(field.alias for field in current.query_params if not _takes_a_list(field.field_info.annotation))
+        pending.extend(current.dependencies)
+    return frozenset(names)
+
+
+def _takes_a_list(annotation: Any) -> bool:
+    """Whether a parameter's type is a list, set or tuple (?tag=a&tag=b), looked for through Optional and Annotated."""
+    origin = get_origin(annotation)
+    if origin in (list, set, frozenset, tuple) or annotation in (list, set, frozenset, tuple):
+        return True
+    return any(_takes_a_list(arg) for arg in get_args(annotation)) if origin is not None else False
+
+
+def _refusing_repeats(handler: Callable[[Request], Coroutine[Any, Any, Response]],
+                      once: frozenset[str]) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """`handler`, refusing a request that gives one of the parameters `once` more than once (`?limit=10&limit=20`):
+    FastAPI took the last, so a script that appended a parameter to a URL that already had it got another page
+    size, cursor or status filter than the one its own code read first, without a word. Invalid, naming the
+    parameter and the values given, as any other bad parameter is (422; 400 on /v1)."""
+    async def refusing(request: Request) -> Response:
+        if request.scope.get("query_string"):
+            given: dict[str, list[str]] = {}
+            for name, value in request.query_params.multi_items():
+                if name in once:
+                    given.setdefault(name, []).append(value)
+            for name, values in given.items():
+                if len(values) > 1:
+                    said = ", ".join(excerpt(value) for value in values[:3]) + (", ..." if len(values) > 3 else "")
+                    raise Invalid(f"{name}: given {len(values)} times in the query string ({said}); give it once",
+                                  details=field_errors([(name, f"given {len(values)} times; give it once")]))
+        return await handler(request)
+    return refusing
 
 
 def _needs(dependant: Dependant, call: Callable) -> bool:
