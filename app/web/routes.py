@@ -13,10 +13,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.staticfiles import NotModifiedResponse
 from starlette.types import Scope
 
+from app.ranges import RangedFileResponse
 from worker.training.spec import (
     LEARNING_RATES,
     DpoMethod,
@@ -53,7 +57,7 @@ PAGE_POLICY = {
 
 @router.api_route("/", methods=["GET", "HEAD"])  # a health check or uptime probe may ask with HEAD (405 before)
 def dashboard():
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **PAGE_POLICY})
+    return RangedFileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **PAGE_POLICY})
 
 
 class DashboardFiles(StaticFiles):
@@ -64,6 +68,13 @@ class DashboardFiles(StaticFiles):
     async def get_response(self, path: str, scope: Scope):
         response = await super().get_response(path, scope)
         response.headers.update(PAGE_POLICY)
+        return response
+
+    def file_response(self, full_path, stat_result, scope: Scope, status_code: int = 200) -> Response:
+        """StaticFiles' own, with a Range read as a download's (app.ranges.RangedFileResponse)."""
+        response = RangedFileResponse(full_path, status_code=status_code, stat_result=stat_result)
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
         return response
 
 
