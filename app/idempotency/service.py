@@ -7,7 +7,8 @@ the team's GPUs, a second copy of a dataset counted against its storage. With an
 header (any 1-255 visible ASCII characters; a UUID does), the same key from the same team to the same
 endpoint, within KEPT, is answered with what the first request made, as it is now, marked
 `Idempotent-Replayed: true`. The same key with another request is refused (422
-`idempotency_key_reused`): it names what it made. A request that failed made nothing and binds
+`idempotency_key_reused`): it names what it made. A JSON body is the same request when its JSON value is
+(canonical_json: `4` and `4.0` are one number). A request that failed made nothing and binds
 nothing, so sending it again is a new try. The header follows the IETF draft
 (draft-ietf-httpapi-idempotency-key-header) and Stripe's use of it.
 
@@ -90,16 +91,38 @@ def one_key(headers: list[str]) -> str | None:
 def requested(key: str | None, scope: str, request: Any) -> Keyed | None:
     """The request's key (its Idempotency-Key header), or None when it sent none; Invalid for a key that
     is not 1-255 visible ASCII. `request` is what identifies the request: a JSON body, or an upload's
-    name and digest."""
+    name and digest. Two requests are the same when their JSON values are (canonical_json)."""
     key = checked_key(key)
     if key is None:
         return None
     if isinstance(request, bytes):  # a body that is not JSON at all: refused once read, but told apart by its bytes
         canonical = request
-    else:  # surrogatepass: a key's digest must never fail, whatever the request holds
-        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogatepass")
+    else:
+        canonical = canonical_json(request)
     return Keyed(scope, key, hashlib.sha256(canonical).hexdigest())
+
+
+def canonical_json(value: Any) -> bytes:
+    """One text for each JSON value, so that a request sent again is known by what it says, not by how its client
+    wrote it (as Stripe compares a retried request's parameters): keys in order, no spaces, and a whole number one
+    way, whether written 4, 4.0 or 4e0. JSON has one kind of number, and RFC 8259 leaves 4 and 4.0 the same value;
+    a client that sent 4.0 (Python's json for a float) retried with 4 (a JavaScript client writes no 4.0, and a
+    script may rebuild its body) was 422 idempotency_key_reused for a job that would have been the same. Any other
+    difference (a field added, even as null; "4" for 4) is another request. surrogatepass: a key's digest must
+    never fail, whatever the request holds."""
+    return json.dumps(_whole_numbers_as_int(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass")
+
+
+def _whole_numbers_as_int(value: Any) -> Any:
+    """`value` with each float that is a whole number (4.0, 1e20, -0.0) as that int; bools stay bools."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {name: _whole_numbers_as_int(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(item) for item in value]
+    return value
 
 
 def _bound(session: Session, team_id: str, scope: str, key: str) -> IdempotencyKey | None:

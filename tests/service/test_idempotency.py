@@ -68,6 +68,18 @@ def test_the_same_key_sent_again_answers_with_the_job_it_made_and_makes_no_other
     assert create(team_a, payload, None).json()["id"] != first.json()["id"]
 
 
+def test_a_whole_number_written_otherwise_when_sent_again_is_the_same_request(deployment, team_a, dataset):
+    """`"max_steps": 5` sent again as `5.0` (the same JSON value; a client's JSON writer decides) was 422
+    idempotency_key_reused; it answers with the job the first made (tests/fast/test_idempotency_requests.py)."""
+    key, payload = str(uuid.uuid4()), body(dataset, name="five")
+    first = create(team_a, payload, key)
+    assert first.status_code == 201, first.text
+    payload["training"]["max_steps"] = 5.0
+    again = create(team_a, payload, key)
+    assert again.status_code == 201 and again.headers[REPLAYED] == "true", again.text
+    assert again.json()["id"] == first.json()["id"]
+
+
 def test_a_key_sent_with_another_body_is_refused_naming_the_job_it_made(deployment, team_a, dataset):
     key = str(uuid.uuid4())
     made = create(team_a, body(dataset, name="first"), key).json()["id"]
