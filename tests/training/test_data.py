@@ -100,6 +100,34 @@ def test_prompt_completion_fields_are_checked():
         validate_lines(lines({"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": 5}))
 
 
+PROMPT_COMPLETION = {"prompt": "What does the cow say?", "completion": "moo"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        # A row with a field left out is named by that field: "unknown format (keys: prompt)" and six shapes to
+        # compare it with left the writer to find which one, and "got null" said the row held a null it did not.
+        ((PROMPT_COMPLETION, {"prompt": "q"}),
+         '"completion" is missing: such a row is {"prompt": ..., "completion": ...} (this one has prompt)'),
+        (({"completion": "moo"},), '"prompt" is missing: such a row is {"prompt": ..., "completion": ...} (this one has completion)'),
+        (({"instruction": "Name the sound.", "input": "cow"},), '"output" is missing: such a row is {"instruction": ...'),
+        ((CHAT, {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}), 'messages[0]: "content" is missing'),
+        ((CHAT, {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}),
+         'messages[0]: "role" is missing: one of system, user, assistant'),
+        # Once the first row set the format, a row of no format is told the file's shape, not all six, and a misspelt key the one meant.
+        ((CHAT, {"prompt": "q"}),
+         'unknown format (keys: prompt); the file is chat (set by its first row): every row must be {"messages": [{"role"'),
+        ((CHAT, {"message": CHAT["messages"]}),
+         'unknown format (keys: message); "message" looks like a misspelt "messages"; the file is chat'),
+    ],
+)
+def test_a_missing_field_is_named(rows, message):
+    with pytest.raises(DataError) as info:
+        validate_lines(lines(*rows))
+    assert [(e.line, e.message.startswith(message)) for e in info.value.errors] == [(len(rows), True)], str(info.value)
+
+
 def test_many_bad_lines_report_the_first_ones_and_the_count(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join([b"{oops"] * 50))

@@ -22,6 +22,7 @@ today's: _from_legacy_functions); elsewhere it is refused (_refuse_tools, _messa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -190,14 +191,8 @@ class DatasetValidator:
         if not isinstance(obj, dict):
             return self._error(f"expected a JSON object, got {_json_kind(obj)}")
         fmt = detect_format(obj)
-        missing = _missing_side(obj) if fmt is None else None
-        if missing:
-            return self._error(missing)
         if fmt is None:
-            # A key with a control character (NUL, an escape sequence) is shown escaped, not sent to a terminal as is.
-            keys = excerpt(", ".join(k if k.isprintable() else repr(k) for k in sorted(obj)), quote=False) or "none"
-            shapes = " | ".join(_FORMAT_SHAPES.values())
-            return self._error(f"unknown format (keys: {keys}); expected one of {shapes}")
+            return self._error(_missing_key(obj, self.format) or _unknown_row(obj, self.format))
         if self.format is not None and fmt != self.format:
             return self._error(
                 f"this row is in {fmt} format but the file is {self.format} "
@@ -364,19 +359,40 @@ def detect_format(row: dict) -> str | None:
     return None
 
 
-def _missing_side(row: dict) -> str | None:
-    """What a row that is almost a preference row lacks (one answer of the two), or None."""
-    for fmt in ("preference", "preference_trl"):
-        keys = _FORMAT_KEYS[fmt]
+def _missing_key(row: dict, file_format: str | None) -> str | None:
+    """What a row that is almost a row of a format lacks (one of its keys), or None. Once the first row set the
+    file's format only that format counts: a chat file's {"prompt": ...} row is no prompt/completion row to finish."""
+    for fmt, keys in _FORMAT_KEYS.items():
+        if file_format is not None and fmt.removesuffix("_trl") != file_format:
+            continue
         present = [k for k in keys if k in row]
-        if len(present) == len(keys) - 1 and present != ["prompt", "completion"]:
-            absent = next(k for k in keys if k not in row)
+        if not present or len(present) != len(keys) - 1 or present == ["prompt", "completion"]:
+            continue
+        absent = next(k for k in keys if k not in row)
+        if fmt.startswith("preference"):
             if absent == keys[0]:  # the prompt: trl's "implicit prompt" rows carry it inside each answer
                 return (f'a preference row needs the conversation its answers reply to: "{absent}" is missing (it has '
                         f'{", ".join(present)}); where each answer holds the whole conversation, put the turns before '
                         f'the answer in "{absent}" and keep only the last assistant message in each answer')
             return f'a preference row needs both answers: "{absent}" is missing (it has {", ".join(present)})'
+        # Said as the field left out, not as "unknown format" with six shapes to compare the row against.
+        return f'"{absent}" is missing: such a row is {_FORMAT_SHAPES[fmt]} (this one has {", ".join(present)})'
     return None
+
+
+def _unknown_row(row: dict, file_format: str | None) -> str:
+    """Why a row is in no format: the shape its rows have (the file's, once its first row set it, else every format's),
+    and the key meant where one is misspelt ("message" for "messages")."""
+    # A key with a control character (NUL, an escape sequence) is shown escaped, not sent to a terminal as is.
+    keys = excerpt(", ".join(k if k.isprintable() else repr(k) for k in sorted(row)), quote=False) or "none"
+    formats = [f for f in _FORMAT_KEYS if file_format is None or f.removesuffix("_trl") == file_format]
+    known = sorted({k for f in formats for k in _FORMAT_KEYS[f]})
+    meant = next((f'"{excerpt(k, quote=False)}" looks like a misspelt "{m[0]}"; ' for k in row
+                  if isinstance(k, str) and k not in known and (m := difflib.get_close_matches(k, known, n=1, cutoff=0.8))), "")
+    if file_format is not None:
+        return (f"unknown format (keys: {keys}); {meant}the file is {file_format} (set by its first row): "
+                f"every row must be {_FORMAT_SHAPES[file_format]}")
+    return f"unknown format (keys: {keys}); {meant}expected one of {' | '.join(_FORMAT_SHAPES.values())}"
 
 
 def read_jsonl(path: str | Path) -> Dataset:
@@ -397,6 +413,8 @@ def _text(obj: dict, key: str, *, required: bool = True, where: str = "") -> str
     value = obj.get(key)
     if value is None and not required:
         return ""
+    if key not in obj:  # left out, which "got null" misnamed: the row has no such field to correct
+        raise ValueError(f'{where}"{key}" is missing')
     if not isinstance(value, str):
         raise ValueError(f'{where}"{key}" must be a string, got {_json_kind(value)}')
     if required and not value.strip():
@@ -434,6 +452,8 @@ def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, 
         raise ValueError(f"{where}{what}: {_NO_TOOLS}")
     if not tools and role == "tool":
         raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
+    if "role" not in m:
+        raise ValueError(f'{where}"role" is missing: one of {", ".join(ROLES)}{", tool" if tools else ""}')
     if role not in ROLES and not (tools and role == "tool"):
         raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}{', tool' if tools else ''}")
     if role == "system" and i != 0:
