@@ -394,8 +394,10 @@ def jobs_create(
     """Queue a fine-tuning job: the spec file plus the dataset ids. A spec with "method": {"type": "dpo"}
     trains on a preference dataset, usually from an SFT job's adapter (--initial-job).
 
-    On a pipe: the job as the API answers it ("id", "status", ...)."""
+    On a pipe: the job as the API answers it ("id", "status", ...); the preflight's warnings go to stderr either way."""
     import uuid
+
+    from rich.text import Text
 
     body = _job_body(spec, dataset=dataset, validation_dataset_id=validation, name=name, gpu_class=gpu_class,
                      priority=priority, initial_job_id=initial_job)
@@ -405,8 +407,30 @@ def jobs_create(
                        f"to send it again safely, add --idempotency-key {key} (the server makes one job per key within 24 hours)")
     with _api(ctx) as api:
         job = api.create_job(body, idempotency_key=key)
+        warnings = _preflight_warnings(api, job["id"])
     show(job, lambda: out.print(f"job {job['id']} {job['status']}", highlight=False), as_json)
+    for warning in warnings:
+        err.print(Text(f"warning: {printable(warning)}", style="yellow"), soft_wrap=True)
     err.print(f"follow it with: qlora jobs watch {job['id']}", highlight=False)
+
+
+def _preflight_warnings(api, job_id: str) -> list[str]:
+    """What the job's preflight warned of as it was created (rows dropped or truncated, EOS not learned, validation
+    rows also in train): the API records them as the job's first events, which only `jobs watch` showed, so a job
+    queued with a tenth of its rows cut at max_seq_length said nothing but "queued". [] where they cannot be read:
+    the job is made, and a hint is not worth failing the command for."""
+    from app.cli.api_client import ClientError
+
+    try:
+        events = api.job_events(job_id, limit=PREFLIGHT_EVENTS_READ)
+    except ClientError:
+        return []
+    return [e["message"] for e in events if e.get("type") == "preflight_warning" and isinstance(e.get("message"), str)]
+
+
+# The creation's own events come first (created, preflight, its warnings: one per kind of finding, a dozen at most);
+# a job the same Idempotency-Key made earlier may have run since, and its later events are not the preflight's.
+PREFLIGHT_EVENTS_READ = 50
 
 
 MAX_SPEC_BYTES = 16 << 20  # the API's own limit on a JSON body (QLORA_MAX_JSON_BYTES' default)

@@ -163,6 +163,24 @@ def test_delete_and_cancel_answer_json_on_a_pipe(cli_env, demo_data, uploaded, t
     assert missing.returncode == 1 and missing.stdout == "" and "error: no job" in missing.stderr  # errors: text on stderr
 
 
+def test_create_prints_the_preflight_warnings(cli_env, demo_data, tmp_path):
+    """A job queued with rows it drops said only "job X queued": the preflight's warnings were events that only
+    `jobs watch` showed. They go to stderr as the job is created, on a pipe too (stdout keeps the job's JSON)."""
+    rows = demo_data["train"].read_bytes().splitlines()[:20]
+    long_row = json.dumps({"messages": [{"role": "user", "content": "Tell me a story. " * 200},
+                                        {"role": "assistant", "content": "Once upon a time."}]}).encode()
+    (tmp_path / "long.jsonl").write_bytes(b"\n".join([*rows, long_row]) + b"\n")
+    upload = qlora(cli_env, "datasets", "upload", str(tmp_path / "long.jsonl"))
+    assert upload.returncode == 0, upload.stderr
+    (tmp_path / "spec.json").write_text(json.dumps({**demo_spec("tiny"), "gpu_class": lane("nobody-listens")}))
+    created = qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", json.loads(upload.stdout)["id"])
+    assert created.returncode == 0, created.stderr
+    job = json.loads(created.stdout)
+    assert ("warning: 1 rows have nothing to learn within max_seq_length and are dropped (lines 21)"
+            in created.stderr), created.stderr
+    assert qlora(cli_env, "jobs", "cancel", job["id"]).returncode == 0
+
+
 def test_api_errors_print_the_message_and_exit_1(cli_env, uploaded, tmp_path):
     missing = qlora(cli_env, "jobs", "show", "0" * 32)
     assert missing.returncode == 1 and f"no job '{'0' * 32}'" in missing.stderr
