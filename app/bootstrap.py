@@ -5,6 +5,7 @@ Safe to run on every start: each step only does what is missing.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ def bootstrap_embedded(settings: Settings, announce: Callable[[str], object],
             write_credentials(settings, key)
             announce(f"created team {DEMO_TEAM!r}; its admin API key (shown once, saved to "
                      f"{settings.credentials_path}):\n  {key}")
+        else:
+            _readdress_credentials(settings, announce)
         if models.by_name(session, DEMO_MODEL) is None:
             path = settings.home / "models" / DEMO_MODEL
             if not (path / "config.json").exists():
@@ -60,5 +63,26 @@ def write_credentials(settings: Settings, key: str) -> Path:
     path = settings.credentials_path
     make_private_dir(path.parent)
     # A bearer key: readable by its owner only, from the file's creation on.
-    write_json_atomic(path, {"url": f"http://{settings.host}:{settings.port}", "api_key": key}, indent=2, mode=0o600)
+    write_json_atomic(path, {"url": api_url(settings), "api_key": key}, indent=2, mode=0o600)
     return path
+
+
+def api_url(settings: Settings) -> str:
+    """Where this serve's API answers, as the CLI finds it in the credentials file."""
+    return f"http://{settings.host}:{settings.port}"
+
+
+def _readdress_credentials(settings: Settings, announce: Callable[[str], object]) -> None:
+    """A later start on another port (the first one's taken, `--port`, QLORA_PORT) writes its address beside the
+    first start's key. The file kept the first start's, so every `qlora` command after `qlora serve --port 8001`
+    went to the old port: "cannot reach the API at http://127.0.0.1:8000". A file that is not this shape (edited,
+    or its key gone) is left as it is: the key cannot be made again."""
+    path = settings.credentials_path
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict) or not isinstance(saved.get("api_key"), str) or saved.get("url") == api_url(settings):
+        return
+    write_credentials(settings, saved["api_key"])
+    announce(f"the API's address is now {api_url(settings)} (it was {saved.get('url')}): saved to {path} for the CLI")
