@@ -31,6 +31,18 @@ commands = Commands()
 GRACEFUL_SHUTDOWN_S = 10
 
 
+def listening_line(settings) -> str:
+    """What `serve` prints once it is about to listen: where the API and the dashboard are, and where the key to
+    sign in with is. A start after the first printed the address alone, and the dashboard's sign-in page asks
+    for a key that first start had shown once, scrolled away since (it is in the credentials file)."""
+    from app.bootstrap import api_url
+
+    processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
+    key = (f"; sign in with the key in {settings.credentials_path}"
+           if settings.embedded and settings.credentials_path.exists() else "")
+    return f"API and dashboard on {api_url(settings)}{processes} (docs at /docs{key})"
+
+
 @commands.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (QLORA_HOST).")] = None,
@@ -90,8 +102,7 @@ def serve(
         if run_worker:
             child = LocalWorker(settings, {**os.environ, "QLORA_HOME": str(settings.home)})
             child.start()
-        processes = f" in {settings.api_workers} processes" if settings.api_workers > 1 else ""
-        out.print(f"API on http://{settings.host}:{settings.port}{processes} (docs at /docs)")
+        out.print(listening_line(settings), highlight=False, soft_wrap=True)
         logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
         # An import string, which uvicorn needs to start several processes (and uses alike for one).
         # With several, uvicorn's parent process only supervises: SIGTERM to it stops every API process,

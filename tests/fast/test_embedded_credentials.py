@@ -38,3 +38,18 @@ def test_a_credentials_file_of_another_shape_is_left_as_it_is(tmp_path, tiny_mod
     (home / "credentials.json").write_text('{"url": "http://127.0.0.1:8437"}')  # its key removed by hand
     bootstrap_embedded(Settings(home=home, port=8438), announce=lambda _: None, build_demo_model=build)
     assert (home / "credentials.json").read_text() == '{"url": "http://127.0.0.1:8437"}'
+
+
+def test_serve_says_where_the_dashboard_and_its_key_are(tmp_path, tiny_model_dir):
+    """A start after the first printed "API on http://...:8437 (docs at /docs)": nothing said the dashboard is
+    there too, nor where the key its sign-in page asks for is, which the first start had shown once."""
+    from app.cli.processes import listening_line
+
+    settings = Settings(home=tmp_path / "home", port=8437)
+    assert listening_line(settings) == "API and dashboard on http://127.0.0.1:8437 (docs at /docs)"  # no key yet
+    bootstrap_embedded(settings, announce=lambda _: None, build_demo_model=lambda path: shutil.copytree(tiny_model_dir, path))
+    assert listening_line(settings) == (f"API and dashboard on http://127.0.0.1:8437 (docs at /docs; sign in with the "
+                                        f"key in {settings.credentials_path})")
+    # A deployment's serve (a broker server) makes no credentials file: its keys come from `qlora admin create-key`.
+    served = Settings(home=tmp_path / "home", port=8437, broker_url="redis://127.0.0.1:6379/0", api_workers=4)
+    assert listening_line(served) == "API and dashboard on http://127.0.0.1:8437 in 4 processes (docs at /docs)"

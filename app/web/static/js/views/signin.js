@@ -16,7 +16,9 @@ export function viewSignIn(main) {
     h("div", { class: "field" },
       h("label", { for: "api-key" }, "API key"),
       input,
-      h("p", { class: "hint", id: "api-key-hint" }, "Kept in this browser only. An admin makes one with ", h("code", {}, "qlora admin create-key TEAM"), ".")),
+      h("p", { class: "hint", id: "api-key-hint" }, "Kept in this browser only. An admin makes one with ", h("code", {}, "qlora admin create-key TEAM"),
+        "; ", h("code", {}, "qlora serve"), " with nothing configured saved its first one in ", h("code", {}, "credentials.json"),
+        " in its QLORA_HOME (", h("code", {}, "~/.qlora"), "), as it says when it starts.")),
     button);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
