@@ -95,6 +95,33 @@ def test_a_bad_value_is_echoed_as_an_excerpt():
     assert len(first) < 200 and len(second) < 400
 
 
+SHAREGPT = ('ShareGPT rows ("conversations" of {"from", "value"}) are chat rows here: {"messages": [{"role", "content"}]}, '
+            'from "human" as role "user" and "gpt" as "assistant"')
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # What axolotl users bring: ShareGPT rows, whole or with their role names. They were an unknown format, or
+        # "role 'human' is not one of ...", saying nothing of how to write them.
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "moo"}]},
+         f"unknown format (keys: conversations); {SHAREGPT}"),
+        ({"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "moo"}]},
+         f"messages[0]: role 'human' is not one of system, user, assistant, tool; {SHAREGPT}"),
+        ({"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "moo"}]},
+         f'messages[0]: "role" is missing: one of system, user, assistant, tool; {SHAREGPT}'),
+        # A row printed by Python, and rows cut out of a JSON array by hand.
+        (str(CHAT).encode(), "its keys are in single quotes, as Python prints a dict (str(row), print(row)): JSON needs "
+                             "double quotes; write each row with json.dumps(row)"),
+        (ROW + b",", "the line ends with a comma: JSONL has none between rows, one JSON object per line"),
+    ],
+)
+def test_a_row_in_a_format_from_elsewhere_is_told_how_to_write_it(bad, message):
+    with pytest.raises(DataError) as info:
+        validate_lines(lines(CHAT, bad))
+    assert [(e.line, message in e.message) for e in info.value.errors] == [(2, True)], str(info.value)
+
+
 def test_prompt_completion_fields_are_checked():
     with pytest.raises(DataError, match='line 2: "completion" must be a string'):
         validate_lines(lines({"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": 5}))

@@ -348,7 +348,12 @@ def _json_error_hint(text: str, exc: json.JSONDecodeError) -> str:
     if exc.msg == "Extra data":
         if "\r" in text[:exc.pos]:  # no JSON string holds a raw \r: before the extra data, it broke lines
             return "; the file's lines end with \\r alone (old Mac line ends): save it with \\n or \\r\\n line ends"
+        if text[exc.pos:].strip() == ",":  # rows cut out of a JSON array by hand keep the comma between them
+            return "; the line ends with a comma: JSONL has none between rows, one JSON object per line"
         return "; the line goes on after its JSON value: one JSON object per line"
+    if exc.msg.startswith("Expecting property name") and text.lstrip().startswith("{'"):
+        return ("; its keys are in single quotes, as Python prints a dict (str(row), print(row)): JSON needs double "
+                "quotes; write each row with json.dumps(row)")
     return ""
 
 
@@ -357,6 +362,12 @@ def detect_format(row: dict) -> str | None:
         if all(k in row for k in keys):
             return fmt.removesuffix("_trl")
     return None
+
+
+# ShareGPT's rows, axolotl's and LLaMA-Factory's common format: said how to write them, not only that they are no format.
+_SHAREGPT = ('ShareGPT rows ("conversations" of {"from", "value"}) are chat rows here: {"messages": [{"role", "content"}]}, '
+             'from "human" as role "user" and "gpt" as "assistant"')
+_SHAREGPT_ROLES = ("human", "gpt")
 
 
 def _missing_key(row: dict, file_format: str | None) -> str | None:
@@ -389,6 +400,8 @@ def _unknown_row(row: dict, file_format: str | None) -> str:
     known = sorted({k for f in formats for k in _FORMAT_KEYS[f]})
     meant = next((f'"{excerpt(k, quote=False)}" looks like a misspelt "{m[0]}"; ' for k in row
                   if isinstance(k, str) and k not in known and (m := difflib.get_close_matches(k, known, n=1, cutoff=0.8))), "")
+    if "conversations" in row:
+        return f"unknown format (keys: {keys}); {_SHAREGPT}"
     if file_format is not None:
         return (f"unknown format (keys: {keys}); {meant}the file is {file_format} (set by its first row): "
                 f"every row must be {_FORMAT_SHAPES[file_format]}")
@@ -452,10 +465,11 @@ def _message(m: dict, i: int, where: str, *, tools: bool = False) -> tuple[str, 
         raise ValueError(f"{where}{what}: {_NO_TOOLS}")
     if not tools and role == "tool":
         raise ValueError(f"{where}role {excerpt(role)}: {_NO_TOOLS}")
+    sharegpt = f"; {_SHAREGPT}" if "from" in m or role in _SHAREGPT_ROLES else ""
     if "role" not in m:
-        raise ValueError(f'{where}"role" is missing: one of {", ".join(ROLES)}{", tool" if tools else ""}')
+        raise ValueError(f'{where}"role" is missing: one of {", ".join(ROLES)}{", tool" if tools else ""}{sharegpt}')
     if role not in ROLES and not (tools and role == "tool"):
-        raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}{', tool' if tools else ''}")
+        raise ValueError(f"{where}role {excerpt(role)} is not one of {', '.join(ROLES)}{', tool' if tools else ''}{sharegpt}")
     if role == "system" and i != 0:
         raise ValueError(f"{where}a system message may only come first")
     if not tools and m.get("tool_calls"):
