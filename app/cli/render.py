@@ -346,9 +346,12 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("merged model", s["merge_skipped"]))
     if s.get("report"):  # the eval report's means; the rows: qlora jobs report, or report/report.json
         base, tuned = s["report"]["base"], s["report"]["tuned"]
+        # "stopped": the share of answers that ended at the EOS before max_new_tokens, whether the model learned to stop.
+        stopped = (f", stopped by itself {number(tuned.get('stopped'), '.0%')} / {number(base.get('stopped'), '.0%')}"
+                   if "stopped" in tuned else "")  # a report older than the measure has none
         rows.append(("eval report (tuned / base)",
                      f"exact match {number(tuned['exact_match'], '.0%')} / {number(base['exact_match'], '.0%')}, "
-                     f"F1 {number(tuned['f1'], '.2f')} / {number(base['f1'], '.2f')}, "
+                     f"F1 {number(tuned['f1'], '.2f')} / {number(base['f1'], '.2f')}{stopped}, "
                      f"loss {number(tuned['loss'], '.4f')} / {number(base['loss'], '.4f')}"))
     return rows
 

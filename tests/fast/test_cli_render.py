@@ -113,3 +113,17 @@ def test_a_queued_job_whose_class_has_no_worker_says_so_and_since_when():
     shown = terminal_of(300, f"render.print_job({job!r})")
     assert "1 (waiting for a worker of its class to be up)" in shown, shown
     assert "no worker of GPU class default has been seen for 12 minutes (the last, gpu-host-3," in shown, shown
+
+
+def test_a_jobs_eval_report_line_says_whether_the_tuned_model_learned_to_stop():
+    """`jobs show` gave exact match, F1 and loss of the report, not the share of answers that stopped at the EOS,
+    the one measure of whether the model learned to end its turn (a model that never stops scores F1 near 0 too,
+    for another reason). A report from before that measure shows what it has."""
+    report = {"base": {"exact_match": 0.0, "f1": 0.0, "stopped": 0.0, "loss": 6.45},
+              "tuned": {"exact_match": 1.0, "f1": 1.0, "stopped": 1.0, "loss": 0.0368}}
+    rows = dict(render.summary_rows({"report": report}))
+    assert rows["eval report (tuned / base)"] == ("exact match 100% / 0%, F1 1.00 / 0.00, stopped by itself 100% / 0%, "
+                                                  "loss 0.0368 / 6.4500")
+    older = {side: {k: v for k, v in values.items() if k != "stopped"} for side, values in report.items()}
+    assert dict(render.summary_rows({"report": older}))["eval report (tuned / base)"] == (
+        "exact match 100% / 0%, F1 1.00 / 0.00, loss 0.0368 / 6.4500")
