@@ -555,3 +555,13 @@ def test_a_job_on_tool_calling_rows_trains_and_reports_the_calls(tiny_model_dir,
     assert len(rows) == 2 and all(row["reference"] == call_of(row["prompt"].split()[3]) for row in rows), rows
     # The adapter carries the template that renders tools: served by vLLM, the model is prompted as it trained.
     assert "tool_call" in AutoTokenizer.from_pretrained(result.out_dir / "adapter").chat_template
+
+
+def test_the_report_event_says_whether_the_tuned_model_learned_to_stop():
+    """The event gave exact match, F1 and loss, not the share of answers that ended at the EOS: whether the
+    fine-tune learned to stop, the first thing to check of one, was in the report alone."""
+    base = {"exact_match": 0.0, "f1": 0.0, "stopped": 0.0, "loss": 6.45, "perplexity": 632.7}
+    tuned = {"exact_match": 1.0, "f1": 1.0, "stopped": 1.0, "loss": 0.0368, "perplexity": 1.04}
+    report = {"rows": [{}] * 8, "metrics": {"base": base, "tuned": tuned}}
+    assert describe_report(report) == ("eval report on 8 prompts; exact match 100% tuned vs 0% base, F1 1.00 vs 0.00; "
+                                       "stopped by itself 100% tuned vs 0% base; loss 0.0368 tuned vs 6.4500 base")

@@ -180,6 +180,8 @@ def describe_report(report: dict) -> str:
     if tuned["exact_match"] is not None:
         parts.append(f"exact match {tuned['exact_match']:.0%} tuned vs {base['exact_match']:.0%} base, "
                      f"F1 {tuned['f1']:.2f} vs {base['f1']:.2f}")
+    if tuned.get("stopped") is not None and base.get("stopped") is not None:  # whether the model learned to end its turn
+        parts.append(f"stopped by itself {tuned['stopped']:.0%} tuned vs {base['stopped']:.0%} base")
     if tuned["loss"] is not None and base["loss"] is not None:
         parts.append(f"loss {tuned['loss']:.4f} tuned vs {base['loss']:.4f} base")
     if report.get("rewards"):
