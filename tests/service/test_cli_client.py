@@ -176,7 +176,7 @@ def test_create_prints_the_preflight_warnings(cli_env, demo_data, tmp_path):
     created = qlora(cli_env, "jobs", "create", str(tmp_path / "spec.json"), "--dataset", json.loads(upload.stdout)["id"])
     assert created.returncode == 0, created.stderr
     job = json.loads(created.stdout)
-    assert ("warning: 1 rows have nothing to learn within max_seq_length and are dropped (lines 21)"
+    assert ("warning: 1 row has nothing to learn within max_seq_length and is dropped (line 21)"
             in created.stderr), created.stderr
     assert qlora(cli_env, "jobs", "cancel", job["id"]).returncode == 0
 

@@ -337,3 +337,20 @@ def test_a_validation_set_with_nothing_to_evaluate_does_not_hide_a_train_set_tha
     refusals, _ = problems(spec, train, validation)
     assert [(r.set, "no validation row is left to evaluate" in r.reason, "keeps its EOS in the labels" in r.reason)
             for r in refusals] == [("train", False, True), ("validation", True, False)]
+
+
+def test_one_dropped_row_is_said_in_the_singular():
+    """A file with one over-long row read "1 rows have nothing to learn within max_seq_length and are dropped
+    (lines 22)", which `qlora jobs create` now prints as the job is made."""
+    from worker.training.preflight import SetReport, problems
+
+    spec = JobSpec.parse({"base_model": "tiny", "training": {"max_steps": 10, "max_seq_length": 64}})
+    lengths = {"min": 20, "median": 20, "p95": 20, "max": 9407}
+    one = SetReport(rows=21, rows_in_file=21, truncated_rows=1, dropped_rows=1, dropped_lines=[22], tokens=390,
+                    trained_tokens=120, lengths=lengths)
+    _, warnings = problems(spec, one, None)
+    assert "1 row has nothing to learn within max_seq_length and is dropped (line 22)" in warnings, warnings
+    two = SetReport(rows=21, rows_in_file=21, truncated_rows=2, dropped_rows=2, dropped_lines=[3, 22], tokens=390,
+                    trained_tokens=120, lengths=lengths)
+    _, warnings = problems(spec, two, None)
+    assert "2 rows have nothing to learn within max_seq_length and are dropped (lines 3, 22)" in warnings, warnings

@@ -397,8 +397,8 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = (), *,
                     f"max_seq_length={t.max_seq_length} tokens, counted here as the trainer counts them")
         else:
             note = (f"packing \"auto\" packs rows on a GPU with flash-attention: there the {rows:,} rows are "
-                    f"{packed:,} sequences, {packed_per_epoch:,} steps per epoch ({packed_steps:,} steps, "
-                    f"{packed_epochs} epochs); set training.packing true or false to have one count")
+                    f"{packed:,} sequences, {packed_per_epoch:,} step{'' if packed_per_epoch == 1 else 's'} per epoch "
+                    f"({packed_steps:,} steps, {packed_epochs} epochs); set training.packing true or false to have one count")
     if partly and read:
         estimate = (f"an estimate: the preflight read the first {read[0]:,} of {read[1]:,} rows, and counts the "
                     f"others as those went ({rows:,} rows to train on)")
@@ -494,9 +494,11 @@ def problems(spec: JobSpec, train: SetReport,
                         f"{train.trained_tokens_lost:,} trained tokens; the p95 row is {train.lengths['p95']:,} tokens")
     if train.dropped_rows:
         ties = f"; {_tied(train)}" if train.tied_rows else ""
-        warnings.append(f"{train.dropped_rows:,} rows{scope} have nothing to learn within max_seq_length and are dropped "
-                        f"(lines {', '.join(map(str, train.dropped_lines[:5]))}{'...' if train.dropped_rows > 5 else ''}"
-                        f"{ties})")
+        one = train.dropped_rows == 1  # "1 rows have ... (lines 22)" was what a file with one over-long row read
+        warnings.append(f"{train.dropped_rows:,} {'row' if one else 'rows'}{scope} {'has' if one else 'have'} nothing to "
+                        f"learn within max_seq_length and {'is' if one else 'are'} dropped "
+                        f"({'line' if one else 'lines'} {', '.join(map(str, train.dropped_lines[:5]))}"
+                        f"{'...' if train.dropped_rows > 5 else ''}{ties})")
     if validation is not None and validation.dropped_rows:
         ties = f"; {_tied(validation)}" if validation.tied_rows else ""
         warnings.append(f"{validation.dropped_rows:,} of {validation.rows:,} validation rows have nothing to evaluate "
