@@ -7,6 +7,7 @@ server at all. Production points the same settings at Postgres, Redis and an S3-
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from functools import lru_cache
@@ -31,6 +32,30 @@ MIB = 1024**2
 
 # What QLORA_DATABASE_URL takes (Settings checks it; `qlora admin` names it where a URL fails).
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+
+
+# QLORA_* variables that are not settings, read by name elsewhere: the client's (app/cli/api_client.py), the
+# host-side directory docker-compose.yml mounts at /models, and the fault injections the fault tests set
+# (app/db.py, worker/).
+NOT_SETTINGS = {"QLORA_URL", "QLORA_API_KEY", "QLORA_MODELS_DIR"}
+NOT_SETTINGS_PREFIXES = ("QLORA_FAULT_",)
+
+
+def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """What an operator set as QLORA_* that no setting reads, each with the setting it most likely meant. Left
+    unread, a mistyped QLORA_DATABSE_URL put `qlora serve --no-worker` of a Postgres deployment on a SQLite file
+    of its own (a first start's team, key and demo model made there), and a mistyped QLORA_BROKER_URL had a
+    worker wait on a local queue no API sends to, counted alive all the while."""
+    settings = {f"QLORA_{name.upper()}" for name in Settings.model_fields}
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads names in any case
+        if not upper.startswith("QLORA_") or upper in settings or upper in NOT_SETTINGS \
+                or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        meant = difflib.get_close_matches(upper, sorted(settings), n=1, cutoff=0.75)
+        unknown.append(f"{name} (did you mean {meant[0]}?)" if meant else name)
+    return unknown
 
 
 SQLITE_URL_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
@@ -292,6 +317,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ValueError(f"{'; '.join(unknown)[:400]}: not a setting of this release (README, Configuration). "
+                             "Correct or unset it: a setting misspelled would be ignored, and its default used")
         self.home = self.home.expanduser().resolve()
         if not self.database_url:
             self.database_url = sqlite_url(self.home / "qlora.db")

@@ -100,3 +100,32 @@ def test_the_embedded_database_lives_in_its_home_whatever_the_home_is_named(tmp_
     upgrade(url)
     assert (home / "qlora.db").is_file() and [p.name for p in tmp_path.iterdir()] == [name]
     assert "jobs" in inspect(engine_for(url)).get_table_names()
+
+
+def test_a_misspelled_setting_is_refused_naming_what_it_meant_not_ignored(tmp_path, monkeypatch):
+    """A scale-out deployment whose QLORA_DATABASE_URL was mistyped: `qlora migrate` migrated a SQLite file in its
+    home instead, and `serve --no-worker` made one too (a first start's team, admin key and demo model) and served
+    from it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.deployment import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**env, "QLORA_HOME": str(home), "QLORA_BROKER_URL": "redis://127.0.0.1:1/0",
+                               "QLORA_DATABSE_URL": "postgresql+psycopg://u:secret@db/qlora"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "QLORA_DATABSE_URL (did you mean QLORA_DATABASE_URL?): not a setting" in done.stderr
+    assert "secret" not in done.stderr and not home.exists()  # no database, key or model made anywhere
+    # Any case, as pydantic-settings reads them; the client's variables and the fault tests' are not settings.
+    monkeypatch.setenv("qlora_brokr_url", "redis://x")
+    with pytest.raises(ValueError, match=r"qlora_brokr_url \(did you mean QLORA_BROKER_URL\?\)"):
+        Settings(home=tmp_path)
+    monkeypatch.delenv("qlora_brokr_url")
+    for name in ("QLORA_URL", "QLORA_API_KEY", "QLORA_MODELS_DIR", "QLORA_FAULT_HOLD_END"):
+        monkeypatch.setenv(name, "1")
+    Settings(home=tmp_path)
