@@ -632,6 +632,10 @@ def reaper() -> None:
 
     settings = get_settings()
     settings.check_timing()
+    # As `serve` does: on a database `qlora migrate` has not brought to this release's schema (started before it, or
+    # updated first in a rolling upgrade) every pass of both loops failed on a missing table or column, a traceback
+    # in the log each time, while it ran on as if it worked.
+    _check_schema(settings.database_url)
     if settings.reaper_interval_s <= 0 or settings.scheduler_interval_s <= 0:
         raise typer.BadParameter("QLORA_REAPER_INTERVAL_S and QLORA_SCHEDULER_INTERVAL_S must be above 0 for "
                                  "`qlora reaper` (0 turns those loops off)")

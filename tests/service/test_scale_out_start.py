@@ -73,6 +73,33 @@ def test_a_worker_will_not_start_on_a_database_an_older_release_migrated(deploym
         engine_for(url).dispose()
         services.drop_postgres_database(url)
 
+def test_the_reaper_will_not_start_on_a_database_without_this_releases_schema(tmp_path):
+    """`qlora reaper` started before `qlora migrate` (or updated first in a rolling upgrade) ran on, its every pass a
+    traceback (`relation "leases" does not exist`, a column missing), reaping and scheduling nothing. It says what
+    to run and exits 2, as `serve` and `qlora worker` do."""
+    import os
+
+    from alembic import command
+
+    from app.migrate import alembic_config
+
+    services.ensure_postgres()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    for revision, said in ((None, "the database has no schema yet: run `qlora migrate` first"),
+                           ("0015", "the database is at schema 0015, this release needs")):
+        url = services.create_postgres_database()
+        try:
+            if revision:
+                command.upgrade(alembic_config(url), revision)  # as the release that shipped 0015 left it
+            done = subprocess.run([sys.executable, "-m", "app.cli", "reaper"], cwd=ROOT, capture_output=True, text=True,
+                                  env={**env, "QLORA_DATABASE_URL": url, "QLORA_HOME": str(tmp_path)}, timeout=60)
+            assert done.returncode == 2, done.stdout + done.stderr
+            assert f"error: {said}" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+        finally:
+            engine_for(url).dispose()
+            services.drop_postgres_database(url)
+
+
 def test_a_model_missing_on_a_worker_host_is_that_hosts_fault_not_the_jobs(deployment, worker, demo_data,
                                                                             tiny_model_dir, tmp_path):
     """The files of a registered model are not where the registry says on the worker's host: the attempt
