@@ -100,6 +100,29 @@ def test_the_reaper_will_not_start_on_a_database_without_this_releases_schema(tm
             services.drop_postgres_database(url)
 
 
+def test_a_worker_will_not_start_on_another_storage_than_the_apis(deployment, demo_data, tmp_path):
+    """A worker host given another bucket or prefix, or no QLORA_STORAGE_URL at all (its own directory), took each
+    job of its queue and failed it: `the worker failed: NoSuchBucket: ... The specified bucket does not exist`,
+    the user's job blamed for the host's settings. It now says what differs and exits 2, before taking a job."""
+    import uuid
+
+    from tests.deployment import upload
+
+    admin = deployment.client(deployment.team_key("team-storage-check", admin=True))
+    assert upload(admin, demo_data["train"]).status_code == 201
+    for storage_url in (f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/prod",  # another bucket
+                        deployment.env["QLORA_STORAGE_URL"] + "-elsewhere",  # the bucket, another prefix
+                        f"file://{tmp_path}/storage"):  # none set: the worker's own home's
+        env = {**deployment.env, "QLORA_STORAGE_URL": storage_url, "QLORA_HOME": str(tmp_path / "worker-home")}
+        done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--name", "other-storage"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert (f"error: storage holds none of the newest datasets' objects where this process looks "
+                f"(QLORA_STORAGE_URL={storage_url}") in said and "it is not the storage the API stores in" in said
+        assert "Traceback" not in said and env["AWS_SECRET_ACCESS_KEY"] not in said
+
+
 def test_a_model_missing_on_a_worker_host_is_that_hosts_fault_not_the_jobs(deployment, worker, demo_data,
                                                                             tiny_model_dir, tmp_path):
     """The files of a registered model are not where the registry says on the worker's host: the attempt
