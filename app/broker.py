@@ -66,3 +66,11 @@ def _make_celery(settings: Settings) -> Celery:
     )
     return app
 
+
+
+def broker_answers(settings: Settings) -> None:
+    """Raises where the broker cannot be reached (GET /ready): a connection made as sending a task makes one, which
+    for Redis is a PING (kombu's channel sends one as it opens), given up after one try."""
+    with celery_for(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=0)  # 0: one try, no retry
+        connection.default_channel  # noqa: B018 (opening the channel is the look)

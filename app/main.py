@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
+from app.broker import broker_answers
 from app.config import Settings, get_settings
 from app.datasets.routes import router as datasets_router
 from app.db import api_database_url, engine_for, statement_timeout_of
@@ -44,7 +45,7 @@ from app.models.routes import router as models_router
 from app.openai.result_files import ResultFiles
 from app.openai.routes import router as openai_router
 from app.openai.translate import openai_error
-from app.operations.readiness import Readiness
+from app.operations.readiness import Look, Readiness
 from app.operations.routes import router as operations_router
 from app.operations.service import FinishedJobs
 from app.quotas.routes import router as quotas_router
@@ -235,20 +236,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
-    readiness = Readiness(settings.database_url, settings.api_database_timeout_s)
+    readiness = Readiness(settings.database_url, settings.api_database_timeout_s, [
+        Look("broker", "QLORA_BROKER_URL", lambda: broker_answers(settings), settings.api_database_timeout_s),
+        Look("storage", "QLORA_STORAGE_URL", app.state.storage.now, settings.api_database_timeout_s)])
 
     @app.get("/ready", tags=["operations"])
     @app.head("/ready", tags=["operations"])
     async def ready():
         """Whether this process can serve requests: the database answers a `SELECT 1` within
         QLORA_API_DATABASE_TIMEOUT_S. 503 with what is wrong otherwise, for a readiness probe (/health stays a
-        liveness probe: the process answers). One check at a time per process, shared by the probes that ask
-        within a second of it (app/operations/readiness.py)."""
+        liveness probe: the process answers). The broker and storage are named too, "degraded" where either is
+        down, without a 503 (app/operations/readiness.py says why). One check at a time per process, shared by
+        the probes that ask within a second of it."""
         answer = await readiness.answer()
         if not answer.ok:
-            return JSONResponse({"status": "unavailable", "database": answer.database},
-                                status_code=503, headers={"Retry-After": "10"})
-        return {"status": "ok", "database": "ok"}
+            return JSONResponse(answer.body(), status_code=503, headers={"Retry-After": "10"})
+        return answer.body()
 
     app.include_router(models_router)
     app.include_router(datasets_router)

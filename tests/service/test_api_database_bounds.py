@@ -97,7 +97,7 @@ def test_a_black_holed_database_answers_503_and_the_api_recovers(api_through_lin
 
     link.restore()
     assert _served_again(api, "/jobs")
-    assert ready_when(api, 200).json() == {"status": "ok", "database": "ok"}
+    assert ready_when(api, 200).json() == {"status": "ok", "database": "ok", "broker": "ok", "storage": "ok"}
 
 
 def test_a_read_that_gets_no_turn_within_the_database_timeout_answers_503(deployment, link):
@@ -198,7 +198,7 @@ def test_a_refused_database_is_503_and_ready_says_unreachable(api_through_link, 
     so, never a 500; /ready, a readiness probe's target, answers 503 naming the database while /health (liveness:
     the process answers) stays 200."""
     api = api_through_link
-    assert get(api, "/ready").json() == {"status": "ok", "database": "ok"}
+    assert get(api, "/ready").json() == {"status": "ok", "database": "ok", "broker": "ok", "storage": "ok"}
     link.cut()
     for path in ("/jobs", "/datasets", "/usage", "/metrics"):
         answer = get(api, path)
