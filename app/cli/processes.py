@@ -102,8 +102,8 @@ def serve(
         if run_worker:
             child = LocalWorker(settings, {**os.environ, "QLORA_HOME": str(settings.home)})
             child.start()
-        out.print(listening_line(settings), highlight=False, soft_wrap=True)
         logs.configure("api", settings.log_format)  # this process's; each API process sets up its own too
+        _announce(listening_line(settings), settings.log_format)
         # An import string, which uvicorn needs to start several processes (and uses alike for one).
         # With several, uvicorn's parent process only supervises: SIGTERM to it stops every API process,
         # each after its own graceful shutdown, and it replaces one that dies.
@@ -121,6 +121,18 @@ def serve(
     if terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
+
+
+def _announce(message: str, log_format: str) -> None:
+    """What a process says as it starts (its address, its loops): a line for the person at a terminal, else one JSON
+    log record like every other line. Printed to stdout, it reached a log collector (docker's, which takes both
+    streams) as the one line of text among JSON ones, and cut at 80 columns into two (rich's width off a terminal)."""
+    from app import logs
+
+    if logs.resolve_format(log_format) == "json":
+        logging.getLogger("qlora.start").info(message)
+    else:
+        out.print(message, highlight=False)
 
 
 def _check_schema(database_url: str, *, unreachable_ok: bool = False) -> None:
@@ -668,9 +680,9 @@ def reaper() -> None:
     # Stop between passes and release the leases, so another process takes over at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    out.print(f"reaper every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s) and "
+    _announce(f"reaper every {settings.reaper_interval_s}s (heartbeat deadline {settings.heartbeat_deadline_s}s) and "
               f"scheduler every {settings.scheduler_interval_s}s, each while it holds its lease; API processes "
-              "compete for them too")
+              "compete for them too", settings.log_format)
     for loop in loops:
         loop.start()
     stop.wait()

@@ -123,6 +123,29 @@ def test_a_worker_will_not_start_on_another_storage_than_the_apis(deployment, de
         assert "Traceback" not in said and env["AWS_SECRET_ACCESS_KEY"] not in said
 
 
+def test_the_api_and_the_reaper_write_only_json_lines_when_not_on_a_terminal(deployment):
+    """A log collector (docker's takes stdout and stderr alike) read JSON lines and, among them, `API on http://...`
+    and `reaper every 15.0s ... and` / `scheduler every ...` (one line cut in two at 80 columns), printed as text."""
+    import json
+
+    def not_json(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip() and not line.startswith("{")]
+
+    api_log = deployment.log("api")  # its stdout and stderr, as the deployment started it
+    assert not not_json(api_log), not_json(api_log)[:5]
+    assert any(json.loads(line)["message"].startswith("API and dashboard on http://") for line in api_log.splitlines())
+    proc = deployment.spawn("reaper", log_name="reaper-json")
+    try:
+        log = deployment.home / "reaper-json.log"
+        deadline = time.monotonic() + 60
+        while "reaper every" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.2)
+    finally:
+        deployment.stop(proc)
+    assert not not_json(log.read_text()), not_json(log.read_text())[:5]
+
+
 def test_a_model_missing_on_a_worker_host_is_that_hosts_fault_not_the_jobs(deployment, worker, demo_data,
                                                                             tiny_model_dir, tmp_path):
     """The files of a registered model are not where the registry says on the worker's host: the attempt
