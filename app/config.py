@@ -12,11 +12,11 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The range of a team's weight (its quota's, and QLORA_DEFAULT_WEIGHT): the most is 100,000 times the least. The
 # least keeps a share a plain number: a share is GPU time used divided by the weight, and a weight of 1e-320 (taken
@@ -58,6 +58,13 @@ def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
     return unknown
 
 
+# What each setting given as JSON looks like, for the error that a value that is not JSON gets.
+JSON_EXAMPLES = {"gpu_classes": "a JSON object of GiB by class, e.g. '{\"l4\": 22.49, \"h100\": 79.65}'",
+                 "host_memory": "a JSON object of GiB by class, e.g. '{\"l4\": 40}'",
+                 "extra_gpu_classes": "a JSON list of class names, e.g. '[\"a100\"]'",
+                 "model_roots": "a JSON list of absolute directories, e.g. '[\"/models\"]'"}
+
+
 SQLITE_URL_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
 
 
@@ -97,7 +104,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     # API processes `qlora serve` starts on one host, sharing its port (as uvicorn's and gunicorn's
     # workers do). Each has database pools of its own (app/db.py), so the database's max_connections
     # bounds this. Background loops (the reaper, the scheduler) work in one of them at a time: the lease holder.
@@ -172,22 +179,22 @@ class Settings(BaseSettings):
     # e.g. {"l4": 22.49, "h100": 79.65}: a "24 GB" L4 has 22.49 GiB, and admission's "auto" decisions hold the job to it.
     # When set, a job is admitted only if its estimated peak fits one, and goes to the smallest that
     # fits; when empty (the embedded default), memory is not checked before a job runs.
-    gpu_classes: dict[str, float] = Field(default_factory=dict)
+    gpu_classes: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # The host (CPU) memory in GiB a job on one GPU of a class may hold, by class, e.g. {"l4": 40, "h100": 200}: the
     # host's RAM shared among its GPUs, less what its processes take without a job. Activation offload pins a
     # step's kept activations there (8 GiB for Llama 3 8B at 32k tokens) and a paged optimizer's overflow pages
     # there; where a class's is given, admission counts both against it (a job needing more is refused, and
     # "auto" does not turn offload on past it). A class without one: host memory is not checked, and the
     # created event says so.
-    host_memory: dict[str, float] = Field(default_factory=dict)
+    host_memory: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # More classes workers serve, by name only, e.g. ["a100"]: a job may ask for one, and its memory is
     # not checked there. A job asking for a class that is in neither list (nor the default) is refused:
     # it would wait forever on a queue no worker listens to.
-    extra_gpu_classes: list[str] = Field(default_factory=list)
+    extra_gpu_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Where base models may be registered from (POST /models, `qlora admin add-model --path`), e.g. ["/models"]:
     # a model's path must be a directory under one of these, on every host. Without it: <home>/models, the
     # service's own (where the demo model is built). An admin key may then name no other file of a host.
-    model_roots: list[Path] = Field(default_factory=list)
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Operator ceilings on what a spec may ask for, checked when a job is created (none: the spec's own
     # ranges). A longer sequence or a larger micro-batch needs more GPU memory than admission may know
     # of (a class without its memory configured, a model without config.json); more steps hold a GPU longer.
@@ -290,12 +297,19 @@ class Settings(BaseSettings):
     # message) once it has waited this long without a claim.
     preempt_after_wait_s: float = Field(30.0, ge=0)
 
-    @field_validator("extra_gpu_classes", "model_roots", mode="before")
+    @field_validator("gpu_classes", "host_memory", "extra_gpu_classes", "model_roots", mode="before")
     @classmethod
-    def _json_list(cls, value: Any) -> Any:
-        # The environment's JSON is decoded by pydantic-settings; Settings(extra_gpu_classes='["a"]'),
-        # as a process passes its environment on, needs it decoded here.
-        return json.loads(value) if isinstance(value, str) else value
+    def _json(cls, value: Any, info: ValidationInfo) -> Any:
+        # Decoded here, not by pydantic-settings (NoDecode): its error for a value that is not JSON (QLORA_MODEL_ROOTS=
+        # /models, written as a path) was a 145-line traceback naming no variable; here it is the one line every
+        # other refused setting is (app/cli main). Settings(extra_gpu_classes='["a"]') is decoded here too.
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            example = JSON_EXAMPLES[info.field_name or ""]
+            raise ValueError(f"not JSON: give {example}; got {value[:200]!r}") from None
 
     @field_validator("public_url")
     @classmethod

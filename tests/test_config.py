@@ -64,7 +64,14 @@ def test_a_setting_that_cannot_be_used_is_one_line_from_any_command_not_a_traceb
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     for setting, said in (("QLORA_PORT=abc", "QLORA_PORT: Input should be a valid integer"),
-                          ("QLORA_DATABASE_URL=bogus://x", "QLORA_DATABASE_URL must be sqlite:///PATH")):
+                          ("QLORA_DATABASE_URL=bogus://x", "QLORA_DATABASE_URL must be sqlite:///PATH"),
+                          # Settings given as JSON: a value that is not JSON was pydantic-settings' 145-line traceback.
+                          ("QLORA_MODEL_ROOTS=/models", "QLORA_MODEL_ROOTS: not JSON: give a JSON list of absolute "
+                                                        "directories, e.g. '[\"/models\"]'; got '/models'"),
+                          ("QLORA_GPU_CLASSES={l4: 22}", "QLORA_GPU_CLASSES: not JSON: give a JSON object of GiB by class"),
+                          # A key inside one is named as a key, not as a variable QLORA_GPU_CLASSES_L4 that does not exist.
+                          ('QLORA_GPU_CLASSES={"l4": "big"}', "QLORA_GPU_CLASSES ['l4']: Input should be a valid number"),
+                          ("QLORA_PORT=99999", "QLORA_PORT: Input should be less than or equal to 65535")):
         name, value = setting.split("=", 1)
         done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, capture_output=True, text=True,
                               env={**env, "QLORA_HOME": str(tmp_path / "home"), name: value}, timeout=60)

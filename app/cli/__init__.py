@@ -45,7 +45,10 @@ def main() -> None:
             raise
         # A setting from the environment that cannot be used: what a person fixes, not a traceback.
         for error in exc.errors():
-            where = f"QLORA_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else ""
+            # The variable, then where inside its JSON value (QLORA_GPU_CLASSES's "a100" was QLORA_GPU_CLASSES_A100).
+            setting, *inside = error["loc"] or ("",)
+            where = (f"QLORA_{str(setting).upper()}{' [' + ']['.join(map(repr, inside)) + ']' if inside else ''}: "
+                     if setting else "")
             err.print(f"[red]error:[/red] {where}{escape(error['msg'].removeprefix('Value error, '))}",
                       highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
