@@ -11,7 +11,7 @@ from sqlalchemy import Label, Row, Select, case, false, func, null, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session, SessionTransaction
 
 from app.jobs import states
-from app.jobs.tables import Job, JobMetric
+from app.jobs.tables import Job, JobAttempt, JobMetric
 from app.operations.tables import Worker
 from app.teams.tables import Team
 
@@ -144,6 +144,18 @@ def idle_workers(session: Session, queue: str, alive_since: datetime) -> int:
     busy = select(Job.worker).where(Job.status.in_(states.WORKER_OWNED), Job.worker.is_not(None))
     return session.scalar(select(func.count()).select_from(Worker).where(
         Worker.queue == queue, Worker.seen_at >= alive_since, Worker.name.not_in(busy))) or 0
+
+
+def idle_throughout(session: Session, queue: str, alive_since: datetime, since: datetime) -> list[str]:
+    """Names of the workers of the class that are up now (said so since `alive_since`), were up at `since`, hold no
+    job, and claimed or ended no attempt after `since`: idle all that time, so any message of theirs in the broker
+    since then would have been taken."""
+    busy = select(Job.worker).where(Job.status.in_(states.WORKER_OWNED), Job.worker.is_not(None))
+    active = select(JobAttempt.worker).where(JobAttempt.worker.is_not(None),
+                                             (JobAttempt.claimed_at >= since) | (JobAttempt.ended_at >= since))
+    return list(session.scalars(select(Worker.name).where(
+        Worker.queue == queue, Worker.seen_at >= alive_since, Worker.started_at <= since,
+        Worker.name.not_in(busy), Worker.name.not_in(active)).order_by(Worker.name)))
 
 
 def last_worker_seen(session: Session, queue: str) -> Row | None:

@@ -243,12 +243,29 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
     jobs piled up 288,000 messages a day in the broker, each a claim for a worker to make once one freed."""
     idle = repository.idle_workers(session, queue, workers.alive_since(session))
     unsent = repository.unsent(session, queue, before=now - timedelta(seconds=settings.redispatch_after_s) if idle else None)
+    # Sent before and not taken, while a worker of the class is idle: a message lost, or one on a broker no worker of
+    # the class listens to. The latter was silent: a worker host given another QLORA_BROKER_URL (or none: its own
+    # local queue) beat as alive and idle, and the job waited for ever, "waiting_for": "gpu", nothing said why.
+    stale = unsent - repository.unsent(session, queue) if idle else set()
     young = now - timedelta(seconds=SEND_UNSENT_AFTER_S)
-    sent = 0
+    sent = resent = 0
     for job, reason in order:
         if reason is None and job.job_id in unsent and datetime.fromtimestamp(job.created_at, UTC) < young:
             after_commit(session, functools.partial(send, settings, job.job_id, queue))
             sent += 1
+            resent += job.job_id in stale
+    if resent:
+        # Named only where a worker sat idle the whole time since those messages went: one that just finished a job
+        # is about to take the next message, and one busy then was not there to take it.
+        since = now - timedelta(seconds=settings.redispatch_after_s)
+        idle_all_along = repository.idle_throughout(session, queue, workers.alive_since(session), since)
+        if idle_all_along:
+            log.warning("queue %s: no worker took the message of %s, sent %s s ago or more, though %s of this queue "
+                        "(%s) sat idle all that time; sent again. The messages were lost (a broker restarted without "
+                        "persistence), or those workers listen to another broker than this API: if this repeats, "
+                        "compare their QLORA_BROKER_URL with the API's", queue, counted(resent, "job"),
+                        f"{settings.redispatch_after_s:g}", counted(len(idle_all_along), "worker"),
+                        ", ".join(idle_all_along[:5]))
     return sent
 
 
