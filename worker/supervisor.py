@@ -55,6 +55,7 @@ from app.storage.base import (
     make_key,
     storage_from_settings,
     storage_out_of_reach,
+    storage_refuses_this_client,
 )
 from app.storage.local import LocalStorage
 from app.text import format_bytes
@@ -538,6 +539,12 @@ class JobRun:
             return (f"a disk was full ({said}; on worker {self.worker}: {free_space(disks)}); free space there")
         if isinstance(exc, TrainerOutOfReach) or out_of_reach(exc):
             return f"storage or the database was out of reach ({_said(exc)})"
+        refused = storage_refuses_this_client(exc)
+        if refused is not None:
+            # This worker's settings, not the job: another bucket than the API's, or a key that was rotated on the
+            # API's hosts and not on this one. Every job it took failed ("the worker failed: NoSuchBucket").
+            return (f"storage refused worker {self.worker} ({refused}): its QLORA_STORAGE_URL, QLORA_S3_ENDPOINT_URL "
+                    "or credentials are not the API's; give it the API's")
         return None
 
     def _prepare(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:

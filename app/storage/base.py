@@ -112,6 +112,30 @@ def storage_out_of_reach(exc: BaseException) -> bool:
     return False
 
 
+# What S3 answers a client whose settings are not the store's (another bucket, a key it does not know or that was
+# rotated, a secret that does not match, no permission): the process's fault, never a request's or a job's.
+REFUSED_CLIENT_CODES = frozenset({"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                  "ExpiredToken", "InvalidToken", "403", "AllAccessDisabled"})
+
+
+def storage_refuses_this_client(exc: BaseException) -> str | None:
+    """The S3 error code where `exc` (or an error it was raised from) is the store refusing this process's own settings
+    or credentials (REFUSED_CLIENT_CODES), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("botocore"):
+            import botocore.exceptions as boto
+
+            if isinstance(current, boto.ClientError):
+                code = str(current.response.get("Error", {}).get("Code", ""))
+                if code in REFUSED_CLIENT_CODES:
+                    return code
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def check_span(start: int, length: int | None) -> None:
     if start < 0 or (length is not None and length < 0):
         raise ValueError(f"a read starts at a byte >= 0 and reads >= 0 bytes, got start={start}, length={length}")
