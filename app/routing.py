@@ -5,7 +5,7 @@ stored in a JSON column (a job's metadata, its spec), the row could then never b
 read of the job, the worker's claim among them, would fail. Parsed here, such a body is refused as
 malformed JSON before any route sees it, and so is anything else the database's reader would refuse
 (nesting past its limit), but a number too long for it to read, which is read as the float it denotes for the
-field's own check to refuse (_long_numbers_as_floats). A key given twice in one object is refused too,
+field's own check to refuse (long_numbers_as_floats, which the CLI's spec files share). A key given twice in one object is refused too,
 naming it: from_json keeps the last, so `{"learning_rate": 1e-4, ..., "learning_rate": 0.9}` trained
 with a spec its caller never read.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import math
 import re
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from app.errors import Invalid, field_errors
 from app.jobs.turns import Busy, Turns
 from app.shares import KEYLESS, ClientLeft
 from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
-from worker.training.spec import excerpt
+from worker.training.spec import excerpt, long_numbers_as_floats
 
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
 # Requests with a JSON body one API key may have in progress at once in one API process; the next waits for one
@@ -91,7 +90,7 @@ def checked_json(body: bytes) -> Any:
     try:
         value = from_json(body)
     except ValueError as exc:
-        body = _long_numbers_as_floats(body) if str(exc).startswith(NUMBER_OUT_OF_RANGE) else body
+        body = long_numbers_as_floats(body) if str(exc).startswith(NUMBER_OUT_OF_RANGE) else body
         try:
             value = from_json(body)
         except ValueError as exc:  # FastAPI answers a JSONDecodeError as a 422 naming the body
@@ -106,32 +105,9 @@ def checked_json(body: bytes) -> Any:
     return value
 
 
-# from_json refuses a number whose integer part has more digits than this ("number out of range", its whole body
-# a 422 naming no field), as Python's int() does past sys.int_info.default_max_str_digits.
-FROM_JSON_MAX_DIGITS = 4300
+# from_json refuses a number whose integer part has more digits than FROM_JSON_MAX_DIGITS ("number out of range", its
+# whole body a 422 naming no field); such a number is read as the float it denotes (long_numbers_as_floats).
 NUMBER_OUT_OF_RANGE = "number out of range"
-# A string (skipped: its digits are no number; an unrolled loop, which reads a 15 MiB string in 0.08 s) or a number
-# whose integer part is past FROM_JSON_MAX_DIGITS; a number starts where no other number's character is before it
-# (the digits after a point or an `e` are no number's start).
-_STRING_OR_LONG_NUMBER = re.compile(
-    rb'"[^"\\]*(?:\\.[^"\\]*)*"|(?<![0-9.eE+-])-?[0-9]{%d,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?' % (FROM_JSON_MAX_DIGITS + 1),
-    re.DOTALL)
-
-
-def _long_numbers_as_floats(body: bytes) -> bytes:
-    """The JSON text `body` with each number from_json refuses for its length (a 5,000-digit max_steps) written as
-    the float it denotes: past every float (1e400, which from_json reads as inf, as it reads any number past
-    float's range) unless its exponent brings it back (`1<4,400 zeros>e-4400` is 1.0). So it is the field's own
-    check that refuses it, naming the field and its range (`training.max_steps: ... got inf; allowed: ...`), as
-    for `1e999`, instead of the whole body refused as "number out of range at line 1 column 4302". No field of
-    this API takes a number that large, and one brought back into range is read as any float is, to the nearest."""
-    def short(token: re.Match[bytes]) -> bytes:
-        text = token[0]
-        if text.startswith(b'"'):
-            return text
-        number = float(text)  # correctly rounded however many digits it has; inf past float's range
-        return repr(number).encode() if math.isfinite(number) else b"-1e400" if number < 0 else b"1e400"
-    return _STRING_OR_LONG_NUMBER.sub(short, body)
 
 
 def _repeated_key(body: bytes) -> str | None:

@@ -438,17 +438,17 @@ MAX_SPEC_BYTES = 16 << 20  # the API's own limit on a JSON body (QLORA_MAX_JSON_
 
 def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
     """POST /jobs's body: the spec file's object, the dataset id and the fields given."""
+    from worker.training.spec import load_spec_json, spec_file_error  # the engine's commands read and say it alike
+
     try:
         with open(spec, "rb") as f:
             text = f.read(MAX_SPEC_BYTES + 1)
         if len(text) > MAX_SPEC_BYTES:
             _fail(f"{spec} is larger than {MAX_SPEC_BYTES >> 20} MiB: a job spec is a small JSON object")
-        body = json.loads(text)
+        body = load_spec_json(text)
     except OSError as exc:
         _fail(f"cannot read {spec}: {exc.strerror or exc}")
     except ValueError as exc:  # not UTF-8 either
-        from worker.training.spec import spec_file_error  # the engine's commands say it alike
-
         _fail(spec_file_error(spec, exc))
     if not isinstance(body, dict):
         _fail(f"{spec} must hold a JSON object (the job spec), not {type(body).__name__}")
@@ -459,7 +459,29 @@ def _job_body(spec: Path, *, dataset: str, **fields) -> dict:
     for field, what in (("dataset_id", "dataset id"), ("validation_dataset_id", "dataset id"), ("initial_job_id", "job id")):
         if isinstance(body.get(field), str):  # an id as the openai SDK printed it, too (`file-…`, `ftjob-…`)
             body[field] = native_id(body[field], what)
+    _refuse_numbers_json_cannot_send(spec, body)
     return body
+
+
+def _refuse_numbers_json_cannot_send(spec: Path, body: dict) -> None:
+    """Fail naming the field where the spec holds a number JSON cannot carry: a number past float's range (a
+    5,000-digit max_steps, read as inf by load_spec_json, as the API reads it) or NaN/Infinity, which Python's
+    parser takes. Sent, it crashed the command (the HTTP client refuses to write inf); checked here as the API
+    would check it (JobCreate, the engine's spec and the job's own fields), it is the field's own error, with its
+    range. Only then: a spec the API would take is never refused here by a CLI of another release than the API."""
+    try:
+        json.dumps(body, allow_nan=False)
+        return
+    except ValueError:
+        pass
+    from app.jobs.schemas import JobCreate
+    from worker.training.spec import SpecError
+
+    try:
+        JobCreate.parse(body)
+    except SpecError as exc:
+        _fail(f"{spec}: {exc}")
+    _fail(f"{spec} holds a number past float's range, NaN or Infinity, which JSON cannot carry: write the number")
 
 
 @jobs_commands.command("preflight")

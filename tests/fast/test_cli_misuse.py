@@ -154,6 +154,25 @@ def test_a_dataset_or_an_archive_given_as_the_spec_says_what_it_is(env, tmp_path
             code=2)
 
 
+def test_a_number_too_long_to_read_in_a_spec_file_is_refused_naming_its_field(env, tmp_path):
+    """A 5,000-digit training.max_steps in a spec file was "not valid JSON: Exceeds the limit (4300 digits) for
+    integer string conversion ... use sys.set_int_max_str_digits()" from every command that reads one: read as
+    the float it denotes, as the API reads a body, its field's own check names it and its range. `jobs create`
+    says so before sending (inf is no JSON: the HTTP client crashed writing it), and so does a spec holding
+    Infinity, which Python's parser takes."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"base_model": "m", "training": {"max_steps": ' + "9" * 5000 + "}}")
+    field = "training.max_steps: Input should be a finite number (got inf; allowed: >= 1 and <= 10000000)"
+    for command in (["jobs", "create", str(spec), "--dataset", "0" * 32], ["jobs", "preflight", str(spec), "--dataset", "0" * 32]):
+        done = qlora(env, *command)
+        refused(done, field)
+        assert "cannot reach" not in done.stderr and "set_int_max_str_digits" not in done.stderr, done.stderr
+    refused(qlora(env, "estimate", str(spec)), field, code=2)
+    refused(qlora(env, "train", str(spec), "--data", str(spec), "--out", str(tmp_path / "run")), field, code=2)
+    spec.write_text('{"base_model": "m", "training": {"max_steps": 10, "learning_rate": Infinity}}')
+    refused(qlora(env, "jobs", "create", str(spec), "--dataset", "0" * 32), "training.learning_rate: ")
+
+
 def test_unicode_prints_on_a_terminal_that_cannot_show_it(env, tmp_path):
     """PYTHONIOENCODING=ascii (or LC_ALL=POSIX without UTF-8 mode): a unicode name ended in a UnicodeEncodeError."""
     data = tmp_path / "lång-🦙.jsonl"

@@ -8,14 +8,16 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import sys
 import tracemalloc
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic_core import from_json
 
-from app.routing import FROM_JSON_MAX_DIGITS, MAX_JSON_VALUES, NUMBER_OUT_OF_RANGE, PARSE_ON_LOOP_BYTES, checked_json
+from app.routing import MAX_JSON_VALUES, NUMBER_OUT_OF_RANGE, PARSE_ON_LOOP_BYTES, checked_json
 from app.teams.service import create_key
+from worker.training.spec import FROM_JSON_MAX_DIGITS
 
 
 def post(client: TestClient, body: bytes):
@@ -89,7 +91,7 @@ def test_a_body_saved_with_a_byte_order_mark_is_read_as_without_it(client):
     assert marked.status_code in (404, 422) and marked.json()["error"]["code"] != "invalid"  # read as JSON: a job refused
 
 
-LONG = "9" * 5000  # an integer part past the digits from_json reads (app/routing.py, FROM_JSON_MAX_DIGITS)
+LONG = "9" * 5000  # an integer part past the digits from_json reads (worker/training/spec.py, FROM_JSON_MAX_DIGITS)
 
 
 def long_numbers(template: str) -> str:
@@ -140,3 +142,5 @@ def test_the_digits_from_json_reads_are_those_the_rewrite_assumes():
     assert from_json("9" * FROM_JSON_MAX_DIGITS) == int("9" * FROM_JSON_MAX_DIGITS)
     with pytest.raises(ValueError, match=NUMBER_OUT_OF_RANGE):
         from_json("9" * (FROM_JSON_MAX_DIGITS + 1))
+    # A spec file is read by Python's parser (load_spec_json), whose int() stops at the same count by default.
+    assert sys.int_info.default_max_str_digits == FROM_JSON_MAX_DIGITS

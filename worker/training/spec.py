@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -357,12 +359,54 @@ class JobSpec(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> JobSpec:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = load_spec_json(Path(path).read_text(encoding="utf-8"))
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise SpecError([("(file)", spec_file_error(path, exc))]) from None
         if not isinstance(data, dict):
             raise SpecError([("(file)", f"{path} must hold a JSON object")])
         return cls.parse(data)
+
+
+def load_spec_json(text: str | bytes) -> Any:
+    """A spec file's JSON value, as json.loads reads it, but with a number too long to read as the float it denotes
+    (long_numbers_as_floats), as the API reads a body: a 5,000-digit training.max_steps was "not valid JSON: Exceeds
+    the limit (4300 digits) for integer string conversion ... use sys.set_int_max_str_digits()", naming no field and
+    a fix meant for Python programmers; now the field's own check refuses it, naming it and its range. Raises
+    ValueError (JSONDecodeError, UnicodeDecodeError) where the text is no JSON: spec_file_error says why."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # int() refuses an integer of more digits than sys.get_int_max_str_digits() (4300 by default)
+        return json.loads(long_numbers_as_floats(text.encode() if isinstance(text, str) else text))
+
+
+# pydantic-core's from_json (the API's parser, and the database's reader of JSON) refuses a number whose integer part
+# has more digits than this, as Python's int() does past sys.int_info.default_max_str_digits, the same 4300.
+FROM_JSON_MAX_DIGITS = 4300
+# A string (skipped: its digits are no number; an unrolled loop, which reads a 15 MiB string in 0.08 s) or a number
+# whose integer part is past FROM_JSON_MAX_DIGITS; a number starts where no other number's character is before it
+# (the digits after a point or an `e` are no number's start).
+_STRING_OR_LONG_NUMBER = re.compile(
+    rb'"[^"\\]*(?:\\.[^"\\]*)*"|(?<![0-9.eE+-])-?[0-9]{%d,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?' % (FROM_JSON_MAX_DIGITS + 1),
+    re.DOTALL)
+
+
+def long_numbers_as_floats(body: bytes) -> bytes:
+    """The JSON text `body` with each number from_json refuses for its length (a 5,000-digit max_steps) written as
+    the float it denotes: past every float (1e400, which from_json reads as inf, as it reads any number past
+    float's range) unless its exponent brings it back (`1<4,400 zeros>e-4400` is 1.0). So it is the field's own
+    check that refuses it, naming the field and its range (`training.max_steps: ... got inf; allowed: ...`), as
+    for `1e999`, instead of the whole body refused as "number out of range at line 1 column 4302". No field of
+    a spec takes a number that large, and one brought back into range is read as any float is, to the nearest.
+    The API's body reader (app/routing.py) and the spec files' (load_spec_json) both use it."""
+    def short(token: re.Match[bytes]) -> bytes:
+        text = token[0]
+        if text.startswith(b'"'):
+            return text
+        number = float(text)  # correctly rounded however many digits it has; inf past float's range
+        return repr(number).encode() if math.isfinite(number) else b"-1e400" if number < 0 else b"1e400"
+    return _STRING_OR_LONG_NUMBER.sub(short, body)
 
 
 def spec_file_error(path: str | Path, exc: ValueError) -> str:
