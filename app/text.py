@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import unicodedata
 
+# Counts in messages are said alike by the API and the engine, which imports nothing of app.
+from worker.training.spec import agreeing as agreeing
+from worker.training.spec import counted as counted
+
 # Unicode's bidirectional embeddings, overrides and isolates (not the LRM/RLM marks right-to-left text
 # uses): they reorder how the text after them is shown, so a name holding one displays as another name
 # in a listing, a terminal or a downloaded file's name ("Trojan Source", CVE-2021-42574).
@@ -51,8 +55,3 @@ def format_number(value: float) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
-
-
-def counted(count: int, noun: str) -> str:
-    """"1 job", "3 jobs", "0 jobs": a count and its noun, in the plural where it is not one."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"

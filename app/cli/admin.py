@@ -35,7 +35,7 @@ from app.cli.render import (
     read_pages,
     show,
 )
-from app.text import counted
+from app.text import agreeing, counted
 
 commands = Commands(help="Administer teams, API keys, the model registry, stray objects in storage and the "
                             "pre-quantized base cache, and see the queues' workers (runs against the database).",
@@ -168,8 +168,8 @@ def disable_team(
 
     def text() -> None:
         keys, queued = disabled["keys_live"], disabled["queued"]
-        out.print(f"team {team!r} disabled: {counted(keys, 'key')} of it {'answers' if keys == 1 else 'answer'} 401; "
-                  f"{counted(queued, 'queued job')} {'waits' if queued == 1 else 'wait'} until it is enabled; "
+        out.print(f"team {team!r} disabled: {counted(keys, 'key')} of it {agreeing(keys, 'answers', 'answer')} 401; "
+                  f"{counted(queued, 'queued job')} {agreeing(queued, 'waits', 'wait')} until it is enabled; "
                   f"{counted(len(disabled['pausing']), 'running job')} asked to pause at a checkpoint. Nothing is "
                   f"deleted. `qlora admin enable-team {team}` reverses it (paused jobs stay paused until the team "
                   "resumes them).", highlight=False, soft_wrap=True)
@@ -425,8 +425,9 @@ def status(as_json: JsonOption = None) -> None:
         if q.stranded:
             seen = (f"its last worker, {q.last_seen.name}, was heard from {_age(q.last_seen_s or 0)} "
                     "ago" if q.last_seen else "no worker of it has said it is up")
-            err.print(f"[yellow]warning:[/yellow] no worker alive for queue {escape(q.queue)} while {q.queued} "
-                      f"{'job waits' if q.queued == 1 else 'jobs wait'} (the oldest for {_age(q.oldest_wait_s)}); {escape(seen)}. "
+            err.print(f"[yellow]warning:[/yellow] no worker alive for queue {escape(q.queue)} while "
+                      f"{counted(q.queued, 'job')} {agreeing(q.queued, 'waits', 'wait')} "
+                      f"(the oldest for {_age(q.oldest_wait_s)}); {escape(seen)}. "
                       f"Start one: qlora worker --gpu-class {escape(q.queue.removeprefix('gpu-'))}",
                       highlight=False, soft_wrap=True)
 

@@ -39,7 +39,7 @@ from app.scheduling.policy import PRIORITIES
 from app.storage.base import Storage, delete_objects
 from app.teams import service as teams
 from app.teams.service import Caller
-from app.text import format_bytes, has_control_characters
+from app.text import counted, format_bytes, has_control_characters
 from worker.training.estimate import keeps_reference_adapter
 from worker.training.spec import JobSpec, describe_validation_error, excerpt
 
@@ -162,13 +162,13 @@ def _record_preflight(session: Session, job: Job, checked: preflight.Checked) ->
         repository.add_event(session, job.id, "preflight", message=checked.note)
         return
     train = report["train"]
-    steps = f"{report['steps']:,} steps" if report["steps"] is not None else "steps decided on the GPU"
+    steps = counted(report['steps'], 'step') if report["steps"] is not None else "steps decided on the GPU"
     # What the count rests on, where it may not be the run's (packing "auto", a set longer than the preflight reads):
     # the job's total_steps may then differ from the number here, and its events say why.
     note = f" ({report['steps_note']})" if report.get("steps_note") else ""
     repository.add_event(
         session, job.id, "preflight",
-        message=f"preflight: {train['kept_rows']:,} rows to train on, {train['trained_tokens']:,} trained tokens "
+        message=f"preflight: {counted(train['kept_rows'], 'row')} to train on, {train['trained_tokens']:,} trained tokens "
                 f"({train['trained_fraction']:.0%} of {train['tokens']:,}), {train['truncated_rows']:,} truncated; "
                 f"{steps}{note}",
         data={key: report.get(key) for key in ("train", "validation", "steps", "epochs", "steps_per_epoch", "steps_note")})
@@ -253,7 +253,7 @@ def _usable_dataset(session: Session, caller: Caller, field: str, dataset_id: st
     if dataset.status != "ready":
         first = dataset.errors[0] if dataset.errors else {"line": "?", "message": "?"}
         raise Invalid(
-            f"{field}: dataset {dataset_id} is invalid ({dataset.error_count:,} bad line{'' if dataset.error_count == 1 else 's'}; "
+            f"{field}: dataset {dataset_id} is invalid ({counted(dataset.error_count, 'bad line')}; "
             f"first: line "
             f"{first['line']}: {first['message']}); fix the file and upload it again",
             details=field_errors([(field, "dataset is invalid")]), code="invalid_job")

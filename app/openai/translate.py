@@ -24,6 +24,7 @@ from app.jobs.tables import Checkpoint, Job, JobEvent, JobMetric
 from app.openai.ids import CHECKPOINT, EVENT, FILE, JOB, RESULTS, without_prefix
 from app.pagination import MAX_ID, cursor_after
 from app.scheduling.service import Standing
+from app.text import counted
 from worker.training.spec import LEARNING_RATES, TrainingSpec, excerpt
 
 DEFAULT_EPOCHS = 3  # n_epochs "auto": what most small fine-tunes use, and OpenAI's usual pick
@@ -143,7 +144,7 @@ def file_object(dataset: Dataset) -> dict:
         "filename": dataset.filename, "purpose": "fine-tune", "expires_at": None,
         "status": "processed" if dataset.status == "ready" else "error",
         "status_details": None if dataset.status == "ready" else
-        f"{dataset.error_count} invalid line{'' if dataset.error_count == 1 else 's'}; {errors}",
+        f"{counted(dataset.error_count, 'invalid line')}; {errors}",
     }
 
 

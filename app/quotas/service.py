@@ -26,7 +26,7 @@ from app.quotas.schemas import ALLOWED, QuotaChanges, QuotaOut, QuotaOwn, QuotaU
 from app.teams import repository as teams
 from app.teams.service import Caller, still_authenticated
 from app.teams.tables import Team
-from app.text import format_bytes, format_number
+from app.text import counted, format_bytes, format_number
 from app.usage.repository import gpu_seconds_by_team, month_start, storage_bytes
 from worker.training.spec import excerpt
 
@@ -139,7 +139,7 @@ def check_can_queue(session: Session, settings: Settings, caller: Caller) -> Non
     queued = repository.count_jobs(session, team_id, (states.QUEUED,))
     if queued >= limit:
         raise QuotaExceeded(
-            f"max_queued: team {team.name!r} already has {queued} jobs queued, its limit is {limit}; a job "
+            f"max_queued: team {team.name!r} already has {counted(queued, 'job')} queued, its limit is {limit}; a job "
             "leaves the queue when a worker starts it or when you cancel it (POST /jobs/{id}/cancel), or an "
             f"admin may raise the limit (qlora admin set-quota {team.name} --max-queued N)",
             details={"limit": "max_queued", "allowed": limit, "current": queued})

@@ -17,6 +17,7 @@ from app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.recent import Recent
 from app.teams import repository
 from app.teams.tables import ApiKey, Team
+from app.text import counted
 from worker.training.spec import excerpt
 
 KEY_PREFIX = "qlk_"
@@ -133,7 +134,7 @@ def revoke_key(session: Session, ref: str) -> ApiKey:
         # Revoking is for good: only a whole id or prefix, never the one key a part of one happens to match.
         near = repository.keys_starting_with(session, ref)
         raise NotFound(f"no API key with id or prefix {excerpt(ref)}"
-                       + (f"; it is the start of {len(near)} key prefix{'' if len(near) == 1 else 'es'}: "
+                       + (f"; it is the start of {counted(len(near), 'key prefix', 'key prefixes')}: "
                           + ", ".join(f"{k.id} (prefix {k.prefix})" for k in near) + "; give one whole" if near else ""),
                        details=[{"id": k.id, "prefix": k.prefix} for k in near] or None)
     if len(keys) > 1:

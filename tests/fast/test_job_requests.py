@@ -180,7 +180,7 @@ def test_resuming_a_paused_job_counts_against_max_queued_as_a_new_job_does(setti
     queued, paused = make_job(QUEUED), make_job(PAUSED)
     session.get(Team, caller.team_id).max_queued = 1
     session.commit()
-    with pytest.raises(QuotaExceeded, match="max_queued: team 'team-a' already has 1 jobs queued, its limit is 1") as refused:
+    with pytest.raises(QuotaExceeded, match="max_queued: team 'team-a' already has 1 job queued, its limit is 1") as refused:
         service.resume(session, settings, caller, paused)
     # The command it names runs as written: `set-quota` takes the team first (it said `set-quota --max-queued`).
     assert "(qlora admin set-quota team-a --max-queued N)" in str(refused.value)

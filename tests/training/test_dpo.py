@@ -487,7 +487,7 @@ def test_a_validation_set_with_nothing_left_within_max_seq_length_is_refused(tin
     some_left = preflight(spec, tiny_model_dir, train, validation_path=write_jsonl(
         [{"prompt": "What does the dog say?", "chosen": "Woof.", "rejected": "Moo."}, long], tmp_path / "v2.jsonl"))
     assert some_left["refusals"] == []
-    assert any("1 of 2 validation rows have nothing to evaluate" in w and "lines 2" in w for w in some_left["warnings"])
+    assert any("1 of 2 validation rows has nothing to evaluate" in w and "(line 2)" in w for w in some_left["warnings"])
 
     # The engine alone (qlora train) runs it, and says so.
     events: list = []

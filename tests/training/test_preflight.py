@@ -272,7 +272,7 @@ def test_repeated_rows_and_validation_rows_also_in_train_are_counted_with_their_
                             "line 12 repeats line 5, line 14 repeats line 7)") for w in report["warnings"])
     assert any(w.startswith("2 of 5 validation rows (40%) are also in the train set (line 1 is train line 4, "
                             "line 3 is train line 4)") for w in report["warnings"])
-    assert any(w.startswith("1 of 5 validation rows (20%) ask what a train row asks, with another answer "
+    assert any(w.startswith("1 of 5 validation rows (20%) asks what a train row asks, with another answer "
                             "(line 4 asks as train line 9)") for w in report["warnings"])
 
     # Distinct rows, and a validation set apart from them (the demo's): no warning.

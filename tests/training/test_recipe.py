@@ -20,9 +20,10 @@ from transformers import TrainerCallback
 
 from tests.full_disk import fill_up
 from worker.training.protocol import Event
-from worker.training.recipe import TrainingError, run
+from worker.training.recipe import TrainingError, run, truncation_warning
 from worker.training.spec import JobSpec, SpecError
 from worker.training.tiny import demo_rows, demo_spec, write_jsonl
+from worker.training.tokenization import EncodeStats
 
 
 def spec_for(model_dir, **training) -> JobSpec:
@@ -62,6 +63,20 @@ def pause_after(steps: int) -> Callable[[], bool]:
         return len(asked) > steps
 
     return pause
+
+
+def test_the_truncation_warning_agrees_with_its_counts():
+    """The worker's data_truncated event read "1 of 21 training rows were longer ... were truncated"."""
+    one = EncodeStats(rows=21, truncated_rows=1)
+    assert truncation_warning("training", one, 512) == "1 of 21 training rows was longer than max_seq_length=512 and was truncated"
+    several = EncodeStats(rows=1, truncated_rows=1, dropped_rows=1, dropped_lines=[7])
+    assert truncation_warning("validation", several, 512) == (
+        "1 of 1 validation row was longer than max_seq_length=512 and was truncated; 1 of them had nothing left to "
+        "evaluate and is left out (line 7)")
+    many = EncodeStats(rows=2000, truncated_rows=1500, dropped_rows=2, dropped_lines=[3, 9])
+    assert truncation_warning("training", many, 64) == (
+        "1,500 of 2,000 training rows were longer than max_seq_length=64 and were truncated; 2 of them had nothing left "
+        "to learn and are left out (lines 3, 9)")
 
 
 def test_the_cli_progress_bar_goes_to_stderr_so_stdout_holds_the_result_alone(capsys):
@@ -246,7 +261,7 @@ def test_rows_left_with_nothing_to_learn_by_truncation_are_named_in_the_runs_war
     assert warnings == {
         "2 of 3 training rows were longer than max_seq_length=32 and were truncated; 1 of them had nothing left "
         "to learn and is left out (line 2)",
-        "1 of 2 validation rows were longer than max_seq_length=32 and were truncated; 1 of them had nothing left "
+        "1 of 2 validation rows was longer than max_seq_length=32 and was truncated; 1 of them had nothing left "
         "to evaluate and is left out (line 2)"}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from worker.training.data import DataError, Example, read_jsonl
-from worker.training.spec import METHOD_FORMATS, JobSpec
+from worker.training.spec import METHOD_FORMATS, JobSpec, agreeing, counted
 from worker.training.tokenization import (
     Encoded,
     EncodedPair,
@@ -372,7 +372,7 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = (), *,
         return {"steps": t.max_steps, "epochs": t.epochs, "steps_per_epoch": None,
                 "micro_batch": "auto", "steps_note": "per_device_batch_size \"auto\" is decided for the GPU the job runs on"}
 
-    def counted(sequences: int) -> tuple[int, int, float]:
+    def steps_for(sequences: int) -> tuple[int, int, float]:
         micro_batches = math.ceil(sequences / batch)
         per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
         steps = t.max_steps if t.max_steps is not None else math.ceil((t.epochs or 1) * per_epoch)
@@ -384,11 +384,11 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = (), *,
         return math.ceil(count * read[1] / read[0]) if partly and read else count
 
     rows = whole(rows)
-    steps, per_epoch, epochs = counted(rows)
+    steps, per_epoch, epochs = steps_for(rows)
     note = None
     if t.packing is not False and spec.method.type == "sft":  # DPO never packs
         packed = whole(packed_sequences(kept_lengths, t.max_seq_length))
-        packed_steps, packed_per_epoch, packed_epochs = counted(packed)
+        packed_steps, packed_per_epoch, packed_epochs = steps_for(packed)
         if t.packing is True:
             # What trl's trainer then steps through: e.g. 37 rows packed into 19 sequences made 6 steps where
             # the unpacked count said 10 (found by probing preflight against the run).
@@ -397,8 +397,8 @@ def planned_steps(spec: JobSpec, rows: int, kept_lengths: Sequence[int] = (), *,
                     f"max_seq_length={t.max_seq_length} tokens, counted here as the trainer counts them")
         else:
             note = (f"packing \"auto\" packs rows on a GPU with flash-attention: there the {rows:,} rows are "
-                    f"{packed:,} sequences, {packed_per_epoch:,} step{'' if packed_per_epoch == 1 else 's'} per epoch "
-                    f"({packed_steps:,} steps, {packed_epochs} epochs); set training.packing true or false to have one count")
+                    f"{packed:,} sequences, {packed_per_epoch:,} {agreeing(packed_per_epoch, 'step', 'steps')} per epoch "
+                    f"({counted(packed_steps, 'step')}, {packed_epochs} epochs); set training.packing true or false to have one count")
     if partly and read:
         estimate = (f"an estimate: the preflight read the first {read[0]:,} of {read[1]:,} rows, and counts the "
                     f"others as those went ({rows:,} rows to train on)")
@@ -449,11 +449,11 @@ def problems(spec: JobSpec, train: SetReport,
         if s is not None and s.invalid:
             refusals.append(Refusal(name, f"the {name} dataset does not pass the checks the trainer reads it with, "
                                           f"which have changed since it was uploaded ({s.invalid_lines:,} bad "
-                                          f"line{'' if s.invalid_lines == 1 else 's'}; the first: {s.invalid}), and "
+                                          f"{agreeing(s.invalid_lines, 'line', 'lines')}; the first: {s.invalid}), and "
                                           "training would stop at it: fix the file and upload it again"))
         elif s is not None and s.template_refused_rows:
             lines = ", ".join(map(str, s.template_refused_lines[:5])) + ("..." if s.template_refused_rows > 5 else "")
-            refusals.append(Refusal(name, f"{s.template_refused_rows:,} {name} rows cannot be trained on with the model's "
+            refusals.append(Refusal(name, f"{counted(s.template_refused_rows, f'{name} row')} cannot be trained on with the model's "
                                           f"chat template (lines {lines}), and training stops at the first; the first "
                                           f"says: {s.template_refusal}"))
     if refusals:
@@ -489,65 +489,74 @@ def problems(spec: JobSpec, train: SetReport,
     if refusals:
         return refusals, warnings
     if train.rows and train.truncated_rows / train.rows >= TRUNCATED_WARNING:
-        warnings.append(f"{train.truncated_rows:,} of {train.rows:,} rows{scope} ({train.truncated_rows / train.rows:.0%}) "
-                        f"are longer than max_seq_length={t.max_seq_length} and are truncated, losing "
+        are = agreeing(train.truncated_rows, "is", "are")
+        warnings.append(f"{train.truncated_rows:,} of {counted(train.rows, 'row')}{scope} ({train.truncated_rows / train.rows:.0%}) "
+                        f"{are} longer than max_seq_length={t.max_seq_length} and {are} truncated, losing "
                         f"{train.trained_tokens_lost:,} trained tokens; the p95 row is {train.lengths['p95']:,} tokens")
     if train.dropped_rows:
         ties = f"; {_tied(train)}" if train.tied_rows else ""
-        one = train.dropped_rows == 1  # "1 rows have ... (lines 22)" was what a file with one over-long row read
-        warnings.append(f"{train.dropped_rows:,} {'row' if one else 'rows'}{scope} {'has' if one else 'have'} nothing to "
-                        f"learn within max_seq_length and {'is' if one else 'are'} dropped "
-                        f"({'line' if one else 'lines'} {', '.join(map(str, train.dropped_lines[:5]))}"
+        dropped = train.dropped_rows  # "1 rows have ... (lines 22)" was what a file with one over-long row read
+        warnings.append(f"{counted(dropped, 'row')}{scope} {agreeing(dropped, 'has', 'have')} nothing to "
+                        f"learn within max_seq_length and {agreeing(dropped, 'is', 'are')} dropped "
+                        f"({agreeing(dropped, 'line', 'lines')} {', '.join(map(str, train.dropped_lines[:5]))}"
                         f"{'...' if train.dropped_rows > 5 else ''}{ties})")
     if validation is not None and validation.dropped_rows:
         ties = f"; {_tied(validation)}" if validation.tied_rows else ""
-        warnings.append(f"{validation.dropped_rows:,} of {validation.rows:,} validation rows have nothing to evaluate "
-                        f"within max_seq_length and are left out of the eval loss (lines "
+        dropped = validation.dropped_rows
+        warnings.append(f"{dropped:,} of {counted(validation.rows, 'validation row')} {agreeing(dropped, 'has', 'have')} "
+                        f"nothing to evaluate within max_seq_length and {agreeing(dropped, 'is', 'are')} left out of the "
+                        f"eval loss ({agreeing(dropped, 'line', 'lines')} "
                         f"{', '.join(map(str, validation.dropped_lines[:5]))}{'...' if validation.dropped_rows > 5 else ''}"
                         f"{ties})")
     if train.rows_without_eos:
-        warnings.append(f"{train.rows_without_eos:,} kept rows{scope} do not keep their EOS in the labels (truncated, or "
+        warnings.append(f"{counted(train.rows_without_eos, 'kept row')}{scope} "
+                        f"{agreeing(train.rows_without_eos, 'does not keep its', 'do not keep their')} EOS in the labels (truncated, or "
                         "the last turn is not learned): the model learns to stop from the others only")
     if train.rows_with_special_tokens:
         tokens = ", ".join(f"{text!r} in {rows:,}" for text, rows in list(train.special_tokens_found.items())[:5])
         lines = ", ".join(map(str, train.special_token_lines[:5])) + ("..." if train.rows_with_special_tokens > 5 else "")
-        warnings.append(f"{train.rows_with_special_tokens:,} rows{scope} have message text that the tokenizer reads as "
+        warnings.append(f"{counted(train.rows_with_special_tokens, 'row')}{scope} "
+                        f"{agreeing(train.rows_with_special_tokens, 'has', 'have')} message text that the tokenizer reads as "
                         f"special tokens, not as text ({tokens}; lines {lines}), {train.rows_with_special_tokens_in_answers:,} "
                         "of them in learned answers: an EOS inside an answer teaches the model to stop "
                         "there, and a role marker in a prompt opens a turn the conversation does not have. The chat "
                         "template adds the special tokens a row needs; remove these, or break them up (\"</ s>\") where "
                         "the text must show them")
     if train.rows and train.duplicate_rows / train.rows >= DUPLICATE_WARNING:
-        warnings.append(f"{train.duplicate_rows:,} of {train.rows:,} rows{scope} ({train.duplicate_rows / train.rows:.0%}) "
-                        f"repeat an earlier row, up to case and spacing ({_pairs(train.duplicate_lines, 'repeats line')}): each "
+        warnings.append(f"{train.duplicate_rows:,} of {counted(train.rows, 'row')}{scope} ({train.duplicate_rows / train.rows:.0%}) "
+                        f"{agreeing(train.duplicate_rows, 'repeats', 'repeat')} an earlier row, up to case and spacing "
+                        f"({_pairs(train.duplicate_lines, 'repeats line')}): each "
                         "epoch trains on them as many times as they appear; drop the repeats unless the weight is meant")
     if train.contradicting_rows:
-        warnings.append(f"{train.contradicting_rows:,} pairs{scope} say the opposite of an earlier pair, the same prompt "
+        warnings.append(f"{counted(train.contradicting_rows, 'pair')}{scope} "
+                        f"{agreeing(train.contradicting_rows, 'says', 'say')} the opposite of an earlier pair, the same prompt "
                         f"with the two answers swapped ({_pairs(train.contradicting_lines, 'reverses line')}): each "
                         "such two pull against each other and teach nothing, and they weigh down the reward accuracy; "
                         "keep the pair whose label is right")
     if validation is not None and validation.rows_in_train:
         share = validation.rows_in_train / validation.rows
-        warnings.append(f"{validation.rows_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) are also in the "
+        warnings.append(f"{validation.rows_in_train:,} of {counted(validation.rows, 'validation row')} ({share:.0%}) "
+                        f"{agreeing(validation.rows_in_train, 'is', 'are')} also in the "
                         f"train set ({_pairs(validation.rows_in_train_lines, 'is train line')}): the eval "
                         "loss, early stopping, the best checkpoint and the report's scores measure recall on them, not "
                         "what the model learned; take them out of one set")
     if validation is not None and validation.prompts_in_train:
         share = validation.prompts_in_train / validation.rows
-        warnings.append(f"{validation.prompts_in_train:,} of {validation.rows:,} validation rows ({share:.0%}) ask what a "
+        warnings.append(f"{validation.prompts_in_train:,} of {counted(validation.rows, 'validation row')} ({share:.0%}) "
+                        f"{agreeing(validation.prompts_in_train, 'asks', 'ask')} what a "
                         f"train row asks, with another answer ({_pairs(validation.prompts_in_train_lines, 'asks as train line')}): "
                         "the model trains on those prompts, so its eval loss and the report's answers on them flatter "
                         "it; keep each prompt in one set")
     if t.train_on_inputs and train.tokens and train.trained_tokens / train.tokens > 0.99:
         warnings.append("train_on_inputs is on: the prompts are learned too, and the model learns to talk as the user")
     if train.rows + train.template_refused_rows < train.rows_in_file:
-        warnings.append(f"the preflight read the first {train.rows:,} of {train.rows_in_file:,} rows")
+        warnings.append(f"the preflight read the first {train.rows:,} of {counted(train.rows_in_file, 'row')}")
     return refusals, warnings
 
 
 def _tied(s: SetReport) -> str:
     """What a set's tied pairs are, for a refusal or a warning."""
-    return (f"{s.tied_rows:,} {'is a pair' if s.tied_rows == 1 else 'are pairs'} whose two answers are the same tokens "
+    return (f"{s.tied_rows:,} {agreeing(s.tied_rows, 'is a pair', 'are pairs')} whose two answers are the same tokens "
             "within max_seq_length (they differ only past the cut, or only in spacing the chat template trims), "
             "and a tie teaches nothing")
 

@@ -130,7 +130,7 @@ from worker.training.report import (  # noqa: E402
     reward_movement,
 )
 from worker.training.rows import rows_dataset  # noqa: E402
-from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec  # noqa: E402
+from worker.training.spec import MAX_ACCUMULATION, METHOD_FORMATS, STORED, JobSpec, TrainingSpec, agreeing, counted  # noqa: E402
 from worker.training.tokenization import (  # noqa: E402
     IGNORE_INDEX,
     EncodeStats,
@@ -1123,13 +1123,13 @@ def _drop_load_kwargs(directory: Path) -> None:
 def truncation_warning(name: str, stats: EncodeStats, max_seq_length: int) -> str:
     """What max_seq_length cut from a set: the rows truncated and, by their lines, those left out because the cut left
     them nothing to learn (an answer cut off whole is never trained as an empty one), which the summary lists too."""
-    message = (f"{stats.truncated_rows} of {stats.rows} {name} rows were longer than max_seq_length={max_seq_length} "
-               "and were truncated")
+    was = agreeing(stats.truncated_rows, "was", "were")
+    message = (f"{stats.truncated_rows:,} of {counted(stats.rows, f'{name} row')} {was} longer than "
+               f"max_seq_length={max_seq_length} and {was} truncated")
     if stats.dropped_rows:
         lines = ", ".join(map(str, stats.dropped_lines[:5])) + (", ..." if stats.dropped_rows > 5 else "")
-        one = stats.dropped_rows == 1
-        message += (f"; {stats.dropped_rows} of them had nothing left to {'evaluate' if name == 'validation' else 'learn'} "
-                    f"and {'is' if one else 'are'} left out (line{'' if one else 's'} {lines})")
+        message += (f"; {stats.dropped_rows:,} of them had nothing left to {'evaluate' if name == 'validation' else 'learn'} "
+                    f"and {agreeing(stats.dropped_rows, 'is', 'are')} left out ({agreeing(stats.dropped_rows, 'line', 'lines')} {lines})")
     return message
 
 

@@ -48,7 +48,7 @@ from worker.training.data import Example
 from worker.training.merge import free_memory, stop_token_ids
 from worker.training.model import dequantized_on_cpu, device_map, fit_embeddings, load_base_model
 from worker.training.protocol import write_json_atomic
-from worker.training.spec import JobSpec
+from worker.training.spec import JobSpec, counted
 from worker.training.tokenization import ChatRenderer, render_conversation, trained_targets
 
 # Under the run's output directory; the service stores report/ as the job's "report" artifact.
@@ -176,7 +176,7 @@ def make_report(spec: JobSpec, *, base_path: Path, out_dir: Path, tokenizer, com
 def describe_report(report: dict) -> str:
     """The report in one line, for the event that announces it."""
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
-    parts = [f"eval report on {len(report['rows'])} prompts"]
+    parts = [f"eval report on {counted(len(report['rows']), 'prompt')}"]
     if tuned["exact_match"] is not None:
         parts.append(f"exact match {tuned['exact_match']:.0%} tuned vs {base['exact_match']:.0%} base, "
                      f"F1 {tuned['f1']:.2f} vs {base['f1']:.2f}")

@@ -34,6 +34,17 @@ def excerpt(value: Any, *, quote: bool = True) -> str:
     return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}… ({len(text):,} characters)"
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """"1 job", "3 jobs", "0 jobs": a count and its noun, in the plural (noun + "s", or `plural`) where it is not
+    one. Every message that counts things says it with this (the API's too, through app/text.py)."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
+def agreeing(count: int, one: str, many: str) -> str:
+    """The word that agrees with `count` things: agreeing(1, "was", "were") is "was" ("1 of 21 rows was truncated")."""
+    return one if count == 1 else many
+
+
 class SpecError(ValueError):
     """A job spec that cannot run. `errors` holds (field, message) pairs; the text lists them all."""
 
