@@ -688,6 +688,11 @@ class QLoRARecipe:
                         message=f"resuming from step {self.resumed_step}" if self.resume_from else "training started"))
         for event in _decisions_events(self.requested_spec, own, self.spec, unheld, self.resumed_step):
             self.emit(event)
+        optimizer = self.spec.training.optimizer
+        if self.device == "cpu" and optimizer.startswith("paged_"):  # bitsandbytes' own warning is left out (stack.py)
+            self.emit(Event(type="optimizer_unpaged", level="info", step=self.resumed_step,
+                            message=f"on the CPU, training.optimizer {optimizer} runs unpaged: its state is in host "
+                                    "memory already, where paging would move it on a GPU"))
 
     def _setup_tokenizer(self) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, local_files_only=True, trust_remote_code=False)

@@ -28,6 +28,7 @@ import gc
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,14 +49,35 @@ def import_bitsandbytes() -> None:
             os.environ["TORCHDYNAMO_DISABLE"] = previous
 
 
+# Warnings the libraries print in every CPU run that say nothing a user could act on, each matched by its text and
+# the module that raises it, so any other warning of those libraries, or this one from elsewhere, still shows:
+# - bitsandbytes: "Paged optimizers are not supported on CPU. Falling back to non-paged optimizer behavior." On the
+#   CPU the optimizer's state is in host memory already, which is where paging would move it; the spec's default
+#   (paged_adamw_32bit) is right for the GPU, and the engine says itself what it does on the CPU (the
+#   optimizer_unpaged event).
+# - transformers: "`is_gradient_checkpointing` is deprecated and will be removed in v6": peft and trl read the old
+#   property name (peft_model.py, trl/models/utils.py); the engine's own code uses the new one.
+EXPECTED_WARNINGS = (
+    (UserWarning, r"Paged optimizers are not supported on CPU", r"bitsandbytes\.optim\.optimizer"),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+)
+
+
+def filter_expected_warnings() -> None:
+    """Leave out EXPECTED_WARNINGS in this process (a training process: `qlora train`, a worker's job)."""
+    for category, message, module in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 @contextmanager
 def loading() -> Iterator[None]:
     """Around a training process's imports: no garbage collection while they run, and what they loaded
-    frozen out of every later collection. For a process's entry point, not a library: it freezes
-    everything the process holds."""
+    frozen out of every later collection; the libraries' expected warnings left out (EXPECTED_WARNINGS). For a
+    process's entry point, not a library: it freezes everything the process holds."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        filter_expected_warnings()
         import_bitsandbytes()
         yield
     finally:
