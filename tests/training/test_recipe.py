@@ -254,6 +254,28 @@ def test_resuming_from_the_last_planned_steps_checkpoint_trains_no_step_more(tin
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_a_resumed_runs_tokens_per_second_counts_only_the_tokens_it_trained(tiny_model_dir, demo_data, tmp_path):
+    """The summary's tokens/s divided the run's whole count, the tokens of the steps before the checkpoint too (an
+    earlier run trained them, in a time not measured here), by this run's training time: a job resumed on another
+    worker showed a speed it never had, and one resumed from its last step's checkpoint (a worker lost as it uploaded
+    the adapter) 9,098 tokens/s for a run that trained at 877, on a "training" of 0.08 s with no step in it."""
+    spec = JobSpec.parse(short_spec(tiny_model_dir, max_steps=10, save_steps=10))
+    assert run(spec, demo_data["train"], tmp_path, pause=pause_after(5)).status == "paused"
+    resumed = run(spec, demo_data["train"], tmp_path, resume=True)
+    assert resumed.summary["steps"] == {"completed": 10, "planned": 10, "resumed_from": 5}
+    seen = {r["step"]: r["tokens_seen"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+    assert resumed.summary["tokens_seen"] == seen[10] > seen[5] > 0
+    # Steps 6 to 10's tokens in the time this run trained (the summary's own duration, rounded to the millisecond)
+    trained_here = seen[10] - seen[5]
+    assert resumed.summary["tokens_per_second"] == pytest.approx(trained_here / resumed.summary["durations_s"]["train"],
+                                                                 rel=0.01)
+    # From the checkpoint of the last planned step: no step trained here, so no speed to tell.
+    again = run(spec, demo_data["train"], tmp_path, resume=True)
+    assert again.summary["steps"] == {"completed": 10, "planned": 10, "resumed_from": 10}
+    assert again.summary["tokens_seen"] == seen[10] and again.summary["tokens_per_second"] is None
+
+
 def test_the_last_step_is_always_on_the_curve(tiny_model_dir, demo_data, tmp_path):
     """The trainer logs every logging_steps: a run shorter than that had no curve and no final loss, and
     one past a multiple lost its last steps."""

@@ -38,11 +38,12 @@ class MetricsCallback(TrainerCallback):
         self.method = method
         self._last_time = time.monotonic()
         self._last_tokens = 0
+        self.tokens_at_start = 0  # the run's count as this training began: the checkpoint's, after a resume
 
     def on_train_begin(self, args, state, control, **kwargs):
         # After a resume the token count starts where the checkpoint left it.
         self._last_time = time.monotonic()
-        self._last_tokens = state.num_input_tokens_seen
+        self._last_tokens = self.tokens_at_start = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         # The trainer logs every logging_steps only: a run of 8 steps at 10 would end with no point at all

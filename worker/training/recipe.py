@@ -794,7 +794,7 @@ class QLoRARecipe:
         # training.early_stopping and output.use_best_checkpoint; with the latter it keeps the best weights
         self.best = BestEvalCallback(self.emit, patience=self.spec.training.early_stopping, resume_from=self.resume_from,
                                      model=self.model if self.spec.output.use_best_checkpoint else None)
-        metrics = MetricsCallback(self.emit, self.device, method=self.spec.method.type)
+        self.metrics = metrics = MetricsCallback(self.emit, self.device, method=self.spec.method.type)
         callbacks = [metrics, self.stop, HealthCallback(self.emit, self.spec), self.best,
                      CheckpointCallback(self.ckpt_dir, self.staging, self.emit, KEEP_CHECKPOINTS,
                                         extra_files=[self.best.write_into, _drop_load_kwargs])]
@@ -822,7 +822,7 @@ class QLoRARecipe:
         says stop; a divergence or an out-of-memory ends the run with a TrainingError."""
         try:
             try:
-                output = self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+                self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -843,21 +843,25 @@ class QLoRARecipe:
             raise
         self.clock.append(time.monotonic())
         self.state = self.trainer.state  # the trainer made it anew in train(); it outlives the trainer (merge frees it)
-        self.trained = self._measure_training(output)
+        self.trained = self._measure_training()
         return self.stop.stopped or TrainingEnd("finished", self.state.global_step)
 
-    def _measure_training(self, output) -> dict:
+    def _measure_training(self) -> dict:
         """The summary's account of training, measured as it ends: before evaluation and the merge add to the peak."""
         state = self.state
         train_losses = [log["loss"] for log in state.log_history if "loss" in log]
         t_setup, t_train = self.clock[1:3]  # the ends of setup and of training
+        # The speed of this training alone: a resumed run's count includes the tokens of the steps before its
+        # checkpoint, trained by an earlier run in a time not measured here. Divided by this run's time, a run
+        # resumed halfway read twice its speed, and one resumed from its last step's checkpoint (nothing left to
+        # train) ten times, on a 0.08 s "training". None where this run trained nothing.
+        trained_here = state.num_input_tokens_seen - self.metrics.tokens_at_start
         return {
             "steps": {"completed": state.global_step, "planned": state.max_steps, "resumed_from": self.resumed_step},
             "train_loss_first": train_losses[0] if train_losses else None,
             "train_loss_final": train_losses[-1] if train_losses else None,
             "tokens_seen": state.num_input_tokens_seen,
-            "tokens_per_second": output.metrics.get("train_tokens_per_second")
-            or round(state.num_input_tokens_seen / max(t_train - t_setup, 1e-9), 1),
+            "tokens_per_second": round(trained_here / max(t_train - t_setup, 1e-9), 1) if trained_here else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             # training.activation_offload: the pinned CPU memory the offloaded layer inputs took at most
             "offloaded_activation_bytes": self.offload.peak_held_bytes if self.offload else None,
