@@ -323,11 +323,8 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
         # A cancel says no error; one an admin's removal of the base model asked for left its own, which stays.
         values["error"] = error
     if status in states.FINISHED:
-        # A hand-back or a preemption asked as the run was past training (merging, say) cannot pause it: it ends
-        # as it would have, and is not to be queued again. Its pause_requested event said it would be: say why not.
-        if status == states.SUCCEEDED and repository.preempting(session, job_id, attempt):
-            message = (f"{message or 'job succeeded'} (it was past training when it was asked to pause, so it "
-                       "finished instead of being queued again)")
+        if status == states.SUCCEEDED:
+            message = _succeeded_though_asked_to_stop(session, job_id, attempt, message)
         values.update(finished_at=values["heartbeat_at"], preempting=False)
     if summary is not None:
         values["summary"] = finite_json(summary)
@@ -345,6 +342,23 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, error: s
         if status == states.PAUSED:
             requeue_if_preempted(session, job_id, attempt)
     return won
+
+
+def _succeeded_though_asked_to_stop(session: Session, job_id: str, attempt: int, message: str | None) -> str | None:
+    """A cancel or a pause asked as the run was past training (merging, or its worker storing what it made) cannot
+    stop it: it ends succeeded, with its artifacts, and a preempted one is not queued again. The cancel_requested or
+    pause_requested event said it would stop: the succeeded event says why not. (A cancel that came as the worker
+    uploaded the adapter ended in a bare "job succeeded" after "the training process stops after its current step".)
+    The row is locked first, so the status read is the one the transition starts from: a cancel waits for it."""
+    repository.lock(session, job_id)
+    now = repository.status_of(session, job_id)
+    if now is None or now[1] != attempt or now[0] not in (states.CANCELLING, states.PAUSING):
+        return message
+    asked = "cancel" if now[0] == states.CANCELLING else "pause"
+    then = ("so it finished; what it made is kept" if asked == "cancel"
+            else "so it finished instead of being queued again" if repository.preempting(session, job_id, attempt)
+            else "so it finished")
+    return f"{message or 'job succeeded'} (it was past training when it was asked to {asked}, {then})"
 
 
 def attempt_lost(session: Session, job: Job, why: str, max_attempts: int, ended_at: datetime,

@@ -24,7 +24,8 @@ STALE_UPLOAD_S = 3
 
 
 # GPU classes the fault tests send jobs to (see lane()), served by a worker a test starts or by none.
-LANES = ("twice", "nobody-listens", "restart", "blip", "slow", "limited", "idle-behind", "claim-landed", "cut-off")
+LANES = ("twice", "nobody-listens", "restart", "blip", "slow", "limited", "idle-behind", "claim-landed", "cut-off",
+         "cancel-late")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,10 @@ from datetime import date
 from pathlib import Path
 
 HOW = {
+    "a cancel as the worker stores the adapter":
+        "POST /jobs/{id}/cancel while the worker is held after attempt 1 stored its adapter, before it records the "
+        "end (fault hook QLORA_FAULT_HOLD_END). The job ends succeeded with its adapter (a cancel cannot undo a "
+        "finished run), and its succeeded event says that the cancel came past training.",
     "worker and training process SIGKILLed mid-run":
         "SIGKILL to the worker's process group and its training process while it is held after step 25 of "
         "40 (checkpoint 20 saved; fault hook QLORA_FAULT_HOLD_AT_STEP); a second worker is started. The "

@@ -431,6 +431,33 @@ def test_cancelled_jobs_never_run_again_after_a_worker_restart(faulty, tenant, d
         faulty.stop(worker)
 
 
+def test_a_cancel_as_the_worker_stores_the_adapter_ends_succeeded_saying_why(faulty, tenant, dataset_id, fault_report):
+    """A cancel that comes once the run is past training (its worker storing the adapter) cannot stop it: the job
+    ends succeeded, its adapter kept, and its succeeded event says why. After the cancel_requested event ("the
+    training process stops after its current step") it ended in a bare "job succeeded", as if the cancel were lost."""
+    gpu_class = lane(faulty, "cancel-late")
+    # Held once attempt 1 has ended and its adapter is stored, before the end is recorded (FAULT_HOLD_END).
+    worker = faulty.start_worker(gpu_class=gpu_class, name="cancel-late", extra_env={FAULT_HOLD_END: "1"})
+    try:
+        job = tenant.post("/jobs", json=job_body(dataset_id, max_steps=4, save_steps=2, gpu_class=gpu_class)).json()
+        held, release_end = fault_hold_end_markers(faulty.settings, job["id"])
+        wait_until(held.exists, 240, "attempt 1's end, held before it is recorded")
+        assert tenant.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
+        release_end.touch()
+        done = wait_for_status(tenant, job["id"], FINISHED, timeout=120, deployment=faulty)
+        assert done["status"] == "succeeded" and done["attempt"] == 1, done["error"]
+        assert [a["kind"] for a in tenant.get(f"/jobs/{job['id']}/artifacts").json()] == ["adapter"]
+        assert curve_steps(tenant, job["id"]) == [1, 2, 3, 4]
+        story = events(tenant, job["id"])
+        assert [e["type"] for e in story][-2:] == ["cancel_requested", "succeeded"]
+        assert story[-1]["message"] == ("job succeeded (it was past training when it was asked to cancel, so it "
+                                        "finished; what it made is kept)")
+        fault_report.append({"fault": "a cancel as the worker stores the adapter", "injected": 1, "survived": 1,
+                             "steps_lost": 0})
+    finally:
+        faulty.stop(worker)
+
+
 def test_an_upload_in_progress_is_not_taken_for_a_dead_one(faulty):
     # Every API process removes the writes left open by dead processes (QLORA_STALE_UPLOAD_S) on each
     # reaper pass: one opened a moment ago must survive it, or a live upload fails mid-write.
