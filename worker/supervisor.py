@@ -712,6 +712,7 @@ class JobRun:
         records = RecordReader(workdir.records)
         trainer_log = AppendedLines(workdir.log)
         unreported: list[Record] = []
+        tried = False  # a try of `unreported` failed: its commit may have landed, unheard (runs.report's `again`)
         cancel_sent_at = None
         while True:
             exited = proc.poll() is not None
@@ -722,8 +723,9 @@ class JobRun:
             try:
                 with session_scope(self.db) as session:
                     status, unkept = runs.report(session, job.id, job.attempt, unreported,
-                                                 Progress.read(workdir.progress), self.settings.keep_checkpoints)
-                unreported = []
+                                                 Progress.read(workdir.progress), self.settings.keep_checkpoints,
+                                                 again=tried)
+                unreported, tried = [], False
                 watch.reported()
                 watch.check()
             except LeaseLost:
@@ -736,6 +738,7 @@ class JobRun:
             except DBAPIError as exc:
                 if not _passing(exc):
                     raise
+                tried = bool(unreported)
                 # The records wait for the next round; meanwhile the watch keeps the heartbeat going.
                 log.warning("could not report on job %s (trying again in %ss): %s", job.id,
                             self.settings.supervise_interval_s, exc)

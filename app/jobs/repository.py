@@ -278,6 +278,13 @@ def add_event(session: Session, job_id: str, type: str, level: str = "info", mes
     return event
 
 
+def events_told(session: Session, job_id: str, attempt: int) -> set[tuple[str, int | None, str]]:
+    """For the worker: (type, step, message) of each event the attempt has recorded."""
+    rows = session.execute(select(JobEvent.type, JobEvent.step, JobEvent.message)
+                           .where(JobEvent.job_id == job_id, JobEvent.attempt == attempt))
+    return {(row[0], row[1], row[2]) for row in rows}
+
+
 def has_event(session: Session, job_id: str, type: str, attempt: int) -> bool:
     return session.scalar(select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.attempt == attempt,
                                                     JobEvent.type == type).limit(1)) is not None

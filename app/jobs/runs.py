@@ -220,10 +220,15 @@ def _add_event(session: Session, job_id: str, attempt: int, event: Event, at: da
 
 
 def report(session: Session, job_id: str, attempt: int, records: list[Record], progress: Progress | None,
-           keep_checkpoints: int = 3) -> tuple[str, list[str]]:
+           keep_checkpoints: int = 3, *, again: bool = False) -> tuple[str, list[str]]:
     """Write the training process's metrics, events and checkpoints and a heartbeat. Returns the
     job's status (cancelling means: stop) and the storage keys of checkpoints no longer kept, to
-    delete once this is committed. Raises LeaseLost when this attempt no longer owns the job."""
+    delete once this is committed. Raises LeaseLost when this attempt no longer owns the job.
+
+    `again`: these records were reported before by a try that failed, whose commit may have landed unheard (the
+    connection dropped as its answer came back). Points and checkpoints are written over by step; an event this
+    attempt already told (its type, step and message) is not added twice. Added again, the job's events said
+    `checkpoint_saved` twice for one checkpoint, `finished` twice for one run."""
     # The batch's points and events are dated with the heartbeat: the database's clock, as claimed_at is, which
     # the job's pace is read since (pace.finish_at), read once for all of them.
     now = database_now(session)
@@ -233,6 +238,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
         values["total_steps"] = progress.total_steps
         values["trained_tokens"] = progress.tokens_seen
     _still_owns(session, job_id, attempt, **values)
+    told = repository.events_told(session, job_id, attempt) if again else set()
     unkept: list[str] = []
     for logged, record in enumerate(records):
         # A microsecond apart, in the order the training process logged them: dated alike, the /v1 events feed (which
@@ -252,7 +258,8 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
                 session.flush()
                 unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
             case Event():
-                _add_event(session, job_id, attempt, record, at)
+                if (record.type, record.step, record.message) not in told:
+                    _add_event(session, job_id, attempt, record, at)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
 

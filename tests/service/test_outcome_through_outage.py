@@ -21,13 +21,13 @@ from app.config import Settings
 from app.db import database_now, engine_for, session_scope
 from app.jobs import states
 from app.jobs.runs import ClaimedJob, LeaseLost, ObjectRef
-from app.jobs.tables import Artifact, Job, JobAttempt
+from app.jobs.tables import Artifact, Checkpoint, Job, JobAttempt, JobEvent, JobMetric
 from app.teams.service import create_team
 from app.usage import ledger
 from tests.deployment import stored_spec
 from tests.faults.tcp_link import CuttableLink
 from worker.supervisor import AttemptWatch, JobRun
-from worker.training.protocol import CheckpointStored, QuantizedBaseStored, RecordWriter, Result, WorkDir
+from worker.training.protocol import CheckpointStored, Event, QuantizedBaseStored, RecordWriter, Result, TrainPoint, WorkDir
 
 SUPERVISE_INTERVAL_S, HEARTBEAT_DEADLINE_S = 0.5, 6.0
 # The outage lasts until the link has refused this many connections: more tries than the final state's 5 (after which
@@ -235,3 +235,44 @@ def test_an_earlier_attempts_artifact_goes_with_its_object_when_the_rows_removal
     with session_scope(database_url) as session:
         assert session.scalars(select(Artifact).where(Artifact.job_id == job.id)).all() == []
     assert not run.storage.exists(merged)
+
+
+def test_a_report_whose_commit_landed_unheard_is_not_written_twice(database_url, link, worker_settings, tmp_path):
+    """A report's commit (a point of the curve, a checkpoint and its checkpoint_saved event) reaches the database and
+    its answer is lost with the connection; the worker reports the same records again once the database answers.
+    The curve's point and the checkpoint were written over, but the events were added again: the job's events said
+    `checkpoint_saved` twice for one checkpoint."""
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    workdir = WorkDir(tmp_path / "attempt-1")
+    workdir.root.mkdir()
+    workdir.log.touch()
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x")
+    key = f"{job.team_id}/checkpoints/c1"
+    run.storage.put_file(key, blob)
+    with RecordWriter(workdir.records) as records:
+        records(TrainPoint(step=1, epoch=0.1, train_loss=2.5, tokens_seen=64))
+        records(Event(type="started", message="training started", step=0))
+        records(CheckpointStored(step=1, key=key, size=1, sha256="1" * 64))
+        records(Event(type="checkpoint_saved", message="checkpoint of step 1 saved", step=1))
+    trainer = subprocess.Popen(["sleep", "120"], start_new_session=True)  # the training process, as _spawn starts it
+    link.cut_at_answer(b"COMMIT\x00")  # the first report's commit lands; its answer is lost
+    with ThreadPoolExecutor(1) as pool:
+        supervising = pool.submit(run._supervise, job, workdir, trainer, AttemptWatch(worker_settings, run.db, job,
+                                                                                      workdir))
+        try:
+            while link.refused < 1:  # cut off, and trying again
+                assert not supervising.done(), supervising.exception()
+                time.sleep(0.02)
+        finally:
+            link.restore()
+            trainer.kill()  # it exits: the worker's last round reports what is left, then supervising ends
+            trainer.wait()
+        assert supervising.result(timeout=60) is None  # it wrote no result
+    with session_scope(database_url) as session:
+        told = session.execute(select(JobEvent.type, JobEvent.step).where(JobEvent.job_id == job.id)
+                               .order_by(JobEvent.id)).all()
+        assert [tuple(row) for row in told] == [("started", 0), ("checkpoint_saved", 1)]
+        assert session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)).all() == [1]
+        assert session.scalars(select(JobMetric.step).where(JobMetric.job_id == job.id)).all() == [1]
