@@ -147,6 +147,7 @@ class AttemptWatch(threading.Thread):
         self.proc: subprocess.Popen | None = None  # the training process, once spawned
         self.transfer: Transfer | None = None
         self._events: list[Event] = []  # to write with the next heartbeat
+        self._events_tried = False  # _events hold events of a heartbeat that failed (it may have landed unheard)
         self._events_lock = threading.Lock()  # the main thread adds the last event of a transfer
         self._last_event_at = 0.0
         self._ended: tuple[type[Exception], str] | None = None
@@ -229,17 +230,20 @@ class AttemptWatch(threading.Thread):
             self._hit_time_limit(elapsed)
             return
         with self._events_lock:
+            again = bool(self._events) and self._events_tried
             events, self._events = self._events + self._due_progress(), []
         if not events and time.monotonic() - self._last_beat < self.settings.supervise_interval_s:
             return  # a report wrote it within the interval: the database is at most two intervals behind
         try:
             with session_scope(self.db) as session:
-                status = runs.heartbeat(session, self.job.id, self.job.attempt, events)
+                status = runs.heartbeat(session, self.job.id, self.job.attempt, events, again=again)
             self._last_beat = time.monotonic()
+            self._events_tried = False
         except Exception as exc:  # the database's blip must not end the thread: beat again next interval
             log.warning("could not write the heartbeat of job %s: %s", self.job.id, exc)
             with self._events_lock:
                 self._events[:0] = events
+                self._events_tried = True  # its commit may have landed unheard: runs.heartbeat's `again`
             return
         if status is None:
             self._end(LeaseLost, f"job {self.job.id}: attempt {self.job.attempt} no longer owns it")

@@ -198,21 +198,33 @@ def checkpoint_unusable(session: Session, job: ClaimedJob, why: str) -> str:
     return dropped.storage_key
 
 
-def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = ()) -> str | None:
+def heartbeat(session: Session, job_id: str, attempt: int, events: Iterable[Event] = (), *,
+              again: bool = False) -> str | None:
     """The worker is alive and still owns the job: written every supervise interval from the claim to
     the final state, whatever the worker is doing (downloading, training, uploading), with the progress
     events of long transfers. Returns the job's status (cancelling or pausing means: stop); None: this
-    attempt no longer owns the job (it was requeued or finished)."""
+    attempt no longer owns the job (it was requeued or finished). `again`: `events` were sent before by a try
+    that failed, whose commit may have landed unheard (as report's)."""
     now = database_now(session)
     if not repository.touch(session, job_id, attempt, heartbeat_at=now):
         return None
+    told = _told_before(session, job_id, attempt, again)
     for event in events:
-        _add_event(session, job_id, attempt, event, now)
+        _add_event(session, job_id, attempt, event, now, told)
     status = repository.status_of(session, job_id)
     return status[0] if status else None
 
 
-def _add_event(session: Session, job_id: str, attempt: int, event: Event, at: datetime) -> None:
+def _told_before(session: Session, job_id: str, attempt: int, again: bool) -> set[tuple[str, int | None, str]]:
+    """For a write tried again after a try that may have landed unheard (`again`): the events the attempt has
+    recorded, which _add_event does not add twice. Otherwise none, and no query."""
+    return repository.events_told(session, job_id, attempt) if again else set()
+
+
+def _add_event(session: Session, job_id: str, attempt: int, event: Event, at: datetime,
+               told: set[tuple[str, int | None, str]] | None = None) -> None:
+    if told and (event.type, event.step, event.message) in told:
+        return  # this very event, from a try whose commit landed unheard
     # A path the training process wrote to is on the worker's disk, gone with the attempt: nothing for a client.
     data = {key: value for key, value in (event.data or {}).items() if key != "path"}
     repository.add_event(session, job_id, event.type, event.level, event.message, attempt=attempt, step=event.step,
@@ -238,7 +250,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
         values["total_steps"] = progress.total_steps
         values["trained_tokens"] = progress.tokens_seen
     _still_owns(session, job_id, attempt, **values)
-    told = repository.events_told(session, job_id, attempt) if again else set()
+    told = _told_before(session, job_id, attempt, again)
     unkept: list[str] = []
     for logged, record in enumerate(records):
         # A microsecond apart, in the order the training process logged them: dated alike, the /v1 events feed (which
@@ -258,8 +270,7 @@ def report(session: Session, job_id: str, attempt: int, records: list[Record], p
                 session.flush()
                 unkept += _prune_checkpoints(session, job_id, keep_checkpoints)
             case Event():
-                if (record.type, record.step, record.message) not in told:
-                    _add_event(session, job_id, attempt, record, at)
+                _add_event(session, job_id, attempt, record, at, told)
     status = repository.status_of(session, job_id)
     return (status[0] if status else states.FAILED), unkept
 

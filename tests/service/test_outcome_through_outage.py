@@ -276,3 +276,23 @@ def test_a_report_whose_commit_landed_unheard_is_not_written_twice(database_url,
         assert [tuple(row) for row in told] == [("started", 0), ("checkpoint_saved", 1)]
         assert session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)).all() == [1]
         assert session.scalars(select(JobMetric.step).where(JobMetric.job_id == job.id)).all() == [1]
+
+
+def test_a_heartbeat_whose_commit_landed_unheard_does_not_tell_its_events_twice(database_url, link, worker_settings,
+                                                                                tmp_path):
+    """The heartbeat carries the progress events of a long transfer; its commit lands and its answer is lost with the
+    connection, and the worker sends the same events with its next beat: the job's events said `uploading merged
+    model, 40% …` twice for one moment of the upload."""
+    job = running_job(database_url)
+    run = JobRun(worker_settings, job.id, "w1")
+    watch = AttemptWatch(worker_settings, run.db, job, WorkDir(tmp_path / "attempt-1"))  # not started: beaten by hand
+    with watch._events_lock:
+        watch._events.append(Event(type="transfer", message="uploading merged model, 40% (2.0 of 5.0 GiB)"))
+    link.cut_at_answer(b"COMMIT\x00")  # the beat's commit lands; its answer is lost
+    watch._beat()
+    assert watch._events, "the beat did not fail: its commit never met the cut"
+    link.restore()
+    watch._beat()  # the next beat, the database back
+    with session_scope(database_url) as session:
+        told = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job.id)).all()
+    assert told == ["uploading merged model, 40% (2.0 of 5.0 GiB)"]
