@@ -212,7 +212,9 @@ def number(value: float | None, spec: str) -> str:
 
 
 def steps(job: dict) -> str:
-    return f"{job['step']}/{job['total_steps'] if job['total_steps'] is not None else '?'}"
+    """"0/160 (planned)" before the first step (the preflight's count, from the job's creation), then "42/160"."""
+    planned = " (planned)" if (job.get("progress") or {}).get("planned") else ""
+    return f"{job['step']}/{job['total_steps'] if job['total_steps'] is not None else '?'}{planned}"
 
 
 def status_style(status: str) -> str:
@@ -438,7 +440,8 @@ def print_job(job: dict) -> None:
         ("validation", job["validation_dataset_id"] or "-"),
         ("queue / attempt", f"{job['queue']} / {job['attempt']}"),
         ("priority", job.get("priority", "normal") + (f", preempted {job['preemptions']}x" if job.get("preemptions") else "")),
-        ("progress", f"step {steps(job)}" + (f" ({fraction:.0%})" if fraction is not None else "")),
+        ("progress", f"step {steps(job)}" + (f" ({fraction:.0%})" if fraction is not None and not job["progress"].get("planned")
+                                             else "")),
         ("trained tokens", f"{job['trained_tokens']:,}"),
         ("created", when(job["created_at"])),
         ("started", when(job["started_at"])),

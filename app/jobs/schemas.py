@@ -81,6 +81,9 @@ class Progress(BaseModel):
     step: int
     total_steps: int | None
     fraction: float | None
+    planned: bool = Field(description="No step has trained yet: total_steps is the plan (the preflight's count at "
+                                      "creation, then the trainer's), and may still change (packing \"auto\", a "
+                                      "dataset longer than the preflight reads).")
 
 
 class JobListItem(BaseModel):
@@ -156,8 +159,10 @@ JOB_JSON_FIELDS = ("metadata", "spec", "summary")
 
 
 def progress_of(step: int, total_steps: int | None) -> dict[str, Any]:
-    """JobOut's `progress`, for the model and for job_json alike."""
-    return {"step": step, "total_steps": total_steps, "fraction": round(step / total_steps, 4) if total_steps else None}
+    """JobOut's `progress`, for the model and for job_json alike: every client shows the total and whether it is
+    still the plan from these, none works it out for itself."""
+    return {"step": step, "total_steps": total_steps, "fraction": round(step / total_steps, 4) if total_steps else None,
+            "planned": step == 0 and total_steps is not None}
 
 
 def job_json(row: Row, standing: Standing | None = None) -> bytes:

@@ -138,6 +138,9 @@ def create(session: Session, settings: Settings, caller: Caller, body: Any, *, s
         created_dataset_id=meta["dataset_id"], created_validation_dataset_id=meta.get("validation_dataset_id"),
         initial_job_id=meta.get("initial_job_id"),
         queue=settings.queue_for(admitted.gpu_class), priority=PRIORITIES[meta.get("priority", "normal")],
+        # The preflight's plan, shown from the start: a queued or loading job read "step 0/?" though the count was
+        # known; the trainer's own count replaces it at its first step (progress.planned says which it is).
+        total_steps=checked.report["steps"] if checked.report else None,
     )
     session.add(job)
     session.flush()

@@ -127,3 +127,17 @@ def test_a_jobs_eval_report_line_says_whether_the_tuned_model_learned_to_stop():
     older = {side: {k: v for k, v in values.items() if k != "stopped"} for side, values in report.items()}
     assert dict(render.summary_rows({"report": older}))["eval report (tuned / base)"] == (
         "exact match 100% / 0%, F1 1.00 / 0.00, loss 0.0368 / 6.4500")
+
+
+def test_a_queued_job_shows_its_planned_steps():
+    """`qlora jobs show` and `jobs list` of a queued job said "step 0/?" though its preflight had counted 160 steps:
+    GET /jobs/{id} carries the plan (progress.planned), and the line says it is the plan, not a fraction done."""
+    job = {**JOBS[0], "status": "queued", "spec": {}, "initial_job_id": None, "dataset_id": "d" * 32, "validation_dataset_id": None,
+           "queue": "gpu-default", "attempt": 0, "priority": "normal", "preemptions": 0, "trained_tokens": 0, "step": 0,
+           "total_steps": 160, "progress": {"step": 0, "total_steps": 160, "fraction": 0.0, "planned": True},
+           "started_at": None, "finished_at": None, "queue_position": None, "error": None, "summary": None}
+    assert render.steps(job) == "0/160 (planned)"
+    shown = terminal_of(300, f"render.print_job({job!r})")
+    assert "step 0/160 (planned)" in shown and "(0%)" not in shown, shown
+    started = {**job, "status": "running", "step": 40, "progress": {"step": 40, "total_steps": 160, "fraction": 0.25, "planned": False}}
+    assert render.steps(started) == "40/160"

@@ -43,7 +43,7 @@ def finished_job(deployment, worker, team_a, demo_data):
 
 def test_job_succeeds_with_progress_and_summary(finished_job):
     job = finished_job
-    assert job["progress"] == {"step": 160, "total_steps": 160, "fraction": 1.0}
+    assert job["progress"] == {"step": 160, "total_steps": 160, "fraction": 1.0, "planned": False}
     assert job["trained_tokens"] > 0 and job["attempt"] == 1
     assert job["started_at"] and job["finished_at"] and job["started_at"] <= job["finished_at"]
     assert job["summary"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -11,7 +11,7 @@ export function renderProgress(card, state) {
   const lastTrain = [...state.train.values()].sort((a, b) => a.step - b.step).at(-1);
   card.replaceChildren(
     h("div", { class: "card-head" }, h("h2", {}, "Progress"),
-      h("span", { class: "meta", id: "progress-meta" }, job.progress.total_steps ? `step ${job.progress.step} of ${job.progress.total_steps}${pct !== null ? ` · ${pct}%` : ""}` : waiting(state))),
+      h("span", { class: "meta", id: "progress-meta" }, progressSaid(job, pct, state))),
     progressBar(job, true),
     h("dl", { class: "stats" },
       stat("Started", fmt.date(job.started_at)),
@@ -22,6 +22,15 @@ export function renderProgress(card, state) {
         ? [stat("Reward accuracy", fmt.percent(lastTrain.reward_accuracy)), stat("Reward margin", fmt.loss(lastTrain.reward_margin))] : []),
       stat("Attempt", String(job.attempt)),
       stat("Queue", job.queue)));
+}
+
+// "step 0 of 160 (planned)" from the job's creation on: the preflight's count (GET /jobs/{id}'s progress.planned)
+// until the trainer's first step; a queued job says where it waits, and how many steps it plans.
+function progressSaid(job, pct, state) {
+  const { step, total_steps: total, planned } = job.progress;
+  if (job.status === "queued") return `${waiting(state)}${total ? ` · ${total} steps planned` : ""}`;
+  if (!total) return "waiting for a worker";
+  return `step ${step} of ${total}${planned ? " (planned)" : ""}${pct !== null ? ` · ${pct}%` : ""}`;
 }
 
 const WAITING_FOR = {
