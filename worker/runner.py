@@ -302,7 +302,7 @@ def _train(workdir: WorkDir, job: JobFile, settings) -> int:
                 resume=job.resume, cancel=cancel, pause=workdir.pause.exists,
                 quantized_cache=Path(cache.dir) if cache else None, extra_callbacks=callbacks,
                 initial_adapter=Path(job.initial_adapter) if job.initial_adapter else None,
-                base_model_id=job.base_model_id, base_model_revision=job.base_model_revision,
+                base_model_id=job.base_model_id, base_model_revision=job.base_model_revision, provenance=job.provenance,
                 max_paged_fraction=settings.max_paged_fraction,
                 # Shared with the other workers of this host: each run counts what the others claimed and have not
                 # taken yet (worker/training/host_claims.py).

@@ -579,6 +579,8 @@ class JobRun:
             initial_adapter=str(workdir.initial / "adapter") if job.initial_adapter is not None else None,
             base_model_id=job.base_model["hub_id"] or job.base_model["name"],
             base_model_revision=job.base_model["revision"] if job.base_model["hub_id"] else None,
+            provenance={"job": job.id, "dataset": job.train.id, "validation_dataset": job.validation.id if job.validation else None,
+                        "initial_job": job.initial_job_id},
         ).write(workdir.job)
 
     def _download_checkpoint(self, job: ClaimedJob, workdir: WorkDir, watch: AttemptWatch) -> None:

@@ -103,6 +103,14 @@ def test_adapter_downloads_and_loads_with_peft(finished_job, team_a, tiny_model_
     model = PeftModel.from_pretrained(base, adapter)
     scored = score_demo(model, AutoTokenizer.from_pretrained(adapter), HELDOUT)
     assert scored["accuracy"] >= 0.8 and scored["stop_rate"] == 1.0, scored
+    # Its model card names what made it, as the job's answer does: job, datasets, the eval report and the merge.
+    card = (adapter / "README.md").read_text()
+    summary = finished_job["summary"]
+    assert f"by qlora-service job `{finished_job['id']}`" in card, card
+    assert f"| train | {finished_job['dataset_id']} | {summary['data']['train']['rows']:,} |" in card, card
+    assert f"| validation | {finished_job['validation_dataset_id']} |" in card, card
+    assert f"- validation loss: {summary['eval_loss_final']:.4f}" in card, card
+    assert "- eval report on " in card and "max |logit diff|" in card, card
 
 
 def test_merged_model_loads_with_transformers_and_generates(finished_job, team_a, tmp_path):

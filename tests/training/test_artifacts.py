@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -102,6 +103,33 @@ def test_the_adapter_names_its_base_by_its_public_id_never_a_path_of_the_machine
         if path.suffix in (".json", ".md", ".jinja"):
             text = path.read_text()
             assert str(base) not in text and str(result.out_dir) not in text, path.name
+
+
+def test_the_adapter_has_a_model_card_that_says_what_it_is_and_how_to_load_it(llama31_run):
+    """adapter/README.md was peft's empty template, every field "[More Information Needed]". It is a model card of
+    the run: front matter the Hub and peft read, the method and its settings, the data, how training and the merge
+    went, and a loading snippet in the compute dtype it was trained in, which runs as written."""
+    base, result = llama31_run
+    adapter = result.out_dir / "adapter"
+    card = ModelCard.load(adapter / "README.md")
+    assert "More Information Needed" not in card.content
+    assert card.data.base_model == HUB_ID and card.data.library_name == "peft"
+    assert {"lora", "qlora", "sft", f"base_model:adapter:{HUB_ID}"} <= set(card.data.tags)
+    spec, dtype = result.summary["spec"], result.summary["compute_dtype"]
+    text = card.text
+    assert "trained with supervised fine-tuning (SFT) on a 4-bit NF4 base (QLoRA)" in text, text
+    assert f"| LoRA | r {spec['lora']['r']}, alpha {spec['lora']['alpha']:g}, dropout {spec['lora']['dropout']:g}" in text
+    assert "| steps | 4 of 4 planned |" in text and f"| compute dtype | {dtype} |" in text
+    train = result.summary["data"]["train"]
+    assert f"| train | - | {train['rows']:,} | {train['tokens']:,} | {train['trained_tokens']:,} |" in text, text
+    assert f"{result.summary['train_loss_final']:.4f} at the last" in text
+    assert "- validation loss: none (no validation set)" in text and "- eval report: none (eval.prompts 0)" in text
+    assert f"merge fidelity: max |logit diff| {result.summary['merge_fidelity']['max_abs_logit_diff']:.3g}" in text
+    snippet = text.split("```python\n")[1].split("```")[0]
+    assert f"dtype=torch.{dtype}" in snippet
+    loaded: dict = {}
+    exec(snippet.replace(json.dumps(HUB_ID), json.dumps(str(base))).replace("path/to/adapter", str(adapter)), loaded)  # as a reader would
+    assert type(loaded["model"]).__name__ == "PeftModelForCausalLM" and loaded["base"].dtype == getattr(torch, dtype)
 
 
 def test_the_downloads_tokenizer_config_holds_no_load_kwargs_of_the_machine_that_trained_it(llama31_run, tmp_path):

@@ -565,3 +565,14 @@ def test_the_report_event_says_whether_the_tuned_model_learned_to_stop():
     report = {"rows": [{}] * 8, "metrics": {"base": base, "tuned": tuned}}
     assert describe_report(report) == ("eval report on 8 prompts; exact match 100% tuned vs 0% base, F1 1.00 vs 0.00; "
                                        "stopped by itself 100% tuned vs 0% base; loss 0.0368 tuned vs 6.4500 base")
+
+
+def test_the_adapters_model_card_has_the_runs_validation_loss_and_eval_report(demo_run):
+    """The card (adapter/README.md, peft's empty template before) gives how the run went: its final validation loss
+    and the eval report's line, as the job's events say it, and the merge's fidelity."""
+    result, records = demo_run
+    card = (result.out_dir / "adapter" / "README.md").read_text()
+    said = next(r for r in records if isinstance(r, Event) and r.type == "report").message
+    assert f"- {said}" in card, card
+    assert f"- validation loss: {result.summary['eval_loss_final']:.4f} (perplexity" in card, card
+    assert "| validation | - | " in card and "More Information Needed" not in card, card

@@ -180,6 +180,8 @@ class JobFile:
     # What the adapter names its base (adapter_config.json): the registry's hub id and revision, else its name.
     base_model_id: str | None = None
     base_model_revision: str | None = None
+    # What the adapter's model card names as its making: {"job", "dataset", "validation_dataset", "initial_job"} ids.
+    provenance: dict[str, str | None] | None = None
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))

@@ -58,6 +58,7 @@ from worker.training.callbacks import (  # noqa: E402
     TrainingEnd,
     rewards,
 )
+from worker.training.card import write_model_card  # noqa: E402
 from worker.training.data import read_jsonl  # noqa: E402
 from worker.training.estimate import (  # noqa: E402
     HOST_DATASET,
@@ -488,6 +489,7 @@ class QLoRARecipe:
         disk_free: int | None = None,
         merge_shard_size: str = MERGED_SHARD_SIZE,
         host_claims: Path | None = None,
+        provenance: Mapping[str, str | None] | None = None,
     ):
         # The start, then the end of each phase: setup, train, save_adapter, merge, report (summary's durations_s).
         self.clock = [time.monotonic()]
@@ -522,6 +524,8 @@ class QLoRARecipe:
         # The disk space the merged model's files may take; None: what the output directory's disk has free.
         self.disk_free = disk_free
         self.merge_shard_size = merge_shard_size  # the largest of the merged model's safetensors files
+        # The service's ids of what made the run (job, dataset, validation_dataset, initial_job), for the model card.
+        self.provenance = provenance
         self.merge_plan: MergePlan | None = None  # how it was built, where output.merge asked for it
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -1081,6 +1085,10 @@ class QLoRARecipe:
             "durations_s": _durations(*self.clock),
         }
         write_json_atomic(self.out / "summary.json", summary, indent=2)
+        # Written last, over peft's empty template: the card tells the merge's fidelity and the eval report, which
+        # come after the adapter is saved; the adapter goes out (the service's upload) only once the run is done.
+        write_model_card(self.out / "adapter", summary, base_model_id=self.base_model_id,
+                         base_model_revision=self.base_model_revision, report=report, provenance=self.provenance)
         self.emit(Event(type="finished", level="info", step=self.state.global_step, message="training finished"))
         return RunResult("succeeded", self.out, summary, report)
 
