@@ -75,6 +75,7 @@ from worker.training.protocol import (
     Result,
     WorkDir,
     out_of_space,
+    phase_event,
     write_json_atomic,
 )
 from worker.transfer import Transfer, WriterStream, format_duration, tree_bytes
@@ -179,6 +180,11 @@ class AttemptWatch(threading.Thread):
             verb = what.replace("uploading", "uploaded").replace("downloading", "downloaded")
             with self._events_lock:
                 self._events.append(_transfer_event(transfer, transfer.describe(verb)))
+
+    def say(self, event: Event) -> None:
+        """An event of the worker's own, written with the next heartbeat (within a supervise interval)."""
+        with self._events_lock:
+            self._events.append(event)
 
     def reported(self) -> None:
         """The main thread's report wrote the heartbeat too: while it reports every round, this thread
@@ -800,6 +806,7 @@ class JobRun:
         summary = None if outcome.summary is None else _summary_for_team(outcome.summary, job.initial_job_id)
         if outcome.status == states.SUCCEEDED:
             made = [kind for kind in ARTIFACTS if (workdir.out / kind).is_dir()]
+            watch.say(phase_event("uploading", f"uploading the {', '.join(ARTIFACTS[kind] for kind in made)}"))
             for kind in made:
                 self._upload_artifact(job, kind, workdir.out / kind, watch)
             self._keep_only_artifacts(job, made, watch)

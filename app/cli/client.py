@@ -51,6 +51,7 @@ from app.cli.render import (
     sparkline,
     status_column,
     status_style,
+    status_text,
     steps,
     transfer_progress,
     wants_json,
@@ -923,9 +924,10 @@ class _JobWatcher:
         from rich.text import Text
 
         job = self.job
-        self.progress.update(self._task, description=job["status"], total=job["total_steps"],
+        self.progress.update(self._task, description=status_text(job), total=job["total_steps"],
                              completed=job["step"], steps=steps(job))
-        header = Text.assemble((f"job {job['id']}", "bold"), f"  {printable(job['name'])}  ", (job["status"], status_style(job["status"])))
+        header = Text.assemble((f"job {job['id']}", "bold"), f"  {printable(job['name'])}  ",
+                               (status_text(job), status_style(job["status"])))
         stats = Text.assemble(
             "train loss ", (f"{self.train_loss:.4f}" if self.train_loss is not None else "-", "bold"),
             "   eval loss ", (f"{self.eval_loss:.4f}" if self.eval_loss is not None else "-", "bold"),

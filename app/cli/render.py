@@ -217,6 +217,12 @@ def steps(job: dict) -> str:
     return f"{job['step']}/{job['total_steps'] if job['total_steps'] is not None else '?'}{planned}"
 
 
+def status_text(job: dict) -> str:
+    """"running (merging)": the status, and while a worker holds the job the phase it is in (GET /jobs/{id}'s `phase`):
+    past its last step a job still saves, merges, reports and uploads, and "running, step 160/160" did not say which."""
+    return f"{job['status']} ({job['phase']})" if job.get("phase") else job["status"]
+
+
 def status_style(status: str) -> str:
     return {"succeeded": "green", "failed": "red", "cancelled": "yellow", "cancelling": "yellow",
             "running": "cyan"}.get(status, "white")
@@ -227,7 +233,7 @@ def print_job_list(jobs: list[dict]) -> None:
     table = Table(id_column(), name_column("name"), status_column(), Column("steps", no_wrap=True),
                   name_column("base model"), Column("created", no_wrap=True), Column("finished", no_wrap=True))
     for j in jobs:
-        table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{j['status']}[/]", steps(j),
+        table.add_row(j["id"], plain(j["name"]), f"[{status_style(j['status'])}]{status_text(j)}[/]", steps(j),
                       plain(j["base_model"]), when(j["created_at"]), when(j["finished_at"]))
     print_table(table, optional=("finished", "created", "base model"))
 
@@ -432,7 +438,7 @@ def print_job(job: dict) -> None:
     fraction = job["progress"]["fraction"]
     rows = [
         ("name", plain(job["name"])),
-        ("status", Text(job["status"], style=status_style(job["status"]))),
+        ("status", Text(status_text(job), style=status_style(job["status"]))),
         ("base model", plain(job["base_model"])),
         ("method", method_text((job.get("spec") or {}).get("method"))),
         ("initial job", job.get("initial_job_id") or "-"),

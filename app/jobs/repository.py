@@ -52,7 +52,8 @@ def readable_id(session: Session, team_id: str, job_id: str) -> str | None:
 JOB_LIST_VIEW = (Job.id, Job.name, sa.cast(Job.user_metadata, Text).label("metadata"), Job.status, Job.base_model,
                  Job.dataset_id, Job.validation_dataset_id, Job.initial_job_id, sa.cast(Job.spec, Text).label("spec"),
                  Job.queue, Job.attempt, Job.trained_tokens, Job.error, sa.cast(Job.summary, Text).label("summary"),
-                 Job.created_at, Job.started_at, Job.finished_at, Job.step, Job.total_steps, Job.priority, Job.preemptions)
+                 Job.created_at, Job.started_at, Job.finished_at, Job.step, Job.total_steps, Job.priority, Job.preemptions,
+                 Job.phase)
 JOB_VIEW = (*JOB_LIST_VIEW, Job.heartbeat_at)
 # Built once: a status poll binds its team and job into it rather than building and caching a statement.
 _VIEW_BY_ID = readable_jobs(bindparam("team_id", type_=String)).with_only_columns(*JOB_VIEW).where(Job.id == bindparam("job_id"))
@@ -195,6 +196,11 @@ def claim(session: Session, job_id: str, worker: str, now, token: str | None = N
     if changed != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def set_phase(session: Session, job_id: str, attempt: int, phase: str) -> None:
+    """What the attempt does now (worker/training/protocol.PHASES); only this attempt's word counts."""
+    session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt).values(phase=phase))
 
 
 def landed_claim(session: Session, token: str) -> Job | None:

@@ -19,6 +19,8 @@ from app.jobs.tables import Checkpoint, Job
 from app.models import repository as models
 from app.usage import ledger
 from worker.training.protocol import (
+    PHASE_EVENT,
+    PHASES,
     CheckpointStored,
     EvalPoint,
     Event,
@@ -80,6 +82,7 @@ def claim(session: Session, job_id: str, worker: str, token: str | None = None) 
     ledger.start(session, job, job.claimed_at)
     repository.add_event(session, job.id, "claimed", message=f"{worker} took the job (attempt {attempt})",
                          attempt=attempt, data={"worker": worker})
+    repository.set_phase(session, job.id, attempt, "preparing")  # downloads and the base's load, until it trains
     claimed = _to_run(session, job, attempt)
     if claimed is not None and attempt > 1:
         _plan_resume(session, claimed)
@@ -227,6 +230,8 @@ def _add_event(session: Session, job_id: str, attempt: int, event: Event, at: da
         return  # this very event, from a try whose commit landed unheard
     # A path the training process wrote to is on the worker's disk, gone with the attempt: nothing for a client.
     data = {key: value for key, value in (event.data or {}).items() if key != "path"}
+    if event.type == PHASE_EVENT and (data.get("phase") in PHASES):
+        repository.set_phase(session, job_id, attempt, data["phase"])  # the job shows the newest while it runs
     repository.add_event(session, job_id, event.type, event.level, event.message, attempt=attempt, step=event.step,
                          data=data or None, at=at)
 

@@ -4,13 +4,15 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 from pydantic_core import to_json
 from sqlalchemy import Row
 
+from app.jobs import states
 from app.jobs.tables import Job
 from app.scheduling.policy import PRIORITY_NAMES
 from app.text import GPU_CLASS_PATTERN, has_control_characters
+from worker.training.protocol import PHASES
 from worker.training.spec import EvalSpec, JobSpec
 
 if TYPE_CHECKING:
@@ -118,6 +120,9 @@ class JobListItem(BaseModel):
     total_steps: int | None
     priority: Literal["low", "normal", "high"]
     preemptions: int = Field(description="Times the scheduler paused it at a checkpoint for another team's job.")
+    phase: str | None = Field(None, description="While a worker holds the job (running, cancelling, pausing): what it "
+                              "does now, one of " + ", ".join(PHASES) + ". Past the last step a job still evaluates, "
+                              "saves, merges, reports and uploads; it is done when its status says so. Null otherwise.")
     # Only while queued, and only in GET /jobs/{id}: 1 is the next job its GPU class starts, if no job
     # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), "no_worker" (no
     # worker of its class is up: waiting_detail says since when), or the quota holding it back ("max_running",
@@ -130,6 +135,11 @@ class JobListItem(BaseModel):
     @classmethod
     def _priority_name(cls, value: Any) -> Any:
         return PRIORITY_NAMES.get(value, value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _phase_while_held(self) -> Self:
+        self.phase = shown_phase(self.status, self.phase)
+        return self
 
     # pydantic documents this decorator order; mypy does not model decorated properties.
     @computed_field  # type: ignore[prop-decorator]
@@ -158,6 +168,12 @@ BEAT_FIELDS = frozenset(JobOut.model_fields) - frozenset(JobListItem.model_field
 JOB_JSON_FIELDS = ("metadata", "spec", "summary")
 
 
+def shown_phase(status: str, phase: str | None) -> str | None:
+    """JobOut's `phase`, for the model and for job_json alike: the worker's newest word while it holds the job; a
+    job queued again, paused or finished has none (its column keeps the last attempt's)."""
+    return phase if status in states.WORKER_OWNED else None
+
+
 def progress_of(step: int, total_steps: int | None) -> dict[str, Any]:
     """JobOut's `progress`, for the model and for job_json alike: every client shows the total and whether it is
     still the plan from these, none works it out for itself."""
@@ -177,6 +193,7 @@ def job_json(row: Row, standing: Standing | None = None) -> bytes:
     values["queue_position"], values["waiting_for"], values["waiting_detail"] = (
         (standing.position, standing.waiting_for, standing.detail) if standing else (None, None, None))
     values["progress"] = progress_of(values["step"], values["total_steps"])
+    values["phase"] = shown_phase(values["status"], values["phase"])
     head = to_json(values)
     tail = b"".join(b',"%s":%s' % (name.encode(), (text or "null").encode()) for name, text in embedded)
     return head[:-1] + tail + b"}"

@@ -42,6 +42,9 @@ class Job(IdMixin, Base):
     # its connection dropped finds by it the job its first try took, if that commit landed (runs.landed_claim).
     claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
+    # What the running attempt is doing (worker/training/protocol.PHASES), from the worker's newest "phase" event:
+    # past the last step a job still evaluates, saves, merges, reports and uploads, for minutes to hours.
+    phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

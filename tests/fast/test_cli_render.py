@@ -141,3 +141,17 @@ def test_a_queued_job_shows_its_planned_steps():
     assert "step 0/160 (planned)" in shown and "(0%)" not in shown, shown
     started = {**job, "status": "running", "step": 40, "progress": {"step": 40, "total_steps": 160, "fraction": 0.25, "planned": False}}
     assert render.steps(started) == "40/160"
+
+
+def test_a_job_past_its_last_step_says_which_phase_it_is_in():
+    """`qlora jobs show`, `jobs list` and `jobs watch` said "running, step 160/160 (100%)" through the final save,
+    merge, eval report and uploads: the status now carries the worker's phase (GET /jobs/{id}'s `phase`)."""
+    job = {**JOBS[0], "status": "running", "phase": "merging", "spec": {}, "initial_job_id": None, "dataset_id": "d" * 32,
+           "validation_dataset_id": None, "queue": "gpu-default", "attempt": 1, "priority": "normal", "preemptions": 0,
+           "trained_tokens": 10_000, "step": 160, "total_steps": 160,
+           "progress": {"step": 160, "total_steps": 160, "fraction": 1.0, "planned": False},
+           "started_at": None, "finished_at": None, "queue_position": None, "error": None, "summary": None}
+    assert render.status_text(job) == "running (merging)"
+    assert "running (merging)" in terminal_of(300, f"render.print_job({job!r})")
+    assert "running (merging)" in terminal_of(300, f"render.print_job_list([{job!r}])")
+    assert render.status_text({**job, "status": "succeeded", "phase": None}) == "succeeded"

@@ -72,6 +72,10 @@ def test_events_tell_the_story(finished_job, team_a):
     for expected in ("created", "claimed", "started", "checkpoint_saved", "adapter_saved", "merged", "succeeded"):
         assert expected in types, types
     assert types.index("created") < types.index("claimed") < types.index("succeeded")
+    # Each phase as it started, the worker's upload last: what the job showed as its `phase` while it ran.
+    phases = [e["data"]["phase"] for e in events if e["type"] == "phase"]
+    assert phases == ["training", "saving", "merging", "reporting", "uploading"], phases
+    assert finished_job["phase"] is None  # done: its status says so
     # Each says what happened; none points at the worker's disk, gone with the attempt.
     saved = next(e for e in events if e["type"] == "checkpoint_saved")
     assert saved["message"] == f"checkpoint of step {saved['step']} saved"

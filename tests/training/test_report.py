@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from worker.training.data import Example, Message, validate_lines
 from worker.training.merge import FIDELITY_MAX_TOKENS, fidelity_rows, forward_rows, measure_fidelity
 from worker.training.model import dequantized_on_cpu, load_base_model, resolve_compute_dtype
-from worker.training.protocol import Event, TrainPoint
+from worker.training.protocol import PHASE_EVENT, PHASES, Event, TrainPoint
 from worker.training.recipe import run
 from worker.training.report import (
     LOSS_MAX_ROWS,
@@ -565,6 +565,23 @@ def test_the_report_event_says_whether_the_tuned_model_learned_to_stop():
     report = {"rows": [{}] * 8, "metrics": {"base": base, "tuned": tuned}}
     assert describe_report(report) == ("eval report on 8 prompts; exact match 100% tuned vs 0% base, F1 1.00 vs 0.00; "
                                        "stopped by itself 100% tuned vs 0% base; loss 0.0368 tuned vs 6.4500 base")
+
+
+def test_the_run_announces_each_phase_after_training_as_it_starts(demo_run):
+    """Past its last step a run still evaluated, saved, merged and wrote its report, and said so only as each ended
+    (adapter_saved, merged, report): a job sat at "step 160/160" with nothing to tell whether it was done. Each
+    phase is announced as it starts, in order, before the event that ends it; the job shows the newest."""
+    result, records = demo_run
+    events = [r for r in records if isinstance(r, Event)]
+    phases = [e.data["phase"] for e in events if e.type == PHASE_EVENT]
+    # The demo evaluates every 80 steps, so at its last (160) the final loss is the trainer's: no second evaluation.
+    assert phases == ["training", "saving", "merging", "reporting"], phases
+    assert all(phase in PHASES for phase in phases)
+    order = [e.type if e.type != PHASE_EVENT else e.data["phase"] for e in events]
+    assert (order.index("training") < order.index("saving") < order.index("adapter_saved") < order.index("merging")
+            < order.index("merged") < order.index("reporting") < order.index("report") < order.index("finished"))
+    steps = result.summary["steps"]["completed"]
+    assert [e.step for e in events if e.type == PHASE_EVENT] == [0, steps, steps, steps]
 
 
 def test_the_adapters_model_card_has_the_runs_validation_loss_and_eval_report(demo_run):

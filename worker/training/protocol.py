@@ -81,6 +81,19 @@ class Event(_Stamped):
     data: dict[str, Any] | None = None  # what a program may want beside the message (a path, a size)
 
 
+# What a running attempt does, in order, each announced as it starts by an Event of type PHASE_EVENT (data
+# {"phase": ...}): the job shows the newest while it runs (app/jobs/runs.py keeps it), so a job at its last step
+# says whether it still saves, merges or uploads. preparing: the worker downloads the data and the base and loads
+# it; evaluating: the final validation loss; reporting: the eval report's answers, base and tuned.
+PHASES = ("preparing", "training", "evaluating", "saving", "merging", "reporting", "uploading")
+PHASE_EVENT = "phase"
+
+
+def phase_event(phase: str, message: str, step: int | None = None) -> Event:
+    assert phase in PHASES, phase
+    return Event(type=PHASE_EVENT, message=message, step=step, data={"phase": phase})
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointStored(_Stamped):
     """A complete checkpoint, uploaded to storage: only now can a later attempt resume from it."""

@@ -120,6 +120,7 @@ from worker.training.protocol import (  # noqa: E402
     Record,
     Sink,
     TrainPoint,
+    phase_event,
     record_to_json,
     write_json_atomic,
 )
@@ -824,6 +825,7 @@ class QLoRARecipe:
     def train(self) -> TrainingEnd:
         """Train from the resume point to the last planned step, or until the cancel or pause hook
         says stop; a divergence or an out-of-memory ends the run with a TrainingError."""
+        self.emit(phase_event("training", f"training from step {self.resumed_step}", step=self.resumed_step))
         try:
             try:
                 self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
@@ -881,12 +883,15 @@ class QLoRARecipe:
         last = next((entry for entry in reversed(self.trainer.state.log_history) if "eval_loss" in entry), None)
         if last is not None and last.get("step") == self.trainer.state.global_step:
             return last["eval_loss"]
+        self.emit(phase_event("evaluating", f"evaluating the final weights on {len(self.val_rows):,} validation rows",
+                              step=self.trainer.state.global_step))
         return self.trainer.evaluate()["eval_loss"]
 
     # ---------------------------------------------------------------- save
 
     def save_adapter(self) -> None:
         self._unless_cancelled()
+        self.emit(phase_event("saving", "saving the adapter", step=self.state.global_step))
         shipped = self.best.restore()  # output.use_best_checkpoint: the best evaluation's weights go out
         self.shipped_step = self.state.global_step if shipped is None else shipped.step
         if shipped is not None:
@@ -911,6 +916,8 @@ class QLoRARecipe:
         self._unless_cancelled()
         fidelity = None
         if self.spec.output.merge:
+            self.emit(phase_event("merging", "merging the adapter into the base and measuring the merged model's "
+                                  "fidelity (output.merge)", step=self.state.global_step))
             rows = fidelity_rows(self._sft_rows(self.val_rows or self.train_rows))
             autocast = self.compute_dtype if self.compute_dtype != torch.float32 else None  # as the trainer ran it
             reference = forward_rows(self.model, rows, autocast_dtype=autocast)
@@ -1009,6 +1016,8 @@ class QLoRARecipe:
         self._unless_cancelled()
         report = None
         if self.spec.eval.prompts:
+            self.emit(phase_event("reporting", "writing the eval report: the base's and the tuned model's answers to "
+                                  "the eval prompts", step=self.state.global_step))
             # The report loads the models it compares; the one trained goes first where the merge left it.
             for name in ("trainer", "model"):
                 vars(self).pop(name, None)

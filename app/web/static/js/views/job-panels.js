@@ -29,8 +29,11 @@ export function renderProgress(card, state) {
 function progressSaid(job, pct, state) {
   const { step, total_steps: total, planned } = job.progress;
   if (job.status === "queued") return `${waiting(state)}${total ? ` · ${total} steps planned` : ""}`;
-  if (!total) return "waiting for a worker";
-  return `step ${step} of ${total}${planned ? " (planned)" : ""}${pct !== null ? ` · ${pct}%` : ""}`;
+  if (!total) return job.phase ? job.phase : "waiting for a worker";
+  // While a worker holds the job, the phase it is in (GET /jobs/{id}'s phase): past its last step it still saves,
+  // merges, reports and uploads, and "step 160 of 160 · 100%" alone read as done.
+  const phase = job.phase ? ` · ${job.phase}` : "";
+  return `step ${step} of ${total}${planned ? " (planned)" : ""}${pct !== null ? ` · ${pct}%` : ""}${phase}`;
 }
 
 const WAITING_FOR = {
