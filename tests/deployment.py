@@ -26,7 +26,7 @@ BUCKET = "qlora-test"
 
 # The GPU classes service tests send jobs to: served by a worker a test starts, or by none (to keep a
 # job queued). Each is named for this test session (see lane()).
-LANES = ("nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share", "claims")
+LANES = ("nobody-listens", "nobody", "cancel-test", "metrics-queue", "fair-share", "claims", "cpu-only")
 _SESSION = uuid.uuid4().hex[:6]
 
 

@@ -419,7 +419,8 @@ def _key_value_columns() -> tuple[Column, Column]:
     return Column("field"), Column("value", overflow="fold")
 
 
-WAITING_FOR = {"gpu": "a free GPU of its class", "no_worker": "a worker of its class to be up",
+WAITING_FOR = {"gpu": "a free GPU of its class", "cpu": "the CPU worker of its class to be free",
+               "no_worker": "a worker of its class to be up",
                "max_running": "the team's max_running", "gpu_hours_per_month": "the team's monthly GPU-hours budget",
                "team_disabled": "its team to be enabled (an admin disabled it)"}
 

@@ -35,3 +35,6 @@ class Worker(Base):
     queue: Mapped[str] = mapped_column(String(100))  # the one queue (GPU class) it serves
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())  # when this worker process started beating
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # What its training processes run on (workers.training_device): "cuda" or "cpu"; null from an older release. A
+    # queued job's wait is worded by it: a class served by the CPU has no GPU to wait for.
+    device: Mapped[str | None] = mapped_column(String(8), nullable=True)

@@ -17,10 +17,12 @@ admin status` and /metrics called its queue stranded), and one whose clock ran a
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import cast
 
 from sqlalchemy import CursorResult, delete, select
@@ -76,16 +78,26 @@ class Beat:
     other_seen_at: datetime | None  # when a worker of that name started at another time wrote the row last, if one did
 
 
-def beat(session: Session, name: str, queue: str, started_at: datetime) -> Beat:
+def training_device() -> str:
+    """What this machine's training processes will run on, "cuda" or "cpu", told without starting CUDA (a worker's
+    main process never does, DESIGN.md rule 2): a GPU's device file (NVIDIA's, or ROCm's for AMD), unless
+    CUDA_VISIBLE_DEVICES hides every GPU. The training process decides for itself (worker/training/model.pick_device);
+    this is for a person reading why a job waits."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return "cpu"
+    return "cuda" if any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists() else "cpu"
+
+
+def beat(session: Session, name: str, queue: str, started_at: datetime, device: str | None = None) -> Beat:
     """Worker `name`, serving `queue`, is up now: its row made or brought up to date. The caller commits.
     Says when the row was last written by a worker of that name started at another time (a predecessor that
     was killed, or another worker given the same name)."""
     insert = insert_for(session)
     now = database_now(session)
     before = session.execute(select(Worker.started_at, Worker.seen_at).where(Worker.name == name)).first()
-    statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now)
+    statement = insert(Worker).values(name=name, queue=queue, started_at=started_at, seen_at=now, device=device)
     session.execute(statement.on_conflict_do_update(
-        index_elements=["name"], set_={"queue": queue, "started_at": started_at, "seen_at": now}))
+        index_elements=["name"], set_={"queue": queue, "started_at": started_at, "seen_at": now, "device": device}))
     return Beat(now, before.seen_at if before is not None and before.started_at != started_at else None)
 
 
@@ -109,9 +121,11 @@ class WorkerBeat(threading.Thread):
     Its engine keeps no connection between beats: Celery's pool processes are forked from this process
     while it runs, and a pooled connection's socket would be shared with them."""
 
-    def __init__(self, database_url: str, name: str, queue: str, interval_s: float = WORKER_BEAT_S):
+    def __init__(self, database_url: str, name: str, queue: str, interval_s: float = WORKER_BEAT_S,
+                 device: str | None = None):
         super().__init__(name="qlora-worker-beat", daemon=True)
         self.worker, self.queue, self.interval_s = name, queue, interval_s
+        self.device = device or training_device()
         self.engine = make_engine(database_url, pooled=False)
         self.sessions = sessionmaker(bind=self.engine)
         self.started_at = utcnow()
@@ -122,7 +136,7 @@ class WorkerBeat(threading.Thread):
         while True:
             try:
                 with self.sessions.begin() as session:
-                    done = beat(session, self.worker, self.queue, self.started_at)
+                    done = beat(session, self.worker, self.queue, self.started_at, self.device)
                 # Another worker wrote the row since this one's last beat: a killed predecessor cannot have. Both
                 # times are the database's: another host's clock, or this one's, would make or miss a twin.
                 if done.other_seen_at is not None and last_beat is not None and done.other_seen_at > last_beat:

@@ -39,6 +39,9 @@ FOR_TEAM_DISABLED = "team_disabled"
 # What a job waits for that the rules here do not decide: no worker of its class is up at all (the service reads the
 # workers table, app/scheduling/service.standings). Said instead of "gpu", which a person read as "soon".
 FOR_NO_WORKER = "no_worker"
+# A job that needs only a free worker, of a class whose workers train on the CPU (no GPU on their machine: a laptop
+# running the embedded default): said instead of "gpu", which named a GPU the machine does not have.
+FOR_CPU = "cpu"
 
 LN2 = math.log(2)
 

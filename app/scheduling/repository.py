@@ -159,7 +159,7 @@ def idle_throughout(session: Session, queue: str, alive_since: datetime, since: 
 
 
 def last_worker_seen(session: Session, queue: str) -> Row | None:
-    """(name, seen_at) of the worker of the class heard from last (app/operations/workers.py), or None when the
+    """(name, seen_at, device) of the worker of the class heard from last (app/operations/workers.py), or None when the
     class has no row: every worker of it stopped cleanly, was forgotten after a week of silence, or never ran."""
-    return session.execute(select(Worker.name, Worker.seen_at).where(Worker.queue == queue)
+    return session.execute(select(Worker.name, Worker.seen_at, Worker.device).where(Worker.queue == queue)
                            .order_by(Worker.seen_at.desc()).limit(1)).first()

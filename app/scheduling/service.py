@@ -30,7 +30,7 @@ from app.operations.lease import LeasedLoop
 from app.operations.workers import WORKER_ALIVE_S
 from app.quotas.service import effective, lock_team
 from app.scheduling import policy, repository
-from app.scheduling.policy import FOR_BUDGET, FOR_GPU, FOR_NO_WORKER, Running, TeamShare, Waiting
+from app.scheduling.policy import FOR_BUDGET, FOR_CPU, FOR_GPU, FOR_NO_WORKER, Running, TeamShare, Waiting
 from app.teams.tables import Team
 from app.text import counted
 from app.usage.repository import gpu_seconds_by_team, month_start
@@ -156,8 +156,9 @@ def standings(session: Session, settings: Settings, queue: str, now: datetime | 
     order = policy.claim_order(_waiting(session, queue), shares)
     # seen_at is the database's clock (app.operations.workers): judged by this host's, an API host whose clock ran
     # ahead of the database's saw a live worker as silent, and the jobs of its class said no_worker.
-    no_worker = no_worker_said(queue, repository.last_worker_seen(session, queue), now)
-    for_gpu = (FOR_GPU, None) if no_worker is None else (FOR_NO_WORKER, no_worker)
+    last_seen = repository.last_worker_seen(session, queue)
+    no_worker = no_worker_said(queue, last_seen, now)
+    for_gpu = (FOR_NO_WORKER, no_worker) if no_worker is not None or last_seen is None else free_worker_wait(queue, last_seen)
     return {job.job_id: Standing(position, *((reason, budget_said(shares[job.team_id]) if reason == FOR_BUDGET else None)
                                              if reason else for_gpu))
             for position, (job, reason) in enumerate(order, 1)}
@@ -189,6 +190,19 @@ def budget_said(team: TeamShare) -> str:
                  "its pace shows")
     return (said + "; a job starts while what is left exceeds what is still to come, and a job that started runs to "
             "its end (README, Quotas)")
+
+
+def free_worker_wait(queue: str, last_seen: Row) -> tuple[str, str | None]:
+    """(waiting_for, waiting_detail) of a job that needs only a free worker of its class, which has one up
+    (`last_seen`: repository.last_worker_seen), worded for what that worker trains on: "gpu" (a free GPU of its
+    class), or "cpu" where it has no GPU (a laptop running the embedded default), which said it waited for a GPU the
+    machine does not have."""
+    if last_seen.device != "cpu":  # a GPU, or a worker of an older release, which does not say
+        return FOR_GPU, None
+    gpu_class = queue.removeprefix("gpu-")  # Settings.queue_for
+    return FOR_CPU, (f"the worker of GPU class {gpu_class} ({last_seen.name}) has no GPU and trains on the CPU, one job "
+                     "at a time: the job starts when it is free (start a worker on a GPU machine, qlora worker "
+                     f"--gpu-class {gpu_class}, to train faster)")
 
 
 def no_worker_said(queue: str, last_seen: Row | None, now: datetime) -> str | None:

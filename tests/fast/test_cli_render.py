@@ -155,3 +155,16 @@ def test_a_job_past_its_last_step_says_which_phase_it_is_in():
     assert "running (merging)" in terminal_of(300, f"render.print_job({job!r})")
     assert "running (merging)" in terminal_of(300, f"render.print_job_list([{job!r}])")
     assert render.status_text({**job, "status": "succeeded", "phase": None}) == "succeeded"
+
+
+def test_a_job_queued_for_a_worker_without_a_gpu_is_not_said_to_wait_for_a_gpu():
+    """On a laptop with no GPU `qlora jobs show` said "waiting for a free GPU of its class": GET /jobs/{id} says "cpu"
+    where its class's worker has no GPU, and the line says what it waits for."""
+    detail = "the worker of GPU class default (laptop:cpu) has no GPU and trains on the CPU, one job at a time: ..."
+    job = {**JOBS[0], "status": "queued", "spec": {}, "initial_job_id": None, "dataset_id": "d" * 32, "validation_dataset_id": None,
+           "queue": "gpu-default", "attempt": 0, "priority": "normal", "preemptions": 0, "trained_tokens": 0,
+           "progress": {"step": 0, "total_steps": None, "fraction": None}, "started_at": None, "finished_at": None,
+           "queue_position": 2, "waiting_for": "cpu", "waiting_detail": detail, "error": None, "summary": None}
+    assert render.queue_position(job) == "2 (waiting for the CPU worker of its class to be free)"
+    shown = terminal_of(300, f"render.print_job({job!r})")
+    assert "GPU of its class" not in shown and "has no GPU and trains on the CPU" in shown, shown

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from app.db import session_scope
+from app.db import session_scope, utcnow
 from app.jobs import runs, states
+from app.operations import workers
+from app.scheduling import service as scheduling
 from tests.deployment import lane, upload
 from worker.training.protocol import Progress, phase_event
 from worker.training.tiny import demo_spec
@@ -64,3 +66,28 @@ def test_a_running_job_says_which_phase_it_is_in_until_it_ends(deployment, demo_
             assert runs.finish(session, job_id, claimed.attempt, states.SUCCEEDED, summary={})
         done = client.get(f"/jobs/{job_id}").json()
         assert done["status"] == "succeeded" and done["phase"] is None, done
+
+
+def test_a_job_queued_for_a_worker_without_a_gpu_does_not_say_it_waits_for_a_gpu(deployment, demo_data):
+    """On a laptop with no GPU (the embedded default) a queued job said it was "waiting for a free GPU of its class":
+    the machine has none, and its worker trains on the CPU. Each worker says in its beat what it trains on
+    (workers.training_device), and the job's wait is worded for that."""
+    queue = deployment.settings.queue_for(lane("cpu-only"))
+    database_url, started = deployment.settings.database_url, utcnow()
+    with session_scope(database_url) as session:  # what the CPU worker of the class writes every WORKER_BEAT_S
+        workers.beat(session, "laptop:cpu", queue, started, device="cpu")
+    try:
+        with deployment.client(deployment.team_key("cpu-wait")) as client:
+            dataset_id = upload(client, demo_data["validation"]).json()["id"]
+            created = client.post("/jobs", json={"dataset_id": dataset_id, "gpu_class": lane("cpu-only"), **demo_spec("tiny")})
+            job = client.get(f"/jobs/{created.json()['id']}").json()
+            assert job["waiting_for"] == "cpu", job
+            assert "(laptop:cpu) has no GPU and trains on the CPU, one job at a time" in job["waiting_detail"], job
+            with session_scope(database_url) as session:  # the same class served from a GPU machine: a GPU it waits for
+                workers.beat(session, "laptop:cpu", queue, started, device="cuda")
+                assert {(s.waiting_for, s.detail) for s in scheduling.standings(session, deployment.settings, queue).values()} \
+                    == {("gpu", None)}
+            client.post(f"/jobs/{job['id']}/cancel")
+    finally:
+        with session_scope(database_url) as session:
+            workers.forget(session, "laptop:cpu", started)

@@ -18,6 +18,7 @@ from app.db import session_scope
 from app.jobs import runs, states
 from app.jobs.tables import Job
 from app.operations import repository as operations
+from app.operations.workers import training_device
 from app.scheduling import service as scheduling
 from app.teams import repository as teams
 from tests.deployment import lane, upload, wait_for_status, wait_until
@@ -70,6 +71,11 @@ def job_body(dataset_id: str, max_steps: int, **training) -> dict:
     return {"dataset_id": dataset_id, "gpu_class": GPU_CLASS, **spec}
 
 
+# What a job that needs only a free worker waits for: the test's worker trains on this machine's GPU if it has one,
+# else on its CPU, and says so (app/operations/workers.training_device).
+FREE_WORKER = "gpu" if training_device() == "cuda" else "cpu"
+
+
 def test_one_teams_backlog_does_not_hold_back_another_teams_job(deployment, fair_worker, demo_data):
     team_a, team_b = fresh_team(deployment), fresh_team(deployment)
     data_a = upload(team_a, demo_data["train"]).json()["id"]
@@ -78,7 +84,7 @@ def test_one_teams_backlog_does_not_hold_back_another_teams_job(deployment, fair
     urgent = team_b.post("/jobs", json=job_body(data_b, 3)).json()
     waiting = team_b.get(f"/jobs/{urgent['id']}").json()
     if waiting["status"] == "queued":
-        assert waiting["waiting_for"] == "gpu" and 1 <= waiting["queue_position"] <= 2, waiting
+        assert waiting["waiting_for"] == FREE_WORKER and 1 <= waiting["queue_position"] <= 2, waiting
 
     done = wait_for_status(team_b, urgent["id"], FINISHED, timeout=180, deployment=deployment)
     assert done["status"] == "succeeded", done["error"]
@@ -115,7 +121,7 @@ def test_a_preempted_job_resumes_from_its_checkpoint_to_the_same_end_past_a_spen
                lambda: f"the long job past step 3: {heavy.get(long_url).json()}\n{deployment.log('worker-fair-share')}")
     set_quota(deployment, heavy.team_name, gpu_hours_per_month=0.0)  # spent, as its running job goes on
     short_job = light.post("/jobs", json=job_body(upload(light, demo_data["train"]).json()["id"], 3)).json()
-    assert light.get(f"/jobs/{short_job['id']}").json()["waiting_for"] == "gpu"
+    assert light.get(f"/jobs/{short_job['id']}").json()["waiting_for"] == FREE_WORKER
 
     # The deployment's own scheduler never preempts a job younger than QLORA_MIN_RUNTIME_BEFORE_PREEMPT_S
     # (10 minutes); this pass is the same code with that minimum at zero.

@@ -38,6 +38,7 @@ function progressSaid(job, pct, state) {
 
 const WAITING_FOR = {
   gpu: "a free GPU of its class",
+  cpu: "the CPU worker of its class to be free",
   no_worker: "a worker of its class to be up",
   max_running: "your team's max_running quota",
   gpu_hours_per_month: "your team's monthly GPU-hours budget",
