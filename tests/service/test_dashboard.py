@@ -583,3 +583,42 @@ def test_the_job_pages_series_stays_bounded_and_keeps_a_short_jobs_points_as_the
     assert seen["short"] == 4000
     assert seen["most"] <= 4000 and seen["first"] == 1 and seen["tail"] == list(range(199_001, 200_001))
     assert seen["thinned"] >= 1000 and seen["widest"] <= 200_000 / 500  # the older ones spread over the whole run
+
+
+def test_the_job_page_says_the_planned_steps_the_wait_and_the_phase(page, deployment, team, team_key, demo_data):
+    """The job page showed "waiting for a worker" for a queued job whose preflight had counted its steps, "waiting for a
+    free GPU of its class" behind a worker with no GPU, and "step 160 of 160 · 100%" through the save, the merge, the
+    report and the uploads. It says the plan, the wait for what the machine has, and the phase, as GET /jobs/{id} does;
+    the job is moved by the worker's own calls (no worker here)."""
+    from app.db import utcnow
+    from app.jobs import runs
+    from app.operations import workers
+    from worker.training.protocol import Progress, phase_event
+
+    database_url = deployment.settings.database_url
+    queue, started = deployment.settings.queue_for(lane("cpu-only")), utcnow()
+    with session_scope(database_url) as session:  # the class's worker, on a machine with no GPU
+        workers.beat(session, "dashboard-laptop:cpu", queue, started, device="cpu")
+    try:
+        dataset = upload(team, demo_data["train"], name="phases.jsonl").json()
+        job_id = team.post("/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny", "gpu_class": lane("cpu-only"),
+                                          "training": {"max_steps": 160}}).json()["id"]
+        sign_in(page, team_key)
+        page.goto(f"/#/jobs/{job_id}")
+        meta = page.locator("#progress-meta")
+        expect(meta).to_contain_text("waiting for the CPU worker of its class to be free")
+        expect(meta).to_contain_text("· 160 steps planned")
+        with session_scope(database_url) as session:  # as the worker claims it, then relays the training process
+            claimed = runs.claim(session, job_id, "dashboard-laptop:cpu")
+            assert claimed is not None
+        expect(meta).to_have_text("step 0 of 160 (planned) · 0% · preparing")
+        with session_scope(database_url) as session:
+            runs.report(session, job_id, claimed.attempt, [phase_event("merging", "merging", step=160)],
+                        Progress(step=160, total_steps=160, tokens_seen=1000))
+        expect(meta).to_have_text("step 160 of 160 · 100% · merging")
+        with session_scope(database_url) as session:
+            assert runs.finish(session, job_id, claimed.attempt, "succeeded", summary={})
+        expect(meta).to_have_text("step 160 of 160 · 100%")
+    finally:
+        with session_scope(database_url) as session:
+            workers.forget(session, "dashboard-laptop:cpu", started)
