@@ -124,7 +124,8 @@ class JobListItem(BaseModel):
                               "does now, one of " + ", ".join(PHASES) + ". Past the last step a job still evaluates, "
                               "saves, merges, reports and uploads; it is done when its status says so. Null otherwise.")
     # Only while queued, and only in GET /jobs/{id}: 1 is the next job its GPU class starts, if no job
-    # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), "no_worker" (no
+    # ended meanwhile; waiting_for says what it waits for: "gpu" (a free GPU of its class), "cpu" (a free worker of
+    # its class, which has no GPU: waiting_detail names it), "no_worker" (no
     # worker of its class is up: waiting_detail says since when), or the quota holding it back ("max_running",
     # "gpu_hours_per_month"), or "team_disabled" (an admin disabled its team).
     queue_position: int | None = None
