@@ -44,8 +44,7 @@ from app.deps import get_caller, get_session, team_turn
 from app.errors import Invalid, field_errors
 from app.jobs.turns import Busy, Turns
 from app.shares import KEYLESS, ClientLeft
-from worker.training.data import DECODER_WITHOUT_REPEATS, RepeatedKey
-from worker.training.spec import excerpt, long_numbers_as_floats
+from worker.training.spec import DECODER_WITHOUT_REPEATS, RepeatedKey, excerpt, long_numbers_as_floats
 
 MAX_JSON_VALUES = 10_000  # objects, arrays and scalars in one body; a job spec with full metadata holds ~200
 # Requests with a JSON body one API key may have in progress at once in one API process; the next waits for one
@@ -98,10 +97,8 @@ def checked_json(body: bytes) -> Any:
     if more_values_than(value, MAX_JSON_VALUES):  # empty containers, which the bytes' count leaves out
         raise _too_many_values()
     repeated = _repeated_key(body)
-    if repeated is not None:
-        raise json.JSONDecodeError(f"the key {excerpt(repeated)} appears twice in one object: JSON readers "
-                                   "keep one of the two (this API's parser the last, silently); send each "
-                                   "key once", body.decode("utf-8", "replace"), 0)
+    if repeated is not None:  # worded as a spec file's and a dataset row's refusal (RepeatedKey)
+        raise json.JSONDecodeError(str(repeated), body.decode("utf-8", "replace"), 0)
     return value
 
 
@@ -110,15 +107,15 @@ def checked_json(body: bytes) -> Any:
 NUMBER_OUT_OF_RANGE = "number out of range"
 
 
-def _repeated_key(body: bytes) -> str | None:
-    """The first key the body gives twice in one object ({"learning_rate": 1e-4, ..., "learning_rate": 1},
+def _repeated_key(body: bytes) -> RepeatedKey | None:
+    """The refusal of the first key the body gives twice in one object ({"learning_rate": 1e-4, ..., "learning_rate": 1},
     as a script that joins JSON by hand makes), which from_json takes as the last: a job would train with
     another spec than the one its caller read. Read again by Python's parser, on a body already found
     valid and bounded: a few KiB for any request of this API."""
     try:
         DECODER_WITHOUT_REPEATS.decode(body.decode("utf-8"))
     except RepeatedKey as exc:
-        return exc.key
+        return exc
     except (ValueError, RecursionError):  # what from_json reads and Python's parser does not (nesting past its depth)
         return None
     return None

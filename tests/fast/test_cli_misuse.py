@@ -173,6 +173,24 @@ def test_a_number_too_long_to_read_in_a_spec_file_is_refused_naming_its_field(en
     refused(qlora(env, "jobs", "create", str(spec), "--dataset", "0" * 32), "training.learning_rate: ")
 
 
+
+def test_a_key_given_twice_in_a_spec_file_is_refused_naming_it_as_the_api_refuses_it(env, tmp_path):
+    """A spec file with a key twice in one object (a learning_rate edited in by appending) was read keeping the
+    last by every command that reads one: `qlora train` trained at 0.9 and `jobs create` sent 0.9, where the API
+    refuses such a body naming the key. Now each command refuses the file with the API's own words, and `jobs
+    create`/`preflight` before sending anything (QLORA_URL names a port nothing listens on)."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"base_model": "m", "training": {"max_steps": 10, "learning_rate": 1e-4, "learning_rate": 0.9}}')
+    # The API's words for such a body (app/routing.py), which the same exception (RepeatedKey) writes.
+    said = f"{spec}: the key 'learning_rate' appears twice in one object: JSON readers keep one of the two"
+    for command in (["jobs", "create", str(spec), "--dataset", "0" * 32], ["jobs", "preflight", str(spec), "--dataset", "0" * 32]):
+        done = qlora(env, *command)
+        refused(done, said)
+        assert "cannot reach" not in done.stderr, done.stderr
+    refused(qlora(env, "estimate", str(spec)), said, code=2)
+    refused(qlora(env, "train", str(spec), "--data", str(spec), "--out", str(tmp_path / "run")), said, code=2)
+    assert not (tmp_path / "run").exists()
+
 def test_unicode_prints_on_a_terminal_that_cannot_show_it(env, tmp_path):
     """PYTHONIOENCODING=ascii (or LC_ALL=POSIX without UTF-8 mode): a unicode name ended in a UnicodeEncodeError."""
     data = tmp_path / "lång-🦙.jsonl"

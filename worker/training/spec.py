@@ -34,6 +34,35 @@ def excerpt(value: Any, *, quote: bool = True) -> str:
     return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}… ({len(text):,} characters)"
 
 
+class RepeatedKey(ValueError):
+    """A key given twice in one JSON object, which DECODER_WITHOUT_REPEATS refuses: a dataset's row, an API body
+    (app/routing.py) and a spec file (load_spec_json) alike, with this one message naming the key."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the key {excerpt(key)} appears twice in one object: JSON readers keep one of the two "
+                         "(this service's the last, silently), so what is used would depend on the reader; give "
+                         "each key once")
+        self.key = key
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice ({"messages": [...], "messages": [...]}), which a
+    dict would silently take as the last. A call per object: validating 50k chat rows took 1% longer, 4% for
+    rows of eight turns, against json.loads."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+# One decoder for every row: json.loads(text, object_pairs_hook=...) would build a new one per line.
+DECODER_WITHOUT_REPEATS = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
+
+
 def counted(count: int, noun: str, plural: str | None = None) -> str:
     """"1 job", "3 jobs", "0 jobs": a count and its noun, in the plural (noun + "s", or `plural`) where it is not
     one. Every message that counts things says it with this (the API's too, through app/text.py)."""
@@ -382,14 +411,17 @@ def load_spec_json(text: str | bytes) -> Any:
     """A spec file's JSON value, as json.loads reads it, but with a number too long to read as the float it denotes
     (long_numbers_as_floats), as the API reads a body: a 5,000-digit training.max_steps was "not valid JSON: Exceeds
     the limit (4300 digits) for integer string conversion ... use sys.set_int_max_str_digits()", naming no field and
-    a fix meant for Python programmers; now the field's own check refuses it, naming it and its range. Raises
-    ValueError (JSONDecodeError, UnicodeDecodeError) where the text is no JSON: spec_file_error says why."""
+    a fix meant for Python programmers; now the field's own check refuses it, naming it and its range. A key given
+    twice in one object is refused (RepeatedKey), as the API refuses it in a body: json.loads kept the last, so
+    `qlora train` trained with another learning_rate than the one its user read first. Raises ValueError
+    (JSONDecodeError, UnicodeDecodeError, RepeatedKey) where the text is no spec's JSON: spec_file_error says why."""
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json.loads(text, object_pairs_hook=_object_without_repeats)  # bytes too: json.loads finds their encoding
+    except (json.JSONDecodeError, UnicodeDecodeError, RepeatedKey):
         raise
     except ValueError:  # int() refuses an integer of more digits than sys.get_int_max_str_digits() (4300 by default)
-        return json.loads(long_numbers_as_floats(text.encode() if isinstance(text, str) else text))
+        return json.loads(long_numbers_as_floats(text.encode() if isinstance(text, str) else text),
+                          object_pairs_hook=_object_without_repeats)
 
 
 # pydantic-core's from_json (the API's parser, and the database's reader of JSON) refuses a number whose integer part
@@ -423,6 +455,8 @@ def long_numbers_as_floats(body: bytes) -> bytes:
 def spec_file_error(path: str | Path, exc: ValueError) -> str:
     """Why a spec file could not be read as JSON, with what it most likely is instead: the dataset or an archive
     given where the spec goes (`qlora jobs create demo/train.jsonl`). The CLI's commands that read a spec say it alike."""
+    if isinstance(exc, RepeatedKey):
+        return f"{path}: {exc}"
     if isinstance(exc, UnicodeDecodeError):
         return (f"{path} is not a JSON text file (byte {exc.start + 1} is not UTF-8): a job spec is one JSON object, "
                 "such as demo/spec.json from `qlora demo-data`")
