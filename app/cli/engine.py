@@ -8,14 +8,20 @@ and the other verbs stay light. Each prints its result as text on a terminal and
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from app.cli.render import Commands, JsonOption, err, out, print_run_summary, show
+from app.cli.render import Commands, JsonOption, err, event_line, out, print_run_summary, show
+
+if TYPE_CHECKING:
+    from worker.training.protocol import Record
 
 commands = Commands()
 # Where "auto" is decided against a GPU's memory (estimate's --gpu-memory, train's own GPU), as admission and
@@ -24,6 +30,10 @@ MaxPagedFractionOption = Annotated[float, typer.Option(
     min=0, max=1, envvar="QLORA_MAX_PAGED_FRACTION",
     help="How much of a paged optimizer's state may page to CPU memory, as admission allows it "
          "(the service's QLORA_MAX_PAGED_FRACTION, 1 by default).")]
+LogFormatOption = Annotated[Literal["auto", "json", "text"], typer.Option(
+    "--log-format", envvar="QLORA_LOG_FORMAT",
+    help="The run's events on stderr: text lines, or a JSON object per line; auto (the default): text on a terminal, "
+         "JSON elsewhere, as every qlora process logs.")]
 
 
 @commands.command()
@@ -37,11 +47,13 @@ def train(
         "--initial-adapter", help="Start from this saved adapter (a run's adapter/ directory) instead of a fresh one: "
         "SFT, then DPO from it.", exists=True, file_okay=False)] = None,
     max_paged_fraction: MaxPagedFractionOption = 1.0,
+    log_format: LogFormatOption = "auto",
     as_json: JsonOption = None,
 ) -> None:
     """Fine-tune a base model with QLoRA; writes adapter/, merged/, metrics.jsonl, summary.json to --out.
 
-    On a pipe: {"out_dir", "summary"} (summary.json's content)."""
+    Its warnings (rows truncated, the loss spiking, a paged optimizer run unpaged on the CPU) print to stderr as
+    they happen, the events a job records. On a pipe: {"out_dir", "summary"} (summary.json's content)."""
     from worker.training.data import DataError
     from worker.training.spec import JobSpec, SpecError
     from worker.training.tokenization import TemplateError
@@ -54,7 +66,8 @@ def train(
             from worker.training.recipe import TrainingError, run
 
         result = run(job, data, out_dir, validation_path=validation, resume=resume, progress=True,
-                     initial_adapter=initial_adapter, max_paged_fraction=max_paged_fraction)
+                     initial_adapter=initial_adapter, max_paged_fraction=max_paged_fraction,
+                     sink=_event_printer(log_format))
     except (SpecError, DataError, TemplateError) as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
@@ -63,6 +76,40 @@ def train(
         raise typer.Exit(1) from None
     show({"out_dir": str(result.out_dir), "summary": result.summary},
          lambda: print_run_summary(result.summary, result.out_dir), as_json)
+
+
+# The info events a person running `qlora train` reads as they happen, beside every warning and error: what the run
+# decided otherwise than its spec reads. The rest of info (started, base loaded, a checkpoint every save_steps,
+# saved, merged) is routine that the summary tells at the end; a new kind of info event stays out until named here.
+NOTEWORTHY_INFO_EVENTS = frozenset({"optimizer_unpaged", "decisions_kept", "early_stopped", "best_checkpoint_used",
+                                    "merging_on_cpu", "merging_streamed"})
+
+
+def _event_printer(log_format: str) -> Callable[[Record], None]:
+    """The sink `qlora train` gives the recipe: the events a worker would record for a job (QLoRARecipe.emit), those
+    worth reading as they happen, on stderr, as `qlora jobs watch` prints a job's events on a terminal and as the recipe's
+    records (records.jsonl's lines) elsewhere, by the rule every qlora process logs by (app/logs.py). Without it
+    the engine alone said none of them: a run that truncated half its rows said nothing of it."""
+    from app.logs import resolve_format
+    from worker.training.protocol import Event, record_to_json
+
+    as_json = resolve_format(log_format) == "json"
+
+    def show_event(record: Record) -> None:
+        # "failed": the command's own `training failed:` line says it, with exit status 1.
+        if not isinstance(record, Event) or record.type == "failed":
+            return
+        if record.level == "info" and record.type not in NOTEWORTHY_INFO_EVENTS:
+            return
+        if as_json:
+            print(json.dumps(record_to_json(record), default=str), file=sys.stderr, flush=True)
+        else:  # through the console the progress bar shares the terminal with (rich prints it above the bar)
+            shown: dict[str, Any] = {"created_at": datetime.fromtimestamp(record.time).isoformat(timespec="seconds"),
+                                     "step": record.step, "type": record.type, "level": record.level,
+                                     "message": record.message}
+            err.print(event_line(shown), highlight=False, soft_wrap=True)
+
+    return show_event
 
 
 @commands.command()

@@ -4,6 +4,7 @@ is not rich markup. A dataset holds whatever its team uploaded, and a preflight 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -168,3 +169,34 @@ def test_a_job_queued_for_a_worker_without_a_gpu_is_not_said_to_wait_for_a_gpu()
     assert render.queue_position(job) == "2 (waiting for the CPU worker of its class to be free)"
     shown = terminal_of(300, f"render.print_job({job!r})")
     assert "GPU of its class" not in shown and "has no GPU and trains on the CPU" in shown, shown
+
+
+def test_qlora_train_prints_a_runs_warnings_and_leaves_its_routine_out(capsys):
+    """`qlora train` printed none of the events a worker records for a job: its sink (app/cli/engine.py) prints
+    warnings, errors and the noteworthy info events to stderr, as `qlora jobs watch` prints a job's events on a terminal and
+    as the recipe's records elsewhere. Routine ones (a checkpoint every save_steps, started) and "failed" (the
+    command's own error line says it) stay out."""
+    from app.cli.engine import _event_printer
+    from worker.training.protocol import Event
+
+    events = [Event(type="started", step=0, message="training started"),
+              Event(type="data_truncated", level="warning", step=0, message="3 of 10 training rows were truncated " + HOSTILE),
+              Event(type="checkpoint_saved", step=10, message="checkpoint at step 10"),
+              Event(type="optimizer_unpaged", step=0, message="runs unpaged"),
+              Event(type="failed", level="error", step=12, message="out of memory")]
+    for fmt in ("text", "json"):
+        show = _event_printer(fmt)
+        for event in events:
+            show(event)
+        shown = capsys.readouterr()
+        assert shown.out == "", shown.out  # stdout holds the command's result alone
+        if fmt == "json":
+            lines = [json.loads(line) for line in shown.err.splitlines()]
+            assert [(r["kind"], r["type"], r["level"]) for r in lines] == [
+                ("event", "data_truncated", "warning"), ("event", "optimizer_unpaged", "info")], lines
+            assert lines[0]["message"] == events[1].message
+        else:
+            lines = shown.err.splitlines()
+            assert len(lines) == 2 and re.fullmatch(r"\d\d:\d\d:\d\d step 0 data_truncated: 3 of 10 training rows were .*",
+                                                     lines[0]) and lines[1].endswith(" step 0 optimizer_unpaged: runs unpaged"), lines
+            assert_shown_not_run(lines[0])

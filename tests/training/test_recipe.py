@@ -103,7 +103,8 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "app.cli", "train", str(spec_path), "--data", str(demo_data["train"]),
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env=os.environ | {"QLORA_LOG_FORMAT": "auto"})
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-10" / "COMPLETE").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -111,6 +112,13 @@ def test_resume_after_a_crash_continues_the_same_run(tiny_model_dir, demo_data, 
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no final save
     proc.wait()
+
+    # The events a worker records for a job, `qlora train` prints on stderr: on a pipe, as the recipe's records, a
+    # JSON object a line. Until now the engine alone said none of them. Routine ones stay out: a checkpoint (step
+    # 10's is saved by now) every save_steps, the loss curve's points.
+    records = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith('{"kind": ')]
+    assert [(r["kind"], r["type"], r["level"], r["step"]) for r in records] == [("event", "optimizer_unpaged", "info", 0)], records
+    assert "runs unpaged" in records[0]["message"]
     ckpts = out / "checkpoints"
     newest = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*") if (p / "COMPLETE").exists())
     assert newest < 30
