@@ -35,8 +35,8 @@ def storage_problem(session: Session, storage: Storage, settings: Settings) -> s
             return None
         return f"storage refuses this process ({where}): {str(exc).splitlines()[0][:300]}"
     return (f"storage holds none of the newest datasets' objects where this process looks ({where}; e.g. {keys[0]}): "
-            "it is not the storage the API stores in (or that storage lost them: restored from an older backup than the "
-            "database). Give every process the API's QLORA_STORAGE_URL, QLORA_S3_ENDPOINT_URL and credentials")
+            "it is not the storage the API stores in. Give every process the API's QLORA_STORAGE_URL, "
+            "QLORA_S3_ENDPOINT_URL and credentials")
 
 
 def _settings_named(settings: Settings) -> str:
