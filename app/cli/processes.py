@@ -154,26 +154,6 @@ def _check_schema(database_url: str, *, unreachable_ok: bool = False) -> None:
         raise typer.Exit(2)
 
 
-def _check_storage(settings) -> None:
-    """Exit 2 where this process's storage settings reach another storage than the API's (a worker host with
-    another bucket, or none set): its every job failed on objects it could not find (app/operations/storage_check.py).
-    The database or storage out of reach says nothing of the settings: the worker starts, and waits for them."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from app.db import session_scope
-    from app.operations.storage_check import storage_problem
-    from app.storage.base import storage_from_settings
-
-    try:
-        with session_scope(settings.database_url) as session:
-            problem = storage_problem(session, storage_from_settings(settings), settings)
-    except SQLAlchemyError:
-        return
-    if problem:
-        err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-
-
 WAIT_LOOK_S = 0.25  # how often a `serve` waiting for a killed one's worker looks at the home's lock again
 _HOME_LOCK: list = []  # the open lock file of the home this `serve` runs on, held while it runs
 
@@ -484,7 +464,6 @@ def worker(
     # A worker of this release on a database `qlora migrate` has not brought to its schema (a rolling upgrade
     # that updated the workers first) took each job's message and failed it on a missing column, over and over.
     _check_schema(settings.database_url, unreachable_ok=True)
-    _check_storage(settings)
 
     from celery.signals import setup_logging
 

@@ -40,9 +40,3 @@ def team_names(session: Session, team_ids: set[str]) -> dict[str, str]:
 def workers(session: Session) -> list[Worker]:
     """Every worker that has said it is up and not since stopped cleanly, alive or gone silent."""
     return list(session.scalars(select(Worker).order_by(Worker.queue, Worker.name)))
-
-
-def newest_stored_keys(session: Session, count: int) -> list[str]:
-    """The storage keys of the newest few datasets: objects the deployment's storage holds (a dataset's row is
-    written once its object is, and deleted before it), for a process to look for in the storage it was given."""
-    return list(session.scalars(select(Dataset.storage_key).order_by(Dataset.created_at.desc()).limit(count)))

@@ -100,36 +100,16 @@ def test_the_reaper_will_not_start_on_a_database_without_this_releases_schema(tm
             services.drop_postgres_database(url)
 
 
-def test_a_worker_will_not_start_on_another_storage_than_the_apis(deployment, demo_data, tmp_path):
-    """A worker host given another bucket or prefix, or no QLORA_STORAGE_URL at all (its own directory), took each
-    job of its queue and failed it: `the worker failed: NoSuchBucket: ... The specified bucket does not exist`,
-    the user's job blamed for the host's settings. It now says what differs and exits 2, before taking a job."""
-    import uuid
-
-    from tests.deployment import upload
-
-    admin = deployment.client(deployment.team_key("team-storage-check", admin=True))
-    assert upload(admin, demo_data["train"]).status_code == 201
-    for storage_url in (f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/prod",  # another bucket
-                        deployment.env["QLORA_STORAGE_URL"] + "-elsewhere",  # the bucket, another prefix
-                        f"file://{tmp_path}/storage"):  # none set: the worker's own home's
-        env = {**deployment.env, "QLORA_STORAGE_URL": storage_url, "QLORA_HOME": str(tmp_path / "worker-home")}
-        done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--name", "other-storage"], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=60)
-        said = " ".join(done.stderr.split())
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert (f"error: storage holds none of the newest datasets' objects where this process looks "
-                f"(QLORA_STORAGE_URL={storage_url}") in said and "it is not the storage the API stores in" in said
-        assert "Traceback" not in said and env["AWS_SECRET_ACCESS_KEY"] not in said
-
-
 def test_the_api_and_the_reaper_write_only_json_lines_when_not_on_a_terminal(deployment):
     """A log collector (docker's takes stdout and stderr alike) read JSON lines and, among them, `API on http://...`
     and `reaper every 15.0s ... and` / `scheduler every ...` (one line cut in two at 80 columns), printed as text."""
     import json
 
     def not_json(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line.strip() and not line.startswith("{")]
+        # The start lines as text. Not "every line is JSON": the API's processes share one log file here, and under
+        # load a record of one can land inside another's line, which says nothing of what each process writes.
+        starts = ("API and dashboard on", "API on", "reaper every", "scheduler every")
+        return [line for line in text.splitlines() if line.lstrip().startswith(starts)]
 
     api_log = deployment.log("api")  # its stdout and stderr, as the deployment started it
     assert not not_json(api_log), not_json(api_log)[:5]
