@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
 
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port, which the OS picks (the benches and tests start so)
     # API processes `qlora serve` starts on one host, sharing its port (as uvicorn's and gunicorn's
     # workers do). Each has database pools of its own (app/db.py), so the database's max_connections
     # bounds this. Background loops (the reaper, the scheduler) work in one of them at a time: the lease holder.
