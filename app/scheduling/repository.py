@@ -131,11 +131,13 @@ def forget_messages(session: Session, queue: str) -> None:
                     .values(dispatched_at=None).execution_options(synchronize_session=False))
 
 
-def unsent(session: Session, queue: str, before: datetime | None = None) -> set[str]:
+def unsent(session: Session, queue: str, before: datetime | None = None) -> dict[str, bool]:
     """Queued jobs of the class with no message in the broker (dispatched_at null), or, with
-    `before`, whose message went out before it (it may have been lost)."""
+    `before`, whose message went out before it (it may have been lost): each id with whether a message was sent."""
     condition = Job.dispatched_at.is_(None) if before is None else (Job.dispatched_at.is_(None) | (Job.dispatched_at < before))
-    return set(session.scalars(select(Job.id).where(Job.queue == queue, Job.status == states.QUEUED, condition)))
+    rows = session.execute(select(Job.id, Job.dispatched_at.is_not(None)).where(Job.queue == queue,
+                                                                                 Job.status == states.QUEUED, condition))
+    return {job_id: bool(sent) for job_id, sent in rows}
 
 
 def idle_workers(session: Session, queue: str, alive_since: datetime) -> int:

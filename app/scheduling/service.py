@@ -260,7 +260,7 @@ def _send_due(session: Session, settings: Settings, queue: str, order: list[tupl
     # Sent before and not taken, while a worker of the class is idle: a message lost, or one on a broker no worker of
     # the class listens to. The latter was silent: a worker host given another QLORA_BROKER_URL (or none: its own
     # local queue) beat as alive and idle, and the job waited for ever, "waiting_for": "gpu", nothing said why.
-    stale = unsent - repository.unsent(session, queue) if idle else set()
+    stale = {job_id for job_id, sent in unsent.items() if sent}
     young = now - timedelta(seconds=SEND_UNSENT_AFTER_S)
     sent = resent = 0
     for job, reason in order:
